@@ -1,0 +1,1 @@
+"""The `cosmos-edge` command line."""

@@ -1,0 +1,1 @@
+"""Turns official checkpoints into a deployable bundle (ONNX graphs, TensorRT engines, manifest)."""

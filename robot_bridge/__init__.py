@@ -1,0 +1,1 @@
+"""ZeroMQ wire protocol, policy server, controller client and the ALOHA chunk executor."""

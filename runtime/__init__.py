@@ -1,0 +1,1 @@
+"""Computation of Cosmos Policy: networks, checkpoint loaders, semantics, backends and modes."""

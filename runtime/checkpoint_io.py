@@ -1,0 +1,56 @@
+"""Reading tensor files safely: `.pt` with `weights_only=True` (memory-mapped), and safetensors.
+
+Nothing here ever runs code from a file. A `.pt` that needs arbitrary unpickling is refused.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file as load_safetensors
+
+from cosmos_edge.runtime.errors import CheckpointError
+
+StateDict = dict[str, torch.Tensor]
+
+# Official checkpoints are a flat dict of tensors; some trainers wrap it once under one of these keys.
+WRAPPER_KEYS = ("model", "state_dict", "net")
+
+
+def read_tensor_file(path: str | Path) -> StateDict:
+    """Returns the flat tensor dict stored in `path` (`.pt`/`.pth` or `.safetensors`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        return dict(load_safetensors(str(path)))
+    try:
+        # mmap keeps the 2B checkpoint out of RAM until each tensor is copied into the network.
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path}: refused, the file needs arbitrary unpickling (it could run code); "
+            f"cosmos-edge only loads tensor-only checkpoints (torch.load weights_only=True). Detail: {error}"
+        ) from error
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {error}") from error
+    return _unwrap(loaded, path)
+
+
+def _unwrap(loaded: object, path: Path) -> StateDict:
+    if isinstance(loaded, Mapping):
+        for key in WRAPPER_KEYS:
+            inner = loaded.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                loaded = inner
+                break
+        tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+    raise CheckpointError(
+        f"{path}: expected a dict of tensors (optionally under one of {WRAPPER_KEYS}), "
+        f"got {type(loaded).__name__} with no tensors"
+    )
