@@ -1,0 +1,27 @@
+"""bfloat16 arithmetic in numpy, so the serving path reproduces the official bf16 roundings without torch."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def round_to_bf16(values: np.ndarray) -> np.ndarray:
+    """Rounds float32 values to the nearest bfloat16 (ties to even), returned as float32.
+
+    Matches `torch.Tensor.to(torch.bfloat16)` for finite values.
+    """
+    as_float = np.ascontiguousarray(values, dtype=np.float32)
+    bits = as_float.view(np.uint32).astype(np.uint64)
+    rounding_bias = ((bits >> 16) & 1) + 0x7FFF
+    rounded = ((bits + rounding_bias) & 0xFFFF0000).astype(np.uint32)
+    return rounded.view(np.float32).reshape(as_float.shape)
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """Widens raw bfloat16 bit patterns (uint16) to float32 exactly."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """Rounds to bfloat16 and returns the raw bit patterns (uint16)."""
+    return (round_to_bf16(values).view(np.uint32) >> 16).astype(np.uint16)
