@@ -10,7 +10,7 @@ def round_to_bf16(values: np.ndarray) -> np.ndarray:
 
     Matches `torch.Tensor.to(torch.bfloat16)` for finite values.
     """
-    as_float = np.ascontiguousarray(values, dtype=np.float32)
+    as_float = np.array(values, dtype=np.float32, order="C")  # keeps 0-d shapes, unlike ascontiguousarray
     bits = as_float.view(np.uint32).astype(np.uint64)
     rounding_bias = ((bits >> 16) & 1) + 0x7FFF
     rounded = ((bits + rounding_bias) & 0xFFFF0000).astype(np.uint32)

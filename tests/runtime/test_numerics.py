@@ -19,3 +19,9 @@ def test_bits_round_trip() -> None:
     expected_bits = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     np.testing.assert_array_equal(bits, expected_bits)
     np.testing.assert_array_equal(bf16_bits_to_float32(bits), round_to_bf16(values))
+
+
+def test_round_to_bf16_keeps_scalar_shape() -> None:
+    rounded = round_to_bf16(np.float32(0.987654))
+    assert rounded.shape == ()
+    assert rounded == torch.tensor(0.987654).to(torch.bfloat16).float().item()
