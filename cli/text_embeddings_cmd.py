@@ -1,0 +1,53 @@
+"""`cosmos-edge text-embeddings ...`: convert the official T5 pickle, list a store, embed new instructions."""
+
+from __future__ import annotations
+
+import argparse
+
+from cosmos_edge.runtime import text_embeddings
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("text-embeddings", help="T5 instruction embeddings (bfloat16 safetensors)")
+    parser.set_defaults(func=lambda args: parser.print_help() or 0)
+    commands = parser.add_subparsers(dest="text_embeddings_command")
+
+    convert = commands.add_parser("convert", help="convert an official *_t5_embeddings.pkl to safetensors")
+    convert.add_argument("pickle_path", metavar="IN.pkl")
+    convert.add_argument("out_path", metavar="OUT.safetensors")
+    convert.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="required: confirm the pickle comes from a source you trust (loading a pickle can run code)",
+    )
+    convert.set_defaults(func=_convert)
+
+    listing = commands.add_parser("list", help="print the instructions a store holds, one per line")
+    listing.add_argument("path", metavar="FILE")
+    listing.set_defaults(func=_list)
+
+    embed = commands.add_parser("embed", help="compute T5 embeddings (needs torch and transformers; T5-11B)")
+    embed.add_argument("instructions", nargs="+", metavar="INSTRUCTION")
+    embed.add_argument("--out", required=True, metavar="FILE", help="safetensors file to write")
+    embed.add_argument("--model", default=text_embeddings.T5_MODEL, help="Hugging Face T5 encoder")
+    embed.add_argument("--device", default="cuda", help="torch device for the encoder")
+    embed.set_defaults(func=_embed)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    store = text_embeddings.convert_official_pickle(args.pickle_path, args.out_path, trust_pickle=args.trust_pickle)
+    print(f"wrote {len(store.instructions)} embeddings of shape {list(store.shape)} to {args.out_path}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    store = text_embeddings.read(args.path)
+    for instruction in store.instructions:
+        print(instruction)
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    store = text_embeddings.embed_instructions(args.instructions, args.out, model=args.model, device=args.device)
+    print(f"wrote {len(store.instructions)} embeddings of shape {list(store.shape)} to {args.out}")
+    return 0

@@ -1,0 +1,147 @@
+"""Action/proprio min-max normalisation with the official dataset statistics JSON.
+
+The official file (`{libero,robocasa,aloha}_dataset_statistics.json`, written by CP `datasets/dataset_utils.py`
+`calculate_dataset_statistics`) holds per-dimension lists `actions_{min,max,mean,std,median}` and
+`proprio_{min,max,mean,std,median}`; inference uses only min and max (CP `cosmos_utils.py` `rescale_proprio`,
+`unnormalize_actions`). The official code loads the lists as float64 arrays and computes in float64; so does this
+module. No clipping anywhere, as in the official code.
+
+Constant dimensions (min == max): the official proprio normalisation divides by zero there (NaN/inf into the
+model), while action un-normalisation stays well defined (it returns the constant). So a constant *proprio*
+dimension is rejected when the statistics are loaded, and a constant *action* dimension is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from cosmos_edge.runtime.errors import ConfigError, InputError
+from cosmos_edge.runtime.platforms import PlatformSpec
+
+# The only statistics inference uses; mean/std/median are kept when present.
+REQUIRED_KEYS = ("actions_min", "actions_max", "proprio_min", "proprio_max")
+
+
+@dataclass(frozen=True, eq=False)
+class DatasetStats:
+    """Per-dimension statistics, float64 and read-only. Field names are the JSON keys."""
+
+    actions_min: np.ndarray
+    actions_max: np.ndarray
+    proprio_min: np.ndarray
+    proprio_max: np.ndarray
+    actions_mean: np.ndarray | None = None
+    actions_std: np.ndarray | None = None
+    actions_median: np.ndarray | None = None
+    proprio_mean: np.ndarray | None = None
+    proprio_std: np.ndarray | None = None
+    proprio_median: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if value is not None:
+                object.__setattr__(self, field.name, _as_stat_vector(field.name, value))
+        for prefix in ("actions", "proprio"):
+            dim = getattr(self, f"{prefix}_min").shape[0]
+            for suffix in ("max", "mean", "std", "median"):
+                value = getattr(self, f"{prefix}_{suffix}")
+                if value is not None and value.shape[0] != dim:
+                    raise ConfigError(
+                        f"{prefix}_{suffix}: expected {dim} values like {prefix}_min, got {value.shape[0]}"
+                    )
+        _check_ordered("actions", self.actions_min, self.actions_max, allow_equal=True)
+        _check_ordered("proprio", self.proprio_min, self.proprio_max, allow_equal=False)
+
+    @property
+    def action_dim(self) -> int:
+        return self.actions_min.shape[0]
+
+    @property
+    def proprio_dim(self) -> int:
+        return self.proprio_min.shape[0]
+
+    @classmethod
+    def from_json(cls, path: str | Path, platform: PlatformSpec) -> DatasetStats:
+        """Loads an official statistics file and checks its dimensions against `platform`. Unknown keys are ignored."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except OSError as error:
+            raise ConfigError(f"dataset statistics {path}: cannot read: {error}") from error
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"dataset statistics {path}: not valid JSON: {error}") from error
+        if not isinstance(raw, dict):
+            raise ConfigError(f"dataset statistics {path}: expected a JSON object, got {type(raw).__name__}")
+        missing = [name for name in REQUIRED_KEYS if name not in raw]
+        if missing:
+            raise ConfigError(f"dataset statistics {path}: missing keys {missing}")
+        stats = cls(**{field.name: raw[field.name] for field in fields(cls) if field.name in raw})
+        if stats.action_dim != platform.action_dim or stats.proprio_dim != platform.proprio_dim:
+            raise ConfigError(
+                f"dataset statistics {path}: {platform.name} expects action_dim {platform.action_dim} and "
+                f"proprio_dim {platform.proprio_dim}, got {stats.action_dim} and {stats.proprio_dim}"
+            )
+        return stats
+
+    def write_json(self, path: str | Path) -> None:
+        """Writes the official JSON layout (lists of floats; absent optional statistics are left out)."""
+        data = {field.name: getattr(self, field.name) for field in fields(self)}
+        Path(path).write_text(json.dumps({k: v.tolist() for k, v in data.items() if v is not None}, indent=2))
+
+    def normalize_proprio(self, proprio: np.ndarray) -> np.ndarray:
+        """Raw proprio [..., proprio_dim] → 2(x - min)/(max - min) - 1, float64 (official `rescale_proprio`)."""
+        x = _check_input("proprio", proprio, self.proprio_dim)
+        return 2.0 * ((x - self.proprio_min) / (self.proprio_max - self.proprio_min)) - 1.0
+
+    def unnormalize_proprio(self, proprio: np.ndarray) -> np.ndarray:
+        """Normalised proprio [..., proprio_dim] → raw scale, float64 (inverse of `normalize_proprio`)."""
+        x = _check_input("proprio", proprio, self.proprio_dim)
+        return 0.5 * (x + 1.0) * (self.proprio_max - self.proprio_min) + self.proprio_min
+
+    def unnormalize_actions(self, actions: np.ndarray) -> np.ndarray:
+        """Normalised actions [..., action_dim] → 0.5(a + 1)(max - min) + min, float64 (official formula)."""
+        x = _check_input("actions", actions, self.action_dim)
+        return 0.5 * (x + 1.0) * (self.actions_max - self.actions_min) + self.actions_min
+
+
+def _as_stat_vector(name: str, value: object) -> np.ndarray:
+    try:
+        array = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{name}: expected a list of numbers, got {type(value).__name__}") from error
+    if array.ndim != 1 or array.shape[0] == 0:
+        raise ConfigError(f"{name}: expected a non-empty 1-D list of numbers, got shape {list(array.shape)}")
+    bad = np.flatnonzero(~np.isfinite(array))
+    if bad.size:
+        raise ConfigError(f"{name}: expected finite numbers, got {array[bad[0]]} at dim {int(bad[0])}")
+    array.setflags(write=False)
+    return array
+
+
+def _check_ordered(prefix: str, low: np.ndarray, high: np.ndarray, allow_equal: bool) -> None:
+    bad = np.flatnonzero(low > high if allow_equal else low >= high)
+    if bad.size:
+        dim = int(bad[0])
+        relation = "<=" if allow_equal else "< (normalisation divides by max - min)"
+        raise ConfigError(
+            f"{prefix}_min/{prefix}_max: expected min {relation} max in every dim, "
+            f"got min {low[dim]} and max {high[dim]} at dim {dim}"
+        )
+
+
+def _check_input(name: str, values: np.ndarray, dim: int) -> np.ndarray:
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise InputError(f"{name}: expected numbers [..., {dim}], got {type(values).__name__}") from error
+    if array.ndim == 0 or array.shape[-1] != dim:
+        raise InputError(f"{name}: expected shape [..., {dim}], got {list(array.shape)}")
+    bad = np.argwhere(~np.isfinite(array))
+    if bad.size:
+        raise InputError(f"{name}: expected finite values, got {array[tuple(bad[0])]} at index {bad[0].tolist()}")
+    return array

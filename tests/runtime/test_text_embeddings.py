@@ -1,0 +1,183 @@
+import collections
+import json
+import pickle
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cosmos_edge.runtime import text_embeddings
+from cosmos_edge.runtime.errors import CheckpointError, EngineError, InputError
+from cosmos_edge.runtime.numerics import round_to_bf16
+
+INSTRUCTIONS = (
+    "put both the alphabet soup and the tomato sauce in the basket",
+    "open the top drawer and put the bowl inside",
+    'turn on the stove — "carefully"\n(ünïcode, quotes, newline)',
+)
+
+
+def _embeddings(shape: tuple[int, ...] = (1, 8, 16), seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {text: rng.standard_normal(shape).astype(np.float32) for text in INSTRUCTIONS}
+
+
+def test_write_read_is_bf16_exact(tmp_path: Path) -> None:
+    source = _embeddings((1, 512, 1024))
+    text_embeddings.write(tmp_path / "t5.safetensors", source)
+    store = text_embeddings.read(tmp_path / "t5.safetensors")
+    assert store.instructions == INSTRUCTIONS and store.shape == (1, 512, 1024)
+    for text, values in source.items():
+        out = store.get(text)
+        assert out.dtype == np.float32 and out.shape == (1, 512, 1024)
+        np.testing.assert_array_equal(out, torch.from_numpy(values).to(torch.bfloat16).float().numpy())
+
+
+def test_file_is_standard_safetensors(tmp_path: Path) -> None:
+    source = _embeddings()
+    text_embeddings.write(tmp_path / "t5.safetensors", source)
+    tensors = load_file(tmp_path / "t5.safetensors")
+    header_size = struct.unpack("<Q", (tmp_path / "t5.safetensors").read_bytes()[:8])[0]
+    header = json.loads((tmp_path / "t5.safetensors").read_bytes()[8 : 8 + header_size])
+    assert header_size % 8 == 0
+    assert header["__metadata__"]["format"] == text_embeddings.FORMAT_TAG
+    for name, tensor in tensors.items():
+        assert tensor.dtype == torch.bfloat16
+        np.testing.assert_array_equal(tensor.float().numpy(), round_to_bf16(source[header["__metadata__"][name]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_reads_f32_and_f16_files_rounding_to_bf16(tmp_path: Path, dtype: torch.dtype) -> None:
+    source = _embeddings()
+    names = {f"embedding_{i}": text for i, text in enumerate(source)}
+    tensors = {name: torch.from_numpy(source[text]).to(dtype) for name, text in names.items()}
+    save_file(tensors, tmp_path / "t5.safetensors", metadata={"format": text_embeddings.FORMAT_TAG, **names})
+    store = text_embeddings.read(tmp_path / "t5.safetensors")
+    for name, text in names.items():
+        np.testing.assert_array_equal(store.get(text), tensors[name].to(torch.bfloat16).float().numpy())
+
+
+def test_unknown_instruction_names_the_closest(tmp_path: Path) -> None:
+    store = text_embeddings.TextEmbeddings.from_arrays(_embeddings())
+    with pytest.raises(InputError, match=r"no text embedding for 'open the top drawer and put the bowl inside\.'.*"):
+        store.get("open the top drawer and put the bowl inside.")
+    with pytest.raises(InputError) as error:
+        store.get("open the drawer")
+    closest = str(error.value).split("closest of the 3 known: ")[1]
+    assert closest.startswith("['open the top drawer and put the bowl inside'")
+
+
+def test_store_is_read_only_and_checks_shapes() -> None:
+    store = text_embeddings.TextEmbeddings.from_arrays(_embeddings())
+    with pytest.raises(TypeError):
+        store.bf16_bits["new"] = np.zeros((1, 8, 16), np.uint16)  # type: ignore[index]
+    assert not store.bf16_bits[INSTRUCTIONS[0]].flags.writeable
+    with pytest.raises(InputError, match="one shape"):
+        text_embeddings.TextEmbeddings.from_arrays({"a": np.zeros((1, 8, 16)), "b": np.zeros((1, 4, 16))})
+    with pytest.raises(InputError, match=r"\[1, tokens, dim\]"):
+        text_embeddings.TextEmbeddings.from_arrays({"a": np.zeros((8, 16))})
+    with pytest.raises(InputError, match="uint16"):
+        text_embeddings.TextEmbeddings({"a": np.zeros((1, 8, 16), np.float32)})
+
+
+def test_pickle_is_refused_without_the_flag(tmp_path: Path) -> None:
+    path = tmp_path / "t5.pkl"
+    path.write_bytes(pickle.dumps({"x": 1}))
+    with pytest.raises(CheckpointError, match=r"refused.*trust_pickle=True"):
+        text_embeddings.convert_official_pickle(path, tmp_path / "out.safetensors", trust_pickle=False)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("writer", ["pickle.dump", "torch.save"])
+def test_convert_official_pickle(tmp_path: Path, writer: str) -> None:
+    source = {text: torch.from_numpy(values).to(torch.bfloat16) for text, values in _embeddings().items()}
+    path = tmp_path / "t5.pkl"
+    if writer == "pickle.dump":  # how the official save scripts write it
+        with path.open("wb") as file:
+            pickle.dump(source, file)
+    else:
+        torch.save(source, path)
+    store = text_embeddings.convert_official_pickle(path, tmp_path / "t5.safetensors", trust_pickle=True)
+    reread = text_embeddings.read(tmp_path / "t5.safetensors")
+    for text, tensor in source.items():
+        np.testing.assert_array_equal(store.get(text), tensor.float().numpy())
+        np.testing.assert_array_equal(reread.get(text), tensor.float().numpy())
+
+
+def test_pickle_needing_other_globals_is_refused_even_when_trusted(tmp_path: Path) -> None:
+    path = tmp_path / "t5.pkl"
+    path.write_bytes(pickle.dumps({"a": collections.Counter()}, protocol=2))
+    with pytest.raises(CheckpointError, match=r"needs collections\.Counter"):
+        text_embeddings.convert_official_pickle(path, tmp_path / "out.safetensors", trust_pickle=True)
+
+
+def test_pickle_with_wrong_content(tmp_path: Path) -> None:
+    path = tmp_path / "t5.pkl"
+    path.write_bytes(pickle.dumps({"a": 1.0}))
+    with pytest.raises(CheckpointError, match="expected str -> tensor entries, got str -> float"):
+        text_embeddings.convert_official_pickle(path, tmp_path / "out.safetensors", trust_pickle=True)
+
+
+def test_embed_without_transformers_says_what_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
+    with pytest.raises(EngineError, match="torch and transformers"):
+        text_embeddings.embed_instructions(["pick up the cup"], tmp_path / "t5.safetensors")
+
+
+def _corrupt(tmp_path: Path, header: dict, buffer: bytes = b"") -> Path:
+    encoded = json.dumps(header).encode()
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + buffer)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("header", "buffer", "message"),
+    [
+        ({"__metadata__": {"format": "other"}}, b"", "expected __metadata__ format"),
+        (
+            {
+                "__metadata__": {"format": text_embeddings.FORMAT_TAG},
+                "embedding_0": {"dtype": "BF16", "shape": [1, 2, 2], "data_offsets": [0, 8]},
+            },
+            b"\0" * 6,
+            r"data_offsets \[0, 8\] do not hold \[1, 2, 2\] BF16",
+        ),
+        (
+            {
+                "__metadata__": {"format": text_embeddings.FORMAT_TAG},
+                "embedding_0": {"dtype": "I8", "shape": [1], "data_offsets": [0, 1]},
+            },
+            b"\0",
+            "expected dtype in",
+        ),
+        (
+            {
+                "__metadata__": {"format": text_embeddings.FORMAT_TAG},
+                "embedding_0": {"dtype": "BF16", "shape": [1, 1, 1], "data_offsets": [0, 2]},
+            },
+            b"\0\0",
+            "missing or repeated instruction",
+        ),
+        ({"__metadata__": {"format": 3}}, b"", "must map strings to strings"),
+    ],
+)
+def test_malformed_files_are_rejected(tmp_path: Path, header: dict, buffer: bytes, message: str) -> None:
+    with pytest.raises(CheckpointError, match=message):
+        text_embeddings.read(_corrupt(tmp_path, header, buffer))
+
+
+def test_truncated_files_are_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "short.safetensors"
+    path.write_bytes(b"\x01\x00")
+    with pytest.raises(CheckpointError, match="at least 8 bytes"):
+        text_embeddings.read(path)
+    path.write_bytes(struct.pack("<Q", 1000) + b"{}")
+    with pytest.raises(CheckpointError, match="header length 1000 exceeds"):
+        text_embeddings.read(path)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        text_embeddings.read(tmp_path / "absent.safetensors")
