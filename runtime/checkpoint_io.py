@@ -5,6 +5,7 @@ Nothing here ever runs code from a file. A `.pt` that needs arbitrary unpickling
 
 from __future__ import annotations
 
+import io
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +30,9 @@ def read_tensor_file(path: str | Path) -> StateDict:
         return dict(load_safetensors(str(path)))
     try:
         # mmap keeps the 2B checkpoint out of RAM until each tensor is copied into the network.
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # Transformer-Engine stores `_extra_state` as BytesIO; rebuilding one from bytes runs no code.
+        with torch.serialization.safe_globals([io.BytesIO]):
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{path}: refused, the file needs arbitrary unpickling (it could run code); "

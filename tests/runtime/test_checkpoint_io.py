@@ -1,0 +1,48 @@
+import io
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from cosmos_edge.runtime.checkpoint_io import read_tensor_file
+from cosmos_edge.runtime.errors import CheckpointError
+
+
+def test_transformer_engine_extra_state_bytesio_is_accepted_and_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "te.pt"
+    torch.save({"net.w": torch.ones(2), "net.blocks.0.self_attn._extra_state": io.BytesIO(b"fp8 meta")}, path)
+    assert list(read_tensor_file(path)) == ["net.w"]
+
+
+@pytest.mark.parametrize("wrapper", ["model", "state_dict"])
+def test_wrapped_state_dicts_are_unwrapped(tmp_path: Path, wrapper: str) -> None:
+    path = tmp_path / "wrapped.pt"
+    torch.save({wrapper: {"net.w": torch.zeros(3)}, "iteration": 5}, path)
+    assert list(read_tensor_file(path)) == ["net.w"]
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"net.w": torch.zeros(1), "payload": _RunsCode(marker)}, path)
+    with pytest.raises(CheckpointError, match="unpickling"):
+        read_tensor_file(path)
+    assert not marker.exists()
+
+
+def test_missing_file_and_non_tensor_content(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no such file"):
+        read_tensor_file(tmp_path / "absent.pt")
+    path = tmp_path / "list.pt"
+    torch.save([1, 2, 3], path)
+    with pytest.raises(CheckpointError, match="dict of tensors"):
+        read_tensor_file(path)
