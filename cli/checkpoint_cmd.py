@@ -1,10 +1,64 @@
-"""`cosmos-edge checkpoint ...`: inspect official checkpoint files and create random ones."""
+"""`cosmos-edge checkpoint ...`: inspect official checkpoint files and create random ones in their formats."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from cosmos_edge.runtime.platforms import PLATFORMS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("checkpoint", help="inspect or create checkpoint files")
     parser.set_defaults(func=lambda args: parser.print_help() or 0)
+    commands = parser.add_subparsers(dest="checkpoint_command")
+
+    inspect = commands.add_parser(
+        "inspect", help="format, inferred configuration, parameter count, dtypes and problems of a DiT or VAE file"
+    )
+    inspect.add_argument("path", type=Path, help="DiT .pt, Wan2.1 tokenizer.pth, safetensors, or a diffusers dir")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.set_defaults(func=_inspect)
+
+    random = commands.add_parser("random", help="write a random-weight model in the official file formats")
+    random.add_argument("--config", default="tiny", choices=("tiny", "small", "predict2-2b"))
+    random.add_argument("--platform", default="aloha", choices=sorted(PLATFORMS))
+    random.add_argument("--seed", type=int, default=0)
+    random.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    random.add_argument("--out", type=Path, required=True, help="directory to write into")
+    random.set_defaults(func=_random)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from cosmos_edge.runtime.checkpoint_inspection import inspect_checkpoint
+
+    report = inspect_checkpoint(args.path)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_report(report)
+    return 0 if not report["problems"] else 1
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    print(f"file:        {report['path']}")
+    print(f"network:     {report['network']}")
+    print(f"format:      {report['format']}")
+    print(f"parameters:  {report['num_parameters']:,}")
+    print(f"dtypes:      {report['dtypes']}")
+    print("config:      " + ", ".join(f"{k}={v}" for k, v in report["config"].items()))
+    if report["ignored_keys"]:
+        print(f"ignored:     {len(report['ignored_keys'])} keys (e.g. {report['ignored_keys'][:3]})")
+    print("problems:    " + ("none" if not report["problems"] else "\n  - " + "\n  - ".join(report["problems"])))
+
+
+def _random(args: argparse.Namespace) -> int:
+    from cosmos_edge.runtime.random_assets import RandomAssetsSpec, write_random_assets
+
+    files = write_random_assets(args.out, RandomAssetsSpec(args.config, args.platform, args.seed, args.dtype))
+    print(f"wrote a random-weight {args.config} {args.platform} model (seed {args.seed}, {args.dtype}):")
+    for name in ("checkpoint", "tokenizer", "stats", "text_embeddings"):
+        print(f"  {name:16s} {getattr(files, name)}")
+    return 0

@@ -1,0 +1,87 @@
+"""`cosmos-edge serve`: the server's network and safety options, and running it until SIGINT/SIGTERM.
+
+How the policies are built (bundle, backend, checkpoint) is the caller's part: `add_serve_parser` takes a factory
+that turns the parsed arguments into one `Policy` per mode, and the caller adds its own arguments to the parser it
+returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from types import FrameType
+
+from cosmos_edge.robot_bridge.curve import CurveKeyPair, ServerCurve, load_public_keys
+from cosmos_edge.robot_bridge.protocol import WireLimits
+from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig
+from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.policy_api import Policy
+
+PolicyFactory = Callable[[argparse.Namespace], Mapping[str, Policy]]
+
+_MIB = 2**20
+
+
+def add_serve_parser(
+    subparsers: argparse._SubParsersAction,
+    make_policies: PolicyFactory,
+    *,
+    joint_limits: tuple[tuple[float, float], ...] | None = None,
+) -> argparse.ArgumentParser:
+    """Adds `serve`; `joint_limits` (one (lower, upper) pair per action dim) are announced to controllers."""
+    parser = subparsers.add_parser("serve", help="serve a policy to robot controllers over ZeroMQ")
+    parser.add_argument("--endpoint", default="tcp://127.0.0.1:5555", help="ZeroMQ bind address")
+    parser.add_argument("--default-mode", default="reactive", help="mode used when a request names none")
+    parser.add_argument("--max-pending", type=int, default=8, help="controllers that may wait for inference at once")
+    parser.add_argument("--max-message-mb", type=float, default=16.0, help="largest request accepted")
+    parser.add_argument("--max-array-mb", type=float, default=4.0, help="largest single image or vector accepted")
+    parser.add_argument("--curve-secret-key", help="the server's '.key_secret' certificate; enables CURVE")
+    parser.add_argument("--curve-clients", help="directory of the '.key' certificates of admitted clients")
+    parser.add_argument(
+        "--insecure-bind-all",
+        action="store_true",
+        help="allow a non-loopback endpoint without CURVE: anyone who reaches the port can command the robot",
+    )
+    parser.set_defaults(func=lambda args: run_server(make_policies(args), server_config(args, joint_limits)))
+    return parser
+
+
+def server_config(
+    args: argparse.Namespace, joint_limits: tuple[tuple[float, float], ...] | None = None
+) -> ServerConfig:
+    curve = None
+    if args.curve_secret_key or args.curve_clients:
+        if not (args.curve_secret_key and args.curve_clients):
+            raise ConfigError("--curve-secret-key and --curve-clients: give both or neither")
+        curve = ServerCurve(CurveKeyPair.load(args.curve_secret_key), load_public_keys(args.curve_clients))
+    return ServerConfig(
+        endpoint=args.endpoint,
+        limits=WireLimits(
+            max_message_bytes=round(args.max_message_mb * _MIB), max_array_bytes=round(args.max_array_mb * _MIB)
+        ),
+        default_mode=args.default_mode,
+        max_pending=args.max_pending,
+        curve=curve,
+        insecure_bind_all=args.insecure_bind_all,
+        joint_limits=joint_limits,
+    )
+
+
+def run_server(policies: Mapping[str, Policy], config: ServerConfig) -> int:
+    """Serves until SIGINT or SIGTERM, then shuts down cleanly. Must run in the main thread (signal handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("run_server installs signal handlers, which only the main thread can do")
+    server = PolicyServer(policies, config)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        server.stop()
+
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.serve_forever()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    return 0

@@ -1,0 +1,59 @@
+"""`checkpoint random` → `checkpoint inspect` → `act`, in process, for every platform."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cosmos_edge.cli.main import main
+from tests.conftest import random_observation
+
+
+def test_random_then_inspect_reports_the_dit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["checkpoint", "random", "--config", "tiny", "--platform", "libero", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["checkpoint", "inspect", "--json", str(tmp_path / "cosmos_policy_libero_tiny.pt")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["network"] == "dit" and report["format"] == "official" and report["problems"] == []
+    assert report["config"]["model_channels"] == 64 and report["config"]["num_blocks"] == 2
+    assert main(["checkpoint", "inspect", "--json", str(tmp_path / "tokenizer.pth")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["network"] == "wan2.1-vae" and report["config"]["base_dim"] == 8
+
+
+def test_inspect_a_file_that_is_no_checkpoint_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "junk.pt"
+    path.write_bytes(b"not a checkpoint")
+    assert main(["checkpoint", "inspect", str(path)]) == 2
+    assert "junk.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("platform", ["libero", "robocasa", "aloha"])
+def test_act_runs_one_query(platform: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["checkpoint", "random", "--platform", platform, "--out", str(tmp_path)]) == 0
+    observation = random_observation(platform)
+    np.savez(tmp_path / "obs.npz", proprio=observation.proprio, **observation.images)
+    task = (tmp_path / f"{platform}_t5_embeddings.safetensors").as_posix()
+    from cosmos_edge.runtime import text_embeddings
+
+    instruction = text_embeddings.read(task).instructions[0]
+    out = tmp_path / "result.npz"
+    argv = ["act", "--checkpoint", str(tmp_path / f"cosmos_policy_{platform}_tiny.pt")]
+    argv += [
+        "--tokenizer",
+        str(tmp_path / "tokenizer.pth"),
+        "--stats",
+        str(tmp_path / f"{platform}_dataset_statistics.json"),
+    ]
+    argv += ["--text-embeddings", task, "--platform", platform, "--observation", str(tmp_path / "obs.npz")]
+    argv += ["--task", instruction, "--seed", "195", "--steps", "1", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "action chunk" in printed and "value" in printed and "vae_encode" in printed
+    with np.load(out) as result:
+        assert result["actions"].dtype == np.float32 and result["actions"].ndim == 2
+        assert result["value"].shape == () and 0.0 <= float(result["value"]) <= 1.0
+        assert result["future_proprio"].ndim == 1
