@@ -1,0 +1,257 @@
+"""Controller-side safety layer for ALOHA joint-position commands.
+
+Every command the executor sends passes through `SafetyFilter.apply`, which in order:
+
+1. picks the target: the chunk action, or the hold pose when there is no valid action (no chunk, a
+   non-finite action, or the latched stop);
+2. limits the change of each arm joint per tick relative to the *measured* joint position, turning the
+   official Cosmos Policy client's "pause if any non-gripper joint would move more than 0.15 rad"
+   check into a slew limit;
+3. clamps every joint to its position limits and each gripper to its normalised range. Limits come
+   last, so they hold even when the measured position is already outside them.
+
+The hold pose is the last command sent, not the measured position: re-commanding the measured pose
+each tick lets gravity sag accumulate, because a loaded position servo settles slightly below its goal.
+The stop latch holds position too; it never disables torque, since the arms have no brakes and
+collapse when torque is off (ALOHA README).
+
+Grippers get no slew limit: the ALOHA observation normalises finger *position* while the action
+normalises the gripper *joint* angle (`real_env.py`), so a difference between the two is not a motion.
+The grippers are protected in hardware by their current limit instead.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from cosmos_edge.runtime.errors import ConfigError, InputError
+
+logger = logging.getLogger(__name__)
+
+# vx300s follower arm joint limits in rad: waist, shoulder, elbow, forearm_roll, wrist_angle, wrist_rotate.
+# Source: Interbotix/interbotix_ros_manipulators
+# interbotix_xsarm_descriptions/urdf/aloha_vx300s.urdf.xacro @41746ab1 (±(π − 1e-5), [−106°, 72°],
+# [−101°, 92°], ±(π − 1e-5), [−107°, 128°], ±(π − 1e-5)); mujoco_menagerie's aloha.xml uses the same values.
+# Real rigs may be stricter (firmware limits, table collisions): configure per rig.
+_PI_OFFSET = 1e-5
+VX300S_JOINT_LOWER: tuple[float, ...] = (
+    -math.pi + _PI_OFFSET,
+    math.radians(-106.0),
+    math.radians(-101.0),
+    -math.pi + _PI_OFFSET,
+    math.radians(-107.0),
+    -math.pi + _PI_OFFSET,
+)
+VX300S_JOINT_UPPER: tuple[float, ...] = (
+    math.pi - _PI_OFFSET,
+    math.radians(72.0),
+    math.radians(92.0),
+    math.pi - _PI_OFFSET,
+    math.radians(128.0),
+    math.pi - _PI_OFFSET,
+)
+# Per-tick joint change the official Cosmos Policy ALOHA client tolerates before pausing (run_aloha_eval.py).
+DEFAULT_MAX_JOINT_STEP = 0.15
+NUM_ARMS = 2  # ALOHA layout: [left 6 joints, left gripper, right 6 joints, right gripper]
+
+
+class Intervention(enum.Flag):
+    """What the filter changed in one command; several can apply to the same tick."""
+
+    NONE = 0
+    CLAMPED = enum.auto()  # a joint or gripper was outside its limits
+    RATE_LIMITED = enum.auto()  # an arm joint would have moved more than the per-tick maximum
+    HELD = enum.auto()  # no valid action: the hold pose was commanded
+    NON_FINITE = enum.auto()  # NaN/inf in the action or the measured position
+    STOPPED = enum.auto()  # the stop latch is set: the hold pose was commanded
+
+
+@dataclass(frozen=True)
+class SafetyConfig:
+    """Limits for a bimanual ALOHA command vector (14 values for 6-joint arms).
+
+    Args:
+        joint_lower: lower position limit of each arm joint in rad, the same for both arms
+            (default: vx300s, see `VX300S_JOINT_LOWER`).
+        joint_upper: upper position limit of each arm joint in rad (default: vx300s).
+        gripper_range: allowed normalised gripper command (default (0, 1): 0 closed, 1 open).
+        max_joint_step: largest change of an arm joint per tick in rad, relative to the measured
+            position (default 0.15, the official client's pause threshold).
+    """
+
+    joint_lower: tuple[float, ...] = VX300S_JOINT_LOWER
+    joint_upper: tuple[float, ...] = VX300S_JOINT_UPPER
+    gripper_range: tuple[float, float] = (0.0, 1.0)
+    max_joint_step: float = DEFAULT_MAX_JOINT_STEP
+
+    def __post_init__(self) -> None:
+        if len(self.joint_lower) != len(self.joint_upper) or not self.joint_lower:
+            raise ConfigError(
+                f"safety.joint_lower/joint_upper: expected equal, non-zero lengths, got "
+                f"{len(self.joint_lower)} and {len(self.joint_upper)}"
+            )
+        for i, (lo, hi) in enumerate(zip(self.joint_lower, self.joint_upper, strict=True)):
+            if not lo < hi:
+                raise ConfigError(f"safety.joint limits: expected lower < upper for joint {i}, got [{lo}, {hi}]")
+        lo, hi = self.gripper_range
+        if not lo < hi:
+            raise ConfigError(f"safety.gripper_range: expected lower < upper, got {self.gripper_range}")
+        if not (math.isfinite(self.max_joint_step) and self.max_joint_step > 0):
+            raise ConfigError(f"safety.max_joint_step: expected a finite value > 0, got {self.max_joint_step}")
+
+    @property
+    def dims(self) -> int:
+        return NUM_ARMS * (len(self.joint_lower) + 1)
+
+    @property
+    def gripper_indices(self) -> tuple[int, ...]:
+        per_arm = len(self.joint_lower) + 1
+        return tuple(arm * per_arm + per_arm - 1 for arm in range(NUM_ARMS))
+
+    def lower(self) -> np.ndarray:
+        """Per-dimension lower limits, shape (dims,)."""
+        return np.array(NUM_ARMS * (*self.joint_lower, self.gripper_range[0]), dtype=np.float64)
+
+    def upper(self) -> np.ndarray:
+        """Per-dimension upper limits, shape (dims,)."""
+        return np.array(NUM_ARMS * (*self.joint_upper, self.gripper_range[1]), dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class SafetyCounters:
+    """Commands that needed each kind of intervention since the filter was built."""
+
+    commands: int = 0
+    clamped: int = 0
+    rate_limited: int = 0
+    held: int = 0
+    non_finite: int = 0
+    stopped: int = 0
+
+
+@dataclass(frozen=True)
+class SafeCommand:
+    """`qpos` (dims,) float64 is a new array the caller may keep; `flags` says what the filter changed."""
+
+    qpos: np.ndarray
+    flags: Intervention
+
+
+_COUNTED = (
+    Intervention.CLAMPED,
+    Intervention.RATE_LIMITED,
+    Intervention.HELD,
+    Intervention.NON_FINITE,
+    Intervention.STOPPED,
+)
+
+
+class SafetyFilter:
+    """Applies `SafetyConfig` to every command; see the module docstring for the order of checks.
+
+    `apply` runs on the control thread; `stop` may be called from any thread.
+    """
+
+    def __init__(self, config: SafetyConfig) -> None:
+        self.config = config
+        self._lower = config.lower()
+        self._upper = config.upper()
+        self._joint_mask = np.ones(config.dims, dtype=bool)
+        self._joint_mask[list(config.gripper_indices)] = False
+        self._stop = threading.Event()
+        self._last: np.ndarray | None = None  # last command sent; None until the first command
+        self._prev_flags = Intervention.NONE
+        self._counts = dict.fromkeys(_COUNTED, 0)
+        self._commands = 0
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def counters(self) -> SafetyCounters:
+        c = self._counts
+        return SafetyCounters(
+            commands=self._commands,
+            clamped=c[Intervention.CLAMPED],
+            rate_limited=c[Intervention.RATE_LIMITED],
+            held=c[Intervention.HELD],
+            non_finite=c[Intervention.NON_FINITE],
+            stopped=c[Intervention.STOPPED],
+        )
+
+    def stop(self, reason: str) -> None:
+        """Latch a stop: every later command holds position until `reset`."""
+        if not self._stop.is_set():
+            logger.warning("safety: stop latched (%s); holding position until reset", reason)
+        self._stop.set()
+
+    def reset(self) -> None:
+        """Clear the stop latch and forget the last command, so the next hold uses the measured pose."""
+        if self._stop.is_set():
+            logger.warning("safety: stop latch cleared")
+        self._stop.clear()
+        self._last = None
+
+    def apply(self, target: np.ndarray | None, measured_qpos: np.ndarray) -> SafeCommand:
+        """Make `target` (dims,) safe to send given the measured position (dims,); None means hold.
+
+        Raises InputError if the measured position is not finite before any command was sent, since
+        there is then no pose to hold.
+        """
+        measured = np.asarray(measured_qpos, dtype=np.float64)
+        self._check_shape("measured qpos", measured)
+        flags = Intervention.NONE
+        if not np.isfinite(measured).all():
+            if self._last is None:
+                raise InputError(f"safety: measured qpos is not finite and no command was sent yet: {measured}")
+            flags |= Intervention.NON_FINITE
+            measured = self._last  # the only trustworthy reference left
+        hold = measured if self._last is None else self._last
+
+        if self._stop.is_set():
+            out, flags = hold.copy(), flags | Intervention.STOPPED
+        elif target is None:
+            out, flags = hold.copy(), flags | Intervention.HELD
+        else:
+            out = np.asarray(target, dtype=np.float64).copy()
+            self._check_shape("target", out)
+            if not np.isfinite(out).all():
+                out, flags = hold.copy(), flags | Intervention.NON_FINITE | Intervention.HELD
+
+        step = self.config.max_joint_step
+        joints = self._joint_mask
+        limited = np.clip(out[joints], measured[joints] - step, measured[joints] + step)
+        if not np.array_equal(limited, out[joints]):
+            out[joints] = limited
+            flags |= Intervention.RATE_LIMITED
+        clamped = np.clip(out, self._lower, self._upper)
+        if not np.array_equal(clamped, out):
+            out = clamped
+            flags |= Intervention.CLAMPED
+
+        self._last = out
+        self._record(flags, target, out)
+        return SafeCommand(qpos=out.copy(), flags=flags)
+
+    def _check_shape(self, name: str, array: np.ndarray) -> None:
+        if array.shape != (self.config.dims,):
+            raise InputError(f"safety: {name} expected shape ({self.config.dims},), got {array.shape}")
+
+    def _record(self, flags: Intervention, target: np.ndarray | None, out: np.ndarray) -> None:
+        self._commands += 1
+        for kind in _COUNTED:
+            if kind in flags:
+                self._counts[kind] += 1
+        if flags:
+            # Onsets are warnings; a run of the same intervention (a long hold, a slewing joint) is debug.
+            started = flags & ~self._prev_flags
+            log = logger.warning if started else logger.debug
+            log("safety: %s (target=%s, sent=%s)", flags, target, out)
+        self._prev_flags = flags

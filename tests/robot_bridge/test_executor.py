@@ -1,0 +1,493 @@
+"""ChunkExecutor on a fake clock with a deterministic chunk source, plus short real-time runs with the worker thread."""
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from cosmos_edge.robot_bridge.chunk_source import (
+    ActParams,
+    Chunk,
+    ChunkRequest,
+    Outcome,
+    RequestFailed,
+    ThreadedChunkSource,
+    request_chunk,
+)
+from cosmos_edge.robot_bridge.executor import NO_CHUNK, ChunkExecutor, ExecutorConfig, precise_sleep, summarize
+from cosmos_edge.robot_bridge.safety import Intervention, SafetyConfig, SafetyFilter
+from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.policy_api import Observation
+
+START = np.array([0.0, -0.96, 1.16, 0.0, -0.3, 0.0, 0.5] * 2)
+PARAMS = ActParams(instruction="put the peg in the socket")
+
+
+def encode(obs_id: int, chunk: int) -> np.ndarray:
+    """Actions whose waist angle carries the obs_id and forearm roll the index, in mrad."""
+    actions = np.tile(START, (chunk, 1)).astype(np.float32)
+    actions[:, 0] = obs_id * 1e-3
+    actions[:, 3] = np.arange(chunk) * 1e-3
+    return actions
+
+
+def decode(qpos: np.ndarray) -> tuple[int, int]:
+    return round(qpos[0] * 1e3), round(qpos[3] * 1e3)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_000_000_000
+
+    def __call__(self) -> int:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += round(seconds * 1e9)
+
+
+class FakeRobot:
+    def __init__(self, clock: Callable[[], int] = time.monotonic_ns) -> None:
+        self.qpos = START.copy()
+        self.commands: list[np.ndarray] = []
+        self.observations = 0
+        self.on_command: Callable[[int], None] = lambda n: None
+
+    def observe(self) -> Observation:
+        self.observations += 1
+        return Observation(images={"cam_high": np.zeros((4, 4, 3), np.uint8)}, proprio=self.qpos.astype(np.float32))
+
+    def current_qpos(self) -> np.ndarray:
+        return self.qpos.copy()
+
+    def command(self, qpos_target: np.ndarray) -> None:
+        self.commands.append(qpos_target.copy())
+        self.qpos = qpos_target.copy()  # perfect tracking
+        self.on_command(len(self.commands))
+
+
+class FakeTimeout(TimeoutError):
+    pass
+
+
+@dataclass(frozen=True)
+class Reply:
+    obs_id: int
+    actions: np.ndarray
+    value: float = 0.5
+    timings_ms: Mapping[str, float] = field(default_factory=lambda: {"total": 1.0})
+
+
+class FakeClient:
+    def __init__(self, chunk: int, latency_s: float = 0.0) -> None:
+        self.chunk = chunk
+        self.latency_s = latency_s
+        self.down = False
+        self.transform: Callable[[np.ndarray], np.ndarray] = lambda a: a
+        self.calls: list[int] = []
+        self.capture_times: list[int] = []
+
+    def act(
+        self,
+        observation: Observation,
+        instruction: str,
+        *,
+        obs_id: int,
+        capture_time_ns: int,
+        mode: str | None = None,
+        seed: int | None = None,
+        steps: int | None = None,
+    ) -> Reply:
+        assert instruction == PARAMS.instruction and observation.proprio.shape == (14,)
+        self.calls.append(obs_id)
+        self.capture_times.append(capture_time_ns)
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        if self.down:
+            raise FakeTimeout("no reply")
+        return Reply(obs_id, self.transform(encode(obs_id, self.chunk)))
+
+
+class LatencySource:
+    """Deterministic ChunkSource: calls the client at submit time, delivers the outcome `latency` later."""
+
+    def __init__(self, client: FakeClient, clock: FakeClock, latency_ticks: int, timeout_ticks: int = 10) -> None:
+        self._client, self._clock = client, clock
+        self._latency_ns = latency_ticks * PERIOD_NS
+        self._timeout_ns = timeout_ticks * PERIOD_NS
+        self._pending: tuple[int, Outcome] | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._pending is not None and self._clock() < self._pending[0]
+
+    def submit(self, request: ChunkRequest) -> None:
+        assert self._pending is None
+        outcome = request_chunk(self._client, PARAMS, request, self._clock)
+        delay = self._timeout_ns if isinstance(outcome, RequestFailed) else self._latency_ns
+        self._pending = (request.capture_ns + delay, outcome)
+
+    def poll(self) -> Outcome | None:
+        if self._pending is None or self._clock() < self._pending[0]:
+            return None
+        outcome, self._pending = self._pending[1], None
+        return outcome
+
+
+class ReplaySource(LatencySource):
+    """Also re-delivers the oldest chunk after each new delivery, as a late duplicate would arrive."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.first: Outcome | None = None
+        self._replay = False
+
+    def poll(self) -> Outcome | None:
+        outcome = super().poll()
+        if outcome is not None:
+            self.first = self.first or outcome
+            self._replay = outcome is not self.first
+            return outcome
+        if self._replay:
+            self._replay = False
+            return self.first
+        return None
+
+
+RATE_HZ = 25.0
+PERIOD_NS = 40_000_000
+
+
+def make(
+    chunk: int = 20,
+    threshold: int = 8,
+    latency_ticks: int = 3,
+    source_cls: type[LatencySource] = LatencySource,
+    **config: float,
+) -> tuple[ChunkExecutor, FakeRobot, FakeClient, FakeClock]:
+    clock = FakeClock()
+    robot = FakeRobot(clock)
+    client = FakeClient(chunk)
+    source = source_cls(client, clock, latency_ticks)
+    cfg = ExecutorConfig(control_rate_hz=RATE_HZ, prefetch_threshold=threshold, **config)  # type: ignore[arg-type]
+    executor = ChunkExecutor(robot, source, SafetyFilter(SafetyConfig()), cfg, clock=clock, sleep=clock.sleep)
+    return executor, robot, client, clock
+
+
+def expected_schedule(num_ticks: int, chunk: int, threshold: int, latency: int) -> list[tuple[int, int]]:
+    """(obs_id, index) per tick, NO_CHUNK pairs for holds, worked out by hand from the executor rules."""
+    out: list[tuple[int, int]] = []
+    current: tuple[int, int] | None = None  # (obs_id, first_tick)
+    in_flight: int | None = None
+    for t in range(num_ticks):
+        if in_flight is not None and t == in_flight + latency:
+            current, in_flight = (in_flight, in_flight + 1), None
+        if current is None:
+            out.append((NO_CHUNK, NO_CHUNK))
+            remaining = 0
+        else:
+            index = t - current[1]
+            out.append((current[0], index) if index < chunk else (NO_CHUNK, NO_CHUNK))
+            remaining = max(0, chunk - index - 1)
+        if in_flight is None and remaining <= threshold:
+            in_flight = t
+    return out
+
+
+def executed(executor: ChunkExecutor) -> list[tuple[int, int]]:
+    r = executor.records()
+    return list(zip(r["chunk_obs_id"].tolist(), r["action_index"].tolist(), strict=True))
+
+
+def test_time_aligned_replacement_follows_the_schedule() -> None:
+    executor, robot, client, _ = make(chunk=20, threshold=8, latency_ticks=3)
+    summary = executor.run(60)
+    got = executed(executor)
+    assert got == expected_schedule(60, chunk=20, threshold=8, latency=3)
+    # Worked example: obs 0 answers at tick 3, so action 0 (meant for tick 1) and 1 are skipped.
+    assert got[:4] == [(NO_CHUNK, NO_CHUNK)] * 3 + [(0, 2)]
+    # Obs 12 answers at tick 15 and replaces chunk 0 (at its index 14, 5 left) with its own index 2.
+    assert got[14:16] == [(0, 13), (12, 2)]
+    # The robot received exactly those actions.
+    for (obs_id, index), command in zip(got, robot.commands, strict=True):
+        if obs_id != NO_CHUNK:
+            assert decode(command) == (obs_id, index)
+    assert client.calls == [0, 12, 24, 36, 48]
+    assert summary.missed_ticks == 0 and summary.hold_ticks == 3
+    assert summary.jitter_max_ms == 0.0
+
+
+@pytest.mark.parametrize(("threshold", "holds_expected"), [(25, False), (0, True)])
+def test_prefetch_keeps_the_robot_moving(threshold: int, holds_expected: bool) -> None:
+    executor, _, _, _ = make(chunk=50, threshold=threshold, latency_ticks=10)
+    executor.run(300)
+    records = executor.records()
+    first = int(np.argmax(records["adopted"]))
+    holds = int((records["action_index"][first:] == NO_CHUNK).sum())
+    if holds_expected:
+        assert holds >= 9 * 4  # query-when-empty: the robot waits out every inference
+    else:
+        assert holds == 0
+        adopted = records[records["adopted"]]
+        np.testing.assert_array_equal(adopted["action_index"], 9)  # 10 ticks of latency skipped
+    assert executor.counters.missed_ticks == 0
+
+
+def test_replies_whose_actions_all_elapsed_are_dropped() -> None:
+    executor, robot, _, _ = make(chunk=5, threshold=2, latency_ticks=8)
+    summary = executor.run(40)
+    counters = executor.counters
+    assert counters.chunks_adopted == 0
+    assert counters.dropped_elapsed == counters.requests - 1 == 4  # the fifth is still in flight
+    assert summary.hold_ticks == 40 and summary.missed_ticks == 0
+    np.testing.assert_array_equal(np.array(robot.commands), np.tile(START, (40, 1)))
+
+
+def test_older_and_duplicate_replies_are_dropped() -> None:
+    executor, _, _, _ = make(chunk=20, threshold=8, latency_ticks=3, source_cls=ReplaySource)
+    executor.run(60)
+    assert executed(executor) == expected_schedule(60, chunk=20, threshold=8, latency=3)
+    counters = executor.counters
+    assert counters.chunks_adopted == 5
+    assert counters.dropped_older == 4
+
+
+def test_holds_while_the_server_is_down_and_recovers() -> None:
+    executor, robot, client, _ = make(chunk=20, threshold=8, latency_ticks=3)
+    executor.run(30)
+    client.down = True  # server restart: requests time out after 10 ticks
+    executor.run(60)
+    outage = executor.records()[30:]
+    assert executor.counters.request_failures >= 4
+    held = outage["action_index"] == NO_CHUNK
+    assert held[-40:].all()
+    last_sent = robot.commands[-1]
+    np.testing.assert_array_equal(np.array(robot.commands[-40:]), np.tile(last_sent, (40, 1)))
+    assert all(Intervention.HELD.value & f for f in outage["flags"][-40:])
+
+    client.down = False
+    executor.run(60)
+    recovered = executor.records()[90:]
+    assert recovered["adopted"].any()
+    assert (recovered["action_index"][-30:] != NO_CHUNK).all()
+    assert executor.counters.missed_ticks == 0
+
+
+def test_stop_latches_hold_and_resume_waits_for_a_fresh_chunk() -> None:
+    executor, robot, _, _ = make(chunk=20, threshold=8, latency_ticks=3)
+    executor.run(13)  # obs 12 is in flight
+    executor.stop("operator pressed stop")
+    executor.run(20)
+    stopped = executor.records()[13:]
+    assert all(Intervention.STOPPED.value & f for f in stopped["flags"])
+    assert not stopped["requested"].any()
+    np.testing.assert_array_equal(np.array(robot.commands[13:]), np.tile(robot.commands[12], (20, 1)))
+    assert executor.counters.dropped_stopped == 1
+
+    executor.resume()
+    executor.run(20)
+    resumed = executor.records()[33:]
+    assert resumed["requested"][0]
+    assert (resumed["action_index"][:3] == NO_CHUNK).all()  # the pre-stop chunk is gone
+    adopted = resumed[resumed["adopted"]]
+    assert adopted["chunk_obs_id"][0] == resumed["tick"][0]
+
+
+def test_every_command_goes_through_the_safety_filter() -> None:
+    executor, robot, client, _ = make(chunk=20, threshold=8, latency_ticks=1)
+
+    def corrupt(actions: np.ndarray) -> np.ndarray:
+        actions[3, 5] = np.nan
+        actions[4, 6] = 3.0  # gripper past open
+        actions[5, 1] = -0.96 + 0.5  # shoulder jump
+        return actions
+
+    client.transform = corrupt
+    executor.run(8)
+    by_index = {int(r["action_index"]): Intervention(int(r["flags"])) for r in executor.records()}
+    assert by_index[NO_CHUNK] == Intervention.HELD
+    assert by_index[3] == Intervention.NON_FINITE | Intervention.HELD
+    assert by_index[4] == Intervention.CLAMPED
+    assert by_index[5] == Intervention.RATE_LIMITED
+    assert robot.commands[-3][6] == 1.0
+
+
+def test_malformed_chunk_is_dropped() -> None:
+    executor, _, client, _ = make(latency_ticks=1)
+    client.transform = lambda a: a[:, :7]
+    summary = executor.run(10)
+    assert executor.counters.dropped_malformed >= 4
+    assert summary.hold_ticks == 10
+
+
+def test_late_tick_skips_missed_deadlines_and_stays_time_aligned() -> None:
+    executor, robot, _, clock = make(chunk=20, threshold=8, latency_ticks=3)
+
+    def stall(n: int) -> None:
+        if n == 6:  # the command of tick 5 returns at 7.5 periods: deadline 6 is lost, tick 7 runs late
+            clock.now += 5 * PERIOD_NS // 2
+
+    robot.on_command = stall
+    summary = executor.run(20)
+    records = executor.records()
+    assert summary.missed_ticks == executor.counters.missed_ticks == 1
+    assert len(records) == 19
+    assert records["tick"][5:7].tolist() == [5, 7]
+    assert records["missed"][6] == 1
+    assert records["action_index"][5:7].tolist() == [4, 6]  # tick 6 is skipped together with its action
+    assert records["wake_ns"][6] - records["deadline_ns"][6] == PERIOD_NS // 2
+
+
+def test_record_ring_is_bounded_and_ordered() -> None:
+    executor, _, _, _ = make(record_capacity=16)
+    executor.run(40)
+    records = executor.records()
+    assert records["tick"].tolist() == list(range(24, 40))
+    assert executor.counters.ticks == 40
+
+
+def test_run_by_duration_and_argument_checks() -> None:
+    executor, _, _, _ = make()
+    assert executor.run(duration_s=0.4).ticks == 10
+    with pytest.raises(ConfigError, match="num_ticks or duration_s"):
+        executor.run()
+    with pytest.raises(ConfigError, match="num_ticks or duration_s"):
+        executor.run(3, duration_s=1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"control_rate_hz": 0.0},
+        {"prefetch_threshold": -1},
+        {"retry_delay_s": -0.1},
+        {"record_capacity": 0},
+        {"realtime_priority": 0},
+        {"nice": 20},
+    ],
+)
+def test_invalid_executor_config(kwargs: dict) -> None:
+    with pytest.raises(ConfigError, match="executor\\."):
+        ExecutorConfig(**kwargs)
+
+
+def test_priority_applies_to_the_control_thread_during_run_only(caplog: pytest.LogCaptureFixture) -> None:
+    executor, robot, _, _ = make(realtime_priority=10, nice=5)
+    seen: list[tuple[int, int]] = []
+    robot.on_command = lambda n: seen.append((os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)))
+    before = (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0))
+    with caplog.at_level(logging.WARNING, logger="cosmos_edge.robot_bridge.executor"):
+        executor.run(3)
+    assert (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)) == before
+    if "SCHED_FIFO 10 refused" in caplog.text:
+        assert seen == [(before[0], 5)] * 3  # fell back to nice
+    else:
+        assert seen == [(os.SCHED_FIFO, before[1])] * 3
+
+
+def test_precise_sleep_wakes_at_the_deadline() -> None:
+    for seconds in (0.0005, 0.005):
+        start = time.perf_counter()
+        precise_sleep(seconds)
+        assert seconds <= time.perf_counter() - start < seconds + 0.05  # generous: shared CI cores
+
+
+# Threaded source and real clock.
+
+
+def request(obs_id: int) -> ChunkRequest:
+    observation = Observation(images={}, proprio=START.astype(np.float32))
+    now, wall = time.monotonic_ns(), time.time_ns()
+    return ChunkRequest(obs_id, first_tick=obs_id + 1, capture_ns=now, capture_wall_ns=wall, observation=observation)
+
+
+def wait_outcome(source: ThreadedChunkSource, timeout_s: float = 2.0) -> Outcome:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        outcome = source.poll()
+        if outcome is not None:
+            return outcome
+        time.sleep(0.001)
+    raise AssertionError("no outcome")
+
+
+def test_threaded_source_answers_and_maps_failures() -> None:
+    client = FakeClient(chunk=4, latency_s=0.02)
+    with ThreadedChunkSource(client, PARAMS) as source:
+        sent = request(7)
+        source.submit(sent)
+        assert source.busy
+        with pytest.raises(RuntimeError, match="busy"):
+            source.submit(request(8))
+        chunk = wait_outcome(source)
+        assert isinstance(chunk, Chunk)
+        assert (chunk.obs_id, chunk.first_tick, chunk.actions.shape, chunk.actions.dtype) == (7, 8, (4, 14), np.float32)
+        assert chunk.received_ns > chunk.capture_ns and not source.busy
+        assert client.capture_times == [sent.capture_wall_ns]  # the wire carries the wall clock
+
+        client.down = True
+        source.submit(request(9))
+        failed = wait_outcome(source)
+        assert isinstance(failed, RequestFailed) and failed.timed_out and failed.obs_id == 9
+
+        client.down = False
+        client.act = lambda *a, **k: Reply(obs_id=1, actions=encode(1, 4))  # type: ignore[method-assign]
+        source.submit(request(10))
+        mismatch = wait_outcome(source)
+        assert isinstance(mismatch, RequestFailed) and not mismatch.timed_out
+        assert "expected 10, got 1" in str(mismatch.error)
+
+        def boom(*args: object, **kwargs: object) -> Reply:
+            raise ConnectionError("remote error")
+
+        client.act = boom  # type: ignore[method-assign]
+        source.submit(request(11))
+        remote = wait_outcome(source)
+        assert isinstance(remote, RequestFailed) and isinstance(remote.error, ConnectionError)
+
+
+def test_threaded_source_close_stops_the_worker() -> None:
+    source = ThreadedChunkSource(FakeClient(chunk=4), PARAMS)
+    source.start()
+    source.close()
+    assert not any(t.name == "chunk-source" and t.is_alive() for t in threading.enumerate())
+
+
+def run_real_time(chunk: int, threshold: int, latency_s: float, duration_s: float) -> ChunkExecutor:
+    robot = FakeRobot()
+    config = ExecutorConfig(control_rate_hz=50.0, prefetch_threshold=threshold)
+    with ThreadedChunkSource(FakeClient(chunk, latency_s), PARAMS) as source:
+        executor = ChunkExecutor(robot, source, SafetyFilter(SafetyConfig()), config)
+        executor.run(duration_s=duration_s)
+    return executor
+
+
+def test_real_time_slow_policy_drops_fully_elapsed_chunks_without_missing_ticks() -> None:
+    # 300 ms of inference is 15 ticks at 50 Hz: a 10-action chunk is over before it arrives.
+    executor = run_real_time(chunk=10, threshold=5, latency_s=0.3, duration_s=1.5)
+    counters = executor.counters
+    assert counters.missed_ticks == 0
+    assert counters.chunks_adopted == 0 and counters.dropped_elapsed >= 3
+    assert summarize(executor.records()).hold_ticks == counters.ticks == 75
+
+
+def test_real_time_slow_policy_skips_elapsed_actions() -> None:
+    executor = run_real_time(chunk=25, threshold=20, latency_s=0.3, duration_s=1.5)
+    adopted = executor.records()[executor.records()["adopted"]]
+    assert executor.counters.missed_ticks == 0
+    assert len(adopted) >= 3
+    assert (adopted["action_index"] >= 13).all()  # about 15 ticks of inference were skipped, not replayed
+
+
+def test_real_time_fast_policy_never_idles_after_the_first_chunk() -> None:
+    executor = run_real_time(chunk=25, threshold=10, latency_s=0.04, duration_s=1.0)
+    records = executor.records()
+    first = int(np.argmax(records["adopted"]))
+    assert executor.counters.missed_ticks == 0
+    assert (records["action_index"][first:] != NO_CHUNK).all()
+    assert executor.counters.chunks_adopted >= 3

@@ -1,0 +1,189 @@
+import logging
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from cosmos_edge.robot_bridge.safety import (
+    DEFAULT_MAX_JOINT_STEP,
+    Intervention,
+    SafetyConfig,
+    SafetyCounters,
+    SafetyFilter,
+)
+from cosmos_edge.runtime.errors import ConfigError, InputError
+
+# ALOHA START_ARM_POSE per arm, grippers half open.
+START = np.array([0.0, -0.96, 1.16, 0.0, -0.3, 0.0, 0.5] * 2)
+GRIPPERS = [6, 13]
+JOINTS = [i for i in range(14) if i not in GRIPPERS]
+
+
+def test_default_config_matches_aloha_layout() -> None:
+    config = SafetyConfig()
+    assert config.dims == 14
+    assert config.gripper_indices == (6, 13)
+    lower, upper = config.lower(), config.upper()
+    assert lower[1] == pytest.approx(math.radians(-106)) and upper[1] == pytest.approx(math.radians(72))
+    assert lower[8] == lower[1] and upper[12] == upper[5]
+    assert (lower[GRIPPERS], upper[GRIPPERS]) == (pytest.approx([0, 0]), pytest.approx([1, 1]))
+    assert config.max_joint_step == DEFAULT_MAX_JOINT_STEP == 0.15
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"joint_lower": (0.0,), "joint_upper": (1.0, 2.0)},
+        {"joint_lower": (1.0,), "joint_upper": (0.0,)},
+        {"gripper_range": (1.0, 0.0)},
+        {"max_joint_step": 0.0},
+        {"max_joint_step": math.inf},
+    ],
+)
+def test_invalid_config_names_the_field(kwargs: dict) -> None:
+    with pytest.raises(ConfigError, match="safety\\."):
+        SafetyConfig(**kwargs)
+
+
+def test_in_range_command_passes_unchanged() -> None:
+    f = SafetyFilter(SafetyConfig())
+    target = START + 0.05
+    out = f.apply(target, START)
+    np.testing.assert_array_equal(out.qpos, target)
+    assert out.flags == Intervention.NONE
+    assert f.counters == SafetyCounters(commands=1)
+
+
+def test_joint_limits_and_gripper_range_clamp() -> None:
+    f = SafetyFilter(SafetyConfig(max_joint_step=10.0))
+    target = START.copy()
+    target[1] = 3.0  # shoulder above 72°
+    target[6] = 1.7  # gripper above open
+    target[13] = -0.2  # gripper below closed
+    out = f.apply(target, START)
+    assert out.flags == Intervention.CLAMPED
+    assert out.qpos[1] == pytest.approx(math.radians(72))
+    assert (out.qpos[6], out.qpos[13]) == (1.0, 0.0)
+    assert f.counters.clamped == 1
+
+
+def test_rate_limit_is_relative_to_measured_position_and_skips_grippers() -> None:
+    f = SafetyFilter(SafetyConfig())
+    target = START.copy()
+    target[JOINTS] += 0.4
+    target[GRIPPERS] = [1.0, 0.0]  # a full gripper swing in one tick is allowed
+    out = f.apply(target, START)
+    assert out.flags == Intervention.RATE_LIMITED
+    np.testing.assert_allclose(out.qpos[JOINTS], START[JOINTS] + 0.15)
+    np.testing.assert_array_equal(out.qpos[GRIPPERS], [1.0, 0.0])
+    # Next tick the robot has moved halfway: the bound follows the measurement, not the last command.
+    measured = START + 0.075
+    out = f.apply(target, measured)
+    np.testing.assert_allclose(out.qpos[JOINTS], measured[JOINTS] + 0.15)
+    assert f.counters.rate_limited == 2
+
+
+def test_limits_win_over_rate_limit_when_measured_is_out_of_range() -> None:
+    f = SafetyFilter(SafetyConfig())
+    measured = START.copy()
+    measured[1] = 1.4  # sensor reads past the shoulder limit
+    out = f.apply(measured, measured)
+    assert out.flags == Intervention.CLAMPED
+    assert out.qpos[1] == pytest.approx(math.radians(72))
+
+
+def test_hold_uses_measured_pose_first_then_last_command() -> None:
+    f = SafetyFilter(SafetyConfig())
+    out = f.apply(None, START)
+    assert out.flags == Intervention.HELD
+    np.testing.assert_array_equal(out.qpos, START)
+    sent = f.apply(START + 0.1, START).qpos
+    sagged = START + 0.08  # the arm settled slightly short of its goal
+    out = f.apply(None, sagged)
+    np.testing.assert_array_equal(out.qpos, sent)
+    assert f.counters.held == 2
+
+
+def test_non_finite_target_is_rejected_and_holds() -> None:
+    f = SafetyFilter(SafetyConfig())
+    sent = f.apply(START, START).qpos
+    for bad in (np.nan, np.inf, -np.inf):
+        target = START + 0.01
+        target[3] = bad
+        out = f.apply(target, START)
+        assert out.flags == Intervention.NON_FINITE | Intervention.HELD
+        np.testing.assert_array_equal(out.qpos, sent)
+    assert f.counters.non_finite == 3 and f.counters.held == 3
+
+
+def test_non_finite_measurement_holds_last_command() -> None:
+    f = SafetyFilter(SafetyConfig())
+    bad = START.copy()
+    bad[0] = np.nan
+    with pytest.raises(InputError, match="not finite"):
+        f.apply(START, bad)
+    sent = f.apply(START, START).qpos
+    out = f.apply(START + 0.05, bad)
+    assert Intervention.NON_FINITE in out.flags
+    np.testing.assert_allclose(out.qpos, START + 0.05)  # rate-limited against the last command instead
+    assert np.isfinite(out.qpos).all()
+    np.testing.assert_array_equal(sent, START)
+
+
+def test_stop_latches_until_reset() -> None:
+    f = SafetyFilter(SafetyConfig())
+    sent = f.apply(START + 0.1, START).qpos
+    f.stop("operator")
+    assert f.stopped
+    for _ in range(3):
+        out = f.apply(START + 0.12, START + 0.1)
+        assert out.flags == Intervention.STOPPED
+        np.testing.assert_array_equal(out.qpos, sent)
+    f.reset()
+    assert not f.stopped
+    out = f.apply(START + 0.12, START + 0.1)
+    assert out.flags == Intervention.NONE
+    assert f.counters == SafetyCounters(commands=5, stopped=3)
+
+
+def test_shape_mismatch_raises() -> None:
+    f = SafetyFilter(SafetyConfig())
+    with pytest.raises(InputError, match=r"expected shape \(14,\)"):
+        f.apply(np.zeros(7), START)
+    with pytest.raises(InputError, match="measured qpos"):
+        f.apply(START, np.zeros(16))
+
+
+def test_returned_command_is_a_copy() -> None:
+    f = SafetyFilter(SafetyConfig())
+    out = f.apply(START, START)
+    out.qpos[:] = 99.0
+    np.testing.assert_array_equal(f.apply(None, START).qpos, START)
+
+
+def test_interventions_are_logged_once_per_onset(caplog: pytest.LogCaptureFixture) -> None:
+    f = SafetyFilter(SafetyConfig())
+    with caplog.at_level(logging.DEBUG, logger="cosmos_edge.robot_bridge.safety"):
+        for _ in range(4):
+            f.apply(None, START)
+    levels = [r.levelno for r in caplog.records]
+    assert levels == [logging.WARNING, logging.DEBUG, logging.DEBUG, logging.DEBUG]
+    assert "HELD" in caplog.records[0].getMessage()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    target=arrays(np.float64, 14, elements=st.floats(allow_nan=True, allow_infinity=True, width=64)),
+    offset=arrays(np.float64, 14, elements=st.floats(-0.5, 0.5, width=64)),
+)
+def test_output_always_within_limits_and_step(target: np.ndarray, offset: np.ndarray) -> None:
+    config = SafetyConfig()
+    f = SafetyFilter(config)
+    measured = np.clip(START + offset, config.lower(), config.upper())
+    out = f.apply(target, measured).qpos
+    assert np.isfinite(out).all()
+    assert (out >= config.lower()).all() and (out <= config.upper()).all()
+    assert (np.abs(out[JOINTS] - measured[JOINTS]) <= config.max_joint_step + 1e-12).all()
