@@ -44,7 +44,12 @@ def add_serve_parser(
         action="store_true",
         help="allow a non-loopback endpoint without CURVE: anyone who reaches the port can command the robot",
     )
-    parser.set_defaults(func=lambda args: run_server(make_policies(args), server_config(args, joint_limits)))
+
+    def serve(args: argparse.Namespace) -> int:
+        config = server_config(args, joint_limits)  # refuse bad network settings before loading any policy
+        return run_server(make_policies(args), config)
+
+    parser.set_defaults(func=serve)
     return parser
 
 

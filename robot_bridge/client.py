@@ -1,0 +1,224 @@
+"""The controller-side client of the policy server.
+
+A DEALER socket with request ids rather than REQ: REQ's strict send/receive alternation wedges forever after one
+lost reply (the failure GR00T's client shows). Every call here has a deadline. On a timeout the socket is closed and
+a fresh one (a new identity) is made for the next call, so a restarted server is reached again and a late reply to
+the old request can never be mistaken for a new one. Replies whose id is not the one awaited are discarded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from types import TracebackType
+from typing import TypeVar
+
+import numpy as np
+import zmq
+
+from cosmos_edge.robot_bridge.curve import CurveKeyPair, check_key
+from cosmos_edge.robot_bridge.protocol import (
+    ActReply,
+    ActRequest,
+    ErrorCode,
+    ErrorReply,
+    MessageError,
+    MetadataRequest,
+    ModeSet,
+    PingRequest,
+    Pong,
+    Reply,
+    Request,
+    ServerMetadata,
+    SetModeRequest,
+    WireLimits,
+    decode_reply,
+)
+from cosmos_edge.runtime.errors import ConfigError, CosmosEdgeError, ProtocolError
+from cosmos_edge.runtime.policy_api import Observation
+
+logger = logging.getLogger(__name__)
+
+R = TypeVar("R", ActReply, ServerMetadata, Pong, ModeSet)
+
+# `ActReply` and `ServerMetadata` are the protocol's own message types; re-exported as the client's results.
+__all__ = ["ActReply", "PolicyClient", "RemoteError", "RequestTimeout", "ServerMetadata"]
+
+
+class RequestTimeout(CosmosEdgeError, TimeoutError):
+    """No reply within the client's timeout. The socket has been reset; the next call reconnects."""
+
+
+class RemoteError(CosmosEdgeError):
+    """The server answered with an `error` reply."""
+
+    def __init__(self, reply: ErrorReply) -> None:
+        super().__init__(f"server error {reply.code.value}: {reply.message}")
+        self.code: ErrorCode = reply.code
+        self.field = reply.field
+        self.detail = reply.message
+
+
+class PolicyClient:
+    """Talks to a `PolicyServer` at `endpoint` (e.g. "tcp://10.0.0.5:5555").
+
+    With CURVE, pass the server's public key and this client's key pair (which the server must list). The socket is
+    made on the first call, not here. Calls are serialised by a lock, so one client may be shared between threads,
+    but each call blocks its caller for up to `timeout_s`.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        timeout_s: float = 5.0,
+        server_public_key: bytes | None = None,
+        client_keys: CurveKeyPair | None = None,
+        limits: WireLimits | None = None,
+    ) -> None:
+        if not timeout_s > 0:
+            raise ConfigError(f"timeout_s: expected > 0, got {timeout_s}")
+        if (server_public_key is None) != (client_keys is None):
+            raise ConfigError("server_public_key and client_keys: CURVE needs both (the server admits listed keys)")
+        if server_public_key is not None:
+            check_key("server_public_key", server_public_key)
+        self._endpoint = endpoint
+        self._timeout_s = timeout_s
+        self._server_public_key = server_public_key
+        self._client_keys = client_keys
+        self._limits = limits or WireLimits()
+        self._request_ids = itertools.count(1)  # 0 is what the server answers to a request it could not read
+        self._lock = threading.Lock()
+        self._context: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._socket: zmq.Socket[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return self._endpoint
+
+    def act(
+        self,
+        observation: Observation,
+        instruction: str,
+        *,
+        obs_id: int,
+        capture_time_ns: int,
+        mode: str | None = None,
+        seed: int | None = None,
+        steps: int | None = None,
+    ) -> ActReply:
+        """Asks for the chunk for `observation`. The images are sent from their own buffers, without a copy: do not
+        modify them while this call runs. The reply's `actions` are a read-only view of the received message.
+
+        Raises `RequestTimeout`, `RemoteError` (e.g. `superseded`, an unknown instruction) or `ProtocolError` (a
+        malformed observation, caught before sending, or a malformed reply)."""
+        with self._lock:
+            request = ActRequest(
+                next(self._request_ids),
+                obs_id=obs_id,
+                capture_time_ns=capture_time_ns,
+                instruction=instruction,
+                images=observation.images,
+                proprio=np.asarray(observation.proprio, dtype=np.float32),
+                mode=mode,
+                seed=seed,
+                steps=steps,
+            )
+            return self._call(request, ActReply)
+
+    def metadata(self) -> ServerMetadata:
+        with self._lock:
+            return self._call(MetadataRequest(next(self._request_ids)), ServerMetadata)
+
+    def ping(self) -> Pong:
+        with self._lock:
+            return self._call(PingRequest(next(self._request_ids)), Pong)
+
+    def set_mode(self, mode: str) -> ModeSet:
+        """Switches the server's default mode for every controller."""
+        with self._lock:
+            return self._call(SetModeRequest(next(self._request_ids), mode), ModeSet)
+
+    def close(self) -> None:
+        with self._lock:
+            self._reset()
+            if self._context is not None:
+                self._context.term()
+                self._context = None
+
+    def __enter__(self) -> PolicyClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _call(self, request: Request, expected: type[R]) -> R:
+        deadline = time.monotonic() + self._timeout_s
+        socket = self._connected()
+        try:
+            self._send(socket, request, deadline)
+            reply = self._await_reply(socket, request, deadline)
+        except (RequestTimeout, ProtocolError):
+            self._reset()
+            raise
+        if isinstance(reply, ErrorReply):
+            raise RemoteError(reply)
+        if not isinstance(reply, expected):
+            self._reset()
+            raise MessageError(
+                ErrorCode.UNKNOWN_KIND, "kind", f"expected {expected.kind.value}, got {reply.kind.value}"
+            )
+        return reply
+
+    def _send(self, socket: zmq.Socket[bytes], request: Request, deadline: float) -> None:
+        # With IMMEDIATE set, the socket is writable only once a connection (and its CURVE handshake) is up.
+        if socket.poll(_remaining_ms(deadline), zmq.POLLOUT):
+            try:
+                socket.send_multipart(request.to_frames(), zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:  # the connection dropped between poll and send
+                pass
+        raise RequestTimeout(
+            f"{request.kind.value}: no connection to {self._endpoint} within {self._timeout_s} s; is the server "
+            "running, and does it admit this client's CURVE key?"
+        )
+
+    def _await_reply(self, socket: zmq.Socket[bytes], request: Request, deadline: float) -> Reply:
+        while socket.poll(_remaining_ms(deadline), zmq.POLLIN):
+            reply = decode_reply(socket.recv_multipart(copy=False), self._limits)
+            if reply.request_id == request.request_id:
+                return reply
+            logger.debug("discarded a stale %s for request %s", reply.kind.value, reply.request_id)
+        raise RequestTimeout(
+            f"{request.kind.value}: no reply to request {request.request_id} from {self._endpoint} within "
+            f"{self._timeout_s} s; the connection was reset and the next call reconnects"
+        )
+
+    def _connected(self) -> zmq.Socket[bytes]:
+        if self._socket is not None:
+            return self._socket
+        if self._context is None:
+            self._context = zmq.Context()
+        socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)  # an unsent request is stale once we give up on it
+        socket.setsockopt(zmq.IMMEDIATE, 1)  # queue only to a live connection, never for a server that is down
+        if self._client_keys is not None:
+            socket.curve_serverkey = self._server_public_key
+            socket.curve_publickey = self._client_keys.public
+            socket.curve_secretkey = self._client_keys.secret
+        socket.connect(self._endpoint)
+        self._socket = socket
+        return socket
+
+    def _reset(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+
+def _remaining_ms(deadline: float) -> int:
+    return max(0, round((deadline - time.monotonic()) * 1e3))

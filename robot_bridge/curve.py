@@ -1,0 +1,98 @@
+"""CURVE keys for the bridge: who may talk to the policy server, and how the client proves it.
+
+ZeroMQ CURVE gives encryption and mutual authentication with Curve25519 keys. The server admits only the client
+public keys it was given (an allowlist): encryption alone would still let any peer drive the robot. Keys are the
+40-character Z85 text form that `zmq.curve_keypair()` returns and `zmq.auth.create_certificates` writes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
+
+from cosmos_edge.runtime.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+Z85_KEY_LENGTH = 40
+
+
+def check_key(name: str, key: bytes) -> None:
+    if not isinstance(key, bytes) or len(key) != Z85_KEY_LENGTH:
+        got = f"{len(key)} bytes" if isinstance(key, bytes) else type(key).__name__
+        raise ConfigError(f"{name}: expected a {Z85_KEY_LENGTH}-byte Z85 CURVE key, got {got}")
+    try:
+        z85.decode(key)
+    except (ValueError, KeyError):  # z85 raises KeyError for a character outside its alphabet
+        raise ConfigError(f"{name}: not valid Z85 text") from None
+
+
+@dataclass(frozen=True)
+class CurveKeyPair:
+    public: bytes
+    secret: bytes = field(repr=False)  # never in logs or tracebacks
+
+    def __post_init__(self) -> None:
+        check_key("public", self.public)
+        check_key("secret", self.secret)
+
+    @classmethod
+    def generate(cls) -> CurveKeyPair:
+        public, secret = zmq.curve_keypair()
+        return cls(public, secret)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CurveKeyPair:
+        """Reads a `.key_secret` certificate written by `zmq.auth.create_certificates`."""
+        public, secret = zmq.auth.load_certificate(path)
+        if secret is None:
+            raise ConfigError(f"{path}: holds no secret key; expected the '.key_secret' file of the pair")
+        return cls(public, secret)
+
+
+@dataclass(frozen=True)
+class ServerCurve:
+    """The server's key pair and the public keys of the clients it admits."""
+
+    keys: CurveKeyPair
+    allowed_clients: frozenset[bytes]
+
+    def __post_init__(self) -> None:
+        if not self.allowed_clients:
+            raise ConfigError("allowed_clients: expected at least one client public key, got none")
+        for key in self.allowed_clients:
+            check_key("allowed_clients", key)
+
+
+def load_public_keys(directory: str | Path) -> frozenset[bytes]:
+    """Public keys of every `.key` certificate in `directory` (the allowlist of a server)."""
+    if not Path(directory).is_dir():
+        raise ConfigError(f"{directory}: expected a directory of client '.key' certificates")
+    return frozenset(zmq.auth.load_certificates(directory))
+
+
+def start_authenticator(context: zmq.Context[zmq.Socket[bytes]], curve: ServerCurve) -> ThreadAuthenticator:
+    """Starts the ZAP handler that admits `curve.allowed_clients`; start it before binding the CURVE socket."""
+    authenticator = ThreadAuthenticator(context)
+    authenticator.start()
+    authenticator.configure_curve_callback(domain="*", credentials_provider=_Allowlist(curve.allowed_clients))
+    return authenticator
+
+
+class _Allowlist:
+    """ZAP credentials provider: admits exactly the listed client public keys (Z85)."""
+
+    def __init__(self, keys: frozenset[bytes]) -> None:
+        self._keys = keys
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        allowed = key in self._keys
+        if not allowed:
+            logger.warning("refused a CURVE client with an unlisted key %s", key.decode("ascii", "replace"))
+        return allowed

@@ -1,0 +1,404 @@
+"""Messages of the bridge protocol, version 1 (described in docs/protocol.md), and their decoders.
+
+Requests: `act`, `metadata`, `ping`, `set_mode`. Replies: `act_result`, `metadata_result`, `pong`, `mode_set`,
+`error`. Every message is a frozen dataclass whose `__post_init__` validates it; decoding builds the same dataclass,
+so a message built locally and one received from the network pass the same checks. A failed check raises
+`MessageError` (a `ProtocolError`) with an `ErrorCode` and the field at fault, which the server returns as an `error`
+reply. The framing itself (header, array frames, limits) is in `wire`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+
+from cosmos_edge.robot_bridge.wire import (
+    INT64_MAX,
+    MAX_DIM,
+    MAX_NAME,
+    PROTOCOL_VERSION,
+    UINT64_MAX,
+    Envelope,
+    ErrorCode,
+    FieldTaker,
+    FrameLike,
+    MessageError,
+    MessageKind,
+    OutFrame,
+    WireLimits,
+    check_array,
+    check_float,
+    check_int,
+    check_optional_int,
+    check_sequence,
+    check_text,
+    check_texts,
+    encode,
+    invalid,
+    parse,
+    set_field,
+)
+
+# The protocol's public names, including those defined in `wire`, so that users need one import.
+__all__ = [
+    "PROTOCOL_VERSION",
+    "ActReply",
+    "ActRequest",
+    "ErrorCode",
+    "ErrorReply",
+    "FrameLike",
+    "MessageError",
+    "MessageKind",
+    "MetadataRequest",
+    "ModeSet",
+    "OutFrame",
+    "PingRequest",
+    "Pong",
+    "Reply",
+    "Request",
+    "ServerMetadata",
+    "SetModeRequest",
+    "WireLimits",
+    "decode_reply",
+    "decode_request",
+]
+
+_SEED_MAX = 2**32 - 1  # numpy's legacy RandomState, which the official sampler seeds, takes 32-bit seeds
+_MAX_STEPS = 100
+_MAX_TEXT = 1024
+_MAX_ERROR_TEXT = 2048
+_MAX_CAMERAS = 8
+_IMAGE_PREFIX = "image/"
+_DEFAULT_LIMITS = WireLimits()
+
+
+M = TypeVar("M", bound="_Message")
+
+
+def _to_wire(value: object) -> object:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return [_to_wire(item) for item in value]
+    return value
+
+
+@dataclass(frozen=True, eq=False)
+class _Message:
+    """Base of every message. By default every other field is a header field, sent unless it is None; fields named
+    in `_array_fields` travel as array frames."""
+
+    kind: ClassVar[MessageKind]
+    _array_fields: ClassVar[tuple[str, ...]] = ()
+    request_id: int
+
+    def __post_init__(self) -> None:
+        set_field(self, "request_id", check_int("request_id", self.request_id, 0, UINT64_MAX))
+
+    def to_frames(self) -> list[OutFrame]:
+        """Frames to send. Array frames are views of this message's arrays: do not modify them until sent."""
+        fields, arrays = self._payload()
+        return encode(self.kind, self.request_id, fields, arrays)
+
+    @classmethod
+    def from_frames(cls: type[M], frames: Sequence[FrameLike], limits: WireLimits | None = None) -> M:
+        envelope = parse(frames, limits or _DEFAULT_LIMITS)
+        if envelope.kind is not cls.kind:
+            detail = f"expected {cls.kind.value!r}, got {envelope.kind.value!r}"
+            raise MessageError(ErrorCode.UNKNOWN_KIND, "kind", detail, envelope.request_id)
+        return _build(cls, envelope)
+
+    def _payload(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        fields: dict[str, Any] = {}
+        arrays: dict[str, np.ndarray] = {}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if item.name in self._array_fields:
+                arrays[item.name] = value
+            elif item.name != "request_id" and value is not None:
+                fields[item.name] = _to_wire(value)
+        return fields, arrays
+
+    @classmethod
+    def _from_envelope(cls: type[M], envelope: Envelope) -> M:
+        fields = FieldTaker(envelope.fields, "field")
+        arrays = FieldTaker(envelope.arrays, "array")
+        values = {}
+        for item in dataclasses.fields(cls):
+            if item.name != "request_id":
+                source = arrays if item.name in cls._array_fields else fields
+                values[item.name] = source.take(item.name, required=item.default is dataclasses.MISSING)
+        fields.finish()
+        arrays.finish()
+        return cls(request_id=envelope.request_id, **values)
+
+
+def _build(cls: type[M], envelope: Envelope) -> M:
+    try:
+        return cls._from_envelope(envelope)
+    except MessageError as error:
+        error.request_id = envelope.request_id
+        raise
+
+
+@dataclass(frozen=True, eq=False)
+class ActRequest(_Message):
+    """One observation to act on. `images` maps camera name to uint8 (H, W, 3); `proprio` is float32 (proprio_dim,).
+
+    `obs_id` is the controller's increasing observation counter; the reply echoes it so that the controller can drop
+    stale chunks. `capture_time_ns` is the controller's capture timestamp on its own clock, carried for its records;
+    the server does not interpret it. `mode`, `seed`, `steps` override the server's defaults when given.
+    """
+
+    kind: ClassVar[MessageKind] = MessageKind.ACT
+    obs_id: int
+    capture_time_ns: int
+    instruction: str
+    images: Mapping[str, np.ndarray]
+    proprio: np.ndarray
+    mode: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        set_field(self, "obs_id", check_int("obs_id", self.obs_id, 0, INT64_MAX))
+        set_field(self, "capture_time_ns", check_int("capture_time_ns", self.capture_time_ns, 0, INT64_MAX))
+        set_field(self, "instruction", check_text("instruction", self.instruction, _MAX_TEXT))
+        if not isinstance(self.images, Mapping) or not 1 <= len(self.images) <= _MAX_CAMERAS:
+            raise invalid("images", f"expected a mapping of 1..{_MAX_CAMERAS} cameras to images")
+        images = {}
+        for camera, image in self.images.items():
+            name = _IMAGE_PREFIX + check_text("images", camera, MAX_NAME)
+            images[camera] = check_array(name, image, "uint8", 3)
+            if image.shape[2] != 3:
+                raise invalid(name, f"expected 3 channels (H, W, 3), got shape {image.shape}")
+        set_field(self, "images", images)
+        set_field(self, "proprio", check_array("proprio", self.proprio, "float32", 1))
+        set_field(self, "mode", None if self.mode is None else check_text("mode", self.mode, MAX_NAME))
+        set_field(self, "seed", check_optional_int("seed", self.seed, 0, _SEED_MAX))
+        set_field(self, "steps", check_optional_int("steps", self.steps, 1, _MAX_STEPS))
+
+    def _payload(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        fields = {"obs_id": self.obs_id, "capture_time_ns": self.capture_time_ns, "instruction": self.instruction}
+        optional = {"mode": self.mode, "seed": self.seed, "steps": self.steps}
+        fields.update({name: value for name, value in optional.items() if value is not None})
+        arrays = {_IMAGE_PREFIX + camera: image for camera, image in self.images.items()}
+        return fields, {**arrays, "proprio": self.proprio}
+
+    @classmethod
+    def _from_envelope(cls, envelope: Envelope) -> ActRequest:
+        fields = FieldTaker(envelope.fields, "field")
+        arrays = FieldTaker(envelope.arrays, "array")
+        request = cls(
+            request_id=envelope.request_id,
+            obs_id=fields.take("obs_id"),
+            capture_time_ns=fields.take("capture_time_ns"),
+            instruction=fields.take("instruction"),
+            images=arrays.take_prefixed(_IMAGE_PREFIX),
+            proprio=arrays.take("proprio"),
+            mode=fields.take("mode", required=False),
+            seed=fields.take("seed", required=False),
+            steps=fields.take("steps", required=False),
+        )
+        fields.finish()
+        arrays.finish()
+        return request
+
+
+@dataclass(frozen=True, eq=False)
+class MetadataRequest(_Message):
+    kind: ClassVar[MessageKind] = MessageKind.METADATA
+
+
+@dataclass(frozen=True, eq=False)
+class PingRequest(_Message):
+    kind: ClassVar[MessageKind] = MessageKind.PING
+
+
+@dataclass(frozen=True, eq=False)
+class SetModeRequest(_Message):
+    kind: ClassVar[MessageKind] = MessageKind.SET_MODE
+    mode: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        set_field(self, "mode", check_text("mode", self.mode, MAX_NAME))
+
+
+@dataclass(frozen=True, eq=False)
+class ActReply(_Message):
+    """The chunk for observation `obs_id`: `actions` float32 (chunk, action_dim), un-normalised absolute targets.
+    Decoded arrays (here and in `ActRequest`) are read-only views of the received frames; copy them to modify.
+
+    `timings_ms` holds the server's stages in the order they ran. `server_receive_ns`/`server_send_ns` are the
+    server's wall clock when the request arrived and when this reply was encoded.
+    """
+
+    kind: ClassVar[MessageKind] = MessageKind.ACT_RESULT
+    _array_fields: ClassVar[tuple[str, ...]] = ("actions",)
+    obs_id: int
+    actions: np.ndarray
+    value: float
+    mode: str
+    timings_ms: Mapping[str, float]
+    server_version: str
+    server_receive_ns: int
+    server_send_ns: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        set_field(self, "obs_id", check_int("obs_id", self.obs_id, 0, INT64_MAX))
+        set_field(self, "actions", check_array("actions", self.actions, "float32", 2))
+        set_field(self, "value", check_float("value", self.value))
+        set_field(self, "mode", check_text("mode", self.mode, MAX_NAME))
+        if not isinstance(self.timings_ms, Mapping) or len(self.timings_ms) > MAX_NAME:
+            raise invalid("timings_ms", f"expected a map of at most {MAX_NAME} stages")
+        timings = {
+            check_text("timings_ms", k, MAX_NAME): check_float(f"timings_ms.{k}", v) for k, v in self.timings_ms.items()
+        }
+        set_field(self, "timings_ms", timings)
+        set_field(self, "server_version", check_text("server_version", self.server_version, MAX_NAME))
+        set_field(self, "server_receive_ns", check_int("server_receive_ns", self.server_receive_ns, 0, INT64_MAX))
+        set_field(self, "server_send_ns", check_int("server_send_ns", self.server_send_ns, 0, INT64_MAX))
+
+
+@dataclass(frozen=True, eq=False)
+class ServerMetadata(_Message):
+    """What a controller needs before its first `act`. Every header carries the protocol version, so it is not
+    repeated here. `joint_limits` is one (lower, upper) pair per action dim, when the server was given limits.
+    `instructions` are those every mode accepts; `mode` is the mode in force."""
+
+    kind: ClassVar[MessageKind] = MessageKind.METADATA_RESULT
+    platform: str
+    cameras: tuple[str, ...]
+    image_size: tuple[int, int]
+    chunk_size: int
+    control_rate_hz: float
+    action_dim: int
+    proprio_dim: int
+    modes: tuple[str, ...]
+    mode: str
+    instructions: tuple[str, ...]
+    server_version: str
+    joint_limits: tuple[tuple[float, float], ...] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        set_field(self, "platform", check_text("platform", self.platform, MAX_NAME))
+        set_field(self, "cameras", check_texts("cameras", self.cameras))
+        size = check_sequence("image_size", self.image_size, 2)
+        set_field(self, "image_size", tuple(check_int("image_size", side, 1, MAX_DIM) for side in size))
+        if len(self.image_size) != 2:
+            raise invalid("image_size", f"expected (height, width), got {self.image_size}")
+        set_field(self, "chunk_size", check_int("chunk_size", self.chunk_size, 1, MAX_DIM))
+        set_field(self, "control_rate_hz", check_float("control_rate_hz", self.control_rate_hz, 1e-3, 1e4))
+        set_field(self, "action_dim", check_int("action_dim", self.action_dim, 1, MAX_DIM))
+        set_field(self, "proprio_dim", check_int("proprio_dim", self.proprio_dim, 1, MAX_DIM))
+        set_field(self, "modes", check_texts("modes", self.modes))
+        set_field(self, "mode", check_text("mode", self.mode, MAX_NAME))
+        if not self.modes or self.mode not in self.modes:
+            raise invalid("mode", f"expected one of {list(self.modes)}, got {self.mode!r}")
+        set_field(self, "instructions", check_texts("instructions", self.instructions, _MAX_TEXT))
+        set_field(self, "server_version", check_text("server_version", self.server_version, MAX_NAME))
+        if self.joint_limits is not None:
+            set_field(self, "joint_limits", _joint_limits(self.joint_limits, self.action_dim))
+
+
+def _joint_limits(value: object, action_dim: int) -> tuple[tuple[float, float], ...]:
+    pairs = check_sequence("joint_limits", value, MAX_DIM)
+    if len(pairs) != action_dim:
+        raise invalid("joint_limits", f"expected {action_dim} (lower, upper) pairs, got {len(pairs)}")
+    limits = []
+    for index, pair in enumerate(pairs):
+        field = f"joint_limits[{index}]"
+        lower, upper = (check_float(field, bound) for bound in check_sequence(field, pair, 2))
+        if not lower < upper:
+            raise invalid(field, f"expected lower < upper, got ({lower}, {upper})")
+        limits.append((lower, upper))
+    return tuple(limits)
+
+
+@dataclass(frozen=True, eq=False)
+class Pong(_Message):
+    """`server_time_ns` is the server's wall clock, for estimating the clock offset between the machines."""
+
+    kind: ClassVar[MessageKind] = MessageKind.PONG
+    server_time_ns: int
+    server_version: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        set_field(self, "server_time_ns", check_int("server_time_ns", self.server_time_ns, 0, INT64_MAX))
+        set_field(self, "server_version", check_text("server_version", self.server_version, MAX_NAME))
+
+
+@dataclass(frozen=True, eq=False)
+class ModeSet(_Message):
+    kind: ClassVar[MessageKind] = MessageKind.MODE_SET
+    mode: str
+    previous_mode: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        set_field(self, "mode", check_text("mode", self.mode, MAX_NAME))
+        set_field(self, "previous_mode", check_text("previous_mode", self.previous_mode, MAX_NAME))
+
+
+@dataclass(frozen=True, eq=False)
+class ErrorReply(_Message):
+    """`field` names what was at fault; it is empty when the policy rejected the request as a whole (its message
+    then names the field). Request id 0 answers a message whose header could not be read."""
+
+    kind: ClassVar[MessageKind] = MessageKind.ERROR
+    code: ErrorCode
+    field: str
+    message: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            set_field(self, "code", ErrorCode(self.code))
+        except ValueError:
+            raise invalid("code", f"expected one of {[c.value for c in ErrorCode]}, got {self.code!r}") from None
+        set_field(self, "field", check_text("field", self.field, 2 * MAX_NAME, allow_empty=True))
+        set_field(self, "message", check_text("message", self.message, _MAX_ERROR_TEXT))
+
+    @classmethod
+    def from_error(cls, error: MessageError) -> ErrorReply:
+        return cls(error.request_id or 0, error.code, error.field[: 2 * MAX_NAME], str(error)[:_MAX_ERROR_TEXT])
+
+
+Request = ActRequest | MetadataRequest | PingRequest | SetModeRequest
+Reply = ActReply | ServerMetadata | Pong | ModeSet | ErrorReply
+
+_REQUEST_TYPES: dict[MessageKind, type[Request]] = {
+    cls.kind: cls for cls in (ActRequest, MetadataRequest, PingRequest, SetModeRequest)
+}
+_REPLY_TYPES: dict[MessageKind, type[Reply]] = {
+    cls.kind: cls for cls in (ActReply, ServerMetadata, Pong, ModeSet, ErrorReply)
+}
+
+
+def _decode(frames: Sequence[FrameLike], limits: WireLimits | None, types: Mapping[MessageKind, type[M]]) -> M:
+    envelope = parse(frames, limits or _DEFAULT_LIMITS)
+    message_type = types.get(envelope.kind)
+    if message_type is None:
+        detail = f"expected one of {[kind.value for kind in types]}, got {envelope.kind.value!r}"
+        raise MessageError(ErrorCode.UNKNOWN_KIND, "kind", detail, envelope.request_id)
+    return _build(message_type, envelope)
+
+
+def decode_request(frames: Sequence[FrameLike], limits: WireLimits | None = None) -> Request:
+    """Decodes what a controller sent; raises `MessageError` for anything malformed, never another exception."""
+    return _decode(frames, limits, _REQUEST_TYPES)
+
+
+def decode_reply(frames: Sequence[FrameLike], limits: WireLimits | None = None) -> Reply:
+    """Decodes what the server sent; raises `MessageError` for anything malformed, never another exception."""
+    return _decode(frames, limits, _REPLY_TYPES)

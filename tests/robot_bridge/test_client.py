@@ -1,0 +1,193 @@
+"""Policy client: deadlines, socket reset after a timeout, stale replies, and a server killed and restarted."""
+
+from __future__ import annotations
+
+import multiprocessing
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from cosmos_edge.robot_bridge.client import PolicyClient, RemoteError, RequestTimeout
+from cosmos_edge.robot_bridge.curve import CurveKeyPair
+from cosmos_edge.robot_bridge.protocol import ErrorCode, ErrorReply, MessageError, Pong, decode_request
+from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.policy_api import Observation
+
+sys.path.insert(0, str(Path(__file__).parent))  # for bridge_doubles; see its docstring
+from bridge_doubles import INSTRUCTION, expected_actions, observation, serve_stub
+
+TIMEOUT_S = 5.0
+SHORT_TIMEOUT_S = 0.3
+STARTUP_S = 30.0  # a spawned interpreter importing numpy and zmq on a loaded 2-core machine
+
+Handler = Callable[[zmq.Socket[bytes]], None]
+
+
+@contextmanager
+def fake_server(handler: Handler) -> Iterator[str]:
+    """A bare ROUTER socket on a free port, driven by `handler` in a thread."""
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind("tcp://127.0.0.1:*")
+    thread = threading.Thread(target=handler, args=(router,), daemon=True)
+    thread.start()
+    try:
+        yield router.getsockopt_string(zmq.LAST_ENDPOINT)
+    finally:
+        thread.join(TIMEOUT_S)
+        router.close()
+        context.term()
+
+
+def receive(router: zmq.Socket[bytes]) -> tuple[bytes, int]:
+    assert router.poll(round(TIMEOUT_S * 1e3)), "the client sent nothing"
+    identity, *frames = router.recv_multipart()
+    return identity, decode_request(frames).request_id
+
+
+def test_stale_replies_are_discarded() -> None:
+    def handler(router: zmq.Socket[bytes]) -> None:
+        identity, first_id = receive(router)
+        router.send_multipart([identity, *Pong(first_id, 1, "first").to_frames()])
+        identity, second_id = receive(router)
+        for stale in (Pong(first_id, 1, "first again"), ErrorReply(0, ErrorCode.MALFORMED, "", "unreadable")):
+            router.send_multipart([identity, *stale.to_frames()])
+        router.send_multipart([identity, *Pong(second_id, 2, "second").to_frames()])
+
+    with fake_server(handler) as endpoint, PolicyClient(endpoint, timeout_s=TIMEOUT_S) as client:
+        assert client.ping().server_version == "first"
+        assert client.ping().server_version == "second"
+
+
+def test_a_timeout_resets_the_socket_so_a_late_reply_is_never_taken_for_a_new_one() -> None:
+    identities: list[bytes] = []
+
+    def handler(router: zmq.Socket[bytes]) -> None:
+        first, first_id = receive(router)  # not answered in time
+        second, second_id = receive(router)
+        router.send_multipart([first, *Pong(first_id, 1, "late").to_frames()])
+        router.send_multipart([second, *Pong(second_id, 2, "fresh").to_frames()])
+        identities.extend((first, second))
+
+    with fake_server(handler) as endpoint, PolicyClient(endpoint, timeout_s=SHORT_TIMEOUT_S) as client:
+        started = time.monotonic()
+        with pytest.raises(RequestTimeout, match="no reply to request 1"):
+            client.ping()
+        assert time.monotonic() - started < SHORT_TIMEOUT_S + 1.0
+        assert client.ping().server_version == "fresh"
+    assert identities[0] != identities[1]  # a new socket, so the late reply went nowhere
+
+
+def test_a_reply_of_the_wrong_kind_is_a_protocol_error() -> None:
+    def handler(router: zmq.Socket[bytes]) -> None:
+        identity, request_id = receive(router)
+        router.send_multipart([identity, *Pong(request_id, 1, "confused").to_frames()])
+
+    with (
+        fake_server(handler) as endpoint,
+        PolicyClient(endpoint, timeout_s=TIMEOUT_S) as client,
+        pytest.raises(MessageError, match="expected metadata_result, got pong"),
+    ):
+        client.metadata()
+
+
+def test_error_replies_raise_remote_error() -> None:
+    def handler(router: zmq.Socket[bytes]) -> None:
+        identity, request_id = receive(router)
+        error = ErrorReply(request_id, ErrorCode.SUPERSEDED, "obs_id", "obs_id: observation 1 replaced by 2")
+        router.send_multipart([identity, *error.to_frames()])
+
+    with (
+        fake_server(handler) as endpoint,
+        PolicyClient(endpoint, timeout_s=TIMEOUT_S) as client,
+        pytest.raises(RemoteError) as caught,
+    ):
+        client.act(observation(), INSTRUCTION, obs_id=1, capture_time_ns=1)
+    assert (caught.value.code, caught.value.field) == (ErrorCode.SUPERSEDED, "obs_id")
+    assert str(caught.value) == "server error superseded: obs_id: observation 1 replaced by 2"
+
+
+def test_nobody_listening_times_out_within_the_deadline() -> None:
+    with PolicyClient(f"tcp://127.0.0.1:{free_port()}", timeout_s=SHORT_TIMEOUT_S) as client:
+        started = time.monotonic()
+        with pytest.raises(RequestTimeout) as caught:
+            client.metadata()
+        assert time.monotonic() - started < SHORT_TIMEOUT_S + 1.0
+    assert isinstance(caught.value, TimeoutError)
+
+
+def test_a_malformed_observation_is_refused_before_sending() -> None:
+    obs = observation()
+    bad = Observation(images={**obs.images, "cam_high": obs.images["cam_high"].astype(np.float32)}, proprio=obs.proprio)
+    client = PolicyClient("tcp://127.0.0.1:9", timeout_s=TIMEOUT_S)
+    with client, pytest.raises(MessageError, match="image/cam_high: expected dtype uint8, got float32"):
+        client.act(bad, INSTRUCTION, obs_id=1, capture_time_ns=1)
+
+
+def test_client_configuration_is_checked() -> None:
+    with pytest.raises(ConfigError, match="timeout_s"):
+        PolicyClient("tcp://127.0.0.1:5555", timeout_s=0)
+    with pytest.raises(ConfigError, match="CURVE needs both"):
+        PolicyClient("tcp://127.0.0.1:5555", server_public_key=CurveKeyPair.generate().public)
+
+
+# --- across processes ----------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_until_serving(client: PolicyClient) -> None:
+    deadline = time.monotonic() + STARTUP_S
+    while True:
+        try:
+            client.ping()
+            return
+        except RequestTimeout:
+            if time.monotonic() > deadline:
+                raise
+
+
+def act_and_check(client: PolicyClient, obs_id: int) -> None:
+    reply = client.act(observation(float(obs_id)), INSTRUCTION, obs_id=obs_id, capture_time_ns=time.time_ns())
+    assert reply.obs_id == obs_id
+    np.testing.assert_allclose(reply.actions, expected_actions(observation(float(obs_id)).proprio))
+
+
+def test_a_server_killed_mid_stream_then_restarted_is_reached_again() -> None:
+    spawn = multiprocessing.get_context("spawn")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    first = spawn.Process(target=serve_stub, args=(endpoint,), daemon=True)
+    first.start()
+    second = spawn.Process(target=serve_stub, args=(endpoint,), daemon=True)
+    try:
+        with PolicyClient(endpoint, timeout_s=1.0) as client:
+            wait_until_serving(client)
+            for obs_id in range(3):
+                act_and_check(client, obs_id)
+            first.kill()
+            first.join(TIMEOUT_S)
+            with pytest.raises(RequestTimeout):
+                act_and_check(client, 3)
+            second.start()
+            wait_until_serving(client)
+            act_and_check(client, 4)
+        second.terminate()  # SIGTERM: the CLI's handler stops the server cleanly
+        second.join(TIMEOUT_S)
+        assert second.exitcode == 0
+    finally:
+        for process in (first, second):
+            if process.is_alive():
+                process.kill()

@@ -1,0 +1,375 @@
+"""Policy server over loopback TCP in one process: replies, hostile input, latest-wins queue, modes, CURVE."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from cosmos_edge.robot_bridge.client import PolicyClient, RemoteError, RequestTimeout
+from cosmos_edge.robot_bridge.curve import CurveKeyPair, ServerCurve
+from cosmos_edge.robot_bridge.protocol import (
+    ActReply,
+    ActRequest,
+    ErrorCode,
+    ErrorReply,
+    PingRequest,
+    Pong,
+    Reply,
+    WireLimits,
+    decode_reply,
+)
+from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig, is_local_endpoint
+from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.platforms import platform_spec
+
+sys.path.insert(0, str(Path(__file__).parent))  # for bridge_doubles; see its docstring
+from bridge_doubles import ALOHA, INSTRUCTION, StubPolicy, expected_actions, observation, serving
+
+ENDPOINT = "tcp://127.0.0.1:*"
+TIMEOUT_S = 5.0  # generous: a loaded 2-core machine; every normal reply takes milliseconds
+SHORT_TIMEOUT_S = 0.5  # where no reply is the expected outcome
+
+
+class RawController:
+    """A bare DEALER socket, to send what a well-behaved client never would and to keep several requests in flight."""
+
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> None:
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+        self.next_id = 100
+
+    def send(self, frames: list[bytes] | list[memoryview] | list[bytes | memoryview]) -> None:
+        self.socket.send_multipart(frames, copy=False)
+
+    def receive(self, timeout_s: float = TIMEOUT_S) -> Reply | None:
+        if not self.socket.poll(round(timeout_s * 1e3)):
+            return None
+        return decode_reply(self.socket.recv_multipart())
+
+    def barrier(self) -> None:
+        """Returns once the server has handled everything sent so far: it reads each connection in order."""
+        self.send(PingRequest(0).to_frames())
+        assert isinstance(self.receive(), Pong)
+
+    def act(self, level: float, *, obs_id: int = 1, **changes: object) -> int:
+        self.next_id += 1
+        obs = observation(level)
+        fields = {"obs_id": obs_id, "capture_time_ns": 1, "instruction": INSTRUCTION, **vars(obs), **changes}
+        self.send(ActRequest(self.next_id, **fields).to_frames())
+        return self.next_id
+
+
+@pytest.fixture
+def context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+@pytest.fixture
+def policy() -> StubPolicy:
+    return StubPolicy()
+
+
+@pytest.fixture
+def endpoint(policy: StubPolicy) -> Iterator[str]:
+    with serving(PolicyServer(policy, ServerConfig(ENDPOINT))) as endpoint:
+        yield endpoint
+
+
+def assert_answers(reply: Reply | None, request_id: int, level: float, seed: int = 195, offset: float = 0.0) -> None:
+    assert isinstance(reply, ActReply), reply
+    assert reply.request_id == request_id
+    np.testing.assert_allclose(reply.actions, expected_actions(observation(level).proprio, seed, offset))
+
+
+def test_metadata_ping_and_act(endpoint: str) -> None:
+    with PolicyClient(endpoint, timeout_s=TIMEOUT_S) as client:
+        metadata = client.metadata()
+        assert (metadata.platform, metadata.cameras, metadata.image_size) == ("aloha", ALOHA.cameras, (224, 224))
+        assert (metadata.chunk_size, metadata.action_dim, metadata.proprio_dim) == (50, 14, 14)
+        assert (metadata.control_rate_hz, metadata.modes, metadata.mode) == (25.0, ("reactive",), "reactive")
+        assert metadata.instructions == (INSTRUCTION,)
+        assert client.ping().server_time_ns > 0
+        before_ns = time.time_ns()
+        reply = client.act(observation(3.0), INSTRUCTION, obs_id=17, capture_time_ns=before_ns, seed=7)
+    assert reply.obs_id == 17 and reply.mode == "reactive" and reply.value == 0.25
+    np.testing.assert_allclose(reply.actions, expected_actions(observation(3.0).proprio, seed=7))
+    assert before_ns <= reply.server_receive_ns <= reply.server_send_ns <= time.time_ns()
+    assert list(reply.timings_ms) == ["decode", "queue", "dit", "policy"]
+
+
+def test_every_malformed_request_gets_an_error_reply_and_valid_ones_still_work(
+    endpoint: str, context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    controller = RawController(context, endpoint)
+    valid = controller.act(1.0)
+    assert_answers(controller.receive(), valid, 1.0)
+    good = ActRequest(5, obs_id=1, capture_time_ns=1, instruction=INSTRUCTION, **vars(observation(2.0)))
+    frames = [bytes(frame) for frame in good.to_frames()]
+    header = msgpack.unpackb(frames[0])
+
+    def rewritten(**changes: object) -> list[bytes]:
+        return [msgpack.packb({**header, **changes}), *frames[1:]]
+
+    nan = np.full(14, np.nan, np.float32).tobytes()
+    arrays = header["arrays"]
+    cases: dict[str, tuple[list[bytes], ErrorCode]] = {
+        "random bytes": ([np.random.default_rng(1).bytes(300)], ErrorCode.MALFORMED),
+        "empty message": ([b""], ErrorCode.MALFORMED),
+        "wrong number of frames": (frames[:-1], ErrorCode.MALFORMED),
+        "bad msgpack header": ([b"\x85\xa4kind\xc1", *frames[1:]], ErrorCode.MALFORMED),
+        "wrong dtype": (
+            rewritten(arrays=[*arrays[:3], {**arrays[3], "dtype": "uint8", "shape": [56]}]),
+            ErrorCode.INVALID_FIELD,
+        ),
+        "wrong image shape": (
+            rewritten(arrays=[{**arrays[0], "shape": [112, 448, 3]}, *arrays[1:]]),
+            ErrorCode.INVALID_FIELD,
+        ),
+        "NaN proprio": ([*frames[:-1], nan], ErrorCode.INVALID_FIELD),
+        "unknown field": (rewritten(fields={**header["fields"], "torque": 1}), ErrorCode.INVALID_FIELD),
+        "future protocol": (rewritten(protocol_version=99), ErrorCode.UNSUPPORTED_VERSION),
+        "reply kind": (rewritten(kind="act_result"), ErrorCode.UNKNOWN_KIND),
+        "unknown instruction": (
+            rewritten(fields={**header["fields"], "instruction": "dance"}),
+            ErrorCode.INVALID_INPUT,
+        ),
+        "unknown mode": (rewritten(fields={**header["fields"], "mode": "dreaming"}), ErrorCode.UNKNOWN_MODE),
+    }
+    for name, (bad_frames, code) in cases.items():
+        controller.send(bad_frames)
+        reply = controller.receive()
+        assert isinstance(reply, ErrorReply), name
+        assert reply.code is code, (name, reply)
+        assert reply.message, name
+        valid = controller.act(float(len(name)))
+        assert_answers(controller.receive(), valid, float(len(name)))
+
+
+def test_errors_name_the_field_and_answer_the_request(endpoint: str, context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    controller = RawController(context, endpoint)
+    obs = observation()
+    controller.act(0.0, proprio=np.zeros(7, np.float32))
+    reply = controller.receive()
+    assert isinstance(reply, ErrorReply)
+    assert (reply.request_id, reply.code, reply.field) == (controller.next_id, ErrorCode.INVALID_FIELD, "proprio")
+    assert reply.message == "proprio: expected shape (14,), got (7,)"
+    controller.act(0.0, images={"cam_high": obs.images["cam_high"]})
+    reply = controller.receive()
+    assert isinstance(reply, ErrorReply) and (reply.request_id, reply.field) == (controller.next_id, "images")
+    assert "cam_left_wrist" in reply.message
+
+
+def test_unknown_instruction_returns_the_policy_message(endpoint: str) -> None:
+    with PolicyClient(endpoint, timeout_s=TIMEOUT_S) as client, pytest.raises(RemoteError) as caught:
+        client.act(observation(), "dance", obs_id=1, capture_time_ns=1)
+    assert caught.value.code is ErrorCode.INVALID_INPUT
+    assert "no text embedding for 'dance'" in caught.value.detail
+
+
+def test_oversized_messages(context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    limits = WireLimits(max_message_bytes=400_000, max_array_bytes=200_000)
+    with serving(PolicyServer(StubPolicy(), ServerConfig(ENDPOINT, limits=limits))) as endpoint:
+        controller = RawController(context, endpoint)
+        controller.act(1.0)  # 3 images of 150 kB: each frame fits, the message does not
+        reply = controller.receive()
+        assert isinstance(reply, ErrorReply) and (reply.code, reply.field) == (ErrorCode.TOO_LARGE, "message")
+        # A single frame over the limit never reaches us: libzmq drops it and the sender's connection.
+        flooder = RawController(context, endpoint)
+        flooder.send([PingRequest(1).to_frames()[0], bytes(500_000)])
+        assert flooder.receive(SHORT_TIMEOUT_S) is None
+        controller.send(PingRequest(2).to_frames())
+        assert isinstance(controller.receive(), Pong)
+
+
+def test_a_newer_observation_replaces_the_waiting_one(context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    gate = threading.Event()
+    policy = StubPolicy(gate=gate)
+    with serving(PolicyServer(policy, ServerConfig(ENDPOINT))) as endpoint:
+        controller = RawController(context, endpoint)
+        first = controller.act(1.0, obs_id=1)
+        assert policy.started.wait(TIMEOUT_S)  # obs 1 is being inferred; the next ones wait
+        second = controller.act(2.0, obs_id=2)
+        third = controller.act(3.0, obs_id=3)
+        superseded = controller.receive()
+        assert isinstance(superseded, ErrorReply)
+        assert (superseded.request_id, superseded.code) == (second, ErrorCode.SUPERSEDED)
+        assert superseded.message == "obs_id: observation 2 replaced by 3 before it ran"
+        gate.set()
+        assert_answers(controller.receive(), first, 1.0)
+        assert_answers(controller.receive(), third, 3.0)
+    assert [float(query.observation.proprio[0]) for query in policy.queries] == [1.0, 3.0]
+
+
+def test_ping_and_metadata_are_answered_while_inferring(context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    gate = threading.Event()
+    policy = StubPolicy(gate=gate)
+    with serving(PolicyServer(policy, ServerConfig(ENDPOINT))) as endpoint:
+        controller = RawController(context, endpoint)
+        request = controller.act(1.0)
+        assert policy.started.wait(TIMEOUT_S)
+        with PolicyClient(endpoint, timeout_s=TIMEOUT_S) as other:
+            assert other.ping().request_id == 1
+            assert other.metadata().platform == "aloha"
+        gate.set()
+        assert_answers(controller.receive(), request, 1.0)
+
+
+def test_controllers_beyond_max_pending_are_told_to_retry(context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    gate = threading.Event()
+    policy = StubPolicy(gate=gate)
+    with serving(PolicyServer(policy, ServerConfig(ENDPOINT, max_pending=1))) as endpoint:
+        running, waiting, refused = (RawController(context, endpoint) for _ in range(3))
+        first = running.act(1.0)
+        assert policy.started.wait(TIMEOUT_S)
+        second = waiting.act(2.0)
+        waiting.barrier()
+        refused.act(3.0)
+        reply = refused.receive()
+        assert isinstance(reply, ErrorReply) and reply.code is ErrorCode.OVERLOADED
+        gate.set()
+        assert_answers(running.receive(), first, 1.0)
+        assert_answers(waiting.receive(), second, 2.0)
+
+
+def test_modes_switch_and_can_be_chosen_per_request() -> None:
+    policies = {"reactive": StubPolicy(), "planning": StubPolicy(offset=100.0)}
+    with serving(PolicyServer(policies, ServerConfig(ENDPOINT))) as endpoint, PolicyClient(endpoint) as client:
+        obs = observation(1.0)
+        assert client.act(obs, INSTRUCTION, obs_id=1, capture_time_ns=1).mode == "reactive"
+        reply = client.act(obs, INSTRUCTION, obs_id=2, capture_time_ns=1, mode="planning")
+        assert reply.mode == "planning"
+        np.testing.assert_allclose(reply.actions, expected_actions(obs.proprio, offset=100.0))
+        switched = client.set_mode("planning")
+        assert (switched.mode, switched.previous_mode) == ("planning", "reactive")
+        assert client.metadata().mode == "planning"
+        assert client.act(obs, INSTRUCTION, obs_id=3, capture_time_ns=1).mode == "planning"
+        with pytest.raises(RemoteError) as caught:
+            client.set_mode("dreaming")
+        assert caught.value.code is ErrorCode.UNKNOWN_MODE and "'reactive', 'planning'" in caught.value.detail
+
+
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        (StubPolicy(failure=RuntimeError("CUDA error")), "failed (RuntimeError)"),
+        (StubPolicy(actions_shape=(49, 14)), "failed (ValueError)"),
+    ],
+    ids=["raises", "wrong shape"],
+)
+def test_a_failing_policy_gets_internal_errors_and_serving_goes_on(
+    policy: StubPolicy, message: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with serving(PolicyServer(policy, ServerConfig(ENDPOINT))) as endpoint, PolicyClient(endpoint) as client:
+        for obs_id in (1, 2):
+            with pytest.raises(RemoteError) as caught:
+                client.act(observation(), INSTRUCTION, obs_id=obs_id, capture_time_ns=1)
+            assert caught.value.code is ErrorCode.INTERNAL and message in caught.value.detail
+            assert "Traceback" not in caught.value.detail
+        assert client.ping()
+    assert "policy mode=reactive failed on obs_id=1" in caplog.text
+
+
+def test_one_structured_log_line_per_request(endpoint: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="cosmos_edge.robot_bridge.server")
+    with PolicyClient(endpoint, timeout_s=TIMEOUT_S) as client:
+        client.act(observation(), INSTRUCTION, obs_id=5, capture_time_ns=1)
+        with pytest.raises(RemoteError):
+            client.act(observation(), "dance", obs_id=6, capture_time_ns=1)
+    ok, failed = (r.getMessage() for r in caplog.records if r.getMessage().startswith("kind=act"))
+    assert "obs_id=5 mode=reactive status=ok decode_ms=" in ok and "dit_ms=1.500" in ok and "total_ms=" in ok
+    assert "obs_id=6 mode=reactive status=invalid_input policy_ms=" in failed
+
+
+def test_stop_answers_waiting_requests_and_returns(context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    gate = threading.Event()
+    policy = StubPolicy(gate=gate)
+    server = PolicyServer(policy, ServerConfig(ENDPOINT))
+    with serving(server) as endpoint:
+        controller = RawController(context, endpoint)
+        first = controller.act(1.0)
+        assert policy.started.wait(TIMEOUT_S)
+        waiting = RawController(context, endpoint)
+        waiting.act(2.0)
+        waiting.barrier()
+        server.stop()
+        reply = waiting.receive()
+        assert isinstance(reply, ErrorReply) and reply.code is ErrorCode.SHUTTING_DOWN
+        gate.set()
+    assert_answers(controller.receive(), first, 1.0)  # the chunk in progress is still delivered
+
+
+def test_curve_admits_listed_clients_only() -> None:
+    server_keys, client_keys, stranger_keys = (CurveKeyPair.generate() for _ in range(3))
+    curve = ServerCurve(server_keys, frozenset({client_keys.public}))
+    with serving(PolicyServer(StubPolicy(), ServerConfig(ENDPOINT, curve=curve))) as endpoint:
+        known = PolicyClient(
+            endpoint, timeout_s=TIMEOUT_S, server_public_key=server_keys.public, client_keys=client_keys
+        )
+        with known:
+            reply = known.act(observation(2.0), INSTRUCTION, obs_id=1, capture_time_ns=1)
+            np.testing.assert_allclose(reply.actions, expected_actions(observation(2.0).proprio))
+        stranger = PolicyClient(
+            endpoint, timeout_s=SHORT_TIMEOUT_S, server_public_key=server_keys.public, client_keys=stranger_keys
+        )
+        for client in (stranger, PolicyClient(endpoint, timeout_s=SHORT_TIMEOUT_S)):
+            with client, pytest.raises(RequestTimeout):
+                client.ping()
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "local"),
+    [
+        ("tcp://127.0.0.1:5555", True),
+        ("tcp://127.0.0.2:*", True),
+        ("tcp://localhost:5555", True),
+        ("tcp://[::1]:5555", True),
+        ("ipc:///tmp/policy.sock", True),
+        ("inproc://policy", True),
+        ("tcp://0.0.0.0:5555", False),
+        ("tcp://*:5555", False),
+        ("tcp://192.168.1.20:5555", False),
+        ("tcp://eth0:5555", False),
+    ],
+)
+def test_is_local_endpoint(endpoint: str, local: bool) -> None:
+    assert is_local_endpoint(endpoint) is local
+
+
+def test_binding_beyond_loopback_needs_keys_or_an_explicit_opt_in() -> None:
+    with pytest.raises(ConfigError, match="reachable from other machines"):
+        ServerConfig("tcp://0.0.0.0:5555")
+    ServerConfig("tcp://0.0.0.0:5555", insecure_bind_all=True)
+    keys = CurveKeyPair.generate()
+    ServerConfig("tcp://*:5555", curve=ServerCurve(keys, frozenset({CurveKeyPair.generate().public})))
+    with pytest.raises(ConfigError, match="expected tcp://"):
+        ServerConfig("udp://127.0.0.1:5555")
+
+
+def test_server_construction_is_checked() -> None:
+    with pytest.raises(ConfigError, match="default_mode: 'reactive' has no policy"):
+        PolicyServer({"planning": StubPolicy()})
+    with pytest.raises(ConfigError, match="platform 'libero' != 'aloha'"):
+        PolicyServer({"reactive": StubPolicy(), "planning": StubPolicy(platform=platform_spec("libero"))})
+    with pytest.raises(ConfigError, match=r"joint_limits: expected 14 \(lower, upper\) pairs, got 1"):
+        PolicyServer(StubPolicy(), ServerConfig(joint_limits=((0.0, 1.0),)))
+    with pytest.raises(ConfigError, match="max_pending"):
+        ServerConfig(max_pending=0)
+
+
+def test_joint_limits_reach_the_metadata() -> None:
+    limits = tuple((-1.0 - i, 1.0 + i) for i in range(14))
+    server = PolicyServer(StubPolicy(), ServerConfig(ENDPOINT, joint_limits=limits))
+    with serving(server) as endpoint, PolicyClient(endpoint, timeout_s=TIMEOUT_S) as client:
+        assert client.metadata().joint_limits == limits
