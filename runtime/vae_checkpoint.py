@@ -86,7 +86,7 @@ def _diffusers_to_official_key(key: str, num_res_blocks: int) -> str:
     return f"{side}.{block}{_rename(leaf, _RESNET_RENAMES, reverse=True) or leaf}"
 
 
-def is_diffusers_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
+def _is_diffusers_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
     return "encoder.conv_in.weight" in state_dict
 
 
@@ -100,7 +100,7 @@ def to_official_layout(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
 
     Keys that match no rule keep their name, so the key check of `infer_vae_config` reports them.
     """
-    if not is_diffusers_layout(state_dict):
+    if not _is_diffusers_layout(state_dict):
         return dict(state_dict)
     resnets = {k.split(".")[4] for k in state_dict if k.startswith("decoder.up_blocks.0.resnets.")}
     if not resnets:
@@ -109,7 +109,7 @@ def to_official_layout(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     return {_diffusers_to_official_key(k, num_res_blocks): v for k, v in state_dict.items()}
 
 
-def expected_shapes(config: WanVAEConfig) -> dict[str, torch.Size]:
+def _expected_shapes(config: WanVAEConfig) -> dict[str, torch.Size]:
     """Official key -> tensor shape of a `WanVAE` with `config` (built on the meta device: no memory, no init)."""
     with torch.device("meta"):
         model = WanVAE(config)
@@ -158,7 +158,7 @@ def infer_vae_config(state_dict: Mapping[str, torch.Tensor]) -> WanVAEConfig:
 
 
 def _check_keys_and_shapes(config: WanVAEConfig, state_dict: Mapping[str, torch.Tensor]) -> None:
-    expected = expected_shapes(config)
+    expected = _expected_shapes(config)
     missing = sorted(expected.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - expected.keys())
     mismatched = [
@@ -188,7 +188,7 @@ def random_vae_state_dict(config: WanVAEConfig, seed: int, dtype: torch.dtype = 
     """
     generator = torch.Generator().manual_seed(seed)
     weights: StateDict = {}
-    for key, shape in expected_shapes(config).items():
+    for key, shape in _expected_shapes(config).items():
         noise = torch.randn(shape, generator=generator)
         if key.endswith(".gamma"):
             value = 1.0 + 0.1 * noise
@@ -208,7 +208,7 @@ def summarize_vae_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str
     for tensor in state_dict.values():
         elements[str(tensor.dtype).removeprefix("torch.")] += tensor.numel()
     return {
-        "format": "diffusers" if is_diffusers_layout(state_dict) else "wan",
+        "format": "diffusers" if _is_diffusers_layout(state_dict) else "wan",
         "config": asdict(config),
         "parameters": sum(elements.values()),
         "dtypes": dict(sorted(elements.items())),
@@ -257,20 +257,10 @@ def _read_diffusers_dir(path: Path) -> StateDict:
     wrong = [
         f"{field}: expected {value!r}, got {config[field]!r}"
         for field, value in expected.items()
-        if field in config and not _same(config[field], value)
+        if field in config and config[field] != value
     ]
     if config.get("decoder_base_dim") not in (None, inferred["base_dim"]):
         wrong.append(f"decoder_base_dim: expected None or {inferred['base_dim']}, got {config['decoder_base_dim']!r}")
     if wrong:
         raise CheckpointError(f"{config_path}: not the Wan2.1 VAE these weights describe; " + "; ".join(wrong))
     return state_dict
-
-
-def _same(got: object, expected: object) -> bool:
-    if isinstance(expected, list) and expected and isinstance(expected[0], float):
-        return (
-            isinstance(got, list)
-            and len(got) == len(expected)
-            and all(math.isclose(a, b) for a, b in zip(got, expected, strict=True))
-        )
-    return got == expected

@@ -218,12 +218,16 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Doubles height and width (nearest-exact + conv to dim/2 channels), and frames after the first if `temporal`."""
+    """Doubles height and width (nearest + conv to dim/2 channels), and frames after the first if `temporal`."""
 
     def __init__(self, dim: int, temporal: bool) -> None:
         super().__init__()
+        # NOTE: the official code upsamples with "nearest-exact" (through fp32, for old PyTorch's bf16). At factor 2
+        # it picks the same source pixel as "nearest" (i // 2) and both only copy values, in any dtype. "nearest"
+        # exports to ONNX; torch 2.13's TorchScript exporter has no symbolic for aten::_upsample_nearest_exact2d
+        # (opset 17). Covered by the diffusers parity tests and test_decode_exports_to_onnx.
         self.resample = nn.Sequential(
-            nn.Upsample(scale_factor=2.0, mode="nearest-exact"), nn.Conv2d(dim, dim // 2, 3, padding=1)
+            nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(dim, dim // 2, 3, padding=1)
         )
         self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1), padding=(1, 0, 0)) if temporal else None
 

@@ -95,7 +95,7 @@ def test_diffusers_directory_with_other_latent_statistics_is_refused(
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"latents_std: expected \[2.8184"):
         load_wan_vae(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({**config, "latents_std": None, "base_dim": 96}))
+    (tmp_path / "config.json").write_text(json.dumps({"base_dim": 96}))
     with pytest.raises(CheckpointError, match=r"base_dim: expected 8, got 96"):
         load_wan_vae(tmp_path)
 
@@ -135,7 +135,7 @@ def test_half_precision_loading(tmp_path: Path, tiny_weights: dict[str, torch.Te
     assert model.latent_mean.dtype == dtype
     _assert_same(official_state_dict(model), {k: v.to(dtype) for k, v in tiny_weights.items()})
     with torch.inference_mode():
-        assert model.encode(torch.zeros(1, 3, 5, 16, 16, dtype=dtype)).dtype == dtype
+        assert model.encode(torch.zeros(1, 3, 1, 8, 8, dtype=dtype)).dtype == dtype
     # A checkpoint stored in half precision loads as it is.
     torch.save({k: v.to(dtype) for k, v in tiny_weights.items()}, tmp_path / "half.pth")
     assert load_wan_vae(tmp_path / "half.pth", dtype=dtype).conv1.weight.dtype == dtype
