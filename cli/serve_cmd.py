@@ -8,15 +8,18 @@ returns.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from types import FrameType
 
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, ServerCurve, load_public_keys
 from cosmos_edge.robot_bridge.protocol import WireLimits
 from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig
 from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.platforms import PLATFORMS
 from cosmos_edge.runtime.policy_api import Policy
 
 PolicyFactory = Callable[[argparse.Namespace], Mapping[str, Policy]]
@@ -90,3 +93,39 @@ def run_server(policies: Mapping[str, Policy], config: ServerConfig) -> int:
         for number, handler in previous.items():
             signal.signal(number, handler)
     return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """`serve` with policies built from official checkpoint files: `reactive` and `planning` modes."""
+    parser = add_serve_parser(subparsers, _torch_policies)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="official DiT .pt of the policy")
+    parser.add_argument("--tokenizer", type=Path, required=True, help="Wan2.1 tokenizer.pth")
+    parser.add_argument("--stats", type=Path, required=True, help="dataset statistics JSON")
+    parser.add_argument("--text-embeddings", type=Path, required=True, help="instruction embeddings (safetensors)")
+    parser.add_argument("--platform", required=True, choices=sorted(PLATFORMS))
+    parser.add_argument("--planning-checkpoint", type=Path, help="DiT of the planning model (default: the policy's)")
+    parser.add_argument("--num-candidates", type=int, default=8, help="best-of-N candidates in planning mode")
+    parser.add_argument("--precision", default="bf16", choices=("fp32", "fp16", "bf16"))
+    parser.add_argument(
+        "--devices", default="cpu", help="comma-separated torch devices; planning spreads candidates over them"
+    )
+
+
+def _torch_policies(args: argparse.Namespace) -> dict[str, Policy]:
+    from cosmos_edge.runtime.cosmos_policy import PolicyOptions
+    from cosmos_edge.runtime.planning import PlanningConfig, PlanningPolicy, PlanningWorker
+    from cosmos_edge.runtime.torch_backend import PolicyFiles, load_torch_policy
+
+    files = PolicyFiles(args.checkpoint, args.tokenizer, args.stats, args.text_embeddings, args.platform)
+    planning_files = dataclasses.replace(files, checkpoint=args.planning_checkpoint or args.checkpoint)
+    options = PolicyOptions(encode_full_sequence=False)  # causal prefix: same conditioning latents, less work
+    devices = [device.strip() for device in args.devices.split(",") if device.strip()]
+    workers = [
+        PlanningWorker(
+            load_torch_policy(files, args.precision, device, options),
+            load_torch_policy(planning_files, args.precision, device, options),
+        )
+        for device in devices
+    ]
+    planning = PlanningPolicy(workers, PlanningConfig(num_candidates=args.num_candidates))
+    return {"reactive": workers[0].policy, "planning": planning}

@@ -1,0 +1,166 @@
+"""`cosmos-edge demo`: the whole chain on a CPU with no download.
+
+The embedded default (a seeded random-weight `tiny` ALOHA model in the official file formats) is served over
+ZeroMQ; the ALOHA chunk executor drives gym-aloha through the safety filter, in lockstep with simulated time
+(rendering is slower than real time on a CPU). With random weights the robot does nothing useful: the demo
+exercises the runtime, not the policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from cosmos_edge.robot_bridge.chunk_source import ActParams, Chunk, ChunkRequest, Outcome, ThreadedChunkSource
+from cosmos_edge.robot_bridge.executor import ChunkExecutor, ExecutorConfig
+from cosmos_edge.runtime.policy_api import Observation
+
+DEMO_TASK = "transfer_cube"
+FRAME_EVERY_TICKS = 25
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo", help="serve the built-in tiny model to a simulated ALOHA (no download)")
+    parser.add_argument("--chunks", type=int, default=3, help="action chunks to execute (50 ticks each)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: ALOHA's 10)")
+    parser.add_argument("--out", type=Path, default=Path("out/demo"), help="where the model and images go")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the simulation")
+    parser.set_defaults(func=_demo)
+
+
+class RecordingRobot:
+    """Keeps every `FRAME_EVERY_TICKS`-th overhead frame of a `Robot` for the episode strip."""
+
+    def __init__(self, robot: object) -> None:
+        self._robot = robot
+        self._ticks = 0
+        self.frames: list[np.ndarray] = []
+
+    def observe(self) -> Observation:
+        return self._robot.observe()  # type: ignore[attr-defined,no-any-return]
+
+    def current_qpos(self) -> np.ndarray:
+        return self._robot.current_qpos()  # type: ignore[attr-defined,no-any-return]
+
+    def command(self, qpos_target: np.ndarray) -> None:
+        self._robot.command(qpos_target)  # type: ignore[attr-defined]
+        if self._ticks % FRAME_EVERY_TICKS == 0:
+            self.frames.append(self._robot.observe().images["cam_high"])  # type: ignore[attr-defined]
+        self._ticks += 1
+
+
+class RecordingSource:
+    """Passes requests through and keeps every answered chunk with its wall-clock round trip (the executor's clock
+    is simulated time here), for the latency table."""
+
+    def __init__(self, source: ThreadedChunkSource) -> None:
+        self._source = source
+        self._submitted: dict[int, float] = {}
+        self.chunks: list[tuple[Chunk, float]] = []
+
+    @property
+    def busy(self) -> bool:
+        return self._source.busy
+
+    def submit(self, request: ChunkRequest) -> None:
+        self._submitted[request.obs_id] = time.perf_counter()
+        self._source.submit(request)
+
+    def poll(self) -> Outcome | None:
+        outcome = self._source.poll()
+        if isinstance(outcome, Chunk):
+            round_trip_ms = (time.perf_counter() - self._submitted.pop(outcome.obs_id)) * 1e3
+            self.chunks.append((outcome, round_trip_ms))
+        return outcome
+
+
+@contextmanager
+def serving(policy: object) -> Iterator[str]:
+    from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig
+
+    server = PolicyServer({"reactive": policy}, ServerConfig(endpoint="tcp://127.0.0.1:*"))  # type: ignore[dict-item]
+    endpoint = server.start()
+    thread = threading.Thread(target=server.serve_forever, name="demo-server", daemon=True)
+    thread.start()
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        thread.join(timeout=10)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must precede the first MuJoCo import
+    if not args.verbose:  # the tables below summarise the per-request log lines and safety warnings
+        logging.getLogger("cosmos_edge").setLevel(logging.ERROR)
+    from cosmos_edge.robot_bridge.aloha_sim import AlohaSimRobot
+    from cosmos_edge.robot_bridge.camera_frames import AlohaWireCameras
+    from cosmos_edge.robot_bridge.client import PolicyClient
+    from cosmos_edge.robot_bridge.safety import SafetyConfig, SafetyFilter
+    from cosmos_edge.runtime.cosmos_policy import PolicyOptions
+    from cosmos_edge.runtime.random_assets import RandomAssetsSpec, write_random_assets
+    from cosmos_edge.runtime.torch_backend import load_torch_policy
+
+    print("cosmos-edge demo: random weights, so the robot does nothing useful; this exercises the runtime.")
+    print(f"[1/4] writing the embedded default (tiny ALOHA model, seed {args.seed}) to {args.out / 'model'}")
+    files = write_random_assets(args.out / "model", RandomAssetsSpec("tiny", "aloha", args.seed))
+    policy = load_torch_policy(files, options=PolicyOptions(encode_full_sequence=False))
+    instruction = policy.instructions[0]
+    print("[2/4] starting the policy server")
+    with serving(policy) as endpoint:
+        print(f"      serving on {endpoint}; [3/4] running gym-aloha ({DEMO_TASK}) for {args.chunks} chunks")
+        sim = AlohaSimRobot.create(DEMO_TASK, seed=args.seed, control_rate_hz=25.0)
+        robot = RecordingRobot(AlohaWireCameras(sim))
+        safety = SafetyFilter(SafetyConfig())
+        client = PolicyClient(endpoint, timeout_s=60.0)
+        started = time.perf_counter()
+        with ThreadedChunkSource(client, ActParams(instruction, steps=args.steps)) as threaded:
+            source = RecordingSource(threaded)
+            executor = ChunkExecutor(
+                robot, source, safety, ExecutorConfig(), clock=sim.sim_time_ns, sleep=lambda _: None
+            )
+            summary = executor.run(num_ticks=args.chunks * policy.platform.chunk_size)
+        client.close()
+        sim.close()
+    print(f"[4/4] done in {time.perf_counter() - started:.1f} s wall time\n")
+    _print_latencies(source.chunks)
+    print("\nexecutor: " + ", ".join(f"{k}={v}" for k, v in asdict(executor.counters).items()))
+    print(f"ticks: {summary.ticks} (holding position on {summary.hold_ticks} while waiting for the first chunk)")
+    print("safety interventions: " + ", ".join(f"{k}={v}" for k, v in asdict(safety.counters).items()))
+    strip = _write_strip(robot.frames, args.out / "episode.png")
+    print(f"episode strip (cam_high every {FRAME_EVERY_TICKS} ticks): {strip}")
+    return 0
+
+
+def _print_latencies(chunks: list[tuple[Chunk, float]]) -> None:
+    if not chunks:
+        print("no chunk arrived")
+        return
+    stages = list(dict.fromkeys(name for chunk, _ in chunks for name in chunk.timings_ms))
+    rows = [(name, [chunk.timings_ms.get(name, 0.0) for chunk, _ in chunks]) for name in stages]
+    rows.append(("round trip (controller)", [round_trip for _, round_trip in chunks]))
+    print(f"latency over {len(chunks)} chunks (ms, tiny model on this CPU)")
+    print(f"  {'stage':24s} {'p50':>9s} {'max':>9s}")
+    for name, values in rows:
+        print(f"  {name:24s} {np.median(values):9.1f} {np.max(values):9.1f}")
+
+
+def _write_strip(frames: list[np.ndarray], path: Path) -> Path:
+    from PIL import Image
+
+    thumbnails = [Image.fromarray(frame).resize((160, 120)) for frame in frames]
+    strip = Image.new("RGB", (160 * max(1, len(thumbnails)), 120))
+    for index, thumbnail in enumerate(thumbnails):
+        strip.paste(thumbnail, (160 * index, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    strip.save(path)
+    return path
