@@ -1,0 +1,150 @@
+"""Per-stage latency of the full-size model (Cosmos-Predict2-2B DiT + Wan2.1 VAE, random weights) on a CUDA GPU,
+torch eager, bf16, ALOHA layout (11 latent frames, 2156 tokens).
+
+Baseline against the official serving path, measured in the same run:
+- `reference`: the official query semantics as the official server runs them: the whole 41-frame sequence goes
+  through the VAE, and the text cross-attention K/V are recomputed on every network call;
+- `fast`: the causal prefix (17 frames) through the VAE, and the K/V computed once per instruction.
+Both use this repository's networks (static VAE), so the ratio isolates those two changes.
+
+Run on a GPU machine:
+`python -m pytest benchmarks/test_gpu_pipeline.py --benchmark-enable --benchmark-json benchmarks/results/gpu.json`
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from cosmos_edge.runtime.cosmos_policy import CosmosPolicy, PolicyOptions
+from cosmos_edge.runtime.dit_checkpoint import dit_from_state_dict, random_dit_state_dict
+from cosmos_edge.runtime.dit_config import dit_config
+from cosmos_edge.runtime.networks_api import DenoisingNetwork
+from cosmos_edge.runtime.platforms import platform_spec
+from cosmos_edge.runtime.policy_api import ActionQuery, Observation
+from cosmos_edge.runtime.random_assets import random_stats
+from cosmos_edge.runtime.sampler import NetworkFn
+from cosmos_edge.runtime.text_embeddings import TextEmbeddings
+from cosmos_edge.runtime.torch_backend import TorchAutoencoder, TorchDiT
+from cosmos_edge.runtime.vae_checkpoint import random_vae_state_dict
+from cosmos_edge.runtime.wan_vae import WanVAE, vae_config
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+ALOHA = platform_spec("aloha")
+INSTRUCTION = "fold the t-shirt"
+DEVICE = torch.device("cuda")
+
+
+class TextPerCallDiT:
+    """The official serving path: cross-attention K/V projected from the text on every network call."""
+
+    def __init__(self, dit: torch.nn.Module) -> None:
+        self._dit = dit
+
+    @torch.inference_mode()
+    def bind_text(self, text_embedding: np.ndarray) -> NetworkFn:
+        text = torch.from_numpy(text_embedding).to(DEVICE, torch.bfloat16)
+
+        @torch.inference_mode()
+        def network(x: np.ndarray, timesteps: np.ndarray, condition_mask: np.ndarray) -> np.ndarray:
+            def tensor(array: np.ndarray) -> torch.Tensor:
+                return torch.from_numpy(np.ascontiguousarray(array)).to(DEVICE, torch.bfloat16)
+
+            return self._dit(tensor(x), tensor(timesteps), tensor(condition_mask), text).float().cpu().numpy()
+
+        return network
+
+
+@dataclass(frozen=True)
+class Models:
+    dit: torch.nn.Module
+    vae: WanVAE
+    text: TextEmbeddings
+
+
+@pytest.fixture(scope="module")
+def models() -> Models:
+    config = dit_config("predict2-2b")
+    dit = dit_from_state_dict(random_dit_state_dict(config, 0, torch.bfloat16), dtype=torch.bfloat16, device=DEVICE)
+    vae = WanVAE(vae_config("wan2.1"))
+    vae.load_state_dict(random_vae_state_dict(vae_config("wan2.1"), 1))
+    vae = vae.to(DEVICE, torch.bfloat16).eval()
+    embedding = np.random.default_rng(2).standard_normal((1, 512, config.text_dim)).astype(np.float32)
+    return Models(dit.eval(), vae, TextEmbeddings.from_arrays({INSTRUCTION: embedding}))
+
+
+def observation() -> Observation:
+    rng = np.random.default_rng(3)
+    images = {name: rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for name in ALOHA.cameras}
+    return Observation(images, rng.uniform(-0.2, 0.2, ALOHA.proprio_dim).astype(np.float32))
+
+
+def make_policy(models: Models, network: DenoisingNetwork, full_sequence: bool) -> CosmosPolicy:
+    return CosmosPolicy(
+        ALOHA,
+        random_stats(ALOHA, 0),
+        models.text,
+        TorchAutoencoder(models.vae, DEVICE),
+        network,
+        PolicyOptions(encode_full_sequence=full_sequence),
+    )
+
+
+def run_query(policy: CosmosPolicy, steps: int) -> Callable[[], object]:
+    query = ActionQuery(observation(), INSTRUCTION, seed=195, steps=steps)
+    policy.infer(query)  # warm-up: kernels, RoPE tables, text K/V
+    return lambda: policy.infer(query)
+
+
+@pytest.mark.parametrize("steps", [1, 10])
+def test_query_reference(benchmark, models: Models, steps: int) -> None:  # type: ignore[no-untyped-def]
+    policy = make_policy(models, TextPerCallDiT(models.dit), full_sequence=True)
+    benchmark.extra_info.update(device=torch.cuda.get_device_name(), precision="bf16", path="reference")
+    benchmark.pedantic(run_query(policy, steps), rounds=10, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("steps", [1, 10])
+def test_query_fast(benchmark, models: Models, steps: int) -> None:  # type: ignore[no-untyped-def]
+    policy = make_policy(models, TorchDiT(models.dit, DEVICE), full_sequence=False)
+    benchmark.extra_info.update(device=torch.cuda.get_device_name(), precision="bf16", path="fast")
+    result = policy.infer(ActionQuery(observation(), INSTRUCTION, seed=195, steps=steps))
+    benchmark.extra_info.update({f"stage_ms_{k}": v for k, v in result.timings_ms.items()})
+    benchmark.pedantic(run_query(policy, steps), rounds=10, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_dit_forward(benchmark, models: Models, batch: int) -> None:  # type: ignore[no-untyped-def]
+    frames = ALOHA.num_latent_frames
+    x = torch.randn(batch, 16, frames, 28, 28, device=DEVICE, dtype=torch.bfloat16)
+    t = torch.full((batch, frames), 0.98, device=DEVICE, dtype=torch.bfloat16)
+    mask = torch.zeros(batch, 1, frames, 28, 28, device=DEVICE, dtype=torch.bfloat16)
+    kv = models.dit.precompute_text_kv(torch.randn(1, 512, 1024, device=DEVICE))
+
+    @torch.inference_mode()
+    def forward() -> None:
+        models.dit(x, t, mask, kv)
+        torch.cuda.synchronize()
+
+    benchmark.extra_info.update(device=torch.cuda.get_device_name(), precision="bf16", batch=batch)
+    benchmark.pedantic(forward, rounds=20, warmup_rounds=3)
+
+
+@pytest.mark.parametrize("pixel_frames", [ALOHA.num_prefix_pixel_frames, ALOHA.num_pixel_frames])
+def test_vae_encode(benchmark, models: Models, pixel_frames: int) -> None:  # type: ignore[no-untyped-def]
+    video = torch.zeros(1, 3, pixel_frames, 224, 224, device=DEVICE, dtype=torch.bfloat16)
+
+    @torch.inference_mode()
+    def encode() -> None:
+        models.vae.encode(video)
+        torch.cuda.synchronize()
+
+    benchmark.extra_info.update(device=torch.cuda.get_device_name(), precision="bf16", pixel_frames=pixel_frames)
+    benchmark.pedantic(encode, rounds=10, warmup_rounds=2)
