@@ -13,6 +13,7 @@ the server carries on.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import logging
@@ -483,12 +484,13 @@ class PolicyServer:
 
 
 def _query(request: ActRequest) -> ActionQuery:
-    return ActionQuery(
+    query = ActionQuery(
         observation=Observation(images=request.images, proprio=request.proprio),
         instruction=request.instruction,
         steps=request.steps,
-        **({} if request.seed is None else {"seed": request.seed}),  # unset: the policy's default seed
     )
+    # An unset seed keeps the query's default (the official seed).
+    return query if request.seed is None else dataclasses.replace(query, seed=request.seed)
 
 
 def _ms_since(start: float) -> float:

@@ -239,6 +239,7 @@ class Upsample(nn.Module):
         return _per_frame(self.resample, x)
 
     def _double_frames(self, x: Tensor) -> Tensor:
+        assert self.time_conv is not None  # only called for temporal upsamplers
         b, c, t, h, w = x.shape
         # The two channel halves of the time conv are the two output frames of each input frame.
         pairs = self.time_conv(x).view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5)  # [b, c, t, 2, h, w]
@@ -305,6 +306,9 @@ class WanVAE(nn.Module):
 
     Inputs must be in the model's dtype and on its device. The state dict is in the official Wan key layout.
     """
+
+    latent_mean: Tensor
+    latent_std: Tensor
 
     def __init__(self, config: WanVAEConfig) -> None:
         super().__init__()
