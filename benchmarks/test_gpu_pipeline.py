@@ -4,8 +4,9 @@ torch eager, bf16, ALOHA layout (11 latent frames, 2156 tokens).
 Baseline against the official serving path, measured in the same run:
 - `reference`: the official query semantics as the official server runs them: the whole 41-frame sequence goes
   through the VAE, and the text cross-attention K/V are recomputed on every network call;
-- `fast`: the causal prefix (17 frames) through the VAE, and the K/V computed once per instruction.
-Both use this repository's networks (static VAE), so the ratio isolates those two changes.
+- `fast`: the causal prefix (17 frames) through the VAE, and the K/V computed once per instruction;
+- `fast+compile`: `fast` with the DiT under `torch.compile` (inductor's fused kernels).
+All use this repository's networks (static VAE), so the ratios isolate those changes.
 
 Run on a GPU machine:
 `python -m pytest benchmarks/test_gpu_pipeline.py --benchmark-enable --benchmark-json benchmarks/results/gpu.json`
@@ -120,20 +121,30 @@ def test_query_fast(benchmark, models: Models, steps: int) -> None:  # type: ign
     benchmark.pedantic(run_query(policy, steps), rounds=10, warmup_rounds=1)
 
 
+@pytest.mark.parametrize("steps", [1, 10])
+def test_query_fast_compiled(benchmark, models: Models, steps: int) -> None:  # type: ignore[no-untyped-def]
+    policy = make_policy(models, TorchDiT(models.dit, DEVICE, compile_mode="default"), full_sequence=False)
+    benchmark.extra_info.update(device=torch.cuda.get_device_name(), precision="bf16", path="fast+compile")
+    benchmark.pedantic(run_query(policy, steps), rounds=10, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("batch", [1, 8])
-def test_dit_forward(benchmark, models: Models, batch: int) -> None:  # type: ignore[no-untyped-def]
+def test_dit_forward(benchmark, models: Models, batch: int, compiled: bool) -> None:  # type: ignore[no-untyped-def]
     frames = ALOHA.num_latent_frames
     x = torch.randn(batch, 16, frames, 28, 28, device=DEVICE, dtype=torch.bfloat16)
     t = torch.full((batch, frames), 0.98, device=DEVICE, dtype=torch.bfloat16)
     mask = torch.zeros(batch, 1, frames, 28, 28, device=DEVICE, dtype=torch.bfloat16)
     kv = models.dit.precompute_text_kv(torch.randn(1, 512, 1024, device=DEVICE))
 
+    network = torch.compile(models.dit, mode="default", dynamic=False) if compiled else models.dit
+
     @torch.inference_mode()
     def forward() -> None:
-        models.dit(x, t, mask, kv)
+        network(x, t, mask, kv)
         torch.cuda.synchronize()
 
-    benchmark.extra_info.update(device=torch.cuda.get_device_name(), precision="bf16", batch=batch)
+    benchmark.extra_info.update(device=torch.cuda.get_device_name(), precision="bf16", batch=batch, compiled=compiled)
     benchmark.pedantic(forward, rounds=20, warmup_rounds=3)
 
 

@@ -40,9 +40,13 @@ class TorchAutoencoder:
 
 
 class TorchDiT:
-    def __init__(self, dit: CosmosDiT, device: torch.device) -> None:
+    """`compile_mode`: None runs eager; otherwise a `torch.compile` mode (e.g. "default", "max-autotune") for the
+    fixed-shape forward, whose fused kernels are checked against eager in tests/runtime/test_torch_backend.py."""
+
+    def __init__(self, dit: CosmosDiT, device: torch.device, compile_mode: str | None = None) -> None:
         self._dit = dit.eval()
         self._device = device
+        self._forward = torch.compile(self._dit, mode=compile_mode, dynamic=False) if compile_mode else self._dit
 
     @torch.inference_mode()
     def bind_text(self, text_embedding: np.ndarray) -> NetworkFn:
@@ -53,7 +57,7 @@ class TorchDiT:
             def tensor(array: np.ndarray) -> torch.Tensor:
                 return torch.from_numpy(np.ascontiguousarray(array)).to(self._device, self._dit.dtype)
 
-            return self._dit(tensor(x), tensor(timesteps), tensor(condition_mask), kv).float().cpu().numpy()
+            return self._forward(tensor(x), tensor(timesteps), tensor(condition_mask), kv).float().cpu().numpy()
 
         return network
 
@@ -74,8 +78,10 @@ def load_torch_policy(
     precision: str = "fp32",
     device: str = "cpu",
     options: PolicyOptions | None = None,
+    compile_mode: str | None = None,
 ) -> CosmosPolicy:
-    """The reference policy: eager torch networks loaded from official checkpoint files."""
+    """The reference policy: eager torch networks loaded from official checkpoint files (`compile_mode`: see
+    `TorchDiT`)."""
     platform = platform_spec(files.platform)
     dtype = DTYPES[precision]
     torch_device = torch.device(device)
@@ -84,6 +90,6 @@ def load_torch_policy(
         stats=DatasetStats.from_json(files.stats, platform),
         text_embeddings=text_store.read(files.text_embeddings),
         autoencoder=TorchAutoencoder(load_wan_vae(files.tokenizer, dtype, torch_device), torch_device),
-        network=TorchDiT(load_dit(files.checkpoint, dtype, torch_device), torch_device),
+        network=TorchDiT(load_dit(files.checkpoint, dtype, torch_device), torch_device, compile_mode),
         options=options or PolicyOptions(),
     )
