@@ -1,4 +1,5 @@
-"""`cosmos-edge act`: one policy query from official files and an observation `.npz`, printed and saved."""
+"""`cosmos-edge act`: one policy query, from official files (torch) or a bundle (ONNX Runtime, TensorRT), on an
+observation `.npz`; the result is printed and saved."""
 
 from __future__ import annotations
 
@@ -7,26 +8,38 @@ from pathlib import Path
 
 import numpy as np
 
-from cosmos_edge.runtime.errors import InputError
-from cosmos_edge.runtime.platforms import PLATFORMS, PlatformSpec, platform_spec
-from cosmos_edge.runtime.policy_api import ActionQuery, ChunkResult, Observation
+from cosmos_edge.runtime.backends import BACKENDS
+from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError
+from cosmos_edge.runtime.platforms import PLATFORMS, PlatformSpec
+from cosmos_edge.runtime.policy_api import ActionQuery, ChunkResult, Observation, Policy
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("act", help="run one policy query on an observation .npz")
-    parser.add_argument("--checkpoint", type=Path, required=True, help="official DiT .pt (or diffusers dir)")
-    parser.add_argument("--tokenizer", type=Path, required=True, help="Wan2.1 tokenizer.pth (or diffusers vae dir)")
-    parser.add_argument("--stats", type=Path, required=True, help="dataset statistics JSON")
-    parser.add_argument("--text-embeddings", type=Path, required=True, help="instruction embeddings (safetensors)")
-    parser.add_argument("--platform", required=True, choices=sorted(PLATFORMS))
+    files = parser.add_argument_group("official files (the torch reference)")
+    files.add_argument("--checkpoint", type=Path, help="official DiT .pt (or diffusers dir)")
+    files.add_argument("--tokenizer", type=Path, help="Wan2.1 tokenizer.pth (or diffusers vae dir)")
+    files.add_argument("--stats", type=Path, help="dataset statistics JSON")
+    files.add_argument("--text-embeddings", type=Path, help="instruction embeddings (safetensors)")
+    parser.add_argument("--bundle", type=Path, help="a bundle from `cosmos-edge export`, instead of the files above")
+    parser.add_argument(
+        "--backend",
+        choices=("torch", *BACKENDS),
+        help="torch runs the official files; onnxruntime (default with --bundle) or tensorrt runs a bundle",
+    )
+    parser.add_argument("--platform", choices=sorted(PLATFORMS), help="required with the official files")
     parser.add_argument(
         "--observation", type=Path, required=True, help="npz: one uint8 HxWx3 array per camera, and `proprio`"
     )
     parser.add_argument("--task", required=True, help="the instruction, exactly as in the embeddings file")
     parser.add_argument("--seed", type=int, default=195)
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the platform's)")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
-    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="torch backend only")
+    parser.add_argument(
+        "--device",
+        help="torch: a torch device (default cpu); onnxruntime: cpu (default), cuda[:N] or tensorrt[:N] (its "
+        "TensorRT provider); tensorrt: cuda[:N] (default cuda)",
+    )
     parser.add_argument("--future-images", action="store_true", help="also decode the predicted future images")
     parser.add_argument("--out", type=Path, help="npz to write: actions, value, future_proprio (+ future images)")
     parser.set_defaults(func=_act)
@@ -45,12 +58,8 @@ def read_observation(path: Path, platform: PlatformSpec) -> Observation:
 
 
 def _act(args: argparse.Namespace) -> int:
-    from cosmos_edge.runtime.torch_backend import PolicyFiles, load_torch_policy
-
-    platform = platform_spec(args.platform)
-    observation = read_observation(args.observation, platform)
-    files = PolicyFiles(args.checkpoint, args.tokenizer, args.stats, args.text_embeddings, args.platform)
-    policy = load_torch_policy(files, precision=args.precision, device=args.device)
+    policy = _load_policy(args)
+    observation = read_observation(args.observation, policy.platform)
     query = ActionQuery(observation, args.task, args.seed, args.steps, return_future_images=args.future_images)
     result = policy.infer(query)
     print_result(result)
@@ -60,6 +69,46 @@ def _act(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_policy(args: argparse.Namespace) -> Policy:
+    """The bundle on an engine backend, or the official files on torch; a mix of both is refused."""
+    official = {
+        "--checkpoint": args.checkpoint,
+        "--tokenizer": args.tokenizer,
+        "--stats": args.stats,
+        "--text-embeddings": args.text_embeddings,
+    }
+    if args.bundle is not None:
+        given = [flag for flag, value in official.items() if value is not None]
+        if given or args.backend == "torch":
+            raise ConfigError(
+                f"--bundle: runs on --backend onnxruntime or tensorrt without the official files, got "
+                f"{given or ['--backend torch']}"
+            )
+        from cosmos_edge.runtime.bundle_policy import load_bundle_policy
+
+        return load_bundle_policy(
+            args.bundle,
+            args.backend or "onnxruntime",
+            args.platform,
+            device=args.device,
+            future_images=args.future_images,  # the decoder graphs are loaded only when asked for
+        )
+    missing = [flag for flag, value in {**official, "--platform": args.platform}.items() if value is None]
+    if missing or args.backend not in (None, "torch"):
+        raise ConfigError(
+            f"act: expected --bundle, or --checkpoint, --tokenizer, --stats, --text-embeddings and --platform "
+            f"(backend torch); missing {missing}, backend {args.backend or 'torch'}"
+        )
+    # torch is imported only on this path, so serving a bundle works without it.
+    try:
+        from cosmos_edge.runtime.torch_backend import PolicyFiles, load_torch_policy
+    except ImportError as error:
+        raise EngineError(f"backend 'torch' is not installed: {error}; pip install 'cosmos-edge[torch]'") from error
+
+    files = PolicyFiles(args.checkpoint, args.tokenizer, args.stats, args.text_embeddings, args.platform)
+    return load_torch_policy(files, precision=args.precision, device=args.device or "cpu")
+
+
 def print_result(result: ChunkResult) -> None:
     print(f"action chunk: {result.actions.shape[0]} x {result.actions.shape[1]} (float32, un-normalised)")
     print(f"value:        {result.value:.4f}")
@@ -67,11 +116,10 @@ def print_result(result: ChunkResult) -> None:
 
 
 def save_result(path: Path, result: ChunkResult) -> None:
-    images = {f"future_image_{name}": image for name, image in (result.future_images or {}).items()}
-    np.savez(
-        path,
-        actions=result.actions,
-        value=np.float32(result.value),
-        future_proprio=result.future_proprio,
-        **images,
-    )
+    arrays: dict[str, np.ndarray] = {
+        "actions": result.actions,
+        "value": np.array(result.value, dtype=np.float32),
+        "future_proprio": result.future_proprio,
+    }
+    arrays |= {f"future_image_{name}": image for name, image in (result.future_images or {}).items()}
+    np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds like allow_pickle

@@ -100,8 +100,24 @@ def serving(policy: object) -> Iterator[str]:
 
 def _demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must precede the first MuJoCo import
-    if not args.verbose:  # the tables below summarise the per-request log lines and safety warnings
-        logging.getLogger("cosmos_edge").setLevel(logging.ERROR)
+    # The tables printed at the end summarise the per-request log lines and safety warnings.
+    with _quiet_logs(enabled=not args.verbose):
+        return _run_demo(args)
+
+
+@contextmanager
+def _quiet_logs(enabled: bool) -> Iterator[None]:
+    logger = logging.getLogger("cosmos_edge")
+    previous = logger.level
+    if enabled:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
     from cosmos_edge.robot_bridge.aloha_sim import AlohaSimRobot
     from cosmos_edge.robot_bridge.camera_frames import AlohaWireCameras
     from cosmos_edge.robot_bridge.client import PolicyClient

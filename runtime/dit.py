@@ -11,6 +11,8 @@ shapes are static) and, through `precompute_text_kv`, the cross-attention keys a
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -68,10 +70,13 @@ class VideoRope3D(nn.Module):
         self._cache: dict[tuple[int, int, int, torch.device], RopeTables] = {}
 
     def forward(self, grid: tuple[int, int, int], device: torch.device) -> RopeTables:
-        key = (*grid, device)
+        # int(): under the ONNX exporter's tracer the sizes arrive as 0-d tensors, which would miss the cache and
+        # trace the table construction; as ints they hit it and the tables are recorded as constants.
+        frames, height, width = (int(size) for size in grid)
+        key = (frames, height, width, device)
         tables = self._cache.get(key)
         if tables is None:
-            tables = self._cache[key] = self._build(grid, device)
+            tables = self._cache[key] = self._build((frames, height, width), device)
         return tables
 
     def _axis_angles(self, axis: int, length: int, device: torch.device) -> Tensor:
@@ -182,6 +187,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps)
         self.v_proj = nn.Linear(context_dim, inner_dim, bias=False)
         self.output_proj = nn.Linear(inner_dim, dim, bias=False)
+        # Export mode, off in eager use; switched on for a whole model by `explicit_attention_mode`.
+        self.explicit = False
 
     def _split_heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # [B, L, H*d] -> [B, H, L, d]
@@ -193,8 +200,40 @@ class Attention(nn.Module):
         return self.k_norm(self._split_heads(self.k_proj(context))), self._split_heads(self.v_proj(context))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, H, L, d], scale 1/sqrt(d)
+        if self.explicit:
+            out = explicit_attention(q, k, v, scale=self.head_dim**-0.5)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # [B, H, L, d], scale 1/sqrt(d)
         return self.output_proj(out.transpose(1, 2).flatten(2))  # [B, L, D]
+
+
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """softmax(scale * q k^T) v as MatMul -> Softmax -> MatMul, the subgraph TensorRT fuses into one MHA kernel.
+
+    TensorRT's pattern match (deployment_anchors D.4) needs the scale on Q before the first MatMul and nothing
+    between that MatMul and the Softmax. SDPA does not give that under torch 2.13's TorchScript ONNX exporter
+    (opset 17): it computes sqrt(scale) from the runtime shape and multiplies both Q and K. Same maths as SDPA, other
+    rounding order: tests/export/test_onnx_export.py checks the exported pattern and ORT fp32 against eager SDPA.
+    """
+    scores = (q * scale) @ k.transpose(-2, -1)  # [B, H, Lq, Lk]
+    return scores.softmax(dim=-1) @ v
+
+
+@contextmanager
+def explicit_attention_mode(model: nn.Module) -> Iterator[None]:
+    """Within the block every DiT attention of `model` runs `explicit_attention`: the ONNX export mode.
+
+    Eager serving keeps SDPA (fused kernels, less memory); only the exporter enters this mode.
+    """
+    modules = [module for module in model.modules() if isinstance(module, Attention)]
+    previous = [module.explicit for module in modules]
+    for module in modules:
+        module.explicit = True
+    try:
+        yield
+    finally:
+        for module, explicit in zip(modules, previous, strict=True):
+            module.explicit = explicit
 
 
 class SelfAttention(Attention):
@@ -321,7 +360,8 @@ class CosmosDiT(nn.Module):
         if text.ndim != 3 or text.shape[-1] != self.config.text_dim:
             raise InputError(f"text: expected shape [B, L, {self.config.text_dim}], got {list(text.shape)}")
         text = text.to(self.dtype)
-        keys, values = zip(*(block.cross_attn.project_kv(text) for block in self.blocks), strict=True)
+        blocks: list[Block] = list(self.blocks)  # type: ignore[arg-type]  # ModuleList iterates as Module
+        keys, values = zip(*(block.cross_attn.project_kv(text) for block in blocks), strict=True)
         return CrossAttentionKV(k=torch.stack(keys), v=torch.stack(values))
 
     def forward(self, x: Tensor, timesteps: Tensor, condition_mask: Tensor, text: Tensor | CrossAttentionKV) -> Tensor:

@@ -10,3 +10,6 @@ fi
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet "torch==2.13.0"
 .venv/bin/pip install --quiet -e ".[dev,sim]"
+# Type stubs of TensorRT for scripts/typecheck.sh. --no-deps: its metadata pins a TensorRT wheel that cannot install
+# here (TensorRT is not on PyPI as binaries).
+.venv/bin/pip install --quiet --no-deps "tensorrt-stubs==10.13.0.35.1"

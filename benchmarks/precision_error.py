@@ -1,0 +1,150 @@
+"""Action error of fp16 and bf16 bundles against the fp32 reference policy: `tiny` config, random weights, every
+platform, each platform's default number of denoising steps, same seeds.
+
+- fp32, fp16: the exported bundle on ONNX Runtime's CPU provider.
+- bf16: ONNX Runtime's CPU provider has no bfloat16 kernels, so the computation of the bf16 graphs is run by torch
+  instead: the export wrappers (`DiTGraph` in explicit-attention mode, `VAEEncoderGraph`) in bf16, i.e. the very
+  function the exporter traces, on torch's CPU kernels (fp32 accumulation, as TensorRT's).
+
+Error: max abs difference of the normalised actions (the model's [-1, 1] units) over the chunk, and of the value.
+Random tiny weights show the size of the precision effect through this pipeline, not the released checkpoints'.
+
+Run: `.venv/bin/python benchmarks/precision_error.py --out benchmarks/results/precision_error.json`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
+from cosmos_edge.export.onnx_export import DiTGraph, VAEEncoderGraph
+from cosmos_edge.runtime import text_embeddings as text_store
+from cosmos_edge.runtime.bundle_policy import load_bundle_policy
+from cosmos_edge.runtime.cosmos_policy import CosmosPolicy, PolicyOptions
+from cosmos_edge.runtime.dit import explicit_attention_mode
+from cosmos_edge.runtime.dit_checkpoint import load_dit
+from cosmos_edge.runtime.graph_networks import GraphAutoencoder, GraphDenoisingNetwork
+from cosmos_edge.runtime.graph_specs import GraphSpec, dit_graph, vae_encoder_graph
+from cosmos_edge.runtime.normalization import DatasetStats
+from cosmos_edge.runtime.platforms import platform_spec
+from cosmos_edge.runtime.policy_api import ActionQuery, ChunkResult, Observation, Policy
+from cosmos_edge.runtime.random_assets import RandomAssetsSpec, write_random_assets
+from cosmos_edge.runtime.torch_backend import PolicyFiles, load_torch_policy
+from cosmos_edge.runtime.vae_checkpoint import load_wan_vae
+
+PLATFORMS = ("libero", "robocasa", "aloha")
+OBSERVATIONS = 2
+
+
+class TorchGraphRunner:
+    """A GraphRunner executing an export wrapper module with torch: the graph's computation without ONNX."""
+
+    def __init__(self, module: nn.Module, spec: GraphSpec) -> None:
+        self._module = module.eval()
+        self._spec = spec
+
+    @property
+    def spec(self) -> GraphSpec:
+        return self._spec
+
+    @torch.inference_mode()
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = [torch.from_numpy(np.ascontiguousarray(inputs[name], np.float32)) for name in self._spec.input_names]
+        return {self._spec.output_names[0]: self._module(*args).numpy()}
+
+    def close(self) -> None:
+        pass
+
+
+def bf16_graph_policy(files: PolicyFiles) -> tuple[CosmosPolicy, nn.Module]:
+    """The policy on the bf16 graphs' computation, and its DiT (to be run in explicit-attention mode)."""
+    platform = platform_spec(files.platform)
+    texts = text_store.read(files.text_embeddings)
+    _, tokens, dim = texts.shape
+    dit = load_dit(files.checkpoint, torch.bfloat16)
+    dit_spec = dit_graph(platform, 1, tokens, dim)
+    encoder_spec = vae_encoder_graph(platform, full_sequence=False)
+    vae = load_wan_vae(files.tokenizer, torch.bfloat16)
+    policy = CosmosPolicy(
+        platform,
+        DatasetStats.from_json(files.stats, platform),
+        texts,
+        GraphAutoencoder([TorchGraphRunner(VAEEncoderGraph(vae), encoder_spec)], None),
+        GraphDenoisingNetwork([TorchGraphRunner(DiTGraph(dit, dit_spec), dit_spec)]),
+        PolicyOptions(encode_full_sequence=False),
+    )
+    return policy, dit
+
+
+def observation(platform: str, seed: int) -> Observation:
+    spec = platform_spec(platform)
+    rng = np.random.default_rng(seed)
+    images = {name: rng.integers(0, 256, (240, 320, 3), dtype=np.uint8) for name in spec.cameras}
+    return Observation(images, rng.uniform(-0.2, 0.2, spec.proprio_dim).astype(np.float32))
+
+
+def errors(stats: DatasetStats, got: ChunkResult, expected: ChunkResult) -> tuple[float, float]:
+    span = stats.actions_max - stats.actions_min
+    action = float(np.abs(2.0 * (got.actions - expected.actions) / span).max())
+    return action, abs(got.value - expected.value)
+
+
+def measure(platform: str, root: Path) -> dict[str, dict[str, float]]:
+    files = write_random_assets(root / platform, RandomAssetsSpec("tiny", platform, seed=7))
+    reference = load_torch_policy(files)
+    candidates: dict[str, Policy] = {}
+    for precision in ("fp32", "fp16"):
+        out = root / f"{platform}_{precision}"
+        export_bundle(
+            ExportRequest(
+                files.checkpoint,
+                files.tokenizer,
+                files.stats,
+                files.text_embeddings,
+                platform,
+                out,
+                precision=precision,
+                future_images=False,
+            )
+        )
+        candidates[f"{precision} onnxruntime-cpu"] = load_bundle_policy(out)
+    candidates["bf16 graph computation, torch-cpu"], bf16_dit = bf16_graph_policy(files)
+    worst = {name: {"max_action_error": 0.0, "max_value_error": 0.0} for name in candidates}
+    with explicit_attention_mode(bf16_dit):
+        for seed in range(OBSERVATIONS):
+            query = ActionQuery(observation(platform, seed), reference.instructions[0], seed=195 + seed)
+            expected = reference.infer(query)
+            for name, policy in candidates.items():
+                action, value = errors(reference.stats, policy.infer(query), expected)
+                worst[name]["max_action_error"] = max(worst[name]["max_action_error"], action)
+                worst[name]["max_value_error"] = max(worst[name]["max_value_error"], value)
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="JSON file to write the results to")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory() as scratch:
+        results = {
+            platform: {"steps": platform_spec(platform).default_action_steps, **measure(platform, Path(scratch))}
+            for platform in PLATFORMS
+        }
+    text = json.dumps({"config": "tiny", "observations": OBSERVATIONS, "results": results}, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""`cosmos-edge export`: official checkpoint files -> a deployable bundle directory (ONNX graphs + manifest)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cosmos_edge.runtime.errors import EngineError
+from cosmos_edge.runtime.platforms import PLATFORMS
+
+
+def batch_sizes(text: str) -> tuple[int, ...]:
+    """ "1,8" -> (1, 8)."""
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints such as 1,8, got {text!r}") from None
+    if not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes):
+        raise argparse.ArgumentTypeError(f"expected distinct positive ints such as 1,8, got {text!r}")
+    return sizes
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("export", help="export official checkpoints to a deployable bundle")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="official DiT .pt (or diffusers dir)")
+    parser.add_argument("--tokenizer", type=Path, required=True, help="Wan2.1 tokenizer.pth (or diffusers vae dir)")
+    parser.add_argument("--stats", type=Path, required=True, help="dataset statistics JSON")
+    parser.add_argument("--text-embeddings", type=Path, required=True, help="instruction embeddings (safetensors)")
+    parser.add_argument("--platform", required=True, choices=sorted(PLATFORMS))
+    parser.add_argument("--out", type=Path, required=True, help="bundle directory to create (must not exist)")
+    parser.add_argument(
+        "--batch-sizes", type=batch_sizes, default=(1,), help="DiT batch sizes: 1 serves reactive mode (default 1)"
+    )
+    parser.add_argument(
+        "--precision",
+        default="bf16",
+        choices=("fp32", "fp16", "bf16"),
+        help="precision inside the graphs (default bf16, the official one; onnxruntime's CPU provider needs fp32/fp16)",
+    )
+    parser.add_argument("--planning-checkpoint", type=Path, help="DiT .pt of a separate planning model")
+    parser.add_argument(
+        "--no-future-images",
+        action="store_true",
+        help="leave out the full-sequence encoder and the decoder (reactive-only bundle)",
+    )
+    parser.set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    # Export needs torch and onnx; serving does not, so they are imported only here.
+    try:
+        from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
+    except ImportError as error:
+        raise EngineError(f"export needs torch and onnx: {error}; pip install 'cosmos-edge[torch,onnx]'") from error
+
+    bundle = export_bundle(
+        ExportRequest(
+            checkpoint=args.checkpoint,
+            tokenizer=args.tokenizer,
+            stats=args.stats,
+            text_embeddings=args.text_embeddings,
+            platform=args.platform,
+            out=args.out,
+            batch_sizes=args.batch_sizes,
+            precision=args.precision,
+            planning_checkpoint=args.planning_checkpoint,
+            future_images=not args.no_future_images,
+        )
+    )
+    manifest = bundle.manifest
+    total = sum(record.size for record in manifest.files.values())
+    print(f"bundle {bundle.root}: {manifest.platform.name}, {manifest.precision}, {total / 2**20:.1f} MiB")
+    for name, record in manifest.graphs.items():
+        size = sum(manifest.files[file].size for file in record.files)
+        print(f"  {name:<20} {size / 2**20:9.1f} MiB")
+    return 0

@@ -1,0 +1,220 @@
+"""`cosmos-edge export`: official checkpoint files -> a self-describing bundle directory (see `runtime.bundle`).
+
+The bundle is assembled in a hidden sibling directory (`.NAME.partial-*`) and renamed to its final name only after
+the manifest, written last, is in place. An interrupted export therefore leaves either nothing at the destination
+or, after a hard kill, a hidden `.partial` directory without a manifest, which `Bundle.open` refuses.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import onnx
+import torch
+
+from cosmos_edge.export.onnx_export import (
+    OPSET,
+    PRECISIONS,
+    ExportedGraph,
+    export_dit,
+    export_vae_decoder,
+    export_vae_encoder,
+)
+from cosmos_edge.runtime import text_embeddings as text_store
+from cosmos_edge.runtime.bundle import (
+    FORMAT_TAG,
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    Bundle,
+    BundleManifest,
+    GraphRecord,
+    ModelRecord,
+    file_record,
+    write_manifest,
+)
+from cosmos_edge.runtime.dit_checkpoint import load_dit
+from cosmos_edge.runtime.errors import BundleError, ConfigError
+from cosmos_edge.runtime.graph_specs import GraphSpec, dit_graph, vae_decoder_graph, vae_encoder_graph
+from cosmos_edge.runtime.normalization import DatasetStats
+from cosmos_edge.runtime.platforms import PlatformSpec, platform_spec
+from cosmos_edge.runtime.vae_checkpoint import load_wan_vae
+
+_LOG = logging.getLogger(__name__)
+
+GRAPHS_DIR = "graphs"
+TEXT_EMBEDDINGS_FILE = "text_embeddings.safetensors"
+STATS_FILE = "dataset_statistics.json"
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What to export. `future_images=False` leaves out the full-sequence encoder and the decoder (reactive-only
+    bundles: smaller, faster to export); `planning_checkpoint` adds `planning_dit_b*` graphs for the same batches."""
+
+    checkpoint: Path
+    tokenizer: Path
+    stats: Path
+    text_embeddings: Path
+    platform: str
+    out: Path
+    batch_sizes: tuple[int, ...] = (1,)
+    precision: str = "bf16"
+    planning_checkpoint: Path | None = None
+    future_images: bool = True
+
+    def __post_init__(self) -> None:
+        platform_spec(self.platform)  # raises ConfigError listing the known platforms
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision: expected one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        sizes = self.batch_sizes
+        if not sizes or len(set(sizes)) != len(sizes) or not all(isinstance(b, int) and b > 0 for b in sizes):
+            raise ConfigError(f"batch_sizes: expected distinct positive ints, got {list(sizes)}")
+        object.__setattr__(self, "batch_sizes", tuple(sorted(sizes)))
+        for name in ("checkpoint", "tokenizer", "stats", "text_embeddings", "planning_checkpoint"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).exists():
+                raise ConfigError(f"{name}: {path}: no such file or directory")
+
+
+class _GraphWriter:
+    """Exports graphs into `root/graphs`, records them for the manifest and logs progress as "graph i/n"."""
+
+    def __init__(self, root: Path, total: int) -> None:
+        self.root = root
+        self.total = total
+        self.records: dict[str, GraphRecord] = {}
+
+    def add(self, role: str, spec: GraphSpec, export: Callable[[GraphSpec, Path], ExportedGraph]) -> None:
+        _LOG.info("exporting %s (graph %d/%d)", spec.name, len(self.records) + 1, self.total)
+        exported = export(spec, self.root / GRAPHS_DIR / f"{spec.name}.onnx")
+        external = exported.external_data
+        self.records[spec.name] = GraphRecord(
+            role=role,
+            batch=spec.inputs[0].shape[0],
+            file=exported.path.relative_to(self.root).as_posix(),
+            external_data=None if external is None else external.relative_to(self.root).as_posix(),
+            spec=spec,
+        )
+
+
+def export_bundle(request: ExportRequest) -> Bundle:
+    """Writes the bundle at `request.out` (which must not exist) and returns it opened."""
+    out = Path(request.out)
+    if out.exists():
+        raise BundleError(f"{out}: already exists; remove it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        write_manifest(staging, _write_contents(request, staging))
+        os.rename(staging, out)  # atomic within one filesystem: the bundle appears whole or not at all
+    except BaseException:  # KeyboardInterrupt included: never leave a half-written bundle behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _LOG.info("bundle written: %s", out)
+    return Bundle.open(out)
+
+
+def _write_contents(request: ExportRequest, root: Path) -> BundleManifest:
+    platform = platform_spec(request.platform)
+    DatasetStats.from_json(request.stats, platform)  # refuse statistics of another platform before exporting
+    texts = text_store.read(request.text_embeddings)
+    _, text_tokens, text_dim = texts.shape
+    (root / GRAPHS_DIR).mkdir()
+
+    dits = 2 if request.planning_checkpoint is not None else 1
+    writer = _GraphWriter(root, dits * len(request.batch_sizes) + (3 if request.future_images else 1))
+    dit_config = _export_dit_graphs(request, request.checkpoint, "dit", platform, texts.shape, writer)
+    planning_config = None
+    if request.planning_checkpoint is not None:
+        planning_config = _export_dit_graphs(
+            request, request.planning_checkpoint, "planning_dit", platform, texts.shape, writer
+        )
+    vae_config = _export_vae_graphs(request, platform, writer)
+
+    text_store.write(root / TEXT_EMBEDDINGS_FILE, texts)
+    shutil.copyfile(request.stats, root / STATS_FILE)
+    _LOG.info("hashing %d files", sum(1 for _ in _files(root)))
+    return BundleManifest(
+        schema_version=SCHEMA_VERSION,
+        format=FORMAT_TAG,
+        created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        platform=platform,
+        precision=request.precision,
+        batch_sizes=request.batch_sizes,
+        onnx_opset=OPSET,
+        model=ModelRecord(dit_config, vae_config, planning_config, text_tokens, text_dim),
+        graphs=writer.records,
+        text_embeddings=TEXT_EMBEDDINGS_FILE,
+        dataset_statistics=STATS_FILE,
+        files={path.relative_to(root).as_posix(): file_record(path) for path in _files(root)},
+        versions=_versions(),
+        engines={},
+    )
+
+
+def _export_dit_graphs(
+    request: ExportRequest,
+    checkpoint: Path,
+    role: str,
+    platform: PlatformSpec,
+    text_shape: tuple[int, ...],
+    writer: _GraphWriter,
+) -> dict[str, object]:
+    """One DiT graph per batch size; returns the DiT configuration. The network is freed before returning."""
+    dit = load_dit(checkpoint, PRECISIONS[request.precision])
+    _, text_tokens, text_dim = text_shape
+    if dit.config.text_dim != text_dim:
+        raise ConfigError(
+            f"text_embeddings: {request.text_embeddings} holds {text_dim}-wide embeddings, the DiT {checkpoint} "
+            f"expects text_dim {dit.config.text_dim}"
+        )
+    for batch in request.batch_sizes:
+        spec = dit_graph(platform, batch, text_tokens, text_dim, prefix=role)
+        writer.add(role, spec, partial(export_dit, dit))
+    config = asdict(dit.config)
+    del dit
+    gc.collect()  # the 2B network is 4 GB in bf16: release it before the next one is loaded
+    return config
+
+
+def _export_vae_graphs(request: ExportRequest, platform: PlatformSpec, writer: _GraphWriter) -> dict[str, object]:
+    vae = load_wan_vae(request.tokenizer, PRECISIONS[request.precision])
+    writer.add("vae_encoder_prefix", vae_encoder_graph(platform, False), partial(export_vae_encoder, vae))
+    if request.future_images:
+        writer.add("vae_encoder_full", vae_encoder_graph(platform, True), partial(export_vae_encoder, vae))
+        writer.add("vae_decoder", vae_decoder_graph(platform), partial(export_vae_decoder, vae))
+    return asdict(vae.config)
+
+
+def _files(root: Path) -> Iterator[Path]:
+    return (path for path in sorted(root.rglob("*")) if path.is_file() and path.name != MANIFEST_NAME)
+
+
+def _versions() -> dict[str, str | None]:
+    """Versions of what built the bundle; TensorRT is recorded when importable (engines are built later)."""
+    versions: dict[str, str | None] = {"torch": torch.__version__, "onnx": onnx.__version__}
+    distributions = {
+        "cosmos_edge": ("cosmos-edge",),
+        "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
+        "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu13"),
+    }
+    for name, candidates in distributions.items():
+        versions[name] = next(filter(None, map(_distribution_version, candidates)), None)
+    return versions
+
+
+def _distribution_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None

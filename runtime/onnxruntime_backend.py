@@ -1,0 +1,194 @@
+"""GraphRunner on ONNX Runtime: the CPU provider, or with onnxruntime-gpu the CUDA and TensorRT providers.
+
+Targets are named by a device string: "cpu", "cuda[:N]" (CUDA provider) or "tensorrt[:N]" (ONNX Runtime's TensorRT
+provider, CUDA as fallback for what TensorRT does not take). On a GPU, inputs and outputs live in device buffers
+allocated once and bound once through IO binding, so a call copies each input up and each output down once and
+ONNX Runtime allocates nothing per call. The TensorRT provider keeps its engines and timing cache in
+`BUNDLE/cache/onnxruntime_tensorrt/`, since building them takes minutes.
+
+The CPU provider has no bfloat16 kernels (MatMul, Conv, ... in ONNX Runtime 1.32), so a bf16 bundle is refused on
+"cpu" with a message saying what to use instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+from cosmos_edge.runtime.bundle import Bundle
+from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError
+from cosmos_edge.runtime.graph_specs import GraphSpec
+
+_LOG = logging.getLogger(__name__)
+
+# ONNX Runtime raises its own exception classes (Fail, InvalidGraph, NotImplemented, ...), all plain Exception
+# subclasses of its pybind module; they are turned into EngineError at this boundary.
+_ORT_ERRORS: tuple[type[Exception], ...] = (
+    RuntimeError,
+    *(cls for cls in vars(ort_state).values() if isinstance(cls, type) and issubclass(cls, Exception)),
+)
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+# ONNX Runtime log severity 0 (verbose) .. 4 (fatal). Its warnings here are about optimisations it skips (e.g. fp16
+# constant folding on the CPU), which say nothing about the results; errors still surface as exceptions.
+_ERRORS_ONLY = 3
+
+
+@dataclass(frozen=True)
+class OrtTarget:
+    """Where a graph runs: `provider` in ("cpu", "cuda", "tensorrt") and the GPU index."""
+
+    provider: str
+    device_id: int = 0
+
+    @classmethod
+    def parse(cls, device: str) -> OrtTarget:
+        match = re.fullmatch(r"(cpu|cuda|tensorrt)(?::(\d+))?", device)
+        if match is None or (match[1] == "cpu" and match[2] is not None):
+            raise ConfigError(f"device: expected 'cpu', 'cuda[:N]' or 'tensorrt[:N]' for onnxruntime, got {device!r}")
+        return cls(match[1], int(match[2] or 0))
+
+    def providers(self, cache_dir: Path | None) -> list[tuple[str, dict[str, Any]]]:
+        cpu: tuple[str, dict[str, Any]] = (_PROVIDERS["cpu"], {})
+        if self.provider == "cpu":
+            return [cpu]
+        cuda: tuple[str, dict[str, Any]] = (_PROVIDERS["cuda"], {"device_id": self.device_id})
+        if self.provider == "cuda":
+            return [cuda, cpu]
+        trt_options: dict[str, Any] = {"device_id": self.device_id}
+        if cache_dir is not None:
+            trt_options |= {
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(cache_dir),
+                "trt_timing_cache_enable": True,
+                "trt_timing_cache_path": str(cache_dir),
+            }
+        return [(_PROVIDERS["tensorrt"], trt_options), cuda, cpu]
+
+
+class OnnxRuntimeRunner:
+    """Runs one ONNX graph of shape contract `spec`; `run` returns new host arrays owned by the caller."""
+
+    def __init__(
+        self,
+        path: Path,
+        spec: GraphSpec,
+        target: OrtTarget = OrtTarget("cpu"),
+        threads: int | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
+        self._spec = spec
+        self._path = path
+        self._session: ort.InferenceSession | None = _create_session(path, target, threads, cache_dir)
+        _check_io(self._session, spec, path)
+        self._device_io = _DeviceIO(self._session, spec, target.device_id) if target.provider != "cpu" else None
+
+    @property
+    def spec(self) -> GraphSpec:
+        return self._spec
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._session is None:
+            raise EngineError(f"graph {self._spec.name}: run() after close()")
+        arrays = checked_inputs(self._spec, inputs)
+        try:
+            if self._device_io is not None:
+                return self._device_io.run(self._session, arrays)
+            outputs = self._session.run(self._spec.output_names, arrays)
+        except _ORT_ERRORS as error:
+            raise EngineError(f"graph {self._spec.name} ({self._path}): onnxruntime failed: {error}") from error
+        return dict(zip(self._spec.output_names, outputs, strict=True))
+
+    def close(self) -> None:
+        self._device_io = None
+        self._session = None
+
+
+class _DeviceIO:
+    """Device buffers for every input and output of one session, allocated and bound once (IO binding)."""
+
+    def __init__(self, session: ort.InferenceSession, spec: GraphSpec, device_id: int) -> None:
+        def allocate(shape: tuple[int, ...]) -> ort.OrtValue:
+            return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, "cuda", device_id)
+
+        self._inputs = {tensor.name: allocate(tensor.shape) for tensor in spec.inputs}
+        self._outputs = {tensor.name: allocate(tensor.shape) for tensor in spec.outputs}
+        self._binding = session.io_binding()
+        for name, value in self._inputs.items():
+            self._binding.bind_ortvalue_input(name, value)
+        for name, value in self._outputs.items():
+            self._binding.bind_ortvalue_output(name, value)
+
+    def run(self, session: ort.InferenceSession, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name, array in arrays.items():
+            self._inputs[name].update_inplace(array)  # host -> the bound device buffer, same address every call
+        session.run_with_iobinding(self._binding)
+        return {name: value.numpy() for name, value in self._outputs.items()}
+
+
+def checked_inputs(spec: GraphSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Contiguous float32 arrays of exactly the spec's names and shapes; InputError names the first mismatch."""
+    if set(inputs) != set(spec.input_names):
+        raise InputError(f"graph {spec.name}: expected inputs {spec.input_names}, got {sorted(inputs)}")
+    arrays = {}
+    for tensor in spec.inputs:
+        array = np.asarray(inputs[tensor.name])
+        if array.shape != tensor.shape:
+            raise InputError(
+                f"graph {spec.name}: input {tensor.name}: expected shape {tensor.shape}, got {array.shape}"
+            )
+        arrays[tensor.name] = np.ascontiguousarray(array, dtype=np.float32)
+    return arrays
+
+
+def _create_session(path: Path, target: OrtTarget, threads: int | None, cache_dir: Path | None) -> ort.InferenceSession:
+    available = ort.get_available_providers()
+    wanted = _PROVIDERS[target.provider]
+    if wanted not in available:
+        raise EngineError(
+            f"onnxruntime: the {target.provider} target needs {wanted}, this install has {available}; "
+            f"install onnxruntime-gpu for 'cuda' and 'tensorrt'"
+        )
+    if cache_dir is not None and target.provider == "tensorrt":
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = _ERRORS_ONLY
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=target.providers(cache_dir))
+    except _ORT_ERRORS as error:
+        raise EngineError(f"{path}: onnxruntime cannot load the graph: {error}") from error
+
+
+def _check_io(session: ort.InferenceSession, spec: GraphSpec, path: Path) -> None:
+    for kind, values, expected in (
+        ("inputs", session.get_inputs(), spec.inputs),
+        ("outputs", session.get_outputs(), spec.outputs),
+    ):
+        got = [(value.name, tuple(value.shape), value.type) for value in values]
+        want = [(tensor.name, tensor.shape, "tensor(float)") for tensor in expected]
+        if got != want:
+            raise EngineError(f"{path}: graph {kind} {got} differ from the manifest's {spec.name}: {want}")
+
+
+def open_graph(bundle: Bundle, name: str, device: str) -> OnnxRuntimeRunner:
+    """The backend entry point (see `backends`): graph `name` of `bundle` on `device`."""
+    target = OrtTarget.parse(device)
+    if target.provider == "cpu" and bundle.manifest.precision == "bf16":
+        raise EngineError(
+            f"bundle {bundle.root}: is bf16, and onnxruntime's CPU provider has no bfloat16 kernels; serve it with "
+            f"--backend tensorrt or onnxruntime on 'cuda', or export with --precision fp32 or fp16 for the CPU"
+        )
+    cache_dir = bundle.root / "cache" / "onnxruntime_tensorrt" if target.provider == "tensorrt" else None
+    runner = OnnxRuntimeRunner(bundle.graph_file(name), bundle.graph(name).spec, target, cache_dir=cache_dir)
+    _LOG.info("onnxruntime: loaded %s on %s", name, device)
+    return runner

@@ -1,0 +1,107 @@
+"""`cosmos-edge export` then `act --bundle`: the bundle's chunk is the reference `act` chunk."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cosmos_edge.cli import export_cmd
+from cosmos_edge.cli.main import main
+from cosmos_edge.runtime import text_embeddings
+from cosmos_edge.runtime.bundle import Bundle
+from cosmos_edge.runtime.normalization import DatasetStats
+from cosmos_edge.runtime.platforms import platform_spec
+from cosmos_edge.runtime.torch_backend import PolicyFiles
+from tests.conftest import random_observation
+
+
+def export(argv: list[str]) -> int:
+    """`cosmos-edge export ARGV` through its own parser, independent of the wiring in cli/main.py."""
+    parser = argparse.ArgumentParser()
+    export_cmd.register(parser.add_subparsers())
+    args = parser.parse_args(["export", *argv])
+    return int(args.func(args))
+
+
+def official_args(files: PolicyFiles) -> list[str]:
+    return [
+        "--checkpoint",
+        str(files.checkpoint),
+        "--tokenizer",
+        str(files.tokenizer),
+        "--stats",
+        str(files.stats),
+        "--text-embeddings",
+        str(files.text_embeddings),
+        "--platform",
+        files.platform,
+    ]
+
+
+def test_export_then_act_matches_the_reference_act(
+    tiny_assets: dict[str, PolicyFiles], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = tiny_assets["libero"]
+    bundle = tmp_path / "bundle"
+    argv = [*official_args(files), "--out", str(bundle), "--precision", "fp32", "--batch-sizes", "1,3"]
+    argv += ["--no-future-images", "--planning-checkpoint", str(files.checkpoint)]
+    assert export(argv) == 0
+    printed = capsys.readouterr().out
+    assert "libero, fp32" in printed and "planning_dit_b3" in printed
+    assert sorted(Bundle.open(bundle).manifest.graphs) == [
+        "dit_b1",
+        "dit_b3",
+        "planning_dit_b1",
+        "planning_dit_b3",
+        "vae_encoder_prefix",
+    ]
+
+    observation = random_observation("libero", seed=3)
+    np.savez(tmp_path / "obs.npz", proprio=observation.proprio, **observation.images)
+    task = text_embeddings.read(files.text_embeddings).instructions[1]
+    common = ["--observation", str(tmp_path / "obs.npz"), "--task", task, "--seed", "7", "--steps", "1"]
+    assert main(["act", *official_args(files), *common, "--out", str(tmp_path / "reference.npz")]) == 0
+    argv = ["act", "--bundle", str(bundle), "--backend", "onnxruntime", *common, "--out", str(tmp_path / "bundle.npz")]
+    assert main(argv) == 0
+    stats = DatasetStats.from_json(files.stats, platform_spec("libero"))
+    span = stats.actions_max - stats.actions_min
+    with np.load(tmp_path / "reference.npz") as reference, np.load(tmp_path / "bundle.npz") as served:
+        assert served["actions"].shape == reference["actions"].shape
+        assert np.abs(2 * (served["actions"] - reference["actions"]) / span).max() <= 1e-3  # normalised units
+        assert abs(float(served["value"]) - float(reference["value"])) <= 1e-3
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--checkpoint", "x.pt"], "--bundle: runs on --backend onnxruntime or tensorrt without the official files"),
+        (["--backend", "torch"], "--bundle: runs on --backend onnxruntime or tensorrt"),
+    ],
+)
+def test_act_refuses_a_bundle_mixed_with_the_torch_reference(
+    extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["act", "--bundle", str(tmp_path), "--observation", "obs.npz", "--task", "t", *extra]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_act_without_bundle_or_files_names_what_is_missing(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["act", "--observation", "obs.npz", "--task", "t"]) == 2
+    assert "missing ['--checkpoint', '--tokenizer', '--stats', '--text-embeddings', '--platform']" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize(("text", "expected"), [("1", (1,)), ("1,8", (1, 8)), ("8,1", (8, 1))])
+def test_batch_sizes_parse(text: str, expected: tuple[int, ...]) -> None:
+    assert export_cmd.batch_sizes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "0", "1,1", "one", "1,-2"])
+def test_bad_batch_sizes_are_refused(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="expected"):
+        export_cmd.batch_sizes(text)

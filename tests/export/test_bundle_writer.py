@@ -1,0 +1,114 @@
+"""The bundle a tiny export writes: a manifest that describes every file, and nothing complete-looking when the
+export is interrupted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cosmos_edge.export import bundle_writer
+from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
+from cosmos_edge.runtime import text_embeddings as text_store
+from cosmos_edge.runtime.bundle import SCHEMA_VERSION, Bundle, sha256_file
+from cosmos_edge.runtime.dit_config import dit_config
+from cosmos_edge.runtime.errors import BundleError, ConfigError
+from cosmos_edge.runtime.graph_specs import dit_graph, vae_encoder_graph
+from cosmos_edge.runtime.platforms import platform_spec
+from cosmos_edge.runtime.random_assets import TEXT_TOKENS
+from cosmos_edge.runtime.torch_backend import PolicyFiles
+from tests.conftest import TinyBundles
+
+
+def request(files: PolicyFiles, out: Path, **overrides: object) -> ExportRequest:
+    fields: dict[str, object] = {
+        "checkpoint": files.checkpoint,
+        "tokenizer": files.tokenizer,
+        "stats": files.stats,
+        "text_embeddings": files.text_embeddings,
+        "platform": files.platform,
+        "out": out,
+        "batch_sizes": (1,),
+        "precision": "fp32",
+        "future_images": False,
+    }
+    return ExportRequest(**{**fields, **overrides})  # type: ignore[arg-type]
+
+
+def test_manifest_describes_every_file(tiny_bundles: TinyBundles, tiny_assets: dict[str, PolicyFiles]) -> None:
+    root = tiny_bundles("aloha")
+    raw = json.loads((root / "manifest.json").read_text())
+    manifest = Bundle.open(root).manifest
+    platform = platform_spec("aloha")
+    assert raw["schema_version"] == SCHEMA_VERSION and manifest.platform == platform
+    assert (manifest.precision, manifest.batch_sizes, manifest.onnx_opset) == ("fp32", (1, 2), 17)
+    assert manifest.model.dit == json.loads(json.dumps(raw["model"]["dit"])) and manifest.model.dit["num_blocks"] == 2
+    assert (manifest.model.text_tokens, manifest.model.text_dim) == (TEXT_TOKENS, dit_config("tiny").text_dim)
+    assert manifest.graphs["dit_b2"].spec == dit_graph(platform, 2, TEXT_TOKENS, dit_config("tiny").text_dim)
+    assert manifest.graphs["vae_encoder_prefix"].spec == vae_encoder_graph(platform, full_sequence=False)
+    assert sorted(manifest.graphs) == ["dit_b1", "dit_b2", "vae_encoder_prefix"]  # exported without future images
+    on_disk = sorted(path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file())
+    assert sorted(manifest.files) == [name for name in on_disk if name != "manifest.json"]
+    assert all(sha256_file(root / name) == record.sha256 for name, record in manifest.files.items())
+    assert {"torch", "onnx", "onnxruntime", "tensorrt"} <= set(manifest.versions) and manifest.engines == {}
+    source = text_store.read(tiny_assets["aloha"].text_embeddings)
+    copied = Bundle.open(root).text_embeddings()
+    assert copied.instructions == source.instructions
+    assert all((copied.get(text) == source.get(text)).all() for text in source.instructions)
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, RuntimeError])
+def test_interrupted_export_leaves_no_bundle(
+    interrupt: type[BaseException],
+    tiny_assets: dict[str, PolicyFiles],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def fail(*args: object) -> None:
+        raise interrupt("stopped while exporting the VAE")
+
+    monkeypatch.setattr(bundle_writer, "export_vae_encoder", fail)  # after the DiT graphs are written
+    out = tmp_path / "bundle"
+    with pytest.raises(interrupt):
+        export_bundle(request(tiny_assets["libero"], out))
+    assert list(tmp_path.iterdir()) == []  # neither the bundle nor its staging directory
+
+
+def test_killed_export_leaves_only_a_hidden_directory_the_reader_refuses(tmp_path: Path) -> None:
+    # A hard kill cannot clean up: what remains is the hidden staging directory, still without its manifest.
+    staging = tmp_path / ".bundle.partial-x"
+    staging.mkdir()
+    (staging / "graphs").mkdir()
+    with pytest.raises(BundleError, match=r"manifest\.json: missing"):
+        Bundle.open(staging)
+
+
+def test_export_refuses_an_existing_destination(tiny_assets: dict[str, PolicyFiles], tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="already exists"):
+        export_bundle(request(tiny_assets["libero"], tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"precision": "int8"}, "precision"),
+        ({"batch_sizes": (1, 1)}, "batch_sizes"),
+        ({"batch_sizes": (0,)}, "batch_sizes"),
+        ({"platform": "franka"}, "platform"),
+        ({"planning_checkpoint": Path("/nonexistent/planning.pt")}, "planning_checkpoint"),
+    ],
+)
+def test_bad_requests_name_the_field(
+    overrides: dict[str, object], message: str, tiny_assets: dict[str, PolicyFiles], tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        request(tiny_assets["libero"], tmp_path / "bundle", **overrides)
+
+
+def test_statistics_of_another_platform_are_refused_before_exporting(
+    tiny_assets: dict[str, PolicyFiles], tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match="aloha"):
+        export_bundle(request(tiny_assets["aloha"], tmp_path / "bundle", stats=tiny_assets["libero"].stats))
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,165 @@
+"""The exported graphs: ONNX Runtime fp32 against eager torch fp32, and the structure TensorRT needs to fuse them."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from cosmos_edge.export import onnx_export
+from cosmos_edge.runtime.bundle import Bundle
+from cosmos_edge.runtime.dit import Attention, explicit_attention_mode
+from cosmos_edge.runtime.dit_checkpoint import load_dit
+from cosmos_edge.runtime.dit_config import dit_config
+from cosmos_edge.runtime.graph_specs import GraphSpec, TensorSpec, dit_graph
+from cosmos_edge.runtime.onnxruntime_backend import OnnxRuntimeRunner
+from cosmos_edge.runtime.platforms import platform_spec
+from cosmos_edge.runtime.torch_backend import PolicyFiles
+from cosmos_edge.runtime.vae_checkpoint import load_wan_vae
+from tests.conftest import TinyBundles
+
+REL_TOL = 1e-4  # max|onnxruntime - torch| / max|torch| at fp32
+
+
+def rel_err(got: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(got - expected).max() / np.abs(expected).max())
+
+
+def dit_inputs(spec: GraphSpec, seed: int) -> dict[str, np.ndarray]:
+    """Plausible DiT inputs: noisy latents, per-frame timesteps (0 on the conditioning frames), a 0/1 mask."""
+    rng = np.random.default_rng(seed)
+    x, timesteps, mask, text = spec.inputs
+    conditioning = rng.random(timesteps.shape) < 0.4
+    return {
+        x.name: rng.standard_normal(x.shape).astype(np.float32),
+        timesteps.name: np.where(conditioning, 0.0, rng.uniform(0.5, 1.0, timesteps.shape)).astype(np.float32),
+        mask.name: np.broadcast_to(conditioning[:, None, :, None, None], mask.shape).astype(np.float32),
+        text.name: rng.standard_normal(text.shape).astype(np.float32),
+    }
+
+
+@pytest.fixture(scope="module")
+def aloha_bundle(tiny_bundles: TinyBundles) -> Bundle:
+    return Bundle.open(tiny_bundles("aloha"))
+
+
+def test_dit_graph_matches_torch_fp32(aloha_bundle: Bundle, tiny_assets: dict[str, PolicyFiles]) -> None:
+    runner = OnnxRuntimeRunner(aloha_bundle.graph_file("dit_b2"), aloha_bundle.graph("dit_b2").spec)
+    feeds = dit_inputs(runner.spec, seed=0)
+    with torch.no_grad():
+        expected = load_dit(tiny_assets["aloha"].checkpoint)(*map(torch.from_numpy, feeds.values())).numpy()
+    assert rel_err(runner.run(feeds)["velocity"], expected) <= REL_TOL
+
+
+def test_prefix_encoder_graph_matches_torch_fp32(
+    tiny_bundles: TinyBundles, tiny_assets: dict[str, PolicyFiles]
+) -> None:
+    bundle = Bundle.open(tiny_bundles("libero"))
+    runner = OnnxRuntimeRunner(bundle.graph_file("vae_encoder_prefix"), bundle.graph("vae_encoder_prefix").spec)
+    video = np.random.default_rng(1).uniform(-1, 1, runner.spec.inputs[0].shape).astype(np.float32)
+    with torch.no_grad():
+        expected = load_wan_vae(tiny_assets["libero"].tokenizer).encode(torch.from_numpy(video)).numpy()
+    assert rel_err(runner.run({"video": video})["latent"], expected) <= REL_TOL
+
+
+@pytest.mark.parametrize("half", ["encoder", "decoder"])
+def test_vae_graphs_match_torch_fp32(half: str, tiny_assets: dict[str, PolicyFiles], tmp_path: Path) -> None:
+    # The exporter is shape-generic: a short, small clip exercises every VAE layer in a fraction of the time.
+    vae = load_wan_vae(tiny_assets["aloha"].tokenizer)
+    video, latent = TensorSpec("video", (1, 3, 9, 32, 32)), TensorSpec("latent", (1, 16, 3, 4, 4))
+    if half == "encoder":
+        spec = GraphSpec("encoder", (video,), (latent,))
+        exported = onnx_export.export_vae_encoder(vae, spec, tmp_path / "encoder.onnx")
+        reference = vae.encode
+    else:
+        spec = GraphSpec("decoder", (latent,), (video,))
+        exported = onnx_export.export_vae_decoder(vae, spec, tmp_path / "decoder.onnx")
+        reference = vae.decode
+    source = np.random.default_rng(2).uniform(-1, 1, spec.inputs[0].shape).astype(np.float32)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(source)).numpy()
+    got = OnnxRuntimeRunner(exported.path, spec).run({spec.input_names[0]: source})[spec.output_names[0]]
+    assert rel_err(got, expected) <= REL_TOL
+
+
+def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {output: node for node in graph.node for output in node.output}
+
+
+def constant_shapes(graph: onnx.GraphProto) -> list[tuple[int, ...]]:
+    from_nodes = [
+        tuple(attribute.t.dims) for node in graph.node if node.op_type == "Constant" for attribute in node.attribute
+    ]
+    return from_nodes + [tuple(tensor.dims) for tensor in graph.initializer]
+
+
+def test_dit_attention_is_the_pattern_tensorrt_fuses(aloha_bundle: Bundle) -> None:
+    graph = onnx.load(str(aloha_bundle.graph_file("dit_b1"))).graph
+    produced_by = producers(graph)
+    constants = {name for name, node in produced_by.items() if node.op_type == "Constant"}
+    constants |= {tensor.name for tensor in graph.initializer}
+    softmaxes = [node for node in graph.node if node.op_type == "Softmax"]
+    assert len(softmaxes) == 2 * dit_config("tiny").num_blocks  # self- and cross-attention of every block
+    for softmax in softmaxes:
+        # Nothing between the first MatMul and the Softmax, which normalises the key axis.
+        scores = produced_by[softmax.input[0]]
+        assert scores.op_type == "MatMul", softmax.name
+        assert {attribute.name: attribute.i for attribute in softmax.attribute}.get("axis") in (-1, 3)
+        # The scale multiplies Q (a Mul or Div by a constant) before that MatMul; K arrives transposed.
+        scaled_q, keys = (produced_by[name] for name in scores.input)
+        assert scaled_q.op_type in ("Mul", "Div") and any(name in constants for name in scaled_q.input), softmax.name
+        assert keys.op_type == "Transpose", softmax.name
+        # The probabilities feed the second MatMul directly.
+        consumers = [node for node in graph.node if softmax.output[0] in node.input]
+        assert [node.op_type for node in consumers] == ["MatMul"], softmax.name
+
+
+def test_dit_graph_is_real_valued_with_constant_rope_tables(aloha_bundle: Bundle) -> None:
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(aloha_bundle.graph_file("dit_b1"))))
+    graph = model.graph
+    complex_types = {onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}
+    values = [*graph.value_info, *graph.input, *graph.output]
+    assert not any(value.type.tensor_type.elem_type in complex_types for value in values)
+    assert not any(tensor.data_type in complex_types for tensor in graph.initializer)
+    ops = Counter(node.op_type for node in graph.node)
+    assert not {"DFT", "STFT", "Einsum"} & set(ops)
+    # The only cos/sin left are the timestep sinusoid's; RoPE arrives as two [1, 1, T*H*W, head_dim] tables.
+    assert ops["Cos"] == ops["Sin"] == 1
+    platform = aloha_bundle.manifest.platform
+    rope_shape = (1, 1, platform.num_latent_frames * 14 * 14, dit_config("tiny").head_dim)
+    assert constant_shapes(graph).count(rope_shape) == 2
+
+
+def test_large_graphs_keep_their_weights_in_one_external_file(
+    tiny_assets: dict[str, PolicyFiles], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    vae = load_wan_vae(tiny_assets["aloha"].tokenizer)
+    spec = GraphSpec("decoder", (TensorSpec("latent", (1, 16, 1, 2, 2)),), (TensorSpec("video", (1, 3, 1, 16, 16)),))
+    exported = onnx_export.export_vae_decoder(vae, spec, tmp_path / "decoder.onnx")
+    assert exported.external_data == tmp_path / "decoder.onnx.data"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["decoder.onnx", "decoder.onnx.data"]
+    latent = np.random.default_rng(3).standard_normal((1, 16, 1, 2, 2)).astype(np.float32)
+    with torch.no_grad():
+        expected = vae.decode(torch.from_numpy(latent)).numpy()
+    assert rel_err(OnnxRuntimeRunner(exported.path, spec).run({"latent": latent})["video"], expected) <= REL_TOL
+
+
+def test_export_attention_mode_matches_sdpa_and_is_scoped(tiny_assets: dict[str, PolicyFiles]) -> None:
+    dit = load_dit(tiny_assets["aloha"].checkpoint)
+    inputs = [torch.from_numpy(array) for array in dit_inputs(dit_graph_spec(), seed=4).values()]
+    with torch.no_grad():
+        eager = dit(*inputs)
+        with explicit_attention_mode(dit):
+            assert all(module.explicit for module in dit.modules() if isinstance(module, Attention))
+            explicit = dit(*inputs)
+    assert not any(module.explicit for module in dit.modules() if isinstance(module, Attention))
+    torch.testing.assert_close(explicit, eager, rtol=0, atol=1e-5)
+
+
+def dit_graph_spec() -> GraphSpec:
+    return dit_graph(platform_spec("aloha"), 1, 512, dit_config("tiny").text_dim)
