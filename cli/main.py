@@ -7,11 +7,19 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from cosmos_edge.cli import act_cmd, checkpoint_cmd, demo_cmd, export_cmd, serve_cmd, text_embeddings_cmd
+from cosmos_edge.cli import (
+    act_cmd,
+    checkpoint_cmd,
+    demo_cmd,
+    engines_cmd,
+    export_cmd,
+    serve_cmd,
+    text_embeddings_cmd,
+)
 from cosmos_edge.runtime.errors import CosmosEdgeError
 
 # Each subcommand module exposes `register(subparsers)`; it sets `func(args) -> int` on its parser.
-SUBCOMMANDS = (checkpoint_cmd, text_embeddings_cmd, export_cmd, act_cmd, serve_cmd, demo_cmd)
+SUBCOMMANDS = (checkpoint_cmd, text_embeddings_cmd, export_cmd, engines_cmd, act_cmd, serve_cmd, demo_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

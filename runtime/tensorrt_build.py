@@ -308,7 +308,7 @@ def build_engine(
 ) -> tuple[EngineRecord, bytes]:
     """Builds an engine for `spec` from `onnx`, writes it and its record to `engine_path` (+ .json), returns both.
 
-    `timing_cache` defaults to a file beside the engine; this is what `cosmos-edge export --engines` calls.
+    `timing_cache` defaults to a file beside the engine; this is what `cosmos-edge engines build` calls.
     """
     target = current_target(device)
     check_cuda(import_cudart().cudaSetDevice(device), f"cudaSetDevice({device})")  # the builder uses the current one

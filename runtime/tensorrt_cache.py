@@ -25,7 +25,7 @@ _LOG = logging.getLogger(__name__)
 
 ENGINE_RECORD_SCHEMA = 1
 REBUILD_BUNDLE_HINT = (
-    "rebuild the bundle's engines on this machine with `cosmos-edge export --engines`, or serve the bundle's ONNX "
+    "rebuild the bundle's engines on this machine with `cosmos-edge engines build BUNDLE`, or serve the bundle's ONNX "
     "graphs with --backend onnxruntime"
 )
 _CHUNK = 16 << 20

@@ -1,0 +1,26 @@
+"""`cosmos-edge engines build BUNDLE`: TensorRT engines for this machine's GPU, recorded in the bundle."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("engines", help="TensorRT engines of a bundle")
+    parser.set_defaults(func=lambda args: parser.print_help() or 0)
+    commands = parser.add_subparsers(dest="engines_command")
+    build = commands.add_parser("build", help="build every graph's engine on this GPU (needs TensorRT >= 10)")
+    build.add_argument("bundle", type=Path)
+    build.add_argument("--device", type=int, default=0, help="CUDA device index")
+    build.add_argument("--graph", action="append", default=[], help="only this graph (repeatable)")
+    build.set_defaults(func=_build)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from cosmos_edge.export.engine_builder import build_bundle_engines
+
+    bundle = build_bundle_engines(args.bundle, args.device, tuple(args.graph))
+    for name, entry in bundle.manifest.engines.items():
+        print(f"{name}: {entry['file']}, {len(entry.get('fused_attention_layers', ()))} fused attention layers")
+    return 0
