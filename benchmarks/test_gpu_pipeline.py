@@ -26,7 +26,7 @@ from cosmos_edge.runtime.dit_checkpoint import dit_from_state_dict, random_dit_s
 from cosmos_edge.runtime.dit_config import dit_config
 from cosmos_edge.runtime.networks_api import DenoisingNetwork
 from cosmos_edge.runtime.platforms import platform_spec
-from cosmos_edge.runtime.policy_api import ActionQuery, Observation
+from cosmos_edge.runtime.policy_api import ActionQuery, Observation, Policy
 from cosmos_edge.runtime.random_assets import random_stats
 from cosmos_edge.runtime.sampler import NetworkFn
 from cosmos_edge.runtime.text_embeddings import TextEmbeddings
@@ -99,7 +99,7 @@ def make_policy(models: Models, network: DenoisingNetwork, full_sequence: bool) 
     )
 
 
-def run_query(policy: CosmosPolicy, steps: int) -> Callable[[], object]:
+def run_query(policy: Policy, steps: int) -> Callable[[], object]:
     query = ActionQuery(observation(), INSTRUCTION, seed=195, steps=steps)
     policy.infer(query)  # warm-up: kernels, RoPE tables, text K/V
     return lambda: policy.infer(query)
@@ -159,3 +159,15 @@ def test_vae_encode(benchmark, models: Models, pixel_frames: int) -> None:  # ty
 
     benchmark.extra_info.update(device=torch.cuda.get_device_name(), precision="bf16", pixel_frames=pixel_frames)
     benchmark.pedantic(encode, rounds=10, warmup_rounds=2)
+
+
+def test_planning_best_of_8_one_gpu(benchmark, models: Models) -> None:  # type: ignore[no-untyped-def]
+    """The official ALOHA planning command (8 candidates, 10 action steps, futures [1, 3, 5], values [1..5] each,
+    majority_mean) on one GPU, compiled DiT; the policy and planning models share weights here."""
+    from cosmos_edge.runtime.planning import PlanningConfig, PlanningPolicy, PlanningWorker
+
+    policy = make_policy(models, TorchDiT(models.dit, DEVICE, compile_mode="default"), full_sequence=False)
+    planner = PlanningPolicy([PlanningWorker(policy, policy)], PlanningConfig(num_candidates=8))
+    benchmark.extra_info.update(device=torch.cuda.get_device_name(), precision="bf16", candidates=8, gpus=1)
+    benchmark.pedantic(run_query(planner, 10), rounds=3, warmup_rounds=0)
+    planner.close()
