@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cosmos_edge.robot_bridge.chunk_source import ActParams, Chunk, ChunkRequest, Outcome, ThreadedChunkSource
-from cosmos_edge.robot_bridge.executor import ChunkExecutor, ExecutorConfig
+from cosmos_edge.robot_bridge.executor import ChunkExecutor, ExecutorConfig, Robot
 from cosmos_edge.runtime.policy_api import Observation
 
 DEMO_TASK = "transfer_cube"
@@ -40,21 +39,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 class RecordingRobot:
     """Keeps every `FRAME_EVERY_TICKS`-th overhead frame of a `Robot` for the episode strip."""
 
-    def __init__(self, robot: object) -> None:
+    def __init__(self, robot: Robot) -> None:
         self._robot = robot
         self._ticks = 0
         self.frames: list[np.ndarray] = []
 
     def observe(self) -> Observation:
-        return self._robot.observe()  # type: ignore[attr-defined,no-any-return]
+        return self._robot.observe()
 
     def current_qpos(self) -> np.ndarray:
-        return self._robot.current_qpos()  # type: ignore[attr-defined,no-any-return]
+        return self._robot.current_qpos()
 
     def command(self, qpos_target: np.ndarray) -> None:
-        self._robot.command(qpos_target)  # type: ignore[attr-defined]
+        self._robot.command(qpos_target)
         if self._ticks % FRAME_EVERY_TICKS == 0:
-            self.frames.append(self._robot.observe().images["cam_high"])  # type: ignore[attr-defined]
+            self.frames.append(self._robot.observe().images["cam_high"])
         self._ticks += 1
 
 
@@ -83,21 +82,6 @@ class RecordingSource:
         return outcome
 
 
-@contextmanager
-def serving(policy: object) -> Iterator[str]:
-    from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig
-
-    server = PolicyServer({"reactive": policy}, ServerConfig(endpoint="tcp://127.0.0.1:*"))  # type: ignore[dict-item]
-    endpoint = server.start()
-    thread = threading.Thread(target=server.serve_forever, name="demo-server", daemon=True)
-    thread.start()
-    try:
-        yield endpoint
-    finally:
-        server.stop()
-        thread.join(timeout=10)
-
-
 def _demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must precede the first MuJoCo import
     # The tables printed at the end summarise the per-request log lines and safety warnings.
@@ -122,6 +106,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from cosmos_edge.robot_bridge.camera_frames import AlohaWireCameras
     from cosmos_edge.robot_bridge.client import PolicyClient
     from cosmos_edge.robot_bridge.safety import SafetyConfig, SafetyFilter
+    from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig, serving_in_thread
     from cosmos_edge.runtime.cosmos_policy import PolicyOptions
     from cosmos_edge.runtime.random_assets import RandomAssetsSpec, write_random_assets
     from cosmos_edge.runtime.torch_backend import load_torch_policy
@@ -132,7 +117,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     policy = load_torch_policy(files, options=PolicyOptions(encode_full_sequence=False))
     instruction = policy.instructions[0]
     print("[2/4] starting the policy server")
-    with serving(policy) as endpoint:
+    server = PolicyServer({"reactive": policy}, ServerConfig(endpoint="tcp://127.0.0.1:*"))
+    with serving_in_thread(server) as endpoint:
         print(f"      serving on {endpoint}; [3/4] running gym-aloha ({DEMO_TASK}) for {args.chunks} chunks")
         sim = AlohaSimRobot.create(DEMO_TASK, seed=args.seed, control_rate_hz=25.0)
         robot = RecordingRobot(AlohaWireCameras(sim))

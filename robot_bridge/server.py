@@ -13,6 +13,7 @@ the server carries on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import ipaddress
@@ -20,7 +21,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from types import TracebackType
@@ -481,6 +482,22 @@ class PolicyServer:
             _ms_since(job.received_at),
         )
         return ErrorReply.from_error(error).to_frames()
+
+
+@contextlib.contextmanager
+def serving_in_thread(server: PolicyServer, join_timeout_s: float = 10.0) -> Iterator[str]:
+    """Runs `server` on a background thread (for embedding it in a process, e.g. the demo); yields the bound endpoint,
+    then stops it and waits up to `join_timeout_s` for the thread. Signal handling stays with the caller."""
+    endpoint = server.start()
+    thread = threading.Thread(target=server.serve_forever, name="policy-server", daemon=True)
+    thread.start()
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        thread.join(join_timeout_s)
+        if thread.is_alive():
+            logger.error("the policy server did not stop within %.1f s", join_timeout_s)
 
 
 def _query(request: ActRequest) -> ActionQuery:

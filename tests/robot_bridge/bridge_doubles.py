@@ -7,14 +7,13 @@ spawned server can import `serve_stub` from here as well.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 
 from cosmos_edge.cli.serve_cmd import run_server
-from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig
+from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig, serving_in_thread
 from cosmos_edge.runtime.errors import InputError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE, PlatformSpec, platform_spec
 from cosmos_edge.runtime.policy_api import ActionQuery, ChunkResult, Observation
@@ -93,18 +92,9 @@ class StubPolicy:
         self.queries.clear()
 
 
-@contextmanager
-def serving(server: PolicyServer) -> Iterator[str]:
-    """Runs `server` in a thread; yields its bound endpoint; stops and joins it afterwards."""
-    endpoint = server.start()
-    thread = threading.Thread(target=server.serve_forever, name="test-server", daemon=True)
-    thread.start()
-    try:
-        yield endpoint
-    finally:
-        server.stop()
-        thread.join(JOIN_TIMEOUT_S)
-        assert not thread.is_alive(), "the server did not stop"
+def serving(server: PolicyServer) -> contextlib.AbstractContextManager[str]:
+    """Runs `server` in a thread for the duration of a `with` block; yields its bound endpoint."""
+    return serving_in_thread(server, JOIN_TIMEOUT_S)
 
 
 def serve_stub(endpoint: str) -> None:
