@@ -8,11 +8,14 @@ spawned server can import `serve_stub` from here as well.
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
+import time
 
 import numpy as np
 
 from cosmos_edge.cli.serve_cmd import run_server
+from cosmos_edge.robot_bridge.client import PolicyClient, RequestTimeout
 from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig, serving_in_thread
 from cosmos_edge.runtime.errors import InputError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE, PlatformSpec, platform_spec
@@ -100,3 +103,23 @@ def serving(server: PolicyServer) -> contextlib.AbstractContextManager[str]:
 def serve_stub(endpoint: str) -> None:
     """Target of spawned server processes: serves a `StubPolicy` until SIGINT/SIGTERM, as the CLI does."""
     run_server({"reactive": StubPolicy()}, ServerConfig(endpoint=endpoint))
+
+
+STARTUP_S = 30.0  # a spawned interpreter importing numpy and zmq on a loaded 2-core machine
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_until_serving(client: PolicyClient) -> None:
+    deadline = time.monotonic() + STARTUP_S
+    while True:
+        try:
+            client.ping()
+            return
+        except RequestTimeout:
+            if time.monotonic() > deadline:
+                raise

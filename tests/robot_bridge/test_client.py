@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import multiprocessing
-import socket
 import sys
 import threading
 import time
@@ -22,11 +21,10 @@ from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.policy_api import Observation
 
 sys.path.insert(0, str(Path(__file__).parent))  # for bridge_doubles; see its docstring
-from bridge_doubles import INSTRUCTION, expected_actions, observation, serve_stub
+from bridge_doubles import INSTRUCTION, expected_actions, free_port, observation, serve_stub, wait_until_serving
 
 TIMEOUT_S = 5.0
 SHORT_TIMEOUT_S = 0.3
-STARTUP_S = 30.0  # a spawned interpreter importing numpy and zmq on a loaded 2-core machine
 
 Handler = Callable[[zmq.Socket[bytes]], None]
 
@@ -141,23 +139,6 @@ def test_client_configuration_is_checked() -> None:
 
 
 # --- across processes ----------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_until_serving(client: PolicyClient) -> None:
-    deadline = time.monotonic() + STARTUP_S
-    while True:
-        try:
-            client.ping()
-            return
-        except RequestTimeout:
-            if time.monotonic() > deadline:
-                raise
 
 
 def act_and_check(client: PolicyClient, obs_id: int) -> None:
