@@ -18,7 +18,9 @@ from types import FrameType
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, ServerCurve, load_public_keys
 from cosmos_edge.robot_bridge.protocol import WireLimits
 from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig
+from cosmos_edge.runtime.cosmos_policy import CosmosPolicy, PolicyOptions
 from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.planning import PlanningConfig, PlanningPolicy, PlanningWorker
 from cosmos_edge.runtime.platforms import PLATFORMS
 from cosmos_edge.runtime.policy_api import Policy
 
@@ -96,36 +98,84 @@ def run_server(policies: Mapping[str, Policy], config: ServerConfig) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """`serve` with policies built from official checkpoint files: `reactive` and `planning` modes."""
-    parser = add_serve_parser(subparsers, _torch_policies)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="official DiT .pt of the policy")
-    parser.add_argument("--tokenizer", type=Path, required=True, help="Wan2.1 tokenizer.pth")
-    parser.add_argument("--stats", type=Path, required=True, help="dataset statistics JSON")
-    parser.add_argument("--text-embeddings", type=Path, required=True, help="instruction embeddings (safetensors)")
-    parser.add_argument("--platform", required=True, choices=sorted(PLATFORMS))
+    """`serve` with `reactive` and `planning` modes, from a bundle (no torch) or from official checkpoint files."""
+    parser = add_serve_parser(subparsers, _policies)
+    parser.add_argument("--bundle", type=Path, help="an exported bundle (instead of the checkpoint files)")
+    parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"), help="with --bundle")
+    parser.add_argument("--checkpoint", type=Path, help="official DiT .pt of the policy")
+    parser.add_argument("--tokenizer", type=Path, help="Wan2.1 tokenizer.pth")
+    parser.add_argument("--stats", type=Path, help="dataset statistics JSON")
+    parser.add_argument("--text-embeddings", type=Path, help="instruction embeddings (safetensors)")
+    parser.add_argument("--platform", choices=sorted(PLATFORMS), help="required with checkpoint files")
     parser.add_argument("--planning-checkpoint", type=Path, help="DiT of the planning model (default: the policy's)")
     parser.add_argument("--num-candidates", type=int, default=8, help="best-of-N candidates in planning mode")
-    parser.add_argument("--precision", default="bf16", choices=("fp32", "fp16", "bf16"))
+    parser.add_argument("--precision", default="bf16", choices=("fp32", "fp16", "bf16"), help="checkpoint files only")
     parser.add_argument(
-        "--devices", default="cpu", help="comma-separated torch devices; planning spreads candidates over them"
+        "--devices",
+        help="comma-separated devices; planning spreads candidates over them (default: cpu, or cuda for tensorrt)",
     )
 
 
+_FILE_ARGS = ("checkpoint", "tokenizer", "stats", "text_embeddings", "platform")
+
+
+def _policies(args: argparse.Namespace) -> dict[str, Policy]:
+    given = [name for name in _FILE_ARGS if getattr(args, name) is not None]
+    if args.bundle is not None:
+        if given:
+            raise ConfigError(f"serve: give --bundle or checkpoint files, not both (got --bundle and {given})")
+        return _bundle_policies(args)
+    missing = [f"--{name.replace('_', '-')}" for name in _FILE_ARGS if getattr(args, name) is None]
+    if missing:
+        raise ConfigError(f"serve: without --bundle, these are required: {missing}")
+    return _torch_policies(args)
+
+
+def _devices(args: argparse.Namespace, default: str) -> list[str]:
+    return [device.strip() for device in (args.devices or default).split(",") if device.strip()]
+
+
+def _planning(workers: list[PlanningWorker], args: argparse.Namespace) -> PlanningPolicy:
+    return PlanningPolicy(workers, PlanningConfig(num_candidates=args.num_candidates))
+
+
+def _bundle_policies(args: argparse.Namespace) -> dict[str, Policy]:
+    from cosmos_edge.runtime.backends import backend_info, load_backend
+    from cosmos_edge.runtime.bundle import Bundle
+    from cosmos_edge.runtime.bundle_policy import open_bundle_networks
+
+    bundle = Bundle.open(args.bundle)
+    backend = load_backend(args.backend)
+    devices = _devices(args, backend_info(args.backend).default_device)
+    shares = {len(range(index, args.num_candidates, len(devices))) for index in range(len(devices))} - {0}
+    batches = sorted({1, *shares})
+    has_planning_model = bool(bundle.graph_names("planning_dit"))
+    stats, text = bundle.dataset_stats(), bundle.text_embeddings()
+    options = PolicyOptions(encode_full_sequence=False)
+    workers = []
+    for device in devices:
+        networks = open_bundle_networks(bundle, backend, device, batches, planning=has_planning_model)
+        planning_network = networks.planning_network or networks.network
+        workers.append(
+            PlanningWorker(
+                CosmosPolicy(bundle.manifest.platform, stats, text, networks.autoencoder, networks.network, options),
+                CosmosPolicy(bundle.manifest.platform, stats, text, networks.autoencoder, planning_network, options),
+            )
+        )
+    return {"reactive": workers[0].policy, "planning": _planning(workers, args)}
+
+
 def _torch_policies(args: argparse.Namespace) -> dict[str, Policy]:
-    from cosmos_edge.runtime.cosmos_policy import PolicyOptions
-    from cosmos_edge.runtime.planning import PlanningConfig, PlanningPolicy, PlanningWorker
     from cosmos_edge.runtime.torch_backend import PolicyFiles, load_torch_policy
 
     files = PolicyFiles(args.checkpoint, args.tokenizer, args.stats, args.text_embeddings, args.platform)
     planning_files = dataclasses.replace(files, checkpoint=args.planning_checkpoint or args.checkpoint)
     options = PolicyOptions(encode_full_sequence=False)  # causal prefix: same conditioning latents, less work
-    devices = [device.strip() for device in args.devices.split(",") if device.strip()]
     workers = [
         PlanningWorker(
             load_torch_policy(files, args.precision, device, options),
             load_torch_policy(planning_files, args.precision, device, options),
         )
-        for device in devices
+        for device in _devices(args, "cpu")
     ]
-    planning = PlanningPolicy(workers, PlanningConfig(num_candidates=args.num_candidates))
-    return {"reactive": workers[0].policy, "planning": planning}
+    return {"reactive": workers[0].policy, "planning": _planning(workers, args)}
