@@ -300,7 +300,7 @@ def test_engine_for_another_target_is_refused(attention_onnx: Exported, tmp_path
     with pytest.raises(EngineError) as raised:
         TensorRTRunner.from_engine(ATTENTION, engine)
     assert "built for TensorRT 9.9.9 on Fake" in str(raised.value)
-    assert "cosmos-edge export --engines" in str(raised.value)
+    assert "cosmos-edge engines build" in str(raised.value)
     with pytest.raises(EngineError, match=r"delete .*\.engine and .*\.json, and the next run rebuilds it"):
         TensorRTRunner.from_onnx(ATTENTION, source, tmp_path)
 

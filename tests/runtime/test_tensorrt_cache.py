@@ -120,7 +120,7 @@ def test_other_target_is_refused_with_what_to_rebuild(here: EngineTarget, named:
     message = str(raised.value)
     assert "engine bundle/dit_b1.engine (graph 'dit_b1') was built for TensorRT 10.13.0.35 on NVIDIA H100" in message
     assert named in message
-    assert "cosmos-edge export --engines" in message
+    assert "cosmos-edge engines build" in message
 
 
 def test_read_engine_checks_target_then_bytes(tmp_path: Path) -> None:
