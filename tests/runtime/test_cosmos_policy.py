@@ -122,3 +122,23 @@ def test_stats_with_wrong_dims_are_refused(tiny_assets: dict[str, PolicyFiles]) 
     files = dataclasses.replace(tiny_assets["aloha"], stats=tiny_assets["libero"].stats)
     with pytest.raises(ConfigError, match="aloha"):
         load_torch_policy(files)
+
+
+def test_host_memory_stays_flat_across_queries(policies: dict[str, CosmosPolicy]) -> None:
+    """No per-query growth (caches keyed by something that changes, kept history): numpy allocations, which
+    tracemalloc sees, come back to the same level after every query."""
+    import gc
+    import tracemalloc
+
+    policy = policies["libero"]
+    policy.infer(query(policy))  # warm-up: text binding, RoPE tables
+    tracemalloc.start()
+    try:
+        levels = []
+        for seed in range(4):
+            policy.infer(query(policy, seed=seed))
+            gc.collect()
+            levels.append(tracemalloc.get_traced_memory()[0])
+    finally:
+        tracemalloc.stop()
+    assert max(levels) - min(levels) < 256 * 1024, levels
