@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from cosmos_edge.runtime.backends import BACKENDS
+from cosmos_edge.runtime.bundle import PRECISIONS
 from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError
 from cosmos_edge.runtime.platforms import PLATFORMS, PlatformSpec
 from cosmos_edge.runtime.policy_api import ActionQuery, ChunkResult, Observation, Policy
@@ -34,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--task", required=True, help="the instruction, exactly as in the embeddings file")
     parser.add_argument("--seed", type=int, default=195)
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the platform's)")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="torch backend only")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="torch backend only")
     parser.add_argument(
         "--device",
         help="torch: a torch device (default cpu); onnxruntime: cpu (default), cuda[:N] or tensorrt[:N] (its "

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cosmos_edge.runtime.bundle import PRECISIONS
 from cosmos_edge.runtime.platforms import PLATFORMS
 
 
@@ -26,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     random.add_argument("--config", default="tiny", choices=("tiny", "small", "predict2-2b"))
     random.add_argument("--platform", default="aloha", choices=sorted(PLATFORMS))
     random.add_argument("--seed", type=int, default=0)
-    random.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    random.add_argument("--dtype", default="fp32", choices=PRECISIONS)
     random.add_argument("--out", type=Path, required=True, help="directory to write into")
     random.set_defaults(func=_random)
 

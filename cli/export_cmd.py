@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cosmos_edge.runtime.bundle import PRECISIONS
 from cosmos_edge.runtime.errors import EngineError
 from cosmos_edge.runtime.platforms import PLATFORMS
 
@@ -34,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--precision",
         default="bf16",
-        choices=("fp32", "fp16", "bf16"),
+        choices=PRECISIONS,
         help="precision inside the graphs (default bf16, the official one; onnxruntime's CPU provider needs fp32/fp16)",
     )
     parser.add_argument("--planning-checkpoint", type=Path, help="DiT .pt of a separate planning model")

@@ -18,6 +18,7 @@ from types import FrameType
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, ServerCurve, load_public_keys
 from cosmos_edge.robot_bridge.protocol import WireLimits
 from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig
+from cosmos_edge.runtime.bundle import PRECISIONS
 from cosmos_edge.runtime.cosmos_policy import CosmosPolicy, PolicyOptions
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.planning import PlanningConfig, PlanningPolicy, PlanningWorker
@@ -109,7 +110,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--platform", choices=sorted(PLATFORMS), help="required with checkpoint files")
     parser.add_argument("--planning-checkpoint", type=Path, help="DiT of the planning model (default: the policy's)")
     parser.add_argument("--num-candidates", type=int, default=8, help="best-of-N candidates in planning mode")
-    parser.add_argument("--precision", default="bf16", choices=("fp32", "fp16", "bf16"), help="checkpoint files only")
+    parser.add_argument("--precision", default="bf16", choices=PRECISIONS, help="checkpoint files only")
     parser.add_argument(
         "--devices",
         help="comma-separated devices; planning spreads candidates over them (default: cpu, or cuda for tensorrt)",

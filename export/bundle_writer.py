@@ -24,7 +24,6 @@ import torch
 
 from cosmos_edge.export.onnx_export import (
     OPSET,
-    PRECISIONS,
     ExportedGraph,
     export_dit,
     export_vae_decoder,
@@ -47,6 +46,7 @@ from cosmos_edge.runtime.errors import BundleError, ConfigError
 from cosmos_edge.runtime.graph_specs import GraphSpec, dit_graph, vae_decoder_graph, vae_encoder_graph
 from cosmos_edge.runtime.normalization import DatasetStats
 from cosmos_edge.runtime.platforms import PlatformSpec, platform_spec
+from cosmos_edge.runtime.torch_backend import TORCH_DTYPES
 from cosmos_edge.runtime.vae_checkpoint import load_wan_vae
 
 _LOG = logging.getLogger(__name__)
@@ -74,8 +74,8 @@ class ExportRequest:
 
     def __post_init__(self) -> None:
         platform_spec(self.platform)  # raises ConfigError listing the known platforms
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision: expected one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in TORCH_DTYPES:
+            raise ConfigError(f"precision: expected one of {sorted(TORCH_DTYPES)}, got {self.precision!r}")
         sizes = self.batch_sizes
         if not sizes or len(set(sizes)) != len(sizes) or not all(isinstance(b, int) and b > 0 for b in sizes):
             raise ConfigError(f"batch_sizes: expected distinct positive ints, got {list(sizes)}")
@@ -171,7 +171,7 @@ def _export_dit_graphs(
     writer: _GraphWriter,
 ) -> dict[str, object]:
     """One DiT graph per batch size; returns the DiT configuration. The network is freed before returning."""
-    dit = load_dit(checkpoint, PRECISIONS[request.precision])
+    dit = load_dit(checkpoint, TORCH_DTYPES[request.precision])
     _, text_tokens, text_dim = text_shape
     if dit.config.text_dim != text_dim:
         raise ConfigError(
@@ -188,7 +188,7 @@ def _export_dit_graphs(
 
 
 def _export_vae_graphs(request: ExportRequest, platform: PlatformSpec, writer: _GraphWriter) -> dict[str, object]:
-    vae = load_wan_vae(request.tokenizer, PRECISIONS[request.precision])
+    vae = load_wan_vae(request.tokenizer, TORCH_DTYPES[request.precision])
     writer.add("vae_encoder_prefix", vae_encoder_graph(platform, False), partial(export_vae_encoder, vae))
     if request.future_images:
         writer.add("vae_encoder_full", vae_encoder_graph(platform, True), partial(export_vae_encoder, vae))

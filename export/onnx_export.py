@@ -23,10 +23,8 @@ import logging
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 
 import onnx
 import torch
@@ -40,9 +38,6 @@ from cosmos_edge.runtime.wan_vae import WanVAE
 _LOG = logging.getLogger(__name__)
 
 OPSET = 17
-PRECISIONS: Mapping[str, torch.dtype] = MappingProxyType(
-    {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-)
 # Protobuf refuses messages over 2 GiB; weights past 1 GiB go to external data so the graph itself always fits.
 EXTERNAL_DATA_BYTES = 1 << 30
 

@@ -18,7 +18,7 @@ from cosmos_edge.runtime.dit_checkpoint import random_dit_state_dict
 from cosmos_edge.runtime.dit_config import dit_config
 from cosmos_edge.runtime.normalization import DatasetStats
 from cosmos_edge.runtime.platforms import PlatformSpec, platform_spec
-from cosmos_edge.runtime.torch_backend import PolicyFiles
+from cosmos_edge.runtime.torch_backend import TORCH_DTYPES, PolicyFiles
 from cosmos_edge.runtime.vae_checkpoint import random_vae_state_dict
 from cosmos_edge.runtime.wan_vae import vae_config
 
@@ -46,7 +46,7 @@ def write_random_assets(out_dir: str | Path, spec: RandomAssetsSpec = RandomAsse
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     platform = platform_spec(spec.platform)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[spec.dtype]
+    dtype = TORCH_DTYPES[spec.dtype]
     dit = dit_config(spec.config)
     files = PolicyFiles(
         checkpoint=out / f"cosmos_policy_{spec.platform}_{spec.config}.pt",

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import torch
 
 from cosmos_edge.runtime import text_embeddings as text_store
+from cosmos_edge.runtime.bundle import PRECISIONS
 from cosmos_edge.runtime.cosmos_policy import CosmosPolicy, PolicyOptions
 from cosmos_edge.runtime.dit import CosmosDiT
 from cosmos_edge.runtime.dit_checkpoint import load_dit
@@ -18,7 +21,10 @@ from cosmos_edge.runtime.sampler import NetworkFn
 from cosmos_edge.runtime.vae_checkpoint import load_wan_vae
 from cosmos_edge.runtime.wan_vae import WanVAE
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The precision names of the CLI and the bundle manifest → torch dtypes.
+TORCH_DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
+    dict(zip(PRECISIONS, (torch.float32, torch.float16, torch.bfloat16), strict=True))
+)
 
 
 class TorchAutoencoder:
@@ -83,7 +89,7 @@ def load_torch_policy(
     """The reference policy: eager torch networks loaded from official checkpoint files (`compile_mode`: see
     `TorchDiT`)."""
     platform = platform_spec(files.platform)
-    dtype = DTYPES[precision]
+    dtype = TORCH_DTYPES[precision]
     torch_device = torch.device(device)
     return CosmosPolicy(
         platform=platform,
