@@ -1,6 +1,5 @@
 import os
 import sys
-import time
 from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Any
@@ -106,11 +105,9 @@ def test_gym_aloha_smoke_lockstep() -> None:
             executor = ChunkExecutor(
                 robot, source, SafetyFilter(SafetyConfig()), config, clock=robot.sim_time_ns, sleep=lambda _: None
             )
-            started = time.monotonic()
             summary = executor.run(5)
         assert summary.ticks == 5 and summary.missed_ticks == 0 and summary.jitter_max_ms == 0.0
         assert robot.sim_time_ns() == 5 * 20_000_000
-        assert time.monotonic() - started < 10
         np.testing.assert_allclose(robot.current_qpos()[:6], START[:6], atol=0.05)
     finally:
         robot.close()
