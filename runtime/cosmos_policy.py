@@ -89,20 +89,29 @@ class CosmosPolicy:
         self._bound = None
 
     def infer(self, query: ActionQuery) -> ChunkResult:
-        steps = self._platform.default_action_steps if query.steps is None else query.steps
-        if steps < 1:
-            raise InputError(f"steps: expected a positive number of denoising steps, got {steps}")
+        steps = self.action_steps(query)
         timer = StageTimer()
         network = self.network_for(query.instruction, timer)
         full = self._options.encode_full_sequence or query.return_future_images
         encoded = self.encode(query.observation, timer, full_sequence=full)
         latent = self.denoise(network, encoded.clean, ConditioningMode.POLICY, [query.seed], steps, timer)
         with timer.stage("readout"):
-            actions = read_actions(self._platform, self._stats, latent)[0]
+            actions, future_proprio = self.read_chunk(latent)
             value = float(latent_codec.read_value(latent, self._platform.value_slot)[0])
-            future_proprio = read_future_proprio(self._platform, self._stats, latent)[0]
         future_images = self.decode_future_images(latent, encoded, timer) if query.return_future_images else None
         return ChunkResult(actions, value, future_proprio, future_images, timer.as_dict())
+
+    def action_steps(self, query: ActionQuery) -> int:
+        """The query's denoising steps, or the platform's default."""
+        steps = self._platform.default_action_steps if query.steps is None else query.steps
+        if steps < 1:
+            raise InputError(f"steps: expected a positive number of denoising steps, got {steps}")
+        return steps
+
+    def read_chunk(self, latent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Un-normalised action chunk and future proprio of a one-sample latent "1 c t h w"."""
+        actions = read_actions(self._platform, self._stats, latent)[0]
+        return actions, read_future_proprio(self._platform, self._stats, latent)[0]
 
     def network_for(self, instruction: str, timer: StageTimer) -> NetworkFn:
         """The network bound to `instruction`'s text embedding; rebinding happens only when the task changes."""

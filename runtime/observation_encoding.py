@@ -55,6 +55,8 @@ def pad_latent_frames(platform: PlatformSpec, latent: np.ndarray) -> np.ndarray:
     Slots past the conditioning prefix are generated, so their clean values never reach the network.
     """
     batch, channels, frames, height, width = latent.shape
+    if frames == platform.num_latent_frames:
+        return latent
     padded = np.zeros((batch, channels, platform.num_latent_frames, height, width), np.float32)
     padded[:, :, :frames] = latent
     return padded

@@ -20,7 +20,6 @@ from cosmos_edge.runtime import latent_codec
 from cosmos_edge.runtime.conditioning import ConditioningMode
 from cosmos_edge.runtime.cosmos_policy import CosmosPolicy
 from cosmos_edge.runtime.errors import ConfigError, InputError
-from cosmos_edge.runtime.observation_encoding import read_actions, read_future_proprio
 from cosmos_edge.runtime.platforms import PlatformSpec
 from cosmos_edge.runtime.policy_api import ActionQuery, ChunkResult
 from cosmos_edge.runtime.timing import StageTimer
@@ -93,7 +92,7 @@ class PlanningPolicy:
             raise InputError("return_future_images: not available in planning mode; use the reactive mode")
         timer = StageTimer()
         policy = self._workers[0].policy
-        steps = self.platform.default_action_steps if query.steps is None else query.steps
+        steps = policy.action_steps(query)
         encoded = policy.encode(query.observation, timer, full_sequence=False)
         seeds = [query.seed + index for index in range(self._config.num_candidates)]
         shares = [seeds[index :: len(self._workers)] for index in range(len(self._workers))]
@@ -104,14 +103,12 @@ class PlanningPolicy:
         ]
         with timer.stage("planning"):
             results = [job.result() for job in jobs]
-        order = [seed for share in shares for seed in share]
-        latents = np.concatenate([result.latents for result in results])[np.argsort(order)]
-        values = np.concatenate([result.values for result in results])[np.argsort(order)]
+        seed_order = np.argsort([seed for share in shares for seed in share])  # back to candidate order
+        latents = np.concatenate([result.latents for result in results])[seed_order]
+        values = np.concatenate([result.values for result in results])[seed_order]
         best = select_best_candidate(values.tolist(), base_index=0)
         with timer.stage("readout"):
-            chosen = latents[best : best + 1]
-            actions = read_actions(self.platform, policy.stats, chosen)[0]
-            future_proprio = read_future_proprio(self.platform, policy.stats, chosen)[0]
+            actions, future_proprio = policy.read_chunk(latents[best : best + 1])
         return ChunkResult(actions, float(values[best]), future_proprio, None, timer.as_dict())
 
     def _score(

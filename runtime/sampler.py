@@ -130,7 +130,7 @@ def res_ab2_step(
 
 @dataclass(frozen=True, eq=False)
 class DenoiseCondition:
-    """Clean latent and conditioning mask of one `sample` call, broadcast to the batch once.
+    """Clean latent and conditioning mask of one `sample` call, broadcast to the batch once (read-only views).
 
     Build with `DenoiseCondition.build`; the arrays are not copied again per network call.
     """
@@ -154,7 +154,7 @@ class DenoiseCondition:
             raise InputError("condition_mask: values must be 0 or 1")
         latent_mask = np.broadcast_to(mask.astype(bool), (batch, 1, frames, 1, 1))
         return cls(
-            clean_latent=np.ascontiguousarray(np.broadcast_to(clean, (batch, channels, frames, height, width))),
+            clean_latent=np.broadcast_to(clean, (batch, channels, frames, height, width)),  # a view, no copy
             latent_mask=latent_mask,
             frame_mask=latent_mask[:, 0, :, 0, 0],
             network_mask=np.ascontiguousarray(
