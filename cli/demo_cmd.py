@@ -9,10 +9,11 @@ exercises the runtime, not the policy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -37,10 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 class RecordingRobot:
-    """Keeps every `FRAME_EVERY_TICKS`-th overhead frame of a `Robot` for the episode strip."""
+    """Keeps every `FRAME_EVERY_TICKS`-th overhead frame for the episode strip, from `overhead_frame` (the frame the
+    simulator already rendered: no extra rendering on the cores the policy uses)."""
 
-    def __init__(self, robot: Robot) -> None:
+    def __init__(self, robot: Robot, overhead_frame: Callable[[], np.ndarray]) -> None:
         self._robot = robot
+        self._overhead_frame = overhead_frame
         self._ticks = 0
         self.frames: list[np.ndarray] = []
 
@@ -53,7 +56,7 @@ class RecordingRobot:
     def command(self, qpos_target: np.ndarray) -> None:
         self._robot.command(qpos_target)
         if self._ticks % FRAME_EVERY_TICKS == 0:
-            self.frames.append(self._robot.observe().images["cam_high"])
+            self.frames.append(self._overhead_frame())
         self._ticks += 1
 
 
@@ -76,9 +79,10 @@ class RecordingSource:
 
     def poll(self) -> Outcome | None:
         outcome = self._source.poll()
-        if isinstance(outcome, Chunk):
-            round_trip_ms = (time.perf_counter() - self._submitted.pop(outcome.obs_id)) * 1e3
-            self.chunks.append((outcome, round_trip_ms))
+        if outcome is not None:
+            submitted = self._submitted.pop(outcome.obs_id)
+            if isinstance(outcome, Chunk):
+                self.chunks.append((outcome, (time.perf_counter() - submitted) * 1e3))
         return outcome
 
 
@@ -135,18 +139,19 @@ def _run_demo(args: argparse.Namespace) -> int:
     with serving_in_thread(server) as endpoint:
         print(f"      serving on {endpoint}; [3/4] running gym-aloha ({DEMO_TASK}) for {args.chunks} chunks")
         sim = AlohaSimRobot.create(DEMO_TASK, seed=args.seed, control_rate_hz=25.0)
-        robot = RecordingRobot(AlohaWireCameras(sim))
+        robot = RecordingRobot(AlohaWireCameras(sim), sim.overhead_frame)
         safety = SafetyFilter(SafetyConfig())
-        client = PolicyClient(endpoint, timeout_s=60.0)
         started = time.perf_counter()
-        with ThreadedChunkSource(client, ActParams(instruction, steps=args.steps)) as threaded:
+        with (
+            contextlib.closing(sim),
+            PolicyClient(endpoint, timeout_s=60.0) as client,
+            ThreadedChunkSource(client, ActParams(instruction, steps=args.steps)) as threaded,
+        ):
             source = RecordingSource(threaded)
             executor = ChunkExecutor(
                 robot, source, safety, ExecutorConfig(), clock=sim.sim_time_ns, sleep=lambda _: None
             )
             summary = executor.run(num_ticks=args.chunks * policy.platform.chunk_size)
-        client.close()
-        sim.close()
     print(f"[4/4] done in {time.perf_counter() - started:.1f} s wall time\n")
     _print_latencies(source.chunks)
     print("\nexecutor: " + ", ".join(f"{k}={v}" for k, v in asdict(executor.counters).items()))

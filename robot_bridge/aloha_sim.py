@@ -99,6 +99,10 @@ class AlohaSimRobot:
 
         return cls(env, observation, render_camera, steps_per_command=int(steps))
 
+    def overhead_frame(self) -> np.ndarray:
+        """The latest `top` camera frame (cam_high), as rendered by the last step; renders nothing."""
+        return self._top
+
     def sim_time_ns(self) -> int:
         """Simulated time since reset; use it as the executor clock for lockstep runs."""
         return self._sim_steps * 1_000_000_000 // SIM_RATE_HZ
