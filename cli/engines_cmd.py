@@ -22,5 +22,5 @@ def _build(args: argparse.Namespace) -> int:
 
     bundle = build_bundle_engines(args.bundle, args.device, tuple(args.graph))
     for name, entry in bundle.manifest.engines.items():
-        print(f"{name}: {entry['file']}, {len(entry.get('fused_attention_layers', ()))} fused attention layers")
+        print(f"{name}: {entry['file']}, {entry['fused_attention_count']} fused attention layers")
     return 0

@@ -99,8 +99,8 @@ def load_bundle_policy(
     `device` defaults to the backend's ("cpu" for onnxruntime, "cuda" for tensorrt); `batch_sizes` and
     `future_images` are as in `open_bundle_networks`.
 
-    Its engine resources are released when the policy is garbage-collected; servers that need to release them
-    at a known time use `open_bundle_networks` and build the `CosmosPolicy` themselves.
+    Its engine resources (sessions, device buffers) live as long as the process: for one-shot use such as `act`.
+    Servers that release them at a known time use `open_bundle_networks`, which returns closable networks.
     """
     bundle = Bundle.open(bundle_dir)
     bundle.check_platform(platform)

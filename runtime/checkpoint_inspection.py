@@ -8,7 +8,7 @@ from typing import Any
 from cosmos_edge.runtime.checkpoint_io import read_tensor_file
 from cosmos_edge.runtime.dit_checkpoint import read_dit_state_dict, summarize_dit_state_dict
 from cosmos_edge.runtime.errors import CheckpointError
-from cosmos_edge.runtime.vae_checkpoint import summarize_vae_state_dict
+from cosmos_edge.runtime.vae_checkpoint import DIFFUSERS_WEIGHTS, summarize_vae_state_dict
 
 # Tensor names only a Wan VAE has (in the original or the diffusers layout).
 _VAE_MARKERS = ("encoder.conv1.weight", "encoder.conv_in.weight")
@@ -19,8 +19,8 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         vae_dir = path / "vae" if (path / "vae").is_dir() else path
-        if (vae_dir / "diffusion_pytorch_model.safetensors").is_file() and not (path / "transformer").is_dir():
-            state = read_tensor_file(vae_dir / "diffusion_pytorch_model.safetensors")
+        if (vae_dir / DIFFUSERS_WEIGHTS).is_file() and not (path / "transformer").is_dir():
+            state = read_tensor_file(vae_dir / DIFFUSERS_WEIGHTS)
             return _vae_report(path, state)
         return _dit_report(path, read_dit_state_dict(path))
     state = read_tensor_file(path)
