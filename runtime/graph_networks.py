@@ -66,13 +66,16 @@ class GraphDenoisingNetwork:
         if not runners or any(len(runner.spec.inputs) != 4 for runner in runners):
             raise EngineError(f"DiT graphs: expected at least one, each with 4 inputs, got {[r.spec for r in runners]}")
         self._runners = {runner.spec.inputs[0].shape[0]: runner for runner in runners}
+        # The text embedding each runner holds as a constant input; rebinding another instruction re-uploads it.
+        self._resident_text: dict[int, np.ndarray] = {}
 
     @property
     def batch_sizes(self) -> list[int]:
         return sorted(self._runners)
 
     def bind_text(self, text_embedding: np.ndarray) -> NetworkFn:
-        """The graphs take the embedding itself and compute the cross-attention K/V inside every call."""
+        """The embedding becomes each graph's constant input (uploaded once per instruction on device backends);
+        the graphs still compute the cross-attention K/V from it inside every call."""
         text_spec = self._runners[self.batch_sizes[0]].spec.inputs[3]
         text = np.ascontiguousarray(text_embedding, dtype=np.float32)
         if text.shape != text_spec.shape:
@@ -83,7 +86,10 @@ class GraphDenoisingNetwork:
             if runner is None:
                 raise EngineError(f"no DiT graph for batch size {x.shape[0]}; loaded batch sizes {self.batch_sizes}")
             names = runner.spec.input_names
-            feeds = dict(zip(names, (x, timesteps, condition_mask, text), strict=True))
+            if self._resident_text.get(x.shape[0]) is not text:
+                runner.set_constant_input(names[3], text)
+                self._resident_text[x.shape[0]] = text
+            feeds = dict(zip(names[:3], (x, timesteps, condition_mask), strict=True))
             return runner.run(feeds)[runner.spec.output_names[0]]
 
         return network

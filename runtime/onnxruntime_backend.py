@@ -89,18 +89,31 @@ class OnnxRuntimeRunner:
         self._session: ort.InferenceSession | None = _create_session(path, target, threads, cache_dir)
         _check_io(self._session, spec, path)
         self._device_io = _DeviceIO(self._session, spec, target.device_id) if target.provider != "cpu" else None
+        self._constants: dict[str, np.ndarray] = {}
 
     @property
     def spec(self) -> GraphSpec:
         return self._spec
 
+    def set_constant_input(self, name: str, array: np.ndarray) -> None:
+        """Keeps `name` for every later call; on a GPU it is uploaded into its bound buffer once, here."""
+        tensor = next((tensor for tensor in self._spec.inputs if tensor.name == name), None)
+        if tensor is None:
+            raise InputError(f"graph {self._spec.name}: expected one of inputs {self._spec.input_names}, got {name!r}")
+        constant = checked_inputs(GraphSpec(self._spec.name, (tensor,), ()), {name: array})
+        self._constants.update(constant)
+        if self._device_io is not None:
+            self._device_io.upload(constant)
+
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._session is None:
             raise EngineError(f"graph {self._spec.name}: run() after close()")
-        arrays = checked_inputs(self._spec, inputs)
+        if given := sorted(set(inputs) & set(self._constants)):
+            raise InputError(f"graph {self._spec.name}: {given} were set with set_constant_input, leave them out")
+        arrays = checked_inputs(self._spec, {**inputs, **self._constants})
         try:
             if self._device_io is not None:
-                return self._device_io.run(self._session, arrays)
+                return self._device_io.run(self._session, {name: arrays[name] for name in inputs})
             outputs = self._session.run(self._spec.output_names, arrays)
         except _ORT_ERRORS as error:
             raise EngineError(f"graph {self._spec.name} ({self._path}): onnxruntime failed: {error}") from error
@@ -126,9 +139,13 @@ class _DeviceIO:
         for name, value in self._outputs.items():
             self._binding.bind_ortvalue_output(name, value)
 
-    def run(self, session: ort.InferenceSession, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def upload(self, arrays: Mapping[str, np.ndarray]) -> None:
         for name, array in arrays.items():
             self._inputs[name].update_inplace(array)  # host -> the bound device buffer, same address every call
+
+    def run(self, session: ort.InferenceSession, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`arrays`: the inputs that change per call; constant inputs are already in their buffers."""
+        self.upload(arrays)
         session.run_with_iobinding(self._binding)
         return {name: value.numpy() for name, value in self._outputs.items()}
 

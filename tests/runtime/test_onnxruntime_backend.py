@@ -52,6 +52,20 @@ def test_inputs_are_checked_by_name_and_shape(bundle: Bundle) -> None:
     assert outputs["velocity"].shape == (1, 16, 11, 28, 28) and outputs["velocity"].dtype == np.float32
 
 
+def test_a_constant_input_gives_the_same_output_and_is_then_left_out(bundle: Bundle) -> None:
+    runner = open_graph(bundle, "dit_b1", "cpu")
+    feeds = dit_feeds(runner)
+    expected = runner.run(feeds)["velocity"]
+    runner.set_constant_input("text_embedding", feeds.pop("text_embedding"))
+    np.testing.assert_array_equal(runner.run(feeds)["velocity"], expected)
+    with pytest.raises(InputError, match=r"\['text_embedding'\] were set with set_constant_input"):
+        runner.run({**feeds, "text_embedding": np.zeros(runner.spec.inputs[3].shape, np.float32)})
+    with pytest.raises(InputError, match="expected one of inputs"):
+        runner.set_constant_input("prompt", np.zeros(1, np.float32))
+    with pytest.raises(InputError, match="expected shape"):
+        runner.set_constant_input("text_embedding", np.zeros((1, 3, 3), np.float32))
+
+
 def test_run_after_close_is_an_engine_error(bundle: Bundle) -> None:
     runner = open_graph(bundle, "dit_b1", "cpu")
     feeds = dit_feeds(runner)
