@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cosmos_edge.runtime.bundle import sha256_file
 from cosmos_edge.runtime.errors import EngineError
 
 _LOG = logging.getLogger(__name__)
@@ -28,7 +29,6 @@ REBUILD_BUNDLE_HINT = (
     "rebuild the bundle's engines on this machine with `cosmos-edge engines build BUNDLE`, or serve the bundle's ONNX "
     "graphs with --backend onnxruntime"
 )
-_CHUNK = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -90,11 +90,8 @@ class OnnxSource:
         """Digest of every file's name and bytes, so new weights in an external-data file give a new engine."""
         digest = hashlib.sha256()
         for path in (self.path, *self.external_data):
-            digest.update(path.name.encode() + b"\0")
             try:
-                with path.open("rb") as file:
-                    while chunk := file.read(_CHUNK):
-                        digest.update(chunk)
+                digest.update(f"{path.name}\0{sha256_file(path)}\0".encode())
             except OSError as error:
                 raise EngineError(f"ONNX graph file {path}: expected a readable file, got {error}") from error
         return digest.hexdigest()
