@@ -296,11 +296,14 @@ class PolicyServer:
         """The mode that will answer: the request's own, else the one in force when it arrived."""
         with self._lock:
             mode = request.mode or self._mode
-        if mode not in self._policies:
-            detail = f"expected one of {list(self._policies)}, got {mode!r}"
-            raise MessageError(ErrorCode.UNKNOWN_MODE, "mode", detail, request.request_id)
+        self._check_mode(mode, request.request_id)
         self._check_platform(request)
         return mode
+
+    def _check_mode(self, mode: str, request_id: int) -> None:
+        if mode not in self._policies:
+            detail = f"expected one of {list(self._policies)}, got {mode!r}"
+            raise MessageError(ErrorCode.UNKNOWN_MODE, "mode", detail, request_id)
 
     def _check_platform(self, request: ActRequest) -> None:
         cameras = self._platform.cameras
@@ -351,9 +354,7 @@ class PolicyServer:
         )
 
     def _set_mode(self, request: SetModeRequest) -> ModeSet:
-        if request.mode not in self._policies:
-            detail = f"expected one of {list(self._policies)}, got {request.mode!r}"
-            raise MessageError(ErrorCode.UNKNOWN_MODE, "mode", detail, request.request_id)
+        self._check_mode(request.mode, request.request_id)
         with self._lock:
             previous, self._mode = self._mode, request.mode
         logger.info("mode=%s previous_mode=%s", request.mode, previous)
