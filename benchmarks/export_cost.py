@@ -41,7 +41,7 @@ class GraphTimes(logging.Handler):
 
 
 def write_assets(config: str, directory: Path) -> None:
-    from cosmos_edge.runtime.random_assets import RandomAssetsSpec, write_random_assets
+    from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets
 
     write_random_assets(directory, RandomAssetsSpec(config, "aloha", seed=0, dtype="bf16"))
 

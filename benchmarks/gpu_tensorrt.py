@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from cosmos_edge.runtime.tensorrt_build import tensorrt_version
+from cosmos_edge.runtime.engines.tensorrt.build import tensorrt_version
 
 PACKAGES = ("torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "cuda-python", "cuda-bindings", "tensorrt")
 
@@ -72,12 +72,12 @@ def bench_preset(preset: str, root: Path, repeats: int) -> dict[str, Any]:
     import torch
 
     from cosmos_edge.export.onnx_export import DiTGraph, export_dit
-    from cosmos_edge.runtime.dit import CosmosDiT
-    from cosmos_edge.runtime.dit_config import dit_config
-    from cosmos_edge.runtime.graph_specs import dit_graph
+    from cosmos_edge.runtime.engines.graph import dit_graph
+    from cosmos_edge.runtime.engines.tensorrt.cache import OnnxSource
+    from cosmos_edge.runtime.engines.tensorrt.runner import TensorRTRunner
+    from cosmos_edge.runtime.models.dit import CosmosDiT
+    from cosmos_edge.runtime.models.dit_config import dit_config
     from cosmos_edge.runtime.platforms import platform_spec
-    from cosmos_edge.runtime.tensorrt_backend import TensorRTRunner
-    from cosmos_edge.runtime.tensorrt_cache import OnnxSource
 
     config = dit_config(preset)
     torch.manual_seed(0)

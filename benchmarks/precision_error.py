@@ -27,19 +27,20 @@ from torch import nn
 
 from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
 from cosmos_edge.export.onnx_export import DiTGraph, VAEEncoderGraph
-from cosmos_edge.runtime import text_embeddings as text_store
-from cosmos_edge.runtime.bundle_policy import load_bundle_policy
-from cosmos_edge.runtime.cosmos_policy import CosmosPolicy, PolicyOptions
-from cosmos_edge.runtime.dit import explicit_attention_mode
-from cosmos_edge.runtime.dit_checkpoint import load_dit
-from cosmos_edge.runtime.graph_networks import GraphAutoencoder, GraphDenoisingNetwork
-from cosmos_edge.runtime.graph_specs import GraphSpec, dit_graph, vae_encoder_graph
-from cosmos_edge.runtime.normalization import DatasetStats
+from cosmos_edge.runtime.bundle.loader import load_policies
+from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource
+from cosmos_edge.runtime.engines.graph import GraphSpec, dit_graph, vae_encoder_graph
+from cosmos_edge.runtime.engines.graph_networks import GraphAutoencoder, GraphDenoisingNetwork
+from cosmos_edge.runtime.models.dit import explicit_attention_mode
+from cosmos_edge.runtime.models.dit_checkpoint import load_dit
+from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets
+from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
 from cosmos_edge.runtime.platforms import platform_spec
-from cosmos_edge.runtime.policy_api import ActionQuery, ChunkResult, Observation, Policy
-from cosmos_edge.runtime.random_assets import RandomAssetsSpec, write_random_assets
-from cosmos_edge.runtime.torch_backend import PolicyFiles, load_torch_policy
-from cosmos_edge.runtime.vae_checkpoint import load_wan_vae
+from cosmos_edge.runtime.policy import text_embeddings as text_store
+from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation, Policy
+from cosmos_edge.runtime.policy.normalization import DatasetStats
+from cosmos_edge.runtime.policy.reactive import ReactivePolicy
+from cosmos_edge.runtime.policy.steps import PolicyModel
 
 PLATFORMS = ("libero", "robocasa", "aloha")
 OBSERVATIONS = 2
@@ -65,7 +66,7 @@ class TorchGraphRunner:
         pass
 
 
-def bf16_graph_policy(files: PolicyFiles) -> tuple[CosmosPolicy, nn.Module]:
+def bf16_graph_policy(files: CheckpointFiles) -> tuple[ReactivePolicy, nn.Module]:
     """The policy on the bf16 graphs' computation, and its DiT (to be run in explicit-attention mode)."""
     platform = platform_spec(files.platform)
     texts = text_store.read(files.text_embeddings)
@@ -74,14 +75,9 @@ def bf16_graph_policy(files: PolicyFiles) -> tuple[CosmosPolicy, nn.Module]:
     dit_spec = dit_graph(platform, 1, tokens, dim)
     encoder_spec = vae_encoder_graph(platform, full_sequence=False)
     vae = load_wan_vae(files.tokenizer, torch.bfloat16)
-    policy = CosmosPolicy(
-        platform,
-        DatasetStats.from_json(files.stats, platform),
-        texts,
-        GraphAutoencoder([TorchGraphRunner(VAEEncoderGraph(vae), encoder_spec)], None),
-        GraphDenoisingNetwork([TorchGraphRunner(DiTGraph(dit, dit_spec), dit_spec)]),
-        PolicyOptions(encode_full_sequence=False),
-    )
+    autoencoder = GraphAutoencoder([TorchGraphRunner(VAEEncoderGraph(vae), encoder_spec)], None)
+    model = PolicyModel(platform, DatasetStats.from_json(files.stats, platform), texts, autoencoder)
+    policy = ReactivePolicy(model, GraphDenoisingNetwork([TorchGraphRunner(DiTGraph(dit, dit_spec), dit_spec)]))
     return policy, dit
 
 
@@ -100,7 +96,7 @@ def errors(stats: DatasetStats, got: ChunkResult, expected: ChunkResult) -> tupl
 
 def measure(platform: str, root: Path) -> dict[str, dict[str, float]]:
     files = write_random_assets(root / platform, RandomAssetsSpec("tiny", platform, seed=7))
-    reference = load_torch_policy(files)
+    reference = load_policies(CheckpointSource(files, encode_full_sequence=True)).reactive
     candidates: dict[str, Policy] = {}
     for precision in ("fp32", "fp16"):
         out = root / f"{platform}_{precision}"
@@ -116,7 +112,7 @@ def measure(platform: str, root: Path) -> dict[str, dict[str, float]]:
                 future_images=False,
             )
         )
-        candidates[f"{precision} onnxruntime-cpu"] = load_bundle_policy(out)
+        candidates[f"{precision} onnxruntime-cpu"] = load_policies(BundleSource(out)).reactive
     candidates["bf16 graph computation, torch-cpu"], bf16_dit = bf16_graph_policy(files)
     worst = {name: {"max_action_error": 0.0, "max_value_error": 0.0} for name in candidates}
     with explicit_attention_mode(bf16_dit):

@@ -28,12 +28,12 @@ import pytest
 import torch
 
 from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
-from cosmos_edge.runtime.bundle import Bundle
-from cosmos_edge.runtime.dit_checkpoint import load_dit
-from cosmos_edge.runtime.onnxruntime_backend import open_graph
-from cosmos_edge.runtime.random_assets import RandomAssetsSpec, write_random_assets
-from cosmos_edge.runtime.torch_backend import TorchAutoencoder, TorchDiT
-from cosmos_edge.runtime.vae_checkpoint import load_wan_vae
+from cosmos_edge.runtime.bundle.manifest import Bundle
+from cosmos_edge.runtime.engines.onnxruntime_runner import open_graph
+from cosmos_edge.runtime.engines.torch_networks import TorchAutoencoder, TorchDiT
+from cosmos_edge.runtime.models.dit_checkpoint import load_dit
+from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets
+from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
 
 ROUNDS = {"dit": 7, "vae": 3}
 WARMUP_ROUNDS = 1

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cosmos_edge.robot_bridge.chunk_source import ActParams, ThreadedChunkSource
-from cosmos_edge.robot_bridge.executor import ChunkExecutor, ExecutorConfig, precise_sleep, summarize
-from cosmos_edge.robot_bridge.safety import SafetyConfig, SafetyFilter
-from cosmos_edge.runtime.policy_api import Observation
+from cosmos_edge.robot_bridge.controller.chunk_source import ActParams, ThreadedChunkSource
+from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor, ExecutorConfig, precise_sleep, summarize
+from cosmos_edge.robot_bridge.controller.safety import SafetyConfig, SafetyFilter
+from cosmos_edge.runtime.policy.api import Observation
 
 RATE_HZ = 50.0
 DURATION_S = 3.0

@@ -21,18 +21,17 @@ import numpy as np
 import pytest
 import torch
 
-from cosmos_edge.runtime.cosmos_policy import CosmosPolicy, PolicyOptions
-from cosmos_edge.runtime.dit_checkpoint import dit_from_state_dict, random_dit_state_dict
-from cosmos_edge.runtime.dit_config import dit_config
-from cosmos_edge.runtime.networks_api import DenoisingNetwork
+from cosmos_edge.runtime.engines.torch_networks import TorchAutoencoder, TorchDiT
+from cosmos_edge.runtime.models.dit_checkpoint import dit_from_state_dict, random_dit_state_dict
+from cosmos_edge.runtime.models.dit_config import dit_config
+from cosmos_edge.runtime.models.random_assets import random_stats
+from cosmos_edge.runtime.models.vae_checkpoint import random_vae_state_dict
+from cosmos_edge.runtime.models.wan_vae import WanVAE, vae_config
 from cosmos_edge.runtime.platforms import platform_spec
-from cosmos_edge.runtime.policy_api import ActionQuery, Observation, Policy
-from cosmos_edge.runtime.random_assets import random_stats
-from cosmos_edge.runtime.sampler import NetworkFn
-from cosmos_edge.runtime.text_embeddings import TextEmbeddings
-from cosmos_edge.runtime.torch_backend import TorchAutoencoder, TorchDiT
-from cosmos_edge.runtime.vae_checkpoint import random_vae_state_dict
-from cosmos_edge.runtime.wan_vae import WanVAE, vae_config
+from cosmos_edge.runtime.policy.api import ActionQuery, DenoisingNetwork, NetworkFn, Observation, Policy
+from cosmos_edge.runtime.policy.reactive import ReactivePolicy
+from cosmos_edge.runtime.policy.steps import PolicyModel
+from cosmos_edge.runtime.policy.text_embeddings import TextEmbeddings
 
 pytestmark = [
     pytest.mark.gpu,
@@ -88,15 +87,12 @@ def observation() -> Observation:
     return Observation(images, rng.uniform(-0.2, 0.2, ALOHA.proprio_dim).astype(np.float32))
 
 
-def make_policy(models: Models, network: DenoisingNetwork, full_sequence: bool) -> CosmosPolicy:
-    return CosmosPolicy(
-        ALOHA,
-        random_stats(ALOHA, 0),
-        models.text,
-        TorchAutoencoder(models.vae, DEVICE),
-        network,
-        PolicyOptions(encode_full_sequence=full_sequence),
-    )
+def policy_model(models: Models) -> PolicyModel:
+    return PolicyModel(ALOHA, random_stats(ALOHA, 0), models.text, TorchAutoencoder(models.vae, DEVICE))
+
+
+def make_policy(models: Models, network: DenoisingNetwork, full_sequence: bool) -> ReactivePolicy:
+    return ReactivePolicy(policy_model(models), network, encode_full_sequence=full_sequence)
 
 
 def run_query(policy: Policy, steps: int) -> Callable[[], object]:
@@ -164,10 +160,10 @@ def test_vae_encode(benchmark, models: Models, pixel_frames: int) -> None:  # ty
 def test_planning_best_of_8_one_gpu(benchmark, models: Models) -> None:  # type: ignore[no-untyped-def]
     """The official ALOHA planning command (8 candidates, 10 action steps, futures [1, 3, 5], values [1..5] each,
     majority_mean) on one GPU, compiled DiT; the policy and planning models share weights here."""
-    from cosmos_edge.runtime.planning import PlanningConfig, PlanningPolicy, PlanningWorker
+    from cosmos_edge.runtime.policy.planning import PlanningConfig, PlanningPolicy, PlanningWorker
 
-    policy = make_policy(models, TorchDiT(models.dit, DEVICE, compile_mode="default"), full_sequence=False)
-    planner = PlanningPolicy([PlanningWorker(policy, policy)], PlanningConfig(num_candidates=8))
+    dit = TorchDiT(models.dit, DEVICE, compile_mode="default")
+    planner = PlanningPolicy(policy_model(models), [PlanningWorker(dit, dit)], PlanningConfig(num_candidates=8))
     benchmark.extra_info.update(device=torch.cuda.get_device_name(), precision="bf16", candidates=8, gpus=1)
     benchmark.pedantic(run_query(planner, 10), rounds=3, warmup_rounds=0)
     planner.close()

@@ -30,7 +30,7 @@ from cosmos_edge.robot_bridge.client import PolicyClient
 from cosmos_edge.robot_bridge.protocol import ActRequest
 from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig
 from cosmos_edge.runtime.platforms import IMAGE_SIZE, PlatformSpec, platform_spec
-from cosmos_edge.runtime.policy_api import ActionQuery, ChunkResult, Observation
+from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation
 
 ALOHA = platform_spec("aloha")
 INSTRUCTION = "put the cube in the bowl"

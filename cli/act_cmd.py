@@ -8,11 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cosmos_edge.runtime.backends import BACKENDS
-from cosmos_edge.runtime.bundle import PRECISIONS
-from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError
+from cosmos_edge.runtime.bundle.loader import load_policies
+from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource, ModelSource
+from cosmos_edge.runtime.engines.registry import GRAPH_BACKENDS
+from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.platforms import PLATFORMS, PlatformSpec
-from cosmos_edge.runtime.policy_api import ActionQuery, ChunkResult, Observation, Policy
+from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation
+from cosmos_edge.runtime.precision import PRECISIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--bundle", type=Path, help="a bundle from `cosmos-edge export`, instead of the files above")
     parser.add_argument(
         "--backend",
-        choices=("torch", *BACKENDS),
+        choices=("torch", *GRAPH_BACKENDS),
         help="torch runs the official files; onnxruntime (default with --bundle) or tensorrt runs a bundle",
     )
     parser.add_argument("--platform", choices=sorted(PLATFORMS), help="required with the official files")
@@ -59,10 +61,13 @@ def read_observation(path: Path, platform: PlatformSpec) -> Observation:
 
 
 def _act(args: argparse.Namespace) -> int:
-    policy = _load_policy(args)
-    observation = read_observation(args.observation, policy.platform)
-    query = ActionQuery(observation, args.task, args.seed, args.steps, return_future_images=args.future_images)
-    result = policy.infer(query)
+    with load_policies(
+        _source(args), devices=[args.device] if args.device else None, future_images=args.future_images or None
+    ) as loaded:
+        policy = loaded.reactive
+        observation = read_observation(args.observation, policy.platform)
+        query = ActionQuery(observation, args.task, args.seed, args.steps, return_future_images=args.future_images)
+        result = policy.infer(query)
     print_result(result)
     if args.out is not None:
         save_result(args.out, result)
@@ -70,7 +75,7 @@ def _act(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_policy(args: argparse.Namespace) -> Policy:
+def _source(args: argparse.Namespace) -> ModelSource:
     """The bundle on an engine backend, or the official files on torch; a mix of both is refused."""
     official = {
         "--checkpoint": args.checkpoint,
@@ -85,29 +90,15 @@ def _load_policy(args: argparse.Namespace) -> Policy:
                 f"--bundle: runs on --backend onnxruntime or tensorrt without the official files, got "
                 f"{given or ['--backend torch']}"
             )
-        from cosmos_edge.runtime.bundle_policy import load_bundle_policy
-
-        return load_bundle_policy(
-            args.bundle,
-            args.backend or "onnxruntime",
-            args.platform,
-            device=args.device,
-            future_images=args.future_images,  # the decoder graphs are loaded only when asked for
-        )
+        return BundleSource(args.bundle, args.backend or "onnxruntime", args.platform)
     missing = [flag for flag, value in {**official, "--platform": args.platform}.items() if value is None]
     if missing or args.backend not in (None, "torch"):
         raise ConfigError(
             f"act: expected --bundle, or --checkpoint, --tokenizer, --stats, --text-embeddings and --platform "
             f"(backend torch); missing {missing}, backend {args.backend or 'torch'}"
         )
-    # torch is imported only on this path, so serving a bundle works without it.
-    try:
-        from cosmos_edge.runtime.torch_backend import PolicyFiles, load_torch_policy
-    except ImportError as error:
-        raise EngineError(f"backend 'torch' is not installed: {error}; pip install 'cosmos-edge[torch]'") from error
-
-    files = PolicyFiles(args.checkpoint, args.tokenizer, args.stats, args.text_embeddings, args.platform)
-    return load_torch_policy(files, precision=args.precision, device=args.device or "cpu")
+    files = CheckpointFiles(args.checkpoint, args.tokenizer, args.stats, args.text_embeddings, args.platform)
+    return CheckpointSource(files, precision=args.precision)
 
 
 def print_result(result: ChunkResult) -> None:

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cosmos_edge.runtime.bundle import PRECISIONS
 from cosmos_edge.runtime.platforms import PLATFORMS
+from cosmos_edge.runtime.precision import PRECISIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from cosmos_edge.runtime.checkpoint_inspection import inspect_checkpoint
+    from cosmos_edge.runtime.models.checkpoint_inspection import inspect_checkpoint
 
     report = inspect_checkpoint(args.path)
     if args.json:
@@ -56,7 +56,7 @@ def _print_report(report: dict[str, Any]) -> None:
 
 
 def _random(args: argparse.Namespace) -> int:
-    from cosmos_edge.runtime.random_assets import RandomAssetsSpec, write_random_assets
+    from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets
 
     files = write_random_assets(args.out, RandomAssetsSpec(args.config, args.platform, args.seed, args.dtype))
     print(f"wrote a random-weight {args.config} {args.platform} model (seed {args.seed}, {args.dtype}):")

@@ -20,9 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
-from cosmos_edge.robot_bridge.chunk_source import ActParams, Chunk, ChunkRequest, Outcome, ThreadedChunkSource
-from cosmos_edge.robot_bridge.executor import ChunkExecutor, ExecutorConfig, Robot
-from cosmos_edge.runtime.policy_api import Observation
+from cosmos_edge.robot_bridge.controller.chunk_source import (
+    ActParams,
+    Chunk,
+    ChunkRequest,
+    Outcome,
+    ThreadedChunkSource,
+)
+from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor, ExecutorConfig, Robot
+from cosmos_edge.runtime.policy.api import Observation
 
 DEMO_TASK = "transfer_cube"
 FRAME_EVERY_TICKS = 25
@@ -120,23 +126,23 @@ def _quiet_logs(enabled: bool) -> Iterator[None]:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from cosmos_edge.robot_bridge.aloha_sim import AlohaSimRobot
-    from cosmos_edge.robot_bridge.camera_frames import AlohaWireCameras
     from cosmos_edge.robot_bridge.client import PolicyClient
-    from cosmos_edge.robot_bridge.safety import SafetyConfig, SafetyFilter
+    from cosmos_edge.robot_bridge.controller.safety import SafetyConfig, SafetyFilter
+    from cosmos_edge.robot_bridge.robots.aloha_sim import AlohaSimRobot
+    from cosmos_edge.robot_bridge.robots.camera_frames import AlohaWireCameras
     from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig, serving_in_thread
-    from cosmos_edge.runtime.cosmos_policy import PolicyOptions
-    from cosmos_edge.runtime.random_assets import RandomAssetsSpec, write_random_assets
-    from cosmos_edge.runtime.torch_backend import load_torch_policy
+    from cosmos_edge.runtime.bundle.loader import load_policies
+    from cosmos_edge.runtime.bundle.sources import CheckpointSource
+    from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets
 
     print("cosmos-edge demo: random weights, so the robot does nothing useful; this exercises the runtime.")
     print(f"[1/4] writing the embedded default (tiny ALOHA model, seed {args.seed}) to {args.out / 'model'}")
     files = write_random_assets(args.out / "model", RandomAssetsSpec("tiny", "aloha", args.seed))
-    policy = load_torch_policy(files, options=PolicyOptions(encode_full_sequence=False))
-    instruction = policy.instructions[0]
+    loaded = load_policies(CheckpointSource(files))
+    instruction = loaded.reactive.instructions[0]
     print("[2/4] starting the policy server")
-    server = PolicyServer({"reactive": policy}, ServerConfig(endpoint="tcp://127.0.0.1:*"))
-    with serving_in_thread(server) as endpoint:
+    server = PolicyServer(loaded.modes(), ServerConfig(endpoint="tcp://127.0.0.1:*"))
+    with loaded, serving_in_thread(server) as endpoint:
         print(f"      serving on {endpoint}; [3/4] running gym-aloha ({DEMO_TASK}) for {args.chunks} chunks")
         sim = AlohaSimRobot.create(DEMO_TASK, seed=args.seed, control_rate_hz=25.0)
         robot = RecordingRobot(AlohaWireCameras(sim), sim.overhead_frame)
@@ -151,7 +157,7 @@ def _run_demo(args: argparse.Namespace) -> int:
             executor = ChunkExecutor(
                 robot, source, safety, ExecutorConfig(), clock=sim.sim_time_ns, sleep=lambda _: None
             )
-            summary = executor.run(num_ticks=args.chunks * policy.platform.chunk_size)
+            summary = executor.run(num_ticks=args.chunks * loaded.reactive.platform.chunk_size)
     print(f"[4/4] done in {time.perf_counter() - started:.1f} s wall time\n")
     _print_latencies(source.chunks)
     print("\nexecutor: " + ", ".join(f"{k}={v}" for k, v in asdict(executor.counters).items()))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cosmos_edge.runtime.bundle import PRECISIONS
 from cosmos_edge.runtime.errors import EngineError
 from cosmos_edge.runtime.platforms import PLATFORMS
+from cosmos_edge.runtime.precision import PRECISIONS
 
 
 def batch_sizes(text: str) -> tuple[int, ...]:

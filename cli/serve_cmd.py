@@ -8,7 +8,6 @@ returns.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import signal
 import threading
 from collections.abc import Callable, Mapping
@@ -18,14 +17,15 @@ from types import FrameType
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, ServerCurve, load_public_keys
 from cosmos_edge.robot_bridge.protocol import WireLimits
 from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig
-from cosmos_edge.runtime.bundle import PRECISIONS
-from cosmos_edge.runtime.cosmos_policy import CosmosPolicy, PolicyOptions
+from cosmos_edge.runtime.bundle.loader import LoadedPolicies, load_policies
+from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource, ModelSource
 from cosmos_edge.runtime.errors import ConfigError
-from cosmos_edge.runtime.planning import PlanningConfig, PlanningPolicy, PlanningWorker
 from cosmos_edge.runtime.platforms import PLATFORMS
-from cosmos_edge.runtime.policy_api import Policy
+from cosmos_edge.runtime.policy.api import Policy
+from cosmos_edge.runtime.policy.planning import PlanningConfig
+from cosmos_edge.runtime.precision import PRECISIONS
 
-PolicyFactory = Callable[[argparse.Namespace], Mapping[str, Policy]]
+PolicyFactory = Callable[[argparse.Namespace], LoadedPolicies]
 
 _MIB = 2**20
 
@@ -53,7 +53,8 @@ def add_serve_parser(
 
     def serve(args: argparse.Namespace) -> int:
         config = server_config(args, joint_limits)  # refuse bad network settings before loading any policy
-        return run_server(make_policies(args), config)
+        with make_policies(args) as loaded:
+            return run_server(loaded.modes(), config)
 
     parser.set_defaults(func=serve)
     return parser
@@ -120,63 +121,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 _FILE_ARGS = ("checkpoint", "tokenizer", "stats", "text_embeddings", "platform")
 
 
-def _policies(args: argparse.Namespace) -> dict[str, Policy]:
+def _policies(args: argparse.Namespace) -> LoadedPolicies:
+    """Both modes from one load: the reactive policy and the planner share each device's networks."""
+    devices = [device.strip() for device in (args.devices or "").split(",") if device.strip()] or None
+    return load_policies(_source(args), devices=devices, planning=PlanningConfig(num_candidates=args.num_candidates))
+
+
+def _source(args: argparse.Namespace) -> ModelSource:
     given = [name for name in _FILE_ARGS if getattr(args, name) is not None]
     if args.bundle is not None:
         if given:
             raise ConfigError(f"serve: give --bundle or checkpoint files, not both (got --bundle and {given})")
-        return _bundle_policies(args)
+        return BundleSource(args.bundle, args.backend)
     missing = [f"--{name.replace('_', '-')}" for name in _FILE_ARGS if getattr(args, name) is None]
     if missing:
         raise ConfigError(f"serve: without --bundle, these are required: {missing}")
-    return _torch_policies(args)
-
-
-def _devices(args: argparse.Namespace, default: str) -> list[str]:
-    return [device.strip() for device in (args.devices or default).split(",") if device.strip()]
-
-
-def _planning(workers: list[PlanningWorker], args: argparse.Namespace) -> PlanningPolicy:
-    return PlanningPolicy(workers, PlanningConfig(num_candidates=args.num_candidates))
-
-
-def _bundle_policies(args: argparse.Namespace) -> dict[str, Policy]:
-    from cosmos_edge.runtime.backends import backend_info, load_backend
-    from cosmos_edge.runtime.bundle import Bundle
-    from cosmos_edge.runtime.bundle_policy import open_bundle_networks
-
-    bundle = Bundle.open(args.bundle)
-    backend = load_backend(args.backend)
-    devices = _devices(args, backend_info(args.backend).default_device)
-    shares = {len(range(index, args.num_candidates, len(devices))) for index in range(len(devices))} - {0}
-    batches = sorted({1, *shares})
-    has_planning_model = bool(bundle.graph_names("planning_dit"))
-    stats, text = bundle.dataset_stats(), bundle.text_embeddings()
-    options = PolicyOptions(encode_full_sequence=False)
-    workers = []
-    for device in devices:
-        networks = open_bundle_networks(bundle, backend, device, batches, planning=has_planning_model)
-        planning_network = networks.planning_network or networks.network
-        workers.append(
-            PlanningWorker(
-                CosmosPolicy(bundle.manifest.platform, stats, text, networks.autoencoder, networks.network, options),
-                CosmosPolicy(bundle.manifest.platform, stats, text, networks.autoencoder, planning_network, options),
-            )
-        )
-    return {"reactive": workers[0].policy, "planning": _planning(workers, args)}
-
-
-def _torch_policies(args: argparse.Namespace) -> dict[str, Policy]:
-    from cosmos_edge.runtime.torch_backend import PolicyFiles, load_torch_policy
-
-    files = PolicyFiles(args.checkpoint, args.tokenizer, args.stats, args.text_embeddings, args.platform)
-    planning_files = dataclasses.replace(files, checkpoint=args.planning_checkpoint or args.checkpoint)
-    options = PolicyOptions(encode_full_sequence=False)  # causal prefix: same conditioning latents, less work
-    workers = [
-        PlanningWorker(
-            load_torch_policy(files, args.precision, device, options),
-            load_torch_policy(planning_files, args.precision, device, options),
-        )
-        for device in _devices(args, "cpu")
-    ]
-    return {"reactive": workers[0].policy, "planning": _planning(workers, args)}
+    files = CheckpointFiles(args.checkpoint, args.tokenizer, args.stats, args.text_embeddings, args.platform)
+    return CheckpointSource(files, planning_checkpoint=args.planning_checkpoint, precision=args.precision)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cosmos_edge.runtime import text_embeddings
+from cosmos_edge.runtime.policy import text_embeddings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -29,8 +29,7 @@ from cosmos_edge.export.onnx_export import (
     export_vae_decoder,
     export_vae_encoder,
 )
-from cosmos_edge.runtime import text_embeddings as text_store
-from cosmos_edge.runtime.bundle import (
+from cosmos_edge.runtime.bundle.manifest import (
     FORMAT_TAG,
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -41,13 +40,14 @@ from cosmos_edge.runtime.bundle import (
     file_record,
     write_manifest,
 )
-from cosmos_edge.runtime.dit_checkpoint import load_dit
+from cosmos_edge.runtime.engines.graph import GraphSpec, dit_graph, vae_decoder_graph, vae_encoder_graph
 from cosmos_edge.runtime.errors import BundleError, ConfigError
-from cosmos_edge.runtime.graph_specs import GraphSpec, dit_graph, vae_decoder_graph, vae_encoder_graph
-from cosmos_edge.runtime.normalization import DatasetStats
+from cosmos_edge.runtime.models.dit_checkpoint import load_dit
+from cosmos_edge.runtime.models.dtypes import TORCH_DTYPES
+from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
 from cosmos_edge.runtime.platforms import PlatformSpec, platform_spec
-from cosmos_edge.runtime.torch_backend import TORCH_DTYPES
-from cosmos_edge.runtime.vae_checkpoint import load_wan_vae
+from cosmos_edge.runtime.policy import text_embeddings as text_store
+from cosmos_edge.runtime.policy.normalization import DatasetStats
 
 _LOG = logging.getLogger(__name__)
 

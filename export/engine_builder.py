@@ -11,10 +11,9 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from cosmos_edge.runtime.bundle import Bundle, file_record, write_manifest
-from cosmos_edge.runtime.tensorrt_backend import BUNDLE_ENGINES_DIR
-from cosmos_edge.runtime.tensorrt_build import build_engine, require_tensorrt
-from cosmos_edge.runtime.tensorrt_cache import OnnxSource, record_path
+from cosmos_edge.runtime.bundle.manifest import ENGINES_DIR, Bundle, file_record, write_manifest
+from cosmos_edge.runtime.engines.tensorrt.build import build_engine, require_tensorrt
+from cosmos_edge.runtime.engines.tensorrt.cache import OnnxSource, record_path
 
 _LOG = logging.getLogger(__name__)
 
@@ -29,11 +28,11 @@ def build_bundle_engines(bundle_dir: str | Path, device: int = 0, graphs: tuple[
     names = graphs or tuple(bundle.manifest.graphs)
     engines = dict(bundle.manifest.engines)
     files = dict(bundle.manifest.files)
-    (bundle.root / BUNDLE_ENGINES_DIR).mkdir(exist_ok=True)
+    (bundle.root / ENGINES_DIR).mkdir(exist_ok=True)
     for index, name in enumerate(names, start=1):
         graph = bundle.graph(name)
         onnx_files = [bundle.file(relative) for relative in graph.files]
-        engine_path = bundle.root / BUNDLE_ENGINES_DIR / f"{name}.engine"
+        engine_path = bundle.root / ENGINES_DIR / f"{name}.engine"
         _LOG.info("engine %d/%d: %s", index, len(names), name)
         record, _ = build_engine(
             graph.spec, OnnxSource(onnx_files[0], tuple(onnx_files[1:])), engine_path, device=device

@@ -30,10 +30,9 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from cosmos_edge.runtime.dit import CosmosDiT, explicit_attention_mode
-from cosmos_edge.runtime.errors import BundleError
-from cosmos_edge.runtime.graph_specs import GraphSpec
-from cosmos_edge.runtime.wan_vae import WanVAE
+from cosmos_edge.runtime.engines.graph import GraphSpec, check_signature
+from cosmos_edge.runtime.models.dit import CosmosDiT, explicit_attention_mode
+from cosmos_edge.runtime.models.wan_vae import WanVAE
 
 _LOG = logging.getLogger(__name__)
 
@@ -157,11 +156,13 @@ def _save_consolidated(raw: Path, spec: GraphSpec, path: Path) -> Path | None:
 def _check_io(path: Path, spec: GraphSpec) -> None:
     """The exported I/O must be exactly the spec's: names, float32, static shapes."""
     graph = onnx.load(str(path), load_external_data=False).graph
-    for kind, values, expected in (("input", graph.input, spec.inputs), ("output", graph.output, spec.outputs)):
-        got = [(value.name, _shape(value), value.type.tensor_type.elem_type) for value in values]
-        want = [(tensor.name, tensor.shape, onnx.TensorProto.FLOAT) for tensor in expected]
-        if got != want:
-            raise BundleError(f"{path}: exported {kind}s {got} differ from the GraphSpec {spec.name}: {want}")
+    for inputs, values in ((True, graph.input), (False, graph.output)):
+        found = {value.name: (_shape(value), _dtype(value)) for value in values}
+        check_signature(spec, found, inputs, f"{path} (exported)")
+
+
+def _dtype(value: onnx.ValueInfoProto) -> str:
+    return str(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
 
 
 def _shape(value: onnx.ValueInfoProto) -> tuple[int, ...]:

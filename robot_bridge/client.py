@@ -37,7 +37,7 @@ from cosmos_edge.robot_bridge.protocol import (
     decode_reply,
 )
 from cosmos_edge.runtime.errors import ConfigError, CosmosEdgeError, ProtocolError
-from cosmos_edge.runtime.policy_api import Observation
+from cosmos_edge.runtime.policy.api import Observation
 
 logger = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ from cosmos_edge.robot_bridge.protocol import (
 )
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE
-from cosmos_edge.runtime.policy_api import ActionQuery, ChunkResult, Observation, Policy
+from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation, Policy
 
 logger = logging.getLogger(__name__)
 

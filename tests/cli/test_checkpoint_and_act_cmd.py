@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cosmos_edge.cli.main import main
-from tests.conftest import random_observation
+from tests.helpers.observations import random_observation
 
 
 def test_random_then_inspect_reports_the_dit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -37,7 +37,7 @@ def test_act_runs_one_query(platform: str, tmp_path: Path, capsys: pytest.Captur
     observation = random_observation(platform)
     np.savez(tmp_path / "obs.npz", proprio=observation.proprio, **observation.images)
     task = (tmp_path / f"{platform}_t5_embeddings.safetensors").as_posix()
-    from cosmos_edge.runtime import text_embeddings
+    from cosmos_edge.runtime.policy import text_embeddings
 
     instruction = text_embeddings.read(task).instructions[0]
     out = tmp_path / "result.npz"

@@ -10,12 +10,12 @@ import pytest
 
 from cosmos_edge.cli import export_cmd
 from cosmos_edge.cli.main import main
-from cosmos_edge.runtime import text_embeddings
-from cosmos_edge.runtime.bundle import Bundle
-from cosmos_edge.runtime.normalization import DatasetStats
+from cosmos_edge.runtime.bundle.manifest import Bundle
+from cosmos_edge.runtime.bundle.sources import CheckpointFiles
 from cosmos_edge.runtime.platforms import platform_spec
-from cosmos_edge.runtime.torch_backend import PolicyFiles
-from tests.conftest import random_observation
+from cosmos_edge.runtime.policy import text_embeddings
+from cosmos_edge.runtime.policy.normalization import DatasetStats
+from tests.helpers.observations import random_observation
 
 
 def export(argv: list[str]) -> int:
@@ -26,7 +26,7 @@ def export(argv: list[str]) -> int:
     return int(args.func(args))
 
 
-def official_args(files: PolicyFiles) -> list[str]:
+def official_args(files: CheckpointFiles) -> list[str]:
     return [
         "--checkpoint",
         str(files.checkpoint),
@@ -42,7 +42,7 @@ def official_args(files: PolicyFiles) -> list[str]:
 
 
 def test_export_then_act_matches_the_reference_act(
-    tiny_assets: dict[str, PolicyFiles], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_assets: dict[str, CheckpointFiles], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     files = tiny_assets["libero"]
     bundle = tmp_path / "bundle"

@@ -10,7 +10,7 @@ import zmq.auth
 
 from cosmos_edge.cli.serve_cmd import add_serve_parser, server_config
 from cosmos_edge.runtime.errors import ConfigError
-from cosmos_edge.runtime.policy_api import Policy
+from cosmos_edge.runtime.policy.api import Policy
 
 
 def parse(*argv: str) -> argparse.Namespace:

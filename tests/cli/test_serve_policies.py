@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from cosmos_edge.cli import serve_cmd
+from cosmos_edge.runtime.bundle.sources import CheckpointFiles
 from cosmos_edge.runtime.errors import ConfigError
-from cosmos_edge.runtime.policy_api import ActionQuery
-from cosmos_edge.runtime.torch_backend import PolicyFiles
-from tests.conftest import random_observation
+from cosmos_edge.runtime.policy.api import ActionQuery
+from tests.helpers.observations import random_observation
 
 
-def test_serve_parser_builds_both_modes(tiny_assets: dict[str, PolicyFiles]) -> None:
+def test_serve_parser_builds_both_modes(tiny_assets: dict[str, CheckpointFiles]) -> None:
     files = tiny_assets["libero"]
     parser = argparse.ArgumentParser()
     serve_cmd.register(parser.add_subparsers())
@@ -32,7 +32,7 @@ def test_serve_parser_builds_both_modes(tiny_assets: dict[str, PolicyFiles]) -> 
     args = parser.parse_args(
         ["serve", *files_args, "--num-candidates", "2", "--precision", "fp32", "--devices", "cpu,cpu"]
     )
-    policies = serve_cmd._policies(args)
+    policies = serve_cmd._policies(args).modes()
     assert set(policies) == {"reactive", "planning"}
     query = ActionQuery(random_observation("libero"), policies["reactive"].instructions[0], seed=1, steps=1)
     reactive, planned = policies["reactive"].infer(query), policies["planning"].infer(query)
@@ -48,7 +48,7 @@ def parse_serve(argv: list[str]) -> argparse.Namespace:
 
 def test_serve_from_a_bundle_builds_both_modes(tiny_bundles: Callable[..., Path]) -> None:
     args = parse_serve(["--bundle", str(tiny_bundles("libero")), "--num-candidates", "2"])
-    policies = serve_cmd._policies(args)
+    policies = serve_cmd._policies(args).modes()
     query = ActionQuery(random_observation("libero"), policies["reactive"].instructions[0], seed=1, steps=1)
     assert policies["reactive"].infer(query).actions.shape == (16, 7)
     planned = policies["planning"].infer(query)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cosmos_edge.cli import text_embeddings_cmd
-from cosmos_edge.runtime import text_embeddings
 from cosmos_edge.runtime.errors import CheckpointError, EngineError
+from cosmos_edge.runtime.policy import text_embeddings
 
 
 def _run(argv: list[str]) -> int:

@@ -10,18 +10,19 @@ import pytest
 
 from cosmos_edge.export import bundle_writer
 from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
-from cosmos_edge.runtime import text_embeddings as text_store
-from cosmos_edge.runtime.bundle import SCHEMA_VERSION, Bundle, sha256_file
-from cosmos_edge.runtime.dit_config import dit_config
+from cosmos_edge.runtime.bundle.manifest import SCHEMA_VERSION, Bundle
+from cosmos_edge.runtime.bundle.sources import CheckpointFiles
+from cosmos_edge.runtime.engines.graph import dit_graph, vae_encoder_graph
 from cosmos_edge.runtime.errors import BundleError, ConfigError
-from cosmos_edge.runtime.graph_specs import dit_graph, vae_encoder_graph
+from cosmos_edge.runtime.files import sha256_file
+from cosmos_edge.runtime.models.dit_config import dit_config
+from cosmos_edge.runtime.models.random_assets import TEXT_TOKENS
 from cosmos_edge.runtime.platforms import platform_spec
-from cosmos_edge.runtime.random_assets import TEXT_TOKENS
-from cosmos_edge.runtime.torch_backend import PolicyFiles
-from tests.conftest import TinyBundles
+from cosmos_edge.runtime.policy import text_embeddings as text_store
+from tests.helpers.observations import TinyBundles
 
 
-def request(files: PolicyFiles, out: Path, **overrides: object) -> ExportRequest:
+def request(files: CheckpointFiles, out: Path, **overrides: object) -> ExportRequest:
     fields: dict[str, object] = {
         "checkpoint": files.checkpoint,
         "tokenizer": files.tokenizer,
@@ -36,7 +37,7 @@ def request(files: PolicyFiles, out: Path, **overrides: object) -> ExportRequest
     return ExportRequest(**{**fields, **overrides})  # type: ignore[arg-type]
 
 
-def test_manifest_describes_every_file(tiny_bundles: TinyBundles, tiny_assets: dict[str, PolicyFiles]) -> None:
+def test_manifest_describes_every_file(tiny_bundles: TinyBundles, tiny_assets: dict[str, CheckpointFiles]) -> None:
     root = tiny_bundles("aloha")
     raw = json.loads((root / "manifest.json").read_text())
     manifest = Bundle.open(root).manifest
@@ -61,7 +62,7 @@ def test_manifest_describes_every_file(tiny_bundles: TinyBundles, tiny_assets: d
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, RuntimeError])
 def test_interrupted_export_leaves_no_bundle(
     interrupt: type[BaseException],
-    tiny_assets: dict[str, PolicyFiles],
+    tiny_assets: dict[str, CheckpointFiles],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -84,7 +85,7 @@ def test_killed_export_leaves_only_a_hidden_directory_the_reader_refuses(tmp_pat
         Bundle.open(staging)
 
 
-def test_export_refuses_an_existing_destination(tiny_assets: dict[str, PolicyFiles], tmp_path: Path) -> None:
+def test_export_refuses_an_existing_destination(tiny_assets: dict[str, CheckpointFiles], tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="already exists"):
         export_bundle(request(tiny_assets["libero"], tmp_path))
 
@@ -100,14 +101,14 @@ def test_export_refuses_an_existing_destination(tiny_assets: dict[str, PolicyFil
     ],
 )
 def test_bad_requests_name_the_field(
-    overrides: dict[str, object], message: str, tiny_assets: dict[str, PolicyFiles], tmp_path: Path
+    overrides: dict[str, object], message: str, tiny_assets: dict[str, CheckpointFiles], tmp_path: Path
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         request(tiny_assets["libero"], tmp_path / "bundle", **overrides)
 
 
 def test_statistics_of_another_platform_are_refused_before_exporting(
-    tiny_assets: dict[str, PolicyFiles], tmp_path: Path
+    tiny_assets: dict[str, CheckpointFiles], tmp_path: Path
 ) -> None:
     with pytest.raises(ConfigError, match="aloha"):
         export_bundle(request(tiny_assets["aloha"], tmp_path / "bundle", stats=tiny_assets["libero"].stats))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cosmos_edge.cli.main import main
-from cosmos_edge.runtime.tensorrt_build import tensorrt_version
+from cosmos_edge.runtime.engines.tensorrt.build import tensorrt_version
 
 pytestmark = pytest.mark.skipif(
     tensorrt_version() is not None,

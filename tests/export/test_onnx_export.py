@@ -11,16 +11,16 @@ import pytest
 import torch
 
 from cosmos_edge.export import onnx_export
-from cosmos_edge.runtime.bundle import Bundle
-from cosmos_edge.runtime.dit import Attention, explicit_attention_mode
-from cosmos_edge.runtime.dit_checkpoint import load_dit
-from cosmos_edge.runtime.dit_config import dit_config
-from cosmos_edge.runtime.graph_specs import GraphSpec, TensorSpec, dit_graph
-from cosmos_edge.runtime.onnxruntime_backend import OnnxRuntimeRunner
+from cosmos_edge.runtime.bundle.manifest import Bundle
+from cosmos_edge.runtime.bundle.sources import CheckpointFiles
+from cosmos_edge.runtime.engines.graph import GraphSpec, TensorSpec, dit_graph
+from cosmos_edge.runtime.engines.onnxruntime_runner import OnnxRuntimeRunner
+from cosmos_edge.runtime.models.dit import Attention, explicit_attention_mode
+from cosmos_edge.runtime.models.dit_checkpoint import load_dit
+from cosmos_edge.runtime.models.dit_config import dit_config
+from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
 from cosmos_edge.runtime.platforms import platform_spec
-from cosmos_edge.runtime.torch_backend import PolicyFiles
-from cosmos_edge.runtime.vae_checkpoint import load_wan_vae
-from tests.conftest import TinyBundles
+from tests.helpers.observations import TinyBundles
 
 REL_TOL = 1e-4  # max|onnxruntime - torch| / max|torch| at fp32
 
@@ -47,8 +47,8 @@ def aloha_bundle(tiny_bundles: TinyBundles) -> Bundle:
     return Bundle.open(tiny_bundles("aloha"))
 
 
-def test_dit_graph_matches_torch_fp32(aloha_bundle: Bundle, tiny_assets: dict[str, PolicyFiles]) -> None:
-    runner = OnnxRuntimeRunner(aloha_bundle.graph_file("dit_b2"), aloha_bundle.graph("dit_b2").spec)
+def test_dit_graph_matches_torch_fp32(aloha_bundle: Bundle, tiny_assets: dict[str, CheckpointFiles]) -> None:
+    runner = OnnxRuntimeRunner(aloha_bundle.graph_file("dit_b2").onnx, aloha_bundle.graph("dit_b2").spec)
     feeds = dit_inputs(runner.spec, seed=0)
     with torch.no_grad():
         expected = load_dit(tiny_assets["aloha"].checkpoint)(*map(torch.from_numpy, feeds.values())).numpy()
@@ -56,10 +56,10 @@ def test_dit_graph_matches_torch_fp32(aloha_bundle: Bundle, tiny_assets: dict[st
 
 
 def test_prefix_encoder_graph_matches_torch_fp32(
-    tiny_bundles: TinyBundles, tiny_assets: dict[str, PolicyFiles]
+    tiny_bundles: TinyBundles, tiny_assets: dict[str, CheckpointFiles]
 ) -> None:
     bundle = Bundle.open(tiny_bundles("libero"))
-    runner = OnnxRuntimeRunner(bundle.graph_file("vae_encoder_prefix"), bundle.graph("vae_encoder_prefix").spec)
+    runner = OnnxRuntimeRunner(bundle.graph_file("vae_encoder_prefix").onnx, bundle.graph("vae_encoder_prefix").spec)
     video = np.random.default_rng(1).uniform(-1, 1, runner.spec.inputs[0].shape).astype(np.float32)
     with torch.no_grad():
         expected = load_wan_vae(tiny_assets["libero"].tokenizer).encode(torch.from_numpy(video)).numpy()
@@ -67,7 +67,7 @@ def test_prefix_encoder_graph_matches_torch_fp32(
 
 
 @pytest.mark.parametrize("half", ["encoder", "decoder"])
-def test_vae_graphs_match_torch_fp32(half: str, tiny_assets: dict[str, PolicyFiles], tmp_path: Path) -> None:
+def test_vae_graphs_match_torch_fp32(half: str, tiny_assets: dict[str, CheckpointFiles], tmp_path: Path) -> None:
     # The exporter is shape-generic: a short, small clip exercises every VAE layer in a fraction of the time.
     vae = load_wan_vae(tiny_assets["aloha"].tokenizer)
     video, latent = TensorSpec("video", (1, 3, 9, 32, 32)), TensorSpec("latent", (1, 16, 3, 4, 4))
@@ -98,7 +98,7 @@ def constant_shapes(graph: onnx.GraphProto) -> list[tuple[int, ...]]:
 
 
 def test_dit_attention_is_the_pattern_tensorrt_fuses(aloha_bundle: Bundle) -> None:
-    graph = onnx.load(str(aloha_bundle.graph_file("dit_b1"))).graph
+    graph = onnx.load(str(aloha_bundle.graph_file("dit_b1").onnx)).graph
     produced_by = producers(graph)
     constants = {name for name, node in produced_by.items() if node.op_type == "Constant"}
     constants |= {tensor.name for tensor in graph.initializer}
@@ -119,7 +119,7 @@ def test_dit_attention_is_the_pattern_tensorrt_fuses(aloha_bundle: Bundle) -> No
 
 
 def test_dit_graph_is_real_valued_with_constant_rope_tables(aloha_bundle: Bundle) -> None:
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(aloha_bundle.graph_file("dit_b1"))))
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(aloha_bundle.graph_file("dit_b1").onnx)))
     graph = model.graph
     complex_types = {onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}
     values = [*graph.value_info, *graph.input, *graph.output]
@@ -135,7 +135,7 @@ def test_dit_graph_is_real_valued_with_constant_rope_tables(aloha_bundle: Bundle
 
 
 def test_large_graphs_keep_their_weights_in_one_external_file(
-    tiny_assets: dict[str, PolicyFiles], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_assets: dict[str, CheckpointFiles], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
     vae = load_wan_vae(tiny_assets["aloha"].tokenizer)
@@ -149,7 +149,7 @@ def test_large_graphs_keep_their_weights_in_one_external_file(
     assert rel_err(OnnxRuntimeRunner(exported.path, spec).run({"latent": latent})["video"], expected) <= REL_TOL
 
 
-def test_export_attention_mode_matches_sdpa_and_is_scoped(tiny_assets: dict[str, PolicyFiles]) -> None:
+def test_export_attention_mode_matches_sdpa_and_is_scoped(tiny_assets: dict[str, CheckpointFiles]) -> None:
     dit = load_dit(tiny_assets["aloha"].checkpoint)
     inputs = [torch.from_numpy(array) for array in dit_inputs(dit_graph_spec(), seed=4).values()]
     with torch.no_grad():

@@ -5,7 +5,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cosmos_edge.robot_bridge.aloha_real import ALOHA_CAMERAS, AlohaRealRobot
+from cosmos_edge.robot_bridge.robots.aloha_real import ALOHA_CAMERAS, AlohaRealRobot
 from cosmos_edge.runtime.errors import InputError
 
 START = np.array([0.0, -0.96, 1.16, 0.0, -0.3, 0.0, 0.5] * 2)

@@ -7,10 +7,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cosmos_edge.robot_bridge.aloha_sim import AlohaSimRobot
-from cosmos_edge.robot_bridge.chunk_source import ActParams, ThreadedChunkSource
-from cosmos_edge.robot_bridge.executor import ChunkExecutor, ExecutorConfig
-from cosmos_edge.robot_bridge.safety import SafetyConfig, SafetyFilter
+from cosmos_edge.robot_bridge.controller.chunk_source import ActParams, ThreadedChunkSource
+from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor, ExecutorConfig
+from cosmos_edge.robot_bridge.controller.safety import SafetyConfig, SafetyFilter
+from cosmos_edge.robot_bridge.robots.aloha_sim import AlohaSimRobot
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import platform_spec
 

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import multiprocessing
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,10 +16,15 @@ from cosmos_edge.robot_bridge.client import PolicyClient, RemoteError, RequestTi
 from cosmos_edge.robot_bridge.curve import CurveKeyPair
 from cosmos_edge.robot_bridge.protocol import ErrorCode, ErrorReply, MessageError, Pong, decode_request
 from cosmos_edge.runtime.errors import ConfigError
-from cosmos_edge.runtime.policy_api import Observation
-
-sys.path.insert(0, str(Path(__file__).parent))  # for bridge_doubles; see its docstring
-from bridge_doubles import INSTRUCTION, expected_actions, free_port, observation, serve_stub, wait_until_serving
+from cosmos_edge.runtime.policy.api import Observation
+from tests.helpers.bridge_doubles import (
+    INSTRUCTION,
+    expected_actions,
+    free_port,
+    observation,
+    serve_stub,
+    wait_until_serving,
+)
 
 TIMEOUT_S = 5.0
 SHORT_TIMEOUT_S = 0.3

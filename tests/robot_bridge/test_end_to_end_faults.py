@@ -4,22 +4,18 @@ and chunks flow again once it is back. Real clock, 50 Hz, loopback TCP."""
 from __future__ import annotations
 
 import multiprocessing
-import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
-from cosmos_edge.robot_bridge.chunk_source import ActParams, ThreadedChunkSource
 from cosmos_edge.robot_bridge.client import PolicyClient
-from cosmos_edge.robot_bridge.executor import NO_CHUNK, ChunkExecutor, ExecutorConfig
-from cosmos_edge.robot_bridge.safety import SafetyConfig, SafetyFilter
-from cosmos_edge.runtime.policy_api import Observation
-
-sys.path.insert(0, str(Path(__file__).parent))  # for bridge_doubles; see its docstring
-from bridge_doubles import INSTRUCTION, STARTUP_S, free_port, observation, serve_stub, wait_until_serving
+from cosmos_edge.robot_bridge.controller.chunk_source import ActParams, ThreadedChunkSource
+from cosmos_edge.robot_bridge.controller.executor import NO_CHUNK, ChunkExecutor, ExecutorConfig
+from cosmos_edge.robot_bridge.controller.safety import SafetyConfig, SafetyFilter
+from cosmos_edge.runtime.policy.api import Observation
+from tests.helpers.bridge_doubles import INSTRUCTION, STARTUP_S, free_port, observation, serve_stub, wait_until_serving
 
 START = np.array([0.0, -0.5, 0.5, 0.0, 0.3, 0.0, 0.5] * 2)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from cosmos_edge.robot_bridge.chunk_source import (
+from cosmos_edge.robot_bridge.controller.chunk_source import (
     ActParams,
     Chunk,
     ChunkRequest,
@@ -19,10 +19,10 @@ from cosmos_edge.robot_bridge.chunk_source import (
     ThreadedChunkSource,
     request_chunk,
 )
-from cosmos_edge.robot_bridge.executor import NO_CHUNK, ChunkExecutor, ExecutorConfig, precise_sleep
-from cosmos_edge.robot_bridge.safety import Intervention, SafetyConfig, SafetyFilter
+from cosmos_edge.robot_bridge.controller.executor import NO_CHUNK, ChunkExecutor, ExecutorConfig, precise_sleep
+from cosmos_edge.robot_bridge.controller.safety import Intervention, SafetyConfig, SafetyFilter
 from cosmos_edge.runtime.errors import ConfigError
-from cosmos_edge.runtime.policy_api import Observation
+from cosmos_edge.runtime.policy.api import Observation
 
 START = np.array([0.0, -0.96, 1.16, 0.0, -0.3, 0.0, 0.5] * 2)
 PARAMS = ActParams(instruction="put the peg in the socket")
@@ -381,7 +381,7 @@ def test_priority_applies_to_the_control_thread_during_run_only(caplog: pytest.L
     seen: list[tuple[int, int]] = []
     robot.on_command = lambda n: seen.append((os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)))
     before = (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0))
-    with caplog.at_level(logging.WARNING, logger="cosmos_edge.robot_bridge.executor"):
+    with caplog.at_level(logging.WARNING, logger="cosmos_edge.robot_bridge.controller.executor"):
         executor.run(3)
     assert (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)) == before
     if "SCHED_FIFO 10 refused" in caplog.text:

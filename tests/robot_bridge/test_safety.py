@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from cosmos_edge.robot_bridge.safety import (
+from cosmos_edge.robot_bridge.controller.safety import (
     DEFAULT_MAX_JOINT_STEP,
     Intervention,
     SafetyConfig,
@@ -166,7 +166,7 @@ def test_returned_command_is_a_copy() -> None:
 
 def test_interventions_are_logged_once_per_onset(caplog: pytest.LogCaptureFixture) -> None:
     f = SafetyFilter(SafetyConfig())
-    with caplog.at_level(logging.DEBUG, logger="cosmos_edge.robot_bridge.safety"):
+    with caplog.at_level(logging.DEBUG, logger="cosmos_edge.robot_bridge.controller.safety"):
         for _ in range(4):
             f.apply(None, START)
     levels = [r.levelno for r in caplog.records]

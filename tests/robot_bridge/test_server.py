@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -30,9 +28,7 @@ from cosmos_edge.robot_bridge.protocol import (
 from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig, is_local_endpoint
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import platform_spec
-
-sys.path.insert(0, str(Path(__file__).parent))  # for bridge_doubles; see its docstring
-from bridge_doubles import ALOHA, INSTRUCTION, StubPolicy, expected_actions, observation, serving
+from tests.helpers.bridge_doubles import ALOHA, INSTRUCTION, StubPolicy, expected_actions, observation, serving
 
 ENDPOINT = "tcp://127.0.0.1:*"
 TIMEOUT_S = 5.0  # generous: a loaded 2-core machine; every normal reply takes milliseconds

@@ -11,11 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from cosmos_edge.runtime.backends import is_installed, load_backend
-from cosmos_edge.runtime.bundle import Bundle
-from cosmos_edge.runtime.bundle_policy import load_bundle_policy
+from cosmos_edge.runtime.bundle.loader import load_policies
+from cosmos_edge.runtime.bundle.manifest import Bundle
+from cosmos_edge.runtime.bundle.sources import BundleSource
+from cosmos_edge.runtime.engines.registry import is_installed, load_graph_backend
 from cosmos_edge.runtime.errors import BundleError, ConfigError, EngineError
-from tests.conftest import TinyBundles
+from cosmos_edge.runtime.policy.planning import PlanningConfig
+from tests.helpers.observations import TinyBundles
+from tests.helpers.policies import bundle_policy
 
 
 @pytest.fixture
@@ -32,20 +35,21 @@ def edit_manifest(root: Path, edit: Callable[[dict], None]) -> None:
 
 def test_a_good_bundle_opens_and_verifies(bundle_copy: Path) -> None:
     bundle = Bundle.open(bundle_copy)
-    bundle.verify_all()
+    for relative in bundle.manifest.files:  # every listed file against its sha256
+        bundle.file(relative)
     assert bundle.dit_graph_name(2) == "dit_b2" and bundle.dataset_stats().action_dim == 14
 
 
 def test_missing_file_is_named(bundle_copy: Path) -> None:
     (bundle_copy / "graphs" / "dit_b1.onnx").unlink()
     with pytest.raises(BundleError, match=r"graphs/dit_b1\.onnx: missing"):
-        load_bundle_policy(bundle_copy)
+        bundle_policy(bundle_copy)
 
 
 def test_missing_manifest_is_not_a_bundle(bundle_copy: Path) -> None:
     (bundle_copy / "manifest.json").unlink()
     with pytest.raises(BundleError, match=r"manifest\.json: missing; .* not a complete bundle"):
-        load_bundle_policy(bundle_copy)
+        bundle_policy(bundle_copy)
 
 
 def test_hash_mismatch_is_named(bundle_copy: Path) -> None:
@@ -54,7 +58,7 @@ def test_hash_mismatch_is_named(bundle_copy: Path) -> None:
     data[-1] ^= 0xFF  # same size: only the hash can tell
     path.write_bytes(bytes(data))
     with pytest.raises(BundleError, match=r"text_embeddings\.safetensors: sha256 mismatch"):
-        load_bundle_policy(bundle_copy)
+        bundle_policy(bundle_copy)
 
 
 def test_truncated_file_is_named_on_open(bundle_copy: Path) -> None:
@@ -67,7 +71,7 @@ def test_truncated_file_is_named_on_open(bundle_copy: Path) -> None:
 def test_newer_schema_is_refused(bundle_copy: Path) -> None:
     edit_manifest(bundle_copy, lambda manifest: manifest.update(schema_version=99))
     with pytest.raises(BundleError, match="schema_version 99 is newer than this cosmos-edge reads"):
-        load_bundle_policy(bundle_copy)
+        bundle_policy(bundle_copy)
 
 
 def test_malformed_manifest_names_the_field(bundle_copy: Path) -> None:
@@ -84,12 +88,12 @@ def test_drifted_platform_definition_is_refused(bundle_copy: Path) -> None:
 
 def test_other_platform_is_refused(tiny_bundles: TinyBundles) -> None:
     with pytest.raises(BundleError, match="built for platform 'aloha', asked for 'libero'"):
-        load_bundle_policy(tiny_bundles("aloha"), platform="libero")
+        bundle_policy(tiny_bundles("aloha"), platform="libero")
 
 
 def test_missing_batch_size_is_refused(tiny_bundles: TinyBundles) -> None:
     with pytest.raises(BundleError, match=r"no dit graph for batch size 8; it has batch sizes \[1, 2\]"):
-        load_bundle_policy(tiny_bundles("aloha"), batch_sizes=(1, 8))
+        load_policies(BundleSource(tiny_bundles("aloha")), planning=PlanningConfig(num_candidates=8))
 
 
 def test_missing_planning_graphs_are_refused(tiny_bundles: TinyBundles) -> None:
@@ -99,28 +103,29 @@ def test_missing_planning_graphs_are_refused(tiny_bundles: TinyBundles) -> None:
 
 def test_missing_future_image_graphs_are_refused_when_required(tiny_bundles: TinyBundles) -> None:
     with pytest.raises(BundleError, match="no future-image graphs"):
-        load_bundle_policy(tiny_bundles("aloha"), future_images=True)
+        bundle_policy(tiny_bundles("aloha"), future_images=True)
 
 
 def test_unknown_backend_lists_the_known_ones() -> None:
     with pytest.raises(ConfigError, match=r"expected one of \['onnxruntime', 'tensorrt'\], got 'openvino'"):
-        load_backend("openvino")
+        load_graph_backend("openvino")
 
 
 @pytest.mark.skipif(is_installed("tensorrt"), reason="TensorRT is installed here")
 def test_backend_not_installed(tiny_bundles: TinyBundles) -> None:
     with pytest.raises(EngineError, match="backend 'tensorrt' is not installed: cannot import 'tensorrt'"):
-        load_bundle_policy(tiny_bundles("aloha"), backend="tensorrt")
+        bundle_policy(tiny_bundles("aloha"), backend="tensorrt")
 
 
 def test_onnxruntime_not_installed(tiny_bundles: TinyBundles) -> None:
     script = (
         "import sys\n"
         "sys.modules['onnxruntime'] = None  # as if not installed\n"
-        "from cosmos_edge.runtime.bundle_policy import load_bundle_policy\n"
+        "from cosmos_edge.runtime.bundle.loader import load_policies\n"
+        "from cosmos_edge.runtime.bundle.sources import BundleSource\n"
         "from cosmos_edge.runtime.errors import EngineError\n"
         "try:\n"
-        "    load_bundle_policy(sys.argv[1])\n"
+        "    load_policies(BundleSource(sys.argv[1]))\n"
         "except EngineError as error:\n"
         "    print(error)\n"
     )
@@ -133,7 +138,7 @@ def test_onnxruntime_not_installed(tiny_bundles: TinyBundles) -> None:
 def test_bf16_bundle_on_the_cpu_provider_says_what_to_use(bundle_copy: Path) -> None:
     edit_manifest(bundle_copy, lambda manifest: manifest.update(precision="bf16"))
     with pytest.raises(EngineError, match="is bf16, and onnxruntime's CPU provider has no bfloat16 kernels"):
-        load_bundle_policy(bundle_copy)
+        bundle_policy(bundle_copy)
 
 
 def test_paths_outside_the_bundle_are_refused(bundle_copy: Path) -> None:

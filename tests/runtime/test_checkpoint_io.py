@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cosmos_edge.runtime.checkpoint_io import read_tensor_file
 from cosmos_edge.runtime.errors import CheckpointError
+from cosmos_edge.runtime.models.checkpoint_io import read_tensor_file
 
 
 def test_transformer_engine_extra_state_bytesio_is_accepted_and_dropped(tmp_path: Path) -> None:

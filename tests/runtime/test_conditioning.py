@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from cosmos_edge.runtime.conditioning import (
+from cosmos_edge.runtime.errors import InputError
+from cosmos_edge.runtime.platforms import PLATFORMS, PlatformSpec, SlotKind
+from cosmos_edge.runtime.policy.conditioning import (
     ConditioningMode,
     clean_slots,
     condition_mask,
@@ -9,8 +11,6 @@ from cosmos_edge.runtime.conditioning import (
     placeholder_restore_slots,
     promote_future_state,
 )
-from cosmos_edge.runtime.errors import InputError
-from cosmos_edge.runtime.platforms import PLATFORMS, PlatformSpec, SlotKind
 
 # Clean slots per mode, read off the official slot tables (LIBERO 9 slots, RoboCasa and ALOHA 11 slots).
 EXPECTED_CLEAN = {

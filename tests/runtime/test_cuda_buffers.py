@@ -8,9 +8,15 @@ import importlib.util
 import numpy as np
 import pytest
 
-from cosmos_edge.runtime.cuda_buffers import CUDA_ERROR_REFERENCE, CapturedWork, DeviceIO, check_cuda, import_cudart
+from cosmos_edge.runtime.engines.graph import GraphSpec, TensorSpec
+from cosmos_edge.runtime.engines.tensorrt.cuda_buffers import (
+    CUDA_ERROR_REFERENCE,
+    CapturedWork,
+    DeviceIO,
+    check_cuda,
+    import_cudart,
+)
 from cosmos_edge.runtime.errors import EngineError
-from cosmos_edge.runtime.graph_specs import GraphSpec, TensorSpec
 
 
 class FakeCudaError(enum.IntEnum):

@@ -14,15 +14,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from cosmos_edge.runtime.dit import CosmosDiT, CrossAttentionKV, VideoRope3D
-from cosmos_edge.runtime.dit_checkpoint import (
+from cosmos_edge.runtime.errors import ConfigError, InputError
+from cosmos_edge.runtime.models.dit import CosmosDiT, CrossAttentionKV, VideoRope3D
+from cosmos_edge.runtime.models.dit_checkpoint import (
     dit_from_state_dict,
     official_state_dict,
     official_to_diffusers_key,
     random_dit_state_dict,
 )
-from cosmos_edge.runtime.dit_config import DIT_PRESETS, DiTConfig, dit_config
-from cosmos_edge.runtime.errors import ConfigError, InputError
+from cosmos_edge.runtime.models.dit_config import DIT_PRESETS, DiTConfig, dit_config
 
 transformer_cosmos = pytest.importorskip("diffusers.models.transformers.transformer_cosmos")
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from cosmos_edge.runtime.dit import CosmosDiT
-from cosmos_edge.runtime.dit_checkpoint import (
+from cosmos_edge.runtime.errors import CheckpointError, ConfigError
+from cosmos_edge.runtime.models.dit import CosmosDiT
+from cosmos_edge.runtime.models.dit_checkpoint import (
     diffusers_to_official_key,
     dit_from_state_dict,
-    infer_dit_config,
     load_dit,
     official_state_dict,
     official_to_diffusers_key,
@@ -22,11 +22,15 @@ from cosmos_edge.runtime.dit_checkpoint import (
     read_dit_state_dict,
     summarize_dit_state_dict,
 )
-from cosmos_edge.runtime.dit_config import DIT_PRESETS, dit_config
-from cosmos_edge.runtime.errors import CheckpointError, ConfigError
+from cosmos_edge.runtime.models.dit_config import DIT_PRESETS, DiTConfig, dit_config
 
 TINY = dit_config("tiny")
 FRAMES, SIZE = 3, 8  # small inputs: these tests compare weights and outputs, not numerics
+
+
+def inferred_config(state: dict[str, Tensor]) -> DiTConfig:
+    """The configuration `checkpoint inspect` infers from a state dict's shapes."""
+    return DiTConfig(**summarize_dit_state_dict(state)["config"])
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +129,7 @@ def test_code_running_pickle_is_refused(tmp_path: Path, tiny_state: dict[str, Te
 def save_diffusers_transformer(state: dict[str, Tensor], directory: Path) -> None:
     """Writes `state` as diffusers would: CosmosTransformer3DModel.save_pretrained (config.json + safetensors)."""
     transformer_cosmos = pytest.importorskip("diffusers.models.transformers.transformer_cosmos")
-    config = infer_dit_config(state)
+    config = inferred_config(state)
     model = transformer_cosmos.CosmosTransformer3DModel(
         in_channels=config.in_channels + 1,
         out_channels=config.out_channels,
@@ -179,13 +183,13 @@ def test_infer_config_recovers_each_preset(name: str) -> None:
     config = dit_config(name)
     with torch.device("meta"):  # shapes only: the 2B state dict is never materialised
         state = official_state_dict(CosmosDiT(config))
-    assert infer_dit_config(with_bookkeeping(state)) == config
+    assert inferred_config(with_bookkeeping(state)) == config
 
 
 def test_inconsistent_shapes_are_refused(tiny_state: dict[str, Tensor]) -> None:
     state = {**tiny_state, "net.blocks.1.mlp.layer1.weight": torch.zeros(128, 64)}
     with pytest.raises(CheckpointError, match=r"net\.blocks\.1\.mlp\.layer1\.weight: expected \[256, 64\], got"):
-        infer_dit_config(state)
+        inferred_config(state)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cosmos_edge.runtime.errors import InputError
-from cosmos_edge.runtime.images import (
+from cosmos_edge.runtime.platforms import PLATFORMS, platform_spec
+from cosmos_edge.runtime.policy.images import (
     center_crop_and_resize,
     preprocess_observation_images,
     resize_bilinear_antialias,
@@ -23,7 +24,6 @@ from cosmos_edge.runtime.images import (
     to_model_range,
     transform_image,
 )
-from cosmos_edge.runtime.platforms import PLATFORMS, platform_spec
 
 # (flip, jpeg) per platform, from the official eval commands (LIBERO.md, ROBOCASA.md, aloha/deploy.py).
 OFFICIAL_FLAGS = {"libero": (True, True), "robocasa": (True, True), "aloha": (False, False)}

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from cosmos_edge.runtime.errors import ConfigError, InputError
-from cosmos_edge.runtime.normalization import DatasetStats
 from cosmos_edge.runtime.platforms import PLATFORMS, PlatformSpec, platform_spec
+from cosmos_edge.runtime.policy.normalization import DatasetStats
 
 
 def _official_json(platform: PlatformSpec, seed: int = 0) -> dict[str, list[float]]:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from cosmos_edge.runtime.numerics import bf16_bits_to_float32, float32_to_bf16_bits, round_to_bf16
+from cosmos_edge.runtime.policy.numerics import bf16_bits_to_float32, float32_to_bf16_bits, round_to_bf16
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e-3, 1.0, 80.0, 1e30])

@@ -6,28 +6,31 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cosmos_edge.runtime.bundle.loader import load_policies
+from cosmos_edge.runtime.bundle.sources import CheckpointFiles, CheckpointSource
 from cosmos_edge.runtime.errors import ConfigError, InputError
-from cosmos_edge.runtime.planning import PlanningConfig, PlanningPolicy, PlanningWorker
-from cosmos_edge.runtime.policy_api import ActionQuery
-from cosmos_edge.runtime.torch_backend import PolicyFiles, load_torch_policy
-from tests.conftest import random_observation
+from cosmos_edge.runtime.policy.api import ActionQuery
+from cosmos_edge.runtime.policy.planning import PlanningConfig, PlanningPolicy
+from tests.helpers.observations import random_observation
+from tests.helpers.policies import reference_policy
 
 CONFIG = PlanningConfig(num_candidates=3, future_steps=(1, 3), value_steps=(1, 2))
 
 
-def make_planner(files: PolicyFiles, num_workers: int) -> PlanningPolicy:
-    workers = [PlanningWorker(load_torch_policy(files), load_torch_policy(files)) for _ in range(num_workers)]
-    return PlanningPolicy(workers, CONFIG)
+def make_planner(files: CheckpointFiles, num_workers: int) -> PlanningPolicy:
+    loaded = load_policies(CheckpointSource(files), devices=["cpu"] * num_workers, planning=CONFIG)
+    assert loaded.planning is not None
+    return loaded.planning
 
 
 @pytest.fixture(scope="module")
-def aloha(tiny_assets: dict[str, PolicyFiles]) -> PolicyFiles:
+def aloha(tiny_assets: dict[str, CheckpointFiles]) -> CheckpointFiles:
     return tiny_assets["aloha"]
 
 
-def test_chosen_chunk_is_the_reactive_chunk_of_one_candidate(aloha: PolicyFiles) -> None:
+def test_chosen_chunk_is_the_reactive_chunk_of_one_candidate(aloha: CheckpointFiles) -> None:
     planner = make_planner(aloha, 1)
-    reactive = load_torch_policy(aloha)
+    reactive = reference_policy(aloha)
     query = ActionQuery(random_observation("aloha"), reactive.instructions[0], seed=195, steps=3)
     result = planner.infer(query)
     assert result.actions.shape == (50, 14) and 0.0 <= result.value <= 1.0
@@ -41,7 +44,7 @@ def test_chosen_chunk_is_the_reactive_chunk_of_one_candidate(aloha: PolicyFiles)
     planner.close()
 
 
-def test_splitting_candidates_over_workers_gives_the_same_choice(aloha: PolicyFiles) -> None:
+def test_splitting_candidates_over_workers_gives_the_same_choice(aloha: CheckpointFiles) -> None:
     query = ActionQuery(random_observation("aloha", seed=3), "fold the t-shirt", seed=10, steps=1)
     one, two = make_planner(aloha, 1), make_planner(aloha, 2)
     first, second = one.infer(query), two.infer(query)
@@ -51,13 +54,13 @@ def test_splitting_candidates_over_workers_gives_the_same_choice(aloha: PolicyFi
     two.close()
 
 
-def test_bad_configuration_and_requests(aloha: PolicyFiles) -> None:
+def test_bad_configuration_and_requests(aloha: CheckpointFiles) -> None:
     with pytest.raises(ConfigError, match="num_candidates"):
         PlanningConfig(num_candidates=0)
     with pytest.raises(ConfigError, match="value_steps"):
         PlanningConfig(value_steps=())
     with pytest.raises(ConfigError, match="workers"):
-        PlanningPolicy([])
+        PlanningPolicy(make_planner(aloha, 1).model, [])
     planner = make_planner(aloha, 1)
     query = ActionQuery(random_observation("aloha"), "fold the t-shirt", return_future_images=True)
     with pytest.raises(InputError, match="return_future_images"):

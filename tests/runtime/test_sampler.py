@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError
-from cosmos_edge.runtime.numerics import round_to_bf16
-from cosmos_edge.runtime.sampler import (
+from cosmos_edge.runtime.policy.numerics import round_to_bf16
+from cosmos_edge.runtime.policy.sampler import (
     DenoiseCondition,
     Denoiser,
     NetworkCall,

@@ -18,18 +18,14 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from cosmos_edge.runtime.bundle import Bundle
-from cosmos_edge.runtime.errors import EngineError, InputError
-from cosmos_edge.runtime.graph_specs import GraphSpec, TensorSpec
-from cosmos_edge.runtime.tensorrt_backend import TensorRTRunner, check_run_inputs, open_graph
-from cosmos_edge.runtime.tensorrt_build import (
+from cosmos_edge.runtime.engines.graph import GraphFile, GraphSpec, TensorSpec, check_feeds, check_signature
+from cosmos_edge.runtime.engines.tensorrt.build import (
     TENSORRT_MISSING,
-    check_engine_io,
     fused_attention_layers,
     require_tensorrt,
     tensorrt_version,
 )
-from cosmos_edge.runtime.tensorrt_cache import (
+from cosmos_edge.runtime.engines.tensorrt.cache import (
     BuildOptions,
     EngineCache,
     EngineRecord,
@@ -37,6 +33,8 @@ from cosmos_edge.runtime.tensorrt_cache import (
     engine_cache_key,
     record_path,
 )
+from cosmos_edge.runtime.engines.tensorrt.runner import TensorRTRunner, open_graph
+from cosmos_edge.runtime.errors import EngineError, InputError
 
 SEQ, CONTEXT, DIM, HEADS = 256, 64, 256, 4  # head dim 64: inside TensorRT's fused-MHA limits (16..256, % 8)
 ATTENTION = GraphSpec(
@@ -100,9 +98,9 @@ def test_old_tensorrt_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("device", ["cpu", "cuda:x", "gpu:0"])
 def test_open_graph_needs_a_cuda_device(device: str) -> None:
-    bundle = cast(Bundle, types.SimpleNamespace())  # refused before the bundle is read
+    graph = cast(GraphFile, types.SimpleNamespace())  # refused before the graph is read
     with pytest.raises(EngineError, match=rf"expected device 'cuda' or 'cuda:N', got '{device}'"):
-        open_graph(bundle, "dit_b1", device)
+        open_graph(graph, device)
 
 
 def _layer(name: str, layer_type: str = "kgen", tactic: str = "") -> dict[str, object]:
@@ -142,12 +140,12 @@ def _inputs(seed: int = 0) -> dict[str, np.ndarray]:
 
 def test_run_inputs_must_be_exactly_the_streamed_ones() -> None:
     inputs = _inputs()
-    assert check_run_inputs(ATTENTION, inputs, frozenset()) == ("x", "context")
-    assert check_run_inputs(ATTENTION, {"x": inputs["x"]}, frozenset({"context"})) == ("x",)
+    assert check_feeds(ATTENTION, inputs, frozenset()) == ("x", "context")
+    assert check_feeds(ATTENTION, {"x": inputs["x"]}, frozenset({"context"})) == ("x",)
     with pytest.raises(InputError, match=r"expected inputs \['context', 'x'\], got \['x'\]"):
-        check_run_inputs(ATTENTION, {"x": inputs["x"]}, frozenset())
+        check_feeds(ATTENTION, {"x": inputs["x"]}, frozenset())
     with pytest.raises(InputError, match=r"\['context'\] were set with set_constant_input, leave them out"):
-        check_run_inputs(ATTENTION, inputs, frozenset({"context"}))
+        check_feeds(ATTENTION, inputs, frozenset({"context"}))
 
 
 @pytest.mark.parametrize(
@@ -160,17 +158,17 @@ def test_run_inputs_must_be_exactly_the_streamed_ones() -> None:
 def test_run_inputs_are_checked_in_shape_and_dtype(array: np.ndarray, got: str) -> None:
     inputs = {**_inputs(), "x": array}
     with pytest.raises(InputError, match=rf"input 'x': expected float32\[1, {SEQ}, {DIM}\], got {got}"):
-        check_run_inputs(ATTENTION, inputs, frozenset())
+        check_feeds(ATTENTION, inputs, frozenset())
 
 
 def test_engine_io_must_match_the_spec() -> None:
     inputs = {"x": ((1, SEQ, DIM), "float32"), "context": ((-1, CONTEXT, DIM), "float32")}
-    check_engine_io(ATTENTION, inputs, True, "ONNX graph a.onnx")  # -1: a dynamic dim, pinned by a profile
+    check_signature(ATTENTION, inputs, True, "ONNX graph a.onnx")  # -1: a dynamic dim, pinned by a profile
     with pytest.raises(EngineError, match=r"expected inputs \['context', 'x'\] \(GraphSpec 'attention_b1'\)"):
-        check_engine_io(ATTENTION, {"x": inputs["x"]}, True, "ONNX graph a.onnx")
+        check_signature(ATTENTION, {"x": inputs["x"]}, True, "ONNX graph a.onnx")
     bf16 = {"y": ((1, SEQ, DIM), "bfloat16")}
     with pytest.raises(EngineError, match=r"output 'y': expected float32\[1, 256, 256\] .* got bfloat16"):
-        check_engine_io(ATTENTION, bf16, False, "engine a.engine")
+        check_signature(ATTENTION, bf16, False, "engine a.engine")
 
 
 # ---- TensorRT and a CUDA GPU ----
@@ -310,9 +308,9 @@ def test_engine_for_another_target_is_refused(attention_onnx: Exported, tmp_path
 @needs_tensorrt
 def test_tiny_dit_engine_matches_torch(tmp_path: Path) -> None:
     export = pytest.importorskip("cosmos_edge.export.onnx_export")
-    from cosmos_edge.runtime.dit import CosmosDiT
-    from cosmos_edge.runtime.dit_config import dit_config
-    from cosmos_edge.runtime.graph_specs import dit_graph
+    from cosmos_edge.runtime.engines.graph import dit_graph
+    from cosmos_edge.runtime.models.dit import CosmosDiT
+    from cosmos_edge.runtime.models.dit_config import dit_config
     from cosmos_edge.runtime.platforms import platform_spec
 
     config = dit_config("tiny")

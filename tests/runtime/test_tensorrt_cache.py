@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cosmos_edge.runtime.errors import EngineError
-from cosmos_edge.runtime.tensorrt_cache import (
+from cosmos_edge.runtime.engines.tensorrt.cache import (
     REBUILD_BUNDLE_HINT,
     BuildOptions,
     EngineCache,
@@ -24,6 +23,7 @@ from cosmos_edge.runtime.tensorrt_cache import (
     record_path,
     write_engine,
 )
+from cosmos_edge.runtime.errors import EngineError
 
 H100 = EngineTarget("10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0")
 ENGINE_BYTES = b"serialized engine bytes"

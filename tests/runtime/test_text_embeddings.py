@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cosmos_edge.runtime import text_embeddings
 from cosmos_edge.runtime.errors import CheckpointError, EngineError, InputError
-from cosmos_edge.runtime.numerics import round_to_bf16
+from cosmos_edge.runtime.policy import text_embeddings
+from cosmos_edge.runtime.policy.numerics import round_to_bf16
 
 INSTRUCTIONS = (
     "put both the alphabet soup and the tomato sauce in the basket",

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from cosmos_edge.runtime.dit_checkpoint import dit_from_state_dict, random_dit_state_dict
-from cosmos_edge.runtime.dit_config import dit_config
-from cosmos_edge.runtime.torch_backend import TorchDiT
+from cosmos_edge.runtime.engines.torch_networks import TorchDiT
+from cosmos_edge.runtime.models.dit_checkpoint import dit_from_state_dict, random_dit_state_dict
+from cosmos_edge.runtime.models.dit_config import dit_config
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

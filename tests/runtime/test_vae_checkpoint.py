@@ -8,16 +8,16 @@ import torch
 from safetensors.torch import save_file
 
 from cosmos_edge.runtime.errors import CheckpointError
-from cosmos_edge.runtime.vae_checkpoint import (
+from cosmos_edge.runtime.models.vae_checkpoint import (
     infer_vae_config,
     load_wan_vae,
     official_state_dict,
     random_vae_state_dict,
     summarize_vae_state_dict,
-    to_diffusers_layout,
     to_official_layout,
 )
-from cosmos_edge.runtime.wan_vae import WanVAE, vae_config
+from cosmos_edge.runtime.models.wan_vae import WanVAE, vae_config
+from tests.helpers.vae_layout import to_diffusers_layout
 
 diffusers_wan = pytest.importorskip("diffusers.models.autoencoders.autoencoder_kl_wan")
 single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cosmos_edge.runtime.errors import ConfigError, InputError
-from cosmos_edge.runtime.value_aggregation import ValueAggregation, aggregate_values, select_best_candidate
+from cosmos_edge.runtime.policy.value_aggregation import ValueAggregation, aggregate_values, select_best_candidate
 
 
 def f32(value: float) -> float:

@@ -11,8 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from cosmos_edge.runtime.errors import ConfigError, InputError
-from cosmos_edge.runtime.vae_checkpoint import random_vae_state_dict, to_diffusers_layout
-from cosmos_edge.runtime.wan_vae import LATENT_MEAN, LATENT_STD, WanVAE, WanVAEConfig, vae_config
+from cosmos_edge.runtime.models.vae_checkpoint import random_vae_state_dict
+from cosmos_edge.runtime.models.wan_vae import LATENT_MEAN, LATENT_STD, WanVAE, WanVAEConfig, vae_config
+from tests.helpers.vae_layout import to_diffusers_layout
 
 diffusers_wan = pytest.importorskip("diffusers.models.autoencoders.autoencoder_kl_wan")
 

@@ -1,0 +1,213 @@
+"""Inference off the control thread: the policy-client interface, request/outcome messages and a worker.
+
+The executor only sees `ChunkSource` (submit one request, poll for its outcome, never block), so tests
+can substitute a deterministic source, and a transport other than the ZeroMQ client fits behind it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol
+
+import numpy as np
+
+from cosmos_edge.runtime.policy.api import Observation
+
+logger = logging.getLogger(__name__)
+
+Clock = Callable[[], int]  # monotonic nanoseconds
+
+
+class ActReply(Protocol):
+    @property
+    def obs_id(self) -> int: ...
+
+    @property
+    def actions(self) -> np.ndarray: ...
+
+    @property
+    def value(self) -> float: ...
+
+    @property
+    def timings_ms(self) -> Mapping[str, float]: ...
+
+
+class PolicyClient(Protocol):
+    """The robot_bridge client; raises TimeoutError (subclass) on timeout, another Exception on remote error."""
+
+    def act(
+        self,
+        observation: Observation,
+        instruction: str,
+        *,
+        obs_id: int,
+        capture_time_ns: int,
+        mode: str | None = None,
+        seed: int | None = None,
+        steps: int | None = None,
+    ) -> ActReply: ...
+
+
+@dataclass(frozen=True)
+class ActParams:
+    """What every request asks the policy for; None leaves the choice to the server."""
+
+    instruction: str
+    mode: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+
+
+@dataclass(frozen=True)
+class ChunkRequest:
+    obs_id: int  # the tick that captured `observation`
+    first_tick: int  # the tick action 0 of the answer is meant for
+    capture_ns: int  # executor (monotonic) clock, for local latency
+    capture_wall_ns: int  # wall clock (time.time_ns), what the wire protocol carries
+    observation: Observation
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """An answered request. `actions` is (chunk, dims) float32."""
+
+    obs_id: int
+    first_tick: int
+    actions: np.ndarray
+    value: float
+    timings_ms: Mapping[str, float]
+    capture_ns: int  # executor clock, like `received_ns`
+    received_ns: int
+
+
+@dataclass(frozen=True)
+class RequestFailed:
+    obs_id: int
+    error: Exception
+    timed_out: bool
+
+
+Outcome = Chunk | RequestFailed
+
+
+class ChunkSource(Protocol):
+    """Runs one inference request at a time away from the control thread."""
+
+    @property
+    def busy(self) -> bool:
+        """True from `submit` until the outcome is ready for `poll`."""
+        ...
+
+    def submit(self, request: ChunkRequest) -> None: ...
+
+    def poll(self) -> Outcome | None:
+        """The newest finished outcome not yet polled; never blocks."""
+        ...
+
+
+def request_chunk(client: PolicyClient, params: ActParams, request: ChunkRequest, clock: Clock) -> Outcome:
+    """Call the policy for `request` and turn the reply, or the failure, into an `Outcome`."""
+    try:
+        reply = client.act(
+            request.observation,
+            params.instruction,
+            obs_id=request.obs_id,
+            capture_time_ns=request.capture_wall_ns,
+            mode=params.mode,
+            seed=params.seed,
+            steps=params.steps,
+        )
+    except TimeoutError as e:
+        return RequestFailed(obs_id=request.obs_id, error=e, timed_out=True)
+    except Exception as e:  # a remote or transport error must not kill the worker: the loop holds and retries
+        return RequestFailed(obs_id=request.obs_id, error=e, timed_out=False)
+    if reply.obs_id != request.obs_id:
+        error = ValueError(f"reply obs_id: expected {request.obs_id}, got {reply.obs_id}")
+        return RequestFailed(obs_id=request.obs_id, error=error, timed_out=False)
+    return Chunk(
+        obs_id=request.obs_id,
+        first_tick=request.first_tick,
+        actions=np.asarray(reply.actions, dtype=np.float32),
+        value=float(reply.value),
+        timings_ms=dict(reply.timings_ms),
+        capture_ns=request.capture_ns,
+        received_ns=clock(),
+    )
+
+
+class ThreadedChunkSource:
+    """`ChunkSource` backed by one worker thread; the inbox keeps only the newest outcome.
+
+    Use as a context manager, or call `start()` and `close()`.
+    """
+
+    def __init__(self, client: PolicyClient, params: ActParams, *, clock: Clock = time.monotonic_ns) -> None:
+        self._client = client
+        self._params = params
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._pending: ChunkRequest | None = None
+        self._outcome: Outcome | None = None
+        self._busy = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name="chunk-source", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the worker; waits up to `timeout_s` for a request in flight (bounded by the client timeout)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                logger.warning("chunk source: worker still in a request after %.1f s; leaving it (daemon)", timeout_s)
+
+    def __enter__(self) -> ThreadedChunkSource:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def busy(self) -> bool:
+        with self._cond:
+            return self._busy
+
+    def submit(self, request: ChunkRequest) -> None:
+        with self._cond:
+            if self._busy or self._closed:
+                raise RuntimeError(f"chunk source: submit while busy={self._busy} closed={self._closed}")
+            self._pending = request
+            self._busy = True
+            self._cond.notify()
+
+    def poll(self) -> Outcome | None:
+        with self._cond:
+            outcome, self._outcome = self._outcome, None
+            return outcome
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending is not None or self._closed)
+                if self._closed:
+                    return
+                request, self._pending = self._pending, None
+            assert request is not None
+            outcome = request_chunk(self._client, self._params, request, self._clock)
+            with self._cond:
+                if self._outcome is not None:
+                    logger.debug("chunk source: outcome for obs %d was never polled", self._outcome.obs_id)
+                self._outcome = outcome
+                self._busy = False

@@ -1,0 +1,385 @@
+"""Fixed-rate action-chunk executor: asynchronous prefetch, latest-wins, time-aligned chunk replacement.
+
+The official Cosmos Policy ALOHA client queries only when its action queue is empty, so the robot stands
+still for the whole inference. Here the control loop never waits for inference:
+
+* Ticks run on absolute monotonic deadlines `epoch + k * period`; a tick that starts more than one
+  period late skips the deadlines it missed (they are counted) instead of bursting to catch up, so
+  the chunk timeline stays aligned with wall time.
+* When at most `prefetch_threshold` actions of the chunk in hand remain, the loop captures an
+  observation and hands it to a `ChunkSource`, which runs inference off the control thread.
+* Observations are tagged with the tick that captured them (`obs_id`). A chunk computed from tick k
+  is meant to start at tick k + 1, so when it arrives at tick t it replaces the rest of the old
+  chunk from its action t - (k + 1) onwards. Replies no newer than the chunk in hand, or whose
+  actions have all elapsed, are dropped.
+* With no valid action the `SafetyFilter` holds position; every command goes through it.
+
+Threads: `run` executes on the caller's thread and owns the robot and all chunk state. Only the
+`ChunkSource` worker runs elsewhere and touches nothing but the client. `stop` and `resume` may be
+called from any thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+from typing import Protocol
+
+import numpy as np
+
+from cosmos_edge.robot_bridge.controller.chunk_source import Chunk, ChunkRequest, ChunkSource, Clock, RequestFailed
+from cosmos_edge.robot_bridge.controller.safety import SafetyFilter
+from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.policy.api import Observation
+
+logger = logging.getLogger(__name__)
+
+Sleep = Callable[[float], None]  # seconds
+
+SPIN_MARGIN_S = 0.002  # see `precise_sleep`
+NO_CHUNK = -1  # `chunk_obs_id` / `action_index` of a tick record that commanded the hold pose
+
+
+class Robot(Protocol):
+    """The robot as the control thread sees it. All three calls come from that one thread."""
+
+    def observe(self) -> Observation:
+        """The latest camera images and proprio; called once per inference request, so keep it cheap."""
+        ...
+
+    def current_qpos(self) -> np.ndarray:
+        """Measured joint positions, shape (dims,)."""
+        ...
+
+    def command(self, qpos_target: np.ndarray) -> None:
+        """Send one absolute joint-position target, shape (dims,)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """Timing, prefetch and bookkeeping settings of `ChunkExecutor`.
+
+    Args:
+    control_rate_hz: command rate (default 25, the rate Cosmos Policy ALOHA was trained at; 50 also works).
+    prefetch_threshold: request the next chunk once at most this many actions of the current one remain
+        (default 25 = half of a 50-action chunk); it should exceed the inference latency in ticks.
+    retry_delay_s: wait after a failed request before the next one (default 0.1 s).
+    record_capacity: tick records kept in the ring buffer (default 4096, 164 s at 25 Hz).
+    realtime_priority: SCHED_FIFO priority (1-99) for the thread calling `run`, for its duration (default
+        None: the normal scheduler). Needs Linux and CAP_SYS_NICE or an RLIMIT_RTPRIO; if refused, `run`
+        warns and falls back to `nice`.
+    nice: niceness (-20..19) for the thread calling `run` when SCHED_FIFO is not in use (default None:
+        unchanged; negative values need CAP_SYS_NICE). Either keeps ticks on time when inference competes
+        for the same cores.
+    """
+
+    control_rate_hz: float = 25.0
+    prefetch_threshold: int = 25
+    retry_delay_s: float = 0.1
+    record_capacity: int = 4096
+    realtime_priority: int | None = None
+    nice: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.control_rate_hz <= 1000:
+            raise ConfigError(f"executor.control_rate_hz: expected (0, 1000], got {self.control_rate_hz}")
+        if self.prefetch_threshold < 0:
+            raise ConfigError(f"executor.prefetch_threshold: expected >= 0, got {self.prefetch_threshold}")
+        if self.retry_delay_s < 0:
+            raise ConfigError(f"executor.retry_delay_s: expected >= 0, got {self.retry_delay_s}")
+        if self.record_capacity < 1:
+            raise ConfigError(f"executor.record_capacity: expected >= 1, got {self.record_capacity}")
+        if self.realtime_priority is not None and not 1 <= self.realtime_priority <= 99:
+            raise ConfigError(f"executor.realtime_priority: expected 1..99 or None, got {self.realtime_priority}")
+        if self.nice is not None and not -20 <= self.nice <= 19:
+            raise ConfigError(f"executor.nice: expected -20..19 or None, got {self.nice}")
+
+    @property
+    def period_ns(self) -> int:
+        return round(1e9 / self.control_rate_hz)
+
+
+TICK_DTYPE = np.dtype(
+    [
+        ("tick", np.int64),
+        ("deadline_ns", np.int64),
+        ("wake_ns", np.int64),  # jitter = wake_ns - deadline_ns
+        ("command_ns", np.int64),  # when robot.command returned
+        ("missed", np.int32),  # deadlines skipped right before this tick
+        ("chunk_obs_id", np.int64),  # NO_CHUNK when holding
+        ("action_index", np.int32),  # NO_CHUNK when holding
+        ("flags", np.uint8),  # safety Intervention bits
+        ("adopted", np.bool_),  # a new chunk replaced the old one this tick
+        ("requested", np.bool_),  # an inference request was submitted this tick
+    ]
+)
+
+
+class TickLog:
+    """Bounded ring buffer of per-tick records (`TICK_DTYPE`), allocated once."""
+
+    def __init__(self, capacity: int) -> None:
+        self._buf = np.zeros(capacity, dtype=TICK_DTYPE)
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def append(self, *values: int | bool) -> None:
+        """One record, its values in `TICK_DTYPE` field order."""
+        with self._lock:
+            self._buf[self._count % len(self._buf)] = values
+            self._count += 1
+
+    def snapshot(self) -> np.ndarray:
+        """The kept records, oldest first (a copy)."""
+        with self._lock:
+            n, cap = self._count, len(self._buf)
+            if n <= cap:
+                return self._buf[:n].copy()
+            start = n % cap
+            return np.concatenate([self._buf[start:], self._buf[:start]])
+
+
+@dataclass(frozen=True)
+class ExecutorCounters:
+    ticks: int = 0  # ticks executed
+    missed_ticks: int = 0  # deadlines skipped because a tick started more than a period late
+    requests: int = 0
+    request_failures: int = 0
+    chunks_adopted: int = 0
+    dropped_older: int = 0  # reply not newer than the chunk in hand
+    dropped_elapsed: int = 0  # every action of the reply was already in the past
+    dropped_malformed: int = 0  # actions not (chunk, dims)
+    dropped_stopped: int = 0  # arrived while the stop latch was set
+
+
+@dataclass(frozen=True)
+class TickSummary:
+    ticks: int
+    missed_ticks: int
+    hold_ticks: int
+    jitter_p50_ms: float
+    jitter_p99_ms: float
+    jitter_max_ms: float
+
+
+def summarize(records: np.ndarray) -> TickSummary:
+    """Jitter percentiles (tick start versus its deadline) and counts over `TickLog.snapshot()` records."""
+    jitter_ms = (records["wake_ns"] - records["deadline_ns"]) / 1e6
+    pct = np.percentile(jitter_ms, [50, 99]) if len(records) else np.zeros(2)
+    return TickSummary(
+        ticks=len(records),
+        missed_ticks=int(records["missed"].sum()),
+        hold_ticks=int((records["action_index"] == NO_CHUNK).sum()),
+        jitter_p50_ms=float(pct[0]),
+        jitter_p99_ms=float(pct[1]),
+        jitter_max_ms=float(jitter_ms.max()) if len(records) else 0.0,
+    )
+
+
+def precise_sleep(seconds: float) -> None:
+    """`time.sleep` until `SPIN_MARGIN_S` before the end, then spin.
+
+    A thread already running at the deadline does not wait for the scheduler to wake it, which takes
+    about 0.1 ms on an idle machine and several ms while inference loads the cores. The spin costs up to
+    `SPIN_MARGIN_S` of one core per tick (5% at 25 Hz) and holds the GIL meanwhile.
+    """
+    end = time.perf_counter() + seconds
+    if seconds > SPIN_MARGIN_S:
+        time.sleep(seconds - SPIN_MARGIN_S)
+    while time.perf_counter() < end:
+        pass
+
+
+@contextlib.contextmanager
+def _thread_priority(realtime_priority: int | None, nice: int | None) -> Iterator[None]:
+    """Raise the calling thread's priority for the block; Linux applies both calls with id 0 per thread."""
+    with contextlib.ExitStack() as restore:
+        if realtime_priority is not None:
+            try:
+                previous = (os.sched_getscheduler(0), os.sched_getparam(0))
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(realtime_priority))
+                restore.callback(os.sched_setscheduler, 0, *previous)
+                nice = None  # FIFO threads ignore niceness
+            except (AttributeError, OSError) as e:  # not Linux, or not permitted
+                logger.warning("executor: SCHED_FIFO %d refused (%s)", realtime_priority, e)
+        if nice is not None:
+            try:
+                previous_nice = os.getpriority(os.PRIO_PROCESS, 0)
+                os.setpriority(os.PRIO_PROCESS, 0, nice)
+                restore.callback(os.setpriority, os.PRIO_PROCESS, 0, previous_nice)
+            except (AttributeError, OSError) as e:
+                logger.warning("executor: nice %d refused (%s); using the normal priority", nice, e)
+        yield
+
+
+class ChunkExecutor:
+    """Sends one safe command per tick from the newest valid chunk; see the module docstring."""
+
+    def __init__(
+        self,
+        robot: Robot,
+        source: ChunkSource,
+        safety: SafetyFilter,
+        config: ExecutorConfig,
+        *,
+        clock: Clock = time.monotonic_ns,
+        sleep: Sleep = precise_sleep,
+        wall_clock: Clock = time.time_ns,
+    ) -> None:
+        self.config = config
+        self._robot = robot
+        self._source = source
+        self._safety = safety
+        self._clock = clock
+        self._sleep = sleep
+        self._wall_clock = wall_clock
+        self._period_ns = config.period_ns
+        self._epoch_ns = clock()  # tick k is due at epoch + k * period, across runs
+        self._dims = safety.config.dims
+        self._log = TickLog(config.record_capacity)
+        self._counts = {f.name: 0 for f in fields(ExecutorCounters)}
+        self._chunk: Chunk | None = None  # None until the first chunk is adopted
+        self._obs_floor = -1  # replies with obs_id <= floor are stale
+        self._retry_at_ns = 0
+        self._resume = threading.Event()
+
+    @property
+    def counters(self) -> ExecutorCounters:
+        return ExecutorCounters(**self._counts)
+
+    def records(self) -> np.ndarray:
+        """Per-tick records (`TICK_DTYPE`), oldest first, at most `record_capacity`."""
+        return self._log.snapshot()
+
+    def stop(self, reason: str = "stop command") -> None:
+        """Latch a stop: hold position and stop requesting chunks until `resume`."""
+        self._safety.stop(reason)
+
+    def resume(self) -> None:
+        """Clear the stop at the next tick; the chunk in hand and replies to older requests are discarded."""
+        self._resume.set()
+
+    def run(self, num_ticks: int | None = None, *, duration_s: float | None = None) -> TickSummary:
+        """Run for `num_ticks` control periods or `duration_s` seconds (exactly one) on this thread.
+
+        Periods whose deadline was skipped count towards `num_ticks`, so a run always spans the same time.
+        Returns the summary of this run's ticks; `records()` has the details.
+        """
+        if duration_s is not None and num_ticks is None:
+            num_ticks = round(duration_s * self.config.control_rate_hz)
+        elif num_ticks is None or duration_s is not None:
+            raise ConfigError(f"executor.run: give num_ticks or duration_s, got {num_ticks=} {duration_s=}")
+        tick = -(-(self._clock() - self._epoch_ns) // self._period_ns)  # first deadline not yet passed
+        end_tick = tick + num_ticks
+        ticks_before = self._counts["ticks"]
+        with _thread_priority(self.config.realtime_priority, self.config.nice):
+            self._loop(tick, end_tick)
+        ran = self._counts["ticks"] - ticks_before
+        records = self.records()
+        summary = summarize(records[max(0, len(records) - ran) :])
+        logger.info("executor: run finished: %s; %s", summary, self.counters)
+        return summary
+
+    def _loop(self, tick: int, end_tick: int) -> None:
+        while tick < end_tick:
+            deadline = self._epoch_ns + tick * self._period_ns
+            now = self._clock()
+            if now < deadline:
+                self._sleep((deadline - now) / 1e9)
+                now = self._clock()
+            latest_due = min((now - self._epoch_ns) // self._period_ns, end_tick - 1)
+            missed = max(0, latest_due - tick)
+            if missed:
+                late_ms = (now - deadline) / 1e6
+                logger.debug("executor: tick %d started %.1f ms late; skipping %d", tick, late_ms, missed)
+                tick = latest_due
+                deadline = self._epoch_ns + tick * self._period_ns
+                self._counts["missed_ticks"] += missed
+            self._step(tick, deadline, now, missed)
+            tick += 1
+
+    def _step(self, tick: int, deadline: int, wake: int, missed: int) -> None:
+        if self._resume.is_set():
+            self._resume.clear()
+            self._safety.reset()
+            # Requests captured before this tick answered the pre-stop situation.
+            self._chunk, self._obs_floor = None, tick - 1
+        adopted = self._receive(tick)
+
+        target, obs_id, index = self._action_at(tick)
+        safe = self._safety.apply(target, self._robot.current_qpos())
+        self._robot.command(safe.qpos)
+        command_ns = self._clock()
+
+        requested = self._maybe_request(tick, command_ns)
+        self._log.append(tick, deadline, wake, command_ns, missed, obs_id, index, safe.flags.value, adopted, requested)
+        self._counts["ticks"] += 1
+
+    def _receive(self, tick: int) -> bool:
+        outcome = self._source.poll()
+        if outcome is None:
+            return False
+        if isinstance(outcome, RequestFailed):
+            self._counts["request_failures"] += 1
+            self._retry_at_ns = self._clock() + round(self.config.retry_delay_s * 1e9)
+            logger.warning("executor: request for obs %d failed: %r", outcome.obs_id, outcome.error)
+            return False
+        reason = self._drop_reason(outcome, tick)
+        if reason is not None:
+            self._counts[reason] += 1
+            logger.debug("executor: %s chunk from obs %d at tick %d", reason, outcome.obs_id, tick)
+            return False
+        self._chunk, self._obs_floor = outcome, outcome.obs_id
+        self._counts["chunks_adopted"] += 1
+        return True
+
+    def _drop_reason(self, chunk: Chunk, tick: int) -> str | None:
+        if self._safety.stopped:
+            return "dropped_stopped"
+        if chunk.actions.ndim != 2 or chunk.actions.shape[1] != self._dims or len(chunk.actions) == 0:
+            return "dropped_malformed"
+        if chunk.obs_id <= self._obs_floor:
+            return "dropped_older"
+        if tick - chunk.first_tick >= len(chunk.actions):
+            return "dropped_elapsed"
+        return None
+
+    def _action_at(self, tick: int) -> tuple[np.ndarray | None, int, int]:
+        """(action or None, its chunk's obs_id, its index) for `tick`; NO_CHUNK ids when there is none."""
+        if self._chunk is None:
+            return None, NO_CHUNK, NO_CHUNK
+        index = tick - self._chunk.first_tick
+        if index >= len(self._chunk.actions):
+            return None, NO_CHUNK, NO_CHUNK
+        return self._chunk.actions[index], self._chunk.obs_id, index
+
+    def _remaining_after(self, tick: int) -> int:
+        if self._chunk is None:
+            return 0
+        return max(0, len(self._chunk.actions) - (tick - self._chunk.first_tick) - 1)
+
+    def _maybe_request(self, tick: int, now: int) -> bool:
+        if self._safety.stopped or self._source.busy or now < self._retry_at_ns:
+            return False
+        if self._remaining_after(tick) > self.config.prefetch_threshold:
+            return False
+        # Captured after this tick's command (which is also when the adapters read their sensors), so
+        # action 0 of the answer belongs to the next tick.
+        observation = self._robot.observe()
+        self._source.submit(
+            ChunkRequest(
+                obs_id=tick,
+                first_tick=tick + 1,
+                capture_ns=now,
+                capture_wall_ns=self._wall_clock(),
+                observation=observation,
+            )
+        )
+        self._counts["requests"] += 1
+        return True

@@ -1,0 +1,176 @@
+"""The one place where a bundle or official checkpoint files become policies, and the owner of what they hold.
+
+`load_policies` opens the networks of every device once: the reactive policy runs on the first device, the planning
+policy on all of them, and both share one VAE and, without a separate planning model, one DiT per device. The
+returned `LoadedPolicies` owns every network, engine session, device buffer and the planning thread pool, and
+releases them on `close()` (or at the end of a `with` block).
+
+Backends are imported by name (`engines.registry`), so loading a bundle never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from types import TracebackType
+
+from cosmos_edge.runtime.bundle.manifest import Bundle
+from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointSource, ModelSource
+from cosmos_edge.runtime.engines.graph import GraphRunner
+from cosmos_edge.runtime.engines.graph_networks import GraphAutoencoder, GraphDenoisingNetwork
+from cosmos_edge.runtime.engines.registry import backend_info, load_graph_backend, load_torch_backend
+from cosmos_edge.runtime.errors import BundleError
+from cosmos_edge.runtime.platforms import platform_spec
+from cosmos_edge.runtime.policy import text_embeddings as text_store
+from cosmos_edge.runtime.policy.api import DenoisingNetwork, Policy, VideoAutoencoder
+from cosmos_edge.runtime.policy.normalization import DatasetStats
+from cosmos_edge.runtime.policy.planning import PlanningConfig, PlanningPolicy, PlanningWorker, planning_batch_sizes
+from cosmos_edge.runtime.policy.reactive import ReactivePolicy
+from cosmos_edge.runtime.policy.steps import PolicyModel
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceNetworks:
+    """The networks of one device. `planning_network` is `policy_network` itself without a planning model."""
+
+    autoencoder: VideoAutoencoder
+    policy_network: DenoisingNetwork
+    planning_network: DenoisingNetwork
+
+
+class LoadedPolicies:
+    """The policies of one process and everything they hold; use as a context manager or call `close()`."""
+
+    def __init__(self, reactive: ReactivePolicy, planning: PlanningPolicy | None, resources: ExitStack) -> None:
+        self.reactive = reactive
+        self.planning = planning
+        self._resources = resources
+
+    def modes(self) -> dict[str, Policy]:
+        """Mode name → policy, as the server serves them."""
+        return {"reactive": self.reactive} | ({"planning": self.planning} if self.planning is not None else {})
+
+    def close(self) -> None:
+        self._resources.close()
+
+    def __enter__(self) -> LoadedPolicies:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def load_policies(
+    source: ModelSource,
+    *,
+    devices: Sequence[str] | None = None,
+    planning: PlanningConfig | None = None,
+    future_images: bool | None = None,
+) -> LoadedPolicies:
+    """The reactive policy, and with `planning` the best-of-N policy over `devices` (default: the backend's one).
+
+    `future_images` (bundles): None loads the full encoder and decoder if the bundle has them, True requires them,
+    False skips them. Checkpoint files always can decode future images.
+    """
+    chosen = list(devices or [_default_device(source)])
+    used = chosen if planning is not None else chosen[:1]  # the reactive mode runs on the first device only
+    with ExitStack() as resources:
+        if isinstance(source, CheckpointSource):
+            model, networks = _open_checkpoints(source, used, planning is not None)
+            full_sequence = source.encode_full_sequence
+        else:
+            model, networks = _open_bundle(source, used, planning, future_images, resources)
+            full_sequence = False
+        reactive = ReactivePolicy(model, networks[0].policy_network, encode_full_sequence=full_sequence)
+        planner = None
+        if planning is not None:
+            workers = [PlanningWorker(device.policy_network, device.planning_network) for device in networks]
+            planner = PlanningPolicy(model, workers, planning)
+            resources.callback(planner.close)
+        return LoadedPolicies(reactive, planner, resources.pop_all())
+    raise AssertionError("unreachable: ExitStack does not swallow exceptions")
+
+
+def _default_device(source: ModelSource) -> str:
+    return "cpu" if isinstance(source, CheckpointSource) else backend_info(source.backend).default_device
+
+
+def _open_checkpoints(
+    source: CheckpointSource, devices: list[str], with_planning: bool
+) -> tuple[PolicyModel, list[DeviceNetworks]]:
+    files = source.files
+    platform = platform_spec(files.platform)
+    stats = DatasetStats.from_json(files.stats, platform)
+    text = text_store.read(files.text_embeddings)
+    torch_backend = load_torch_backend()
+    separate_planner = with_planning and source.planning_checkpoint not in (None, files.checkpoint)
+    networks = []
+    for device in devices:
+        _LOG.info("loading %s and %s (%s) on %s", files.checkpoint, files.tokenizer, source.precision, device)
+        autoencoder = torch_backend.open_autoencoder(files.tokenizer, source.precision, device)
+        policy_network = torch_backend.open_denoiser(files.checkpoint, source.precision, device, source.compile_mode)
+        planning_network = policy_network
+        if separate_planner and source.planning_checkpoint is not None:
+            _LOG.info("loading the planning model %s on %s", source.planning_checkpoint, device)
+            planning_network = torch_backend.open_denoiser(
+                source.planning_checkpoint, source.precision, device, source.compile_mode
+            )
+        networks.append(DeviceNetworks(autoencoder, policy_network, planning_network))
+    return PolicyModel(platform, stats, text, networks[0].autoencoder), networks
+
+
+def _open_bundle(
+    source: BundleSource,
+    devices: list[str],
+    planning: PlanningConfig | None,
+    future_images: bool | None,
+    resources: ExitStack,
+) -> tuple[PolicyModel, list[DeviceNetworks]]:
+    bundle = Bundle.open(source.path)
+    bundle.check_platform(source.platform)
+    backend = load_graph_backend(source.backend)
+    has_future = bool(bundle.graph_names("vae_encoder_full")) and bool(bundle.graph_names("vae_decoder"))
+    if future_images and not has_future:
+        raise BundleError(f"bundle {bundle.root}: has no future-image graphs (exported with --no-future-images)")
+    load_future = has_future if future_images is None else future_images
+    batches = planning_batch_sizes(planning.num_candidates, len(devices)) if planning is not None else (1,)
+    # Resolve every name first: a batch size the bundle lacks fails before any engine is loaded.
+    dit_names = [bundle.dit_graph_name(batch) for batch in batches]
+    has_planner = planning is not None and bool(bundle.graph_names("planning_dit"))
+    planner_names = [bundle.dit_graph_name(batch, "planning_dit") for batch in batches] if has_planner else []
+
+    networks = []
+    for device in devices:
+
+        def open_graph(name: str, device: str = device) -> GraphRunner:
+            runner = backend.open_graph(bundle.graph_file(name), device)
+            resources.callback(runner.close)
+            return runner
+
+        encoders = [open_graph("vae_encoder_prefix")]
+        decoder = None
+        if load_future:
+            encoders.append(open_graph("vae_encoder_full"))
+            decoder = open_graph("vae_decoder")
+        policy_network = GraphDenoisingNetwork([open_graph(name) for name in dit_names])
+        planning_network = GraphDenoisingNetwork([open_graph(n) for n in planner_names]) if has_planner else None
+        networks.append(
+            DeviceNetworks(GraphAutoencoder(encoders, decoder), policy_network, planning_network or policy_network)
+        )
+    manifest = bundle.manifest
+    _LOG.info(
+        "serving bundle %s (%s, %s) on %s %s",
+        bundle.root,
+        manifest.platform.name,
+        manifest.precision,
+        source.backend,
+        ", ".join(devices),
+    )
+    model = PolicyModel(manifest.platform, bundle.dataset_stats(), bundle.text_embeddings(), networks[0].autoencoder)
+    return model, networks

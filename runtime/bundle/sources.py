@@ -1,0 +1,52 @@
+"""Where a serving process's models come from: official checkpoint files (torch), or an exported bundle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.platforms import platform_spec
+from cosmos_edge.runtime.precision import PRECISIONS
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """The official files one policy needs."""
+
+    checkpoint: Path
+    tokenizer: Path
+    stats: Path
+    text_embeddings: Path
+    platform: str
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """Official files on the torch backend. `planning_checkpoint`: the planning model's DiT (None: the policy's,
+    which is then loaded once and shared). `encode_full_sequence`: the official whole-clip VAE encode (the
+    reference); the default encodes the causal conditioning prefix, which gives the same latents."""
+
+    files: CheckpointFiles
+    planning_checkpoint: Path | None = None
+    precision: str = "fp32"
+    compile_mode: str | None = None
+    encode_full_sequence: bool = False
+
+    def __post_init__(self) -> None:
+        platform_spec(self.files.platform)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
+
+
+@dataclass(frozen=True)
+class BundleSource:
+    """An exported bundle on an engine backend ("onnxruntime" or "tensorrt"); `platform`, if given, must be the
+    bundle's."""
+
+    path: Path
+    backend: str = "onnxruntime"
+    platform: str | None = None
+
+
+ModelSource = CheckpointSource | BundleSource

@@ -1,0 +1,99 @@
+"""`networks_api` over GraphRunners: the policy's networks on any engine backend (ONNX Runtime, TensorRT).
+
+Graphs have static shapes, so each adapter holds one runner per shape it serves and picks it by the input shape:
+encoders by clip length (the conditioning prefix, the whole sequence), DiTs by batch size. Input and output names
+come from each runner's GraphSpec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from cosmos_edge.runtime.engines.graph import GraphRunner
+from cosmos_edge.runtime.errors import EngineError, InputError
+from cosmos_edge.runtime.policy.api import FloatArray, NetworkFn
+
+
+class _SingleIO:
+    """A runner of a one-input, one-output graph (the VAE halves), names checked once."""
+
+    def __init__(self, runner: GraphRunner) -> None:
+        spec = runner.spec
+        if len(spec.inputs) != 1 or len(spec.outputs) != 1:
+            raise EngineError(f"graph {spec.name}: expected one input and one output, got {spec.input_names}")
+        self.runner = runner
+        self.shape = spec.inputs[0].shape
+        self._names = (spec.input_names[0], spec.output_names[0])
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        source, target = self._names
+        return self.runner.run({source: array})[target]
+
+
+class GraphAutoencoder:
+    """VideoAutoencoder over encoder graphs (one per clip length) and an optional decoder graph."""
+
+    def __init__(self, encoders: Sequence[GraphRunner], decoder: GraphRunner | None) -> None:
+        self._encoders = {graph.shape: graph for graph in map(_SingleIO, encoders)}
+        self._decoder = None if decoder is None else _SingleIO(decoder)
+
+    def encode(self, video: np.ndarray) -> np.ndarray:
+        """ "1 3 f 224 224" → normalised latent, by the encoder graph built for exactly f frames."""
+        encoder = self._encoders.get(tuple(video.shape))
+        if encoder is None:
+            raise InputError(
+                f"video: no encoder graph for shape {list(video.shape)}; loaded: "
+                f"{[list(shape) for shape in self._encoders]} (future images need the full-sequence encoder)"
+            )
+        return encoder(video)
+
+    def decode(self, latent: np.ndarray) -> np.ndarray:
+        if self._decoder is None:
+            raise EngineError("no VAE decoder graph loaded: open the bundle with future images to decode them")
+        return self._decoder(latent)
+
+    def close(self) -> None:
+        for graph in (*self._encoders.values(), *([self._decoder] if self._decoder else [])):
+            graph.runner.close()
+
+
+class GraphDenoisingNetwork:
+    """DenoisingNetwork over DiT graphs, one per batch size; inputs (x, timesteps, condition_mask, text)."""
+
+    def __init__(self, runners: Sequence[GraphRunner]) -> None:
+        if not runners or any(len(runner.spec.inputs) != 4 for runner in runners):
+            raise EngineError(f"DiT graphs: expected at least one, each with 4 inputs, got {[r.spec for r in runners]}")
+        self._runners = {runner.spec.inputs[0].shape[0]: runner for runner in runners}
+        # The text embedding each runner holds as a constant input; rebinding another instruction re-uploads it.
+        self._resident_text: dict[int, np.ndarray] = {}
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return sorted(self._runners)
+
+    def bind_text(self, text_embedding: np.ndarray) -> NetworkFn:
+        """The embedding becomes each graph's constant input (uploaded once per instruction on device backends);
+        the graphs still compute the cross-attention K/V from it inside every call."""
+        text_spec = self._runners[self.batch_sizes[0]].spec.inputs[3]
+        text = np.ascontiguousarray(text_embedding, dtype=np.float32)
+        if text.shape != text_spec.shape:
+            raise InputError(f"text_embedding: expected shape {text_spec.shape} (the bundle's), got {text.shape}")
+
+        def network(x: FloatArray, timesteps: FloatArray, condition_mask: FloatArray) -> FloatArray:
+            runner = self._runners.get(x.shape[0])
+            if runner is None:
+                raise EngineError(f"no DiT graph for batch size {x.shape[0]}; loaded batch sizes {self.batch_sizes}")
+            names = runner.spec.input_names
+            if self._resident_text.get(x.shape[0]) is not text:
+                runner.set_constant_input(names[3], text)
+                self._resident_text[x.shape[0]] = text
+            feeds = dict(zip(names[:3], (x, timesteps, condition_mask), strict=True))
+            return runner.run(feeds)[runner.spec.output_names[0]]
+
+        return network
+
+    def close(self) -> None:
+        for runner in self._runners.values():
+            runner.close()

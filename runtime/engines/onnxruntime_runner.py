@@ -1,0 +1,194 @@
+"""GraphRunner on ONNX Runtime: the CPU provider, or with onnxruntime-gpu the CUDA and TensorRT providers.
+
+Targets are named by a device string: "cpu", "cuda[:N]" (CUDA provider) or "tensorrt[:N]" (ONNX Runtime's TensorRT
+provider, CUDA as fallback for what TensorRT does not take). On a GPU, inputs and outputs live in device buffers
+allocated once and bound once through IO binding, so a call copies each input up and each output down once and
+ONNX Runtime allocates nothing per call. The TensorRT provider keeps its engines and timing cache in
+the graph's cache directory (a bundle's `cache/onnxruntime_tensorrt/`), since building them takes minutes.
+
+The CPU provider has no bfloat16 kernels (MatMul, Conv, ... in ONNX Runtime 1.32), so a bf16 bundle is refused on
+"cpu" with a message saying what to use instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+from cosmos_edge.runtime.engines.graph import GraphFile, GraphSpec, check_feed, check_feeds, check_signature
+from cosmos_edge.runtime.errors import ConfigError, EngineError
+
+_LOG = logging.getLogger(__name__)
+
+# ONNX Runtime raises its own exception classes (Fail, InvalidGraph, NotImplemented, ...), all plain Exception
+# subclasses of its pybind module; they are turned into EngineError at this boundary.
+_ORT_ERRORS: tuple[type[Exception], ...] = (
+    RuntimeError,
+    *(cls for cls in vars(ort_state).values() if isinstance(cls, type) and issubclass(cls, Exception)),
+)
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+# ONNX Runtime log severity 0 (verbose) .. 4 (fatal). Its warnings here are about optimisations it skips (e.g. fp16
+# constant folding on the CPU), which say nothing about the results; errors still surface as exceptions.
+_ERRORS_ONLY = 3
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class OrtTarget:
+    """Where a graph runs: `provider` in ("cpu", "cuda", "tensorrt") and the GPU index."""
+
+    provider: str
+    device_id: int = 0
+
+    @classmethod
+    def parse(cls, device: str) -> OrtTarget:
+        match = re.fullmatch(r"(cpu|cuda|tensorrt)(?::(\d+))?", device)
+        if match is None or (match[1] == "cpu" and match[2] is not None):
+            raise ConfigError(f"device: expected 'cpu', 'cuda[:N]' or 'tensorrt[:N]' for onnxruntime, got {device!r}")
+        return cls(match[1], int(match[2] or 0))
+
+    def providers(self, cache_dir: Path | None) -> list[tuple[str, dict[str, Any]]]:
+        cpu: tuple[str, dict[str, Any]] = (_PROVIDERS["cpu"], {})
+        if self.provider == "cpu":
+            return [cpu]
+        cuda: tuple[str, dict[str, Any]] = (_PROVIDERS["cuda"], {"device_id": self.device_id})
+        if self.provider == "cuda":
+            return [cuda, cpu]
+        trt_options: dict[str, Any] = {"device_id": self.device_id}
+        if cache_dir is not None:
+            trt_options |= {
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(cache_dir),
+                "trt_timing_cache_enable": True,
+                "trt_timing_cache_path": str(cache_dir),
+            }
+        return [(_PROVIDERS["tensorrt"], trt_options), cuda, cpu]
+
+
+class OnnxRuntimeRunner:
+    """Runs one ONNX graph of shape contract `spec`; `run` returns new host arrays owned by the caller."""
+
+    def __init__(
+        self,
+        path: Path,
+        spec: GraphSpec,
+        target: OrtTarget = OrtTarget("cpu"),
+        threads: int | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
+        self._spec = spec
+        self._path = path
+        self._session: ort.InferenceSession | None = _create_session(path, target, threads, cache_dir)
+        _check_io(self._session, spec, path)
+        self._device_io = _BoundBuffers(self._session, spec, target.device_id) if target.provider != "cpu" else None
+        self._constants: dict[str, np.ndarray] = {}
+
+    @property
+    def spec(self) -> GraphSpec:
+        return self._spec
+
+    def set_constant_input(self, name: str, array: np.ndarray) -> None:
+        """Keeps `name` for every later call; on a GPU it is uploaded into its bound buffer once, here."""
+        check_feed(self._spec, name, array)
+        constant = _float32({name: array})
+        self._constants.update(constant)
+        if self._device_io is not None:
+            self._device_io.upload(constant)
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._session is None:
+            raise EngineError(f"graph {self._spec.name}: run() after close()")
+        check_feeds(self._spec, inputs, frozenset(self._constants))
+        arrays = _float32({**inputs, **self._constants})
+        try:
+            if self._device_io is not None:
+                return self._device_io.run(self._session, {name: arrays[name] for name in inputs})
+            outputs = self._session.run(self._spec.output_names, arrays)
+        except _ORT_ERRORS as error:
+            raise EngineError(f"graph {self._spec.name} ({self._path}): onnxruntime failed: {error}") from error
+        return dict(zip(self._spec.output_names, outputs, strict=True))
+
+    def close(self) -> None:
+        self._device_io = None
+        self._session = None
+
+
+class _BoundBuffers:
+    """Device buffers for every input and output of one session, allocated and bound once (IO binding)."""
+
+    def __init__(self, session: ort.InferenceSession, spec: GraphSpec, device_id: int) -> None:
+        def allocate(shape: tuple[int, ...]) -> ort.OrtValue:
+            return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, "cuda", device_id)
+
+        self._inputs = {tensor.name: allocate(tensor.shape) for tensor in spec.inputs}
+        self._outputs = {tensor.name: allocate(tensor.shape) for tensor in spec.outputs}
+        self._binding = session.io_binding()
+        for name, value in self._inputs.items():
+            self._binding.bind_ortvalue_input(name, value)
+        for name, value in self._outputs.items():
+            self._binding.bind_ortvalue_output(name, value)
+
+    def upload(self, arrays: Mapping[str, np.ndarray]) -> None:
+        for name, array in arrays.items():
+            self._inputs[name].update_inplace(array)  # host -> the bound device buffer, same address every call
+
+    def run(self, session: ort.InferenceSession, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`arrays`: the inputs that change per call; constant inputs are already in their buffers."""
+        self.upload(arrays)
+        session.run_with_iobinding(self._binding)
+        return {name: value.numpy() for name, value in self._outputs.items()}
+
+
+def _float32(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {name: np.ascontiguousarray(array, dtype=np.float32) for name, array in arrays.items()}
+
+
+def _create_session(path: Path, target: OrtTarget, threads: int | None, cache_dir: Path | None) -> ort.InferenceSession:
+    available = ort.get_available_providers()
+    wanted = _PROVIDERS[target.provider]
+    if wanted not in available:
+        raise EngineError(
+            f"onnxruntime: the {target.provider} target needs {wanted}, this install has {available}; "
+            f"install onnxruntime-gpu for 'cuda' and 'tensorrt'"
+        )
+    if cache_dir is not None and target.provider == "tensorrt":
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = _ERRORS_ONLY
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=target.providers(cache_dir))
+    except _ORT_ERRORS as error:
+        raise EngineError(f"{path}: onnxruntime cannot load the graph: {error}") from error
+
+
+def _check_io(session: ort.InferenceSession, spec: GraphSpec, path: Path) -> None:
+    for inputs, values in ((True, session.get_inputs()), (False, session.get_outputs())):
+        found = {value.name: (tuple(value.shape), _ORT_TYPES.get(value.type, value.type)) for value in values}
+        check_signature(spec, found, inputs, str(path))
+
+
+def open_graph(graph: GraphFile, device: str) -> OnnxRuntimeRunner:
+    """The backend entry point (see `registry`): `graph` on `device`."""
+    target = OrtTarget.parse(device)
+    if target.provider == "cpu" and graph.precision == "bf16":
+        raise EngineError(
+            f"{graph.onnx}: is bf16, and onnxruntime's CPU provider has no bfloat16 kernels; serve it with "
+            f"--backend tensorrt or onnxruntime on 'cuda', or export with --precision fp32 or fp16 for the CPU"
+        )
+    cache_dir = None
+    if target.provider == "tensorrt" and graph.cache_dir is not None:
+        cache_dir = graph.cache_dir / "onnxruntime_tensorrt"
+    runner = OnnxRuntimeRunner(graph.onnx, graph.spec, target, cache_dir=cache_dir)
+    _LOG.info("onnxruntime: loaded %s on %s", graph.spec.name, device)
+    return runner

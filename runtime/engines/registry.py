@@ -1,0 +1,101 @@
+"""Engine backends by name; each is imported only when asked for.
+
+A graph backend (onnxruntime, tensorrt) is a module with `open_graph(graph: GraphFile, device) -> GraphRunner`; the
+torch backend opens networks from checkpoint files. Importing a backend imports its engine library, so a library
+that is not installed becomes one clear EngineError here instead of an ImportError from deep inside, and serving
+with one backend never imports the others (nor torch).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Protocol, cast
+
+from cosmos_edge.runtime.engines.graph import GraphFile, GraphRunner
+from cosmos_edge.runtime.errors import ConfigError, EngineError
+from cosmos_edge.runtime.policy.api import DenoisingNetwork, VideoAutoencoder
+
+
+class GraphBackend(Protocol):
+    def open_graph(self, graph: GraphFile, device: str) -> GraphRunner: ...
+
+
+class TorchBackend(Protocol):
+    def open_autoencoder(self, tokenizer: Path, precision: str, device: str) -> VideoAutoencoder: ...
+
+    def open_denoiser(
+        self, checkpoint: Path, precision: str, device: str, compile_mode: str | None = None
+    ) -> DenoisingNetwork: ...
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    module: str
+    library: str
+    install: str
+    default_device: str
+
+
+TORCH = BackendInfo(
+    module="cosmos_edge.runtime.engines.torch_networks",
+    library="torch",
+    install="pip install 'cosmos-edge[torch]'",
+    default_device="cpu",
+)
+
+GRAPH_BACKENDS: Mapping[str, BackendInfo] = MappingProxyType(
+    {
+        "onnxruntime": BackendInfo(
+            module="cosmos_edge.runtime.engines.onnxruntime_runner",
+            library="onnxruntime",
+            install="pip install onnxruntime (CPU), or onnxruntime-gpu for the CUDA and TensorRT providers",
+            default_device="cpu",
+        ),
+        "tensorrt": BackendInfo(
+            module="cosmos_edge.runtime.engines.tensorrt.runner",
+            library="tensorrt",
+            install="install TensorRT >= 10 and cuda-python on a machine with an NVIDIA GPU "
+            "(pip install 'cosmos-edge[tensorrt,gpu]'), or use --backend onnxruntime",
+            default_device="cuda",
+        ),
+    }
+)
+
+
+def backend_info(name: str) -> BackendInfo:
+    info = GRAPH_BACKENDS.get(name)
+    if info is None:
+        raise ConfigError(f"backend: expected one of {sorted(GRAPH_BACKENDS)}, got {name!r}")
+    return info
+
+
+def load_graph_backend(name: str) -> GraphBackend:
+    """The graph backend called `name`; EngineError when its engine library is not installed."""
+    return cast(GraphBackend, _import(name, backend_info(name), "open_graph"))
+
+
+def load_torch_backend() -> TorchBackend:
+    return cast(TorchBackend, _import("torch", TORCH, "open_denoiser"))
+
+
+def _import(name: str, info: BackendInfo, entry_point: str) -> object:
+    if not is_installed(info.library):
+        raise EngineError(f"backend {name!r} is not installed: cannot import {info.library!r}; {info.install}")
+    try:
+        module = importlib.import_module(info.module)
+    except ImportError as error:
+        raise EngineError(f"backend {name!r} is not installed: {error}; {info.install}") from error
+    if not callable(getattr(module, entry_point, None)):
+        raise EngineError(f"backend {name!r}: {info.module} provides no {entry_point}()")
+    return module
+
+
+def is_installed(library: str) -> bool:
+    """True for a package with code; `tensorrt-stubs` (for type checking) leaves a bare `tensorrt` namespace."""
+    spec = importlib.util.find_spec(library)
+    return spec is not None and spec.origin is not None

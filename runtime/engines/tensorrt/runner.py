@@ -1,0 +1,219 @@
+"""The `tensorrt` backend: a GraphRunner over a TensorRT engine built from (or shipped beside) an ONNX graph.
+
+Device buffers, pinned staging and one stream are allocated once per runner from the GraphSpec, and bound with
+`set_tensor_address` once. A call copies its inputs into pinned memory and launches one CUDA graph that holds the
+uploads, `execute_async_v3` and the downloads; it is captured after one eager run. Inputs that stay fixed for a task
+(the text embedding) can be uploaded once with `set_constant_input` and left out of later calls.
+
+`open_graph` is the entry point of `registry`: it loads a graph's prebuilt engine (a bundle ships them under
+`engines/`), or builds one from its ONNX file into its cache directory (a bundle's `cache/tensorrt/`).
+
+This module imports without TensorRT or cuda-python; creating a runner without them raises EngineError saying what to
+install (`build.TENSORRT_MISSING`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cosmos_edge.runtime.engines.graph import GraphFile, GraphSpec, check_feed, check_feeds
+from cosmos_edge.runtime.engines.tensorrt.build import (
+    build_engine,
+    check_engine_matches,
+    current_target,
+    deserialize_engine,
+)
+from cosmos_edge.runtime.engines.tensorrt.cache import (
+    DEFAULT_BUILD_OPTIONS,
+    REBUILD_BUNDLE_HINT,
+    BuildOptions,
+    EngineCache,
+    EngineRecord,
+    OnnxSource,
+    cache_rebuild_hint,
+    engine_cache_key,
+    read_engine,
+)
+from cosmos_edge.runtime.engines.tensorrt.cuda_buffers import CapturedWork, DeviceIO, check_cuda, import_cudart
+from cosmos_edge.runtime.errors import EngineError
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+_LOG = logging.getLogger(__name__)
+
+ENGINE_CACHE_DIR = "tensorrt"  # under a graph's cache directory: engines built on first use
+
+
+class TensorRTRunner:
+    """Runs one graph through a TensorRT engine; meets `GraphRunner`.
+
+    Create with `from_onnx` (build or reuse a cached engine) or `from_engine` (an engine file with its record, as a
+    bundle ships them); release with `close()` or a `with` block. `run` returns new arrays owned by the caller.
+    Calls must come from threads where the runner's CUDA device is current (device 0 unless chosen).
+    """
+
+    def __init__(
+        self,
+        spec: GraphSpec,
+        record: EngineRecord,
+        runtime: trt.Runtime,
+        engine: trt.ICudaEngine,
+        context: trt.IExecutionContext,
+        io: DeviceIO,
+        cuda_graph: bool,
+    ) -> None:
+        self._spec = spec
+        self.record = record
+        # Held for the engine's and context's lifetime; released in reverse order by close().
+        self._runtime: trt.Runtime | None = runtime
+        self._engine: trt.ICudaEngine | None = engine
+        self._context: trt.IExecutionContext | None = context
+        self._io = io
+        self._constants: frozenset[str] = frozenset()
+        self._streamed = tuple(spec.input_names)
+        self._captured = CapturedWork(import_cudart(), io.stream, self._enqueue) if cuda_graph else None
+
+    @classmethod
+    def from_onnx(
+        cls,
+        spec: GraphSpec,
+        onnx: OnnxSource,
+        cache_dir: Path,
+        options: BuildOptions = DEFAULT_BUILD_OPTIONS,
+        device: int = 0,
+        cuda_graph: bool = True,
+    ) -> TensorRTRunner:
+        """Loads the engine cached for (ONNX digest, TensorRT version, GPU, options) in `cache_dir`, building it on
+        a miss (minutes for the 2B DiT; progress is logged)."""
+        target = current_target(device)
+        cache = EngineCache(cache_dir)
+        key = engine_cache_key(onnx.sha256(), target, options)
+        cached = cache.lookup(spec.name, key, target)
+        engine_path = cache.engine_path(spec.name, key)
+        if cached is None:
+            record, data = build_engine(spec, onnx, engine_path, options, None, device)
+        else:
+            record, data = cached
+            _LOG.info("using the cached TensorRT engine %s", engine_path)
+        return cls._activate(spec, record, data, device, cuda_graph, cache_rebuild_hint(engine_path))
+
+    @classmethod
+    def from_engine(
+        cls,
+        spec: GraphSpec,
+        engine_path: Path,
+        device: int = 0,
+        cuda_graph: bool = True,
+        rebuild_hint: str = REBUILD_BUNDLE_HINT,
+    ) -> TensorRTRunner:
+        """Loads a prebuilt engine (a bundle's), refusing one built for another TensorRT version or GPU."""
+        record, data = read_engine(engine_path, current_target(device), rebuild_hint)
+        if record.graph != spec.name:
+            raise EngineError(f"engine {engine_path}: expected graph {spec.name!r}, got an engine of {record.graph!r}")
+        return cls._activate(spec, record, data, device, cuda_graph, rebuild_hint)
+
+    @classmethod
+    def _activate(
+        cls, spec: GraphSpec, record: EngineRecord, data: bytes, device: int, cuda_graph: bool, rebuild_hint: str
+    ) -> TensorRTRunner:
+        check_cuda(import_cudart().cudaSetDevice(device), f"cudaSetDevice({device})")
+        runtime, engine = deserialize_engine(data, spec.name, rebuild_hint)
+        check_engine_matches(spec, engine, f"engine {record.file}")
+        context = engine.create_execution_context()
+        if context is None:  # the stubs say never; TensorRT returns None when it cannot allocate activations
+            raise EngineError(f"engine {record.file}: TensorRT could not create an execution context (device memory?)")
+        io = DeviceIO.allocate(spec)
+        try:
+            for name, buffer in (*io.inputs.items(), *io.outputs.items()):
+                if name in io.inputs and not context.set_input_shape(name, buffer.spec.shape):
+                    raise EngineError(f"engine {record.file}: set_input_shape({name!r}, {buffer.spec.shape}) failed")
+                if not context.set_tensor_address(name, buffer.device_ptr):
+                    raise EngineError(f"engine {record.file}: set_tensor_address({name!r}) failed")
+        except EngineError:
+            io.close()
+            raise
+        return cls(spec, record, runtime, engine, context, io, cuda_graph)
+
+    @property
+    def spec(self) -> GraphSpec:
+        return self._spec
+
+    def set_constant_input(self, name: str, array: np.ndarray) -> None:
+        """Uploads `name` now and keeps it for every later call, which then leaves it out of its inputs."""
+        self._check_open()
+        check_feed(self._spec, name, array)
+        self._io.upload_now(name, array)
+        if name not in self._constants:
+            self._constants |= {name}
+            self._streamed = tuple(n for n in self._spec.input_names if n not in self._constants)
+            if self._captured is not None:
+                self._captured.reset()  # the captured uploads still include `name`
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._check_open()
+        for name in check_feeds(self._spec, inputs, self._constants):
+            np.copyto(self._io.inputs[name].host, inputs[name], casting="same_kind")
+        if self._captured is None:
+            self._enqueue()
+        else:
+            self._captured.launch()
+        self._io.synchronize()
+        return {name: buffer.host.copy() for name, buffer in self._io.outputs.items()}
+
+    def close(self) -> None:
+        if self._context is None:
+            return
+        if self._captured is not None:
+            self._captured.reset()
+        self._io.close()
+        self._context = None
+        self._engine = None
+        self._runtime = None
+
+    def __enter__(self) -> TensorRTRunner:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _enqueue(self) -> None:
+        context = self._context
+        assert context is not None, "run() checks that the runner is open"
+        self._io.enqueue_uploads(self._streamed)
+        if not context.execute_async_v3(self._io.stream_handle):
+            raise EngineError(f"graph {self._spec.name!r}: execute_async_v3 failed (see the TensorRT log)")
+        self._io.enqueue_downloads()
+
+    def _check_open(self) -> None:
+        if self._context is None:
+            raise EngineError(f"TensorRTRunner for graph {self._spec.name!r} is closed: create a new runner")
+
+
+def open_graph(graph: GraphFile, device: str) -> TensorRTRunner:
+    """The backend entry point (see `registry`): the graph's prebuilt engine if it has one, else an engine built from
+    its ONNX file (or reused) in `cache_dir/tensorrt/`, on `device` ("cuda" or "cuda:N")."""
+    index = _cuda_index(device)
+    if graph.engine is not None:
+        return TensorRTRunner.from_engine(graph.spec, graph.engine, index)
+    if graph.cache_dir is None:
+        raise EngineError(
+            f"graph {graph.spec.name!r}: has neither a prebuilt engine nor a cache directory to build one"
+        )
+    source = OnnxSource(graph.onnx, graph.external_data)
+    return TensorRTRunner.from_onnx(graph.spec, source, graph.cache_dir / ENGINE_CACHE_DIR, device=index)
+
+
+def _cuda_index(device: str) -> int:
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or not (index.isdigit() or index == ""):
+        raise EngineError(f"backend 'tensorrt': expected device 'cuda' or 'cuda:N', got {device!r}")
+    return int(index or 0)

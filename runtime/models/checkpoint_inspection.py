@@ -1,0 +1,53 @@
+"""What `cosmos-edge checkpoint inspect` reports: which network a file holds, its configuration and its problems."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cosmos_edge.runtime.errors import CheckpointError
+from cosmos_edge.runtime.models.checkpoint_io import read_tensor_file
+from cosmos_edge.runtime.models.dit_checkpoint import read_dit_state_dict, summarize_dit_state_dict
+from cosmos_edge.runtime.models.vae_checkpoint import DIFFUSERS_WEIGHTS, summarize_vae_state_dict
+
+# Tensor names only a Wan VAE has (in the original or the diffusers layout).
+_VAE_MARKERS = ("encoder.conv1.weight", "encoder.conv_in.weight")
+
+
+def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A JSON-ready report; raises CheckpointError when the file is neither a Cosmos DiT nor a Wan2.1 VAE."""
+    path = Path(path)
+    if path.is_dir():
+        vae_dir = path / "vae" if (path / "vae").is_dir() else path
+        if (vae_dir / DIFFUSERS_WEIGHTS).is_file() and not (path / "transformer").is_dir():
+            state = read_tensor_file(vae_dir / DIFFUSERS_WEIGHTS)
+            return _vae_report(path, state)
+        return _dit_report(path, read_dit_state_dict(path))
+    state = read_tensor_file(path)
+    if any(marker in state for marker in _VAE_MARKERS):
+        return _vae_report(path, state)
+    return _dit_report(path, state)
+
+
+def _dit_report(path: Path, state: dict) -> dict[str, Any]:
+    try:
+        summary = summarize_dit_state_dict(state)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: not a Cosmos-Predict2 DiT or a Wan2.1 VAE checkpoint: {error}") from error
+    problems = [f"missing key {key}" for key in summary["missing_keys"]]
+    problems += [f"unexpected key {key}" for key in summary["unexpected_keys"]]
+    return {"path": str(path), "network": "dit", **summary, "problems": problems}
+
+
+def _vae_report(path: Path, state: dict) -> dict[str, Any]:
+    summary = summarize_vae_state_dict(state)
+    return {
+        "path": str(path),
+        "network": "wan2.1-vae",
+        "format": summary["format"],
+        "config": summary["config"],
+        "num_parameters": summary["parameters"],
+        "dtypes": summary["dtypes"],
+        "ignored_keys": [],
+        "problems": [],
+    }

@@ -1,0 +1,114 @@
+"""The policy interface and its messages, and what a policy needs from its networks. Read this first.
+
+Every policy (reactive, planning; on torch, ONNX Runtime or TensorRT networks) meets `Policy`; the robot bridge
+serves anything that does, and wrapping (timing, safety) happens outside. Network arrays are numpy float32 in the
+layouts of the official model: video "b 3 f h w" in [-1, 1], latents "b 16 t h/8 w/8" (normalised with the Wan2.1
+mean/std).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from cosmos_edge.runtime.platforms import PlatformSpec
+
+FloatArray = npt.NDArray[np.float32]
+
+NetworkFn = Callable[[FloatArray, FloatArray, FloatArray], FloatArray]
+"""`net(x_in "b c t h w", timesteps "b t", condition_mask "b 1 t h w") -> F "b c t h w"`, all float32.
+
+F is the rectified-flow velocity (noise − x0). The text embedding is bound inside the callable by the caller.
+The official model casts x_in and the timesteps to bf16 at this boundary; the timesteps arrive here already
+bf16-rounded, x_in does not (a bf16 engine rounds it on input, a float32 reference network must round it itself
+to match the official numbers).
+"""
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One uint8 H×W×3 image per camera of the platform, and the raw (un-normalised) proprio vector."""
+
+    images: Mapping[str, np.ndarray]
+    proprio: np.ndarray
+
+
+@dataclass(frozen=True)
+class ActionQuery:
+    observation: Observation
+    instruction: str
+    seed: int = 195
+    steps: int | None = None  # None: the platform's default action steps
+    return_future_images: bool = False
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """`actions` is (chunk, action_dim) float32, un-normalised; `value` is in [0, 1].
+
+    `timings_ms` maps stage name to milliseconds, in the order the stages ran.
+    """
+
+    actions: np.ndarray
+    value: float
+    future_proprio: np.ndarray
+    future_images: Mapping[str, np.ndarray] | None = None
+    timings_ms: Mapping[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Policy(Protocol):
+    @property
+    def platform(self) -> PlatformSpec: ...
+
+    @property
+    def instructions(self) -> tuple[str, ...]:
+        """Instructions this policy has text embeddings for."""
+        ...
+
+    def infer(self, query: ActionQuery) -> ChunkResult: ...
+
+    def reset(self) -> None: ...
+
+
+class VideoAutoencoder(Protocol):
+    def encode(self, video: np.ndarray) -> np.ndarray:
+        """ "b 3 (1+4k) h w" → normalised latent "b 16 (1+k) h/8 w/8"."""
+        ...
+
+    def decode(self, latent: np.ndarray) -> np.ndarray:
+        """Normalised latent "b 16 (1+k) h w" → video "b 3 (1+4k) 8h 8w" in [-1, 1]."""
+        ...
+
+
+class DenoisingNetwork(Protocol):
+    def bind_text(self, text_embedding: np.ndarray) -> NetworkFn:
+        """The network with its text conditioning fixed to "1 l d" (cross-attention K/V computed once here)."""
+        ...
+
+
+class StageTimer:
+    """Wall-clock milliseconds per stage of one query; a stage entered twice adds up."""
+
+    def __init__(self) -> None:
+        self._ms: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, (time.perf_counter() - start) * 1e3)
+
+    def add(self, name: str, milliseconds: float) -> None:
+        self._ms[name] = self._ms.get(name, 0.0) + milliseconds
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self._ms)

@@ -1,0 +1,144 @@
+"""The semantic steps of one Cosmos Policy query, each written once: `reactive` and `planning` compose them.
+
+encode an observation → sample latents in a conditioning mode → read the chunk and the value (→ decode future
+images). Official sources: `cosmos_utils.get_action` (encode, sample, read), `get_future_images_from_generated_samples`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cosmos_edge.runtime.errors import InputError
+from cosmos_edge.runtime.platforms import PlatformSpec
+from cosmos_edge.runtime.policy import latents
+from cosmos_edge.runtime.policy.api import (
+    ActionQuery,
+    DenoisingNetwork,
+    NetworkFn,
+    Observation,
+    StageTimer,
+    VideoAutoencoder,
+)
+from cosmos_edge.runtime.policy.conditioning import ConditioningMode, condition_mask, placeholder_restore_slots
+from cosmos_edge.runtime.policy.images import preprocess_observation_images
+from cosmos_edge.runtime.policy.normalization import DatasetStats
+from cosmos_edge.runtime.policy.sampler import Denoiser, NetworkCall, sample
+from cosmos_edge.runtime.policy.text_embeddings import TextEmbeddings
+
+
+@dataclass(frozen=True, eq=False)
+class PolicyModel:
+    """What every query of one policy reads besides the DiT: platform, statistics, instruction embeddings, VAE."""
+
+    platform: PlatformSpec
+    stats: DatasetStats
+    text_embeddings: TextEmbeddings
+    autoencoder: VideoAutoencoder
+
+    def __post_init__(self) -> None:
+        platform, stats = self.platform, self.stats
+        if stats.action_dim != platform.action_dim or stats.proprio_dim != platform.proprio_dim:
+            raise InputError(
+                f"stats: {platform.name} needs action/proprio dims {platform.action_dim}/{platform.proprio_dim}, "
+                f"got {stats.action_dim}/{stats.proprio_dim}"
+            )
+
+
+@dataclass(frozen=True)
+class EncodedObservation:
+    """`placeholder` is the pre-injection VAE latent (for future-image decoding); `clean` the conditioning latent."""
+
+    placeholder: np.ndarray
+    clean: np.ndarray
+
+
+class TextBinding:
+    """A network bound to the text embedding of the last instruction; it is rebound only when the task changes."""
+
+    def __init__(self, network: DenoisingNetwork, text_embeddings: TextEmbeddings) -> None:
+        self._network = network
+        self._text = text_embeddings
+        self._bound: tuple[str, NetworkFn] | None = None
+
+    def for_instruction(self, instruction: str, timer: StageTimer) -> NetworkFn:
+        if self._bound is None or self._bound[0] != instruction:
+            embedding = self._text.get(instruction)
+            with timer.stage("text_conditioning"):
+                self._bound = (instruction, self._network.bind_text(embedding))
+        return self._bound[1]
+
+    def reset(self) -> None:
+        self._bound = None
+
+
+def denoising_steps(platform: PlatformSpec, query: ActionQuery) -> int:
+    """The query's denoising steps, or the platform's default."""
+    steps = platform.default_action_steps if query.steps is None else query.steps
+    if steps < 1:
+        raise InputError(f"steps: expected a positive number of denoising steps, got {steps}")
+    return steps
+
+
+def encode_observation(
+    model: PolicyModel, observation: Observation, timer: StageTimer, full_sequence: bool
+) -> EncodedObservation:
+    """Preprocess the images, VAE-encode the pixel video (the whole sequence, or only the conditioning prefix, whose
+    latents are the same because the encoder is causal) and inject the normalised proprio."""
+    platform = model.platform
+    with timer.stage("preprocess"):
+        if not isinstance(observation, Observation):
+            raise InputError(f"observation: expected an Observation, got {type(observation).__name__}")
+        proprio = model.stats.normalize_proprio(observation.proprio)
+        images = preprocess_observation_images(platform, observation.images)
+        frames = None if full_sequence else platform.num_conditional_frames
+        video = latents.build_pixel_video(platform, images, frames)
+    with timer.stage("vae_encode"):
+        placeholder = latents.pad_latent_frames(platform, model.autoencoder.encode(video))
+    return EncodedObservation(placeholder, latents.inject_proprio(platform, placeholder, proprio))
+
+
+def sample_latents(
+    network: NetworkFn,
+    platform: PlatformSpec,
+    clean_latent: np.ndarray,
+    mode: ConditioningMode,
+    seeds: Sequence[int],
+    steps: int,
+    timer: StageTimer,
+) -> np.ndarray:
+    """One official sampling pass per seed, as one batch; every network call is timed as stage `dit`."""
+
+    def record(call: NetworkCall) -> None:
+        timer.add("dit", call.seconds * 1e3)
+
+    with timer.stage("denoise_total"):
+        mask = condition_mask(platform, mode)
+        return sample(Denoiser(network), clean_latent, mask, seeds, steps, on_network_call=record)
+
+
+def read_chunks(model: PolicyModel, latent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Un-normalised action chunks "b chunk action_dim" and future proprio "b proprio_dim" of latents "b c t h w"."""
+    return latents.read_actions(model.platform, model.stats, latent), latents.read_future_proprio(
+        model.platform, model.stats, latent
+    )
+
+
+def read_values(platform: PlatformSpec, latent: np.ndarray) -> np.ndarray:
+    """The value in [0, 1] of each latent "b c t h w" → float32 "b"."""
+    return latents.read_value(latent, platform.value_slot)
+
+
+def decode_future_images(
+    model: PolicyModel, latent: np.ndarray, encoded: EncodedObservation, timer: StageTimer
+) -> dict[str, np.ndarray]:
+    """Restores the placeholder latents of the injected slots (official `get_future_images_from_generated_samples`),
+    decodes the whole sequence and picks each future camera frame."""
+    restored = latent[:1].copy()
+    slots = list(placeholder_restore_slots(model.platform))
+    restored[:, :, slots] = encoded.placeholder[:, :, slots]
+    with timer.stage("vae_decode"):
+        video = model.autoencoder.decode(restored)
+    return latents.future_image_frames(model.platform, video)

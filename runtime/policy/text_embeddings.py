@@ -1,0 +1,286 @@
+"""T5 instruction embeddings, stored as bfloat16 in a safetensors file and read without torch.
+
+The official runtime keeps `{instruction: Tensor(1, 512, 1024) bf16}` in a pickle (`*_t5_embeddings.pkl`,
+CP `cosmos_utils.py` `init_t5_text_embeddings_cache`) and looks instructions up by exact string. Here the same
+data lives in safetensors: tensors are named `embedding_<i>`, and `__metadata__` maps each tensor name to its
+instruction (arbitrary text stays out of tensor names), plus a `format` tag. Every embedding is held as bfloat16
+(the official embeddings are bf16, and the model casts whatever it gets to bf16); F32/F16 files are rounded on read.
+
+The safetensors layout is parsed here with numpy, because numpy has no bfloat16 and `safetensors.numpy` cannot
+return one: 8-byte little-endian header length, a JSON header, then the raw little-endian buffer.
+
+`convert_official_pickle` is the only place cosmos-edge reads a pickle, and `embed_instructions` the only place
+it runs T5; both import torch (and transformers) lazily, so serving never needs them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import io
+import json
+import math
+import pickle
+import struct
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from cosmos_edge.runtime.errors import CheckpointError, EngineError, InputError
+from cosmos_edge.runtime.policy.numerics import bf16_bits_to_float32, float32_to_bf16_bits
+
+FORMAT_TAG = "cosmos-edge/text-embeddings/1"
+T5_MODEL = "google-t5/t5-11b"
+T5_MAX_LENGTH = 512
+_MAX_HEADER_BYTES = 100 << 20  # the limit the reference safetensors implementation uses
+_ITEM_SIZES = {"BF16": 2, "F16": 2, "F32": 4}
+
+
+@dataclass(frozen=True, eq=False)
+class TextEmbeddings:
+    """Read-only map from instruction to a bfloat16 embedding [1, tokens, dim], held as raw uint16 bits.
+
+    Official embeddings are [1, 512, 1024]; every entry of one store has the same shape.
+    """
+
+    bf16_bits: Mapping[str, np.ndarray]
+
+    def __post_init__(self) -> None:
+        frozen = {}
+        for instruction, bits in self.bf16_bits.items():
+            if not isinstance(instruction, str) or not isinstance(bits, np.ndarray) or bits.dtype != np.uint16:
+                raise InputError(
+                    f"text embeddings: expected str -> uint16 array of bf16 bits, got {instruction!r} -> "
+                    f"{getattr(bits, 'dtype', type(bits).__name__)}"
+                )
+            frozen[instruction] = bits.copy() if bits.flags.writeable else bits
+            frozen[instruction].setflags(write=False)
+        shapes = {bits.shape for bits in frozen.values()}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 3 or next(iter(shapes))[0] != 1:
+            raise InputError(
+                f"text embeddings: expected one or more entries of one shape [1, tokens, dim], got {shapes}"
+            )
+        object.__setattr__(self, "bf16_bits", MappingProxyType(frozen))
+
+    @classmethod
+    def from_arrays(cls, embeddings: Mapping[str, np.ndarray]) -> TextEmbeddings:
+        """Rounds float embeddings [1, tokens, dim] to bfloat16 (ties to even, like `tensor.to(torch.bfloat16)`)."""
+        return cls(
+            {text: float32_to_bf16_bits(np.asarray(values, dtype=np.float32)) for text, values in embeddings.items()}
+        )
+
+    @property
+    def instructions(self) -> tuple[str, ...]:
+        return tuple(self.bf16_bits)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return next(iter(self.bf16_bits.values())).shape
+
+    def get(self, instruction: str) -> np.ndarray:
+        """The embedding of exactly `instruction` as float32 [1, tokens, dim] (a new array, exact bf16 values)."""
+        bits = self.bf16_bits.get(instruction)
+        if bits is None:
+            closest = difflib.get_close_matches(instruction, self.instructions, n=3, cutoff=0.0)
+            raise InputError(
+                f"instruction: no text embedding for {instruction!r} (lookup is by exact string, as in the official "
+                f"runtime); closest of the {len(self.bf16_bits)} known: {closest}. Add it with "
+                f"`cosmos-edge text-embeddings embed`."
+            )
+        return bf16_bits_to_float32(bits)
+
+
+def read(path: str | Path) -> TextEmbeddings:
+    """Reads a store written by `write` (BF16, F16 or F32 tensors; the latter two are rounded to bfloat16)."""
+    path = Path(path)
+    metadata, tensors = _read_safetensors(path)
+    if metadata.get("format") != FORMAT_TAG:
+        raise CheckpointError(f"{path}: expected __metadata__ format {FORMAT_TAG!r}, got {metadata.get('format')!r}")
+    bits = {}
+    for name, (dtype, array) in tensors.items():
+        instruction = metadata.get(name)
+        if instruction is None or instruction in bits:
+            raise CheckpointError(f"{path}: tensor {name!r} has a missing or repeated instruction in __metadata__")
+        bits[instruction] = array if dtype == "BF16" else float32_to_bf16_bits(array.astype(np.float32))
+    return TextEmbeddings(bits)
+
+
+def write(path: str | Path, embeddings: Mapping[str, np.ndarray] | TextEmbeddings) -> None:
+    """Writes instruction → embedding [1, tokens, dim] as bfloat16 safetensors (float inputs are rounded)."""
+    store = embeddings if isinstance(embeddings, TextEmbeddings) else TextEmbeddings.from_arrays(embeddings)
+    names = {instruction: f"embedding_{i}" for i, instruction in enumerate(store.instructions)}
+    metadata = {"format": FORMAT_TAG, **{name: instruction for instruction, name in names.items()}}
+    _write_safetensors(Path(path), {names[text]: bits for text, bits in store.bf16_bits.items()}, metadata)
+
+
+def convert_official_pickle(pkl_path: str | Path, out_path: str | Path, trust_pickle: bool) -> TextEmbeddings:
+    """Converts an official `*_t5_embeddings.pkl` ({instruction: bf16 tensor}, possibly CUDA tensors) to safetensors.
+
+    Refused unless `trust_pickle` is True. Even then the file is read with `torch.load(weights_only=True)` when it
+    is a torch.save archive, and otherwise by an unpickler that allows only the globals a pickled tensor needs
+    (tensor rebuild, storage-from-bytes loaded with weights_only=True onto the CPU, OrderedDict).
+    """
+    pkl_path = Path(pkl_path)
+    if not trust_pickle:
+        raise CheckpointError(
+            f"{pkl_path}: refused, a pickle can run code when loaded; pass trust_pickle=True (`--trust-pickle`) "
+            f"only for a file from a source you trust, such as the official nvidia/Cosmos-Policy-* repositories"
+        )
+    torch = _import_torch()
+    loaded = _load_tensor_pickle(pkl_path, torch)
+    if not isinstance(loaded, Mapping) or not loaded:
+        raise CheckpointError(
+            f"{pkl_path}: expected a non-empty dict of instruction -> tensor, got {type(loaded).__name__}"
+        )
+    arrays = {}
+    for instruction, tensor in loaded.items():
+        if not isinstance(instruction, str) or not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(
+                f"{pkl_path}: expected str -> tensor entries, "
+                f"got {type(instruction).__name__} -> {type(tensor).__name__}"
+            )
+        arrays[instruction] = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
+    store = TextEmbeddings.from_arrays(arrays)
+    write(out_path, store)
+    return store
+
+
+def embed_instructions(
+    instructions: Sequence[str], out_path: str | Path, model: str = T5_MODEL, device: str = "cuda"
+) -> TextEmbeddings:
+    """Computes T5 encoder embeddings like the official `get_t5_emb.py` and writes them with `write`.
+
+    Tokenise with padding to max_length 512 (truncating), encode in float32, zero the positions past the true
+    length, round to bfloat16. Needs `torch` and `transformers`, and downloads `model` (T5-11B is ~45 GB).
+    """
+    try:
+        import torch
+        from transformers import T5EncoderModel, T5TokenizerFast
+    except ImportError as error:
+        raise EngineError(
+            f"embed_instructions: needs the optional packages torch and transformers (pip install torch "
+            f"transformers), got ImportError: {error}"
+        ) from error
+    tokenizer = T5TokenizerFast.from_pretrained(model)
+    # float32 like the official encoder (it loads with the default dtype); rounding to bf16 happens on write.
+    encoder = T5EncoderModel.from_pretrained(model, use_safetensors=True).to(device=device, dtype=torch.float32).eval()
+    embeddings = {}
+    with torch.inference_mode():
+        for text in instructions:
+            tokens = tokenizer(
+                [text], return_tensors="pt", truncation=True, padding="max_length", max_length=T5_MAX_LENGTH
+            )
+            mask = tokens.attention_mask.to(device)
+            hidden = encoder(input_ids=tokens.input_ids.to(device), attention_mask=mask).last_hidden_state
+            hidden[0, int(mask.sum()) :] = 0
+            embeddings[text] = hidden.float().cpu().numpy()
+    store = TextEmbeddings.from_arrays(embeddings)
+    write(out_path, store)
+    return store
+
+
+def _import_torch() -> Any:
+    # torch is optional for cosmos-edge (serving uses ONNX Runtime / TensorRT); only the converter needs it.
+    try:
+        import torch
+    except ImportError as error:
+        raise EngineError(
+            f"converting a pickle needs the optional package torch (pip install torch): {error}"
+        ) from error
+    return torch
+
+
+def _load_tensor_pickle(path: Path, torch: Any) -> object:
+    try:
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it did not write before rejecting a plain pickle.dump file.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError):
+        pass  # a plain pickle.dump file, not a torch.save archive: the official embeddings are written that way
+
+    def load_storage(data: bytes) -> object:
+        # Storages pickle as torch.save bytes that record their device; map them to the CPU (CUDA may be absent).
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+    allowed = {
+        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("torch.storage", "_load_from_bytes"): load_storage,
+        ("collections", "OrderedDict"): OrderedDict,
+    }
+
+    class TensorOnlyUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if (module, name) not in allowed:
+                raise CheckpointError(
+                    f"{path}: refused, the pickle needs {module}.{name}, which is not a tensor-rebuild function "
+                    f"(allowed: {sorted(f'{m}.{n}' for m, n in allowed)})"
+                )
+            return allowed[(module, name)]
+
+    with path.open("rb") as file:
+        try:
+            return TensorOnlyUnpickler(file).load()
+        except (pickle.UnpicklingError, EOFError, ValueError) as error:
+            raise CheckpointError(f"{path}: not a readable pickle: {error}") from error
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, np.ndarray]]]:
+    """Returns (__metadata__, {name: (dtype, array)}); BF16 arrays come back as uint16 bits."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read: {error}") from error
+    if len(data) < 8:
+        raise CheckpointError(f"{path}: not safetensors, expected at least 8 bytes, got {len(data)}")
+    (header_size,) = struct.unpack("<Q", data[:8])
+    if header_size > min(_MAX_HEADER_BYTES, len(data) - 8):
+        raise CheckpointError(f"{path}: header length {header_size} exceeds the file ({len(data)} bytes) or 100 MiB")
+    try:
+        header = json.loads(data[8 : 8 + header_size].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: safetensors header is not valid UTF-8 JSON: {error}") from error
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header must be a JSON object, got {type(header).__name__}")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: safetensors __metadata__ must map strings to strings")
+    buffer = memoryview(data)[8 + header_size :]
+    return metadata, {name: _tensor_view(path, name, info, buffer) for name, info in header.items()}
+
+
+def _tensor_view(path: Path, name: str, info: Any, buffer: memoryview) -> tuple[str, np.ndarray]:
+    try:
+        dtype, shape, (begin, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+    except (TypeError, KeyError, ValueError) as error:
+        raise CheckpointError(f"{path}: tensor {name!r}: malformed header entry {info!r}") from error
+    if dtype not in _ITEM_SIZES:
+        raise CheckpointError(f"{path}: tensor {name!r}: expected dtype in {sorted(_ITEM_SIZES)}, got {dtype!r}")
+    expected = math.prod(shape) * _ITEM_SIZES[dtype]
+    if not (0 <= begin <= end <= len(buffer) and end - begin == expected):
+        raise CheckpointError(
+            f"{path}: tensor {name!r}: data_offsets [{begin}, {end}] do not hold {shape} {dtype} ({expected} bytes) "
+            f"inside a {len(buffer)}-byte buffer"
+        )
+    numpy_dtype = {"BF16": "<u2", "F16": "<f2", "F32": "<f4"}[dtype]
+    return dtype, np.frombuffer(buffer[begin:end], dtype=numpy_dtype).reshape(shape)
+
+
+def _write_safetensors(path: Path, bf16_tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, bits in bf16_tensors.items():
+        header[name] = {"dtype": "BF16", "shape": list(bits.shape), "data_offsets": [offset, offset + bits.nbytes]}
+        offset += bits.nbytes
+    encoded = json.dumps(header, ensure_ascii=False).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # pad so the buffer starts 8-byte aligned, as the reference writer does
+    with path.open("wb") as file:
+        file.write(struct.pack("<Q", len(encoded)))
+        file.write(encoded)
+        for bits in bf16_tensors.values():
+            file.write(np.ascontiguousarray(bits, dtype="<u2").tobytes())

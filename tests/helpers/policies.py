@@ -1,0 +1,20 @@
+"""Policies for tests, loaded through the one loader: the reference (official files on eager torch) and bundles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cosmos_edge.runtime.bundle.loader import load_policies
+from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource
+from cosmos_edge.runtime.policy.reactive import ReactivePolicy
+
+
+def reference_policy(files: CheckpointFiles, *, encode_full_sequence: bool = True) -> ReactivePolicy:
+    """Official files on eager fp32 torch; by default with the official whole-sequence VAE encode."""
+    return load_policies(CheckpointSource(files, encode_full_sequence=encode_full_sequence)).reactive
+
+
+def bundle_policy(
+    path: Path, backend: str = "onnxruntime", platform: str | None = None, *, future_images: bool | None = None
+) -> ReactivePolicy:
+    return load_policies(BundleSource(path, backend, platform), future_images=future_images).reactive
