@@ -7,15 +7,25 @@ The official client resizes each frame to 256×256 (PIL bicubic, the size of the
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 from cosmos_edge.robot_bridge.controller.executor import Robot
+from cosmos_edge.runtime.errors import InputError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE
 from cosmos_edge.runtime.policy.api import Observation
-from cosmos_edge.runtime.policy.images import resize_bicubic, resize_raw_aloha_frame
+
+ALOHA_FRAME_SIZE = 256  # the client's first resize, which matches the training videos (256×256 MP4)
 
 
 def aloha_wire_image(camera: str, frame: np.ndarray) -> np.ndarray:
-    return resize_bicubic(resize_raw_aloha_frame(camera, frame), IMAGE_SIZE)
+    """uint8 H×W×3 camera frame → 224×224×3 (official `aloha_utils.resize_image_for_preprocessing`, then 224)."""
+    if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+        got = f"{frame.dtype}{list(frame.shape)}" if isinstance(frame, np.ndarray) else type(frame).__name__
+        raise InputError(f"images[{camera!r}]: expected a uint8 array [H, W, 3], got {got}")
+    image = Image.fromarray(np.ascontiguousarray(frame))
+    for size in (ALOHA_FRAME_SIZE, IMAGE_SIZE):
+        image = image.resize((size, size), resample=Image.Resampling.BICUBIC)
+    return np.asarray(image)
 
 
 class AlohaWireCameras:

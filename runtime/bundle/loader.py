@@ -45,9 +45,16 @@ class DeviceNetworks:
 class LoadedPolicies:
     """The policies of one process and everything they hold; use as a context manager or call `close()`."""
 
-    def __init__(self, reactive: ReactivePolicy, planning: PlanningPolicy | None, resources: ExitStack) -> None:
+    def __init__(
+        self,
+        reactive: ReactivePolicy,
+        planning: PlanningPolicy | None,
+        devices: Sequence[DeviceNetworks],
+        resources: ExitStack,
+    ) -> None:
         self.reactive = reactive
         self.planning = planning
+        self.devices = tuple(devices)  # the networks of each device, in device order
         self._resources = resources
 
     def modes(self) -> dict[str, Policy]:
@@ -80,7 +87,8 @@ def load_policies(
     """
     chosen = list(devices or [_default_device(source)])
     used = chosen if planning is not None else chosen[:1]  # the reactive mode runs on the first device only
-    with ExitStack() as resources:
+    resources = ExitStack()  # handed to LoadedPolicies on success, unwound here on any failure
+    try:
         if isinstance(source, CheckpointSource):
             model, networks = _open_checkpoints(source, used, planning is not None)
             full_sequence = source.encode_full_sequence
@@ -93,8 +101,10 @@ def load_policies(
             workers = [PlanningWorker(device.policy_network, device.planning_network) for device in networks]
             planner = PlanningPolicy(model, workers, planning)
             resources.callback(planner.close)
-        return LoadedPolicies(reactive, planner, resources.pop_all())
-    raise AssertionError("unreachable: ExitStack does not swallow exceptions")
+    except BaseException:
+        resources.close()
+        raise
+    return LoadedPolicies(reactive, planner, networks, resources)
 
 
 def _default_device(source: ModelSource) -> str:

@@ -33,7 +33,6 @@ from cosmos_edge.runtime.policy.numerics import round_to_bf16
 
 JPEG_QUALITY = 95
 CROP_AREA_FRACTION = 0.9
-ALOHA_FRAME_SIZE = 256  # the ALOHA client's first resize, which matches the training videos (256×256 MP4)
 
 # `x.to(bfloat16) / 127.5 - 1.0` rounds to bf16 twice; a 256-entry table holds the exact official values.
 # NOTE: these differ from float32 x/127.5 - 1 by up to 0.0039 (one bf16 step near ±1); that is on purpose.
@@ -65,14 +64,6 @@ def transform_image(platform: PlatformSpec, camera: str, frame: np.ndarray) -> n
     if platform.center_crop:
         image = center_crop_and_resize(image)
     return image
-
-
-def resize_raw_aloha_frame(camera: str, frame: np.ndarray) -> np.ndarray:
-    """The ALOHA client's step (480×640 camera frame → 256×256, Pillow bicubic), for robot adapters.
-
-    Official: `aloha_utils.resize_image_for_preprocessing`, `Image.resize((256, 256), resample=Image.BICUBIC)`.
-    """
-    return resize_bicubic(check_frame(camera, frame), ALOHA_FRAME_SIZE)
 
 
 def check_frame(camera: str, frame: object) -> np.ndarray:

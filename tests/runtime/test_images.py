@@ -20,7 +20,6 @@ from cosmos_edge.runtime.policy.images import (
     center_crop_and_resize,
     preprocess_observation_images,
     resize_bilinear_antialias,
-    resize_raw_aloha_frame,
     to_model_range,
     transform_image,
 )
@@ -134,14 +133,6 @@ def test_model_range_is_the_official_bf16_arithmetic() -> None:
     np.testing.assert_array_equal(out[0, 0], expected)
     np.testing.assert_array_equal(out[1, 0], expected[::-1])
     assert out.min() == -1.0 and out.max() == 1.0
-
-
-def test_aloha_raw_frame_resize() -> None:
-    frame = _random_frame(np.random.default_rng(4), 480, 640)
-    out = resize_raw_aloha_frame("cam_high", frame)
-    np.testing.assert_array_equal(out, np.array(Image.fromarray(frame).resize((256, 256), resample=Image.BICUBIC)))
-    with pytest.raises(InputError, match=r"cam_high.*uint8"):
-        resize_raw_aloha_frame("cam_high", frame.astype(np.float32))
 
 
 def test_missing_and_extra_cameras_are_named() -> None:

@@ -11,12 +11,15 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
+from cosmos_edge.runtime.bundle.loader import load_policies
 from cosmos_edge.runtime.bundle.manifest import Bundle
-from cosmos_edge.runtime.bundle.sources import CheckpointFiles
+from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource
 from cosmos_edge.runtime.engines.graph_networks import GraphDenoisingNetwork
 from cosmos_edge.runtime.engines.registry import load_graph_backend
+from cosmos_edge.runtime.errors import EngineError
 from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult
 from cosmos_edge.runtime.policy.normalization import DatasetStats
+from cosmos_edge.runtime.policy.planning import PlanningConfig
 from cosmos_edge.runtime.policy.reactive import ReactivePolicy
 from tests.helpers.observations import TinyBundles, random_observation
 from tests.helpers.policies import bundle_policy, reference_policy
@@ -151,3 +154,30 @@ def test_serving_a_bundle_never_imports_torch(tiny_bundles: TinyBundles) -> None
         check=False,
     )
     assert result.returncode == 0 and "served without torch" in result.stdout, result.stderr
+
+
+def test_one_dit_and_one_vae_per_device_without_a_planning_model(tiny_assets: dict[str, CheckpointFiles]) -> None:
+    files = tiny_assets["aloha"]
+    planning = PlanningConfig(num_candidates=2)
+    with load_policies(CheckpointSource(files), devices=["cpu", "cpu"], planning=planning) as loaded:
+        assert len(loaded.devices) == 2 and loaded.devices[0] is not loaded.devices[1]
+        assert all(device.planning_network is device.policy_network for device in loaded.devices)
+    separate = CheckpointSource(files, planning_checkpoint=tiny_assets["libero"].checkpoint)
+    with load_policies(separate, planning=planning) as loaded:
+        (device,) = loaded.devices
+        assert device.planning_network is not device.policy_network
+
+
+def test_reactive_only_loads_the_first_device(tiny_assets: dict[str, CheckpointFiles]) -> None:
+    with load_policies(CheckpointSource(tiny_assets["aloha"]), devices=["cpu", "cpu"]) as loaded:
+        assert loaded.planning is None and len(loaded.devices) == 1 and set(loaded.modes()) == {"reactive"}
+
+
+def test_closing_a_bundle_closes_its_runners(tiny_bundles: TinyBundles) -> None:
+    loaded = load_policies(BundleSource(tiny_bundles("aloha")), planning=PlanningConfig(num_candidates=2))
+    policy = loaded.reactive
+    query = ActionQuery(random_observation("aloha"), policy.instructions[0], seed=1, steps=1)
+    policy.infer(query)
+    loaded.close()
+    with pytest.raises(EngineError, match="after close"):
+        policy.infer(query)

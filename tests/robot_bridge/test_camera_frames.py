@@ -1,0 +1,22 @@
+"""The controller's image step: the official client's two Pillow bicubic resizes, 480×640 → 256 → 224."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_image
+from cosmos_edge.runtime.errors import InputError
+
+
+def test_wire_image_is_the_official_two_step_resize() -> None:
+    frame = np.random.default_rng(4).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    first = Image.fromarray(frame).resize((256, 256), resample=Image.Resampling.BICUBIC)
+    expected = np.asarray(first.resize((224, 224), resample=Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(aloha_wire_image("cam_high", frame), expected)
+
+
+def test_a_frame_that_is_not_uint8_names_the_camera() -> None:
+    with pytest.raises(InputError, match=r"cam_high.*uint8"):
+        aloha_wire_image("cam_high", np.zeros((480, 640, 3), np.float32))
