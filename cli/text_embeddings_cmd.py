@@ -29,13 +29,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     embed = commands.add_parser("embed", help="compute T5 embeddings (needs torch and transformers; T5-11B)")
     embed.add_argument("instructions", nargs="+", metavar="INSTRUCTION")
     embed.add_argument("--out", required=True, metavar="FILE", help="safetensors file to write")
-    embed.add_argument("--model", default=text_embeddings.T5_MODEL, help="Hugging Face T5 encoder")
+    embed.add_argument("--model", default="google-t5/t5-11b", help="Hugging Face T5 encoder")
     embed.add_argument("--device", default="cuda", help="torch device for the encoder")
     embed.set_defaults(func=_embed)
 
 
 def _convert(args: argparse.Namespace) -> int:
-    store = text_embeddings.convert_official_pickle(args.pickle_path, args.out_path, trust_pickle=args.trust_pickle)
+    from cosmos_edge.runtime.models import text_encoder  # torch: only this command needs it
+
+    store = text_encoder.convert_official_pickle(args.pickle_path, args.out_path, trust_pickle=args.trust_pickle)
     print(f"wrote {len(store.instructions)} embeddings of shape {list(store.shape)} to {args.out_path}")
     return 0
 
@@ -48,6 +50,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    store = text_embeddings.embed_instructions(args.instructions, args.out, model=args.model, device=args.device)
+    from cosmos_edge.runtime.models import text_encoder  # torch and transformers: only this command needs them
+
+    store = text_encoder.embed_instructions(args.instructions, args.out, model=args.model, device=args.device)
     print(f"wrote {len(store.instructions)} embeddings of shape {list(store.shape)} to {args.out}")
     return 0

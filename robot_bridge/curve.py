@@ -43,11 +43,6 @@ class CurveKeyPair:
         check_key("secret", self.secret)
 
     @classmethod
-    def generate(cls) -> CurveKeyPair:
-        public, secret = zmq.curve_keypair()
-        return cls(public, secret)
-
-    @classmethod
     def load(cls, path: str | Path) -> CurveKeyPair:
         """Reads a `.key_secret` certificate written by `zmq.auth.create_certificates`."""
         public, secret = zmq.auth.load_certificate(path)

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 Clock = Callable[[], int]  # monotonic nanoseconds
 
 
-class ActReply(Protocol):
+class ChunkReply(Protocol):
     @property
     def obs_id(self) -> int: ...
 
@@ -37,8 +37,11 @@ class ActReply(Protocol):
     def timings_ms(self) -> Mapping[str, float]: ...
 
 
-class PolicyClient(Protocol):
-    """The robot_bridge client; raises TimeoutError (subclass) on timeout, another Exception on remote error."""
+class ActClient(Protocol):
+    """What the chunk source needs of a client (`robot_bridge.client.PolicyClient` meets it).
+
+    Raises TimeoutError (or a subclass) on timeout, another Exception on a remote error.
+    """
 
     def act(
         self,
@@ -50,7 +53,7 @@ class PolicyClient(Protocol):
         mode: str | None = None,
         seed: int | None = None,
         steps: int | None = None,
-    ) -> ActReply: ...
+    ) -> ChunkReply: ...
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ class ChunkSource(Protocol):
         ...
 
 
-def request_chunk(client: PolicyClient, params: ActParams, request: ChunkRequest, clock: Clock) -> Outcome:
+def request_chunk(client: ActClient, params: ActParams, request: ChunkRequest, clock: Clock) -> Outcome:
     """Call the policy for `request` and turn the reply, or the failure, into an `Outcome`."""
     try:
         reply = client.act(
@@ -146,7 +149,7 @@ class ThreadedChunkSource:
     Use as a context manager, or call `start()` and `close()`.
     """
 
-    def __init__(self, client: PolicyClient, params: ActParams, *, clock: Clock = time.monotonic_ns) -> None:
+    def __init__(self, client: ActClient, params: ActParams, *, clock: Clock = time.monotonic_ns) -> None:
         self._client = client
         self._params = params
         self._clock = clock

@@ -9,21 +9,16 @@ instruction (arbitrary text stays out of tensor names), plus a `format` tag. Eve
 The safetensors layout is parsed here with numpy, because numpy has no bfloat16 and `safetensors.numpy` cannot
 return one: 8-byte little-endian header length, a JSON header, then the raw little-endian buffer.
 
-`convert_official_pickle` is the only place cosmos-edge reads a pickle, and `embed_instructions` the only place
-it runs T5; both import torch (and transformers) lazily, so serving never needs them.
+Producing these files from the official pickle or with T5 needs torch: `models/text_encoder.py`.
 """
 
 from __future__ import annotations
 
 import difflib
-import io
 import json
 import math
-import pickle
 import struct
-import warnings
-from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -31,12 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from cosmos_edge.runtime.errors import CheckpointError, EngineError, InputError
+from cosmos_edge.runtime.errors import CheckpointError, InputError
 from cosmos_edge.runtime.policy.numerics import bf16_bits_to_float32, float32_to_bf16_bits
 
 FORMAT_TAG = "cosmos-edge/text-embeddings/1"
-T5_MODEL = "google-t5/t5-11b"
-T5_MAX_LENGTH = 512
 _MAX_HEADER_BYTES = 100 << 20  # the limit the reference safetensors implementation uses
 _ITEM_SIZES = {"BF16": 2, "F16": 2, "F32": 4}
 
@@ -116,118 +109,6 @@ def write(path: str | Path, embeddings: Mapping[str, np.ndarray] | TextEmbedding
     names = {instruction: f"embedding_{i}" for i, instruction in enumerate(store.instructions)}
     metadata = {"format": FORMAT_TAG, **{name: instruction for instruction, name in names.items()}}
     _write_safetensors(Path(path), {names[text]: bits for text, bits in store.bf16_bits.items()}, metadata)
-
-
-def convert_official_pickle(pkl_path: str | Path, out_path: str | Path, trust_pickle: bool) -> TextEmbeddings:
-    """Converts an official `*_t5_embeddings.pkl` ({instruction: bf16 tensor}, possibly CUDA tensors) to safetensors.
-
-    Refused unless `trust_pickle` is True. Even then the file is read with `torch.load(weights_only=True)` when it
-    is a torch.save archive, and otherwise by an unpickler that allows only the globals a pickled tensor needs
-    (tensor rebuild, storage-from-bytes loaded with weights_only=True onto the CPU, OrderedDict).
-    """
-    pkl_path = Path(pkl_path)
-    if not trust_pickle:
-        raise CheckpointError(
-            f"{pkl_path}: refused, a pickle can run code when loaded; pass trust_pickle=True (`--trust-pickle`) "
-            f"only for a file from a source you trust, such as the official nvidia/Cosmos-Policy-* repositories"
-        )
-    torch = _import_torch()
-    loaded = _load_tensor_pickle(pkl_path, torch)
-    if not isinstance(loaded, Mapping) or not loaded:
-        raise CheckpointError(
-            f"{pkl_path}: expected a non-empty dict of instruction -> tensor, got {type(loaded).__name__}"
-        )
-    arrays = {}
-    for instruction, tensor in loaded.items():
-        if not isinstance(instruction, str) or not isinstance(tensor, torch.Tensor):
-            raise CheckpointError(
-                f"{pkl_path}: expected str -> tensor entries, "
-                f"got {type(instruction).__name__} -> {type(tensor).__name__}"
-            )
-        arrays[instruction] = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
-    store = TextEmbeddings.from_arrays(arrays)
-    write(out_path, store)
-    return store
-
-
-def embed_instructions(
-    instructions: Sequence[str], out_path: str | Path, model: str = T5_MODEL, device: str = "cuda"
-) -> TextEmbeddings:
-    """Computes T5 encoder embeddings like the official `get_t5_emb.py` and writes them with `write`.
-
-    Tokenise with padding to max_length 512 (truncating), encode in float32, zero the positions past the true
-    length, round to bfloat16. Needs `torch` and `transformers`, and downloads `model` (T5-11B is ~45 GB).
-    """
-    try:
-        import torch
-        from transformers import T5EncoderModel, T5TokenizerFast
-    except ImportError as error:
-        raise EngineError(
-            f"embed_instructions: needs the optional packages torch and transformers (pip install torch "
-            f"transformers), got ImportError: {error}"
-        ) from error
-    tokenizer = T5TokenizerFast.from_pretrained(model)
-    # float32 like the official encoder (it loads with the default dtype); rounding to bf16 happens on write.
-    encoder = T5EncoderModel.from_pretrained(model, use_safetensors=True).to(device=device, dtype=torch.float32).eval()
-    embeddings = {}
-    with torch.inference_mode():
-        for text in instructions:
-            tokens = tokenizer(
-                [text], return_tensors="pt", truncation=True, padding="max_length", max_length=T5_MAX_LENGTH
-            )
-            mask = tokens.attention_mask.to(device)
-            hidden = encoder(input_ids=tokens.input_ids.to(device), attention_mask=mask).last_hidden_state
-            hidden[0, int(mask.sum()) :] = 0
-            embeddings[text] = hidden.float().cpu().numpy()
-    store = TextEmbeddings.from_arrays(embeddings)
-    write(out_path, store)
-    return store
-
-
-def _import_torch() -> Any:
-    # torch is optional for cosmos-edge (serving uses ONNX Runtime / TensorRT); only the converter needs it.
-    try:
-        import torch
-    except ImportError as error:
-        raise EngineError(
-            f"converting a pickle needs the optional package torch (pip install torch): {error}"
-        ) from error
-    return torch
-
-
-def _load_tensor_pickle(path: Path, torch: Any) -> object:
-    try:
-        with warnings.catch_warnings():
-            # torch warns about pickle protocols it did not write before rejecting a plain pickle.dump file.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError):
-        pass  # a plain pickle.dump file, not a torch.save archive: the official embeddings are written that way
-
-    def load_storage(data: bytes) -> object:
-        # Storages pickle as torch.save bytes that record their device; map them to the CPU (CUDA may be absent).
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-
-    allowed = {
-        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-        ("torch.storage", "_load_from_bytes"): load_storage,
-        ("collections", "OrderedDict"): OrderedDict,
-    }
-
-    class TensorOnlyUnpickler(pickle.Unpickler):
-        def find_class(self, module: str, name: str) -> Any:
-            if (module, name) not in allowed:
-                raise CheckpointError(
-                    f"{path}: refused, the pickle needs {module}.{name}, which is not a tensor-rebuild function "
-                    f"(allowed: {sorted(f'{m}.{n}' for m, n in allowed)})"
-                )
-            return allowed[(module, name)]
-
-    with path.open("rb") as file:
-        try:
-            return TensorOnlyUnpickler(file).load()
-        except (pickle.UnpicklingError, EOFError, ValueError) as error:
-            raise CheckpointError(f"{path}: not a readable pickle: {error}") from error
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, np.ndarray]]]:

@@ -307,7 +307,7 @@ def test_stop_answers_waiting_requests_and_returns(context: zmq.Context[zmq.Sock
 
 
 def test_curve_admits_listed_clients_only() -> None:
-    server_keys, client_keys, stranger_keys = (CurveKeyPair.generate() for _ in range(3))
+    server_keys, client_keys, stranger_keys = (CurveKeyPair(*zmq.curve_keypair()) for _ in range(3))
     curve = ServerCurve(server_keys, frozenset({client_keys.public}))
     with serving(PolicyServer(StubPolicy(), ServerConfig(ENDPOINT, curve=curve))) as endpoint:
         known = PolicyClient(
@@ -347,8 +347,8 @@ def test_binding_beyond_loopback_needs_keys_or_an_explicit_opt_in() -> None:
     with pytest.raises(ConfigError, match="reachable from other machines"):
         ServerConfig("tcp://0.0.0.0:5555")
     ServerConfig("tcp://0.0.0.0:5555", insecure_bind_all=True)
-    keys = CurveKeyPair.generate()
-    ServerConfig("tcp://*:5555", curve=ServerCurve(keys, frozenset({CurveKeyPair.generate().public})))
+    keys = CurveKeyPair(*zmq.curve_keypair())
+    ServerConfig("tcp://*:5555", curve=ServerCurve(keys, frozenset({CurveKeyPair(*zmq.curve_keypair()).public})))
     with pytest.raises(ConfigError, match="expected tcp://"):
         ServerConfig("udp://127.0.0.1:5555")
 

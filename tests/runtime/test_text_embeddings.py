@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cosmos_edge.runtime.errors import CheckpointError, EngineError, InputError
+from cosmos_edge.runtime.models import text_encoder
 from cosmos_edge.runtime.policy import text_embeddings
 from cosmos_edge.runtime.policy.numerics import round_to_bf16
 
@@ -88,7 +89,7 @@ def test_pickle_is_refused_without_the_flag(tmp_path: Path) -> None:
     path = tmp_path / "t5.pkl"
     path.write_bytes(pickle.dumps({"x": 1}))
     with pytest.raises(CheckpointError, match=r"refused.*trust_pickle=True"):
-        text_embeddings.convert_official_pickle(path, tmp_path / "out.safetensors", trust_pickle=False)
+        text_encoder.convert_official_pickle(path, tmp_path / "out.safetensors", trust_pickle=False)
     assert not (tmp_path / "out.safetensors").exists()
 
 
@@ -101,7 +102,7 @@ def test_convert_official_pickle(tmp_path: Path, writer: str) -> None:
             pickle.dump(source, file)
     else:
         torch.save(source, path)
-    store = text_embeddings.convert_official_pickle(path, tmp_path / "t5.safetensors", trust_pickle=True)
+    store = text_encoder.convert_official_pickle(path, tmp_path / "t5.safetensors", trust_pickle=True)
     reread = text_embeddings.read(tmp_path / "t5.safetensors")
     for text, tensor in source.items():
         np.testing.assert_array_equal(store.get(text), tensor.float().numpy())
@@ -112,20 +113,20 @@ def test_pickle_needing_other_globals_is_refused_even_when_trusted(tmp_path: Pat
     path = tmp_path / "t5.pkl"
     path.write_bytes(pickle.dumps({"a": collections.Counter()}, protocol=2))
     with pytest.raises(CheckpointError, match=r"needs collections\.Counter"):
-        text_embeddings.convert_official_pickle(path, tmp_path / "out.safetensors", trust_pickle=True)
+        text_encoder.convert_official_pickle(path, tmp_path / "out.safetensors", trust_pickle=True)
 
 
 def test_pickle_with_wrong_content(tmp_path: Path) -> None:
     path = tmp_path / "t5.pkl"
     path.write_bytes(pickle.dumps({"a": 1.0}))
     with pytest.raises(CheckpointError, match="expected str -> tensor entries, got str -> float"):
-        text_embeddings.convert_official_pickle(path, tmp_path / "out.safetensors", trust_pickle=True)
+        text_encoder.convert_official_pickle(path, tmp_path / "out.safetensors", trust_pickle=True)
 
 
 def test_embed_without_transformers_says_what_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
-    with pytest.raises(EngineError, match="torch and transformers"):
-        text_embeddings.embed_instructions(["pick up the cup"], tmp_path / "t5.safetensors")
+    with pytest.raises(EngineError, match="optional package transformers"):
+        text_encoder.embed_instructions(["pick up the cup"], tmp_path / "t5.safetensors")
 
 
 def _corrupt(tmp_path: Path, header: dict, buffer: bytes = b"") -> Path:
