@@ -7,14 +7,14 @@ SCRIPT = """
 import sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError
 import numpy as np
-from cosmos_edge.runtime import images, latent_codec, normalization, text_embeddings
+from cosmos_edge.runtime.policy import images, latents, normalization, text_embeddings
 from cosmos_edge.runtime.platforms import platform_spec
 
 platform = platform_spec("libero")
 frames = {camera: np.zeros((256, 256, 3), np.uint8) for camera in platform.cameras}
 assert images.preprocess_observation_images(platform, frames)["wrist"].shape == (3, 224, 224)
-latents = np.zeros((1, 16, 9, 28, 28), np.float32)
-latent_codec.write_proprio(latents, platform.proprio_slot, np.zeros((1, 9)))
+sequence = np.zeros((1, 16, 9, 28, 28), np.float32)
+latents.write_proprio(sequence, platform.proprio_slot, np.zeros((1, 9)))
 stats = normalization.DatasetStats(actions_min=[0.0], actions_max=[1.0], proprio_min=[0.0], proprio_max=[1.0])
 text_embeddings.write(sys.argv[1], {"a": np.ones((1, 4, 8), np.float32)})
 assert text_embeddings.read(sys.argv[1]).get("a").sum() == 32
