@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cosmos_edge.robot_bridge.controller.blending import summarize_boundaries
 from cosmos_edge.robot_bridge.controller.chunk_source import (
     ActParams,
     Chunk,
@@ -163,9 +164,26 @@ def _run_demo(args: argparse.Namespace) -> int:
     print("\nexecutor: " + ", ".join(f"{k}={v}" for k, v in asdict(executor.counters).items()))
     print(f"ticks: {summary.ticks} (holding position on {summary.hold_ticks} while waiting for the first chunk)")
     print("safety interventions: " + ", ".join(f"{k}={v}" for k, v in asdict(safety.counters).items()))
+    _print_boundaries(executor)
     strip = _write_strip(robot.frames, args.out / "episode.png")
     print(f"episode strip (cam_high every {FRAME_EVERY_TICKS} ticks): {strip}")
     return 0
+
+
+def _print_boundaries(executor: ChunkExecutor) -> None:
+    stats = summarize_boundaries(executor.boundaries())
+    blend = executor.config.blend
+    print(
+        f"chunk boundaries: {stats.boundaries} ({blend.scheme.value}, {blend.window_ticks} ticks); largest per-tick "
+        f"joint change at a boundary, rad: hard switch p50 {stats.raw_jump_p50:.3f} max {stats.raw_jump_max:.3f}, "
+        f"commanded p50 {stats.commanded_jump_p50:.3f} max {stats.commanded_jump_max:.3f}; "
+        f"safety-limited ticks in the windows: {stats.safety_ticks}"
+    )
+    latency = "n/a" if executor.latency_ms is None else f"{executor.latency_ms:.0f} ms of simulated time"
+    print(
+        f"inference round trip: {latency}; prefetch at {executor.prefetch_threshold} actions left; "
+        f"starved ticks: {executor.counters.starved_ticks}"
+    )
 
 
 def _print_latencies(chunks: list[tuple[Chunk, float]]) -> None:
@@ -175,7 +193,7 @@ def _print_latencies(chunks: list[tuple[Chunk, float]]) -> None:
     stages = list(dict.fromkeys(name for chunk, _ in chunks for name in chunk.timings_ms))
     rows = [(name, [chunk.timings_ms.get(name, 0.0) for chunk, _ in chunks]) for name in stages]
     rows.append(("round trip (controller)", [round_trip for _, round_trip in chunks]))
-    print(f"latency over {len(chunks)} chunks (ms, tiny model on this CPU)")
+    print(f"latency over {len(chunks)} policy replies (ms, tiny model on this CPU)")
     print(f"  {'stage':24s} {'p50':>9s} {'max':>9s}")
     for name, values in rows:
         print(f"  {name:24s} {np.median(values):9.1f} {np.max(values):9.1f}")

@@ -12,6 +12,11 @@ still for the whole inference. Here the control loop never waits for inference:
   is meant to start at tick k + 1, so when it arrives at tick t it replaces the rest of the old
   chunk from its action t - (k + 1) onwards. Replies no newer than the chunk in hand, or whose
   actions have all elapsed, are dropped.
+* The adopted chunk is blended with the trajectory it replaces (`blending`: a short cross-fade by default), so the
+  commanded pose does not jump at chunk boundaries; every boundary's raw and commanded jump is recorded.
+* The inference round trip is measured on every reply, and the prefetch point rises to cover it (with a margin).
+  When the robot still runs out of actions (starves), or replies arrive after all their actions elapsed, a
+  warning names the measured latency and the chunk horizon, at most every few seconds.
 * With no valid action the `SafetyFilter` holds position; every command goes through it.
 
 Threads: `run` executes on the caller's thread and owns the robot and all chunk state. Only the
@@ -23,17 +28,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 import numpy as np
 
+from cosmos_edge.robot_bridge.controller.blending import BlendConfig, Boundary, ChunkBlender
 from cosmos_edge.robot_bridge.controller.chunk_source import Chunk, ChunkRequest, ChunkSource, Clock, RequestFailed
-from cosmos_edge.robot_bridge.controller.safety import SafetyFilter
+from cosmos_edge.robot_bridge.controller.safety import Intervention, SafetyFilter
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.policy.api import Observation
 
@@ -68,7 +75,12 @@ class ExecutorConfig:
     Args:
     control_rate_hz: command rate (default 25, the rate Cosmos Policy ALOHA was trained at; 50 also works).
     prefetch_threshold: request the next chunk once at most this many actions of the current one remain
-        (default 25 = half of a 50-action chunk); it should exceed the inference latency in ticks.
+        (default 25 = half of a 50-action chunk); with `adaptive_prefetch` it rises to cover the measured round
+        trip times `latency_margin`.
+    adaptive_prefetch: raise the prefetch point to the measured inference round trip (default True).
+    latency_margin: factor on the measured round trip for the adaptive prefetch point (default 1.5).
+    starvation_warning_s: least time between two starvation warnings (default 5 s).
+    blend: how chunks are joined at boundaries (`blending.BlendConfig`; default an 8-tick cross-fade).
     retry_delay_s: wait after a failed request before the next one (default 0.1 s).
     record_capacity: tick records kept in the ring buffer (default 4096, 164 s at 25 Hz).
     realtime_priority: SCHED_FIFO priority (1-99) for the thread calling `run`, for its duration (default
@@ -85,6 +97,10 @@ class ExecutorConfig:
     record_capacity: int = 4096
     realtime_priority: int | None = None
     nice: int | None = None
+    adaptive_prefetch: bool = True
+    latency_margin: float = 1.5
+    starvation_warning_s: float = 5.0
+    blend: BlendConfig = field(default_factory=BlendConfig)
 
     def __post_init__(self) -> None:
         if not 0 < self.control_rate_hz <= 1000:
@@ -99,6 +115,10 @@ class ExecutorConfig:
             raise ConfigError(f"executor.realtime_priority: expected 1..99 or None, got {self.realtime_priority}")
         if self.nice is not None and not -20 <= self.nice <= 19:
             raise ConfigError(f"executor.nice: expected -20..19 or None, got {self.nice}")
+        if not self.latency_margin >= 1:
+            raise ConfigError(f"executor.latency_margin: expected >= 1, got {self.latency_margin}")
+        if not self.starvation_warning_s >= 0:
+            raise ConfigError(f"executor.starvation_warning_s: expected >= 0, got {self.starvation_warning_s}")
 
     @property
     def period_ns(self) -> int:
@@ -156,6 +176,7 @@ class ExecutorCounters:
     dropped_elapsed: int = 0  # every action of the reply was already in the past
     dropped_malformed: int = 0  # actions not (chunk, dims)
     dropped_stopped: int = 0  # arrived while the stop latch was set
+    starved_ticks: int = 0  # held position after the first chunk because no action was left (not stopped)
 
 
 @dataclass(frozen=True)
@@ -248,6 +269,11 @@ class ChunkExecutor:
         self._obs_floor = -1  # replies with obs_id <= floor are stale
         self._retry_at_ns = 0
         self._resume = threading.Event()
+        self._blender = ChunkBlender(config.blend)
+        self._last_command: np.ndarray | None = None
+        self._latency_ns: float | None = None  # smoothed inference round trip (capture to receipt)
+        self._chunk_length = 0  # of the last adopted chunk
+        self._warned_at_ns: int | None = None
 
     @property
     def counters(self) -> ExecutorCounters:
@@ -256,6 +282,24 @@ class ChunkExecutor:
     def records(self) -> np.ndarray:
         """Per-tick records (`TICK_DTYPE`), oldest first, at most `record_capacity`."""
         return self._log.snapshot()
+
+    def boundaries(self) -> list[Boundary]:
+        """Every finished chunk boundary (raw and commanded jump, safety interventions), oldest first."""
+        return self._blender.boundaries()
+
+    @property
+    def latency_ms(self) -> float | None:
+        """The smoothed inference round trip (observation capture to reply), None before the first reply."""
+        return None if self._latency_ns is None else self._latency_ns / 1e6
+
+    @property
+    def prefetch_threshold(self) -> int:
+        """The prefetch point in use: the configured one, raised to cover the measured round trip."""
+        base = self.config.prefetch_threshold
+        if not self.config.adaptive_prefetch or self._latency_ns is None:
+            return base
+        needed = math.ceil(self._latency_ns * self.config.latency_margin / self._period_ns)
+        return max(base, min(needed, max(self._chunk_length - 1, 0)))
 
     def stop(self, reason: str = "stop command") -> None:
         """Latch a stop: hold position and stop requesting chunks until `resume`."""
@@ -312,10 +356,17 @@ class ChunkExecutor:
             self._chunk, self._obs_floor = None, tick - 1
         adopted = self._receive(tick)
 
-        target, obs_id, index = self._action_at(tick)
+        action, obs_id, index = self._action_at(tick)
+        if action is None and self._chunk is not None and not self._safety.stopped:
+            self._counts["starved_ticks"] += 1
+            self._warn_starved(tick, "no action left: holding position")
+        target = self._blender.target(tick, action)
         safe = self._safety.apply(target, self._robot.current_qpos())
         self._robot.command(safe.qpos)
         command_ns = self._clock()
+        intervened = bool(safe.flags & (Intervention.RATE_LIMITED | Intervention.CLAMPED))
+        self._blender.observe_command(tick, safe.qpos, intervened)
+        self._last_command = safe.qpos
 
         requested = self._maybe_request(tick, command_ns)
         self._log.append(tick, deadline, wake, command_ns, missed, obs_id, index, safe.flags.value, adopted, requested)
@@ -330,14 +381,50 @@ class ChunkExecutor:
             self._retry_at_ns = self._clock() + round(self.config.retry_delay_s * 1e9)
             logger.warning("executor: request for obs %d failed: %r", outcome.obs_id, outcome.error)
             return False
+        # Round trip as the control loop sees it: from capture to the tick that received the outcome.
+        latency = self._clock() - outcome.capture_ns
+        self._latency_ns = latency if self._latency_ns is None else 0.7 * self._latency_ns + 0.3 * latency
+        self._chunk_length = len(outcome.actions)
         reason = self._drop_reason(outcome, tick)
         if reason is not None:
             self._counts[reason] += 1
             logger.debug("executor: %s chunk from obs %d at tick %d", reason, outcome.obs_id, tick)
+            if reason == "dropped_elapsed":
+                self._warn_starved(tick, f"the reply to obs {outcome.obs_id} came after all its actions elapsed")
             return False
+        old = self._chunk
+        self._blender.switch(
+            tick,
+            outcome.actions,
+            outcome.first_tick,
+            None if old is None else old.actions,
+            0 if old is None else old.first_tick,
+            self._last_command,
+        )
         self._chunk, self._obs_floor = outcome, outcome.obs_id
         self._counts["chunks_adopted"] += 1
         return True
+
+    def _warn_starved(self, tick: int, what: str) -> None:
+        now = self._clock()
+        if self._warned_at_ns is not None and now - self._warned_at_ns < self.config.starvation_warning_s * 1e9:
+            return
+        self._warned_at_ns = now
+        horizon_ms = self._chunk_length * self._period_ns / 1e6
+        latency = "unknown" if self.latency_ms is None else f"{self.latency_ms:.0f} ms"
+        logger.warning(
+            "executor: starved at tick %d (%s): inference round trip %s vs chunk horizon %.0f ms (%d actions at "
+            "%.0f Hz), prefetch at %d remaining; %d starved ticks so far. Use a faster mode or backend, fewer "
+            "denoising steps, or a lower control rate.",
+            tick,
+            what,
+            latency,
+            horizon_ms,
+            self._chunk_length,
+            self.config.control_rate_hz,
+            self.prefetch_threshold,
+            self._counts["starved_ticks"],
+        )
 
     def _drop_reason(self, chunk: Chunk, tick: int) -> str | None:
         if self._safety.stopped:
@@ -367,7 +454,7 @@ class ChunkExecutor:
     def _maybe_request(self, tick: int, now: int) -> bool:
         if self._safety.stopped or self._source.busy or now < self._retry_at_ns:
             return False
-        if self._remaining_after(tick) > self.config.prefetch_threshold:
+        if self._remaining_after(tick) > self.prefetch_threshold:
             return False
         # Captured after this tick's command (which is also when the adapters read their sensors), so
         # action 0 of the answer belongs to the next tick.

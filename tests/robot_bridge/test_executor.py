@@ -1,5 +1,6 @@
 """ChunkExecutor on a fake clock with a deterministic chunk source, plus short real-time runs with the worker thread."""
 
+import itertools
 import logging
 import os
 import threading
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
+from cosmos_edge.robot_bridge.controller.blending import BlendConfig, BlendScheme
 from cosmos_edge.robot_bridge.controller.chunk_source import (
     ActParams,
     Chunk,
@@ -161,6 +163,7 @@ class ReplaySource(LatencySource):
 
 RATE_HZ = 25.0
 PERIOD_NS = 40_000_000
+HARD_SWITCH = BlendConfig(BlendScheme.NONE)
 
 
 def make(
@@ -168,13 +171,15 @@ def make(
     threshold: int = 8,
     latency_ticks: int = 3,
     source_cls: type[LatencySource] = LatencySource,
-    **config: float,
+    **config: object,
 ) -> tuple[ChunkExecutor, FakeRobot, FakeClient, FakeClock]:
     clock = FakeClock()
     robot = FakeRobot(clock)
     client = FakeClient(chunk)
     source = source_cls(client, clock, latency_ticks)
-    cfg = ExecutorConfig(control_rate_hz=RATE_HZ, prefetch_threshold=threshold, **config)  # type: ignore[arg-type]
+    # The scheduling tests decode exact actions: a hard switch and a fixed prefetch point unless a test asks.
+    settings: dict[str, object] = {"blend": HARD_SWITCH, "adaptive_prefetch": False, **config}
+    cfg = ExecutorConfig(control_rate_hz=RATE_HZ, prefetch_threshold=threshold, **settings)  # type: ignore[arg-type]
     executor = ChunkExecutor(robot, source, SafetyFilter(SafetyConfig()), cfg, clock=clock, sleep=clock.sleep)
     return executor, robot, client, clock
 
@@ -456,3 +461,131 @@ def test_threaded_source_close_stops_the_worker() -> None:
     source.start()
     source.close()
     assert not any(t.name == "chunk-source" and t.is_alive() for t in threading.enumerate())
+
+
+# --- Chunk boundaries: blending, boundary statistics, starvation ---
+
+WIDE_STEP = SafetyConfig(max_joint_step=1.0)  # lets the tests see what the executor asks for, unclamped
+
+
+def offset_chunks(client: FakeClient, offsets: list[float], noise: float = 0.0) -> None:
+    """The k-th reply's waist joint (index 0) is a slow ramp plus `offsets[k % len]`, with optional noise."""
+    replies = iter(range(1_000_000))
+    rng = np.random.default_rng(0)
+
+    def transform(actions: np.ndarray) -> np.ndarray:
+        k = next(replies)
+        out = actions.copy()
+        out[:, 0] = offsets[k % len(offsets)] + 0.002 * np.arange(len(out)) + noise * rng.standard_normal(len(out))
+        return out
+
+    client.transform = transform
+
+
+def make_blending(blend: BlendConfig, safety: SafetyConfig = WIDE_STEP) -> tuple[ChunkExecutor, FakeRobot, FakeClient]:
+    clock = FakeClock()
+    robot, client = FakeRobot(clock), FakeClient(chunk=20)
+    config = ExecutorConfig(control_rate_hz=RATE_HZ, prefetch_threshold=8, adaptive_prefetch=False, blend=blend)
+    executor = ChunkExecutor(
+        robot, LatencySource(client, clock, 3), SafetyFilter(safety), config, clock=clock, sleep=clock.sleep
+    )
+    return executor, robot, client
+
+
+def waist_steps(robot: FakeRobot) -> np.ndarray:
+    return np.abs(np.diff(np.array(robot.commands)[:, 0]))
+
+
+@pytest.mark.parametrize("window", [4, 8])
+def test_crossfade_bounds_the_boundary_step_and_then_follows_the_new_chunk(window: int) -> None:
+    executor, robot, client = make_blending(BlendConfig(BlendScheme.CROSSFADE, window_ticks=window))
+    offset_chunks(client, [0.0, 0.3, -0.3])
+    executor.run(120)
+    boundaries = executor.boundaries()
+    assert len(boundaries) >= 5
+    later = boundaries[1:]  # the first chunk fades in from the hold pose (raw jump 0 there: same waist angle)
+    for boundary in later:
+        assert boundary.raw_jump > 0.25  # what a hard switch would command in one tick (0.3 less the ramp)
+        # Each tick of the fade closes 1/(window+1) of the gap, which moves by at most 2 mrad per tick (the old
+        # chunk may run out and be held during the fade), on top of the trajectory's own 2 mrad step.
+        assert boundary.commanded_jump <= boundary.raw_jump / (window + 1) + 0.0041
+    # Outside the fade windows the robot executes each new chunk exactly.
+    records = executor.records()
+    commands = np.array(robot.commands)
+    adopted = np.flatnonzero(records["adopted"])
+    for start, end in itertools.pairwise(adopted[1:]):
+        for tick in range(start + window, end):
+            index = records["action_index"][tick]
+            obs_id = records["chunk_obs_id"][tick]
+            assert decode(commands[tick])[1] == index and obs_id != NO_CHUNK
+
+
+def test_hard_switch_jumps_and_the_safety_filter_clamps_it() -> None:
+    executor, robot, client = make_blending(HARD_SWITCH, SafetyConfig())  # the default 0.15 rad per tick
+    offset_chunks(client, [0.0, 0.3, -0.3])
+    executor.run(120)
+    later = executor.boundaries()[1:]
+    assert all(b.commanded_jump >= 0.149 and b.safety_ticks >= 1 for b in later)
+    blended, blended_robot, blended_client = make_blending(BlendConfig(), SafetyConfig())
+    offset_chunks(blended_client, [0.0, 0.3, -0.3])
+    blended.run(120)
+    assert all(b.safety_ticks == 0 and b.commanded_jump < 0.1 for b in blended.boundaries()[1:])
+    assert waist_steps(blended_robot).max() < waist_steps(robot).max() / 2
+
+
+def test_noisy_chunks_stay_continuous_with_blending() -> None:
+    executor, _, client = make_blending(BlendConfig(BlendScheme.CROSSFADE, window_ticks=8))
+    offset_chunks(client, [0.0, 0.05, -0.05], noise=0.01)
+    executor.run(150)
+    boundaries = executor.boundaries()[1:]
+    assert boundaries and all(b.commanded_jump < b.raw_jump for b in boundaries if b.raw_jump > 0.05)
+
+
+def test_ensemble_weighs_the_older_chunk_until_it_runs_out() -> None:
+    decay = 0.5
+    executor, robot, client = make_blending(BlendConfig(BlendScheme.ENSEMBLE, ensemble_decay=decay))
+    offset_chunks(client, [0.0, 0.3])
+    executor.run(40)
+    records = executor.records()
+    second = np.flatnonzero(records["adopted"])[1]
+    old, new = records["chunk_obs_id"][second - 1], records["chunk_obs_id"][second]
+    assert old != new
+    weight = np.exp(-decay)
+    # At the switch the old chunk's waist (ramp + 0) and the new one's (ramp + 0.3) mix with weights 1 : e^-m.
+    old_waist = 0.002 * (second - (old + 1))  # the old chunk's action index at this tick
+    new_waist = 0.3 + 0.002 * records["action_index"][second]
+    expected = (old_waist + weight * new_waist) / (1 + weight)
+    assert robot.commands[second][0] == pytest.approx(expected, abs=1e-6)
+    # Once the old chunk has run out, the new one is followed alone.
+    last = second + (20 - (second - (old + 1)))
+    index = records["action_index"][last]
+    assert decode(robot.commands[last])[1] == index and robot.commands[last][0] == pytest.approx(0.3 + 0.002 * index)
+
+
+def test_lowpass_smooths_the_target() -> None:
+    executor, robot, client = make_blending(BlendConfig(BlendScheme.NONE, lowpass_alpha=0.5))
+    offset_chunks(client, [0.0, 0.3])
+    executor.run(40)
+    second = np.flatnonzero(executor.records()["adopted"])[1]
+    commands = np.array(robot.commands)[:, 0]
+    assert 0.1 < commands[second] - commands[second - 1] < 0.2  # half of the 0.3 jump, plus the ramp
+
+
+def test_adaptive_prefetch_covers_the_measured_latency() -> None:
+    fixed, _, _, _ = make(chunk=20, threshold=2, latency_ticks=10)
+    fixed.run(200)
+    adaptive, _, _, _ = make(chunk=20, threshold=2, latency_ticks=10, adaptive_prefetch=True)
+    adaptive.run(200)
+    assert fixed.counters.starved_ticks > 50  # requests 2 actions before the end, 10 ticks of latency
+    assert adaptive.latency_ms == pytest.approx(400.0)  # 10 ticks at 25 Hz
+    assert adaptive.prefetch_threshold == 15  # ceil(10 ticks x 1.5)
+    assert adaptive.counters.starved_ticks <= 10  # only until the first round trip was measured
+
+
+def test_starvation_is_reported_with_latency_and_horizon(caplog: pytest.LogCaptureFixture) -> None:
+    executor, _, _, _ = make(chunk=5, threshold=2, latency_ticks=8, adaptive_prefetch=True)
+    with caplog.at_level(logging.WARNING, logger="cosmos_edge.robot_bridge.controller.executor"):
+        executor.run(400)
+    warnings = [r.getMessage() for r in caplog.records if "starved" in r.getMessage()]
+    assert warnings and "inference round trip 320 ms vs chunk horizon" in warnings[0]
+    assert len(warnings) <= 4  # at most one per 5 s of the 16 s run

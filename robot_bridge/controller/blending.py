@@ -1,0 +1,189 @@
+"""Continuous commands across chunk boundaries: blend a newly adopted chunk with the trajectory it replaces.
+
+A new chunk is computed from a newer observation, so its action for the switching tick generally differs from the
+old chunk's action for that tick; switching hard makes the commanded trajectory jump (the top complaint about the
+official client on real arms). Two schemes, both keeping the executor's time alignment:
+
+* `crossfade` (default): over `window_ticks` ticks the target moves linearly from the old trajectory to the new
+  chunk, new weight (j + 1) / (window + 1) at the j-th tick after the switch. The old trajectory is the replaced
+  chunk, held at its last action once it runs out, or the last commanded pose when there was none, so the first
+  chunk after a hold fades in as well. After the window the new chunk is followed exactly.
+* `ensemble`: ACT-style temporal ensembling, exponential weights exp(-m·i) with i = 0 for the older prediction, for
+  every tick both chunks cover; the older chunk dominates (m > 0) until it runs out, when the target switches to
+  the new chunk alone.
+
+An optional first-order low-pass (`lowpass_alpha`) smooths the blended target before the safety filter.
+`benchmarks/blending.py` measures both schemes on scripted chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from cosmos_edge.runtime.errors import ConfigError
+
+
+class BlendScheme(str, Enum):
+    NONE = "none"
+    CROSSFADE = "crossfade"
+    ENSEMBLE = "ensemble"
+
+
+@dataclass(frozen=True)
+class BlendConfig:
+    """How the executor joins chunks. Defaults: an 8-tick (0.32 s at 25 Hz) cross-fade, no low-pass.
+
+    Args:
+        scheme: `crossfade`, `ensemble` or `none` (hard switch, as the official client).
+        window_ticks: cross-fade length; also how long a boundary's statistics are collected.
+        ensemble_decay: m of the ensemble weights exp(-m·i); 0 averages both chunks equally.
+        lowpass_alpha: None, or the weight in (0, 1] of the new target in y ← y + α·(x − y) each tick.
+    """
+
+    scheme: BlendScheme = BlendScheme.CROSSFADE
+    window_ticks: int = 8
+    ensemble_decay: float = 0.5
+    lowpass_alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.scheme, BlendScheme):
+            raise ConfigError(f"blend.scheme: expected one of {[s.value for s in BlendScheme]}, got {self.scheme!r}")
+        if self.window_ticks < 1:
+            raise ConfigError(f"blend.window_ticks: expected >= 1, got {self.window_ticks}")
+        if not (self.ensemble_decay >= 0 and math.isfinite(self.ensemble_decay)):
+            raise ConfigError(f"blend.ensemble_decay: expected a finite value >= 0, got {self.ensemble_decay}")
+        if self.lowpass_alpha is not None and not 0 < self.lowpass_alpha <= 1:
+            raise ConfigError(f"blend.lowpass_alpha: expected None or (0, 1], got {self.lowpass_alpha}")
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """One chunk switch. `raw_jump`: max |new chunk's action − old trajectory| at the switch tick (what a hard
+    switch would command); `commanded_jump`: the largest per-tick change of the commanded pose over the switch tick
+    and the `window_ticks` after it (a cross-fade closes the gap in window_ticks + 1 equal steps); `safety_ticks`:
+    ticks of that span the safety filter rate-limited or clamped."""
+
+    tick: int
+    raw_jump: float
+    commanded_jump: float
+    safety_ticks: int
+
+
+class ChunkBlender:
+    """The target of each tick from the chunk in hand and the one it replaced; records every boundary.
+
+    Owned by the executor's control thread (not thread-safe).
+    """
+
+    def __init__(self, config: BlendConfig, capacity: int = 1024) -> None:
+        self.config = config
+        self._old: np.ndarray | None = None  # the replaced trajectory, indexed from `_old_first_tick`
+        self._old_first_tick = 0
+        self._hold: np.ndarray | None = None  # the last commanded pose at the switch, when there was no old chunk
+        self._switch_tick = 0
+        self._lowpassed: np.ndarray | None = None
+        self._open: tuple[int, float, float, int, np.ndarray | None] | None = None
+        self._boundaries: deque[Boundary] = deque(maxlen=capacity)
+
+    def boundaries(self) -> list[Boundary]:
+        """Finished boundaries, oldest first."""
+        return list(self._boundaries)
+
+    def switch(
+        self,
+        tick: int,
+        new_actions: np.ndarray,
+        new_first_tick: int,
+        old_actions: np.ndarray | None,
+        old_first_tick: int,
+        last_command: np.ndarray | None,
+    ) -> None:
+        """A new chunk is adopted at `tick`; the chunk in hand until now was `old_actions` (None: holding)."""
+        self._close_boundary()
+        self._old, self._old_first_tick = old_actions, old_first_tick
+        self._hold = None if last_command is None else np.asarray(last_command, dtype=np.float64)
+        self._switch_tick = tick
+        previous = self._old_trajectory(tick, hold_past_end=True)
+        new = np.asarray(new_actions[tick - new_first_tick], dtype=np.float64)
+        raw = 0.0 if previous is None else float(np.abs(new - previous).max())
+        self._open = (tick, raw, 0.0, 0, None if last_command is None else self._hold)
+
+    def target(self, tick: int, action: np.ndarray | None) -> np.ndarray | None:
+        """The command target for `tick`, given the adopted chunk's `action` for it (None: nothing to do)."""
+        if action is None:
+            self._lowpassed = None  # holding: restart the filter from the next target
+            return None
+        target = self._blended(tick, np.asarray(action, dtype=np.float64))
+        alpha = self.config.lowpass_alpha
+        if alpha is not None:
+            previous = self._lowpassed if self._lowpassed is not None else target
+            target = previous + alpha * (target - previous)
+            self._lowpassed = target
+        return target
+
+    def observe_command(self, tick: int, command: np.ndarray, safety_intervened: bool) -> None:
+        """Feeds the boundary statistics with what was actually commanded at `tick`."""
+        if self._open is None:
+            return
+        start, raw, largest, safety_ticks, previous = self._open
+        step = 0.0 if previous is None else float(np.abs(command - previous).max())
+        self._open = (start, raw, max(largest, step), safety_ticks + int(safety_intervened), command.copy())
+        if tick - start >= self.config.window_ticks:  # the fade's window_ticks + 1 steps are in
+            self._close_boundary()
+
+    def _blended(self, tick: int, new: np.ndarray) -> np.ndarray:
+        scheme = self.config.scheme
+        since = tick - self._switch_tick
+        if scheme is BlendScheme.CROSSFADE and since < self.config.window_ticks:
+            old = self._old_trajectory(tick, hold_past_end=True)
+            if old is not None:
+                weight = (since + 1) / (self.config.window_ticks + 1)
+                return (1.0 - weight) * old + weight * new
+        if scheme is BlendScheme.ENSEMBLE:
+            old = self._old_trajectory(tick, hold_past_end=False)
+            if old is not None:
+                new_weight = math.exp(-self.config.ensemble_decay)
+                return (old + new_weight * new) / (1.0 + new_weight)
+        return new
+
+    def _old_trajectory(self, tick: int, hold_past_end: bool) -> np.ndarray | None:
+        if self._old is None:
+            return self._hold if hold_past_end else None
+        index = tick - self._old_first_tick
+        if index < len(self._old):
+            return np.asarray(self._old[max(index, 0)], dtype=np.float64)
+        return np.asarray(self._old[-1], dtype=np.float64) if hold_past_end else None
+
+    def _close_boundary(self) -> None:
+        if self._open is not None:
+            start, raw, largest, safety_ticks, _ = self._open
+            self._boundaries.append(Boundary(start, raw, largest, safety_ticks))
+            self._open = None
+
+
+@dataclass(frozen=True)
+class BoundarySummary:
+    boundaries: int
+    raw_jump_p50: float
+    raw_jump_max: float
+    commanded_jump_p50: float
+    commanded_jump_max: float
+    safety_ticks: int
+
+
+def summarize_boundaries(boundaries: list[Boundary]) -> BoundarySummary:
+    raw = np.array([b.raw_jump for b in boundaries]) if boundaries else np.zeros(1)
+    commanded = np.array([b.commanded_jump for b in boundaries]) if boundaries else np.zeros(1)
+    return BoundarySummary(
+        boundaries=len(boundaries),
+        raw_jump_p50=float(np.median(raw)),
+        raw_jump_max=float(raw.max()),
+        commanded_jump_p50=float(np.median(commanded)),
+        commanded_jump_max=float(commanded.max()),
+        safety_ticks=sum(b.safety_ticks for b in boundaries),
+    )
