@@ -4,6 +4,7 @@ observation `.npz`; the result is printed and saved."""
 from __future__ import annotations
 
 import argparse
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +53,18 @@ def read_observation(path: Path, platform: PlatformSpec) -> Observation:
     """Reads an observation npz; the camera names and the proprio are checked by the policy."""
     if not path.is_file():
         raise InputError(f"observation: {path}: no such file")
-    with np.load(path, allow_pickle=False) as archive:
-        arrays = {name: archive[name] for name in archive.files}
+    with path.open("rb") as file:
+        magic = file.read(4)
+    if magic != b"PK\x03\x04":  # every .npz is a zip archive
+        raise InputError(f"observation: {path}: not an .npz archive (np.savez writes one), it starts with {magic!r}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        with loaded:
+            arrays = {name: loaded[name] for name in loaded.files}
+    except ValueError as error:  # numpy refuses object arrays without allow_pickle
+        raise InputError(f"observation: {path}: holds object arrays, which are never loaded (pickles)") from error
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise InputError(f"observation: {path}: not a readable .npz ({error})") from error
     if "proprio" not in arrays:
         raise InputError(f"observation: {path} has no `proprio` array (found {sorted(arrays)})")
     proprio = arrays.pop("proprio")

@@ -119,6 +119,8 @@ def _open_checkpoints(
     stats = DatasetStats.from_json(files.stats, platform)
     text = text_store.read(files.text_embeddings)
     torch_backend = load_torch_backend()
+    for device in devices:  # every device is checked before any weights are read
+        torch_backend.check_device(device)
     separate_planner = with_planning and source.planning_checkpoint not in (None, files.checkpoint)
     networks = []
     for device in devices:

@@ -26,6 +26,8 @@ class GraphBackend(Protocol):
 
 
 class TorchBackend(Protocol):
+    def check_device(self, device: str) -> object: ...
+
     def open_autoencoder(self, tokenizer: Path, precision: str, device: str) -> VideoAutoencoder: ...
 
     def open_denoiser(

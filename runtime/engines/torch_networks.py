@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.models.dit import CosmosDiT
 from cosmos_edge.runtime.models.dit_checkpoint import load_dit
 from cosmos_edge.runtime.models.dtypes import TORCH_DTYPES
@@ -57,13 +58,30 @@ class TorchDiT:
         return network
 
 
+def check_device(device: str) -> torch.device:
+    """`device` as a torch device this process can use; ConfigError names the device otherwise."""
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError as error:
+        raise ConfigError(f"device {device!r}: not a torch device; expected cpu, cuda or cuda:N") from error
+    if torch_device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda} but sees no GPU"
+            raise ConfigError(f"device {device!r}: this torch ({torch.__version__}) is {build}; use --device cpu")
+        if torch_device.index is not None and torch_device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif torch_device.type != "cpu":
+        raise ConfigError(f"device {device!r}: the torch backend runs on cpu or cuda[:N]")
+    return torch_device
+
+
 def open_autoencoder(tokenizer: Path, precision: str, device: str) -> TorchAutoencoder:
     """The Wan2.1 VAE of a `tokenizer.pth` (or diffusers `vae/` directory) on `device`."""
-    torch_device = torch.device(device)
+    torch_device = check_device(device)
     return TorchAutoencoder(load_wan_vae(tokenizer, TORCH_DTYPES[precision], torch_device), torch_device)
 
 
 def open_denoiser(checkpoint: Path, precision: str, device: str, compile_mode: str | None = None) -> TorchDiT:
     """The DiT of an official `.pt` (or diffusers `transformer/` directory) on `device`."""
-    torch_device = torch.device(device)
+    torch_device = check_device(device)
     return TorchDiT(load_dit(checkpoint, TORCH_DTYPES[precision], torch_device), torch_device, compile_mode)

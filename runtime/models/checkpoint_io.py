@@ -26,6 +26,8 @@ def read_tensor_file(path: str | Path) -> StateDict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty; expected a PyTorch checkpoint")
     if path.suffix == ".safetensors":
         return dict(load_safetensors(str(path)))
     try:

@@ -313,7 +313,11 @@ def load_dit(
         raw_json = json.loads(config_path.read_text())
         known = _diffusers_fields(raw_json, config_path)
     canonical = _canonicalize(read_dit_state_dict(path))
-    config = dataclasses.replace(_infer_config(canonical, **known), rope_bf16_exponents=rope_bf16_exponents)
+    try:
+        inferred = _infer_config(canonical, **known)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: not a Cosmos-Predict2 DiT checkpoint: {error}") from error
+    config = dataclasses.replace(inferred, rope_bf16_exponents=rope_bf16_exponents)
     if raw_json is not None:
         _check_diffusers_json(config, raw_json, config_path)
     return _materialize(canonical, config, dtype, device, str(path))

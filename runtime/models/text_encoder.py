@@ -31,6 +31,8 @@ def convert_official_pickle(pkl_path: str | Path, out_path: str | Path, trust_pi
     (tensor rebuild, storage-from-bytes loaded with weights_only=True onto the CPU, OrderedDict).
     """
     pkl_path = Path(pkl_path)
+    if not pkl_path.is_file():
+        raise CheckpointError(f"{pkl_path}: no such file")
     if not trust_pickle:
         raise CheckpointError(
             f"{pkl_path}: refused, a pickle can run code when loaded; pass trust_pickle=True (`--trust-pickle`) "

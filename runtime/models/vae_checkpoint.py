@@ -197,7 +197,10 @@ def load_wan_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: s
     """
     path = Path(path)
     state_dict = _read_diffusers_dir(path) if path.is_dir() else to_official_layout(read_tensor_file(path))
-    config = infer_vae_config(state_dict)
+    try:
+        config = infer_vae_config(state_dict)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: not a Wan2.1 VAE (the tokenizer.pth): {error}") from error
     with torch.device(device):
         model = WanVAE(config)
     model.to(dtype)

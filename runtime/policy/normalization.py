@@ -54,8 +54,8 @@ class DatasetStats:
                     raise ConfigError(
                         f"{prefix}_{suffix}: expected {dim} values like {prefix}_min, got {value.shape[0]}"
                     )
-        _check_ordered("actions", self.actions_min, self.actions_max, allow_equal=True)
-        _check_ordered("proprio", self.proprio_min, self.proprio_max, allow_equal=False)
+        _check_ordered("actions", self.actions_min, self.actions_max)
+        _check_ordered("proprio", self.proprio_min, self.proprio_max)
 
     @property
     def action_dim(self) -> int:
@@ -80,7 +80,10 @@ class DatasetStats:
         missing = [name for name in REQUIRED_KEYS if name not in raw]
         if missing:
             raise ConfigError(f"dataset statistics {path}: missing keys {missing}")
-        stats = cls(**{field.name: raw[field.name] for field in fields(cls) if field.name in raw})
+        try:
+            stats = cls(**{field.name: raw[field.name] for field in fields(cls) if field.name in raw})
+        except ConfigError as error:
+            raise ConfigError(f"dataset statistics {path}: {error}") from error
         if stats.action_dim != platform.action_dim or stats.proprio_dim != platform.proprio_dim:
             raise ConfigError(
                 f"dataset statistics {path}: {platform.name} expects action_dim {platform.action_dim} and "
@@ -113,7 +116,7 @@ def _as_stat_vector(name: str, value: object) -> np.ndarray:
     try:
         array = np.array(value, dtype=np.float64)
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"{name}: expected a list of numbers, got {type(value).__name__}") from error
+        raise ConfigError(f"{name}: expected a list of numbers, got {str(value)[:80]}") from error
     if array.ndim != 1 or array.shape[0] == 0:
         raise ConfigError(f"{name}: expected a non-empty 1-D list of numbers, got shape {list(array.shape)}")
     bad = np.flatnonzero(~np.isfinite(array))
@@ -123,13 +126,13 @@ def _as_stat_vector(name: str, value: object) -> np.ndarray:
     return array
 
 
-def _check_ordered(prefix: str, low: np.ndarray, high: np.ndarray, allow_equal: bool) -> None:
-    bad = np.flatnonzero(low > high if allow_equal else low >= high)
+def _check_ordered(prefix: str, low: np.ndarray, high: np.ndarray) -> None:
+    # Strictly: normalisation divides by max - min, and a constant dimension would carry no action at all.
+    bad = np.flatnonzero(low >= high)
     if bad.size:
         dim = int(bad[0])
-        relation = "<=" if allow_equal else "< (normalisation divides by max - min)"
         raise ConfigError(
-            f"{prefix}_min/{prefix}_max: expected min {relation} max in every dim, "
+            f"{prefix}_min/{prefix}_max: expected min < max in every dim (normalisation divides by max - min), "
             f"got min {low[dim]} and max {high[dim]} at dim {dim}"
         )
 

@@ -121,7 +121,10 @@ def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, 
         raise CheckpointError(f"{path}: not safetensors, expected at least 8 bytes, got {len(data)}")
     (header_size,) = struct.unpack("<Q", data[:8])
     if header_size > min(_MAX_HEADER_BYTES, len(data) - 8):
-        raise CheckpointError(f"{path}: header length {header_size} exceeds the file ({len(data)} bytes) or 100 MiB")
+        raise CheckpointError(
+            f"{path}: not a safetensors file of instruction embeddings (its 8-byte header length reads {header_size}, "
+            f"beyond the file's {len(data)} bytes or 100 MiB); expected the output of `cosmos-edge text-embeddings`"
+        )
     try:
         header = json.loads(data[8 : 8 + header_size].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:

@@ -1,0 +1,103 @@
+"""Bad input through the command line: one `cosmos-edge: error:` line naming the file or the flag, exit code 2."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cosmos_edge.cli.main import main
+from cosmos_edge.runtime.bundle.sources import CheckpointFiles
+
+Case = Callable[[CheckpointFiles, Path], tuple[list[str], str]]
+
+
+def files_args(files: CheckpointFiles, **override: Path) -> list[str]:
+    paths = {
+        "checkpoint": files.checkpoint,
+        "tokenizer": files.tokenizer,
+        "stats": files.stats,
+        "text-embeddings": files.text_embeddings,
+    } | {name.replace("_", "-"): path for name, path in override.items()}
+    return [arg for name, path in paths.items() for arg in (f"--{name}", str(path))] + ["--platform", "aloha"]
+
+
+def observation(tmp: Path) -> Path:
+    rng = np.random.default_rng(0)
+    images = {name: rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for name in ("cam_high", "cam_left_wrist")}
+    images["cam_right_wrist"] = images["cam_high"]
+    np.savez(tmp / "obs.npz", proprio=np.zeros(14, np.float32), **images)  # type: ignore[arg-type]
+    return tmp / "obs.npz"
+
+
+def act(
+    files: CheckpointFiles, tmp: Path, *extra: str, observation_path: Path | None = None, **override: Path
+) -> list[str]:
+    obs = observation_path or observation(tmp)
+    return ["act", *files_args(files, **override), "--observation", str(obs), "--task", "fold the t-shirt", *extra]
+
+
+def write(tmp: Path, name: str, data: bytes) -> Path:
+    (tmp / name).write_bytes(data)
+    return tmp / name
+
+
+def stats_with(files: CheckpointFiles, tmp: Path, **changes: object) -> Path:
+    stats = json.loads(files.stats.read_text()) | changes
+    path = tmp / "stats.json"
+    path.write_text(json.dumps(stats))
+    return path
+
+
+CASES: dict[str, Case] = {
+    "cuda on a CPU-only torch": lambda f, t: (act(f, t, "--device", "cuda"), "device 'cuda'"),
+    "not a device": lambda f, t: (act(f, t, "--device", "banana"), "device 'banana'"),
+    "observation is text": lambda f, t: (act(f, t, observation_path=write(t, "o.npz", b"hello")), "o.npz"),
+    "truncated observation": lambda f, t: (
+        act(f, t, observation_path=write(t, "o.npz", observation(t).read_bytes()[:500])),
+        "o.npz",
+    ),
+    "observation of object arrays": lambda f, t: (
+        act(f, t, observation_path=_objects(t)),
+        "objects.npz",
+    ),
+    "missing pickle": lambda f, t: (
+        ["text-embeddings", "convert", str(t / "nope.pkl"), str(t / "o.safetensors"), "--trust-pickle"],
+        "nope.pkl",
+    ),
+    "swapped checkpoint and tokenizer": lambda f, t: (
+        act(f, t, checkpoint=f.tokenizer, tokenizer=f.checkpoint),
+        str(f.checkpoint),
+    ),
+    "VAE given as the DiT": lambda f, t: (act(f, t, checkpoint=f.tokenizer), str(f.tokenizer)),
+    "empty checkpoint": lambda f, t: (act(f, t, checkpoint=write(t, "empty.pt", b"")), "empty.pt"),
+    "short stats list": lambda f, t: (
+        act(f, t, stats=stats_with(f, t, actions_min=[0.0] * 3)),
+        "stats.json",
+    ),
+    "non-numeric stats": lambda f, t: (act(f, t, stats=stats_with(f, t, actions_min=["a"] * 14)), "stats.json"),
+    "constant action dimension": lambda f, t: (
+        act(f, t, stats=stats_with(f, t, actions_max=json.loads(f.stats.read_text())["actions_min"])),
+        "stats.json",
+    ),
+    "JSON as text embeddings": lambda f, t: (act(f, t, text_embeddings=f.stats), str(f.stats)),
+}
+
+
+def _objects(tmp: Path) -> Path:
+    np.savez(tmp / "objects.npz", cam_high=np.array([{"a": 1}], dtype=object), proprio=np.zeros(14))
+    return tmp / "objects.npz"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_is_one_line_naming_the_file_or_flag(
+    name: str, tiny_assets: dict[str, CheckpointFiles], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv, named = CASES[name](tiny_assets["aloha"], tmp_path)
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cosmos-edge: error: "), lines
+    assert named in lines[0], lines[0]
