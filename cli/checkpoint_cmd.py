@@ -48,7 +48,7 @@ def _print_report(report: dict[str, Any]) -> None:
     print(f"network:     {report['network']}")
     print(f"format:      {report['format']}")
     print(f"parameters:  {report['num_parameters']:,}")
-    print(f"dtypes:      {report['dtypes']}")
+    print(f"dtypes:      {report['dtypes']} (parameter elements)")
     print("config:      " + ", ".join(f"{k}={v}" for k, v in report["config"].items()))
     if report["ignored_keys"]:
         print(f"ignored:     {len(report['ignored_keys'])} keys (e.g. {report['ignored_keys'][:3]})")

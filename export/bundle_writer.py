@@ -113,15 +113,33 @@ def export_bundle(request: ExportRequest) -> Bundle:
     if out.exists():
         raise BundleError(f"{out}: already exists; remove it or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _remove_interrupted_exports(out)
+    staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{out.name}.partial-", dir=out.parent))
     try:
         write_manifest(staging, _write_contents(request, staging))
+        staging.chmod(_directory_mode())  # mkdtemp makes it private (0700); a bundle is read like its files
         os.rename(staging, out)  # atomic within one filesystem: the bundle appears whole or not at all
     except BaseException:  # KeyboardInterrupt included: never leave a half-written bundle behind
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _LOG.info("bundle written: %s", out)
     return Bundle.open(out)
+
+
+_STAGING_PREFIX = "."
+
+
+def _remove_interrupted_exports(out: Path) -> None:
+    """Staging folders of earlier exports to the same name that were killed before they could clean up."""
+    for stale in sorted(out.parent.glob(f"{_STAGING_PREFIX}{out.name}.partial-*")):
+        _LOG.warning("removing %s, left by an interrupted export of %s", stale, out.name)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _directory_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
 
 
 def _write_contents(request: ExportRequest, root: Path) -> BundleManifest:

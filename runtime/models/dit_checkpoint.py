@@ -361,8 +361,16 @@ def summarize_dit_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Any]
         "format": canonical.format,
         "config": dataclasses.asdict(config),
         "num_parameters": sum(canonical.params[name].numel() for name in present),
-        "dtypes": dict(Counter(str(tensor.dtype).removeprefix("torch.") for tensor in canonical.params.values())),
+        "dtypes": _elements_per_dtype(canonical.params.values()),
         "ignored_keys": canonical.ignored,
         "missing_keys": sorted(canonical.file_key(name) for name in expected - canonical.params.keys()),
         "unexpected_keys": sorted(canonical.file_key(name) for name in canonical.params.keys() - expected),
     }
+
+
+def _elements_per_dtype(tensors: Iterable[Tensor]) -> dict[str, int]:
+    """Parameter elements per dtype name (as the VAE summary counts them)."""
+    elements: Counter[str] = Counter()
+    for tensor in tensors:
+        elements[str(tensor.dtype).removeprefix("torch.")] += tensor.numel()
+    return dict(sorted(elements.items()))

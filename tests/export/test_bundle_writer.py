@@ -4,6 +4,8 @@ export is interrupted."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -83,6 +85,25 @@ def test_killed_export_leaves_only_a_hidden_directory_the_reader_refuses(tmp_pat
     (staging / "graphs").mkdir()
     with pytest.raises(BundleError, match=r"manifest\.json: missing"):
         Bundle.open(staging)
+
+
+def test_a_new_export_removes_what_a_killed_one_left(
+    tiny_assets: dict[str, CheckpointFiles], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stale = tmp_path / ".bundle.partial-killed"
+    (stale / "graphs").mkdir(parents=True)
+    monkeypatch.setattr(bundle_writer, "export_vae_encoder", lambda *args: (_ for _ in ()).throw(RuntimeError("x")))
+    with pytest.raises(RuntimeError):
+        export_bundle(request(tiny_assets["libero"], tmp_path / "bundle"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_bundle_directory_is_as_readable_as_its_files(tiny_bundles: TinyBundles) -> None:
+    root = tiny_bundles("libero")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(root.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((root / "manifest.json").stat().st_mode) == 0o666 & ~umask
 
 
 def test_export_refuses_an_existing_destination(tiny_assets: dict[str, CheckpointFiles], tmp_path: Path) -> None:

@@ -178,7 +178,9 @@ def test_truncated_files_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="at least 8 bytes"):
         text_embeddings.read(path)
     path.write_bytes(struct.pack("<Q", 1000) + b"{}")
-    with pytest.raises(CheckpointError, match=r"not a safetensors file of instruction embeddings \(its 8-byte header length reads 1000"):
+    with pytest.raises(
+        CheckpointError, match=r"not a safetensors file of instruction embeddings \(its 8-byte header length reads 1000"
+    ):
         text_embeddings.read(path)
     with pytest.raises(CheckpointError, match="cannot read"):
         text_embeddings.read(tmp_path / "absent.safetensors")
