@@ -253,5 +253,22 @@ class SafetyFilter:
             # Onsets are warnings; a run of the same intervention (a long hold, a slewing joint) is debug.
             started = flags & ~self._prev_flags
             log = logger.warning if started else logger.debug
-            log("safety: %s (target=%s, sent=%s)", flags, target, out)
+            log("safety: %s%s", _names(flags), _changed(target, out))
         self._prev_flags = flags
+
+
+def _names(flags: Intervention) -> str:
+    return "+".join(flag.name or "" for flag in Intervention if flag and flag in flags)
+
+
+def _changed(target: np.ndarray | None, out: np.ndarray) -> str:
+    """Which dims the filter changed and by how much at most, instead of two whole vectors."""
+    if target is None:
+        return " (no action: holding the last pose)"
+    asked = np.asarray(target, dtype=np.float64)
+    if asked.shape != out.shape or not np.isfinite(asked).all():
+        return f" (target not finite or not {out.shape[0]} values)"
+    dims = np.flatnonzero(asked != out)
+    if dims.size == 0:
+        return ""
+    return f" on dims {dims.tolist()}, largest change {np.abs(asked - out).max():.3f}"

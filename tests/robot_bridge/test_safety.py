@@ -187,3 +187,14 @@ def test_output_always_within_limits_and_step(target: np.ndarray, offset: np.nda
     assert np.isfinite(out).all()
     assert (out >= config.lower()).all() and (out <= config.upper()).all()
     assert (np.abs(out[JOINTS] - measured[JOINTS]) <= config.max_joint_step + 1e-12).all()
+
+
+def test_intervention_warnings_name_the_dims_not_whole_vectors(caplog: pytest.LogCaptureFixture) -> None:
+    safety = SafetyFilter(SafetyConfig())
+    home = np.array([0.0, -0.96, 1.16, 0.0, -0.3, 0.0, 0.5] * 2)
+    target = home.copy()
+    target[3] += 0.4
+    with caplog.at_level(logging.WARNING, logger="cosmos_edge.robot_bridge.controller.safety"):
+        safety.apply(target, home)
+    (message,) = [record.getMessage() for record in caplog.records]
+    assert message == "safety: RATE_LIMITED on dims [3], largest change 0.250"
