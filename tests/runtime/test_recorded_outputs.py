@@ -1,5 +1,6 @@
 """Reactive and planning queries give exactly the outputs recorded before the runtime was split into layers
-(tests/data/recorded_queries.npz: tiny random-weight models, seed 7, fp32 torch on the CPU)."""
+(tests/data/recorded_queries.npz: tiny random-weight models, seed 7, fp32 torch on the CPU). `reference_*`: the
+official whole-sequence path; `reactive_*` and `planning_*`: the conditioning-prefix path."""
 
 from __future__ import annotations
 
@@ -32,6 +33,16 @@ def test_reactive_query_is_bit_identical_to_the_recording(
         policy = loaded.reactive
         query = ActionQuery(random_observation(platform, seed=1), policy.instructions[0], seed=195, steps=3)
         assert_recorded(f"reactive_{platform}", policy.infer(query))
+
+
+@pytest.mark.parametrize("platform", ["libero", "aloha"])
+def test_reference_query_is_bit_identical_to_the_recording(
+    tiny_assets: dict[str, CheckpointFiles], platform: str
+) -> None:
+    with load_policies(CheckpointSource(tiny_assets[platform], encode_full_sequence=True)) as loaded:
+        policy = loaded.reactive
+        query = ActionQuery(random_observation(platform, seed=1), policy.instructions[0], seed=195, steps=3)
+        assert_recorded(f"reference_{platform}", policy.infer(query))
 
 
 def test_planning_query_is_bit_identical_to_the_recording(tiny_assets: dict[str, CheckpointFiles]) -> None:
