@@ -40,7 +40,7 @@ from cosmos_edge.runtime.policy import text_embeddings as text_store
 from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation, Policy
 from cosmos_edge.runtime.policy.normalization import DatasetStats
 from cosmos_edge.runtime.policy.reactive import ReactivePolicy
-from cosmos_edge.runtime.policy.steps import PolicyModel
+from cosmos_edge.runtime.policy.steps import PixelVideoConditioning, PolicyModel
 
 PLATFORMS = ("libero", "robocasa", "aloha")
 OBSERVATIONS = 2
@@ -76,7 +76,8 @@ def bf16_graph_policy(files: CheckpointFiles) -> tuple[ReactivePolicy, nn.Module
     encoder_spec = vae_encoder_graph(platform, full_sequence=False)
     vae = load_wan_vae(files.tokenizer, torch.bfloat16)
     autoencoder = GraphAutoencoder([TorchGraphRunner(VAEEncoderGraph(vae), encoder_spec)], None)
-    model = PolicyModel(platform, DatasetStats.from_json(files.stats, platform), texts, autoencoder)
+    conditioning = PixelVideoConditioning(platform, autoencoder)
+    model = PolicyModel(platform, DatasetStats.from_json(files.stats, platform), texts, autoencoder, conditioning)
     policy = ReactivePolicy(model, GraphDenoisingNetwork([TorchGraphRunner(DiTGraph(dit, dit_spec), dit_spec)]))
     return policy, dit
 

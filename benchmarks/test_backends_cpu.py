@@ -34,6 +34,7 @@ from cosmos_edge.runtime.engines.torch_networks import TorchAutoencoder, TorchDi
 from cosmos_edge.runtime.models.dit_checkpoint import load_dit
 from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets
 from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
+from cosmos_edge.runtime.platforms import platform_spec
 
 ROUNDS = {"dit": 7, "vae": 3}
 WARMUP_ROUNDS = 1
@@ -67,7 +68,7 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> SmallSetup:
     return SmallSetup(
         bundle=bundle,
         dit=TorchDiT(load_dit(files.checkpoint), cpu),
-        vae=TorchAutoencoder(load_wan_vae(files.tokenizer), cpu),
+        vae=TorchAutoencoder(load_wan_vae(files.tokenizer), cpu, platform_spec("aloha")),
         text=embeddings.get(embeddings.instructions[0]),
     )
 
@@ -106,7 +107,7 @@ def record(benchmark: Any, torch_s: float, what: str) -> None:
 
 
 def test_dit_call(benchmark: Any, small: SmallSetup) -> None:
-    runner = open_graph(small.bundle, "dit_b1", "cpu")
+    runner = open_graph(small.bundle.graph_file("dit_b1"), "cpu")
     rng = np.random.default_rng(0)
     feeds = {
         "x": rng.standard_normal(runner.spec.inputs[0].shape).astype(np.float32),
@@ -125,7 +126,7 @@ def test_dit_call(benchmark: Any, small: SmallSetup) -> None:
 
 
 def test_prefix_vae_encode(benchmark: Any, small: SmallSetup) -> None:
-    runner = open_graph(small.bundle, "vae_encoder_prefix", "cpu")
+    runner = open_graph(small.bundle.graph_file("vae_encoder_prefix"), "cpu")
     video = np.random.default_rng(1).uniform(-1, 1, runner.spec.inputs[0].shape).astype(np.float32)
     torch_s = compare(benchmark, lambda: runner.run({"video": video}), lambda: small.vae.encode(video), ROUNDS["vae"])
     record(benchmark, torch_s, "Wan2.1 encoder, 17 frames 224x224")

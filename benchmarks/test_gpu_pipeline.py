@@ -88,7 +88,8 @@ def observation() -> Observation:
 
 
 def policy_model(models: Models) -> PolicyModel:
-    return PolicyModel(ALOHA, random_stats(ALOHA, 0), models.text, TorchAutoencoder(models.vae, DEVICE))
+    autoencoder = TorchAutoencoder(models.vae, DEVICE, ALOHA)
+    return PolicyModel(ALOHA, random_stats(ALOHA, 0), models.text, autoencoder, autoencoder)
 
 
 def make_policy(models: Models, network: DenoisingNetwork, full_sequence: bool) -> ReactivePolicy:

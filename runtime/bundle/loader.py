@@ -24,11 +24,11 @@ from cosmos_edge.runtime.engines.registry import backend_info, load_graph_backen
 from cosmos_edge.runtime.errors import BundleError
 from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.policy import text_embeddings as text_store
-from cosmos_edge.runtime.policy.api import DenoisingNetwork, Policy, VideoAutoencoder
+from cosmos_edge.runtime.policy.api import ConditioningEncoder, DenoisingNetwork, Policy, VideoAutoencoder
 from cosmos_edge.runtime.policy.normalization import DatasetStats
 from cosmos_edge.runtime.policy.planning import PlanningConfig, PlanningPolicy, PlanningWorker, planning_batch_sizes
 from cosmos_edge.runtime.policy.reactive import ReactivePolicy
-from cosmos_edge.runtime.policy.steps import PolicyModel
+from cosmos_edge.runtime.policy.steps import PixelVideoConditioning, PolicyModel
 
 _LOG = logging.getLogger(__name__)
 
@@ -123,9 +123,10 @@ def _open_checkpoints(
         torch_backend.check_device(device)
     separate_planner = with_planning and source.planning_checkpoint not in (None, files.checkpoint)
     networks = []
+    conditioning: list[ConditioningEncoder] = []
     for device in devices:
         _LOG.info("loading %s and %s (%s) on %s", files.checkpoint, files.tokenizer, source.precision, device)
-        autoencoder = torch_backend.open_autoencoder(files.tokenizer, source.precision, device)
+        autoencoder = torch_backend.open_autoencoder(files.tokenizer, source.precision, device, platform)
         policy_network = torch_backend.open_denoiser(files.checkpoint, source.precision, device, source.compile_mode)
         planning_network = policy_network
         if separate_planner and source.planning_checkpoint is not None:
@@ -134,7 +135,8 @@ def _open_checkpoints(
                 source.planning_checkpoint, source.precision, device, source.compile_mode
             )
         networks.append(DeviceNetworks(autoencoder, policy_network, planning_network))
-    return PolicyModel(platform, stats, text, networks[0].autoencoder), networks
+        conditioning.append(autoencoder)
+    return PolicyModel(platform, stats, text, networks[0].autoencoder, conditioning[0]), networks
 
 
 def _open_bundle(
@@ -184,5 +186,7 @@ def _open_bundle(
         source.backend,
         ", ".join(devices),
     )
-    model = PolicyModel(manifest.platform, bundle.dataset_stats(), bundle.text_embeddings(), networks[0].autoencoder)
+    autoencoder = networks[0].autoencoder
+    conditioning = PixelVideoConditioning(manifest.platform, autoencoder)
+    model = PolicyModel(manifest.platform, bundle.dataset_stats(), bundle.text_embeddings(), autoencoder, conditioning)
     return model, networks

@@ -18,17 +18,24 @@ from typing import Protocol, cast
 
 from cosmos_edge.runtime.engines.graph import GraphFile, GraphRunner
 from cosmos_edge.runtime.errors import ConfigError, EngineError
-from cosmos_edge.runtime.policy.api import DenoisingNetwork, VideoAutoencoder
+from cosmos_edge.runtime.platforms import PlatformSpec
+from cosmos_edge.runtime.policy.api import ConditioningEncoder, DenoisingNetwork, VideoAutoencoder
 
 
 class GraphBackend(Protocol):
     def open_graph(self, graph: GraphFile, device: str) -> GraphRunner: ...
 
 
+class EncodingAutoencoder(VideoAutoencoder, ConditioningEncoder, Protocol):
+    """A VAE that also encodes the conditioning prefix from raw frames (the torch backend's)."""
+
+
 class TorchBackend(Protocol):
     def check_device(self, device: str) -> object: ...
 
-    def open_autoencoder(self, tokenizer: Path, precision: str, device: str) -> VideoAutoencoder: ...
+    def open_autoencoder(
+        self, tokenizer: Path, precision: str, device: str, platform: PlatformSpec
+    ) -> EncodingAutoencoder: ...
 
     def open_denoiser(
         self, checkpoint: Path, precision: str, device: str, compile_mode: str | None = None

@@ -1,27 +1,61 @@
 """The torch backend: eager (or `torch.compile`d) PyTorch networks behind the policy's network interfaces, opened
-from official checkpoint files."""
+from official checkpoint files.
+
+Its conditioning encoder is the fast exact one: the image transforms run as tensor ops (`kernels.image_transforms`,
+bit-identical to the numpy reference) and the always-black first frames of every clip (the blank and proprio slots,
+5 of the 13/17 prefix frames) are encoded once per process, so a query encodes only its camera frames.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cosmos_edge.kernels.image_transforms import transform_frames
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.models.dit import CosmosDiT
 from cosmos_edge.runtime.models.dit_checkpoint import load_dit
 from cosmos_edge.runtime.models.dtypes import TORCH_DTYPES
 from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
 from cosmos_edge.runtime.models.wan_vae import WanVAE
-from cosmos_edge.runtime.policy.api import NetworkFn
+from cosmos_edge.runtime.platforms import IMAGE_SIZE, TEMPORAL_COMPRESSION, PlatformSpec
+from cosmos_edge.runtime.policy.api import NetworkFn, StageTimer
+from cosmos_edge.runtime.policy.images import check_cameras
+from cosmos_edge.runtime.policy.latents import BLACK
+
+BLACK_PIXEL_FRAMES = 1 + TEMPORAL_COMPRESSION  # the blank slot's frame and the proprio slot's 4: black in every clip
 
 
 class TorchAutoencoder:
-    def __init__(self, vae: WanVAE, device: torch.device) -> None:
+    """`VideoAutoencoder` and `ConditioningEncoder` of one platform over a Wan VAE."""
+
+    def __init__(self, vae: WanVAE, device: torch.device, platform: PlatformSpec) -> None:
         self._vae = vae.eval()
         self._device = device
         self._dtype = next(vae.parameters()).dtype
+        self._platform = platform
+        shape = (1, 3, BLACK_PIXEL_FRAMES, IMAGE_SIZE, IMAGE_SIZE)
+        black = torch.full(shape, float(BLACK), dtype=self._dtype, device=device)
+        with torch.inference_mode():
+            self._black_latent, self._after_black = vae.encode_prefix(black)
+
+    @torch.inference_mode()
+    def encode_conditioning(self, images: Mapping[str, np.ndarray], timer: StageTimer) -> np.ndarray:
+        platform = self._platform
+        with timer.stage("preprocess"):
+            frames = check_cameras(platform, images)
+            planes = torch.stack([transform_frames(platform, frames[name], self._device) for name in platform.cameras])
+            # The camera slots follow the black ones in the pixel video, each camera repeated over its 4 frames.
+            cameras, channels, height, width = planes.shape
+            repeated = planes.transpose(0, 1)[:, :, None].expand(channels, cameras, TEMPORAL_COMPRESSION, height, width)
+            video = repeated.reshape(1, channels, cameras * TEMPORAL_COMPRESSION, height, width).to(self._dtype)
+        with timer.stage("vae_encode"):
+            cameras_latent = self._vae.encode_continuation(video, self._after_black)
+            latent = torch.cat([self._black_latent, cameras_latent], dim=2)
+            return latent.float().cpu().numpy()
 
     @torch.inference_mode()
     def encode(self, video: np.ndarray) -> np.ndarray:
@@ -75,13 +109,23 @@ def check_device(device: str) -> torch.device:
     return torch_device
 
 
-def open_autoencoder(tokenizer: Path, precision: str, device: str) -> TorchAutoencoder:
-    """The Wan2.1 VAE of a `tokenizer.pth` (or diffusers `vae/` directory) on `device`."""
+def open_autoencoder(tokenizer: Path, precision: str, device: str, platform: PlatformSpec) -> TorchAutoencoder:
+    """The Wan2.1 VAE of a `tokenizer.pth` (or diffusers `vae/` directory) on `device`, for `platform`'s clips."""
     torch_device = check_device(device)
-    return TorchAutoencoder(load_wan_vae(tokenizer, TORCH_DTYPES[precision], torch_device), torch_device)
+    _exact_fp32(precision, torch_device)
+    vae = load_wan_vae(tokenizer, TORCH_DTYPES[precision], torch_device)
+    return TorchAutoencoder(vae, torch_device, platform)
 
 
 def open_denoiser(checkpoint: Path, precision: str, device: str, compile_mode: str | None = None) -> TorchDiT:
     """The DiT of an official `.pt` (or diffusers `transformer/` directory) on `device`."""
     torch_device = check_device(device)
+    _exact_fp32(precision, torch_device)
     return TorchDiT(load_dit(checkpoint, TORCH_DTYPES[precision], torch_device), torch_device, compile_mode)
+
+
+def _exact_fp32(precision: str, device: torch.device) -> None:
+    """fp32 on CUDA means fp32: cuDNN convolutions (and matmuls, where enabled) would otherwise run in TF32."""
+    if precision == "fp32" and device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False

@@ -12,6 +12,10 @@ once over all frames with zero past-padding. Two layers need care, both at the f
 
 No Python loop over time and no cache: the graph is static, which is what ONNX/TensorRT export needs. Branches
 depend on shapes only. Module attributes mirror the official checkpoint keys, so `state_dict()` is the Wan layout.
+
+The one cache kept on purpose is `CausalContext`: every Cosmos Policy clip starts with the same black frames, so their
+causal state is computed once (`WanVAE.encode_prefix`) and each query encodes only the frames after them
+(`WanVAE.encode_continuation`). That is the official chunked encoder's feature cache, taken at a chunk boundary.
 """
 
 from __future__ import annotations
@@ -38,6 +42,31 @@ LATENT_STD = (
 
 # The official encoder feeds frame 0, then windows of this many frames; clips must be 1 + 4k frames long.
 TEMPORAL_WINDOW = 4
+
+
+class CausalContext:
+    """What each causal layer of the encoder saw last in a clip, so that the frames after it encode on their own.
+
+    Recorded by `WanVAE.encode_prefix`: a causal conv keeps the last `past_frames` frames of its input, a temporal
+    downsample the last frame entering its time conv. Used by `WanVAE.encode_continuation`: the convs pad with those
+    frames instead of zeros, and each temporal downsample starts its first window on the kept frame, exactly the
+    windows the whole clip would have. Batch 1; a continuation of batch b broadcasts it.
+    """
+
+    def __init__(self) -> None:
+        self.recording = True
+        self._frames: dict[nn.Module, Tensor] = {}
+
+    def keep(self, layer: nn.Module, frames: Tensor) -> None:
+        self._frames[layer] = frames[:1].detach().clone()
+
+    def past(self, layer: nn.Module, batch: int) -> Tensor:
+        return self._frames[layer].expand(batch, -1, -1, -1, -1)
+
+
+def _apply(layer: nn.Module, x: Tensor, context: CausalContext | None) -> Tensor:
+    """Runs one layer of an encoder stack, handing the causal context to the layers that use one."""
+    return layer(x, context) if isinstance(layer, CausalConv3d | ResidualBlock | Downsample) else layer(x)
 
 
 def _is_positive_int(value: object) -> bool:
@@ -132,9 +161,14 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=(0, ph, pw))
         self.past_frames = 2 * pt
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: CausalContext | None = None) -> Tensor:
         if self.past_frames:
-            x = F.pad(x, (0, 0, 0, 0, self.past_frames, 0))
+            if context is not None and not context.recording:
+                x = torch.cat([context.past(self, x.shape[0]), x], dim=2)
+            else:
+                if context is not None:
+                    context.keep(self, x[:, :, -self.past_frames :])
+                x = F.pad(x, (0, 0, 0, 0, self.past_frames, 0))
         return super().forward(x)
 
 
@@ -170,8 +204,11 @@ class ResidualBlock(nn.Module):
         )
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.residual(x) + self.shortcut(x)
+    def forward(self, x: Tensor, context: CausalContext | None = None) -> Tensor:
+        h = x
+        for layer in self.residual:
+            h = _apply(layer, h, context)
+        return h + _apply(self.shortcut, x, context)
 
 
 class AttentionBlock(nn.Module):
@@ -208,9 +245,16 @@ class Downsample(nn.Module):
         self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
         self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1)) if temporal else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: CausalContext | None = None) -> Tensor:
         x = _per_frame(self.resample, x)
-        if self.time_conv is None or x.shape[2] == 1:
+        if self.time_conv is None:
+            return x
+        if context is not None and not context.recording:
+            # A continuation: its first window starts on the last frame before it. [b, c, t/2, h, w]
+            return self.time_conv(torch.cat([context.past(self, x.shape[0]), x], dim=2))
+        if context is not None:
+            context.keep(self, x[:, :, -1:])
+        if x.shape[2] == 1:
             return x
         # NOTE: frame 0 is the official first chunk and never enters the time conv; the windows (0,1,2), (2,3,4), ...
         # are the official chunks prefixed with the cached last frame of the chunk before. [b, c, 1 + (t-1)/2, h, w]
@@ -272,8 +316,11 @@ class Encoder3d(nn.Module):
         # 4. head to (mu, log_var)
         self.head = _head(dims[-1], 2 * config.z_dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.middle(self.downsamples(self.conv1(x))))
+    def forward(self, x: Tensor, context: CausalContext | None = None) -> Tensor:
+        x = self.conv1(x, context)
+        for layer in (*self.downsamples, *self.middle, *self.head):
+            x = _apply(layer, x, context)
+        return x
 
 
 class Decoder3d(nn.Module):
@@ -328,15 +375,30 @@ class WanVAE(nn.Module):
 
         Causal: the first 1+4n frames alone give the same first 1+n latents as the whole clip.
         """
+        self._check_clip(video)
+        return self._normalized_mean(self.encoder(video))
+
+    def encode_prefix(self, video: Tensor) -> tuple[Tensor, CausalContext]:
+        """`encode` of a clip's first frames [1, 3, 1+4n, H, W], and the context to encode the frames after them."""
+        self._check_clip(video)
+        if video.shape[0] != 1:
+            raise InputError(f"video: a prefix is encoded for batch 1, got {list(video.shape)}")
+        context = CausalContext()
+        latent = self._normalized_mean(self.encoder(video, context))
+        context.recording = False
+        return latent, context
+
+    def encode_continuation(self, video: Tensor, context: CausalContext) -> Tensor:
+        """The latents of the 4k frames [B, 3, 4k, H, W] that follow a prefix, as the whole clip would give them."""
         self._check_input("video", video, channels=3)
-        t, h, w = video.shape[2:]
-        f = self.config.spatial_factor
-        if (t - 1) % TEMPORAL_WINDOW or h % f or w % f:
+        if video.shape[2] % TEMPORAL_WINDOW:
             raise InputError(
-                f"video: expected [B, 3, 1+{TEMPORAL_WINDOW}k, H, W] with H and W divisible by {f}, "
-                f"got {list(video.shape)}"
+                f"video: a continuation has a multiple of {TEMPORAL_WINDOW} frames, got {list(video.shape)}"
             )
-        mu = self.conv1(self.encoder(video))[:, : self.config.z_dim]
+        return self._normalized_mean(self.encoder(video, context))
+
+    def _normalized_mean(self, features: Tensor) -> Tensor:
+        mu = self.conv1(features)[:, : self.config.z_dim]
         # NOTE: multiplies by the reciprocal, in the model dtype, as the official wrapper does (scale = 1 / std).
         return (mu - self.latent_mean) * self.latent_std.reciprocal()
 
@@ -345,6 +407,16 @@ class WanVAE(nn.Module):
         self._check_input("latent", latent, channels=self.config.z_dim)
         mu = latent / self.latent_std.reciprocal() + self.latent_mean
         return self.decoder(self.conv2(mu)).clamp(-1.0, 1.0)
+
+    def _check_clip(self, video: Tensor) -> None:
+        self._check_input("video", video, channels=3)
+        t, h, w = video.shape[2:]
+        f = self.config.spatial_factor
+        if (t - 1) % TEMPORAL_WINDOW or h % f or w % f:
+            raise InputError(
+                f"video: expected [B, 3, 1+{TEMPORAL_WINDOW}k, H, W] with H and W divisible by {f}, "
+                f"got {list(video.shape)}"
+            )
 
     def _check_input(self, name: str, x: Tensor, channels: int) -> None:
         if x.ndim != 5 or x.shape[1] != channels or x.shape[2] == 0:

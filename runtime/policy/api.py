@@ -87,6 +87,13 @@ class VideoAutoencoder(Protocol):
         ...
 
 
+class ConditioningEncoder(Protocol):
+    def encode_conditioning(self, images: Mapping[str, np.ndarray], timer: StageTimer) -> np.ndarray:
+        """Raw uint8 "h w 3" frames, one per camera → the normalised latents of the conditioning prefix "1 16 k h w"
+        (blank, proprio and camera slots: the official image transforms, pixel video and VAE encode)."""
+        ...
+
+
 class DenoisingNetwork(Protocol):
     def bind_text(self, text_embedding: np.ndarray) -> NetworkFn:
         """The network with its text conditioning fixed to "1 l d" (cross-attention K/V computed once here)."""

@@ -36,7 +36,7 @@ CROP_AREA_FRACTION = 0.9
 
 # `x.to(bfloat16) / 127.5 - 1.0` rounds to bf16 twice; a 256-entry table holds the exact official values.
 # NOTE: these differ from float32 x/127.5 - 1 by up to 0.0039 (one bf16 step near ±1); that is on purpose.
-_MODEL_RANGE_TABLE = round_to_bf16(round_to_bf16(np.arange(256, dtype=np.float32) / np.float32(127.5)) - 1.0)
+MODEL_RANGE_TABLE = round_to_bf16(round_to_bf16(np.arange(256, dtype=np.float32) / np.float32(127.5)) - 1.0)
 
 
 def preprocess_observation_images(platform: PlatformSpec, images: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -44,13 +44,19 @@ def preprocess_observation_images(platform: PlatformSpec, images: Mapping[str, n
 
     Raises InputError naming missing or unexpected cameras, or a camera whose frame is not uint8 H×W×3.
     """
+    checked = check_cameras(platform, images)
+    return {name: to_model_range(transform_image(platform, name, frame)) for name, frame in checked.items()}
+
+
+def check_cameras(platform: PlatformSpec, images: Mapping[str, object]) -> dict[str, np.ndarray]:
+    """The platform's camera frames in slot order, each a uint8 [H, W, 3] array; InputError names what is wrong."""
     missing = [name for name in platform.cameras if name not in images]
     extra = sorted(name for name in images if name not in platform.cameras)
     if missing or extra:
         raise InputError(
             f"images: {platform.name} expects cameras {list(platform.cameras)}; missing {missing}, unexpected {extra}"
         )
-    return {name: to_model_range(transform_image(platform, name, images[name])) for name in platform.cameras}
+    return {name: check_frame(name, images[name]) for name in platform.cameras}
 
 
 def transform_image(platform: PlatformSpec, camera: str, frame: np.ndarray) -> np.ndarray:
@@ -110,7 +116,7 @@ def center_crop_and_resize(image: np.ndarray, area_fraction: float = CROP_AREA_F
 
 def to_model_range(image: np.ndarray) -> np.ndarray:
     """uint8 [H, W, 3] → float32 [3, H, W] holding the exact bfloat16 values the official VAE input has."""
-    return _MODEL_RANGE_TABLE[np.moveaxis(image, -1, 0)]
+    return MODEL_RANGE_TABLE[np.moveaxis(image, -1, 0)]
 
 
 def resize_bilinear_antialias(planes: np.ndarray, out_height: int, out_width: int) -> np.ndarray:
@@ -126,7 +132,7 @@ def resize_bilinear_antialias(planes: np.ndarray, out_height: int, out_width: in
 
 
 def _resample_last_axis(values: np.ndarray, out_size: int) -> np.ndarray:
-    first, weights = _antialias_taps(values.shape[-1], out_size)
+    first, weights = antialias_taps(values.shape[-1], out_size)
     # torch accumulates `out = x0*w0; out += x_j*w_j` in float32 and its compiler fuses each += into an FMA.
     # A float32 product is exact in float64, so a float64 add followed by one rounding to float32 is that FMA.
     out = values[..., first] * weights[:, 0]
@@ -137,7 +143,7 @@ def _resample_last_axis(values: np.ndarray, out_size: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=16)
-def _antialias_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+def antialias_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     """First input index [out] and normalised float32 weights [out, taps] (zero past each row's support).
 
     Mirrors torch's `_compute_weights_aa` for the triangle filter, including where it rounds to float32.

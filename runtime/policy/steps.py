@@ -6,7 +6,7 @@ images). Official sources: `cosmos_utils.get_action` (encode, sample, read), `ge
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +16,7 @@ from cosmos_edge.runtime.platforms import PlatformSpec
 from cosmos_edge.runtime.policy import latents
 from cosmos_edge.runtime.policy.api import (
     ActionQuery,
+    ConditioningEncoder,
     DenoisingNetwork,
     NetworkFn,
     Observation,
@@ -31,12 +32,14 @@ from cosmos_edge.runtime.policy.text_embeddings import TextEmbeddings
 
 @dataclass(frozen=True, eq=False)
 class PolicyModel:
-    """What every query of one policy reads besides the DiT: platform, statistics, instruction embeddings, VAE."""
+    """What every query of one policy reads besides the DiT: platform, statistics, instruction embeddings, the VAE,
+    and the encoder of the conditioning prefix (`PixelVideoConditioning` over the VAE, or a faster exact one)."""
 
     platform: PlatformSpec
     stats: DatasetStats
     text_embeddings: TextEmbeddings
     autoencoder: VideoAutoencoder
+    conditioning: ConditioningEncoder
 
     def __post_init__(self) -> None:
         platform, stats = self.platform, self.stats
@@ -45,6 +48,22 @@ class PolicyModel:
                 f"stats: {platform.name} needs action/proprio dims {platform.action_dim}/{platform.proprio_dim}, "
                 f"got {stats.action_dim}/{stats.proprio_dim}"
             )
+
+
+class PixelVideoConditioning:
+    """The conditioning prefix the reference way: numpy/Pillow image transforms, the pixel video of the prefix slots,
+    one VAE encode (causal: the same latents as encoding the whole sequence)."""
+
+    def __init__(self, platform: PlatformSpec, autoencoder: VideoAutoencoder) -> None:
+        self._platform = platform
+        self._autoencoder = autoencoder
+
+    def encode_conditioning(self, images: Mapping[str, np.ndarray], timer: StageTimer) -> np.ndarray:
+        with timer.stage("preprocess"):
+            preprocessed = preprocess_observation_images(self._platform, images)
+            video = latents.build_pixel_video(self._platform, preprocessed, self._platform.num_conditional_frames)
+        with timer.stage("vae_encode"):
+            return self._autoencoder.encode(video)
 
 
 @dataclass(frozen=True)
@@ -85,18 +104,21 @@ def denoising_steps(platform: PlatformSpec, query: ActionQuery) -> int:
 def encode_observation(
     model: PolicyModel, observation: Observation, timer: StageTimer, full_sequence: bool
 ) -> EncodedObservation:
-    """Preprocess the images, VAE-encode the pixel video (the whole sequence, or only the conditioning prefix, whose
-    latents are the same because the encoder is causal) and inject the normalised proprio."""
+    """Encode the images and inject the normalised proprio. `full_sequence` encodes the whole pixel sequence as the
+    official code does (needed to decode future images); otherwise the conditioning encoder encodes the prefix only,
+    which gives the same latents because the encoder is causal."""
     platform = model.platform
-    with timer.stage("preprocess"):
-        if not isinstance(observation, Observation):
-            raise InputError(f"observation: expected an Observation, got {type(observation).__name__}")
-        proprio = model.stats.normalize_proprio(observation.proprio)
-        images = preprocess_observation_images(platform, observation.images)
-        frames = None if full_sequence else platform.num_conditional_frames
-        video = latents.build_pixel_video(platform, images, frames)
-    with timer.stage("vae_encode"):
-        placeholder = latents.pad_latent_frames(platform, model.autoencoder.encode(video))
+    if not isinstance(observation, Observation):
+        raise InputError(f"observation: expected an Observation, got {type(observation).__name__}")
+    proprio = model.stats.normalize_proprio(observation.proprio)
+    if full_sequence:
+        with timer.stage("preprocess"):
+            video = latents.build_pixel_video(platform, preprocess_observation_images(platform, observation.images))
+        with timer.stage("vae_encode"):
+            encoded = model.autoencoder.encode(video)
+    else:
+        encoded = model.conditioning.encode_conditioning(observation.images, timer)
+    placeholder = latents.pad_latent_frames(platform, encoded)
     return EncodedObservation(placeholder, latents.inject_proprio(platform, placeholder, proprio))
 
 

@@ -11,12 +11,14 @@ import torch
 from cosmos_edge.runtime.bundle.sources import CheckpointFiles
 from cosmos_edge.runtime.engines.torch_networks import TorchAutoencoder
 from cosmos_edge.runtime.errors import ConfigError, InputError
+from cosmos_edge.runtime.models.dtypes import TORCH_DTYPES
 from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
 from cosmos_edge.runtime.platforms import platform_spec
-from cosmos_edge.runtime.policy.api import ActionQuery, Observation
+from cosmos_edge.runtime.policy.api import ActionQuery, Observation, StageTimer
 from cosmos_edge.runtime.policy.images import preprocess_observation_images
 from cosmos_edge.runtime.policy.latents import build_pixel_video
 from cosmos_edge.runtime.policy.reactive import ReactivePolicy
+from cosmos_edge.runtime.policy.steps import PixelVideoConditioning
 from tests.helpers.observations import random_observation
 from tests.helpers.policies import reference_policy
 
@@ -73,7 +75,7 @@ def test_prefix_encode_gives_the_conditioning_latents_of_the_full_encode(
 ) -> None:
     spec = platform_spec(name)
     images = preprocess_observation_images(spec, random_observation(spec).images)
-    vae = TorchAutoencoder(load_wan_vae(tiny_assets[name].tokenizer), torch.device("cpu"))
+    vae = TorchAutoencoder(load_wan_vae(tiny_assets[name].tokenizer), torch.device("cpu"), spec)
     full = vae.encode(build_pixel_video(spec, images))
     prefix_video = build_pixel_video(spec, images, spec.num_conditional_frames)
     assert prefix_video.shape[2] == spec.num_prefix_pixel_frames == {"libero": 13, "aloha": 17}[name]
@@ -144,3 +146,19 @@ def test_numpy_memory_stays_flat_across_queries(policies: dict[str, ReactivePoli
     finally:
         tracemalloc.stop()
     assert max(levels) - min(levels) < 256 * 1024, levels
+
+
+@pytest.mark.parametrize(("precision", "tolerance"), [("bf16", 0.0), ("fp32", 1e-5)])
+@pytest.mark.parametrize("name", PLATFORMS)
+def test_the_torch_conditioning_encoder_matches_the_reference_one(
+    tiny_assets: dict[str, CheckpointFiles], name: str, precision: str, tolerance: float
+) -> None:
+    """Image transforms as torch ops and the black frames encoded once, against numpy/Pillow and one whole encode."""
+    spec = platform_spec(name)
+    vae = load_wan_vae(tiny_assets[name].tokenizer, TORCH_DTYPES[precision])
+    autoencoder = TorchAutoencoder(vae, torch.device("cpu"), spec)
+    images = random_observation(spec, seed=4).images
+    fast = autoencoder.encode_conditioning(images, StageTimer())
+    reference = PixelVideoConditioning(spec, autoencoder).encode_conditioning(images, StageTimer())
+    assert fast.shape == (1, 16, spec.num_conditional_frames, 28, 28)
+    np.testing.assert_allclose(fast, reference, rtol=0, atol=tolerance)

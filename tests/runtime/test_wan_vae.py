@@ -222,3 +222,24 @@ def test_bad_inputs_are_named(models: tuple[WanVAE, nn.Module]) -> None:
         ours.encode(_video(5, 32, dtype=torch.float64))
     with pytest.raises(InputError, match=r"expected shape \[B, 16, T, H, W\]"):
         ours.decode(torch.zeros(1, 8, 2, 4, 4))
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.bfloat16, 0.0), (torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_a_continuation_after_the_encoded_prefix_gives_the_whole_clips_latents(
+    dtype: torch.dtype, tolerance: float
+) -> None:
+    vae = WanVAE(TINY)
+    vae.load_state_dict(random_vae_state_dict(TINY, seed=3))
+    vae = vae.to(dtype).eval()
+    generator = torch.Generator().manual_seed(0)
+    clip = (torch.rand(1, 3, 17, 32, 32, generator=generator) * 2 - 1).to(dtype)
+    clip[:, :, :5] = -1.0  # the black frames of the blank and proprio slots
+    with torch.no_grad():
+        whole = vae.encode(clip)
+        prefix, context = vae.encode_prefix(clip[:, :, :5])
+        continuation = vae.encode_continuation(clip[:, :, 5:], context)
+        batch = vae.encode_continuation(clip[:, :, 5:].expand(2, -1, -1, -1, -1), context)
+    torch.testing.assert_close(torch.cat([prefix, continuation], 2).double(), whole.double(), rtol=0, atol=tolerance)
+    assert torch.equal(batch[0], batch[1])
+    with pytest.raises(InputError, match="multiple of 4 frames"):
+        vae.encode_continuation(clip[:, :, 5:15], context)

@@ -1,0 +1,150 @@
+"""The official image transforms as torch ops on any device, bit-identical to `runtime/policy/images.py`.
+
+That module is the reference (numpy and Pillow, serving torch-free bundles); this one runs the same arithmetic on the
+tensors of the torch backend, so on a GPU the camera frames go up once as uint8 and come back as the VAE's input:
+
+* Pillow's 8-bit bicubic resize is integer arithmetic: 22-bit fixed-point taps (Pillow's `precompute_coeffs` and
+  `normalize_coeffs_8bpc`), an accumulator starting at half a unit, a shift and a clip to 8 bits; one axis after the
+  other, uint8 in between. Done in int64 here, which holds every sum exactly.
+* The antialiased bilinear resize after the centre crop uses the reference's taps (`images.antialias_taps`) and its
+  order of operations: a float32 product, then per tap a float64 add and one rounding to float32. A float32 product
+  is exact in float64, so the result does not depend on whether the device fuses the multiply-add.
+* The model range is the reference's 256-entry table, indexed by the pixel.
+
+The JPEG round trip of LIBERO and RoboCasa stays Pillow's, on the host (`transform_frames` runs it there). Tables are
+built once per size and device, so a warmed-up call copies nothing from the host.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from cosmos_edge.runtime.platforms import IMAGE_SIZE, PlatformSpec
+from cosmos_edge.runtime.policy import images as reference
+
+PRECISION_BITS = 22  # Pillow's fixed-point precision for 8-bit images
+_BICUBIC_A = -0.5  # Pillow's bicubic filter parameter
+_BICUBIC_SUPPORT = 2.0
+
+
+def _bicubic(x: float) -> float:
+    x = abs(x)
+    if x < 1.0:
+        return ((_BICUBIC_A + 2.0) * x - (_BICUBIC_A + 3.0)) * x * x + 1.0
+    if x < 2.0:
+        return (((x - 5.0) * x + 8.0) * x - 4.0) * _BICUBIC_A
+    return 0.0
+
+
+@lru_cache(maxsize=32)
+def pillow_bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Input indices [out, k] and integer taps [out, k] of Pillow's bicubic resize of one axis (whole-image box).
+
+    Taps past a row's support are 0 (their index is clamped into the image, so they read a real pixel).
+    """
+    scale = in_size / out_size
+    filter_scale = max(scale, 1.0)
+    support = _BICUBIC_SUPPORT * filter_scale
+    size = math.ceil(support) * 2 + 1
+    inverse_scale = 1.0 / filter_scale  # Pillow multiplies by the reciprocal (rounding differs from dividing)
+    indices = np.zeros((out_size, size), np.int64)
+    taps = np.zeros((out_size, size), np.int64)
+    for out in range(out_size):
+        center = (out + 0.5) * scale
+        first = max(int(center - support + 0.5), 0)
+        count = min(int(center + support + 0.5), in_size) - first
+        weights = [_bicubic((x + first - center + 0.5) * inverse_scale) for x in range(count)]
+        total = sum(weights)  # Pillow sums in order, in double
+        if total != 0.0:
+            weights = [w / total for w in weights]
+        # C's (int) truncates toward zero: Pillow rounds half away from zero this way.
+        taps[out, :count] = [int(w * (1 << PRECISION_BITS) + (0.5 if w >= 0 else -0.5)) for w in weights]
+        indices[out] = np.minimum(first + np.arange(size), in_size - 1)
+    return indices, taps
+
+
+@lru_cache(maxsize=64)
+def _device_table(kind: str, in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    if kind == "bicubic":
+        return tuple(torch.from_numpy(array).to(device) for array in pillow_bicubic_taps(in_size, out_size))
+    first, weights = reference.antialias_taps(in_size, out_size)
+    indices = np.minimum(first[:, None] + np.arange(weights.shape[1]), in_size - 1)
+    return (
+        torch.from_numpy(indices).to(device),
+        torch.from_numpy(np.array(weights)).to(device),
+        torch.from_numpy(weights.astype(np.float64)).to(device),
+    )
+
+
+@lru_cache(maxsize=8)
+def _model_range_table(device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.array(reference.MODEL_RANGE_TABLE)).to(device)
+
+
+def _bicubic_last_axis(planes: torch.Tensor, out_size: int) -> torch.Tensor:
+    """One Pillow pass over the last axis of uint8 planes; uint8 out."""
+    indices, taps = _device_table("bicubic", planes.shape[-1], out_size, planes.device)
+    values = planes.to(torch.int64)
+    total = torch.full(
+        (*planes.shape[:-1], out_size), 1 << (PRECISION_BITS - 1), dtype=torch.int64, device=planes.device
+    )
+    for tap in range(taps.shape[1]):
+        total = total + values[..., indices[:, tap]] * taps[:, tap]
+    return torch.clamp(total >> PRECISION_BITS, 0, 255).to(torch.uint8)
+
+
+def bicubic_resize(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [N, H, W, 3] → uint8 [N, size, size, 3], as Pillow's `Image.resize((size, size), BICUBIC)`."""
+    planes = frames.permute(0, 3, 1, 2)  # [N, 3, H, W]
+    height, width = planes.shape[-2:]
+    # Pillow skips an axis already at its size and resizes horizontally first, except when that would widen the
+    # image before shrinking it vertically (checked against the installed Pillow by the tests).
+    vertical_first = width < size < height
+    if vertical_first:
+        planes = _bicubic_last_axis(planes.transpose(-1, -2), size).transpose(-1, -2)
+    if width != size:
+        planes = _bicubic_last_axis(planes, size)
+    if height != size and not vertical_first:
+        planes = _bicubic_last_axis(planes.transpose(-1, -2), size).transpose(-1, -2)
+    return planes.permute(0, 2, 3, 1)
+
+
+def _antialias_last_axis(values: torch.Tensor, out_size: int) -> torch.Tensor:
+    indices, weights32, weights64 = _device_table("antialias", values.shape[-1], out_size, values.device)
+    out = values[..., indices[:, 0]] * weights32[:, 0]
+    for tap in range(1, indices.shape[1]):
+        out = (out.double() + values[..., indices[:, tap]].double() * weights64[:, tap]).float()
+    return out
+
+
+def center_crop_and_resize(frames: torch.Tensor, area_fraction: float = reference.CROP_AREA_FRACTION) -> torch.Tensor:
+    """uint8 [N, S, S, 3] → uint8 [N, S, S, 3]: `images.center_crop_and_resize` (crop, antialiased bilinear back)."""
+    _, height, width, _ = frames.shape
+    side = int(height * area_fraction**0.5)
+    top, left = round((height - side) / 2.0), round((width - side) / 2.0)
+    planes = frames[:, top : top + side, left : left + side].permute(0, 3, 1, 2).float()
+    widened = _antialias_last_axis(planes, width)
+    resized = _antialias_last_axis(widened.transpose(-1, -2), height).transpose(-1, -2)
+    return torch.round(resized).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def to_model_range(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, H, W, 3] → float32 [N, 3, H, W], the exact bfloat16 values of the official VAE input."""
+    return _model_range_table(frames.device)[frames.permute(0, 3, 1, 2).long()]
+
+
+def transform_frames(platform: PlatformSpec, frame: np.ndarray, device: torch.device) -> torch.Tensor:
+    """One checked raw uint8 [H, W, 3] camera frame → float32 [3, 224, 224] on `device`, as
+    `images.to_model_range(images.transform_image(...))`."""
+    image = frame[::-1] if platform.flip_images else frame
+    if platform.jpeg_compression:
+        image = reference.jpeg_round_trip(image)  # Pillow's codec, on the host
+    frames = torch.from_numpy(np.array(image, dtype=np.uint8)).to(device)[None]  # a writable copy
+    frames = bicubic_resize(frames, IMAGE_SIZE)
+    if platform.center_crop:
+        frames = center_crop_and_resize(frames)
+    return to_model_range(frames)[0]
