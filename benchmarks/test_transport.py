@@ -2,6 +2,9 @@
 one 50×14 float32 chunk back, from a policy that answers at once, so only the transport is measured.
 
 - cosmos-edge: `PolicyClient` → `PolicyServer` (ZeroMQ multipart, msgpack header, raw array frames, validation).
+- cosmos_edge_http: cosmos-edge's official-compatible endpoint (`serve --http`): the official request (json_numpy
+  body, the official keys) over `requests`, `HttpEndpoint` (starlette + uvicorn) → the same `PolicyServer` queue and
+  worker as the ZeroMQ row, and the official reply (50 json_numpy rows). Same client as the FastAPI row.
 - fastapi_json_numpy: the official Cosmos Policy transport, FastAPI + uvicorn `POST /act` with arrays encoded by
   json_numpy (base64 inside JSON) and a synchronous handler. The client keeps one HTTP connection alive
   (`requests.Session`), which flatters it: the official client opens a new connection per `requests.post`.
@@ -10,7 +13,7 @@ one 50×14 float32 chunk back, from a policy that answers at once, so only the t
 
 Run: `.venv/bin/python -m pytest benchmarks/test_transport.py --benchmark-enable --benchmark-json=out.json`.
 `extra_info` carries p50/p90/p99 in ms and the payload sizes. The baselines need fastapi, uvicorn, json-numpy,
-requests and websockets, and are skipped without them.
+requests and websockets, and are skipped without them; the HTTP row needs starlette, uvicorn, json-numpy, requests.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import numpy as np
 import pytest
 
 from cosmos_edge.robot_bridge.client import PolicyClient
+from cosmos_edge.robot_bridge.official_act import CAMERAS
 from cosmos_edge.robot_bridge.protocol import ActRequest
-from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig
+from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig, serving_in_thread
 from cosmos_edge.runtime.platforms import IMAGE_SIZE, PlatformSpec, platform_spec
 from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation
 
@@ -38,7 +42,7 @@ RNG = np.random.default_rng(0)
 IMAGES = {name: RNG.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8) for name in ALOHA.cameras}
 PROPRIO = RNG.standard_normal(ALOHA.proprio_dim).astype(np.float32)
 CHUNK = RNG.standard_normal((ALOHA.chunk_size, ALOHA.action_dim)).astype(np.float32)
-ROUNDS = {"cosmos_edge": 1000, "websocket_msgpack": 1000, "fastapi_json_numpy": 200}
+ROUNDS = {"cosmos_edge": 1000, "websocket_msgpack": 1000, "fastapi_json_numpy": 200, "cosmos_edge_http": 200}
 STARTUP_S = 10.0
 
 
@@ -110,6 +114,35 @@ def test_cosmos_edge_codec(benchmark: Any) -> None:
     """Encode and decode of one `act` request alone, to separate the protocol's cost from the transport's."""
     request = ActRequest(1, obs_id=1, capture_time_ns=1, instruction=INSTRUCTION, images=IMAGES, proprio=PROPRIO)
     benchmark.pedantic(lambda: ActRequest.from_frames(request.to_frames()), rounds=2000, warmup_rounds=20)
+
+
+# --- cosmos-edge HTTP: the official format in front of the policy server ----------------------------------------------
+
+
+@pytest.fixture
+def cosmos_edge_http_url() -> Iterator[str]:
+    http_server = pytest.importorskip("cosmos_edge.robot_bridge.http_server")
+    server = PolicyServer(InstantPolicy(), ServerConfig("tcp://127.0.0.1:*"))
+    with serving_in_thread(server, STARTUP_S), http_server.HttpEndpoint(server, http_server.HttpConfig(port=0)) as http:
+        yield http.url + "/act"
+
+
+def test_cosmos_edge_http(benchmark: Any, cosmos_edge_http_url: str) -> None:
+    json_numpy = pytest.importorskip("json_numpy")
+    requests = pytest.importorskip("requests")
+    session = requests.Session()
+    images = {key: IMAGES[camera] for key, camera in CAMERAS.items()}
+    observation = {**images, "proprio": PROPRIO, "task_description": INSTRUCTION}
+    headers = {"Content-Type": "application/json"}
+
+    def round_trip() -> np.ndarray:
+        body = json_numpy.dumps(observation)
+        response = session.post(cosmos_edge_http_url, data=body, headers=headers, timeout=STARTUP_S)
+        response.raise_for_status()
+        return np.asarray(json_numpy.loads(response.text)["actions"])
+
+    with session:
+        run_benchmark(benchmark, "cosmos_edge_http", round_trip, {"request_bytes": len(json_numpy.dumps(observation))})
 
 
 # --- FastAPI + json_numpy (the official Cosmos Policy transport) ------------------------------------------------------

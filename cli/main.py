@@ -10,16 +10,28 @@ from collections.abc import Sequence
 from cosmos_edge.cli import (
     act_cmd,
     checkpoint_cmd,
+    client_cmd,
     demo_cmd,
     engines_cmd,
     export_cmd,
+    keys_cmd,
     serve_cmd,
     text_embeddings_cmd,
 )
 from cosmos_edge.runtime.errors import CosmosEdgeError
 
 # Each subcommand module exposes `register(subparsers)`; it sets `func(args) -> int` on its parser.
-SUBCOMMANDS = (checkpoint_cmd, text_embeddings_cmd, export_cmd, engines_cmd, act_cmd, serve_cmd, demo_cmd)
+SUBCOMMANDS = (
+    checkpoint_cmd,
+    text_embeddings_cmd,
+    export_cmd,
+    engines_cmd,
+    act_cmd,
+    serve_cmd,
+    client_cmd,
+    keys_cmd,
+    demo_cmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,16 +3,21 @@
 How the policies are built (bundle, backend, checkpoint) is the caller's part: `add_serve_parser` takes a factory
 that turns the parsed arguments into one `Policy` per mode, and the caller adds its own arguments to the parser it
 returns.
+
+`--http HOST:PORT` adds the official Cosmos Policy ALOHA HTTP endpoint beside the ZeroMQ one (`--endpoint none`:
+instead of it); both feed the same queue and inference thread.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, ServerCurve, load_public_keys
 from cosmos_edge.robot_bridge.protocol import WireLimits
@@ -23,11 +28,20 @@ from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import PLATFORMS
 from cosmos_edge.runtime.policy.api import Policy
 from cosmos_edge.runtime.policy.planning import PlanningConfig
-from cosmos_edge.runtime.precision import PRECISIONS
+from cosmos_edge.runtime.precision import PRECISIONS, default_precision
+
+if TYPE_CHECKING:
+    from cosmos_edge.robot_bridge.http_server import HttpConfig
 
 PolicyFactory = Callable[[argparse.Namespace], LoadedPolicies]
 
 _MIB = 2**20
+_NO_ZEROMQ = "none"
+# With `--endpoint none` the server's queue and worker still run (the HTTP endpoint uses them), and its ROUTER socket
+# binds this in-process address, which nothing outside the process can reach.
+_IN_PROCESS_ONLY = "inproc://cosmos-edge-no-zeromq-endpoint"
+# Of the modes `LoadedPolicies.modes()` serves, the one that answers with a single query; `planning` is best-of-N.
+_SINGLE_QUERY_MODES = frozenset({"reactive"})
 
 
 def add_serve_parser(
@@ -37,8 +51,10 @@ def add_serve_parser(
     joint_limits: tuple[tuple[float, float], ...] | None = None,
 ) -> argparse.ArgumentParser:
     """Adds `serve`; `joint_limits` (one (lower, upper) pair per action dim) are announced to controllers."""
-    parser = subparsers.add_parser("serve", help="serve a policy to robot controllers over ZeroMQ")
-    parser.add_argument("--endpoint", default="tcp://127.0.0.1:5555", help="ZeroMQ bind address")
+    parser = subparsers.add_parser("serve", help="serve a policy to robot controllers over ZeroMQ (and HTTP)")
+    parser.add_argument(
+        "--endpoint", default="tcp://127.0.0.1:5555", help="ZeroMQ bind address; 'none' serves HTTP only (--http)"
+    )
     parser.add_argument("--default-mode", default="reactive", help="mode used when a request names none")
     parser.add_argument("--max-pending", type=int, default=8, help="controllers that may wait for inference at once")
     parser.add_argument("--max-message-mb", type=float, default=16.0, help="largest request accepted")
@@ -50,11 +66,22 @@ def add_serve_parser(
         action="store_true",
         help="allow a non-loopback endpoint without CURVE: anyone who reaches the port can command the robot",
     )
+    parser.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="also serve the official Cosmos Policy ALOHA HTTP endpoint (POST /act; its clients use port 8777)",
+    )
+    parser.add_argument(
+        "--http-insecure-bind-all",
+        action="store_true",
+        help="allow a non-loopback --http address: HTTP has no authentication, whoever reaches it commands the robot",
+    )
 
     def serve(args: argparse.Namespace) -> int:
-        config = server_config(args, joint_limits)  # refuse bad network settings before loading any policy
+        # Refuse bad network settings before loading any policy.
+        config, http = server_config(args, joint_limits), http_config(args)
         with make_policies(args) as loaded:
-            return run_server(loaded.modes(), config)
+            return run_server(loaded.modes(), config, http)
 
     parser.set_defaults(func=serve)
     return parser
@@ -68,8 +95,13 @@ def server_config(
         if not (args.curve_secret_key and args.curve_clients):
             raise ConfigError("--curve-secret-key and --curve-clients: give both or neither")
         curve = ServerCurve(CurveKeyPair.load(args.curve_secret_key), load_public_keys(args.curve_clients))
+    endpoint = args.endpoint
+    if endpoint == _NO_ZEROMQ:
+        if args.http is None:
+            raise ConfigError("--endpoint none: needs --http, or nothing could reach the policies")
+        endpoint = _IN_PROCESS_ONLY
     return ServerConfig(
-        endpoint=args.endpoint,
+        endpoint=endpoint,
         limits=WireLimits(
             max_message_bytes=round(args.max_message_mb * _MIB), max_array_bytes=round(args.max_array_mb * _MIB)
         ),
@@ -81,8 +113,27 @@ def server_config(
     )
 
 
-def run_server(policies: Mapping[str, Policy], config: ServerConfig) -> int:
-    """Serves until SIGINT or SIGTERM, then shuts down cleanly. Must run in the main thread (signal handlers)."""
+def http_config(args: argparse.Namespace) -> HttpConfig | None:
+    """The HTTP endpoint's settings for `--http`, or None without it."""
+    if args.http is None:
+        return None
+    try:  # imported only here: starlette and uvicorn are the optional `http` extra
+        from cosmos_edge.robot_bridge.http_server import HttpConfig, parse_address
+    except ImportError as error:
+        raise ConfigError(f"--http: needs the http extra, pip install 'cosmos-edge[http]' ({error})") from None
+    host, port = parse_address(args.http)
+    return HttpConfig(
+        host,
+        port,
+        insecure_bind_all=args.http_insecure_bind_all,
+        single_query_modes=_SINGLE_QUERY_MODES,
+        max_body_bytes=round(args.max_message_mb * _MIB),
+    )
+
+
+def run_server(policies: Mapping[str, Policy], config: ServerConfig, http: HttpConfig | None = None) -> int:
+    """Serves until SIGINT or SIGTERM, then shuts down cleanly. Must run in the main thread (signal handlers).
+    With `http`, the HTTP endpoint serves the same policies through the same queue."""
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("run_server installs signal handlers, which only the main thread can do")
     server = PolicyServer(policies, config)
@@ -92,11 +143,22 @@ def run_server(policies: Mapping[str, Policy], config: ServerConfig) -> int:
 
     previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.serve_forever()
+        # serve_forever returns once the server has stopped, so the HTTP endpoint stops after it: the requests that
+        # reached it by then are answered, or refused with 503.
+        with server, _http_endpoint(server, http):
+            server.serve_forever()
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
     return 0
+
+
+def _http_endpoint(server: PolicyServer, http: HttpConfig | None) -> contextlib.AbstractContextManager[object]:
+    if http is None:
+        return contextlib.nullcontext()
+    from cosmos_edge.robot_bridge.http_server import HttpEndpoint  # the optional extra, as in `http_config`
+
+    return HttpEndpoint(server, http)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -111,7 +173,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--platform", choices=sorted(PLATFORMS), help="required with checkpoint files")
     parser.add_argument("--planning-checkpoint", type=Path, help="DiT of the planning model (default: the policy's)")
     parser.add_argument("--num-candidates", type=int, default=8, help="best-of-N candidates in planning mode")
-    parser.add_argument("--precision", default="bf16", choices=PRECISIONS, help="checkpoint files only")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="checkpoint files only (default: bf16 on CUDA devices, fp32 on the CPU)",
+    )
     parser.add_argument(
         "--devices",
         help="comma-separated devices; planning spreads candidates over them (default: cpu, or cuda for tensorrt)",
@@ -123,8 +189,12 @@ _FILE_ARGS = ("checkpoint", "tokenizer", "stats", "text_embeddings", "platform")
 
 def _policies(args: argparse.Namespace) -> LoadedPolicies:
     """Both modes from one load: the reactive policy and the planner share each device's networks."""
-    devices = [device.strip() for device in (args.devices or "").split(",") if device.strip()] or None
-    return load_policies(_source(args), devices=devices, planning=PlanningConfig(num_candidates=args.num_candidates))
+    planning = PlanningConfig(num_candidates=args.num_candidates)
+    return load_policies(_source(args), devices=_device_list(args) or None, planning=planning)
+
+
+def _device_list(args: argparse.Namespace) -> list[str]:
+    return [device.strip() for device in (args.devices or "").split(",") if device.strip()]
 
 
 def _source(args: argparse.Namespace) -> ModelSource:
@@ -137,4 +207,5 @@ def _source(args: argparse.Namespace) -> ModelSource:
     if missing:
         raise ConfigError(f"serve: without --bundle, these are required: {missing}")
     files = CheckpointFiles(args.checkpoint, args.tokenizer, args.stats, args.text_embeddings, args.platform)
-    return CheckpointSource(files, planning_checkpoint=args.planning_checkpoint, precision=args.precision)
+    precision = args.precision or default_precision(_device_list(args) or ["cpu"])
+    return CheckpointSource(files, planning_checkpoint=args.planning_checkpoint, precision=precision)

@@ -45,7 +45,7 @@ class CurveKeyPair:
     @classmethod
     def load(cls, path: str | Path) -> CurveKeyPair:
         """Reads a `.key_secret` certificate written by `zmq.auth.create_certificates`."""
-        public, secret = zmq.auth.load_certificate(path)
+        public, secret = _read_certificate(path)
         if secret is None:
             raise ConfigError(f"{path}: holds no secret key; expected the '.key_secret' file of the pair")
         return cls(public, secret)
@@ -63,6 +63,20 @@ class ServerCurve:
             raise ConfigError("allowed_clients: expected at least one client public key, got none")
         for key in self.allowed_clients:
             check_key("allowed_clients", key)
+
+
+def load_public_key(path: str | Path) -> bytes:
+    """The public key of a certificate written by `zmq.auth.create_certificates` (the `.key` file, or its pair)."""
+    public, _ = _read_certificate(path)
+    check_key(str(path), public)
+    return public
+
+
+def _read_certificate(path: str | Path) -> tuple[bytes, bytes | None]:
+    try:
+        return zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as error:  # a missing file; a file without a public key
+        raise ConfigError(f"{path}: expected a CURVE certificate from zmq.auth.create_certificates ({error})") from None
 
 
 def load_public_keys(directory: str | Path) -> frozenset[bytes]:

@@ -9,6 +9,9 @@ The queue keeps at most one waiting `act` per controller (ROUTER identity): a ne
 waiting, which is answered with a `superseded` error so its sender is not left hanging. Controllers are served in
 arrival order, and at most `max_pending` may wait at once. Anything malformed or rejected gets an `error` reply and
 the server carries on.
+
+Other front ends in the same process (the official-compatible HTTP endpoint) queue their requests with `submit`, so
+every inference, whichever endpoint asked for it, runs on the one worker thread, in arrival order.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import contextlib
 import dataclasses
 import errno
 import ipaddress
+import itertools
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from importlib import metadata
 from types import TracebackType
@@ -112,12 +117,14 @@ def is_local_endpoint(endpoint: str) -> bool:
 
 @dataclass(frozen=True)
 class _Job:
-    identity: bytes
+    identity: bytes  # the queue key: a ROUTER identity, or a `submit` key no ZeroMQ peer can have
     request: ActRequest
     mode: str
     receive_ns: int  # wall clock, reported to the controller
     received_at: float  # perf_counter, for durations
     decode_ms: float
+    peer: str  # for the log
+    future: Future[ActReply] | None = None  # set for `submit`: the reply goes there instead of the ROUTER socket
 
 
 class PolicyServer:
@@ -152,6 +159,7 @@ class PolicyServer:
         self._authenticator: ThreadAuthenticator | None = None
         self._reply_address = f"inproc://cosmos-edge-replies-{id(self):x}"
         self._endpoint = self._config.endpoint
+        self._submissions = itertools.count(1)
         try:  # the metadata checks mode names and joint limits; better to fail here than on a controller's request
             self._metadata(0)
         except MessageError as error:
@@ -161,6 +169,36 @@ class PolicyServer:
     def endpoint(self) -> str:
         """The bound endpoint after `start()`, with a wildcard port resolved."""
         return self._endpoint
+
+    @property
+    def serving(self) -> bool:
+        """True while `serve_forever` runs and has not been asked to stop."""
+        return not self._idle.is_set() and not self._stopping.is_set()
+
+    def metadata(self) -> ServerMetadata:
+        """What the `metadata` request answers (request id 0). Thread-safe."""
+        return self._metadata(0)
+
+    def set_mode(self, mode: str) -> ModeSet:
+        """Switches the default mode as the `set_mode` request does; `MessageError` for an unknown mode. Thread-safe."""
+        return self._set_mode(SetModeRequest(0, mode))
+
+    def submit(self, request: ActRequest, *, peer: str, decode_ms: float = 0.0) -> Future[ActReply]:
+        """Queues an `act` from another front end and returns the future of its reply. Thread-safe.
+
+        It waits in the same queue, under the same `max_pending`, for the same worker as the controllers' requests,
+        but under a key of its own: it never replaces, and is never replaced by, another request. Rejections on
+        arrival (unknown mode, cameras or sizes that do not match the platform, too many waiting, shutting down)
+        raise `MessageError`; the future fails with one for the rest (shutting down, the policy rejected or failed).
+        A future cancelled while it waits is skipped. `peer` names the sender in the log.
+        """
+        started = time.perf_counter() - decode_ms / 1e3  # when the request arrived, for the queue and total times
+        # libzmq reserves identities that start with a zero byte for the 5-byte ones it generates: this key is longer.
+        key = b"\x00submit-%d" % next(self._submissions)
+        future: Future[ActReply] = Future()
+        mode = self._act_mode(request)
+        self._enqueue(_Job(key, request, mode, time.time_ns(), started, decode_ms, peer, future))
+        return future
 
     def start(self) -> str:
         if self._socket is not None:
@@ -260,7 +298,8 @@ class PolicyServer:
         try:
             request = decode_request(frames, self._config.limits)
             if isinstance(request, ActRequest):
-                self._enqueue(_Job(identity, request, self._act_mode(request), receive_ns, started, _ms_since(started)))
+                mode = self._act_mode(request)
+                self._enqueue(_Job(identity, request, mode, receive_ns, started, _ms_since(started), identity.hex()))
                 return
             reply: ServerMetadata | Pong | ModeSet
             if isinstance(request, MetadataRequest):
@@ -321,6 +360,8 @@ class PolicyServer:
 
     def _enqueue(self, job: _Job) -> None:
         with self._lock:
+            if self._stopping.is_set():  # nothing would run it: the worker is stopping or gone
+                raise MessageError(ErrorCode.SHUTTING_DOWN, "", "the server is shutting down", job.request.request_id)
             replaced = self._pending.get(job.identity)
             full = replaced is None and len(self._pending) >= self._config.max_pending
             if not full:
@@ -363,10 +404,13 @@ class PolicyServer:
     def _reply_error(self, job: _Job, code: ErrorCode, field: str, detail: str) -> None:
         """Answers a queued `act` that will not run."""
         error = MessageError(code, field, detail, job.request.request_id)
-        self._send(job.identity, ErrorReply.from_error(error).to_frames())
+        if job.future is None:
+            self._send(job.identity, ErrorReply.from_error(error).to_frames())
+        elif job.future.set_running_or_notify_cancel():  # False: its front end cancelled it, nobody is waiting
+            job.future.set_exception(error)
         logger.info(
             "kind=act peer=%s request_id=%s obs_id=%s mode=%s status=%s total_ms=%.3f",
-            job.identity.hex(),
+            job.peer,
             job.request.request_id,
             job.request.obs_id,
             job.mode,
@@ -417,7 +461,16 @@ class PolicyServer:
         replies.connect(self._reply_address)
         try:
             while (job := self._next_job()) is not None:
-                replies.send_multipart([job.identity, *self._run(job)], copy=False)
+                if job.future is not None and not job.future.set_running_or_notify_cancel():
+                    continue  # its front end cancelled it while it waited: nobody to answer
+                outcome = self._run(job)
+                if job.future is None:
+                    reply = outcome if isinstance(outcome, ActReply) else ErrorReply.from_error(outcome)
+                    replies.send_multipart([job.identity, *reply.to_frames()], copy=False)
+                elif isinstance(outcome, ActReply):
+                    job.future.set_result(outcome)
+                else:
+                    job.future.set_exception(outcome)
         finally:
             replies.close()
 
@@ -429,13 +482,12 @@ class PolicyServer:
                 return None
             return self._pending.popitem(last=False)[1]
 
-    def _run(self, job: _Job) -> list[OutFrame]:
+    def _run(self, job: _Job) -> ActReply | MessageError:
         started = time.perf_counter()
         queue_ms = (started - job.received_at) * 1e3 - job.decode_ms
         try:
             result = self._policies[job.mode].infer(_query(job.request))
             reply = self._reply(job, result, queue_ms, _ms_since(started))
-            frames = reply.to_frames()
         except InputError as error:
             return self._log_failure(job, started, MessageError(ErrorCode.INVALID_INPUT, "", str(error)))
         except Exception as error:  # a failing policy must not take the server down; details stay in our log
@@ -444,14 +496,14 @@ class PolicyServer:
             return self._log_failure(job, started, MessageError(ErrorCode.INTERNAL, "", detail))
         logger.info(
             "kind=act peer=%s request_id=%s obs_id=%s mode=%s status=ok %s total_ms=%.3f",
-            job.identity.hex(),
+            job.peer,
             job.request.request_id,
             job.request.obs_id,
             job.mode,
             " ".join(f"{stage}_ms={ms:.3f}" for stage, ms in reply.timings_ms.items()),
             _ms_since(job.received_at),
         )
-        return frames
+        return reply
 
     def _reply(self, job: _Job, result: ChunkResult, queue_ms: float, policy_ms: float) -> ActReply:
         expected = (self._platform.chunk_size, self._platform.action_dim)
@@ -470,11 +522,11 @@ class PolicyServer:
             server_send_ns=time.time_ns(),
         )
 
-    def _log_failure(self, job: _Job, started: float, error: MessageError) -> list[OutFrame]:
+    def _log_failure(self, job: _Job, started: float, error: MessageError) -> MessageError:
         error.request_id = job.request.request_id
         logger.info(
             "kind=act peer=%s request_id=%s obs_id=%s mode=%s status=%s policy_ms=%.3f total_ms=%.3f",
-            job.identity.hex(),
+            job.peer,
             job.request.request_id,
             job.request.obs_id,
             job.mode,
@@ -482,7 +534,7 @@ class PolicyServer:
             _ms_since(started),
             _ms_since(job.received_at),
         )
-        return ErrorReply.from_error(error).to_frames()
+        return error
 
 
 @contextlib.contextmanager

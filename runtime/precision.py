@@ -1,5 +1,13 @@
-"""The precision names of the CLI, the bundle manifest and every backend."""
+"""The precision names of the CLI, the bundle manifest and every backend, and the one default rule."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def default_precision(devices: Sequence[str]) -> str:
+    """bf16 on CUDA (what the official models run in), fp32 elsewhere (CPUs have no fast bf16; fp32 is the
+    reference). `act` and `serve` both apply it when `--precision` is not given."""
+    return "bf16" if any(device.startswith("cuda") for device in devices) else "fp32"

@@ -1,16 +1,19 @@
-"""`serve` arguments become a validated ServerConfig; the policy factory is the caller's."""
+"""`serve` arguments become a validated ServerConfig (and HttpConfig); the policy factory is the caller's."""
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 from pathlib import Path
 
 import pytest
 import zmq.auth
 
-from cosmos_edge.cli.serve_cmd import add_serve_parser, server_config
+from cosmos_edge.cli.serve_cmd import add_serve_parser, http_config, server_config
+from cosmos_edge.robot_bridge.client import PolicyClient
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.policy.api import Policy
+from tests.helpers.bridge_doubles import STARTUP_S, free_port, serve_stub, wait_until_serving
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -60,3 +63,47 @@ def test_network_settings_are_refused_before_any_policy_is_loaded() -> None:
     args = parser.parse_args(["serve", "--endpoint", "tcp://0.0.0.0:5555"])
     with pytest.raises(ConfigError, match="reachable from other machines"):
         args.func(args)
+
+
+def test_http_options_become_an_http_config() -> None:
+    pytest.importorskip("cosmos_edge.robot_bridge.http_server")  # needs the http extra
+    assert http_config(parse()) is None
+    config = http_config(parse("--http", "127.0.0.1:8777", "--max-message-mb", "2"))
+    assert config is not None
+    assert (config.host, config.port, config.insecure_bind_all) == ("127.0.0.1", 8777, False)
+    assert config.single_query_modes == frozenset({"reactive"}) and config.max_body_bytes == 2 * 2**20
+    with pytest.raises(ConfigError, match="reachable from other machines"):
+        http_config(parse("--http", "0.0.0.0:8777"))
+    config = http_config(parse("--http", "0.0.0.0:8777", "--http-insecure-bind-all"))
+    assert config is not None and config.insecure_bind_all
+    with pytest.raises(ConfigError, match="expected HOST:PORT"):
+        http_config(parse("--http", "8777"))
+
+
+def test_endpoint_none_serves_http_only() -> None:
+    with pytest.raises(ConfigError, match="--endpoint none: needs --http"):
+        server_config(parse("--endpoint", "none"))
+    assert server_config(parse("--endpoint", "none", "--http", "127.0.0.1:8777")).endpoint.startswith("inproc://")
+
+
+def test_serve_answers_http_beside_zeromq_until_sigterm() -> None:
+    http_server = pytest.importorskip("cosmos_edge.robot_bridge.http_server")
+    requests = pytest.importorskip("requests")
+    endpoint, http_port = f"tcp://127.0.0.1:{free_port()}", free_port()
+    process = multiprocessing.get_context("spawn").Process(
+        target=serve_stub, args=(endpoint, http_server.HttpConfig(port=http_port)), daemon=True
+    )
+    process.start()
+    try:
+        with PolicyClient(endpoint, timeout_s=1.0) as client:
+            wait_until_serving(client)
+            metadata = requests.get(f"http://127.0.0.1:{http_port}/metadata", timeout=STARTUP_S).json()
+            assert metadata["endpoints"]["zeromq"]["endpoint"] == endpoint
+            health = requests.get(f"http://127.0.0.1:{http_port}/healthz", timeout=STARTUP_S)
+            assert health.status_code == 200
+        process.terminate()  # SIGTERM: the CLI's handler stops both endpoints cleanly
+        process.join(STARTUP_S)
+        assert process.exitcode == 0
+    finally:
+        if process.is_alive():
+            process.kill()

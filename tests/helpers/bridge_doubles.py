@@ -10,6 +10,7 @@ import contextlib
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +20,9 @@ from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig, serving_
 from cosmos_edge.runtime.errors import InputError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE, PlatformSpec, platform_spec
 from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation
+
+if TYPE_CHECKING:  # the HTTP endpoint needs the optional http extra
+    from cosmos_edge.robot_bridge.http_server import HttpConfig
 
 ALOHA = platform_spec("aloha")
 INSTRUCTION = "put the cube in the bowl"
@@ -99,9 +103,9 @@ def serving(server: PolicyServer) -> contextlib.AbstractContextManager[str]:
     return serving_in_thread(server, JOIN_TIMEOUT_S)
 
 
-def serve_stub(endpoint: str) -> None:
+def serve_stub(endpoint: str, http: HttpConfig | None = None) -> None:
     """Target of spawned server processes: serves a `StubPolicy` until SIGINT/SIGTERM, as the CLI does."""
-    run_server({"reactive": StubPolicy()}, ServerConfig(endpoint=endpoint))
+    run_server({"reactive": StubPolicy()}, ServerConfig(endpoint=endpoint), http)
 
 
 STARTUP_S = 30.0  # a spawned interpreter importing numpy and zmq on a loaded 2-core machine

@@ -19,6 +19,7 @@ from cosmos_edge.robot_bridge.protocol import (
     ActRequest,
     ErrorCode,
     ErrorReply,
+    MessageError,
     PingRequest,
     Pong,
     Reply,
@@ -304,6 +305,50 @@ def test_stop_answers_waiting_requests_and_returns(context: zmq.Context[zmq.Sock
         assert isinstance(reply, ErrorReply) and reply.code is ErrorCode.SHUTTING_DOWN
         gate.set()
     assert_answers(controller.receive(), first, 1.0)  # the chunk in progress is still delivered
+
+
+def act_request(level: float, request_id: int, mode: str | None = None) -> ActRequest:
+    fields = {"obs_id": request_id, "capture_time_ns": 1, "instruction": INSTRUCTION, "mode": mode}
+    return ActRequest(request_id, **fields, **vars(observation(level)))
+
+
+def test_submitted_requests_wait_for_the_same_worker(context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    gate = threading.Event()
+    policy = StubPolicy(gate=gate)
+    server = PolicyServer(policy, ServerConfig(ENDPOINT))
+    with serving(server) as endpoint:
+        controller = RawController(context, endpoint)
+        first = controller.act(1.0)
+        assert policy.started.wait(TIMEOUT_S)
+        abandoned = server.submit(act_request(2.0, 2), peer="test")
+        answered = server.submit(act_request(3.0, 3), peer="test")  # never replaces another, though from one sender
+        assert abandoned.cancel()
+        gate.set()
+        assert_answers(answered.result(TIMEOUT_S), 3, 3.0)
+        assert_answers(controller.receive(), first, 1.0)
+        assert len(policy.queries) == 2  # the cancelled one never ran
+        with pytest.raises(MessageError) as caught:
+            server.submit(act_request(4.0, 4, mode="dreaming"), peer="test")
+        assert caught.value.code is ErrorCode.UNKNOWN_MODE
+    with pytest.raises(MessageError) as caught:
+        server.submit(act_request(5.0, 5), peer="test")
+    assert caught.value.code is ErrorCode.SHUTTING_DOWN
+
+
+def test_stop_fails_the_submitted_requests_still_waiting() -> None:
+    gate = threading.Event()
+    policy = StubPolicy(gate=gate)
+    server = PolicyServer(policy, ServerConfig(ENDPOINT))
+    with serving(server):
+        running = server.submit(act_request(1.0, 1), peer="test")
+        assert policy.started.wait(TIMEOUT_S)
+        waiting = server.submit(act_request(2.0, 2), peer="test")
+        server.stop()
+        with pytest.raises(MessageError) as caught:
+            waiting.result(TIMEOUT_S)
+        assert caught.value.code is ErrorCode.SHUTTING_DOWN
+        gate.set()
+        assert_answers(running.result(TIMEOUT_S), 1, 1.0)  # the chunk in progress is still delivered
 
 
 def test_curve_admits_listed_clients_only() -> None:

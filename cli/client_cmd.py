@@ -1,0 +1,123 @@
+"""`cosmos-edge client`: talk to a running policy server over ZeroMQ from the command line.
+
+`ping` (round trip and clock offset), `metadata` (printed as JSON), `set-mode MODE` (for every controller), and
+`act OBS.npz --task ...` (one chunk for an observation file, as `cosmos-edge act` reads them). With CURVE, give the
+server's public certificate and this client's secret one, as written by `cosmos-edge keys generate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cosmos_edge.cli.act_cmd import read_observation
+from cosmos_edge.robot_bridge.client import PolicyClient
+from cosmos_edge.robot_bridge.curve import CurveKeyPair, load_public_key
+from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.platforms import platform_spec
+
+_DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # `serve`'s default
+_CONTROL_TIMEOUT_S = 5.0  # ping, metadata and set-mode are answered at once, also during an inference
+_ACT_TIMEOUT_S = 120.0  # a chunk on CPU, or a planning chunk, takes seconds to minutes
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    connection = argparse.ArgumentParser(add_help=False)
+    connection.add_argument("--endpoint", default=_DEFAULT_ENDPOINT, help="the server's ZeroMQ endpoint")
+    connection.add_argument(
+        "--timeout",
+        type=float,
+        help=f"seconds to wait for the reply (default {_CONTROL_TIMEOUT_S:g}; act {_ACT_TIMEOUT_S:g})",
+    )
+    connection.add_argument("--curve-server-key", type=Path, help="the server's public '.key' certificate")
+    connection.add_argument("--curve-secret-key", type=Path, help="this client's '.key_secret' certificate")
+
+    parser = subparsers.add_parser("client", help="send one request to a running policy server (ZeroMQ)")
+    actions = parser.add_subparsers(dest="action", required=True)
+    actions.add_parser("ping", parents=[connection], help="round trip and clock offset").set_defaults(func=_ping)
+    actions.add_parser("metadata", parents=[connection], help="platform, modes, instructions").set_defaults(
+        func=_metadata
+    )
+    set_mode = actions.add_parser("set-mode", parents=[connection], help="switch the mode for every controller")
+    set_mode.add_argument("mode", help="one of the server's modes, e.g. reactive or planning")
+    set_mode.set_defaults(func=_set_mode)
+    act = actions.add_parser("act", parents=[connection], help="one action chunk for an observation .npz")
+    act.add_argument("observation", type=Path, help="npz: one uint8 HxWx3 array per camera, and `proprio`")
+    act.add_argument("--task", required=True, help="the instruction, as the server lists it")
+    act.add_argument("--mode", help="answer in this mode (default: the server's)")
+    act.add_argument("--seed", type=int, help="default: the server's (195, as the official code)")
+    act.add_argument("--steps", type=int, help="denoising steps (default: the platform's)")
+    act.add_argument("--out", type=Path, help="npz to write: actions, value")
+    act.set_defaults(func=_act)
+
+
+def connect(args: argparse.Namespace, timeout_s: float) -> PolicyClient:
+    """A client for `--endpoint`, with CURVE when both key options are given."""
+    if (args.curve_server_key is None) != (args.curve_secret_key is None):
+        raise ConfigError("--curve-server-key and --curve-secret-key: give both or neither")
+    if args.timeout is not None and not args.timeout > 0:
+        raise ConfigError(f"--timeout: expected seconds > 0, got {args.timeout}")
+    if args.curve_server_key is None:
+        return PolicyClient(args.endpoint, timeout_s=args.timeout or timeout_s)
+    return PolicyClient(
+        args.endpoint,
+        timeout_s=args.timeout or timeout_s,
+        server_public_key=load_public_key(args.curve_server_key),
+        client_keys=CurveKeyPair.load(args.curve_secret_key),
+    )
+
+
+def _ping(args: argparse.Namespace) -> int:
+    with connect(args, _CONTROL_TIMEOUT_S) as client:
+        sent_ns = time.time_ns()
+        pong = client.ping()
+        received_ns = time.time_ns()
+    # The server's clock minus ours, assuming the reply took half the round trip.
+    offset_ms = (pong.server_time_ns - (sent_ns + received_ns) / 2) / 1e6
+    print(f"pong from {args.endpoint}: server {pong.server_version}, round trip {(received_ns - sent_ns) / 1e6:.2f} ms")
+    print(f"server clock - ours: {offset_ms:+.2f} ms")
+    return 0
+
+
+def _metadata(args: argparse.Namespace) -> int:
+    with connect(args, _CONTROL_TIMEOUT_S) as client:
+        metadata = client.metadata()
+    fields = {item.name: getattr(metadata, item.name) for item in dataclasses.fields(metadata)}
+    del fields["request_id"]
+    print(json.dumps(fields, indent=2))
+    return 0
+
+
+def _set_mode(args: argparse.Namespace) -> int:
+    with connect(args, _CONTROL_TIMEOUT_S) as client:
+        changed = client.set_mode(args.mode)
+    print(f"mode: {changed.mode} (was {changed.previous_mode})")
+    return 0
+
+
+def _act(args: argparse.Namespace) -> int:
+    with connect(args, _ACT_TIMEOUT_S) as client:
+        platform = platform_spec(client.metadata().platform)
+        observation = read_observation(args.observation, platform)
+        reply = client.act(
+            observation,
+            args.task,
+            obs_id=0,
+            capture_time_ns=time.time_ns(),
+            mode=args.mode,
+            seed=args.seed,
+            steps=args.steps,
+        )
+    rows, columns = reply.actions.shape
+    print(f"action chunk: {rows} x {columns} (float32, un-normalised), mode {reply.mode}")
+    print(f"value:        {reply.value:.4f}")
+    print("server timings (ms): " + ", ".join(f"{name} {ms:.1f}" for name, ms in reply.timings_ms.items()))
+    if args.out is not None:
+        np.savez(args.out, actions=reply.actions, value=np.array(reply.value, dtype=np.float32))
+        print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,49 @@
+"""`cosmos-edge keys generate DIR`: a CURVE key pair for the policy server or a controller.
+
+Written by pyzmq's own `zmq.auth.create_certificates`: `DIR/NAME.key` (public: copy it to the peer; a server's
+`--curve-clients` directory holds the `.key` of every admitted controller) and `DIR/NAME.key_secret` (secret: it stays
+on this machine, readable by its owner only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import zmq.auth
+
+from cosmos_edge.runtime.errors import ConfigError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("keys", help="CURVE keys for the ZeroMQ endpoint")
+    actions = parser.add_subparsers(dest="action", required=True)
+    generate = actions.add_parser("generate", help="write a key pair: DIR/NAME.key and DIR/NAME.key_secret")
+    generate.add_argument("directory", type=Path, help="where to write the pair (created if missing)")
+    generate.add_argument("--name", default="cosmos-edge", help="file name of the pair, e.g. server or robot1")
+    generate.set_defaults(func=_generate)
+
+
+def generate_keys(directory: Path, name: str) -> tuple[Path, Path]:
+    """Writes a new pair and returns (public, secret) paths; an existing pair is never overwritten."""
+    if not name or Path(name).name != name or name.startswith("."):
+        raise ConfigError(f"--name: expected a plain file name, got {name!r}")
+    public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
+    for path in (public, secret):
+        if path.exists():
+            raise ConfigError(f"{path}: already exists; keys are never overwritten, choose another --name or DIR")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        written_public, written_secret = zmq.auth.create_certificates(directory, name)
+        os.chmod(written_secret, 0o600)  # pyzmq writes it with the process's umask
+    except OSError as error:
+        raise ConfigError(f"{directory}: cannot write the key pair ({error})") from None
+    return Path(written_public), Path(written_secret)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    public, secret = generate_keys(args.directory, args.name)
+    print(f"public key: {public}")
+    print(f"secret key: {secret} (keep it on this machine)")
+    return 0

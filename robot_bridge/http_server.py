@@ -1,0 +1,353 @@
+"""The official Cosmos Policy ALOHA HTTP endpoint, `POST /act`, in front of a `PolicyServer`.
+
+The official ALOHA client (`run_aloha_eval.py`) talks to its server over HTTP with json_numpy bodies (the format is in
+`official_act`). This endpoint answers it as that server does, while the policies stay the `PolicyServer`'s: every
+`/act` is queued with `PolicyServer.submit` and runs on its one worker thread, in line with the ZeroMQ controllers'
+requests, in the mode in force (switched by either endpoint). Starlette on uvicorn, in a thread of its own with its
+own event loop; bodies are decoded and replies encoded in the thread pool, so `/healthz` answers during a decode.
+
+Routes: `POST /act`; `GET /healthz` (200 while the policy server serves, 503 otherwise); `GET /metadata` (the ZeroMQ
+metadata plus how to reach each endpoint); `POST /mode` with `{"mode": NAME}`, as the ZeroMQ `set_mode`. Every error
+is a 4xx or 5xx status with `{"error": message, "field": the key at fault or "", "code": the protocol's error code}`;
+the official server instead answers 200 with the text "error".
+
+Like the ZeroMQ endpoint, it listens on loopback unless told otherwise: whoever can POST to `/act` commands the robot,
+and HTTP here has no authentication, so any other address needs `insecure_bind_all`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from cosmos_edge.robot_bridge.json_arrays import COMPACT, parse_json
+from cosmos_edge.robot_bridge.official_act import CAMERAS, OfficialQuery, parse_query, reply_body
+from cosmos_edge.robot_bridge.protocol import PROTOCOL_VERSION, ActRequest, ErrorCode, MessageError
+from cosmos_edge.robot_bridge.server import SERVER_VERSION, PolicyServer, is_local_endpoint
+from cosmos_edge.runtime.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+OFFICIAL_PORT = 8777  # the official server's default, which its client hard-codes
+_START_TIMEOUT_S = 10.0
+_STATUS = {
+    ErrorCode.MALFORMED: 400,
+    ErrorCode.UNSUPPORTED_VERSION: 400,
+    ErrorCode.UNKNOWN_KIND: 404,
+    ErrorCode.SUPERSEDED: 409,
+    ErrorCode.TOO_LARGE: 413,
+    ErrorCode.INVALID_FIELD: 422,
+    ErrorCode.INVALID_INPUT: 422,
+    ErrorCode.UNKNOWN_MODE: 422,
+    ErrorCode.INTERNAL: 500,
+    ErrorCode.OVERLOADED: 503,
+    ErrorCode.SHUTTING_DOWN: 503,
+}
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """`host`/`port` to listen on (port 0: any free port, see `HttpEndpoint.url`).
+
+    `single_query_modes` are the modes whose answer is one policy query (no best-of-N): only for them can
+    `return_all_query_results` be answered truthfully, with that query as the only one. `max_connections` bounds the
+    connections handled at once (uvicorn answers more with a plain 503), `max_body_bytes` a request body (413).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = OFFICIAL_PORT
+    insecure_bind_all: bool = False
+    single_query_modes: frozenset[str] = field(default_factory=frozenset)
+    max_body_bytes: int = 16 * 2**20
+    max_connections: int = 32
+    shutdown_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.host or not 0 <= self.port <= 65535:
+            raise ConfigError(f"http address: expected HOST:PORT with a port in 0..65535, got {self.address!r}")
+        for name in ("max_body_bytes", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.shutdown_timeout_s <= 0:
+            raise ConfigError(f"shutdown_timeout_s: expected > 0, got {self.shutdown_timeout_s}")
+        if not is_local_endpoint(f"tcp://{self.address}") and not self.insecure_bind_all:
+            raise ConfigError(
+                f"http address: {self.address!r} is reachable from other machines, and HTTP has no authentication, so "
+                "anyone there could command the robot; listen on 127.0.0.1, or pass insecure_bind_all explicitly"
+            )
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """(host, port) of "HOST:PORT", such as "127.0.0.1:8777", "localhost:0" or "[::1]:8777"."""
+    host, separator, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not separator or not host or not port.isdigit():
+        raise ConfigError(f"http address: expected HOST:PORT such as 127.0.0.1:{OFFICIAL_PORT}, got {address!r}")
+    return host, int(port)
+
+
+class HttpEndpoint:
+    """Serves `POST /act` and the other routes for `server`, which must serve the ALOHA platform.
+
+    Lifecycle: `start()` listens and starts the thread, `stop()` finishes the requests in flight and returns; also a
+    context manager. Start it before or while `server.serve_forever()` runs: requests wait in the server's queue until
+    its worker runs, and are refused once it stops.
+    """
+
+    def __init__(self, server: PolicyServer, config: HttpConfig | None = None) -> None:
+        self._server = server
+        self._config = config or HttpConfig()
+        metadata = server.metadata()
+        if set(metadata.cameras) != set(CAMERAS.values()):
+            raise ConfigError(
+                f"http: the official /act format carries ALOHA's cameras {sorted(CAMERAS.values())}; the server's "
+                f"platform {metadata.platform!r} has {list(metadata.cameras)}"
+            )
+        self._image_size = metadata.image_size
+        self._proprio_dim = metadata.proprio_dim
+        self._requests = 0  # request ids, counted on the event loop thread
+        routes = [
+            Route("/act", self._act, methods=["POST"]),
+            Route("/healthz", self._healthz, methods=["GET"]),
+            Route("/metadata", self._metadata, methods=["GET"]),
+            Route("/mode", self._mode, methods=["POST"]),
+        ]
+        handlers = {HTTPException: _http_error, Exception: _internal_error}
+        self._app = Starlette(routes=routes, exception_handlers=handlers)
+        self._uvicorn: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._port = self._config.port
+
+    @property
+    def url(self) -> str:
+        """The base URL; after `start()`, with a port 0 resolved."""
+        host = f"[{self._config.host}]" if ":" in self._config.host else self._config.host
+        return f"http://{host}:{self._port}"
+
+    def start(self) -> str:
+        """Listens, starts serving in a thread and returns the base URL once requests are answered."""
+        if self._thread is not None:
+            return self.url
+        listener = self._listen()
+        self._port = listener.getsockname()[1]
+        config = uvicorn.Config(
+            self._app,
+            loop="asyncio",  # not uvloop, which would replace the event loop policy of the whole process
+            lifespan="off",
+            log_config=None,  # keep the process's logging; we log one line per request ourselves
+            log_level="warning",
+            access_log=False,
+            limit_concurrency=self._config.max_connections,
+            timeout_graceful_shutdown=math.ceil(self._config.shutdown_timeout_s),
+        )
+        self._uvicorn = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._uvicorn.run, kwargs={"sockets": [listener]}, name="http-endpoint", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while not self._uvicorn.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                listener.close()
+                raise ConfigError(f"http address: the server on {self.url} did not start; see the log")
+            time.sleep(0.01)
+        logger.info("serving http=%s routes=POST /act, GET /healthz, GET /metadata, POST /mode", self.url)
+        return self.url
+
+    def _listen(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self._config.host else socket.AF_INET
+        # IPPROTO_TCP named explicitly: asyncio sets TCP_NODELAY only on connections whose socket says so, and without
+        # it each reply (header and body written apart) waits out the client's delayed ACK, about 40 ms.
+        listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once on the same port
+            listener.bind((self._config.host, self._config.port))
+            listener.listen()
+        except OSError as error:
+            listener.close()
+            raise ConfigError(f"http address: cannot listen on {self._config.address} ({error})") from None
+        return listener
+
+    def stop(self) -> None:
+        """Stops accepting, lets the requests in flight finish (up to the shutdown timeout) and joins the thread."""
+        if self._thread is None or self._uvicorn is None:
+            return
+        self._uvicorn.should_exit = True
+        self._thread.join(self._config.shutdown_timeout_s + 1.0)
+        if self._thread.is_alive():
+            logger.error("the http endpoint did not stop within %.1f s", self._config.shutdown_timeout_s)
+        self._thread = None
+        self._uvicorn = None
+
+    def __enter__(self) -> HttpEndpoint:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # --- routes (on the event loop thread) -------------------------------------------------------------------------
+
+    async def _act(self, request: Request) -> Response:
+        started = time.perf_counter()
+        self._requests += 1
+        request_id = self._requests
+        peer = _peer(request)
+        try:
+            body = await self._body(request)
+            query = await run_in_threadpool(parse_query, body, self._image_size, self._proprio_dim)
+            decode_ms = _ms_since(started)
+            act = self._act_request(request_id, query)
+            reply = await asyncio.wrap_future(self._server.submit(act, peer=peer, decode_ms=decode_ms))
+            waited = time.perf_counter()
+            content = await run_in_threadpool(reply_body, reply, query)
+        except MessageError as error:
+            logger.info(
+                "kind=http_act peer=%s request_id=%s status=%s code=%s field=%s total_ms=%.3f",
+                peer,
+                request_id,
+                _STATUS[error.code],
+                error.code.value,
+                error.field,
+                _ms_since(started),
+            )
+            return _error_response(error)
+        logger.info(
+            "kind=http_act peer=%s request_id=%s status=200 mode=%s double_encoded=%s decode_ms=%.3f encode_ms=%.3f "
+            "total_ms=%.3f",
+            peer,
+            request_id,
+            reply.mode,
+            query.double_encoded,
+            decode_ms,
+            _ms_since(waited),
+            _ms_since(started),
+        )
+        return Response(content, media_type="application/json")
+
+    def _act_request(self, request_id: int, query: OfficialQuery) -> ActRequest:
+        """The checks that need the server's state, then the request, pinned to the mode that was checked."""
+        metadata = self._server.metadata()
+        if query.task_description not in metadata.instructions:
+            shown = list(metadata.instructions[:8])
+            detail = f"no text embedding for {query.task_description!r}; expected one of {shown}"
+            raise MessageError(ErrorCode.INVALID_INPUT, "task_description", detail)
+        if query.return_all_query_results and metadata.mode not in self._config.single_query_modes:
+            detail = (
+                f"the {metadata.mode!r} policy returns only the candidate it chose, not per-candidate results; send "
+                f"false, or switch to a single-query mode {sorted(self._config.single_query_modes)}"
+            )
+            raise MessageError(ErrorCode.INVALID_FIELD, "return_all_query_results", detail)
+        return ActRequest(
+            request_id,
+            obs_id=request_id,
+            capture_time_ns=time.time_ns(),  # the official client sends no timestamp; the server does not read it
+            instruction=query.task_description,
+            images=query.images,
+            proprio=query.proprio,
+            mode=metadata.mode,
+        )
+
+    async def _healthz(self, request: Request) -> Response:
+        serving = self._server.serving
+        status = {
+            "status": "ok" if serving else "not serving",
+            "mode": self._server.metadata().mode,
+            "server_version": SERVER_VERSION,
+        }
+        return _json(status, 200 if serving else 503)
+
+    async def _metadata(self, request: Request) -> Response:
+        metadata = self._server.metadata()
+        content = {item.name: getattr(metadata, item.name) for item in dataclasses.fields(metadata)}
+        del content["request_id"]
+        content["endpoints"] = {
+            "http": {
+                "url": self.url,
+                "act": "POST /act, the official Cosmos Policy ALOHA format (json_numpy arrays)",
+                "cameras": dict(CAMERAS),
+                "single_query_modes": sorted(self._config.single_query_modes),
+            },
+            "zeromq": {"endpoint": self._server.endpoint, "protocol_version": PROTOCOL_VERSION},
+        }
+        return _json(content)
+
+    async def _mode(self, request: Request) -> Response:
+        try:
+            payload = parse_json((await self._body(request)).decode("utf-8"))
+            if not isinstance(payload, dict) or set(payload) != {"mode"} or not isinstance(payload["mode"], str):
+                raise MessageError(ErrorCode.INVALID_FIELD, "mode", 'expected {"mode": NAME}')
+            changed = self._server.set_mode(payload["mode"])
+        except ValueError as error:  # MessageError is one, as are unreadable bytes and text
+            if not isinstance(error, MessageError):
+                error = MessageError(ErrorCode.MALFORMED, "body", f"expected a JSON object ({error})")
+            return _error_response(error)
+        return _json({"mode": changed.mode, "previous_mode": changed.previous_mode})
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self._config.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise MessageError(ErrorCode.TOO_LARGE, "body", f"expected at most {limit} bytes, got {declared}")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise MessageError(ErrorCode.TOO_LARGE, "body", f"expected at most {limit} bytes, got more")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _json(content: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(COMPACT.encode(content), status_code=status, headers=headers, media_type="application/json")
+
+
+def _error_response(error: MessageError) -> Response:
+    return _json({"error": str(error), "field": error.field, "code": error.code.value}, _STATUS[error.code])
+
+
+async def _http_error(request: Request, error: Exception) -> Response:
+    """Routing errors (unknown path, wrong method) in the same JSON form as the others."""
+    assert isinstance(error, HTTPException)  # the handler is registered for these only
+    field = "method" if error.status_code == 405 else "path"
+    detail = f"{request.method} {request.url.path}: {error.detail}"
+    content = {"error": detail, "field": field, "code": ErrorCode.UNKNOWN_KIND.value}
+    return _json(content, error.status_code, error.headers)  # a 405's headers list the allowed methods
+
+
+async def _internal_error(request: Request, error: Exception) -> Response:
+    """A bug of ours, answered in the same JSON form; Starlette re-raises it after this reply and uvicorn logs it."""
+    detail = f"{request.method} {request.url.path} failed ({type(error).__name__}); see the server log"
+    return _json({"error": detail, "field": "", "code": ErrorCode.INTERNAL.value}, 500)
+
+
+def _peer(request: Request) -> str:
+    return f"http:{request.client.host}:{request.client.port}" if request.client else "http"
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1e3

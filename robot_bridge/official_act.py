@@ -1,0 +1,140 @@
+"""The official Cosmos Policy ALOHA `/act` format: the request its client sends, the reply its server answers.
+
+Sources: `experiments/robot/aloha/deploy.py` (`get_server_action`) and `run_aloha_eval.py` (`get_action_from_server`).
+The client POSTs a JSON object whose arrays are json_numpy-encoded: `primary_image`, `left_wrist_image`,
+`right_wrist_image` (uint8 H×W×3, resized by the client), `proprio` (the qpos; float64 from the robot, cast to float32
+by the server), `task_description`, optional `return_all_query_results`. No seed: the server's applies. A client without
+json_numpy may wrap the json_numpy text in `{"encoded": "<text>"}`; that request is answered with the reply's
+json_numpy text as a JSON string rather than an object.
+
+The reply holds `actions` (a list of chunk_size float32 rows), `future_image_predictions` (null here: no future images
+are decoded) and `value_prediction`. The official client reads `value_predictions` instead, a key the official server
+never sends, so the reply carries both. With `return_all_query_results`, the `all_*` keys list every query's results
+(search depth 1): only for a single-query mode, whose one query is every query.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from cosmos_edge.robot_bridge.json_arrays import COMPACT, SPACED, EncodedArray, parse_json, to_array
+from cosmos_edge.robot_bridge.protocol import ActReply
+from cosmos_edge.robot_bridge.wire import ErrorCode, MessageError, invalid
+
+# Official key → camera of the ALOHA platform (`runtime/platforms.py`), as the official code feeds its slots.
+CAMERAS: Mapping[str, str] = {
+    "primary_image": "cam_high",
+    "left_wrist_image": "cam_left_wrist",
+    "right_wrist_image": "cam_right_wrist",
+}
+# Sent by the official client when it keeps an observation history; its server ignores them, and so do we.
+IGNORED_KEYS = frozenset({"proprio_history", "images_history"})
+_REQUIRED = frozenset({*CAMERAS, "proprio", "task_description"})
+_KEYS = _REQUIRED | {"return_all_query_results"} | IGNORED_KEYS
+_MAX_TEXT = 1024
+
+
+@dataclass(frozen=True)
+class OfficialQuery:
+    """A checked `/act` request: `images` by camera name of the platform, `proprio` float32."""
+
+    images: Mapping[str, np.ndarray]
+    proprio: np.ndarray
+    task_description: str
+    return_all_query_results: bool
+    double_encoded: bool
+
+
+def parse_query(body: bytes, image_size: tuple[int, int], proprio_dim: int) -> OfficialQuery:
+    """Reads an `/act` body; raises `MessageError` naming the key at fault."""
+    payload = _json_object(body, "body")
+    double_encoded = "encoded" in payload
+    if double_encoded:
+        if set(payload) != {"encoded"} or not isinstance(payload["encoded"], str):
+            raise invalid("encoded", f"expected the only key, holding json_numpy text; got keys {sorted(payload)}")
+        payload = _json_object(payload["encoded"].encode("utf-8"), "encoded")
+    unknown = sorted(set(payload) - _KEYS)
+    if unknown:
+        raise invalid(unknown[0], f"unknown key; expected {sorted(_KEYS - IGNORED_KEYS)}")
+    missing = sorted(key for key in _REQUIRED if key not in payload)
+    if missing:
+        raise invalid(missing[0], f"missing; the request needs {sorted(_REQUIRED)}")
+    task = payload["task_description"]
+    if not isinstance(task, str) or not 1 <= len(task) <= _MAX_TEXT:
+        raise invalid("task_description", f"expected text of 1..{_MAX_TEXT} characters, got {_describe(task)}")
+    return_all = payload.get("return_all_query_results", False)
+    if not isinstance(return_all, bool):
+        raise invalid("return_all_query_results", f"expected true or false, got {_describe(return_all)}")
+    return OfficialQuery(
+        images={camera: _image(payload[key], key, image_size) for key, camera in CAMERAS.items()},
+        proprio=_proprio(payload["proprio"], proprio_dim),
+        task_description=task,
+        return_all_query_results=return_all,
+        double_encoded=double_encoded,
+    )
+
+
+def reply_body(reply: ActReply, query: OfficialQuery) -> bytes:
+    """The official server's reply to `query`. Every query's results are `reply`'s: call it with
+    `return_all_query_results` only for a single-query mode."""
+    actions = list(reply.actions)  # one array per step, as the official server sends them
+    response: dict[str, object] = {
+        "actions": actions,
+        "future_image_predictions": None,
+        "value_prediction": reply.value,
+        "value_predictions": reply.value,
+    }
+    if query.return_all_query_results:
+        response |= {
+            "all_actions": [actions],
+            "all_future_image_predictions": [None],
+            "all_value_predictions": [reply.value],
+            "all_actions_by_depth": [[actions]],
+            "all_future_image_predictions_by_depth": [[]],  # the official base config predicts none per depth
+            "all_value_predictions_by_depth": [[reply.value]],
+        }
+    if query.double_encoded:  # `JSONResponse(json_numpy.dumps(response))`: a JSON string holding json_numpy text
+        return COMPACT.encode(SPACED.encode(response)).encode("ascii")
+    return COMPACT.encode(response).encode("ascii")
+
+
+def _json_object(text: bytes, field: str) -> dict[str, object]:
+    try:
+        value = parse_json(text.decode("utf-8"))
+    except ValueError as error:  # UnicodeDecodeError and JSONDecodeError are both ValueErrors
+        raise MessageError(ErrorCode.MALFORMED, field, f"expected a JSON object, got bad text: {error}") from None
+    if not isinstance(value, dict):
+        raise MessageError(ErrorCode.MALFORMED, field, f"expected a JSON object, got {_describe(value)}")
+    return value
+
+
+def _image(value: object, key: str, image_size: tuple[int, int]) -> np.ndarray:
+    image = to_array(value, key)
+    expected = (*image_size, 3)
+    if image.shape != expected:
+        raise invalid(key, f"expected shape {expected} (the client resizes), got {image.shape}")
+    if image.dtype == np.uint8:
+        return image
+    # A nested list: integers that fit uint8 (the official server's `np.array(..., dtype=np.uint8)` would wrap them).
+    if isinstance(value, EncodedArray) or image.dtype.kind not in "iu" or image.min() < 0 or image.max() > 255:
+        raise invalid(key, f"expected uint8 values, got {image.dtype}")
+    return image.astype(np.uint8)
+
+
+def _proprio(value: object, proprio_dim: int) -> np.ndarray:
+    proprio = to_array(value, "proprio")
+    if proprio.shape != (proprio_dim,):
+        raise invalid("proprio", f"expected shape ({proprio_dim},), got {proprio.shape}")
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes infinite, refused below
+        cast = proprio.astype(np.float32)  # as the official server does, float64 qpos included
+    if not np.isfinite(cast).all():
+        raise invalid("proprio", "expected finite values in float32 range, got NaN or infinity")
+    return cast
+
+
+def _describe(value: object) -> str:
+    shown = f" {value!r}"[:60] if isinstance(value, (str, int, float)) else ""  # bool is an int
+    return type(value).__name__ + shown

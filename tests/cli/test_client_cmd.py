@@ -1,0 +1,97 @@
+"""`cosmos-edge client` against running stub servers, and `cosmos-edge keys generate` with a CURVE server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cosmos_edge.cli.main import main
+from cosmos_edge.cli.serve_cmd import add_serve_parser, server_config
+from cosmos_edge.robot_bridge.client import PolicyClient
+from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig
+from tests.helpers.bridge_doubles import INSTRUCTION, StubPolicy, expected_actions, observation, serving
+
+TIMEOUT_S = 5.0
+
+
+def stub_server() -> PolicyServer:
+    return PolicyServer(
+        {"reactive": StubPolicy(), "planning": StubPolicy(offset=1.0)}, ServerConfig("tcp://127.0.0.1:*")
+    )
+
+
+def test_set_mode_switches_a_running_server(capsys: pytest.CaptureFixture[str]) -> None:
+    with serving(stub_server()) as endpoint:
+        assert main(["client", "set-mode", "planning", "--endpoint", endpoint]) == 0
+        assert capsys.readouterr().out == "mode: planning (was reactive)\n"
+        with PolicyClient(endpoint, timeout_s=TIMEOUT_S) as client:
+            assert client.metadata().mode == "planning"
+        assert main(["client", "set-mode", "dreaming", "--endpoint", endpoint]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("cosmos-edge: error: server error unknown_mode: mode: expected one of")
+    assert error.count("\n") == 1
+
+
+def test_ping_metadata_and_act(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    obs = observation(3.0)
+    np.savez(tmp_path / "obs.npz", proprio=obs.proprio, **obs.images)  # type: ignore[arg-type]
+    out = tmp_path / "result.npz"
+    with serving(stub_server()) as endpoint:
+        assert main(["client", "ping", "--endpoint", endpoint]) == 0
+        assert capsys.readouterr().out.startswith(f"pong from {endpoint}: server ")
+        assert main(["client", "metadata", "--endpoint", endpoint]) == 0
+        metadata = json.loads(capsys.readouterr().out)
+        assert (metadata["platform"], metadata["modes"], metadata["instructions"]) == (
+            "aloha",
+            ["reactive", "planning"],
+            [INSTRUCTION],
+        )
+        act = ["client", "act", str(tmp_path / "obs.npz"), "--task", INSTRUCTION, "--endpoint", endpoint]
+        assert main([*act, "--mode", "planning", "--seed", "7", "--out", str(out)]) == 0
+    assert "action chunk: 50 x 14 (float32, un-normalised), mode planning" in capsys.readouterr().out
+    with np.load(out) as result:
+        np.testing.assert_allclose(result["actions"], expected_actions(obs.proprio, seed=7, offset=1.0))
+        assert float(result["value"]) == 0.25
+
+
+def test_keys_generate_then_a_curve_server_admits_the_client(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["keys", "generate", str(tmp_path / "server"), "--name", "server"]) == 0
+    assert main(["keys", "generate", str(tmp_path / "clients"), "--name", "robot"]) == 0
+    assert "secret key: " in capsys.readouterr().out
+    secret = tmp_path / "clients" / "robot.key_secret"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert main(["keys", "generate", str(tmp_path / "clients"), "--name", "robot"]) == 2  # never overwritten
+    assert "robot.key: already exists" in capsys.readouterr().err
+
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers(), make_policies=lambda args: {})
+    server_secret, clients = tmp_path / "server" / "server.key_secret", tmp_path / "clients"
+    serve_args = ["--endpoint", "tcp://127.0.0.1:*", "--curve-secret-key", str(server_secret)]
+    config = server_config(parser.parse_args(["serve", *serve_args, "--curve-clients", str(clients)]))
+    keys = ["--curve-server-key", str(tmp_path / "server" / "server.key"), "--curve-secret-key", str(secret)]
+    with serving(PolicyServer(StubPolicy(), config)) as endpoint:
+        assert main(["client", "set-mode", "reactive", "--endpoint", endpoint, *keys]) == 0
+        assert capsys.readouterr().out == "mode: reactive (was reactive)\n"
+        assert main(["client", "ping", "--endpoint", endpoint, "--timeout", "0.5"]) == 2  # no keys: no handshake
+        assert "no connection to" in capsys.readouterr().err
+
+
+def test_option_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cases = {
+        ("--curve-server-key", str(tmp_path / "server.key")): "give both or neither",
+        ("--curve-server-key", str(tmp_path / "a.key"), "--curve-secret-key", str(tmp_path / "b")): "a.key: expected",
+        ("--timeout", "0"): "--timeout: expected seconds > 0",
+    }
+    for options, message in cases.items():
+        assert main(["client", "ping", *options]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("cosmos-edge: error: ") and message in error and error.count("\n") == 1, error
+    assert main(["keys", "generate", str(tmp_path), "--name", "../x"]) == 2
+    assert "--name: expected a plain file name" in capsys.readouterr().err

@@ -1,0 +1,292 @@
+"""The official-compatible HTTP endpoint: the official ALOHA client's request path (json_numpy, `requests.post`, plain
+and double-encoded) gets what the ZeroMQ server answers, through the server's one worker; errors are 4xx or 5xx JSON
+naming the key at fault."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pytest
+
+# Imported before any test patches `json`: numpy.testing's lazy import parses JSON with a hook json_numpy breaks.
+from numpy.testing import assert_allclose, assert_array_equal
+
+from cosmos_edge.robot_bridge.client import PolicyClient
+from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig
+from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.platforms import platform_spec
+from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation, Policy
+from tests.helpers.bridge_doubles import ALOHA, INSTRUCTION, StubPolicy, expected_actions, serving
+
+json_numpy = pytest.importorskip("json_numpy")
+requests = pytest.importorskip("requests")
+http_server = pytest.importorskip("cosmos_edge.robot_bridge.http_server")  # needs starlette and uvicorn
+HttpConfig, HttpEndpoint, parse_address = http_server.HttpConfig, http_server.HttpEndpoint, http_server.parse_address
+
+TIMEOUT_S = 10.0  # a loaded 2-core machine; the official client itself sets no timeout
+OFFICIAL_KEYS = {
+    "primary_image": "cam_high",
+    "left_wrist_image": "cam_left_wrist",
+    "right_wrist_image": "cam_right_wrist",
+}
+
+
+@pytest.fixture
+def official_json() -> Iterator[None]:
+    """`json_numpy.patch()`, as the official client runs at import; undone afterwards, since it patches `json`."""
+    saved = (json.dumps, json.loads, json.dump, json.load)
+    json_numpy.patch()
+    yield
+    json.dumps, json.loads, json.dump, json.load = saved
+
+
+@contextmanager
+def serving_both(policies: Policy | Mapping[str, Policy], **http: Any) -> Iterator[tuple[str, str]]:
+    """A policy server on loopback ZeroMQ with the HTTP endpoint beside it; yields (ZeroMQ endpoint, HTTP URL)."""
+    server = PolicyServer(policies, ServerConfig("tcp://127.0.0.1:*"))
+    config = HttpConfig(port=0, single_query_modes=frozenset({"reactive"}), **http)
+    with serving(server) as endpoint, HttpEndpoint(server, config) as endpoint_http:
+        yield endpoint, endpoint_http.url
+
+
+def camera_observation(level: float) -> Observation:
+    """Different images per camera, so that the camera mapping is checked."""
+    rng = np.random.default_rng(int(level))
+    images = {camera: rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for camera in ALOHA.cameras}
+    return Observation(images=images, proprio=np.arange(14, dtype=np.float32) * 0.1 + level)
+
+
+def official_request(obs: Observation, proprio_dtype: type = np.float64) -> dict[str, Any]:
+    """What `run_aloha_eval.py` puts in its request: images resized to 224, qpos (float64 from the robot)."""
+    request: dict[str, Any] = {key: obs.images[camera] for key, camera in OFFICIAL_KEYS.items()}
+    return request | {"proprio": obs.proprio.astype(proprio_dtype), "task_description": INSTRUCTION}
+
+
+def get_action_from_server(
+    observation: dict[str, Any], server_endpoint: str, return_all_query_results: bool = False
+) -> Any:
+    """The official client's call (`run_aloha_eval.get_action_from_server`), with a timeout for the test."""
+    observation["return_all_query_results"] = return_all_query_results
+    return requests.post(server_endpoint, json=observation, timeout=TIMEOUT_S).json()
+
+
+def post_double_encoded(observation: dict[str, Any], server_endpoint: str) -> Any:
+    """A client without json_numpy in its `json`: the json_numpy text wrapped in `{"encoded": ...}`."""
+    body = {"encoded": json_numpy.dumps(observation)}
+    reply = requests.post(server_endpoint, data=json.dumps(body), timeout=TIMEOUT_S).json()
+    assert isinstance(reply, str)  # the official server answers this form with a JSON string
+    return json_numpy.loads(reply)
+
+
+def post(url: str, body: bytes | str) -> tuple[int, dict[str, Any]]:
+    response = requests.post(url, data=body, timeout=TIMEOUT_S)
+    return response.status_code, response.json()
+
+
+@pytest.mark.parametrize("double_encoded", [False, True], ids=["json_numpy", "double_encoded"])
+@pytest.mark.parametrize("proprio_dtype", [np.float64, np.float32])
+def test_the_official_client_gets_what_the_zeromq_server_answers(
+    official_json: None, double_encoded: bool, proprio_dtype: type
+) -> None:
+    policy = StubPolicy()
+    obs = camera_observation(3.0)
+    with serving_both(policy) as (endpoint, url), PolicyClient(endpoint, timeout_s=TIMEOUT_S) as client:
+        over_zeromq = client.act(obs, INSTRUCTION, obs_id=1, capture_time_ns=1)  # the server's seed, as over HTTP
+        request = official_request(obs, proprio_dtype)
+        if double_encoded:
+            response = post_double_encoded(request, url + "/act")
+        else:
+            response = get_action_from_server(request, url + "/act")
+    actions = np.asarray(response["actions"])
+    assert len(response["actions"]) == 50 and actions.shape == (50, 14) and actions.dtype == np.float32
+    assert_allclose(actions, over_zeromq.actions, atol=1e-5, rtol=0)
+    assert_allclose(actions, expected_actions(obs.proprio, seed=195), atol=1e-5, rtol=0)
+    assert response["future_image_predictions"] is None
+    assert response["value_prediction"] == response["value_predictions"] == 0.25
+    query = policy.queries[-1]
+    assert query.seed == 195 and query.instruction == INSTRUCTION
+    for camera in ALOHA.cameras:
+        assert_array_equal(query.observation.images[camera], obs.images[camera])
+
+
+def test_every_inference_runs_on_the_server_worker_in_turn(official_json: None) -> None:
+    class RecordingPolicy(StubPolicy):
+        def __init__(self, gate: threading.Event) -> None:
+            super().__init__(gate=gate)
+            self.threads: list[str] = []
+
+        def infer(self, query: ActionQuery) -> ChunkResult:
+            self.threads.append(threading.current_thread().name)
+            return super().infer(query)
+
+    gate = threading.Event()
+    policy = RecordingPolicy(gate)
+    with (
+        serving_both(policy) as (endpoint, url),
+        PolicyClient(endpoint, timeout_s=TIMEOUT_S) as client,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        over_zeromq = pool.submit(client.act, camera_observation(1.0), INSTRUCTION, obs_id=1, capture_time_ns=1)
+        assert policy.started.wait(TIMEOUT_S)
+        over_http = pool.submit(get_action_from_server, official_request(camera_observation(2.0)), url + "/act")
+        assert len(policy.queries) == 1  # the HTTP request waits for the worker, which is busy
+        gate.set()
+        assert_allclose(over_zeromq.result(TIMEOUT_S).actions, expected_actions(camera_observation(1).proprio))
+        assert_allclose(over_http.result(TIMEOUT_S)["actions"], expected_actions(camera_observation(2).proprio))
+    assert policy.threads == ["policy-worker", "policy-worker"]
+
+
+def test_modes_switch_for_both_endpoints(official_json: None) -> None:
+    policies = {"reactive": StubPolicy(), "planning": StubPolicy(offset=1.0)}
+    obs = camera_observation(4.0)
+    with serving_both(policies) as (endpoint, url), PolicyClient(endpoint, timeout_s=TIMEOUT_S) as client:
+        client.set_mode("planning")
+        planned = get_action_from_server(official_request(obs), url + "/act")
+        assert_allclose(planned["actions"], expected_actions(obs.proprio, offset=1.0), atol=1e-5)
+        status, body = post(url + "/mode", '{"mode": "reactive"}')
+        assert (status, body) == (200, {"mode": "reactive", "previous_mode": "planning"})
+        assert client.metadata().mode == "reactive"
+        reactive = get_action_from_server(official_request(obs), url + "/act")
+        assert_allclose(reactive["actions"], expected_actions(obs.proprio), atol=1e-5)
+        status, body = post(url + "/mode", '{"mode": "dreaming"}')
+        assert (status, body["field"], body["code"]) == (422, "mode", "unknown_mode")
+
+
+def test_all_query_results_are_given_for_a_single_query_mode_only(official_json: None) -> None:
+    policies = {"reactive": StubPolicy(), "planning": StubPolicy(offset=1.0)}
+    obs = camera_observation(5.0)
+    with serving_both(policies) as (_, url):
+        response = get_action_from_server(official_request(obs), url + "/act", return_all_query_results=True)
+        assert_allclose(response["all_actions"][0], response["actions"])
+        assert_allclose(response["all_actions_by_depth"][0][0], response["actions"])
+        assert response["all_value_predictions"] == [0.25] and response["all_value_predictions_by_depth"] == [[0.25]]
+        assert response["all_future_image_predictions"] == [None]
+        assert response["all_future_image_predictions_by_depth"] == [[]]
+        post(url + "/mode", '{"mode": "planning"}')
+        request = official_request(obs) | {"return_all_query_results": True}
+        status, body = post(url + "/act", json_numpy.dumps(request))
+    assert (status, body["field"], body["code"]) == (422, "return_all_query_results", "invalid_field")
+    assert "'planning' policy returns only the candidate it chose" in body["error"]
+
+
+def test_errors_are_4xx_json_naming_the_key(official_json: None) -> None:
+    good = official_request(camera_observation(1.0))
+    image = good["primary_image"]
+    object_array = {"__numpy__": "gAR9lC4=", "dtype": "|O", "shape": [1]}  # a pickle's bytes: never unpickled
+    cases: dict[str, tuple[str, int, str]] = {
+        "not json": ("{nope", 400, "body"),
+        "not an object": ("[1, 2]", 400, "body"),
+        "missing image": (json_numpy.dumps({k: v for k, v in good.items() if k != "left_wrist_image"}), 422, ""),
+        "unknown key": (json_numpy.dumps(good | {"torque": 1}), 422, "torque"),
+        "object dtype": (json.dumps({**json.loads(json_numpy.dumps(good)), "primary_image": object_array}), 422, ""),
+        "float image": (json_numpy.dumps(good | {"primary_image": image.astype(np.float32)}), 422, ""),
+        "wrong image size": (json_numpy.dumps(good | {"right_wrist_image": image[:112]}), 422, ""),
+        "short proprio": (json_numpy.dumps(good | {"proprio": np.zeros(7)}), 422, "proprio"),
+        "NaN proprio": (json_numpy.dumps(good | {"proprio": np.full(14, np.nan)}), 422, "proprio"),
+        "huge proprio": (json_numpy.dumps(good | {"proprio": np.full(14, 1e300)}), 422, "proprio"),
+        "truncated array": (json_numpy.dumps(good).replace('"shape": [14]', '"shape": [15]'), 422, "proprio"),
+        "unknown task": (json_numpy.dumps(good | {"task_description": "dance"}), 422, "task_description"),
+        "flag not a bool": (json_numpy.dumps(good | {"return_all_query_results": "yes"}), 422, ""),
+        "encoded with more": (json.dumps({"encoded": json_numpy.dumps(good), "x": 1}), 422, "encoded"),
+        "encoded not text": (json.dumps({"encoded": 3}), 422, "encoded"),
+    }
+    expected_fields = {
+        "missing image": "left_wrist_image",
+        "object dtype": "primary_image",
+        "float image": "primary_image",
+        "wrong image size": "right_wrist_image",
+        "flag not a bool": "return_all_query_results",
+    }
+    with serving_both(StubPolicy()) as (_, url):
+        for name, (body, status, field) in cases.items():
+            got_status, got = post(url + "/act", body)
+            assert (got_status, got["field"]) == (status, field or expected_fields[name]), (name, got)
+            assert got["error"].startswith(got["field"] + ": ") and got["code"], (name, got)
+        response = requests.get(url + "/act", timeout=TIMEOUT_S)  # wrong method, still JSON
+        assert (response.status_code, response.json()["field"]) == (405, "method")
+        response = requests.get(url + "/nowhere", timeout=TIMEOUT_S)
+        assert (response.status_code, response.json()["field"]) == (404, "path")
+        # After all that, the official request still works.
+        assert np.asarray(get_action_from_server(good, url + "/act")["actions"]).shape == (50, 14)
+
+
+def test_a_failing_policy_is_a_500_and_the_server_carries_on() -> None:
+    body = json_numpy.dumps(official_request(camera_observation(1.0)))
+    policy = StubPolicy(failure=RuntimeError("the GPU fell off"))
+    with serving_both(policy) as (_, url):
+        status, response = post(url + "/act", body)
+        assert (status, response["code"], response["field"]) == (500, "internal", "")
+        assert "RuntimeError" in response["error"] and "GPU" not in response["error"]  # details stay in the log
+        policy.failure = None
+        assert post(url + "/act", body)[0] == 200
+
+
+def test_bodies_over_the_limit_are_refused(official_json: None) -> None:
+    with serving_both(StubPolicy(), max_body_bytes=100_000) as (_, url):
+        status, body = post(url + "/act", json_numpy.dumps(official_request(camera_observation(1.0))))
+    assert (status, body["field"], body["code"]) == (413, "body", "too_large")
+
+
+def test_plain_lists_are_accepted_as_the_official_server_does() -> None:
+    obs = camera_observation(6.0)
+    request = {key: value.tolist() for key, value in official_request(obs).items() if key != "task_description"}
+    with serving_both(StubPolicy()) as (_, url):
+        status, response = post(url + "/act", json.dumps(request | {"task_description": INSTRUCTION}))
+    assert status == 200
+    actions = np.asarray([json_numpy.object_hook(row) for row in response["actions"]])
+    assert_allclose(actions, expected_actions(obs.proprio), atol=1e-5)
+
+
+def test_healthz_and_metadata() -> None:
+    server = PolicyServer({"reactive": StubPolicy(), "planning": StubPolicy()}, ServerConfig("tcp://127.0.0.1:*"))
+    with HttpEndpoint(server, HttpConfig(port=0)) as endpoint:
+        before = requests.get(endpoint.url + "/healthz", timeout=TIMEOUT_S)
+        with serving(server) as zmq_endpoint:
+            health = requests.get(endpoint.url + "/healthz", timeout=TIMEOUT_S)
+            metadata = requests.get(endpoint.url + "/metadata", timeout=TIMEOUT_S).json()
+    assert (before.status_code, before.json()["status"]) == (503, "not serving")
+    assert (health.status_code, health.json()["status"], health.json()["mode"]) == (200, "ok", "reactive")
+    assert (metadata["platform"], metadata["mode"], metadata["instructions"]) == ("aloha", "reactive", [INSTRUCTION])
+    assert metadata["modes"] == ["reactive", "planning"] and metadata["image_size"] == [224, 224]
+    assert metadata["endpoints"]["http"]["cameras"] == OFFICIAL_KEYS
+    assert metadata["endpoints"]["zeromq"] == {"endpoint": zmq_endpoint, "protocol_version": 1}
+
+
+def test_listening_beyond_loopback_needs_the_explicit_flag() -> None:
+    for host in ("0.0.0.0", "::", "192.168.1.20", "robot.lan"):
+        with pytest.raises(ConfigError, match="reachable from other machines"):
+            HttpConfig(host=host)
+        HttpConfig(host=host, insecure_bind_all=True)
+    for host in ("127.0.0.1", "localhost", "::1"):
+        HttpConfig(host=host)
+    assert parse_address("127.0.0.1:8777") == ("127.0.0.1", 8777)
+    assert parse_address("[::1]:0") == ("::1", 0)
+    for address in ("8777", "localhost", ":8777", "localhost:http", "127.0.0.1:70000"):
+        with pytest.raises(ConfigError, match="http address"):
+            HttpConfig(*parse_address(address))
+
+
+def test_only_the_aloha_platform_has_the_official_format() -> None:
+    libero = platform_spec("libero")
+    with pytest.raises(ConfigError, match="ALOHA's cameras"):
+        HttpEndpoint(PolicyServer(StubPolicy(platform=libero, actions_shape=(16, 7))), HttpConfig(port=0))
+
+
+def test_replies_on_a_kept_alive_connection_are_not_delayed() -> None:
+    """A reply is written as header then body: without TCP_NODELAY, once the client's TCP delays its ACKs (after a
+    few large requests), each reply waits about 40 ms for one."""
+    body = json_numpy.dumps(official_request(camera_observation(1.0)))
+    with serving_both(StubPolicy()) as (_, url), requests.Session() as session:
+        round_trips = []
+        for _ in range(8):
+            started = time.perf_counter()
+            assert session.post(url + "/act", data=body, timeout=TIMEOUT_S).status_code == 200
+            round_trips.append(time.perf_counter() - started)
+    assert min(round_trips[3:]) < 0.025, round_trips
