@@ -15,7 +15,7 @@ from cosmos_edge.runtime.engines.registry import GRAPH_BACKENDS
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.platforms import PLATFORMS, PlatformSpec
 from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation
-from cosmos_edge.runtime.precision import PRECISIONS
+from cosmos_edge.runtime.precision import PRECISIONS, default_precision
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,13 +38,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--task", required=True, help="the instruction, exactly as in the embeddings file")
     parser.add_argument("--seed", type=int, default=195)
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the platform's)")
-    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="torch backend only")
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, help="torch backend only (default: bf16 on a CUDA device, fp32 on the CPU)"
+    )
     parser.add_argument(
         "--device",
         help="torch: a torch device (default cpu); onnxruntime: cpu (default), cuda[:N] or tensorrt[:N] (its "
         "TensorRT provider); tensorrt: cuda[:N] (default cuda)",
     )
     parser.add_argument("--future-images", action="store_true", help="also decode the predicted future images")
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="official files only: the official path (numpy/Pillow transforms, all pixel frames through the VAE) "
+        "instead of the default exact fast path, for comparison",
+    )
     parser.add_argument("--out", type=Path, help="npz to write: actions, value, future_proprio (+ future images)")
     parser.set_defaults(func=_act)
 
@@ -96,6 +104,8 @@ def _source(args: argparse.Namespace) -> ModelSource:
     }
     if args.bundle is not None:
         given = [flag for flag, value in official.items() if value is not None]
+        if args.reference:
+            raise ConfigError("--reference: runs the official files on torch, not a bundle")
         if given or args.backend == "torch":
             raise ConfigError(
                 f"--bundle: runs on --backend onnxruntime or tensorrt without the official files, got "
@@ -109,7 +119,8 @@ def _source(args: argparse.Namespace) -> ModelSource:
             f"(backend torch); missing {missing}, backend {args.backend or 'torch'}"
         )
     files = CheckpointFiles(args.checkpoint, args.tokenizer, args.stats, args.text_embeddings, args.platform)
-    return CheckpointSource(files, precision=args.precision)
+    precision = args.precision or default_precision([args.device or "cpu"])
+    return CheckpointSource(files, precision=precision, encode_full_sequence=args.reference)
 
 
 def print_result(result: ChunkResult) -> None:

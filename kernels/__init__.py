@@ -1,5 +1,6 @@
-"""Hand-written fused kernels, each beside its eager reference, a guarded dispatcher and a parity test.
+"""Device kernels, each beside its exact reference and a parity test.
 
-Empty so far: on the H100 the DiT is GEMM-bound, `torch.compile` (inductor's fused kernels) already gives 1.8×
-on it, and TensorRT fuses the attention of the exported graphs. A kernel lands here once a measurement shows it pays.
+`image_transforms`: the official image preprocessing as torch ops (reference: `runtime/policy/images.py`, numpy and
+Pillow), so the torch backend preprocesses on its device. The DiT itself needs no hand-written kernel so far: it is
+GEMM-bound, `torch.compile` fuses the rest, and TensorRT fuses the attention of the exported graphs.
 """

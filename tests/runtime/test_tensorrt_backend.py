@@ -73,8 +73,8 @@ def test_runner_without_tensorrt_says_what_to_install(no_tensorrt: None, tmp_pat
         TensorRTRunner.from_onnx(ATTENTION, OnnxSource(tmp_path / "a.onnx"), tmp_path)
     assert str(raised.value) == TENSORRT_MISSING
     assert str(raised.value) == (
-        "backend 'tensorrt' is not installed: install TensorRT >= 10 (pip install tensorrt-cu12 on a CUDA machine) "
-        "or use --backend onnxruntime"
+        "backend 'tensorrt' is not installed: install TensorRT >= 10 (pip install tensorrt-cu12 on a CUDA machine), "
+        "or serve the bundle's ONNX graphs with `act`/`serve --backend onnxruntime`"
     )
     with pytest.raises(EngineError, match="backend 'tensorrt' is not installed"):
         TensorRTRunner.from_engine(ATTENTION, tmp_path / "a.engine")

@@ -1,0 +1,186 @@
+"""One device run: exactness of the fast path on the GPU, and per-stage timings of the official path against it.
+
+    python benchmarks/gpu_check.py --out benchmarks/results/gpu_check_<card>.json [--deadline-s 420]
+    python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check_smoke.json      # CPU, tiny sizes: the script runs
+
+Sections, each written to the JSON as soon as it finishes (an interrupted run still reports), skipped when the deadline
+would not leave time for them:
+
+1. `environment`: device, torch, CUDA.
+2. `preprocess_exact`: the torch image transforms on the device against the numpy/Pillow reference (bit-identical).
+3. `query_exact`: tiny random-weight models, ALOHA, 3 steps: the fast path on the device in fp32 against the official
+   whole-sequence path in fp32 on the CPU (max abs error of normalised actions, target ≤ 1e-4), and bf16 on the device
+   against the same fp32 reference.
+4. `query_timing`: the real sizes (Cosmos-Predict2-2B DiT, Wan2.1 VAE, random weights, bf16), ALOHA, 1 step: medians
+   over `--runs` queries after warm-up, per stage and whole, for the official path, the fast path and the fast path
+   with a compiled DiT, all in this process.
+5. `planning_timing`: best of 8 with the official main configuration on one device, compiled DiT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform as host
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cosmos_edge.kernels.image_transforms import transform_frames
+from cosmos_edge.runtime.bundle.loader import load_policies
+from cosmos_edge.runtime.bundle.sources import CheckpointFiles, CheckpointSource
+from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets
+from cosmos_edge.runtime.platforms import platform_spec
+from cosmos_edge.runtime.policy import images as reference_images
+from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation
+from cosmos_edge.runtime.policy.normalization import DatasetStats
+from cosmos_edge.runtime.policy.planning import PlanningConfig
+
+ALOHA = platform_spec("aloha")
+
+
+class Report:
+    def __init__(self, path: Path, deadline_s: float) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {"command": "python benchmarks/gpu_check.py", "sections": {}}
+        self.end = time.monotonic() + deadline_s
+
+    def left_s(self) -> float:
+        return self.end - time.monotonic()
+
+    def section(self, name: str, needs_s: float, run: Callable[[], dict[str, Any]]) -> None:
+        if self.left_s() < needs_s:
+            self.data["sections"][name] = {"skipped": f"{self.left_s():.0f} s left, needs about {needs_s:.0f} s"}
+        else:
+            started = time.monotonic()
+            try:
+                result = run()
+            except Exception as error:  # a failed section is reported, the others still run
+                result = {"error": f"{type(error).__name__}: {error}"}
+            self.data["sections"][name] = result | {"seconds": round(time.monotonic() - started, 1)}
+        self.path.write_text(json.dumps(self.data, indent=2))
+        print(f"{name}: {json.dumps(self.data['sections'][name])[:300]}", flush=True)
+
+
+def observation(seed: int) -> Observation:
+    rng = np.random.default_rng(seed)
+    images = {name: rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for name in ALOHA.cameras}
+    return Observation(images, rng.uniform(-0.2, 0.2, ALOHA.proprio_dim).astype(np.float32))
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def environment(device: str) -> dict[str, Any]:
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else host.processor() or host.machine()
+    return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda}
+
+
+def preprocess_exact(device: str) -> dict[str, Any]:
+    frames = observation(1).images
+    identical = {}
+    for camera, frame in frames.items():
+        expected = reference_images.to_model_range(reference_images.transform_image(ALOHA, camera, frame))
+        got = transform_frames(ALOHA, frame, torch.device(device)).cpu().numpy()
+        identical[camera] = bool(np.array_equal(got, expected))
+    return {"bit_identical": identical}
+
+
+def normalised_error(stats: DatasetStats, got: ChunkResult, expected: ChunkResult) -> float:
+    span = stats.actions_max - stats.actions_min
+    return float(np.abs(2.0 * (got.actions - expected.actions) / span).max())
+
+
+def query_exact(device: str, root: Path) -> dict[str, Any]:
+    files = write_random_assets(root / "tiny", RandomAssetsSpec("tiny", "aloha", seed=7))
+    stats = DatasetStats.from_json(files.stats, ALOHA)
+    queries = [ActionQuery(observation(seed), "fold the t-shirt", seed=195 + seed, steps=3) for seed in range(3)]
+    with load_policies(CheckpointSource(files, encode_full_sequence=True), devices=["cpu"]) as reference:
+        expected = [reference.reactive.infer(query) for query in queries]
+    result: dict[str, Any] = {"target_fp32": 1e-4}
+    for precision in ("fp32", "bf16"):
+        with load_policies(CheckpointSource(files, precision=precision), devices=[device]) as fast:
+            got = [fast.reactive.infer(query) for query in queries]
+        result[f"{precision}_max_action_error"] = max(map(normalised_error, [stats] * 3, got, expected))
+        result[f"{precision}_max_value_error"] = max(abs(g.value - e.value) for g, e in zip(got, expected, strict=True))
+    return result
+
+
+def timed_queries(files: CheckpointFiles, device: str, runs: int, **source: Any) -> dict[str, Any]:
+    with load_policies(CheckpointSource(files, precision="bf16", **source), devices=[device]) as loaded:
+        policy = loaded.reactive
+        query = ActionQuery(observation(2), "fold the t-shirt", seed=195, steps=1)
+        for _ in range(3):  # warm-up: kernels, compilation, the instruction's K/V
+            policy.infer(query)
+        totals, stages = [], []
+        for _ in range(runs):
+            synchronize(device)
+            started = time.perf_counter()
+            result = policy.infer(query)
+            synchronize(device)
+            totals.append((time.perf_counter() - started) * 1e3)
+            stages.append(result.timings_ms)
+    names = list(dict.fromkeys(name for timing in stages for name in timing))
+    return {
+        "total_ms_p50": round(statistics.median(totals), 2),
+        "total_ms_min": round(min(totals), 2),
+        "stage_ms_p50": {name: round(statistics.median(t.get(name, 0.0) for t in stages), 2) for name in names},
+    }
+
+
+def query_timing(device: str, root: Path, config: str, runs: int) -> dict[str, Any]:
+    files = write_random_assets(root / config, RandomAssetsSpec(config, "aloha", seed=0, dtype="bf16"))
+    return {
+        "config": f"{config} DiT + Wan2.1 VAE, aloha, bf16, 1 step, {runs} runs",
+        "official_path": timed_queries(files, device, runs, encode_full_sequence=True),
+        "fast_path_eager": timed_queries(files, device, runs),
+        "fast_path_compiled": timed_queries(files, device, runs, compile_mode="default"),
+    }
+
+
+def planning_timing(device: str, root: Path, config: str) -> dict[str, Any]:
+    files = write_random_assets(root / config, RandomAssetsSpec(config, "aloha", seed=0, dtype="bf16"))
+    source = CheckpointSource(files, precision="bf16", compile_mode="default")
+    with load_policies(source, devices=[device], planning=PlanningConfig(num_candidates=8)) as loaded:
+        assert loaded.planning is not None
+        query = ActionQuery(observation(3), "fold the t-shirt", seed=195, steps=10)
+        loaded.planning.infer(query)  # warm-up and compilation
+        seconds = []
+        for _ in range(3):
+            synchronize(device)
+            started = time.perf_counter()
+            loaded.planning.infer(query)
+            synchronize(device)
+            seconds.append(time.perf_counter() - started)
+    return {"best_of_8_main_config_s_p50": round(statistics.median(seconds), 3), "runs": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--deadline-s", type=float, default=420.0)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true", help="CPU and tiny sizes: checks that every section runs")
+    args = parser.parse_args()
+    device = "cpu" if args.smoke else "cuda"
+    config, runs = ("tiny", 2) if args.smoke else ("predict2-2b", args.runs)
+    report = Report(args.out, args.deadline_s)
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        report.section("environment", 0, lambda: environment(device))
+        report.section("preprocess_exact", 5, lambda: preprocess_exact(device))
+        report.section("query_exact", 30, lambda: query_exact(device, root))
+        report.section("query_timing", 150, lambda: query_timing(device, root, config, runs))
+        report.section("planning_timing", 90, lambda: planning_timing(device, root, config))
+
+
+if __name__ == "__main__":
+    main()
