@@ -36,7 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--observation", type=Path, required=True, help="npz: one uint8 HxWx3 array per camera, and `proprio`"
     )
     parser.add_argument("--task", required=True, help="the instruction, exactly as in the embeddings file")
-    parser.add_argument("--seed", type=int, default=195)
+    parser.add_argument(
+        "--seed", type=int, default=195, help="initial noise seed (default: %(default)s, the official server's)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the platform's)")
     parser.add_argument(
         "--precision", choices=PRECISIONS, help="torch backend only (default: bf16 on a CUDA device, fp32 on the CPU)"

@@ -24,10 +24,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inspect.set_defaults(func=_inspect)
 
     random = commands.add_parser("random", help="write a random-weight model in the official file formats")
-    random.add_argument("--config", default="tiny", choices=("tiny", "small", "predict2-2b"))
-    random.add_argument("--platform", default="aloha", choices=sorted(PLATFORMS))
-    random.add_argument("--seed", type=int, default=0)
-    random.add_argument("--dtype", default="fp32", choices=PRECISIONS)
+    random.add_argument(
+        "--config",
+        default="tiny",
+        choices=("tiny", "small", "predict2-2b"),
+        help="network size: tiny (tests), small (CPU benchmarks, real VAE), predict2-2b (the real sizes)",
+    )
+    random.add_argument("--platform", default="aloha", choices=sorted(PLATFORMS), help="slot layout and statistics")
+    random.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    random.add_argument("--dtype", default="fp32", choices=PRECISIONS, help="weights' dtype")
     random.add_argument("--out", type=Path, required=True, help="directory to write into")
     random.set_defaults(func=_random)
 

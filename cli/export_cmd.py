@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cosmos_edge.runtime.errors import EngineError
+from cosmos_edge.runtime.errors import ConfigError, EngineError
 from cosmos_edge.runtime.platforms import PLATFORMS
-from cosmos_edge.runtime.precision import PRECISIONS
+from cosmos_edge.runtime.precision import PRECISIONS, default_precision
 
 
 def batch_sizes(text: str) -> tuple[int, ...]:
@@ -33,10 +33,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--batch-sizes", type=batch_sizes, default=(1,), help="DiT batch sizes: 1 serves reactive mode (default 1)"
     )
     parser.add_argument(
+        "--for",
+        dest="target",
+        choices=("cpu", "cuda"),
+        help="where the bundle will be served (default: cuda if this machine has a CUDA device, else cpu); it sets "
+        "the default precision and refuses one the target cannot run",
+    )
+    parser.add_argument(
         "--precision",
-        default="bf16",
         choices=PRECISIONS,
-        help="precision inside the graphs (default bf16, the official one; onnxruntime's CPU provider needs fp32/fp16)",
+        help="precision inside the graphs (default: bf16, the official one, for cuda; fp32 for cpu, whose "
+        "onnxruntime provider has no bf16 kernels)",
     )
     parser.add_argument("--planning-checkpoint", type=Path, help="DiT .pt of a separate planning model")
     parser.add_argument(
@@ -50,9 +57,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _export(args: argparse.Namespace) -> int:
     # Export needs torch and onnx; serving does not, so they are imported only here.
     try:
+        import torch
+
         from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
     except ImportError as error:
         raise EngineError(f"export needs torch and onnx: {error}; pip install 'cosmos-edge[torch,onnx]'") from error
+    target = args.target or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = args.precision or default_precision([target])
+    if target == "cpu" and precision == "bf16":
+        raise ConfigError(
+            "--precision bf16 --for cpu: onnxruntime's CPU provider has no bfloat16 kernels; export fp32 or fp16 "
+            "for the CPU, or --for cuda to serve it on a GPU"
+        )
+    print(f"exporting for {target} in {precision} (change with --for / --precision)")
 
     bundle = export_bundle(
         ExportRequest(
@@ -63,7 +80,7 @@ def _export(args: argparse.Namespace) -> int:
             platform=args.platform,
             out=args.out,
             batch_sizes=args.batch_sizes,
-            precision=args.precision,
+            precision=precision,
             planning_checkpoint=args.planning_checkpoint,
             future_images=not args.no_future_images,
         )

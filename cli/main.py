@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 
 from cosmos_edge.cli import (
     act_cmd,
@@ -19,6 +20,12 @@ from cosmos_edge.cli import (
     text_embeddings_cmd,
 )
 from cosmos_edge.runtime.errors import CosmosEdgeError
+
+DESCRIPTION = (
+    "Deployment runtime for NVIDIA Cosmos Policy: run the official checkpoints exactly and fast (torch, ONNX Runtime, "
+    "TensorRT), serve them to robot controllers over ZeroMQ or the official HTTP /act, and drive an ALOHA arm "
+    "smoothly and safely. Start with `cosmos-edge demo` (no download)."
+)
 
 # Each subcommand module exposes `register(subparsers)`; it sets `func(args) -> int` on its parser.
 SUBCOMMANDS = (
@@ -34,13 +41,35 @@ SUBCOMMANDS = (
 )
 
 
+class _DefaultsInHelp(argparse.HelpFormatter):
+    """Shows an option's default after its help, unless the help already describes it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        silent = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or silent or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cosmos-edge", description=__doc__)
+    parser = argparse.ArgumentParser(prog="cosmos-edge", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {metadata.version('cosmos-edge')}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
         module.register(subparsers)
+    _show_defaults(parser)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """`_DefaultsInHelp` for every command and nested subcommand (registered by the modules with the default)."""
+    parser.formatter_class = _DefaultsInHelp
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _show_defaults(command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CosmosEdgeError as error:
         print(f"cosmos-edge: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # what was interrupted cleans up on its way out (an export leaves no bundle)
+        print(f"cosmos-edge: interrupted ({args.command})", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import signal
 import threading
 from collections.abc import Callable, Mapping
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, ServerCurve, load_public_keys
 from cosmos_edge.robot_bridge.protocol import WireLimits
 from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig
-from cosmos_edge.runtime.bundle.loader import LoadedPolicies, load_policies
+from cosmos_edge.runtime.bundle.loader import LoadedPolicies, load_policies, planning_candidates
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource, ModelSource
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import PLATFORMS
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 PolicyFactory = Callable[[argparse.Namespace], LoadedPolicies]
 
+_LOG = logging.getLogger(__name__)
 _MIB = 2**20
 _NO_ZEROMQ = "none"
 # With `--endpoint none` the server's queue and worker still run (the HTTP endpoint uses them), and its ROUTER socket
@@ -172,7 +174,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--text-embeddings", type=Path, help="instruction embeddings (safetensors)")
     parser.add_argument("--platform", choices=sorted(PLATFORMS), help="required with checkpoint files")
     parser.add_argument("--planning-checkpoint", type=Path, help="DiT of the planning model (default: the policy's)")
-    parser.add_argument("--num-candidates", type=int, default=8, help="best-of-N candidates in planning mode")
+    parser.add_argument(
+        "--num-candidates",
+        type=int,
+        help="best-of-N candidates in planning mode (default: 8; for a bundle, the most up to 8 its DiT batch sizes "
+        "serve over the devices, or no planning mode when they serve none)",
+    )
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -189,8 +196,14 @@ _FILE_ARGS = ("checkpoint", "tokenizer", "stats", "text_embeddings", "platform")
 
 def _policies(args: argparse.Namespace) -> LoadedPolicies:
     """Both modes from one load: the reactive policy and the planner share each device's networks."""
-    planning = PlanningConfig(num_candidates=args.num_candidates)
-    return load_policies(_source(args), devices=_device_list(args) or None, planning=planning)
+    source, devices = _source(args), _device_list(args) or None
+    candidates = planning_candidates(source, devices, args.num_candidates)
+    if candidates is None:
+        _LOG.warning("serving the reactive mode only: the bundle's DiT batch sizes serve no planning over the devices")
+    else:
+        _LOG.info("planning mode: best of %d candidates", candidates)
+    planning = None if candidates is None else PlanningConfig(num_candidates=candidates)
+    return load_policies(source, devices=devices, planning=planning)
 
 
 def _device_list(args: argparse.Namespace) -> list[str]:

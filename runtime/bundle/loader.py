@@ -21,7 +21,7 @@ from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointSource, M
 from cosmos_edge.runtime.engines.graph import GraphRunner
 from cosmos_edge.runtime.engines.graph_networks import GraphAutoencoder, GraphDenoisingNetwork
 from cosmos_edge.runtime.engines.registry import backend_info, load_graph_backend, load_torch_backend
-from cosmos_edge.runtime.errors import BundleError
+from cosmos_edge.runtime.errors import BundleError, ConfigError
 from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.policy import text_embeddings as text_store
 from cosmos_edge.runtime.policy.api import ConditioningEncoder, DenoisingNetwork, Policy, VideoAutoencoder
@@ -105,6 +105,38 @@ def load_policies(
         resources.close()
         raise
     return LoadedPolicies(reactive, planner, networks, resources)
+
+
+DEFAULT_CANDIDATES = 8  # the official ALOHA planning command
+
+
+def planning_candidates(source: ModelSource, devices: Sequence[str] | None, requested: int | None) -> int | None:
+    """How many best-of-N candidates `source` can plan with over `devices` (None: reactive only).
+
+    Checkpoint files plan with any number (`requested`, or 8). A bundle has DiT graphs for fixed batch sizes, and the
+    candidates split over the devices must fit them: a requested number that does not fit is refused, naming the
+    batch sizes; without one, the most candidates up to 8 that fit are used, and none below 2 (planning with one
+    candidate would only repeat the reactive chunk).
+    """
+    if isinstance(source, CheckpointSource):
+        return requested or DEFAULT_CANDIDATES
+    bundle = Bundle.open(source.path)
+    available = {bundle.manifest.graphs[name].batch for name in bundle.graph_names("dit")}
+    workers = len(devices or [_default_device(source)])
+
+    def fits(candidates: int) -> bool:
+        return set(planning_batch_sizes(candidates, workers)) <= available
+
+    if requested is not None:
+        if not fits(requested):
+            needed = sorted(set(planning_batch_sizes(requested, workers)) - available)
+            raise ConfigError(
+                f"num_candidates (--num-candidates) {requested} over {workers} device(s) needs DiT batch sizes "
+                f"{needed}, which bundle {bundle.root} lacks (it has {sorted(available)}); ask for fewer candidates "
+                f"or re-export with --batch-sizes"
+            )
+        return requested
+    return next((n for n in range(DEFAULT_CANDIDATES, 1, -1) if fits(n)), None)
 
 
 def _default_device(source: ModelSource) -> str:

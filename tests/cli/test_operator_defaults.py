@@ -1,0 +1,62 @@
+"""Defaults that work together: version, help, interrupted commands, the export target, planning from a bundle."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from cosmos_edge.cli import keys_cmd
+from cosmos_edge.cli import main as cli_main
+from cosmos_edge.runtime.bundle.loader import planning_candidates
+from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource
+from cosmos_edge.runtime.errors import ConfigError
+from tests.helpers.observations import TinyBundles
+
+
+def test_version_and_a_user_facing_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli_main.main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.startswith("cosmos-edge ")
+    with pytest.raises(SystemExit):
+        cli_main.main(["serve", "--help"])
+    help_text = capsys.readouterr().out
+    assert "(default: tcp://127.0.0.1:5555)" in help_text and "best-of-N candidates" in help_text
+
+
+def test_an_interrupted_command_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(args: argparse.Namespace) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(keys_cmd, "_generate", interrupted)  # the parser is built after this, in main()
+    assert cli_main.main(["keys", "generate", "unused"]) == 130
+    assert capsys.readouterr().err.strip() == "cosmos-edge: interrupted (keys)"
+
+
+def test_a_bf16_export_for_the_cpu_is_refused_before_exporting(
+    tiny_assets: dict[str, CheckpointFiles], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = tiny_assets["aloha"]
+    argv = ["export", "--checkpoint", str(files.checkpoint), "--tokenizer", str(files.tokenizer)]
+    argv += ["--stats", str(files.stats), "--text-embeddings", str(files.text_embeddings), "--platform", "aloha"]
+    argv += ["--out", str(tmp_path / "bundle"), "--for", "cpu", "--precision", "bf16"]
+    assert cli_main.main(argv) == 2
+    assert "--precision bf16 --for cpu" in capsys.readouterr().err
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_planning_from_a_bundle_uses_the_candidates_its_batch_sizes_serve(tiny_bundles: TinyBundles) -> None:
+    source = BundleSource(tiny_bundles("aloha"))  # DiT batch sizes 1 and 2
+    assert planning_candidates(source, ["cpu"], None) == 2
+    assert planning_candidates(source, ["cpu", "cpu"], None) == 4  # two devices, two candidates each
+    assert planning_candidates(source, ["cpu"], 2) == 2
+    with pytest.raises(ConfigError, match=r"--num-candidates\) 8 over 1 device\(s\) needs DiT batch sizes \[8\]"):
+        planning_candidates(source, ["cpu"], 8)
+
+
+def test_planning_from_checkpoint_files_takes_any_number(tiny_assets: dict[str, CheckpointFiles]) -> None:
+    source = CheckpointSource(tiny_assets["aloha"])
+    assert planning_candidates(source, None, None) == 8 and planning_candidates(source, None, 5) == 5
