@@ -89,7 +89,9 @@ class RecordingSource:
         if outcome is not None:
             submitted = self._submitted.pop(outcome.obs_id)
             if isinstance(outcome, Chunk):
-                self.chunks.append((outcome, (time.perf_counter() - submitted) * 1e3))
+                round_trip_ms = (time.perf_counter() - submitted) * 1e3
+                self.chunks.append((outcome, round_trip_ms))
+                print(f"      policy reply {len(self.chunks)}: {round_trip_ms / 1e3:.1f} s round trip", flush=True)
         return outcome
 
 
@@ -144,7 +146,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     print("[2/4] starting the policy server")
     server = PolicyServer(loaded.modes(), ServerConfig(endpoint="tcp://127.0.0.1:*"))
     with loaded, serving_in_thread(server) as endpoint:
-        print(f"      serving on {endpoint}; [3/4] running gym-aloha ({DEMO_TASK}) for {args.chunks} chunks")
+        print(f"      serving on {endpoint}")
+        ticks = args.chunks * loaded.reactive.platform.chunk_size
+        print(f"[3/4] running gym-aloha ({DEMO_TASK}) for {args.chunks} chunks ({ticks} ticks of simulated time)")
         sim = AlohaSimRobot.create(DEMO_TASK, seed=args.seed, control_rate_hz=25.0)
         robot = RecordingRobot(AlohaWireCameras(sim), sim.overhead_frame)
         safety = SafetyFilter(SafetyConfig())
@@ -158,7 +162,7 @@ def _run_demo(args: argparse.Namespace) -> int:
             executor = ChunkExecutor(
                 robot, source, safety, ExecutorConfig(), clock=sim.sim_time_ns, sleep=lambda _: None
             )
-            summary = executor.run(num_ticks=args.chunks * loaded.reactive.platform.chunk_size)
+            summary = executor.run(num_ticks=ticks)
     print(f"[4/4] done in {time.perf_counter() - started:.1f} s wall time\n")
     _print_latencies(source.chunks)
     print("\nexecutor: " + ", ".join(f"{k}={v}" for k, v in asdict(executor.counters).items()))
