@@ -321,3 +321,9 @@ def test_network_call_sigmas_are_float32_of_the_schedule() -> None:
     expected = [float(_bf16(_t32(s))) for s in evaluation_sigmas(3)]
     assert sigmas == expected
     assert math.isclose(expected[0], 0.98828125)  # bf16(80/81)
+
+
+def test_the_noise_of_a_seed_is_drawn_once_and_cannot_be_modified() -> None:
+    first, again = initial_noise(11, (1, *SHAPE)), initial_noise(11, (1, *SHAPE))
+    assert first is again and not first.flags.writeable
+    assert initial_noise(12, (1, *SHAPE)) is not first
