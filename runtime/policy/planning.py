@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from cosmos_edge.runtime.errors import ConfigError, InputError
-from cosmos_edge.runtime.platforms import PlatformSpec
 from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, DenoisingNetwork, StageTimer
 from cosmos_edge.runtime.policy.conditioning import ConditioningMode
 from cosmos_edge.runtime.policy.steps import (
+    ModelPolicy,
     PolicyModel,
     TextBinding,
     denoising_steps,
@@ -82,7 +82,7 @@ class CandidateScores:
     values: np.ndarray  # "n": aggregated value per candidate
 
 
-class PlanningPolicy:
+class PlanningPolicy(ModelPolicy):
     """A `Policy` whose chunk is the best of `num_candidates` sampled chunks. `close()` stops its worker threads."""
 
     def __init__(
@@ -97,18 +97,6 @@ class PlanningPolicy:
         )
         self._config = config or PlanningConfig()
         self._pool = ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="planning")
-
-    @property
-    def model(self) -> PolicyModel:
-        return self._model
-
-    @property
-    def platform(self) -> PlatformSpec:
-        return self._model.platform
-
-    @property
-    def instructions(self) -> tuple[str, ...]:
-        return self._model.text_embeddings.instructions
 
     def reset(self) -> None:
         for worker in self._workers:

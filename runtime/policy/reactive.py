@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from cosmos_edge.runtime.platforms import PlatformSpec
 from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, DenoisingNetwork, StageTimer
 from cosmos_edge.runtime.policy.conditioning import ConditioningMode
 from cosmos_edge.runtime.policy.steps import (
+    ModelPolicy,
     PolicyModel,
     TextBinding,
     decode_future_images,
@@ -17,7 +17,7 @@ from cosmos_edge.runtime.policy.steps import (
 )
 
 
-class ReactivePolicy:
+class ReactivePolicy(ModelPolicy):
     """Action chunk, value and future proprio of one observation in one policy pass.
 
     `encode_full_sequence`: encode all 33/41 pixel frames as the official code does (the reference). False encodes
@@ -30,18 +30,6 @@ class ReactivePolicy:
         self._model = model
         self._text = TextBinding(network, model.text_embeddings)
         self._encode_full_sequence = encode_full_sequence
-
-    @property
-    def model(self) -> PolicyModel:
-        return self._model
-
-    @property
-    def platform(self) -> PlatformSpec:
-        return self._model.platform
-
-    @property
-    def instructions(self) -> tuple[str, ...]:
-        return self._model.text_embeddings.instructions
 
     def reset(self) -> None:
         self._text.reset()

@@ -66,6 +66,24 @@ class PixelVideoConditioning:
             return self._autoencoder.encode(video)
 
 
+class ModelPolicy:
+    """What every policy over a `PolicyModel` answers from it (`Policy.platform`, `Policy.instructions`)."""
+
+    _model: PolicyModel
+
+    @property
+    def model(self) -> PolicyModel:
+        return self._model
+
+    @property
+    def platform(self) -> PlatformSpec:
+        return self._model.platform
+
+    @property
+    def instructions(self) -> tuple[str, ...]:
+        return self._model.text_embeddings.instructions
+
+
 @dataclass(frozen=True)
 class EncodedObservation:
     """`placeholder` is the pre-injection VAE latent (for future-image decoding); `clean` the conditioning latent."""
