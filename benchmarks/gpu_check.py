@@ -40,7 +40,7 @@ from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.policy import images as reference_images
 from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation
 from cosmos_edge.runtime.policy.normalization import DatasetStats
-from cosmos_edge.runtime.policy.planning import PlanningConfig
+from cosmos_edge.runtime.policy.planning_config import PlanningConfig
 
 ALOHA = platform_spec("aloha")
 
@@ -149,7 +149,7 @@ def query_timing(device: str, root: Path, config: str, runs: int) -> dict[str, A
 def planning_timing(device: str, root: Path, config: str) -> dict[str, Any]:
     files = write_random_assets(root / config, RandomAssetsSpec(config, "aloha", seed=0, dtype="bf16"))
     source = CheckpointSource(files, precision="bf16", compile_mode="default")
-    with load_policies(source, devices=[device], planning=PlanningConfig(num_candidates=8)) as loaded:
+    with load_policies(source, devices=[device], planning=PlanningConfig(num_queries_best_of_n=8)) as loaded:
         assert loaded.planning is not None
         query = ActionQuery(observation(3), "fold the t-shirt", seed=195, steps=10)
         loaded.planning.infer(query)  # warm-up and compilation

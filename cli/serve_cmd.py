@@ -28,7 +28,7 @@ from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, Ch
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import PLATFORMS
 from cosmos_edge.runtime.policy.api import Policy
-from cosmos_edge.runtime.policy.planning import PlanningConfig
+from cosmos_edge.runtime.policy.planning_config import PlanningConfig
 from cosmos_edge.runtime.precision import PRECISIONS, default_precision
 
 if TYPE_CHECKING:
@@ -202,7 +202,7 @@ def _policies(args: argparse.Namespace) -> LoadedPolicies:
         _LOG.warning("serving the reactive mode only: the bundle's DiT batch sizes serve no planning over the devices")
     else:
         _LOG.info("planning mode: best of %d candidates", candidates)
-    planning = None if candidates is None else PlanningConfig(num_candidates=candidates)
+    planning = None if candidates is None else PlanningConfig(num_queries_best_of_n=candidates)
     return load_policies(source, devices=devices, planning=planning)
 
 

@@ -26,7 +26,8 @@ from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.policy import text_embeddings as text_store
 from cosmos_edge.runtime.policy.api import ConditioningEncoder, DenoisingNetwork, Policy, VideoAutoencoder
 from cosmos_edge.runtime.policy.normalization import DatasetStats
-from cosmos_edge.runtime.policy.planning import PlanningConfig, PlanningPolicy, PlanningWorker, planning_batch_sizes
+from cosmos_edge.runtime.policy.planning import PlanningPolicy, PlanningWorker, planning_batch_sizes
+from cosmos_edge.runtime.policy.planning_config import PlanningConfig
 from cosmos_edge.runtime.policy.reactive import ReactivePolicy
 from cosmos_edge.runtime.policy.steps import PixelVideoConditioning, PolicyModel
 
@@ -185,7 +186,7 @@ def _open_bundle(
     if future_images and not has_future:
         raise BundleError(f"bundle {bundle.root}: has no future-image graphs (exported with --no-future-images)")
     load_future = has_future if future_images is None else future_images
-    batches = planning_batch_sizes(planning.num_candidates, len(devices)) if planning is not None else (1,)
+    batches = planning_batch_sizes(planning.num_queries_best_of_n, len(devices)) if planning is not None else (1,)
     # Resolve every name first: a batch size the bundle lacks fails before any engine is loaded.
     dit_names = [bundle.dit_graph_name(batch) for batch in batches]
     has_planner = planning is not None and bool(bundle.graph_names("planning_dit"))

@@ -49,10 +49,26 @@ class ActionQuery:
 
 
 @dataclass(frozen=True)
+class CandidateResults:
+    """Every candidate of a planning query, in candidate order (candidate i used seed s + i).
+
+    `actions` "n chunk action_dim" (un-normalised, each candidate's first-level chunk), `values` "n" (what ranked
+    them), `values_by_depth` "n entries" (the official `value_predictions_by_depth`: 1 + (depth - 1)·K entries), and
+    the index of the `chosen` one.
+    """
+
+    chosen: int
+    actions: np.ndarray
+    values: np.ndarray
+    values_by_depth: np.ndarray
+
+
+@dataclass(frozen=True)
 class ChunkResult:
     """`actions` is (chunk, action_dim) float32, un-normalised; `value` is in [0, 1].
 
-    `timings_ms` maps stage name to milliseconds, in the order the stages ran.
+    `timings_ms` maps stage name to milliseconds, in the order the stages ran. `candidates`: every candidate of a
+    planning query (None in the reactive mode).
     """
 
     actions: np.ndarray
@@ -60,6 +76,7 @@ class ChunkResult:
     future_proprio: np.ndarray
     future_images: Mapping[str, np.ndarray] | None = None
     timings_ms: Mapping[str, float] = field(default_factory=dict)
+    candidates: CandidateResults | None = None
 
 
 @runtime_checkable

@@ -16,7 +16,7 @@ from cosmos_edge.runtime.bundle.manifest import Bundle
 from cosmos_edge.runtime.bundle.sources import BundleSource
 from cosmos_edge.runtime.engines.registry import is_installed, load_graph_backend
 from cosmos_edge.runtime.errors import BundleError, ConfigError, EngineError
-from cosmos_edge.runtime.policy.planning import PlanningConfig
+from cosmos_edge.runtime.policy.planning_config import PlanningConfig
 from tests.helpers.observations import TinyBundles
 from tests.helpers.policies import bundle_policy
 
@@ -93,7 +93,7 @@ def test_other_platform_is_refused(tiny_bundles: TinyBundles) -> None:
 
 def test_missing_batch_size_is_refused(tiny_bundles: TinyBundles) -> None:
     with pytest.raises(BundleError, match=r"no dit graph for batch size 8; it has batch sizes \[1, 2\]"):
-        load_policies(BundleSource(tiny_bundles("aloha")), planning=PlanningConfig(num_candidates=8))
+        load_policies(BundleSource(tiny_bundles("aloha")), planning=PlanningConfig(num_queries_best_of_n=8))
 
 
 def test_missing_planning_graphs_are_refused(tiny_bundles: TinyBundles) -> None:

@@ -19,7 +19,7 @@ from cosmos_edge.runtime.engines.registry import load_graph_backend
 from cosmos_edge.runtime.errors import EngineError
 from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult
 from cosmos_edge.runtime.policy.normalization import DatasetStats
-from cosmos_edge.runtime.policy.planning import PlanningConfig
+from cosmos_edge.runtime.policy.planning_config import PlanningConfig
 from cosmos_edge.runtime.policy.reactive import ReactivePolicy
 from tests.helpers.observations import TinyBundles, random_observation
 from tests.helpers.policies import bundle_policy, reference_policy
@@ -158,7 +158,7 @@ def test_serving_a_bundle_never_imports_torch(tiny_bundles: TinyBundles) -> None
 
 def test_one_dit_and_one_vae_per_device_without_a_planning_model(tiny_assets: dict[str, CheckpointFiles]) -> None:
     files = tiny_assets["aloha"]
-    planning = PlanningConfig(num_candidates=2)
+    planning = PlanningConfig(num_queries_best_of_n=2)
     with load_policies(CheckpointSource(files), devices=["cpu", "cpu"], planning=planning) as loaded:
         assert len(loaded.devices) == 2 and loaded.devices[0] is not loaded.devices[1]
         assert all(device.planning_network is device.policy_network for device in loaded.devices)
@@ -174,7 +174,7 @@ def test_reactive_only_loads_the_first_device(tiny_assets: dict[str, CheckpointF
 
 
 def test_closing_a_bundle_closes_its_runners(tiny_bundles: TinyBundles) -> None:
-    loaded = load_policies(BundleSource(tiny_bundles("aloha")), planning=PlanningConfig(num_candidates=2))
+    loaded = load_policies(BundleSource(tiny_bundles("aloha")), planning=PlanningConfig(num_queries_best_of_n=2))
     policy = loaded.reactive
     query = ActionQuery(random_observation("aloha"), policy.instructions[0], seed=1, steps=1)
     policy.infer(query)

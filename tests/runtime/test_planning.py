@@ -10,11 +10,18 @@ from cosmos_edge.runtime.bundle.loader import load_policies
 from cosmos_edge.runtime.bundle.sources import CheckpointFiles, CheckpointSource
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.policy.api import ActionQuery
-from cosmos_edge.runtime.policy.planning import PlanningConfig, PlanningPolicy
+from cosmos_edge.runtime.policy.planning import PlanningPolicy
+from cosmos_edge.runtime.policy.planning_config import PlanningConfig
 from tests.helpers.observations import random_observation
 from tests.helpers.policies import reference_policy
 
-CONFIG = PlanningConfig(num_candidates=3, future_steps=(1, 3), value_steps=(1, 2))
+CONFIG = PlanningConfig(
+    num_queries_best_of_n=3,
+    num_denoising_steps_future_state=3,
+    num_future_state_predictions_in_ensemble=2,
+    num_denoising_steps_value=2,
+    num_value_predictions_in_ensemble=2,
+)  # world-model steps (1, 3), value steps (1, 2)
 
 
 def make_planner(files: CheckpointFiles, num_workers: int) -> PlanningPolicy:
@@ -55,10 +62,8 @@ def test_splitting_candidates_over_workers_gives_the_same_choice(aloha: Checkpoi
 
 
 def test_bad_configuration_and_requests(aloha: CheckpointFiles) -> None:
-    with pytest.raises(ConfigError, match="num_candidates"):
-        PlanningConfig(num_candidates=0)
-    with pytest.raises(ConfigError, match="value_steps"):
-        PlanningConfig(value_steps=())
+    with pytest.raises(ConfigError, match="num_queries_best_of_n"):
+        PlanningConfig(num_queries_best_of_n=0)
     with pytest.raises(ConfigError, match="workers"):
         PlanningPolicy(make_planner(aloha, 1).model, [])
     planner = make_planner(aloha, 1)

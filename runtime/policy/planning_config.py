@@ -1,0 +1,155 @@
+"""The official planning options (ALOHA `deploy.py` `DeployConfig`), their presets and the step lists they imply.
+
+Field names are the official ones. Combinations the official server accepts at start-up but answers with "error" on
+every request are refused here when the configuration is made (`deploy.py` lines 423, 432, 472, 476-480):
+`ar_value_prediction` without `ar_future_prediction`, `ar_future_prediction` with no value pass, and
+`search_depth` > 1 without the world-model and value passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.policy.conditioning import ConditioningMode
+from cosmos_edge.runtime.policy.value_aggregation import ValueAggregation
+
+
+class FutureStateAggregation(str, Enum):
+    """How the future images of an ensemble are combined: they only shape the returned images, never a value."""
+
+    AVERAGE = "average"
+    LAST = "last"
+
+
+class DepthAggregation(str, Enum):
+    USE_LAST_VALUE = "use_last_value"
+    """The value of the last branch at the deepest level."""
+    AVERAGE = "average"
+    """Mean over every entry of the per-depth list (all depths and branches, unweighted)."""
+
+
+@dataclass(frozen=True)
+class PlanningConfig:
+    """Best-of-N planning. Defaults: the official "main planning config" (`deploy.py` docstring, lines 52-94)."""
+
+    num_queries_best_of_n: int = 8
+    num_denoising_steps_action: int = 10
+    num_denoising_steps_future_state: int = 5
+    num_denoising_steps_value: int = 5
+    use_ensemble_future_state_predictions: bool = True
+    num_future_state_predictions_in_ensemble: int = 3
+    future_state_ensemble_aggregation_scheme: FutureStateAggregation = FutureStateAggregation.AVERAGE
+    use_ensemble_value_predictions: bool = True
+    num_value_predictions_in_ensemble: int = 5
+    value_ensemble_aggregation_scheme: ValueAggregation = ValueAggregation.MAJORITY_MEAN
+    ar_future_prediction: bool = True
+    ar_value_prediction: bool = True
+    ar_qvalue_prediction: bool = False
+    mask_future_state_for_qvalue_prediction: bool = False
+    mask_current_state_action_for_value_prediction: bool = True
+    search_depth: int = 1
+    search_depth_value_aggregation_scheme: DepthAggregation = DepthAggregation.USE_LAST_VALUE
+    randomize_seed: bool = False
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_queries_best_of_n",
+            "num_denoising_steps_action",
+            "num_denoising_steps_future_state",
+            "num_denoising_steps_value",
+            "num_future_state_predictions_in_ensemble",
+            "num_value_predictions_in_ensemble",
+            "search_depth",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}: expected an integer >= 1, got {value!r}")
+        for name, kind in (
+            ("future_state_ensemble_aggregation_scheme", FutureStateAggregation),
+            ("value_ensemble_aggregation_scheme", ValueAggregation),
+            ("search_depth_value_aggregation_scheme", DepthAggregation),
+        ):
+            try:
+                object.__setattr__(self, name, kind(getattr(self, name)))
+            except ValueError:
+                expected = [member.value for member in kind]
+                raise ConfigError(f"{name}: expected one of {expected}, got {getattr(self, name)!r}") from None
+        if self.value_ensemble_aggregation_scheme is ValueAggregation.USE_LAST_VALUE:
+            raise ConfigError("value_ensemble_aggregation_scheme: use_last_value is a search-depth scheme")
+        if self.ar_value_prediction and not self.ar_future_prediction:
+            raise ConfigError("ar_value_prediction: needs ar_future_prediction (its value is of the predicted state)")
+        if self.ar_future_prediction and not (self.ar_value_prediction or self.ar_qvalue_prediction):
+            raise ConfigError("ar_future_prediction: needs ar_value_prediction or ar_qvalue_prediction to score it")
+        if self.search_depth > 1 and not (self.ar_future_prediction and self.ar_value_prediction):
+            raise ConfigError("search_depth: above 1 needs ar_future_prediction and ar_value_prediction")
+
+    @property
+    def scores_with_planning_model(self) -> bool:
+        """False: candidates are ranked by the value of their own action pass (no planning model involved)."""
+        return self.ar_value_prediction or self.ar_qvalue_prediction
+
+    @property
+    def value_mode(self) -> ConditioningMode:
+        """The conditioning of a value pass: V(s') or V(s, a, s') after a world-model pass, else Q(s, a)."""
+        if self.ar_value_prediction:
+            masked = self.mask_current_state_action_for_value_prediction
+            return ConditioningMode.VALUE_FUTURE_STATE if masked else ConditioningMode.VALUE
+        return ConditioningMode.Q_VALUE if self.mask_future_state_for_qvalue_prediction else ConditioningMode.VALUE
+
+    def future_steps(self) -> tuple[int, ...]:
+        """Denoising steps of each world-model pass; the j-th uses seed s + j."""
+        if not self.use_ensemble_future_state_predictions:
+            return (self.num_denoising_steps_future_state,)
+        return ensemble_steps(self.num_denoising_steps_future_state, self.num_future_state_predictions_in_ensemble)
+
+    def value_steps(self) -> tuple[int, ...]:
+        """Denoising steps of each value pass of one state; the k-th uses seed s + k."""
+        if not self.use_ensemble_value_predictions:
+            return (self.num_denoising_steps_value,)
+        return ensemble_steps(self.num_denoising_steps_value, self.num_value_predictions_in_ensemble)
+
+
+def ensemble_steps(steps: int, members: int) -> tuple[int, ...]:
+    """The official `np.linspace(1, steps, members).astype(int)` (cosmos_utils.py 1329-1333, 1482-1484): the first
+    member always takes 1 step, and an ensemble of one takes 1, not `steps`."""
+    return tuple(int(value) for value in np.linspace(1, steps, members).astype(int))
+
+
+PRESETS: dict[str, PlanningConfig] = {
+    # deploy.py lines 52-94: V(s') with a 3 x 5 ensemble, majority_mean, best of 8.
+    "main": PlanningConfig(),
+    # deploy.py lines 96-137: the same without ensembles, searching three levels deep, the last level's value.
+    "depth3": PlanningConfig(
+        search_depth=3,
+        use_ensemble_value_predictions=False,
+        num_value_predictions_in_ensemble=1,
+        value_ensemble_aggregation_scheme=ValueAggregation.AVERAGE,
+        use_ensemble_future_state_predictions=False,
+        num_future_state_predictions_in_ensemble=1,
+    ),
+    # deploy.py lines 26-50 ("base Cosmos Policy only"): one candidate scored by its own action pass.
+    "base": PlanningConfig(
+        num_queries_best_of_n=1,
+        ar_future_prediction=False,
+        ar_value_prediction=False,
+        num_denoising_steps_future_state=1,
+        num_denoising_steps_value=1,
+        use_ensemble_future_state_predictions=False,
+        use_ensemble_value_predictions=False,
+    ),
+}
+
+
+def planning_preset(name: str, **overrides: object) -> PlanningConfig:
+    """A preset with some official options replaced (`dataclasses.replace` field names)."""
+    if name not in PRESETS:
+        raise ConfigError(f"planning preset: expected one of {sorted(PRESETS)}, got {name!r}")
+    unknown = sorted(set(overrides) - {field.name for field in dataclasses.fields(PlanningConfig)})
+    if unknown:
+        raise ConfigError(f"planning options: unknown {unknown}")
+    return dataclasses.replace(PRESETS[name], **overrides)  # type: ignore[arg-type]
