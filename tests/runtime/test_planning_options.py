@@ -1,0 +1,223 @@
+"""The official planning options, against pass lists and values derived by hand from `deploy.py` (the planning spec).
+
+A scripted DiT double (tests/helpers/scripted_network.py) records each sampling pass: its conditioning mode, the seed
+of each candidate and its number of network calls; and it scripts the value each pass predicts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.platforms import platform_spec
+from cosmos_edge.runtime.policy.api import ActionQuery, StageTimer
+from cosmos_edge.runtime.policy.conditioning import ConditioningMode
+from cosmos_edge.runtime.policy.normalization import DatasetStats
+from cosmos_edge.runtime.policy.planning import PlanningPolicy, PlanningWorker
+from cosmos_edge.runtime.policy.planning_config import PRESETS, PlanningConfig, ensemble_steps, planning_preset
+from cosmos_edge.runtime.policy.sampler import evaluation_sigmas
+from cosmos_edge.runtime.policy.steps import PolicyModel
+from cosmos_edge.runtime.policy.text_embeddings import TextEmbeddings
+from cosmos_edge.runtime.policy.value_aggregation import ValueAggregation
+from tests.helpers.observations import random_observation
+from tests.helpers.scripted_network import ScriptedNetwork, ValueOf, slots
+
+ALOHA = platform_spec("aloha")
+# The clean slots of each pass's conditioning (a masked Q pass conditions on what a world-model pass does).
+POLICY, WORLD, V_FUTURE, V_ALL, Q = (
+    slots(ALOHA, mode)
+    for mode in (
+        ConditioningMode.POLICY,
+        ConditioningMode.WORLD_MODEL,
+        ConditioningMode.VALUE_FUTURE_STATE,
+        ConditioningMode.VALUE,
+        ConditioningMode.Q_VALUE,
+    )
+)
+BASE_SEED = 100
+
+
+class BlackConditioning:
+    """The conditioning encoder of a test: zero latents for blank, proprio and cameras."""
+
+    def encode_conditioning(self, images: object, timer: StageTimer) -> np.ndarray:
+        return np.zeros((1, 16, ALOHA.num_conditional_frames, 28, 28), np.float32)
+
+    def encode(self, video: np.ndarray) -> np.ndarray:
+        raise AssertionError("planning encodes the conditioning prefix only")
+
+    def decode(self, latent: np.ndarray) -> np.ndarray:
+        raise AssertionError("planning decodes nothing")
+
+
+def planner(
+    config: PlanningConfig, value_of: ValueOf | None = None, workers: int = 1
+) -> tuple[PlanningPolicy, list[ScriptedNetwork]]:
+    span = np.ones(ALOHA.action_dim)
+    stats = DatasetStats(actions_min=-span, actions_max=span, proprio_min=-span, proprio_max=span)
+    text = TextEmbeddings.from_arrays({"task": np.zeros((1, 4, 8), np.float32)})
+    encoder = BlackConditioning()
+    model = PolicyModel(ALOHA, stats, text, encoder, encoder)
+    networks = [ScriptedNetwork(ALOHA, value_of) for _ in range(workers)]
+    return PlanningPolicy(model, [PlanningWorker(net, net) for net in networks], config), networks
+
+
+def run(config: PlanningConfig, value_of: ValueOf | None = None, workers: int = 1):  # type: ignore[no-untyped-def]
+    policy, networks = planner(config, value_of, workers)
+    result = policy.infer(ActionQuery(random_observation("aloha"), "task", seed=BASE_SEED))
+    policy.close()
+    return result, networks
+
+
+def trace(network: ScriptedNetwork) -> list[tuple[tuple[int, ...], list[int], int]]:
+    return [(p.clean_slots, p.seeds, p.calls) for p in network.passes]
+
+
+def calls(steps: int) -> int:
+    return len(evaluation_sigmas(steps))
+
+
+SMALL = PlanningConfig(
+    num_queries_best_of_n=2,
+    num_denoising_steps_action=1,
+    num_denoising_steps_future_state=3,
+    num_future_state_predictions_in_ensemble=2,  # world-model steps [1, 3]
+    num_denoising_steps_value=4,
+    num_value_predictions_in_ensemble=2,  # value steps [1, 4]
+)
+
+
+def test_the_main_configuration_runs_the_official_passes() -> None:
+    _, (network,) = run(SMALL)
+    s = [BASE_SEED, BASE_SEED + 1]
+    plus = lambda k: [seed + k for seed in s]  # noqa: E731
+    values_of_a_state = [(V_FUTURE, plus(0), calls(1)), (V_FUTURE, plus(1), calls(4))]
+    assert trace(network) == [
+        (POLICY, plus(0), calls(1)),
+        (WORLD, plus(0), calls(1)),  # world-model member j: seed s + j, steps linspace(1, 3, 2)[j]
+        (WORLD, plus(1), calls(3)),
+        *values_of_a_state,  # value member k of every state: seed s + k, the same seeds for both states
+        *values_of_a_state,
+    ]
+
+
+def test_without_the_value_ensemble_only_the_first_states_value_counts() -> None:
+    config = PlanningConfig(**{**SMALL.__dict__, "use_ensemble_value_predictions": False})
+    _, (network,) = run(config)
+    assert trace(network)[3:] == [(V_FUTURE, [BASE_SEED, BASE_SEED + 1], calls(4))]  # seed s, all value steps
+
+
+def test_q_value_and_the_unmasked_value() -> None:
+    q = PlanningConfig(
+        **{**SMALL.__dict__, "ar_future_prediction": False, "ar_value_prediction": False, "ar_qvalue_prediction": True}
+    )
+    _, (network,) = run(PlanningConfig(**{**q.__dict__, "mask_future_state_for_qvalue_prediction": True}))
+    assert [p.clean_slots for p in network.passes] == [POLICY, Q, Q]  # from the action pass, no world model
+    _, (network,) = run(q)
+    assert [p.clean_slots for p in network.passes] == [POLICY, V_ALL, V_ALL]  # Q without masking sees every slot
+    unmasked = PlanningConfig(**{**SMALL.__dict__, "mask_current_state_action_for_value_prediction": False})
+    _, (network,) = run(unmasked)
+    assert {p.clean_slots for p in network.passes[3:]} == {V_ALL}  # V(s, a, s')
+
+
+def test_the_base_preset_is_one_candidate_ranked_by_its_own_pass() -> None:
+    config = planning_preset("base", num_denoising_steps_action=1)
+    result, (network,) = run(config, value_of=lambda seed, clean: 0.25)
+    assert trace(network) == [(POLICY, [BASE_SEED], calls(1))]
+    assert result.value == pytest.approx(0.25, abs=1e-4)
+
+
+def test_search_depth_branches_as_the_official_server() -> None:
+    config = PlanningConfig(
+        **{**SMALL.__dict__, "search_depth": 3, "use_ensemble_value_predictions": False, "num_queries_best_of_n": 1}
+    )
+    result, (network,) = run(config)
+    modes = [p.clean_slots for p in network.passes]
+    level = [POLICY, WORLD, WORLD, V_FUTURE]
+    # Level 1, then level 2 from each of the 2 predicted states, then level 3 from the last branch's 2 states.
+    assert modes == level + level * 2 + level * 2
+    assert result.candidates is not None and result.candidates.values_by_depth.shape == (1, 1 + 2 * 2)
+    first, deeper = network.passes[0], network.passes[4]
+    assert all(p.seeds == [BASE_SEED] for p in network.passes if p.clean_slots in (POLICY, V_FUTURE))  # seeds reused
+    proprio, cameras = ALOHA.proprio_slot, list(ALOHA.camera_slots.values())
+    # The deeper action pass sees the predicted images in the current slots, and the observed proprio.
+    np.testing.assert_array_equal(deeper.clean[:, :, proprio], first.clean[:, :, proprio])
+    assert np.abs(deeper.clean[:, :, cameras]).max() > 0 and np.abs(first.clean[:, :, cameras]).max() == 0
+
+
+VALUES = {100: 0.2, 101: 0.3, 102: 0.9, 103: 0.9, 104: 0.9}
+
+
+def one_step(**options: object) -> PlanningConfig:
+    return PlanningConfig(
+        num_queries_best_of_n=3,
+        num_denoising_steps_action=1,
+        num_denoising_steps_future_state=1,  # members [1, 1]
+        num_future_state_predictions_in_ensemble=2,
+        num_denoising_steps_value=1,  # members [1, 1, 1]
+        num_value_predictions_in_ensemble=3,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def scripted(seed: int, clean: tuple[int, ...]) -> float:
+    return VALUES[seed] if clean == V_FUTURE else 0.0
+
+
+def test_values_and_choice_derived_by_hand() -> None:
+    # Candidate i pools the values of seeds 100+i, 101+i, 102+i for each of its 2 states; all exceed 0.05, so
+    # majority_mean is their mean: 0.4667, 0.7, 0.9. Candidate 2 is strictly better than the base: it is chosen.
+    result, _ = run(one_step(), scripted)
+    assert result.candidates is not None
+    np.testing.assert_allclose(result.candidates.values, [1.4 / 3, 0.7, 0.9], atol=1e-4)
+    assert result.candidates.chosen == 2 and result.value == pytest.approx(0.9, abs=1e-4)
+    np.testing.assert_array_equal(result.actions, result.candidates.actions[2])
+    lcb, _ = run(one_step(value_ensemble_aggregation_scheme=ValueAggregation.LCB), scripted)
+    pooled = np.array([0.2, 0.3, 0.9] * 2)
+    assert lcb.candidates is not None
+    assert lcb.candidates.values[0] == pytest.approx(pooled.mean() - pooled.std(ddof=1), abs=1e-4)
+
+
+def test_the_base_seed_wins_ties_and_the_split_over_workers_changes_nothing() -> None:
+    tie, _ = run(one_step(), lambda seed, clean: 0.5)
+    assert tie.candidates is not None and tie.candidates.chosen == 0
+    one, _ = run(one_step(), scripted)
+    two, _ = run(one_step(), scripted, workers=2)
+    assert one.candidates is not None and two.candidates is not None
+    np.testing.assert_array_equal(one.candidates.values, two.candidates.values)
+    assert one.candidates.chosen == two.candidates.chosen
+
+
+def test_randomize_seed_draws_a_seed_below_256_for_every_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    draws = iter(range(1000, 2000))
+    monkeypatch.setattr("cosmos_edge.runtime.policy.planning.secrets.randbits", lambda bits: next(draws))
+    _, (network,) = run(PlanningConfig(**{**SMALL.__dict__, "randomize_seed": True}))
+    seeds = [seed for p in network.passes for seed in p.seeds]
+    assert seeds == [value % 256 for value in range(1000, 1000 + len(seeds))]
+
+
+def test_ensemble_step_lists_are_numpys_linspace_truncated() -> None:
+    assert ensemble_steps(5, 3) == (1, 3, 5) and ensemble_steps(5, 5) == (1, 2, 3, 4, 5)
+    assert ensemble_steps(5, 1) == (1,) and ensemble_steps(5, 8) == (1, 1, 2, 2, 3, 3, 4, 5)
+    assert ensemble_steps(10, 3) == (1, 5, 10)
+    main = PRESETS["main"]
+    assert main.future_steps() == (1, 3, 5) and main.value_steps() == (1, 2, 3, 4, 5)
+    assert PRESETS["depth3"].future_steps() == (5,) and PRESETS["depth3"].value_steps() == (5,)
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"ar_future_prediction": False}, "ar_value_prediction"),
+        ({"ar_value_prediction": False}, "ar_future_prediction"),
+        ({"search_depth": 2, "ar_value_prediction": False, "ar_qvalue_prediction": True}, "search_depth"),
+        ({"value_ensemble_aggregation_scheme": "median"}, "value_ensemble_aggregation_scheme"),
+        ({"num_value_predictions_in_ensemble": 0}, "num_value_predictions_in_ensemble"),
+    ],
+)
+def test_combinations_the_official_server_answers_with_error_are_refused_at_once(
+    options: dict[str, object], field: str
+) -> None:
+    with pytest.raises(ConfigError, match=field):
+        PlanningConfig(**options)  # type: ignore[arg-type]
