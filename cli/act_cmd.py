@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
-from cosmos_edge.runtime.bundle.loader import load_policies
+from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config
+from cosmos_edge.runtime.bundle.loader import load_policies, planning_candidates
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource, ModelSource
 from cosmos_edge.runtime.engines.registry import GRAPH_BACKENDS
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.platforms import PLATFORMS, PlatformSpec
 from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation
+from cosmos_edge.runtime.policy.planning_config import PRESETS
 from cosmos_edge.runtime.precision import PRECISIONS, default_precision
 
 
@@ -39,7 +41,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--seed", type=int, default=195, help="initial noise seed (default: %(default)s, the official server's)"
     )
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the platform's)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps of the action pass (default: the platform's; in planning mode, the planning options')",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("reactive", "planning"),
+        default="reactive",
+        help="reactive: one chunk; planning: the best of N chunks scored with the world model and value function",
+    )
+    files.add_argument("--planning-checkpoint", type=Path, help="DiT .pt of the planning model (default: the policy's)")
+    parser.add_argument(
+        "--return-all-query-results",
+        action="store_true",
+        help="planning: also write every candidate's actions (values are always written)",
+    )
     parser.add_argument(
         "--precision", choices=PRECISIONS, help="torch backend only (default: bf16 on a CUDA device, fp32 on the CPU)"
     )
@@ -56,6 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "instead of the default exact fast path, for comparison",
     )
     parser.add_argument("--out", type=Path, help="npz to write: actions, value, future_proprio (+ future images)")
+    add_planning_arguments(parser)
     parser.set_defaults(func=_act)
 
 
@@ -82,16 +102,24 @@ def read_observation(path: Path, platform: PlatformSpec) -> Observation:
 
 
 def _act(args: argparse.Namespace) -> int:
-    with load_policies(
-        _source(args), devices=[args.device] if args.device else None, future_images=args.future_images or None
-    ) as loaded:
-        policy = loaded.reactive
+    source, devices = _source(args), [args.device] if args.device else None
+    planning = None
+    if args.mode == "planning":
+        preset = PRESETS[args.planning_preset].num_queries_best_of_n
+        candidates = planning_candidates(source, devices, args.num_queries_best_of_n, preset)
+        if candidates is None:
+            raise ConfigError(
+                "--mode planning: the bundle's DiT batch sizes serve no planning (re-export with --batch-sizes)"
+            )
+        planning = planning_config(args, num_queries_best_of_n=candidates)
+    with load_policies(source, devices=devices, planning=planning, future_images=args.future_images or None) as loaded:
+        policy = loaded.planning or loaded.reactive
         observation = read_observation(args.observation, policy.platform)
         query = ActionQuery(observation, args.task, args.seed, args.steps, return_future_images=args.future_images)
         result = policy.infer(query)
     print_result(result)
     if args.out is not None:
-        save_result(args.out, result)
+        save_result(args.out, result, all_actions=args.return_all_query_results)
         print(f"wrote {args.out}")
     return 0
 
@@ -104,6 +132,8 @@ def _source(args: argparse.Namespace) -> ModelSource:
         "--stats": args.stats,
         "--text-embeddings": args.text_embeddings,
     }
+    if args.bundle is not None and args.planning_checkpoint is not None:
+        raise ConfigError("--planning-checkpoint: a bundle carries its planning model (export --planning-checkpoint)")
     if args.bundle is not None:
         given = [flag for flag, value in official.items() if value is not None]
         if args.reference:
@@ -122,20 +152,38 @@ def _source(args: argparse.Namespace) -> ModelSource:
         )
     files = CheckpointFiles(args.checkpoint, args.tokenizer, args.stats, args.text_embeddings, args.platform)
     precision = args.precision or default_precision([args.device or "cpu"])
-    return CheckpointSource(files, precision=precision, encode_full_sequence=args.reference)
+    return CheckpointSource(
+        files,
+        planning_checkpoint=args.planning_checkpoint,
+        precision=precision,
+        encode_full_sequence=args.reference,
+    )
 
 
 def print_result(result: ChunkResult) -> None:
     print(f"action chunk: {result.actions.shape[0]} x {result.actions.shape[1]} (float32, un-normalised)")
     print(f"value:        {result.value:.4f}")
+    if result.candidates is not None:
+        values = ", ".join(f"{value:.4f}" for value in result.candidates.values)
+        print(f"candidates:   {len(result.candidates.values)}, chose {result.candidates.chosen}; values {values}")
     print("stage timings (ms): " + ", ".join(f"{name} {ms:.1f}" for name, ms in result.timings_ms.items()))
 
 
-def save_result(path: Path, result: ChunkResult) -> None:
+def save_result(path: Path, result: ChunkResult, all_actions: bool = False) -> None:
+    """actions, value, future_proprio (+ future images); for planning, the chosen candidate's index and every
+    candidate's values (+ actions with `all_actions`)."""
     arrays: dict[str, np.ndarray] = {
         "actions": result.actions,
         "value": np.array(result.value, dtype=np.float32),
         "future_proprio": result.future_proprio,
     }
     arrays |= {f"future_image_{name}": image for name, image in (result.future_images or {}).items()}
+    if result.candidates is not None:
+        arrays |= {
+            "chosen_index": np.array(result.candidates.chosen),
+            "candidate_values": result.candidates.values,
+            "candidate_values_by_depth": result.candidates.values_by_depth,
+        }
+        if all_actions:
+            arrays["candidate_actions"] = result.candidates.actions
     np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds like allow_pickle

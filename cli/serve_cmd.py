@@ -197,7 +197,7 @@ _FILE_ARGS = ("checkpoint", "tokenizer", "stats", "text_embeddings", "platform")
 def _policies(args: argparse.Namespace) -> LoadedPolicies:
     """Both modes from one load: the reactive policy and the planner share each device's networks."""
     source, devices = _source(args), _device_list(args) or None
-    candidates = planning_candidates(source, devices, args.num_candidates)
+    candidates = planning_candidates(source, devices, args.num_candidates, 8)
     if candidates is None:
         _LOG.warning("serving the reactive mode only: the bundle's DiT batch sizes serve no planning over the devices")
     else:

@@ -108,19 +108,18 @@ def load_policies(
     return LoadedPolicies(reactive, planner, networks, resources)
 
 
-DEFAULT_CANDIDATES = 8  # the official ALOHA planning command
-
-
-def planning_candidates(source: ModelSource, devices: Sequence[str] | None, requested: int | None) -> int | None:
+def planning_candidates(
+    source: ModelSource, devices: Sequence[str] | None, requested: int | None, default: int
+) -> int | None:
     """How many best-of-N candidates `source` can plan with over `devices` (None: reactive only).
 
-    Checkpoint files plan with any number (`requested`, or 8). A bundle has DiT graphs for fixed batch sizes, and the
-    candidates split over the devices must fit them: a requested number that does not fit is refused, naming the
-    batch sizes; without one, the most candidates up to 8 that fit are used, and none below 2 (planning with one
-    candidate would only repeat the reactive chunk).
+    Checkpoint files plan with any number (`requested`, or `default`). A bundle has DiT graphs for fixed batch sizes,
+    and the candidates split over the devices must fit them: a requested number that does not fit is refused, naming
+    the batch sizes; without one, the most candidates up to `default` that fit are used, and none below
+    min(2, default) (planning over one candidate of several would only repeat the reactive chunk).
     """
     if isinstance(source, CheckpointSource):
-        return requested or DEFAULT_CANDIDATES
+        return requested or default
     bundle = Bundle.open(source.path)
     available = {bundle.manifest.graphs[name].batch for name in bundle.graph_names("dit")}
     workers = len(devices or [_default_device(source)])
@@ -137,7 +136,7 @@ def planning_candidates(source: ModelSource, devices: Sequence[str] | None, requ
                 f"or re-export with --batch-sizes"
             )
         return requested
-    return next((n for n in range(DEFAULT_CANDIDATES, 1, -1) if fits(n)), None)
+    return next((n for n in range(default, min(2, default) - 1, -1) if fits(n)), None)
 
 
 def _default_device(source: ModelSource) -> str:

@@ -21,8 +21,8 @@ def test_version_and_a_user_facing_help(capsys: pytest.CaptureFixture[str]) -> N
     assert exited.value.code == 0 and capsys.readouterr().out.startswith("cosmos-edge ")
     with pytest.raises(SystemExit):
         cli_main.main(["serve", "--help"])
-    help_text = capsys.readouterr().out
-    assert "(default: tcp://127.0.0.1:5555)" in help_text and "best-of-N candidates" in help_text
+    help_text = " ".join(capsys.readouterr().out.split())  # as one line, whatever the terminal width
+    assert "(default: tcp://127.0.0.1:5555)" in help_text and "--num-queries-best-of-n" in help_text
 
 
 def test_an_interrupted_command_is_one_line(
@@ -50,13 +50,14 @@ def test_a_bf16_export_for_the_cpu_is_refused_before_exporting(
 
 def test_planning_from_a_bundle_uses_the_candidates_its_batch_sizes_serve(tiny_bundles: TinyBundles) -> None:
     source = BundleSource(tiny_bundles("aloha"))  # DiT batch sizes 1 and 2
-    assert planning_candidates(source, ["cpu"], None) == 2
-    assert planning_candidates(source, ["cpu", "cpu"], None) == 4  # two devices, two candidates each
-    assert planning_candidates(source, ["cpu"], 2) == 2
+    assert planning_candidates(source, ["cpu"], None, 8) == 2
+    assert planning_candidates(source, ["cpu", "cpu"], None, 8) == 4  # two devices, two candidates each
+    assert planning_candidates(source, ["cpu"], 2, 8) == 2
+    assert planning_candidates(source, ["cpu"], None, 1) == 1  # a one-candidate preset
     with pytest.raises(ConfigError, match=r"--num-candidates\) 8 over 1 device\(s\) needs DiT batch sizes \[8\]"):
-        planning_candidates(source, ["cpu"], 8)
+        planning_candidates(source, ["cpu"], 8, 8)
 
 
 def test_planning_from_checkpoint_files_takes_any_number(tiny_assets: dict[str, CheckpointFiles]) -> None:
     source = CheckpointSource(tiny_assets["aloha"])
-    assert planning_candidates(source, None, None) == 8 and planning_candidates(source, None, 5) == 5
+    assert planning_candidates(source, None, None, 8) == 8 and planning_candidates(source, None, 5, 8) == 5

@@ -1,0 +1,48 @@
+"""The planning options on the command line: one `--kebab-case` flag per official `DeployConfig` field, over a preset.
+
+Shared by `act --mode planning` and `serve`; the flags are generated from `PlanningConfig`, so the two commands and
+the configuration cannot drift apart. A flag left out keeps the preset's value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+
+from cosmos_edge.runtime.policy.planning_config import PRESETS, PlanningConfig, planning_preset
+
+_FIELDS = dataclasses.fields(PlanningConfig)
+
+
+def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "planning", "best-of-N planning; the options of the official ALOHA deploy.py, by the same names"
+    )
+    group.add_argument(
+        "--planning-preset",
+        choices=sorted(PRESETS),
+        default="main",
+        help="main: the official main planning config (V(s'), 3 x 5 ensembles, best of 8); depth3: search depth 3 "
+        "without ensembles; base: one candidate ranked by its own action pass",
+    )
+    defaults = PRESETS["main"]
+    for field in _FIELDS:
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        help_text = f"official {field.name} (main preset: {getattr(default, 'value', default)})"
+        if field.type == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif isinstance(default, enum.Enum):
+            group.add_argument(flag, choices=[member.value for member in type(default)], help=help_text)
+        else:
+            group.add_argument(flag, type=int, help=help_text)
+    group.add_argument(
+        "--num-candidates", dest="num_queries_best_of_n", type=int, help="the same as --num-queries-best-of-n"
+    )
+
+
+def planning_config(args: argparse.Namespace, **replaced: object) -> PlanningConfig:
+    """The preset with every planning flag the user gave (and `replaced`) applied."""
+    given = {field.name: getattr(args, field.name) for field in _FIELDS if getattr(args, field.name) is not None}
+    return planning_preset(args.planning_preset, **(given | replaced))
