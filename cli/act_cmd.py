@@ -69,6 +69,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--future-images", action="store_true", help="also decode the predicted future images")
     parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="official files only: torch.compile the DiT (default: on for a CUDA device, off on the CPU)",
+    )
+    parser.add_argument(
         "--reference",
         action="store_true",
         help="official files only: the official path (numpy/Pillow transforms, all pixel frames through the VAE) "
@@ -152,10 +157,12 @@ def _source(args: argparse.Namespace) -> ModelSource:
         )
     files = CheckpointFiles(args.checkpoint, args.tokenizer, args.stats, args.text_embeddings, args.platform)
     precision = args.precision or default_precision([args.device or "cpu"])
+    compile_dit = args.compile if args.compile is not None else (args.device or "cpu").startswith("cuda")
     return CheckpointSource(
         files,
         planning_checkpoint=args.planning_checkpoint,
         precision=precision,
+        compile_mode="default" if compile_dit and not args.reference else None,
         encode_full_sequence=args.reference,
     )
 

@@ -11,10 +11,13 @@ Backends are imported by name (`engines.registry`), so loading a bundle never im
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from types import TracebackType
+
+import numpy as np
 
 from cosmos_edge.runtime.bundle.manifest import Bundle
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointSource, ModelSource
@@ -22,9 +25,16 @@ from cosmos_edge.runtime.engines.graph import GraphRunner
 from cosmos_edge.runtime.engines.graph_networks import GraphAutoencoder, GraphDenoisingNetwork
 from cosmos_edge.runtime.engines.registry import backend_info, load_graph_backend, load_torch_backend
 from cosmos_edge.runtime.errors import BundleError, ConfigError
-from cosmos_edge.runtime.platforms import platform_spec
+from cosmos_edge.runtime.platforms import IMAGE_SIZE, platform_spec
 from cosmos_edge.runtime.policy import text_embeddings as text_store
-from cosmos_edge.runtime.policy.api import ConditioningEncoder, DenoisingNetwork, Policy, VideoAutoencoder
+from cosmos_edge.runtime.policy.api import (
+    ActionQuery,
+    ConditioningEncoder,
+    DenoisingNetwork,
+    Observation,
+    Policy,
+    VideoAutoencoder,
+)
 from cosmos_edge.runtime.policy.normalization import DatasetStats
 from cosmos_edge.runtime.policy.planning import PlanningPolicy, PlanningWorker, planning_batch_sizes
 from cosmos_edge.runtime.policy.planning_config import PlanningConfig
@@ -57,6 +67,17 @@ class LoadedPolicies:
         self.planning = planning
         self.devices = tuple(devices)  # the networks of each device, in device order
         self._resources = resources
+
+    def warm_up(self) -> float:
+        """One reactive query on a black observation, so that kernel selection and compilation (minutes for a
+        compiled 2B DiT) happen before the first real request. Returns its seconds."""
+        policy, started = self.reactive, time.perf_counter()
+        platform = policy.platform
+        images = {name: np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8) for name in platform.cameras}
+        observation = Observation(images, (policy.model.stats.proprio_min + policy.model.stats.proprio_max) / 2)
+        policy.infer(ActionQuery(observation, policy.instructions[0], steps=1))
+        policy.reset()  # the next query binds its own instruction
+        return time.perf_counter() - started
 
     def modes(self) -> dict[str, Policy]:
         """Mode name → policy, as the server serves them."""

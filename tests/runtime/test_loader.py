@@ -181,3 +181,10 @@ def test_closing_a_bundle_closes_its_runners(tiny_bundles: TinyBundles) -> None:
     loaded.close()
     with pytest.raises(EngineError, match="after close"):
         policy.infer(query)
+
+
+def test_warm_up_runs_one_query_before_the_first_request(tiny_assets: dict[str, CheckpointFiles]) -> None:
+    with load_policies(CheckpointSource(tiny_assets["aloha"])) as loaded:
+        assert loaded.warm_up() > 0
+        query = ActionQuery(random_observation("aloha"), loaded.reactive.instructions[1], seed=3, steps=1)
+        assert loaded.reactive.infer(query).actions.shape == (50, 14)
