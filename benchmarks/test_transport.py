@@ -29,10 +29,11 @@ import msgpack
 import numpy as np
 import pytest
 
+from cosmos_edge.robot_bridge.binding import ServerConfig
 from cosmos_edge.robot_bridge.client import PolicyClient
 from cosmos_edge.robot_bridge.official_act import CAMERAS
 from cosmos_edge.robot_bridge.protocol import ActRequest
-from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig, serving_in_thread
+from cosmos_edge.robot_bridge.server import PolicyServer, serving_in_thread
 from cosmos_edge.runtime.platforms import IMAGE_SIZE, PlatformSpec, platform_spec
 from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation
 

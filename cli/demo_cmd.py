@@ -129,11 +129,12 @@ def _quiet_logs(enabled: bool) -> Iterator[None]:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    from cosmos_edge.robot_bridge.binding import ServerConfig
     from cosmos_edge.robot_bridge.client import PolicyClient
     from cosmos_edge.robot_bridge.controller.safety import SafetyConfig, SafetyFilter
     from cosmos_edge.robot_bridge.robots.aloha_sim import AlohaSimRobot
     from cosmos_edge.robot_bridge.robots.camera_frames import AlohaWireCameras
-    from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig, serving_in_thread
+    from cosmos_edge.robot_bridge.server import PolicyServer, serving_in_thread
     from cosmos_edge.runtime.bundle.loader import load_policies
     from cosmos_edge.runtime.bundle.sources import CheckpointSource
     from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets

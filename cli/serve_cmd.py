@@ -14,21 +14,23 @@ import argparse
 import contextlib
 import logging
 import signal
+import socket
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config
+from cosmos_edge.robot_bridge.binding import BoundRouter, ServerConfig
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, ServerCurve, load_public_keys
 from cosmos_edge.robot_bridge.protocol import WireLimits
-from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig
+from cosmos_edge.robot_bridge.server import PolicyServer
 from cosmos_edge.runtime.bundle.loader import LoadedPolicies, load_policies, planning_candidates
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource, ModelSource
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import PLATFORMS
-from cosmos_edge.runtime.policy.api import Policy
-from cosmos_edge.runtime.policy.planning_config import PlanningConfig
+from cosmos_edge.runtime.policy.planning_config import PRESETS
 from cosmos_edge.runtime.precision import PRECISIONS, default_precision
 
 if TYPE_CHECKING:
@@ -51,8 +53,10 @@ def add_serve_parser(
     make_policies: PolicyFactory,
     *,
     joint_limits: tuple[tuple[float, float], ...] | None = None,
+    modes: tuple[str, ...] = ("reactive", "planning"),
 ) -> argparse.ArgumentParser:
-    """Adds `serve`; `joint_limits` (one (lower, upper) pair per action dim) are announced to controllers."""
+    """Adds `serve`; `joint_limits` (one (lower, upper) pair per action dim) are announced to controllers. `modes` are
+    those `make_policies` can serve, for checking `--default-mode` before it runs."""
     parser = subparsers.add_parser("serve", help="serve a policy to robot controllers over ZeroMQ (and HTTP)")
     parser.add_argument(
         "--endpoint", default="tcp://127.0.0.1:5555", help="ZeroMQ bind address; 'none' serves HTTP only (--http)"
@@ -78,12 +82,29 @@ def add_serve_parser(
         action="store_true",
         help="allow a non-loopback --http address: HTTP has no authentication, whoever reaches it commands the robot",
     )
+    parser.add_argument(
+        "--shutdown-timeout-s",
+        type=float,
+        default=5.0,
+        help="after SIGINT/SIGTERM, how long the chunk being inferred may take to reach its controller before it is "
+        "answered shutting_down and the server exits",
+    )
 
     def serve(args: argparse.Namespace) -> int:
-        # Refuse bad network settings before loading any policy.
-        config, http = server_config(args, joint_limits), http_config(args)
-        with make_policies(args) as loaded:
-            return run_server(loaded.modes(), config, http)
+        with _naming_flags(), contextlib.ExitStack() as sockets:
+            config, http = server_config(args, joint_limits), http_config(args)
+            if args.default_mode not in modes:
+                raise ConfigError(f"--default-mode: expected one of {list(modes)}, got {args.default_mode!r}")
+            # Bound before the policies load (minutes, for the 2B model): a port in use is refused at once.
+            router = sockets.enter_context(BoundRouter.bind(config))
+            listener = sockets.enter_context(_http_listener(http))
+            with contextlib.ExitStack() as policies:
+                loaded = policies.enter_context(make_policies(args))
+                server = PolicyServer(loaded.modes(), config, router=router)
+                code = run_server(server, http, listener)
+                if server.policy_running:  # it outlived the shutdown window; the process exit releases the policies
+                    policies.pop_all()
+                return code
 
     parser.set_defaults(func=serve)
     return parser
@@ -112,6 +133,7 @@ def server_config(
         curve=curve,
         insecure_bind_all=args.insecure_bind_all,
         joint_limits=joint_limits,
+        shutdown_timeout_s=args.shutdown_timeout_s,
     )
 
 
@@ -130,15 +152,16 @@ def http_config(args: argparse.Namespace) -> HttpConfig | None:
         insecure_bind_all=args.http_insecure_bind_all,
         single_query_modes=_SINGLE_QUERY_MODES,
         max_body_bytes=round(args.max_message_mb * _MIB),
+        shutdown_timeout_s=args.shutdown_timeout_s,
     )
 
 
-def run_server(policies: Mapping[str, Policy], config: ServerConfig, http: HttpConfig | None = None) -> int:
-    """Serves until SIGINT or SIGTERM, then shuts down cleanly. Must run in the main thread (signal handlers).
-    With `http`, the HTTP endpoint serves the same policies through the same queue."""
+def run_server(server: PolicyServer, http: HttpConfig | None = None, http_listener: socket.socket | None = None) -> int:
+    """Serves until SIGINT or SIGTERM, then shuts down cleanly: every request taken in is answered before the sockets
+    close (`PolicyServer.serve_forever`). Must run in the main thread (signal handlers). With `http`, the HTTP
+    endpoint (on `http_listener` when it is bound already) serves the same policies through the same queue."""
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("run_server installs signal handlers, which only the main thread can do")
-    server = PolicyServer(policies, config)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         server.stop()
@@ -147,7 +170,7 @@ def run_server(policies: Mapping[str, Policy], config: ServerConfig, http: HttpC
     try:
         # serve_forever returns once the server has stopped, so the HTTP endpoint stops after it: the requests that
         # reached it by then are answered, or refused with 503.
-        with server, _http_endpoint(server, http):
+        with server, _http_endpoint(server, http, http_listener):
             server.serve_forever()
     finally:
         for number, handler in previous.items():
@@ -155,12 +178,44 @@ def run_server(policies: Mapping[str, Policy], config: ServerConfig, http: HttpC
     return 0
 
 
-def _http_endpoint(server: PolicyServer, http: HttpConfig | None) -> contextlib.AbstractContextManager[object]:
+def _http_endpoint(
+    server: PolicyServer, http: HttpConfig | None, listener: socket.socket | None
+) -> contextlib.AbstractContextManager[object]:
     if http is None:
         return contextlib.nullcontext()
     from cosmos_edge.robot_bridge.http_server import HttpEndpoint  # the optional extra, as in `http_config`
 
-    return HttpEndpoint(server, http)
+    return HttpEndpoint(server, http, listener=listener)
+
+
+def _http_listener(http: HttpConfig | None) -> contextlib.AbstractContextManager[socket.socket | None]:
+    if http is None:
+        return contextlib.nullcontext()
+    from cosmos_edge.robot_bridge.http_server import listen  # the optional extra, as in `http_config`
+
+    return contextlib.closing(listen(http))
+
+
+# The settings' names in the library's errors, and the flags that give them.
+_FLAGS = {
+    "endpoint": "--endpoint",
+    "max_pending": "--max-pending",
+    "shutdown_timeout_s": "--shutdown-timeout-s",
+    "default_mode": "--default-mode",
+    "http address": "--http",
+}
+
+
+@contextlib.contextmanager
+def _naming_flags() -> Iterator[None]:
+    """Turns a `ConfigError` that names a setting ("endpoint: ...") into one that names its flag ("--endpoint: ...")."""
+    try:
+        yield
+    except ConfigError as error:
+        name, separator, detail = str(error).partition(": ")
+        if not separator or name not in _FLAGS:
+            raise
+        raise ConfigError(f"{_FLAGS[name]}: {detail}") from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -175,12 +230,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--platform", choices=sorted(PLATFORMS), help="required with checkpoint files")
     parser.add_argument("--planning-checkpoint", type=Path, help="DiT of the planning model (default: the policy's)")
     parser.add_argument(
-        "--num-candidates",
-        type=int,
-        help="best-of-N candidates in planning mode (default: 8; for a bundle, the most up to 8 its DiT batch sizes "
-        "serve over the devices, or no planning mode when they serve none)",
-    )
-    parser.add_argument(
         "--precision",
         choices=PRECISIONS,
         help="checkpoint files only (default: bf16 on CUDA devices, fp32 on the CPU)",
@@ -189,6 +238,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--devices",
         help="comma-separated devices; planning spreads candidates over them (default: cpu, or cuda for tensorrt)",
     )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="checkpoint files only: torch.compile the DiT (default: on for CUDA devices, off on the CPU)",
+    )
+    add_planning_arguments(parser)
 
 
 _FILE_ARGS = ("checkpoint", "tokenizer", "stats", "text_embeddings", "platform")
@@ -197,13 +252,21 @@ _FILE_ARGS = ("checkpoint", "tokenizer", "stats", "text_embeddings", "platform")
 def _policies(args: argparse.Namespace) -> LoadedPolicies:
     """Both modes from one load: the reactive policy and the planner share each device's networks."""
     source, devices = _source(args), _device_list(args) or None
-    candidates = planning_candidates(source, devices, args.num_candidates, 8)
+    preset = PRESETS[args.planning_preset].num_queries_best_of_n
+    candidates = planning_candidates(source, devices, args.num_queries_best_of_n, preset)
     if candidates is None:
         _LOG.warning("serving the reactive mode only: the bundle's DiT batch sizes serve no planning over the devices")
     else:
         _LOG.info("planning mode: best of %d candidates", candidates)
-    planning = None if candidates is None else PlanningConfig(num_queries_best_of_n=candidates)
-    return load_policies(source, devices=devices, planning=planning)
+    planning = None if candidates is None else planning_config(args, num_queries_best_of_n=candidates)
+    loaded = load_policies(source, devices=devices, planning=planning)
+    try:
+        _LOG.info("warming up (kernels%s) before serving", ", compilation" if _compiles(args) else "")
+        _LOG.info("warm-up done in %.1f s; serving", loaded.warm_up())
+    except BaseException:
+        loaded.close()
+        raise
+    return loaded
 
 
 def _device_list(args: argparse.Namespace) -> list[str]:
@@ -221,4 +284,14 @@ def _source(args: argparse.Namespace) -> ModelSource:
         raise ConfigError(f"serve: without --bundle, these are required: {missing}")
     files = CheckpointFiles(args.checkpoint, args.tokenizer, args.stats, args.text_embeddings, args.platform)
     precision = args.precision or default_precision(_device_list(args) or ["cpu"])
-    return CheckpointSource(files, planning_checkpoint=args.planning_checkpoint, precision=precision)
+    compile_mode = "default" if _compiles(args) else None
+    return CheckpointSource(
+        files, planning_checkpoint=args.planning_checkpoint, precision=precision, compile_mode=compile_mode
+    )
+
+
+def _compiles(args: argparse.Namespace) -> bool:
+    """`--compile`, or by default: torch.compile the DiT of checkpoint files served on CUDA."""
+    if args.compile is not None:
+        return bool(args.compile) and args.bundle is None
+    return args.bundle is None and any(device.startswith("cuda") for device in _device_list(args))

@@ -4,12 +4,17 @@ A DEALER socket with request ids rather than REQ: REQ's strict send/receive alte
 lost reply (the failure GR00T's client shows). Every call here has a deadline. On a timeout the socket is closed and
 a fresh one (a new identity) is made for the next call, so a restarted server is reached again and a late reply to
 the old request can never be mistaken for a new one. Replies whose id is not the one awaited are discarded.
+
+An `act` tells the server its deadline (`timeout_ms`), so that the server does not compute a request this client has
+given up on, and an `overloaded` answer is retried with exponential backoff while the deadline allows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import random
 import threading
 import time
 from types import TracebackType
@@ -20,6 +25,7 @@ import zmq
 
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, check_key
 from cosmos_edge.robot_bridge.protocol import (
+    MAX_TIMEOUT_MS,
     ActReply,
     ActRequest,
     ErrorCode,
@@ -42,6 +48,9 @@ from cosmos_edge.runtime.policy.api import Observation
 logger = logging.getLogger(__name__)
 
 R = TypeVar("R", ActReply, ServerMetadata, Pong, ModeSet)
+
+_FIRST_RETRY_S = 0.02  # backoff after the first `overloaded`, doubled after each further one
+_MAX_RETRY_S = 0.5
 
 # `ActReply` and `ServerMetadata` are the protocol's own message types; re-exported as the client's results.
 __all__ = ["ActReply", "PolicyClient", "RemoteError", "RequestTimeout", "ServerMetadata"]
@@ -112,9 +121,13 @@ class PolicyClient:
         """Asks for the chunk for `observation`. The images are sent from their own buffers, without a copy: do not
         modify them while this call runs. The reply's `actions` are a read-only view of the received message.
 
-        Raises `RequestTimeout`, `RemoteError` (e.g. `superseded`, an unknown instruction) or `ProtocolError` (a
-        malformed observation, caught before sending, or a malformed reply)."""
+        The request carries what is left of this call's deadline, so the server drops it (`expired`) rather than
+        compute it after we gave up. `overloaded` answers are retried with backoff until the deadline.
+
+        Raises `RequestTimeout`, `RemoteError` (e.g. `superseded`, an unknown instruction, `overloaded` until the
+        deadline) or `ProtocolError` (a malformed observation, caught before sending, or a malformed reply)."""
         with self._lock:
+            deadline = time.monotonic() + self._timeout_s
             request = ActRequest(
                 next(self._request_ids),
                 obs_id=obs_id,
@@ -125,21 +138,22 @@ class PolicyClient:
                 mode=mode,
                 seed=seed,
                 steps=steps,
+                timeout_ms=_timeout_ms(deadline),
             )
-            return self._call(request, ActReply)
+            return self._act_until(request, deadline)
 
     def metadata(self) -> ServerMetadata:
         with self._lock:
-            return self._call(MetadataRequest(next(self._request_ids)), ServerMetadata)
+            return self._call(MetadataRequest(next(self._request_ids)), ServerMetadata, self._deadline())
 
     def ping(self) -> Pong:
         with self._lock:
-            return self._call(PingRequest(next(self._request_ids)), Pong)
+            return self._call(PingRequest(next(self._request_ids)), Pong, self._deadline())
 
     def set_mode(self, mode: str) -> ModeSet:
         """Switches the server's default mode for every controller."""
         with self._lock:
-            return self._call(SetModeRequest(next(self._request_ids), mode), ModeSet)
+            return self._call(SetModeRequest(next(self._request_ids), mode), ModeSet, self._deadline())
 
     def close(self) -> None:
         with self._lock:
@@ -156,8 +170,25 @@ class PolicyClient:
     ) -> None:
         self.close()
 
-    def _call(self, request: Request, expected: type[R]) -> R:
-        deadline = time.monotonic() + self._timeout_s
+    def _act_until(self, request: ActRequest, deadline: float) -> ActReply:
+        """Sends `request`, and again after each `overloaded` answer, with a growing delay, while `deadline` allows."""
+        backoff_s = _FIRST_RETRY_S
+        while True:
+            try:
+                return self._call(request, ActReply, deadline)
+            except RemoteError as error:
+                delay_s = random.uniform(0.0, backoff_s)  # full jitter: controllers refused together retry apart
+                if error.code is not ErrorCode.OVERLOADED or time.monotonic() + delay_s >= deadline:
+                    raise
+            logger.debug("server overloaded; retrying obs_id=%s in %.3f s", request.obs_id, delay_s)
+            time.sleep(delay_s)
+            backoff_s = min(2 * backoff_s, _MAX_RETRY_S)
+            request = dataclasses.replace(request, request_id=next(self._request_ids), timeout_ms=_timeout_ms(deadline))
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self._timeout_s
+
+    def _call(self, request: Request, expected: type[R], deadline: float) -> R:
         socket = self._connected()
         try:
             self._send(socket, request, deadline)
@@ -222,3 +253,8 @@ class PolicyClient:
 
 def _remaining_ms(deadline: float) -> int:
     return max(0, round((deadline - time.monotonic()) * 1e3))
+
+
+def _timeout_ms(deadline: float) -> int:
+    """The deadline as the server reads it: milliseconds from when the request arrives, at least 1."""
+    return min(max(1, _remaining_ms(deadline)), MAX_TIMEOUT_MS)

@@ -36,10 +36,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from cosmos_edge.robot_bridge.binding import is_local_endpoint
 from cosmos_edge.robot_bridge.json_arrays import COMPACT, parse_json
 from cosmos_edge.robot_bridge.official_act import CAMERAS, OfficialQuery, parse_query, reply_body
 from cosmos_edge.robot_bridge.protocol import PROTOCOL_VERSION, ActRequest, ErrorCode, MessageError
-from cosmos_edge.robot_bridge.server import SERVER_VERSION, PolicyServer, is_local_endpoint
+from cosmos_edge.robot_bridge.server import SERVER_VERSION, PolicyServer
 from cosmos_edge.runtime.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ _STATUS = {
     ErrorCode.UNKNOWN_MODE: 422,
     ErrorCode.INTERNAL: 500,
     ErrorCode.OVERLOADED: 503,
+    ErrorCode.EXPIRED: 504,
     ErrorCode.SHUTTING_DOWN: 503,
 }
 
@@ -106,17 +108,37 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def listen(config: HttpConfig) -> socket.socket:
+    """A socket listening on `config`'s address (for `HttpEndpoint`), or `ConfigError` naming the address."""
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    # IPPROTO_TCP named explicitly: asyncio sets TCP_NODELAY only on connections whose socket says so, and without
+    # it each reply (header and body written apart) waits out the client's delayed ACK, about 40 ms.
+    listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once on the same port
+        listener.bind((config.host, config.port))
+        listener.listen()
+    except OSError as error:
+        listener.close()
+        raise ConfigError(f"http address: cannot listen on {config.address} ({error.strerror or error})") from None
+    return listener
+
+
 class HttpEndpoint:
     """Serves `POST /act` and the other routes for `server`, which must serve the ALOHA platform.
 
-    Lifecycle: `start()` listens and starts the thread, `stop()` finishes the requests in flight and returns; also a
-    context manager. Start it before or while `server.serve_forever()` runs: requests wait in the server's queue until
-    its worker runs, and are refused once it stops.
+    Lifecycle: `start()` listens (on `listener` when given: a socket from `listen`, which the endpoint takes over) and
+    starts the thread, `stop()` finishes the requests in flight and returns; also a context manager. Start it before or
+    while `server.serve_forever()` runs: requests wait in the server's queue until its worker runs, and are refused
+    once it stops.
     """
 
-    def __init__(self, server: PolicyServer, config: HttpConfig | None = None) -> None:
+    def __init__(
+        self, server: PolicyServer, config: HttpConfig | None = None, *, listener: socket.socket | None = None
+    ) -> None:
         self._server = server
         self._config = config or HttpConfig()
+        self._listener = listener
         metadata = server.metadata()
         if set(metadata.cameras) != set(CAMERAS.values()):
             raise ConfigError(
@@ -148,7 +170,7 @@ class HttpEndpoint:
         """Listens, starts serving in a thread and returns the base URL once requests are answered."""
         if self._thread is not None:
             return self.url
-        listener = self._listen()
+        listener, self._listener = self._listener or listen(self._config), None  # uvicorn closes it when it stops
         self._port = listener.getsockname()[1]
         config = uvicorn.Config(
             self._app,
@@ -174,20 +196,6 @@ class HttpEndpoint:
             time.sleep(0.01)
         logger.info("serving http=%s routes=POST /act, GET /healthz, GET /metadata, POST /mode", self.url)
         return self.url
-
-    def _listen(self) -> socket.socket:
-        family = socket.AF_INET6 if ":" in self._config.host else socket.AF_INET
-        # IPPROTO_TCP named explicitly: asyncio sets TCP_NODELAY only on connections whose socket says so, and without
-        # it each reply (header and body written apart) waits out the client's delayed ACK, about 40 ms.
-        listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once on the same port
-            listener.bind((self._config.host, self._config.port))
-            listener.listen()
-        except OSError as error:
-            listener.close()
-            raise ConfigError(f"http address: cannot listen on {self._config.address} ({error})") from None
-        return listener
 
     def stop(self) -> None:
         """Stops accepting, lets the requests in flight finish (up to the shutdown timeout) and joins the thread."""

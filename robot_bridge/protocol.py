@@ -46,6 +46,7 @@ from cosmos_edge.robot_bridge.wire import (
 
 # The protocol's public names, including those defined in `wire`, so that users need one import.
 __all__ = [
+    "MAX_TIMEOUT_MS",
     "PROTOCOL_VERSION",
     "ActReply",
     "ActRequest",
@@ -70,6 +71,7 @@ __all__ = [
 
 _SEED_MAX = 2**32 - 1  # numpy's legacy RandomState, which the official sampler seeds, takes 32-bit seeds
 _MAX_STEPS = 100
+MAX_TIMEOUT_MS = 2**32 - 1  # about 50 days; a longer deadline is sent as this one
 _MAX_TEXT = 1024
 _MAX_ERROR_TEXT = 2048
 _MAX_CAMERAS = 8
@@ -153,6 +155,8 @@ class ActRequest(_Message):
     `obs_id` is the controller's increasing observation counter; the reply echoes it so that the controller can drop
     stale chunks. `capture_time_ns` is the controller's capture timestamp on its own clock, carried for its records;
     the server does not interpret it. `mode`, `seed`, `steps` override the server's defaults when given.
+    `timeout_ms` is the sender's deadline, counted from when the server receives the request: a request still waiting
+    then is answered `expired` without being computed. None: no deadline.
     """
 
     kind: ClassVar[MessageKind] = MessageKind.ACT
@@ -164,6 +168,7 @@ class ActRequest(_Message):
     mode: str | None = None
     seed: int | None = None
     steps: int | None = None
+    timeout_ms: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -183,10 +188,11 @@ class ActRequest(_Message):
         set_field(self, "mode", None if self.mode is None else check_text("mode", self.mode, MAX_NAME))
         set_field(self, "seed", check_optional_int("seed", self.seed, 0, _SEED_MAX))
         set_field(self, "steps", check_optional_int("steps", self.steps, 1, _MAX_STEPS))
+        set_field(self, "timeout_ms", check_optional_int("timeout_ms", self.timeout_ms, 1, MAX_TIMEOUT_MS))
 
     def _payload(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         fields = {"obs_id": self.obs_id, "capture_time_ns": self.capture_time_ns, "instruction": self.instruction}
-        optional = {"mode": self.mode, "seed": self.seed, "steps": self.steps}
+        optional = {"mode": self.mode, "seed": self.seed, "steps": self.steps, "timeout_ms": self.timeout_ms}
         fields.update({name: value for name, value in optional.items() if value is not None})
         arrays = {_IMAGE_PREFIX + camera: image for camera, image in self.images.items()}
         return fields, {**arrays, "proprio": self.proprio}
@@ -205,6 +211,7 @@ class ActRequest(_Message):
             mode=fields.take("mode", required=False),
             seed=fields.take("seed", required=False),
             steps=fields.take("steps", required=False),
+            timeout_ms=fields.take("timeout_ms", required=False),
         )
         fields.finish()
         arrays.finish()

@@ -2,13 +2,18 @@
 
 Two threads. The I/O thread (the one calling `serve_forever`) owns the ROUTER socket: it decodes and validates every
 request, answers `ping`, `metadata` and `set_mode` at once, and queues `act` requests. The worker thread runs
-`Policy.infer` and hands encoded replies back over an inproc PAIR socket, since ZeroMQ sockets must not be shared
-between threads. So the server stays responsive while a chunk is being inferred.
+`Policy.infer` and owns no ZeroMQ socket: it posts its answers to an outbox and wakes the I/O thread through a socket
+pair, so no ZeroMQ socket or context is ever touched by two threads, and a policy call that never returns cannot keep
+the context (and the port) open. So the server stays responsive while a chunk is being inferred.
 
 The queue keeps at most one waiting `act` per controller (ROUTER identity): a newer observation replaces the one still
 waiting, which is answered with a `superseded` error so its sender is not left hanging. Controllers are served in
-arrival order, and at most `max_pending` may wait at once. Anything malformed or rejected gets an `error` reply and
-the server carries on.
+arrival order, and at most `max_pending` may wait at once. A request whose deadline (`timeout_ms`) passes while it
+waits is answered `expired` and never computed: its sender has given up. Anything malformed or rejected gets an
+`error` reply and the server carries on.
+
+Every queued request is answered exactly once: whoever takes it out of the queue (the worker, a newer observation, the
+shutdown) or takes the running one back (the worker, or the end of the shutdown window) answers it, under the lock.
 
 Other front ends in the same process (the official-compatible HTTP endpoint) queue their requests with `submit`, so
 every inference, whichever endpoint asked for it, runs on the one worker thread, in arrival order.
@@ -18,24 +23,26 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import errno
-import ipaddress
 import itertools
 import logging
+import math
+import socket
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from types import TracebackType
 
 import numpy as np
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 
-from cosmos_edge.robot_bridge.curve import ServerCurve, start_authenticator
+from cosmos_edge.robot_bridge.binding import FLUSH_MS, BoundRouter, ServerConfig
+from cosmos_edge.robot_bridge.log_limits import RateLimitedLog
 from cosmos_edge.robot_bridge.protocol import (
     ActReply,
     ActRequest,
@@ -49,11 +56,9 @@ from cosmos_edge.robot_bridge.protocol import (
     Pong,
     ServerMetadata,
     SetModeRequest,
-    WireLimits,
     decode_request,
 )
 from cosmos_edge.runtime.errors import ConfigError, InputError
-from cosmos_edge.runtime.platforms import IMAGE_SIZE
 from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation, Policy
 
 logger = logging.getLogger(__name__)
@@ -65,54 +70,12 @@ except metadata.PackageNotFoundError:  # running from a source tree that was nev
 
 _POLL_MS = 50  # how quickly `stop()` from another thread or a signal handler takes effect
 _RECEIVE_BATCH = 64  # requests taken per wake-up before replies are forwarded again
-_RECEIVE_HWM = 32  # messages libzmq queues per controller connection: bounds what a flood can make us hold
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """`endpoint` is a ZeroMQ bind address; `tcp://127.0.0.1:*` picks a free port (see `PolicyServer.endpoint`).
-
-    Binding anything but loopback, `ipc://` or `inproc://` needs `curve` (authenticated clients) or an explicit
-    `insecure_bind_all`. `image_size` is the (height, width) every camera image must have. `joint_limits`, one
-    (lower, upper) pair per action dim, is passed on to controllers in the metadata.
-    """
-
-    endpoint: str = "tcp://127.0.0.1:5555"
-    limits: WireLimits = field(default_factory=WireLimits)
-    image_size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)
-    default_mode: str = "reactive"
-    max_pending: int = 8
-    curve: ServerCurve | None = None
-    insecure_bind_all: bool = False
-    joint_limits: tuple[tuple[float, float], ...] | None = None
-    shutdown_timeout_s: float = 5.0
-
-    def __post_init__(self) -> None:
-        if self.max_pending < 1:
-            raise ConfigError(f"max_pending: expected >= 1, got {self.max_pending}")
-        if self.shutdown_timeout_s <= 0:
-            raise ConfigError(f"shutdown_timeout_s: expected > 0, got {self.shutdown_timeout_s}")
-        if not is_local_endpoint(self.endpoint) and self.curve is None and not self.insecure_bind_all:
-            raise ConfigError(
-                f"endpoint: {self.endpoint!r} is reachable from other machines, and without CURVE keys anyone there "
-                "could command the robot; bind 127.0.0.1, configure CURVE, or pass insecure_bind_all explicitly"
-            )
-
-
-def is_local_endpoint(endpoint: str) -> bool:
-    """True for endpoints only this machine can reach: loopback TCP, `ipc://` (file permissions) and `inproc://`."""
-    scheme, separator, address = endpoint.partition("://")
-    if not separator or scheme not in ("tcp", "ipc", "inproc"):
-        raise ConfigError(f"endpoint: expected tcp://, ipc:// or inproc://, got {endpoint!r}")
-    if scheme != "tcp":
-        return True
-    host = address.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # "*", an interface name or a host name: assume reachable
-        return False
+# How long the connections stay open after the last reply before the server closes them. A client whose DEALER sets
+# ZMQ_IMMEDIATE (PolicyClient does) loses a received reply it has not read yet when its connection closes: libzmq
+# terminates the pipe without draining it.
+_REPLY_GRACE_S = 0.5  # many times what a client blocked in poll needs to read it, even on a loaded machine
+_WAKE_BYTES = 4096  # wake-up bytes read at once; any number of them means "look at the outbox"
+_SUGGESTIONS = 3  # known instructions named when one is unknown
 
 
 @dataclass(frozen=True)
@@ -121,20 +84,34 @@ class _Job:
     request: ActRequest
     mode: str
     receive_ns: int  # wall clock, reported to the controller
-    received_at: float  # perf_counter, for durations
+    received_at: float  # perf_counter, for durations and the deadline
     decode_ms: float
     peer: str  # for the log
     future: Future[ActReply] | None = None  # set for `submit`: the reply goes there instead of the ROUTER socket
 
 
+@dataclass(frozen=True)
+class _Answer:
+    job: _Job
+    outcome: ActReply | MessageError
+    policy_ms: float | None = None  # for a failure of the policy, for the log
+
+
 class PolicyServer:
     """Serves `policies` (one per mode, or a single policy as the default mode) on `config.endpoint`.
 
-    Lifecycle: `start()` binds (and is called by `serve_forever()` if needed); `serve_forever()` blocks until
-    `stop()`, which any thread or a signal handler may call; then everything is closed. Also a context manager.
+    Lifecycle: `start()` binds (and is called by `serve_forever()` if needed), unless `router` was bound already for
+    this `config`; `serve_forever()` blocks until `stop()`, which any thread or a signal handler may call; then every
+    request taken in is answered and everything is closed. Also a context manager.
     """
 
-    def __init__(self, policies: Policy | Mapping[str, Policy], config: ServerConfig | None = None) -> None:
+    def __init__(
+        self,
+        policies: Policy | Mapping[str, Policy],
+        config: ServerConfig | None = None,
+        *,
+        router: BoundRouter | None = None,
+    ) -> None:
         self._config = config or ServerConfig()
         mode = self._config.default_mode
         self._policies = dict(policies) if isinstance(policies, Mapping) else {mode: policies}
@@ -144,21 +121,27 @@ class PolicyServer:
         for name, policy in self._policies.items():
             if policy.platform != self._platform:
                 raise ConfigError(f"policies[{name!r}]: platform {policy.platform.name!r} != {self._platform.name!r}")
-        first, *others = (policy.instructions for policy in self._policies.values())
-        self._instructions = tuple(text for text in first if all(text in other for other in others))
+        # Read once: every `act` is checked against its mode's instructions on the I/O thread.
+        self._mode_instructions = {name: policy.instructions for name, policy in self._policies.items()}
+        self._known_instructions = {name: frozenset(texts) for name, texts in self._mode_instructions.items()}
+        common = frozenset.intersection(*self._known_instructions.values())
+        first = next(iter(self._mode_instructions.values()))
+        self._instructions = tuple(text for text in first if text in common)
         self._mode = mode
-        self._lock = threading.Lock()  # guards _pending and _mode
+        self._lock = threading.Lock()  # guards _pending, _running, _outbox, _mode and writing to _wake
         self._work_ready = threading.Condition(self._lock)
         self._pending: OrderedDict[bytes, _Job] = OrderedDict()
+        self._running: _Job | None = None  # taken by the worker; answered by whoever takes it back
+        self._outbox: deque[_Answer] = deque()  # answers for the I/O thread to deliver
         self._stopping = threading.Event()
         self._idle = threading.Event()  # clear while serve_forever runs
         self._idle.set()
-        self._context: zmq.Context[zmq.Socket[bytes]] | None = None
-        self._socket: zmq.Socket[bytes] | None = None
-        self._replies: zmq.Socket[bytes] | None = None
-        self._authenticator: ThreadAuthenticator | None = None
-        self._reply_address = f"inproc://cosmos-edge-replies-{id(self):x}"
-        self._endpoint = self._config.endpoint
+        self._router = router
+        self._endpoint = router.endpoint if router is not None else self._config.endpoint
+        self._wake: tuple[socket.socket, socket.socket] | None = None  # (I/O thread's end, the other threads' end)
+        self._worker: threading.Thread | None = None
+        self._last_reply_at: float | None = None  # monotonic; I/O thread only
+        self._peer_log = RateLimitedLog()
         self._submissions = itertools.count(1)
         try:  # the metadata checks mode names and joint limits; better to fail here than on a controller's request
             self._metadata(0)
@@ -175,6 +158,12 @@ class PolicyServer:
         """True while `serve_forever` runs and has not been asked to stop."""
         return not self._idle.is_set() and not self._stopping.is_set()
 
+    @property
+    def policy_running(self) -> bool:
+        """True while a policy call is in progress: after `serve_forever` returned, one that outlived the shutdown
+        window (still using the policies, which must then not be released)."""
+        return self._worker is not None and self._worker.is_alive()
+
     def metadata(self) -> ServerMetadata:
         """What the `metadata` request answers (request id 0). Thread-safe."""
         return self._metadata(0)
@@ -188,9 +177,10 @@ class PolicyServer:
 
         It waits in the same queue, under the same `max_pending`, for the same worker as the controllers' requests,
         but under a key of its own: it never replaces, and is never replaced by, another request. Rejections on
-        arrival (unknown mode, cameras or sizes that do not match the platform, too many waiting, shutting down)
-        raise `MessageError`; the future fails with one for the rest (shutting down, the policy rejected or failed).
-        A future cancelled while it waits is skipped. `peer` names the sender in the log.
+        arrival (unknown mode or instruction, cameras or sizes that do not match the platform, too many waiting,
+        shutting down) raise `MessageError`; the future fails with one for the rest (shutting down, expired, the
+        policy rejected or failed). The future is resolved exactly once, by the I/O thread; one cancelled while it
+        waits is skipped. `peer` names the sender in the log.
         """
         started = time.perf_counter() - decode_ms / 1e3  # when the request arrived, for the queue and total times
         # libzmq reserves identities that start with a zero byte for the 5-byte ones it generates: this key is longer.
@@ -201,74 +191,60 @@ class PolicyServer:
         return future
 
     def start(self) -> str:
-        if self._socket is not None:
+        if self._wake is not None:
             return self._endpoint
-        self._context = zmq.Context()
         try:
-            self._bind(self._context)
+            if self._router is None:
+                self._router = BoundRouter.bind(self._config)
+            receiver, sender = socket.socketpair()
+            for end in (receiver, sender):
+                end.setblocking(False)
+            self._wake = (receiver, sender)
         except BaseException:
             self.close()
             raise
+        self._endpoint = self._router.endpoint
         logger.info(
             "serving platform=%s modes=%s endpoint=%s", self._platform.name, list(self._policies), self.endpoint
         )
         return self._endpoint
 
-    def _bind(self, context: zmq.Context[zmq.Socket[bytes]]) -> None:
-        socket = context.socket(zmq.ROUTER)
-        self._socket = socket
-        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished controller raises instead of vanishing
-        socket.setsockopt(zmq.LINGER, 100)  # flush final replies on close, briefly
-        socket.setsockopt(zmq.RCVHWM, _RECEIVE_HWM)
-        # libzmq drops a single frame over the whole-message limit without buffering it (and disconnects the peer,
-        # so there is no reply); a message whose frames only add up to more is read and answered with `too_large`.
-        socket.setsockopt(zmq.MAXMSGSIZE, self._config.limits.max_message_bytes)
-        if self._config.curve is not None:
-            self._authenticator = start_authenticator(context, self._config.curve)
-            socket.curve_server = True
-            socket.curve_publickey = self._config.curve.keys.public
-            socket.curve_secretkey = self._config.curve.keys.secret
-        socket.bind(self._config.endpoint)
-        self._endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._replies = context.socket(zmq.PAIR)
-        self._replies.bind(self._reply_address)
-
     def serve_forever(self) -> None:
-        """Serves until `stop()`, then closes the server."""
+        """Serves until `stop()`, answers every request taken in (see `_drain`), then closes the server."""
         self.start()
-        assert self._socket is not None and self._replies is not None
-        self._idle.clear()
-        worker = threading.Thread(target=self._work, name="policy-worker", daemon=True)
-        worker.start()
+        assert self._router is not None and self._wake is not None
         poller = zmq.Poller()
-        poller.register(self._socket, zmq.POLLIN)
-        poller.register(self._replies, zmq.POLLIN)
+        poller.register(self._router.socket, zmq.POLLIN)
+        poller.register(self._wake[0], zmq.POLLIN)
+        self._idle.clear()
+        # Daemonic: a policy call that outlives the shutdown window must not keep the process alive.
+        self._worker = threading.Thread(target=self._work, name="policy-worker", daemon=True)
+        self._worker.start()
         try:
             while not self._stopping.is_set():
-                ready = dict(poller.poll(_POLL_MS))
-                if self._replies in ready:
-                    self._forward_replies()
-                if self._socket in ready:
-                    self._receive_requests()
+                self._poll(poller, _POLL_MS)
         finally:
-            self._shut_down(worker)
-            self._idle.set()
+            self._stopping.set()  # also after an error above: nothing more may be queued
+            try:
+                self._drain(poller)
+            finally:
+                self.close()
+                self._idle.set()
+                logger.info("stopped")
 
     def stop(self) -> None:
         """Asks `serve_forever` to return. Only sets a flag, so it is safe in a signal handler."""
         self._stopping.set()
 
     def close(self) -> None:
-        for socket in (self._socket, self._replies):
-            if socket is not None:
-                socket.close()
-        self._socket = self._replies = None
-        if self._authenticator is not None:
-            self._authenticator.stop()
-            self._authenticator = None
-        if self._context is not None:
-            self._context.term()
-            self._context = None
+        """Closes the sockets: from the thread that served, or from any thread once `serve_forever` has returned."""
+        with self._lock:  # no other thread writes a wake-up into a closed socket
+            wake, self._wake = self._wake, None
+        for end in wake or ():
+            end.close()
+        if self._router is not None:
+            self._router.close()
+            self._router = None
 
     def __enter__(self) -> PolicyServer:
         self.start()
@@ -278,16 +254,27 @@ class PolicyServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.stop()
-        if self._idle.wait(self._config.shutdown_timeout_s + 1.0):
+        if self._idle.wait(self._config.shutdown_timeout_s + _REPLY_GRACE_S + FLUSH_MS / 1e3 + 1.0):
             self.close()  # sockets belong to the serving thread until serve_forever returns
 
     # --- I/O thread ------------------------------------------------------------------------------------------------
 
+    def _poll(self, poller: zmq.Poller, timeout_ms: int) -> None:
+        assert self._router is not None and self._wake is not None
+        ready = dict(poller.poll(timeout_ms))
+        if self._wake[0] in ready:
+            with contextlib.suppress(BlockingIOError):
+                self._wake[0].recv(_WAKE_BYTES)
+        self._flush_outbox()
+        if self._router.socket in ready:
+            self._receive_requests()
+        self._peer_log.tick()
+
     def _receive_requests(self) -> None:
-        assert self._socket is not None
+        assert self._router is not None
         for _ in range(_RECEIVE_BATCH):
             try:
-                identity, *frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                identity, *frames = self._router.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             self._handle(identity.bytes, frames)
@@ -295,11 +282,12 @@ class PolicyServer:
     def _handle(self, identity: bytes, frames: list[zmq.Frame]) -> None:
         receive_ns = time.time_ns()
         started = time.perf_counter()
+        peer = identity.hex()
         try:
             request = decode_request(frames, self._config.limits)
             if isinstance(request, ActRequest):
                 mode = self._act_mode(request)
-                self._enqueue(_Job(identity, request, mode, receive_ns, started, _ms_since(started), identity.hex()))
+                self._enqueue(_Job(identity, request, mode, receive_ns, started, _ms_since(started), peer))
                 return
             reply: ServerMetadata | Pong | ModeSet
             if isinstance(request, MetadataRequest):
@@ -310,9 +298,11 @@ class PolicyServer:
                 reply = self._set_mode(request)
         except MessageError as error:
             self._send(identity, ErrorReply.from_error(error).to_frames())
-            logger.info(
+            self._peer_log.log(
+                peer,
+                logging.INFO,
                 "kind=error peer=%s request_id=%s code=%s field=%s total_ms=%.3f",
-                identity.hex(),
+                peer,
                 error.request_id,
                 error.code.value,
                 error.field,
@@ -321,7 +311,6 @@ class PolicyServer:
             return
         self._send(identity, reply.to_frames())
         level = logging.DEBUG if isinstance(reply, Pong) else logging.INFO
-        peer = identity.hex()
         logger.log(
             level,
             "kind=%s peer=%s request_id=%s total_ms=%.3f",
@@ -332,11 +321,13 @@ class PolicyServer:
         )
 
     def _act_mode(self, request: ActRequest) -> str:
-        """The mode that will answer: the request's own, else the one in force when it arrived."""
+        """The mode that will answer: the request's own, else the one in force when it arrived. Checks everything a
+        request can be refused for before it waits for the worker."""
         with self._lock:
             mode = request.mode or self._mode
         self._check_mode(mode, request.request_id)
         self._check_platform(request)
+        self._check_instruction(request, mode)
         return mode
 
     def _check_mode(self, mode: str, request_id: int) -> None:
@@ -358,21 +349,67 @@ class PolicyServer:
             detail = f"expected shape ({self._platform.proprio_dim},), got {request.proprio.shape}"
             raise MessageError(ErrorCode.INVALID_FIELD, "proprio", detail, request.request_id)
 
+    def _check_instruction(self, request: ActRequest, mode: str) -> None:
+        if request.instruction in self._known_instructions[mode]:
+            return
+        known = self._mode_instructions[mode]
+        closest = difflib.get_close_matches(request.instruction, known, n=_SUGGESTIONS, cutoff=0.0)
+        detail = f"no text embedding for {request.instruction!r} in mode {mode!r}; closest known: {closest}"
+        raise MessageError(ErrorCode.INVALID_INPUT, "instruction", detail, request.request_id)
+
     def _enqueue(self, job: _Job) -> None:
-        with self._lock:
+        with self._work_ready:
             if self._stopping.is_set():  # nothing would run it: the worker is stopping or gone
                 raise MessageError(ErrorCode.SHUTTING_DOWN, "", "the server is shutting down", job.request.request_id)
             replaced = self._pending.get(job.identity)
-            full = replaced is None and len(self._pending) >= self._config.max_pending
-            if not full:
-                self._pending[job.identity] = job  # a replacement keeps its controller's place in line
-                self._work_ready.notify()
-        if full:
-            detail = f"{self._config.max_pending} controllers are already waiting; retry later"
-            raise MessageError(ErrorCode.OVERLOADED, "", detail, job.request.request_id)
-        if replaced is not None:
-            detail = f"observation {replaced.request.obs_id} replaced by {job.request.obs_id} before it ran"
-            self._reply_error(replaced, ErrorCode.SUPERSEDED, "obs_id", detail)
+            if replaced is None and not self._has_room():
+                detail = f"{self._config.max_pending} controllers are already waiting; retry later"
+                raise MessageError(ErrorCode.OVERLOADED, "", detail, job.request.request_id)
+            self._pending[job.identity] = job  # a replacement keeps its controller's place in line
+            self._work_ready.notify()
+            if replaced is not None:
+                detail = f"observation {replaced.request.obs_id} replaced by {job.request.obs_id} before it ran"
+                superseded = MessageError(ErrorCode.SUPERSEDED, "obs_id", detail, replaced.request.request_id)
+                self._post(_Answer(replaced, superseded))
+
+    def _has_room(self) -> bool:
+        """Whether one more controller may wait (lock held). Those past their deadline are answered `expired` first:
+        senders that gave up must not hold places a live controller needs."""
+        if len(self._pending) >= self._config.max_pending:
+            now = time.perf_counter()
+            for identity, job in list(self._pending.items()):
+                if (expired := _expiry(job, now)) is not None:
+                    del self._pending[identity]
+                    self._post(_Answer(job, expired))
+        return len(self._pending) < self._config.max_pending
+
+    def _post(self, answer: _Answer) -> None:
+        """Hands an answer to the I/O thread (lock held: taking a job and posting its answer are one step, so the
+        shutdown never closes the socket between the two)."""
+        self._outbox.append(answer)
+        if self._wake is not None:
+            with contextlib.suppress(BlockingIOError):  # the pipe is full: the I/O thread has wake-ups enough
+                self._wake[1].send(b"\0")
+
+    def _flush_outbox(self) -> None:
+        with self._lock:
+            answers = list(self._outbox)
+            self._outbox.clear()
+        for answer in answers:
+            self._deliver(answer)
+
+    def _deliver(self, answer: _Answer) -> None:
+        job, outcome = answer.job, answer.outcome
+        if job.future is None:
+            reply = outcome if isinstance(outcome, ActReply) else ErrorReply.from_error(outcome)
+            self._send(job.identity, reply.to_frames())
+        elif not (job.future.running() or job.future.set_running_or_notify_cancel()):
+            return  # its front end cancelled it while it waited: nobody is waiting for the answer
+        elif isinstance(outcome, ActReply):
+            job.future.set_result(outcome)
+        else:
+            job.future.set_exception(outcome)
+        _log_answer(answer)
 
     def _metadata(self, request_id: int) -> ServerMetadata:
         platform = self._platform
@@ -401,109 +438,114 @@ class PolicyServer:
         logger.info("mode=%s previous_mode=%s", request.mode, previous)
         return ModeSet(request.request_id, request.mode, previous)
 
-    def _reply_error(self, job: _Job, code: ErrorCode, field: str, detail: str) -> None:
-        """Answers a queued `act` that will not run."""
-        error = MessageError(code, field, detail, job.request.request_id)
-        if job.future is None:
-            self._send(job.identity, ErrorReply.from_error(error).to_frames())
-        elif job.future.set_running_or_notify_cancel():  # False: its front end cancelled it, nobody is waiting
-            job.future.set_exception(error)
-        logger.info(
-            "kind=act peer=%s request_id=%s obs_id=%s mode=%s status=%s total_ms=%.3f",
-            job.peer,
-            job.request.request_id,
-            job.request.obs_id,
-            job.mode,
-            code.value,
-            _ms_since(job.received_at),
-        )
-
-    def _forward_replies(self) -> None:
-        assert self._replies is not None
-        while True:
-            try:
-                identity, *frames = self._replies.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self._send(identity.bytes, frames)
-
     def _send(self, identity: bytes, frames: list[OutFrame] | list[zmq.Frame]) -> None:
-        assert self._socket is not None
+        assert self._router is not None
+        peer = identity.hex()
         try:
-            self._socket.send_multipart([identity, *frames], zmq.NOBLOCK, copy=False)
+            self._router.socket.send_multipart([identity, *frames], zmq.NOBLOCK, copy=False)
+            self._last_reply_at = time.monotonic()
         except zmq.Again:
-            logger.warning("dropped a reply to peer=%s: it is not reading its socket", identity.hex())
+            self._peer_log.log(peer, logging.WARNING, "dropped a reply to peer=%s: it is not reading its socket", peer)
         except zmq.ZMQError as error:
             if error.errno != errno.EHOSTUNREACH:
                 raise
-            logger.debug("dropped a reply to peer=%s: it disconnected", identity.hex())
+            logger.debug("dropped a reply to peer=%s: it disconnected", peer)
 
-    def _shut_down(self, worker: threading.Thread) -> None:
-        with self._lock:
-            abandoned = list(self._pending.values())
+    def _drain(self, poller: zmq.Poller) -> None:
+        """Before the sockets close, answers every request taken in: those waiting get `shutting_down`; the one
+        running gets its result if it comes within the shutdown window, else `shutting_down` when the window ends
+        (its result, should it come, is dropped). Then the connections stay open `_REPLY_GRACE_S` after the last reply.
+        Meanwhile requests still arriving are answered (`act` refused)."""
+        with self._work_ready:
+            for job in self._pending.values():
+                self._post(_Answer(job, _shutting_down(job, "the server stopped before this request ran")))
             self._pending.clear()
-            self._work_ready.notify_all()
-        for job in abandoned:
-            self._reply_error(job, ErrorCode.SHUTTING_DOWN, "", "the server is shutting down")
-        worker.join(self._config.shutdown_timeout_s)
-        if worker.is_alive():
-            logger.error("the policy did not return within %.1f s of shutdown", self._config.shutdown_timeout_s)
-            return  # leave the context open: terminating it would block on the worker's socket
-        self._forward_replies()
-        self.close()
-        logger.info("stopped")
+            self._work_ready.notify_all()  # the worker returns once its current job, if any, is done
+        self._poll_until(poller, time.monotonic() + self._config.shutdown_timeout_s, self._inferring)
+        if not self._answer_overdue() and self._worker is not None:
+            self._worker.join(self._config.shutdown_timeout_s)  # it has nothing left to do but return
+        if self._last_reply_at is not None:  # a fixed end: requests still arriving are answered, not waited for
+            self._poll_until(poller, self._last_reply_at + _REPLY_GRACE_S, lambda: True)
+
+    def _answer_overdue(self) -> bool:
+        """Answers `shutting_down` to the request still being computed when the shutdown window ended, if any; its
+        result, should it come, is dropped by the worker."""
+        with self._lock:
+            overdue, self._running = self._running, None
+            if overdue is not None:
+                detail = f"the policy did not finish within the {self._config.shutdown_timeout_s} s shutdown window"
+                self._post(_Answer(overdue, _shutting_down(overdue, detail)))
+        self._flush_outbox()
+        if overdue is None:
+            return False
+        logger.warning(
+            "kind=act peer=%s request_id=%s obs_id=%s: still inferring when the %.1f s shutdown window ended; "
+            "answered shutting_down, its result will be dropped",
+            overdue.peer,
+            overdue.request.request_id,
+            overdue.request.obs_id,
+            self._config.shutdown_timeout_s,
+        )
+        return True
+
+    def _poll_until(self, poller: zmq.Poller, deadline: float, condition: Callable[[], bool]) -> None:
+        """Serves I/O while `condition()` holds, until the monotonic `deadline`."""
+        while (left_ms := math.ceil((deadline - time.monotonic()) * 1e3)) > 0 and condition():
+            self._poll(poller, min(_POLL_MS, left_ms))
+
+    def _inferring(self) -> bool:
+        with self._lock:
+            return self._running is not None
 
     # --- worker thread ---------------------------------------------------------------------------------------------
 
     def _work(self) -> None:
-        assert self._context is not None
-        replies = self._context.socket(zmq.PAIR)
-        replies.connect(self._reply_address)
-        try:
-            while (job := self._next_job()) is not None:
-                if job.future is not None and not job.future.set_running_or_notify_cancel():
-                    continue  # its front end cancelled it while it waited: nobody to answer
-                outcome = self._run(job)
-                if job.future is None:
-                    reply = outcome if isinstance(outcome, ActReply) else ErrorReply.from_error(outcome)
-                    replies.send_multipart([job.identity, *reply.to_frames()], copy=False)
-                elif isinstance(outcome, ActReply):
-                    job.future.set_result(outcome)
-                else:
-                    job.future.set_exception(outcome)
-        finally:
-            replies.close()
+        while (job := self._next_job()) is not None:
+            answer = self._run(job)
+            with self._lock:
+                on_time = self._running is job  # else the shutdown window ended first and answered it
+                if on_time:
+                    self._running = None
+                    self._post(answer)
+            if not on_time:
+                logger.warning(
+                    "kind=act peer=%s request_id=%s obs_id=%s mode=%s status=late_result_dropped total_ms=%.3f",
+                    job.peer,
+                    job.request.request_id,
+                    job.request.obs_id,
+                    job.mode,
+                    _ms_since(job.received_at),
+                )
 
     def _next_job(self) -> _Job | None:
         with self._work_ready:
-            while not self._pending and not self._stopping.is_set():
-                self._work_ready.wait()
-            if self._stopping.is_set():
-                return None
-            return self._pending.popitem(last=False)[1]
+            while True:
+                while not self._pending and not self._stopping.is_set():
+                    self._work_ready.wait()
+                if self._stopping.is_set():
+                    return None
+                job = self._pending.popitem(last=False)[1]
+                if (expired := _expiry(job, time.perf_counter())) is not None:
+                    self._post(_Answer(job, expired))
+                elif job.future is None or job.future.set_running_or_notify_cancel():
+                    self._running = job
+                    return job
+                # else its front end cancelled it while it waited: nobody to answer
 
-    def _run(self, job: _Job) -> ActReply | MessageError:
+    def _run(self, job: _Job) -> _Answer:
         started = time.perf_counter()
         queue_ms = (started - job.received_at) * 1e3 - job.decode_ms
+        request_id = job.request.request_id
         try:
             result = self._policies[job.mode].infer(_query(job.request))
-            reply = self._reply(job, result, queue_ms, _ms_since(started))
+            return _Answer(job, self._reply(job, result, queue_ms, _ms_since(started)))
         except InputError as error:
-            return self._log_failure(job, started, MessageError(ErrorCode.INVALID_INPUT, "", str(error)))
+            failure = MessageError(ErrorCode.INVALID_INPUT, "", str(error), request_id)
         except Exception as error:  # a failing policy must not take the server down; details stay in our log
             logger.exception("policy mode=%s failed on obs_id=%s", job.mode, job.request.obs_id)
             detail = f"the {job.mode!r} policy failed ({type(error).__name__}); see the server log"
-            return self._log_failure(job, started, MessageError(ErrorCode.INTERNAL, "", detail))
-        logger.info(
-            "kind=act peer=%s request_id=%s obs_id=%s mode=%s status=ok %s total_ms=%.3f",
-            job.peer,
-            job.request.request_id,
-            job.request.obs_id,
-            job.mode,
-            " ".join(f"{stage}_ms={ms:.3f}" for stage, ms in reply.timings_ms.items()),
-            _ms_since(job.received_at),
-        )
-        return reply
+            failure = MessageError(ErrorCode.INTERNAL, "", detail, request_id)
+        return _Answer(job, failure, _ms_since(started))
 
     def _reply(self, job: _Job, result: ChunkResult, queue_ms: float, policy_ms: float) -> ActReply:
         expected = (self._platform.chunk_size, self._platform.action_dim)
@@ -522,19 +564,37 @@ class PolicyServer:
             server_send_ns=time.time_ns(),
         )
 
-    def _log_failure(self, job: _Job, started: float, error: MessageError) -> MessageError:
-        error.request_id = job.request.request_id
-        logger.info(
-            "kind=act peer=%s request_id=%s obs_id=%s mode=%s status=%s policy_ms=%.3f total_ms=%.3f",
-            job.peer,
-            job.request.request_id,
-            job.request.obs_id,
-            job.mode,
-            error.code.value,
-            _ms_since(started),
-            _ms_since(job.received_at),
-        )
-        return error
+
+def _expiry(job: _Job, now: float) -> MessageError | None:
+    """The `expired` answer of a job whose deadline has passed; None while it may still run."""
+    timeout_ms = job.request.timeout_ms
+    waited_ms = (now - job.received_at) * 1e3
+    if timeout_ms is None or waited_ms <= timeout_ms:
+        return None
+    detail = f"expected to start within {timeout_ms} ms, waited {waited_ms:.0f} ms; not computed"
+    return MessageError(ErrorCode.EXPIRED, "timeout_ms", detail, job.request.request_id)
+
+
+def _log_answer(answer: _Answer) -> None:
+    """The one log line of an `act`, once it is answered."""
+    job, outcome = answer.job, answer.outcome
+    if isinstance(outcome, ActReply):
+        status = "ok " + " ".join(f"{stage}_ms={ms:.3f}" for stage, ms in outcome.timings_ms.items())
+    else:
+        status = outcome.code.value + ("" if answer.policy_ms is None else f" policy_ms={answer.policy_ms:.3f}")
+    logger.info(
+        "kind=act peer=%s request_id=%s obs_id=%s mode=%s status=%s total_ms=%.3f",
+        job.peer,
+        job.request.request_id,
+        job.request.obs_id,
+        job.mode,
+        status,
+        _ms_since(job.received_at),
+    )
+
+
+def _shutting_down(job: _Job, detail: str) -> MessageError:
+    return MessageError(ErrorCode.SHUTTING_DOWN, "", detail, job.request.request_id)
 
 
 @contextlib.contextmanager

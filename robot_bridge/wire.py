@@ -64,6 +64,7 @@ class ErrorCode(str, Enum):
     UNKNOWN_MODE = "unknown_mode"
     SUPERSEDED = "superseded"  # a newer observation from the same controller replaced this one before it ran
     OVERLOADED = "overloaded"  # too many controllers are waiting
+    EXPIRED = "expired"  # the request's deadline passed before it could start; it was not computed
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"  # the policy failed; the server log has the details
 
@@ -255,13 +256,7 @@ def _parse_header(header: dict[str, Any], request_id: int, views: list[memoryvie
     unknown = sorted(set(header) - _HEADER_KEYS)
     if unknown:
         raise invalid(f"header.{unknown[0]}", f"unknown header key; expected only {sorted(_HEADER_KEYS)}")
-    version = header.get("protocol_version")
-    if version != PROTOCOL_VERSION or isinstance(version, bool):
-        raise MessageError(
-            ErrorCode.UNSUPPORTED_VERSION,
-            "protocol_version",
-            f"expected {PROTOCOL_VERSION}, got {version!r}; upgrade the older side",
-        )
+    _check_version(header)
     try:
         kind = MessageKind(header.get("kind"))
     except ValueError:
@@ -271,6 +266,18 @@ def _parse_header(header: dict[str, Any], request_id: int, views: list[memoryvie
     if not isinstance(fields, dict):
         raise MessageError(ErrorCode.MALFORMED, "fields", f"expected a map, got {type(fields).__name__}")
     return Envelope(kind, request_id, fields, _parse_arrays(header.get("arrays"), views, limits))
+
+
+def _check_version(header: dict[str, Any]) -> None:
+    if "protocol_version" not in header:
+        detail = f"missing from the header; expected the integer {PROTOCOL_VERSION}"
+        raise MessageError(ErrorCode.UNSUPPORTED_VERSION, "protocol_version", detail)
+    version = header["protocol_version"]
+    # An exact type check: msgpack keeps 1.0 a float, and True a bool, though both compare equal to 1.
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        got = f"{type(version).__name__} {version!r}"
+        detail = f"expected the integer {PROTOCOL_VERSION}, got {got}; upgrade the older side"
+        raise MessageError(ErrorCode.UNSUPPORTED_VERSION, "protocol_version", detail)
 
 
 def _parse_arrays(descriptors: object, views: list[memoryview], limits: WireLimits) -> dict[str, np.ndarray]:

@@ -12,8 +12,9 @@ import pytest
 
 from cosmos_edge.cli.main import main
 from cosmos_edge.cli.serve_cmd import add_serve_parser, server_config
+from cosmos_edge.robot_bridge.binding import ServerConfig
 from cosmos_edge.robot_bridge.client import PolicyClient
-from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig
+from cosmos_edge.robot_bridge.server import PolicyServer
 from tests.helpers.bridge_doubles import INSTRUCTION, StubPolicy, expected_actions, observation, serving
 
 TIMEOUT_S = 5.0

@@ -84,7 +84,20 @@ CASES: dict[str, Case] = {
         "stats.json",
     ),
     "JSON as text embeddings": lambda f, t: (act(f, t, text_embeddings=f.stats), str(f.stats)),
+    "missing CURVE key": lambda f, t: (
+        serve(f, "--curve-secret-key", str(t / "none.key_secret"), t),
+        "none.key_secret",
+    ),
+    "CURVE key that is not a certificate": lambda f, t: (
+        serve(f, "--curve-secret-key", str(write(t, "bad.key_secret", b"hello")), t),
+        "bad.key_secret",
+    ),
 }
+
+
+def serve(files: CheckpointFiles, flag: str, value: str, tmp: Path) -> list[str]:
+    (tmp / "clients").mkdir(exist_ok=True)
+    return ["serve", *files_args(files), flag, value, "--curve-clients", str(tmp / "clients")]
 
 
 def _objects(tmp: Path) -> Path:

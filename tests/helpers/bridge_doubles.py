@@ -10,13 +10,14 @@ import contextlib
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from cosmos_edge.cli.serve_cmd import run_server
+from cosmos_edge.robot_bridge.binding import ServerConfig
 from cosmos_edge.robot_bridge.client import PolicyClient, RequestTimeout
-from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig, serving_in_thread
+from cosmos_edge.robot_bridge.server import PolicyServer, serving_in_thread
 from cosmos_edge.runtime.errors import InputError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE, PlatformSpec, platform_spec
 from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation
@@ -42,10 +43,19 @@ def expected_actions(query_proprio: np.ndarray, seed: int = 195, offset: float =
     return (query_proprio[None, :] + rows + np.float32(seed / 1000 + offset)).astype(np.float32)
 
 
+class Flag(Protocol):
+    """A `threading.Event`, or a multiprocessing one for a server in another process."""
+
+    def set(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
 class StubPolicy:
     """Deterministic ALOHA `Policy`: the answer is a function of proprio, seed and `offset` (to tell modes apart).
 
-    `gate`, when given, holds every inference until it is set; `started` is set when an inference begins.
+    `gate`, when given, holds every inference until it is set; `delay_s` makes every inference take that long (for a
+    server in another process, which a test cannot gate). `started` is set when an inference begins.
     """
 
     def __init__(
@@ -53,16 +63,21 @@ class StubPolicy:
         *,
         offset: float = 0.0,
         gate: threading.Event | None = None,
+        delay_s: float = 0.0,
+        started: Flag | None = None,
         failure: Exception | None = None,
         actions_shape: tuple[int, int] = (ALOHA.chunk_size, ALOHA.action_dim),
         platform: PlatformSpec = ALOHA,
+        instructions: tuple[str, ...] = (INSTRUCTION,),
     ) -> None:
         self.offset = offset
         self._platform = platform
         self.gate = gate
+        self.delay_s = delay_s
         self.failure = failure
         self.actions_shape = actions_shape
-        self.started = threading.Event()
+        self._instructions = instructions
+        self.started: Flag = started or threading.Event()
         self.queries: list[ActionQuery] = []
 
     @property
@@ -71,13 +86,14 @@ class StubPolicy:
 
     @property
     def instructions(self) -> tuple[str, ...]:
-        return (INSTRUCTION,)
+        return self._instructions
 
     def infer(self, query: ActionQuery) -> ChunkResult:
         self.queries.append(query)
         self.started.set()
         if self.gate is not None and not self.gate.wait(JOIN_TIMEOUT_S):
             raise TimeoutError("the test never opened the gate")
+        time.sleep(self.delay_s)
         if self.failure is not None:
             raise self.failure
         if query.instruction not in self.instructions:
@@ -103,9 +119,18 @@ def serving(server: PolicyServer) -> contextlib.AbstractContextManager[str]:
     return serving_in_thread(server, JOIN_TIMEOUT_S)
 
 
-def serve_stub(endpoint: str, http: HttpConfig | None = None) -> None:
+def serve_stub(
+    endpoint: str,
+    http: HttpConfig | None = None,
+    *,
+    delay_s: float = 0.0,
+    started: Flag | None = None,
+    shutdown_timeout_s: float = 5.0,
+) -> None:
     """Target of spawned server processes: serves a `StubPolicy` until SIGINT/SIGTERM, as the CLI does."""
-    run_server({"reactive": StubPolicy()}, ServerConfig(endpoint=endpoint), http)
+    policy = StubPolicy(delay_s=delay_s, started=started)
+    config = ServerConfig(endpoint=endpoint, shutdown_timeout_s=shutdown_timeout_s)
+    run_server(PolicyServer({"reactive": policy}, config), http)
 
 
 STARTUP_S = 30.0  # a spawned interpreter importing numpy and zmq on a loaded 2-core machine

@@ -14,7 +14,15 @@ import zmq
 
 from cosmos_edge.robot_bridge.client import PolicyClient, RemoteError, RequestTimeout
 from cosmos_edge.robot_bridge.curve import CurveKeyPair
-from cosmos_edge.robot_bridge.protocol import ErrorCode, ErrorReply, MessageError, Pong, decode_request
+from cosmos_edge.robot_bridge.protocol import (
+    ActReply,
+    ActRequest,
+    ErrorCode,
+    ErrorReply,
+    MessageError,
+    Pong,
+    decode_request,
+)
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.policy.api import Observation
 from tests.helpers.bridge_doubles import (
@@ -115,6 +123,75 @@ def test_error_replies_raise_remote_error() -> None:
         client.act(observation(), INSTRUCTION, obs_id=1, capture_time_ns=1)
     assert (caught.value.code, caught.value.field) == (ErrorCode.SUPERSEDED, "obs_id")
     assert str(caught.value) == "server error superseded: obs_id: observation 1 replaced by 2"
+
+
+def act_reply(request_id: int) -> ActReply:
+    actions = np.zeros((50, 14), np.float32)
+    return ActReply(request_id, 1, actions, 0.5, "reactive", {}, "fake", server_receive_ns=1, server_send_ns=2)
+
+
+def test_overloaded_is_retried_with_the_deadline_that_is_left() -> None:
+    deadlines: list[int | None] = []
+    request_ids: list[int] = []
+
+    def handler(router: zmq.Socket[bytes]) -> None:
+        for attempt in range(3):
+            assert router.poll(round(TIMEOUT_S * 1e3)), "the client did not retry"
+            identity, *frames = router.recv_multipart()
+            request = decode_request(frames)
+            assert isinstance(request, ActRequest)
+            deadlines.append(request.timeout_ms)
+            request_ids.append(request.request_id)
+            refused = ErrorReply(request.request_id, ErrorCode.OVERLOADED, "", "2 controllers are already waiting")
+            reply = act_reply(request.request_id) if attempt == 2 else refused
+            router.send_multipart([identity, *reply.to_frames()])
+
+    with fake_server(handler) as endpoint, PolicyClient(endpoint, timeout_s=TIMEOUT_S) as client:
+        reply = client.act(observation(), INSTRUCTION, obs_id=1, capture_time_ns=1)
+    assert reply.value == 0.5
+    assert len(set(request_ids)) == 3  # each attempt is a request of its own
+    assert all(isinstance(ms, int) for ms in deadlines)
+    assert TIMEOUT_S * 1e3 >= deadlines[0] >= deadlines[1] >= deadlines[2] >= 1  # what is left of the one deadline
+
+
+def test_overloaded_until_the_deadline_raises_it() -> None:
+    attempts = []
+    stop = threading.Event()
+
+    def handler(router: zmq.Socket[bytes]) -> None:
+        while not stop.is_set():
+            if router.poll(50):
+                identity, request_id = receive(router)
+                attempts.append(request_id)
+                refused = ErrorReply(request_id, ErrorCode.OVERLOADED, "", "8 controllers are already waiting")
+                router.send_multipart([identity, *refused.to_frames()])
+
+    with fake_server(handler) as endpoint, PolicyClient(endpoint, timeout_s=SHORT_TIMEOUT_S) as client:
+        started = time.monotonic()
+        with pytest.raises(RemoteError) as caught:
+            client.act(observation(), INSTRUCTION, obs_id=1, capture_time_ns=1)
+        elapsed = time.monotonic() - started
+        stop.set()
+    assert caught.value.code is ErrorCode.OVERLOADED
+    assert len(attempts) >= 2 and elapsed < SHORT_TIMEOUT_S + 1.0
+
+
+def test_other_errors_are_not_retried() -> None:
+    attempts = []
+
+    def handler(router: zmq.Socket[bytes]) -> None:
+        identity, request_id = receive(router)
+        attempts.append(request_id)
+        expired = ErrorReply(request_id, ErrorCode.EXPIRED, "timeout_ms", "timeout_ms: expected to start within 5 ms")
+        router.send_multipart([identity, *expired.to_frames()])
+
+    with (
+        fake_server(handler) as endpoint,
+        PolicyClient(endpoint, timeout_s=TIMEOUT_S) as client,
+        pytest.raises(RemoteError) as caught,
+    ):
+        client.act(observation(), INSTRUCTION, obs_id=1, capture_time_ns=1)
+    assert caught.value.code is ErrorCode.EXPIRED and len(attempts) == 1
 
 
 def test_nobody_listening_times_out_within_the_deadline() -> None:

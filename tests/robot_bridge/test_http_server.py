@@ -18,8 +18,9 @@ import pytest
 # Imported before any test patches `json`: numpy.testing's lazy import parses JSON with a hook json_numpy breaks.
 from numpy.testing import assert_allclose, assert_array_equal
 
+from cosmos_edge.robot_bridge.binding import ServerConfig
 from cosmos_edge.robot_bridge.client import PolicyClient
-from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig
+from cosmos_edge.robot_bridge.server import PolicyServer
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation, Policy

@@ -82,6 +82,7 @@ def metadata(**changes: Any) -> ServerMetadata:
 ROUND_TRIPS = {
     "act": act_request(),
     "act with overrides": act_request(mode="planning", seed=0, steps=5),
+    "act with a deadline": act_request(timeout_ms=250),
     "act with one camera": act_request(images={"primary": np.zeros((8, 6, 3), np.uint8)}),
     "metadata": MetadataRequest(1),
     "ping": PingRequest(2**64 - 1),
@@ -175,6 +176,7 @@ def with_header(**changes: Any) -> Callable[[Frames], Frames]:
     def mutate(frames: Frames) -> Frames:
         header = msgpack.unpackb(frames[0])
         header.update(changes)
+        header = {name: value for name, value in header.items() if value is not DROP}
         return [msgpack.packb(header), *frames[1:]]
 
     return mutate
@@ -226,6 +228,8 @@ REJECTIONS: dict[str, tuple[Callable[[Frames], Frames], ErrorCode, str]] = {
     "unknown header key": (with_header(extra=1), ErrorCode.INVALID_FIELD, "header.extra"),
     "future version": (with_header(protocol_version=2), ErrorCode.UNSUPPORTED_VERSION, "protocol_version"),
     "version true": (with_header(protocol_version=True), ErrorCode.UNSUPPORTED_VERSION, "protocol_version"),
+    "version float": (with_header(protocol_version=1.0), ErrorCode.UNSUPPORTED_VERSION, "protocol_version"),
+    "version missing": (with_header(protocol_version=DROP), ErrorCode.UNSUPPORTED_VERSION, "protocol_version"),
     "unknown kind": (with_header(kind="teleport"), ErrorCode.UNKNOWN_KIND, "kind"),
     "reply kind": (with_header(kind="pong"), ErrorCode.UNKNOWN_KIND, "kind"),
     "fields not a map": (with_header(fields=[1]), ErrorCode.MALFORMED, "fields"),
@@ -263,6 +267,8 @@ REJECTIONS: dict[str, tuple[Callable[[Frames], Frames], ErrorCode, str]] = {
     "instruction as bytes": (with_fields(instruction=b"fold"), ErrorCode.INVALID_FIELD, "instruction"),
     "seed too large": (with_fields(seed=2**40), ErrorCode.INVALID_FIELD, "seed"),
     "zero steps": (with_fields(steps=0), ErrorCode.INVALID_FIELD, "steps"),
+    "zero timeout": (with_fields(timeout_ms=0), ErrorCode.INVALID_FIELD, "timeout_ms"),
+    "float timeout": (with_fields(timeout_ms=2.5), ErrorCode.INVALID_FIELD, "timeout_ms"),
     "mode not a string": (with_fields(mode=3), ErrorCode.INVALID_FIELD, "mode"),
 }
 
@@ -294,6 +300,27 @@ def test_limits(limits: WireLimits, code: ErrorCode, field: str) -> None:
     with pytest.raises(MessageError) as caught:
         decode_request(bytes_of(act_request().to_frames()), limits)
     assert (caught.value.code, caught.value.field) == (code, field)
+
+
+@pytest.mark.parametrize(
+    ("version", "message"),
+    [
+        (1.0, "protocol_version: expected the integer 1, got float 1.0; upgrade the older side"),
+        (DROP, "protocol_version: missing from the header; expected the integer 1"),
+        (2, "protocol_version: expected the integer 1, got int 2; upgrade the older side"),
+    ],
+    ids=["float", "missing", "newer"],
+)
+def test_version_errors_say_what_was_wrong(version: object, message: str) -> None:
+    with pytest.raises(MessageError) as caught:
+        decode_request(with_header(protocol_version=version)(bytes_of(act_request().to_frames())))
+    assert str(caught.value) == message
+
+
+def test_requests_without_a_deadline_are_still_read() -> None:
+    header = msgpack.unpackb(act_request().to_frames()[0])
+    assert "timeout_ms" not in header["fields"]  # absent, as older clients send it: no deadline
+    assert decode_request(bytes_of(act_request().to_frames())).timeout_ms is None
 
 
 def test_messages_built_locally_are_validated_too() -> None:

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import msgpack
 import numpy as np
 import pytest
 import zmq
 
+from cosmos_edge.robot_bridge.binding import BoundRouter, ServerConfig, is_local_endpoint
 from cosmos_edge.robot_bridge.client import PolicyClient, RemoteError, RequestTimeout
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, ServerCurve
+from cosmos_edge.robot_bridge.log_limits import RateLimitedLog
 from cosmos_edge.robot_bridge.protocol import (
     ActReply,
     ActRequest,
@@ -26,8 +30,8 @@ from cosmos_edge.robot_bridge.protocol import (
     WireLimits,
     decode_reply,
 )
-from cosmos_edge.robot_bridge.server import PolicyServer, ServerConfig, is_local_endpoint
-from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.robot_bridge.server import PolicyServer
+from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.platforms import platform_spec
 from tests.helpers.bridge_doubles import ALOHA, INSTRUCTION, StubPolicy, expected_actions, observation, serving
 
@@ -39,9 +43,10 @@ SHORT_TIMEOUT_S = 0.5  # where no reply is the expected outcome
 class RawController:
     """A bare DEALER socket, to send what a well-behaved client never would and to keep several requests in flight."""
 
-    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> None:
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], endpoint: str, *, immediate: bool = False) -> None:
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.IMMEDIATE, int(immediate))
         self.socket.connect(endpoint)
         self.next_id = 100
 
@@ -168,11 +173,29 @@ def test_errors_name_the_field_and_answer_the_request(endpoint: str, context: zm
     assert "cam_left_wrist" in reply.message
 
 
-def test_unknown_instruction_returns_the_policy_message(endpoint: str) -> None:
-    with PolicyClient(endpoint, timeout_s=TIMEOUT_S) as client, pytest.raises(RemoteError) as caught:
-        client.act(observation(), "dance", obs_id=1, capture_time_ns=1)
-    assert caught.value.code is ErrorCode.INVALID_INPUT
-    assert "no text embedding for 'dance'" in caught.value.detail
+def test_unknown_instructions_are_refused_before_the_queue_naming_the_closest_known() -> None:
+    gate = threading.Event()  # never opened while requests are sent: one that reached a policy would get no answer
+    known = ("put the cube in the bowl", "fold the towel", "put the candy in the bag")
+    policies = {
+        "reactive": StubPolicy(gate=gate, instructions=known),
+        "planning": StubPolicy(gate=gate, instructions=known[2:]),  # each mode has its own text embeddings
+    }
+    cases = {
+        (
+            "put the cube in a bowl",
+            "reactive",
+        ): "['put the cube in the bowl', 'put the candy in the bag', 'fold the towel']",
+        ("fold the towel", "planning"): "['put the candy in the bag']",
+    }
+    with serving(PolicyServer(policies, ServerConfig(ENDPOINT))) as endpoint, PolicyClient(endpoint) as client:
+        for (instruction, mode), closest in cases.items():
+            with pytest.raises(RemoteError) as caught:
+                client.act(observation(), instruction, obs_id=1, capture_time_ns=1, mode=mode)
+            assert (caught.value.code, caught.value.field) == (ErrorCode.INVALID_INPUT, "instruction")
+            expected = f"instruction: no text embedding for {instruction!r} in mode {mode!r}; closest known: {closest}"
+            assert caught.value.detail == expected
+        gate.set()
+    assert not policies["reactive"].queries and not policies["planning"].queries
 
 
 def test_oversized_messages(context: zmq.Context[zmq.Socket[bytes]]) -> None:
@@ -278,15 +301,51 @@ def test_a_failing_policy_gets_internal_errors_and_serving_goes_on(
     assert "policy mode=reactive failed on obs_id=1" in caplog.text
 
 
-def test_one_structured_log_line_per_request(endpoint: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_one_structured_log_line_per_request(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="cosmos_edge.robot_bridge.server")
-    with PolicyClient(endpoint, timeout_s=TIMEOUT_S) as client:
+    policies = {"reactive": StubPolicy(), "planning": StubPolicy(failure=InputError("proprio: out of range"))}
+    with serving(PolicyServer(policies, ServerConfig(ENDPOINT))) as endpoint, PolicyClient(endpoint) as client:
         client.act(observation(), INSTRUCTION, obs_id=5, capture_time_ns=1)
-        with pytest.raises(RemoteError):
-            client.act(observation(), "dance", obs_id=6, capture_time_ns=1)
+        for instruction, mode in ((INSTRUCTION, "planning"), ("dance", "reactive")):
+            with pytest.raises(RemoteError):
+                client.act(observation(), instruction, obs_id=6, capture_time_ns=1, mode=mode)
     ok, failed = (r.getMessage() for r in caplog.records if r.getMessage().startswith("kind=act"))
     assert "obs_id=5 mode=reactive status=ok decode_ms=" in ok and "dit_ms=1.500" in ok and "total_ms=" in ok
-    assert "obs_id=6 mode=reactive status=invalid_input policy_ms=" in failed
+    assert "obs_id=6 mode=planning status=invalid_input policy_ms=" in failed
+    (refused,) = (r.getMessage() for r in caplog.records if r.getMessage().startswith("kind=error"))
+    assert "request_id=3 code=invalid_input field=instruction total_ms=" in refused
+
+
+def test_rejections_are_logged_once_per_peer_per_interval_then_counted(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="cosmos_edge.robot_bridge.server")
+    now = [0.0]
+    log = RateLimitedLog(interval_s=1.0, max_lines=2, clock=lambda: now[0])
+    for peer in ("a", "a", "b", "a", "c", "b"):  # "c" is over the 2 lines of the interval
+        log.log(peer, logging.INFO, "rejected peer=%s", peer)
+    now[0] = 0.5
+    log.tick()
+    assert [r.getMessage() for r in caplog.records] == ["rejected peer=a", "rejected peer=b"]
+    now[0] = 1.0
+    log.log("a", logging.INFO, "rejected peer=%s", "a")
+    assert [r.getMessage() for r in caplog.records][2:] == [
+        "kind=error held_back=4 window_s=1.0 (at most one line per peer per 1.0 s)",
+        "rejected peer=a",
+    ]
+
+
+def test_a_flood_of_bad_requests_is_answered_but_not_logged_line_by_line(
+    endpoint: str, context: zmq.Context[zmq.Socket[bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="cosmos_edge.robot_bridge.server")
+    flooder = RawController(context, endpoint)
+    started = time.monotonic()
+    for _ in range(200):
+        flooder.send([b"garbage"])
+        reply = flooder.receive()
+        assert isinstance(reply, ErrorReply) and reply.code is ErrorCode.MALFORMED
+    windows = math.ceil(time.monotonic() - started) + 1  # a line per 1 s window at most, however slow the machine
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kind=error peer=")]
+    assert 1 <= len(lines) <= windows
 
 
 def test_stop_answers_waiting_requests_and_returns(context: zmq.Context[zmq.Socket[bytes]]) -> None:
@@ -349,6 +408,116 @@ def test_stop_fails_the_submitted_requests_still_waiting() -> None:
         assert caught.value.code is ErrorCode.SHUTTING_DOWN
         gate.set()
         assert_answers(running.result(TIMEOUT_S), 1, 1.0)  # the chunk in progress is still delivered
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_the_running_request_is_answered_shutting_down_when_the_window_ends(
+    context: zmq.Context[zmq.Socket[bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="cosmos_edge.robot_bridge.server")
+    gate = threading.Event()
+    policy = StubPolicy(gate=gate)
+    server = PolicyServer(policy, ServerConfig(ENDPOINT, shutdown_timeout_s=0.5))
+    with serving(server) as endpoint:
+        controller = RawController(context, endpoint)
+        running = controller.act(1.0)
+        assert policy.started.wait(TIMEOUT_S)
+        submitted = server.submit(act_request(2.0, 2), peer="test")  # waiting behind it
+        server.stop()
+        reply = controller.receive()  # the window ends while the policy is still held
+        assert isinstance(reply, ErrorReply) and (reply.request_id, reply.code) == (running, ErrorCode.SHUTTING_DOWN)
+        assert "did not finish within the 0.5 s shutdown window" in reply.message
+        with pytest.raises(MessageError) as caught:
+            submitted.result(TIMEOUT_S)
+        assert caught.value.code is ErrorCode.SHUTTING_DOWN
+    assert server.policy_running  # the sockets are closed, the worker still waits on the policy
+    gate.set()
+    wait_for(lambda: not server.policy_running, "the late result")
+    assert controller.receive(SHORT_TIMEOUT_S) is None  # exactly one reply
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"request_id={running} obs_id=1 mode=reactive status=late_result_dropped" in m for m in messages)
+    assert not any("status=ok" in m for m in messages)
+
+
+def test_a_client_reading_its_last_reply_late_still_gets_it(context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    # With ZMQ_IMMEDIATE (as PolicyClient), libzmq drops a received reply not yet read when the connection closes.
+    gate = threading.Event()
+    policy = StubPolicy(gate=gate)
+    server = PolicyServer(policy, ServerConfig(ENDPOINT))
+    with serving(server) as endpoint:
+        controller = RawController(context, endpoint, immediate=True)
+        first = controller.act(1.0)
+        assert policy.started.wait(TIMEOUT_S)
+        server.stop()
+        gate.set()
+        assert controller.socket.poll(round(TIMEOUT_S * 1e3))  # the reply has arrived, unread
+        time.sleep(0.1)  # a client busy elsewhere for a moment
+        assert_answers(controller.receive(SHORT_TIMEOUT_S), first, 1.0)
+
+
+def test_the_running_future_resolves_once_when_the_window_ends() -> None:
+    gate = threading.Event()
+    policy = StubPolicy(gate=gate)
+    server = PolicyServer(policy, ServerConfig(ENDPOINT, shutdown_timeout_s=0.5))
+    with serving(server):
+        running = server.submit(act_request(1.0, 1), peer="test")
+        assert policy.started.wait(TIMEOUT_S)
+        server.stop()
+        with pytest.raises(MessageError) as caught:
+            running.result(TIMEOUT_S)
+        assert caught.value.code is ErrorCode.SHUTTING_DOWN
+    gate.set()
+    wait_for(lambda: not server.policy_running, "the late result")
+    assert running.exception() is caught.value  # the late result did not touch the resolved future
+
+
+def test_a_request_whose_deadline_passes_while_queued_expires_and_is_never_computed(
+    context: zmq.Context[zmq.Socket[bytes]],
+) -> None:
+    gate = threading.Event()
+    policy = StubPolicy(gate=gate)
+    with serving(PolicyServer(policy, ServerConfig(ENDPOINT))) as endpoint:
+        running, impatient = RawController(context, endpoint), RawController(context, endpoint)
+        first = running.act(1.0)
+        assert policy.started.wait(TIMEOUT_S)
+        late = impatient.act(2.0, timeout_ms=100)
+        impatient.barrier()  # queued
+        time.sleep(0.2)  # past its deadline, however slow the machine
+        gate.set()
+        assert_answers(running.receive(), first, 1.0)
+        reply = impatient.receive()
+        assert isinstance(reply, ErrorReply)
+        assert (reply.request_id, reply.code, reply.field) == (late, ErrorCode.EXPIRED, "timeout_ms")
+        assert reply.message.startswith("timeout_ms: expected to start within 100 ms, waited ")
+    assert len(policy.queries) == 1
+
+
+def test_requests_their_senders_gave_up_on_do_not_hold_places(context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    gate = threading.Event()
+    policy = StubPolicy(gate=gate)
+    with serving(PolicyServer(policy, ServerConfig(ENDPOINT, max_pending=2))) as endpoint:
+        running = RawController(context, endpoint)
+        first = running.act(1.0)
+        assert policy.started.wait(TIMEOUT_S)
+        for level in (2.0, 3.0):  # fire and forget, then gone
+            gone = RawController(context, endpoint)
+            gone.act(level, timeout_ms=100)
+            gone.barrier()
+            gone.socket.close()
+        time.sleep(0.2)  # past their deadlines
+        live = RawController(context, endpoint)
+        second = live.act(4.0)
+        live.barrier()  # taken in, not refused as overloaded
+        gate.set()
+        assert_answers(running.receive(), first, 1.0)
+        assert_answers(live.receive(), second, 4.0)
+    assert [float(query.observation.proprio[0]) for query in policy.queries] == [1.0, 4.0]
 
 
 def test_curve_admits_listed_clients_only() -> None:
@@ -414,3 +583,31 @@ def test_joint_limits_reach_the_metadata() -> None:
     server = PolicyServer(StubPolicy(), ServerConfig(ENDPOINT, joint_limits=limits))
     with serving(server) as endpoint, PolicyClient(endpoint, timeout_s=TIMEOUT_S) as client:
         assert client.metadata().joint_limits == limits
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://localhost:99999", "tcp://127.0.0.1:-1", "tcp://127.0.0.1"])
+def test_tcp_ports_out_of_range_are_refused(endpoint: str) -> None:
+    # libzmq would take 99999 modulo 65536 and quietly bind another port.
+    with pytest.raises(ConfigError, match=r"endpoint: expected tcp://HOST:PORT with a port in 0\.\.65535 or '\*'"):
+        ServerConfig(endpoint)
+
+
+def test_binding_errors_name_the_endpoint(tmp_path: Path) -> None:
+    taken = BoundRouter.bind(ServerConfig(ENDPOINT))
+    in_use = f"endpoint: cannot bind '{taken.endpoint}': Address already in use; another process is serving on it"
+    with taken, pytest.raises(ConfigError, match=in_use):
+        BoundRouter.bind(ServerConfig(taken.endpoint))
+    missing = f"ipc://{tmp_path}/no/such/dir/policy.sock"
+    with pytest.raises(ConfigError, match="No such file or directory; the directory of an ipc:// path must exist"):
+        BoundRouter.bind(ServerConfig(missing))
+
+
+def test_a_server_takes_over_a_router_bound_before_it() -> None:
+    router = BoundRouter.bind(ServerConfig(ENDPOINT))
+    server = PolicyServer(StubPolicy(), ServerConfig(ENDPOINT), router=router)
+    assert server.endpoint == router.endpoint
+    with serving(server) as endpoint, PolicyClient(endpoint, timeout_s=TIMEOUT_S) as client:
+        assert endpoint == router.endpoint
+        assert client.ping()
+    with BoundRouter.bind(ServerConfig(router.endpoint)):  # closed with the server: the port is free again
+        pass

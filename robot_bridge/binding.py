@@ -1,0 +1,159 @@
+"""Where the server listens: its configuration, the endpoint checks, and the ROUTER socket bound before any policy
+loads (so a command loading a large model refuses a port in use in seconds)."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+from cosmos_edge.robot_bridge.curve import ServerCurve, start_authenticator
+from cosmos_edge.robot_bridge.protocol import WireLimits
+from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.platforms import IMAGE_SIZE
+
+_RECEIVE_HWM = 32  # messages libzmq queues per controller connection: bounds what a flood can make us hold
+FLUSH_MS = 1000  # how long closing waits for the last replies to leave: enough on a loaded machine, and bounded
+_BIND_HINTS = {
+    errno.EADDRINUSE: "another process is serving on it; stop it or choose another port",
+    errno.ENOENT: "the directory of an ipc:// path must exist",
+}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """`endpoint` is a ZeroMQ bind address; `tcp://127.0.0.1:*` picks a free port (see `PolicyServer.endpoint`).
+
+    Binding anything but loopback, `ipc://` or `inproc://` needs `curve` (authenticated clients) or an explicit
+    `insecure_bind_all`. `image_size` is the (height, width) every camera image must have. `joint_limits`, one
+    (lower, upper) pair per action dim, is passed on to controllers in the metadata. After `stop()`, the chunk being
+    inferred has `shutdown_timeout_s` to be delivered; then it is answered `shutting_down` and the server closes.
+    """
+
+    endpoint: str = "tcp://127.0.0.1:5555"
+    limits: WireLimits = field(default_factory=WireLimits)
+    image_size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)
+    default_mode: str = "reactive"
+    max_pending: int = 8
+    curve: ServerCurve | None = None
+    insecure_bind_all: bool = False
+    joint_limits: tuple[tuple[float, float], ...] | None = None
+    shutdown_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_pending < 1:
+            raise ConfigError(f"max_pending: expected >= 1, got {self.max_pending}")
+        if not self.shutdown_timeout_s > 0:
+            raise ConfigError(f"shutdown_timeout_s: expected > 0, got {self.shutdown_timeout_s}")
+        _check_port(self.endpoint)
+        if not is_local_endpoint(self.endpoint) and self.curve is None and not self.insecure_bind_all:
+            raise ConfigError(
+                f"endpoint: {self.endpoint!r} is reachable from other machines, and without CURVE keys anyone there "
+                "could command the robot; bind 127.0.0.1, configure CURVE, or pass insecure_bind_all explicitly"
+            )
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    """True for endpoints only this machine can reach: loopback TCP, `ipc://` (file permissions) and `inproc://`."""
+    scheme, separator, address = endpoint.partition("://")
+    if not separator or scheme not in ("tcp", "ipc", "inproc"):
+        raise ConfigError(f"endpoint: expected tcp://, ipc:// or inproc://, got {endpoint!r}")
+    if scheme != "tcp":
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "*", an interface name or a host name: assume reachable
+        return False
+
+
+def _check_port(endpoint: str) -> None:
+    # libzmq takes a TCP port modulo 65536: tcp://localhost:99999 would quietly bind port 34463.
+    scheme, _, address = endpoint.partition("://")
+    port = address.rpartition(":")[2]
+    if scheme == "tcp" and port != "*" and not (port.isdigit() and int(port) <= 65535):
+        raise ConfigError(f"endpoint: expected tcp://HOST:PORT with a port in 0..65535 or '*', got {endpoint!r}")
+
+
+class BoundRouter:
+    """The server's ROUTER socket, bound, with its context and CURVE authenticator.
+
+    Made by `bind()` before the policies exist, so that a command loading a large model refuses a port in use in
+    seconds; a `PolicyServer` made with it takes it over and closes it. Also a context manager that closes it.
+    """
+
+    def __init__(
+        self,
+        context: zmq.Context[zmq.Socket[bytes]],
+        router: zmq.Socket[bytes],
+        authenticator: ThreadAuthenticator | None,
+    ) -> None:
+        self.context = context
+        self.socket = router
+        self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)  # a wildcard port resolved
+        self._authenticator = authenticator
+        self._closed = False
+
+    @classmethod
+    def bind(cls, config: ServerConfig) -> BoundRouter:
+        """Binds `config.endpoint`; `ConfigError` naming the endpoint when it cannot (in use, no such directory)."""
+        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        router = context.socket(zmq.ROUTER)
+        authenticator = None
+        try:
+            router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished controller raises instead of vanishing
+            router.setsockopt(zmq.RCVHWM, _RECEIVE_HWM)
+            # libzmq drops a single frame over the whole-message limit without buffering it (and disconnects the
+            # peer, so there is no reply); a message whose frames only add up to more is answered with `too_large`.
+            router.setsockopt(zmq.MAXMSGSIZE, config.limits.max_message_bytes)
+            if config.curve is not None:
+                authenticator = start_authenticator(context, config.curve)
+                router.curve_server = True
+                router.curve_publickey = config.curve.keys.public
+                router.curve_secretkey = config.curve.keys.secret
+            router.bind(config.endpoint)
+        except BaseException as error:
+            _discard(context, router, authenticator)
+            if isinstance(error, zmq.ZMQError):
+                raise _bind_error(config.endpoint, error) from None
+            raise
+        return cls(context, router, authenticator)
+
+    def close(self) -> None:
+        """Closes the socket, letting queued replies leave for up to `FLUSH_MS`. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        _discard(self.context, self.socket, self._authenticator, linger_ms=FLUSH_MS)
+
+    def __enter__(self) -> BoundRouter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _discard(
+    context: zmq.Context[zmq.Socket[bytes]],
+    router: zmq.Socket[bytes],
+    authenticator: ThreadAuthenticator | None,
+    linger_ms: int = 0,
+) -> None:
+    router.close(linger=linger_ms)
+    if authenticator is not None:
+        authenticator.stop()
+    context.term()  # every socket of the context is closed by now, so this returns once the linger is over
+
+
+def _bind_error(endpoint: str, error: zmq.ZMQError) -> ConfigError:
+    number = error.errno or 0
+    hint = _BIND_HINTS.get(number)
+    return ConfigError(f"endpoint: cannot bind {endpoint!r}: {zmq.strerror(number)}" + (f"; {hint}" if hint else ""))

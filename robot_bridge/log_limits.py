@@ -1,0 +1,49 @@
+"""A log for what a hostile peer can make the server say: at most one line per peer per window, then a count."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+logger = logging.getLogger("cosmos_edge.robot_bridge.server")  # the server's log, which these lines belong to
+
+
+class RateLimitedLog:
+    """Logs at most one line per peer, and `max_lines` in all, per `interval_s`; then one line counting the rest.
+
+    Rejected requests are logged by the I/O thread: a peer sending garbage as fast as it can must not fill the log or
+    slow the serving. One owner (the I/O thread): not thread-safe.
+    """
+
+    def __init__(
+        self, interval_s: float = 1.0, max_lines: int = 20, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._interval_s = interval_s
+        self._max_lines = max_lines
+        self._clock = clock
+        self._window_start = clock()
+        self._peers: set[str] = set()
+        self._held_back = 0
+
+    def log(self, peer: str, level: int, message: str, *args: object) -> None:
+        self.tick()
+        if peer in self._peers or len(self._peers) >= self._max_lines:
+            self._held_back += 1
+            return
+        self._peers.add(peer)
+        logger.log(level, message, *args)
+
+    def tick(self) -> None:
+        """Starts a new window once `interval_s` has passed, logging how many lines the last one held back."""
+        now = self._clock()
+        if now - self._window_start < self._interval_s:
+            return
+        if self._held_back:
+            logger.info(
+                "kind=error held_back=%d window_s=%.1f (at most one line per peer per %.1f s)",
+                self._held_back,
+                now - self._window_start,
+                self._interval_s,
+            )
+        self._window_start, self._peers, self._held_back = now, set(), 0

@@ -1,0 +1,247 @@
+"""The served process's lifecycle: SIGTERM answers the request in flight exactly once and exits within the shutdown
+window; `serve` checks its settings and binds its sockets before it loads any policy."""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing.synchronize import Event
+from pathlib import Path
+
+import pytest
+import zmq
+
+from cosmos_edge.cli.main import main
+from cosmos_edge.cli.serve_cmd import add_serve_parser
+from cosmos_edge.robot_bridge.client import PolicyClient, RemoteError
+from cosmos_edge.robot_bridge.protocol import ActReply, ActRequest, ErrorCode, ErrorReply, Reply, decode_reply
+from cosmos_edge.runtime.bundle.loader import LoadedPolicies
+from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.policy.api import Policy
+from tests.helpers.bridge_doubles import (
+    INSTRUCTION,
+    STARTUP_S,
+    StubPolicy,
+    expected_actions,
+    free_port,
+    observation,
+    serve_stub,
+    wait_until_serving,
+)
+
+MARGIN_S = 20.0  # beyond the shutdown window: a loaded 2-core machine, the 0.5 s grace after the last reply, the flush
+
+
+@contextmanager
+def stub_server(delay_s: float, shutdown_timeout_s: float) -> Iterator[tuple[str, multiprocessing.Process, Event]]:
+    """A `serve_stub` process whose policy takes `delay_s`; yields (endpoint, process, the inference-started event)."""
+    spawn = multiprocessing.get_context("spawn")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    started = spawn.Event()
+    kwargs = {"delay_s": delay_s, "started": started, "shutdown_timeout_s": shutdown_timeout_s}
+    process = spawn.Process(target=serve_stub, args=(endpoint,), kwargs=kwargs, daemon=True)
+    process.start()
+    try:
+        with PolicyClient(endpoint, timeout_s=1.0) as client:
+            wait_until_serving(client)
+        yield endpoint, process, started
+    finally:
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def act_then_sigterm(
+    endpoint: str, process: multiprocessing.Process, started: Event
+) -> tuple[Reply, zmq.Socket[bytes]]:
+    """Sends an `act`, SIGTERMs the server once its inference runs, and returns the first reply and the socket."""
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    controller = context.socket(zmq.DEALER)
+    controller.setsockopt(zmq.LINGER, 0)
+    controller.setsockopt(zmq.IMMEDIATE, 1)  # as PolicyClient: an unread reply is lost if the server closes too early
+    controller.connect(endpoint)
+    obs = observation(1.0)
+    request = ActRequest(7, obs_id=1, capture_time_ns=1, instruction=INSTRUCTION, **vars(obs))
+    controller.send_multipart(request.to_frames(), copy=False)
+    assert started.wait(STARTUP_S)
+    process.terminate()
+    assert controller.poll(round((STARTUP_S + MARGIN_S) * 1e3)), "no reply to the request in flight"
+    return decode_reply(controller.recv_multipart()), controller
+
+
+def assert_exits_cleanly_with_no_second_reply(process: multiprocessing.Process, controller: zmq.Socket[bytes]) -> None:
+    process.join(MARGIN_S)
+    assert process.exitcode == 0  # None: still running; negative: killed by a signal (an abort is -6)
+    assert not controller.poll(0), "a second reply"
+    controller.close()
+
+
+def test_sigterm_delivers_the_chunk_being_inferred() -> None:
+    with stub_server(delay_s=1.0, shutdown_timeout_s=MARGIN_S) as (endpoint, process, started):
+        reply, controller = act_then_sigterm(endpoint, process, started)
+        assert isinstance(reply, ActReply) and reply.request_id == 7
+        assert (reply.actions == expected_actions(observation(1.0).proprio)).all()
+        assert_exits_cleanly_with_no_second_reply(process, controller)
+
+
+def test_sigterm_answers_an_inference_longer_than_the_window_and_exits() -> None:
+    with stub_server(delay_s=600.0, shutdown_timeout_s=1.0) as (endpoint, process, started):
+        reply, controller = act_then_sigterm(endpoint, process, started)
+        assert isinstance(reply, ErrorReply) and (reply.request_id, reply.code) == (7, ErrorCode.SHUTTING_DOWN)
+        assert "did not finish within the 1.0 s shutdown window" in reply.message
+        assert_exits_cleanly_with_no_second_reply(process, controller)  # not after the 600 s inference
+
+
+# --- serve: settings and sockets before the policies ---------------------------------------------------------------
+
+
+class RecordingFactory:
+    def __init__(self) -> None:
+        self.called = False
+
+    def __call__(self, args: argparse.Namespace) -> LoadedPolicies:
+        self.called = True
+        raise AssertionError("loaded the policies of a server that cannot start")
+
+
+def serve_args(*argv: str) -> tuple[argparse.Namespace, RecordingFactory]:
+    factory = RecordingFactory()
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers(), factory)
+    return parser.parse_args(["serve", *argv]), factory
+
+
+@pytest.fixture
+def port_in_use() -> Iterator[int]:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
+def refusals(port: int, tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    """argv → the start of the one-line error."""
+    return {
+        "port in use": (["--endpoint", f"tcp://127.0.0.1:{port}"], "--endpoint: cannot bind 'tcp://127.0.0.1:"),
+        "no ipc directory": (
+            ["--endpoint", f"ipc://{tmp_path}/nonexistent/dir/sock"],
+            f"--endpoint: cannot bind 'ipc://{tmp_path}/nonexistent/dir/sock': No such file or directory",
+        ),
+        "port out of range": (
+            ["--endpoint", "tcp://localhost:99999"],
+            "--endpoint: expected tcp://HOST:PORT with a port in 0..65535 or '*'",
+        ),
+        "unknown default mode": (
+            ["--default-mode", "banana"],
+            "--default-mode: expected one of ['reactive', 'planning'], got 'banana'",
+        ),
+        "non-positive shutdown window": (
+            ["--shutdown-timeout-s", "0"],
+            "--shutdown-timeout-s: expected > 0, got 0.0",
+        ),
+    }
+
+
+CASES = ["port in use", "no ipc directory", "port out of range", "unknown default mode", "non-positive shutdown window"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_serve_refuses_bad_settings_before_loading_a_policy(case: str, port_in_use: int, tmp_path: Path) -> None:
+    argv, message = refusals(port_in_use, tmp_path)[case]
+    args, factory = serve_args(*argv)
+    with pytest.raises(ConfigError) as caught:
+        args.func(args)
+    assert str(caught.value).startswith(message), str(caught.value)
+    assert not factory.called
+
+
+def test_serve_refuses_an_http_port_in_use_before_loading_and_frees_the_zeromq_one(port_in_use: int) -> None:
+    pytest.importorskip("cosmos_edge.robot_bridge.http_server")  # needs the http extra
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    args, factory = serve_args("--endpoint", endpoint, "--http", f"127.0.0.1:{port_in_use}")
+    with pytest.raises(ConfigError, match=f"--http: cannot listen on 127.0.0.1:{port_in_use}"):
+        args.func(args)
+    assert not factory.called
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    with context.socket(zmq.ROUTER) as router:
+        router.bind(endpoint)  # the ZeroMQ endpoint, bound first, was released
+
+
+@pytest.mark.parametrize("case", ["port in use", "unknown default mode"])
+def test_the_command_prints_one_line_naming_the_flag(
+    case: str, port_in_use: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv, message = refusals(port_in_use, tmp_path)[case]
+    assert main(["serve", *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"cosmos-edge: error: {message}"), lines
+
+
+class FakeLoaded:
+    """What `make_policies` returns, recording whether the policies were released."""
+
+    def __init__(self, policy: StubPolicy) -> None:
+        self.policy = policy
+        self.closed = False
+
+    def modes(self) -> dict[str, Policy]:
+        return {"reactive": self.policy}
+
+    def __enter__(self) -> FakeLoaded:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.closed = True
+
+
+def serve_until_sigterm(policy: StubPolicy, *argv: str) -> tuple[int, FakeLoaded, ErrorReply | ActReply]:
+    """Runs `serve` on this (the main) thread with `policy`; another thread acts once, then sends SIGTERM."""
+    loaded = FakeLoaded(policy)
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers(), lambda args: loaded)  # type: ignore[arg-type,return-value]
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    args = parser.parse_args(["serve", "--endpoint", endpoint, *argv])
+    replies: list[ErrorReply | ActReply] = []
+
+    def controller() -> None:
+        with PolicyClient(endpoint, timeout_s=1.0) as probe:
+            wait_until_serving(probe)
+        acting = threading.Thread(target=lambda: replies.append(act_or_error(endpoint)), daemon=True)
+        acting.start()
+        assert policy.started.wait(STARTUP_S)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled on the main thread, by `serve`'s handler
+        acting.join(STARTUP_S + MARGIN_S)
+
+    thread = threading.Thread(target=controller, daemon=True)
+    thread.start()
+    code = args.func(args)
+    thread.join(STARTUP_S + MARGIN_S)
+    return code, loaded, replies[0]
+
+
+def act_or_error(endpoint: str) -> ErrorReply | ActReply:
+    with PolicyClient(endpoint, timeout_s=STARTUP_S + MARGIN_S) as client:
+        try:
+            return client.act(observation(), INSTRUCTION, obs_id=1, capture_time_ns=1)
+        except RemoteError as error:
+            return ErrorReply(0, error.code, error.field, error.detail)
+
+
+def test_serve_delivers_the_chunk_on_sigterm_then_releases_the_policies() -> None:
+    code, loaded, reply = serve_until_sigterm(StubPolicy(delay_s=0.5))
+    assert code == 0 and isinstance(reply, ActReply)
+    assert loaded.closed
+
+
+def test_serve_keeps_policies_a_call_still_uses_when_the_window_ends() -> None:
+    gate = threading.Event()  # opened after `serve` returned
+    code, loaded, reply = serve_until_sigterm(StubPolicy(gate=gate), "--shutdown-timeout-s", "0.5")
+    assert code == 0 and isinstance(reply, ErrorReply) and reply.code is ErrorCode.SHUTTING_DOWN
+    assert not loaded.closed  # released by the process exit, not under the running call
+    gate.set()
