@@ -27,8 +27,8 @@ class ConditioningMode(str, Enum):
     WORLD_MODEL = "world_model"
     """Future-state pass: the policy frames plus the action slot (N + 1)."""
     VALUE = "value"
-    """V(s, a, s'): every slot but the value slot (state_t − 1), no input masking. The official planning option
-    `mask_current_state_action_for_value_prediction=False` selects it (not wired yet, as Q_VALUE)."""
+    """V(s, a, s'): every slot but the value slot (state_t − 1), no input masking (planning with
+    `mask_current_state_action_for_value_prediction=False`, or a Q pass without its future-state masking)."""
     VALUE_FUTURE_STATE = "value_future_state"
     """V(s'): as VALUE with `mask_current_state_action_for_value_prediction`: only blank + future state clean."""
     Q_VALUE = "q_value"
@@ -86,7 +86,7 @@ def future_to_current_slots(spec: PlatformSpec) -> tuple[tuple[int, int], ...]:
 def promote_future_state(latent: np.ndarray, spec: PlatformSpec) -> np.ndarray:
     """Copy of a "b c t h w" latent sequence whose current-state slots hold its predicted future state.
 
-    The step of the official planning option `search_depth` > 1; its caller comes with that option (not wired yet).
+    The step between two levels of a planning search (`search_depth` > 1).
 
     The official planner then re-injects the observed current proprio into the proprio slot (it stays in the data
     batch), so the copied future-proprio latent only survives if the caller skips that injection.
