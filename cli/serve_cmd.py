@@ -31,7 +31,7 @@ from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, Ch
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import PLATFORMS
 from cosmos_edge.runtime.policy.planning_config import PRESETS
-from cosmos_edge.runtime.precision import PRECISIONS, default_precision
+from cosmos_edge.runtime.precision import PRECISIONS, default_compile, default_precision
 
 if TYPE_CHECKING:
     from cosmos_edge.robot_bridge.http_server import HttpConfig
@@ -294,4 +294,4 @@ def _compiles(args: argparse.Namespace) -> bool:
     """`--compile`, or by default: torch.compile the DiT of checkpoint files served on CUDA."""
     if args.compile is not None:
         return bool(args.compile) and args.bundle is None
-    return args.bundle is None and any(device.startswith("cuda") for device in _device_list(args))
+    return args.bundle is None and default_compile(_device_list(args))

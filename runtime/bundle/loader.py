@@ -176,7 +176,7 @@ def _open_checkpoints(
         torch_backend.check_device(device)
     separate_planner = with_planning and source.planning_checkpoint not in (None, files.checkpoint)
     networks = []
-    conditioning: list[ConditioningEncoder] = []
+    conditioning: ConditioningEncoder | None = None  # device 0's VAE encodes the conditioning of every query
     for device in devices:
         _LOG.info("loading %s and %s (%s) on %s", files.checkpoint, files.tokenizer, source.precision, device)
         autoencoder = torch_backend.open_autoencoder(files.tokenizer, source.precision, device, platform)
@@ -188,8 +188,9 @@ def _open_checkpoints(
                 source.planning_checkpoint, source.precision, device, source.compile_mode
             )
         networks.append(DeviceNetworks(autoencoder, policy_network, planning_network))
-        conditioning.append(autoencoder)
-    return PolicyModel(platform, stats, text, networks[0].autoencoder, conditioning[0]), networks
+        conditioning = conditioning or autoencoder
+    assert conditioning is not None, "load_policies opens at least one device"
+    return PolicyModel(platform, stats, text, networks[0].autoencoder, conditioning), networks
 
 
 def _open_bundle(

@@ -46,6 +46,7 @@ from cosmos_edge.runtime.policy.steps import (
     ModelPolicy,
     PolicyModel,
     TextBinding,
+    denoising_steps,
     encode_observation,
     read_chunks,
     read_values,
@@ -133,8 +134,8 @@ class _Search:
         """ "n" values of the candidates from their states (value passes of every state, pooled)."""
         config = self.config
         network, mode, platform = self.planner, config.value_mode, self.model.platform
-        if not config.use_ensemble_value_predictions:
-            return read_values(platform, self._sample(network, states[0], mode, 0, config.num_denoising_steps_value))
+        if not config.use_ensemble_value_predictions:  # one pass, seed s (value_steps() has the one step count)
+            return read_values(platform, self._sample(network, states[0], mode, 0, config.value_steps()[0]))
         pooled = np.stack(
             [
                 read_values(platform, self._sample(network, state, mode, k, steps))
@@ -195,9 +196,7 @@ class PlanningPolicy(ModelPolicy):
     def infer(self, query: ActionQuery) -> ChunkResult:
         if query.return_future_images:
             raise InputError("return_future_images: not available in planning mode; use the reactive mode")
-        steps = self._config.num_denoising_steps_action if query.steps is None else query.steps
-        if steps < 1:
-            raise InputError(f"steps: expected a positive number of denoising steps, got {steps}")
+        steps = denoising_steps(query, self._config.num_denoising_steps_action)
         timer = StageTimer()
         encoded = encode_observation(self._model, query.observation, timer, full_sequence=False)
         shares = [

@@ -35,7 +35,7 @@ class ReactivePolicy(ModelPolicy):
         self._text.reset()
 
     def infer(self, query: ActionQuery) -> ChunkResult:
-        steps = denoising_steps(self.platform, query)
+        steps = denoising_steps(query, self.platform.default_action_steps)
         timer = StageTimer()
         network = self._text.for_instruction(query.instruction, timer)
         full = self._encode_full_sequence or query.return_future_images

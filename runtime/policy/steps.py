@@ -111,9 +111,9 @@ class TextBinding:
         self._bound = None
 
 
-def denoising_steps(platform: PlatformSpec, query: ActionQuery) -> int:
-    """The query's denoising steps, or the platform's default."""
-    steps = platform.default_action_steps if query.steps is None else query.steps
+def denoising_steps(query: ActionQuery, default: int) -> int:
+    """The query's denoising steps of the action pass, or `default`."""
+    steps = default if query.steps is None else query.steps
     if steps < 1:
         raise InputError(f"steps: expected a positive number of denoising steps, got {steps}")
     return steps
