@@ -1,8 +1,8 @@
 """`networks_api` over GraphRunners: the policy's networks on any engine backend (ONNX Runtime, TensorRT).
 
 Graphs have static shapes, so each adapter holds one runner per shape it serves and picks it by the input shape:
-encoders by clip length (the conditioning prefix, the whole sequence), DiTs by batch size. Input and output names
-come from each runner's GraphSpec.
+encoders by clip length (the conditioning prefix, the whole sequence), DiTs by batch size; a DiT batch of another
+size runs as slices of the sizes loaded (`batch_slices`). Input and output names come from each runner's GraphSpec.
 """
 
 from __future__ import annotations
@@ -81,19 +81,44 @@ class GraphDenoisingNetwork:
         if text.shape != text_spec.shape:
             raise InputError(f"text_embedding: expected shape {text_spec.shape} (the bundle's), got {text.shape}")
 
-        def network(x: FloatArray, timesteps: FloatArray, condition_mask: FloatArray) -> FloatArray:
-            runner = self._runners.get(x.shape[0])
-            if runner is None:
-                raise EngineError(f"no DiT graph for batch size {x.shape[0]}; loaded batch sizes {self.batch_sizes}")
+        def run(batch: int, inputs: tuple[np.ndarray, ...]) -> np.ndarray:
+            runner = self._runners[batch]
             names = runner.spec.input_names
-            if self._resident_text.get(x.shape[0]) is not text:
+            if self._resident_text.get(batch) is not text:
                 runner.set_constant_input(names[3], text)
-                self._resident_text[x.shape[0]] = text
-            feeds = dict(zip(names[:3], (x, timesteps, condition_mask), strict=True))
-            return runner.run(feeds)[runner.spec.output_names[0]]
+                self._resident_text[batch] = text
+            return runner.run(dict(zip(names[:3], inputs, strict=True)))[runner.spec.output_names[0]]
+
+        def network(x: FloatArray, timesteps: FloatArray, condition_mask: FloatArray) -> FloatArray:
+            if x.shape[0] in self._runners:
+                return run(x.shape[0], (x, timesteps, condition_mask))
+            outputs = []
+            for start, stop, batch in batch_slices(x.shape[0], self.batch_sizes):
+                inputs = tuple(_pad_rows(array[start:stop], batch) for array in (x, timesteps, condition_mask))
+                outputs.append(run(batch, inputs)[: stop - start])
+            return np.concatenate(outputs)
 
         return network
 
     def close(self) -> None:
         for runner in self._runners.values():
             runner.close()
+
+
+def batch_slices(size: int, available: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(start, stop, graph batch) covering `size` rows: the largest loaded batch that fits, repeatedly; a remainder
+    smaller than every loaded batch runs padded in the smallest."""
+    sizes = sorted(available, reverse=True)
+    slices, start = [], 0
+    while start < size:
+        batch = next((b for b in sizes if b <= size - start), sizes[-1])
+        slices.append((start, min(start + batch, size), batch))
+        start += batch
+    return slices
+
+
+def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
+    """`array` with its last row repeated up to `rows` rows (padding whose outputs are dropped)."""
+    if array.shape[0] == rows:
+        return array
+    return np.concatenate([array, np.repeat(array[-1:], rows - array.shape[0], axis=0)])

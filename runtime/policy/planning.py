@@ -17,9 +17,11 @@ re-injects it: QUIRK, deploy.py 486-490). Every level reuses the candidate's see
 level 1, later levels only the states of the last branch (QUIRK, deploy.py 479-480, 545). The per-level values are
 aggregated by `search_depth_value_aggregation_scheme`; the chunk returned is always the first level's.
 
-The best candidate wins, the base seed's unless another is strictly better (deploy.py 645-654). Passes of one step
-count run as one batch over a worker's candidates, and the candidates are split over `workers` (one per device),
-which run concurrently; a candidate's value does not depend on the split.
+The best candidate wins, the base seed's unless another is strictly better (deploy.py 645-654). Every pass runs as one
+batch over a worker's candidates, and independent passes (ensemble members, branches of a level) share that batch:
+the main configuration makes 20 DiT calls per query instead of 61. The candidates are split over `workers` (one per
+device), which run concurrently. Neither batching nor the split changes a candidate's value: each sample's arithmetic
+is its own (up to the network's batch-size-dependent rounding).
 """
 
 from __future__ import annotations
@@ -89,8 +91,20 @@ class CandidateScores:
 
 
 @dataclass(frozen=True)
+class _Pass:
+    """A sampling pass of every candidate of a worker: from `clean` ("n c t h w"), seeds s + `offset`."""
+
+    clean: np.ndarray
+    offset: int
+    steps: int
+
+
+@dataclass(frozen=True)
 class _Search:
-    """One worker's passes for its candidates (`seeds`), with its networks bound to the query's instruction."""
+    """One worker's passes for its candidates (`seeds`), with its networks bound to the query's instruction.
+
+    With `batch_passes`, passes that do not depend on each other (the members of an ensemble, the branches of a
+    level) run as one batch: one DiT call per denoising step instead of one per step and pass."""
 
     config: PlanningConfig
     model: PolicyModel
@@ -98,24 +112,28 @@ class _Search:
     planner: NetworkFn
     seeds: list[int]
     action_steps: int
+    batch_passes: bool
     timer: StageTimer
 
     def run(self, clean: np.ndarray) -> CandidateScores:
-        actions = self._sample(self.policy, clean, ConditioningMode.POLICY, 0, self.action_steps)
+        (actions,) = self._run(self.policy, ConditioningMode.POLICY, [_Pass(clean, 0, self.action_steps)])
         config = self.config
         if not config.scores_with_planning_model:
             value = read_values(self.model.platform, actions)
             return CandidateScores(actions, value, value[:, None])
         if not config.ar_value_prediction:  # Q(s, a): valued from the action pass itself
-            value = self._value(actions)
+            (value,) = self._values([[actions]])
             return CandidateScores(actions, value, value[:, None])
-        states = self._predicted_states(actions)
-        by_depth = [self._value(*states)]
+        (states,) = self._predicted_states([actions])
+        by_depth = self._values([states])
         for _ in range(2, config.search_depth + 1):
-            for state in states:  # the list bound when the level starts: later levels follow the last branch
-                deeper = self._sample(self.policy, self._as_current(state, clean), ConditioningMode.POLICY, 0)
-                states = self._predicted_states(deeper)
-                by_depth.append(self._value(*states))
+            # Every state of the level branches (the list bound when the level starts), branch after branch or all
+            # as one batch; the next level follows the last branch only.
+            for group in [states] if self.batch_passes else [[state] for state in states]:
+                branches = [_Pass(self._as_current(state, clean), 0, self.action_steps) for state in group]
+                branch_states = self._predicted_states(self._run(self.policy, ConditioningMode.POLICY, branches))
+                by_depth.extend(self._values(branch_states))
+            states = branch_states[-1]
         per_depth = np.stack(by_depth, axis=1)
         if config.search_depth_value_aggregation_scheme is DepthAggregation.USE_LAST_VALUE:
             value = per_depth[:, -1]
@@ -123,29 +141,32 @@ class _Search:
             value = np.array([aggregate_values(row, ValueAggregation.AVERAGE) for row in per_depth], np.float32)
         return CandidateScores(actions, value, per_depth)
 
-    def _predicted_states(self, actions: np.ndarray) -> list[np.ndarray]:
-        """World-model passes from an action sample, one per ensemble member."""
-        mode = ConditioningMode.WORLD_MODEL
-        return [
-            self._sample(self.planner, actions, mode, j, steps) for j, steps in enumerate(self.config.future_steps())
-        ]
+    def _predicted_states(self, action_samples: list[np.ndarray]) -> list[list[np.ndarray]]:
+        """World-model passes from each action sample, one per ensemble member (the j-th with seed s + j)."""
+        members = list(enumerate(self.config.future_steps()))
+        passes = [_Pass(actions, j, steps) for actions in action_samples for j, steps in members]
+        states = self._run(self.planner, ConditioningMode.WORLD_MODEL, passes)
+        return [states[i : i + len(members)] for i in range(0, len(states), len(members))]
 
-    def _value(self, *states: np.ndarray) -> np.ndarray:
-        """ "n" values of the candidates from their states (value passes of every state, pooled)."""
+    def _values(self, state_groups: list[list[np.ndarray]]) -> list[np.ndarray]:
+        """ "n" values of the candidates for each group of states (the value passes of every state, pooled)."""
         config = self.config
-        network, mode, platform = self.planner, config.value_mode, self.model.platform
-        if not config.use_ensemble_value_predictions:  # one pass, seed s (value_steps() has the one step count)
-            return read_values(platform, self._sample(network, states[0], mode, 0, config.value_steps()[0]))
-        pooled = np.stack(
-            [
-                read_values(platform, self._sample(network, state, mode, k, steps))
-                for state in states
-                for k, steps in enumerate(config.value_steps())
-            ],
-            axis=1,
-        )
-        scheme = config.value_ensemble_aggregation_scheme
-        return np.array([aggregate_values(row, scheme) for row in pooled], np.float32)
+        if not config.use_ensemble_value_predictions:  # one pass of the first state, seed s (QUIRK, see above)
+            members = [(0, config.value_steps()[0])]
+            state_groups = [states[:1] for states in state_groups]
+        else:
+            members = list(enumerate(config.value_steps()))
+        passes = [_Pass(state, k, steps) for states in state_groups for state in states for k, steps in members]
+        platform, scheme = self.model.platform, config.value_ensemble_aggregation_scheme
+        values = iter([read_values(platform, sample) for sample in self._run(self.planner, config.value_mode, passes)])
+        groups = []
+        for states in state_groups:
+            pooled = np.stack([next(values) for _ in range(len(states) * len(members))], axis=1)
+            if not config.use_ensemble_value_predictions:
+                groups.append(pooled[:, 0])
+            else:
+                groups.append(np.array([aggregate_values(row, scheme) for row in pooled], np.float32))
+        return groups
 
     def _as_current(self, state: np.ndarray, clean: np.ndarray) -> np.ndarray:
         """A predicted state in the current-state slots, with the observed proprio written back over its proprio."""
@@ -154,22 +175,45 @@ class _Search:
         promoted[:, :, slot] = clean[:, :, slot]
         return promoted
 
-    def _sample(
-        self, network: NetworkFn, clean: np.ndarray, mode: ConditioningMode, offset: int, steps: int | None = None
-    ) -> np.ndarray:
+    def _run(self, network: NetworkFn, mode: ConditioningMode, passes: list[_Pass]) -> list[np.ndarray]:
+        """The samples of each pass, in order: all passes as one batch, or pass after pass."""
+        platform, timer, n = self.model.platform, self.timer, len(self.seeds)
+        seeds = [self._seeds(each.offset) for each in passes]  # drawn in pass order (randomize_seed)
+        if not self.batch_passes:
+            return [
+                sample_latents(network, platform, each.clean, mode, pass_seeds, each.steps, timer)
+                for each, pass_seeds in zip(passes, seeds, strict=True)
+            ]
+        batch = sample_latents(
+            network,
+            platform,
+            np.concatenate([np.broadcast_to(each.clean, (n, *each.clean.shape[1:])) for each in passes]),
+            mode,
+            [seed for pass_seeds in seeds for seed in pass_seeds],
+            [each.steps for each in passes for _ in range(n)],
+            timer,
+        )
+        return [batch[i : i + n] for i in range(0, len(batch), n)]
+
+    def _seeds(self, offset: int) -> list[int]:
         if self.config.randomize_seed:  # QUIRK, cosmos_utils.py 885: a fresh seed in [0, 256) for every pass
-            seeds = [secrets.randbits(32) % 256 for _ in self.seeds]
-        else:
-            seeds = [seed + offset for seed in self.seeds]
-        steps = self.action_steps if steps is None else steps
-        return sample_latents(network, self.model.platform, clean, mode, seeds, steps, self.timer)
+            return [secrets.randbits(32) % 256 for _ in self.seeds]
+        return [seed + offset for seed in self.seeds]
 
 
 class PlanningPolicy(ModelPolicy):
-    """A `Policy` whose chunk is the best of `num_queries_best_of_n` sampled chunks. `close()` stops its threads."""
+    """A `Policy` whose chunk is the best of `num_queries_best_of_n` sampled chunks. `close()` stops its threads.
+
+    `batch_passes=False` runs the passes one after another in the official order (the reference that batching is
+    tested and measured against); it computes the same values."""
 
     def __init__(
-        self, model: PolicyModel, workers: Sequence[PlanningWorker], config: PlanningConfig | None = None
+        self,
+        model: PolicyModel,
+        workers: Sequence[PlanningWorker],
+        config: PlanningConfig | None = None,
+        *,
+        batch_passes: bool = True,
     ) -> None:
         if not workers:
             raise ConfigError("workers: expected at least one planning worker")
@@ -179,6 +223,7 @@ class PlanningPolicy(ModelPolicy):
             _BoundWorker(TextBinding(w.policy_network, text), TextBinding(w.planning_network, text)) for w in workers
         )
         self._config = config or PlanningConfig()
+        self._batch_passes = batch_passes
         self._pool = ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="planning")
 
     @property
@@ -231,6 +276,7 @@ class PlanningPolicy(ModelPolicy):
             worker.planner.for_instruction(instruction, timer),
             seeds,
             steps,
+            self._batch_passes,
             timer,
         )
         return search.run(clean)

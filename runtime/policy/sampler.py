@@ -9,6 +9,10 @@ the torch reference. It reproduces the official inference path (`CosmosPolicySam
 * `num_steps` n follows the official rule: n = 1 and n = 2 both make one network call at sigma_max; n >= 3 makes
   n calls (n - 1 solver steps over a Karras schedule of n - 1 intervals, then a clean x0 evaluation at sigma_min).
 
+`sample` runs a batch of independent passes, each with its own seed, conditioning and step count: call k evaluates
+every pass that has a k-th call, with a sigma per sample (the network takes a timestep per sample). Each pass's
+arithmetic is elementwise, so it is bitwise the same whatever else shares its batch.
+
 Float64 transcendental functions (pow, log, expm1) come from libm here and from torch/Sleef in the official code,
 so schedule and coefficients can differ in the last ulp; the float32 results are unaffected except at rounding ties.
 """
@@ -45,7 +49,7 @@ class NetworkCall:
 
     index: int
     num_calls: int
-    sigma: float
+    sigmas: tuple[float, ...]  # one per sample of the call
     seconds: float
 
 
@@ -160,6 +164,13 @@ class DenoiseCondition:
             ),
         )
 
+    def select(self, rows: Sequence[int]) -> DenoiseCondition:
+        """The condition of some samples of the batch, in the order of `rows`."""
+        index = list(rows)
+        return DenoiseCondition(
+            self.clean_latent[index], self.latent_mask[index], self.frame_mask[index], self.network_mask[index]
+        )
+
 
 class Denoiser:
     """x0 prediction of the official `denoise()` around an injected network.
@@ -173,15 +184,15 @@ class Denoiser:
     def __init__(self, net: NetworkFn) -> None:
         self._net = net
 
-    def __call__(self, x: FloatArray, sigma: float, condition: DenoiseCondition) -> FloatArray:
-        """x "b c t h w" float32 at noise level `sigma` -> x0̂ float32, same shape."""
+    def __call__(self, x: FloatArray, sigma: float | Sequence[float], condition: DenoiseCondition) -> FloatArray:
+        """x "b c t h w" float32 at noise level `sigma` (one for the batch, or one per sample) -> x0̂ float32."""
         if x.shape != condition.clean_latent.shape:
             raise InputError(f"x: expected shape {condition.clean_latent.shape}, got {x.shape}")
-        sigma32 = np.float32(sigma)
-        t = sigma32 / (sigma32 + np.float32(1.0))
+        sigma32 = np.broadcast_to(np.asarray(sigma, dtype=np.float32), (x.shape[0],))
+        t = (sigma32 / (sigma32 + np.float32(1.0))).reshape(-1, 1, 1, 1, 1)
         scaled = np.asarray(x, dtype=np.float32) * (np.float32(1.0) - t)  # c_in·x, equal to c_skip·x
         net_input = np.where(condition.latent_mask, condition.clean_latent, scaled)
-        t_bf16 = round_to_bf16(np.array([t], dtype=np.float32))[0]
+        t_bf16 = round_to_bf16(t[:, 0, 0, 0, :])  # "b 1": each sample's timestep
         timesteps = np.where(condition.frame_mask, np.float32(0.0), t_bf16)
         velocity = np.asarray(self._net(net_input, timesteps, condition.network_mask), dtype=np.float32)
         if velocity.shape != x.shape:
@@ -195,45 +206,70 @@ def sample(
     clean_latent: np.ndarray,
     condition_mask: np.ndarray,
     seeds: Sequence[int],
-    num_steps: int,
+    num_steps: int | Sequence[int],
     on_network_call: Callable[[NetworkCall], None] | None = None,
 ) -> FloatArray:
     """Generates one latent sequence per seed, "b c t h w" float32 with b = len(seeds).
 
     Args:
-        denoiser: wraps the network; all candidates go through it as one batch.
+        denoiser: wraps the network; all samples of a call go through it as one batch.
         clean_latent: "b c t h w", b in {1, len(seeds)}: the official `gt_frames` (bf16-valued VAE latents with the
             injected proprio in an action pass; the previous sample in world-model and value passes).
         condition_mask: "b 1 t 1 1", b in {1, len(seeds)}, 1 on clean conditioning frames (see `conditioning`).
         seeds: one initial noise draw per seed, equal to an official single-sample call with that seed.
-        num_steps: the official step count (1 and 2 are the same single call; n >= 3 makes n calls).
+        num_steps: the official step count (1 and 2 are the same single call; n >= 3 makes n calls), for the batch
+            or per sample.
         on_network_call: called after every network evaluation, e.g. to record per-call latency.
     """
     if not seeds:
         raise InputError("seeds: expected at least one seed")
+    steps = [num_steps] * len(seeds) if isinstance(num_steps, int) else list(num_steps)
+    if len(steps) != len(seeds):
+        raise InputError(f"num_steps: expected one step count or one per seed ({len(seeds)}), got {len(steps)}")
     condition = DenoiseCondition.build(clean_latent, condition_mask, batch=len(seeds))
-    sigmas = evaluation_sigmas(num_steps)
+    schedules = [evaluation_sigmas(n) for n in steps]
     sample_shape = (1, *condition.clean_latent.shape[1:])
     noise = np.concatenate([initial_noise(seed, sample_shape) for seed in seeds])
-
-    def evaluate(index: int, x: FloatArray) -> FloatArray:
-        start = time.perf_counter()
-        x0 = denoiser(x, float(sigmas[index]), condition)
-        if on_network_call is not None:
-            on_network_call(NetworkCall(index, len(sigmas), float(sigmas[index]), time.perf_counter() - start))
-        return x0
-
-    if len(sigmas) == 1:
-        return evaluate(0, noise)
+    num_calls = max(len(schedule) for schedule in schedules)
+    if num_calls == 1:  # every sample is one x0 prediction at sigma_max: no float64 state needed
+        return _evaluate(denoiser, noise, condition, [0] * len(seeds), schedules, 0, num_calls, on_network_call)
     x = noise.astype(np.float64)
-    previous: tuple[npt.NDArray[np.float64], float] | None = None
-    for index in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[index]), float(sigmas[index + 1])
-        x0 = evaluate(index, x.astype(np.float32)).astype(np.float64)
-        if previous is None:
-            x = x0_euler_step(x, x0, sigma, sigma_next)
-        else:
-            x = res_ab2_step(x, x0, previous[0], sigma, sigma_next, previous[1])
-        previous = (x0, sigma)
-    # `sample_clean`: the output is the x0 prediction at sigma_min, not the solver's final x.
-    return evaluate(len(sigmas) - 1, x.astype(np.float32))
+    out = np.empty_like(noise)
+    previous: list[tuple[npt.NDArray[np.float64], float] | None] = [None] * len(seeds)
+    for index in range(num_calls):
+        rows = [row for row, schedule in enumerate(schedules) if index < len(schedule)]
+        called = condition if len(rows) == len(seeds) else condition.select(rows)
+        x0 = _evaluate(denoiser, x[rows].astype(np.float32), called, rows, schedules, index, num_calls, on_network_call)
+        for position, row in enumerate(rows):
+            sigmas = schedules[row]
+            if index == len(sigmas) - 1:  # `sample_clean`: the x0 prediction at the last sigma, not the solver's x
+                out[row] = x0[position]
+                continue
+            estimate = x0[position].astype(np.float64)
+            sigma, sigma_next = float(sigmas[index]), float(sigmas[index + 1])
+            last = previous[row]
+            if last is None:
+                x[row] = x0_euler_step(x[row], estimate, sigma, sigma_next)
+            else:
+                x[row] = res_ab2_step(x[row], estimate, last[0], sigma, sigma_next, last[1])
+            previous[row] = (estimate, sigma)
+    return out
+
+
+def _evaluate(
+    denoiser: Denoiser,
+    x: FloatArray,
+    condition: DenoiseCondition,
+    rows: Sequence[int],
+    schedules: Sequence[npt.NDArray[np.float64]],
+    index: int,
+    num_calls: int,
+    on_network_call: Callable[[NetworkCall], None] | None,
+) -> FloatArray:
+    """The `index`-th network call of the samples `rows`, each at its own schedule's sigma."""
+    sigmas = tuple(float(schedules[row][index]) for row in rows)
+    start = time.perf_counter()
+    x0 = denoiser(x, sigmas, condition)
+    if on_network_call is not None:
+        on_network_call(NetworkCall(index, num_calls, sigmas, time.perf_counter() - start))
+    return x0

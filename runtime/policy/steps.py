@@ -146,10 +146,11 @@ def sample_latents(
     clean_latent: np.ndarray,
     mode: ConditioningMode,
     seeds: Sequence[int],
-    steps: int,
+    steps: int | Sequence[int],
     timer: StageTimer,
 ) -> np.ndarray:
-    """One official sampling pass per seed, as one batch; every network call is timed as stage `dit`."""
+    """One official sampling pass per seed (with `steps` for all, or one step count each), as one batch; every
+    network call is timed as stage `dit`."""
 
     def record(call: NetworkCall) -> None:
         timer.add("dit", call.seconds * 1e3)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -36,6 +37,15 @@ class Pass:
     clean: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))  # the first call's x_in
 
 
+@lru_cache(maxsize=4)
+def _seed_table(num_latent_frames: int, value_slot: int, seed_range: int) -> dict[float, int]:
+    """The scaled first noise value of the value slot → the seed that drew it."""
+    shape = (1, 16, num_latent_frames, 28, 28)
+    probe = (0, 0, value_slot, 0, 0)  # the value slot is generated in every mode
+    scale = np.float32(1.0) - _T_MAX
+    return {float(initial_noise(seed, shape)[probe] * scale): seed for seed in range(seed_range)}
+
+
 class ScriptedNetwork:
     """`DenoisingNetwork` double. `passes` lists what ran, in order; seeds are identified in `seed_range`."""
 
@@ -43,10 +53,7 @@ class ScriptedNetwork:
         self.platform = platform
         self.value_of = value_of
         self.passes: list[Pass] = []
-        shape = (1, 16, platform.num_latent_frames, 28, 28)
-        probe = (0, 0, platform.value_slot, 0, 0)  # the value slot is generated in every mode
-        scale = np.float32(1.0) - _T_MAX
-        self._seed_of = {float(initial_noise(seed, shape)[probe] * scale): seed for seed in range(seed_range)}
+        self._seed_of = _seed_table(platform.num_latent_frames, platform.value_slot, seed_range)
 
     def bind_text(self, text_embedding: np.ndarray) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
         return self._call

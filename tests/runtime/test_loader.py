@@ -14,7 +14,7 @@ import pytest
 from cosmos_edge.runtime.bundle.loader import load_policies
 from cosmos_edge.runtime.bundle.manifest import Bundle
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource
-from cosmos_edge.runtime.engines.graph_networks import GraphDenoisingNetwork
+from cosmos_edge.runtime.engines.graph_networks import GraphDenoisingNetwork, batch_slices
 from cosmos_edge.runtime.engines.registry import load_graph_backend
 from cosmos_edge.runtime.errors import EngineError
 from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult
@@ -88,12 +88,18 @@ def test_batched_dit_graph_equals_one_call_per_candidate(tiny_bundles: TinyBundl
     with contextlib.closing(GraphDenoisingNetwork(runners)) as dit:
         network = dit.bind_text(bundle.text_embeddings().get(bundle.text_embeddings().instructions[0]))
         rng = np.random.default_rng(0)
-        x = rng.standard_normal((2, 16, 11, 28, 28)).astype(np.float32)
-        timesteps = np.full((2, 11), 0.9, np.float32)
-        mask = np.zeros((2, 1, 11, 28, 28), np.float32)
-        batched = network(x, timesteps, mask)
-        single = np.concatenate([network(x[i : i + 1], timesteps[i : i + 1], mask[i : i + 1]) for i in range(2)])
+        x = rng.standard_normal((5, 16, 11, 28, 28)).astype(np.float32)
+        timesteps = rng.uniform(0, 1, (5, 11)).astype(np.float32)
+        mask = np.zeros((5, 1, 11, 28, 28), np.float32)
+        batched = network(x, timesteps, mask)  # a batch of 5 runs as 2 + 2 + 1
+        single = np.concatenate([network(x[i : i + 1], timesteps[i : i + 1], mask[i : i + 1]) for i in range(5)])
     np.testing.assert_allclose(batched, single, rtol=0, atol=1e-5)
+
+
+def test_batches_of_any_size_run_as_slices_of_the_loaded_sizes() -> None:
+    assert batch_slices(2, [1, 2]) == [(0, 2, 2)]
+    assert batch_slices(7, [1, 2, 4]) == [(0, 4, 4), (4, 6, 2), (6, 7, 1)]
+    assert batch_slices(5, [2, 4]) == [(0, 4, 4), (4, 5, 2)]  # the last row runs padded in a batch of 2
 
 
 def test_half_precision_bundle_stays_close(

@@ -3,6 +3,9 @@ candidates over workers does not change the choice."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -10,7 +13,7 @@ from cosmos_edge.runtime.bundle.loader import load_policies
 from cosmos_edge.runtime.bundle.sources import CheckpointFiles, CheckpointSource
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.policy.api import ActionQuery
-from cosmos_edge.runtime.policy.planning import PlanningPolicy
+from cosmos_edge.runtime.policy.planning import PlanningPolicy, PlanningWorker
 from cosmos_edge.runtime.policy.planning_config import PlanningConfig
 from tests.helpers.observations import random_observation
 from tests.helpers.policies import reference_policy
@@ -59,6 +62,31 @@ def test_splitting_candidates_over_workers_gives_the_same_choice(aloha: Checkpoi
     assert first.value == pytest.approx(second.value, abs=1e-5)
     one.close()
     two.close()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [CONFIG, dataclasses.replace(CONFIG, search_depth=2, search_depth_value_aggregation_scheme="average")],
+    ids=["depth 1", "depth 2"],
+)
+def test_batched_passes_give_the_same_values_and_choice_as_pass_after_pass(
+    aloha: CheckpointFiles, config: PlanningConfig
+) -> None:
+    with load_policies(CheckpointSource(aloha), planning=config) as loaded:
+        workers = [PlanningWorker(device.policy_network, device.planning_network) for device in loaded.devices]
+        query = ActionQuery(random_observation("aloha", seed=5), "fold the t-shirt", seed=40, steps=2)
+        results = []
+        for batch_passes in (False, True):
+            with contextlib.closing(
+                PlanningPolicy(loaded.reactive.model, workers, config, batch_passes=batch_passes)
+            ) as planner:
+                results.append(planner.infer(query).candidates)
+    alone, batched = results
+    assert alone is not None and batched is not None
+    # fp32: a batch of another size may round the DiT's matmuls differently, far below the values' spread.
+    np.testing.assert_allclose(batched.values_by_depth, alone.values_by_depth, rtol=0, atol=1e-5)
+    assert np.ptp(alone.values) > 1e-3
+    assert batched.chosen == alone.chosen
 
 
 def test_bad_configuration_and_requests(aloha: CheckpointFiles) -> None:

@@ -52,7 +52,7 @@ class BlackConditioning:
 
 
 def planner(
-    config: PlanningConfig, value_of: ValueOf | None = None, workers: int = 1
+    config: PlanningConfig, value_of: ValueOf | None = None, workers: int = 1, batch_passes: bool = False
 ) -> tuple[PlanningPolicy, list[ScriptedNetwork]]:
     span = np.ones(ALOHA.action_dim)
     stats = DatasetStats(actions_min=-span, actions_max=span, proprio_min=-span, proprio_max=span)
@@ -60,11 +60,15 @@ def planner(
     encoder = BlackConditioning()
     model = PolicyModel(ALOHA, stats, text, encoder, encoder)
     networks = [ScriptedNetwork(ALOHA, value_of) for _ in range(workers)]
-    return PlanningPolicy(model, [PlanningWorker(net, net) for net in networks], config), networks
+    pairs = [PlanningWorker(net, net) for net in networks]
+    return PlanningPolicy(model, pairs, config, batch_passes=batch_passes), networks
 
 
-def run(config: PlanningConfig, value_of: ValueOf | None = None, workers: int = 1):  # type: ignore[no-untyped-def]
-    policy, networks = planner(config, value_of, workers)
+def run(  # type: ignore[no-untyped-def]
+    config: PlanningConfig, value_of: ValueOf | None = None, workers: int = 1, batch_passes: bool = False
+):
+    """One planning query; pass after pass in the official order unless `batch_passes`."""
+    policy, networks = planner(config, value_of, workers, batch_passes)
     result = policy.infer(ActionQuery(random_observation("aloha"), "task", seed=BASE_SEED))
     policy.close()
     return result, networks
@@ -221,3 +225,59 @@ def test_combinations_the_official_server_answers_with_error_are_refused_at_once
 ) -> None:
     with pytest.raises(ConfigError, match=field):
         PlanningConfig(**options)  # type: ignore[arg-type]
+
+
+# --- batched passes -------------------------------------------------------------------------------------------------
+
+
+def test_batched_passes_share_one_call_per_denoising_step() -> None:
+    _, (network,) = run(SMALL, batch_passes=True)
+    s = [BASE_SEED, BASE_SEED + 1]
+    members = s + [seed + 1 for seed in s]  # member j of both candidates: seeds s + j
+    assert trace(network) == [
+        (POLICY, s, calls(1)),
+        (WORLD, members, calls(3)),  # the 1-step and the 3-step member share the first call
+        (V_FUTURE, members * 2, calls(4)),  # the value members of both predicted states
+    ]
+
+
+BATCHING_CASES = {
+    "main": SMALL,
+    "depth 3, average": PlanningConfig(
+        **{**SMALL.__dict__, "search_depth": 3, "search_depth_value_aggregation_scheme": "average"}
+    ),
+    "depth 2, one value pass": PlanningConfig(
+        **{**SMALL.__dict__, "search_depth": 2, "use_ensemble_value_predictions": False}
+    ),
+    "q value, masked": PlanningConfig(
+        **{
+            **SMALL.__dict__,
+            "ar_future_prediction": False,
+            "ar_value_prediction": False,
+            "ar_qvalue_prediction": True,
+            "mask_future_state_for_qvalue_prediction": True,
+        }
+    ),
+    "own value": planning_preset("base", num_queries_best_of_n=3, num_denoising_steps_action=3),
+    **{
+        f"scheme {scheme.value}": PlanningConfig(**{**SMALL.__dict__, "value_ensemble_aggregation_scheme": scheme})
+        for scheme in (ValueAggregation.AVERAGE, ValueAggregation.LCB, ValueAggregation.SUCCESS_VOTE)
+    },
+}
+
+
+@pytest.mark.parametrize("config", BATCHING_CASES.values(), ids=BATCHING_CASES.keys())
+def test_batched_passes_give_every_candidate_the_same_value_and_the_same_choice(config: PlanningConfig) -> None:
+    # The double's x0 is the scaled input, so every value comes from its pass's seeds, steps and conditioning.
+    alone, _ = run(config)
+    batched, _ = run(config, batch_passes=True)
+    assert alone.candidates is not None and batched.candidates is not None
+    np.testing.assert_array_equal(batched.candidates.values_by_depth, alone.candidates.values_by_depth)
+    np.testing.assert_array_equal(batched.candidates.actions, alone.candidates.actions)
+    assert batched.candidates.chosen == alone.candidates.chosen
+
+
+def test_batched_passes_with_scripted_values_choose_as_derived_by_hand() -> None:
+    result, _ = run(one_step(), scripted, batch_passes=True)
+    assert result.candidates is not None and result.candidates.chosen == 2
+    np.testing.assert_allclose(result.candidates.values, [1.4 / 3, 0.7, 0.9], atol=1e-4)

@@ -221,7 +221,9 @@ def test_sampler_returns_fixed_target_and_keeps_conditioning_frames_clean(num_st
     assert [call.index for call in calls] == list(range(len(calls)))
     assert len(calls) == (1 if num_steps <= 2 else num_steps)
     assert all(call.num_calls == len(calls) and call.seconds >= 0 for call in calls)
-    np.testing.assert_array_equal([call.sigma for call in calls], evaluation_sigmas(num_steps))
+    np.testing.assert_array_equal(
+        [call.sigmas for call in calls], np.repeat(evaluation_sigmas(num_steps)[:, None], 2, 1)
+    )
 
 
 def _reference_sample(net, clean: np.ndarray, mask: np.ndarray, seed: int, num_steps: int) -> np.ndarray:
@@ -327,3 +329,26 @@ def test_the_noise_of_a_seed_is_drawn_once_and_cannot_be_modified() -> None:
     first, again = initial_noise(11, (1, *SHAPE)), initial_noise(11, (1, *SHAPE))
     assert first is again and not first.flags.writeable
     assert initial_noise(12, (1, *SHAPE)) is not first
+
+
+def test_passes_of_different_step_counts_in_one_batch_equal_each_pass_alone() -> None:
+    masks = np.concatenate([_mask((0, 1)), _mask((0, 1, 2)), _mask((0, 1)), _mask((0, 1))])
+    clean = _clean(batch=4)
+    seeds, steps = [3, 4, 5, 6], [5, 1, 3, 2]
+
+    def net(x_in: np.ndarray, timesteps: np.ndarray, mask: np.ndarray) -> np.ndarray:  # reads each row's timestep
+        return np.float32(0.3) * x_in * (1 + timesteps[:, None, :, None, None]) + mask
+
+    calls: list[NetworkCall] = []
+    batched = sample(Denoiser(net), clean, masks, seeds, steps, on_network_call=calls.append)
+    for row, (seed, num_steps) in enumerate(zip(seeds, steps, strict=True)):
+        alone = sample(Denoiser(net), clean[row : row + 1], masks[row : row + 1], [seed], num_steps)
+        np.testing.assert_array_equal(batched[row : row + 1], alone)
+    # Call k evaluates the passes that have a k-th call, each at its own sigma.
+    assert [len(call.sigmas) for call in calls] == [4, 2, 2, 1, 1]
+    assert calls[1].sigmas == (evaluation_sigmas(5)[1], evaluation_sigmas(3)[1])
+
+
+def test_sampler_rejects_a_step_list_of_another_length() -> None:
+    with pytest.raises(InputError, match="num_steps"):
+        sample(Denoiser(_linear_net()), _clean(), _mask(), seeds=[1, 2], num_steps=[1, 2, 3])
