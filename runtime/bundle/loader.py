@@ -121,7 +121,7 @@ def load_policies(
         planner = None
         if planning is not None:
             workers = [PlanningWorker(device.policy_network, device.planning_network) for device in networks]
-            planner = PlanningPolicy(model, workers, planning)
+            planner = PlanningPolicy(model, workers, planning, batch_passes=_batching_pays(used))
             resources.callback(planner.close)
     except BaseException:
         resources.close()
@@ -158,6 +158,13 @@ def planning_candidates(
             )
         return requested
     return next((n for n in range(default, min(2, default) - 1, -1) if fits(n)), None)
+
+
+def _batching_pays(devices: Sequence[str]) -> bool:
+    """Whether planning batches independent passes: on accelerators, where a larger batch fills the device; not on
+    the CPU, where a DiT call costs more per sample in a larger batch (`small`, 2 cores: 0.61 s at batch 1, 0.78 s
+    at 8 and above; benchmarks/results/cpu_planning.json measures best-of-4 10% slower batched)."""
+    return not all(device == "cpu" for device in devices)
 
 
 def _default_device(source: ModelSource) -> str:

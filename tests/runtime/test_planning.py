@@ -73,6 +73,7 @@ def test_batched_passes_give_the_same_values_and_choice_as_pass_after_pass(
     aloha: CheckpointFiles, config: PlanningConfig
 ) -> None:
     with load_policies(CheckpointSource(aloha), planning=config) as loaded:
+        assert loaded.planning is not None and not loaded.planning.batch_passes  # it does not pay on the CPU
         workers = [PlanningWorker(device.policy_network, device.planning_network) for device in loaded.devices]
         query = ActionQuery(random_observation("aloha", seed=5), "fold the t-shirt", seed=40, steps=2)
         results = []

@@ -1,0 +1,74 @@
+"""Best-of-N planning on the CPU, pass after pass (the official order) against batched passes, in one run.
+
+Random weights of the `small` DiT and the real-size Wan2.1 VAE, ALOHA layout, fp32 torch, one worker. The
+configuration is the main one scaled down: best of 4, a 1-step action pass, world-model ensemble steps (1, 3), value
+ensemble steps (1, 2, 3) for each predicted state: 15 DiT calls pass after pass, 7 batched.
+
+    .venv/bin/python -m pytest benchmarks/test_planning_cpu.py --benchmark-enable --benchmark-json OUT.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform as host
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from cosmos_edge.runtime.bundle.loader import LoadedPolicies, load_policies
+from cosmos_edge.runtime.bundle.sources import CheckpointSource
+from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets
+from cosmos_edge.runtime.platforms import platform_spec
+from cosmos_edge.runtime.policy.api import ActionQuery, Observation
+from cosmos_edge.runtime.policy.planning import PlanningPolicy, PlanningWorker
+from cosmos_edge.runtime.policy.planning_config import PlanningConfig
+
+ALOHA = platform_spec("aloha")
+CONFIG = PlanningConfig(
+    num_queries_best_of_n=4,
+    num_denoising_steps_action=1,
+    num_denoising_steps_future_state=3,
+    num_future_state_predictions_in_ensemble=2,
+    num_denoising_steps_value=3,
+    num_value_predictions_in_ensemble=3,
+)
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadedPolicies]:
+    files = write_random_assets(tmp_path_factory.mktemp("small"), RandomAssetsSpec("small", "aloha", seed=0))
+    with load_policies(CheckpointSource(files), planning=CONFIG) as policies:
+        yield policies
+
+
+def query() -> ActionQuery:
+    rng = np.random.default_rng(0)
+    images = {name: rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for name in ALOHA.cameras}
+    observation = Observation(images, rng.uniform(-0.2, 0.2, ALOHA.proprio_dim).astype(np.float32))
+    return ActionQuery(observation, "fold the t-shirt", seed=195)
+
+
+@pytest.mark.parametrize("batch_passes", [False, True], ids=["pass after pass", "batched"])
+def test_best_of_4(benchmark, loaded: LoadedPolicies, batch_passes: bool) -> None:  # type: ignore[no-untyped-def]
+    workers = [PlanningWorker(device.policy_network, device.planning_network) for device in loaded.devices]
+    with contextlib.closing(
+        PlanningPolicy(loaded.reactive.model, workers, CONFIG, batch_passes=batch_passes)
+    ) as policy:
+        warm = policy.infer(query())  # binds the instruction
+        assert warm.candidates is not None
+        benchmark.extra_info.update(
+            batch_passes=batch_passes,
+            machine=f"{host.machine()} {host.processor() or ''}".strip(),
+            cpu_count=os.cpu_count(),
+            torch=torch.__version__,
+            threads=torch.get_num_threads(),
+            precision="fp32",
+            config="small DiT + Wan2.1 VAE, aloha, best of 4, action 1 step, world model (1, 3), value (1, 2, 3)",
+            chosen=warm.candidates.chosen,
+            values=[round(float(value), 6) for value in warm.candidates.values],
+            stage_ms={name: round(ms, 1) for name, ms in warm.timings_ms.items()},
+        )
+        benchmark.pedantic(lambda: policy.infer(query()), rounds=2, warmup_rounds=0)
