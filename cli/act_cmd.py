@@ -117,7 +117,13 @@ def _act(args: argparse.Namespace) -> int:
                 "--mode planning: the bundle's DiT batch sizes serve no planning (re-export with --batch-sizes)"
             )
         planning = planning_config(args, num_queries_best_of_n=candidates)
-    with load_policies(source, devices=devices, planning=planning, future_images=args.future_images or None) as loaded:
+    with load_policies(
+        source,
+        devices=devices,
+        planning=planning,
+        planning_deadline_ms=args.planning_deadline_ms,
+        future_images=args.future_images or None,
+    ) as loaded:
         policy = loaded.planning or loaded.reactive
         observation = read_observation(args.observation, policy.platform)
         query = ActionQuery(observation, args.task, args.seed, args.steps, return_future_images=args.future_images)
@@ -173,6 +179,7 @@ def print_result(result: ChunkResult) -> None:
     if result.candidates is not None:
         values = ", ".join(f"{value:.4f}" for value in result.candidates.values)
         print(f"candidates:   {len(result.candidates.values)}, chose {result.candidates.chosen}; values {values}")
+        print(f"planning:     {result.candidates.outcome.value}")
     print("stage timings (ms): " + ", ".join(f"{name} {ms:.1f}" for name, ms in result.timings_ms.items()))
 
 
@@ -188,6 +195,7 @@ def save_result(path: Path, result: ChunkResult, all_actions: bool = False) -> N
     if result.candidates is not None:
         arrays |= {
             "chosen_index": np.array(result.candidates.chosen),
+            "planning_outcome": np.array(result.candidates.outcome.value),
             "candidate_values": result.candidates.values,
             "candidate_values_by_depth": result.candidates.values_by_depth,
         }

@@ -40,6 +40,23 @@ def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--num-candidates", dest="num_queries_best_of_n", type=int, help="the same as --num-queries-best-of-n"
     )
+    group.add_argument(
+        "--planning-deadline-ms",
+        type=_positive_milliseconds,
+        help="answer a planning query within this many ms of its start (plus the DiT call in flight): the best "
+        "candidate scored by then, or the base candidate's unranked action pass; the reply says which. With a "
+        "deadline each device scores its candidates one at a time instead of as one batch (default: none)",
+    )
+
+
+def _positive_milliseconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of milliseconds, got {text!r}")
+    return value
 
 
 def planning_config(args: argparse.Namespace, **replaced: object) -> PlanningConfig:

@@ -45,7 +45,6 @@ _NO_ZEROMQ = "none"
 # binds this in-process address, which nothing outside the process can reach.
 _IN_PROCESS_ONLY = "inproc://cosmos-edge-no-zeromq-endpoint"
 # Of the modes `LoadedPolicies.modes()` serves, the one that answers with a single query; `planning` is best-of-N.
-_SINGLE_QUERY_MODES = frozenset({"reactive"})
 
 
 def add_serve_parser(
@@ -150,7 +149,6 @@ def http_config(args: argparse.Namespace) -> HttpConfig | None:
         host,
         port,
         insecure_bind_all=args.http_insecure_bind_all,
-        single_query_modes=_SINGLE_QUERY_MODES,
         max_body_bytes=round(args.max_message_mb * _MIB),
         shutdown_timeout_s=args.shutdown_timeout_s,
     )
@@ -259,7 +257,7 @@ def _policies(args: argparse.Namespace) -> LoadedPolicies:
     else:
         _LOG.info("planning mode: best of %d candidates", candidates)
     planning = None if candidates is None else planning_config(args, num_queries_best_of_n=candidates)
-    loaded = load_policies(source, devices=devices, planning=planning)
+    loaded = load_policies(source, devices=devices, planning=planning, planning_deadline_ms=args.planning_deadline_ms)
     try:
         _LOG.info("warming up (kernels%s) before serving", ", compilation" if _compiles(args) else "")
         _LOG.info("warm-up done in %.1f s; serving", loaded.warm_up())

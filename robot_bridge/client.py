@@ -117,9 +117,11 @@ class PolicyClient:
         mode: str | None = None,
         seed: int | None = None,
         steps: int | None = None,
+        return_all_query_results: bool = False,
     ) -> ActReply:
         """Asks for the chunk for `observation`. The images are sent from their own buffers, without a copy: do not
         modify them while this call runs. The reply's `actions` are a read-only view of the received message.
+        `return_all_query_results`: a planning mode's reply also carries every candidate's actions and values.
 
         The request carries what is left of this call's deadline, so the server drops it (`expired`) rather than
         compute it after we gave up. `overloaded` answers are retried with backoff until the deadline.
@@ -138,6 +140,7 @@ class PolicyClient:
                 mode=mode,
                 seed=seed,
                 steps=steps,
+                return_all_query_results=return_all_query_results or None,
                 timeout_ms=_timeout_ms(deadline),
             )
             return self._act_until(request, deadline)

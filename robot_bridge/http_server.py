@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 
 import uvicorn
@@ -67,15 +67,13 @@ _STATUS = {
 class HttpConfig:
     """`host`/`port` to listen on (port 0: any free port, see `HttpEndpoint.url`).
 
-    `single_query_modes` are the modes whose answer is one policy query (no best-of-N): only for them can
-    `return_all_query_results` be answered truthfully, with that query as the only one. `max_connections` bounds the
-    connections handled at once (uvicorn answers more with a plain 503), `max_body_bytes` a request body (413).
+    `max_connections` bounds the connections handled at once (uvicorn answers more with a plain 503),
+    `max_body_bytes` a request body (413).
     """
 
     host: str = "127.0.0.1"
     port: int = OFFICIAL_PORT
     insecure_bind_all: bool = False
-    single_query_modes: frozenset[str] = field(default_factory=frozenset)
     max_body_bytes: int = 16 * 2**20
     max_connections: int = 32
     shutdown_timeout_s: float = 5.0
@@ -263,12 +261,6 @@ class HttpEndpoint:
             shown = list(metadata.instructions[:8])
             detail = f"no text embedding for {query.task_description!r}; expected one of {shown}"
             raise MessageError(ErrorCode.INVALID_INPUT, "task_description", detail)
-        if query.return_all_query_results and metadata.mode not in self._config.single_query_modes:
-            detail = (
-                f"the {metadata.mode!r} policy returns only the candidate it chose, not per-candidate results; send "
-                f"false, or switch to a single-query mode {sorted(self._config.single_query_modes)}"
-            )
-            raise MessageError(ErrorCode.INVALID_FIELD, "return_all_query_results", detail)
         return ActRequest(
             request_id,
             obs_id=request_id,
@@ -277,6 +269,7 @@ class HttpEndpoint:
             images=query.images,
             proprio=query.proprio,
             mode=metadata.mode,
+            return_all_query_results=query.return_all_query_results,
         )
 
     async def _healthz(self, request: Request) -> Response:
@@ -297,7 +290,6 @@ class HttpEndpoint:
                 "url": self.url,
                 "act": "POST /act, the official Cosmos Policy ALOHA format (json_numpy arrays)",
                 "cameras": dict(CAMERAS),
-                "single_query_modes": sorted(self._config.single_query_modes),
             },
             "zeromq": {"endpoint": self._server.endpoint, "protocol_version": PROTOCOL_VERSION},
         }

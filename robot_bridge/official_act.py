@@ -9,8 +9,9 @@ json_numpy text as a JSON string rather than an object.
 
 The reply holds `actions` (a list of chunk_size float32 rows), `future_image_predictions` (null here: no future images
 are decoded) and `value_prediction`. The official client reads `value_predictions` instead, a key the official server
-never sends, so the reply carries both. With `return_all_query_results`, the `all_*` keys list every query's results
-(search depth 1): only for a single-query mode, whose one query is every query.
+never sends, so the reply carries both. With `return_all_query_results`, the `all_*` keys list every query's results:
+every candidate of a planning mode (each its first-level chunk; a candidate not scored before the planning deadline
+has a null value), or the one query of the reactive mode.
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ def parse_query(body: bytes, image_size: tuple[int, int], proprio_dim: int) -> O
 
 
 def reply_body(reply: ActReply, query: OfficialQuery) -> bytes:
-    """The official server's reply to `query`. Every query's results are `reply`'s: call it with
-    `return_all_query_results` only for a single-query mode."""
+    """The official server's reply to `query`; with `return_all_query_results`, `reply` must carry its candidates
+    (a planning mode) or stands for the one query (the reactive mode)."""
     actions = list(reply.actions)  # one array per step, as the official server sends them
     response: dict[str, object] = {
         "actions": actions,
@@ -88,13 +89,22 @@ def reply_body(reply: ActReply, query: OfficialQuery) -> bytes:
         "value_predictions": reply.value,
     }
     if query.return_all_query_results:
+        every_actions: list[list[np.ndarray]] = [actions]
+        every_value: list[float | None] = [reply.value]
+        by_depth: list[list[float | None]] = [[reply.value]]
+        if reply.candidate_actions is not None and reply.candidate_values_by_depth is not None:
+            every_actions = [list(chunk) for chunk in reply.candidate_actions]
+            every_value, by_depth = (
+                list(reply.candidate_values or ()),
+                [list(row) for row in reply.candidate_values_by_depth],
+            )
         response |= {
-            "all_actions": [actions],
-            "all_future_image_predictions": [None],
-            "all_value_predictions": [reply.value],
-            "all_actions_by_depth": [[actions]],
-            "all_future_image_predictions_by_depth": [[]],  # the official base config predicts none per depth
-            "all_value_predictions_by_depth": [[reply.value]],
+            "all_actions": every_actions,
+            "all_future_image_predictions": [None] * len(every_actions),
+            "all_value_predictions": every_value,
+            "all_actions_by_depth": [[chunk] for chunk in every_actions],  # the first level's chunk only
+            "all_future_image_predictions_by_depth": [[] for _ in every_actions],
+            "all_value_predictions_by_depth": by_depth,
         }
     if query.double_encoded:  # `JSONResponse(json_numpy.dumps(response))`: a JSON string holding json_numpy text
         return COMPACT.encode(SPACED.encode(response)).encode("ascii")

@@ -20,6 +20,7 @@ import numpy as np
 from cosmos_edge.robot_bridge.wire import (
     INT64_MAX,
     MAX_DIM,
+    MAX_LIST,
     MAX_NAME,
     PROTOCOL_VERSION,
     UINT64_MAX,
@@ -121,7 +122,8 @@ class _Message:
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
             if item.name in self._array_fields:
-                arrays[item.name] = value
+                if value is not None:
+                    arrays[item.name] = value
             elif item.name != "request_id" and value is not None:
                 fields[item.name] = _to_wire(value)
         return fields, arrays
@@ -169,6 +171,7 @@ class ActRequest(_Message):
     seed: int | None = None
     steps: int | None = None
     timeout_ms: int | None = None
+    return_all_query_results: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -189,10 +192,18 @@ class ActRequest(_Message):
         set_field(self, "seed", check_optional_int("seed", self.seed, 0, _SEED_MAX))
         set_field(self, "steps", check_optional_int("steps", self.steps, 1, _MAX_STEPS))
         set_field(self, "timeout_ms", check_optional_int("timeout_ms", self.timeout_ms, 1, MAX_TIMEOUT_MS))
+        if self.return_all_query_results is not None and not isinstance(self.return_all_query_results, bool):
+            raise invalid("return_all_query_results", f"expected true or false, got {self.return_all_query_results!r}")
 
     def _payload(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         fields = {"obs_id": self.obs_id, "capture_time_ns": self.capture_time_ns, "instruction": self.instruction}
-        optional = {"mode": self.mode, "seed": self.seed, "steps": self.steps, "timeout_ms": self.timeout_ms}
+        optional = {
+            "mode": self.mode,
+            "seed": self.seed,
+            "steps": self.steps,
+            "timeout_ms": self.timeout_ms,
+            "return_all_query_results": self.return_all_query_results,
+        }
         fields.update({name: value for name, value in optional.items() if value is not None})
         arrays = {_IMAGE_PREFIX + camera: image for camera, image in self.images.items()}
         return fields, {**arrays, "proprio": self.proprio}
@@ -212,6 +223,7 @@ class ActRequest(_Message):
             seed=fields.take("seed", required=False),
             steps=fields.take("steps", required=False),
             timeout_ms=fields.take("timeout_ms", required=False),
+            return_all_query_results=fields.take("return_all_query_results", required=False),
         )
         fields.finish()
         arrays.finish()
@@ -245,10 +257,15 @@ class ActReply(_Message):
 
     `timings_ms` holds the server's stages in the order they ran. `server_receive_ns`/`server_send_ns` are the
     server's wall clock when the request arrived and when this reply was encoded.
+
+    A planning mode adds `planning` (how the query ended: complete, best_so_far or reactive, see `PlanningOutcome`),
+    `chosen_index` and `candidate_values` (None for a candidate not scored before the deadline); with
+    `return_all_query_results`, also `candidate_values_by_depth` and `candidate_actions` (zeros for a candidate
+    whose action pass did not finish before the deadline).
     """
 
     kind: ClassVar[MessageKind] = MessageKind.ACT_RESULT
-    _array_fields: ClassVar[tuple[str, ...]] = ("actions",)
+    _array_fields: ClassVar[tuple[str, ...]] = ("actions", "candidate_actions")
     obs_id: int
     actions: np.ndarray
     value: float
@@ -257,6 +274,11 @@ class ActReply(_Message):
     server_version: str
     server_receive_ns: int
     server_send_ns: int
+    planning: str | None = None
+    chosen_index: int | None = None
+    candidate_values: tuple[float | None, ...] | None = None
+    candidate_values_by_depth: tuple[tuple[float | None, ...], ...] | None = None
+    candidate_actions: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -273,6 +295,27 @@ class ActReply(_Message):
         set_field(self, "server_version", check_text("server_version", self.server_version, MAX_NAME))
         set_field(self, "server_receive_ns", check_int("server_receive_ns", self.server_receive_ns, 0, INT64_MAX))
         set_field(self, "server_send_ns", check_int("server_send_ns", self.server_send_ns, 0, INT64_MAX))
+        self._check_candidates()
+
+    def _check_candidates(self) -> None:
+        if self.planning is not None:
+            set_field(self, "planning", check_text("planning", self.planning, MAX_NAME))
+        if self.candidate_values is not None:
+            set_field(self, "candidate_values", _optional_values("candidate_values", self.candidate_values))
+            count = len(self.candidate_values)
+            set_field(self, "chosen_index", check_optional_int("chosen_index", self.chosen_index, 0, count - 1))
+        if self.candidate_values_by_depth is not None:
+            rows = check_sequence("candidate_values_by_depth", self.candidate_values_by_depth, MAX_LIST)
+            by_depth = tuple(_optional_values(f"candidate_values_by_depth[{i}]", row) for i, row in enumerate(rows))
+            set_field(self, "candidate_values_by_depth", by_depth)
+        if self.candidate_actions is not None:
+            set_field(self, "candidate_actions", check_array("candidate_actions", self.candidate_actions, "float32", 3))
+
+
+def _optional_values(field: str, value: object) -> tuple[float | None, ...]:
+    """Values in [0, 1], or None where one was not computed."""
+    items = check_sequence(field, value, MAX_LIST)
+    return tuple(None if item is None else check_float(field, item, 0.0, 1.0) for item in items)
 
 
 @dataclass(frozen=True, eq=False)

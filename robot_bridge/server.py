@@ -37,6 +37,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from importlib import metadata
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 import zmq
@@ -59,7 +60,14 @@ from cosmos_edge.robot_bridge.protocol import (
     decode_request,
 )
 from cosmos_edge.runtime.errors import ConfigError, InputError
-from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation, Policy
+from cosmos_edge.runtime.policy.api import (
+    ActionQuery,
+    CandidateResults,
+    ChunkResult,
+    Observation,
+    PlanningOutcome,
+    Policy,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +151,7 @@ class PolicyServer:
         self._last_reply_at: float | None = None  # monotonic; I/O thread only
         self._peer_log = RateLimitedLog()
         self._submissions = itertools.count(1)
+        self._planning_cut_short = 0  # planning replies whose deadline passed (I/O thread only)
         try:  # the metadata checks mode names and joint limits; better to fail here than on a controller's request
             self._metadata(0)
         except MessageError as error:
@@ -409,7 +418,9 @@ class PolicyServer:
             job.future.set_result(outcome)
         else:
             job.future.set_exception(outcome)
-        _log_answer(answer)
+        if isinstance(outcome, ActReply) and outcome.planning not in (None, PlanningOutcome.COMPLETE.value):
+            self._planning_cut_short += 1
+        _log_answer(answer, self._planning_cut_short)
 
     def _metadata(self, request_id: int) -> ServerMetadata:
         platform = self._platform
@@ -562,7 +573,28 @@ class PolicyServer:
             server_version=SERVER_VERSION,
             server_receive_ns=job.receive_ns,
             server_send_ns=time.time_ns(),
+            **_candidate_fields(result.candidates, bool(job.request.return_all_query_results)),
         )
+
+
+def _candidate_fields(candidates: CandidateResults | None, return_all: bool) -> dict[str, Any]:
+    """The planning fields of an `act_result` (none for a reactive result); NaN (not computed in time) travels as
+    null values and zero actions."""
+    if candidates is None:
+        return {}
+
+    def values(array: np.ndarray) -> tuple[float | None, ...]:
+        return tuple(None if np.isnan(value) else float(value) for value in array)
+
+    fields: dict[str, Any] = {
+        "planning": candidates.outcome.value,
+        "chosen_index": candidates.chosen,
+        "candidate_values": values(candidates.values),
+    }
+    if return_all:
+        fields["candidate_values_by_depth"] = tuple(values(row) for row in candidates.values_by_depth)
+        fields["candidate_actions"] = np.nan_to_num(candidates.actions.astype(np.float32), nan=0.0)
+    return fields
 
 
 def _expiry(job: _Job, now: float) -> MessageError | None:
@@ -575,11 +607,14 @@ def _expiry(job: _Job, now: float) -> MessageError | None:
     return MessageError(ErrorCode.EXPIRED, "timeout_ms", detail, job.request.request_id)
 
 
-def _log_answer(answer: _Answer) -> None:
-    """The one log line of an `act`, once it is answered."""
+def _log_answer(answer: _Answer, planning_cut_short: int) -> None:
+    """The one log line of an `act`, once it is answered; a planning reply names how its query ended and how many
+    planning queries so far were cut short by their deadline."""
     job, outcome = answer.job, answer.outcome
     if isinstance(outcome, ActReply):
         status = "ok " + " ".join(f"{stage}_ms={ms:.3f}" for stage, ms in outcome.timings_ms.items())
+        if outcome.planning is not None:
+            status += f" planning={outcome.planning} deadline_passed_total={planning_cut_short}"
     else:
         status = outcome.code.value + ("" if answer.policy_ms is None else f" policy_ms={answer.policy_ms:.3f}")
     logger.info(

@@ -100,9 +100,11 @@ def load_policies(
     *,
     devices: Sequence[str] | None = None,
     planning: PlanningConfig | None = None,
+    planning_deadline_ms: float | None = None,
     future_images: bool | None = None,
 ) -> LoadedPolicies:
-    """The reactive policy, and with `planning` the best-of-N policy over `devices` (default: the backend's one).
+    """The reactive policy, and with `planning` the best-of-N policy over `devices` (default: the backend's one),
+    answering within `planning_deadline_ms` when given (`PlanningPolicy`).
 
     `future_images` (bundles): None loads the full encoder and decoder if the bundle has them, True requires them,
     False skips them. Checkpoint files always can decode future images.
@@ -121,7 +123,9 @@ def load_policies(
         planner = None
         if planning is not None:
             workers = [PlanningWorker(device.policy_network, device.planning_network) for device in networks]
-            planner = PlanningPolicy(model, workers, planning, batch_passes=_batching_pays(used))
+            planner = PlanningPolicy(
+                model, workers, planning, batch_passes=_batching_pays(used), deadline_ms=planning_deadline_ms
+            )
             resources.callback(planner.close)
     except BaseException:
         resources.close()

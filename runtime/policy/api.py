@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -48,19 +49,32 @@ class ActionQuery:
     return_future_images: bool = False
 
 
+class PlanningOutcome(str, Enum):
+    """How a planning query ended."""
+
+    COMPLETE = "complete"
+    """Every candidate was scored."""
+    BEST_SO_FAR = "best_so_far"
+    """The deadline passed: the best of the candidates scored in time."""
+    REACTIVE = "reactive"
+    """The deadline passed before any candidate was scored: the base candidate's action pass, unranked."""
+
+
 @dataclass(frozen=True)
 class CandidateResults:
     """Every candidate of a planning query, in candidate order (candidate i used seed s + i).
 
     `actions` "n chunk action_dim" (un-normalised, each candidate's first-level chunk), `values` "n" (what ranked
     them), `values_by_depth` "n entries" (the official `value_predictions_by_depth`: 1 + (depth - 1)·K entries), and
-    the index of the `chosen` one.
+    the index of the `chosen` one. A candidate not scored before the deadline has NaN values (and NaN actions if its
+    action pass did not finish either).
     """
 
     chosen: int
     actions: np.ndarray
     values: np.ndarray
     values_by_depth: np.ndarray
+    outcome: PlanningOutcome = PlanningOutcome.COMPLETE
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,14 @@ sample's arithmetic is its own (up to the network's batch-size-dependent roundin
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import math
 import secrets
+import threading
+import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +45,7 @@ from cosmos_edge.runtime.policy.api import (
     ChunkResult,
     DenoisingNetwork,
     NetworkFn,
+    PlanningOutcome,
     StageTimer,
 )
 from cosmos_edge.runtime.policy.conditioning import ConditioningMode, promote_future_state
@@ -55,6 +61,8 @@ from cosmos_edge.runtime.policy.steps import (
     sample_latents,
 )
 from cosmos_edge.runtime.policy.value_aggregation import ValueAggregation, aggregate_values, select_best_candidate
+
+_LOG = logging.getLogger(__name__)
 
 
 def candidate_shares(num_candidates: int, num_workers: int) -> list[list[int]]:
@@ -115,8 +123,18 @@ class _Search:
     batch_passes: bool
     timer: StageTimer
 
+    stop: threading.Event | None = None  # set: the next network call raises `_Stopped`
+
     def run(self, clean: np.ndarray) -> CandidateScores:
+        return self.score(self.act(clean), clean)
+
+    def act(self, clean: np.ndarray) -> np.ndarray:
+        """The candidates' action pass: "n c t h w"."""
         (actions,) = self._run(self.policy, ConditioningMode.POLICY, [_Pass(clean, 0, self.action_steps)])
+        return actions
+
+    def score(self, actions: np.ndarray, clean: np.ndarray) -> CandidateScores:
+        """Ranks the candidates of the action samples `actions` by the configured passes."""
         config = self.config
         if not config.scores_with_planning_model:
             value = read_values(self.model.platform, actions)
@@ -178,6 +196,8 @@ class _Search:
     def _run(self, network: NetworkFn, mode: ConditioningMode, passes: list[_Pass]) -> list[np.ndarray]:
         """The samples of each pass, in order: all passes as one batch, or pass after pass."""
         platform, timer, n = self.model.platform, self.timer, len(self.seeds)
+        if self.stop is not None:
+            network = _stoppable(network, self.stop)
         seeds = [self._seeds(each.offset) for each in passes]  # drawn in pass order (randomize_seed)
         if not self.batch_passes:
             return [
@@ -201,11 +221,81 @@ class _Search:
         return [seed + offset for seed in self.seeds]
 
 
+@dataclass(frozen=True)
+class _Ranked:
+    """The candidates of a query in candidate order (NaN where not computed in time), and the choice."""
+
+    latents: np.ndarray
+    values: np.ndarray
+    values_by_depth: np.ndarray
+    chosen: int
+    outcome: PlanningOutcome
+    value: float  # the chosen candidate's value, or the base action pass's own for `REACTIVE`
+
+
+def _rank(
+    scored: dict[int, CandidateScores],
+    num_candidates: int,
+    base_actions: np.ndarray | None = None,
+    base_value: float = math.nan,
+) -> _Ranked:
+    """Ranks the candidates scored (index → its one-row scores); without any, falls back to the base action pass."""
+    rows = list(scored.values())
+    latent_shape = rows[0].latents.shape[1:] if rows else base_actions.shape[1:]  # type: ignore[union-attr]
+    entries = rows[0].values_by_depth.shape[1] if rows else 1
+    latents = np.full((num_candidates, *latent_shape), np.nan, np.float32)
+    values = np.full(num_candidates, np.nan, np.float32)
+    by_depth = np.full((num_candidates, entries), np.nan, np.float32)
+    if base_actions is not None:
+        latents[0] = base_actions[0]
+    for index, row in scored.items():
+        latents[index], values[index], by_depth[index] = row.latents[0], row.values[0], row.values_by_depth[0]
+    indices = sorted(scored)
+    if not indices:
+        return _Ranked(latents, values, by_depth, 0, PlanningOutcome.REACTIVE, base_value)
+    ranked = values[indices]
+    base = indices.index(0) if 0 in scored else int(np.argmax(ranked))  # the base seed's unless beaten
+    chosen = indices[select_best_candidate(ranked, base_index=base)]
+    outcome = PlanningOutcome.COMPLETE if len(indices) == num_candidates else PlanningOutcome.BEST_SO_FAR
+    return _Ranked(latents, values, by_depth, chosen, outcome, float(values[chosen]))
+
+
+def _read_chunks(model: PolicyModel, latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`read_chunks` of the candidates whose action pass finished; NaN for the others."""
+    done = np.flatnonzero(np.isfinite(latents).all(axis=tuple(range(1, latents.ndim))))
+    actions, future_proprio = read_chunks(model, latents[done])
+    all_actions = np.full((len(latents), *actions.shape[1:]), np.nan, np.float32)
+    all_proprio = np.full((len(latents), *future_proprio.shape[1:]), np.nan, np.float32)
+    all_actions[done], all_proprio[done] = actions, future_proprio
+    return all_actions, all_proprio
+
+
+class _Stopped(Exception):
+    """Raised in a worker whose query's deadline has passed, at its next network call."""
+
+
+def _stoppable(network: NetworkFn, stop: threading.Event) -> NetworkFn:
+    def call(x: np.ndarray, timesteps: np.ndarray, condition_mask: np.ndarray) -> np.ndarray:
+        if stop.is_set():
+            raise _Stopped
+        return network(x, timesteps, condition_mask)
+
+    return call
+
+
 class PlanningPolicy(ModelPolicy):
     """A `Policy` whose chunk is the best of `num_queries_best_of_n` sampled chunks. `close()` stops its threads.
 
     `batch_passes=False` runs the passes one after another in the official order (the reference that batching is
-    tested and measured against); it computes the same values."""
+    tested and measured against); it computes the same values.
+
+    `deadline_ms`: a query answers within this time of its start (plus at most the network call in flight when it
+    expires; encoding the observation and the base candidate's action pass are always waited for). The base
+    candidate's action pass runs first, then each worker scores its candidates one at a time; at the deadline the
+    workers stop at their next network call and the query answers with the best candidate scored so far, or with
+    the base candidate's unranked action pass (`PlanningOutcome`). Scoring one candidate at a time forgoes batching
+    the candidates of a worker, so a deadline costs throughput when it is met.
+    """
 
     def __init__(
         self,
@@ -214,9 +304,12 @@ class PlanningPolicy(ModelPolicy):
         config: PlanningConfig | None = None,
         *,
         batch_passes: bool = True,
+        deadline_ms: float | None = None,
     ) -> None:
         if not workers:
             raise ConfigError("workers: expected at least one planning worker")
+        if deadline_ms is not None and not deadline_ms > 0:
+            raise ConfigError(f"planning_deadline_ms: expected a positive number of milliseconds, got {deadline_ms}")
         self._model = model
         text = model.text_embeddings
         self._workers = tuple(
@@ -224,7 +317,9 @@ class PlanningPolicy(ModelPolicy):
         )
         self._config = config or PlanningConfig()
         self._batch_passes = batch_passes
+        self._deadline_s = None if deadline_ms is None else deadline_ms / 1e3
         self._pool = ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="planning")
+        self._stopping: list[Future[None]] = []  # workers of a query past its deadline, finishing their last call
 
     @property
     def config(self) -> PlanningConfig:
@@ -234,7 +329,12 @@ class PlanningPolicy(ModelPolicy):
     def batch_passes(self) -> bool:
         return self._batch_passes
 
+    @property
+    def deadline_ms(self) -> float | None:
+        return None if self._deadline_s is None else self._deadline_s * 1e3
+
     def reset(self) -> None:
+        self._finish_stopping()
         for worker in self._workers:
             worker.policy.reset()
             worker.planner.reset()
@@ -245,42 +345,92 @@ class PlanningPolicy(ModelPolicy):
     def infer(self, query: ActionQuery) -> ChunkResult:
         if query.return_future_images:
             raise InputError("return_future_images: not available in planning mode; use the reactive mode")
+        self._finish_stopping()  # a network is never called by two queries at once
+        started = time.perf_counter()
         steps = denoising_steps(query, self._config.num_denoising_steps_action)
         timer = StageTimer()
         encoded = encode_observation(self._model, query.observation, timer, full_sequence=False)
-        shares = [
-            [query.seed + index for index in share]
-            for share in candidate_shares(self._config.num_queries_best_of_n, len(self._workers))
-        ]
+        with timer.stage("planning"):
+            if self._deadline_s is None:
+                scores = self._score_all(query, encoded.clean, steps)
+            else:
+                scores = self._score_until(started + self._deadline_s, query, encoded.clean, steps, timer)
+        with timer.stage("readout"):
+            actions, future_proprio = _read_chunks(self._model, scores.latents)
+        chosen = scores.chosen
+        candidates = CandidateResults(chosen, actions, scores.values, scores.values_by_depth, scores.outcome)
+        return ChunkResult(actions[chosen], scores.value, future_proprio[chosen], None, timer.as_dict(), candidates)
+
+    def _score_all(self, query: ActionQuery, clean: np.ndarray, steps: int) -> _Ranked:
+        """Every candidate, each worker's share as one batch."""
+        shares = candidate_shares(self._config.num_queries_best_of_n, len(self._workers))
         jobs = [
-            self._pool.submit(self._score, worker, query.instruction, encoded.clean, share, steps)
+            (share, self._pool.submit(self._search(worker, query, [query.seed + i for i in share], steps).run, clean))
             for worker, share in zip(self._workers, shares, strict=True)
             if share
         ]
-        with timer.stage("planning"):
-            results = [job.result() for job in jobs]
-        order = np.argsort([seed for share in shares for seed in share])  # back to candidate order
-        latents = np.concatenate([result.latents for result in results])[order]
-        values = np.concatenate([result.values for result in results])[order]
-        by_depth = np.concatenate([result.values_by_depth for result in results])[order]
-        best = select_best_candidate(values.tolist(), base_index=0)
-        with timer.stage("readout"):
-            actions, future_proprio = read_chunks(self._model, latents)
-        candidates = CandidateResults(best, actions, values, by_depth)
-        return ChunkResult(actions[best], float(values[best]), future_proprio[best], None, timer.as_dict(), candidates)
+        scored = {}
+        for share, job in jobs:
+            result = job.result()
+            for position, index in enumerate(share):
+                scored[index] = CandidateScores(
+                    *(array[position : position + 1] for array in dataclasses.astuple(result))
+                )
+        return _rank(scored, self._config.num_queries_best_of_n)
 
-    def _score(
-        self, worker: _BoundWorker, instruction: str, clean: np.ndarray, seeds: list[int], steps: int
-    ) -> CandidateScores:
+    def _score_until(
+        self, deadline: float, query: ActionQuery, clean: np.ndarray, steps: int, timer: StageTimer
+    ) -> _Ranked:
+        """The base candidate's action pass, then candidates one at a time per worker until done or `deadline`."""
+        base_search = self._search(self._workers[0], query, [query.seed], steps)
+        base_actions = base_search.act(clean)
+        stop, scored = threading.Event(), dict[int, CandidateScores]()
+
+        def score_share(worker: _BoundWorker, share: list[int]) -> None:
+            for index in share:
+                search = self._search(worker, query, [query.seed + index], steps, stop)
+                try:
+                    scored[index] = search.score(base_actions, clean) if index == 0 else search.run(clean)
+                except _Stopped:
+                    return
+
+        shares = candidate_shares(self._config.num_queries_best_of_n, len(self._workers))
+        jobs = [self._pool.submit(score_share, w, share) for w, share in zip(self._workers, shares, strict=True)]
+        _, late = wait(jobs, timeout=max(deadline - time.perf_counter(), 0.0))
+        if late:
+            stop.set()
+            self._stopping = list(late)
+            _LOG.warning(
+                "planning deadline %.0f ms passed with %d of %d candidates scored",
+                self._deadline_s * 1e3 if self._deadline_s else 0.0,
+                len(scored),
+                self._config.num_queries_best_of_n,
+            )
+        base_value = float(read_values(self._model.platform, base_actions)[0])
+        return _rank(dict(scored), self._config.num_queries_best_of_n, base_actions, base_value)
+
+    def _search(
+        self,
+        worker: _BoundWorker,
+        query: ActionQuery,
+        seeds: list[int],
+        steps: int,
+        stop: threading.Event | None = None,
+    ) -> _Search:
         timer = StageTimer()  # per worker; the caller reports the wall time of all workers together
-        search = _Search(
+        return _Search(
             self._config,
             self._model,
-            worker.policy.for_instruction(instruction, timer),
-            worker.planner.for_instruction(instruction, timer),
+            worker.policy.for_instruction(query.instruction, timer),
+            worker.planner.for_instruction(query.instruction, timer),
             seeds,
             steps,
             self._batch_passes,
             timer,
+            stop,
         )
-        return search.run(clean)
+
+    def _finish_stopping(self) -> None:
+        for job in self._stopping:
+            job.result()
+        self._stopping = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from cosmos_edge.cli.main import main
 from cosmos_edge.runtime.bundle.sources import CheckpointFiles
@@ -24,7 +25,7 @@ def test_an_offline_planning_query_writes_every_candidate(
     argv += ["--num-candidates", "3", "--num-denoising-steps-action", "1", "--num-denoising-steps-future-state", "1"]
     argv += ["--num-denoising-steps-value", "2", "--num-future-state-predictions-in-ensemble", "1"]
     argv += ["--num-value-predictions-in-ensemble", "2", "--value-ensemble-aggregation-scheme", "average"]
-    argv += ["--return-all-query-results", "--out", str(tmp_path / "result.npz")]
+    argv += ["--return-all-query-results", "--planning-deadline-ms", "600000", "--out", str(tmp_path / "result.npz")]
     assert main(argv) == 0
     with np.load(tmp_path / "result.npz") as result:
         values, chosen = result["candidate_values"], int(result["chosen_index"])
@@ -32,3 +33,12 @@ def test_an_offline_planning_query_writes_every_candidate(
         assert chosen == select_best_candidate(values.tolist())
         np.testing.assert_array_equal(result["actions"], result["candidate_actions"][chosen])
         assert result["value"] == values[chosen]
+        assert str(result["planning_outcome"]) == "complete"  # the deadline was met
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "inf"])
+def test_a_deadline_must_be_a_positive_number_of_milliseconds(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["act", "--mode", "planning", "--planning-deadline-ms", value])
+    assert exit_info.value.code == 2
+    assert "--planning-deadline-ms: expected a positive number of milliseconds" in capsys.readouterr().err

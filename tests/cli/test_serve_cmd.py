@@ -71,7 +71,7 @@ def test_http_options_become_an_http_config() -> None:
     config = http_config(parse("--http", "127.0.0.1:8777", "--max-message-mb", "2"))
     assert config is not None
     assert (config.host, config.port, config.insecure_bind_all) == ("127.0.0.1", 8777, False)
-    assert config.single_query_modes == frozenset({"reactive"}) and config.max_body_bytes == 2 * 2**20
+    assert config.max_body_bytes == 2 * 2**20
     with pytest.raises(ConfigError, match="reachable from other machines"):
         http_config(parse("--http", "0.0.0.0:8777"))
     config = http_config(parse("--http", "0.0.0.0:8777", "--http-insecure-bind-all"))

@@ -20,7 +20,7 @@ from cosmos_edge.robot_bridge.client import PolicyClient, RequestTimeout
 from cosmos_edge.robot_bridge.server import PolicyServer, serving_in_thread
 from cosmos_edge.runtime.errors import InputError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE, PlatformSpec, platform_spec
-from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation
+from cosmos_edge.runtime.policy.api import ActionQuery, CandidateResults, ChunkResult, Observation, PlanningOutcome
 
 if TYPE_CHECKING:  # the HTTP endpoint needs the optional http extra
     from cosmos_edge.robot_bridge.http_server import HttpConfig
@@ -51,6 +51,17 @@ class Flag(Protocol):
     def wait(self, timeout: float | None = None) -> bool: ...
 
 
+# A planning result cut short by its deadline: candidate 2 was neither scored nor sampled.
+CUT_SHORT_CANDIDATES = CandidateResults(
+    chosen=1,
+    actions=np.stack([np.full((ALOHA.chunk_size, ALOHA.action_dim), i, np.float32) for i in range(3)])
+    * np.array([1, 1, np.nan], np.float32)[:, None, None],  # candidate 2's action pass missed the deadline
+    values=np.array([0.5, 0.75, np.nan], np.float32),
+    values_by_depth=np.array([[0.5], [0.75], [np.nan]], np.float32),
+    outcome=PlanningOutcome.BEST_SO_FAR,
+)
+
+
 class StubPolicy:
     """Deterministic ALOHA `Policy`: the answer is a function of proprio, seed and `offset` (to tell modes apart).
 
@@ -69,8 +80,10 @@ class StubPolicy:
         actions_shape: tuple[int, int] = (ALOHA.chunk_size, ALOHA.action_dim),
         platform: PlatformSpec = ALOHA,
         instructions: tuple[str, ...] = (INSTRUCTION,),
+        candidates: CandidateResults | None = None,
     ) -> None:
         self.offset = offset
+        self.candidates = candidates  # attached to every result, as a planning policy's
         self._platform = platform
         self.gate = gate
         self.delay_s = delay_s
@@ -108,6 +121,7 @@ class StubPolicy:
             value=0.25,
             future_proprio=np.zeros(ALOHA.proprio_dim, dtype=np.float32),
             timings_ms={"dit": 1.5},
+            candidates=self.candidates,
         )
 
     def reset(self) -> None:

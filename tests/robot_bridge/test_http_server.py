@@ -23,8 +23,13 @@ from cosmos_edge.robot_bridge.client import PolicyClient
 from cosmos_edge.robot_bridge.server import PolicyServer
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import platform_spec
-from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation, Policy
-from tests.helpers.bridge_doubles import ALOHA, INSTRUCTION, StubPolicy, expected_actions, serving
+from cosmos_edge.runtime.policy.api import (
+    ActionQuery,
+    ChunkResult,
+    Observation,
+    Policy,
+)
+from tests.helpers.bridge_doubles import ALOHA, CUT_SHORT_CANDIDATES, INSTRUCTION, StubPolicy, expected_actions, serving
 
 json_numpy = pytest.importorskip("json_numpy")
 requests = pytest.importorskip("requests")
@@ -52,7 +57,7 @@ def official_json() -> Iterator[None]:
 def serving_both(policies: Policy | Mapping[str, Policy], **http: Any) -> Iterator[tuple[str, str]]:
     """A policy server on loopback ZeroMQ with the HTTP endpoint beside it; yields (ZeroMQ endpoint, HTTP URL)."""
     server = PolicyServer(policies, ServerConfig("tcp://127.0.0.1:*"))
-    config = HttpConfig(port=0, single_query_modes=frozenset({"reactive"}), **http)
+    config = HttpConfig(port=0, **http)
     with serving(server) as endpoint, HttpEndpoint(server, config) as endpoint_http:
         yield endpoint, endpoint_http.url
 
@@ -160,8 +165,8 @@ def test_modes_switch_for_both_endpoints(official_json: None) -> None:
         assert (status, body["field"], body["code"]) == (422, "mode", "unknown_mode")
 
 
-def test_all_query_results_are_given_for_a_single_query_mode_only(official_json: None) -> None:
-    policies = {"reactive": StubPolicy(), "planning": StubPolicy(offset=1.0)}
+def test_all_query_results_list_the_one_query_or_every_candidate(official_json: None) -> None:
+    policies = {"reactive": StubPolicy(), "planning": StubPolicy(offset=1.0, candidates=CUT_SHORT_CANDIDATES)}
     obs = camera_observation(5.0)
     with serving_both(policies) as (_, url):
         response = get_action_from_server(official_request(obs), url + "/act", return_all_query_results=True)
@@ -171,10 +176,12 @@ def test_all_query_results_are_given_for_a_single_query_mode_only(official_json:
         assert response["all_future_image_predictions"] == [None]
         assert response["all_future_image_predictions_by_depth"] == [[]]
         post(url + "/mode", '{"mode": "planning"}')
-        request = official_request(obs) | {"return_all_query_results": True}
-        status, body = post(url + "/act", json_numpy.dumps(request))
-    assert (status, body["field"], body["code"]) == (422, "return_all_query_results", "invalid_field")
-    assert "'planning' policy returns only the candidate it chose" in body["error"]
+        planned = get_action_from_server(official_request(obs), url + "/act", return_all_query_results=True)
+    assert planned["all_value_predictions"] == [0.5, 0.75, None]  # null: not scored before the deadline
+    assert planned["all_value_predictions_by_depth"] == [[0.5], [0.75], [None]]
+    assert_allclose(planned["all_actions"][1], CUT_SHORT_CANDIDATES.actions[1])
+    assert_allclose(planned["all_actions"][2], np.zeros((ALOHA.chunk_size, ALOHA.action_dim)))
+    assert planned["all_future_image_predictions"] == [None] * 3
 
 
 def test_errors_are_4xx_json_naming_the_key(official_json: None) -> None:

@@ -83,11 +83,22 @@ ROUND_TRIPS = {
     "act": act_request(),
     "act with overrides": act_request(mode="planning", seed=0, steps=5),
     "act with a deadline": act_request(timeout_ms=250),
+    "act asking for every candidate": act_request(return_all_query_results=True),
     "act with one camera": act_request(images={"primary": np.zeros((8, 6, 3), np.uint8)}),
     "metadata": MetadataRequest(1),
     "ping": PingRequest(2**64 - 1),
     "set_mode": SetModeRequest(4, "planning"),
     "act_result": act_reply(),
+    "act_result of a planning query": act_reply(
+        planning="best_so_far", chosen_index=1, candidate_values=(0.5, 0.75, None)
+    ),
+    "act_result with every candidate": act_reply(
+        planning="complete",
+        chosen_index=0,
+        candidate_values=(0.5, 0.25),
+        candidate_values_by_depth=((0.5, 0.4), (0.25, 0.25)),
+        candidate_actions=np.arange(2 * 50 * 14, dtype=np.float32).reshape(2, 50, 14),
+    ),
     "metadata_result": metadata(),
     "metadata_result with joint limits": metadata(joint_limits=tuple((-1.0 - i, 1.0 + i) for i in range(14))),
     "pong": Pong(5, 123, "0.1.0"),
@@ -328,6 +339,14 @@ def test_messages_built_locally_are_validated_too() -> None:
         act_request(proprio=np.zeros(14))
     with pytest.raises(MessageError, match="actions: expected finite values"):
         act_reply(actions=np.full((50, 14), np.inf, np.float32))
+    with pytest.raises(MessageError, match=r"candidate_values: expected a finite number in \[0.0, 1.0\], got 1.5"):
+        act_reply(candidate_values=(0.5, 1.5))
+    with pytest.raises(MessageError, match="chosen_index: expected"):
+        act_reply(candidate_values=(0.5, 0.5), chosen_index=2)
+    with pytest.raises(MessageError, match="candidate_actions: expected finite values"):
+        act_reply(candidate_actions=np.full((2, 50, 14), np.nan, np.float32))
+    with pytest.raises(MessageError, match="return_all_query_results: expected true or false"):
+        act_request(return_all_query_results="yes")
     with pytest.raises(MessageError, match="joint_limits: expected 14"):
         metadata(joint_limits=((0.0, 1.0),))
     with pytest.raises(MessageError, match=r"joint_limits\[0\]: expected lower < upper"):

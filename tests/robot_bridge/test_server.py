@@ -33,7 +33,15 @@ from cosmos_edge.robot_bridge.protocol import (
 from cosmos_edge.robot_bridge.server import PolicyServer
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.platforms import platform_spec
-from tests.helpers.bridge_doubles import ALOHA, INSTRUCTION, StubPolicy, expected_actions, observation, serving
+from tests.helpers.bridge_doubles import (
+    ALOHA,
+    CUT_SHORT_CANDIDATES,
+    INSTRUCTION,
+    StubPolicy,
+    expected_actions,
+    observation,
+    serving,
+)
 
 ENDPOINT = "tcp://127.0.0.1:*"
 TIMEOUT_S = 5.0  # generous: a loaded 2-core machine; every normal reply takes milliseconds
@@ -278,6 +286,25 @@ def test_modes_switch_and_can_be_chosen_per_request() -> None:
         with pytest.raises(RemoteError) as caught:
             client.set_mode("dreaming")
         assert caught.value.code is ErrorCode.UNKNOWN_MODE and "'reactive', 'planning'" in caught.value.detail
+
+
+def test_planning_replies_carry_the_outcome_and_the_candidates(caplog: pytest.LogCaptureFixture) -> None:
+    policies = {"reactive": StubPolicy(), "planning": StubPolicy(candidates=CUT_SHORT_CANDIDATES)}
+    caplog.set_level(logging.INFO, logger="cosmos_edge.robot_bridge.server")
+    with serving(PolicyServer(policies, ServerConfig(ENDPOINT))) as endpoint, PolicyClient(endpoint) as client:
+        obs = observation(1.0)
+        reactive = client.act(obs, INSTRUCTION, obs_id=1, capture_time_ns=1, return_all_query_results=True)
+        assert reactive.planning is None and reactive.candidate_values is None and reactive.candidate_actions is None
+        brief = client.act(obs, INSTRUCTION, obs_id=2, capture_time_ns=1, mode="planning")
+        assert (brief.planning, brief.chosen_index, brief.candidate_values) == ("best_so_far", 1, (0.5, 0.75, None))
+        assert brief.candidate_actions is None and brief.candidate_values_by_depth is None
+        full = client.act(obs, INSTRUCTION, obs_id=3, capture_time_ns=1, mode="planning", return_all_query_results=True)
+    assert full.candidate_values_by_depth == ((0.5,), (0.75,), (None,))
+    assert full.candidate_actions is not None
+    np.testing.assert_array_equal(full.candidate_actions[:2], CUT_SHORT_CANDIDATES.actions[:2])
+    np.testing.assert_array_equal(full.candidate_actions[2], 0.0)  # not computed in time
+    assert "planning=best_so_far deadline_passed_total=1" in caplog.text
+    assert "planning=best_so_far deadline_passed_total=2" in caplog.text
 
 
 @pytest.mark.parametrize(

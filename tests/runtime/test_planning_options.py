@@ -6,12 +6,14 @@ of each candidate and its number of network calls; and it scripts the value each
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import platform_spec
-from cosmos_edge.runtime.policy.api import ActionQuery, StageTimer
+from cosmos_edge.runtime.policy.api import ActionQuery, PlanningOutcome, StageTimer
 from cosmos_edge.runtime.policy.conditioning import ConditioningMode
 from cosmos_edge.runtime.policy.normalization import DatasetStats
 from cosmos_edge.runtime.policy.planning import PlanningPolicy, PlanningWorker
@@ -281,3 +283,70 @@ def test_batched_passes_with_scripted_values_choose_as_derived_by_hand() -> None
     result, _ = run(one_step(), scripted, batch_passes=True)
     assert result.candidates is not None and result.candidates.chosen == 2
     np.testing.assert_allclose(result.candidates.values, [1.4 / 3, 0.7, 0.9], atol=1e-4)
+
+
+# --- deadline -------------------------------------------------------------------------------------------------------
+
+
+class HeldNetwork:
+    """Wraps a scripted double: calls whose batch holds a seed in `held` (and whose pass conditions on `slots`)
+    wait until `release` is set, as a slow device would."""
+
+    def __init__(self, inner: ScriptedNetwork, held: set[int], slots: tuple[int, ...] | None = None) -> None:
+        self.inner, self.held, self.slots = inner, held, slots
+        self.release = threading.Event()
+
+    def bind_text(self, text_embedding: np.ndarray):  # type: ignore[no-untyped-def]
+        call = self.inner.bind_text(text_embedding)
+
+        def held_call(x: np.ndarray, timesteps: np.ndarray, condition_mask: np.ndarray) -> np.ndarray:
+            out = call(x, timesteps, condition_mask)
+            current = self.inner.passes[-1]
+            if self.held & set(current.seeds) and self.slots in (None, current.clean_slots):
+                assert self.release.wait(timeout=60)
+            return out
+
+        return held_call
+
+
+def plan_within_deadline(held: set[int], slots: tuple[int, ...] | None = None):  # type: ignore[no-untyped-def]
+    span = np.ones(ALOHA.action_dim)
+    stats = DatasetStats(actions_min=-span, actions_max=span, proprio_min=-span, proprio_max=span)
+    text = TextEmbeddings.from_arrays({"task": np.zeros((1, 4, 8), np.float32)})
+    model = PolicyModel(ALOHA, stats, text, BlackConditioning(), BlackConditioning())
+    network = HeldNetwork(ScriptedNetwork(ALOHA, scripted), held, slots)
+    policy = PlanningPolicy(model, [PlanningWorker(network, network)], one_step(), deadline_ms=1000)
+    query = ActionQuery(random_observation("aloha"), "task", seed=BASE_SEED)
+    result = policy.infer(query)  # returns although a pass is held
+    network.release.set()
+    again = policy.infer(query)  # waits for the stopped worker, then plans with nothing held
+    policy.close()
+    return result, again
+
+
+def test_a_deadline_answers_with_the_best_candidate_scored_in_time() -> None:
+    # Candidate i draws seeds 100 + i .. 102 + i: holding seed 104 holds candidate 2's last value pass only.
+    # Candidates 0 and 1 are scored (0.4667, 0.7), and 1 is chosen.
+    result, again = plan_within_deadline(held={104})
+    assert result.candidates is not None
+    assert result.candidates.outcome is PlanningOutcome.BEST_SO_FAR
+    assert result.candidates.chosen == 1 and result.value == pytest.approx(0.7, abs=1e-4)
+    assert np.isnan(result.candidates.values[2]) and np.isnan(result.candidates.actions[2]).all()
+    np.testing.assert_array_equal(result.actions, result.candidates.actions[1])
+    assert again.candidates is not None and again.candidates.outcome is PlanningOutcome.COMPLETE
+    assert again.candidates.chosen == 2
+
+
+def test_a_deadline_with_no_candidate_scored_answers_with_the_base_action_pass() -> None:
+    # Every value pass is held: nothing is ranked, and the reply is candidate 0's own action pass and value.
+    result, _ = plan_within_deadline(held={100, 101, 102, 103, 104}, slots=V_FUTURE)
+    assert result.candidates is not None and result.candidates.outcome is PlanningOutcome.REACTIVE
+    assert result.candidates.chosen == 0 and np.isnan(result.candidates.values).all()
+    assert np.isfinite(result.actions).all() and 0.0 <= result.value <= 1.0
+
+
+def test_a_deadline_must_be_positive() -> None:
+    policy, _ = planner(one_step())
+    with pytest.raises(ConfigError, match="planning_deadline_ms"):
+        PlanningPolicy(policy.model, [PlanningWorker(ScriptedNetwork(ALOHA), ScriptedNetwork(ALOHA))], deadline_ms=0)
+    policy.close()
