@@ -9,6 +9,7 @@ camera frames.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -95,9 +96,16 @@ class TorchDiT:
             def tensor(array: np.ndarray) -> torch.Tensor:
                 return torch.from_numpy(np.ascontiguousarray(array)).to(self._device, self._dit.dtype)
 
-            return self._forward(tensor(x), tensor(timesteps), tensor(condition_mask), kv).float().cpu().numpy()
+            with current_device(self._device):
+                return self._forward(tensor(x), tensor(timesteps), tensor(condition_mask), kv).float().cpu().numpy()
 
         return network
+
+
+def current_device(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """`device` made the current CUDA device for a block (per thread: a planning worker does not run on the thread
+    that loaded its networks, and compiled kernels and CUDA graphs launch on the current device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def check_device(device: str) -> torch.device:

@@ -68,8 +68,10 @@ class TensorRTRunner:
         context: trt.IExecutionContext,
         io: DeviceIO,
         cuda_graph: bool,
+        device: int,
     ) -> None:
         self._spec = spec
+        self._device = device
         self.record = record
         # Held for the engine's and context's lifetime; released in reverse order by close().
         self._runtime: trt.Runtime | None = runtime
@@ -139,7 +141,7 @@ class TensorRTRunner:
         except EngineError:
             io.close()
             raise
-        return cls(spec, record, runtime, engine, context, io, cuda_graph)
+        return cls(spec, record, runtime, engine, context, io, cuda_graph, device)
 
     @property
     def spec(self) -> GraphSpec:
@@ -149,6 +151,7 @@ class TensorRTRunner:
         """Uploads `name` now and keeps it for every later call, which then leaves it out of its inputs."""
         self._check_open()
         check_feed(self._spec, name, array)
+        self._make_device_current()
         self._io.upload_now(name, array)
         if name not in self._constants:
             self._constants |= {name}
@@ -158,6 +161,7 @@ class TensorRTRunner:
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._check_open()
+        self._make_device_current()
         for name in check_feeds(self._spec, inputs, self._constants):
             np.copyto(self._io.inputs[name].host, inputs[name], casting="same_kind")
         if self._captured is None:
@@ -192,6 +196,10 @@ class TensorRTRunner:
         if not context.execute_async_v3(self._io.stream_handle):
             raise EngineError(f"graph {self._spec.name!r}: execute_async_v3 failed (see the TensorRT log)")
         self._io.enqueue_downloads()
+
+    def _make_device_current(self) -> None:
+        """The current CUDA device is per thread: a planning worker runs on its own thread, not the loading one."""
+        check_cuda(import_cudart().cudaSetDevice(self._device), f"cudaSetDevice({self._device})")
 
     def _check_open(self) -> None:
         if self._context is None:
