@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from cosmos_edge.kernels.image_transforms import transform_frames
+from cosmos_edge.runtime.engines.torch_arrays import TorchArrays
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.models.dit import CosmosDiT
 from cosmos_edge.runtime.models.dit_checkpoint import load_dit
@@ -25,6 +26,7 @@ from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
 from cosmos_edge.runtime.models.wan_vae import WanVAE
 from cosmos_edge.runtime.platforms import IMAGE_SIZE, TEMPORAL_COMPRESSION, PlatformSpec
 from cosmos_edge.runtime.policy.api import NetworkFn, StageTimer
+from cosmos_edge.runtime.policy.arrays import Array
 from cosmos_edge.runtime.policy.images import check_cameras, preprocess_observation_images
 from cosmos_edge.runtime.policy.latents import BLACK
 
@@ -80,24 +82,29 @@ class TorchAutoencoder:
 
 class TorchDiT:
     """`compile_mode`: None runs eager; otherwise a `torch.compile` mode (e.g. "default", "max-autotune") for the
-    fixed-shape forward, whose fused kernels are checked against eager in tests/runtime/test_torch_backend.py."""
+    fixed-shape forward, whose fused kernels are checked against eager in tests/runtime/test_torch_backend.py.
+
+    Its bound network takes and returns tensors on its device (`arrays`), so the sampler runs there without a host
+    round trip per call; host arrays are accepted too (and answered with host arrays)."""
 
     def __init__(self, dit: CosmosDiT, device: torch.device, compile_mode: str | None = None) -> None:
         self._dit = dit.eval()
         self._device = device
         self._forward = torch.compile(self._dit, mode=compile_mode, dynamic=False) if compile_mode else self._dit
+        self.arrays = TorchArrays(device)
 
     @torch.inference_mode()
     def bind_text(self, text_embedding: np.ndarray) -> NetworkFn:
         kv = self._dit.precompute_text_kv(torch.from_numpy(text_embedding).to(self._device))
+        dtype = self._dit.dtype
 
         @torch.inference_mode()
-        def network(x: np.ndarray, timesteps: np.ndarray, condition_mask: np.ndarray) -> np.ndarray:
-            def tensor(array: np.ndarray) -> torch.Tensor:
-                return torch.from_numpy(np.ascontiguousarray(array)).to(self._device, self._dit.dtype)
-
+        def network(x: Array, timesteps: Array, condition_mask: Array) -> Array:
+            if not isinstance(x, torch.Tensor):  # host arrays in, host arrays out
+                put, fetch = self.arrays.put, self.arrays.fetch
+                return fetch(network(put(x), put(timesteps), put(condition_mask)))
             with current_device(self._device):
-                return self._forward(tensor(x), tensor(timesteps), tensor(condition_mask), kv).float().cpu().numpy()
+                return self._forward(x.to(dtype), timesteps.to(dtype), condition_mask.to(dtype), kv).float()
 
         return network
 

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cosmos_edge.runtime.platforms import PlatformSpec
+from cosmos_edge.runtime.policy.arrays import ArrayOps
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -129,6 +130,14 @@ class DenoisingNetwork(Protocol):
     def bind_text(self, text_embedding: np.ndarray) -> NetworkFn:
         """The network with its text conditioning fixed to "1 l d" (cross-attention K/V computed once here)."""
         ...
+
+
+@runtime_checkable
+class DeviceNetwork(DenoisingNetwork, Protocol):
+    """A `DenoisingNetwork` whose bound callable takes and returns the arrays of `arrays` (device tensors), so a
+    sampling pass stays on its device; any other network takes numpy arrays."""
+
+    arrays: ArrayOps
 
 
 class StageTimer:

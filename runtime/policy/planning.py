@@ -51,6 +51,7 @@ from cosmos_edge.runtime.policy.api import (
 from cosmos_edge.runtime.policy.conditioning import ConditioningMode, promote_future_state
 from cosmos_edge.runtime.policy.planning_config import DepthAggregation, PlanningConfig
 from cosmos_edge.runtime.policy.steps import (
+    BoundNetwork,
     ModelPolicy,
     PolicyModel,
     TextBinding,
@@ -116,8 +117,8 @@ class _Search:
 
     config: PlanningConfig
     model: PolicyModel
-    policy: NetworkFn
-    planner: NetworkFn
+    policy: BoundNetwork
+    planner: BoundNetwork
     seeds: list[int]
     action_steps: int
     batch_passes: bool
@@ -193,11 +194,11 @@ class _Search:
         promoted[:, :, slot] = clean[:, :, slot]
         return promoted
 
-    def _run(self, network: NetworkFn, mode: ConditioningMode, passes: list[_Pass]) -> list[np.ndarray]:
+    def _run(self, network: BoundNetwork, mode: ConditioningMode, passes: list[_Pass]) -> list[np.ndarray]:
         """The samples of each pass, in order: all passes as one batch, or pass after pass."""
         platform, timer, n = self.model.platform, self.timer, len(self.seeds)
         if self.stop is not None:
-            network = _stoppable(network, self.stop)
+            network = dataclasses.replace(network, call=_stoppable(network.call, self.stop))
         seeds = [self._seeds(each.offset) for each in passes]  # drawn in pass order (randomize_seed)
         if not self.batch_passes:
             return [

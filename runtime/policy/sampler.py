@@ -13,6 +13,9 @@ the torch reference. It reproduces the official inference path (`CosmosPolicySam
 every pass that has a k-th call, with a sigma per sample (the network takes a timestep per sample). Each pass's
 arithmetic is elementwise, so it is bitwise the same whatever else shares its batch.
 
+The arrays live where the network's do (`arrays.ArrayOps`): numpy on the host, or device tensors of the torch backend,
+with the same bits; the schedule and solver coefficients are Python floats either way.
+
 Float64 transcendental functions (pow, log, expm1) come from libm here and from torch/Sleef in the official code,
 so schedule and coefficients can differ in the last ulp; the float32 results are unaffected except at rounding ties.
 """
@@ -23,20 +26,18 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 import numpy.typing as npt
 
 from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError
 from cosmos_edge.runtime.policy.api import FloatArray, NetworkFn
-from cosmos_edge.runtime.policy.numerics import round_to_bf16
+from cosmos_edge.runtime.policy.arrays import HOST_ARRAYS, Array, ArrayOps
 
 SIGMA_MAX = 80.0  # every `*__inference_only` config overrides the SDE to sigma_max=80, sigma_min=4
 SIGMA_MIN = 4.0
 RHO = 7.0
-
-BoolArray = npt.NDArray[np.bool_]
 
 
 @dataclass(frozen=True)
@@ -103,21 +104,12 @@ def _scaled_noise(seed: int, shape: tuple[int, ...], sigma_max: float) -> FloatA
     return noise
 
 
-def x0_euler_step(
-    x: npt.NDArray[np.float64], x0: npt.NDArray[np.float64], sigma: float, sigma_next: float
-) -> npt.NDArray[np.float64]:
+def x0_euler_step(x: Array, x0: Array, sigma: float, sigma_next: float) -> Array:
     """First solver step (imaginaire `reg_x0_euler_step`): x' = (σ−σ')/σ · x0̂ + σ'/σ · x."""
     return ((sigma - sigma_next) / sigma) * x0 + (sigma_next / sigma) * x
 
 
-def res_ab2_step(
-    x: npt.NDArray[np.float64],
-    x0: npt.NDArray[np.float64],
-    x0_prev: npt.NDArray[np.float64],
-    sigma: float,
-    sigma_next: float,
-    sigma_prev: float,
-) -> npt.NDArray[np.float64]:
+def res_ab2_step(x: Array, x0: Array, x0_prev: Array, sigma: float, sigma_next: float, sigma_prev: float) -> Array:
     """Later solver steps: 2nd-order Adams–Bashforth exponential integrator in λ = −log σ (RES, imaginaire
     `res_x0_rk2_step` fed with the previous x0 prediction)."""
     lam, lam_next, lam_prev = -math.log(sigma), -math.log(sigma_next), -math.log(sigma_prev)
@@ -134,13 +126,14 @@ def res_ab2_step(
 class DenoiseCondition:
     """Clean latent and conditioning mask of one `sample` call, broadcast to the batch once (read-only views).
 
-    Build with `DenoiseCondition.build`; the arrays are not copied again per network call.
+    Build with `DenoiseCondition.build` (numpy), then `placed` where the network's arrays live; the arrays are not
+    copied again per network call.
     """
 
-    clean_latent: FloatArray  # "b c t h w"
-    latent_mask: BoolArray  # "b 1 t 1 1": frame is a clean conditioning frame
-    frame_mask: BoolArray  # "b t"
-    network_mask: FloatArray  # "b 1 t h w", the mask channel the network receives
+    clean_latent: Array  # "b c t h w" float32
+    latent_mask: Array  # "b 1 t 1 1" bool: frame is a clean conditioning frame
+    frame_mask: Array  # "b t" bool
+    network_mask: Array  # "b 1 t h w" float32, the mask channel the network receives
 
     @classmethod
     def build(cls, clean_latent: np.ndarray, condition_mask: np.ndarray, batch: int) -> DenoiseCondition:
@@ -164,6 +157,12 @@ class DenoiseCondition:
             ),
         )
 
+    def placed(self, arrays: ArrayOps) -> DenoiseCondition:
+        if arrays is HOST_ARRAYS:
+            return self
+        fields = (self.clean_latent, self.latent_mask, self.frame_mask, self.network_mask)
+        return DenoiseCondition(*(arrays.put(np.ascontiguousarray(field)) for field in fields))
+
     def select(self, rows: Sequence[int]) -> DenoiseCondition:
         """The condition of some samples of the batch, in the order of `rows`."""
         index = list(rows)
@@ -181,24 +180,27 @@ class Denoiser:
     and their x0̂ is overwritten with the clean latent (`denoise_replace_gt_frames`).
     """
 
-    def __init__(self, net: NetworkFn) -> None:
+    def __init__(self, net: NetworkFn, arrays: ArrayOps = HOST_ARRAYS) -> None:
         self._net = net
+        self.arrays = arrays  # where `net` takes and returns its arrays
 
-    def __call__(self, x: FloatArray, sigma: float | Sequence[float], condition: DenoiseCondition) -> FloatArray:
+    def __call__(self, x: Array, sigma: float | Sequence[float], condition: DenoiseCondition) -> Array:
         """x "b c t h w" float32 at noise level `sigma` (one for the batch, or one per sample) -> x0̂ float32."""
-        if x.shape != condition.clean_latent.shape:
-            raise InputError(f"x: expected shape {condition.clean_latent.shape}, got {x.shape}")
-        sigma32 = np.broadcast_to(np.asarray(sigma, dtype=np.float32), (x.shape[0],))
-        t = (sigma32 / (sigma32 + np.float32(1.0))).reshape(-1, 1, 1, 1, 1)
-        scaled = np.asarray(x, dtype=np.float32) * (np.float32(1.0) - t)  # c_in·x, equal to c_skip·x
-        net_input = np.where(condition.latent_mask, condition.clean_latent, scaled)
-        t_bf16 = round_to_bf16(t[:, 0, 0, 0, :])  # "b 1": each sample's timestep
-        timesteps = np.where(condition.frame_mask, np.float32(0.0), t_bf16)
-        velocity = np.asarray(self._net(net_input, timesteps, condition.network_mask), dtype=np.float32)
-        if velocity.shape != x.shape:
-            raise EngineError(f"network output: expected shape {x.shape}, got {velocity.shape}")
+        ops = self.arrays
+        if tuple(x.shape) != tuple(condition.clean_latent.shape):
+            raise InputError(f"x: expected shape {tuple(condition.clean_latent.shape)}, got {tuple(x.shape)}")
+        sigmas = [float(sigma)] * x.shape[0] if isinstance(sigma, int | float) else [float(s) for s in sigma]
+        sigma32 = ops.vector32(sigmas)
+        t = (sigma32 / (sigma32 + 1.0)).reshape(-1, 1, 1, 1, 1)  # float32 throughout (Python scalars are weak)
+        scaled = ops.float32(x) * (1.0 - t)  # c_in·x, equal to c_skip·x
+        net_input = ops.where(condition.latent_mask, condition.clean_latent, scaled)
+        t_bf16 = ops.round_to_bf16(t[:, 0, 0, 0, :])  # "b 1": each sample's timestep
+        timesteps = ops.where(condition.frame_mask, 0.0, t_bf16)
+        velocity = ops.float32(self._net(net_input, timesteps, condition.network_mask))
+        if tuple(velocity.shape) != tuple(x.shape):
+            raise EngineError(f"network output: expected shape {tuple(x.shape)}, got {tuple(velocity.shape)}")
         x0 = scaled - t * velocity  # c_skip·x + c_out·F with c_out = −t, bitwise
-        return np.where(condition.latent_mask, condition.clean_latent, x0)
+        return ops.where(condition.latent_mask, condition.clean_latent, x0)
 
 
 def sample(
@@ -208,8 +210,9 @@ def sample(
     seeds: Sequence[int],
     num_steps: int | Sequence[int],
     on_network_call: Callable[[NetworkCall], None] | None = None,
-) -> FloatArray:
-    """Generates one latent sequence per seed, "b c t h w" float32 with b = len(seeds).
+) -> Array:
+    """Generates one latent sequence per seed, "b c t h w" float32 with b = len(seeds), where the denoiser's
+    arrays live.
 
     Args:
         denoiser: wraps the network; all samples of a call go through it as one batch.
@@ -226,26 +229,32 @@ def sample(
     steps = [num_steps] * len(seeds) if isinstance(num_steps, int) else list(num_steps)
     if len(steps) != len(seeds):
         raise InputError(f"num_steps: expected one step count or one per seed ({len(seeds)}), got {len(steps)}")
+    ops = denoiser.arrays
     condition = DenoiseCondition.build(clean_latent, condition_mask, batch=len(seeds))
-    schedules = [evaluation_sigmas(n) for n in steps]
     sample_shape = (1, *condition.clean_latent.shape[1:])
-    noise = np.concatenate([initial_noise(seed, sample_shape) for seed in seeds])
+    condition = condition.placed(ops)
+    schedules = [evaluation_sigmas(n) for n in steps]
+    noise = ops.concat(
+        [ops.put_cached(("noise", seed, sample_shape), partial(initial_noise, seed, sample_shape)) for seed in seeds]
+    )
     num_calls = max(len(schedule) for schedule in schedules)
     if num_calls == 1:  # every sample is one x0 prediction at sigma_max: no float64 state needed
         return _evaluate(denoiser, noise, condition, [0] * len(seeds), schedules, 0, num_calls, on_network_call)
-    x = noise.astype(np.float64)
-    out = np.empty_like(noise)
-    previous: list[tuple[npt.NDArray[np.float64], float] | None] = [None] * len(seeds)
+    x = ops.float64(noise)
+    out = ops.empty_like(noise)
+    previous: list[tuple[Array, float] | None] = [None] * len(seeds)
     for index in range(num_calls):
         rows = [row for row, schedule in enumerate(schedules) if index < len(schedule)]
-        called = condition if len(rows) == len(seeds) else condition.select(rows)
-        x0 = _evaluate(denoiser, x[rows].astype(np.float32), called, rows, schedules, index, num_calls, on_network_call)
+        every = len(rows) == len(seeds)
+        called = condition if every else condition.select(rows)
+        x_in = ops.float32(x if every else x[rows])
+        x0 = _evaluate(denoiser, x_in, called, rows, schedules, index, num_calls, on_network_call)
         for position, row in enumerate(rows):
             sigmas = schedules[row]
             if index == len(sigmas) - 1:  # `sample_clean`: the x0 prediction at the last sigma, not the solver's x
                 out[row] = x0[position]
                 continue
-            estimate = x0[position].astype(np.float64)
+            estimate = ops.float64(x0[position])
             sigma, sigma_next = float(sigmas[index]), float(sigmas[index + 1])
             last = previous[row]
             if last is None:
@@ -258,14 +267,14 @@ def sample(
 
 def _evaluate(
     denoiser: Denoiser,
-    x: FloatArray,
+    x: Array,
     condition: DenoiseCondition,
     rows: Sequence[int],
     schedules: Sequence[npt.NDArray[np.float64]],
     index: int,
     num_calls: int,
     on_network_call: Callable[[NetworkCall], None] | None,
-) -> FloatArray:
+) -> Array:
     """The `index`-th network call of the samples `rows`, each at its own schedule's sigma."""
     sigmas = tuple(float(schedules[row][index]) for row in rows)
     start = time.perf_counter()

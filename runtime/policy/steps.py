@@ -18,11 +18,13 @@ from cosmos_edge.runtime.policy.api import (
     ActionQuery,
     ConditioningEncoder,
     DenoisingNetwork,
+    DeviceNetwork,
     NetworkFn,
     Observation,
     StageTimer,
     VideoAutoencoder,
 )
+from cosmos_edge.runtime.policy.arrays import HOST_ARRAYS, ArrayOps
 from cosmos_edge.runtime.policy.conditioning import ConditioningMode, condition_mask, placeholder_restore_slots
 from cosmos_edge.runtime.policy.images import preprocess_observation_images
 from cosmos_edge.runtime.policy.normalization import DatasetStats
@@ -92,19 +94,28 @@ class EncodedObservation:
     clean: np.ndarray
 
 
+@dataclass(frozen=True)
+class BoundNetwork:
+    """A network bound to an instruction, and where its arrays live."""
+
+    call: NetworkFn
+    arrays: ArrayOps
+
+
 class TextBinding:
     """A network bound to the text embedding of the last instruction; it is rebound only when the task changes."""
 
     def __init__(self, network: DenoisingNetwork, text_embeddings: TextEmbeddings) -> None:
         self._network = network
+        self._arrays = network.arrays if isinstance(network, DeviceNetwork) else HOST_ARRAYS
         self._text = text_embeddings
-        self._bound: tuple[str, NetworkFn] | None = None
+        self._bound: tuple[str, BoundNetwork] | None = None
 
-    def for_instruction(self, instruction: str, timer: StageTimer) -> NetworkFn:
+    def for_instruction(self, instruction: str, timer: StageTimer) -> BoundNetwork:
         if self._bound is None or self._bound[0] != instruction:
             embedding = self._text.get(instruction)
             with timer.stage("text_conditioning"):
-                self._bound = (instruction, self._network.bind_text(embedding))
+                self._bound = (instruction, BoundNetwork(self._network.bind_text(embedding), self._arrays))
         return self._bound[1]
 
     def reset(self) -> None:
@@ -141,7 +152,7 @@ def encode_observation(
 
 
 def sample_latents(
-    network: NetworkFn,
+    network: BoundNetwork,
     platform: PlatformSpec,
     clean_latent: np.ndarray,
     mode: ConditioningMode,
@@ -149,15 +160,16 @@ def sample_latents(
     steps: int | Sequence[int],
     timer: StageTimer,
 ) -> np.ndarray:
-    """One official sampling pass per seed (with `steps` for all, or one step count each), as one batch; every
-    network call is timed as stage `dit`."""
+    """One official sampling pass per seed (with `steps` for all, or one step count each), as one batch, run where
+    the network's arrays live; every network call is timed as stage `dit`. Returns host latents "b c t h w"."""
 
     def record(call: NetworkCall) -> None:
         timer.add("dit", call.seconds * 1e3)
 
     with timer.stage("denoise_total"):
         mask = condition_mask(platform, mode)
-        return sample(Denoiser(network), clean_latent, mask, seeds, steps, on_network_call=record)
+        latent = sample(Denoiser(network.call, network.arrays), clean_latent, mask, seeds, steps, record)
+        return network.arrays.fetch(latent)
 
 
 def read_chunks(model: PolicyModel, latent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

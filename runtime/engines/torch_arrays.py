@@ -1,0 +1,62 @@
+"""`ArrayOps` over torch tensors on one device: a sampling pass of the torch backend runs where its DiT does.
+
+Every operation is the elementwise IEEE operation numpy performs (no fused multiply-add: each is its own kernel),
+and bf16 rounding is torch's round-to-nearest-even cast, so a pass gives numpy's bits on any device
+(tests/runtime/test_sampler_arrays.py holds the CPU to that; benchmarks/gpu_check.py checks a GPU).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+_NOISE_CACHE = 64  # as the host noise cache: a planning query draws from about a dozen seeds
+
+
+class TorchArrays:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._cached: OrderedDict[tuple[object, ...], torch.Tensor] = OrderedDict()
+
+    def put(self, array: np.ndarray) -> torch.Tensor:
+        host = np.ascontiguousarray(array)
+        if not host.flags.writeable:  # a shared read-only array (the noise of a seed): torch needs its own
+            host = host.copy()
+        return torch.from_numpy(host).to(self.device)
+
+    def put_cached(self, key: tuple[object, ...], make: Callable[[], np.ndarray]) -> torch.Tensor:
+        tensor = self._cached.get(key)
+        if tensor is None:
+            tensor = self._cached[key] = self.put(make())
+            if len(self._cached) > _NOISE_CACHE:
+                self._cached.popitem(last=False)
+        else:
+            self._cached.move_to_end(key)
+        return tensor
+
+    def fetch(self, array: torch.Tensor) -> np.ndarray:
+        return array.cpu().numpy()
+
+    def vector32(self, values: Sequence[float]) -> torch.Tensor:
+        return torch.tensor(np.asarray(values, dtype=np.float32), device=self.device)
+
+    def float32(self, array: torch.Tensor) -> torch.Tensor:
+        return array.to(torch.float32)
+
+    def float64(self, array: torch.Tensor) -> torch.Tensor:
+        return array.to(torch.float64)
+
+    def where(self, condition: torch.Tensor, if_true: torch.Tensor | float, if_false: torch.Tensor) -> torch.Tensor:
+        return torch.where(condition, if_true, if_false)
+
+    def concat(self, arrays: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(list(arrays))
+
+    def empty_like(self, array: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(array)
+
+    def round_to_bf16(self, array: torch.Tensor) -> torch.Tensor:
+        return array.to(torch.bfloat16).to(torch.float32)
