@@ -10,7 +10,7 @@ camera frames.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +90,13 @@ class TorchDiT:
     def __init__(self, dit: CosmosDiT, device: torch.device, compile_mode: str | None = None) -> None:
         self._dit = dit.eval()
         self._device = device
-        self._forward = torch.compile(self._dit, mode=compile_mode, dynamic=False) if compile_mode else self._dit
+        self._forward: Callable[..., torch.Tensor] = self._dit
+        self._forward_batched: Callable[..., torch.Tensor] = self._dit
+        if compile_mode is not None:
+            # Batch 1 (the reactive query) compiles static; larger batches (planning: they vary with the passes
+            # they share) compile once with a dynamic batch dimension, in their own cache (their own frame).
+            self._forward = torch.compile(self._dit, mode=compile_mode, dynamic=False)
+            self._forward_batched = torch.compile(_batched_call(self._dit), mode=compile_mode)
         self.arrays = TorchArrays(device)
 
     @torch.inference_mode()
@@ -103,10 +109,27 @@ class TorchDiT:
             if not isinstance(x, torch.Tensor):  # host arrays in, host arrays out
                 put, fetch = self.arrays.put, self.arrays.fetch
                 return fetch(network(put(x), put(timesteps), put(condition_mask)))
+            inputs = (x.to(dtype), timesteps.to(dtype), condition_mask.to(dtype))
+            forward = self._forward
+            if self._forward is not self._dit:
+                self._dit.cache_tables(*inputs)
+            if x.shape[0] > 1:
+                forward = self._forward_batched
+                for tensor in inputs:
+                    torch._dynamo.mark_dynamic(tensor, 0)
             with current_device(self._device):
-                return self._forward(x.to(dtype), timesteps.to(dtype), condition_mask.to(dtype), kv).float()
+                return forward(*inputs, kv).float()
 
         return network
+
+
+def _batched_call(dit: CosmosDiT) -> Callable[..., torch.Tensor]:
+    """`dit`'s forward behind a frame of its own, so that its compiled graphs are cached apart from batch 1's."""
+
+    def forward(*inputs: torch.Tensor) -> torch.Tensor:
+        return dit(*inputs)
+
+    return forward
 
 
 def current_device(device: torch.device) -> contextlib.AbstractContextManager[None]:

@@ -364,6 +364,11 @@ class CosmosDiT(nn.Module):
         keys, values = zip(*(block.cross_attn.project_kv(text) for block in blocks), strict=True)
         return CrossAttentionKV(k=torch.stack(keys), v=torch.stack(values))
 
+    def cache_tables(self, x: Tensor, timesteps: Tensor, condition_mask: Tensor) -> None:
+        """Builds the RoPE tables of these inputs' grid eagerly. A compiled forward must find them cached: its guards
+        check the cache, so one built inside the first compiled call would force a second compilation."""
+        self.rope(self._check_inputs(x, timesteps, condition_mask), x.device)
+
     def forward(self, x: Tensor, timesteps: Tensor, condition_mask: Tensor, text: Tensor | CrossAttentionKV) -> Tensor:
         """One network evaluation F(c_in * x_sigma, t).
 

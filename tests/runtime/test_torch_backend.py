@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from cosmos_edge.runtime.engines.torch_networks import TorchDiT
 from cosmos_edge.runtime.models.dit_checkpoint import dit_from_state_dict, random_dit_state_dict
@@ -29,3 +30,23 @@ def test_compiled_dit_matches_eager(device: str) -> None:
     compiled = TorchDiT(dit, torch.device(device), compile_mode="default").bind_text(text)(x, timesteps, mask)
     scale = np.abs(eager).max()
     assert np.abs(compiled - eager).max() / scale <= 1e-5
+
+
+@pytest.mark.slow
+def test_a_compiled_dit_compiles_once_for_batch_one_and_once_for_every_larger_batch() -> None:
+    # Planning batches vary with the passes they share; a recompilation per size would take minutes each at 2B.
+    config = dit_config("tiny")
+    dit = dit_from_state_dict(random_dit_state_dict(config, 4))
+    rng = np.random.default_rng(1)
+    text = rng.standard_normal((1, 512, config.text_dim)).astype(np.float32)
+    eager = TorchDiT(dit, torch.device("cpu")).bind_text(text)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = TorchDiT(dit, torch.device("cpu"), compile_mode="default").bind_text(text)
+    for batch in (1, 2, 3, 5, 1, 4):
+        x = rng.standard_normal((batch, 16, 11, 28, 28)).astype(np.float32)
+        timesteps = np.full((batch, 11), 0.9877, np.float32)
+        mask = np.zeros((batch, 1, 11, 28, 28), np.float32)
+        expected = eager(x, timesteps, mask)
+        assert np.abs(compiled(x, timesteps, mask) - expected).max() / np.abs(expected).max() <= 1e-5
+    assert counters["stats"]["unique_graphs"] == 2
