@@ -67,7 +67,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="torch: a torch device (default cpu); onnxruntime: cpu (default), cuda[:N] or tensorrt[:N] (its "
         "TensorRT provider); tensorrt: cuda[:N] (default cuda)",
     )
-    parser.add_argument("--future-images", action="store_true", help="also decode the predicted future images")
+    parser.add_argument(
+        "--future-images",
+        action="store_true",
+        help="also decode the predicted future images (planning: the chosen candidate's predicted states, combined by "
+        "--future-state-ensemble-aggregation-scheme)",
+    )
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,

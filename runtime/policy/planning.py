@@ -49,12 +49,14 @@ from cosmos_edge.runtime.policy.api import (
     StageTimer,
 )
 from cosmos_edge.runtime.policy.conditioning import ConditioningMode, promote_future_state
-from cosmos_edge.runtime.policy.planning_config import DepthAggregation, PlanningConfig
+from cosmos_edge.runtime.policy.planning_config import DepthAggregation, FutureStateAggregation, PlanningConfig
 from cosmos_edge.runtime.policy.steps import (
     BoundNetwork,
+    EncodedObservation,
     ModelPolicy,
     PolicyModel,
     TextBinding,
+    decode_future_images,
     denoising_steps,
     encode_observation,
     read_chunks,
@@ -97,6 +99,13 @@ class CandidateScores:
     latents: np.ndarray  # "n c t h w": each candidate's first-level action sample
     values: np.ndarray  # "n": what ranks the candidates
     values_by_depth: np.ndarray  # "n entries"
+    states: tuple[np.ndarray, ...] = ()  # "n c t h w" per world-model member: the first level's predicted states
+
+    def row(self, index: int) -> CandidateScores:
+        """The scores of one candidate (a batch of one)."""
+        pick = slice(index, index + 1)
+        states = tuple(state[pick] for state in self.states)
+        return CandidateScores(self.latents[pick], self.values[pick], self.values_by_depth[pick], states)
 
 
 @dataclass(frozen=True)
@@ -144,6 +153,7 @@ class _Search:
             (value,) = self._values([[actions]])
             return CandidateScores(actions, value, value[:, None])
         (states,) = self._predicted_states([actions])
+        first_states = tuple(states)
         by_depth = self._values([states])
         for _ in range(2, config.search_depth + 1):
             # Every state of the level branches (the list bound when the level starts), branch after branch or all
@@ -158,7 +168,7 @@ class _Search:
             value = per_depth[:, -1]
         else:
             value = np.array([aggregate_values(row, ValueAggregation.AVERAGE) for row in per_depth], np.float32)
-        return CandidateScores(actions, value, per_depth)
+        return CandidateScores(actions, value, per_depth, first_states)
 
     def _predicted_states(self, action_samples: list[np.ndarray]) -> list[list[np.ndarray]]:
         """World-model passes from each action sample, one per ensemble member (the j-th with seed s + j)."""
@@ -232,6 +242,7 @@ class _Ranked:
     chosen: int
     outcome: PlanningOutcome
     value: float  # the chosen candidate's value, or the base action pass's own for `REACTIVE`
+    chosen_states: tuple[np.ndarray, ...] = ()  # its first-level predicted states "1 c t h w", if a world model ran
 
 
 def _rank(
@@ -258,7 +269,7 @@ def _rank(
     base = indices.index(0) if 0 in scored else int(np.argmax(ranked))  # the base seed's unless beaten
     chosen = indices[select_best_candidate(ranked, base_index=base)]
     outcome = PlanningOutcome.COMPLETE if len(indices) == num_candidates else PlanningOutcome.BEST_SO_FAR
-    return _Ranked(latents, values, by_depth, chosen, outcome, float(values[chosen]))
+    return _Ranked(latents, values, by_depth, chosen, outcome, float(values[chosen]), scored[chosen].states)
 
 
 def _read_chunks(model: PolicyModel, latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -344,13 +355,19 @@ class PlanningPolicy(ModelPolicy):
         self._pool.shutdown(wait=True)
 
     def infer(self, query: ActionQuery) -> ChunkResult:
-        if query.return_future_images:
-            raise InputError("return_future_images: not available in planning mode; use the reactive mode")
+        config = self._config
+        if query.return_future_images and config.ar_future_prediction and not config.ar_value_prediction:
+            raise InputError(
+                "return_future_images: not available when ar_future_prediction serves Q(s, a) planning "
+                "(ar_qvalue_prediction): no world-model pass is run"
+            )
         self._finish_stopping()  # a network is never called by two queries at once
         started = time.perf_counter()
-        steps = denoising_steps(query, self._config.num_denoising_steps_action)
+        steps = denoising_steps(query, config.num_denoising_steps_action)
         timer = StageTimer()
-        encoded = encode_observation(self._model, query.observation, timer, full_sequence=False)
+        # Future images are decoded over the placeholder latents of the whole sequence, as the official code does.
+        full = query.return_future_images
+        encoded = encode_observation(self._model, query.observation, timer, full_sequence=full)
         with timer.stage("planning"):
             if self._deadline_s is None:
                 scores = self._score_all(query, encoded.clean, steps)
@@ -358,9 +375,32 @@ class PlanningPolicy(ModelPolicy):
                 scores = self._score_until(started + self._deadline_s, query, encoded.clean, steps, timer)
         with timer.stage("readout"):
             actions, future_proprio = _read_chunks(self._model, scores.latents)
+        images = self._future_images(scores, encoded, timer) if query.return_future_images else None
         chosen = scores.chosen
         candidates = CandidateResults(chosen, actions, scores.values, scores.values_by_depth, scores.outcome)
-        return ChunkResult(actions[chosen], scores.value, future_proprio[chosen], None, timer.as_dict(), candidates)
+        return ChunkResult(actions[chosen], scores.value, future_proprio[chosen], images, timer.as_dict(), candidates)
+
+    def _future_images(
+        self, ranked: _Ranked, encoded: EncodedObservation, timer: StageTimer
+    ) -> dict[str, np.ndarray] | None:
+        """The chosen candidate's future images as the official server returns them (deploy.py 392-423): those of
+        its predicted states, combined by `future_state_ensemble_aggregation_scheme`, when a world model ran; else
+        its action pass's own; none for Q(s, a) planning."""
+        config = self._config
+        if config.ar_qvalue_prediction and not config.ar_future_prediction:
+            return None
+        if not ranked.chosen_states:  # ranked by its own action pass, or the deadline left nothing else
+            chosen = ranked.latents[ranked.chosen : ranked.chosen + 1]
+            return decode_future_images(self._model, chosen, encoded, timer)
+        images = [decode_future_images(self._model, state, encoded, timer) for state in ranked.chosen_states]
+        if config.future_state_ensemble_aggregation_scheme is FutureStateAggregation.LAST:
+            return images[-1]
+        # cosmos_utils.py 837-848: the float32 mean of the members, rounded half to even, clipped to uint8.
+        stacked = {camera: np.stack([image[camera] for image in images]).astype(np.float32) for camera in images[0]}
+        return {
+            camera: np.clip(np.round(planes.mean(axis=0)), 0, 255).astype(np.uint8)
+            for camera, planes in stacked.items()
+        }
 
     def _score_all(self, query: ActionQuery, clean: np.ndarray, steps: int) -> _Ranked:
         """Every candidate, each worker's share as one batch."""
@@ -374,9 +414,7 @@ class PlanningPolicy(ModelPolicy):
         for share, job in jobs:
             result = job.result()
             for position, index in enumerate(share):
-                scored[index] = CandidateScores(
-                    *(array[position : position + 1] for array in dataclasses.astuple(result))
-                )
+                scored[index] = result.row(position)
         return _rank(scored, self._config.num_queries_best_of_n)
 
     def _score_until(

@@ -25,7 +25,8 @@ def test_an_offline_planning_query_writes_every_candidate(
     argv += ["--num-candidates", "3", "--num-denoising-steps-action", "1", "--num-denoising-steps-future-state", "1"]
     argv += ["--num-denoising-steps-value", "2", "--num-future-state-predictions-in-ensemble", "1"]
     argv += ["--num-value-predictions-in-ensemble", "2", "--value-ensemble-aggregation-scheme", "average"]
-    argv += ["--return-all-query-results", "--planning-deadline-ms", "600000", "--out", str(tmp_path / "result.npz")]
+    argv += ["--return-all-query-results", "--planning-deadline-ms", "600000", "--future-images"]
+    argv += ["--out", str(tmp_path / "result.npz")]
     assert main(argv) == 0
     with np.load(tmp_path / "result.npz") as result:
         values, chosen = result["candidate_values"], int(result["chosen_index"])
@@ -34,6 +35,7 @@ def test_an_offline_planning_query_writes_every_candidate(
         np.testing.assert_array_equal(result["actions"], result["candidate_actions"][chosen])
         assert result["value"] == values[chosen]
         assert str(result["planning_outcome"]) == "complete"  # the deadline was met
+        assert all(result[f"future_image_{camera}"].shape == (224, 224, 3) for camera in ("cam_high", "cam_left_wrist"))
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "soon", "inf"])

@@ -6,6 +6,8 @@ of each candidate and its number of network calls; and it scripts the value each
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import threading
 
 import numpy as np
@@ -15,6 +17,7 @@ from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.policy.api import ActionQuery, PlanningOutcome, StageTimer
 from cosmos_edge.runtime.policy.conditioning import ConditioningMode
+from cosmos_edge.runtime.policy.latents import future_image_frames
 from cosmos_edge.runtime.policy.normalization import DatasetStats
 from cosmos_edge.runtime.policy.planning import PlanningPolicy, PlanningWorker
 from cosmos_edge.runtime.policy.planning_config import PRESETS, PlanningConfig, ensemble_steps, planning_preset
@@ -350,3 +353,59 @@ def test_a_deadline_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="planning_deadline_ms"):
         PlanningPolicy(policy.model, [PlanningWorker(ScriptedNetwork(ALOHA), ScriptedNetwork(ALOHA))], deadline_ms=0)
     policy.close()
+
+
+# --- future images ----------------------------------------------------------------------------------------------------
+
+
+class RecordingAutoencoder(BlackConditioning):
+    """Encodes everything to zeros; decodes a latent to a clip whose pixel frames follow its slots' means, and
+    records every clip it returns."""
+
+    def __init__(self) -> None:
+        self.decoded: list[np.ndarray] = []
+
+    def encode(self, video: np.ndarray) -> np.ndarray:
+        return np.zeros((1, 16, (video.shape[2] - 1) // 4 + 1, 28, 28), np.float32)
+
+    def decode(self, latent: np.ndarray) -> np.ndarray:
+        slot_of_frame = [0] + [(frame - 1) // 4 + 1 for frame in range(1, 1 + 4 * (latent.shape[2] - 1))]
+        levels = np.tanh(latent[0].mean(axis=(0, 2, 3)))[slot_of_frame]  # one level per pixel frame
+        video = np.broadcast_to(levels[None, None, :, None, None], (1, 3, len(levels), 224, 224)).copy()
+        video[:, 1] *= 0.5  # channels differ, so a channel mix-up would show
+        self.decoded.append(video)
+        return video
+
+
+def plan_future_images(config: PlanningConfig) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    span = np.ones(ALOHA.action_dim)
+    stats = DatasetStats(actions_min=-span, actions_max=span, proprio_min=-span, proprio_max=span)
+    text = TextEmbeddings.from_arrays({"task": np.zeros((1, 4, 8), np.float32)})
+    autoencoder = RecordingAutoencoder()
+    network = ScriptedNetwork(ALOHA)
+    model = PolicyModel(ALOHA, stats, text, autoencoder, autoencoder)
+    with contextlib.closing(PlanningPolicy(model, [PlanningWorker(network, network)], config)) as policy:
+        query = ActionQuery(random_observation("aloha"), "task", seed=BASE_SEED, return_future_images=True)
+        result = policy.infer(query)
+    assert result.future_images is not None
+    return dict(result.future_images), autoencoder.decoded
+
+
+def test_future_images_of_a_plan_combine_the_chosen_candidates_predicted_states() -> None:
+    average, decoded = plan_future_images(SMALL)
+    assert len(decoded) == 2  # one decode per world-model member of the chosen candidate, nothing else
+    members = [future_image_frames(ALOHA, video) for video in decoded]
+    for camera, image in average.items():
+        mean = np.mean([member[camera].astype(np.float32) for member in members], axis=0)
+        np.testing.assert_array_equal(image, np.clip(np.round(mean), 0, 255).astype(np.uint8))
+    assert any(not np.array_equal(members[0][c], members[1][c]) for c in average)  # the members differ
+    last, decoded = plan_future_images(dataclasses.replace(SMALL, future_state_ensemble_aggregation_scheme="last"))
+    for camera, image in last.items():
+        np.testing.assert_array_equal(image, future_image_frames(ALOHA, decoded[-1])[camera])
+
+
+def test_future_images_of_a_plan_ranked_by_its_own_pass_are_that_passs() -> None:
+    images, decoded = plan_future_images(planning_preset("base", num_denoising_steps_action=1))
+    assert len(decoded) == 1
+    for camera, image in images.items():
+        np.testing.assert_array_equal(image, future_image_frames(ALOHA, decoded[0])[camera])
