@@ -97,23 +97,31 @@ def _check_latents(latents: np.ndarray, slot: int) -> None:
 BLACK = np.float32(-1.0)  # a black uint8 frame in the model range (x / 127.5 - 1, exact in bf16)
 
 
-def build_pixel_video(
-    platform: PlatformSpec, images: Mapping[str, np.ndarray], num_latent_frames: int | None = None
-) -> np.ndarray:
-    """The official input clip "1 3 (1+4k) 224 224" for the first `num_latent_frames` slots (default: all).
-
-    Frame 0 is black; every later slot is 4 copies of one frame: the camera image for current and future camera
-    slots (future slots start as the current image), black for proprio, action, future proprio and value.
-    `images` are the model-range "3 224 224" arrays of `images.preprocess_observation_images`.
-    """
+def pixel_frame_cameras(platform: PlatformSpec, num_latent_frames: int | None = None) -> list[str | None]:
+    """The camera each frame of the official input clip shows (None: black), for the first `num_latent_frames` slots
+    (default: all). Frame 0 is black; every later slot is 4 frames: its camera's image for current and future camera
+    slots (future slots start as the current image), black for proprio, action, future proprio and value."""
     frames = platform.num_latent_frames if num_latent_frames is None else num_latent_frames
     if not 1 <= frames <= platform.num_latent_frames:
         raise InputError(f"num_latent_frames: expected 1 to {platform.num_latent_frames}, got {frames}")
-    video = np.full((1, 3, 1 + TEMPORAL_COMPRESSION * (frames - 1), IMAGE_SIZE, IMAGE_SIZE), BLACK, np.float32)
-    for index, slot in enumerate(platform.slots[1:frames], start=1):
-        if slot.kind in (SlotKind.CAMERA, SlotKind.FUTURE_CAMERA):
-            first = 1 + TEMPORAL_COMPRESSION * (index - 1)
-            video[0, :, first : first + TEMPORAL_COMPRESSION] = images[str(slot.camera)][:, None]
+    cameras: list[str | None] = [None]
+    for slot in platform.slots[1:frames]:
+        shown = str(slot.camera) if slot.kind in (SlotKind.CAMERA, SlotKind.FUTURE_CAMERA) else None
+        cameras += [shown] * TEMPORAL_COMPRESSION
+    return cameras
+
+
+def build_pixel_video(
+    platform: PlatformSpec, images: Mapping[str, np.ndarray], num_latent_frames: int | None = None
+) -> np.ndarray:
+    """The official input clip "1 3 (1+4k) 224 224" for the first `num_latent_frames` slots (default: all), laid out
+    by `pixel_frame_cameras`. `images` are the model-range "3 224 224" arrays of
+    `images.preprocess_observation_images`."""
+    cameras = pixel_frame_cameras(platform, num_latent_frames)
+    video = np.full((1, 3, len(cameras), IMAGE_SIZE, IMAGE_SIZE), BLACK, np.float32)
+    for frame, camera in enumerate(cameras):
+        if camera is not None:
+            video[0, :, frame] = images[camera]
     return video
 
 
