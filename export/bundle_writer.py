@@ -26,6 +26,7 @@ from cosmos_edge.export.onnx_export import (
     OPSET,
     ExportedGraph,
     export_dit,
+    export_vae_cameras_encoder,
     export_vae_decoder,
     export_vae_encoder,
 )
@@ -207,7 +208,8 @@ def _export_dit_graphs(
 
 def _export_vae_graphs(request: ExportRequest, platform: PlatformSpec, writer: _GraphWriter) -> dict[str, object]:
     vae = load_wan_vae(request.tokenizer, TORCH_DTYPES[request.precision])
-    writer.add("vae_encoder_prefix", vae_encoder_graph(platform, False), partial(export_vae_encoder, vae))
+    cameras = partial(export_vae_cameras_encoder, vae, platform)
+    writer.add("vae_encoder_cameras", vae_encoder_graph(platform, False), cameras)
     if request.future_images:
         writer.add("vae_encoder_full", vae_encoder_graph(platform, True), partial(export_vae_encoder, vae))
         writer.add("vae_decoder", vae_decoder_graph(platform), partial(export_vae_decoder, vae))

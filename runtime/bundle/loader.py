@@ -22,7 +22,7 @@ import numpy as np
 from cosmos_edge.runtime.bundle.manifest import Bundle
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointSource, ModelSource
 from cosmos_edge.runtime.engines.graph import GraphRunner
-from cosmos_edge.runtime.engines.graph_networks import GraphAutoencoder, GraphDenoisingNetwork
+from cosmos_edge.runtime.engines.graph_networks import GraphAutoencoder, GraphConditioning, GraphDenoisingNetwork
 from cosmos_edge.runtime.engines.registry import backend_info, load_graph_backend, load_torch_backend
 from cosmos_edge.runtime.errors import BundleError, ConfigError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE, platform_spec
@@ -39,7 +39,7 @@ from cosmos_edge.runtime.policy.normalization import DatasetStats
 from cosmos_edge.runtime.policy.planning import PlanningPolicy, PlanningWorker, planning_batch_sizes
 from cosmos_edge.runtime.policy.planning_config import PlanningConfig
 from cosmos_edge.runtime.policy.reactive import ReactivePolicy
-from cosmos_edge.runtime.policy.steps import PixelVideoConditioning, PolicyModel
+from cosmos_edge.runtime.policy.steps import PolicyModel
 
 _LOG = logging.getLogger(__name__)
 
@@ -232,8 +232,7 @@ def _open_bundle(
             resources.callback(runner.close)
             return runner
 
-        encoders = [open_graph("vae_encoder_prefix")]
-        decoder = None
+        encoders, decoder = [], None
         if load_future:
             encoders.append(open_graph("vae_encoder_full"))
             decoder = open_graph("vae_decoder")
@@ -251,7 +250,10 @@ def _open_bundle(
         source.backend,
         ", ".join(devices),
     )
+    # The first device encodes every query's conditioning.
+    cameras_encoder = backend.open_graph(bundle.graph_file("vae_encoder_cameras"), devices[0])
+    resources.callback(cameras_encoder.close)
+    conditioning = GraphConditioning(manifest.platform, cameras_encoder)
     autoencoder = networks[0].autoencoder
-    conditioning = PixelVideoConditioning(manifest.platform, autoencoder)
     model = PolicyModel(manifest.platform, bundle.dataset_stats(), bundle.text_embeddings(), autoencoder, conditioning)
     return model, networks

@@ -4,7 +4,7 @@ Layout (written by `cosmos_edge.export.bundle_writer`, which writes into a hidde
 
     BUNDLE/
       manifest.json                  what is inside, the sha256 of every other file, versions, engines
-      graphs/<graph>.onnx            one per GraphSpec: dit_b1, dit_b8, vae_encoder_prefix, vae_encoder_full, ...
+      graphs/<graph>.onnx            one per GraphSpec: dit_b1, dit_b8, vae_encoder_cameras, vae_encoder_full, ...
       graphs/<graph>.onnx.data       ONNX external data, for graphs with large weights
       text_embeddings.safetensors    instruction -> T5 embedding (`text_embeddings.write` format)
       dataset_statistics.json        the official statistics file, as given
@@ -36,12 +36,12 @@ from cosmos_edge.runtime.precision import PRECISIONS
 
 _LOG = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the conditioning prefix is encoded from its camera frames (`vae_encoder_cameras`)
 FORMAT_TAG = "cosmos-edge/bundle"
 MANIFEST_NAME = "manifest.json"
 ENGINES_DIR = "engines"  # engines a bundle ships: <graph>.engine + <graph>.json, listed in the manifest
 CACHE_DIR = "cache"  # what backends build on first use (TensorRT engines), per backend
-GRAPH_ROLES = ("dit", "planning_dit", "vae_encoder_prefix", "vae_encoder_full", "vae_decoder")
+GRAPH_ROLES = ("dit", "planning_dit", "vae_encoder_cameras", "vae_encoder_full", "vae_decoder")
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,11 @@ class BundleManifest:
             raise BundleError(
                 f"{source}: schema_version {version} is newer than this cosmos-edge reads (up to {SCHEMA_VERSION}); "
                 f"upgrade cosmos-edge or re-export the bundle with this version"
+            )
+        if 1 <= version < SCHEMA_VERSION:
+            raise BundleError(
+                f"{source}: schema_version {version} was written by an earlier cosmos-edge, whose prefix encoder this "
+                f"version no longer runs; re-export the bundle with `cosmos-edge export`"
             )
         fields.require("schema_version", version >= 1, "a positive int", version)
         fields.require("format", fields.get("format", str) == FORMAT_TAG, repr(FORMAT_TAG), fields.get("format", str))

@@ -17,6 +17,7 @@ import numpy as np
 
 from cosmos_edge.runtime.errors import EngineError, InputError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE, LATENT_CHANNELS, LATENT_SIZE, PlatformSpec
+from cosmos_edge.runtime.policy.latents import black_prefix_frames
 
 
 @dataclass(frozen=True)
@@ -64,12 +65,16 @@ def dit_graph(platform: PlatformSpec, batch: int, text_tokens: int, text_dim: in
 
 
 def vae_encoder_graph(platform: PlatformSpec, full_sequence: bool) -> GraphSpec:
-    """The conditioning prefix (reactive path) or the whole sequence (needed to decode future images)."""
+    """The whole sequence (needed to decode future images), or the conditioning prefix from its camera frames: the
+    black frames before them are encoded into the graph once, as constants (the encoder is causal)."""
+    if full_sequence:
+        video_frames, name = platform.num_pixel_frames, "vae_encoder_full"
+    else:
+        video_frames, name = platform.num_prefix_pixel_frames - black_prefix_frames(platform), "vae_encoder_cameras"
     frames = platform.num_latent_frames if full_sequence else platform.num_conditional_frames
-    pixel_frames = platform.num_pixel_frames if full_sequence else platform.num_prefix_pixel_frames
     return GraphSpec(
-        name="vae_encoder_full" if full_sequence else "vae_encoder_prefix",
-        inputs=(TensorSpec("video", (1, 3, pixel_frames, IMAGE_SIZE, IMAGE_SIZE)),),
+        name=name,
+        inputs=(TensorSpec("video", (1, 3, video_frames, IMAGE_SIZE, IMAGE_SIZE)),),
         outputs=(TensorSpec("latent", _latent(1, frames)),),
     )
 

@@ -1,19 +1,22 @@
 """`networks_api` over GraphRunners: the policy's networks on any engine backend (ONNX Runtime, TensorRT).
 
 Graphs have static shapes, so each adapter holds one runner per shape it serves and picks it by the input shape:
-encoders by clip length (the conditioning prefix, the whole sequence), DiTs by batch size; a DiT batch of another
+DiTs by batch size; a DiT batch of another
 size runs as slices of the sizes loaded (`batch_slices`). Input and output names come from each runner's GraphSpec.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from cosmos_edge.runtime.engines.graph import GraphRunner
 from cosmos_edge.runtime.errors import EngineError, InputError
-from cosmos_edge.runtime.policy.api import FloatArray, NetworkFn
+from cosmos_edge.runtime.platforms import PlatformSpec
+from cosmos_edge.runtime.policy.api import FloatArray, NetworkFn, StageTimer
+from cosmos_edge.runtime.policy.images import preprocess_observation_images
+from cosmos_edge.runtime.policy.latents import black_prefix_frames, pixel_frame_cameras
 
 
 class _SingleIO:
@@ -32,8 +35,33 @@ class _SingleIO:
         return self.runner.run({source: array})[target]
 
 
+class GraphConditioning:
+    """`ConditioningEncoder` over a `vae_encoder_cameras` graph: the official image transforms (numpy/Pillow), the
+    camera frames of the conditioning prefix after its black frames, one graph call (the black frames' latent and
+    causal context are constants inside the graph)."""
+
+    def __init__(self, platform: PlatformSpec, runner: GraphRunner) -> None:
+        self._platform = platform
+        self._encoder = _SingleIO(runner)
+        layout = pixel_frame_cameras(platform, platform.num_conditional_frames)
+        self._cameras = [str(camera) for camera in layout[black_prefix_frames(platform) :]]
+        if self._encoder.shape[2] != len(self._cameras):
+            raise EngineError(
+                f"graph {runner.spec.name}: expected {len(self._cameras)} camera frames for {platform.name}, "
+                f"got input shape {list(self._encoder.shape)}"
+            )
+
+    def encode_conditioning(self, images: Mapping[str, np.ndarray], timer: StageTimer) -> np.ndarray:
+        with timer.stage("preprocess"):
+            planes = preprocess_observation_images(self._platform, images)
+            video = np.stack([planes[camera] for camera in self._cameras], axis=1)[None]
+        with timer.stage("vae_encode"):
+            return self._encoder(video)
+
+
 class GraphAutoencoder:
-    """VideoAutoencoder over encoder graphs (one per clip length) and an optional decoder graph."""
+    """VideoAutoencoder over the whole-sequence encoder graph and the decoder graph, when a bundle has them (future
+    images need both)."""
 
     def __init__(self, encoders: Sequence[GraphRunner], decoder: GraphRunner | None) -> None:
         self._encoders = {graph.shape: graph for graph in map(_SingleIO, encoders)}

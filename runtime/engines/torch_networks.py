@@ -24,13 +24,11 @@ from cosmos_edge.runtime.models.dit_checkpoint import load_dit
 from cosmos_edge.runtime.models.dtypes import TORCH_DTYPES
 from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
 from cosmos_edge.runtime.models.wan_vae import WanVAE
-from cosmos_edge.runtime.platforms import IMAGE_SIZE, TEMPORAL_COMPRESSION, PlatformSpec
+from cosmos_edge.runtime.platforms import IMAGE_SIZE, PlatformSpec
 from cosmos_edge.runtime.policy.api import NetworkFn, StageTimer
 from cosmos_edge.runtime.policy.arrays import Array
 from cosmos_edge.runtime.policy.images import check_cameras, preprocess_observation_images
-from cosmos_edge.runtime.policy.latents import BLACK, pixel_frame_cameras
-
-BLACK_PIXEL_FRAMES = 1 + TEMPORAL_COMPRESSION  # the blank slot's frame and the proprio slot's 4: black in every clip
+from cosmos_edge.runtime.policy.latents import BLACK, black_prefix_frames, pixel_frame_cameras
 
 
 class TorchAutoencoder:
@@ -41,13 +39,10 @@ class TorchAutoencoder:
         self._device = device
         self._dtype = next(vae.parameters()).dtype
         self._platform = platform
-        layout = pixel_frame_cameras(platform, platform.num_conditional_frames)
-        self._camera_frames = layout[BLACK_PIXEL_FRAMES:]  # the frames a query encodes, after the cached black ones
-        if any(camera is None for camera in self._camera_frames) or any(layout[:BLACK_PIXEL_FRAMES]):
-            raise ConfigError(
-                f"platform {platform.name}: its prefix is not {BLACK_PIXEL_FRAMES} black frames, then cameras"
-            )
-        shape = (1, 3, BLACK_PIXEL_FRAMES, IMAGE_SIZE, IMAGE_SIZE)
+        black_frames = black_prefix_frames(platform)
+        # The frames a query encodes, after the black ones encoded here once.
+        self._camera_frames = pixel_frame_cameras(platform, platform.num_conditional_frames)[black_frames:]
+        shape = (1, 3, black_frames, IMAGE_SIZE, IMAGE_SIZE)
         black = torch.full(shape, float(BLACK), dtype=self._dtype, device=device)
         with torch.inference_mode():
             self._black_latent, self._after_black = vae.encode_prefix(black)

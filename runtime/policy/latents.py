@@ -111,6 +111,16 @@ def pixel_frame_cameras(platform: PlatformSpec, num_latent_frames: int | None = 
     return cameras
 
 
+def black_prefix_frames(platform: PlatformSpec) -> int:
+    """How many pixel frames open every clip black (the blank slot's and the proprio slot's): the same in every query,
+    so a causal encoder encodes them once and each query only the camera frames after them."""
+    cameras = pixel_frame_cameras(platform, platform.num_conditional_frames)
+    black = next(index for index, camera in enumerate(cameras) if camera is not None)
+    if any(camera is None for camera in cameras[black:]):
+        raise InputError(f"platform {platform.name}: expected black frames, then camera frames, in its prefix")
+    return black
+
+
 def build_pixel_video(
     platform: PlatformSpec, images: Mapping[str, np.ndarray], num_latent_frames: int | None = None
 ) -> np.ndarray:

@@ -56,7 +56,7 @@ def test_export_then_act_matches_the_reference_act(
         "dit_b3",
         "planning_dit_b1",
         "planning_dit_b3",
-        "vae_encoder_prefix",
+        "vae_encoder_cameras",
     ]
 
     observation = random_observation("libero", seed=3)

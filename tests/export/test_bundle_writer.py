@@ -49,8 +49,8 @@ def test_manifest_describes_every_file(tiny_bundles: TinyBundles, tiny_assets: d
     assert manifest.model.dit == json.loads(json.dumps(raw["model"]["dit"])) and manifest.model.dit["num_blocks"] == 2
     assert (manifest.model.text_tokens, manifest.model.text_dim) == (TEXT_TOKENS, dit_config("tiny").text_dim)
     assert manifest.graphs["dit_b2"].spec == dit_graph(platform, 2, TEXT_TOKENS, dit_config("tiny").text_dim)
-    assert manifest.graphs["vae_encoder_prefix"].spec == vae_encoder_graph(platform, full_sequence=False)
-    assert sorted(manifest.graphs) == ["dit_b1", "dit_b2", "vae_encoder_prefix"]  # exported without future images
+    assert manifest.graphs["vae_encoder_cameras"].spec == vae_encoder_graph(platform, full_sequence=False)
+    assert sorted(manifest.graphs) == ["dit_b1", "dit_b2", "vae_encoder_cameras"]  # exported without future images
     on_disk = sorted(path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file())
     assert sorted(manifest.files) == [name for name in on_disk if name != "manifest.json"]
     assert all(sha256_file(root / name) == record.sha256 for name, record in manifest.files.items())
@@ -71,7 +71,7 @@ def test_interrupted_export_leaves_no_bundle(
     def fail(*args: object) -> None:
         raise interrupt("stopped while exporting the VAE")
 
-    monkeypatch.setattr(bundle_writer, "export_vae_encoder", fail)  # after the DiT graphs are written
+    monkeypatch.setattr(bundle_writer, "export_vae_cameras_encoder", fail)  # after the DiT graphs are written
     out = tmp_path / "bundle"
     with pytest.raises(interrupt):
         export_bundle(request(tiny_assets["libero"], out))
@@ -92,7 +92,11 @@ def test_a_new_export_removes_what_a_killed_one_left(
 ) -> None:
     stale = tmp_path / ".bundle.partial-killed"
     (stale / "graphs").mkdir(parents=True)
-    monkeypatch.setattr(bundle_writer, "export_vae_encoder", lambda *args: (_ for _ in ()).throw(RuntimeError("x")))
+
+    def fail(*args: object) -> None:
+        raise RuntimeError("x")
+
+    monkeypatch.setattr(bundle_writer, "export_vae_cameras_encoder", fail)
     with pytest.raises(RuntimeError):
         export_bundle(request(tiny_assets["libero"], tmp_path / "bundle"))
     assert list(tmp_path.iterdir()) == []

@@ -20,6 +20,7 @@ from cosmos_edge.runtime.models.dit_checkpoint import load_dit
 from cosmos_edge.runtime.models.dit_config import dit_config
 from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
 from cosmos_edge.runtime.platforms import platform_spec
+from cosmos_edge.runtime.policy.latents import BLACK, black_prefix_frames
 from tests.helpers.observations import TinyBundles
 
 REL_TOL = 1e-4  # max|onnxruntime - torch| / max|torch| at fp32
@@ -55,15 +56,21 @@ def test_dit_graph_matches_torch_fp32(aloha_bundle: Bundle, tiny_assets: dict[st
     assert rel_err(runner.run(feeds)["velocity"], expected) <= REL_TOL
 
 
-def test_prefix_encoder_graph_matches_torch_fp32(
+def test_cameras_encoder_graph_gives_the_prefix_latents_of_torch_fp32(
     tiny_bundles: TinyBundles, tiny_assets: dict[str, CheckpointFiles]
 ) -> None:
+    # The graph takes the camera frames; the black frames before them are constants inside it.
     bundle = Bundle.open(tiny_bundles("libero"))
-    runner = OnnxRuntimeRunner(bundle.graph_file("vae_encoder_prefix").onnx, bundle.graph("vae_encoder_prefix").spec)
-    video = np.random.default_rng(1).uniform(-1, 1, runner.spec.inputs[0].shape).astype(np.float32)
+    spec = bundle.graph("vae_encoder_cameras").spec
+    runner = OnnxRuntimeRunner(bundle.graph_file("vae_encoder_cameras").onnx, spec)
+    platform = platform_spec("libero")
+    cameras = np.random.default_rng(1).uniform(-1, 1, spec.inputs[0].shape).astype(np.float32)
+    black = np.full((1, 3, black_prefix_frames(platform), *cameras.shape[3:]), BLACK, np.float32)
+    prefix = np.concatenate([black, cameras], axis=2)
+    assert prefix.shape[2] == platform.num_prefix_pixel_frames
     with torch.no_grad():
-        expected = load_wan_vae(tiny_assets["libero"].tokenizer).encode(torch.from_numpy(video)).numpy()
-    assert rel_err(runner.run({"video": video})["latent"], expected) <= REL_TOL
+        expected = load_wan_vae(tiny_assets["libero"].tokenizer).encode(torch.from_numpy(prefix)).numpy()
+    assert rel_err(runner.run({"video": cameras})["latent"], expected) <= REL_TOL
 
 
 @pytest.mark.parametrize("half", ["encoder", "decoder"])

@@ -62,15 +62,23 @@ def test_hash_mismatch_is_named(bundle_copy: Path) -> None:
 
 
 def test_truncated_file_is_named_on_open(bundle_copy: Path) -> None:
-    path = bundle_copy / "graphs" / "vae_encoder_prefix.onnx"
+    path = bundle_copy / "graphs" / "vae_encoder_cameras.onnx"
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(BundleError, match=r"vae_encoder_prefix\.onnx: size 100 bytes"):
+    with pytest.raises(BundleError, match=r"vae_encoder_cameras\.onnx: size 100 bytes"):
         Bundle.open(bundle_copy)
 
 
 def test_newer_schema_is_refused(bundle_copy: Path) -> None:
     edit_manifest(bundle_copy, lambda manifest: manifest.update(schema_version=99))
     with pytest.raises(BundleError, match="schema_version 99 is newer than this cosmos-edge reads"):
+        bundle_policy(bundle_copy)
+
+
+def test_a_bundle_of_an_earlier_schema_asks_for_a_re_export(bundle_copy: Path) -> None:
+    edit_manifest(bundle_copy, lambda manifest: manifest.update(schema_version=1))
+    with pytest.raises(
+        BundleError, match=r"schema_version 1 was written by an earlier cosmos-edge.*cosmos-edge export"
+    ):
         bundle_policy(bundle_copy)
 
 
