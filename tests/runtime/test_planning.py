@@ -95,8 +95,10 @@ def test_bad_configuration_and_requests(aloha: CheckpointFiles) -> None:
         PlanningConfig(num_queries_best_of_n=0)
     with pytest.raises(ConfigError, match="workers"):
         PlanningPolicy(make_planner(aloha, 1).model, [])
-    planner = make_planner(aloha, 1)
-    query = ActionQuery(random_observation("aloha"), "fold the t-shirt", return_future_images=True)
-    with pytest.raises(InputError, match="return_future_images"):
-        planner.infer(query)
-    planner.close()
+    # Q(s, a) planning with ar_future_prediction runs no world-model pass whose images could be returned.
+    q_value = dataclasses.replace(CONFIG, ar_value_prediction=False, ar_qvalue_prediction=True)
+    with load_policies(CheckpointSource(aloha), planning=q_value) as loaded:
+        assert loaded.planning is not None
+        query = ActionQuery(random_observation("aloha"), "fold the t-shirt", return_future_images=True)
+        with pytest.raises(InputError, match="return_future_images: not available when ar_future_prediction"):
+            loaded.planning.infer(query)
