@@ -69,14 +69,17 @@ class LoadedPolicies:
         self._resources = resources
 
     def warm_up(self) -> float:
-        """One reactive query on a black observation, so that kernel selection and compilation (minutes for a
-        compiled 2B DiT) happen before the first real request. Returns its seconds."""
+        """One reactive query on a black observation, and the planning networks' batched call, so that kernel
+        selection and compilation (minutes for a compiled 2B DiT) happen before the first real request. Returns its
+        seconds."""
         policy, started = self.reactive, time.perf_counter()
         platform = policy.platform
         images = {name: np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8) for name in platform.cameras}
         observation = Observation(images, (policy.model.stats.proprio_min + policy.model.stats.proprio_max) / 2)
         policy.infer(ActionQuery(observation, policy.instructions[0], steps=1))
         policy.reset()  # the next query binds its own instruction
+        if self.planning is not None:
+            self.planning.warm_up()
         return time.perf_counter() - started
 
     def modes(self) -> dict[str, Policy]:

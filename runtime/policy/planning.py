@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cosmos_edge.runtime.errors import ConfigError, InputError
+from cosmos_edge.runtime.platforms import LATENT_CHANNELS, LATENT_SIZE
 from cosmos_edge.runtime.policy.api import (
     ActionQuery,
     CandidateResults,
@@ -344,6 +345,23 @@ class PlanningPolicy(ModelPolicy):
     @property
     def deadline_ms(self) -> float | None:
         return None if self._deadline_s is None else self._deadline_s * 1e3
+
+    def warm_up(self) -> None:
+        """One DiT call of batch 2 on each worker's networks, on its own thread: a compiled DiT compiles its graph for
+        batches above 1 (minutes at 2B) now rather than on the first planning request."""
+        platform, instruction = self._model.platform, self.instructions[0]
+        frames = platform.num_latent_frames
+        x = np.zeros((2, LATENT_CHANNELS, frames, LATENT_SIZE, LATENT_SIZE), np.float32)
+        inputs = (x, np.zeros((2, frames), np.float32), np.zeros((2, 1, frames, LATENT_SIZE, LATENT_SIZE), np.float32))
+
+        def warm(worker: _BoundWorker) -> None:
+            for binding in (worker.policy, worker.planner):
+                bound = binding.for_instruction(instruction, StageTimer())
+                bound.arrays.fetch(bound.call(*(bound.arrays.put(array) for array in inputs)))
+
+        for job in [self._pool.submit(warm, worker) for worker in self._workers]:
+            job.result()
+        self.reset()
 
     def reset(self) -> None:
         self._finish_stopping()

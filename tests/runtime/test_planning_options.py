@@ -409,3 +409,29 @@ def test_future_images_of_a_plan_ranked_by_its_own_pass_are_that_passs() -> None
     assert len(decoded) == 1
     for camera, image in images.items():
         np.testing.assert_array_equal(image, future_image_frames(ALOHA, decoded[0])[camera])
+
+
+class CallRecorder:
+    """Records the batch size and thread of every call of its bound network."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, str]] = []
+
+    def bind_text(self, text_embedding: np.ndarray):  # type: ignore[no-untyped-def]
+        def call(x: np.ndarray, timesteps: np.ndarray, condition_mask: np.ndarray) -> np.ndarray:
+            self.calls.append((x.shape[0], threading.current_thread().name))
+            return np.zeros_like(x)
+
+        return call
+
+
+def test_warm_up_runs_a_batched_call_on_each_workers_networks_in_its_thread() -> None:
+    policy_nets, planning_nets = [CallRecorder(), CallRecorder()], [CallRecorder(), CallRecorder()]
+    workers = [PlanningWorker(p, q) for p, q in zip(policy_nets, planning_nets, strict=True)]
+    scripted, _ = planner(SMALL)  # for its model
+    scripted.close()
+    with contextlib.closing(PlanningPolicy(scripted.model, workers, SMALL)) as policy:
+        policy.warm_up()
+    for recorder in (*policy_nets, *planning_nets):
+        assert [batch for batch, _ in recorder.calls] == [2]  # a compiled DiT compiles its batched graph here
+        assert all(thread.startswith("planning") for _, thread in recorder.calls)
