@@ -303,7 +303,8 @@ class PlanningPolicy(ModelPolicy):
     tested and measured against); it computes the same values.
 
     `deadline_ms`: a query answers within this time of its start (plus at most the network call in flight when it
-    expires; encoding the observation and the base candidate's action pass are always waited for). The base
+    expires, which the next query waits for before it starts; encoding the observation and the base candidate's
+    action pass are always waited for). The base
     candidate's action pass runs first, then each worker scores its candidates one at a time; at the deadline the
     workers stop at their next network call and the query answers with the best candidate scored so far, or with
     the base candidate's unranked action pass (`PlanningOutcome`). Scoring one candidate at a time forgoes batching
@@ -453,7 +454,9 @@ class PlanningPolicy(ModelPolicy):
 
         shares = candidate_shares(self._config.num_queries_best_of_n, len(self._workers))
         jobs = [self._pool.submit(score_share, w, share) for w, share in zip(self._workers, shares, strict=True)]
-        _, late = wait(jobs, timeout=max(deadline - time.perf_counter(), 0.0))
+        done, late = wait(jobs, timeout=max(deadline - time.perf_counter(), 0.0))
+        for job in done:
+            job.result()  # a worker that failed fails the query
         if late:
             stop.set()
             self._stopping = list(late)
@@ -488,6 +491,10 @@ class PlanningPolicy(ModelPolicy):
         )
 
     def _finish_stopping(self) -> None:
+        """Waits for the workers stopped by the last query's deadline (at most their DiT call in flight)."""
         for job in self._stopping:
-            job.result()
+            try:
+                job.result()
+            except Exception:  # it failed after its query was answered: report it, do not fail this query
+                _LOG.exception("a planning worker stopped by the deadline failed")
         self._stopping = []

@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 
-from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.errors import ConfigError, EngineError
 from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.policy.api import ActionQuery, PlanningOutcome, StageTimer
 from cosmos_edge.runtime.policy.conditioning import ConditioningMode
@@ -435,3 +435,26 @@ def test_warm_up_runs_a_batched_call_on_each_workers_networks_in_its_thread() ->
     for recorder in (*policy_nets, *planning_nets):
         assert [batch for batch, _ in recorder.calls] == [2]  # a compiled DiT compiles its batched graph here
         assert all(thread.startswith("planning") for _, thread in recorder.calls)
+
+
+class FailingNetwork(ScriptedNetwork):
+    """A scripted double whose device fails on its second pass."""
+
+    def bind_text(self, text_embedding: np.ndarray):  # type: ignore[no-untyped-def]
+        call = super().bind_text(text_embedding)
+
+        def failing(x: np.ndarray, timesteps: np.ndarray, condition_mask: np.ndarray) -> np.ndarray:
+            if len(self.passes) >= 1:
+                raise EngineError("the device failed")
+            return call(x, timesteps, condition_mask)
+
+        return failing
+
+
+def test_a_worker_that_fails_within_the_deadline_fails_the_query() -> None:
+    scripted, _ = planner(one_step())
+    scripted.close()
+    network = FailingNetwork(ALOHA)
+    policy = PlanningPolicy(scripted.model, [PlanningWorker(network, network)], one_step(), deadline_ms=60_000)
+    with contextlib.closing(policy), pytest.raises(EngineError, match="the device failed"):
+        policy.infer(ActionQuery(random_observation("aloha"), "task", seed=BASE_SEED))
