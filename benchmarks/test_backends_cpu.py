@@ -1,6 +1,6 @@
 """ONNX Runtime (CPU provider) against torch eager on this CPU, fp32, at the `small` DiT with the real Wan2.1 VAE
-(random weights), ALOHA layout: one DiT call (batch 1, 11 latent frames, 2156 tokens) and one prefix VAE encode
-(17 frames at 224x224).
+(random weights), ALOHA layout: one DiT call (batch 1, 11 latent frames, 2156 tokens) and one conditioning-prefix
+VAE encode (the 12 camera frames after the 5 black ones, as both backends serve it, at 224x224).
 
 Both backends run in the same test on the same inputs, interleaved: pytest-benchmark times the ONNX Runtime call,
 and its untimed `setup` hook, run before every round, times one torch call, so both backends see the same load on
@@ -30,11 +30,15 @@ import torch
 from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
 from cosmos_edge.runtime.bundle.manifest import Bundle
 from cosmos_edge.runtime.engines.onnxruntime_runner import open_graph
-from cosmos_edge.runtime.engines.torch_networks import TorchAutoencoder, TorchDiT
+from cosmos_edge.runtime.engines.torch_networks import TorchDiT
 from cosmos_edge.runtime.models.dit_checkpoint import load_dit
 from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets
 from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
+from cosmos_edge.runtime.models.wan_vae import WanVAE
 from cosmos_edge.runtime.platforms import platform_spec
+from cosmos_edge.runtime.policy.latents import BLACK, black_prefix_frames
+
+ALOHA = platform_spec("aloha")
 
 ROUNDS = {"dit": 7, "vae": 3}
 WARMUP_ROUNDS = 1
@@ -44,7 +48,7 @@ WARMUP_ROUNDS = 1
 class SmallSetup:
     bundle: Bundle
     dit: TorchDiT
-    vae: TorchAutoencoder
+    vae: WanVAE
     text: np.ndarray
 
 
@@ -68,7 +72,7 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> SmallSetup:
     return SmallSetup(
         bundle=bundle,
         dit=TorchDiT(load_dit(files.checkpoint), cpu),
-        vae=TorchAutoencoder(load_wan_vae(files.tokenizer), cpu, platform_spec("aloha")),
+        vae=load_wan_vae(files.tokenizer).eval(),
         text=embeddings.get(embeddings.instructions[0]),
     )
 
@@ -126,9 +130,17 @@ def test_dit_call(benchmark: Any, small: SmallSetup) -> None:
 
 
 def test_prefix_vae_encode(benchmark: Any, small: SmallSetup) -> None:
-    # ONNX Runtime encodes the 12 camera frames (the black ones are constants of its graph); torch the whole prefix.
+    # Both encode the prefix's 12 camera frames after its 5 black ones: ONNX Runtime with the black frames' latent
+    # and causal context as constants of its graph, torch with them cached (`encode_continuation`).
     runner = open_graph(small.bundle.graph_file("vae_encoder_cameras"), "cpu")
-    video = np.random.default_rng(1).uniform(-1, 1, (1, 3, 17, 224, 224)).astype(np.float32)
-    cameras = video[:, :, 17 - runner.spec.inputs[0].shape[2] :]
-    torch_s = compare(benchmark, lambda: runner.run({"video": cameras}), lambda: small.vae.encode(video), ROUNDS["vae"])
-    record(benchmark, torch_s, "Wan2.1 encoder, 17-frame prefix (onnxruntime: its 12 camera frames) 224x224")
+    cameras = np.random.default_rng(1).uniform(-1, 1, runner.spec.inputs[0].shape).astype(np.float32)
+    black = torch.full((1, 3, black_prefix_frames(ALOHA), 224, 224), float(BLACK))
+    with torch.inference_mode():
+        _, context = small.vae.encode_prefix(black)
+
+    @torch.inference_mode()
+    def torch_call() -> torch.Tensor:
+        return small.vae.encode_continuation(torch.from_numpy(cameras), context)
+
+    torch_s = compare(benchmark, lambda: runner.run({"video": cameras}), torch_call, ROUNDS["vae"])
+    record(benchmark, torch_s, "Wan2.1 encoder, the 12 camera frames of the 17-frame prefix, 224x224")

@@ -304,11 +304,11 @@ class PlanningPolicy(ModelPolicy):
 
     `deadline_ms`: a query answers within this time of its start (plus at most the network call in flight when it
     expires, which the next query waits for before it starts; encoding the observation and the base candidate's
-    action pass are always waited for). The base
-    candidate's action pass runs first, then each worker scores its candidates one at a time; at the deadline the
-    workers stop at their next network call and the query answers with the best candidate scored so far, or with
-    the base candidate's unranked action pass (`PlanningOutcome`). Scoring one candidate at a time forgoes batching
-    the candidates of a worker, so a deadline costs throughput when it is met.
+    action pass are always waited for). The base candidate's action pass runs first, then each worker scores its
+    candidates one at a time; at the deadline the workers stop at their next network call and the query answers with
+    the best candidate scored so far, or with the base candidate's unranked action pass (`PlanningOutcome`). Scoring
+    one candidate at a time forgoes batching the candidates of a worker, so a deadline costs throughput when it is
+    met.
     """
 
     def __init__(
@@ -391,7 +391,7 @@ class PlanningPolicy(ModelPolicy):
             if self._deadline_s is None:
                 scores = self._score_all(query, encoded.clean, steps)
             else:
-                scores = self._score_until(started + self._deadline_s, query, encoded.clean, steps, timer)
+                scores = self._score_until(started + self._deadline_s, query, encoded.clean, steps)
         with timer.stage("readout"):
             actions, future_proprio = _read_chunks(self._model, scores.latents)
         images = self._future_images(scores, encoded, timer) if query.return_future_images else None
@@ -436,9 +436,7 @@ class PlanningPolicy(ModelPolicy):
                 scored[index] = result.row(position)
         return _rank(scored, self._config.num_queries_best_of_n)
 
-    def _score_until(
-        self, deadline: float, query: ActionQuery, clean: np.ndarray, steps: int, timer: StageTimer
-    ) -> _Ranked:
+    def _score_until(self, deadline: float, query: ActionQuery, clean: np.ndarray, steps: int) -> _Ranked:
         """The base candidate's action pass, then candidates one at a time per worker until done or `deadline`."""
         base_search = self._search(self._workers[0], query, [query.seed], steps)
         base_actions = base_search.act(clean)
