@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     act.add_argument("--mode", help="answer in this mode (default: the server's)")
     act.add_argument("--seed", type=int, help="default: the server's (195, as the official code)")
     act.add_argument("--steps", type=int, help="denoising steps (default: the platform's)")
-    act.add_argument("--out", type=Path, help="npz to write: actions, value")
+    act.add_argument(
+        "--return-all-query-results",
+        action="store_true",
+        help="planning: also every candidate's actions and per-depth values (written to --out)",
+    )
+    act.add_argument(
+        "--out",
+        type=Path,
+        help="npz to write: actions, value (planning: also planning_outcome, chosen_index, candidate_values)",
+    )
     act.set_defaults(func=_act)
 
 
@@ -112,12 +122,31 @@ def _act(args: argparse.Namespace) -> int:
             mode=args.mode,
             seed=args.seed,
             steps=args.steps,
+            return_all_query_results=args.return_all_query_results,
         )
     rows, columns = reply.actions.shape
     print(f"action chunk: {rows} x {columns} (float32, un-normalised), mode {reply.mode}")
     print(f"value:        {reply.value:.4f}")
+    arrays = {"actions": reply.actions, "value": np.array(reply.value, dtype=np.float32)}
+    if reply.planning is not None and reply.candidate_values is not None:
+        values = _values(reply.candidate_values)
+        shown = ", ".join("not scored" if np.isnan(value) else f"{value:.4f}" for value in values)
+        print(f"planning:     {reply.planning}, chose {reply.chosen_index}; values {shown}")
+        arrays |= {
+            "planning_outcome": np.array(reply.planning),
+            "chosen_index": np.array(reply.chosen_index),
+            "candidate_values": values,
+        }
+        if reply.candidate_values_by_depth is not None and reply.candidate_actions is not None:
+            arrays["candidate_values_by_depth"] = np.stack([_values(row) for row in reply.candidate_values_by_depth])
+            arrays["candidate_actions"] = reply.candidate_actions
     print("server timings (ms): " + ", ".join(f"{name} {ms:.1f}" for name, ms in reply.timings_ms.items()))
     if args.out is not None:
-        np.savez(args.out, actions=reply.actions, value=np.array(reply.value, dtype=np.float32))
+        np.savez(args.out, **arrays)  # type: ignore[arg-type]
         print(f"wrote {args.out}")
     return 0
+
+
+def _values(values: Sequence[float | None]) -> np.ndarray:
+    """float32 values, NaN for those the server did not compute (a planning deadline)."""
+    return np.array([np.nan if value is None else value for value in values], np.float32)

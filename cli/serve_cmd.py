@@ -258,6 +258,14 @@ def _policies(args: argparse.Namespace) -> LoadedPolicies:
         _LOG.info("planning mode: best of %d candidates", candidates)
     planning = None if candidates is None else planning_config(args, num_queries_best_of_n=candidates)
     loaded = load_policies(source, devices=devices, planning=planning, planning_deadline_ms=args.planning_deadline_ms)
+    if loaded.planning is not None:
+        deadline = loaded.planning.deadline_ms
+        _LOG.info(
+            "planning over %d device(s), %s, %s",
+            len(loaded.devices),
+            "independent passes batched" if loaded.planning.batch_passes else "pass after pass (CPU)",
+            f"deadline {deadline:.0f} ms" if deadline is not None else "no deadline",
+        )
     try:
         _LOG.info("warming up (kernels%s) before serving", ", compilation" if _compiles(args) else "")
         _LOG.info("warm-up done in %.1f s; serving", loaded.warm_up())

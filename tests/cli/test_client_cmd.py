@@ -15,14 +15,22 @@ from cosmos_edge.cli.serve_cmd import add_serve_parser, server_config
 from cosmos_edge.robot_bridge.binding import ServerConfig
 from cosmos_edge.robot_bridge.client import PolicyClient
 from cosmos_edge.robot_bridge.server import PolicyServer
-from tests.helpers.bridge_doubles import INSTRUCTION, StubPolicy, expected_actions, observation, serving
+from tests.helpers.bridge_doubles import (
+    CUT_SHORT_CANDIDATES,
+    INSTRUCTION,
+    StubPolicy,
+    expected_actions,
+    observation,
+    serving,
+)
 
 TIMEOUT_S = 5.0
 
 
 def stub_server() -> PolicyServer:
     return PolicyServer(
-        {"reactive": StubPolicy(), "planning": StubPolicy(offset=1.0)}, ServerConfig("tcp://127.0.0.1:*")
+        {"reactive": StubPolicy(), "planning": StubPolicy(offset=1.0, candidates=CUT_SHORT_CANDIDATES)},
+        ServerConfig("tcp://127.0.0.1:*"),
     )
 
 
@@ -53,11 +61,16 @@ def test_ping_metadata_and_act(tmp_path: Path, capsys: pytest.CaptureFixture[str
             [INSTRUCTION],
         )
         act = ["client", "act", str(tmp_path / "obs.npz"), "--task", INSTRUCTION, "--endpoint", endpoint]
-        assert main([*act, "--mode", "planning", "--seed", "7", "--out", str(out)]) == 0
-    assert "action chunk: 50 x 14 (float32, un-normalised), mode planning" in capsys.readouterr().out
+        assert main([*act, "--mode", "planning", "--seed", "7", "--return-all-query-results", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "action chunk: 50 x 14 (float32, un-normalised), mode planning" in printed
+    assert "planning:     best_so_far, chose 1; values 0.5000, 0.7500, not scored" in printed
     with np.load(out) as result:
         np.testing.assert_allclose(result["actions"], expected_actions(obs.proprio, seed=7, offset=1.0))
         assert float(result["value"]) == 0.25
+        assert str(result["planning_outcome"]) == "best_so_far" and int(result["chosen_index"]) == 1
+        np.testing.assert_array_equal(result["candidate_values"], CUT_SHORT_CANDIDATES.values)  # NaN: not scored
+        assert result["candidate_actions"].shape == (3, 50, 14) and result["candidate_values_by_depth"].shape == (3, 1)
 
 
 def test_keys_generate_then_a_curve_server_admits_the_client(
