@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
-from cosmos_edge.export.onnx_export import DiTGraph, VAEEncoderGraph
+from cosmos_edge.export.onnx_export import DiTGraph, VAECamerasEncoderGraph
 from cosmos_edge.runtime.bundle.loader import load_policies
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource
 from cosmos_edge.runtime.engines.graph import GraphSpec, dit_graph, vae_encoder_graph
-from cosmos_edge.runtime.engines.graph_networks import GraphAutoencoder, GraphDenoisingNetwork
+from cosmos_edge.runtime.engines.graph_networks import GraphAutoencoder, GraphConditioning, GraphDenoisingNetwork
 from cosmos_edge.runtime.models.dit import explicit_attention_mode
 from cosmos_edge.runtime.models.dit_checkpoint import load_dit
 from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets
@@ -38,9 +38,10 @@ from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
 from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.policy import text_embeddings as text_store
 from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation, Policy
+from cosmos_edge.runtime.policy.latents import black_prefix_frames
 from cosmos_edge.runtime.policy.normalization import DatasetStats
 from cosmos_edge.runtime.policy.reactive import ReactivePolicy
-from cosmos_edge.runtime.policy.steps import PixelVideoConditioning, PolicyModel
+from cosmos_edge.runtime.policy.steps import PolicyModel
 
 PLATFORMS = ("libero", "robocasa", "aloha")
 OBSERVATIONS = 2
@@ -75,8 +76,9 @@ def bf16_graph_policy(files: CheckpointFiles) -> tuple[ReactivePolicy, nn.Module
     dit_spec = dit_graph(platform, 1, tokens, dim)
     encoder_spec = vae_encoder_graph(platform, full_sequence=False)
     vae = load_wan_vae(files.tokenizer, torch.bfloat16)
-    autoencoder = GraphAutoencoder([TorchGraphRunner(VAEEncoderGraph(vae), encoder_spec)], None)
-    conditioning = PixelVideoConditioning(platform, autoencoder)
+    encoder = VAECamerasEncoderGraph(vae, black_prefix_frames(platform))
+    conditioning = GraphConditioning(platform, TorchGraphRunner(encoder, encoder_spec))
+    autoencoder = GraphAutoencoder(None, None)
     model = PolicyModel(platform, DatasetStats.from_json(files.stats, platform), texts, autoencoder, conditioning)
     policy = ReactivePolicy(model, GraphDenoisingNetwork([TorchGraphRunner(DiTGraph(dit, dit_spec), dit_spec)]))
     return policy, dit

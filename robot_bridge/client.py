@@ -121,7 +121,8 @@ class PolicyClient:
     ) -> ActReply:
         """Asks for the chunk for `observation`. The images are sent from their own buffers, without a copy: do not
         modify them while this call runs. The reply's `actions` are a read-only view of the received message.
-        `return_all_query_results`: a planning mode's reply also carries every candidate's actions and values.
+        A planning mode's reply says how the query ended and what each candidate scored;
+        `return_all_query_results`: it also carries every candidate's actions and per-depth values.
 
         The request carries what is left of this call's deadline, so the server drops it (`expired`) rather than
         compute it after we gave up. `overloaded` answers are retried with backoff until the deadline.
@@ -140,6 +141,7 @@ class PolicyClient:
                 mode=mode,
                 seed=seed,
                 steps=steps,
+                planning_summary=True,
                 return_all_query_results=return_all_query_results or None,
                 timeout_ms=_timeout_ms(deadline),
             )

@@ -44,6 +44,7 @@ from cosmos_edge.robot_bridge.wire import (
     parse,
     set_field,
 )
+from cosmos_edge.runtime.policy.api import PlanningOutcome
 
 # The protocol's public names, including those defined in `wire`, so that users need one import.
 __all__ = [
@@ -76,6 +77,7 @@ MAX_TIMEOUT_MS = 2**32 - 1  # about 50 days; a longer deadline is sent as this o
 _MAX_TEXT = 1024
 _MAX_ERROR_TEXT = 2048
 _MAX_CAMERAS = 8
+_OUTCOMES = frozenset(outcome.value for outcome in PlanningOutcome)
 _IMAGE_PREFIX = "image/"
 _DEFAULT_LIMITS = WireLimits()
 
@@ -158,7 +160,9 @@ class ActRequest(_Message):
     stale chunks. `capture_time_ns` is the controller's capture timestamp on its own clock, carried for its records;
     the server does not interpret it. `mode`, `seed`, `steps` override the server's defaults when given.
     `timeout_ms` is the sender's deadline, counted from when the server receives the request: a request still waiting
-    then is answered `expired` without being computed. None: no deadline.
+    then is answered `expired` without being computed. None: no deadline. `planning_summary` asks a planning mode's
+    reply to say how the query ended and what each candidate scored; `return_all_query_results` also asks for every
+    candidate's actions and per-depth values (see `ActReply`).
     """
 
     kind: ClassVar[MessageKind] = MessageKind.ACT
@@ -171,6 +175,7 @@ class ActRequest(_Message):
     seed: int | None = None
     steps: int | None = None
     timeout_ms: int | None = None
+    planning_summary: bool | None = None
     return_all_query_results: bool | None = None
 
     def __post_init__(self) -> None:
@@ -192,8 +197,10 @@ class ActRequest(_Message):
         set_field(self, "seed", check_optional_int("seed", self.seed, 0, _SEED_MAX))
         set_field(self, "steps", check_optional_int("steps", self.steps, 1, _MAX_STEPS))
         set_field(self, "timeout_ms", check_optional_int("timeout_ms", self.timeout_ms, 1, MAX_TIMEOUT_MS))
-        if self.return_all_query_results is not None and not isinstance(self.return_all_query_results, bool):
-            raise invalid("return_all_query_results", f"expected true or false, got {self.return_all_query_results!r}")
+        for name in ("planning_summary", "return_all_query_results"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise invalid(name, f"expected true or false, got {value!r}")
 
     def _payload(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         fields = {"obs_id": self.obs_id, "capture_time_ns": self.capture_time_ns, "instruction": self.instruction}
@@ -202,6 +209,7 @@ class ActRequest(_Message):
             "seed": self.seed,
             "steps": self.steps,
             "timeout_ms": self.timeout_ms,
+            "planning_summary": self.planning_summary,
             "return_all_query_results": self.return_all_query_results,
         }
         fields.update({name: value for name, value in optional.items() if value is not None})
@@ -223,6 +231,7 @@ class ActRequest(_Message):
             seed=fields.take("seed", required=False),
             steps=fields.take("steps", required=False),
             timeout_ms=fields.take("timeout_ms", required=False),
+            planning_summary=fields.take("planning_summary", required=False),
             return_all_query_results=fields.take("return_all_query_results", required=False),
         )
         fields.finish()
@@ -258,10 +267,11 @@ class ActReply(_Message):
     `timings_ms` holds the server's stages in the order they ran. `server_receive_ns`/`server_send_ns` are the
     server's wall clock when the request arrived and when this reply was encoded.
 
-    A planning mode adds `planning` (how the query ended: complete, best_so_far or reactive, see `PlanningOutcome`),
-    `chosen_index` and `candidate_values` (None for a candidate not scored before the deadline); with
-    `return_all_query_results`, also `candidate_values_by_depth` and `candidate_actions` (zeros for a candidate
-    whose action pass did not finish before the deadline).
+    A planning mode adds, when the request asked (`planning_summary` or `return_all_query_results`: a client that
+    predates these fields asks neither, and gets replies it can decode), `planning` (how the query ended: complete,
+    best_so_far or reactive, see `PlanningOutcome`), `chosen_index` and `candidate_values` (None for a candidate not
+    scored before the deadline); with `return_all_query_results`, also `candidate_values_by_depth` and
+    `candidate_actions` (zeros for a candidate whose action pass did not finish before the deadline).
     """
 
     kind: ClassVar[MessageKind] = MessageKind.ACT_RESULT
@@ -298,18 +308,30 @@ class ActReply(_Message):
         self._check_candidates()
 
     def _check_candidates(self) -> None:
-        if self.planning is not None:
-            set_field(self, "planning", check_text("planning", self.planning, MAX_NAME))
+        if self.planning is not None and self.planning not in _OUTCOMES:
+            raise invalid("planning", f"expected one of {sorted(_OUTCOMES)}, got {self.planning!r}")
+        set_field(self, "chosen_index", check_optional_int("chosen_index", self.chosen_index, 0, INT64_MAX))
+        count = None
         if self.candidate_values is not None:
             set_field(self, "candidate_values", _optional_values("candidate_values", self.candidate_values))
             count = len(self.candidate_values)
-            set_field(self, "chosen_index", check_optional_int("chosen_index", self.chosen_index, 0, count - 1))
+            if self.chosen_index is not None and self.chosen_index >= count:
+                raise invalid("chosen_index", f"expected an index below {count} candidates, got {self.chosen_index}")
         if self.candidate_values_by_depth is not None:
             rows = check_sequence("candidate_values_by_depth", self.candidate_values_by_depth, MAX_LIST)
             by_depth = tuple(_optional_values(f"candidate_values_by_depth[{i}]", row) for i, row in enumerate(rows))
             set_field(self, "candidate_values_by_depth", by_depth)
+            _check_count("candidate_values_by_depth", len(by_depth), count)
         if self.candidate_actions is not None:
             set_field(self, "candidate_actions", check_array("candidate_actions", self.candidate_actions, "float32", 3))
+            _check_count("candidate_actions", self.candidate_actions.shape[0], count)
+
+
+def _check_count(field: str, got: int, count: int | None) -> None:
+    if count is None:
+        raise invalid(field, "expected candidate_values with it")
+    if got != count:
+        raise invalid(field, f"expected one entry per candidate ({count}), got {got}")
 
 
 def _optional_values(field: str, value: object) -> tuple[float | None, ...]:

@@ -573,14 +573,16 @@ class PolicyServer:
             server_version=SERVER_VERSION,
             server_receive_ns=job.receive_ns,
             server_send_ns=time.time_ns(),
-            **_candidate_fields(result.candidates, bool(job.request.return_all_query_results)),
+            **_candidate_fields(result.candidates, job.request),
         )
 
 
-def _candidate_fields(candidates: CandidateResults | None, return_all: bool) -> dict[str, Any]:
-    """The planning fields of an `act_result` (none for a reactive result); NaN (not computed in time) travels as
-    null values and zero actions."""
-    if candidates is None:
+def _candidate_fields(candidates: CandidateResults | None, request: ActRequest) -> dict[str, Any]:
+    """The planning fields of an `act_result`, when the request asked for them (a client that predates them asks
+    nothing and gets a reply it can decode); none for a reactive result. NaN (not computed in time) travels as null
+    values and zero actions."""
+    return_all = bool(request.return_all_query_results)
+    if candidates is None or not (request.planning_summary or return_all):
         return {}
 
     def values(array: np.ndarray) -> tuple[float | None, ...]:

@@ -235,14 +235,12 @@ def _open_bundle(
             resources.callback(runner.close)
             return runner
 
-        encoders, decoder = [], None
-        if load_future:
-            encoders.append(open_graph("vae_encoder_full"))
-            decoder = open_graph("vae_decoder")
+        encoder = open_graph("vae_encoder_full") if load_future else None
+        decoder = open_graph("vae_decoder") if load_future else None
         policy_network = GraphDenoisingNetwork([open_graph(name) for name in dit_names])
         planning_network = GraphDenoisingNetwork([open_graph(n) for n in planner_names]) if has_planner else None
         networks.append(
-            DeviceNetworks(GraphAutoencoder(encoders, decoder), policy_network, planning_network or policy_network)
+            DeviceNetworks(GraphAutoencoder(encoder, decoder), policy_network, planning_network or policy_network)
         )
     manifest = bundle.manifest
     _LOG.info(

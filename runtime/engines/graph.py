@@ -17,7 +17,7 @@ import numpy as np
 
 from cosmos_edge.runtime.errors import EngineError, InputError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE, LATENT_CHANNELS, LATENT_SIZE, PlatformSpec
-from cosmos_edge.runtime.policy.latents import black_prefix_frames
+from cosmos_edge.runtime.policy.latents import prefix_camera_frames
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def vae_encoder_graph(platform: PlatformSpec, full_sequence: bool) -> GraphSpec:
     if full_sequence:
         video_frames, name = platform.num_pixel_frames, "vae_encoder_full"
     else:
-        video_frames, name = platform.num_prefix_pixel_frames - black_prefix_frames(platform), "vae_encoder_cameras"
+        video_frames, name = len(prefix_camera_frames(platform)), "vae_encoder_cameras"
     frames = platform.num_latent_frames if full_sequence else platform.num_conditional_frames
     return GraphSpec(
         name=name,

@@ -7,6 +7,7 @@ size runs as slices of the sizes loaded (`batch_slices`). Input and output names
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -16,7 +17,7 @@ from cosmos_edge.runtime.errors import EngineError, InputError
 from cosmos_edge.runtime.platforms import PlatformSpec
 from cosmos_edge.runtime.policy.api import FloatArray, NetworkFn, StageTimer
 from cosmos_edge.runtime.policy.images import preprocess_observation_images
-from cosmos_edge.runtime.policy.latents import black_prefix_frames, pixel_frame_cameras
+from cosmos_edge.runtime.policy.latents import prefix_camera_frames
 
 
 class _SingleIO:
@@ -43,8 +44,7 @@ class GraphConditioning:
     def __init__(self, platform: PlatformSpec, runner: GraphRunner) -> None:
         self._platform = platform
         self._encoder = _SingleIO(runner)
-        layout = pixel_frame_cameras(platform, platform.num_conditional_frames)
-        self._cameras = [str(camera) for camera in layout[black_prefix_frames(platform) :]]
+        self._cameras = prefix_camera_frames(platform)
         if self._encoder.shape[2] != len(self._cameras):
             raise EngineError(
                 f"graph {runner.spec.name}: expected {len(self._cameras)} camera frames for {platform.name}, "
@@ -63,19 +63,19 @@ class GraphAutoencoder:
     """VideoAutoencoder over the whole-sequence encoder graph and the decoder graph, when a bundle has them (future
     images need both)."""
 
-    def __init__(self, encoders: Sequence[GraphRunner], decoder: GraphRunner | None) -> None:
-        self._encoders = {graph.shape: graph for graph in map(_SingleIO, encoders)}
+    def __init__(self, encoder: GraphRunner | None, decoder: GraphRunner | None) -> None:
+        self._encoder = None if encoder is None else _SingleIO(encoder)
         self._decoder = None if decoder is None else _SingleIO(decoder)
 
     def encode(self, video: np.ndarray) -> np.ndarray:
-        """ "1 3 f 224 224" → normalised latent, by the encoder graph built for exactly f frames."""
-        encoder = self._encoders.get(tuple(video.shape))
-        if encoder is None:
+        """ "1 3 f 224 224" → normalised latent, by the whole-sequence encoder graph."""
+        if self._encoder is None or tuple(video.shape) != self._encoder.shape:
+            loaded = None if self._encoder is None else list(self._encoder.shape)
             raise InputError(
-                f"video: no encoder graph for shape {list(video.shape)}; loaded: "
-                f"{[list(shape) for shape in self._encoders]} (future images need the full-sequence encoder)"
+                f"video: no encoder graph for shape {list(video.shape)}; loaded: {loaded} (future images need the "
+                f"full-sequence encoder)"
             )
-        return encoder(video)
+        return self._encoder(video)
 
     def decode(self, latent: np.ndarray) -> np.ndarray:
         if self._decoder is None:
@@ -83,8 +83,9 @@ class GraphAutoencoder:
         return self._decoder(latent)
 
     def close(self) -> None:
-        for graph in (*self._encoders.values(), *([self._decoder] if self._decoder else [])):
-            graph.runner.close()
+        for graph in (self._encoder, self._decoder):
+            if graph is not None:
+                graph.runner.close()
 
 
 class GraphDenoisingNetwork:
@@ -94,6 +95,9 @@ class GraphDenoisingNetwork:
         if not runners or any(len(runner.spec.inputs) != 4 for runner in runners):
             raise EngineError(f"DiT graphs: expected at least one, each with 4 inputs, got {[r.spec for r in runners]}")
         self._runners = {runner.spec.inputs[0].shape[0]: runner for runner in runners}
+        # One call at a time: runners own their I/O buffers, and a planning worker stopped by its deadline may still
+        # be in its last call when the next query starts.
+        self._calling = threading.Lock()
         # The text embedding each runner holds as a constant input; rebinding another instruction re-uploads it.
         self._resident_text: dict[int, np.ndarray] = {}
 
@@ -118,6 +122,10 @@ class GraphDenoisingNetwork:
             return runner.run(dict(zip(names[:3], inputs, strict=True)))[runner.spec.output_names[0]]
 
         def network(x: FloatArray, timesteps: FloatArray, condition_mask: FloatArray) -> FloatArray:
+            with self._calling:
+                return call(x, timesteps, condition_mask)
+
+        def call(x: FloatArray, timesteps: FloatArray, condition_mask: FloatArray) -> FloatArray:
             if x.shape[0] in self._runners:
                 return run(x.shape[0], (x, timesteps, condition_mask))
             outputs = []

@@ -7,6 +7,7 @@ and bf16 rounding is torch's round-to-nearest-even cast, so a pass gives numpy's
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -20,6 +21,7 @@ class TorchArrays:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._cached: OrderedDict[tuple[object, ...], torch.Tensor] = OrderedDict()
+        self._caching = threading.Lock()  # the reactive and the planning queries share a device
 
     def put(self, array: np.ndarray) -> torch.Tensor:
         host = np.ascontiguousarray(array)
@@ -28,14 +30,15 @@ class TorchArrays:
         return torch.from_numpy(host).to(self.device)
 
     def put_cached(self, key: tuple[object, ...], make: Callable[[], np.ndarray]) -> torch.Tensor:
-        tensor = self._cached.get(key)
-        if tensor is None:
-            tensor = self._cached[key] = self.put(make())
-            if len(self._cached) > _NOISE_CACHE:
-                self._cached.popitem(last=False)
-        else:
-            self._cached.move_to_end(key)
-        return tensor
+        with self._caching:
+            tensor = self._cached.get(key)
+            if tensor is None:
+                tensor = self._cached[key] = self.put(make())
+                if len(self._cached) > _NOISE_CACHE:
+                    self._cached.popitem(last=False)
+            else:
+                self._cached.move_to_end(key)
+            return tensor
 
     def fetch(self, array: torch.Tensor) -> np.ndarray:
         return array.cpu().numpy()

@@ -10,6 +10,7 @@ camera frames.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from cosmos_edge.runtime.platforms import IMAGE_SIZE, PlatformSpec
 from cosmos_edge.runtime.policy.api import NetworkFn, StageTimer
 from cosmos_edge.runtime.policy.arrays import Array
 from cosmos_edge.runtime.policy.images import check_cameras, preprocess_observation_images
-from cosmos_edge.runtime.policy.latents import BLACK, black_prefix_frames, pixel_frame_cameras
+from cosmos_edge.runtime.policy.latents import BLACK, black_prefix_frames, prefix_camera_frames
 
 
 class TorchAutoencoder:
@@ -39,10 +40,8 @@ class TorchAutoencoder:
         self._device = device
         self._dtype = next(vae.parameters()).dtype
         self._platform = platform
-        black_frames = black_prefix_frames(platform)
-        # The frames a query encodes, after the black ones encoded here once.
-        self._camera_frames = pixel_frame_cameras(platform, platform.num_conditional_frames)[black_frames:]
-        shape = (1, 3, black_frames, IMAGE_SIZE, IMAGE_SIZE)
+        self._camera_frames = prefix_camera_frames(platform)  # what a query encodes, after the black frames
+        shape = (1, 3, black_prefix_frames(platform), IMAGE_SIZE, IMAGE_SIZE)
         black = torch.full(shape, float(BLACK), dtype=self._dtype, device=device)
         with torch.inference_mode():
             self._black_latent, self._after_black = vae.encode_prefix(black)
@@ -60,7 +59,7 @@ class TorchAutoencoder:
     def encode_conditioning(self, images: Mapping[str, np.ndarray], timer: StageTimer) -> np.ndarray:
         with timer.stage("preprocess"):
             planes = self._transformed(images)
-            video = torch.stack([planes[str(camera)] for camera in self._camera_frames], dim=1)[None].to(self._dtype)
+            video = torch.stack([planes[camera] for camera in self._camera_frames], dim=1)[None].to(self._dtype)
         with timer.stage("vae_encode"):
             cameras_latent = self._vae.encode_continuation(video, self._after_black)
             latent = torch.cat([self._black_latent, cameras_latent], dim=2)
@@ -79,15 +78,18 @@ class TorchAutoencoder:
 
 
 class TorchDiT:
-    """`compile_mode`: None runs eager; otherwise a `torch.compile` mode (e.g. "default", "max-autotune") for the
-    fixed-shape forward, whose fused kernels are checked against eager in tests/runtime/test_torch_backend.py.
+    """`compile_mode`: None runs eager; otherwise a `torch.compile` mode (e.g. "default", "max-autotune"): a static
+    graph for batch 1 and one with a dynamic batch for larger batches, checked against eager in
+    tests/runtime/test_torch_backend.py.
 
     Its bound network takes and returns tensors on its device (`arrays`), so the sampler runs there without a host
-    round trip per call; host arrays are accepted too (and answered with host arrays)."""
+    round trip per call; host arrays are accepted too (and answered with host arrays). Calls run one at a time: a
+    planning worker stopped by its deadline may still be in its last call when the next query starts."""
 
     def __init__(self, dit: CosmosDiT, device: torch.device, compile_mode: str | None = None) -> None:
         self._dit = dit.eval()
         self._device = device
+        self._calling = threading.Lock()
         self._forward: Callable[..., torch.Tensor] = self._dit
         self._forward_batched: Callable[..., torch.Tensor] = self._dit
         if compile_mode is not None:
@@ -108,14 +110,14 @@ class TorchDiT:
                 put, fetch = self.arrays.put, self.arrays.fetch
                 return fetch(network(put(x), put(timesteps), put(condition_mask)))
             inputs = (x.to(dtype), timesteps.to(dtype), condition_mask.to(dtype))
-            forward = self._forward
-            if self._forward is not self._dit:
-                self._dit.cache_tables(*inputs)
-            if x.shape[0] > 1:
-                forward = self._forward_batched
+            compiled = self._forward is not self._dit
+            forward = self._forward_batched if x.shape[0] > 1 else self._forward
+            if compiled and x.shape[0] > 1:
                 for tensor in inputs:
                     torch._dynamo.mark_dynamic(tensor, 0)
-            with current_device(self._device):
+            with self._calling, current_device(self._device):
+                if compiled:
+                    self._dit.cache_tables(*inputs)
                 return forward(*inputs, kv).float()
 
         return network

@@ -41,7 +41,7 @@ class ArrayOps(Protocol):
 
     def float64(self, array: Array) -> Array: ...
 
-    def where(self, condition: Array, if_true: Array, if_false: Array) -> Array: ...
+    def where(self, condition: Array, if_true: Array | float, if_false: Array) -> Array: ...
 
     def concat(self, arrays: Sequence[Array]) -> Array: ...
 
@@ -73,7 +73,7 @@ class HostArrays:
     def float64(self, array: np.ndarray) -> np.ndarray:
         return np.asarray(array, dtype=np.float64)
 
-    def where(self, condition: np.ndarray, if_true: Any, if_false: Any) -> np.ndarray:
+    def where(self, condition: np.ndarray, if_true: np.ndarray | float, if_false: np.ndarray) -> np.ndarray:
         return np.where(condition, if_true, if_false)
 
     def concat(self, arrays: Sequence[np.ndarray]) -> np.ndarray:

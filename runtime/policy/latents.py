@@ -121,6 +121,13 @@ def black_prefix_frames(platform: PlatformSpec) -> int:
     return black
 
 
+def prefix_camera_frames(platform: PlatformSpec) -> list[str]:
+    """The camera of each conditioning-prefix frame after the black ones, in clip order: what a query encodes when
+    the black frames are encoded once."""
+    cameras = pixel_frame_cameras(platform, platform.num_conditional_frames)[black_prefix_frames(platform) :]
+    return [str(camera) for camera in cameras]
+
+
 def build_pixel_video(
     platform: PlatformSpec, images: Mapping[str, np.ndarray], num_latent_frames: int | None = None
 ) -> np.ndarray:

@@ -33,7 +33,7 @@ import secrets
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -251,11 +251,13 @@ def _rank(
     num_candidates: int,
     base_actions: np.ndarray | None = None,
     base_value: float = math.nan,
+    *,
+    entries: int,
 ) -> _Ranked:
-    """Ranks the candidates scored (index → its one-row scores); without any, falls back to the base action pass."""
+    """Ranks the candidates scored (index → its one-row scores, `entries` values by depth); without any, falls back
+    to the base action pass."""
     rows = list(scored.values())
     latent_shape = rows[0].latents.shape[1:] if rows else base_actions.shape[1:]  # type: ignore[union-attr]
-    entries = rows[0].values_by_depth.shape[1] if rows else 1
     latents = np.full((num_candidates, *latent_shape), np.nan, np.float32)
     values = np.full(num_candidates, np.nan, np.float32)
     by_depth = np.full((num_candidates, entries), np.nan, np.float32)
@@ -303,12 +305,12 @@ class PlanningPolicy(ModelPolicy):
     tested and measured against); it computes the same values.
 
     `deadline_ms`: a query answers within this time of its start (plus at most the network call in flight when it
-    expires, which the next query waits for before it starts; encoding the observation and the base candidate's
-    action pass are always waited for). The base candidate's action pass runs first, then each worker scores its
-    candidates one at a time; at the deadline the workers stop at their next network call and the query answers with
-    the best candidate scored so far, or with the base candidate's unranked action pass (`PlanningOutcome`). Scoring
-    one candidate at a time forgoes batching the candidates of a worker, so a deadline costs throughput when it is
-    met.
+    expires, which any next query on the device waits for; encoding the observation and the base candidate's action
+    pass are always waited for, and future images, when asked, are decoded after it). The base candidate's action
+    pass runs first, then each worker scores its candidates one at a time; at the deadline the workers stop at their
+    next network call and the query answers with the best candidate scored so far, or with the base candidate's
+    unranked action pass (`PlanningOutcome`). Scoring one candidate at a time forgoes batching the candidates of a
+    worker, so a deadline costs throughput when it is met.
     """
 
     def __init__(
@@ -380,7 +382,7 @@ class PlanningPolicy(ModelPolicy):
                 "return_future_images: not available when ar_future_prediction serves Q(s, a) planning "
                 "(ar_qvalue_prediction): no world-model pass is run"
             )
-        self._finish_stopping()  # a network is never called by two queries at once
+        self._finish_stopping()  # the last query's stopped workers: their last network call, and any failure
         started = time.perf_counter()
         steps = denoising_steps(query, config.num_denoising_steps_action)
         timer = StageTimer()
@@ -429,12 +431,13 @@ class PlanningPolicy(ModelPolicy):
             for worker, share in zip(self._workers, shares, strict=True)
             if share
         ]
+        wait([job for _, job in jobs])  # no worker outlives the query, even when another fails
         scored = {}
         for share, job in jobs:
             result = job.result()
             for position, index in enumerate(share):
                 scored[index] = result.row(position)
-        return _rank(scored, self._config.num_queries_best_of_n)
+        return _rank(scored, self._config.num_queries_best_of_n, entries=self._config.value_entries())
 
     def _score_until(self, deadline: float, query: ActionQuery, clean: np.ndarray, steps: int) -> _Ranked:
         """The base candidate's action pass, then candidates one at a time per worker until done or `deadline`."""
@@ -450,22 +453,30 @@ class PlanningPolicy(ModelPolicy):
                 except _Stopped:
                     return
 
-        shares = candidate_shares(self._config.num_queries_best_of_n, len(self._workers))
+        num_candidates = self._config.num_queries_best_of_n
+        base_value = float(read_values(self._model.platform, base_actions)[0])
+        left_s = deadline - time.perf_counter()
+        if left_s <= 0:  # the base action pass used the whole deadline: nothing else starts
+            _LOG.warning(
+                "planning deadline %.0f ms passed in the base candidate's action pass", self.deadline_ms or 0.0
+            )
+            return _rank({}, num_candidates, base_actions, base_value, entries=self._config.value_entries())
+        shares = candidate_shares(num_candidates, len(self._workers))
         jobs = [self._pool.submit(score_share, w, share) for w, share in zip(self._workers, shares, strict=True)]
-        done, late = wait(jobs, timeout=max(deadline - time.perf_counter(), 0.0))
+        done, late = wait(jobs, timeout=left_s, return_when=FIRST_EXCEPTION)
+        if late:  # the deadline passed, or a worker failed: the others stop at their next network call
+            stop.set()
+            self._stopping = list(late)
         for job in done:
             job.result()  # a worker that failed fails the query
         if late:
-            stop.set()
-            self._stopping = list(late)
             _LOG.warning(
                 "planning deadline %.0f ms passed with %d of %d candidates scored",
-                self._deadline_s * 1e3 if self._deadline_s else 0.0,
+                self.deadline_ms or 0.0,
                 len(scored),
-                self._config.num_queries_best_of_n,
+                num_candidates,
             )
-        base_value = float(read_values(self._model.platform, base_actions)[0])
-        return _rank(dict(scored), self._config.num_queries_best_of_n, base_actions, base_value)
+        return _rank(dict(scored), num_candidates, base_actions, base_value, entries=self._config.value_entries())
 
     def _search(
         self,

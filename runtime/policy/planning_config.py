@@ -107,6 +107,11 @@ class PlanningConfig:
             return (self.num_denoising_steps_future_state,)
         return ensemble_steps(self.num_denoising_steps_future_state, self.num_future_state_predictions_in_ensemble)
 
+    def value_entries(self) -> int:
+        """Entries of a candidate's official `value_predictions_by_depth`: 1 for the first level, then one per
+        predicted state (`future_steps()`) at each deeper level."""
+        return 1 + (self.search_depth - 1) * len(self.future_steps())
+
     def value_steps(self) -> tuple[int, ...]:
         """Denoising steps of each value pass of one state; the k-th uses seed s + k."""
         if not self.use_ensemble_value_predictions:

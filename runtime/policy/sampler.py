@@ -1,8 +1,9 @@
 """Cosmos Policy sampling: rectified-flow preconditioning, frame-replace conditioning and the RES "2ab" solver.
 
-Numpy only: the network is an injected callable, so this module serves ONNX Runtime / TensorRT bundles as well as
-the torch reference. It reproduces the official inference path (`CosmosPolicySampler`, imaginaire `res_sampler`,
-`multi_step`, `runge_kutta`, `RectifiedFlowScaling`, `CosmosPolicyVideo2WorldModel.denoise`):
+No torch: the network is an injected callable and the arrays come with it (`arrays.ArrayOps`), so this module serves
+ONNX Runtime / TensorRT bundles on numpy and the torch backend on its device tensors. It reproduces the official
+inference path (`CosmosPolicySampler`, imaginaire `res_sampler`, `multi_step`, `runge_kutta`,
+`RectifiedFlowScaling`, `CosmosPolicyVideo2WorldModel.denoise`):
 
 * the schedule and the solver run in float64, the denoiser in float32 (the official `float64_x0_fn` casts the state
   and sigma to the float32 noise dtype for every call and the prediction back to float64);
@@ -189,7 +190,8 @@ class Denoiser:
         ops = self.arrays
         if tuple(x.shape) != tuple(condition.clean_latent.shape):
             raise InputError(f"x: expected shape {tuple(condition.clean_latent.shape)}, got {tuple(x.shape)}")
-        sigmas = [float(sigma)] * x.shape[0] if isinstance(sigma, int | float) else [float(s) for s in sigma]
+        scalar = np.ndim(sigma) == 0  # a Python or numpy scalar: the sigma of the whole batch
+        sigmas = [float(sigma)] * x.shape[0] if scalar else [float(s) for s in sigma]  # type: ignore[arg-type, union-attr]
         sigma32 = ops.vector32(sigmas)
         t = (sigma32 / (sigma32 + 1.0)).reshape(-1, 1, 1, 1, 1)  # float32 throughout (Python scalars are weak)
         scaled = ops.float32(x) * (1.0 - t)  # c_in·x, equal to c_skip·x
@@ -239,7 +241,7 @@ def sample(
     )
     num_calls = max(len(schedule) for schedule in schedules)
     if num_calls == 1:  # every sample is one x0 prediction at sigma_max: no float64 state needed
-        return _evaluate(denoiser, noise, condition, [0] * len(seeds), schedules, 0, num_calls, on_network_call)
+        return _evaluate(denoiser, noise, condition, range(len(seeds)), schedules, 0, num_calls, on_network_call)
     x = ops.float64(noise)
     out = ops.empty_like(noise)
     previous: list[tuple[Array, float] | None] = [None] * len(seeds)

@@ -6,7 +6,7 @@ images). Official sources: `cosmos_utils.get_action` (encode, sample, read), `ge
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +35,7 @@ from cosmos_edge.runtime.policy.text_embeddings import TextEmbeddings
 @dataclass(frozen=True, eq=False)
 class PolicyModel:
     """What every query of one policy reads besides the DiT: platform, statistics, instruction embeddings, the VAE,
-    and the encoder of the conditioning prefix (`PixelVideoConditioning` over the VAE, or a faster exact one)."""
+    and the encoder of the conditioning prefix (the backend's: each encodes the black frames once)."""
 
     platform: PlatformSpec
     stats: DatasetStats
@@ -50,22 +50,6 @@ class PolicyModel:
                 f"stats: {platform.name} needs action/proprio dims {platform.action_dim}/{platform.proprio_dim}, "
                 f"got {stats.action_dim}/{stats.proprio_dim}"
             )
-
-
-class PixelVideoConditioning:
-    """The conditioning prefix the reference way: numpy/Pillow image transforms, the pixel video of the prefix slots,
-    one VAE encode (causal: the same latents as encoding the whole sequence)."""
-
-    def __init__(self, platform: PlatformSpec, autoencoder: VideoAutoencoder) -> None:
-        self._platform = platform
-        self._autoencoder = autoencoder
-
-    def encode_conditioning(self, images: Mapping[str, np.ndarray], timer: StageTimer) -> np.ndarray:
-        with timer.stage("preprocess"):
-            preprocessed = preprocess_observation_images(self._platform, images)
-            video = latents.build_pixel_video(self._platform, preprocessed, self._platform.num_conditional_frames)
-        with timer.stage("vae_encode"):
-            return self._autoencoder.encode(video)
 
 
 class ModelPolicy:

@@ -83,7 +83,7 @@ ROUND_TRIPS = {
     "act": act_request(),
     "act with overrides": act_request(mode="planning", seed=0, steps=5),
     "act with a deadline": act_request(timeout_ms=250),
-    "act asking for every candidate": act_request(return_all_query_results=True),
+    "act asking for every candidate": act_request(planning_summary=True, return_all_query_results=True),
     "act with one camera": act_request(images={"primary": np.zeros((8, 6, 3), np.uint8)}),
     "metadata": MetadataRequest(1),
     "ping": PingRequest(2**64 - 1),
@@ -344,7 +344,15 @@ def test_messages_built_locally_are_validated_too() -> None:
     with pytest.raises(MessageError, match="chosen_index: expected"):
         act_reply(candidate_values=(0.5, 0.5), chosen_index=2)
     with pytest.raises(MessageError, match="candidate_actions: expected finite values"):
-        act_reply(candidate_actions=np.full((2, 50, 14), np.nan, np.float32))
+        act_reply(candidate_values=(0.5, 0.5), candidate_actions=np.full((2, 50, 14), np.nan, np.float32))
+    with pytest.raises(MessageError, match=r"candidate_actions: expected one entry per candidate \(2\), got 3"):
+        act_reply(candidate_values=(0.5, 0.5), candidate_actions=np.zeros((3, 50, 14), np.float32))
+    with pytest.raises(MessageError, match="candidate_values_by_depth: expected candidate_values with it"):
+        act_reply(candidate_values_by_depth=((0.5,),))
+    with pytest.raises(MessageError, match="planning: expected one of"):
+        act_reply(planning="done")
+    with pytest.raises(MessageError, match="chosen_index: expected"):
+        act_reply(chosen_index=-1)  # checked with or without candidate_values
     with pytest.raises(MessageError, match="return_all_query_results: expected true or false"):
         act_request(return_all_query_results="yes")
     with pytest.raises(MessageError, match="joint_limits: expected 14"):

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -14,9 +15,11 @@ import pytest
 from cosmos_edge.runtime.bundle.loader import load_policies
 from cosmos_edge.runtime.bundle.manifest import Bundle
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource
+from cosmos_edge.runtime.engines.graph import dit_graph
 from cosmos_edge.runtime.engines.graph_networks import GraphDenoisingNetwork, batch_slices
 from cosmos_edge.runtime.engines.registry import load_graph_backend
 from cosmos_edge.runtime.errors import EngineError
+from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult
 from cosmos_edge.runtime.policy.normalization import DatasetStats
 from cosmos_edge.runtime.policy.planning_config import PlanningConfig
@@ -94,6 +97,45 @@ def test_batched_dit_graph_equals_one_call_per_candidate(tiny_bundles: TinyBundl
         batched = network(x, timesteps, mask)  # a batch of 5 runs as 2 + 2 + 1
         single = np.concatenate([network(x[i : i + 1], timesteps[i : i + 1], mask[i : i + 1]) for i in range(5)])
     np.testing.assert_allclose(batched, single, rtol=0, atol=1e-5)
+
+
+class HeldRunner:
+    """A DiT graph runner that holds its first run until released and counts runs in progress."""
+
+    def __init__(self) -> None:
+        self.spec = dit_graph(platform_spec("aloha"), 1, 4, 8)
+        self.inside, self.second, self.release = threading.Event(), threading.Event(), threading.Event()
+        self.running = self.most_running = 0
+
+    def set_constant_input(self, name: str, array: np.ndarray) -> None:
+        pass
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        (self.second if self.inside.is_set() else self.inside).set()
+        assert self.release.wait(timeout=30)
+        self.running -= 1
+        return {"velocity": np.zeros_like(feeds["x"])}
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_graph_dit_runs_one_call_at_a_time() -> None:
+    # A planning worker stopped by its deadline may still be in its last call when the next query starts.
+    runner = HeldRunner()
+    network = GraphDenoisingNetwork([runner]).bind_text(np.zeros((1, 4, 8), np.float32))  # type: ignore[list-item]
+    inputs = [spec.zeros() for spec in runner.spec.inputs[:3]]
+    calls = [threading.Thread(target=network, args=inputs) for _ in range(2)]
+    calls[0].start()
+    assert runner.inside.wait(timeout=30)
+    calls[1].start()
+    assert not runner.second.wait(timeout=0.5)  # the second call waits for the first (it enters in microseconds)
+    runner.release.set()
+    for call in calls:
+        call.join(timeout=30)
+    assert runner.most_running == 1 and not any(call.is_alive() for call in calls)
 
 
 def test_batches_of_any_size_run_as_slices_of_the_loaded_sizes() -> None:

@@ -318,7 +318,7 @@ def plan_within_deadline(held: set[int], slots: tuple[int, ...] | None = None): 
     text = TextEmbeddings.from_arrays({"task": np.zeros((1, 4, 8), np.float32)})
     model = PolicyModel(ALOHA, stats, text, BlackConditioning(), BlackConditioning())
     network = HeldNetwork(ScriptedNetwork(ALOHA, scripted), held, slots)
-    policy = PlanningPolicy(model, [PlanningWorker(network, network)], one_step(), deadline_ms=1000)
+    policy = PlanningPolicy(model, [PlanningWorker(network, network)], one_step(), deadline_ms=3000)
     query = ActionQuery(random_observation("aloha"), "task", seed=BASE_SEED)
     result = policy.infer(query)  # returns although a pass is held
     network.release.set()
@@ -458,3 +458,20 @@ def test_a_worker_that_fails_within_the_deadline_fails_the_query() -> None:
     policy = PlanningPolicy(scripted.model, [PlanningWorker(network, network)], one_step(), deadline_ms=60_000)
     with contextlib.closing(policy), pytest.raises(EngineError, match="the device failed"):
         policy.infer(ActionQuery(random_observation("aloha"), "task", seed=BASE_SEED))
+
+
+def test_a_failing_worker_stops_the_others_at_their_next_call() -> None:
+    template, _ = planner(one_step())
+    template.close()
+    # Worker 0 is held in candidate 0's first world-model pass; worker 1 fails on its second pass meanwhile.
+    held = HeldNetwork(ScriptedNetwork(ALOHA, scripted), held={BASE_SEED}, slots=WORLD)
+    failing = FailingNetwork(ALOHA)
+    workers = [PlanningWorker(held, held), PlanningWorker(failing, failing)]
+    policy = PlanningPolicy(template.model, workers, one_step(), deadline_ms=60_000)
+    with contextlib.closing(policy):
+        with pytest.raises(EngineError, match="the device failed"):
+            policy.infer(ActionQuery(random_observation("aloha"), "task", seed=BASE_SEED))
+        held.release.set()
+        policy.reset()  # waits for worker 0's last call
+    # The base action pass and the held pass; stopped at its next call instead of scoring on.
+    assert [p.clean_slots for p in held.inner.passes] == [POLICY, WORLD]

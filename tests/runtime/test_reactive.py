@@ -18,7 +18,6 @@ from cosmos_edge.runtime.policy.api import ActionQuery, Observation, StageTimer
 from cosmos_edge.runtime.policy.images import preprocess_observation_images
 from cosmos_edge.runtime.policy.latents import build_pixel_video
 from cosmos_edge.runtime.policy.reactive import ReactivePolicy
-from cosmos_edge.runtime.policy.steps import PixelVideoConditioning
 from tests.helpers.observations import random_observation
 from tests.helpers.policies import reference_policy
 
@@ -160,6 +159,8 @@ def test_the_torch_conditioning_encoder_matches_the_reference_one(
     autoencoder = TorchAutoencoder(vae, torch.device("cpu"), spec)
     images = random_observation(spec, seed=4).images
     fast = autoencoder.encode_conditioning(images, StageTimer())
-    reference = PixelVideoConditioning(spec, autoencoder).encode_conditioning(images, StageTimer())
+    # The reference: numpy/Pillow transforms, the prefix's pixel video, one encode of all its frames.
+    prefix_video = build_pixel_video(spec, preprocess_observation_images(spec, images), spec.num_conditional_frames)
+    reference = autoencoder.encode(prefix_video)
     assert fast.shape == (1, 16, spec.num_conditional_frames, 28, 28)
     np.testing.assert_allclose(fast, reference, rtol=0, atol=tolerance)
