@@ -53,14 +53,19 @@ class TorchGraphRunner:
     def __init__(self, module: nn.Module, spec: GraphSpec) -> None:
         self._module = module.eval()
         self._spec = spec
+        self._constants: dict[str, np.ndarray] = {}
 
     @property
     def spec(self) -> GraphSpec:
         return self._spec
 
+    def set_constant_input(self, name: str, array: np.ndarray) -> None:
+        self._constants[name] = array
+
     @torch.inference_mode()
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        args = [torch.from_numpy(np.ascontiguousarray(inputs[name], np.float32)) for name in self._spec.input_names]
+        feeds = {**self._constants, **inputs}
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[name], np.float32)) for name in self._spec.input_names]
         return {self._spec.output_names[0]: self._module(*args).numpy()}
 
     def close(self) -> None:
@@ -123,7 +128,7 @@ def measure(platform: str, root: Path) -> dict[str, dict[str, float]]:
             query = ActionQuery(observation(platform, seed), reference.instructions[0], seed=195 + seed)
             expected = reference.infer(query)
             for name, policy in candidates.items():
-                action, value = errors(reference.stats, policy.infer(query), expected)
+                action, value = errors(reference.model.stats, policy.infer(query), expected)
                 worst[name]["max_action_error"] = max(worst[name]["max_action_error"], action)
                 worst[name]["max_value_error"] = max(worst[name]["max_value_error"], value)
     return worst
