@@ -350,8 +350,8 @@ class PlanningPolicy(ModelPolicy):
         return None if self._deadline_s is None else self._deadline_s * 1e3
 
     def warm_up(self) -> None:
-        """One DiT call of batch 2 on each worker's networks, on its own thread: a compiled DiT compiles its graph for
-        batches above 1 (minutes at 2B) now rather than on the first planning request."""
+        """One DiT call of batch 2 on each worker's networks, on the planning threads: a compiled DiT compiles its
+        graph for batches above 1 (minutes at 2B) now rather than on the first planning request."""
         platform, instruction = self._model.platform, self.instructions[0]
         frames = platform.num_latent_frames
         x = np.zeros((2, LATENT_CHANNELS, frames, LATENT_SIZE, LATENT_SIZE), np.float32)

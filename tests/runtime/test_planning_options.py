@@ -425,7 +425,7 @@ class CallRecorder:
         return call
 
 
-def test_warm_up_runs_a_batched_call_on_each_workers_networks_in_its_thread() -> None:
+def test_warm_up_runs_a_batched_call_on_each_workers_networks_on_the_planning_threads() -> None:
     policy_nets, planning_nets = [CallRecorder(), CallRecorder()], [CallRecorder(), CallRecorder()]
     workers = [PlanningWorker(p, q) for p, q in zip(policy_nets, planning_nets, strict=True)]
     scripted, _ = planner(SMALL)  # for its model
