@@ -88,6 +88,7 @@ class TorchDiT:
 
     def __init__(self, dit: CosmosDiT, device: torch.device, compile_mode: str | None = None) -> None:
         self._dit = dit.eval()
+        dit.fuse_qkv()  # one GEMM for self-attention q, k, v (the weights become views: no extra memory)
         self._device = device
         self._calling = threading.Lock()
         self._forward: Callable[..., torch.Tensor] = self._dit

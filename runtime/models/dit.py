@@ -239,9 +239,27 @@ def explicit_attention_mode(model: nn.Module) -> Iterator[None]:
 class SelfAttention(Attention):
     """Self-attention over all video tokens; RoPE on q and k after their RMSNorm."""
 
+    def __init__(self, dim: int, context_dim: int, num_heads: int, head_dim: int, eps: float) -> None:
+        super().__init__(dim, context_dim, num_heads, head_dim, eps)
+        self.qkv_weight: Tensor | None = None  # set by `fuse_qkv`
+
+    def fuse_qkv(self) -> None:
+        """One projection for q, k and v: their weights become views of one [3·inner, D] matrix, so a single GEMM
+        replaces three (no extra memory; the official parameter names still hold the views). Call it once the
+        weights are on their device and in their dtype: moving the module afterwards would split them again."""
+        fused = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach()
+        for index, projection in enumerate((self.q_proj, self.k_proj, self.v_proj)):
+            rows = slice(index * projection.out_features, (index + 1) * projection.out_features)
+            projection.weight = nn.Parameter(fused[rows], requires_grad=False)
+        self.qkv_weight = fused
+
     def forward(self, x: Tensor, rope: RopeTables) -> Tensor:
-        k, v = self.project_kv(x)
-        return self.attend(apply_rope(self.project_q(x), rope), apply_rope(k, rope), v)
+        if self.qkv_weight is None:
+            q, k, v = self.project_q(x), *self.project_kv(x)
+        else:
+            q, k, v = (self._split_heads(part) for part in F.linear(x, self.qkv_weight).chunk(3, dim=-1))
+            q, k = self.q_norm(q), self.k_norm(k)
+        return self.attend(apply_rope(q, rope), apply_rope(k, rope), v)
 
 
 class CrossAttention(Attention):
@@ -363,6 +381,12 @@ class CosmosDiT(nn.Module):
         blocks: list[Block] = list(self.blocks)  # type: ignore[arg-type]  # ModuleList iterates as Module
         keys, values = zip(*(block.cross_attn.project_kv(text) for block in blocks), strict=True)
         return CrossAttentionKV(k=torch.stack(keys), v=torch.stack(values))
+
+    def fuse_qkv(self) -> None:
+        """Every block's self-attention q, k and v as one projection (`SelfAttention.fuse_qkv`)."""
+        for module in self.modules():
+            if isinstance(module, SelfAttention):
+                module.fuse_qkv()
 
     def cache_tables(self, x: Tensor, timesteps: Tensor, condition_mask: Tensor) -> None:
         """Builds the RoPE tables of these inputs' grid eagerly. A compiled forward must find them cached: its guards

@@ -310,3 +310,23 @@ def test_presets_by_exact_name() -> None:
 def test_config_validation_names_the_field(change: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         dataclasses.replace(TINY, **change)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_qkv_gives_the_separate_projections_output_without_more_memory(dtype: torch.dtype) -> None:
+    config = dit_config("tiny")
+    separate = dit_from_state_dict(random_dit_state_dict(config, 5), dtype=dtype)
+    fused = dit_from_state_dict(random_dit_state_dict(config, 5), dtype=dtype)
+    before = {name: tensor.data_ptr() for name, tensor in fused.state_dict().items()}
+    fused.fuse_qkv()
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn((2, 16, 11, 28, 28), generator=generator)
+    timesteps = torch.full((2, 11), 0.5)
+    mask = torch.zeros(2, 1, 11, 28, 28)
+    text = torch.randn((1, 8, config.text_dim), generator=generator)
+    with torch.no_grad():
+        expected, got = separate(x, timesteps, mask, text), fused(x, timesteps, mask, text)
+    assert (got - expected).abs().max() <= 1e-6 * expected.abs().max()  # measured bit-identical on this CPU
+    block = fused.blocks[0].self_attn
+    assert block.q_proj.weight.data_ptr() == block.qkv_weight.data_ptr()  # the official weights are views of it
+    assert set(fused.state_dict()) == set(before)  # the official key set, unchanged
