@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cosmos_edge.runtime.errors import ConfigError, EngineError
-from cosmos_edge.runtime.platforms import platform_spec
+from cosmos_edge.runtime.platforms import PlatformSpec, platform_spec
 from cosmos_edge.runtime.policy.api import ActionQuery, PlanningOutcome, StageTimer
 from cosmos_edge.runtime.policy.conditioning import ConditioningMode
 from cosmos_edge.runtime.policy.latents import future_image_frames
@@ -297,7 +297,7 @@ class HeldNetwork:
 
     def __init__(self, inner: ScriptedNetwork, held: set[int], slots: tuple[int, ...] | None = None) -> None:
         self.inner, self.held, self.slots = inner, held, slots
-        self.release = threading.Event()
+        self.holding, self.release = threading.Event(), threading.Event()
 
     def bind_text(self, text_embedding: np.ndarray):  # type: ignore[no-untyped-def]
         call = self.inner.bind_text(text_embedding)
@@ -306,6 +306,7 @@ class HeldNetwork:
             out = call(x, timesteps, condition_mask)
             current = self.inner.passes[-1]
             if self.held & set(current.seeds) and self.slots in (None, current.clean_slots):
+                self.holding.set()
                 assert self.release.wait(timeout=60)
             return out
 
@@ -318,7 +319,7 @@ def plan_within_deadline(held: set[int], slots: tuple[int, ...] | None = None): 
     text = TextEmbeddings.from_arrays({"task": np.zeros((1, 4, 8), np.float32)})
     model = PolicyModel(ALOHA, stats, text, BlackConditioning(), BlackConditioning())
     network = HeldNetwork(ScriptedNetwork(ALOHA, scripted), held, slots)
-    policy = PlanningPolicy(model, [PlanningWorker(network, network)], one_step(), deadline_ms=3000)
+    policy = PlanningPolicy(model, [PlanningWorker(network, network)], one_step(), deadline_ms=5000)
     query = ActionQuery(random_observation("aloha"), "task", seed=BASE_SEED)
     result = policy.infer(query)  # returns although a pass is held
     network.release.set()
@@ -438,13 +439,18 @@ def test_warm_up_runs_a_batched_call_on_each_workers_networks_on_the_planning_th
 
 
 class FailingNetwork(ScriptedNetwork):
-    """A scripted double whose device fails on its second pass."""
+    """A scripted double whose device fails on its second pass (once `after` is set, when given)."""
+
+    def __init__(self, platform: PlatformSpec, after: threading.Event | None = None) -> None:
+        super().__init__(platform)
+        self.after = after
 
     def bind_text(self, text_embedding: np.ndarray):  # type: ignore[no-untyped-def]
         call = super().bind_text(text_embedding)
 
         def failing(x: np.ndarray, timesteps: np.ndarray, condition_mask: np.ndarray) -> np.ndarray:
             if len(self.passes) >= 1:
+                assert self.after is None or self.after.wait(timeout=60)
                 raise EngineError("the device failed")
             return call(x, timesteps, condition_mask)
 
@@ -465,7 +471,7 @@ def test_a_failing_worker_stops_the_others_at_their_next_call() -> None:
     template.close()
     # Worker 0 is held in candidate 0's first world-model pass; worker 1 fails on its second pass meanwhile.
     held = HeldNetwork(ScriptedNetwork(ALOHA, scripted), held={BASE_SEED}, slots=WORLD)
-    failing = FailingNetwork(ALOHA)
+    failing = FailingNetwork(ALOHA, after=held.holding)
     workers = [PlanningWorker(held, held), PlanningWorker(failing, failing)]
     policy = PlanningPolicy(template.model, workers, one_step(), deadline_ms=60_000)
     with contextlib.closing(policy):
