@@ -308,9 +308,11 @@ class ActReply(_Message):
         self._check_candidates()
 
     def _check_candidates(self) -> None:
-        if self.planning is not None and self.planning not in _OUTCOMES:
+        if self.planning is not None and check_text("planning", self.planning, MAX_NAME) not in _OUTCOMES:
             raise invalid("planning", f"expected one of {sorted(_OUTCOMES)}, got {self.planning!r}")
         set_field(self, "chosen_index", check_optional_int("chosen_index", self.chosen_index, 0, INT64_MAX))
+        if (self.planning is not None or self.chosen_index is not None) and self.candidate_values is None:
+            raise invalid("candidate_values", "expected with planning and chosen_index")
         count = None
         if self.candidate_values is not None:
             set_field(self, "candidate_values", _optional_values("candidate_values", self.candidate_values))
@@ -320,6 +322,8 @@ class ActReply(_Message):
         if self.candidate_values_by_depth is not None:
             rows = check_sequence("candidate_values_by_depth", self.candidate_values_by_depth, MAX_LIST)
             by_depth = tuple(_optional_values(f"candidate_values_by_depth[{i}]", row) for i, row in enumerate(rows))
+            if len({len(row) for row in by_depth}) > 1:
+                raise invalid("candidate_values_by_depth", "expected rows of one width (entries per candidate)")
             set_field(self, "candidate_values_by_depth", by_depth)
             _check_count("candidate_values_by_depth", len(by_depth), count)
         if self.candidate_actions is not None:

@@ -227,6 +227,9 @@ def _open_bundle(
     has_planner = planning is not None and bool(bundle.graph_names("planning_dit"))
     planner_names = [bundle.dit_graph_name(batch, "planning_dit") for batch in batches] if has_planner else []
 
+    # The first device encodes every query's conditioning; opened first, as the cheapest check of the bundle.
+    cameras_encoder = backend.open_graph(bundle.graph_file("vae_encoder_cameras"), devices[0])
+    resources.callback(cameras_encoder.close)
     networks = []
     for device in devices:
 
@@ -251,9 +254,6 @@ def _open_bundle(
         source.backend,
         ", ".join(devices),
     )
-    # The first device encodes every query's conditioning.
-    cameras_encoder = backend.open_graph(bundle.graph_file("vae_encoder_cameras"), devices[0])
-    resources.callback(cameras_encoder.close)
     conditioning = GraphConditioning(manifest.platform, cameras_encoder)
     autoencoder = networks[0].autoencoder
     model = PolicyModel(manifest.platform, bundle.dataset_stats(), bundle.text_embeddings(), autoencoder, conditioning)

@@ -88,7 +88,6 @@ class TorchDiT:
 
     def __init__(self, dit: CosmosDiT, device: torch.device, compile_mode: str | None = None) -> None:
         self._dit = dit.eval()
-        dit.fuse_qkv()  # one GEMM for self-attention q, k, v (the weights become views: no extra memory)
         self._device = device
         self._calling = threading.Lock()
         self._forward: Callable[..., torch.Tensor] = self._dit
@@ -168,7 +167,9 @@ def open_denoiser(checkpoint: Path, precision: str, device: str, compile_mode: s
     """The DiT of an official `.pt` (or diffusers `transformer/` directory) on `device`."""
     torch_device = check_device(device)
     _exact_fp32(precision, torch_device)
-    return TorchDiT(load_dit(checkpoint, TORCH_DTYPES[precision], torch_device), torch_device, compile_mode)
+    dit = load_dit(checkpoint, TORCH_DTYPES[precision], torch_device)
+    dit.fuse_qkv()  # one GEMM for self-attention q, k, v (the weights become views: no extra memory)
+    return TorchDiT(dit, torch_device, compile_mode)
 
 
 def _exact_fp32(precision: str, device: torch.device) -> None:

@@ -239,14 +239,20 @@ def explicit_attention_mode(model: nn.Module) -> Iterator[None]:
 class SelfAttention(Attention):
     """Self-attention over all video tokens; RoPE on q and k after their RMSNorm."""
 
+    qkv_weight: Tensor | None
+
     def __init__(self, dim: int, context_dim: int, num_heads: int, head_dim: int, eps: float) -> None:
         super().__init__(dim, context_dim, num_heads, head_dim, eps)
-        self.qkv_weight: Tensor | None = None  # set by `fuse_qkv`
+        # Set by `fuse_qkv`; a buffer, so that it is module state (moved with it, seen as such by torch.compile),
+        # and not persistent, so that the state dict keeps the official keys.
+        self.register_buffer("qkv_weight", None, persistent=False)
 
     def fuse_qkv(self) -> None:
         """One projection for q, k and v: their weights become views of one [3·inner, D] matrix, so a single GEMM
         replaces three (no extra memory; the official parameter names still hold the views). Call it once the
-        weights are on their device and in their dtype: moving the module afterwards would split them again."""
+        weights are on their device and in their dtype: a later move keeps the results but not the sharing."""
+        if self.qkv_weight is not None:
+            return
         fused = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach()
         for index, projection in enumerate((self.q_proj, self.k_proj, self.v_proj)):
             rows = slice(index * projection.out_features, (index + 1) * projection.out_features)

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from cosmos_edge.runtime.errors import InputError
+from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.platforms import (
     IMAGE_SIZE,
     LATENT_CHANNELS,
@@ -115,9 +115,9 @@ def black_prefix_frames(platform: PlatformSpec) -> int:
     """How many pixel frames open every clip black (the blank slot's and the proprio slot's): the same in every query,
     so a causal encoder encodes them once and each query only the camera frames after them."""
     cameras = pixel_frame_cameras(platform, platform.num_conditional_frames)
-    black = next(index for index, camera in enumerate(cameras) if camera is not None)
-    if any(camera is None for camera in cameras[black:]):
-        raise InputError(f"platform {platform.name}: expected black frames, then camera frames, in its prefix")
+    black = next((index for index, camera in enumerate(cameras) if camera is not None), len(cameras))
+    if black == len(cameras) or any(camera is None for camera in cameras[black:]):
+        raise ConfigError(f"platform {platform.name}: expected black frames, then camera frames, in its prefix")
     return black
 
 

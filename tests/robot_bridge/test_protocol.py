@@ -350,7 +350,13 @@ def test_messages_built_locally_are_validated_too() -> None:
     with pytest.raises(MessageError, match="candidate_values_by_depth: expected candidate_values with it"):
         act_reply(candidate_values_by_depth=((0.5,),))
     with pytest.raises(MessageError, match="planning: expected one of"):
-        act_reply(planning="done")
+        act_reply(planning="done", candidate_values=(0.5,))
+    with pytest.raises(MessageError, match="planning: expected a string"):
+        act_reply(planning=["complete"], candidate_values=(0.5,))
+    with pytest.raises(MessageError, match="candidate_values: expected with planning and chosen_index"):
+        act_reply(planning="complete", chosen_index=0)
+    with pytest.raises(MessageError, match="candidate_values_by_depth: expected rows of one width"):
+        act_reply(candidate_values=(0.5, 0.5), candidate_values_by_depth=((0.5,), (0.5, 0.25)))
     with pytest.raises(MessageError, match="chosen_index: expected"):
         act_reply(chosen_index=-1)  # checked with or without candidate_values
     with pytest.raises(MessageError, match="return_all_query_results: expected true or false"):
