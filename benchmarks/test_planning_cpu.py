@@ -10,23 +10,19 @@ ensemble steps (1, 2, 3) for each predicted state: 15 DiT calls pass after pass,
 from __future__ import annotations
 
 import contextlib
-import os
-import platform as host
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import torch
 
+from benchmarks.cpu_setup import aloha_query, machine_info
 from cosmos_edge.runtime.bundle.loader import LoadedPolicies, load_policies
 from cosmos_edge.runtime.bundle.sources import CheckpointSource
 from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets
-from cosmos_edge.runtime.platforms import platform_spec
-from cosmos_edge.runtime.policy.api import ActionQuery, Observation
 from cosmos_edge.runtime.policy.planning import PlanningPolicy, PlanningWorker
 from cosmos_edge.runtime.policy.planning_config import PlanningConfig
 
-ALOHA = platform_spec("aloha")
+QUERY = aloha_query()
 CONFIG = PlanningConfig(
     num_queries_best_of_n=4,
     num_denoising_steps_action=1,
@@ -44,34 +40,24 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadedPolicies]
         yield policies
 
 
-def query() -> ActionQuery:
-    rng = np.random.default_rng(0)
-    images = {name: rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for name in ALOHA.cameras}
-    observation = Observation(images, rng.uniform(-0.2, 0.2, ALOHA.proprio_dim).astype(np.float32))
-    return ActionQuery(observation, "fold the t-shirt", seed=195)
-
-
 @pytest.mark.parametrize("batch_passes", [False, True], ids=["pass after pass", "batched"])
 def test_best_of_4(benchmark, loaded: LoadedPolicies, batch_passes: bool) -> None:  # type: ignore[no-untyped-def]
     workers = [PlanningWorker(device.policy_network, device.planning_network) for device in loaded.devices]
     with contextlib.closing(
         PlanningPolicy(loaded.reactive.model, workers, CONFIG, batch_passes=batch_passes)
     ) as policy:
-        warm = policy.infer(query())  # binds the instruction
+        warm = policy.infer(QUERY)  # binds the instruction
         assert warm.candidates is not None
         benchmark.extra_info.update(
             batch_passes=batch_passes,
-            machine=f"{host.machine()} {host.processor() or ''}".strip(),
-            cpu_count=os.cpu_count(),
-            torch=torch.__version__,
-            threads=torch.get_num_threads(),
+            **machine_info(),
             precision="fp32",
             config="small DiT + Wan2.1 VAE, aloha, best of 4, action 1 step, world model (1, 3), value (1, 2, 3)",
             chosen=warm.candidates.chosen,
             values=[round(float(value), 6) for value in warm.candidates.values],
             stage_ms={name: round(ms, 1) for name, ms in warm.timings_ms.items()},
         )
-        benchmark.pedantic(lambda: policy.infer(query()), rounds=2, warmup_rounds=0)
+        benchmark.pedantic(lambda: policy.infer(QUERY), rounds=2, warmup_rounds=0)
 
 
 def test_best_of_4_within_a_deadline(benchmark, loaded: LoadedPolicies) -> None:  # type: ignore[no-untyped-def]
@@ -81,11 +67,11 @@ def test_best_of_4_within_a_deadline(benchmark, loaded: LoadedPolicies) -> None:
     workers = [PlanningWorker(device.policy_network, device.planning_network) for device in loaded.devices]
     policy = PlanningPolicy(loaded.reactive.model, workers, CONFIG, batch_passes=False, deadline_ms=deadline_ms)
     with contextlib.closing(policy):
-        policy.infer(query())  # binds the instruction
+        policy.infer(QUERY)  # binds the instruction
         outcomes = []
 
         def answer() -> None:
-            candidates = policy.infer(query()).candidates
+            candidates = policy.infer(QUERY).candidates
             assert candidates is not None
             outcomes.append((candidates.outcome.value, int(np.isfinite(candidates.values).sum())))
 
@@ -94,7 +80,6 @@ def test_best_of_4_within_a_deadline(benchmark, loaded: LoadedPolicies) -> None:
             deadline_ms=deadline_ms,
             overshoot_ms_max=round(benchmark.stats.stats.max * 1e3 - deadline_ms, 1),
             outcomes=outcomes,
-            machine=f"{host.machine()} {host.processor() or ''}".strip(),
-            cpu_count=os.cpu_count(),
+            **machine_info(),
             config="small DiT + Wan2.1 VAE, aloha, fp32, best of 4 pass after pass (the CPU default)",
         )

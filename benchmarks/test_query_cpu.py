@@ -10,34 +10,22 @@ after the black frames it encoded once at load (both bind the instruction once).
 
 from __future__ import annotations
 
-import os
-import platform as host
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
-import torch
 
+from benchmarks.cpu_setup import aloha_query, machine_info
 from cosmos_edge.runtime.bundle.loader import LoadedPolicies, load_policies
 from cosmos_edge.runtime.bundle.sources import CheckpointSource
 from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets
-from cosmos_edge.runtime.platforms import platform_spec
-from cosmos_edge.runtime.policy.api import ActionQuery, Observation
 
-ALOHA = platform_spec("aloha")
+QUERY = aloha_query(steps=1)
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> CheckpointSource:
     files = write_random_assets(tmp_path_factory.mktemp("small"), RandomAssetsSpec("small", "aloha", seed=0))
     return CheckpointSource(files)
-
-
-def query() -> ActionQuery:
-    rng = np.random.default_rng(0)
-    images = {name: rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for name in ALOHA.cameras}
-    observation = Observation(images, rng.uniform(-0.2, 0.2, ALOHA.proprio_dim).astype(np.float32))
-    return ActionQuery(observation, "fold the t-shirt", seed=195, steps=1)
 
 
 @pytest.fixture(scope="module", params=["reference", "fast"])
@@ -50,15 +38,12 @@ def loaded(request: pytest.FixtureRequest, assets: CheckpointSource) -> Iterator
 def test_one_step_query(benchmark, loaded: tuple[str, LoadedPolicies]) -> None:  # type: ignore[no-untyped-def]
     path, policies = loaded
     policy = policies.reactive
-    warm = policy.infer(query())  # binds the instruction
+    warm = policy.infer(QUERY)  # binds the instruction
     benchmark.extra_info.update(
         path=path,
-        machine=f"{host.machine()} {host.processor() or ''}".strip(),
-        cpu_count=os.cpu_count(),
-        torch=torch.__version__,
-        threads=torch.get_num_threads(),
+        **machine_info(),
         precision="fp32",
         config="small DiT + Wan2.1 VAE, aloha, 1 step",
         stage_ms={name: round(ms, 1) for name, ms in warm.timings_ms.items()},
     )
-    benchmark.pedantic(lambda: policy.infer(query()), rounds=3, warmup_rounds=0)
+    benchmark.pedantic(lambda: policy.infer(QUERY), rounds=3, warmup_rounds=0)

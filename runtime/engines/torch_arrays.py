@@ -63,3 +63,7 @@ class TorchArrays:
 
     def round_to_bf16(self, array: torch.Tensor) -> torch.Tensor:
         return array.to(torch.bfloat16).to(torch.float32)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -51,6 +51,10 @@ class ArrayOps(Protocol):
         """float32 values rounded to the nearest bfloat16 (ties to even), as float32."""
         ...
 
+    def synchronize(self) -> None:
+        """Waits for the work queued on this place (for timing; nothing to wait for on the host)."""
+        ...
+
 
 class HostArrays:
     """`ArrayOps` over numpy."""
@@ -84,6 +88,9 @@ class HostArrays:
 
     def round_to_bf16(self, array: np.ndarray) -> np.ndarray:
         return round_to_bf16(array)
+
+    def synchronize(self) -> None:
+        pass
 
 
 HOST_ARRAYS = HostArrays()

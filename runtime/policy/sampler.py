@@ -282,5 +282,6 @@ def _evaluate(
     start = time.perf_counter()
     x0 = denoiser(x, sigmas, condition)
     if on_network_call is not None:
+        denoiser.arrays.synchronize()  # device work is asynchronous: time the call, not its launch
         on_network_call(NetworkCall(index, num_calls, sigmas, time.perf_counter() - start))
     return x0

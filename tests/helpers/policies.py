@@ -6,7 +6,17 @@ from pathlib import Path
 
 from cosmos_edge.runtime.bundle.loader import load_policies
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource
+from cosmos_edge.runtime.policy.planning_config import PlanningConfig
 from cosmos_edge.runtime.policy.reactive import ReactivePolicy
+
+# A small planning configuration of every pass kind: 3 candidates, world-model steps (1, 3), value steps (1, 2).
+SMALL_PLANNING = PlanningConfig(
+    num_queries_best_of_n=3,
+    num_denoising_steps_future_state=3,
+    num_future_state_predictions_in_ensemble=2,
+    num_denoising_steps_value=2,
+    num_value_predictions_in_ensemble=2,
+)
 
 
 def reference_policy(files: CheckpointFiles, *, encode_full_sequence: bool = True) -> ReactivePolicy:

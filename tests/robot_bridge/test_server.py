@@ -310,11 +310,7 @@ def test_planning_replies_carry_the_outcome_and_the_candidates(caplog: pytest.Lo
 def test_a_client_that_predates_the_planning_fields_gets_replies_it_can_decode() -> None:
     server = PolicyServer(StubPolicy(candidates=CUT_SHORT_CANDIDATES), ServerConfig(ENDPOINT))  # as a planner
     with serving(server):
-        obs = observation(1.0)
-        request = ActRequest(
-            7, obs_id=1, capture_time_ns=1, instruction=INSTRUCTION, images=obs.images, proprio=obs.proprio
-        )
-        reply = server.submit(request, peer="old client").result(timeout=30)
+        reply = server.submit(act_request(1.0, 7), peer="old client").result(timeout=TIMEOUT_S)
     assert reply.planning is None and reply.chosen_index is None and reply.candidate_values is None
 
 

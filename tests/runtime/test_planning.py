@@ -16,15 +16,9 @@ from cosmos_edge.runtime.policy.api import ActionQuery
 from cosmos_edge.runtime.policy.planning import PlanningPolicy, PlanningWorker
 from cosmos_edge.runtime.policy.planning_config import PlanningConfig
 from tests.helpers.observations import random_observation
-from tests.helpers.policies import reference_policy
+from tests.helpers.policies import SMALL_PLANNING, reference_policy
 
-CONFIG = PlanningConfig(
-    num_queries_best_of_n=3,
-    num_denoising_steps_future_state=3,
-    num_future_state_predictions_in_ensemble=2,
-    num_denoising_steps_value=2,
-    num_value_predictions_in_ensemble=2,
-)  # world-model steps (1, 3), value steps (1, 2)
+CONFIG = SMALL_PLANNING
 
 
 def make_planner(files: CheckpointFiles, num_workers: int) -> PlanningPolicy:

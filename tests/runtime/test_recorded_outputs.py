@@ -17,8 +17,8 @@ import pytest
 from cosmos_edge.runtime.bundle.loader import load_policies
 from cosmos_edge.runtime.bundle.sources import CheckpointFiles, CheckpointSource
 from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult
-from cosmos_edge.runtime.policy.planning_config import PlanningConfig
 from tests.helpers.observations import random_observation
+from tests.helpers.policies import SMALL_PLANNING
 
 RECORDED = Path(__file__).parents[1] / "data" / "recorded_queries.npz"
 
@@ -56,14 +56,7 @@ def test_reference_query_is_bit_identical_to_the_recording(
 
 
 def test_planning_query_makes_the_recorded_choice(tiny_assets: dict[str, CheckpointFiles]) -> None:
-    config = PlanningConfig(
-        num_queries_best_of_n=3,
-        num_denoising_steps_future_state=3,
-        num_future_state_predictions_in_ensemble=2,
-        num_denoising_steps_value=2,
-        num_value_predictions_in_ensemble=2,
-    )  # world-model steps (1, 3), value steps (1, 2)
-    with load_policies(CheckpointSource(tiny_assets["aloha"]), planning=config) as loaded:
+    with load_policies(CheckpointSource(tiny_assets["aloha"]), planning=SMALL_PLANNING) as loaded:
         assert loaded.planning is not None
         query = ActionQuery(random_observation("aloha", seed=2), "fold the t-shirt", seed=10, steps=1)
         assert_recorded("planning_aloha", loaded.planning.infer(query), FAST_PATH_TOLERANCE)
