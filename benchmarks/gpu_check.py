@@ -9,14 +9,17 @@ would not leave time for them:
 1. `environment`: device, torch, CUDA.
 2. `preprocess_exact`: the torch image transforms on the device against the numpy/Pillow reference (bit-identical).
 3. `sampler_exact`: a sampling pass (mixed step counts) on device tensors against the numpy sampler (bit-identical).
-4. `query_exact`: tiny random-weight models, ALOHA, 3 steps: the fast path on the device in fp32 against the official
-   whole-sequence path in fp32 on the CPU (max abs error of normalised actions, target ≤ 1e-4), and bf16 on the device
-   against the same fp32 reference.
-5. `query_timing`: the real sizes (Cosmos-Predict2-2B DiT, Wan2.1 VAE, random weights, bf16), ALOHA, 1 step: medians
-   over `--runs` queries after warm-up, per stage and whole, for the official path, the fast path and the fast path
-   with a compiled DiT, all in this process.
-6. `planning_timing`: best of 8 with the official main configuration on one device, compiled DiT: passes batched
-   (the default on a GPU) against pass after pass, and one query with a 1.5 s planning deadline.
+4. `query_exact`: tiny random-weight models, ALOHA, 3 steps: the fast path on the device (eager and compiled) in fp32
+   against the official whole-sequence path in fp32 on the CPU (max abs error of normalised actions, target ≤ 1e-4),
+   and bf16 compiled on the device against the same fp32 reference.
+5. `query_official`, `query_fast_eager`, `query_fast_compiled` (what `act` and `serve` run on CUDA): the real sizes
+   (Cosmos-Predict2-2B DiT, Wan2.1 VAE, random weights, bf16), ALOHA, 1 step: medians over `--runs` queries after
+   warm-up, per stage and whole, all in this process.
+6. `planning_timing`: best of 8 with the official main configuration on one device, compiled: passes batched (the
+   default on a GPU) against pass after pass, and one query with a 1.5 s planning deadline.
+7. `vae_variants`: the 12 camera frames' encode (after the cached black prefix), eager, with cuDNN's benchmark mode,
+   and with channels-last 3D weights and inputs: median ms and the largest difference from the plain encode.
+8. `query_fast_cuda_graphs`: the fast path compiled in torch's "reduce-overhead" mode (CUDA graphs), 1 step.
 """
 
 from __future__ import annotations
@@ -40,10 +43,12 @@ from cosmos_edge.runtime.bundle.loader import load_policies
 from cosmos_edge.runtime.bundle.sources import CheckpointFiles, CheckpointSource
 from cosmos_edge.runtime.engines.torch_arrays import TorchArrays
 from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets
+from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
 from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.policy import images as reference_images
 from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation
 from cosmos_edge.runtime.policy.arrays import HOST_ARRAYS
+from cosmos_edge.runtime.policy.latents import BLACK
 from cosmos_edge.runtime.policy.normalization import DatasetStats
 from cosmos_edge.runtime.policy.planning import PlanningPolicy, PlanningWorker
 from cosmos_edge.runtime.policy.planning_config import PlanningConfig
@@ -88,7 +93,26 @@ def synchronize(device: str) -> None:
 
 def environment(device: str) -> dict[str, Any]:
     name = torch.cuda.get_device_name() if device.startswith("cuda") else host.processor() or host.machine()
-    return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda}
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "python": host.python_version(),
+    }
+
+
+def median_ms(run: Callable[[], object], device: str, runs: int) -> float:
+    for _ in range(2):
+        run()
+    times = []
+    for _ in range(runs):
+        synchronize(device)
+        started = time.perf_counter()
+        run()
+        synchronize(device)
+        times.append((time.perf_counter() - started) * 1e3)
+    return round(statistics.median(times), 3)
 
 
 def preprocess_exact(device: str) -> dict[str, Any]:
@@ -131,20 +155,29 @@ def query_exact(device: str, root: Path) -> dict[str, Any]:
     with load_policies(CheckpointSource(files, encode_full_sequence=True), devices=["cpu"]) as reference:
         expected = [reference.reactive.infer(query) for query in queries]
     result: dict[str, Any] = {"target_fp32": 1e-4}
-    for precision in ("fp32", "bf16"):
-        with load_policies(CheckpointSource(files, precision=precision), devices=[device]) as fast:
+    for name, precision, compile_mode in (
+        ("fp32", "fp32", None),
+        ("fp32_compiled", "fp32", "default"),
+        ("bf16_compiled", "bf16", "default"),
+    ):
+        source = CheckpointSource(files, precision=precision, compile_mode=compile_mode)
+        with load_policies(source, devices=[device]) as fast:
             got = [fast.reactive.infer(query) for query in queries]
-        result[f"{precision}_max_action_error"] = max(map(normalised_error, [stats] * 3, got, expected))
-        result[f"{precision}_max_value_error"] = max(abs(g.value - e.value) for g, e in zip(got, expected, strict=True))
+        result[f"{name}_max_action_error"] = max(map(normalised_error, [stats] * 3, got, expected))
+        result[f"{name}_max_value_error"] = max(abs(g.value - e.value) for g, e in zip(got, expected, strict=True))
     return result
 
 
 def timed_queries(files: CheckpointFiles, device: str, runs: int, **source: Any) -> dict[str, Any]:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     with load_policies(CheckpointSource(files, precision="bf16", **source), devices=[device]) as loaded:
         policy = loaded.reactive
         query = ActionQuery(observation(2), "fold the t-shirt", seed=195, steps=1)
+        started = time.perf_counter()
         for _ in range(3):  # warm-up: kernels, compilation, the instruction's K/V
             policy.infer(query)
+        warm_up_s = round(time.perf_counter() - started, 1)
         totals, stages = [], []
         for _ in range(runs):
             synchronize(device)
@@ -154,35 +187,64 @@ def timed_queries(files: CheckpointFiles, device: str, runs: int, **source: Any)
             totals.append((time.perf_counter() - started) * 1e3)
             stages.append(result.timings_ms)
     names = list(dict.fromkeys(name for timing in stages for name in timing))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
     return {
+        "config": f"aloha, bf16, 1 step, {runs} runs after 3 warm-up queries",
         "total_ms_p50": round(statistics.median(totals), 2),
         "total_ms_min": round(min(totals), 2),
         "stage_ms_p50": {name: round(statistics.median(t.get(name, 0.0) for t in stages), 2) for name in names},
+        "warm_up_s": warm_up_s,
+        "peak_gpu_memory_gib": None if peak is None else round(peak, 2),
     }
 
 
-def query_timing(device: str, root: Path, config: str, runs: int) -> dict[str, Any]:
-    files = write_random_assets(root / config, RandomAssetsSpec(config, "aloha", seed=0, dtype="bf16"))
-    return {
-        "config": f"{config} DiT + Wan2.1 VAE, aloha, bf16, 1 step, {runs} runs",
-        "official_path": timed_queries(files, device, runs, encode_full_sequence=True),
-        "fast_path_eager": timed_queries(files, device, runs),
-        "fast_path_compiled": timed_queries(files, device, runs, compile_mode="default"),
-    }
+def vae_variants(device: str, files: CheckpointFiles, runs: int) -> dict[str, Any]:
+    vae = load_wan_vae(files.tokenizer, torch.bfloat16, device)
+    size = (1, 3, 5, 224, 224)
+    with torch.inference_mode():
+        _, context = vae.encode_prefix(torch.full(size, float(BLACK), dtype=torch.bfloat16, device=device))
+        generator = torch.Generator(device).manual_seed(0)
+        video = torch.rand((1, 3, 12, 224, 224), generator=generator, device=device).to(torch.bfloat16) * 2 - 1
+        plain = vae.encode_continuation(video, context)
+        result: dict[str, Any] = {"frames": "12 camera frames after the cached black prefix, bf16"}
+
+        def variant(name: str, clip: torch.Tensor) -> None:
+            result[name] = {
+                "median_ms": median_ms(lambda: vae.encode_continuation(clip, context), device, runs),
+                "max_abs_vs_plain": float((vae.encode_continuation(clip, context) - plain).abs().max()),
+            }
+
+        variant("plain", video)
+        benchmark = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            variant("cudnn_benchmark", video)
+            for module in vae.modules():
+                if isinstance(module, torch.nn.Conv3d):
+                    module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+            variant("channels_last_3d_cudnn_benchmark", video.contiguous(memory_format=torch.channels_last_3d))
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
+    return result
 
 
-def planning_timing(device: str, root: Path, config: str) -> dict[str, Any]:
-    files = write_random_assets(root / config, RandomAssetsSpec(config, "aloha", seed=0, dtype="bf16"))
+def planning_timing(device: str, files: CheckpointFiles) -> dict[str, Any]:
     source = CheckpointSource(files, precision="bf16", compile_mode="default")
-    result: dict[str, Any] = {"config": f"{config}, bf16, compiled, best of 8, official main configuration"}
+    result: dict[str, Any] = {"config": "aloha, bf16, compiled, best of 8, official main configuration"}
     with load_policies(source, devices=[device], planning=PlanningConfig(num_queries_best_of_n=8)) as loaded:
         workers = [PlanningWorker(d.policy_network, d.planning_network) for d in loaded.devices]
         query = ActionQuery(observation(3), "fold the t-shirt", seed=195)
-        for name, options in (("batched", {"batch_passes": True}), ("pass_after_pass", {"batch_passes": False})):
+        for name, options, repeats in (
+            ("batched", {"batch_passes": True}, 2),
+            ("pass_after_pass", {"batch_passes": False}, 1),  # batch 1: compiled by the batched mode's base pass
+        ):
             with contextlib.closing(PlanningPolicy(loaded.reactive.model, workers, **options)) as policy:
-                policy.infer(query)  # warm-up and compilation of this mode's batch sizes
+                if repeats > 1:
+                    started = time.perf_counter()
+                    policy.infer(query)  # warm-up and compilation of this mode's batch sizes
+                    result[f"{name}_warm_up_s"] = round(time.perf_counter() - started, 1)
                 seconds = []
-                for _ in range(2):
+                for _ in range(repeats):
                     synchronize(device)
                     started = time.perf_counter()
                     candidates = policy.infer(query).candidates
@@ -191,6 +253,9 @@ def planning_timing(device: str, root: Path, config: str) -> dict[str, Any]:
             assert candidates is not None
             result[name] = {"s_p50": statistics.median(seconds), "runs": seconds, "chosen": candidates.chosen}
             result[name]["values"] = [round(float(v), 5) for v in candidates.values]
+        result["same_choice_and_values"] = result["batched"]["chosen"] == result["pass_after_pass"]["chosen"] and (
+            result["batched"]["values"] == result["pass_after_pass"]["values"]
+        )
         with contextlib.closing(PlanningPolicy(loaded.reactive.model, workers, deadline_ms=1500)) as policy:
             synchronize(device)
             started = time.perf_counter()
@@ -220,9 +285,19 @@ def main() -> None:
         report.section("environment", 0, lambda: environment(device))
         report.section("preprocess_exact", 5, lambda: preprocess_exact(device))
         report.section("sampler_exact", 5, lambda: sampler_exact(device))
-        report.section("query_exact", 30, lambda: query_exact(device, root))
-        report.section("query_timing", 150, lambda: query_timing(device, root, config, runs))
-        report.section("planning_timing", 150, lambda: planning_timing(device, root, config))
+        report.section("query_exact", 60, lambda: query_exact(device, root))
+        started = time.perf_counter()
+        files = write_random_assets(root / config, RandomAssetsSpec(config, "aloha", seed=0, dtype="bf16"))
+        written_s = time.perf_counter() - started
+        report.data["models"] = f"{config} DiT and its VAE, random weights (written in {written_s:.0f} s)"
+        report.section("query_official", 30, lambda: timed_queries(files, device, runs, encode_full_sequence=True))
+        report.section("query_fast_eager", 30, lambda: timed_queries(files, device, runs))
+        report.section("query_fast_compiled", 150, lambda: timed_queries(files, device, runs, compile_mode="default"))
+        report.section("planning_timing", 150, lambda: planning_timing(device, files))
+        report.section("vae_variants", 30, lambda: vae_variants(device, files, runs))
+        report.section(
+            "query_fast_cuda_graphs", 120, lambda: timed_queries(files, device, runs, compile_mode="reduce-overhead")
+        )
 
 
 if __name__ == "__main__":

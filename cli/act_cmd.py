@@ -76,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
-        help="official files only: torch.compile the DiT (default: on for a CUDA device, off on the CPU)",
+        help="official files only: torch.compile the DiT and VAE encode (default: on for a CUDA device, off on CPU)",
     )
     parser.add_argument(
         "--reference",

@@ -239,7 +239,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
-        help="checkpoint files only: torch.compile the DiT (default: on for CUDA devices, off on the CPU)",
+        help="checkpoint files only: torch.compile the DiT and VAE encode (default: on for CUDA devices, off on CPU)",
     )
     add_planning_arguments(parser)
 
@@ -297,7 +297,7 @@ def _source(args: argparse.Namespace) -> ModelSource:
 
 
 def _compiles(args: argparse.Namespace) -> bool:
-    """`--compile`, or by default: torch.compile the DiT of checkpoint files served on CUDA."""
+    """`--compile`, or by default: torch.compile the networks of checkpoint files served on CUDA."""
     if args.compile is not None:
         return bool(args.compile) and args.bundle is None
     return args.bundle is None and default_compile(_device_list(args))

@@ -193,7 +193,9 @@ def _open_checkpoints(
     conditioning: ConditioningEncoder | None = None  # device 0's VAE encodes the conditioning of every query
     for device in devices:
         _LOG.info("loading %s and %s (%s) on %s", files.checkpoint, files.tokenizer, source.precision, device)
-        autoencoder = torch_backend.open_autoencoder(files.tokenizer, source.precision, device, platform)
+        autoencoder = torch_backend.open_autoencoder(
+            files.tokenizer, source.precision, device, platform, source.compile_mode
+        )
         policy_network = torch_backend.open_denoiser(files.checkpoint, source.precision, device, source.compile_mode)
         planning_network = policy_network
         if separate_planner and source.planning_checkpoint is not None:

@@ -33,9 +33,12 @@ from cosmos_edge.runtime.policy.latents import BLACK, black_prefix_frames, prefi
 
 
 class TorchAutoencoder:
-    """`VideoAutoencoder` and `ConditioningEncoder` of one platform over a Wan VAE."""
+    """`VideoAutoencoder` and `ConditioningEncoder` of one platform over a Wan VAE. With a `compile_mode`, the
+    per-query encode of the camera frames (after the cached black prefix) is `torch.compile`d as one static graph."""
 
-    def __init__(self, vae: WanVAE, device: torch.device, platform: PlatformSpec) -> None:
+    def __init__(
+        self, vae: WanVAE, device: torch.device, platform: PlatformSpec, compile_mode: str | None = None
+    ) -> None:
         self._vae = vae.eval()
         self._device = device
         self._dtype = next(vae.parameters()).dtype
@@ -45,6 +48,12 @@ class TorchAutoencoder:
         black = torch.full(shape, float(BLACK), dtype=self._dtype, device=device)
         with torch.inference_mode():
             self._black_latent, self._after_black = vae.encode_prefix(black)
+        self._encode_cameras: Callable[[torch.Tensor], torch.Tensor] = self._encode_after_black
+        if compile_mode is not None:
+            self._encode_cameras = torch.compile(self._encode_after_black, mode=compile_mode, dynamic=False)
+
+    def _encode_after_black(self, video: torch.Tensor) -> torch.Tensor:
+        return self._vae.encode_continuation(video, self._after_black)
 
     def _transformed(self, images: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """Each camera's model-range planes on the device. Both routes give the same bits; on the CPU, Pillow's C
@@ -61,7 +70,8 @@ class TorchAutoencoder:
             planes = self._transformed(images)
             video = torch.stack([planes[camera] for camera in self._camera_frames], dim=1)[None].to(self._dtype)
         with timer.stage("vae_encode"):
-            cameras_latent = self._vae.encode_continuation(video, self._after_black)
+            with current_device(self._device):
+                cameras_latent = self._encode_cameras(video)
             latent = torch.cat([self._black_latent, cameras_latent], dim=2)
             return latent.float().cpu().numpy()
 
@@ -155,12 +165,14 @@ def check_device(device: str) -> torch.device:
     return torch_device
 
 
-def open_autoencoder(tokenizer: Path, precision: str, device: str, platform: PlatformSpec) -> TorchAutoencoder:
+def open_autoencoder(
+    tokenizer: Path, precision: str, device: str, platform: PlatformSpec, compile_mode: str | None = None
+) -> TorchAutoencoder:
     """The Wan2.1 VAE of a `tokenizer.pth` (or diffusers `vae/` directory) on `device`, for `platform`'s clips."""
     torch_device = check_device(device)
     _exact_fp32(precision, torch_device)
     vae = load_wan_vae(tokenizer, TORCH_DTYPES[precision], torch_device)
-    return TorchAutoencoder(vae, torch_device, platform)
+    return TorchAutoencoder(vae, torch_device, platform, compile_mode)
 
 
 def open_denoiser(checkpoint: Path, precision: str, device: str, compile_mode: str | None = None) -> TorchDiT:

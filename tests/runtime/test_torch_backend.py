@@ -7,9 +7,12 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from cosmos_edge.runtime.engines.torch_networks import TorchDiT
+from cosmos_edge.runtime.engines.torch_networks import TorchAutoencoder, TorchDiT
 from cosmos_edge.runtime.models.dit_checkpoint import dit_from_state_dict, random_dit_state_dict
 from cosmos_edge.runtime.models.dit_config import dit_config
+from cosmos_edge.runtime.models.wan_vae import WanVAE, vae_config
+from cosmos_edge.runtime.platforms import platform_spec
+from cosmos_edge.runtime.policy.api import StageTimer
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -50,3 +53,16 @@ def test_a_compiled_dit_compiles_once_for_batch_one_and_once_for_every_larger_ba
         expected = eager(x, timesteps, mask)
         assert np.abs(compiled(x, timesteps, mask) - expected).max() / np.abs(expected).max() <= 1e-5
     assert counters["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.slow
+def test_a_compiled_camera_encode_matches_eager() -> None:
+    platform = platform_spec("aloha")
+    torch.manual_seed(5)
+    vae = WanVAE(vae_config("tiny"))
+    rng = np.random.default_rng(2)
+    images = {name: rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for name in platform.cameras}
+    eager = TorchAutoencoder(vae, torch.device("cpu"), platform).encode_conditioning(images, StageTimer())
+    compiled = TorchAutoencoder(vae, torch.device("cpu"), platform, compile_mode="default")
+    got = compiled.encode_conditioning(images, StageTimer())
+    assert np.abs(got - eager).max() / np.abs(eager).max() <= 1e-5
