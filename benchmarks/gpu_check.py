@@ -20,12 +20,14 @@ would not leave time for them:
 7. `vae_variants`: the 12 camera frames' encode (after the cached black prefix), eager, with cuDNN's benchmark mode,
    and with channels-last 3D weights and inputs: median ms and the largest difference from the plain encode.
 8. `query_fast_cuda_graphs`: the fast path compiled in torch's "reduce-overhead" mode (CUDA graphs), 1 step.
+9. `dit_compile_modes`: the DiT alone at batch 1, compiled "default" against "max-autotune-no-cudagraphs".
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import platform as host
 import statistics
@@ -42,6 +44,8 @@ from cosmos_edge.kernels.image_transforms import transform_frames
 from cosmos_edge.runtime.bundle.loader import load_policies
 from cosmos_edge.runtime.bundle.sources import CheckpointFiles, CheckpointSource
 from cosmos_edge.runtime.engines.torch_arrays import TorchArrays
+from cosmos_edge.runtime.engines.torch_networks import open_denoiser
+from cosmos_edge.runtime.models.dit_config import dit_config
 from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets
 from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
 from cosmos_edge.runtime.platforms import platform_spec
@@ -58,15 +62,18 @@ ALOHA = platform_spec("aloha")
 
 
 class Report:
-    def __init__(self, path: Path, deadline_s: float) -> None:
+    def __init__(self, path: Path, deadline_s: float, only: set[str] | None) -> None:
         self.path = path
         self.data: dict[str, Any] = {"command": "python benchmarks/gpu_check.py", "sections": {}}
         self.end = time.monotonic() + deadline_s
+        self.only = only
 
     def left_s(self) -> float:
         return self.end - time.monotonic()
 
     def section(self, name: str, needs_s: float, run: Callable[[], dict[str, Any]]) -> None:
+        if self.only is not None and name not in self.only:
+            return
         if self.left_s() < needs_s:
             self.data["sections"][name] = {"skipped": f"{self.left_s():.0f} s left, needs about {needs_s:.0f} s"}
         else:
@@ -117,12 +124,18 @@ def median_ms(run: Callable[[], object], device: str, runs: int) -> float:
 
 def preprocess_exact(device: str) -> dict[str, Any]:
     frames = observation(1).images
+    cameras = list(frames)
+    transformed = transform_frames(ALOHA, [frames[camera] for camera in cameras], torch.device(device))
     identical = {}
-    for camera, frame in frames.items():
-        expected = reference_images.to_model_range(reference_images.transform_image(ALOHA, camera, frame))
-        got = transform_frames(ALOHA, frame, torch.device(device)).cpu().numpy()
+    for camera, got in zip(cameras, transformed.cpu().numpy(), strict=True):
+        expected = reference_images.to_model_range(reference_images.transform_image(ALOHA, camera, frames[camera]))
         identical[camera] = bool(np.array_equal(got, expected))
-    return {"bit_identical": identical}
+    return {
+        "bit_identical": identical,
+        "three_cameras_ms": median_ms(
+            lambda: transform_frames(ALOHA, list(frames.values()), torch.device(device)), device, 20
+        ),
+    }
 
 
 def sampler_exact(device: str) -> dict[str, Any]:
@@ -228,6 +241,29 @@ def vae_variants(device: str, files: CheckpointFiles, runs: int) -> dict[str, An
     return result
 
 
+def dit_compile_modes(device: str, files: CheckpointFiles, config: str, runs: int) -> dict[str, Any]:
+    """The DiT alone at batch 1 (the reactive query's call), per `torch.compile` mode: compile time and median ms."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 16, 11, 28, 28)).astype(np.float32)
+    timesteps = np.where(np.arange(11) < 5, 0.0, 0.9877).astype(np.float32)[None]
+    mask = np.zeros((1, 1, 11, 28, 28), np.float32)
+    mask[:, :, :5] = 1.0
+    result: dict[str, Any] = {"shape": "batch 1, 11 latent frames of 28x28 (aloha), bf16"}
+    for mode in ("default", "max-autotune-no-cudagraphs"):
+        dit = open_denoiser(files.checkpoint, "bf16", device, mode)
+        text = rng.standard_normal((1, 512, dit_config(config).text_dim)).astype(np.float32)
+        network = dit.bind_text(text)
+        arrays = dit.arrays
+        inputs = (arrays.put(x), arrays.put(timesteps), arrays.put(mask))
+        started = time.perf_counter()
+        network(*inputs)
+        synchronize(device)
+        result[mode] = {"first_call_s": round(time.perf_counter() - started, 1)}
+        result[mode]["median_ms"] = median_ms(functools.partial(network, *inputs), device, runs)
+        del dit, network
+    return result
+
+
 def planning_timing(device: str, files: CheckpointFiles) -> dict[str, Any]:
     source = CheckpointSource(files, precision="bf16", compile_mode="default")
     result: dict[str, Any] = {"config": "aloha, bf16, compiled, best of 8, official main configuration"}
@@ -276,10 +312,11 @@ def main() -> None:
     parser.add_argument("--deadline-s", type=float, default=420.0)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--smoke", action="store_true", help="CPU and tiny sizes: checks that every section runs")
+    parser.add_argument("--only", help="comma-separated section names to run (default: all)")
     args = parser.parse_args()
     device = "cpu" if args.smoke else "cuda"
     config, runs = ("tiny", 2) if args.smoke else ("predict2-2b", args.runs)
-    report = Report(args.out, args.deadline_s)
+    report = Report(args.out, args.deadline_s, set(args.only.split(",")) if args.only else None)
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         report.section("environment", 0, lambda: environment(device))
@@ -298,6 +335,7 @@ def main() -> None:
         report.section(
             "query_fast_cuda_graphs", 120, lambda: timed_queries(files, device, runs, compile_mode="reduce-overhead")
         )
+        report.section("dit_compile_modes", 200, lambda: dit_compile_modes(device, files, config, runs))
 
 
 if __name__ == "__main__":

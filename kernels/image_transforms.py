@@ -18,6 +18,7 @@ built once per size and device, so a warmed-up call copies nothing from the host
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -86,14 +87,10 @@ def _model_range_table(device: torch.device) -> torch.Tensor:
 
 
 def _bicubic_last_axis(planes: torch.Tensor, out_size: int) -> torch.Tensor:
-    """One Pillow pass over the last axis of uint8 planes; uint8 out."""
+    """One Pillow pass over the last axis of uint8 planes; uint8 out. Integer sums are exact in any order, so every
+    tap is gathered and summed at once (a handful of kernels, not a few per tap)."""
     indices, taps = _device_table("bicubic", planes.shape[-1], out_size, planes.device)
-    values = planes.to(torch.int64)
-    total = torch.full(
-        (*planes.shape[:-1], out_size), 1 << (PRECISION_BITS - 1), dtype=torch.int64, device=planes.device
-    )
-    for tap in range(taps.shape[1]):
-        total = total + values[..., indices[:, tap]] * taps[:, tap]
+    total = (planes.to(torch.int64)[..., indices] * taps).sum(-1) + (1 << (PRECISION_BITS - 1))
     return torch.clamp(total >> PRECISION_BITS, 0, 255).to(torch.uint8)
 
 
@@ -137,14 +134,23 @@ def to_model_range(frames: torch.Tensor) -> torch.Tensor:
     return _model_range_table(frames.device)[frames.permute(0, 3, 1, 2).long()]
 
 
-def transform_frames(platform: PlatformSpec, frame: np.ndarray, device: torch.device) -> torch.Tensor:
-    """One checked raw uint8 [H, W, 3] camera frame → float32 [3, 224, 224] on `device`, as
-    `images.to_model_range(images.transform_image(...))`."""
+def transform_frames(platform: PlatformSpec, frames: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
+    """Checked raw uint8 [H, W, 3] camera frames → float32 [N, 3, 224, 224] on `device`, each as
+    `images.to_model_range(images.transform_image(...))`. Frames of one size are transformed as one batch (the
+    launches of one camera, not of three)."""
+    uploaded = [_upload(platform, frame, device) for frame in frames]
+    out = torch.empty((len(frames), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.float32, device=device)
+    for shape in dict.fromkeys(frame.shape for frame in uploaded):
+        group = [i for i, frame in enumerate(uploaded) if frame.shape == shape]
+        batch = bicubic_resize(torch.stack([uploaded[i] for i in group]), IMAGE_SIZE)
+        if platform.center_crop:
+            batch = center_crop_and_resize(batch)
+        out[group] = to_model_range(batch)
+    return out
+
+
+def _upload(platform: PlatformSpec, frame: np.ndarray, device: torch.device) -> torch.Tensor:
     image = frame[::-1] if platform.flip_images else frame
     if platform.jpeg_compression:
         image = reference.jpeg_round_trip(image)  # Pillow's codec, on the host
-    frames = torch.from_numpy(np.array(image, dtype=np.uint8)).to(device)[None]  # a writable copy
-    frames = bicubic_resize(frames, IMAGE_SIZE)
-    if platform.center_crop:
-        frames = center_crop_and_resize(frames)
-    return to_model_range(frames)[0]
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).to(device)  # a writable copy

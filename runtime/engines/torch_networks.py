@@ -62,7 +62,9 @@ class TorchAutoencoder:
             planes = preprocess_observation_images(self._platform, images)
             return {name: torch.from_numpy(planes[name]) for name in self._platform.cameras}
         frames = check_cameras(self._platform, images)
-        return {name: transform_frames(self._platform, frames[name], self._device) for name in self._platform.cameras}
+        cameras = self._platform.cameras
+        planes = transform_frames(self._platform, [frames[name] for name in cameras], self._device)
+        return dict(zip(cameras, planes, strict=True))
 
     @torch.inference_mode()
     def encode_conditioning(self, images: Mapping[str, np.ndarray], timer: StageTimer) -> np.ndarray:

@@ -36,17 +36,28 @@ def test_bicubic_resize_is_pillows(height: int, width: int) -> None:
 @pytest.mark.parametrize(("height", "width"), SIZES)
 def test_whole_transform_is_bit_identical(platform: str, height: int, width: int) -> None:
     spec = platform_spec(platform)
-    for frame in frames(height, width):
+    batch = frames(height, width)  # one size: transformed as one batch
+    got = kernels.transform_frames(spec, batch, torch.device("cpu")).numpy()
+    for frame, planes in zip(batch, got, strict=True):
         expected = reference.to_model_range(reference.transform_image(spec, spec.cameras[0], frame))
-        got = kernels.transform_frames(spec, frame, torch.device("cpu")).numpy()
-        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(planes, expected)
+
+
+def test_frames_of_different_sizes_keep_their_order() -> None:
+    spec = platform_spec("aloha")
+    mixed = [frames(480, 640)[0], frames(256, 256)[1], frames(480, 640)[2], frames(224, 100)[0]]
+    got = kernels.transform_frames(spec, mixed, torch.device("cpu")).numpy()
+    for frame, planes in zip(mixed, got, strict=True):
+        expected = reference.to_model_range(reference.transform_image(spec, spec.cameras[0], frame))
+        np.testing.assert_array_equal(planes, expected)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.gpu
 def test_the_same_bits_on_cuda() -> None:
     spec = platform_spec("aloha")
-    for frame in frames(480, 640):
+    batch = frames(480, 640)
+    got = kernels.transform_frames(spec, batch, torch.device("cuda")).cpu().numpy()
+    for frame, planes in zip(batch, got, strict=True):
         expected = reference.to_model_range(reference.transform_image(spec, spec.cameras[0], frame))
-        got = kernels.transform_frames(spec, frame, torch.device("cuda")).cpu().numpy()
-        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(planes, expected)
