@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check_smoke.json      # CPU, tiny sizes: the script runs
 
 Sections, each written to the JSON as soon as it finishes (an interrupted run still reports), skipped when the deadline
-would not leave time for them:
+would not leave time for them; a table of the timed queries is printed last:
 
 1. `environment`: device, torch, CUDA.
 2. `preprocess_exact`: the torch image transforms on the device against the numpy/Pillow reference (bit-identical).
@@ -85,6 +85,15 @@ class Report:
             self.data["sections"][name] = result | {"seconds": round(time.monotonic() - started, 1)}
         self.path.write_text(json.dumps(self.data, indent=2))
         print(f"{name}: {json.dumps(self.data['sections'][name])[:300]}", flush=True)
+
+    def print_table(self) -> None:
+        """The timed queries, one line each: total and stage medians in ms."""
+        stages = ("preprocess", "vae_encode", "dit", "denoise_total", "readout")
+        print(f"{'query':<24}{'total':>8}" + "".join(f"{stage:>15}" for stage in stages))
+        for name, section in self.data["sections"].items():
+            if "total_ms_p50" in section:
+                cells = "".join(f"{section['stage_ms_p50'].get(stage, 0.0):>15.2f}" for stage in stages)
+                print(f"{name:<24}{section['total_ms_p50']:>8.2f}{cells}")
 
 
 def observation(seed: int) -> Observation:
@@ -336,6 +345,7 @@ def main() -> None:
             "query_fast_cuda_graphs", 120, lambda: timed_queries(files, device, runs, compile_mode="reduce-overhead")
         )
         report.section("dit_compile_modes", 200, lambda: dit_compile_modes(device, files, config, runs))
+    report.print_table()
 
 
 if __name__ == "__main__":
