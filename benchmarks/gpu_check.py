@@ -20,7 +20,8 @@ would not leave time for them; a table of the timed queries is printed last:
 7. `vae_variants`: the 12 camera frames' encode (after the cached black prefix), eager, with cuDNN's benchmark mode,
    and with channels-last 3D weights and inputs: median ms and the largest difference from the plain encode.
 8. `query_fast_cuda_graphs`: the fast path compiled in torch's "reduce-overhead" mode (CUDA graphs), 1 step.
-9. `dit_compile_modes`: the DiT alone at batch 1, compiled "default" against "max-autotune-no-cudagraphs".
+9. `attention_backends`: the DiT's self-attention per SDPA backend (flash, cuDNN, memory-efficient).
+10. `dit_compile_modes`: the DiT alone at batch 1, compiled "default" against "max-autotune-no-cudagraphs".
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cosmos_edge.kernels.image_transforms import transform_frames
 from cosmos_edge.runtime.bundle.loader import load_policies
@@ -273,6 +276,32 @@ def dit_compile_modes(device: str, files: CheckpointFiles, config: str, runs: in
     return result
 
 
+def attention_backends(device: str, config: str, runs: int) -> dict[str, Any]:
+    """The DiT's self-attention at batch 1 (ALOHA's 2156 tokens) per SDPA backend: median ms and the largest
+    difference from float32 math attention on the same bf16 inputs."""
+    dit = dit_config(config)
+    tokens = 11 * (28 // dit.patch_spatial) ** 2
+    generator = torch.Generator(device).manual_seed(0)
+    q, k, v = (
+        torch.randn((1, dit.num_heads, tokens, dit.head_dim), generator=generator, device=device).to(torch.bfloat16)
+        for _ in range(3)
+    )
+    with sdpa_kernel(SDPBackend.MATH):
+        reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    result: dict[str, Any] = {"shape": f"1 x {dit.num_heads} heads x {tokens} tokens x {dit.head_dim}, bf16"}
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel(backend):
+                attend = functools.partial(F.scaled_dot_product_attention, q, k, v)
+                result[backend.name] = {
+                    "median_ms": median_ms(attend, device, runs),
+                    "max_abs_vs_fp32_math": float((attend().float() - reference).abs().max()),
+                }
+        except RuntimeError as error:  # a backend this build or card lacks
+            result[backend.name] = {"unavailable": str(error).splitlines()[0][:200]}
+    return result
+
+
 def planning_timing(device: str, files: CheckpointFiles) -> dict[str, Any]:
     source = CheckpointSource(files, precision="bf16", compile_mode="default")
     result: dict[str, Any] = {"config": "aloha, bf16, compiled, best of 8, official main configuration"}
@@ -344,6 +373,7 @@ def main() -> None:
         report.section(
             "query_fast_cuda_graphs", 120, lambda: timed_queries(files, device, runs, compile_mode="reduce-overhead")
         )
+        report.section("attention_backends", 10, lambda: attention_backends(device, config, runs))
         report.section("dit_compile_modes", 200, lambda: dit_compile_modes(device, files, config, runs))
     report.print_table()
 
