@@ -1,8 +1,8 @@
 """`networks_api` over GraphRunners: the policy's networks on any engine backend (ONNX Runtime, TensorRT).
 
 Graphs have static shapes, so each adapter holds one runner per shape it serves and picks it by the input shape:
-DiTs by batch size; a DiT batch of another
-size runs as slices of the sizes loaded (`batch_slices`). Input and output names come from each runner's GraphSpec.
+DiTs by batch size, and a DiT batch of another size runs as slices of the sizes loaded (`batch_slices`). Input and
+output names come from each runner's GraphSpec.
 """
 
 from __future__ import annotations
