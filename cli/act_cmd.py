@@ -17,7 +17,7 @@ from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.platforms import PLATFORMS, PlatformSpec
 from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation
 from cosmos_edge.runtime.policy.planning_config import PRESETS
-from cosmos_edge.runtime.precision import PRECISIONS, default_compile, default_precision
+from cosmos_edge.runtime.precision import PRECISIONS, compile_mode, default_precision
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -168,12 +168,11 @@ def _source(args: argparse.Namespace) -> ModelSource:
         )
     files = CheckpointFiles(args.checkpoint, args.tokenizer, args.stats, args.text_embeddings, args.platform)
     precision = args.precision or default_precision([args.device or "cpu"])
-    compile_dit = args.compile if args.compile is not None else default_compile([args.device or "cpu"])
     return CheckpointSource(
         files,
         planning_checkpoint=args.planning_checkpoint,
         precision=precision,
-        compile_mode="default" if compile_dit and not args.reference else None,
+        compile_mode=None if args.reference else compile_mode(args.compile, [args.device or "cpu"]),
         encode_full_sequence=args.reference,
     )
 

@@ -31,7 +31,7 @@ from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, Ch
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import PLATFORMS
 from cosmos_edge.runtime.policy.planning_config import PRESETS
-from cosmos_edge.runtime.precision import PRECISIONS, default_compile, default_precision
+from cosmos_edge.runtime.precision import PRECISIONS, compile_mode, default_precision
 
 if TYPE_CHECKING:
     from cosmos_edge.robot_bridge.http_server import HttpConfig
@@ -44,7 +44,7 @@ _NO_ZEROMQ = "none"
 # With `--endpoint none` the server's queue and worker still run (the HTTP endpoint uses them), and its ROUTER socket
 # binds this in-process address, which nothing outside the process can reach.
 _IN_PROCESS_ONLY = "inproc://cosmos-edge-no-zeromq-endpoint"
-# Of the modes `LoadedPolicies.modes()` serves, the one that answers with a single query; `planning` is best-of-N.
+_MODES = ("reactive", "planning")  # what `LoadedPolicies.modes()` can serve; checked before any model loads
 
 
 def add_serve_parser(
@@ -52,10 +52,8 @@ def add_serve_parser(
     make_policies: PolicyFactory,
     *,
     joint_limits: tuple[tuple[float, float], ...] | None = None,
-    modes: tuple[str, ...] = ("reactive", "planning"),
 ) -> argparse.ArgumentParser:
-    """Adds `serve`; `joint_limits` (one (lower, upper) pair per action dim) are announced to controllers. `modes` are
-    those `make_policies` can serve, for checking `--default-mode` before it runs."""
+    """Adds `serve`; `joint_limits` (one (lower, upper) pair per action dim) are announced to controllers."""
     parser = subparsers.add_parser("serve", help="serve a policy to robot controllers over ZeroMQ (and HTTP)")
     parser.add_argument(
         "--endpoint", default="tcp://127.0.0.1:5555", help="ZeroMQ bind address; 'none' serves HTTP only (--http)"
@@ -92,8 +90,8 @@ def add_serve_parser(
     def serve(args: argparse.Namespace) -> int:
         with _naming_flags(), contextlib.ExitStack() as sockets:
             config, http = server_config(args, joint_limits), http_config(args)
-            if args.default_mode not in modes:
-                raise ConfigError(f"--default-mode: expected one of {list(modes)}, got {args.default_mode!r}")
+            if args.default_mode not in _MODES:
+                raise ConfigError(f"--default-mode: expected one of {list(_MODES)}, got {args.default_mode!r}")
             # Bound before the policies load (minutes, for the 2B model): a port in use is refused at once.
             router = sockets.enter_context(BoundRouter.bind(config))
             listener = sockets.enter_context(_http_listener(http))
@@ -267,7 +265,8 @@ def _policies(args: argparse.Namespace) -> LoadedPolicies:
             f"deadline {deadline:.0f} ms" if deadline is not None else "no deadline",
         )
     try:
-        _LOG.info("warming up (kernels%s) before serving", ", compilation" if _compiles(args) else "")
+        compiles = isinstance(source, CheckpointSource) and source.compile_mode is not None
+        _LOG.info("warming up (kernels%s) before serving", ", compilation" if compiles else "")
         _LOG.info("warm-up done in %.1f s; serving", loaded.warm_up())
     except BaseException:
         loaded.close()
@@ -290,14 +289,9 @@ def _source(args: argparse.Namespace) -> ModelSource:
         raise ConfigError(f"serve: without --bundle, these are required: {missing}")
     files = CheckpointFiles(args.checkpoint, args.tokenizer, args.stats, args.text_embeddings, args.platform)
     precision = args.precision or default_precision(_device_list(args) or ["cpu"])
-    compile_mode = "default" if _compiles(args) else None
     return CheckpointSource(
-        files, planning_checkpoint=args.planning_checkpoint, precision=precision, compile_mode=compile_mode
+        files,
+        planning_checkpoint=args.planning_checkpoint,
+        precision=precision,
+        compile_mode=compile_mode(args.compile, _device_list(args) or ["cpu"]),
     )
-
-
-def _compiles(args: argparse.Namespace) -> bool:
-    """`--compile`, or by default: torch.compile the networks of checkpoint files served on CUDA."""
-    if args.compile is not None:
-        return bool(args.compile) and args.bundle is None
-    return args.bundle is None and default_compile(_device_list(args))

@@ -16,6 +16,7 @@ from cosmos_edge.robot_bridge.protocol import WireLimits
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE
 
+MAX_SHUTDOWN_TIMEOUT_S = 3600.0  # beyond an hour a stop is a hang; also keeps waits within threading's limits
 _RECEIVE_HWM = 32  # messages libzmq queues per controller connection: bounds what a flood can make us hold
 FLUSH_MS = 1000  # how long closing waits for the last replies to leave: enough on a loaded machine, and bounded
 _BIND_HINTS = {
@@ -47,14 +48,19 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.max_pending < 1:
             raise ConfigError(f"max_pending: expected >= 1, got {self.max_pending}")
-        if not self.shutdown_timeout_s > 0:
-            raise ConfigError(f"shutdown_timeout_s: expected > 0, got {self.shutdown_timeout_s}")
+        check_shutdown_timeout(self.shutdown_timeout_s)
         _check_port(self.endpoint)
         if not is_local_endpoint(self.endpoint) and self.curve is None and not self.insecure_bind_all:
             raise ConfigError(
                 f"endpoint: {self.endpoint!r} is reachable from other machines, and without CURVE keys anyone there "
                 "could command the robot; bind 127.0.0.1, configure CURVE, or pass insecure_bind_all explicitly"
             )
+
+
+def check_shutdown_timeout(seconds: float) -> None:
+    """ConfigError unless `seconds` is a shutdown window the server can wait: above 0, at most an hour."""
+    if not 0 < seconds <= MAX_SHUTDOWN_TIMEOUT_S:  # also refuses NaN and infinity
+        raise ConfigError(f"shutdown_timeout_s: expected seconds in (0, {MAX_SHUTDOWN_TIMEOUT_S:.0f}], got {seconds}")
 
 
 def is_local_endpoint(endpoint: str) -> bool:
@@ -117,11 +123,12 @@ class BoundRouter:
                 router.curve_server = True
                 router.curve_publickey = config.curve.keys.public
                 router.curve_secretkey = config.curve.keys.secret
-            router.bind(config.endpoint)
-        except BaseException as error:
-            _discard(context, router, authenticator)
-            if isinstance(error, zmq.ZMQError):
+            try:
+                router.bind(config.endpoint)
+            except zmq.ZMQError as error:
                 raise _bind_error(config.endpoint, error) from None
+        except BaseException:
+            _discard(context, router, authenticator)
             raise
         return cls(context, router, authenticator)
 

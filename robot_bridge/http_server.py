@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from cosmos_edge.robot_bridge.binding import is_local_endpoint
+from cosmos_edge.robot_bridge.binding import check_shutdown_timeout, is_local_endpoint
 from cosmos_edge.robot_bridge.json_arrays import COMPACT, parse_json
 from cosmos_edge.robot_bridge.official_act import CAMERAS, OfficialQuery, parse_query, reply_body
 from cosmos_edge.robot_bridge.protocol import PROTOCOL_VERSION, ActRequest, ErrorCode, MessageError
@@ -84,8 +84,7 @@ class HttpConfig:
         for name in ("max_body_bytes", "max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected a positive integer, got {getattr(self, name)}")
-        if self.shutdown_timeout_s <= 0:
-            raise ConfigError(f"shutdown_timeout_s: expected > 0, got {self.shutdown_timeout_s}")
+        check_shutdown_timeout(self.shutdown_timeout_s)
         if not is_local_endpoint(f"tcp://{self.address}") and not self.insecure_bind_all:
             raise ConfigError(
                 f"http address: {self.address!r} is reachable from other machines, and HTTP has no authentication, so "
@@ -95,6 +94,13 @@ class HttpConfig:
     @property
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _official_field(error: MessageError) -> MessageError:
+    """`error` naming the official request's key where it differs from ours (the instruction is `task_description`)."""
+    if error.field != "instruction":
+        return error
+    return MessageError(error.code, "task_description", error.detail, error.request_id)
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -230,7 +236,8 @@ class HttpEndpoint:
             reply = await asyncio.wrap_future(self._server.submit(act, peer=peer, decode_ms=decode_ms))
             waited = time.perf_counter()
             content = await run_in_threadpool(reply_body, reply, query)
-        except MessageError as error:
+        except MessageError as refused:
+            error = _official_field(refused)
             logger.info(
                 "kind=http_act peer=%s request_id=%s status=%s code=%s field=%s total_ms=%.3f",
                 peer,
@@ -255,12 +262,8 @@ class HttpEndpoint:
         return Response(content, media_type="application/json")
 
     def _act_request(self, request_id: int, query: OfficialQuery) -> ActRequest:
-        """The checks that need the server's state, then the request, pinned to the mode that was checked."""
+        """The request, pinned to the mode in force (the server checks it and the instruction against that mode)."""
         metadata = self._server.metadata()
-        if query.task_description not in metadata.instructions:
-            shown = list(metadata.instructions[:8])
-            detail = f"no text embedding for {query.task_description!r}; expected one of {shown}"
-            raise MessageError(ErrorCode.INVALID_INPUT, "task_description", detail)
         return ActRequest(
             request_id,
             obs_id=request_id,

@@ -103,6 +103,7 @@ class _Answer:
     job: _Job
     outcome: ActReply | MessageError
     policy_ms: float | None = None  # for a failure of the policy, for the log
+    planning: PlanningOutcome | None = None  # how a planning query ended, whether or not its reply says so
 
 
 class PolicyServer:
@@ -130,11 +131,9 @@ class PolicyServer:
             if policy.platform != self._platform:
                 raise ConfigError(f"policies[{name!r}]: platform {policy.platform.name!r} != {self._platform.name!r}")
         # Read once: every `act` is checked against its mode's instructions on the I/O thread.
-        self._mode_instructions = {name: policy.instructions for name, policy in self._policies.items()}
-        self._known_instructions = {name: frozenset(texts) for name, texts in self._mode_instructions.items()}
+        self._known_instructions = {name: frozenset(policy.instructions) for name, policy in self._policies.items()}
         common = frozenset.intersection(*self._known_instructions.values())
-        first = next(iter(self._mode_instructions.values()))
-        self._instructions = tuple(text for text in first if text in common)
+        self._instructions = tuple(text for text in self._policies[mode].instructions if text in common)
         self._mode = mode
         self._lock = threading.Lock()  # guards _pending, _running, _outbox, _mode and writing to _wake
         self._work_ready = threading.Condition(self._lock)
@@ -361,7 +360,7 @@ class PolicyServer:
     def _check_instruction(self, request: ActRequest, mode: str) -> None:
         if request.instruction in self._known_instructions[mode]:
             return
-        known = self._mode_instructions[mode]
+        known = self._known_instructions[mode]
         closest = difflib.get_close_matches(request.instruction, known, n=_SUGGESTIONS, cutoff=0.0)
         detail = f"no text embedding for {request.instruction!r} in mode {mode!r}; closest known: {closest}"
         raise MessageError(ErrorCode.INVALID_INPUT, "instruction", detail, request.request_id)
@@ -418,7 +417,7 @@ class PolicyServer:
             job.future.set_result(outcome)
         else:
             job.future.set_exception(outcome)
-        if isinstance(outcome, ActReply) and outcome.planning not in (None, PlanningOutcome.COMPLETE.value):
+        if answer.planning not in (None, PlanningOutcome.COMPLETE):
             self._planning_cut_short += 1
         _log_answer(answer, self._planning_cut_short)
 
@@ -549,7 +548,8 @@ class PolicyServer:
         request_id = job.request.request_id
         try:
             result = self._policies[job.mode].infer(_query(job.request))
-            return _Answer(job, self._reply(job, result, queue_ms, _ms_since(started)))
+            planning = None if result.candidates is None else result.candidates.outcome
+            return _Answer(job, self._reply(job, result, queue_ms, _ms_since(started)), planning=planning)
         except InputError as error:
             failure = MessageError(ErrorCode.INVALID_INPUT, "", str(error), request_id)
         except Exception as error:  # a failing policy must not take the server down; details stay in our log
@@ -595,7 +595,9 @@ def _candidate_fields(candidates: CandidateResults | None, request: ActRequest) 
     }
     if return_all:
         fields["candidate_values_by_depth"] = tuple(values(row) for row in candidates.values_by_depth)
-        fields["candidate_actions"] = np.nan_to_num(candidates.actions.astype(np.float32), nan=0.0)
+        actions = candidates.actions.astype(np.float32)
+        actions[np.isnan(actions)] = 0.0
+        fields["candidate_actions"] = actions
     return fields
 
 
@@ -615,8 +617,8 @@ def _log_answer(answer: _Answer, planning_cut_short: int) -> None:
     job, outcome = answer.job, answer.outcome
     if isinstance(outcome, ActReply):
         status = "ok " + " ".join(f"{stage}_ms={ms:.3f}" for stage, ms in outcome.timings_ms.items())
-        if outcome.planning is not None:
-            status += f" planning={outcome.planning} deadline_passed_total={planning_cut_short}"
+        if answer.planning is not None:
+            status += f" planning={answer.planning.value} deadline_passed_total={planning_cut_short}"
     else:
         status = outcome.code.value + ("" if answer.policy_ms is None else f" policy_ms={answer.policy_ms:.3f}")
     logger.info(

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
-import time
-from collections.abc import Callable
 
 import numpy as np
 
@@ -15,7 +13,15 @@ from cosmos_edge.robot_bridge.controller.chunk_source import ActParams, Threaded
 from cosmos_edge.robot_bridge.controller.executor import NO_CHUNK, ChunkExecutor, ExecutorConfig
 from cosmos_edge.robot_bridge.controller.safety import SafetyConfig, SafetyFilter
 from cosmos_edge.runtime.policy.api import Observation
-from tests.helpers.bridge_doubles import INSTRUCTION, STARTUP_S, free_port, observation, serve_stub, wait_until_serving
+from tests.helpers.bridge_doubles import (
+    INSTRUCTION,
+    STARTUP_S,
+    free_port,
+    observation,
+    serve_stub,
+    wait_for,
+    wait_until_serving,
+)
 
 START = np.array([0.0, -0.5, 0.5, 0.0, 0.3, 0.0, 0.5] * 2)
 
@@ -36,13 +42,6 @@ class RecordingRobot:
     def command(self, qpos_target: np.ndarray) -> None:
         self.commands.append(qpos_target.copy())
         self.qpos = qpos_target.copy()
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def test_executor_holds_while_the_server_is_down_and_recovers() -> None:

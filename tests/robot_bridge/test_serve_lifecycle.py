@@ -143,12 +143,23 @@ def refusals(port: int, tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         ),
         "non-positive shutdown window": (
             ["--shutdown-timeout-s", "0"],
-            "--shutdown-timeout-s: expected > 0, got 0.0",
+            "--shutdown-timeout-s: expected seconds in (0, 3600], got 0.0",
+        ),
+        "endless shutdown window": (
+            ["--shutdown-timeout-s", "inf"],
+            "--shutdown-timeout-s: expected seconds in (0, 3600], got inf",
         ),
     }
 
 
-CASES = ["port in use", "no ipc directory", "port out of range", "unknown default mode", "non-positive shutdown window"]
+CASES = [
+    "port in use",
+    "no ipc directory",
+    "port out of range",
+    "unknown default mode",
+    "non-positive shutdown window",
+    "endless shutdown window",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
