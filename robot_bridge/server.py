@@ -407,10 +407,12 @@ class PolicyServer:
             self._deliver(answer)
 
     def _deliver(self, answer: _Answer) -> None:
+        """Sends or resolves one answer; raises nothing, so one answer that cannot be sent loses no other."""
         job, outcome = answer.job, answer.outcome
         if job.future is None:
-            reply = outcome if isinstance(outcome, ActReply) else ErrorReply.from_error(outcome)
-            self._send(job.identity, reply.to_frames())
+            frames, outcome = _encoded(job, outcome)
+            self._send(job.identity, frames)
+            answer = dataclasses.replace(answer, outcome=outcome)  # for the log: what was sent
         elif not (job.future.running() or job.future.set_running_or_notify_cancel()):
             return  # its front end cancelled it while it waited: nobody is waiting for the answer
         elif isinstance(outcome, ActReply):
@@ -449,17 +451,19 @@ class PolicyServer:
         return ModeSet(request.request_id, request.mode, previous)
 
     def _send(self, identity: bytes, frames: list[OutFrame] | list[zmq.Frame]) -> None:
+        """Sends a reply if its peer can take it; a reply that cannot be sent is logged and dropped, never raised."""
         assert self._router is not None
-        peer = identity.hex()
         try:
             self._router.socket.send_multipart([identity, *frames], zmq.NOBLOCK, copy=False)
             self._last_reply_at = time.monotonic()
         except zmq.Again:
+            peer = identity.hex()
             self._peer_log.log(peer, logging.WARNING, "dropped a reply to peer=%s: it is not reading its socket", peer)
         except zmq.ZMQError as error:
-            if error.errno != errno.EHOSTUNREACH:
-                raise
-            logger.debug("dropped a reply to peer=%s: it disconnected", peer)
+            if error.errno == errno.EHOSTUNREACH:
+                logger.debug("dropped a reply to peer=%s: it disconnected", identity.hex())
+            else:
+                logger.error("dropped a reply to peer=%s: %s", identity.hex(), error)
 
     def _drain(self, poller: zmq.Poller) -> None:
         """Before the sockets close, answers every request taken in: those waiting get `shutting_down`; the one
@@ -510,6 +514,19 @@ class PolicyServer:
     # --- worker thread ---------------------------------------------------------------------------------------------
 
     def _work(self) -> None:
+        try:
+            self._work_until_stopped()
+        except BaseException:  # escaped `_run` (SystemExit, say): nothing would compute the queue any more
+            logger.critical("the policy worker died; stopping the server", exc_info=True)
+            with self._lock:
+                running, self._running = self._running, None
+                if running is not None:
+                    detail = f"the {running.mode!r} policy worker died; see the server log"
+                    failure = MessageError(ErrorCode.INTERNAL, "", detail, running.request.request_id)
+                    self._post(_Answer(running, failure))
+            self._stopping.set()  # the I/O thread answers whatever still waits, then closes
+
+    def _work_until_stopped(self) -> None:
         while (job := self._next_job()) is not None:
             answer = self._run(job)
             with self._lock:
@@ -575,6 +592,20 @@ class PolicyServer:
             server_send_ns=time.time_ns(),
             **_candidate_fields(result.candidates, job.request),
         )
+
+
+def _encoded(job: _Job, outcome: ActReply | MessageError) -> tuple[list[OutFrame], ActReply | MessageError]:
+    """The frames of an answer, and the answer they carry: a reply that cannot be encoded becomes an `internal`
+    error, so its request is still answered once."""
+    if isinstance(outcome, MessageError):
+        return ErrorReply.from_error(outcome).to_frames(), outcome
+    try:
+        return outcome.to_frames(), outcome
+    except Exception as error:
+        logger.exception("could not encode the reply to request_id=%s", job.request.request_id)
+        detail = f"the {job.mode!r} reply could not be encoded ({type(error).__name__}); see the server log"
+        failure = MessageError(ErrorCode.INTERNAL, "", detail, job.request.request_id)
+        return ErrorReply.from_error(failure).to_frames(), failure
 
 
 def _candidate_fields(candidates: CandidateResults | None, request: ActRequest) -> dict[str, Any]:

@@ -77,7 +77,7 @@ class StubPolicy:
         gate: threading.Event | None = None,
         delay_s: float = 0.0,
         started: Flag | None = None,
-        failure: Exception | None = None,
+        failure: BaseException | None = None,
         actions_shape: tuple[int, int] = (ALOHA.chunk_size, ALOHA.action_dim),
         platform: PlatformSpec = ALOHA,
         instructions: tuple[str, ...] = (INSTRUCTION,),

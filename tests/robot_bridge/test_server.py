@@ -405,6 +405,51 @@ def test_stop_answers_waiting_requests_and_returns(context: zmq.Context[zmq.Sock
     assert_answers(controller.receive(), first, 1.0)  # the chunk in progress is still delivered
 
 
+def test_a_worker_that_dies_answers_its_request_and_stops_the_server(
+    context: zmq.Context[zmq.Socket[bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = threading.Event()
+    policy = StubPolicy(gate=gate, failure=SystemExit(3))  # escapes the policy's `except Exception`
+    server = PolicyServer(policy, ServerConfig(ENDPOINT))
+    with serving(server) as endpoint:
+        running = RawController(context, endpoint)
+        running.act(1.0)
+        assert policy.started.wait(TIMEOUT_S)
+        waiting = RawController(context, endpoint)
+        waiting.act(2.0)
+        waiting.barrier()
+        gate.set()
+        died = running.receive()
+        assert isinstance(died, ErrorReply) and died.code is ErrorCode.INTERNAL and "worker died" in died.message
+        stopped = waiting.receive()
+        assert isinstance(stopped, ErrorReply) and stopped.code is ErrorCode.SHUTTING_DOWN
+        wait_for(lambda: not server.serving, TIMEOUT_S, "the server to stop")
+    assert "the policy worker died; stopping the server" in caplog.text
+
+
+def test_a_reply_that_cannot_be_encoded_is_answered_with_an_error(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    encode = ActReply.to_frames
+    failures = iter([True])
+
+    def failing_once(reply: ActReply) -> list[object]:
+        if next(failures, False):
+            raise OverflowError("a field out of the wire's range")
+        return encode(reply)
+
+    monkeypatch.setattr(ActReply, "to_frames", failing_once)
+    caplog.set_level(logging.INFO, logger="cosmos_edge.robot_bridge.server")
+    with serving(PolicyServer(StubPolicy(), ServerConfig(ENDPOINT))) as endpoint, PolicyClient(endpoint) as client:
+        with pytest.raises(RemoteError) as caught:
+            client.act(observation(1.0), INSTRUCTION, obs_id=1, capture_time_ns=1)
+        assert caught.value.code is ErrorCode.INTERNAL and "could not be encoded (OverflowError)" in caught.value.detail
+        reply = client.act(observation(2.0), INSTRUCTION, obs_id=2, capture_time_ns=1)
+        np.testing.assert_allclose(reply.actions, expected_actions(observation(2.0).proprio, 195, 0.0))
+    assert "could not encode the reply" in caplog.text
+    assert "status=internal" in caplog.text
+
+
 def act_request(level: float, request_id: int, mode: str | None = None) -> ActRequest:
     fields = {"obs_id": request_id, "capture_time_ns": 1, "instruction": INSTRUCTION, "mode": mode}
     return ActRequest(request_id, **fields, **vars(observation(level)))
