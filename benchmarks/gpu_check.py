@@ -21,7 +21,10 @@ would not leave time for them; a table of the timed queries is printed last:
    and with channels-last 3D weights and inputs: median ms and the largest difference from the plain encode.
 8. `query_fast_cuda_graphs`: the fast path compiled in torch's "reduce-overhead" mode (CUDA graphs), 1 step.
 9. `attention_backends`: the DiT's self-attention per SDPA backend (flash, cuDNN, memory-efficient).
-10. `dit_compile_modes`: the DiT alone at batch 1, compiled "default" against "max-autotune-no-cudagraphs".
+10. `dit_adaln_cache`: the DiT alone at batch 1, eager and compiled, computing the adaLN vectors of its timesteps in
+    the call against taking them precomputed (what the torch backend does at batch 1): median ms and the largest
+    difference between the two.
+11. `dit_compile_modes`: the DiT alone at batch 1, compiled "default" against "max-autotune-no-cudagraphs".
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from cosmos_edge.runtime.bundle.loader import load_policies
 from cosmos_edge.runtime.bundle.sources import CheckpointFiles, CheckpointSource
 from cosmos_edge.runtime.engines.torch_arrays import TorchArrays
 from cosmos_edge.runtime.engines.torch_networks import open_denoiser
+from cosmos_edge.runtime.models.dit_checkpoint import load_dit
 from cosmos_edge.runtime.models.dit_config import dit_config
 from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets
 from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
@@ -152,6 +156,8 @@ def preprocess_exact(device: str) -> dict[str, Any]:
 
 def sampler_exact(device: str) -> dict[str, Any]:
     def network(x_in: Any, timesteps: Any, mask: Any) -> Any:  # arithmetic numpy and tensors both run
+        if isinstance(x_in, torch.Tensor):  # the sampler passes timesteps as a host array
+            timesteps = torch.from_numpy(timesteps).to(x_in.device)
         return 0.3 * x_in * (1 + timesteps[:, None, :, None, None]) + mask - 0.1 * x_in * x_in
 
     shape = (4, 16, 11, 28, 28)
@@ -250,6 +256,32 @@ def vae_variants(device: str, files: CheckpointFiles, runs: int) -> dict[str, An
             variant("channels_last_3d_cudnn_benchmark", video.contiguous(memory_format=torch.channels_last_3d))
         finally:
             torch.backends.cudnn.benchmark = benchmark
+    return result
+
+
+def dit_adaln_cache(device: str, files: CheckpointFiles, config: str, runs: int) -> dict[str, Any]:
+    """The DiT at batch 1 with its timesteps' adaLN vectors computed in the call or precomputed, eager and compiled."""
+    dit = load_dit(files.checkpoint, torch.bfloat16, torch.device(device))
+    dit.fuse_qkv()
+    generator = torch.Generator(device).manual_seed(0)
+    x = torch.randn((1, 16, 11, 28, 28), generator=generator, device=device)
+    timesteps = torch.where(torch.arange(11, device=device) < 5, 0.0, 0.9877)[None].to(torch.bfloat16)
+    mask = torch.zeros((1, 1, 11, 28, 28), device=device)
+    mask[:, :, :5] = 1.0
+    inputs = (x.to(torch.bfloat16), mask.to(torch.bfloat16))
+    result: dict[str, Any] = {"shape": "batch 1, 11 latent frames of 28x28 (aloha), bf16"}
+    with torch.inference_mode():
+        text = torch.randn((1, 512, dit_config(config).text_dim), generator=generator, device=device)
+        kv = dit.precompute_text_kv(text)
+        modulation = dit.precompute_modulation(timesteps)
+        for name, forward in (("eager", dit), ("compiled", torch.compile(dit, dynamic=False))):
+            in_call = functools.partial(forward, inputs[0], timesteps, inputs[1], kv)
+            precomputed = functools.partial(forward, inputs[0], modulation, inputs[1], kv)
+            result[name] = {
+                "in_call_ms": median_ms(in_call, device, runs),
+                "precomputed_ms": median_ms(precomputed, device, runs),
+                "max_abs_difference": float((precomputed().float() - in_call().float()).abs().max()),
+            }
     return result
 
 
@@ -374,6 +406,7 @@ def main() -> None:
             "query_fast_cuda_graphs", 120, lambda: timed_queries(files, device, runs, compile_mode="reduce-overhead")
         )
         report.section("attention_backends", 10, lambda: attention_backends(device, config, runs))
+        report.section("dit_adaln_cache", 120, lambda: dit_adaln_cache(device, files, config, runs))
         report.section("dit_compile_modes", 200, lambda: dit_compile_modes(device, files, config, runs))
     report.print_table()
 

@@ -20,7 +20,7 @@ import torch
 from cosmos_edge.kernels.image_transforms import transform_frames
 from cosmos_edge.runtime.engines.torch_arrays import TorchArrays
 from cosmos_edge.runtime.errors import ConfigError
-from cosmos_edge.runtime.models.dit import CosmosDiT
+from cosmos_edge.runtime.models.dit import CosmosDiT, TimestepModulation
 from cosmos_edge.runtime.models.dit_checkpoint import load_dit
 from cosmos_edge.runtime.models.dtypes import TORCH_DTYPES
 from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
@@ -89,6 +89,11 @@ class TorchAutoencoder:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self._device, self._dtype)
 
 
+# Distinct batch-1 timesteps whose adaLN vectors are kept: one per call of a query of up to 12 denoising steps (ALOHA's
+# default is 10). Each set is 9 x num_blocks vectors per latent frame: 11 MB for the 2B DiT in bf16, ALOHA.
+_MODULATIONS_KEPT = 12
+
+
 class TorchDiT:
     """`compile_mode`: None runs eager; otherwise a `torch.compile` mode (e.g. "default", "max-autotune"): a static
     graph for batch 1 and one with a dynamic batch for larger batches, checked against eager in
@@ -101,7 +106,8 @@ class TorchDiT:
     def __init__(self, dit: CosmosDiT, device: torch.device, compile_mode: str | None = None) -> None:
         self._dit = dit.eval()
         self._device = device
-        self._calling = threading.Lock()
+        self._calling = threading.Lock()  # also guards `_modulations`
+        self._modulations: dict[bytes, TimestepModulation] = {}  # batch-1 timesteps -> their adaLN vectors, LRU
         self._forward: Callable[..., torch.Tensor] = self._dit
         self._forward_batched: Callable[..., torch.Tensor] = self._dit
         if compile_mode is not None:
@@ -120,19 +126,38 @@ class TorchDiT:
         def network(x: Array, timesteps: Array, condition_mask: Array) -> Array:
             if not isinstance(x, torch.Tensor):  # host arrays in, host arrays out
                 put, fetch = self.arrays.put, self.arrays.fetch
-                return fetch(network(put(x), put(timesteps), put(condition_mask)))
-            inputs = (x.to(dtype), timesteps.to(dtype), condition_mask.to(dtype))
+                return fetch(network(put(x), timesteps, put(condition_mask)))
+            batched = x.shape[0] > 1
             compiled = self._forward is not self._dit
-            forward = self._forward_batched if x.shape[0] > 1 else self._forward
-            if compiled and x.shape[0] > 1:
-                for tensor in inputs:
-                    torch._dynamo.mark_dynamic(tensor, 0)
+            forward = self._forward_batched if batched else self._forward
             with self._calling, current_device(self._device):
+                steps = self._timestep_input(timesteps)
+                inputs = (x.to(dtype), steps, condition_mask.to(dtype))
+                if compiled and batched:
+                    for tensor in (inputs[0], inputs[2], steps):
+                        torch._dynamo.mark_dynamic(tensor, 0)
                 if compiled:
                     self._dit.cache_tables(*inputs)
                 return forward(*inputs, kv).float()
 
         return network
+
+    def _timestep_input(self, timesteps: Array) -> torch.Tensor | TimestepModulation:
+        """What the DiT takes for these timesteps. At batch 1 (every reactive call: a query repeats its calls'
+        timesteps) their adaLN vectors, computed once per distinct value and kept; larger batches (planning's calls,
+        whose combinations vary) compute them in the call."""
+        if isinstance(timesteps, torch.Tensor):
+            return timesteps.to(self._device, self._dit.dtype)
+        host = np.ascontiguousarray(timesteps, dtype=np.float32)
+        tensor = torch.from_numpy(host).to(self._device, self._dit.dtype)
+        if host.shape[0] != 1:
+            return tensor
+        key = host.tobytes()  # the shape is fixed by the byte count: batch 1, one value per latent frame
+        modulation = self._modulations.pop(key, None) or self._dit.precompute_modulation(tensor)
+        self._modulations[key] = modulation  # most recently used last
+        while len(self._modulations) > _MODULATIONS_KEPT:
+            del self._modulations[next(iter(self._modulations))]
+        return modulation
 
 
 def _batched_call(dit: CosmosDiT) -> Callable[..., torch.Tensor]:

@@ -4,14 +4,16 @@ Semantics follow the official network exactly (reference section 1.3); module at
 state-dict keys (`x_embedder.proj.1`, `t_embedder.1.linear_1`, `blocks.{i}.self_attn.q_proj`, ...), so an official
 checkpoint loads after stripping its `net.` prefix (see `dit_checkpoint.py`).
 
-What is computed once instead of on every call: the RoPE cos/sin tables (cached per patch grid, since serving
-shapes are static) and, through `precompute_text_kv`, the cross-attention keys and values of the instruction.
+What can be computed once instead of on every call: the RoPE cos/sin tables (cached per patch grid, since serving
+shapes are static), through `precompute_text_kv` the cross-attention keys and values of the instruction, and through
+`precompute_modulation` the adaLN vectors of a timesteps tensor (a sampler's calls repeat the same timesteps on every
+query).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -35,6 +37,18 @@ class CrossAttentionKV:
 
     k: Tensor
     v: Tensor
+
+
+@dataclass(frozen=True)
+class TimestepModulation:
+    """The adaLN vectors of one timesteps tensor "b t": everything the network computes from the timesteps.
+
+    blocks: "n 9 b t 1 d", per block (self-attention, cross-attention, MLP) x (shift, scale, gate);
+    final: "2 b t 1 d", the final layer's (shift, scale).
+    """
+
+    blocks: Tensor
+    final: Tensor
 
 
 class RMSNorm(nn.Module):
@@ -321,19 +335,25 @@ class Block(nn.Module):
         self.adaln_modulation_cross_attn = adaln_lora_mlp(dim, lora, 3)
         self.adaln_modulation_mlp = adaln_lora_mlp(dim, lora, 3)
 
+    def modulations(self, emb: Tensor, adaln_lora: Tensor) -> tuple[Tensor, ...]:
+        """The nine [B, T, 1, D] vectors (shift, scale, gate) x (self-attention, cross-attention, MLP) from emb
+        [B, T, D] and adaln_lora [B, T, 3D]."""
+        mlps = (self.adaln_modulation_self_attn, self.adaln_modulation_cross_attn, self.adaln_modulation_mlp)
+        return tuple(vector for mlp in mlps for vector in modulation(mlp, emb, adaln_lora, 3))
+
     def forward(
-        self, x: Tensor, emb: Tensor, adaln_lora: Tensor, rope: RopeTables, text_kv: tuple[Tensor, Tensor]
+        self, x: Tensor, modulations: Sequence[Tensor], rope: RopeTables, text_kv: tuple[Tensor, Tensor]
     ) -> Tensor:
-        """x: [B, T, HW, D] tokens grouped by latent frame; emb: [B, T, D]; adaln_lora: [B, T, 3D]."""
-        shift, scale, gate = modulation(self.adaln_modulation_self_attn, emb, adaln_lora, 3)
+        """x: [B, T, HW, D] tokens grouped by latent frame; modulations: this block's `modulations`."""
+        shift, scale, gate = modulations[0:3]
         h = modulate(self.layer_norm_self_attn(x), shift, scale).flatten(1, 2)  # [B, THW, D]
         x = x + gate * self.self_attn(h, rope).view_as(x)
 
-        shift, scale, gate = modulation(self.adaln_modulation_cross_attn, emb, adaln_lora, 3)
+        shift, scale, gate = modulations[3:6]
         h = modulate(self.layer_norm_cross_attn(x), shift, scale).flatten(1, 2)
         x = x + gate * self.cross_attn(h, text_kv).view_as(x)
 
-        shift, scale, gate = modulation(self.adaln_modulation_mlp, emb, adaln_lora, 3)
+        shift, scale, gate = modulations[6:9]
         return x + gate * self.mlp(modulate(self.layer_norm_mlp(x), shift, scale))
 
 
@@ -347,8 +367,11 @@ class FinalLayer(nn.Module):
         self.adaln_modulation = adaln_lora_mlp(dim, config.adaln_lora_dim, 2)
         self.linear = nn.Linear(dim, config.patch_out_features, bias=False)
 
-    def forward(self, x: Tensor, emb: Tensor, adaln_lora: Tensor) -> Tensor:
-        shift, scale = modulation(self.adaln_modulation, emb, adaln_lora, 2)
+    def modulations(self, emb: Tensor, adaln_lora: Tensor) -> tuple[Tensor, ...]:
+        return modulation(self.adaln_modulation, emb, adaln_lora, 2)
+
+    def forward(self, x: Tensor, modulations: Sequence[Tensor]) -> Tensor:
+        shift, scale = modulations
         return self.linear(modulate(self.layer_norm(x), shift, scale))
 
 
@@ -394,18 +417,25 @@ class CosmosDiT(nn.Module):
             if isinstance(module, SelfAttention):
                 module.fuse_qkv()
 
-    def cache_tables(self, x: Tensor, timesteps: Tensor, condition_mask: Tensor) -> None:
+    def cache_tables(self, x: Tensor, timesteps: Tensor | TimestepModulation, condition_mask: Tensor) -> None:
         """Builds the RoPE tables of these inputs' grid eagerly. A compiled forward must find them cached: its guards
         check the cache, so one built inside the first compiled call would force a second compilation."""
         self.rope(self._check_inputs(x, timesteps, condition_mask), x.device)
 
-    def forward(self, x: Tensor, timesteps: Tensor, condition_mask: Tensor, text: Tensor | CrossAttentionKV) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        timesteps: Tensor | TimestepModulation,
+        condition_mask: Tensor,
+        text: Tensor | CrossAttentionKV,
+    ) -> Tensor:
         """One network evaluation F(c_in * x_sigma, t).
 
         Args:
             x: "b c t h w" network input latent (clean latent on conditioning frames).
-            timesteps: "b t" per-latent-frame t = sigma / (sigma + 1), 0 on conditioning frames. The official
-                inference rounds t to bf16 before the network; that rounding belongs to the caller.
+            timesteps: "b t" per-latent-frame t = sigma / (sigma + 1), 0 on conditioning frames, or their
+                `precompute_modulation` result. The official inference rounds t to bf16 before the network; that
+                rounding belongs to the caller.
             condition_mask: "b 1 t h w", 1 on conditioning frames, 0 elsewhere.
             text: "b l text_dim" text embeddings, or their `precompute_text_kv` result.
 
@@ -426,22 +456,41 @@ class CosmosDiT(nn.Module):
         # 3. RoPE tables (cached per grid)
         rope = self.rope(grid, x.device)
 
-        # 4. Timestep embedding, one per latent frame
-        sinusoid = self.t_embedder[0](timesteps).to(dtype)  # [B, T', D]
-        adaln_lora = self.t_embedder[1](sinusoid)  # [B, T', 3D]
-        emb = self.t_embedding_norm(sinusoid)  # [B, T', D]
+        # 4. adaLN vectors of the timesteps, one set per latent frame
+        if isinstance(timesteps, TimestepModulation):
+            block_modulations: Sequence[Sequence[Tensor]] = [vectors.unbind(0) for vectors in timesteps.blocks]
+            final_modulations: Sequence[Tensor] = timesteps.final.unbind(0)
+        else:
+            block_modulations, final_modulations = self._modulations(timesteps)
 
         # 5. Text keys and values
         text_kv = text if isinstance(text, CrossAttentionKV) else self.precompute_text_kv(text)
         keys, values = self._broadcast_kv(text_kv, batch)
 
         # 6. Transformer blocks
-        for block, k, v in zip(self.blocks, keys, values, strict=True):
-            x = block(x, emb, adaln_lora, rope, (k, v))
+        for block, modulations, k, v in zip(self.blocks, block_modulations, keys, values, strict=True):
+            x = block(x, modulations, rope, (k, v))
 
         # 7. Output projection and unpatchify
-        x = self.final_layer(x, emb, adaln_lora)  # [B, T', H'*W', ps*ps*pt*C]
+        x = self.final_layer(x, final_modulations)  # [B, T', H'*W', ps*ps*pt*C]
         return self._unpatchify(x, grid)
+
+    def precompute_modulation(self, timesteps: Tensor) -> TimestepModulation:
+        """The adaLN vectors of timesteps "b t": reuse them while the timesteps repeat (the same values as computing
+        them in `forward`, from the same operations)."""
+        block_modulations, final_modulations = self._modulations(timesteps)
+        return TimestepModulation(
+            blocks=torch.stack([torch.stack(vectors) for vectors in block_modulations]),
+            final=torch.stack(final_modulations),
+        )
+
+    def _modulations(self, timesteps: Tensor) -> tuple[list[tuple[Tensor, ...]], tuple[Tensor, ...]]:
+        """Timestep embedding (sinusoid, normed as emb; the adaLN-LoRA term) and every layer's modulation vectors."""
+        sinusoid = self.t_embedder[0](timesteps).to(self.dtype)  # [B, T', D]
+        adaln_lora = self.t_embedder[1](sinusoid)  # [B, T', 3D]
+        emb = self.t_embedding_norm(sinusoid)  # [B, T', D]
+        blocks: list[Block] = list(self.blocks)  # type: ignore[arg-type]  # ModuleList iterates as Module
+        return [block.modulations(emb, adaln_lora) for block in blocks], self.final_layer.modulations(emb, adaln_lora)
 
     def _unpatchify(self, x: Tensor, grid: tuple[int, int, int]) -> Tensor:
         frames, height, width = grid
@@ -464,7 +513,9 @@ class CosmosDiT(nn.Module):
             values = values.expand(-1, batch, -1, -1, -1)
         return keys, values
 
-    def _check_inputs(self, x: Tensor, timesteps: Tensor, condition_mask: Tensor) -> tuple[int, int, int]:
+    def _check_inputs(
+        self, x: Tensor, timesteps: Tensor | TimestepModulation, condition_mask: Tensor
+    ) -> tuple[int, int, int]:
         """Returns the (T', H', W') patch grid; raises InputError naming the malformed argument."""
         config = self.config
         if x.ndim != 5 or x.shape[1] != config.in_channels:
@@ -476,9 +527,11 @@ class CosmosDiT(nn.Module):
         grid = (frames // pt, height // ps, width // ps)
         if any(size > limit for size, limit in zip(grid, config.max_patch_grid, strict=True)):
             raise InputError(f"x: expected a patch grid (T, H, W) within {config.max_patch_grid}, got {grid}")
-        if tuple(timesteps.shape) != (batch, grid[0]):
+        # The batch and frames of a precomputed modulation are its dimensions 2 and 3 ("n 9 b t 1 d").
+        shape = timesteps.blocks.shape[2:4] if isinstance(timesteps, TimestepModulation) else timesteps.shape
+        if tuple(shape) != (batch, grid[0]):
             raise InputError(
-                f"timesteps: expected shape [{batch}, {grid[0]}] (one per latent frame), got {list(timesteps.shape)}"
+                f"timesteps: expected shape [{batch}, {grid[0]}] (one per latent frame), got {list(shape)}"
             )
         if tuple(condition_mask.shape) != (batch, 1, frames, height, width):
             raise InputError(

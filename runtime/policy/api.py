@@ -27,6 +27,8 @@ NetworkFn = Callable[[FloatArray, FloatArray, FloatArray], FloatArray]
 """`net(x_in "b c t h w", timesteps "b t", condition_mask "b 1 t h w") -> F "b c t h w"`, all float32.
 
 F is the rectified-flow velocity (noise − x0). The text embedding is bound inside the callable by the caller.
+x_in and the mask are arrays of the network's place (`ArrayOps`); the timesteps are always a host (numpy) array, so a
+network may key a cache on their values without waiting for its device.
 The official model casts x_in and the timesteps to bf16 at this boundary; the timesteps arrive here already
 bf16-rounded, x_in does not (a bf16 engine rounds it on input, a float32 reference network must round it itself
 to match the official numbers).

@@ -133,8 +133,8 @@ class DenoiseCondition:
 
     clean_latent: Array  # "b c t h w" float32
     latent_mask: Array  # "b 1 t 1 1" bool: frame is a clean conditioning frame
-    frame_mask: Array  # "b t" bool
     network_mask: Array  # "b 1 t h w" float32, the mask channel the network receives
+    frame_mask: np.ndarray  # "b t" bool, always on the host: the timesteps are made there (see `_network_timesteps`)
 
     @classmethod
     def build(cls, clean_latent: np.ndarray, condition_mask: np.ndarray, batch: int) -> DenoiseCondition:
@@ -152,23 +152,26 @@ class DenoiseCondition:
         return cls(
             clean_latent=np.broadcast_to(clean, (batch, channels, frames, height, width)),  # a view, no copy
             latent_mask=latent_mask,
-            frame_mask=latent_mask[:, 0, :, 0, 0],
             network_mask=np.ascontiguousarray(
                 np.broadcast_to(latent_mask, (batch, 1, frames, height, width)), dtype=np.float32
             ),
+            frame_mask=latent_mask[:, 0, :, 0, 0],
         )
 
     def placed(self, arrays: ArrayOps) -> DenoiseCondition:
         if arrays is HOST_ARRAYS:
             return self
-        fields = (self.clean_latent, self.latent_mask, self.frame_mask, self.network_mask)
-        return DenoiseCondition(*(arrays.put(np.ascontiguousarray(field)) for field in fields))
+
+        def put(array: Array) -> Array:
+            return arrays.put(np.ascontiguousarray(array))
+
+        return DenoiseCondition(put(self.clean_latent), put(self.latent_mask), put(self.network_mask), self.frame_mask)
 
     def select(self, rows: Sequence[int]) -> DenoiseCondition:
         """The condition of some samples of the batch, in the order of `rows`."""
         index = list(rows)
         return DenoiseCondition(
-            self.clean_latent[index], self.latent_mask[index], self.frame_mask[index], self.network_mask[index]
+            self.clean_latent[index], self.latent_mask[index], self.network_mask[index], self.frame_mask[index]
         )
 
 
@@ -192,17 +195,31 @@ class Denoiser:
             raise InputError(f"x: expected shape {tuple(condition.clean_latent.shape)}, got {tuple(x.shape)}")
         scalar = np.ndim(sigma) == 0  # a Python or numpy scalar: the sigma of the whole batch
         sigmas = [float(sigma)] * x.shape[0] if scalar else [float(s) for s in sigma]  # type: ignore[arg-type, union-attr]
-        sigma32 = ops.vector32(sigmas)
-        t = (sigma32 / (sigma32 + 1.0)).reshape(-1, 1, 1, 1, 1)  # float32 throughout (Python scalars are weak)
+        t = _flow_time(ops, sigmas).reshape(-1, 1, 1, 1, 1)
         scaled = ops.float32(x) * (1.0 - t)  # c_in·x, equal to c_skip·x
         net_input = ops.where(condition.latent_mask, condition.clean_latent, scaled)
-        t_bf16 = ops.round_to_bf16(t[:, 0, 0, 0, :])  # "b 1": each sample's timestep
-        timesteps = ops.where(condition.frame_mask, 0.0, t_bf16)
+        timesteps = _network_timesteps(sigmas, condition.frame_mask)
         velocity = ops.float32(self._net(net_input, timesteps, condition.network_mask))
         if tuple(velocity.shape) != tuple(x.shape):
             raise EngineError(f"network output: expected shape {tuple(x.shape)}, got {tuple(velocity.shape)}")
         x0 = scaled - t * velocity  # c_skip·x + c_out·F with c_out = −t, bitwise
         return ops.where(condition.latent_mask, condition.clean_latent, x0)
+
+
+def _flow_time(ops: ArrayOps, sigmas: Sequence[float]) -> Array:
+    """t = σ/(σ+1) per sample, float32 throughout (Python scalars are weak), where `ops` keeps its arrays."""
+    sigma32 = ops.vector32(sigmas)
+    return sigma32 / (sigma32 + 1.0)
+
+
+def _network_timesteps(sigmas: Sequence[float], frame_mask: np.ndarray) -> FloatArray:
+    """The network's timesteps "b t": bf16(t) of each sample on its generated frames, 0 on its conditioning frames.
+
+    Host arrays whatever the network's place: a backend may key a cache on their values (the DiT's adaLN vectors)
+    without waiting for its device.
+    """
+    t_bf16 = HOST_ARRAYS.round_to_bf16(_flow_time(HOST_ARRAYS, sigmas))
+    return np.where(frame_mask, np.float32(0.0), t_bf16[:, None])
 
 
 def sample(

@@ -205,6 +205,27 @@ def test_precomputed_text_kv_matches_raw_text(tiny_official: dict[str, Tensor]) 
     torch.testing.assert_close(model(**{**inputs, "text": text_kv}), model(**inputs), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.inference_mode()
+def test_precomputed_modulation_gives_the_bits_of_the_timesteps(
+    tiny_official: dict[str, Tensor], dtype: torch.dtype
+) -> None:
+    model = dit_from_state_dict(tiny_official, dtype=dtype)
+    inputs = make_inputs(TINY, batch=2)
+    inputs["timesteps"][1, NUM_CONDITIONING_FRAMES:] = 0.5
+    modulation = model.precompute_modulation(inputs["timesteps"])
+
+    channels = TINY.model_channels
+    assert modulation.blocks.shape == (TINY.num_blocks, 9, 2, FRAMES, 1, channels)
+    assert modulation.final.shape == (2, 2, FRAMES, 1, channels)
+    torch.testing.assert_close(model(**{**inputs, "timesteps": modulation}), model(**inputs), rtol=0, atol=0)
+    one_sample = {name: value[:1] for name, value in inputs.items()}
+    with pytest.raises(
+        InputError, match=re.escape("timesteps: expected shape [1, 11] (one per latent frame), got [2, 11]")
+    ):
+        model(**{**one_sample, "timesteps": modulation})
+
+
 @torch.inference_mode()
 def test_batch_is_independent(tiny_official: dict[str, Tensor]) -> None:
     model = dit_from_state_dict(tiny_official)

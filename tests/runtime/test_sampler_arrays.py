@@ -20,7 +20,10 @@ SHAPE = (16, 6, 4, 4)
 
 
 def network(x_in, timesteps, mask):  # type: ignore[no-untyped-def]
-    """Arithmetic that numpy arrays and tensors both support; it reads each row's timesteps and mask."""
+    """Arithmetic that numpy arrays and tensors both support; it reads each row's timesteps (a host array, as the
+    sampler always passes them) and mask."""
+    if isinstance(x_in, torch.Tensor):
+        timesteps = torch.from_numpy(timesteps)
     return 0.3 * x_in * (1 + timesteps[:, None, :, None, None]) + mask - 0.1 * x_in * x_in
 
 

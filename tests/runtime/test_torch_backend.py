@@ -8,6 +8,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from cosmos_edge.runtime.engines.torch_networks import TorchAutoencoder, TorchDiT
+from cosmos_edge.runtime.models.dit import TimestepModulation
 from cosmos_edge.runtime.models.dit_checkpoint import dit_from_state_dict, random_dit_state_dict
 from cosmos_edge.runtime.models.dit_config import dit_config
 from cosmos_edge.runtime.models.wan_vae import WanVAE, vae_config
@@ -15,6 +16,38 @@ from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.policy.api import StageTimer
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def test_batch_one_calls_compute_the_adaln_vectors_of_their_timesteps_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = dit_config("tiny")
+    dit = dit_from_state_dict(random_dit_state_dict(config, 3))
+    computed: list[float] = []
+    precompute = dit.precompute_modulation
+
+    def counted(timesteps: torch.Tensor) -> TimestepModulation:
+        computed.append(float(timesteps[0, -1]))
+        return precompute(timesteps)
+
+    monkeypatch.setattr(dit, "precompute_modulation", counted)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 16, 11, 28, 28)).astype(np.float32)
+    mask = np.zeros((1, 1, 11, 28, 28), np.float32)
+    mask[:, :, :5] = 1.0
+    text = rng.standard_normal((1, 512, config.text_dim)).astype(np.float32)
+    network = TorchDiT(dit, torch.device("cpu")).bind_text(text)
+    levels = [round(0.05 * step, 2) for step in range(1, 15)]  # more distinct timesteps than are kept
+    with torch.inference_mode():
+        kv = dit.precompute_text_kv(torch.from_numpy(text))
+        for level in levels[:2] + levels[:2] + levels:
+            timesteps = np.where(np.arange(11) < 5, 0.0, level).astype(np.float32)[None]
+            expected = dit(*(torch.from_numpy(array) for array in (x, timesteps, mask)), kv).numpy()
+            np.testing.assert_array_equal(network(x, timesteps, mask), expected)
+    # Repeated timesteps reuse their vectors; beyond those kept, the least recently used are computed again.
+    assert computed == pytest.approx(levels)
+    computed.clear()
+    for level in (levels[-1], levels[0]):
+        network(x, np.where(np.arange(11) < 5, 0.0, level).astype(np.float32)[None], mask)
+    assert computed == pytest.approx([levels[0]])
 
 
 @pytest.mark.slow
@@ -46,9 +79,9 @@ def test_a_compiled_dit_compiles_once_for_batch_one_and_once_for_every_larger_ba
     torch._dynamo.reset()
     counters.clear()
     compiled = TorchDiT(dit, torch.device("cpu"), compile_mode="default").bind_text(text)
-    for batch in (1, 2, 3, 5, 1, 4):
+    for batch, level in ((1, 0.9877), (2, 0.9877), (3, 0.5), (5, 0.9877), (1, 0.5), (4, 0.25)):
         x = rng.standard_normal((batch, 16, 11, 28, 28)).astype(np.float32)
-        timesteps = np.full((batch, 11), 0.9877, np.float32)
+        timesteps = np.full((batch, 11), level, np.float32)
         mask = np.zeros((batch, 1, 11, 28, 28), np.float32)
         expected = eager(x, timesteps, mask)
         assert np.abs(compiled(x, timesteps, mask) - expected).max() / np.abs(expected).max() <= 1e-5
