@@ -222,9 +222,18 @@ def _byte_view(frame: FrameLike) -> memoryview:
     return view if view.ndim == 1 and view.itemsize == 1 else view.cast("B")
 
 
+def _string_keyed(pairs: list[tuple[object, Any]]) -> dict[str, Any]:
+    """Every map of a header, nested ones included: its keys name fields, so they must be strings."""
+    for key, _ in pairs:
+        if not isinstance(key, str):
+            detail = f"expected map keys that are strings, got a {type(key).__name__} key {key!r:.40}"
+            raise MessageError(ErrorCode.MALFORMED, "header", detail)
+    return dict(pairs)  # type: ignore[arg-type]  # checked above
+
+
 def _unpack_header(view: memoryview) -> dict[str, Any]:
     try:
-        header = msgpack.unpackb(view, raw=False, strict_map_key=True, max_ext_len=0)
+        header = msgpack.unpackb(view, raw=False, strict_map_key=True, max_ext_len=0, object_pairs_hook=_string_keyed)
     except (ValueError, TypeError, msgpack.UnpackException) as error:  # msgpack raises all three on bad input
         raise MessageError(ErrorCode.MALFORMED, "header", f"expected a msgpack map, got bad bytes ({error})") from None
     if not isinstance(header, dict):

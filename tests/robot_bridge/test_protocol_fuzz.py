@@ -1,8 +1,8 @@
-"""Property-based fuzzing of the decoder: whatever a peer sends, decoding either succeeds or raises MessageError."""
+"""Property-based fuzzing of the decoder: whatever a peer sends, decoding either succeeds or raises a MessageError
+that the server can answer with an error reply."""
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import msgpack
@@ -10,7 +10,14 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cosmos_edge.robot_bridge.protocol import ActRequest, MessageError, WireLimits, decode_reply, decode_request
+from cosmos_edge.robot_bridge.protocol import (
+    ActRequest,
+    ErrorReply,
+    MessageError,
+    WireLimits,
+    decode_reply,
+    decode_request,
+)
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SMALL_LIMITS = WireLimits(max_message_bytes=4096, max_array_bytes=2048, max_header_bytes=2048, max_arrays=6)
@@ -26,7 +33,9 @@ scalars = st.one_of(
 )
 values = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8) | st.binary(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 kinds = st.sampled_from(
@@ -78,14 +87,16 @@ def structured_messages(draw: st.DrawFn) -> list[bytes]:
         "arrays": sometimes(draw, st.just(descriptors)),
     }
     if draw(st.integers(0, 15)) == 15:
-        header[draw(st.text(max_size=6))] = draw(values)
+        header[draw(st.text(max_size=6) | st.binary(max_size=6))] = draw(values)
     return [msgpack.packb(header, use_bin_type=True), *frames]
 
 
 def decode_both(frames: list[bytes]) -> None:
     for decode in (decode_request, decode_reply):
-        with contextlib.suppress(MessageError):
+        try:
             decode(frames, SMALL_LIMITS)
+        except MessageError as error:
+            ErrorReply.from_error(error).to_frames()  # what the server answers: it must always be possible
 
 
 @SETTINGS

@@ -130,8 +130,8 @@ def test_every_malformed_request_gets_an_error_reply_and_valid_ones_still_work(
     frames = [bytes(frame) for frame in good.to_frames()]
     header = msgpack.unpackb(frames[0])
 
-    def rewritten(**changes: object) -> list[bytes]:
-        return [msgpack.packb({**header, **changes}), *frames[1:]]
+    def rewritten(changed: dict[str | bytes, object] | None = None, **changes: object) -> list[bytes]:
+        return [msgpack.packb({**header, **(changed or {}), **changes}), *frames[1:]]
 
     nan = np.full(14, np.nan, np.float32).tobytes()
     arrays = header["arrays"]
@@ -150,6 +150,8 @@ def test_every_malformed_request_gets_an_error_reply_and_valid_ones_still_work(
         ),
         "NaN proprio": ([*frames[:-1], nan], ErrorCode.INVALID_FIELD),
         "unknown field": (rewritten(fields={**header["fields"], "torque": 1}), ErrorCode.INVALID_FIELD),
+        "a field named in bytes": (rewritten(fields={**header["fields"], b"torque": 1}), ErrorCode.MALFORMED),
+        "header keys in bytes and text": (rewritten({b"extra": 1, "more": 2}), ErrorCode.MALFORMED),
         "future protocol": (rewritten(protocol_version=99), ErrorCode.UNSUPPORTED_VERSION),
         "reply kind": (rewritten(kind="act_result"), ErrorCode.UNKNOWN_KIND),
         "unknown instruction": (
