@@ -4,20 +4,20 @@ observation `.npz`; the result is printed and saved."""
 from __future__ import annotations
 
 import argparse
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from cosmos_edge.cli.model_source import model_source
+from cosmos_edge.cli.npz_files import check_output, read_observation, write_npz
 from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config
 from cosmos_edge.runtime.bundle.loader import load_policies, planning_candidates
-from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource, ModelSource
 from cosmos_edge.runtime.engines.registry import GRAPH_BACKENDS
-from cosmos_edge.runtime.errors import ConfigError, InputError
-from cosmos_edge.runtime.platforms import PLATFORMS, PlatformSpec
-from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation
+from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.platforms import PLATFORMS
+from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult
 from cosmos_edge.runtime.policy.planning_config import PRESETS
-from cosmos_edge.runtime.precision import PRECISIONS, compile_mode, default_precision
+from cosmos_edge.runtime.precision import PRECISIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -89,30 +89,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_act)
 
 
-def read_observation(path: Path, platform: PlatformSpec) -> Observation:
-    """Reads an observation npz; the camera names and the proprio are checked by the policy."""
-    if not path.is_file():
-        raise InputError(f"observation: {path}: no such file")
-    with path.open("rb") as file:
-        magic = file.read(4)
-    if magic != b"PK\x03\x04":  # every .npz is a zip archive
-        raise InputError(f"observation: {path}: not an .npz archive (np.savez writes one), it starts with {magic!r}")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        with loaded:
-            arrays = {name: loaded[name] for name in loaded.files}
-    except ValueError as error:  # numpy refuses object arrays without allow_pickle
-        raise InputError(f"observation: {path}: holds object arrays, which are never loaded (pickles)") from error
-    except (OSError, EOFError, zipfile.BadZipFile) as error:
-        raise InputError(f"observation: {path}: not a readable .npz ({error})") from error
-    if "proprio" not in arrays:
-        raise InputError(f"observation: {path} has no `proprio` array (found {sorted(arrays)})")
-    proprio = arrays.pop("proprio")
-    return Observation(images=arrays, proprio=proprio)
-
-
 def _act(args: argparse.Namespace) -> int:
-    source, devices = _source(args), [args.device] if args.device else None
+    observation = read_observation(args.observation)  # a bad file is named before minutes of loading
+    if args.out is not None:
+        check_output("--out", args.out)
+    devices = [args.device] if args.device else None
+    source = model_source(args, devices or [], reference=args.reference)
     planning = None
     if args.mode == "planning":
         preset = PRESETS[args.planning_preset].num_queries_best_of_n
@@ -130,7 +112,6 @@ def _act(args: argparse.Namespace) -> int:
         future_images=args.future_images or None,
     ) as loaded:
         policy = loaded.planning or loaded.reactive
-        observation = read_observation(args.observation, policy.platform)
         query = ActionQuery(observation, args.task, args.seed, args.steps, return_future_images=args.future_images)
         result = policy.infer(query)
     print_result(result)
@@ -138,43 +119,6 @@ def _act(args: argparse.Namespace) -> int:
         save_result(args.out, result, all_actions=args.return_all_query_results)
         print(f"wrote {args.out}")
     return 0
-
-
-def _source(args: argparse.Namespace) -> ModelSource:
-    """The bundle on an engine backend, or the official files on torch; a mix of both is refused."""
-    official = {
-        "--checkpoint": args.checkpoint,
-        "--tokenizer": args.tokenizer,
-        "--stats": args.stats,
-        "--text-embeddings": args.text_embeddings,
-    }
-    if args.bundle is not None and args.planning_checkpoint is not None:
-        raise ConfigError("--planning-checkpoint: a bundle carries its planning model (export --planning-checkpoint)")
-    if args.bundle is not None:
-        given = [flag for flag, value in official.items() if value is not None]
-        if args.reference:
-            raise ConfigError("--reference: runs the official files on torch, not a bundle")
-        if given or args.backend == "torch":
-            raise ConfigError(
-                f"--bundle: runs on --backend onnxruntime or tensorrt without the official files, got "
-                f"{given or ['--backend torch']}"
-            )
-        return BundleSource(args.bundle, args.backend or "onnxruntime", args.platform)
-    missing = [flag for flag, value in {**official, "--platform": args.platform}.items() if value is None]
-    if missing or args.backend not in (None, "torch"):
-        raise ConfigError(
-            f"act: expected --bundle, or --checkpoint, --tokenizer, --stats, --text-embeddings and --platform "
-            f"(backend torch); missing {missing}, backend {args.backend or 'torch'}"
-        )
-    files = CheckpointFiles(args.checkpoint, args.tokenizer, args.stats, args.text_embeddings, args.platform)
-    precision = args.precision or default_precision([args.device or "cpu"])
-    return CheckpointSource(
-        files,
-        planning_checkpoint=args.planning_checkpoint,
-        precision=precision,
-        compile_mode=None if args.reference else compile_mode(args.compile, [args.device or "cpu"]),
-        encode_full_sequence=args.reference,
-    )
 
 
 def print_result(result: ChunkResult) -> None:
@@ -205,4 +149,4 @@ def save_result(path: Path, result: ChunkResult, all_actions: bool = False) -> N
         }
         if all_actions:
             arrays["candidate_actions"] = result.candidates.actions
-    np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds like allow_pickle
+    write_npz("--out", path, arrays)

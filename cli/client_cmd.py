@@ -10,17 +10,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from cosmos_edge.cli.act_cmd import read_observation
+from cosmos_edge.cli.npz_files import check_output, read_observation, write_npz
 from cosmos_edge.robot_bridge.client import PolicyClient
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, load_public_key
 from cosmos_edge.runtime.errors import ConfigError
-from cosmos_edge.runtime.platforms import platform_spec
 
 _DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # `serve`'s default
 _CONTROL_TIMEOUT_S = 5.0  # ping, metadata and set-mode are answered at once, also during an inference
@@ -70,16 +71,21 @@ def connect(args: argparse.Namespace, timeout_s: float) -> PolicyClient:
     """A client for `--endpoint`, with CURVE when both key options are given."""
     if (args.curve_server_key is None) != (args.curve_secret_key is None):
         raise ConfigError("--curve-server-key and --curve-secret-key: give both or neither")
-    if args.timeout is not None and not args.timeout > 0:
-        raise ConfigError(f"--timeout: expected seconds > 0, got {args.timeout}")
-    if args.curve_server_key is None:
-        return PolicyClient(args.endpoint, timeout_s=args.timeout or timeout_s)
-    return PolicyClient(
-        args.endpoint,
-        timeout_s=args.timeout or timeout_s,
-        server_public_key=load_public_key(args.curve_server_key),
-        client_keys=CurveKeyPair.load(args.curve_secret_key),
-    )
+    if args.timeout is not None and not (args.timeout > 0 and math.isfinite(args.timeout)):
+        raise ConfigError(f"--timeout: expected a finite number of seconds > 0, got {args.timeout}")
+    curve: dict[str, Any] = {}
+    if args.curve_server_key is not None:
+        curve = {
+            "server_public_key": load_public_key(args.curve_server_key),
+            "client_keys": CurveKeyPair.load(args.curve_secret_key),
+        }
+    try:
+        return PolicyClient(args.endpoint, timeout_s=args.timeout or timeout_s, **curve)
+    except ConfigError as error:
+        name, separator, detail = str(error).partition(": ")
+        if separator and name == "endpoint":
+            raise ConfigError(f"--endpoint: {detail}") from None
+        raise
 
 
 def _ping(args: argparse.Namespace) -> int:
@@ -111,9 +117,10 @@ def _set_mode(args: argparse.Namespace) -> int:
 
 
 def _act(args: argparse.Namespace) -> int:
+    observation = read_observation(args.observation)
+    if args.out is not None:
+        check_output("--out", args.out)
     with connect(args, _ACT_TIMEOUT_S) as client:
-        platform = platform_spec(client.metadata().platform)
-        observation = read_observation(args.observation, platform)
         reply = client.act(
             observation,
             args.task,
@@ -142,7 +149,7 @@ def _act(args: argparse.Namespace) -> int:
             arrays["candidate_actions"] = reply.candidate_actions
     print("server timings (ms): " + ", ".join(f"{name} {ms:.1f}" for name, ms in reply.timings_ms.items()))
     if args.out is not None:
-        np.savez(args.out, **arrays)  # type: ignore[arg-type]
+        write_npz("--out", args.out, arrays)
         print(f"wrote {args.out}")
     return 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import signal
 import socket
 import threading
@@ -21,17 +22,18 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from cosmos_edge.cli.model_source import model_source
 from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config
 from cosmos_edge.robot_bridge.binding import BoundRouter, ServerConfig
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, ServerCurve, load_public_keys
 from cosmos_edge.robot_bridge.protocol import WireLimits
 from cosmos_edge.robot_bridge.server import PolicyServer
 from cosmos_edge.runtime.bundle.loader import LoadedPolicies, load_policies, planning_candidates
-from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource, ModelSource
+from cosmos_edge.runtime.bundle.sources import CheckpointSource
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import PLATFORMS
 from cosmos_edge.runtime.policy.planning_config import PRESETS
-from cosmos_edge.runtime.precision import PRECISIONS, compile_mode, default_precision
+from cosmos_edge.runtime.precision import PRECISIONS
 
 if TYPE_CHECKING:
     from cosmos_edge.robot_bridge.http_server import HttpConfig
@@ -60,8 +62,8 @@ def add_serve_parser(
     )
     parser.add_argument("--default-mode", default="reactive", help="mode used when a request names none")
     parser.add_argument("--max-pending", type=int, default=8, help="controllers that may wait for inference at once")
-    parser.add_argument("--max-message-mb", type=float, default=16.0, help="largest request accepted")
-    parser.add_argument("--max-array-mb", type=float, default=4.0, help="largest single image or vector accepted")
+    parser.add_argument("--max-message-mb", type=_mebibytes, default=16.0, help="largest request accepted")
+    parser.add_argument("--max-array-mb", type=_mebibytes, default=4.0, help="largest single image or vector accepted")
     parser.add_argument("--curve-secret-key", help="the server's '.key_secret' certificate; enables CURVE")
     parser.add_argument("--curve-clients", help="directory of the '.key' certificates of admitted clients")
     parser.add_argument(
@@ -120,11 +122,17 @@ def server_config(
         if args.http is None:
             raise ConfigError("--endpoint none: needs --http, or nothing could reach the policies")
         endpoint = _IN_PROCESS_ONLY
+    try:
+        limits = WireLimits(
+            max_message_bytes=round(args.max_message_mb * _MIB), max_array_bytes=round(args.max_array_mb * _MIB)
+        )
+    except ConfigError as error:
+        raise ConfigError(
+            f"--max-message-mb {args.max_message_mb:g}, --max-array-mb {args.max_array_mb:g}: {error}"
+        ) from None
     return ServerConfig(
         endpoint=endpoint,
-        limits=WireLimits(
-            max_message_bytes=round(args.max_message_mb * _MIB), max_array_bytes=round(args.max_array_mb * _MIB)
-        ),
+        limits=limits,
         default_mode=args.default_mode,
         max_pending=args.max_pending,
         curve=curve,
@@ -132,6 +140,17 @@ def server_config(
         joint_limits=joint_limits,
         shutdown_timeout_s=args.shutdown_timeout_s,
     )
+
+
+def _mebibytes(text: str) -> float:
+    """An argparse type: a finite size in MiB, more than zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of MiB, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number of MiB > 0, got {text!r}")
+    return value
 
 
 def http_config(args: argparse.Namespace) -> HttpConfig | None:
@@ -218,12 +237,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """`serve` with `reactive` and `planning` modes, from a bundle (no torch) or from official checkpoint files."""
     parser = add_serve_parser(subparsers, _policies)
     parser.add_argument("--bundle", type=Path, help="an exported bundle (instead of the checkpoint files)")
-    parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"), help="with --bundle")
+    parser.add_argument(
+        "--backend", choices=("onnxruntime", "tensorrt"), help="with --bundle (default onnxruntime); files run on torch"
+    )
     parser.add_argument("--checkpoint", type=Path, help="official DiT .pt of the policy")
     parser.add_argument("--tokenizer", type=Path, help="Wan2.1 tokenizer.pth")
     parser.add_argument("--stats", type=Path, help="dataset statistics JSON")
     parser.add_argument("--text-embeddings", type=Path, help="instruction embeddings (safetensors)")
-    parser.add_argument("--platform", choices=sorted(PLATFORMS), help="required with checkpoint files")
+    parser.add_argument(
+        "--platform", choices=sorted(PLATFORMS), help="required with checkpoint files; with --bundle, checked"
+    )
     parser.add_argument("--planning-checkpoint", type=Path, help="DiT of the planning model (default: the policy's)")
     parser.add_argument(
         "--precision",
@@ -242,12 +265,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_planning_arguments(parser)
 
 
-_FILE_ARGS = ("checkpoint", "tokenizer", "stats", "text_embeddings", "platform")
-
-
 def _policies(args: argparse.Namespace) -> LoadedPolicies:
     """Both modes from one load: the reactive policy and the planner share each device's networks."""
-    source, devices = _source(args), _device_list(args) or None
+    devices = _device_list(args) or None
+    source = model_source(args, devices or [])
     preset = PRESETS[args.planning_preset].num_queries_best_of_n
     candidates = planning_candidates(source, devices, args.num_queries_best_of_n, preset)
     if candidates is None:
@@ -276,22 +297,3 @@ def _policies(args: argparse.Namespace) -> LoadedPolicies:
 
 def _device_list(args: argparse.Namespace) -> list[str]:
     return [device.strip() for device in (args.devices or "").split(",") if device.strip()]
-
-
-def _source(args: argparse.Namespace) -> ModelSource:
-    given = [name for name in _FILE_ARGS if getattr(args, name) is not None]
-    if args.bundle is not None:
-        if given:
-            raise ConfigError(f"serve: give --bundle or checkpoint files, not both (got --bundle and {given})")
-        return BundleSource(args.bundle, args.backend)
-    missing = [f"--{name.replace('_', '-')}" for name in _FILE_ARGS if getattr(args, name) is None]
-    if missing:
-        raise ConfigError(f"serve: without --bundle, these are required: {missing}")
-    files = CheckpointFiles(args.checkpoint, args.tokenizer, args.stats, args.text_embeddings, args.platform)
-    precision = args.precision or default_precision(_device_list(args) or ["cpu"])
-    return CheckpointSource(
-        files,
-        planning_checkpoint=args.planning_checkpoint,
-        precision=precision,
-        compile_mode=compile_mode(args.compile, _device_list(args) or ["cpu"]),
-    )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import random
 import threading
 import time
@@ -87,12 +88,13 @@ class PolicyClient:
         client_keys: CurveKeyPair | None = None,
         limits: WireLimits | None = None,
     ) -> None:
-        if not timeout_s > 0:
-            raise ConfigError(f"timeout_s: expected > 0, got {timeout_s}")
+        if not (timeout_s > 0 and math.isfinite(timeout_s)):
+            raise ConfigError(f"timeout_s: expected a finite number of seconds > 0, got {timeout_s}")
         if (server_public_key is None) != (client_keys is None):
             raise ConfigError("server_public_key and client_keys: CURVE needs both (the server admits listed keys)")
         if server_public_key is not None:
             check_key("server_public_key", server_public_key)
+        _check_endpoint(endpoint)
         self._endpoint = endpoint
         self._timeout_s = timeout_s
         self._server_public_key = server_public_key
@@ -246,7 +248,11 @@ class PolicyClient:
             socket.curve_serverkey = self._server_public_key
             socket.curve_publickey = self._client_keys.public
             socket.curve_secretkey = self._client_keys.secret
-        socket.connect(self._endpoint)
+        try:
+            socket.connect(self._endpoint)
+        except zmq.ZMQError as error:
+            socket.close()  # a socket left open would keep `close()` waiting for the context forever
+            raise ConfigError(f"endpoint: cannot connect to {self._endpoint!r} ({error.strerror})") from None
         self._socket = socket
         return socket
 
@@ -254,6 +260,19 @@ class PolicyClient:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+
+def _check_endpoint(endpoint: str) -> None:
+    # libzmq takes a TCP port modulo 65536, and refuses an address without a scheme only when connecting.
+    scheme, separator, address = endpoint.partition("://")
+    host, _, port = address.rpartition(":")
+    if scheme == "tcp" and host and port.isdigit() and int(port) <= 65535:
+        return
+    if separator and scheme in ("ipc", "inproc") and address:
+        return
+    raise ConfigError(
+        f"endpoint: expected tcp://HOST:PORT (port 0..65535), ipc://PATH or inproc://NAME, got {endpoint!r}"
+    )
 
 
 def _remaining_ms(deadline: float) -> int:

@@ -83,7 +83,10 @@ def load_public_keys(directory: str | Path) -> frozenset[bytes]:
     """Public keys of every `.key` certificate in `directory` (the allowlist of a server)."""
     if not Path(directory).is_dir():
         raise ConfigError(f"{directory}: expected a directory of client '.key' certificates")
-    return frozenset(zmq.auth.load_certificates(directory))
+    certificates = sorted(Path(directory).glob("*.key"))
+    if not certificates:
+        raise ConfigError(f"{directory}: holds no client '.key' certificate (cosmos-edge keys generate writes them)")
+    return frozenset(load_public_key(path) for path in certificates)
 
 
 def start_authenticator(context: zmq.Context[zmq.Socket[bytes]], curve: ServerCurve) -> ThreadAuthenticator:

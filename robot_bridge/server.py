@@ -59,7 +59,7 @@ from cosmos_edge.robot_bridge.protocol import (
     SetModeRequest,
     decode_request,
 )
-from cosmos_edge.runtime.errors import ConfigError, InputError
+from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError
 from cosmos_edge.runtime.policy.api import (
     ActionQuery,
     CandidateResults,
@@ -151,6 +151,7 @@ class PolicyServer:
         self._peer_log = RateLimitedLog()
         self._submissions = itertools.count(1)
         self._planning_cut_short = 0  # planning replies whose deadline passed (I/O thread only)
+        self._worker_failure: BaseException | None = None  # what killed the worker, raised by serve_forever
         try:  # the metadata checks mode names and joint limits; better to fail here than on a controller's request
             self._metadata(0)
         except MessageError as error:
@@ -218,7 +219,8 @@ class PolicyServer:
         return self._endpoint
 
     def serve_forever(self) -> None:
-        """Serves until `stop()`, answers every request taken in (see `_drain`), then closes the server."""
+        """Serves until `stop()`, answers every request taken in (see `_drain`), then closes the server. Raises
+        `EngineError` once closed if it stopped because the policy worker died."""
         self.start()
         assert self._router is not None and self._wake is not None
         poller = zmq.Poller()
@@ -239,6 +241,9 @@ class PolicyServer:
                 self.close()
                 self._idle.set()
                 logger.info("stopped")
+        if self._worker_failure is not None:
+            failure = type(self._worker_failure).__name__
+            raise EngineError(f"the policy worker died ({failure}); the server stopped, see its log")
 
     def stop(self) -> None:
         """Asks `serve_forever` to return. Only sets a flag, so it is safe in a signal handler."""
@@ -516,8 +521,9 @@ class PolicyServer:
     def _work(self) -> None:
         try:
             self._work_until_stopped()
-        except BaseException:  # escaped `_run` (SystemExit, say): nothing would compute the queue any more
+        except BaseException as error:  # escaped `_run` (SystemExit, say): nothing would compute the queue any more
             logger.critical("the policy worker died; stopping the server", exc_info=True)
+            self._worker_failure = error
             with self._lock:
                 running, self._running = self._running, None
                 if running is not None:

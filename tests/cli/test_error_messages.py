@@ -92,12 +92,39 @@ CASES: dict[str, Case] = {
         serve(f, "--curve-secret-key", str(write(t, "bad.key_secret", b"hello")), t),
         "bad.key_secret",
     ),
+    "client certificate that is not one": lambda f, t: (
+        ["serve", *files_args(f), *_server_curve(t, {"bad.key": b"hello"})],
+        "bad.key",
+    ),
+    "no client certificates": lambda f, t: (["serve", *files_args(f), *_server_curve(t, {})], "clients"),
+    "array limit above the message limit": lambda f, t: (
+        ["serve", *files_args(f), "--max-array-mb", "32"],
+        "--max-array-mb 32",
+    ),
+    "act output in a missing directory": lambda f, t: (act(f, t, "--out", str(t / "no" / "r.npz")), "--out"),
+    "client output in a missing directory": lambda f, t: (
+        ["client", "act", str(observation(t)), "--task", "t", "--out", str(t / "no" / "r.npz")],
+        "--out",
+    ),
+    "client timeout infinite": lambda f, t: (["client", "ping", "--timeout", "inf"], "--timeout"),
+    "client endpoint without a scheme": lambda f, t: (["client", "ping", "--endpoint", "localhost:5555"], "--endpoint"),
 }
 
 
 def serve(files: CheckpointFiles, flag: str, value: str, tmp: Path) -> list[str]:
     (tmp / "clients").mkdir(exist_ok=True)
     return ["serve", *files_args(files), flag, value, "--curve-clients", str(tmp / "clients")]
+
+
+def _server_curve(tmp: Path, clients: dict[str, bytes]) -> list[str]:
+    """`serve`'s CURVE flags: a real server key pair, and a client directory holding `clients` (name -> bytes)."""
+    zmq_auth = pytest.importorskip("zmq.auth")
+    _, secret = zmq_auth.create_certificates(tmp, "server")
+    directory = tmp / "clients"
+    directory.mkdir()
+    for name, data in clients.items():
+        (directory / name).write_bytes(data)
+    return ["--curve-secret-key", str(secret), "--curve-clients", str(directory)]
 
 
 def _objects(tmp: Path) -> Path:
@@ -114,3 +141,11 @@ def test_bad_input_is_one_line_naming_the_file_or_flag(
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cosmos-edge: error: "), lines
     assert named in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1", "lots"])
+def test_message_limits_must_be_finite_sizes(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--max-message-mb", value])
+    assert exited.value.code == 2
+    assert "argument --max-message-mb: expected a" in capsys.readouterr().err

@@ -84,13 +84,19 @@ def test_export_then_act_matches_the_reference_act(
 def test_act_refuses_a_bundle_mixed_with_the_torch_reference(
     extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["act", "--bundle", str(tmp_path), "--observation", "obs.npz", "--task", "t", *extra]
+    argv = ["act", "--bundle", str(tmp_path), "--observation", str(proprio_only(tmp_path)), "--task", "t", *extra]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
 
 
-def test_act_without_bundle_or_files_names_what_is_missing(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["act", "--observation", "obs.npz", "--task", "t"]) == 2
+def proprio_only(directory: Path) -> Path:
+    """An observation file that reads (the sources are checked after it)."""
+    np.savez(directory / "obs.npz", proprio=np.zeros(14, np.float32))
+    return directory / "obs.npz"
+
+
+def test_act_without_bundle_or_files_names_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["act", "--observation", str(proprio_only(tmp_path)), "--task", "t"]) == 2
     assert "missing ['--checkpoint', '--tokenizer', '--stats', '--text-embeddings', '--platform']" in (
         capsys.readouterr().err
     )

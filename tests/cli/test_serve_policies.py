@@ -56,7 +56,9 @@ def test_serve_from_a_bundle_builds_both_modes(tiny_bundles: Callable[..., Path]
 
 
 def test_serve_refuses_mixed_or_missing_sources(tiny_bundles: Callable[..., Path]) -> None:
-    with pytest.raises(ConfigError, match="not both"):
-        serve_cmd._policies(parse_serve(["--bundle", str(tiny_bundles("libero")), "--platform", "libero"]))
+    bundle = str(tiny_bundles("libero"))
+    for mixed in (["--checkpoint", "x.pt"], ["--planning-checkpoint", "x.pt"]):
+        with pytest.raises(ConfigError, match=f"--bundle: runs on .* got \\['{mixed[0]}'\\]"):
+            serve_cmd._policies(parse_serve(["--bundle", bundle, *mixed]))
     with pytest.raises(ConfigError, match="--checkpoint"):
         serve_cmd._policies(parse_serve(["--platform", "libero"]))

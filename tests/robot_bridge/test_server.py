@@ -31,7 +31,7 @@ from cosmos_edge.robot_bridge.protocol import (
     decode_reply,
 )
 from cosmos_edge.robot_bridge.server import PolicyServer
-from cosmos_edge.runtime.errors import ConfigError, InputError
+from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError
 from cosmos_edge.runtime.platforms import platform_spec
 from tests.helpers.bridge_doubles import (
     ALOHA,
@@ -413,7 +413,18 @@ def test_a_worker_that_dies_answers_its_request_and_stops_the_server(
     gate = threading.Event()
     policy = StubPolicy(gate=gate, failure=SystemExit(3))  # escapes the policy's `except Exception`
     server = PolicyServer(policy, ServerConfig(ENDPOINT))
-    with serving(server) as endpoint:
+    endpoint = server.start()
+    raised: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            server.serve_forever()
+        except BaseException as error:
+            raised.append(error)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
         running = RawController(context, endpoint)
         running.act(1.0)
         assert policy.started.wait(TIMEOUT_S)
@@ -425,7 +436,11 @@ def test_a_worker_that_dies_answers_its_request_and_stops_the_server(
         assert isinstance(died, ErrorReply) and died.code is ErrorCode.INTERNAL and "worker died" in died.message
         stopped = waiting.receive()
         assert isinstance(stopped, ErrorReply) and stopped.code is ErrorCode.SHUTTING_DOWN
-        wait_for(lambda: not server.serving, TIMEOUT_S, "the server to stop")
+    finally:
+        gate.set()
+        thread.join(TIMEOUT_S)
+    assert not thread.is_alive()
+    assert len(raised) == 1 and isinstance(raised[0], EngineError) and "worker died (SystemExit)" in str(raised[0])
     assert "the policy worker died; stopping the server" in caplog.text
 
 

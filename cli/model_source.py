@@ -1,0 +1,52 @@
+"""Where `act` and `serve` take their models from: a bundle on an engine backend, or the official checkpoint files on
+torch, from the flags both commands share."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource, ModelSource
+from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.precision import compile_mode, default_precision
+
+_OFFICIAL_FILES = {
+    "--checkpoint": "checkpoint",
+    "--tokenizer": "tokenizer",
+    "--stats": "stats",
+    "--text-embeddings": "text_embeddings",
+}
+
+
+def model_source(args: argparse.Namespace, devices: Sequence[str], *, reference: bool = False) -> ModelSource:
+    """The source the flags name; a bundle mixed with the official files (or their options) is refused.
+
+    `devices` (none: the CPU) choose the default precision and compilation of the official files; `reference` runs
+    them on the official whole-sequence path, uncompiled (`act --reference`).
+    """
+    official = {flag: getattr(args, name) for flag, name in _OFFICIAL_FILES.items()}
+    if args.bundle is not None:
+        mixed = [flag for flag, value in official.items() if value is not None]
+        mixed += ["--planning-checkpoint"] if args.planning_checkpoint is not None else []
+        mixed += ["--reference"] if reference else []
+        mixed += ["--backend torch"] if args.backend == "torch" else []
+        if mixed:
+            raise ConfigError(
+                f"--bundle: runs on --backend onnxruntime or tensorrt without the official files (a bundle carries "
+                f"its planning model); got {mixed}"
+            )
+        return BundleSource(args.bundle, args.backend or "onnxruntime", args.platform)
+    missing = [flag for flag, value in {**official, "--platform": args.platform}.items() if value is None]
+    if missing:
+        raise ConfigError(f"expected --bundle, or the official files and --platform (torch); missing {missing}")
+    if args.backend not in (None, "torch"):
+        raise ConfigError(f"--backend {args.backend}: runs a --bundle; the official files run on torch")
+    targets = list(devices) or ["cpu"]
+    files = CheckpointFiles(args.checkpoint, args.tokenizer, args.stats, args.text_embeddings, args.platform)
+    return CheckpointSource(
+        files,
+        planning_checkpoint=args.planning_checkpoint,
+        precision=args.precision or default_precision(targets),
+        compile_mode=None if reference else compile_mode(args.compile, targets),
+        encode_full_sequence=reference,
+    )

@@ -1,0 +1,55 @@
+"""The `.npz` files of the command line: observations read (never unpickled) and results written, with errors that
+name the file and its flag."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from cosmos_edge.runtime.errors import ConfigError, InputError
+from cosmos_edge.runtime.policy.api import Observation
+
+
+def read_observation(path: Path) -> Observation:
+    """Reads an observation npz: `proprio` and one image per camera (the names and shapes are checked by the
+    policy or the server that answers it)."""
+    if not path.is_file():
+        raise InputError(f"observation: {path}: no such file")
+    with path.open("rb") as file:
+        magic = file.read(4)
+    if magic != b"PK\x03\x04":  # every .npz is a zip archive
+        raise InputError(f"observation: {path}: not an .npz archive (np.savez writes one), it starts with {magic!r}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        with loaded:
+            arrays = {name: loaded[name] for name in loaded.files}
+    except ValueError as error:  # numpy refuses object arrays without allow_pickle
+        raise InputError(f"observation: {path}: holds object arrays, which are never loaded (pickles)") from error
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise InputError(f"observation: {path}: not a readable .npz ({error})") from error
+    if "proprio" not in arrays:
+        raise InputError(f"observation: {path} has no `proprio` array (found {sorted(arrays)})")
+    proprio = arrays.pop("proprio")
+    return Observation(images=arrays, proprio=proprio)
+
+
+def check_output(flag: str, path: Path) -> None:
+    """Refuses an output file that could not be written, before the work whose result it would hold."""
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a directory; expected the path of an .npz file")
+    directory = path.parent
+    if not directory.is_dir():
+        raise ConfigError(f"{flag} {path}: no directory {directory}")
+    if not os.access(directory, os.W_OK):
+        raise ConfigError(f"{flag} {path}: cannot write in {directory}")
+
+
+def write_npz(flag: str, path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    try:
+        np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds like allow_pickle
+    except OSError as error:
+        raise ConfigError(f"{flag} {path}: {error.strerror or error}") from None
