@@ -45,8 +45,12 @@ _DECODER = json.JSONDecoder(object_hook=_hook)
 
 
 def parse_json(text: str) -> object:
-    """Parses JSON text; json_numpy objects become `EncodedArray`. Raises `ValueError` for text that is not JSON."""
-    return _DECODER.decode(text)
+    """Parses JSON text; json_numpy objects become `EncodedArray`. Raises `ValueError` for text that is not JSON,
+    or that nests too deeply for the parser."""
+    try:
+        return _DECODER.decode(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def to_array(value: object, field: str) -> np.ndarray:

@@ -384,8 +384,9 @@ class ChunkExecutor:
         # Round trip as the control loop sees it: from capture to the tick that received the outcome.
         latency = self._clock() - outcome.capture_ns
         self._latency_ns = latency if self._latency_ns is None else 0.7 * self._latency_ns + 0.3 * latency
-        self._chunk_length = len(outcome.actions)
         reason = self._drop_reason(outcome, tick)
+        if reason in (None, "dropped_elapsed"):  # a well-formed reply to a current request: its length is the horizon
+            self._chunk_length = len(outcome.actions)
         if reason is not None:
             self._counts[reason] += 1
             logger.debug("executor: %s chunk from obs %d at tick %d", reason, outcome.obs_id, tick)

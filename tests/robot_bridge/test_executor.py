@@ -322,9 +322,12 @@ def test_every_command_goes_through_the_safety_filter() -> None:
     assert robot.commands[-3][6] == 1.0
 
 
-def test_malformed_chunk_is_dropped() -> None:
+@pytest.mark.parametrize(
+    "malform", [lambda a: a[:, :7], lambda a: a[0, 0], lambda a: a[:0]], ids=["7 joints", "a scalar", "no actions"]
+)
+def test_malformed_chunk_is_dropped(malform: Callable[[np.ndarray], np.ndarray]) -> None:
     executor, _, client, _ = make(latency_ticks=1)
-    client.transform = lambda a: a[:, :7]
+    client.transform = malform
     summary = executor.run(10)
     assert executor.counters.dropped_malformed >= 4
     assert summary.hold_ticks == 10

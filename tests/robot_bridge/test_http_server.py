@@ -163,6 +163,8 @@ def test_modes_switch_for_both_endpoints(official_json: None) -> None:
         assert_allclose(reactive["actions"], expected_actions(obs.proprio), atol=1e-5)
         status, body = post(url + "/mode", '{"mode": "dreaming"}')
         assert (status, body["field"], body["code"]) == (422, "mode", "unknown_mode")
+        status, body = post(url + "/mode", "[" * 100_000)
+        assert (status, body["field"], body["code"]) == (400, "body", "malformed")
 
 
 def test_all_query_results_list_the_one_query_or_every_candidate(official_json: None) -> None:
@@ -191,6 +193,7 @@ def test_errors_are_4xx_json_naming_the_key(official_json: None) -> None:
     cases: dict[str, tuple[str, int, str]] = {
         "not json": ("{nope", 400, "body"),
         "not an object": ("[1, 2]", 400, "body"),
+        "nested past the parser's depth": ("[" * 100_000, 400, "body"),
         "missing image": (json_numpy.dumps({k: v for k, v in good.items() if k != "left_wrist_image"}), 422, ""),
         "unknown key": (json_numpy.dumps(good | {"torque": 1}), 422, "torque"),
         "object dtype": (json.dumps({**json.loads(json_numpy.dumps(good)), "primary_image": object_array}), 422, ""),
