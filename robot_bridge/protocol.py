@@ -110,14 +110,6 @@ class _Message:
         fields, arrays = self._payload()
         return encode(self.kind, self.request_id, fields, arrays)
 
-    @classmethod
-    def from_frames(cls: type[M], frames: Sequence[FrameLike], limits: WireLimits | None = None) -> M:
-        envelope = parse(frames, limits or _DEFAULT_LIMITS)
-        if envelope.kind is not cls.kind:
-            detail = f"expected {cls.kind.value!r}, got {envelope.kind.value!r}"
-            raise MessageError(ErrorCode.UNKNOWN_KIND, "kind", detail, envelope.request_id)
-        return _build(cls, envelope)
-
     def _payload(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         fields: dict[str, Any] = {}
         arrays: dict[str, np.ndarray] = {}

@@ -80,11 +80,6 @@ class PlatformSpec:
     def num_conditional_frames(self) -> int:
         return 2 + len(self.cameras)
 
-    @property
-    def num_prefix_pixel_frames(self) -> int:
-        """Pixel frames that produce the conditioning latents (the causal VAE prefix)."""
-        return 1 + TEMPORAL_COMPRESSION * (self.num_conditional_frames - 1)
-
     def slot_index(self, kind: SlotKind, camera: str | None = None) -> int:
         return self.slots.index(Slot(kind, camera))
 

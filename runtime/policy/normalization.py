@@ -6,9 +6,9 @@ The official file (`{libero,robocasa,aloha}_dataset_statistics.json`, written by
 `unnormalize_actions`). The official code loads the lists as float64 arrays and computes in float64; so does this
 module. No clipping anywhere, as in the official code.
 
-Constant dimensions (min == max): the official proprio normalisation divides by zero there (NaN/inf into the
-model), while action un-normalisation stays well defined (it returns the constant). So a constant *proprio*
-dimension is rejected when the statistics are loaded, and a constant *action* dimension is accepted.
+Constant dimensions (min == max) are rejected when the statistics are loaded: the official proprio normalisation
+divides by zero there (NaN/inf into the model), and a constant action dimension, though its un-normalisation is well
+defined (it returns the constant), would carry no action at all, which only a wrong statistics file gives.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ level 1, later levels only the states of the last branch (QUIRK, deploy.py 479-4
 aggregated by `search_depth_value_aggregation_scheme`; the chunk returned is always the first level's.
 
 The best candidate wins, the base seed's unless another is strictly better (deploy.py 645-654). Every pass runs as one
-batch over a worker's candidates; with `batch_passes`, independent passes (ensemble members, branches of a level) share
+batch over a worker's candidates (under a deadline, one candidate at a time, so that each one scored counts); with
+`batch_passes`, independent passes (ensemble members, branches of a level) share
 that batch too: the main configuration makes 20 DiT calls per query instead of 61. The candidates are split over
 `workers` (one per device), which run concurrently. Neither batching nor the split changes a candidate's value: each
 sample's arithmetic is its own (up to the network's batch-size-dependent rounding).

@@ -41,20 +41,6 @@ SIGMA_MIN = 4.0
 RHO = 7.0
 
 
-@dataclass(frozen=True)
-class NetworkCall:
-    """Reported after each network evaluation of `sample`.
-
-    `seconds` is the wall time of the whole denoiser evaluation (the network call plus O(numel) numpy work);
-    wrap the network callable to time the DiT alone.
-    """
-
-    index: int
-    num_calls: int
-    sigmas: tuple[float, ...]  # one per sample of the call
-    seconds: float
-
-
 def karras_sigmas(
     num_intervals: int, sigma_max: float = SIGMA_MAX, sigma_min: float = SIGMA_MIN, rho: float = RHO
 ) -> npt.NDArray[np.float64]:
@@ -228,7 +214,7 @@ def sample(
     condition_mask: np.ndarray,
     seeds: Sequence[int],
     num_steps: int | Sequence[int],
-    on_network_call: Callable[[NetworkCall], None] | None = None,
+    on_network_call: Callable[[float], None] | None = None,
 ) -> Array:
     """Generates one latent sequence per seed, "b c t h w" float32 with b = len(seeds), where the denoiser's
     arrays live.
@@ -241,7 +227,8 @@ def sample(
         seeds: one initial noise draw per seed, equal to an official single-sample call with that seed.
         num_steps: the official step count (1 and 2 are the same single call; n >= 3 makes n calls), for the batch
             or per sample.
-        on_network_call: called after every network evaluation, e.g. to record per-call latency.
+        on_network_call: called after every network evaluation with its wall seconds (the network call and the
+            denoiser's elementwise work, waited for on a device), e.g. to record per-call latency.
     """
     if not seeds:
         raise InputError("seeds: expected at least one seed")
@@ -258,7 +245,7 @@ def sample(
     )
     num_calls = max(len(schedule) for schedule in schedules)
     if num_calls == 1:  # every sample is one x0 prediction at sigma_max: no float64 state needed
-        return _evaluate(denoiser, noise, condition, range(len(seeds)), schedules, 0, num_calls, on_network_call)
+        return _evaluate(denoiser, noise, condition, range(len(seeds)), schedules, 0, on_network_call)
     x = ops.float64(noise)
     out = ops.empty_like(noise)
     previous: list[tuple[Array, float] | None] = [None] * len(seeds)
@@ -267,7 +254,7 @@ def sample(
         every = len(rows) == len(seeds)
         called = condition if every else condition.select(rows)
         x_in = ops.float32(x if every else x[rows])
-        x0 = _evaluate(denoiser, x_in, called, rows, schedules, index, num_calls, on_network_call)
+        x0 = _evaluate(denoiser, x_in, called, rows, schedules, index, on_network_call)
         for position, row in enumerate(rows):
             sigmas = schedules[row]
             if index == len(sigmas) - 1:  # `sample_clean`: the x0 prediction at the last sigma, not the solver's x
@@ -291,8 +278,7 @@ def _evaluate(
     rows: Sequence[int],
     schedules: Sequence[npt.NDArray[np.float64]],
     index: int,
-    num_calls: int,
-    on_network_call: Callable[[NetworkCall], None] | None,
+    on_network_call: Callable[[float], None] | None,
 ) -> Array:
     """The `index`-th network call of the samples `rows`, each at its own schedule's sigma."""
     sigmas = tuple(float(schedules[row][index]) for row in rows)
@@ -300,5 +286,5 @@ def _evaluate(
     x0 = denoiser(x, sigmas, condition)
     if on_network_call is not None:
         denoiser.arrays.synchronize()  # device work is asynchronous: time the call, not its launch
-        on_network_call(NetworkCall(index, num_calls, sigmas, time.perf_counter() - start))
+        on_network_call(time.perf_counter() - start)
     return x0

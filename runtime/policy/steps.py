@@ -28,7 +28,7 @@ from cosmos_edge.runtime.policy.arrays import HOST_ARRAYS, ArrayOps
 from cosmos_edge.runtime.policy.conditioning import ConditioningMode, condition_mask, placeholder_restore_slots
 from cosmos_edge.runtime.policy.images import preprocess_observation_images
 from cosmos_edge.runtime.policy.normalization import DatasetStats
-from cosmos_edge.runtime.policy.sampler import Denoiser, NetworkCall, sample
+from cosmos_edge.runtime.policy.sampler import Denoiser, sample
 from cosmos_edge.runtime.policy.text_embeddings import TextEmbeddings
 
 
@@ -147,8 +147,8 @@ def sample_latents(
     """One official sampling pass per seed (with `steps` for all, or one step count each), as one batch, run where
     the network's arrays live; every network call is timed as stage `dit`. Returns host latents "b c t h w"."""
 
-    def record(call: NetworkCall) -> None:
-        timer.add("dit", call.seconds * 1e3)
+    def record(seconds: float) -> None:
+        timer.add("dit", seconds * 1e3)
 
     with timer.stage("denoise_total"):
         mask = condition_mask(platform, mode)

@@ -67,7 +67,7 @@ def test_cameras_encoder_graph_gives_the_prefix_latents_of_torch_fp32(
     cameras = np.random.default_rng(1).uniform(-1, 1, spec.inputs[0].shape).astype(np.float32)
     black = np.full((1, 3, black_prefix_frames(platform), *cameras.shape[3:]), BLACK, np.float32)
     prefix = np.concatenate([black, cameras], axis=2)
-    assert prefix.shape[2] == platform.num_prefix_pixel_frames
+    assert prefix.shape[2] == 13  # libero's conditioning prefix: 1 + 4 x (4 slots - 1)
     with torch.no_grad():
         expected = load_wan_vae(tiny_assets["libero"].tokenizer).encode(torch.from_numpy(prefix)).numpy()
     assert rel_err(runner.run({"video": cameras})["latent"], expected) <= REL_TOL

@@ -129,7 +129,6 @@ def bytes_of(frames: list[OutFrame]) -> list[bytes]:
 @pytest.mark.parametrize("message", ROUND_TRIPS.values(), ids=ROUND_TRIPS.keys())
 def test_round_trip(message: Any) -> None:
     frames = bytes_of(message.to_frames())
-    assert_same(type(message).from_frames(frames), message)
     decode = decode_request if message.kind.value in ("act", "metadata", "ping", "set_mode") else decode_reply
     assert_same(decode(frames), message)
 
@@ -155,7 +154,8 @@ def test_arrays_are_sent_from_and_decoded_into_buffers_without_copies() -> None:
     frames = request.to_frames()
     assert np.shares_memory(np.frombuffer(frames[1], np.uint8), request.images["cam_left_wrist"])
     received = [bytearray(frame) for frame in frames]  # writable, like a zmq.Frame buffer
-    decoded = ActRequest.from_frames(received)
+    decoded = decode_request(received)
+    assert isinstance(decoded, ActRequest)
     image = decoded.images["cam_left_wrist"]
     assert np.shares_memory(image, np.frombuffer(received[1], np.uint8))
     assert not image.flags.writeable and not decoded.proprio.flags.writeable
@@ -165,7 +165,8 @@ def test_non_contiguous_arrays_are_sent_contiguous() -> None:
     wide = np.zeros((224, 448, 3), np.uint8)
     wide[:, ::2] = 9
     request = act_request(images={"cam_high": wide[:, ::2]})
-    decoded = ActRequest.from_frames(bytes_of(request.to_frames()))
+    decoded = decode_request(bytes_of(request.to_frames()))
+    assert isinstance(decoded, ActRequest)
     assert (decoded.images["cam_high"] == 9).all()
 
 
@@ -174,8 +175,6 @@ def test_a_request_kind_is_not_a_reply() -> None:
     with pytest.raises(MessageError) as caught:
         decode_reply(frames)
     assert (caught.value.code, caught.value.request_id) == (ErrorCode.UNKNOWN_KIND, 9)
-    with pytest.raises(MessageError, match="expected 'pong', got 'ping'"):
-        Pong.from_frames(frames)
 
 
 # --- rejections ----------------------------------------------------------------------------------------------------

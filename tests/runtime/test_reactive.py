@@ -77,7 +77,7 @@ def test_prefix_encode_gives_the_conditioning_latents_of_the_full_encode(
     vae = TorchAutoencoder(load_wan_vae(tiny_assets[name].tokenizer), torch.device("cpu"), spec)
     full = vae.encode(build_pixel_video(spec, images))
     prefix_video = build_pixel_video(spec, images, spec.num_conditional_frames)
-    assert prefix_video.shape[2] == spec.num_prefix_pixel_frames == {"libero": 13, "aloha": 17}[name]
+    assert prefix_video.shape[2] == {"libero": 13, "aloha": 17}[name]  # 1 + 4 x (conditioning slots - 1)
     prefix = vae.encode(prefix_video)
     # Same computation on a shorter clip: only float summation order may differ.
     np.testing.assert_allclose(prefix, full[:, :, : spec.num_conditional_frames], rtol=0, atol=1e-5)
