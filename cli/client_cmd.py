@@ -8,7 +8,6 @@ server's public certificate and this client's secret one, as written by `cosmos-
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import time
@@ -103,9 +102,7 @@ def _ping(args: argparse.Namespace) -> int:
 def _metadata(args: argparse.Namespace) -> int:
     with connect(args, _CONTROL_TIMEOUT_S) as client:
         metadata = client.metadata()
-    fields = {item.name: getattr(metadata, item.name) for item in dataclasses.fields(metadata)}
-    del fields["request_id"]
-    print(json.dumps(fields, indent=2))
+    print(json.dumps(metadata.as_dict(), indent=2))
     return 0
 
 

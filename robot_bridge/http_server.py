@@ -18,7 +18,6 @@ and HTTP here has no authentication, so any other address needs `insecure_bind_a
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import math
 import socket
@@ -40,7 +39,7 @@ from cosmos_edge.robot_bridge.binding import check_shutdown_timeout, is_local_en
 from cosmos_edge.robot_bridge.json_arrays import COMPACT, parse_json
 from cosmos_edge.robot_bridge.official_act import CAMERAS, OfficialQuery, parse_query, reply_body
 from cosmos_edge.robot_bridge.protocol import PROTOCOL_VERSION, ActRequest, ErrorCode, MessageError
-from cosmos_edge.robot_bridge.server import SERVER_VERSION, PolicyServer
+from cosmos_edge.robot_bridge.server import SERVER_VERSION, PolicyServer, ms_since
 from cosmos_edge.runtime.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -231,7 +230,7 @@ class HttpEndpoint:
         try:
             body = await self._body(request)
             query = await run_in_threadpool(parse_query, body, self._image_size, self._proprio_dim)
-            decode_ms = _ms_since(started)
+            decode_ms = ms_since(started)
             act = self._act_request(request_id, query)
             reply = await asyncio.wrap_future(self._server.submit(act, peer=peer, decode_ms=decode_ms))
             waited = time.perf_counter()
@@ -245,7 +244,7 @@ class HttpEndpoint:
                 _STATUS[error.code],
                 error.code.value,
                 error.field,
-                _ms_since(started),
+                ms_since(started),
             )
             return _error_response(error)
         logger.info(
@@ -256,8 +255,8 @@ class HttpEndpoint:
             reply.mode,
             query.double_encoded,
             decode_ms,
-            _ms_since(waited),
-            _ms_since(started),
+            ms_since(waited),
+            ms_since(started),
         )
         return Response(content, media_type="application/json")
 
@@ -285,9 +284,7 @@ class HttpEndpoint:
         return _json(status, 200 if serving else 503)
 
     async def _metadata(self, request: Request) -> Response:
-        metadata = self._server.metadata()
-        content = {item.name: getattr(metadata, item.name) for item in dataclasses.fields(metadata)}
-        del content["request_id"]
+        content = self._server.metadata().as_dict()
         content["endpoints"] = {
             "http": {
                 "url": self.url,
@@ -350,7 +347,3 @@ async def _internal_error(request: Request, error: Exception) -> Response:
 
 def _peer(request: Request) -> str:
     return f"http:{request.client.host}:{request.client.port}" if request.client else "http"
-
-
-def _ms_since(start: float) -> float:
-    return (time.perf_counter() - start) * 1e3

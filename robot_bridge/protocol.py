@@ -377,6 +377,10 @@ class ServerMetadata(_Message):
         if self.joint_limits is not None:
             set_field(self, "joint_limits", _joint_limits(self.joint_limits, self.action_dim))
 
+    def as_dict(self) -> dict[str, Any]:
+        """The fields a user reads (`client metadata`, HTTP `GET /metadata`): all but the request id."""
+        return {item.name: getattr(self, item.name) for item in dataclasses.fields(self) if item.name != "request_id"}
+
 
 def _joint_limits(value: object, action_dim: int) -> tuple[tuple[float, float], ...]:
     pairs = check_sequence("joint_limits", value, MAX_DIM)

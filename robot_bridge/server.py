@@ -300,7 +300,7 @@ class PolicyServer:
             request = decode_request(frames, self._config.limits)
             if isinstance(request, ActRequest):
                 mode = self._act_mode(request)
-                self._enqueue(_Job(identity, request, mode, receive_ns, started, _ms_since(started), peer))
+                self._enqueue(_Job(identity, request, mode, receive_ns, started, ms_since(started), peer))
                 return
             reply: ServerMetadata | Pong | ModeSet
             if isinstance(request, MetadataRequest):
@@ -319,7 +319,7 @@ class PolicyServer:
                 error.request_id,
                 error.code.value,
                 error.field,
-                _ms_since(started),
+                ms_since(started),
             )
             return
         self._send(identity, reply.to_frames())
@@ -330,7 +330,7 @@ class PolicyServer:
             request.kind.value,
             peer,
             request.request_id,
-            _ms_since(started),
+            ms_since(started),
         )
 
     def _act_mode(self, request: ActRequest) -> str:
@@ -547,7 +547,7 @@ class PolicyServer:
                     job.request.request_id,
                     job.request.obs_id,
                     job.mode,
-                    _ms_since(job.received_at),
+                    ms_since(job.received_at),
                 )
 
     def _next_job(self) -> _Job | None:
@@ -572,14 +572,14 @@ class PolicyServer:
         try:
             result = self._policies[job.mode].infer(_query(job.request))
             planning = None if result.candidates is None else result.candidates.outcome
-            return _Answer(job, self._reply(job, result, queue_ms, _ms_since(started)), planning=planning)
+            return _Answer(job, self._reply(job, result, queue_ms, ms_since(started)), planning=planning)
         except InputError as error:
             failure = MessageError(ErrorCode.INVALID_INPUT, "", str(error), request_id)
         except Exception as error:  # a failing policy must not take the server down; details stay in our log
             logger.exception("policy mode=%s failed on obs_id=%s", job.mode, job.request.obs_id)
             detail = f"the {job.mode!r} policy failed ({type(error).__name__}); see the server log"
             failure = MessageError(ErrorCode.INTERNAL, "", detail, request_id)
-        return _Answer(job, failure, _ms_since(started))
+        return _Answer(job, failure, ms_since(started))
 
     def _reply(self, job: _Job, result: ChunkResult, queue_ms: float, policy_ms: float) -> ActReply:
         expected = (self._platform.chunk_size, self._platform.action_dim)
@@ -665,7 +665,7 @@ def _log_answer(answer: _Answer, planning_cut_short: int) -> None:
         job.request.obs_id,
         job.mode,
         status,
-        _ms_since(job.received_at),
+        ms_since(job.received_at),
     )
 
 
@@ -699,5 +699,6 @@ def _query(request: ActRequest) -> ActionQuery:
     return query if request.seed is None else dataclasses.replace(query, seed=request.seed)
 
 
-def _ms_since(start: float) -> float:
+def ms_since(start: float) -> float:
+    """Milliseconds since the `time.perf_counter()` reading `start`."""
     return (time.perf_counter() - start) * 1e3

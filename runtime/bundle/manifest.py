@@ -33,6 +33,7 @@ from cosmos_edge.runtime.policy import text_embeddings as text_store
 from cosmos_edge.runtime.policy.normalization import DatasetStats
 from cosmos_edge.runtime.policy.text_embeddings import TextEmbeddings
 from cosmos_edge.runtime.precision import PRECISIONS
+from cosmos_edge.runtime.values import is_positive_int
 
 _LOG = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class BundleManifest:
         precision = fields.get("precision", str)
         fields.require("precision", precision in PRECISIONS, f"one of {PRECISIONS}", precision)
         batch_sizes = tuple(fields.get("batch_sizes", list))
-        fields.require("batch_sizes", all(_is_positive_int(b) for b in batch_sizes), "positive ints", batch_sizes)
+        fields.require("batch_sizes", all(is_positive_int(b) for b in batch_sizes), "positive ints", batch_sizes)
         model = fields.child("model")
         graphs = fields.child("graphs")
         files = fields.child("files")
@@ -151,10 +152,6 @@ class BundleManifest:
 def _is_inside(relative: str) -> bool:
     path = PurePosixPath(relative)
     return bool(relative) and not path.is_absolute() and ".." not in path.parts and "\\" not in relative
-
-
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 class _Fields:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cosmos_edge.runtime.errors import ConfigError, InputError
+from cosmos_edge.runtime.values import is_positive_int
 
 # Per-channel statistics of the Wan2.1 latent space (hard-coded in Cosmos Policy's `CosmosPolicyWanVAE` and in
 # diffusers' `AutoencoderKLWan` defaults): z = (mu - mean) / std.
@@ -69,10 +70,6 @@ def _apply(layer: nn.Module, x: Tensor, context: CausalContext | None) -> Tensor
     return layer(x, context) if isinstance(layer, CausalConv3d | ResidualBlock | Downsample) else layer(x)
 
 
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def _require(ok: bool, field: str, expected: str, got: object) -> None:
     if not ok:
         raise ConfigError(f"WanVAEConfig.{field}: expected {expected}, got {got!r}")
@@ -93,15 +90,15 @@ class WanVAEConfig:
         # Accept lists (JSON, diffusers config) but store tuples so the config stays hashable and immutable.
         object.__setattr__(self, "dim_mult", tuple(self.dim_mult))
         object.__setattr__(self, "temporal_downsample", tuple(self.temporal_downsample))
-        _require(_is_positive_int(self.base_dim), "base_dim", "a positive int", self.base_dim)
+        _require(is_positive_int(self.base_dim), "base_dim", "a positive int", self.base_dim)
         _require(self.z_dim == len(LATENT_MEAN), "z_dim", f"{len(LATENT_MEAN)} (the latent statistics)", self.z_dim)
         _require(
-            len(self.dim_mult) >= 2 and all(_is_positive_int(m) for m in self.dim_mult),
+            len(self.dim_mult) >= 2 and all(is_positive_int(m) for m in self.dim_mult),
             "dim_mult",
             "at least two positive ints",
             self.dim_mult,
         )
-        _require(_is_positive_int(self.num_res_blocks), "num_res_blocks", "a positive int", self.num_res_blocks)
+        _require(is_positive_int(self.num_res_blocks), "num_res_blocks", "a positive int", self.num_res_blocks)
         _require(
             len(self.temporal_downsample) == len(self.dim_mult) - 1
             and all(isinstance(t, bool) for t in self.temporal_downsample),
