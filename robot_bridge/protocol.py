@@ -96,10 +96,12 @@ def _to_wire(value: object) -> object:
 @dataclass(frozen=True, eq=False)
 class _Message:
     """Base of every message. By default every other field is a header field, sent unless it is None; fields named
-    in `_array_fields` travel as array frames."""
+    in `_array_fields` travel as array frames, and those in `_array_maps` (name -> prefix) as one array frame per
+    entry, named with the prefix."""
 
     kind: ClassVar[MessageKind]
     _array_fields: ClassVar[tuple[str, ...]] = ()
+    _array_maps: ClassVar[Mapping[str, str]] = {}
     request_id: int
 
     def __post_init__(self) -> None:
@@ -115,7 +117,9 @@ class _Message:
         arrays: dict[str, np.ndarray] = {}
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
-            if item.name in self._array_fields:
+            if item.name in self._array_maps:
+                arrays.update({self._array_maps[item.name] + key: array for key, array in value.items()})
+            elif item.name in self._array_fields:
                 if value is not None:
                     arrays[item.name] = value
             elif item.name != "request_id" and value is not None:
@@ -128,7 +132,9 @@ class _Message:
         arrays = FieldTaker(envelope.arrays, "array")
         values = {}
         for item in dataclasses.fields(cls):
-            if item.name != "request_id":
+            if item.name in cls._array_maps:
+                values[item.name] = arrays.take_prefixed(cls._array_maps[item.name])
+            elif item.name != "request_id":
                 source = arrays if item.name in cls._array_fields else fields
                 values[item.name] = source.take(item.name, required=item.default is dataclasses.MISSING)
         fields.finish()
@@ -158,6 +164,8 @@ class ActRequest(_Message):
     """
 
     kind: ClassVar[MessageKind] = MessageKind.ACT
+    _array_fields: ClassVar[tuple[str, ...]] = ("proprio",)
+    _array_maps: ClassVar[Mapping[str, str]] = {"images": _IMAGE_PREFIX}
     obs_id: int
     capture_time_ns: int
     instruction: str
@@ -193,42 +201,6 @@ class ActRequest(_Message):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise invalid(name, f"expected true or false, got {value!r}")
-
-    def _payload(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        fields = {"obs_id": self.obs_id, "capture_time_ns": self.capture_time_ns, "instruction": self.instruction}
-        optional = {
-            "mode": self.mode,
-            "seed": self.seed,
-            "steps": self.steps,
-            "timeout_ms": self.timeout_ms,
-            "planning_summary": self.planning_summary,
-            "return_all_query_results": self.return_all_query_results,
-        }
-        fields.update({name: value for name, value in optional.items() if value is not None})
-        arrays = {_IMAGE_PREFIX + camera: image for camera, image in self.images.items()}
-        return fields, {**arrays, "proprio": self.proprio}
-
-    @classmethod
-    def _from_envelope(cls, envelope: Envelope) -> ActRequest:
-        fields = FieldTaker(envelope.fields, "field")
-        arrays = FieldTaker(envelope.arrays, "array")
-        request = cls(
-            request_id=envelope.request_id,
-            obs_id=fields.take("obs_id"),
-            capture_time_ns=fields.take("capture_time_ns"),
-            instruction=fields.take("instruction"),
-            images=arrays.take_prefixed(_IMAGE_PREFIX),
-            proprio=arrays.take("proprio"),
-            mode=fields.take("mode", required=False),
-            seed=fields.take("seed", required=False),
-            steps=fields.take("steps", required=False),
-            timeout_ms=fields.take("timeout_ms", required=False),
-            planning_summary=fields.take("planning_summary", required=False),
-            return_all_query_results=fields.take("return_all_query_results", required=False),
-        )
-        fields.finish()
-        arrays.finish()
-        return request
 
 
 @dataclass(frozen=True, eq=False)
