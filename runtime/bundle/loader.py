@@ -1,7 +1,8 @@
 """The one place where a bundle or official checkpoint files become policies, and the owner of what they hold.
 
 `load_policies` opens the networks of every device once: the reactive policy runs on the first device, the planning
-policy on all of them, and both share one VAE and, without a separate planning model, one DiT per device. The
+policy on all of them, and both share one VAE (on the first device) and, without a separate planning model, one DiT
+per device. The
 returned `LoadedPolicies` owns every network, engine session, device buffer and the planning thread pool, and
 releases them on `close()` (or at the end of a `with` block).
 
@@ -29,11 +30,9 @@ from cosmos_edge.runtime.platforms import IMAGE_SIZE, platform_spec
 from cosmos_edge.runtime.policy import text_embeddings as text_store
 from cosmos_edge.runtime.policy.api import (
     ActionQuery,
-    ConditioningEncoder,
     DenoisingNetwork,
     Observation,
     Policy,
-    VideoAutoencoder,
 )
 from cosmos_edge.runtime.policy.normalization import DatasetStats
 from cosmos_edge.runtime.policy.planning import PlanningPolicy, PlanningWorker, planning_batch_sizes
@@ -46,9 +45,9 @@ _LOG = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DeviceNetworks:
-    """The networks of one device. `planning_network` is `policy_network` itself without a planning model."""
+    """The DiTs of one device. `planning_network` is `policy_network` itself without a planning model. (The VAE lives
+    on the first device only: it encodes every query's conditioning and decodes future images once per query.)"""
 
-    autoencoder: VideoAutoencoder
     policy_network: DenoisingNetwork
     planning_network: DenoisingNetwork
 
@@ -189,13 +188,13 @@ def _open_checkpoints(
     for device in devices:  # every device is checked before any weights are read
         torch_backend.check_device(device)
     separate_planner = with_planning and source.planning_checkpoint not in (None, files.checkpoint)
+    _LOG.info("loading %s (%s) on %s", files.tokenizer, source.precision, devices[0])
+    autoencoder = torch_backend.open_autoencoder(
+        files.tokenizer, source.precision, devices[0], platform, source.compile_mode
+    )
     networks = []
-    conditioning: ConditioningEncoder | None = None  # device 0's VAE encodes the conditioning of every query
     for device in devices:
-        _LOG.info("loading %s and %s (%s) on %s", files.checkpoint, files.tokenizer, source.precision, device)
-        autoencoder = torch_backend.open_autoencoder(
-            files.tokenizer, source.precision, device, platform, source.compile_mode
-        )
+        _LOG.info("loading %s (%s) on %s", files.checkpoint, source.precision, device)
         policy_network = torch_backend.open_denoiser(files.checkpoint, source.precision, device, source.compile_mode)
         planning_network = policy_network
         if separate_planner and source.planning_checkpoint is not None:
@@ -203,10 +202,8 @@ def _open_checkpoints(
             planning_network = torch_backend.open_denoiser(
                 source.planning_checkpoint, source.precision, device, source.compile_mode
             )
-        networks.append(DeviceNetworks(autoencoder, policy_network, planning_network))
-        conditioning = conditioning or autoencoder
-    assert conditioning is not None, "load_policies opens at least one device"
-    return PolicyModel(platform, stats, text, networks[0].autoencoder, conditioning), networks
+        networks.append(DeviceNetworks(policy_network, planning_network))
+    return PolicyModel(platform, stats, text, autoencoder, autoencoder), networks
 
 
 def _open_bundle(
@@ -229,24 +226,20 @@ def _open_bundle(
     has_planner = planning is not None and bool(bundle.graph_names("planning_dit"))
     planner_names = [bundle.dit_graph_name(batch, "planning_dit") for batch in batches] if has_planner else []
 
-    # The first device encodes every query's conditioning; opened first, as the cheapest check of the bundle.
-    cameras_encoder = backend.open_graph(bundle.graph_file("vae_encoder_cameras"), devices[0])
-    resources.callback(cameras_encoder.close)
+    def open_graph(name: str, device: str) -> GraphRunner:
+        runner = backend.open_graph(bundle.graph_file(name), device)
+        resources.callback(runner.close)
+        return runner
+
+    # The first device holds the VAE graphs; the conditioning encoder is opened first, as the cheapest check.
+    cameras_encoder = open_graph("vae_encoder_cameras", devices[0])
+    encoder = open_graph("vae_encoder_full", devices[0]) if load_future else None
+    decoder = open_graph("vae_decoder", devices[0]) if load_future else None
     networks = []
     for device in devices:
-
-        def open_graph(name: str, device: str = device) -> GraphRunner:
-            runner = backend.open_graph(bundle.graph_file(name), device)
-            resources.callback(runner.close)
-            return runner
-
-        encoder = open_graph("vae_encoder_full") if load_future else None
-        decoder = open_graph("vae_decoder") if load_future else None
-        policy_network = GraphDenoisingNetwork([open_graph(name) for name in dit_names])
-        planning_network = GraphDenoisingNetwork([open_graph(n) for n in planner_names]) if has_planner else None
-        networks.append(
-            DeviceNetworks(GraphAutoencoder(encoder, decoder), policy_network, planning_network or policy_network)
-        )
+        policy_network = GraphDenoisingNetwork([open_graph(name, device) for name in dit_names])
+        planner = GraphDenoisingNetwork([open_graph(n, device) for n in planner_names]) if has_planner else None
+        networks.append(DeviceNetworks(policy_network, planner or policy_network))
     manifest = bundle.manifest
     _LOG.info(
         "serving bundle %s (%s, %s) on %s %s",
@@ -257,6 +250,6 @@ def _open_bundle(
         ", ".join(devices),
     )
     conditioning = GraphConditioning(manifest.platform, cameras_encoder)
-    autoencoder = networks[0].autoencoder
+    autoencoder = GraphAutoencoder(encoder, decoder)
     model = PolicyModel(manifest.platform, bundle.dataset_stats(), bundle.text_embeddings(), autoencoder, conditioning)
     return model, networks
