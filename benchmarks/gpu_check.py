@@ -298,7 +298,7 @@ def dit_compile_modes(device: str, files: CheckpointFiles, config: str, runs: in
         text = rng.standard_normal((1, 512, dit_config(config).text_dim)).astype(np.float32)
         network = dit.bind_text(text)
         arrays = dit.arrays
-        inputs = (arrays.put(x), arrays.put(timesteps), arrays.put(mask))
+        inputs = (arrays.put(x), timesteps, arrays.put(mask))  # timesteps stay on the host, as the sampler passes them
         started = time.perf_counter()
         network(*inputs)
         synchronize(device)

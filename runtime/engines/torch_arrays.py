@@ -1,7 +1,7 @@
 """`ArrayOps` over torch tensors on one device: a sampling pass of the torch backend runs where its DiT does.
 
-Every operation is the elementwise IEEE operation numpy performs (no fused multiply-add: each is its own kernel),
-and bf16 rounding is torch's round-to-nearest-even cast, so a pass gives numpy's bits on any device
+Every operation is the elementwise IEEE operation numpy performs (no fused multiply-add: each is its own kernel), so a
+pass gives numpy's bits on any device
 (tests/runtime/test_sampler_arrays.py holds the CPU to that; benchmarks/gpu_check.py checks a GPU).
 """
 
@@ -60,9 +60,6 @@ class TorchArrays:
 
     def empty_like(self, array: torch.Tensor) -> torch.Tensor:
         return torch.empty_like(array)
-
-    def round_to_bf16(self, array: torch.Tensor) -> torch.Tensor:
-        return array.to(torch.bfloat16).to(torch.float32)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

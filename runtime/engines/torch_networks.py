@@ -89,9 +89,11 @@ class TorchAutoencoder:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self._device, self._dtype)
 
 
-# Distinct batch-1 timesteps whose adaLN vectors are kept: one per call of a query of up to 12 denoising steps (ALOHA's
-# default is 10). Each set is 9 x num_blocks vectors per latent frame: 11 MB for the 2B DiT in bf16, ALOHA.
-_MODULATIONS_KEPT = 12
+# Distinct batch-1 timesteps whose adaLN vectors are kept: every call of a reactive query of up to 24 denoising steps
+# (ALOHA's default is 10), or of planning under a deadline, which scores one candidate at a time (10 action, 5 world
+# model and 5 value steps with the main configuration). Each set is 9 x num_blocks vectors per latent frame: 11 MB for
+# the 2B DiT in bf16, ALOHA; kept only once used.
+MODULATION_SETS_KEPT = 24
 
 
 class TorchDiT:
@@ -99,8 +101,9 @@ class TorchDiT:
     graph for batch 1 and one with a dynamic batch for larger batches, checked against eager in
     tests/runtime/test_torch_backend.py.
 
-    Its bound network takes and returns tensors on its device (`arrays`), so the sampler runs there without a host
-    round trip per call; host arrays are accepted too (and answered with host arrays). Calls run one at a time: a
+    Its bound network takes x and the mask as tensors on its device (`arrays`) and returns one there, so the sampler
+    runs there without a host round trip per call; host arrays are accepted too (and answered with host arrays). The
+    timesteps are always a host array (`NetworkFn`). Calls run one at a time: a
     planning worker stopped by its deadline may still be in its last call when the next query starts."""
 
     def __init__(self, dit: CosmosDiT, device: torch.device, compile_mode: str | None = None) -> None:
@@ -142,20 +145,19 @@ class TorchDiT:
 
         return network
 
-    def _timestep_input(self, timesteps: Array) -> torch.Tensor | TimestepModulation:
-        """What the DiT takes for these timesteps. At batch 1 (every reactive call: a query repeats its calls'
-        timesteps) their adaLN vectors, computed once per distinct value and kept; larger batches (planning's calls,
-        whose combinations vary) compute them in the call."""
-        if isinstance(timesteps, torch.Tensor):
-            return timesteps.to(self._device, self._dit.dtype)
+    def _timestep_input(self, timesteps: np.ndarray) -> torch.Tensor | TimestepModulation:
+        """What the DiT takes for these host timesteps. At batch 1 (every reactive call: a query repeats its calls'
+        timesteps) their adaLN vectors, computed once per distinct value and kept, so a hit uploads nothing; larger
+        batches (planning's calls, whose combinations vary) compute them in the call."""
         host = np.ascontiguousarray(timesteps, dtype=np.float32)
-        tensor = torch.from_numpy(host).to(self._device, self._dit.dtype)
         if host.shape[0] != 1:
-            return tensor
+            return torch.from_numpy(host).to(self._device, self._dit.dtype)
         key = host.tobytes()  # the shape is fixed by the byte count: batch 1, one value per latent frame
-        modulation = self._modulations.pop(key, None) or self._dit.precompute_modulation(tensor)
+        modulation = self._modulations.pop(key, None)
+        if modulation is None:
+            modulation = self._dit.precompute_modulation(torch.from_numpy(host).to(self._device, self._dit.dtype))
         self._modulations[key] = modulation  # most recently used last
-        while len(self._modulations) > _MODULATIONS_KEPT:
+        while len(self._modulations) > MODULATION_SETS_KEPT:
             del self._modulations[next(iter(self._modulations))]
         return modulation
 

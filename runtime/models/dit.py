@@ -478,6 +478,8 @@ class CosmosDiT(nn.Module):
     def precompute_modulation(self, timesteps: Tensor) -> TimestepModulation:
         """The adaLN vectors of timesteps "b t": reuse them while the timesteps repeat (the same values as computing
         them in `forward`, from the same operations)."""
+        if timesteps.ndim != 2:
+            raise InputError(f"timesteps: expected shape [B, T] (one per latent frame), got {list(timesteps.shape)}")
         block_modulations, final_modulations = self._modulations(timesteps)
         return TimestepModulation(
             blocks=torch.stack([torch.stack(vectors) for vectors in block_modulations]),
@@ -527,11 +529,17 @@ class CosmosDiT(nn.Module):
         grid = (frames // pt, height // ps, width // ps)
         if any(size > limit for size, limit in zip(grid, config.max_patch_grid, strict=True)):
             raise InputError(f"x: expected a patch grid (T, H, W) within {config.max_patch_grid}, got {grid}")
-        # The batch and frames of a precomputed modulation are its dimensions 2 and 3 ("n 9 b t 1 d").
-        shape = timesteps.blocks.shape[2:4] if isinstance(timesteps, TimestepModulation) else timesteps.shape
-        if tuple(shape) != (batch, grid[0]):
+        if isinstance(timesteps, TimestepModulation):
+            vectors = (batch, grid[0], 1, config.model_channels)
+            blocks, final = (len(self.blocks), 9, *vectors), (2, *vectors)
+            if (tuple(timesteps.blocks.shape), tuple(timesteps.final.shape)) != (blocks, final):
+                raise InputError(
+                    f"timesteps: expected a modulation of blocks {list(blocks)} and final {list(final)}, got "
+                    f"{list(timesteps.blocks.shape)} and {list(timesteps.final.shape)}"
+                )
+        elif tuple(timesteps.shape) != (batch, grid[0]):
             raise InputError(
-                f"timesteps: expected shape [{batch}, {grid[0]}] (one per latent frame), got {list(shape)}"
+                f"timesteps: expected shape [{batch}, {grid[0]}] (one per latent frame), got {list(timesteps.shape)}"
             )
         if tuple(condition_mask.shape) != (batch, 1, frames, height, width):
             raise InputError(

@@ -3,8 +3,9 @@
 The sampler is written once over `ArrayOps`, the few array operations it needs. `HOST_ARRAYS` runs it on numpy (ONNX
 Runtime and TensorRT networks take host arrays); the torch backend supplies device tensors
 (`engines/torch_arrays.py`), so a pass uploads its conditioning once, keeps its noise cached on the device, and calls
-the DiT without a host round trip per denoising step. The operations are elementwise IEEE float32/float64 arithmetic,
-selection and bf16 rounding, which give the same bits on either side (tests/runtime/test_sampler_arrays.py).
+the DiT without a host round trip per denoising step. The operations are elementwise IEEE float32/float64 arithmetic
+and selection, which give the same bits on either side (tests/runtime/test_sampler_arrays.py); the network's bf16
+timesteps are made on the host whatever the place (`sampler._network_timesteps`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeAlias
 
 import numpy as np
-
-from cosmos_edge.runtime.policy.numerics import round_to_bf16
 
 Array: TypeAlias = Any
 """A numpy array, or a device array of the `ArrayOps` that made it."""
@@ -46,10 +45,6 @@ class ArrayOps(Protocol):
     def concat(self, arrays: Sequence[Array]) -> Array: ...
 
     def empty_like(self, array: Array) -> Array: ...
-
-    def round_to_bf16(self, array: Array) -> Array:
-        """float32 values rounded to the nearest bfloat16 (ties to even), as float32."""
-        ...
 
     def synchronize(self) -> None:
         """Waits for the work queued on this place (for timing; nothing to wait for on the host)."""
@@ -85,9 +80,6 @@ class HostArrays:
 
     def empty_like(self, array: np.ndarray) -> np.ndarray:
         return np.empty_like(array)
-
-    def round_to_bf16(self, array: np.ndarray) -> np.ndarray:
-        return round_to_bf16(array)
 
     def synchronize(self) -> None:
         pass

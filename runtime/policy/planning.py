@@ -356,12 +356,14 @@ class PlanningPolicy(ModelPolicy):
         platform, instruction = self._model.platform, self.instructions[0]
         frames = platform.num_latent_frames
         x = np.zeros((2, LATENT_CHANNELS, frames, LATENT_SIZE, LATENT_SIZE), np.float32)
-        inputs = (x, np.zeros((2, frames), np.float32), np.zeros((2, 1, frames, LATENT_SIZE, LATENT_SIZE), np.float32))
+        timesteps = np.zeros((2, frames), np.float32)  # host arrays, as the sampler passes them
+        mask = np.zeros((2, 1, frames, LATENT_SIZE, LATENT_SIZE), np.float32)
 
         def warm(worker: _BoundWorker) -> None:
             for binding in (worker.policy, worker.planner):
                 bound = binding.for_instruction(instruction, StageTimer())
-                bound.arrays.fetch(bound.call(*(bound.arrays.put(array) for array in inputs)))
+                put = bound.arrays.put
+                bound.arrays.fetch(bound.call(put(x), timesteps, put(mask)))
 
         for job in [self._pool.submit(warm, worker) for worker in self._workers]:
             job.result()

@@ -35,6 +35,7 @@ import numpy.typing as npt
 from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError
 from cosmos_edge.runtime.policy.api import FloatArray, NetworkFn
 from cosmos_edge.runtime.policy.arrays import HOST_ARRAYS, Array, ArrayOps
+from cosmos_edge.runtime.policy.numerics import round_to_bf16
 
 SIGMA_MAX = 80.0  # every `*__inference_only` config overrides the SDE to sigma_max=80, sigma_min=4
 SIGMA_MIN = 4.0
@@ -204,7 +205,7 @@ def _network_timesteps(sigmas: Sequence[float], frame_mask: np.ndarray) -> Float
     Host arrays whatever the network's place: a backend may key a cache on their values (the DiT's adaLN vectors)
     without waiting for its device.
     """
-    t_bf16 = HOST_ARRAYS.round_to_bf16(_flow_time(HOST_ARRAYS, sigmas))
+    t_bf16 = round_to_bf16(_flow_time(HOST_ARRAYS, sigmas))
     return np.where(frame_mask, np.float32(0.0), t_bf16[:, None])
 
 

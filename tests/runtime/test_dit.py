@@ -221,9 +221,12 @@ def test_precomputed_modulation_gives_the_bits_of_the_timesteps(
     torch.testing.assert_close(model(**{**inputs, "timesteps": modulation}), model(**inputs), rtol=0, atol=0)
     one_sample = {name: value[:1] for name, value in inputs.items()}
     with pytest.raises(
-        InputError, match=re.escape("timesteps: expected shape [1, 11] (one per latent frame), got [2, 11]")
+        InputError, match=re.escape(f"timesteps: expected a modulation of blocks [{TINY.num_blocks}, 9, 1,")
     ):
         model(**{**one_sample, "timesteps": modulation})
+    other = dit_from_state_dict(random_dit_state_dict(dataclasses.replace(TINY, num_blocks=TINY.num_blocks + 1), 1))
+    with pytest.raises(InputError, match="timesteps: expected a modulation of blocks"):
+        other(**{**inputs, "timesteps": modulation})  # one block short for it
 
 
 @torch.inference_mode()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from cosmos_edge.runtime.engines.torch_networks import TorchAutoencoder, TorchDiT
+from cosmos_edge.runtime.engines.torch_networks import MODULATION_SETS_KEPT, TorchAutoencoder, TorchDiT
 from cosmos_edge.runtime.models.dit import TimestepModulation
 from cosmos_edge.runtime.models.dit_checkpoint import dit_from_state_dict, random_dit_state_dict
 from cosmos_edge.runtime.models.dit_config import dit_config
@@ -35,7 +35,7 @@ def test_batch_one_calls_compute_the_adaln_vectors_of_their_timesteps_once(monke
     mask[:, :, :5] = 1.0
     text = rng.standard_normal((1, 512, config.text_dim)).astype(np.float32)
     network = TorchDiT(dit, torch.device("cpu")).bind_text(text)
-    levels = [round(0.05 * step, 2) for step in range(1, 15)]  # more distinct timesteps than are kept
+    levels = [round(0.03 * step, 2) for step in range(1, MODULATION_SETS_KEPT + 3)]  # more distinct than are kept
     with torch.inference_mode():
         kv = dit.precompute_text_kv(torch.from_numpy(text))
         for level in levels[:2] + levels[:2] + levels:
