@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from cosmos_edge.cli.model_source import model_source
-from cosmos_edge.cli.npz_files import check_output, read_observation, write_npz
+from cosmos_edge.cli.npz_files import output_path, read_observation, write_npz
 from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config
 from cosmos_edge.runtime.bundle.loader import load_policies, planning_candidates
 from cosmos_edge.runtime.engines.registry import GRAPH_BACKENDS
@@ -91,8 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _act(args: argparse.Namespace) -> int:
     observation = read_observation(args.observation)  # a bad file is named before minutes of loading
-    if args.out is not None:
-        check_output("--out", args.out)
+    out = None if args.out is None else output_path("--out", args.out)
     devices = [args.device] if args.device else None
     source = model_source(args, devices or [], reference=args.reference)
     planning = None
@@ -115,9 +114,9 @@ def _act(args: argparse.Namespace) -> int:
         query = ActionQuery(observation, args.task, args.seed, args.steps, return_future_images=args.future_images)
         result = policy.infer(query)
     print_result(result)
-    if args.out is not None:
-        save_result(args.out, result, all_actions=args.return_all_query_results)
-        print(f"wrote {args.out}")
+    if out is not None:
+        save_result(out, result, all_actions=args.return_all_query_results)
+        print(f"wrote {out}")
     return 0
 
 

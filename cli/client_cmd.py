@@ -8,16 +8,17 @@ server's public certificate and this client's secret one, as written by `cosmos-
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cosmos_edge.cli.npz_files import check_output, read_observation, write_npz
+from cosmos_edge.cli.npz_files import output_path, read_observation, write_npz
 from cosmos_edge.robot_bridge.client import PolicyClient
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, load_public_key
 from cosmos_edge.runtime.errors import ConfigError
@@ -40,13 +41,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser("client", help="send one request to a running policy server (ZeroMQ)")
     actions = parser.add_subparsers(dest="action", required=True)
-    actions.add_parser("ping", parents=[connection], help="round trip and clock offset").set_defaults(func=_ping)
+    actions.add_parser("ping", parents=[connection], help="round trip and clock offset").set_defaults(
+        func=_naming_endpoint(_ping)
+    )
     actions.add_parser("metadata", parents=[connection], help="platform, modes, instructions").set_defaults(
-        func=_metadata
+        func=_naming_endpoint(_metadata)
     )
     set_mode = actions.add_parser("set-mode", parents=[connection], help="switch the mode for every controller")
     set_mode.add_argument("mode", help="one of the server's modes, e.g. reactive or planning")
-    set_mode.set_defaults(func=_set_mode)
+    set_mode.set_defaults(func=_naming_endpoint(_set_mode))
     act = actions.add_parser("act", parents=[connection], help="one action chunk for an observation .npz")
     act.add_argument("observation", type=Path, help="npz: one uint8 HxWx3 array per camera, and `proprio`")
     act.add_argument("--task", required=True, help="the instruction, as the server lists it")
@@ -63,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         help="npz to write: actions, value (planning: also planning_outcome, chosen_index, candidate_values)",
     )
-    act.set_defaults(func=_act)
+    act.set_defaults(func=_naming_endpoint(_act))
 
 
 def connect(args: argparse.Namespace, timeout_s: float) -> PolicyClient:
@@ -78,13 +81,24 @@ def connect(args: argparse.Namespace, timeout_s: float) -> PolicyClient:
             "server_public_key": load_public_key(args.curve_server_key),
             "client_keys": CurveKeyPair.load(args.curve_secret_key),
         }
-    try:
-        return PolicyClient(args.endpoint, timeout_s=args.timeout or timeout_s, **curve)
-    except ConfigError as error:
-        name, separator, detail = str(error).partition(": ")
-        if separator and name == "endpoint":
-            raise ConfigError(f"--endpoint: {detail}") from None
-        raise
+    return PolicyClient(args.endpoint, timeout_s=args.timeout or timeout_s, **curve)
+
+
+def _naming_endpoint(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """`command` with the client's errors about its endpoint ("endpoint: ...", on creation or on the first connect)
+    naming the flag that gave it."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except ConfigError as error:
+            name, separator, detail = str(error).partition(": ")
+            if separator and name == "endpoint":
+                raise ConfigError(f"--endpoint: {detail}") from None
+            raise
+
+    return run
 
 
 def _ping(args: argparse.Namespace) -> int:
@@ -115,8 +129,7 @@ def _set_mode(args: argparse.Namespace) -> int:
 
 def _act(args: argparse.Namespace) -> int:
     observation = read_observation(args.observation)
-    if args.out is not None:
-        check_output("--out", args.out)
+    out = None if args.out is None else output_path("--out", args.out)
     with connect(args, _ACT_TIMEOUT_S) as client:
         reply = client.act(
             observation,
@@ -145,9 +158,9 @@ def _act(args: argparse.Namespace) -> int:
             arrays["candidate_values_by_depth"] = np.stack([_values(row) for row in reply.candidate_values_by_depth])
             arrays["candidate_actions"] = reply.candidate_actions
     print("server timings (ms): " + ", ".join(f"{name} {ms:.1f}" for name, ms in reply.timings_ms.items()))
-    if args.out is not None:
-        write_npz("--out", args.out, arrays)
-        print(f"wrote {args.out}")
+    if out is not None:
+        write_npz("--out", out, arrays)
+        print(f"wrote {out}")
     return 0
 
 

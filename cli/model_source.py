@@ -28,12 +28,14 @@ def model_source(args: argparse.Namespace, devices: Sequence[str], *, reference:
     if args.bundle is not None:
         mixed = [flag for flag, value in official.items() if value is not None]
         mixed += ["--planning-checkpoint"] if args.planning_checkpoint is not None else []
+        mixed += ["--precision"] if args.precision is not None else []  # a bundle's precision is its export's
+        mixed += ["--compile" if args.compile else "--no-compile"] if args.compile is not None else []
         mixed += ["--reference"] if reference else []
         mixed += ["--backend torch"] if args.backend == "torch" else []
         if mixed:
             raise ConfigError(
-                f"--bundle: runs on --backend onnxruntime or tensorrt without the official files (a bundle carries "
-                f"its planning model); got {mixed}"
+                f"--bundle: runs on --backend onnxruntime or tensorrt without the official files or their options (a "
+                f"bundle carries its planning model and precision); got {mixed}"
             )
         return BundleSource(args.bundle, args.backend or "onnxruntime", args.platform)
     missing = [flag for flag, value in {**official, "--platform": args.platform}.items() if value is None]

@@ -27,18 +27,22 @@ def read_observation(path: Path) -> Observation:
         loaded = np.load(path, allow_pickle=False)
         with loaded:
             arrays = {name: loaded[name] for name in loaded.files}
-    except ValueError as error:  # numpy refuses object arrays without allow_pickle
-        raise InputError(f"observation: {path}: holds object arrays, which are never loaded (pickles)") from error
+    except ValueError as error:
+        if "allow_pickle" in str(error):  # numpy refuses object arrays without it
+            raise InputError(f"observation: {path}: holds object arrays, which are never loaded (pickles)") from None
+        raise InputError(f"observation: {path}: not a readable .npz ({error})") from None
     except (OSError, EOFError, zipfile.BadZipFile) as error:
-        raise InputError(f"observation: {path}: not a readable .npz ({error})") from error
+        raise InputError(f"observation: {path}: not a readable .npz ({error})") from None
     if "proprio" not in arrays:
         raise InputError(f"observation: {path} has no `proprio` array (found {sorted(arrays)})")
     proprio = arrays.pop("proprio")
     return Observation(images=arrays, proprio=proprio)
 
 
-def check_output(flag: str, path: Path) -> None:
-    """Refuses an output file that could not be written, before the work whose result it would hold."""
+def output_path(flag: str, path: Path) -> Path:
+    """The file `np.savez` writes for `path` (it adds `.npz` to a name without it), refused before the work whose
+    result it would hold if it could not be written."""
+    path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
     if path.is_dir():
         raise ConfigError(f"{flag} {path}: is a directory; expected the path of an .npz file")
     directory = path.parent
@@ -46,9 +50,11 @@ def check_output(flag: str, path: Path) -> None:
         raise ConfigError(f"{flag} {path}: no directory {directory}")
     if not os.access(directory, os.W_OK):
         raise ConfigError(f"{flag} {path}: cannot write in {directory}")
+    return path
 
 
 def write_npz(flag: str, path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Writes `arrays` to `path` (an `output_path`)."""
     try:
         np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds like allow_pickle
     except OSError as error:

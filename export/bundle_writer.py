@@ -49,6 +49,7 @@ from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
 from cosmos_edge.runtime.platforms import PlatformSpec, platform_spec
 from cosmos_edge.runtime.policy import text_embeddings as text_store
 from cosmos_edge.runtime.policy.normalization import DatasetStats
+from cosmos_edge.runtime.values import is_positive_int
 
 _LOG = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class ExportRequest:
         if self.precision not in TORCH_DTYPES:
             raise ConfigError(f"precision: expected one of {sorted(TORCH_DTYPES)}, got {self.precision!r}")
         sizes = self.batch_sizes
-        if not sizes or len(set(sizes)) != len(sizes) or not all(isinstance(b, int) and b > 0 for b in sizes):
+        if not sizes or len(set(sizes)) != len(sizes) or not all(is_positive_int(b) for b in sizes):
             raise ConfigError(f"batch_sizes: expected distinct positive ints, got {list(sizes)}")
         object.__setattr__(self, "batch_sizes", tuple(sorted(sizes)))
         for name in ("checkpoint", "tokenizer", "stats", "text_embeddings", "planning_checkpoint"):

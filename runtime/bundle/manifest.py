@@ -123,6 +123,7 @@ class BundleManifest:
         model = fields.child("model")
         graphs = fields.child("graphs")
         files = fields.child("files")
+        engines = fields.child("engines")
         for path in files.names():  # every file the reader opens is one of these, checked against its hash
             files.require(path, _is_inside(path), "a relative path inside the bundle", path)
         return cls(
@@ -145,8 +146,15 @@ class BundleManifest:
             dataset_statistics=fields.get("dataset_statistics", str),
             files={path: FileRecord(**files.child(path).pick(sha256=str, size=int)) for path in files.names()},
             versions=fields.get("versions", dict),
-            engines=fields.get("engines", dict),
+            engines={name: _engine(engines.child(name)) for name in engines.names()},
         )
+
+
+def _engine(fields: _Fields) -> dict[str, Any]:
+    """An engine the bundle ships: its file in `engines/`; the rest of the entry is the TensorRT backend's record."""
+    file = fields.get("file", str)
+    fields.require("file", _is_inside(file) and "/" not in file, f"a file name in {ENGINES_DIR}/", file)
+    return fields.raw
 
 
 def _is_inside(relative: str) -> bool:

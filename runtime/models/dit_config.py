@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.values import is_positive_int
 
 # Channels the network concatenates to the latent before the patch embed: condition mask + padding mask.
 MASK_CHANNELS = 2
@@ -76,7 +77,7 @@ class DiTConfig:
             "max_frames",
         ):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_positive_int(value):
                 raise ConfigError(f"DiTConfig.{name}: expected a positive int, got {value!r}")
         for name in ("rope_h_ratio", "rope_w_ratio", "rope_t_ratio", "norm_eps"):
             value = getattr(self, name)

@@ -17,6 +17,7 @@ import numpy as np
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.policy.conditioning import ConditioningMode
 from cosmos_edge.runtime.policy.value_aggregation import ValueAggregation
+from cosmos_edge.runtime.values import is_positive_int
 
 
 class FutureStateAggregation(str, Enum):
@@ -67,7 +68,7 @@ class PlanningConfig:
             "search_depth",
         ):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not is_positive_int(value):
                 raise ConfigError(f"{name}: expected an integer >= 1, got {value!r}")
         for name, kind in (
             ("future_state_ensemble_aggregation_scheme", FutureStateAggregation),

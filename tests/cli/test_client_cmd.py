@@ -61,8 +61,10 @@ def test_ping_metadata_and_act(tmp_path: Path, capsys: pytest.CaptureFixture[str
             [INSTRUCTION],
         )
         act = ["client", "act", str(tmp_path / "obs.npz"), "--task", INSTRUCTION, "--endpoint", endpoint]
-        assert main([*act, "--mode", "planning", "--seed", "7", "--return-all-query-results", "--out", str(out)]) == 0
+        planning = [*act, "--mode", "planning", "--seed", "7", "--return-all-query-results"]
+        assert main([*planning, "--out", str(out.with_suffix(""))]) == 0  # np.savez adds .npz, and we say so
     printed = capsys.readouterr().out
+    assert f"wrote {out}\n" in printed
     assert "action chunk: 50 x 14 (float32, un-normalised), mode planning" in printed
     assert "planning:     best_so_far, chose 1; values 0.5000, 0.7500, not scored" in printed
     with np.load(out) as result:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -106,6 +108,10 @@ CASES: dict[str, Case] = {
         ["client", "act", str(observation(t)), "--task", "t", "--out", str(t / "no" / "r.npz")],
         "--out",
     ),
+    "observation with a corrupt array": lambda f, t: (
+        act(f, t, observation_path=_corrupt_member(t)),
+        "corrupt.npz: not a readable .npz",
+    ),
     "client timeout infinite": lambda f, t: (["client", "ping", "--timeout", "inf"], "--timeout"),
     "client endpoint without a scheme": lambda f, t: (["client", "ping", "--endpoint", "localhost:5555"], "--endpoint"),
 }
@@ -125,6 +131,19 @@ def _server_curve(tmp: Path, clients: dict[str, bytes]) -> list[str]:
     for name, data in clients.items():
         (directory / name).write_bytes(data)
     return ["--curve-secret-key", str(secret), "--curve-clients", str(directory)]
+
+
+def _corrupt_member(tmp: Path) -> Path:
+    """An .npz whose `proprio` member is cut short: a readable archive of an unreadable array."""
+    with zipfile.ZipFile(tmp / "corrupt.npz", "w") as archive:
+        archive.writestr("proprio.npy", _npy_bytes()[:-8])
+    return tmp / "corrupt.npz"
+
+
+def _npy_bytes() -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(14, np.float32))
+    return buffer.getvalue()
 
 
 def _objects(tmp: Path) -> Path:

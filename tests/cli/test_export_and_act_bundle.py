@@ -79,6 +79,8 @@ def test_export_then_act_matches_the_reference_act(
     [
         (["--checkpoint", "x.pt"], "--bundle: runs on --backend onnxruntime or tensorrt without the official files"),
         (["--backend", "torch"], "--bundle: runs on --backend onnxruntime or tensorrt"),
+        (["--precision", "fp16"], "got ['--precision']"),
+        (["--no-compile"], "got ['--no-compile']"),
     ],
 )
 def test_act_refuses_a_bundle_mixed_with_the_torch_reference(

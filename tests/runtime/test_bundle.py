@@ -88,6 +88,21 @@ def test_malformed_manifest_names_the_field(bundle_copy: Path) -> None:
         Bundle.open(bundle_copy)
 
 
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"fused_attention_count": 1}, r"manifest\.engines\.dit_b1\.file: missing"),
+        ("dit_b1.engine", r"manifest\.engines\.dit_b1: expected dict, got 'dit_b1\.engine'"),
+        ({"file": "../dit_b1.engine"}, r"manifest\.engines\.dit_b1\.file: expected a file name in engines/"),
+    ],
+    ids=["no file", "not an object", "outside engines/"],
+)
+def test_malformed_engine_entries_name_the_field(bundle_copy: Path, entry: object, message: str) -> None:
+    edit_manifest(bundle_copy, lambda manifest: manifest["engines"].update(dit_b1=entry))
+    with pytest.raises(BundleError, match=message):
+        Bundle.open(bundle_copy)
+
+
 def test_drifted_platform_definition_is_refused(bundle_copy: Path) -> None:
     edit_manifest(bundle_copy, lambda manifest: manifest["platform"].update(chunk_size=64))
     with pytest.raises(BundleError, match=r"platform 'aloha' differs .* \['chunk_size'\]"):
