@@ -286,6 +286,8 @@ def _evaluate(
     start = time.perf_counter()
     x0 = denoiser(x, sigmas, condition)
     if on_network_call is not None:
-        denoiser.arrays.synchronize()  # device work is asynchronous: time the call, not its launch
+        # Device work is asynchronous: time the call, not its launch. Waiting also keeps the host at most one call
+        # ahead of the device, which a planning deadline relies on (it stops a pass between calls).
+        denoiser.arrays.synchronize()
         on_network_call(time.perf_counter() - start)
     return x0
