@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -79,7 +79,8 @@ class ExecutorConfig:
         trip times `latency_margin`.
     adaptive_prefetch: raise the prefetch point to the measured inference round trip (default True).
     latency_margin: factor on the measured round trip for the adaptive prefetch point (default 1.5).
-    starvation_warning_s: least time between two starvation warnings (default 5 s).
+    starvation_warning_s: least time between two starvation warnings, and between two warnings of failed requests
+        (default 5 s; those in between are logged at debug level and counted in the next warning).
     blend: how chunks are joined at boundaries (`blending.BlendConfig`; default an 8-tick cross-fade).
     retry_delay_s: wait after a failed request before the next one (default 0.1 s).
     record_capacity: tick records kept in the ring buffer (default 4096, 164 s at 25 Hz).
@@ -225,7 +226,7 @@ def _thread_priority(realtime_priority: int | None, nice: int | None) -> Iterato
             try:
                 previous = (os.sched_getscheduler(0), os.sched_getparam(0))
                 os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(realtime_priority))
-                restore.callback(os.sched_setscheduler, 0, *previous)
+                restore.callback(_restore, "scheduling policy", os.sched_setscheduler, 0, *previous)
                 nice = None  # FIFO threads ignore niceness
             except (AttributeError, OSError) as e:  # not Linux, or not permitted
                 logger.warning("executor: SCHED_FIFO %d refused (%s)", realtime_priority, e)
@@ -233,10 +234,18 @@ def _thread_priority(realtime_priority: int | None, nice: int | None) -> Iterato
             try:
                 previous_nice = os.getpriority(os.PRIO_PROCESS, 0)
                 os.setpriority(os.PRIO_PROCESS, 0, nice)
-                restore.callback(os.setpriority, os.PRIO_PROCESS, 0, previous_nice)
+                restore.callback(_restore, "niceness", os.setpriority, os.PRIO_PROCESS, 0, previous_nice)
             except (AttributeError, OSError) as e:
                 logger.warning("executor: nice %d refused (%s); using the normal priority", nice, e)
         yield
+
+
+def _restore(what: str, call: Callable[..., None], *args: Any) -> None:
+    """Restores a thread setting after a run; without privilege a raised niceness cannot be lowered back."""
+    try:
+        call(*args)
+    except OSError as error:
+        logger.warning("executor: could not restore the control thread's %s (%s); it stays as set", what, error)
 
 
 class ChunkExecutor:
@@ -269,11 +278,14 @@ class ChunkExecutor:
         self._obs_floor = -1  # replies with obs_id <= floor are stale
         self._retry_at_ns = 0
         self._resume = threading.Event()
+        self._stopping = threading.Lock()  # a stop and the tick that applies a resume are one step each
         self._blender = ChunkBlender(config.blend)
         self._last_command: np.ndarray | None = None
         self._latency_ns: float | None = None  # smoothed inference round trip (capture to receipt)
         self._chunk_length = 0  # of the last adopted chunk
         self._warned_at_ns: int | None = None
+        self._failure_warned_at_ns: int | None = None
+        self._failures_unwarned = 0  # failed requests since the last warning of one
 
     @property
     def counters(self) -> ExecutorCounters:
@@ -302,11 +314,15 @@ class ChunkExecutor:
         return max(base, min(needed, max(self._chunk_length - 1, 0)))
 
     def stop(self, reason: str = "stop command") -> None:
-        """Latch a stop: hold position and stop requesting chunks until `resume`."""
-        self._safety.stop(reason)
+        """Latch a stop: hold position and stop requesting chunks until `resume`. A resume still pending (asked for
+        before this stop, not yet applied by a tick) is cancelled: the later stop wins. Thread-safe."""
+        with self._stopping:
+            self._resume.clear()
+            self._safety.stop(reason)
 
     def resume(self) -> None:
-        """Clear the stop at the next tick; the chunk in hand and replies to older requests are discarded."""
+        """Clear the stop at the next tick, unless another stop comes first; the chunk in hand and replies to older
+        requests are discarded. Thread-safe."""
         self._resume.set()
 
     def run(self, num_ticks: int | None = None, *, duration_s: float | None = None) -> TickSummary:
@@ -349,10 +365,12 @@ class ChunkExecutor:
             tick += 1
 
     def _step(self, tick: int, deadline: int, wake: int, missed: int) -> None:
-        if self._resume.is_set():
-            self._resume.clear()
-            self._safety.reset()
-            # Requests captured before this tick answered the pre-stop situation.
+        with self._stopping:
+            resumed = self._resume.is_set()
+            if resumed:
+                self._resume.clear()
+                self._safety.reset()
+        if resumed:  # requests captured before this tick answered the pre-stop situation
             self._chunk, self._obs_floor = None, tick - 1
         adopted = self._receive(tick)
 
@@ -379,7 +397,7 @@ class ChunkExecutor:
         if isinstance(outcome, RequestFailed):
             self._counts["request_failures"] += 1
             self._retry_at_ns = self._clock() + round(self.config.retry_delay_s * 1e9)
-            logger.warning("executor: request for obs %d failed: %r", outcome.obs_id, outcome.error)
+            self._warn_request_failed(outcome)
             return False
         # Round trip as the control loop sees it: from capture to the tick that received the outcome.
         latency = self._clock() - outcome.capture_ns
@@ -405,6 +423,22 @@ class ChunkExecutor:
         self._chunk, self._obs_floor = outcome, outcome.obs_id
         self._counts["chunks_adopted"] += 1
         return True
+
+    def _warn_request_failed(self, failure: RequestFailed) -> None:
+        """A failed request is retried every `retry_delay_s`: one that fails at once must not flood the log."""
+        now = self._clock()
+        self._failures_unwarned += 1
+        last = self._failure_warned_at_ns
+        if last is not None and now - last < self.config.starvation_warning_s * 1e9:
+            logger.debug("executor: request for obs %d failed: %r", failure.obs_id, failure.error)
+            return
+        logger.warning(
+            "executor: request for obs %d failed: %r (%d failed requests since the last such warning)",
+            failure.obs_id,
+            failure.error,
+            self._failures_unwarned,
+        )
+        self._failure_warned_at_ns, self._failures_unwarned = now, 0
 
     def _warn_starved(self, tick: int, what: str) -> None:
         now = self._clock()

@@ -384,6 +384,29 @@ def test_invalid_executor_config(kwargs: dict) -> None:
         ExecutorConfig(**kwargs)
 
 
+def test_a_stop_after_a_resume_still_pending_wins() -> None:
+    executor, _, _, _ = make(chunk=20, threshold=8, latency_ticks=3)
+    executor.run(13)
+    executor.stop("operator pressed stop")
+    executor.run(2)
+    executor.resume()
+    executor.stop("collision detected")  # before any tick applied the resume
+    executor.run(5)
+    held = executor.records()[15:]
+    assert all(Intervention.STOPPED.value & f for f in held["flags"]) and not held["requested"].any()
+
+
+def test_requests_that_keep_failing_are_warned_about_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    executor, _, client, _ = make(latency_ticks=1)
+    client.down = True
+    with caplog.at_level(logging.DEBUG, logger="cosmos_edge.robot_bridge.controller.executor"):
+        executor.run(120)  # 4.8 s of fake time: a retry after every failure, one warning per 5 s
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "failed" in r.getMessage()]
+    failures = executor.counters.request_failures
+    assert failures > 5 and len(warnings) == 1
+    assert sum("request for obs" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG) == failures - 1
+
+
 def test_priority_applies_to_the_control_thread_during_run_only(caplog: pytest.LogCaptureFixture) -> None:
     executor, robot, _, _ = make(realtime_priority=10, nice=5)
     seen: list[tuple[int, int]] = []
@@ -391,6 +414,9 @@ def test_priority_applies_to_the_control_thread_during_run_only(caplog: pytest.L
     before = (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0))
     with caplog.at_level(logging.WARNING, logger="cosmos_edge.robot_bridge.controller.executor"):
         executor.run(3)
+    if "could not restore the control thread's niceness" in caplog.text:  # unprivileged: it cannot be lowered back
+        assert seen == [(before[0], 5)] * 3
+        return
     assert (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)) == before
     if "SCHED_FIFO 10 refused" in caplog.text:
         assert seen == [(before[0], 5)] * 3  # fell back to nice
