@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -84,15 +83,13 @@ class Chunk:
     actions: np.ndarray
     value: float
     timings_ms: Mapping[str, float]
-    capture_ns: int  # executor clock, like `received_ns`
-    received_ns: int
+    capture_ns: int  # the executor's clock, for the round trip it measures
 
 
 @dataclass(frozen=True)
 class RequestFailed:
     obs_id: int
     error: Exception
-    timed_out: bool
 
 
 Outcome = Chunk | RequestFailed
@@ -113,8 +110,9 @@ class ChunkSource(Protocol):
         ...
 
 
-def request_chunk(client: ActClient, params: ActParams, request: ChunkRequest, clock: Clock) -> Outcome:
-    """Call the policy for `request` and turn the reply, or the failure, into an `Outcome`."""
+def request_chunk(client: ActClient, params: ActParams, request: ChunkRequest) -> Outcome:
+    """Call the policy for `request` and turn the reply, or the failure, into an `Outcome`. Never raises: a remote or
+    transport error, or a reply that cannot be read, must not kill the worker (the loop holds and retries)."""
     try:
         reply = client.act(
             request.observation,
@@ -125,22 +123,18 @@ def request_chunk(client: ActClient, params: ActParams, request: ChunkRequest, c
             seed=params.seed,
             steps=params.steps,
         )
-    except TimeoutError as e:
-        return RequestFailed(obs_id=request.obs_id, error=e, timed_out=True)
-    except Exception as e:  # a remote or transport error must not kill the worker: the loop holds and retries
-        return RequestFailed(obs_id=request.obs_id, error=e, timed_out=False)
-    if reply.obs_id != request.obs_id:
-        error = ValueError(f"reply obs_id: expected {request.obs_id}, got {reply.obs_id}")
-        return RequestFailed(obs_id=request.obs_id, error=error, timed_out=False)
-    return Chunk(
-        obs_id=request.obs_id,
-        first_tick=request.first_tick,
-        actions=np.asarray(reply.actions, dtype=np.float32),
-        value=float(reply.value),
-        timings_ms=dict(reply.timings_ms),
-        capture_ns=request.capture_ns,
-        received_ns=clock(),
-    )
+        if reply.obs_id != request.obs_id:
+            raise ValueError(f"reply obs_id: expected {request.obs_id}, got {reply.obs_id}")
+        return Chunk(
+            obs_id=request.obs_id,
+            first_tick=request.first_tick,
+            actions=np.asarray(reply.actions, dtype=np.float32),
+            value=float(reply.value),
+            timings_ms=dict(reply.timings_ms),
+            capture_ns=request.capture_ns,
+        )
+    except Exception as error:
+        return RequestFailed(obs_id=request.obs_id, error=error)
 
 
 class ThreadedChunkSource:
@@ -149,10 +143,9 @@ class ThreadedChunkSource:
     Use as a context manager, or call `start()` and `close()`.
     """
 
-    def __init__(self, client: ActClient, params: ActParams, *, clock: Clock = time.monotonic_ns) -> None:
+    def __init__(self, client: ActClient, params: ActParams) -> None:
         self._client = client
         self._params = params
-        self._clock = clock
         self._cond = threading.Condition()
         self._pending: ChunkRequest | None = None
         self._outcome: Outcome | None = None
@@ -208,7 +201,7 @@ class ThreadedChunkSource:
                     return
                 request, self._pending = self._pending, None
             assert request is not None
-            outcome = request_chunk(self._client, self._params, request, self._clock)
+            outcome = request_chunk(self._client, self._params, request)
             with self._cond:
                 if self._outcome is not None:
                     logger.debug("chunk source: outcome for obs %d was never polled", self._outcome.obs_id)
