@@ -51,8 +51,12 @@ class BlendConfig:
     lowpass_alpha: float | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.scheme, BlendScheme):
-            raise ConfigError(f"blend.scheme: expected one of {[s.value for s in BlendScheme]}, got {self.scheme!r}")
+        try:
+            object.__setattr__(self, "scheme", BlendScheme(self.scheme))  # its name ("crossfade") will do
+        except ValueError:
+            raise ConfigError(
+                f"blend.scheme: expected one of {[s.value for s in BlendScheme]}, got {self.scheme!r}"
+            ) from None
         if self.window_ticks < 1:
             raise ConfigError(f"blend.window_ticks: expected >= 1, got {self.window_ticks}")
         if not (self.ensemble_decay >= 0 and math.isfinite(self.ensemble_decay)):
@@ -86,6 +90,7 @@ class ChunkBlender:
         self._old_first_tick = 0
         self._hold: np.ndarray | None = None  # the last commanded pose at the switch, when there was no old chunk
         self._switch_tick = 0
+        self._fade_end: int | None = None  # the tick a cross-fade in progress ends
         self._lowpassed: np.ndarray | None = None
         self._open: tuple[int, float, float, int, np.ndarray | None] | None = None
         self._boundaries: deque[Boundary] = deque(maxlen=capacity)
@@ -105,9 +110,13 @@ class ChunkBlender:
     ) -> None:
         """A new chunk is adopted at `tick`; the chunk in hand until now was `old_actions` (None: holding)."""
         self._close_boundary()
+        if self._fade_end is not None and tick < self._fade_end and last_command is not None:
+            old_actions = None  # mid-fade, what was commanded is a blend, not the old chunk: fade from the command
         self._old, self._old_first_tick = old_actions, old_first_tick
         self._hold = None if last_command is None else np.asarray(last_command, dtype=np.float64)
         self._switch_tick = tick
+        fades = self.config.scheme is BlendScheme.CROSSFADE and (old_actions is not None or last_command is not None)
+        self._fade_end = tick + self.config.window_ticks if fades else None
         previous = self._old_trajectory(tick, hold_past_end=True)
         new = np.asarray(new_actions[tick - new_first_tick], dtype=np.float64)
         raw = 0.0 if previous is None else float(np.abs(new - previous).max())
@@ -118,12 +127,16 @@ class ChunkBlender:
         if action is None:
             self._lowpassed = None  # holding: restart the filter from the next target
             return None
-        target = self._blended(tick, np.asarray(action, dtype=np.float64))
+        new = np.asarray(action, dtype=np.float64)
+        target = self._blended(tick, new)
+        if not np.isfinite(target).all():
+            target = new  # a non-finite old trajectory must not spoil the new chunk (a non-finite new action is held)
         alpha = self.config.lowpass_alpha
         if alpha is not None:
             previous = self._lowpassed if self._lowpassed is not None else target
             target = previous + alpha * (target - previous)
-            self._lowpassed = target
+            # A non-finite target is held by the safety filter; the filter restarts from the next finite one.
+            self._lowpassed = target if np.isfinite(target).all() else None
         return target
 
     def observe_command(self, tick: int, command: np.ndarray, safety_intervened: bool) -> None:
@@ -155,9 +168,11 @@ class ChunkBlender:
         if self._old is None:
             return self._hold if hold_past_end else None
         index = tick - self._old_first_tick
-        if index < len(self._old):
-            return np.asarray(self._old[max(index, 0)], dtype=np.float64)
-        return np.asarray(self._old[-1], dtype=np.float64) if hold_past_end else None
+        if index >= len(self._old) and not hold_past_end:
+            return None
+        action = np.asarray(self._old[min(max(index, 0), len(self._old) - 1)], dtype=np.float64)
+        # A non-finite old action is not blended from: the pose commanded at the switch stands in for it.
+        return action if np.isfinite(action).all() else self._hold
 
     def _close_boundary(self) -> None:
         if self._open is not None:

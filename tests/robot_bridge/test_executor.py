@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from cosmos_edge.robot_bridge.controller.blending import BlendConfig, BlendScheme
+from cosmos_edge.robot_bridge.controller.blending import BlendConfig, BlendScheme, ChunkBlender
 from cosmos_edge.robot_bridge.controller.chunk_source import (
     ActParams,
     Chunk,
@@ -605,6 +605,41 @@ def test_lowpass_smooths_the_target() -> None:
     second = np.flatnonzero(executor.records()["adopted"])[1]
     commands = np.array(robot.commands)[:, 0]
     assert 0.1 < commands[second] - commands[second - 1] < 0.2  # half of the 0.3 jump, plus the ramp
+
+
+def blend_run(blender: ChunkBlender, adopted: dict[int, np.ndarray], ticks: int) -> np.ndarray:
+    """Commands of `ticks` ticks from a blender alone: chunk `adopted[t]` (starting at tick t) is adopted at tick t;
+    the pose before the first chunk is 0."""
+    commands = [np.zeros(1)]
+    chunk, chunk_first = None, 0
+    for tick in range(ticks):
+        if tick in adopted:
+            blender.switch(tick, adopted[tick], tick, chunk, chunk_first, commands[-1])
+            chunk, chunk_first = adopted[tick], tick
+        assert chunk is not None
+        commands.append(blender.target(tick, chunk[tick - chunk_first]))
+    return np.concatenate(commands)
+
+
+def test_a_chunk_adopted_mid_fade_fades_on_from_what_was_commanded() -> None:
+    blender = ChunkBlender(BlendConfig(BlendScheme.CROSSFADE, window_ticks=8))
+    zeros, ones = np.zeros((40, 1)), np.ones((40, 1))
+    commands = blend_run(blender, {0: zeros, 10: ones, 13: ones.copy()}, 30)  # the third comes 3 ticks into a fade
+    assert np.abs(np.diff(commands)).max() <= 1 / 9 + 1e-9  # no jump where it replaced the fade in progress
+    assert commands[-1] == pytest.approx(1.0)  # and the newest chunk is reached
+
+
+def test_non_finite_actions_do_not_spoil_the_blend_or_the_lowpass() -> None:
+    poisoned = np.zeros((40, 1))
+    poisoned[3] = np.nan
+    lowpassed = blend_run(ChunkBlender(BlendConfig(BlendScheme.NONE, lowpass_alpha=0.5)), {0: poisoned}, 10)
+    assert np.isnan(lowpassed[4]) and np.isfinite(lowpassed[5:]).all()  # held once (by the safety filter), no more
+    ends_badly = np.zeros((12, 1))
+    ends_badly[-1] = np.nan
+    faded = blend_run(ChunkBlender(BlendConfig(window_ticks=8)), {0: ends_badly, 10: np.ones((40, 1))}, 20)
+    assert np.isfinite(faded[11:]).all()  # the old chunk's non-finite last action is not faded from,
+    assert np.abs(np.diff(faded[10:])).max() <= 1 / 9 + 1e-9  # the pose commanded at the switch is
+    assert BlendConfig(scheme="crossfade").scheme is BlendScheme.CROSSFADE  # type: ignore[arg-type]
 
 
 def test_adaptive_prefetch_covers_the_measured_latency() -> None:
