@@ -3,7 +3,8 @@
 Every command the executor sends passes through `SafetyFilter.apply`, which in order:
 
 1. picks the target: the chunk action, or the hold pose when there is no valid action (no chunk, a
-   non-finite action, or the latched stop);
+   non-finite action, or the latched stop) or no valid measurement (a non-finite joint reading: the arm
+   does not move blind);
 2. limits the change of each arm joint per tick relative to the *measured* joint position, turning the
    official Cosmos Policy client's "pause if any non-gripper joint would move more than 0.15 rad"
    check into a slew limit;
@@ -208,7 +209,8 @@ class SafetyFilter:
         measured = np.asarray(measured_qpos, dtype=np.float64)
         self._check_shape("measured qpos", measured)
         flags = Intervention.NONE
-        if not np.isfinite(measured).all():
+        blind = not np.isfinite(measured).all()
+        if blind:
             if self._last is None:
                 raise InputError(f"safety: measured qpos is not finite and no command was sent yet: {measured}")
             flags |= Intervention.NON_FINITE
@@ -217,7 +219,7 @@ class SafetyFilter:
 
         if self._stop.is_set():
             out, flags = hold.copy(), flags | Intervention.STOPPED
-        elif target is None:
+        elif target is None or blind:
             out, flags = hold.copy(), flags | Intervention.HELD
         else:
             out = np.asarray(target, dtype=np.float64).copy()

@@ -20,3 +20,8 @@ def test_wire_image_is_the_official_two_step_resize() -> None:
 def test_a_frame_that_is_not_uint8_names_the_camera() -> None:
     with pytest.raises(InputError, match=r"cam_high.*uint8"):
         aloha_wire_image("cam_high", np.zeros((480, 640, 3), np.float32))
+
+
+def test_an_empty_frame_is_refused_not_resized_to_black() -> None:
+    with pytest.raises(InputError, match=r"cam_high.*H, W > 0, got uint8\[0, 640, 3\]"):
+        aloha_wire_image("cam_high", np.zeros((0, 640, 3), np.uint8))
