@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cosmos_edge.cli.extras import require_extra
 from cosmos_edge.runtime.platforms import PLATFORMS
 from cosmos_edge.runtime.precision import PRECISIONS
 
@@ -38,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    require_extra("checkpoint inspect", "torch", "torch")
     from cosmos_edge.runtime.models.checkpoint_inspection import inspect_checkpoint
 
     report = inspect_checkpoint(args.path)
@@ -61,6 +63,7 @@ def _print_report(report: dict[str, Any]) -> None:
 
 
 def _random(args: argparse.Namespace) -> int:
+    require_extra("checkpoint random", "torch", "torch")
     from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets
 
     files = write_random_assets(args.out, RandomAssetsSpec(args.config, args.platform, args.seed, args.dtype))

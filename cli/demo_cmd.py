@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cosmos_edge.cli.arg_types import positive_int
+from cosmos_edge.cli.extras import require_extra
 from cosmos_edge.robot_bridge.controller.blending import summarize_boundaries
 from cosmos_edge.robot_bridge.controller.chunk_source import (
     ActParams,
@@ -37,8 +39,8 @@ FRAME_EVERY_TICKS = 25
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="serve the built-in tiny model to a simulated ALOHA (no download)")
-    parser.add_argument("--chunks", type=int, default=3, help="action chunks to execute (50 ticks each)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: ALOHA's 10)")
+    parser.add_argument("--chunks", type=positive_int, default=3, help="action chunks to execute (50 ticks each)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: ALOHA's 10)")
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="where the model and images go")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the simulation")
     parser.set_defaults(func=_demo)
@@ -96,7 +98,9 @@ class RecordingSource:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    require_extra("demo", "torch", "torch")
     os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must precede the first MuJoCo import
+    require_extra("demo", "sim", "gym_aloha")
     # The tables printed at the end summarise the per-request log lines and safety warnings.
     with _quiet_logs(enabled=not args.verbose), _single_torch_thread():
         return _run_demo(args)
@@ -167,8 +171,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(f"[4/4] done in {time.perf_counter() - started:.1f} s wall time\n")
     _print_latencies(source.chunks)
     print("\nexecutor: " + ", ".join(f"{k}={v}" for k, v in asdict(executor.counters).items()))
-    print(f"ticks: {summary.ticks} (holding position on {summary.hold_ticks} while waiting for the first chunk)")
+    print(f"ticks: {summary.ticks} (held position on {summary.hold_ticks}: before the first chunk, or starved)")
     print("safety interventions: " + ", ".join(f"{k}={v}" for k, v in asdict(safety.counters).items()))
+    print(f"simulation ({DEMO_TASK}): last reward {sim.reward:g}, task solved: {'yes' if sim.success else 'no'}")
     _print_boundaries(executor)
     strip = _write_strip(robot.frames, args.out / "episode.png")
     print(f"episode strip (cam_high every {FRAME_EVERY_TICKS} ticks): {strip}")

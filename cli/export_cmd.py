@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cosmos_edge.runtime.errors import ConfigError, EngineError
+from cosmos_edge.cli.extras import require_extra
+from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import PLATFORMS
 from cosmos_edge.runtime.precision import PRECISIONS, default_precision
 
@@ -56,12 +57,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     # Export needs torch and onnx; serving does not, so they are imported only here.
-    try:
-        import torch
+    require_extra("export", "torch,onnx", "torch", "onnx")
+    import torch
 
-        from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
-    except ImportError as error:
-        raise EngineError(f"export needs torch and onnx: {error}; pip install 'cosmos-edge[torch,onnx]'") from error
+    from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
+
     target = args.target or ("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.precision or default_precision([target])
     if target == "cpu" and precision == "bf16":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import signal
 import socket
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from cosmos_edge.cli.arg_types import mebibytes
 from cosmos_edge.cli.model_source import model_source
 from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config
 from cosmos_edge.robot_bridge.binding import BoundRouter, ServerConfig
@@ -62,8 +62,8 @@ def add_serve_parser(
     )
     parser.add_argument("--default-mode", default="reactive", help="mode used when a request names none")
     parser.add_argument("--max-pending", type=int, default=8, help="controllers that may wait for inference at once")
-    parser.add_argument("--max-message-mb", type=_mebibytes, default=16.0, help="largest request accepted")
-    parser.add_argument("--max-array-mb", type=_mebibytes, default=4.0, help="largest single image or vector accepted")
+    parser.add_argument("--max-message-mb", type=mebibytes, default=16.0, help="largest request accepted")
+    parser.add_argument("--max-array-mb", type=mebibytes, default=4.0, help="largest single image or vector accepted")
     parser.add_argument("--curve-secret-key", help="the server's '.key_secret' certificate; enables CURVE")
     parser.add_argument("--curve-clients", help="directory of the '.key' certificates of admitted clients")
     parser.add_argument(
@@ -140,17 +140,6 @@ def server_config(
         joint_limits=joint_limits,
         shutdown_timeout_s=args.shutdown_timeout_s,
     )
-
-
-def _mebibytes(text: str) -> float:
-    """An argparse type: a finite size in MiB, more than zero."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of MiB, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number of MiB > 0, got {text!r}")
-    return value
 
 
 def http_config(args: argparse.Namespace) -> HttpConfig | None:

@@ -114,9 +114,12 @@ def export_bundle(request: ExportRequest) -> Bundle:
     out = Path(request.out)
     if out.exists():
         raise BundleError(f"{out}: already exists; remove it or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_interrupted_exports(out)
-    staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_interrupted_exports(out)
+        staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{out.name}.partial-", dir=out.parent))
+    except OSError as error:
+        raise BundleError(f"{out}: cannot write a bundle there ({error}); choose another --out") from None
     try:
         write_manifest(staging, _write_contents(request, staging))
         staging.chmod(_directory_mode())  # mkdtemp makes it private (0700); a bundle is read like its files

@@ -21,7 +21,9 @@ _LOG = logging.getLogger(__name__)
 def build_bundle_engines(bundle_dir: str | Path, device: int = 0, graphs: tuple[str, ...] = ()) -> Bundle:
     """Builds an engine per graph (all by default) into `BUNDLE/engines/` and lists it in the manifest.
 
-    The manifest is rewritten once, after every engine is built, so an interrupted build leaves it unchanged.
+    An engine being built is not listed: the manifest drops a graph's old engine before its files are overwritten
+    and lists the new one once it is complete, so an interrupted or failed build leaves a bundle that opens (the
+    graphs not yet built are built on first use, as without prebuilt engines).
     """
     require_tensorrt()
     bundle = Bundle.open(bundle_dir)
@@ -29,16 +31,24 @@ def build_bundle_engines(bundle_dir: str | Path, device: int = 0, graphs: tuple[
     engines = dict(bundle.manifest.engines)
     files = dict(bundle.manifest.files)
     (bundle.root / ENGINES_DIR).mkdir(exist_ok=True)
+
+    def record_in_manifest() -> None:
+        write_manifest(bundle.root, dataclasses.replace(bundle.manifest, engines=engines, files=files))
+
     for index, name in enumerate(names, start=1):
         graph = bundle.graph(name)
         onnx_files = [bundle.file(relative) for relative in graph.files]
         engine_path = bundle.root / ENGINES_DIR / f"{name}.engine"
+        written = [path.relative_to(bundle.root).as_posix() for path in (engine_path, record_path(engine_path))]
+        if engines.pop(name, None) is not None:
+            for relative in written:
+                files.pop(relative, None)
+            record_in_manifest()
         _LOG.info("engine %d/%d: %s", index, len(names), name)
         record, _ = build_engine(
             graph.spec, OnnxSource(onnx_files[0], tuple(onnx_files[1:])), engine_path, device=device
         )
         engines[name] = record.manifest_entry()
-        for path in (engine_path, record_path(engine_path)):
-            files[path.relative_to(bundle.root).as_posix()] = file_record(path)
-    write_manifest(bundle.root, dataclasses.replace(bundle.manifest, engines=engines, files=files))
+        files.update({relative: file_record(bundle.root / relative) for relative in written})
+        record_in_manifest()
     return Bundle.open(bundle.root)

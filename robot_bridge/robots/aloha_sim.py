@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cosmos_edge.runtime.errors import ConfigError, InputError
+from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError
 from cosmos_edge.runtime.policy.api import Observation
 
 SIM_TASKS: dict[str, str] = {
@@ -141,5 +141,5 @@ def _import_gym_aloha() -> Any:
         import gym_aloha  # noqa: F401  (registers the env ids)
         import gymnasium
     except ImportError as e:
-        raise ImportError("aloha_sim needs gym-aloha; install the sim extra: pip install 'cosmos-edge[sim]'") from e
+        raise EngineError(f"aloha_sim needs gym-aloha ({e}); pip install 'cosmos-edge[sim]'") from None
     return gymnasium

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from cosmos_edge.runtime.bundle.sources import CheckpointFiles
+from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.models.dit_checkpoint import random_dit_state_dict
 from cosmos_edge.runtime.models.dit_config import dit_config
 from cosmos_edge.runtime.models.dtypes import TORCH_DTYPES
@@ -45,7 +46,10 @@ class RandomAssetsSpec:
 def write_random_assets(out_dir: str | Path, spec: RandomAssetsSpec = RandomAssetsSpec()) -> CheckpointFiles:
     """Writes a random official-format model for `spec.platform` into `out_dir` and returns its file paths."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"{out}: cannot write the model files there ({error}); choose another --out") from None
     platform = platform_spec(spec.platform)
     dtype = TORCH_DTYPES[spec.dtype]
     dit = dit_config(spec.config)

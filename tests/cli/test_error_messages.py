@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -112,6 +113,14 @@ CASES: dict[str, Case] = {
         act(f, t, observation_path=_corrupt_member(t)),
         "corrupt.npz: not a readable .npz",
     ),
+    "export into a file's place": lambda f, t: (
+        ["export", *files_args(f), "--out", str(write(t, "afile", b"x") / "bundle"), "--precision", "fp32"],
+        "afile/bundle: cannot write a bundle there",
+    ),
+    "random model into a file's place": lambda f, t: (
+        ["checkpoint", "random", "--out", str(write(t, "afile", b"x") / "model")],
+        "afile/model: cannot write the model files there",
+    ),
     "client timeout infinite": lambda f, t: (["client", "ping", "--timeout", "inf"], "--timeout"),
     "client endpoint without a scheme": lambda f, t: (["client", "ping", "--endpoint", "localhost:5555"], "--endpoint"),
 }
@@ -168,3 +177,20 @@ def test_message_limits_must_be_finite_sizes(value: str, capsys: pytest.CaptureF
         main(["serve", "--max-message-mb", value])
     assert exited.value.code == 2
     assert "argument --max-message-mb: expected a" in capsys.readouterr().err
+
+
+def test_the_demo_without_the_sim_extra_says_so_before_writing_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "gym_aloha", None)  # an import of it fails, as when it is not installed
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "demo needs gym_aloha" in lines[0] and "cosmos-edge[sim]" in lines[0], lines
+    assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("argv", [["demo", "--steps", "0"], ["demo", "--chunks", "-1"]])
+def test_demo_counts_must_be_positive(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2 and "expected an integer > 0" in capsys.readouterr().err

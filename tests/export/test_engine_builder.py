@@ -1,14 +1,20 @@
-"""`engines build` without TensorRT: a clear error, and the bundle left as it was."""
+"""`engines build` without TensorRT: a clear error, and the bundle left as it was; an interrupted build (with a
+stand-in for the TensorRT builder) leaves a bundle that opens."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from cosmos_edge.cli.main import main
+from cosmos_edge.export import engine_builder
+from cosmos_edge.runtime.bundle.manifest import Bundle
+from cosmos_edge.runtime.engines.graph import GraphSpec
 from cosmos_edge.runtime.engines.tensorrt.build import tensorrt_version
+from cosmos_edge.runtime.engines.tensorrt.cache import record_path
 
 pytestmark = pytest.mark.skipif(
     tensorrt_version() is not None,
@@ -26,3 +32,40 @@ def test_engines_build_without_tensorrt_fails_cleanly(
     assert "tensorrt" in error.lower() and "not installed" in error
     assert (bundle / "manifest.json").read_text() == manifest
     assert not (bundle / "engines").exists()
+
+
+class _Record:
+    """The part of an engine record the bundle builder reads."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+
+    def manifest_entry(self) -> dict[str, object]:
+        return {"file": self.file}
+
+
+def test_an_interrupted_rebuild_leaves_a_bundle_that_opens(
+    tiny_bundles: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = Path(shutil.copytree(tiny_bundles("libero"), tmp_path / "bundle"))
+    interrupt_on: list[str] = []
+
+    def build_engine(spec: GraphSpec, onnx: object, engine_path: Path, device: int = 0) -> tuple[_Record, bytes]:
+        engine_path.write_bytes(b"half an engine")  # overwritten in place, as a real build does
+        if spec.name in interrupt_on:
+            raise KeyboardInterrupt
+        engine_path.write_bytes(f"engine of {spec.name}".encode())
+        record_path(engine_path).write_text("{}")
+        return _Record(engine_path.name), b""
+
+    monkeypatch.setattr(engine_builder, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(engine_builder, "build_engine", build_engine)
+    names = sorted(Bundle.open(bundle).manifest.graphs)
+    assert sorted(engine_builder.build_bundle_engines(bundle).manifest.engines) == names
+
+    interrupt_on.append(names[1])
+    with pytest.raises(KeyboardInterrupt):
+        engine_builder.build_bundle_engines(bundle)
+    reopened = Bundle.open(bundle)  # every file it lists is whole
+    assert sorted(reopened.manifest.engines) == [name for name in names if name != names[1]]
+    assert reopened.file(f"engines/{names[0]}.engine").read_bytes() == f"engine of {names[0]}".encode()

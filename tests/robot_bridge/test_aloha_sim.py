@@ -11,7 +11,7 @@ from cosmos_edge.robot_bridge.controller.chunk_source import ActParams, Threaded
 from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor, ExecutorConfig
 from cosmos_edge.robot_bridge.controller.safety import SafetyConfig, SafetyFilter
 from cosmos_edge.robot_bridge.robots.aloha_sim import AlohaSimRobot
-from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.errors import ConfigError, EngineError
 from cosmos_edge.runtime.platforms import platform_spec
 
 START = np.array([0.0, -0.96, 1.16, 0.0, -0.3, 0.0, 0.5] * 2)
@@ -75,7 +75,7 @@ def test_create_rejects_bad_arguments_before_importing(kwargs: dict, match: str)
 
 def test_missing_gym_aloha_names_the_sim_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "gym_aloha", None)
-    with pytest.raises(ImportError, match=r"cosmos-edge\[sim\]"):
+    with pytest.raises(EngineError, match=r"cosmos-edge\[sim\]"):
         AlohaSimRobot.create()
 
 
