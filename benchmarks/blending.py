@@ -82,9 +82,7 @@ class ScriptedSource:
             trajectory = trajectory + self._rng.normal(0.0, 0.02, trajectory.shape) * ARM
         self._count += 1
         due = request.capture_ns + LATENCY_TICKS * PERIOD_NS
-        chunk = Chunk(
-            request.obs_id, request.first_tick, trajectory.astype(np.float32), 0.5, {}, request.capture_ns, due
-        )
+        chunk = Chunk(request.obs_id, request.first_tick, trajectory.astype(np.float32), 0.5, {}, request.capture_ns)
         self._pending = (due, chunk)
 
     def poll(self) -> Outcome | None:
