@@ -12,6 +12,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from cosmos_edge.robot_bridge.curve import ServerCurve, start_authenticator
+from cosmos_edge.robot_bridge.endpoints import parse_endpoint
 from cosmos_edge.robot_bridge.protocol import WireLimits
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE
@@ -49,7 +50,6 @@ class ServerConfig:
         if self.max_pending < 1:
             raise ConfigError(f"max_pending: expected >= 1, got {self.max_pending}")
         check_shutdown_timeout(self.shutdown_timeout_s)
-        _check_port(self.endpoint)
         if not is_local_endpoint(self.endpoint) and self.curve is None and not self.insecure_bind_all:
             raise ConfigError(
                 f"endpoint: {self.endpoint!r} is reachable from other machines, and without CURVE keys anyone there "
@@ -65,26 +65,13 @@ def check_shutdown_timeout(seconds: float) -> None:
 
 def is_local_endpoint(endpoint: str) -> bool:
     """True for endpoints only this machine can reach: loopback TCP, `ipc://` (file permissions) and `inproc://`."""
-    scheme, separator, address = endpoint.partition("://")
-    if not separator or scheme not in ("tcp", "ipc", "inproc"):
-        raise ConfigError(f"endpoint: expected tcp://, ipc:// or inproc://, got {endpoint!r}")
-    if scheme != "tcp":
-        return True
-    host = address.rpartition(":")[0].strip("[]")
-    if host == "localhost":
+    parsed = parse_endpoint(endpoint, wildcard_port=True)
+    if parsed.scheme != "tcp" or parsed.host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(parsed.host).is_loopback
     except ValueError:  # "*", an interface name or a host name: assume reachable
         return False
-
-
-def _check_port(endpoint: str) -> None:
-    # libzmq takes a TCP port modulo 65536: tcp://localhost:99999 would quietly bind port 34463.
-    scheme, _, address = endpoint.partition("://")
-    port = address.rpartition(":")[2]
-    if scheme == "tcp" and port != "*" and not (port.isdigit() and int(port) <= 65535):
-        raise ConfigError(f"endpoint: expected tcp://HOST:PORT with a port in 0..65535 or '*', got {endpoint!r}")
 
 
 class BoundRouter:

@@ -25,6 +25,7 @@ import numpy as np
 import zmq
 
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, check_key
+from cosmos_edge.robot_bridge.endpoints import parse_endpoint
 from cosmos_edge.robot_bridge.protocol import (
     MAX_TIMEOUT_MS,
     ActReply,
@@ -94,7 +95,7 @@ class PolicyClient:
             raise ConfigError("server_public_key and client_keys: CURVE needs both (the server admits listed keys)")
         if server_public_key is not None:
             check_key("server_public_key", server_public_key)
-        _check_endpoint(endpoint)
+        parse_endpoint(endpoint, wildcard_port=False)  # refused now, not at the first call
         self._endpoint = endpoint
         self._timeout_s = timeout_s
         self._server_public_key = server_public_key
@@ -260,19 +261,6 @@ class PolicyClient:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
-
-
-def _check_endpoint(endpoint: str) -> None:
-    # libzmq takes a TCP port modulo 65536, and refuses an address without a scheme only when connecting.
-    scheme, separator, address = endpoint.partition("://")
-    host, _, port = address.rpartition(":")
-    if scheme == "tcp" and host and port.isdigit() and int(port) <= 65535:
-        return
-    if separator and scheme in ("ipc", "inproc") and address:
-        return
-    raise ConfigError(
-        f"endpoint: expected tcp://HOST:PORT (port 0..65535), ipc://PATH or inproc://NAME, got {endpoint!r}"
-    )
 
 
 def _remaining_ms(deadline: float) -> int:

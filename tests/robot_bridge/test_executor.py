@@ -412,17 +412,23 @@ def test_priority_applies_to_the_control_thread_during_run_only(caplog: pytest.L
     executor, robot, _, _ = make(realtime_priority=10, nice=5)
     seen: list[tuple[int, int]] = []
     robot.on_command = lambda n: seen.append((os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)))
+    after: list[tuple[int, int]] = []
+
+    def control_thread() -> None:  # a thread of its own: a niceness that cannot be lowered back stays with it
+        executor.run(3)
+        after.append((os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)))
+
     before = (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0))
     with caplog.at_level(logging.WARNING, logger="cosmos_edge.robot_bridge.controller.executor"):
-        executor.run(3)
-    if "could not restore the control thread's niceness" in caplog.text:  # unprivileged: it cannot be lowered back
-        assert seen == [(before[0], 5)] * 3
-        return
-    assert (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)) == before
+        thread = threading.Thread(target=control_thread)
+        thread.start()
+        thread.join()
     if "SCHED_FIFO 10 refused" in caplog.text:
         assert seen == [(before[0], 5)] * 3  # fell back to nice
     else:
         assert seen == [(os.SCHED_FIFO, before[1])] * 3
+    if "could not restore" not in caplog.text:  # unprivileged, a raised niceness stays (and is warned about)
+        assert after == [before]
 
 
 def test_precise_sleep_wakes_at_the_deadline() -> None:
@@ -640,6 +646,15 @@ def test_non_finite_actions_do_not_spoil_the_blend_or_the_lowpass() -> None:
     assert np.isfinite(faded[11:]).all()  # the old chunk's non-finite last action is not faded from,
     assert np.abs(np.diff(faded[10:])).max() <= 1 / 9 + 1e-9  # the pose commanded at the switch is
     assert BlendConfig(scheme="crossfade").scheme is BlendScheme.CROSSFADE  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("scheme", [BlendScheme.CROSSFADE, BlendScheme.ENSEMBLE])
+def test_a_non_finite_old_action_never_pulls_the_command_back(scheme: BlendScheme) -> None:
+    ramp = 0.05 * np.arange(60, dtype=np.float64)[:, None]
+    old = ramp.copy()
+    old[26] = np.nan  # inside the new chunk's blend window
+    commands = blend_run(ChunkBlender(BlendConfig(scheme)), {0: old, 20: ramp[20:] + 0.1}, 40)
+    assert np.isfinite(commands).all() and (np.diff(commands) >= 0).all()  # the old chunk pauses, never goes back
 
 
 def test_adaptive_prefetch_covers_the_measured_latency() -> None:

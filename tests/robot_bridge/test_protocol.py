@@ -170,6 +170,16 @@ def test_non_contiguous_arrays_are_sent_contiguous() -> None:
     assert (decoded.images["cam_high"] == 9).all()
 
 
+def test_a_map_key_that_is_not_a_string_is_named_as_such() -> None:
+    frames = bytes_of(PingRequest(9).to_frames())
+    header = msgpack.unpackb(frames[0])
+    bad = msgpack.packb({**header, "fields": {b"torque": 1}}, use_bin_type=True)
+    with pytest.raises(MessageError) as caught:
+        decode_request([bad])
+    assert caught.value.code is ErrorCode.MALFORMED
+    assert str(caught.value).startswith("header: expected map keys that are strings, got a bytes key b'torque'")
+
+
 def test_a_request_kind_is_not_a_reply() -> None:
     frames = bytes_of(PingRequest(9).to_frames())
     with pytest.raises(MessageError) as caught:
