@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from importlib import metadata
+from typing import NoReturn
 
 from cosmos_edge.cli import (
     act_cmd,
@@ -52,8 +53,18 @@ class _DefaultsInHelp(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as the other errors are: one `cosmos-edge: error:` line naming the command and the argument, and
+    where the usage is, instead of the whole usage first. Subcommand parsers are of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("cosmos-edge").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"cosmos-edge: error: {where}{message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cosmos-edge", description=DESCRIPTION)
+    parser = _Parser(prog="cosmos-edge", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"%(prog)s {metadata.version('cosmos-edge')}")
     subparsers = parser.add_subparsers(dest="command", required=True)

@@ -53,7 +53,8 @@ class ServerConfig:
         if not is_local_endpoint(self.endpoint) and self.curve is None and not self.insecure_bind_all:
             raise ConfigError(
                 f"endpoint: {self.endpoint!r} is reachable from other machines, and without CURVE keys anyone there "
-                "could command the robot; bind 127.0.0.1, configure CURVE, or pass insecure_bind_all explicitly"
+                "could command the robot; bind 127.0.0.1, configure CURVE, or pass insecure_bind_all explicitly "
+                "(serve --insecure-bind-all)"
             )
 
 

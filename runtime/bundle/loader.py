@@ -145,8 +145,10 @@ def planning_candidates(
     the batch sizes; without one, the most candidates up to `default` that fit are used, and none below
     min(2, default) (planning over one candidate of several would only repeat the reactive chunk).
     """
+    if requested is not None and requested < 1:
+        raise ConfigError(f"num_candidates (--num-candidates): expected at least 1, got {requested}")
     if isinstance(source, CheckpointSource):
-        return requested or default
+        return default if requested is None else requested
     bundle = Bundle.open(source.path)
     available = {bundle.manifest.graphs[name].batch for name in bundle.graph_names("dit")}
     workers = len(devices or [_default_device(source)])

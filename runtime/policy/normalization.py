@@ -73,8 +73,8 @@ class DatasetStats:
             raw = json.loads(path.read_text())
         except OSError as error:
             raise ConfigError(f"dataset statistics {path}: cannot read: {error}") from error
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"dataset statistics {path}: not valid JSON: {error}") from error
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:  # a binary file (a checkpoint given by mistake)
+            raise ConfigError(f"dataset statistics {path}: not a JSON text file: {error}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"dataset statistics {path}: expected a JSON object, got {type(raw).__name__}")
         missing = [name for name in REQUIRED_KEYS if name not in raw]

@@ -121,6 +121,8 @@ CASES: dict[str, Case] = {
         ["checkpoint", "random", "--out", str(write(t, "afile", b"x") / "model")],
         "afile/model: cannot write the model files there",
     ),
+    "no candidates": lambda f, t: (act(f, t, "--mode", "planning", "--num-candidates", "0"), "--num-candidates"),
+    "a checkpoint given as the statistics": lambda f, t: (act(f, t, stats=f.tokenizer), str(f.tokenizer)),
     "client timeout infinite": lambda f, t: (["client", "ping", "--timeout", "inf"], "--timeout"),
     "client endpoint without a scheme": lambda f, t: (["client", "ping", "--endpoint", "localhost:5555"], "--endpoint"),
 }
@@ -194,3 +196,19 @@ def test_demo_counts_must_be_positive(argv: list[str], capsys: pytest.CaptureFix
     with pytest.raises(SystemExit) as exited:
         main(argv)
     assert exited.value.code == 2 and "expected an integer > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["act", "--seed", "abc"], "act: argument --seed: invalid int value: 'abc'"),
+        (["export", "--precision", "fp8"], "export: argument --precision: invalid choice: 'fp8'"),
+        (["client", "act"], "client act: the following arguments are required"),
+    ],
+)
+def test_usage_errors_are_one_line_too(argv: list[str], named: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and len(lines) == 1 and lines[0].startswith("cosmos-edge: error: "), lines
+    assert named in lines[0] and lines[0].endswith("--help)")

@@ -99,7 +99,7 @@ def test_file_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         DatasetStats.from_json(tmp_path / "absent.json", platform)
     (tmp_path / "bad.json").write_text("{")
-    with pytest.raises(ConfigError, match="not valid JSON"):
+    with pytest.raises(ConfigError, match="not a JSON text file"):
         DatasetStats.from_json(tmp_path / "bad.json", platform)
     data = _official_json(platform)
     del data["proprio_max"]
