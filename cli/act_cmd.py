@@ -102,6 +102,10 @@ def _act(args: argparse.Namespace) -> int:
             raise ConfigError(
                 "--mode planning: the bundle's DiT batch sizes serve no planning (re-export with --batch-sizes)"
             )
+        if candidates < preset and args.num_queries_best_of_n is None:
+            print(
+                f"planning: best of {candidates}, not the preset's {preset}: the bundle's DiT batch sizes allow no more"
+            )
         planning = planning_config(args, num_queries_best_of_n=candidates)
     with load_policies(
         source,

@@ -153,7 +153,10 @@ def _run_demo(args: argparse.Namespace) -> int:
     with loaded, serving_in_thread(server) as endpoint:
         print(f"      serving on {endpoint}")
         ticks = args.chunks * loaded.reactive.platform.chunk_size
-        print(f"[3/4] running gym-aloha ({DEMO_TASK}) for {args.chunks} chunks ({ticks} ticks of simulated time)")
+        print(
+            f"[3/4] running gym-aloha ({DEMO_TASK}) for {ticks} ticks of simulated time ({args.chunks} chunks' worth "
+            "of actions; the executor asks for the next chunk before the one in hand runs out)"
+        )
         sim = AlohaSimRobot.create(DEMO_TASK, seed=args.seed, control_rate_hz=25.0)
         robot = RecordingRobot(AlohaWireCameras(sim), sim.overhead_frame)
         safety = SafetyFilter(SafetyConfig())
@@ -186,10 +189,12 @@ def _print_boundaries(executor: ChunkExecutor) -> None:
     print(
         f"chunk boundaries: {stats.boundaries} ({blend.scheme.value}, {blend.window_ticks} ticks); largest per-tick "
         f"joint change at a boundary, rad: hard switch p50 {stats.raw_jump_p50:.3f} max {stats.raw_jump_max:.3f}, "
-        f"commanded p50 {stats.commanded_jump_p50:.3f} max {stats.commanded_jump_max:.3f}; "
+        f"commanded p50 {stats.commanded_jump_p50:.3f} max {stats.commanded_jump_max:.3f} (grippers included: only "
+        "arm joints are limited, 0.15 rad per tick from the measured pose); "
         f"safety-limited ticks in the windows: {stats.safety_ticks}"
     )
-    latency = "n/a" if executor.latency_ms is None else f"{executor.latency_ms:.0f} ms of simulated time"
+    # The simulation waits for each reply (lockstep), so the round trip it sees is short in simulated time.
+    latency = "n/a" if executor.latency_ms is None else f"{executor.latency_ms:.0f} ms of simulated time (lockstep)"
     print(
         f"inference round trip: {latency}; prefetch at {executor.prefetch_threshold} actions left; "
         f"starved ticks: {executor.counters.starved_ticks}"

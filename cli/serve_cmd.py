@@ -262,6 +262,12 @@ def _policies(args: argparse.Namespace) -> LoadedPolicies:
     candidates = planning_candidates(source, devices, args.num_queries_best_of_n, preset)
     if candidates is None:
         _LOG.warning("serving the reactive mode only: the bundle's DiT batch sizes serve no planning over the devices")
+    elif candidates < preset and args.num_queries_best_of_n is None:
+        _LOG.warning(
+            "planning mode: best of %d, not the preset's %d: the bundle's DiT batch sizes allow no more",
+            candidates,
+            preset,
+        )
     else:
         _LOG.info("planning mode: best of %d candidates", candidates)
     planning = None if candidates is None else planning_config(args, num_queries_best_of_n=candidates)

@@ -43,8 +43,9 @@ if TYPE_CHECKING:
 _LOG = logging.getLogger(__name__)
 
 TENSORRT_MISSING = (
-    "backend 'tensorrt' is not installed: install TensorRT >= 10 (pip install tensorrt-cu12 on a CUDA machine), "
-    "or serve the bundle's ONNX graphs with `act`/`serve --backend onnxruntime`"
+    "backend 'tensorrt' is not installed: install TensorRT >= 10 and cuda-python on a machine with an NVIDIA GPU "
+    "(pip install 'cosmos-edge[tensorrt,gpu]'), or serve the bundle's ONNX graphs with `act`/`serve --backend "
+    "onnxruntime`"
 )
 _PROGRESS_INTERVAL_S = 30.0
 # Fused attention as TensorRT 10 names it in the engine inspector: Myelin's `_gemm_mha_v2_myl0_17` layers (tactic
@@ -72,7 +73,7 @@ def require_tensorrt() -> str:
         raise EngineError(TENSORRT_MISSING)
     if int(version.split(".")[0]) < 10:
         raise EngineError(
-            f"backend 'tensorrt': expected TensorRT >= 10, got {version}: upgrade it (pip install tensorrt-cu12 on a "
+            f"backend 'tensorrt': expected TensorRT >= 10, got {version}: upgrade it (pip install --upgrade 'cosmos-edge[tensorrt]' on a "
             "CUDA machine), or serve the bundle's ONNX graphs with `act`/`serve --backend onnxruntime`"
         )
     return version
