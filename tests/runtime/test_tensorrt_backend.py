@@ -72,10 +72,7 @@ def test_runner_without_tensorrt_says_what_to_install(no_tensorrt: None, tmp_pat
     with pytest.raises(EngineError) as raised:
         TensorRTRunner.from_onnx(ATTENTION, OnnxSource(tmp_path / "a.onnx"), tmp_path)
     assert str(raised.value) == TENSORRT_MISSING
-    assert str(raised.value) == (
-        "backend 'tensorrt' is not installed: install TensorRT >= 10 (pip install tensorrt-cu12 on a CUDA machine), "
-        "or serve the bundle's ONNX graphs with `act`/`serve --backend onnxruntime`"
-    )
+    assert "pip install 'cosmos-edge[tensorrt,gpu]'" in TENSORRT_MISSING and "--backend onnxruntime" in TENSORRT_MISSING
     with pytest.raises(EngineError, match="backend 'tensorrt' is not installed"):
         TensorRTRunner.from_engine(ATTENTION, tmp_path / "a.engine")
 

@@ -73,8 +73,9 @@ def require_tensorrt() -> str:
         raise EngineError(TENSORRT_MISSING)
     if int(version.split(".")[0]) < 10:
         raise EngineError(
-            f"backend 'tensorrt': expected TensorRT >= 10, got {version}: upgrade it (pip install --upgrade 'cosmos-edge[tensorrt]' on a "
-            "CUDA machine), or serve the bundle's ONNX graphs with `act`/`serve --backend onnxruntime`"
+            f"backend 'tensorrt': expected TensorRT >= 10, got {version}: upgrade it (pip install --upgrade "
+            "'cosmos-edge[tensorrt]' on a CUDA machine), or serve the bundle's ONNX graphs with `act`/`serve --backend "
+            "onnxruntime`"
         )
     return version
 
