@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cosmos_edge.cli.arg_types import positive_int
 from cosmos_edge.cli.model_source import model_source
 from cosmos_edge.cli.npz_files import output_path, read_observation, write_npz
 from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config
@@ -43,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--steps",
-        type=int,
+        type=positive_int,
         default=None,
         help="denoising steps of the action pass (default: the platform's; in planning mode, the planning options')",
     )

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from cosmos_edge.cli.arg_types import positive_int
 from cosmos_edge.cli.npz_files import output_path, read_observation, write_npz
 from cosmos_edge.robot_bridge.client import PolicyClient
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, load_public_key
@@ -55,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     act.add_argument("--task", required=True, help="the instruction, as the server lists it")
     act.add_argument("--mode", help="answer in this mode (default: the server's)")
     act.add_argument("--seed", type=int, help="default: the server's (195, as the official code)")
-    act.add_argument("--steps", type=int, help="denoising steps (default: the platform's)")
+    act.add_argument("--steps", type=positive_int, help="denoising steps (default: the platform's)")
     act.add_argument(
         "--return-all-query-results",
         action="store_true",

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import enum
 
+from cosmos_edge.cli.arg_types import positive_int
 from cosmos_edge.runtime.policy.planning_config import PRESETS, PlanningConfig, planning_preset
 
 _FIELDS = dataclasses.fields(PlanningConfig)
@@ -35,10 +36,10 @@ def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif isinstance(default, enum.Enum):
             group.add_argument(flag, choices=[member.value for member in type(default)], help=help_text)
-        else:
-            group.add_argument(flag, type=int, help=help_text)
+        else:  # every int option is a count
+            group.add_argument(flag, type=positive_int, help=help_text)
     group.add_argument(
-        "--num-candidates", dest="num_queries_best_of_n", type=int, help="the same as --num-queries-best-of-n"
+        "--num-candidates", dest="num_queries_best_of_n", type=positive_int, help="the same as --num-queries-best-of-n"
     )
     group.add_argument(
         "--planning-deadline-ms",

@@ -121,7 +121,6 @@ CASES: dict[str, Case] = {
         ["checkpoint", "random", "--out", str(write(t, "afile", b"x") / "model")],
         "afile/model: cannot write the model files there",
     ),
-    "no candidates": lambda f, t: (act(f, t, "--mode", "planning", "--num-candidates", "0"), "--num-candidates"),
     "a checkpoint given as the statistics": lambda f, t: (act(f, t, stats=f.tokenizer), str(f.tokenizer)),
     "client timeout infinite": lambda f, t: (["client", "ping", "--timeout", "inf"], "--timeout"),
     "client endpoint without a scheme": lambda f, t: (["client", "ping", "--endpoint", "localhost:5555"], "--endpoint"),
@@ -204,6 +203,8 @@ def test_demo_counts_must_be_positive(argv: list[str], capsys: pytest.CaptureFix
         (["act", "--seed", "abc"], "act: argument --seed: invalid int value: 'abc'"),
         (["export", "--precision", "fp8"], "export: argument --precision: invalid choice: 'fp8'"),
         (["client", "act"], "client act: the following arguments are required"),
+        (["act", "--num-candidates", "0"], "act: argument --num-candidates: expected an integer > 0, got '0'"),
+        (["serve", "--search-depth", "-1"], "serve: argument --search-depth: expected an integer > 0, got '-1'"),
     ],
 )
 def test_usage_errors_are_one_line_too(argv: list[str], named: str, capsys: pytest.CaptureFixture[str]) -> None:

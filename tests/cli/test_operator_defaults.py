@@ -61,3 +61,5 @@ def test_planning_from_a_bundle_uses_the_candidates_its_batch_sizes_serve(tiny_b
 def test_planning_from_checkpoint_files_takes_any_number(tiny_assets: dict[str, CheckpointFiles]) -> None:
     source = CheckpointSource(tiny_assets["aloha"])
     assert planning_candidates(source, None, None, 8) == 8 and planning_candidates(source, None, 5, 8) == 5
+    with pytest.raises(ConfigError, match=r"--num-candidates\): expected at least 1, got 0"):
+        planning_candidates(source, None, 0, 8)  # not the preset's 8 in its place
