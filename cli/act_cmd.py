@@ -11,7 +11,7 @@ import numpy as np
 from cosmos_edge.cli.arg_types import positive_int
 from cosmos_edge.cli.model_source import model_source
 from cosmos_edge.cli.npz_files import output_path, read_observation, write_npz
-from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config
+from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config, planning_flags_given
 from cosmos_edge.runtime.bundle.loader import load_policies, planning_candidates
 from cosmos_edge.runtime.engines.registry import GRAPH_BACKENDS
 from cosmos_edge.runtime.errors import ConfigError
@@ -96,6 +96,10 @@ def _act(args: argparse.Namespace) -> int:
     devices = [args.device] if args.device else None
     source = model_source(args, devices or [], reference=args.reference)
     planning = None
+    if args.mode != "planning" and (given := planning_flags_given(args)):
+        raise ConfigError(
+            f"{given[0]}: a planning option, which needs --mode planning (planning options given: {given})"
+        )
     if args.mode == "planning":
         preset = PRESETS[args.planning_preset].num_queries_best_of_n
         candidates = planning_candidates(source, devices, args.num_queries_best_of_n, preset)

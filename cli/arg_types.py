@@ -26,3 +26,14 @@ def mebibytes(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a finite number of MiB > 0, got {text!r}")
     return value
+
+
+def positive_milliseconds(text: str) -> float:
+    """A finite duration in milliseconds, above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of milliseconds, got {text!r}")
+    return value

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import enum
 
-from cosmos_edge.cli.arg_types import positive_int
+from cosmos_edge.cli.arg_types import positive_int, positive_milliseconds
 from cosmos_edge.runtime.policy.planning_config import PRESETS, PlanningConfig, planning_preset
 
 _FIELDS = dataclasses.fields(PlanningConfig)
@@ -43,24 +43,21 @@ def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--planning-deadline-ms",
-        type=_positive_milliseconds,
+        type=positive_milliseconds,
         help="answer a planning query within this many ms of its start (plus the DiT call in flight): the best "
         "candidate scored by then, or the base candidate's unranked action pass; the reply says which. With a "
         "deadline each device scores its candidates one at a time instead of as one batch (default: none)",
     )
 
 
-def _positive_milliseconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of milliseconds, got {text!r}")
-    return value
-
-
 def planning_config(args: argparse.Namespace, **replaced: object) -> PlanningConfig:
     """The preset with every planning flag the user gave (and `replaced`) applied."""
     given = {field.name: getattr(args, field.name) for field in _FIELDS if getattr(args, field.name) is not None}
     return planning_preset(args.planning_preset, **(given | replaced))
+
+
+def planning_flags_given(args: argparse.Namespace) -> list[str]:
+    """The planning flags on the command line (a preset other than the default counts as one)."""
+    flags = [f"--{field.name.replace('_', '-')}" for field in _FIELDS if getattr(args, field.name) is not None]
+    flags += ["--planning-deadline-ms"] if args.planning_deadline_ms is not None else []
+    return flags + (["--planning-preset"] if args.planning_preset != "main" else [])

@@ -121,6 +121,10 @@ CASES: dict[str, Case] = {
         ["checkpoint", "random", "--out", str(write(t, "afile", b"x") / "model")],
         "afile/model: cannot write the model files there",
     ),
+    "a planning option in reactive mode": lambda f, t: (
+        act(f, t, "--num-candidates", "4"),
+        "--num-queries-best-of-n: a planning option, which needs --mode planning",
+    ),
     "a checkpoint given as the statistics": lambda f, t: (act(f, t, stats=f.tokenizer), str(f.tokenizer)),
     "client timeout infinite": lambda f, t: (["client", "ping", "--timeout", "inf"], "--timeout"),
     "client endpoint without a scheme": lambda f, t: (["client", "ping", "--endpoint", "localhost:5555"], "--endpoint"),
