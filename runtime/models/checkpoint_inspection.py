@@ -33,7 +33,12 @@ def _dit_report(path: Path, state: dict) -> dict[str, Any]:
     try:
         summary = summarize_dit_state_dict(state)
     except CheckpointError as error:
-        raise CheckpointError(f"{path}: not a Cosmos-Predict2 DiT or a Wan2.1 VAE checkpoint: {error}") from error
+        hint = (
+            " (instruction embeddings? `cosmos-edge text-embeddings list` reads those)"
+            if path.suffix == ".safetensors"
+            else ""
+        )
+        raise CheckpointError(f"{path}: not a Cosmos-Predict2 DiT or a Wan2.1 VAE checkpoint{hint}: {error}") from None
     problems = [f"missing key {key}" for key in summary["missing_keys"]]
     problems += [f"unexpected key {key}" for key in summary["unexpected_keys"]]
     return {"path": str(path), "network": "dit", **summary, "problems": problems}

@@ -121,6 +121,10 @@ CASES: dict[str, Case] = {
         ["checkpoint", "random", "--out", str(write(t, "afile", b"x") / "model")],
         "afile/model: cannot write the model files there",
     ),
+    "a JSON file as the checkpoint": lambda f, t: (
+        act(f, t, checkpoint=f.stats),
+        f"{f.stats}: not a PyTorch checkpoint",
+    ),
     "a planning option in reactive mode": lambda f, t: (
         act(f, t, "--num-candidates", "4"),
         "--num-queries-best-of-n: a planning option, which needs --mode planning",
