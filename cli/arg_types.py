@@ -19,21 +19,19 @@ def positive_int(text: str) -> int:
 
 def mebibytes(text: str) -> float:
     """A finite size in MiB, above zero."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of MiB, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number of MiB > 0, got {text!r}")
-    return value
+    return _positive_finite(text, "MiB")
 
 
 def positive_milliseconds(text: str) -> float:
     """A finite duration in milliseconds, above zero."""
+    return _positive_finite(text, "milliseconds")
+
+
+def _positive_finite(text: str, unit: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number of milliseconds, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive finite number of {unit}, got {text!r}")
     return value

@@ -103,8 +103,8 @@ class TorchDiT:
 
     Its bound network takes x and the mask as tensors on its device (`arrays`) and returns one there, so the sampler
     runs there without a host round trip per call; host arrays are accepted too (and answered with host arrays). The
-    timesteps are always a host array (`NetworkFn`). Calls run one at a time: a
-    planning worker stopped by its deadline may still be in its last call when the next query starts."""
+    timesteps are always a host array (`NetworkFn`). Calls run one at a time: a planning worker stopped by its
+    deadline may still be in its last call when the next query starts."""
 
     def __init__(self, dit: CosmosDiT, device: torch.device, compile_mode: str | None = None) -> None:
         self._dit = dit.eval()

@@ -43,4 +43,4 @@ def test_a_deadline_must_be_a_positive_number_of_milliseconds(value: str, capsys
     with pytest.raises(SystemExit) as exit_info:
         main(["act", "--mode", "planning", "--planning-deadline-ms", value])
     assert exit_info.value.code == 2
-    assert "--planning-deadline-ms: expected a positive number of milliseconds" in capsys.readouterr().err
+    assert "--planning-deadline-ms: expected a positive finite number of milliseconds" in capsys.readouterr().err

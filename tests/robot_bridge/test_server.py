@@ -389,17 +389,26 @@ def test_a_flood_of_bad_requests_is_answered_but_not_logged_line_by_line(
     assert 1 <= len(lines) <= windows
 
 
+def one_running_one_waiting(
+    context: zmq.Context[zmq.Socket[bytes]], endpoint: str, policy: StubPolicy
+) -> tuple[RawController, int, RawController]:
+    """A controller whose request the gated `policy` is computing (with its request id), and another whose request
+    the server has queued behind it."""
+    running = RawController(context, endpoint)
+    request_id = running.act(1.0)
+    assert policy.started.wait(TIMEOUT_S)
+    waiting = RawController(context, endpoint)
+    waiting.act(2.0)
+    waiting.barrier()
+    return running, request_id, waiting
+
+
 def test_stop_answers_waiting_requests_and_returns(context: zmq.Context[zmq.Socket[bytes]]) -> None:
     gate = threading.Event()
     policy = StubPolicy(gate=gate)
     server = PolicyServer(policy, ServerConfig(ENDPOINT))
     with serving(server) as endpoint:
-        controller = RawController(context, endpoint)
-        first = controller.act(1.0)
-        assert policy.started.wait(TIMEOUT_S)
-        waiting = RawController(context, endpoint)
-        waiting.act(2.0)
-        waiting.barrier()
+        controller, first, waiting = one_running_one_waiting(context, endpoint, policy)
         server.stop()
         reply = waiting.receive()
         assert isinstance(reply, ErrorReply) and reply.code is ErrorCode.SHUTTING_DOWN
@@ -425,12 +434,7 @@ def test_a_worker_that_dies_answers_its_request_and_stops_the_server(
     thread = threading.Thread(target=serve)
     thread.start()
     try:
-        running = RawController(context, endpoint)
-        running.act(1.0)
-        assert policy.started.wait(TIMEOUT_S)
-        waiting = RawController(context, endpoint)
-        waiting.act(2.0)
-        waiting.barrier()
+        running, _, waiting = one_running_one_waiting(context, endpoint, policy)
         gate.set()
         died = running.receive()
         assert isinstance(died, ErrorReply) and died.code is ErrorCode.INTERNAL and "worker died" in died.message
