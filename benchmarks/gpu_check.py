@@ -17,13 +17,14 @@ would not leave time for them; a table of the timed queries is printed last:
    warm-up, per stage and whole, all in this process.
 6. `planning_timing`: best of 8 with the official main configuration on one device, compiled: passes batched (the
    default on a GPU) against pass after pass, and one query with a 1.5 s planning deadline.
-7. `vae_variants`: the 12 camera frames' encode (after the cached black prefix), eager, with cuDNN's benchmark mode,
-   and with channels-last 3D weights and inputs: median ms and the largest difference from the plain encode.
+7. `vae_variants`: the 12 camera frames' encode (after the cached black prefix) with 3-D convs and with the encoder's
+   convs folded into 2-D convs over stacked time taps (CUDA's default), eager, compiled, and compiled with cuDNN's
+   benchmark mode: median ms, the largest difference from the plain encode, and the error against fp32.
 8. `query_fast_cuda_graphs`: the fast path compiled in torch's "reduce-overhead" mode (CUDA graphs), 1 step.
 9. `attention_backends`: the DiT's self-attention per SDPA backend (flash, cuDNN, memory-efficient).
-10. `dit_adaln_cache`: the DiT alone at batch 1, eager and compiled, computing the adaLN vectors of its timesteps in
+10. `dit_variants`: the DiT alone at batch 1, eager and compiled, computing the adaLN vectors of its timesteps in
     the call against taking them precomputed (what the torch backend does at batch 1): median ms and the largest
-    difference between the two.
+    difference between the two; then compiled with SDPA's cuDNN attention put first.
 11. `dit_compile_modes`: the DiT alone at batch 1, compiled "default" against "max-autotune-no-cudagraphs".
 """
 
@@ -230,37 +231,54 @@ def timed_queries(files: CheckpointFiles, device: str, runs: int, **source: Any)
 
 
 def vae_variants(device: str, files: CheckpointFiles, runs: int) -> dict[str, Any]:
-    vae = load_wan_vae(files.tokenizer, torch.bfloat16, device)
+    """The 12 camera frames' encode after the cached black prefix, bf16: the 3-D convs against the encoder's convs
+    folded into 2-D convs over stacked time taps (`WanVAE.fold_encoder_time_taps`, CUDA's default), eager and compiled;
+    median ms, the largest difference from the plain eager encode, and each one's error against an fp32 encode."""
     size = (1, 3, 5, 224, 224)
+    generator = torch.Generator(device).manual_seed(0)
+    video = torch.rand((1, 3, 12, 224, 224), generator=generator, device=device) * 2 - 1
+    result: dict[str, Any] = {"frames": "12 camera frames after the cached black prefix, bf16"}
+
+    def encoder(dtype: torch.dtype, fold: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        vae = load_wan_vae(files.tokenizer, dtype, device)
+        if fold:
+            vae.fold_encoder_time_taps()
+        _, context = vae.encode_prefix(torch.full(size, float(BLACK), dtype=dtype, device=device))
+        return lambda clip: vae.encode_continuation(clip, context)
+
+    allow_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.inference_mode():
+            exact = encoder(torch.float32, fold=False)(video).float()
+    finally:
+        torch.backends.cudnn.allow_tf32 = allow_tf32
+    clip = video.to(torch.bfloat16)
     with torch.inference_mode():
-        _, context = vae.encode_prefix(torch.full(size, float(BLACK), dtype=torch.bfloat16, device=device))
-        generator = torch.Generator(device).manual_seed(0)
-        video = torch.rand((1, 3, 12, 224, 224), generator=generator, device=device).to(torch.bfloat16) * 2 - 1
-        plain = vae.encode_continuation(video, context)
-        result: dict[str, Any] = {"frames": "12 camera frames after the cached black prefix, bf16"}
-
-        def variant(name: str, clip: torch.Tensor) -> None:
-            result[name] = {
-                "median_ms": median_ms(lambda: vae.encode_continuation(clip, context), device, runs),
-                "max_abs_vs_plain": float((vae.encode_continuation(clip, context) - plain).abs().max()),
-            }
-
-        variant("plain", video)
-        benchmark = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = True
-        try:
-            variant("cudnn_benchmark", video)
-            for module in vae.modules():
-                if isinstance(module, torch.nn.Conv3d):
-                    module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
-            variant("channels_last_3d_cudnn_benchmark", video.contiguous(memory_format=torch.channels_last_3d))
-        finally:
-            torch.backends.cudnn.benchmark = benchmark
+        plain = encoder(torch.bfloat16, fold=False)(clip)
+        for fold in (False, True):
+            eager = encoder(torch.bfloat16, fold)
+            compiled = torch.compile(eager, dynamic=False)
+            for mode, encode, benchmark in (
+                ("eager", eager, False),
+                ("compiled", compiled, False),
+                ("compiled_cudnn_benchmark", compiled, True),
+            ):
+                torch.backends.cudnn.benchmark = benchmark
+                latent = encode(clip)
+                result[f"{'folded_time_taps' if fold else 'conv3d'}_{mode}"] = {
+                    "median_ms": median_ms(functools.partial(encode, clip), device, runs),
+                    "max_abs_vs_plain": float((latent - plain).abs().max()),
+                    "vs_fp32_max_abs": float((latent.float() - exact).abs().max()),
+                    "vs_fp32_mean_abs": float((latent.float() - exact).abs().mean()),
+                }
+            torch.backends.cudnn.benchmark = False
     return result
 
 
-def dit_adaln_cache(device: str, files: CheckpointFiles, config: str, runs: int) -> dict[str, Any]:
-    """The DiT at batch 1 with its timesteps' adaLN vectors computed in the call or precomputed, eager and compiled."""
+def dit_variants(device: str, files: CheckpointFiles, config: str, runs: int) -> dict[str, Any]:
+    """The DiT at batch 1 with its timesteps' adaLN vectors computed in the call or precomputed, eager and compiled;
+    then compiled (precomputed) with SDPA's cuDNN attention put first."""
     dit = load_dit(files.checkpoint, torch.bfloat16, torch.device(device))
     dit.fuse_qkv()
     generator = torch.Generator(device).manual_seed(0)
@@ -281,6 +299,15 @@ def dit_adaln_cache(device: str, files: CheckpointFiles, config: str, runs: int)
                 "in_call_ms": median_ms(in_call, device, runs),
                 "precomputed_ms": median_ms(precomputed, device, runs),
                 "max_abs_difference": float((precomputed().float() - in_call().float()).abs().max()),
+            }
+        default = precomputed().float()
+        torch._dynamo.reset()  # a fresh trace: the backend is chosen when SDPA is traced
+        first = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+        with sdpa_kernel([*first, SDPBackend.MATH], set_priority=True):
+            cudnn_first = functools.partial(torch.compile(dit, dynamic=False), inputs[0], modulation, inputs[1], kv)
+            result["compiled_cudnn_attention_first"] = {
+                "precomputed_ms": median_ms(cudnn_first, device, runs),
+                "max_abs_vs_default_attention": float((cudnn_first().float() - default).abs().max()),
             }
     return result
 
@@ -401,12 +428,12 @@ def main() -> None:
         report.section("query_fast_eager", 30, lambda: timed_queries(files, device, runs))
         report.section("query_fast_compiled", 150, lambda: timed_queries(files, device, runs, compile_mode="default"))
         report.section("planning_timing", 150, lambda: planning_timing(device, files))
-        report.section("vae_variants", 30, lambda: vae_variants(device, files, runs))
+        report.section("vae_variants", 60, lambda: vae_variants(device, files, runs))
         report.section(
             "query_fast_cuda_graphs", 120, lambda: timed_queries(files, device, runs, compile_mode="reduce-overhead")
         )
         report.section("attention_backends", 10, lambda: attention_backends(device, config, runs))
-        report.section("dit_adaln_cache", 120, lambda: dit_adaln_cache(device, files, config, runs))
+        report.section("dit_variants", 150, lambda: dit_variants(device, files, config, runs))
         report.section("dit_compile_modes", 200, lambda: dit_compile_modes(device, files, config, runs))
     report.print_table()
 

@@ -34,12 +34,21 @@ from cosmos_edge.runtime.policy.latents import BLACK, black_prefix_frames, prefi
 
 class TorchAutoencoder:
     """`VideoAutoencoder` and `ConditioningEncoder` of one platform over a Wan VAE. With a `compile_mode`, the
-    per-query encode of the camera frames (after the cached black prefix) is `torch.compile`d as one static graph."""
+    per-query encode of the camera frames (after the cached black prefix) is `torch.compile`d as one static graph.
+    `fold_time_taps` (default: on CUDA, where cuDNN's 2-D convs beat its 3-D ones; benchmarks/gpu_check.py,
+    `vae_variants`) runs the encoder's convs as 2-D convs over stacked time taps (`WanVAE.fold_encoder_time_taps`)."""
 
     def __init__(
-        self, vae: WanVAE, device: torch.device, platform: PlatformSpec, compile_mode: str | None = None
+        self,
+        vae: WanVAE,
+        device: torch.device,
+        platform: PlatformSpec,
+        compile_mode: str | None = None,
+        fold_time_taps: bool | None = None,
     ) -> None:
         self._vae = vae.eval()
+        if device.type == "cuda" if fold_time_taps is None else fold_time_taps:
+            vae.fold_encoder_time_taps()
         self._device = device
         self._dtype = next(vae.parameters()).dtype
         self._platform = platform

@@ -146,6 +146,8 @@ class CausalConv3d(nn.Conv3d):
     spatial sides. With pt = 0 and a temporal stride it is a plain valid conv over time.
     """
 
+    frame_weight: Tensor | None
+
     def __init__(
         self,
         in_channels: int,
@@ -157,16 +159,34 @@ class CausalConv3d(nn.Conv3d):
         pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=(0, ph, pw))
         self.past_frames = 2 * pt
+        self.register_buffer("frame_weight", None, persistent=False)  # set by `fold_time_taps`
+
+    def fold_time_taps(self) -> None:
+        """Runs this conv from now on as one 2-D conv per output frame over its time window stacked on channels:
+        the same sums in another order (cuDNN's 2-D kernels are much faster than its 3-D ones). The weight is
+        refolded on each call of this method, so call it again after loading new weights."""
+        taps = self.kernel_size[0] * self.in_channels
+        self.frame_weight = self.weight.detach().transpose(1, 2).reshape(self.out_channels, taps, *self.kernel_size[1:])
 
     def forward(self, x: Tensor, context: CausalContext | None = None) -> Tensor:
         if self.past_frames:
             if context is not None and not context.recording:
                 x = torch.cat([context.past(self, x.shape[0]), x], dim=2)
             else:
-                if context is not None:
-                    context.keep(self, x[:, :, -self.past_frames :])
                 x = F.pad(x, (0, 0, 0, 0, self.past_frames, 0))
-        return super().forward(x)
+                if context is not None:  # after padding: a clip shorter than the window leaves zeros in it
+                    context.keep(self, x[:, :, -self.past_frames :])
+        return super().forward(x) if self.frame_weight is None else self._conv_frames(x, self.frame_weight)
+
+    def _conv_frames(self, x: Tensor, frame_weight: Tensor) -> Tensor:
+        """The conv over already-padded time as 2-D convs of each output frame's window, its taps on channels."""
+        b, _, _, h, w = x.shape
+        kt, st = self.kernel_size[0], self.stride[0]
+        windows = x.unfold(2, kt, st)  # [b, c, t_out, h, w, kt]
+        t_out = windows.shape[2]
+        frames = windows.permute(0, 2, 5, 1, 3, 4).reshape(b * t_out, -1, h, w)  # [(b t_out), (kt c), h, w]
+        y = F.conv2d(frames, frame_weight, self.bias, stride=self.stride[1:], padding=self.padding[1:])
+        return y.unflatten(0, (b, t_out)).transpose(1, 2)
 
 
 class RMSNorm(nn.Module):
@@ -393,6 +413,13 @@ class WanVAE(nn.Module):
                 f"video: a continuation has a multiple of {TEMPORAL_WINDOW} frames, got {list(video.shape)}"
             )
         return self._normalized_mean(self.encoder(video, context))
+
+    def fold_encoder_time_taps(self) -> None:
+        """Runs every causal conv of the encode path as 2-D convs over stacked time taps
+        (`CausalConv3d.fold_time_taps`): the same sums in another order; call after loading the weights."""
+        for module in (*self.encoder.modules(), self.conv1):
+            if isinstance(module, CausalConv3d):
+                module.fold_time_taps()
 
     def _normalized_mean(self, features: Tensor) -> Tensor:
         mu = self.conv1(features)[:, : self.config.z_dim]

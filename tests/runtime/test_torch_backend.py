@@ -99,3 +99,7 @@ def test_a_compiled_camera_encode_matches_eager() -> None:
     compiled = TorchAutoencoder(vae, torch.device("cpu"), platform, compile_mode="default")
     got = compiled.encode_conditioning(images, StageTimer())
     assert np.abs(got - eager).max() / np.abs(eager).max() <= 1e-5
+    # CUDA's default: the encoder's convs as 2-D convs over stacked time taps, compiled.
+    folded = TorchAutoencoder(vae, torch.device("cpu"), platform, compile_mode="default", fold_time_taps=True)
+    got = folded.encode_conditioning(images, StageTimer())
+    assert np.abs(got - eager).max() / np.abs(eager).max() <= 1e-5
