@@ -24,8 +24,10 @@ would not leave time for them; a table of the timed queries is printed last:
 9. `attention_backends`: the DiT's self-attention per SDPA backend (flash, cuDNN, memory-efficient).
 10. `dit_variants`: the DiT alone at batch 1, eager and compiled, computing the adaLN vectors of its timesteps in
     the call against taking them precomputed (what the torch backend does at batch 1): median ms and the largest
-    difference between the two; then compiled with SDPA's cuDNN attention put first.
-11. `dit_compile_modes`: the DiT alone at batch 1, compiled "default" against "max-autotune-no-cudagraphs".
+    difference between the two.
+11. `dit_attention_order`: the compiled DiT at batch 1 with SDPA's default backend order and with cuDNN attention first
+    (the torch backend's order on CUDA): median ms and each one's error against the fp32 DiT.
+12. `dit_compile_modes`: the DiT alone at batch 1, compiled "default" against "max-autotune-no-cudagraphs".
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from cosmos_edge.kernels.image_transforms import transform_frames
 from cosmos_edge.runtime.bundle.loader import load_policies
 from cosmos_edge.runtime.bundle.sources import CheckpointFiles, CheckpointSource
 from cosmos_edge.runtime.engines.torch_arrays import TorchArrays
-from cosmos_edge.runtime.engines.torch_networks import open_denoiser
+from cosmos_edge.runtime.engines.torch_networks import CUDA_ATTENTION_ORDER, open_denoiser
 from cosmos_edge.runtime.models.dit_checkpoint import load_dit
 from cosmos_edge.runtime.models.dit_config import dit_config
 from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets
@@ -277,8 +279,7 @@ def vae_variants(device: str, files: CheckpointFiles, runs: int) -> dict[str, An
 
 
 def dit_variants(device: str, files: CheckpointFiles, config: str, runs: int) -> dict[str, Any]:
-    """The DiT at batch 1 with its timesteps' adaLN vectors computed in the call or precomputed, eager and compiled;
-    then compiled (precomputed) with SDPA's cuDNN attention put first."""
+    """The DiT at batch 1 with its timesteps' adaLN vectors computed in the call or precomputed, eager and compiled."""
     dit = load_dit(files.checkpoint, torch.bfloat16, torch.device(device))
     dit.fuse_qkv()
     generator = torch.Generator(device).manual_seed(0)
@@ -300,15 +301,45 @@ def dit_variants(device: str, files: CheckpointFiles, config: str, runs: int) ->
                 "precomputed_ms": median_ms(precomputed, device, runs),
                 "max_abs_difference": float((precomputed().float() - in_call().float()).abs().max()),
             }
-        default = precomputed().float()
-        torch._dynamo.reset()  # a fresh trace: the backend is chosen when SDPA is traced
-        first = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-        with sdpa_kernel([*first, SDPBackend.MATH], set_priority=True):
-            cudnn_first = functools.partial(torch.compile(dit, dynamic=False), inputs[0], modulation, inputs[1], kv)
-            result["compiled_cudnn_attention_first"] = {
-                "precomputed_ms": median_ms(cudnn_first, device, runs),
-                "max_abs_vs_default_attention": float((cudnn_first().float() - default).abs().max()),
-            }
+    return result
+
+
+def dit_attention_order(device: str, files: CheckpointFiles, config: str, runs: int) -> dict[str, Any]:
+    """The compiled DiT at batch 1 (adaLN precomputed) with SDPA's default backend order and with the torch backend's
+    order on CUDA (cuDNN attention first): median ms, and the error of each against the DiT in fp32 (eager, no TF32)."""
+    generator = torch.Generator(device).manual_seed(0)
+    x = torch.randn((1, 16, 11, 28, 28), generator=generator, device=device)
+    timesteps = torch.where(torch.arange(11, device=device) < 5, 0.0, 0.9877)[None]
+    mask = torch.zeros((1, 1, 11, 28, 28), device=device)
+    mask[:, :, :5] = 1.0
+    text = torch.randn((1, 512, dit_config(config).text_dim), generator=generator, device=device)
+    result: dict[str, Any] = {"shape": "batch 1, 11 latent frames of 28x28 (aloha)"}
+    with torch.inference_mode():
+        matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        exact_dit = load_dit(files.checkpoint, torch.float32, torch.device(device))
+        exact = exact_dit(x, timesteps, mask, exact_dit.precompute_text_kv(text)).float()
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+        del exact_dit
+        dit = load_dit(files.checkpoint, torch.bfloat16, torch.device(device))
+        dit.fuse_qkv()
+        kv = dit.precompute_text_kv(text)
+        bf16 = torch.bfloat16
+        inputs = (x.to(bf16), dit.precompute_modulation(timesteps.to(bf16)), mask.to(bf16), kv)
+        orders = (
+            ("default_order", contextlib.nullcontext),
+            ("cudnn_first", lambda: sdpa_kernel(CUDA_ATTENTION_ORDER, set_priority=True)),
+        )
+        for name, order in orders:
+            torch._dynamo.reset()  # a fresh trace: the backend is chosen when SDPA is traced
+            with order():
+                call = functools.partial(torch.compile(dit, dynamic=False), *inputs)
+                error = (call().float() - exact).abs()
+                result[name] = {
+                    "median_ms": median_ms(call, device, runs),
+                    "vs_fp32_max_abs": float(error.max()),
+                    "vs_fp32_mean_abs": float(error.mean()),
+                }
     return result
 
 
@@ -433,7 +464,8 @@ def main() -> None:
             "query_fast_cuda_graphs", 120, lambda: timed_queries(files, device, runs, compile_mode="reduce-overhead")
         )
         report.section("attention_backends", 10, lambda: attention_backends(device, config, runs))
-        report.section("dit_variants", 150, lambda: dit_variants(device, files, config, runs))
+        report.section("dit_variants", 120, lambda: dit_variants(device, files, config, runs))
+        report.section("dit_attention_order", 120, lambda: dit_attention_order(device, files, config, runs))
         report.section("dit_compile_modes", 200, lambda: dit_compile_modes(device, files, config, runs))
     report.print_table()
 
