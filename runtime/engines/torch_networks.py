@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cosmos_edge.kernels.image_transforms import transform_frames
 from cosmos_edge.runtime.engines.torch_arrays import TorchArrays
@@ -36,8 +35,9 @@ from cosmos_edge.runtime.policy.latents import BLACK, black_prefix_frames, prefi
 class TorchAutoencoder:
     """`VideoAutoencoder` and `ConditioningEncoder` of one platform over a Wan VAE. With a `compile_mode`, the
     per-query encode of the camera frames (after the cached black prefix) is `torch.compile`d as one static graph.
-    `fold_time_taps` (default: on CUDA, where cuDNN's 2-D convs beat its 3-D ones; benchmarks/gpu_check.py,
-    `vae_variants`) runs the encoder's convs as 2-D convs over stacked time taps (`WanVAE.fold_encoder_time_taps`)."""
+    `fold_time_taps` runs the encoder's convs as 2-D convs over stacked time taps (`WanVAE.fold_encoder_time_taps`);
+    the default is on CUDA, where cuDNN's 2-D convs beat its 3-D ones: compiled, the 12 camera frames encode in 9.8
+    against 13.0 ms on an H200 (benchmarks/results/gpu_check_h200.json, `vae_variants`)."""
 
     def __init__(
         self,
@@ -143,7 +143,7 @@ class TorchDiT:
             batched = x.shape[0] > 1
             compiled = self._forward is not self._dit
             forward = self._forward_batched if batched else self._forward
-            with self._calling, current_device(self._device), self._attention_order():
+            with self._calling, current_device(self._device):
                 steps = self._timestep_input(timesteps)
                 inputs = (x.to(dtype), steps, condition_mask.to(dtype))
                 if compiled and batched:
@@ -154,12 +154,6 @@ class TorchDiT:
                 return forward(*inputs, kv).float()
 
         return network
-
-    def _attention_order(self) -> contextlib.AbstractContextManager[None]:
-        """The SDPA backend order for a call (read when a compiled graph is traced, so every call sets it)."""
-        if self._device.type != "cuda":
-            return contextlib.nullcontext()
-        return sdpa_kernel(CUDA_ATTENTION_ORDER, set_priority=True)
 
     def _timestep_input(self, timesteps: np.ndarray) -> torch.Tensor | TimestepModulation:
         """What the DiT takes for these host timesteps. At batch 1 (every reactive call: a query repeats its calls'
@@ -176,17 +170,6 @@ class TorchDiT:
         while len(self._modulations) > MODULATION_SETS_KEPT:
             del self._modulations[next(iter(self._modulations))]
         return modulation
-
-
-# The DiT's attention backends on CUDA, in the order tried: at its shapes cuDNN's fused attention beats flash on an
-# H200 (self-attention 0.135 against 0.212 ms; the compiled DiT 16.9 against 17.3 ms) with the same error against fp32
-# (benchmarks/results/gpu_check_h200.json: `attention_backends`, `dit_variants`). fp32 falls through to the others.
-CUDA_ATTENTION_ORDER = [
-    SDPBackend.CUDNN_ATTENTION,
-    SDPBackend.FLASH_ATTENTION,
-    SDPBackend.EFFICIENT_ATTENTION,
-    SDPBackend.MATH,
-]
 
 
 def _batched_call(dit: CosmosDiT) -> Callable[..., torch.Tensor]:
