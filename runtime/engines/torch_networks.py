@@ -205,13 +205,18 @@ def check_device(device: str) -> torch.device:
 
 
 def open_autoencoder(
-    tokenizer: Path, precision: str, device: str, platform: PlatformSpec, compile_mode: str | None = None
+    tokenizer: Path,
+    precision: str,
+    device: str,
+    platform: PlatformSpec,
+    compile_mode: str | None = None,
+    fold_time_taps: bool | None = None,
 ) -> TorchAutoencoder:
     """The Wan2.1 VAE of a `tokenizer.pth` (or diffusers `vae/` directory) on `device`, for `platform`'s clips."""
     torch_device = check_device(device)
     _exact_fp32(precision, torch_device)
     vae = load_wan_vae(tokenizer, TORCH_DTYPES[precision], torch_device)
-    return TorchAutoencoder(vae, torch_device, platform, compile_mode)
+    return TorchAutoencoder(vae, torch_device, platform, compile_mode, fold_time_taps)
 
 
 def open_denoiser(checkpoint: Path, precision: str, device: str, compile_mode: str | None = None) -> TorchDiT:
