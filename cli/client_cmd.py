@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ from cosmos_edge.robot_bridge.client import PolicyClient
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, load_public_key
 from cosmos_edge.runtime.errors import ConfigError
 
+_LOG = logging.getLogger(__name__)
 _DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # `serve`'s default
 _CONTROL_TIMEOUT_S = 5.0  # ping, metadata and set-mode are answered at once, also during an inference
 _ACT_TIMEOUT_S = 120.0  # a chunk on CPU, or a planning chunk, takes seconds to minutes
@@ -146,6 +148,12 @@ def _act(args: argparse.Namespace) -> int:
     print(f"action chunk: {rows} x {columns} (float32, un-normalised), mode {reply.mode}")
     print(f"value:        {reply.value:.4f}")
     arrays = {"actions": reply.actions, "value": np.array(reply.value, dtype=np.float32)}
+    if args.return_all_query_results and reply.planning is None:
+        _LOG.warning(
+            "--return-all-query-results: the server answered in %s mode, which has no candidates (ask with --mode "
+            "planning)",
+            reply.mode,
+        )
     if reply.planning is not None and reply.candidate_values is not None:
         values = _values(reply.candidate_values)
         shown = ", ".join("not scored" if np.isnan(value) else f"{value:.4f}" for value in values)

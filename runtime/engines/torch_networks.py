@@ -36,8 +36,8 @@ class TorchAutoencoder:
     """`VideoAutoencoder` and `ConditioningEncoder` of one platform over a Wan VAE. With a `compile_mode`, the
     per-query encode of the camera frames (after the cached black prefix) is `torch.compile`d as one static graph.
     `fold_time_taps` runs the encoder's convs as 2-D convs over stacked time taps (`WanVAE.fold_encoder_time_taps`);
-    the default is on CUDA, where cuDNN's 2-D convs beat its 3-D ones: compiled, the 12 camera frames encode in 9.8
-    against 13.0 ms on an H200 (benchmarks/results/gpu_check_h200.json, `vae_variants`)."""
+    the default is on when compiled on CUDA, where it pays: the 12 camera frames encode in 9.8 against 13.0 ms on an
+    H200, while eager it is 18.7 against 17.9 ms (benchmarks/results/gpu_check_h200.json, `vae_variants`)."""
 
     def __init__(
         self,
@@ -48,7 +48,9 @@ class TorchAutoencoder:
         fold_time_taps: bool | None = None,
     ) -> None:
         self._vae = vae.eval()
-        if device.type == "cuda" if fold_time_taps is None else fold_time_taps:
+        if fold_time_taps is None:
+            fold_time_taps = device.type == "cuda" and compile_mode is not None
+        if fold_time_taps:
             vae.fold_encoder_time_taps()
         self._device = device
         self._dtype = next(vae.parameters()).dtype

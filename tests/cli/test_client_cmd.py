@@ -46,7 +46,9 @@ def test_set_mode_switches_a_running_server(capsys: pytest.CaptureFixture[str]) 
     assert error.count("\n") == 1
 
 
-def test_ping_metadata_and_act(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ping_metadata_and_act(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
     obs = observation(3.0)
     np.savez(tmp_path / "obs.npz", proprio=obs.proprio, **obs.images)  # type: ignore[arg-type]
     out = tmp_path / "result.npz"
@@ -62,6 +64,8 @@ def test_ping_metadata_and_act(tmp_path: Path, capsys: pytest.CaptureFixture[str
         )
         act = ["client", "act", str(tmp_path / "obs.npz"), "--task", INSTRUCTION, "--endpoint", endpoint]
         planning = [*act, "--mode", "planning", "--seed", "7", "--return-all-query-results"]
+        assert main([*act, "--return-all-query-results"]) == 0  # the reactive mode has no candidates: said so
+        assert "--return-all-query-results: the server answered in reactive mode" in caplog.text
         assert main([*planning, "--out", str(out.with_suffix(""))]) == 0  # np.savez adds .npz, and we say so
     printed = capsys.readouterr().out
     assert f"wrote {out}\n" in printed

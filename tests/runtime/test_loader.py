@@ -219,7 +219,7 @@ def test_one_dit_and_one_vae_per_device_without_a_planning_model(tiny_assets: di
 def test_the_reference_keeps_the_vaes_3d_convs(
     tiny_assets: dict[str, CheckpointFiles], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The fast path folds the VAE's convs on CUDA (the backend's default); the reference never does."""
+    """The fast path leaves folding the VAE's convs to the backend (compiled on CUDA: on); the reference never does."""
     from cosmos_edge.runtime.engines import torch_networks
 
     opened: list[bool | None] = []
