@@ -160,13 +160,18 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=(0, ph, pw))
         self.past_frames = 2 * pt
         self.register_buffer("frame_weight", None, persistent=False)  # set by `fold_time_taps`
+        self.register_load_state_dict_post_hook(CausalConv3d._refold)
 
     def fold_time_taps(self) -> None:
         """Runs this conv from now on as one 2-D conv per output frame over its time window stacked on channels:
-        the same sums in another order (cuDNN's 2-D kernels are much faster than its 3-D ones). The weight is
-        refolded on each call of this method, so call it again after loading new weights."""
+        the same sums in another order (cuDNN's 2-D kernels are much faster than its 3-D ones). Loading a state
+        dict refolds the new weight."""
         taps = self.kernel_size[0] * self.in_channels
         self.frame_weight = self.weight.detach().transpose(1, 2).reshape(self.out_channels, taps, *self.kernel_size[1:])
+
+    def _refold(self, _incompatible_keys: object) -> None:
+        if self.frame_weight is not None:
+            self.fold_time_taps()
 
     def forward(self, x: Tensor, context: CausalContext | None = None) -> Tensor:
         if self.past_frames:
@@ -416,7 +421,7 @@ class WanVAE(nn.Module):
 
     def fold_encoder_time_taps(self) -> None:
         """Runs every causal conv of the encode path as 2-D convs over stacked time taps
-        (`CausalConv3d.fold_time_taps`): the same sums in another order; call after loading the weights."""
+        (`CausalConv3d.fold_time_taps`): the same sums in another order."""
         for module in (*self.encoder.modules(), self.conv1):
             if isinstance(module, CausalConv3d):
                 module.fold_time_taps()
