@@ -15,19 +15,21 @@ would not leave time for them; a table of the timed queries is printed last:
 5. `query_official`, `query_fast_eager`, `query_fast_compiled` (what `act` and `serve` run on CUDA): the real sizes
    (Cosmos-Predict2-2B DiT, Wan2.1 VAE, random weights, bf16), ALOHA, 1 step: medians over `--runs` queries after
    warm-up, per stage and whole, all in this process.
-6. `planning_timing`: best of 8 with the official main configuration on one device, compiled: passes batched (the
+6. `query_profile`: the default (compiled) query under torch's profiler: kernel time per query by kind (GEMM, conv,
+   attention, Triton, copies), the top kernels, and the device's busy time against the wall time.
+7. `planning_timing`: best of 8 with the official main configuration on one device, compiled: passes batched (the
    default on a GPU) against pass after pass, and one query with a 1.5 s planning deadline.
-7. `vae_variants`: the 12 camera frames' encode (after the cached black prefix) with 3-D convs and with the encoder's
+8. `vae_variants`: the 12 camera frames' encode (after the cached black prefix) with 3-D convs and with the encoder's
    convs folded into 2-D convs over stacked time taps (CUDA's default), eager, compiled, and compiled with cuDNN's
    benchmark mode: median ms, the largest difference from the plain encode, and the error against fp32.
-8. `query_fast_cuda_graphs`: the fast path compiled in torch's "reduce-overhead" mode (CUDA graphs), 1 step.
-9. `attention_backends`: the DiT's self-attention per SDPA backend (flash, cuDNN, memory-efficient).
-10. `dit_variants`: the DiT alone at batch 1, eager and compiled, computing the adaLN vectors of its timesteps in
+9. `query_fast_cuda_graphs`: the fast path compiled in torch's "reduce-overhead" mode (CUDA graphs), 1 step.
+10. `attention_backends`: the DiT's self-attention per SDPA backend (flash, cuDNN, memory-efficient).
+11. `dit_variants`: the DiT alone at batch 1, eager and compiled, computing the adaLN vectors of its timesteps in
     the call against taking them precomputed (what the torch backend does at batch 1): median ms and the largest
     difference between the two.
-11. `dit_attention_order`: the compiled DiT at batch 1 with SDPA's default backend order and with cuDNN attention first:
+12. `dit_attention_order`: the compiled DiT at batch 1 with SDPA's default backend order and with cuDNN attention first:
     median ms and each one's error against the fp32 DiT.
-12. `dit_compile_modes`: the DiT alone at batch 1, compiled "default" against "max-autotune-no-cudagraphs".
+13. `dit_compile_modes`: the DiT alone at batch 1, compiled "default" against "max-autotune-no-cudagraphs".
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import contextlib
 import functools
 import json
 import platform as host
+import re
 import statistics
 import tempfile
 import time
@@ -47,7 +50,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.autograd import DeviceType
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
 
 from cosmos_edge.kernels.image_transforms import transform_frames
 from cosmos_edge.runtime.bundle.loader import load_policies
@@ -232,6 +237,61 @@ def timed_queries(files: CheckpointFiles, device: str, runs: int, **source: Any)
         "stage_ms_p50": {name: round(statistics.median(t.get(name, 0.0) for t in stages), 2) for name in names},
         "warm_up_s": warm_up_s,
         "peak_gpu_memory_gib": None if peak is None else round(peak, 2),
+    }
+
+
+# Kernel names by kind, for the profile's summary (cuBLAS/CUTLASS GEMMs, cuDNN convs, fused attention, Inductor's
+# Triton kernels, copies); the first match wins.
+KERNEL_KINDS = (
+    ("attention", re.compile(r"flash|fmha|attention|sdpa", re.IGNORECASE)),
+    ("conv", re.compile(r"conv|fprop|dgrad|wgrad", re.IGNORECASE)),
+    ("gemm", re.compile(r"gemm|gemv|cutlass|nvjet|xmma|matmul", re.IGNORECASE)),
+    ("triton", re.compile(r"^triton", re.IGNORECASE)),
+    ("copy", re.compile(r"memcpy|memset|copy", re.IGNORECASE)),
+)
+
+
+def query_profile(files: CheckpointFiles, device: str, queries: int = 5) -> dict[str, Any]:
+    """Where a compiled 1-step query's time goes on the device: kernel time per query by kind, the top kernels, and
+    the device's busy time against the wall time (the gap is launch and host work)."""
+    on_cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_cuda else [ProfilerActivity.CPU]
+    source = CheckpointSource(files, precision="bf16", compile_mode="default")
+    with load_policies(source, devices=[device]) as loaded:
+        query = ActionQuery(observation(2), "fold the t-shirt", seed=195, steps=1)
+        for _ in range(3):
+            loaded.reactive.infer(query)
+        synchronize(device)
+        started = time.perf_counter()
+        with profile(activities=activities) as profiled:
+            for _ in range(queries):
+                loaded.reactive.infer(query)
+            synchronize(device)
+        wall_ms = (time.perf_counter() - started) * 1e3 / queries
+    kernels = [
+        event
+        for event in profiled.key_averages()
+        if (event.device_type == DeviceType.CUDA) == on_cuda
+        and event.self_device_time_total + event.self_cpu_time_total
+    ]
+
+    def ms(event: Any) -> float:  # microseconds over all profiled queries -> ms per query
+        return (event.self_device_time_total if on_cuda else event.self_cpu_time_total) / 1e3 / queries
+
+    by_kind: dict[str, float] = {}
+    for event in kernels:
+        kind = next((name for name, pattern in KERNEL_KINDS if pattern.search(event.key)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + ms(event)
+    top = sorted(kernels, key=ms, reverse=True)[:25]
+    return {
+        "config": f"aloha, bf16, compiled, 1 step, {queries} profiled queries after 3 warm-up",
+        "wall_ms_per_query": round(wall_ms, 2),
+        "kernel_ms_per_query": round(sum(map(ms, kernels)), 2),
+        "kernel_ms_by_kind": {kind: round(value, 2) for kind, value in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [
+            {"name": event.key[:120], "ms_per_query": round(ms(event), 3), "calls_per_query": event.count // queries}
+            for event in top
+        ],
     }
 
 
@@ -461,6 +521,7 @@ def main() -> None:
         report.section("query_official", 30, lambda: timed_queries(files, device, runs, encode_full_sequence=True))
         report.section("query_fast_eager", 30, lambda: timed_queries(files, device, runs))
         report.section("query_fast_compiled", 150, lambda: timed_queries(files, device, runs, compile_mode="default"))
+        report.section("query_profile", 150, lambda: query_profile(files, device))
         report.section("planning_timing", 150, lambda: planning_timing(device, files))
         report.section("vae_variants", 60, lambda: vae_variants(device, files, runs))
         report.section(
