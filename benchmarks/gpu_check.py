@@ -29,7 +29,10 @@ would not leave time for them; a table of the timed queries is printed last:
     difference between the two.
 12. `dit_attention_order`: the compiled DiT at batch 1 with SDPA's default backend order and with cuDNN attention first:
     median ms and each one's error against the fp32 DiT.
-13. `dit_compile_modes`: the DiT alone at batch 1, compiled "default" against "max-autotune-no-cudagraphs".
+13. `dit_compile_scopes`: the DiT alone at batch 1, compiled whole against compiled per block (`--compile-scope`):
+    median ms, and the first call's time with Inductor's on-disk caches off (kernels this process already built are
+    still reused; `benchmarks/compile_time.py` times each scope cold in a process of its own).
+14. `dit_compile_modes`: the DiT alone at batch 1, compiled "default" against "max-autotune-no-cudagraphs".
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch._inductor import config as inductor_config
 from torch.autograd import DeviceType
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
@@ -406,25 +410,31 @@ def dit_attention_order(device: str, files: CheckpointFiles, config: str, runs: 
     return result
 
 
-def dit_compile_modes(device: str, files: CheckpointFiles, config: str, runs: int) -> dict[str, Any]:
-    """The DiT alone at batch 1 (the reactive query's call), per `torch.compile` mode: compile time and median ms."""
+def dit_compiled(
+    device: str, files: CheckpointFiles, config: str, runs: int, variants: tuple[tuple[str, str], ...]
+) -> dict[str, Any]:
+    """The DiT alone at batch 1 (the reactive query's call) through the torch backend, per (`torch.compile` mode,
+    compile scope): first call (compilation included) and median ms."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 16, 11, 28, 28)).astype(np.float32)
     timesteps = np.where(np.arange(11) < 5, 0.0, 0.9877).astype(np.float32)[None]
     mask = np.zeros((1, 1, 11, 28, 28), np.float32)
     mask[:, :, :5] = 1.0
     result: dict[str, Any] = {"shape": "batch 1, 11 latent frames of 28x28 (aloha), bf16"}
-    for mode in ("default", "max-autotune-no-cudagraphs"):
-        dit = open_denoiser(files.checkpoint, "bf16", device, mode)
+    for mode, scope in variants:
+        torch._dynamo.reset()
+        dit = open_denoiser(files.checkpoint, "bf16", device, mode, scope)
         text = rng.standard_normal((1, 512, dit_config(config).text_dim)).astype(np.float32)
         network = dit.bind_text(text)
         arrays = dit.arrays
         inputs = (arrays.put(x), timesteps, arrays.put(mask))  # timesteps stay on the host, as the sampler passes them
         started = time.perf_counter()
-        network(*inputs)
+        with inductor_config.patch(force_disable_caches=True):  # cold, as on a first start: no on-disk cache hit
+            network(*inputs)
         synchronize(device)
-        result[mode] = {"first_call_s": round(time.perf_counter() - started, 1)}
-        result[mode]["median_ms"] = median_ms(functools.partial(network, *inputs), device, runs)
+        name = mode if scope == "model" else f"{mode}, {scope}"
+        result[name] = {"first_call_s": round(time.perf_counter() - started, 1)}
+        result[name]["median_ms"] = median_ms(functools.partial(network, *inputs), device, runs)
         del dit, network
     return result
 
@@ -530,7 +540,18 @@ def main() -> None:
         report.section("attention_backends", 10, lambda: attention_backends(device, config, runs))
         report.section("dit_variants", 120, lambda: dit_variants(device, files, config, runs))
         report.section("dit_attention_order", 120, lambda: dit_attention_order(device, files, config, runs))
-        report.section("dit_compile_modes", 200, lambda: dit_compile_modes(device, files, config, runs))
+        report.section(
+            "dit_compile_scopes",
+            90,
+            lambda: dit_compiled(device, files, config, runs, (("default", "model"), ("default", "blocks"))),
+        )
+        report.section(
+            "dit_compile_modes",
+            200,
+            lambda: dit_compiled(
+                device, files, config, runs, (("default", "model"), ("max-autotune-no-cudagraphs", "model"))
+            ),
+        )
     report.print_table()
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from cosmos_edge.cli.arg_types import positive_int
-from cosmos_edge.cli.model_source import model_source
+from cosmos_edge.cli.model_source import add_compile_arguments, model_source
 from cosmos_edge.cli.npz_files import output_path, read_observation, write_npz
 from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config, planning_flags_given
 from cosmos_edge.runtime.bundle.loader import load_policies, planning_candidates
@@ -74,11 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="also decode the predicted future images (planning: the chosen candidate's predicted states, combined by "
         "--future-state-ensemble-aggregation-scheme)",
     )
-    parser.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        help="official files only: torch.compile the DiT and VAE encode (default: on for a CUDA device, off on CPU)",
-    )
+    add_compile_arguments(parser)
     parser.add_argument(
         "--reference",
         action="store_true",

@@ -22,7 +22,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from cosmos_edge.cli.arg_types import mebibytes
-from cosmos_edge.cli.model_source import model_source
+from cosmos_edge.cli.model_source import add_compile_arguments, model_source
 from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config
 from cosmos_edge.robot_bridge.binding import BoundRouter, ServerConfig
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, ServerCurve, load_public_keys
@@ -246,11 +246,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--devices",
         help="comma-separated devices; planning spreads candidates over them (default: cpu, or cuda for tensorrt)",
     )
-    parser.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        help="checkpoint files only: torch.compile the DiT and VAE encode (default: on for CUDA devices, off on CPU)",
-    )
+    add_compile_arguments(parser)
     add_planning_arguments(parser)
 
 

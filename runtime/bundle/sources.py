@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import platform_spec
-from cosmos_edge.runtime.precision import PRECISIONS
+from cosmos_edge.runtime.precision import COMPILE_SCOPES, PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -25,18 +25,22 @@ class CheckpointFiles:
 class CheckpointSource:
     """Official files on the torch backend. `planning_checkpoint`: the planning model's DiT (None: the policy's,
     which is then loaded once and shared). `encode_full_sequence`: the official whole-clip VAE encode (the
-    reference); the default encodes the causal conditioning prefix, which gives the same latents."""
+    reference); the default encodes the causal conditioning prefix, which gives the same latents. `compile_scope`:
+    with a `compile_mode`, what of the DiT is compiled (`COMPILE_SCOPES`)."""
 
     files: CheckpointFiles
     planning_checkpoint: Path | None = None
     precision: str = "fp32"
     compile_mode: str | None = None
+    compile_scope: str = "model"
     encode_full_sequence: bool = False
 
     def __post_init__(self) -> None:
         platform_spec(self.files.platform)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
+        if self.compile_scope not in COMPILE_SCOPES:
+            raise ConfigError(f"compile_scope: expected one of {COMPILE_SCOPES}, got {self.compile_scope!r}")
 
 
 @dataclass(frozen=True)

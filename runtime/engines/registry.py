@@ -44,7 +44,12 @@ class TorchBackend(Protocol):
     ) -> EncodingAutoencoder: ...
 
     def open_denoiser(
-        self, checkpoint: Path, precision: str, device: str, compile_mode: str | None = None
+        self,
+        checkpoint: Path,
+        precision: str,
+        device: str,
+        compile_mode: str | None = None,
+        compile_scope: str = "model",
     ) -> DenoisingNetwork: ...
 
 

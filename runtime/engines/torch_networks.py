@@ -30,6 +30,7 @@ from cosmos_edge.runtime.policy.api import NetworkFn, StageTimer
 from cosmos_edge.runtime.policy.arrays import Array
 from cosmos_edge.runtime.policy.images import check_cameras, preprocess_observation_images
 from cosmos_edge.runtime.policy.latents import BLACK, black_prefix_frames, prefix_camera_frames
+from cosmos_edge.runtime.precision import COMPILE_SCOPES
 
 
 class TorchAutoencoder:
@@ -111,21 +112,31 @@ MODULATION_SETS_KEPT = 24
 class TorchDiT:
     """`compile_mode`: None runs eager; otherwise a `torch.compile` mode (e.g. "default", "max-autotune"): a static
     graph for batch 1 and one with a dynamic batch for larger batches, checked against eager in
-    tests/runtime/test_torch_backend.py.
+    tests/runtime/test_torch_backend.py. `compile_scope` "model" compiles the whole network; "blocks" compiles each
+    transformer block, one graph shared by all of them (minutes less compilation for a 2B DiT; around them the
+    patch embedding, adaLN and output layer run eager).
 
     Its bound network takes x and the mask as tensors on its device (`arrays`) and returns one there, so the sampler
     runs there without a host round trip per call; host arrays are accepted too (and answered with host arrays). The
     timesteps are always a host array (`NetworkFn`). Calls run one at a time: a planning worker stopped by its
     deadline may still be in its last call when the next query starts."""
 
-    def __init__(self, dit: CosmosDiT, device: torch.device, compile_mode: str | None = None) -> None:
+    def __init__(
+        self, dit: CosmosDiT, device: torch.device, compile_mode: str | None = None, compile_scope: str = "model"
+    ) -> None:
+        if compile_scope not in COMPILE_SCOPES:
+            raise ConfigError(f"compile_scope: expected one of {COMPILE_SCOPES}, got {compile_scope!r}")
         self._dit = dit.eval()
         self._device = device
         self._calling = threading.Lock()  # also guards `_modulations`
         self._modulations: dict[bytes, TimestepModulation] = {}  # batch-1 timesteps -> their adaLN vectors, LRU
         self._forward: Callable[..., torch.Tensor] = self._dit
         self._forward_batched: Callable[..., torch.Tensor] = self._dit
-        if compile_mode is not None:
+        if compile_mode is not None and compile_scope == "blocks":
+            # Dynamo compiles batch 1 static, then, at the first larger batch, one graph with a dynamic batch.
+            for block in self._dit.blocks:
+                block.compile(mode=compile_mode)
+        elif compile_mode is not None:
             # Batch 1 (the reactive query) compiles static; larger batches (planning: they vary with the passes
             # they share) compile once with a dynamic batch dimension, in their own cache (their own frame).
             self._forward = torch.compile(self._dit, mode=compile_mode, dynamic=False)
@@ -221,13 +232,15 @@ def open_autoencoder(
     return TorchAutoencoder(vae, torch_device, platform, compile_mode, fold_time_taps)
 
 
-def open_denoiser(checkpoint: Path, precision: str, device: str, compile_mode: str | None = None) -> TorchDiT:
+def open_denoiser(
+    checkpoint: Path, precision: str, device: str, compile_mode: str | None = None, compile_scope: str = "model"
+) -> TorchDiT:
     """The DiT of an official `.pt` (or diffusers `transformer/` directory) on `device`."""
     torch_device = check_device(device)
     _exact_fp32(precision, torch_device)
     dit = load_dit(checkpoint, TORCH_DTYPES[precision], torch_device)
     dit.fuse_qkv()  # one GEMM for self-attention q, k, v (the weights become views: no extra memory)
-    return TorchDiT(dit, torch_device, compile_mode)
+    return TorchDiT(dit, torch_device, compile_mode, compile_scope)
 
 
 def _exact_fp32(precision: str, device: torch.device) -> None:

@@ -130,6 +130,14 @@ CASES: dict[str, Case] = {
         "--num-queries-best-of-n: a planning option, which needs --mode planning",
     ),
     "a checkpoint given as the statistics": lambda f, t: (act(f, t, stats=f.tokenizer), str(f.tokenizer)),
+    "a compile scope without compilation": lambda f, t: (
+        act(f, t, "--compile-scope", "blocks"),
+        "--compile-scope blocks: compilation is off (--no-compile, or the CPU default); add --compile",
+    ),
+    "a compile scope for the reference": lambda f, t: (
+        act(f, t, "--compile-scope", "blocks", "--reference"),
+        "--compile-scope blocks: --reference runs uncompiled",
+    ),
     "client timeout infinite": lambda f, t: (["client", "ping", "--timeout", "inf"], "--timeout"),
     "client endpoint without a scheme": lambda f, t: (["client", "ping", "--endpoint", "localhost:5555"], "--endpoint"),
 }

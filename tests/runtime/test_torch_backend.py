@@ -8,12 +8,14 @@ import torch
 from torch._dynamo.utils import counters
 
 from cosmos_edge.runtime.engines.torch_networks import MODULATION_SETS_KEPT, TorchAutoencoder, TorchDiT
+from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.models.dit import TimestepModulation
 from cosmos_edge.runtime.models.dit_checkpoint import dit_from_state_dict, random_dit_state_dict
 from cosmos_edge.runtime.models.dit_config import dit_config
 from cosmos_edge.runtime.models.wan_vae import WanVAE, vae_config
 from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.policy.api import StageTimer
+from cosmos_edge.runtime.precision import COMPILE_SCOPES
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -68,17 +70,26 @@ def test_compiled_dit_matches_eager(device: str) -> None:
     assert np.abs(compiled - eager).max() / scale <= 1e-5
 
 
+def test_an_unknown_compile_scope_is_named() -> None:
+    dit = dit_from_state_dict(random_dit_state_dict(dit_config("tiny"), 4))
+    with pytest.raises(ConfigError, match=r"compile_scope: expected one of \('model', 'blocks'\), got 'layers'"):
+        TorchDiT(dit, torch.device("cpu"), "default", compile_scope="layers")
+
+
 @pytest.mark.slow
-def test_a_compiled_dit_compiles_once_for_batch_one_and_once_for_every_larger_batch() -> None:
+@pytest.mark.parametrize("scope", COMPILE_SCOPES)
+def test_a_compiled_dit_compiles_once_for_batch_one_and_once_for_every_larger_batch(scope: str) -> None:
     # Planning batches vary with the passes they share; a recompilation per size would take minutes each at 2B.
+    # Compiled per block, the 28 blocks of a 2B DiT share these graphs: 2 in all here too.
     config = dit_config("tiny")
-    dit = dit_from_state_dict(random_dit_state_dict(config, 4))
+    weights = random_dit_state_dict(config, 4)
     rng = np.random.default_rng(1)
     text = rng.standard_normal((1, 512, config.text_dim)).astype(np.float32)
-    eager = TorchDiT(dit, torch.device("cpu")).bind_text(text)
+    eager = TorchDiT(dit_from_state_dict(weights), torch.device("cpu")).bind_text(text)
     torch._dynamo.reset()
     counters.clear()
-    compiled = TorchDiT(dit, torch.device("cpu"), compile_mode="default").bind_text(text)
+    compiled_dit = TorchDiT(dit_from_state_dict(weights), torch.device("cpu"), "default", compile_scope=scope)
+    compiled = compiled_dit.bind_text(text)
     for batch, level in ((1, 0.9877), (2, 0.9877), (3, 0.5), (5, 0.9877), (1, 0.5), (4, 0.25)):
         x = rng.standard_normal((batch, 16, 11, 28, 28)).astype(np.float32)
         timesteps = np.full((batch, 11), level, np.float32)
