@@ -10,6 +10,7 @@ camera frames.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -132,6 +133,8 @@ class TorchDiT:
         self._modulations: dict[bytes, TimestepModulation] = {}  # batch-1 timesteps -> their adaLN vectors, LRU
         self._forward: Callable[..., torch.Tensor] = self._dit
         self._forward_batched: Callable[..., torch.Tensor] = self._dit
+        if compile_mode is not None:
+            _make_room_for_graphs()
         if compile_mode is not None and compile_scope == "blocks":
             # Dynamo compiles batch 1 static, then, at the first larger batch, one graph with a dynamic batch.
             for block in self._dit.blocks:
@@ -183,6 +186,18 @@ class TorchDiT:
         while len(self._modulations) > MODULATION_SETS_KEPT:
             del self._modulations[next(iter(self._modulations))]
         return modulation
+
+
+# Dynamo caches compiled graphs per Python function, so every compiled DiT of the process (one per device, and a
+# planning model's) adds its graphs to the same functions' caches: up to 3 each (batch 1; compiled per block, a first
+# larger batch before the dynamic one). Past its per-function limit (8 by default) it would run eager, silently.
+_GRAPHS_PER_DIT = 3
+_COMPILED_DITS = itertools.count(1)
+
+
+def _make_room_for_graphs() -> None:
+    needed = _GRAPHS_PER_DIT * next(_COMPILED_DITS)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, needed)
 
 
 def _batched_call(dit: CosmosDiT) -> Callable[..., torch.Tensor]:

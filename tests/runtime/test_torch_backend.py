@@ -70,6 +70,25 @@ def test_compiled_dit_matches_eager(device: str) -> None:
     assert np.abs(compiled - eager).max() / scale <= 1e-5
 
 
+@pytest.mark.slow
+def test_compiled_dits_on_many_devices_stay_compiled() -> None:
+    """Every DiT of a process shares dynamo's per-function graph cache: per-block compilation over 8 GPUs needs more
+    graphs than its default limit, past which dynamo would fall back to eager. Four dtypes stand in for devices here
+    (a graph's guards tell both apart); at the limit, dynamo raises instead of falling back."""
+    config = dit_config("tiny")
+    weights = random_dit_state_dict(config, 4)
+    rng = np.random.default_rng(1)
+    text = rng.standard_normal((1, 512, config.text_dim)).astype(np.float32)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=8):
+        for dtype in (torch.float32, torch.bfloat16, torch.float64, torch.float16):
+            dit = dit_from_state_dict(weights).to(dtype)
+            network = TorchDiT(dit, torch.device("cpu"), "default", compile_scope="blocks").bind_text(text)
+            for batch in (2, 3, 1):  # a planning device's first call is batched
+                x = rng.standard_normal((batch, 16, 11, 8, 8)).astype(np.float32)
+                network(x, np.full((batch, 11), 0.5, np.float32), np.zeros((batch, 1, 11, 8, 8), np.float32))
+
+
 def test_an_unknown_compile_scope_is_named() -> None:
     dit = dit_from_state_dict(random_dit_state_dict(dit_config("tiny"), 4))
     with pytest.raises(ConfigError, match=r"compile_scope: expected one of \('model', 'blocks'\), got 'layers'"):
