@@ -247,17 +247,17 @@ def timed_queries(files: CheckpointFiles, device: str, runs: int, **source: Any)
 # Kernel names by kind, for the profile's summary (cuBLAS/CUTLASS GEMMs, cuDNN convs, fused attention, Inductor's
 # Triton kernels, copies); the first match wins.
 KERNEL_KINDS = (
+    ("triton", re.compile(r"^triton", re.IGNORECASE)),  # first: Inductor names fused kernels after their ops
     ("attention", re.compile(r"flash|fmha|attention|sdpa", re.IGNORECASE)),
     ("conv", re.compile(r"conv|fprop|dgrad|wgrad", re.IGNORECASE)),
     ("gemm", re.compile(r"gemm|gemv|cutlass|nvjet|xmma|matmul", re.IGNORECASE)),
-    ("triton", re.compile(r"^triton", re.IGNORECASE)),
     ("copy", re.compile(r"memcpy|memset|copy", re.IGNORECASE)),
 )
 
 
 def query_profile(files: CheckpointFiles, device: str, queries: int = 5) -> dict[str, Any]:
     """Where a compiled 1-step query's time goes on the device: kernel time per query by kind, the top kernels, and
-    the device's busy time against the wall time (the gap is launch and host work)."""
+    the device's busy time against the wall time (the gap is launch and host work, and the profiler's own)."""
     on_cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_cuda else [ProfilerActivity.CPU]
     source = CheckpointSource(files, precision="bf16", compile_mode="default")
@@ -301,7 +301,7 @@ def query_profile(files: CheckpointFiles, device: str, queries: int = 5) -> dict
 
 def vae_variants(device: str, files: CheckpointFiles, runs: int) -> dict[str, Any]:
     """The 12 camera frames' encode after the cached black prefix, bf16: the 3-D convs against the encoder's convs
-    folded into 2-D convs over stacked time taps (`WanVAE.fold_encoder_time_taps`, CUDA's default), eager and compiled;
+    folded into 2-D convs over stacked time taps (`CausalContext`, CUDA's compiled default), eager and compiled;
     median ms, the largest difference from the plain eager encode, and each one's error against an fp32 encode."""
     size = (1, 3, 5, 224, 224)
     generator = torch.Generator(device).manual_seed(0)
@@ -310,38 +310,36 @@ def vae_variants(device: str, files: CheckpointFiles, runs: int) -> dict[str, An
 
     def encoder(dtype: torch.dtype, fold: bool) -> Callable[[torch.Tensor], torch.Tensor]:
         vae = load_wan_vae(files.tokenizer, dtype, device)
-        if fold:
-            vae.fold_encoder_time_taps()
-        _, context = vae.encode_prefix(torch.full(size, float(BLACK), dtype=dtype, device=device))
+        _, context = vae.encode_prefix(torch.full(size, float(BLACK), dtype=dtype, device=device), fold)
         return lambda clip: vae.encode_continuation(clip, context)
 
-    allow_tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
+    cudnn = torch.backends.cudnn
+    allow_tf32, benchmark_mode = cudnn.allow_tf32, cudnn.benchmark
     try:
         with torch.inference_mode():
-            exact = encoder(torch.float32, fold=False)(video).float()
+            cudnn.allow_tf32 = False
+            exact = encoder(torch.float32, False)(video).float()
+            cudnn.allow_tf32 = allow_tf32
+            clip = video.to(torch.bfloat16)
+            plain = encoder(torch.bfloat16, False)(clip)
+            for fold in (False, True):
+                eager = encoder(torch.bfloat16, fold)
+                compiled = torch.compile(eager, dynamic=False)
+                for mode, encode, benchmark in (
+                    ("eager", eager, False),
+                    ("compiled", compiled, False),
+                    ("compiled_cudnn_benchmark", compiled, True),
+                ):
+                    cudnn.benchmark = benchmark
+                    latent = encode(clip)
+                    result[f"{'folded_time_taps' if fold else 'conv3d'}_{mode}"] = {
+                        "median_ms": median_ms(functools.partial(encode, clip), device, runs),
+                        "max_abs_vs_plain": float((latent - plain).abs().max()),
+                        "vs_fp32_max_abs": float((latent.float() - exact).abs().max()),
+                        "vs_fp32_mean_abs": float((latent.float() - exact).abs().mean()),
+                    }
     finally:
-        torch.backends.cudnn.allow_tf32 = allow_tf32
-    clip = video.to(torch.bfloat16)
-    with torch.inference_mode():
-        plain = encoder(torch.bfloat16, fold=False)(clip)
-        for fold in (False, True):
-            eager = encoder(torch.bfloat16, fold)
-            compiled = torch.compile(eager, dynamic=False)
-            for mode, encode, benchmark in (
-                ("eager", eager, False),
-                ("compiled", compiled, False),
-                ("compiled_cudnn_benchmark", compiled, True),
-            ):
-                torch.backends.cudnn.benchmark = benchmark
-                latent = encode(clip)
-                result[f"{'folded_time_taps' if fold else 'conv3d'}_{mode}"] = {
-                    "median_ms": median_ms(functools.partial(encode, clip), device, runs),
-                    "max_abs_vs_plain": float((latent - plain).abs().max()),
-                    "vs_fp32_max_abs": float((latent.float() - exact).abs().max()),
-                    "vs_fp32_mean_abs": float((latent.float() - exact).abs().mean()),
-                }
-            torch.backends.cudnn.benchmark = False
+        cudnn.allow_tf32, cudnn.benchmark = allow_tf32, benchmark_mode
     return result
 
 
@@ -384,9 +382,11 @@ def dit_attention_order(device: str, files: CheckpointFiles, config: str, runs: 
     with torch.inference_mode():
         matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
-        exact_dit = load_dit(files.checkpoint, torch.float32, torch.device(device))
-        exact = exact_dit(x, timesteps, mask, exact_dit.precompute_text_kv(text)).float()
-        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+        try:
+            exact_dit = load_dit(files.checkpoint, torch.float32, torch.device(device))
+            exact = exact_dit(x, timesteps, mask, exact_dit.precompute_text_kv(text)).float()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
         del exact_dit
         dit = load_dit(files.checkpoint, torch.bfloat16, torch.device(device))
         dit.fuse_qkv()
@@ -432,7 +432,7 @@ def dit_compiled(
         with inductor_config.patch(force_disable_caches=True):  # cold, as on a first start: no on-disk cache hit
             network(*inputs)
         synchronize(device)
-        name = mode if scope == "model" else f"{mode}, {scope}"
+        name = f"{mode}_{scope}"
         result[name] = {"first_call_s": round(time.perf_counter() - started, 1)}
         result[name]["median_ms"] = median_ms(functools.partial(network, *inputs), device, runs)
         del dit, network
@@ -543,7 +543,7 @@ def main() -> None:
         report.section(
             "dit_compile_scopes",
             90,
-            lambda: dit_compiled(device, files, config, runs, (("default", "model"), ("default", "blocks"))),
+            lambda: dit_compiled(device, files, config, runs, (("default", "blocks"), ("default", "model"))),
         )
         report.section(
             "dit_compile_modes",

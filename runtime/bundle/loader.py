@@ -199,13 +199,13 @@ def _open_checkpoints(
     networks = []
     for device in devices:
         _LOG.info("loading %s (%s) on %s", files.checkpoint, source.precision, device)
-        compiled = (source.compile_mode, source.compile_scope)
-        policy_network = torch_backend.open_denoiser(files.checkpoint, source.precision, device, *compiled)
+        compile_args = (source.compile_mode, source.compile_scope)
+        policy_network = torch_backend.open_denoiser(files.checkpoint, source.precision, device, *compile_args)
         planning_network = policy_network
         if separate_planner and source.planning_checkpoint is not None:
             _LOG.info("loading the planning model %s on %s", source.planning_checkpoint, device)
             planning_network = torch_backend.open_denoiser(
-                source.planning_checkpoint, source.precision, device, *compiled
+                source.planning_checkpoint, source.precision, device, *compile_args
             )
         networks.append(DeviceNetworks(policy_network, planning_network))
     return PolicyModel(platform, stats, text, autoencoder, autoencoder), networks

@@ -37,9 +37,10 @@ from cosmos_edge.runtime.precision import COMPILE_SCOPES
 class TorchAutoencoder:
     """`VideoAutoencoder` and `ConditioningEncoder` of one platform over a Wan VAE. With a `compile_mode`, the
     per-query encode of the camera frames (after the cached black prefix) is `torch.compile`d as one static graph.
-    `fold_time_taps` runs the encoder's convs as 2-D convs over stacked time taps (`WanVAE.fold_encoder_time_taps`);
-    the default is on when compiled on CUDA, where it pays: the 12 camera frames encode in 9.8 against 13.0 ms on an
-    H200, while eager it is 18.7 against 17.9 ms (benchmarks/results/gpu_check_h200.json, `vae_variants`)."""
+    `fold_time_taps` runs that encode's convs as 2-D convs over stacked time taps (`CausalContext`); the default is
+    on when compiled on CUDA, where it pays: the 12 camera frames encode in 9.8 against 13.0 ms on an H200, while
+    eager it is 18.7 against 17.9 ms (benchmarks/results/gpu_check_h200.json, `vae_variants`). The whole-clip
+    `encode` and `decode` run as the official code does."""
 
     def __init__(
         self,
@@ -52,8 +53,6 @@ class TorchAutoencoder:
         self._vae = vae.eval()
         if fold_time_taps is None:
             fold_time_taps = device.type == "cuda" and compile_mode is not None
-        if fold_time_taps:
-            vae.fold_encoder_time_taps()
         self._device = device
         self._dtype = next(vae.parameters()).dtype
         self._platform = platform
@@ -61,7 +60,7 @@ class TorchAutoencoder:
         shape = (1, 3, black_prefix_frames(platform), IMAGE_SIZE, IMAGE_SIZE)
         black = torch.full(shape, float(BLACK), dtype=self._dtype, device=device)
         with torch.inference_mode():
-            self._black_latent, self._after_black = vae.encode_prefix(black)
+            self._black_latent, self._after_black = vae.encode_prefix(black, fold_time_taps)
         self._encode_cameras: Callable[[torch.Tensor], torch.Tensor] = self._encode_after_black
         if compile_mode is not None:
             self._encode_cameras = torch.compile(self._encode_after_black, mode=compile_mode, dynamic=False)
@@ -115,7 +114,8 @@ class TorchDiT:
     graph for batch 1 and one with a dynamic batch for larger batches, checked against eager in
     tests/runtime/test_torch_backend.py. `compile_scope` "model" compiles the whole network; "blocks" compiles each
     transformer block, one graph shared by all of them (a 2B DiT compiles in 10 s against 64 s on 2 CPU cores; around
-    them the patch embedding, adaLN and output layer run eager).
+    them the patch embedding, adaLN and output layer run eager). Compiling per block compiles the given DiT's blocks
+    in place.
 
     Its bound network takes x and the mask as tensors on its device (`arrays`) and returns one there, so the sampler
     runs there without a host round trip per call; host arrays are accepted too (and answered with host arrays). The
@@ -133,13 +133,15 @@ class TorchDiT:
         self._modulations: dict[bytes, TimestepModulation] = {}  # batch-1 timesteps -> their adaLN vectors, LRU
         self._forward: Callable[..., torch.Tensor] = self._dit
         self._forward_batched: Callable[..., torch.Tensor] = self._dit
+        self._compiled_whole = compile_mode is not None and compile_scope == "model"
         if compile_mode is not None:
             _make_room_for_graphs()
         if compile_mode is not None and compile_scope == "blocks":
-            # Dynamo compiles batch 1 static, then, at the first larger batch, one graph with a dynamic batch.
+            # The blocks' inputs are computed eagerly, so no batch dimension is marked dynamic: dynamo compiles the
+            # first batch size it meets static, and the next one with a dynamic batch (automatic dynamic shapes).
             for block in self._dit.blocks:
                 block.compile(mode=compile_mode)
-        elif compile_mode is not None:
+        elif self._compiled_whole:
             # Batch 1 (the reactive query) compiles static; larger batches (planning: they vary with the passes
             # they share) compile once with a dynamic batch dimension, in their own cache (their own frame).
             self._forward = torch.compile(self._dit, mode=compile_mode, dynamic=False)
@@ -157,15 +159,14 @@ class TorchDiT:
                 put, fetch = self.arrays.put, self.arrays.fetch
                 return fetch(network(put(x), timesteps, put(condition_mask)))
             batched = x.shape[0] > 1
-            compiled = self._forward is not self._dit
             forward = self._forward_batched if batched else self._forward
             with self._calling, current_device(self._device):
                 steps = self._timestep_input(timesteps)
                 inputs = (x.to(dtype), steps, condition_mask.to(dtype))
-                if compiled and batched:
+                if self._compiled_whole and batched:
                     for tensor in (inputs[0], inputs[2], steps):
                         torch._dynamo.mark_dynamic(tensor, 0)
-                if compiled:
+                if self._compiled_whole:
                     self._dit.cache_tables(*inputs)
                 return forward(*inputs, kv).float()
 

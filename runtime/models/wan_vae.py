@@ -52,17 +52,29 @@ class CausalContext:
     downsample the last frame entering its time conv. Used by `WanVAE.encode_continuation`: the convs pad with those
     frames instead of zeros, and each temporal downsample starts its first window on the kept frame, exactly the
     windows the whole clip would have. Batch 1; a continuation of batch b broadcasts it.
+
+    With `fold`, it also holds the convs' weights folded for `CausalConv3d.conv_frames`, and continuations run those
+    convs that way: the same sums in another order, which cuDNN runs faster once compiled (on an H200, 9.8 against
+    13.0 ms for ALOHA's 12 camera frames), and slower eager. Like the kept frames, the folded weights belong to the
+    weights the context was recorded with.
     """
 
     def __init__(self) -> None:
         self.recording = True
         self._frames: dict[nn.Module, Tensor] = {}
+        self._folded_weights: dict[nn.Module, Tensor] = {}
 
     def keep(self, layer: nn.Module, frames: Tensor) -> None:
         self._frames[layer] = frames[:1].detach().clone()
 
     def past(self, layer: nn.Module, batch: int) -> Tensor:
         return self._frames[layer].expand(batch, -1, -1, -1, -1)
+
+    def fold(self, layers: list[CausalConv3d]) -> None:
+        self._folded_weights = {layer: layer.folded_weight() for layer in layers}
+
+    def folded_weight(self, layer: nn.Module) -> Tensor | None:
+        return self._folded_weights.get(layer)
 
 
 def _apply(layer: nn.Module, x: Tensor, context: CausalContext | None) -> Tensor:
@@ -146,8 +158,6 @@ class CausalConv3d(nn.Conv3d):
     spatial sides. With pt = 0 and a temporal stride it is a plain valid conv over time.
     """
 
-    frame_weight: Tensor | None
-
     def __init__(
         self,
         in_channels: int,
@@ -159,19 +169,12 @@ class CausalConv3d(nn.Conv3d):
         pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=(0, ph, pw))
         self.past_frames = 2 * pt
-        self.register_buffer("frame_weight", None, persistent=False)  # set by `fold_time_taps`
-        self.register_load_state_dict_post_hook(CausalConv3d._refold)
 
-    def fold_time_taps(self) -> None:
-        """Runs this conv from now on as one 2-D conv per output frame over its time window stacked on channels:
-        the same sums in another order, which cuDNN runs faster once compiled (on an H200: 9.8 against 13.0 ms for
-        the 12 camera frames). Loading a state dict refolds the new weight."""
+    def folded_weight(self) -> Tensor:
+        """The weight [out, in, kt, kh, kw] as a 2-D conv's [out, (kt in), kh, kw]: time taps stacked on channels."""
         taps = self.kernel_size[0] * self.in_channels
-        self.frame_weight = self.weight.detach().transpose(1, 2).reshape(self.out_channels, taps, *self.kernel_size[1:])
-
-    def _refold(self, _incompatible_keys: object) -> None:
-        if self.frame_weight is not None:
-            self.fold_time_taps()
+        folded = self.weight.detach().transpose(1, 2).reshape(self.out_channels, taps, *self.kernel_size[1:])
+        return folded.clone()  # a copy also where reshape gives a view (kt = 1): a snapshot either way
 
     def forward(self, x: Tensor, context: CausalContext | None = None) -> Tensor:
         if self.past_frames:
@@ -181,16 +184,17 @@ class CausalConv3d(nn.Conv3d):
                 x = F.pad(x, (0, 0, 0, 0, self.past_frames, 0))
                 if context is not None:  # after padding: a clip shorter than the window leaves zeros in it
                     context.keep(self, x[:, :, -self.past_frames :])
-        return super().forward(x) if self.frame_weight is None else self._conv_frames(x, self.frame_weight)
+        folded_weight = None if context is None else context.folded_weight(self)
+        return super().forward(x) if folded_weight is None else self.conv_frames(x, folded_weight)
 
-    def _conv_frames(self, x: Tensor, frame_weight: Tensor) -> Tensor:
-        """The conv over already-padded time as 2-D convs of each output frame's window, its taps on channels."""
+    def conv_frames(self, x: Tensor, folded_weight: Tensor) -> Tensor:
+        """The conv over already-padded time as one 2-D conv per output frame over its window, taps on channels."""
         b, _, _, h, w = x.shape
         kt, st = self.kernel_size[0], self.stride[0]
         windows = x.unfold(2, kt, st)  # [b, c, t_out, h, w, kt]
         t_out = windows.shape[2]
         frames = windows.permute(0, 2, 5, 1, 3, 4).reshape(b * t_out, -1, h, w)  # [(b t_out), (kt c), h, w]
-        y = F.conv2d(frames, frame_weight, self.bias, stride=self.stride[1:], padding=self.padding[1:])
+        y = F.conv2d(frames, folded_weight, self.bias, stride=self.stride[1:], padding=self.padding[1:])
         return y.unflatten(0, (b, t_out)).transpose(1, 2)
 
 
@@ -273,7 +277,7 @@ class Downsample(nn.Module):
             return x
         if context is not None and not context.recording:
             # A continuation: its first window starts on the last frame before it. [b, c, t/2, h, w]
-            return self.time_conv(torch.cat([context.past(self, x.shape[0]), x], dim=2))
+            return self.time_conv(torch.cat([context.past(self, x.shape[0]), x], dim=2), context)
         if context is not None:
             context.keep(self, x[:, :, -1:])
         if x.shape[2] == 1:
@@ -400,14 +404,17 @@ class WanVAE(nn.Module):
         self._check_clip(video)
         return self._normalized_mean(self.encoder(video))
 
-    def encode_prefix(self, video: Tensor) -> tuple[Tensor, CausalContext]:
-        """`encode` of a clip's first frames [1, 3, 1+4n, H, W], and the context to encode the frames after them."""
+    def encode_prefix(self, video: Tensor, fold_time_taps: bool = False) -> tuple[Tensor, CausalContext]:
+        """`encode` of a clip's first frames [1, 3, 1+4n, H, W], and the context to encode the frames after them
+        (`fold_time_taps`: its continuations run the convs folded, `CausalContext`)."""
         self._check_clip(video)
         if video.shape[0] != 1:
             raise InputError(f"video: a prefix is encoded for batch 1, got {list(video.shape)}")
         context = CausalContext()
-        latent = self._normalized_mean(self.encoder(video, context))
+        latent = self._normalized_mean(self.encoder(video, context), context)
         context.recording = False
+        if fold_time_taps:
+            context.fold([layer for layer in (*self.encoder.modules(), self.conv1) if isinstance(layer, CausalConv3d)])
         return latent, context
 
     def encode_continuation(self, video: Tensor, context: CausalContext) -> Tensor:
@@ -417,17 +424,10 @@ class WanVAE(nn.Module):
             raise InputError(
                 f"video: a continuation has a multiple of {TEMPORAL_WINDOW} frames, got {list(video.shape)}"
             )
-        return self._normalized_mean(self.encoder(video, context))
+        return self._normalized_mean(self.encoder(video, context), context)
 
-    def fold_encoder_time_taps(self) -> None:
-        """Runs every causal conv of the encode path as 2-D convs over stacked time taps
-        (`CausalConv3d.fold_time_taps`): the same sums in another order."""
-        for module in (*self.encoder.modules(), self.conv1):
-            if isinstance(module, CausalConv3d):
-                module.fold_time_taps()
-
-    def _normalized_mean(self, features: Tensor) -> Tensor:
-        mu = self.conv1(features)[:, : self.config.z_dim]
+    def _normalized_mean(self, features: Tensor, context: CausalContext | None = None) -> Tensor:
+        mu = self.conv1(features, context)[:, : self.config.z_dim]
         # NOTE: multiplies by the reciprocal, in the model dtype, as the official wrapper does (scale = 1 / std).
         return (mu - self.latent_mean) * self.latent_std.reciprocal()
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from cosmos_edge.runtime.engines import torch_networks
 from cosmos_edge.runtime.engines.torch_networks import MODULATION_SETS_KEPT, TorchAutoencoder, TorchDiT
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.models.dit import TimestepModulation
@@ -71,7 +74,7 @@ def test_compiled_dit_matches_eager(device: str) -> None:
 
 
 @pytest.mark.slow
-def test_compiled_dits_on_many_devices_stay_compiled() -> None:
+def test_compiled_dits_on_many_devices_stay_compiled(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every DiT of a process shares dynamo's per-function graph cache: per-block compilation over 8 GPUs needs more
     graphs than its default limit, past which dynamo would fall back to eager. Four dtypes stand in for devices here
     (a graph's guards tell both apart); at the limit, dynamo raises instead of falling back."""
@@ -80,6 +83,7 @@ def test_compiled_dits_on_many_devices_stay_compiled() -> None:
     rng = np.random.default_rng(1)
     text = rng.standard_normal((1, 512, config.text_dim)).astype(np.float32)
     torch._dynamo.reset()
+    monkeypatch.setattr(torch_networks, "_COMPILED_DITS", itertools.count(1))  # as if these were the process's first
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=8):
         for dtype in (torch.float32, torch.bfloat16, torch.float64, torch.float16):
             dit = dit_from_state_dict(weights).to(dtype)

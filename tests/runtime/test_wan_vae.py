@@ -224,10 +224,12 @@ def test_bad_inputs_are_named(models: tuple[WanVAE, nn.Module]) -> None:
         ours.decode(torch.zeros(1, 8, 2, 4, 4))
 
 
+@pytest.mark.parametrize("prefix_frames", [1, 5])
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.bfloat16, 0.0), (torch.float32, 1e-5), (torch.float64, 1e-12)])
 def test_a_continuation_after_the_encoded_prefix_gives_the_whole_clips_latents(
-    dtype: torch.dtype, tolerance: float
+    dtype: torch.dtype, tolerance: float, prefix_frames: int
 ) -> None:
+    """Also after a prefix shorter than a conv's 2-frame window, whose zero padding the context keeps."""
     vae = WanVAE(TINY)
     vae.load_state_dict(random_vae_state_dict(TINY, seed=3))
     vae = vae.to(dtype).eval()
@@ -236,56 +238,53 @@ def test_a_continuation_after_the_encoded_prefix_gives_the_whole_clips_latents(
     clip[:, :, :5] = -1.0  # the black frames of the blank and proprio slots
     with torch.no_grad():
         whole = vae.encode(clip)
-        prefix, context = vae.encode_prefix(clip[:, :, :5])
-        continuation = vae.encode_continuation(clip[:, :, 5:], context)
-        batch = vae.encode_continuation(clip[:, :, 5:].expand(2, -1, -1, -1, -1), context)
+        prefix, context = vae.encode_prefix(clip[:, :, :prefix_frames])
+        continuation = vae.encode_continuation(clip[:, :, prefix_frames:], context)
+        batch = vae.encode_continuation(clip[:, :, prefix_frames:].expand(2, -1, -1, -1, -1), context)
     torch.testing.assert_close(torch.cat([prefix, continuation], 2).double(), whole.double(), rtol=0, atol=tolerance)
     assert torch.equal(batch[0], batch[1])
     with pytest.raises(InputError, match="multiple of 4 frames"):
         vae.encode_continuation(clip[:, :, 5:15], context)
 
 
-def _folded(model: WanVAE) -> WanVAE:
-    folded = WanVAE(model.config).to(next(model.parameters()).dtype).eval()
-    folded.load_state_dict(model.state_dict())
-    folded.fold_encoder_time_taps()
-    return folded
-
-
-@pytest.mark.parametrize("frames", FRAME_COUNTS)
-def test_encode_with_folded_time_taps_matches_diffusers(models: tuple[WanVAE, nn.Module], frames: int) -> None:
+@pytest.mark.parametrize("prefix_frames", [1, 5])
+@pytest.mark.parametrize("frames", [17, 41])
+def test_a_folding_continuation_matches_diffusers(
+    models: tuple[WanVAE, nn.Module], frames: int, prefix_frames: int
+) -> None:
     ours, ref = models
-    folded = WanVAE(TINY).eval()
-    folded.fold_encoder_time_taps()
-    folded.load_state_dict(ours.state_dict())  # loading refolds the new weights
-    assert folded.state_dict().keys() == ours.state_dict().keys()  # the folded weights are not checkpoint keys
     video = _video(frames, 32)
     with torch.inference_mode():
-        assert _rel_err(folded.encode(video), ref_encode(ref, video)) <= REL_TOL
-        _, context = folded.encode_prefix(video[:, :, :1])
-        if frames > 1:  # the prefix's causal context carries over the same
-            continuation = folded.encode_continuation(video[:, :, 1:], context)
-            assert _rel_err(continuation, ref_encode(ref, video)[:, :, 1:]) <= REL_TOL
+        expected = ref_encode(ref, video)
+        prefix, context = ours.encode_prefix(video[:, :, :prefix_frames], fold_time_taps=True)
+        rest = video[:, :, prefix_frames:].expand(2, -1, -1, -1, -1)  # batch 2 after the batch-1 prefix
+        continuation = ours.encode_continuation(rest, context)
+        whole = ours.encode(video)  # the whole-clip encode is never folded
+    assert _rel_err(torch.cat([prefix, continuation[:1]], 2), expected) <= REL_TOL
+    assert torch.equal(continuation[0], continuation[1])
+    assert _rel_err(whole, expected) <= REL_TOL
 
 
-def test_folded_time_taps_in_bf16_stay_as_close_to_fp32_as_the_3d_convs() -> None:
+def test_a_folding_continuation_in_bf16_stays_as_close_to_fp32_as_the_3d_convs() -> None:
     """The folded convs sum the same products in another order, and both round each layer's output to bf16: over
     several weights and clips their error against fp32 is that of the 3-D convs (means and 99th percentiles within
     5%)."""
-    errors: dict[str, list[Tensor]] = {"plain": [], "folded": []}
+    errors: dict[bool, list[Tensor]] = {False: [], True: []}
     for weights_seed in range(3):
         exact = WanVAE(TINY).eval()
         exact.load_state_dict(random_vae_state_dict(TINY, seed=weights_seed))
-        plain = WanVAE(TINY).to(torch.bfloat16).eval()
-        plain.load_state_dict(exact.state_dict())
-        folded = _folded(plain)
+        half = WanVAE(TINY).to(torch.bfloat16).eval()
+        half.load_state_dict(exact.state_dict())
         with torch.inference_mode():
             for size in (40, 48):
                 video = _video(17, size)
-                expected = exact.encode(video)
-                for name, model in (("plain", plain), ("folded", folded)):
-                    errors[name].append((model.encode(video.to(torch.bfloat16)).float() - expected).abs())
-    mean = {name: sum(e.mean().item() for e in errors[name]) for name in errors}
-    tail = {name: sum(e.flatten().quantile(0.99).item() for e in errors[name]) for name in errors}
-    assert mean["folded"] <= 1.05 * mean["plain"]
-    assert tail["folded"] <= 1.05 * tail["plain"]
+                expected = exact.encode(video)[:, :, 2:]
+                clip = video.to(torch.bfloat16)
+                for fold in (False, True):
+                    _, context = half.encode_prefix(clip[:, :, :5], fold_time_taps=fold)
+                    latent = half.encode_continuation(clip[:, :, 5:], context)
+                    errors[fold].append((latent.float() - expected).abs())
+    mean = {fold: sum(e.mean().item() for e in errors[fold]) for fold in errors}
+    tail = {fold: sum(e.flatten().quantile(0.99).item() for e in errors[fold]) for fold in errors}
+    assert mean[True] <= 1.05 * mean[False]
+    assert tail[True] <= 1.05 * tail[False]
