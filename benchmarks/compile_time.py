@@ -1,7 +1,8 @@
 """How long `torch.compile` takes to compile the DiT, per compile scope (`--compile-scope model|blocks`), and the call
 time after it, on this machine's CPU.
 
-Each (config, scope) runs in a child process of its own with Inductor's caches off, so every compilation is cold. The
+Each (config, scope) runs in a child process of its own with Inductor's caches off, so every compilation is cold;
+then twice more on a fresh cache directory, the second time as a restart would (the cache the first one filled). The
 DiT has random weights in fp32 and is called through the torch backend (`TorchDiT`) at batch 1 on 11 latent frames
 of 4x4 (44 tokens): compilation does not depend on the grid, the call time does, and at ALOHA's 28x28 one 2B call
 takes minutes on 2 cores.
@@ -17,6 +18,7 @@ import os
 import platform as host
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -79,18 +81,27 @@ def main() -> None:
         "machine": f"{host.machine()}, {os.cpu_count()} logical CPUs",
         "torch": torch.__version__,
         "command": "python benchmarks/compile_time.py " + " ".join(sys.argv[1:]),
-        "grid": "batch 1, 11 latent frames of 4x4, fp32, mode 'default', Inductor caches off",
+        "grid": "batch 1, 11 latent frames of 4x4, fp32, mode 'default'",
+        "first_call_s": "Inductor's caches off (a cold start); restart_first_call_s: a second start on the cache the "
+        "first one filled (TORCHINDUCTOR_CACHE_DIR)",
         "results": [],
     }
-    environment = os.environ | {"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
     for config in args.configs:
         for scope in SCOPES:
             child = [sys.executable, __file__, "--out", str(args.out), "--child", config, scope]
-            finished = subprocess.run(child, env=environment, capture_output=True, text=True, check=True)
-            result = json.loads(finished.stdout.strip().splitlines()[-1])
+            result = run_child(child, {"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"})
+            with tempfile.TemporaryDirectory() as cache:  # a first start fills Inductor's cache, a restart reads it
+                run_child(child, {"TORCHINDUCTOR_CACHE_DIR": cache})
+                result["restart_first_call_s"] = run_child(child, {"TORCHINDUCTOR_CACHE_DIR": cache})["first_call_s"]
             print(json.dumps(result), flush=True)
             report["results"].append(result)
             args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def run_child(command: list[str], environment: dict[str, str]) -> dict[str, Any]:
+    finished = subprocess.run(command, env=os.environ | environment, capture_output=True, text=True, check=True)
+    result: dict[str, Any] = json.loads(finished.stdout.strip().splitlines()[-1])
+    return result
 
 
 if __name__ == "__main__":

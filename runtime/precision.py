@@ -8,7 +8,7 @@ from collections.abc import Sequence
 PRECISIONS = ("fp32", "fp16", "bf16")
 # What `torch.compile` compiles of the DiT: the whole network as one graph, or each transformer block, all of them
 # sharing one compiled graph (they run the same code on same-shaped weights): on 2 CPU cores a 2B DiT compiles in
-# 10 s against 64 s, at the same call time (benchmarks/results/cpu_compile_time.json); not yet timed on a GPU.
+# 11 s against 64 s, at the same call time (benchmarks/results/cpu_compile_time.json); not yet timed on a GPU.
 COMPILE_SCOPES = ("model", "blocks")
 
 

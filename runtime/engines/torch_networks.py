@@ -113,7 +113,7 @@ class TorchDiT:
     """`compile_mode`: None runs eager; otherwise a `torch.compile` mode (e.g. "default", "max-autotune"): a static
     graph for batch 1 and one with a dynamic batch for larger batches, checked against eager in
     tests/runtime/test_torch_backend.py. `compile_scope` "model" compiles the whole network; "blocks" compiles each
-    transformer block, one graph shared by all of them (a 2B DiT compiles in 10 s against 64 s on 2 CPU cores; around
+    transformer block, one graph shared by all of them (a 2B DiT compiles in 11 s against 64 s on 2 CPU cores; around
     them the patch embedding, adaLN and output layer run eager). Compiling per block compiles the given DiT's blocks
     in place.
 
