@@ -5,11 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from cosmos_edge.runtime.errors import ConfigError
+
 PRECISIONS = ("fp32", "fp16", "bf16")
 # What `torch.compile` compiles of the DiT: the whole network as one graph, or each transformer block, all of them
 # sharing one compiled graph (they run the same code on same-shaped weights): on 2 CPU cores a 2B DiT compiles in
 # 11 s against 64 s, at the same call time (benchmarks/results/cpu_compile_time.json); not yet timed on a GPU.
 COMPILE_SCOPES = ("model", "blocks")
+
+
+def check_compile_scope(scope: str) -> None:
+    if scope not in COMPILE_SCOPES:
+        raise ConfigError(f"compile_scope: expected one of {COMPILE_SCOPES}, got {scope!r}")
 
 
 def default_precision(devices: Sequence[str]) -> str:

@@ -191,10 +191,8 @@ def _open_checkpoints(
         torch_backend.check_device(device)
     separate_planner = with_planning and source.planning_checkpoint not in (None, files.checkpoint)
     _LOG.info("loading %s (%s) on %s", files.tokenizer, source.precision, devices[0])
-    # The reference computes as the official code does, down to the VAE's 3-D convs.
-    fold_time_taps = False if source.encode_full_sequence else None
     autoencoder = torch_backend.open_autoencoder(
-        files.tokenizer, source.precision, devices[0], platform, source.compile_mode, fold_time_taps=fold_time_taps
+        files.tokenizer, source.precision, devices[0], platform, source.compile_mode
     )
     networks = []
     for device in devices:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import platform_spec
-from cosmos_edge.runtime.precision import COMPILE_SCOPES, PRECISIONS
+from cosmos_edge.runtime.precision import PRECISIONS, check_compile_scope
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,7 @@ class CheckpointSource:
         platform_spec(self.files.platform)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
-        if self.compile_scope not in COMPILE_SCOPES:
-            raise ConfigError(f"compile_scope: expected one of {COMPILE_SCOPES}, got {self.compile_scope!r}")
+        check_compile_scope(self.compile_scope)
 
 
 @dataclass(frozen=True)

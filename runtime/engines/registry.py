@@ -34,13 +34,7 @@ class TorchBackend(Protocol):
     def check_device(self, device: str) -> object: ...
 
     def open_autoencoder(
-        self,
-        tokenizer: Path,
-        precision: str,
-        device: str,
-        platform: PlatformSpec,
-        compile_mode: str | None = None,
-        fold_time_taps: bool | None = None,
+        self, tokenizer: Path, precision: str, device: str, platform: PlatformSpec, compile_mode: str | None = None
     ) -> EncodingAutoencoder: ...
 
     def open_denoiser(

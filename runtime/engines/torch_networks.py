@@ -31,7 +31,7 @@ from cosmos_edge.runtime.policy.api import NetworkFn, StageTimer
 from cosmos_edge.runtime.policy.arrays import Array
 from cosmos_edge.runtime.policy.images import check_cameras, preprocess_observation_images
 from cosmos_edge.runtime.policy.latents import BLACK, black_prefix_frames, prefix_camera_frames
-from cosmos_edge.runtime.precision import COMPILE_SCOPES
+from cosmos_edge.runtime.precision import check_compile_scope
 
 
 class TorchAutoencoder:
@@ -40,7 +40,7 @@ class TorchAutoencoder:
     `fold_time_taps` runs that encode's convs as 2-D convs over stacked time taps (`CausalContext`); the default is
     on when compiled on CUDA, where it pays: the 12 camera frames encode in 9.8 against 13.0 ms on an H200, while
     eager it is 18.7 against 17.9 ms (benchmarks/results/gpu_check_h200.json, `vae_variants`). The whole-clip
-    `encode` and `decode` run as the official code does."""
+    `encode` (the reference's, uncompiled) and `decode` run as the official code does."""
 
     def __init__(
         self,
@@ -125,8 +125,7 @@ class TorchDiT:
     def __init__(
         self, dit: CosmosDiT, device: torch.device, compile_mode: str | None = None, compile_scope: str = "model"
     ) -> None:
-        if compile_scope not in COMPILE_SCOPES:
-            raise ConfigError(f"compile_scope: expected one of {COMPILE_SCOPES}, got {compile_scope!r}")
+        check_compile_scope(compile_scope)
         self._dit = dit.eval()
         self._device = device
         self._calling = threading.Lock()  # also guards `_modulations`
@@ -134,18 +133,18 @@ class TorchDiT:
         self._forward: Callable[..., torch.Tensor] = self._dit
         self._forward_batched: Callable[..., torch.Tensor] = self._dit
         self._compiled_whole = compile_mode is not None and compile_scope == "model"
-        if compile_mode is not None:
-            _make_room_for_graphs()
-        if compile_mode is not None and compile_scope == "blocks":
-            # The blocks' inputs are computed eagerly, so no batch dimension is marked dynamic: dynamo compiles the
-            # first batch size it meets static, and the next one with a dynamic batch (automatic dynamic shapes).
-            for block in self._dit.blocks:
-                block.compile(mode=compile_mode)
-        elif self._compiled_whole:
+        if self._compiled_whole:
             # Batch 1 (the reactive query) compiles static; larger batches (planning: they vary with the passes
             # they share) compile once with a dynamic batch dimension, in their own cache (their own frame).
             self._forward = torch.compile(self._dit, mode=compile_mode, dynamic=False)
             self._forward_batched = torch.compile(_batched_call(self._dit), mode=compile_mode)
+        elif compile_mode is not None:
+            # The blocks' inputs are computed eagerly, so no batch dimension is marked dynamic: dynamo compiles the
+            # first batch size it meets static, and the next one with a dynamic batch (automatic dynamic shapes).
+            for block in self._dit.blocks:
+                block.compile(mode=compile_mode)
+        if compile_mode is not None:
+            _make_room_for_graphs()
         self.arrays = TorchArrays(device)
 
     @torch.inference_mode()
@@ -234,18 +233,13 @@ def check_device(device: str) -> torch.device:
 
 
 def open_autoencoder(
-    tokenizer: Path,
-    precision: str,
-    device: str,
-    platform: PlatformSpec,
-    compile_mode: str | None = None,
-    fold_time_taps: bool | None = None,
+    tokenizer: Path, precision: str, device: str, platform: PlatformSpec, compile_mode: str | None = None
 ) -> TorchAutoencoder:
     """The Wan2.1 VAE of a `tokenizer.pth` (or diffusers `vae/` directory) on `device`, for `platform`'s clips."""
     torch_device = check_device(device)
     _exact_fp32(precision, torch_device)
     vae = load_wan_vae(tokenizer, TORCH_DTYPES[precision], torch_device)
-    return TorchAutoencoder(vae, torch_device, platform, compile_mode, fold_time_taps)
+    return TorchAutoencoder(vae, torch_device, platform, compile_mode)
 
 
 def open_denoiser(

@@ -216,26 +216,6 @@ def test_one_dit_and_one_vae_per_device_without_a_planning_model(tiny_assets: di
         assert device.planning_network is not device.policy_network
 
 
-def test_the_reference_keeps_the_vaes_3d_convs(
-    tiny_assets: dict[str, CheckpointFiles], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The fast path leaves folding the VAE's convs to the backend (compiled on CUDA: on); the reference never does."""
-    from cosmos_edge.runtime.engines import torch_networks
-
-    opened: list[bool | None] = []
-    original = torch_networks.open_autoencoder
-
-    def recording(*args: object, fold_time_taps: bool | None = None, **kwargs: object) -> object:
-        opened.append(fold_time_taps)
-        return original(*args, fold_time_taps=fold_time_taps, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(torch_networks, "open_autoencoder", recording)
-    for reference in (True, False):
-        with load_policies(CheckpointSource(tiny_assets["aloha"], encode_full_sequence=reference)):
-            pass
-    assert opened == [False, None]
-
-
 def test_reactive_only_loads_the_first_device(tiny_assets: dict[str, CheckpointFiles]) -> None:
     with load_policies(CheckpointSource(tiny_assets["aloha"]), devices=["cpu", "cpu"]) as loaded:
         assert loaded.planning is None and len(loaded.devices) == 1 and set(loaded.modes()) == {"reactive"}
