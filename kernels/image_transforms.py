@@ -5,14 +5,14 @@ tensors of the torch backend, so on a GPU the camera frames go up once as uint8 
 
 * Pillow's 8-bit bicubic resize is integer arithmetic: 22-bit fixed-point taps (Pillow's `precompute_coeffs` and
   `normalize_coeffs_8bpc`), an accumulator starting at half a unit, a shift and a clip to 8 bits; one axis after the
-  other, uint8 in between. Done in int64 here, which holds every sum exactly.
+  other, clipped to 8 bits in between. Done in int64 here, which holds every sum exactly.
 * The antialiased bilinear resize after the centre crop uses the reference's taps (`images.antialias_taps`) and its
   order of operations: a float32 product, then per tap a float64 add and one rounding to float32. A float32 product
   is exact in float64, so the result does not depend on whether the device fuses the multiply-add.
 * The model range is the reference's 256-entry table, indexed by the pixel.
 
 The JPEG round trip of LIBERO and RoboCasa stays Pillow's, on the host (`transform_frames` runs it there). Tables are
-built once per size and device, so a warmed-up call copies nothing from the host.
+built once per size and device, so a warmed-up call copies only the frames to the device.
 """
 
 from __future__ import annotations
@@ -74,11 +74,7 @@ def _device_table(kind: str, in_size: int, out_size: int, device: torch.device) 
         return tuple(torch.from_numpy(array).to(device) for array in pillow_bicubic_taps(in_size, out_size))
     first, weights = reference.antialias_taps(in_size, out_size)
     indices = np.minimum(first[:, None] + np.arange(weights.shape[1]), in_size - 1)
-    return (
-        torch.from_numpy(indices).to(device),
-        torch.from_numpy(np.array(weights)).to(device),
-        torch.from_numpy(weights.astype(np.float64)).to(device),
-    )
+    return torch.from_numpy(indices).to(device), torch.from_numpy(weights.astype(np.float64)).to(device)
 
 
 @lru_cache(maxsize=8)
@@ -87,16 +83,17 @@ def _model_range_table(device: torch.device) -> torch.Tensor:
 
 
 def _bicubic_last_axis(planes: torch.Tensor, out_size: int) -> torch.Tensor:
-    """One Pillow pass over the last axis of uint8 planes; uint8 out. Integer sums are exact in any order, so every
-    tap is gathered and summed at once (a handful of kernels, not a few per tap)."""
+    """One Pillow pass over the last axis of int64 planes holding 8-bit values; int64 out, clipped to 8 bits as
+    Pillow clips between its passes. Integer sums are exact in any order, so every tap is gathered and summed at once
+    (a handful of kernels, not a few per tap)."""
     indices, taps = _device_table("bicubic", planes.shape[-1], out_size, planes.device)
-    total = (planes.to(torch.int64)[..., indices] * taps).sum(-1) + (1 << (PRECISION_BITS - 1))
-    return torch.clamp(total >> PRECISION_BITS, 0, 255).to(torch.uint8)
+    total = (planes[..., indices] * taps).sum(-1) + (1 << (PRECISION_BITS - 1))
+    return torch.clamp(total >> PRECISION_BITS, 0, 255)
 
 
 def bicubic_resize(frames: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 [N, H, W, 3] → uint8 [N, size, size, 3], as Pillow's `Image.resize((size, size), BICUBIC)`."""
-    planes = frames.permute(0, 3, 1, 2)  # [N, 3, H, W]
+    planes = frames.permute(0, 3, 1, 2).to(torch.int64)  # [N, 3, H, W]; 8-bit values between the passes
     height, width = planes.shape[-2:]
     # Pillow skips an axis already at its size and resizes horizontally first, except when that would widen the
     # image before shrinking it vertically (checked against the installed Pillow by the tests).
@@ -107,14 +104,18 @@ def bicubic_resize(frames: torch.Tensor, size: int) -> torch.Tensor:
         planes = _bicubic_last_axis(planes, size)
     if height != size and not vertical_first:
         planes = _bicubic_last_axis(planes.transpose(-1, -2), size).transpose(-1, -2)
-    return planes.permute(0, 2, 3, 1)
+    return planes.to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def _antialias_last_axis(values: torch.Tensor, out_size: int) -> torch.Tensor:
-    indices, weights32, weights64 = _device_table("antialias", values.shape[-1], out_size, values.device)
-    out = values[..., indices[:, 0]] * weights32[:, 0]
+    """The reference's accumulation over float32 `values`: every tap's product at once in float64, where a float32
+    product is exact (so the first tap rounded to float32 is the float32 product), then per tap one float64 add
+    rounded to float32."""
+    indices, weights = _device_table("antialias", values.shape[-1], out_size, values.device)
+    products = values.double()[..., indices] * weights  # [..., out, taps]
+    out = products[..., 0].float()
     for tap in range(1, indices.shape[1]):
-        out = (out.double() + values[..., indices[:, tap]].double() * weights64[:, tap]).float()
+        out = (out.double() + products[..., tap]).float()
     return out
 
 
@@ -136,21 +137,29 @@ def to_model_range(frames: torch.Tensor) -> torch.Tensor:
 
 def transform_frames(platform: PlatformSpec, frames: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
     """Checked raw uint8 [H, W, 3] camera frames → float32 [N, 3, 224, 224] on `device`, each as
-    `images.to_model_range(images.transform_image(...))`. Frames of one size are transformed as one batch (the
-    launches of one camera, not of three)."""
-    uploaded = [_upload(platform, frame, device) for frame in frames]
+    `images.to_model_range(images.transform_image(...))`. Frames of one size go up in one copy and are transformed
+    as one batch (the launches of one camera, not of three)."""
+    prepared = [_flipped_and_compressed(platform, frame) for frame in frames]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, frame in enumerate(prepared):
+        groups.setdefault(frame.shape, []).append(index)
+    planes = [
+        _transform_batch(platform, torch.from_numpy(np.stack([prepared[i] for i in group])).to(device))
+        for group in groups.values()
+    ]
+    if len(planes) == 1:
+        return planes[0]
     out = torch.empty((len(frames), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.float32, device=device)
-    for shape in dict.fromkeys(frame.shape for frame in uploaded):
-        group = [i for i, frame in enumerate(uploaded) if frame.shape == shape]
-        batch = bicubic_resize(torch.stack([uploaded[i] for i in group]), IMAGE_SIZE)
-        if platform.center_crop:
-            batch = center_crop_and_resize(batch)
-        out[group] = to_model_range(batch)
+    for group, batch in zip(groups.values(), planes, strict=True):
+        out[group] = batch
     return out
 
 
-def _upload(platform: PlatformSpec, frame: np.ndarray, device: torch.device) -> torch.Tensor:
+def _transform_batch(platform: PlatformSpec, batch: torch.Tensor) -> torch.Tensor:
+    resized = bicubic_resize(batch, IMAGE_SIZE)
+    return to_model_range(center_crop_and_resize(resized) if platform.center_crop else resized)
+
+
+def _flipped_and_compressed(platform: PlatformSpec, frame: np.ndarray) -> np.ndarray:
     image = frame[::-1] if platform.flip_images else frame
-    if platform.jpeg_compression:
-        image = reference.jpeg_round_trip(image)  # Pillow's codec, on the host
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).to(device)  # a writable copy
+    return reference.jpeg_round_trip(image) if platform.jpeg_compression else image  # Pillow's codec, on the host
