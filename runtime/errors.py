@@ -16,7 +16,12 @@ class CheckpointError(CosmosEdgeError):
 
 
 class InputError(CosmosEdgeError, ValueError):
-    """An observation, instruction or array given to the runtime is malformed."""
+    """An observation, instruction or array given to the runtime is malformed. `field` names the request field at
+    fault where one is (a server's error reply carries it)."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class BundleError(CosmosEdgeError):

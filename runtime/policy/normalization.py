@@ -25,6 +25,11 @@ from cosmos_edge.runtime.platforms import PlatformSpec
 # The only statistics inference uses; mean/std/median are kept when present.
 REQUIRED_KEYS = ("actions_min", "actions_max", "proprio_min", "proprio_max")
 
+# Normalised proprio beyond ±PROPRIO_LIMIT (500 dataset ranges outside the range) is refused. The official code
+# computes on anything; but such a value is a unit or field-order mistake, the policy's answer to it is meaningless,
+# and far enough out (~1e19) the DiT's float arithmetic overflows into NaN actions that would hide the cause.
+PROPRIO_LIMIT = 1e3
+
 
 @dataclass(frozen=True, eq=False)
 class DatasetStats:
@@ -98,8 +103,19 @@ class DatasetStats:
 
     def normalize_proprio(self, proprio: np.ndarray) -> np.ndarray:
         """Raw proprio [..., proprio_dim] → 2(x - min)/(max - min) - 1, float64 (official `rescale_proprio`)."""
-        x = _check_input("proprio", proprio, self.proprio_dim)
-        return 2.0 * ((x - self.proprio_min) / (self.proprio_max - self.proprio_min)) - 1.0
+        x = _check_input("proprio", proprio, self.proprio_dim, field="proprio")
+        normalized = 2.0 * ((x - self.proprio_min) / (self.proprio_max - self.proprio_min)) - 1.0
+        far = np.argwhere(np.abs(normalized) > PROPRIO_LIMIT)
+        if far.size:
+            index = tuple(int(i) for i in far[0])
+            dim = index[-1]
+            raise InputError(
+                f"proprio: {x[index]:g} at index {list(index)} lies far outside the dataset range "
+                f"[{self.proprio_min[dim]:g}, {self.proprio_max[dim]:g}] of dim {dim} (normalised "
+                f"{normalized[index]:.3g}, accepted within ±{PROPRIO_LIMIT:g}); check its units and joint order",
+                field="proprio",
+            )
+        return normalized
 
     def unnormalize_proprio(self, proprio: np.ndarray) -> np.ndarray:
         """Normalised proprio [..., proprio_dim] → raw scale, float64 (inverse of `normalize_proprio`)."""
@@ -137,14 +153,17 @@ def _check_ordered(prefix: str, low: np.ndarray, high: np.ndarray) -> None:
         )
 
 
-def _check_input(name: str, values: np.ndarray, dim: int) -> np.ndarray:
+def _check_input(name: str, values: np.ndarray, dim: int, field: str = "") -> np.ndarray:
+    """`values` as float64 [..., dim], finite; `field`: the request field they came from (none for outputs)."""
     try:
         array = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError) as error:
-        raise InputError(f"{name}: expected numbers [..., {dim}], got {type(values).__name__}") from error
+        raise InputError(f"{name}: expected numbers [..., {dim}], got {type(values).__name__}", field) from error
     if array.ndim == 0 or array.shape[-1] != dim:
-        raise InputError(f"{name}: expected shape [..., {dim}], got {list(array.shape)}")
+        raise InputError(f"{name}: expected shape [..., {dim}], got {list(array.shape)}", field)
     bad = np.argwhere(~np.isfinite(array))
     if bad.size:
-        raise InputError(f"{name}: expected finite values, got {array[tuple(bad[0])]} at index {bad[0].tolist()}")
+        raise InputError(
+            f"{name}: expected finite values, got {array[tuple(bad[0])]} at index {bad[0].tolist()}", field
+        )
     return array

@@ -6,7 +6,7 @@ import pytest
 
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.platforms import PLATFORMS, PlatformSpec, platform_spec
-from cosmos_edge.runtime.policy.normalization import DatasetStats
+from cosmos_edge.runtime.policy.normalization import PROPRIO_LIMIT, DatasetStats
 
 
 def _official_json(platform: PlatformSpec, seed: int = 0) -> dict[str, list[float]]:
@@ -125,5 +125,24 @@ def test_unknown_keys_are_ignored(tmp_path: Path) -> None:
 def test_bad_proprio_is_an_input_error(tmp_path: Path, proprio: object, message: str) -> None:
     platform = platform_spec("libero")
     stats = DatasetStats.from_json(_write(tmp_path, _official_json(platform)), platform)
-    with pytest.raises(InputError, match=message):
+    with pytest.raises(InputError, match=message) as caught:
         stats.normalize_proprio(proprio)
+    assert caught.value.field == "proprio"
+
+
+def test_proprio_far_outside_the_dataset_range_is_refused(tmp_path: Path) -> None:
+    """Within ±PROPRIO_LIMIT normalised it is computed as the official code does; a value beyond names its index
+    and the dimension's range (1e30 once reached the DiT and came back as NaN actions)."""
+    platform = platform_spec("libero")
+    stats = DatasetStats.from_json(_write(tmp_path, _official_json(platform)), platform)
+    span = stats.proprio_max - stats.proprio_min
+    low = stats.proprio_min - span * (0.99 * PROPRIO_LIMIT - 1) / 2  # normalised -0.99 PROPRIO_LIMIT
+    np.testing.assert_allclose(stats.normalize_proprio(low), -0.99 * PROPRIO_LIMIT)
+    for far in (1e30, stats.proprio_max[3] + span[3] * PROPRIO_LIMIT):
+        proprio = stats.proprio_min.copy()
+        proprio[3] = far
+        with pytest.raises(
+            InputError, match=r"proprio: .* at index \[3\] lies far outside the dataset range"
+        ) as caught:
+            stats.normalize_proprio(proprio)
+        assert caught.value.field == "proprio"
