@@ -3,8 +3,11 @@ loads (so a command loading a large model refuses a port in use in seconds)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
+import os
+import socket
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -21,7 +24,7 @@ MAX_SHUTDOWN_TIMEOUT_S = 3600.0  # beyond an hour a stop is a hang; also keeps w
 _RECEIVE_HWM = 32  # messages libzmq queues per controller connection: bounds what a flood can make us hold
 FLUSH_MS = 1000  # how long closing waits for the last replies to leave: enough on a loaded machine, and bounded
 _BIND_HINTS = {
-    errno.EADDRINUSE: "another process is serving on it; stop it or choose another port",
+    errno.EADDRINUSE: "another process is serving on it; stop it or choose another endpoint",
     errno.ENOENT: "the directory of an ipc:// path must exist",
 }
 
@@ -92,6 +95,7 @@ class BoundRouter:
         self.socket = router
         self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)  # a wildcard port resolved
         self._authenticator = authenticator
+        self._socket_file = _ipc_socket_file(self.endpoint)
         self._closed = False
 
     @classmethod
@@ -112,6 +116,7 @@ class BoundRouter:
                 router.curve_publickey = config.curve.keys.public
                 router.curve_secretkey = config.curve.keys.secret
             try:
+                _refuse_a_served_ipc_path(config.endpoint)
                 router.bind(config.endpoint)
             except zmq.ZMQError as error:
                 raise _bind_error(config.endpoint, error) from None
@@ -126,6 +131,7 @@ class BoundRouter:
             return
         self._closed = True
         _discard(self.context, self.socket, self._authenticator, linger_ms=FLUSH_MS)
+        _remove_socket_file(self._socket_file)
 
     def __enter__(self) -> BoundRouter:
         return self
@@ -146,6 +152,53 @@ def _discard(
     if authenticator is not None:
         authenticator.stop()
     context.term()  # every socket of the context is closed by now, so this returns once the linger is over
+
+
+def _ipc_path(endpoint: str) -> str | None:
+    """The file an `ipc://` endpoint names; None for other schemes, a wildcard and Linux's abstract names ("@")."""
+    scheme, _, address = endpoint.partition("://")
+    return address if scheme == "ipc" and address != "*" and not address.startswith("@") else None
+
+
+def _refuse_a_served_ipc_path(endpoint: str) -> None:
+    """`zmq.ZMQError(EADDRINUSE)` when a process accepts connections on the `ipc://` path: libzmq's bind would
+    silently replace its socket file, leaving that server unreachable. A refused connection (a stale file, left by a
+    process that died) or no file at all is for the bind to take."""
+    path = _ipc_path(endpoint)
+    if path is None:
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)  # a listener whose backlog is full answers EAGAIN rather than blocking us
+        try:
+            probe.connect(path)
+        except BlockingIOError:
+            pass  # listening, with a full backlog
+        except OSError:
+            return  # refused, no such file, not a socket, a path too long...: the bind succeeds or says why
+    raise zmq.ZMQError(errno.EADDRINUSE)
+
+
+def _ipc_socket_file(endpoint: str) -> tuple[str, int, int] | None:
+    """(path, device, inode) of the socket file a bound `ipc://` endpoint created; libzmq leaves it on close."""
+    path = _ipc_path(endpoint)
+    if path is None:
+        return None
+    try:
+        status = os.stat(path)
+    except OSError:  # removed already by a process that does not check first: none of ours to remove
+        return None
+    return path, status.st_dev, status.st_ino
+
+
+def _remove_socket_file(socket_file: tuple[str, int, int] | None) -> None:
+    """Removes the socket file the server created, unless it is gone or is another's by now."""
+    if socket_file is None:
+        return
+    path, device, inode = socket_file
+    with contextlib.suppress(FileNotFoundError):
+        status = os.stat(path)
+        if (status.st_dev, status.st_ino) == (device, inode):
+            os.unlink(path)
 
 
 def _bind_error(endpoint: str, error: zmq.ZMQError) -> ConfigError:

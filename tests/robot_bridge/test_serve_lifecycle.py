@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -125,10 +126,23 @@ def port_in_use() -> Iterator[int]:
         yield taken.getsockname()[1]
 
 
-def refusals(port: int, tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+@pytest.fixture
+def ipc_path_in_use() -> Iterator[str]:
+    """A socket path a server listens on (in a short directory: a socket path has at most 107 bytes)."""
+    with tempfile.TemporaryDirectory() as directory, socket.socket(socket.AF_UNIX) as taken:
+        taken.bind(f"{directory}/policy.sock")
+        taken.listen()
+        yield taken.getsockname()
+
+
+def refusals(port: int, ipc_path: str, tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     """argv → the start of the one-line error."""
     return {
         "port in use": (["--endpoint", f"tcp://127.0.0.1:{port}"], "--endpoint: cannot bind 'tcp://127.0.0.1:"),
+        "ipc path in use": (
+            ["--endpoint", f"ipc://{ipc_path}"],
+            f"--endpoint: cannot bind 'ipc://{ipc_path}': Address already in use; another process is serving on it",
+        ),
         "no ipc directory": (
             ["--endpoint", f"ipc://{tmp_path}/nonexistent/dir/sock"],
             f"--endpoint: cannot bind 'ipc://{tmp_path}/nonexistent/dir/sock': No such file or directory",
@@ -154,6 +168,7 @@ def refusals(port: int, tmp_path: Path) -> dict[str, tuple[list[str], str]]:
 
 CASES = [
     "port in use",
+    "ipc path in use",
     "no ipc directory",
     "port out of range",
     "unknown default mode",
@@ -163,8 +178,10 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_serve_refuses_bad_settings_before_loading_a_policy(case: str, port_in_use: int, tmp_path: Path) -> None:
-    argv, message = refusals(port_in_use, tmp_path)[case]
+def test_serve_refuses_bad_settings_before_loading_a_policy(
+    case: str, port_in_use: int, ipc_path_in_use: str, tmp_path: Path
+) -> None:
+    argv, message = refusals(port_in_use, ipc_path_in_use, tmp_path)[case]
     args, factory = serve_args(*argv)
     with pytest.raises(ConfigError) as caught:
         args.func(args)
@@ -184,11 +201,11 @@ def test_serve_refuses_an_http_port_in_use_before_loading_and_frees_the_zeromq_o
         router.bind(endpoint)  # the ZeroMQ endpoint, bound first, was released
 
 
-@pytest.mark.parametrize("case", ["port in use", "unknown default mode"])
+@pytest.mark.parametrize("case", ["port in use", "ipc path in use", "unknown default mode"])
 def test_the_command_prints_one_line_naming_the_flag(
-    case: str, port_in_use: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    case: str, port_in_use: int, ipc_path_in_use: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv, message = refusals(port_in_use, tmp_path)[case]
+    argv, message = refusals(port_in_use, ipc_path_in_use, tmp_path)[case]
     assert main(["serve", *argv]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"cosmos-edge: error: {message}"), lines

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -700,6 +702,32 @@ def test_binding_errors_name_the_endpoint(tmp_path: Path) -> None:
     missing = f"ipc://{tmp_path}/no/such/dir/policy.sock"
     with pytest.raises(ConfigError, match="No such file or directory; the directory of an ipc:// path must exist"):
         BoundRouter.bind(ServerConfig(missing))
+
+
+@pytest.fixture
+def ipc_dir() -> Iterator[Path]:
+    """A short directory for socket files: pytest's tmp_path can pass the 107-byte limit of a socket path."""
+    with tempfile.TemporaryDirectory() as directory:
+        yield Path(directory)
+
+
+def test_a_served_ipc_path_is_refused_and_the_server_keeps_it(ipc_dir: Path) -> None:
+    endpoint = f"ipc://{ipc_dir}/policy.sock"
+    in_use = f"endpoint: cannot bind '{endpoint}': Address already in use; another process is serving on it"
+    with serving(PolicyServer(StubPolicy(), ServerConfig(endpoint))) as served:
+        with pytest.raises(ConfigError, match=in_use):
+            BoundRouter.bind(ServerConfig(endpoint))  # libzmq alone would replace the socket file
+        with PolicyClient(served, timeout_s=TIMEOUT_S) as client:
+            assert client.ping()  # still reachable
+
+
+def test_an_ipc_socket_file_is_removed_on_close_and_a_stale_one_is_bound_over(ipc_dir: Path) -> None:
+    path = ipc_dir / "policy.sock"
+    with socket.socket(socket.AF_UNIX) as dead:  # what a killed server leaves: a file nobody listens on
+        dead.bind(str(path))
+    with BoundRouter.bind(ServerConfig(f"ipc://{path}")):
+        assert path.is_socket()
+    assert not path.exists()
 
 
 def test_a_server_takes_over_a_router_bound_before_it() -> None:
