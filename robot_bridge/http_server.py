@@ -38,7 +38,7 @@ from starlette.routing import Route
 from cosmos_edge.robot_bridge.binding import check_shutdown_timeout, is_local_endpoint
 from cosmos_edge.robot_bridge.json_arrays import COMPACT, parse_json
 from cosmos_edge.robot_bridge.official_act import CAMERAS, OfficialQuery, parse_query, reply_body
-from cosmos_edge.robot_bridge.protocol import PROTOCOL_VERSION, ActRequest, ErrorCode, MessageError
+from cosmos_edge.robot_bridge.protocol import PROTOCOL_VERSION, ActReply, ActRequest, ErrorCode, MessageError
 from cosmos_edge.robot_bridge.server import SERVER_VERSION, PolicyServer, ms_since
 from cosmos_edge.runtime.errors import ConfigError
 
@@ -97,7 +97,8 @@ class HttpConfig:
 
 
 def _official_field(error: MessageError) -> MessageError:
-    """`error` naming the official request's key where it differs from ours (the instruction is `task_description`)."""
+    """A `PolicyServer` error on `instruction`, which the official request sent as `task_description`. Only for the
+    server's errors: those of `parse_query` name the key as the client sent it (an `instruction` there is unknown)."""
     if error.field != "instruction":
         return error
     return MessageError(error.code, "task_description", error.detail, error.request_id)
@@ -232,12 +233,10 @@ class HttpEndpoint:
             body = await self._body(request)
             query = await run_in_threadpool(parse_query, body, self._image_size, self._proprio_dim)
             decode_ms = ms_since(started)
-            act = self._act_request(request_id, query)
-            reply = await asyncio.wrap_future(self._server.submit(act, peer=peer, decode_ms=decode_ms))
+            reply = await self._submit(self._act_request(request_id, query), peer, decode_ms)
             waited = time.perf_counter()
             content = await run_in_threadpool(reply_body, reply, query)
-        except MessageError as refused:
-            error = _official_field(refused)
+        except MessageError as error:
             logger.info(
                 "kind=http_act peer=%s request_id=%s status=%s code=%s field=%s total_ms=%.3f",
                 peer,
@@ -260,6 +259,13 @@ class HttpEndpoint:
             ms_since(started),
         )
         return Response(content, media_type="application/json")
+
+    async def _submit(self, act: ActRequest, peer: str, decode_ms: float) -> ActReply:
+        """The server's reply to `act`; its refusals name the official request's keys."""
+        try:
+            return await asyncio.wrap_future(self._server.submit(act, peer=peer, decode_ms=decode_ms))
+        except MessageError as error:
+            raise _official_field(error) from None
 
     def _act_request(self, request_id: int, query: OfficialQuery) -> ActRequest:
         """The request, pinned to the mode in force (the server checks it and the instruction against that mode)."""

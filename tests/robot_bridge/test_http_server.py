@@ -196,6 +196,7 @@ def test_errors_are_4xx_json_naming_the_key(official_json: None) -> None:
         "nested past the parser's depth": ("[" * 100_000, 400, "body"),
         "missing image": (json_numpy.dumps({k: v for k, v in good.items() if k != "left_wrist_image"}), 422, ""),
         "unknown key": (json_numpy.dumps(good | {"torque": 1}), 422, "torque"),
+        "our protocol's key": (json_numpy.dumps(good | {"instruction": INSTRUCTION}), 422, "instruction"),
         "object dtype": (json.dumps({**json.loads(json_numpy.dumps(good)), "primary_image": object_array}), 422, ""),
         "float image": (json_numpy.dumps(good | {"primary_image": image.astype(np.float32)}), 422, ""),
         "wrong image size": (json_numpy.dumps(good | {"right_wrist_image": image[:112]}), 422, ""),
