@@ -44,6 +44,7 @@ from cosmos_edge.robot_bridge.protocol import (
     WireLimits,
     decode_reply,
 )
+from cosmos_edge.robot_bridge.wire import check_array, invalid
 from cosmos_edge.runtime.errors import ConfigError, CosmosEdgeError, ProtocolError
 from cosmos_edge.runtime.policy.api import Observation
 
@@ -55,7 +56,7 @@ _FIRST_RETRY_S = 0.02  # backoff after the first `overloaded`, doubled after eac
 _MAX_RETRY_S = 0.5
 
 # `ActReply` and `ServerMetadata` are the protocol's own message types; re-exported as the client's results.
-__all__ = ["ActReply", "PolicyClient", "RemoteError", "RequestTimeout", "ServerMetadata"]
+__all__ = ["ActReply", "PolicyClient", "RemoteError", "RequestTimeout", "ServerMetadata", "wire_proprio"]
 
 
 class RequestTimeout(CosmosEdgeError, TimeoutError):
@@ -131,7 +132,8 @@ class PolicyClient:
         compute it after we gave up. `overloaded` answers are retried with backoff until the deadline.
 
         Raises `RequestTimeout`, `RemoteError` (e.g. `superseded`, an unknown instruction, `overloaded` until the
-        deadline) or `ProtocolError` (a malformed observation, caught before sending, or a malformed reply)."""
+        deadline) or `ProtocolError` (a malformed observation, caught before sending: a `MessageError` naming the
+        field; or a malformed reply)."""
         with self._lock:
             deadline = time.monotonic() + self._timeout_s
             request = ActRequest(
@@ -140,7 +142,7 @@ class PolicyClient:
                 capture_time_ns=capture_time_ns,
                 instruction=instruction,
                 images=observation.images,
-                proprio=np.asarray(observation.proprio, dtype=np.float32),
+                proprio=wire_proprio(observation.proprio),
                 mode=mode,
                 seed=seed,
                 steps=steps,
@@ -261,6 +263,19 @@ class PolicyClient:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+
+def wire_proprio(proprio: object) -> np.ndarray:
+    """`proprio` as an `act` carries it, 1-D float32 and finite (a float64 qpos is cast); `MessageError` naming
+    `proprio` otherwise."""
+    try:
+        array = np.asarray(proprio)
+    except ValueError as error:  # a ragged sequence
+        raise invalid("proprio", f"expected numbers, got {type(proprio).__name__} ({error})") from None
+    if array.dtype.kind not in "iuf":
+        raise invalid("proprio", f"expected numbers, got dtype {array.dtype}")
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes infinite, refused as not finite
+        return check_array("proprio", array.astype(np.float32), "float32", 1)
 
 
 def _remaining_ms(deadline: float) -> int:

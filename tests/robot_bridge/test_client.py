@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -203,10 +204,18 @@ def test_nobody_listening_times_out_within_the_deadline() -> None:
 
 def test_a_malformed_observation_is_refused_before_sending() -> None:
     obs = observation()
-    bad = Observation(images={**obs.images, "cam_high": obs.images["cam_high"].astype(np.float32)}, proprio=obs.proprio)
-    client = PolicyClient("tcp://127.0.0.1:9", timeout_s=TIMEOUT_S)
-    with client, pytest.raises(MessageError, match="image/cam_high: expected dtype uint8, got float32"):
-        client.act(bad, INSTRUCTION, obs_id=1, capture_time_ns=1)
+    float_image = {**obs.images, "cam_high": obs.images["cam_high"].astype(np.float32)}
+    cases: list[tuple[dict[str, np.ndarray], object, str]] = [
+        (float_image, obs.proprio, "image/cam_high: expected dtype uint8, got float32"),
+        (obs.images, np.array(["0.5"] * 14), "proprio: expected numbers, got dtype <U3"),
+        (obs.images, [[1.0], [2.0, 3.0]], "proprio: expected numbers, got list"),
+        (obs.images, np.full(14, 1e300), "proprio: expected finite values"),
+    ]
+    with PolicyClient("tcp://127.0.0.1:9", timeout_s=TIMEOUT_S) as client:  # nobody there: refused, or a timeout
+        for images, proprio, message in cases:
+            bad = Observation(images=images, proprio=proprio)  # type: ignore[arg-type]
+            with pytest.raises(MessageError, match=re.escape(message)):
+                client.act(bad, INSTRUCTION, obs_id=1, capture_time_ns=1)
 
 
 def test_client_configuration_is_checked() -> None:
