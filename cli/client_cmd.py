@@ -1,8 +1,9 @@
 """`cosmos-edge client`: talk to a running policy server over ZeroMQ from the command line.
 
 `ping` (round trip and clock offset), `metadata` (printed as JSON), `set-mode MODE` (for every controller), and
-`act OBS.npz --task ...` (one chunk for an observation file, as `cosmos-edge act` reads them). With CURVE, give the
-server's public certificate and this client's secret one, as written by `cosmos-edge keys generate`.
+`act OBS.npz --task ...` (one chunk for an observation file, as `cosmos-edge act` reads them; camera frames of another
+size are resized to the wire's as the controller does). With CURVE, give the server's public certificate and this
+client's secret one, as written by `cosmos-edge keys generate`.
 """
 
 from __future__ import annotations
@@ -21,9 +22,13 @@ import numpy as np
 
 from cosmos_edge.cli.arg_types import positive_int
 from cosmos_edge.cli.npz_files import output_path, read_observation, write_npz
-from cosmos_edge.robot_bridge.client import PolicyClient
+from cosmos_edge.robot_bridge.client import PolicyClient, wire_proprio
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, load_public_key
-from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.robot_bridge.protocol import MessageError
+from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_image, check_camera_frame
+from cosmos_edge.runtime.errors import ConfigError, InputError
+from cosmos_edge.runtime.platforms import IMAGE_SIZE
+from cosmos_edge.runtime.policy.api import Observation
 
 _LOG = logging.getLogger(__name__)
 _DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # `serve`'s default
@@ -54,7 +59,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     set_mode.add_argument("mode", help="one of the server's modes, e.g. reactive or planning")
     set_mode.set_defaults(func=_naming_endpoint(_set_mode))
     act = actions.add_parser("act", parents=[connection], help="one action chunk for an observation .npz")
-    act.add_argument("observation", type=Path, help="npz: one uint8 HxWx3 array per camera, and `proprio`")
+    act.add_argument(
+        "observation",
+        type=Path,
+        help=f"npz: one uint8 HxWx3 array per camera, and `proprio`; frames of another size than the wire's "
+        f"{IMAGE_SIZE}x{IMAGE_SIZE} are resized as the ALOHA controller does (480x640 -> 256 -> 224, Pillow bicubic)",
+    )
     act.add_argument("--task", required=True, help="the instruction, as the server lists it")
     act.add_argument("--mode", help="answer in this mode (default: the server's)")
     act.add_argument("--seed", type=int, help="default: the server's (195, as the official code)")
@@ -131,7 +141,7 @@ def _set_mode(args: argparse.Namespace) -> int:
 
 
 def _act(args: argparse.Namespace) -> int:
-    observation = read_observation(args.observation)
+    observation = _wire_observation(args.observation)
     out = None if args.out is None else output_path("--out", args.out)
     with connect(args, _ACT_TIMEOUT_S) as client:
         reply = client.act(
@@ -171,6 +181,28 @@ def _act(args: argparse.Namespace) -> int:
         write_npz("--out", out, arrays)
         print(f"wrote {out}")
     return 0
+
+
+def _wire_observation(path: Path) -> Observation:
+    """The observation file as an `act` carries it: frames of another size resized to the wire's as the controller
+    does, proprio float32. Whatever the request would refuse is refused here, naming the file and the field."""
+    observation = read_observation(path)
+    try:
+        proprio = wire_proprio(observation.proprio)
+        frames = {camera: check_camera_frame(camera, frame) for camera, frame in observation.images.items()}
+    except (InputError, MessageError) as error:
+        raise InputError(f"observation: {path}: {error}") from None
+    if not frames:
+        raise InputError(f"observation: {path}: no camera images; expected one uint8 HxWx3 array per camera")
+    wire = (IMAGE_SIZE, IMAGE_SIZE)
+    resized = {camera: frame.shape[:2] for camera, frame in frames.items() if frame.shape[:2] != wire}
+    if resized:
+        sizes = ", ".join(f"{camera} {height}x{width}" for camera, (height, width) in resized.items())
+        _LOG.info("observation: resizing %s to %dx%d, as the controller does", sizes, *wire)
+    images = {
+        camera: aloha_wire_image(camera, frame) if camera in resized else frame for camera, frame in frames.items()
+    }
+    return Observation(images=images, proprio=proprio)
 
 
 def _values(values: Sequence[float | None]) -> np.ndarray:

@@ -356,7 +356,7 @@ class PolicyServer:
         expected = (*self._config.image_size, 3)
         for camera, image in request.images.items():
             if image.shape != expected:
-                detail = f"expected shape {expected}, got {image.shape}"
+                detail = f"expected shape {expected} (the client resizes), got {image.shape}"
                 raise MessageError(ErrorCode.INVALID_FIELD, f"image/{camera}", detail, request.request_id)
         if request.proprio.shape != (self._platform.proprio_dim,):
             detail = f"expected shape ({self._platform.proprio_dim},), got {request.proprio.shape}"

@@ -17,14 +17,19 @@ from cosmos_edge.runtime.policy.api import Observation
 ALOHA_FRAME_SIZE = 256  # the client's first resize, which matches the training videos (256×256 MP4)
 
 
-def aloha_wire_image(camera: str, frame: np.ndarray) -> np.ndarray:
-    """uint8 H×W×3 camera frame → 224×224×3 (official `aloha_utils.resize_image_for_preprocessing`, then 224)."""
+def check_camera_frame(camera: str, frame: np.ndarray) -> np.ndarray:
+    """`frame` if it is a uint8 H×W×3 array with H, W > 0; otherwise InputError naming `camera`."""
     # Checked here, not with the policy's image checks: the controller side imports nothing of the policy layer.
     is_image = isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[2] == 3
     if not is_image or frame.shape[0] == 0 or frame.shape[1] == 0:
         got = f"{frame.dtype}{list(frame.shape)}" if isinstance(frame, np.ndarray) else type(frame).__name__
         raise InputError(f"images[{camera!r}]: expected a uint8 array [H, W, 3] with H, W > 0, got {got}")
-    image = Image.fromarray(np.ascontiguousarray(frame))
+    return frame
+
+
+def aloha_wire_image(camera: str, frame: np.ndarray) -> np.ndarray:
+    """uint8 H×W×3 camera frame → 224×224×3 (official `aloha_utils.resize_image_for_preprocessing`, then 224)."""
+    image = Image.fromarray(np.ascontiguousarray(check_camera_frame(camera, frame)))
     for size in (ALOHA_FRAME_SIZE, IMAGE_SIZE):
         image = image.resize((size, size), resample=Image.Resampling.BICUBIC)
     return np.asarray(image)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import stat
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from cosmos_edge.cli.main import main
 from cosmos_edge.cli.serve_cmd import add_serve_parser, server_config
 from cosmos_edge.robot_bridge.binding import ServerConfig
 from cosmos_edge.robot_bridge.client import PolicyClient
+from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_image
 from cosmos_edge.robot_bridge.server import PolicyServer
 from tests.helpers.bridge_doubles import (
     CUT_SHORT_CANDIDATES,
@@ -115,3 +117,50 @@ def test_option_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert error.startswith("cosmos-edge: error: ") and message in error and error.count("\n") == 1, error
     assert main(["keys", "generate", str(tmp_path), "--name", "../x"]) == 2
     assert "--name: expected a plain file name" in capsys.readouterr().err
+
+
+def test_act_resizes_camera_frames_to_the_wire_size_as_the_controller_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="cosmos_edge.cli.client_cmd")
+    obs = observation(3.0)
+    rng = np.random.default_rng(5)
+    frames = {camera: rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for camera in obs.images}
+    frames["cam_left_wrist"] = obs.images["cam_left_wrist"]  # 224x224 already: sent as it is
+    np.savez(tmp_path / "obs.npz", proprio=obs.proprio.astype(np.float64), **frames)  # type: ignore[arg-type]
+    policy = StubPolicy()
+    with serving(PolicyServer(policy, ServerConfig("tcp://127.0.0.1:*"))) as endpoint:
+        act = ["client", "act", str(tmp_path / "obs.npz"), "--task", INSTRUCTION, "--endpoint", endpoint]
+        assert main(act) == 0, capsys.readouterr().err
+    (query,) = policy.queries
+    for camera, frame in frames.items():
+        wire = frame if camera == "cam_left_wrist" else aloha_wire_image(camera, frame)
+        np.testing.assert_array_equal(query.observation.images[camera], wire)
+    resizing = [record.getMessage() for record in caplog.records if "resizing" in record.getMessage()]
+    assert resizing == [
+        "observation: resizing cam_right_wrist 480x640, cam_high 480x640 to 224x224, as the controller does"
+    ]
+
+
+def test_act_refuses_a_bad_observation_file_in_one_line_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    obs = observation()
+    cases = {
+        "text proprio": ({"proprio": np.array(["0.5"] * 14)}, "proprio: expected numbers, got dtype <U3"),
+        "2-D proprio": ({"proprio": np.zeros((2, 14))}, "proprio: expected 1 dimensions"),
+        "NaN proprio": ({"proprio": np.full(14, np.nan)}, "proprio: expected finite values"),
+        "float image": ({"cam_high": np.zeros((480, 640, 3))}, "images['cam_high']: expected a uint8 array [H, W, 3]"),
+        "grey image": ({"cam_high": np.zeros((480, 640), np.uint8)}, "images['cam_high']: expected a uint8 array"),
+    }
+    for name, (changes, message) in cases.items():
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, **({"proprio": obs.proprio, **obs.images} | changes))  # type: ignore[arg-type]
+        # Nobody at the endpoint: an observation that passed the checks would time out instead.
+        assert main(["client", "act", str(path), "--task", INSTRUCTION, "--endpoint", "tcp://127.0.0.1:9"]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"cosmos-edge: error: observation: {path}: {message}"), (name, error)
+        assert error.count("\n") == 1, (name, error)
+    np.savez(tmp_path / "no_cameras.npz", proprio=obs.proprio)
+    assert main(["client", "act", str(tmp_path / "no_cameras.npz"), "--task", INSTRUCTION]) == 2
+    assert "no_cameras.npz: no camera images; expected one uint8 HxWx3 array per camera" in capsys.readouterr().err

@@ -184,6 +184,10 @@ def test_errors_name_the_field_and_answer_the_request(endpoint: str, context: zm
     reply = controller.receive()
     assert isinstance(reply, ErrorReply) and (reply.request_id, reply.field) == (controller.next_id, "images")
     assert "cam_left_wrist" in reply.message
+    controller.act(0.0, images={**obs.images, "cam_high": np.zeros((480, 640, 3), np.uint8)})  # a camera frame
+    reply = controller.receive()
+    assert isinstance(reply, ErrorReply) and (reply.request_id, reply.field) == (controller.next_id, "image/cam_high")
+    assert reply.message == "image/cam_high: expected shape (224, 224, 3) (the client resizes), got (480, 640, 3)"
 
 
 def test_unknown_instructions_are_refused_before_the_queue_naming_the_closest_known() -> None:
