@@ -14,7 +14,6 @@ from cosmos_edge.runtime.precision import PRECISIONS
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("checkpoint", help="inspect or create checkpoint files")
-    parser.set_defaults(func=lambda args: parser.print_help() or 0)
     commands = parser.add_subparsers(dest="checkpoint_command")
 
     inspect = commands.add_parser(

@@ -8,7 +8,6 @@ from pathlib import Path
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("engines", help="TensorRT engines of a bundle")
-    parser.set_defaults(func=lambda args: parser.print_help() or 0)
     commands = parser.add_subparsers(dest="engines_command")
     build = commands.add_parser("build", help="build every graph's engine on this GPU (needs TensorRT >= 10)")
     build.add_argument("bundle", type=Path)

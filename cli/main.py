@@ -75,16 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _show_defaults(parser: argparse.ArgumentParser) -> None:
-    """`_DefaultsInHelp` for every command and nested subcommand (registered by the modules with the default)."""
+    """`_DefaultsInHelp` for every command and nested subcommand (registered by the modules with the default); each
+    parser is its own `_command_parser`, so that an argument no parser takes is refused by the command it was given
+    to; a command of subcommands (`client`, `keys`, ...) requires one, named in the error."""
     parser.formatter_class = _DefaultsInHelp
+    parser.set_defaults(_command_parser=parser)
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
+            action.required = True
+            action.metavar = action.metavar or "{" + ",".join(action.choices) + "}"
             for command in action.choices.values():
                 _show_defaults(command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        hint = " (-v/--verbose goes before the command)" if {"-v", "--verbose"} & set(unknown) else ""
+        args._command_parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -92,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except CosmosEdgeError as error:
-        print(f"cosmos-edge: error: {error}", file=sys.stderr)
+        print(f"cosmos-edge: error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, always
         return 2
     except KeyboardInterrupt:  # what was interrupted cleans up on its way out (an export leaves no bundle)
         print(f"cosmos-edge: interrupted ({args.command})", file=sys.stderr)

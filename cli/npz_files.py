@@ -3,13 +3,13 @@ name the file and its flag."""
 
 from __future__ import annotations
 
-import os
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
+from cosmos_edge.cli.output_paths import writable_file
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.policy.api import Observation
 
@@ -17,6 +17,8 @@ from cosmos_edge.runtime.policy.api import Observation
 def read_observation(path: Path) -> Observation:
     """Reads an observation npz: `proprio` and one image per camera (the names and shapes are checked by the
     policy or the server that answers it)."""
+    if path.is_dir():
+        raise InputError(f"observation: {path}: is a directory; expected an .npz file")
     if not path.is_file():
         raise InputError(f"observation: {path}: no such file")
     with path.open("rb") as file:
@@ -42,15 +44,8 @@ def read_observation(path: Path) -> Observation:
 def output_path(flag: str, path: Path) -> Path:
     """The file `np.savez` writes for `path` (it adds `.npz` to a name without it), refused before the work whose
     result it would hold if it could not be written."""
-    path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
-    if path.is_dir():
-        raise ConfigError(f"{flag} {path}: is a directory; expected the path of an .npz file")
-    directory = path.parent
-    if not directory.is_dir():
-        raise ConfigError(f"{flag} {path}: no directory {directory}")
-    if not os.access(directory, os.W_OK):
-        raise ConfigError(f"{flag} {path}: cannot write in {directory}")
-    return path
+    writable_file(flag, path)  # `--out results` naming a directory is refused as such, not as results.npz
+    return writable_file(flag, path if path.suffix == ".npz" else path.with_name(path.name + ".npz"))
 
 
 def write_npz(flag: str, path: Path, arrays: Mapping[str, np.ndarray]) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from cosmos_edge.cli.output_paths import writable_file
 from cosmos_edge.runtime.policy import text_embeddings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("text-embeddings", help="T5 instruction embeddings (bfloat16 safetensors)")
-    parser.set_defaults(func=lambda args: parser.print_help() or 0)
     commands = parser.add_subparsers(dest="text_embeddings_command")
 
     convert = commands.add_parser("convert", help="convert an official *_t5_embeddings.pkl to safetensors")
@@ -37,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _convert(args: argparse.Namespace) -> int:
     from cosmos_edge.runtime.models import text_encoder  # torch: only this command needs it
 
-    store = text_encoder.convert_official_pickle(args.pickle_path, args.out_path, trust_pickle=args.trust_pickle)
+    out = writable_file("OUT.safetensors", Path(args.out_path))
+    store = text_encoder.convert_official_pickle(args.pickle_path, out, trust_pickle=args.trust_pickle)
     print(f"wrote {len(store.instructions)} embeddings of shape {list(store.shape)} to {args.out_path}")
     return 0
 
@@ -52,6 +54,7 @@ def _list(args: argparse.Namespace) -> int:
 def _embed(args: argparse.Namespace) -> int:
     from cosmos_edge.runtime.models import text_encoder  # torch and transformers: only this command needs them
 
-    store = text_encoder.embed_instructions(args.instructions, args.out, model=args.model, device=args.device)
+    out = writable_file("--out", Path(args.out))  # before T5-11B loads
+    store = text_encoder.embed_instructions(args.instructions, out, model=args.model, device=args.device)
     print(f"wrote {len(store.instructions)} embeddings of shape {list(store.shape)} to {args.out}")
     return 0

@@ -51,8 +51,3 @@ def test_embed_reports_missing_dependency(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(EngineError, match="transformers"):
         _run(["text-embeddings", "embed", "--out", str(tmp_path / "t5.safetensors"), "pick up the cup"])
-
-
-def test_bare_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
-    assert _run(["text-embeddings"]) == 0
-    assert "convert" in capsys.readouterr().out

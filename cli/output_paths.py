@@ -1,0 +1,21 @@
+"""Output files of the command line, checked before the work whose result they hold: a path that cannot be written
+is a usage error naming its flag, not a traceback after minutes of loading."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cosmos_edge.runtime.errors import ConfigError
+
+
+def writable_file(flag: str, path: Path) -> Path:
+    """`path`, if a file can be written there (an existing file is replaced)."""
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a directory; expected the path of a file")
+    directory = path.parent
+    if not directory.is_dir():
+        raise ConfigError(f"{flag} {path}: no directory {directory}")
+    if not os.access(directory, os.W_OK):
+        raise ConfigError(f"{flag} {path}: cannot write in {directory}")
+    return path
