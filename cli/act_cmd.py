@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cosmos_edge.cli.arg_types import positive_int
+from cosmos_edge.cli.arg_types import int_in_range
 from cosmos_edge.cli.model_source import add_compile_arguments, model_source
 from cosmos_edge.cli.npz_files import output_path, read_observation, write_npz
 from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config, planning_flags_given
@@ -16,7 +16,7 @@ from cosmos_edge.runtime.bundle.loader import load_policies, planning_candidates
 from cosmos_edge.runtime.engines.registry import GRAPH_BACKENDS
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import PLATFORMS
-from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult
+from cosmos_edge.runtime.policy.api import MAX_DENOISING_STEPS, ActionQuery, ChunkResult, PlanningOutcome
 from cosmos_edge.runtime.policy.planning_config import PRESETS
 from cosmos_edge.runtime.precision import PRECISIONS
 
@@ -44,9 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--steps",
-        type=positive_int,
+        type=int_in_range(1, MAX_DENOISING_STEPS),
         default=None,
-        help="denoising steps of the action pass (default: the platform's; in planning mode, the planning options')",
+        metavar="N",
+        help=f"denoising steps of the action pass, 1..{MAX_DENOISING_STEPS} (default: the platform's; in planning "
+        "mode, --num-denoising-steps-action)",
     )
     parser.add_argument(
         "--mode",
@@ -92,11 +94,13 @@ def _act(args: argparse.Namespace) -> int:
     devices = [args.device] if args.device else None
     source = model_source(args, devices or [], reference=args.reference)
     planning = None
-    if args.mode != "planning" and (given := planning_flags_given(args)):
+    if args.mode != "planning" and (given := planning_flags_given(args) + _planning_only_flags(args)):
         raise ConfigError(
             f"{given[0]}: a planning option, which needs --mode planning (planning options given: {given})"
         )
     if args.mode == "planning":
+        if args.steps is not None and args.num_denoising_steps_action is not None:
+            raise ConfigError("--steps: in planning mode it is --num-denoising-steps-action; give one of the two")
         preset = PRESETS[args.planning_preset].num_queries_best_of_n
         candidates = planning_candidates(source, devices, args.num_queries_best_of_n, preset)
         if candidates is None:
@@ -125,13 +129,21 @@ def _act(args: argparse.Namespace) -> int:
     return 0
 
 
+def _planning_only_flags(args: argparse.Namespace) -> list[str]:
+    return ["--return-all-query-results"] if args.return_all_query_results else []
+
+
 def print_result(result: ChunkResult) -> None:
     print(f"action chunk: {result.actions.shape[0]} x {result.actions.shape[1]} (float32, un-normalised)")
     print(f"value:        {result.value:.4f}")
-    if result.candidates is not None:
-        values = ", ".join(f"{value:.4f}" for value in result.candidates.values)
-        print(f"candidates:   {len(result.candidates.values)}, chose {result.candidates.chosen}; values {values}")
-        print(f"planning:     {result.candidates.outcome.value}")
+    if (candidates := result.candidates) is not None:
+        if candidates.outcome is PlanningOutcome.REACTIVE:
+            unranked = "none scored before the deadline: the base candidate, unranked"
+            print(f"candidates:   {len(candidates.values)}, {unranked}")
+        else:
+            values = ", ".join("-" if np.isnan(value) else f"{value:.4f}" for value in candidates.values)
+            print(f"candidates:   {len(candidates.values)}, chose {candidates.chosen}; values {values}")
+        print(f"planning:     {candidates.outcome.value}")
     print("stage timings (ms): " + ", ".join(f"{name} {ms:.1f}" for name, ms in result.timings_ms.items()))
 
 

@@ -60,10 +60,15 @@ def model_source(args: argparse.Namespace, devices: Sequence[str], *, reference:
     if args.backend not in (None, "torch"):
         raise ConfigError(f"--backend {args.backend}: runs a --bundle; the official files run on torch")
     targets = list(devices) or ["cpu"]
+    if reference and (args.compile or args.compile_scope is not None):
+        flag = "--compile" if args.compile else f"--compile-scope {args.compile_scope}"
+        raise ConfigError(f"{flag}: --reference runs the official path uncompiled; drop one of the two")
     compiling = None if reference else compile_mode(args.compile, targets)
     if args.compile_scope is not None and compiling is None:
-        off = "--reference runs uncompiled" if reference else "compilation is off (--no-compile, or the CPU default)"
-        raise ConfigError(f"--compile-scope {args.compile_scope}: {off}; add --compile")
+        raise ConfigError(
+            f"--compile-scope {args.compile_scope}: compilation is off (--no-compile, or the CPU default); "
+            "add --compile"
+        )
     files = CheckpointFiles(args.checkpoint, args.tokenizer, args.stats, args.text_embeddings, args.platform)
     return CheckpointSource(
         files,

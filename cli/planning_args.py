@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import enum
+import re
+from collections.abc import Sequence
+from typing import Any
 
-from cosmos_edge.cli.arg_types import positive_int, positive_milliseconds
-from cosmos_edge.runtime.policy.planning_config import PRESETS, PlanningConfig, planning_preset
+from cosmos_edge.cli.arg_types import int_in_range, positive_milliseconds
+from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.policy.planning_config import (
+    COUNT_LIMITS,
+    PRESETS,
+    SCHEME_CHOICES,
+    PlanningConfig,
+    planning_preset,
+)
 
 _FIELDS = dataclasses.fields(PlanningConfig)
 
@@ -29,18 +38,20 @@ def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
     )
     defaults = PRESETS["main"]
     for field in _FIELDS:
-        flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
         help_text = f"official {field.name} (main preset: {getattr(default, 'value', default)})"
         if field.type == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif isinstance(default, enum.Enum):
-            group.add_argument(flag, choices=[member.value for member in type(default)], help=help_text)
+            group.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif field.name in SCHEME_CHOICES:
+            choices = [scheme.value for scheme in SCHEME_CHOICES[field.name]]
+            group.add_argument(_flag(field.name), choices=choices, help=help_text)
         else:  # every int option is a count
-            group.add_argument(flag, type=positive_int, help=help_text)
-    group.add_argument(
-        "--num-candidates", dest="num_queries_best_of_n", type=positive_int, help="the same as --num-queries-best-of-n"
-    )
+            limit = COUNT_LIMITS[field.name]
+            count = {"type": int_in_range(1, limit), "metavar": "N", "help": f"{help_text[:-1]}; 1..{limit})"}
+            if field.name == "num_queries_best_of_n":  # two spellings of one option: one of them, once
+                group.add_argument(_flag(field.name), "--num-candidates", action=_GivenOnce, **count)
+            else:
+                group.add_argument(_flag(field.name), **count)
     group.add_argument(
         "--planning-deadline-ms",
         type=positive_milliseconds,
@@ -50,14 +61,39 @@ def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _GivenOnce(argparse.Action):
+    """Stores the value, refusing a second one for the same option (under either of its names)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"argument {'/'.join(self.option_strings)}: given twice; expected one value")
+        setattr(namespace, self.dest, values)
+
+
 def planning_config(args: argparse.Namespace, **replaced: object) -> PlanningConfig:
-    """The preset with every planning flag the user gave (and `replaced`) applied."""
+    """The preset with every planning flag the user gave (and `replaced`) applied; an error names the flags."""
     given = {field.name: getattr(args, field.name) for field in _FIELDS if getattr(args, field.name) is not None}
-    return planning_preset(args.planning_preset, **(given | replaced))
+    try:
+        return planning_preset(args.planning_preset, **(given | replaced))
+    except ConfigError as error:
+        message = str(error)
+        for field in _FIELDS:
+            message = re.sub(rf"\b{field.name}\b", _flag(field.name), message)
+        raise ConfigError(message) from None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def planning_flags_given(args: argparse.Namespace) -> list[str]:
     """The planning flags on the command line (a preset other than the default counts as one)."""
-    flags = [f"--{field.name.replace('_', '-')}" for field in _FIELDS if getattr(args, field.name) is not None]
+    flags = [_flag(field.name) for field in _FIELDS if getattr(args, field.name) is not None]
     flags += ["--planning-deadline-ms"] if args.planning_deadline_ms is not None else []
     return flags + (["--planning-preset"] if args.planning_preset != "main" else [])

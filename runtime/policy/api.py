@@ -43,6 +43,11 @@ class Observation:
     proprio: np.ndarray
 
 
+# The most denoising steps of one pass that a query, a planning option or a request may ask for: the official
+# configurations use 1 to 10, and every step is a whole DiT call.
+MAX_DENOISING_STEPS = 100
+
+
 @dataclass(frozen=True)
 class ActionQuery:
     observation: Observation

@@ -15,6 +15,7 @@ from enum import Enum
 import numpy as np
 
 from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.policy.api import MAX_DENOISING_STEPS
 from cosmos_edge.runtime.policy.conditioning import ConditioningMode
 from cosmos_edge.runtime.policy.value_aggregation import ValueAggregation
 from cosmos_edge.runtime.values import is_positive_int
@@ -32,6 +33,27 @@ class DepthAggregation(str, Enum):
     """The value of the last branch at the deepest level."""
     AVERAGE = "average"
     """Mean over every entry of the per-depth list (all depths and branches, unweighted)."""
+
+
+# The largest value of each count option. The official configurations stay far below (8 candidates over 8 GPUs,
+# ensembles of 3 and 5, depth 3); the cost of a query grows with their product, so a larger value is a typo that
+# would otherwise make every query run for hours.
+COUNT_LIMITS: dict[str, int] = {
+    "num_queries_best_of_n": 64,
+    "num_denoising_steps_action": MAX_DENOISING_STEPS,
+    "num_denoising_steps_future_state": MAX_DENOISING_STEPS,
+    "num_denoising_steps_value": MAX_DENOISING_STEPS,
+    "num_future_state_predictions_in_ensemble": 16,
+    "num_value_predictions_in_ensemble": 16,
+    "search_depth": 8,
+}
+
+# The schemes each scheme option accepts (use_last_value aggregates over depth, not over an ensemble).
+SCHEME_CHOICES: dict[str, tuple[Enum, ...]] = {
+    "future_state_ensemble_aggregation_scheme": tuple(FutureStateAggregation),
+    "value_ensemble_aggregation_scheme": tuple(s for s in ValueAggregation if s is not ValueAggregation.USE_LAST_VALUE),
+    "search_depth_value_aggregation_scheme": tuple(DepthAggregation),
+}
 
 
 @dataclass(frozen=True)
@@ -58,30 +80,16 @@ class PlanningConfig:
     randomize_seed: bool = False
 
     def __post_init__(self) -> None:
-        for name in (
-            "num_queries_best_of_n",
-            "num_denoising_steps_action",
-            "num_denoising_steps_future_state",
-            "num_denoising_steps_value",
-            "num_future_state_predictions_in_ensemble",
-            "num_value_predictions_in_ensemble",
-            "search_depth",
-        ):
+        for name, limit in COUNT_LIMITS.items():
             value = getattr(self, name)
-            if not is_positive_int(value):
-                raise ConfigError(f"{name}: expected an integer >= 1, got {value!r}")
-        for name, kind in (
-            ("future_state_ensemble_aggregation_scheme", FutureStateAggregation),
-            ("value_ensemble_aggregation_scheme", ValueAggregation),
-            ("search_depth_value_aggregation_scheme", DepthAggregation),
-        ):
-            try:
-                object.__setattr__(self, name, kind(getattr(self, name)))
-            except ValueError:
-                expected = [member.value for member in kind]
-                raise ConfigError(f"{name}: expected one of {expected}, got {getattr(self, name)!r}") from None
-        if self.value_ensemble_aggregation_scheme is ValueAggregation.USE_LAST_VALUE:
-            raise ConfigError("value_ensemble_aggregation_scheme: use_last_value is a search-depth scheme")
+            if not (is_positive_int(value) and value <= limit):
+                raise ConfigError(f"{name}: expected an integer in 1..{limit}, got {value!r}")
+        for name, choices in SCHEME_CHOICES.items():
+            value = getattr(self, name)
+            chosen = next((choice for choice in choices if choice == value), None)  # str enums equal their value
+            if chosen is None:
+                raise ConfigError(f"{name}: expected one of {[choice.value for choice in choices]}, got {value!r}")
+            object.__setattr__(self, name, chosen)
         if self.ar_value_prediction and not self.ar_future_prediction:
             raise ConfigError("ar_value_prediction: needs ar_future_prediction (its value is of the predicted state)")
         if self.ar_future_prediction and not (self.ar_value_prediction or self.ar_qvalue_prediction):

@@ -15,6 +15,7 @@ from cosmos_edge.runtime.errors import InputError
 from cosmos_edge.runtime.platforms import PlatformSpec
 from cosmos_edge.runtime.policy import latents
 from cosmos_edge.runtime.policy.api import (
+    MAX_DENOISING_STEPS,
     ActionQuery,
     ConditioningEncoder,
     DenoisingNetwork,
@@ -109,8 +110,8 @@ class TextBinding:
 def denoising_steps(query: ActionQuery, default: int) -> int:
     """The query's denoising steps of the action pass, or `default`."""
     steps = default if query.steps is None else query.steps
-    if steps < 1:
-        raise InputError(f"steps: expected a positive number of denoising steps, got {steps}")
+    if not 1 <= steps <= MAX_DENOISING_STEPS:
+        raise InputError(f"steps: expected 1..{MAX_DENOISING_STEPS} denoising steps, got {steps}", field="steps")
     return steps
 
 

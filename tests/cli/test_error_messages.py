@@ -136,7 +136,33 @@ CASES: dict[str, Case] = {
     ),
     "a compile scope for the reference": lambda f, t: (
         act(f, t, "--compile-scope", "blocks", "--reference"),
-        "--compile-scope blocks: --reference runs uncompiled",
+        "--compile-scope blocks: --reference runs the official path uncompiled",
+    ),
+    "compilation for the reference": lambda f, t: (
+        act(f, t, "--compile", "--reference"),
+        "--compile: --reference runs the official path uncompiled",
+    ),
+    "act output is a directory": lambda f, t: (act(f, t, "--out", str(t)), f"--out {t}: is a directory"),
+    "observation is a directory": lambda f, t: (act(f, t, observation_path=t), f"observation: {t}: is a directory"),
+    "steps given twice in planning": lambda f, t: (
+        act(f, t, "--mode", "planning", "--steps", "3", "--num-denoising-steps-action", "5"),
+        "--steps: in planning mode it is --num-denoising-steps-action",
+    ),
+    "all query results in reactive mode": lambda f, t: (
+        act(f, t, "--return-all-query-results"),
+        "--return-all-query-results: a planning option, which needs --mode planning",
+    ),
+    "planning options named as flags": lambda f, t: (
+        act(f, t, "--mode", "planning", "--no-ar-future-prediction"),
+        "--ar-value-prediction: needs --ar-future-prediction",
+    ),
+    "converted embeddings into a missing directory": lambda f, t: (
+        ["text-embeddings", "convert", str(write(t, "e.pkl", b"x")), str(t / "no" / "e.safetensors"), "--trust-pickle"],
+        f"OUT.safetensors {t / 'no' / 'e.safetensors'}: no directory",
+    ),
+    "a pickle error is one line": lambda f, t: (
+        ["text-embeddings", "convert", str(observation(t)), str(t / "e.safetensors"), "--trust-pickle"],
+        "obs.npz: not a readable pickle",
     ),
     "client timeout infinite": lambda f, t: (["client", "ping", "--timeout", "inf"], "--timeout"),
     "client endpoint without a scheme": lambda f, t: (["client", "ping", "--endpoint", "localhost:5555"], "--endpoint"),
@@ -219,8 +245,27 @@ def test_demo_counts_must_be_positive(argv: list[str], capsys: pytest.CaptureFix
         (["act", "--seed", "abc"], "act: argument --seed: invalid int value: 'abc'"),
         (["export", "--precision", "fp8"], "export: argument --precision: invalid choice: 'fp8'"),
         (["client", "act"], "client act: the following arguments are required"),
-        (["act", "--num-candidates", "0"], "act: argument --num-candidates: expected an integer > 0, got '0'"),
-        (["serve", "--search-depth", "-1"], "serve: argument --search-depth: expected an integer > 0, got '-1'"),
+        (
+            ["act", "--num-candidates", "0"],
+            "act: argument --num-queries-best-of-n/--num-candidates: expected an integer in 1..64, got '0'",
+        ),
+        (["serve", "--search-depth", "-1"], "serve: argument --search-depth: expected an integer in 1..8, got '-1'"),
+        (
+            ["serve", "--search-depth", "1000"],
+            "serve: argument --search-depth: expected an integer in 1..8, got '1000'",
+        ),
+        (["act", "--steps", "1000"], "act: argument --steps: expected an integer in 1..100, got '1000'"),
+        (
+            ["act", "--num-candidates", "2", "--num-queries-best-of-n", "3"],
+            "act: argument --num-queries-best-of-n/--num-candidates: given twice",
+        ),
+        (
+            ["serve", "--value-ensemble-aggregation-scheme", "use_last_value"],
+            "serve: argument --value-ensemble-aggregation-scheme: invalid choice: 'use_last_value'",
+        ),
+        (["act", "--observation", "o", "--task", "t", "--nope", "3"], "act: unrecognized arguments: --nope 3"),
+        (["client", "ping", "-v"], "client ping: unrecognized arguments: -v (-v/--verbose goes before the command)"),
+        (["text-embeddings"], "text-embeddings: the following arguments are required: {convert,list,embed}"),
     ],
 )
 def test_usage_errors_are_one_line_too(argv: list[str], named: str, capsys: pytest.CaptureFixture[str]) -> None:
