@@ -13,13 +13,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from cosmos_edge.cli.arg_types import mebibytes
 from cosmos_edge.cli.model_source import add_compile_arguments, model_source
@@ -101,9 +103,10 @@ def add_serve_parser(
                 loaded = policies.enter_context(make_policies(args))
                 server = PolicyServer(loaded.modes(), config, router=router)
                 code = run_server(server, http, listener)
-                if server.policy_running:  # it outlived the shutdown window; the process exit releases the policies
-                    policies.pop_all()
-                return code
+                if not server.policy_running:
+                    return code
+                policies.pop_all()  # a call outlived the shutdown window and still uses them: the exit releases them
+        _exit_now(code)
 
     parser.set_defaults(func=serve)
     return parser
@@ -180,6 +183,17 @@ def run_server(server: PolicyServer, http: HttpConfig | None = None, http_listen
         for number, handler in previous.items():
             signal.signal(number, handler)
     return 0
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Ends the process without waiting for the policy call still running. Every request is answered and the sockets
+    are closed by now, but a normal exit would wait for the call: the interpreter joins thread pool threads at exit
+    (the planning policy computes its candidates on some), however long they take."""
+    _LOG.info("exiting without waiting for the policy call still running")
+    logging.shutdown()  # flushes the log handlers, which os._exit would not
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _http_endpoint(

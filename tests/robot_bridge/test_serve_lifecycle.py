@@ -10,7 +10,8 @@ import signal
 import socket
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from multiprocessing.synchronize import Event
 from pathlib import Path
@@ -24,10 +25,11 @@ from cosmos_edge.robot_bridge.client import PolicyClient, RemoteError
 from cosmos_edge.robot_bridge.protocol import ActReply, ActRequest, ErrorCode, ErrorReply, Reply, decode_reply
 from cosmos_edge.runtime.bundle.loader import LoadedPolicies
 from cosmos_edge.runtime.errors import ConfigError
-from cosmos_edge.runtime.policy.api import Policy
+from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Policy
 from tests.helpers.bridge_doubles import (
     INSTRUCTION,
     STARTUP_S,
+    Flag,
     StubPolicy,
     expected_actions,
     free_port,
@@ -37,21 +39,28 @@ from tests.helpers.bridge_doubles import (
 )
 
 MARGIN_S = 20.0  # beyond the shutdown window: a loaded 2-core machine, the 0.5 s grace after the last reply, the flush
+SPAWN = multiprocessing.get_context("spawn")
 
 
 @contextmanager
 def stub_server(delay_s: float, shutdown_timeout_s: float) -> Iterator[tuple[str, multiprocessing.Process, Event]]:
     """A `serve_stub` process whose policy takes `delay_s`; yields (endpoint, process, the inference-started event)."""
-    spawn = multiprocessing.get_context("spawn")
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    started = spawn.Event()
+    started = SPAWN.Event()
     kwargs = {"delay_s": delay_s, "started": started, "shutdown_timeout_s": shutdown_timeout_s}
-    process = spawn.Process(target=serve_stub, args=(endpoint,), kwargs=kwargs, daemon=True)
+    with spawned_server(serve_stub, **kwargs) as (endpoint, process):
+        yield endpoint, process, started
+
+
+@contextmanager
+def spawned_server(target: Callable[..., None], **kwargs: object) -> Iterator[tuple[str, multiprocessing.Process]]:
+    """A process running `target(endpoint, **kwargs)`, once it answers a ping; yields (endpoint, process)."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    process = SPAWN.Process(target=target, args=(endpoint,), kwargs=kwargs, daemon=True)
     process.start()
     try:
         with PolicyClient(endpoint, timeout_s=1.0) as client:
             wait_until_serving(client)
-        yield endpoint, process, started
+        yield endpoint, process
     finally:
         if process.is_alive():
             process.kill()
@@ -212,11 +221,13 @@ def test_the_command_prints_one_line_naming_the_flag(
 
 
 class FakeLoaded:
-    """What `make_policies` returns, recording whether the policies were released."""
+    """What `make_policies` returns, recording whether the policies were released (in `closed`, and in `released`
+    for a test in another process)."""
 
-    def __init__(self, policy: StubPolicy) -> None:
+    def __init__(self, policy: StubPolicy, released: Flag | None = None) -> None:
         self.policy = policy
         self.closed = False
+        self._released = released
 
     def modes(self) -> dict[str, Policy]:
         return {"reactive": self.policy}
@@ -226,6 +237,8 @@ class FakeLoaded:
 
     def __exit__(self, *exc: object) -> None:
         self.closed = True
+        if self._released is not None:
+            self._released.set()
 
 
 def serve_until_sigterm(policy: StubPolicy, *argv: str) -> tuple[int, FakeLoaded, ErrorReply | ActReply]:
@@ -267,9 +280,37 @@ def test_serve_delivers_the_chunk_on_sigterm_then_releases_the_policies() -> Non
     assert loaded.closed
 
 
-def test_serve_keeps_policies_a_call_still_uses_when_the_window_ends() -> None:
-    gate = threading.Event()  # opened after `serve` returned
-    code, loaded, reply = serve_until_sigterm(StubPolicy(gate=gate), "--shutdown-timeout-s", "0.5")
-    assert code == 0 and isinstance(reply, ErrorReply) and reply.code is ErrorCode.SHUTTING_DOWN
-    assert not loaded.closed  # released by the process exit, not under the running call
-    gate.set()
+class PooledPolicy(StubPolicy):
+    """A policy whose call runs on a thread pool, as the planning policy's candidates do, and never returns: the
+    interpreter joins a pool's threads when it exits normally."""
+
+    def __init__(self, started: Flag) -> None:
+        super().__init__(started=started)
+        self._pool = ThreadPoolExecutor(max_workers=1)
+
+    def infer(self, query: ActionQuery) -> ChunkResult:
+        self.started.set()
+        return self._pool.submit(self._never).result()
+
+    @staticmethod
+    def _never() -> ChunkResult:
+        threading.Event().wait()
+        raise AssertionError("unreachable")
+
+
+def serve_a_call_that_never_returns(endpoint: str, *, started: Flag, released: Flag) -> None:
+    """Target of a spawned process: `serve` with a `PooledPolicy` and a 0.5 s shutdown window, then a normal exit."""
+    loaded = FakeLoaded(PooledPolicy(started), released)
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers(), lambda args: loaded)  # type: ignore[arg-type,return-value]
+    args = parser.parse_args(["serve", "--endpoint", endpoint, "--shutdown-timeout-s", "0.5"])
+    args.func(args)
+
+
+def test_serve_exits_while_a_call_outlives_the_window_and_keeps_its_policies() -> None:
+    started, released = SPAWN.Event(), SPAWN.Event()
+    with spawned_server(serve_a_call_that_never_returns, started=started, released=released) as (endpoint, process):
+        reply, controller = act_then_sigterm(endpoint, process, started)
+        assert isinstance(reply, ErrorReply) and (reply.request_id, reply.code) == (7, ErrorCode.SHUTTING_DOWN)
+        assert_exits_cleanly_with_no_second_reply(process, controller)  # with the call still blocked in its pool
+        assert not released.is_set()  # released by the process exit, not under the running call
