@@ -16,7 +16,7 @@ from cosmos_edge.runtime.bundle.loader import load_policies, planning_candidates
 from cosmos_edge.runtime.engines.registry import GRAPH_BACKENDS
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import PLATFORMS
-from cosmos_edge.runtime.policy.api import MAX_DENOISING_STEPS, ActionQuery, ChunkResult, PlanningOutcome
+from cosmos_edge.runtime.policy.api import MAX_DENOISING_STEPS, MAX_SEED, ActionQuery, ChunkResult, PlanningOutcome
 from cosmos_edge.runtime.policy.planning_config import PRESETS
 from cosmos_edge.runtime.precision import PRECISIONS
 
@@ -40,7 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--task", required=True, help="the instruction, exactly as in the embeddings file")
     parser.add_argument(
-        "--seed", type=int, default=195, help="initial noise seed (default: %(default)s, the official server's)"
+        "--seed",
+        type=int_in_range(0, MAX_SEED),
+        default=195,
+        help=f"initial noise seed, 0..{MAX_SEED} (default: %(default)s, the official server's)",
     )
     parser.add_argument(
         "--steps",

@@ -7,8 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cosmos_edge.cli.arg_types import int_in_range
 from cosmos_edge.cli.extras import require_extra
+from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import PLATFORMS
+from cosmos_edge.runtime.policy.api import MAX_SEED
 from cosmos_edge.runtime.precision import PRECISIONS
 
 
@@ -31,9 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="network size: tiny (tests), small (CPU benchmarks, real VAE), predict2-2b (the real sizes)",
     )
     random.add_argument("--platform", default="aloha", choices=sorted(PLATFORMS), help="slot layout and statistics")
-    random.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    random.add_argument("--seed", type=int_in_range(0, MAX_SEED), default=0, help="seed of the random weights")
     random.add_argument("--dtype", default="fp32", choices=PRECISIONS, help="weights' dtype")
-    random.add_argument("--out", type=Path, required=True, help="directory to write into")
+    random.add_argument(
+        "--out", type=Path, required=True, help="directory to write into (files of the same names are not replaced)"
+    )
     random.set_defaults(func=_random)
 
 
@@ -63,9 +68,16 @@ def _print_report(report: dict[str, Any]) -> None:
 
 def _random(args: argparse.Namespace) -> int:
     require_extra("checkpoint random", "torch", "torch")
-    from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets
+    from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, random_asset_paths, write_random_assets
 
-    files = write_random_assets(args.out, RandomAssetsSpec(args.config, args.platform, args.seed, args.dtype))
+    spec = RandomAssetsSpec(args.config, args.platform, args.seed, args.dtype)
+    paths = random_asset_paths(args.out, spec)
+    # Official files go by these names too: a random tokenizer.pth must never replace a real one.
+    written = (paths.checkpoint, paths.tokenizer, paths.stats, paths.text_embeddings)
+    present = [str(path) for path in written if path.exists()]
+    if present:
+        raise ConfigError(f"--out {args.out}: would replace {present}; choose another directory or remove them")
+    files = write_random_assets(args.out, spec)
     print(f"wrote a random-weight {args.config} {args.platform} model (seed {args.seed}, {args.dtype}):")
     for name in ("checkpoint", "tokenizer", "stats", "text_embeddings"):
         print(f"  {name:16s} {getattr(files, name)}")

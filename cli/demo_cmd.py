@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cosmos_edge.cli.arg_types import positive_int
+from cosmos_edge.cli.arg_types import int_in_range, positive_int
 from cosmos_edge.cli.extras import require_extra
 from cosmos_edge.robot_bridge.controller.blending import summarize_boundaries
 from cosmos_edge.robot_bridge.controller.chunk_source import (
@@ -31,7 +31,7 @@ from cosmos_edge.robot_bridge.controller.chunk_source import (
     ThreadedChunkSource,
 )
 from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor, ExecutorConfig, Robot
-from cosmos_edge.runtime.policy.api import Observation
+from cosmos_edge.runtime.policy.api import MAX_DENOISING_STEPS, MAX_SEED, Observation
 
 DEMO_TASK = "transfer_cube"
 FRAME_EVERY_TICKS = 25
@@ -40,9 +40,20 @@ FRAME_EVERY_TICKS = 25
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="serve the built-in tiny model to a simulated ALOHA (no download)")
     parser.add_argument("--chunks", type=positive_int, default=3, help="action chunks to execute (50 ticks each)")
-    parser.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: ALOHA's 10)")
+    parser.add_argument(
+        "--steps",
+        type=int_in_range(1, MAX_DENOISING_STEPS),
+        default=None,
+        metavar="N",
+        help=f"denoising steps, 1..{MAX_DENOISING_STEPS} (default: ALOHA's 10)",
+    )
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="where the model and images go")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the simulation")
+    parser.add_argument(
+        "--seed",
+        type=int_in_range(0, MAX_SEED),
+        default=0,
+        help="seed of the random weights and of the simulation",
+    )
     parser.set_defaults(func=_demo)
 
 
@@ -77,6 +88,7 @@ class RecordingSource:
         self._source = source
         self._submitted: dict[int, float] = {}
         self.chunks: list[tuple[Chunk, float]] = []
+        self.failures = 0
 
     @property
     def busy(self) -> bool:
@@ -94,6 +106,10 @@ class RecordingSource:
                 round_trip_ms = (time.perf_counter() - submitted) * 1e3
                 self.chunks.append((outcome, round_trip_ms))
                 print(f"      policy reply {len(self.chunks)}: {round_trip_ms / 1e3:.1f} s round trip", flush=True)
+            else:
+                self.failures += 1
+                if self.failures == 1:  # the logs are quiet here: say why once
+                    print(f"      policy request failed: {outcome.error}", flush=True)
         return outcome
 
 
@@ -180,7 +196,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     _print_boundaries(executor)
     strip = _write_strip(robot.frames, args.out / "episode.png")
     print(f"episode strip (cam_high every {FRAME_EVERY_TICKS} ticks): {strip}")
-    return 0
+    return 0 if source.chunks else 1  # a run without a single policy reply failed
 
 
 def _print_boundaries(executor: ChunkExecutor) -> None:

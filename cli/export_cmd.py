@@ -8,7 +8,11 @@ from pathlib import Path
 from cosmos_edge.cli.extras import require_extra
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import PLATFORMS
+from cosmos_edge.runtime.policy.planning_config import COUNT_LIMITS
 from cosmos_edge.runtime.precision import PRECISIONS, default_precision
+
+# A DiT graph's batch is the candidates one device scores at once, so no larger than the most candidates planned.
+MAX_BATCH = COUNT_LIMITS["num_queries_best_of_n"]
 
 
 def batch_sizes(text: str) -> tuple[int, ...]:
@@ -17,8 +21,8 @@ def batch_sizes(text: str) -> tuple[int, ...]:
         sizes = tuple(int(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive ints such as 1,8, got {text!r}") from None
-    if not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes):
-        raise argparse.ArgumentTypeError(f"expected distinct positive ints such as 1,8, got {text!r}")
+    if not sizes or min(sizes) < 1 or max(sizes) > MAX_BATCH or len(set(sizes)) != len(sizes):
+        raise argparse.ArgumentTypeError(f"expected distinct ints in 1..{MAX_BATCH} such as 1,8, got {text!r}")
     return sizes
 
 
@@ -28,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tokenizer", type=Path, required=True, help="Wan2.1 tokenizer.pth (or diffusers vae dir)")
     parser.add_argument("--stats", type=Path, required=True, help="dataset statistics JSON")
     parser.add_argument("--text-embeddings", type=Path, required=True, help="instruction embeddings (safetensors)")
-    parser.add_argument("--platform", required=True, choices=sorted(PLATFORMS))
+    parser.add_argument("--platform", required=True, choices=sorted(PLATFORMS), help="the checkpoint's robot platform")
     parser.add_argument("--out", type=Path, required=True, help="bundle directory to create (must not exist)")
     parser.add_argument(
         "--batch-sizes", type=batch_sizes, default=(1,), help="DiT batch sizes: 1 serves reactive mode (default 1)"

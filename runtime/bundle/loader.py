@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 import numpy as np
@@ -199,14 +200,24 @@ def _open_checkpoints(
         _LOG.info("loading %s (%s) on %s", files.checkpoint, source.precision, device)
         compile_args = (source.compile_mode, source.compile_scope)
         policy_network = torch_backend.open_denoiser(files.checkpoint, source.precision, device, *compile_args)
+        _check_text_width(files.text_embeddings, text, files.checkpoint, policy_network.text_dim)
         planning_network = policy_network
         if separate_planner and source.planning_checkpoint is not None:
             _LOG.info("loading the planning model %s on %s", source.planning_checkpoint, device)
             planning_network = torch_backend.open_denoiser(
                 source.planning_checkpoint, source.precision, device, *compile_args
             )
+            _check_text_width(files.text_embeddings, text, source.planning_checkpoint, planning_network.text_dim)
         networks.append(DeviceNetworks(policy_network, planning_network))
     return PolicyModel(platform, stats, text, autoencoder, autoencoder), networks
+
+
+def _check_text_width(path: Path, text: text_store.TextEmbeddings, checkpoint: Path, text_dim: int) -> None:
+    if text.shape[-1] != text_dim:
+        raise ConfigError(
+            f"text embeddings {path}: {text.shape[-1]} wide, but the DiT {checkpoint} takes {text_dim}-wide "
+            "embeddings: are the two files of one model?"
+        )
 
 
 def _open_bundle(

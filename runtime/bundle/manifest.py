@@ -257,8 +257,10 @@ class Bundle:
     def open(cls, root: str | Path) -> Bundle:
         root = Path(root)
         manifest_path = root / MANIFEST_NAME
-        if not root.is_dir():
+        if not root.exists():
             raise BundleError(f"{root}: no such bundle directory")
+        if not root.is_dir():
+            raise BundleError(f"{root}: is a file; a bundle is the directory `cosmos-edge export` writes")
         if not manifest_path.is_file():
             raise BundleError(
                 f"{manifest_path}: missing; {root} is not a complete bundle (an interrupted export leaves none)"

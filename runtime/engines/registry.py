@@ -30,6 +30,13 @@ class EncodingAutoencoder(VideoAutoencoder, ConditioningEncoder, Protocol):
     """A VAE that also encodes the conditioning prefix from raw frames (the torch backend's)."""
 
 
+class TextWidthNetwork(DenoisingNetwork, Protocol):
+    """A denoising network that says how wide the instruction embeddings it takes are (the torch backend's)."""
+
+    @property
+    def text_dim(self) -> int: ...
+
+
 class TorchBackend(Protocol):
     def check_device(self, device: str) -> object: ...
 
@@ -44,7 +51,7 @@ class TorchBackend(Protocol):
         device: str,
         compile_mode: str | None = None,
         compile_scope: str = "model",
-    ) -> DenoisingNetwork: ...
+    ) -> TextWidthNetwork: ...
 
 
 @dataclass(frozen=True)

@@ -147,6 +147,11 @@ class TorchDiT:
             _make_room_for_graphs()
         self.arrays = TorchArrays(device)
 
+    @property
+    def text_dim(self) -> int:
+        """The width of the instruction embeddings the network takes."""
+        return self._dit.config.text_dim
+
     @torch.inference_mode()
     def bind_text(self, text_embedding: np.ndarray) -> NetworkFn:
         kv = self._dit.precompute_text_kv(torch.from_numpy(text_embedding).to(self._device))

@@ -35,7 +35,7 @@ def read_tensor_file(path: str | Path) -> StateDict:
     if magic != b"PK\x03\x04":  # torch.save writes a zip archive (since torch 1.6); mmap needs one
         raise CheckpointError(
             f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; this file starts with {magic!r}); "
-            "is it the file the flag asks for? (a checkpoint saved by torch < 1.6 must be saved again)"
+            "is it the right file? (a checkpoint saved by torch < 1.6 must be saved again)"
         )
     try:
         # mmap keeps the 2B checkpoint out of RAM until each tensor is copied into the network.

@@ -43,6 +43,18 @@ class RandomAssetsSpec:
     dtype: str = "fp32"
 
 
+def random_asset_paths(out_dir: str | Path, spec: RandomAssetsSpec = RandomAssetsSpec()) -> CheckpointFiles:
+    """Where `write_random_assets` puts each file: the official file names."""
+    out = Path(out_dir)
+    return CheckpointFiles(
+        checkpoint=out / f"cosmos_policy_{spec.platform}_{spec.config}.pt",
+        tokenizer=out / "tokenizer.pth",
+        stats=out / f"{spec.platform}_dataset_statistics.json",
+        text_embeddings=out / f"{spec.platform}_t5_embeddings.safetensors",
+        platform=spec.platform,
+    )
+
+
 def write_random_assets(out_dir: str | Path, spec: RandomAssetsSpec = RandomAssetsSpec()) -> CheckpointFiles:
     """Writes a random official-format model for `spec.platform` into `out_dir` and returns its file paths."""
     out = Path(out_dir)
@@ -53,13 +65,7 @@ def write_random_assets(out_dir: str | Path, spec: RandomAssetsSpec = RandomAsse
     platform = platform_spec(spec.platform)
     dtype = TORCH_DTYPES[spec.dtype]
     dit = dit_config(spec.config)
-    files = CheckpointFiles(
-        checkpoint=out / f"cosmos_policy_{spec.platform}_{spec.config}.pt",
-        tokenizer=out / "tokenizer.pth",
-        stats=out / f"{spec.platform}_dataset_statistics.json",
-        text_embeddings=out / f"{spec.platform}_t5_embeddings.safetensors",
-        platform=spec.platform,
-    )
+    files = random_asset_paths(out, spec)
     torch.save(random_dit_state_dict(dit, spec.seed, dtype), files.checkpoint)
     torch.save(random_vae_state_dict(vae_config(VAE_FOR_DIT[spec.config]), spec.seed + 1, dtype), files.tokenizer)
     random_stats(platform, spec.seed).write_json(files.stats)

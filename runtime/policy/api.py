@@ -47,6 +47,9 @@ class Observation:
 # configurations use 1 to 10, and every step is a whole DiT call.
 MAX_DENOISING_STEPS = 100
 
+# Seeds are 32-bit: the official sampler seeds numpy's legacy RandomState with them.
+MAX_SEED = 2**32 - 1
+
 
 @dataclass(frozen=True)
 class ActionQuery:

@@ -14,6 +14,7 @@ import pytest
 
 from cosmos_edge.cli.main import main
 from cosmos_edge.runtime.bundle.sources import CheckpointFiles
+from cosmos_edge.runtime.policy import text_embeddings
 
 Case = Callable[[CheckpointFiles, Path], tuple[list[str], str]]
 
@@ -87,6 +88,14 @@ CASES: dict[str, Case] = {
         "stats.json",
     ),
     "JSON as text embeddings": lambda f, t: (act(f, t, text_embeddings=f.stats), str(f.stats)),
+    "text embeddings of another model": lambda f, t: (
+        act(f, t, text_embeddings=_narrow_embeddings(t)),
+        f"text embeddings {t / 'narrow.safetensors'}: 7 wide, but the DiT {f.checkpoint} takes",
+    ),
+    "a bundle that is a file": lambda f, t: (
+        ["act", "--bundle", str(f.stats), "--observation", str(observation(t)), "--task", "t"],
+        f"{f.stats}: is a file; a bundle is the directory",
+    ),
     "missing CURVE key": lambda f, t: (
         serve(f, "--curve-secret-key", str(t / "none.key_secret"), t),
         "none.key_secret",
@@ -120,6 +129,10 @@ CASES: dict[str, Case] = {
     "random model into a file's place": lambda f, t: (
         ["checkpoint", "random", "--out", str(write(t, "afile", b"x") / "model")],
         "afile/model: cannot write the model files there",
+    ),
+    "random model over an official file": lambda f, t: (
+        ["checkpoint", "random", "--out", str(write(t, "tokenizer.pth", b"the real VAE").parent)],
+        f"would replace ['{t / 'tokenizer.pth'}']",
     ),
     "a JSON file as the checkpoint": lambda f, t: (
         act(f, t, checkpoint=f.stats),
@@ -198,6 +211,11 @@ def _npy_bytes() -> bytes:
     return buffer.getvalue()
 
 
+def _narrow_embeddings(tmp: Path) -> Path:
+    text_embeddings.write(tmp / "narrow.safetensors", {"fold the t-shirt": np.zeros((1, 8, 7), np.float32)})
+    return tmp / "narrow.safetensors"
+
+
 def _objects(tmp: Path) -> Path:
     np.savez(tmp / "objects.npz", cam_high=np.array([{"a": 1}], dtype=object), proprio=np.zeros(14))
     return tmp / "objects.npz"
@@ -232,17 +250,26 @@ def test_the_demo_without_the_sim_extra_says_so_before_writing_anything(
     assert not (tmp_path / "demo").exists()
 
 
-@pytest.mark.parametrize("argv", [["demo", "--steps", "0"], ["demo", "--chunks", "-1"]])
-def test_demo_counts_must_be_positive(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["demo", "--steps", "0"], "expected an integer in 1..100"),
+        (["demo", "--steps", "1000"], "expected an integer in 1..100"),  # the server would refuse every request
+        (["demo", "--chunks", "-1"], "expected an integer > 0"),
+        (["demo", "--seed", "-1"], "expected an integer in 0..4294967295"),
+    ],
+)
+def test_demo_numbers_are_checked(argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main(argv)
-    assert exited.value.code == 2 and "expected an integer > 0" in capsys.readouterr().err
+    assert exited.value.code == 2 and expected in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
     ("argv", "named"),
     [
-        (["act", "--seed", "abc"], "act: argument --seed: invalid int value: 'abc'"),
+        (["act", "--seed", "abc"], "act: argument --seed: expected an integer in 0..4294967295, got 'abc'"),
+        (["checkpoint", "random", "--seed", "-1"], "checkpoint random: argument --seed: expected an integer in 0.."),
         (["export", "--precision", "fp8"], "export: argument --precision: invalid choice: 'fp8'"),
         (["client", "act"], "client act: the following arguments are required"),
         (
