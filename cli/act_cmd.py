@@ -14,11 +14,13 @@ from cosmos_edge.cli.npz_files import output_path, read_observation, write_npz
 from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config, planning_flags_given
 from cosmos_edge.runtime.bundle.loader import load_policies, planning_candidates
 from cosmos_edge.runtime.engines.registry import GRAPH_BACKENDS
-from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.platforms import PLATFORMS
 from cosmos_edge.runtime.policy.api import MAX_DENOISING_STEPS, MAX_SEED, ActionQuery, ChunkResult, PlanningOutcome
 from cosmos_edge.runtime.policy.planning_config import PRESETS
 from cosmos_edge.runtime.precision import PRECISIONS
+
+OBSERVATION_FIELDS = ("images", "proprio")  # what an error about the --observation file names
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -124,7 +126,12 @@ def _act(args: argparse.Namespace) -> int:
     ) as loaded:
         policy = loaded.planning or loaded.reactive
         query = ActionQuery(observation, args.task, args.seed, args.steps, return_future_images=args.future_images)
-        result = policy.infer(query)
+        try:
+            result = policy.infer(query)
+        except InputError as error:
+            if error.field not in OBSERVATION_FIELDS:
+                raise
+            raise InputError(f"observation {args.observation}: {error}", error.field) from None
     print_result(result)
     if out is not None:
         save_result(out, result, all_actions=args.return_all_query_results)

@@ -229,7 +229,7 @@ def check_device(device: str) -> torch.device:
     if torch_device.type == "cuda":
         if not torch.cuda.is_available():
             build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda} but sees no GPU"
-            raise ConfigError(f"device {device!r}: this torch ({torch.__version__}) is {build}; use --device cpu")
+            raise ConfigError(f"device {device!r}: this torch ({torch.__version__}) is {build}; use the cpu device")
         if torch_device.index is not None and torch_device.index >= torch.cuda.device_count():
             raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif torch_device.type != "cpu":

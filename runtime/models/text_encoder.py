@@ -35,7 +35,7 @@ def convert_official_pickle(pkl_path: str | Path, out_path: str | Path, trust_pi
         raise CheckpointError(f"{pkl_path}: no such file")
     if not trust_pickle:
         raise CheckpointError(
-            f"{pkl_path}: refused, a pickle can run code when loaded; pass trust_pickle=True (`--trust-pickle`) "
+            f"{pkl_path}: refused, a pickle can run code when loaded; pass --trust-pickle (trust_pickle=True) "
             f"only for a file from a source you trust, such as the official nvidia/Cosmos-Policy-* repositories"
         )
     loaded = _load_tensor_pickle(pkl_path)
@@ -68,7 +68,7 @@ def embed_instructions(
         from transformers import T5EncoderModel, T5TokenizerFast
     except ImportError as error:
         raise EngineError(
-            f"embed_instructions: needs the optional package transformers (pip install transformers), "
+            f"embedding instructions needs the optional package transformers (pip install transformers), "
             f"got ImportError: {error}"
         ) from error
     tokenizer = T5TokenizerFast.from_pretrained(model)

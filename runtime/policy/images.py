@@ -54,7 +54,8 @@ def check_cameras(platform: PlatformSpec, images: Mapping[str, object]) -> dict[
     extra = sorted(name for name in images if name not in platform.cameras)
     if missing or extra:
         raise InputError(
-            f"images: {platform.name} expects cameras {list(platform.cameras)}; missing {missing}, unexpected {extra}"
+            f"images: {platform.name} expects cameras {list(platform.cameras)}; missing {missing}, unexpected {extra}",
+            field="images",
         )
     return {name: check_frame(name, images[name]) for name in platform.cameras}
 
@@ -73,12 +74,13 @@ def transform_image(platform: PlatformSpec, camera: str, frame: np.ndarray) -> n
 
 
 def check_frame(camera: str, frame: object) -> np.ndarray:
+    field = f"images[{camera!r}]"
     if not isinstance(frame, np.ndarray):
-        raise InputError(f"images[{camera!r}]: expected a numpy uint8 array [H, W, 3], got {type(frame).__name__}")
+        raise InputError(f"{field}: expected a numpy uint8 array [H, W, 3], got {type(frame).__name__}", "images")
     if frame.dtype != np.uint8:
-        raise InputError(f"images[{camera!r}]: expected dtype uint8, got {frame.dtype}")
+        raise InputError(f"{field}: expected dtype uint8, got {frame.dtype}", "images")
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.shape[0] == 0 or frame.shape[1] == 0:
-        raise InputError(f"images[{camera!r}]: expected shape [H, W, 3] with H, W > 0, got {list(frame.shape)}")
+        raise InputError(f"{field}: expected shape [H, W, 3] with H, W > 0, got {list(frame.shape)}", "images")
     return frame
 
 

@@ -134,6 +134,14 @@ CASES: dict[str, Case] = {
         ["checkpoint", "random", "--out", str(write(t, "tokenizer.pth", b"the real VAE").parent)],
         f"would replace ['{t / 'tokenizer.pth'}']",
     ),
+    "an observation without a camera": lambda f, t: (
+        act(f, t, observation_path=_without_camera(t)),
+        f"observation {t / 'two_cameras.npz'}: images: aloha expects cameras",
+    ),
+    "an observation with a far-out proprio": lambda f, t: (
+        act(f, t, observation_path=_far_proprio(t)),
+        f"observation {t / 'far.npz'}: proprio: 1e+30 at index [0] lies far outside the dataset range",
+    ),
     "a JSON file as the checkpoint": lambda f, t: (
         act(f, t, checkpoint=f.stats),
         f"{f.stats}: not a PyTorch checkpoint",
@@ -209,6 +217,21 @@ def _npy_bytes() -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, np.zeros(14, np.float32))
     return buffer.getvalue()
+
+
+def _without_camera(tmp: Path) -> Path:
+    with np.load(observation(tmp)) as loaded:
+        arrays = {name: loaded[name] for name in loaded.files if name != "cam_high"}
+    np.savez(tmp / "two_cameras.npz", **arrays)  # type: ignore[arg-type]
+    return tmp / "two_cameras.npz"
+
+
+def _far_proprio(tmp: Path) -> Path:
+    with np.load(observation(tmp)) as loaded:
+        arrays = {name: loaded[name] for name in loaded.files}
+    arrays["proprio"] = np.full(14, 1e30, np.float32)
+    np.savez(tmp / "far.npz", **arrays)  # type: ignore[arg-type]
+    return tmp / "far.npz"
 
 
 def _narrow_embeddings(tmp: Path) -> Path:
