@@ -47,11 +47,19 @@ def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(_flag(field.name), choices=choices, help=help_text)
         else:  # every int option is a count
             limit = COUNT_LIMITS[field.name]
-            count = {"type": int_in_range(1, limit), "metavar": "N", "help": f"{help_text[:-1]}; 1..{limit})"}
-            if field.name == "num_queries_best_of_n":  # two spellings of one option: one of them, once
-                group.add_argument(_flag(field.name), "--num-candidates", action=_GivenOnce, **count)
-            else:
-                group.add_argument(_flag(field.name), **count)
+            # Two spellings of the candidates option: one of them, once.
+            names = (
+                [_flag(field.name), "--num-candidates"]
+                if field.name == "num_queries_best_of_n"
+                else [_flag(field.name)]
+            )
+            group.add_argument(
+                *names,
+                type=int_in_range(1, limit),
+                metavar="N",
+                action=_GivenOnce,
+                help=f"{help_text[:-1]}; 1..{limit})",
+            )
     group.add_argument(
         "--planning-deadline-ms",
         type=positive_milliseconds,
