@@ -44,7 +44,7 @@ from cosmos_edge.robot_bridge.wire import (
     parse,
     set_field,
 )
-from cosmos_edge.runtime.policy.api import PlanningOutcome
+from cosmos_edge.runtime.policy.api import MAX_DENOISING_STEPS, MAX_SEED, PlanningOutcome
 
 # The protocol's public names, including those defined in `wire`, so that users need one import.
 __all__ = [
@@ -71,8 +71,6 @@ __all__ = [
     "decode_request",
 ]
 
-_SEED_MAX = 2**32 - 1  # numpy's legacy RandomState, which the official sampler seeds, takes 32-bit seeds
-_MAX_STEPS = 100
 MAX_TIMEOUT_MS = 2**32 - 1  # about 50 days; a longer deadline is sent as this one
 _MAX_TEXT = 1024
 _MAX_ERROR_TEXT = 2048
@@ -194,8 +192,8 @@ class ActRequest(_Message):
         set_field(self, "images", images)
         set_field(self, "proprio", check_array("proprio", self.proprio, "float32", 1))
         set_field(self, "mode", None if self.mode is None else check_text("mode", self.mode, MAX_NAME))
-        set_field(self, "seed", check_optional_int("seed", self.seed, 0, _SEED_MAX))
-        set_field(self, "steps", check_optional_int("steps", self.steps, 1, _MAX_STEPS))
+        set_field(self, "seed", check_optional_int("seed", self.seed, 0, MAX_SEED))
+        set_field(self, "steps", check_optional_int("steps", self.steps, 1, MAX_DENOISING_STEPS))
         set_field(self, "timeout_ms", check_optional_int("timeout_ms", self.timeout_ms, 1, MAX_TIMEOUT_MS))
         for name in ("planning_summary", "return_all_query_results"):
             value = getattr(self, name)

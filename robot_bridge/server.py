@@ -574,7 +574,8 @@ class PolicyServer:
             planning = None if result.candidates is None else result.candidates.outcome
             return _Answer(job, self._reply(job, result, queue_ms, ms_since(started)), planning=planning)
         except InputError as error:
-            failure = MessageError(ErrorCode.INVALID_INPUT, "", str(error), request_id)
+            detail = str(error).removeprefix(f"{error.field}: ")  # the reply puts the field before its detail
+            failure = MessageError(ErrorCode.INVALID_INPUT, error.field, detail, request_id)
         except Exception as error:  # a failing policy must not take the server down; details stay in our log
             logger.exception("policy mode=%s failed on obs_id=%s", job.mode, job.request.obs_id)
             detail = f"the {job.mode!r} policy failed ({type(error).__name__}); see the server log"

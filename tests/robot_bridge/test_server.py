@@ -348,6 +348,18 @@ def test_a_failing_policy_gets_internal_errors_and_serving_goes_on(
     assert "policy mode=reactive failed on obs_id=1" in caplog.text
 
 
+def test_an_input_error_of_the_policy_names_its_field_in_the_reply() -> None:
+    failure = InputError("proprio: 1e+30 at index [0] lies far outside the dataset range", field="proprio")
+    with (
+        serving(PolicyServer({"reactive": StubPolicy(failure=failure)}, ServerConfig(ENDPOINT))) as endpoint,
+        PolicyClient(endpoint) as client,
+        pytest.raises(RemoteError) as caught,
+    ):
+        client.act(observation(), INSTRUCTION, obs_id=1, capture_time_ns=1)
+    assert (caught.value.code, caught.value.field) == (ErrorCode.INVALID_INPUT, "proprio")
+    assert caught.value.detail == str(failure)  # named once, not "proprio: proprio: ..."
+
+
 def test_one_structured_log_line_per_request(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="cosmos_edge.robot_bridge.server")
     policies = {"reactive": StubPolicy(), "planning": StubPolicy(failure=InputError("proprio: out of range"))}
