@@ -62,7 +62,9 @@ def add_serve_parser(
     parser.add_argument(
         "--endpoint", default="tcp://127.0.0.1:5555", help="ZeroMQ bind address; 'none' serves HTTP only (--http)"
     )
-    parser.add_argument("--default-mode", default="reactive", help="mode used when a request names none")
+    parser.add_argument(
+        "--default-mode", default="reactive", choices=_MODES, help="mode used when a request names none"
+    )
     parser.add_argument("--max-pending", type=int, default=8, help="controllers that may wait for inference at once")
     parser.add_argument("--max-message-mb", type=mebibytes, default=16.0, help="largest request accepted")
     parser.add_argument("--max-array-mb", type=mebibytes, default=4.0, help="largest single image or vector accepted")
@@ -94,8 +96,6 @@ def add_serve_parser(
     def serve(args: argparse.Namespace) -> int:
         with _naming_flags(), contextlib.ExitStack() as sockets:
             config, http = server_config(args, joint_limits), http_config(args)
-            if args.default_mode not in _MODES:
-                raise ConfigError(f"--default-mode: expected one of {list(_MODES)}, got {args.default_mode!r}")
             # Bound before the policies load (minutes, for the 2B model): a port in use is refused at once.
             router = sockets.enter_context(BoundRouter.bind(config))
             listener = sockets.enter_context(_http_listener(http))

@@ -304,6 +304,7 @@ def test_demo_numbers_are_checked(argv: list[str], expected: str, capsys: pytest
             ["serve", "--search-depth", "1000"],
             "serve: argument --search-depth: expected an integer in 1..8, got '1000'",
         ),
+        (["serve", "--default-mode", "banana"], "serve: argument --default-mode: invalid choice: 'banana'"),
         (["act", "--steps", "1000"], "act: argument --steps: expected an integer in 1..100, got '1000'"),
         (
             ["act", "--num-candidates", "2", "--num-queries-best-of-n", "3"],

@@ -160,10 +160,6 @@ def refusals(port: int, ipc_path: str, tmp_path: Path) -> dict[str, tuple[list[s
             ["--endpoint", "tcp://localhost:99999"],
             "--endpoint: expected tcp://HOST:PORT with a port in 0..65535 or '*'",
         ),
-        "unknown default mode": (
-            ["--default-mode", "banana"],
-            "--default-mode: expected one of ['reactive', 'planning'], got 'banana'",
-        ),
         "non-positive shutdown window": (
             ["--shutdown-timeout-s", "0"],
             "--shutdown-timeout-s: expected seconds in (0, 3600], got 0.0",
@@ -180,7 +176,6 @@ CASES = [
     "ipc path in use",
     "no ipc directory",
     "port out of range",
-    "unknown default mode",
     "non-positive shutdown window",
     "endless shutdown window",
 ]
@@ -210,7 +205,7 @@ def test_serve_refuses_an_http_port_in_use_before_loading_and_frees_the_zeromq_o
         router.bind(endpoint)  # the ZeroMQ endpoint, bound first, was released
 
 
-@pytest.mark.parametrize("case", ["port in use", "ipc path in use", "unknown default mode"])
+@pytest.mark.parametrize("case", ["port in use", "ipc path in use", "no ipc directory"])
 def test_the_command_prints_one_line_naming_the_flag(
     case: str, port_in_use: int, ipc_path_in_use: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
