@@ -11,9 +11,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = parser.add_subparsers(dest="engines_command")
     build = commands.add_parser("build", help="build every graph's engine on this GPU (needs TensorRT >= 10)")
     build.add_argument("bundle", type=Path)
-    build.add_argument("--device", type=int, default=0, help="CUDA device index")
+    build.add_argument(
+        "--device", type=cuda_index, default=0, help="the CUDA device: cuda, cuda:N or N (default: cuda:0)"
+    )
     build.add_argument("--graph", action="append", default=[], help="only this graph (repeatable)")
     build.set_defaults(func=_build)
+
+
+def cuda_index(text: str) -> int:
+    """ "cuda" -> 0, "cuda:N" or "N" -> N, as the other commands' device flags name a GPU."""
+    if text == "cuda":
+        return 0
+    index = text.removeprefix("cuda:")
+    if not index.isdigit():
+        raise argparse.ArgumentTypeError(f"expected cuda, cuda:N or N, got {text!r}")
+    return int(index)
 
 
 def _build(args: argparse.Namespace) -> int:

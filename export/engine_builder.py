@@ -25,8 +25,8 @@ def build_bundle_engines(bundle_dir: str | Path, device: int = 0, graphs: tuple[
     and lists the new one once it is complete, so an interrupted or failed build leaves a bundle that opens (the
     graphs not yet built are built on first use, as without prebuilt engines).
     """
+    bundle = Bundle.open(bundle_dir)  # a wrong path is named first, on a machine without TensorRT too
     require_tensorrt()
-    bundle = Bundle.open(bundle_dir)
     names = graphs or tuple(bundle.manifest.graphs)
     engines = dict(bundle.manifest.engines)
     files = dict(bundle.manifest.files)

@@ -142,6 +142,10 @@ CASES: dict[str, Case] = {
         act(f, t, observation_path=_far_proprio(t)),
         f"observation {t / 'far.npz'}: proprio: 1e+30 at index [0] lies far outside the dataset range",
     ),
+    "engines for a bundle that is not there": lambda f, t: (
+        ["engines", "build", str(t / "no_bundle")],
+        f"{t / 'no_bundle'}: no such bundle directory",
+    ),
     "a JSON file as the checkpoint": lambda f, t: (
         act(f, t, checkpoint=f.stats),
         f"{f.stats}: not a PyTorch checkpoint",
@@ -304,6 +308,7 @@ def test_demo_numbers_are_checked(argv: list[str], expected: str, capsys: pytest
             ["serve", "--search-depth", "1000"],
             "serve: argument --search-depth: expected an integer in 1..8, got '1000'",
         ),
+        (["engines", "build", "b", "--device", "gpu0"], "engines build: argument --device: expected cuda, cuda:N or N"),
         (["serve", "--default-mode", "banana"], "serve: argument --default-mode: invalid choice: 'banana'"),
         (["act", "--steps", "1000"], "act: argument --steps: expected an integer in 1..100, got '1000'"),
         (
