@@ -275,8 +275,8 @@ class PolicyServer:
     def _poll(self, poller: zmq.Poller, timeout_ms: int) -> None:
         assert self._router is not None and self._wake is not None
         ready = dict(poller.poll(timeout_ms))
-        if self._wake[0] in ready:
-            with contextlib.suppress(BlockingIOError):
+        if self._wake[0].fileno() in ready:  # pyzmq reports a plain socket by its file descriptor
+            with contextlib.suppress(BlockingIOError):  # an unread wake-up would end every later poll at once
                 self._wake[0].recv(_WAKE_BYTES)
         self._flush_outbox()
         if self._router.socket in ready:

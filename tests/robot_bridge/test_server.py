@@ -360,6 +360,17 @@ def test_an_input_error_of_the_policy_names_its_field_in_the_reply() -> None:
     assert caught.value.detail == str(failure)  # named once, not "proprio: proprio: ..."
 
 
+def test_the_wake_ups_of_answers_are_consumed() -> None:
+    """The I/O thread reads each wake-up before it flushes the answer; one left unread made every later poll return
+    at once, and the idle server spun a core at 100 %."""
+    server = PolicyServer({"reactive": StubPolicy()}, ServerConfig(ENDPOINT))
+    with serving(server) as endpoint, PolicyClient(endpoint) as client:
+        client.act(observation(), INSTRUCTION, obs_id=1, capture_time_ns=1)
+        assert server._wake is not None
+        with pytest.raises(BlockingIOError):  # nothing left to read
+            server._wake[0].recv(1, socket.MSG_PEEK)
+
+
 def test_one_structured_log_line_per_request(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="cosmos_edge.robot_bridge.server")
     policies = {"reactive": StubPolicy(), "planning": StubPolicy(failure=InputError("proprio: out of range"))}
