@@ -23,6 +23,8 @@ def batch_sizes(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive ints such as 1,8, got {text!r}") from None
     if not sizes or min(sizes) < 1 or max(sizes) > MAX_BATCH or len(set(sizes)) != len(sizes):
         raise argparse.ArgumentTypeError(f"expected distinct ints in 1..{MAX_BATCH} such as 1,8, got {text!r}")
+    if 1 not in sizes:
+        raise argparse.ArgumentTypeError(f"expected 1 among them (the reactive mode runs at batch 1), got {text!r}")
     return sizes
 
 

@@ -25,13 +25,20 @@ from typing import TYPE_CHECKING, NoReturn
 
 from cosmos_edge.cli.arg_types import mebibytes
 from cosmos_edge.cli.model_source import add_compile_arguments, model_source
-from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config
+from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config, planning_flags_given
 from cosmos_edge.robot_bridge.binding import BoundRouter, ServerConfig
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, ServerCurve, load_public_keys
+from cosmos_edge.robot_bridge.official_act import CAMERAS as OFFICIAL_CAMERAS
 from cosmos_edge.robot_bridge.protocol import WireLimits
 from cosmos_edge.robot_bridge.server import PolicyServer
-from cosmos_edge.runtime.bundle.loader import LoadedPolicies, load_policies, planning_candidates
-from cosmos_edge.runtime.bundle.sources import CheckpointSource
+from cosmos_edge.runtime.bundle.loader import (
+    LoadedPolicies,
+    bundle_batch_sizes,
+    load_policies,
+    planning_candidates,
+    source_platform,
+)
+from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointSource, ModelSource
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import PLATFORMS
 from cosmos_edge.runtime.policy.planning_config import PRESETS
@@ -270,8 +277,10 @@ def _policies(args: argparse.Namespace) -> LoadedPolicies:
     source = model_source(args, devices or [])
     preset = PRESETS[args.planning_preset].num_queries_best_of_n
     candidates = planning_candidates(source, devices, args.num_queries_best_of_n, preset)
+    _check_before_loading(args, source, devices, candidates)
     if candidates is None:
-        _LOG.warning("serving the reactive mode only: the bundle's DiT batch sizes serve no planning over the devices")
+        assert isinstance(source, BundleSource)  # checkpoint files plan with any number of candidates
+        _LOG.warning("serving the reactive mode only: %s", _no_planning(source, devices))
     elif candidates < preset and args.num_queries_best_of_n is None:
         _LOG.warning(
             "planning mode: best of %d, not the preset's %d: the bundle's DiT batch sizes allow no more",
@@ -300,5 +309,36 @@ def _policies(args: argparse.Namespace) -> LoadedPolicies:
     return loaded
 
 
+def _check_before_loading(
+    args: argparse.Namespace, source: ModelSource, devices: list[str] | None, candidates: int | None
+) -> None:
+    """What depends on the model but can be known from its files: refused before it loads (minutes for 2B)."""
+    if candidates is None and isinstance(source, BundleSource):
+        if args.default_mode == "planning":
+            raise ConfigError(f"--default-mode planning: {_no_planning(source, devices)}")
+        if given := planning_flags_given(args):
+            raise ConfigError(f"{given[0]}: a planning option, but {_no_planning(source, devices)}")
+    if args.http is not None:
+        platform = source_platform(source)
+        if set(platform.cameras) != set(OFFICIAL_CAMERAS.values()):
+            raise ConfigError(
+                f"--http: the official /act format carries ALOHA's cameras {sorted(OFFICIAL_CAMERAS.values())}; "
+                f"{platform.name} has {list(platform.cameras)}"
+            )
+
+
+def _no_planning(source: BundleSource, devices: list[str] | None) -> str:
+    workers = len(devices) if devices else 1  # the backend's default device
+    return (
+        f"bundle {source.path} has DiT batch sizes {bundle_batch_sizes(source)}, which fit no best of 2 or more "
+        f"candidates over {workers} device(s); re-export with --batch-sizes (e.g. 1,8), or plan --num-candidates 1"
+    )
+
+
 def _device_list(args: argparse.Namespace) -> list[str]:
-    return [device.strip() for device in (args.devices or "").split(",") if device.strip()]
+    if args.devices is None:
+        return []
+    devices = [device.strip() for device in args.devices.split(",")]
+    if not all(devices):
+        raise ConfigError(f"--devices {args.devices!r}: expected comma-separated devices such as cuda:0,cuda:1")
+    return devices

@@ -27,7 +27,7 @@ from cosmos_edge.runtime.engines.graph import GraphRunner
 from cosmos_edge.runtime.engines.graph_networks import GraphAutoencoder, GraphConditioning, GraphDenoisingNetwork
 from cosmos_edge.runtime.engines.registry import backend_info, load_graph_backend, load_torch_backend
 from cosmos_edge.runtime.errors import BundleError, ConfigError
-from cosmos_edge.runtime.platforms import IMAGE_SIZE, platform_spec
+from cosmos_edge.runtime.platforms import IMAGE_SIZE, PlatformSpec, platform_spec
 from cosmos_edge.runtime.policy import text_embeddings as text_store
 from cosmos_edge.runtime.policy.api import (
     ActionQuery,
@@ -150,8 +150,7 @@ def planning_candidates(
         raise ConfigError(f"num_candidates (--num-candidates): expected at least 1, got {requested}")
     if isinstance(source, CheckpointSource):
         return default if requested is None else requested
-    bundle = Bundle.open(source.path)
-    available = {bundle.manifest.graphs[name].batch for name in bundle.graph_names("dit")}
+    available = set(bundle_batch_sizes(source))
     workers = len(devices or [_default_device(source)])
 
     def fits(candidates: int) -> bool:
@@ -162,11 +161,24 @@ def planning_candidates(
             needed = sorted(set(planning_batch_sizes(requested, workers)) - available)
             raise ConfigError(
                 f"num_candidates (--num-candidates) {requested} over {workers} device(s) needs DiT batch sizes "
-                f"{needed}, which bundle {bundle.root} lacks (it has {sorted(available)}); ask for fewer candidates "
+                f"{needed}, which bundle {source.path} lacks (it has {sorted(available)}); ask for fewer candidates "
                 f"or re-export with --batch-sizes"
             )
         return requested
     return next((n for n in range(default, min(2, default) - 1, -1) if fits(n)), None)
+
+
+def source_platform(source: ModelSource) -> PlatformSpec:
+    """The platform `source` serves, read without loading a model (a bundle's manifest, or the files' --platform)."""
+    if isinstance(source, CheckpointSource):
+        return platform_spec(source.files.platform)
+    return Bundle.open(source.path).manifest.platform
+
+
+def bundle_batch_sizes(source: BundleSource) -> list[int]:
+    """The DiT batch sizes a bundle has graphs for, sorted."""
+    bundle = Bundle.open(source.path)
+    return sorted({bundle.manifest.graphs[name].batch for name in bundle.graph_names("dit")})
 
 
 def _batching_pays(devices: Sequence[str]) -> bool:

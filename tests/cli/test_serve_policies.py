@@ -62,3 +62,53 @@ def test_serve_refuses_mixed_or_missing_sources(tiny_bundles: Callable[..., Path
             serve_cmd._policies(parse_serve(["--bundle", bundle, *mixed]))
     with pytest.raises(ConfigError, match="--checkpoint"):
         serve_cmd._policies(parse_serve(["--platform", "libero"]))
+
+
+@pytest.fixture(scope="module")
+def reactive_only_bundle(tiny_assets: dict[str, CheckpointFiles], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ALOHA bundle exported with the default --batch-sizes 1: it serves no best-of-N on one device."""
+    from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
+
+    files = tiny_assets["aloha"]
+    out = tmp_path_factory.mktemp("reactive_only") / "bundle"
+    request = ExportRequest(
+        files.checkpoint, files.tokenizer, files.stats, files.text_embeddings, "aloha", out, batch_sizes=(1,)
+    )
+    return export_bundle(request).root
+
+
+@pytest.fixture
+def loading_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `serve` that gets as far as loading its models fails the test: these settings must be refused first."""
+
+    def load(*_: object, **__: object) -> None:
+        raise AssertionError("the models were loaded before the settings were refused")
+
+    monkeypatch.setattr(serve_cmd, "load_policies", load)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--default-mode", "planning"], "--default-mode planning: bundle .* has DiT batch sizes \\[1\\], which fit"),
+        (["--search-depth", "3"], "--search-depth: a planning option, but bundle .* has DiT batch sizes \\[1\\]"),
+        (["--http", "127.0.0.1:0", "--devices", "cpu,,cpu"], "--devices 'cpu,,cpu': expected comma-separated"),
+    ],
+)
+@pytest.mark.usefixtures("loading_refused")
+def test_serve_refuses_what_a_bundle_cannot_serve_before_loading(
+    reactive_only_bundle: Path, argv: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        serve_cmd._policies(parse_serve(["--bundle", str(reactive_only_bundle), *argv]))
+
+
+@pytest.mark.usefixtures("loading_refused")
+def test_serve_refuses_the_official_endpoint_for_other_cameras_before_loading(
+    tiny_assets: dict[str, CheckpointFiles],
+) -> None:
+    files = tiny_assets["libero"]
+    argv = ["--checkpoint", str(files.checkpoint), "--tokenizer", str(files.tokenizer), "--stats", str(files.stats)]
+    argv += ["--text-embeddings", str(files.text_embeddings), "--platform", "libero", "--http", "127.0.0.1:0"]
+    with pytest.raises(ConfigError, match=r"--http: the official /act format carries ALOHA.s cameras .* libero has"):
+        serve_cmd._policies(parse_serve(argv))
