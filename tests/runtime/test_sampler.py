@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError
+from cosmos_edge.runtime.policy.api import MAX_SEED
 from cosmos_edge.runtime.policy.numerics import round_to_bf16
 from cosmos_edge.runtime.policy.sampler import (
     DenoiseCondition,
@@ -100,8 +101,11 @@ def test_initial_noise_is_random_state_draw_times_80() -> None:
 
 
 def test_initial_noise_rejects_out_of_range_seed() -> None:
-    with pytest.raises(InputError, match="seed"):
-        initial_noise(-1, SHAPE)
+    assert initial_noise(MAX_SEED, SHAPE).shape == SHAPE
+    for seed in (-1, MAX_SEED + 1):  # planning's s + i can pass the top
+        with pytest.raises(InputError, match=f"seed: expected an integer in 0..{MAX_SEED}, got {seed}") as caught:
+            initial_noise(seed, SHAPE)
+        assert caught.value.field == "seed"
 
 
 # --- solver steps against the formulas of the reference notes -----------------------------------------------------
