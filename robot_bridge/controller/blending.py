@@ -29,6 +29,7 @@ from enum import Enum
 
 import numpy as np
 
+from cosmos_edge.robot_bridge.controller.checks import check_integer, check_number
 from cosmos_edge.runtime.errors import ConfigError
 
 
@@ -61,12 +62,10 @@ class BlendConfig:
             raise ConfigError(
                 f"blend.scheme: expected one of {[s.value for s in BlendScheme]}, got {self.scheme!r}"
             ) from None
-        if self.window_ticks < 1:
-            raise ConfigError(f"blend.window_ticks: expected >= 1, got {self.window_ticks}")
-        if not (self.ensemble_decay >= 0 and math.isfinite(self.ensemble_decay)):
-            raise ConfigError(f"blend.ensemble_decay: expected a finite value >= 0, got {self.ensemble_decay}")
-        if self.lowpass_alpha is not None and not 0 < self.lowpass_alpha <= 1:
-            raise ConfigError(f"blend.lowpass_alpha: expected None or (0, 1], got {self.lowpass_alpha}")
+        check_integer("blend.window_ticks", self.window_ticks, 1)
+        check_number("blend.ensemble_decay", self.ensemble_decay, 0)
+        if self.lowpass_alpha is not None:
+            check_number("blend.lowpass_alpha", self.lowpass_alpha, 0, 1, above_low=True)
 
 
 @dataclass(frozen=True)

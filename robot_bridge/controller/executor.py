@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from cosmos_edge.robot_bridge.controller.blending import BlendConfig, Boundary, ChunkBlender
+from cosmos_edge.robot_bridge.controller.checks import check_integer, check_number, describe
 from cosmos_edge.robot_bridge.controller.chunk_source import Chunk, ChunkRequest, ChunkSource, Clock, RequestFailed
 from cosmos_edge.robot_bridge.controller.safety import Intervention, SafetyFilter
 from cosmos_edge.runtime.errors import ConfigError
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 Sleep = Callable[[float], None]  # seconds
 
 SPIN_MARGIN_S = 0.002  # see `precise_sleep`
+MAX_RETRY_DELAY_S = 3600.0  # a longer wait is a mistake; a huge one would overflow the nanosecond arithmetic
 NO_CHUNK = -1  # `chunk_obs_id` / `action_index` of a tick record that commanded the hold pose
 
 
@@ -82,7 +84,7 @@ class ExecutorConfig:
     starvation_warning_s: least time between two starvation warnings, and between two warnings of failed requests
         (default 5 s; those in between are logged at debug level and counted in the next warning).
     blend: how chunks are joined at boundaries (`blending.BlendConfig`; default an 8-tick cross-fade).
-    retry_delay_s: wait after a failed request before the next one (default 0.1 s).
+    retry_delay_s: wait after a failed request before the next one (default 0.1 s, at most an hour).
     record_capacity: tick records kept in the ring buffer (default 4096, 164 s at 25 Hz).
     realtime_priority: SCHED_FIFO priority (1-99) for the thread calling `run`, for its duration (default
         None: the normal scheduler). Needs Linux and CAP_SYS_NICE or an RLIMIT_RTPRIO; if refused, `run`
@@ -105,22 +107,20 @@ class ExecutorConfig:
     blend: BlendConfig = field(default_factory=BlendConfig)
 
     def __post_init__(self) -> None:
-        if not 0 < self.control_rate_hz <= 1000:
-            raise ConfigError(f"executor.control_rate_hz: expected (0, 1000], got {self.control_rate_hz}")
-        if self.prefetch_threshold < 0:
-            raise ConfigError(f"executor.prefetch_threshold: expected >= 0, got {self.prefetch_threshold}")
-        if self.retry_delay_s < 0:
-            raise ConfigError(f"executor.retry_delay_s: expected >= 0, got {self.retry_delay_s}")
-        if self.record_capacity < 1:
-            raise ConfigError(f"executor.record_capacity: expected >= 1, got {self.record_capacity}")
-        if self.realtime_priority is not None and not 1 <= self.realtime_priority <= 99:
-            raise ConfigError(f"executor.realtime_priority: expected 1..99 or None, got {self.realtime_priority}")
-        if self.nice is not None and not -20 <= self.nice <= 19:
-            raise ConfigError(f"executor.nice: expected -20..19 or None, got {self.nice}")
-        if not self.latency_margin >= 1:
-            raise ConfigError(f"executor.latency_margin: expected >= 1, got {self.latency_margin}")
-        if not self.starvation_warning_s >= 0:
-            raise ConfigError(f"executor.starvation_warning_s: expected >= 0, got {self.starvation_warning_s}")
+        check_number("executor.control_rate_hz", self.control_rate_hz, 0, 1000, above_low=True)
+        check_integer("executor.prefetch_threshold", self.prefetch_threshold, 0)
+        check_number("executor.retry_delay_s", self.retry_delay_s, 0, MAX_RETRY_DELAY_S)
+        check_integer("executor.record_capacity", self.record_capacity, 1)
+        check_integer("executor.realtime_priority", self.realtime_priority, 1, 99, or_none=True)
+        check_integer("executor.nice", self.nice, -20, 19, or_none=True)
+        if not isinstance(self.adaptive_prefetch, bool):
+            raise ConfigError(
+                f"executor.adaptive_prefetch: expected True or False, got {describe(self.adaptive_prefetch)}"
+            )
+        check_number("executor.latency_margin", self.latency_margin, 1)
+        check_number("executor.starvation_warning_s", self.starvation_warning_s, 0)
+        if not isinstance(self.blend, BlendConfig):
+            raise ConfigError(f"executor.blend: expected a BlendConfig, got {describe(self.blend)}")
 
     @property
     def period_ns(self) -> int:
@@ -314,8 +314,8 @@ class ChunkExecutor:
         base = self.config.prefetch_threshold
         if not self.config.adaptive_prefetch or self._latency_ns is None:
             return base
-        needed = math.ceil(self._latency_ns * self.config.latency_margin / self._period_ns)
-        return max(base, min(needed, max(self._chunk_length - 1, 0)))
+        needed = self._latency_ns * self.config.latency_margin / self._period_ns  # inf for a huge margin
+        return max(base, math.ceil(min(needed, max(self._chunk_length - 1, 0))))
 
     def stop(self, reason: str = "stop command") -> None:
         """Latch a stop: hold position and stop requesting chunks until `resume`. A resume still pending (asked for

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cosmos_edge.robot_bridge.controller.checks import check_number, check_numbers
 from cosmos_edge.runtime.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,10 @@ class SafetyConfig:
     max_joint_step: float = DEFAULT_MAX_JOINT_STEP
 
     def __post_init__(self) -> None:
+        check_numbers("safety.joint_lower", self.joint_lower)
+        check_numbers("safety.joint_upper", self.joint_upper)
+        check_numbers("safety.gripper_range", self.gripper_range, length=2)
+        check_number("safety.max_joint_step", self.max_joint_step, 0, above_low=True)
         if len(self.joint_lower) != len(self.joint_upper) or not self.joint_lower:
             raise ConfigError(
                 f"safety.joint_lower/joint_upper: expected equal, non-zero lengths, got "
@@ -103,8 +108,6 @@ class SafetyConfig:
         lo, hi = self.gripper_range
         if not lo < hi:
             raise ConfigError(f"safety.gripper_range: expected lower < upper, got {self.gripper_range}")
-        if not (math.isfinite(self.max_joint_step) and self.max_joint_step > 0):
-            raise ConfigError(f"safety.max_joint_step: expected a finite value > 0, got {self.max_joint_step}")
 
     @property
     def dims(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import re
 import threading
@@ -219,8 +220,9 @@ def test_a_malformed_observation_is_refused_before_sending() -> None:
 
 
 def test_client_configuration_is_checked() -> None:
-    with pytest.raises(ConfigError, match="timeout_s"):
-        PolicyClient("tcp://127.0.0.1:5555", timeout_s=0)
+    for timeout_s in (0, math.nan, math.inf, 1e12, "5", True):
+        with pytest.raises(ConfigError, match=re.escape("timeout_s: expected a number of seconds in (0, 86400]")):
+            PolicyClient("tcp://127.0.0.1:5555", timeout_s=timeout_s)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="CURVE needs both"):
         PolicyClient("tcp://127.0.0.1:5555", server_public_key=CurveKeyPair(*zmq.curve_keypair()).public)
 

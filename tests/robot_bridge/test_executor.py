@@ -3,6 +3,7 @@
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -372,16 +373,58 @@ def test_run_by_duration_and_argument_checks() -> None:
     "kwargs",
     [
         {"control_rate_hz": 0.0},
+        {"control_rate_hz": "25"},
         {"prefetch_threshold": -1},
+        {"prefetch_threshold": "25"},
+        {"prefetch_threshold": 2.5},
         {"retry_delay_s": -0.1},
+        {"retry_delay_s": float("nan")},
+        {"retry_delay_s": float("inf")},
+        {"retry_delay_s": 1e300},
         {"record_capacity": 0},
+        {"record_capacity": 2.5},
         {"realtime_priority": 0},
+        {"realtime_priority": 10.5},
         {"nice": 20},
+        {"nice": -5.5},
+        {"adaptive_prefetch": "yes"},
+        {"latency_margin": float("inf")},
+        {"starvation_warning_s": float("nan")},
+        {"blend": "crossfade"},
     ],
 )
-def test_invalid_executor_config(kwargs: dict) -> None:
-    with pytest.raises(ConfigError, match="executor\\."):
+def test_invalid_executor_config_names_the_field(kwargs: dict) -> None:
+    (name,) = kwargs
+    with pytest.raises(ConfigError, match=f"^executor\\.{name}: expected"):
         ExecutorConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"scheme": "fade"},
+        {"window_ticks": 0},
+        {"window_ticks": 2.5},
+        {"window_ticks": "8"},
+        {"window_ticks": True},
+        {"ensemble_decay": float("inf")},
+        {"ensemble_decay": "0.5"},
+        {"lowpass_alpha": 0.0},
+        {"lowpass_alpha": float("nan")},
+        {"lowpass_alpha": "0.5"},
+    ],
+)
+def test_invalid_blend_config_names_the_field(kwargs: dict) -> None:
+    (name,) = kwargs
+    with pytest.raises(ConfigError, match=f"^blend\\.{name}: expected"):
+        BlendConfig(**kwargs)
+
+
+def test_a_huge_latency_margin_caps_the_prefetch_point_at_the_chunk() -> None:
+    margin = sys.float_info.max  # times the round trip in ns: infinite
+    executor, _, _, _ = make(chunk=20, threshold=2, latency_ticks=3, adaptive_prefetch=True, latency_margin=margin)
+    executor.run(20)
+    assert executor.prefetch_threshold == 19
 
 
 def test_a_stop_after_a_resume_still_pending_wins() -> None:

@@ -1,5 +1,6 @@
 import logging
 import math
+import re
 
 import numpy as np
 import pytest
@@ -41,11 +42,23 @@ def test_default_config_matches_aloha_layout() -> None:
         {"gripper_range": (1.0, 0.0)},
         {"max_joint_step": 0.0},
         {"max_joint_step": math.inf},
+        {"max_joint_step": "0.1"},
+        {"joint_lower": ("0",) * 6},
+        {"joint_upper": (math.nan,) * 6},
+        {"joint_lower": 0.0},
+        {"gripper_range": (0.0, 0.5, 1.0)},
+        {"gripper_range": (0.0, math.inf)},
     ],
 )
 def test_invalid_config_names_the_field(kwargs: dict) -> None:
     with pytest.raises(ConfigError, match="safety\\."):
         SafetyConfig(**kwargs)
+
+
+def test_a_limit_of_the_wrong_type_is_named_with_what_was_expected() -> None:
+    expected = "safety.max_joint_step: expected a finite number > 0, got '0.1' (str)"
+    with pytest.raises(ConfigError, match=f"^{re.escape(expected)}$"):
+        SafetyConfig(max_joint_step="0.1")  # type: ignore[arg-type]
 
 
 def test_in_range_command_passes_unchanged() -> None:
