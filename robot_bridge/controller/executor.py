@@ -17,6 +17,7 @@ still for the whole inference. Here the control loop never waits for inference:
 * The inference round trip is measured on every reply, and the prefetch point rises to cover it (with a margin).
   When the robot still runs out of actions (starves), or replies arrive after all their actions elapsed, a
   warning names the measured latency and the chunk horizon, at most every few seconds.
+* A chunk not (N, dims) wide for the safety filter is dropped and warned about, at most every few seconds.
 * With no valid action the `SafetyFilter` holds position; every command goes through it.
 
 Threads: `run` executes on the caller's thread and owns the robot and all chunk state. Only the
@@ -82,7 +83,8 @@ class ExecutorConfig:
     adaptive_prefetch: raise the prefetch point to the measured inference round trip (default True).
     latency_margin: factor on the measured round trip for the adaptive prefetch point (default 1.5).
     starvation_warning_s: least time between two starvation warnings, and between two warnings of failed requests
-        (default 5 s; those in between are logged at debug level and counted in the next warning).
+        or of malformed chunks (default 5 s; those in between are logged at debug level and counted in the next
+        warning).
     blend: how chunks are joined at boundaries (`blending.BlendConfig`; default an 8-tick cross-fade).
     retry_delay_s: wait after a failed request before the next one (default 0.1 s, at most an hour).
     record_capacity: tick records kept in the ring buffer (default 4096, 164 s at 25 Hz).
@@ -249,6 +251,24 @@ def _restore(what: str, call: Callable[..., None], *args: Any) -> None:
         logger.warning("executor: could not restore the control thread's %s (%s); it stays as set", what, error)
 
 
+class _Throttle:
+    """At most one warning per interval for a recurring event; counts the events in between for the next warning."""
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval_ns = interval_s * 1e9
+        self._warned_at_ns: int | None = None
+        self._events = 0  # since the last warning
+
+    def due(self, now_ns: int) -> int | None:
+        """Counts one event at `now_ns`: the events since the last warning (this one included) if a warning is due
+        now, else None."""
+        self._events += 1
+        if self._warned_at_ns is not None and now_ns - self._warned_at_ns < self._interval_ns:
+            return None
+        events, self._events, self._warned_at_ns = self._events, 0, now_ns
+        return events
+
+
 class ChunkExecutor:
     """Sends one safe command per tick from the newest valid chunk; see the module docstring."""
 
@@ -287,9 +307,9 @@ class ChunkExecutor:
         self._last_command: np.ndarray | None = None
         self._latency_ns: float | None = None  # smoothed inference round trip (capture to receipt)
         self._chunk_length = 0  # of the last adopted chunk
-        self._warned_at_ns: int | None = None
-        self._failure_warned_at_ns: int | None = None
-        self._failures_unwarned = 0  # failed requests since the last warning of one
+        self._starved_warnings = _Throttle(config.starvation_warning_s)
+        self._failure_warnings = _Throttle(config.starvation_warning_s)
+        self._malformed_warnings = _Throttle(config.starvation_warning_s)
 
     @property
     def counters(self) -> ExecutorCounters:
@@ -414,7 +434,9 @@ class ChunkExecutor:
         if reason is not None:
             self._counts[reason] += 1
             logger.debug("executor: %s chunk from obs %d at tick %d", reason, outcome.obs_id, tick)
-            if reason == "dropped_elapsed":
+            if reason == "dropped_malformed":
+                self._warn_malformed(outcome)
+            elif reason == "dropped_elapsed":
                 self._warn_starved(tick, f"the reply to obs {outcome.obs_id} came after all its actions elapsed")
             return False
         old = self._chunk
@@ -432,25 +454,36 @@ class ChunkExecutor:
 
     def _warn_request_failed(self, failure: RequestFailed) -> None:
         """A failed request is retried every `retry_delay_s`: one that fails at once must not flood the log."""
-        now = self._clock()
-        self._failures_unwarned += 1
-        last = self._failure_warned_at_ns
-        if last is not None and now - last < self.config.starvation_warning_s * 1e9:
+        failures = self._failure_warnings.due(self._clock())
+        if failures is None:
             logger.debug("executor: request for obs %d failed: %r", failure.obs_id, failure.error)
             return
         logger.warning(
             "executor: request for obs %d failed: %r (%d failed requests since the last such warning)",
             failure.obs_id,
             failure.error,
-            self._failures_unwarned,
+            failures,
         )
-        self._failure_warned_at_ns, self._failures_unwarned = now, 0
+
+    def _warn_malformed(self, chunk: Chunk) -> None:
+        """A chunk of the wrong shape is a configuration error (the policy's action width against the robot's
+        `SafetyConfig`) that recurs with every reply while the robot holds: warn at once, then once per interval."""
+        dropped = self._malformed_warnings.due(self._clock())
+        if dropped is None:
+            return
+        logger.warning(
+            "executor: dropped the chunk for obs %d: its actions have shape %s, expected (N, %d) with N >= 1 (the "
+            "safety filter's dims; %d malformed chunks dropped since the last such warning, this one included). The "
+            "robot holds position while no chunk fits: check that the policy's action dims match its SafetyConfig.",
+            chunk.obs_id,
+            chunk.actions.shape,
+            self._dims,
+            dropped,
+        )
 
     def _warn_starved(self, tick: int, what: str) -> None:
-        now = self._clock()
-        if self._warned_at_ns is not None and now - self._warned_at_ns < self.config.starvation_warning_s * 1e9:
+        if self._starved_warnings.due(self._clock()) is None:
             return
-        self._warned_at_ns = now
         horizon_ms = self._chunk_length * self._period_ns / 1e6
         latency = "unknown" if self.latency_ms is None else f"{self.latency_ms:.0f} ms"
         logger.warning(

@@ -23,7 +23,13 @@ from cosmos_edge.robot_bridge.controller.chunk_source import (
     request_chunk,
 )
 from cosmos_edge.robot_bridge.controller.executor import NO_CHUNK, ChunkExecutor, ExecutorConfig, precise_sleep
-from cosmos_edge.robot_bridge.controller.safety import Intervention, SafetyConfig, SafetyFilter
+from cosmos_edge.robot_bridge.controller.safety import (
+    VX300S_JOINT_LOWER,
+    VX300S_JOINT_UPPER,
+    Intervention,
+    SafetyConfig,
+    SafetyFilter,
+)
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.policy.api import Observation
 
@@ -332,6 +338,32 @@ def test_malformed_chunk_is_dropped(malform: Callable[[np.ndarray], np.ndarray])
     summary = executor.run(10)
     assert executor.counters.dropped_malformed >= 4
     assert summary.hold_ticks == 10
+
+
+class TwelveDimRobot(FakeRobot):
+    """Reports and takes 12 joint values (5-joint arms) while its observation carries 14, as a miswired rig would."""
+
+    def current_qpos(self) -> np.ndarray:
+        return self.qpos[:12].copy()
+
+    def command(self, qpos_target: np.ndarray) -> None:
+        self.commands.append(qpos_target.copy())
+
+
+def test_chunks_wider_than_the_safety_dims_are_warned_about_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    safety = SafetyFilter(SafetyConfig(joint_lower=VX300S_JOINT_LOWER[:5], joint_upper=VX300S_JOINT_UPPER[:5]))
+    config = ExecutorConfig(control_rate_hz=RATE_HZ, prefetch_threshold=8)
+    source = LatencySource(FakeClient(20), clock, latency_ticks=3)
+    executor = ChunkExecutor(TwelveDimRobot(clock), source, safety, config, clock=clock, sleep=clock.sleep)
+    with caplog.at_level(logging.WARNING, logger="cosmos_edge.robot_bridge.controller.executor"):
+        summary = executor.run(250)  # 10 s; a 14-wide chunk is dropped every 3 ticks from tick 3
+    assert summary.hold_ticks == 250 and executor.counters.dropped_malformed == 83
+    warnings = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(warnings) == 2  # the first drop at once, then one 5 s later
+    assert "obs 0: its actions have shape (20, 14), expected (N, 12)" in warnings[0]
+    assert "1 malformed chunks dropped since the last such warning" in warnings[0]
+    assert "42 malformed chunks dropped since the last such warning" in warnings[1]  # ticks 6, 9, ... 129
 
 
 def test_late_tick_skips_missed_deadlines_and_stays_time_aligned() -> None:
