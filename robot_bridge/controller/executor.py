@@ -16,7 +16,8 @@ still for the whole inference. Here the control loop never waits for inference:
   commanded pose does not jump at chunk boundaries; every boundary's raw and commanded jump is recorded.
 * The inference round trip is measured on every reply, and the prefetch point rises to cover it (with a margin).
   When the robot still runs out of actions (starves), or replies arrive after all their actions elapsed, a
-  warning names the measured latency and the chunk horizon, at most every few seconds.
+  warning names the measured latency and the chunk horizon, at most every few seconds. Only one request is in
+  flight, so a round trip over half the chunk horizon starves the robot whatever the prefetch point.
 * A chunk not (N, dims) wide for the safety filter is dropped and warned about, at most every few seconds.
 * With no valid action the `SafetyFilter` holds position; every command goes through it.
 
@@ -249,6 +250,18 @@ def _restore(what: str, call: Callable[..., None], *args: Any) -> None:
         call(*args)
     except OSError as error:
         logger.warning("executor: could not restore the control thread's %s (%s); it stays as set", what, error)
+
+
+def _starvation_advice(latency_ms: float | None, horizon_ms: float) -> str:
+    """Only one request is in flight: a chunk arrives with one round trip of its horizon spent, and the next takes
+    another round trip, so once the round trip exceeds half the horizon no prefetch point keeps the robot moving."""
+    if latency_ms is None or 2 * latency_ms <= horizon_ms:
+        return "Request earlier: raise prefetch_threshold, or latency_margin with adaptive_prefetch."
+    return (
+        f"With one request in flight the robot starves whenever the round trip exceeds half the chunk horizon "
+        f"({horizon_ms / 2:.0f} ms here), whatever the prefetch point: make inference faster (a faster mode or "
+        "backend, fewer denoising steps), or the chunk horizon longer (longer chunks, or a lower control rate)."
+    )
 
 
 class _Throttle:
@@ -488,8 +501,7 @@ class ChunkExecutor:
         latency = "unknown" if self.latency_ms is None else f"{self.latency_ms:.0f} ms"
         logger.warning(
             "executor: starved at tick %d (%s): inference round trip %s vs chunk horizon %.0f ms (%d actions at "
-            "%.0f Hz), prefetch at %d remaining; %d starved ticks so far. Use a faster mode or backend, fewer "
-            "denoising steps, or a lower control rate.",
+            "%.0f Hz), prefetch at %d remaining; %d starved ticks so far. %s",
             tick,
             what,
             latency,
@@ -498,6 +510,7 @@ class ChunkExecutor:
             self.config.control_rate_hz,
             self.prefetch_threshold,
             self._counts["starved_ticks"],
+            _starvation_advice(self.latency_ms, horizon_ms),
         )
 
     def _drop_reason(self, chunk: Chunk, tick: int) -> str | None:

@@ -750,3 +750,23 @@ def test_starvation_is_reported_with_latency_and_horizon(caplog: pytest.LogCaptu
     warnings = [r.getMessage() for r in caplog.records if "starved" in r.getMessage()]
     assert warnings and "inference round trip 320 ms vs chunk horizon" in warnings[0]
     assert len(warnings) <= 4  # at most one per 5 s of the 16 s run
+
+
+def test_starvation_past_half_the_horizon_is_named_as_such(caplog: pytest.LogCaptureFixture) -> None:
+    # A 1.6 s round trip against a 2 s horizon: each chunk arrives with 0.4 s left, and the next takes 1.6 s again.
+    executor, _, _, _ = make(chunk=50, threshold=25, latency_ticks=40, adaptive_prefetch=True)
+    with caplog.at_level(logging.WARNING, logger="cosmos_edge.robot_bridge.controller.executor"):
+        executor.run(200)
+    assert executor.counters.starved_ticks > 100 and executor.prefetch_threshold == 49
+    warning = next(r.getMessage() for r in caplog.records if "starved" in r.getMessage())
+    assert "round trip 1600 ms vs chunk horizon 2000 ms" in warning
+    assert "starves whenever the round trip exceeds half the chunk horizon (1000 ms here)" in warning
+    assert "make inference faster" in warning and "longer chunks" in warning
+
+
+def test_starvation_within_half_the_horizon_asks_for_an_earlier_request(caplog: pytest.LogCaptureFixture) -> None:
+    executor, _, _, _ = make(chunk=20, threshold=2, latency_ticks=5)  # 200 ms of a 800 ms horizon, asked too late
+    with caplog.at_level(logging.WARNING, logger="cosmos_edge.robot_bridge.controller.executor"):
+        executor.run(100)
+    warning = next(r.getMessage() for r in caplog.records if "starved" in r.getMessage())
+    assert "raise prefetch_threshold" in warning and "half the chunk horizon" not in warning
