@@ -360,8 +360,10 @@ class ChunkExecutor:
 
     def resume(self) -> None:
         """Clear the stop at the next tick, unless another stop comes first; the chunk in hand and replies to older
-        requests are discarded. Thread-safe."""
-        self._resume_of = self._stops
+        requests are discarded (they answered the pre-stop situation). Does nothing when the stop latch is not set, so
+        a resume without a stop keeps the chunk in hand. Thread-safe."""
+        if self._safety.stopped:
+            self._resume_of = self._stops
 
     def run(self, num_ticks: int | None = None, *, duration_s: float | None = None) -> TickSummary:
         """Run for `num_ticks` control periods or `duration_s` seconds (exactly one) on this thread.

@@ -459,6 +459,15 @@ def test_a_huge_latency_margin_caps_the_prefetch_point_at_the_chunk() -> None:
     assert executor.prefetch_threshold == 19
 
 
+def test_resume_without_a_stop_keeps_the_chunk_in_hand() -> None:
+    executor, _, _, _ = make(chunk=20, threshold=8, latency_ticks=3)
+    executor.run(10)  # chunk 0 runs from tick 1
+    executor.resume()
+    executor.run(5)
+    resumed = executor.records()[10:]
+    assert (resumed["chunk_obs_id"] == 0).all() and (resumed["action_index"] != NO_CHUNK).all()
+
+
 def test_a_stop_after_a_resume_still_pending_wins() -> None:
     executor, _, _, _ = make(chunk=20, threshold=8, latency_ticks=3)
     executor.run(13)
