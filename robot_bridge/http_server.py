@@ -37,6 +37,7 @@ from starlette.routing import Route
 
 from cosmos_edge.robot_bridge.binding import check_shutdown_timeout, is_local_endpoint
 from cosmos_edge.robot_bridge.json_arrays import COMPACT, parse_json
+from cosmos_edge.robot_bridge.log_limits import RateLimitedLog
 from cosmos_edge.robot_bridge.official_act import CAMERAS, OfficialQuery, parse_query, reply_body
 from cosmos_edge.robot_bridge.protocol import PROTOCOL_VERSION, ActReply, ActRequest, ErrorCode, MessageError
 from cosmos_edge.robot_bridge.server import SERVER_VERSION, PolicyServer, ms_since
@@ -153,6 +154,7 @@ class HttpEndpoint:
         self._image_size = metadata.image_size
         self._proprio_dim = metadata.proprio_dim
         self._requests = 0  # request ids, counted on the event loop thread
+        self._refusals = RateLimitedLog()  # per client address; on the event loop thread
         routes = [
             Route("/act", self._act, methods=["POST"]),
             Route("/healthz", self._healthz, methods=["GET"]),
@@ -237,7 +239,10 @@ class HttpEndpoint:
             waited = time.perf_counter()
             content = await run_in_threadpool(reply_body, reply, query)
         except MessageError as error:
-            logger.info(
+            # A client sending bad requests as fast as it can must not fill the log: as the ZeroMQ server's refusals.
+            self._refusals.log(
+                _address(request),
+                logging.INFO,
                 "kind=http_act peer=%s request_id=%s status=%s code=%s field=%s total_ms=%.3f",
                 peer,
                 request_id,
@@ -247,6 +252,7 @@ class HttpEndpoint:
                 ms_since(started),
             )
             return _error_response(error)
+        self._refusals.tick()  # counts the refusals its last window held back
         logger.info(
             "kind=http_act peer=%s request_id=%s status=200 mode=%s double_encoded=%s decode_ms=%.3f encode_ms=%.3f "
             "total_ms=%.3f",
@@ -350,6 +356,11 @@ async def _internal_error(request: Request, error: Exception) -> Response:
     """A bug of ours, answered in the same JSON form; Starlette re-raises it after this reply and uvicorn logs it."""
     detail = f"{request.method} {request.url.path} failed ({type(error).__name__}); see the server log"
     return _json({"error": detail, "field": "", "code": ErrorCode.INTERNAL.value}, 500)
+
+
+def _address(request: Request) -> str:
+    """The client's host: a client opening a connection per request still counts as one."""
+    return request.client.host if request.client else ""
 
 
 def _peer(request: Request) -> str:

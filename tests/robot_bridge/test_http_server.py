@@ -4,7 +4,9 @@ naming the key at fault."""
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import socket
 import threading
 from collections.abc import Iterator, Mapping
@@ -20,6 +22,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 from cosmos_edge.robot_bridge.binding import ServerConfig
 from cosmos_edge.robot_bridge.client import PolicyClient
+from cosmos_edge.robot_bridge.log_limits import RateLimitedLog
 from cosmos_edge.robot_bridge.server import PolicyServer
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import platform_spec
@@ -227,6 +230,22 @@ def test_errors_are_4xx_json_naming_the_key(official_json: None) -> None:
         assert (response.status_code, response.json()["field"]) == (404, "path")
         # After all that, the official request still works.
         assert np.asarray(get_action_from_server(good, url + "/act")["actions"]).shape == (50, 14)
+
+
+def test_refusals_are_logged_once_per_client_address_per_interval(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An hour's window, so that all the requests fall in the first whatever the machine's speed.
+    monkeypatch.setattr(http_server, "RateLimitedLog", functools.partial(RateLimitedLog, interval_s=3600.0))
+    with serving_both(StubPolicy()) as (_, url), requests.Session() as session:
+        with caplog.at_level(logging.INFO):
+            statuses = [session.post(url + "/act", data="{nope", timeout=TIMEOUT_S).status_code for _ in range(30)]
+            statuses += [requests.post(url + "/act", data="[1]", timeout=TIMEOUT_S).status_code for _ in range(5)]
+        good = json_numpy.dumps(official_request(camera_observation(1.0)))
+        assert session.post(url + "/act", data=good, timeout=TIMEOUT_S).status_code == 200
+    assert statuses == [400] * 35  # every bad request is answered
+    refusals = [r for r in caplog.records if "kind=http_act" in r.getMessage() and "status=400" in r.getMessage()]
+    assert len(refusals) == 1  # new connections from the same address count as the same client
 
 
 def test_a_failing_policy_is_a_500_and_the_server_carries_on() -> None:
