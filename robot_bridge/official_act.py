@@ -54,8 +54,11 @@ def parse_query(body: bytes, image_size: tuple[int, int], proprio_dim: int) -> O
     payload = _json_object(body, "body")
     double_encoded = "encoded" in payload
     if double_encoded:
-        if set(payload) != {"encoded"} or not isinstance(payload["encoded"], str):
+        if set(payload) != {"encoded"}:
             raise invalid("encoded", f"expected the only key, holding json_numpy text; got keys {sorted(payload)}")
+        if not isinstance(payload["encoded"], str):
+            got = _describe(payload["encoded"])
+            raise invalid("encoded", f"expected json_numpy text (a JSON string holding the request), got {got}")
         payload = _json_object(payload["encoded"].encode("utf-8"), "encoded")
     unknown = sorted(set(payload) - _KEYS)
     if unknown:

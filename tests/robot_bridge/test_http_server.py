@@ -211,6 +211,10 @@ def test_errors_are_4xx_json_naming_the_key(official_json: None) -> None:
         "flag not a bool": (json_numpy.dumps(good | {"return_all_query_results": "yes"}), 422, ""),
         "encoded with more": (json.dumps({"encoded": json_numpy.dumps(good), "x": 1}), 422, "encoded"),
         "encoded not text": (json.dumps({"encoded": 3}), 422, "encoded"),
+        "encoded holding an object": (json.dumps({"encoded": json.loads(json_numpy.dumps(good))}), 422, "encoded"),
+    }
+    expected_errors = {
+        "encoded holding an object": "encoded: expected json_numpy text (a JSON string holding the request), got dict",
     }
     expected_fields = {
         "missing image": "left_wrist_image",
@@ -223,7 +227,7 @@ def test_errors_are_4xx_json_naming_the_key(official_json: None) -> None:
         for name, (body, status, field) in cases.items():
             got_status, got = post(url + "/act", body)
             assert (got_status, got["field"]) == (status, field or expected_fields[name]), (name, got)
-            assert got["error"].startswith(got["field"] + ": ") and got["code"], (name, got)
+            assert got["error"].startswith(expected_errors.get(name, got["field"] + ": ")) and got["code"], (name, got)
         response = requests.get(url + "/act", timeout=TIMEOUT_S)  # wrong method, still JSON
         assert (response.status_code, response.json()["field"]) == (405, "method")
         response = requests.get(url + "/nowhere", timeout=TIMEOUT_S)
