@@ -14,6 +14,7 @@ import base64
 import binascii
 import json
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -46,11 +47,15 @@ _DECODER = json.JSONDecoder(object_hook=_hook)
 
 def parse_json(text: str) -> object:
     """Parses JSON text; json_numpy objects become `EncodedArray`. Raises `ValueError` for text that is not JSON,
-    or that nests too deeply for the parser."""
+    that nests too deeply for the parser, or holds an integer too long for Python to read."""
     try:
         return _DECODER.decode(text)
     except RecursionError:
         raise ValueError("nested too deeply") from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError:  # the only other: Python's limit on the digits of an int, whose text tells to raise the limit
+        raise ValueError(f"a number too long (an integer of more than {sys.get_int_max_str_digits()} digits)") from None
 
 
 def to_array(value: object, field: str) -> np.ndarray:

@@ -212,9 +212,11 @@ def test_errors_are_4xx_json_naming_the_key(official_json: None) -> None:
         "encoded with more": (json.dumps({"encoded": json_numpy.dumps(good), "x": 1}), 422, "encoded"),
         "encoded not text": (json.dumps({"encoded": 3}), 422, "encoded"),
         "encoded holding an object": (json.dumps({"encoded": json.loads(json_numpy.dumps(good))}), 422, "encoded"),
+        "a 5000-digit number": ('{"proprio": ' + "7" * 5000 + "}", 400, "body"),
     }
     expected_errors = {
         "encoded holding an object": "encoded: expected json_numpy text (a JSON string holding the request), got dict",
+        "a 5000-digit number": "body: expected a JSON object, got bad text: a number too long (an integer of more than",
     }
     expected_fields = {
         "missing image": "left_wrist_image",
