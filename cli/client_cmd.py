@@ -12,7 +12,6 @@ import argparse
 import functools
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 
 from cosmos_edge.cli.arg_types import positive_int
 from cosmos_edge.cli.npz_files import output_path, read_observation, write_npz
-from cosmos_edge.robot_bridge.client import PolicyClient, wire_proprio
+from cosmos_edge.robot_bridge.client import MAX_TIMEOUT_S, PolicyClient, wire_proprio
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, load_public_key
 from cosmos_edge.robot_bridge.protocol import MessageError
 from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_image, check_camera_frame
@@ -86,8 +85,8 @@ def connect(args: argparse.Namespace, timeout_s: float) -> PolicyClient:
     """A client for `--endpoint`, with CURVE when both key options are given."""
     if (args.curve_server_key is None) != (args.curve_secret_key is None):
         raise ConfigError("--curve-server-key and --curve-secret-key: give both or neither")
-    if args.timeout is not None and not (args.timeout > 0 and math.isfinite(args.timeout)):
-        raise ConfigError(f"--timeout: expected a finite number of seconds > 0, got {args.timeout}")
+    if args.timeout is not None and not 0 < args.timeout <= MAX_TIMEOUT_S:
+        raise ConfigError(f"--timeout: expected seconds in (0, {MAX_TIMEOUT_S:.0f}], got {args.timeout}")
     curve: dict[str, Any] = {}
     if args.curve_server_key is not None:
         curve = {

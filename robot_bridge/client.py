@@ -53,7 +53,7 @@ R = TypeVar("R", ActReply, ServerMetadata, Pong, ModeSet)
 
 _FIRST_RETRY_S = 0.02  # backoff after the first `overloaded`, doubled after each further one
 _MAX_RETRY_S = 0.5
-_MAX_TIMEOUT_S = 86400.0  # a longer wait is a mistake; zmq's poll overflows past 2**31 ms (about 25 days)
+MAX_TIMEOUT_S = 86400.0  # a longer wait is a mistake; zmq's poll overflows past 2**31 ms (about 25 days)
 
 # `ActReply` and `ServerMetadata` are the protocol's own message types; re-exported as the client's results.
 __all__ = ["ActReply", "PolicyClient", "RemoteError", "RequestTimeout", "ServerMetadata", "wire_proprio"]
@@ -90,9 +90,9 @@ class PolicyClient:
         client_keys: CurveKeyPair | None = None,
         limits: WireLimits | None = None,
     ) -> None:
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not 0 < timeout_s <= _MAX_TIMEOUT_S:
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not 0 < timeout_s <= MAX_TIMEOUT_S:
             shown = f"{timeout_s!r} ({type(timeout_s).__name__})"
-            raise ConfigError(f"timeout_s: expected a number of seconds in (0, {_MAX_TIMEOUT_S:.0f}], got {shown}")
+            raise ConfigError(f"timeout_s: expected a number of seconds in (0, {MAX_TIMEOUT_S:.0f}], got {shown}")
         if (server_public_key is None) != (client_keys is None):
             raise ConfigError("server_public_key and client_keys: CURVE needs both (the server admits listed keys)")
         if server_public_key is not None:

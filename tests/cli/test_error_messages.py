@@ -190,6 +190,7 @@ CASES: dict[str, Case] = {
         "obs.npz: not a readable pickle",
     ),
     "client timeout infinite": lambda f, t: (["client", "ping", "--timeout", "inf"], "--timeout"),
+    "client timeout of days": lambda f, t: (["client", "ping", "--timeout", "90000"], "--timeout: expected seconds in"),
     "client endpoint without a scheme": lambda f, t: (["client", "ping", "--endpoint", "localhost:5555"], "--endpoint"),
 }
 
