@@ -6,26 +6,22 @@ import argparse
 from pathlib import Path
 
 from cosmos_edge.cli.extras import require_extra
+from cosmos_edge.runtime.bundle.manifest import check_batch_sizes
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import PLATFORMS
-from cosmos_edge.runtime.policy.planning_config import COUNT_LIMITS
 from cosmos_edge.runtime.precision import PRECISIONS, default_precision
-
-# A DiT graph's batch is the candidates one device scores at once, so no larger than the most candidates planned.
-MAX_BATCH = COUNT_LIMITS["num_queries_best_of_n"]
 
 
 def batch_sizes(text: str) -> tuple[int, ...]:
-    """ "1,8" -> (1, 8)."""
+    """ "1,8" -> (1, 8), checked as the export checks them (before its imports take seconds)."""
     try:
         sizes = tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints such as 1,8, got {text!r}") from None
-    if not sizes or min(sizes) < 1 or max(sizes) > MAX_BATCH or len(set(sizes)) != len(sizes):
-        raise argparse.ArgumentTypeError(f"expected distinct ints in 1..{MAX_BATCH} such as 1,8, got {text!r}")
-    if 1 not in sizes:
-        raise argparse.ArgumentTypeError(f"expected 1 among them (the reactive mode runs at batch 1), got {text!r}")
-    return sizes
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,8, got {text!r}") from None
+    try:
+        return check_batch_sizes(sizes)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("batch_sizes: ")) from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

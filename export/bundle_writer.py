@@ -38,6 +38,7 @@ from cosmos_edge.runtime.bundle.manifest import (
     BundleManifest,
     GraphRecord,
     ModelRecord,
+    check_batch_sizes,
     file_record,
     write_manifest,
 )
@@ -49,7 +50,6 @@ from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
 from cosmos_edge.runtime.platforms import PlatformSpec, platform_spec
 from cosmos_edge.runtime.policy import text_embeddings as text_store
 from cosmos_edge.runtime.policy.normalization import DatasetStats
-from cosmos_edge.runtime.values import is_positive_int
 
 _LOG = logging.getLogger(__name__)
 
@@ -78,10 +78,7 @@ class ExportRequest:
         platform_spec(self.platform)  # raises ConfigError listing the known platforms
         if self.precision not in TORCH_DTYPES:
             raise ConfigError(f"precision: expected one of {sorted(TORCH_DTYPES)}, got {self.precision!r}")
-        sizes = self.batch_sizes
-        if not sizes or len(set(sizes)) != len(sizes) or not all(is_positive_int(b) for b in sizes):
-            raise ConfigError(f"batch_sizes: expected distinct positive ints, got {list(sizes)}")
-        object.__setattr__(self, "batch_sizes", tuple(sorted(sizes)))
+        object.__setattr__(self, "batch_sizes", check_batch_sizes(self.batch_sizes))
         for name in ("checkpoint", "tokenizer", "stats", "text_embeddings", "planning_checkpoint"):
             path = getattr(self, name)
             if path is not None and not Path(path).exists():

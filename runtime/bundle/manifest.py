@@ -20,17 +20,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cosmos_edge.runtime.engines.graph import GraphFile, GraphSpec, TensorSpec
-from cosmos_edge.runtime.errors import BundleError
+from cosmos_edge.runtime.errors import BundleError, ConfigError
 from cosmos_edge.runtime.files import sha256_file, write_atomic
 from cosmos_edge.runtime.platforms import PLATFORMS, PlatformSpec
 from cosmos_edge.runtime.policy import text_embeddings as text_store
 from cosmos_edge.runtime.policy.normalization import DatasetStats
+from cosmos_edge.runtime.policy.planning_config import COUNT_LIMITS
 from cosmos_edge.runtime.policy.text_embeddings import TextEmbeddings
 from cosmos_edge.runtime.precision import PRECISIONS
 from cosmos_edge.runtime.values import is_positive_int
@@ -43,6 +44,18 @@ MANIFEST_NAME = "manifest.json"
 ENGINES_DIR = "engines"  # engines a bundle ships: <graph>.engine + <graph>.json, listed in the manifest
 CACHE_DIR = "cache"  # what backends build on first use (TensorRT engines), per backend
 GRAPH_ROLES = ("dit", "planning_dit", "vae_encoder_cameras", "vae_encoder_full", "vae_decoder")
+# A DiT graph's batch is the candidates one device scores at once, so no larger than the most candidates planned.
+MAX_DIT_BATCH = COUNT_LIMITS["num_queries_best_of_n"]
+
+
+def check_batch_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
+    """The DiT batch sizes of an export, sorted: distinct, in 1..MAX_DIT_BATCH, and 1 among them (the reactive mode
+    runs at batch 1, so a bundle without it could not be served)."""
+    if not sizes or len(set(sizes)) != len(sizes) or not all(is_positive_int(b) and b <= MAX_DIT_BATCH for b in sizes):
+        raise ConfigError(f"batch_sizes: expected distinct ints in 1..{MAX_DIT_BATCH} such as 1,8, got {list(sizes)}")
+    if 1 not in sizes:
+        raise ConfigError(f"batch_sizes: expected 1 among them (the reactive mode runs at batch 1), got {list(sizes)}")
+    return tuple(sorted(sizes))
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -138,3 +139,19 @@ def test_statistics_of_another_platform_are_refused_before_exporting(
     with pytest.raises(ConfigError, match="aloha"):
         export_bundle(request(tiny_assets["aloha"], tmp_path / "bundle", stats=tiny_assets["libero"].stats))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("sizes", "expected"),
+    [
+        ((2, 8), "expected 1 among them (the reactive mode runs at batch 1)"),
+        ((1, 100_000), "expected distinct ints in 1..64"),
+        ((1, 1), "expected distinct ints in 1..64"),
+    ],
+)
+def test_a_request_for_batch_sizes_nothing_could_serve_is_refused(
+    tmp_path: Path, sizes: tuple[int, ...], expected: str
+) -> None:
+    missing = tmp_path / "not_read"  # the batch sizes are refused before any file is looked at
+    with pytest.raises(ConfigError, match=f"batch_sizes: {re.escape(expected)}"):
+        ExportRequest(missing, missing, missing, missing, "aloha", tmp_path / "b", batch_sizes=sizes)
