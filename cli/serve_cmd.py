@@ -28,7 +28,7 @@ from cosmos_edge.cli.model_source import add_compile_arguments, model_source
 from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config, planning_flags_given
 from cosmos_edge.robot_bridge.binding import BoundRouter, ServerConfig
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, ServerCurve, load_public_keys
-from cosmos_edge.robot_bridge.official_act import CAMERAS as OFFICIAL_CAMERAS
+from cosmos_edge.robot_bridge.official_act import check_official_cameras
 from cosmos_edge.robot_bridge.protocol import WireLimits
 from cosmos_edge.robot_bridge.server import PolicyServer
 from cosmos_edge.runtime.bundle.loader import (
@@ -228,6 +228,7 @@ _FLAGS = {
     "shutdown_timeout_s": "--shutdown-timeout-s",
     "default_mode": "--default-mode",
     "http address": "--http",
+    "http": "--http",
 }
 
 
@@ -320,11 +321,7 @@ def _check_before_loading(
             raise ConfigError(f"{given[0]}: a planning option, but {_no_planning(source, devices)}")
     if args.http is not None:
         platform = source_platform(source)
-        if set(platform.cameras) != set(OFFICIAL_CAMERAS.values()):
-            raise ConfigError(
-                f"--http: the official /act format carries ALOHA's cameras {sorted(OFFICIAL_CAMERAS.values())}; "
-                f"{platform.name} has {list(platform.cameras)}"
-            )
+        check_official_cameras(platform.name, platform.cameras)
 
 
 def _no_planning(source: BundleSource, devices: list[str] | None) -> str:

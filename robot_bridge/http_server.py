@@ -38,7 +38,13 @@ from starlette.routing import Route
 from cosmos_edge.robot_bridge.binding import check_shutdown_timeout, is_local_endpoint
 from cosmos_edge.robot_bridge.json_arrays import COMPACT, parse_json
 from cosmos_edge.robot_bridge.log_limits import RateLimitedLog
-from cosmos_edge.robot_bridge.official_act import CAMERAS, OfficialQuery, parse_query, reply_body
+from cosmos_edge.robot_bridge.official_act import (
+    CAMERAS,
+    OfficialQuery,
+    check_official_cameras,
+    parse_query,
+    reply_body,
+)
 from cosmos_edge.robot_bridge.protocol import PROTOCOL_VERSION, ActReply, ActRequest, ErrorCode, MessageError
 from cosmos_edge.robot_bridge.server import SERVER_VERSION, PolicyServer, ms_since
 from cosmos_edge.runtime.errors import ConfigError
@@ -146,11 +152,7 @@ class HttpEndpoint:
         self._config = config or HttpConfig()
         self._listener = listener
         metadata = server.metadata()
-        if set(metadata.cameras) != set(CAMERAS.values()):
-            raise ConfigError(
-                f"http: the official /act format carries ALOHA's cameras {sorted(CAMERAS.values())}; the server's "
-                f"platform {metadata.platform!r} has {list(metadata.cameras)}"
-            )
+        check_official_cameras(metadata.platform, metadata.cameras)
         self._image_size = metadata.image_size
         self._proprio_dim = metadata.proprio_dim
         self._requests = 0  # request ids, counted on the event loop thread

@@ -16,7 +16,7 @@ has a null value), or the one query of the reactive mode.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +24,7 @@ import numpy as np
 from cosmos_edge.robot_bridge.json_arrays import COMPACT, SPACED, EncodedArray, parse_json, to_array
 from cosmos_edge.robot_bridge.protocol import ActReply
 from cosmos_edge.robot_bridge.wire import ErrorCode, MessageError, invalid
+from cosmos_edge.runtime.errors import ConfigError
 
 # Official key → camera of the ALOHA platform (`runtime/platforms.py`), as the official code feeds its slots.
 CAMERAS: Mapping[str, str] = {
@@ -31,6 +32,17 @@ CAMERAS: Mapping[str, str] = {
     "left_wrist_image": "cam_left_wrist",
     "right_wrist_image": "cam_right_wrist",
 }
+
+
+def check_official_cameras(platform: str, cameras: Sequence[str]) -> None:
+    """The official format carries ALOHA's three cameras; a platform with others cannot be served through it."""
+    if set(cameras) != set(CAMERAS.values()):
+        raise ConfigError(
+            f"http: the official /act format carries ALOHA's cameras {sorted(CAMERAS.values())}; platform "
+            f"{platform!r} has {list(cameras)}"
+        )
+
+
 # Sent by the official client when it keeps an observation history; its server ignores them, and so do we.
 IGNORED_KEYS = frozenset({"proprio_history", "images_history"})
 _REQUIRED = frozenset({*CAMERAS, "proprio", "task_description"})

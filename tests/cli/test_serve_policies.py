@@ -110,5 +110,7 @@ def test_serve_refuses_the_official_endpoint_for_other_cameras_before_loading(
     files = tiny_assets["libero"]
     argv = ["--checkpoint", str(files.checkpoint), "--tokenizer", str(files.tokenizer), "--stats", str(files.stats)]
     argv += ["--text-embeddings", str(files.text_embeddings), "--platform", "libero", "--http", "127.0.0.1:0"]
-    with pytest.raises(ConfigError, match=r"--http: the official /act format carries ALOHA.s cameras .* libero has"):
+    with pytest.raises(
+        ConfigError, match=r"http: the official /act format carries ALOHA.s cameras .* platform 'libero' has"
+    ):
         serve_cmd._policies(parse_serve(argv))
