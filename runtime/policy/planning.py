@@ -42,6 +42,7 @@ import numpy as np
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.platforms import LATENT_CHANNELS, LATENT_SIZE
 from cosmos_edge.runtime.policy.api import (
+    MAX_SEED,
     ActionQuery,
     CandidateResults,
     ChunkResult,
@@ -384,6 +385,13 @@ class PlanningPolicy(ModelPolicy):
             raise InputError(
                 "return_future_images: not available when ar_future_prediction serves Q(s, a) planning "
                 "(ar_qvalue_prediction): no world-model pass is run"
+            )
+        highest = MAX_SEED - config.largest_seed_offset()
+        if not config.randomize_seed and not 0 <= query.seed <= highest:
+            raise InputError(
+                f"seed: expected 0..{highest} with this planning configuration (its passes use seeds up to seed + "
+                f"{config.largest_seed_offset()}), got {query.seed}",
+                field="seed",
             )
         self._finish_stopping()  # the last query's stopped workers: their last network call, and any failure
         started = time.perf_counter()

@@ -121,6 +121,11 @@ class PlanningConfig:
         predicted state (`future_steps()`) at each deeper level."""
         return 1 + (self.search_depth - 1) * len(self.future_steps())
 
+    def largest_seed_offset(self) -> int:
+        """The most a pass adds to the query's seed: candidate i takes s + i, and its ensemble members s + i + j."""
+        members = max(len(self.future_steps()), len(self.value_steps())) if self.scores_with_planning_model else 1
+        return self.num_queries_best_of_n - 1 + members - 1
+
     def value_steps(self) -> tuple[int, ...]:
         """Denoising steps of each value pass of one state; the k-th uses seed s + k."""
         if not self.use_ensemble_value_predictions:

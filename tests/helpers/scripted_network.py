@@ -38,22 +38,22 @@ class Pass:
 
 
 @lru_cache(maxsize=4)
-def _seed_table(num_latent_frames: int, value_slot: int, seed_range: int) -> dict[float, int]:
+def _seed_table(num_latent_frames: int, value_slot: int, seeds: range) -> dict[float, int]:
     """The scaled first noise value of the value slot → the seed that drew it."""
     shape = (1, 16, num_latent_frames, 28, 28)
     probe = (0, 0, value_slot, 0, 0)  # the value slot is generated in every mode
     scale = np.float32(1.0) - _T_MAX
-    return {float(initial_noise(seed, shape)[probe] * scale): seed for seed in range(seed_range)}
+    return {float(initial_noise(seed, shape)[probe] * scale): seed for seed in seeds}
 
 
 class ScriptedNetwork:
-    """`DenoisingNetwork` double. `passes` lists what ran, in order; seeds are identified in `seed_range`."""
+    """`DenoisingNetwork` double. `passes` lists what ran, in order; the seeds it can identify are `seeds`."""
 
-    def __init__(self, platform: PlatformSpec, value_of: ValueOf | None = None, seed_range: int = 700) -> None:
+    def __init__(self, platform: PlatformSpec, value_of: ValueOf | None = None, seeds: range = range(700)) -> None:
         self.platform = platform
         self.value_of = value_of
         self.passes: list[Pass] = []
-        self._seed_of = _seed_table(platform.num_latent_frames, platform.value_slot, seed_range)
+        self._seed_of = _seed_table(platform.num_latent_frames, platform.value_slot, seeds)
 
     def bind_text(self, text_embedding: np.ndarray) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
         return self._call

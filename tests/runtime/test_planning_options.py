@@ -13,9 +13,9 @@ import threading
 import numpy as np
 import pytest
 
-from cosmos_edge.runtime.errors import ConfigError, EngineError
+from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError
 from cosmos_edge.runtime.platforms import PlatformSpec, platform_spec
-from cosmos_edge.runtime.policy.api import ActionQuery, PlanningOutcome, StageTimer
+from cosmos_edge.runtime.policy.api import MAX_SEED, ActionQuery, PlanningOutcome, StageTimer
 from cosmos_edge.runtime.policy.conditioning import ConditioningMode
 from cosmos_edge.runtime.policy.latents import future_image_frames
 from cosmos_edge.runtime.policy.normalization import DatasetStats
@@ -57,14 +57,18 @@ class BlackConditioning:
 
 
 def planner(
-    config: PlanningConfig, value_of: ValueOf | None = None, workers: int = 1, batch_passes: bool = False
+    config: PlanningConfig,
+    value_of: ValueOf | None = None,
+    workers: int = 1,
+    batch_passes: bool = False,
+    seeds: range = range(700),
 ) -> tuple[PlanningPolicy, list[ScriptedNetwork]]:
     span = np.ones(ALOHA.action_dim)
     stats = DatasetStats(actions_min=-span, actions_max=span, proprio_min=-span, proprio_max=span)
     text = TextEmbeddings.from_arrays({"task": np.zeros((1, 4, 8), np.float32)})
     encoder = BlackConditioning()
     model = PolicyModel(ALOHA, stats, text, encoder, encoder)
-    networks = [ScriptedNetwork(ALOHA, value_of) for _ in range(workers)]
+    networks = [ScriptedNetwork(ALOHA, value_of, seeds) for _ in range(workers)]
     pairs = [PlanningWorker(net, net) for net in networks]
     return PlanningPolicy(model, pairs, config, batch_passes=batch_passes), networks
 
@@ -196,6 +200,17 @@ def test_the_base_seed_wins_ties_and_the_split_over_workers_changes_nothing() ->
     assert one.candidates is not None and two.candidates is not None
     np.testing.assert_array_equal(one.candidates.values, two.candidates.values)
     assert one.candidates.chosen == two.candidates.chosen
+
+
+def test_the_highest_seed_a_configuration_takes_reaches_the_last_32_bit_seed_and_no_further() -> None:
+    highest = MAX_SEED - SMALL.largest_seed_offset()
+    policy, (network,) = planner(SMALL, seeds=range(highest, MAX_SEED + 1))
+    policy.infer(ActionQuery(random_observation("aloha"), "task", seed=highest))
+    assert max(seed for p in network.passes for seed in p.seeds) == MAX_SEED  # the offset is exact
+    with pytest.raises(InputError, match=f"seed: expected 0..{highest} with this planning configuration") as caught:
+        policy.infer(ActionQuery(random_observation("aloha"), "task", seed=highest + 1))
+    assert caught.value.field == "seed"
+    policy.close()
 
 
 def test_randomize_seed_draws_a_seed_below_256_for_every_pass(monkeypatch: pytest.MonkeyPatch) -> None:
