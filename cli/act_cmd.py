@@ -131,7 +131,7 @@ def _act(args: argparse.Namespace) -> int:
         except InputError as error:
             if error.field not in OBSERVATION_FIELDS:
                 raise
-            raise InputError(f"observation {args.observation}: {error}", error.field) from None
+            raise InputError(f"observation: {args.observation}: {error}", error.field) from None
     print_result(result)
     if out is not None:
         save_result(out, result, all_actions=args.return_all_query_results)

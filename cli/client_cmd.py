@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cosmos_edge.cli.arg_types import positive_int
+from cosmos_edge.cli.arg_types import int_in_range
 from cosmos_edge.cli.npz_files import output_path, read_observation, write_npz
 from cosmos_edge.robot_bridge.client import MAX_TIMEOUT_S, PolicyClient, wire_proprio
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, load_public_key
@@ -27,7 +27,7 @@ from cosmos_edge.robot_bridge.protocol import MessageError
 from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_image, check_camera_frame
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE
-from cosmos_edge.runtime.policy.api import Observation
+from cosmos_edge.runtime.policy.api import MAX_DENOISING_STEPS, MAX_SEED, Observation
 
 _LOG = logging.getLogger(__name__)
 _DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # `serve`'s default
@@ -66,8 +66,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     act.add_argument("--task", required=True, help="the instruction, as the server lists it")
     act.add_argument("--mode", help="answer in this mode (default: the server's)")
-    act.add_argument("--seed", type=int, help="default: the server's (195, as the official code)")
-    act.add_argument("--steps", type=positive_int, help="denoising steps (default: the platform's)")
+    act.add_argument("--seed", type=int_in_range(0, MAX_SEED), help="default: the server's (195, as the official code)")
+    act.add_argument(
+        "--steps",
+        type=int_in_range(1, MAX_DENOISING_STEPS),
+        metavar="N",
+        help=f"denoising steps, 1..{MAX_DENOISING_STEPS} (default: the platform's)",
+    )
     act.add_argument(
         "--return-all-query-results",
         action="store_true",

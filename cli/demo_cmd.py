@@ -88,7 +88,7 @@ class RecordingSource:
         self._source = source
         self._submitted: dict[int, float] = {}
         self.chunks: list[tuple[Chunk, float]] = []
-        self.failures = 0
+        self._failure_shown = False
 
     @property
     def busy(self) -> bool:
@@ -106,10 +106,9 @@ class RecordingSource:
                 round_trip_ms = (time.perf_counter() - submitted) * 1e3
                 self.chunks.append((outcome, round_trip_ms))
                 print(f"      policy reply {len(self.chunks)}: {round_trip_ms / 1e3:.1f} s round trip", flush=True)
-            else:
-                self.failures += 1
-                if self.failures == 1:  # the logs are quiet here: say why once
-                    print(f"      policy request failed: {outcome.error}", flush=True)
+            elif not self._failure_shown:  # the logs are quiet here: say why once (the counters count them)
+                self._failure_shown = True
+                print(f"      policy request failed: {outcome.error}", flush=True)
         return outcome
 
 

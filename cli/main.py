@@ -70,14 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
         module.register(subparsers)
-    _show_defaults(parser)
+    _configure_parsers(parser)
     return parser
 
 
-def _show_defaults(parser: argparse.ArgumentParser) -> None:
-    """`_DefaultsInHelp` for every command and nested subcommand (registered by the modules with the default); each
-    parser is its own `_command_parser`, so that an argument no parser takes is refused by the command it was given
-    to; a command of subcommands (`client`, `keys`, ...) requires one, named in the error."""
+def _configure_parsers(parser: argparse.ArgumentParser) -> None:
+    """For every command and nested subcommand (registered by the modules): `_DefaultsInHelp`; the parser itself as
+    `_command_parser`, so that an argument no parser takes is refused by the deepest command given; and a command of
+    subcommands (`client`, `keys`, ...) requires one, named in the error."""
     parser.formatter_class = _DefaultsInHelp
     parser.set_defaults(_command_parser=parser)
     for action in parser._actions:
@@ -85,7 +85,7 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
             action.required = True
             action.metavar = action.metavar or "{" + ",".join(action.choices) + "}"
             for command in action.choices.values():
-                _show_defaults(command)
+                _configure_parsers(command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except CosmosEdgeError as error:
-        print(f"cosmos-edge: error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, always
+        one_line = " ".join(str(error).splitlines())  # a wrapped library message; other spacing is kept
+        print(f"cosmos-edge: error: {one_line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # what was interrupted cleans up on its way out (an export leaves no bundle)
         print(f"cosmos-edge: interrupted ({args.command})", file=sys.stderr)

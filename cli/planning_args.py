@@ -39,26 +39,27 @@ def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = PRESETS["main"]
     for field in _FIELDS:
         default = getattr(defaults, field.name)
-        help_text = f"official {field.name} (main preset: {getattr(default, 'value', default)})"
+        preset = f"main preset: {getattr(default, 'value', default)}"
         if field.type == "bool":
-            group.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(
+                _flag(field.name),
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"official {field.name} ({preset})",
+            )
         elif field.name in SCHEME_CHOICES:
             choices = [scheme.value for scheme in SCHEME_CHOICES[field.name]]
-            group.add_argument(_flag(field.name), choices=choices, help=help_text)
-        else:  # every int option is a count
+            group.add_argument(_flag(field.name), choices=choices, help=f"official {field.name} ({preset})")
+        else:  # every int option is a count, given once (the candidates under either of their two names)
             limit = COUNT_LIMITS[field.name]
-            # Two spellings of the candidates option: one of them, once.
-            names = (
-                [_flag(field.name), "--num-candidates"]
-                if field.name == "num_queries_best_of_n"
-                else [_flag(field.name)]
-            )
+            aliases = ["--num-candidates"] if field.name == "num_queries_best_of_n" else []
             group.add_argument(
-                *names,
+                _flag(field.name),
+                *aliases,
                 type=int_in_range(1, limit),
                 metavar="N",
                 action=_GivenOnce,
-                help=f"{help_text[:-1]}; 1..{limit})",
+                help=f"official {field.name} ({preset}; 1..{limit})",
             )
     group.add_argument(
         "--planning-deadline-ms",

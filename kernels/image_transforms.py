@@ -12,7 +12,8 @@ tensors of the torch backend, so on a GPU the camera frames go up once as uint8 
 * The model range is the reference's 256-entry table, indexed by the pixel.
 
 The JPEG round trip of LIBERO and RoboCasa stays Pillow's, on the host (`transform_frames` runs it there). Tables are
-built once per size and device, so a warmed-up call copies only the frames to the device.
+built once per size and device, so a warmed-up call copies only the frames to the device (and, for frames of
+several sizes, the index of each size's batch).
 """
 
 from __future__ import annotations

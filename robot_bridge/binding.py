@@ -171,11 +171,11 @@ def _refuse_a_served_ipc_path(endpoint: str) -> None:
         probe.setblocking(False)  # a listener whose backlog is full answers EAGAIN rather than blocking us
         try:
             probe.connect(path)
-        except BlockingIOError:
-            pass  # listening, with a full backlog
+        except BlockingIOError:  # listening, with a full backlog
+            raise zmq.ZMQError(errno.EADDRINUSE) from None
         except OSError:
             return  # refused, no such file, not a socket, a path too long...: the bind succeeds or says why
-    raise zmq.ZMQError(errno.EADDRINUSE)
+    raise zmq.ZMQError(errno.EADDRINUSE)  # the connection was accepted
 
 
 def _ipc_socket_file(endpoint: str) -> tuple[str, int, int] | None:

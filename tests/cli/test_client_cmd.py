@@ -162,5 +162,6 @@ def test_act_refuses_a_bad_observation_file_in_one_line_naming_it(
         assert error.startswith(f"cosmos-edge: error: observation: {path}: {message}"), (name, error)
         assert error.count("\n") == 1, (name, error)
     np.savez(tmp_path / "no_cameras.npz", proprio=obs.proprio)
-    assert main(["client", "act", str(tmp_path / "no_cameras.npz"), "--task", INSTRUCTION]) == 2
+    no_cameras = ["client", "act", str(tmp_path / "no_cameras.npz"), "--task", INSTRUCTION]
+    assert main([*no_cameras, "--endpoint", "tcp://127.0.0.1:9"]) == 2
     assert "no_cameras.npz: no camera images; expected one uint8 HxWx3 array per camera" in capsys.readouterr().err

@@ -136,11 +136,11 @@ CASES: dict[str, Case] = {
     ),
     "an observation without a camera": lambda f, t: (
         act(f, t, observation_path=_without_camera(t)),
-        f"observation {t / 'two_cameras.npz'}: images: aloha expects cameras",
+        f"observation: {t / 'two_cameras.npz'}: images: aloha expects cameras",
     ),
     "an observation with a far-out proprio": lambda f, t: (
         act(f, t, observation_path=_far_proprio(t)),
-        f"observation {t / 'far.npz'}: proprio: 1e+30 at index [0] lies far outside the dataset range",
+        f"observation: {t / 'far.npz'}: proprio: 1e+30 at index [0] lies far outside the dataset range",
     ),
     "engines for a bundle that is not there": lambda f, t: (
         ["engines", "build", str(t / "no_bundle")],
