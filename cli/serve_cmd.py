@@ -278,10 +278,10 @@ def _policies(args: argparse.Namespace) -> LoadedPolicies:
     source = model_source(args, devices or [])
     preset = PRESETS[args.planning_preset].num_queries_best_of_n
     candidates = planning_candidates(source, devices, args.num_queries_best_of_n, preset)
-    _check_before_loading(args, source, devices, candidates)
+    _check_before_loading(args, source, devices, candidates, preset)
     if candidates is None:
         assert isinstance(source, BundleSource)  # checkpoint files plan with any number of candidates
-        _LOG.warning("serving the reactive mode only: %s", _no_planning(source, devices))
+        _LOG.warning("serving the reactive mode only: %s", _no_planning(source, devices, preset))
     elif candidates < preset and args.num_queries_best_of_n is None:
         _LOG.warning(
             "planning mode: best of %d, not the preset's %d: the bundle's DiT batch sizes allow no more",
@@ -311,24 +311,25 @@ def _policies(args: argparse.Namespace) -> LoadedPolicies:
 
 
 def _check_before_loading(
-    args: argparse.Namespace, source: ModelSource, devices: list[str] | None, candidates: int | None
+    args: argparse.Namespace, source: ModelSource, devices: list[str] | None, candidates: int | None, preset: int
 ) -> None:
     """What depends on the model but can be known from its files: refused before it loads (minutes for 2B)."""
     if candidates is None and isinstance(source, BundleSource):
         if args.default_mode == "planning":
-            raise ConfigError(f"--default-mode planning: {_no_planning(source, devices)}")
+            raise ConfigError(f"--default-mode planning: {_no_planning(source, devices, preset)}")
         if given := planning_flags_given(args):
-            raise ConfigError(f"{given[0]}: a planning option, but {_no_planning(source, devices)}")
+            raise ConfigError(f"{given[0]}: a planning option, but {_no_planning(source, devices, preset)}")
     if args.http is not None:
         platform = source_platform(source)
         check_official_cameras(platform.name, platform.cameras)
 
 
-def _no_planning(source: BundleSource, devices: list[str] | None) -> str:
+def _no_planning(source: BundleSource, devices: list[str] | None, preset: int) -> str:
+    """Why `planning_candidates` found no number of candidates (it tries the preset's down to 2)."""
     workers = len(devices) if devices else 1  # the backend's default device
     return (
-        f"bundle {source.path} has DiT batch sizes {bundle_batch_sizes(source)}, which fit no best of 2 or more "
-        f"candidates over {workers} device(s); re-export with --batch-sizes (e.g. 1,8), or plan --num-candidates 1"
+        f"bundle {source.path} has DiT batch sizes {bundle_batch_sizes(source)}, which fit no best of 2 to {preset} "
+        f"candidates over {workers} device(s); re-export with --batch-sizes (e.g. 1,8), or give --num-candidates"
     )
 
 
