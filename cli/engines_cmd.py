@@ -5,27 +5,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cosmos_edge.runtime.engines.registry import cuda_index
+from cosmos_edge.runtime.errors import ConfigError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("engines", help="TensorRT engines of a bundle")
     commands = parser.add_subparsers(dest="engines_command")
     build = commands.add_parser("build", help="build every graph's engine on this GPU (needs TensorRT >= 10)")
     build.add_argument("bundle", type=Path)
-    build.add_argument(
-        "--device", type=cuda_index, default=0, help="the CUDA device: cuda, cuda:N or N (default: cuda:0)"
-    )
+    build.add_argument("--device", type=cuda_device, default="cuda", help="the CUDA device: cuda or cuda:N")
     build.add_argument("--graph", action="append", default=[], help="only this graph (repeatable)")
     build.set_defaults(func=_build)
 
 
-def cuda_index(text: str) -> int:
-    """ "cuda" -> 0, "cuda:N" or "N" -> N, as the other commands' device flags name a GPU."""
-    if text == "cuda":
-        return 0
-    index = text.removeprefix("cuda:")
-    if not index.isdigit():
-        raise argparse.ArgumentTypeError(f"expected cuda, cuda:N or N, got {text!r}")
-    return int(index)
+def cuda_device(text: str) -> int:
+    """The CUDA device index of "cuda" or "cuda:N", as the other commands name a GPU."""
+    try:
+        return cuda_index(text)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"expected cuda or cuda:N, got {text!r}") from None
 
 
 def _build(args: argparse.Namespace) -> int:

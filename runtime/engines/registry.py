@@ -54,6 +54,14 @@ class TorchBackend(Protocol):
     ) -> TextWidthNetwork: ...
 
 
+def cuda_index(device: str) -> int:
+    """ "cuda" -> 0, "cuda:N" -> N: the device of a CUDA-only backend or command; ConfigError for anything else."""
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or not (index == "" or index.isdecimal()):
+        raise ConfigError(f"device: expected 'cuda' or 'cuda:N', got {device!r}")
+    return int(index or 0)
+
+
 @dataclass(frozen=True)
 class BackendInfo:
     module: str

@@ -309,7 +309,10 @@ def test_demo_numbers_are_checked(argv: list[str], expected: str, capsys: pytest
             ["serve", "--search-depth", "1000"],
             "serve: argument --search-depth: expected an integer in 1..8, got '1000'",
         ),
-        (["engines", "build", "b", "--device", "gpu0"], "engines build: argument --device: expected cuda, cuda:N or N"),
+        (
+            ["engines", "build", "b", "--device", "gpu0"],
+            "engines build: argument --device: expected cuda or cuda:N, got 'gpu0'",
+        ),
         (["export", "--batch-sizes", "2,8"], "export: argument --batch-sizes: expected 1 among them"),
         (["export", "--batch-sizes", "1,100000"], "export: argument --batch-sizes: expected distinct ints in 1..64"),
         (["serve", "--default-mode", "banana"], "serve: argument --default-mode: invalid choice: 'banana'"),

@@ -34,7 +34,7 @@ from cosmos_edge.runtime.engines.tensorrt.cache import (
     record_path,
 )
 from cosmos_edge.runtime.engines.tensorrt.runner import TensorRTRunner, open_graph
-from cosmos_edge.runtime.errors import EngineError, InputError
+from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError
 
 SEQ, CONTEXT, DIM, HEADS = 256, 64, 256, 4  # head dim 64: inside TensorRT's fused-MHA limits (16..256, % 8)
 ATTENTION = GraphSpec(
@@ -96,7 +96,7 @@ def test_old_tensorrt_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("device", ["cpu", "cuda:x", "gpu:0"])
 def test_open_graph_needs_a_cuda_device(device: str) -> None:
     graph = cast(GraphFile, types.SimpleNamespace())  # refused before the graph is read
-    with pytest.raises(EngineError, match=rf"expected device 'cuda' or 'cuda:N', got '{device}'"):
+    with pytest.raises(ConfigError, match=rf"device: expected 'cuda' or 'cuda:N', got '{device}'"):
         open_graph(graph, device)
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cosmos_edge.runtime.engines.graph import GraphFile, GraphSpec, check_feed, check_feeds
+from cosmos_edge.runtime.engines.registry import cuda_index
 from cosmos_edge.runtime.engines.tensorrt.build import (
     build_engine,
     check_engine_matches,
@@ -209,7 +210,7 @@ class TensorRTRunner:
 def open_graph(graph: GraphFile, device: str) -> TensorRTRunner:
     """The backend entry point (see `registry`): the graph's prebuilt engine if it has one, else an engine built from
     its ONNX file (or reused) in `cache_dir/tensorrt/`, on `device` ("cuda" or "cuda:N")."""
-    index = _cuda_index(device)
+    index = cuda_index(device)
     if graph.engine is not None:
         return TensorRTRunner.from_engine(graph.spec, graph.engine, index)
     if graph.cache_dir is None:
@@ -218,10 +219,3 @@ def open_graph(graph: GraphFile, device: str) -> TensorRTRunner:
         )
     source = OnnxSource(graph.onnx, graph.external_data)
     return TensorRTRunner.from_onnx(graph.spec, source, graph.cache_dir / ENGINE_CACHE_DIR, device=index)
-
-
-def _cuda_index(device: str) -> int:
-    kind, _, index = device.partition(":")
-    if kind != "cuda" or not (index.isdigit() or index == ""):
-        raise EngineError(f"backend 'tensorrt': expected device 'cuda' or 'cuda:N', got {device!r}")
-    return int(index or 0)
