@@ -156,7 +156,7 @@ class HttpEndpoint:
         self._image_size = metadata.image_size
         self._proprio_dim = metadata.proprio_dim
         self._requests = 0  # request ids, counted on the event loop thread
-        self._refusals = RateLimitedLog()  # per client address; on the event loop thread
+        self._refusals = RateLimitedLog(logger)  # per client address; on the event loop thread
         routes = [
             Route("/act", self._act, methods=["POST"]),
             Route("/healthz", self._healthz, methods=["GET"]),

@@ -6,19 +6,23 @@ import logging
 import time
 from collections.abc import Callable
 
-logger = logging.getLogger("cosmos_edge.robot_bridge.server")  # the server's log, which these lines belong to
-
 
 class RateLimitedLog:
     """Logs at most one line per peer, and `max_lines` in all, per `interval_s`; then one line counting the rest.
 
-    Rejected requests are logged by the I/O thread: a peer sending garbage as fast as it can must not fill the log or
-    slow the serving. One owner (the I/O thread): not thread-safe.
+    For the refusals a server logs: a peer sending garbage as fast as it can must not fill the log or slow the
+    serving. Lines go to `logger` (the log of the server that refuses). One owner thread per instance (the ZeroMQ
+    I/O thread, the HTTP event loop): not thread-safe.
     """
 
     def __init__(
-        self, interval_s: float = 1.0, max_lines: int = 20, clock: Callable[[], float] = time.monotonic
+        self,
+        logger: logging.Logger,
+        interval_s: float = 1.0,
+        max_lines: int = 20,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._logger = logger
         self._interval_s = interval_s
         self._max_lines = max_lines
         self._clock = clock
@@ -32,7 +36,7 @@ class RateLimitedLog:
             self._held_back += 1
             return
         self._peers.add(peer)
-        logger.log(level, message, *args)
+        self._logger.log(level, message, *args)
 
     def tick(self) -> None:
         """Starts a new window once `interval_s` has passed, logging how many lines the last one held back."""
@@ -40,7 +44,7 @@ class RateLimitedLog:
         if now - self._window_start < self._interval_s:
             return
         if self._held_back:
-            logger.info(
+            self._logger.info(
                 "kind=error held_back=%d window_s=%.1f (at most one line per peer per %.1f s)",
                 self._held_back,
                 now - self._window_start,

@@ -148,7 +148,7 @@ class PolicyServer:
         self._wake: tuple[socket.socket, socket.socket] | None = None  # (I/O thread's end, the other threads' end)
         self._worker: threading.Thread | None = None
         self._last_reply_at: float | None = None  # monotonic; I/O thread only
-        self._peer_log = RateLimitedLog()
+        self._peer_log = RateLimitedLog(logger)
         self._submissions = itertools.count(1)
         self._planning_cut_short = 0  # planning replies whose deadline passed (I/O thread only)
         self._worker_failure: BaseException | None = None  # what killed the worker, raised by serve_forever

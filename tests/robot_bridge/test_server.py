@@ -389,7 +389,7 @@ def test_one_structured_log_line_per_request(caplog: pytest.LogCaptureFixture) -
 def test_rejections_are_logged_once_per_peer_per_interval_then_counted(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="cosmos_edge.robot_bridge.server")
     now = [0.0]
-    log = RateLimitedLog(interval_s=1.0, max_lines=2, clock=lambda: now[0])
+    log = RateLimitedLog(logging.getLogger("cosmos_edge.robot_bridge.server"), 1.0, 2, clock=lambda: now[0])
     for peer in ("a", "a", "b", "a", "c", "b"):  # "c" is over the 2 lines of the interval
         log.log(peer, logging.INFO, "rejected peer=%s", peer)
     now[0] = 0.5
