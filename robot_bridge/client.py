@@ -46,6 +46,7 @@ from cosmos_edge.robot_bridge.protocol import (
 from cosmos_edge.robot_bridge.wire import check_array, invalid
 from cosmos_edge.runtime.errors import ConfigError, CosmosEdgeError, ProtocolError
 from cosmos_edge.runtime.policy.api import Observation
+from cosmos_edge.runtime.values import check_number
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +91,7 @@ class PolicyClient:
         client_keys: CurveKeyPair | None = None,
         limits: WireLimits | None = None,
     ) -> None:
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not 0 < timeout_s <= MAX_TIMEOUT_S:
-            shown = f"{timeout_s!r} ({type(timeout_s).__name__})"
-            raise ConfigError(f"timeout_s: expected a number of seconds in (0, {MAX_TIMEOUT_S:.0f}], got {shown}")
+        check_number("timeout_s", timeout_s, 0.0, MAX_TIMEOUT_S, above_low=True)
         if (server_public_key is None) != (client_keys is None):
             raise ConfigError("server_public_key and client_keys: CURVE needs both (the server admits listed keys)")
         if server_public_key is not None:

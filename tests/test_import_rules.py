@@ -13,7 +13,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"runtime": "cosmos_edge.runtime", "export": "cosmos_edge.export", "robot_bridge": "cosmos_edge.robot_bridge"}
-ROBOT_BRIDGE_MAY_USE = ("cosmos_edge.runtime.errors", "cosmos_edge.runtime.platforms", "cosmos_edge.runtime.policy.api")
+ROBOT_BRIDGE_MAY_USE = (
+    "cosmos_edge.runtime.errors",
+    "cosmos_edge.runtime.platforms",
+    "cosmos_edge.runtime.policy.api",
+    "cosmos_edge.runtime.values",
+)
 
 
 def module_files() -> dict[str, Path]:

@@ -29,8 +29,8 @@ from enum import Enum
 
 import numpy as np
 
-from cosmos_edge.robot_bridge.controller.checks import check_integer, check_number
 from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.values import check_integer, check_number
 
 
 class BlendScheme(str, Enum):

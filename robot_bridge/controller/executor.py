@@ -41,11 +41,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from cosmos_edge.robot_bridge.controller.blending import BlendConfig, Boundary, ChunkBlender
-from cosmos_edge.robot_bridge.controller.checks import check_integer, check_number, describe
 from cosmos_edge.robot_bridge.controller.chunk_source import Chunk, ChunkRequest, ChunkSource, Clock, RequestFailed
 from cosmos_edge.robot_bridge.controller.safety import Intervention, SafetyFilter
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.policy.api import Observation
+from cosmos_edge.runtime.values import check_integer, check_number, describe
 
 logger = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cosmos_edge.robot_bridge.controller.checks import check_number, check_numbers
 from cosmos_edge.runtime.errors import ConfigError, InputError
+from cosmos_edge.runtime.values import check_number, check_numbers
 
 logger = logging.getLogger(__name__)
 
