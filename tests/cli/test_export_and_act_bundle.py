@@ -105,12 +105,12 @@ def test_act_without_bundle_or_files_names_what_is_missing(tmp_path: Path, capsy
     )
 
 
-@pytest.mark.parametrize(("text", "expected"), [("1", (1,)), ("1,8", (1, 8)), ("8,1", (8, 1))])
+@pytest.mark.parametrize(("text", "expected"), [("1", (1,)), ("1,8", (1, 8)), ("8,1", (1, 8))])
 def test_batch_sizes_parse(text: str, expected: tuple[int, ...]) -> None:
     assert export_cmd.batch_sizes(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "0", "1,1", "one", "1,-2"])
+@pytest.mark.parametrize("text", ["", "0", "1,1", "one", "1,-2", "2,8", "1,65"])
 def test_bad_batch_sizes_are_refused(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="expected"):
         export_cmd.batch_sizes(text)
