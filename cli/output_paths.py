@@ -9,10 +9,12 @@ from pathlib import Path
 from cosmos_edge.runtime.errors import ConfigError
 
 
-def writable_file(flag: str, path: Path) -> Path:
-    """`path`, if a file can be written there (an existing file is replaced)."""
+def writable_file(flag: str, path: Path, *, replace: bool = True) -> Path:
+    """`path`, if a file can be written there; an existing file is replaced only with `replace`."""
     if path.is_dir():
         raise ConfigError(f"{flag} {path}: is a directory; expected the path of a file")
+    if not replace and path.exists():
+        raise ConfigError(f"{flag} {path}: exists, and is never replaced; choose another path")
     directory = path.parent
     if not directory.is_dir():
         raise ConfigError(f"{flag} {path}: no directory {directory}")

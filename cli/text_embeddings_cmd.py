@@ -27,9 +27,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing.add_argument("path", metavar="FILE")
     listing.set_defaults(func=_list)
 
+    merge = commands.add_parser("merge", help="one store of the instructions of several (e.g. after `embed`)")
+    merge.add_argument("stores", nargs="+", metavar="IN.safetensors")
+    merge.add_argument("--out", required=True, metavar="FILE", help="safetensors file to write (must not exist)")
+    merge.set_defaults(func=_merge)
+
     embed = commands.add_parser("embed", help="compute T5 embeddings (needs torch and transformers; T5-11B)")
     embed.add_argument("instructions", nargs="+", metavar="INSTRUCTION")
-    embed.add_argument("--out", required=True, metavar="FILE", help="safetensors file to write")
+    embed.add_argument(
+        "--out", required=True, metavar="FILE", help="safetensors file to write (must not exist; see merge)"
+    )
     embed.add_argument("--model", default="google-t5/t5-11b", help="Hugging Face T5 encoder")
     embed.add_argument("--device", default="cuda", help="torch device for the encoder")
     embed.set_defaults(func=_embed)
@@ -38,9 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _convert(args: argparse.Namespace) -> int:
     from cosmos_edge.runtime.models import text_encoder  # torch: only this command needs it
 
-    out = writable_file("OUT.safetensors", Path(args.out_path))
+    out = writable_file("OUT.safetensors", Path(args.out_path), replace=False)
     store = text_encoder.convert_official_pickle(args.pickle_path, out, trust_pickle=args.trust_pickle)
-    print(f"wrote {len(store.instructions)} embeddings of shape {list(store.shape)} to {args.out_path}")
+    print(f"wrote {len(store.instructions)} instructions' embeddings of shape {list(store.shape)} to {out}")
     return 0
 
 
@@ -51,10 +58,18 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    out = writable_file("--out", Path(args.out), replace=False)
+    store = text_embeddings.merge({path: text_embeddings.read(path) for path in args.stores})
+    text_embeddings.write(out, store)
+    print(f"wrote {len(store.instructions)} instructions' embeddings of shape {list(store.shape)} to {out}")
+    return 0
+
+
 def _embed(args: argparse.Namespace) -> int:
     from cosmos_edge.runtime.models import text_encoder  # torch and transformers: only this command needs them
 
-    out = writable_file("--out", Path(args.out))  # before T5-11B loads
+    out = writable_file("--out", Path(args.out), replace=False)  # before T5-11B loads
     store = text_encoder.embed_instructions(args.instructions, out, model=args.model, device=args.device)
-    print(f"wrote {len(store.instructions)} embeddings of shape {list(store.shape)} to {args.out}")
+    print(f"wrote {len(store.instructions)} instructions' embeddings of shape {list(store.shape)} to {out}")
     return 0

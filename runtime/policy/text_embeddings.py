@@ -82,8 +82,9 @@ class TextEmbeddings:
             closest = difflib.get_close_matches(instruction, self.instructions, n=3, cutoff=0.0)
             raise InputError(
                 f"instruction: no text embedding for {instruction!r} (lookup is by exact string, as in the official "
-                f"runtime); closest of the {len(self.bf16_bits)} known: {closest}. Add it with "
-                f"`cosmos-edge text-embeddings embed`."
+                f"runtime); closest of the {len(self.bf16_bits)} known: {closest}. Embed it into a new file with "
+                f"`cosmos-edge text-embeddings embed`, then `text-embeddings merge` that file with this store.",
+                field="instruction",
             )
         return bf16_bits_to_float32(bits)
 
@@ -101,6 +102,25 @@ def read(path: str | Path) -> TextEmbeddings:
             raise CheckpointError(f"{path}: tensor {name!r} has a missing or repeated instruction in __metadata__")
         bits[instruction] = array if dtype == "BF16" else float32_to_bf16_bits(array.astype(np.float32))
     return TextEmbeddings(bits)
+
+
+def merge(stores: Mapping[str, TextEmbeddings]) -> TextEmbeddings:
+    """One store holding every instruction of `stores` (named by where each came from, for errors). An instruction
+    in several stores must have the same embedding in each; all must have one shape (`TextEmbeddings`)."""
+    merged: dict[str, np.ndarray] = {}
+    origin: dict[str, str] = {}
+    for name, store in stores.items():
+        if merged and store.shape != next(iter(merged.values())).shape:
+            first = next(iter(origin.values()))
+            raise InputError(f"text embeddings {name}: shape {list(store.shape)}, but {first} holds another shape")
+        for instruction, bits in store.bf16_bits.items():
+            if instruction in merged and not np.array_equal(merged[instruction], bits):
+                raise InputError(
+                    f"text embeddings {name}: {instruction!r} differs from its embedding in {origin[instruction]}"
+                )
+            merged.setdefault(instruction, bits)
+            origin.setdefault(instruction, name)
+    return TextEmbeddings(merged)
 
 
 def write(path: str | Path, embeddings: Mapping[str, np.ndarray] | TextEmbeddings) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cosmos_edge.cli import text_embeddings_cmd
-from cosmos_edge.runtime.errors import CheckpointError, EngineError
+from cosmos_edge.runtime.errors import CheckpointError, ConfigError, EngineError, InputError
 from cosmos_edge.runtime.policy import text_embeddings
 
 
@@ -34,7 +34,7 @@ def test_convert_then_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     source = _official_pickle(tmp_path / "t5.pkl")
     out = tmp_path / "t5.safetensors"
     assert _run(["text-embeddings", "convert", str(tmp_path / "t5.pkl"), str(out), "--trust-pickle"]) == 0
-    assert "wrote 2 embeddings of shape [1, 8, 16]" in capsys.readouterr().out
+    assert "wrote 2 instructions' embeddings of shape [1, 8, 16]" in capsys.readouterr().out
     np.testing.assert_array_equal(text_embeddings.read(out).get("pick up the cup"), source["pick up the cup"].float())
 
     assert _run(["text-embeddings", "list", str(out)]) == 0
@@ -51,3 +51,42 @@ def test_embed_reports_missing_dependency(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(EngineError, match="transformers"):
         _run(["text-embeddings", "embed", "--out", str(tmp_path / "t5.safetensors"), "pick up the cup"])
+
+
+def test_merge_joins_stores_and_never_replaces_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(3)
+    shared = rng.standard_normal((1, 8, 16)).astype(np.float32)
+    first = {"pick up the cup": shared, "stack the blocks": rng.standard_normal((1, 8, 16)).astype(np.float32)}
+    second = {"pick up the cup": shared, "open the drawer": rng.standard_normal((1, 8, 16)).astype(np.float32)}
+    text_embeddings.write(tmp_path / "a.safetensors", first)
+    text_embeddings.write(tmp_path / "b.safetensors", second)
+    out = tmp_path / "ab.safetensors"
+    stores = [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]
+    assert _run(["text-embeddings", "merge", *stores, "--out", str(out)]) == 0
+    assert "wrote 3 instructions' embeddings of shape [1, 8, 16]" in capsys.readouterr().out
+    merged = text_embeddings.read(out)
+    assert merged.instructions == ("pick up the cup", "stack the blocks", "open the drawer")
+    for name, store in (("a", first), ("b", second)):
+        written = text_embeddings.read(tmp_path / f"{name}.safetensors")
+        for instruction in store:
+            np.testing.assert_array_equal(merged.get(instruction), written.get(instruction))
+    with pytest.raises(ConfigError, match="exists, and is never replaced"):
+        _run(["text-embeddings", "merge", str(tmp_path / "a.safetensors"), "--out", str(out)])
+
+
+def test_merge_refuses_an_instruction_embedded_two_ways(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    for name in ("a", "b"):
+        text_embeddings.write(tmp_path / f"{name}.safetensors", {"pick up the cup": rng.standard_normal((1, 8, 16))})
+    stores = {name: text_embeddings.read(tmp_path / f"{name}.safetensors") for name in ("a", "b")}
+    with pytest.raises(InputError, match="text embeddings b: 'pick up the cup' differs from its embedding in a"):
+        text_embeddings.merge(stores)
+
+
+def test_convert_never_replaces_a_file(tmp_path: Path) -> None:
+    _official_pickle(tmp_path / "t5.pkl")
+    out = tmp_path / "t5.safetensors"
+    out.write_bytes(b"the converted official store")
+    with pytest.raises(ConfigError, match=r"OUT\.safetensors .* exists, and is never replaced"):
+        _run(["text-embeddings", "convert", str(tmp_path / "t5.pkl"), str(out), "--trust-pickle"])
+    assert out.read_bytes() == b"the converted official store"
