@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -35,7 +36,11 @@ def read_tensor_file(path: str | Path) -> StateDict:
     if magic != b"PK\x03\x04":  # torch.save writes a zip archive (since torch 1.6); mmap needs one
         raise CheckpointError(
             f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; this file starts with {magic!r}); "
-            "is it the right file? (a checkpoint saved by torch < 1.6 must be saved again)"
+            + (
+                "it looks like JSON (the dataset statistics?)"
+                if magic.lstrip().startswith((b"{", b"["))
+                else "is it the right file? (a checkpoint saved by torch < 1.6 must be saved again)"
+            )
         )
     try:
         # mmap keeps the 2B checkpoint out of RAM until each tensor is copied into the network.
@@ -45,11 +50,19 @@ def read_tensor_file(path: str | Path) -> StateDict:
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{path}: refused, the file needs arbitrary unpickling (it could run code); "
-            f"cosmos-edge only loads tensor-only checkpoints (torch.load weights_only=True). Detail: {error}"
+            f"cosmos-edge only loads tensor-only checkpoints (torch.load weights_only=True): {_refusal(error)}"
         ) from error
     except RuntimeError as error:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {error}") from error
     return _unwrap(loaded, path)
+
+
+def _refusal(error: pickle.UnpicklingError) -> str:
+    """The line of torch's refusal that names what the file needs (its message spans paragraphs, with colour codes
+    and the advice to load with weights_only=False, which is exactly what must not be done here)."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line]  # "unsupported GLOBAL posix.system ...", and similar
+    return named[0] if named else "it holds objects other than tensors"
 
 
 def _unwrap(loaded: object, path: Path) -> StateDict:

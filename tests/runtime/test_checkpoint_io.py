@@ -34,9 +34,19 @@ def test_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     path = tmp_path / "evil.pt"
     torch.save({"net.w": torch.zeros(1), "payload": _RunsCode(marker)}, path)
-    with pytest.raises(CheckpointError, match="unpickling"):
+    with pytest.raises(CheckpointError, match="unpickling") as caught:
         read_tensor_file(path)
     assert not marker.exists()
+    message = str(caught.value)  # one line naming what the file needs, without torch's advice to trust it
+    assert "GLOBAL" in message and "system" in message
+    assert "\n" not in message and "\x1b" not in message and "weights_only=False" not in message
+
+
+def test_a_json_file_given_as_a_checkpoint_is_named_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "aloha_dataset_statistics.json"
+    path.write_text('{"actions_min": [0.0]}')
+    with pytest.raises(CheckpointError, match=r"it looks like JSON \(the dataset statistics\?\)"):
+        read_tensor_file(path)
 
 
 def test_missing_file_and_non_tensor_content(tmp_path: Path) -> None:
