@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from cosmos_edge.runtime.errors import CheckpointError, EngineError
+from cosmos_edge.runtime.errors import CheckpointError, EngineError, InputError
 from cosmos_edge.runtime.policy.text_embeddings import TextEmbeddings, write
 
 T5_MODEL = "google-t5/t5-11b"
@@ -51,7 +51,10 @@ def convert_official_pickle(pkl_path: str | Path, out_path: str | Path, trust_pi
                 f"got {type(instruction).__name__} -> {type(tensor).__name__}"
             )
         arrays[instruction] = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
-    store = TextEmbeddings.from_arrays(arrays)
+    try:
+        store = TextEmbeddings.from_arrays(arrays)
+    except InputError as error:  # entries of several shapes, or not [1, tokens, dim]
+        raise CheckpointError(f"{pkl_path}: {error}") from None
     write(out_path, store)
     return store
 

@@ -1,6 +1,7 @@
 import collections
 import json
 import pickle
+import re
 import struct
 import sys
 from pathlib import Path
@@ -120,6 +121,13 @@ def test_pickle_with_wrong_content(tmp_path: Path) -> None:
     path = tmp_path / "t5.pkl"
     path.write_bytes(pickle.dumps({"a": 1.0}))
     with pytest.raises(CheckpointError, match="expected str -> tensor entries, got str -> float"):
+        text_encoder.convert_official_pickle(path, tmp_path / "out.safetensors", trust_pickle=True)
+
+
+def test_pickle_of_unusable_shapes_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "t5.pkl"
+    path.write_bytes(pickle.dumps({"a": torch.zeros(512, 32, dtype=torch.bfloat16)}))  # no batch axis
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(path))}: text embeddings: expected one or more entries"):
         text_encoder.convert_official_pickle(path, tmp_path / "out.safetensors", trust_pickle=True)
 
 
