@@ -327,7 +327,7 @@ def test_demo_numbers_are_checked(argv: list[str], expected: str, capsys: pytest
         ),
         (["act", "--observation", "o", "--task", "t", "--nope", "3"], "act: unrecognized arguments: --nope 3"),
         (["client", "ping", "-v"], "client ping: unrecognized arguments: -v (-v/--verbose goes before the command)"),
-        (["text-embeddings"], "text-embeddings: the following arguments are required: {convert,list,embed}"),
+        (["text-embeddings"], "text-embeddings: the following arguments are required: {convert,list,merge,embed}"),
     ],
 )
 def test_usage_errors_are_one_line_too(argv: list[str], named: str, capsys: pytest.CaptureFixture[str]) -> None:
