@@ -278,10 +278,12 @@ def _policies(args: argparse.Namespace) -> LoadedPolicies:
     source = model_source(args, devices or [])
     preset = PRESETS[args.planning_preset].num_queries_best_of_n
     candidates = planning_candidates(source, devices, args.num_queries_best_of_n, preset)
-    _check_before_loading(args, source, devices, candidates, preset)
+    reactive_only = None  # why no planning is served: only a bundle's batch sizes can fit none
+    if candidates is None and isinstance(source, BundleSource):
+        reactive_only = _no_planning(source, devices, preset)
+    _check_before_loading(args, source, reactive_only)
     if candidates is None:
-        assert isinstance(source, BundleSource)  # checkpoint files plan with any number of candidates
-        _LOG.warning("serving the reactive mode only: %s", _no_planning(source, devices, preset))
+        _LOG.warning("serving the reactive mode only: %s", reactive_only)
     elif candidates < preset and args.num_queries_best_of_n is None:
         _LOG.warning(
             "planning mode: best of %d, not the preset's %d: the bundle's DiT batch sizes allow no more",
@@ -310,15 +312,14 @@ def _policies(args: argparse.Namespace) -> LoadedPolicies:
     return loaded
 
 
-def _check_before_loading(
-    args: argparse.Namespace, source: ModelSource, devices: list[str] | None, candidates: int | None, preset: int
-) -> None:
-    """What depends on the model but can be known from its files: refused before it loads (minutes for 2B)."""
-    if candidates is None and isinstance(source, BundleSource):
+def _check_before_loading(args: argparse.Namespace, source: ModelSource, reactive_only: str | None) -> None:
+    """What depends on the model but can be known from its files: refused before it loads (minutes for 2B).
+    `reactive_only`: why the model serves no planning, if it serves none."""
+    if reactive_only is not None:
         if args.default_mode == "planning":
-            raise ConfigError(f"--default-mode planning: {_no_planning(source, devices, preset)}")
+            raise ConfigError(f"--default-mode planning: {reactive_only}")
         if given := planning_flags_given(args):
-            raise ConfigError(f"{given[0]}: a planning option, but {_no_planning(source, devices, preset)}")
+            raise ConfigError(f"{given[0]}: a planning option, but {reactive_only}")
     if args.http is not None:
         platform = source_platform(source)
         check_official_cameras(platform.name, platform.cameras)
