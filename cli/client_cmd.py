@@ -21,7 +21,7 @@ import numpy as np
 
 from cosmos_edge.cli.arg_types import int_in_range
 from cosmos_edge.cli.npz_files import output_path, read_observation, write_npz
-from cosmos_edge.robot_bridge.client import MAX_TIMEOUT_S, PolicyClient, wire_proprio
+from cosmos_edge.robot_bridge.client import PolicyClient, wire_proprio
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, load_public_key
 from cosmos_edge.robot_bridge.protocol import MessageError
 from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_image, check_camera_frame
@@ -49,14 +49,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("client", help="send one request to a running policy server (ZeroMQ)")
     actions = parser.add_subparsers(dest="action", required=True)
     actions.add_parser("ping", parents=[connection], help="round trip and clock offset").set_defaults(
-        func=_naming_endpoint(_ping)
+        func=_naming_flags(_ping)
     )
     actions.add_parser("metadata", parents=[connection], help="platform, modes, instructions").set_defaults(
-        func=_naming_endpoint(_metadata)
+        func=_naming_flags(_metadata)
     )
     set_mode = actions.add_parser("set-mode", parents=[connection], help="switch the mode for every controller")
     set_mode.add_argument("mode", help="one of the server's modes, e.g. reactive or planning")
-    set_mode.set_defaults(func=_naming_endpoint(_set_mode))
+    set_mode.set_defaults(func=_naming_flags(_set_mode))
     act = actions.add_parser("act", parents=[connection], help="one action chunk for an observation .npz")
     act.add_argument(
         "observation",
@@ -83,27 +83,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         help="npz to write: actions, value (planning: also planning_outcome, chosen_index, candidate_values)",
     )
-    act.set_defaults(func=_naming_endpoint(_act))
+    act.set_defaults(func=_naming_flags(_act))
 
 
 def connect(args: argparse.Namespace, timeout_s: float) -> PolicyClient:
     """A client for `--endpoint`, with CURVE when both key options are given."""
     if (args.curve_server_key is None) != (args.curve_secret_key is None):
         raise ConfigError("--curve-server-key and --curve-secret-key: give both or neither")
-    if args.timeout is not None and not 0 < args.timeout <= MAX_TIMEOUT_S:
-        raise ConfigError(f"--timeout: expected seconds in (0, {MAX_TIMEOUT_S:.0f}], got {args.timeout}")
     curve: dict[str, Any] = {}
     if args.curve_server_key is not None:
         curve = {
             "server_public_key": load_public_key(args.curve_server_key),
             "client_keys": CurveKeyPair.load(args.curve_secret_key),
         }
-    return PolicyClient(args.endpoint, timeout_s=args.timeout or timeout_s, **curve)
+    return PolicyClient(args.endpoint, timeout_s=timeout_s if args.timeout is None else args.timeout, **curve)
 
 
-def _naming_endpoint(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """`command` with the client's errors about its endpoint ("endpoint: ...", on creation or on the first connect)
-    naming the flag that gave it."""
+# The client's settings named in its errors, and the flags that give them.
+_FLAGS = {"endpoint": "--endpoint", "timeout_s": "--timeout"}
+
+
+def _naming_flags(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """`command` with the client's errors about its settings ("endpoint: ...", on creation or on the first connect;
+    "timeout_s: ...") naming the flags that gave them."""
 
     @functools.wraps(command)
     def run(args: argparse.Namespace) -> int:
@@ -111,8 +113,8 @@ def _naming_endpoint(command: Callable[[argparse.Namespace], int]) -> Callable[[
             return command(args)
         except ConfigError as error:
             name, separator, detail = str(error).partition(": ")
-            if separator and name == "endpoint":
-                raise ConfigError(f"--endpoint: {detail}") from None
+            if separator and name in _FLAGS:
+                raise ConfigError(f"{_FLAGS[name]}: {detail}") from None
             raise
 
     return run

@@ -54,7 +54,7 @@ R = TypeVar("R", ActReply, ServerMetadata, Pong, ModeSet)
 
 _FIRST_RETRY_S = 0.02  # backoff after the first `overloaded`, doubled after each further one
 _MAX_RETRY_S = 0.5
-MAX_TIMEOUT_S = 86400.0  # a longer wait is a mistake; zmq's poll overflows past 2**31 ms (about 25 days)
+_MAX_TIMEOUT_S = 86400.0  # a longer wait is a mistake; zmq's poll overflows past 2**31 ms (about 25 days)
 
 # `ActReply` and `ServerMetadata` are the protocol's own message types; re-exported as the client's results.
 __all__ = ["ActReply", "PolicyClient", "RemoteError", "RequestTimeout", "ServerMetadata", "wire_proprio"]
@@ -91,7 +91,7 @@ class PolicyClient:
         client_keys: CurveKeyPair | None = None,
         limits: WireLimits | None = None,
     ) -> None:
-        check_number("timeout_s", timeout_s, 0.0, MAX_TIMEOUT_S, above_low=True)
+        check_number("timeout_s", timeout_s, 0.0, _MAX_TIMEOUT_S, above_low=True)
         if (server_public_key is None) != (client_keys is None):
             raise ConfigError("server_public_key and client_keys: CURVE needs both (the server admits listed keys)")
         if server_public_key is not None:
