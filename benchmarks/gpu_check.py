@@ -11,12 +11,13 @@ would not leave time for them; a table of the timed queries is printed last:
 3. `sampler_exact`: a sampling pass (mixed step counts) on device tensors against the numpy sampler (bit-identical).
 4. `query_exact`: tiny random-weight models, ALOHA, 3 steps: the fast path on the device (eager and compiled) in fp32
    against the official whole-sequence path in fp32 on the CPU (max abs error of normalised actions, target ≤ 1e-4),
-   and bf16 compiled on the device against the same fp32 reference.
-5. `query_official`, `query_fast_eager`, `query_fast_compiled` (what `act` and `serve` run on CUDA): the real sizes
-   (Cosmos-Predict2-2B DiT, Wan2.1 VAE, random weights, bf16), ALOHA, 1 step: medians over `--runs` queries after
-   warm-up, per stage and whole, all in this process.
-6. `query_profile`: the default (compiled) query under torch's profiler: kernel time per query by kind (GEMM, conv,
-   attention, Triton, copies), the top kernels, and the device's busy time against the wall time.
+   and bf16 compiled on the device against the same fp32 reference; compiled with and without CUDA graphs (the
+   replays must give the same bits).
+5. `query_official`, `query_fast_eager`, `query_fast_compiled`, `query_fast_graphs` (compiled and replayed from CUDA
+   graphs: what `act` and `serve` run on CUDA): the real sizes (Cosmos-Predict2-2B DiT, Wan2.1 VAE, random weights,
+   bf16), ALOHA, 1 step: medians over `--runs` queries after warm-up, per stage and whole, all in this process.
+6. `query_profile`: the default (compiled, CUDA graphs) query under torch's profiler: kernel time per query by kind
+   (GEMM, conv, attention, Triton, copies), the top kernels, and the device's busy time against the wall time.
 7. `planning_timing`: best of 8 with the official main configuration on one device, compiled: passes batched (the
    default on a GPU) against pass after pass, and one query with a 1.5 s planning deadline.
 8. `vae_variants`: the 12 camera frames' encode (after the cached black prefix) with 3-D convs and with the encoder's
@@ -201,16 +202,25 @@ def query_exact(device: str, root: Path) -> dict[str, Any]:
     with load_policies(CheckpointSource(files, encode_full_sequence=True), devices=["cpu"]) as reference:
         expected = [reference.reactive.infer(query) for query in queries]
     result: dict[str, Any] = {"target_fp32": 1e-4}
-    for name, precision, compile_mode in (
-        ("fp32", "fp32", None),
-        ("fp32_compiled", "fp32", "default"),
-        ("bf16_compiled", "bf16", "default"),
+    answers = {}
+    graphs = device.startswith("cuda")
+    for name, precision, compile_mode, cuda_graphs in (
+        ("fp32", "fp32", None, False),
+        ("fp32_compiled", "fp32", "default", False),
+        ("fp32_compiled_graphs", "fp32", "default", graphs),
+        ("bf16_compiled", "bf16", "default", False),
+        ("bf16_compiled_graphs", "bf16", "default", graphs),
     ):
-        source = CheckpointSource(files, precision=precision, compile_mode=compile_mode)
+        source = CheckpointSource(files, precision=precision, compile_mode=compile_mode, cuda_graphs=cuda_graphs)
         with load_policies(source, devices=[device]) as fast:
-            got = [fast.reactive.infer(query) for query in queries]
+            got = answers[name] = [fast.reactive.infer(query) for query in queries]
         result[f"{name}_max_action_error"] = max(map(normalised_error, [stats] * 3, got, expected))
         result[f"{name}_max_value_error"] = max(abs(g.value - e.value) for g, e in zip(got, expected, strict=True))
+    for precision in ("fp32", "bf16"):  # the same kernels, replayed: the same bits
+        pairs = zip(answers[f"{precision}_compiled"], answers[f"{precision}_compiled_graphs"], strict=True)
+        result[f"{precision}_graphs_bit_identical"] = all(
+            np.array_equal(a.actions, b.actions) and a.value == b.value for a, b in pairs
+        )
     return result
 
 
@@ -256,11 +266,12 @@ KERNEL_KINDS = (
 
 
 def query_profile(files: CheckpointFiles, device: str, queries: int = 5) -> dict[str, Any]:
-    """Where a compiled 1-step query's time goes on the device: kernel time per query by kind, the top kernels, and
-    the device's busy time against the wall time (the gap is launch and host work, and the profiler's own)."""
+    """Where a compiled 1-step query's time goes on the device (with CUDA graphs there, the default): kernel time per
+    query by kind, the top kernels, and the device's busy time against the wall time (the gap is launch and host work,
+    and the profiler's own)."""
     on_cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_cuda else [ProfilerActivity.CPU]
-    source = CheckpointSource(files, precision="bf16", compile_mode="default")
+    source = CheckpointSource(files, precision="bf16", compile_mode="default", cuda_graphs=on_cuda)
     with load_policies(source, devices=[device]) as loaded:
         query = ActionQuery(observation(2), "fold the t-shirt", seed=195, steps=1)
         for _ in range(3):
@@ -288,7 +299,7 @@ def query_profile(files: CheckpointFiles, device: str, queries: int = 5) -> dict
         by_kind[kind] = by_kind.get(kind, 0.0) + ms(event)
     top = sorted(kernels, key=ms, reverse=True)[:25]
     return {
-        "config": f"aloha, bf16, compiled, 1 step, {queries} profiled queries after 3 warm-up",
+        "config": f"aloha, bf16, compiled, CUDA graphs {on_cuda}, 1 step, {queries} profiled queries after 3 warm-up",
         "wall_ms_per_query": round(wall_ms, 2),
         "kernel_ms_per_query": round(sum(map(ms, kernels)), 2),
         "kernel_ms_by_kind": {kind: round(value, 2) for kind, value in sorted(by_kind.items(), key=lambda kv: -kv[1])},
@@ -531,6 +542,11 @@ def main() -> None:
         report.section("query_official", 30, lambda: timed_queries(files, device, runs, encode_full_sequence=True))
         report.section("query_fast_eager", 30, lambda: timed_queries(files, device, runs))
         report.section("query_fast_compiled", 150, lambda: timed_queries(files, device, runs, compile_mode="default"))
+        report.section(
+            "query_fast_graphs",
+            60,
+            lambda: timed_queries(files, device, runs, compile_mode="default", cuda_graphs=device.startswith("cuda")),
+        )
         report.section("query_profile", 150, lambda: query_profile(files, device))
         report.section("planning_timing", 150, lambda: planning_timing(device, files))
         report.section("vae_variants", 60, lambda: vae_variants(device, files, runs))

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource, ModelSource
 from cosmos_edge.runtime.errors import ConfigError
-from cosmos_edge.runtime.precision import COMPILE_SCOPES, compile_mode, default_precision
+from cosmos_edge.runtime.precision import COMPILE_SCOPES, compile_mode, cuda_graphs, default_precision
 
 _OFFICIAL_FILES = {
     "--checkpoint": "checkpoint",
@@ -19,7 +19,8 @@ _OFFICIAL_FILES = {
 
 
 def add_compile_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--compile`/`--no-compile` and `--compile-scope`, the torch backend's compilation (`act` and `serve`)."""
+    """`--compile`/`--no-compile`, `--compile-scope` and `--cuda-graphs`/`--no-cuda-graphs`: how the torch backend
+    runs its networks (`act` and `serve`)."""
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
@@ -29,7 +30,13 @@ def add_compile_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile-scope",
         choices=COMPILE_SCOPES,
         help="what of the DiT is compiled: the whole model as one graph (the default), or each transformer block, "
-        "one graph shared by all (a 2B DiT compiles about 6x faster on 2 CPU cores; not yet timed on a GPU)",
+        "one graph shared by all (on an H200 a 2B DiT compiles in 3 s against 75 s, its call 17.6 against 17.0 ms)",
+    )
+    parser.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        help="official files only: replay the camera encode and the batch-1 DiT calls from CUDA graphs (default: on "
+        "for CUDA devices)",
     )
 
 
@@ -46,6 +53,7 @@ def model_source(args: argparse.Namespace, devices: Sequence[str], *, reference:
         mixed += ["--precision"] if args.precision is not None else []  # a bundle's precision is its export's
         mixed += ["--compile" if args.compile else "--no-compile"] if args.compile is not None else []
         mixed += ["--compile-scope"] if args.compile_scope is not None else []
+        mixed += ["--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs"] if args.cuda_graphs is not None else []
         mixed += ["--reference"] if reference else []
         mixed += ["--backend torch"] if args.backend == "torch" else []
         if mixed:
@@ -60,9 +68,15 @@ def model_source(args: argparse.Namespace, devices: Sequence[str], *, reference:
     if args.backend not in (None, "torch"):
         raise ConfigError(f"--backend {args.backend}: runs a --bundle; the official files run on torch")
     targets = list(devices) or ["cpu"]
-    if reference and (args.compile or args.compile_scope is not None):
-        flag = "--compile" if args.compile else f"--compile-scope {args.compile_scope}"
-        raise ConfigError(f"{flag}: --reference runs the official path uncompiled; drop one of the two")
+    if reference and (args.compile or args.compile_scope is not None or args.cuda_graphs):
+        flag = (
+            "--compile"
+            if args.compile
+            else "--cuda-graphs"
+            if args.cuda_graphs
+            else f"--compile-scope {args.compile_scope}"
+        )
+        raise ConfigError(f"{flag}: --reference runs the official path uncompiled, without graphs; drop one of the two")
     compiling = None if reference else compile_mode(args.compile, targets)
     if args.compile_scope is not None and compiling is None:
         raise ConfigError(
@@ -77,4 +91,5 @@ def model_source(args: argparse.Namespace, devices: Sequence[str], *, reference:
         compile_mode=compiling,
         compile_scope=args.compile_scope or "model",
         encode_full_sequence=reference,
+        cuda_graphs=False if reference else cuda_graphs(args.cuda_graphs, targets),
     )

@@ -12,14 +12,14 @@ tensors of the torch backend, so on a GPU the camera frames go up once as uint8 
 * The model range is the reference's 256-entry table, indexed by the pixel.
 
 The JPEG round trip of LIBERO and RoboCasa stays Pillow's, on the host (`transform_frames` runs it there). Tables are
-built once per size and device, so a warmed-up call copies only the frames to the device (and, for frames of
-several sizes, the index of each size's batch).
+built once per size and device, so a warmed-up call copies only the frames to the device.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -136,24 +136,48 @@ def to_model_range(frames: torch.Tensor) -> torch.Tensor:
     return _model_range_table(frames.device)[frames.permute(0, 3, 1, 2).long()]
 
 
-def transform_frames(platform: PlatformSpec, frames: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
-    """Checked raw uint8 [H, W, 3] camera frames → float32 [N, 3, 224, 224] on `device`, each as
-    `images.to_model_range(images.transform_image(...))`. Frames of one size go up in one copy and are transformed
-    as one batch (the launches of one camera, not of three)."""
+@dataclass(frozen=True)
+class FrameBatches:
+    """Camera frames made ready on the host (flip and JPEG round trip where the platform has them) and stacked by
+    size: what goes up to the device. `order`: each frame's (batch, row), in the order the frames were given."""
+
+    batches: tuple[np.ndarray, ...]
+    order: tuple[tuple[int, int], ...]
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(batch.shape for batch in self.batches)
+
+
+def batch_frames(platform: PlatformSpec, frames: Sequence[np.ndarray]) -> FrameBatches:
+    """Checked raw uint8 [H, W, 3] camera frames → `FrameBatches`."""
     prepared = [_flipped_and_compressed(platform, frame) for frame in frames]
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, frame in enumerate(prepared):
         groups.setdefault(frame.shape, []).append(index)
-    planes = [
-        _transform_batch(platform, torch.from_numpy(np.stack([prepared[i] for i in group])).to(device))
-        for group in groups.values()
-    ]
-    if len(planes) == 1:
+    position = {index: (batch, row) for batch, group in enumerate(groups.values()) for row, index in enumerate(group)}
+    batches = tuple(np.stack([prepared[index] for index in group]) for group in groups.values())
+    return FrameBatches(batches, tuple(position[index] for index in range(len(prepared))))
+
+
+def transform_batches(
+    platform: PlatformSpec, batches: Sequence[torch.Tensor], order: Sequence[tuple[int, int]]
+) -> torch.Tensor:
+    """The device half of `transform_frames`: uint8 batches of `FrameBatches` on the device → float32
+    [N, 3, 224, 224] in `order`. Launches the same kernels whatever the pixels (a CUDA graph can hold it)."""
+    planes = [_transform_batch(platform, batch) for batch in batches]
+    if len(planes) == 1 and [row for _, row in order] == list(range(len(order))):
         return planes[0]
-    out = torch.empty((len(frames), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.float32, device=device)
-    for group, batch in zip(groups.values(), planes, strict=True):
-        out[group] = batch
-    return out
+    return torch.stack([planes[batch][row] for batch, row in order])
+
+
+def transform_frames(platform: PlatformSpec, frames: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
+    """Checked raw uint8 [H, W, 3] camera frames → float32 [N, 3, 224, 224] on `device`, each as
+    `images.to_model_range(images.transform_image(...))`. Frames of one size go up in one copy and are transformed
+    as one batch (the launches of one camera, not of three)."""
+    prepared = batch_frames(platform, frames)
+    uploaded = [torch.from_numpy(batch).to(device) for batch in prepared.batches]
+    return transform_batches(platform, uploaded, prepared.order)
 
 
 def _transform_batch(platform: PlatformSpec, batch: torch.Tensor) -> torch.Tensor:

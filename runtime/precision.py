@@ -10,7 +10,8 @@ from cosmos_edge.runtime.errors import ConfigError
 PRECISIONS = ("fp32", "fp16", "bf16")
 # What `torch.compile` compiles of the DiT: the whole network as one graph, or each transformer block, all of them
 # sharing one compiled graph (they run the same code on same-shaped weights): on 2 CPU cores a 2B DiT compiles in
-# 11 s against 64 s, at the same call time (benchmarks/results/cpu_compile_time.json); not yet timed on a GPU.
+# 11 s against 64 s, at the same call time (benchmarks/results/cpu_compile_time.json); on an H200 3 s against 75 s,
+# the call 17.6 against 17.0 ms (benchmarks/results/gpu_check_h200.json, `dit_compile_scopes`).
 COMPILE_SCOPES = ("model", "blocks")
 
 
@@ -31,3 +32,13 @@ def compile_mode(requested: bool | None, devices: Sequence[str]) -> str | None:
     folded), not on the CPU, where the compilation outweighs a session's calls."""
     compiles = any(device.startswith("cuda") for device in devices) if requested is None else requested
     return "default" if compiles else None
+
+
+def cuda_graphs(requested: bool | None, devices: Sequence[str]) -> bool:
+    """Whether the torch backend replays its fixed-shape calls from CUDA graphs: `--cuda-graphs`/`--no-cuda-graphs`
+    when given; by default wherever the devices are CUDA ones (on an H200 a compiled 1-step query ran 24.3 ms of
+    kernels in 30.7 ms: the rest is mostly the GPU waiting for kernels Python has yet to launch). Refused off CUDA."""
+    on_cuda = bool(devices) and all(device.startswith("cuda") for device in devices)
+    if requested and not on_cuda:
+        raise ConfigError(f"--cuda-graphs: CUDA graphs need CUDA devices; got {list(devices)}")
+    return on_cuda if requested is None else requested

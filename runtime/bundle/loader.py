@@ -205,12 +205,12 @@ def _open_checkpoints(
     separate_planner = with_planning and source.planning_checkpoint not in (None, files.checkpoint)
     _LOG.info("loading %s (%s) on %s", files.tokenizer, source.precision, devices[0])
     autoencoder = torch_backend.open_autoencoder(
-        files.tokenizer, source.precision, devices[0], platform, source.compile_mode
+        files.tokenizer, source.precision, devices[0], platform, source.compile_mode, source.cuda_graphs
     )
     networks = []
     for device in devices:
         _LOG.info("loading %s (%s) on %s", files.checkpoint, source.precision, device)
-        compile_args = (source.compile_mode, source.compile_scope)
+        compile_args = (source.compile_mode, source.compile_scope, source.cuda_graphs)
         policy_network = torch_backend.open_denoiser(files.checkpoint, source.precision, device, *compile_args)
         _check_text_width(files.text_embeddings, text, files.checkpoint, policy_network.text_dim)
         planning_network = policy_network

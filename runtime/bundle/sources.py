@@ -26,7 +26,8 @@ class CheckpointSource:
     """Official files on the torch backend. `planning_checkpoint`: the planning model's DiT (None: the policy's,
     which is then loaded once and shared). `encode_full_sequence`: the official whole-clip VAE encode (the
     reference); the default encodes the causal conditioning prefix, which gives the same latents. `compile_scope`:
-    with a `compile_mode`, what of the DiT is compiled (`COMPILE_SCOPES`)."""
+    with a `compile_mode`, what of the DiT is compiled (`COMPILE_SCOPES`). `cuda_graphs`: replay the conditioning
+    encode and the batch-1 DiT calls from CUDA graphs (CUDA devices only)."""
 
     files: CheckpointFiles
     planning_checkpoint: Path | None = None
@@ -34,6 +35,7 @@ class CheckpointSource:
     compile_mode: str | None = None
     compile_scope: str = "model"
     encode_full_sequence: bool = False
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         platform_spec(self.files.platform)

@@ -41,7 +41,13 @@ class TorchBackend(Protocol):
     def check_device(self, device: str) -> object: ...
 
     def open_autoencoder(
-        self, tokenizer: Path, precision: str, device: str, platform: PlatformSpec, compile_mode: str | None = None
+        self,
+        tokenizer: Path,
+        precision: str,
+        device: str,
+        platform: PlatformSpec,
+        compile_mode: str | None = None,
+        cuda_graphs: bool = False,
     ) -> EncodingAutoencoder: ...
 
     def open_denoiser(
@@ -51,6 +57,7 @@ class TorchBackend(Protocol):
         device: str,
         compile_mode: str | None = None,
         compile_scope: str = "model",
+        cuda_graphs: bool = False,
     ) -> TextWidthNetwork: ...
 
 

@@ -10,15 +10,17 @@ camera frames.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cosmos_edge.kernels.image_transforms import transform_frames
+from cosmos_edge.kernels.image_transforms import batch_frames, transform_batches
+from cosmos_edge.runtime.engines.cuda_graphs import CapturedCalls, graph_pool
 from cosmos_edge.runtime.engines.torch_arrays import TorchArrays
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.models.dit import CosmosDiT, TimestepModulation
@@ -33,13 +35,16 @@ from cosmos_edge.runtime.policy.images import check_cameras, preprocess_observat
 from cosmos_edge.runtime.policy.latents import BLACK, black_prefix_frames, prefix_camera_frames
 from cosmos_edge.runtime.precision import check_compile_scope
 
+_FRAME_SIZES_KEPT = 4
+
 
 class TorchAutoencoder:
     """`VideoAutoencoder` and `ConditioningEncoder` of one platform over a Wan VAE. With a `compile_mode`, the
     per-query encode of the camera frames (after the cached black prefix) is `torch.compile`d as one static graph.
     `fold_time_taps` runs that encode's convs as 2-D convs over stacked time taps (`CausalContext`); the default is
     on when compiled on CUDA, where it pays: the 12 camera frames encode in 9.8 against 13.0 ms on an H200, while
-    eager it is 18.7 against 17.9 ms (benchmarks/results/gpu_check_h200.json, `vae_variants`). The whole-clip
+    eager it is 18.7 against 17.9 ms (benchmarks/results/gpu_check_h200.json, `vae_variants`). `cuda_graphs`
+    replays that encode, with the image transforms before it, from a CUDA graph (`cuda_graphs.py`). The whole-clip
     `encode` (the reference's, uncompiled) and `decode` run as the official code does."""
 
     def __init__(
@@ -49,14 +54,18 @@ class TorchAutoencoder:
         platform: PlatformSpec,
         compile_mode: str | None = None,
         fold_time_taps: bool | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         self._vae = vae.eval()
+        # One capture per frame-size combination (a deployment's cameras keep theirs).
+        self._captured = CapturedCalls(_FRAME_SIZES_KEPT, graph_pool(device)) if cuda_graphs else None
         if fold_time_taps is None:
             fold_time_taps = device.type == "cuda" and compile_mode is not None
         self._device = device
         self._dtype = next(vae.parameters()).dtype
         self._platform = platform
-        self._camera_frames = prefix_camera_frames(platform)  # what a query encodes, after the black frames
+        # What a query encodes after the black frames: the index of each frame's camera.
+        self._camera_frames = [platform.cameras.index(camera) for camera in prefix_camera_frames(platform)]
         shape = (1, 3, black_prefix_frames(platform), IMAGE_SIZE, IMAGE_SIZE)
         black = torch.full(shape, float(BLACK), dtype=self._dtype, device=device)
         with torch.inference_mode():
@@ -68,27 +77,40 @@ class TorchAutoencoder:
     def _encode_after_black(self, video: torch.Tensor) -> torch.Tensor:
         return self._vae.encode_continuation(video, self._after_black)
 
-    def _transformed(self, images: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """Each camera's model-range planes on the device. Both routes give the same bits; on the CPU, Pillow's C
-        resize beats the tensor ops (3 cameras: 17 ms against 108 ms on 2 cores); elsewhere frames go up as uint8."""
-        cameras = self._platform.cameras
-        if self._device.type == "cpu":
-            host_planes = preprocess_observation_images(self._platform, images)
-            return {name: torch.from_numpy(host_planes[name]) for name in cameras}
-        frames = check_cameras(self._platform, images)
-        planes = transform_frames(self._platform, [frames[name] for name in cameras], self._device)
-        return dict(zip(cameras, planes, strict=True))
-
     @torch.inference_mode()
     def encode_conditioning(self, images: Mapping[str, np.ndarray], timer: StageTimer) -> np.ndarray:
+        """Stage `preprocess` is the host's part (checks; on a GPU, flip/JPEG where the platform has them and the
+        uint8 upload), `vae_encode` the device's: on a GPU the image transforms (bit-identical to the host's: on the
+        CPU, Pillow's C resize beats the tensor ops, 17 ms against 108 ms for 3 cameras on 2 cores) and the encode,
+        replayed from a CUDA graph per frame size when it has them."""
+        cameras = self._platform.cameras
         with timer.stage("preprocess"):
-            planes = self._transformed(images)
-            video = torch.stack([planes[camera] for camera in self._camera_frames], dim=1)[None].to(self._dtype)
+            if self._device.type == "cpu":
+                host_planes = preprocess_observation_images(self._platform, images)
+                planes = torch.stack([torch.from_numpy(host_planes[name]) for name in cameras])
+            else:
+                frames = check_cameras(self._platform, images)
+                prepared = batch_frames(self._platform, [frames[name] for name in cameras])
+                uploaded = [torch.from_numpy(batch).to(self._device) for batch in prepared.batches]
         with timer.stage("vae_encode"):
             with current_device(self._device):
-                cameras_latent = self._encode_cameras(video)
-            latent = torch.cat([self._black_latent, cameras_latent], dim=2)
-            return latent.float().cpu().numpy()
+                if self._device.type == "cpu":
+                    latent = self._encode_planes(planes)
+                elif self._captured is None:
+                    latent = self._encode_frames(prepared.order, *uploaded)
+                else:
+                    encode = functools.partial(self._encode_frames, prepared.order)
+                    latent = self._captured((prepared.shapes, prepared.order), encode, uploaded)
+            return latent.cpu().numpy()
+
+    def _encode_frames(self, order: Sequence[tuple[int, int]], *batches: torch.Tensor) -> torch.Tensor:
+        return self._encode_planes(transform_batches(self._platform, batches, order))
+
+    def _encode_planes(self, planes: torch.Tensor) -> torch.Tensor:
+        """Model-range planes, one per camera in platform order → the conditioning latent, float32."""
+        video = torch.stack([planes[index] for index in self._camera_frames], dim=1)[None].to(self._dtype)
+        latent = torch.cat([self._black_latent, self._encode_cameras(video)], dim=2)
+        return latent.float()
 
     @torch.inference_mode()
     def encode(self, video: np.ndarray) -> np.ndarray:
@@ -119,15 +141,23 @@ class TorchDiT:
 
     Its bound network takes x and the mask as tensors on its device (`arrays`) and returns one there, so the sampler
     runs there without a host round trip per call; host arrays are accepted too (and answered with host arrays). The
-    timesteps are always a host array (`NetworkFn`). Calls run one at a time: a planning worker stopped by its
-    deadline may still be in its last call when the next query starts."""
+    timesteps are always a host array (`NetworkFn`). With `cuda_graphs`, batch-1 calls (the reactive query's) are
+    replayed from a CUDA graph per instruction and timesteps (`cuda_graphs.py`). Calls run one at a time: a planning
+    worker stopped by its deadline may still be in its last call when the next query starts."""
 
     def __init__(
-        self, dit: CosmosDiT, device: torch.device, compile_mode: str | None = None, compile_scope: str = "model"
+        self,
+        dit: CosmosDiT,
+        device: torch.device,
+        compile_mode: str | None = None,
+        compile_scope: str = "model",
+        cuda_graphs: bool = False,
     ) -> None:
         check_compile_scope(compile_scope)
         self._dit = dit.eval()
         self._device = device
+        # Every bound instruction's captures share one pool: calls run one at a time (`_calling`).
+        self._graph_pool = graph_pool(device) if cuda_graphs else None
         self._calling = threading.Lock()  # also guards `_modulations`
         self._modulations: dict[bytes, TimestepModulation] = {}  # batch-1 timesteps -> their adaLN vectors, LRU
         self._forward: Callable[..., torch.Tensor] = self._dit
@@ -156,6 +186,8 @@ class TorchDiT:
     def bind_text(self, text_embedding: np.ndarray) -> NetworkFn:
         kv = self._dit.precompute_text_kv(torch.from_numpy(text_embedding).to(self._device))
         dtype = self._dit.dtype
+        # Batch-1 calls replayed from CUDA graphs, one per timesteps (a query's calls repeat them), for this text.
+        captured = None if self._graph_pool is None else CapturedCalls(MODULATION_SETS_KEPT, self._graph_pool)
 
         @torch.inference_mode()
         def network(x: Array, timesteps: Array, condition_mask: Array) -> Array:
@@ -172,7 +204,14 @@ class TorchDiT:
                         torch._dynamo.mark_dynamic(tensor, 0)
                 if self._compiled_whole:
                     self._dit.cache_tables(*inputs)
-                return forward(*inputs, kv).float()
+                if captured is None or batched:
+                    return forward(*inputs, kv).float()
+
+                def call(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                    return forward(x, steps, mask, kv).float()
+
+                key = (np.ascontiguousarray(timesteps, np.float32).tobytes(), x.shape, condition_mask.shape)
+                return captured(key, call, inputs[::2])
 
         return network
 
@@ -238,24 +277,34 @@ def check_device(device: str) -> torch.device:
 
 
 def open_autoencoder(
-    tokenizer: Path, precision: str, device: str, platform: PlatformSpec, compile_mode: str | None = None
+    tokenizer: Path,
+    precision: str,
+    device: str,
+    platform: PlatformSpec,
+    compile_mode: str | None = None,
+    cuda_graphs: bool = False,
 ) -> TorchAutoencoder:
     """The Wan2.1 VAE of a `tokenizer.pth` (or diffusers `vae/` directory) on `device`, for `platform`'s clips."""
     torch_device = check_device(device)
     _exact_fp32(precision, torch_device)
     vae = load_wan_vae(tokenizer, TORCH_DTYPES[precision], torch_device)
-    return TorchAutoencoder(vae, torch_device, platform, compile_mode)
+    return TorchAutoencoder(vae, torch_device, platform, compile_mode, cuda_graphs=cuda_graphs)
 
 
 def open_denoiser(
-    checkpoint: Path, precision: str, device: str, compile_mode: str | None = None, compile_scope: str = "model"
+    checkpoint: Path,
+    precision: str,
+    device: str,
+    compile_mode: str | None = None,
+    compile_scope: str = "model",
+    cuda_graphs: bool = False,
 ) -> TorchDiT:
     """The DiT of an official `.pt` (or diffusers `transformer/` directory) on `device`."""
     torch_device = check_device(device)
     _exact_fp32(precision, torch_device)
     dit = load_dit(checkpoint, TORCH_DTYPES[precision], torch_device)
     dit.fuse_qkv()  # one GEMM for self-attention q, k, v (the weights become views: no extra memory)
-    return TorchDiT(dit, torch_device, compile_mode, compile_scope)
+    return TorchDiT(dit, torch_device, compile_mode, compile_scope, cuda_graphs)
 
 
 def _exact_fp32(precision: str, device: torch.device) -> None:

@@ -163,6 +163,14 @@ CASES: dict[str, Case] = {
         act(f, t, "--compile-scope", "blocks", "--reference"),
         "--compile-scope blocks: --reference runs the official path uncompiled",
     ),
+    "CUDA graphs for the reference": lambda f, t: (
+        act(f, t, "--cuda-graphs", "--reference"),
+        "--cuda-graphs: --reference runs the official path uncompiled, without graphs",
+    ),
+    "CUDA graphs on the CPU": lambda f, t: (
+        act(f, t, "--cuda-graphs"),
+        "--cuda-graphs: CUDA graphs need CUDA devices; got ['cpu']",
+    ),
     "compilation for the reference": lambda f, t: (
         act(f, t, "--compile", "--reference"),
         "--compile: --reference runs the official path uncompiled",

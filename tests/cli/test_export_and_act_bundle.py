@@ -82,6 +82,7 @@ def test_export_then_act_matches_the_reference_act(
         (["--precision", "fp16"], "got ['--precision']"),
         (["--no-compile"], "got ['--no-compile']"),
         (["--compile-scope", "blocks"], "got ['--compile-scope']"),
+        (["--no-cuda-graphs"], "got ['--no-cuda-graphs']"),
     ],
 )
 def test_act_refuses_a_bundle_mixed_with_the_torch_reference(

@@ -137,3 +137,53 @@ def test_a_compiled_camera_encode_matches_eager() -> None:
     folded = TorchAutoencoder(vae, torch.device("cpu"), platform, compile_mode="default", fold_time_taps=True)
     got = folded.encode_conditioning(images, StageTimer())
     assert np.abs(got - eager).max() / np.abs(eager).max() <= 1e-5
+
+
+def test_cuda_graphs_need_a_cuda_device() -> None:
+    dit = dit_from_state_dict(random_dit_state_dict(dit_config("tiny"), 3))
+    with pytest.raises(ConfigError, match="cuda_graphs: CUDA graphs need a CUDA device, got cpu"):
+        TorchDiT(dit, torch.device("cpu"), cuda_graphs=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dit_calls_replayed_from_cuda_graphs_give_the_bits_of_plain_calls() -> None:
+    device = torch.device("cuda")
+    config = dit_config("tiny")
+    dit = dit_from_state_dict(random_dit_state_dict(config, 3)).to(device)
+    rng = np.random.default_rng(0)
+    text = rng.standard_normal((1, 512, config.text_dim)).astype(np.float32)
+    plain = TorchDiT(dit, device).bind_text(text)
+    replayed = TorchDiT(dit, device, cuda_graphs=True).bind_text(text)
+    mask = torch.zeros((1, 1, 11, 28, 28), device=device)
+    mask[:, :, :5] = 1.0
+    held = []
+    # Two timesteps (two captures), each replayed with new inputs; an earlier output must survive later replays.
+    for level in (0.5, 0.9877, 0.5):
+        timesteps = np.where(np.arange(11) < 5, 0.0, level).astype(np.float32)[None]
+        x = torch.from_numpy(rng.standard_normal((1, 16, 11, 28, 28)).astype(np.float32)).to(device)
+        expected = plain(x, timesteps, mask)
+        got = replayed(x, timesteps, mask)
+        assert torch.equal(got, expected)
+        held.append((got, expected.clone()))
+    for got, expected in held:
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_camera_encode_replayed_from_a_cuda_graph_gives_the_bits_of_a_plain_one() -> None:
+    device = torch.device("cuda")
+    platform = platform_spec("aloha")
+    torch.manual_seed(5)
+    vae = WanVAE(vae_config("tiny")).to(device)
+    plain = TorchAutoencoder(vae, device, platform)
+    replayed = TorchAutoencoder(vae, device, platform, cuda_graphs=True)
+    rng = np.random.default_rng(2)
+    for sizes in ([(480, 640)] * 3, [(480, 640)] * 3, [(480, 640), (256, 256), (480, 640)]):
+        images = {
+            name: rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            for name, size in zip(platform.cameras, sizes, strict=True)
+        }
+        expected = plain.encode_conditioning(images, StageTimer())
+        np.testing.assert_array_equal(replayed.encode_conditioning(images, StageTimer()), expected)
