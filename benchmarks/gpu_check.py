@@ -227,6 +227,8 @@ def query_exact(device: str, root: Path) -> dict[str, Any]:
 def timed_queries(files: CheckpointFiles, device: str, runs: int, **source: Any) -> dict[str, Any]:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    # What earlier sections left allocated (e.g. a model a compiled graph still refers to), apart from this one's peak.
+    before = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else None
     with load_policies(CheckpointSource(files, precision="bf16", **source), devices=[device]) as loaded:
         policy = loaded.reactive
         query = ActionQuery(observation(2), "fold the t-shirt", seed=195, steps=1)
@@ -251,6 +253,7 @@ def timed_queries(files: CheckpointFiles, device: str, runs: int, **source: Any)
         "stage_ms_p50": {name: round(statistics.median(t.get(name, 0.0) for t in stages), 2) for name in names},
         "warm_up_s": warm_up_s,
         "peak_gpu_memory_gib": None if peak is None else round(peak, 2),
+        "gpu_memory_before_gib": None if before is None else round(before, 2),
     }
 
 
