@@ -59,6 +59,7 @@ class TorchAutoencoder:
         self._vae = vae.eval()
         # One capture per frame-size combination (a deployment's cameras keep theirs).
         self._captured = CapturedCalls(_FRAME_SIZES_KEPT, graph_pool(device)) if cuda_graphs else None
+        self._replaying = threading.Lock()  # a capture's input and output buffers serve one query at a time
         if fold_time_taps is None:
             fold_time_taps = device.type == "cuda" and compile_mode is not None
         self._device = device
@@ -100,7 +101,8 @@ class TorchAutoencoder:
                     latent = self._encode_frames(prepared.order, *uploaded)
                 else:
                     encode = functools.partial(self._encode_frames, prepared.order)
-                    latent = self._captured((prepared.shapes, prepared.order), encode, uploaded)
+                    with self._replaying:
+                        latent = self._captured((prepared.shapes, prepared.order), encode, uploaded)
             return latent.cpu().numpy()
 
     def _encode_frames(self, order: Sequence[tuple[int, int]], *batches: torch.Tensor) -> torch.Tensor:
