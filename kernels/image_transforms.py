@@ -123,12 +123,16 @@ def _antialias_last_axis(values: torch.Tensor, out_size: int) -> torch.Tensor:
 def center_crop_and_resize(frames: torch.Tensor, area_fraction: float = reference.CROP_AREA_FRACTION) -> torch.Tensor:
     """uint8 [N, S, S, 3] → uint8 [N, S, S, 3]: `images.center_crop_and_resize` (crop, antialiased bilinear back)."""
     _, height, width, _ = frames.shape
-    side = int(height * area_fraction**0.5)
+    side = _crop_side(height, area_fraction)
     top, left = round((height - side) / 2.0), round((width - side) / 2.0)
     planes = frames[:, top : top + side, left : left + side].permute(0, 3, 1, 2).float()
     widened = _antialias_last_axis(planes, width)
     resized = _antialias_last_axis(widened.transpose(-1, -2), height).transpose(-1, -2)
     return torch.round(resized).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def _crop_side(size: int, area_fraction: float = reference.CROP_AREA_FRACTION) -> int:
+    return int(size * area_fraction**0.5)
 
 
 def to_model_range(frames: torch.Tensor) -> torch.Tensor:
@@ -166,9 +170,19 @@ def transform_batches(
     """The device half of `transform_frames`: uint8 batches of `FrameBatches` on the device → float32
     [N, 3, 224, 224] in `order`. Launches the same kernels whatever the pixels (a CUDA graph can hold it)."""
     planes = [_transform_batch(platform, batch) for batch in batches]
-    if len(planes) == 1 and [row for _, row in order] == list(range(len(order))):
+    if len(planes) == 1:  # one size: its frames are batched in the given order
         return planes[0]
     return torch.stack([planes[batch][row] for batch, row in order])
+
+
+def device_tables(platform: PlatformSpec, shape: Sequence[int], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Every table `transform_batches` reads on `device` for a uint8 batch of `shape` [N, H, W, 3]. A CUDA graph of the
+    transforms reads them at fixed addresses, so it must hold them: the cache may drop them while the graph lives."""
+    _, height, width, _ = shape
+    keys = [("bicubic", side, IMAGE_SIZE) for side in sorted({height, width}) if side != IMAGE_SIZE]
+    if platform.center_crop:
+        keys.append(("antialias", _crop_side(IMAGE_SIZE), IMAGE_SIZE))
+    return tuple(table for key in keys for table in _device_table(*key, device))
 
 
 def transform_frames(platform: PlatformSpec, frames: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:

@@ -36,7 +36,7 @@ def compile_mode(requested: bool | None, devices: Sequence[str]) -> str | None:
 
 def cuda_graphs(requested: bool | None, devices: Sequence[str]) -> bool:
     """Whether the torch backend replays its fixed-shape calls from CUDA graphs: `--cuda-graphs`/`--no-cuda-graphs`
-    when given; by default wherever the devices are CUDA ones (on an H200 a compiled 1-step query ran 24.3 ms of
+    when given; by default when every device is a CUDA one (on an H200 a compiled 1-step query ran 24.3 ms of
     kernels in 30.7 ms: the rest is mostly the GPU waiting for kernels Python has yet to launch). Refused off CUDA."""
     on_cuda = bool(devices) and all(device.startswith("cuda") for device in devices)
     if requested and not on_cuda:

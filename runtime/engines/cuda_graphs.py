@@ -9,6 +9,7 @@ so the same bits.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeAlias
@@ -19,6 +20,10 @@ from cosmos_edge.runtime.errors import ConfigError
 
 Capture = Callable[..., torch.Tensor]
 GraphPool: TypeAlias = Any  # torch's memory-pool handle, whose type is private
+
+# A process captures one graph at a time: torch's capture machinery is process-wide (it synchronises the device and
+# empties the allocator's cache as a capture begins), and networks on several devices may capture from several threads.
+_CAPTURING = threading.Lock()
 
 
 def graph_pool(device: torch.device) -> GraphPool:
@@ -33,23 +38,31 @@ class CapturedCall:
     """`function` of fixed-shape CUDA tensors, captured once as a CUDA graph and replayed.
 
     The graph reads and writes fixed addresses: each call copies its inputs into the capture's own, and hands back a
-    copy of the output, so the next replay cannot overwrite what a caller holds. `function` must launch the same
+    copy of the output, so the next replay cannot overwrite what a caller holds. It reads every other tensor
+    `function` reads at the address it had during the capture, so those must outlive the capture: `function` is kept
+    (with what it closes over), and so is `holds` (tensors that only a cache keeps). `function` must launch the same
     work whatever the inputs' values (no host reads of device values, no data-dependent shapes).
     """
 
-    def __init__(self, function: Capture, inputs: Sequence[torch.Tensor], pool: GraphPool) -> None:
-        self._function = function  # keeps what it closes over alive: the graph reads those tensors' memory
+    def __init__(
+        self, function: Capture, inputs: Sequence[torch.Tensor], pool: GraphPool, holds: Sequence[torch.Tensor] = ()
+    ) -> None:
+        self._function = function
+        self._holds = tuple(holds)
         self._inputs = tuple(tensor.clone() for tensor in inputs)
         device = self._inputs[0].device
+        # Warm-up and capture on a stream of the inputs' device: torch's default capture stream belongs to whichever
+        # device was current when it was first made.
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            function(*self._inputs)  # outside the capture: compilation, autotuning, cuBLAS and cuDNN set-up
-        torch.cuda.current_stream(device).wait_stream(side)
         self._graph = torch.cuda.CUDAGraph()
-        # thread_local: another thread's CUDA work (a planning worker on the same device) may run during the capture.
-        with torch.cuda.graph(self._graph, pool=pool, capture_error_mode="thread_local"):
-            self._output = function(*self._inputs)
+        with _CAPTURING:
+            with torch.cuda.stream(side):
+                function(*self._inputs)  # outside the capture: compilation, autotuning, cuBLAS and cuDNN set-up
+            # thread_local: CUDA calls of other threads (a planning worker's last call) are not refused meanwhile.
+            with torch.cuda.graph(self._graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+                self._output = function(*self._inputs)
+        torch.cuda.current_stream(device).wait_stream(side)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         for captured, given in zip(self._inputs, inputs, strict=True):
@@ -69,11 +82,14 @@ class CapturedCalls:
         self._pool = pool
         self._calls: OrderedDict[Hashable, CapturedCall] = OrderedDict()
 
-    def __call__(self, key: Hashable, function: Capture, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """`function(*inputs)` replayed from the capture of `key`, captured from `function` on a first call."""
+    def __call__(
+        self, key: Hashable, function: Capture, inputs: Sequence[torch.Tensor], holds: Sequence[torch.Tensor] = ()
+    ) -> torch.Tensor:
+        """`function(*inputs)` replayed from the capture of `key`, captured from `function` on a first call (`holds`:
+        as `CapturedCall`'s)."""
         call = self._calls.pop(key, None)
         if call is None:
-            call = CapturedCall(function, inputs, self._pool)
+            call = CapturedCall(function, inputs, self._pool, holds)
         self._calls[key] = call  # most recently used last
         while len(self._calls) > self._limit:
             del self._calls[next(iter(self._calls))]

@@ -13,13 +13,14 @@ import contextlib
 import functools
 import itertools
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cosmos_edge.kernels.image_transforms import batch_frames, transform_batches
+from cosmos_edge.kernels.image_transforms import batch_frames, device_tables, transform_batches
 from cosmos_edge.runtime.engines.cuda_graphs import CapturedCalls, graph_pool
 from cosmos_edge.runtime.engines.torch_arrays import TorchArrays
 from cosmos_edge.runtime.errors import ConfigError
@@ -101,8 +102,14 @@ class TorchAutoencoder:
                     latent = self._encode_frames(prepared.order, *uploaded)
                 else:
                     encode = functools.partial(self._encode_frames, prepared.order)
+                    key = (prepared.shapes, prepared.order)
+                    tables = [
+                        table
+                        for shape in prepared.shapes
+                        for table in device_tables(self._platform, shape, self._device)
+                    ]
                     with self._replaying:
-                        latent = self._captured((prepared.shapes, prepared.order), encode, uploaded)
+                        latent = self._captured(key, encode, uploaded, holds=tables)
             return latent.cpu().numpy()
 
     def _encode_frames(self, order: Sequence[tuple[int, int]], *batches: torch.Tensor) -> torch.Tensor:
@@ -133,6 +140,11 @@ class TorchAutoencoder:
 MODULATION_SETS_KEPT = 24
 
 
+# Instructions whose bound networks (their cross-attention K/V: 117 MB each for the 2B DiT in bf16) and CUDA graphs
+# are kept when the DiT replays graphs.
+_BINDINGS_KEPT = 4
+
+
 class TorchDiT:
     """`compile_mode`: None runs eager; otherwise a `torch.compile` mode (e.g. "default", "max-autotune"): a static
     graph for batch 1 and one with a dynamic batch for larger batches, checked against eager in
@@ -160,6 +172,10 @@ class TorchDiT:
         self._device = device
         # Every bound instruction's captures share one pool: calls run one at a time (`_calling`).
         self._graph_pool = graph_pool(device) if cuda_graphs else None
+        # With graphs, the networks of the last instructions bound are kept with their captures: a task switched back
+        # to, a warm-up's instruction, or the planning mode's binding of the reactive query's instruction reuse them.
+        self._bound: OrderedDict[bytes, NetworkFn] = OrderedDict()
+        self._binding = threading.Lock()
         self._calling = threading.Lock()  # also guards `_modulations`
         self._modulations: dict[bytes, TimestepModulation] = {}  # batch-1 timesteps -> their adaLN vectors, LRU
         self._forward: Callable[..., torch.Tensor] = self._dit
@@ -184,8 +200,19 @@ class TorchDiT:
         """The width of the instruction embeddings the network takes."""
         return self._dit.config.text_dim
 
-    @torch.inference_mode()
     def bind_text(self, text_embedding: np.ndarray) -> NetworkFn:
+        if self._graph_pool is None:
+            return self._bind(text_embedding)
+        key = np.ascontiguousarray(text_embedding, np.float32).tobytes()
+        with self._binding:
+            network = self._bound.pop(key, None) or self._bind(text_embedding)
+            self._bound[key] = network  # most recently used last
+            while len(self._bound) > _BINDINGS_KEPT:
+                del self._bound[next(iter(self._bound))]
+            return network
+
+    @torch.inference_mode()
+    def _bind(self, text_embedding: np.ndarray) -> NetworkFn:
         kv = self._dit.precompute_text_kv(torch.from_numpy(text_embedding).to(self._device))
         dtype = self._dit.dtype
         # Batch-1 calls replayed from CUDA graphs, one per timesteps (a query's calls repeat them), for this text.

@@ -52,6 +52,19 @@ def test_frames_of_different_sizes_keep_their_order() -> None:
         np.testing.assert_array_equal(planes, expected)
 
 
+@pytest.mark.parametrize("platform", ["libero", "aloha"])  # with and without the centre crop
+@pytest.mark.parametrize(("height", "width"), SIZES)
+def test_device_tables_are_every_table_the_transforms_read(platform: str, height: int, width: int) -> None:
+    spec = platform_spec(platform)
+    batch = np.stack(frames(height, width)[:1])
+    kernels._device_table.cache_clear()
+    held = kernels.device_tables(spec, batch.shape, torch.device("cpu"))
+    listed = kernels._device_table.cache_info().currsize
+    kernels.transform_batches(spec, [torch.from_numpy(batch)], [(0, 0)])
+    assert kernels._device_table.cache_info().currsize == listed  # the transforms read no table it did not list
+    assert len(held) == 2 * listed
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.gpu
 def test_the_same_bits_on_cuda() -> None:

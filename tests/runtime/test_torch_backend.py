@@ -154,7 +154,9 @@ def test_dit_calls_replayed_from_cuda_graphs_give_the_bits_of_plain_calls() -> N
     rng = np.random.default_rng(0)
     text = rng.standard_normal((1, 512, config.text_dim)).astype(np.float32)
     plain = TorchDiT(dit, device).bind_text(text)
-    replayed = TorchDiT(dit, device, cuda_graphs=True).bind_text(text)
+    graphed = TorchDiT(dit, device, cuda_graphs=True)
+    replayed = graphed.bind_text(text)
+    assert graphed.bind_text(text.copy()) is replayed  # an instruction bound again keeps its captures
     mask = torch.zeros((1, 1, 11, 28, 28), device=device)
     mask[:, :, :5] = 1.0
     held = []
