@@ -29,6 +29,8 @@ def generate_keys(directory: Path, name: str) -> tuple[Path, Path]:
     """Writes a new pair and returns (public, secret) paths; an existing pair is never overwritten."""
     if not name or Path(name).name != name or name.startswith("."):
         raise ConfigError(f"--name: expected a plain file name, got {name!r}")
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"DIR {directory}: is a file; expected the directory to write the pair in")
     public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
     for path in (public, secret):
         if path.exists():
@@ -38,7 +40,7 @@ def generate_keys(directory: Path, name: str) -> tuple[Path, Path]:
         written_public, written_secret = zmq.auth.create_certificates(directory, name)
         os.chmod(written_secret, 0o600)  # pyzmq writes it with the process's umask
     except OSError as error:
-        raise ConfigError(f"{directory}: cannot write the key pair ({error})") from None
+        raise ConfigError(f"DIR {directory}: cannot write the key pair: {error.strerror or error}") from None
     return Path(written_public), Path(written_secret)
 
 
