@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import subprocess
 import sys
 import threading
@@ -236,3 +237,14 @@ def test_warm_up_runs_one_query_before_the_first_request(tiny_assets: dict[str, 
         assert loaded.warm_up() > 0
         query = ActionQuery(random_observation("aloha"), loaded.reactive.instructions[1], seed=3, steps=1)
         assert loaded.reactive.infer(query).actions.shape == (50, 14)
+
+
+def test_fp16_on_the_cpu_is_warned_of(
+    tiny_assets: dict[str, CheckpointFiles], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="cosmos_edge.runtime.bundle.loader"):
+        load_policies(CheckpointSource(tiny_assets["aloha"], precision="fp16")).close()
+        assert "fp16 on the CPU: torch runs it about 13x slower than fp32" in caplog.text
+        caplog.clear()
+        load_policies(CheckpointSource(tiny_assets["aloha"], precision="bf16")).close()
+        assert not caplog.text
