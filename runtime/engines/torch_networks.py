@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cosmos_edge.kernels.image_transforms import batch_frames, device_tables, transform_batches
+from cosmos_edge.kernels.image_transforms import FrameBatches, batch_frames, device_tables, transform_batches
 from cosmos_edge.runtime.engines.cuda_graphs import CapturedCalls, graph_pool
 from cosmos_edge.runtime.engines.torch_arrays import TorchArrays
 from cosmos_edge.runtime.errors import ConfigError
@@ -101,16 +101,16 @@ class TorchAutoencoder:
                 elif self._captured is None:
                     latent = self._encode_frames(prepared.order, *uploaded)
                 else:
-                    encode = functools.partial(self._encode_frames, prepared.order)
-                    key = (prepared.shapes, prepared.order)
-                    tables = [
-                        table
-                        for shape in prepared.shapes
-                        for table in device_tables(self._platform, shape, self._device)
-                    ]
-                    with self._replaying:
-                        latent = self._captured(key, encode, uploaded, holds=tables)
+                    latent = self._replay(self._captured, prepared, uploaded)
             return latent.cpu().numpy()
+
+    def _replay(self, captured: CapturedCalls, prepared: FrameBatches, uploaded: list[torch.Tensor]) -> torch.Tensor:
+        """`_encode_frames` replayed from the capture of these frame sizes (made on their first query)."""
+        encode = functools.partial(self._encode_frames, prepared.order)
+        shapes = prepared.shapes
+        tables = [table for shape in shapes for table in device_tables(self._platform, shape, self._device)]
+        with self._replaying:
+            return captured((shapes, prepared.order), encode, uploaded, holds=tables)
 
     def _encode_frames(self, order: Sequence[tuple[int, int]], *batches: torch.Tensor) -> torch.Tensor:
         return self._encode_planes(transform_batches(self._platform, batches, order))

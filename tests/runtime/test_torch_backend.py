@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from cosmos_edge.kernels import image_transforms as kernels
 from cosmos_edge.runtime.engines import torch_networks
 from cosmos_edge.runtime.engines.torch_networks import MODULATION_SETS_KEPT, TorchAutoencoder, TorchDiT
 from cosmos_edge.runtime.errors import ConfigError
@@ -189,3 +191,27 @@ def test_a_camera_encode_replayed_from_a_cuda_graph_gives_the_bits_of_a_plain_on
         }
         expected = plain.encode_conditioning(images, StageTimer())
         np.testing.assert_array_equal(replayed.encode_conditioning(images, StageTimer()), expected)
+
+
+def test_the_captured_camera_encode_is_keyed_by_frame_sizes_and_holds_its_tables() -> None:
+    # The CUDA-only route's plumbing, on the CPU: a stand-in for the captures runs what would be captured.
+    platform = platform_spec("aloha")
+    torch.manual_seed(5)
+    encoder = TorchAutoencoder(WanVAE(vae_config("tiny")), torch.device("cpu"), platform)
+    seen: list[tuple[object, int]] = []
+
+    def run_plainly(key: object, function: Callable[..., torch.Tensor], inputs: list, holds: list) -> torch.Tensor:
+        seen.append((key, len(holds)))
+        return function(*inputs)
+
+    rng = np.random.default_rng(2)
+    frames = [rng.integers(0, 256, size, dtype=np.uint8) for size in ((480, 640, 3), (224, 224, 3), (480, 640, 3))]
+    prepared = kernels.batch_frames(platform, frames)
+    uploaded = [torch.from_numpy(batch) for batch in prepared.batches]
+    with torch.inference_mode():
+        got = encoder._replay(run_plainly, prepared, uploaded)  # type: ignore[arg-type]
+        expected = encoder._encode_planes(kernels.transform_frames(platform, frames, torch.device("cpu")))
+    assert torch.equal(got, expected)
+    # Two sizes (the 480x640 frames batched), three frames' places; tables (index and weights each): the 480x640
+    # batch's bicubic passes and crop resize (3 x 2), the 224x224 frame's crop resize (2).
+    assert seen == [((((2, 480, 640, 3), (1, 224, 224, 3)), ((0, 0), (1, 0), (0, 1))), 8)]
