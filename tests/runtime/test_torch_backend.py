@@ -215,3 +215,47 @@ def test_the_captured_camera_encode_is_keyed_by_frame_sizes_and_holds_its_tables
     # Two sizes (the 480x640 frames batched), three frames' places; tables (index and weights each): the 480x640
     # batch's bicubic passes and crop resize (3 x 2), the 224x224 frame's crop resize (2).
     assert seen == [((((2, 480, 640, 3), (1, 224, 224, 3)), ((0, 0), (1, 0), (0, 1))), 8)]
+
+
+def test_batch_one_dit_calls_go_to_the_captures_of_their_instruction_and_timesteps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The CUDA-only route's plumbing, on the CPU: stand-ins for the pool and the captures run what would be captured.
+    keys: list[tuple[object, ...]] = []
+
+    class RunPlainly:
+        def __init__(self, limit: int, pool: object) -> None:
+            assert (limit, pool) == (MODULATION_SETS_KEPT, "pool")
+
+        def __call__(
+            self, key: tuple[object, ...], function: Callable[..., torch.Tensor], inputs: list
+        ) -> torch.Tensor:
+            keys.append(key)
+            return function(*inputs)
+
+    monkeypatch.setattr(torch_networks, "graph_pool", lambda device: "pool")
+    monkeypatch.setattr(torch_networks, "CapturedCalls", RunPlainly)
+    config = dit_config("tiny")
+    dit = dit_from_state_dict(random_dit_state_dict(config, 3))
+    rng = np.random.default_rng(0)
+    texts = [rng.standard_normal((1, 512, config.text_dim)).astype(np.float32) for _ in range(6)]
+    graphed = TorchDiT(dit, torch.device("cpu"), cuda_graphs=True)
+    first = graphed.bind_text(texts[0])
+    assert graphed.bind_text(texts[0].copy()) is first  # bound again: the same network, with its captures
+    for text in texts[1:]:
+        graphed.bind_text(text)
+    assert graphed.bind_text(texts[0]) is not first  # only the last 4 instructions are kept
+    plain = TorchDiT(dit, torch.device("cpu")).bind_text(texts[0])
+    x = rng.standard_normal((1, 16, 11, 28, 28)).astype(np.float32)
+    mask = np.zeros((1, 1, 11, 28, 28), np.float32)
+    mask[:, :, :5] = 1.0
+    timesteps = np.where(np.arange(11) < 5, 0.0, 0.9877).astype(np.float32)[None]
+    got = first(torch.from_numpy(x), timesteps, torch.from_numpy(mask))
+    assert torch.equal(got, plain(torch.from_numpy(x), timesteps, torch.from_numpy(mask)))
+    assert keys == [(timesteps.tobytes(), (1, 16, 11, 28, 28), (1, 1, 11, 28, 28))]
+    first(
+        torch.from_numpy(np.concatenate([x, x])),
+        np.concatenate([timesteps] * 2),
+        torch.from_numpy(mask).repeat(2, 1, 1, 1, 1),
+    )
+    assert len(keys) == 1  # larger batches (planning's) are not captured
