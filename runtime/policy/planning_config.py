@@ -3,7 +3,8 @@
 Field names are the official ones. Combinations the official server accepts at start-up but answers with "error" on
 every request are refused here when the configuration is made (`deploy.py` lines 423, 432, 472, 476-480):
 `ar_value_prediction` without `ar_future_prediction`, `ar_future_prediction` with no value pass, and
-`search_depth` > 1 without the world-model and value passes.
+`search_depth` > 1 without the world-model and value passes; and the `lcb` scheme over a single value, for which the
+official code would compute a NaN standard deviation.
 """
 
 from __future__ import annotations
@@ -96,6 +97,12 @@ class PlanningConfig:
             raise ConfigError("ar_future_prediction: needs ar_value_prediction or ar_qvalue_prediction to score it")
         if self.search_depth > 1 and not (self.ar_future_prediction and self.ar_value_prediction):
             raise ConfigError("search_depth: above 1 needs ar_future_prediction and ar_value_prediction")
+        aggregates = self.scores_with_planning_model and self.use_ensemble_value_predictions
+        if aggregates and self.value_ensemble_aggregation_scheme is ValueAggregation.LCB and self.pooled_values() < 2:
+            raise ConfigError(
+                "value_ensemble_aggregation_scheme: lcb needs 2 or more values to pool, and this configuration pools 1 "
+                "(raise num_value_predictions_in_ensemble or num_future_state_predictions_in_ensemble)"
+            )
 
     @property
     def scores_with_planning_model(self) -> bool:
@@ -120,6 +127,12 @@ class PlanningConfig:
         """Entries of a candidate's official `value_predictions_by_depth`: 1 for the first level, then one per
         predicted state (`future_steps()`) at each deeper level."""
         return 1 + (self.search_depth - 1) * len(self.future_steps())
+
+    def pooled_values(self) -> int:
+        """Values the value ensemble pools for a candidate at each level: every value pass of every predicted state
+        (for Q(s, a), of the action pass alone)."""
+        states = len(self.future_steps()) if self.ar_value_prediction else 1
+        return states * len(self.value_steps())
 
     def largest_seed_offset(self) -> int:
         """The most a pass adds to the query's seed: candidate i takes s + i, and its ensemble members s + i + j."""

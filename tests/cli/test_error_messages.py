@@ -189,6 +189,22 @@ CASES: dict[str, Case] = {
         act(f, t, "--mode", "planning", "--no-ar-future-prediction"),
         "--ar-value-prediction: needs --ar-future-prediction",
     ),
+    "lcb over a single value": lambda f, t: (
+        act(
+            f,
+            t,
+            "--mode",
+            "planning",
+            "--num-value-predictions-in-ensemble",
+            "1",
+            "--num-future-state-predictions-in-ensemble",
+            "1",
+            "--value-ensemble-aggregation-scheme",
+            "lcb",
+        ),
+        "--value-ensemble-aggregation-scheme: lcb needs 2 or more values to pool, and this configuration pools 1 "
+        "(raise --num-value-predictions-in-ensemble or --num-future-state-predictions-in-ensemble)",
+    ),
     "converted embeddings into a missing directory": lambda f, t: (
         ["text-embeddings", "convert", str(write(t, "e.pkl", b"x")), str(t / "no" / "e.safetensors"), "--trust-pickle"],
         f"OUT.safetensors {t / 'no' / 'e.safetensors'}: no directory",

@@ -247,6 +247,36 @@ def test_combinations_the_official_server_answers_with_error_are_refused_at_once
         PlanningConfig(**options)  # type: ignore[arg-type]
 
 
+def test_lcb_over_a_single_pooled_value_is_refused_at_once() -> None:
+    lcb = ValueAggregation.LCB
+    with pytest.raises(ConfigError, match="value_ensemble_aggregation_scheme: lcb needs 2 or more values"):
+        PlanningConfig(
+            num_value_predictions_in_ensemble=1,
+            num_future_state_predictions_in_ensemble=1,
+            value_ensemble_aggregation_scheme=lcb,
+        )
+    with pytest.raises(ConfigError, match="pools 1"):  # Q(s, a) pools the passes of the action pass alone
+        PlanningConfig(
+            ar_future_prediction=False,
+            ar_value_prediction=False,
+            ar_qvalue_prediction=True,
+            num_value_predictions_in_ensemble=1,
+            value_ensemble_aggregation_scheme=lcb,
+        )
+    # Values to pool from either ensemble, or no pooling at all (the value ensemble off).
+    assert (
+        PlanningConfig(num_value_predictions_in_ensemble=1, value_ensemble_aggregation_scheme=lcb).pooled_values() == 3
+    )
+    two = PlanningConfig(num_future_state_predictions_in_ensemble=1, num_value_predictions_in_ensemble=2)
+    assert dataclasses.replace(two, value_ensemble_aggregation_scheme=lcb).pooled_values() == 2
+    PlanningConfig(
+        num_value_predictions_in_ensemble=1,
+        num_future_state_predictions_in_ensemble=1,
+        use_ensemble_value_predictions=False,
+        value_ensemble_aggregation_scheme=lcb,
+    )
+
+
 # --- batched passes -------------------------------------------------------------------------------------------------
 
 
