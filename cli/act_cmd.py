@@ -107,10 +107,14 @@ def _act(args: argparse.Namespace) -> int:
         if args.steps is not None and args.num_denoising_steps_action is not None:
             raise ConfigError("--steps: in planning mode it is --num-denoising-steps-action; give one of the two")
         preset = PRESETS[args.planning_preset].num_queries_best_of_n
-        candidates = planning_candidates(source, devices, args.num_queries_best_of_n, preset)
+        one_at_a_time = args.planning_deadline_ms is not None
+        candidates = planning_candidates(
+            source, devices, args.num_queries_best_of_n, preset, one_at_a_time=one_at_a_time
+        )
         if candidates is None:
             raise ConfigError(
-                "--mode planning: the bundle's DiT batch sizes serve no planning (re-export with --batch-sizes)"
+                "--mode planning: the bundle's DiT batch sizes serve no planning without --planning-deadline-ms "
+                "(re-export with --batch-sizes, or give a deadline: candidates then run one at a time, at batch 1)"
             )
         if candidates < preset and args.num_queries_best_of_n is None:
             print(

@@ -34,6 +34,7 @@ from cosmos_edge.robot_bridge.server import PolicyServer
 from cosmos_edge.runtime.bundle.loader import (
     LoadedPolicies,
     bundle_batch_sizes,
+    candidates_that_fit,
     load_policies,
     planning_candidates,
     source_platform,
@@ -277,7 +278,8 @@ def _policies(args: argparse.Namespace) -> LoadedPolicies:
     devices = _device_list(args) or None
     source = model_source(args, devices or [])
     preset = PRESETS[args.planning_preset].num_queries_best_of_n
-    candidates = planning_candidates(source, devices, args.num_queries_best_of_n, preset)
+    one_at_a_time = args.planning_deadline_ms is not None
+    candidates = planning_candidates(source, devices, args.num_queries_best_of_n, preset, one_at_a_time=one_at_a_time)
     reactive_only = None  # why no planning is served: only a bundle's batch sizes can fit none
     if candidates is None and isinstance(source, BundleSource):
         reactive_only = _no_planning(source, devices, preset)
@@ -326,11 +328,14 @@ def _check_before_loading(args: argparse.Namespace, source: ModelSource, reactiv
 
 
 def _no_planning(source: BundleSource, devices: list[str] | None, preset: int) -> str:
-    """Why `planning_candidates` found no number of candidates (it tries the preset's down to 2)."""
+    """Why `planning_candidates` found no number of candidates (it tries the preset's down to 2), and what would."""
     workers = len(devices) if devices else 1  # the backend's default device
+    larger = candidates_that_fit(source, devices)
+    asks = f"--num-candidates {' or '.join(map(str, larger[:3]))}, " if larger else ""
     return (
         f"bundle {source.path} has DiT batch sizes {bundle_batch_sizes(source)}, which fit no best of 2 to {preset} "
-        f"candidates over {workers} device(s); re-export with --batch-sizes (e.g. 1,8), or give --num-candidates"
+        f"candidates over {workers} device(s); to plan, give {asks}--planning-deadline-ms (candidates then run one at "
+        "a time, at batch 1), or re-export with --batch-sizes (e.g. 1,8)"
     )
 
 

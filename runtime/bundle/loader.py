@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +37,7 @@ from cosmos_edge.runtime.policy.api import (
 )
 from cosmos_edge.runtime.policy.normalization import DatasetStats
 from cosmos_edge.runtime.policy.planning import PlanningPolicy, PlanningWorker, planning_batch_sizes
-from cosmos_edge.runtime.policy.planning_config import PlanningConfig
+from cosmos_edge.runtime.policy.planning_config import COUNT_LIMITS, PlanningConfig
 from cosmos_edge.runtime.policy.reactive import ReactivePolicy
 from cosmos_edge.runtime.policy.steps import PolicyModel
 
@@ -120,7 +120,8 @@ def load_policies(
             model, networks = _open_checkpoints(source, used, planning is not None)
             full_sequence = source.encode_full_sequence
         else:
-            model, networks = _open_bundle(source, used, planning, future_images, resources)
+            one_at_a_time = planning_deadline_ms is not None
+            model, networks = _open_bundle(source, used, planning, one_at_a_time, future_images, resources)
             full_sequence = False
         reactive = ReactivePolicy(model, networks[0].policy_network, encode_full_sequence=full_sequence)
         planner = None
@@ -137,35 +138,52 @@ def load_policies(
 
 
 def planning_candidates(
-    source: ModelSource, devices: Sequence[str] | None, requested: int | None, default: int
+    source: ModelSource,
+    devices: Sequence[str] | None,
+    requested: int | None,
+    default: int,
+    *,
+    one_at_a_time: bool = False,
 ) -> int | None:
     """How many best-of-N candidates `source` can plan with over `devices` (None: reactive only).
 
-    Checkpoint files plan with any number (`requested`, or `default`). A bundle has DiT graphs for fixed batch sizes,
-    and the candidates split over the devices must fit them: a requested number that does not fit is refused, naming
-    the batch sizes; without one, the most candidates up to `default` that fit are used, and none below
-    min(2, default) (planning over one candidate of several would only repeat the reactive chunk).
+    Checkpoint files plan with any number (`requested`, or `default`), and so does a bundle whose candidates are
+    scored `one_at_a_time` (under a planning deadline: batch 1, which every bundle has). Otherwise a bundle has DiT
+    graphs for fixed batch sizes, and the candidates split over the devices must fit them: a requested number that
+    does not fit is refused, naming the batch sizes; without one, the most candidates up to `default` that fit are
+    used, and none below min(2, default) (planning over one candidate of several would only repeat the reactive
+    chunk).
     """
     if requested is not None and requested < 1:
         raise ConfigError(f"num_candidates (--num-candidates): expected at least 1, got {requested}")
-    if isinstance(source, CheckpointSource):
+    if isinstance(source, CheckpointSource) or one_at_a_time:
         return default if requested is None else requested
-    available = set(bundle_batch_sizes(source))
-    workers = len(devices or [_default_device(source)])
-
-    def fits(candidates: int) -> bool:
-        return set(planning_batch_sizes(candidates, workers)) <= available
-
+    fits = _fitting(source, devices)
     if requested is not None:
         if not fits(requested):
+            available, workers = set(bundle_batch_sizes(source)), len(devices or [_default_device(source)])
             needed = sorted(set(planning_batch_sizes(requested, workers)) - available)
             raise ConfigError(
                 f"num_candidates (--num-candidates) {requested} over {workers} device(s) needs DiT batch sizes "
-                f"{needed}, which bundle {source.path} lacks (it has {sorted(available)}); ask for fewer candidates "
-                f"or re-export with --batch-sizes"
+                f"{needed}, which bundle {source.path} lacks (it has {sorted(available)}); ask for fewer candidates, "
+                f"give --planning-deadline-ms (candidates then run one at a time, at batch 1), or re-export with "
+                f"--batch-sizes"
             )
         return requested
     return next((n for n in range(default, min(2, default) - 1, -1) if fits(n)), None)
+
+
+def candidates_that_fit(source: BundleSource, devices: Sequence[str] | None) -> list[int]:
+    """Every number of candidates from 2 up to the planning limit whose split over `devices` fits the bundle's DiT
+    batch sizes (what `--num-candidates` may ask for without a deadline)."""
+    fits = _fitting(source, devices)
+    return [n for n in range(2, COUNT_LIMITS["num_queries_best_of_n"] + 1) if fits(n)]
+
+
+def _fitting(source: BundleSource, devices: Sequence[str] | None) -> Callable[[int], bool]:
+    available = set(bundle_batch_sizes(source))
+    workers = len(devices or [_default_device(source)])
+    return lambda candidates: set(planning_batch_sizes(candidates, workers)) <= available
 
 
 def source_platform(source: ModelSource) -> PlatformSpec:
@@ -239,6 +257,7 @@ def _open_bundle(
     source: BundleSource,
     devices: list[str],
     planning: PlanningConfig | None,
+    one_at_a_time: bool,
     future_images: bool | None,
     resources: ExitStack,
 ) -> tuple[PolicyModel, list[DeviceNetworks]]:
@@ -249,7 +268,11 @@ def _open_bundle(
     if future_images and not has_future:
         raise BundleError(f"bundle {bundle.root}: has no future-image graphs (exported with --no-future-images)")
     load_future = has_future if future_images is None else future_images
-    batches = planning_batch_sizes(planning.num_queries_best_of_n, len(devices)) if planning is not None else (1,)
+    # Under a planning deadline candidates are scored one at a time: batch 1 (larger batches of ensemble members run
+    # as slices of it).
+    batches: tuple[int, ...] = (1,)
+    if planning is not None and not one_at_a_time:
+        batches = planning_batch_sizes(planning.num_queries_best_of_n, len(devices))
     # Resolve every name first: a batch size the bundle lacks fails before any engine is loaded.
     dit_names = [bundle.dit_graph_name(batch) for batch in batches]
     has_planner = planning is not None and bool(bundle.graph_names("planning_dit"))

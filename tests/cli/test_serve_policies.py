@@ -66,13 +66,21 @@ def test_serve_refuses_mixed_or_missing_sources(tiny_bundles: Callable[..., Path
 
 @pytest.fixture(scope="module")
 def reactive_only_bundle(tiny_assets: dict[str, CheckpointFiles], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An ALOHA bundle exported with the default --batch-sizes 1: it serves no best-of-N on one device."""
+    """An ALOHA bundle exported with the default --batch-sizes 1 (fp32, to run on the CPU): it serves no best-of-N on
+    one device without a planning deadline."""
     from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
 
     files = tiny_assets["aloha"]
     out = tmp_path_factory.mktemp("reactive_only") / "bundle"
     request = ExportRequest(
-        files.checkpoint, files.tokenizer, files.stats, files.text_embeddings, "aloha", out, batch_sizes=(1,)
+        files.checkpoint,
+        files.tokenizer,
+        files.stats,
+        files.text_embeddings,
+        "aloha",
+        out,
+        batch_sizes=(1,),
+        precision="fp32",
     )
     return export_bundle(request).root
 
@@ -114,3 +122,25 @@ def test_serve_refuses_the_official_endpoint_for_other_cameras_before_loading(
         ConfigError, match=r"http: the official /act format carries ALOHA.s cameras .* platform 'libero' has"
     ):
         serve_cmd._policies(parse_serve(argv))
+
+
+def test_a_planning_deadline_plans_on_a_bundle_of_batch_size_one(reactive_only_bundle: Path) -> None:
+    # Under a deadline candidates are scored one at a time: batch 1, which every bundle has.
+    one_step = ["--num-denoising-steps-action", "1", "--num-denoising-steps-future-state", "1"]
+    one_step += ["--num-denoising-steps-value", "1", "--no-use-ensemble-value-predictions"]
+    one_step += ["--no-use-ensemble-future-state-predictions"]
+    args = parse_serve(["--bundle", str(reactive_only_bundle), "--planning-deadline-ms", "60000", *one_step])
+    with serve_cmd._policies(args) as loaded:
+        assert loaded.planning is not None and loaded.planning.config.num_queries_best_of_n == 8  # the preset's
+        query = ActionQuery(random_observation("aloha"), loaded.reactive.instructions[0], seed=1)
+        planned = loaded.planning.infer(query)
+        assert planned.candidates is not None and planned.candidates.outcome == "complete"
+        assert len(planned.candidates.values) == 8
+        assert planned.actions.shape == (50, 14) and 0.0 <= planned.value <= 1.0
+
+
+@pytest.mark.usefixtures("loading_refused")
+def test_the_reactive_only_reason_names_what_would_plan(reactive_only_bundle: Path) -> None:
+    reason = serve_cmd._no_planning(serve_cmd.BundleSource(reactive_only_bundle), None, 8)
+    assert "which fit no best of 2 to 8 candidates over 1 device(s); to plan, give --planning-deadline-ms" in reason
+    assert "--num-candidates" not in reason  # no number of candidates fits batch size 1 alone
