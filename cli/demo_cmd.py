@@ -168,9 +168,10 @@ def _run_demo(args: argparse.Namespace) -> int:
     with loaded, serving_in_thread(server) as endpoint:
         print(f"      serving on {endpoint}")
         ticks = args.chunks * loaded.reactive.platform.chunk_size
+        chunks = f"{args.chunks} chunk{'s' * (args.chunks != 1)}"
         print(
-            f"[3/4] running gym-aloha ({DEMO_TASK}) for {ticks} ticks of simulated time ({args.chunks} chunks' worth "
-            "of actions; the executor asks for the next chunk before the one in hand runs out)"
+            f"[3/4] running gym-aloha ({DEMO_TASK}) for {ticks} ticks of simulated time ({chunks} of actions; the "
+            "executor asks for the next chunk before the one in hand runs out)"
         )
         sim = AlohaSimRobot.create(DEMO_TASK, seed=args.seed, control_rate_hz=25.0)
         robot = RecordingRobot(AlohaWireCameras(sim), sim.overhead_frame)

@@ -47,7 +47,8 @@ class _DefaultsInHelp(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        silent = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        empty = action.default is None or action.default is False or action.default == []  # appended to, or off
+        silent = empty or action.default == argparse.SUPPRESS
         if "default" in text or silent or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"

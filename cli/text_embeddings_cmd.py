@@ -47,8 +47,13 @@ def _convert(args: argparse.Namespace) -> int:
 
     out = writable_file("OUT.safetensors", Path(args.out_path), replace=False)
     store = text_encoder.convert_official_pickle(args.pickle_path, out, trust_pickle=args.trust_pickle)
-    print(f"wrote {len(store.instructions)} instructions' embeddings of shape {list(store.shape)} to {out}")
+    _report_written(store, out)
     return 0
+
+
+def _report_written(store: text_embeddings.TextEmbeddings, out: Path) -> None:
+    count = len(store.instructions)
+    print(f"wrote the embeddings of {count} instruction{'s' * (count != 1)}, each {list(store.shape)}, to {out}")
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -62,7 +67,7 @@ def _merge(args: argparse.Namespace) -> int:
     out = writable_file("--out", Path(args.out), replace=False)
     store = text_embeddings.merge({path: text_embeddings.read(path) for path in args.stores})
     text_embeddings.write(out, store)
-    print(f"wrote {len(store.instructions)} instructions' embeddings of shape {list(store.shape)} to {out}")
+    _report_written(store, out)
     return 0
 
 
@@ -71,5 +76,5 @@ def _embed(args: argparse.Namespace) -> int:
 
     out = writable_file("--out", Path(args.out), replace=False)  # before T5-11B loads
     store = text_encoder.embed_instructions(args.instructions, out, model=args.model, device=args.device)
-    print(f"wrote {len(store.instructions)} instructions' embeddings of shape {list(store.shape)} to {out}")
+    _report_written(store, out)
     return 0

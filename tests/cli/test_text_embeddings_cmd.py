@@ -34,7 +34,7 @@ def test_convert_then_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     source = _official_pickle(tmp_path / "t5.pkl")
     out = tmp_path / "t5.safetensors"
     assert _run(["text-embeddings", "convert", str(tmp_path / "t5.pkl"), str(out), "--trust-pickle"]) == 0
-    assert "wrote 2 instructions' embeddings of shape [1, 8, 16]" in capsys.readouterr().out
+    assert "wrote the embeddings of 2 instructions, each [1, 8, 16], to" in capsys.readouterr().out
     np.testing.assert_array_equal(text_embeddings.read(out).get("pick up the cup"), source["pick up the cup"].float())
 
     assert _run(["text-embeddings", "list", str(out)]) == 0
@@ -63,7 +63,7 @@ def test_merge_joins_stores_and_never_replaces_a_file(tmp_path: Path, capsys: py
     out = tmp_path / "ab.safetensors"
     stores = [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]
     assert _run(["text-embeddings", "merge", *stores, "--out", str(out)]) == 0
-    assert "wrote 3 instructions' embeddings of shape [1, 8, 16]" in capsys.readouterr().out
+    assert "wrote the embeddings of 3 instructions, each [1, 8, 16], to" in capsys.readouterr().out
     merged = text_embeddings.read(out)
     assert merged.instructions == ("pick up the cup", "stack the blocks", "open the drawer")
     for name, store in (("a", first), ("b", second)):
