@@ -9,6 +9,7 @@ so the same bits.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
@@ -17,6 +18,8 @@ from typing import Any, TypeAlias
 import torch
 
 from cosmos_edge.runtime.errors import ConfigError
+
+_LOG = logging.getLogger(__name__)
 
 Capture = Callable[..., torch.Tensor]
 GraphPool: TypeAlias = Any  # torch's memory-pool handle, whose type is private
@@ -75,21 +78,31 @@ class CapturedCalls:
     """Captured calls by key (the shapes, or the timesteps, that fix what a call launches); the `limit` most recently
     used are kept. They take their memory from `pool` (`torch.cuda.graph_pool_handle()`), which the captures of one
     network share: its calls never overlap (one stream, one caller at a time), so a capture's scratch memory can be
-    every capture's."""
+    every capture's. A capture that fails (a kernel that cannot be captured on this torch or driver) is logged, and
+    these calls run plainly from then on: slower, not wrong."""
 
     def __init__(self, limit: int, pool: GraphPool) -> None:
         self._limit = limit
         self._pool = pool
         self._calls: OrderedDict[Hashable, CapturedCall] = OrderedDict()
+        self._plain = False
 
     def __call__(
         self, key: Hashable, function: Capture, inputs: Sequence[torch.Tensor], holds: Sequence[torch.Tensor] = ()
     ) -> torch.Tensor:
         """`function(*inputs)` replayed from the capture of `key`, captured from `function` on a first call (`holds`:
         as `CapturedCall`'s)."""
+        if self._plain:
+            return function(*inputs)
         call = self._calls.pop(key, None)
         if call is None:
-            call = CapturedCall(function, inputs, self._pool, holds)
+            try:
+                call = CapturedCall(function, inputs, self._pool, holds)
+            except RuntimeError as error:
+                _LOG.warning("CUDA graph capture failed, running these calls without graphs from now on: %s", error)
+                self._plain = True
+                self._calls.clear()
+                return function(*inputs)
         self._calls[key] = call  # most recently used last
         while len(self._calls) > self._limit:
             del self._calls[next(iter(self._calls))]
