@@ -97,7 +97,7 @@ def _act(args: argparse.Namespace) -> int:
     observation = read_observation(args.observation)  # a bad file is named before minutes of loading
     out = None if args.out is None else output_path("--out", args.out)
     devices = [args.device] if args.device else None
-    source = model_source(args, devices or [], reference=args.reference)
+    source = model_source(args, devices or [], device_flag="--device", reference=args.reference)
     planning = None
     if args.mode != "planning" and (given := planning_flags_given(args) + _planning_only_flags(args)):
         raise ConfigError(

@@ -7,6 +7,7 @@ import argparse
 from collections.abc import Sequence
 
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource, ModelSource
+from cosmos_edge.runtime.engines.registry import load_torch_backend
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.precision import COMPILE_SCOPES, compile_mode, cuda_graphs, default_precision
 
@@ -40,11 +41,14 @@ def add_compile_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def model_source(args: argparse.Namespace, devices: Sequence[str], *, reference: bool = False) -> ModelSource:
+def model_source(
+    args: argparse.Namespace, devices: Sequence[str], *, device_flag: str, reference: bool = False
+) -> ModelSource:
     """The source the flags name; a bundle mixed with the official files (or their options) is refused.
 
-    `devices` (none: the CPU) choose the default precision and compilation of the official files; `reference` runs
-    them on the official whole-sequence path, uncompiled (`act --reference`).
+    `devices` (none: the CPU), given by `device_flag`, choose the default precision and compilation of the official
+    files, and are checked here for them (a device torch cannot use is named with the flag); `reference` runs them on
+    the official whole-sequence path, uncompiled (`act --reference`).
     """
     official = {flag: getattr(args, name) for flag, name in _OFFICIAL_FILES.items()}
     if args.bundle is not None:
@@ -68,6 +72,7 @@ def model_source(args: argparse.Namespace, devices: Sequence[str], *, reference:
     if args.backend not in (None, "torch"):
         raise ConfigError(f"--backend {args.backend}: runs a --bundle; the official files run on torch")
     targets = list(devices) or ["cpu"]
+    _check_torch_devices(device_flag, devices)
     if reference and (args.compile or args.compile_scope is not None or args.cuda_graphs):
         flag = (
             "--compile"
@@ -93,3 +98,13 @@ def model_source(args: argparse.Namespace, devices: Sequence[str], *, reference:
         encode_full_sequence=reference,
         cuda_graphs=False if reference else cuda_graphs(args.cuda_graphs, targets),
     )
+
+
+def _check_torch_devices(flag: str, devices: Sequence[str]) -> None:
+    torch_backend = load_torch_backend()
+    for device in devices:
+        try:
+            torch_backend.check_device(device)
+        except ConfigError as error:
+            reason = str(error).removeprefix(f"device {device!r}: ")
+            raise ConfigError(f"{flag} {device}: {reason}") from None

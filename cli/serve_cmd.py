@@ -276,7 +276,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _policies(args: argparse.Namespace) -> LoadedPolicies:
     """Both modes from one load: the reactive policy and the planner share each device's networks."""
     devices = _device_list(args) or None
-    source = model_source(args, devices or [])
+    source = model_source(args, devices or [], device_flag="--devices")
     preset = PRESETS[args.planning_preset].num_queries_best_of_n
     one_at_a_time = args.planning_deadline_ms is not None
     candidates = planning_candidates(source, devices, args.num_queries_best_of_n, preset, one_at_a_time=one_at_a_time)

@@ -57,8 +57,8 @@ def stats_with(files: CheckpointFiles, tmp: Path, **changes: object) -> Path:
 
 
 CASES: dict[str, Case] = {
-    "cuda on a CPU-only torch": lambda f, t: (act(f, t, "--device", "cuda"), "device 'cuda'"),
-    "not a device": lambda f, t: (act(f, t, "--device", "banana"), "device 'banana'"),
+    "cuda on a CPU-only torch": lambda f, t: (act(f, t, "--device", "cuda"), "--device cuda: this torch ("),
+    "not a device": lambda f, t: (act(f, t, "--device", "banana"), "--device banana: not a torch device"),
     "observation is text": lambda f, t: (act(f, t, observation_path=write(t, "o.npz", b"hello")), "o.npz"),
     "truncated observation": lambda f, t: (
         act(f, t, observation_path=write(t, "o.npz", observation(t).read_bytes()[:500])),
