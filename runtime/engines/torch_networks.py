@@ -227,20 +227,21 @@ class TorchDiT:
             forward = self._forward_batched if batched else self._forward
             with self._calling, current_device(self._device):
                 steps = self._timestep_input(timesteps)
-                inputs = (x.to(dtype), steps, condition_mask.to(dtype))
-                if self._compiled_whole and batched:
-                    for tensor in (inputs[0], inputs[2], steps):
-                        torch._dynamo.mark_dynamic(tensor, 0)
                 if self._compiled_whole:
-                    self._dit.cache_tables(*inputs)
-                if captured is None or batched:
-                    return forward(*inputs, kv).float()
+                    self._dit.cache_tables(x, steps, condition_mask)
 
                 def call(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-                    return forward(x, steps, mask, kv).float()
+                    inputs = (x.to(dtype), steps, mask.to(dtype))
+                    if self._compiled_whole and batched:
+                        for tensor in (inputs[0], inputs[2], steps):
+                            torch._dynamo.mark_dynamic(tensor, 0)
+                    return forward(*inputs, kv).float()
 
+                if captured is None or batched:
+                    return call(x, condition_mask)
+                # Replayed with the casts inside the graph; keyed by what fixes the kernels launched.
                 key = (np.ascontiguousarray(timesteps, np.float32).tobytes(), x.shape, condition_mask.shape)
-                return captured(key, call, inputs[::2])
+                return captured(key, call, (x, condition_mask))
 
         return network
 
