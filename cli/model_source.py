@@ -73,15 +73,10 @@ def model_source(
         raise ConfigError(f"--backend {args.backend}: runs a --bundle; the official files run on torch")
     targets = list(devices) or ["cpu"]
     _check_torch_devices(device_flag, devices)
-    if reference and (args.compile or args.compile_scope is not None or args.cuda_graphs):
-        flag = (
-            "--compile"
-            if args.compile
-            else "--cuda-graphs"
-            if args.cuda_graphs
-            else f"--compile-scope {args.compile_scope}"
-        )
-        raise ConfigError(f"{flag}: --reference runs the official path uncompiled, without graphs; drop one of the two")
+    faster = {"--compile": args.compile, "--cuda-graphs": args.cuda_graphs}
+    faster[f"--compile-scope {args.compile_scope}"] = args.compile_scope is not None
+    if reference and (given := [flag for flag, on in faster.items() if on]):
+        raise ConfigError(f"{given[0]}: --reference runs the official path uncompiled, without graphs; drop one")
     compiling = None if reference else compile_mode(args.compile, targets)
     if args.compile_scope is not None and compiling is None:
         raise ConfigError(
@@ -103,8 +98,4 @@ def model_source(
 def _check_torch_devices(flag: str, devices: Sequence[str]) -> None:
     torch_backend = load_torch_backend()
     for device in devices:
-        try:
-            torch_backend.check_device(device)
-        except ConfigError as error:
-            reason = str(error).removeprefix(f"device {device!r}: ")
-            raise ConfigError(f"{flag} {device}: {reason}") from None
+        torch_backend.check_device(device, name=flag)

@@ -38,7 +38,7 @@ class TextWidthNetwork(DenoisingNetwork, Protocol):
 
 
 class TorchBackend(Protocol):
-    def check_device(self, device: str) -> object: ...
+    def check_device(self, device: str, name: str = "device") -> object: ...
 
     def open_autoencoder(
         self,

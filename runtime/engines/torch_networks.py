@@ -289,20 +289,20 @@ def current_device(device: torch.device) -> contextlib.AbstractContextManager[No
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def check_device(device: str) -> torch.device:
-    """`device` as a torch device this process can use; ConfigError names the device otherwise."""
+def check_device(device: str, name: str = "device") -> torch.device:
+    """`device` as a torch device this process can use; ConfigError names it as `name` (a flag, say) otherwise."""
     try:
         torch_device = torch.device(device)
     except RuntimeError as error:
-        raise ConfigError(f"device {device!r}: not a torch device; expected cpu, cuda or cuda:N") from error
+        raise ConfigError(f"{name} {device}: not a torch device; expected cpu, cuda or cuda:N") from error
     if torch_device.type == "cuda":
         if not torch.cuda.is_available():
             build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda} but sees no GPU"
-            raise ConfigError(f"device {device!r}: this torch ({torch.__version__}) is {build}; use the cpu device")
+            raise ConfigError(f"{name} {device}: this torch ({torch.__version__}) is {build}; use the cpu device")
         if torch_device.index is not None and torch_device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise ConfigError(f"{name} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif torch_device.type != "cpu":
-        raise ConfigError(f"device {device!r}: the torch backend runs on cpu or cuda[:N]")
+        raise ConfigError(f"{name} {device}: the torch backend runs on cpu or cuda[:N]")
     return torch_device
 
 
