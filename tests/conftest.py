@@ -23,18 +23,21 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Checkpoin
 
 @pytest.fixture(scope="session")
 def tiny_bundles(tiny_assets: dict[str, CheckpointFiles], tmp_path_factory: pytest.TempPathFactory) -> TinyBundles:
-    """`tiny_bundles(platform, precision="fp32", future_images=False)` -> a bundle with DiT batch sizes 1 and 2,
-    exported on first request and shared by every later test (bundles must not be modified: copy them)."""
+    """`tiny_bundles(platform, precision="fp32", future_images=False, batch_sizes=(1, 2))` -> a bundle with those DiT
+    batch sizes, exported on first request and shared by every later test (bundles must not be modified: copy them)."""
     from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
 
     root = tmp_path_factory.mktemp("tiny_bundles")
-    cache: dict[tuple[str, str, bool], Path] = {}
+    cache: dict[tuple[str, str, bool, tuple[int, ...]], Path] = {}
 
-    def get(platform: str, precision: str = "fp32", future_images: bool = False) -> Path:
-        key = (platform, precision, future_images)
+    def get(
+        platform: str, precision: str = "fp32", future_images: bool = False, batch_sizes: tuple[int, ...] = (1, 2)
+    ) -> Path:
+        key = (platform, precision, future_images, batch_sizes)
         if key not in cache:
             files = tiny_assets[platform]
-            out = root / f"{platform}_{precision}{'_future' if future_images else ''}"
+            sizes = "_".join(map(str, batch_sizes))
+            out = root / f"{platform}_{precision}{'_future' if future_images else ''}_b{sizes}"
             request = ExportRequest(
                 files.checkpoint,
                 files.tokenizer,
@@ -42,7 +45,7 @@ def tiny_bundles(tiny_assets: dict[str, CheckpointFiles], tmp_path_factory: pyte
                 files.text_embeddings,
                 platform,
                 out,
-                batch_sizes=(1, 2),
+                batch_sizes=batch_sizes,
                 precision=precision,
                 future_images=future_images,
             )

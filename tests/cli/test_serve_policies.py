@@ -64,25 +64,11 @@ def test_serve_refuses_mixed_or_missing_sources(tiny_bundles: Callable[..., Path
         serve_cmd._policies(parse_serve(["--platform", "libero"]))
 
 
-@pytest.fixture(scope="module")
-def reactive_only_bundle(tiny_assets: dict[str, CheckpointFiles], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An ALOHA bundle exported with the default --batch-sizes 1 (fp32, to run on the CPU): it serves no best-of-N on
-    one device without a planning deadline."""
-    from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
-
-    files = tiny_assets["aloha"]
-    out = tmp_path_factory.mktemp("reactive_only") / "bundle"
-    request = ExportRequest(
-        files.checkpoint,
-        files.tokenizer,
-        files.stats,
-        files.text_embeddings,
-        "aloha",
-        out,
-        batch_sizes=(1,),
-        precision="fp32",
-    )
-    return export_bundle(request).root
+@pytest.fixture
+def reactive_only_bundle(tiny_bundles: Callable[..., Path]) -> Path:
+    """An ALOHA bundle of DiT batch size 1 alone (as `export`'s default --batch-sizes 1): it serves no best-of-N on one
+    device without a planning deadline."""
+    return tiny_bundles("aloha", batch_sizes=(1,))
 
 
 @pytest.fixture

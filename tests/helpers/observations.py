@@ -11,7 +11,7 @@ from cosmos_edge.runtime.platforms import PlatformSpec, platform_spec
 from cosmos_edge.runtime.policy.api import Observation
 
 TinyBundles = Callable[..., Path]
-"""`tiny_bundles(platform, precision="fp32", future_images=False)` -> the path of a shared tiny bundle."""
+"""`tiny_bundles(platform, precision="fp32", future_images=False, batch_sizes=(1, 2))` -> a shared tiny bundle."""
 
 
 def random_observation(platform: PlatformSpec | str, seed: int = 0, height: int = 240, width: int = 320) -> Observation:
