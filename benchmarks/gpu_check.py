@@ -74,7 +74,7 @@ from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation
 from cosmos_edge.runtime.policy.arrays import HOST_ARRAYS
 from cosmos_edge.runtime.policy.latents import BLACK
 from cosmos_edge.runtime.policy.normalization import DatasetStats
-from cosmos_edge.runtime.policy.planning import PlanningPolicy, PlanningWorker
+from cosmos_edge.runtime.policy.planning import PlanningPolicy
 from cosmos_edge.runtime.policy.planning_config import PlanningConfig
 from cosmos_edge.runtime.policy.sampler import Denoiser, sample
 
@@ -483,7 +483,7 @@ def planning_timing(device: str, files: CheckpointFiles) -> dict[str, Any]:
     source = CheckpointSource(files, precision="bf16", compile_mode="default")
     result: dict[str, Any] = {"config": "aloha, bf16, compiled, best of 8, official main configuration"}
     with load_policies(source, devices=[device], planning=PlanningConfig(num_queries_best_of_n=8)) as loaded:
-        workers = [PlanningWorker(d.policy_network, d.planning_network) for d in loaded.devices]
+        workers = list(loaded.devices)
         query = ActionQuery(observation(3), "fold the t-shirt", seed=195)
         for name, options, repeats in (
             ("batched", {"batch_passes": True}, 2),

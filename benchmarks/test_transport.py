@@ -124,7 +124,7 @@ def test_cosmos_edge_codec(benchmark: Any) -> None:
 def cosmos_edge_http_url() -> Iterator[str]:
     http_server = pytest.importorskip("cosmos_edge.robot_bridge.http_server")
     server = PolicyServer(InstantPolicy(), ServerConfig("tcp://127.0.0.1:*"))
-    with serving_in_thread(server, STARTUP_S), http_server.HttpEndpoint(server, http_server.HttpConfig(port=0)) as http:
+    with serving_in_thread(server), http_server.HttpEndpoint(server, http_server.HttpConfig(port=0)) as http:
         yield http.url + "/act"
 
 

@@ -59,13 +59,8 @@ _IN_PROCESS_ONLY = "inproc://cosmos-edge-no-zeromq-endpoint"
 _MODES = ("reactive", "planning")  # what `LoadedPolicies.modes()` can serve; checked before any model loads
 
 
-def add_serve_parser(
-    subparsers: argparse._SubParsersAction,
-    make_policies: PolicyFactory,
-    *,
-    joint_limits: tuple[tuple[float, float], ...] | None = None,
-) -> argparse.ArgumentParser:
-    """Adds `serve`; `joint_limits` (one (lower, upper) pair per action dim) are announced to controllers."""
+def add_serve_parser(subparsers: argparse._SubParsersAction, make_policies: PolicyFactory) -> argparse.ArgumentParser:
+    """Adds `serve`, whose policies `make_policies` builds from the parsed arguments."""
     parser = subparsers.add_parser("serve", help="serve a policy to robot controllers over ZeroMQ (and HTTP)")
     parser.add_argument(
         "--endpoint", default="tcp://127.0.0.1:5555", help="ZeroMQ bind address; 'none' serves HTTP only (--http)"
@@ -103,7 +98,7 @@ def add_serve_parser(
 
     def serve(args: argparse.Namespace) -> int:
         with _naming_flags(), contextlib.ExitStack() as sockets:
-            config, http = server_config(args, joint_limits), http_config(args)
+            config, http = server_config(args), http_config(args)
             # Bound before the policies load (minutes, for the 2B model): a port in use is refused at once.
             router = sockets.enter_context(BoundRouter.bind(config))
             listener = sockets.enter_context(_http_listener(http))
@@ -120,9 +115,7 @@ def add_serve_parser(
     return parser
 
 
-def server_config(
-    args: argparse.Namespace, joint_limits: tuple[tuple[float, float], ...] | None = None
-) -> ServerConfig:
+def server_config(args: argparse.Namespace) -> ServerConfig:
     curve = None
     if args.curve_secret_key or args.curve_clients:
         if not (args.curve_secret_key and args.curve_clients):
@@ -148,7 +141,6 @@ def server_config(
         max_pending=args.max_pending,
         curve=curve,
         insecure_bind_all=args.insecure_bind_all,
-        joint_limits=joint_limits,
         shutdown_timeout_s=args.shutdown_timeout_s,
     )
 

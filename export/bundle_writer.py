@@ -114,7 +114,7 @@ def export_bundle(request: ExportRequest) -> Bundle:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_interrupted_exports(out)
-        staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{out.name}.partial-", dir=out.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}-", dir=out.parent))
     except OSError as error:
         raise BundleError(f"{out}: cannot write a bundle there ({error}); choose another --out") from None
     try:
@@ -128,14 +128,32 @@ def export_bundle(request: ExportRequest) -> Bundle:
     return Bundle.open(out)
 
 
-_STAGING_PREFIX = "."
+def _staging_prefix(out: Path) -> str:
+    """Staging folders are named `.NAME.partial-PID-XXXX`: the pid tells a running export from a killed one."""
+    return f".{out.name}.partial-"
 
 
 def _remove_interrupted_exports(out: Path) -> None:
-    """Staging folders of earlier exports to the same name that were killed before they could clean up."""
-    for stale in sorted(out.parent.glob(f"{_STAGING_PREFIX}{out.name}.partial-*")):
-        _LOG.warning("removing %s, left by an interrupted export of %s", stale, out.name)
-        shutil.rmtree(stale, ignore_errors=True)
+    """Staging folders of earlier exports to the same name that were killed before they could clean up (those of
+    an export still running are left alone)."""
+    prefix = _staging_prefix(out)
+    for staging in sorted(out.parent.glob(f"{prefix}*")):
+        pid = staging.name.removeprefix(prefix).partition("-")[0]
+        if pid.isdigit() and _running(int(pid)):
+            _LOG.warning("%s: another export of %s (pid %s) is writing it", staging, out.name, pid)
+            continue
+        _LOG.warning("removing %s, left by an interrupted export of %s", staging, out.name)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _directory_mode() -> int:

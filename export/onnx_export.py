@@ -44,7 +44,7 @@ EXTERNAL_DATA_BYTES = 1 << 30
 
 
 class DiTGraph(nn.Module):
-    """The DiT with the graph boundary of `graph_specs.dit_graph`; it casts its inputs to the weights' dtype.
+    """The DiT with the graph boundary of `runtime.engines.graph.dit_graph`; it casts its inputs to the weights' dtype.
 
     The RoPE tables of the spec's patch grid are computed here, before tracing, and registered as (persistent:
     the tracer lifts only state-dict tensors) buffers: the trace then records them once, as two initializers shared

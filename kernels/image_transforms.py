@@ -11,7 +11,7 @@ tensors of the torch backend, so on a GPU the camera frames go up once as uint8 
   is exact in float64, so the result does not depend on whether the device fuses the multiply-add.
 * The model range is the reference's 256-entry table, indexed by the pixel.
 
-The JPEG round trip of LIBERO and RoboCasa stays Pillow's, on the host (`transform_frames` runs it there). Tables are
+The JPEG round trip of LIBERO and RoboCasa stays Pillow's, on the host (`batch_frames` runs it there). Tables are
 built once per size and device, so a warmed-up call copies only the frames to the device.
 """
 
@@ -123,16 +123,11 @@ def _antialias_last_axis(values: torch.Tensor, out_size: int) -> torch.Tensor:
 def center_crop_and_resize(frames: torch.Tensor, area_fraction: float = reference.CROP_AREA_FRACTION) -> torch.Tensor:
     """uint8 [N, S, S, 3] → uint8 [N, S, S, 3]: `images.center_crop_and_resize` (crop, antialiased bilinear back)."""
     _, height, width, _ = frames.shape
-    side = _crop_side(height, area_fraction)
-    top, left = round((height - side) / 2.0), round((width - side) / 2.0)
+    top, left, side = reference.crop_box(height, width, area_fraction)
     planes = frames[:, top : top + side, left : left + side].permute(0, 3, 1, 2).float()
     widened = _antialias_last_axis(planes, width)
     resized = _antialias_last_axis(widened.transpose(-1, -2), height).transpose(-1, -2)
     return torch.round(resized).to(torch.uint8).permute(0, 2, 3, 1)
-
-
-def _crop_side(size: int, area_fraction: float = reference.CROP_AREA_FRACTION) -> int:
-    return int(size * area_fraction**0.5)
 
 
 def to_model_range(frames: torch.Tensor) -> torch.Tensor:
@@ -155,7 +150,7 @@ class FrameBatches:
 
 def batch_frames(platform: PlatformSpec, frames: Sequence[np.ndarray]) -> FrameBatches:
     """Checked raw uint8 [H, W, 3] camera frames → `FrameBatches`."""
-    prepared = [_flipped_and_compressed(platform, frame) for frame in frames]
+    prepared = [reference.flip_and_compress(platform, frame) for frame in frames]
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, frame in enumerate(prepared):
         groups.setdefault(frame.shape, []).append(index)
@@ -181,7 +176,7 @@ def device_tables(platform: PlatformSpec, shape: Sequence[int], device: torch.de
     _, height, width, _ = shape
     keys = [("bicubic", side, IMAGE_SIZE) for side in sorted({height, width}) if side != IMAGE_SIZE]
     if platform.center_crop:
-        keys.append(("antialias", _crop_side(IMAGE_SIZE), IMAGE_SIZE))
+        keys.append(("antialias", reference.crop_box(IMAGE_SIZE, IMAGE_SIZE)[2], IMAGE_SIZE))
     return tuple(table for key in keys for table in _device_table(*key, device))
 
 
@@ -197,8 +192,3 @@ def transform_frames(platform: PlatformSpec, frames: Sequence[np.ndarray], devic
 def _transform_batch(platform: PlatformSpec, batch: torch.Tensor) -> torch.Tensor:
     resized = bicubic_resize(batch, IMAGE_SIZE)
     return to_model_range(center_crop_and_resize(resized) if platform.center_crop else resized)
-
-
-def _flipped_and_compressed(platform: PlatformSpec, frame: np.ndarray) -> np.ndarray:
-    image = frame[::-1] if platform.flip_images else frame
-    return reference.jpeg_round_trip(image) if platform.jpeg_compression else image  # Pillow's codec, on the host

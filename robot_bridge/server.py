@@ -249,6 +249,11 @@ class PolicyServer:
         """Asks `serve_forever` to return. Only sets a flag, so it is safe in a signal handler."""
         self._stopping.set()
 
+    @property
+    def stop_window_s(self) -> float:
+        """How long `serve_forever` may take to return after `stop`: the shutdown window, the last replies' grace."""
+        return self._config.shutdown_timeout_s + _REPLY_GRACE_S + FLUSH_MS / 1e3 + 1.0
+
     def close(self) -> None:
         """Closes the sockets: from the thread that served, or from any thread once `serve_forever` has returned."""
         with self._lock:  # no other thread writes a wake-up into a closed socket
@@ -267,7 +272,7 @@ class PolicyServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.stop()
-        if self._idle.wait(self._config.shutdown_timeout_s + _REPLY_GRACE_S + FLUSH_MS / 1e3 + 1.0):
+        if self._idle.wait(self.stop_window_s):
             self.close()  # sockets belong to the serving thread until serve_forever returns
 
     # --- I/O thread ------------------------------------------------------------------------------------------------
@@ -675,9 +680,9 @@ def _shutting_down(job: _Job, detail: str) -> MessageError:
 
 
 @contextlib.contextmanager
-def serving_in_thread(server: PolicyServer, join_timeout_s: float = 10.0) -> Iterator[str]:
+def serving_in_thread(server: PolicyServer) -> Iterator[str]:
     """Runs `server` on a background thread (for embedding it in a process, e.g. the demo); yields the bound endpoint,
-    then stops it and waits up to `join_timeout_s` for the thread. Signal handling stays with the caller."""
+    then stops it and waits for the thread up to its `stop_window_s`. Signal handling stays with the caller."""
     endpoint = server.start()
     thread = threading.Thread(target=server.serve_forever, name="policy-server", daemon=True)
     thread.start()
@@ -685,9 +690,9 @@ def serving_in_thread(server: PolicyServer, join_timeout_s: float = 10.0) -> Ite
         yield endpoint
     finally:
         server.stop()
-        thread.join(join_timeout_s)
+        thread.join(server.stop_window_s)
         if thread.is_alive():
-            logger.error("the policy server did not stop within %.1f s", join_timeout_s)
+            logger.error("the policy server did not stop within %.1f s", server.stop_window_s)
 
 
 def _query(request: ActRequest) -> ActionQuery:

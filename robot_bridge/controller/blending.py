@@ -81,13 +81,16 @@ class Boundary:
     safety_ticks: int
 
 
+_BOUNDARIES_KEPT = 1024  # about 34 minutes of 50-action ALOHA chunks
+
+
 class ChunkBlender:
     """The target of each tick from the chunk in hand and the one it replaced; records every boundary.
 
     Owned by the executor's control thread (not thread-safe).
     """
 
-    def __init__(self, config: BlendConfig, capacity: int = 1024) -> None:
+    def __init__(self, config: BlendConfig) -> None:
         self.config = config
         self._old: np.ndarray | None = None  # the replaced trajectory, indexed from `_old_first_tick`
         self._old_first_tick = 0
@@ -96,7 +99,7 @@ class ChunkBlender:
         self._fade_end: int | None = None  # the tick a cross-fade in progress ends
         self._lowpassed: np.ndarray | None = None
         self._open: tuple[int, float, float, int, np.ndarray | None] | None = None
-        self._boundaries: deque[Boundary] = deque(maxlen=capacity)
+        self._boundaries: deque[Boundary] = deque(maxlen=_BOUNDARIES_KEPT)
 
     def boundaries(self) -> list[Boundary]:
         """Finished boundaries, oldest first."""

@@ -294,7 +294,6 @@ class ChunkExecutor:
         *,
         clock: Clock = time.monotonic_ns,
         sleep: Sleep = precise_sleep,
-        wall_clock: Clock = time.time_ns,
     ) -> None:
         self.config = config
         self._robot = robot
@@ -302,7 +301,6 @@ class ChunkExecutor:
         self._safety = safety
         self._clock = clock
         self._sleep = sleep
-        self._wall_clock = wall_clock
         self._period_ns = config.period_ns
         self._epoch_ns = clock()  # tick k is due at epoch + k * period, across runs
         self._dims = safety.config.dims
@@ -553,7 +551,7 @@ class ChunkExecutor:
                 obs_id=tick,
                 first_tick=tick + 1,
                 capture_ns=now,
-                capture_wall_ns=self._wall_clock(),
+                capture_wall_ns=time.time_ns(),
                 observation=observation,
             )
         )

@@ -15,7 +15,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -31,7 +30,6 @@ from cosmos_edge.runtime.platforms import IMAGE_SIZE, PlatformSpec, platform_spe
 from cosmos_edge.runtime.policy import text_embeddings as text_store
 from cosmos_edge.runtime.policy.api import (
     ActionQuery,
-    DenoisingNetwork,
     Observation,
     Policy,
 )
@@ -44,15 +42,6 @@ from cosmos_edge.runtime.policy.steps import PolicyModel
 _LOG = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class DeviceNetworks:
-    """The DiTs of one device. `planning_network` is `policy_network` itself without a planning model. (The VAE lives
-    on the first device only: it encodes every query's conditioning and decodes future images once per query.)"""
-
-    policy_network: DenoisingNetwork
-    planning_network: DenoisingNetwork
-
-
 class LoadedPolicies:
     """The policies of one process and everything they hold; use as a context manager or call `close()`."""
 
@@ -60,12 +49,12 @@ class LoadedPolicies:
         self,
         reactive: ReactivePolicy,
         planning: PlanningPolicy | None,
-        devices: Sequence[DeviceNetworks],
+        devices: Sequence[PlanningWorker],
         resources: ExitStack,
     ) -> None:
         self.reactive = reactive
         self.planning = planning
-        self.devices = tuple(devices)  # the networks of each device, in device order
+        self.devices = tuple(devices)  # the DiTs of each device, in device order (the VAE lives on the first)
         self._resources = resources
 
     def warm_up(self) -> float:
@@ -126,9 +115,8 @@ def load_policies(
         reactive = ReactivePolicy(model, networks[0].policy_network, encode_full_sequence=full_sequence)
         planner = None
         if planning is not None:
-            workers = [PlanningWorker(device.policy_network, device.planning_network) for device in networks]
             planner = PlanningPolicy(
-                model, workers, planning, batch_passes=_batching_pays(used), deadline_ms=planning_deadline_ms
+                model, networks, planning, batch_passes=_batching_pays(used), deadline_ms=planning_deadline_ms
             )
             resources.callback(planner.close)
     except BaseException:
@@ -212,7 +200,7 @@ def _default_device(source: ModelSource) -> str:
 
 def _open_checkpoints(
     source: CheckpointSource, devices: list[str], with_planning: bool
-) -> tuple[PolicyModel, list[DeviceNetworks]]:
+) -> tuple[PolicyModel, list[PlanningWorker]]:
     files = source.files
     platform = platform_spec(files.platform)
     stats = DatasetStats.from_json(files.stats, platform)
@@ -241,7 +229,7 @@ def _open_checkpoints(
                 source.planning_checkpoint, source.precision, device, *compile_args
             )
             _check_text_width(files.text_embeddings, text, source.planning_checkpoint, planning_network.text_dim)
-        networks.append(DeviceNetworks(policy_network, planning_network))
+        networks.append(PlanningWorker(policy_network, planning_network))
     return PolicyModel(platform, stats, text, autoencoder, autoencoder), networks
 
 
@@ -260,7 +248,7 @@ def _open_bundle(
     one_at_a_time: bool,
     future_images: bool | None,
     resources: ExitStack,
-) -> tuple[PolicyModel, list[DeviceNetworks]]:
+) -> tuple[PolicyModel, list[PlanningWorker]]:
     bundle = Bundle.open(source.path)
     bundle.check_platform(source.platform)
     backend = load_graph_backend(source.backend)
@@ -291,7 +279,7 @@ def _open_bundle(
     for device in devices:
         policy_network = GraphDenoisingNetwork([open_graph(name, device) for name in dit_names])
         planner = GraphDenoisingNetwork([open_graph(n, device) for n in planner_names]) if has_planner else None
-        networks.append(DeviceNetworks(policy_network, planner or policy_network))
+        networks.append(PlanningWorker(policy_network, planner or policy_network))
     manifest = bundle.manifest
     _LOG.info(
         "serving bundle %s (%s, %s) on %s %s",

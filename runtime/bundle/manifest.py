@@ -286,10 +286,6 @@ class Bundle:
         bundle._check_listing()
         return bundle
 
-    @property
-    def name(self) -> str:
-        return self.root.name
-
     def file(self, relative: str) -> Path:
         """The absolute path of a listed file, after checking its sha256 (once per Bundle)."""
         record = self.manifest.files.get(relative)
@@ -334,7 +330,8 @@ class Bundle:
             if self.manifest.graphs[name].batch == batch:
                 return name
         if not batches:
-            raise BundleError(f"bundle {self.root}: has no {role} graphs (export it with --planning-checkpoint)")
+            hint = "export it with --planning-checkpoint" if role == "planning_dit" else "re-export it"
+            raise BundleError(f"bundle {self.root}: its manifest lists no {role} graphs ({hint})")
         raise BundleError(
             f"bundle {self.root}: has no {role} graph for batch size {batch}; it has batch sizes {batches} "
             f"(re-export with --batch-sizes)"

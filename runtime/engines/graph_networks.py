@@ -1,8 +1,9 @@
-"""`networks_api` over GraphRunners: the policy's networks on any engine backend (ONNX Runtime, TensorRT).
+"""The network interfaces of `policy/api.py` over GraphRunners, on any engine backend (ONNX Runtime, TensorRT).
 
 Graphs have static shapes, so each adapter holds one runner per shape it serves and picks it by the input shape:
 DiTs by batch size, and a DiT batch of another size runs as slices of the sizes loaded (`batch_slices`). Input and
-output names come from each runner's GraphSpec.
+output names come from each runner's GraphSpec. The adapters use their runners; whoever opened them closes them (the
+loader, `runtime/bundle/loader.py`).
 """
 
 from __future__ import annotations
@@ -82,11 +83,6 @@ class GraphAutoencoder:
             raise EngineError("no VAE decoder graph loaded: open the bundle with future images to decode them")
         return self._decoder(latent)
 
-    def close(self) -> None:
-        for graph in (self._encoder, self._decoder):
-            if graph is not None:
-                graph.runner.close()
-
 
 class GraphDenoisingNetwork:
     """DenoisingNetwork over DiT graphs, one per batch size; inputs (x, timesteps, condition_mask, text)."""
@@ -135,10 +131,6 @@ class GraphDenoisingNetwork:
             return np.concatenate(outputs)
 
         return network
-
-    def close(self) -> None:
-        for runner in self._runners.values():
-            runner.close()
 
 
 def batch_slices(size: int, available: Sequence[int]) -> list[tuple[int, int, int]]:

@@ -81,12 +81,11 @@ class OnnxRuntimeRunner:
         path: Path,
         spec: GraphSpec,
         target: OrtTarget = OrtTarget("cpu"),
-        threads: int | None = None,
         cache_dir: Path | None = None,
     ) -> None:
         self._spec = spec
         self._path = path
-        self._session: ort.InferenceSession | None = _create_session(path, target, threads, cache_dir)
+        self._session: ort.InferenceSession | None = _create_session(path, target, cache_dir)
         _check_io(self._session, spec, path)
         self._device_io = _BoundBuffers(self._session, spec, target.device_id) if target.provider != "cpu" else None
         self._constants: dict[str, np.ndarray] = {}
@@ -151,7 +150,7 @@ def _float32(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: np.ascontiguousarray(array, dtype=np.float32) for name, array in arrays.items()}
 
 
-def _create_session(path: Path, target: OrtTarget, threads: int | None, cache_dir: Path | None) -> ort.InferenceSession:
+def _create_session(path: Path, target: OrtTarget, cache_dir: Path | None) -> ort.InferenceSession:
     available = ort.get_available_providers()
     wanted = _PROVIDERS[target.provider]
     if wanted not in available:
@@ -164,8 +163,6 @@ def _create_session(path: Path, target: OrtTarget, threads: int | None, cache_di
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = _ERRORS_ONLY
-    if threads is not None:
-        options.intra_op_num_threads = threads
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=target.providers(cache_dir))
     except _ORT_ERRORS as error:

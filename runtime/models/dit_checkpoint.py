@@ -295,14 +295,11 @@ def load_dit(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
-    *,
-    rope_bf16_exponents: bool = True,
 ) -> CosmosDiT:
     """Loads an official checkpoint file or a diffusers directory into an eval-mode CosmosDiT.
 
     The network is built on the meta device and the checkpoint's tensors are assigned into it one by one
-    (converted to `dtype` on `device`), so the 2B weights are held once. `rope_bf16_exponents=False` gives exact
-    RoPE exponents instead of the official bf16-rounded ones.
+    (converted to `dtype` on `device`), so the 2B weights are held once.
     """
     _check_dtype(dtype)
     path = Path(path)
@@ -314,10 +311,9 @@ def load_dit(
         known = _diffusers_fields(raw_json, config_path)
     canonical = _canonicalize(read_dit_state_dict(path))
     try:
-        inferred = _infer_config(canonical, **known)
+        config = _infer_config(canonical, **known)
     except CheckpointError as error:
         raise CheckpointError(f"{path}: not a Cosmos-Predict2 DiT checkpoint: {error}") from error
-    config = dataclasses.replace(inferred, rope_bf16_exponents=rope_bf16_exponents)
     if raw_json is not None:
         _check_diffusers_json(config, raw_json, config_path)
     return _materialize(canonical, config, dtype, device, str(path))

@@ -62,15 +62,18 @@ def check_cameras(platform: PlatformSpec, images: Mapping[str, object]) -> dict[
 
 def transform_image(platform: PlatformSpec, camera: str, frame: np.ndarray) -> np.ndarray:
     """Raw uint8 [H, W, 3] → the uint8 [224, 224, 3] image the official pipeline gives the model."""
-    image = check_frame(camera, frame)
-    if platform.flip_images:
-        image = image[::-1]
-    if platform.jpeg_compression:
-        image = jpeg_round_trip(image)
-    image = resize_bicubic(image, IMAGE_SIZE)
+    image = resize_bicubic(flip_and_compress(platform, check_frame(camera, frame)), IMAGE_SIZE)
     if platform.center_crop:
         image = center_crop_and_resize(image)
     return image
+
+
+def flip_and_compress(platform: PlatformSpec, image: np.ndarray) -> np.ndarray:
+    """The first steps of `transform_image`: the vertical flip and the JPEG round trip, where the platform has them
+    (on the host whatever the backend: the JPEG codec is Pillow's)."""
+    if platform.flip_images:
+        image = image[::-1]
+    return jpeg_round_trip(image) if platform.jpeg_compression else image
 
 
 def check_frame(camera: str, frame: object) -> np.ndarray:
@@ -106,14 +109,18 @@ def center_crop_and_resize(image: np.ndarray, area_fraction: float = CROP_AREA_F
     (`int(S * 0.9**0.5)`, torchvision's `int(round((S - side) / 2))`, Python's round-half-to-even).
     """
     height, width = image.shape[:2]
-    side = int(height * area_fraction**0.5)
-    top = round((height - side) / 2.0)
-    left = round((width - side) / 2.0)
+    top, left, side = crop_box(height, width, area_fraction)
     crop = image[top : top + side, left : left + side]
     planes = np.moveaxis(crop, -1, 0).astype(np.float32)  # [3, side, side]
     resized = resize_bilinear_antialias(planes, height, width)
     # Bilinear weights are non-negative and sum to 1, so the rounded values stay within [0, 255].
     return np.moveaxis(np.round(resized), 0, -1).astype(np.uint8)
+
+
+def crop_box(height: int, width: int, area_fraction: float = CROP_AREA_FRACTION) -> tuple[int, int, int]:
+    """(top, left, side) of the centred square crop of `center_crop_and_resize`, by the official expressions."""
+    side = int(height * area_fraction**0.5)
+    return round((height - side) / 2.0), round((width - side) / 2.0), side
 
 
 def to_model_range(image: np.ndarray) -> np.ndarray:

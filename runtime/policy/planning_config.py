@@ -49,10 +49,10 @@ COUNT_LIMITS: dict[str, int] = {
     "search_depth": 8,
 }
 
-# The schemes each scheme option accepts (use_last_value aggregates over depth, not over an ensemble).
+# The schemes each scheme option accepts.
 SCHEME_CHOICES: dict[str, tuple[Enum, ...]] = {
     "future_state_ensemble_aggregation_scheme": tuple(FutureStateAggregation),
-    "value_ensemble_aggregation_scheme": tuple(s for s in ValueAggregation if s is not ValueAggregation.USE_LAST_VALUE),
+    "value_ensemble_aggregation_scheme": tuple(ValueAggregation),
     "search_depth_value_aggregation_scheme": tuple(DepthAggregation),
 }
 

@@ -29,8 +29,6 @@ class ValueAggregation(str, Enum):
     """Mean − 1·std, unbiased std (torch default); needs two or more values."""
     SUCCESS_VOTE = "success_vote"
     """Fraction of values above the threshold."""
-    USE_LAST_VALUE = "use_last_value"
-    """The last value (search-depth scheme: the value after the deepest level)."""
 
 
 def _parse_scheme(scheme: ValueAggregation | str) -> ValueAggregation:
@@ -51,10 +49,10 @@ def _as_values(values: Sequence[float] | np.ndarray) -> np.ndarray:
 
 
 def aggregate_values(values: Sequence[float] | np.ndarray, scheme: ValueAggregation | str) -> float:
-    """One value from an ensemble (or a search path) of value predictions, clipped to [0, 1].
+    """One value from an ensemble of value predictions (or, `average`, from a search path), clipped to [0, 1].
 
-    The official code clips only the ensemble schemes; the search-depth schemes see values that were clipped at
-    extraction, so clipping them too changes nothing.
+    The official code clips only the ensemble schemes; the search-depth `average` sees values that were clipped at
+    extraction, so clipping it too changes nothing.
     """
     scheme = _parse_scheme(scheme)
     array = _as_values(values)
@@ -70,10 +68,8 @@ def aggregate_values(values: Sequence[float] | np.ndarray, scheme: ValueAggregat
             # torch.std of one sample is NaN, which the official code would pass on as the value.
             raise InputError(f"values: the lcb scheme needs at least 2 values, got {array.size}")
         aggregated = float(wide.mean() - LCB_BETA * wide.std(ddof=1))
-    elif scheme is ValueAggregation.SUCCESS_VOTE:
-        aggregated = float(success.mean())
     else:
-        aggregated = float(wide[-1])
+        aggregated = float(success.mean())
     return min(max(aggregated, 0.0), 1.0)
 
 

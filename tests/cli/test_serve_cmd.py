@@ -49,11 +49,6 @@ def test_curve_options_go_together(tmp_path: Path) -> None:
         server_config(parse("--curve-clients", str(tmp_path)))
 
 
-def test_joint_limits_are_passed_through() -> None:
-    limits = ((-1.0, 1.0),) * 14
-    assert server_config(parse(), limits).joint_limits == limits
-
-
 def test_network_settings_are_refused_before_any_policy_is_loaded() -> None:
     def make_policies(args: argparse.Namespace) -> dict[str, Policy]:
         raise AssertionError("loaded a policy for a server that cannot start")

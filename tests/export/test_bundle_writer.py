@@ -7,6 +7,8 @@ import json
 import os
 import re
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,11 +90,14 @@ def test_killed_export_leaves_only_a_hidden_directory_the_reader_refuses(tmp_pat
         Bundle.open(staging)
 
 
-def test_a_new_export_removes_what_a_killed_one_left(
+def test_a_new_export_removes_what_a_killed_one_left_but_not_a_running_ones(
     tiny_assets: dict[str, CheckpointFiles], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    stale = tmp_path / ".bundle.partial-killed"
-    (stale / "graphs").mkdir(parents=True)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
+    killed = tmp_path / f".bundle.partial-{int(finished.stdout)}-abcd"
+    running = tmp_path / f".bundle.partial-{os.getpid()}-efgh"
+    for staging in (killed, running):
+        (staging / "graphs").mkdir(parents=True)
 
     def fail(*args: object) -> None:
         raise RuntimeError("x")
@@ -100,7 +105,7 @@ def test_a_new_export_removes_what_a_killed_one_left(
     monkeypatch.setattr(bundle_writer, "export_vae_cameras_encoder", fail)
     with pytest.raises(RuntimeError):
         export_bundle(request(tiny_assets["libero"], tmp_path / "bundle"))
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [running]
 
 
 def test_the_bundle_directory_is_as_readable_as_its_files(tiny_bundles: TinyBundles) -> None:

@@ -131,7 +131,7 @@ class StubPolicy:
 
 def serving(server: PolicyServer) -> contextlib.AbstractContextManager[str]:
     """Runs `server` in a thread for the duration of a `with` block; yields its bound endpoint."""
-    return serving_in_thread(server, JOIN_TIMEOUT_S)
+    return serving_in_thread(server)
 
 
 def serve_stub(

@@ -88,9 +88,13 @@ def test_bundle_query_matches_the_reference_policy(
 def test_batched_dit_graph_equals_one_call_per_candidate(tiny_bundles: TinyBundles) -> None:
     bundle = Bundle.open(tiny_bundles("aloha"))
     backend = load_graph_backend("onnxruntime")
-    runners = [backend.open_graph(bundle.graph_file(name), "cpu") for name in ("dit_b1", "dit_b2")]
-    with contextlib.closing(GraphDenoisingNetwork(runners)) as dit:
-        network = dit.bind_text(bundle.text_embeddings().get(bundle.text_embeddings().instructions[0]))
+    with contextlib.ExitStack() as runners:
+        opened = [backend.open_graph(bundle.graph_file(name), "cpu") for name in ("dit_b1", "dit_b2")]
+        for runner in opened:
+            runners.callback(runner.close)
+        network = GraphDenoisingNetwork(opened).bind_text(
+            bundle.text_embeddings().get(bundle.text_embeddings().instructions[0])
+        )
         rng = np.random.default_rng(0)
         x = rng.standard_normal((5, 16, 11, 28, 28)).astype(np.float32)
         timesteps = rng.uniform(0, 1, (5, 11)).astype(np.float32)

@@ -13,7 +13,7 @@ from cosmos_edge.runtime.bundle.loader import load_policies
 from cosmos_edge.runtime.bundle.sources import CheckpointFiles, CheckpointSource
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.policy.api import ActionQuery
-from cosmos_edge.runtime.policy.planning import PlanningPolicy, PlanningWorker
+from cosmos_edge.runtime.policy.planning import PlanningPolicy
 from cosmos_edge.runtime.policy.planning_config import PlanningConfig
 from tests.helpers.observations import random_observation
 from tests.helpers.policies import SMALL_PLANNING, reference_policy
@@ -68,7 +68,7 @@ def test_batched_passes_give_the_same_values_and_choice_as_pass_after_pass(
 ) -> None:
     with load_policies(CheckpointSource(aloha), planning=config) as loaded:
         assert loaded.planning is not None and not loaded.planning.batch_passes  # it does not pay on the CPU
-        workers = [PlanningWorker(device.policy_network, device.planning_network) for device in loaded.devices]
+        workers = list(loaded.devices)
         query = ActionQuery(random_observation("aloha", seed=5), "fold the t-shirt", seed=40, steps=2)
         results = []
         for batch_passes in (False, True):

@@ -260,7 +260,7 @@ def test_fused_attention_is_reported(attention_onnx: Exported, tmp_path: Path) -
 @pytest.mark.gpu
 @needs_tensorrt
 def test_cached_engine_is_reused(attention_onnx: Exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cosmos_edge.runtime import tensorrt_backend
+    from cosmos_edge.runtime.engines.tensorrt import runner as tensorrt_runner
 
     source, _ = attention_onnx["bf16"]
     with TensorRTRunner.from_onnx(ATTENTION, source, tmp_path) as first:
@@ -269,7 +269,7 @@ def test_cached_engine_is_reused(attention_onnx: Exported, tmp_path: Path, monke
     def no_rebuild(*args: object, **kwargs: object) -> None:
         raise AssertionError("the cached engine was rebuilt")
 
-    monkeypatch.setattr(tensorrt_backend, "build_engine", no_rebuild)
+    monkeypatch.setattr(tensorrt_runner, "build_engine", no_rebuild)
     with TensorRTRunner.from_onnx(ATTENTION, source, tmp_path) as second:
         assert second.record == built
         assert second.run(_inputs())["y"].shape == (1, SEQ, DIM)

@@ -53,10 +53,6 @@ def test_success_vote_is_fraction_above_threshold() -> None:
     assert aggregate_values([0.9, 0.01, 0.3, 0.05], "success_vote") == 0.5
 
 
-def test_use_last_value() -> None:
-    assert aggregate_values([0.9, 0.1, 0.25], "use_last_value") == pytest.approx(0.25)
-
-
 def test_results_are_clipped_to_unit_interval() -> None:
     assert aggregate_values([1.5, 1.2], "average") == 1.0
 

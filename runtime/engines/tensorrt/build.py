@@ -284,17 +284,16 @@ def build_engine(
     onnx: OnnxSource,
     engine_path: Path,
     options: BuildOptions = DEFAULT_BUILD_OPTIONS,
-    timing_cache: Path | None = None,
     device: int = 0,
 ) -> tuple[EngineRecord, bytes]:
     """Builds an engine for `spec` from `onnx`, writes it and its record to `engine_path` (+ .json), returns both.
 
-    `timing_cache` defaults to a file beside the engine; this is what `cosmos-edge engines build` calls.
+    Its timing cache is a file beside the engine; this is what `cosmos-edge engines build` calls.
     """
     target = current_target(device)
     check_cuda(import_cudart().cudaSetDevice(device), f"cudaSetDevice({device})")  # the builder uses the current one
     onnx_sha256 = onnx.sha256()
-    cache_file = timing_cache or EngineCache(engine_path.parent).timing_cache_path(target)
+    cache_file = EngineCache(engine_path.parent).timing_cache_path(target)
     _LOG.info("building the TensorRT engine of %s from %s for %s", spec.name, onnx.path, target.describe())
     start = time.perf_counter()
     data = _build_serialized(spec, onnx.path, options, cache_file)

@@ -112,7 +112,7 @@ class EngineRecord:
     """The sidecar of one engine file, and its entry in a bundle manifest's `engines` section.
 
     `file` is the engine's file name (beside the record); `fused_attention_layers` are the engine inspector's
-    layers that run a fused multi-head attention kernel (see tensorrt_backend.fused_attention_layers).
+    layers that run a fused multi-head attention kernel (see `build.fused_attention_layers`).
     """
 
     graph: str

@@ -33,7 +33,6 @@ from cosmos_edge.runtime.engines.tensorrt.build import (
 from cosmos_edge.runtime.engines.tensorrt.cache import (
     DEFAULT_BUILD_OPTIONS,
     REBUILD_BUNDLE_HINT,
-    BuildOptions,
     EngineCache,
     EngineRecord,
     OnnxSource,
@@ -68,7 +67,6 @@ class TensorRTRunner:
         engine: trt.ICudaEngine,
         context: trt.IExecutionContext,
         io: DeviceIO,
-        cuda_graph: bool,
         device: int,
     ) -> None:
         self._spec = spec
@@ -81,7 +79,7 @@ class TensorRTRunner:
         self._io = io
         self._constants: frozenset[str] = frozenset()
         self._streamed = tuple(spec.input_names)
-        self._captured = CapturedWork(import_cudart(), io.stream, self._enqueue) if cuda_graph else None
+        self._captured = CapturedWork(import_cudart(), io.stream, self._enqueue)
 
     @classmethod
     def from_onnx(
@@ -89,23 +87,21 @@ class TensorRTRunner:
         spec: GraphSpec,
         onnx: OnnxSource,
         cache_dir: Path,
-        options: BuildOptions = DEFAULT_BUILD_OPTIONS,
         device: int = 0,
-        cuda_graph: bool = True,
     ) -> TensorRTRunner:
         """Loads the engine cached for (ONNX digest, TensorRT version, GPU, options) in `cache_dir`, building it on
         a miss (minutes for the 2B DiT; progress is logged)."""
         target = current_target(device)
         cache = EngineCache(cache_dir)
-        key = engine_cache_key(onnx.sha256(), target, options)
+        key = engine_cache_key(onnx.sha256(), target, DEFAULT_BUILD_OPTIONS)
         cached = cache.lookup(spec.name, key, target)
         engine_path = cache.engine_path(spec.name, key)
         if cached is None:
-            record, data = build_engine(spec, onnx, engine_path, options, None, device)
+            record, data = build_engine(spec, onnx, engine_path, device=device)
         else:
             record, data = cached
             _LOG.info("using the cached TensorRT engine %s", engine_path)
-        return cls._activate(spec, record, data, device, cuda_graph, cache_rebuild_hint(engine_path))
+        return cls._activate(spec, record, data, device, cache_rebuild_hint(engine_path))
 
     @classmethod
     def from_engine(
@@ -113,18 +109,16 @@ class TensorRTRunner:
         spec: GraphSpec,
         engine_path: Path,
         device: int = 0,
-        cuda_graph: bool = True,
-        rebuild_hint: str = REBUILD_BUNDLE_HINT,
     ) -> TensorRTRunner:
         """Loads a prebuilt engine (a bundle's), refusing one built for another TensorRT version or GPU."""
-        record, data = read_engine(engine_path, current_target(device), rebuild_hint)
+        record, data = read_engine(engine_path, current_target(device), REBUILD_BUNDLE_HINT)
         if record.graph != spec.name:
             raise EngineError(f"engine {engine_path}: expected graph {spec.name!r}, got an engine of {record.graph!r}")
-        return cls._activate(spec, record, data, device, cuda_graph, rebuild_hint)
+        return cls._activate(spec, record, data, device, REBUILD_BUNDLE_HINT)
 
     @classmethod
     def _activate(
-        cls, spec: GraphSpec, record: EngineRecord, data: bytes, device: int, cuda_graph: bool, rebuild_hint: str
+        cls, spec: GraphSpec, record: EngineRecord, data: bytes, device: int, rebuild_hint: str
     ) -> TensorRTRunner:
         check_cuda(import_cudart().cudaSetDevice(device), f"cudaSetDevice({device})")
         runtime, engine = deserialize_engine(data, spec.name, rebuild_hint)
@@ -142,7 +136,7 @@ class TensorRTRunner:
         except EngineError:
             io.close()
             raise
-        return cls(spec, record, runtime, engine, context, io, cuda_graph, device)
+        return cls(spec, record, runtime, engine, context, io, device)
 
     @property
     def spec(self) -> GraphSpec:
@@ -157,26 +151,21 @@ class TensorRTRunner:
         if name not in self._constants:
             self._constants |= {name}
             self._streamed = tuple(n for n in self._spec.input_names if n not in self._constants)
-            if self._captured is not None:
-                self._captured.reset()  # the captured uploads still include `name`
+            self._captured.reset()  # the captured uploads still include `name`
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._check_open()
         self._make_device_current()
         for name in check_feeds(self._spec, inputs, self._constants):
             np.copyto(self._io.inputs[name].host, inputs[name], casting="same_kind")
-        if self._captured is None:
-            self._enqueue()
-        else:
-            self._captured.launch()
+        self._captured.launch()
         self._io.synchronize()
         return {name: buffer.host.copy() for name, buffer in self._io.outputs.items()}
 
     def close(self) -> None:
         if self._context is None:
             return
-        if self._captured is not None:
-            self._captured.reset()
+        self._captured.reset()
         self._io.close()
         self._context = None
         self._engine = None
