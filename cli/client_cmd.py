@@ -21,10 +21,11 @@ import numpy as np
 
 from cosmos_edge.cli.arg_types import int_in_range
 from cosmos_edge.cli.npz_files import output_path, read_observation, write_npz
-from cosmos_edge.robot_bridge.client import PolicyClient, wire_proprio
+from cosmos_edge.robot_bridge.client import PolicyClient
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, load_public_key
 from cosmos_edge.robot_bridge.protocol import MessageError
 from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_image, check_camera_frame
+from cosmos_edge.robot_bridge.wire import wire_proprio
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE
 from cosmos_edge.runtime.policy.api import MAX_DENOISING_STEPS, MAX_SEED, Observation

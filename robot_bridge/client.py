@@ -20,7 +20,6 @@ import time
 from types import TracebackType
 from typing import TypeVar
 
-import numpy as np
 import zmq
 
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, check_key
@@ -43,7 +42,7 @@ from cosmos_edge.robot_bridge.protocol import (
     WireLimits,
     decode_reply,
 )
-from cosmos_edge.robot_bridge.wire import check_array, invalid
+from cosmos_edge.robot_bridge.wire import wire_proprio
 from cosmos_edge.runtime.errors import ConfigError, CosmosEdgeError, ProtocolError
 from cosmos_edge.runtime.policy.api import Observation
 from cosmos_edge.runtime.values import check_number
@@ -57,7 +56,7 @@ _MAX_RETRY_S = 0.5
 _MAX_TIMEOUT_S = 86400.0  # a longer wait is a mistake; zmq's poll overflows past 2**31 ms (about 25 days)
 
 # `ActReply` and `ServerMetadata` are the protocol's own message types; re-exported as the client's results.
-__all__ = ["ActReply", "PolicyClient", "RemoteError", "RequestTimeout", "ServerMetadata", "wire_proprio"]
+__all__ = ["ActReply", "PolicyClient", "RemoteError", "RequestTimeout", "ServerMetadata"]
 
 
 class RequestTimeout(CosmosEdgeError, TimeoutError):
@@ -263,19 +262,6 @@ class PolicyClient:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
-
-
-def wire_proprio(proprio: object) -> np.ndarray:
-    """`proprio` as an `act` carries it, 1-D float32 and finite (a float64 qpos is cast); `MessageError` naming
-    `proprio` otherwise."""
-    try:
-        array = np.asarray(proprio)
-    except ValueError as error:  # a ragged sequence
-        raise invalid("proprio", f"expected numbers, got {type(proprio).__name__} ({error})") from None
-    if array.dtype.kind not in "iuf":
-        raise invalid("proprio", f"expected numbers, got dtype {array.dtype}")
-    with np.errstate(over="ignore"):  # a value beyond float32 becomes infinite, refused as not finite
-        return check_array("proprio", array.astype(np.float32), "float32", 1)
 
 
 def _remaining_ms(deadline: float) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 
 from cosmos_edge.robot_bridge.json_arrays import COMPACT, SPACED, EncodedArray, parse_json, to_array
 from cosmos_edge.robot_bridge.protocol import ActReply
-from cosmos_edge.robot_bridge.wire import ErrorCode, MessageError, invalid
+from cosmos_edge.robot_bridge.wire import ErrorCode, MessageError, invalid, wire_proprio
 from cosmos_edge.runtime.errors import ConfigError
 
 # Official key → camera of the ALOHA platform (`runtime/platforms.py`), as the official code feeds its slots.
@@ -153,11 +153,7 @@ def _proprio(value: object, proprio_dim: int) -> np.ndarray:
     proprio = to_array(value, "proprio")
     if proprio.shape != (proprio_dim,):
         raise invalid("proprio", f"expected shape ({proprio_dim},), got {proprio.shape}")
-    with np.errstate(over="ignore"):  # a value beyond float32 becomes infinite, refused below
-        cast = proprio.astype(np.float32)  # as the official server does, float64 qpos included
-    if not np.isfinite(cast).all():
-        raise invalid("proprio", "expected finite values in float32 range, got NaN or infinity")
-    return cast
+    return wire_proprio(proprio)
 
 
 def _describe(value: object) -> str:

@@ -164,6 +164,19 @@ def check_array(field: str, value: object, dtype: str, ndim: int) -> np.ndarray:
     return value
 
 
+def wire_proprio(proprio: object) -> np.ndarray:
+    """`proprio` as an `act` carries it, 1-D float32 and finite (a float64 qpos is cast, as the official server
+    does); `MessageError` naming `proprio` otherwise."""
+    try:
+        array = np.asarray(proprio)
+    except ValueError as error:  # a ragged sequence
+        raise invalid("proprio", f"expected numbers, got {type(proprio).__name__} ({error})") from None
+    if array.dtype.kind not in "iuf":
+        raise invalid("proprio", f"expected numbers, got dtype {array.dtype}")
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes infinite, refused as not finite
+        return check_array("proprio", array.astype(np.float32), "float32", 1)
+
+
 # --- framing -----------------------------------------------------------------------------------------------------
 
 
