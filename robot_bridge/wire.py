@@ -257,20 +257,27 @@ def _unpack_header(view: memoryview) -> dict[str, Any]:
 
 
 def parse(frames: Sequence[FrameLike], limits: WireLimits) -> Envelope:
-    if not 1 <= len(frames) <= limits.max_arrays + 1:
-        raise MessageError(ErrorCode.MALFORMED, "frames", f"expected 1..{limits.max_arrays + 1}, got {len(frames)}")
-    views = [_byte_view(frame) for frame in frames]
-    total = sum(view.nbytes for view in views)
-    if total > limits.max_message_bytes:
-        raise MessageError(ErrorCode.TOO_LARGE, "message", f"expected <= {limits.max_message_bytes} bytes, got {total}")
-    if views[0].nbytes > limits.max_header_bytes:
+    """The envelope of a message's frames. The (bounded) header is read first, so that every later refusal, the
+    frame count and the total size included, carries the request id its sender waits for."""
+    expected_frames = f"expected 1..{limits.max_arrays + 1}"
+    if not frames:
+        raise MessageError(ErrorCode.MALFORMED, "frames", f"{expected_frames}, got 0")
+    header_view = _byte_view(frames[0])
+    if header_view.nbytes > limits.max_header_bytes:
         raise MessageError(
-            ErrorCode.TOO_LARGE, "header", f"expected <= {limits.max_header_bytes} bytes, got {views[0].nbytes}"
+            ErrorCode.TOO_LARGE, "header", f"expected <= {limits.max_header_bytes} bytes, got {header_view.nbytes}"
         )
-    header = _unpack_header(views[0])
+    header = _unpack_header(header_view)
     request_id = check_int("request_id", header.get("request_id"), 0, UINT64_MAX)
     try:
-        return _parse_header(header, request_id, views[1:], limits)
+        if len(frames) > limits.max_arrays + 1:
+            raise MessageError(ErrorCode.MALFORMED, "frames", f"{expected_frames}, got {len(frames)}")
+        views = [_byte_view(frame) for frame in frames[1:]]
+        total = header_view.nbytes + sum(view.nbytes for view in views)
+        if total > limits.max_message_bytes:
+            detail = f"expected <= {limits.max_message_bytes} bytes, got {total}"
+            raise MessageError(ErrorCode.TOO_LARGE, "message", detail)
+        return _parse_header(header, request_id, views, limits)
     except MessageError as error:
         error.request_id = request_id
         raise

@@ -320,6 +320,8 @@ def test_limits(limits: WireLimits, code: ErrorCode, field: str) -> None:
     with pytest.raises(MessageError) as caught:
         decode_request(bytes_of(act_request().to_frames()), limits)
     assert (caught.value.code, caught.value.field) == (code, field)
+    # Past an oversized header, every refusal names the request its sender waits for.
+    assert caught.value.request_id == (None if field == "header" else 7)
 
 
 @pytest.mark.parametrize(

@@ -219,9 +219,10 @@ def test_oversized_messages(context: zmq.Context[zmq.Socket[bytes]]) -> None:
     limits = WireLimits(max_message_bytes=400_000, max_array_bytes=200_000)
     with serving(PolicyServer(StubPolicy(), ServerConfig(ENDPOINT, limits=limits))) as endpoint:
         controller = RawController(context, endpoint)
-        controller.act(1.0)  # 3 images of 150 kB: each frame fits, the message does not
+        request_id = controller.act(1.0)  # 3 images of 150 kB: each frame fits, the message does not
         reply = controller.receive()
         assert isinstance(reply, ErrorReply) and (reply.code, reply.field) == (ErrorCode.TOO_LARGE, "message")
+        assert reply.request_id == request_id  # so a client matches it to its request instead of timing out
         # A single frame over the limit never reaches us: libzmq drops it and the sender's connection.
         flooder = RawController(context, endpoint)
         flooder.send([PingRequest(1).to_frames()[0], bytes(500_000)])
