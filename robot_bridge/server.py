@@ -88,7 +88,7 @@ _SUGGESTIONS = 3  # known instructions named when one is unknown
 
 @dataclass(frozen=True)
 class _Job:
-    identity: bytes  # the queue key: a ROUTER identity, or a `submit` key no ZeroMQ peer can have
+    key: bytes | int  # in the queue: a controller's ROUTER identity, or a `submit` number (never a ZeroMQ peer's)
     request: ActRequest
     mode: str
     receive_ns: int  # wall clock, reported to the controller
@@ -137,7 +137,7 @@ class PolicyServer:
         self._mode = mode
         self._lock = threading.Lock()  # guards _pending, _running, _outbox, _mode and writing to _wake
         self._work_ready = threading.Condition(self._lock)
-        self._pending: OrderedDict[bytes, _Job] = OrderedDict()
+        self._pending: OrderedDict[bytes | int, _Job] = OrderedDict()
         self._running: _Job | None = None  # taken by the worker; answered by whoever takes it back
         self._outbox: deque[_Answer] = deque()  # answers for the I/O thread to deliver
         self._stopping = threading.Event()
@@ -192,8 +192,8 @@ class PolicyServer:
         waits is skipped. `peer` names the sender in the log.
         """
         started = time.perf_counter() - decode_ms / 1e3  # when the request arrived, for the queue and total times
-        # libzmq reserves identities that start with a zero byte for the 5-byte ones it generates: this key is longer.
-        key = b"\x00submit-%d" % next(self._submissions)
+        # An int: a ZeroMQ peer chooses its identity (any bytes), so no bytes key would be safe from one.
+        key = next(self._submissions)
         future: Future[ActReply] = Future()
         mode = self._act_mode(request)
         self._enqueue(_Job(key, request, mode, time.time_ns(), started, decode_ms, peer, future))
@@ -379,11 +379,11 @@ class PolicyServer:
         with self._work_ready:
             if self._stopping.is_set():  # nothing would run it: the worker is stopping or gone
                 raise MessageError(ErrorCode.SHUTTING_DOWN, "", "the server is shutting down", job.request.request_id)
-            replaced = self._pending.get(job.identity)
+            replaced = self._pending.get(job.key)
             if replaced is None and not self._has_room():
                 detail = f"{self._config.max_pending} controllers are already waiting; retry later"
                 raise MessageError(ErrorCode.OVERLOADED, "", detail, job.request.request_id)
-            self._pending[job.identity] = job  # a replacement keeps its controller's place in line
+            self._pending[job.key] = job  # a replacement keeps its controller's place in line
             self._work_ready.notify()
             if replaced is not None:
                 detail = f"observation {replaced.request.obs_id} replaced by {job.request.obs_id} before it ran"
@@ -395,9 +395,9 @@ class PolicyServer:
         senders that gave up must not hold places a live controller needs."""
         if len(self._pending) >= self._config.max_pending:
             now = time.perf_counter()
-            for identity, job in list(self._pending.items()):
+            for key, job in list(self._pending.items()):
                 if (expired := _expiry(job, now)) is not None:
-                    del self._pending[identity]
+                    del self._pending[key]
                     self._post(_Answer(job, expired))
         return len(self._pending) < self._config.max_pending
 
@@ -420,8 +420,9 @@ class PolicyServer:
         """Sends or resolves one answer; raises nothing, so one answer that cannot be sent loses no other."""
         job, outcome = answer.job, answer.outcome
         if job.future is None:
+            assert isinstance(job.key, bytes), "a job without a future came from the ROUTER socket"
             frames, outcome = _encoded(job, outcome)
-            self._send(job.identity, frames)
+            self._send(job.key, frames)
             answer = dataclasses.replace(answer, outcome=outcome)  # for the log: what was sent
         elif not (job.future.running() or job.future.set_running_or_notify_cancel()):
             return  # its front end cancelled it while it waited: nobody is waiting for the answer

@@ -54,8 +54,17 @@ SHORT_TIMEOUT_S = 0.5  # where no reply is the expected outcome
 class RawController:
     """A bare DEALER socket, to send what a well-behaved client never would and to keep several requests in flight."""
 
-    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], endpoint: str, *, immediate: bool = False) -> None:
+    def __init__(
+        self,
+        context: zmq.Context[zmq.Socket[bytes]],
+        endpoint: str,
+        *,
+        immediate: bool = False,
+        routing_id: bytes | None = None,
+    ) -> None:
         self.socket = context.socket(zmq.DEALER)
+        if routing_id is not None:
+            self.socket.setsockopt(zmq.ROUTING_ID, routing_id)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.IMMEDIATE, int(immediate))
         self.socket.connect(endpoint)
@@ -527,6 +536,27 @@ def test_submitted_requests_wait_for_the_same_worker(context: zmq.Context[zmq.So
     with pytest.raises(MessageError) as caught:
         server.submit(act_request(5.0, 5), peer="test")
     assert caught.value.code is ErrorCode.SHUTTING_DOWN
+
+
+def test_no_zeromq_peer_can_replace_a_submitted_request(context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    gate = threading.Event()
+    policy = StubPolicy(gate=gate)
+    server = PolicyServer(policy, ServerConfig(ENDPOINT))
+    with serving(server) as endpoint:
+        busy = RawController(context, endpoint)
+        first = busy.act(1.0)
+        assert policy.started.wait(TIMEOUT_S)
+        submitted = server.submit(act_request(2.0, 2), peer="test")
+        # A peer picks its identity freely, zero-prefixed ones included (libzmq reserves them only by convention).
+        impostors = [
+            RawController(context, endpoint, routing_id=key) for key in (b"\x00submit-1", b"\x00\x00\x00\x00\x01")
+        ]
+        sent = [impostor.act(3.0) for impostor in impostors]
+        gate.set()
+        assert_answers(busy.receive(), first, 1.0)
+        assert_answers(submitted.result(TIMEOUT_S), 2, 2.0)
+        for impostor, request_id in zip(impostors, sent, strict=True):
+            assert_answers(impostor.receive(), request_id, 3.0)
 
 
 def test_stop_fails_the_submitted_requests_still_waiting() -> None:
