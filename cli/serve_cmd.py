@@ -46,7 +46,7 @@ from cosmos_edge.runtime.policy.planning_config import PRESETS
 from cosmos_edge.runtime.precision import PRECISIONS
 
 if TYPE_CHECKING:
-    from cosmos_edge.robot_bridge.http_server import HttpConfig
+    from cosmos_edge.robot_bridge.http_server import HttpConfig, HttpEndpoint
 
 PolicyFactory = Callable[[argparse.Namespace], LoadedPolicies]
 
@@ -97,7 +97,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction, make_policies: Poli
     )
 
     def serve(args: argparse.Namespace) -> int:
-        with _naming_flags(), contextlib.ExitStack() as sockets:
+        with _naming_flags(), _sigterm_interrupts(), contextlib.ExitStack() as sockets:
             config, http = server_config(args), http_config(args)
             # Bound before the policies load (minutes, for the 2B model): a port in use is refused at once.
             router = sockets.enter_context(BoundRouter.bind(config))
@@ -170,19 +170,41 @@ def run_server(server: PolicyServer, http: HttpConfig | None = None, http_listen
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("run_server installs signal handlers, which only the main thread can do")
 
+    endpoint = _http_endpoint(server, http, http_listener)
+
     def stop(signum: int, frame: FrameType | None) -> None:
+        # Both endpoints wind down at once, so the shutdown window is spent once: the HTTP endpoint stops accepting
+        # and finishes its requests in flight while the server answers those it queued (then refuses with 503).
         server.stop()
+        if endpoint is not None:
+            endpoint.request_stop()
 
     previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        # serve_forever returns once the server has stopped, so the HTTP endpoint stops after it: the requests that
-        # reached it by then are answered, or refused with 503.
-        with server, _http_endpoint(server, http, http_listener):
+        with server, endpoint or contextlib.nullcontext():
             server.serve_forever()
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM interrupts as Ctrl-C does until `run_server` takes the signals over (while the models load and warm up):
+    the sockets bound so far close, and the process exits with a line instead of dying by the signal."""
+    if threading.current_thread() is not threading.main_thread():  # embedded: signals are the caller's
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _exit_now(code: int) -> NoReturn:
@@ -198,9 +220,9 @@ def _exit_now(code: int) -> NoReturn:
 
 def _http_endpoint(
     server: PolicyServer, http: HttpConfig | None, listener: socket.socket | None
-) -> contextlib.AbstractContextManager[object]:
+) -> HttpEndpoint | None:
     if http is None:
-        return contextlib.nullcontext()
+        return None
     from cosmos_edge.robot_bridge.http_server import HttpEndpoint  # the optional extra, as in `http_config`
 
     return HttpEndpoint(server, http, listener=listener)

@@ -31,7 +31,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -206,11 +206,17 @@ class HttpEndpoint:
         logger.info("serving http=%s routes=POST /act, GET /healthz, GET /metadata, POST /mode", self.url)
         return self.url
 
+    def request_stop(self) -> None:
+        """Stops accepting now and lets the requests in flight finish (up to the shutdown timeout), without waiting:
+        it only sets a flag, so a signal handler may call it. `stop` waits for the end."""
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+
     def stop(self) -> None:
         """Stops accepting, lets the requests in flight finish (up to the shutdown timeout) and joins the thread."""
         if self._thread is None or self._uvicorn is None:
             return
-        self._uvicorn.should_exit = True
+        self.request_stop()
         self._thread.join(self._config.shutdown_timeout_s + 1.0)
         if self._thread.is_alive():
             logger.error("the http endpoint did not stop within %.1f s", self._config.shutdown_timeout_s)
@@ -329,11 +335,20 @@ class HttpEndpoint:
             raise MessageError(ErrorCode.TOO_LARGE, "body", f"expected at most {limit} bytes, got {declared}")
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise MessageError(ErrorCode.TOO_LARGE, "body", f"expected at most {limit} bytes, got more")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise MessageError(ErrorCode.TOO_LARGE, "body", f"expected at most {limit} bytes, got more")
+                chunks.append(chunk)
+        except ClientDisconnect:  # a refusal like any other (one rate-limited log line), answered to nobody
+            raise MessageError(ErrorCode.MALFORMED, "body", f"the client left after {size} bytes") from None
+        except asyncio.CancelledError:
+            # The shutdown window ended while the body was still arriving: uvicorn cancels the request, which then
+            # ends as a refusal in the usual form instead of a traceback and a bare 500.
+            raise MessageError(
+                ErrorCode.SHUTTING_DOWN, "body", "the server shut down before the body arrived"
+            ) from None
         return b"".join(chunks)
 
 

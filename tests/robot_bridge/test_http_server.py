@@ -254,6 +254,23 @@ def test_refusals_are_logged_once_per_client_address_per_interval(
     assert len(refusals) == 1  # new connections from the same address count as the same client
 
 
+def test_clients_that_leave_mid_body_are_refusals_not_tracebacks(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(http_server, "RateLimitedLog", functools.partial(RateLimitedLog, interval_s=3600.0))
+    with serving_both(StubPolicy()) as (_, url), caplog.at_level(logging.INFO):
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        head = f"POST /act HTTP/1.1\r\nHost: {host}\r\nContent-Length: 500000\r\n\r\n".encode()
+        for _ in range(5):
+            with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as leaving:
+                leaving.sendall(head + b'{"proprio":')
+        good = json_numpy.dumps(official_request(camera_observation(1.0)))
+        assert requests.post(url + "/act", data=good, timeout=TIMEOUT_S).status_code == 200  # after all five left
+    messages = [record.getMessage() for record in caplog.records]
+    assert not [record for record in caplog.records if record.exc_info], "a traceback in the log"
+    assert len([m for m in messages if "field=body" in m and "code=malformed" in m]) == 1  # rate-limited as others
+
+
 def test_a_failing_policy_is_a_500_and_the_server_carries_on() -> None:
     body = json_numpy.dumps(official_request(camera_observation(1.0)))
     policy = StubPolicy(failure=RuntimeError("the GPU fell off"))

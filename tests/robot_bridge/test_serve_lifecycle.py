@@ -4,6 +4,7 @@ window; `serve` checks its settings and binds its sockets before it loads any po
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import signal
@@ -22,6 +23,7 @@ import zmq
 from cosmos_edge.cli.main import main
 from cosmos_edge.cli.serve_cmd import add_serve_parser
 from cosmos_edge.robot_bridge.client import PolicyClient, RemoteError
+from cosmos_edge.robot_bridge.http_server import HttpConfig
 from cosmos_edge.robot_bridge.protocol import ActReply, ActRequest, ErrorCode, ErrorReply, Reply, decode_reply
 from cosmos_edge.runtime.bundle.loader import LoadedPolicies
 from cosmos_edge.runtime.errors import ConfigError
@@ -71,15 +73,7 @@ def act_then_sigterm(
     endpoint: str, process: multiprocessing.Process, started: Event
 ) -> tuple[Reply, zmq.Socket[bytes]]:
     """Sends an `act`, SIGTERMs the server once its inference runs, and returns the first reply and the socket."""
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    controller = context.socket(zmq.DEALER)
-    controller.setsockopt(zmq.LINGER, 0)
-    controller.setsockopt(zmq.IMMEDIATE, 1)  # as PolicyClient: an unread reply is lost if the server closes too early
-    controller.connect(endpoint)
-    obs = observation(1.0)
-    request = ActRequest(7, obs_id=1, capture_time_ns=1, instruction=INSTRUCTION, **vars(obs))
-    controller.send_multipart(request.to_frames(), copy=False)
-    assert started.wait(STARTUP_S)
+    controller = act_in_flight(endpoint, started)
     process.terminate()
     assert controller.poll(round((STARTUP_S + MARGIN_S) * 1e3)), "no reply to the request in flight"
     return decode_reply(controller.recv_multipart()), controller
@@ -106,6 +100,62 @@ def test_sigterm_answers_an_inference_longer_than_the_window_and_exits() -> None
         assert isinstance(reply, ErrorReply) and (reply.request_id, reply.code) == (7, ErrorCode.SHUTTING_DOWN)
         assert "did not finish within the 1.0 s shutdown window" in reply.message
         assert_exits_cleanly_with_no_second_reply(process, controller)  # not after the 600 s inference
+
+
+def test_sigterm_winds_both_endpoints_down_at_once_and_answers_a_stalled_http_client() -> None:
+    started, port = SPAWN.Event(), free_port()
+    http = HttpConfig(port=port, shutdown_timeout_s=5.0)
+    kwargs = {"http": http, "delay_s": 600.0, "started": started, "shutdown_timeout_s": 5.0}
+    with spawned_server(serve_stub, **kwargs) as (endpoint, process):
+        stalled = socket.create_connection(("127.0.0.1", port), timeout=STARTUP_S + MARGIN_S)
+        head = b"POST /act HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        stalled.sendall(head + b'{"proprio":')  # and no more: its body never completes
+        controller = act_in_flight(endpoint, started)
+        process.terminate()
+        # The HTTP endpoint stops accepting while the ZeroMQ request in flight still waits out its window: the two
+        # windows run together, not one after the other.
+        while not refused(port):
+            assert not controller.poll(10), "the http endpoint was still accepting after the zeromq drain ended"
+        reply = decode_reply(controller.recv_multipart())
+        assert isinstance(reply, ErrorReply) and (reply.request_id, reply.code) == (7, ErrorCode.SHUTTING_DOWN)
+        response = read_until_closed(stalled)
+        status, _, body = response.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 503"), response  # the refusal in the endpoint's JSON form, not a bare 500
+        assert json.loads(body) == {
+            "error": "body: the server shut down before the body arrived",
+            "field": "body",
+            "code": "shutting_down",
+        }
+        assert_exits_cleanly_with_no_second_reply(process, controller)
+
+
+def act_in_flight(endpoint: str, started: Event) -> zmq.Socket[bytes]:
+    """A DEALER whose `act` (request id 7) the server is computing."""
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    controller = context.socket(zmq.DEALER)
+    controller.setsockopt(zmq.LINGER, 0)
+    controller.setsockopt(zmq.IMMEDIATE, 1)  # as PolicyClient: an unread reply is lost if the server closes too early
+    controller.connect(endpoint)
+    request = ActRequest(7, obs_id=1, capture_time_ns=1, instruction=INSTRUCTION, **vars(observation(1.0)))
+    controller.send_multipart(request.to_frames(), copy=False)
+    assert started.wait(STARTUP_S)
+    return controller
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=STARTUP_S).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def read_until_closed(connection: socket.socket) -> bytes:
+    chunks = []
+    while chunk := connection.recv(65536):
+        chunks.append(chunk)
+    connection.close()
+    return b"".join(chunks)
 
 
 # --- serve: settings and sockets before the policies ---------------------------------------------------------------
@@ -273,6 +323,39 @@ def test_serve_delivers_the_chunk_on_sigterm_then_releases_the_policies() -> Non
     code, loaded, reply = serve_until_sigterm(StubPolicy(delay_s=0.5))
     assert code == 0 and isinstance(reply, ActReply)
     assert loaded.closed
+
+
+def serve_while_loading_forever(port: int, *, loading: Flag) -> None:
+    """Target of a spawned process: `serve` whose policies never finish loading; exits as the CLI does on Ctrl-C."""
+
+    def load(args: argparse.Namespace) -> LoadedPolicies:
+        loading.set()
+        threading.Event().wait()
+        raise AssertionError("unreachable")
+
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers(), load)
+    args = parser.parse_args(["serve", "--endpoint", f"tcp://127.0.0.1:{port}"])
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+def test_sigterm_while_the_models_load_interrupts_and_frees_the_port() -> None:
+    loading, port = SPAWN.Event(), free_port()
+    process = SPAWN.Process(target=serve_while_loading_forever, args=(port,), kwargs={"loading": loading}, daemon=True)
+    process.start()
+    try:
+        assert loading.wait(STARTUP_S)  # the port is bound by now: serve binds before it loads
+        process.terminate()
+        process.join(MARGIN_S)
+        assert process.exitcode == 130  # interrupted as by Ctrl-C, not killed by the signal (-15)
+        with socket.socket() as again:
+            again.bind(("127.0.0.1", port))  # released on the way out
+    finally:
+        if process.is_alive():
+            process.kill()
 
 
 class PooledPolicy(StubPolicy):
