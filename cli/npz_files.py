@@ -43,9 +43,9 @@ def read_observation(path: Path) -> Observation:
 
 def output_path(flag: str, path: Path) -> Path:
     """The file `np.savez` writes for `path` (it adds `.npz` to a name without it), refused before the work whose
-    result it would hold if it could not be written."""
+    result it would hold if it could not be written, or if it exists (an observation given as `--out` included)."""
     writable_file(flag, path)  # `--out results` naming a directory is refused as such, not as results.npz
-    return writable_file(flag, path if path.suffix == ".npz" else path.with_name(path.name + ".npz"))
+    return writable_file(flag, path if path.suffix == ".npz" else path.with_name(path.name + ".npz"), replace=False)
 
 
 def write_npz(flag: str, path: Path, arrays: Mapping[str, np.ndarray]) -> None:

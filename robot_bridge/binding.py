@@ -8,6 +8,7 @@ import errno
 import ipaddress
 import os
 import socket
+import stat
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -116,7 +117,7 @@ class BoundRouter:
                 router.curve_publickey = config.curve.keys.public
                 router.curve_secretkey = config.curve.keys.secret
             try:
-                _refuse_a_served_ipc_path(config.endpoint)
+                _check_ipc_path(config.endpoint)
                 router.bind(config.endpoint)
             except zmq.ZMQError as error:
                 raise _bind_error(config.endpoint, error) from None
@@ -160,13 +161,18 @@ def _ipc_path(endpoint: str) -> str | None:
     return address if scheme == "ipc" and address != "*" and not address.startswith("@") else None
 
 
-def _refuse_a_served_ipc_path(endpoint: str) -> None:
+def _check_ipc_path(endpoint: str) -> None:
     """`zmq.ZMQError(EADDRINUSE)` when a process accepts connections on the `ipc://` path: libzmq's bind would
     silently replace its socket file, leaving that server unreachable. A refused connection (a stale file, left by a
-    process that died) or no file at all is for the bind to take."""
+    process that died) or no file at all is for the bind to take; any other kind of file is refused (ConfigError):
+    the bind would replace it, and the server's exit remove it."""
     path = _ipc_path(endpoint)
     if path is None:
         return
+    with contextlib.suppress(OSError):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            detail = f"{endpoint!r} names {path}, which is not a socket; an ipc:// endpoint never replaces a file"
+            raise ConfigError(f"endpoint: {detail}")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.setblocking(False)  # a listener whose backlog is full answers EAGAIN rather than blocking us
         try:

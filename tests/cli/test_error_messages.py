@@ -176,6 +176,10 @@ CASES: dict[str, Case] = {
         "--compile: --reference runs the official path uncompiled",
     ),
     "act output is a directory": lambda f, t: (act(f, t, "--out", str(t)), f"--out {t}: is a directory"),
+    "act output is the observation": lambda f, t: (
+        act(f, t, "--out", str(t / "obs.npz")),
+        f"--out {t / 'obs.npz'}: exists, and is never replaced",
+    ),
     "observation is a directory": lambda f, t: (act(f, t, observation_path=t), f"observation: {t}: is a directory"),
     "steps given twice in planning": lambda f, t: (
         act(f, t, "--mode", "planning", "--steps", "3", "--num-denoising-steps-action", "5"),

@@ -788,6 +788,14 @@ def test_an_ipc_socket_file_is_removed_on_close_and_a_stale_one_is_bound_over(ip
     assert not path.exists()
 
 
+def test_an_ipc_path_naming_a_file_is_refused_and_the_file_kept(ipc_dir: Path) -> None:
+    notes = ipc_dir / "notes.txt"
+    notes.write_text("important")
+    with pytest.raises(ConfigError, match=f"endpoint: 'ipc://{notes}' names {notes}, which is not a socket"):
+        BoundRouter.bind(ServerConfig(f"ipc://{notes}"))
+    assert notes.read_text() == "important"
+
+
 def test_a_server_takes_over_a_router_bound_before_it() -> None:
     router = BoundRouter.bind(ServerConfig(ENDPOINT))
     server = PolicyServer(StubPolicy(), ServerConfig(ENDPOINT), router=router)
