@@ -121,6 +121,8 @@ def _act(args: argparse.Namespace) -> int:
                 f"planning: best of {candidates}, not the preset's {preset}: the bundle's DiT batch sizes allow no more"
             )
         planning = planning_config(args, num_queries_best_of_n=candidates)
+        if args.future_images and not planning.future_images_available:
+            raise ConfigError("--future-images: not available with --ar-qvalue-prediction: it runs no world-model pass")
     with load_policies(
         source,
         devices=devices,

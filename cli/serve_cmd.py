@@ -126,14 +126,16 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         if args.http is None:
             raise ConfigError("--endpoint none: needs --http, or nothing could reach the policies")
         endpoint = _IN_PROCESS_ONLY
-    try:
-        limits = WireLimits(
-            max_message_bytes=round(args.max_message_mb * _MIB), max_array_bytes=round(args.max_array_mb * _MIB)
-        )
-    except ConfigError as error:
+    if args.max_array_mb > args.max_message_mb:
         raise ConfigError(
-            f"--max-message-mb {args.max_message_mb:g}, --max-array-mb {args.max_array_mb:g}: {error}"
-        ) from None
+            f"--max-array-mb {args.max_array_mb:g}: expected at most --max-message-mb ({args.max_message_mb:g})"
+        )
+    message_bytes = max(1, round(args.max_message_mb * _MIB))
+    limits = WireLimits(
+        max_message_bytes=message_bytes,
+        max_array_bytes=max(1, round(args.max_array_mb * _MIB)),
+        max_header_bytes=min(WireLimits.max_header_bytes, message_bytes),  # no flag of its own: within the message's
+    )
     return ServerConfig(
         endpoint=endpoint,
         limits=limits,

@@ -73,6 +73,8 @@ def load_public_key(path: str | Path) -> bytes:
 
 
 def _read_certificate(path: str | Path) -> tuple[bytes, bytes | None]:
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: no such file; expected a CURVE certificate (cosmos-edge keys generate writes them)")
     try:
         return zmq.auth.load_certificate(path)
     except (OSError, ValueError) as error:  # a missing file; a file without a public key

@@ -158,7 +158,8 @@ def check_array(field: str, value: object, dtype: str, ndim: int) -> np.ndarray:
     if value.dtype != _WIRE_DTYPES[dtype]:
         raise invalid(field, f"expected dtype {dtype}, got {value.dtype}")
     if value.ndim != ndim or not all(1 <= side <= MAX_DIM for side in value.shape):
-        raise invalid(field, f"expected {ndim} dimensions of 1..{MAX_DIM}, got shape {value.shape}")
+        dimensions = "1 dimension" if ndim == 1 else f"{ndim} dimensions"
+        raise invalid(field, f"expected {dimensions}, each of 1..{MAX_DIM}, got shape {value.shape}")
     if value.dtype.kind == "f" and not np.isfinite(value).all():
         raise invalid(field, "expected finite values, got NaN or infinity")
     return value

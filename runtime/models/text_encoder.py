@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import pickle
 import warnings
+import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -98,8 +99,14 @@ def _load_tensor_pickle(path: Path) -> object:
             # torch warns about pickle protocols it did not write before rejecting a plain pickle.dump file.
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError):
-        pass  # a plain pickle.dump file, not a torch.save archive: the official embeddings are written that way
+    except (pickle.UnpicklingError, RuntimeError) as error:
+        if zipfile.is_zipfile(path):  # a zip archive, but not a torch.save one of tensors (an .npz, say)
+            first_line = str(error).splitlines()[0]
+            raise CheckpointError(
+                f"{path}: a zip archive torch.load cannot read as tensors ({first_line}); expected the official "
+                "*_t5_embeddings.pkl"
+            ) from None
+        # Otherwise a plain pickle.dump file, not a torch.save archive: the official embeddings are written that way.
 
     def load_storage(data: bytes) -> object:
         # Storages pickle as torch.save bytes that record their device; map them to the CPU (CUDA may be absent).

@@ -381,7 +381,7 @@ class PlanningPolicy(ModelPolicy):
 
     def infer(self, query: ActionQuery) -> ChunkResult:
         config = self._config
-        if query.return_future_images and config.ar_future_prediction and not config.ar_value_prediction:
+        if query.return_future_images and not config.future_images_available:
             raise InputError(
                 "return_future_images: not available when ar_future_prediction serves Q(s, a) planning "
                 "(ar_qvalue_prediction): no world-model pass is run"

@@ -110,6 +110,12 @@ class PlanningConfig:
         return self.ar_value_prediction or self.ar_qvalue_prediction
 
     @property
+    def future_images_available(self) -> bool:
+        """False for Q(s, a) planning after a world-model pass, whose reply has no future images to decode (they come
+        from the chosen candidate's world-model pass, which this configuration does not run)."""
+        return not (self.ar_future_prediction and not self.ar_value_prediction)
+
+    @property
     def value_mode(self) -> ConditioningMode:
         """The conditioning of a value pass: V(s') or V(s, a, s') after a world-model pass, else Q(s, a)."""
         if self.ar_value_prediction:

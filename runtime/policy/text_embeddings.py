@@ -110,9 +110,11 @@ def merge(stores: Mapping[str, TextEmbeddings]) -> TextEmbeddings:
     merged: dict[str, np.ndarray] = {}
     origin: dict[str, str] = {}
     for name, store in stores.items():
-        if merged and store.shape != next(iter(merged.values())).shape:
+        if merged and store.shape != (shape := next(iter(merged.values())).shape):
             first = next(iter(origin.values()))
-            raise InputError(f"text embeddings {name}: shape {list(store.shape)}, but {first} holds another shape")
+            raise InputError(
+                f"text embeddings {name}: shape {list(store.shape)}, but {first} holds shape {list(shape)}"
+            )
         for instruction, bits in store.bf16_bits.items():
             if instruction in merged and not np.array_equal(merged[instruction], bits):
                 raise InputError(

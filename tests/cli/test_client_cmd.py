@@ -108,7 +108,7 @@ def test_keys_generate_then_a_curve_server_admits_the_client(
 def test_option_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cases = {
         ("--curve-server-key", str(tmp_path / "server.key")): "give both or neither",
-        ("--curve-server-key", str(tmp_path / "a.key"), "--curve-secret-key", str(tmp_path / "b")): "a.key: expected",
+        ("--curve-server-key", str(tmp_path / "a.key"), "--curve-secret-key", str(tmp_path / "b")): "a.key: no such file",
         ("--timeout", "0"): "--timeout: expected a finite number in (0, 86400]",
     }
     for options, message in cases.items():
@@ -154,7 +154,7 @@ def test_act_refuses_a_bad_observation_file_in_one_line_naming_it(
     obs = observation()
     cases = {
         "text proprio": ({"proprio": np.array(["0.5"] * 14)}, "proprio: expected numbers, got dtype <U3"),
-        "2-D proprio": ({"proprio": np.zeros((2, 14))}, "proprio: expected 1 dimensions"),
+        "2-D proprio": ({"proprio": np.zeros((2, 14))}, "proprio: expected 1 dimension,"),
         "NaN proprio": ({"proprio": np.full(14, np.nan)}, "proprio: expected finite values"),
         "float image": ({"cam_high": np.zeros((480, 640, 3))}, "images['cam_high']: expected a uint8 array [H, W, 3]"),
         "grey image": ({"cam_high": np.zeros((480, 640), np.uint8)}, "images['cam_high']: expected a uint8 array"),

@@ -98,7 +98,7 @@ CASES: dict[str, Case] = {
     ),
     "missing CURVE key": lambda f, t: (
         serve(f, "--curve-secret-key", str(t / "none.key_secret"), t),
-        "none.key_secret",
+        "none.key_secret: no such file",
     ),
     "CURVE key that is not a certificate": lambda f, t: (
         serve(f, "--curve-secret-key", str(write(t, "bad.key_secret", b"hello")), t),
@@ -176,6 +176,10 @@ CASES: dict[str, Case] = {
         "--compile: --reference runs the official path uncompiled",
     ),
     "act output is a directory": lambda f, t: (act(f, t, "--out", str(t)), f"--out {t}: is a directory"),
+    "future images of Q(s, a) planning": lambda f, t: (
+        act(f, t, "--mode", "planning", "--no-ar-value-prediction", "--ar-qvalue-prediction", "--future-images"),
+        "--future-images: not available with --ar-qvalue-prediction",
+    ),
     "act output is the observation": lambda f, t: (
         act(f, t, "--out", str(t / "obs.npz")),
         f"--out {t / 'obs.npz'}: exists, and is never replaced",
@@ -213,9 +217,19 @@ CASES: dict[str, Case] = {
         ["text-embeddings", "convert", str(write(t, "e.pkl", b"x")), str(t / "no" / "e.safetensors"), "--trust-pickle"],
         f"OUT.safetensors {t / 'no' / 'e.safetensors'}: no directory",
     ),
-    "a pickle error is one line": lambda f, t: (
+    "an npz given as the pickle": lambda f, t: (
         ["text-embeddings", "convert", str(observation(t)), str(t / "e.safetensors"), "--trust-pickle"],
-        "obs.npz: not a readable pickle",
+        "obs.npz: a zip archive torch.load cannot read as tensors",
+    ),
+    "a pickle error is one line": lambda f, t: (
+        [
+            "text-embeddings",
+            "convert",
+            str(write(t, "bad.pkl", b"\x80\x04garbage")),
+            str(t / "e.safetensors"),
+            "--trust-pickle",
+        ],
+        "bad.pkl: not a readable pickle",
     ),
     "client timeout infinite": lambda f, t: (["client", "ping", "--timeout", "inf"], "--timeout"),
     "client timeout of days": lambda f, t: (

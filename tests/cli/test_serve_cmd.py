@@ -44,6 +44,14 @@ def test_binding_all_interfaces_needs_curve_or_the_insecure_flag(tmp_path: Path)
     assert config.curve.allowed_clients == frozenset({zmq.auth.load_certificate(client_public)[0]})
 
 
+def test_message_limits_are_checked_as_flags() -> None:
+    small = server_config(parse("--max-message-mb", "0.1", "--max-array-mb", "0.05")).limits
+    assert (small.max_message_bytes, small.max_array_bytes) == (round(0.1 * 2**20), round(0.05 * 2**20))
+    assert small.max_header_bytes == small.max_message_bytes  # the header fits in the message, whatever its size
+    with pytest.raises(ConfigError, match=r"^--max-array-mb 5: expected at most --max-message-mb \(1\)$"):
+        server_config(parse("--max-message-mb", "1", "--max-array-mb", "5"))
+
+
 def test_curve_options_go_together(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="give both or neither"):
         server_config(parse("--curve-clients", str(tmp_path)))
