@@ -7,6 +7,7 @@ tensors), the Wan2.1 `tokenizer.pth`, the dataset statistics JSON and the instru
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,19 +67,28 @@ def write_random_assets(out_dir: str | Path, spec: RandomAssetsSpec = RandomAsse
     dtype = TORCH_DTYPES[spec.dtype]
     dit = dit_config(spec.config)
     files = random_asset_paths(out, spec)
-    torch.save(random_dit_state_dict(dit, spec.seed, dtype), files.checkpoint)
-    torch.save(random_vae_state_dict(vae_config(VAE_FOR_DIT[spec.config]), spec.seed + 1, dtype), files.tokenizer)
-    random_stats(platform, spec.seed).write_json(files.stats)
     rng = np.random.default_rng(spec.seed + 2)
-    text_store.write(
-        files.text_embeddings,
-        text_store.TextEmbeddings.from_arrays(
-            {
-                instruction: rng.standard_normal((1, TEXT_TOKENS, dit.text_dim)).astype(np.float32)
-                for instruction in SAMPLE_INSTRUCTIONS[spec.platform]
-            }
-        ),
-    )
+    embeddings = {
+        instruction: rng.standard_normal((1, TEXT_TOKENS, dit.text_dim)).astype(np.float32)
+        for instruction in SAMPLE_INSTRUCTIONS[spec.platform]
+    }
+    vae = vae_config(VAE_FOR_DIT[spec.config])
+    # Each made when written: the 2B DiT's state dict is 8 GB in fp32, and is released before the VAE's is made.
+    writers: list[tuple[Path, Callable[[Path], None]]] = [
+        (files.checkpoint, lambda path: torch.save(random_dit_state_dict(dit, spec.seed, dtype), path)),
+        (files.tokenizer, lambda path: torch.save(random_vae_state_dict(vae, spec.seed + 1, dtype), path)),
+        (files.stats, random_stats(platform, spec.seed).write_json),
+        (files.text_embeddings, lambda path: text_store.write(path, embeddings)),
+    ]
+    written: list[Path] = []
+    try:
+        for path, write in writers:
+            written.append(path)
+            write(path)
+    except BaseException:  # Ctrl-C included: a partial model would block the next run, which never replaces files
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return files
 
 

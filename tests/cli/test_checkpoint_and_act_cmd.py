@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cosmos_edge.cli.main import main
+from cosmos_edge.runtime.policy import text_embeddings
 from tests.helpers.observations import random_observation
 
 
@@ -24,6 +25,20 @@ def test_random_then_inspect_reports_the_dit(tmp_path: Path, capsys: pytest.Capt
     assert report["network"] == "wan2.1-vae" and report["config"]["base_dim"] == 8
 
 
+def test_an_interrupted_random_model_leaves_nothing_that_blocks_a_rerun(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupt(*args: object) -> None:
+        raise KeyboardInterrupt  # Ctrl-C while the last file is written, after the other three
+
+    with monkeypatch.context() as patched:
+        patched.setattr(text_embeddings, "write", interrupt)
+        assert main(["checkpoint", "random", "--out", str(tmp_path)]) == 130
+    assert list(tmp_path.iterdir()) == []
+    assert main(["checkpoint", "random", "--out", str(tmp_path)]) == 0
+    assert len(list(tmp_path.iterdir())) == 4
+
+
 def test_inspect_a_file_that_is_no_checkpoint_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "junk.pt"
     path.write_bytes(b"not a checkpoint")
@@ -37,7 +52,6 @@ def test_act_runs_one_query(platform: str, tmp_path: Path, capsys: pytest.Captur
     observation = random_observation(platform)
     np.savez(tmp_path / "obs.npz", proprio=observation.proprio, **observation.images)
     task = (tmp_path / f"{platform}_t5_embeddings.safetensors").as_posix()
-    from cosmos_edge.runtime.policy import text_embeddings
 
     instruction = text_embeddings.read(task).instructions[0]
     out = tmp_path / "result.npz"
