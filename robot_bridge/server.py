@@ -482,10 +482,19 @@ class PolicyServer:
         (its result, should it come, is dropped). Then the connections stay open `_REPLY_GRACE_S` after the last reply.
         Meanwhile requests still arriving are answered (`act` refused)."""
         with self._work_ready:
+            waiting = len(self._pending)
             for job in self._pending.values():
                 self._post(_Answer(job, _shutting_down(job, "the server stopped before this request ran")))
             self._pending.clear()
             self._work_ready.notify_all()  # the worker returns once its current job, if any, is done
+        if self._inferring():  # say why the process does not exit at once
+            logger.info(
+                "stopping: %d waiting request(s) answered shutting_down; the one being computed has up to %.1f s",
+                waiting,
+                self._config.shutdown_timeout_s,
+            )
+        else:
+            logger.info("stopping: %d waiting request(s) answered shutting_down", waiting)
         self._poll_until(poller, time.monotonic() + self._config.shutdown_timeout_s, self._inferring)
         if not self._answer_overdue() and self._worker is not None:
             self._worker.join(self._config.shutdown_timeout_s)  # it has nothing left to do but return

@@ -600,6 +600,9 @@ def test_the_running_request_is_answered_shutting_down_when_the_window_ends(
     messages = [r.getMessage() for r in caplog.records]
     assert any(f"request_id={running} obs_id=1 mode=reactive status=late_result_dropped" in m for m in messages)
     assert not any("status=ok" in m for m in messages)
+    # The stop is said at once, with what it waits for.
+    stopping = "stopping: 1 waiting request(s) answered shutting_down; the one being computed has up to 0.5 s"
+    assert stopping in messages
 
 
 def test_a_client_reading_its_last_reply_late_still_gets_it(context: zmq.Context[zmq.Socket[bytes]]) -> None:
