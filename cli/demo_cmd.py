@@ -210,9 +210,10 @@ def _print_boundaries(executor: ChunkExecutor) -> None:
         f"safety-limited ticks in the windows: {stats.safety_ticks}"
     )
     # The simulation waits for each reply (lockstep), so the round trip it sees is short in simulated time.
-    latency = "n/a" if executor.latency_ms is None else f"{executor.latency_ms:.0f} ms of simulated time (lockstep)"
+    latency = "n/a" if executor.latency_ms is None else f"{executor.latency_ms:.0f} ms"
     print(
-        f"inference round trip: {latency}; prefetch at {executor.prefetch_threshold} actions left; "
+        f"inference round trip in simulated time (lockstep; the wall-clock one is in the latency table): {latency}; "
+        f"prefetch at {executor.prefetch_threshold} actions left; "
         f"starved ticks: {executor.counters.starved_ticks}"
     )
 
@@ -223,7 +224,7 @@ def _print_latencies(chunks: list[tuple[Chunk, float]]) -> None:
         return
     stages = list(dict.fromkeys(name for chunk, _ in chunks for name in chunk.timings_ms))
     rows = [(name, [chunk.timings_ms.get(name, 0.0) for chunk, _ in chunks]) for name in stages]
-    rows.append(("round trip (controller)", [round_trip for _, round_trip in chunks]))
+    rows.append(("round trip (wall clock)", [round_trip for _, round_trip in chunks]))
     print(f"latency over {len(chunks)} policy replies (ms, tiny model on this CPU)")
     print(f"  {'stage':24s} {'p50':>9s} {'max':>9s}")
     for name, values in rows:

@@ -18,7 +18,7 @@ def test_demo_runs_one_chunk(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["demo", "--chunks", "1", "--steps", "1", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "random weights" in printed
-    assert "round trip (controller)" in printed and "vae_encode" in printed
+    assert "round trip (wall clock)" in printed and "vae_encode" in printed
     assert "safety interventions: commands=50" in printed
     assert "chunks_adopted=0" not in printed
     assert re.search(r"simulation \(transfer_cube\): last reward \S+, task solved: (yes|no)\n", printed)
