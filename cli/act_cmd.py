@@ -12,11 +12,20 @@ from cosmos_edge.cli.arg_types import int_in_range
 from cosmos_edge.cli.model_source import add_compile_arguments, model_source
 from cosmos_edge.cli.npz_files import output_path, read_observation, write_npz
 from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config, planning_flags_given
-from cosmos_edge.runtime.bundle.loader import load_policies, planning_candidates
+from cosmos_edge.runtime.bundle.loader import load_policies, planning_candidates, source_platform, source_stats
+from cosmos_edge.runtime.bundle.sources import ModelSource
 from cosmos_edge.runtime.engines.registry import GRAPH_BACKENDS
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.platforms import PLATFORMS
-from cosmos_edge.runtime.policy.api import MAX_DENOISING_STEPS, MAX_SEED, ActionQuery, ChunkResult, PlanningOutcome
+from cosmos_edge.runtime.policy.api import (
+    MAX_DENOISING_STEPS,
+    MAX_SEED,
+    ActionQuery,
+    ChunkResult,
+    Observation,
+    PlanningOutcome,
+)
+from cosmos_edge.runtime.policy.images import check_cameras
 from cosmos_edge.runtime.policy.planning_config import PRESETS
 from cosmos_edge.runtime.precision import PRECISIONS
 
@@ -98,6 +107,7 @@ def _act(args: argparse.Namespace) -> int:
     out = None if args.out is None else output_path("--out", args.out)
     devices = [args.device] if args.device else None
     source = model_source(args, devices or [], device_flag="--device", reference=args.reference)
+    _check_observation(source, observation, args.observation)
     planning = None
     if args.mode != "planning" and (given := planning_flags_given(args) + _planning_only_flags(args)):
         raise ConfigError(
@@ -143,6 +153,16 @@ def _act(args: argparse.Namespace) -> int:
         save_result(out, result, all_actions=args.return_all_query_results)
         print(f"wrote {out}")
     return 0
+
+
+def _check_observation(source: ModelSource, observation: Observation, path: Path) -> None:
+    """The observation's cameras and proprio against the model's platform and statistics, before the networks load
+    (a minute for the 2B model); the policy checks them again, as every query."""
+    try:
+        check_cameras(source_platform(source), observation.images)
+        source_stats(source).normalize_proprio(np.asarray(observation.proprio))
+    except InputError as error:
+        raise InputError(f"observation: {path}: {error}", error.field) from None
 
 
 def _planning_only_flags(args: argparse.Namespace) -> list[str]:

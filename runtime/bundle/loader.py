@@ -181,6 +181,13 @@ def source_platform(source: ModelSource) -> PlatformSpec:
     return Bundle.open(source.path).manifest.platform
 
 
+def source_stats(source: ModelSource) -> DatasetStats:
+    """The dataset statistics `source` normalises with, read without loading a model."""
+    if isinstance(source, CheckpointSource):
+        return DatasetStats.from_json(source.files.stats, source_platform(source))
+    return Bundle.open(source.path).dataset_stats()
+
+
 def bundle_batch_sizes(source: BundleSource) -> list[int]:
     """The DiT batch sizes a bundle has graphs for, sorted."""
     bundle = Bundle.open(source.path)
@@ -203,7 +210,7 @@ def _open_checkpoints(
 ) -> tuple[PolicyModel, list[PlanningWorker]]:
     files = source.files
     platform = platform_spec(files.platform)
-    stats = DatasetStats.from_json(files.stats, platform)
+    stats = source_stats(source)
     text = text_store.read(files.text_embeddings)
     torch_backend = load_torch_backend()
     for device in devices:  # every device is checked before any weights are read

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cosmos_edge.cli import act_cmd
 from cosmos_edge.cli.main import main
 from cosmos_edge.runtime.bundle.sources import CheckpointFiles
 from cosmos_edge.runtime.policy import text_embeddings
@@ -303,6 +304,35 @@ def test_bad_input_is_one_line_naming_the_file_or_flag(
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cosmos-edge: error: "), lines
     assert named in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("arrays", "named"),
+    [
+        ({"cam_top": np.zeros((224, 224, 3), np.uint8)}, "images: aloha expects cameras"),
+        ({"proprio": np.zeros(7, np.float32)}, "proprio: expected"),
+    ],
+    ids=["camera names", "proprio size"],
+)
+def test_act_checks_the_observation_before_loading_the_model(
+    arrays: dict[str, np.ndarray],
+    named: str,
+    tiny_assets: dict[str, CheckpointFiles],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("loaded the model for an observation it cannot take")
+
+    monkeypatch.setattr(act_cmd, "load_policies", never)
+    with np.load(observation(tmp_path)) as good:
+        fields = {name: good[name] for name in good.files}
+    if "cam_top" in arrays:
+        del fields["cam_high"]
+    np.savez(tmp_path / "bad.npz", **(fields | arrays))  # type: ignore[arg-type]
+    assert main(act(tiny_assets["aloha"], tmp_path, observation_path=tmp_path / "bad.npz")) == 2
+    assert f"observation: {tmp_path / 'bad.npz'}: {named}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "0", "-1", "lots"])
