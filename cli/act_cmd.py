@@ -47,7 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--platform", choices=sorted(PLATFORMS), help="required with the official files")
     parser.add_argument(
-        "--observation", type=Path, required=True, help="npz: one uint8 HxWx3 array per camera, and `proprio`"
+        "--observation",
+        type=Path,
+        required=True,
+        help="npz: one uint8 HxWx3 array per camera, named as the platform's ("
+        + "; ".join(f"{name}: {', '.join(spec.cameras)}" for name, spec in sorted(PLATFORMS.items()))
+        + "), and `proprio`",
     )
     parser.add_argument("--task", required=True, help="the instruction, exactly as in the embeddings file")
     parser.add_argument(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +24,8 @@ from cosmos_edge.runtime.policy.planning_config import (
 )
 
 _FIELDS = dataclasses.fields(PlanningConfig)
+
+_LOG = logging.getLogger(__name__)
 
 
 def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,12 +92,19 @@ def planning_config(args: argparse.Namespace, **replaced: object) -> PlanningCon
     """The preset with every planning flag the user gave (and `replaced`) applied; an error names the flags."""
     given = {field.name: getattr(args, field.name) for field in _FIELDS if getattr(args, field.name) is not None}
     try:
-        return planning_preset(args.planning_preset, **(given | replaced))
+        config = planning_preset(args.planning_preset, **(given | replaced))
     except ConfigError as error:
         message = str(error)
         for field in _FIELDS:
             message = re.sub(rf"\b{field.name}\b", _flag(field.name), message)
         raise ConfigError(message) from None
+    if "value_ensemble_aggregation_scheme" in given and not config.pools_value_ensemble:
+        _LOG.warning(
+            "--value-ensemble-aggregation-scheme %s has no effect: no value ensemble is pooled (it needs "
+            "--use-ensemble-value-predictions and --ar-value-prediction or --ar-qvalue-prediction)",
+            config.value_ensemble_aggregation_scheme.value,
+        )
+    return config
 
 
 def _flag(name: str) -> str:

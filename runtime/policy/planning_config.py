@@ -97,8 +97,8 @@ class PlanningConfig:
             raise ConfigError("ar_future_prediction: needs ar_value_prediction or ar_qvalue_prediction to score it")
         if self.search_depth > 1 and not (self.ar_future_prediction and self.ar_value_prediction):
             raise ConfigError("search_depth: above 1 needs ar_future_prediction and ar_value_prediction")
-        aggregates = self.scores_with_planning_model and self.use_ensemble_value_predictions
-        if aggregates and self.value_ensemble_aggregation_scheme is ValueAggregation.LCB and self.pooled_values() < 2:
+        lcb = self.value_ensemble_aggregation_scheme is ValueAggregation.LCB
+        if self.pools_value_ensemble and lcb and self.pooled_values() < 2:
             raise ConfigError(
                 "value_ensemble_aggregation_scheme: lcb needs 2 or more values to pool, and this configuration pools 1 "
                 "(raise num_value_predictions_in_ensemble or num_future_state_predictions_in_ensemble)"
@@ -108,6 +108,11 @@ class PlanningConfig:
     def scores_with_planning_model(self) -> bool:
         """False: candidates are ranked by the value of their own action pass (no planning model involved)."""
         return self.ar_value_prediction or self.ar_qvalue_prediction
+
+    @property
+    def pools_value_ensemble(self) -> bool:
+        """Whether `value_ensemble_aggregation_scheme` applies: a value ensemble of the planning model is pooled."""
+        return self.scores_with_planning_model and self.use_ensemble_value_predictions
 
     @property
     def future_images_available(self) -> bool:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import pytest
 
 from cosmos_edge.cli import keys_cmd
 from cosmos_edge.cli import main as cli_main
+from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config
 from cosmos_edge.runtime.bundle.loader import planning_candidates
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource
 from cosmos_edge.runtime.errors import ConfigError
@@ -63,3 +65,24 @@ def test_planning_from_checkpoint_files_takes_any_number(tiny_assets: dict[str, 
     assert planning_candidates(source, None, None, 8) == 8 and planning_candidates(source, None, 5, 8) == 5
     with pytest.raises(ConfigError, match=r"--num-candidates\): expected at least 1, got 0"):
         planning_candidates(source, None, 0, 8)  # not the preset's 8 in its place
+
+
+@pytest.mark.parametrize(
+    ("flags", "ignored"),
+    [
+        (["--no-use-ensemble-value-predictions"], True),
+        (["--planning-preset", "base"], True),
+        ([], False),
+    ],
+    ids=["no value ensemble", "base preset", "pooled"],
+)
+def test_an_aggregation_scheme_with_no_ensemble_to_pool_is_warned_of(
+    flags: list[str], ignored: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    parser = argparse.ArgumentParser()
+    add_planning_arguments(parser)
+    args = parser.parse_args([*flags, "--value-ensemble-aggregation-scheme", "average"])
+    with caplog.at_level(logging.WARNING):
+        planning_config(args)
+    warned = [record.getMessage() for record in caplog.records if "has no effect" in record.getMessage()]
+    assert len(warned) == int(ignored)
