@@ -9,6 +9,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
@@ -515,7 +517,20 @@ def act_request(level: float, request_id: int, mode: str | None = None) -> ActRe
     return ActRequest(request_id, **fields, **vars(observation(level)))
 
 
-def test_submitted_requests_wait_for_the_same_worker(context: zmq.Context[zmq.Socket[bytes]]) -> None:
+@dataclass(frozen=True)
+class BusyServer:
+    """A server whose worker holds a controller's `act` (request `first`) until `gate` is set."""
+
+    server: PolicyServer
+    policy: StubPolicy
+    gate: threading.Event
+    endpoint: str
+    controller: RawController
+    first: int
+
+
+@contextmanager
+def busy_server(context: zmq.Context[zmq.Socket[bytes]]) -> Iterator[BusyServer]:
     gate = threading.Event()
     policy = StubPolicy(gate=gate)
     server = PolicyServer(policy, ServerConfig(ENDPOINT))
@@ -523,6 +538,12 @@ def test_submitted_requests_wait_for_the_same_worker(context: zmq.Context[zmq.So
         controller = RawController(context, endpoint)
         first = controller.act(1.0)
         assert policy.started.wait(TIMEOUT_S)
+        yield BusyServer(server, policy, gate, endpoint, controller, first)
+
+
+def test_submitted_requests_wait_for_the_same_worker(context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    with busy_server(context) as busy:
+        server, policy, gate, controller, first = busy.server, busy.policy, busy.gate, busy.controller, busy.first
         abandoned = server.submit(act_request(2.0, 2), peer="test")
         answered = server.submit(act_request(3.0, 3), peer="test")  # never replaces another, though from one sender
         assert abandoned.cancel()
@@ -539,21 +560,15 @@ def test_submitted_requests_wait_for_the_same_worker(context: zmq.Context[zmq.So
 
 
 def test_no_zeromq_peer_can_replace_a_submitted_request(context: zmq.Context[zmq.Socket[bytes]]) -> None:
-    gate = threading.Event()
-    policy = StubPolicy(gate=gate)
-    server = PolicyServer(policy, ServerConfig(ENDPOINT))
-    with serving(server) as endpoint:
-        busy = RawController(context, endpoint)
-        first = busy.act(1.0)
-        assert policy.started.wait(TIMEOUT_S)
-        submitted = server.submit(act_request(2.0, 2), peer="test")
+    with busy_server(context) as busy:
+        submitted = busy.server.submit(act_request(2.0, 2), peer="test")
         # A peer picks its identity freely, zero-prefixed ones included (libzmq reserves them only by convention).
         impostors = [
-            RawController(context, endpoint, routing_id=key) for key in (b"\x00submit-1", b"\x00\x00\x00\x00\x01")
+            RawController(context, busy.endpoint, routing_id=key) for key in (b"\x00submit-1", b"\x00\x00\x00\x00\x01")
         ]
         sent = [impostor.act(3.0) for impostor in impostors]
-        gate.set()
-        assert_answers(busy.receive(), first, 1.0)
+        busy.gate.set()
+        assert_answers(busy.controller.receive(), busy.first, 1.0)
         assert_answers(submitted.result(TIMEOUT_S), 2, 2.0)
         for impostor, request_id in zip(impostors, sent, strict=True):
             assert_answers(impostor.receive(), request_id, 3.0)
