@@ -108,7 +108,12 @@ def test_keys_generate_then_a_curve_server_admits_the_client(
 def test_option_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cases = {
         ("--curve-server-key", str(tmp_path / "server.key")): "give both or neither",
-        ("--curve-server-key", str(tmp_path / "a.key"), "--curve-secret-key", str(tmp_path / "b")): "a.key: no such file",
+        (
+            "--curve-server-key",
+            str(tmp_path / "a.key"),
+            "--curve-secret-key",
+            str(tmp_path / "b"),
+        ): "a.key: no such file",
         ("--timeout", "0"): "--timeout: expected a finite number in (0, 86400]",
     }
     for options, message in cases.items():
