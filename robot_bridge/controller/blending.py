@@ -5,18 +5,23 @@ old chunk's action for that tick; switching hard makes the commanded trajectory 
 official client on real arms). Two schemes, both keeping the executor's time alignment:
 
 * `crossfade` (default): over `window_ticks` ticks the target moves linearly from the old trajectory to the new
-  chunk, new weight (j + 1) / (window + 1) at the j-th tick after the switch. The old trajectory is the replaced
-  chunk, held at its last action once it runs out, or the last commanded pose when there was none, so the first
-  chunk after a hold fades in as well; a chunk adopted while a fade is still in progress fades on from the last
-  commanded pose (what was commanded then was a blend, not the chunk it replaces). After the window the new chunk
-  is followed exactly.
+  chunk, new weight (j + 1) / (window + 1) at the j-th tick after the switch. After the window the new chunk is
+  followed exactly.
 * `ensemble`: ACT-style temporal ensembling, exponential weights exp(-m·i) with i = 0 for the older prediction, for
-  every tick both chunks cover; the older chunk dominates (m > 0) until it runs out, when the target switches to
-  the new chunk alone.
+  every tick both chunks cover; the older chunk dominates (m > 0). Over its last `window_ticks` ticks its weight
+  ramps down to 0, so the target reaches the new chunk alone without a jump when the old chunk runs out.
+
+The old trajectory is the replaced chunk, held at its last action once it runs out, and shifted by what was
+commanded at the switch minus that chunk's action then: zero after a finished fade, the remaining gap when a chunk
+comes in the middle of one (or the safety filter limited the pose), which the new blend then closes as the old
+chunk moves on (a constant pose there instead would make frequent chunks trail their trajectory). Without a chunk
+in hand (a hold, or the start) it is the last commanded pose, so the first chunk after a hold fades in under both
+schemes.
 
 A non-finite action of the old chunk is not blended from: its latest finite action before it stands in (the pose
 commanded at the switch if there is none). An optional first-order low-pass (`lowpass_alpha`) smooths the blended
-target before the safety filter; a non-finite target (the new chunk's: the safety filter holds it) restarts it.
+target before the safety filter; after a hold or a non-finite target (the new chunk's: the safety filter holds it)
+it starts again from the last commanded pose.
 `benchmarks/blending.py` measures both schemes on scripted chunks.
 """
 
@@ -72,8 +77,9 @@ class BlendConfig:
 class Boundary:
     """One chunk switch. `raw_jump`: max |new chunk's action − old trajectory| at the switch tick (what a hard
     switch would command); `commanded_jump`: the largest per-tick change of the commanded pose over the switch tick
-    and the `window_ticks` after it (a cross-fade closes the gap in window_ticks + 1 equal steps); `safety_ticks`:
-    ticks of that span the safety filter rate-limited or clamped."""
+    and the `window_ticks` after it (a cross-fade closes the gap in window_ticks + 1 equal steps), and for
+    `ensemble` until the old chunk has run out; `safety_ticks`: ticks of that span the safety filter rate-limited or
+    clamped."""
 
     tick: int
     raw_jump: float
@@ -92,13 +98,15 @@ class ChunkBlender:
 
     def __init__(self, config: BlendConfig) -> None:
         self.config = config
-        self._old: np.ndarray | None = None  # the replaced trajectory, indexed from `_old_first_tick`
+        self._old: np.ndarray | None = None  # the replaced chunk, indexed from `_old_first_tick`
         self._old_first_tick = 0
+        self._old_shift: np.ndarray | float = 0.0  # added to the replaced chunk: see the module docstring
         self._hold: np.ndarray | None = None  # the last commanded pose at the switch
         self._switch_tick = 0
-        self._fade_end: int | None = None  # the tick a cross-fade in progress ends
         self._lowpassed: np.ndarray | None = None
-        self._open: tuple[int, float, float, int, np.ndarray | None] | None = None
+        self._last_command: np.ndarray | None = None
+        # (switch tick, raw jump, largest step, safety ticks, previous command, tick after which it closes)
+        self._open: tuple[int, float, float, int, np.ndarray | None, int] | None = None
         self._boundaries: deque[Boundary] = deque(maxlen=_BOUNDARIES_KEPT)
 
     def boundaries(self) -> list[Boundary]:
@@ -116,17 +124,20 @@ class ChunkBlender:
     ) -> None:
         """A new chunk is adopted at `tick`; the chunk in hand until now was `old_actions` (None: holding)."""
         self._close_boundary()
-        if self._fade_end is not None and tick < self._fade_end and last_command is not None:
-            old_actions = None  # mid-fade, what was commanded is a blend, not the old chunk: fade from the command
-        self._old, self._old_first_tick = old_actions, old_first_tick
+        self._old, self._old_first_tick, self._old_shift = old_actions, old_first_tick, 0.0
         self._hold = None if last_command is None else np.asarray(last_command, dtype=np.float64)
         self._switch_tick = tick
-        fades = self.config.scheme is BlendScheme.CROSSFADE and (old_actions is not None or last_command is not None)
-        self._fade_end = tick + self.config.window_ticks if fades else None
+        if self._hold is not None and old_actions is not None:
+            followed = self._old_trajectory(tick - 1, hold_past_end=True)  # what the old chunk asked for last tick
+            if followed is not None and np.isfinite(self._hold).all():
+                self._old_shift = self._hold - followed
         previous = self._old_trajectory(tick, hold_past_end=True)
         new = np.asarray(new_actions[tick - new_first_tick], dtype=np.float64)
         raw = 0.0 if previous is None else float(np.abs(new - previous).max())
-        self._open = (tick, raw, 0.0, 0, None if last_command is None else self._hold)
+        closes = tick + self.config.window_ticks
+        if self.config.scheme is BlendScheme.ENSEMBLE and old_actions is not None:
+            closes = max(closes, old_first_tick + len(old_actions))  # the tick the old chunk's weight reaches 0
+        self._open = (tick, raw, 0.0, 0, self._hold, closes)
 
     def target(self, tick: int, action: np.ndarray | None) -> np.ndarray | None:
         """The command target for `tick`, given the adopted chunk's `action` for it (None: nothing to do)."""
@@ -136,35 +147,40 @@ class ChunkBlender:
         target = self._blended(tick, np.asarray(action, dtype=np.float64))
         alpha = self.config.lowpass_alpha
         if alpha is not None:
-            previous = self._lowpassed if self._lowpassed is not None else target
+            previous = next((pose for pose in (self._lowpassed, self._last_command) if pose is not None), target)
             target = previous + alpha * (target - previous)
             # A non-finite target is held by the safety filter; the filter restarts from the next finite one.
             self._lowpassed = target if np.isfinite(target).all() else None
         return target
 
     def observe_command(self, tick: int, command: np.ndarray, safety_intervened: bool) -> None:
-        """Feeds the boundary statistics with what was actually commanded at `tick`."""
+        """Feeds the boundary statistics (and the low-pass's restart) with what was actually commanded at `tick`."""
+        if np.isfinite(command).all():
+            self._last_command = np.asarray(command, dtype=np.float64).copy()
         if self._open is None:
             return
-        start, raw, largest, safety_ticks, previous = self._open
+        start, raw, largest, safety_ticks, previous, closes = self._open
         step = 0.0 if previous is None else float(np.abs(command - previous).max())
-        self._open = (start, raw, max(largest, step), safety_ticks + int(safety_intervened), command.copy())
-        if tick - start >= self.config.window_ticks:  # the fade's window_ticks + 1 steps are in
+        self._open = (start, raw, max(largest, step), safety_ticks + int(safety_intervened), command.copy(), closes)
+        if tick >= closes:  # a fade's window_ticks + 1 steps are in (an ensemble's old chunk has run out)
             self._close_boundary()
 
     def _blended(self, tick: int, new: np.ndarray) -> np.ndarray:
-        scheme = self.config.scheme
+        scheme, window = self.config.scheme, self.config.window_ticks
         since = tick - self._switch_tick
-        if scheme is BlendScheme.CROSSFADE and since < self.config.window_ticks:
+        fading = scheme is BlendScheme.CROSSFADE or (scheme is BlendScheme.ENSEMBLE and self._old is None)
+        if fading and since < window:
             old = self._old_trajectory(tick, hold_past_end=True)
             if old is not None:
-                weight = (since + 1) / (self.config.window_ticks + 1)
+                weight = (since + 1) / (window + 1)
                 return (1.0 - weight) * old + weight * new
-        if scheme is BlendScheme.ENSEMBLE:
+        if scheme is BlendScheme.ENSEMBLE and self._old is not None:
+            remaining = self._old_first_tick + len(self._old) - tick  # ticks the old chunk still covers, this one too
             old = self._old_trajectory(tick, hold_past_end=False)
-            if old is not None:
+            if remaining > 0 and old is not None:
+                old_weight = min(1.0, remaining / (window + 1))
                 new_weight = math.exp(-self.config.ensemble_decay)
-                return (old + new_weight * new) / (1.0 + new_weight)
+                return (old_weight * old + new_weight * new) / (old_weight + new_weight)
         return new
 
     def _old_trajectory(self, tick: int, hold_past_end: bool) -> np.ndarray | None:
@@ -177,12 +193,12 @@ class ChunkBlender:
         for row in range(min(max(index, 0), len(self._old) - 1), -1, -1):
             action = np.asarray(self._old[row], dtype=np.float64)
             if np.isfinite(action).all():
-                return action
+                return action + self._old_shift
         return self._hold
 
     def _close_boundary(self) -> None:
         if self._open is not None:
-            start, raw, largest, safety_ticks, _ = self._open
+            start, raw, largest, safety_ticks, _, _ = self._open
             self._boundaries.append(Boundary(start, raw, largest, safety_ticks))
             self._open = None
 

@@ -668,8 +668,8 @@ def test_noisy_chunks_stay_continuous_with_blending() -> None:
 
 
 def test_ensemble_weighs_the_older_chunk_until_it_runs_out() -> None:
-    decay = 0.5
-    executor, robot, client = make_blending(BlendConfig(BlendScheme.ENSEMBLE, ensemble_decay=decay))
+    decay, window = 0.5, 8
+    executor, robot, client = make_blending(BlendConfig(BlendScheme.ENSEMBLE, window, ensemble_decay=decay))
     offset_chunks(client, [0.0, 0.3])
     executor.run(40)
     records = executor.records()
@@ -677,10 +677,13 @@ def test_ensemble_weighs_the_older_chunk_until_it_runs_out() -> None:
     old, new = records["chunk_obs_id"][second - 1], records["chunk_obs_id"][second]
     assert old != new
     weight = np.exp(-decay)
-    # At the switch the old chunk's waist (ramp + 0) and the new one's (ramp + 0.3) mix with weights 1 : e^-m.
-    old_waist = 0.002 * (second - (old + 1))  # the old chunk's action index at this tick
+    # At the switch the old chunk's waist (ramp + 0) and the new one's (ramp + 0.3) mix with weights r : e^-m, where
+    # r ramps from 1 down to 0 over the old chunk's last `window` ticks.
+    old_index = second - (old + 1)  # the old chunk's action index at this tick
+    ramp = min(1.0, (20 - old_index) / (window + 1))
+    old_waist = 0.002 * old_index
     new_waist = 0.3 + 0.002 * records["action_index"][second]
-    expected = (old_waist + weight * new_waist) / (1 + weight)
+    expected = (ramp * old_waist + weight * new_waist) / (ramp + weight)
     assert robot.commands[second][0] == pytest.approx(expected, abs=1e-6)
     # Once the old chunk has run out, the new one is followed alone.
     last = second + (20 - (second - (old + 1)))
@@ -699,7 +702,7 @@ def test_lowpass_smooths_the_target() -> None:
 
 def blend_run(blender: ChunkBlender, adopted: dict[int, np.ndarray], ticks: int) -> np.ndarray:
     """Commands of `ticks` ticks from a blender alone: chunk `adopted[t]` (starting at tick t) is adopted at tick t;
-    the pose before the first chunk is 0."""
+    the pose before the first chunk is 0, and a tick past the chunk in hand holds (no action)."""
     commands = [np.zeros(1)]
     chunk, chunk_first = None, 0
     for tick in range(ticks):
@@ -707,8 +710,39 @@ def blend_run(blender: ChunkBlender, adopted: dict[int, np.ndarray], ticks: int)
             blender.switch(tick, adopted[tick], tick, chunk, chunk_first, commands[-1])
             chunk, chunk_first = adopted[tick], tick
         assert chunk is not None
-        commands.append(blender.target(tick, chunk[tick - chunk_first]))
+        action = chunk[tick - chunk_first] if tick - chunk_first < len(chunk) else None
+        target = blender.target(tick, action)
+        command = commands[-1] if target is None else target  # the safety filter holds the pose
+        blender.observe_command(tick, command, safety_intervened=False)
+        commands.append(command)
     return np.concatenate(commands)
+
+
+def test_frequent_chunks_of_one_trajectory_are_followed_without_lag() -> None:
+    # Chunks every 4 ticks, within the 8-tick fade: each fades from a trajectory that keeps moving, not a frozen pose.
+    trajectory = 0.01 * np.arange(80, dtype=np.float64)[:, None]
+    adopted = {tick: trajectory[tick : tick + 20] for tick in range(0, 40, 4)}
+    commands = blend_run(ChunkBlender(BlendConfig(BlendScheme.CROSSFADE, window_ticks=8)), adopted, 40)
+    behind = trajectory[:40, 0] - commands[1:]  # the first chunk fades in from the resting pose 0, then catches up
+    assert (np.diff(behind[4:]) <= 1e-12).all() and behind[-1] < 2e-4  # a frozen pose per fade would stay ~0.05 behind
+
+
+def test_an_ensemble_reaches_the_new_chunk_without_a_jump_when_the_old_one_ends() -> None:
+    blender = ChunkBlender(BlendConfig(BlendScheme.ENSEMBLE, window_ticks=8, ensemble_decay=0.5))
+    commands = blend_run(blender, {0: np.zeros((20, 1)), 10: np.ones((40, 1))}, 30)
+    weight = np.exp(-0.5)
+    steps = np.abs(np.diff(commands))  # steps[t]: into tick t's command
+    assert steps[10] == pytest.approx(weight / (1 + weight))  # the switch: the ensemble's own weights
+    assert steps[11:].max() < 0.2 and commands[-1] == 1.0  # then gradually onto the new chunk as the old one ends
+    boundary = blender.boundaries()[-1]  # its statistics span the old chunk's end (tick 20)
+    assert boundary.tick == 10 and boundary.commanded_jump == pytest.approx(steps[10:21].max())
+
+
+def test_the_lowpass_restarts_from_the_commanded_pose_after_a_hold() -> None:
+    blender = ChunkBlender(BlendConfig(BlendScheme.NONE, lowpass_alpha=0.5))
+    commands = blend_run(blender, {0: np.zeros((5, 1)), 8: np.ones((20, 1))}, 12)  # ticks 5..7 hold at 0
+    assert commands[6:9].tolist() == [0.0, 0.0, 0.0]
+    assert commands[9] == 0.5  # half way from the held pose, not the raw target
 
 
 def test_a_chunk_adopted_mid_fade_fades_on_from_what_was_commanded() -> None:
