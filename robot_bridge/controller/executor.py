@@ -316,6 +316,7 @@ class ChunkExecutor:
         self._stop_reason = ""
         self._blender = ChunkBlender(config.blend)
         self._last_command: np.ndarray | None = None
+        self._next_tick = 0  # the tick after the last one run
         self._latency_ns: float | None = None  # smoothed inference round trip (capture to receipt)
         self._chunk_length = 0  # of the last adopted chunk
         self._starved_warnings = _Throttle(config.starvation_warning_s)
@@ -373,7 +374,8 @@ class ChunkExecutor:
             num_ticks = round(duration_s * self.config.control_rate_hz)
         elif num_ticks is None or duration_s is not None:
             raise ConfigError(f"executor.run: give num_ticks or duration_s, got {num_ticks=} {duration_s=}")
-        tick = -(-(self._clock() - self._epoch_ns) // self._period_ns)  # first deadline not yet passed
+        # The first deadline not yet passed, and never a tick already run (a clock that has not moved since).
+        tick = max(-(-(self._clock() - self._epoch_ns) // self._period_ns), self._next_tick)
         end_tick = tick + num_ticks
         ticks_before = self._counts["ticks"]
         with _thread_priority(self.config.realtime_priority, self.config.nice):
@@ -428,6 +430,7 @@ class ChunkExecutor:
         requested = self._maybe_request(tick, command_ns)
         self._log.append(tick, deadline, wake, command_ns, missed, obs_id, index, safe.flags.value, adopted, requested)
         self._counts["ticks"] += 1
+        self._next_tick = tick + 1
 
     def _receive(self, tick: int) -> bool:
         outcome = self._source.poll()
@@ -529,7 +532,7 @@ class ChunkExecutor:
         if self._chunk is None:
             return None, NO_CHUNK, NO_CHUNK
         index = tick - self._chunk.first_tick
-        if index >= len(self._chunk.actions):
+        if not 0 <= index < len(self._chunk.actions):
             return None, NO_CHUNK, NO_CHUNK
         return self._chunk.actions[index], self._chunk.obs_id, index
 

@@ -775,6 +775,16 @@ def test_a_non_finite_old_action_never_pulls_the_command_back(scheme: BlendSchem
     assert np.isfinite(commands).all() and (np.diff(commands) >= 0).all()  # the old chunk pauses, never goes back
 
 
+def test_a_second_run_never_repeats_a_tick_even_on_a_clock_that_has_not_moved() -> None:
+    executor, _, _, _ = make()
+    executor.run(30)  # ends on the fake clock at exactly the last tick's deadline
+    executor.run(30)
+    records = executor.records()
+    assert (np.diff(records["tick"]) == 1).all() and len(records) == 60
+    followed = records["chunk_obs_id"] != NO_CHUNK
+    assert (records["action_index"][followed] >= 0).all()  # never a chunk's action before its first tick
+
+
 def test_adaptive_prefetch_covers_the_measured_latency() -> None:
     fixed, _, _, _ = make(chunk=20, threshold=2, latency_ticks=10)
     fixed.run(200)
