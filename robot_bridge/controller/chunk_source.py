@@ -100,7 +100,8 @@ class ChunkSource(Protocol):
 
     @property
     def busy(self) -> bool:
-        """True from `submit` until the outcome is ready for `poll`."""
+        """True from `submit` until its outcome has been taken by `poll` (a finished outcome not yet taken still
+        counts: a second request then would answer the same situation twice)."""
         ...
 
     def submit(self, request: ChunkRequest) -> None: ...
@@ -191,6 +192,8 @@ class ThreadedChunkSource:
     def poll(self) -> Outcome | None:
         with self._cond:
             outcome, self._outcome = self._outcome, None
+            if outcome is not None:
+                self._busy = False
             return outcome
 
     def _work(self) -> None:
@@ -203,7 +206,4 @@ class ThreadedChunkSource:
             assert request is not None
             outcome = request_chunk(self._client, self._params, request)
             with self._cond:
-                if self._outcome is not None:
-                    logger.debug("chunk source: outcome for obs %d was never polled", self._outcome.obs_id)
-                self._outcome = outcome
-                self._busy = False
+                self._outcome = outcome  # `submit` waits for the previous one to be polled: none is overwritten

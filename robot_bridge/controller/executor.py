@@ -312,7 +312,10 @@ class ChunkExecutor:
         # Stops are counted and a resume names the count it answers, so that a stop after it wins, without a lock a
         # signal handler could deadlock on.
         self._stops = 0
-        self._resume_of: int | None = None  # the stop count a pending resume was asked at
+        # The stop count the latest resume was asked at, and the latest one applied: written by different threads,
+        # never cleared, so a resume asked while the control thread applies another is not lost.
+        self._resume_of = 0
+        self._resume_applied = 0
         self._stop_reason = ""
         self._blender = ChunkBlender(config.blend)
         self._last_command: np.ndarray | None = None
@@ -405,8 +408,9 @@ class ChunkExecutor:
             tick += 1
 
     def _step(self, tick: int, deadline: int, wake: int, missed: int) -> None:
-        if self._resume_of is not None:
-            resume_of, self._resume_of = self._resume_of, None
+        resume_of = self._resume_of
+        if resume_of != self._resume_applied:
+            self._resume_applied = resume_of
             if resume_of == self._stops:
                 self._safety.reset()
                 if self._stops != resume_of:  # a stop came while the latch was being cleared: it stands

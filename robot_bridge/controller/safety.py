@@ -26,7 +26,6 @@ from __future__ import annotations
 import enum
 import logging
 import math
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,7 +167,9 @@ class SafetyFilter:
         self._upper = config.upper()
         self._joint_mask = np.ones(config.dims, dtype=bool)
         self._joint_mask[list(config.gripper_indices)] = False
-        self._stop = threading.Event()
+        # A plain flag, not an Event: `stop` may run in a signal handler, which must take no lock the interrupted
+        # code (`reset`, on the same thread) could hold.
+        self._stopped = False
         self._last: np.ndarray | None = None  # last command sent; None until the first command
         self._prev_flags = Intervention.NONE
         self._counts = dict.fromkeys(_COUNTED, 0)
@@ -176,7 +177,7 @@ class SafetyFilter:
 
     @property
     def stopped(self) -> bool:
-        return self._stop.is_set()
+        return self._stopped
 
     @property
     def counters(self) -> SafetyCounters:
@@ -192,15 +193,15 @@ class SafetyFilter:
 
     def stop(self, reason: str) -> None:
         """Latch a stop: every later command holds position until `reset`."""
-        if not self._stop.is_set():
+        if not self._stopped:
             logger.warning("safety: stop latched (%s); holding position until reset", reason)
-        self._stop.set()
+        self._stopped = True
 
     def reset(self) -> None:
         """Clear the stop latch and forget the last command, so the next hold uses the measured pose."""
-        if self._stop.is_set():
+        if self._stopped:
             logger.warning("safety: stop latch cleared")
-        self._stop.clear()
+        self._stopped = False
         self._last = None
 
     def apply(self, target: np.ndarray | None, measured_qpos: np.ndarray) -> SafeCommand:
@@ -220,7 +221,7 @@ class SafetyFilter:
             measured = self._last  # the only trustworthy reference left
         hold = measured if self._last is None else self._last
 
-        if self._stop.is_set():
+        if self._stopped:
             out, flags = hold.copy(), flags | Intervention.STOPPED
         elif target is None or blind:
             out, flags = hold.copy(), flags | Intervention.HELD

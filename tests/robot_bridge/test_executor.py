@@ -133,7 +133,7 @@ class LatencySource:
 
     @property
     def busy(self) -> bool:
-        return self._pending is not None and self._clock() < self._pending[0]
+        return self._pending is not None  # until its outcome is polled, as `ThreadedChunkSource`
 
     def submit(self, request: ChunkRequest) -> None:
         assert self._pending is None
@@ -580,6 +580,18 @@ def test_threaded_source_answers_and_maps_failures() -> None:
         unreadable = wait_outcome(source)  # the worker survives a reply it cannot read
         assert isinstance(unreadable, RequestFailed) and isinstance(unreadable.error, TypeError)
         assert not source.busy
+
+
+def test_threaded_source_stays_busy_until_its_outcome_is_polled() -> None:
+    client = FakeClient(chunk=4)
+    with ThreadedChunkSource(client, PARAMS) as source:
+        source.submit(request(7))
+        deadline = time.monotonic() + 2.0
+        while not client.capture_times and time.monotonic() < deadline:  # the worker has made its call
+            time.sleep(0.001)
+        time.sleep(0.05)  # and stored the outcome
+        assert source.busy  # finished but not taken: a second request now would answer the same situation twice
+        assert isinstance(source.poll(), Chunk) and not source.busy
 
 
 def test_threaded_source_close_stops_the_worker() -> None:
