@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cosmos_edge.runtime.errors import ConfigError, InputError
+from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError
 from cosmos_edge.runtime.platforms import LATENT_CHANNELS, LATENT_SIZE
 from cosmos_edge.runtime.policy.api import (
     MAX_SEED,
@@ -170,7 +170,7 @@ class _Search:
         if config.search_depth_value_aggregation_scheme is DepthAggregation.USE_LAST_VALUE:
             value = per_depth[:, -1]
         else:
-            value = np.array([aggregate_values(row, ValueAggregation.AVERAGE) for row in per_depth], np.float32)
+            value = np.array([_pooled(row, ValueAggregation.AVERAGE) for row in per_depth], np.float32)
         return CandidateScores(actions, value, per_depth, first_states)
 
     def _predicted_states(self, action_samples: list[np.ndarray]) -> list[list[np.ndarray]]:
@@ -197,7 +197,7 @@ class _Search:
             if not config.use_ensemble_value_predictions:
                 groups.append(pooled[:, 0])
             else:
-                groups.append(np.array([aggregate_values(row, scheme) for row in pooled], np.float32))
+                groups.append(np.array([_pooled(row, scheme) for row in pooled], np.float32))
         return groups
 
     def _as_current(self, state: np.ndarray, clean: np.ndarray) -> np.ndarray:
@@ -242,6 +242,7 @@ class _Ranked:
     latents: np.ndarray
     values: np.ndarray
     values_by_depth: np.ndarray
+    computed: np.ndarray  # bool per candidate: its action pass finished (in time)
     chosen: int
     outcome: PlanningOutcome
     value: float  # the chosen candidate's value, or the base action pass's own for `REACTIVE`
@@ -267,19 +268,33 @@ def _rank(
         latents[0] = base_actions[0]
     for index, row in scored.items():
         latents[index], values[index], by_depth[index] = row.latents[0], row.values[0], row.values_by_depth[0]
+    computed = np.zeros(num_candidates, bool)
+    computed[sorted(scored)] = True
+    computed[0] |= base_actions is not None
     indices = sorted(scored)
     if not indices:
-        return _Ranked(latents, values, by_depth, 0, PlanningOutcome.REACTIVE, base_value)
-    ranked = values[indices]
-    base = indices.index(0) if 0 in scored else int(np.argmax(ranked))  # the base seed's unless beaten
-    chosen = indices[select_best_candidate(ranked, base_index=base)]
+        return _Ranked(latents, values, by_depth, computed, 0, PlanningOutcome.REACTIVE, base_value)
+    # A candidate whose network output was not finite (NaN or infinity, a failure of the engine) is ranked out.
+    finite = [index for index in indices if np.isfinite(values[index])]
+    if len(finite) < len(indices):
+        _LOG.warning("planning: candidates %s have no finite value; ranked out", sorted(set(indices) - set(finite)))
+    if not finite:
+        raise EngineError("planning: no candidate has a finite value: the network returned NaN or infinity")
+    ranked = values[finite]
+    base = finite.index(0) if 0 in finite else int(np.argmax(ranked))  # the base seed's unless beaten
+    chosen = finite[select_best_candidate(ranked, base_index=base)]
     outcome = PlanningOutcome.COMPLETE if len(indices) == num_candidates else PlanningOutcome.BEST_SO_FAR
-    return _Ranked(latents, values, by_depth, chosen, outcome, float(values[chosen]), scored[chosen].states)
+    return _Ranked(latents, values, by_depth, computed, chosen, outcome, float(values[chosen]), scored[chosen].states)
 
 
-def _read_chunks(model: PolicyModel, latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _pooled(values: np.ndarray, scheme: ValueAggregation) -> float:
+    """`aggregate_values`, or NaN when a value is not finite (the network's failure: the candidate is ranked out)."""
+    return aggregate_values(values, scheme) if np.isfinite(values).all() else math.nan
+
+
+def _read_chunks(model: PolicyModel, latents: np.ndarray, computed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`read_chunks` of the candidates whose action pass finished; NaN for the others."""
-    done = np.flatnonzero(np.isfinite(latents).all(axis=tuple(range(1, latents.ndim))))
+    done = np.flatnonzero(computed)
     actions, future_proprio = read_chunks(model, latents[done])
     all_actions = np.full((len(latents), *actions.shape[1:]), np.nan, np.float32)
     all_proprio = np.full((len(latents), *future_proprio.shape[1:]), np.nan, np.float32)
@@ -406,7 +421,7 @@ class PlanningPolicy(ModelPolicy):
             else:
                 scores = self._score_until(started + self._deadline_s, query, encoded.clean, steps)
         with timer.stage("readout"):
-            actions, future_proprio = _read_chunks(self._model, scores.latents)
+            actions, future_proprio = _read_chunks(self._model, scores.latents, scores.computed)
         images = self._future_images(scores, encoded, timer) if query.return_future_images else None
         chosen = scores.chosen
         candidates = CandidateResults(chosen, actions, scores.values, scores.values_by_depth, scores.outcome)
