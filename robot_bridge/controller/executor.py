@@ -367,36 +367,46 @@ class ChunkExecutor:
         if self._safety.stopped:
             self._resume_of = self._stops
 
-    def run(self, num_ticks: int | None = None, *, duration_s: float | None = None) -> TickSummary:
-        """Run for `num_ticks` control periods or `duration_s` seconds (exactly one) on this thread.
+    def run(
+        self,
+        num_ticks: int | None = None,
+        *,
+        duration_s: float | None = None,
+        until: Callable[[], bool] | None = None,
+    ) -> TickSummary:
+        """Run for `num_ticks` control periods or `duration_s` seconds (at most one of them) on this thread, and
+        with `until` only as long as it returns False (asked before every tick; without a length, that is the end).
 
         Periods whose deadline was skipped count towards `num_ticks`, so a run always spans the same time.
         Returns the summary of this run's ticks; `records()` has the details.
         """
-        if duration_s is not None and num_ticks is None:
+        both, neither = None not in (num_ticks, duration_s), num_ticks is None and duration_s is None
+        if both or (neither and until is None):
+            raise ConfigError(f"executor.run: give num_ticks or duration_s, or until; got {num_ticks=} {duration_s=}")
+        if duration_s is not None:
             num_ticks = round(duration_s * self.config.control_rate_hz)
-        elif num_ticks is None or duration_s is not None:
-            raise ConfigError(f"executor.run: give num_ticks or duration_s, got {num_ticks=} {duration_s=}")
         # The first deadline not yet passed, and never a tick already run (a clock that has not moved since).
         tick = max(-(-(self._clock() - self._epoch_ns) // self._period_ns), self._next_tick)
-        end_tick = tick + num_ticks
+        end_tick = None if num_ticks is None else tick + num_ticks
         ticks_before = self._counts["ticks"]
         with _thread_priority(self.config.realtime_priority, self.config.nice):
-            self._loop(tick, end_tick)
+            self._loop(tick, end_tick, until or (lambda: False))
         ran = self._counts["ticks"] - ticks_before
         records = self.records()
         summary = summarize(records[max(0, len(records) - ran) :])
         logger.info("executor: run finished: %s; %s", summary, self.counters)
         return summary
 
-    def _loop(self, tick: int, end_tick: int) -> None:
-        while tick < end_tick:
+    def _loop(self, tick: int, end_tick: int | None, until: Callable[[], bool]) -> None:
+        while (end_tick is None or tick < end_tick) and not until():
             deadline = self._epoch_ns + tick * self._period_ns
             now = self._clock()
             if now < deadline:
                 self._sleep((deadline - now) / 1e9)
                 now = self._clock()
-            latest_due = min((now - self._epoch_ns) // self._period_ns, end_tick - 1)
+            latest_due = (now - self._epoch_ns) // self._period_ns
+            if end_tick is not None:
+                latest_due = min(latest_due, end_tick - 1)
             missed = max(0, latest_due - tick)
             if missed:
                 late_ms = (now - deadline) / 1e6

@@ -797,6 +797,17 @@ def test_a_second_run_never_repeats_a_tick_even_on_a_clock_that_has_not_moved() 
     assert (records["action_index"][followed] >= 0).all()  # never a chunk's action before its first tick
 
 
+def test_a_run_ends_when_asked_to() -> None:
+    executor, _, _, _ = make()
+    executor.stop("operator")  # the robot holds; the run still ticks until `until` says so
+    summary = executor.run(until=lambda: executor.counters.ticks >= 12)
+    assert summary.ticks == 12 == executor.counters.ticks
+    assert executor.run(5, until=lambda: False).ticks == 5
+    for bad in ({}, {"num_ticks": 3, "duration_s": 1.0}):
+        with pytest.raises(ConfigError, match=r"executor\.run: give num_ticks or duration_s"):
+            executor.run(**bad)  # type: ignore[arg-type]
+
+
 def test_adaptive_prefetch_covers_the_measured_latency() -> None:
     fixed, _, _, _ = make(chunk=20, threshold=2, latency_ticks=10)
     fixed.run(200)
