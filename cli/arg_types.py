@@ -43,6 +43,16 @@ def positive_milliseconds(text: str) -> float:
     return _positive_finite(text, "milliseconds")
 
 
+def positive_seconds(text: str) -> float:
+    """A finite duration in seconds, above zero."""
+    return _positive_finite(text, "seconds")
+
+
+def positive_hertz(text: str) -> float:
+    """A finite rate in Hz, above zero."""
+    return _positive_finite(text, "Hz")
+
+
 def _positive_finite(text: str, unit: str) -> float:
     try:
         value = float(text)

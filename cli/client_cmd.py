@@ -36,28 +36,32 @@ _CONTROL_TIMEOUT_S = 5.0  # ping, metadata and set-mode are answered at once, al
 _ACT_TIMEOUT_S = 120.0  # a chunk on CPU, or a planning chunk, takes seconds to minutes
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def connection_arguments(timeout_help: str) -> argparse.ArgumentParser:
+    """The options that reach a server (a parent parser): `--endpoint`, `--timeout` and the CURVE keys (`connect`)."""
     connection = argparse.ArgumentParser(add_help=False)
     connection.add_argument("--endpoint", default=_DEFAULT_ENDPOINT, help="the server's ZeroMQ endpoint")
-    connection.add_argument(
-        "--timeout",
-        type=float,
-        help=f"seconds to wait for the reply (default {_CONTROL_TIMEOUT_S:g}; act {_ACT_TIMEOUT_S:g})",
-    )
+    connection.add_argument("--timeout", type=float, help=timeout_help)
     connection.add_argument("--curve-server-key", type=Path, help="the server's public '.key' certificate")
     connection.add_argument("--curve-secret-key", type=Path, help="this client's '.key_secret' certificate")
+    return connection
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    connection = connection_arguments(
+        f"seconds to wait for the reply (default {_CONTROL_TIMEOUT_S:g}; act {_ACT_TIMEOUT_S:g})"
+    )
 
     parser = subparsers.add_parser("client", help="send one request to a running policy server (ZeroMQ)")
     actions = parser.add_subparsers(dest="action", required=True)
     actions.add_parser("ping", parents=[connection], help="round trip and clock offset").set_defaults(
-        func=_naming_flags(_ping)
+        func=naming_connection_flags(_ping)
     )
     actions.add_parser("metadata", parents=[connection], help="platform, modes, instructions").set_defaults(
-        func=_naming_flags(_metadata)
+        func=naming_connection_flags(_metadata)
     )
     set_mode = actions.add_parser("set-mode", parents=[connection], help="switch the mode for every controller")
     set_mode.add_argument("mode", help="one of the server's modes, e.g. reactive or planning")
-    set_mode.set_defaults(func=_naming_flags(_set_mode))
+    set_mode.set_defaults(func=naming_connection_flags(_set_mode))
     act = actions.add_parser("act", parents=[connection], help="one action chunk for an observation .npz")
     act.add_argument(
         "observation",
@@ -84,7 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         help="npz to write: actions, value (planning: also planning_outcome, chosen_index, candidate_values)",
     )
-    act.set_defaults(func=_naming_flags(_act))
+    act.set_defaults(func=naming_connection_flags(_act))
 
 
 def connect(args: argparse.Namespace, timeout_s: float) -> PolicyClient:
@@ -104,7 +108,7 @@ def connect(args: argparse.Namespace, timeout_s: float) -> PolicyClient:
 _FLAGS = {"endpoint": "--endpoint", "timeout_s": "--timeout"}
 
 
-def _naming_flags(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+def naming_connection_flags(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """`command` with the client's errors about its settings ("endpoint: ...", on creation or on the first connect;
     "timeout_s: ...") naming the flags that gave them."""
 

@@ -17,6 +17,7 @@ from cosmos_edge.cli import (
     engines_cmd,
     export_cmd,
     keys_cmd,
+    robot_cmd,
     serve_cmd,
     text_embeddings_cmd,
 )
@@ -37,6 +38,7 @@ SUBCOMMANDS = (
     act_cmd,
     serve_cmd,
     client_cmd,
+    robot_cmd,
     keys_cmd,
     demo_cmd,
 )

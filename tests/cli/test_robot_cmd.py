@@ -1,0 +1,69 @@
+"""`cosmos-edge robot`: a rig's RealEnv driven from a running server, ended by its duration or a signal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+
+from cosmos_edge.cli.main import main
+from cosmos_edge.robot_bridge.binding import ServerConfig
+from cosmos_edge.robot_bridge.server import PolicyServer
+from tests.helpers import fake_real_env
+from tests.helpers.bridge_doubles import INSTRUCTION, StubPolicy, serving
+
+ENV = "tests.helpers.fake_real_env:make_env"
+
+
+def robot(endpoint: str, *extra: str) -> list[str]:
+    return ["robot", "--env", ENV, "--endpoint", endpoint, "--task", INSTRUCTION, *extra]
+
+
+def test_the_arms_follow_the_served_chunks_through_the_safety_filter(capsys: pytest.CaptureFixture[str]) -> None:
+    policy = StubPolicy()
+    fake_real_env.MADE.clear()
+    with serving(PolicyServer(policy, ServerConfig("tcp://127.0.0.1:*"))) as endpoint:
+        assert main(robot(endpoint, "--duration-s", "1", "--env-kwargs", '{"init_node": true}')) == 0
+    (env,) = fake_real_env.MADE
+    assert env.kwargs == {"init_node": True} and env.resets == [False]  # moved to the start pose first
+    commands = np.array(env.commands)
+    assert commands.shape == (25, 14) and np.isfinite(commands).all()  # one second at 25 Hz
+    assert np.abs(np.diff(commands[:, :6], axis=0)).max() <= 0.15 + 1e-9  # the safety filter's slew limit
+    query = policy.queries[0]
+    assert {image.shape for image in query.observation.images.values()} == {(224, 224, 3)}  # the wire's size
+    printed = capsys.readouterr().out
+    assert "ticks: 25" in printed and "chunk boundaries:" in printed
+
+
+def test_a_signal_holds_the_pose_and_ends_the_run(capsys: pytest.CaptureFixture[str]) -> None:
+    policy = StubPolicy()
+    fake_real_env.MADE.clear()
+    with serving(PolicyServer(policy, ServerConfig("tcp://127.0.0.1:*"))) as endpoint:
+        timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))  # handled on this (the main) thread
+        timer.start()
+        try:
+            assert main(robot(endpoint, "--keep-pose")) == 0  # no duration: until the signal
+        finally:
+            timer.cancel()
+    (env,) = fake_real_env.MADE
+    assert env.resets == [True]  # --keep-pose: the state is read, the arms not moved
+    assert 10 <= len(env.commands) <= 100
+    assert "ticks:" in capsys.readouterr().out  # ended with its counters, not a traceback
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--env", "nocolon"], "--env nocolon: expected MODULE:FUNCTION"),
+        (["--env", "no_such_module_x:make"], "--env no_such_module_x:make: cannot import no_such_module_x"),
+        (["--env", "tests.helpers.fake_real_env:nothing"], "has no function nothing"),
+    ],
+)
+def test_a_bad_env_is_one_line_before_anything_moves(
+    argv: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["robot", *argv, "--task", INSTRUCTION, "--endpoint", "tcp://127.0.0.1:9"]) == 2
+    assert named in capsys.readouterr().err

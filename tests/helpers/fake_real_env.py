@@ -1,0 +1,44 @@
+"""A stand-in for the rig's `RealEnv` (what `cosmos-edge robot --env tests.helpers.fake_real_env:make_env` builds):
+it records every command and answers 480x640 camera frames."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cosmos_edge.runtime.platforms import platform_spec
+
+MADE: list[FakeRealEnv] = []  # every env made, for the test to inspect
+
+
+@dataclass
+class FakeTimeStep:
+    observation: dict[str, Any]
+
+
+@dataclass
+class FakeRealEnv:
+    kwargs: dict[str, object]
+    resets: list[bool] = field(default_factory=list)  # the `fake` argument of each reset
+    commands: list[np.ndarray] = field(default_factory=list)
+
+    def reset(self, fake: bool = False) -> FakeTimeStep:
+        self.resets.append(fake)
+        return self._timestep(np.zeros(14))
+
+    def step(self, action: np.ndarray) -> FakeTimeStep:
+        self.commands.append(np.array(action))
+        return self._timestep(np.array(action, dtype=np.float64))  # the arms reach every target
+
+    @staticmethod
+    def _timestep(qpos: np.ndarray) -> FakeTimeStep:
+        frames = {camera: np.full((480, 640, 3), 128, np.uint8) for camera in platform_spec("aloha").cameras}
+        return FakeTimeStep({"qpos": qpos, "images": frames})
+
+
+def make_env(**kwargs: object) -> FakeRealEnv:
+    env = FakeRealEnv(kwargs)
+    MADE.append(env)
+    return env
