@@ -17,7 +17,6 @@ import contextlib
 import importlib
 import json
 import signal
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from types import FrameType
@@ -28,7 +27,8 @@ from cosmos_edge.robot_bridge.controller.blending import BlendConfig, BlendSchem
 from cosmos_edge.robot_bridge.controller.chunk_source import ActParams, ThreadedChunkSource
 from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor, ExecutorConfig
 from cosmos_edge.robot_bridge.controller.safety import SafetyConfig, SafetyFilter
-from cosmos_edge.robot_bridge.robots.aloha_real import AlohaRealRobot, RealEnvLike
+from cosmos_edge.robot_bridge.protocol import ServerMetadata
+from cosmos_edge.robot_bridge.robots.aloha_real import ALOHA_DIMS, AlohaRealRobot, RealEnvLike
 from cosmos_edge.robot_bridge.robots.camera_frames import AlohaWireCameras
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.policy.api import MAX_DENOISING_STEPS, MAX_SEED
@@ -89,20 +89,18 @@ def _robot(args: argparse.Namespace) -> int:
     executor_config = ExecutorConfig(control_rate_hz=args.control_rate_hz, blend=BlendConfig(BlendScheme(args.blend)))
     params = ActParams(args.task, mode=args.mode, seed=args.seed, steps=args.steps)
     with connect(args, _REQUEST_TIMEOUT_S) as client:
-        client.ping()  # an unreachable server is found before the arms move
+        _check_server(client.metadata(), args)  # before the arms move: a server that could not drive them
         env = make_env(**args.env_kwargs)
         robot = AlohaWireCameras(AlohaRealRobot.connect(env, move_to_start=not args.keep_pose))
         safety = SafetyFilter(SafetyConfig())
         with ThreadedChunkSource(client, params) as source:
             executor = ChunkExecutor(robot, source, safety, executor_config)
-            stopping = threading.Event()
-            with _stop_on_signals(executor, stopping):
+            with _stop_on_signals(executor):
                 print(f"driving the arms from {args.endpoint} ({args.task!r}); Ctrl-C holds the pose and ends")
-                if args.duration_s is None:
-                    summary = executor.run(until=stopping.is_set)
-                else:
-                    summary = executor.run(duration_s=args.duration_s, until=stopping.is_set)
-    print(f"ticks: {summary.ticks} (held position on {summary.hold_ticks})")
+                # The run ends at the latched stop (a flag the signal handler sets without taking a lock).
+                summary = executor.run(duration_s=args.duration_s, until=lambda: safety.stopped)
+    late = f", {summary.missed_ticks} more skipped (late)" if summary.missed_ticks else ""
+    print(f"ticks: {summary.ticks}{late}; held position on {summary.hold_ticks}")
     print("executor: " + ", ".join(f"{name}={value}" for name, value in asdict(executor.counters).items()))
     print("safety: " + ", ".join(f"{name}={value}" for name, value in asdict(safety.counters).items()))
     boundaries = summarize_boundaries(executor.boundaries())
@@ -113,13 +111,24 @@ def _robot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_server(metadata: ServerMetadata, args: argparse.Namespace) -> None:
+    if (metadata.platform, metadata.action_dim) != ("aloha", ALOHA_DIMS):
+        raise ConfigError(
+            f"--endpoint {args.endpoint}: serves {metadata.platform} ({metadata.action_dim} actions), not aloha"
+        )
+    if args.task not in metadata.instructions:
+        known = ", ".join(repr(instruction) for instruction in metadata.instructions)
+        raise ConfigError(f"--task {args.task!r}: the server has no embedding for it; it knows {known}")
+    if args.mode is not None and args.mode not in metadata.modes:
+        raise ConfigError(f"--mode {args.mode}: the server serves {list(metadata.modes)}")
+
+
 @contextlib.contextmanager
-def _stop_on_signals(executor: ChunkExecutor, stopping: threading.Event) -> Iterator[None]:
-    """SIGINT and SIGTERM latch the executor's stop (the arms hold) and end the run after the tick in progress."""
+def _stop_on_signals(executor: ChunkExecutor) -> Iterator[None]:
+    """SIGINT and SIGTERM latch the executor's stop: the arms hold, and the run ends after the tick in progress."""
 
     def stop(signum: int, frame: FrameType | None) -> None:
         executor.stop(f"signal {signal.Signals(signum).name}")
-        stopping.set()
 
     previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
     try:

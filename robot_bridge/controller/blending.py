@@ -168,7 +168,9 @@ class ChunkBlender:
     def _blended(self, tick: int, new: np.ndarray) -> np.ndarray:
         scheme, window = self.config.scheme, self.config.window_ticks
         since = tick - self._switch_tick
-        fading = scheme is BlendScheme.CROSSFADE or (scheme is BlendScheme.ENSEMBLE and self._old is None)
+        # An ensemble has no old chunk to weigh after a hold (none in hand, or it had run out): it fades in too.
+        old_ended = self._old is None or self._old_first_tick + len(self._old) <= self._switch_tick
+        fading = scheme is BlendScheme.CROSSFADE or (scheme is BlendScheme.ENSEMBLE and old_ended)
         if fading and since < window:
             old = self._old_trajectory(tick, hold_past_end=True)
             if old is not None:

@@ -139,7 +139,8 @@ def request_chunk(client: ActClient, params: ActParams, request: ChunkRequest) -
 
 
 class ThreadedChunkSource:
-    """`ChunkSource` backed by one worker thread; the inbox keeps only the newest outcome.
+    """`ChunkSource` backed by one worker thread, one request at a time: the next is taken once the outcome of the
+    last has been polled.
 
     Use as a context manager, or call `start()` and `close()`.
     """

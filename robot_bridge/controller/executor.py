@@ -312,10 +312,11 @@ class ChunkExecutor:
         # Stops are counted and a resume names the count it answers, so that a stop after it wins, without a lock a
         # signal handler could deadlock on.
         self._stops = 0
-        # The stop count the latest resume was asked at, and the latest one applied: written by different threads,
-        # never cleared, so a resume asked while the control thread applies another is not lost.
+        # Resumes asked for (with the stop count the latest was asked at) and applied: counters written by different
+        # threads and never cleared, so a resume asked while the control thread applies another is not lost.
+        self._resumes = 0
         self._resume_of = 0
-        self._resume_applied = 0
+        self._resumes_applied = 0
         self._stop_reason = ""
         self._blender = ChunkBlender(config.blend)
         self._last_command: np.ndarray | None = None
@@ -366,6 +367,7 @@ class ChunkExecutor:
         a resume without a stop keeps the chunk in hand. Thread-safe."""
         if self._safety.stopped:
             self._resume_of = self._stops
+            self._resumes += 1  # after `_resume_of`: the control thread reads them in the other order
 
     def run(
         self,
@@ -418,9 +420,8 @@ class ChunkExecutor:
             tick += 1
 
     def _step(self, tick: int, deadline: int, wake: int, missed: int) -> None:
-        resume_of = self._resume_of
-        if resume_of != self._resume_applied:
-            self._resume_applied = resume_of
+        if self._resumes != self._resumes_applied:
+            self._resumes_applied, resume_of = self._resumes, self._resume_of
             if resume_of == self._stops:
                 self._safety.reset()
                 if self._stops != resume_of:  # a stop came while the latch was being cleared: it stands

@@ -116,8 +116,8 @@ class PlanningConfig:
 
     @property
     def future_images_available(self) -> bool:
-        """False for Q(s, a) planning after a world-model pass, whose reply has no future images to decode (they come
-        from the chosen candidate's world-model pass, which this configuration does not run)."""
+        """False for Q(s, a) planning with `ar_future_prediction` (and no `ar_value_prediction`): the official server
+        returns the chosen candidate's world-model images there, and this configuration runs no world-model pass."""
         return not (self.ar_future_prediction and not self.ar_value_prediction)
 
     @property

@@ -179,7 +179,7 @@ CASES: dict[str, Case] = {
     "act output is a directory": lambda f, t: (act(f, t, "--out", str(t)), f"--out {t}: is a directory"),
     "future images of Q(s, a) planning": lambda f, t: (
         act(f, t, "--mode", "planning", "--no-ar-value-prediction", "--ar-qvalue-prediction", "--future-images"),
-        "--future-images: not available with --ar-qvalue-prediction",
+        "--future-images: not available with --no-ar-value-prediction",
     ),
     "act output is the observation": lambda f, t: (
         act(f, t, "--out", str(t / "obs.npz")),

@@ -1,8 +1,11 @@
 """A stand-in for the rig's `RealEnv` (what `cosmos-edge robot --env tests.helpers.fake_real_env:make_env` builds):
-it records every command and answers 480x640 camera frames."""
+it records every command and answers 480x640 camera frames. With `signal_after=N` it sends this process SIGINT on
+its N-th step, as an operator's Ctrl-C while the arms move."""
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +33,8 @@ class FakeRealEnv:
 
     def step(self, action: np.ndarray) -> FakeTimeStep:
         self.commands.append(np.array(action))
+        if len(self.commands) == self.kwargs.get("signal_after"):
+            os.kill(os.getpid(), signal.SIGINT)
         return self._timestep(np.array(action, dtype=np.float64))  # the arms reach every target
 
     @staticmethod

@@ -480,6 +480,19 @@ def test_a_stop_after_a_resume_still_pending_wins() -> None:
     assert all(Intervention.STOPPED.value & f for f in held["flags"]) and not held["requested"].any()
 
 
+def test_every_resume_after_a_stop_is_applied_whoever_latched_it() -> None:
+    executor, _, _, _ = make(chunk=20, threshold=8, latency_ticks=3)
+    safety = executor._safety  # the filter's own latch, which any thread may set
+    for stopped_by in (lambda: safety.stop("filter"), lambda: executor.stop("operator"), lambda: safety.stop("again")):
+        executor.run(5)
+        stopped_by()
+        executor.run(3)
+        assert executor.records()["flags"][-1] & Intervention.STOPPED.value
+        executor.resume()
+        executor.run(3)
+        assert not safety.stopped and not executor.records()["flags"][-1] & Intervention.STOPPED.value
+
+
 def test_requests_that_keep_failing_are_warned_about_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
     executor, _, client, _ = make(latency_ticks=1)
     client.down = True
@@ -587,9 +600,9 @@ def test_threaded_source_stays_busy_until_its_outcome_is_polled() -> None:
     with ThreadedChunkSource(client, PARAMS) as source:
         source.submit(request(7))
         deadline = time.monotonic() + 2.0
-        while not client.capture_times and time.monotonic() < deadline:  # the worker has made its call
+        while source._outcome is None:  # the worker has stored the outcome (the only sign short of polling it)
+            assert time.monotonic() < deadline, "no outcome"
             time.sleep(0.001)
-        time.sleep(0.05)  # and stored the outcome
         assert source.busy  # finished but not taken: a second request now would answer the same situation twice
         assert isinstance(source.poll(), Chunk) and not source.busy
 
@@ -728,6 +741,13 @@ def blend_run(blender: ChunkBlender, adopted: dict[int, np.ndarray], ticks: int)
         blender.observe_command(tick, command, safety_intervened=False)
         commands.append(command)
     return np.concatenate(commands)
+
+
+@pytest.mark.parametrize("scheme", [BlendScheme.CROSSFADE, BlendScheme.ENSEMBLE])
+def test_a_chunk_after_the_old_one_ran_out_fades_in_under_both_schemes(scheme: BlendScheme) -> None:
+    blender = ChunkBlender(BlendConfig(scheme, window_ticks=8))
+    commands = blend_run(blender, {0: np.zeros((10, 1)), 15: np.ones((40, 1))}, 30)  # ticks 10..14 hold
+    assert np.abs(np.diff(commands)).max() <= 1 / 9 + 1e-9 and commands[-1] == 1.0
 
 
 def test_frequent_chunks_of_one_trajectory_are_followed_without_lag() -> None:
