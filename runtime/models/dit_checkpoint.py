@@ -195,10 +195,14 @@ def _materialize(
     """Builds the network on meta and assigns the tensors into it; consumes `canonical.params`."""
     model = _build_on_meta(config)
     _check_keys(canonical, model, source)
-    # Convert one tensor at a time and drop the source reference, so the 2B network never exists twice.
+    # Convert one tensor at a time and drop the source reference, so the 2B network never exists twice. A tensor
+    # already of the dtype on the CPU would stay the checkpoint's memory-mapped pages: it is copied, so that a file
+    # rewritten (or truncated) while the network is in use cannot change (or crash) it.
     converted = {}
     for name in list(canonical.params):
-        converted[name] = canonical.params.pop(name).to(device=device, dtype=dtype)
+        stored = canonical.params.pop(name)
+        tensor = stored.to(device=device, dtype=dtype)
+        converted[name] = tensor.clone() if tensor.data_ptr() == stored.data_ptr() else tensor
     model.load_state_dict(converted, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
@@ -233,13 +237,37 @@ def read_dit_state_dict(path: str | Path) -> StateDict:
     if not path.is_dir():
         return read_tensor_file(path)
     directory = _diffusers_transformer_dir(path)
+    files = _weight_files(directory)
+    state: StateDict = {}
+    for file in files:  # sharded checkpoints split the keys over several files
+        shard = read_tensor_file(file)
+        if overlap := sorted(state.keys() & shard.keys()):
+            raise CheckpointError(
+                f"{file}: holds {overlap[0]} (and {len(overlap) - 1} more keys) of another weights file of "
+                f"{directory}; keep one variant there, or its *.safetensors.index.json"
+            )
+        state.update(shard)
+    return state
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """The weights of a diffusers transformer directory: those its index names when it has one (a folder may also
+    hold other variants, such as fp16 shards), else every *.safetensors file."""
+    indexes = sorted(directory.glob("*.safetensors.index.json"))
+    if len(indexes) == 1:
+        try:
+            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise CheckpointError(f"{indexes[0]}: expected a JSON object with a weight_map ({error})") from None
+        missing = [name for name in names if not (directory / name).is_file()]
+        if missing:
+            raise CheckpointError(f"{indexes[0]}: names {missing[0]}, which is not in {directory}")
+        return [directory / name for name in names]
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{directory}: expected *.safetensors weights next to config.json, found none")
-    state: StateDict = {}
-    for file in files:  # sharded checkpoints split the keys over several files
-        state.update(read_tensor_file(file))
-    return state
+    return files
 
 
 def _diffusers_fields(raw: Mapping[str, Any], config_path: Path) -> dict[str, Any]:

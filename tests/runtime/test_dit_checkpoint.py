@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save_file as save_safetensors
 from torch import Tensor
 
 from cosmos_edge.runtime.errors import CheckpointError, ConfigError
@@ -156,6 +158,28 @@ def test_diffusers_directory_round_trip(tmp_path: Path, tiny_state: dict[str, Te
     model = load_dit(tmp_path if layout == "pipeline-dir" else tmp_path / "transformer")
 
     assert model.config == TINY  # RoPE ratios and maximum sizes read from config.json equal the 2B defaults
+    assert_same_weights(model, tiny_state)
+
+
+def test_a_diffusers_folder_loads_the_shards_its_index_names_and_refuses_mixed_variants(
+    tmp_path: Path, tiny_state: dict[str, Tensor]
+) -> None:
+    save_diffusers_transformer(tiny_state, tmp_path)
+    (weights,) = tmp_path.glob("*.safetensors")
+    halved = {name: tensor.half() for name, tensor in load_safetensors(str(weights)).items()}
+    save_safetensors(halved, str(tmp_path / "diffusion_pytorch_model.fp16.safetensors"))  # a second variant
+    with pytest.raises(CheckpointError, match=r"\.safetensors: holds .* of another weights file"):
+        load_dit(tmp_path)
+    index = {"metadata": {}, "weight_map": dict.fromkeys(halved, weights.name)}
+    (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    assert_same_weights(load_dit(tmp_path), tiny_state)  # the index names the fp32 file only
+
+
+def test_loaded_weights_are_not_the_files_pages(tmp_path: Path, tiny_state: dict[str, Tensor]) -> None:
+    path = tmp_path / "model.pt"
+    torch.save(tiny_state, path)
+    model = load_dit(path)  # fp32 from fp32 on the CPU: a conversion that copies nothing
+    torch.save({name: torch.zeros_like(tensor) for name, tensor in tiny_state.items()}, path)  # rewritten in place
     assert_same_weights(model, tiny_state)
 
 
