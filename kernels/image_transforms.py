@@ -177,7 +177,7 @@ def device_tables(platform: PlatformSpec, shape: Sequence[int], device: torch.de
     keys = [("bicubic", side, IMAGE_SIZE) for side in sorted({height, width}) if side != IMAGE_SIZE]
     if platform.center_crop:
         keys.append(("antialias", reference.crop_box(IMAGE_SIZE, IMAGE_SIZE)[2], IMAGE_SIZE))
-    return tuple(table for key in keys for table in _device_table(*key, device))
+    return (*(table for key in keys for table in _device_table(*key, device)), _model_range_table(device))
 
 
 def transform_frames(platform: PlatformSpec, frames: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:

@@ -301,6 +301,8 @@ def check_device(device: str, name: str = "device") -> torch.device:
             raise ConfigError(f"{name} {device}: this torch ({torch.__version__}) is {build}; use the cpu device")
         if torch_device.index is not None and torch_device.index >= torch.cuda.device_count():
             raise ConfigError(f"{name} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if torch_device.index is None:  # as tensors name their device: caches keyed by it must find each other
+            torch_device = torch.device("cuda", torch.cuda.current_device())
     elif torch_device.type != "cpu":
         raise ConfigError(f"{name} {device}: the torch backend runs on cpu or cuda[:N]")
     return torch_device

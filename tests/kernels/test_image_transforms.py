@@ -58,11 +58,13 @@ def test_device_tables_are_every_table_the_transforms_read(platform: str, height
     spec = platform_spec(platform)
     batch = np.stack(frames(height, width)[:1])
     kernels._device_table.cache_clear()
+    kernels._model_range_table.cache_clear()
     held = kernels.device_tables(spec, batch.shape, torch.device("cpu"))
     listed = kernels._device_table.cache_info().currsize
     kernels.transform_batches(spec, [torch.from_numpy(batch)], [(0, 0)])
     assert kernels._device_table.cache_info().currsize == listed  # the transforms read no table it did not list
-    assert len(held) == 2 * listed
+    assert kernels._model_range_table.cache_info().currsize == 1
+    assert len(held) == 2 * listed + 1  # two per resize table, and the model-range table
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -149,6 +149,13 @@ def test_cuda_graphs_need_a_cuda_device() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_a_cuda_device_is_named_with_its_index() -> None:
+    # Tensors name theirs ("cuda:0"); tables cached per device are then found under one key whatever was asked.
+    assert torch_networks.check_device("cuda") == torch.device("cuda", torch.cuda.current_device())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_dit_calls_replayed_from_cuda_graphs_give_the_bits_of_plain_calls() -> None:
     device = torch.device("cuda")
     config = dit_config("tiny")
