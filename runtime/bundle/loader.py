@@ -3,8 +3,9 @@
 `load_policies` opens the networks of every device once: the reactive policy runs on the first device, the planning
 policy on all of them, and both share one VAE (on the first device) and, without a separate planning model, one DiT
 per device. The
-returned `LoadedPolicies` owns every network, engine session, device buffer and the planning thread pool, and
-releases them on `close()` (or at the end of a `with` block).
+returned `LoadedPolicies` owns every network, engine session, device buffer and the planning thread pool: `close()`
+(or the end of a `with` block) releases the sessions, buffers and threads at once; torch networks (and their CUDA
+graphs) are freed with the last reference to the policies, as torch frees any module.
 
 Backends are imported by name (`engines.registry`), so loading a bundle never imports torch.
 """
