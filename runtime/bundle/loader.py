@@ -275,7 +275,7 @@ def _open_bundle(
     planner_names = [bundle.dit_graph_name(batch, "planning_dit") for batch in batches] if has_planner else []
 
     def open_graph(name: str, device: str) -> GraphRunner:
-        runner = backend.open_graph(bundle.graph_file(name), device)
+        runner = backend.open_graph(bundle.graph_file(name, with_engine=source.backend == "tensorrt"), device)
         resources.callback(runner.close)
         return runner
 

@@ -310,11 +310,12 @@ class Bundle:
             raise BundleError(f"bundle {self.root}: has no graph {name!r}; it has {sorted(self.manifest.graphs)}")
         return record
 
-    def graph_file(self, name: str) -> GraphFile:
-        """What a backend opens for graph `name`: its files verified, and the engine the bundle ships for it."""
+    def graph_file(self, name: str, with_engine: bool = True) -> GraphFile:
+        """What a backend opens for graph `name`: its files verified, and (`with_engine`: for a backend that runs it)
+        the engine the bundle ships for it, verified too (engines are GBs: hashed only when used)."""
         record = self.graph(name)
         onnx, *external = [self.file(relative) for relative in record.files]
-        entry = self.manifest.engines.get(name)
+        entry = self.manifest.engines.get(name) if with_engine else None
         engine = None if entry is None else self.file(f"{ENGINES_DIR}/{entry['file']}")
         return GraphFile(
             record.spec, onnx, tuple(external), self.manifest.precision, engine, cache_dir=self.root / CACHE_DIR
