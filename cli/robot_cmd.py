@@ -90,7 +90,10 @@ def _robot(args: argparse.Namespace) -> int:
     params = ActParams(args.task, mode=args.mode, seed=args.seed, steps=args.steps)
     with connect(args, _REQUEST_TIMEOUT_S) as client:
         _check_server(client.metadata(), args)  # before the arms move: a server that could not drive them
-        env = make_env(**args.env_kwargs)
+        try:
+            env = make_env(**args.env_kwargs)
+        except Exception as error:  # the rig's code: said in one line, as every error of the command
+            raise ConfigError(f"--env {args.env}: failed: {type(error).__name__}: {error}") from error
         robot = AlohaWireCameras(AlohaRealRobot.connect(env, move_to_start=not args.keep_pose))
         safety = SafetyFilter(SafetyConfig())
         with ThreadedChunkSource(client, params) as source:

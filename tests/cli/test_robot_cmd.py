@@ -55,6 +55,10 @@ def test_a_signal_holds_the_pose_and_ends_the_run(capsys: pytest.CaptureFixture[
     [
         (["--task", "fold the towel"], "--task 'fold the towel': the server has no embedding for it; it knows"),
         (["--task", INSTRUCTION, "--mode", "dreaming"], "--mode dreaming: the server serves ['reactive']"),
+        (
+            ["--task", INSTRUCTION, "--env-kwargs", '{"fail": "no ROS master"}'],
+            f"--env {ENV}: failed: RuntimeError: no ROS master",
+        ),
     ],
 )
 def test_a_server_that_cannot_drive_the_arms_is_refused_before_they_move(

@@ -44,6 +44,8 @@ class FakeRealEnv:
 
 
 def make_env(**kwargs: object) -> FakeRealEnv:
+    if "fail" in kwargs:
+        raise RuntimeError(str(kwargs["fail"]))  # as a rig whose ROS master is not running
     env = FakeRealEnv(kwargs)
     MADE.append(env)
     return env
