@@ -43,6 +43,7 @@ import numpy as np
 from cosmos_edge.robot_bridge.controller.blending import BlendConfig, Boundary, ChunkBlender
 from cosmos_edge.robot_bridge.controller.chunk_source import Chunk, ChunkRequest, ChunkSource, Clock, RequestFailed
 from cosmos_edge.robot_bridge.controller.safety import Intervention, SafetyFilter
+from cosmos_edge.robot_bridge.controller.throttle import Throttle
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.policy.api import Observation
 from cosmos_edge.runtime.values import check_integer, check_number, describe
@@ -264,24 +265,6 @@ def _starvation_advice(latency_ms: float | None, horizon_ms: float) -> str:
     )
 
 
-class _Throttle:
-    """At most one warning per interval for a recurring event; counts the events in between for the next warning."""
-
-    def __init__(self, interval_s: float) -> None:
-        self._interval_ns = interval_s * 1e9
-        self._warned_at_ns: int | None = None
-        self._events = 0  # since the last warning
-
-    def due(self, now_ns: int) -> int | None:
-        """Counts one event at `now_ns`: the events since the last warning (this one included) if a warning is due
-        now, else None."""
-        self._events += 1
-        if self._warned_at_ns is not None and now_ns - self._warned_at_ns < self._interval_ns:
-            return None
-        events, self._events, self._warned_at_ns = self._events, 0, now_ns
-        return events
-
-
 class ChunkExecutor:
     """Sends one safe command per tick from the newest valid chunk; see the module docstring."""
 
@@ -323,9 +306,12 @@ class ChunkExecutor:
         self._next_tick = 0  # the tick after the last one run
         self._latency_ns: float | None = None  # smoothed inference round trip (capture to receipt)
         self._chunk_length = 0  # of the last adopted chunk
-        self._starved_warnings = _Throttle(config.starvation_warning_s)
-        self._failure_warnings = _Throttle(config.starvation_warning_s)
-        self._malformed_warnings = _Throttle(config.starvation_warning_s)
+        self._starved_warnings = Throttle(config.starvation_warning_s)
+        self._failure_warnings = Throttle(config.starvation_warning_s)
+        self._malformed_warnings = Throttle(config.starvation_warning_s)
+        self._late_warnings = Throttle(config.starvation_warning_s)
+        self._last_failure: RequestFailed | None = None  # of the requests since the last chunk adopted, the last
+        self._failures_since_chunk = 0
 
     @property
     def counters(self) -> ExecutorCounters:
@@ -411,8 +397,7 @@ class ChunkExecutor:
                 latest_due = min(latest_due, end_tick - 1)
             missed = max(0, latest_due - tick)
             if missed:
-                late_ms = (now - deadline) / 1e6
-                logger.debug("executor: tick %d started %.1f ms late; skipping %d", tick, late_ms, missed)
+                self._warn_late(tick, (now - deadline) / 1e6, missed)
                 tick = latest_due
                 deadline = self._epoch_ns + tick * self._period_ns
                 self._counts["missed_ticks"] += missed
@@ -453,6 +438,7 @@ class ChunkExecutor:
             return False
         if isinstance(outcome, RequestFailed):
             self._counts["request_failures"] += 1
+            self._last_failure, self._failures_since_chunk = outcome, self._failures_since_chunk + 1
             self._retry_at_ns = self._clock() + round(self.config.retry_delay_s * 1e9)
             self._warn_request_failed(outcome)
             return False
@@ -481,7 +467,23 @@ class ChunkExecutor:
         )
         self._chunk, self._obs_floor = outcome, outcome.obs_id
         self._counts["chunks_adopted"] += 1
+        self._last_failure, self._failures_since_chunk = None, 0
         return True
+
+    def _warn_late(self, tick: int, late_ms: float, missed: int) -> None:
+        """Ticks that start a whole period late are skipped (a run keeps its length): the robot's own calls, or a
+        busy machine, take longer than the period. Warned at once, then once per interval."""
+        skipped = self._late_warnings.due(self._clock())
+        log = logger.debug if skipped is None else logger.warning
+        log(
+            "executor: tick %d started %.1f ms late; skipping %d tick(s) (%d skipped so far): the robot's observe "
+            "and command, or this machine, cannot keep %.0f Hz",
+            tick,
+            late_ms,
+            missed,
+            self._counts["missed_ticks"] + missed,
+            self.config.control_rate_hz,
+        )
 
     def _warn_request_failed(self, failure: RequestFailed) -> None:
         """A failed request is retried every `retry_delay_s`: one that fails at once must not flood the log."""
@@ -528,8 +530,17 @@ class ChunkExecutor:
             self.config.control_rate_hz,
             self.prefetch_threshold,
             self._counts["starved_ticks"],
-            _starvation_advice(self.latency_ms, horizon_ms),
+            self._starvation_cause(horizon_ms),
         )
+
+    def _starvation_cause(self, horizon_ms: float) -> str:
+        if self._last_failure is not None:  # no round trip to speak of: the requests themselves fail
+            error = self._last_failure.error
+            return (
+                f"The {self._failures_since_chunk} request(s) since the last chunk failed, the last with "
+                f"{type(error).__name__}: {error}; is the server up and answering within the client's timeout?"
+            )
+        return _starvation_advice(self.latency_ms, horizon_ms)
 
     def _drop_reason(self, chunk: Chunk, tick: int) -> str | None:
         if self._safety.stopped:

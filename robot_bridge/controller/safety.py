@@ -26,10 +26,12 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from cosmos_edge.robot_bridge.controller.throttle import Throttle
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.values import check_number, check_numbers
 
@@ -58,6 +60,7 @@ VX300S_JOINT_UPPER: tuple[float, ...] = (
     math.pi - _PI_OFFSET,
 )
 # Per-tick joint change the official Cosmos Policy ALOHA client tolerates before pausing (run_aloha_eval.py).
+WARNING_INTERVAL_S = 5.0  # as the executor's warnings
 DEFAULT_MAX_JOINT_STEP = 0.15
 NUM_ARMS = 2  # ALOHA layout: [left 6 joints, left gripper, right 6 joints, right gripper]
 
@@ -172,6 +175,7 @@ class SafetyFilter:
         self._stopped = False
         self._last: np.ndarray | None = None  # last command sent; None until the first command
         self._prev_flags = Intervention.NONE
+        self._onset_warnings: dict[Intervention, Throttle] = {}
         self._counts = dict.fromkeys(_COUNTED, 0)
         self._commands = 0
 
@@ -194,7 +198,7 @@ class SafetyFilter:
     def stop(self, reason: str) -> None:
         """Latch a stop: every later command holds position until `reset`."""
         if not self._stopped:
-            logger.warning("safety: stop latched (%s); holding position until reset", reason)
+            logger.warning("safety: stop latched (%s); holding position until reset or the end of the run", reason)
         self._stopped = True
 
     def reset(self) -> None:
@@ -256,10 +260,14 @@ class SafetyFilter:
             if kind in flags:
                 self._counts[kind] += 1
         if flags:
-            # Onsets are warnings; a run of the same intervention (a long hold, a slewing joint) is debug.
+            # Onsets are warnings, at most one per kind per interval (a policy that keeps overshooting must not flood
+            # the log); a run of the same intervention (a long hold, a slewing joint) is debug.
             started = flags & ~self._prev_flags
-            log = logger.warning if started else logger.debug
-            log("safety: %s%s", _names(flags), _changed(target, out))
+            onsets = self._onset_warnings.setdefault(flags, Throttle(WARNING_INTERVAL_S)) if started else None
+            count = None if onsets is None else onsets.due(time.monotonic_ns())
+            log = logger.debug if count is None else logger.warning
+            since = f" ({count} onsets since the last such warning)" if count is not None and count > 1 else ""
+            log("safety: %s%s%s", _names(flags), _changed(target, out), since)
         self._prev_flags = flags
 
 

@@ -828,6 +828,27 @@ def test_a_run_ends_when_asked_to() -> None:
             executor.run(**bad)  # type: ignore[arg-type]
 
 
+def test_a_robot_slower_than_the_period_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    executor, robot, _, clock = make()
+    robot.on_command = lambda n: clock.sleep(0.1)  # each command takes 2.5 periods at 25 Hz
+    with caplog.at_level(logging.WARNING, logger="cosmos_edge.robot_bridge.controller.executor"):
+        executor.run(100)  # 4 s of fake time: one warning, the rest counted
+    warnings = [r.getMessage() for r in caplog.records if "late" in r.getMessage()]
+    assert len(warnings) == 1 and "cannot keep 25 Hz" in warnings[0]
+    assert executor.counters.missed_ticks > 50
+
+
+def test_starvation_from_failing_requests_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    executor, _, client, _ = make(chunk=20, threshold=8, latency_ticks=1)
+    executor.run(10)  # a chunk in hand, then the server goes away
+    client.down = True
+    with caplog.at_level(logging.WARNING, logger="cosmos_edge.robot_bridge.controller.executor"):
+        executor.run(300)  # 12 s of fake time: a starvation warning at once (the request still in flight), then more
+    starved = [r.getMessage() for r in caplog.records if "starved" in r.getMessage()]
+    assert "Request earlier" in starved[0]  # nothing has failed yet
+    assert "request(s) since the last chunk failed, the last with FakeTimeout: no reply" in starved[-1]
+
+
 def test_adaptive_prefetch_covers_the_measured_latency() -> None:
     fixed, _, _, _ = make(chunk=20, threshold=2, latency_ticks=10)
     fixed.run(200)

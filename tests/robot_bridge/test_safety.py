@@ -201,6 +201,19 @@ def test_output_always_within_limits_and_step(target: np.ndarray, offset: np.nda
     assert (np.abs(out[JOINTS] - measured[JOINTS]) <= config.max_joint_step + 1e-12).all()
 
 
+def test_onsets_that_keep_coming_are_warned_about_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    f = SafetyFilter(SafetyConfig())
+    target = START.copy()
+    target[3] += 0.4  # a step the filter limits
+    with caplog.at_level(logging.DEBUG, logger="cosmos_edge.robot_bridge.controller.safety"):
+        for _ in range(10):  # a policy overshooting every other tick: ten onsets of the same intervention
+            f.apply(target, START)
+            f.apply(START, START)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "RATE_LIMITED" in warnings[0]
+    assert f.counters.rate_limited == 10  # every one is counted
+
+
 def test_intervention_warnings_name_the_dims_not_whole_vectors(caplog: pytest.LogCaptureFixture) -> None:
     safety = SafetyFilter(SafetyConfig())
     home = np.array([0.0, -0.96, 1.16, 0.0, -0.3, 0.0, 0.5] * 2)
