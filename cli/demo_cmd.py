@@ -15,14 +15,13 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from cosmos_edge.cli.arg_types import int_in_range, positive_int
 from cosmos_edge.cli.extras import require_extra
-from cosmos_edge.robot_bridge.controller.blending import summarize_boundaries
+from cosmos_edge.cli.run_report import print_run_report
 from cosmos_edge.robot_bridge.controller.chunk_source import (
     ActParams,
     Chunk,
@@ -189,26 +188,16 @@ def _run_demo(args: argparse.Namespace) -> int:
             summary = executor.run(num_ticks=ticks)
     print(f"[4/4] done in {time.perf_counter() - started:.1f} s wall time\n")
     _print_latencies(source.chunks)
-    print("\nexecutor: " + ", ".join(f"{k}={v}" for k, v in asdict(executor.counters).items()))
-    print(f"ticks: {summary.ticks} (held position on {summary.hold_ticks}: before the first chunk, or starved)")
-    print("safety interventions: " + ", ".join(f"{k}={v}" for k, v in asdict(safety.counters).items()))
+    print()
+    print_run_report(executor, safety, summary)
+    _print_round_trip(executor)
     print(f"simulation ({DEMO_TASK}): last reward {sim.reward:g}, task solved: {'yes' if sim.success else 'no'}")
-    _print_boundaries(executor)
     strip = _write_strip(robot.frames, args.out / "episode.png")
     print(f"episode strip (cam_high every {FRAME_EVERY_TICKS} ticks): {strip}")
     return 0 if source.chunks else 1  # a run without a single policy reply failed
 
 
-def _print_boundaries(executor: ChunkExecutor) -> None:
-    stats = summarize_boundaries(executor.boundaries())
-    blend = executor.config.blend
-    print(
-        f"chunk boundaries: {stats.boundaries} ({blend.scheme.value}, {blend.window_ticks} ticks); largest per-tick "
-        f"joint change at a boundary, rad: hard switch p50 {stats.raw_jump_p50:.3f} max {stats.raw_jump_max:.3f}, "
-        f"commanded p50 {stats.commanded_jump_p50:.3f} max {stats.commanded_jump_max:.3f} (grippers included: only "
-        "arm joints are limited, 0.15 rad per tick from the measured pose); "
-        f"safety-limited ticks in the windows: {stats.safety_ticks}"
-    )
+def _print_round_trip(executor: ChunkExecutor) -> None:
     # The simulation waits for each reply (lockstep), so the round trip it sees is short in simulated time.
     latency = "n/a" if executor.latency_ms is None else f"{executor.latency_ms:.0f} ms"
     print(

@@ -18,26 +18,29 @@ import importlib
 import json
 import signal
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from types import FrameType
 
 from cosmos_edge.cli.arg_types import int_in_range, positive_hertz, positive_seconds
 from cosmos_edge.cli.client_cmd import connect, connection_arguments, naming_connection_flags
-from cosmos_edge.robot_bridge.controller.blending import BlendConfig, BlendScheme, summarize_boundaries
+from cosmos_edge.cli.run_report import print_run_report
+from cosmos_edge.cli.signals import sigterm_interrupts
+from cosmos_edge.robot_bridge.controller.blending import BlendConfig, BlendScheme
 from cosmos_edge.robot_bridge.controller.chunk_source import ActParams, ThreadedChunkSource
-from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor, ExecutorConfig
+from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor, ExecutorConfig, summarize
 from cosmos_edge.robot_bridge.controller.safety import SafetyConfig, SafetyFilter
 from cosmos_edge.robot_bridge.protocol import ServerMetadata
 from cosmos_edge.robot_bridge.robots.aloha_real import ALOHA_DIMS, AlohaRealRobot, RealEnvLike
 from cosmos_edge.robot_bridge.robots.camera_frames import AlohaWireCameras
-from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.errors import ConfigError, CosmosEdgeError, EngineError
 from cosmos_edge.runtime.policy.api import MAX_DENOISING_STEPS, MAX_SEED
 
 _REQUEST_TIMEOUT_S = 10.0  # a chunk later than this is of no use to a moving arm: the executor retries
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    timeout = f"seconds to wait for a chunk before asking again (default {_REQUEST_TIMEOUT_S:g})"
+    timeout = (
+        f"seconds to wait for the server at start, and for a chunk before asking again (default {_REQUEST_TIMEOUT_S:g})"
+    )
     connection = connection_arguments(timeout)
     parser = subparsers.add_parser(
         "robot", parents=[connection], help="drive a real ALOHA from a running policy server (Ctrl-C holds and ends)"
@@ -88,30 +91,42 @@ def _robot(args: argparse.Namespace) -> int:
     make_env = _env_factory(args.env)
     executor_config = ExecutorConfig(control_rate_hz=args.control_rate_hz, blend=BlendConfig(BlendScheme(args.blend)))
     params = ActParams(args.task, mode=args.mode, seed=args.seed, steps=args.steps)
-    with connect(args, _REQUEST_TIMEOUT_S) as client:
+    with sigterm_interrupts(), connect(args, _REQUEST_TIMEOUT_S) as client:  # until the run takes the signals over
         _check_server(client.metadata(), args)  # before the arms move: a server that could not drive them
-        try:
-            env = make_env(**args.env_kwargs)
-        except Exception as error:  # the rig's code: said in one line, as every error of the command
-            raise ConfigError(f"--env {args.env}: failed: {type(error).__name__}: {error}") from error
-        robot = AlohaWireCameras(AlohaRealRobot.connect(env, move_to_start=not args.keep_pose))
+        robot = AlohaWireCameras(_connect_robot(make_env, args))
         safety = SafetyFilter(SafetyConfig())
         with ThreadedChunkSource(client, params) as source:
             executor = ChunkExecutor(robot, source, safety, executor_config)
             with _stop_on_signals(executor):
                 print(f"driving the arms from {args.endpoint} ({args.task!r}); Ctrl-C holds the pose and ends")
-                # The run ends at the latched stop (a flag the signal handler sets without taking a lock).
-                summary = executor.run(duration_s=args.duration_s, until=lambda: safety.stopped)
-    late = f", {summary.missed_ticks} more skipped (late)" if summary.missed_ticks else ""
-    print(f"ticks: {summary.ticks}{late}; held position on {summary.hold_ticks}")
-    print("executor: " + ", ".join(f"{name}={value}" for name, value in asdict(executor.counters).items()))
-    print("safety: " + ", ".join(f"{name}={value}" for name, value in asdict(safety.counters).items()))
-    boundaries = summarize_boundaries(executor.boundaries())
-    print(
-        f"chunk boundaries: {boundaries.boundaries}; largest per-tick change, rad: hard switch max "
-        f"{boundaries.raw_jump_max:.3f}, commanded max {boundaries.commanded_jump_max:.3f}"
-    )
+                try:
+                    # The run ends at the latched stop (a flag the signal handler sets without taking a lock).
+                    summary = executor.run(duration_s=args.duration_s, until=lambda: safety.stopped)
+                except Exception as error:  # the rig (a camera, a servo) failed mid-run: what ran is still reported
+                    print_run_report(executor, safety, summarize(executor.records()))
+                    raise EngineError(
+                        f"robot: the run stopped on {type(error).__name__}: {error}; the arms keep their last "
+                        "commanded pose"
+                    ) from error
+    print_run_report(executor, safety, summary)
+    if executor.counters.chunks_adopted == 0:  # the arms never moved under the policy
+        failed = executor.counters.request_failures
+        print(f"no chunk arrived from {args.endpoint}: {failed} request(s) failed (see the log)")
+        return 1
     return 0
+
+
+def _connect_robot(make_env: Callable[..., RealEnvLike], args: argparse.Namespace) -> AlohaRealRobot:
+    """The rig's env, moved to the start pose (unless --keep-pose); its failures are one line naming --env."""
+    try:
+        env = make_env(**args.env_kwargs)
+        if not args.keep_pose:
+            print("moving the arms to the start pose")
+        return AlohaRealRobot.connect(env, move_to_start=not args.keep_pose)
+    except (KeyboardInterrupt, CosmosEdgeError):
+        raise
+    except Exception as error:  # the rig's code: said in one line, as every error of the command
+        raise ConfigError(f"--env {args.env}: failed: {type(error).__name__}: {error}") from error
 
 
 def _check_server(metadata: ServerMetadata, args: argparse.Namespace) -> None:
@@ -147,9 +162,14 @@ def _env_factory(spec: str) -> Callable[..., RealEnvLike]:
         raise ConfigError(f"--env {spec}: expected MODULE:FUNCTION, e.g. aloha_scripts.real_env:make_real_env")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as error:
-        detail = f"cannot import {module_name} ({error}); is the rig's code on PYTHONPATH?"
+    except ModuleNotFoundError as error:
+        if error.name is not None and module_name.startswith(error.name):
+            detail = f"cannot import {module_name} ({error}); is the rig's code on PYTHONPATH?"
+        else:  # found, but something it imports is not installed here (ROS, Interbotix, ...)
+            detail = f"{module_name} imports {error.name}, which this Python cannot find (the rig's environment?)"
         raise ConfigError(f"--env {spec}: {detail}") from None
+    except Exception as error:  # the module itself fails as it is imported (a syntax error, a missing ROS master)
+        raise ConfigError(f"--env {spec}: importing {module_name} failed: {type(error).__name__}: {error}") from None
     factory = getattr(module, function_name, None)
     if not callable(factory):
         raise ConfigError(f"--env {spec}: {module_name} has no function {function_name}")

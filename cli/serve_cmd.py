@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, NoReturn
 from cosmos_edge.cli.arg_types import mebibytes
 from cosmos_edge.cli.model_source import add_compile_arguments, model_source
 from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config, planning_flags_given
+from cosmos_edge.cli.signals import sigterm_interrupts
 from cosmos_edge.robot_bridge.binding import BoundRouter, ServerConfig
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, ServerCurve, load_public_keys
 from cosmos_edge.robot_bridge.official_act import check_official_cameras
@@ -97,7 +98,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction, make_policies: Poli
     )
 
     def serve(args: argparse.Namespace) -> int:
-        with _naming_flags(), _sigterm_interrupts(), contextlib.ExitStack() as sockets:
+        with _naming_flags(), sigterm_interrupts(), contextlib.ExitStack() as sockets:
             config, http = server_config(args), http_config(args)
             # Bound before the policies load (minutes, for the 2B model): a port in use is refused at once.
             router = sockets.enter_context(BoundRouter.bind(config))
@@ -189,24 +190,6 @@ def run_server(server: PolicyServer, http: HttpConfig | None = None, http_listen
         for number, handler in previous.items():
             signal.signal(number, handler)
     return 0
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM interrupts as Ctrl-C does until `run_server` takes the signals over (while the models load and warm up):
-    the sockets bound so far close, and the process exits with a line instead of dying by the signal."""
-    if threading.current_thread() is not threading.main_thread():  # embedded: signals are the caller's
-        yield
-        return
-
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _exit_now(code: int) -> NoReturn:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,3 +84,38 @@ def test_a_bad_env_is_one_line_before_anything_moves(
 ) -> None:
     assert main(["robot", *argv, "--task", INSTRUCTION, "--endpoint", "tcp://127.0.0.1:9"]) == 2
     assert named in capsys.readouterr().err
+
+
+def test_a_rig_failing_mid_run_is_one_line_after_the_counters(capsys: pytest.CaptureFixture[str]) -> None:
+    with serving(PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*"))) as endpoint:
+        assert main(robot(endpoint, "--env-kwargs", '{"fail_after": 5}')) == 2
+    captured = capsys.readouterr()
+    assert "ticks: 4" in captured.out and "chunk boundaries:" in captured.out  # what ran is reported
+    assert "robot: the run stopped on OSError: USB camera disconnected" in captured.err
+
+
+def test_sigterm_while_the_arms_move_to_the_start_pose_interrupts(capsys: pytest.CaptureFixture[str]) -> None:
+    with serving(PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*"))) as endpoint:
+        assert main(robot(endpoint, "--env-kwargs", '{"terminate_at_reset": true}')) == 130
+    assert capsys.readouterr().err.strip() == "cosmos-edge: interrupted (robot)"
+
+
+def test_no_chunk_at_all_is_a_failed_run(capsys: pytest.CaptureFixture[str]) -> None:
+    policy = StubPolicy(delay_s=1.0)  # slower than the client's timeout: every request times out
+    with serving(PolicyServer(policy, ServerConfig("tcp://127.0.0.1:*"))) as endpoint:
+        assert main(robot(endpoint, "--duration-s", "1", "--timeout", "0.3")) == 1
+    assert "no chunk arrived from" in capsys.readouterr().out
+
+
+def test_a_module_that_fails_as_it_is_imported_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "broken_rig.py").write_text("import rospy_that_is_not_here\n")
+    (tmp_path / "syntax_rig.py").write_text("def make_env(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # the rig's code on the path, as a user's PYTHONPATH puts it
+    for module, named in (
+        ("broken_rig", "broken_rig imports rospy_that_is_not_here, which this Python cannot find"),
+        ("syntax_rig", "importing syntax_rig failed: SyntaxError"),
+    ):
+        assert main(["robot", "--env", f"{module}:make_env", "--task", INSTRUCTION]) == 2
+        assert named in capsys.readouterr().err

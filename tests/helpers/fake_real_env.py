@@ -1,6 +1,7 @@
 """A stand-in for the rig's `RealEnv` (what `cosmos-edge robot --env tests.helpers.fake_real_env:make_env` builds):
 it records every command and answers 480x640 camera frames. With `signal_after=N` it sends this process SIGINT on
-its N-th step, as an operator's Ctrl-C while the arms move."""
+its N-th step, as an operator's Ctrl-C while the arms move; with `fail_after=N` its N-th step raises, as a camera
+that comes loose; `terminate_at_reset` sends SIGTERM while the arms move to the start pose."""
 
 from __future__ import annotations
 
@@ -29,12 +30,16 @@ class FakeRealEnv:
 
     def reset(self, fake: bool = False) -> FakeTimeStep:
         self.resets.append(fake)
+        if self.kwargs.get("terminate_at_reset"):
+            os.kill(os.getpid(), signal.SIGTERM)
         return self._timestep(np.zeros(14))
 
     def step(self, action: np.ndarray) -> FakeTimeStep:
         self.commands.append(np.array(action))
         if len(self.commands) == self.kwargs.get("signal_after"):
             os.kill(os.getpid(), signal.SIGINT)
+        if len(self.commands) == self.kwargs.get("fail_after"):
+            raise OSError("USB camera disconnected")
         return self._timestep(np.array(action, dtype=np.float64))  # the arms reach every target
 
     @staticmethod

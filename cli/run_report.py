@@ -1,0 +1,26 @@
+"""What a run of the chunk executor reports when it ends (`demo`, `robot`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from cosmos_edge.robot_bridge.controller.blending import summarize_boundaries
+from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor, TickSummary
+from cosmos_edge.robot_bridge.controller.safety import SafetyFilter
+
+
+def print_run_report(executor: ChunkExecutor, safety: SafetyFilter, summary: TickSummary) -> None:
+    """The executor's and the safety filter's counters, the ticks, and the chunk boundaries."""
+    print("executor: " + ", ".join(f"{name}={value}" for name, value in asdict(executor.counters).items()))
+    late = f", {summary.missed_ticks} more skipped (late)" if summary.missed_ticks else ""
+    print(f"ticks: {summary.ticks}{late}; held position on {summary.hold_ticks} (before the first chunk, or starved)")
+    print("safety interventions: " + ", ".join(f"{name}={value}" for name, value in asdict(safety.counters).items()))
+    stats = summarize_boundaries(executor.boundaries())
+    blend = executor.config.blend
+    print(
+        f"chunk boundaries: {stats.boundaries} ({blend.scheme.value}, {blend.window_ticks} ticks); largest per-tick "
+        f"change at a boundary (arm joints in rad, grippers normalised 0..1, which only the gripper range limits): "
+        f"hard switch p50 {stats.raw_jump_p50:.3f} max {stats.raw_jump_max:.3f}, commanded p50 "
+        f"{stats.commanded_jump_p50:.3f} max {stats.commanded_jump_max:.3f}; safety-limited ticks in the windows: "
+        f"{stats.safety_ticks}"
+    )
