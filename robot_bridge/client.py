@@ -222,9 +222,10 @@ class PolicyClient:
                 return
             except zmq.Again:  # the connection dropped between poll and send
                 pass
+        curve = ", and does it admit this client's CURVE key" if self._client_keys is not None else ""
         raise RequestTimeout(
             f"{request.kind.value}: no connection to {self._endpoint} within {self._timeout_s} s; is the server "
-            "running, and does it admit this client's CURVE key?"
+            f"running{curve}?"
         )
 
     def _await_reply(self, socket: zmq.Socket[bytes], request: Request, deadline: float) -> Reply:
