@@ -3,9 +3,9 @@
 `load_policies` opens the networks of every device once: the reactive policy runs on the first device, the planning
 policy on all of them, and both share one VAE (on the first device) and, without a separate planning model, one DiT
 per device. The
-returned `LoadedPolicies` owns every network, engine session, device buffer and the planning thread pool: `close()`
-(or the end of a `with` block) releases the sessions, buffers and threads at once; torch networks (and their CUDA
-graphs) are freed with the last reference to the policies, as torch frees any module.
+returned `LoadedPolicies` owns every network, engine session, device buffer and the planning thread pool, and
+releases them on `close()` (or at the end of a `with` block): torch networks free their weights, bound instructions
+and CUDA graphs, and the policies fail clearly if asked again.
 
 Backends are imported by name (`engines.registry`), so loading a bundle never imports torch.
 """
@@ -107,19 +107,21 @@ def load_policies(
     resources = ExitStack()  # handed to LoadedPolicies on success, unwound here on any failure
     try:
         if isinstance(source, CheckpointSource):
-            model, networks = _open_checkpoints(source, used, planning is not None)
+            model, networks = _open_checkpoints(source, used, planning is not None, resources)
             full_sequence = source.encode_full_sequence
         else:
             one_at_a_time = planning_deadline_ms is not None
             model, networks = _open_bundle(source, used, planning, one_at_a_time, future_images, resources)
             full_sequence = False
         reactive = ReactivePolicy(model, networks[0].policy_network, encode_full_sequence=full_sequence)
+        resources.callback(reactive.reset)  # drops its bound instruction (K/V, graphs) before the networks close
         planner = None
         if planning is not None:
             planner = PlanningPolicy(
                 model, networks, planning, batch_passes=_batching_pays(used), deadline_ms=planning_deadline_ms
             )
             resources.callback(planner.close)
+            resources.callback(planner.reset)
     except BaseException:
         resources.close()
         raise
@@ -207,7 +209,7 @@ def _default_device(source: ModelSource) -> str:
 
 
 def _open_checkpoints(
-    source: CheckpointSource, devices: list[str], with_planning: bool
+    source: CheckpointSource, devices: list[str], with_planning: bool, resources: ExitStack
 ) -> tuple[PolicyModel, list[PlanningWorker]]:
     files = source.files
     platform = platform_spec(files.platform)
@@ -224,11 +226,13 @@ def _open_checkpoints(
     autoencoder = torch_backend.open_autoencoder(
         files.tokenizer, source.precision, devices[0], platform, source.compile_mode, source.cuda_graphs
     )
+    resources.callback(autoencoder.close)
     networks = []
     for device in devices:
         _LOG.info("loading %s (%s) on %s", files.checkpoint, source.precision, device)
         compile_args = (source.compile_mode, source.compile_scope, source.cuda_graphs)
         policy_network = torch_backend.open_denoiser(files.checkpoint, source.precision, device, *compile_args)
+        resources.callback(policy_network.close)
         _check_text_width(files.text_embeddings, text, files.checkpoint, policy_network.text_dim)
         planning_network = policy_network
         if separate_planner and source.planning_checkpoint is not None:
@@ -236,6 +240,7 @@ def _open_checkpoints(
             planning_network = torch_backend.open_denoiser(
                 source.planning_checkpoint, source.precision, device, *compile_args
             )
+            resources.callback(planning_network.close)
             _check_text_width(files.text_embeddings, text, source.planning_checkpoint, planning_network.text_dim)
         networks.append(PlanningWorker(policy_network, planning_network))
     return PolicyModel(platform, stats, text, autoencoder, autoencoder), networks

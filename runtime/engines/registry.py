@@ -29,12 +29,20 @@ class GraphBackend(Protocol):
 class EncodingAutoencoder(VideoAutoencoder, ConditioningEncoder, Protocol):
     """A VAE that also encodes the conditioning prefix from raw frames (the torch backend's)."""
 
+    def close(self) -> None:
+        """Releases the network and what it keeps (captured graphs, cached latents); later calls fail."""
+        ...
+
 
 class TextWidthNetwork(DenoisingNetwork, Protocol):
     """A denoising network that says how wide the instruction embeddings it takes are (the torch backend's)."""
 
     @property
     def text_dim(self) -> int: ...
+
+    def close(self) -> None:
+        """Releases the network and what it keeps (bindings, adaLN vectors, captured graphs); later calls fail."""
+        ...
 
 
 class TorchBackend(Protocol):

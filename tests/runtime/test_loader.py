@@ -236,6 +236,18 @@ def test_closing_a_bundle_closes_its_runners(tiny_bundles: TinyBundles) -> None:
         policy.infer(query)
 
 
+def test_closing_checkpoint_policies_frees_their_networks(tiny_assets: dict[str, CheckpointFiles]) -> None:
+    loaded = load_policies(CheckpointSource(tiny_assets["aloha"]), planning=PlanningConfig(num_queries_best_of_n=2))
+    policy, (device,) = loaded.reactive, loaded.devices
+    query = ActionQuery(random_observation("aloha"), policy.instructions[0], seed=1, steps=1)
+    policy.infer(query)
+    loaded.close()
+    weights = list(device.policy_network._dit.parameters())  # type: ignore[attr-defined]
+    assert all(weight.is_meta for weight in weights)  # the storage is released, not only the references
+    with pytest.raises(EngineError, match="closed with the policies that loaded it"):
+        policy.infer(query)
+
+
 def test_warm_up_runs_one_query_before_the_first_request(tiny_assets: dict[str, CheckpointFiles]) -> None:
     with load_policies(CheckpointSource(tiny_assets["aloha"])) as loaded:
         assert loaded.warm_up() > 0
