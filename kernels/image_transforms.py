@@ -96,14 +96,11 @@ def bicubic_resize(frames: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 [N, H, W, 3] → uint8 [N, size, size, 3], as Pillow's `Image.resize((size, size), BICUBIC)`."""
     planes = frames.permute(0, 3, 1, 2).to(torch.int64)  # [N, 3, H, W]; 8-bit values between the passes
     height, width = planes.shape[-2:]
-    # Pillow skips an axis already at its size and resizes horizontally first, except when that would widen the
-    # image before shrinking it vertically (checked against the installed Pillow by the tests).
-    vertical_first = width < size < height
-    if vertical_first:
-        planes = _bicubic_last_axis(planes.transpose(-1, -2), size).transpose(-1, -2)
+    # Pillow (< 13, as the official lock's 12.0.0) skips an axis already at its size and resizes horizontally first,
+    # whatever the shape (Pillow 13 goes vertically first for frames narrower than the target yet taller).
     if width != size:
         planes = _bicubic_last_axis(planes, size)
-    if height != size and not vertical_first:
+    if height != size:
         planes = _bicubic_last_axis(planes.transpose(-1, -2), size).transpose(-1, -2)
     return planes.to(torch.uint8).permute(0, 2, 3, 1)
 
