@@ -123,7 +123,9 @@ class DatasetStats:
         return 0.5 * (x + 1.0) * (self.proprio_max - self.proprio_min) + self.proprio_min
 
     def unnormalize_actions(self, actions: np.ndarray) -> np.ndarray:
-        """Normalised actions [..., action_dim] → 0.5(a + 1)(max - min) + min, float64 (official formula)."""
+        """Normalised actions [..., action_dim] → 0.5(a + 1)(max - min) + min, float64 (official formula). The
+        official numpy code adds 1 to its float32 values in float32 (`cosmos_utils.py` 641-645), here in float64:
+        the two differ by at most a float32 ulp of the result, which is returned as float32 either way."""
         x = _check_input("actions", actions, self.action_dim)
         return 0.5 * (x + 1.0) * (self.actions_max - self.actions_min) + self.actions_min
 
