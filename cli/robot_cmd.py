@@ -163,7 +163,7 @@ def _env_factory(spec: str) -> Callable[..., RealEnvLike]:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
-        if error.name is not None and module_name.startswith(error.name):
+        if error.name is not None and f"{module_name}.".startswith(f"{error.name}."):  # the module, or a parent
             detail = f"cannot import {module_name} ({error}); is the rig's code on PYTHONPATH?"
         else:  # found, but something it imports is not installed here (ROS, Interbotix, ...)
             detail = f"{module_name} imports {error.name}, which this Python cannot find (the rig's environment?)"
