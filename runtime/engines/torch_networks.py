@@ -244,7 +244,9 @@ class TorchDiT:
             forward = self._forward_batched if batched else self._forward
             with self._calling, current_device(self._device):
                 self._check_open()
-                steps = self._timestep_input(timesteps)
+                host_steps = np.ascontiguousarray(timesteps, dtype=np.float32)
+                steps_key = host_steps.tobytes()  # the shape is fixed by the byte count and the batch
+                steps = self._timestep_input(host_steps, steps_key)
                 if self._compiled_whole:
                     self._dit.cache_tables(x, steps, condition_mask)
 
@@ -258,8 +260,7 @@ class TorchDiT:
                 if captured is None or batched:
                     return call(x, condition_mask)
                 # Replayed with the casts inside the graph; keyed by what fixes the kernels launched.
-                key = (np.ascontiguousarray(timesteps, np.float32).tobytes(), x.shape, condition_mask.shape)
-                return captured(key, call, (x, condition_mask))
+                return captured((steps_key, x.shape, condition_mask.shape), call, (x, condition_mask))
 
         return network
 
@@ -275,14 +276,12 @@ class TorchDiT:
         if self._closed:
             raise EngineError("the DiT was closed with the policies that loaded it")
 
-    def _timestep_input(self, timesteps: np.ndarray) -> torch.Tensor | TimestepModulation:
-        """What the DiT takes for these host timesteps. At batch 1 (every reactive call: a query repeats its calls'
-        timesteps) their adaLN vectors, computed once per distinct value and kept, so a hit uploads nothing; larger
-        batches (planning's calls, whose combinations vary) compute them in the call."""
-        host = np.ascontiguousarray(timesteps, dtype=np.float32)
+    def _timestep_input(self, host: np.ndarray, key: bytes) -> torch.Tensor | TimestepModulation:
+        """What the DiT takes for these host float32 timesteps (`key`: their bytes). At batch 1 (every reactive call:
+        a query repeats its calls' timesteps) their adaLN vectors, computed once per distinct value and kept, so a hit
+        uploads nothing; larger batches (planning's calls, whose combinations vary) compute them in the call."""
         if host.shape[0] != 1:
             return torch.from_numpy(host).to(self._device, self._dit.dtype)
-        key = host.tobytes()  # the shape is fixed by the byte count: batch 1, one value per latent frame
         modulation = self._modulations.pop(key, None)
         if modulation is None:
             modulation = self._dit.precompute_modulation(torch.from_numpy(host).to(self._device, self._dit.dtype))
