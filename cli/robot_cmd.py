@@ -13,17 +13,14 @@ and the command ends after that tick with its counters.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
-import signal
-from collections.abc import Callable, Iterator
-from types import FrameType
+from collections.abc import Callable
 
 from cosmos_edge.cli.arg_types import int_in_range, positive_hertz, positive_seconds
 from cosmos_edge.cli.client_cmd import connect, connection_arguments, naming_connection_flags
 from cosmos_edge.cli.run_report import print_run_report
-from cosmos_edge.cli.signals import sigterm_interrupts
+from cosmos_edge.cli.signals import on_stop_signals, sigterm_interrupts
 from cosmos_edge.robot_bridge.controller.blending import BlendConfig, BlendScheme
 from cosmos_edge.robot_bridge.controller.chunk_source import ActParams, ThreadedChunkSource
 from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor, ExecutorConfig, summarize
@@ -97,7 +94,8 @@ def _robot(args: argparse.Namespace) -> int:
         safety = SafetyFilter(SafetyConfig())
         with ThreadedChunkSource(client, params) as source:
             executor = ChunkExecutor(robot, source, safety, executor_config)
-            with _stop_on_signals(executor):
+            # SIGINT and SIGTERM latch the executor's stop: the arms hold, and the run ends after the tick in progress.
+            with on_stop_signals(lambda: executor.stop("a stop signal")):
                 print(f"driving the arms from {args.endpoint} ({args.task!r}); Ctrl-C holds the pose and ends")
                 try:
                     # The run ends at the latched stop (a flag the signal handler sets without taking a lock).
@@ -139,21 +137,6 @@ def _check_server(metadata: ServerMetadata, args: argparse.Namespace) -> None:
         raise ConfigError(f"--task {args.task!r}: the server has no embedding for it; it knows {known}")
     if args.mode is not None and args.mode not in metadata.modes:
         raise ConfigError(f"--mode {args.mode}: the server serves {list(metadata.modes)}")
-
-
-@contextlib.contextmanager
-def _stop_on_signals(executor: ChunkExecutor) -> Iterator[None]:
-    """SIGINT and SIGTERM latch the executor's stop: the arms hold, and the run ends after the tick in progress."""
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        executor.stop(f"signal {signal.Signals(signum).name}")
-
-    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
 
 
 def _env_factory(spec: str) -> Callable[..., RealEnvLike]:

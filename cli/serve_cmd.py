@@ -14,19 +14,17 @@ import argparse
 import contextlib
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
 from cosmos_edge.cli.arg_types import mebibytes
 from cosmos_edge.cli.model_source import add_compile_arguments, model_source
 from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config, planning_flags_given
-from cosmos_edge.cli.signals import sigterm_interrupts
+from cosmos_edge.cli.signals import on_stop_signals, sigterm_interrupts
 from cosmos_edge.robot_bridge.binding import BoundRouter, ServerConfig
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, ServerCurve, load_public_keys
 from cosmos_edge.robot_bridge.official_act import check_official_cameras
@@ -175,20 +173,15 @@ def run_server(server: PolicyServer, http: HttpConfig | None = None, http_listen
 
     endpoint = _http_endpoint(server, http, http_listener)
 
-    def stop(signum: int, frame: FrameType | None) -> None:
+    def stop() -> None:
         # Both endpoints wind down at once, so the shutdown window is spent once: the HTTP endpoint stops accepting
         # and finishes its requests in flight while the server answers those it queued (then refuses with 503).
         server.stop()
         if endpoint is not None:
             endpoint.request_stop()
 
-    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with server, endpoint or contextlib.nullcontext():
-            server.serve_forever()
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+    with on_stop_signals(stop), server, endpoint or contextlib.nullcontext():
+        server.serve_forever()
     return 0
 
 
