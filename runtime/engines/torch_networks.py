@@ -65,6 +65,7 @@ class TorchAutoencoder:
         if fold_time_taps is None:
             fold_time_taps = device.type == "cuda" and compile_mode is not None
         self._device = device
+        self._threads = torch.get_num_threads()
         self._dtype = next(vae.parameters()).dtype
         self._platform = platform
         # What a query encodes after the black frames: the index of each frame's camera.
@@ -97,7 +98,7 @@ class TorchAutoencoder:
                 prepared = batch_frames(self._platform, [frames[name] for name in cameras])
                 uploaded = [torch.from_numpy(batch).to(self._device) for batch in prepared.batches]
         with timer.stage("vae_encode"):
-            with current_device(self._device):
+            with calling_thread(self._device, self._threads):
                 if self._device.type == "cpu":
                     latent = self._encode_planes(planes)
                 elif self._captured is None:
@@ -185,6 +186,7 @@ class TorchDiT:
         check_compile_scope(compile_scope)
         self._dit = dit.eval()
         self._device = device
+        self._threads = torch.get_num_threads()
         self._closed = False
         # Every bound instruction's captures share one pool: calls run one at a time (`_calling`).
         self._graph_pool = graph_pool(device) if cuda_graphs else None
@@ -242,7 +244,7 @@ class TorchDiT:
                 return fetch(network(put(x), timesteps, put(condition_mask)))
             batched = x.shape[0] > 1
             forward = self._forward_batched if batched else self._forward
-            with self._calling, current_device(self._device):
+            with self._calling, calling_thread(self._device, self._threads):
                 self._check_open()
                 host_steps = np.ascontiguousarray(timesteps, dtype=np.float32)
                 steps_key = host_steps.tobytes()  # the shape is fixed by the byte count and the batch
@@ -320,9 +322,16 @@ def _release(module: torch.nn.Module, device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def current_device(device: torch.device) -> contextlib.AbstractContextManager[None]:
-    """`device` made the current CUDA device for a block (per thread: a planning worker does not run on the thread
-    that loaded its networks, and compiled kernels and CUDA graphs launch on the current device)."""
+def calling_thread(device: torch.device, threads: int) -> contextlib.AbstractContextManager[None]:
+    """What a network call needs of the thread that makes it, which is seldom the thread that loaded and warmed up
+    the networks (the server's policy worker, a planning worker): `device` as the current CUDA device for the block
+    (compiled kernels and CUDA graphs launch on the current device), and `threads`, the intra-op thread count the
+    networks were opened with, for good. Compiled graphs are guarded on the calling thread's count, which a thread
+    started later need not share: on an H200 host a planning pass on the main thread, compiled on a worker thread,
+    took 35.5 s instead of under a second (benchmarks/results/gpu_check_h200.json, run 9); the first request a server
+    answers after its warm-up on the main thread is in the same position."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 

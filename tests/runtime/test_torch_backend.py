@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -124,6 +125,52 @@ def test_a_compiled_dit_compiles_once_for_batch_one_and_once_for_every_larger_ba
     assert counters["stats"]["unique_graphs"] == 2
 
 
+def _on_a_thread_with_another_thread_count(run: Callable[[], object]) -> int:
+    """Runs `run` on a new thread whose intra-op thread count differs from this one's; returns its count after."""
+    threads = torch.get_num_threads()
+    seen = []
+
+    def on_thread() -> None:
+        torch.set_num_threads(threads + 1)
+        run()
+        seen.append(torch.get_num_threads())
+
+    worker = threading.Thread(target=on_thread)
+    worker.start()
+    worker.join()
+    return seen[0]
+
+
+@pytest.mark.slow
+def test_a_network_compiled_on_one_thread_is_called_from_another_without_compiling_again() -> None:
+    # Compiled graphs are guarded on the calling thread's thread count; the server's worker and the planning
+    # workers call networks loaded and warmed up on the main thread.
+    config = dit_config("tiny")
+    rng = np.random.default_rng(1)
+    text = rng.standard_normal((1, 512, config.text_dim)).astype(np.float32)
+    x = rng.standard_normal((1, 16, 11, 8, 8)).astype(np.float32)
+    timesteps, mask = np.full((1, 11), 0.5, np.float32), np.zeros((1, 1, 11, 8, 8), np.float32)
+    torch._dynamo.reset()
+    counters.clear()
+    network = TorchDiT(dit_from_state_dict(random_dit_state_dict(config, 4)), torch.device("cpu"), "default")
+    bound = network.bind_text(text)
+    expected = bound(x, timesteps, mask)
+    got = []
+    count = _on_a_thread_with_another_thread_count(lambda: got.append(bound(x, timesteps, mask)))
+    np.testing.assert_array_equal(got[0], expected)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert count == torch.get_num_threads()
+
+
+def test_a_camera_encode_runs_with_the_thread_count_its_network_was_opened_with() -> None:
+    platform = platform_spec("aloha")
+    torch.manual_seed(5)
+    encoder = TorchAutoencoder(WanVAE(vae_config("tiny")), torch.device("cpu"), platform)
+    images = {name: np.zeros((224, 224, 3), np.uint8) for name in platform.cameras}
+    count = _on_a_thread_with_another_thread_count(lambda: encoder.encode_conditioning(images, StageTimer()))
+    assert count == torch.get_num_threads()
+
+
 @pytest.mark.slow
 def test_a_compiled_camera_encode_matches_eager() -> None:
     platform = platform_spec("aloha")
@@ -149,12 +196,12 @@ def test_cuda_graphs_need_a_cuda_device() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.gpu
 def test_a_cuda_device_is_named_with_its_index() -> None:
     # Tensors name theirs ("cuda:0"); tables cached per device are then found under one key whatever was asked.
     assert torch_networks.check_device("cuda") == torch.device("cuda", torch.cuda.current_device())
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_dit_calls_replayed_from_cuda_graphs_give_the_bits_of_plain_calls() -> None:
     device = torch.device("cuda")
