@@ -66,10 +66,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"cosmos-edge: error: {where}{message} (see: {self.prog} --help)\n")
 
 
+def _installed_version() -> str:
+    try:
+        return metadata.version("cosmos-edge")
+    except metadata.PackageNotFoundError:  # a source tree on the path (`python -m cosmos_edge.cli.main`): it runs
+        return "(not installed: run from a source tree)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cosmos-edge", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {metadata.version('cosmos-edge')}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_installed_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
         module.register(subparsers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,19 @@ def test_version_and_a_user_facing_help(capsys: pytest.CaptureFixture[str]) -> N
         cli_main.main(["serve", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())  # as one line, whatever the terminal width
     assert "(default: tcp://127.0.0.1:5555)" in help_text and "--num-queries-best-of-n" in help_text
+
+
+def test_a_source_tree_not_installed_runs_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def not_installed(name: str) -> str:
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", not_installed)
+    with pytest.raises(SystemExit) as exited:
+        cli_main.main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == "cosmos-edge (not installed: run from a source tree)\n"
 
 
 def test_an_interrupted_command_is_one_line(
