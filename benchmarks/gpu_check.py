@@ -34,6 +34,10 @@ would not leave time for them; a table of the timed queries is printed last:
     median ms, and the first call's time with Inductor's on-disk caches off (kernels this process already built are
     still reused; `benchmarks/compile_time.py` times each scope cold in a process of its own).
 14. `dit_compile_modes`: the DiT alone at batch 1, compiled "default" against "max-autotune-no-cudagraphs".
+15. `served_query`: what `serve` gives with its defaults (both modes; on CUDA compiled, CUDA graphs, bf16): the CLI in
+    a process of its own, then a `PolicyClient` over loopback TCP sending 224x224 frames as the ALOHA controller does:
+    seconds until it answers, the first reactive reply's round trip after the warm-up (work the warm-up left to the
+    server's worker thread, a compilation say, shows there), the median of `--runs`, and one planning reply's.
 """
 
 from __future__ import annotations
@@ -44,7 +48,11 @@ import functools
 import json
 import platform as host
 import re
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -60,6 +68,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from cosmos_edge.kernels.image_transforms import transform_frames
+from cosmos_edge.robot_bridge.client import PolicyClient, RequestTimeout
 from cosmos_edge.runtime.bundle.loader import load_policies
 from cosmos_edge.runtime.bundle.sources import CheckpointFiles, CheckpointSource
 from cosmos_edge.runtime.engines.torch_arrays import TorchArrays
@@ -521,6 +530,55 @@ def planning_timing(device: str, files: CheckpointFiles) -> dict[str, Any]:
     return result
 
 
+def served_query(files: CheckpointFiles, device: str, runs: int, scratch: Path) -> dict[str, Any]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    command = [sys.executable, "-m", "cosmos_edge.cli.main", "serve", "--platform", files.platform, "--devices", device]
+    for flag in ("checkpoint", "tokenizer", "stats", "text_embeddings"):
+        command += [f"--{flag.replace('_', '-')}", str(getattr(files, flag))]
+    log = scratch / "serve.log"
+    started = time.perf_counter()
+    with log.open("w") as output:
+        server = subprocess.Popen([*command, "--endpoint", endpoint], stdout=output, stderr=subprocess.STDOUT)
+    result: dict[str, Any] = {"config": f"serve's defaults on {device}, 224x224 frames, {runs} reactive replies"}
+    try:
+        while server.poll() is None:  # until it answers: loading, compilation, warm-up
+            try:
+                with PolicyClient(endpoint, timeout_s=2.0) as client:
+                    client.ping()
+                break
+            except RequestTimeout:
+                continue
+        if server.poll() is not None:
+            return result | {"error": f"serve exited with {server.returncode}: {log.read_text()[-600:]}"}
+        result["ready_s"] = round(time.perf_counter() - started, 1)
+        rng = np.random.default_rng(4)
+        images = {name: rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for name in ALOHA.cameras}
+        observation = Observation(images, rng.uniform(-0.2, 0.2, ALOHA.proprio_dim).astype(np.float32))
+        with PolicyClient(endpoint, timeout_s=600.0) as client:
+
+            def round_trip_ms(obs_id: int, mode: str) -> float:
+                sent = time.perf_counter()
+                client.act(observation, "fold the t-shirt", obs_id=obs_id, capture_time_ns=time.time_ns(), mode=mode)
+                return (time.perf_counter() - sent) * 1e3
+
+            result["first_reactive_ms"] = round(round_trip_ms(0, "reactive"), 2)
+            times = [round_trip_ms(obs_id, "reactive") for obs_id in range(1, runs + 1)]
+            result["reactive_ms_p50"] = round(statistics.median(times), 2)
+            result["first_planning_ms"] = round(round_trip_ms(runs + 1, "planning"), 1)
+            result["second_planning_ms"] = round(round_trip_ms(runs + 2, "planning"), 1)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            result["exit_code"] = server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            result["exit_code"] = "killed after 60 s"
+    warm_up = re.search(r"warm-up done in ([0-9.]+) s", log.read_text())
+    return result | {"warm_up_s": float(warm_up.group(1)) if warm_up else None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -571,6 +629,7 @@ def main() -> None:
                 device, files, config, runs, (("default", "model"), ("max-autotune-no-cudagraphs", "model"))
             ),
         )
+        report.section("served_query", 300, lambda: served_query(files, device, runs, root))
     report.print_table()
 
 
