@@ -68,7 +68,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from cosmos_edge.kernels.image_transforms import transform_frames
-from cosmos_edge.robot_bridge.client import PolicyClient, RequestTimeout
 from cosmos_edge.runtime.bundle.loader import load_policies
 from cosmos_edge.runtime.bundle.sources import CheckpointFiles, CheckpointSource
 from cosmos_edge.runtime.engines.torch_arrays import TorchArrays
@@ -531,6 +530,9 @@ def planning_timing(device: str, files: CheckpointFiles) -> dict[str, Any]:
 
 
 def served_query(files: CheckpointFiles, device: str, runs: int, scratch: Path) -> dict[str, Any]:
+    # Imported here: pyzmq may be missing on a device machine, and only this section needs it.
+    from cosmos_edge.robot_bridge.client import PolicyClient, RequestTimeout
+
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         endpoint = f"tcp://127.0.0.1:{probe.getsockname()[1]}"

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One run on a lent GPU machine, as it finds the working tree (not installed; its Python and torch, not this
+# project's environment): the `gpu` tests, then benchmarks/gpu_check.py's sections within a deadline, each written to
+# OUT/gpu_check.json as it finishes.
+#
+#   bash benchmarks/device_check.sh OUT [SECTIONS]   # DEADLINE_S (default 400) bounds gpu_check
+#   GPU_CHECK_ARGS=--smoke bash benchmarks/device_check.sh /tmp/out   # on the CPU, tiny sizes: the script runs
+#
+# SECTIONS defaults to the exactness checks, the official path against the default one, planning and `serve`.
+# `served_query` needs pyzmq: put its wheel for the device's Python in .device/wheels/ (ignored; carry `.device`).
+set -uo pipefail
+out=${1:?usage: bash benchmarks/device_check.sh OUT [SECTIONS]}
+sections=${2:-environment,query_exact,query_official,query_fast_graphs,planning_timing,served_query}
+mkdir -p "$out"
+# The `cosmos_edge` namespace maps the top-level folders (pyproject.toml); without an install, links make it.
+namespace=$(mktemp -d)
+mkdir -p "$namespace/cosmos_edge"
+for folder in cli runtime export kernels robot_bridge; do ln -s "$PWD/$folder" "$namespace/cosmos_edge/$folder"; done
+path=$namespace:$PWD
+if compgen -G ".device/wheels/*.whl" > /dev/null; then
+    python -m pip install --quiet --no-index --no-deps --target "$namespace/site" .device/wheels/*.whl
+    path=$path:$namespace/site
+fi
+export PYTHONPATH=$path PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/card.txt"
+python -m pytest -q -m gpu -p no:cacheprovider tests/runtime/test_torch_backend.py tests/kernels/test_image_transforms.py \
+    2>&1 | tail -5 | tee "$out/pytest.txt"
+python benchmarks/gpu_check.py --out "$out/gpu_check.json" --deadline-s "${DEADLINE_S:-400}" --only "$sections" ${GPU_CHECK_ARGS:-}
