@@ -16,28 +16,29 @@ would not leave time for them; a table of the timed queries is printed last:
 5. `query_official`, `query_fast_eager`, `query_fast_compiled`, `query_fast_graphs` (compiled and replayed from CUDA
    graphs: what `act` and `serve` run on CUDA): the real sizes (Cosmos-Predict2-2B DiT, Wan2.1 VAE, random weights,
    bf16), ALOHA, 1 step: medians over `--runs` queries after warm-up, per stage and whole, all in this process.
-6. `query_profile`: the default (compiled, CUDA graphs) query under torch's profiler: kernel time per query by kind
+6. `served_query`: what `serve` gives with its defaults (both modes; on CUDA compiled, CUDA graphs, bf16): the CLI in
+   a process of its own, then a `PolicyClient` over loopback TCP sending 224x224 frames as the ALOHA controller does:
+   seconds until it answers, the first reactive reply's round trip after the warm-up (work the warm-up left to the
+   server's worker thread, a compilation say, shows there), the median of `--runs`, and the first two planning
+   replies'.
+7. `query_profile`: the default (compiled, CUDA graphs) query under torch's profiler: kernel time per query by kind
    (GEMM, conv, attention, Triton, copies), the top kernels, and the device's busy time against the wall time.
-7. `planning_timing`: best of 8 with the official main configuration on one device, compiled: passes batched (the
+8. `planning_timing`: best of 8 with the official main configuration on one device, compiled: passes batched (the
    default on a GPU) against pass after pass, and one query with a 1.5 s planning deadline.
-8. `vae_variants`: the 12 camera frames' encode (after the cached black prefix) with 3-D convs and with the encoder's
+9. `vae_variants`: the 12 camera frames' encode (after the cached black prefix) with 3-D convs and with the encoder's
    convs folded into 2-D convs over stacked time taps (CUDA's default), eager, compiled, and compiled with cuDNN's
    benchmark mode: median ms, the largest difference from the plain encode, and the error against fp32.
-9. `query_fast_cuda_graphs`: the fast path compiled in torch's "reduce-overhead" mode (CUDA graphs), 1 step.
-10. `attention_backends`: the DiT's self-attention per SDPA backend (flash, cuDNN, memory-efficient).
-11. `dit_variants`: the DiT alone at batch 1, eager and compiled, computing the adaLN vectors of its timesteps in
+10. `query_fast_cuda_graphs`: the fast path compiled in torch's "reduce-overhead" mode (CUDA graphs), 1 step.
+11. `attention_backends`: the DiT's self-attention per SDPA backend (flash, cuDNN, memory-efficient).
+12. `dit_variants`: the DiT alone at batch 1, eager and compiled, computing the adaLN vectors of its timesteps in
     the call against taking them precomputed (what the torch backend does at batch 1): median ms and the largest
     difference between the two.
-12. `dit_attention_order`: the compiled DiT at batch 1 with SDPA's default backend order and with cuDNN attention first:
+13. `dit_attention_order`: the compiled DiT at batch 1 with SDPA's default backend order and with cuDNN attention first:
     median ms and each one's error against the fp32 DiT.
-13. `dit_compile_scopes`: the DiT alone at batch 1, compiled whole against compiled per block (`--compile-scope`):
+14. `dit_compile_scopes`: the DiT alone at batch 1, compiled whole against compiled per block (`--compile-scope`):
     median ms, and the first call's time with Inductor's on-disk caches off (kernels this process already built are
     still reused; `benchmarks/compile_time.py` times each scope cold in a process of its own).
-14. `dit_compile_modes`: the DiT alone at batch 1, compiled "default" against "max-autotune-no-cudagraphs".
-15. `served_query`: what `serve` gives with its defaults (both modes; on CUDA compiled, CUDA graphs, bf16): the CLI in
-    a process of its own, then a `PolicyClient` over loopback TCP sending 224x224 frames as the ALOHA controller does:
-    seconds until it answers, the first reactive reply's round trip after the warm-up (work the warm-up left to the
-    server's worker thread, a compilation say, shows there), the median of `--runs`, and one planning reply's.
+15. `dit_compile_modes`: the DiT alone at batch 1, compiled "default" against "max-autotune-no-cudagraphs".
 """
 
 from __future__ import annotations
@@ -610,6 +611,7 @@ def main() -> None:
             60,
             lambda: timed_queries(files, device, runs, compile_mode="default", cuda_graphs=device.startswith("cuda")),
         )
+        report.section("served_query", 300, lambda: served_query(files, device, runs, root))
         report.section("query_profile", 150, lambda: query_profile(files, device))
         report.section("planning_timing", 150, lambda: planning_timing(device, files))
         report.section("vae_variants", 60, lambda: vae_variants(device, files, runs))
@@ -631,7 +633,6 @@ def main() -> None:
                 device, files, config, runs, (("default", "model"), ("max-autotune-no-cudagraphs", "model"))
             ),
         )
-        report.section("served_query", 300, lambda: served_query(files, device, runs, root))
     report.print_table()
 
 
