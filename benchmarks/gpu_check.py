@@ -530,7 +530,7 @@ def planning_timing(device: str, files: CheckpointFiles) -> dict[str, Any]:
     return result
 
 
-def served_query(files: CheckpointFiles, device: str, runs: int, scratch: Path) -> dict[str, Any]:
+def served_query(files: CheckpointFiles, device: str, runs: int, scratch: Path, within_s: float) -> dict[str, Any]:
     # Imported here: pyzmq may be missing on a device machine, and only this section needs it.
     from cosmos_edge.robot_bridge.client import PolicyClient, RequestTimeout
 
@@ -546,15 +546,17 @@ def served_query(files: CheckpointFiles, device: str, runs: int, scratch: Path) 
         server = subprocess.Popen([*command, "--endpoint", endpoint], stdout=output, stderr=subprocess.STDOUT)
     result: dict[str, Any] = {"config": f"serve's defaults on {device}, 224x224 frames, {runs} reactive replies"}
     try:
-        while server.poll() is None:  # until it answers: loading, compilation, warm-up
-            try:
+        ready = False
+        while not ready and server.poll() is None and time.perf_counter() - started < within_s:
+            try:  # until it answers: loading, compilation, warm-up
                 with PolicyClient(endpoint, timeout_s=2.0) as client:
                     client.ping()
-                break
+                ready = True
             except RequestTimeout:
                 continue
-        if server.poll() is not None:
-            return result | {"error": f"serve exited with {server.returncode}: {log.read_text()[-600:]}"}
+        if not ready:
+            ended = "still loading" if server.poll() is None else f"exited with {server.returncode}"
+            return result | {"error": f"serve not ready within {within_s:.0f} s ({ended}): {log.read_text()[-600:]}"}
         result["ready_s"] = round(time.perf_counter() - started, 1)
         rng = np.random.default_rng(4)
         images = {name: rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for name in ALOHA.cameras}
@@ -611,7 +613,7 @@ def main() -> None:
             60,
             lambda: timed_queries(files, device, runs, compile_mode="default", cuda_graphs=device.startswith("cuda")),
         )
-        report.section("served_query", 300, lambda: served_query(files, device, runs, root))
+        report.section("served_query", 300, lambda: served_query(files, device, runs, root, report.left_s() - 60))
         report.section("query_profile", 150, lambda: query_profile(files, device))
         report.section("planning_timing", 150, lambda: planning_timing(device, files))
         report.section("vae_variants", 60, lambda: vae_variants(device, files, runs))
