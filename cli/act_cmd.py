@@ -4,6 +4,7 @@ observation `.npz`; the result is printed and saved."""
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from cosmos_edge.cli.model_source import add_compile_arguments, model_source
 from cosmos_edge.cli.npz_files import output_path, read_observation, write_npz
 from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config, planning_flags_given
 from cosmos_edge.runtime.bundle.loader import load_policies, planning_candidates, source_platform, source_stats
-from cosmos_edge.runtime.bundle.sources import ModelSource
+from cosmos_edge.runtime.bundle.sources import CheckpointSource, ModelSource
 from cosmos_edge.runtime.engines.registry import GRAPH_BACKENDS
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.platforms import PLATFORMS
@@ -28,6 +29,8 @@ from cosmos_edge.runtime.policy.api import (
 from cosmos_edge.runtime.policy.images import check_cameras
 from cosmos_edge.runtime.policy.planning_config import PRESETS
 from cosmos_edge.runtime.precision import PRECISIONS
+
+_LOG = logging.getLogger(__name__)
 
 OBSERVATION_FIELDS = ("images", "proprio")  # what an error about the --observation file names
 
@@ -150,6 +153,11 @@ def _act(args: argparse.Namespace) -> int:
     ) as loaded:
         policy = loaded.planning or loaded.reactive
         query = ActionQuery(observation, args.task, args.seed, args.steps, return_future_images=args.future_images)
+        if isinstance(source, CheckpointSource) and source.compile_mode is not None:
+            _LOG.info(
+                "this query compiles the networks first (a minute or more for the 2B model; its stage timings "
+                "include it; --no-compile runs eager)"
+            )
         try:
             result = policy.infer(query)
         except InputError as error:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +72,22 @@ def test_act_runs_one_query(platform: str, tmp_path: Path, capsys: pytest.Captur
         assert result["actions"].dtype == np.float32 and result["actions"].ndim == 2
         assert result["value"].shape == () and 0.0 <= float(result["value"]) <= 1.0
         assert result["future_proprio"].ndim == 1
+
+
+@pytest.mark.slow
+def test_a_compiled_act_says_that_its_query_compiles_first(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # On CUDA `act` compiles by default: a minute or more of silence for the 2B model, and in its stage timings.
+    assert main(["checkpoint", "random", "--platform", "aloha", "--out", str(tmp_path)]) == 0
+    observation = random_observation("aloha")
+    np.savez(tmp_path / "obs.npz", proprio=observation.proprio, **observation.images)
+    task = tmp_path / "aloha_t5_embeddings.safetensors"
+    argv = ["act", "--checkpoint", str(tmp_path / "cosmos_policy_aloha_tiny.pt"), "--tokenizer"]
+    argv += [str(tmp_path / "tokenizer.pth"), "--stats", str(tmp_path / "aloha_dataset_statistics.json")]
+    argv += ["--text-embeddings", str(task), "--platform", "aloha", "--observation", str(tmp_path / "obs.npz")]
+    argv += ["--task", text_embeddings.read(task).instructions[0], "--steps", "1"]
+    announcement = "this query compiles the networks first"
+    with caplog.at_level(logging.INFO, logger="cosmos_edge"):
+        assert main(argv) == 0  # the CPU's default: eager
+        assert announcement not in caplog.text
+        assert main([*argv, "--compile", "--compile-scope", "blocks"]) == 0
+    assert announcement in caplog.text
