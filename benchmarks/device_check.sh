@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # One run on a lent GPU machine, as it finds the working tree (not installed; its Python and torch, not this
 # project's environment): the `gpu` tests, then benchmarks/gpu_check.py's sections within a deadline, each written to
-# OUT/gpu_check.json as it finishes.
+# OUT/gpu_check.json as it finishes. Exits non-zero when the tests or the script failed.
 #
-#   bash benchmarks/device_check.sh OUT [SECTIONS]   # DEADLINE_S (default 400) bounds gpu_check
+#   bash benchmarks/device_check.sh OUT [SECTIONS]   # DEADLINE_S (default 480) bounds gpu_check
 #   GPU_CHECK_ARGS=--smoke bash benchmarks/device_check.sh /tmp/out   # on the CPU, tiny sizes: the script runs
 #
-# SECTIONS defaults to the official path against the default one, `serve` with its defaults, and planning.
+# SECTIONS defaults to the official path against the default one, `serve` with its defaults, and planning (about
+# 8 minutes with the compilations on an H200; planning_timing is skipped when the deadline leaves too little).
 # `served_query` needs pyzmq: put its wheel for the device's Python in .device/wheels/ (ignored; carry `.device`).
 set -uo pipefail
-out=${1:?usage: bash benchmarks/device_check.sh OUT [SECTIONS]}
+out=$(realpath -m "${1:?usage: bash benchmarks/device_check.sh OUT [SECTIONS]}")
 sections=${2:-environment,query_official,query_fast_graphs,served_query,planning_timing}
+cd "$(dirname "$0")/.."
 mkdir -p "$out"
 # The `cosmos_edge` namespace maps the top-level folders (pyproject.toml); without an install, links make it.
 namespace=$(mktemp -d)
@@ -24,5 +26,9 @@ fi
 export PYTHONPATH=$path PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/card.txt"
 python -m pytest -q -m gpu -p no:cacheprovider tests/runtime/test_torch_backend.py tests/kernels/test_image_transforms.py \
-    2>&1 | tail -5 | tee "$out/pytest.txt"
-python benchmarks/gpu_check.py --out "$out/gpu_check.json" --deadline-s "${DEADLINE_S:-400}" --only "$sections" ${GPU_CHECK_ARGS:-}
+    2>&1 | tee "$out/pytest.txt" | tail -5
+tests=$?
+python benchmarks/gpu_check.py --out "$out/gpu_check.json" --deadline-s "${DEADLINE_S:-480}" --only "$sections" \
+    ${GPU_CHECK_ARGS:-}
+check=$?
+exit $((tests || check))

@@ -55,6 +55,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -141,12 +142,18 @@ def synchronize(device: str) -> None:
 
 def environment(device: str) -> dict[str, Any]:
     name = torch.cuda.get_device_name() if device.startswith("cuda") else host.processor() or host.machine()
+    # Compiled graphs are guarded on the calling thread's intra-op thread count: this one's and a new thread's.
+    on_new_thread: list[int] = []
+    thread = threading.Thread(target=lambda: on_new_thread.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
     return {
         "device": name,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(),
         "python": host.python_version(),
+        "cpu_threads": {"main": torch.get_num_threads(), "new_thread": on_new_thread[0]},
     }
 
 
@@ -544,7 +551,9 @@ def served_query(files: CheckpointFiles, device: str, runs: int, scratch: Path, 
     started = time.perf_counter()
     with log.open("w") as output:
         server = subprocess.Popen([*command, "--endpoint", endpoint], stdout=output, stderr=subprocess.STDOUT)
-    result: dict[str, Any] = {"config": f"serve's defaults on {device}, 224x224 frames, {runs} reactive replies"}
+    steps = ALOHA.default_action_steps
+    config = f"serve's defaults on {device}, ALOHA ({steps} steps), 224x224 frames, {runs} reactive replies"
+    result: dict[str, Any] = {"config": config}
     try:
         ready = False
         while not ready and server.poll() is None and time.perf_counter() - started < within_s:
@@ -613,7 +622,7 @@ def main() -> None:
             60,
             lambda: timed_queries(files, device, runs, compile_mode="default", cuda_graphs=device.startswith("cuda")),
         )
-        report.section("served_query", 300, lambda: served_query(files, device, runs, root, report.left_s() - 60))
+        report.section("served_query", 200, lambda: served_query(files, device, runs, root, report.left_s() - 60))
         report.section("query_profile", 150, lambda: query_profile(files, device))
         report.section("planning_timing", 150, lambda: planning_timing(device, files))
         report.section("vae_variants", 60, lambda: vae_variants(device, files, runs))

@@ -6,7 +6,6 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 from typing import NoReturn
 
 from cosmos_edge.cli import (
@@ -22,6 +21,7 @@ from cosmos_edge.cli import (
     text_embeddings_cmd,
 )
 from cosmos_edge.runtime.errors import CosmosEdgeError
+from cosmos_edge.runtime.version import installed_version
 
 DESCRIPTION = (
     "Deployment runtime for NVIDIA Cosmos Policy: run the official checkpoints exactly and fast (torch, ONNX Runtime, "
@@ -66,17 +66,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"cosmos-edge: error: {where}{message} (see: {self.prog} --help)\n")
 
 
-def _installed_version() -> str:
-    try:
-        return metadata.version("cosmos-edge")
-    except metadata.PackageNotFoundError:  # a source tree on the path (`python -m cosmos_edge.cli.main`): it runs
-        return "(not installed: run from a source tree)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cosmos-edge", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_installed_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
         module.register(subparsers)

@@ -35,7 +35,6 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from importlib import metadata
 from types import TracebackType
 from typing import Any
 
@@ -68,13 +67,11 @@ from cosmos_edge.runtime.policy.api import (
     PlanningOutcome,
     Policy,
 )
+from cosmos_edge.runtime.version import installed_version
 
 logger = logging.getLogger(__name__)
 
-try:
-    SERVER_VERSION = metadata.version("cosmos-edge")
-except metadata.PackageNotFoundError:  # running from a source tree that was never installed
-    SERVER_VERSION = "unknown"
+SERVER_VERSION = installed_version()
 
 _POLL_MS = 50  # how quickly `stop()` from another thread or a signal handler takes effect
 _RECEIVE_BATCH = 64  # requests taken per wake-up before replies are forwarded again

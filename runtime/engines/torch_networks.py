@@ -323,13 +323,11 @@ def _release(module: torch.nn.Module, device: torch.device) -> None:
 
 
 def calling_thread(device: torch.device, threads: int) -> contextlib.AbstractContextManager[None]:
-    """What a network call needs of the thread that makes it, which is seldom the thread that loaded and warmed up
-    the networks (the server's policy worker, a planning worker): `device` as the current CUDA device for the block
-    (compiled kernels and CUDA graphs launch on the current device), and `threads`, the intra-op thread count the
-    networks were opened with, for good. Compiled graphs are guarded on the calling thread's count, which a thread
-    started later need not share: on an H200 host a planning pass on the main thread, compiled on a worker thread,
-    took 35.5 s instead of under a second (benchmarks/results/gpu_check_h200.json, run 9); the first request a server
-    answers after its warm-up on the main thread is in the same position."""
+    """Makes `device` the current CUDA device for the block (compiled kernels and CUDA graphs launch on it), and sets
+    the calling thread's intra-op thread count to `threads`, the count its networks were opened with (kept afterwards,
+    and the default of threads started later). Dynamo guards compiled graphs on the caller's count, and calls come
+    from threads other than the one that compiled (the server's worker, planning workers): on an H200 host a pass
+    on another thread than the compiling one recompiled the 2B DiT (benchmarks/results/gpu_check_h200.json, run 9)."""
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -38,7 +38,7 @@ def test_a_source_tree_not_installed_runs_and_says_so(
     with pytest.raises(SystemExit) as exited:
         cli_main.main(["--version"])
     assert exited.value.code == 0
-    assert capsys.readouterr().out == "cosmos-edge (not installed: run from a source tree)\n"
+    assert capsys.readouterr().out == "cosmos-edge unknown (not installed; running from a source tree)\n"
 
 
 def test_an_interrupted_command_is_one_line(

@@ -126,18 +126,27 @@ def test_a_compiled_dit_compiles_once_for_batch_one_and_once_for_every_larger_ba
 
 
 def _on_a_thread_with_another_thread_count(run: Callable[[], object]) -> int:
-    """Runs `run` on a new thread whose intra-op thread count differs from this one's; returns its count after."""
+    """Runs `run` on a new thread whose intra-op thread count differs from this one's; returns its count after (and
+    restores the count, which threads started later take)."""
     threads = torch.get_num_threads()
-    seen = []
+    seen: list[int] = []
+    failed: list[BaseException] = []
 
     def on_thread() -> None:
         torch.set_num_threads(threads + 1)
-        run()
-        seen.append(torch.get_num_threads())
+        try:
+            run()
+            seen.append(torch.get_num_threads())
+        except BaseException as error:  # re-raised on the test's thread
+            failed.append(error)
+        finally:
+            torch.set_num_threads(threads)
 
     worker = threading.Thread(target=on_thread)
     worker.start()
     worker.join()
+    if failed:
+        raise failed[0]
     return seen[0]
 
 
