@@ -52,21 +52,24 @@ class LoadedPolicies:
         planning: PlanningPolicy | None,
         devices: Sequence[PlanningWorker],
         resources: ExitStack,
+        warm_up_steps: int = 1,
     ) -> None:
         self.reactive = reactive
         self.planning = planning
         self.devices = tuple(devices)  # the DiTs of each device, in device order (the VAE lives on the first)
         self._resources = resources
+        self._warm_up_steps = warm_up_steps
 
     def warm_up(self) -> float:
         """One reactive query on a black observation, and the planning networks' batched call, so that kernel
-        selection and compilation (minutes for a compiled 2B DiT) happen before the first real request. Returns its
-        seconds."""
+        selection and compilation (minutes for a compiled 2B DiT) happen before the first real request. A DiT that
+        replays CUDA graphs captures one per timesteps: the query then takes the platform's default steps, so that a
+        first request with them replays every call. Returns its seconds."""
         policy, started = self.reactive, time.perf_counter()
         platform = policy.platform
         images = {name: np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8) for name in platform.cameras}
         observation = Observation(images, (policy.model.stats.proprio_min + policy.model.stats.proprio_max) / 2)
-        policy.infer(ActionQuery(observation, policy.instructions[0], steps=1))
+        policy.infer(ActionQuery(observation, policy.instructions[0], steps=self._warm_up_steps))
         policy.reset()  # the next query binds its own instruction
         if self.planning is not None:
             self.planning.warm_up()
@@ -125,7 +128,14 @@ def load_policies(
     except BaseException:
         resources.close()
         raise
-    return LoadedPolicies(reactive, planner, networks, resources)
+    return LoadedPolicies(reactive, planner, networks, resources, warm_up_steps(source, model.platform))
+
+
+def warm_up_steps(source: ModelSource, platform: PlatformSpec) -> int:
+    """The denoising steps of the warm-up query: the platform's default where the DiT replays CUDA graphs (one capture
+    per timesteps, made on their first call), else 1."""
+    replays = isinstance(source, CheckpointSource) and source.cuda_graphs
+    return platform.default_action_steps if replays else 1
 
 
 def planning_candidates(

@@ -13,7 +13,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from cosmos_edge.runtime.bundle.loader import load_policies
+from cosmos_edge.runtime.bundle import loader
+from cosmos_edge.runtime.bundle.loader import load_policies, warm_up_steps
 from cosmos_edge.runtime.bundle.manifest import Bundle
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource
 from cosmos_edge.runtime.engines.graph import dit_graph
@@ -182,7 +183,8 @@ class BlockTorch:
 
 sys.meta_path.insert(0, BlockTorch())
 import numpy as np
-from cosmos_edge.runtime.bundle.loader import load_policies
+from cosmos_edge.runtime.bundle import loader
+from cosmos_edge.runtime.bundle.loader import load_policies, warm_up_steps
 from cosmos_edge.runtime.bundle.sources import BundleSource
 from cosmos_edge.runtime.policy.api import ActionQuery, Observation
 
@@ -253,6 +255,25 @@ def test_warm_up_runs_one_query_before_the_first_request(tiny_assets: dict[str, 
         assert loaded.warm_up() > 0
         query = ActionQuery(random_observation("aloha"), loaded.reactive.instructions[1], seed=3, steps=1)
         assert loaded.reactive.infer(query).actions.shape == (50, 14)
+
+
+def test_the_warm_up_query_takes_the_default_steps_where_the_dit_replays_cuda_graphs(
+    tiny_assets: dict[str, CheckpointFiles], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each step's timesteps are captured on their first call: warmed up with 1 step, a first request with the
+    # default 10 would capture 9 graphs.
+    files = tiny_assets["aloha"]
+    aloha = platform_spec("aloha")
+    assert warm_up_steps(CheckpointSource(files, cuda_graphs=True), aloha) == aloha.default_action_steps == 10
+    assert warm_up_steps(CheckpointSource(files), aloha) == 1
+    # A CUDA device's choice, on the CPU: the warm-up query takes what `warm_up_steps` says.
+    monkeypatch.setattr(loader, "warm_up_steps", lambda source, platform: 3)
+    with load_policies(CheckpointSource(files)) as loaded:
+        asked: list[int | None] = []
+        infer = loaded.reactive.infer
+        monkeypatch.setattr(loaded.reactive, "infer", lambda query: asked.append(query.steps) or infer(query))
+        loaded.warm_up()
+    assert asked == [3]
 
 
 def test_fp16_on_the_cpu_is_warned_of(
