@@ -18,9 +18,9 @@ would not leave time for them; a table of the timed queries is printed last:
    bf16), ALOHA, 1 step: medians over `--runs` queries after warm-up, per stage and whole, all in this process.
 6. `served_query`: what `serve` gives with its defaults (both modes; on CUDA compiled, CUDA graphs, bf16): the CLI in
    a process of its own, then a `PolicyClient` over loopback TCP sending 224x224 frames as the ALOHA controller does:
-   seconds until it answers, the first reactive reply's round trip after the warm-up (work the warm-up left to the
-   server's worker thread, a compilation say, shows there), the median of `--runs`, and the first two planning
-   replies'.
+   seconds until it answers, the first reactive reply's round trip after the warm-up, for another instruction than
+   the warm-up's (work the warm-up left to the server's worker thread, a compilation or a capture, shows there), the
+   median of `--runs`, and the first two planning replies'.
 7. `query_profile`: the default (compiled, CUDA graphs) query under torch's profiler: kernel time per query by kind
    (GEMM, conv, attention, Triton, copies), the top kernels, and the device's busy time against the wall time.
 8. `planning_timing`: best of 8 with the official main configuration on one device, compiled: passes batched (the
@@ -552,7 +552,10 @@ def served_query(files: CheckpointFiles, device: str, runs: int, scratch: Path, 
     with log.open("w") as output:
         server = subprocess.Popen([*command, "--endpoint", endpoint], stdout=output, stderr=subprocess.STDOUT)
     steps = ALOHA.default_action_steps
-    config = f"serve's defaults on {device}, ALOHA ({steps} steps), 224x224 frames, {runs} reactive replies"
+    instruction = "put the candy in the bag"  # not the warm-up's (the first of the file: "fold the t-shirt")
+    config = (
+        f"serve's defaults on {device}, ALOHA ({steps} steps), 224x224 frames, {runs} reactive replies, {instruction!r}"
+    )
     result: dict[str, Any] = {"config": config}
     try:
         ready = False
@@ -574,7 +577,7 @@ def served_query(files: CheckpointFiles, device: str, runs: int, scratch: Path, 
 
             def round_trip_ms(obs_id: int, mode: str) -> float:
                 sent = time.perf_counter()
-                client.act(observation, "fold the t-shirt", obs_id=obs_id, capture_time_ns=time.time_ns(), mode=mode)
+                client.act(observation, instruction, obs_id=obs_id, capture_time_ns=time.time_ns(), mode=mode)
                 return (time.perf_counter() - sent) * 1e3
 
             result["first_reactive_ms"] = round(round_trip_ms(0, "reactive"), 2)

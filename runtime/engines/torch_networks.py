@@ -24,7 +24,7 @@ from cosmos_edge.kernels.image_transforms import FrameBatches, batch_frames, dev
 from cosmos_edge.runtime.engines.cuda_graphs import CapturedCalls, graph_pool
 from cosmos_edge.runtime.engines.torch_arrays import TorchArrays
 from cosmos_edge.runtime.errors import ConfigError, EngineError
-from cosmos_edge.runtime.models.dit import CosmosDiT, TimestepModulation
+from cosmos_edge.runtime.models.dit import CosmosDiT, CrossAttentionKV, TimestepModulation
 from cosmos_edge.runtime.models.dit_checkpoint import load_dit
 from cosmos_edge.runtime.models.dtypes import TORCH_DTYPES
 from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
@@ -156,8 +156,8 @@ class TorchAutoencoder:
 MODULATION_SETS_KEPT = 24
 
 
-# Instructions whose bound networks (their cross-attention K/V: 117 MB each for the 2B DiT in bf16) and CUDA graphs
-# are kept when the DiT replays graphs.
+# Instructions whose bound networks (their cross-attention K/V: 117 MB each for the 2B DiT in bf16) are kept when
+# the DiT replays graphs.
 _BINDINGS_KEPT = 4
 
 
@@ -172,8 +172,10 @@ class TorchDiT:
     Its bound network takes x and the mask as tensors on its device (`arrays`) and returns one there, so the sampler
     runs there without a host round trip per call; host arrays are accepted too (and answered with host arrays). The
     timesteps are always a host array (`NetworkFn`). With `cuda_graphs`, batch-1 calls (the reactive query's) are
-    replayed from a CUDA graph per instruction and timesteps (`cuda_graphs.py`). Calls run one at a time: a planning
-    worker stopped by its deadline may still be in its last call when the next query starts."""
+    replayed from a CUDA graph per timesteps (`cuda_graphs.py`), shared by every instruction: the graphs read the
+    cross-attention K/V from one set of buffers, into which a call copies its instruction's when another instruction
+    was called last, so a new instruction captures nothing. Calls run one at a time: a planning worker stopped by its
+    deadline may still be in its last call when the next query starts."""
 
     def __init__(
         self,
@@ -188,13 +190,16 @@ class TorchDiT:
         self._device = device
         self._threads = torch.get_num_threads()
         self._closed = False
-        # Every bound instruction's captures share one pool: calls run one at a time (`_calling`).
-        self._graph_pool = graph_pool(device) if cuda_graphs else None
-        # With graphs, the networks of the last instructions bound are kept with their captures: a task switched back
-        # to, a warm-up's instruction, or the planning mode's binding of the reactive query's instruction reuse them.
+        # The batch-1 captures of every instruction, by timesteps and shapes, in one pool: calls run one at a time
+        # (`_calling`). They read `_graph_kv`, which holds the K/V of the binding `_graph_kv_owner`.
+        self._captured = CapturedCalls(MODULATION_SETS_KEPT, graph_pool(device)) if cuda_graphs else None
+        self._graph_kv: CrossAttentionKV | None = None
+        self._graph_kv_owner: object = None
+        # With graphs, the networks of the last instructions bound are kept: a task switched back to, a warm-up's
+        # instruction, or the planning mode's binding of the reactive query's instruction reuse their K/V.
         self._bound: OrderedDict[bytes, NetworkFn] = OrderedDict()
         self._binding = threading.Lock()
-        self._calling = threading.Lock()  # also guards `_modulations`
+        self._calling = threading.Lock()  # also guards `_modulations` and the graphs' K/V
         self._modulations: dict[bytes, TimestepModulation] = {}  # batch-1 timesteps -> their adaLN vectors, LRU
         self._forward: Callable[..., torch.Tensor] = self._dit
         self._forward_batched: Callable[..., torch.Tensor] = self._dit
@@ -220,7 +225,7 @@ class TorchDiT:
 
     def bind_text(self, text_embedding: np.ndarray) -> NetworkFn:
         self._check_open()
-        if self._graph_pool is None:
+        if self._captured is None:
             return self._bind(text_embedding)
         key = np.ascontiguousarray(text_embedding, np.float32).tobytes()
         with self._binding:
@@ -234,8 +239,7 @@ class TorchDiT:
     def _bind(self, text_embedding: np.ndarray) -> NetworkFn:
         kv = self._dit.precompute_text_kv(torch.from_numpy(text_embedding).to(self._device))
         dtype = self._dit.dtype
-        # Batch-1 calls replayed from CUDA graphs, one per timesteps (a query's calls repeat them), for this text.
-        captured = None if self._graph_pool is None else CapturedCalls(MODULATION_SETS_KEPT, self._graph_pool)
+        binding = object()  # whose K/V the graphs' buffers hold
 
         @torch.inference_mode()
         def network(x: Array, timesteps: Array, condition_mask: Array) -> Array:
@@ -252,26 +256,41 @@ class TorchDiT:
                 if self._compiled_whole:
                     self._dit.cache_tables(x, steps, condition_mask)
 
-                def call(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                # A capture keeps this function and what it closes over: the buffers' K/V, not this binding's.
+                def call(x: torch.Tensor, mask: torch.Tensor, text: CrossAttentionKV) -> torch.Tensor:
                     inputs = (x.to(dtype), steps, mask.to(dtype))
                     if self._compiled_whole and batched:
                         for tensor in (inputs[0], inputs[2], steps):
                             torch._dynamo.mark_dynamic(tensor, 0)
-                    return forward(*inputs, kv).float()
+                    return forward(*inputs, text).float()
 
-                if captured is None or batched:
-                    return call(x, condition_mask)
+                if self._captured is None or batched:
+                    return call(x, condition_mask, kv)
+                replay = functools.partial(call, text=self._load_graph_kv(binding, kv))
                 # Replayed with the casts inside the graph; keyed by what fixes the kernels launched.
-                return captured((steps_key, x.shape, condition_mask.shape), call, (x, condition_mask))
+                return self._captured((steps_key, x.shape, condition_mask.shape), replay, (x, condition_mask))
 
         return network
 
+    def _load_graph_kv(self, binding: object, kv: CrossAttentionKV) -> CrossAttentionKV:
+        """The graphs' K/V buffers, holding `kv` (copied in, on the stream the replays run on, unless `binding` was
+        the last to load them)."""
+        if self._graph_kv is None:
+            self._graph_kv = CrossAttentionKV(k=kv.k.clone(), v=kv.v.clone())
+        elif self._graph_kv_owner is not binding:
+            self._graph_kv.k.copy_(kv.k)
+            self._graph_kv.v.copy_(kv.v)
+        self._graph_kv_owner = binding
+        return self._graph_kv
+
     def close(self) -> None:
-        """Releases the weights, the bound instructions' K/V and graphs, and the adaLN vectors; later calls fail."""
+        """Releases the weights, the bound instructions' K/V, the graphs and the adaLN vectors; later calls fail."""
         with self._binding, self._calling:
             self._closed = True
             self._bound.clear()
             self._modulations.clear()
+            self._captured = None
+            self._graph_kv = None
             _release(self._dit, self._device)
 
     def _check_open(self) -> None:

@@ -217,20 +217,21 @@ def test_dit_calls_replayed_from_cuda_graphs_give_the_bits_of_plain_calls() -> N
     config = dit_config("tiny")
     dit = dit_from_state_dict(random_dit_state_dict(config, 3)).to(device)
     rng = np.random.default_rng(0)
-    text = rng.standard_normal((1, 512, config.text_dim)).astype(np.float32)
-    plain = TorchDiT(dit, device).bind_text(text)
+    texts = [rng.standard_normal((1, 512, config.text_dim)).astype(np.float32) for _ in range(2)]
     graphed = TorchDiT(dit, device, cuda_graphs=True)
-    replayed = graphed.bind_text(text)
-    assert graphed.bind_text(text.copy()) is replayed  # an instruction bound again keeps its captures
+    replayed = [graphed.bind_text(text) for text in texts]
+    assert graphed.bind_text(texts[0].copy()) is replayed[0]  # an instruction bound again keeps its K/V
+    plain = [TorchDiT(dit, device).bind_text(text) for text in texts]
     mask = torch.zeros((1, 1, 11, 28, 28), device=device)
     mask[:, :, :5] = 1.0
     held = []
-    # Two timesteps (two captures), each replayed with new inputs; an earlier output must survive later replays.
-    for level in (0.5, 0.9877, 0.5):
+    # Two timesteps (two captures) and two instructions sharing them, replayed with new inputs; an earlier output
+    # must survive later replays.
+    for level, instruction in ((0.5, 0), (0.9877, 0), (0.5, 1), (0.5, 0), (0.9877, 1)):
         timesteps = np.where(np.arange(11) < 5, 0.0, level).astype(np.float32)[None]
         x = torch.from_numpy(rng.standard_normal((1, 16, 11, 28, 28)).astype(np.float32)).to(device)
-        expected = plain(x, timesteps, mask)
-        got = replayed(x, timesteps, mask)
+        expected = plain[instruction](x, timesteps, mask)
+        got = replayed[instruction](x, timesteps, mask)
         assert torch.equal(got, expected)
         held.append((got, expected.clone()))
     for got, expected in held:
@@ -281,45 +282,44 @@ def test_the_captured_camera_encode_is_keyed_by_frame_sizes_and_holds_its_tables
     assert seen == [((((2, 480, 640, 3), (1, 224, 224, 3)), ((0, 0), (1, 0), (0, 1))), 10)]
 
 
-def test_batch_one_dit_calls_go_to_the_captures_of_their_instruction_and_timesteps(
+def test_batch_one_dit_calls_of_every_instruction_share_the_captures_of_their_timesteps(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The CUDA-only route's plumbing, on the CPU: stand-ins for the pool and the captures run what would be captured.
+    # The CUDA-only route's plumbing, on the CPU: stand-ins for the pool and the captures. A stand-in keeps the first
+    # function given for a key and runs it for every later call with that key, as a replayed graph would.
     keys: list[tuple[object, ...]] = []
 
-    class RunPlainly:
+    class ReplayFirst:
         def __init__(self, limit: int, pool: object) -> None:
             assert (limit, pool) == (MODULATION_SETS_KEPT, "pool")
+            self.captured: dict[tuple[object, ...], Callable[..., torch.Tensor]] = {}
 
         def __call__(
             self, key: tuple[object, ...], function: Callable[..., torch.Tensor], inputs: list
         ) -> torch.Tensor:
             keys.append(key)
-            return function(*inputs)
+            return self.captured.setdefault(key, function)(*inputs)
 
     monkeypatch.setattr(torch_networks, "graph_pool", lambda device: "pool")
-    monkeypatch.setattr(torch_networks, "CapturedCalls", RunPlainly)
+    monkeypatch.setattr(torch_networks, "CapturedCalls", ReplayFirst)
     config = dit_config("tiny")
     dit = dit_from_state_dict(random_dit_state_dict(config, 3))
     rng = np.random.default_rng(0)
     texts = [rng.standard_normal((1, 512, config.text_dim)).astype(np.float32) for _ in range(6)]
     graphed = TorchDiT(dit, torch.device("cpu"), cuda_graphs=True)
     first = graphed.bind_text(texts[0])
-    assert graphed.bind_text(texts[0].copy()) is first  # bound again: the same network, with its captures
+    assert graphed.bind_text(texts[0].copy()) is first  # bound again: the same network, with its K/V
     for text in texts[1:]:
         graphed.bind_text(text)
     assert graphed.bind_text(texts[0]) is not first  # only the last 4 instructions are kept
-    plain = TorchDiT(dit, torch.device("cpu")).bind_text(texts[0])
-    x = rng.standard_normal((1, 16, 11, 28, 28)).astype(np.float32)
-    mask = np.zeros((1, 1, 11, 28, 28), np.float32)
+    x = torch.from_numpy(rng.standard_normal((1, 16, 11, 28, 28)).astype(np.float32))
+    mask = torch.zeros((1, 1, 11, 28, 28))
     mask[:, :, :5] = 1.0
     timesteps = np.where(np.arange(11) < 5, 0.0, 0.9877).astype(np.float32)[None]
-    got = first(torch.from_numpy(x), timesteps, torch.from_numpy(mask))
-    assert torch.equal(got, plain(torch.from_numpy(x), timesteps, torch.from_numpy(mask)))
-    assert keys == [(timesteps.tobytes(), (1, 16, 11, 28, 28), (1, 1, 11, 28, 28))]
-    first(
-        torch.from_numpy(np.concatenate([x, x])),
-        np.concatenate([timesteps] * 2),
-        torch.from_numpy(mask).repeat(2, 1, 1, 1, 1),
-    )
-    assert len(keys) == 1  # larger batches (planning's) are not captured
+    # Instructions alternating over one capture: each call reads its own instruction's K/V.
+    for text in (texts[0], texts[1], texts[1], texts[0]):
+        expected = TorchDiT(dit, torch.device("cpu")).bind_text(text)(x, timesteps, mask)
+        assert torch.equal(graphed.bind_text(text)(x, timesteps, mask), expected)
+    assert set(keys) == {(timesteps.tobytes(), (1, 16, 11, 28, 28), (1, 1, 11, 28, 28))}
+    first(torch.cat([x, x]), np.concatenate([timesteps] * 2), mask.repeat(2, 1, 1, 1, 1))
+    assert len(keys) == 4  # larger batches (planning's) are not captured
