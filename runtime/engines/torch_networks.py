@@ -191,10 +191,10 @@ class TorchDiT:
         self._threads = torch.get_num_threads()
         self._closed = False
         # The batch-1 captures of every instruction, by timesteps and shapes, in one pool: calls run one at a time
-        # (`_calling`). They read `_graph_kv`, which holds the K/V of the binding `_graph_kv_owner`.
+        # (`_calling`), on the device's default stream. They read K/V buffers, one per K/V shape, each holding the
+        # K/V of the binding it names.
         self._captured = CapturedCalls(MODULATION_SETS_KEPT, graph_pool(device)) if cuda_graphs else None
-        self._graph_kv: CrossAttentionKV | None = None
-        self._graph_kv_owner: object = None
+        self._graph_kv: dict[torch.Size, tuple[object, CrossAttentionKV]] = {}
         # With graphs, the networks of the last instructions bound are kept: a task switched back to, a warm-up's
         # instruction, or the planning mode's binding of the reactive query's instruction reuse their K/V.
         self._bound: OrderedDict[bytes, NetworkFn] = OrderedDict()
@@ -224,11 +224,12 @@ class TorchDiT:
         return self._dit.config.text_dim
 
     def bind_text(self, text_embedding: np.ndarray) -> NetworkFn:
-        self._check_open()
         if self._captured is None:
+            self._check_open()
             return self._bind(text_embedding)
         key = np.ascontiguousarray(text_embedding, np.float32).tobytes()
         with self._binding:
+            self._check_open()
             network = self._bound.pop(key, None) or self._bind(text_embedding)
             self._bound[key] = network  # most recently used last
             while len(self._bound) > _BINDINGS_KEPT:
@@ -268,20 +269,22 @@ class TorchDiT:
                     return call(x, condition_mask, kv)
                 replay = functools.partial(call, text=self._load_graph_kv(binding, kv))
                 # Replayed with the casts inside the graph; keyed by what fixes the kernels launched.
-                return self._captured((steps_key, x.shape, condition_mask.shape), replay, (x, condition_mask))
+                key = (steps_key, x.shape, condition_mask.shape, kv.k.shape)
+                return self._captured(key, replay, (x, condition_mask))
 
         return network
 
     def _load_graph_kv(self, binding: object, kv: CrossAttentionKV) -> CrossAttentionKV:
-        """The graphs' K/V buffers, holding `kv` (copied in, on the stream the replays run on, unless `binding` was
-        the last to load them)."""
-        if self._graph_kv is None:
-            self._graph_kv = CrossAttentionKV(k=kv.k.clone(), v=kv.v.clone())
-        elif self._graph_kv_owner is not binding:
-            self._graph_kv.k.copy_(kv.k)
-            self._graph_kv.v.copy_(kv.v)
-        self._graph_kv_owner = binding
-        return self._graph_kv
+        """The graphs' K/V buffers of `kv`'s shape, holding `kv` (copied in, on the stream the replays run on, unless
+        `binding` was the last to load them)."""
+        owner, buffers = self._graph_kv.get(kv.k.shape, (None, None))
+        if buffers is None:
+            buffers = CrossAttentionKV(k=kv.k.clone(), v=kv.v.clone())
+        elif owner is not binding:
+            buffers.k.copy_(kv.k)
+            buffers.v.copy_(kv.v)
+        self._graph_kv[kv.k.shape] = (binding, buffers)
+        return buffers
 
     def close(self) -> None:
         """Releases the weights, the bound instructions' K/V, the graphs and the adaLN vectors; later calls fail."""
@@ -290,7 +293,7 @@ class TorchDiT:
             self._bound.clear()
             self._modulations.clear()
             self._captured = None
-            self._graph_kv = None
+            self._graph_kv.clear()
             _release(self._dit, self._device)
 
     def _check_open(self) -> None:

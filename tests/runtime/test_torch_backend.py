@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import threading
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -15,7 +17,7 @@ from cosmos_edge.kernels import image_transforms as kernels
 from cosmos_edge.runtime.engines import torch_networks
 from cosmos_edge.runtime.engines.torch_networks import MODULATION_SETS_KEPT, TorchAutoencoder, TorchDiT
 from cosmos_edge.runtime.errors import ConfigError
-from cosmos_edge.runtime.models.dit import TimestepModulation
+from cosmos_edge.runtime.models.dit import CrossAttentionKV, TimestepModulation
 from cosmos_edge.runtime.models.dit_checkpoint import dit_from_state_dict, random_dit_state_dict
 from cosmos_edge.runtime.models.dit_config import dit_config
 from cosmos_edge.runtime.models.wan_vae import WanVAE, vae_config
@@ -316,10 +318,46 @@ def test_batch_one_dit_calls_of_every_instruction_share_the_captures_of_their_ti
     mask = torch.zeros((1, 1, 11, 28, 28))
     mask[:, :, :5] = 1.0
     timesteps = np.where(np.arange(11) < 5, 0.0, 0.9877).astype(np.float32)[None]
+    plain = TorchDiT(dit, torch.device("cpu"))
     # Instructions alternating over one capture: each call reads its own instruction's K/V.
     for text in (texts[0], texts[1], texts[1], texts[0]):
-        expected = TorchDiT(dit, torch.device("cpu")).bind_text(text)(x, timesteps, mask)
+        expected = plain.bind_text(text)(x, timesteps, mask)
         assert torch.equal(graphed.bind_text(text)(x, timesteps, mask), expected)
-    assert set(keys) == {(timesteps.tobytes(), (1, 16, 11, 28, 28), (1, 1, 11, 28, 28))}
-    first(torch.cat([x, x]), np.concatenate([timesteps] * 2), mask.repeat(2, 1, 1, 1, 1))
-    assert len(keys) == 4  # larger batches (planning's) are not captured
+    kv_shape = (config.num_blocks, 1, config.num_heads, 512, config.head_dim)
+    assert set(keys) == {(timesteps.tobytes(), (1, 16, 11, 28, 28), (1, 1, 11, 28, 28), kv_shape)}
+    # Larger batches (planning's) are not captured, and read their own instruction's K/V, not the buffers'.
+    batch = (torch.cat([x, x]), np.concatenate([timesteps] * 2), mask.repeat(2, 1, 1, 1, 1))
+    assert torch.equal(graphed.bind_text(texts[1])(*batch), plain.bind_text(texts[1])(*batch))
+    assert len(keys) == 4
+
+
+def test_the_captures_keep_no_instruction_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 117 MB of K/V per instruction for the 2B DiT in bf16: a capture must hold the shared buffers, not its own.
+    class KeepFunctions:
+        def __init__(self, limit: int, pool: object) -> None:
+            self.functions: dict[object, Callable[..., torch.Tensor]] = {}
+
+        def __call__(self, key: object, function: Callable[..., torch.Tensor], inputs: list) -> torch.Tensor:
+            return self.functions.setdefault(key, function)(*inputs)
+
+    monkeypatch.setattr(torch_networks, "graph_pool", lambda device: "pool")
+    monkeypatch.setattr(torch_networks, "CapturedCalls", KeepFunctions)
+    config = dit_config("tiny")
+    dit = dit_from_state_dict(random_dit_state_dict(config, 3))
+    made: list[weakref.ref[torch.Tensor]] = []
+    precompute = dit.precompute_text_kv
+
+    def tracked(text: torch.Tensor) -> CrossAttentionKV:
+        kv = precompute(text)
+        made.append(weakref.ref(kv.k))
+        return kv
+
+    monkeypatch.setattr(dit, "precompute_text_kv", tracked)
+    graphed = TorchDiT(dit, torch.device("cpu"), cuda_graphs=True)
+    rng = np.random.default_rng(0)
+    x, mask = torch.zeros((1, 16, 11, 8, 8)), torch.zeros((1, 1, 11, 8, 8))
+    for _ in range(6):  # the first instruction captures; 5 more evict it from the 4 bindings kept
+        text = rng.standard_normal((1, 512, config.text_dim)).astype(np.float32)
+        graphed.bind_text(text)(x, np.full((1, 11), 0.5, np.float32), mask)
+    gc.collect()
+    assert made[0]() is None
