@@ -52,13 +52,13 @@ class LoadedPolicies:
         planning: PlanningPolicy | None,
         devices: Sequence[PlanningWorker],
         resources: ExitStack,
-        warm_up_steps: int = 1,
+        replays_graphs: bool = False,
     ) -> None:
         self.reactive = reactive
         self.planning = planning
         self.devices = tuple(devices)  # the DiTs of each device, in device order (the VAE lives on the first)
         self._resources = resources
-        self._warm_up_steps = warm_up_steps
+        self._replays_graphs = replays_graphs
 
     def warm_up(self) -> float:
         """One reactive query on a black observation, and the planning networks' batched call, so that kernel
@@ -69,7 +69,8 @@ class LoadedPolicies:
         platform = policy.platform
         images = {name: np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8) for name in platform.cameras}
         observation = Observation(images, (policy.model.stats.proprio_min + policy.model.stats.proprio_max) / 2)
-        policy.infer(ActionQuery(observation, policy.instructions[0], steps=self._warm_up_steps))
+        steps = platform.default_action_steps if self._replays_graphs else 1
+        policy.infer(ActionQuery(observation, policy.instructions[0], steps=steps))
         policy.reset()  # the next query binds its own instruction
         if self.planning is not None:
             self.planning.warm_up()
@@ -128,14 +129,13 @@ def load_policies(
     except BaseException:
         resources.close()
         raise
-    return LoadedPolicies(reactive, planner, networks, resources, warm_up_steps(source, model.platform))
+    return LoadedPolicies(reactive, planner, networks, resources, replays_cuda_graphs(source))
 
 
-def warm_up_steps(source: ModelSource, platform: PlatformSpec) -> int:
-    """The denoising steps of the warm-up query: the platform's default where the DiT replays CUDA graphs (one capture
-    per timesteps, made on their first call), else 1."""
-    replays = isinstance(source, CheckpointSource) and source.cuda_graphs
-    return platform.default_action_steps if replays else 1
+def replays_cuda_graphs(source: ModelSource) -> bool:
+    """Whether `source`'s DiT replays batch-1 calls from CUDA graphs, each captured on the first call of its
+    timesteps (what the warm-up prepares)."""
+    return isinstance(source, CheckpointSource) and source.cuda_graphs
 
 
 def planning_candidates(

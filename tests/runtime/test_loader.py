@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cosmos_edge.runtime.bundle import loader
-from cosmos_edge.runtime.bundle.loader import load_policies, warm_up_steps
+from cosmos_edge.runtime.bundle.loader import load_policies, replays_cuda_graphs
 from cosmos_edge.runtime.bundle.manifest import Bundle
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource
 from cosmos_edge.runtime.engines.graph import dit_graph
@@ -184,7 +184,7 @@ class BlockTorch:
 sys.meta_path.insert(0, BlockTorch())
 import numpy as np
 from cosmos_edge.runtime.bundle import loader
-from cosmos_edge.runtime.bundle.loader import load_policies, warm_up_steps
+from cosmos_edge.runtime.bundle.loader import load_policies, replays_cuda_graphs
 from cosmos_edge.runtime.bundle.sources import BundleSource
 from cosmos_edge.runtime.policy.api import ActionQuery, Observation
 
@@ -257,23 +257,28 @@ def test_warm_up_runs_one_query_before_the_first_request(tiny_assets: dict[str, 
         assert loaded.reactive.infer(query).actions.shape == (50, 14)
 
 
-def test_the_warm_up_query_takes_the_default_steps_where_the_dit_replays_cuda_graphs(
-    tiny_assets: dict[str, CheckpointFiles], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Each step's timesteps are captured on their first call: warmed up with 1 step, a first request with the
-    # default 10 would capture 9 graphs.
-    files = tiny_assets["aloha"]
-    aloha = platform_spec("aloha")
-    assert warm_up_steps(CheckpointSource(files, cuda_graphs=True), aloha) == aloha.default_action_steps == 10
-    assert warm_up_steps(CheckpointSource(files), aloha) == 1
-    # A CUDA device's choice, on the CPU: the warm-up query takes what `warm_up_steps` says.
-    monkeypatch.setattr(loader, "warm_up_steps", lambda source, platform: 3)
+def warm_up_steps(files: CheckpointFiles, replays: bool, monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
+    """The steps of the warm-up's reactive query, with `replays_cuda_graphs` saying `replays` (a CUDA device's
+    case, on the CPU)."""
+    monkeypatch.setattr(loader, "replays_cuda_graphs", lambda source: replays)
     with load_policies(CheckpointSource(files)) as loaded:
         asked: list[int | None] = []
         infer = loaded.reactive.infer
         monkeypatch.setattr(loaded.reactive, "infer", lambda query: asked.append(query.steps) or infer(query))
         loaded.warm_up()
-    assert asked == [3]
+    return asked
+
+
+def test_a_dit_that_replays_cuda_graphs_is_warmed_up_with_the_default_steps(
+    tiny_assets: dict[str, CheckpointFiles], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each step's timesteps are captured on their first call: warmed up with 1 step, a first request with the
+    # default 10 would capture 9 graphs.
+    files = tiny_assets["aloha"]
+    assert replays_cuda_graphs(CheckpointSource(files, cuda_graphs=True))
+    assert not replays_cuda_graphs(CheckpointSource(files))
+    assert warm_up_steps(files, True, monkeypatch) == [platform_spec("aloha").default_action_steps]
+    assert warm_up_steps(files, False, monkeypatch) == [1]
 
 
 def test_fp16_on_the_cpu_is_warned_of(
