@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import sys
 from collections.abc import Callable
 
 from cosmos_edge.cli.arg_types import int_in_range, positive_hertz, positive_seconds
@@ -99,17 +100,21 @@ def _robot(args: argparse.Namespace) -> int:
                 print(f"driving the arms from {args.endpoint} ({args.task!r}); Ctrl-C holds the pose and ends")
                 try:
                     # The run ends at the latched stop (a flag the signal handler sets without taking a lock).
-                    summary = executor.run(duration_s=args.duration_s, until=lambda: safety.stopped)
-                except Exception as error:  # the rig (a camera, a servo) failed mid-run: what ran is still reported
-                    print_run_report(executor, safety, summarize(executor.records()))
+                    executor.run(duration_s=args.duration_s, until=lambda: safety.stopped)
+                except Exception as error:  # the rig (a camera, a servo) failed mid-run
                     raise EngineError(
-                        f"robot: the run stopped on {type(error).__name__}: {error}; the arms keep their last "
-                        "commanded pose"
+                        f"--env {args.env}: the rig failed mid-run: {type(error).__name__}: {error}; the arms keep "
+                        "their last commanded pose"
                     ) from error
-    print_run_report(executor, safety, summary)
+                finally:  # what ran is reported, however the run ended
+                    print_run_report(executor, safety, summarize(executor.records()))
     if executor.counters.chunks_adopted == 0:  # the arms never moved under the policy
         failed = executor.counters.request_failures
-        print(f"no chunk arrived from {args.endpoint}: {failed} request(s) failed (see the log)")
+        print(
+            f"cosmos-edge: error: --endpoint {args.endpoint}: no chunk arrived; {failed} request(s) failed (see the "
+            "log)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -121,10 +126,9 @@ def _connect_robot(make_env: Callable[..., RealEnvLike], args: argparse.Namespac
         if not args.keep_pose:
             print("moving the arms to the start pose")
         return AlohaRealRobot.connect(env, move_to_start=not args.keep_pose)
-    except (KeyboardInterrupt, CosmosEdgeError):
-        raise
-    except Exception as error:  # the rig's code: said in one line, as every error of the command
-        raise ConfigError(f"--env {args.env}: failed: {type(error).__name__}: {error}") from error
+    except Exception as error:  # the rig's code, or its qpos refused: said in one line naming --env
+        detail = error if isinstance(error, CosmosEdgeError) else f"{type(error).__name__}: {error}"
+        raise ConfigError(f"--env {args.env}: failed: {detail}") from error
 
 
 def _check_server(metadata: ServerMetadata, args: argparse.Namespace) -> None:
