@@ -4,7 +4,9 @@ observation `.npz`; the result is printed and saved."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -158,12 +160,8 @@ def _act(args: argparse.Namespace) -> int:
                 "this query compiles the networks first (a minute or more for the 2B model; its stage timings "
                 "include it; --no-compile runs eager)"
             )
-        try:
+        with _naming_the_observation(args.observation):
             result = policy.infer(query)
-        except InputError as error:
-            if error.field not in OBSERVATION_FIELDS:
-                raise
-            raise InputError(f"observation: {args.observation}: {error}", error.field) from None
     print_result(result)
     if out is not None:
         save_result(out, result, all_actions=args.return_all_query_results)
@@ -174,10 +172,19 @@ def _act(args: argparse.Namespace) -> int:
 def _check_observation(source: ModelSource, observation: Observation, path: Path) -> None:
     """The observation's cameras and proprio against the model's platform and statistics, before the networks load
     (a minute for the 2B model); the policy checks them again, as every query."""
-    try:
+    with _naming_the_observation(path):
         check_cameras(source_platform(source), observation.images)
         source_stats(source).normalize_proprio(np.asarray(observation.proprio))
+
+
+@contextlib.contextmanager
+def _naming_the_observation(path: Path) -> Iterator[None]:
+    """Errors about the observation's images or proprio name the --observation file."""
+    try:
+        yield
     except InputError as error:
+        if error.field not in OBSERVATION_FIELDS:
+            raise
         raise InputError(f"observation: {path}: {error}", error.field) from None
 
 
