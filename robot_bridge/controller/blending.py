@@ -104,7 +104,6 @@ class ChunkBlender:
         self._hold: np.ndarray | None = None  # the last commanded pose at the switch
         self._switch_tick = 0
         self._lowpassed: np.ndarray | None = None
-        self._last_command: np.ndarray | None = None
         # (switch tick, raw jump, largest step, safety ticks, previous command, tick after which it closes)
         self._open: tuple[int, float, float, int, np.ndarray | None, int] | None = None
         self._boundaries: deque[Boundary] = deque(maxlen=_BOUNDARIES_KEPT)
@@ -139,29 +138,29 @@ class ChunkBlender:
             closes = max(closes, old_first_tick + len(old_actions))  # the tick the old chunk's weight reaches 0
         self._open = (tick, raw, 0.0, 0, self._hold, closes)
 
-    def target(self, tick: int, action: np.ndarray | None) -> np.ndarray | None:
-        """The command target for `tick`, given the adopted chunk's `action` for it (None: nothing to do)."""
+    def target(self, tick: int, action: np.ndarray | None, last_command: np.ndarray | None) -> np.ndarray | None:
+        """The command target for `tick`, given the adopted chunk's `action` for it (None: nothing to do) and the
+        last pose commanded (where the low-pass restarts)."""
         if action is None:
             self._lowpassed = None  # holding: restart the filter from the next target
             return None
         target = self._blended(tick, np.asarray(action, dtype=np.float64))
         alpha = self.config.lowpass_alpha
         if alpha is not None:
-            previous = next((pose for pose in (self._lowpassed, self._last_command) if pose is not None), target)
+            previous = next((pose for pose in (self._lowpassed, last_command) if pose is not None), target)
             target = previous + alpha * (target - previous)
             # A non-finite target is held by the safety filter; the filter restarts from the next finite one.
             self._lowpassed = target if np.isfinite(target).all() else None
         return target
 
     def observe_command(self, tick: int, command: np.ndarray, safety_intervened: bool) -> None:
-        """Feeds the boundary statistics (and the low-pass's restart) with what was actually commanded at `tick`."""
-        if np.isfinite(command).all():
-            self._last_command = np.asarray(command, dtype=np.float64).copy()
+        """Feeds the boundary statistics with what was actually commanded at `tick` (the safety filter's output:
+        finite, and a fresh array the blender may keep)."""
         if self._open is None:
             return
         start, raw, largest, safety_ticks, previous, closes = self._open
         step = 0.0 if previous is None else float(np.abs(command - previous).max())
-        self._open = (start, raw, max(largest, step), safety_ticks + int(safety_intervened), command.copy(), closes)
+        self._open = (start, raw, max(largest, step), safety_ticks + int(safety_intervened), command, closes)
         if tick >= closes:  # a fade's window_ticks + 1 steps are in (an ensemble's old chunk has run out)
             self._close_boundary()
 

@@ -397,7 +397,7 @@ class ChunkExecutor:
                 latest_due = min(latest_due, end_tick - 1)
             missed = max(0, latest_due - tick)
             if missed:
-                self._warn_late(tick, (now - deadline) / 1e6, missed)
+                self._warn_late(tick, now, (now - deadline) / 1e6, missed)
                 tick = latest_due
                 deadline = self._epoch_ns + tick * self._period_ns
                 self._counts["missed_ticks"] += missed
@@ -419,7 +419,7 @@ class ChunkExecutor:
         if action is None and self._chunk is not None and not self._safety.stopped:
             self._counts["starved_ticks"] += 1
             self._warn_starved(tick, "no action left: holding position")
-        target = self._blender.target(tick, action)
+        target = self._blender.target(tick, action, self._last_command)
         safe = self._safety.apply(target, self._robot.current_qpos())
         self._robot.command(safe.qpos)
         command_ns = self._clock()
@@ -470,10 +470,10 @@ class ChunkExecutor:
         self._last_failure, self._failures_since_chunk = None, 0
         return True
 
-    def _warn_late(self, tick: int, late_ms: float, missed: int) -> None:
+    def _warn_late(self, tick: int, now: int, late_ms: float, missed: int) -> None:
         """Ticks that start a whole period late are skipped (a run keeps its length): the robot's own calls, or a
         busy machine, take longer than the period. Warned at once, then once per interval."""
-        skipped = self._late_warnings.due(self._clock())
+        skipped = self._late_warnings.due(now)
         log = logger.debug if skipped is None else logger.warning
         log(
             "executor: tick %d started %.1f ms late; skipping %d tick(s) (%d skipped so far): the robot's observe "

@@ -736,7 +736,8 @@ def blend_run(blender: ChunkBlender, adopted: dict[int, np.ndarray], ticks: int)
             chunk, chunk_first = adopted[tick], tick
         assert chunk is not None
         action = chunk[tick - chunk_first] if tick - chunk_first < len(chunk) else None
-        target = blender.target(tick, action)
+        held = next(command for command in reversed(commands) if np.isfinite(command).all())  # what the robot got
+        target = blender.target(tick, action, held)
         command = commands[-1] if target is None else target  # the safety filter holds the pose
         blender.observe_command(tick, command, safety_intervened=False)
         commands.append(command)
