@@ -27,6 +27,7 @@ import enum
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,8 +61,8 @@ VX300S_JOINT_UPPER: tuple[float, ...] = (
     math.pi - _PI_OFFSET,
 )
 # Per-tick joint change the official Cosmos Policy ALOHA client tolerates before pausing (run_aloha_eval.py).
-WARNING_INTERVAL_S = 5.0  # as the executor's warnings
 DEFAULT_MAX_JOINT_STEP = 0.15
+WARNING_INTERVAL_S = 5.0  # least time between two warnings of the same interventions' onset, as the executor's
 NUM_ARMS = 2  # ALOHA layout: [left 6 joints, left gripper, right 6 joints, right gripper]
 
 
@@ -164,8 +165,9 @@ class SafetyFilter:
     `apply` runs on the control thread; `stop` may be called from any thread.
     """
 
-    def __init__(self, config: SafetyConfig) -> None:
+    def __init__(self, config: SafetyConfig, clock: Callable[[], int] = time.monotonic_ns) -> None:
         self.config = config
+        self._clock = clock  # nanoseconds, for the warnings' interval
         self._lower = config.lower()
         self._upper = config.upper()
         self._joint_mask = np.ones(config.dims, dtype=bool)
@@ -260,11 +262,12 @@ class SafetyFilter:
             if kind in flags:
                 self._counts[kind] += 1
         if flags:
-            # Onsets are warnings, at most one per kind per interval (a policy that keeps overshooting must not flood
-            # the log); a run of the same intervention (a long hold, a slewing joint) is debug.
+            # Onsets are warnings, at most one per combination of interventions per interval (a policy that keeps
+            # overshooting must not flood the log); a run of the same interventions (a long hold, a slewing joint)
+            # is debug.
             started = flags & ~self._prev_flags
             onsets = self._onset_warnings.setdefault(flags, Throttle(WARNING_INTERVAL_S)) if started else None
-            count = None if onsets is None else onsets.due(time.monotonic_ns())
+            count = None if onsets is None else onsets.due(self._clock())
             log = logger.debug if count is None else logger.warning
             since = f" ({count} onsets since the last such warning)" if count is not None and count > 1 else ""
             log("safety: %s%s%s", _names(flags), _changed(target, out), since)

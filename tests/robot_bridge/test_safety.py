@@ -10,6 +10,7 @@ from hypothesis.extra.numpy import arrays
 
 from cosmos_edge.robot_bridge.controller.safety import (
     DEFAULT_MAX_JOINT_STEP,
+    WARNING_INTERVAL_S,
     Intervention,
     SafetyConfig,
     SafetyCounters,
@@ -202,16 +203,21 @@ def test_output_always_within_limits_and_step(target: np.ndarray, offset: np.nda
 
 
 def test_onsets_that_keep_coming_are_warned_about_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
-    f = SafetyFilter(SafetyConfig())
+    now = [0]
+    f = SafetyFilter(SafetyConfig(), clock=lambda: now[0])
     target = START.copy()
     target[3] += 0.4  # a step the filter limits
     with caplog.at_level(logging.DEBUG, logger="cosmos_edge.robot_bridge.controller.safety"):
-        for _ in range(10):  # a policy overshooting every other tick: ten onsets of the same intervention
+        for tick in range(10):  # a policy overshooting every other tick at 25 Hz: ten onsets of one intervention
+            now[0] = tick * 80_000_000
             f.apply(target, START)
             f.apply(START, START)
+        now[0] += round(WARNING_INTERVAL_S * 1e9)  # an interval later: warned again, with the count since
+        f.apply(target, START)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "RATE_LIMITED" in warnings[0]
-    assert f.counters.rate_limited == 10  # every one is counted
+    assert len(warnings) == 2 and all("RATE_LIMITED" in warning for warning in warnings)
+    assert "(10 onsets since the last such warning)" in warnings[1]
+    assert f.counters.rate_limited == 11  # every one is counted
 
 
 def test_intervention_warnings_name_the_dims_not_whole_vectors(caplog: pytest.LogCaptureFixture) -> None:
