@@ -73,11 +73,12 @@ def load_public_key(path: str | Path) -> bytes:
 
 
 def _read_certificate(path: str | Path) -> tuple[bytes, bytes | None]:
+    # Checked first: pyzmq reports a missing file as a plain OSError ("Invalid certificate file").
     if not Path(path).is_file():
         raise ConfigError(f"{path}: no such file; expected a CURVE certificate (cosmos-edge keys generate writes them)")
     try:
         return zmq.auth.load_certificate(path)
-    except (OSError, ValueError) as error:  # a missing file; a file without a public key
+    except (OSError, ValueError) as error:  # unreadable, or a file without a public key
         raise ConfigError(f"{path}: expected a CURVE certificate from zmq.auth.create_certificates ({error})") from None
 
 

@@ -174,8 +174,11 @@ def wire_proprio(proprio: object) -> np.ndarray:
         raise invalid("proprio", f"expected numbers, got {type(proprio).__name__} ({error})") from None
     if array.dtype.kind not in "iuf":
         raise invalid("proprio", f"expected numbers, got dtype {array.dtype}")
-    with np.errstate(over="ignore"):  # a value beyond float32 becomes infinite, refused as not finite
-        return check_array("proprio", array.astype(np.float32), "float32", 1)
+    with np.errstate(over="ignore"):
+        cast = array.astype(np.float32)
+    if array.dtype.kind == "f" and array.size and np.isfinite(array).all() and not np.isfinite(cast).all():
+        raise invalid("proprio", f"expected values within float32's range, got {np.abs(array).max():g}")
+    return check_array("proprio", cast, "float32", 1)
 
 
 # --- framing -----------------------------------------------------------------------------------------------------

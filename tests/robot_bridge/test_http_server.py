@@ -216,6 +216,7 @@ def test_errors_are_4xx_json_naming_the_key(official_json: None) -> None:
     }
     expected_errors = {
         "encoded holding an object": "encoded: expected json_numpy text (a JSON string holding the request), got dict",
+        "huge proprio": "proprio: expected values within float32's range, got 1e+300",
         "a 5000-digit number": "body: expected a JSON object, got bad text: a number too long (an integer of more than",
     }
     expected_fields = {
