@@ -180,7 +180,7 @@ def _check_ipc_path(endpoint: str) -> None:
         except BlockingIOError:  # listening, with a full backlog
             raise zmq.ZMQError(errno.EADDRINUSE) from None
         except OSError:
-            return  # refused, no such file, not a socket, a path too long...: the bind succeeds or says why
+            return  # refused (a stale file), no such file, a path too long...: the bind succeeds or says why
     raise zmq.ZMQError(errno.EADDRINUSE)  # the connection was accepted
 
 

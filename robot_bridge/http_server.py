@@ -21,6 +21,7 @@ import asyncio
 import logging
 import math
 import socket
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -345,7 +346,10 @@ class HttpEndpoint:
             raise MessageError(ErrorCode.MALFORMED, "body", f"the client left after {size} bytes") from None
         except asyncio.CancelledError:
             # The shutdown window ended while the body was still arriving: uvicorn cancels the request, which then
-            # ends as a refusal in the usual form instead of a traceback and a bare 500.
+            # ends as a refusal in the usual form instead of a traceback and a bare 500 (the cancellation handled).
+            task = asyncio.current_task()
+            if task is not None and sys.version_info >= (3, 11):  # the count of requested cancellations
+                task.uncancel()
             raise MessageError(
                 ErrorCode.SHUTTING_DOWN, "body", "the server shut down before the body arrived"
             ) from None

@@ -484,14 +484,9 @@ class PolicyServer:
                 self._post(_Answer(job, _shutting_down(job, "the server stopped before this request ran")))
             self._pending.clear()
             self._work_ready.notify_all()  # the worker returns once its current job, if any, is done
-        if self._inferring():  # say why the process does not exit at once
-            logger.info(
-                "stopping: %d waiting request(s) answered shutting_down; the one being computed has up to %.1f s",
-                waiting,
-                self._config.shutdown_timeout_s,
-            )
-        else:
-            logger.info("stopping: %d waiting request(s) answered shutting_down", waiting)
+        window = self._config.shutdown_timeout_s  # why the process may not exit at once: the request being computed
+        computing = f"; the one being computed has up to {window:.1f} s" if self._inferring() else ""
+        logger.info("stopping: %d waiting request(s) answered shutting_down%s", waiting, computing)
         self._poll_until(poller, time.monotonic() + self._config.shutdown_timeout_s, self._inferring)
         if not self._answer_overdue() and self._worker is not None:
             self._worker.join(self._config.shutdown_timeout_s)  # it has nothing left to do but return

@@ -207,4 +207,4 @@ class ThreadedChunkSource:
             assert request is not None
             outcome = request_chunk(self._client, self._params, request)
             with self._cond:
-                self._outcome = outcome  # `submit` waits for the previous one to be polled: none is overwritten
+                self._outcome = outcome  # `submit` refuses until the previous one is polled: none is overwritten
