@@ -210,7 +210,7 @@ def test_a_malformed_observation_is_refused_before_sending() -> None:
         (float_image, obs.proprio, "image/cam_high: expected dtype uint8, got float32"),
         (obs.images, np.array(["0.5"] * 14), "proprio: expected numbers, got dtype <U3"),
         (obs.images, [[1.0], [2.0, 3.0]], "proprio: expected numbers, got list"),
-        (obs.images, np.full(14, 1e300), "proprio: expected finite values"),
+        (obs.images, np.full(14, 1e300), "proprio: expected values within float32's range"),
     ]
     with PolicyClient("tcp://127.0.0.1:9", timeout_s=TIMEOUT_S) as client:  # nobody there: refused, or a timeout
         for images, proprio, message in cases:
