@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource, ModelSource
 from cosmos_edge.runtime.engines.registry import load_torch_backend
 from cosmos_edge.runtime.errors import ConfigError
-from cosmos_edge.runtime.precision import COMPILE_SCOPES, compile_mode, cuda_graphs, default_precision
+from cosmos_edge.runtime.precision import COMPILE_SCOPES, compile_mode
 
 _OFFICIAL_FILES = {
     "--checkpoint": "checkpoint",
@@ -72,27 +72,25 @@ def model_source(
         raise ConfigError(f"expected --bundle, or the official files and --platform (torch); missing {missing}")
     if args.backend not in (None, "torch"):
         raise ConfigError(f"--backend {args.backend}: runs a --bundle; the official files run on torch")
-    targets = list(devices) or ["cpu"]
     _check_torch_devices(device_flag, devices)
     faster = {"--compile": args.compile, "--cuda-graphs": args.cuda_graphs}
     faster[f"--compile-scope {args.compile_scope}"] = args.compile_scope is not None
     if reference and (given := [flag for flag, on in faster.items() if on]):
         raise ConfigError(f"{given[0]}: --reference runs the official path uncompiled, without graphs; drop one")
-    compiling = None if reference else compile_mode(args.compile, targets)
-    if args.compile_scope is not None and compiling is None:
+    if args.compile_scope is not None and compile_mode(args.compile, list(devices) or ["cpu"]) is None:
         raise ConfigError(
             f"--compile-scope {args.compile_scope}: compilation is off (--no-compile, or the CPU default); "
             "add --compile"
         )
-    files = CheckpointFiles(args.checkpoint, args.tokenizer, args.stats, args.text_embeddings, args.platform)
-    return CheckpointSource(
-        files,
+    return CheckpointSource.for_devices(
+        CheckpointFiles(args.checkpoint, args.tokenizer, args.stats, args.text_embeddings, args.platform),
+        devices,
         planning_checkpoint=args.planning_checkpoint,
-        precision=args.precision or default_precision(targets),
-        compile_mode=compiling,
+        precision=args.precision,
+        compile=args.compile,
         compile_scope=args.compile_scope or "model",
-        encode_full_sequence=reference,
-        cuda_graphs=False if reference else cuda_graphs(args.cuda_graphs, targets),
+        cuda_graphs=args.cuda_graphs,
+        reference=reference,
     )
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cosmos_edge.runtime import precision as defaults
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.precision import PRECISIONS, check_compile_scope
@@ -42,6 +44,38 @@ class CheckpointSource:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
         check_compile_scope(self.compile_scope)
+
+    @classmethod
+    def for_devices(
+        cls,
+        files: CheckpointFiles,
+        devices: Sequence[str],
+        *,
+        planning_checkpoint: Path | None = None,
+        precision: str | None = None,
+        compile: bool | None = None,
+        compile_scope: str = "model",
+        cuda_graphs: bool | None = None,
+        reference: bool = False,
+    ) -> CheckpointSource:
+        """The source `act` and `serve` open for `devices` (empty: the CPU): each option left None takes their
+        default for those devices (bf16, compiled and replayed from CUDA graphs on CUDA; fp32, eager on the CPU).
+        `reference`: the official whole-sequence path, uncompiled, without graphs (`act --reference`)."""
+        if reference and (compile or cuda_graphs):
+            raise ConfigError(
+                f"reference: runs the official path uncompiled, without graphs; got compile={compile}, "
+                f"cuda_graphs={cuda_graphs}"
+            )
+        targets = list(devices) or ["cpu"]
+        return cls(
+            files,
+            planning_checkpoint=planning_checkpoint,
+            precision=precision or defaults.default_precision(targets),
+            compile_mode=None if reference else defaults.compile_mode(compile, targets),
+            compile_scope=compile_scope,
+            encode_full_sequence=reference,
+            cuda_graphs=False if reference else defaults.cuda_graphs(cuda_graphs, targets),
+        )
 
 
 @dataclass(frozen=True)

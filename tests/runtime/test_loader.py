@@ -17,10 +17,11 @@ from cosmos_edge.runtime.bundle import loader
 from cosmos_edge.runtime.bundle.loader import load_policies, replays_cuda_graphs
 from cosmos_edge.runtime.bundle.manifest import Bundle
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource
+from cosmos_edge.runtime.engines import torch_networks
 from cosmos_edge.runtime.engines.graph import dit_graph
 from cosmos_edge.runtime.engines.graph_networks import GraphDenoisingNetwork, batch_slices
 from cosmos_edge.runtime.engines.registry import load_graph_backend
-from cosmos_edge.runtime.errors import EngineError
+from cosmos_edge.runtime.errors import ConfigError, EngineError
 from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult
 from cosmos_edge.runtime.policy.normalization import DatasetStats
@@ -279,6 +280,18 @@ def test_a_dit_that_replays_cuda_graphs_is_warmed_up_with_the_default_steps(
     assert not replays_cuda_graphs(CheckpointSource(files))
     assert warm_up_steps(files, True, monkeypatch) == [platform_spec("aloha").default_action_steps]
     assert warm_up_steps(files, False, monkeypatch) == [1]
+
+
+def test_cuda_graphs_on_a_cpu_device_are_refused_before_any_weights_are_read(
+    tiny_assets: dict[str, CheckpointFiles], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A source made for CUDA (CheckpointSource.for_devices) loaded without its devices would default to the CPU.
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("weights read before the devices were checked")
+
+    monkeypatch.setattr(torch_networks, "load_wan_vae", no_loading)
+    with pytest.raises(ConfigError, match=r"cuda_graphs: CUDA graphs need CUDA devices; got devices \['cpu'\]"):
+        load_policies(CheckpointSource(tiny_assets["aloha"], cuda_graphs=True))
 
 
 def test_fp16_on_the_cpu_is_warned_of(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from cosmos_edge.runtime.bundle.sources import CheckpointFiles, CheckpointSource
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.precision import compile_mode, cuda_graphs, default_precision
 
@@ -21,3 +24,18 @@ def test_cuda_graphs_follow_the_flag_and_are_refused_off_cuda() -> None:
     assert not cuda_graphs(None, ["cuda:0", "cpu"])
     with pytest.raises(ConfigError, match=r"--cuda-graphs: CUDA graphs need CUDA devices; got \['cuda:0', 'cpu'\]"):
         cuda_graphs(True, ["cuda:0", "cpu"])
+
+
+def test_a_checkpoint_source_for_devices_takes_the_commands_defaults() -> None:
+    files = CheckpointFiles(Path("dit.pt"), Path("tokenizer.pth"), Path("stats.json"), Path("t5.safetensors"), "aloha")
+    on_cuda = CheckpointSource.for_devices(files, ["cuda:0", "cuda:1"])
+    assert (on_cuda.precision, on_cuda.compile_mode, on_cuda.cuda_graphs) == ("bf16", "default", True)
+    on_cpu = CheckpointSource.for_devices(files, [])
+    assert (on_cpu.precision, on_cpu.compile_mode, on_cpu.cuda_graphs) == ("fp32", None, False)
+    chosen = CheckpointSource.for_devices(files, ["cuda:0"], precision="fp32", compile=False, cuda_graphs=False)
+    assert (chosen.precision, chosen.compile_mode, chosen.cuda_graphs) == ("fp32", None, False)
+    reference = CheckpointSource.for_devices(files, ["cuda:0"], reference=True)
+    assert (reference.precision, reference.compile_mode, reference.cuda_graphs) == ("bf16", None, False)
+    assert reference.encode_full_sequence and not on_cuda.encode_full_sequence
+    with pytest.raises(ConfigError, match="reference: runs the official path uncompiled, without graphs; got compile="):
+        CheckpointSource.for_devices(files, ["cuda:0"], reference=True, compile=True)
