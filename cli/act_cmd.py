@@ -15,11 +15,12 @@ from cosmos_edge.cli.arg_types import int_in_range
 from cosmos_edge.cli.model_source import add_compile_arguments, model_source
 from cosmos_edge.cli.npz_files import output_path, read_observation, write_npz
 from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config, planning_flags_given
+from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_images
 from cosmos_edge.runtime.bundle.loader import load_policies, planning_candidates, source_platform, source_stats
 from cosmos_edge.runtime.bundle.sources import CheckpointSource, ModelSource
 from cosmos_edge.runtime.engines.registry import GRAPH_BACKENDS
 from cosmos_edge.runtime.errors import ConfigError, InputError
-from cosmos_edge.runtime.platforms import PLATFORMS
+from cosmos_edge.runtime.platforms import IMAGE_SIZE, PLATFORMS
 from cosmos_edge.runtime.policy.api import (
     MAX_DENOISING_STEPS,
     MAX_SEED,
@@ -57,7 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         required=True,
         help="npz: one uint8 HxWx3 array per camera, named as the platform's ("
         + "; ".join(f"{name}: {', '.join(spec.cameras)}" for name, spec in sorted(PLATFORMS.items()))
-        + "), and `proprio`",
+        + "), and `proprio`; ALOHA frames of another size than 224x224 are resized as the official client does "
+        "(Pillow bicubic to 256x256, then 224x224)",
     )
     parser.add_argument("--task", required=True, help="the instruction, exactly as in the embeddings file")
     parser.add_argument(
@@ -117,7 +119,7 @@ def _act(args: argparse.Namespace) -> int:
     out = None if args.out is None else output_path("--out", args.out)
     devices = [args.device] if args.device else None
     source = model_source(args, devices or [], device_flag="--device", reference=args.reference)
-    _check_observation(source, observation, args.observation)
+    observation = _official_observation(source, observation, args.observation)
     planning = None
     if args.mode != "planning" and (given := planning_flags_given(args) + _planning_only_flags(args)):
         raise ConfigError(
@@ -169,12 +171,23 @@ def _act(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_observation(source: ModelSource, observation: Observation, path: Path) -> None:
-    """The observation's cameras and proprio against the model's platform and statistics, before the networks load
-    (a minute for the 2B model); the policy checks them again, as every query."""
+def _official_observation(source: ModelSource, observation: Observation, path: Path) -> Observation:
+    """The observation, its cameras and proprio checked against the model's platform and statistics before the
+    networks load (a minute for the 2B model; the policy checks them again, as every query). ALOHA camera frames of
+    another size than 224×224 are resized as the official client resizes them before its server sees them (LIBERO
+    and RoboCasa are evaluated in-process, on their frames as they are)."""
+    platform = source_platform(source)
     with _naming_the_observation(path):
-        check_cameras(source_platform(source), observation.images)
+        check_cameras(platform, observation.images)
         source_stats(source).normalize_proprio(np.asarray(observation.proprio))
+    if platform.name != "aloha":
+        return observation
+    images, resized = aloha_wire_images(observation.images)
+    if resized:
+        _LOG.info(
+            "observation: resizing %s to %dx%d, as the official ALOHA client does", resized, IMAGE_SIZE, IMAGE_SIZE
+        )
+    return Observation(images, observation.proprio)
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from cosmos_edge.cli.npz_files import output_path, read_observation, write_npz
 from cosmos_edge.robot_bridge.client import PolicyClient
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, load_public_key
 from cosmos_edge.robot_bridge.protocol import MessageError
-from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_image, check_camera_frame
+from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_images
 from cosmos_edge.robot_bridge.wire import wire_proprio
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE
@@ -200,19 +200,13 @@ def _wire_observation(path: Path) -> Observation:
     observation = read_observation(path)
     try:
         proprio = wire_proprio(observation.proprio)
-        frames = {camera: check_camera_frame(camera, frame) for camera, frame in observation.images.items()}
+        images, resized = aloha_wire_images(observation.images)
     except (InputError, MessageError) as error:
         raise InputError(f"observation: {path}: {error}") from None
-    if not frames:
+    if not images:
         raise InputError(f"observation: {path}: no camera images; expected one uint8 HxWx3 array per camera")
-    wire = (IMAGE_SIZE, IMAGE_SIZE)
-    resized = {camera: frame.shape[:2] for camera, frame in frames.items() if frame.shape[:2] != wire}
     if resized:
-        sizes = ", ".join(f"{camera} {height}x{width}" for camera, (height, width) in resized.items())
-        _LOG.info("observation: resizing %s to %dx%d, as the controller does", sizes, *wire)
-    images = {
-        camera: aloha_wire_image(camera, frame) if camera in resized else frame for camera, frame in frames.items()
-    }
+        _LOG.info("observation: resizing %s to %dx%d, as the controller does", resized, IMAGE_SIZE, IMAGE_SIZE)
     return Observation(images=images, proprio=proprio)
 
 

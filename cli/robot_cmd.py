@@ -69,7 +69,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--duration-s", type=positive_seconds, help="stop after this long (default: at Ctrl-C)")
     parser.add_argument(
-        "--control-rate-hz", type=positive_hertz, default=25.0, help="commands per second (Cosmos Policy ALOHA: 25)"
+        "--control-rate-hz",
+        type=positive_hertz,
+        help="commands per second (default: the server's, the rate its policy was trained at: 25 for ALOHA); a "
+        "faster one is refused (the arms would move faster than trained), a slower one slows them down",
     )
     parser.add_argument(
         "--blend",
@@ -87,10 +90,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _robot(args: argparse.Namespace) -> int:
     make_env = _env_factory(args.env)
-    executor_config = ExecutorConfig(control_rate_hz=args.control_rate_hz, blend=BlendConfig(BlendScheme(args.blend)))
     params = ActParams(args.task, mode=args.mode, seed=args.seed, steps=args.steps)
     with sigterm_interrupts(), connect(args, _REQUEST_TIMEOUT_S) as client:  # until the run takes the signals over
-        _check_server(client.metadata(), args)  # before the arms move: a server that could not drive them
+        metadata = client.metadata()
+        _check_server(metadata, args)  # before the arms move: a server that could not drive them
+        rate_hz = _control_rate_hz(args.control_rate_hz, metadata.control_rate_hz)
+        executor_config = ExecutorConfig(control_rate_hz=rate_hz, blend=BlendConfig(BlendScheme(args.blend)))
         robot = AlohaWireCameras(_connect_robot(make_env, args))
         safety = SafetyFilter(SafetyConfig())
         with ThreadedChunkSource(client, params) as source:
@@ -141,6 +146,21 @@ def _check_server(metadata: ServerMetadata, args: argparse.Namespace) -> None:
         raise ConfigError(f"--task {args.task!r}: the server has no embedding for it; it knows {known}")
     if args.mode is not None and args.mode not in metadata.modes:
         raise ConfigError(f"--mode {args.mode}: the server serves {list(metadata.modes)}")
+
+
+def _control_rate_hz(requested: float | None, trained: float) -> float:
+    """The command rate: the server's policy's own unless asked; a chunk played faster moves the arms faster than
+    the policy was trained to (and lets the safety filter's per-tick limit through faster)."""
+    if requested is None:
+        return trained
+    if requested > trained:
+        raise ConfigError(
+            f"--control-rate-hz {requested:g}: faster than the {trained:g} Hz the server's policy was trained at (its "
+            f"chunks would move the arms {requested / trained:.2g}x as fast); omit the flag or give at most {trained:g}"
+        )
+    if requested < trained:
+        print(f"playing the chunks at {requested:g} Hz, slower than the policy's {trained:g} Hz: the arms move slower")
+    return requested
 
 
 def _env_factory(spec: str) -> Callable[..., RealEnvLike]:

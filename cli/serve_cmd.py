@@ -159,7 +159,7 @@ def http_config(args: argparse.Namespace) -> HttpConfig | None:
         host,
         port,
         insecure_bind_all=args.http_insecure_bind_all,
-        max_body_bytes=round(args.max_message_mb * _MIB),
+        max_body_bytes=max(1, round(args.max_message_mb * _MIB)),
         shutdown_timeout_s=args.shutdown_timeout_s,
     )
 

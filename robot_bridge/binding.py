@@ -16,7 +16,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from cosmos_edge.robot_bridge.curve import ServerCurve, start_authenticator
-from cosmos_edge.robot_bridge.endpoints import parse_endpoint
+from cosmos_edge.robot_bridge.endpoints import is_ipv6, parse_endpoint
 from cosmos_edge.robot_bridge.protocol import WireLimits
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE
@@ -111,6 +111,7 @@ class BoundRouter:
             # libzmq drops a single frame over the whole-message limit without buffering it (and disconnects the
             # peer, so there is no reply); a message whose frames only add up to more is answered with `too_large`.
             router.setsockopt(zmq.MAXMSGSIZE, config.limits.max_message_bytes)
+            router.setsockopt(zmq.IPV6, int(is_ipv6(parse_endpoint(config.endpoint, wildcard_port=True))))
             if config.curve is not None:
                 authenticator = start_authenticator(context, config.curve)
                 router.curve_server = True

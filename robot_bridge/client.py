@@ -23,7 +23,7 @@ from typing import TypeVar
 import zmq
 
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, check_key
-from cosmos_edge.robot_bridge.endpoints import parse_endpoint
+from cosmos_edge.robot_bridge.endpoints import is_ipv6, parse_endpoint
 from cosmos_edge.robot_bridge.protocol import (
     MAX_TIMEOUT_MS,
     ActReply,
@@ -95,7 +95,7 @@ class PolicyClient:
             raise ConfigError("server_public_key and client_keys: CURVE needs both (the server admits listed keys)")
         if server_public_key is not None:
             check_key("server_public_key", server_public_key)
-        parse_endpoint(endpoint, wildcard_port=False)  # refused now, not at the first call
+        self._ipv6 = is_ipv6(parse_endpoint(endpoint, wildcard_port=False))  # refused now, not at the first call
         self._endpoint = endpoint
         self._timeout_s = timeout_s
         self._server_public_key = server_public_key
@@ -247,6 +247,7 @@ class PolicyClient:
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)  # an unsent request is stale once we give up on it
         socket.setsockopt(zmq.IMMEDIATE, 1)  # queue only to a live connection, never for a server that is down
+        socket.setsockopt(zmq.IPV6, int(self._ipv6))
         if self._client_keys is not None:
             socket.curve_serverkey = self._server_public_key
             socket.curve_publickey = self._client_keys.public

@@ -26,7 +26,16 @@ def parse_endpoint(endpoint: str, *, wildcard_port: bool) -> Endpoint:
     host, _, port = address.rpartition(":")
     # libzmq takes a TCP port modulo 65536: tcp://localhost:99999 would quietly use port 34463.
     valid_port = (port.isdigit() and int(port) <= 65535) or (wildcard_port and port == "*")
-    if not host or not valid_port:
+    bracketed = host.startswith("[") and host.endswith("]") and len(host) > 2
+    valid_host = bracketed or (host and "[" not in host and "]" not in host and ":" not in host)
+    if not valid_host or not valid_port:
         ports = "a port in 0..65535" + (" or '*'" if wildcard_port else "")
-        raise ConfigError(f"endpoint: expected tcp://HOST:PORT with {ports}, got {endpoint!r}")
-    return Endpoint(scheme, host.strip("[]"), port)
+        raise ConfigError(
+            f"endpoint: expected tcp://HOST:PORT with {ports} (an IPv6 address in brackets), got {endpoint!r}"
+        )
+    return Endpoint(scheme, host[1:-1] if bracketed else host, port)
+
+
+def is_ipv6(endpoint: Endpoint) -> bool:
+    """Whether a socket needs ZeroMQ's IPv6 option for `endpoint` (its host is an IPv6 address)."""
+    return ":" in endpoint.host

@@ -38,7 +38,7 @@ from starlette.routing import Route
 
 from cosmos_edge.robot_bridge.binding import check_shutdown_timeout, is_local_endpoint
 from cosmos_edge.robot_bridge.json_arrays import COMPACT, parse_json
-from cosmos_edge.robot_bridge.log_limits import RateLimitedLog
+from cosmos_edge.robot_bridge.log_limits import RateLimitedLog, peer_text
 from cosmos_edge.robot_bridge.official_act import (
     CAMERAS,
     OfficialQuery,
@@ -257,7 +257,7 @@ class HttpEndpoint:
                 request_id,
                 _STATUS[error.code],
                 error.code.value,
-                error.field,
+                peer_text(error.field),
                 ms_since(started),
             )
             return _error_response(error)
@@ -313,7 +313,10 @@ class HttpEndpoint:
                 "act": "POST /act, the official Cosmos Policy ALOHA format (json_numpy arrays)",
                 "cameras": dict(CAMERAS),
             },
-            "zeromq": {"endpoint": self._server.endpoint, "protocol_version": PROTOCOL_VERSION},
+            # None when the ZeroMQ socket is in-process only (`serve --endpoint none`): nothing outside can reach it.
+            "zeromq": None
+            if self._server.endpoint.startswith("inproc://")
+            else {"endpoint": self._server.endpoint, "protocol_version": PROTOCOL_VERSION},
         }
         return _json(content)
 

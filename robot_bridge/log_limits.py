@@ -1,10 +1,24 @@
-"""A log for what a hostile peer can make the server say: at most one line per peer per window, then a count."""
+"""A log for what a hostile peer can make the server say: at most one line per peer per window, then a count; and
+text from a peer made safe to put in a log line."""
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
+
+_PLAIN = re.compile(r"[A-Za-z0-9_./\[\]-]{0,64}")  # what the protocol's own field names look like
+_QUOTED_CHARS = 64
+
+
+def peer_text(text: str) -> str:
+    """`text` as it may appear in a log line: as is when it looks like a field name, otherwise quoted (newlines and
+    control characters escaped, so a peer cannot forge a line) and cut to 64 characters."""
+    if _PLAIN.fullmatch(text):
+        return text
+    shown = repr(text[:_QUOTED_CHARS])
+    return shown + "..." if len(text) > _QUOTED_CHARS else shown
 
 
 class RateLimitedLog:

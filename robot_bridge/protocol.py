@@ -359,7 +359,10 @@ def _joint_limits(value: object, action_dim: int) -> tuple[tuple[float, float], 
     limits = []
     for index, pair in enumerate(pairs):
         field = f"joint_limits[{index}]"
-        lower, upper = (check_float(field, bound) for bound in check_sequence(field, pair, 2))
+        bounds = check_sequence(field, pair, 2)
+        if len(bounds) != 2:
+            raise invalid(field, f"expected a (lower, upper) pair, got {len(bounds)} values")
+        lower, upper = (check_float(field, bound) for bound in bounds)
         if not lower < upper:
             raise invalid(field, f"expected lower < upper, got ({lower}, {upper})")
         limits.append((lower, upper))

@@ -9,8 +9,9 @@ the context (and the port) open. So the server stays responsive while a chunk is
 The queue keeps at most one waiting `act` per controller (ROUTER identity): a newer observation replaces the one still
 waiting, which is answered with a `superseded` error so its sender is not left hanging. Controllers are served in
 arrival order, and at most `max_pending` may wait at once. A request whose deadline (`timeout_ms`) passes while it
-waits is answered `expired` and never computed: its sender has given up. Anything malformed or rejected gets an
-`error` reply and the server carries on.
+waits is answered `expired` and never computed: its sender has given up. So is, as `overloaded`, an `act` that
+arrived before serving began (while the process loaded its models): its sender may be long gone. Anything malformed
+or rejected gets an `error` reply and the server carries on.
 
 Every queued request is answered exactly once: whoever takes it out of the queue (the worker, a newer observation, the
 shutdown) or takes the running one back (the worker, or the end of the shutdown window) answers it, under the lock.
@@ -42,7 +43,7 @@ import numpy as np
 import zmq
 
 from cosmos_edge.robot_bridge.binding import FLUSH_MS, BoundRouter, ServerConfig
-from cosmos_edge.robot_bridge.log_limits import RateLimitedLog
+from cosmos_edge.robot_bridge.log_limits import RateLimitedLog, peer_text
 from cosmos_edge.robot_bridge.protocol import (
     ActReply,
     ActRequest,
@@ -81,6 +82,7 @@ _RECEIVE_BATCH = 64  # requests taken per wake-up before replies are forwarded a
 _REPLY_GRACE_S = 0.5  # many times what a client blocked in poll needs to read it, even on a loaded machine
 _WAKE_BYTES = 4096  # wake-up bytes read at once; any number of them means "look at the outbox"
 _SUGGESTIONS = 3  # known instructions named when one is unknown
+_START_TIMEOUT_S = 30.0  # `serving_in_thread`: from the thread's start to queueing requests (no model loads there)
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,8 @@ class PolicyServer:
         self._running: _Job | None = None  # taken by the worker; answered by whoever takes it back
         self._outbox: deque[_Answer] = deque()  # answers for the I/O thread to deliver
         self._stopping = threading.Event()
+        self._before_serving = False  # set while the requests queued before `serve_forever` are answered
+        self._accepting = threading.Event()  # set once those are answered: an `act` from then on is queued
         self._idle = threading.Event()  # clear while serve_forever runs
         self._idle.set()
         self._router = router
@@ -224,6 +228,8 @@ class PolicyServer:
         poller.register(self._router.socket, zmq.POLLIN)
         poller.register(self._wake[0], zmq.POLLIN)
         self._idle.clear()
+        self._refuse_acts_queued_before_serving()
+        self._accepting.set()
         # Daemonic: a policy call that outlives the shutdown window must not keep the process alive.
         self._worker = threading.Thread(target=self._work, name="policy-worker", daemon=True)
         self._worker.start()
@@ -232,6 +238,7 @@ class PolicyServer:
                 self._poll(poller, _POLL_MS)
         finally:
             self._stopping.set()  # also after an error above: nothing more may be queued
+            self._accepting.clear()
             try:
                 self._drain(poller)
             finally:
@@ -241,6 +248,10 @@ class PolicyServer:
         if self._worker_failure is not None:
             failure = type(self._worker_failure).__name__
             raise EngineError(f"the policy worker died ({failure}); the server stopped, see its log")
+
+    def wait_until_accepting(self, timeout_s: float) -> bool:
+        """Waits until `serve_forever` queues `act` requests (those sent before are answered `overloaded`)."""
+        return self._accepting.wait(timeout_s)
 
     def stop(self) -> None:
         """Asks `serve_forever` to return. Only sets a flag, so it is safe in a signal handler."""
@@ -285,14 +296,27 @@ class PolicyServer:
             self._receive_requests()
         self._peer_log.tick()
 
-    def _receive_requests(self) -> None:
+    def _receive_requests(self) -> bool:
+        """Handles what has arrived, up to a batch; True when it took a whole batch (more may be waiting)."""
         assert self._router is not None
         for _ in range(_RECEIVE_BATCH):
             try:
                 identity, *frames = self._router.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                return False
             self._handle(identity.bytes, frames)
+        return True
+
+    def _refuse_acts_queued_before_serving(self) -> None:
+        """Answers what arrived before serving began: `serve` binds its socket before it loads the models (minutes
+        for a 2B DiT), and an `act` sent meanwhile may have been given up by its sender long ago. Each is answered
+        `overloaded`, which `PolicyClient` retries within its deadline, instead of being computed."""
+        self._before_serving = True
+        try:
+            while self._receive_requests():
+                pass
+        finally:
+            self._before_serving = False
 
     def _handle(self, identity: bytes, frames: list[zmq.Frame]) -> None:
         receive_ns = time.time_ns()
@@ -302,6 +326,9 @@ class PolicyServer:
             request = decode_request(frames, self._config.limits)
             if isinstance(request, ActRequest):
                 mode = self._act_mode(request)
+                if self._before_serving:
+                    detail = "arrived while the server was starting (loading its models); ask again"
+                    raise MessageError(ErrorCode.OVERLOADED, "", detail, request.request_id)
                 self._enqueue(_Job(identity, request, mode, receive_ns, started, ms_since(started), peer))
                 return
             reply: ServerMetadata | Pong | ModeSet
@@ -320,7 +347,7 @@ class PolicyServer:
                 peer,
                 error.request_id,
                 error.code.value,
-                error.field,
+                peer_text(error.field),
                 ms_since(started),
             )
             return
@@ -689,6 +716,8 @@ def serving_in_thread(server: PolicyServer) -> Iterator[str]:
     thread = threading.Thread(target=server.serve_forever, name="policy-server", daemon=True)
     thread.start()
     try:
+        if not server.wait_until_accepting(_START_TIMEOUT_S):
+            raise EngineError(f"the policy server did not start serving within {_START_TIMEOUT_S:.0f} s")
         yield endpoint
     finally:
         server.stop()

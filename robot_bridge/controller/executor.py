@@ -78,7 +78,8 @@ class ExecutorConfig:
     """Timing, prefetch and bookkeeping settings of `ChunkExecutor`.
 
     Args:
-    control_rate_hz: command rate (default 25, the rate Cosmos Policy ALOHA was trained at; 50 also works).
+    control_rate_hz: command rate (default 25, the rate Cosmos Policy ALOHA was trained at: a chunk's actions are
+        that far apart).
     prefetch_threshold: request the next chunk once at most this many actions of the current one remain
         (default 25 = half of a 50-action chunk); with `adaptive_prefetch` it rises to cover the measured round
         trip times `latency_margin`.

@@ -6,6 +6,8 @@ The official client resizes each frame to 256×256 (PIL bicubic, the size of the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 from PIL import Image
 
@@ -33,6 +35,19 @@ def aloha_wire_image(camera: str, frame: np.ndarray) -> np.ndarray:
     for size in (ALOHA_FRAME_SIZE, IMAGE_SIZE):
         image = image.resize((size, size), resample=Image.Resampling.BICUBIC)
     return np.asarray(image)
+
+
+def aloha_wire_images(frames: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
+    """Each camera frame as the official client sends it (224×224 frames as they are, others by `aloha_wire_image`),
+    and the sizes it resized, for a log line ("" when none)."""
+    wire = (IMAGE_SIZE, IMAGE_SIZE)
+    checked = {camera: check_camera_frame(camera, frame) for camera, frame in frames.items()}
+    resized = [camera for camera, frame in checked.items() if frame.shape[:2] != wire]
+    images = {
+        camera: aloha_wire_image(camera, frame) if camera in resized else frame for camera, frame in checked.items()
+    }
+    sizes = ", ".join(f"{camera} {checked[camera].shape[0]}x{checked[camera].shape[1]}" for camera in resized)
+    return images, sizes
 
 
 class AlohaWireCameras:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeAlias
 
@@ -75,16 +74,18 @@ class CapturedCall:
 
 
 class CapturedCalls:
-    """Captured calls by key (the shapes, or the timesteps, that fix what a call launches); the `limit` most recently
-    used are kept. They take their memory from `pool` (`torch.cuda.graph_pool_handle()`), which the captures of one
-    network share: its calls never overlap (one stream, one caller at a time), so a capture's scratch memory can be
-    every capture's. A capture that fails (a kernel that cannot be captured on this torch or driver) is logged, and
-    these calls run plainly from then on: slower, not wrong."""
+    """Captured calls by key (the shapes, or the timesteps, that fix what a call launches), up to `limit` keys, the
+    first met; calls of later keys run plainly. (Keeping the most recently used instead would capture on every call
+    of a query cycling through more keys than the limit, each capture evicting a key the query needs next.) They
+    take their memory from `pool` (`torch.cuda.graph_pool_handle()`), which the captures of one network share: its
+    calls never overlap (one stream, one caller at a time), so a capture's scratch memory can be every capture's. A
+    capture that fails (a kernel that cannot be captured on this torch or driver) is logged, and these calls run
+    plainly from then on: slower, not wrong."""
 
     def __init__(self, limit: int, pool: GraphPool) -> None:
         self._limit = limit
         self._pool = pool
-        self._calls: OrderedDict[Hashable, CapturedCall] = OrderedDict()
+        self._calls: dict[Hashable, CapturedCall] = {}
         self._plain = False
 
     def __call__(
@@ -94,16 +95,15 @@ class CapturedCalls:
         as `CapturedCall`'s)."""
         if self._plain:
             return function(*inputs)
-        call = self._calls.pop(key, None)
+        call = self._calls.get(key)
         if call is None:
+            if len(self._calls) >= self._limit:
+                return function(*inputs)
             try:
-                call = CapturedCall(function, inputs, self._pool, holds)
+                call = self._calls[key] = CapturedCall(function, inputs, self._pool, holds)
             except RuntimeError as error:
                 _LOG.warning("CUDA graph capture failed, running these calls without graphs from now on: %s", error)
                 self._plain = True
                 self._calls.clear()
                 return function(*inputs)
-        self._calls[key] = call  # most recently used last
-        while len(self._calls) > self._limit:
-            del self._calls[next(iter(self._calls))]
         return call(*inputs)

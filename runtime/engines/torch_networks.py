@@ -152,7 +152,9 @@ class TorchAutoencoder:
 # Distinct batch-1 timesteps whose adaLN vectors are kept: every call of a reactive query of up to 24 denoising steps
 # (ALOHA's default is 10), or of planning under a deadline without batched passes (the CPU), which scores one
 # candidate at a time (10 action, 5 world model and 5 value steps with the main configuration). Each set is
-# 9 x num_blocks vectors per latent frame: 11 MB for the 2B DiT in bf16, ALOHA; kept only once used.
+# 9 x num_blocks vectors per latent frame: 11 MB for the 2B DiT in bf16, ALOHA; kept only once used. With CUDA graphs,
+# also how many batch-1 timesteps are captured: the first met (the warm-up's default steps among them), later ones
+# run without a graph.
 MODULATION_SETS_KEPT = 24
 
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError
-from cosmos_edge.runtime.platforms import LATENT_CHANNELS, LATENT_SIZE
+from cosmos_edge.runtime.platforms import LATENT_CHANNELS, LATENT_SIZE, PlatformSpec
 from cosmos_edge.runtime.policy.api import (
     MAX_SEED,
     ActionQuery,
@@ -150,7 +150,7 @@ class _Search:
         """Ranks the candidates of the action samples `actions` by the configured passes."""
         config = self.config
         if not config.scores_with_planning_model:
-            value = read_values(self.model.platform, actions)
+            value = _ranking_values(self.model.platform, actions)
             return CandidateScores(actions, value, value[:, None])
         if not config.ar_value_prediction:  # Q(s, a): valued from the action pass itself
             (value,) = self._values([[actions]])
@@ -190,7 +190,8 @@ class _Search:
             members = list(enumerate(config.value_steps()))
         passes = [_Pass(state, k, steps) for states in state_groups for state in states for k, steps in members]
         platform, scheme = self.model.platform, config.value_ensemble_aggregation_scheme
-        values = iter([read_values(platform, sample) for sample in self._run(self.planner, config.value_mode, passes)])
+        samples = self._run(self.planner, config.value_mode, passes)
+        values = iter([_ranking_values(platform, sample) for sample in samples])
         groups = []
         for states in state_groups:
             pooled = np.stack([next(values) for _ in range(len(states) * len(members))], axis=1)
@@ -285,6 +286,13 @@ def _rank(
     chosen = finite[select_best_candidate(ranked, base_index=base)]
     outcome = PlanningOutcome.COMPLETE if len(indices) == num_candidates else PlanningOutcome.BEST_SO_FAR
     return _Ranked(latents, values, by_depth, computed, chosen, outcome, float(values[chosen]), scored[chosen].states)
+
+
+def _ranking_values(platform: PlatformSpec, latents: np.ndarray) -> np.ndarray:
+    """`read_values` of samples "b c t h w", NaN where the value slot holds a value that is not finite: the official
+    clip reads +inf as 1 (the best value), so a network's failure would win the choice instead of being ranked out."""
+    finite = np.isfinite(latents[:, :, platform.value_slot]).reshape(len(latents), -1).all(axis=1)
+    return np.where(finite, read_values(platform, latents), np.float32(np.nan))
 
 
 def _pooled(values: np.ndarray, scheme: ValueAggregation) -> float:

@@ -125,6 +125,8 @@ def encode_observation(
     if not isinstance(observation, Observation):
         raise InputError(f"observation: expected an Observation, got {type(observation).__name__}")
     proprio = model.stats.normalize_proprio(observation.proprio)
+    if proprio.shape != (platform.proprio_dim,):  # a history or a batch would be tiled into the slot without a word
+        raise InputError(f"proprio: expected shape ({platform.proprio_dim},), got {proprio.shape}", field="proprio")
     if full_sequence:
         with timer.stage("preprocess"):
             video = latents.build_pixel_video(platform, preprocess_observation_images(platform, observation.images))

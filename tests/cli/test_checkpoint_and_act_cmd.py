@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 
 from cosmos_edge.cli.main import main
+from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_image
+from cosmos_edge.runtime.bundle.sources import CheckpointFiles
 from cosmos_edge.runtime.policy import text_embeddings
+from cosmos_edge.runtime.policy.api import ActionQuery, Observation
 from tests.helpers.observations import random_observation
+from tests.helpers.policies import reference_policy
+
+INSTRUCTION = "put the candy in the bag"  # one of the random ALOHA model's
 
 
 def test_random_then_inspect_reports_the_dit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -91,3 +97,24 @@ def test_a_compiled_act_says_that_its_query_compiles_first(tmp_path: Path, caplo
         assert announcement not in caplog.text
         assert main([*argv, "--compile", "--compile-scope", "blocks"]) == 0
     assert announcement in caplog.text
+
+
+def test_act_resizes_aloha_frames_as_the_official_client_does(
+    tiny_assets: dict[str, CheckpointFiles], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The official ALOHA server sees the client's 224x224 images (480x640 -> 256 -> 224), never the camera's frames.
+    files = tiny_assets["aloha"]
+    observation = random_observation("aloha", height=240, width=320)
+    np.savez(tmp_path / "obs.npz", proprio=observation.proprio, **observation.images)
+    argv = ["act", "--checkpoint", str(files.checkpoint), "--tokenizer", str(files.tokenizer), "--stats"]
+    argv += [str(files.stats), "--text-embeddings", str(files.text_embeddings), "--platform", "aloha"]
+    argv += ["--observation", str(tmp_path / "obs.npz"), "--task", INSTRUCTION, "--steps", "1"]
+    with caplog.at_level(logging.INFO, logger="cosmos_edge.cli"):
+        assert main([*argv, "--out", str(tmp_path / "result.npz")]) == 0
+    assert "resizing cam_left_wrist 240x320, cam_right_wrist 240x320, cam_high 240x320 to 224x224" in caplog.text
+    frames = {camera: aloha_wire_image(camera, frame) for camera, frame in observation.images.items()}
+    wire = Observation(frames, observation.proprio)
+    policy = reference_policy(files, encode_full_sequence=False)
+    expected = policy.infer(ActionQuery(wire, INSTRUCTION, steps=1))
+    with np.load(tmp_path / "result.npz") as result:
+        np.testing.assert_array_equal(result["actions"], expected.actions)

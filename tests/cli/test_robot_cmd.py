@@ -57,6 +57,11 @@ def test_a_signal_holds_the_pose_and_ends_the_run(capsys: pytest.CaptureFixture[
         (["--task", "fold the towel"], "--task 'fold the towel': the server has no embedding for it; it knows"),
         (["--task", INSTRUCTION, "--mode", "dreaming"], "--mode dreaming: the server serves ['reactive']"),
         (
+            ["--task", INSTRUCTION, "--control-rate-hz", "50"],
+            "--control-rate-hz 50: faster than the 25 Hz the server's policy was trained at (its chunks would move "
+            "the arms 2x as fast)",
+        ),
+        (
             ["--task", INSTRUCTION, "--env-kwargs", '{"fail": "no ROS master"}'],
             f"--env {ENV}: failed: RuntimeError: no ROS master",
         ),

@@ -314,6 +314,13 @@ def test_healthz_and_metadata() -> None:
     assert metadata["endpoints"]["zeromq"] == {"endpoint": zmq_endpoint, "protocol_version": 1}
 
 
+def test_metadata_names_no_zeromq_endpoint_when_it_is_in_process_only() -> None:
+    server = PolicyServer(StubPolicy(), ServerConfig("inproc://no-zeromq-endpoint"))
+    with HttpEndpoint(server, HttpConfig(port=0)) as endpoint, serving(server):
+        metadata = requests.get(endpoint.url + "/metadata", timeout=TIMEOUT_S).json()
+    assert metadata["endpoints"]["zeromq"] is None and metadata["endpoints"]["http"]["url"] == endpoint.url
+
+
 def test_listening_beyond_loopback_needs_the_explicit_flag() -> None:
     for host in ("0.0.0.0", "::", "192.168.1.20", "robot.lan"):
         with pytest.raises(ConfigError, match="reachable from other machines"):

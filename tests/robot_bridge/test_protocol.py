@@ -376,6 +376,8 @@ def test_messages_built_locally_are_validated_too() -> None:
         metadata(joint_limits=((0.0, 1.0),))
     with pytest.raises(MessageError, match=r"joint_limits\[0\]: expected lower < upper"):
         metadata(joint_limits=((1.0, 0.0),) * 14)
+    with pytest.raises(MessageError, match=r"joint_limits\[3\]: expected a \(lower, upper\) pair, got 1 values"):
+        metadata(joint_limits=((0.0, 1.0),) * 3 + ((1.0,),) + ((0.0, 1.0),) * 10)
     with pytest.raises(MessageError, match="mode: expected one of"):
         metadata(mode="dreaming")
     with pytest.raises(MessageError, match="code: expected one of"):

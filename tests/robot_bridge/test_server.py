@@ -383,6 +383,20 @@ def test_the_wake_ups_of_answers_are_consumed() -> None:
             server._wake[0].recv(1, socket.MSG_PEEK)
 
 
+def test_a_field_name_sent_by_a_peer_cannot_forge_a_log_line(
+    endpoint: str, context: zmq.Context[zmq.Socket[bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="cosmos_edge.robot_bridge.server")
+    controller = RawController(context, endpoint)
+    header = msgpack.unpackb(PingRequest(9).to_frames()[0])
+    forged = "x\nINFO cosmos_edge.robot_bridge.server: kind=act peer=forged status=ok"
+    controller.send([msgpack.packb({**header, forged: 1})])
+    refused = controller.receive()
+    assert isinstance(refused, ErrorReply) and refused.field == f"header.{forged}"  # the reply names it as sent
+    (line,) = (r.getMessage() for r in caplog.records if r.getMessage().startswith("kind=error"))
+    assert "\n" not in line and "field='header.x\\nINFO cosmos_edge.robot_bridge.server: kind=act peer=for'... " in line
+
+
 def test_one_structured_log_line_per_request(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="cosmos_edge.robot_bridge.server")
     policies = {"reactive": StubPolicy(), "planning": StubPolicy(failure=InputError("proprio: out of range"))}
@@ -763,11 +777,31 @@ def test_joint_limits_reach_the_metadata() -> None:
         assert client.metadata().joint_limits == limits
 
 
-@pytest.mark.parametrize("endpoint", ["tcp://localhost:99999", "tcp://127.0.0.1:-1", "tcp://127.0.0.1"])
-def test_tcp_ports_out_of_range_are_refused(endpoint: str) -> None:
+@pytest.mark.parametrize(
+    "endpoint",
+    ["tcp://localhost:99999", "tcp://127.0.0.1:-1", "tcp://127.0.0.1", "tcp://[::1:5555", "tcp://::1:5555"],
+)
+def test_tcp_ports_out_of_range_and_ipv6_addresses_without_brackets_are_refused(endpoint: str) -> None:
     # libzmq would take 99999 modulo 65536 and quietly bind another port.
     with pytest.raises(ConfigError, match=r"endpoint: expected tcp://HOST:PORT with a port in 0\.\.65535 or '\*'"):
         ServerConfig(endpoint)
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback on this machine")
+def test_a_server_serves_on_ipv6_loopback(policy: StubPolicy) -> None:
+    with serving(PolicyServer(policy, ServerConfig("tcp://[::1]:*"))) as endpoint:
+        assert endpoint.startswith("tcp://[::1]:")
+        with PolicyClient(endpoint, timeout_s=TIMEOUT_S) as client:
+            assert_answers(client.act(observation(1.0), INSTRUCTION, obs_id=1, capture_time_ns=1), 1, 1.0)
 
 
 def test_binding_errors_name_the_endpoint(tmp_path: Path) -> None:
@@ -812,6 +846,23 @@ def test_an_ipc_path_naming_a_file_is_refused_and_the_file_kept(ipc_dir: Path) -
     with pytest.raises(ConfigError, match=f"endpoint: 'ipc://{notes}' names {notes}, which is not a socket"):
         BoundRouter.bind(ServerConfig(f"ipc://{notes}"))
     assert notes.read_text() == "important"
+
+
+def test_an_act_sent_before_serving_began_is_refused_as_overloaded_and_never_computed(
+    context: zmq.Context[zmq.Socket[bytes]], policy: StubPolicy
+) -> None:
+    # `serve` binds its socket before loading the models (minutes): a request sent meanwhile may have been given up.
+    router = BoundRouter.bind(ServerConfig(ENDPOINT))
+    early = RawController(context, router.endpoint)
+    early_id = early.act(1.0)
+    assert router.socket.poll(round(TIMEOUT_S * 1e3), zmq.POLLIN), "the early act never reached the router"
+    with serving(PolicyServer(policy, ServerConfig(ENDPOINT), router=router)):
+        refused = early.receive()
+        assert isinstance(refused, ErrorReply) and refused.request_id == early_id, refused
+        assert refused.code is ErrorCode.OVERLOADED and "arrived while the server was starting" in refused.message
+        assert policy.queries == []
+        later_id = early.act(2.0)
+        assert_answers(early.receive(), later_id, 2.0)
 
 
 def test_a_server_takes_over_a_router_bound_before_it() -> None:

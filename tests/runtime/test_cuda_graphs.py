@@ -31,8 +31,10 @@ def test_a_failed_capture_is_logged_and_its_calls_run_plainly_from_then_on(
     assert "operation not permitted when stream is capturing" in caplog.text
 
 
-def test_captures_are_kept_for_the_most_recently_used_keys(monkeypatch: pytest.MonkeyPatch) -> None:
-    made: list[str] = []
+def test_the_first_keys_up_to_the_limit_are_captured_and_later_ones_run_plainly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[float] = []
 
     class Recorded:
         def __init__(self, function: cuda_graphs.Capture, inputs: list[torch.Tensor], pool: object, holds: object):
@@ -43,9 +45,9 @@ def test_captures_are_kept_for_the_most_recently_used_keys(monkeypatch: pytest.M
             return self.function(*inputs)
 
     monkeypatch.setattr(cuda_graphs, "CapturedCall", Recorded)
-    calls = cuda_graphs.CapturedCalls(limit=2, pool=None)
+    calls = cuda_graphs.CapturedCalls(limit=3, pool=None)
     one = torch.ones(())
-    for key in ("a", "b", "a", "c", "a", "b"):
-        calls(key, lambda t, key=key: t * ord(key), [one])
-    # "a" stays (used again before "c" came); "b" was dropped for "c", so it is captured again.
-    assert made == [ord("a"), ord("b"), ord("c"), ord("b")]
+    # A query of 5 distinct calls, three times: most-recently-used eviction would capture on all 15 calls.
+    results = [calls(key, lambda t, key=key: t * key, [one]).item() for _ in range(3) for key in range(1, 6)]
+    assert made == [1.0, 2.0, 3.0]
+    assert results == [1.0, 2.0, 3.0, 4.0, 5.0] * 3

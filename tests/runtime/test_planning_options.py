@@ -180,14 +180,15 @@ def scripted(seed: int, clean: tuple[int, ...]) -> float:
     return VALUES[seed] if clean == V_FUTURE else 0.0
 
 
+@pytest.mark.parametrize("failure", [math.nan, math.inf, -math.inf])  # the official clip would read +inf as 1.0
 def test_a_candidate_with_a_non_finite_value_is_ranked_out_and_none_fails_the_query(
-    caplog: pytest.LogCaptureFixture,
+    failure: float, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken_for(seeds: set[int]) -> ValueOf:  # a network that returns NaN for these value passes
-        return lambda seed, clean: math.nan if clean == V_FUTURE and seed in seeds else scripted(seed, clean)
+    def broken_for(seeds: set[int]) -> ValueOf:  # a network that returns `failure` for these value passes
+        return lambda seed, clean: failure if clean == V_FUTURE and seed in seeds else scripted(seed, clean)
 
     with caplog.at_level(logging.WARNING):
-        result, _ = run(one_step(), broken_for({104}))  # candidate 2 pools seeds 102-104: NaN
+        result, _ = run(one_step(), broken_for({104}))  # candidate 2 pools seeds 102-104: not finite
     assert result.candidates is not None and np.isnan(result.candidates.values[2])
     assert result.candidates.chosen == 1 and result.value == pytest.approx(0.7, abs=1e-4)  # the best finite one
     assert np.isfinite(result.candidates.actions).all()  # its action pass is read as any other's

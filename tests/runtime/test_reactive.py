@@ -104,10 +104,11 @@ def bad_observations(name: str) -> list[tuple[str, Observation]]:
         (first, Observation({**images, first: images[first][..., :2]}, good.proprio)),
         ("proprio", Observation(images, np.full(spec.proprio_dim, np.nan, np.float32))),
         ("proprio", Observation(images, good.proprio[:-1])),
+        (r"proprio: expected shape \(14,\), got \(2, 14\)", Observation(images, np.stack([good.proprio] * 2))),
     ]
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(7))
 def test_bad_observation_names_the_field(policies: dict[str, ReactivePolicy], case: int) -> None:
     policy = policies["aloha"]
     field, observation = bad_observations("aloha")[case]
