@@ -6,12 +6,15 @@ Nothing here ever runs code from a file. A `.pt` that needs arbitrary unpickling
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
 from cosmos_edge.runtime.errors import CheckpointError
@@ -30,7 +33,10 @@ def read_tensor_file(path: str | Path) -> StateDict:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty; expected a PyTorch checkpoint")
     if path.suffix == ".safetensors":
-        return dict(load_safetensors(str(path)))
+        try:
+            return dict(load_safetensors(str(path)))
+        except SafetensorError as error:
+            raise CheckpointError(f"{path}: not a readable safetensors file: {error}") from None
     with path.open("rb") as file:
         magic = file.read(4)
     if magic != b"PK\x03\x04":  # torch.save writes a zip archive (since torch 1.6); mmap needs one
@@ -55,6 +61,17 @@ def read_tensor_file(path: str | Path) -> StateDict:
     except RuntimeError as error:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {error}") from error
     return _unwrap(loaded, path)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object of a configuration file (a diffusers `config.json`); CheckpointError naming it otherwise."""
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable JSON file: {error}") from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got a {type(loaded).__name__}")
+    return loaded
 
 
 def _refusal(error: pickle.UnpicklingError) -> str:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from cosmos_edge.runtime.errors import CheckpointError, ConfigError
-from cosmos_edge.runtime.models.checkpoint_io import StateDict, read_tensor_file
+from cosmos_edge.runtime.models.checkpoint_io import StateDict, read_json_object, read_tensor_file
 from cosmos_edge.runtime.models.dit import CosmosDiT
 from cosmos_edge.runtime.models.dit_config import MASK_CHANNELS, DiTConfig
 
@@ -335,7 +335,7 @@ def load_dit(
     raw_json: dict[str, Any] | None = None
     if path.is_dir():
         config_path = _diffusers_transformer_dir(path) / "config.json"
-        raw_json = json.loads(config_path.read_text())
+        raw_json = read_json_object(config_path)
         known = _diffusers_fields(raw_json, config_path)
     canonical = _canonicalize(read_dit_state_dict(path))
     try:

@@ -6,7 +6,6 @@ renamed to it. The configuration is always read from the tensor shapes, never fr
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 from cosmos_edge.runtime.errors import CheckpointError, ConfigError
-from cosmos_edge.runtime.models.checkpoint_io import StateDict, read_tensor_file
+from cosmos_edge.runtime.models.checkpoint_io import StateDict, read_json_object, read_tensor_file
 from cosmos_edge.runtime.models.wan_vae import LATENT_MEAN, LATENT_STD, WanVAE, WanVAEConfig
 
 DIFFUSERS_CONFIG = "config.json"
@@ -215,7 +214,7 @@ def _read_diffusers_dir(path: Path) -> StateDict:
             f"{path}: expected a diffusers AutoencoderKLWan folder with {DIFFUSERS_CONFIG} and {DIFFUSERS_WEIGHTS} "
             f"(the `vae/` subfolder of a diffusers model), got {sorted(p.name for p in path.iterdir())}"
         )
-    config = json.loads(config_path.read_text())
+    config = read_json_object(config_path)
     state_dict = to_official_layout(read_tensor_file(weights_path))
     inferred = asdict(infer_vae_config(state_dict))
     # Config fields that the weights cannot show, or that the weights must agree with.

@@ -101,7 +101,10 @@ def read(path: str | Path) -> TextEmbeddings:
         if instruction is None or instruction in bits:
             raise CheckpointError(f"{path}: tensor {name!r} has a missing or repeated instruction in __metadata__")
         bits[instruction] = array if dtype == "BF16" else float32_to_bf16_bits(array.astype(np.float32))
-    return TextEmbeddings(bits)
+    try:
+        return TextEmbeddings(bits)
+    except InputError as error:  # no entries, or mixed shapes: the file's fault, not a request's
+        raise CheckpointError(f"{path}: {error}") from None
 
 
 def merge(stores: Mapping[str, TextEmbeddings]) -> TextEmbeddings:

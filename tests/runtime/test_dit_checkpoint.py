@@ -192,6 +192,21 @@ def test_diffusers_config_that_disagrees_is_refused(tmp_path: Path, tiny_state: 
         load_dit(tmp_path)
 
 
+def test_a_broken_diffusers_config_or_shard_is_named(tmp_path: Path, tiny_state: dict[str, Tensor]) -> None:
+    save_diffusers_transformer(tiny_state, tmp_path)
+    config_path = tmp_path / "config.json"
+    good = config_path.read_text()
+    for broken, expected in (("{bad", "not a readable JSON file"), ("[1, 2]", "expected a JSON object, got a list")):
+        config_path.write_text(broken)
+        with pytest.raises(CheckpointError, match=f"{config_path}: {expected}"):
+            load_dit(tmp_path)
+    config_path.write_text(good)
+    (weights,) = tmp_path.glob("*.safetensors")
+    weights.write_bytes(b"not safetensors at all")
+    with pytest.raises(CheckpointError, match=f"{weights}: not a readable safetensors file"):
+        load_dit(tmp_path)
+
+
 def test_diffusers_names_round_trip() -> None:
     with torch.device("meta"):
         names = list(CosmosDiT(dit_config("predict2-2b")).state_dict())

@@ -173,6 +173,20 @@ def _corrupt(tmp_path: Path, header: dict, buffer: bytes = b"") -> Path:
             "missing or repeated instruction",
         ),
         ({"__metadata__": {"format": 3}}, b"", "must map strings to strings"),
+        (
+            {"__metadata__": {"format": text_embeddings.FORMAT_TAG}},
+            b"",
+            r"bad.safetensors: text embeddings: expected one or more entries of one shape \[1, tokens, dim\], got",
+        ),
+        (
+            {
+                "__metadata__": {"format": text_embeddings.FORMAT_TAG, "embedding_0": "a", "embedding_1": "b"},
+                "embedding_0": {"dtype": "BF16", "shape": [1, 1, 1], "data_offsets": [0, 2]},
+                "embedding_1": {"dtype": "BF16", "shape": [1, 1, 2], "data_offsets": [2, 6]},
+            },
+            b"\0" * 6,
+            r"bad.safetensors: text embeddings: expected one or more entries of one shape",
+        ),
     ],
 )
 def test_malformed_files_are_rejected(tmp_path: Path, header: dict, buffer: bytes, message: str) -> None:

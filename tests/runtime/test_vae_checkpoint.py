@@ -100,6 +100,17 @@ def test_diffusers_directory_with_other_latent_statistics_is_refused(
         load_wan_vae(tmp_path)
 
 
+def test_a_broken_diffusers_config_or_weights_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{bad")
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"not safetensors at all")
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'config.json'}: not a readable JSON file"):
+        load_wan_vae(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=f"{weights}: not a readable safetensors file"):
+        load_wan_vae(tmp_path)
+
+
 def test_directory_without_diffusers_files_is_refused(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model.safetensors.*got \['config.json'\]"):
