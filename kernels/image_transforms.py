@@ -177,6 +177,12 @@ def device_tables(platform: PlatformSpec, shape: Sequence[int], device: torch.de
     return (*(table for key in keys for table in _device_table(*key, device)), _model_range_table(device))
 
 
+def release_device_tables() -> None:
+    """Drops the tables cached on devices (the next transform makes them again); what holds one keeps it."""
+    _device_table.cache_clear()
+    _model_range_table.cache_clear()
+
+
 def transform_frames(platform: PlatformSpec, frames: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
     """Checked raw uint8 [H, W, 3] camera frames → float32 [N, 3, 224, 224] on `device`, each as
     `images.to_model_range(images.transform_image(...))`. Frames of one size go up in one copy and are transformed

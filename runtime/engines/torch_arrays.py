@@ -40,6 +40,11 @@ class TorchArrays:
                 self._cached.move_to_end(key)
             return tensor
 
+    def clear(self) -> None:
+        """Drops the cached device arrays (the noise of each seed)."""
+        with self._caching:
+            self._cached.clear()
+
     def fetch(self, array: torch.Tensor) -> np.ndarray:
         return array.cpu().numpy()
 

@@ -20,7 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cosmos_edge.kernels.image_transforms import FrameBatches, batch_frames, device_tables, transform_batches
+from cosmos_edge.kernels.image_transforms import (
+    FrameBatches,
+    batch_frames,
+    device_tables,
+    release_device_tables,
+    transform_batches,
+)
 from cosmos_edge.runtime.engines.cuda_graphs import CapturedCalls, graph_pool
 from cosmos_edge.runtime.engines.torch_arrays import TorchArrays
 from cosmos_edge.runtime.errors import ConfigError, EngineError
@@ -135,10 +141,12 @@ class TorchAutoencoder:
         return self._vae.decode(self._tensor(latent)).float().cpu().numpy()
 
     def close(self) -> None:
-        """Releases the VAE's weights, the captured encodes and the black prefix's latents; later calls fail."""
+        """Releases the VAE's weights, the captured encodes, the black prefix's latents and the image transforms'
+        tables; later calls fail."""
         self._closed = True
         self._captured = None
         del self._black_latent, self._after_black
+        release_device_tables()
         _release(self._vae, self._device)
 
     def _check_open(self) -> None:
@@ -289,13 +297,16 @@ class TorchDiT:
         return buffers
 
     def close(self) -> None:
-        """Releases the weights, the bound instructions' K/V, the graphs and the adaLN vectors; later calls fail."""
+        """Releases the weights, the bound instructions' K/V, the graphs, the adaLN vectors, the RoPE tables and the
+        cached noise; later calls fail."""
         with self._binding, self._calling:
             self._closed = True
             self._bound.clear()
             self._modulations.clear()
             self._captured = None
             self._graph_kv.clear()
+            self._dit.rope.clear()
+            self.arrays.clear()
             _release(self._dit, self._device)
 
     def _check_open(self) -> None:

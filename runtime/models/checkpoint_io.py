@@ -9,7 +9,8 @@ import io
 import json
 import pickle
 import re
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,14 @@ def read_tensor_file(path: str | Path) -> StateDict:
     except RuntimeError as error:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {error}") from error
     return _unwrap(loaded, path)
+
+
+def elements_per_dtype(tensors: Iterable[torch.Tensor]) -> dict[str, int]:
+    """Elements per dtype name ("bfloat16": n, ...), sorted by name: what `checkpoint inspect` reports."""
+    elements: Counter[str] = Counter()
+    for tensor in tensors:
+        elements[str(tensor.dtype).removeprefix("torch.")] += tensor.numel()
+    return dict(sorted(elements.items()))
 
 
 def read_json_object(path: Path) -> dict[str, Any]:

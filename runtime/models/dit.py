@@ -93,6 +93,10 @@ class VideoRope3D(nn.Module):
             tables = self._cache[key] = self._build((frames, height, width), device)
         return tables
 
+    def clear(self) -> None:
+        """Drops the cached tables (not buffers: moving the module does not move or free them)."""
+        self._cache.clear()
+
     def _axis_angles(self, axis: int, length: int, device: torch.device) -> Tensor:
         dim = self.axis_dims[axis]
         exponents = torch.arange(0, dim, 2, device=device)[: dim // 2].float() / dim

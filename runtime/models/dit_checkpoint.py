@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,12 @@ import torch
 from torch import Tensor
 
 from cosmos_edge.runtime.errors import CheckpointError, ConfigError
-from cosmos_edge.runtime.models.checkpoint_io import StateDict, read_json_object, read_tensor_file
+from cosmos_edge.runtime.models.checkpoint_io import (
+    StateDict,
+    elements_per_dtype,
+    read_json_object,
+    read_tensor_file,
+)
 from cosmos_edge.runtime.models.dit import CosmosDiT
 from cosmos_edge.runtime.models.dit_config import MASK_CHANNELS, DiTConfig
 
@@ -385,16 +389,8 @@ def summarize_dit_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Any]
         "format": canonical.format,
         "config": dataclasses.asdict(config),
         "num_parameters": sum(canonical.params[name].numel() for name in present),
-        "dtypes": _elements_per_dtype(canonical.params.values()),
+        "dtypes": elements_per_dtype(canonical.params.values()),
         "ignored_keys": canonical.ignored,
         "missing_keys": sorted(canonical.file_key(name) for name in expected - canonical.params.keys()),
         "unexpected_keys": sorted(canonical.file_key(name) for name in canonical.params.keys() - expected),
     }
-
-
-def _elements_per_dtype(tensors: Iterable[Tensor]) -> dict[str, int]:
-    """Parameter elements per dtype name (as the VAE summary counts them)."""
-    elements: Counter[str] = Counter()
-    for tensor in tensors:
-        elements[str(tensor.dtype).removeprefix("torch.")] += tensor.numel()
-    return dict(sorted(elements.items()))

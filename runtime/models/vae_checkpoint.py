@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -16,7 +15,12 @@ from pathlib import Path
 import torch
 
 from cosmos_edge.runtime.errors import CheckpointError, ConfigError
-from cosmos_edge.runtime.models.checkpoint_io import StateDict, read_json_object, read_tensor_file
+from cosmos_edge.runtime.models.checkpoint_io import (
+    StateDict,
+    elements_per_dtype,
+    read_json_object,
+    read_tensor_file,
+)
 from cosmos_edge.runtime.models.wan_vae import LATENT_MEAN, LATENT_STD, WanVAE, WanVAEConfig
 
 DIFFUSERS_CONFIG = "config.json"
@@ -38,17 +42,16 @@ _MIDDLE = {"0": "resnets.0", "1": "attentions.0", "2": "resnets.1"}
 _MIDDLE_INVERSE = {v: k for k, v in _MIDDLE.items()}
 
 
-def _rename(key: str, renames: tuple[tuple[str, str], ...], reverse: bool = False) -> str | None:
-    """Swaps the first matching prefix of `key` (official -> diffusers, or back if `reverse`); None if none match."""
+def _to_official(key: str, renames: tuple[tuple[str, str], ...]) -> str | None:
+    """`key` with the first diffusers prefix of `renames` it starts with swapped for the official one; None if none."""
     for official, diffusers in renames:
-        old, new = (diffusers, official) if reverse else (official, diffusers)
-        if key.startswith(old):
-            return new + key[len(old) :]
+        if key.startswith(diffusers):
+            return official + key[len(diffusers) :]
     return None
 
 
 def _diffusers_to_official_key(key: str, num_res_blocks: int) -> str:
-    top = _rename(key, _TOP_RENAMES, reverse=True)
+    top = _to_official(key, _TOP_RENAMES)
     if top is not None:
         return top
     side, _, rest = key.partition(".")
@@ -60,9 +63,9 @@ def _diffusers_to_official_key(key: str, num_res_blocks: int) -> str:
     elif (match := re.fullmatch(r"mid_block\.(\w+\.\d+)\.(.+)", rest)) and match[1] in _MIDDLE_INVERSE:
         block, leaf = f"middle.{_MIDDLE_INVERSE[match[1]]}.", match[2]
     else:
-        renamed = _rename(rest, _SIDE_RENAMES, reverse=True)
+        renamed = _to_official(rest, _SIDE_RENAMES)
         return key if renamed is None else f"{side}.{renamed}"
-    return f"{side}.{block}{_rename(leaf, _RESNET_RENAMES, reverse=True) or leaf}"
+    return f"{side}.{block}{_to_official(leaf, _RESNET_RENAMES) or leaf}"
 
 
 def _is_diffusers_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
@@ -178,14 +181,12 @@ def random_vae_state_dict(config: WanVAEConfig, seed: int, dtype: torch.dtype = 
 def summarize_vae_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, object]:
     """Layout, configuration, parameter count and elements per dtype, for `cosmos-edge checkpoint inspect`."""
     config = infer_vae_config(to_official_layout(state_dict))
-    elements: Counter[str] = Counter()
-    for tensor in state_dict.values():
-        elements[str(tensor.dtype).removeprefix("torch.")] += tensor.numel()
+    elements = elements_per_dtype(state_dict.values())
     return {
         "format": "diffusers" if _is_diffusers_layout(state_dict) else "wan",
         "config": asdict(config),
         "parameters": sum(elements.values()),
-        "dtypes": dict(sorted(elements.items())),
+        "dtypes": elements,
     }
 
 

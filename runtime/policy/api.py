@@ -77,8 +77,8 @@ class CandidateResults:
 
     `actions` "n chunk action_dim" (un-normalised, each candidate's first-level chunk), `values` "n" (what ranked
     them), `values_by_depth` "n entries" (the official `value_predictions_by_depth`: 1 + (depth - 1)·K entries), and
-    the index of the `chosen` one. A candidate not scored before the deadline has NaN values (and NaN actions if its
-    action pass did not finish either).
+    the index of the `chosen` one. A candidate not scored before the deadline has NaN values and NaN actions (a
+    worker keeps none of a candidate until it is scored), except the base candidate 0, whose action pass always runs.
     """
 
     chosen: int

@@ -243,7 +243,7 @@ class _Ranked:
     latents: np.ndarray
     values: np.ndarray
     values_by_depth: np.ndarray
-    computed: np.ndarray  # bool per candidate: its action pass finished (in time)
+    computed: np.ndarray  # bool per candidate: scored in time, or the base candidate (its action pass always runs)
     chosen: int
     outcome: PlanningOutcome
     value: float  # the chosen candidate's value, or the base action pass's own for `REACTIVE`

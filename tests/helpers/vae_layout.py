@@ -8,12 +8,19 @@ from collections.abc import Mapping
 
 import torch
 
-from cosmos_edge.runtime.models.vae_checkpoint import _MIDDLE, _RESNET_RENAMES, _SIDE_RENAMES, _TOP_RENAMES, _rename
+from cosmos_edge.runtime.models.vae_checkpoint import _MIDDLE, _RESNET_RENAMES, _SIDE_RENAMES, _TOP_RENAMES
 from cosmos_edge.runtime.models.wan_vae import WanVAEConfig
 
 
+def _to_diffusers(key: str, renames: tuple[tuple[str, str], ...]) -> str | None:
+    for official, diffusers in renames:
+        if key.startswith(official):
+            return diffusers + key[len(official) :]
+    return None
+
+
 def official_to_diffusers_key(key: str, num_res_blocks: int) -> str:
-    top = _rename(key, _TOP_RENAMES)
+    top = _to_diffusers(key, _TOP_RENAMES)
     if top is not None:
         return top
     side, _, rest = key.partition(".")
@@ -27,9 +34,9 @@ def official_to_diffusers_key(key: str, num_res_blocks: int) -> str:
     elif match := re.fullmatch(r"middle\.([012])\.(.+)", rest):
         block, leaf = f"mid_block.{_MIDDLE[match[1]]}.", match[2]
     else:
-        renamed = _rename(rest, _SIDE_RENAMES)
+        renamed = _to_diffusers(rest, _SIDE_RENAMES)
         return key if renamed is None else f"{side}.{renamed}"
-    return f"{side}.{block}{_rename(leaf, _RESNET_RENAMES) or leaf}"
+    return f"{side}.{block}{_to_diffusers(leaf, _RESNET_RENAMES) or leaf}"
 
 
 def to_diffusers_layout(state_dict: Mapping[str, torch.Tensor], config: WanVAEConfig) -> dict[str, torch.Tensor]:

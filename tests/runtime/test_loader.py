@@ -244,9 +244,11 @@ def test_closing_checkpoint_policies_frees_their_networks(tiny_assets: dict[str,
     policy, (device,) = loaded.reactive, loaded.devices
     query = ActionQuery(random_observation("aloha"), policy.instructions[0], seed=1, steps=1)
     policy.infer(query)
+    dit = device.policy_network._dit  # type: ignore[attr-defined]
+    assert dit.rope._cache and device.policy_network.arrays._cached  # type: ignore[attr-defined]
     loaded.close()
-    weights = list(device.policy_network._dit.parameters())  # type: ignore[attr-defined]
-    assert all(weight.is_meta for weight in weights)  # the storage is released, not only the references
+    assert all(weight.is_meta for weight in dit.parameters())  # the storage is released, not only the references
+    assert not dit.rope._cache and not device.policy_network.arrays._cached  # type: ignore[attr-defined]
     with pytest.raises(EngineError, match="closed with the policies that loaded it"):
         policy.infer(query)
 
