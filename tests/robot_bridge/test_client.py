@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import zmq
 
+from cosmos_edge.robot_bridge import client as client_module
 from cosmos_edge.robot_bridge.client import PolicyClient, RemoteError, RequestTimeout
 from cosmos_edge.robot_bridge.curve import CurveKeyPair
 from cosmos_edge.robot_bridge.protocol import (
@@ -93,7 +94,7 @@ def test_a_timeout_resets_the_socket_so_a_late_reply_is_never_taken_for_a_new_on
         started = time.monotonic()
         with pytest.raises(RequestTimeout, match="no reply to request 1"):
             client.ping()
-        assert time.monotonic() - started < 3.0  # its own 0.5 s deadline: not its default 5 s, nor never
+        assert time.monotonic() - started < 3.0  # its own 0.3 s deadline: not its default 5 s, nor never
         assert client.ping().server_version == "fresh"
     assert identities[0] != identities[1]  # a new socket, so the late reply went nowhere
 
@@ -156,6 +157,24 @@ def test_overloaded_is_retried_with_the_deadline_that_is_left() -> None:
     assert TIMEOUT_S * 1e3 >= deadlines[0] >= deadlines[1] >= deadlines[2] >= 1  # what is left of the one deadline
 
 
+def test_overloaded_retries_wait_a_random_delay_whose_bound_doubles_up_to_half_a_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bounds: list[tuple[float, float]] = []
+    monkeypatch.setattr(client_module.random, "uniform", lambda low, high: bounds.append((low, high)) or 0.0)
+
+    def handler(router: zmq.Socket[bytes]) -> None:
+        for attempt in range(7):
+            identity, request_id = receive(router)
+            refused = ErrorReply(request_id, ErrorCode.OVERLOADED, "", "8 controllers are already waiting")
+            reply = act_reply(request_id) if attempt == 6 else refused
+            router.send_multipart([identity, *reply.to_frames()])
+
+    with fake_server(handler) as endpoint, PolicyClient(endpoint, timeout_s=TIMEOUT_S) as client:
+        assert client.act(observation(), INSTRUCTION, obs_id=1, capture_time_ns=1).value == 0.5
+    assert bounds == [(0.0, 0.02), (0.0, 0.04), (0.0, 0.08), (0.0, 0.16), (0.0, 0.32), (0.0, 0.5)]
+
+
 def test_overloaded_until_the_deadline_raises_it() -> None:
     attempts = []
     stop = threading.Event()
@@ -199,7 +218,7 @@ def test_nobody_listening_times_out_within_the_deadline() -> None:
         started = time.monotonic()
         with pytest.raises(RequestTimeout) as caught:
             client.metadata()
-        assert time.monotonic() - started < 3.0  # its own 0.5 s deadline: not its default 5 s, nor never
+        assert time.monotonic() - started < 3.0  # its own 0.3 s deadline: not its default 5 s, nor never
     assert isinstance(caught.value, TimeoutError)
 
 

@@ -393,6 +393,7 @@ def test_a_field_name_sent_by_a_peer_cannot_forge_a_log_line(
     controller.send([msgpack.packb({**header, forged: 1})])
     refused = controller.receive()
     assert isinstance(refused, ErrorReply) and refused.field == f"header.{forged}"  # the reply names it as sent
+    controller.barrier()  # the refusal is logged after its reply is sent
     (line,) = (r.getMessage() for r in caplog.records if r.getMessage().startswith("kind=error"))
     assert "\n" not in line and "field='header.x\\nINFO cosmos_edge.robot_bridge.server: kind=act peer=for'... " in line
 

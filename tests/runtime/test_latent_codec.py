@@ -70,7 +70,6 @@ def test_value_round_trip(name: str, values: list[float], seed: int) -> None:
     slot = platform_spec(name).value_slot
     latents = _latents(name, len(values), seed)
     latents[:, :, slot] = np.float32(values)[:, None, None, None]  # the official value injection
-    assert np.all(latents[:, :, slot] == np.float32(values)[:, None, None, None])
     expected = np.clip((np.float32(values).astype(np.float64) + 1) / 2, 0, 1).astype(np.float32)
     np.testing.assert_array_equal(read_value(latents, slot), expected)
 

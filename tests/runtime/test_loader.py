@@ -189,6 +189,11 @@ from cosmos_edge.runtime.bundle.loader import load_policies, replays_cuda_graphs
 from cosmos_edge.runtime.bundle.sources import BundleSource
 from cosmos_edge.runtime.policy.api import ActionQuery, Observation
 
+from cosmos_edge.cli import main, serve_cmd  # what `cosmos-edge serve --bundle` imports
+from cosmos_edge.robot_bridge.binding import ServerConfig
+from cosmos_edge.robot_bridge.client import PolicyClient
+from cosmos_edge.robot_bridge.server import PolicyServer, serving_in_thread
+
 loaded = load_policies(BundleSource(sys.argv[1], "onnxruntime"))
 policy = loaded.reactive
 rng = np.random.default_rng(0)
@@ -196,6 +201,11 @@ images = {name: rng.integers(0, 256, (240, 320, 3), dtype=np.uint8) for name in 
 observation = Observation(images, np.zeros(policy.platform.proprio_dim, np.float32))
 result = policy.infer(ActionQuery(observation, policy.instructions[0], seed=1, steps=1))
 assert np.isfinite(result.actions).all()
+wire = Observation({name: image[:224, :224] for name, image in images.items()}, observation.proprio)
+server = PolicyServer(loaded.modes(), ServerConfig("tcp://127.0.0.1:*"))
+with serving_in_thread(server) as endpoint, PolicyClient(endpoint, timeout_s=60) as client:
+    reply = client.act(wire, policy.instructions[0], obs_id=1, capture_time_ns=1, seed=1, steps=1)
+assert np.isfinite(reply.actions).all()
 assert not any(name == "torch" or name.startswith("torch.") for name in sys.modules), "torch was imported"
 loaded.close()
 print("served without torch")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from pathlib import Path
 
@@ -47,6 +48,13 @@ def _stats(like: Tensor) -> tuple[Tensor, Tensor]:
     # Same construction as WanVAE's buffers: fp32 constants cast to the model dtype.
     mean, std = (torch.tensor(v).view(1, -1, 1, 1, 1).to(like.dtype) for v in (LATENT_MEAN, LATENT_STD))
     return mean, std
+
+
+def test_the_latent_statistics_are_those_of_the_diffusers_wan_vae() -> None:
+    # The reference encode and decode below normalise with the code's own constants: these are checked on their own.
+    defaults = inspect.signature(diffusers_wan.AutoencoderKLWan.__init__).parameters
+    assert list(LATENT_MEAN) == defaults["latents_mean"].default
+    assert list(LATENT_STD) == defaults["latents_std"].default
 
 
 def ref_encode(ref: nn.Module, video: Tensor) -> Tensor:
