@@ -1,3 +1,5 @@
+from __future__ import annotations
+
 import collections
 import json
 import pickle
@@ -5,6 +7,7 @@ import re
 import struct
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -135,6 +138,59 @@ def test_embed_without_transformers_says_what_is_missing(tmp_path: Path, monkeyp
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
     with pytest.raises(EngineError, match="optional package transformers"):
         text_encoder.embed_instructions(["pick up the cup"], tmp_path / "t5.safetensors")
+
+
+class _Tokens:
+    def __init__(self, length: int, max_length: int) -> None:
+        self.input_ids = torch.arange(max_length)[None]
+        self.attention_mask = (torch.arange(max_length) < length).long()[None]
+
+
+class _T5Tokenizer:
+    """Stands in for transformers' T5TokenizerFast: one token per word, and records how it was asked."""
+
+    asked: ClassVar[list[dict[str, object]]] = []
+
+    @classmethod
+    def from_pretrained(cls, model: str) -> _T5Tokenizer:
+        return cls()
+
+    def __call__(self, texts: list[str], **options: object) -> _Tokens:
+        self.asked.append(options)
+        return _Tokens(len(texts[0].split()), int(options["max_length"]))  # type: ignore[call-overload]
+
+
+class _T5Encoder(torch.nn.Module):
+    """Stands in for T5EncoderModel: hidden states that are not zero past the true length, nor bf16 values."""
+
+    dim = 6
+
+    @classmethod
+    def from_pretrained(cls, model: str, use_safetensors: bool) -> _T5Encoder:
+        return cls()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> object:
+        hidden = torch.linspace(-1.0, 1.0, input_ids.shape[1] * self.dim).reshape(1, -1, self.dim) + 1e-3
+        return type("Output", (), {"last_hidden_state": hidden})
+
+
+def test_embedding_pads_to_512_tokens_zeroes_past_the_true_length_and_rounds_to_bf16(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The official get_t5_emb.py: padding="max_length" to 512 (truncating), hidden states past the length zeroed.
+    stand_in = type(sys)("transformers")
+    stand_in.T5TokenizerFast, stand_in.T5EncoderModel = _T5Tokenizer, _T5Encoder  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "transformers", stand_in)
+    _T5Tokenizer.asked.clear()
+    store = text_encoder.embed_instructions(["pick up the cup"], tmp_path / "t5.safetensors", device="cpu")
+    assert _T5Tokenizer.asked == [
+        {"return_tensors": "pt", "truncation": True, "padding": "max_length", "max_length": 512}
+    ]
+    embedding = text_embeddings.read(tmp_path / "t5.safetensors").get("pick up the cup")
+    assert embedding.shape == (1, 512, _T5Encoder.dim) and store.shape == embedding.shape
+    hidden = _T5Encoder()(torch.zeros(1, 512), torch.zeros(1, 512)).last_hidden_state.numpy()  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(embedding[0, :4], round_to_bf16(hidden[0, :4]))  # 4 words: 4 tokens kept
+    assert not embedding[0, 4:].any()
 
 
 def _corrupt(tmp_path: Path, header: dict, buffer: bytes = b"") -> Path:
