@@ -228,12 +228,12 @@ class PolicyServer:
         poller.register(self._router.socket, zmq.POLLIN)
         poller.register(self._wake[0], zmq.POLLIN)
         self._idle.clear()
-        self._refuse_acts_queued_before_serving()
-        self._accepting.set()
         # Daemonic: a policy call that outlives the shutdown window must not keep the process alive.
         self._worker = threading.Thread(target=self._work, name="policy-worker", daemon=True)
         self._worker.start()
         try:
+            self._refuse_acts_queued_before_serving()
+            self._accepting.set()
             while not self._stopping.is_set():
                 self._poll(poller, _POLL_MS)
         finally:
