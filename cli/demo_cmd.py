@@ -30,10 +30,13 @@ from cosmos_edge.robot_bridge.controller.chunk_source import (
     ThreadedChunkSource,
 )
 from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor, ExecutorConfig, Robot
+from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.policy.api import MAX_DENOISING_STEPS, MAX_SEED, Observation
 
 DEMO_TASK = "transfer_cube"
 FRAME_EVERY_TICKS = 25
+# Marks an --out directory as the demo's own: a later demo may replace what an earlier one wrote there, nothing else.
+OWN_DIRECTORY_MARK = ".cosmos-edge-demo"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,7 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help=f"denoising steps, 1..{MAX_DENOISING_STEPS} (default: ALOHA's 10)",
     )
-    parser.add_argument("--out", type=Path, default=Path("out/demo"), help="where the model and images go")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out/demo"),
+        help="where the model and images go: a new or empty directory, or one an earlier demo wrote",
+    )
     parser.add_argument(
         "--seed",
         type=int_in_range(0, MAX_SEED),
@@ -157,6 +165,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from cosmos_edge.runtime.bundle.sources import CheckpointSource
     from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets
 
+    _claim_out_directory(args.out)
     print("cosmos-edge demo: random weights, so the robot does nothing useful; this exercises the runtime.")
     print(f"[1/4] writing the embedded default (tiny ALOHA model, seed {args.seed}) to {args.out / 'model'}")
     files = write_random_assets(args.out / "model", RandomAssetsSpec("tiny", "aloha", args.seed))
@@ -195,6 +204,22 @@ def _run_demo(args: argparse.Namespace) -> int:
     strip = _write_strip(robot.frames, args.out / "episode.png")
     print(f"episode strip (cam_high every {FRAME_EVERY_TICKS} ticks): {strip}")
     return 0 if source.chunks else 1  # a run without a single policy reply failed
+
+
+def _claim_out_directory(out: Path) -> None:
+    """Makes `out` the demo's own: refused when it holds files an earlier demo did not write there (a real
+    `tokenizer.pth`, say: the demo replaces the files it writes)."""
+    mark = out / OWN_DIRECTORY_MARK
+    try:
+        if out.is_dir() and not mark.is_file() and any(out.iterdir()):
+            raise ConfigError(
+                f"--out {out}: holds files the demo did not write, and the demo replaces the files it writes there "
+                "(model/, episode.png); choose a new or empty directory"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        mark.write_text("written by cosmos-edge demo: a later demo may replace the files here\n")
+    except OSError as error:
+        raise ConfigError(f"--out {out}: cannot write there ({error})") from None
 
 
 def _print_round_trip(executor: ChunkExecutor) -> None:

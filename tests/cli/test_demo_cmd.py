@@ -25,3 +25,12 @@ def test_demo_runs_one_chunk(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     strip = Image.open(tmp_path / "episode.png")
     assert strip.size == (160 * 2, 120)  # cam_high every 25 of the 50 ticks
     assert (tmp_path / "model" / "tokenizer.pth").is_file()
+
+
+def test_the_demo_never_replaces_files_it_did_not_write(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    real = tmp_path / "model" / "tokenizer.pth"
+    real.parent.mkdir()
+    real.write_text("the real tokenizer")
+    assert main(["demo", "--chunks", "1", "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path}: holds files the demo did not write" in capsys.readouterr().err
+    assert real.read_text() == "the real tokenizer"
