@@ -16,7 +16,13 @@ from cosmos_edge.cli.model_source import add_compile_arguments, model_source
 from cosmos_edge.cli.npz_files import output_path, read_observation, write_npz
 from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config, planning_flags_given
 from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_images
-from cosmos_edge.runtime.bundle.loader import load_policies, planning_candidates, source_platform, source_stats
+from cosmos_edge.runtime.bundle.loader import (
+    load_policies,
+    planning_candidates,
+    source_platform,
+    source_stats,
+    source_text_embeddings,
+)
 from cosmos_edge.runtime.bundle.sources import CheckpointSource, ModelSource
 from cosmos_edge.runtime.engines.registry import GRAPH_BACKENDS
 from cosmos_edge.runtime.errors import ConfigError, InputError
@@ -120,6 +126,7 @@ def _act(args: argparse.Namespace) -> int:
     devices = [args.device] if args.device else None
     source = model_source(args, devices or [], device_flag="--device", reference=args.reference)
     observation = _official_observation(source, observation, args.observation)
+    source_text_embeddings(source).get(args.task)  # an unknown --task is named before minutes of loading
     planning = None
     if args.mode != "planning" and (given := planning_flags_given(args) + _planning_only_flags(args)):
         raise ConfigError(

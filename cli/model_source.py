@@ -72,6 +72,10 @@ def model_source(
         raise ConfigError(f"expected --bundle, or the official files and --platform (torch); missing {missing}")
     if args.backend not in (None, "torch"):
         raise ConfigError(f"--backend {args.backend}: runs a --bundle; the official files run on torch")
+    files_given = {**official, "--planning-checkpoint": args.planning_checkpoint}
+    for flag, path in files_given.items():  # named now, not after the files before it have loaded
+        if path is not None and not path.exists():
+            raise ConfigError(f"{flag} {path}: no such file")
     _check_torch_devices(device_flag, devices)
     faster = {"--compile": args.compile, "--cuda-graphs": args.cuda_graphs}
     faster[f"--compile-scope {args.compile_scope}"] = args.compile_scope is not None

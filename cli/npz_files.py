@@ -26,6 +26,15 @@ def read_observation(path: Path) -> Observation:
     if magic != b"PK\x03\x04":  # every .npz is a zip archive
         raise InputError(f"observation: {path}: not an .npz archive (np.savez writes one), it starts with {magic!r}")
     try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.namelist()
+        others = [name for name in members if not name.endswith(".npy")]
+        if others:  # np.load would hand them back as raw bytes
+            looks = " (a PyTorch checkpoint?)" if any(name.endswith("data.pkl") for name in others) else ""
+            raise InputError(
+                f"observation: {path}: a zip archive{looks}, not an .npz of arrays: {len(others)} of its "
+                f"{len(members)} members are not .npy files (first: {others[0]!r})"
+            )
         loaded = np.load(path, allow_pickle=False)
         with loaded:
             arrays = {name: loaded[name] for name in loaded.files}
@@ -36,7 +45,7 @@ def read_observation(path: Path) -> Observation:
     except (OSError, EOFError, zipfile.BadZipFile) as error:
         raise InputError(f"observation: {path}: not a readable .npz ({error})") from None
     if "proprio" not in arrays:
-        raise InputError(f"observation: {path} has no `proprio` array (found {sorted(arrays)})")
+        raise InputError(f"observation: {path} has no `proprio` array (found {sorted(arrays)[:8]})")
     proprio = arrays.pop("proprio")
     return Observation(images=arrays, proprio=proprio)
 

@@ -201,6 +201,13 @@ def source_stats(source: ModelSource) -> DatasetStats:
     return Bundle.open(source.path).dataset_stats()
 
 
+def source_text_embeddings(source: ModelSource) -> text_store.TextEmbeddings:
+    """The instruction embeddings `source` serves, read without loading a model."""
+    if isinstance(source, CheckpointSource):
+        return text_store.read(source.files.text_embeddings)
+    return Bundle.open(source.path).text_embeddings()
+
+
 def bundle_batch_sizes(source: BundleSource) -> list[int]:
     """The DiT batch sizes a bundle has graphs for, sorted."""
     bundle = Bundle.open(source.path)

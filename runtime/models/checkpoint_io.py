@@ -9,6 +9,7 @@ import io
 import json
 import pickle
 import re
+import zipfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -49,6 +50,7 @@ def read_tensor_file(path: str | Path) -> StateDict:
                 else "is it the right file? (a checkpoint saved by torch < 1.6 must be saved again)"
             )
         )
+    _check_torch_archive(path)
     try:
         # mmap keeps the 2B checkpoint out of RAM until each tensor is copied into the network.
         # Transformer-Engine stores `_extra_state` as BytesIO; rebuilding one from bytes runs no code.
@@ -62,6 +64,19 @@ def read_tensor_file(path: str | Path) -> StateDict:
     except RuntimeError as error:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {error}") from error
     return _unwrap(loaded, path)
+
+
+def _check_torch_archive(path: Path) -> None:
+    """A zip archive that torch.save did not write (an .npz, say) is named as what it is: torch.load's own error
+    on one is an internal assertion."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.namelist()
+    except (OSError, zipfile.BadZipFile) as error:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (a damaged zip archive: {error})") from None
+    if not any(name.endswith("data.pkl") for name in members):
+        kind = "a numpy .npz archive" if members and all(m.endswith(".npy") for m in members) else "a zip archive"
+        raise CheckpointError(f"{path}: {kind}, not a PyTorch checkpoint (torch.save archives hold a data.pkl)")
 
 
 def elements_per_dtype(tensors: Iterable[torch.Tensor]) -> dict[str, int]:

@@ -341,11 +341,15 @@ def load_dit(
         config_path = _diffusers_transformer_dir(path) / "config.json"
         raw_json = read_json_object(config_path)
         known = _diffusers_fields(raw_json, config_path)
-    canonical = _canonicalize(read_dit_state_dict(path))
+    state = read_dit_state_dict(path)
+    canonical = _canonicalize(state)
     try:
         config = _infer_config(canonical, **known)
     except CheckpointError as error:
-        raise CheckpointError(f"{path}: not a Cosmos-Predict2 DiT checkpoint: {error}") from error
+        holds_vae = any(key.startswith(("encoder.", "decoder.")) for key in state)
+        swapped = " (it holds a Wan2.1 VAE: the tokenizer given as the policy checkpoint?)" if holds_vae else ""
+        raise CheckpointError(f"{path}: not a Cosmos-Predict2 DiT checkpoint{swapped}: {error}") from error
+    del state  # `_materialize` lets each tensor go once copied: nothing else may hold them
     if raw_json is not None:
         _check_diffusers_json(config, raw_json, config_path)
     return _materialize(canonical, config, dtype, device, str(path))

@@ -68,6 +68,10 @@ def _diffusers_to_official_key(key: str, num_res_blocks: int) -> str:
     return f"{side}.{block}{_to_official(leaf, _RESNET_RENAMES) or leaf}"
 
 
+def _holds_dit(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    return any("x_embedder." in key for key in state_dict)  # the DiT's patch embedding, in either layout
+
+
 def _is_diffusers_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
     return "encoder.conv_in.weight" in state_dict
 
@@ -200,7 +204,8 @@ def load_wan_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: s
     try:
         config = infer_vae_config(state_dict)
     except CheckpointError as error:
-        raise CheckpointError(f"{path}: not a Wan2.1 VAE (the tokenizer.pth): {error}") from error
+        swapped = " (it holds a Cosmos DiT: the policy checkpoint given as the VAE?)" if _holds_dit(state_dict) else ""
+        raise CheckpointError(f"{path}: not a Wan2.1 VAE (the tokenizer.pth){swapped}: {error}") from error
     with torch.device(device):
         model = WanVAE(config)
     model.to(dtype)

@@ -144,6 +144,11 @@ def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, 
         raise CheckpointError(f"{path}: cannot read: {error}") from error
     if len(data) < 8:
         raise CheckpointError(f"{path}: not safetensors, expected at least 8 bytes, got {len(data)}")
+    if data.startswith(b"PK\x03\x04"):
+        raise CheckpointError(
+            f"{path}: a zip archive (a PyTorch checkpoint or an .npz?), not a safetensors file of instruction "
+            "embeddings; expected the output of `cosmos-edge text-embeddings`"
+        )
     (header_size,) = struct.unpack("<Q", data[:8])
     if header_size > min(_MAX_HEADER_BYTES, len(data) - 8):
         raise CheckpointError(

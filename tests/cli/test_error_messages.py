@@ -75,9 +75,12 @@ CASES: dict[str, Case] = {
     ),
     "swapped checkpoint and tokenizer": lambda f, t: (
         act(f, t, checkpoint=f.tokenizer, tokenizer=f.checkpoint),
-        str(f.checkpoint),
+        f"{f.checkpoint}: not a Wan2.1 VAE (the tokenizer.pth) (it holds a Cosmos DiT: the policy checkpoint given",
     ),
-    "VAE given as the DiT": lambda f, t: (act(f, t, checkpoint=f.tokenizer), str(f.tokenizer)),
+    "VAE given as the DiT": lambda f, t: (
+        act(f, t, checkpoint=f.tokenizer),
+        f"{f.tokenizer}: not a Cosmos-Predict2 DiT checkpoint (it holds a Wan2.1 VAE: the tokenizer given as the",
+    ),
     "empty checkpoint": lambda f, t: (act(f, t, checkpoint=write(t, "empty.pt", b"")), "empty.pt"),
     "short stats list": lambda f, t: (
         act(f, t, stats=stats_with(f, t, actions_min=[0.0] * 3)),
@@ -186,6 +189,18 @@ CASES: dict[str, Case] = {
         f"--out {t / 'obs.npz'}: exists, and is never replaced",
     ),
     "observation is a directory": lambda f, t: (act(f, t, observation_path=t), f"observation: {t}: is a directory"),
+    "an observation given as the checkpoint": lambda f, t: (
+        act(f, t, checkpoint=observation(t)),
+        f"{t / 'obs.npz'}: a numpy .npz archive, not a PyTorch checkpoint",
+    ),
+    "a checkpoint given as the text embeddings": lambda f, t: (
+        act(f, t, text_embeddings=f.checkpoint),
+        f"{f.checkpoint}: a zip archive (a PyTorch checkpoint or an .npz?), not a safetensors file",
+    ),
+    "a checkpoint given as the observation": lambda f, t: (
+        act(f, t, observation_path=f.tokenizer),
+        f"observation: {f.tokenizer}: a zip archive (a PyTorch checkpoint?), not an .npz of arrays",
+    ),
     "steps given twice in planning": lambda f, t: (
         act(f, t, "--mode", "planning", "--steps", "3", "--num-denoising-steps-action", "5"),
         "--steps: in planning mode it is --num-denoising-steps-action",
@@ -333,6 +348,34 @@ def test_act_checks_the_observation_before_loading_the_model(
     np.savez(tmp_path / "bad.npz", **(fields | arrays))  # type: ignore[arg-type]
     assert main(act(tiny_assets["aloha"], tmp_path, observation_path=tmp_path / "bad.npz")) == 2
     assert f"observation: {tmp_path / 'bad.npz'}: {named}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("task", "override", "named"),
+    [
+        ("fold the towel", {}, "instruction: no text embedding for 'fold the towel'"),
+        ("fold the t-shirt", {"tokenizer": "nope.pth"}, "--tokenizer {tmp}/nope.pth: no such file"),
+        ("fold the t-shirt", {"planning_checkpoint": "nope.pt"}, "--planning-checkpoint {tmp}/nope.pt: no such file"),
+    ],
+    ids=["unknown task", "missing tokenizer", "missing planning checkpoint"],
+)
+def test_act_checks_the_task_and_the_files_before_loading_the_model(
+    task: str,
+    override: dict[str, str],
+    named: str,
+    tiny_assets: dict[str, CheckpointFiles],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("loaded the model for a query it cannot answer")
+
+    monkeypatch.setattr(act_cmd, "load_policies", never)
+    argv = act(tiny_assets["aloha"], tmp_path, **{name: tmp_path / path for name, path in override.items()})
+    argv[argv.index("--task") + 1] = task
+    assert main(argv) == 2
+    assert named.format(tmp=tmp_path) in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "0", "-1", "lots"])
