@@ -14,7 +14,12 @@ import numpy as np
 from cosmos_edge.cli.arg_types import int_in_range
 from cosmos_edge.cli.model_source import add_compile_arguments, model_source
 from cosmos_edge.cli.npz_files import output_path, read_observation, write_npz
-from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config, planning_flags_given
+from cosmos_edge.cli.planning_args import (
+    add_planning_arguments,
+    no_planning,
+    planning_config,
+    planning_flags_given,
+)
 from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_images
 from cosmos_edge.runtime.bundle.loader import (
     load_policies,
@@ -23,7 +28,7 @@ from cosmos_edge.runtime.bundle.loader import (
     source_stats,
     source_text_embeddings,
 )
-from cosmos_edge.runtime.bundle.sources import CheckpointSource, ModelSource
+from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointSource, ModelSource
 from cosmos_edge.runtime.engines.registry import GRAPH_BACKENDS
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE, PLATFORMS
@@ -141,10 +146,8 @@ def _act(args: argparse.Namespace) -> int:
             source, devices, args.num_queries_best_of_n, preset, one_at_a_time=one_at_a_time
         )
         if candidates is None:
-            raise ConfigError(
-                "--mode planning: the bundle's DiT batch sizes serve no planning without --planning-deadline-ms "
-                "(re-export with --batch-sizes, or give a deadline: candidates then run one at a time, at batch 1)"
-            )
+            assert isinstance(source, BundleSource)  # checkpoint files plan with any number of candidates
+            raise ConfigError(f"--mode planning: {no_planning(source, devices, preset)}")
         if candidates < preset and args.num_queries_best_of_n is None:
             print(
                 f"planning: best of {candidates}, not the preset's {preset}: the bundle's DiT batch sizes allow no more"

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from cosmos_edge.cli.arg_types import int_in_range, positive_milliseconds
+from cosmos_edge.runtime.bundle.loader import bundle_batch_sizes, candidates_that_fit
+from cosmos_edge.runtime.bundle.sources import BundleSource
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.policy.planning_config import (
     COUNT_LIMITS,
@@ -116,3 +118,15 @@ def planning_flags_given(args: argparse.Namespace) -> list[str]:
     flags = [_flag(field.name) for field in _FIELDS if getattr(args, field.name) is not None]
     flags += ["--planning-deadline-ms"] if args.planning_deadline_ms is not None else []
     return flags + (["--planning-preset"] if args.planning_preset != "main" else [])
+
+
+def no_planning(source: BundleSource, devices: list[str] | None, preset: int) -> str:
+    """Why `planning_candidates` found no number of candidates (it tries the preset's down to 2), and what would."""
+    workers = len(devices) if devices else 1  # the backend's default device
+    larger = candidates_that_fit(source, devices)
+    asks = f"--num-candidates {' or '.join(map(str, larger[:3]))}, " if larger else ""
+    return (
+        f"bundle {source.path} has DiT batch sizes {bundle_batch_sizes(source)}, which fit no best of 2 to {preset} "
+        f"candidates over {workers} device(s); to plan, give {asks}--planning-deadline-ms (candidates then run one at "
+        "a time, at batch 1), or re-export with --batch-sizes (e.g. 1,8)"
+    )

@@ -23,7 +23,12 @@ from typing import TYPE_CHECKING, NoReturn
 
 from cosmos_edge.cli.arg_types import mebibytes
 from cosmos_edge.cli.model_source import add_compile_arguments, model_source
-from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config, planning_flags_given
+from cosmos_edge.cli.planning_args import (
+    add_planning_arguments,
+    no_planning,
+    planning_config,
+    planning_flags_given,
+)
 from cosmos_edge.cli.signals import on_stop_signals, sigterm_interrupts
 from cosmos_edge.robot_bridge.binding import BoundRouter, ServerConfig
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, ServerCurve, load_public_keys
@@ -32,8 +37,6 @@ from cosmos_edge.robot_bridge.protocol import WireLimits
 from cosmos_edge.robot_bridge.server import PolicyServer
 from cosmos_edge.runtime.bundle.loader import (
     LoadedPolicies,
-    bundle_batch_sizes,
-    candidates_that_fit,
     load_policies,
     planning_candidates,
     source_platform,
@@ -274,7 +277,7 @@ def _policies(args: argparse.Namespace) -> LoadedPolicies:
     candidates = planning_candidates(source, devices, args.num_queries_best_of_n, preset, one_at_a_time=one_at_a_time)
     reactive_only = None  # why no planning is served: only a bundle's batch sizes can fit none
     if candidates is None and isinstance(source, BundleSource):
-        reactive_only = _no_planning(source, devices, preset)
+        reactive_only = no_planning(source, devices, preset)
     _check_before_loading(args, source, reactive_only)
     if candidates is None:
         _LOG.warning("serving the reactive mode only: %s", reactive_only)
@@ -317,18 +320,6 @@ def _check_before_loading(args: argparse.Namespace, source: ModelSource, reactiv
     if args.http is not None:
         platform = source_platform(source)
         check_official_cameras(platform.name, platform.cameras)
-
-
-def _no_planning(source: BundleSource, devices: list[str] | None, preset: int) -> str:
-    """Why `planning_candidates` found no number of candidates (it tries the preset's down to 2), and what would."""
-    workers = len(devices) if devices else 1  # the backend's default device
-    larger = candidates_that_fit(source, devices)
-    asks = f"--num-candidates {' or '.join(map(str, larger[:3]))}, " if larger else ""
-    return (
-        f"bundle {source.path} has DiT batch sizes {bundle_batch_sizes(source)}, which fit no best of 2 to {preset} "
-        f"candidates over {workers} device(s); to plan, give {asks}--planning-deadline-ms (candidates then run one at "
-        "a time, at batch 1), or re-export with --batch-sizes (e.g. 1,8)"
-    )
 
 
 def _device_list(args: argparse.Namespace) -> list[str]:

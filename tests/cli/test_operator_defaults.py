@@ -7,6 +7,7 @@ import logging
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cosmos_edge.cli import keys_cmd
@@ -15,7 +16,7 @@ from cosmos_edge.cli.planning_args import add_planning_arguments, planning_confi
 from cosmos_edge.runtime.bundle.loader import planning_candidates
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource
 from cosmos_edge.runtime.errors import ConfigError
-from tests.helpers.observations import TinyBundles
+from tests.helpers.observations import TinyBundles, random_observation
 
 
 def test_version_and_a_user_facing_help(capsys: pytest.CaptureFixture[str]) -> None:
@@ -72,6 +73,20 @@ def test_planning_from_a_bundle_uses_the_candidates_its_batch_sizes_serve(tiny_b
     assert planning_candidates(source, ["cpu"], None, 1) == 1  # a one-candidate preset
     with pytest.raises(ConfigError, match=r"--num-candidates\) 8 over 1 device\(s\) needs DiT batch sizes \[8\]"):
         planning_candidates(source, ["cpu"], 8, 8)
+
+
+def test_act_planning_from_a_batch_1_bundle_says_why_not_and_what_would(
+    tiny_bundles: TinyBundles, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = tiny_bundles("aloha", batch_sizes=(1,))
+    observation = random_observation("aloha")
+    np.savez(tmp_path / "obs.npz", proprio=observation.proprio, **observation.images)
+    argv = ["act", "--bundle", str(bundle), "--observation", str(tmp_path / "obs.npz"), "--task", "fold the t-shirt"]
+    assert cli_main.main([*argv, "--mode", "planning"]) == 2
+    assert (
+        f"--mode planning: bundle {bundle} has DiT batch sizes [1], which fit no best of 2 to 8 candidates over 1 "
+        "device(s); to plan, give --planning-deadline-ms" in capsys.readouterr().err
+    )
 
 
 def test_planning_from_checkpoint_files_takes_any_number(tiny_assets: dict[str, CheckpointFiles]) -> None:
