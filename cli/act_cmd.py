@@ -111,7 +111,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--future-images",
         action="store_true",
         help="also decode the predicted future images (planning: the chosen candidate's predicted states, combined by "
-        "--future-state-ensemble-aggregation-scheme)",
+        "--future-state-ensemble-aggregation-scheme); slower: the whole clip is then encoded, as the official code "
+        "does (its decode needs the placeholder latents), and decoded",
     )
     add_compile_arguments(parser)
     parser.add_argument(
@@ -120,7 +121,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="official files only: the official path (numpy/Pillow transforms, all pixel frames through the VAE) "
         "instead of the default exact fast path, for comparison",
     )
-    parser.add_argument("--out", type=Path, help="npz to write: actions, value, future_proprio (+ future images)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="npz to write (never replaces a file): actions, value, future_proprio (+ future_image_<camera>; planning: "
+        "chosen_index, planning_outcome, candidate_values, candidate_values_by_depth, + candidate_actions)",
+    )
     add_planning_arguments(parser)
     parser.set_defaults(func=_act)
 
@@ -163,7 +169,7 @@ def _act(args: argparse.Namespace) -> int:
         devices=devices,
         planning=planning,
         planning_deadline_ms=args.planning_deadline_ms,
-        future_images=args.future_images or None,
+        future_images=args.future_images,  # the decoder graphs load only when asked for
     ) as loaded:
         policy = loaded.planning or loaded.reactive
         query = ActionQuery(observation, args.task, args.seed, args.steps, return_future_images=args.future_images)

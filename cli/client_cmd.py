@@ -12,6 +12,7 @@ import argparse
 import functools
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,8 +22,9 @@ import numpy as np
 
 from cosmos_edge.cli.arg_types import int_in_range
 from cosmos_edge.cli.npz_files import output_path, read_observation, write_npz
-from cosmos_edge.robot_bridge.client import PolicyClient
+from cosmos_edge.robot_bridge.client import PolicyClient, RequestTimeout
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, load_public_key
+from cosmos_edge.robot_bridge.endpoints import parse_endpoint
 from cosmos_edge.robot_bridge.protocol import MessageError
 from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_images
 from cosmos_edge.robot_bridge.wire import wire_proprio
@@ -101,7 +103,22 @@ def connect(args: argparse.Namespace, timeout_s: float) -> PolicyClient:
             "server_public_key": load_public_key(args.curve_server_key),
             "client_keys": CurveKeyPair.load(args.curve_secret_key),
         }
+    _check_reachable(args.endpoint)
     return PolicyClient(args.endpoint, timeout_s=timeout_s if args.timeout is None else args.timeout, **curve)
+
+
+def _check_reachable(endpoint: str) -> None:
+    """What would otherwise only time out: an in-process endpoint, or a host name that does not resolve."""
+    parsed = parse_endpoint(endpoint, wildcard_port=False)
+    if parsed.scheme == "inproc":
+        raise ConfigError(
+            f"--endpoint {endpoint}: reaches only its own process; expected tcp://HOST:PORT or ipc://PATH"
+        )
+    if parsed.scheme == "tcp":
+        try:
+            socket.getaddrinfo(parsed.host, int(parsed.port), proto=socket.IPPROTO_TCP)
+        except (OSError, UnicodeError) as error:
+            raise ConfigError(f"--endpoint {endpoint}: cannot resolve {parsed.host!r} ({error})") from None
 
 
 # The client's settings named in its errors, and the flags that give them.
@@ -121,6 +138,8 @@ def naming_connection_flags(command: Callable[[argparse.Namespace], int]) -> Cal
             if separator and name in _FLAGS:
                 raise ConfigError(f"{_FLAGS[name]}: {detail}") from None
             raise
+        except RequestTimeout as error:
+            raise RequestTimeout(f"{error} (--timeout sets how long this command waits)") from None
 
     return run
 

@@ -236,7 +236,7 @@ class PolicyClient:
             logger.debug("discarded a stale %s for request %s", reply.kind.value, reply.request_id)
         raise RequestTimeout(
             f"{request.kind.value}: no reply to request {request.request_id} from {self._endpoint} within "
-            f"{self._timeout_s} s; the connection was reset and the next call reconnects"
+            f"{self._timeout_s} s (its timeout; the socket was reset, a next call reconnects)"
         )
 
     def _connected(self) -> zmq.Socket[bytes]:

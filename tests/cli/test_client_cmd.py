@@ -22,6 +22,7 @@ from tests.helpers.bridge_doubles import (
     INSTRUCTION,
     StubPolicy,
     expected_actions,
+    free_port,
     observation,
     serving,
 )
@@ -115,6 +116,11 @@ def test_option_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
             str(tmp_path / "b"),
         ): "a.key: no such file",
         ("--timeout", "0"): "--timeout: expected a finite number in (0, 86400]",
+        ("--endpoint", "inproc://policy"): "--endpoint inproc://policy: reaches only its own process",
+        ("--endpoint", "tcp://no-such-host.invalid:5555"): "cannot resolve 'no-such-host.invalid'",
+        ("--endpoint", f"tcp://127.0.0.1:{free_port()}", "--timeout", "0.2"): (
+            "within 0.2 s; is the server running? (--timeout sets how long this command waits)"
+        ),
     }
     for options, message in cases.items():
         assert main(["client", "ping", *options]) == 2
