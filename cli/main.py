@@ -96,10 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         hint = " (-v/--verbose goes before the command)" if {"-v", "--verbose"} & set(unknown) else ""
         args._command_parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    # cosmos-edge's own progress at INFO; other libraries' (MuJoCo's, OpenGL's, ...) from WARNING unless -v.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("cosmos_edge").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args))
     except CosmosEdgeError as error:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from cosmos_edge.cli import serve_cmd
-from cosmos_edge.runtime.bundle.sources import CheckpointFiles
+from cosmos_edge.cli.planning_args import no_planning
+from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.policy.api import ActionQuery
 from tests.helpers.observations import random_observation
@@ -127,6 +128,6 @@ def test_a_planning_deadline_plans_on_a_bundle_of_batch_size_one(reactive_only_b
 
 @pytest.mark.usefixtures("loading_refused")
 def test_the_reactive_only_reason_names_what_would_plan(reactive_only_bundle: Path) -> None:
-    reason = serve_cmd._no_planning(serve_cmd.BundleSource(reactive_only_bundle), None, 8)
+    reason = no_planning(BundleSource(reactive_only_bundle), None, 8)
     assert "which fit no best of 2 to 8 candidates over 1 device(s); to plan, give --planning-deadline-ms" in reason
     assert "--num-candidates" not in reason  # no number of candidates fits batch size 1 alone
