@@ -99,7 +99,8 @@ def measure(stream: str, blend: BlendConfig) -> dict[str, float]:
     executor = ChunkExecutor(robot, ScriptedSource(clock, stream), safety, config, clock=clock, sleep=clock.sleep)
     executor.run(TICKS)
     records, commands = executor.records(), np.array(robot.commands)
-    steps = np.abs(np.diff(commands, axis=0)).max(axis=1)
+    arms = np.setdiff1d(np.arange(commands.shape[1]), safety.config.gripper_indices)  # the joints, in rad
+    steps = np.abs(np.diff(commands[:, arms], axis=0)).max(axis=1)
     switches = np.flatnonzero(records["adopted"])  # the first one included: it starts from the rest pose
     near = np.zeros(len(steps), bool)
     for tick in switches:
@@ -111,6 +112,8 @@ def measure(stream: str, blend: BlendConfig) -> dict[str, float]:
         "hard_switch_jump_max_rad": summary.raw_jump_max,
         "commanded_jump_p50_rad": summary.commanded_jump_p50,
         "commanded_jump_max_rad": summary.commanded_jump_max,
+        "gripper_hard_switch_jump_max": summary.gripper_raw_jump_max,
+        "gripper_commanded_jump_max": summary.gripper_commanded_jump_max,
         "step_max_elsewhere_rad": float(steps[~near].max()),
         "safety_limited_ticks": summary.safety_ticks,
         "starved_ticks": executor.counters.starved_ticks,

@@ -19,8 +19,8 @@ def print_run_report(executor: ChunkExecutor, safety: SafetyFilter, summary: Tic
     blend = executor.config.blend
     print(
         f"chunk boundaries: {stats.boundaries} ({blend.scheme.value}, {blend.window_ticks} ticks); largest per-tick "
-        f"change at a boundary (arm joints in rad, grippers normalised 0..1, which only the gripper range limits): "
-        f"hard switch p50 {stats.raw_jump_p50:.3f} max {stats.raw_jump_max:.3f}, commanded p50 "
-        f"{stats.commanded_jump_p50:.3f} max {stats.commanded_jump_max:.3f}; safety-limited ticks in the windows: "
-        f"{stats.safety_ticks}"
+        f"change of the arm joints at a boundary, rad: hard switch p50 {stats.raw_jump_p50:.3f} max "
+        f"{stats.raw_jump_max:.3f}, commanded p50 {stats.commanded_jump_p50:.3f} max {stats.commanded_jump_max:.3f}; "
+        f"of the grippers (normalised opening 0..1): hard switch max {stats.gripper_raw_jump_max:.3f}, commanded max "
+        f"{stats.gripper_commanded_jump_max:.3f}; safety-limited ticks in the windows: {stats.safety_ticks}"
     )

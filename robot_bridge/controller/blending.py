@@ -75,16 +75,31 @@ class BlendConfig:
 
 @dataclass(frozen=True)
 class Boundary:
-    """One chunk switch. `raw_jump`: max |new chunk's action − old trajectory| at the switch tick (what a hard
-    switch would command); `commanded_jump`: the largest per-tick change of the commanded pose over the switch tick
-    and the `window_ticks` after it (a cross-fade closes the gap in window_ticks + 1 equal steps), and for
-    `ensemble` until the old chunk has run out; `safety_ticks`: ticks of that span the safety filter rate-limited or
-    clamped."""
+    """One chunk switch. `raw_jump`: max |new chunk's action − old trajectory| over the arm joints at the switch
+    tick (what a hard switch would command); `commanded_jump`: the largest per-tick change of the commanded arm
+    joints over the switch tick and the `window_ticks` after it (a cross-fade closes the gap in window_ticks + 1
+    equal steps), and for `ensemble` until the old chunk has run out; `gripper_raw_jump`, `gripper_commanded_jump`:
+    the same of the grippers (another unit: a normalised opening, which no slew limit bounds); `safety_ticks`: ticks
+    of that span the safety filter rate-limited or clamped."""
 
     tick: int
     raw_jump: float
     commanded_jump: float
     safety_ticks: int
+    gripper_raw_jump: float = 0.0
+    gripper_commanded_jump: float = 0.0
+
+
+@dataclass
+class _OpenBoundary:
+    """A boundary whose statistics are still being collected."""
+
+    tick: int
+    raw_jump: np.ndarray  # (arm joints, grippers)
+    largest_step: np.ndarray
+    safety_ticks: int
+    previous: np.ndarray | None  # the last command
+    closes: int  # the tick after which it closes
 
 
 _BOUNDARIES_KEPT = 1024  # about 34 minutes of 50-action ALOHA chunks
@@ -96,16 +111,17 @@ class ChunkBlender:
     Owned by the executor's control thread (not thread-safe).
     """
 
-    def __init__(self, config: BlendConfig) -> None:
+    def __init__(self, config: BlendConfig, gripper_dims: tuple[int, ...] = ()) -> None:
+        """`gripper_dims`: the action dimensions of grippers, whose boundary statistics are kept apart."""
         self.config = config
+        self._gripper_dims = gripper_dims
         self._old: np.ndarray | None = None  # the replaced chunk, indexed from `_old_first_tick`
         self._old_first_tick = 0
         self._old_shift: np.ndarray | float = 0.0  # added to the replaced chunk: see the module docstring
         self._hold: np.ndarray | None = None  # the last commanded pose at the switch
         self._switch_tick = 0
         self._lowpassed: np.ndarray | None = None
-        # (switch tick, raw jump, largest step, safety ticks, previous command, tick after which it closes)
-        self._open: tuple[int, float, float, int, np.ndarray | None, int] | None = None
+        self._open: _OpenBoundary | None = None
         self._boundaries: deque[Boundary] = deque(maxlen=_BOUNDARIES_KEPT)
 
     def boundaries(self) -> list[Boundary]:
@@ -132,11 +148,11 @@ class ChunkBlender:
                 self._old_shift = self._hold - followed
         previous = self._old_trajectory(tick, hold_past_end=True)
         new = np.asarray(new_actions[tick - new_first_tick], dtype=np.float64)
-        raw = 0.0 if previous is None else float(np.abs(new - previous).max())
+        raw = np.zeros(2) if previous is None else self._largest(np.abs(new - previous))
         closes = tick + self.config.window_ticks
         if self.config.scheme is BlendScheme.ENSEMBLE and old_actions is not None:
             closes = max(closes, old_first_tick + len(old_actions))  # the tick the old chunk's weight reaches 0
-        self._open = (tick, raw, 0.0, 0, self._hold, closes)
+        self._open = _OpenBoundary(tick, raw, np.zeros(2), 0, self._hold, closes)
 
     def target(self, tick: int, action: np.ndarray | None, last_command: np.ndarray | None) -> np.ndarray | None:
         """The command target for `tick`, given the adopted chunk's `action` for it (None: nothing to do) and the
@@ -156,13 +172,24 @@ class ChunkBlender:
     def observe_command(self, tick: int, command: np.ndarray, safety_intervened: bool) -> None:
         """Feeds the boundary statistics with what was actually commanded at `tick` (the safety filter's output:
         finite, and a fresh array the blender may keep)."""
-        if self._open is None:
+        boundary = self._open
+        if boundary is None:
             return
-        start, raw, largest, safety_ticks, previous, closes = self._open
-        step = 0.0 if previous is None else float(np.abs(command - previous).max())
-        self._open = (start, raw, max(largest, step), safety_ticks + int(safety_intervened), command, closes)
-        if tick >= closes:  # a fade's window_ticks + 1 steps are in (an ensemble's old chunk has run out)
+        if boundary.previous is not None:
+            boundary.largest_step = np.maximum(
+                boundary.largest_step, self._largest(np.abs(command - boundary.previous))
+            )
+        boundary.safety_ticks += int(safety_intervened)
+        boundary.previous = command
+        if tick >= boundary.closes:  # a fade's window_ticks + 1 steps are in (an ensemble's old chunk has run out)
             self._close_boundary()
+
+    def _largest(self, changes: np.ndarray) -> np.ndarray:
+        """The largest of `changes` over the arm joints, and over the grippers (0 without any)."""
+        grippers = np.zeros(len(changes), bool)
+        grippers[list(self._gripper_dims)] = True
+        arms = float(changes[~grippers].max()) if (~grippers).any() else 0.0
+        return np.array([arms, float(changes[grippers].max()) if grippers.any() else 0.0])
 
     def _blended(self, tick: int, new: np.ndarray) -> np.ndarray:
         scheme, window = self.config.scheme, self.config.window_ticks
@@ -198,25 +225,33 @@ class ChunkBlender:
         return self._hold
 
     def _close_boundary(self) -> None:
-        if self._open is not None:
-            start, raw, largest, safety_ticks, _, _ = self._open
-            self._boundaries.append(Boundary(start, raw, largest, safety_ticks))
-            self._open = None
+        boundary, self._open = self._open, None
+        if boundary is not None:
+            raw, largest = boundary.raw_jump, boundary.largest_step
+            self._boundaries.append(
+                Boundary(boundary.tick, raw[0], largest[0], boundary.safety_ticks, raw[1], largest[1])
+            )
 
 
 @dataclass(frozen=True)
 class BoundarySummary:
+    """Medians and maxima of the boundaries' jumps: the arm joints' (rad) and the grippers'."""
+
     boundaries: int
     raw_jump_p50: float
     raw_jump_max: float
     commanded_jump_p50: float
     commanded_jump_max: float
     safety_ticks: int
+    gripper_raw_jump_max: float = 0.0
+    gripper_commanded_jump_max: float = 0.0
 
 
 def summarize_boundaries(boundaries: list[Boundary]) -> BoundarySummary:
-    raw = np.array([b.raw_jump for b in boundaries]) if boundaries else np.zeros(1)
-    commanded = np.array([b.commanded_jump for b in boundaries]) if boundaries else np.zeros(1)
+    def column(name: str) -> np.ndarray:
+        return np.array([getattr(b, name) for b in boundaries]) if boundaries else np.zeros(1)
+
+    raw, commanded = column("raw_jump"), column("commanded_jump")
     return BoundarySummary(
         boundaries=len(boundaries),
         raw_jump_p50=float(np.median(raw)),
@@ -224,4 +259,6 @@ def summarize_boundaries(boundaries: list[Boundary]) -> BoundarySummary:
         commanded_jump_p50=float(np.median(commanded)),
         commanded_jump_max=float(commanded.max()),
         safety_ticks=sum(b.safety_ticks for b in boundaries),
+        gripper_raw_jump_max=float(column("gripper_raw_jump").max()),
+        gripper_commanded_jump_max=float(column("gripper_commanded_jump").max()),
     )

@@ -302,7 +302,7 @@ class ChunkExecutor:
         self._resume_of = 0
         self._resumes_applied = 0
         self._stop_reason = ""
-        self._blender = ChunkBlender(config.blend)
+        self._blender = ChunkBlender(config.blend, safety.config.gripper_indices)
         self._last_command: np.ndarray | None = None
         self._next_tick = 0  # the tick after the last one run
         self._latency_ns: float | None = None  # smoothed inference round trip (capture to receipt)

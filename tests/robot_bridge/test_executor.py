@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from cosmos_edge.robot_bridge.controller.blending import BlendConfig, BlendScheme, ChunkBlender
+from cosmos_edge.robot_bridge.controller.blending import BlendConfig, BlendScheme, ChunkBlender, summarize_boundaries
 from cosmos_edge.robot_bridge.controller.chunk_source import (
     ActParams,
     Chunk,
@@ -645,6 +645,26 @@ def make_blending(blend: BlendConfig, safety: SafetyConfig = WIDE_STEP) -> tuple
 
 def waist_steps(robot: FakeRobot) -> np.ndarray:
     return np.abs(np.diff(np.array(robot.commands)[:, 0]))
+
+
+def test_boundary_statistics_keep_the_grippers_apart_from_the_arm_joints() -> None:
+    # Grippers move a normalised opening, not radians: a gripper's jump must not read as an arm joint's.
+    executor, _, client = make_blending(BlendConfig(BlendScheme.NONE))
+    replies = iter(range(1_000_000))
+    grippers = list(SafetyConfig().gripper_indices)
+
+    def transform(actions: np.ndarray) -> np.ndarray:
+        out = actions.copy()
+        out[:, 0] = 0.1 * (next(replies) % 2)  # the waist alternates 0 and 0.1 rad between chunks
+        out[:, grippers] = 0.5 * (out[:, :1] > 0)  # each gripper alternates 0 and 0.5 (half open)
+        return out
+
+    client.transform = transform
+    executor.run(60)
+    later = executor.boundaries()[1:]
+    assert later and all(b.raw_jump == pytest.approx(0.1) and b.gripper_raw_jump == 0.5 for b in later)
+    summary = summarize_boundaries(later)
+    assert summary.raw_jump_max == pytest.approx(0.1) and summary.gripper_commanded_jump_max == 0.5
 
 
 @pytest.mark.parametrize("window", [4, 8])
