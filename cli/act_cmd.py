@@ -223,13 +223,13 @@ def _planning_only_flags(args: argparse.Namespace) -> list[str]:
 
 def print_result(result: ChunkResult) -> None:
     print(f"action chunk: {result.actions.shape[0]} x {result.actions.shape[1]} (float32, un-normalised)")
-    print(f"value:        {result.value:.4f}")
+    print(f"value:        {result.value:.6f}")
     if (candidates := result.candidates) is not None:
         if candidates.outcome is PlanningOutcome.REACTIVE:
             unranked = "none scored before the deadline: the base candidate, unranked"
             print(f"candidates:   {len(candidates.values)}, {unranked}")
         else:
-            values = ", ".join("-" if np.isnan(value) else f"{value:.4f}" for value in candidates.values)
+            values = ", ".join("-" if np.isnan(value) else f"{value:.6f}" for value in candidates.values)
             print(f"candidates:   {len(candidates.values)}, chose {candidates.chosen}; values {values}")
         print(f"planning:     {candidates.outcome.value}")
     print("stage timings (ms): " + ", ".join(f"{name} {ms:.1f}" for name, ms in result.timings_ms.items()))

@@ -186,7 +186,7 @@ def _act(args: argparse.Namespace) -> int:
         )
     rows, columns = reply.actions.shape
     print(f"action chunk: {rows} x {columns} (float32, un-normalised), mode {reply.mode}")
-    print(f"value:        {reply.value:.4f}")
+    print(f"value:        {reply.value:.6f}")
     arrays = {"actions": reply.actions, "value": np.array(reply.value, dtype=np.float32)}
     if args.return_all_query_results and reply.planning is None:
         _LOG.warning(
@@ -196,7 +196,7 @@ def _act(args: argparse.Namespace) -> int:
         )
     if reply.planning is not None and reply.candidate_values is not None:
         values = _values(reply.candidate_values)
-        shown = ", ".join("not scored" if np.isnan(value) else f"{value:.4f}" for value in values)
+        shown = ", ".join("not scored" if np.isnan(value) else f"{value:.6f}" for value in values)
         print(f"planning:     {reply.planning}, chose {reply.chosen_index}; values {shown}")
         arrays |= {
             "planning_outcome": np.array(reply.planning),

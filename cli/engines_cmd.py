@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("engines", help="TensorRT engines of a bundle")
     commands = parser.add_subparsers(dest="engines_command")
     build = commands.add_parser("build", help="build every graph's engine on this GPU (needs TensorRT >= 10)")
-    build.add_argument("bundle", type=Path)
+    build.add_argument("bundle", type=Path, help="the bundle directory (`cosmos-edge export --out`)")
     build.add_argument("--device", type=cuda_device, default="cuda", help="the CUDA device: cuda or cuda:N")
     build.add_argument("--graph", action="append", default=[], help="only this graph (repeatable)")
     build.set_defaults(func=_build)

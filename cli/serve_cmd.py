@@ -328,4 +328,11 @@ def _device_list(args: argparse.Namespace) -> list[str]:
     devices = [device.strip() for device in args.devices.split(",")]
     if not all(devices):
         raise ConfigError(f"--devices {args.devices!r}: expected comma-separated devices such as cuda:0,cuda:1")
+    repeated = sorted({device for device in devices if devices.count(device) > 1})
+    if repeated:
+        _LOG.warning(
+            "--devices %s: %s given more than once; each entry loads its own DiT and planning worker there",
+            args.devices,
+            ", ".join(repeated),
+        )
     return devices

@@ -14,8 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = parser.add_subparsers(dest="text_embeddings_command")
 
     convert = commands.add_parser("convert", help="convert an official *_t5_embeddings.pkl to safetensors")
-    convert.add_argument("pickle_path", metavar="IN.pkl")
-    convert.add_argument("out_path", metavar="OUT.safetensors")
+    convert.add_argument("pickle_path", metavar="IN.pkl", help="the official *_t5_embeddings.pkl")
+    convert.add_argument("out_path", metavar="OUT.safetensors", help="the file to write (never replaced)")
     convert.add_argument(
         "--trust-pickle",
         action="store_true",
@@ -24,16 +24,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.set_defaults(func=_convert)
 
     listing = commands.add_parser("list", help="print the instructions a store holds, one per line")
-    listing.add_argument("path", metavar="FILE")
+    listing.add_argument("path", metavar="FILE", help="a .safetensors file of instruction embeddings")
     listing.set_defaults(func=_list)
 
     merge = commands.add_parser("merge", help="one store of the instructions of several (e.g. after `embed`)")
-    merge.add_argument("stores", nargs="+", metavar="IN.safetensors")
+    merge.add_argument("stores", nargs="+", metavar="IN.safetensors", help="the stores to merge")
     merge.add_argument("--out", required=True, metavar="FILE", help="safetensors file to write (must not exist)")
     merge.set_defaults(func=_merge)
 
     embed = commands.add_parser("embed", help="compute T5 embeddings (needs torch and transformers; T5-11B)")
-    embed.add_argument("instructions", nargs="+", metavar="INSTRUCTION")
+    embed.add_argument("instructions", nargs="+", metavar="INSTRUCTION", help="the exact text of each instruction")
     embed.add_argument(
         "--out", required=True, metavar="FILE", help="safetensors file to write (must not exist; see merge)"
     )

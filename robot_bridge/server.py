@@ -374,7 +374,8 @@ class PolicyServer:
 
     def _check_mode(self, mode: str, request_id: int) -> None:
         if mode not in self._policies:
-            detail = f"expected one of {list(self._policies)}, got {mode!r}"
+            loaded = list(self._policies)
+            detail = f"expected one of {loaded}, the modes this server loaded (its log says why no other), got {mode!r}"
             raise MessageError(ErrorCode.UNKNOWN_MODE, "mode", detail, request_id)
 
     def _check_platform(self, request: ActRequest) -> None:

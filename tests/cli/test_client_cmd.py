@@ -73,7 +73,7 @@ def test_ping_metadata_and_act(
     printed = capsys.readouterr().out
     assert f"wrote {out}\n" in printed
     assert "action chunk: 50 x 14 (float32, un-normalised), mode planning" in printed
-    assert "planning:     best_so_far, chose 1; values 0.5000, 0.7500, not scored" in printed
+    assert "planning:     best_so_far, chose 1; values 0.500000, 0.750000, not scored" in printed
     with np.load(out) as result:
         np.testing.assert_allclose(result["actions"], expected_actions(obs.proprio, seed=7, offset=1.0))
         assert float(result["value"]) == 0.25

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from cosmos_edge.runtime.policy.api import ActionQuery
 from tests.helpers.observations import random_observation
 
 
-def test_serve_parser_builds_both_modes(tiny_assets: dict[str, CheckpointFiles]) -> None:
+def test_serve_parser_builds_both_modes(
+    tiny_assets: dict[str, CheckpointFiles], caplog: pytest.LogCaptureFixture
+) -> None:
     files = tiny_assets["libero"]
     parser = argparse.ArgumentParser()
     serve_cmd.register(parser.add_subparsers())
@@ -33,7 +36,9 @@ def test_serve_parser_builds_both_modes(tiny_assets: dict[str, CheckpointFiles])
     args = parser.parse_args(
         ["serve", *files_args, "--num-candidates", "2", "--precision", "fp32", "--devices", "cpu,cpu"]
     )
-    policies = serve_cmd._policies(args).modes()
+    with caplog.at_level(logging.WARNING, logger="cosmos_edge.cli.serve_cmd"):
+        policies = serve_cmd._policies(args).modes()
+    assert "--devices cpu,cpu: cpu given more than once; each entry loads its own DiT" in caplog.text
     assert set(policies) == {"reactive", "planning"}
     query = ActionQuery(random_observation("libero"), policies["reactive"].instructions[0], seed=1, steps=1)
     reactive, planned = policies["reactive"].infer(query), policies["planning"].infer(query)
