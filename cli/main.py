@@ -91,17 +91,24 @@ def _configure_parsers(parser: argparse.ArgumentParser) -> None:
                 _configure_parsers(command)
 
 
+def _configure_logging(verbose: bool) -> None:
+    """cosmos-edge's own progress at INFO; other libraries' (MuJoCo's, OpenGL's, ...) from WARNING unless -v. A
+    process that configured logging already (a host program, pytest) keeps its own, as `basicConfig` would."""
+    if logging.getLogger().handlers:
+        return
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("cosmos_edge").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:
         hint = " (-v/--verbose goes before the command)" if {"-v", "--verbose"} & set(unknown) else ""
         args._command_parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
-    # cosmos-edge's own progress at INFO; other libraries' (MuJoCo's, OpenGL's, ...) from WARNING unless -v.
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("cosmos_edge").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    _configure_logging(args.verbose)
     try:
         return int(args.func(args))
     except CosmosEdgeError as error:

@@ -82,6 +82,7 @@ _RECEIVE_BATCH = 64  # requests taken per wake-up before replies are forwarded a
 _REPLY_GRACE_S = 0.5  # many times what a client blocked in poll needs to read it, even on a loaded machine
 _WAKE_BYTES = 4096  # wake-up bytes read at once; any number of them means "look at the outbox"
 _SUGGESTIONS = 3  # known instructions named when one is unknown
+_QUEUED_BATCHES = 64  # at most 64 x 64 requests answered as queued before serving (then serving begins)
 _START_TIMEOUT_S = 30.0  # `serving_in_thread`: from the thread's start to queueing requests (no model loads there)
 
 
@@ -313,8 +314,9 @@ class PolicyServer:
         `overloaded`, which `PolicyClient` retries within its deadline, instead of being computed."""
         self._before_serving = True
         try:
-            while self._receive_requests():
-                pass
+            for _ in range(_QUEUED_BATCHES):  # bounded: a peer sending without pause cannot hold serving back
+                if not self._receive_requests():
+                    break
         finally:
             self._before_serving = False
 
