@@ -137,7 +137,7 @@ def _act(args: argparse.Namespace) -> int:
     devices = [args.device] if args.device else None
     source = model_source(args, devices or [], device_flag="--device", reference=args.reference)
     observation = _official_observation(source, observation, args.observation)
-    source_text_embeddings(source).get(args.task)  # an unknown --task is named before minutes of loading
+    _check_task(source, args.task)
     planning = None
     if args.mode != "planning" and (given := planning_flags_given(args) + _planning_only_flags(args)):
         raise ConfigError(
@@ -185,6 +185,18 @@ def _act(args: argparse.Namespace) -> int:
         save_result(out, result, all_actions=args.return_all_query_results)
         print(f"wrote {out}")
     return 0
+
+
+def _check_task(source: ModelSource, task: str) -> None:
+    """An unknown --task is named, with the file that lacks it, before minutes of loading."""
+    try:
+        source_text_embeddings(source).get(task)
+    except InputError as error:
+        if error.field != "instruction":
+            raise
+        where = source.files.text_embeddings if isinstance(source, CheckpointSource) else f"bundle {source.path}"
+        detail = str(error).removeprefix("instruction: ")
+        raise ConfigError(f"--task {task!r}: not among the instructions of {where}: {detail}") from None
 
 
 def _official_observation(source: ModelSource, observation: Observation, path: Path) -> Observation:

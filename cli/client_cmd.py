@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -114,12 +115,25 @@ def _check_reachable(endpoint: str) -> None:
         raise ConfigError(
             f"--endpoint {endpoint}: reaches only its own process; expected tcp://HOST:PORT or ipc://PATH"
         )
-    if parsed.scheme == "tcp":
+    if parsed.scheme != "tcp":
+        return
+    failures: list[BaseException] = []
+
+    def resolve() -> None:
         try:
             socket.getaddrinfo(parsed.host, int(parsed.port), proto=socket.IPPROTO_TCP)
         except (OSError, UnicodeError) as error:
-            raise ConfigError(f"--endpoint {endpoint}: cannot resolve {parsed.host!r} ({error})") from None
+            failures.append(error)
 
+    # A resolver that does not answer can take many seconds: past the wait, the connection attempt carries on.
+    resolving = threading.Thread(target=resolve, name="resolve-endpoint", daemon=True)
+    resolving.start()
+    resolving.join(_RESOLVE_WAIT_S)
+    if failures:
+        raise ConfigError(f"--endpoint {endpoint}: cannot resolve {parsed.host!r} ({failures[0]})")
+
+
+_RESOLVE_WAIT_S = 2.0  # how long a host name's resolution is waited for before connecting anyway
 
 # The client's settings named in its errors, and the flags that give them.
 _FLAGS = {"endpoint": "--endpoint", "timeout_s": "--timeout"}

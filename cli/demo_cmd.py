@@ -165,7 +165,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from cosmos_edge.runtime.bundle.sources import CheckpointSource
     from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets
 
-    _claim_out_directory(args.out)
+    _claim_out_directory(args.out, args.out / "model")
     print("cosmos-edge demo: random weights, so the robot does nothing useful; this exercises the runtime.")
     print(f"[1/4] writing the embedded default (tiny ALOHA model, seed {args.seed}) to {args.out / 'model'}")
     files = write_random_assets(args.out / "model", RandomAssetsSpec("tiny", "aloha", args.seed))
@@ -206,12 +206,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0 if source.chunks else 1  # a run without a single policy reply failed
 
 
-def _claim_out_directory(out: Path) -> None:
+def _claim_out_directory(out: Path, model: Path) -> None:
     """Makes `out` the demo's own: refused when it holds files an earlier demo did not write there (a real
-    `tokenizer.pth`, say: the demo replaces the files it writes)."""
+    `tokenizer.pth`, say: the demo replaces the files it writes). `model`: where it writes the model; a directory
+    of a demo that predates the mark is recognised by holding that model's tiny checkpoint and nothing else."""
     mark = out / OWN_DIRECTORY_MARK
     try:
-        if out.is_dir() and not mark.is_file() and any(out.iterdir()):
+        if out.is_dir() and not mark.is_file() and any(out.iterdir()) and not _an_earlier_demos(out, model):
             raise ConfigError(
                 f"--out {out}: holds files the demo did not write, and the demo replaces the files it writes there "
                 "(model/, episode.png); choose a new or empty directory"
@@ -220,6 +221,15 @@ def _claim_out_directory(out: Path) -> None:
         mark.write_text("written by cosmos-edge demo: a later demo may replace the files here\n")
     except OSError as error:
         raise ConfigError(f"--out {out}: cannot write there ({error})") from None
+
+
+def _an_earlier_demos(out: Path, model: Path) -> bool:
+    from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, random_asset_paths
+
+    files = random_asset_paths(model, RandomAssetsSpec("tiny", "aloha"))
+    names = {files.checkpoint.name, files.tokenizer.name, files.stats.name, files.text_embeddings.name}
+    outside = {entry.name for entry in out.iterdir()} - {model.name, "episode.png"}
+    return not outside and files.checkpoint.is_file() and {entry.name for entry in model.iterdir()} <= names
 
 
 def _print_round_trip(executor: ChunkExecutor) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource, ModelSource
 from cosmos_edge.runtime.engines.registry import load_torch_backend
 from cosmos_edge.runtime.errors import ConfigError
-from cosmos_edge.runtime.precision import COMPILE_SCOPES, compile_mode
+from cosmos_edge.runtime.precision import COMPILE_SCOPES
 
 _OFFICIAL_FILES = {
     "--checkpoint": "checkpoint",
@@ -81,12 +81,7 @@ def model_source(
     faster[f"--compile-scope {args.compile_scope}"] = args.compile_scope is not None
     if reference and (given := [flag for flag, on in faster.items() if on]):
         raise ConfigError(f"{given[0]}: --reference runs the official path uncompiled, without graphs; drop one")
-    if args.compile_scope is not None and compile_mode(args.compile, list(devices) or ["cpu"]) is None:
-        raise ConfigError(
-            f"--compile-scope {args.compile_scope}: compilation is off (--no-compile, or the CPU default); "
-            "add --compile"
-        )
-    return CheckpointSource.for_devices(
+    source = CheckpointSource.for_devices(
         CheckpointFiles(args.checkpoint, args.tokenizer, args.stats, args.text_embeddings, args.platform),
         devices,
         planning_checkpoint=args.planning_checkpoint,
@@ -96,6 +91,12 @@ def model_source(
         cuda_graphs=args.cuda_graphs,
         reference=reference,
     )
+    if args.compile_scope is not None and source.compile_mode is None:
+        raise ConfigError(
+            f"--compile-scope {args.compile_scope}: compilation is off (--no-compile, or the CPU default); "
+            "add --compile"
+        )
+    return source
 
 
 def _check_torch_devices(flag: str, devices: Sequence[str]) -> None:

@@ -28,13 +28,16 @@ def read_observation(path: Path) -> Observation:
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.namelist()
-        others = [name for name in members if not name.endswith(".npy")]
-        if others:  # np.load would hand them back as raw bytes
-            looks = " (a PyTorch checkpoint?)" if any(name.endswith("data.pkl") for name in others) else ""
-            raise InputError(
-                f"observation: {path}: a zip archive{looks}, not an .npz of arrays: {len(others)} of its "
-                f"{len(members)} members are not .npy files (first: {others[0]!r})"
-            )
+    except (OSError, zipfile.BadZipFile) as error:
+        raise InputError(f"observation: {path}: not a readable .npz ({error})") from None
+    others = [name for name in members if not name.endswith(".npy")]
+    if others:  # np.load would hand them back as raw bytes
+        looks = " (a PyTorch checkpoint?)" if any(name.endswith("data.pkl") for name in others) else ""
+        raise InputError(
+            f"observation: {path}: a zip archive{looks}, not an .npz of arrays: {len(others)} of its "
+            f"{len(members)} members are not .npy files (first: {others[0]!r})"
+        )
+    try:
         loaded = np.load(path, allow_pickle=False)
         with loaded:
             arrays = {name: loaded[name] for name in loaded.files}

@@ -83,6 +83,7 @@ _REPLY_GRACE_S = 0.5  # many times what a client blocked in poll needs to read i
 _WAKE_BYTES = 4096  # wake-up bytes read at once; any number of them means "look at the outbox"
 _SUGGESTIONS = 3  # known instructions named when one is unknown
 _QUEUED_BATCHES = 64  # at most 64 x 64 requests answered as queued before serving (then serving begins)
+_STARTING = "arrived while the server was starting (loading its models); ask again"
 _START_TIMEOUT_S = 30.0  # `serving_in_thread`: from the thread's start to queueing requests (no model loads there)
 
 
@@ -189,7 +190,8 @@ class PolicyServer:
         It waits in the same queue, under the same `max_pending`, for the same worker as the controllers' requests,
         but under a key of its own: it never replaces, and is never replaced by, another request. Rejections on
         arrival (unknown mode or instruction, cameras or sizes that do not match the platform, too many waiting,
-        shutting down) raise `MessageError`; the future fails with one for the rest (shutting down, expired, the
+        the server not serving yet, as the ZeroMQ requests queued while it started; shutting down) raise
+        `MessageError`; the future fails with one for the rest (shutting down, expired, the
         policy rejected or failed). The future is resolved exactly once, by the I/O thread; one cancelled while it
         waits is skipped. `peer` names the sender in the log.
         """
@@ -198,6 +200,8 @@ class PolicyServer:
         key = next(self._submissions)
         future: Future[ActReply] = Future()
         mode = self._act_mode(request)
+        if not self._accepting.is_set() and not self._stopping.is_set():
+            raise MessageError(ErrorCode.OVERLOADED, "", _STARTING, request.request_id)
         self._enqueue(_Job(key, request, mode, time.time_ns(), started, decode_ms, peer, future))
         return future
 
@@ -329,8 +333,7 @@ class PolicyServer:
             if isinstance(request, ActRequest):
                 mode = self._act_mode(request)
                 if self._before_serving:
-                    detail = "arrived while the server was starting (loading its models); ask again"
-                    raise MessageError(ErrorCode.OVERLOADED, "", detail, request.request_id)
+                    raise MessageError(ErrorCode.OVERLOADED, "", _STARTING, request.request_id)
                 self._enqueue(_Job(identity, request, mode, receive_ns, started, ms_since(started), peer))
                 return
             reply: ServerMetadata | Pong | ModeSet
@@ -719,8 +722,12 @@ def serving_in_thread(server: PolicyServer) -> Iterator[str]:
     thread = threading.Thread(target=server.serve_forever, name="policy-server", daemon=True)
     thread.start()
     try:
-        if not server.wait_until_accepting(_START_TIMEOUT_S):
-            raise EngineError(f"the policy server did not start serving within {_START_TIMEOUT_S:.0f} s")
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while not server.wait_until_accepting(0.05):
+            if not thread.is_alive():
+                raise EngineError("the policy server stopped before it began serving; see its log")
+            if time.monotonic() > deadline:
+                raise EngineError(f"the policy server did not begin serving within {_START_TIMEOUT_S:.0f} s")
         yield endpoint
     finally:
         server.stop()

@@ -69,7 +69,8 @@ def _diffusers_to_official_key(key: str, num_res_blocks: int) -> str:
 
 
 def _holds_dit(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    return any("x_embedder." in key for key in state_dict)  # the DiT's patch embedding, in either layout
+    # The DiT's patch embedding: `x_embedder` in the official layout, `patch_embed` in diffusers'.
+    return any(part in key for key in state_dict for part in ("x_embedder.", "patch_embed."))
 
 
 def _is_diffusers_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from cosmos_edge.cli import demo_cmd
 from cosmos_edge.cli.main import main
+from cosmos_edge.runtime.errors import ConfigError
 
 pytest.importorskip("gym_aloha", reason="the demo needs the `sim` extra (gym-aloha)")
 
@@ -25,6 +27,20 @@ def test_demo_runs_one_chunk(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     strip = Image.open(tmp_path / "episode.png")
     assert strip.size == (160 * 2, 120)  # cam_high every 25 of the 50 ticks
     assert (tmp_path / "model" / "tokenizer.pth").is_file()
+
+
+def test_a_directory_of_a_demo_before_the_mark_is_still_the_demos(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("cosmos_policy_aloha_tiny.pt", "tokenizer.pth"):
+        (model / name).write_bytes(b"an earlier demo's")
+    (tmp_path / "episode.png").write_bytes(b"an earlier demo's")
+    demo_cmd._claim_out_directory(tmp_path, model)
+    assert (tmp_path / demo_cmd.OWN_DIRECTORY_MARK).is_file()
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / demo_cmd.OWN_DIRECTORY_MARK).unlink()
+    with pytest.raises(ConfigError, match="holds files the demo did not write"):
+        demo_cmd._claim_out_directory(tmp_path, model)
 
 
 def test_the_demo_never_replaces_files_it_did_not_write(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

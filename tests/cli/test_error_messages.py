@@ -199,7 +199,7 @@ CASES: dict[str, Case] = {
     ),
     "a checkpoint given as the observation": lambda f, t: (
         act(f, t, observation_path=f.tokenizer),
-        f"observation: {f.tokenizer}: a zip archive (a PyTorch checkpoint?), not an .npz of arrays",
+        f"error: observation: {f.tokenizer}: a zip archive (a PyTorch checkpoint?), not an .npz of arrays",
     ),
     "steps given twice in planning": lambda f, t: (
         act(f, t, "--mode", "planning", "--steps", "3", "--num-denoising-steps-action", "5"),
@@ -353,7 +353,11 @@ def test_act_checks_the_observation_before_loading_the_model(
 @pytest.mark.parametrize(
     ("task", "override", "named"),
     [
-        ("fold the towel", {}, "instruction: no text embedding for 'fold the towel'"),
+        (
+            "fold the towel",
+            {},
+            "--task 'fold the towel': not among the instructions of {files.text_embeddings}: no text embedding for",
+        ),
         ("fold the t-shirt", {"tokenizer": "nope.pth"}, "--tokenizer {tmp}/nope.pth: no such file"),
         ("fold the t-shirt", {"planning_checkpoint": "nope.pt"}, "--planning-checkpoint {tmp}/nope.pt: no such file"),
     ],
@@ -375,7 +379,7 @@ def test_act_checks_the_task_and_the_files_before_loading_the_model(
     argv = act(tiny_assets["aloha"], tmp_path, **{name: tmp_path / path for name, path in override.items()})
     argv[argv.index("--task") + 1] = task
     assert main(argv) == 2
-    assert named.format(tmp=tmp_path) in capsys.readouterr().err
+    assert named.format(tmp=tmp_path, files=tiny_assets["aloha"]) in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "0", "-1", "lots"])

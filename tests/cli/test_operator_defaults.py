@@ -115,3 +115,18 @@ def test_an_aggregation_scheme_with_no_ensemble_to_pool_is_warned_of(
         planning_config(args)
     warned = [record.getMessage() for record in caplog.records if "has no effect" in record.getMessage()]
     assert len(warned) == int(ignored)
+
+
+def test_logging_shows_cosmos_edge_at_info_and_other_libraries_from_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    root, ours = logging.getLogger(), logging.getLogger("cosmos_edge")
+    for logger in (root, ours):  # restored after the test, as pytest's own handlers
+        monkeypatch.setattr(logger, "level", logger.level)
+        monkeypatch.setattr(logger, "handlers", [])
+    cli_main._configure_logging(verbose=False)
+    assert (root.level, ours.level) == (logging.WARNING, logging.INFO) and root.handlers
+    root.handlers = []
+    cli_main._configure_logging(verbose=True)
+    assert (root.level, ours.level) == (logging.DEBUG, logging.DEBUG)
+    root.setLevel(logging.ERROR)
+    cli_main._configure_logging(verbose=False)  # configured already (a host program): left as it is
+    assert (root.level, ours.level) == (logging.ERROR, logging.DEBUG)

@@ -866,6 +866,35 @@ def test_an_act_sent_before_serving_began_is_refused_as_overloaded_and_never_com
         assert_answers(early.receive(), later_id, 2.0)
 
 
+def test_an_act_submitted_before_serving_began_is_refused_as_overloaded(policy: StubPolicy) -> None:
+    # The HTTP endpoint's listener is bound before the models load too: what it submits meanwhile is not computed.
+    server = PolicyServer(policy, ServerConfig(ENDPOINT))
+    request = ActRequest(3, obs_id=1, capture_time_ns=1, instruction=INSTRUCTION, **vars(observation(1.0)))
+    with pytest.raises(MessageError, match="arrived while the server was starting") as refused:
+        server.submit(request, peer="http")
+    assert refused.value.code is ErrorCode.OVERLOADED
+    with serving(server):
+        reply = server.submit(request, peer="http").result(timeout=TIMEOUT_S)
+    assert reply.request_id == 3 and len(policy.queries) == 1
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death it reports
+def test_serving_in_a_thread_fails_at_once_when_the_server_dies_before_serving(
+    policy: StubPolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = PolicyServer(policy, ServerConfig(ENDPOINT))
+
+    def dies() -> None:
+        raise RuntimeError("the socket went away")
+
+    monkeypatch.setattr(server, "serve_forever", dies)
+    started = time.monotonic()
+    with pytest.raises(EngineError, match="stopped before it began serving"), serving(server):
+        pass
+    assert time.monotonic() - started < 10.0  # not the 30 s start timeout
+    server.close()
+
+
 def test_a_server_takes_over_a_router_bound_before_it() -> None:
     router = BoundRouter.bind(ServerConfig(ENDPOINT))
     server = PolicyServer(StubPolicy(), ServerConfig(ENDPOINT), router=router)
