@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One run on a lent GPU machine, as it finds the working tree (not installed; its Python and torch, not this
 # project's environment): the `gpu` tests, then benchmarks/gpu_check.py's sections within a deadline, each written to
-# OUT/gpu_check.json as it finishes. Exits non-zero when the tests or the script failed.
+# OUT/gpu_check.json as it finishes. Exits non-zero when the tests or the script failed (a section that failed
+# included).
 #
 #   bash benchmarks/device_check.sh OUT [SECTIONS]   # DEADLINE_S (default 480) bounds gpu_check
 #   GPU_CHECK_ARGS=--smoke bash benchmarks/device_check.sh /tmp/out   # on the CPU, tiny sizes: the script runs
@@ -25,8 +26,9 @@ if compgen -G ".device/wheels/*.whl" > /dev/null; then
 fi
 export PYTHONPATH=$path PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/card.txt"
+# Every file with `gpu` tests that imports without an engine library (ONNX Runtime's and TensorRT's need theirs).
 python -m pytest -q -m gpu -p no:cacheprovider tests/runtime/test_torch_backend.py tests/kernels/test_image_transforms.py \
-    2>&1 | tee "$out/pytest.txt" | tail -5
+    tests/runtime/test_cuda_buffers.py 2>&1 | tee "$out/pytest.txt" | tail -5
 tests=$?
 python benchmarks/gpu_check.py --out "$out/gpu_check.json" --deadline-s "${DEADLINE_S:-480}" --only "$sections" \
     ${GPU_CHECK_ARGS:-}

@@ -119,6 +119,10 @@ class Report:
         self.path.write_text(json.dumps(self.data, indent=2))
         print(f"{name}: {json.dumps(self.data['sections'][name])[:300]}", flush=True)
 
+    def failed(self) -> list[str]:
+        """The sections that ran and failed (an `error` in their result)."""
+        return [name for name, result in self.data["sections"].items() if "error" in result]
+
     def print_table(self) -> None:
         """The timed queries, one line each: total and stage medians in ms."""
         stages = ("preprocess", "vae_encode", "dit", "denoise_total", "readout")
@@ -648,6 +652,8 @@ def main() -> None:
             ),
         )
     report.print_table()
+    if failed := report.failed():
+        sys.exit(f"failed sections: {', '.join(failed)} (their errors are in {report.path})")
 
 
 if __name__ == "__main__":
