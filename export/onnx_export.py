@@ -137,6 +137,10 @@ def export_graph(module: nn.Module, spec: GraphSpec, path: Path) -> ExportedGrap
     """Traces `module` on zeros of the spec's shapes, writes `path` (+ `path.data` when large) and checks it."""
     start = time.perf_counter()
     sample = tuple(torch.from_numpy(tensor.zeros()) for tensor in spec.inputs)
+    traced: list[tuple[Tensor, ...]] = []  # what the traced forward returned: the graph's true outputs
+    hook = module.register_forward_hook(
+        lambda _module, _inputs, output: traced.append(output if isinstance(output, tuple) else (output,))
+    )
     # The exporter writes large models as one file per tensor; export into scratch space, then consolidate.
     with tempfile.TemporaryDirectory(prefix=f"{spec.name}-", dir=path.parent) as scratch:
         raw = Path(scratch) / "graph.onnx"
@@ -147,16 +151,25 @@ def export_graph(module: nn.Module, spec: GraphSpec, path: Path) -> ExportedGrap
             warnings.simplefilter("ignore", DeprecationWarning)
             # Strided slices (the VAE's 2x temporal downsampling) stay Slice ops instead of being folded; harmless.
             warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
-            torch.onnx.export(
-                module.eval(),
-                sample,
-                str(raw),
-                input_names=spec.input_names,
-                output_names=spec.output_names,
-                opset_version=OPSET,
-                do_constant_folding=True,
-                dynamo=False,
-            )
+            try:
+                torch.onnx.export(
+                    module.eval(),
+                    sample,
+                    str(raw),
+                    input_names=spec.input_names,
+                    output_names=spec.output_names,
+                    opset_version=OPSET,
+                    do_constant_folding=True,
+                    dynamo=False,
+                )
+            finally:
+                hook.remove()
+        # The file's output shapes are written from the spec (the tracer leaves some unknown): checked here first.
+        found = {
+            tensor.name: (tuple(output.shape), str(output.dtype).removeprefix("torch."))
+            for tensor, output in zip(spec.outputs, traced[0], strict=True)
+        }
+        check_signature(spec, found, False, f"{path} (traced)")
         external = _save_consolidated(raw, spec, path)
     onnx.checker.check_model(str(path))  # by path: also valid for graphs with external data
     _check_io(path, spec)

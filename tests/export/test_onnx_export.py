@@ -15,6 +15,7 @@ from cosmos_edge.runtime.bundle.manifest import Bundle
 from cosmos_edge.runtime.bundle.sources import CheckpointFiles
 from cosmos_edge.runtime.engines.graph import GraphSpec, TensorSpec, dit_graph
 from cosmos_edge.runtime.engines.onnxruntime_runner import OnnxRuntimeRunner
+from cosmos_edge.runtime.errors import EngineError
 from cosmos_edge.runtime.models.dit import Attention, explicit_attention_mode
 from cosmos_edge.runtime.models.dit_checkpoint import load_dit
 from cosmos_edge.runtime.models.dit_config import dit_config
@@ -56,21 +57,33 @@ def test_dit_graph_matches_torch_fp32(aloha_bundle: Bundle, tiny_assets: dict[st
     assert rel_err(runner.run(feeds)["velocity"], expected) <= REL_TOL
 
 
+@pytest.mark.parametrize(("name", "prefix_frames"), [("libero", 13), ("aloha", 17)])  # 1 + 4 x (slots - 1)
 def test_cameras_encoder_graph_gives_the_prefix_latents_of_torch_fp32(
-    tiny_bundles: TinyBundles, tiny_assets: dict[str, CheckpointFiles]
+    name: str, prefix_frames: int, tiny_bundles: TinyBundles, tiny_assets: dict[str, CheckpointFiles]
 ) -> None:
     # The graph takes the camera frames; the black frames before them are constants inside it.
-    bundle = Bundle.open(tiny_bundles("libero"))
+    bundle = Bundle.open(tiny_bundles(name))
     spec = bundle.graph("vae_encoder_cameras").spec
     runner = OnnxRuntimeRunner(bundle.graph_file("vae_encoder_cameras").onnx, spec)
-    platform = platform_spec("libero")
+    platform = platform_spec(name)
     cameras = np.random.default_rng(1).uniform(-1, 1, spec.inputs[0].shape).astype(np.float32)
     black = np.full((1, 3, black_prefix_frames(platform), *cameras.shape[3:]), BLACK, np.float32)
     prefix = np.concatenate([black, cameras], axis=2)
-    assert prefix.shape[2] == 13  # libero's conditioning prefix: 1 + 4 x (4 slots - 1)
+    assert prefix.shape[2] == prefix_frames
     with torch.no_grad():
-        expected = load_wan_vae(tiny_assets["libero"].tokenizer).encode(torch.from_numpy(prefix)).numpy()
+        expected = load_wan_vae(tiny_assets[name].tokenizer).encode(torch.from_numpy(prefix)).numpy()
     assert rel_err(runner.run({"video": cameras})["latent"], expected) <= REL_TOL
+
+
+def test_an_output_shape_the_spec_gets_wrong_fails_the_export(
+    tiny_assets: dict[str, CheckpointFiles], tmp_path: Path
+) -> None:
+    # The file's output shapes are written from the spec: a wrong spec must not make a graph that looks right.
+    vae = load_wan_vae(tiny_assets["aloha"].tokenizer)
+    wrong = GraphSpec("decoder", (TensorSpec("latent", (1, 16, 1, 2, 2)),), (TensorSpec("video", (1, 3, 9, 99, 99)),))
+    with pytest.raises(EngineError, match=r"decoder.onnx \(traced\) output 'video': expected float32\[1, 3, 9, 99"):
+        onnx_export.export_vae_decoder(vae, wrong, tmp_path / "decoder.onnx")
+    assert not (tmp_path / "decoder.onnx").exists()
 
 
 @pytest.mark.parametrize("half", ["encoder", "decoder"])
