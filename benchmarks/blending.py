@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -135,7 +136,10 @@ def main(out: Path) -> None:
     results = {
         stream: {name: measure(stream, blend) for name, blend in SCHEMES.items()} for stream in ("offset", "noisy")
     }
-    report = {"machine": "any (simulated clock, deterministic)", "command": f"python benchmarks/blending.py {out}"}
+    report: dict[str, Any] = {
+        "machine": "any (simulated clock, deterministic)",
+        "command": f"python benchmarks/blending.py {out}",
+    }
     report |= {"settings": {"rate_hz": RATE_HZ, "chunk": CHUNK, "latency_ticks": LATENCY_TICKS, "ticks": TICKS}}
     report["results"] = results
     out.write_text(json.dumps(report, indent=2))

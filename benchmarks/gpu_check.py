@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gc
 import json
 import platform as host
 import re
@@ -80,7 +81,7 @@ from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_ran
 from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
 from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.policy import images as reference_images
-from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation
+from cosmos_edge.runtime.policy.api import ActionQuery, CandidateResults, ChunkResult, Observation
 from cosmos_edge.runtime.policy.arrays import HOST_ARRAYS
 from cosmos_edge.runtime.policy.latents import BLACK
 from cosmos_edge.runtime.policy.normalization import DatasetStats
@@ -246,8 +247,10 @@ def query_exact(device: str, root: Path) -> dict[str, Any]:
 
 def timed_queries(files: CheckpointFiles, device: str, runs: int, **source: Any) -> dict[str, Any]:
     if device.startswith("cuda"):
+        gc.collect()  # models of earlier sections that only cycles still hold
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    # What earlier sections left allocated (e.g. a model a compiled graph still refers to), apart from this one's peak.
+    # What earlier sections still hold (e.g. a model a compiled graph refers to): the peak counts it, its own does not.
     before = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else None
     with load_policies(CheckpointSource(files, precision="bf16", **source), devices=[device]) as loaded:
         policy = loaded.reactive
@@ -274,6 +277,7 @@ def timed_queries(files: CheckpointFiles, device: str, runs: int, **source: Any)
         "warm_up_s": warm_up_s,
         "peak_gpu_memory_gib": None if peak is None else round(peak, 2),
         "gpu_memory_before_gib": None if before is None else round(before, 2),
+        "own_peak_gpu_memory_gib": None if peak is None or before is None else round(peak - before, 2),
     }
 
 
@@ -461,7 +465,7 @@ def dit_compiled(
         text = rng.standard_normal((1, 512, dit_config(config).text_dim)).astype(np.float32)
         network = dit.bind_text(text)
         arrays = dit.arrays
-        inputs = (arrays.put(x), timesteps, arrays.put(mask))  # timesteps stay on the host, as the sampler passes them
+        inputs: tuple[Any, ...] = (arrays.put(x), timesteps, arrays.put(mask))  # timesteps on the host, as sampled
         started = time.perf_counter()
         with inductor_config.patch(force_disable_caches=True):  # cold, as on a first start: no on-disk cache hit
             network(*inputs)
@@ -499,31 +503,39 @@ def attention_backends(device: str, config: str, runs: int) -> dict[str, Any]:
     return result
 
 
+PLANNING_RUNS = 3  # timed queries of each planning mode, after one warm-up query each
+
+
 def planning_timing(device: str, files: CheckpointFiles) -> dict[str, Any]:
     source = CheckpointSource(files, precision="bf16", compile_mode="default")
     result: dict[str, Any] = {"config": "aloha, bf16, compiled, best of 8, official main configuration"}
     with load_policies(source, devices=[device], planning=PlanningConfig(num_queries_best_of_n=8)) as loaded:
         workers = list(loaded.devices)
         query = ActionQuery(observation(3), "fold the t-shirt", seed=195)
-        for name, options, repeats in (
-            ("batched", {"batch_passes": True}, 2),
-            ("pass_after_pass", {"batch_passes": False}, 1),  # batch 1: compiled by the batched mode's base pass
-        ):
-            with contextlib.closing(PlanningPolicy(loaded.reactive.model, workers, **options)) as policy:
-                if repeats > 1:
-                    started = time.perf_counter()
-                    policy.infer(query)  # warm-up and compilation of this mode's batch sizes
-                    result[f"{name}_warm_up_s"] = round(time.perf_counter() - started, 1)
-                seconds = []
-                for _ in range(repeats):
+        modes = {
+            "batched": PlanningPolicy(loaded.reactive.model, workers, batch_passes=True),
+            "pass_after_pass": PlanningPolicy(loaded.reactive.model, workers, batch_passes=False),
+        }
+        with contextlib.ExitStack() as closing:
+            for name, policy in modes.items():
+                closing.callback(policy.close)
+                started = time.perf_counter()
+                policy.infer(query)  # warm-up: compilation of this mode's batch sizes, first-use costs
+                result[f"{name}_warm_up_s"] = round(time.perf_counter() - started, 1)
+            seconds: dict[str, list[float]] = {name: [] for name in modes}
+            chosen: dict[str, CandidateResults] = {}
+            for _ in range(PLANNING_RUNS):  # alternated, so that both modes see the same state of the machine
+                for name, policy in modes.items():
                     synchronize(device)
                     started = time.perf_counter()
                     candidates = policy.infer(query).candidates
                     synchronize(device)
-                    seconds.append(round(time.perf_counter() - started, 3))
-            assert candidates is not None
-            result[name] = {"s_p50": statistics.median(seconds), "runs": seconds, "chosen": candidates.chosen}
-            result[name]["values"] = [round(float(v), 5) for v in candidates.values]
+                    seconds[name].append(round(time.perf_counter() - started, 3))
+                    assert candidates is not None
+                    chosen[name] = candidates
+        for name, candidates in chosen.items():
+            result[name] = {"s_p50": statistics.median(seconds[name]), "runs": seconds[name]}
+            result[name] |= {"chosen": candidates.chosen, "values": [round(float(v), 5) for v in candidates.values]}
         result["same_choice_and_values"] = result["batched"]["chosen"] == result["pass_after_pass"]["chosen"] and (
             result["batched"]["values"] == result["pass_after_pass"]["values"]
         )
@@ -631,7 +643,7 @@ def main() -> None:
         )
         report.section("served_query", 200, lambda: served_query(files, device, runs, root, report.left_s() - 60))
         report.section("query_profile", 150, lambda: query_profile(files, device))
-        report.section("planning_timing", 150, lambda: planning_timing(device, files))
+        report.section("planning_timing", 190, lambda: planning_timing(device, files))
         report.section("vae_variants", 60, lambda: vae_variants(device, files, runs))
         report.section(
             "query_fast_cuda_graphs", 120, lambda: timed_queries(files, device, runs, compile_mode="reduce-overhead")

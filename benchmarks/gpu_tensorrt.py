@@ -35,7 +35,7 @@ def machine() -> dict[str, Any]:
         smi = subprocess.run(query, capture_output=True, text=True, check=False).stdout.strip()
     except FileNotFoundError:
         smi = "no nvidia-smi: no NVIDIA driver"
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             versions[name] = importlib.metadata.version(name)
@@ -88,7 +88,7 @@ def bench_preset(preset: str, root: Path, repeats: int) -> dict[str, Any]:
     inputs = {tensor.name: rng.standard_normal(tensor.shape).astype(np.float32) for tensor in spec.inputs}
     inputs["timesteps"] = np.full(spec.inputs[1].shape, 0.5, np.float32)
 
-    graph = DiTGraph(dit).cuda()
+    graph = DiTGraph(dit.cuda(), spec)
 
     @torch.inference_mode()
     def torch_eager() -> np.ndarray:
@@ -96,11 +96,12 @@ def bench_preset(preset: str, root: Path, repeats: int) -> dict[str, Any]:
         return graph(*tensors).cpu().numpy()
 
     start = time.perf_counter()
-    runner = TensorRTRunner.from_onnx(spec, OnnxSource(exported.path, exported.files[1:]), root / "engines")
+    weights = () if exported.external_data is None else (exported.external_data,)
+    runner = TensorRTRunner.from_onnx(spec, OnnxSource(exported.path, weights), root / "engines")
     build_s = time.perf_counter() - start
     with runner:
         expected, got = torch_eager(), runner.run(inputs)["velocity"]
-        result = {
+        result: dict[str, Any] = {
             "preset": preset,
             "graph": spec.name,
             "precision": "bf16",

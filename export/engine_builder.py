@@ -36,8 +36,7 @@ def build_bundle_engines(bundle_dir: str | Path, device: int = 0, graphs: tuple[
         write_manifest(bundle.root, dataclasses.replace(bundle.manifest, engines=engines, files=files))
 
     for index, name in enumerate(names, start=1):
-        graph = bundle.graph(name)
-        onnx_files = [bundle.file(relative) for relative in graph.files]
+        graph = bundle.graph_file(name, with_engine=False)  # its files verified, and their digest known
         engine_path = bundle.root / ENGINES_DIR / f"{name}.engine"
         written = [path.relative_to(bundle.root).as_posix() for path in (engine_path, record_path(engine_path))]
         if engines.pop(name, None) is not None:
@@ -45,9 +44,8 @@ def build_bundle_engines(bundle_dir: str | Path, device: int = 0, graphs: tuple[
                 files.pop(relative, None)
             record_in_manifest()
         _LOG.info("engine %d/%d: %s", index, len(names), name)
-        record, _ = build_engine(
-            graph.spec, OnnxSource(onnx_files[0], tuple(onnx_files[1:])), engine_path, device=device
-        )
+        source = OnnxSource(graph.onnx, graph.external_data, known_sha256=graph.onnx_sha256)
+        record, _ = build_engine(graph.spec, source, engine_path, device=device)
         engines[name] = record.manifest_entry()
         files.update({relative: file_record(bundle.root / relative) for relative in written})
         record_in_manifest()

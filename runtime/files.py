@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 _HASH_CHUNK = 16 << 20
@@ -14,6 +15,15 @@ def sha256_file(path: Path) -> str:
     with path.open("rb") as file:
         while chunk := file.read(_HASH_CHUNK):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def graph_files_digest(files: Iterable[tuple[str, str]]) -> str:
+    """The digest of an ONNX graph's files from each one's (name, sha256), in order: what a TensorRT engine records
+    of the graph it was built from (an engine depends on the weights in external-data files too)."""
+    digest = hashlib.sha256()
+    for name, sha256 in files:
+        digest.update(f"{name}\0{sha256}\0".encode())
     return digest.hexdigest()
 
 

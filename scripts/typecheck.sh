@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# mypy over every cosmos_edge package, with the TensorRT backend checked against tensorrt-stubs (TensorRT itself
+# mypy over every cosmos_edge package and the benchmarks, with the TensorRT backend checked against tensorrt-stubs (TensorRT itself
 # cannot be installed on CI machines).
 # - The editable install's import hook is invisible to mypy, so a `cosmos_edge` view of the folders goes on MYPYPATH.
 # - tensorrt-stubs (10.13.0.35.1, the latest) ships without py.typed, so mypy would treat TensorRT as Any; and the
@@ -33,3 +33,5 @@ ignore_errors = True
 INI
 .venv/bin/mypy --config-file "$work/mypy.ini" \
     -p cosmos_edge.runtime -p cosmos_edge.export -p cosmos_edge.kernels -p cosmos_edge.robot_bridge -p cosmos_edge.cli
+# The benchmarks too (scripts and pytest-benchmark suites; several run only on a GPU, so nothing else checks them).
+MYPYPATH=$PWD .venv/bin/mypy --config-file "$work/mypy.ini" --explicit-package-bases benchmarks/*.py

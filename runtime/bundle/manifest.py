@@ -27,7 +27,7 @@ from typing import Any
 
 from cosmos_edge.runtime.engines.graph import GraphFile, GraphSpec, TensorSpec
 from cosmos_edge.runtime.errors import BundleError, ConfigError
-from cosmos_edge.runtime.files import sha256_file, write_atomic
+from cosmos_edge.runtime.files import graph_files_digest, sha256_file, write_atomic
 from cosmos_edge.runtime.platforms import PLATFORMS, PlatformSpec
 from cosmos_edge.runtime.policy import text_embeddings as text_store
 from cosmos_edge.runtime.policy.normalization import DatasetStats
@@ -317,8 +317,18 @@ class Bundle:
         onnx, *external = [self.file(relative) for relative in record.files]
         entry = self.manifest.engines.get(name) if with_engine else None
         engine = None if entry is None else self.file(f"{ENGINES_DIR}/{entry['file']}")
+        # From the hashes just verified: a TensorRT backend need not read the graph's GBs again.
+        digest = graph_files_digest(
+            (PurePosixPath(relative).name, self.manifest.files[relative].sha256) for relative in record.files
+        )
         return GraphFile(
-            record.spec, onnx, tuple(external), self.manifest.precision, engine, cache_dir=self.root / CACHE_DIR
+            record.spec,
+            onnx,
+            tuple(external),
+            self.manifest.precision,
+            engine,
+            cache_dir=self.root / CACHE_DIR,
+            onnx_sha256=digest,
         )
 
     def graph_names(self, role: str) -> list[str]:

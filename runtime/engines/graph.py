@@ -92,7 +92,8 @@ class GraphFile:
     """What a backend opens: an ONNX graph (and its external data) of contract `spec`, verified by the caller.
 
     `precision` is the graph's internal precision; `engine` a prebuilt TensorRT engine for it, if any; `cache_dir`
-    where engines built on first use are kept (None: nowhere persistent).
+    where engines built on first use are kept (None: nowhere persistent); `onnx_sha256` the digest of the ONNX files
+    (`files.graph_files_digest`) when the caller knows it, which engines are matched against.
     """
 
     spec: GraphSpec
@@ -101,6 +102,7 @@ class GraphFile:
     precision: str = "fp32"
     engine: Path | None = None
     cache_dir: Path | None = None
+    onnx_sha256: str | None = None
 
 
 class GraphRunner(Protocol):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cosmos_edge.runtime.bundle.manifest import Bundle
 from cosmos_edge.runtime.engines.tensorrt.cache import (
     REBUILD_BUNDLE_HINT,
     BuildOptions,
@@ -17,6 +18,7 @@ from cosmos_edge.runtime.engines.tensorrt.cache import (
     EngineTarget,
     OnnxSource,
     cache_rebuild_hint,
+    check_engine_source,
     check_engine_target,
     engine_cache_key,
     read_engine,
@@ -24,6 +26,7 @@ from cosmos_edge.runtime.engines.tensorrt.cache import (
     write_engine,
 )
 from cosmos_edge.runtime.errors import EngineError
+from tests.helpers.observations import TinyBundles
 
 H100 = EngineTarget("10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0")
 ENGINE_BYTES = b"serialized engine bytes"
@@ -64,6 +67,23 @@ def test_onnx_digest_covers_external_data(tmp_path: Path) -> None:
     data.write_bytes(b"weights v2")
     assert OnnxSource(graph, (data,)).sha256() != first
     assert OnnxSource(graph).sha256() != first
+
+
+def test_a_bundles_graph_digest_from_its_manifest_is_the_digest_of_its_files(tiny_bundles: TinyBundles) -> None:
+    # Backends take it from the manifest's verified hashes instead of reading the graph's GBs again.
+    graph = Bundle.open(tiny_bundles("aloha")).graph_file("dit_b1", with_engine=False)
+    assert graph.onnx_sha256 == OnnxSource(graph.onnx, graph.external_data).sha256()
+    assert OnnxSource(graph.onnx, known_sha256="cd" * 32).sha256() == "cd" * 32
+
+
+def test_an_engine_built_from_other_onnx_files_is_refused(tmp_path: Path) -> None:
+    engine = tmp_path / "dit_b1.engine"
+    check_engine_source(_record(), "dit_b1", "ab" * 32, engine)  # the record's digest
+    check_engine_source(_record(), "dit_b1", None, engine)  # nothing to match against
+    with pytest.raises(EngineError, match=r"built from other ONNX files of graph 'dit_b1' \(another export\)"):
+        check_engine_source(_record(), "dit_b1", "cd" * 32, engine)
+    with pytest.raises(EngineError, match="expected graph 'dit_b2', got an engine of 'dit_b1'"):
+        check_engine_source(_record(), "dit_b2", None, engine)
 
 
 def test_onnx_digest_of_a_missing_file_names_it(tmp_path: Path) -> None:

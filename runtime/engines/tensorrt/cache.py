@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cosmos_edge.runtime.errors import EngineError
-from cosmos_edge.runtime.files import sha256_file, write_atomic
+from cosmos_edge.runtime.files import graph_files_digest, sha256_file, write_atomic
 
 _LOG = logging.getLogger(__name__)
 
@@ -84,16 +84,19 @@ class OnnxSource:
 
     path: Path
     external_data: tuple[Path, ...] = ()
+    known_sha256: str | None = None  # `sha256()` of files a manifest verified already: not read again (GBs)
 
     def sha256(self) -> str:
         """Digest of every file's name and bytes, so new weights in an external-data file give a new engine."""
-        digest = hashlib.sha256()
+        if self.known_sha256 is not None:
+            return self.known_sha256
+        hashes = []
         for path in (self.path, *self.external_data):
             try:
-                digest.update(f"{path.name}\0{sha256_file(path)}\0".encode())
+                hashes.append((path.name, sha256_file(path)))
             except OSError as error:
                 raise EngineError(f"ONNX graph file {path}: expected a readable file, got {error}") from error
-        return digest.hexdigest()
+        return graph_files_digest(hashes)
 
 
 def engine_cache_key(onnx_sha256: str, target: EngineTarget, options: BuildOptions) -> str:
@@ -193,6 +196,17 @@ def read_engine(engine_path: Path, current: EngineTarget, rebuild_hint: str) -> 
             f"is truncated or was replaced: {rebuild_hint}"
         )
     return record, data
+
+
+def check_engine_source(record: EngineRecord, graph: str, onnx_sha256: str | None, engine_path: Path) -> None:
+    """An engine was built from `graph`, and (given `onnx_sha256`) from exactly these ONNX files."""
+    if record.graph != graph:
+        raise EngineError(f"engine {engine_path}: expected graph {graph!r}, got an engine of {record.graph!r}")
+    if onnx_sha256 is not None and record.onnx_sha256 != onnx_sha256:
+        raise EngineError(
+            f"engine {engine_path}: built from other ONNX files of graph {graph!r} (another export); "
+            f"{REBUILD_BUNDLE_HINT}"
+        )
 
 
 def write_engine(engine_path: Path, record: EngineRecord, data: bytes) -> None:

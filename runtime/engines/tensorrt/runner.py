@@ -37,6 +37,7 @@ from cosmos_edge.runtime.engines.tensorrt.cache import (
     EngineRecord,
     OnnxSource,
     cache_rebuild_hint,
+    check_engine_source,
     engine_cache_key,
     read_engine,
 )
@@ -109,11 +110,12 @@ class TensorRTRunner:
         spec: GraphSpec,
         engine_path: Path,
         device: int = 0,
+        onnx_sha256: str | None = None,
     ) -> TensorRTRunner:
-        """Loads a prebuilt engine (a bundle's), refusing one built for another TensorRT version or GPU."""
+        """Loads a prebuilt engine (a bundle's), refusing one built for another TensorRT version or GPU, or (given
+        `onnx_sha256`, the digest of the graph's files) from other ONNX files."""
         record, data = read_engine(engine_path, current_target(device), REBUILD_BUNDLE_HINT)
-        if record.graph != spec.name:
-            raise EngineError(f"engine {engine_path}: expected graph {spec.name!r}, got an engine of {record.graph!r}")
+        check_engine_source(record, spec.name, onnx_sha256, engine_path)
         return cls._activate(spec, record, data, device, REBUILD_BUNDLE_HINT)
 
     @classmethod
@@ -201,10 +203,10 @@ def open_graph(graph: GraphFile, device: str) -> TensorRTRunner:
     its ONNX file (or reused) in `cache_dir/tensorrt/`, on `device` ("cuda" or "cuda:N")."""
     index = cuda_index(device)
     if graph.engine is not None:
-        return TensorRTRunner.from_engine(graph.spec, graph.engine, index)
+        return TensorRTRunner.from_engine(graph.spec, graph.engine, index, onnx_sha256=graph.onnx_sha256)
     if graph.cache_dir is None:
         raise EngineError(
             f"graph {graph.spec.name!r}: has neither a prebuilt engine nor a cache directory to build one"
         )
-    source = OnnxSource(graph.onnx, graph.external_data)
+    source = OnnxSource(graph.onnx, graph.external_data, known_sha256=graph.onnx_sha256)
     return TensorRTRunner.from_onnx(graph.spec, source, graph.cache_dir / ENGINE_CACHE_DIR, device=index)
