@@ -69,9 +69,11 @@ def test_device_tables_are_every_table_the_transforms_read(platform: str, height
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.gpu
-def test_the_same_bits_on_cuda() -> None:
-    spec = platform_spec("aloha")
-    batch = frames(480, 640)
+@pytest.mark.parametrize("platform", ["libero", "aloha"])  # with and without the centre crop
+@pytest.mark.parametrize(("height", "width"), SIZES)
+def test_the_same_bits_on_cuda(platform: str, height: int, width: int) -> None:
+    spec = platform_spec(platform)
+    batch = frames(height, width)
     got = kernels.transform_frames(spec, batch, torch.device("cuda")).cpu().numpy()
     for frame, planes in zip(batch, got, strict=True):
         expected = reference.to_model_range(reference.transform_image(spec, spec.cameras[0], frame))
