@@ -106,11 +106,16 @@ class _GraphWriter:
         )
 
 
+def check_new_bundle_path(out: Path) -> None:
+    """A bundle is written where nothing is: refused before minutes of export otherwise."""
+    if out.exists():
+        raise BundleError(f"{out}: already exists; remove it or choose another --out")
+
+
 def export_bundle(request: ExportRequest) -> Bundle:
     """Writes the bundle at `request.out` (which must not exist) and returns it opened."""
     out = Path(request.out)
-    if out.exists():
-        raise BundleError(f"{out}: already exists; remove it or choose another --out")
+    check_new_bundle_path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_interrupted_exports(out)

@@ -126,6 +126,10 @@ CASES: dict[str, Case] = {
         act(f, t, observation_path=_corrupt_member(t)),
         "corrupt.npz: not a readable .npz",
     ),
+    "export over an existing bundle": lambda f, t: (
+        ["export", *files_args(f), "--out", str(t), "--precision", "fp32"],
+        f"{t}: already exists; remove it or choose another --out",
+    ),
     "export into a file's place": lambda f, t: (
         ["export", *files_args(f), "--out", str(write(t, "afile", b"x") / "bundle"), "--precision", "fp32"],
         "afile/bundle: cannot write a bundle there",
