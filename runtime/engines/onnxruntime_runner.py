@@ -4,7 +4,8 @@ Targets are named by a device string: "cpu", "cuda[:N]" (CUDA provider) or "tens
 provider, CUDA as fallback for what TensorRT does not take). On a GPU, inputs and outputs live in device buffers
 allocated once and bound once through IO binding, so a call copies each input up and each output down once and
 ONNX Runtime allocates nothing per call. The TensorRT provider keeps its engines and timing cache in
-the graph's cache directory (a bundle's `cache/onnxruntime_tensorrt/`), since building them takes minutes.
+the graph's cache directory (a bundle's `cache/onnxruntime_tensorrt/onnxruntime-VERSION/`), since building them
+takes minutes.
 
 The CPU provider has no bfloat16 kernels (MatMul, Conv, ... in ONNX Runtime 1.32), so a bf16 bundle is refused on
 "cpu" with a message saying what to use instead.
@@ -185,7 +186,8 @@ def open_graph(graph: GraphFile, device: str) -> OnnxRuntimeRunner:
         )
     cache_dir = None
     if target.provider == "tensorrt" and graph.cache_dir is not None:
-        cache_dir = graph.cache_dir / "onnxruntime_tensorrt"
+        # Per onnxruntime version: a TensorRT engine is not portable across the TensorRT versions it links.
+        cache_dir = graph.cache_dir / "onnxruntime_tensorrt" / f"onnxruntime-{ort.__version__}"
     runner = OnnxRuntimeRunner(graph.onnx, graph.spec, target, cache_dir=cache_dir)
     _LOG.info("onnxruntime: loaded %s on %s", graph.spec.name, device)
     return runner
