@@ -325,6 +325,16 @@ def test_bad_input_is_one_line_naming_the_file_or_flag(
     assert named in lines[0], lines[0]
 
 
+@pytest.fixture
+def loading_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`act` fails the test if it loads a model: what the test gives it must be refused before."""
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("loaded the model for a query it had to refuse first")
+
+    monkeypatch.setattr(act_cmd, "load_policies", never)
+
+
 @pytest.mark.parametrize(
     ("arrays", "named"),
     [
@@ -333,18 +343,14 @@ def test_bad_input_is_one_line_naming_the_file_or_flag(
     ],
     ids=["camera names", "proprio size"],
 )
+@pytest.mark.usefixtures("loading_refused")
 def test_act_checks_the_observation_before_loading_the_model(
     arrays: dict[str, np.ndarray],
     named: str,
     tiny_assets: dict[str, CheckpointFiles],
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    def never(*args: object, **kwargs: object) -> None:
-        raise AssertionError("loaded the model for an observation it cannot take")
-
-    monkeypatch.setattr(act_cmd, "load_policies", never)
     with np.load(observation(tmp_path)) as good:
         fields = {name: good[name] for name in good.files}
     if "cam_top" in arrays:
@@ -367,19 +373,15 @@ def test_act_checks_the_observation_before_loading_the_model(
     ],
     ids=["unknown task", "missing tokenizer", "missing planning checkpoint"],
 )
+@pytest.mark.usefixtures("loading_refused")
 def test_act_checks_the_task_and_the_files_before_loading_the_model(
     task: str,
     override: dict[str, str],
     named: str,
     tiny_assets: dict[str, CheckpointFiles],
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    def never(*args: object, **kwargs: object) -> None:
-        raise AssertionError("loaded the model for a query it cannot answer")
-
-    monkeypatch.setattr(act_cmd, "load_policies", never)
     argv = act(tiny_assets["aloha"], tmp_path, **{name: tmp_path / path for name, path in override.items()})
     argv[argv.index("--task") + 1] = task
     assert main(argv) == 2
