@@ -142,8 +142,8 @@ class PolicyServer:
         self._running: _Job | None = None  # taken by the worker; answered by whoever takes it back
         self._outbox: deque[_Answer] = deque()  # answers for the I/O thread to deliver
         self._stopping = threading.Event()
-        self._before_serving = False  # set while the requests queued before `serve_forever` are answered
-        self._accepting = threading.Event()  # set once those are answered: an `act` from then on is queued
+        # Set once the requests that arrived before `serve_forever` are answered: an `act` is queued from then on.
+        self._accepting = threading.Event()
         self._idle = threading.Event()  # clear while serve_forever runs
         self._idle.set()
         self._router = router
@@ -200,8 +200,6 @@ class PolicyServer:
         key = next(self._submissions)
         future: Future[ActReply] = Future()
         mode = self._act_mode(request)
-        if not self._accepting.is_set() and not self._stopping.is_set():
-            raise MessageError(ErrorCode.OVERLOADED, "", _STARTING, request.request_id)
         self._enqueue(_Job(key, request, mode, time.time_ns(), started, decode_ms, peer, future))
         return future
 
@@ -315,14 +313,10 @@ class PolicyServer:
     def _refuse_acts_queued_before_serving(self) -> None:
         """Answers what arrived before serving began: `serve` binds its socket before it loads the models (minutes
         for a 2B DiT), and an `act` sent meanwhile may have been given up by its sender long ago. Each is answered
-        `overloaded`, which `PolicyClient` retries within its deadline, instead of being computed."""
-        self._before_serving = True
-        try:
-            for _ in range(_QUEUED_BATCHES):  # bounded: a peer sending without pause cannot hold serving back
-                if not self._receive_requests():
-                    break
-        finally:
-            self._before_serving = False
+        `overloaded` (`_enqueue`, until `_accepting`), which `PolicyClient` retries within its deadline."""
+        for _ in range(_QUEUED_BATCHES):  # bounded: a peer sending without pause cannot hold serving back
+            if not self._receive_requests():
+                break
 
     def _handle(self, identity: bytes, frames: list[zmq.Frame]) -> None:
         receive_ns = time.time_ns()
@@ -332,8 +326,6 @@ class PolicyServer:
             request = decode_request(frames, self._config.limits)
             if isinstance(request, ActRequest):
                 mode = self._act_mode(request)
-                if self._before_serving:
-                    raise MessageError(ErrorCode.OVERLOADED, "", _STARTING, request.request_id)
                 self._enqueue(_Job(identity, request, mode, receive_ns, started, ms_since(started), peer))
                 return
             reply: ServerMetadata | Pong | ModeSet
@@ -409,6 +401,8 @@ class PolicyServer:
         with self._work_ready:
             if self._stopping.is_set():  # nothing would run it: the worker is stopping or gone
                 raise MessageError(ErrorCode.SHUTTING_DOWN, "", "the server is shutting down", job.request.request_id)
+            if not self._accepting.is_set():  # it arrived while the models loaded: its sender may be long gone
+                raise MessageError(ErrorCode.OVERLOADED, "", _STARTING, job.request.request_id)
             replaced = self._pending.get(job.key)
             if replaced is None and not self._has_room():
                 detail = f"{self._config.max_pending} controllers are already waiting; retry later"
