@@ -115,6 +115,7 @@ class ChunkBlender:
         """`gripper_dims`: the action dimensions of grippers, whose boundary statistics are kept apart."""
         self.config = config
         self._gripper_dims = gripper_dims
+        self._grippers: np.ndarray | None = None  # their mask over an action
         self._old: np.ndarray | None = None  # the replaced chunk, indexed from `_old_first_tick`
         self._old_first_tick = 0
         self._old_shift: np.ndarray | float = 0.0  # added to the replaced chunk: see the module docstring
@@ -186,9 +187,11 @@ class ChunkBlender:
 
     def _largest(self, changes: np.ndarray) -> np.ndarray:
         """The largest of `changes` over the arm joints, and over the grippers (0 without any)."""
-        grippers = np.zeros(len(changes), bool)
-        grippers[list(self._gripper_dims)] = True
-        arms = float(changes[~grippers].max()) if (~grippers).any() else 0.0
+        if self._grippers is None or len(self._grippers) != len(changes):  # made once per action width
+            self._grippers = np.zeros(len(changes), bool)
+            self._grippers[list(self._gripper_dims)] = True
+        grippers = self._grippers
+        arms = float(changes[~grippers].max()) if not grippers.all() else 0.0
         return np.array([arms, float(changes[grippers].max()) if grippers.any() else 0.0])
 
     def _blended(self, tick: int, new: np.ndarray) -> np.ndarray:

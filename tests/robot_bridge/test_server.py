@@ -888,10 +888,9 @@ def test_serving_in_a_thread_fails_at_once_when_the_server_dies_before_serving(
         raise RuntimeError("the socket went away")
 
     monkeypatch.setattr(server, "serve_forever", dies)
-    started = time.monotonic()
+    # The message of the liveness check, not the start timeout's ("did not begin serving within 30 s").
     with pytest.raises(EngineError, match="stopped before it began serving"), serving(server):
         pass
-    assert time.monotonic() - started < 10.0  # not the 30 s start timeout
     server.close()
 
 
