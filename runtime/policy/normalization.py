@@ -30,6 +30,11 @@ REQUIRED_KEYS = ("actions_min", "actions_max", "proprio_min", "proprio_max")
 # and far enough out (~1e19) the DiT's float arithmetic overflows into NaN actions that would hide the cause.
 PROPRIO_LIMIT = 1e3
 
+# Normalised proprio beyond ±PROPRIO_WARN (a dataset range or more outside the range) is served, with a warning: the
+# policy never saw such a state, and joints in degrees against statistics in radians (57.3 times the value) land there
+# while staying below PROPRIO_LIMIT.
+PROPRIO_WARN = 3.0
+
 
 @dataclass(frozen=True, eq=False)
 class DatasetStats:

@@ -6,6 +6,7 @@ images). Official sources: `cosmos_utils.get_action` (encode, sample, read), `ge
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,9 +29,14 @@ from cosmos_edge.runtime.policy.api import (
 from cosmos_edge.runtime.policy.arrays import HOST_ARRAYS, ArrayOps
 from cosmos_edge.runtime.policy.conditioning import ConditioningMode, condition_mask, placeholder_restore_slots
 from cosmos_edge.runtime.policy.images import preprocess_observation_images
-from cosmos_edge.runtime.policy.normalization import DatasetStats
+from cosmos_edge.runtime.policy.normalization import PROPRIO_WARN, DatasetStats
 from cosmos_edge.runtime.policy.sampler import Denoiser, sample
 from cosmos_edge.runtime.policy.text_embeddings import TextEmbeddings
+
+_LOG = logging.getLogger(__name__)
+
+# (platform, dimension) pairs already warned about: a unit mistake repeats in every query, one line says it.
+_proprio_warned: set[tuple[str, int]] = set()
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,6 +133,7 @@ def encode_observation(
     proprio = model.stats.normalize_proprio(observation.proprio)
     if proprio.shape != (platform.proprio_dim,):  # a history or a batch would be tiled into the slot without a word
         raise InputError(f"proprio: expected shape ({platform.proprio_dim},), got {proprio.shape}", field="proprio")
+    _warn_untrained_proprio(platform, model.stats, proprio)
     if full_sequence:
         with timer.stage("preprocess"):
             video = latents.build_pixel_video(platform, preprocess_observation_images(platform, observation.images))
@@ -136,6 +143,26 @@ def encode_observation(
         encoded = model.conditioning.encode_conditioning(observation.images, timer)
     placeholder = latents.pad_latent_frames(platform, encoded)
     return EncodedObservation(placeholder, latents.inject_proprio(platform, placeholder, proprio))
+
+
+def _warn_untrained_proprio(platform: PlatformSpec, stats: DatasetStats, normalized: np.ndarray) -> None:
+    """Logs, once per dimension, proprio a dataset range or more outside the statistics' range."""
+    for dim in np.flatnonzero(np.abs(normalized) > PROPRIO_WARN):
+        key = (platform.name, int(dim))
+        if key in _proprio_warned:
+            continue
+        _proprio_warned.add(key)
+        low, high = stats.proprio_min[dim], stats.proprio_max[dim]
+        value = stats.unnormalize_proprio(normalized)[dim]
+        _LOG.warning(
+            "proprio[%d] = %g lies %.1f dataset ranges outside [%g, %g], where the policy was trained: check its "
+            "units and joint order (said once per dimension)",
+            dim,
+            value,
+            (abs(normalized[dim]) - 1.0) / 2.0,
+            low,
+            high,
+        )
 
 
 def sample_latents(

@@ -212,9 +212,11 @@ def test_other_errors_are_not_retried() -> None:
 
 
 def test_nobody_listening_times_out_within_the_deadline() -> None:
-    with PolicyClient(f"tcp://127.0.0.1:{free_port()}", timeout_s=SHORT_TIMEOUT_S) as client:
-        with pytest.raises(RequestTimeout, match=f"within {SHORT_TIMEOUT_S} s") as caught:
-            client.metadata()  # its own deadline, not the default 5 s
+    with (
+        PolicyClient(f"tcp://127.0.0.1:{free_port()}", timeout_s=SHORT_TIMEOUT_S) as client,
+        pytest.raises(RequestTimeout, match=f"within {SHORT_TIMEOUT_S} s") as caught,
+    ):
+        client.metadata()  # its own deadline, not the default 5 s
     assert isinstance(caught.value, TimeoutError)
 
 

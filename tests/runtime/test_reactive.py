@@ -14,6 +14,7 @@ from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.models.dtypes import TORCH_DTYPES
 from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
 from cosmos_edge.runtime.platforms import platform_spec
+from cosmos_edge.runtime.policy import steps
 from cosmos_edge.runtime.policy.api import ActionQuery, Observation, StageTimer
 from cosmos_edge.runtime.policy.images import preprocess_observation_images
 from cosmos_edge.runtime.policy.latents import build_pixel_video
@@ -120,6 +121,25 @@ def test_unknown_instruction_names_the_closest(policies: dict[str, ReactivePolic
     policy = policies["aloha"]
     with pytest.raises(InputError, match="fold the t-shirt"):
         policy.infer(query(policy, instruction="fold the t shirt"))
+
+
+def test_proprio_outside_the_trained_range_is_served_and_said_once_per_dimension(
+    policies: dict[str, ReactivePolicy], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(steps, "_proprio_warned", set())
+    policy = policies["aloha"]
+    stats = policy.model.stats
+    observation = random_observation(policy.platform)
+    span = stats.proprio_max[3] - stats.proprio_min[3]
+    outside = (stats.proprio_max[3] + 5 * span, stats.proprio_min[3] - 9 * span, stats.proprio_min[3] + span / 2)
+    with caplog.at_level("WARNING", logger=steps.__name__):
+        for value in outside:  # two values outside (the second not said again) and one inside
+            proprio = observation.proprio.copy()
+            proprio[3] = value
+            result = policy.infer(query(policy, observation=Observation(observation.images, proprio)))
+            assert np.isfinite(result.actions).all()
+    assert [record.getMessage().split(" = ")[0] for record in caplog.records] == ["proprio[3]"]
+    assert "outside [" in caplog.records[0].getMessage() and "units" in caplog.records[0].getMessage()
 
 
 def test_stats_with_wrong_dims_are_refused(tiny_assets: dict[str, CheckpointFiles]) -> None:
