@@ -159,11 +159,6 @@ def _act(args: argparse.Namespace) -> int:
                 f"planning: best of {candidates}, not the preset's {preset}: the bundle's DiT batch sizes allow no more"
             )
         planning = planning_config(args, num_queries_best_of_n=candidates)
-        if args.future_images and not planning.future_images_available:
-            raise ConfigError(
-                "--future-images: not available with --no-ar-value-prediction: Q(s, a) planning after "
-                "--ar-future-prediction runs no world-model pass whose images could be returned"
-            )
     with load_policies(
         source,
         devices=devices,

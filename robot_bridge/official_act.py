@@ -7,8 +7,9 @@ by the server), `task_description`, optional `return_all_query_results`. No seed
 json_numpy may wrap the json_numpy text in `{"encoded": "<text>"}`; that request is answered with the reply's
 json_numpy text as a JSON string rather than an object.
 
-The reply holds `actions` (a list of chunk_size float32 rows), `future_image_predictions` (null here: no future images
-are decoded) and `value_prediction`. The official client reads `value_predictions` instead, a key the official server
+The reply holds `actions` (a list of chunk_size float32 rows), `future_image_predictions` (the official keys, each
+null: no future images are decoded; the official client run with `--future_img True` indexes the keys and skips
+their videos when null, where a null object would crash it) and `value_prediction`. The official client reads `value_predictions` instead, a key the official server
 never sends, so the reply carries both. With `return_all_query_results`, the `all_*` keys list every query's results:
 every candidate of a planning mode (each its first-level chunk; a candidate not scored before the planning deadline
 has a null value), or the one query of the reactive mode.
@@ -42,6 +43,10 @@ def check_official_cameras(platform: str, cameras: Sequence[str]) -> None:
             f"{platform!r} has {list(cameras)}"
         )
 
+
+# The official ALOHA server's future image keys (`cosmos_utils.get_future_images_from_generated_samples`: two wrist
+# cameras, one third-person camera).
+FUTURE_IMAGE_KEYS = ("future_wrist_image", "future_wrist_image2", "future_image")
 
 # Sent by the official client when it keeps an observation history; its server ignores them, and so do we.
 IGNORED_KEYS = frozenset({"proprio_history", "images_history"})
@@ -99,7 +104,7 @@ def reply_body(reply: ActReply, query: OfficialQuery) -> bytes:
     actions = list(reply.actions)  # one array per step, as the official server sends them
     response: dict[str, object] = {
         "actions": actions,
-        "future_image_predictions": None,
+        "future_image_predictions": _no_future_images(),
         "value_prediction": reply.value,
         "value_predictions": reply.value,
     }
@@ -115,7 +120,7 @@ def reply_body(reply: ActReply, query: OfficialQuery) -> bytes:
             )
         response |= {
             "all_actions": every_actions,
-            "all_future_image_predictions": [None] * len(every_actions),
+            "all_future_image_predictions": [_no_future_images() for _ in every_actions],
             "all_value_predictions": every_value,
             "all_actions_by_depth": [[chunk] for chunk in every_actions],  # the first level's chunk only
             "all_future_image_predictions_by_depth": [[] for _ in every_actions],
@@ -124,6 +129,10 @@ def reply_body(reply: ActReply, query: OfficialQuery) -> bytes:
     if query.double_encoded:  # `JSONResponse(json_numpy.dumps(response))`: a JSON string holding json_numpy text
         return COMPACT.encode(SPACED.encode(response)).encode("ascii")
     return COMPACT.encode(response).encode("ascii")
+
+
+def _no_future_images() -> dict[str, None]:
+    return dict.fromkeys(FUTURE_IMAGE_KEYS)
 
 
 def _json_object(text: bytes, field: str) -> dict[str, object]:

@@ -155,7 +155,7 @@ class _Search:
         if not config.ar_value_prediction:  # Q(s, a): valued from the action pass itself
             (value,) = self._values([[actions]])
             return CandidateScores(actions, value, value[:, None])
-        (states,) = self._predicted_states([actions])
+        (states,) = self.predicted_states([actions])
         first_states = tuple(states)
         by_depth = self._values([states])
         for _ in range(2, config.search_depth + 1):
@@ -163,7 +163,7 @@ class _Search:
             # as one batch; the next level follows the last branch only.
             for group in [states] if self.batch_passes else [[state] for state in states]:
                 branches = [_Pass(self._as_current(state, clean), 0, self.action_steps) for state in group]
-                branch_states = self._predicted_states(self._run(self.policy, ConditioningMode.POLICY, branches))
+                branch_states = self.predicted_states(self._run(self.policy, ConditioningMode.POLICY, branches))
                 by_depth.extend(self._values(branch_states))
             states = branch_states[-1]
         per_depth = np.stack(by_depth, axis=1)
@@ -173,7 +173,7 @@ class _Search:
             value = np.array([_pooled(row, ValueAggregation.AVERAGE) for row in per_depth], np.float32)
         return CandidateScores(actions, value, per_depth, first_states)
 
-    def _predicted_states(self, action_samples: list[np.ndarray]) -> list[list[np.ndarray]]:
+    def predicted_states(self, action_samples: list[np.ndarray]) -> list[list[np.ndarray]]:
         """World-model passes from each action sample, one per ensemble member (the j-th with seed s + j)."""
         members = list(enumerate(self.config.future_steps()))
         passes = [_Pass(actions, j, steps) for actions in action_samples for j, steps in members]
@@ -404,11 +404,6 @@ class PlanningPolicy(ModelPolicy):
 
     def infer(self, query: ActionQuery) -> ChunkResult:
         config = self._config
-        if query.return_future_images and not config.future_images_available:
-            raise InputError(
-                "return_future_images: not available when ar_future_prediction serves Q(s, a) planning "
-                "(ar_qvalue_prediction): no world-model pass is run"
-            )
         highest = MAX_SEED - config.largest_seed_offset()
         if not config.randomize_seed and not 0 <= query.seed <= highest:
             raise InputError(
@@ -430,24 +425,32 @@ class PlanningPolicy(ModelPolicy):
                 scores = self._score_until(started + self._deadline_s, query, encoded.clean, steps)
         with timer.stage("readout"):
             actions, future_proprio = _read_chunks(self._model, scores.latents, scores.computed)
-        images = self._future_images(scores, encoded, timer) if query.return_future_images else None
+        images = self._future_images(scores, encoded, query, steps, timer) if query.return_future_images else None
         chosen = scores.chosen
         candidates = CandidateResults(chosen, actions, scores.values, scores.values_by_depth, scores.outcome)
         return ChunkResult(actions[chosen], scores.value, future_proprio[chosen], images, timer.as_dict(), candidates)
 
     def _future_images(
-        self, ranked: _Ranked, encoded: EncodedObservation, timer: StageTimer
+        self, ranked: _Ranked, encoded: EncodedObservation, query: ActionQuery, steps: int, timer: StageTimer
     ) -> dict[str, np.ndarray] | None:
-        """The chosen candidate's future images as the official server returns them (deploy.py 392-423): those of
+        """The chosen candidate's future images as the official server returns them (deploy.py 388-423): those of
         its predicted states, combined by `future_state_ensemble_aggregation_scheme`, when a world model ran; else
-        its action pass's own; none for Q(s, a) planning."""
+        its action pass's own; none for Q(s, a) planning without `ar_future_prediction`."""
         config = self._config
-        if config.ar_qvalue_prediction and not config.ar_future_prediction:
-            return None
-        if not ranked.chosen_states:  # ranked by its own action pass, or the deadline left nothing else
-            chosen = ranked.latents[ranked.chosen : ranked.chosen + 1]
+        chosen = ranked.latents[ranked.chosen : ranked.chosen + 1]
+        states = ranked.chosen_states
+        if config.ar_qvalue_prediction and not config.ar_value_prediction:
+            if not config.ar_future_prediction:
+                return None
+            # The official server runs every candidate's world-model passes here only for the images it returns (the
+            # Q value ranks): the chosen candidate's passes, run now, give the same images.
+            search = self._search(self._workers[0], query, [query.seed + ranked.chosen], steps)
+            with timer.stage("planning"):
+                (predicted,) = search.predicted_states([chosen])
+            states = tuple(predicted)
+        if not states:  # ranked by its own action pass, or the deadline left nothing else
             return decode_future_images(self._model, chosen, encoded, timer)
-        images = [decode_future_images(self._model, state, encoded, timer) for state in ranked.chosen_states]
+        images = [decode_future_images(self._model, state, encoded, timer) for state in states]
         if config.future_state_ensemble_aggregation_scheme is FutureStateAggregation.LAST:
             return images[-1]
         # cosmos_utils.py 837-848: the float32 mean of the members, rounded half to even, clipped to uint8.

@@ -97,11 +97,14 @@ class PlanningConfig:
             raise ConfigError("ar_future_prediction: needs ar_value_prediction or ar_qvalue_prediction to score it")
         if self.search_depth > 1 and not (self.ar_future_prediction and self.ar_value_prediction):
             raise ConfigError("search_depth: above 1 needs ar_future_prediction and ar_value_prediction")
+        if self.search_depth > 1 and self.ar_qvalue_prediction:  # deploy.py 476-478 asserts it, for every request
+            raise ConfigError("search_depth: above 1 is not supported with ar_qvalue_prediction (as officially)")
         lcb = self.value_ensemble_aggregation_scheme is ValueAggregation.LCB
         if self.pools_value_ensemble and lcb and self.pooled_values() < 2:
+            pools_states = self.ar_value_prediction and self.use_ensemble_future_state_predictions
             raise ConfigError(
                 "value_ensemble_aggregation_scheme: lcb needs 2 or more values to pool, and this configuration pools 1 "
-                "(raise num_value_predictions_in_ensemble or num_future_state_predictions_in_ensemble)"
+                f"(raise num_value_predictions_in_ensemble{' or num_future_state_predictions_in_ensemble' * pools_states})"
             )
 
     @property
@@ -113,12 +116,6 @@ class PlanningConfig:
     def pools_value_ensemble(self) -> bool:
         """Whether `value_ensemble_aggregation_scheme` applies: a value ensemble of the planning model is pooled."""
         return self.scores_with_planning_model and self.use_ensemble_value_predictions
-
-    @property
-    def future_images_available(self) -> bool:
-        """False for Q(s, a) planning with `ar_future_prediction` (and no `ar_value_prediction`): the official server
-        returns the chosen candidate's world-model images there, and this configuration runs no world-model pass."""
-        return not (self.ar_future_prediction and not self.ar_value_prediction)
 
     @property
     def value_mode(self) -> ConditioningMode:

@@ -23,6 +23,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 from cosmos_edge.robot_bridge.binding import ServerConfig
 from cosmos_edge.robot_bridge.client import PolicyClient
 from cosmos_edge.robot_bridge.log_limits import RateLimitedLog
+from cosmos_edge.robot_bridge.official_act import FUTURE_IMAGE_KEYS
 from cosmos_edge.robot_bridge.server import PolicyServer
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import platform_spec
@@ -117,7 +118,8 @@ def test_the_official_client_gets_what_the_zeromq_server_answers(
     assert len(response["actions"]) == 50 and actions.shape == (50, 14) and actions.dtype == np.float32
     assert_allclose(actions, over_zeromq.actions, atol=1e-5, rtol=0)
     assert_allclose(actions, expected_actions(obs.proprio, seed=195), atol=1e-5, rtol=0)
-    assert response["future_image_predictions"] is None
+    # The official client with --future_img indexes the keys and skips their videos when null.
+    assert response["future_image_predictions"] == dict.fromkeys(FUTURE_IMAGE_KEYS)
     assert response["value_prediction"] == response["value_predictions"] == 0.25
     query = policy.queries[-1]
     assert query.seed == 195 and query.instruction == INSTRUCTION
@@ -178,7 +180,7 @@ def test_all_query_results_list_the_one_query_or_every_candidate(official_json: 
         assert_allclose(response["all_actions"][0], response["actions"])
         assert_allclose(response["all_actions_by_depth"][0][0], response["actions"])
         assert response["all_value_predictions"] == [0.25] and response["all_value_predictions_by_depth"] == [[0.25]]
-        assert response["all_future_image_predictions"] == [None]
+        assert response["all_future_image_predictions"] == [dict.fromkeys(FUTURE_IMAGE_KEYS)]
         assert response["all_future_image_predictions_by_depth"] == [[]]
         post(url + "/mode", '{"mode": "planning"}')
         planned = get_action_from_server(official_request(obs), url + "/act", return_all_query_results=True)
@@ -186,7 +188,7 @@ def test_all_query_results_list_the_one_query_or_every_candidate(official_json: 
     assert planned["all_value_predictions_by_depth"] == [[0.5], [0.75], [None]]
     assert_allclose(planned["all_actions"][1], CUT_SHORT_CANDIDATES.actions[1])
     assert_allclose(planned["all_actions"][2], np.zeros((ALOHA.chunk_size, ALOHA.action_dim)))
-    assert planned["all_future_image_predictions"] == [None] * 3
+    assert planned["all_future_image_predictions"] == [dict.fromkeys(FUTURE_IMAGE_KEYS)] * 3
 
 
 def test_errors_are_4xx_json_naming_the_key(official_json: None) -> None:

@@ -89,10 +89,23 @@ def test_bad_configuration_and_requests(aloha: CheckpointFiles) -> None:
         PlanningConfig(num_queries_best_of_n=0)
     with pytest.raises(ConfigError, match="workers"):
         PlanningPolicy(make_planner(aloha, 1).model, [])
-    # Q(s, a) planning with ar_future_prediction runs no world-model pass whose images could be returned.
-    q_value = dataclasses.replace(CONFIG, ar_value_prediction=False, ar_qvalue_prediction=True)
-    with load_policies(CheckpointSource(aloha), planning=q_value) as loaded:
-        assert loaded.planning is not None
-        query = ActionQuery(random_observation("aloha"), "fold the t-shirt", return_future_images=True)
-        with pytest.raises(InputError, match="return_future_images: not available when ar_future_prediction"):
-            loaded.planning.infer(query)
+
+
+def test_q_value_planning_returns_the_images_of_the_chosen_candidates_world_model_passes(
+    aloha: CheckpointFiles,
+) -> None:
+    """With one candidate the Q(s, a) and the V(s') configurations choose the same action pass, whose world-model
+    passes (the same seeds and steps in both) give the images."""
+    single = dataclasses.replace(CONFIG, num_queries_best_of_n=1)
+    q_value = dataclasses.replace(single, ar_value_prediction=False, ar_qvalue_prediction=True)
+    query = ActionQuery(random_observation("aloha"), "fold the t-shirt", seed=7, steps=2, return_future_images=True)
+    images = []
+    for config in (q_value, single, dataclasses.replace(q_value, ar_future_prediction=False)):
+        with load_policies(CheckpointSource(aloha), planning=config) as loaded:
+            assert loaded.planning is not None
+            images.append(loaded.planning.infer(query).future_images)
+    q_images, v_images, without_world_model = images
+    assert q_images is not None and v_images is not None and without_world_model is None
+    assert q_images.keys() == v_images.keys()
+    for camera in q_images:
+        np.testing.assert_array_equal(q_images[camera], v_images[camera])

@@ -259,6 +259,7 @@ def test_ensemble_step_lists_are_numpys_linspace_truncated() -> None:
         ({"ar_future_prediction": False}, "ar_value_prediction"),
         ({"ar_value_prediction": False}, "ar_future_prediction"),
         ({"search_depth": 2, "ar_value_prediction": False, "ar_qvalue_prediction": True}, "search_depth"),
+        ({"search_depth": 2, "ar_qvalue_prediction": True}, "search_depth: above 1 is not supported"),
         ({"value_ensemble_aggregation_scheme": "median"}, "value_ensemble_aggregation_scheme"),
         ({"num_value_predictions_in_ensemble": 0}, "num_value_predictions_in_ensemble"),
     ],
@@ -278,7 +279,8 @@ def test_lcb_over_a_single_pooled_value_is_refused_at_once() -> None:
             num_future_state_predictions_in_ensemble=1,
             value_ensemble_aggregation_scheme=lcb,
         )
-    with pytest.raises(ConfigError, match="pools 1"):  # Q(s, a) pools the passes of the action pass alone
+    with pytest.raises(ConfigError, match=r"pools 1 \(raise num_value_predictions_in_ensemble\)"):  # Q(s, a) pools
+        # the value passes of the action pass alone: more world-model members would not help
         PlanningConfig(
             ar_future_prediction=False,
             ar_value_prediction=False,
