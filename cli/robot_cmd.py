@@ -16,6 +16,7 @@ import argparse
 import importlib
 import json
 import sys
+import threading
 from collections.abc import Callable
 
 from cosmos_edge.cli.arg_types import int_in_range, positive_hertz, positive_seconds
@@ -101,7 +102,13 @@ def _robot(args: argparse.Namespace) -> int:
         with ThreadedChunkSource(client, params) as source:
             executor = ChunkExecutor(robot, source, safety, executor_config)
             # SIGINT and SIGTERM latch the executor's stop: the arms hold, and the run ends after the tick in progress.
-            with on_stop_signals(lambda: executor.stop("a stop signal")):
+            signalled = threading.Event()
+
+            def stop() -> None:
+                signalled.set()
+                executor.stop("a stop signal")
+
+            with on_stop_signals(stop):
                 print(f"driving the arms from {args.endpoint} ({args.task!r}); Ctrl-C holds the pose and ends")
                 try:
                     # The run ends at the latched stop (a flag the signal handler sets without taking a lock).
@@ -112,8 +119,9 @@ def _robot(args: argparse.Namespace) -> int:
                         "their last commanded pose"
                     ) from error
                 finally:  # what ran is reported, however the run ended
+                    client.close()  # a request in flight is cancelled now, not at its timeout: the run is over
                     print_run_report(executor, safety, summarize(executor.records()))
-    if executor.counters.chunks_adopted == 0:  # the arms never moved under the policy
+    if executor.counters.chunks_adopted == 0 and not signalled.is_set():  # the policy never drove the arms
         failed = executor.counters.request_failures
         print(
             f"cosmos-edge: error: --endpoint {args.endpoint}: no chunk arrived; {failed} request(s) failed (see the "

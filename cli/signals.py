@@ -30,7 +30,10 @@ def sigterm_interrupts() -> Iterator[None]:
 @contextlib.contextmanager
 def on_stop_signals(stop: Callable[[], None]) -> Iterator[None]:
     """SIGINT and SIGTERM call `stop` (which must only set flags: it runs in a signal handler) for the block; the
-    handlers before it are put back after."""
+    handlers before it are put back after. Off the main thread (embedded), signals are the caller's."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
     def handle(signum: int, frame: FrameType | None) -> None:
         stop()

@@ -53,14 +53,19 @@ R = TypeVar("R", ActReply, ServerMetadata, Pong, ModeSet)
 
 _FIRST_RETRY_S = 0.02  # backoff after the first `overloaded`, doubled after each further one
 _MAX_RETRY_S = 0.5
+_CANCEL_POLL_MS = 50  # how soon a call waiting on the socket notices `close()`
 _MAX_TIMEOUT_S = 86400.0  # a longer wait is a mistake; zmq's poll overflows past 2**31 ms (about 25 days)
 
 # `ActReply` and `ServerMetadata` are the protocol's own message types; re-exported as the client's results.
-__all__ = ["ActReply", "PolicyClient", "RemoteError", "RequestTimeout", "ServerMetadata"]
+__all__ = ["ActReply", "PolicyClient", "RemoteError", "RequestCancelled", "RequestTimeout", "ServerMetadata"]
 
 
 class RequestTimeout(CosmosEdgeError, TimeoutError):
     """No reply within the client's timeout. The socket has been reset; the next call reconnects."""
+
+
+class RequestCancelled(CosmosEdgeError):
+    """The client was closed while this call waited (a controller shutting down); nothing more will come of it."""
 
 
 class RemoteError(CosmosEdgeError):
@@ -103,6 +108,7 @@ class PolicyClient:
         self._limits = limits or WireLimits()
         self._request_ids = itertools.count(1)  # 0 is what the server answers to a request it could not read
         self._lock = threading.Lock()
+        self._closing = threading.Event()  # set by `close()`, which the call holding the lock then gives way to
         self._context: zmq.Context[zmq.Socket[bytes]] | None = None
         self._socket: zmq.Socket[bytes] | None = None
 
@@ -165,7 +171,11 @@ class PolicyClient:
             return self._call(SetModeRequest(next(self._request_ids), mode), ModeSet, self._deadline())
 
     def close(self) -> None:
+        """Closes the socket; a call waiting in another thread raises `RequestCancelled` within
+        `_CANCEL_POLL_MS` rather than at its deadline. A later call connects again."""
+        self._closing.set()
         with self._lock:
+            self._closing.clear()
             self._reset()
             if self._context is not None:
                 self._context.term()
@@ -190,7 +200,8 @@ class PolicyClient:
                 if error.code is not ErrorCode.OVERLOADED or time.monotonic() + delay_s >= deadline:
                     raise
             logger.debug("server overloaded; retrying obs_id=%s in %.3f s", request.obs_id, delay_s)
-            time.sleep(delay_s)
+            if self._closing.wait(delay_s):
+                raise self._cancelled(request)
             backoff_s = min(2 * backoff_s, _MAX_RETRY_S)
             request = dataclasses.replace(request, request_id=next(self._request_ids), timeout_ms=_timeout_ms(deadline))
 
@@ -202,7 +213,7 @@ class PolicyClient:
         try:
             self._send(socket, request, deadline)
             reply = self._await_reply(socket, request, deadline)
-        except (RequestTimeout, ProtocolError):
+        except (RequestTimeout, RequestCancelled, ProtocolError):
             self._reset()
             raise
         if isinstance(reply, ErrorReply):
@@ -216,7 +227,7 @@ class PolicyClient:
 
     def _send(self, socket: zmq.Socket[bytes], request: Request, deadline: float) -> None:
         # With IMMEDIATE set, the socket is writable only once a connection (and its CURVE handshake) is up.
-        if socket.poll(_remaining_ms(deadline), zmq.POLLOUT):
+        if self._poll(socket, zmq.POLLOUT, request, deadline):
             try:
                 socket.send_multipart(request.to_frames(), zmq.NOBLOCK, copy=False)
                 return
@@ -229,7 +240,7 @@ class PolicyClient:
         )
 
     def _await_reply(self, socket: zmq.Socket[bytes], request: Request, deadline: float) -> Reply:
-        while socket.poll(_remaining_ms(deadline), zmq.POLLIN):
+        while self._poll(socket, zmq.POLLIN, request, deadline):
             reply = decode_reply(socket.recv_multipart(copy=False), self._limits)
             if reply.request_id == request.request_id:
                 return reply
@@ -238,6 +249,20 @@ class PolicyClient:
             f"{request.kind.value}: no reply to request {request.request_id} from {self._endpoint} within "
             f"{self._timeout_s} s (its timeout; the socket was reset, a next call reconnects)"
         )
+
+    def _poll(self, socket: zmq.Socket[bytes], event: int, request: Request, deadline: float) -> bool:
+        """Whether `socket` is ready for `event` before `deadline`; waits in slices so that `close()` cancels."""
+        while True:
+            remaining_ms = _remaining_ms(deadline)
+            if socket.poll(min(remaining_ms, _CANCEL_POLL_MS), event):
+                return True
+            if self._closing.is_set():
+                raise self._cancelled(request)
+            if remaining_ms <= _CANCEL_POLL_MS:
+                return False
+
+    def _cancelled(self, request: Request) -> RequestCancelled:
+        return RequestCancelled(f"{request.kind.value}: cancelled, the client to {self._endpoint} was closed")
 
     def _connected(self) -> zmq.Socket[bytes]:
         if self._socket is not None:

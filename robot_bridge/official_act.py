@@ -9,10 +9,11 @@ json_numpy text as a JSON string rather than an object.
 
 The reply holds `actions` (a list of chunk_size float32 rows), `future_image_predictions` (the official keys, each
 null: no future images are decoded; the official client run with `--future_img True` indexes the keys and skips
-their videos when null, where a null object would crash it) and `value_prediction`. The official client reads `value_predictions` instead, a key the official server
-never sends, so the reply carries both. With `return_all_query_results`, the `all_*` keys list every query's results:
-every candidate of a planning mode (each its first-level chunk; a candidate not scored before the planning deadline
-has a null value), or the one query of the reactive mode.
+their videos when null, where a null object would crash it) and `value_prediction`. The official client reads
+`value_predictions` instead, a key the official server never sends, so the reply carries both. With
+`return_all_query_results`, the `all_*` keys list every query's results: every candidate of a planning mode (each its
+first-level chunk; a candidate not scored before the planning deadline has a null value), or the one query of the
+reactive mode.
 """
 
 from __future__ import annotations

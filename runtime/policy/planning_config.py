@@ -102,9 +102,10 @@ class PlanningConfig:
         lcb = self.value_ensemble_aggregation_scheme is ValueAggregation.LCB
         if self.pools_value_ensemble and lcb and self.pooled_values() < 2:
             pools_states = self.ar_value_prediction and self.use_ensemble_future_state_predictions
+            more = "num_value_predictions_in_ensemble" + " or num_future_state_predictions_in_ensemble" * pools_states
             raise ConfigError(
                 "value_ensemble_aggregation_scheme: lcb needs 2 or more values to pool, and this configuration pools 1 "
-                f"(raise num_value_predictions_in_ensemble{' or num_future_state_predictions_in_ensemble' * pools_states})"
+                f"(raise {more})"
             )
 
     @property

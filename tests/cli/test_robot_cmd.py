@@ -51,6 +51,19 @@ def test_a_signal_holds_the_pose_and_ends_the_run(capsys: pytest.CaptureFixture[
     assert re.search(r"ticks: 10[;,]", capsys.readouterr().out)  # with its counters, not a traceback
 
 
+def test_a_signal_before_the_first_chunk_ends_at_once_and_is_no_failure(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_real_env.MADE.clear()
+    policy = StubPolicy(delay_s=8.0)  # the first reply still being computed when the chunk source closes (5 s)
+    with serving(PolicyServer(policy, ServerConfig("tcp://127.0.0.1:*"))) as endpoint:
+        argv = robot(endpoint, "--keep-pose", "--timeout", "60", "--env-kwargs", '{"signal_after": 3}')
+        assert main(argv) == 0  # the operator stopped it: no "no chunk arrived" failure
+    assert "no chunk arrived" not in capsys.readouterr().err
+    # The request in flight was cancelled with the client, so the chunk source's worker ended with the run.
+    assert not [record for record in caplog.records if "worker still in a request" in record.getMessage()]
+
+
 @pytest.mark.parametrize(
     ("argv", "named"),
     [

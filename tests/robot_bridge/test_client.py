@@ -15,7 +15,7 @@ import pytest
 import zmq
 
 from cosmos_edge.robot_bridge import client as client_module
-from cosmos_edge.robot_bridge.client import PolicyClient, RemoteError, RequestTimeout
+from cosmos_edge.robot_bridge.client import PolicyClient, RemoteError, RequestCancelled, RequestTimeout
 from cosmos_edge.robot_bridge.curve import CurveKeyPair
 from cosmos_edge.robot_bridge.protocol import (
     ActReply,
@@ -95,6 +95,31 @@ def test_a_timeout_resets_the_socket_so_a_late_reply_is_never_taken_for_a_new_on
             client.ping()  # its own deadline, not the default 5 s
         assert client.ping().server_version == "fresh"
     assert identities[0] != identities[1]  # a new socket, so the late reply went nowhere
+
+
+def test_closing_the_client_cancels_the_call_waiting_for_its_reply() -> None:
+    received = threading.Event()
+
+    def handler(router: zmq.Socket[bytes]) -> None:
+        receive(router)  # never answered
+        received.set()
+
+    outcomes: list[BaseException] = []
+
+    def call(client: PolicyClient) -> None:
+        try:
+            client.ping()
+        except BaseException as error:
+            outcomes.append(error)
+
+    with fake_server(handler) as endpoint, PolicyClient(endpoint, timeout_s=600.0) as client:
+        caller = threading.Thread(target=call, args=(client,))
+        caller.start()
+        assert received.wait(TIMEOUT_S)
+        client.close()  # a controller shutting down: the call gives way instead of waiting its 600 s
+        caller.join()
+    assert len(outcomes) == 1 and isinstance(outcomes[0], RequestCancelled), outcomes
+    assert "cancelled" in str(outcomes[0]) and endpoint in str(outcomes[0])
 
 
 def test_a_reply_of_the_wrong_kind_is_a_protocol_error() -> None:
