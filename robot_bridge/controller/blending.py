@@ -9,7 +9,8 @@ official client on real arms). Two schemes, both keeping the executor's time ali
   followed exactly.
 * `ensemble`: ACT-style temporal ensembling, exponential weights exp(-m·i) with i = 0 for the older prediction, for
   every tick both chunks cover; the older chunk dominates (m > 0). Over its last `window_ticks` ticks its weight
-  ramps down to 0, so the target reaches the new chunk alone without a jump when the old chunk runs out.
+  ramps down to 0, so the target reaches the new chunk alone without a jump when the old chunk runs out. A chunk
+  adopted when the old one has `window_ticks` ticks or fewer left fades in as under `crossfade`.
 
 The old trajectory is the replaced chunk, held at its last action once it runs out, and shifted by what was
 commanded at the switch minus that chunk's action then: zero after a finished fade, the remaining gap when a chunk
@@ -197,9 +198,11 @@ class ChunkBlender:
     def _blended(self, tick: int, new: np.ndarray) -> np.ndarray:
         scheme, window = self.config.scheme, self.config.window_ticks
         since = tick - self._switch_tick
-        # An ensemble has no old chunk to weigh after a hold (none in hand, or it had run out): it fades in too.
-        old_ended = self._old is None or self._old_first_tick + len(self._old) <= self._switch_tick
-        fading = scheme is BlendScheme.CROSSFADE or (scheme is BlendScheme.ENSEMBLE and old_ended)
+        # An ensemble fades in too where its old chunk could not weigh against the new one: none in hand (a hold),
+        # or it runs out within the window, its weight already ramping down (the new chunk would take most of the
+        # gap in one tick).
+        old_ends = self._old is None or self._old_first_tick + len(self._old) <= self._switch_tick + window
+        fading = scheme is BlendScheme.CROSSFADE or (scheme is BlendScheme.ENSEMBLE and old_ends)
         if fading and since < window:
             old = self._old_trajectory(tick, hold_past_end=True)
             if old is not None:

@@ -713,7 +713,7 @@ def test_noisy_chunks_stay_continuous_with_blending() -> None:
 
 
 def test_ensemble_weighs_the_older_chunk_until_it_runs_out() -> None:
-    decay, window = 0.5, 8
+    decay, window = 0.5, 4  # the old chunk has 5 ticks left at the switch, more than the window
     executor, robot, client = make_blending(BlendConfig(BlendScheme.ENSEMBLE, window, ensemble_decay=decay))
     offset_chunks(client, [0.0, 0.3])
     executor.run(40)
@@ -789,6 +789,14 @@ def test_an_ensemble_reaches_the_new_chunk_without_a_jump_when_the_old_one_ends(
     assert steps[11:].max() < 0.2 and commands[-1] == 1.0  # then gradually onto the new chunk as the old one ends
     boundary = blender.boundaries()[-1]  # its statistics span the old chunk's end (tick 20)
     assert boundary.tick == 10 and boundary.commanded_jump == pytest.approx(steps[10:21].max())
+
+
+@pytest.mark.parametrize("ticks_left", [1, 4, 8])
+def test_an_ensemble_fades_in_a_chunk_that_comes_as_the_old_one_ends(ticks_left: int) -> None:
+    # The old chunk's weight is ramping down there: weighed against it, the new chunk would take most of the gap.
+    blender = ChunkBlender(BlendConfig(BlendScheme.ENSEMBLE, window_ticks=8, ensemble_decay=0.5))
+    commands = blend_run(blender, {0: np.zeros((20, 1)), 20 - ticks_left: np.ones((40, 1))}, 40)
+    assert np.abs(np.diff(commands)).max() <= 1 / 9 + 1e-9 and commands[-1] == 1.0
 
 
 def test_the_lowpass_restarts_from_the_commanded_pose_after_a_hold() -> None:
