@@ -176,13 +176,13 @@ def _write_contents(request: ExportRequest, root: Path) -> BundleManifest:
 
     dits = 2 if request.planning_checkpoint is not None else 1
     writer = _GraphWriter(root, dits * len(request.batch_sizes) + (3 if request.future_images else 1))
+    vae_config = _export_vae_graphs(request, platform, writer)  # first: small, and a wrong --tokenizer shows at once
     dit_config = _export_dit_graphs(request, request.checkpoint, "dit", platform, texts.shape, writer)
     planning_config = None
     if request.planning_checkpoint is not None:
         planning_config = _export_dit_graphs(
             request, request.planning_checkpoint, "planning_dit", platform, texts.shape, writer
         )
-    vae_config = _export_vae_graphs(request, platform, writer)
 
     text_store.write(root / TEXT_EMBEDDINGS_FILE, texts)
     shutil.copyfile(request.stats, root / STATS_FILE)
@@ -230,8 +230,14 @@ def _export_dit_graphs(
     return config
 
 
+# ONNX opset 17 has no bfloat16 convolution (ONNX Runtime refuses such a graph on every provider): a bf16 bundle's VAE
+# graphs compute in float32, more exactly than the bf16 VAE.
+_VAE_PRECISION = {"bf16": "fp32"}
+
+
 def _export_vae_graphs(request: ExportRequest, platform: PlatformSpec, writer: _GraphWriter) -> dict[str, object]:
-    vae = load_wan_vae(request.tokenizer, TORCH_DTYPES[request.precision])
+    """The VAE's graphs; returns its configuration. The network is freed on return."""
+    vae = load_wan_vae(request.tokenizer, TORCH_DTYPES[_VAE_PRECISION.get(request.precision, request.precision)])
     cameras = partial(export_vae_cameras_encoder, vae, platform)
     writer.add("vae_encoder_cameras", vae_encoder_graph(platform, False), cameras)
     if request.future_images:

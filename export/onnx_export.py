@@ -10,7 +10,8 @@ What makes the graphs fusable and portable (deployment_anchors D.4, E.2):
   * RoPE as constant cos/sin tables (`DiTGraph`), not the arange/outer/cos/sin that build them; no complex numbers;
   * DiT attention in export mode (`dit.explicit_attention_mode`): the 1/sqrt(d) scale multiplies Q before the
     first MatMul and nothing sits between that MatMul and the Softmax;
-  * float32 at every boundary, the bundle precision inside: the wrappers below cast on entry and exit.
+  * float32 at every boundary, the bundle precision inside: the wrappers below cast on entry and exit (a bf16
+    bundle's VAE computes in float32: opset 17 has no bfloat16 Conv, `bundle_writer`).
 
 The Wan VAE's single-head attention (head dim 384, beyond TensorRT's fused-MHA limit of 256) keeps SDPA, which
 the exporter writes as MatMul/Softmax/MatMul with sqrt(scale) on both Q and K. Graphs whose weights exceed
@@ -171,7 +172,9 @@ def export_graph(module: nn.Module, spec: GraphSpec, path: Path) -> ExportedGrap
         }
         check_signature(spec, found, False, f"{path} (traced)")
         external = _save_consolidated(raw, spec, path)
-    onnx.checker.check_model(str(path))  # by path: also valid for graphs with external data
+    # By path: also valid for graphs with external data; the full check infers types, where an operator without a
+    # kernel for a dtype (opset 17's Conv in bfloat16) shows at export rather than when a runtime loads the graph.
+    onnx.checker.check_model(str(path), full_check=True)
     _check_io(path, spec)
     seconds = time.perf_counter() - start
     _LOG.info("exported %s in %.1f s (%s)", path.name, seconds, _size_text(path, external))
