@@ -7,6 +7,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from cosmos_edge.runtime.errors import EngineError
+
 _HASH_CHUNK = 16 << 20
 
 
@@ -32,3 +34,13 @@ def write_atomic(path: Path, data: bytes) -> None:
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     partial.write_bytes(data)
     os.replace(partial, path)
+
+
+def writable_folder(folder: Path, purpose: str) -> None:
+    """Makes `folder` if it is missing, and checks that files can be written there; raises `EngineError` naming it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise EngineError(f"{folder}: cannot make the folder for {purpose} ({error.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise EngineError(f"{folder}: not writable, so it cannot hold {purpose}")

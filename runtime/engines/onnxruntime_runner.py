@@ -26,6 +26,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from cosmos_edge.runtime.engines.graph import GraphFile, GraphSpec, check_feed, check_feeds, check_signature
 from cosmos_edge.runtime.errors import ConfigError, EngineError
+from cosmos_edge.runtime.files import writable_folder
 
 _LOG = logging.getLogger(__name__)
 
@@ -160,14 +161,22 @@ def _create_session(path: Path, target: OrtTarget, cache_dir: Path | None) -> or
             f"install onnxruntime-gpu for 'cuda' and 'tensorrt'"
         )
     if cache_dir is not None and target.provider == "tensorrt":
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        writable_folder(cache_dir, "ONNX Runtime's TensorRT engines")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = _ERRORS_ONLY
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=target.providers(cache_dir))
+        session = ort.InferenceSession(str(path), sess_options=options, providers=target.providers(cache_dir))
     except _ORT_ERRORS as error:
         raise EngineError(f"{path}: onnxruntime cannot load the graph: {error}") from error
+    # A provider whose libraries fail to load (cuDNN, libnvinfer) is listed as available, and the session falls back
+    # to the next one with no more than a log line.
+    if session.get_providers()[0] != wanted:
+        raise EngineError(
+            f"{path}: onnxruntime could not start {wanted} for the {target.provider} target (its session runs on "
+            f"{session.get_providers()}); check its CUDA/cuDNN/TensorRT libraries"
+        )
+    return session
 
 
 def _check_io(session: ort.InferenceSession, spec: GraphSpec, path: Path) -> None:

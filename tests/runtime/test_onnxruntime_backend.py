@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -81,6 +83,26 @@ def test_run_after_close_is_an_engine_error(bundle: Bundle) -> None:
 def test_gpu_target_without_onnxruntime_gpu_says_what_to_install(bundle: Bundle) -> None:
     with pytest.raises(EngineError, match=r"needs CUDAExecutionProvider.*install onnxruntime-gpu"):
         open_graph(bundle.graph_file("dit_b1"), "cuda")
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="onnxruntime-gpu installed")
+def test_a_provider_listed_but_not_started_is_an_error_not_a_silent_fallback(
+    bundle: Bundle, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # As onnxruntime-gpu whose CUDA libraries fail to load: listed as available, and its session runs on the CPU.
+    listed = [*ort.get_available_providers(), "CUDAExecutionProvider", "TensorrtExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: listed)
+    with pytest.raises(EngineError, match=r"dit_b1.onnx: onnxruntime could not start CUDAExecutionProvider"):
+        open_graph(bundle.graph_file("dit_b1"), "cuda")
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.raises(EngineError, match=f"{not_a_folder / 'cache'}: cannot make the folder"):
+        OnnxRuntimeRunner(
+            bundle.file(bundle.manifest.graphs["dit_b1"].file),
+            bundle.manifest.graphs["dit_b1"].spec,
+            OrtTarget("tensorrt"),
+            cache_dir=not_a_folder / "cache",
+        )
 
 
 @pytest.mark.gpu

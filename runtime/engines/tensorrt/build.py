@@ -35,7 +35,7 @@ from cosmos_edge.runtime.engines.tensorrt.cache import (
 )
 from cosmos_edge.runtime.engines.tensorrt.cuda_buffers import check_cuda, import_cudart
 from cosmos_edge.runtime.errors import EngineError
-from cosmos_edge.runtime.files import write_atomic
+from cosmos_edge.runtime.files import writable_folder, write_atomic
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -290,6 +290,7 @@ def build_engine(
 
     Its timing cache is a file beside the engine; this is what `cosmos-edge engines build` calls.
     """
+    writable_folder(engine_path.parent, "TensorRT engines")  # before minutes of building, not after
     target = current_target(device)
     check_cuda(import_cudart().cudaSetDevice(device), f"cudaSetDevice({device})")  # the builder uses the current one
     onnx_sha256 = onnx.sha256()
