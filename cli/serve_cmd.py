@@ -290,7 +290,13 @@ def _policies(args: argparse.Namespace) -> LoadedPolicies:
     else:
         _LOG.info("planning mode: best of %d candidates", candidates)
     planning = None if candidates is None else planning_config(args, num_queries_best_of_n=candidates)
-    loaded = load_policies(source, devices=devices, planning=planning, planning_deadline_ms=args.planning_deadline_ms)
+    loaded = load_policies(
+        source,
+        devices=devices,
+        planning=planning,
+        planning_deadline_ms=args.planning_deadline_ms,
+        future_images=False,  # served replies carry no images: a bundle's decoder graphs stay unloaded
+    )
     if loaded.planning is not None:
         deadline = loaded.planning.deadline_ms
         _LOG.info(
