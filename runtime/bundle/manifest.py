@@ -317,6 +317,10 @@ class Bundle:
         onnx, *external = [self.file(relative) for relative in record.files]
         entry = self.manifest.engines.get(name) if with_engine else None
         engine = None if entry is None else self.file(f"{ENGINES_DIR}/{entry['file']}")
+        if engine is not None:  # its record beside it decides which GPU and TensorRT it may run on: verified too
+            record_file = f"{ENGINES_DIR}/{engine.with_suffix('.json').name}"
+            if record_file in self.manifest.files:
+                self.file(record_file)
         # From the hashes just verified: a TensorRT backend need not read the graph's GBs again.
         digest = graph_files_digest(
             (PurePosixPath(relative).name, self.manifest.files[relative].sha256) for relative in record.files

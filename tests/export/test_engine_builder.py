@@ -15,6 +15,7 @@ from cosmos_edge.runtime.bundle.manifest import Bundle
 from cosmos_edge.runtime.engines.graph import GraphSpec
 from cosmos_edge.runtime.engines.tensorrt.build import tensorrt_version
 from cosmos_edge.runtime.engines.tensorrt.cache import record_path
+from cosmos_edge.runtime.errors import BundleError
 
 pytestmark = pytest.mark.skipif(
     tensorrt_version() is not None,
@@ -69,3 +70,23 @@ def test_an_interrupted_rebuild_leaves_a_bundle_that_opens(
     reopened = Bundle.open(bundle)  # every file it lists is whole
     assert sorted(reopened.manifest.engines) == [name for name in names if name != names[1]]
     assert reopened.file(f"engines/{names[0]}.engine").read_bytes() == f"engine of {names[0]}".encode()
+
+
+def test_an_engine_record_edited_in_place_is_refused_with_the_engine(
+    tiny_bundles: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = Path(shutil.copytree(tiny_bundles("libero"), tmp_path / "bundle"))
+
+    def build_engine(spec: GraphSpec, onnx: object, engine_path: Path, device: int = 0) -> tuple[_Record, bytes]:
+        engine_path.write_bytes(f"engine of {spec.name}".encode())
+        record_path(engine_path).write_text('{"gpu": "NVIDIA H100"}')
+        return _Record(engine_path.name), b""
+
+    monkeypatch.setattr(engine_builder, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(engine_builder, "build_engine", build_engine)
+    name = engine_builder.build_bundle_engines(bundle).graph_names("dit")[0]
+    Bundle.open(bundle).graph_file(name)  # as built
+    # The record decides which GPU the engine may run on: another GPU's name, of the same length, is caught.
+    record_path(bundle / "engines" / f"{name}.engine").write_text('{"gpu": "NVIDIA H200"}')
+    with pytest.raises(BundleError, match=rf"engines/{name}\.json: sha256 mismatch"):
+        Bundle.open(bundle).graph_file(name)

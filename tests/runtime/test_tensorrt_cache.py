@@ -166,6 +166,17 @@ def test_engine_without_record_is_refused(tmp_path: Path) -> None:
         read_engine(engine, H100, REBUILD_BUNDLE_HINT)
 
 
+@pytest.mark.parametrize(
+    ("record", "named"), [(b"[1]", "expected a JSON object, got list"), (b"\xff\xfe", "expected a JSON EngineRecord")]
+)
+def test_an_engine_record_that_is_not_a_json_object_is_refused(tmp_path: Path, record: bytes, named: str) -> None:
+    engine = tmp_path / "dit_b1.engine"
+    engine.write_bytes(ENGINE_BYTES)
+    record_path(engine).write_bytes(record)
+    with pytest.raises(EngineError, match=rf"engine record .*dit_b1\.json: {named}"):
+        read_engine(engine, H100, REBUILD_BUNDLE_HINT)
+
+
 def test_cache_lookup_misses_then_hits(tmp_path: Path) -> None:
     cache = EngineCache(tmp_path / "cache")
     key = engine_cache_key("ab" * 32, H100, BuildOptions())

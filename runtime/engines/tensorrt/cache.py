@@ -181,9 +181,12 @@ def read_engine(engine_path: Path, current: EngineTarget, rebuild_hint: str) -> 
     """Reads an engine and its record, refusing another target or bytes that do not match the record's sha256."""
     sidecar = record_path(engine_path)
     try:
-        record = EngineRecord.from_dict(json.loads(sidecar.read_text()), str(sidecar))
-    except (OSError, json.JSONDecodeError) as error:
+        raw = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as error:  # ValueError: bad JSON or bad UTF-8
         raise EngineError(f"engine record {sidecar}: expected a JSON EngineRecord, got {error}") from error
+    if not isinstance(raw, dict):
+        raise EngineError(f"engine record {sidecar}: expected a JSON object, got {type(raw).__name__}")
+    record = EngineRecord.from_dict(raw, str(sidecar))
     check_engine_target(record, current, engine_path, rebuild_hint)
     try:
         data = engine_path.read_bytes()
