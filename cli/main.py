@@ -20,6 +20,7 @@ from cosmos_edge.cli import (
     serve_cmd,
     text_embeddings_cmd,
 )
+from cosmos_edge.cli.signals import sigterm_interrupts
 from cosmos_edge.runtime.errors import CosmosEdgeError
 from cosmos_edge.runtime.version import installed_version
 
@@ -110,12 +111,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args._command_parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     _configure_logging(args.verbose)
     try:
-        return int(args.func(args))
+        with sigterm_interrupts():  # a long command (serve, robot) takes the signals over for its run
+            return int(args.func(args))
     except CosmosEdgeError as error:
         one_line = " ".join(str(error).splitlines())  # a wrapped library message; other spacing is kept
         print(f"cosmos-edge: error: {one_line}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # what was interrupted cleans up on its way out (an export leaves no bundle)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what was interrupted cleans up on its way out (an export leaves
+        # no bundle, an engine build a bundle that opens)
         print(f"cosmos-edge: interrupted ({args.command})", file=sys.stderr)
         return 130
 

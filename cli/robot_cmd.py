@@ -22,7 +22,7 @@ from collections.abc import Callable
 from cosmos_edge.cli.arg_types import int_in_range, positive_hertz, positive_seconds
 from cosmos_edge.cli.client_cmd import connect, connection_arguments, naming_connection_flags
 from cosmos_edge.cli.run_report import print_run_report
-from cosmos_edge.cli.signals import on_stop_signals, sigterm_interrupts
+from cosmos_edge.cli.signals import on_stop_signals
 from cosmos_edge.robot_bridge.controller.blending import BlendConfig, BlendScheme
 from cosmos_edge.robot_bridge.controller.chunk_source import ActParams, ThreadedChunkSource
 from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor, ExecutorConfig, summarize
@@ -92,7 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _robot(args: argparse.Namespace) -> int:
     make_env = _env_factory(args.env)
     params = ActParams(args.task, mode=args.mode, seed=args.seed, steps=args.steps)
-    with sigterm_interrupts(), connect(args, _REQUEST_TIMEOUT_S) as client:  # until the run takes the signals over
+    with connect(args, _REQUEST_TIMEOUT_S) as client:
         metadata = client.metadata()
         _check_server(metadata, args)  # before the arms move: a server that could not drive them
         rate_hz = _control_rate_hz(args.control_rate_hz, metadata.control_rate_hz)

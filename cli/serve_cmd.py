@@ -29,7 +29,7 @@ from cosmos_edge.cli.planning_args import (
     planning_config,
     planning_flags_given,
 )
-from cosmos_edge.cli.signals import on_stop_signals, sigterm_interrupts
+from cosmos_edge.cli.signals import on_stop_signals
 from cosmos_edge.robot_bridge.binding import BoundRouter, ServerConfig
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, ServerCurve, load_public_keys
 from cosmos_edge.robot_bridge.official_act import check_official_cameras
@@ -99,7 +99,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction, make_policies: Poli
     )
 
     def serve(args: argparse.Namespace) -> int:
-        with _naming_flags(), sigterm_interrupts(), contextlib.ExitStack() as sockets:
+        with _naming_flags(), contextlib.ExitStack() as sockets:
             config, http = server_config(args), http_config(args)
             # Bound before the policies load (minutes, for the 2B model): a port in use is refused at once.
             router = sockets.enter_context(BoundRouter.bind(config))

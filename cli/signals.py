@@ -11,8 +11,9 @@ from types import FrameType
 
 @contextlib.contextmanager
 def sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM interrupts as Ctrl-C does for the block (while models load, or arms move to their start pose, before
-    a command takes the signals over): what is open closes, and the process exits with a line, not by the signal."""
+    """SIGTERM interrupts as Ctrl-C does for the block (`main` runs every command in it: an export, models loading,
+    arms moving to their start pose, until a command takes the signals over): what is open closes, and the process
+    exits with a line, not by the signal."""
     if threading.current_thread() is not threading.main_thread():  # embedded: signals are the caller's
         yield
         return

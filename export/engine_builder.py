@@ -26,8 +26,10 @@ def build_bundle_engines(bundle_dir: str | Path, device: int = 0, graphs: tuple[
     graphs not yet built are built on first use, as without prebuilt engines).
     """
     bundle = Bundle.open(bundle_dir)  # a wrong path is named first, on a machine without TensorRT too
+    names = tuple(dict.fromkeys(graphs)) or tuple(bundle.manifest.graphs)
+    for name in names:  # every --graph named before the first build (minutes each), not when its turn comes
+        bundle.graph(name)
     require_tensorrt()
-    names = graphs or tuple(bundle.manifest.graphs)
     engines = dict(bundle.manifest.engines)
     files = dict(bundle.manifest.files)
     (bundle.root / ENGINES_DIR).mkdir(exist_ok=True)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ import pytest
 
 from cosmos_edge.cli import export_cmd
 from cosmos_edge.cli.main import main
+from cosmos_edge.export import bundle_writer
 from cosmos_edge.runtime.bundle.manifest import Bundle
 from cosmos_edge.runtime.bundle.sources import CheckpointFiles
 from cosmos_edge.runtime.platforms import platform_spec
@@ -72,6 +76,23 @@ def test_export_then_act_matches_the_reference_act(
         assert served["actions"].shape == reference["actions"].shape
         assert np.abs(2 * (served["actions"] - reference["actions"]) / span).max() <= 1e-3  # normalised units
         assert abs(float(served["value"]) - float(reference["value"])) <= 1e-3
+
+
+def test_sigterm_during_export_leaves_nothing_and_says_so(
+    tiny_assets: dict[str, CheckpointFiles],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def terminated(*args: object) -> None:  # as a supervisor stopping the job mid-export
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1.0)  # the handler runs at the next bytecode, well within this
+
+    monkeypatch.setattr(bundle_writer, "export_vae_cameras_encoder", terminated)
+    argv = ["export", *official_args(tiny_assets["libero"]), "--out", str(tmp_path / "bundle"), "--for", "cpu"]
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip() == "cosmos-edge: interrupted (export)"
+    assert list(tmp_path.iterdir()) == []  # neither the bundle nor its staging directory
 
 
 @pytest.mark.parametrize(

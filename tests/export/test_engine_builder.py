@@ -35,6 +35,15 @@ def test_engines_build_without_tensorrt_fails_cleanly(
     assert not (bundle / "engines").exists()
 
 
+def test_every_graph_asked_for_is_checked_before_any_build(
+    tiny_bundles: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = tiny_bundles("libero")
+    assert main(["engines", "build", str(bundle), "--graph", "dit_b1", "--graph", "dit_b4"]) == 2
+    assert "has no graph 'dit_b4'; it has ['dit_b1', 'dit_b2', 'vae_encoder_cameras']" in capsys.readouterr().err
+    assert not (bundle / "engines").exists()
+
+
 class _Record:
     """The part of an engine record the bundle builder reads."""
 
