@@ -108,7 +108,7 @@ class _GraphWriter:
 
 def check_new_bundle_path(out: Path) -> None:
     """A bundle is written where nothing is: refused before minutes of export otherwise."""
-    if out.exists():
+    if out.exists() or out.is_symlink():  # a dangling link too: the final rename could not replace it
         raise BundleError(f"{out}: already exists; remove it or choose another --out")
 
 
@@ -125,7 +125,12 @@ def export_bundle(request: ExportRequest) -> Bundle:
     try:
         write_manifest(staging, _write_contents(request, staging))
         staging.chmod(_directory_mode())  # mkdtemp makes it private (0700); a bundle is read like its files
-        os.rename(staging, out)  # atomic within one filesystem: the bundle appears whole or not at all
+        check_new_bundle_path(out)  # again: another export or a user may have made it meanwhile (rename would
+        # silently replace an empty directory)
+        try:
+            os.rename(staging, out)  # atomic within one filesystem: the bundle appears whole or not at all
+        except OSError as error:
+            raise BundleError(f"{out}: cannot put the bundle there ({error.strerror}); choose another --out") from None
     except BaseException:  # KeyboardInterrupt included: never leave a half-written bundle behind
         shutil.rmtree(staging, ignore_errors=True)
         raise

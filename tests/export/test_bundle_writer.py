@@ -136,9 +136,27 @@ def test_the_bundle_directory_is_as_readable_as_its_files(tiny_bundles: TinyBund
     assert stat.S_IMODE((root / "manifest.json").stat().st_mode) == 0o666 & ~umask
 
 
-def test_export_refuses_an_existing_destination(tiny_assets: dict[str, CheckpointFiles], tmp_path: Path) -> None:
+def test_export_refuses_an_existing_destination(
+    tiny_assets: dict[str, CheckpointFiles], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(BundleError, match="already exists"):
         export_bundle(request(tiny_assets["libero"], tmp_path))
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(BundleError, match="dangling: already exists"):
+        export_bundle(request(tiny_assets["libero"], dangling))
+    # An empty directory made at --out during the export is not silently replaced by the bundle.
+    late = tmp_path / "late"
+    export_vae = bundle_writer.export_vae_cameras_encoder
+
+    def make_it_meanwhile(*args: object) -> object:
+        late.mkdir()
+        return export_vae(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bundle_writer, "export_vae_cameras_encoder", make_it_meanwhile)
+    with pytest.raises(BundleError, match="late: already exists"):
+        export_bundle(request(tiny_assets["libero"], late))
+    assert list(late.iterdir()) == [] and sorted(path.name for path in tmp_path.iterdir()) == ["dangling", "late"]
 
 
 @pytest.mark.parametrize(
