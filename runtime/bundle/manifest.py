@@ -132,11 +132,17 @@ class BundleManifest:
         precision = fields.get("precision", str)
         fields.require("precision", precision in PRECISIONS, f"one of {PRECISIONS}", precision)
         batch_sizes = tuple(fields.get("batch_sizes", list))
-        fields.require("batch_sizes", all(is_positive_int(b) for b in batch_sizes), "positive ints", batch_sizes)
+        try:
+            check_batch_sizes(batch_sizes)  # as export writes them
+        except ConfigError as error:
+            raise BundleError(f"{source}: manifest.{error}") from None
         model = fields.child("model")
         graphs = fields.child("graphs")
         files = fields.child("files")
         engines = fields.child("engines")
+        parsed_graphs = {name: _graph(graphs.child(name)) for name in graphs.names()}
+        dit_batches = sorted(record.batch for record in parsed_graphs.values() if record.role == "dit")
+        fields.require("batch_sizes", dit_batches == sorted(batch_sizes), f"the dit graphs' {dit_batches}", batch_sizes)
         for path in files.names():  # every file the reader opens is one of these, checked against its hash
             files.require(path, _is_inside(path), "a relative path inside the bundle", path)
         return cls(
@@ -154,7 +160,7 @@ class BundleManifest:
                 text_tokens=model.get("text_tokens", int),
                 text_dim=model.get("text_dim", int),
             ),
-            graphs={name: _graph(graphs.child(name)) for name in graphs.names()},
+            graphs=parsed_graphs,
             text_embeddings=fields.get("text_embeddings", str),
             dataset_statistics=fields.get("dataset_statistics", str),
             files={path: FileRecord(**files.child(path).pick(sha256=str, size=int)) for path in files.names()},
@@ -232,18 +238,24 @@ def _graph(fields: _Fields) -> GraphRecord:
 
     def tensors(key: str) -> tuple[TensorSpec, ...]:
         entries = [_Fields(entry, spec.source, f"{spec.where}.{key}") for entry in spec.get(key, list)]
+        for entry in entries:
+            shape = entry.get("shape", list)
+            entry.require("shape", all(is_positive_int(size) for size in shape), "positive ints", shape)
         return tuple(
             TensorSpec(entry.get("name", str), tuple(entry.get("shape", list)), entry.get("dtype", str))
             for entry in entries
         )
 
-    return GraphRecord(
+    record = GraphRecord(
         role=role,
         batch=fields.get("batch", int),
         file=fields.get("file", str),
         external_data=fields.optional("external_data", str),
         spec=GraphSpec(spec.get("name", str), tensors("inputs"), tensors("outputs")),
     )
+    leading = record.spec.inputs[0].shape[0] if record.spec.inputs and record.spec.inputs[0].shape else None
+    fields.require("batch", record.batch == leading, f"its spec's batch {leading}", record.batch)
+    return record
 
 
 def file_record(path: Path) -> FileRecord:

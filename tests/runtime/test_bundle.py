@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,9 +83,28 @@ def test_a_bundle_of_an_earlier_schema_asks_for_a_re_export(bundle_copy: Path) -
         bundle_policy(bundle_copy)
 
 
-def test_malformed_manifest_names_the_field(bundle_copy: Path) -> None:
-    edit_manifest(bundle_copy, lambda manifest: manifest["graphs"]["dit_b1"].update(batch="one"))
-    with pytest.raises(BundleError, match=r"manifest.json: manifest\.graphs\.dit_b1\.batch: expected int"):
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["graphs"]["dit_b1"].update(batch="one"), r"manifest\.graphs\.dit_b1\.batch: expected int"),
+        (
+            lambda m: m["graphs"]["dit_b2"].update(batch=4),
+            r"manifest\.graphs\.dit_b2\.batch: expected its spec's batch 2, got 4",
+        ),
+        (lambda m: m.update(batch_sizes=[7]), r"manifest\.batch_sizes: expected 1 among them"),
+        (lambda m: m.update(batch_sizes=[1, 4]), r"manifest\.batch_sizes: expected the dit graphs' \[1, 2\]"),
+        (
+            lambda m: m["graphs"]["dit_b1"]["spec"]["inputs"][0].update(shape=["a", 2]),
+            r"manifest\.graphs\.dit_b1\.spec\.inputs\.shape: expected positive ints, got \['a', 2\]",
+        ),
+    ],
+    ids=["batch not an int", "batch against spec", "no batch 1", "batch sizes against graphs", "shape not ints"],
+)
+def test_malformed_manifest_names_the_field(
+    bundle_copy: Path, edit: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    edit_manifest(bundle_copy, edit)
+    with pytest.raises(BundleError, match=rf"manifest.json: {message}"):
         Bundle.open(bundle_copy)
 
 
