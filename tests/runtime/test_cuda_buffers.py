@@ -13,6 +13,7 @@ from cosmos_edge.runtime.engines.tensorrt.cuda_buffers import (
     CUDA_ERROR_REFERENCE,
     CapturedWork,
     DeviceIO,
+    IOBuffer,
     check_cuda,
     import_cudart,
 )
@@ -53,6 +54,33 @@ def test_check_cuda_names_the_call_and_error() -> None:
     assert str(raised.value) == (
         f"cudaMalloc(1024) for 'x': expected cudaSuccess, got cudaErrorMemoryAllocation (2); see {CUDA_ERROR_REFERENCE}"
     )
+
+
+class StickyErrorRuntime:
+    """A cudart after a sticky CUDA error: every call fails, and each is recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def __getattr__(self, name: str) -> object:
+        def call(*args: object) -> tuple[int]:
+            self.calls.append((name, args[0] if args else None))
+            return (700,)
+
+        return call
+
+
+def test_closing_after_a_sticky_cuda_error_still_frees_every_buffer_and_the_stream() -> None:
+    spec = TensorSpec("x", (2,), "float32")
+    buffers = {name: IOBuffer(spec, np.zeros(2, np.float32), 10 * i + 1, 10 * i + 2) for i, name in enumerate("abc")}
+    cudart = StickyErrorRuntime()
+    io = DeviceIO(cudart, "stream", {"a": buffers["a"]}, {"b": buffers["b"], "c": buffers["c"]})  # type: ignore[arg-type]
+    with pytest.raises(EngineError, match="cudaStreamSynchronize"):  # the first failure is the one raised
+        io.close()
+    freed = sorted(pointer for name, pointer in cudart.calls if name in ("cudaFree", "cudaFreeHost"))
+    assert freed == [1, 2, 11, 12, 21, 22] and ("cudaStreamDestroy", "stream") in cudart.calls
+    io.close()  # closed once: nothing is freed twice
+    assert len(cudart.calls) == 8
 
 
 def test_check_cuda_without_an_error_name() -> None:

@@ -77,11 +77,18 @@ def _allocate(cudart: ModuleType, spec: TensorSpec, allocated: list[tuple[str, i
 
 
 def _free(cudart: ModuleType, allocated: Iterable[tuple[str, int]]) -> None:
+    """Frees every allocation, even after one fails (a sticky CUDA error); raises the first failure at the end."""
+    failure: EngineError | None = None
     for kind, ptr in allocated:
-        if kind == "host":
-            check_cuda(cudart.cudaFreeHost(ptr), "cudaFreeHost")
-        else:
-            check_cuda(cudart.cudaFree(ptr), "cudaFree")
+        try:
+            if kind == "host":
+                check_cuda(cudart.cudaFreeHost(ptr), "cudaFreeHost")
+            else:
+                check_cuda(cudart.cudaFree(ptr), "cudaFree")
+        except EngineError as error:
+            failure = failure or error
+    if failure is not None:
+        raise failure
 
 
 class DeviceIO:
@@ -145,10 +152,21 @@ class DeviceIO:
         if self._closed:
             return
         self._closed = True
-        self.synchronize()
-        for buffer in (*self.inputs.values(), *self.outputs.values()):
-            _free(self._cudart, [("host", buffer.host_ptr), ("device", buffer.device_ptr)])
-        check_cuda(self._cudart.cudaStreamDestroy(self.stream), "cudaStreamDestroy")
+        buffers = (*self.inputs.values(), *self.outputs.values())
+        allocated = [pair for b in buffers for pair in (("host", b.host_ptr), ("device", b.device_ptr))]
+        steps: tuple[Callable[[], object], ...] = (
+            self.synchronize,  # the work in flight may still read the buffers
+            lambda: _free(self._cudart, allocated),
+            lambda: check_cuda(self._cudart.cudaStreamDestroy(self.stream), "cudaStreamDestroy"),
+        )
+        failures = []
+        for step in steps:  # each runs even after one fails (a sticky CUDA error): nothing is leaked
+            try:
+                step()
+            except EngineError as error:
+                failures.append(error)
+        if failures:
+            raise failures[0]
 
     def _copy_async(self, dst: int, src: int, nbytes: int, direction: str, name: str) -> None:
         kind = getattr(self._cudart.cudaMemcpyKind, f"cudaMemcpy{direction}")

@@ -167,11 +167,15 @@ class TensorRTRunner:
     def close(self) -> None:
         if self._context is None:
             return
-        self._captured.reset()
-        self._io.close()
-        self._context = None
-        self._engine = None
-        self._runtime = None
+        try:
+            self._captured.reset()
+        finally:  # the buffers and the engine are released whatever failed before
+            try:
+                self._io.close()
+            finally:
+                self._context = None
+                self._engine = None
+                self._runtime = None
 
     def __enter__(self) -> TensorRTRunner:
         return self
