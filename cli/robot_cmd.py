@@ -25,7 +25,7 @@ from cosmos_edge.cli.run_report import print_run_report
 from cosmos_edge.cli.signals import on_stop_signals
 from cosmos_edge.robot_bridge.controller.blending import BlendConfig, BlendScheme
 from cosmos_edge.robot_bridge.controller.chunk_source import ActParams, ThreadedChunkSource
-from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor, ExecutorConfig, summarize
+from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor, ExecutorConfig
 from cosmos_edge.robot_bridge.controller.safety import SafetyConfig, SafetyFilter
 from cosmos_edge.robot_bridge.protocol import ServerMetadata
 from cosmos_edge.robot_bridge.robots.aloha_real import ALOHA_DIMS, AlohaRealRobot, RealEnvLike
@@ -120,7 +120,7 @@ def _robot(args: argparse.Namespace) -> int:
                     ) from error
                 finally:  # what ran is reported, however the run ended
                     client.close()  # a request in flight is cancelled now, not at its timeout: the run is over
-                    print_run_report(executor, safety, summarize(executor.records()))
+                    print_run_report(executor, safety, executor.summary())
     if executor.counters.chunks_adopted == 0 and not signalled.is_set():  # the policy never drove the arms
         failed = executor.counters.request_failures
         print(

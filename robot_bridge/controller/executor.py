@@ -35,7 +35,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -184,6 +184,7 @@ class ExecutorCounters:
     dropped_malformed: int = 0  # actions not (chunk, dims)
     dropped_stopped: int = 0  # arrived while the stop latch was set
     starved_ticks: int = 0  # held position after the first chunk because no action was left (not stopped)
+    hold_ticks: int = 0  # ticks without an action of a chunk (before the first chunk, starved, or stopped)
 
 
 @dataclass(frozen=True)
@@ -377,14 +378,27 @@ class ChunkExecutor:
         # The first deadline not yet passed, and never a tick already run (a clock that has not moved since).
         tick = max(-(-(self._clock() - self._epoch_ns) // self._period_ns), self._next_tick)
         end_tick = None if num_ticks is None else tick + num_ticks
-        ticks_before = self._counts["ticks"]
+        before = self.counters
         with _thread_priority(self.config.realtime_priority, self.config.nice):
             self._loop(tick, end_tick, until or (lambda: False))
-        ran = self._counts["ticks"] - ticks_before
-        records = self.records()
-        summary = summarize(records[max(0, len(records) - ran) :])
+        summary = self.summary(since=before)
         logger.info("executor: run finished: %s; %s", summary, self.counters)
         return summary
+
+    def summary(self, since: ExecutorCounters | None = None) -> TickSummary:
+        """The ticks since the counters `since` (default: every tick so far): counts from the counters, jitter from
+        the records kept of them (the last `record_capacity`)."""
+        since = since or ExecutorCounters()
+        now = self.counters
+        ran = now.ticks - since.ticks
+        records = self.records()
+        jitter = summarize(records[max(0, len(records) - ran) :])
+        return replace(
+            jitter,
+            ticks=ran,
+            missed_ticks=now.missed_ticks - since.missed_ticks,
+            hold_ticks=now.hold_ticks - since.hold_ticks,
+        )
 
     def _loop(self, tick: int, end_tick: int | None, until: Callable[[], bool]) -> None:
         while (end_tick is None or tick < end_tick) and not until():
@@ -417,6 +431,7 @@ class ChunkExecutor:
         adopted = self._receive(tick)
 
         action, obs_id, index = self._action_at(tick)
+        self._counts["hold_ticks"] += int(action is None)
         if action is None and self._chunk is not None and not self._safety.stopped:
             self._counts["starved_ticks"] += 1
             self._warn_starved(tick, "no action left: holding position")

@@ -857,6 +857,20 @@ def test_a_run_ends_when_asked_to() -> None:
             executor.run(**bad)  # type: ignore[arg-type]
 
 
+def test_summaries_count_every_tick_beyond_the_records_kept() -> None:
+    executor, _, _, _ = make(chunk=5, threshold=2, latency_ticks=8, record_capacity=8)
+    first = executor.run(40)  # every reply elapsed before it came: 40 held ticks, of which 8 are recorded
+    executor.run(10)
+    assert len(executor.records()) == 8
+    assert (first.ticks, first.hold_ticks) == (40, 40)
+    whole = executor.summary()
+    assert (whole.ticks, whole.hold_ticks, whole.missed_ticks) == (50, 50, 0) == (
+        executor.counters.ticks,
+        executor.counters.hold_ticks,
+        executor.counters.missed_ticks,
+    )
+
+
 def test_a_robot_slower_than_the_period_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
     executor, robot, _, clock = make()
     robot.on_command = lambda n: clock.sleep(0.1)  # each command takes 2.5 periods at 25 Hz

@@ -22,6 +22,7 @@ import zmq
 
 from cosmos_edge.cli.main import main
 from cosmos_edge.cli.serve_cmd import add_serve_parser
+from cosmos_edge.cli.signals import sigterm_interrupts
 from cosmos_edge.robot_bridge.client import PolicyClient, RemoteError
 from cosmos_edge.robot_bridge.http_server import HttpConfig
 from cosmos_edge.robot_bridge.protocol import ActReply, ActRequest, ErrorCode, ErrorReply, Reply, decode_reply
@@ -337,7 +338,8 @@ def serve_while_loading_forever(port: int, *, loading: Flag) -> None:
     add_serve_parser(parser.add_subparsers(), load)
     args = parser.parse_args(["serve", "--endpoint", f"tcp://127.0.0.1:{port}"])
     try:
-        args.func(args)
+        with sigterm_interrupts():  # as `main` runs every command
+            args.func(args)
     except KeyboardInterrupt:
         raise SystemExit(130) from None
 
