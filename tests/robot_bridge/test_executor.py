@@ -864,10 +864,14 @@ def test_summaries_count_every_tick_beyond_the_records_kept() -> None:
     assert len(executor.records()) == 8
     assert (first.ticks, first.hold_ticks) == (40, 40)
     whole = executor.summary()
-    assert (whole.ticks, whole.hold_ticks, whole.missed_ticks) == (50, 50, 0) == (
-        executor.counters.ticks,
-        executor.counters.hold_ticks,
-        executor.counters.missed_ticks,
+    assert (
+        (whole.ticks, whole.hold_ticks, whole.missed_ticks)
+        == (50, 50, 0)
+        == (
+            executor.counters.ticks,
+            executor.counters.hold_ticks,
+            executor.counters.missed_ticks,
+        )
     )
 
 
