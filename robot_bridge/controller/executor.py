@@ -306,6 +306,7 @@ class ChunkExecutor:
         self._blender = ChunkBlender(config.blend, safety.config.gripper_indices)
         self._last_command: np.ndarray | None = None
         self._next_tick = 0  # the tick after the last one run
+        self._run_started_ns = 0  # when the current run began (the executor's clock)
         self._latency_ns: float | None = None  # smoothed inference round trip (capture to receipt)
         self._chunk_length = 0  # of the last adopted chunk
         self._starved_warnings = Throttle(config.starvation_warning_s)
@@ -378,7 +379,7 @@ class ChunkExecutor:
         # The first deadline not yet passed, and never a tick already run (a clock that has not moved since).
         tick = max(-(-(self._clock() - self._epoch_ns) // self._period_ns), self._next_tick)
         end_tick = None if num_ticks is None else tick + num_ticks
-        before = self.counters
+        before, self._run_started_ns = self.counters, self._clock()
         with _thread_priority(self.config.realtime_priority, self.config.nice):
             self._loop(tick, end_tick, until or (lambda: False))
         summary = self.summary(since=before)
@@ -458,9 +459,11 @@ class ChunkExecutor:
             self._retry_at_ns = self._clock() + round(self.config.retry_delay_s * 1e9)
             self._warn_request_failed(outcome)
             return False
-        # Round trip as the control loop sees it: from capture to the tick that received the outcome.
-        latency = self._clock() - outcome.capture_ns
-        self._latency_ns = latency if self._latency_ns is None else 0.7 * self._latency_ns + 0.3 * latency
+        # Round trip as the control loop sees it: from capture to the tick that received the outcome. A request made
+        # in an earlier run may have been answered during the pause between runs: no measure of the round trip.
+        if outcome.capture_ns >= self._run_started_ns:
+            latency = self._clock() - outcome.capture_ns
+            self._latency_ns = latency if self._latency_ns is None else 0.7 * self._latency_ns + 0.3 * latency
         reason = self._drop_reason(outcome, tick)
         if reason in (None, "dropped_elapsed"):  # a well-formed reply to a current request: its length is the horizon
             self._chunk_length = len(outcome.actions)

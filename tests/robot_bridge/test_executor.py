@@ -907,6 +907,16 @@ def test_adaptive_prefetch_covers_the_measured_latency() -> None:
     assert adaptive.counters.starved_ticks <= 10  # only until the first round trip was measured
 
 
+def test_a_reply_that_came_between_runs_is_no_measure_of_the_round_trip() -> None:
+    executor, _, _, clock = make(chunk=20, threshold=8, latency_ticks=3, adaptive_prefetch=True)
+    executor.run(37)  # ends with a request in flight
+    assert executor.counters.requests == executor.counters.chunks_adopted + 1
+    assert executor.latency_ms == pytest.approx(120.0)
+    clock.now += 60 * 10**9  # the rig pauses a minute between runs (an episode reset); the reply lands meanwhile
+    executor.run(40)
+    assert executor.latency_ms == pytest.approx(120.0) and executor.prefetch_threshold == 8
+
+
 def test_starvation_is_reported_with_latency_and_horizon(caplog: pytest.LogCaptureFixture) -> None:
     executor, _, _, _ = make(chunk=5, threshold=2, latency_ticks=8, adaptive_prefetch=True)
     with caplog.at_level(logging.WARNING, logger="cosmos_edge.robot_bridge.controller.executor"):
