@@ -1,8 +1,8 @@
 """`cosmos-edge demo`: the whole chain on a CPU with no download.
 
 The embedded default (a seeded random-weight `tiny` ALOHA model in the official file formats) is served over
-ZeroMQ; the ALOHA chunk executor drives gym-aloha through the safety filter, in lockstep with simulated time
-(rendering is slower than real time on a CPU). With random weights the robot does nothing useful: the demo
+ZeroMQ; the ALOHA chunk executor drives gym-aloha through the safety filter on the simulation's clock (a tick per
+rendered step: slower than real time on a CPU). With random weights the robot does nothing useful: the demo
 exercises the runtime, not the policy.
 """
 
@@ -233,10 +233,12 @@ def _an_earlier_demos(out: Path, model: Path) -> bool:
 
 
 def _print_round_trip(executor: ChunkExecutor) -> None:
-    # The simulation waits for each reply (lockstep), so the round trip it sees is short in simulated time.
+    # The executor's clock is the simulation's, which advances a tick per rendered step and nothing while the policy
+    # computes; so the round trip it measures is the simulated time rendered meanwhile, set by the CPU's speed.
     latency = "n/a" if executor.latency_ms is None else f"{executor.latency_ms:.0f} ms"
     print(
-        f"inference round trip in simulated time (lockstep; the wall-clock one is in the latency table): {latency}; "
+        f"inference round trip in simulated time (the ticks rendered while a reply was computed; the wall-clock one "
+        f"is in the latency table): {latency}; "
         f"prefetch at {executor.prefetch_threshold} actions left; "
         f"starved ticks: {executor.counters.starved_ticks}"
     )
