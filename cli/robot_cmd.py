@@ -13,6 +13,7 @@ and the command ends after that tick with its counters.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import sys
@@ -57,6 +58,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="JSON",
         help='its keyword arguments, e.g. {"init_node": true}',
     )
+    parser.add_argument(
+        "--safety",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help="the rig's limits, any of the safety filter's fields: joint_lower and joint_upper (rad, one per arm "
+        "joint, both arms), gripper_range (normalised), max_joint_step (rad per tick); default vx300s limits and 0.15, "
+        'e.g. {"max_joint_step": 0.1}',
+    )
     parser.add_argument("--task", required=True, help="the instruction, as the server lists it")
     parser.add_argument("--mode", help="ask in this mode (default: the server's)")
     parser.add_argument(
@@ -97,8 +107,8 @@ def _robot(args: argparse.Namespace) -> int:
         _check_server(metadata, args)  # before the arms move: a server that could not drive them
         rate_hz = _control_rate_hz(args.control_rate_hz, metadata.control_rate_hz)
         executor_config = ExecutorConfig(control_rate_hz=rate_hz, blend=BlendConfig(BlendScheme(args.blend)))
+        safety = SafetyFilter(_safety_config(args.safety))  # before the arms move
         robot = AlohaWireCameras(_connect_robot(make_env, args))
-        safety = SafetyFilter(SafetyConfig())
         with ThreadedChunkSource(client, params) as source:
             executor = ChunkExecutor(robot, source, safety, executor_config)
             # SIGINT and SIGTERM latch the executor's stop: the arms hold, and the run ends after the tick in progress.
@@ -189,6 +199,24 @@ def _env_factory(spec: str) -> Callable[..., RealEnvLike]:
     if not callable(factory):
         raise ConfigError(f"--env {spec}: {module_name} has no function {function_name}")
     return factory  # type: ignore[no-any-return]
+
+
+def _safety_config(fields: dict[str, object]) -> SafetyConfig:
+    """The --safety limits over the defaults; one line naming the flag and the field when they are wrong."""
+    known = [field.name for field in dataclasses.fields(SafetyConfig)]
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise ConfigError(f"--safety: unknown fields {unknown}; expected some of {known}")
+    try:
+        values = {name: tuple(value) if isinstance(value, list) else value for name, value in fields.items()}
+        config = SafetyConfig(**values)  # type: ignore[arg-type]
+    except ConfigError as error:
+        raise ConfigError(f"--safety: {error}") from None
+    if config.dims != ALOHA_DIMS:
+        raise ConfigError(
+            f"--safety: expected limits of {ALOHA_DIMS // 2 - 1} joints per arm, got {config.dims // 2 - 1}"
+        )
+    return config
 
 
 def _json_object(text: str) -> dict[str, object]:

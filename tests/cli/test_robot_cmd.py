@@ -40,6 +40,15 @@ def test_the_arms_follow_the_served_chunks_through_the_safety_filter(capsys: pyt
     assert int(run[1]) == len(commands) and "chunk boundaries:" in printed
 
 
+def test_the_rigs_own_limits_bound_every_commanded_step() -> None:
+    fake_real_env.MADE.clear()
+    with serving(PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*"))) as endpoint:
+        assert main(robot(endpoint, "--duration-s", "1", "--safety", '{"max_joint_step": 0.01}')) == 0
+    (env,) = fake_real_env.MADE
+    steps = np.abs(np.diff(np.array(env.commands)[:, :6], axis=0))
+    assert steps.max() <= 0.01 + 1e-9 and steps.max() > 0.005  # the arms moved, within the rig's step
+
+
 def test_a_signal_holds_the_pose_and_ends_the_run(capsys: pytest.CaptureFixture[str]) -> None:
     fake_real_env.MADE.clear()
     with serving(PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*"))) as endpoint:
@@ -77,6 +86,15 @@ def test_a_signal_before_the_first_chunk_ends_at_once_and_is_no_failure(
         (
             ["--task", INSTRUCTION, "--env-kwargs", '{"fail": "no ROS master"}'],
             f"--env {ENV}: failed: RuntimeError: no ROS master",
+        ),
+        (["--task", INSTRUCTION, "--safety", '{"speed": 1}'], "--safety: unknown fields ['speed']; expected some of"),
+        (
+            ["--task", INSTRUCTION, "--safety", '{"max_joint_step": 0}'],
+            "--safety: safety.max_joint_step: expected",
+        ),
+        (
+            ["--task", INSTRUCTION, "--safety", '{"joint_lower": [-1, -1], "joint_upper": [1, 1]}'],
+            "--safety: expected limits of 6 joints per arm, got 2",
         ),
     ],
 )
