@@ -184,9 +184,9 @@ CASES: dict[str, Case] = {
         "--compile: --reference runs the official path uncompiled",
     ),
     "act output is a directory": lambda f, t: (act(f, t, "--out", str(t)), f"--out {t}: is a directory"),
-    "future images of Q(s, a) planning": lambda f, t: (
-        act(f, t, "--mode", "planning", "--no-ar-value-prediction", "--ar-qvalue-prediction", "--future-images"),
-        "--future-images: not available with --no-ar-value-prediction",
+    "a deeper search of Q(s, a) planning": lambda f, t: (
+        act(f, t, "--mode", "planning", "--search-depth", "2", "--ar-qvalue-prediction"),
+        "--search-depth: above 1 is not supported with --ar-qvalue-prediction (as officially)",
     ),
     "act output is the observation": lambda f, t: (
         act(f, t, "--out", str(t / "obs.npz")),
