@@ -44,13 +44,13 @@ class RateLimitedLog:
         self._peers: set[str] = set()
         self._held_back = 0
 
-    def log(self, peer: str, level: int, message: str, *args: object) -> None:
+    def log(self, peer: str, level: int, message: str, *args: object, exc_info: bool = False) -> None:
         self.tick()
         if peer in self._peers or len(self._peers) >= self._max_lines:
             self._held_back += 1
             return
         self._peers.add(peer)
-        self._logger.log(level, message, *args)
+        self._logger.log(level, message, *args, exc_info=exc_info)
 
     def tick(self) -> None:
         """Starts a new window once `interval_s` has passed, logging how many lines the last one held back."""

@@ -335,17 +335,19 @@ class PolicyServer:
                 reply = Pong(request.request_id, time.time_ns(), SERVER_VERSION)
             else:
                 reply = self._set_mode(request)
-        except MessageError as error:
+        except Exception as failure:  # whatever a message does, the server answers it and keeps serving
+            error = failure if isinstance(failure, MessageError) else _internal(failure)
             self._send(identity, ErrorReply.from_error(error).to_frames())
             self._peer_log.log(
                 peer,
-                logging.INFO,
+                logging.INFO if failure is error else logging.ERROR,
                 "kind=error peer=%s request_id=%s code=%s field=%s total_ms=%.3f",
                 peer,
-                error.request_id,
+                error.request_id or 0,  # as the reply says: 0 when the header could not be read
                 error.code.value,
                 peer_text(error.field),
                 ms_since(started),
+                exc_info=failure is not error,
             )
             return
         self._send(identity, reply.to_frames())
@@ -671,6 +673,11 @@ def _candidate_fields(candidates: CandidateResults | None, request: ActRequest) 
         actions[np.isnan(actions)] = 0.0
         fields["candidate_actions"] = actions
     return fields
+
+
+def _internal(failure: Exception) -> MessageError:
+    """The `internal` answer to a message whose handling failed unexpectedly (a defect: the log has its traceback)."""
+    return MessageError(ErrorCode.INTERNAL, "", f"the server failed on this message ({type(failure).__name__})")
 
 
 def _expiry(job: _Job, now: float) -> MessageError | None:

@@ -345,5 +345,6 @@ def _parse_descriptor(descriptor: object) -> tuple[str, np.dtype[Any], tuple[int
     dtype = _WIRE_DTYPES.get(descriptor["dtype"]) if isinstance(descriptor["dtype"], str) else None
     if dtype is None:
         raise invalid(name, f"expected dtype in {sorted(_WIRE_DTYPES)}, got {descriptor['dtype']!r}")
-    shape = tuple(check_int(name, side, 0, INT64_MAX) for side in check_sequence(name, descriptor["shape"], 4))
+    # Bounded sides: with a zero side, huge others would pass the byte limits (0 bytes) and fail in reshape.
+    shape = tuple(check_int(name, side, 0, MAX_DIM) for side in check_sequence(name, descriptor["shape"], 4))
     return name, dtype, shape

@@ -272,6 +272,12 @@ REJECTIONS: dict[str, tuple[Callable[[Frames], Frames], ErrorCode, str]] = {
     "buffer shorter than shape": (with_array(PROPRIO, shape=[15]), ErrorCode.INVALID_FIELD, "proprio"),
     "negative dimension": (with_array(PROPRIO, shape=[-14]), ErrorCode.INVALID_FIELD, "proprio"),
     "empty proprio": (with_array(PROPRIO, shape=[0], frame=b""), ErrorCode.INVALID_FIELD, "proprio"),
+    # Zero bytes pass every byte limit; the other sides are what must be bounded.
+    "huge sides around a zero": (
+        with_array(PROPRIO, shape=[2**32, 2**32, 0], frame=b""),
+        ErrorCode.INVALID_FIELD,
+        "proprio",
+    ),
     "NaN proprio": (with_array(PROPRIO, frame=NAN_PROPRIO), ErrorCode.INVALID_FIELD, "proprio"),
     "unknown array": (with_extra_array("torques"), ErrorCode.INVALID_FIELD, "torques"),
     "array named twice": (with_array(1, name="image/cam_left_wrist"), ErrorCode.INVALID_FIELD, "image/cam_left_wrist"),

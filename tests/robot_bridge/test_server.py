@@ -33,6 +33,7 @@ from cosmos_edge.robot_bridge.protocol import (
     Reply,
     WireLimits,
     decode_reply,
+    decode_request,
 )
 from cosmos_edge.robot_bridge.server import PolicyServer
 from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError
@@ -370,6 +371,27 @@ def test_an_input_error_of_the_policy_names_its_field_in_the_reply() -> None:
         client.act(observation(), INSTRUCTION, obs_id=1, capture_time_ns=1)
     assert (caught.value.code, caught.value.field) == (ErrorCode.INVALID_INPUT, "proprio")
     assert caught.value.detail == str(failure)  # named once, not "proprio: proprio: ..."
+
+
+def test_a_message_the_server_fails_on_is_answered_internal_and_serving_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    failures = iter([RuntimeError("a decoder defect")])
+
+    def decode_once_failing(frames: object, limits: object) -> object:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return decode_request(frames, limits)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("cosmos_edge.robot_bridge.server.decode_request", decode_once_failing)
+    with serving(PolicyServer(StubPolicy(), ServerConfig(ENDPOINT))) as endpoint:
+        controller = RawController(context, endpoint)
+        controller.send(PingRequest(7).to_frames())
+        reply = controller.receive()  # its id unknown, as for a message that cannot be read: 0
+        assert isinstance(reply, ErrorReply) and reply.code is ErrorCode.INTERNAL and "RuntimeError" in reply.message
+        controller.barrier()  # the server lives on
+    assert "a decoder defect" in caplog.text  # its traceback is logged for whoever fixes it
 
 
 def test_the_wake_ups_of_answers_are_consumed() -> None:
