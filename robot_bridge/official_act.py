@@ -77,7 +77,8 @@ def parse_query(body: bytes, image_size: tuple[int, int], proprio_dim: int) -> O
         if not isinstance(payload["encoded"], str):
             got = _describe(payload["encoded"])
             raise invalid("encoded", f"expected json_numpy text (a JSON string holding the request), got {got}")
-        payload = _json_object(payload["encoded"].encode("utf-8"), "encoded")
+        # "surrogatepass": a lone surrogate escape ("\ud800") is valid JSON; its text then fails to parse, as bad text.
+        payload = _json_object(payload["encoded"].encode("utf-8", "surrogatepass"), "encoded")
     unknown = sorted(set(payload) - _KEYS)
     if unknown:
         raise invalid(unknown[0], f"unknown key; expected {sorted(_KEYS - IGNORED_KEYS)}")

@@ -213,6 +213,7 @@ def test_errors_are_4xx_json_naming_the_key(official_json: None) -> None:
         "flag not a bool": (json_numpy.dumps(good | {"return_all_query_results": "yes"}), 422, ""),
         "encoded with more": (json.dumps({"encoded": json_numpy.dumps(good), "x": 1}), 422, "encoded"),
         "encoded not text": (json.dumps({"encoded": 3}), 422, "encoded"),
+        "encoded lone surrogate": ('{"encoded": "\\ud800"}', 400, "encoded"),
         "encoded holding an object": (json.dumps({"encoded": json.loads(json_numpy.dumps(good))}), 422, "encoded"),
         "a 5000-digit number": ('{"proprio": ' + "7" * 5000 + "}", 400, "body"),
     }
