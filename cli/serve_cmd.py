@@ -212,9 +212,9 @@ def _http_endpoint(
 def _http_listener(http: HttpConfig | None) -> contextlib.AbstractContextManager[socket.socket | None]:
     if http is None:
         return contextlib.nullcontext()
-    from cosmos_edge.robot_bridge.http_server import listen  # the optional extra, as in `http_config`
+    from cosmos_edge.robot_bridge.http_server import bind  # the optional extra, as in `http_config`
 
-    return contextlib.closing(listen(http))
+    return contextlib.closing(bind(http))
 
 
 # The settings' names in the library's errors, and the flags that give them.

@@ -121,8 +121,10 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def listen(config: HttpConfig) -> socket.socket:
-    """A socket listening on `config`'s address (for `HttpEndpoint`), or `ConfigError` naming the address."""
+def bind(config: HttpConfig) -> socket.socket:
+    """A socket bound to `config`'s address (for `HttpEndpoint`), or `ConfigError` naming the address. It listens
+    only when the endpoint starts: connections made before (while `serve` loads its models) are refused by the
+    system, where a listening socket would queue them to be computed, minutes late, once serving begins."""
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
     # IPPROTO_TCP named explicitly: asyncio sets TCP_NODELAY only on connections whose socket says so, and without
     # it each reply (header and body written apart) waits out the client's delayed ACK, about 40 ms.
@@ -130,7 +132,6 @@ def listen(config: HttpConfig) -> socket.socket:
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once on the same port
         listener.bind((config.host, config.port))
-        listener.listen()
     except OSError as error:
         listener.close()
         raise ConfigError(f"http address: cannot listen on {config.address} ({error.strerror or error})") from None
@@ -140,7 +141,7 @@ def listen(config: HttpConfig) -> socket.socket:
 class HttpEndpoint:
     """Serves `POST /act` and the other routes for `server`, which must serve the ALOHA platform.
 
-    Lifecycle: `start()` listens (on `listener` when given: a socket from `listen`, which the endpoint takes over) and
+    Lifecycle: `start()` listens (on `listener` when given: a socket from `bind`, which the endpoint takes over) and
     starts the thread, `stop()` finishes the requests in flight and returns; also a context manager. Start it before or
     while `server.serve_forever()` runs: requests wait in the server's queue until its worker runs, and are refused
     once it stops.
@@ -180,7 +181,12 @@ class HttpEndpoint:
         """Listens, starts serving in a thread and returns the base URL once requests are answered."""
         if self._thread is not None:
             return self.url
-        listener, self._listener = self._listener or listen(self._config), None  # uvicorn closes it when it stops
+        listener, self._listener = self._listener or bind(self._config), None  # uvicorn closes it when it stops
+        try:
+            listener.listen()
+        except OSError as error:  # another socket took the address since it was bound
+            listener.close()
+            raise ConfigError(f"http address: cannot listen on {self._config.address} ({error.strerror})") from None
         self._port = listener.getsockname()[1]
         config = uvicorn.Config(
             self._app,

@@ -348,7 +348,7 @@ def test_the_listener_names_tcp_so_replies_are_not_delayed() -> None:
     """asyncio turns TCP_NODELAY on only for connections whose listening socket names IPPROTO_TCP; without it each
     reply (header and body written apart) waits out the client's delayed ACK, about 40 ms (the HTTP row of
     benchmarks/test_transport.py measures the round trip)."""
-    listener = http_server.listen(HttpConfig(port=0))
+    listener = http_server.bind(HttpConfig(port=0))
     try:
         assert listener.proto == socket.IPPROTO_TCP
     finally:

@@ -326,7 +326,7 @@ def test_serve_delivers_the_chunk_on_sigterm_then_releases_the_policies() -> Non
     assert loaded.closed
 
 
-def serve_while_loading_forever(port: int, *, loading: Flag) -> None:
+def serve_while_loading_forever(port: int, *, loading: Flag, http_port: int | None = None) -> None:
     """Target of a spawned process: `serve` whose policies never finish loading; exits as the CLI does on Ctrl-C."""
 
     def load(args: argparse.Namespace) -> LoadedPolicies:
@@ -336,7 +336,8 @@ def serve_while_loading_forever(port: int, *, loading: Flag) -> None:
 
     parser = argparse.ArgumentParser()
     add_serve_parser(parser.add_subparsers(), load)
-    args = parser.parse_args(["serve", "--endpoint", f"tcp://127.0.0.1:{port}"])
+    http = [] if http_port is None else ["--http", f"127.0.0.1:{http_port}"]
+    args = parser.parse_args(["serve", "--endpoint", f"tcp://127.0.0.1:{port}", *http])
     try:
         with sigterm_interrupts():  # as `main` runs every command
             args.func(args)
@@ -345,16 +346,21 @@ def serve_while_loading_forever(port: int, *, loading: Flag) -> None:
 
 
 def test_sigterm_while_the_models_load_interrupts_and_frees_the_port() -> None:
-    loading, port = SPAWN.Event(), free_port()
-    process = SPAWN.Process(target=serve_while_loading_forever, args=(port,), kwargs={"loading": loading}, daemon=True)
+    loading, port, http_port = SPAWN.Event(), free_port(), free_port()
+    kwargs = {"loading": loading, "http_port": http_port}
+    process = SPAWN.Process(target=serve_while_loading_forever, args=(port,), kwargs=kwargs, daemon=True)
     process.start()
     try:
         assert loading.wait(STARTUP_S)  # the port is bound by now: serve binds before it loads
+        # HTTP connections are refused until serving begins, rather than queued to be computed minutes late.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", http_port), timeout=STARTUP_S).close()
         process.terminate()
         process.join(MARGIN_S)
         assert process.exitcode == 130  # interrupted as by Ctrl-C, not killed by the signal (-15)
-        with socket.socket() as again:
-            again.bind(("127.0.0.1", port))  # released on the way out
+        for released in (port, http_port):  # released on the way out
+            with socket.socket() as again:
+                again.bind(("127.0.0.1", released))
     finally:
         if process.is_alive():
             process.kill()
