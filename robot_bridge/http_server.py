@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 OFFICIAL_PORT = 8777  # the official server's default, which its client hard-codes
 _START_TIMEOUT_S = 10.0
+_DISCONNECT_POLL_S = 0.1  # how often a request waiting for its reply checks that its client is still there
+_CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that closed the connection before the answer
 _STATUS = {
     ErrorCode.MALFORMED: 400,
     ErrorCode.UNSUPPORTED_VERSION: 400,
@@ -136,6 +138,10 @@ def bind(config: HttpConfig) -> socket.socket:
         listener.close()
         raise ConfigError(f"http address: cannot listen on {config.address} ({error.strerror or error})") from None
     return listener
+
+
+class _ClientGone(Exception):
+    """The client of a request disconnected while it waited for its reply."""
 
 
 class HttpEndpoint:
@@ -250,9 +256,17 @@ class HttpEndpoint:
             body = await self._body(request)
             query = await run_in_threadpool(parse_query, body, self._image_size, self._proprio_dim)
             decode_ms = ms_since(started)
-            reply = await self._submit(self._act_request(request_id, query), peer, decode_ms)
+            reply = await self._submit(self._act_request(request_id, query), peer, decode_ms, request)
             waited = time.perf_counter()
             content = await run_in_threadpool(reply_body, reply, query)
+        except _ClientGone:
+            logger.info(
+                "kind=http_act peer=%s request_id=%s status=client_gone total_ms=%.3f",
+                peer,
+                request_id,
+                ms_since(started),
+            )
+            return Response(status_code=_CLIENT_CLOSED_REQUEST)  # nobody reads it; for the access logs of proxies
         except MessageError as error:
             # A client sending bad requests as fast as it can must not fill the log: as the ZeroMQ server's refusals.
             self._refusals.log(
@@ -281,10 +295,20 @@ class HttpEndpoint:
         )
         return Response(content, media_type="application/json")
 
-    async def _submit(self, act: ActRequest, peer: str, decode_ms: float) -> ActReply:
-        """The server's reply to `act`; its refusals name the official request's keys."""
+    async def _submit(self, act: ActRequest, peer: str, decode_ms: float, request: Request) -> ActReply:
+        """The server's reply to `act`; its refusals name the official request's keys. A client that disconnects
+        while its request waits gives up its place: the request is cancelled, never computed."""
         try:
-            return await asyncio.wrap_future(self._server.submit(act, peer=peer, decode_ms=decode_ms))
+            submitted = self._server.submit(act, peer=peer, decode_ms=decode_ms)
+        except MessageError as error:
+            raise _official_field(error) from None
+        reply = asyncio.wrap_future(submitted)
+        while not (await asyncio.wait({reply}, timeout=_DISCONNECT_POLL_S))[0]:
+            if await request.is_disconnected():
+                submitted.cancel()  # skipped by the worker if it has not started; a running one is not stopped
+                raise _ClientGone
+        try:
+            return reply.result()
         except MessageError as error:
             raise _official_field(error) from None
 

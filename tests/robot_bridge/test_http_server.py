@@ -33,7 +33,15 @@ from cosmos_edge.runtime.policy.api import (
     Observation,
     Policy,
 )
-from tests.helpers.bridge_doubles import ALOHA, CUT_SHORT_CANDIDATES, INSTRUCTION, StubPolicy, expected_actions, serving
+from tests.helpers.bridge_doubles import (
+    ALOHA,
+    CUT_SHORT_CANDIDATES,
+    INSTRUCTION,
+    StubPolicy,
+    expected_actions,
+    serving,
+    wait_for,
+)
 
 json_numpy = pytest.importorskip("json_numpy")
 requests = pytest.importorskip("requests")
@@ -152,6 +160,26 @@ def test_every_inference_runs_on_the_server_worker_in_turn(official_json: None) 
         assert_allclose(over_zeromq.result(TIMEOUT_S).actions, expected_actions(camera_observation(1).proprio))
         assert_allclose(over_http.result(TIMEOUT_S)["actions"], expected_actions(camera_observation(2).proprio))
     assert policy.threads == ["policy-worker", "policy-worker"]
+
+
+def test_requests_of_clients_that_disconnect_while_waiting_are_never_computed(
+    official_json: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = threading.Event()
+    policy = StubPolicy(gate=gate)
+    body = json.dumps(official_request(camera_observation(3.0))).encode()
+    with caplog.at_level(logging.INFO), serving_both(policy) as (_, url), ThreadPoolExecutor(1) as pool:
+        live = pool.submit(get_action_from_server, official_request(camera_observation(1.0)), url + "/act")
+        assert policy.started.wait(TIMEOUT_S)  # the worker is busy with it: the others wait in the queue
+        host, port = url.removeprefix("http://").split(":")
+        for _ in range(3):  # whole requests, then gone (fire-and-forget clients, or ones that timed out)
+            with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as gone:
+                head = f"POST /act HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n\r\n"
+                gone.sendall(head.encode() + body)
+        wait_for(lambda: caplog.text.count("status=client_gone") == 3, TIMEOUT_S, "the three disconnections")
+        gate.set()
+        assert_allclose(live.result(TIMEOUT_S)["actions"], expected_actions(camera_observation(1).proprio))
+    assert len(policy.queries) == 1  # the abandoned requests gave up their places uncomputed
 
 
 def test_modes_switch_for_both_endpoints(official_json: None) -> None:
