@@ -71,7 +71,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction, make_policies: Poli
         "--default-mode", default="reactive", choices=_MODES, help="mode used when a request names none"
     )
     parser.add_argument("--max-pending", type=int, default=8, help="controllers that may wait for inference at once")
-    parser.add_argument("--max-message-mb", type=mebibytes, default=16.0, help="largest request accepted")
+    parser.add_argument(
+        "--max-message-mb",
+        type=mebibytes,
+        default=16.0,
+        help="largest request accepted (an HTTP /act body: 1.4 times that, for its base64 arrays)",
+    )
     parser.add_argument("--max-array-mb", type=mebibytes, default=4.0, help="largest single image or vector accepted")
     parser.add_argument("--curve-secret-key", help="the server's '.key_secret' certificate; enables CURVE")
     parser.add_argument("--curve-clients", help="directory of the '.key' certificates of admitted clients")
@@ -149,6 +154,11 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+# The official /act body carries its arrays base64 in JSON: 4/3 of their bytes, plus keys and quotes. A body
+# holding what a ZeroMQ message of --max-message-mb holds is allowed that much more.
+_BASE64_GROWTH = 1.4
+
+
 def http_config(args: argparse.Namespace) -> HttpConfig | None:
     """The HTTP endpoint's settings for `--http`, or None without it."""
     if args.http is None:
@@ -162,7 +172,7 @@ def http_config(args: argparse.Namespace) -> HttpConfig | None:
         host,
         port,
         insecure_bind_all=args.http_insecure_bind_all,
-        max_body_bytes=max(1, round(args.max_message_mb * _MIB)),
+        max_body_bytes=max(1, round(args.max_message_mb * _MIB * _BASE64_GROWTH)),
         shutdown_timeout_s=args.shutdown_timeout_s,
     )
 

@@ -11,9 +11,18 @@ import zmq.auth
 
 from cosmos_edge.cli.serve_cmd import add_serve_parser, http_config, server_config
 from cosmos_edge.robot_bridge.client import PolicyClient
+from cosmos_edge.robot_bridge.official_act import CAMERAS
+from cosmos_edge.robot_bridge.protocol import ActRequest
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.policy.api import Policy
-from tests.helpers.bridge_doubles import STARTUP_S, free_port, serve_stub, wait_until_serving
+from tests.helpers.bridge_doubles import (
+    INSTRUCTION,
+    STARTUP_S,
+    free_port,
+    observation,
+    serve_stub,
+    wait_until_serving,
+)
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -71,10 +80,16 @@ def test_network_settings_are_refused_before_any_policy_is_loaded() -> None:
 def test_http_options_become_an_http_config() -> None:
     pytest.importorskip("cosmos_edge.robot_bridge.http_server")  # needs the http extra
     assert http_config(parse()) is None
-    config = http_config(parse("--http", "127.0.0.1:8777", "--max-message-mb", "2"))
+    config = http_config(parse("--http", "127.0.0.1:8777", "--max-message-mb", "0.5"))
     assert config is not None
     assert (config.host, config.port, config.insecure_bind_all) == ("127.0.0.1", 8777, False)
-    assert config.max_body_bytes == 2 * 2**20
+    # An observation whose ZeroMQ message fits the limit fits as an official /act body, base64 in JSON, too.
+    json_numpy = pytest.importorskip("json_numpy")
+    obs = observation()
+    frames = ActRequest(1, obs_id=1, capture_time_ns=1, instruction=INSTRUCTION, **vars(obs)).to_frames()
+    official = {key: obs.images[camera] for key, camera in CAMERAS.items()} | {"proprio": obs.proprio.astype(float)}
+    body = json_numpy.dumps(official | {"task_description": INSTRUCTION}).encode()
+    assert sum(len(frame) for frame in frames) <= 0.5 * 2**20 < len(body) <= config.max_body_bytes
     with pytest.raises(ConfigError, match="reachable from other machines"):
         http_config(parse("--http", "0.0.0.0:8777"))
     config = http_config(parse("--http", "0.0.0.0:8777", "--http-insecure-bind-all"))
