@@ -38,7 +38,7 @@ from starlette.routing import Route
 
 from cosmos_edge.robot_bridge.binding import check_shutdown_timeout, is_local_endpoint
 from cosmos_edge.robot_bridge.json_arrays import COMPACT, parse_json
-from cosmos_edge.robot_bridge.log_limits import RateLimitedLog, peer_text
+from cosmos_edge.robot_bridge.log_limits import RateLimitedLog, RepeatFilter, peer_text
 from cosmos_edge.robot_bridge.official_act import (
     CAMERAS,
     OfficialQuery,
@@ -187,6 +187,9 @@ class HttpEndpoint:
         """Listens, starts serving in a thread and returns the base URL once requests are answered."""
         if self._thread is not None:
             return self.url
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        if not any(isinstance(each, RepeatFilter) for each in uvicorn_log.filters):  # a peer triggers its lines at will
+            uvicorn_log.addFilter(RepeatFilter())
         listener, self._listener = self._listener or bind(self._config), None  # uvicorn closes it when it stops
         try:
             listener.listen()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable
 
@@ -65,3 +66,31 @@ class RateLimitedLog:
                 self._interval_s,
             )
         self._window_start, self._peers, self._held_back = now, set(), 0
+
+
+class RepeatFilter(logging.Filter):
+    """Lets each message (by its format string) through at most once per `interval_s`; the next one that passes says
+    how many were held back. For a library's own lines that a peer can trigger at will (uvicorn's "Invalid HTTP
+    request received"), which `RateLimitedLog` cannot wrap."""
+
+    def __init__(self, interval_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._interval_s = interval_s
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._held_back: dict[str, int] = {}
+        self._lock = threading.Lock()  # a library may log from several threads
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)
+        now = self._clock()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self._interval_s:
+                self._held_back[key] = self._held_back.get(key, 0) + 1
+                return False
+            self._last[key] = now
+            held = self._held_back.pop(key, 0)
+        if held:  # appended after formatting: no % of it may meet the record's arguments
+            record.msg, record.args = f"{record.getMessage()} ({held} more like it held back)", None
+        return True

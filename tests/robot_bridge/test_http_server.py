@@ -22,7 +22,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 from cosmos_edge.robot_bridge.binding import ServerConfig
 from cosmos_edge.robot_bridge.client import PolicyClient
-from cosmos_edge.robot_bridge.log_limits import RateLimitedLog
+from cosmos_edge.robot_bridge.log_limits import RateLimitedLog, RepeatFilter
 from cosmos_edge.robot_bridge.official_act import FUTURE_IMAGE_KEYS
 from cosmos_edge.robot_bridge.server import PolicyServer
 from cosmos_edge.runtime.errors import ConfigError
@@ -180,6 +180,34 @@ def test_requests_of_clients_that_disconnect_while_waiting_are_never_computed(
         gate.set()
         assert_allclose(live.result(TIMEOUT_S)["actions"], expected_actions(camera_observation(1).proprio))
     assert len(policy.queries) == 1  # the abandoned requests gave up their places uncomputed
+
+
+def test_a_flood_of_garbage_connections_gets_one_line_of_uvicorns_log(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO), serving_both(StubPolicy()) as (_, url):
+        host, port = url.removeprefix("http://").split(":")
+        for _ in range(30):
+            with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as garbage:
+                garbage.sendall(b"GARBAGE\r\n\r\n")
+                garbage.recv(1024)  # uvicorn answers 400 and closes
+        assert requests.get(url + "/healthz", timeout=TIMEOUT_S).status_code == 200  # still serving
+    invalid = [record for record in caplog.records if "Invalid HTTP request" in record.getMessage()]
+    assert len(invalid) == 1  # then held back, for 5 s; the next one says how many
+
+
+def test_repeated_messages_pass_once_per_interval_then_say_how_many_were_held() -> None:
+    now = [0.0]
+    repeats = RepeatFilter(5.0, clock=lambda: now[0])
+    logger = logging.getLogger("tests.repeats")
+
+    def passes(message: str, *args: object) -> str | None:
+        record = logger.makeRecord(logger.name, logging.WARNING, __file__, 0, message, args, None)
+        return record.getMessage() if repeats.filter(record) else None
+
+    assert passes("invalid request from %s", "a") == "invalid request from a"
+    assert passes("invalid request from %s", "b") is None  # the same message, other arguments: held back
+    assert passes("another %d", 1) == "another 1"
+    now[0] = 5.0
+    assert passes("invalid request from %s", "c") == "invalid request from c (1 more like it held back)"
 
 
 def test_modes_switch_for_both_endpoints(official_json: None) -> None:
