@@ -86,6 +86,7 @@ def test_gpu_target_without_onnxruntime_gpu_says_what_to_install(bundle: Bundle)
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="onnxruntime-gpu installed")
+@pytest.mark.filterwarnings("ignore:Specified provider:UserWarning")  # onnxruntime's word for the fallback
 def test_a_provider_listed_but_not_started_is_an_error_not_a_silent_fallback(
     bundle: Bundle, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
