@@ -3,8 +3,9 @@
 The official file (`{libero,robocasa,aloha}_dataset_statistics.json`, written by CP `datasets/dataset_utils.py`
 `calculate_dataset_statistics`) holds per-dimension lists `actions_{min,max,mean,std,median}` and
 `proprio_{min,max,mean,std,median}`; inference uses only min and max (CP `cosmos_utils.py` `rescale_proprio`,
-`unnormalize_actions`). The official code loads the lists as float64 arrays and computes in float64; so does this
-module. No clipping anywhere, as in the official code.
+`unnormalize_actions`). The official code loads the lists as float64 arrays and computes in float64 (but for the
+first half of the action formula, in the float32 of the actions); so does this module. No clipping anywhere, as in
+the official code.
 
 Constant dimensions (min == max) are rejected when the statistics are loaded: the official proprio normalisation
 divides by zero there (NaN/inf into the model), and a constant action dimension, though its un-normalisation is well
@@ -128,11 +129,11 @@ class DatasetStats:
         return 0.5 * (x + 1.0) * (self.proprio_max - self.proprio_min) + self.proprio_min
 
     def unnormalize_actions(self, actions: np.ndarray) -> np.ndarray:
-        """Normalised actions [..., action_dim] → 0.5(a + 1)(max - min) + min, float64 (official formula). The
-        official numpy code adds 1 to its float32 values in float32 (`cosmos_utils.py` 641-645), here in float64:
-        the two differ by at most a float32 ulp of the result, which is returned as float32 either way."""
-        x = _check_input("actions", actions, self.action_dim)
-        return 0.5 * (x + 1.0) * (self.actions_max - self.actions_min) + self.actions_min
+        """Normalised float32 actions [..., action_dim] (the latent's dtype) → 0.5(a + 1)(max - min) + min, float64,
+        in the official numpy arithmetic (`cosmos_utils.py` 641-645): 0.5(a + 1) in float32, the rest in float64."""
+        x = _check_input("actions", actions, self.action_dim).astype(np.float32)
+        half = np.float32(0.5) * (x + np.float32(1.0))
+        return half * (self.actions_max - self.actions_min) + self.actions_min
 
 
 def _as_stat_vector(name: str, value: object) -> np.ndarray:
