@@ -3,8 +3,9 @@ platform, each platform's default number of denoising steps, same seeds.
 
 - fp32, fp16: the exported bundle on ONNX Runtime's CPU provider.
 - bf16: ONNX Runtime's CPU provider has no bfloat16 kernels, so the computation of the bf16 graphs is run by torch
-  instead: the export wrappers (`DiTGraph` in explicit-attention mode, `VAEEncoderGraph`) in bf16, i.e. the very
-  function the exporter traces, on torch's CPU kernels (fp32 accumulation, as TensorRT's).
+  instead: the export wrappers (`DiTGraph` in explicit-attention mode, `VAECamerasEncoderGraph`) in the precisions a
+  bf16 bundle exports them (the DiT in bf16, the VAE in fp32), i.e. the very functions the exporter traces, on
+  torch's CPU kernels (fp32 accumulation, as TensorRT's).
 
 Error: max abs difference of the normalised actions (the model's [-1, 1] units) over the chunk, and of the value.
 Random tiny weights show the size of the precision effect through this pipeline, not the released checkpoints'.
@@ -17,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import platform as platform_module
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
+from cosmos_edge.export.bundle_writer import VAE_PRECISION, ExportRequest, export_bundle
 from cosmos_edge.export.onnx_export import DiTGraph, VAECamerasEncoderGraph
 from cosmos_edge.runtime.bundle.loader import load_policies
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource
@@ -33,6 +36,7 @@ from cosmos_edge.runtime.engines.graph import GraphSpec, dit_graph, vae_encoder_
 from cosmos_edge.runtime.engines.graph_networks import GraphAutoencoder, GraphConditioning, GraphDenoisingNetwork
 from cosmos_edge.runtime.models.dit import explicit_attention_mode
 from cosmos_edge.runtime.models.dit_checkpoint import load_dit
+from cosmos_edge.runtime.models.dtypes import TORCH_DTYPES
 from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets
 from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
 from cosmos_edge.runtime.platforms import platform_spec
@@ -80,7 +84,7 @@ def bf16_graph_policy(files: CheckpointFiles) -> tuple[ReactivePolicy, nn.Module
     dit = load_dit(files.checkpoint, torch.bfloat16)
     dit_spec = dit_graph(platform, 1, tokens, dim)
     encoder_spec = vae_encoder_graph(platform, full_sequence=False)
-    vae = load_wan_vae(files.tokenizer, torch.bfloat16)
+    vae = load_wan_vae(files.tokenizer, TORCH_DTYPES[VAE_PRECISION.get("bf16", "bf16")])  # as a bf16 bundle's
     encoder = VAECamerasEncoderGraph(vae, black_prefix_frames(platform))
     conditioning = GraphConditioning(platform, TorchGraphRunner(encoder, encoder_spec))
     autoencoder = GraphAutoencoder(None, None)
@@ -144,7 +148,13 @@ def main() -> None:
             platform: {"steps": platform_spec(platform).default_action_steps, **measure(platform, Path(scratch))}
             for platform in PLATFORMS
         }
-    text = json.dumps({"config": "tiny", "observations": OBSERVATIONS, "results": results}, indent=2)
+    context = {
+        "command": "python benchmarks/precision_error.py --out benchmarks/results/precision_error.json",
+        "machine": f"{platform_module.machine()} CPU, {os.cpu_count()} cores; torch {torch.__version__}",
+        "backends": "fp32/fp16: onnxruntime CPU provider; bf16: torch CPU (DiT bf16, VAE fp32, as a bf16 bundle)",
+        "baseline": "the fp32 reference policy (torch CPU, official whole-sequence path), same process and seeds",
+    }
+    text = json.dumps({**context, "config": "tiny", "observations": OBSERVATIONS, "results": results}, indent=2)
     print(text)
     if args.out is not None:
         args.out.write_text(text + "\n")
