@@ -11,7 +11,8 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 # What `torch.compile` compiles of the DiT: the whole network as one graph, or each transformer block, all of them
 # sharing one compiled graph (they run the same code on same-shaped weights): on 2 CPU cores a 2B DiT compiles in
 # 11 s against 64 s, at the same call time (benchmarks/results/cpu_compile_time.json); on an H200, in a process that
-# had compiled the DiT before, 3 s against 75 s, the call 17.6 against 17.0 ms (gpu_check_h200.json, `dit_compile_scopes`).
+# had compiled the DiT before, 3 s against 75 s, the call 17.6 against 17.0 ms (gpu_check_h200.json,
+# `dit_compile_scopes`).
 COMPILE_SCOPES = ("model", "blocks")
 
 

@@ -36,6 +36,10 @@ def graph_pool(device: torch.device) -> GraphPool:
         return torch.cuda.graph_pool_handle()
 
 
+class CaptureFailed(RuntimeError):
+    """Capturing a call as a CUDA graph failed (its plain call had run)."""
+
+
 class CapturedCall:
     """`function` of fixed-shape CUDA tensors, captured once as a CUDA graph and replayed.
 
@@ -58,12 +62,17 @@ class CapturedCall:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side):
+            # Outside the capture, and outside its lock: compilation (minutes for a 2B DiT), autotuning, cuBLAS and
+            # cuDNN set-up hold no other network's capture back. Its errors are the function's own: they propagate.
+            function(*self._inputs)
         with _CAPTURING:
-            with torch.cuda.stream(side):
-                function(*self._inputs)  # outside the capture: compilation, autotuning, cuBLAS and cuDNN set-up
-            # thread_local: CUDA calls of other threads (a planning worker's last call) are not refused meanwhile.
-            with torch.cuda.graph(self._graph, pool=pool, stream=side, capture_error_mode="thread_local"):
-                self._output = function(*self._inputs)
+            try:
+                # thread_local: CUDA calls of other threads (a planning worker's last call) are not refused meanwhile.
+                with torch.cuda.graph(self._graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+                    self._output = function(*self._inputs)
+            except RuntimeError as error:
+                raise CaptureFailed(str(error)) from error
         torch.cuda.current_stream(device).wait_stream(side)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
@@ -79,31 +88,34 @@ class CapturedCalls:
     of a query cycling through more keys than the limit, each capture evicting a key the query needs next.) They
     take their memory from `pool` (`torch.cuda.graph_pool_handle()`), which the captures of one network share: its
     calls never overlap (one stream, one caller at a time), so a capture's scratch memory can be every capture's. A
-    capture that fails (a kernel that cannot be captured on this torch or driver) is logged, and these calls run
-    plainly from then on: slower, not wrong."""
+    capture that fails is logged: for want of memory, that key runs plainly; otherwise (a kernel that cannot be
+    captured on this torch or driver) no more keys are captured, and the captures made so far are kept: slower, not
+    wrong. An error of the call itself propagates."""
 
     def __init__(self, limit: int, pool: GraphPool) -> None:
         self._limit = limit
         self._pool = pool
-        self._calls: dict[Hashable, CapturedCall] = {}
-        self._plain = False
+        self._calls: dict[Hashable, CapturedCall | None] = {}  # None: this key runs plainly
+        self._plain = False  # no more captures
 
     def __call__(
         self, key: Hashable, function: Capture, inputs: Sequence[torch.Tensor], holds: Sequence[torch.Tensor] = ()
     ) -> torch.Tensor:
         """`function(*inputs)` replayed from the capture of `key`, captured from `function` on a first call (`holds`:
         as `CapturedCall`'s)."""
-        if self._plain:
+        if key in self._calls:
+            call = self._calls[key]
+            return function(*inputs) if call is None else call(*inputs)
+        if self._plain or len(self._calls) >= self._limit:
             return function(*inputs)
-        call = self._calls.get(key)
-        if call is None:
-            if len(self._calls) >= self._limit:
-                return function(*inputs)
-            try:
-                call = self._calls[key] = CapturedCall(function, inputs, self._pool, holds)
-            except RuntimeError as error:
-                _LOG.warning("CUDA graph capture failed, running these calls without graphs from now on: %s", error)
+        try:
+            call = self._calls[key] = CapturedCall(function, inputs, self._pool, holds)
+        except CaptureFailed as failure:
+            if isinstance(failure.__cause__, torch.OutOfMemoryError):
+                _LOG.warning("CUDA graph capture ran out of memory: this call runs without a graph (%s)", failure)
+                self._calls[key] = None
+            else:
+                _LOG.warning("CUDA graph capture failed, capturing no more calls (those made are kept): %s", failure)
                 self._plain = True
-                self._calls.clear()
-                return function(*inputs)
+            return function(*inputs)
         return call(*inputs)

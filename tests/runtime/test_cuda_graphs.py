@@ -11,24 +11,67 @@ import torch
 from cosmos_edge.runtime.engines import cuda_graphs
 
 
-def test_a_failed_capture_is_logged_and_its_calls_run_plainly_from_then_on(
+def test_a_failed_capture_is_logged_and_no_more_are_tried_but_those_made_are_kept(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     attempts: list[object] = []
 
-    def refused(*args: object) -> None:
-        attempts.append(args)
-        raise RuntimeError("operation not permitted when stream is capturing")
+    class RefusedAfterOne:
+        def __init__(self, function: cuda_graphs.Capture, inputs: object, pool: object, holds: object) -> None:
+            attempts.append(function)
+            if len(attempts) > 1:
+                raise cuda_graphs.CaptureFailed("operation not permitted when stream is capturing")
+            self.function = function
 
-    monkeypatch.setattr(cuda_graphs, "CapturedCall", refused)
+        def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+            return self.function(*inputs) + 100  # tells a replay from a plain call
+
+    monkeypatch.setattr(cuda_graphs, "CapturedCall", RefusedAfterOne)
     calls = cuda_graphs.CapturedCalls(limit=4, pool=None)
     x = torch.arange(4.0)
     with caplog.at_level(logging.WARNING, logger="cosmos_edge.runtime.engines.cuda_graphs"):
-        assert torch.equal(calls("first", lambda t: t * 2, [x]), x * 2)
-        assert torch.equal(calls("second", lambda t: t + 1, [x]), x + 1)
-    assert len(attempts) == 1  # no capture is tried again
-    assert "CUDA graph capture failed, running these calls without graphs" in caplog.text
+        assert torch.equal(calls("first", lambda t: t * 2, [x]), x * 2 + 100)  # captured
+        assert torch.equal(calls("second", lambda t: t + 1, [x]), x + 1)  # refused: plain
+        assert torch.equal(calls("third", lambda t: t + 2, [x]), x + 2)  # not tried
+        assert torch.equal(calls("first", lambda t: t * 2, [x]), x * 2 + 100)  # still replayed
+    assert len(attempts) == 2
+    assert "capturing no more calls (those made are kept)" in caplog.text
     assert "operation not permitted when stream is capturing" in caplog.text
+
+
+def test_a_capture_out_of_memory_leaves_that_key_plain_and_others_captured(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    attempts: list[str] = []
+
+    class OutOfMemoryOnce:
+        def __init__(self, function: cuda_graphs.Capture, inputs: object, pool: object, holds: object) -> None:
+            attempts.append("capture")
+            if len(attempts) == 1:
+                raise cuda_graphs.CaptureFailed("CUDA out of memory") from torch.OutOfMemoryError("out of memory")
+            self.function = function
+
+        def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+            return self.function(*inputs) + 100
+
+    monkeypatch.setattr(cuda_graphs, "CapturedCall", OutOfMemoryOnce)
+    calls = cuda_graphs.CapturedCalls(limit=4, pool=None)
+    x = torch.ones(2)
+    with caplog.at_level(logging.WARNING, logger="cosmos_edge.runtime.engines.cuda_graphs"):
+        assert torch.equal(calls("big", lambda t: t, [x]), x)  # plain, and not tried again
+        assert torch.equal(calls("big", lambda t: t, [x]), x)
+        assert torch.equal(calls("small", lambda t: t, [x]), x + 100)  # later keys are still captured
+    assert attempts == ["capture", "capture"]
+    assert "ran out of memory: this call runs without a graph" in caplog.text
+
+
+def test_an_error_of_the_call_itself_propagates(monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing(*args: object) -> None:  # as the plain call a capture makes first, failing: not a capture failure
+        raise torch.OutOfMemoryError("CUDA out of memory in the call")
+
+    monkeypatch.setattr(cuda_graphs, "CapturedCall", failing)
+    with pytest.raises(torch.OutOfMemoryError, match="in the call"):
+        cuda_graphs.CapturedCalls(limit=4, pool=None)("key", lambda t: t, [torch.ones(1)])
 
 
 def test_the_first_keys_up_to_the_limit_are_captured_and_later_ones_run_plainly(
