@@ -64,7 +64,8 @@ class LoadedPolicies:
         """One reactive query on a black observation, and the planning networks' batched call, so that kernel
         selection and compilation (minutes for a compiled 2B DiT) happen before the first real request. A DiT that
         replays CUDA graphs captures one per timesteps: the query then takes the platform's default steps, so that a
-        first request with them replays every call. Returns its seconds."""
+        first request with them replays every call, and each planning worker scores one candidate (`PlanningPolicy.
+        warm_up`). Returns its seconds."""
         policy, started = self.reactive, time.perf_counter()
         platform = policy.platform
         images = {name: np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8) for name in platform.cameras}
@@ -72,8 +73,8 @@ class LoadedPolicies:
         steps = platform.default_action_steps if self._replays_graphs else 1
         policy.infer(ActionQuery(observation, policy.instructions[0], steps=steps))
         policy.reset()  # the next query binds its own instruction
-        if self.planning is not None:
-            self.planning.warm_up()
+        if self.planning is not None:  # with graphs: each device's batch-1 graphs and timesteps too
+            self.planning.warm_up(observation if self._replays_graphs else None)
         return time.perf_counter() - started
 
     def modes(self) -> dict[str, Policy]:

@@ -48,6 +48,7 @@ from cosmos_edge.runtime.policy.api import (
     ChunkResult,
     DenoisingNetwork,
     NetworkFn,
+    Observation,
     PlanningOutcome,
     StageTimer,
 )
@@ -374,9 +375,23 @@ class PlanningPolicy(ModelPolicy):
     def deadline_ms(self) -> float | None:
         return None if self._deadline_s is None else self._deadline_s * 1e3
 
-    def warm_up(self) -> None:
+    def warm_up(self, observation: Observation | None = None, steps: int | None = None) -> None:
         """One DiT call of batch 2 on each worker's networks, on the planning threads: a compiled DiT compiles its
-        graph for batches above 1 (minutes at 2B) now rather than on the first planning request."""
+        graph for batches above 1 (minutes at 2B) now rather than on the first planning request. With an
+        `observation`, each worker also scores one candidate of it as a deadline's query does, at batch 1 with the
+        action pass's `steps` (default: the configuration's): the batch-1 graphs of every device, and a DiT that
+        replays CUDA graphs captures the timesteps of those passes, before a deadline has to wait for them."""
+        if observation is not None:
+            steps = steps or self._config.num_denoising_steps_action
+            query = ActionQuery(observation, self.instructions[0], steps=steps)
+            clean = encode_observation(self._model, observation, StageTimer(), full_sequence=False).clean
+
+            def score_one(worker: _BoundWorker) -> None:
+                search = self._search(worker, query, [query.seed], steps)
+                search.score(search.act(clean), clean)
+
+            for job in [self._pool.submit(score_one, worker) for worker in self._workers]:
+                job.result()
         platform, instruction = self._model.platform, self.instructions[0]
         frames = platform.num_latent_frames
         x = np.zeros((2, LATENT_CHANNELS, frames, LATENT_SIZE, LATENT_SIZE), np.float32)

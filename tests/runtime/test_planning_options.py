@@ -509,6 +509,22 @@ def test_warm_up_runs_a_batched_call_on_each_workers_networks_on_the_planning_th
         assert all(thread.startswith("planning") for _, thread in recorder.calls)
 
 
+def test_warm_up_with_an_observation_scores_a_candidate_at_batch_1_on_every_worker() -> None:
+    """What a deadline's query runs first on each device (its batch-1 graphs, and the timesteps a DiT replaying CUDA
+    graphs captures) runs at start, not inside the first deadline."""
+    policy_nets, planning_nets = [CallRecorder(), CallRecorder()], [CallRecorder(), CallRecorder()]
+    workers = [PlanningWorker(p, q) for p, q in zip(policy_nets, planning_nets, strict=True)]
+    scripted, _ = planner(SMALL)  # for its model
+    scripted.close()
+    with contextlib.closing(PlanningPolicy(scripted.model, workers, SMALL, deadline_ms=1e6)) as policy:
+        policy.warm_up(random_observation("aloha"), steps=3)
+    for recorder in policy_nets:  # the base candidate's 3-step action pass at batch 1, then the batched call
+        assert [batch for batch, _ in recorder.calls] == [1, 1, 1, 2]
+    for recorder in planning_nets:  # its world-model and value passes, then the batched call
+        assert len(recorder.calls) > 1 and recorder.calls[-1][0] == 2
+    assert all(thread.startswith("planning") for r in (*policy_nets, *planning_nets) for _, thread in r.calls)
+
+
 class FailingNetwork(ScriptedNetwork):
     """A scripted double whose device fails on its second pass (once `after` is set, when given)."""
 
