@@ -67,7 +67,7 @@ class TorchAutoencoder:
         self._closed = False
         # One capture per frame-size combination (a deployment's cameras keep theirs).
         self._captured = CapturedCalls(_FRAME_SIZES_KEPT, graph_pool(device)) if cuda_graphs else None
-        self._replaying = threading.Lock()  # a capture's input and output buffers serve one query at a time
+        self._replaying = threading.Lock()  # one encode at a time: a capture's buffers serve one query
         if fold_time_taps is None:
             fold_time_taps = device.type == "cuda" and compile_mode is not None
         self._device = device
@@ -103,14 +103,15 @@ class TorchAutoencoder:
                 frames = check_cameras(self._platform, images)
                 prepared = batch_frames(self._platform, [frames[name] for name in cameras])
                 uploaded = [torch.from_numpy(batch).to(self._device) for batch in prepared.batches]
-        with timer.stage("vae_encode"):
-            with calling_thread(self._device, self._threads):
-                if self._device.type == "cpu":
-                    latent = self._encode_planes(planes)
-                elif self._captured is None:
-                    latent = self._encode_frames(prepared.order, *uploaded)
-                else:
-                    latent = self._replay(self._captured, prepared, uploaded)
+        # One encode at a time (a capture's buffers serve one query; `close` waits for the encode in flight).
+        with timer.stage("vae_encode"), self._replaying, calling_thread(self._device, self._threads):
+            self._check_open()
+            if self._device.type == "cpu":
+                latent = self._encode_planes(planes)
+            elif self._captured is None:
+                latent = self._encode_frames(prepared.order, *uploaded)
+            else:
+                latent = self._replay(self._captured, prepared, uploaded)
             return latent.cpu().numpy()
 
     def _replay(self, captured: CapturedCalls, prepared: FrameBatches, uploaded: list[torch.Tensor]) -> torch.Tensor:
@@ -118,8 +119,7 @@ class TorchAutoencoder:
         encode = functools.partial(self._encode_frames, prepared.order)
         shapes = prepared.shapes
         tables = [table for shape in shapes for table in device_tables(self._platform, shape, self._device)]
-        with self._replaying:
-            return captured((shapes, prepared.order), encode, uploaded, holds=tables)
+        return captured((shapes, prepared.order), encode, uploaded, holds=tables)
 
     def _encode_frames(self, order: Sequence[tuple[int, int]], *batches: torch.Tensor) -> torch.Tensor:
         return self._encode_planes(transform_batches(self._platform, batches, order))
@@ -143,11 +143,14 @@ class TorchAutoencoder:
     def close(self) -> None:
         """Releases the VAE's weights, the captured encodes, the black prefix's latents and the image transforms'
         tables; later calls fail."""
-        self._closed = True
-        self._captured = None
-        del self._black_latent, self._after_black
-        release_device_tables()
-        _release(self._vae, self._device)
+        with self._replaying:  # after an encode in flight; a second close does nothing
+            if self._closed:
+                return
+            self._closed = True
+            self._captured = None
+            del self._black_latent, self._after_black
+            release_device_tables()
+            _release(self._vae, self._device)
 
     def _check_open(self) -> None:
         if self._closed:

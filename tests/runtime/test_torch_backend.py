@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 from cosmos_edge.kernels import image_transforms as kernels
 from cosmos_edge.runtime.engines import torch_networks
 from cosmos_edge.runtime.engines.torch_networks import MODULATION_SETS_KEPT, TorchAutoencoder, TorchDiT
-from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.errors import ConfigError, EngineError
 from cosmos_edge.runtime.models.dit import CrossAttentionKV, TimestepModulation
 from cosmos_edge.runtime.models.dit_checkpoint import dit_from_state_dict, random_dit_state_dict
 from cosmos_edge.runtime.models.dit_config import dit_config
@@ -180,6 +180,17 @@ def test_a_camera_encode_runs_with_the_thread_count_its_network_was_opened_with(
     images = {name: np.zeros((224, 224, 3), np.uint8) for name in platform.cameras}
     count = _on_a_thread_with_another_thread_count(lambda: encoder.encode_conditioning(images, StageTimer()))
     assert count == torch.get_num_threads()
+
+
+def test_an_autoencoder_closes_once_and_refuses_encodes_after() -> None:
+    platform = platform_spec("aloha")
+    encoder = TorchAutoencoder(WanVAE(vae_config("tiny")), torch.device("cpu"), platform)
+    images = {name: np.zeros((224, 224, 3), np.uint8) for name in platform.cameras}
+    encoder.encode_conditioning(images, StageTimer())
+    encoder.close()
+    encoder.close()  # again (a loader's cleanup after a failure, then the owner's): nothing left, no error
+    with pytest.raises(EngineError, match="closed with the policies that loaded it"):
+        encoder.encode_conditioning(images, StageTimer())
 
 
 @pytest.mark.slow
