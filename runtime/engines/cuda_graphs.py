@@ -98,6 +98,15 @@ class CapturedCalls:
         self._calls: dict[Hashable, CapturedCall | None] = {}  # None: this key runs plainly
         self._plain = False  # no more captures
 
+    def captures(self, key: Hashable) -> bool:
+        """Whether `key`'s calls replay a capture."""
+        return self._calls.get(key) is not None
+
+    def replay(self, key: Hashable, inputs: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """The replay of `key`'s capture on `inputs`, or None when `key` has none (yet, or runs plainly)."""
+        call = self._calls.get(key)
+        return None if call is None else call(*inputs)
+
     def __call__(
         self, key: Hashable, function: Capture, inputs: Sequence[torch.Tensor], holds: Sequence[torch.Tensor] = ()
     ) -> torch.Tensor:

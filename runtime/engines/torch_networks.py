@@ -165,7 +165,8 @@ class TorchAutoencoder:
 # candidate at a time (10 action, 5 world model and 5 value steps with the main configuration). Each set is
 # 9 x num_blocks vectors per latent frame: 11 MB for the 2B DiT in bf16, ALOHA; kept only once used. With CUDA graphs,
 # also how many batch-1 timesteps are captured: the first met (the warm-up's default steps among them), later ones
-# run without a graph.
+# run without a graph. A capture keeps its own vectors (a replay looks none up) and this cache the others': at most
+# 24 sets for a query of up to 24 distinct timesteps, 48 past that.
 MODULATION_SETS_KEPT = 24
 
 
@@ -266,6 +267,13 @@ class TorchDiT:
                 self._check_open()
                 host_steps = np.ascontiguousarray(timesteps, dtype=np.float32)
                 steps_key = host_steps.tobytes()  # the shape is fixed by the byte count and the batch
+                captured = None if batched else self._captured
+                if captured is not None:  # keyed by what fixes the kernels launched; the casts are inside the graph
+                    key = (steps_key, x.shape, condition_mask.shape, kv.k.shape)
+                    graph_kv = self._load_graph_kv(binding, kv)
+                    replayed = captured.replay(key, (x, condition_mask))
+                    if replayed is not None:  # the capture holds its own adaLN vectors: none to look up
+                        return replayed
                 steps = self._timestep_input(host_steps, steps_key)
                 if self._compiled_whole:
                     self._dit.cache_tables(x, steps, condition_mask)
@@ -278,12 +286,12 @@ class TorchDiT:
                             torch._dynamo.mark_dynamic(tensor, 0)
                     return forward(*inputs, text).float()
 
-                if self._captured is None or batched:
+                if captured is None:
                     return call(x, condition_mask, kv)
-                replay = functools.partial(call, text=self._load_graph_kv(binding, kv))
-                # Replayed with the casts inside the graph; keyed by what fixes the kernels launched.
-                key = (steps_key, x.shape, condition_mask.shape, kv.k.shape)
-                return self._captured(key, replay, (x, condition_mask))
+                output = captured(key, functools.partial(call, text=graph_kv), (x, condition_mask))
+                if captured.captures(key):
+                    self._modulations.pop(steps_key, None)  # kept by its capture alone
+                return output
 
         return network
 

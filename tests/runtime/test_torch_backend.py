@@ -14,7 +14,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from cosmos_edge.kernels import image_transforms as kernels
-from cosmos_edge.runtime.engines import torch_networks
+from cosmos_edge.runtime.engines import cuda_graphs, torch_networks
 from cosmos_edge.runtime.engines.torch_networks import MODULATION_SETS_KEPT, TorchAutoencoder, TorchDiT
 from cosmos_edge.runtime.errors import ConfigError, EngineError
 from cosmos_edge.runtime.models.dit import CrossAttentionKV, TimestepModulation
@@ -313,6 +313,15 @@ def test_batch_one_dit_calls_of_every_instruction_share_the_captures_of_their_ti
             keys.append(key)
             return self.captured.setdefault(key, function)(*inputs)
 
+        def replay(self, key: tuple[object, ...], inputs: list) -> torch.Tensor | None:
+            if key not in self.captured:
+                return None
+            keys.append(key)
+            return self.captured[key](*inputs)
+
+        def captures(self, key: tuple[object, ...]) -> bool:
+            return key in self.captured
+
     monkeypatch.setattr(torch_networks, "graph_pool", lambda device: "pool")
     monkeypatch.setattr(torch_networks, "CapturedCalls", ReplayFirst)
     config = dit_config("tiny")
@@ -342,6 +351,40 @@ def test_batch_one_dit_calls_of_every_instruction_share_the_captures_of_their_ti
     assert len(keys) == 4
 
 
+def test_replayed_calls_look_up_no_adaln_vectors_and_keep_theirs_in_the_capture_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A real CapturedCalls over a stand-in capture that reruns its first function on fixed buffers, as a replay does.
+    class Replaying:
+        def __init__(self, function: Callable[..., torch.Tensor], inputs: list, pool: object, holds: object) -> None:
+            self.function, self.inputs = function, [tensor.clone() for tensor in inputs]
+            self.function(*self.inputs)
+
+        def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+            for kept, given in zip(self.inputs, inputs, strict=True):
+                kept.copy_(given)
+            return self.function(*self.inputs)
+
+    monkeypatch.setattr(torch_networks, "graph_pool", lambda device: "pool")
+    monkeypatch.setattr(cuda_graphs, "CapturedCall", Replaying)
+    config = dit_config("tiny")
+    dit = dit_from_state_dict(random_dit_state_dict(config, 3))
+    computed: list[object] = []
+    precompute = dit.precompute_modulation
+    monkeypatch.setattr(dit, "precompute_modulation", lambda steps: computed.append(steps) or precompute(steps))
+    graphed, plain = TorchDiT(dit, torch.device("cpu"), cuda_graphs=True), TorchDiT(dit, torch.device("cpu"))
+    text = np.random.default_rng(0).standard_normal((1, 512, config.text_dim)).astype(np.float32)
+    network, reference = graphed.bind_text(text), plain.bind_text(text)
+    x, mask = torch.zeros((1, 16, 11, 8, 8)), torch.zeros((1, 1, 11, 8, 8))
+    levels = [np.where(np.arange(11) < 5, 0.0, 0.5 + 0.01 * i).astype(np.float32)[None] for i in range(30)]
+    for query in range(2):  # a 30-step query: 24 timesteps captured, 6 more run plainly
+        computed.clear()
+        for steps in levels:
+            assert torch.equal(network(x, steps, mask), reference(x, steps, mask))
+        assert len(computed) == (30 + 30 if query == 0 else 30)  # the plain network's 30; then the graphed none
+    assert len(graphed._modulations) == 6  # the captured timesteps' vectors live in their captures only
+
+
 def test_the_captures_keep_no_instruction_alive(monkeypatch: pytest.MonkeyPatch) -> None:
     # 117 MB of K/V per instruction for the 2B DiT in bf16: a capture must hold the shared buffers, not its own.
     class KeepFunctions:
@@ -350,6 +393,12 @@ def test_the_captures_keep_no_instruction_alive(monkeypatch: pytest.MonkeyPatch)
 
         def __call__(self, key: object, function: Callable[..., torch.Tensor], inputs: list) -> torch.Tensor:
             return self.functions.setdefault(key, function)(*inputs)
+
+        def replay(self, key: object, inputs: list) -> torch.Tensor | None:
+            return self.functions[key](*inputs) if key in self.functions else None
+
+        def captures(self, key: object) -> bool:
+            return key in self.functions
 
     monkeypatch.setattr(torch_networks, "graph_pool", lambda device: "pool")
     monkeypatch.setattr(torch_networks, "CapturedCalls", KeepFunctions)
