@@ -430,7 +430,9 @@ def open_denoiser(
 
 
 def _exact_fp32(precision: str, device: torch.device) -> None:
-    """fp32 on CUDA means fp32: cuDNN convolutions (and matmuls, where enabled) would otherwise run in TF32."""
+    """fp32 on CUDA means fp32: cuDNN convolutions (and matmuls, where enabled) would otherwise run in TF32. torch's
+    switches are process-wide: they stay off for the life of the process (a host program that turns TF32 back on
+    would make later plain calls TF32 while captured graphs keep fp32 kernels, and recompile compiled networks)."""
     if precision == "fp32" and device.type == "cuda":
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
