@@ -123,7 +123,12 @@ def load_policies(
         planner = None
         if planning is not None:
             planner = PlanningPolicy(
-                model, networks, planning, batch_passes=_batching_pays(used), deadline_ms=planning_deadline_ms
+                model,
+                networks,
+                planning,
+                batch_passes=_batching_pays(used),
+                deadline_ms=planning_deadline_ms,
+                encode_full_sequence=full_sequence,
             )
             resources.callback(planner.close)
             resources.callback(planner.reset)

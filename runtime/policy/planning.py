@@ -337,6 +337,8 @@ class PlanningPolicy(ModelPolicy):
     next network call and the query answers with the best candidate scored so far, or with the base candidate's
     unranked action pass (`PlanningOutcome`). Scoring one candidate at a time forgoes batching the candidates of a
     worker, so a deadline costs throughput when it is met.
+
+    `encode_full_sequence`: encode the observation as `ReactivePolicy`'s reference does (all pixel frames).
     """
 
     def __init__(
@@ -347,6 +349,7 @@ class PlanningPolicy(ModelPolicy):
         *,
         batch_passes: bool = True,
         deadline_ms: float | None = None,
+        encode_full_sequence: bool = False,
     ) -> None:
         if not workers:
             raise ConfigError("workers: expected at least one planning worker")
@@ -359,6 +362,7 @@ class PlanningPolicy(ModelPolicy):
         )
         self._config = config or PlanningConfig()
         self._batch_passes = batch_passes
+        self._encode_full_sequence = encode_full_sequence
         self._deadline_s = None if deadline_ms is None else deadline_ms / 1e3
         self._pool = ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="planning")
         self._stopping: list[Future[None]] = []  # workers of a query past its deadline, finishing their last call
@@ -431,7 +435,7 @@ class PlanningPolicy(ModelPolicy):
         steps = denoising_steps(query, config.num_denoising_steps_action)
         timer = StageTimer()
         # Future images are decoded over the placeholder latents of the whole sequence, as the official code does.
-        full = query.return_future_images
+        full = self._encode_full_sequence or query.return_future_images
         encoded = encode_observation(self._model, query.observation, timer, full_sequence=full)
         with timer.stage("planning"):
             if self._deadline_s is None:

@@ -11,6 +11,7 @@ import pytest
 
 from cosmos_edge.runtime.bundle.loader import load_policies
 from cosmos_edge.runtime.bundle.sources import CheckpointFiles, CheckpointSource
+from cosmos_edge.runtime.engines.torch_networks import TorchAutoencoder
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.policy.api import ActionQuery
 from cosmos_edge.runtime.policy.planning import PlanningPolicy
@@ -109,3 +110,21 @@ def test_q_value_planning_returns_the_images_of_the_chosen_candidates_world_mode
     assert q_images.keys() == v_images.keys()
     for camera in q_images:
         np.testing.assert_array_equal(q_images[camera], v_images[camera])
+
+
+def test_the_reference_encode_serves_planning_too(aloha: CheckpointFiles, monkeypatch: pytest.MonkeyPatch) -> None:
+    encodes: list[str] = []
+    for name in ("encode", "encode_conditioning"):
+        original = getattr(TorchAutoencoder, name)
+
+        def spy(self: TorchAutoencoder, *args: object, _name: str = name, _original: object = original) -> object:
+            encodes.append(_name)
+            return _original(self, *args)  # type: ignore[operator]
+
+        monkeypatch.setattr(TorchAutoencoder, name, spy)
+    single = dataclasses.replace(CONFIG, num_queries_best_of_n=1)
+    with load_policies(CheckpointSource(aloha, encode_full_sequence=True), planning=single) as loaded:
+        assert loaded.planning is not None
+        encodes.clear()
+        loaded.planning.infer(ActionQuery(random_observation("aloha"), "fold the t-shirt", seed=3, steps=1))
+    assert encodes == ["encode"]  # all pixel frames through the VAE, as `act --reference`
