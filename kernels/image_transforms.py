@@ -5,7 +5,8 @@ tensors of the torch backend, so on a GPU the camera frames go up once as uint8 
 
 * Pillow's 8-bit bicubic resize is integer arithmetic: 22-bit fixed-point taps (Pillow's `precompute_coeffs` and
   `normalize_coeffs_8bpc`), an accumulator starting at half a unit, a shift and a clip to 8 bits; one axis after the
-  other, clipped to 8 bits in between. Done in int64 here, which holds every sum exactly.
+  other, clipped to 8 bits in between. Done here as float64 matrix products of integers, which hold every sum
+  exactly.
 * The antialiased bilinear resize after the centre crop uses the reference's taps (`images.antialias_taps`) and its
   order of operations: a float32 product, then per tap a float64 add and one rounding to float32. A float32 product
   is exact in float64, so the result does not depend on whether the device fuses the multiply-add.
@@ -71,8 +72,11 @@ def pillow_bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.nda
 
 @lru_cache(maxsize=64)
 def _device_table(kind: str, in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    if kind == "bicubic":
-        return tuple(torch.from_numpy(array).to(device) for array in pillow_bicubic_taps(in_size, out_size))
+    if kind == "bicubic":  # the taps as a dense [in, out] matrix: a row's taps on a clamped index add up
+        indices, taps = pillow_bicubic_taps(in_size, out_size)
+        matrix = np.zeros((in_size, out_size), np.float64)
+        np.add.at(matrix, (indices, np.arange(out_size)[:, None]), taps)
+        return (torch.from_numpy(matrix).to(device),)
     first, weights = reference.antialias_taps(in_size, out_size)
     indices = np.minimum(first[:, None] + np.arange(weights.shape[1]), in_size - 1)
     return torch.from_numpy(indices).to(device), torch.from_numpy(weights.astype(np.float64)).to(device)
@@ -84,17 +88,19 @@ def _model_range_table(device: torch.device) -> torch.Tensor:
 
 
 def _bicubic_last_axis(planes: torch.Tensor, out_size: int) -> torch.Tensor:
-    """One Pillow pass over the last axis of int64 planes holding 8-bit values; int64 out, clipped to 8 bits as
-    Pillow clips between its passes. Integer sums are exact in any order, so every tap is gathered and summed at once
-    (a handful of kernels, not a few per tap)."""
-    indices, taps = _device_table("bicubic", planes.shape[-1], out_size, planes.device)
-    total = (planes[..., indices] * taps).sum(-1) + (1 << (PRECISION_BITS - 1))
-    return torch.clamp(total >> PRECISION_BITS, 0, 255)
+    """One Pillow pass over the last axis of float64 planes holding 8-bit values; float64 out, clipped to 8 bits as
+    Pillow clips between its passes. One float64 matrix product with the integer taps: every product and partial sum
+    is an integer below 2**53 (8-bit values times 22-bit taps, a few dozen taps), so it is exact in any order, and
+    the shift is an exact division by 2**22 and a floor (an arithmetic shift floors too). No [..., out, taps] gather
+    is made (hundreds of MB at 480x640, which a CUDA graph would keep reserved)."""
+    (matrix,) = _device_table("bicubic", planes.shape[-1], out_size, planes.device)
+    total = planes @ matrix + float(1 << (PRECISION_BITS - 1))
+    return torch.clamp(torch.floor(total / float(1 << PRECISION_BITS)), 0, 255)
 
 
 def bicubic_resize(frames: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 [N, H, W, 3] → uint8 [N, size, size, 3], as Pillow's `Image.resize((size, size), BICUBIC)`."""
-    planes = frames.permute(0, 3, 1, 2).to(torch.int64)  # [N, 3, H, W]; 8-bit values between the passes
+    planes = frames.permute(0, 3, 1, 2).to(torch.float64)  # [N, 3, H, W]; 8-bit values between the passes
     height, width = planes.shape[-2:]
     # Pillow (< 13, as the official lock's 12.0.0) skips an axis already at its size and resizes horizontally first,
     # whatever the shape (Pillow 13 goes vertically first for frames narrower than the target yet taller).
