@@ -17,7 +17,7 @@ arithmetic is elementwise, so it is bitwise the same whatever else shares its ba
 The arrays live where the network's do (`arrays.ArrayOps`): numpy on the host, or device tensors of the torch backend,
 with the same bits; the schedule and solver coefficients are Python floats either way.
 
-Float64 transcendental functions (pow, log, expm1) come from libm here and from torch/Sleef in the official code,
+Float64 transcendental functions (pow, log, expm1) come from numpy and libm here and from torch in the official code,
 so schedule and coefficients can differ in the last ulp; the float32 results are unaffected except at rounding ties.
 """
 
