@@ -322,8 +322,10 @@ class PolicyServer:
         receive_ns = time.time_ns()
         started = time.perf_counter()
         peer = identity.hex()
+        request_id = None  # known once the header is read
         try:
             request = decode_request(frames, self._config.limits)
+            request_id = request.request_id
             if isinstance(request, ActRequest):
                 mode = self._act_mode(request)
                 self._enqueue(_Job(identity, request, mode, receive_ns, started, ms_since(started), peer))
@@ -336,7 +338,7 @@ class PolicyServer:
             else:
                 reply = self._set_mode(request)
         except Exception as failure:  # whatever a message does, the server answers it and keeps serving
-            error = failure if isinstance(failure, MessageError) else _internal(failure)
+            error = failure if isinstance(failure, MessageError) else _internal(failure, request_id)
             self._send(identity, ErrorReply.from_error(error).to_frames())
             self._peer_log.log(
                 peer,
@@ -417,12 +419,15 @@ class PolicyServer:
                 self._post(_Answer(replaced, superseded))
 
     def _has_room(self) -> bool:
-        """Whether one more controller may wait (lock held). Those past their deadline are answered `expired` first:
-        senders that gave up must not hold places a live controller needs."""
+        """Whether one more controller may wait (lock held). Those past their deadline are answered `expired` first,
+        and submitted requests their front end cancelled (an HTTP client gone) are dropped: senders that gave up must
+        not hold places a live controller needs."""
         if len(self._pending) >= self._config.max_pending:
             now = time.perf_counter()
             for key, job in list(self._pending.items()):
-                if (expired := _expiry(job, now)) is not None:
+                if job.future is not None and job.future.cancelled():  # nobody to answer
+                    del self._pending[key]
+                elif (expired := _expiry(job, now)) is not None:
                     del self._pending[key]
                     self._post(_Answer(job, expired))
         return len(self._pending) < self._config.max_pending
@@ -675,9 +680,11 @@ def _candidate_fields(candidates: CandidateResults | None, request: ActRequest) 
     return fields
 
 
-def _internal(failure: Exception) -> MessageError:
-    """The `internal` answer to a message whose handling failed unexpectedly (a defect: the log has its traceback)."""
-    return MessageError(ErrorCode.INTERNAL, "", f"the server failed on this message ({type(failure).__name__})")
+def _internal(failure: Exception, request_id: int | None) -> MessageError:
+    """The `internal` answer to a message whose handling failed unexpectedly (a defect: the log has its traceback),
+    to its request when its header was read."""
+    detail = f"the server failed on this message ({type(failure).__name__})"
+    return MessageError(ErrorCode.INTERNAL, "", detail, request_id)
 
 
 def _expiry(job: _Job, now: float) -> MessageError | None:

@@ -567,10 +567,10 @@ class BusyServer:
 
 
 @contextmanager
-def busy_server(context: zmq.Context[zmq.Socket[bytes]]) -> Iterator[BusyServer]:
+def busy_server(context: zmq.Context[zmq.Socket[bytes]], max_pending: int = 8) -> Iterator[BusyServer]:
     gate = threading.Event()
     policy = StubPolicy(gate=gate)
-    server = PolicyServer(policy, ServerConfig(ENDPOINT))
+    server = PolicyServer(policy, ServerConfig(ENDPOINT, max_pending=max_pending))
     with serving(server) as endpoint:
         controller = RawController(context, endpoint)
         first = controller.act(1.0)
@@ -594,6 +594,29 @@ def test_submitted_requests_wait_for_the_same_worker(context: zmq.Context[zmq.So
     with pytest.raises(MessageError) as caught:
         server.submit(act_request(5.0, 5), peer="test")
     assert caught.value.code is ErrorCode.SHUTTING_DOWN
+
+
+def test_cancelled_submissions_give_up_their_places(context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    with busy_server(context, max_pending=2) as busy:
+        gone = [busy.server.submit(act_request(2.0 + i, 2 + i), peer="test") for i in range(2)]  # the queue is full
+        assert all(future.cancel() for future in gone)  # their HTTP clients disconnected
+        live = busy.server.submit(act_request(5.0, 5), peer="test")  # not `overloaded`
+        busy.gate.set()
+        assert_answers(live.result(TIMEOUT_S), 5, 5.0)
+        assert len(busy.policy.queries) == 2  # the first, then the live one: the cancelled never ran
+
+
+def test_a_failure_handling_a_readable_request_is_answered_to_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing(request_id: int) -> None:
+        raise RuntimeError("a metadata defect")
+
+    server = PolicyServer(StubPolicy(), ServerConfig(ENDPOINT))
+    monkeypatch.setattr(server, "_metadata", failing)
+    with serving(server) as endpoint, PolicyClient(endpoint) as client:
+        with pytest.raises(RemoteError) as caught:  # its own id: the client takes the answer, no timeout
+            client.metadata()
+        assert caught.value.code is ErrorCode.INTERNAL and "RuntimeError" in caught.value.detail
+        assert client.ping()
 
 
 def test_no_zeromq_peer_can_replace_a_submitted_request(context: zmq.Context[zmq.Socket[bytes]]) -> None:
