@@ -512,6 +512,7 @@ def test_a_worker_that_dies_answers_its_request_and_stops_the_server(
     thread = threading.Thread(target=serve)
     thread.start()
     try:
+        assert server.wait_until_accepting(TIMEOUT_S)  # an act sent before would be answered `overloaded`
         running, _, waiting = one_running_one_waiting(context, endpoint, policy)
         gate.set()
         died = running.receive()

@@ -289,10 +289,10 @@ def test_the_captured_camera_encode_is_keyed_by_frame_sizes_and_holds_its_tables
         got = encoder._replay(run_plainly, prepared, uploaded)  # type: ignore[arg-type]
         expected = encoder._encode_planes(kernels.transform_frames(platform, frames, torch.device("cpu")))
     assert torch.equal(got, expected)
-    # Two sizes (the 480x640 frames batched), three frames' places; tables (index and weights each): the 480x640
-    # batch's bicubic passes and crop resize (3 x 2), the 224x224 frame's crop resize (2), and the model-range table
-    # listed with each size's (2).
-    assert seen == [((((2, 480, 640, 3), (1, 224, 224, 3)), ((0, 0), (1, 0), (0, 1))), 10)]
+    # Two sizes (the 480x640 frames batched), three frames' places; tables: the 480x640 batch's two bicubic passes (a
+    # tap matrix each) and crop resize (index and weights), the 224x224 frame's crop resize (2), and the model-range
+    # table listed with each size's (2).
+    assert seen == [((((2, 480, 640, 3), (1, 224, 224, 3)), ((0, 0), (1, 0), (0, 1))), 8)]
 
 
 def test_batch_one_dit_calls_of_every_instruction_share_the_captures_of_their_timesteps(
