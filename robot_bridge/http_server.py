@@ -134,6 +134,9 @@ def bind(config: HttpConfig) -> socket.socket:
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once on the same port
         listener.bind((config.host, config.port))
+        # Off once bound: two sockets that both allow reuse and do not listen yet may bind one port, and another
+        # `serve` would find the port in use only when it starts listening, after loading its models.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
     except OSError as error:
         listener.close()
         raise ConfigError(f"http address: cannot listen on {config.address} ({error.strerror or error})") from None
@@ -175,6 +178,7 @@ class HttpEndpoint:
         self._app = Starlette(routes=routes, exception_handlers=handlers)
         self._uvicorn: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self._uvicorn_filter = RepeatFilter()
         self._port = self._config.port
 
     @property
@@ -187,9 +191,8 @@ class HttpEndpoint:
         """Listens, starts serving in a thread and returns the base URL once requests are answered."""
         if self._thread is not None:
             return self.url
-        uvicorn_log = logging.getLogger("uvicorn.error")
-        if not any(isinstance(each, RepeatFilter) for each in uvicorn_log.filters):  # a peer triggers its lines at will
-            uvicorn_log.addFilter(RepeatFilter())
+        self._uvicorn_filter = RepeatFilter()  # a peer triggers uvicorn's lines at will; removed when it stops
+        logging.getLogger("uvicorn.error").addFilter(self._uvicorn_filter)
         listener, self._listener = self._listener or bind(self._config), None  # uvicorn closes it when it stops
         try:
             listener.listen()
@@ -238,6 +241,7 @@ class HttpEndpoint:
             logger.error("the http endpoint did not stop within %.1f s", self._config.shutdown_timeout_s)
         self._thread = None
         self._uvicorn = None
+        logging.getLogger("uvicorn.error").removeFilter(self._uvicorn_filter)
 
     def __enter__(self) -> HttpEndpoint:
         self.start()

@@ -400,6 +400,17 @@ def test_only_the_aloha_platform_has_the_official_format() -> None:
         HttpEndpoint(PolicyServer(StubPolicy(platform=libero, actions_shape=(16, 7))), HttpConfig(port=0))
 
 
+def test_a_bound_port_is_refused_to_a_second_server_before_either_listens() -> None:
+    """`serve` binds before it loads its models and listens after: a second one must be refused at its bind."""
+    first = http_server.bind(HttpConfig(port=0))
+    try:
+        port = first.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"http address: cannot listen on 127.0.0.1:{port}"):
+            http_server.bind(HttpConfig(port=port)).close()
+    finally:
+        first.close()
+
+
 def test_the_listener_names_tcp_so_replies_are_not_delayed() -> None:
     """asyncio turns TCP_NODELAY on only for connections whose listening socket names IPPROTO_TCP; without it each
     reply (header and body written apart) waits out the client's delayed ACK, about 40 ms (the HTTP row of
