@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cosmos_edge.export.bundle_writer import VAE_PRECISION, ExportRequest, export_bundle
+from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
 from cosmos_edge.export.onnx_export import DiTGraph, VAECamerasEncoderGraph
 from cosmos_edge.runtime.bundle.loader import load_policies
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource
@@ -46,6 +46,7 @@ from cosmos_edge.runtime.policy.latents import black_prefix_frames
 from cosmos_edge.runtime.policy.normalization import DatasetStats
 from cosmos_edge.runtime.policy.reactive import ReactivePolicy
 from cosmos_edge.runtime.policy.steps import PolicyModel
+from cosmos_edge.runtime.precision import vae_graph_precision
 
 PLATFORMS = ("libero", "robocasa", "aloha")
 OBSERVATIONS = 2
@@ -84,7 +85,7 @@ def bf16_graph_policy(files: CheckpointFiles) -> tuple[ReactivePolicy, nn.Module
     dit = load_dit(files.checkpoint, torch.bfloat16)
     dit_spec = dit_graph(platform, 1, tokens, dim)
     encoder_spec = vae_encoder_graph(platform, full_sequence=False)
-    vae = load_wan_vae(files.tokenizer, TORCH_DTYPES[VAE_PRECISION.get("bf16", "bf16")])  # as a bf16 bundle's
+    vae = load_wan_vae(files.tokenizer, TORCH_DTYPES[vae_graph_precision("bf16")])  # as a bf16 bundle's
     encoder = VAECamerasEncoderGraph(vae, black_prefix_frames(platform))
     conditioning = GraphConditioning(platform, TorchGraphRunner(encoder, encoder_spec))
     autoencoder = GraphAutoencoder(None, None)

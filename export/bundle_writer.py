@@ -50,6 +50,7 @@ from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
 from cosmos_edge.runtime.platforms import PlatformSpec, platform_spec
 from cosmos_edge.runtime.policy import text_embeddings as text_store
 from cosmos_edge.runtime.policy.normalization import DatasetStats
+from cosmos_edge.runtime.precision import vae_graph_precision
 
 _LOG = logging.getLogger(__name__)
 
@@ -235,14 +236,9 @@ def _export_dit_graphs(
     return config
 
 
-# ONNX opset 17 has no bfloat16 convolution (ONNX Runtime refuses such a graph on every provider): a bf16 bundle's VAE
-# graphs compute in float32, more exactly than the bf16 VAE.
-VAE_PRECISION = {"bf16": "fp32"}  # bundle precision → its VAE graphs' (others: the same)
-
-
 def _export_vae_graphs(request: ExportRequest, platform: PlatformSpec, writer: _GraphWriter) -> dict[str, object]:
     """The VAE's graphs; returns its configuration. The network is freed on return."""
-    vae = load_wan_vae(request.tokenizer, TORCH_DTYPES[VAE_PRECISION.get(request.precision, request.precision)])
+    vae = load_wan_vae(request.tokenizer, TORCH_DTYPES[vae_graph_precision(request.precision)])
     cameras = partial(export_vae_cameras_encoder, vae, platform)
     writer.add("vae_encoder_cameras", vae_encoder_graph(platform, False), cameras)
     if request.future_images:

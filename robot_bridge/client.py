@@ -137,8 +137,8 @@ class PolicyClient:
         compute it after we gave up. `overloaded` answers are retried with backoff until the deadline.
 
         Raises `RequestTimeout`, `RemoteError` (e.g. `superseded`, an unknown instruction, `overloaded` until the
-        deadline) or `ProtocolError` (a malformed observation, caught before sending: a `MessageError` naming the
-        field; or a malformed reply)."""
+        deadline), `ProtocolError` (a malformed observation, caught before sending: a `MessageError` naming the
+        field; or a malformed reply) or `RequestCancelled` (`close()` from another thread)."""
         with self._lock:
             deadline = time.monotonic() + self._timeout_s
             request = ActRequest(

@@ -8,6 +8,9 @@ from collections.abc import Sequence
 from cosmos_edge.runtime.errors import ConfigError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+# ONNX opset 17 has no bfloat16 convolution (ONNX Runtime refuses such a graph on every provider): a bf16 bundle's VAE
+# graphs compute in float32, more exactly than the bf16 VAE.
+_VAE_PRECISION = {"bf16": "fp32"}
 # What `torch.compile` compiles of the DiT: the whole network as one graph, or each transformer block, all of them
 # sharing one compiled graph (they run the same code on same-shaped weights): on 2 CPU cores a 2B DiT compiles in
 # 11 s against 64 s, at the same call time (benchmarks/results/cpu_compile_time.json); on an H200, in a process that
@@ -43,3 +46,8 @@ def cuda_graphs(requested: bool | None, devices: Sequence[str]) -> bool:
     if requested and not on_cuda:
         raise ConfigError(f"--cuda-graphs: CUDA graphs need CUDA devices; got {list(devices)}")
     return on_cuda if requested is None else requested
+
+
+def vae_graph_precision(bundle_precision: str) -> str:
+    """The precision inside a bundle's VAE graphs (its DiT graphs have the bundle's)."""
+    return _VAE_PRECISION.get(bundle_precision, bundle_precision)

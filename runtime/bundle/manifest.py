@@ -33,7 +33,7 @@ from cosmos_edge.runtime.policy import text_embeddings as text_store
 from cosmos_edge.runtime.policy.normalization import DatasetStats
 from cosmos_edge.runtime.policy.planning_config import COUNT_LIMITS
 from cosmos_edge.runtime.policy.text_embeddings import TextEmbeddings
-from cosmos_edge.runtime.precision import PRECISIONS
+from cosmos_edge.runtime.precision import PRECISIONS, vae_graph_precision
 from cosmos_edge.runtime.values import is_positive_int
 
 _LOG = logging.getLogger(__name__)
@@ -337,11 +337,12 @@ class Bundle:
         digest = graph_files_digest(
             (PurePosixPath(relative).name, self.manifest.files[relative].sha256) for relative in record.files
         )
+        precision = self.manifest.precision
         return GraphFile(
             record.spec,
             onnx,
             tuple(external),
-            self.manifest.precision,
+            vae_graph_precision(precision) if record.role.startswith("vae") else precision,
             engine,
             cache_dir=self.root / CACHE_DIR,
             onnx_sha256=digest,

@@ -2,8 +2,9 @@
 export, backends, buffers, sample inputs and the manifest derive from these tables), the one check of feeds and of
 signatures against it, the graph file a backend opens, and the `GraphRunner` interface every backend meets.
 
-Every graph takes and returns float32 at its boundary; its internal precision is the bundle's (fp32, fp16, bf16),
-cast inside the graph, so callers and buffers never depend on the precision.
+Every graph takes and returns float32 at its boundary; its internal precision is the bundle's (fp32, fp16, bf16;
+a bf16 bundle's VAE graphs: float32, `precision.vae_graph_precision`), cast inside the graph, so callers and buffers
+never depend on the precision.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ class TorchAutoencoder:
         self._closed = False
         # One capture per frame-size combination (a deployment's cameras keep theirs).
         self._captured = CapturedCalls(_FRAME_SIZES_KEPT, graph_pool(device)) if cuda_graphs else None
-        self._replaying = threading.Lock()  # one encode at a time: a capture's buffers serve one query
+        self._replaying = threading.Lock()  # one VAE call at a time: a capture's buffers serve one query; close waits
         if fold_time_taps is None:
             fold_time_taps = device.type == "cuda" and compile_mode is not None
         self._device = device
@@ -132,13 +132,15 @@ class TorchAutoencoder:
 
     @torch.inference_mode()
     def encode(self, video: np.ndarray) -> np.ndarray:
-        self._check_open()
-        return self._vae.encode(self._tensor(video)).float().cpu().numpy()
+        with self._replaying:
+            self._check_open()
+            return self._vae.encode(self._tensor(video)).float().cpu().numpy()
 
     @torch.inference_mode()
     def decode(self, latent: np.ndarray) -> np.ndarray:
-        self._check_open()
-        return self._vae.decode(self._tensor(latent)).float().cpu().numpy()
+        with self._replaying:
+            self._check_open()
+            return self._vae.decode(self._tensor(latent)).float().cpu().numpy()
 
     def close(self) -> None:
         """Releases the VAE's weights, the captured encodes, the black prefix's latents and the image transforms'
