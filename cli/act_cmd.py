@@ -104,7 +104,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--device",
-        help="torch: a torch device (default cpu); onnxruntime: cpu (default), cuda[:N] or tensorrt[:N] (its "
+        help="torch: a torch device (default cuda when torch sees one, else cpu); onnxruntime: cpu (default), "
+        "cuda[:N] or tensorrt[:N] (its "
         "TensorRT provider); tensorrt: cuda[:N] (default cuda)",
     )
     parser.add_argument(

@@ -272,7 +272,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--devices",
-        help="comma-separated devices; planning spreads candidates over them (default: cpu, or cuda for tensorrt)",
+        help="comma-separated devices; planning spreads candidates over them (default: the official files on cuda "
+        "when torch sees one, else cpu; a bundle on cpu, or cuda for tensorrt)",
     )
     add_compile_arguments(parser)
     add_planning_arguments(parser)

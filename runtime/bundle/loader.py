@@ -228,7 +228,9 @@ def _batching_pays(devices: Sequence[str]) -> bool:
 
 
 def _default_device(source: ModelSource) -> str:
-    return "cpu" if isinstance(source, CheckpointSource) else backend_info(source.backend).default_device
+    if isinstance(source, CheckpointSource):
+        return load_torch_backend().default_device()
+    return backend_info(source.backend).default_device
 
 
 def _open_checkpoints(

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cosmos_edge.runtime import precision as defaults
+from cosmos_edge.runtime.engines.registry import load_torch_backend
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.precision import PRECISIONS, check_compile_scope
@@ -58,7 +59,8 @@ class CheckpointSource:
         cuda_graphs: bool | None = None,
         reference: bool = False,
     ) -> CheckpointSource:
-        """The source `act` and `serve` open for `devices` (empty: the CPU): each option left None takes their
+        """The source `act` and `serve` open for `devices` (empty: CUDA when torch sees it, else the CPU): each
+        option left None takes their
         default for those devices (bf16, compiled and replayed from CUDA graphs on CUDA; fp32, eager on the CPU).
         `reference`: the official whole-sequence path, uncompiled, without graphs (`act --reference`)."""
         if reference and (compile or cuda_graphs):
@@ -66,7 +68,7 @@ class CheckpointSource:
                 f"reference: runs the official path uncompiled, without graphs; got compile={compile}, "
                 f"cuda_graphs={cuda_graphs}"
             )
-        targets = list(devices) or ["cpu"]
+        targets = list(devices) or [load_torch_backend().default_device()]  # as the loader's default
         return cls(
             files,
             planning_checkpoint=planning_checkpoint,

@@ -46,6 +46,8 @@ class TextWidthNetwork(DenoisingNetwork, Protocol):
 
 
 class TorchBackend(Protocol):
+    def default_device(self) -> str: ...
+
     def check_device(self, device: str, name: str = "device") -> object: ...
 
     def open_autoencoder(

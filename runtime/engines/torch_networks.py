@@ -381,6 +381,12 @@ def calling_thread(device: torch.device, threads: int) -> contextlib.AbstractCon
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def default_device() -> str:
+    """Where the official files run when no device is named: a CUDA device when torch sees one (the fast path),
+    else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def check_device(device: str, name: str = "device") -> torch.device:
     """`device` as a torch device this process can use; ConfigError names it as `name` (a flag, say) otherwise."""
     try:
