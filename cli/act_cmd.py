@@ -226,7 +226,8 @@ def _naming_the_observation(path: Path) -> Iterator[None]:
 
 
 def _planning_only_flags(args: argparse.Namespace) -> list[str]:
-    return ["--return-all-query-results"] if args.return_all_query_results else []
+    flags = ["--return-all-query-results"] if args.return_all_query_results else []
+    return flags + (["--planning-checkpoint"] if args.planning_checkpoint is not None else [])
 
 
 def print_result(result: ChunkResult) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -112,7 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.verbose)
     try:
         with sigterm_interrupts():  # a long command (serve, robot) takes the signals over for its run
-            return int(args.func(args))
+            code = int(args.func(args))
+        sys.stdout.flush()  # a reader gone shows here, in the handler below, rather than at the interpreter's exit
+        return code
     except CosmosEdgeError as error:
         one_line = " ".join(str(error).splitlines())  # a wrapped library message; other spacing is kept
         print(f"cosmos-edge: error: {one_line}", file=sys.stderr)
@@ -121,6 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # no bundle, an engine build a bundle that opens)
         print(f"cosmos-edge: interrupted ({args.command})", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the output piped into a reader that stopped (`| head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's flush at exit must not fail
+        return 141  # as a shell reports SIGPIPE
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,18 @@ def test_random_then_inspect_reports_the_dit(tmp_path: Path, capsys: pytest.Capt
     assert main(["checkpoint", "inspect", "--json", str(tmp_path / "tokenizer.pth")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["network"] == "wan2.1-vae" and report["config"]["base_dim"] == 8
+
+
+def test_output_into_a_reader_that_is_gone_ends_quietly(tiny_assets: dict[str, CheckpointFiles]) -> None:
+    # As `cosmos-edge checkpoint inspect FILE --json | head -1` once head has exited: no traceback.
+    command = [sys.executable, "-m", "cosmos_edge.cli.main", "checkpoint", "inspect", "--json"]
+    process = subprocess.Popen(
+        [*command, str(tiny_assets["aloha"].tokenizer)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()
+    errors = process.stderr.read().decode()
+    assert process.wait() == 141 and "Traceback" not in errors and "BrokenPipe" not in errors, errors
 
 
 def test_an_interrupted_random_model_leaves_nothing_that_blocks_a_rerun(

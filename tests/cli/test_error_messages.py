@@ -213,6 +213,10 @@ CASES: dict[str, Case] = {
         act(f, t, "--return-all-query-results"),
         "--return-all-query-results: a planning option, which needs --mode planning",
     ),
+    "a planning checkpoint in reactive mode": lambda f, t: (
+        act(f, t, "--planning-checkpoint", str(f.tokenizer)),
+        "--planning-checkpoint: a planning option, which needs --mode planning",
+    ),
     "planning options named as flags": lambda f, t: (
         act(f, t, "--mode", "planning", "--no-ar-future-prediction"),
         "--ar-value-prediction: needs --ar-future-prediction",
