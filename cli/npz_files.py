@@ -57,6 +57,8 @@ def output_path(flag: str, path: Path) -> Path:
     """The file `np.savez` writes for `path` (it adds `.npz` to a name without it), refused before the work whose
     result it would hold if it could not be written, or if it exists (an observation given as `--out` included)."""
     writable_file(flag, path)  # `--out results` naming a directory is refused as such, not as results.npz
+    if path.suffix not in ("", ".npz"):  # `result.json` would quietly become `result.json.npz`
+        raise ConfigError(f"{flag} {path}: writes a numpy .npz archive; name it {path.with_suffix('.npz').name}")
     return writable_file(flag, path if path.suffix == ".npz" else path.with_name(path.name + ".npz"), replace=False)
 
 

@@ -184,6 +184,10 @@ CASES: dict[str, Case] = {
         "--compile: --reference runs the official path uncompiled",
     ),
     "act output is a directory": lambda f, t: (act(f, t, "--out", str(t)), f"--out {t}: is a directory"),
+    "act output of another kind": lambda f, t: (
+        act(f, t, "--out", str(t / "result.json")),
+        f"--out {t / 'result.json'}: writes a numpy .npz archive; name it result.npz",
+    ),
     "a deeper search of Q(s, a) planning": lambda f, t: (
         act(f, t, "--mode", "planning", "--search-depth", "2", "--ar-qvalue-prediction"),
         "--search-depth: above 1 is not supported with --ar-qvalue-prediction (as officially)",
