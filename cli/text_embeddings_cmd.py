@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from cosmos_edge.cli.output_paths import writable_file
+from cosmos_edge.runtime.engines.registry import load_torch_backend
 from cosmos_edge.runtime.policy import text_embeddings
 
 
@@ -38,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out", required=True, metavar="FILE", help="safetensors file to write (must not exist; see merge)"
     )
     embed.add_argument("--model", default="google-t5/t5-11b", help="Hugging Face T5 encoder")
-    embed.add_argument("--device", default="cuda", help="torch device for the encoder")
+    embed.add_argument("--device", default="cuda", help="torch device for the encoder (default cuda; cpu is slow)")
     embed.set_defaults(func=_embed)
 
 
@@ -75,6 +76,7 @@ def _embed(args: argparse.Namespace) -> int:
     from cosmos_edge.runtime.models import text_encoder  # torch and transformers: only this command needs them
 
     out = writable_file("--out", Path(args.out), replace=False)  # before T5-11B loads
+    load_torch_backend().check_device(args.device, name="--device")  # and a device torch cannot use
     store = text_encoder.embed_instructions(args.instructions, out, model=args.model, device=args.device)
     _report_written(store, out)
     return 0

@@ -75,9 +75,13 @@ def embed_instructions(
             f"embedding instructions needs the optional package transformers (pip install transformers), "
             f"got ImportError: {error}"
         ) from error
-    tokenizer = T5TokenizerFast.from_pretrained(model)
-    # float32 like the official encoder (it loads with the default dtype); rounding to bf16 happens on write.
-    encoder = T5EncoderModel.from_pretrained(model, use_safetensors=True).to(device=device, dtype=torch.float32).eval()
+    try:
+        tokenizer = T5TokenizerFast.from_pretrained(model)
+        # float32 like the official encoder (it loads with the default dtype); rounding to bf16 happens on write.
+        encoder = T5EncoderModel.from_pretrained(model, use_safetensors=True)
+    except OSError as error:  # not a local folder, and not found (or no network) on the Hub
+        raise CheckpointError(f"model {model!r}: cannot load the T5 encoder: {error}") from None
+    encoder = encoder.to(device=device, dtype=torch.float32).eval()
     embeddings = {}
     with torch.inference_mode():
         for text in instructions:

@@ -1,6 +1,7 @@
 import argparse
 import pickle
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,26 @@ def test_convert_needs_trust_pickle(tmp_path: Path) -> None:
 def test_embed_reports_missing_dependency(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(EngineError, match="transformers"):
+        _run(["text-embeddings", "embed", "--out", str(tmp_path / "t5.safetensors"), "--device", "cpu", "the cup"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")
+def test_embed_refuses_a_device_torch_cannot_use_before_loading_the_encoder(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--device"):  # the default cuda, on a CPU-only torch: not after 45 GB
         _run(["text-embeddings", "embed", "--out", str(tmp_path / "t5.safetensors"), "pick up the cup"])
+
+
+def test_embed_names_a_model_that_cannot_be_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Unreachable:  # as transformers' from_pretrained for a name that is no folder and not on the Hub
+        @classmethod
+        def from_pretrained(cls, name: str, **kwargs: object) -> None:
+            raise OSError(f"{name} is not a local folder and is not a valid model identifier")
+
+    transformers = types.SimpleNamespace(T5EncoderModel=Unreachable, T5TokenizerFast=Unreachable)
+    monkeypatch.setitem(sys.modules, "transformers", transformers)
+    out = tmp_path / "t5.safetensors"
+    with pytest.raises(CheckpointError, match="model 'google-t5/t5-11bb': cannot load the T5 encoder: google-t5"):
+        _run(["text-embeddings", "embed", "--out", str(out), "--device", "cpu", "--model", "google-t5/t5-11bb", "x"])
 
 
 def test_merge_joins_stores_and_never_replaces_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
