@@ -233,7 +233,10 @@ class PolicyClient:
                 return
             except zmq.Again:  # the connection dropped between poll and send
                 pass
-        curve = ", and does it admit this client's CURVE key" if self._client_keys is not None else ""
+        if self._client_keys is not None:
+            curve = ", and does it admit this client's CURVE key"
+        else:  # a CURVE server drops a plain connection without a word
+            curve = ", or does it require CURVE keys (the server's public key and a client key pair)"
         raise RequestTimeout(
             f"{request.kind.value}: no connection to {self._endpoint} within {self._timeout_s} s; is the server "
             f"running{curve}?"

@@ -119,7 +119,8 @@ def test_option_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
         ("--endpoint", "inproc://policy"): "--endpoint inproc://policy: reaches only its own process",
         ("--endpoint", "tcp://no-such-host.invalid:5555"): "cannot resolve 'no-such-host.invalid'",
         ("--endpoint", f"tcp://127.0.0.1:{free_port()}", "--timeout", "0.2"): (
-            "within 0.2 s; is the server running? (--timeout sets how long this command waits)"
+            "within 0.2 s; is the server running, or does it require CURVE keys (the server's public key and a "
+            "client key pair)? (--timeout sets how long this command waits)"
         ),
     }
     for options, message in cases.items():
