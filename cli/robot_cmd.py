@@ -64,7 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default={},
         metavar="JSON",
         help="the rig's limits, any of the safety filter's fields: joint_lower and joint_upper (rad, one per arm "
-        "joint, both arms), gripper_range (normalised), max_joint_step (rad per tick); default vx300s limits and 0.15, "
+        "joint, both arms), gripper_range (normalised), max_joint_step (rad per tick, at most 0.5); default vx300s "
+        "limits and 0.15, "
         'e.g. {"max_joint_step": 0.1}',
     )
     parser.add_argument("--task", required=True, help="the instruction, as the server lists it")
@@ -108,6 +109,12 @@ def _robot(args: argparse.Namespace) -> int:
         rate_hz = _control_rate_hz(args.control_rate_hz, metadata.control_rate_hz)
         executor_config = ExecutorConfig(control_rate_hz=rate_hz, blend=BlendConfig(BlendScheme(args.blend)))
         safety = SafetyFilter(_safety_config(args.safety))  # before the arms move
+        limits = safety.config
+        print(
+            f"safety: at most {limits.max_joint_step:g} rad per tick per arm joint, joints within "
+            f"{[round(lo, 3) for lo in limits.joint_lower]}..{[round(hi, 3) for hi in limits.joint_upper]} rad, "
+            f"grippers within {limits.gripper_range}"
+        )
         robot = AlohaWireCameras(_connect_robot(make_env, args))
         with ThreadedChunkSource(client, params) as source:
             executor = ChunkExecutor(robot, source, safety, executor_config)

@@ -62,6 +62,9 @@ VX300S_JOINT_UPPER: tuple[float, ...] = (
 )
 # Per-tick joint change the official Cosmos Policy ALOHA client tolerates before pausing (run_aloha_eval.py).
 DEFAULT_MAX_JOINT_STEP = 0.15
+# The most `max_joint_step` may be: 0.5 rad per tick is 12.5 rad/s at 25 Hz, beyond any ALOHA joint; more is a typo
+# (1.5 for 0.15), not a limit.
+MAX_JOINT_STEP_LIMIT = 0.5
 WARNING_INTERVAL_S = 5.0  # least time between two warnings of the same interventions' onset, as the executor's
 NUM_ARMS = 2  # ALOHA layout: [left 6 joints, left gripper, right 6 joints, right gripper]
 
@@ -87,7 +90,7 @@ class SafetyConfig:
         joint_upper: upper position limit of each arm joint in rad (default: vx300s).
         gripper_range: allowed normalised gripper command (default (0, 1): 0 closed, 1 open).
         max_joint_step: largest change of an arm joint per tick in rad, relative to the measured
-            position (default 0.15, the official client's pause threshold).
+            position (default 0.15, the official client's pause threshold; at most 0.5).
     """
 
     joint_lower: tuple[float, ...] = VX300S_JOINT_LOWER
@@ -99,7 +102,7 @@ class SafetyConfig:
         check_numbers("safety.joint_lower", self.joint_lower)
         check_numbers("safety.joint_upper", self.joint_upper)
         check_numbers("safety.gripper_range", self.gripper_range, length=2)
-        check_number("safety.max_joint_step", self.max_joint_step, 0, above_low=True)
+        check_number("safety.max_joint_step", self.max_joint_step, 0, MAX_JOINT_STEP_LIMIT, above_low=True)
         if len(self.joint_lower) != len(self.joint_upper) or not self.joint_lower:
             raise ConfigError(
                 f"safety.joint_lower/joint_upper: expected equal, non-zero lengths, got "

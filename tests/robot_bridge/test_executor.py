@@ -616,7 +616,7 @@ def test_threaded_source_close_stops_the_worker() -> None:
 
 # --- Chunk boundaries: blending, boundary statistics, starvation ---
 
-WIDE_STEP = SafetyConfig(max_joint_step=1.0)  # lets the tests see what the executor asks for, unclamped
+WIDE_STEP = SafetyConfig(max_joint_step=0.5)  # the most allowed: the tests see what the executor asks for, unclamped
 
 
 def offset_chunks(client: FakeClient, offsets: list[float], noise: float = 0.0) -> None:

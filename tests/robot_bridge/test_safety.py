@@ -43,6 +43,7 @@ def test_default_config_matches_aloha_layout() -> None:
         {"gripper_range": (1.0, 0.0)},
         {"max_joint_step": 0.0},
         {"max_joint_step": math.inf},
+        {"max_joint_step": 1.5},  # a typo of 0.15: no limit at 25 Hz
         {"max_joint_step": "0.1"},
         {"joint_lower": ("0",) * 6},
         {"joint_upper": (math.nan,) * 6},
@@ -57,7 +58,7 @@ def test_invalid_config_names_the_field(kwargs: dict) -> None:
 
 
 def test_a_limit_of_the_wrong_type_is_named_with_what_was_expected() -> None:
-    expected = "safety.max_joint_step: expected a finite number > 0, got '0.1' (str)"
+    expected = "safety.max_joint_step: expected a finite number in (0, 0.5], got '0.1' (str)"
     with pytest.raises(ConfigError, match=f"^{re.escape(expected)}$"):
         SafetyConfig(max_joint_step="0.1")  # type: ignore[arg-type]
 
@@ -72,12 +73,14 @@ def test_in_range_command_passes_unchanged() -> None:
 
 
 def test_joint_limits_and_gripper_range_clamp() -> None:
-    f = SafetyFilter(SafetyConfig(max_joint_step=10.0))
-    target = START.copy()
-    target[1] = 3.0  # shoulder above 72°
+    f = SafetyFilter(SafetyConfig(max_joint_step=0.5))
+    measured = START.copy()
+    measured[1] = math.radians(70)
+    target = measured.copy()
+    target[1] = 1.5  # shoulder above 72°, within a step of where it is
     target[6] = 1.7  # gripper above open
     target[13] = -0.2  # gripper below closed
-    out = f.apply(target, START)
+    out = f.apply(target, measured)
     assert out.flags == Intervention.CLAMPED
     assert out.qpos[1] == pytest.approx(math.radians(72))
     assert (out.qpos[6], out.qpos[13]) == (1.0, 0.0)
