@@ -69,7 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         required=True,
         help="npz: one uint8 HxWx3 array per camera, named as the platform's ("
         + "; ".join(f"{name}: {', '.join(spec.cameras)}" for name, spec in sorted(PLATFORMS.items()))
-        + "), and `proprio`; ALOHA frames of another size than 224x224 are resized as the official client does "
+        + "), and `proprio`, float32 of the platform's length ("
+        + ", ".join(f"{name} {spec.proprio_dim}" for name, spec in sorted(PLATFORMS.items()))
+        + "); ALOHA frames of another size than 224x224 are resized as the official client does "
         "(Pillow bicubic to 256x256, then 224x224)",
     )
     parser.add_argument("--task", required=True, help="the instruction, exactly as in the embeddings file")

@@ -79,7 +79,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--steps",
         type=int_in_range(1, MAX_DENOISING_STEPS),
         metavar="N",
-        help=f"denoising steps, 1..{MAX_DENOISING_STEPS} (default: the platform's)",
+        help=f"denoising steps, 1..{MAX_DENOISING_STEPS} (default: the server's: the platform's for reactive, "
+        "its --num-denoising-steps-action for planning)",
     )
     act.add_argument(
         "--return-all-query-results",

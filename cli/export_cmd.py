@@ -33,7 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--platform", required=True, choices=sorted(PLATFORMS), help="the checkpoint's robot platform")
     parser.add_argument("--out", type=Path, required=True, help="bundle directory to create (must not exist)")
     parser.add_argument(
-        "--batch-sizes", type=batch_sizes, default=(1,), help="DiT batch sizes: 1 serves reactive mode (default 1)"
+        "--batch-sizes",
+        type=batch_sizes,
+        default=(1,),
+        help="DiT batch sizes: 1 serves the reactive mode (default 1); planning needs candidates / devices among "
+        "them (best of 8 on one GPU: 1,8), or serves one candidate at a time under --planning-deadline-ms",
     )
     parser.add_argument(
         "--for",

@@ -77,7 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--steps",
         type=int_in_range(1, MAX_DENOISING_STEPS),
         metavar="N",
-        help=f"denoising steps, 1..{MAX_DENOISING_STEPS} (default: the platform's)",
+        help=f"denoising steps, 1..{MAX_DENOISING_STEPS} (default: the server's: the platform's for reactive, "
+        "its --num-denoising-steps-action for planning)",
     )
     parser.add_argument("--duration-s", type=positive_seconds, help="stop after this long (default: at Ctrl-C)")
     parser.add_argument(
