@@ -60,6 +60,8 @@ _NO_ZEROMQ = "none"
 _IN_PROCESS_ONLY = "inproc://cosmos-edge-no-zeromq-endpoint"
 _MODES = ("reactive", "planning")  # what `LoadedPolicies.modes()` can serve; checked before any model loads
 
+_DEFAULT_MAX_ARRAY_MB = 4.0
+
 
 def add_serve_parser(subparsers: argparse._SubParsersAction, make_policies: PolicyFactory) -> argparse.ArgumentParser:
     """Adds `serve`, whose policies `make_policies` builds from the parsed arguments."""
@@ -77,7 +79,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction, make_policies: Poli
         default=16.0,
         help="largest request accepted (an HTTP /act body: 1.4 times that, for its base64 arrays)",
     )
-    parser.add_argument("--max-array-mb", type=mebibytes, default=4.0, help="largest single image or vector accepted")
+    parser.add_argument(
+        "--max-array-mb",
+        type=mebibytes,
+        default=_DEFAULT_MAX_ARRAY_MB,
+        help="largest single image or vector accepted",
+    )
     parser.add_argument("--curve-secret-key", help="the server's '.key_secret' certificate; enables CURVE")
     parser.add_argument("--curve-clients", help="directory of the '.key' certificates of admitted clients")
     parser.add_argument(
@@ -134,8 +141,10 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
             raise ConfigError("--endpoint none: needs --http, or nothing could reach the policies")
         endpoint = _IN_PROCESS_ONLY
     if args.max_array_mb > args.max_message_mb:
+        default = " (its default)" if args.max_array_mb == _DEFAULT_MAX_ARRAY_MB else ""
         raise ConfigError(
-            f"--max-array-mb {args.max_array_mb:g}: expected at most --max-message-mb ({args.max_message_mb:g})"
+            f"--max-array-mb {args.max_array_mb:g}{default}: expected at most --max-message-mb "
+            f"({args.max_message_mb:g}); lower it too"
         )
     message_bytes = max(1, round(args.max_message_mb * _MIB))
     limits = WireLimits(

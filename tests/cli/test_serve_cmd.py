@@ -57,7 +57,7 @@ def test_message_limits_are_checked_as_flags() -> None:
     small = server_config(parse("--max-message-mb", "0.1", "--max-array-mb", "0.05")).limits
     assert (small.max_message_bytes, small.max_array_bytes) == (round(0.1 * 2**20), round(0.05 * 2**20))
     assert small.max_header_bytes == small.max_message_bytes  # the header fits in the message, whatever its size
-    with pytest.raises(ConfigError, match=r"^--max-array-mb 5: expected at most --max-message-mb \(1\)$"):
+    with pytest.raises(ConfigError, match=r"^--max-array-mb 5: expected at most --max-message-mb \(1\); lower it too$"):
         server_config(parse("--max-message-mb", "1", "--max-array-mb", "5"))
 
 
