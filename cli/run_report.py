@@ -22,5 +22,7 @@ def print_run_report(executor: ChunkExecutor, safety: SafetyFilter, summary: Tic
         f"change of the arm joints at a boundary, rad: hard switch p50 {stats.raw_jump_p50:.3f} max "
         f"{stats.raw_jump_max:.3f}, commanded p50 {stats.commanded_jump_p50:.3f} max {stats.commanded_jump_max:.3f}; "
         f"of the grippers (normalised opening 0..1): hard switch max {stats.gripper_raw_jump_max:.3f}, commanded max "
-        f"{stats.gripper_commanded_jump_max:.3f}; safety-limited ticks in the windows: {stats.safety_ticks}"
+        f"{stats.gripper_commanded_jump_max:.3f}; safety-limited ticks in the windows: {stats.safety_ticks} (the "
+        "safety filter bounds each command's step from the measured pose, so two commands may differ by more while "
+        "the arm lags)"
     )
