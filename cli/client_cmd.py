@@ -66,11 +66,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     set_mode.add_argument("mode", help="one of the server's modes, e.g. reactive or planning")
     set_mode.set_defaults(func=naming_connection_flags(_set_mode))
     act = actions.add_parser("act", parents=[connection], help="one action chunk for an observation .npz")
+    observation_help = (
+        f"npz: one uint8 HxWx3 array per camera, and `proprio`; frames of another size than the wire's "
+        f"{IMAGE_SIZE}x{IMAGE_SIZE} are resized as the ALOHA controller does (480x640 -> 256 -> 224, Pillow bicubic)"
+    )
+    act.add_argument("observation", type=Path, nargs="?", help=observation_help)
     act.add_argument(
-        "observation",
-        type=Path,
-        help=f"npz: one uint8 HxWx3 array per camera, and `proprio`; frames of another size than the wire's "
-        f"{IMAGE_SIZE}x{IMAGE_SIZE} are resized as the ALOHA controller does (480x640 -> 256 -> 224, Pillow bicubic)",
+        "--observation", dest="observation_flag", type=Path, metavar="OBSERVATION", help="the same, as `act` names it"
     )
     act.add_argument("--task", required=True, help="the instruction, as the server lists it")
     act.add_argument("--mode", help="answer in this mode (default: the server's)")
@@ -186,7 +188,9 @@ def _set_mode(args: argparse.Namespace) -> int:
 
 
 def _act(args: argparse.Namespace) -> int:
-    observation = _wire_observation(args.observation)
+    if (args.observation is None) == (args.observation_flag is None):
+        raise ConfigError("observation: give the observation .npz once, as OBSERVATION or --observation")
+    observation = _wire_observation(args.observation or args.observation_flag)
     out = None if args.out is None else output_path("--out", args.out)
     with connect(args, _ACT_TIMEOUT_S) as client:
         reply = client.act(

@@ -70,7 +70,11 @@ def test_ping_metadata_and_act(
         assert main([*act, "--return-all-query-results"]) == 0  # the reactive mode has no candidates: said so
         assert "--return-all-query-results: the server answered in reactive mode" in caplog.text
         assert main([*planning, "--out", str(out.with_suffix(""))]) == 0  # np.savez adds .npz, and we say so
-    printed = capsys.readouterr().out
+        printed = capsys.readouterr().out
+        as_act_names_it = ["client", "act", "--observation", str(tmp_path / "obs.npz"), *act[3:]]
+        assert main(as_act_names_it) == 0
+        assert main([*as_act_names_it, str(tmp_path / "obs.npz")]) == 2  # given twice
+        assert "give the observation .npz once, as OBSERVATION or --observation" in capsys.readouterr().err
     assert f"wrote {out}\n" in printed
     assert "action chunk: 50 x 14 (float32, un-normalised), mode planning" in printed
     assert "planning:     best_so_far, chose 1; values 0.500000, 0.750000, not scored" in printed
