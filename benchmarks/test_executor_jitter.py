@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from cosmos_edge.robot_bridge.controller.chunk_source import ActParams, ThreadedChunkSource
-from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor, ExecutorConfig, precise_sleep, summarize
+from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor, ExecutorConfig, TickSummary, precise_sleep
 from cosmos_edge.robot_bridge.controller.safety import SafetyConfig, SafetyFilter
 from cosmos_edge.runtime.policy.api import Observation
 
@@ -78,15 +78,15 @@ class IdleClient:
         return Reply(obs_id, np.tile(observation.proprio, (25, 1)))
 
 
-def run_once(client: MatmulClient | IdleClient, timing: str) -> np.ndarray:
+def run_once(client: MatmulClient | IdleClient, timing: str) -> tuple[np.ndarray, TickSummary]:
     # Threshold 20 of 25 actions: inference runs back to back for the whole measurement.
     nice = -10 if timing == "spin_nice" else None
     config = ExecutorConfig(control_rate_hz=RATE_HZ, prefetch_threshold=20, nice=nice)
     sleep = time.sleep if timing == "sleep" else precise_sleep
     with ThreadedChunkSource(client, ActParams("bench")) as source:
         executor = ChunkExecutor(Robot(), source, SafetyFilter(SafetyConfig()), config, sleep=sleep)
-        executor.run(duration_s=DURATION_S)
-    return executor.records()
+        summary = executor.run(duration_s=DURATION_S)
+    return executor.records(), summary
 
 
 def can_lower_nice() -> bool:
@@ -108,13 +108,12 @@ def test_executor_jitter_50hz(benchmark: Any, load: str, timing: str) -> None:
     try:
         time.sleep(0.3 if burner else 0.0)  # let the burner reach steady state
         client = IdleClient() if load == "idle" else MatmulClient()
-        records = benchmark.pedantic(run_once, args=(client, timing), rounds=1, iterations=1)
+        records, summary = benchmark.pedantic(run_once, args=(client, timing), rounds=1, iterations=1)
     finally:
         if burner is not None:
             burner.terminate()
             burner.wait(5)
 
-    summary = summarize(records)
     command_ms = (records["command_ns"] - records["deadline_ns"]) / 1e6
     benchmark.extra_info.update(
         load=load,

@@ -178,7 +178,7 @@ class HttpEndpoint:
         self._app = Starlette(routes=routes, exception_handlers=handlers)
         self._uvicorn: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
-        self._uvicorn_filter = RepeatFilter()
+        self._uvicorn_filter = RepeatFilter()  # a peer triggers uvicorn's own log lines at will
         self._port = self._config.port
 
     @property
@@ -191,14 +191,14 @@ class HttpEndpoint:
         """Listens, starts serving in a thread and returns the base URL once requests are answered."""
         if self._thread is not None:
             return self.url
-        self._uvicorn_filter = RepeatFilter()  # a peer triggers uvicorn's lines at will; removed when it stops
-        logging.getLogger("uvicorn.error").addFilter(self._uvicorn_filter)
+        logging.getLogger("uvicorn.error").addFilter(self._uvicorn_filter)  # removed when it stops
         listener, self._listener = self._listener or bind(self._config), None  # uvicorn closes it when it stops
         try:
             listener.listen()
         except OSError as error:  # another socket took the address since it was bound
             listener.close()
-            raise ConfigError(f"http address: cannot listen on {self._config.address} ({error.strerror})") from None
+            detail = error.strerror or error
+            raise ConfigError(f"http address: cannot listen on {self._config.address} ({detail})") from None
         self._port = listener.getsockname()[1]
         config = uvicorn.Config(
             self._app,

@@ -35,7 +35,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import numpy as np
@@ -197,18 +197,13 @@ class TickSummary:
     jitter_max_ms: float
 
 
-def summarize(records: np.ndarray) -> TickSummary:
-    """Jitter percentiles (tick start versus its deadline) and counts over `TickLog.snapshot()` records."""
-    jitter_ms = (records["wake_ns"] - records["deadline_ns"]) / 1e6
-    pct = np.percentile(jitter_ms, [50, 99]) if len(records) else np.zeros(2)
-    return TickSummary(
-        ticks=len(records),
-        missed_ticks=int(records["missed"].sum()),
-        hold_ticks=int((records["action_index"] == NO_CHUNK).sum()),
-        jitter_p50_ms=float(pct[0]),
-        jitter_p99_ms=float(pct[1]),
-        jitter_max_ms=float(jitter_ms.max()) if len(records) else 0.0,
-    )
+def _jitter_ms(records: np.ndarray) -> tuple[float, float, float]:
+    """p50, p99 and max of how late ticks started against their deadlines, over `TickLog.snapshot()` records."""
+    if not len(records):
+        return 0.0, 0.0, 0.0
+    late_ms = (records["wake_ns"] - records["deadline_ns"]) / 1e6
+    p50, p99 = np.percentile(late_ms, [50, 99])
+    return float(p50), float(p99), float(late_ms.max())
 
 
 def precise_sleep(seconds: float) -> None:
@@ -393,12 +388,11 @@ class ChunkExecutor:
         now = self.counters
         ran = now.ticks - since.ticks
         records = self.records()
-        jitter = summarize(records[max(0, len(records) - ran) :])
-        return replace(
-            jitter,
-            ticks=ran,
-            missed_ticks=now.missed_ticks - since.missed_ticks,
-            hold_ticks=now.hold_ticks - since.hold_ticks,
+        return TickSummary(
+            ran,
+            now.missed_ticks - since.missed_ticks,
+            now.hold_ticks - since.hold_ticks,
+            *_jitter_ms(records[max(0, len(records) - ran) :]),
         )
 
     def _loop(self, tick: int, end_tick: int | None, until: Callable[[], bool]) -> None:

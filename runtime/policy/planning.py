@@ -388,7 +388,7 @@ class PlanningPolicy(ModelPolicy):
         if observation is not None:
             steps = steps or self._config.num_denoising_steps_action
             query = ActionQuery(observation, self.instructions[0], steps=steps)
-            clean = encode_observation(self._model, observation, StageTimer(), full_sequence=False).clean
+            clean = encode_observation(self._model, observation, StageTimer(), self._encode_full_sequence).clean
 
             def score_one(worker: _BoundWorker) -> None:
                 search = self._search(worker, query, [query.seed], steps)
