@@ -11,22 +11,31 @@ import torch
 from cosmos_edge.runtime.engines import cuda_graphs
 
 
-def test_a_failed_capture_is_logged_and_no_more_are_tried_but_those_made_are_kept(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    attempts: list[object] = []
+def scripted_captures(failures: dict[int, BaseException | None]) -> tuple[type, list[cuda_graphs.Capture]]:
+    """A stand-in for `CapturedCall` whose n-th capture (from 1) fails with `failures[n]`, and whose replays add 100
+    (to tell them from plain calls); and the list of the functions it was asked to capture."""
+    attempts: list[cuda_graphs.Capture] = []
 
-    class RefusedAfterOne:
+    class Scripted:
         def __init__(self, function: cuda_graphs.Capture, inputs: object, pool: object, holds: object) -> None:
             attempts.append(function)
-            if len(attempts) > 1:
-                raise cuda_graphs.CaptureFailed("operation not permitted when stream is capturing")
+            failure = failures.get(len(attempts))
+            if failure is not None:
+                raise failure
             self.function = function
 
         def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-            return self.function(*inputs) + 100  # tells a replay from a plain call
+            return self.function(*inputs) + 100
 
-    monkeypatch.setattr(cuda_graphs, "CapturedCall", RefusedAfterOne)
+    return Scripted, attempts
+
+
+def test_a_failed_capture_is_logged_and_no_more_are_tried_but_those_made_are_kept(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    refused = cuda_graphs.CaptureFailed("operation not permitted when stream is capturing")
+    scripted, attempts = scripted_captures({2: refused})
+    monkeypatch.setattr(cuda_graphs, "CapturedCall", scripted)
     calls = cuda_graphs.CapturedCalls(limit=4, pool=None)
     x = torch.arange(4.0)
     with caplog.at_level(logging.WARNING, logger="cosmos_edge.runtime.engines.cuda_graphs"):
@@ -42,26 +51,17 @@ def test_a_failed_capture_is_logged_and_no_more_are_tried_but_those_made_are_kep
 def test_a_capture_out_of_memory_leaves_that_key_plain_and_others_captured(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    attempts: list[str] = []
-
-    class OutOfMemoryOnce:
-        def __init__(self, function: cuda_graphs.Capture, inputs: object, pool: object, holds: object) -> None:
-            attempts.append("capture")
-            if len(attempts) == 1:
-                raise cuda_graphs.CaptureFailed("CUDA out of memory") from torch.OutOfMemoryError("out of memory")
-            self.function = function
-
-        def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-            return self.function(*inputs) + 100
-
-    monkeypatch.setattr(cuda_graphs, "CapturedCall", OutOfMemoryOnce)
+    out_of_memory = cuda_graphs.CaptureFailed("CUDA out of memory")
+    out_of_memory.__cause__ = torch.OutOfMemoryError("out of memory")
+    scripted, attempts = scripted_captures({1: out_of_memory})
+    monkeypatch.setattr(cuda_graphs, "CapturedCall", scripted)
     calls = cuda_graphs.CapturedCalls(limit=4, pool=None)
     x = torch.ones(2)
     with caplog.at_level(logging.WARNING, logger="cosmos_edge.runtime.engines.cuda_graphs"):
         assert torch.equal(calls("big", lambda t: t, [x]), x)  # plain, and not tried again
         assert torch.equal(calls("big", lambda t: t, [x]), x)
         assert torch.equal(calls("small", lambda t: t, [x]), x + 100)  # later keys are still captured
-    assert attempts == ["capture", "capture"]
+    assert len(attempts) == 2
     assert "ran out of memory: this call runs without a graph" in caplog.text
 
 
