@@ -22,7 +22,9 @@ from cosmos_edge.cli import (
     text_embeddings_cmd,
 )
 from cosmos_edge.cli.signals import sigterm_interrupts
-from cosmos_edge.runtime.errors import CosmosEdgeError
+from cosmos_edge.robot_bridge.client import RemoteError
+from cosmos_edge.robot_bridge.wire import REQUEST_FAULTS
+from cosmos_edge.runtime.errors import BundleError, CheckpointError, ConfigError, CosmosEdgeError, InputError
 from cosmos_edge.runtime.version import installed_version
 
 DESCRIPTION = (
@@ -44,6 +46,10 @@ SUBCOMMANDS = (
     keys_cmd,
     demo_cmd,
 )
+
+
+USAGE_ERROR = 2  # what was given is wrong (a flag, a file, an observation, a request), as argparse's own errors
+FAILURE = 1  # what failed while running: a backend, a missing extra, a server that is busy or gone, a timeout
 
 
 class _DefaultsInHelp(argparse.HelpFormatter):
@@ -119,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CosmosEdgeError as error:
         one_line = " ".join(str(error).splitlines())  # a wrapped library message; other spacing is kept
         print(f"cosmos-edge: error: {one_line}", file=sys.stderr)
-        return 2
+        return _exit_code(error)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what was interrupted cleans up on its way out (an export leaves
         # no bundle, an engine build a bundle that opens)
         print(f"cosmos-edge: interrupted ({args.command})", file=sys.stderr)
@@ -127,6 +133,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the output piped into a reader that stopped (`| head`): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's flush at exit must not fail
         return 141  # as a shell reports SIGPIPE
+
+
+def _exit_code(error: CosmosEdgeError) -> int:
+    if isinstance(error, ConfigError | InputError | CheckpointError | BundleError):
+        return USAGE_ERROR
+    if isinstance(error, RemoteError) and error.code in REQUEST_FAULTS:
+        return USAGE_ERROR
+    return FAILURE
 
 
 if __name__ == "__main__":

@@ -69,6 +69,12 @@ class ErrorCode(str, Enum):
     INTERNAL = "internal"  # the policy failed; the server log has the details
 
 
+# The request itself was wrong: sent again unchanged, it fails again (the others are the server's state or failure).
+REQUEST_FAULTS = frozenset(
+    {ErrorCode.INVALID_FIELD, ErrorCode.INVALID_INPUT, ErrorCode.UNKNOWN_MODE, ErrorCode.TOO_LARGE}
+)
+
+
 class MessageError(ProtocolError):
     """A message failed to parse or validate. `request_id` is set once the header was readable."""
 

@@ -124,7 +124,7 @@ def test_a_bad_env_is_one_line_before_anything_moves(
 
 def test_a_rig_failing_mid_run_is_one_line_after_the_counters(capsys: pytest.CaptureFixture[str]) -> None:
     with serving(PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*"))) as endpoint:
-        assert main(robot(endpoint, "--env-kwargs", '{"fail_after": 5}')) == 2
+        assert main(robot(endpoint, "--env-kwargs", '{"fail_after": 5}')) == 1  # a failure, not a usage error
     captured = capsys.readouterr()
     assert "ticks: 4" in captured.out and "chunk boundaries:" in captured.out  # what ran is reported
     assert f"--env {ENV}: the rig failed mid-run: OSError: USB camera disconnected" in captured.err
