@@ -44,7 +44,8 @@ def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = PRESETS["main"]
     for field in _FIELDS:
         default = getattr(defaults, field.name)
-        preset = f"main preset: {getattr(default, 'value', default)}"
+        shown = "the platform's default action steps: 10 for ALOHA, 5 otherwise" if default is None else default
+        preset = f"main preset: {getattr(shown, 'value', shown)}"
         if field.type == "bool":
             group.add_argument(
                 _flag(field.name),

@@ -386,7 +386,7 @@ class PlanningPolicy(ModelPolicy):
         action pass's `steps` (default: the configuration's): the batch-1 graphs of every device, and a DiT that
         replays CUDA graphs captures the timesteps of those passes, before a deadline has to wait for them."""
         if observation is not None:
-            steps = steps or self._config.num_denoising_steps_action
+            steps = steps or self._action_steps()
             query = ActionQuery(observation, self.instructions[0], steps=steps)
             clean = encode_observation(self._model, observation, StageTimer(), self._encode_full_sequence).clean
 
@@ -421,6 +421,10 @@ class PlanningPolicy(ModelPolicy):
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
+    def _action_steps(self) -> int:
+        """The action pass's steps when the query names none: the configuration's, else the platform's default."""
+        return self._config.num_denoising_steps_action or self.platform.default_action_steps
+
     def infer(self, query: ActionQuery) -> ChunkResult:
         config = self._config
         highest = MAX_SEED - config.largest_seed_offset()
@@ -432,7 +436,7 @@ class PlanningPolicy(ModelPolicy):
             )
         self._finish_stopping()  # the last query's stopped workers: their last network call, and any failure
         started = time.perf_counter()
-        steps = denoising_steps(query, config.num_denoising_steps_action)
+        steps = denoising_steps(query, self._action_steps())
         timer = StageTimer()
         # Future images are decoded over the placeholder latents of the whole sequence, as the official code does.
         full = self._encode_full_sequence or query.return_future_images

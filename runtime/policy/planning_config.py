@@ -59,10 +59,13 @@ SCHEME_CHOICES: dict[str, tuple[Enum, ...]] = {
 
 @dataclass(frozen=True)
 class PlanningConfig:
-    """Best-of-N planning. Defaults: the official "main planning config" (`deploy.py` docstring, lines 52-94)."""
+    """Best-of-N planning. Defaults: the official "main planning config" (`deploy.py` docstring, lines 52-94).
+
+    `num_denoising_steps_action` None: the platform's default action steps (ALOHA's 10, as the main config; 5 for
+    LIBERO and RoboCasa, as their official evaluations)."""
 
     num_queries_best_of_n: int = 8
-    num_denoising_steps_action: int = 10
+    num_denoising_steps_action: int | None = None
     num_denoising_steps_future_state: int = 5
     num_denoising_steps_value: int = 5
     use_ensemble_future_state_predictions: bool = True
@@ -83,6 +86,8 @@ class PlanningConfig:
     def __post_init__(self) -> None:
         for name, limit in COUNT_LIMITS.items():
             value = getattr(self, name)
+            if name == "num_denoising_steps_action" and value is None:
+                continue
             if not (is_positive_int(value) and value <= limit):
                 raise ConfigError(f"{name}: expected an integer in 1..{limit}, got {value!r}")
         for name, choices in SCHEME_CHOICES.items():

@@ -48,8 +48,11 @@ BASE_SEED = 100
 class BlackConditioning:
     """The conditioning encoder of a test: zero latents for blank, proprio and cameras."""
 
+    def __init__(self, platform: PlatformSpec = ALOHA) -> None:
+        self.platform = platform
+
     def encode_conditioning(self, images: object, timer: StageTimer) -> np.ndarray:
-        return np.zeros((1, 16, ALOHA.num_conditional_frames, 28, 28), np.float32)
+        return np.zeros((1, 16, self.platform.num_conditional_frames, 28, 28), np.float32)
 
     def encode(self, video: np.ndarray) -> np.ndarray:
         raise AssertionError("planning encodes the conditioning prefix only")
@@ -64,13 +67,18 @@ def planner(
     workers: int = 1,
     batch_passes: bool = False,
     seeds: range = range(700),
+    platform: PlatformSpec = ALOHA,
 ) -> tuple[PlanningPolicy, list[ScriptedNetwork]]:
-    span = np.ones(ALOHA.action_dim)
-    stats = DatasetStats(actions_min=-span, actions_max=span, proprio_min=-span, proprio_max=span)
+    stats = DatasetStats(
+        actions_min=-np.ones(platform.action_dim),
+        actions_max=np.ones(platform.action_dim),
+        proprio_min=-np.ones(platform.proprio_dim),
+        proprio_max=np.ones(platform.proprio_dim),
+    )
     text = TextEmbeddings.from_arrays({"task": np.zeros((1, 4, 8), np.float32)})
-    encoder = BlackConditioning()
-    model = PolicyModel(ALOHA, stats, text, encoder, encoder)
-    networks = [ScriptedNetwork(ALOHA, value_of, seeds) for _ in range(workers)]
+    encoder = BlackConditioning(platform)
+    model = PolicyModel(platform, stats, text, encoder, encoder)
+    networks = [ScriptedNetwork(platform, value_of, seeds) for _ in range(workers)]
     pairs = [PlanningWorker(net, net) for net in networks]
     return PlanningPolicy(model, pairs, config, batch_passes=batch_passes), networks
 
@@ -145,6 +153,17 @@ def test_the_base_preset_is_one_candidate_ranked_by_its_own_pass() -> None:
     result, (network,) = run(config, value_of=lambda seed, clean: 0.25)
     assert trace(network) == [(POLICY, [BASE_SEED], calls(1))]
     assert result.value == pytest.approx(0.25, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["aloha", "libero", "robocasa"])
+def test_the_action_pass_takes_the_platforms_default_steps_unless_configured(name: str) -> None:
+    platform = platform_spec(name)
+    for configured, expected in ((None, platform.default_action_steps), (2, 2)):
+        config = planning_preset("base", num_denoising_steps_action=configured)
+        policy, (network,) = planner(config, platform=platform)
+        policy.infer(ActionQuery(random_observation(platform), "task", seed=BASE_SEED))
+        policy.close()
+        assert [p.calls for p in network.passes] == [calls(expected)]
 
 
 def test_search_depth_branches_as_the_official_server() -> None:
