@@ -37,7 +37,9 @@ to match the official numbers).
 
 @dataclass(frozen=True)
 class Observation:
-    """One uint8 H×W×3 image per camera of the platform, and the raw (un-normalised) proprio vector."""
+    """One uint8 H×W×3 image per camera of the platform, and the raw (un-normalised) proprio vector. Images are the
+    camera's frames as rendered: for LIBERO and RoboCasa upside down, flipped by the preprocessing (as the official
+    evaluation scripts flip them)."""
 
     images: Mapping[str, np.ndarray]
     proprio: np.ndarray
