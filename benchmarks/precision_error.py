@@ -42,7 +42,6 @@ from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
 from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.policy import text_embeddings as text_store
 from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult, Observation, Policy
-from cosmos_edge.runtime.policy.latents import black_prefix_frames
 from cosmos_edge.runtime.policy.normalization import DatasetStats
 from cosmos_edge.runtime.policy.reactive import ReactivePolicy
 from cosmos_edge.runtime.policy.steps import PolicyModel
@@ -86,7 +85,7 @@ def bf16_graph_policy(files: CheckpointFiles) -> tuple[ReactivePolicy, nn.Module
     dit_spec = dit_graph(platform, 1, tokens, dim)
     encoder_spec = vae_encoder_graph(platform, full_sequence=False)
     vae = load_wan_vae(files.tokenizer, TORCH_DTYPES[vae_graph_precision("bf16")])  # as a bf16 bundle's
-    encoder = VAECamerasEncoderGraph(vae, black_prefix_frames(platform))
+    encoder = VAECamerasEncoderGraph(vae, platform)
     conditioning = GraphConditioning(platform, TorchGraphRunner(encoder, encoder_spec))
     autoencoder = GraphAutoencoder(None, None)
     model = PolicyModel(platform, DatasetStats.from_json(files.stats, platform), texts, autoencoder, conditioning)

@@ -33,9 +33,9 @@ from torch import Tensor, nn
 
 from cosmos_edge.runtime.engines.graph import GraphSpec, check_signature
 from cosmos_edge.runtime.models.dit import CosmosDiT, explicit_attention_mode
+from cosmos_edge.runtime.models.prefix_encoder import BlackPrefixEncoder
 from cosmos_edge.runtime.models.wan_vae import WanVAE
-from cosmos_edge.runtime.platforms import IMAGE_SIZE, PlatformSpec
-from cosmos_edge.runtime.policy.latents import BLACK, black_prefix_frames
+from cosmos_edge.runtime.platforms import PlatformSpec
 
 _LOG = logging.getLogger(__name__)
 
@@ -77,23 +77,16 @@ class VAEEncoderGraph(nn.Module):
 
 class VAECamerasEncoderGraph(nn.Module):
     """The conditioning prefix's latents from its camera frames. The black frames every clip opens with are encoded
-    here, before tracing: their latent and the causal context the camera frames continue from become constants of
-    the graph, so each query encodes only its camera frames (bf16 bit-identical to encoding the whole prefix)."""
+    before tracing: their latent and the causal context the camera frames continue from become constants of the
+    graph, so each query encodes only its camera frames."""
 
-    black_latent: Tensor
-
-    def __init__(self, vae: WanVAE, black_frames: int) -> None:
+    def __init__(self, vae: WanVAE, platform: PlatformSpec) -> None:
         super().__init__()
-        self.vae = vae
-        dtype = vae.latent_mean.dtype
-        black = torch.full((1, 3, black_frames, IMAGE_SIZE, IMAGE_SIZE), float(BLACK), dtype=dtype)
-        with torch.no_grad():
-            black_latent, self.context = vae.encode_prefix(black)
-        self.register_buffer("black_latent", black_latent)
+        self.encoder = BlackPrefixEncoder(vae, platform)
+        self.dtype = vae.latent_mean.dtype
 
     def forward(self, video: Tensor) -> Tensor:
-        cameras = self.vae.encode_continuation(video.to(self.vae.latent_mean.dtype), self.context)
-        return torch.cat([self.black_latent, cameras], dim=2).float()
+        return self.encoder(video.to(self.dtype)).float()
 
 
 class VAEDecoderGraph(nn.Module):
@@ -127,7 +120,7 @@ def export_vae_encoder(vae: WanVAE, spec: GraphSpec, path: Path) -> ExportedGrap
 
 def export_vae_cameras_encoder(vae: WanVAE, platform: PlatformSpec, spec: GraphSpec, path: Path) -> ExportedGraph:
     """The conditioning prefix encoder of `platform`, from its camera frames."""
-    return export_graph(VAECamerasEncoderGraph(vae, black_prefix_frames(platform)), spec, path)
+    return export_graph(VAECamerasEncoderGraph(vae, platform), spec, path)
 
 
 def export_vae_decoder(vae: WanVAE, spec: GraphSpec, path: Path) -> ExportedGraph:

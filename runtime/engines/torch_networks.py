@@ -33,13 +33,14 @@ from cosmos_edge.runtime.errors import ConfigError, EngineError
 from cosmos_edge.runtime.models.dit import CosmosDiT, CrossAttentionKV, TimestepModulation
 from cosmos_edge.runtime.models.dit_checkpoint import load_dit
 from cosmos_edge.runtime.models.dtypes import TORCH_DTYPES
+from cosmos_edge.runtime.models.prefix_encoder import BlackPrefixEncoder
 from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
 from cosmos_edge.runtime.models.wan_vae import WanVAE
-from cosmos_edge.runtime.platforms import IMAGE_SIZE, PlatformSpec
+from cosmos_edge.runtime.platforms import PlatformSpec
 from cosmos_edge.runtime.policy.api import NetworkFn, StageTimer
 from cosmos_edge.runtime.policy.arrays import Array
 from cosmos_edge.runtime.policy.images import check_cameras, preprocess_observation_images
-from cosmos_edge.runtime.policy.latents import BLACK, black_prefix_frames, prefix_camera_frames
+from cosmos_edge.runtime.policy.latents import prefix_camera_frames
 from cosmos_edge.runtime.precision import check_compile_scope
 
 _FRAME_SIZES_KEPT = 4
@@ -76,16 +77,11 @@ class TorchAutoencoder:
         self._platform = platform
         # What a query encodes after the black frames: the index of each frame's camera.
         self._camera_frames = [platform.cameras.index(camera) for camera in prefix_camera_frames(platform)]
-        shape = (1, 3, black_prefix_frames(platform), IMAGE_SIZE, IMAGE_SIZE)
-        black = torch.full(shape, float(BLACK), dtype=self._dtype, device=device)
         with torch.inference_mode():
-            self._black_latent, self._after_black = vae.encode_prefix(black, fold_time_taps)
-        self._encode_cameras: Callable[[torch.Tensor], torch.Tensor] = self._encode_after_black
+            self._prefix_encoder = BlackPrefixEncoder(vae, platform, fold_time_taps)
+        self._encode_prefix: Callable[[torch.Tensor], torch.Tensor] = self._prefix_encoder
         if compile_mode is not None:
-            self._encode_cameras = torch.compile(self._encode_after_black, mode=compile_mode, dynamic=False)
-
-    def _encode_after_black(self, video: torch.Tensor) -> torch.Tensor:
-        return self._vae.encode_continuation(video, self._after_black)
+            self._encode_prefix = torch.compile(self._prefix_encoder, mode=compile_mode, dynamic=False)
 
     @torch.inference_mode()
     def encode_conditioning(self, images: Mapping[str, np.ndarray], timer: StageTimer) -> np.ndarray:
@@ -127,8 +123,7 @@ class TorchAutoencoder:
     def _encode_planes(self, planes: torch.Tensor) -> torch.Tensor:
         """Model-range planes, one per camera in platform order → the conditioning latent, float32."""
         video = torch.stack([planes[index] for index in self._camera_frames], dim=1)[None].to(self._dtype)
-        latent = torch.cat([self._black_latent, self._encode_cameras(video)], dim=2)
-        return latent.float()
+        return self._encode_prefix(video).float()
 
     @torch.inference_mode()
     def encode(self, video: np.ndarray) -> np.ndarray:
@@ -150,7 +145,7 @@ class TorchAutoencoder:
                 return
             self._closed = True
             self._captured = None
-            del self._black_latent, self._after_black
+            del self._prefix_encoder, self._encode_prefix
             release_device_tables()
             _release(self._vae, self._device)
 
