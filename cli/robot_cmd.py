@@ -94,6 +94,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="how chunks are joined at their boundaries (none: a hard switch, as the official client)",
     )
     parser.add_argument(
+        "--nice",
+        type=int_in_range(-20, 19),
+        metavar="N",
+        help="niceness of the control loop's thread while it runs: a negative one (root or CAP_SYS_NICE) keeps ticks "
+        "on time when the policy or other work competes for the same cores (default: unchanged)",
+    )
+    parser.add_argument(
+        "--realtime-priority",
+        type=int_in_range(1, 99),
+        metavar="N",
+        help="run the control loop's thread under SCHED_FIFO at this priority (Linux; root, CAP_SYS_NICE or an "
+        "RLIMIT_RTPRIO); if refused, a warning, and --nice applies (default: the normal scheduler)",
+    )
+    parser.add_argument(
         "--keep-pose",
         action="store_true",
         help="start from where the arms are, without moving them to the start pose first",
@@ -108,7 +122,12 @@ def _robot(args: argparse.Namespace) -> int:
         metadata = client.metadata()
         _check_server(metadata, args)  # before the arms move: a server that could not drive them
         rate_hz = _control_rate_hz(args.control_rate_hz, metadata.control_rate_hz)
-        executor_config = ExecutorConfig(control_rate_hz=rate_hz, blend=BlendConfig(BlendScheme(args.blend)))
+        executor_config = ExecutorConfig(
+            control_rate_hz=rate_hz,
+            blend=BlendConfig(BlendScheme(args.blend)),
+            realtime_priority=args.realtime_priority,
+            nice=args.nice,
+        )
         safety = SafetyFilter(_safety_config(args.safety))  # before the arms move
         limits = safety.config
         print(

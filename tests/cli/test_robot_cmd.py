@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,20 @@ def test_the_rigs_own_limits_bound_every_commanded_step() -> None:
     (env,) = fake_real_env.MADE
     steps = np.abs(np.diff(np.array(env.commands)[:, :6], axis=0))
     assert steps.max() <= 0.01 + 1e-9 and steps.max() > 0.005  # the arms moved, within the rig's step
+
+
+def test_the_control_loop_runs_at_the_niceness_asked_for() -> None:
+    fake_real_env.MADE.clear()
+    exit_code: list[int] = []
+    with serving(PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*"))) as endpoint:
+        argv = robot(endpoint, "--duration-s", "0.3", "--nice", "7")
+        # On a thread of its own: a raised niceness may not be lowered back (without CAP_SYS_NICE).
+        thread = threading.Thread(target=lambda: exit_code.append(main(argv)))
+        thread.start()
+        thread.join()
+    (env,) = fake_real_env.MADE
+    assert exit_code == [0] and env.niceness and set(env.niceness) == {7}
+    assert os.getpriority(os.PRIO_PROCESS, 0) != 7  # this thread's is its own
 
 
 def test_a_signal_holds_the_pose_and_ends_the_run(capsys: pytest.CaptureFixture[str]) -> None:

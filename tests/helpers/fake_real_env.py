@@ -27,6 +27,7 @@ class FakeRealEnv:
     kwargs: dict[str, object]
     resets: list[bool] = field(default_factory=list)  # the `fake` argument of each reset
     commands: list[np.ndarray] = field(default_factory=list)
+    niceness: list[int] = field(default_factory=list)  # of the thread sending each command
 
     def reset(self, fake: bool = False) -> FakeTimeStep:
         self.resets.append(fake)
@@ -36,6 +37,7 @@ class FakeRealEnv:
 
     def step(self, action: np.ndarray) -> FakeTimeStep:
         self.commands.append(np.array(action))
+        self.niceness.append(os.getpriority(os.PRIO_PROCESS, 0))  # Linux: the calling thread's
         if len(self.commands) == self.kwargs.get("signal_after"):
             os.kill(os.getpid(), signal.SIGINT)
         if len(self.commands) == self.kwargs.get("fail_after"):
