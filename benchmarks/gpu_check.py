@@ -72,9 +72,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from cosmos_edge.kernels.image_transforms import transform_frames
 from cosmos_edge.runtime.bundle.loader import load_policies
-from cosmos_edge.runtime.bundle.sources import CheckpointFiles, CheckpointSource
+from cosmos_edge.runtime.bundle.sources import CheckpointSource
 from cosmos_edge.runtime.engines.torch_arrays import TorchArrays
 from cosmos_edge.runtime.engines.torch_networks import open_denoiser
+from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.models.dit_checkpoint import load_dit
 from cosmos_edge.runtime.models.dit_config import dit_config
 from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets

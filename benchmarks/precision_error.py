@@ -31,9 +31,10 @@ from torch import nn
 from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
 from cosmos_edge.export.onnx_export import DiTGraph, VAECamerasEncoderGraph
 from cosmos_edge.runtime.bundle.loader import load_policies
-from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource
+from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointSource
 from cosmos_edge.runtime.engines.graph import GraphSpec, dit_graph, vae_encoder_graph
 from cosmos_edge.runtime.engines.graph_networks import GraphAutoencoder, GraphConditioning, GraphDenoisingNetwork
+from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.models.dit import explicit_attention_mode
 from cosmos_edge.runtime.models.dit_checkpoint import load_dit
 from cosmos_edge.runtime.models.dtypes import TORCH_DTYPES

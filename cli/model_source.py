@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource, ModelSource
+from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointSource, ModelSource
 from cosmos_edge.runtime.engines.registry import load_torch_backend
 from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.precision import COMPILE_SCOPES
 
 _OFFICIAL_FILES = {

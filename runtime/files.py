@@ -1,15 +1,28 @@
-"""File helpers shared by the bundle reader and the engine caches: content hashes and atomic writes."""
+"""Files shared by every layer: the official files of a policy, content hashes and atomic writes."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from cosmos_edge.runtime.errors import EngineError
 
 _HASH_CHUNK = 16 << 20
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """The official files one policy needs (written by `models.random_assets` for tests and the demo, loaded by
+    `bundle.loader`)."""
+
+    checkpoint: Path
+    tokenizer: Path
+    stats: Path
+    text_embeddings: Path
+    platform: str
 
 
 def sha256_file(path: Path) -> str:

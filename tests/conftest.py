@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cosmos_edge.runtime.bundle.sources import CheckpointFiles
+from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets
 from tests.helpers.observations import TinyBundles
 

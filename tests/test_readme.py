@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cosmos_edge.runtime.bundle.sources import CheckpointFiles
+from cosmos_edge.runtime.files import CheckpointFiles
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

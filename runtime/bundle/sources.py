@@ -9,19 +9,9 @@ from pathlib import Path
 from cosmos_edge.runtime import precision as defaults
 from cosmos_edge.runtime.engines.registry import load_torch_backend
 from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.precision import PRECISIONS, check_compile_scope
-
-
-@dataclass(frozen=True)
-class CheckpointFiles:
-    """The official files one policy needs."""
-
-    checkpoint: Path
-    tokenizer: Path
-    stats: Path
-    text_embeddings: Path
-    platform: str
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cosmos_edge.runtime.bundle.sources import CheckpointFiles
 from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.models.dit_checkpoint import random_dit_state_dict
 from cosmos_edge.runtime.models.dit_config import dit_config
 from cosmos_edge.runtime.models.dtypes import TORCH_DTYPES

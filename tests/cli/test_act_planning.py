@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cosmos_edge.cli.main import main
-from cosmos_edge.runtime.bundle.sources import CheckpointFiles
+from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.policy.value_aggregation import select_best_candidate
 from tests.helpers.observations import random_observation
 

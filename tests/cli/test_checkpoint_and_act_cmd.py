@@ -13,7 +13,7 @@ import pytest
 
 from cosmos_edge.cli.main import main
 from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_image
-from cosmos_edge.runtime.bundle.sources import CheckpointFiles
+from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.policy import text_embeddings
 from cosmos_edge.runtime.policy.api import ActionQuery, Observation
 from tests.helpers.observations import random_observation

@@ -14,7 +14,7 @@ import pytest
 
 from cosmos_edge.cli import act_cmd
 from cosmos_edge.cli.main import main
-from cosmos_edge.runtime.bundle.sources import CheckpointFiles
+from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.policy import text_embeddings
 
 Case = Callable[[CheckpointFiles, Path], tuple[list[str], str]]

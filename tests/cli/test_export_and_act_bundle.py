@@ -15,7 +15,7 @@ from cosmos_edge.cli import export_cmd
 from cosmos_edge.cli.main import main
 from cosmos_edge.export import bundle_writer
 from cosmos_edge.runtime.bundle.manifest import Bundle
-from cosmos_edge.runtime.bundle.sources import CheckpointFiles
+from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.policy import text_embeddings
 from cosmos_edge.runtime.policy.normalization import DatasetStats

@@ -14,8 +14,9 @@ from cosmos_edge.cli import keys_cmd
 from cosmos_edge.cli import main as cli_main
 from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config
 from cosmos_edge.runtime.bundle.loader import planning_candidates
-from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource
+from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointSource
 from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.files import CheckpointFiles
 from tests.helpers.observations import TinyBundles, random_observation
 
 

@@ -12,8 +12,9 @@ import pytest
 
 from cosmos_edge.cli import serve_cmd
 from cosmos_edge.cli.planning_args import no_planning
-from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles
+from cosmos_edge.runtime.bundle.sources import BundleSource
 from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.policy.api import ActionQuery
 from tests.helpers.observations import random_observation
 

@@ -19,10 +19,9 @@ import pytest
 from cosmos_edge.export import bundle_writer
 from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
 from cosmos_edge.runtime.bundle.manifest import SCHEMA_VERSION, Bundle
-from cosmos_edge.runtime.bundle.sources import CheckpointFiles
 from cosmos_edge.runtime.engines.graph import dit_graph, vae_encoder_graph
 from cosmos_edge.runtime.errors import BundleError, ConfigError
-from cosmos_edge.runtime.files import sha256_file
+from cosmos_edge.runtime.files import CheckpointFiles, sha256_file
 from cosmos_edge.runtime.models.dit_config import dit_config
 from cosmos_edge.runtime.models.random_assets import TEXT_TOKENS
 from cosmos_edge.runtime.platforms import platform_spec

@@ -12,10 +12,10 @@ import torch
 
 from cosmos_edge.export import onnx_export
 from cosmos_edge.runtime.bundle.manifest import Bundle
-from cosmos_edge.runtime.bundle.sources import CheckpointFiles
 from cosmos_edge.runtime.engines.graph import GraphSpec, TensorSpec, dit_graph
 from cosmos_edge.runtime.engines.onnxruntime_runner import OnnxRuntimeRunner
 from cosmos_edge.runtime.errors import EngineError
+from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.models.dit import Attention, explicit_attention_mode
 from cosmos_edge.runtime.models.dit_checkpoint import load_dit
 from cosmos_edge.runtime.models.dit_config import dit_config

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cosmos_edge.runtime.bundle.loader import load_policies
-from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource
+from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointSource
+from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.policy.planning_config import PlanningConfig
 from cosmos_edge.runtime.policy.reactive import ReactivePolicy
 

@@ -16,12 +16,13 @@ import pytest
 from cosmos_edge.runtime.bundle import loader
 from cosmos_edge.runtime.bundle.loader import load_policies, replays_cuda_graphs
 from cosmos_edge.runtime.bundle.manifest import Bundle
-from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointFiles, CheckpointSource
+from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointSource
 from cosmos_edge.runtime.engines import torch_networks
 from cosmos_edge.runtime.engines.graph import dit_graph
 from cosmos_edge.runtime.engines.graph_networks import GraphDenoisingNetwork, batch_slices
 from cosmos_edge.runtime.engines.registry import load_graph_backend
 from cosmos_edge.runtime.errors import ConfigError, EngineError
+from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult
 from cosmos_edge.runtime.policy.normalization import DatasetStats

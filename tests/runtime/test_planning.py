@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from cosmos_edge.runtime.bundle.loader import load_policies
-from cosmos_edge.runtime.bundle.sources import CheckpointFiles, CheckpointSource
+from cosmos_edge.runtime.bundle.sources import CheckpointSource
 from cosmos_edge.runtime.engines.torch_networks import TorchAutoencoder
 from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.policy.api import ActionQuery
 from cosmos_edge.runtime.policy.planning import PlanningPolicy
 from cosmos_edge.runtime.policy.planning_config import PlanningConfig

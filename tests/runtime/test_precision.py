@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cosmos_edge.runtime.bundle.sources import CheckpointFiles, CheckpointSource
+from cosmos_edge.runtime.bundle.sources import CheckpointSource
 from cosmos_edge.runtime.engines.registry import load_torch_backend
 from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.precision import compile_mode, cuda_graphs, default_precision
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from cosmos_edge.runtime.bundle.sources import CheckpointFiles
 from cosmos_edge.runtime.engines.torch_networks import TorchAutoencoder
 from cosmos_edge.runtime.errors import ConfigError, InputError
+from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.models.dtypes import TORCH_DTYPES
 from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
 from cosmos_edge.runtime.platforms import platform_spec

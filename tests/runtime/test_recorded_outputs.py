@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from cosmos_edge.runtime.bundle.loader import load_policies
-from cosmos_edge.runtime.bundle.sources import CheckpointFiles, CheckpointSource
+from cosmos_edge.runtime.bundle.sources import CheckpointSource
+from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.policy.api import ActionQuery, ChunkResult
 from tests.helpers.observations import random_observation
 from tests.helpers.policies import SMALL_PLANNING

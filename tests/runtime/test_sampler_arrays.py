@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from cosmos_edge.runtime.bundle.loader import load_policies
-from cosmos_edge.runtime.bundle.sources import CheckpointFiles, CheckpointSource
+from cosmos_edge.runtime.bundle.sources import CheckpointSource
 from cosmos_edge.runtime.engines.torch_arrays import TorchArrays
+from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.policy.api import ActionQuery, DenoisingNetwork, DeviceNetwork, NetworkFn
 from cosmos_edge.runtime.policy.arrays import HOST_ARRAYS
 from cosmos_edge.runtime.policy.reactive import ReactivePolicy
