@@ -11,7 +11,7 @@ What makes the graphs fusable and portable (deployment_anchors D.4, E.2):
   * DiT attention in export mode (`dit.explicit_attention_mode`): the 1/sqrt(d) scale multiplies Q before the
     first MatMul and nothing sits between that MatMul and the Softmax;
   * float32 at every boundary, the bundle precision inside: the wrappers below cast on entry and exit (a bf16
-    bundle's VAE computes in float32: opset 17 has no bfloat16 Conv, `bundle_writer`).
+    bundle's VAE computes in float32: opset 17 has no bfloat16 Conv, `runtime.precision.vae_graph_precision`).
 
 The Wan VAE's single-head attention (head dim 384, beyond TensorRT's fused-MHA limit of 256) keeps SDPA, which
 the exporter writes as MatMul/Softmax/MatMul with sqrt(scale) on both Q and K. Graphs whose weights exceed

@@ -21,7 +21,7 @@ ALOHA_FRAME_SIZE = 256  # the client's first resize, which matches the training 
 
 def check_camera_frame(camera: str, frame: np.ndarray) -> np.ndarray:
     """`frame` if it is a uint8 H×W×3 array with H, W > 0; otherwise InputError naming `camera`."""
-    # Checked here, not with the policy's image checks: the controller side imports nothing of the policy layer.
+    # Checked here, not with the policy's image checks: the controller side takes only the policy API (`api`).
     is_image = isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[2] == 3
     if not is_image or frame.shape[0] == 0 or frame.shape[1] == 0:
         got = f"{frame.dtype}{list(frame.shape)}" if isinstance(frame, np.ndarray) else type(frame).__name__

@@ -140,7 +140,8 @@ class ConditioningEncoder(Protocol):
 
 class DenoisingNetwork(Protocol):
     def bind_text(self, text_embedding: np.ndarray) -> NetworkFn:
-        """The network with its text conditioning fixed to "1 l d" (cross-attention K/V computed once here)."""
+        """The network with its text conditioning fixed to "1 l d" (a backend may compute what depends on it alone
+        once here: the torch DiT its cross-attention K/V)."""
         ...
 
 

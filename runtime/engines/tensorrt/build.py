@@ -3,7 +3,7 @@
 The network is strongly typed, so precision comes from the ONNX tensor types (BF16 by default, with the FP32 islands
 the exporter kept; TensorRT 11 has no other mode). Profiling verbosity is DETAILED so that the engine inspector can
 list which layers run fused attention. A timing cache per TensorRT version and GPU speeds up rebuilds, and progress
-is logged, since the 2B DiT takes minutes. Engines are cached and checked against their target in tensorrt_cache.
+is logged, since the 2B DiT takes minutes. Engines are cached and checked against their target in `tensorrt/cache.py`.
 
 TensorRT is imported inside the functions that use it, after `require_tensorrt()`, so that this module imports,
 and the other backends run, on machines without it (its wheels are not on PyPI).
