@@ -14,21 +14,15 @@ import numpy as np
 from cosmos_edge.cli.arg_types import int_in_range
 from cosmos_edge.cli.model_source import add_compile_arguments, model_source
 from cosmos_edge.cli.npz_files import output_path, read_observation, write_npz
-from cosmos_edge.cli.planning_args import (
-    add_planning_arguments,
-    no_planning,
-    planning_config,
-    planning_flags_given,
-)
+from cosmos_edge.cli.planning_args import add_planning_arguments, planning_flags_given, resolve_planning
 from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_images
 from cosmos_edge.runtime.bundle.loader import (
     load_policies,
-    planning_candidates,
     source_platform,
     source_stats,
     source_text_embeddings,
 )
-from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointSource, ModelSource
+from cosmos_edge.runtime.bundle.sources import CheckpointSource, ModelSource
 from cosmos_edge.runtime.engines.registry import GRAPH_BACKENDS
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE, PLATFORMS
@@ -41,7 +35,6 @@ from cosmos_edge.runtime.policy.api import (
     PlanningOutcome,
 )
 from cosmos_edge.runtime.policy.images import check_cameras
-from cosmos_edge.runtime.policy.planning_config import PRESETS
 from cosmos_edge.runtime.precision import PRECISIONS
 
 _LOG = logging.getLogger(__name__)
@@ -149,19 +142,9 @@ def _act(args: argparse.Namespace) -> int:
     if args.mode == "planning":
         if args.steps is not None and args.num_denoising_steps_action is not None:
             raise ConfigError("--steps: in planning mode it is --num-denoising-steps-action; give one of the two")
-        preset = PRESETS[args.planning_preset].num_queries_best_of_n
-        one_at_a_time = args.planning_deadline_ms is not None
-        candidates = planning_candidates(
-            source, devices, args.num_queries_best_of_n, preset, one_at_a_time=one_at_a_time
-        )
-        if candidates is None:
-            assert isinstance(source, BundleSource)  # checkpoint files plan with any number of candidates
-            raise ConfigError(f"--mode planning: {no_planning(source, devices, preset)}")
-        if candidates < preset and args.num_queries_best_of_n is None:
-            print(
-                f"planning: best of {candidates}, not the preset's {preset}: the bundle's DiT batch sizes allow no more"
-            )
-        planning = planning_config(args, num_queries_best_of_n=candidates)
+        planning, unavailable = resolve_planning(args, source, devices)
+        if planning is None:
+            raise ConfigError(f"--mode planning: {unavailable}")
     with load_policies(
         source,
         devices=devices,

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from cosmos_edge.cli.arg_types import int_in_range, positive_milliseconds
-from cosmos_edge.runtime.bundle.loader import bundle_batch_sizes, candidates_that_fit
-from cosmos_edge.runtime.bundle.sources import BundleSource
+from cosmos_edge.runtime.bundle.loader import bundle_batch_sizes, candidates_that_fit, planning_candidates
+from cosmos_edge.runtime.bundle.sources import BundleSource, ModelSource
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.policy.planning_config import (
     COUNT_LIMITS,
@@ -119,6 +119,27 @@ def planning_flags_given(args: argparse.Namespace) -> list[str]:
     flags = [_flag(field.name) for field in _FIELDS if getattr(args, field.name) is not None]
     flags += ["--planning-deadline-ms"] if args.planning_deadline_ms is not None else []
     return flags + (["--planning-preset"] if args.planning_preset != "main" else [])
+
+
+def resolve_planning(
+    args: argparse.Namespace, source: ModelSource, devices: list[str] | None
+) -> tuple[PlanningConfig | None, str | None]:
+    """The planning configuration a command runs: the preset with the flags given, at the number of candidates
+    `source` can score over `devices` (a bundle's DiT batch sizes may allow fewer than the preset's: said in the
+    log). None, and why with what would plan, when they allow none (a bundle only)."""
+    preset = PRESETS[args.planning_preset].num_queries_best_of_n
+    one_at_a_time = args.planning_deadline_ms is not None
+    candidates = planning_candidates(source, devices, args.num_queries_best_of_n, preset, one_at_a_time=one_at_a_time)
+    if candidates is None:
+        assert isinstance(source, BundleSource)  # checkpoint files plan with any number of candidates
+        return None, no_planning(source, devices, preset)
+    if candidates < preset and args.num_queries_best_of_n is None:
+        _LOG.warning(
+            "planning: best of %d, not the preset's %d: the bundle's DiT batch sizes allow no more", candidates, preset
+        )
+    else:
+        _LOG.info("planning: best of %d candidates", candidates)
+    return planning_config(args, num_queries_best_of_n=candidates), None
 
 
 def no_planning(source: BundleSource, devices: list[str] | None, preset: int) -> str:

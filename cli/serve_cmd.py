@@ -23,12 +23,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from cosmos_edge.cli.arg_types import mebibytes
 from cosmos_edge.cli.model_source import add_compile_arguments, model_source
-from cosmos_edge.cli.planning_args import (
-    add_planning_arguments,
-    no_planning,
-    planning_config,
-    planning_flags_given,
-)
+from cosmos_edge.cli.planning_args import add_planning_arguments, planning_flags_given, resolve_planning
 from cosmos_edge.cli.signals import on_stop_signals
 from cosmos_edge.robot_bridge.binding import BoundRouter, ServerConfig
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, ServerCurve, load_public_keys
@@ -38,13 +33,11 @@ from cosmos_edge.robot_bridge.server import PolicyServer
 from cosmos_edge.runtime.bundle.loader import (
     LoadedPolicies,
     load_policies,
-    planning_candidates,
     source_platform,
 )
-from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointSource, ModelSource
+from cosmos_edge.runtime.bundle.sources import CheckpointSource, ModelSource
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import PLATFORMS
-from cosmos_edge.runtime.policy.planning_config import PRESETS
 from cosmos_edge.runtime.precision import PRECISIONS
 
 if TYPE_CHECKING:
@@ -292,24 +285,10 @@ def _policies(args: argparse.Namespace) -> LoadedPolicies:
     """Both modes from one load: the reactive policy and the planner share each device's networks."""
     devices = _device_list(args) or None
     source = model_source(args, devices or [], device_flag="--devices")
-    preset = PRESETS[args.planning_preset].num_queries_best_of_n
-    one_at_a_time = args.planning_deadline_ms is not None
-    candidates = planning_candidates(source, devices, args.num_queries_best_of_n, preset, one_at_a_time=one_at_a_time)
-    reactive_only = None  # why no planning is served: only a bundle's batch sizes can fit none
-    if candidates is None and isinstance(source, BundleSource):
-        reactive_only = no_planning(source, devices, preset)
+    planning, reactive_only = resolve_planning(args, source, devices)
     _check_before_loading(args, source, reactive_only)
-    if candidates is None:
+    if reactive_only is not None:
         _LOG.warning("serving the reactive mode only: %s", reactive_only)
-    elif candidates < preset and args.num_queries_best_of_n is None:
-        _LOG.warning(
-            "planning mode: best of %d, not the preset's %d: the bundle's DiT batch sizes allow no more",
-            candidates,
-            preset,
-        )
-    else:
-        _LOG.info("planning mode: best of %d candidates", candidates)
-    planning = None if candidates is None else planning_config(args, num_queries_best_of_n=candidates)
     loaded = load_policies(
         source,
         devices=devices,
