@@ -27,6 +27,7 @@ from cosmos_edge.robot_bridge.json_arrays import COMPACT, SPACED, EncodedArray, 
 from cosmos_edge.robot_bridge.protocol import ActReply
 from cosmos_edge.robot_bridge.wire import ErrorCode, MessageError, invalid, wire_proprio
 from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.values import describe
 
 # Official key → camera of the ALOHA platform (`runtime/platforms.py`), as the official code feeds its slots.
 CAMERAS: Mapping[str, str] = {
@@ -75,7 +76,7 @@ def parse_query(body: bytes, image_size: tuple[int, int], proprio_dim: int) -> O
         if set(payload) != {"encoded"}:
             raise invalid("encoded", f"expected the only key, holding json_numpy text; got keys {sorted(payload)}")
         if not isinstance(payload["encoded"], str):
-            got = _describe(payload["encoded"])
+            got = describe(payload["encoded"])
             raise invalid("encoded", f"expected json_numpy text (a JSON string holding the request), got {got}")
         # "surrogatepass": a lone surrogate escape ("\ud800") is valid JSON; its text then fails to parse, as bad text.
         payload = _json_object(payload["encoded"].encode("utf-8", "surrogatepass"), "encoded")
@@ -87,10 +88,10 @@ def parse_query(body: bytes, image_size: tuple[int, int], proprio_dim: int) -> O
         raise invalid(missing[0], f"missing; the request needs {sorted(_REQUIRED)}")
     task = payload["task_description"]
     if not isinstance(task, str) or not 1 <= len(task) <= _MAX_TEXT:
-        raise invalid("task_description", f"expected text of 1..{_MAX_TEXT} characters, got {_describe(task)}")
+        raise invalid("task_description", f"expected text of 1..{_MAX_TEXT} characters, got {describe(task)}")
     return_all = payload.get("return_all_query_results", False)
     if not isinstance(return_all, bool):
-        raise invalid("return_all_query_results", f"expected true or false, got {_describe(return_all)}")
+        raise invalid("return_all_query_results", f"expected true or false, got {describe(return_all)}")
     return OfficialQuery(
         images={camera: _image(payload[key], key, image_size) for key, camera in CAMERAS.items()},
         proprio=_proprio(payload["proprio"], proprio_dim),
@@ -143,7 +144,7 @@ def _json_object(text: bytes, field: str) -> dict[str, object]:
     except ValueError as error:  # UnicodeDecodeError and JSONDecodeError are both ValueErrors
         raise MessageError(ErrorCode.MALFORMED, field, f"expected a JSON object, got bad text: {error}") from None
     if not isinstance(value, dict):
-        raise MessageError(ErrorCode.MALFORMED, field, f"expected a JSON object, got {_describe(value)}")
+        raise MessageError(ErrorCode.MALFORMED, field, f"expected a JSON object, got {describe(value)}")
     return value
 
 
@@ -165,8 +166,3 @@ def _proprio(value: object, proprio_dim: int) -> np.ndarray:
     if proprio.shape != (proprio_dim,):
         raise invalid("proprio", f"expected shape ({proprio_dim},), got {proprio.shape}")
     return wire_proprio(proprio)
-
-
-def _describe(value: object) -> str:
-    shown = f" {value!r}"[:60] if isinstance(value, (str, int, float)) else ""  # bool is an int
-    return type(value).__name__ + shown

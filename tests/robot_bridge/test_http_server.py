@@ -274,7 +274,7 @@ def test_errors_are_4xx_json_naming_the_key(official_json: None) -> None:
         "a 5000-digit number": ('{"proprio": ' + "7" * 5000 + "}", 400, "body"),
     }
     expected_errors = {
-        "encoded holding an object": "encoded: expected json_numpy text (a JSON string holding the request), got dict",
+        "encoded holding an object": "encoded: expected json_numpy text (a JSON string holding the request), got {",
         "huge proprio": "proprio: expected values within float32's range, got 1e+300",
         "a 5000-digit number": "body: expected a JSON object, got bad text: a number too long (an integer of more than",
     }
