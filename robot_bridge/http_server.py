@@ -195,6 +195,9 @@ class HttpEndpoint:
         listener, self._listener = self._listener or bind(self._config), None  # uvicorn closes it when it stops
         try:
             listener.listen()
+            # On again once listening (no other socket can bind a listening port): the connections it accepts
+            # inherit it, and their TIME-WAIT would otherwise keep a restarted `serve` off the port for a minute.
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         except OSError as error:  # another socket took the address since it was bound
             listener.close()
             detail = error.strerror or error

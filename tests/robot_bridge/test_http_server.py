@@ -9,6 +9,7 @@ import json
 import logging
 import socket
 import threading
+import urllib.request
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -378,6 +379,16 @@ def test_metadata_names_no_zeromq_endpoint_when_it_is_in_process_only() -> None:
     with HttpEndpoint(server, HttpConfig(port=0)) as endpoint, serving(server):
         metadata = requests.get(endpoint.url + "/metadata", timeout=TIMEOUT_S).json()
     assert metadata["endpoints"]["zeromq"] is None and metadata["endpoints"]["http"]["url"] == endpoint.url
+
+
+def test_a_restart_binds_the_port_at_once_after_the_server_closed_connections() -> None:
+    server = PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*"))
+    with HttpEndpoint(server, HttpConfig(port=0)) as endpoint, serving(server):
+        port = int(endpoint.url.rsplit(":", 1)[1])
+        for _ in range(3):  # the server closes each connection first: its side keeps them in TIME-WAIT
+            with urllib.request.urlopen(endpoint.url + "/healthz", timeout=TIMEOUT_S) as response:
+                assert response.status == 200
+    http_server.bind(HttpConfig(port=port)).close()  # as `serve` restarted on the same port
 
 
 def test_listening_beyond_loopback_needs_the_explicit_flag() -> None:
