@@ -137,7 +137,7 @@ class _Search:
     batch_passes: bool
     timer: StageTimer
 
-    stop: threading.Event | None = None  # set: the next network call raises `_Stopped`
+    stops: tuple[threading.Event, ...] = ()  # any set: the next network call raises `_Stopped`
 
     def run(self, clean: np.ndarray) -> CandidateScores:
         return self.score(self.act(clean), clean)
@@ -212,8 +212,8 @@ class _Search:
     def _run(self, network: BoundNetwork, mode: ConditioningMode, passes: list[_Pass]) -> list[np.ndarray]:
         """The samples of each pass, in order: all passes as one batch, or pass after pass."""
         platform, timer, n = self.model.platform, self.timer, len(self.seeds)
-        if self.stop is not None:
-            network = dataclasses.replace(network, call=_stoppable(network.call, self.stop))
+        if self.stops:
+            network = dataclasses.replace(network, call=_stoppable(network.call, self.stops))
         seeds = [self._seeds(each.offset) for each in passes]  # drawn in pass order (randomize_seed)
         if not self.batch_passes:
             return [
@@ -312,12 +312,12 @@ def _read_chunks(model: PolicyModel, latents: np.ndarray, computed: np.ndarray) 
 
 
 class _Stopped(Exception):
-    """Raised in a worker whose query's deadline has passed, at its next network call."""
+    """Raised in a worker whose query's deadline has passed, or whose policy is closing, at its next network call."""
 
 
-def _stoppable(network: NetworkFn, stop: threading.Event) -> NetworkFn:
+def _stoppable(network: NetworkFn, stops: tuple[threading.Event, ...]) -> NetworkFn:
     def call(x: np.ndarray, timesteps: np.ndarray, condition_mask: np.ndarray) -> np.ndarray:
-        if stop.is_set():
+        if any(stop.is_set() for stop in stops):
             raise _Stopped
         return network(x, timesteps, condition_mask)
 
@@ -325,7 +325,8 @@ def _stoppable(network: NetworkFn, stop: threading.Event) -> NetworkFn:
 
 
 class PlanningPolicy(ModelPolicy):
-    """A `Policy` whose chunk is the best of `num_queries_best_of_n` sampled chunks. `close()` stops its threads.
+    """A `Policy` whose chunk is the best of `num_queries_best_of_n` sampled chunks. `close()` stops its threads at
+    their next network call (a query in flight then fails with `EngineError`; Ctrl-C does not wait for its end).
 
     `batch_passes=False` runs the passes one after another in the official order (the reference that batching is
     tested and measured against); it computes the same values.
@@ -366,6 +367,7 @@ class PlanningPolicy(ModelPolicy):
         self._deadline_s = None if deadline_ms is None else deadline_ms / 1e3
         self._pool = ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="planning")
         self._stopping: list[Future[None]] = []  # workers of a query past its deadline, finishing their last call
+        self._closing = threading.Event()
 
     @property
     def config(self) -> PlanningConfig:
@@ -419,6 +421,7 @@ class PlanningPolicy(ModelPolicy):
             worker.planner.reset()
 
     def close(self) -> None:
+        self._closing.set()  # the workers stop at their next network call
         self._pool.shutdown(wait=True)
 
     def _action_steps(self) -> int:
@@ -441,14 +444,17 @@ class PlanningPolicy(ModelPolicy):
         # Future images are decoded over the placeholder latents of the whole sequence, as the official code does.
         full = self._encode_full_sequence or query.return_future_images
         encoded = encode_observation(self._model, query.observation, timer, full_sequence=full)
-        with timer.stage("planning"):
-            if self._deadline_s is None:
-                scores = self._score_all(query, encoded.clean, steps)
-            else:
-                scores = self._score_until(started + self._deadline_s, query, encoded.clean, steps)
-        with timer.stage("readout"):
-            actions, future_proprio = _read_chunks(self._model, scores.latents, scores.computed)
-        images = self._future_images(scores, encoded, query, steps, timer) if query.return_future_images else None
+        try:
+            with timer.stage("planning"):
+                if self._deadline_s is None:
+                    scores = self._score_all(query, encoded.clean, steps)
+                else:
+                    scores = self._score_until(started + self._deadline_s, query, encoded.clean, steps)
+            with timer.stage("readout"):
+                actions, future_proprio = _read_chunks(self._model, scores.latents, scores.computed)
+            images = self._future_images(scores, encoded, query, steps, timer) if query.return_future_images else None
+        except _Stopped:
+            raise EngineError("planning: the policy was closed during the query") from None
         chosen = scores.chosen
         candidates = CandidateResults(chosen, actions, scores.values, scores.values_by_depth, scores.outcome)
         return ChunkResult(actions[chosen], scores.value, future_proprio[chosen], images, timer.as_dict(), candidates)
@@ -547,6 +553,7 @@ class PlanningPolicy(ModelPolicy):
         stop: threading.Event | None = None,
     ) -> _Search:
         timer = StageTimer()  # per worker; the caller reports the wall time of all workers together
+        stops = (self._closing,) if stop is None else (self._closing, stop)
         return _Search(
             self._config,
             self._model,
@@ -556,7 +563,7 @@ class PlanningPolicy(ModelPolicy):
             steps,
             self._batch_passes,
             timer,
-            stop,
+            stops,
         )
 
     def _finish_stopping(self) -> None:

@@ -27,6 +27,7 @@ from cosmos_edge.runtime.policy.sampler import evaluation_sigmas
 from cosmos_edge.runtime.policy.steps import PolicyModel
 from cosmos_edge.runtime.policy.text_embeddings import TextEmbeddings
 from cosmos_edge.runtime.policy.value_aggregation import ValueAggregation
+from tests.helpers.bridge_doubles import wait_for
 from tests.helpers.observations import random_observation
 from tests.helpers.scripted_network import ScriptedNetwork, ValueOf, slots
 
@@ -586,4 +587,33 @@ def test_a_failing_worker_stops_the_others_at_their_next_call() -> None:
         held.release.set()
         policy.reset()  # waits for worker 0's last call
     # The base action pass and the held pass; stopped at its next call instead of scoring on.
+    assert [p.clean_slots for p in held.inner.passes] == [POLICY, WORLD]
+
+
+def test_closing_stops_a_query_in_flight_at_its_next_network_call() -> None:
+    template, _ = planner(one_step())
+    template.close()
+    # Candidate 0's first world-model pass is held, as a long query on a slow device; the policy closes meanwhile.
+    held = HeldNetwork(ScriptedNetwork(ALOHA, scripted), held={BASE_SEED}, slots=WORLD)
+    policy = PlanningPolicy(template.model, [PlanningWorker(held, held)], one_step(), batch_passes=False)
+    failures: list[BaseException] = []
+
+    def query() -> None:
+        try:
+            policy.infer(ActionQuery(random_observation("aloha"), "task", seed=BASE_SEED))
+        except BaseException as error:
+            failures.append(error)
+
+    querying = threading.Thread(target=query)
+    querying.start()
+    assert held.holding.wait(timeout=60)
+    closing = threading.Thread(target=policy.close)  # waits for the call in flight
+    closing.start()
+    wait_for(policy._closing.is_set, 60, "close() to stop the workers")
+    held.release.set()
+    closing.join(timeout=60)
+    querying.join(timeout=60)
+    assert not closing.is_alive() and not querying.is_alive()
+    assert len(failures) == 1 and isinstance(failures[0], EngineError) and "closed during the query" in str(failures[0])
+    # The action pass and the held world-model pass; nothing after (the query has 3 candidates to score).
     assert [p.clean_slots for p in held.inner.passes] == [POLICY, WORLD]
