@@ -55,6 +55,9 @@ logger = logging.getLogger(__name__)
 OFFICIAL_PORT = 8777  # the official server's default, which its client hard-codes
 _START_TIMEOUT_S = 10.0
 _DISCONNECT_POLL_S = 0.1  # how often a request waiting for its reply checks that its client is still there
+# uvicorn's own shutdown wait runs this much past the server's window: a request answered `shutting_down` as the
+# window ends still has its reply written and its connection closed, rather than cancelled with an error line.
+_REPLY_MARGIN_S = 1.0
 _CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that closed the connection before the answer
 _STATUS = {
     ErrorCode.MALFORMED: 400,
@@ -211,7 +214,7 @@ class HttpEndpoint:
             log_level="warning",
             access_log=False,
             limit_concurrency=self._config.max_connections,
-            timeout_graceful_shutdown=math.ceil(self._config.shutdown_timeout_s),
+            timeout_graceful_shutdown=math.ceil(self._config.shutdown_timeout_s + _REPLY_MARGIN_S),
         )
         self._uvicorn = uvicorn.Server(config)
         self._thread = threading.Thread(
@@ -239,9 +242,10 @@ class HttpEndpoint:
         if self._thread is None or self._uvicorn is None:
             return
         self.request_stop()
-        self._thread.join(self._config.shutdown_timeout_s + 1.0)
+        limit_s = self._config.shutdown_timeout_s + _REPLY_MARGIN_S
+        self._thread.join(limit_s + 1.0)
         if self._thread.is_alive():
-            logger.error("the http endpoint did not stop within %.1f s", self._config.shutdown_timeout_s)
+            logger.error("the http endpoint did not stop within %.1f s", limit_s)
         self._thread = None
         self._uvicorn = None
         logging.getLogger("uvicorn.error").removeFilter(self._uvicorn_filter)

@@ -381,6 +381,29 @@ def test_metadata_names_no_zeromq_endpoint_when_it_is_in_process_only() -> None:
     assert metadata["endpoints"]["zeromq"] is None and metadata["endpoints"]["http"]["url"] == endpoint.url
 
 
+def test_a_request_answered_shutting_down_as_the_window_ends_is_written_without_an_error_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gate = threading.Event()  # the inference outlives the shutdown window
+    policy = StubPolicy(gate=gate)
+    server = PolicyServer(policy, ServerConfig("tcp://127.0.0.1:*", shutdown_timeout_s=1.0))
+    endpoint = HttpEndpoint(server, HttpConfig(port=0, shutdown_timeout_s=1.0))  # a whole second: no rounding up
+    url = endpoint.start()
+    serving_thread = threading.Thread(target=server.serve_forever)
+    serving_thread.start()
+    with ThreadPoolExecutor(1) as pool:
+        posted = pool.submit(post, url + "/act", json_numpy.dumps(official_request(camera_observation(1.0))))
+        assert policy.started.wait(TIMEOUT_S)
+        server.stop()  # as the signal handler of `serve` does
+        endpoint.request_stop()
+        serving_thread.join(TIMEOUT_S)
+        endpoint.stop()
+        status, reply = posted.result(TIMEOUT_S)
+    gate.set()
+    assert (status, reply["code"]) == (503, "shutting_down")
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR], caplog.text
+
+
 def test_a_restart_binds_the_port_at_once_after_the_server_closed_connections() -> None:
     server = PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*"))
     with HttpEndpoint(server, HttpConfig(port=0)) as endpoint, serving(server):
