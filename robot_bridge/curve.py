@@ -66,8 +66,13 @@ class ServerCurve:
 
 
 def load_public_key(path: str | Path) -> bytes:
-    """The public key of a certificate written by `zmq.auth.create_certificates` (the `.key` file, or its pair)."""
-    public, _ = _read_certificate(path)
+    """The public key of a certificate written by `zmq.auth.create_certificates`: its `.key` file. The
+    `.key_secret` file is refused: a secret key belongs only on the machine it identifies."""
+    public, secret = _read_certificate(path)
+    if secret is not None:
+        raise ConfigError(
+            f"{path}: holds a secret key; give the public '.key' file of the pair (the secret stays where it belongs)"
+        )
     check_key(str(path), public)
     return public
 

@@ -108,6 +108,10 @@ def test_keys_generate_then_a_curve_server_admits_the_client(
         assert capsys.readouterr().out == "mode: reactive (was reactive)\n"
         assert main(["client", "ping", "--endpoint", endpoint, "--timeout", "0.5"]) == 1  # no keys: no handshake
         assert "no connection to" in capsys.readouterr().err
+        # The server's secret where its public key belongs: refused, so that it is not copied onto the robot.
+        leaked = ["--curve-server-key", str(server_secret), "--curve-secret-key", str(secret)]
+        assert main(["client", "ping", "--endpoint", endpoint, *leaked]) == 2
+        assert f"{server_secret}: holds a secret key; give the public '.key' file" in capsys.readouterr().err
 
 
 def test_option_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
