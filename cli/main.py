@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -71,6 +72,9 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         command = self.prog.removeprefix("cosmos-edge").strip()
         where = f"{command}: " if command else ""
+        chosen = re.match(r"argument \{.*invalid choice: '([^']*)'", message)  # of a command (not of an option)
+        if chosen and not re.fullmatch(r"[a-z][a-z-]*", chosen[1]):  # an option's value, not a misspelt command
+            message += f"; options go after the command they belong to ({self.prog} COMMAND [options])"
         self.exit(2, f"cosmos-edge: error: {where}{message} (see: {self.prog} --help)\n")
 
 
@@ -114,8 +118,11 @@ def _configure_logging(verbose: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:
+        parser = args._command_parser
         hint = " (-v/--verbose goes before the command)" if {"-v", "--verbose"} & set(unknown) else ""
-        args._command_parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+        if set(unknown) & set(parser._option_string_actions) - {"-h", "--help"}:  # given before its command's name
+            hint = f" (options go after the command they belong to: {parser.prog} [options])"
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     _configure_logging(args.verbose)
     try:
         with sigterm_interrupts():  # a long command (serve, robot) takes the signals over for its run

@@ -217,9 +217,9 @@ class PolicyServer:
             self.close()
             raise
         self._endpoint = self._router.endpoint
-        logger.info(
-            "serving platform=%s modes=%s endpoint=%s", self._platform.name, list(self._policies), self.endpoint
-        )
+        # An in-process endpoint reaches no controller: only this process's front ends (the HTTP one) submit.
+        shown = "none (in-process only)" if self._endpoint.startswith("inproc://") else self._endpoint
+        logger.info("serving platform=%s modes=%s endpoint=%s", self._platform.name, list(self._policies), shown)
         return self._endpoint
 
     def serve_forever(self) -> None:

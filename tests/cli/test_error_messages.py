@@ -463,6 +463,15 @@ def test_demo_numbers_are_checked(argv: list[str], expected: str, capsys: pytest
         ),
         (["act", "--observation", "o", "--task", "t", "--nope", "3"], "act: unrecognized arguments: --nope 3"),
         (["client", "ping", "-v"], "client ping: unrecognized arguments: -v (-v/--verbose goes before the command)"),
+        (
+            ["checkpoint", "--json", "inspect", "x.pt"],
+            "checkpoint inspect: unrecognized arguments: --json (options go after the command they belong to",
+        ),
+        (
+            ["client", "--endpoint", "tcp://127.0.0.1:5555", "ping"],
+            "invalid choice: 'tcp://127.0.0.1:5555' (choose from 'ping', 'metadata', 'set-mode', 'act'); options go "
+            "after the command they belong to (cosmos-edge client COMMAND [options])",
+        ),
         (["text-embeddings"], "text-embeddings: the following arguments are required: {convert,list,merge,embed}"),
     ],
 )
