@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from cosmos_edge.cli.arg_types import int_in_range
+from cosmos_edge.cli.flag_names import naming_flags
 from cosmos_edge.cli.model_source import add_compile_arguments, model_source
 from cosmos_edge.cli.npz_files import output_path, read_observation, write_npz
 from cosmos_edge.cli.planning_args import add_planning_arguments, planning_flags_given, resolve_planning
@@ -128,6 +129,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _act(args: argparse.Namespace) -> int:
+    with naming_flags({"device": "--device"}):  # a bundle's device, checked by its backend as it loads
+        return _act_on(args)
+
+
+def _act_on(args: argparse.Namespace) -> int:
     observation = read_observation(args.observation)  # a bad file is named before minutes of loading
     out = None if args.out is None else output_path("--out", args.out)
     devices = [args.device] if args.device else None

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from cosmos_edge.cli.arg_types import int_in_range
+from cosmos_edge.cli.flag_names import naming_flags
 from cosmos_edge.cli.npz_files import output_path, read_observation, write_npz
 from cosmos_edge.robot_bridge.client import PolicyClient, RequestTimeout
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, load_public_key
@@ -149,12 +150,8 @@ def naming_connection_flags(command: Callable[[argparse.Namespace], int]) -> Cal
     @functools.wraps(command)
     def run(args: argparse.Namespace) -> int:
         try:
-            return command(args)
-        except ConfigError as error:
-            name, separator, detail = str(error).partition(": ")
-            if separator and name in _FLAGS:
-                raise ConfigError(f"{_FLAGS[name]}: {detail}") from None
-            raise
+            with naming_flags(_FLAGS):
+                return command(args)
         except RequestTimeout as error:
             raise RequestTimeout(f"{error} (--timeout sets how long this command waits)") from None
 

@@ -17,11 +17,12 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from cosmos_edge.cli.arg_types import mebibytes
+from cosmos_edge.cli.flag_names import naming_flags
 from cosmos_edge.cli.model_source import add_compile_arguments, model_source
 from cosmos_edge.cli.planning_args import add_planning_arguments, planning_flags_given, resolve_planning
 from cosmos_edge.cli.signals import on_stop_signals
@@ -104,7 +105,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction, make_policies: Poli
     )
 
     def serve(args: argparse.Namespace) -> int:
-        with _naming_flags(), contextlib.ExitStack() as sockets:
+        with naming_flags(_FLAGS), contextlib.ExitStack() as sockets:
             config, http = server_config(args), http_config(args)
             # Bound before the policies load (minutes, for the 2B model): a port in use is refused at once.
             router = sockets.enter_context(BoundRouter.bind(config))
@@ -237,19 +238,8 @@ _FLAGS = {
     "default_mode": "--default-mode",
     "http address": "--http",
     "http": "--http",
+    "device": "--devices",  # a bundle's, checked by its backend as it loads
 }
-
-
-@contextlib.contextmanager
-def _naming_flags() -> Iterator[None]:
-    """Turns a `ConfigError` that names a setting ("endpoint: ...") into one that names its flag ("--endpoint: ...")."""
-    try:
-        yield
-    except ConfigError as error:
-        name, separator, detail = str(error).partition(": ")
-        if not separator or name not in _FLAGS:
-            raise
-        raise ConfigError(f"{_FLAGS[name]}: {detail}") from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -98,7 +98,8 @@ class DatasetStats:
         if stats.action_dim != platform.action_dim or stats.proprio_dim != platform.proprio_dim:
             raise ConfigError(
                 f"dataset statistics {path}: {platform.name} expects action_dim {platform.action_dim} and "
-                f"proprio_dim {platform.proprio_dim}, got {stats.action_dim} and {stats.proprio_dim}"
+                f"proprio_dim {platform.proprio_dim}, got {stats.action_dim} and {stats.proprio_dim}: the statistics "
+                "of another platform, or the wrong --platform given"
             )
         return stats
 

@@ -76,6 +76,9 @@ def test_export_then_act_matches_the_reference_act(
         assert served["actions"].shape == reference["actions"].shape
         assert np.abs(2 * (served["actions"] - reference["actions"]) / span).max() <= 1e-3  # normalised units
         assert abs(float(served["value"]) - float(reference["value"])) <= 1e-3
+    capsys.readouterr()
+    assert main([*argv[:-2], "--device", "banana"]) == 2  # checked by the backend as it loads: named as the flag
+    assert "cosmos-edge: error: --device: expected 'cpu', 'cuda[:N]' or 'tensorrt[:N]'" in capsys.readouterr().err
 
 
 def test_sigterm_during_export_leaves_nothing_and_says_so(

@@ -93,7 +93,11 @@ def test_invalid_statistics_name_the_field_and_dim(change: dict, message: str) -
 
 def test_dims_are_checked_against_the_platform(tmp_path: Path) -> None:
     data = _official_json(platform_spec("aloha"))
-    with pytest.raises(ConfigError, match="libero expects action_dim 7 and proprio_dim 9, got 14 and 14"):
+    with pytest.raises(
+        ConfigError,
+        match="libero expects action_dim 7 and proprio_dim 9, got 14 and 14: the statistics of another platform, "
+        "or the wrong --platform",
+    ):
         DatasetStats.from_json(_write(tmp_path, data), platform_spec("libero"))
 
 
