@@ -14,7 +14,13 @@ import numpy as np
 from cosmos_edge.cli.arg_types import int_in_range
 from cosmos_edge.cli.flag_names import naming_flags
 from cosmos_edge.cli.model_source import add_compile_arguments, model_source
-from cosmos_edge.cli.npz_files import output_path, read_observation, write_npz
+from cosmos_edge.cli.npz_files import (
+    add_observation_arguments,
+    observation_path,
+    output_path,
+    read_observation,
+    write_npz,
+)
 from cosmos_edge.cli.planning_args import add_planning_arguments, planning_flags_given, resolve_planning
 from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_images
 from cosmos_edge.runtime.bundle.loader import (
@@ -57,11 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="torch runs the official files; onnxruntime (default with --bundle) or tensorrt runs a bundle",
     )
     parser.add_argument("--platform", choices=sorted(PLATFORMS), help="required with the official files")
-    parser.add_argument(
-        "--observation",
-        type=Path,
-        required=True,
-        help="npz: one uint8 HxWx3 array per camera, named as the platform's ("
+    add_observation_arguments(
+        parser,
+        "npz: one uint8 HxWx3 array per camera, named as the platform's ("
         + "; ".join(f"{name}: {', '.join(spec.cameras)}" for name, spec in sorted(PLATFORMS.items()))
         + "), and `proprio`, float32 of the platform's length ("
         + ", ".join(f"{name} {spec.proprio_dim}" for name, spec in sorted(PLATFORMS.items()))
@@ -134,11 +138,12 @@ def _act(args: argparse.Namespace) -> int:
 
 
 def _act_on(args: argparse.Namespace) -> int:
-    observation = read_observation(args.observation)  # a bad file is named before minutes of loading
+    observation_file = observation_path(args)
+    observation = read_observation(observation_file)  # a bad file is named before minutes of loading
     out = None if args.out is None else output_path("--out", args.out)
     devices = [args.device] if args.device else None
     source = model_source(args, devices or [], device_flag="--device", reference=args.reference)
-    observation = _official_observation(source, observation, args.observation)
+    observation = _official_observation(source, observation, observation_file)
     _check_task(source, args.task)
     planning = None
     if args.mode != "planning" and (given := planning_flags_given(args) + _planning_only_flags(args)):
@@ -165,7 +170,7 @@ def _act_on(args: argparse.Namespace) -> int:
                 "this query compiles the networks first (a minute or more for the 2B model; its stage timings "
                 "include it; --no-compile runs eager)"
             )
-        with _naming_the_observation(args.observation):
+        with _naming_the_observation(observation_file):
             result = policy.infer(query)
     print_result(result)
     if out is not None:

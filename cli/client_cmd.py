@@ -23,7 +23,13 @@ import numpy as np
 
 from cosmos_edge.cli.arg_types import int_in_range
 from cosmos_edge.cli.flag_names import naming_flags
-from cosmos_edge.cli.npz_files import output_path, read_observation, write_npz
+from cosmos_edge.cli.npz_files import (
+    add_observation_arguments,
+    observation_path,
+    output_path,
+    read_observation,
+    write_npz,
+)
 from cosmos_edge.robot_bridge.client import PolicyClient, RequestTimeout
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, load_public_key
 from cosmos_edge.robot_bridge.endpoints import parse_endpoint
@@ -71,10 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"npz: one uint8 HxWx3 array per camera, and `proprio`; frames of another size than the wire's "
         f"{IMAGE_SIZE}x{IMAGE_SIZE} are resized as the ALOHA controller does (480x640 -> 256 -> 224, Pillow bicubic)"
     )
-    act.add_argument("observation", type=Path, nargs="?", help=observation_help)
-    act.add_argument(
-        "--observation", dest="observation_flag", type=Path, metavar="OBSERVATION", help="the same, as `act` names it"
-    )
+    add_observation_arguments(act, observation_help)
     act.add_argument("--task", required=True, help="the instruction, as the server lists it")
     act.add_argument("--mode", help="answer in this mode (default: the server's)")
     act.add_argument("--seed", type=int_in_range(0, MAX_SEED), help="default: the server's (195, as the official code)")
@@ -185,9 +188,7 @@ def _set_mode(args: argparse.Namespace) -> int:
 
 
 def _act(args: argparse.Namespace) -> int:
-    if (args.observation is None) == (args.observation_flag is None):
-        raise ConfigError("observation: give the observation .npz once, as OBSERVATION or --observation")
-    observation = _wire_observation(args.observation or args.observation_flag)
+    observation = _wire_observation(observation_path(args))
     out = None if args.out is None else output_path("--out", args.out)
     with connect(args, _ACT_TIMEOUT_S) as client:
         reply = client.act(

@@ -3,6 +3,7 @@ name the file and its flag."""
 
 from __future__ import annotations
 
+import argparse
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,6 +13,22 @@ import numpy as np
 from cosmos_edge.cli.output_paths import writable_file
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.policy.api import Observation
+
+
+def add_observation_arguments(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """The observation file, as OBSERVATION or as --observation (`act` and `client act` take both)."""
+    parser.add_argument("observation", type=Path, nargs="?", help=help_text)
+    parser.add_argument(
+        "--observation", dest="observation_flag", type=Path, metavar="OBSERVATION", help="the same, as a flag"
+    )
+
+
+def observation_path(args: argparse.Namespace) -> Path:
+    """The observation file of `add_observation_arguments`, given exactly once."""
+    if (args.observation is None) == (args.observation_flag is None):
+        raise ConfigError("observation: give the observation .npz once, as OBSERVATION or --observation")
+    path: Path = args.observation or args.observation_flag
+    return path
 
 
 def read_observation(path: Path) -> Observation:

@@ -92,6 +92,14 @@ def test_act_runs_one_query(platform: str, tmp_path: Path, capsys: pytest.Captur
         assert result["actions"].dtype == np.float32 and result["actions"].ndim == 2
         assert result["value"].shape == () and 0.0 <= float(result["value"]) <= 1.0
         assert result["future_proprio"].ndim == 1
+        flagged = result["actions"]
+    if platform == "aloha":  # the file as OBSERVATION, as `client act` takes it too: the same query
+        positional = [*[arg for arg in argv if arg != "--observation"][:-1], str(tmp_path / "again.npz")]
+        assert main(positional) == 0
+        with np.load(tmp_path / "again.npz") as result:
+            np.testing.assert_array_equal(result["actions"], flagged)
+        assert main([*positional, "--observation", str(tmp_path / "obs.npz")]) == 2  # given twice
+        assert "give the observation .npz once, as OBSERVATION or --observation" in capsys.readouterr().err
 
 
 @pytest.mark.slow

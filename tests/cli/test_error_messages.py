@@ -461,7 +461,7 @@ def test_demo_numbers_are_checked(argv: list[str], expected: str, capsys: pytest
             ["serve", "--value-ensemble-aggregation-scheme", "use_last_value"],
             "serve: argument --value-ensemble-aggregation-scheme: invalid choice: 'use_last_value'",
         ),
-        (["act", "--observation", "o", "--task", "t", "--nope", "3"], "act: unrecognized arguments: --nope 3"),
+        (["act", "--observation", "o", "--task", "t", "--nope", "3"], "act: unrecognized arguments: --nope"),
         (["client", "ping", "-v"], "client ping: unrecognized arguments: -v (-v/--verbose goes before the command)"),
         (
             ["checkpoint", "--json", "inspect", "x.pt"],
