@@ -355,11 +355,6 @@ def load_dit(
     return _materialize(canonical, config, dtype, device, str(path))
 
 
-def official_state_dict(model: CosmosDiT) -> StateDict:
-    """The model's parameters under official keys (`net.` prefix), ready for `torch.save`."""
-    return {OFFICIAL_PREFIX + name: tensor for name, tensor in model.state_dict().items()}
-
-
 def random_dit_state_dict(config: DiTConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> StateDict:
     """A deterministic random official-format (`net.*`) state dict for tests, benchmarks and the demo.
 

@@ -157,11 +157,6 @@ def _check_keys_and_shapes(config: WanVAEConfig, state_dict: Mapping[str, torch.
         raise CheckpointError(f"Wan VAE state dict does not match the inferred config {config}; " + "; ".join(problems))
 
 
-def official_state_dict(model: WanVAE) -> StateDict:
-    """The model's weights in the official Wan layout (the layout of `tokenizer.pth`)."""
-    return dict(model.state_dict())
-
-
 def random_vae_state_dict(config: WanVAEConfig, seed: int, dtype: torch.dtype = torch.float32) -> StateDict:
     """Deterministic random weights in the official layout that keep activations O(1) (tests, demos).
 

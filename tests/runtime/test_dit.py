@@ -18,11 +18,11 @@ from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.models.dit import CosmosDiT, CrossAttentionKV, VideoRope3D
 from cosmos_edge.runtime.models.dit_checkpoint import (
     dit_from_state_dict,
-    official_state_dict,
     official_to_diffusers_key,
     random_dit_state_dict,
 )
 from cosmos_edge.runtime.models.dit_config import DIT_PRESETS, DiTConfig, dit_config
+from tests.helpers.official_state_dicts import official_dit_state_dict
 
 transformer_cosmos = pytest.importorskip("diffusers.models.transformers.transformer_cosmos")
 
@@ -306,7 +306,7 @@ def _reference_2b_shapes() -> dict[str, tuple[int, ...]]:
 def test_predict2_2b_has_the_official_layout() -> None:
     with torch.device("meta"):
         model = CosmosDiT(dit_config("predict2-2b"))
-    shapes = {key: tuple(value.shape) for key, value in official_state_dict(model).items()}
+    shapes = {key: tuple(value.shape) for key, value in official_dit_state_dict(model).items()}
 
     assert shapes == _reference_2b_shapes()
     num_parameters = sum(p.numel() for p in model.parameters())

@@ -18,13 +18,13 @@ from cosmos_edge.runtime.models.dit_checkpoint import (
     diffusers_to_official_key,
     dit_from_state_dict,
     load_dit,
-    official_state_dict,
     official_to_diffusers_key,
     random_dit_state_dict,
     read_dit_state_dict,
     summarize_dit_state_dict,
 )
 from cosmos_edge.runtime.models.dit_config import DIT_PRESETS, DiTConfig, dit_config
+from tests.helpers.official_state_dicts import official_dit_state_dict
 
 TINY = dit_config("tiny")
 FRAMES, SIZE = 3, 8  # small inputs: these tests compare weights and outputs, not numerics
@@ -68,7 +68,7 @@ def with_bookkeeping(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def assert_same_weights(model: CosmosDiT, state: dict[str, Tensor]) -> None:
-    loaded = official_state_dict(model)
+    loaded = official_dit_state_dict(model)
     assert loaded.keys() == state.keys()
     for key, value in state.items():
         torch.testing.assert_close(loaded[key], value.to(loaded[key].dtype), rtol=0, atol=0)
@@ -221,7 +221,7 @@ def test_diffusers_names_round_trip() -> None:
 def test_infer_config_recovers_each_preset(name: str) -> None:
     config = dit_config(name)
     with torch.device("meta"):  # shapes only: the 2B state dict is never materialised
-        state = official_state_dict(CosmosDiT(config))
+        state = official_dit_state_dict(CosmosDiT(config))
     assert inferred_config(with_bookkeeping(state)) == config
 
 

@@ -11,12 +11,12 @@ from cosmos_edge.runtime.errors import CheckpointError
 from cosmos_edge.runtime.models.vae_checkpoint import (
     infer_vae_config,
     load_wan_vae,
-    official_state_dict,
     random_vae_state_dict,
     summarize_vae_state_dict,
     to_official_layout,
 )
 from cosmos_edge.runtime.models.wan_vae import WanVAE, vae_config
+from tests.helpers.official_state_dicts import official_vae_state_dict
 from tests.helpers.vae_layout import to_diffusers_layout
 
 diffusers_wan = pytest.importorskip("diffusers.models.autoencoders.autoencoder_kl_wan")
@@ -27,7 +27,7 @@ TINY = vae_config("tiny")
 
 def _meta_official(name: str) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
-        return official_state_dict(WanVAE(vae_config(name)))
+        return official_vae_state_dict(WanVAE(vae_config(name)))
 
 
 def _diffusers_model(name: str) -> torch.nn.Module:
@@ -77,14 +77,14 @@ def test_official_file_round_trip(tmp_path: Path, tiny_weights: dict[str, torch.
     model = load_wan_vae(path)
     assert model.config == TINY
     assert not model.training and not any(p.requires_grad for p in model.parameters())
-    _assert_same(official_state_dict(model), tiny_weights)
+    _assert_same(official_vae_state_dict(model), tiny_weights)
 
 
 def test_diffusers_directory_round_trip(tmp_path: Path, tiny_weights: dict[str, torch.Tensor]) -> None:
     reference = _diffusers_model("tiny")
     reference.load_state_dict(to_diffusers_layout(tiny_weights, TINY), strict=True)
     reference.save_pretrained(tmp_path / "vae")
-    _assert_same(official_state_dict(load_wan_vae(tmp_path / "vae")), tiny_weights)
+    _assert_same(official_vae_state_dict(load_wan_vae(tmp_path / "vae")), tiny_weights)
 
 
 def test_diffusers_directory_with_other_latent_statistics_is_refused(
@@ -144,7 +144,7 @@ def test_half_precision_loading(tmp_path: Path, tiny_weights: dict[str, torch.Te
     model = load_wan_vae(path, dtype=dtype)
     assert {p.dtype for p in model.parameters()} == {dtype}
     assert model.latent_mean.dtype == dtype
-    _assert_same(official_state_dict(model), {k: v.to(dtype) for k, v in tiny_weights.items()})
+    _assert_same(official_vae_state_dict(model), {k: v.to(dtype) for k, v in tiny_weights.items()})
     with torch.inference_mode():
         assert model.encode(torch.zeros(1, 3, 1, 8, 8, dtype=dtype)).dtype == dtype
     # A checkpoint stored in half precision loads as it is.
