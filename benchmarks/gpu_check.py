@@ -511,7 +511,7 @@ def planning_timing(device: str, files: CheckpointFiles) -> dict[str, Any]:
     source = CheckpointSource(files, precision="bf16", compile_mode="default")
     result: dict[str, Any] = {"config": "aloha, bf16, compiled, best of 8, official main configuration"}
     with load_policies(source, devices=[device], planning=PlanningConfig(num_queries_best_of_n=8)) as loaded:
-        workers = list(loaded.devices)
+        workers = list(loaded.workers)
         query = ActionQuery(observation(3), "fold the t-shirt", seed=195)
         modes = {
             "batched": PlanningPolicy(loaded.reactive.model, workers, batch_passes=True),

@@ -50,13 +50,13 @@ class LoadedPolicies:
         self,
         reactive: ReactivePolicy,
         planning: PlanningPolicy | None,
-        devices: Sequence[PlanningWorker],
+        workers: Sequence[PlanningWorker],
         resources: ExitStack,
         replays_graphs: bool = False,
     ) -> None:
         self.reactive = reactive
         self.planning = planning
-        self.devices = tuple(devices)  # the DiTs of each device, in device order (the VAE lives on the first)
+        self.workers = tuple(workers)  # the DiTs of each device, in device order (the VAE lives on the first)
         self._resources = resources
         self._replays_graphs = replays_graphs
 

@@ -227,17 +227,17 @@ def test_one_dit_and_one_vae_per_device_without_a_planning_model(tiny_assets: di
     files = tiny_assets["aloha"]
     planning = PlanningConfig(num_queries_best_of_n=2)
     with load_policies(CheckpointSource(files), devices=["cpu", "cpu"], planning=planning) as loaded:
-        assert len(loaded.devices) == 2 and loaded.devices[0] is not loaded.devices[1]
-        assert all(device.planning_network is device.policy_network for device in loaded.devices)
+        assert len(loaded.workers) == 2 and loaded.workers[0] is not loaded.workers[1]
+        assert all(device.planning_network is device.policy_network for device in loaded.workers)
     separate = CheckpointSource(files, planning_checkpoint=tiny_assets["libero"].checkpoint)
     with load_policies(separate, planning=planning) as loaded:
-        (device,) = loaded.devices
+        (device,) = loaded.workers
         assert device.planning_network is not device.policy_network
 
 
 def test_reactive_only_loads_the_first_device(tiny_assets: dict[str, CheckpointFiles]) -> None:
     with load_policies(CheckpointSource(tiny_assets["aloha"]), devices=["cpu", "cpu"]) as loaded:
-        assert loaded.planning is None and len(loaded.devices) == 1 and set(loaded.modes()) == {"reactive"}
+        assert loaded.planning is None and len(loaded.workers) == 1 and set(loaded.modes()) == {"reactive"}
 
 
 def test_closing_a_bundle_closes_its_runners(tiny_bundles: TinyBundles) -> None:
@@ -252,7 +252,7 @@ def test_closing_a_bundle_closes_its_runners(tiny_bundles: TinyBundles) -> None:
 
 def test_closing_checkpoint_policies_frees_their_networks(tiny_assets: dict[str, CheckpointFiles]) -> None:
     loaded = load_policies(CheckpointSource(tiny_assets["aloha"]), planning=PlanningConfig(num_queries_best_of_n=2))
-    policy, (device,) = loaded.reactive, loaded.devices
+    policy, (device,) = loaded.reactive, loaded.workers
     query = ActionQuery(random_observation("aloha"), policy.instructions[0], seed=1, steps=1)
     policy.infer(query)
     dit = device.policy_network._dit  # type: ignore[attr-defined]

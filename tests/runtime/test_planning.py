@@ -70,7 +70,7 @@ def test_batched_passes_give_the_same_values_and_choice_as_pass_after_pass(
 ) -> None:
     with load_policies(CheckpointSource(aloha), planning=config) as loaded:
         assert loaded.planning is not None and not loaded.planning.batch_passes  # it does not pay on the CPU
-        workers = list(loaded.devices)
+        workers = list(loaded.workers)
         query = ActionQuery(random_observation("aloha", seed=5), "fold the t-shirt", seed=40, steps=2)
         results = []
         for batch_passes in (False, True):
