@@ -381,14 +381,14 @@ class PlanningPolicy(ModelPolicy):
     def deadline_ms(self) -> float | None:
         return None if self._deadline_s is None else self._deadline_s * 1e3
 
-    def warm_up(self, observation: Observation | None = None, steps: int | None = None) -> None:
+    def warm_up(self, observation: Observation | None = None) -> None:
         """One DiT call of batch 2 on each worker's networks, on the planning threads: a compiled DiT compiles its
         graph for batches above 1 (minutes at 2B) now rather than on the first planning request. With an
         `observation`, each worker also scores one candidate of it as a deadline's query does, at batch 1 with the
-        action pass's `steps` (default: the configuration's): the batch-1 graphs of every device, and a DiT that
+        action pass's default steps: the batch-1 graphs of every device, and a DiT that
         replays CUDA graphs captures the timesteps of those passes, before a deadline has to wait for them."""
         if observation is not None:
-            steps = steps or self._action_steps()
+            steps = self._action_steps()
             query = ActionQuery(observation, self.instructions[0], steps=steps)
             clean = encode_observation(self._model, observation, StageTimer(), self._encode_full_sequence).clean
 

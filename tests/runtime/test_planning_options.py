@@ -536,8 +536,9 @@ def test_warm_up_with_an_observation_scores_a_candidate_at_batch_1_on_every_work
     workers = [PlanningWorker(p, q) for p, q in zip(policy_nets, planning_nets, strict=True)]
     scripted, _ = planner(SMALL)  # for its model
     scripted.close()
-    with contextlib.closing(PlanningPolicy(scripted.model, workers, SMALL, deadline_ms=1e6)) as policy:
-        policy.warm_up(random_observation("aloha"), steps=3)
+    config = dataclasses.replace(SMALL, num_denoising_steps_action=3)
+    with contextlib.closing(PlanningPolicy(scripted.model, workers, config, deadline_ms=1e6)) as policy:
+        policy.warm_up(random_observation("aloha"))
     for recorder in policy_nets:  # the base candidate's 3-step action pass at batch 1, then the batched call
         assert [batch for batch, _ in recorder.calls] == [1, 1, 1, 2]
     for recorder in planning_nets:  # its world-model and value passes, then the batched call
