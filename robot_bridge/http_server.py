@@ -36,6 +36,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from cosmos_edge.robot_bridge.act_messages import SERVER_VERSION
 from cosmos_edge.robot_bridge.binding import check_shutdown_timeout, is_local_endpoint
 from cosmos_edge.robot_bridge.json_arrays import COMPACT, parse_json
 from cosmos_edge.robot_bridge.log_limits import RateLimitedLog, RepeatFilter, peer_text
@@ -47,7 +48,7 @@ from cosmos_edge.robot_bridge.official_act import (
     reply_body,
 )
 from cosmos_edge.robot_bridge.protocol import PROTOCOL_VERSION, ActReply, ActRequest, ErrorCode, MessageError
-from cosmos_edge.robot_bridge.server import SERVER_VERSION, PolicyServer, ms_since
+from cosmos_edge.robot_bridge.server import PolicyServer, ms_since
 from cosmos_edge.runtime.errors import ConfigError
 
 logger = logging.getLogger(__name__)

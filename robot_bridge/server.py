@@ -37,11 +37,10 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
 
-import numpy as np
 import zmq
 
+from cosmos_edge.robot_bridge.act_messages import SERVER_VERSION, act_reply, action_query
 from cosmos_edge.robot_bridge.binding import FLUSH_MS, BoundRouter, ServerConfig
 from cosmos_edge.robot_bridge.log_limits import RateLimitedLog, peer_text
 from cosmos_edge.robot_bridge.protocol import (
@@ -61,18 +60,11 @@ from cosmos_edge.robot_bridge.protocol import (
 )
 from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError
 from cosmos_edge.runtime.policy.api import (
-    ActionQuery,
-    CandidateResults,
-    ChunkResult,
-    Observation,
     PlanningOutcome,
     Policy,
 )
-from cosmos_edge.runtime.version import installed_version
 
 logger = logging.getLogger(__name__)
-
-SERVER_VERSION = installed_version()
 
 _POLL_MS = 50  # how quickly `stop()` from another thread or a signal handler takes effect
 _RECEIVE_BATCH = 64  # requests taken per wake-up before replies are forwarded again
@@ -611,9 +603,13 @@ class PolicyServer:
         queue_ms = (started - job.received_at) * 1e3 - job.decode_ms
         request_id = job.request.request_id
         try:
-            result = self._policies[job.mode].infer(_query(job.request))
+            result = self._policies[job.mode].infer(action_query(job.request))
+            timings_ms = {"decode": job.decode_ms, "queue": queue_ms, **result.timings_ms, "policy": ms_since(started)}
+            reply = act_reply(
+                job.request, result, self._platform, mode=job.mode, timings_ms=timings_ms, receive_ns=job.receive_ns
+            )
             planning = None if result.candidates is None else result.candidates.outcome
-            return _Answer(job, self._reply(job, result, queue_ms, ms_since(started)), planning=planning)
+            return _Answer(job, reply, planning=planning)
         except InputError as error:
             detail = str(error).removeprefix(f"{error.field}: ")  # the reply puts the field before its detail
             failure = MessageError(ErrorCode.INVALID_INPUT, error.field, detail, request_id)
@@ -622,24 +618,6 @@ class PolicyServer:
             detail = f"the {job.mode!r} policy failed ({type(error).__name__}); see the server log"
             failure = MessageError(ErrorCode.INTERNAL, "", detail, request_id)
         return _Answer(job, failure, ms_since(started))
-
-    def _reply(self, job: _Job, result: ChunkResult, queue_ms: float, policy_ms: float) -> ActReply:
-        expected = (self._platform.chunk_size, self._platform.action_dim)
-        actions = np.asarray(result.actions, dtype=np.float32)
-        if actions.shape != expected:
-            raise ValueError(f"policy returned actions of shape {actions.shape}, expected {expected}")
-        return ActReply(
-            job.request.request_id,
-            obs_id=job.request.obs_id,
-            actions=actions,
-            value=result.value,
-            mode=job.mode,
-            timings_ms={"decode": job.decode_ms, "queue": queue_ms, **result.timings_ms, "policy": policy_ms},
-            server_version=SERVER_VERSION,
-            server_receive_ns=job.receive_ns,
-            server_send_ns=time.time_ns(),
-            **_candidate_fields(result.candidates, job.request),
-        )
 
 
 def _encoded(job: _Job, outcome: ActReply | MessageError) -> tuple[list[OutFrame], ActReply | MessageError]:
@@ -654,30 +632,6 @@ def _encoded(job: _Job, outcome: ActReply | MessageError) -> tuple[list[OutFrame
         detail = f"the {job.mode!r} reply could not be encoded ({type(error).__name__}); see the server log"
         failure = MessageError(ErrorCode.INTERNAL, "", detail, job.request.request_id)
         return ErrorReply.from_error(failure).to_frames(), failure
-
-
-def _candidate_fields(candidates: CandidateResults | None, request: ActRequest) -> dict[str, Any]:
-    """The planning fields of an `act_result`, when the request asked for them (a client that predates them asks
-    nothing and gets a reply it can decode); none for a reactive result. NaN (not computed in time) travels as null
-    values and zero actions."""
-    return_all = bool(request.return_all_query_results)
-    if candidates is None or not (request.planning_summary or return_all):
-        return {}
-
-    def values(array: np.ndarray) -> tuple[float | None, ...]:
-        return tuple(None if np.isnan(value) else float(value) for value in array)
-
-    fields: dict[str, Any] = {
-        "planning": candidates.outcome.value,
-        "chosen_index": candidates.chosen,
-        "candidate_values": values(candidates.values),
-    }
-    if return_all:
-        fields["candidate_values_by_depth"] = tuple(values(row) for row in candidates.values_by_depth)
-        actions = candidates.actions.astype(np.float32)
-        actions[np.isnan(actions)] = 0.0
-        fields["candidate_actions"] = actions
-    return fields
 
 
 def _internal(failure: Exception, request_id: int | None) -> MessageError:
@@ -742,16 +696,6 @@ def serving_in_thread(server: PolicyServer) -> Iterator[str]:
         thread.join(server.stop_window_s)
         if thread.is_alive():
             logger.error("the policy server did not stop within %.1f s", server.stop_window_s)
-
-
-def _query(request: ActRequest) -> ActionQuery:
-    query = ActionQuery(
-        observation=Observation(images=request.images, proprio=request.proprio),
-        instruction=request.instruction,
-        steps=request.steps,
-    )
-    # An unset seed keeps the query's default (the official seed).
-    return query if request.seed is None else dataclasses.replace(query, seed=request.seed)
 
 
 def ms_since(start: float) -> float:

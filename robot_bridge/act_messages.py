@@ -1,0 +1,80 @@
+"""Where the wire meets the policy API: an `act` request as a policy query, and the policy's result as its reply."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from cosmos_edge.robot_bridge.protocol import ActReply, ActRequest
+from cosmos_edge.runtime.platforms import PlatformSpec
+from cosmos_edge.runtime.policy.api import ActionQuery, CandidateResults, ChunkResult, Observation
+from cosmos_edge.runtime.version import installed_version
+
+SERVER_VERSION = installed_version()
+
+
+def action_query(request: ActRequest) -> ActionQuery:
+    """The policy query of an `act`; an unset seed keeps the query's default (the official seed)."""
+    query = ActionQuery(
+        observation=Observation(images=request.images, proprio=request.proprio),
+        instruction=request.instruction,
+        steps=request.steps,
+    )
+    return query if request.seed is None else dataclasses.replace(query, seed=request.seed)
+
+
+def act_reply(
+    request: ActRequest,
+    result: ChunkResult,
+    platform: PlatformSpec,
+    *,
+    mode: str,
+    timings_ms: Mapping[str, float],
+    receive_ns: int,
+) -> ActReply:
+    """The reply to `request` from the policy's `result`; a chunk not of the platform's shape is the policy's defect
+    (ValueError). `timings_ms`: the server's stages around the policy's own."""
+    expected = (platform.chunk_size, platform.action_dim)
+    actions = np.asarray(result.actions, dtype=np.float32)
+    if actions.shape != expected:
+        raise ValueError(f"policy returned actions of shape {actions.shape}, expected {expected}")
+    return ActReply(
+        request.request_id,
+        obs_id=request.obs_id,
+        actions=actions,
+        value=result.value,
+        mode=mode,
+        timings_ms=dict(timings_ms),
+        server_version=SERVER_VERSION,
+        server_receive_ns=receive_ns,
+        server_send_ns=time.time_ns(),
+        **_candidate_fields(result.candidates, request),
+    )
+
+
+def _candidate_fields(candidates: CandidateResults | None, request: ActRequest) -> dict[str, Any]:
+    """The planning fields of an `act_result`, when the request asked for them (a client that predates them asks
+    nothing and gets a reply it can decode); none for a reactive result. NaN (not computed in time) travels as null
+    values and zero actions."""
+    return_all = bool(request.return_all_query_results)
+    if candidates is None or not (request.planning_summary or return_all):
+        return {}
+
+    def values(array: np.ndarray) -> tuple[float | None, ...]:
+        return tuple(None if np.isnan(value) else float(value) for value in array)
+
+    fields: dict[str, Any] = {
+        "planning": candidates.outcome.value,
+        "chosen_index": candidates.chosen,
+        "candidate_values": values(candidates.values),
+    }
+    if return_all:
+        fields["candidate_values_by_depth"] = tuple(values(row) for row in candidates.values_by_depth)
+        actions = candidates.actions.astype(np.float32)
+        actions[np.isnan(actions)] = 0.0
+        fields["candidate_actions"] = actions
+    return fields
