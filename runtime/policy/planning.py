@@ -20,7 +20,8 @@ aggregated by `search_depth_value_aggregation_scheme`; the chunk returned is alw
 The best candidate wins, the base seed's unless another is strictly better (deploy.py 645-654). Every pass runs as one
 batch over a worker's candidates (under a deadline, one candidate at a time, so that each one scored counts); with
 `batch_passes`, independent passes (ensemble members, branches of a level) share
-that batch too: the main configuration makes 20 DiT calls per query instead of 61. The candidates are split over
+that batch too: the main configuration makes 20 DiT calls per query instead of 61 (ALOHA's 10 action steps; 15
+instead of 56 with LIBERO's and RoboCasa's 5). The candidates are split over
 `workers` (one per device), which run concurrently. Neither batching nor the split changes a candidate's value: each
 sample's arithmetic is its own (up to the network's batch-size-dependent rounding).
 """
@@ -445,6 +446,8 @@ class PlanningPolicy(ModelPolicy):
         full = self._encode_full_sequence or query.return_future_images
         encoded = encode_observation(self._model, query.observation, timer, full_sequence=full)
         try:
+            if self._closing.is_set():  # closed while the observation encoded: no worker may start
+                raise _Stopped
             with timer.stage("planning"):
                 if self._deadline_s is None:
                     scores = self._score_all(query, encoded.clean, steps)
@@ -517,6 +520,8 @@ class PlanningPolicy(ModelPolicy):
                 try:
                     scored[index] = search.score(base_actions, clean) if index == 0 else search.run(clean)
                 except _Stopped:
+                    if self._closing.is_set():  # not the deadline: the query fails, as every query `close` stops
+                        raise
                     return
 
         num_candidates = self._config.num_queries_best_of_n

@@ -591,12 +591,15 @@ def test_a_failing_worker_stops_the_others_at_their_next_call() -> None:
     assert [p.clean_slots for p in held.inner.passes] == [POLICY, WORLD]
 
 
-def test_closing_stops_a_query_in_flight_at_its_next_network_call() -> None:
+@pytest.mark.parametrize("deadline_ms", [None, 60_000.0])
+def test_closing_stops_a_query_in_flight_at_its_next_network_call(deadline_ms: float | None) -> None:
     template, _ = planner(one_step())
     template.close()
     # Candidate 0's first world-model pass is held, as a long query on a slow device; the policy closes meanwhile.
+    # Under a deadline too, closing fails the query rather than answering with what was scored.
     held = HeldNetwork(ScriptedNetwork(ALOHA, scripted), held={BASE_SEED}, slots=WORLD)
-    policy = PlanningPolicy(template.model, [PlanningWorker(held, held)], one_step(), batch_passes=False)
+    worker = PlanningWorker(held, held)
+    policy = PlanningPolicy(template.model, [worker], one_step(), batch_passes=False, deadline_ms=deadline_ms)
     failures: list[BaseException] = []
 
     def query() -> None:
