@@ -143,7 +143,7 @@ def _check_reachable(endpoint: str) -> None:
 _RESOLVE_WAIT_S = 2.0  # how long a host name's resolution is waited for before connecting anyway
 
 # The client's settings named in its errors, and the flags that give them.
-_FLAGS = {"endpoint": "--endpoint", "timeout_s": "--timeout"}
+_FLAGS = {"endpoint": "--endpoint", "timeout_s": "--timeout", "instruction": "--task"}
 
 
 def naming_connection_flags(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 
-from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.errors import ConfigError, ProtocolError
 
 
 @contextlib.contextmanager
@@ -14,7 +14,7 @@ def naming_flags(flags: Mapping[str, str]) -> Iterator[None]:
     it ("--endpoint: ...")."""
     try:
         yield
-    except ConfigError as error:
+    except (ConfigError, ProtocolError) as error:  # a setting, or a field of a request this command built
         name, separator, detail = str(error).partition(": ")
         if not separator or name not in flags:
             raise

@@ -24,7 +24,7 @@ from cosmos_edge.cli import (
 )
 from cosmos_edge.cli.signals import sigterm_interrupts
 from cosmos_edge.robot_bridge.client import RemoteError
-from cosmos_edge.robot_bridge.wire import REQUEST_FAULTS
+from cosmos_edge.robot_bridge.wire import REQUEST_FAULTS, MessageError
 from cosmos_edge.runtime.errors import BundleError, CheckpointError, ConfigError, CosmosEdgeError, InputError
 from cosmos_edge.runtime.version import installed_version
 
@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _exit_code(error: CosmosEdgeError) -> int:
     if isinstance(error, ConfigError | InputError | CheckpointError | BundleError):
         return USAGE_ERROR
-    if isinstance(error, RemoteError) and error.code in REQUEST_FAULTS:
+    if isinstance(error, RemoteError | MessageError) and error.code in REQUEST_FAULTS:  # refused there, or here
         return USAGE_ERROR
     return FAILURE
 

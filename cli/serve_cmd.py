@@ -37,7 +37,7 @@ from cosmos_edge.runtime.bundle.loader import (
     source_platform,
 )
 from cosmos_edge.runtime.bundle.sources import CheckpointSource, ModelSource
-from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.errors import ConfigError, EngineError
 from cosmos_edge.runtime.platforms import PLATFORMS
 from cosmos_edge.runtime.precision import PRECISIONS
 
@@ -169,7 +169,7 @@ def http_config(args: argparse.Namespace) -> HttpConfig | None:
     try:  # imported only here: starlette and uvicorn are the optional `http` extra
         from cosmos_edge.robot_bridge.http_server import HttpConfig, parse_address
     except ImportError as error:
-        raise ConfigError(f"--http: needs the http extra, pip install 'cosmos-edge[http]' ({error})") from None
+        raise EngineError(f"--http: needs the http extra, pip install 'cosmos-edge[http]' ({error})") from None
     host, port = parse_address(args.http)
     return HttpConfig(
         host,

@@ -49,7 +49,7 @@ from cosmos_edge.robot_bridge.official_act import (
 )
 from cosmos_edge.robot_bridge.protocol import PROTOCOL_VERSION, ActReply, ActRequest, ErrorCode, MessageError
 from cosmos_edge.robot_bridge.server import PolicyServer, ms_since
-from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.errors import ConfigError, EngineError
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class HttpEndpoint:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 self.stop()
                 listener.close()
-                raise ConfigError(f"http address: the server on {self.url} did not start; see the log")
+                raise EngineError(f"http address: the server on {self.url} did not start; see the log")
             time.sleep(0.01)
         logger.info("serving http=%s routes=POST /act, GET /healthz, GET /metadata, POST /mode", self.url)
         return self.url

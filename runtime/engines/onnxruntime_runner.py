@@ -189,9 +189,10 @@ def open_graph(graph: GraphFile, device: str) -> OnnxRuntimeRunner:
     """The backend entry point (see `registry`): `graph` on `device`."""
     target = OrtTarget.parse(device)
     if target.provider == "cpu" and graph.precision == "bf16":
-        raise EngineError(
-            f"{graph.onnx}: is bf16, and onnxruntime's CPU provider has no bfloat16 kernels; serve it with "
-            f"--backend tensorrt or onnxruntime on 'cuda', or export with --precision fp32 or fp16 for the CPU"
+        raise ConfigError(  # the device asked for (or the default one) does not suit the bundle: a usage error
+            f"device: 'cpu' cannot run {graph.onnx}: it is bf16, and onnxruntime's CPU provider has no bfloat16 "
+            f"kernels; serve it with --backend tensorrt or onnxruntime on 'cuda', or export with --precision fp32 or "
+            f"fp16 for the CPU"
         )
     cache_dir = None
     if target.provider == "tensorrt" and graph.cache_dir is not None:

@@ -195,3 +195,7 @@ def test_act_refuses_a_bad_observation_file_in_one_line_naming_it(
     no_cameras = ["client", "act", str(tmp_path / "no_cameras.npz"), "--task", INSTRUCTION]
     assert main([*no_cameras, "--endpoint", "tcp://127.0.0.1:9"]) == 2
     assert "no_cameras.npz: no camera images; expected one uint8 HxWx3 array per camera" in capsys.readouterr().err
+    np.savez(tmp_path / "good.npz", proprio=obs.proprio, **obs.images)  # type: ignore[arg-type]
+    no_task = ["client", "act", str(tmp_path / "good.npz"), "--task", "", "--endpoint", "tcp://127.0.0.1:9"]
+    assert main(no_task) == 2  # a request this command refuses to build, as the server would refuse it
+    assert "cosmos-edge: error: --task: expected 1..1024 characters, got 0" in capsys.readouterr().err

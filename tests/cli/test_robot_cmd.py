@@ -89,6 +89,13 @@ def test_a_signal_before_the_first_chunk_ends_at_once_and_is_no_failure(
     assert not [record for record in caplog.records if "worker still in a request" in record.getMessage()]
 
 
+def test_a_rig_that_fails_to_start_is_one_line_and_a_failure(capsys: pytest.CaptureFixture[str]) -> None:
+    with serving(PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*"))) as endpoint:
+        failing = ["--task", INSTRUCTION, "--env-kwargs", '{"fail": "no ROS master"}']
+        assert main(["robot", "--env", ENV, "--endpoint", endpoint, *failing]) == 1  # the rig, not the arguments
+        assert f"--env {ENV}: failed: RuntimeError: no ROS master" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "named"),
     [
@@ -98,10 +105,6 @@ def test_a_signal_before_the_first_chunk_ends_at_once_and_is_no_failure(
             ["--task", INSTRUCTION, "--control-rate-hz", "50"],
             "--control-rate-hz 50: faster than the 25 Hz the server's policy was trained at (its chunks would move "
             "the arms 2x as fast)",
-        ),
-        (
-            ["--task", INSTRUCTION, "--env-kwargs", '{"fail": "no ROS master"}'],
-            f"--env {ENV}: failed: RuntimeError: no ROS master",
         ),
         (["--task", INSTRUCTION, "--safety", '{"speed": 1}'], "--safety: unknown fields ['speed']; expected some of"),
         (
