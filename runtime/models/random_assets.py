@@ -24,10 +24,10 @@ from cosmos_edge.runtime.models.wan_vae import vae_config
 from cosmos_edge.runtime.platforms import PlatformSpec, platform_spec
 from cosmos_edge.runtime.policy import text_embeddings as text_store
 from cosmos_edge.runtime.policy.normalization import DatasetStats
+from cosmos_edge.runtime.policy.text_embeddings import TEXT_TOKENS
 
 # The DiT preset → the VAE it is paired with. `small` keeps the real VAE so CPU benchmarks see its true cost.
 VAE_FOR_DIT = {"tiny": "tiny", "small": "wan2.1", "predict2-2b": "wan2.1"}
-TEXT_TOKENS = 512  # T5 embeddings are padded to 512 tokens
 
 SAMPLE_INSTRUCTIONS = {
     "libero": ("put both the alphabet soup and the tomato sauce in the basket", "open the top drawer of the cabinet"),

@@ -18,10 +18,9 @@ from typing import Any
 import torch
 
 from cosmos_edge.runtime.errors import CheckpointError, EngineError, InputError
-from cosmos_edge.runtime.policy.text_embeddings import TextEmbeddings, write
+from cosmos_edge.runtime.policy.text_embeddings import TEXT_TOKENS, TextEmbeddings, write
 
 T5_MODEL = "google-t5/t5-11b"
-T5_MAX_LENGTH = 512
 
 
 def convert_official_pickle(pkl_path: str | Path, out_path: str | Path, trust_pickle: bool) -> TextEmbeddings:
@@ -86,7 +85,7 @@ def embed_instructions(
     with torch.inference_mode():
         for text in instructions:
             tokens = tokenizer(
-                [text], return_tensors="pt", truncation=True, padding="max_length", max_length=T5_MAX_LENGTH
+                [text], return_tensors="pt", truncation=True, padding="max_length", max_length=TEXT_TOKENS
             )
             mask = tokens.attention_mask.to(device)
             hidden = encoder(input_ids=tokens.input_ids.to(device), attention_mask=mask).last_hidden_state

@@ -30,6 +30,9 @@ from cosmos_edge.runtime.errors import CheckpointError, InputError
 from cosmos_edge.runtime.policy.numerics import bf16_bits_to_float32, float32_to_bf16_bits
 
 FORMAT_TAG = "cosmos-edge/text-embeddings/1"
+# The official embeddings are T5's hidden states padded to 512 tokens (zeros past the text). The DiT attends to every
+# token, padding included, so a store of another length would change every action.
+TEXT_TOKENS = 512
 _MAX_HEADER_BYTES = 100 << 20  # the limit the reference safetensors implementation uses
 _ITEM_SIZES = {"BF16": 2, "F16": 2, "F32": 4}
 

@@ -96,6 +96,10 @@ CASES: dict[str, Case] = {
         act(f, t, text_embeddings=_narrow_embeddings(t)),
         f"text embeddings {t / 'narrow.safetensors'}: 7 wide, but the DiT {f.checkpoint} takes",
     ),
+    "text embeddings not padded to 512 tokens": lambda f, t: (
+        act(f, t, text_embeddings=_short_embeddings(f, t)),
+        f"text embeddings {t / 'short.safetensors'}: 12 tokens per instruction, expected 512",
+    ),
     "a bundle that is a file": lambda f, t: (
         ["act", "--bundle", str(f.stats), "--observation", str(observation(t)), "--task", "t"],
         f"{f.stats}: is a file; a bundle is the directory",
@@ -315,6 +319,13 @@ def _far_proprio(tmp: Path) -> Path:
 def _narrow_embeddings(tmp: Path) -> Path:
     text_embeddings.write(tmp / "narrow.safetensors", {"fold the t-shirt": np.zeros((1, 8, 7), np.float32)})
     return tmp / "narrow.safetensors"
+
+
+def _short_embeddings(files: CheckpointFiles, tmp: Path) -> Path:
+    """The DiT's width, but T5's 12 tokens of the text alone (not padded to 512)."""
+    width = text_embeddings.read(files.text_embeddings).shape[-1]
+    text_embeddings.write(tmp / "short.safetensors", {"fold the t-shirt": np.zeros((1, 12, width), np.float32)})
+    return tmp / "short.safetensors"
 
 
 def _objects(tmp: Path) -> Path:

@@ -23,9 +23,9 @@ from cosmos_edge.runtime.engines.graph import dit_graph, vae_encoder_graph
 from cosmos_edge.runtime.errors import BundleError, ConfigError
 from cosmos_edge.runtime.files import CheckpointFiles, sha256_file
 from cosmos_edge.runtime.models.dit_config import dit_config
-from cosmos_edge.runtime.models.random_assets import TEXT_TOKENS
 from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.policy import text_embeddings as text_store
+from cosmos_edge.runtime.policy.text_embeddings import TEXT_TOKENS
 from tests.helpers.observations import TinyBundles
 
 
