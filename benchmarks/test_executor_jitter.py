@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 
 from cosmos_edge.robot_bridge.controller.chunk_source import ActParams, ThreadedChunkSource
-from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor, ExecutorConfig, TickSummary, precise_sleep
+from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor, ExecutorConfig
 from cosmos_edge.robot_bridge.controller.safety import SafetyConfig, SafetyFilter
+from cosmos_edge.robot_bridge.controller.ticks import TickSummary, precise_sleep
 from cosmos_edge.runtime.policy.api import Observation
 
 RATE_HZ = 50.0

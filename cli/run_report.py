@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from cosmos_edge.robot_bridge.controller.blending import summarize_boundaries
-from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor, TickSummary
+from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor
 from cosmos_edge.robot_bridge.controller.safety import SafetyFilter
+from cosmos_edge.robot_bridge.controller.ticks import TickSummary
 
 
 def print_run_report(executor: ChunkExecutor, safety: SafetyFilter, summary: TickSummary) -> None:

@@ -28,15 +28,12 @@ called from any thread.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -44,6 +41,14 @@ from cosmos_edge.robot_bridge.controller.blending import BlendConfig, Boundary, 
 from cosmos_edge.robot_bridge.controller.chunk_source import Chunk, ChunkRequest, ChunkSource, Clock, RequestFailed
 from cosmos_edge.robot_bridge.controller.safety import Intervention, SafetyFilter
 from cosmos_edge.robot_bridge.controller.throttle import Throttle
+from cosmos_edge.robot_bridge.controller.ticks import (
+    NO_CHUNK,
+    TickLog,
+    TickSummary,
+    jitter_ms,
+    precise_sleep,
+    thread_priority,
+)
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.policy.api import Observation
 from cosmos_edge.runtime.values import check_integer, check_number, describe
@@ -52,9 +57,7 @@ logger = logging.getLogger(__name__)
 
 Sleep = Callable[[float], None]  # seconds
 
-SPIN_MARGIN_S = 0.002  # see `precise_sleep`
 MAX_RETRY_DELAY_S = 3600.0  # a longer wait is a mistake; a huge one would overflow the nanosecond arithmetic
-NO_CHUNK = -1  # `chunk_obs_id` / `action_index` of a tick record that commanded the hold pose
 
 
 class Robot(Protocol):
@@ -132,46 +135,6 @@ class ExecutorConfig:
         return round(1e9 / self.control_rate_hz)
 
 
-TICK_DTYPE = np.dtype(
-    [
-        ("tick", np.int64),
-        ("deadline_ns", np.int64),
-        ("wake_ns", np.int64),  # jitter = wake_ns - deadline_ns
-        ("command_ns", np.int64),  # when robot.command returned
-        ("missed", np.int32),  # deadlines skipped right before this tick
-        ("chunk_obs_id", np.int64),  # NO_CHUNK when holding
-        ("action_index", np.int32),  # NO_CHUNK when holding
-        ("flags", np.uint8),  # safety Intervention bits
-        ("adopted", np.bool_),  # a new chunk replaced the old one this tick
-        ("requested", np.bool_),  # an inference request was submitted this tick
-    ]
-)
-
-
-class TickLog:
-    """Bounded ring buffer of per-tick records (`TICK_DTYPE`), allocated once."""
-
-    def __init__(self, capacity: int) -> None:
-        self._buf = np.zeros(capacity, dtype=TICK_DTYPE)
-        self._count = 0
-        self._lock = threading.Lock()
-
-    def append(self, *values: int | bool) -> None:
-        """One record, its values in `TICK_DTYPE` field order."""
-        with self._lock:
-            self._buf[self._count % len(self._buf)] = values
-            self._count += 1
-
-    def snapshot(self) -> np.ndarray:
-        """The kept records, oldest first (a copy)."""
-        with self._lock:
-            n, cap = self._count, len(self._buf)
-            if n <= cap:
-                return self._buf[:n].copy()
-            start = n % cap
-            return np.concatenate([self._buf[start:], self._buf[:start]])
-
-
 @dataclass(frozen=True)
 class ExecutorCounters:
     ticks: int = 0  # ticks executed
@@ -185,69 +148,6 @@ class ExecutorCounters:
     dropped_stopped: int = 0  # arrived while the stop latch was set
     starved_ticks: int = 0  # held position after the first chunk because no action was left (not stopped)
     hold_ticks: int = 0  # ticks without an action of a chunk (before the first chunk, starved, or stopped)
-
-
-@dataclass(frozen=True)
-class TickSummary:
-    ticks: int
-    missed_ticks: int
-    hold_ticks: int
-    jitter_p50_ms: float
-    jitter_p99_ms: float
-    jitter_max_ms: float
-
-
-def _jitter_ms(records: np.ndarray) -> tuple[float, float, float]:
-    """p50, p99 and max of how late ticks started against their deadlines, over `TickLog.snapshot()` records."""
-    if not len(records):
-        return 0.0, 0.0, 0.0
-    late_ms = (records["wake_ns"] - records["deadline_ns"]) / 1e6
-    p50, p99 = np.percentile(late_ms, [50, 99])
-    return float(p50), float(p99), float(late_ms.max())
-
-
-def precise_sleep(seconds: float) -> None:
-    """`time.sleep` until `SPIN_MARGIN_S` before the end, then spin.
-
-    A thread already running at the deadline does not wait for the scheduler to wake it, which takes
-    about 0.1 ms on an idle machine and several ms while inference loads the cores. The spin costs up to
-    `SPIN_MARGIN_S` of one core per tick (5% at 25 Hz) and holds the GIL meanwhile.
-    """
-    end = time.perf_counter() + seconds
-    if seconds > SPIN_MARGIN_S:
-        time.sleep(seconds - SPIN_MARGIN_S)
-    while time.perf_counter() < end:
-        pass
-
-
-@contextlib.contextmanager
-def _thread_priority(realtime_priority: int | None, nice: int | None) -> Iterator[None]:
-    """Raise the calling thread's priority for the block; Linux applies both calls with id 0 per thread."""
-    with contextlib.ExitStack() as restore:
-        if realtime_priority is not None:
-            try:
-                previous = (os.sched_getscheduler(0), os.sched_getparam(0))
-                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(realtime_priority))
-                restore.callback(_restore, "scheduling policy", os.sched_setscheduler, 0, *previous)
-                nice = None  # FIFO threads ignore niceness
-            except (AttributeError, OSError) as e:  # not Linux, or not permitted
-                logger.warning("executor: SCHED_FIFO %d refused (%s)", realtime_priority, e)
-        if nice is not None:
-            try:
-                previous_nice = os.getpriority(os.PRIO_PROCESS, 0)
-                os.setpriority(os.PRIO_PROCESS, 0, nice)
-                restore.callback(_restore, "niceness", os.setpriority, os.PRIO_PROCESS, 0, previous_nice)
-            except (AttributeError, OSError) as e:
-                logger.warning("executor: nice %d refused (%s); using the normal priority", nice, e)
-        yield
-
-
-def _restore(what: str, call: Callable[..., None], *args: Any) -> None:
-    """Restores a thread setting after a run; without privilege a raised niceness cannot be lowered back."""
-    try:
-        call(*args)
-    except OSError as error:
-        logger.warning("executor: could not restore the control thread's %s (%s); it stays as set", what, error)
 
 
 def _starvation_advice(latency_ms: float | None, horizon_ms: float) -> str:
@@ -375,7 +275,7 @@ class ChunkExecutor:
         tick = max(-(-(self._clock() - self._epoch_ns) // self._period_ns), self._next_tick)
         end_tick = None if num_ticks is None else tick + num_ticks
         before, self._run_started_ns = self.counters, self._clock()
-        with _thread_priority(self.config.realtime_priority, self.config.nice):
+        with thread_priority(self.config.realtime_priority, self.config.nice):
             self._loop(tick, end_tick, until or (lambda: False))
         summary = self.summary(since=before)
         logger.info("executor: run finished: %s; %s", summary, self.counters)
@@ -392,7 +292,7 @@ class ChunkExecutor:
             ran,
             now.missed_ticks - since.missed_ticks,
             now.hold_ticks - since.hold_ticks,
-            *_jitter_ms(records[max(0, len(records) - ran) :]),
+            *jitter_ms(records[max(0, len(records) - ran) :]),
         )
 
     def _loop(self, tick: int, end_tick: int | None, until: Callable[[], bool]) -> None:

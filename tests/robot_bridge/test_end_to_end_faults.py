@@ -10,8 +10,9 @@ import numpy as np
 
 from cosmos_edge.robot_bridge.client import PolicyClient
 from cosmos_edge.robot_bridge.controller.chunk_source import ActParams, ThreadedChunkSource
-from cosmos_edge.robot_bridge.controller.executor import NO_CHUNK, ChunkExecutor, ExecutorConfig
+from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor, ExecutorConfig
 from cosmos_edge.robot_bridge.controller.safety import SafetyConfig, SafetyFilter
+from cosmos_edge.robot_bridge.controller.ticks import NO_CHUNK
 from cosmos_edge.runtime.policy.api import Observation
 from tests.helpers.bridge_doubles import (
     INSTRUCTION,

@@ -22,7 +22,7 @@ from cosmos_edge.robot_bridge.controller.chunk_source import (
     ThreadedChunkSource,
     request_chunk,
 )
-from cosmos_edge.robot_bridge.controller.executor import NO_CHUNK, ChunkExecutor, ExecutorConfig, precise_sleep
+from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor, ExecutorConfig
 from cosmos_edge.robot_bridge.controller.safety import (
     VX300S_JOINT_LOWER,
     VX300S_JOINT_UPPER,
@@ -30,6 +30,7 @@ from cosmos_edge.robot_bridge.controller.safety import (
     SafetyConfig,
     SafetyFilter,
 )
+from cosmos_edge.robot_bridge.controller.ticks import NO_CHUNK, precise_sleep
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.policy.api import Observation
 
@@ -516,7 +517,7 @@ def test_priority_applies_to_the_control_thread_during_run_only(caplog: pytest.L
         after.append((os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)))
 
     before = (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0))
-    with caplog.at_level(logging.WARNING, logger="cosmos_edge.robot_bridge.controller.executor"):
+    with caplog.at_level(logging.WARNING, logger="cosmos_edge.robot_bridge.controller.ticks"):
         thread = threading.Thread(target=control_thread)
         thread.start()
         thread.join()
