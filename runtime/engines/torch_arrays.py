@@ -67,5 +67,7 @@ class TorchArrays:
         return torch.empty_like(array)
 
     def synchronize(self) -> None:
+        # The calling thread's stream, where its network calls run; not the whole device, which CUDA refuses while
+        # another thread captures a graph on it (and which would wait for the other threads' work too).
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
