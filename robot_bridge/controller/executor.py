@@ -277,6 +277,7 @@ class ChunkExecutor:
         before, self._run_started_ns = self.counters, self._clock()
         with thread_priority(self.config.realtime_priority, self.config.nice):
             self._loop(tick, end_tick, until or (lambda: False))
+        self._safety.announce_stop()  # a stop latched by a signal that also ended the run: said here, not there
         summary = self.summary(since=before)
         logger.info("executor: run finished: %s; %s", summary, self.counters)
         return summary

@@ -5,11 +5,11 @@ Every command the executor sends passes through `SafetyFilter.apply`, which in o
 1. picks the target: the chunk action, or the hold pose when there is no valid action (no chunk, a
    non-finite action, or the latched stop) or no valid measurement (a non-finite joint reading: the arm
    does not move blind);
-2. limits the change of each arm joint per tick relative to the *measured* joint position, turning the
+2. clamps every joint to its position limits and each gripper to its normalised range;
+3. limits the change of each arm joint per tick relative to the *measured* joint position, turning the
    official Cosmos Policy client's "pause if any non-gripper joint would move more than 0.15 rad"
-   check into a slew limit;
-3. clamps every joint to its position limits and each gripper to its normalised range. Limits come
-   last, so they hold even when the measured position is already outside them.
+   check into a slew limit. The slew limit comes last, so that nothing jumps: an arm measured outside
+   its limits (a rig's stricter limit than where it rests) is brought back one step per tick.
 
 The hold pose is the last command sent, not the measured position: re-commanding the measured pose
 each tick lets gravity sag accumulate, because a loaded position servo settles slightly below its goal.
@@ -178,6 +178,7 @@ class SafetyFilter:
         # A plain flag, not an Event: `stop` may run in a signal handler, which must take no lock the interrupted
         # code (`reset`, on the same thread) could hold.
         self._stopped = False
+        self._stop_reason, self._stop_announced = "", False
         self._last: np.ndarray | None = None  # last command sent; None until the first command
         self._prev_flags = Intervention.NONE
         self._onset_warnings: dict[Intervention, Throttle] = {}
@@ -201,17 +202,26 @@ class SafetyFilter:
         )
 
     def stop(self, reason: str) -> None:
-        """Latch a stop: every later command holds position until `reset`."""
+        """Latch a stop: every later command holds position until `reset`. Sets flags only (a signal handler may
+        call it); the latch is logged by `announce_stop`, on the control thread."""
         if not self._stopped:
-            logger.warning("safety: stop latched (%s); holding position until reset or the end of the run", reason)
-        self._stopped = True
+            self._stop_reason, self._stop_announced = reason, False
+            self._stopped = True
+
+    def announce_stop(self) -> None:
+        """Logs a latched stop, once per latch (`apply` calls it; so does the executor when its run ends)."""
+        if self._stopped and not self._stop_announced:
+            self._stop_announced = True
+            logger.warning(
+                "safety: stop latched (%s); holding position until reset or the end of the run", self._stop_reason
+            )
 
     def reset(self) -> None:
-        """Clear the stop latch and forget the last command, so the next hold uses the measured pose."""
+        """Clear the stop latch. The hold pose stays the last command: the measured pose would let the grippers go
+        (they measure finger position, and grip by being commanded past it) and the arms sag."""
         if self._stopped:
             logger.warning("safety: stop latch cleared")
         self._stopped = False
-        self._last = None
 
     def apply(self, target: np.ndarray | None, measured_qpos: np.ndarray) -> SafeCommand:
         """Make `target` (dims,) safe to send given the measured position (dims,); None means hold.
@@ -231,6 +241,7 @@ class SafetyFilter:
         hold = measured if self._last is None else self._last
 
         if self._stopped:
+            self.announce_stop()
             out, flags = hold.copy(), flags | Intervention.STOPPED
         elif target is None or blind:
             out, flags = hold.copy(), flags | Intervention.HELD
@@ -240,16 +251,16 @@ class SafetyFilter:
             if not np.isfinite(out).all():
                 out, flags = hold.copy(), flags | Intervention.NON_FINITE | Intervention.HELD
 
+        clamped = np.clip(out, self._lower, self._upper)
+        if not np.array_equal(clamped, out):
+            out = clamped
+            flags |= Intervention.CLAMPED
         step = self.config.max_joint_step
         joints = self._joint_mask
         limited = np.clip(out[joints], measured[joints] - step, measured[joints] + step)
         if not np.array_equal(limited, out[joints]):
             out[joints] = limited
             flags |= Intervention.RATE_LIMITED
-        clamped = np.clip(out, self._lower, self._upper)
-        if not np.array_equal(clamped, out):
-            out = clamped
-            flags |= Intervention.CLAMPED
 
         self._last = out
         self._record(flags, target, out)

@@ -112,6 +112,21 @@ def test_limits_win_over_rate_limit_when_measured_is_out_of_range() -> None:
     assert out.qpos[1] == pytest.approx(math.radians(72))
 
 
+def test_an_arm_outside_its_limits_is_brought_back_a_step_per_tick_not_in_a_jump() -> None:
+    config = SafetyConfig(joint_lower=(-3.142, -1.0, -1.763, -3.142, -1.868, -3.142))  # a stricter shoulder limit
+    f = SafetyFilter(config)
+    measured = START.copy()
+    measured[[1, 8]] = -1.6  # both shoulders rest 0.6 rad below it
+    out = f.apply(None, measured)  # the first tick holds: the measured pose, clamped, one step at most
+    assert out.flags == Intervention.HELD | Intervention.CLAMPED | Intervention.RATE_LIMITED
+    np.testing.assert_allclose(out.qpos[[1, 8]], -1.6 + config.max_joint_step)
+    for _ in range(3):  # each tick a step towards the limit (the arm follows), never past it
+        measured = out.qpos
+        out = f.apply(measured, measured)
+        assert np.all(np.abs(out.qpos[JOINTS] - measured[JOINTS]) <= config.max_joint_step + 1e-12)
+    np.testing.assert_allclose(out.qpos[[1, 8]], -1.0)
+
+
 def test_hold_uses_measured_pose_first_then_last_command() -> None:
     f = SafetyFilter(SafetyConfig())
     out = f.apply(None, START)
@@ -160,9 +175,10 @@ def test_stop_latches_until_reset() -> None:
         np.testing.assert_array_equal(out.qpos, sent)
     f.reset()
     assert not f.stopped
+    np.testing.assert_array_equal(f.apply(None, START + 0.08).qpos, sent)  # the last command still holds
     out = f.apply(START + 0.12, START + 0.1)
     assert out.flags == Intervention.NONE
-    assert f.counters == SafetyCounters(commands=5, stopped=3)
+    assert f.counters == SafetyCounters(commands=6, stopped=3, held=1)
 
 
 def test_shape_mismatch_raises() -> None:
