@@ -156,6 +156,7 @@ def _robot(args: argparse.Namespace) -> int:
                         "their last commanded pose"
                     ) from error
                 finally:  # what ran is reported, however the run ended
+                    source.stop_requests()  # a request the last tick submitted is not sent after the next line
                     client.close()  # a request in flight is cancelled now, not at its timeout: the run is over
                     print_run_report(executor, safety, executor.summary())
     if executor.counters.chunks_adopted == 0 and not signalled.is_set():  # the policy never drove the arms

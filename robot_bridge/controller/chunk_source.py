@@ -158,11 +158,16 @@ class ThreadedChunkSource:
     def start(self) -> None:
         self._thread.start()
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Stop the worker; waits up to `timeout_s` for a request in flight (bounded by the client timeout)."""
+    def stop_requests(self) -> None:
+        """Takes no further request: a request submitted but not yet taken is never sent (the one in flight, if any,
+        runs on until it ends or its client is closed). Without waiting; `close` then waits for the worker."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the worker; waits up to `timeout_s` for a request in flight (bounded by the client timeout)."""
+        self.stop_requests()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
             if self._thread.is_alive():
