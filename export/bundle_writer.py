@@ -2,7 +2,8 @@
 
 The bundle is assembled in a hidden sibling directory (`.NAME.partial-*`) and renamed to its final name only after
 the manifest, written last, is in place. An interrupted export therefore leaves either nothing at the destination
-or, after a hard kill, a hidden `.partial` directory without a manifest, which `Bundle.open` refuses.
+or, after a hard kill, a hidden `.partial` directory (with or without its manifest), which nothing opens as a bundle
+and the next export removes.
 """
 
 from __future__ import annotations
@@ -178,6 +179,11 @@ def _write_contents(request: ExportRequest, root: Path) -> BundleManifest:
     DatasetStats.from_json(request.stats, platform)  # refuse statistics of another platform before exporting
     texts = text_store.read(request.text_embeddings)
     _, text_tokens, text_dim = texts.shape
+    if text_tokens != text_store.TEXT_TOKENS:  # as the policies loaded from the files refuse it
+        raise ConfigError(
+            f"text_embeddings: {request.text_embeddings} holds {text_tokens} tokens per instruction, expected "
+            f"{text_store.TEXT_TOKENS} (T5's output padded with zeros): the DiT attends to every token"
+        )
     (root / GRAPHS_DIR).mkdir()
 
     dits = 2 if request.planning_checkpoint is not None else 1

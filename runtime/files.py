@@ -45,8 +45,12 @@ def graph_files_digest(files: Iterable[tuple[str, str]]) -> str:
 def write_atomic(path: Path, data: bytes) -> None:
     """Writes aside, then renames: a crash mid-write leaves a temporary file, never a truncated one under `path`."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    except BaseException:  # a full disk, Ctrl-C: no hidden file of gigabytes (an engine) left behind
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def writable_folder(folder: Path, purpose: str) -> None:

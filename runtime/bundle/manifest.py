@@ -51,7 +51,8 @@ MAX_DIT_BATCH = COUNT_LIMITS["num_queries_best_of_n"]
 def check_batch_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
     """The DiT batch sizes of an export, sorted: distinct, in 1..MAX_DIT_BATCH, and 1 among them (the reactive mode
     runs at batch 1, so a bundle without it could not be served)."""
-    if not sizes or len(set(sizes)) != len(sizes) or not all(is_positive_int(b) and b <= MAX_DIT_BATCH for b in sizes):
+    valid = all(is_positive_int(b) and b <= MAX_DIT_BATCH for b in sizes)  # first: a list in a hand-edited file
+    if not sizes or not valid or len(set(sizes)) != len(sizes):
         raise ConfigError(f"batch_sizes: expected distinct ints in 1..{MAX_DIT_BATCH} such as 1,8, got {list(sizes)}")
     if 1 not in sizes:
         raise ConfigError(f"batch_sizes: expected 1 among them (the reactive mode runs at batch 1), got {list(sizes)}")
@@ -306,12 +307,12 @@ class Bundle:
         path = self.root / relative
         if relative not in self._verified:
             if not path.is_file():
-                raise BundleError(f"{path}: missing from the bundle (listed in {MANIFEST_NAME}); re-export the bundle")
+                raise BundleError(f"{path}: missing from the bundle (listed in {MANIFEST_NAME}); {_remedy(relative)}")
             digest = sha256_file(path)
             if digest != record.sha256:
                 raise BundleError(
                     f"{path}: sha256 mismatch: {MANIFEST_NAME} records {record.sha256[:16]}…, the file has "
-                    f"{digest[:16]}…; the file was modified or corrupted, re-export the bundle"
+                    f"{digest[:16]}…; the file was modified or corrupted, {_remedy(relative)}"
                 )
             self._verified.add(relative)
         return path
@@ -378,9 +379,13 @@ class Bundle:
         return DatasetStats.from_json(self.file(self.manifest.dataset_statistics), self.manifest.platform)
 
     def _check_listing(self) -> None:
-        """Cheap completeness check: every listed file exists with its size, and every graph's files are listed."""
+        """Cheap completeness check: every listed file exists with its size, and every graph's files are listed.
+        Prebuilt engines are checked when a backend uses them (`file`): a bundle that lost one still opens for
+        onnxruntime, and for `engines build`, which builds it again."""
         manifest_path = self.root / MANIFEST_NAME
         for relative, record in self.manifest.files.items():
+            if relative.startswith(f"{ENGINES_DIR}/"):
+                continue
             path = self.root / relative
             if not path.is_file():
                 raise BundleError(f"{path}: missing from the bundle (listed in {MANIFEST_NAME}); re-export the bundle")
@@ -395,3 +400,10 @@ class Bundle:
         unlisted = sorted(set(referenced) - set(self.manifest.files))
         if unlisted:
             raise BundleError(f"{manifest_path}: files {unlisted} are used but have no sha256 record")
+
+
+def _remedy(relative: str) -> str:
+    """What rebuilds a bundle file: its engines are built by `engines build`, everything else by `export`."""
+    if relative.startswith(f"{ENGINES_DIR}/"):
+        return "build the bundle's engines again (cosmos-edge engines build BUNDLE)"
+    return "re-export the bundle"

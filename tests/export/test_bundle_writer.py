@@ -183,12 +183,25 @@ def test_statistics_of_another_platform_are_refused_before_exporting(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_text_embeddings_not_padded_to_512_tokens_are_refused_before_exporting(
+    tiny_assets: dict[str, CheckpointFiles], tmp_path: Path
+) -> None:
+    files = tiny_assets["aloha"]
+    width = text_store.read(files.text_embeddings).shape[-1]
+    short = tmp_path / "short.safetensors"
+    text_store.write(short, {"fold the t-shirt": np.zeros((1, 77, width), np.float32)})
+    with pytest.raises(ConfigError, match=f"{short} holds 77 tokens per instruction, expected 512"):
+        export_bundle(request(files, tmp_path / "bundle", text_embeddings=short))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["short.safetensors"]
+
+
 @pytest.mark.parametrize(
     ("sizes", "expected"),
     [
         ((2, 8), "expected 1 among them (the reactive mode runs at batch 1)"),
         ((1, 100_000), "expected distinct ints in 1..64"),
         ((1, 1), "expected distinct ints in 1..64"),
+        (([1],), "expected distinct ints in 1..64"),  # a list in a hand-edited manifest
     ],
 )
 def test_a_request_for_batch_sizes_nothing_could_serve_is_refused(

@@ -34,6 +34,18 @@ def edit_manifest(root: Path, edit: Callable[[dict], None]) -> None:
     path.write_text(json.dumps(manifest))
 
 
+def test_a_bundle_that_lost_an_engine_opens_and_names_the_command_that_builds_it(bundle_copy: Path) -> None:
+    def list_a_lost_engine(manifest: dict) -> None:  # an engines build whose file a copy left behind
+        manifest["engines"]["dit_b1"] = {"file": "dit_b1.engine"}
+        manifest["files"]["engines/dit_b1.engine"] = {"sha256": "0" * 64, "size": 123}
+
+    edit_manifest(bundle_copy, list_a_lost_engine)
+    bundle = Bundle.open(bundle_copy)  # for onnxruntime, and for `engines build`, which would build it again
+    assert bundle.file("graphs/dit_b1.onnx").is_file()
+    with pytest.raises(BundleError, match=r"dit_b1\.engine: missing from the bundle .*cosmos-edge engines build"):
+        bundle.file("engines/dit_b1.engine")
+
+
 def test_a_good_bundle_opens_and_verifies(bundle_copy: Path) -> None:
     bundle = Bundle.open(bundle_copy)
     for relative in bundle.manifest.files:  # every listed file against its sha256

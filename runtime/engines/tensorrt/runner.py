@@ -56,8 +56,8 @@ class TensorRTRunner:
     """Runs one graph through a TensorRT engine; meets `GraphRunner`.
 
     Create with `from_onnx` (build or reuse a cached engine) or `from_engine` (an engine file with its record, as a
-    bundle ships them); release with `close()` or a `with` block. `run` returns new arrays owned by the caller.
-    Calls must come from threads where the runner's CUDA device is current (device 0 unless chosen).
+    bundle ships them); release with `close()` or a `with` block. `run` returns new arrays owned by the caller; it
+    makes the runner's CUDA device current on the calling thread itself.
     """
 
     def __init__(
@@ -135,7 +135,7 @@ class TensorRTRunner:
                     raise EngineError(f"engine {record.file}: set_input_shape({name!r}, {buffer.spec.shape}) failed")
                 if not context.set_tensor_address(name, buffer.device_ptr):
                     raise EngineError(f"engine {record.file}: set_tensor_address({name!r}) failed")
-        except EngineError:
+        except BaseException:  # EngineError, or whatever TensorRT's bindings raise: the buffers are freed either way
             io.close()
             raise
         return cls(spec, record, runtime, engine, context, io, device)
