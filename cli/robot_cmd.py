@@ -145,8 +145,11 @@ def _robot(args: argparse.Namespace) -> int:
                 signalled.set()
                 executor.stop("a stop signal")
 
-            with on_stop_signals(stop):
-                print(f"driving the arms from {args.endpoint} ({args.task!r}); Ctrl-C holds the pose and ends")
+            with on_stop_signals(stop, second_interrupts=True):
+                print(
+                    f"driving the arms from {args.endpoint} ({args.task!r}); Ctrl-C holds the pose and ends (a second "
+                    "Ctrl-C quits at once, should the rig hang)"
+                )
                 try:
                     # The run ends at the latched stop (a flag the signal handler sets without taking a lock).
                     executor.run(duration_s=args.duration_s, until=lambda: safety.stopped)

@@ -29,14 +29,22 @@ def sigterm_interrupts() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def on_stop_signals(stop: Callable[[], None]) -> Iterator[None]:
+def on_stop_signals(stop: Callable[[], None], *, second_interrupts: bool = False) -> Iterator[None]:
     """SIGINT and SIGTERM call `stop` (which must only set flags: it runs in a signal handler) for the block; the
-    handlers before it are put back after. Off the main thread (embedded), signals are the caller's."""
+    handlers before it are put back after. Off the main thread (embedded), signals are the caller's.
+
+    `second_interrupts`: a second signal raises KeyboardInterrupt, as Ctrl-C does, for an operator whose stop waits
+    on something that hangs (a rig's `step` stuck in its driver)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    signalled = False
 
     def handle(signum: int, frame: FrameType | None) -> None:
+        nonlocal signalled
+        if signalled and second_interrupts:
+            raise KeyboardInterrupt
+        signalled = True
         stop()
 
     previous = {number: signal.signal(number, handle) for number in (signal.SIGINT, signal.SIGTERM)}

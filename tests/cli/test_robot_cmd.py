@@ -65,6 +65,13 @@ def test_the_control_loop_runs_at_the_niceness_asked_for() -> None:
     assert os.getpriority(os.PRIO_PROCESS, 0) != 7  # this thread's is its own
 
 
+def test_a_second_signal_gets_out_of_a_rig_that_hangs(capsys: pytest.CaptureFixture[str]) -> None:
+    fake_real_env.MADE.clear()
+    with serving(PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*"))) as endpoint:
+        assert main(robot(endpoint, "--keep-pose", "--env-kwargs", '{"hang_after": 3}')) == 130
+    assert "cosmos-edge: interrupted (robot)" in capsys.readouterr().err
+
+
 def test_a_signal_holds_the_pose_and_ends_the_run(capsys: pytest.CaptureFixture[str]) -> None:
     fake_real_env.MADE.clear()
     with serving(PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*"))) as endpoint:

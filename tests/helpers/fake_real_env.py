@@ -1,12 +1,15 @@
 """A stand-in for the rig's `RealEnv` (what `cosmos-edge robot --env tests.helpers.fake_real_env:make_env` builds):
 it records every command and answers 480x640 camera frames. With `signal_after=N` it sends this process SIGINT on
 its N-th step, as an operator's Ctrl-C while the arms move; with `fail_after=N` its N-th step raises, as a camera
-that comes loose; `terminate_at_reset` sends SIGTERM while the arms move to the start pose."""
+that comes loose; `terminate_at_reset` sends SIGTERM while the arms move to the start pose; with `hang_after=N` its
+N-th step sends SIGINT and never returns (a driver stuck), and a second SIGINT follows from another thread."""
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +45,11 @@ class FakeRealEnv:
             os.kill(os.getpid(), signal.SIGINT)
         if len(self.commands) == self.kwargs.get("fail_after"):
             raise OSError("USB camera disconnected")
+        if len(self.commands) == self.kwargs.get("hang_after"):
+            os.kill(os.getpid(), signal.SIGINT)
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+            while True:  # only an exception raised by a signal handler gets out of here
+                time.sleep(0.01)
         return self._timestep(np.array(action, dtype=np.float64))  # the arms reach every target
 
     @staticmethod
