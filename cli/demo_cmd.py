@@ -159,7 +159,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from cosmos_edge.robot_bridge.client import PolicyClient
     from cosmos_edge.robot_bridge.controller.safety import SafetyConfig, SafetyFilter
     from cosmos_edge.robot_bridge.robots.aloha_sim import AlohaSimRobot
-    from cosmos_edge.robot_bridge.robots.camera_frames import AlohaWireCameras
+    from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_observation
     from cosmos_edge.robot_bridge.server import PolicyServer, serving_in_thread
     from cosmos_edge.runtime.bundle.loader import load_policies
     from cosmos_edge.runtime.bundle.sources import CheckpointSource
@@ -182,13 +182,15 @@ def _run_demo(args: argparse.Namespace) -> int:
             "executor asks for the next chunk before the one in hand runs out)"
         )
         sim = AlohaSimRobot.create(DEMO_TASK, seed=args.seed, control_rate_hz=25.0)
-        robot = RecordingRobot(AlohaWireCameras(sim), sim.overhead_frame)
+        robot = RecordingRobot(sim, sim.overhead_frame)
         safety = SafetyFilter(SafetyConfig())
         started = time.perf_counter()
         with (
             contextlib.closing(sim),
             PolicyClient(endpoint, timeout_s=60.0) as client,
-            ThreadedChunkSource(client, ActParams(instruction, steps=args.steps)) as threaded,
+            ThreadedChunkSource(
+                client, ActParams(instruction, steps=args.steps), prepare=aloha_wire_observation
+            ) as threaded,
         ):
             source = RecordingSource(threaded)
             executor = ChunkExecutor(

@@ -30,7 +30,7 @@ from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor, Executor
 from cosmos_edge.robot_bridge.controller.safety import SafetyConfig, SafetyFilter
 from cosmos_edge.robot_bridge.protocol import ServerMetadata
 from cosmos_edge.robot_bridge.robots.aloha_real import ALOHA_DIMS, AlohaRealRobot, RealEnvLike
-from cosmos_edge.robot_bridge.robots.camera_frames import AlohaWireCameras
+from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_observation
 from cosmos_edge.runtime.errors import ConfigError, CosmosEdgeError, EngineError, InputError
 from cosmos_edge.runtime.policy.api import MAX_DENOISING_STEPS, MAX_SEED
 
@@ -135,8 +135,8 @@ def _robot(args: argparse.Namespace) -> int:
             f"{[round(lo, 3) for lo in limits.joint_lower]}..{[round(hi, 3) for hi in limits.joint_upper]} rad, "
             f"grippers within {limits.gripper_range}"
         )
-        robot = AlohaWireCameras(_connect_robot(make_env, args))
-        with ThreadedChunkSource(client, params) as source:
+        robot = _connect_robot(make_env, args)
+        with ThreadedChunkSource(client, params, prepare=aloha_wire_observation) as source:
             executor = ChunkExecutor(robot, source, safety, executor_config)
             # SIGINT and SIGTERM latch the executor's stop: the arms hold, and the run ends after the tick in progress.
             signalled = threading.Event()

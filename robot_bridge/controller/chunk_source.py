@@ -20,6 +20,7 @@ from cosmos_edge.runtime.policy.api import Observation
 logger = logging.getLogger(__name__)
 
 Clock = Callable[[], int]  # monotonic nanoseconds
+Prepare = Callable[[Observation], Observation]  # a captured observation -> what the client sends
 
 
 class ChunkReply(Protocol):
@@ -111,12 +112,16 @@ class ChunkSource(Protocol):
         ...
 
 
-def request_chunk(client: ActClient, params: ActParams, request: ChunkRequest) -> Outcome:
-    """Call the policy for `request` and turn the reply, or the failure, into an `Outcome`. Never raises: a remote or
-    transport error, or a reply that cannot be read, must not kill the worker (the loop holds and retries)."""
+def request_chunk(
+    client: ActClient, params: ActParams, request: ChunkRequest, prepare: Prepare | None = None
+) -> Outcome:
+    """Call the policy for `request` (its observation through `prepare` first) and turn the reply, or the failure,
+    into an `Outcome`. Never raises: a remote or transport error, or a reply that cannot be read, must not kill the
+    worker (the loop holds and retries)."""
     try:
+        observation = request.observation if prepare is None else prepare(request.observation)
         reply = client.act(
-            request.observation,
+            observation,
             params.instruction,
             obs_id=request.obs_id,
             capture_time_ns=request.capture_wall_ns,
@@ -140,14 +145,16 @@ def request_chunk(client: ActClient, params: ActParams, request: ChunkRequest) -
 
 class ThreadedChunkSource:
     """`ChunkSource` backed by one worker thread, one request at a time: the next is taken once the outcome of the
-    last has been polled.
+    last has been polled. `prepare` turns a captured observation into what the client sends (ALOHA's camera frames
+    resized to the wire's, `camera_frames.aloha_wire_observation`), on the worker.
 
     Use as a context manager, or call `start()` and `close()`.
     """
 
-    def __init__(self, client: ActClient, params: ActParams) -> None:
+    def __init__(self, client: ActClient, params: ActParams, prepare: Prepare | None = None) -> None:
         self._client = client
         self._params = params
+        self._prepare = prepare
         self._cond = threading.Condition()
         self._pending: ChunkRequest | None = None
         self._outcome: Outcome | None = None
@@ -210,6 +217,6 @@ class ThreadedChunkSource:
                     return
                 request, self._pending = self._pending, None
             assert request is not None
-            outcome = request_chunk(self._client, self._params, request)
+            outcome = request_chunk(self._client, self._params, request, self._prepare)
             with self._cond:
                 self._outcome = outcome  # `submit` refuses until the previous one is polled: none is overwritten

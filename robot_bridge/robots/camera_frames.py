@@ -11,7 +11,6 @@ from collections.abc import Mapping
 import numpy as np
 from PIL import Image
 
-from cosmos_edge.robot_bridge.controller.executor import Robot
 from cosmos_edge.runtime.errors import InputError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE
 from cosmos_edge.runtime.policy.api import Observation
@@ -50,19 +49,8 @@ def aloha_wire_images(frames: Mapping[str, np.ndarray]) -> tuple[dict[str, np.nd
     return images, sizes
 
 
-class AlohaWireCameras:
-    """A `Robot` whose observations carry wire-ready 224×224 images; commands pass through."""
-
-    def __init__(self, robot: Robot) -> None:
-        self._robot = robot
-
-    def observe(self) -> Observation:
-        observation = self._robot.observe()
-        images = {camera: aloha_wire_image(camera, frame) for camera, frame in observation.images.items()}
-        return Observation(images=images, proprio=observation.proprio)
-
-    def current_qpos(self) -> np.ndarray:
-        return self._robot.current_qpos()
-
-    def command(self, qpos_target: np.ndarray) -> None:
-        self._robot.command(qpos_target)
+def aloha_wire_observation(observation: Observation) -> Observation:
+    """An observation with its camera frames as the official client sends them (`aloha_wire_image`): a chunk
+    source's `prepare`, so that the resizes (milliseconds per camera) run on its worker, not on the control loop."""
+    images = {camera: aloha_wire_image(camera, frame) for camera, frame in observation.images.items()}
+    return Observation(images=images, proprio=observation.proprio)

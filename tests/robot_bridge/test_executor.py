@@ -1,5 +1,6 @@
 """ChunkExecutor on a fake clock with a deterministic chunk source, plus short real-time runs with the worker thread."""
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -594,6 +595,26 @@ def test_threaded_source_answers_and_maps_failures() -> None:
         unreadable = wait_outcome(source)  # the worker survives a reply it cannot read
         assert isinstance(unreadable, RequestFailed) and isinstance(unreadable.error, TypeError)
         assert not source.busy
+
+
+def test_threaded_source_prepares_observations_on_its_worker() -> None:
+    client = FakeClient(chunk=4)
+    prepared_on: list[str] = []
+
+    def prepare(observation: Observation) -> Observation:
+        prepared_on.append(threading.current_thread().name)
+        if not observation.images:
+            raise ValueError("no camera frames")
+        return observation
+
+    with ThreadedChunkSource(client, PARAMS, prepare=prepare) as source:
+        source.submit(request(7))  # no frames: `prepare` fails, as a bad camera frame would
+        failed = wait_outcome(source)
+        assert isinstance(failed, RequestFailed) and isinstance(failed.error, ValueError) and client.calls == []
+        framed = dataclasses.replace(request(8), observation=Observation({"cam_high": np.zeros((2, 2, 3))}, START))
+        source.submit(framed)
+        assert isinstance(wait_outcome(source), Chunk) and client.calls == [8]
+    assert prepared_on == ["chunk-source", "chunk-source"]  # not the control loop's thread
 
 
 def test_threaded_source_stays_busy_until_its_outcome_is_polled() -> None:
