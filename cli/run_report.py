@@ -14,7 +14,8 @@ def print_run_report(executor: ChunkExecutor, safety: SafetyFilter, summary: Tic
     """The executor's and the safety filter's counters, the ticks, and the chunk boundaries."""
     print("executor: " + ", ".join(f"{name}={value}" for name, value in asdict(executor.counters).items()))
     late = f", {summary.missed_ticks} more skipped (late)" if summary.missed_ticks else ""
-    print(f"ticks: {summary.ticks}{late}; held position on {summary.hold_ticks} (before the first chunk, or starved)")
+    held = f"held position on {summary.hold_ticks} (before the first chunk, starved, or stopped)"
+    print(f"ticks: {summary.ticks}{late}; {held}")
     print("safety interventions: " + ", ".join(f"{name}={value}" for name, value in asdict(safety.counters).items()))
     stats = summarize_boundaries(executor.boundaries())
     blend = executor.config.blend

@@ -8,9 +8,11 @@ official client on real arms). Two schemes, both keeping the executor's time ali
   chunk, new weight (j + 1) / (window + 1) at the j-th tick after the switch. After the window the new chunk is
   followed exactly.
 * `ensemble`: ACT-style temporal ensembling, exponential weights exp(-m·i) with i = 0 for the older prediction, for
-  every tick both chunks cover; the older chunk dominates (m > 0). Over its last `window_ticks` ticks its weight
-  ramps down to 0, so the target reaches the new chunk alone without a jump when the old chunk runs out. A chunk
-  adopted when the old one has `window_ticks` ticks or fewer left fades in as under `crossfade`.
+  every tick both chunks cover; the older chunk dominates (m > 0). At the switch the new chunk takes
+  e^-m / (1 + e^-m) of the gap at once (38 % for m = 0.5): continuous only with a new chunk every tick, as ACT
+  queries. Over its last `window_ticks` ticks the old chunk's weight ramps down to 0, so the target reaches the new
+  chunk alone without a jump when the old chunk runs out. A chunk adopted when the old one has `window_ticks` ticks
+  or fewer left fades in as under `crossfade`.
 
 The old trajectory is the replaced chunk, held at its last action once it runs out, and shifted by what was
 commanded at the switch minus that chunk's action then: zero after a finished fade, the remaining gap when a chunk
@@ -103,7 +105,7 @@ class _OpenBoundary:
     closes: int  # the tick after which it closes
 
 
-_BOUNDARIES_KEPT = 1024  # about 34 minutes of 50-action ALOHA chunks
+_BOUNDARIES_KEPT = 1024  # about 17 minutes of ALOHA at 25 Hz, a chunk adopted every 25 ticks (the prefetch point)
 
 
 class ChunkBlender:

@@ -12,8 +12,8 @@ still for the whole inference. Here the control loop never waits for inference:
   is meant to start at tick k + 1, so when it arrives at tick t it replaces the rest of the old
   chunk from its action t - (k + 1) onwards. Replies no newer than the chunk in hand, or whose
   actions have all elapsed, are dropped.
-* The adopted chunk is blended with the trajectory it replaces (`blending`: a short cross-fade by default), so the
-  commanded pose does not jump at chunk boundaries; every boundary's raw and commanded jump is recorded.
+* The adopted chunk is blended with the trajectory it replaces (`blending`: a short cross-fade by default, under
+  which the commanded pose does not jump at chunk boundaries); every boundary's raw and commanded jump is recorded.
 * The inference round trip is measured on every reply, and the prefetch point rises to cover it (with a margin).
   When the robot still runs out of actions (starves), or replies arrive after all their actions elapsed, a
   warning names the measured latency and the chunk horizon, at most every few seconds. Only one request is in
