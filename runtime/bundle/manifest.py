@@ -242,6 +242,8 @@ def _graph(fields: _Fields) -> GraphRecord:
         for entry in entries:
             shape = entry.get("shape", list)
             entry.require("shape", all(is_positive_int(size) for size in shape), "positive ints", shape)
+            dtype = entry.get("dtype", str)  # every graph is float32 at its boundary, whatever it computes in
+            entry.require("dtype", dtype == "float32", "float32", dtype)
         return tuple(
             TensorSpec(entry.get("name", str), tuple(entry.get("shape", list)), entry.get("dtype", str))
             for entry in entries

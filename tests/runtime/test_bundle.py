@@ -109,8 +109,21 @@ def test_a_bundle_of_an_earlier_schema_asks_for_a_re_export(bundle_copy: Path) -
             lambda m: m["graphs"]["dit_b1"]["spec"]["inputs"][0].update(shape=["a", 2]),
             r"manifest\.graphs\.dit_b1\.spec\.inputs\.shape: expected positive ints, got \['a', 2\]",
         ),
+        (
+            lambda m: m["graphs"]["dit_b1"]["spec"]["outputs"][0].update(dtype="bfloat16"),
+            r"manifest\.graphs\.dit_b1\.spec\.outputs\.dtype: expected float32, got 'bfloat16'",
+        ),
+        (lambda m: m.update(batch_sizes=[[1]]), r"manifest\.batch_sizes: expected distinct ints"),
     ],
-    ids=["batch not an int", "batch against spec", "no batch 1", "batch sizes against graphs", "shape not ints"],
+    ids=[
+        "batch not an int",
+        "batch against spec",
+        "no batch 1",
+        "batch sizes against graphs",
+        "shape not ints",
+        "dtype not float32",
+        "a list among the batch sizes",
+    ],
 )
 def test_malformed_manifest_names_the_field(
     bundle_copy: Path, edit: Callable[[dict[str, Any]], None], message: str
