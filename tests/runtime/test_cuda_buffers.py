@@ -132,3 +132,31 @@ def test_captured_uploads_and_downloads_replay_with_new_inputs() -> None:
     finally:
         captured.reset()
         io.close()
+
+
+class UncapturableRuntime:
+    """A cudart whose stream captures are invalidated (error 900, as when captured work is not capturable)."""
+
+    class cudaStreamCaptureMode(enum.IntEnum):
+        cudaStreamCaptureModeThreadLocal = 1
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def cudaStreamBeginCapture(self, stream: object, mode: object) -> tuple[int]:
+        self.calls.append("begin")
+        return (FakeCudaError.cudaSuccess,)
+
+    def cudaStreamEndCapture(self, stream: object) -> tuple[int, None]:
+        self.calls.append("end")
+        return (900, None)
+
+
+def test_work_that_cannot_be_captured_runs_without_a_graph_from_then_on(caplog: pytest.LogCaptureFixture) -> None:
+    cudart, runs = UncapturableRuntime(), []
+    work = CapturedWork(cudart, "stream", lambda: runs.append(len(cudart.calls)))  # type: ignore[arg-type]
+    for _ in range(3):
+        work.launch()
+    # Run eagerly, then the failed capture (its run records nothing real), then plain launches: no second capture.
+    assert cudart.calls == ["begin", "end"] and len(runs) == 4
+    assert caplog.text.count("CUDA graph capture failed") == 1

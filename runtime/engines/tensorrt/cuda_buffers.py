@@ -180,7 +180,9 @@ class CapturedWork:
 
     The first `launch` runs it eagerly, because TensorRT finishes lazy set-up on its first enqueue and that cannot be
     captured, then records it into a graph without running it again; later launches replay the graph. The graph
-    bakes in every address `work` uses: call `reset` whenever one changes, and it is captured again.
+    bakes in every address `work` uses: call `reset` whenever one changes, and it is captured again. Work that
+    cannot be captured (the capture fails) is logged once and launched plainly from then on: its first run's results
+    stand.
     """
 
     def __init__(self, cudart: ModuleType, stream: Any, work: Callable[[], None]) -> None:
@@ -189,13 +191,21 @@ class CapturedWork:
         self._work = work
         self._graph: Any = None
         self._graph_exec: Any = None
+        self._plain = False
 
     def launch(self) -> None:
         if self._graph_exec is not None:
             check_cuda(self._cudart.cudaGraphLaunch(self._graph_exec, self._stream), "cudaGraphLaunch")
             return
         self._work()
-        self._capture()
+        if self._plain:
+            return
+        try:
+            self._capture()
+        except EngineError as error:
+            _LOG.warning("CUDA graph capture failed (%s); launching this work without a graph from now on", error)
+            self._plain = True
+            self.reset()
 
     def reset(self) -> None:
         if self._graph_exec is not None:
@@ -213,8 +223,9 @@ class CapturedWork:
         check_cuda(cudart.cudaStreamBeginCapture(self._stream, mode), "cudaStreamBeginCapture")
         try:
             self._work()
-        finally:
-            # Ending the capture also when `work` failed leaves the stream usable for the error path.
-            self._graph = check_cuda(cudart.cudaStreamEndCapture(self._stream), "cudaStreamEndCapture")
+        except BaseException:
+            cudart.cudaStreamEndCapture(self._stream)  # leaves the stream usable; the work's error is the one raised
+            raise
+        self._graph = check_cuda(cudart.cudaStreamEndCapture(self._stream), "cudaStreamEndCapture")
         self._graph_exec = check_cuda(cudart.cudaGraphInstantiate(self._graph, 0), "cudaGraphInstantiate")
         _LOG.debug("captured a CUDA graph on stream %#x", int(self._stream))
