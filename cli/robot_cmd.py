@@ -64,8 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default={},
         metavar="JSON",
         help="the rig's limits, any of the safety filter's fields: joint_lower and joint_upper (rad, one per arm "
-        "joint, both arms), gripper_range (normalised), max_joint_step (rad per tick, at most 0.5); default vx300s "
-        "limits and 0.15, "
+        "joint, both arms), right_joint_lower and right_joint_upper (the right arm's own, when they differ), "
+        "gripper_range (normalised), max_joint_step (rad per tick, at most 0.5); default vx300s limits and 0.15, "
         'e.g. {"max_joint_step": 0.1}',
     )
     parser.add_argument("--task", required=True, help="the instruction, as the server lists it")
@@ -132,8 +132,8 @@ def _robot(args: argparse.Namespace) -> int:
         limits = safety.config
         print(
             f"safety: at most {limits.max_joint_step:g} rad per tick per arm joint, joints within "
-            f"{[round(lo, 3) for lo in limits.joint_lower]}..{[round(hi, 3) for hi in limits.joint_upper]} rad, "
-            f"grippers within {limits.gripper_range}"
+            + ", ".join(f"{arm} {_rounded(*limits.arm_limits(index))}" for index, arm in enumerate(("left", "right")))
+            + f" rad, grippers within {limits.gripper_range}"
         )
         robot = _connect_robot(make_env, args)
         with ThreadedChunkSource(client, params, prepare=aloha_wire_observation) as source:
@@ -232,6 +232,10 @@ def _env_factory(spec: str) -> Callable[..., RealEnvLike]:
     if not callable(factory):
         raise ConfigError(f"--env {spec}: {module_name} has no function {function_name}")
     return factory  # type: ignore[no-any-return]
+
+
+def _rounded(lower: tuple[float, ...], upper: tuple[float, ...]) -> str:
+    return f"{[round(lo, 3) for lo in lower]}..{[round(hi, 3) for hi in upper]}"
 
 
 def _safety_config(fields: dict[str, object]) -> SafetyConfig:

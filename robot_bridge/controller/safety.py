@@ -85,9 +85,11 @@ class SafetyConfig:
     """Limits for a bimanual ALOHA command vector (14 values for 6-joint arms).
 
     Args:
-        joint_lower: lower position limit of each arm joint in rad, the same for both arms
-            (default: vx300s, see `VX300S_JOINT_LOWER`).
-        joint_upper: upper position limit of each arm joint in rad (default: vx300s).
+        joint_lower: lower position limit of each arm joint in rad, the left arm's and, unless
+            `right_joint_lower` is given, the right arm's (default: vx300s, see `VX300S_JOINT_LOWER`).
+        joint_upper: upper position limit of each arm joint in rad, likewise (default: vx300s).
+        right_joint_lower, right_joint_upper: the right arm's own limits, for a rig whose arms are not
+            limited alike (a table edge on one side: mirrored waist limits); default: the left arm's.
         gripper_range: allowed normalised gripper command (default (0, 1): 0 closed, 1 open).
         max_joint_step: largest change of an arm joint per tick in rad, relative to the measured
             position (default 0.15, the official client's pause threshold; at most 0.5).
@@ -97,20 +99,26 @@ class SafetyConfig:
     joint_upper: tuple[float, ...] = VX300S_JOINT_UPPER
     gripper_range: tuple[float, float] = (0.0, 1.0)
     max_joint_step: float = DEFAULT_MAX_JOINT_STEP
+    right_joint_lower: tuple[float, ...] | None = None
+    right_joint_upper: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        check_numbers("safety.joint_lower", self.joint_lower)
-        check_numbers("safety.joint_upper", self.joint_upper)
         check_numbers("safety.gripper_range", self.gripper_range, length=2)
         check_number("safety.max_joint_step", self.max_joint_step, 0, MAX_JOINT_STEP_LIMIT, above_low=True)
-        if len(self.joint_lower) != len(self.joint_upper) or not self.joint_lower:
-            raise ConfigError(
-                f"safety.joint_lower/joint_upper: expected equal, non-zero lengths, got "
-                f"{len(self.joint_lower)} and {len(self.joint_upper)}"
-            )
-        for i, (lo, hi) in enumerate(zip(self.joint_lower, self.joint_upper, strict=True)):
-            if not lo < hi:
-                raise ConfigError(f"safety.joint limits: expected lower < upper for joint {i}, got [{lo}, {hi}]")
+        for prefix in ("", "right_"):
+            lower, upper = self.arm_limits(1 if prefix else 0)
+            check_numbers(f"safety.{prefix}joint_lower", lower)
+            check_numbers(f"safety.{prefix}joint_upper", upper)
+            if len(lower) != len(upper) or len(lower) != len(self.joint_lower) or not lower:
+                raise ConfigError(
+                    f"safety.{prefix}joint_lower/{prefix}joint_upper: expected equal, non-zero lengths (as "
+                    f"joint_lower's {len(self.joint_lower)}), got {len(lower)} and {len(upper)}"
+                )
+            for i, (lo, hi) in enumerate(zip(lower, upper, strict=True)):
+                if not lo < hi:
+                    raise ConfigError(
+                        f"safety.{prefix}joint limits: expected lower < upper for joint {i}, got [{lo}, {hi}]"
+                    )
         lo, hi = self.gripper_range
         if not lo < hi:
             raise ConfigError(f"safety.gripper_range: expected lower < upper, got {self.gripper_range}")
@@ -124,13 +132,23 @@ class SafetyConfig:
         per_arm = len(self.joint_lower) + 1
         return tuple(arm * per_arm + per_arm - 1 for arm in range(NUM_ARMS))
 
+    def arm_limits(self, arm: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(lower, upper) joint limits of arm 0 (left) or 1 (right)."""
+        if arm == 0:
+            return self.joint_lower, self.joint_upper
+        lower = self.joint_lower if self.right_joint_lower is None else self.right_joint_lower
+        upper = self.joint_upper if self.right_joint_upper is None else self.right_joint_upper
+        return lower, upper
+
     def lower(self) -> np.ndarray:
         """Per-dimension lower limits, shape (dims,)."""
-        return np.array(NUM_ARMS * (*self.joint_lower, self.gripper_range[0]), dtype=np.float64)
+        limits = [(*self.arm_limits(arm)[0], self.gripper_range[0]) for arm in range(NUM_ARMS)]
+        return np.array([value for arm in limits for value in arm], dtype=np.float64)
 
     def upper(self) -> np.ndarray:
         """Per-dimension upper limits, shape (dims,)."""
-        return np.array(NUM_ARMS * (*self.joint_upper, self.gripper_range[1]), dtype=np.float64)
+        limits = [(*self.arm_limits(arm)[1], self.gripper_range[1]) for arm in range(NUM_ARMS)]
+        return np.array([value for arm in limits for value in arm], dtype=np.float64)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ from hypothesis.extra.numpy import arrays
 
 from cosmos_edge.robot_bridge.controller.safety import (
     DEFAULT_MAX_JOINT_STEP,
+    VX300S_JOINT_LOWER,
+    VX300S_JOINT_UPPER,
     WARNING_INTERVAL_S,
     Intervention,
     SafetyConfig,
@@ -50,11 +52,25 @@ def test_default_config_matches_aloha_layout() -> None:
         {"joint_lower": 0.0},
         {"gripper_range": (0.0, 0.5, 1.0)},
         {"gripper_range": (0.0, math.inf)},
+        {"right_joint_lower": (0.0,)},  # not one per joint
+        {"right_joint_lower": 0.0},
+        {"right_joint_upper": (-4.0,) * 6},  # below the lower limits it shares with the left arm
     ],
 )
 def test_invalid_config_names_the_field(kwargs: dict) -> None:
     with pytest.raises(ConfigError, match="safety\\."):
         SafetyConfig(**kwargs)
+
+
+def test_each_arm_may_have_its_own_limits() -> None:
+    left_waist = (-1.0, *VX300S_JOINT_LOWER[1:])
+    right_waist_upper = (1.0, *VX300S_JOINT_UPPER[1:])  # mirrored: a table edge on each side
+    config = SafetyConfig(joint_lower=left_waist, right_joint_upper=right_waist_upper)
+    lower, upper = config.lower(), config.upper()
+    assert (lower[0], upper[0]) == (-1.0, VX300S_JOINT_UPPER[0])  # left: its own lower, the default upper
+    assert (lower[7], upper[7]) == (-1.0, 1.0)  # right: the shared lower, its own upper
+    out = SafetyFilter(config).apply(np.full(14, 0.1) + np.eye(14)[7] * 1.2, np.full(14, 0.1) + np.eye(14)[7] * 1.0)
+    assert out.qpos[7] == 1.0 and Intervention.CLAMPED in out.flags
 
 
 def test_a_limit_of_the_wrong_type_is_named_with_what_was_expected() -> None:
