@@ -32,11 +32,11 @@ from cosmos_edge.runtime.bundle.manifest import Bundle
 from cosmos_edge.runtime.engines.onnxruntime_runner import open_graph
 from cosmos_edge.runtime.engines.torch_networks import TorchDiT
 from cosmos_edge.runtime.models.dit_checkpoint import load_dit
+from cosmos_edge.runtime.models.prefix_encoder import BlackPrefixEncoder
 from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets
 from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
 from cosmos_edge.runtime.models.wan_vae import WanVAE
 from cosmos_edge.runtime.platforms import platform_spec
-from cosmos_edge.runtime.policy.latents import BLACK, black_prefix_frames
 
 ALOHA = platform_spec("aloha")
 
@@ -131,16 +131,15 @@ def test_dit_call(benchmark: Any, small: SmallSetup) -> None:
 
 def test_prefix_vae_encode(benchmark: Any, small: SmallSetup) -> None:
     # Both encode the prefix's 12 camera frames after its 5 black ones: ONNX Runtime with the black frames' latent
-    # and causal context as constants of its graph, torch with them cached (`encode_continuation`).
+    # and causal context as constants of its graph, torch with them cached (`BlackPrefixEncoder`).
     runner = open_graph(small.bundle.graph_file("vae_encoder_cameras"), "cpu")
     cameras = np.random.default_rng(1).uniform(-1, 1, runner.spec.inputs[0].shape).astype(np.float32)
-    black = torch.full((1, 3, black_prefix_frames(ALOHA), 224, 224), float(BLACK))
     with torch.inference_mode():
-        _, context = small.vae.encode_prefix(black)
+        encoder = BlackPrefixEncoder(small.vae, ALOHA)
 
     @torch.inference_mode()
     def torch_call() -> torch.Tensor:
-        return small.vae.encode_continuation(torch.from_numpy(cameras), context)
+        return encoder(torch.from_numpy(cameras))
 
     torch_s = compare(benchmark, lambda: runner.run({"video": cameras}), torch_call, ROUNDS["vae"])
     record(benchmark, torch_s, "Wan2.1 encoder, the 12 camera frames of the 17-frame prefix, 224x224")
