@@ -281,7 +281,7 @@ def parse(frames: Sequence[FrameLike], limits: WireLimits) -> Envelope:
     request_id = check_int("request_id", header.get("request_id"), 0, UINT64_MAX)
     try:
         if len(frames) > limits.max_arrays + 1:
-            raise MessageError(ErrorCode.MALFORMED, "frames", f"{expected_frames}, got {len(frames)}")
+            raise MessageError(ErrorCode.TOO_LARGE, "frames", f"{expected_frames}, got {len(frames)}")
         views = [_byte_view(frame) for frame in frames[1:]]
         total = header_view.nbytes + sum(view.nbytes for view in views)
         if total > limits.max_message_bytes:
@@ -294,10 +294,10 @@ def parse(frames: Sequence[FrameLike], limits: WireLimits) -> Envelope:
 
 
 def _parse_header(header: dict[str, Any], request_id: int, views: list[memoryview], limits: WireLimits) -> Envelope:
+    _check_version(header)  # first: a newer sender's header may hold keys this version does not know
     unknown = sorted(set(header) - _HEADER_KEYS)
     if unknown:
         raise invalid(f"header.{unknown[0]}", f"unknown header key; expected only {sorted(_HEADER_KEYS)}")
-    _check_version(header)
     try:
         kind = MessageKind(header.get("kind"))
     except ValueError:

@@ -247,6 +247,11 @@ REJECTIONS: dict[str, tuple[Callable[[Frames], Frames], ErrorCode, str]] = {
     "missing request id": (with_header(request_id=None), ErrorCode.INVALID_FIELD, "request_id"),
     "unknown header key": (with_header(extra=1), ErrorCode.INVALID_FIELD, "header.extra"),
     "future version": (with_header(protocol_version=2), ErrorCode.UNSUPPORTED_VERSION, "protocol_version"),
+    "future version, new key": (
+        with_header(protocol_version=2, extra=1),  # a newer sender: told the versions differ, not about its key
+        ErrorCode.UNSUPPORTED_VERSION,
+        "protocol_version",
+    ),
     "version true": (with_header(protocol_version=True), ErrorCode.UNSUPPORTED_VERSION, "protocol_version"),
     "version float": (with_header(protocol_version=1.0), ErrorCode.UNSUPPORTED_VERSION, "protocol_version"),
     "version missing": (with_header(protocol_version=DROP), ErrorCode.UNSUPPORTED_VERSION, "protocol_version"),
@@ -318,7 +323,7 @@ def test_decoder_rejects(mutate: Callable[[Frames], Frames], code: ErrorCode, fi
         (WireLimits(max_message_bytes=400_000, max_array_bytes=200_000), ErrorCode.TOO_LARGE, "message"),
         (WireLimits(max_array_bytes=100_000), ErrorCode.TOO_LARGE, "image/cam_left_wrist"),
         (WireLimits(max_header_bytes=64), ErrorCode.TOO_LARGE, "header"),
-        (WireLimits(max_arrays=3), ErrorCode.MALFORMED, "frames"),
+        (WireLimits(max_arrays=3), ErrorCode.TOO_LARGE, "frames"),
     ],
     ids=["message", "array", "header", "frame count"],
 )
