@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from cosmos_edge.cli.extras import require_extra
+from cosmos_edge.cli.flag_names import naming_flags
 from cosmos_edge.runtime.bundle.manifest import check_batch_sizes
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import PLATFORMS
@@ -61,6 +62,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_export)
 
 
+# The export request's fields, as its errors name them, and the flags that give them.
+_FLAGS = {
+    "checkpoint": "--checkpoint",
+    "tokenizer": "--tokenizer",
+    "stats": "--stats",
+    "text_embeddings": "--text-embeddings",
+    "planning_checkpoint": "--planning-checkpoint",
+    "batch_sizes": "--batch-sizes",
+    "precision": "--precision",
+}
+
+
 def _export(args: argparse.Namespace) -> int:
     # Export needs torch and onnx; serving does not, so they are imported only here.
     require_extra("export", "torch,onnx", "torch", "onnx")
@@ -78,8 +91,8 @@ def _export(args: argparse.Namespace) -> int:
     check_new_bundle_path(args.out)
     print(f"exporting for {target} in {precision} (change with --for / --precision)")
 
-    bundle = export_bundle(
-        ExportRequest(
+    with naming_flags(_FLAGS):
+        request = ExportRequest(
             checkpoint=args.checkpoint,
             tokenizer=args.tokenizer,
             stats=args.stats,
@@ -91,7 +104,7 @@ def _export(args: argparse.Namespace) -> int:
             planning_checkpoint=args.planning_checkpoint,
             future_images=not args.no_future_images,
         )
-    )
+        bundle = export_bundle(request)
     manifest = bundle.manifest
     total = sum(record.size for record in manifest.files.values())
     print(f"bundle {bundle.root}: {manifest.platform.name}, {manifest.precision}, {total / 2**20:.1f} MiB")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import zmq.auth
 
+from cosmos_edge.cli.output_paths import write_error
 from cosmos_edge.runtime.errors import ConfigError
 
 
@@ -20,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("keys", help="CURVE keys for the ZeroMQ endpoint")
     actions = parser.add_subparsers(dest="action", required=True)
     generate = actions.add_parser("generate", help="write a key pair: DIR/NAME.key and DIR/NAME.key_secret")
-    generate.add_argument("directory", type=Path, help="where to write the pair (created if missing)")
+    generate.add_argument("directory", type=Path, metavar="DIR", help="where to write the pair (created if missing)")
     generate.add_argument("--name", default="cosmos-edge", help="file name of the pair, e.g. server or robot1")
     generate.set_defaults(func=_generate)
 
@@ -35,12 +36,15 @@ def generate_keys(directory: Path, name: str) -> tuple[Path, Path]:
     for path in (public, secret):
         if path.exists():
             raise ConfigError(f"{path}: already exists; keys are never overwritten, choose another --name or DIR")
+    umask = os.umask(0o077)  # the secret is never readable by others, not even until a chmod
     try:
         directory.mkdir(parents=True, exist_ok=True)
         written_public, written_secret = zmq.auth.create_certificates(directory, name)
-        os.chmod(written_secret, 0o600)  # pyzmq writes it with the process's umask
+        os.chmod(written_public, 0o644)  # the public half is meant to be copied
     except OSError as error:
-        raise ConfigError(f"DIR {directory}: cannot write the key pair: {error.strerror or error}") from None
+        raise write_error(f"DIR {directory}: cannot write the key pair", error) from None
+    finally:
+        os.umask(umask)
     return Path(written_public), Path(written_secret)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cosmos_edge.cli.output_paths import writable_file
+from cosmos_edge.cli.output_paths import writable_file, write_error
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.policy.api import Observation
 
@@ -84,4 +84,4 @@ def write_npz(flag: str, path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     try:
         np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds like allow_pickle
     except OSError as error:
-        raise ConfigError(f"{flag} {path}: {error.strerror or error}") from None
+        raise write_error(f"{flag} {path}", error) from None

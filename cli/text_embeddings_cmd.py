@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cosmos_edge.cli.extras import require_extra
 from cosmos_edge.cli.output_paths import writable_file
 from cosmos_edge.runtime.engines.registry import load_torch_backend
 from cosmos_edge.runtime.policy import text_embeddings
@@ -44,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    require_extra("text-embeddings convert", "torch", "torch")
     from cosmos_edge.runtime.models import text_encoder  # torch: only this command needs it
 
     out = writable_file("OUT.safetensors", Path(args.out_path), replace=False)
@@ -73,6 +75,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
+    require_extra("text-embeddings embed", "torch", "torch")
     from cosmos_edge.runtime.models import text_encoder  # torch and transformers: only this command needs them
 
     out = writable_file("--out", Path(args.out), replace=False)  # before T5-11B loads

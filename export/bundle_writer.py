@@ -13,6 +13,7 @@ import gc
 import importlib.metadata
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -150,8 +151,10 @@ def _remove_interrupted_exports(out: Path) -> None:
     an export still running are left alone)."""
     prefix = _staging_prefix(out)
     for staging in sorted(out.parent.glob(f"{prefix}*")):
-        pid = staging.name.removeprefix(prefix).partition("-")[0]
-        if pid.isdigit() and _running(int(pid)):
+        pid, _, suffix = staging.name.removeprefix(prefix).partition("-")
+        if not (pid.isdigit() and re.fullmatch(r"[a-z0-9_]{8}", suffix)):  # not a name mkdtemp gave an export
+            continue
+        if _running(int(pid)):
             _LOG.warning("%s: another export of %s (pid %s) is writing it", staging, out.name, pid)
             continue
         _LOG.warning("removing %s, left by an interrupted export of %s", staging, out.name)

@@ -138,6 +138,10 @@ CASES: dict[str, Case] = {
         ["export", *files_args(f), "--out", str(write(t, "afile", b"x") / "bundle"), "--precision", "fp32"],
         "afile/bundle: cannot write a bundle there",
     ),
+    "export of a checkpoint that is not there": lambda f, t: (
+        ["export", *files_args(f, checkpoint=t / "nope.pt"), "--out", str(t / "bundle"), "--precision", "fp32"],
+        f"--checkpoint: {t / 'nope.pt'}",
+    ),
     "random model into a file's place": lambda f, t: (
         ["checkpoint", "random", "--out", str(write(t, "afile", b"x") / "model")],
         "afile/model: cannot write the model files there",

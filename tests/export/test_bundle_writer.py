@@ -113,9 +113,10 @@ def test_a_new_export_removes_what_a_killed_one_left_but_not_a_running_ones(
     tiny_assets: dict[str, CheckpointFiles], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
-    killed = tmp_path / f".bundle.partial-{int(finished.stdout)}-abcd"
-    running = tmp_path / f".bundle.partial-{os.getpid()}-efgh"
-    for staging in (killed, running):
+    killed = tmp_path / f".bundle.partial-{int(finished.stdout)}-abcd1234"  # named as mkdtemp names them
+    running = tmp_path / f".bundle.partial-{os.getpid()}-efgh_567"
+    users = tmp_path / ".bundle.partial-mine"  # not an export's: never removed
+    for staging in (killed, running, users):
         (staging / "graphs").mkdir(parents=True)
 
     def fail(*args: object) -> None:
@@ -124,7 +125,7 @@ def test_a_new_export_removes_what_a_killed_one_left_but_not_a_running_ones(
     monkeypatch.setattr(bundle_writer, "export_vae_cameras_encoder", fail)
     with pytest.raises(RuntimeError):
         export_bundle(request(tiny_assets["libero"], tmp_path / "bundle"))
-    assert list(tmp_path.iterdir()) == [running]
+    assert sorted(tmp_path.iterdir()) == sorted([running, users])
 
 
 def test_the_bundle_directory_is_as_readable_as_its_files(tiny_bundles: TinyBundles) -> None:
