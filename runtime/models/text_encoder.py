@@ -80,6 +80,17 @@ def embed_instructions(
         encoder = T5EncoderModel.from_pretrained(model, use_safetensors=True)
     except OSError as error:  # not a local folder, and not found (or no network) on the Hub
         raise CheckpointError(f"model {model!r}: cannot load the T5 encoder: {error}") from None
+    try:
+        return _embed(tokenizer, encoder, instructions, out_path, device)
+    except torch.OutOfMemoryError:  # T5-11B's encoder in float32 needs a large GPU
+        raise EngineError(
+            f"device {device}: out of memory for the T5 encoder {model!r} in float32; use a device with more memory"
+        ) from None
+
+
+def _embed(
+    tokenizer: Any, encoder: Any, instructions: Sequence[str], out_path: str | Path, device: str
+) -> TextEmbeddings:
     encoder = encoder.to(device=device, dtype=torch.float32).eval()
     embeddings = {}
     with torch.inference_mode():

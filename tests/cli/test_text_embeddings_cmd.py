@@ -1,3 +1,5 @@
+from __future__ import annotations
+
 import argparse
 import pickle
 import sys
@@ -71,6 +73,22 @@ def test_embed_names_a_model_that_cannot_be_loaded(tmp_path: Path, monkeypatch: 
     out = tmp_path / "t5.safetensors"
     with pytest.raises(CheckpointError, match="model 'google-t5/t5-11bb': cannot load the T5 encoder: google-t5"):
         _run(["text-embeddings", "embed", "--out", str(out), "--device", "cpu", "--model", "google-t5/t5-11bb", "x"])
+
+
+def test_embed_on_a_device_too_small_says_so_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class TooLarge:  # loads, then cannot be moved onto the device
+        @classmethod
+        def from_pretrained(cls, name: str, **kwargs: object) -> TooLarge:
+            return cls()
+
+        def to(self, **kwargs: object) -> None:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setitem(
+        sys.modules, "transformers", types.SimpleNamespace(T5EncoderModel=TooLarge, T5TokenizerFast=TooLarge)
+    )
+    with pytest.raises(EngineError, match="device cpu: out of memory for the T5 encoder 'google-t5/t5-11b'"):
+        _run(["text-embeddings", "embed", "--out", str(tmp_path / "t5.safetensors"), "--device", "cpu", "x"])
 
 
 def test_merge_joins_stores_and_never_replaces_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
