@@ -38,7 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     random.add_argument("--platform", default="aloha", choices=sorted(PLATFORMS), help="slot layout and statistics")
     random.add_argument("--seed", type=int_in_range(0, MAX_SEED), default=0, help="seed of the random weights")
-    random.add_argument("--dtype", default="fp32", choices=PRECISIONS, help="weights' dtype")
+    random.add_argument(
+        "--dtype", "--precision", dest="dtype", default="fp32", choices=PRECISIONS, help="weights' dtype"
+    )
     random.add_argument(
         "--out", type=Path, required=True, help="directory to write into (refused if it holds a file of the same name)"
     )
