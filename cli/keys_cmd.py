@@ -36,9 +36,12 @@ def generate_keys(directory: Path, name: str) -> tuple[Path, Path]:
     for path in (public, secret):
         if path.exists():
             raise ConfigError(f"{path}: already exists; keys are never overwritten, choose another --name or DIR")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)  # as any directory: others may read the public keys in it
+    except OSError as error:
+        raise write_error(f"DIR {directory}: cannot make it", error) from None
     umask = os.umask(0o077)  # the secret is never readable by others, not even until a chmod
     try:
-        directory.mkdir(parents=True, exist_ok=True)
         written_public, written_secret = zmq.auth.create_certificates(directory, name)
         os.chmod(written_public, 0o644)  # the public half is meant to be copied
     except OSError as error:

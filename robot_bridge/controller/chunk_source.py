@@ -6,6 +6,7 @@ can substitute a deterministic source, and a transport other than the ZeroMQ cli
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -112,16 +113,12 @@ class ChunkSource(Protocol):
         ...
 
 
-def request_chunk(
-    client: ActClient, params: ActParams, request: ChunkRequest, prepare: Prepare | None = None
-) -> Outcome:
-    """Call the policy for `request` (its observation through `prepare` first) and turn the reply, or the failure,
-    into an `Outcome`. Never raises: a remote or transport error, or a reply that cannot be read, must not kill the
-    worker (the loop holds and retries)."""
+def request_chunk(client: ActClient, params: ActParams, request: ChunkRequest) -> Outcome:
+    """Call the policy for `request` and turn the reply, or the failure, into an `Outcome`. Never raises: a remote or
+    transport error, or a reply that cannot be read, must not kill the worker (the loop holds and retries)."""
     try:
-        observation = request.observation if prepare is None else prepare(request.observation)
         reply = client.act(
-            observation,
+            request.observation,
             params.instruction,
             obs_id=request.obs_id,
             capture_time_ns=request.capture_wall_ns,
@@ -209,6 +206,15 @@ class ThreadedChunkSource:
                 self._busy = False
             return outcome
 
+    def _prepared(self, request: ChunkRequest) -> ChunkRequest | RequestFailed:
+        """`request` with its observation through `prepare`, or its failure as the request's outcome."""
+        if self._prepare is None:
+            return request
+        try:
+            return dataclasses.replace(request, observation=self._prepare(request.observation))
+        except Exception as error:
+            return RequestFailed(obs_id=request.obs_id, error=error)
+
     def _work(self) -> None:
         while True:
             with self._cond:
@@ -217,6 +223,13 @@ class ThreadedChunkSource:
                     return
                 request, self._pending = self._pending, None
             assert request is not None
-            outcome = request_chunk(self._client, self._params, request, self._prepare)
+            prepared = self._prepared(request)
+            if isinstance(prepared, ChunkRequest):
+                with self._cond:
+                    if self._closed:  # closed while it was prepared: nothing more is sent
+                        return
+                outcome: Outcome = request_chunk(self._client, self._params, prepared)
+            else:
+                outcome = prepared
             with self._cond:
                 self._outcome = outcome  # `submit` refuses until the previous one is polled: none is overwritten

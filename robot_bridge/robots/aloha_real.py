@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cosmos_edge.robot_bridge.robots.camera_frames import check_camera_frame
 from cosmos_edge.runtime.errors import InputError
 from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.policy.api import Observation
@@ -83,5 +84,6 @@ class AlohaRealRobot:
         missing = [cam for cam in self._cameras if cam not in images]
         if missing:
             raise InputError(f"aloha_real: cameras {missing} missing from the observation; it has {sorted(images)}")
-        # No copy: the env hands out a new array per frame, and copying 3 × 921 kB per tick costs time.
-        return qpos, {cam: images[cam] for cam in self._cameras}
+        # No copy: the env hands out a new array per frame, and copying 3 × 921 kB per tick costs time. Checked here, on
+        # the control thread: a camera gone bad ends the run as the rig's failure (the resize runs on the worker).
+        return qpos, {cam: check_camera_frame(cam, images[cam]) for cam in self._cameras}

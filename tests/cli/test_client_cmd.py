@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import stat
 from pathlib import Path
 
@@ -94,6 +95,9 @@ def test_keys_generate_then_a_curve_server_admits_the_client(
     assert "secret key: " in capsys.readouterr().out
     secret = tmp_path / "clients" / "robot.key_secret"
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "clients").stat().st_mode) == 0o777 & ~umask  # a service may read its .key files
     assert main(["keys", "generate", str(tmp_path / "clients"), "--name", "robot"]) == 2  # never overwritten
     assert "robot.key: already exists" in capsys.readouterr().err
 

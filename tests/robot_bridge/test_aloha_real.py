@@ -72,3 +72,17 @@ def test_missing_camera_and_bad_qpos_are_reported() -> None:
     env.step = lambda action: TimeStep(real_obs(np.zeros(16)))  # type: ignore[method-assign]
     with pytest.raises(InputError, match=r"qpos expected shape \(14,\)"):
         robot.command(START)
+
+
+def test_a_camera_frame_gone_bad_is_reported_on_the_control_thread() -> None:
+    env = FakeRealEnv()
+    robot = AlohaRealRobot.connect(env)
+
+    def grey_wrist(action: np.ndarray) -> TimeStep:
+        observation = real_obs(action)
+        observation["images"]["cam_left_wrist"] = np.zeros((480, 640), np.uint8)  # a camera that lost its colour
+        return TimeStep(observation)
+
+    env.step = grey_wrist  # type: ignore[method-assign]
+    with pytest.raises(InputError, match=r"images\['cam_left_wrist'\]: expected a uint8 array \[H, W, 3\]"):
+        robot.command(START)

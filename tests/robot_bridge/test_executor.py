@@ -617,6 +617,22 @@ def test_threaded_source_prepares_observations_on_its_worker() -> None:
     assert prepared_on == ["chunk-source", "chunk-source"]  # not the control loop's thread
 
 
+def test_a_source_stopped_while_it_prepares_sends_nothing() -> None:
+    client, preparing, release = FakeClient(chunk=4), threading.Event(), threading.Event()
+
+    def slow_prepare(observation: Observation) -> Observation:
+        preparing.set()
+        assert release.wait(5)
+        return observation
+
+    with ThreadedChunkSource(client, PARAMS, prepare=slow_prepare) as source:
+        source.submit(request(7))
+        assert preparing.wait(5)
+        source.stop_requests()  # as the run ends, before its client is closed
+        release.set()
+    assert client.calls == []  # the request prepared meanwhile was not sent
+
+
 def test_threaded_source_stays_busy_until_its_outcome_is_polled() -> None:
     client = FakeClient(chunk=4)
     with ThreadedChunkSource(client, PARAMS) as source:
