@@ -39,7 +39,7 @@ def generate_keys(directory: Path, name: str) -> tuple[Path, Path]:
     try:
         directory.mkdir(parents=True, exist_ok=True)  # as any directory: others may read the public keys in it
     except OSError as error:
-        raise write_error(f"DIR {directory}: cannot make it", error) from None
+        raise write_error(f"DIR {directory}: cannot write the key pair", error) from None
     umask = os.umask(0o077)  # the secret is never readable by others, not even until a chmod
     try:
         written_public, written_secret = zmq.auth.create_certificates(directory, name)
