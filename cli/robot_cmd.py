@@ -31,7 +31,7 @@ from cosmos_edge.robot_bridge.controller.safety import SafetyConfig, SafetyFilte
 from cosmos_edge.robot_bridge.protocol import ServerMetadata
 from cosmos_edge.robot_bridge.robots.aloha_real import ALOHA_DIMS, AlohaRealRobot, RealEnvLike
 from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_observation
-from cosmos_edge.runtime.errors import ConfigError, CosmosEdgeError, EngineError, InputError
+from cosmos_edge.runtime.errors import ConfigError, CosmosEdgeError, EngineError
 from cosmos_edge.runtime.policy.api import MAX_DENOISING_STEPS, MAX_SEED
 
 _REQUEST_TIMEOUT_S = 10.0  # a chunk later than this is of no use to a moving arm: the executor retries
@@ -182,8 +182,9 @@ def _connect_robot(make_env: Callable[..., RealEnvLike], args: argparse.Namespac
         return AlohaRealRobot.connect(env, move_to_start=not args.keep_pose)
     except Exception as error:  # the rig's code, or its qpos refused: said in one line naming --env
         detail = error if isinstance(error, CosmosEdgeError) else f"{type(error).__name__}: {error}"
-        # Arguments it refused (--env-kwargs) are a usage error; the rig failing (no ROS master, a camera) is not.
-        usage = isinstance(error, ConfigError | InputError | TypeError)
+        # Arguments it refused (--env-kwargs) are a usage error; the rig failing (no ROS master, a camera, a qpos or
+        # frame of the wrong shape), as mid-run, is not.
+        usage = isinstance(error, ConfigError | TypeError)
         raise (ConfigError if usage else EngineError)(f"--env {args.env}: failed: {detail}") from error
 
 

@@ -101,6 +101,9 @@ def test_a_rig_that_fails_to_start_is_one_line_and_a_failure(capsys: pytest.Capt
         failing = ["--task", INSTRUCTION, "--env-kwargs", '{"fail": "no ROS master"}']
         assert main(["robot", "--env", ENV, "--endpoint", endpoint, *failing]) == 1  # the rig, not the arguments
         assert f"--env {ENV}: failed: RuntimeError: no ROS master" in capsys.readouterr().err
+        wrong_kwarg = ["--task", INSTRUCTION, "--env-kwargs", '{"unknown": 1}']
+        assert main(["robot", "--env", f"{ENV}_strict", "--endpoint", endpoint, *wrong_kwarg]) == 2  # the arguments
+        assert "unexpected keyword argument 'unknown'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

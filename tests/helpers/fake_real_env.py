@@ -64,3 +64,8 @@ def make_env(**kwargs: object) -> FakeRealEnv:
     env = FakeRealEnv(kwargs)
     MADE.append(env)
     return env
+
+
+def make_env_strict(*, init_node: bool = False) -> FakeRealEnv:
+    """A rig factory with a fixed signature, as a real one has: an unknown keyword is a TypeError."""
+    return make_env(init_node=init_node)
