@@ -203,7 +203,7 @@ class PolicyClient:
             if self._closing.wait(delay_s):
                 raise self._cancelled(request)
             backoff_s = min(2 * backoff_s, _MAX_RETRY_S)
-            request = dataclasses.replace(request, request_id=next(self._request_ids), timeout_ms=_timeout_ms(deadline))
+            request = dataclasses.replace(request, request_id=next(self._request_ids))  # `_send` renews timeout_ms
 
     def _deadline(self) -> float:
         return time.monotonic() + self._timeout_s
@@ -228,6 +228,8 @@ class PolicyClient:
     def _send(self, socket: zmq.Socket[bytes], request: Request, deadline: float) -> None:
         # With IMMEDIATE set, the socket is writable only once a connection (and its CURVE handshake) is up.
         if self._poll(socket, zmq.POLLOUT, request, deadline):
+            if isinstance(request, ActRequest) and request.timeout_ms is not None:  # less is left once connected
+                request = dataclasses.replace(request, timeout_ms=_timeout_ms(deadline))
             try:
                 socket.send_multipart(request.to_frames(), zmq.NOBLOCK, copy=False)
                 return

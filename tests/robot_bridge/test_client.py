@@ -181,6 +181,38 @@ def test_overloaded_is_retried_with_the_deadline_that_is_left() -> None:
     assert TIMEOUT_S * 1e3 >= deadlines[0] >= deadlines[1] >= deadlines[2] >= 1  # what is left of the one deadline
 
 
+def test_a_request_sent_once_the_server_appears_carries_what_is_left_of_its_deadline() -> None:
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    late_s = 1.0
+    sent_ms: list[int | None] = []
+
+    def serve_late() -> None:
+        time.sleep(late_s)  # the client waits for a connection meanwhile
+        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        router = context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.bind(endpoint)
+        try:
+            assert router.poll(round(TIMEOUT_S * 1e3)), "the client sent nothing"
+            identity, *frames = router.recv_multipart()
+            request = decode_request(frames)
+            assert isinstance(request, ActRequest)
+            sent_ms.append(request.timeout_ms)
+            router.send_multipart([identity, *act_reply(request.request_id).to_frames()])
+        finally:
+            router.close()
+            context.term()
+
+    server = threading.Thread(target=serve_late, daemon=True)
+    server.start()
+    with PolicyClient(endpoint, timeout_s=TIMEOUT_S) as client:
+        assert client.act(observation(), INSTRUCTION, obs_id=1, capture_time_ns=1).value == 0.5
+    server.join(TIMEOUT_S)
+    assert sent_ms and sent_ms[0] is not None
+    assert sent_ms[0] <= (TIMEOUT_S - late_s) * 1e3  # not the whole timeout: the wait to connect is spent
+
+
 def test_overloaded_retries_wait_a_random_delay_whose_bound_doubles_up_to_half_a_second(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
