@@ -133,6 +133,9 @@ class PolicyServer:
         self._pending: OrderedDict[bytes | int, _Job] = OrderedDict()
         self._running: _Job | None = None  # taken by the worker; answered by whoever takes it back
         self._outbox: deque[_Answer] = deque()  # answers for the I/O thread to deliver
+        # `stop()` only sets this attribute: a signal handler runs on the I/O thread and must not take a lock that
+        # thread may hold (`Event.set` takes one). The I/O thread turns it into `_stopping` for the other threads.
+        self._stop_requested = False
         self._stopping = threading.Event()
         # Set once the requests that arrived before `serve_forever` are answered: an `act` is queued from then on.
         self._accepting = threading.Event()
@@ -160,7 +163,7 @@ class PolicyServer:
     @property
     def serving(self) -> bool:
         """True while `serve_forever` runs and has not been asked to stop."""
-        return not self._idle.is_set() and not self._stopping.is_set()
+        return not self._idle.is_set() and not self._stop_requested and not self._stopping.is_set()
 
     @property
     def policy_running(self) -> bool:
@@ -229,7 +232,7 @@ class PolicyServer:
         try:
             self._refuse_acts_queued_before_serving()
             self._accepting.set()
-            while not self._stopping.is_set():
+            while not self._stop_requested and not self._stopping.is_set():
                 self._poll(poller, _POLL_MS)
         finally:
             self._stopping.set()  # also after an error above: nothing more may be queued
@@ -244,13 +247,24 @@ class PolicyServer:
             failure = type(self._worker_failure).__name__
             raise EngineError(f"the policy worker died ({failure}); the server stopped, see its log")
 
+    @property
+    def accepting(self) -> bool:
+        """True while `serve_forever` queues `act` requests."""
+        return self._accepting.is_set()
+
     def wait_until_accepting(self, timeout_s: float) -> bool:
-        """Waits until `serve_forever` queues `act` requests (those sent before are answered `overloaded`)."""
-        return self._accepting.wait(timeout_s)
+        """Waits until `serve_forever` queues `act` requests (those sent before are answered `overloaded`); False
+        at the timeout, or at once when the server is stopping (it will not accept again)."""
+        deadline = time.monotonic() + timeout_s
+        while not self._accepting.wait(min(_POLL_MS / 1e3, max(0.0, deadline - time.monotonic()))):
+            if self._stop_requested or self._stopping.is_set() or time.monotonic() >= deadline:
+                return False
+        return True
 
     def stop(self) -> None:
-        """Asks `serve_forever` to return. Only sets a flag, so it is safe in a signal handler."""
-        self._stopping.set()
+        """Asks `serve_forever` to return (within `_POLL_MS`). Only sets an attribute, taking no lock, so it is safe
+        in a signal handler, a second one included."""
+        self._stop_requested = True
 
     @property
     def stop_window_s(self) -> float:

@@ -494,6 +494,19 @@ def test_stop_answers_waiting_requests_and_returns(context: zmq.Context[zmq.Sock
     assert_answers(controller.receive(), first, 1.0)  # the chunk in progress is still delivered
 
 
+def test_stop_takes_no_lock_so_a_signal_during_shutdown_cannot_deadlock() -> None:
+    """A signal handler runs on the I/O thread, between two of its bytecodes: had `stop` to take a lock the I/O
+    thread holds at that moment (the server's own, or its stop event's, which `Event.set` takes), a second Ctrl-C
+    during shutdown would hang the process."""
+    server = PolicyServer(StubPolicy(), ServerConfig(ENDPOINT))
+    with server._lock, server._stopping._cond:  # type: ignore[attr-defined]  # CPython's Event holds a Condition
+        stopping = threading.Thread(target=server.stop, daemon=True)
+        stopping.start()
+        stopping.join(TIMEOUT_S)
+        assert not stopping.is_alive()
+    assert not server.serving
+
+
 def test_a_worker_that_dies_answers_its_request_and_stops_the_server(
     context: zmq.Context[zmq.Socket[bytes]], caplog: pytest.LogCaptureFixture
 ) -> None:
