@@ -22,7 +22,7 @@ from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE
 
 MAX_SHUTDOWN_TIMEOUT_S = 3600.0  # beyond an hour a stop is a hang; also keeps waits within threading's limits
-_RECEIVE_HWM = 32  # messages libzmq queues per controller connection: bounds what a flood can make us hold
+_RECEIVE_HWM = 32  # messages (of any number of frames) libzmq queues per controller connection during a flood
 FLUSH_MS = 1000  # how long closing waits for the last replies to leave: enough on a loaded machine, and bounded
 _BIND_HINTS = {
     errno.EADDRINUSE: "another process is serving on it; stop it or choose another endpoint",

@@ -55,6 +55,9 @@ logger = logging.getLogger(__name__)
 
 OFFICIAL_PORT = 8777  # the official server's default, which its client hard-codes
 _START_TIMEOUT_S = 10.0
+# How long an `/act` that arrives as serving begins (the server answers what was queued while the models loaded)
+# waits for it: the official client does not retry an `overloaded` answer.
+_SERVING_WAIT_S = 5.0
 _DISCONNECT_POLL_S = 0.1  # how often a request waiting for its reply checks that its client is still there
 # uvicorn's own shutdown wait runs this much past the server's window: a request answered `shutting_down` as the
 # window ends still has its reply written and its connection closed, rather than cancelled with an error line.
@@ -80,8 +83,8 @@ _STATUS = {
 class HttpConfig:
     """`host`/`port` to listen on (port 0: any free port, see `HttpEndpoint.url`).
 
-    `max_connections` bounds the connections handled at once (uvicorn answers more with a plain 503),
-    `max_body_bytes` a request body (413).
+    `max_connections` bounds the connections handled at once (uvicorn answers a request on one more with a plain
+    503), `max_body_bytes` a request body (413).
     """
 
     host: str = "127.0.0.1"
@@ -156,8 +159,8 @@ class HttpEndpoint:
 
     Lifecycle: `start()` listens (on `listener` when given: a socket from `bind`, which the endpoint takes over) and
     starts the thread, `stop()` finishes the requests in flight and returns; also a context manager. Start it before or
-    while `server.serve_forever()` runs: requests wait in the server's queue until its worker runs, and are refused
-    once it stops.
+    while `server.serve_forever()` runs: an `/act` that arrives before serving begins waits for it (up to
+    `_SERVING_WAIT_S`, then `overloaded`); requests are refused once the server stops.
     """
 
     def __init__(
@@ -172,6 +175,9 @@ class HttpEndpoint:
         self._proprio_dim = metadata.proprio_dim
         self._requests = 0  # request ids, counted on the event loop thread
         self._refusals = RateLimitedLog(logger)  # per client address; on the event loop thread
+        # One body parsed at a time: JSON lists become Python objects about 20x their size (the GIL would run
+        # parses one after another anyway), so the bodies of every open connection are never expanded at once.
+        self._parsing = asyncio.Lock()
         routes = [
             Route("/act", self._act, methods=["POST"]),
             Route("/healthz", self._healthz, methods=["GET"]),
@@ -214,7 +220,7 @@ class HttpEndpoint:
             log_config=None,  # keep the process's logging; we log one line per request ourselves
             log_level="warning",
             access_log=False,
-            limit_concurrency=self._config.max_connections,
+            limit_concurrency=self._config.max_connections + 1,  # uvicorn counts the connection asking too
             timeout_graceful_shutdown=math.ceil(self._config.shutdown_timeout_s + _REPLY_MARGIN_S),
         )
         self._uvicorn = uvicorn.Server(config)
@@ -269,7 +275,8 @@ class HttpEndpoint:
         peer = _peer(request)
         try:
             body = await self._body(request)
-            query = await run_in_threadpool(parse_query, body, self._image_size, self._proprio_dim)
+            async with self._parsing:
+                query = await run_in_threadpool(parse_query, body, self._image_size, self._proprio_dim)
             decode_ms = ms_since(started)
             reply = await self._submit(self._act_request(request_id, query), peer, decode_ms, request)
             waited = time.perf_counter()
@@ -313,6 +320,8 @@ class HttpEndpoint:
     async def _submit(self, act: ActRequest, peer: str, decode_ms: float, request: Request) -> ActReply:
         """The server's reply to `act`; its refusals name the official request's keys. A client that disconnects
         while its request waits gives up its place: the request is cancelled, never computed."""
+        if not self._server.accepting:  # listening began just before serving: wait for it rather than refuse
+            await run_in_threadpool(self._server.wait_until_accepting, _SERVING_WAIT_S)
         try:
             submitted = self._server.submit(act, peer=peer, decode_ms=decode_ms)
         except MessageError as error:

@@ -88,7 +88,8 @@ class MessageError(ProtocolError):
 
 @dataclass(frozen=True)
 class WireLimits:
-    """Bounds on what a peer may make us parse and hold. An ALOHA observation is about 0.45 MB."""
+    """Bounds on what a peer may make us parse. libzmq checks each frame against `max_message_bytes`; the rest is
+    checked once a message has arrived whole (docs/protocol.md, Limits). An ALOHA observation is about 0.45 MB."""
 
     max_message_bytes: int = 16 * 2**20
     max_array_bytes: int = 4 * 2**20

@@ -9,6 +9,7 @@ import json
 import logging
 import socket
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -357,6 +358,61 @@ def test_plain_lists_are_accepted_as_the_official_server_does() -> None:
     assert status == 200
     actions = np.asarray([json_numpy.object_hook(row) for row in response["actions"]])
     assert_allclose(actions, expected_actions(obs.proprio), atol=1e-5)
+
+
+def test_an_act_that_arrives_as_serving_begins_waits_for_it(official_json: None) -> None:
+    """`serve` listens just before the server answers what was queued while the models loaded; the official client
+    does not retry an `overloaded` answer, so an `/act` then waits instead."""
+    obs = camera_observation(7.0)
+    server = PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*"))
+    server.start()
+    with HttpEndpoint(server, HttpConfig(port=0)) as endpoint, ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(get_action_from_server, official_request(obs), endpoint.url + "/act")
+        time.sleep(0.3)  # the request is in before serving begins
+        assert not reply.done()
+        with serving(server):
+            assert_allclose(np.asarray(reply.result(TIMEOUT_S)["actions"]), expected_actions(obs.proprio), atol=1e-5)
+
+
+def test_bodies_are_parsed_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parsed JSON takes many times the body's size: the bodies of all open connections must not expand at once."""
+    parsing, most = 0, 0
+    lock = threading.Lock()
+
+    def parse_slowly(*args: Any) -> Any:
+        nonlocal parsing, most
+        with lock:
+            parsing += 1
+            most = max(most, parsing)
+        time.sleep(0.2)
+        with lock:
+            parsing -= 1
+        return parse_query(*args)
+
+    parse_query = http_server.parse_query
+    monkeypatch.setattr(http_server, "parse_query", parse_slowly)
+    lists = {
+        key: value.tolist()
+        for key, value in official_request(camera_observation(8.0)).items()
+        if key != "task_description"
+    }
+    body = json.dumps(lists | {"task_description": INSTRUCTION})
+    with serving_both(StubPolicy()) as (_, url), ThreadPoolExecutor(3) as pool:
+        statuses = [status for status, _ in pool.map(lambda _: post(url + "/act", body), range(3))]
+    assert statuses == [200, 200, 200]
+    assert most == 1
+
+
+def test_max_connections_are_served_at_once_and_one_more_is_refused() -> None:
+    with serving_both(StubPolicy(), max_connections=2) as (_, url):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))):  # open, idle: one of the two
+            time.sleep(0.3)  # accepted by the event loop
+            assert requests.get(url + "/healthz", timeout=TIMEOUT_S).status_code == 200  # the second
+            with socket.create_connection((host, int(port))):
+                time.sleep(0.3)
+                refused = requests.get(url + "/healthz", timeout=TIMEOUT_S)
+    assert (refused.status_code, refused.text) == (503, "Service Unavailable")
 
 
 def test_healthz_and_metadata() -> None:
