@@ -326,9 +326,10 @@ class ChunkExecutor:
                     self._chunk, self._obs_floor = None, tick - 1
         adopted = self._receive(tick)
 
-        action, obs_id, index = self._action_at(tick)
+        stopped = self._safety.stopped  # the filter holds the pose whatever the chunk says: a held tick
+        action, obs_id, index = (None, NO_CHUNK, NO_CHUNK) if stopped else self._action_at(tick)
         self._counts["hold_ticks"] += int(action is None)
-        if action is None and self._chunk is not None and not self._safety.stopped:
+        if action is None and self._chunk is not None and not stopped:
             self._counts["starved_ticks"] += 1
             self._warn_starved(tick, "no action left: holding position")
         target = self._blender.target(tick, action, self._last_command)

@@ -296,9 +296,11 @@ def test_stop_latches_hold_and_resume_waits_for_a_fresh_chunk() -> None:
     executor, robot, _, _ = make(chunk=20, threshold=8, latency_ticks=3)
     executor.run(13)  # obs 12 is in flight
     executor.stop("operator pressed stop")
-    executor.run(20)
+    summary = executor.run(20)
     stopped = executor.records()[13:]
     assert all(Intervention.STOPPED.value & f for f in stopped["flags"])
+    assert summary.hold_ticks == 20  # held although the chunk in hand has actions for them
+    assert (stopped["chunk_obs_id"] == NO_CHUNK).all() and (stopped["action_index"] == NO_CHUNK).all()
     assert not stopped["requested"].any()
     np.testing.assert_array_equal(np.array(robot.commands[13:]), np.tile(robot.commands[12], (20, 1)))
     assert executor.counters.dropped_stopped == 1
