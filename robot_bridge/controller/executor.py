@@ -274,6 +274,8 @@ class ChunkExecutor:
         # The first deadline not yet passed, and never a tick already run (a clock that has not moved since).
         tick = max(-(-(self._clock() - self._epoch_ns) // self._period_ns), self._next_tick)
         end_tick = None if num_ticks is None else tick + num_ticks
+        if self._chunk is not None and tick - self._chunk.first_tick >= len(self._chunk.actions):
+            self._chunk = None  # it ran out between runs: this run waits for its first chunk, not a starved one
         before, self._run_started_ns = self.counters, self._clock()
         with thread_priority(self.config.realtime_priority, self.config.nice):
             self._loop(tick, end_tick, until or (lambda: False))
@@ -368,7 +370,7 @@ class ChunkExecutor:
             logger.debug("executor: %s chunk from obs %d at tick %d", reason, outcome.obs_id, tick)
             if reason == "dropped_malformed":
                 self._warn_malformed(outcome)
-            elif reason == "dropped_elapsed":
+            elif reason == "dropped_elapsed" and outcome.capture_ns >= self._run_started_ns:  # else: the pause
                 self._warn_starved(tick, f"the reply to obs {outcome.obs_id} came after all its actions elapsed")
             return False
         old = self._chunk

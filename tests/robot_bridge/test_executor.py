@@ -897,6 +897,18 @@ def test_a_run_ends_when_asked_to() -> None:
             executor.run(**bad)  # type: ignore[arg-type]
 
 
+def test_a_pause_between_runs_is_not_starvation(caplog: pytest.LogCaptureFixture) -> None:
+    executor, _, _, clock = make(chunk=20, threshold=8, latency_ticks=3)
+    executor.run(13)  # a chunk in hand, the next request (obs 12) in flight
+    clock.sleep(10.0)  # both the chunk's actions and the reply's elapse before the next run
+    with caplog.at_level(logging.WARNING, logger="cosmos_edge.robot_bridge.controller.executor"):
+        summary = executor.run(30)
+    assert not [r for r in caplog.records if "starved" in r.getMessage()]
+    assert executor.counters.starved_ticks == 0
+    assert summary.hold_ticks == 3  # the elapsed reply dropped, a request sent at once: its chunk comes 3 ticks on
+    assert executor.counters.dropped_elapsed == 1
+
+
 def test_summaries_count_every_tick_beyond_the_records_kept() -> None:
     executor, _, _, _ = make(chunk=5, threshold=2, latency_ticks=8, record_capacity=8)
     first = executor.run(40)  # every reply elapsed before it came: 40 held ticks, of which 8 are recorded
