@@ -37,8 +37,8 @@ def aloha_wire_image(camera: str, frame: np.ndarray) -> np.ndarray:
 
 
 def aloha_wire_images(frames: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
-    """Each camera frame as the official client sends it (224×224 frames as they are, others by `aloha_wire_image`),
-    and the sizes it resized, for a log line ("" when none)."""
+    """Each camera frame as the official client sends it (`aloha_wire_image`; a 224×224 frame is taken as one such
+    client resized already, and sent as it is), and the sizes it resized, for a log line ("" when none)."""
     wire = (IMAGE_SIZE, IMAGE_SIZE)
     checked = {camera: check_camera_frame(camera, frame) for camera, frame in frames.items()}
     resized = [camera for camera, frame in checked.items() if frame.shape[:2] != wire]
@@ -50,7 +50,6 @@ def aloha_wire_images(frames: Mapping[str, np.ndarray]) -> tuple[dict[str, np.nd
 
 
 def aloha_wire_observation(observation: Observation) -> Observation:
-    """An observation with its camera frames as the official client sends them (`aloha_wire_image`): a chunk
+    """An observation with its camera frames as the official client sends them (`aloha_wire_images`): a chunk
     source's `prepare`, so that the resizes (milliseconds per camera) run on its worker, not on the control loop."""
-    images = {camera: aloha_wire_image(camera, frame) for camera, frame in observation.images.items()}
-    return Observation(images=images, proprio=observation.proprio)
+    return Observation(images=aloha_wire_images(observation.images)[0], proprio=observation.proprio)
