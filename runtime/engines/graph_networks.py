@@ -8,6 +8,7 @@ loader, `runtime/bundle/loader.py`).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Mapping, Sequence
 
@@ -95,7 +96,7 @@ class GraphDenoisingNetwork:
         # be in its last call when the next query starts.
         self._calling = threading.Lock()
         # The text embedding each runner holds as a constant input; rebinding another instruction re-uploads it.
-        self._resident_text: dict[int, np.ndarray] = {}
+        self._resident_text: dict[int, bytes] = {}  # per batch size: the digest of the embedding uploaded
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -109,12 +110,16 @@ class GraphDenoisingNetwork:
         if text.shape != text_spec.shape:
             raise InputError(f"text_embedding: expected shape {text_spec.shape} (the bundle's), got {text.shape}")
 
+        # By content: the bindings of one instruction (the reactive policy's, the planner's) each hold their own
+        # array, and switching between them must not upload it again.
+        digest = hashlib.blake2b(text.tobytes(), digest_size=16).digest()
+
         def run(batch: int, inputs: tuple[np.ndarray, ...]) -> np.ndarray:
             runner = self._runners[batch]
             names = runner.spec.input_names
-            if self._resident_text.get(batch) is not text:
+            if self._resident_text.get(batch) != digest:
                 runner.set_constant_input(names[3], text)
-                self._resident_text[batch] = text
+                self._resident_text[batch] = digest
             return runner.run(dict(zip(names[:3], inputs, strict=True)))[runner.spec.output_names[0]]
 
         def network(x: FloatArray, timesteps: FloatArray, condition_mask: FloatArray) -> FloatArray:

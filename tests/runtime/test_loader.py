@@ -146,6 +146,33 @@ def test_a_graph_dit_runs_one_call_at_a_time() -> None:
     assert runner.most_running == 1 and not any(call.is_alive() for call in calls)
 
 
+class CountingRunner(HeldRunner):
+    """Runs at once and counts the constant inputs uploaded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release.set()
+        self.uploads = 0
+
+    def set_constant_input(self, name: str, array: np.ndarray) -> None:
+        self.uploads += 1
+
+
+def test_the_embedding_of_an_instruction_is_uploaded_once_whichever_binding_calls() -> None:
+    runner = CountingRunner()
+    network = GraphDenoisingNetwork([runner])  # type: ignore[list-item]
+    inputs = [spec.zeros() for spec in runner.spec.inputs[:3]]
+    embedding = np.random.default_rng(1).standard_normal((1, 4, 8)).astype(np.float32)
+    policy, planner = network.bind_text(embedding), network.bind_text(embedding.copy())  # one instruction, twice
+    for _ in range(3):
+        policy(*inputs)
+        planner(*inputs)
+    assert runner.uploads == 1
+    network.bind_text(embedding + 1)(*inputs)  # another instruction
+    policy(*inputs)
+    assert runner.uploads == 3
+
+
 def test_batches_of_any_size_run_as_slices_of_the_loaded_sizes() -> None:
     assert batch_slices(2, [1, 2]) == [(0, 2, 2)]
     assert batch_slices(7, [1, 2, 4]) == [(0, 4, 4), (4, 6, 2), (6, 7, 1)]
