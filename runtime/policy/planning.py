@@ -13,9 +13,10 @@ Candidate i takes seed s + i. Its action pass runs the policy model; then, per `
 
 `search_depth` d > 1 repeats action → world model → value from each predicted state (its predicted images and proprio
 moved into the current-state slots, deploy.py 486-490; then the observed proprio written back over the proprio, as
-every official pass re-injects it: QUIRK, policy_video2world_model.py 652-662). Every level reuses the candidate's seeds. Level 2 expands every state of
-level 1, later levels only the states of the last branch (QUIRK, deploy.py 479-480, 545). The per-level values are
-aggregated by `search_depth_value_aggregation_scheme`; the chunk returned is always the first level's.
+every official pass re-injects it: QUIRK, policy_video2world_model.py 652-662). Every level reuses the candidate's
+seeds. Level 2 expands every state of level 1, later levels only the states of the last branch (QUIRK, deploy.py
+479-480, 545). The per-level values are aggregated by `search_depth_value_aggregation_scheme`; the chunk returned is
+always the first level's.
 
 The best candidate wins, the base seed's unless another is strictly better (deploy.py 645-654). Every pass runs as one
 batch over a worker's candidates (under a deadline, one candidate at a time, so that each one scored counts); with
