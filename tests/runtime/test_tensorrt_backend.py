@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from cosmos_edge.runtime.engines.graph import GraphFile, GraphSpec, TensorSpec, check_feeds, check_signature
+from cosmos_edge.runtime.engines.tensorrt import runner as runner_module
 from cosmos_edge.runtime.engines.tensorrt.build import (
     TENSORRT_MISSING,
     fused_attention_layers,
@@ -33,6 +34,7 @@ from cosmos_edge.runtime.engines.tensorrt.cache import (
     engine_cache_key,
     record_path,
 )
+from cosmos_edge.runtime.engines.tensorrt.cuda_buffers import DeviceIO, IOBuffer
 from cosmos_edge.runtime.engines.tensorrt.runner import TensorRTRunner, open_graph
 from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError
 
@@ -156,6 +158,33 @@ def test_run_inputs_are_checked_in_shape_and_dtype(array: np.ndarray, got: str) 
     inputs = {**_inputs(), "x": array}
     with pytest.raises(InputError, match=rf"input 'x': expected float32\[1, {SEQ}, {DIM}\], got {got}"):
         check_feeds(ATTENTION, inputs, frozenset())
+
+
+class RecordingRuntime:
+    """A cudart whose every call succeeds and is recorded with its first argument."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def __getattr__(self, name: str) -> object:
+        def call(*args: object) -> tuple[int]:
+            self.calls.append((name, args[0] if args else None))
+            return (0,)
+
+        return call
+
+
+def test_a_runner_is_closed_with_its_own_gpu_current(monkeypatch: pytest.MonkeyPatch) -> None:
+    cudart = RecordingRuntime()
+    monkeypatch.setattr(runner_module, "import_cudart", lambda: cudart)
+    spec = TensorSpec("x", (2,), "float32")
+    io = DeviceIO(cudart, "stream", {"x": IOBuffer(spec, np.zeros(2, np.float32), 1, 2)}, {})  # type: ignore[arg-type]
+    record = cast(EngineRecord, None)
+    runner = TensorRTRunner(ATTENTION, record, object(), object(), object(), io, device=1)  # type: ignore[arg-type]
+    runner.close()
+    names = [name for name, _ in cudart.calls]
+    assert cudart.calls[0] == ("cudaSetDevice", 1)
+    assert names.index("cudaSetDevice") < names.index("cudaFree") < names.index("cudaStreamDestroy")
 
 
 def test_engine_io_must_match_the_spec() -> None:

@@ -168,6 +168,9 @@ class TensorRTRunner:
         if self._context is None:
             return
         try:
+            # Its GPU's objects are destroyed with its GPU current: the thread closing every runner has the device
+            # of whichever runner was used last.
+            self._make_device_current()
             self._captured.reset()
         finally:  # the buffers and the engine are released whatever failed before
             try:
