@@ -14,6 +14,7 @@ from pathlib import Path
 from cosmos_edge.runtime.bundle.manifest import ENGINES_DIR, Bundle, file_record, write_manifest
 from cosmos_edge.runtime.engines.tensorrt.build import build_engine, require_tensorrt
 from cosmos_edge.runtime.engines.tensorrt.cache import OnnxSource, record_path
+from cosmos_edge.runtime.files import writable_folder
 
 _LOG = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ def build_bundle_engines(bundle_dir: str | Path, device: int = 0, graphs: tuple[
     require_tensorrt()
     engines = dict(bundle.manifest.engines)
     files = dict(bundle.manifest.files)
-    (bundle.root / ENGINES_DIR).mkdir(exist_ok=True)
+    writable_folder(bundle.root, "its rewritten manifest")  # before minutes of building, not after
+    writable_folder(bundle.root / ENGINES_DIR, "the bundle's TensorRT engines")
 
     def record_in_manifest() -> None:
         write_manifest(bundle.root, dataclasses.replace(bundle.manifest, engines=engines, files=files))

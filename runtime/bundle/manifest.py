@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -37,6 +38,7 @@ from cosmos_edge.runtime.precision import PRECISIONS, vae_graph_precision
 from cosmos_edge.runtime.values import is_positive_int
 
 _LOG = logging.getLogger(__name__)
+_GRAPH_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 SCHEMA_VERSION = 2  # 2: the conditioning prefix is encoded from its camera frames (`vae_encoder_cameras`)
 FORMAT_TAG = "cosmos-edge/bundle"
@@ -141,7 +143,9 @@ class BundleManifest:
         graphs = fields.child("graphs")
         files = fields.child("files")
         engines = fields.child("engines")
-        parsed_graphs = {name: _graph(graphs.child(name)) for name in graphs.names()}
+        for name in graphs.names():  # engine files are named after their graph: no path may hide in a name
+            graphs.require(name, _GRAPH_NAME.fullmatch(name) is not None, "a graph name of letters, digits and _", name)
+        parsed_graphs = {name: _graph(graphs.child(name), name) for name in graphs.names()}
         dit_batches = sorted(record.batch for record in parsed_graphs.values() if record.role == "dit")
         fields.require("batch_sizes", dit_batches == sorted(batch_sizes), f"the dit graphs' {dit_batches}", batch_sizes)
         for path in files.names():  # every file the reader opens is one of these, checked against its hash
@@ -232,7 +236,7 @@ def _platform(fields: _Fields) -> PlatformSpec:
     return known
 
 
-def _graph(fields: _Fields) -> GraphRecord:
+def _graph(fields: _Fields, name: str) -> GraphRecord:
     role = fields.get("role", str)
     fields.require("role", role in GRAPH_ROLES, f"one of {GRAPH_ROLES}", role)
     spec = fields.child("spec")
@@ -256,6 +260,7 @@ def _graph(fields: _Fields) -> GraphRecord:
         external_data=fields.optional("external_data", str),
         spec=GraphSpec(spec.get("name", str), tensors("inputs"), tensors("outputs")),
     )
+    fields.require("spec.name", record.spec.name == name, f"the graph's name {name!r}", record.spec.name)
     leading = record.spec.inputs[0].shape[0] if record.spec.inputs and record.spec.inputs[0].shape else None
     fields.require("batch", record.batch == leading, f"its spec's batch {leading}", record.batch)
     return record
@@ -310,7 +315,10 @@ class Bundle:
         if relative not in self._verified:
             if not path.is_file():
                 raise BundleError(f"{path}: missing from the bundle (listed in {MANIFEST_NAME}); {_remedy(relative)}")
-            digest = sha256_file(path)
+            try:
+                digest = sha256_file(path)
+            except OSError as error:
+                raise BundleError(f"{path}: cannot read it ({error.strerror or error})") from None
             if digest != record.sha256:
                 raise BundleError(
                     f"{path}: sha256 mismatch: {MANIFEST_NAME} records {record.sha256[:16]}…, the file has "

@@ -44,6 +44,20 @@ def test_every_graph_asked_for_is_checked_before_any_build(
     assert not (bundle / "engines").exists()
 
 
+def test_a_bundle_that_cannot_take_engines_is_named_before_any_build(
+    tiny_bundles: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bundle = Path(shutil.copytree(tiny_bundles("libero"), tmp_path / "bundle"))
+    (bundle / "engines").write_text("a file where the engines' folder goes")
+    monkeypatch.setattr(engine_builder, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(engine_builder, "build_engine", lambda *args, **kwargs: pytest.fail("built"))
+    assert main(["engines", "build", str(bundle)]) == 1
+    assert f"{bundle / 'engines'}: cannot make the folder for the bundle's TensorRT engines" in capsys.readouterr().err
+
+
 class _Record:
     """The part of an engine record the bundle builder reads."""
 

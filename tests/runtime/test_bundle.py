@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from cosmos_edge.runtime.bundle import manifest as manifest_module
 from cosmos_edge.runtime.bundle.loader import load_policies
 from cosmos_edge.runtime.bundle.manifest import Bundle
 from cosmos_edge.runtime.bundle.sources import BundleSource
@@ -114,6 +115,14 @@ def test_a_bundle_of_an_earlier_schema_asks_for_a_re_export(bundle_copy: Path) -
             r"manifest\.graphs\.dit_b1\.spec\.outputs\.dtype: expected float32, got 'bfloat16'",
         ),
         (lambda m: m.update(batch_sizes=[[1]]), r"manifest\.batch_sizes: expected distinct ints"),
+        (
+            lambda m: m["graphs"].update({"../x": m["graphs"]["vae_encoder_cameras"]}),
+            r"manifest\.graphs\.\.\./x: expected a graph name of letters, digits and _",
+        ),
+        (
+            lambda m: m["graphs"]["dit_b1"]["spec"].update(name="dit_b2"),
+            r"manifest\.graphs\.dit_b1\.spec\.name: expected the graph's name 'dit_b1', got 'dit_b2'",
+        ),
     ],
     ids=[
         "batch not an int",
@@ -123,6 +132,8 @@ def test_a_bundle_of_an_earlier_schema_asks_for_a_re_export(bundle_copy: Path) -
         "shape not ints",
         "dtype not float32",
         "a list among the batch sizes",
+        "a graph name that is a path",
+        "a spec named after another graph",
     ],
 )
 def test_malformed_manifest_names_the_field(
@@ -219,3 +230,12 @@ def test_paths_outside_the_bundle_are_refused(bundle_copy: Path) -> None:
     edit_manifest(bundle_copy, escape)
     with pytest.raises(BundleError, match=r"manifest\.files\.\.\./outside\.json: expected a relative path inside"):
         Bundle.open(bundle_copy)
+
+
+def test_an_unreadable_file_is_named(bundle_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(path: Path) -> str:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(manifest_module, "sha256_file", refuse)
+    with pytest.raises(BundleError, match=r"dataset_statistics\.json: cannot read it \(Permission denied\)"):
+        Bundle.open(bundle_copy).file("dataset_statistics.json")
