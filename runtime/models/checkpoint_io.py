@@ -110,13 +110,28 @@ def _unwrap(loaded: object, path: Path) -> StateDict:
     if isinstance(loaded, Mapping):
         for key in WRAPPER_KEYS:
             inner = loaded.get(key)
-            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            if isinstance(inner, Mapping) and inner and all(_is_entry(k, v) for k, v in inner.items()):
                 loaded = inner
                 break
-        tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+        tensors = {k: _as_tensor(v) for k, v in loaded.items() if _is_entry(k, v)}
         if tensors:
             return tensors
     raise CheckpointError(
         f"{path}: expected a dict of tensors (optionally under one of {WRAPPER_KEYS}), "
         f"got {type(loaded).__name__} with no tensors"
+    )
+
+
+def _is_entry(key: object, value: object) -> bool:
+    """A state dict entry: a tensor, or Transformer-Engine's `_extra_state` as its older versions save it."""
+    return isinstance(value, torch.Tensor) or (
+        isinstance(key, str) and key.endswith("_extra_state") and isinstance(value, io.BytesIO)
+    )
+
+
+def _as_tensor(value: torch.Tensor | io.BytesIO) -> torch.Tensor:
+    """An older `_extra_state` (BytesIO) as newer Transformer-Engine versions save it: a uint8 tensor of its bytes,
+    so that every extra state is listed and dropped alike."""
+    return (
+        value if isinstance(value, torch.Tensor) else torch.frombuffer(bytearray(value.getvalue()), dtype=torch.uint8)
     )

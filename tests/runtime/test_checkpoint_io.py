@@ -9,10 +9,16 @@ from cosmos_edge.runtime.errors import CheckpointError
 from cosmos_edge.runtime.models.checkpoint_io import read_tensor_file
 
 
-def test_transformer_engine_extra_state_bytesio_is_accepted_and_dropped(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wrapper", [None, "model"])
+def test_transformer_engine_extra_state_bytesio_reads_as_newer_versions_save_it(
+    tmp_path: Path, wrapper: str | None
+) -> None:
     path = tmp_path / "te.pt"
-    torch.save({"net.w": torch.ones(2), "net.blocks.0.self_attn._extra_state": io.BytesIO(b"fp8 meta")}, path)
-    assert list(read_tensor_file(path)) == ["net.w"]
+    state = {"net.w": torch.ones(2), "net.blocks.0.self_attn._extra_state": io.BytesIO(b"fp8 meta")}
+    torch.save(state if wrapper is None else {wrapper: state, "iteration": 5}, path)
+    read = read_tensor_file(path)
+    assert list(read) == ["net.w", "net.blocks.0.self_attn._extra_state"]  # the loaders drop (and list) extra state
+    assert bytes(read["net.blocks.0.self_attn._extra_state"].numpy()) == b"fp8 meta"
 
 
 @pytest.mark.parametrize("wrapper", ["model", "state_dict"])
