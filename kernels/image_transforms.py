@@ -70,6 +70,8 @@ def pillow_bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.nda
     return indices, taps
 
 
+# Per (kind, sizes, device): a few per frame size, about 1 MB at most each. Never cleared, so that a CUDA graph
+# captured from these tables while another model closes reads the tables it holds (`device_tables`).
 @lru_cache(maxsize=64)
 def _device_table(kind: str, in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     if kind == "bicubic":  # the taps as a dense [in, out] matrix: a row's taps on a clamped index add up
@@ -181,12 +183,6 @@ def device_tables(platform: PlatformSpec, shape: Sequence[int], device: torch.de
     if platform.center_crop:
         keys.append(("antialias", reference.crop_box(IMAGE_SIZE, IMAGE_SIZE)[2], IMAGE_SIZE))
     return (*(table for key in keys for table in _device_table(*key, device)), _model_range_table(device))
-
-
-def release_device_tables() -> None:
-    """Drops the tables cached on devices (the next transform makes them again); what holds one keeps it."""
-    _device_table.cache_clear()
-    _model_range_table.cache_clear()
 
 
 def transform_frames(platform: PlatformSpec, frames: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:

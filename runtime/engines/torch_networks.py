@@ -24,7 +24,6 @@ from cosmos_edge.kernels.image_transforms import (
     FrameBatches,
     batch_frames,
     device_tables,
-    release_device_tables,
     transform_batches,
 )
 from cosmos_edge.runtime.engines.cuda_graphs import CapturedCalls, graph_pool
@@ -138,15 +137,15 @@ class TorchAutoencoder:
             return self._vae.decode(self._tensor(latent)).float().cpu().numpy()
 
     def close(self) -> None:
-        """Releases the VAE's weights, the captured encodes, the black prefix's latents and the image transforms'
-        tables; later calls fail."""
+        """Releases the VAE's weights, the captured encodes and the black prefix's latents; later calls fail. The
+        image transforms' tables stay cached for the process (a few MB, bounded): another autoencoder may be
+        capturing its encode from them."""
         with self._replaying:  # after an encode in flight; a second close does nothing
             if self._closed:
                 return
             self._closed = True
             self._captured = None
             del self._prefix_encoder, self._encode_prefix
-            release_device_tables()
             _release(self._vae, self._device)
 
     def _check_open(self) -> None:

@@ -295,6 +295,16 @@ def test_the_captured_camera_encode_is_keyed_by_frame_sizes_and_holds_its_tables
     assert seen == [((((2, 480, 640, 3), (1, 224, 224, 3)), ((0, 0), (1, 0), (0, 1))), 8)]
 
 
+def test_closing_an_autoencoder_keeps_the_tables_another_captures_from() -> None:
+    platform, cpu = platform_spec("aloha"), torch.device("cpu")
+    closing = TorchAutoencoder(WanVAE(vae_config("tiny")), cpu, platform)
+    shape = (1, 480, 640, 3)
+    held = kernels.device_tables(platform, shape, cpu)  # what another autoencoder's capture would hold
+    closing.close()
+    again = kernels.device_tables(platform, shape, cpu)  # what that capture reads while it records
+    assert all(a is b for a, b in zip(again, held, strict=True))
+
+
 def test_batch_one_dit_calls_of_every_instruction_share_the_captures_of_their_timesteps(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
