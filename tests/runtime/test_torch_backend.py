@@ -17,6 +17,7 @@ from cosmos_edge.kernels import image_transforms as kernels
 from cosmos_edge.runtime.engines import cuda_graphs, torch_networks
 from cosmos_edge.runtime.engines.torch_networks import MODULATION_SETS_KEPT, TorchAutoencoder, TorchDiT
 from cosmos_edge.runtime.errors import ConfigError, EngineError
+from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.models.dit import CrossAttentionKV, TimestepModulation
 from cosmos_edge.runtime.models.dit_checkpoint import dit_from_state_dict, random_dit_state_dict
 from cosmos_edge.runtime.models.dit_config import dit_config
@@ -25,7 +26,7 @@ from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.policy.api import StageTimer
 from cosmos_edge.runtime.precision import COMPILE_SCOPES
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else [])
 
 
 def test_batch_one_calls_compute_the_adaln_vectors_of_their_timesteps_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -214,6 +215,21 @@ def test_cuda_graphs_need_a_cuda_device() -> None:
     dit = dit_from_state_dict(random_dit_state_dict(dit_config("tiny"), 3))
     with pytest.raises(ConfigError, match="cuda_graphs: CUDA graphs need a CUDA device, got cpu"):
         TorchDiT(dit, torch.device("cpu"), cuda_graphs=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp32_networks_on_cuda_turn_tf32_off(
+    tiny_assets: dict[str, CheckpointFiles], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = tiny_assets["aloha"]
+    for switch in (torch.backends.cudnn, torch.backends.cuda.matmul):  # put back after the test
+        monkeypatch.setattr(switch, "allow_tf32", True)
+    torch_networks.open_autoencoder(files.tokenizer, "fp32", "cuda", platform_spec("aloha")).close()
+    assert not torch.backends.cudnn.allow_tf32  # the VAE's convolutions
+    torch.backends.cudnn.allow_tf32 = True
+    torch_networks.open_denoiser(files.checkpoint, "fp32", "cuda").close()
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
 
 
 @pytest.mark.gpu
