@@ -7,12 +7,14 @@
 #   bash benchmarks/device_check.sh OUT [SECTIONS]   # DEADLINE_S (default 480) bounds gpu_check
 #   GPU_CHECK_ARGS=--smoke bash benchmarks/device_check.sh /tmp/out   # on the CPU, tiny sizes: the script runs
 #
-# SECTIONS defaults to the official path against the default one, `serve` with its defaults, and planning (about
-# 8 minutes with the compilations on an H200; planning_timing is skipped when the deadline leaves too little).
+# SECTIONS defaults to the on-device exactness of the transforms and the sampler (a second), the official path
+# against the default one, `serve` with its defaults, and planning (about 8 minutes with the compilations on an H200;
+# planning_timing is skipped when the deadline leaves too little). query_exact (about 70 s: fp32 within 1e-4 of the
+# CPU reference, replays bit-identical) is worth a run of its own.
 # `served_query` needs pyzmq: put its wheel for the device's Python in .device/wheels/ (ignored; carry `.device`).
 set -uo pipefail
 out=$(realpath -m "${1:?usage: bash benchmarks/device_check.sh OUT [SECTIONS]}")
-sections=${2:-environment,query_official,query_fast_graphs,served_query,planning_timing}
+sections=${2:-environment,preprocess_exact,sampler_exact,query_official,query_fast_graphs,served_query,planning_timing}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 # The `cosmos_edge` namespace maps the top-level folders (pyproject.toml); without an install, links make it.
