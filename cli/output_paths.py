@@ -11,16 +11,18 @@ from cosmos_edge.runtime.errors import ConfigError, CosmosEdgeError, EngineError
 
 
 def writable_file(flag: str, path: Path, *, replace: bool = True) -> Path:
-    """`path`, if a file can be written there; an existing file is replaced only with `replace`."""
+    """`path`, if a file can be written there; an existing file is replaced only with `replace`. `flag` is the
+    option (`--out`) or, for a positional argument, its metavar."""
+    named = f"{flag} {path}" if flag.startswith("-") else f"{path} ({flag})"
     if path.is_dir():
-        raise ConfigError(f"{flag} {path}: is a directory; expected the path of a file")
+        raise ConfigError(f"{named}: is a directory; expected the path of a file")
     if not replace and path.exists():
-        raise ConfigError(f"{flag} {path}: exists, and is never replaced; choose another path")
+        raise ConfigError(f"{named}: exists, and is never replaced; choose another path")
     directory = path.parent
     if not directory.is_dir():
-        raise ConfigError(f"{flag} {path}: no directory {directory}")
+        raise ConfigError(f"{named}: no directory {directory}")
     if not os.access(directory, os.W_OK):
-        raise ConfigError(f"{flag} {path}: cannot write in {directory}")
+        raise ConfigError(f"{named}: cannot write in {directory}")
     return path
 
 

@@ -68,7 +68,10 @@ def _list(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     out = writable_file("--out", Path(args.out), replace=False)
-    store = text_embeddings.merge({path: text_embeddings.read(path) for path in args.stores})
+    stores = {path: text_embeddings.read(path) for path in args.stores}
+    for path, each in stores.items():
+        text_embeddings.check_token_count(each, path)
+    store = text_embeddings.merge(stores)
     text_embeddings.write(out, store)
     _report_written(store, out)
     return 0

@@ -181,12 +181,8 @@ def _write_contents(request: ExportRequest, root: Path) -> BundleManifest:
     platform = platform_spec(request.platform)
     DatasetStats.from_json(request.stats, platform)  # refuse statistics of another platform before exporting
     texts = text_store.read(request.text_embeddings)
+    text_store.check_token_count(texts, f"text_embeddings: {request.text_embeddings}")  # as the loader does
     _, text_tokens, text_dim = texts.shape
-    if text_tokens != text_store.TEXT_TOKENS:  # as the policies loaded from the files refuse it
-        raise ConfigError(
-            f"text_embeddings: {request.text_embeddings} holds {text_tokens} tokens per instruction, expected "
-            f"{text_store.TEXT_TOKENS} (T5's output padded with zeros): the DiT attends to every token"
-        )
     (root / GRAPHS_DIR).mkdir()
 
     dits = 2 if request.planning_checkpoint is not None else 1

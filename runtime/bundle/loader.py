@@ -279,12 +279,7 @@ def _check_text_width(path: Path, text: text_store.TextEmbeddings, checkpoint: P
             f"text embeddings {path}: {text.shape[-1]} wide, but the DiT {checkpoint} takes {text_dim}-wide "
             "embeddings: are the two files of one model?"
         )
-    if text.shape[1] != text_store.TEXT_TOKENS:
-        raise ConfigError(
-            f"text embeddings {path}: {text.shape[1]} tokens per instruction, expected {text_store.TEXT_TOKENS} (T5's "
-            "output padded with zeros, as the official embeddings and `text-embeddings embed` write them): the DiT "
-            "attends to every token, so another length would change every action"
-        )
+    text_store.check_token_count(text, f"text embeddings {path}")
 
 
 def _open_bundle(

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from cosmos_edge.runtime.errors import CheckpointError, EngineError, InputError
-from cosmos_edge.runtime.policy.text_embeddings import TEXT_TOKENS, TextEmbeddings, write
+from cosmos_edge.runtime.policy.text_embeddings import TEXT_TOKENS, TextEmbeddings, check_token_count, write
 
 T5_MODEL = "google-t5/t5-11b"
 
@@ -55,6 +55,7 @@ def convert_official_pickle(pkl_path: str | Path, out_path: str | Path, trust_pi
         store = TextEmbeddings.from_arrays(arrays)
     except InputError as error:  # entries of several shapes, or not [1, tokens, dim]
         raise CheckpointError(f"{pkl_path}: {error}") from None
+    check_token_count(store, pkl_path)  # refused here, not by every command that would read the store
     write(out_path, store)
     return store
 

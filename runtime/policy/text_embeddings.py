@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from cosmos_edge.runtime.errors import CheckpointError, InputError
+from cosmos_edge.runtime.errors import CheckpointError, ConfigError, InputError
 from cosmos_edge.runtime.policy.numerics import bf16_bits_to_float32, float32_to_bf16_bits
 
 FORMAT_TAG = "cosmos-edge/text-embeddings/1"
@@ -129,6 +129,17 @@ def merge(stores: Mapping[str, TextEmbeddings]) -> TextEmbeddings:
             merged.setdefault(instruction, bits)
             origin.setdefault(instruction, name)
     return TextEmbeddings(merged)
+
+
+def check_token_count(store: TextEmbeddings, source: str | Path) -> None:
+    """ConfigError naming `source` unless the store holds TEXT_TOKENS tokens per instruction."""
+    tokens = store.shape[1]
+    if tokens != TEXT_TOKENS:
+        raise ConfigError(
+            f"{source}: {tokens} tokens per instruction, expected {TEXT_TOKENS} (T5's output padded with zeros, as "
+            "the official embeddings and `text-embeddings embed` write them): the DiT attends to every token, so "
+            "another length would change every action"
+        )
 
 
 def write(path: str | Path, embeddings: Mapping[str, np.ndarray] | TextEmbeddings) -> None:

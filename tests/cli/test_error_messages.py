@@ -251,7 +251,7 @@ CASES: dict[str, Case] = {
     ),
     "converted embeddings into a missing directory": lambda f, t: (
         ["text-embeddings", "convert", str(write(t, "e.pkl", b"x")), str(t / "no" / "e.safetensors"), "--trust-pickle"],
-        f"OUT.safetensors {t / 'no' / 'e.safetensors'}: no directory",
+        f"{t / 'no' / 'e.safetensors'} (OUT.safetensors): no directory",
     ),
     "an npz given as the pickle": lambda f, t: (
         ["text-embeddings", "convert", str(observation(t)), str(t / "e.safetensors"), "--trust-pickle"],

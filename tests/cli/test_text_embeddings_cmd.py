@@ -25,7 +25,7 @@ def _run(argv: list[str]) -> int:
 def _official_pickle(path: Path) -> dict[str, torch.Tensor]:
     rng = np.random.default_rng(0)
     source = {
-        text: torch.from_numpy(rng.standard_normal((1, 8, 16)).astype(np.float32)).to(torch.bfloat16)
+        text: torch.from_numpy(rng.standard_normal((1, 512, 16)).astype(np.float32)).to(torch.bfloat16)
         for text in ("pick up the cup", "stack the blocks")
     }
     with path.open("wb") as file:
@@ -37,7 +37,7 @@ def test_convert_then_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     source = _official_pickle(tmp_path / "t5.pkl")
     out = tmp_path / "t5.safetensors"
     assert _run(["text-embeddings", "convert", str(tmp_path / "t5.pkl"), str(out), "--trust-pickle"]) == 0
-    assert "wrote the embeddings of 2 instructions, each [1, 8, 16], to" in capsys.readouterr().out
+    assert "wrote the embeddings of 2 instructions, each [1, 512, 16], to" in capsys.readouterr().out
     np.testing.assert_array_equal(text_embeddings.read(out).get("pick up the cup"), source["pick up the cup"].float())
 
     assert _run(["text-embeddings", "list", str(out)]) == 0
@@ -93,15 +93,15 @@ def test_embed_on_a_device_too_small_says_so_in_one_line(tmp_path: Path, monkeyp
 
 def test_merge_joins_stores_and_never_replaces_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rng = np.random.default_rng(3)
-    shared = rng.standard_normal((1, 8, 16)).astype(np.float32)
-    first = {"pick up the cup": shared, "stack the blocks": rng.standard_normal((1, 8, 16)).astype(np.float32)}
-    second = {"pick up the cup": shared, "open the drawer": rng.standard_normal((1, 8, 16)).astype(np.float32)}
+    shared = rng.standard_normal((1, 512, 16)).astype(np.float32)
+    first = {"pick up the cup": shared, "stack the blocks": rng.standard_normal((1, 512, 16)).astype(np.float32)}
+    second = {"pick up the cup": shared, "open the drawer": rng.standard_normal((1, 512, 16)).astype(np.float32)}
     text_embeddings.write(tmp_path / "a.safetensors", first)
     text_embeddings.write(tmp_path / "b.safetensors", second)
     out = tmp_path / "ab.safetensors"
     stores = [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]
     assert _run(["text-embeddings", "merge", *stores, "--out", str(out)]) == 0
-    assert "wrote the embeddings of 3 instructions, each [1, 8, 16], to" in capsys.readouterr().out
+    assert "wrote the embeddings of 3 instructions, each [1, 512, 16], to" in capsys.readouterr().out
     merged = text_embeddings.read(out)
     assert merged.instructions == ("pick up the cup", "stack the blocks", "open the drawer")
     for name, store in (("a", first), ("b", second)):
@@ -125,6 +125,21 @@ def test_convert_never_replaces_a_file(tmp_path: Path) -> None:
     _official_pickle(tmp_path / "t5.pkl")
     out = tmp_path / "t5.safetensors"
     out.write_bytes(b"the converted official store")
-    with pytest.raises(ConfigError, match=r"OUT\.safetensors .* exists, and is never replaced"):
+    with pytest.raises(ConfigError, match=r"t5\.safetensors \(OUT\.safetensors\): exists, and is never replaced"):
         _run(["text-embeddings", "convert", str(tmp_path / "t5.pkl"), str(out), "--trust-pickle"])
     assert out.read_bytes() == b"the converted official store"
+
+
+def test_stores_of_another_token_count_are_refused_where_they_are_made(tmp_path: Path) -> None:
+    short = {"pick up the cup": torch.zeros((1, 77, 16), dtype=torch.bfloat16)}
+    with (tmp_path / "t5.pkl").open("wb") as file:
+        pickle.dump(short, file)
+    out = tmp_path / "t5.safetensors"
+    with pytest.raises(ConfigError, match=r"t5\.pkl: 77 tokens per instruction, expected 512"):
+        _run(["text-embeddings", "convert", str(tmp_path / "t5.pkl"), str(out), "--trust-pickle"])
+    assert not out.exists()
+    text_embeddings.write(tmp_path / "short.safetensors", {"open the drawer": np.zeros((1, 77, 16), np.float32)})
+    with pytest.raises(ConfigError, match=r"short\.safetensors: 77 tokens per instruction, expected 512"):
+        _run(
+            ["text-embeddings", "merge", str(tmp_path / "short.safetensors"), "--out", str(tmp_path / "m.safetensors")]
+        )

@@ -191,7 +191,7 @@ def test_text_embeddings_not_padded_to_512_tokens_are_refused_before_exporting(
     width = text_store.read(files.text_embeddings).shape[-1]
     short = tmp_path / "short.safetensors"
     text_store.write(short, {"fold the t-shirt": np.zeros((1, 77, width), np.float32)})
-    with pytest.raises(ConfigError, match=f"{short} holds 77 tokens per instruction, expected 512"):
+    with pytest.raises(ConfigError, match=f"{short}: 77 tokens per instruction, expected 512"):
         export_bundle(request(files, tmp_path / "bundle", text_embeddings=short))
     assert sorted(path.name for path in tmp_path.iterdir()) == ["short.safetensors"]
 

@@ -99,7 +99,7 @@ def test_pickle_is_refused_without_the_flag(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("writer", ["pickle.dump", "torch.save"])
 def test_convert_official_pickle(tmp_path: Path, writer: str) -> None:
-    source = {text: torch.from_numpy(values).to(torch.bfloat16) for text, values in _embeddings().items()}
+    source = {text: torch.from_numpy(values).to(torch.bfloat16) for text, values in _embeddings((1, 512, 16)).items()}
     path = tmp_path / "t5.pkl"
     if writer == "pickle.dump":  # how the official save scripts write it
         with path.open("wb") as file:
