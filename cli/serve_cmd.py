@@ -26,7 +26,7 @@ from cosmos_edge.cli.flag_names import naming_flags
 from cosmos_edge.cli.model_source import add_compile_arguments, model_source
 from cosmos_edge.cli.planning_args import add_planning_arguments, planning_flags_given, resolve_planning
 from cosmos_edge.cli.signals import on_stop_signals
-from cosmos_edge.robot_bridge.binding import BoundRouter, ServerConfig
+from cosmos_edge.robot_bridge.binding import BoundRouter, ServerConfig, check_limits_hold_an_act
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, ServerCurve, load_public_keys
 from cosmos_edge.robot_bridge.official_act import check_official_cameras
 from cosmos_edge.robot_bridge.protocol import WireLimits
@@ -38,7 +38,7 @@ from cosmos_edge.runtime.bundle.loader import (
 )
 from cosmos_edge.runtime.bundle.sources import CheckpointSource, ModelSource
 from cosmos_edge.runtime.errors import ConfigError, EngineError
-from cosmos_edge.runtime.platforms import PLATFORMS
+from cosmos_edge.runtime.platforms import IMAGE_SIZE, PLATFORMS
 from cosmos_edge.runtime.precision import PRECISIONS
 
 if TYPE_CHECKING:
@@ -134,6 +134,18 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         if args.http is None:
             raise ConfigError("--endpoint none: needs --http, or nothing could reach the policies")
         endpoint = _IN_PROCESS_ONLY
+    return ServerConfig(
+        endpoint=endpoint,
+        limits=wire_limits(args),
+        default_mode=args.default_mode,
+        max_pending=args.max_pending,
+        curve=curve,
+        insecure_bind_all=args.insecure_bind_all,
+        shutdown_timeout_s=args.shutdown_timeout_s,
+    )
+
+
+def wire_limits(args: argparse.Namespace) -> WireLimits:
     if args.max_array_mb > args.max_message_mb:
         default = " (its default)" if args.max_array_mb == _DEFAULT_MAX_ARRAY_MB else ""
         raise ConfigError(
@@ -141,19 +153,10 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
             f"({args.max_message_mb:g}); lower it too"
         )
     message_bytes = max(1, round(args.max_message_mb * _MIB))
-    limits = WireLimits(
+    return WireLimits(
         max_message_bytes=message_bytes,
         max_array_bytes=max(1, round(args.max_array_mb * _MIB)),
         max_header_bytes=min(WireLimits.max_header_bytes, message_bytes),  # no flag of its own: within the message's
-    )
-    return ServerConfig(
-        endpoint=endpoint,
-        limits=limits,
-        default_mode=args.default_mode,
-        max_pending=args.max_pending,
-        curve=curve,
-        insecure_bind_all=args.insecure_bind_all,
-        shutdown_timeout_s=args.shutdown_timeout_s,
     )
 
 
@@ -239,6 +242,8 @@ _FLAGS = {
     "http address": "--http",
     "http": "--http",
     "device": "--devices",  # a bundle's, checked by its backend as it loads
+    "max_message_bytes": "--max-message-mb",
+    "max_array_bytes": "--max-array-mb",
 }
 
 
@@ -312,8 +317,10 @@ def _check_before_loading(args: argparse.Namespace, source: ModelSource, reactiv
             raise ConfigError(f"--default-mode planning: {reactive_only}")
         if given := planning_flags_given(args):
             raise ConfigError(f"{given[0]}: a planning option, but {reactive_only}")
+    platform = source_platform(source)
+    with naming_flags(_FLAGS):
+        check_limits_hold_an_act(wire_limits(args), (IMAGE_SIZE, IMAGE_SIZE), platform)  # the server's image size
     if args.http is not None:
-        platform = source_platform(source)
         check_official_cameras(platform.name, platform.cameras)
 
 

@@ -19,15 +19,32 @@ from cosmos_edge.robot_bridge.curve import ServerCurve, start_authenticator
 from cosmos_edge.robot_bridge.endpoints import is_ipv6, parse_endpoint
 from cosmos_edge.robot_bridge.protocol import WireLimits
 from cosmos_edge.runtime.errors import ConfigError
-from cosmos_edge.runtime.platforms import IMAGE_SIZE
+from cosmos_edge.runtime.platforms import IMAGE_SIZE, PlatformSpec
 
 MAX_SHUTDOWN_TIMEOUT_S = 3600.0  # beyond an hour a stop is a hang; also keeps waits within threading's limits
 _RECEIVE_HWM = 32  # messages (of any number of frames) libzmq queues per controller connection during a flood
+_ACT_HEADER_ROOM = 4096  # an act's header: its keys, the instruction, the arrays' dtypes and shapes
 FLUSH_MS = 1000  # how long closing waits for the last replies to leave: enough on a loaded machine, and bounded
 _BIND_HINTS = {
     errno.EADDRINUSE: "another process is serving on it; stop it or choose another endpoint",
     errno.ENOENT: "the directory of an ipc:// path must exist",
 }
+
+
+def check_limits_hold_an_act(limits: WireLimits, image_size: tuple[int, int], platform: PlatformSpec) -> None:
+    """ConfigError unless `limits` hold one `act` of `platform`: below that every request is refused, and libzmq
+    drops a frame over the message limit without a reply, so the controllers would only time out."""
+    height, width = image_size
+    image = height * width * 3
+    act = len(platform.cameras) * image + 4 * platform.proprio_dim + _ACT_HEADER_ROOM
+    if limits.max_array_bytes < image:
+        detail = f"{limits.max_array_bytes} bytes cannot hold one camera image ({height}x{width}x3 uint8, {image})"
+        raise ConfigError(f"max_array_bytes: {detail}")
+    if limits.max_message_bytes < act:
+        raise ConfigError(
+            f"max_message_bytes: {limits.max_message_bytes} bytes cannot hold one act of the {platform.name} platform "
+            f"(about {act} bytes: {len(platform.cameras)} camera images, the proprio and the header)"
+        )
 
 
 @dataclass(frozen=True)
@@ -57,8 +74,8 @@ class ServerConfig:
         if not is_local_endpoint(self.endpoint) and self.curve is None and not self.insecure_bind_all:
             raise ConfigError(
                 f"endpoint: {self.endpoint!r} is reachable from other machines, and without CURVE keys anyone there "
-                "could command the robot; bind 127.0.0.1, configure CURVE, or pass insecure_bind_all explicitly "
-                "(serve --insecure-bind-all)"
+                "could command the robot; bind 127.0.0.1, configure CURVE keys, or allow it explicitly "
+                "(serve --insecure-bind-all; ServerConfig.insecure_bind_all)"
             )
 
 

@@ -104,8 +104,8 @@ class HttpConfig:
         if not is_local_endpoint(f"tcp://{self.address}") and not self.insecure_bind_all:
             raise ConfigError(
                 f"http address: {self.address!r} is reachable from other machines, and HTTP has no authentication, so "
-                "anyone there could command the robot; listen on 127.0.0.1, or pass insecure_bind_all explicitly "
-                "(serve --http-insecure-bind-all)"
+                "anyone there could command the robot; listen on 127.0.0.1, or allow it explicitly "
+                "(serve --http-insecure-bind-all; HttpConfig.insecure_bind_all)"
             )
 
     @property

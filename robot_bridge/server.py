@@ -41,7 +41,7 @@ from types import TracebackType
 import zmq
 
 from cosmos_edge.robot_bridge.act_messages import SERVER_VERSION, act_reply, action_query
-from cosmos_edge.robot_bridge.binding import FLUSH_MS, BoundRouter, ServerConfig
+from cosmos_edge.robot_bridge.binding import FLUSH_MS, BoundRouter, ServerConfig, check_limits_hold_an_act
 from cosmos_edge.robot_bridge.log_limits import RateLimitedLog, peer_text
 from cosmos_edge.robot_bridge.protocol import (
     ActReply,
@@ -154,6 +154,7 @@ class PolicyServer:
             self._metadata(0)
         except MessageError as error:
             raise ConfigError(f"server metadata: {error}") from None
+        check_limits_hold_an_act(self._config.limits, self._config.image_size, self._platform)
 
     @property
     def endpoint(self) -> str:

@@ -228,10 +228,12 @@ def test_unknown_instructions_are_refused_before_the_queue_naming_the_closest_kn
 
 
 def test_oversized_messages(context: zmq.Context[zmq.Socket[bytes]]) -> None:
-    limits = WireLimits(max_message_bytes=400_000, max_array_bytes=200_000)
+    limits = WireLimits(max_message_bytes=460_000, max_array_bytes=200_000)  # an act of 3 images of 150 kB fits
     with serving(PolicyServer(StubPolicy(), ServerConfig(ENDPOINT, limits=limits))) as endpoint:
         controller = RawController(context, endpoint)
-        request_id = controller.act(1.0)  # 3 images of 150 kB: each frame fits, the message does not
+        request = ActRequest(7, obs_id=1, capture_time_ns=1, instruction=INSTRUCTION, **vars(observation(1.0)))
+        controller.send([*request.to_frames(), bytes(100_000)])  # each frame fits, the message does not
+        request_id = request.request_id
         reply = controller.receive()
         assert isinstance(reply, ErrorReply) and (reply.code, reply.field) == (ErrorCode.TOO_LARGE, "message")
         assert reply.request_id == request_id  # so a client matches it to its request instead of timing out
@@ -241,6 +243,26 @@ def test_oversized_messages(context: zmq.Context[zmq.Socket[bytes]]) -> None:
         assert flooder.receive(SHORT_TIMEOUT_S) is None
         controller.send(PingRequest(2).to_frames())
         assert isinstance(controller.receive(), Pong)
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        (
+            WireLimits(max_message_bytes=400_000, max_array_bytes=200_000),
+            r"^max_message_bytes: 400000 bytes cannot hold one act of the aloha platform \(about 455736 bytes",
+        ),
+        (
+            WireLimits(max_message_bytes=1_000_000, max_array_bytes=100_000),
+            r"^max_array_bytes: 100000 bytes cannot hold one camera image \(224x224x3 uint8, 150528\)$",
+        ),
+    ],
+    ids=["message", "array"],
+)
+def test_limits_that_cannot_hold_an_act_are_refused_at_once(limits: WireLimits, message: str) -> None:
+    # libzmq would drop such frames without a reply: every controller would wait out its timeout.
+    with pytest.raises(ConfigError, match=message):
+        PolicyServer(StubPolicy(), ServerConfig(ENDPOINT, limits=limits))
 
 
 def test_a_newer_observation_replaces_the_waiting_one(context: zmq.Context[zmq.Socket[bytes]]) -> None:
