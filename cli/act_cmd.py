@@ -113,7 +113,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also decode the predicted future images (planning: the chosen candidate's predicted states, combined by "
         "--future-state-ensemble-aggregation-scheme); slower: the whole clip is then encoded, as the official code "
-        "does (its decode needs the placeholder latents), and decoded",
+        "does (its decode needs the placeholder latents), and decoded; written to --out",
     )
     add_compile_arguments(parser)
     parser.add_argument(
@@ -141,6 +141,8 @@ def _act_on(args: argparse.Namespace) -> int:
     observation_file = observation_path(args)
     observation = read_observation(observation_file)  # a bad file is named before minutes of loading
     out = None if args.out is None else output_path("--out", args.out)
+    if args.future_images and out is None:  # seconds of decoding for images nobody would see
+        raise ConfigError("--future-images: the images are written to the --out file; give --out")
     devices = [args.device] if args.device else None
     source = model_source(args, devices or [], device_flag="--device", reference=args.reference)
     observation = _official_observation(source, observation, observation_file)

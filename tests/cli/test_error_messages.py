@@ -125,6 +125,7 @@ CASES: dict[str, Case] = {
         ["serve", *files_args(f), "--max-message-mb", "0.4", "--max-array-mb", "0.2"],
         "--max-message-mb: 419430 bytes cannot hold one act of the aloha platform",
     ),
+    "future images with nowhere to write them": lambda f, t: (act(f, t, "--future-images"), "--future-images"),
     "act output in a missing directory": lambda f, t: (act(f, t, "--out", str(t / "no" / "r.npz")), "--out"),
     "client output in a missing directory": lambda f, t: (
         ["client", "act", str(observation(t)), "--task", "t", "--out", str(t / "no" / "r.npz")],
