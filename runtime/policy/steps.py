@@ -130,9 +130,10 @@ def encode_observation(
     platform = model.platform
     if not isinstance(observation, Observation):
         raise InputError(f"observation: expected an Observation, got {type(observation).__name__}")
+    shape = np.shape(observation.proprio)
+    if shape != (platform.proprio_dim,):  # a history or a batch would be tiled into the slot without a word
+        raise InputError(f"proprio: expected shape ({platform.proprio_dim},), got {shape}", field="proprio")
     proprio = model.stats.normalize_proprio(observation.proprio)
-    if proprio.shape != (platform.proprio_dim,):  # a history or a batch would be tiled into the slot without a word
-        raise InputError(f"proprio: expected shape ({platform.proprio_dim},), got {proprio.shape}", field="proprio")
     _warn_untrained_proprio(platform, model.stats, proprio)
     if full_sequence:
         with timer.stage("preprocess"):

@@ -104,7 +104,7 @@ def bad_observations(name: str) -> list[tuple[str, Observation]]:
         (first, Observation({**images, first: images[first].astype(np.float32)}, good.proprio)),
         (first, Observation({**images, first: images[first][..., :2]}, good.proprio)),
         ("proprio", Observation(images, np.full(spec.proprio_dim, np.nan, np.float32))),
-        ("proprio", Observation(images, good.proprio[:-1])),
+        (r"proprio: expected shape \(14,\), got \(13,\)", Observation(images, good.proprio[:-1])),
         (r"proprio: expected shape \(14,\), got \(2, 14\)", Observation(images, np.stack([good.proprio] * 2))),
     ]
 
