@@ -109,10 +109,16 @@ class SafetyConfig:
             lower, upper = self.arm_limits(1 if prefix else 0)
             check_numbers(f"safety.{prefix}joint_lower", lower)
             check_numbers(f"safety.{prefix}joint_upper", upper)
-            if len(lower) != len(upper) or len(lower) != len(self.joint_lower) or not lower:
+            if len(lower) != len(upper) or not lower:
                 raise ConfigError(
-                    f"safety.{prefix}joint_lower/{prefix}joint_upper: expected equal, non-zero lengths (as "
-                    f"joint_lower's {len(self.joint_lower)}), got {len(lower)} and {len(upper)}"
+                    f"safety.{prefix}joint_lower/{prefix}joint_upper: expected one lower and one upper limit per arm "
+                    f"joint (the defaults: {len(VX300S_JOINT_LOWER)}, the ViperX 300 S's), got {len(lower)} lower and "
+                    f"{len(upper)} upper"
+                )
+            if len(lower) != len(self.joint_lower):
+                raise ConfigError(
+                    f"safety.{prefix}joint_lower/{prefix}joint_upper: expected one limit per arm joint, as "
+                    f"joint_lower's {len(self.joint_lower)}, got {len(lower)}"
                 )
             for i, (lo, hi) in enumerate(zip(lower, upper, strict=True)):
                 if not lo < hi:

@@ -190,9 +190,9 @@ def open_graph(graph: GraphFile, device: str) -> OnnxRuntimeRunner:
     target = OrtTarget.parse(device)
     if target.provider == "cpu" and graph.precision == "bf16":
         raise ConfigError(  # the device asked for (or the default one) does not suit the bundle: a usage error
-            f"device: 'cpu' cannot run {graph.onnx}: it is bf16, and onnxruntime's CPU provider has no bfloat16 "
-            f"kernels; serve it with --backend tensorrt or onnxruntime on 'cuda', or export with --precision fp32 or "
-            f"fp16 for the CPU"
+            f"device: 'cpu' cannot run {graph.onnx}: the bundle is bf16 (exported for CUDA), and onnxruntime's CPU "
+            f"provider has no bfloat16 kernels; run it on 'cuda' (onnxruntime, or --backend tensorrt), or export the "
+            f"bundle --for cpu"
         )
     cache_dir = None
     if target.provider == "tensorrt" and graph.cache_dir is not None:

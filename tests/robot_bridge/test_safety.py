@@ -73,6 +73,17 @@ def test_each_arm_may_have_its_own_limits() -> None:
     assert out.qpos[7] == 1.0 and Intervention.CLAMPED in out.flags
 
 
+def test_limits_of_another_length_say_how_many_are_expected() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"^safety\.joint_lower/joint_upper: expected one lower and one upper limit per "
+        r"arm joint \(the defaults: 6, the ViperX 300 S's\), got 2 lower and 6 upper$",
+    ):
+        SafetyConfig(joint_lower=(0.0, 0.0))
+    with pytest.raises(ConfigError, match=r"right_joint_lower/right_joint_upper: .* as joint_lower's 6, got 5$"):
+        SafetyConfig(right_joint_lower=VX300S_JOINT_LOWER[:5], right_joint_upper=VX300S_JOINT_UPPER[:5])
+
+
 def test_a_limit_of_the_wrong_type_is_named_with_what_was_expected() -> None:
     expected = "safety.max_joint_step: expected a finite number in (0, 0.5], got '0.1' (str)"
     with pytest.raises(ConfigError, match=f"^{re.escape(expected)}$"):
