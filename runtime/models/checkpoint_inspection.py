@@ -41,6 +41,7 @@ def _dit_report(path: Path, state: dict) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a Cosmos-Predict2 DiT or a Wan2.1 VAE checkpoint{hint}: {error}") from None
     problems = [f"missing key {key}" for key in summary["missing_keys"]]
     problems += [f"unexpected key {key}" for key in summary["unexpected_keys"]]
+    problems += [f"wrong shape of {wrong}" for wrong in summary["wrong_shapes"]]
     return {"path": str(path), "network": "dit", **summary, "problems": problems}
 
 

@@ -126,7 +126,15 @@ def _shape_of(canonical: _Canonical, name: str) -> torch.Size:
 
 
 def _infer_config(canonical: _Canonical, **known: Any) -> DiTConfig:
-    """DiT config from tensor shapes; `known` gives fields that shapes cannot tell (patch sizes, RoPE, max sizes)."""
+    """DiT config from tensor shapes, every tensor of that config in its shape; `known` gives fields that shapes
+    cannot tell (patch sizes, RoPE, max sizes)."""
+    config = _config_from_shapes(canonical, **known)
+    if wrong := _wrong_shapes(canonical, config):
+        raise CheckpointError(f"state dict: shapes inconsistent with the inferred DiT config: {_listing(wrong)}")
+    return config
+
+
+def _config_from_shapes(canonical: _Canonical, **known: Any) -> DiTConfig:
     patch_temporal = known.get("patch_temporal", DiTConfig.patch_temporal)
     patch_spatial = known.get("patch_spatial", DiTConfig.patch_spatial)
     patch_volume = patch_temporal * patch_spatial**2
@@ -160,15 +168,16 @@ def _infer_config(canonical: _Canonical, **known: Any) -> DiTConfig:
         )
     except ConfigError as error:
         raise CheckpointError(f"state dict: shapes give an invalid DiT config: {error}") from error
+    return config
+
+
+def _wrong_shapes(canonical: _Canonical, config: DiTConfig) -> list[str]:
     expected = _build_on_meta(config).state_dict()
-    wrong = [
+    return [
         f"{canonical.file_key(name)}: expected {list(expected[name].shape)}, got {list(tensor.shape)}"
         for name, tensor in canonical.params.items()
         if name in expected and tensor.shape != expected[name].shape
     ]
-    if wrong:
-        raise CheckpointError(f"state dict: shapes inconsistent with the inferred DiT config: {_listing(wrong)}")
-    return config
 
 
 def _listing(items: Iterable[str], limit: int = 20) -> str:
@@ -378,10 +387,11 @@ def random_dit_state_dict(config: DiTConfig, seed: int = 0, dtype: torch.dtype =
 def summarize_dit_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
     """A JSON-ready summary for `checkpoint inspect`: format, config, parameter count, dtypes, key problems.
 
-    Raises CheckpointError when the shapes do not describe a DiT.
+    Raises CheckpointError when the shapes do not describe a DiT; a tensor whose shape differs from the one its
+    config gives is a problem listed (`wrong_shapes`).
     """
     canonical = _canonicalize(state_dict)
-    config = _infer_config(canonical)
+    config = _config_from_shapes(canonical)
     expected = _build_on_meta(config).state_dict().keys()
     present = [name for name in canonical.params if name in expected]
     return {
@@ -392,4 +402,5 @@ def summarize_dit_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Any]
         "ignored_keys": canonical.ignored,
         "missing_keys": sorted(canonical.file_key(name) for name in expected - canonical.params.keys()),
         "unexpected_keys": sorted(canonical.file_key(name) for name in canonical.params.keys() - expected),
+        "wrong_shapes": sorted(_wrong_shapes(canonical, config)),
     }

@@ -270,17 +270,20 @@ def test_random_state_dict_is_deterministic() -> None:
 def test_summary(tiny_state: dict[str, Tensor]) -> None:
     state = with_bookkeeping({k: v.to(torch.bfloat16) for k, v in tiny_state.items()})
     del state["net.blocks.1.mlp.layer2.weight"]
+    state["net.blocks.0.cross_attn.q_norm.weight"] = torch.ones(3, dtype=torch.bfloat16)
 
     summary = summarize_dit_state_dict(state)
 
     assert summary["format"] == "official"
     assert summary["config"] == dataclasses.asdict(TINY)
-    assert summary["num_parameters"] == sum(v.numel() for v in tiny_state.values()) - 64 * 256
+    head_dim = TINY.model_channels // TINY.num_heads
+    assert summary["num_parameters"] == sum(v.numel() for v in tiny_state.values()) - 64 * 256 - head_dim + 3
     assert summary["dtypes"] == {"bfloat16": summary["num_parameters"]}  # elements, as the VAE summary counts
     assert "net.accum_iteration" in summary["ignored_keys"]
     assert "net.blocks.0.self_attn.q_norm._extra_state" in summary["ignored_keys"]
     assert summary["missing_keys"] == ["net.blocks.1.mlp.layer2.weight"]
     assert summary["unexpected_keys"] == []
+    assert summary["wrong_shapes"] == [f"net.blocks.0.cross_attn.q_norm.weight: expected [{head_dim}], got [3]"]
     json.dumps(summary)
 
 
