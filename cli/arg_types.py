@@ -53,6 +53,14 @@ def positive_hertz(text: str) -> float:
     return _positive_finite(text, "Hz")
 
 
+def factor_of_at_least_one(text: str) -> float:
+    """A finite factor of at least 1."""
+    value = _positive_finite(text, "times")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a factor of at least 1, got {text!r}")
+    return value
+
+
 def _positive_finite(text: str, unit: str) -> float:
     try:
         value = float(text)

@@ -20,7 +20,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-from cosmos_edge.cli.arg_types import int_in_range, positive_hertz, positive_seconds
+from cosmos_edge.cli.arg_types import factor_of_at_least_one, int_in_range, positive_hertz, positive_seconds
 from cosmos_edge.cli.client_cmd import connect, connection_arguments, naming_connection_flags
 from cosmos_edge.cli.run_report import print_run_report
 from cosmos_edge.cli.signals import on_stop_signals
@@ -94,6 +94,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="how chunks are joined at their boundaries (none: a hard switch, as the official client)",
     )
     parser.add_argument(
+        "--latency-margin",
+        type=factor_of_at_least_one,
+        default=ExecutorConfig.latency_margin,
+        metavar="FACTOR",
+        help="the next chunk is asked for when the actions left last the measured round trip times this (default "
+        f"{ExecutorConfig.latency_margin:g}); raise it when the log says the robot starves on a jittery network",
+    )
+    parser.add_argument(
         "--nice",
         type=int_in_range(-20, 19),
         metavar="N",
@@ -125,6 +133,7 @@ def _robot(args: argparse.Namespace) -> int:
         executor_config = ExecutorConfig(
             control_rate_hz=rate_hz,
             blend=BlendConfig(BlendScheme(args.blend)),
+            latency_margin=args.latency_margin,
             realtime_priority=args.realtime_priority,
             nice=args.nice,
         )

@@ -150,11 +150,16 @@ class ExecutorCounters:
     hold_ticks: int = 0  # ticks without an action of a chunk (before the first chunk, starved, or stopped)
 
 
-def _starvation_advice(latency_ms: float | None, horizon_ms: float) -> str:
+def _starvation_advice(latency_ms: float | None, horizon_ms: float, config: ExecutorConfig) -> str:
     """Only one request is in flight: a chunk arrives with one round trip of its horizon spent, and the next takes
     another round trip, so once the round trip exceeds half the horizon no prefetch point keeps the robot moving."""
     if latency_ms is None or 2 * latency_ms <= horizon_ms:
-        return "Request earlier: raise prefetch_threshold, or latency_margin with adaptive_prefetch."
+        if config.adaptive_prefetch:
+            return (
+                f"Request earlier: raise latency_margin (now {config.latency_margin:g}; `robot --latency-margin`), "
+                "the factor on the measured round trip that sets the prefetch point."
+            )
+        return "Request earlier: raise prefetch_threshold, or turn adaptive_prefetch on."
     return (
         f"With one request in flight the robot starves whenever the round trip exceeds half the chunk horizon "
         f"({horizon_ms / 2:.0f} ms here), whatever the prefetch point: make inference faster (a faster mode or "
@@ -457,7 +462,7 @@ class ChunkExecutor:
                 f"The {self._failures_since_chunk} request(s) since the last chunk failed, the last with "
                 f"{type(error).__name__}: {error}; is the server up and answering within the client's timeout?"
             )
-        return _starvation_advice(self.latency_ms, horizon_ms)
+        return _starvation_advice(self.latency_ms, horizon_ms, self.config)
 
     def _drop_reason(self, chunk: Chunk, tick: int) -> str | None:
         if self._safety.stopped:

@@ -424,6 +424,14 @@ def test_message_limits_must_be_finite_sizes(value: str, capsys: pytest.CaptureF
     assert "argument --max-message-mb: expected a" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["0.5", "nan", "x"])
+def test_the_latency_margin_is_a_factor_of_at_least_one(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["robot", "--task", "t", "--latency-margin", value])
+    assert exited.value.code == 2
+    assert "argument --latency-margin: expected a" in capsys.readouterr().err
+
+
 def test_the_demo_without_the_sim_extra_says_so_before_writing_anything(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -944,8 +944,18 @@ def test_starvation_from_failing_requests_says_so(caplog: pytest.LogCaptureFixtu
     with caplog.at_level(logging.WARNING, logger="cosmos_edge.robot_bridge.controller.executor"):
         executor.run(300)  # 12 s of fake time: a starvation warning at once (the request still in flight), then more
     starved = [r.getMessage() for r in caplog.records if "starved" in r.getMessage()]
-    assert "Request earlier" in starved[0]  # nothing has failed yet
+    assert "Request earlier: raise prefetch_threshold" in starved[0]  # nothing has failed yet
     assert "request(s) since the last chunk failed, the last with FakeTimeout: no reply" in starved[-1]
+
+
+def test_starvation_advice_names_the_setting_that_moves_the_prefetch_point(caplog: pytest.LogCaptureFixture) -> None:
+    executor, _, client, _ = make(chunk=20, threshold=8, latency_ticks=1, adaptive_prefetch=True, latency_margin=1.2)
+    executor.run(10)
+    client.down = True
+    with caplog.at_level(logging.WARNING, logger="cosmos_edge.robot_bridge.controller.executor"):
+        executor.run(30)
+    starved = [r.getMessage() for r in caplog.records if "starved" in r.getMessage()]
+    assert "Request earlier: raise latency_margin (now 1.2; `robot --latency-margin`)" in starved[0]
 
 
 def test_adaptive_prefetch_covers_the_measured_latency() -> None:
