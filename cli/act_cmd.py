@@ -172,6 +172,7 @@ def _act_on(args: argparse.Namespace) -> int:
                 "this query compiles the networks first (a minute or more for the 2B model; its stage timings "
                 "include it; --no-compile runs eager)"
             )
+        _LOG.info("running the %s query", "planning" if loaded.planning is not None else "reactive")
         with _naming_the_observation(observation_file):
             result = policy.infer(query)
     print_result(result)

@@ -258,8 +258,10 @@ def _open_checkpoints(
     for device in devices:
         _LOG.info("loading %s (%s) on %s", files.checkpoint, source.precision, device)
         compile_args = (source.compile_mode, source.compile_scope, source.cuda_graphs)
+        started = time.perf_counter()
         policy_network = torch_backend.open_denoiser(files.checkpoint, source.precision, device, *compile_args)
         resources.callback(policy_network.close)
+        _LOG.info("loaded %s in %.1f s", files.checkpoint, time.perf_counter() - started)
         _check_text_width(files.text_embeddings, text, files.checkpoint, policy_network.text_dim)
         planning_network = policy_network
         if separate_planner and source.planning_checkpoint is not None:

@@ -7,6 +7,7 @@ tensors), the Wan2.1 `tokenizer.pth`, the dataset statistics JSON and the instru
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from cosmos_edge.runtime.platforms import PlatformSpec, platform_spec
 from cosmos_edge.runtime.policy import text_embeddings as text_store
 from cosmos_edge.runtime.policy.normalization import DatasetStats
 from cosmos_edge.runtime.policy.text_embeddings import TEXT_TOKENS
+
+_LOG = logging.getLogger(__name__)
 
 # The DiT preset → the VAE it is paired with. `small` keeps the real VAE so CPU benchmarks see its true cost.
 VAE_FOR_DIT = {"tiny": "tiny", "small": "wan2.1", "predict2-2b": "wan2.1"}
@@ -82,8 +85,9 @@ def write_random_assets(out_dir: str | Path, spec: RandomAssetsSpec = RandomAsse
     ]
     written: list[Path] = []
     try:
-        for path, write in writers:
+        for index, (path, write) in enumerate(writers, start=1):
             written.append(path)
+            _LOG.info("writing %s (file %d/%d)", path, index, len(writers))  # the 2B DiT takes a minute or so
             write(path)
     except BaseException:  # Ctrl-C included: a partial model would block the next run, which never replaces files
         for path in written:
