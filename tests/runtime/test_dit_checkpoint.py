@@ -225,10 +225,13 @@ def test_infer_config_recovers_each_preset(name: str) -> None:
     assert inferred_config(with_bookkeeping(state)) == config
 
 
-def test_inconsistent_shapes_are_refused(tiny_state: dict[str, Tensor]) -> None:
+def test_inconsistent_shapes_are_refused_by_loading_and_listed_by_inspection(tiny_state: dict[str, Tensor]) -> None:
     state = {**tiny_state, "net.blocks.1.mlp.layer1.weight": torch.zeros(128, 64)}
     with pytest.raises(CheckpointError, match=r"net\.blocks\.1\.mlp\.layer1\.weight: expected \[256, 64\], got"):
-        inferred_config(state)
+        dit_from_state_dict(state)
+    assert summarize_dit_state_dict(state)["wrong_shapes"] == [
+        "net.blocks.1.mlp.layer1.weight: expected [256, 64], got [128, 64]"
+    ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
