@@ -23,7 +23,7 @@ from cosmos_edge.runtime.platforms import IMAGE_SIZE, PlatformSpec
 
 MAX_SHUTDOWN_TIMEOUT_S = 3600.0  # beyond an hour a stop is a hang; also keeps waits within threading's limits
 _RECEIVE_HWM = 32  # messages (of any number of frames) libzmq queues per controller connection during a flood
-_ACT_HEADER_ROOM = 4096  # an act's header: its keys, the instruction, the arrays' dtypes and shapes
+_ACT_HEADER_ROOM = 8192  # an act's header: its keys, the instruction (up to 4 KB of UTF-8), the arrays' descriptions
 FLUSH_MS = 1000  # how long closing waits for the last replies to leave: enough on a loaded machine, and bounded
 _BIND_HINTS = {
     errno.EADDRINUSE: "another process is serving on it; stop it or choose another endpoint",
@@ -32,8 +32,9 @@ _BIND_HINTS = {
 
 
 def check_limits_hold_an_act(limits: WireLimits, image_size: tuple[int, int], platform: PlatformSpec) -> None:
-    """ConfigError unless `limits` hold one `act` of `platform`: below that every request is refused, and libzmq
-    drops a frame over the message limit without a reply, so the controllers would only time out."""
+    """ConfigError unless `limits` hold one `act` of `platform` (about: the header's room is an estimate): below
+    that every request is refused `too_large`, or, for an image over the message limit, dropped by libzmq without a
+    reply, so that its controller only times out."""
     height, width = image_size
     image = height * width * 3
     act = len(platform.cameras) * image + 4 * platform.proprio_dim + _ACT_HEADER_ROOM

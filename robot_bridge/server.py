@@ -410,7 +410,7 @@ class PolicyServer:
 
     def _enqueue(self, job: _Job) -> None:
         with self._work_ready:
-            if self._stopping.is_set():  # nothing would run it: the worker is stopping or gone
+            if self._stop_requested or self._stopping.is_set():  # nothing would run it: the worker stops, or is gone
                 raise MessageError(ErrorCode.SHUTTING_DOWN, "", "the server is shutting down", job.request.request_id)
             if not self._accepting.is_set():  # it arrived while the models loaded: its sender may be long gone
                 raise MessageError(ErrorCode.OVERLOADED, "", _STARTING, job.request.request_id)
@@ -603,7 +603,7 @@ class PolicyServer:
             while True:
                 while not self._pending and not self._stopping.is_set():
                     self._work_ready.wait()
-                if self._stopping.is_set():
+                if self._stop_requested or self._stopping.is_set():  # what still waits is answered by `_drain`
                     return None
                 job = self._pending.popitem(last=False)[1]
                 if (expired := _expiry(job, time.perf_counter())) is not None:
