@@ -177,7 +177,8 @@ class HttpEndpoint:
         self._refusals = RateLimitedLog(logger)  # per client address; on the event loop thread
         # One body parsed at a time: JSON lists become Python objects about 20x their size (the GIL would run
         # parses one after another anyway), so the bodies of every open connection are never expanded at once.
-        self._parsing = asyncio.Lock()
+        # Made by `start`: a lock belongs to the event loop it first waits on, and each start runs a new one.
+        self._parsing: asyncio.Lock | None = None
         routes = [
             Route("/act", self._act, methods=["POST"]),
             Route("/healthz", self._healthz, methods=["GET"]),
@@ -224,6 +225,7 @@ class HttpEndpoint:
             timeout_graceful_shutdown=math.ceil(self._config.shutdown_timeout_s + _REPLY_MARGIN_S),
         )
         self._uvicorn = uvicorn.Server(config)
+        self._parsing = asyncio.Lock()
         self._thread = threading.Thread(
             target=self._uvicorn.run, kwargs={"sockets": [listener]}, name="http-endpoint", daemon=True
         )
@@ -275,6 +277,7 @@ class HttpEndpoint:
         peer = _peer(request)
         try:
             body = await self._body(request)
+            assert self._parsing is not None, "set by start()"
             async with self._parsing:
                 query = await run_in_threadpool(parse_query, body, self._image_size, self._proprio_dim)
             decode_ms = ms_since(started)
