@@ -154,12 +154,18 @@ def _starvation_advice(latency_ms: float | None, horizon_ms: float, config: Exec
     """Only one request is in flight: a chunk arrives with one round trip of its horizon spent, and the next takes
     another round trip, so once the round trip exceeds half the horizon no prefetch point keeps the robot moving."""
     if latency_ms is None or 2 * latency_ms <= horizon_ms:
-        if config.adaptive_prefetch:
+        if not config.adaptive_prefetch:
+            return "Request earlier: raise prefetch_threshold, or turn adaptive_prefetch on."
+        margin = f"latency_margin (now {config.latency_margin:g}; `robot --latency-margin`)"
+        period_ms = 1e3 / config.control_rate_hz
+        # The prefetch point is the larger of prefetch_threshold and the round trip times the margin.
+        counts_from = None if latency_ms is None else config.prefetch_threshold * period_ms / latency_ms
+        if counts_from is not None and config.latency_margin < counts_from:
             return (
-                f"Request earlier: raise latency_margin (now {config.latency_margin:g}; `robot --latency-margin`), "
-                "the factor on the measured round trip that sets the prefetch point."
+                f"Request earlier: raise {margin} above {counts_from:.2g}, where the round trip starts to set the "
+                f"prefetch point (prefetch_threshold, {config.prefetch_threshold}, sets it now)."
             )
-        return "Request earlier: raise prefetch_threshold, or turn adaptive_prefetch on."
+        return f"Request earlier: raise {margin}, the factor on the measured round trip that sets the prefetch point."
     return (
         f"With one request in flight the robot starves whenever the round trip exceeds half the chunk horizon "
         f"({horizon_ms / 2:.0f} ms here), whatever the prefetch point: make inference faster (a faster mode or "
@@ -207,6 +213,7 @@ class ChunkExecutor:
         self._last_command: np.ndarray | None = None
         self._next_tick = 0  # the tick after the last one run
         self._run_started_ns = 0  # when the current run began (the executor's clock)
+        self._pause_ended_ns = 0  # when the last pause between runs ended: replies to earlier requests elapsed in it
         self._latency_ns: float | None = None  # smoothed inference round trip (capture to receipt)
         self._chunk_length = 0  # of the last adopted chunk
         self._starved_warnings = Throttle(config.starvation_warning_s)
@@ -279,9 +286,11 @@ class ChunkExecutor:
         # The first deadline not yet passed, and never a tick already run (a clock that has not moved since).
         tick = max(-(-(self._clock() - self._epoch_ns) // self._period_ns), self._next_tick)
         end_tick = None if num_ticks is None else tick + num_ticks
-        if self._chunk is not None and tick - self._chunk.first_tick >= len(self._chunk.actions):
-            self._chunk = None  # it ran out between runs: this run waits for its first chunk, not a starved one
         before, self._run_started_ns = self.counters, self._clock()
+        if tick > self._next_tick:  # ticks passed between the runs: a pause, not starvation
+            self._pause_ended_ns = self._run_started_ns
+            if self._chunk is not None and tick - self._chunk.first_tick >= len(self._chunk.actions):
+                self._chunk = None  # it ran out during the pause: this run waits for its first chunk
         with thread_priority(self.config.realtime_priority, self.config.nice):
             self._loop(tick, end_tick, until or (lambda: False))
         self._safety.announce_stop()  # a stop latched by a signal that also ended the run: said here, not there
@@ -375,7 +384,7 @@ class ChunkExecutor:
             logger.debug("executor: %s chunk from obs %d at tick %d", reason, outcome.obs_id, tick)
             if reason == "dropped_malformed":
                 self._warn_malformed(outcome)
-            elif reason == "dropped_elapsed" and outcome.capture_ns >= self._run_started_ns:  # else: the pause
+            elif reason == "dropped_elapsed" and outcome.capture_ns >= self._pause_ended_ns:  # else: the pause
                 self._warn_starved(tick, f"the reply to obs {outcome.obs_id} came after all its actions elapsed")
             return False
         old = self._chunk

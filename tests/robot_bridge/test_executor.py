@@ -909,6 +909,19 @@ def test_a_pause_between_runs_is_not_starvation(caplog: pytest.LogCaptureFixture
     assert executor.counters.dropped_elapsed == 1
 
 
+@pytest.mark.parametrize("pause_s", [0.0, 10.0])
+def test_starvation_goes_on_across_back_to_back_runs_and_not_across_a_pause(pause_s: float) -> None:
+    executor, _, client, clock = make(chunk=20, threshold=8, latency_ticks=1)
+    executor.run(10)
+    client.down = True  # no chunk after the one in hand, which runs out within the next run
+    executor.run(15)
+    starved = executor.counters.starved_ticks
+    assert starved > 0
+    clock.sleep(pause_s)
+    executor.run(5)
+    assert executor.counters.starved_ticks - starved == (0 if pause_s else 5)
+
+
 def test_summaries_count_every_tick_beyond_the_records_kept() -> None:
     executor, _, _, _ = make(chunk=5, threshold=2, latency_ticks=8, record_capacity=8)
     first = executor.run(40)  # every reply elapsed before it came: 40 held ticks, of which 8 are recorded
@@ -955,7 +968,8 @@ def test_starvation_advice_names_the_setting_that_moves_the_prefetch_point(caplo
     with caplog.at_level(logging.WARNING, logger="cosmos_edge.robot_bridge.controller.executor"):
         executor.run(30)
     starved = [r.getMessage() for r in caplog.records if "starved" in r.getMessage()]
-    assert "Request earlier: raise latency_margin (now 1.2; `robot --latency-margin`)" in starved[0]
+    # A round trip of 1 tick times 1.2 is below prefetch_threshold's 8 actions: the margin counts from 8 on.
+    assert "Request earlier: raise latency_margin (now 1.2; `robot --latency-margin`) above 8, where" in starved[0]
 
 
 def test_adaptive_prefetch_covers_the_measured_latency() -> None:
