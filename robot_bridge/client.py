@@ -134,7 +134,8 @@ class PolicyClient:
         `return_all_query_results`: it also carries every candidate's actions and per-depth values.
 
         The request carries what is left of this call's deadline, so the server drops it (`expired`) rather than
-        compute it after we gave up. `overloaded` answers are retried with backoff until the deadline.
+        compute it after we gave up. `overloaded` answers are retried with backoff while the deadline leaves room for
+        the delay and an answer as quick as the last.
 
         Raises `RequestTimeout`, `RemoteError` (e.g. `superseded`, an unknown instruction, `overloaded` until the
         deadline), `ProtocolError` (a malformed observation, caught before sending: a `MessageError` naming the
@@ -193,11 +194,13 @@ class PolicyClient:
         """Sends `request`, and again after each `overloaded` answer, with a growing delay, while `deadline` allows."""
         backoff_s = _FIRST_RETRY_S
         while True:
+            sent = time.monotonic()
             try:
                 return self._call(request, ActReply, deadline)
             except RemoteError as error:
                 delay_s = random.uniform(0.0, backoff_s)  # full jitter: controllers refused together retry apart
-                if error.code is not ErrorCode.OVERLOADED or time.monotonic() + delay_s >= deadline:
+                answered_in_s = time.monotonic() - sent  # an attempt that could not be answered in time is not made
+                if error.code is not ErrorCode.OVERLOADED or time.monotonic() + delay_s + answered_in_s >= deadline:
                     raise
             logger.debug("server overloaded; retrying obs_id=%s in %.3f s", request.obs_id, delay_s)
             if self._closing.wait(delay_s):
