@@ -72,6 +72,7 @@ from cosmos_edge.runtime.policy.steps import (
 from cosmos_edge.runtime.policy.value_aggregation import ValueAggregation, aggregate_values, select_best_candidate
 
 _LOG = logging.getLogger(__name__)
+_PROGRESS_AFTER_S = 10.0  # a query running longer says how far it got after each of its passes
 
 
 def candidate_shares(num_candidates: int, num_workers: int) -> list[list[int]]:
@@ -140,6 +141,7 @@ class _Search:
     timer: StageTimer
 
     stops: tuple[threading.Event, ...] = ()  # any set: the next network call raises `_Stopped`
+    started: float = dataclasses.field(default_factory=time.perf_counter)  # for the progress of a slow query
 
     def run(self, clean: np.ndarray) -> CandidateScores:
         return self.score(self.act(clean), clean)
@@ -212,6 +214,18 @@ class _Search:
         return promoted
 
     def _run(self, network: BoundNetwork, mode: ConditioningMode, passes: list[_Pass]) -> list[np.ndarray]:
+        samples = self._sample(network, mode, passes)
+        if (elapsed_s := time.perf_counter() - self.started) > _PROGRESS_AFTER_S:  # quiet when planning is fast
+            _LOG.info(
+                "planning: %d %s pass(es) of %d candidate(s) done, %.0f s into the query",
+                len(passes),
+                mode.value,
+                len(self.seeds),
+                elapsed_s,
+            )
+        return samples
+
+    def _sample(self, network: BoundNetwork, mode: ConditioningMode, passes: list[_Pass]) -> list[np.ndarray]:
         """The samples of each pass, in order: all passes as one batch, or pass after pass."""
         platform, timer, n = self.model.platform, self.timer, len(self.seeds)
         if self.stops:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from cosmos_edge.runtime.bundle.sources import CheckpointSource
 from cosmos_edge.runtime.engines.torch_networks import TorchAutoencoder
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.files import CheckpointFiles
+from cosmos_edge.runtime.policy import planning
 from cosmos_edge.runtime.policy.api import ActionQuery
 from cosmos_edge.runtime.policy.planning import PlanningPolicy
 from cosmos_edge.runtime.policy.planning_config import PlanningConfig
@@ -84,6 +86,22 @@ def test_batched_passes_give_the_same_values_and_choice_as_pass_after_pass(
     np.testing.assert_allclose(batched.values_by_depth, alone.values_by_depth, rtol=0, atol=1e-5)
     assert np.ptp(alone.values) > 1e-3
     assert batched.chosen == alone.chosen
+
+
+def test_a_slow_query_says_how_far_it_got_after_each_pass(
+    aloha: CheckpointFiles, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    planner = make_planner(aloha, 1)
+    query = ActionQuery(random_observation("aloha", seed=4), "fold the t-shirt", seed=10, steps=1)
+    with caplog.at_level(logging.INFO, logger=planning.__name__):
+        planner.infer(query)  # fast: nothing said
+        assert not caplog.records
+        monkeypatch.setattr(planning, "_PROGRESS_AFTER_S", 0.0)  # every query is slow now
+        planner.infer(query)
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[0].startswith("planning: 1 policy pass(es) of 3 candidate(s) done, ")
+    assert any(" world_model pass(es) " in line for line in lines) and lines[-1].endswith("s into the query")
+    planner.close()
 
 
 def test_bad_configuration_and_requests(aloha: CheckpointFiles) -> None:
