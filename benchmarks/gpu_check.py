@@ -224,8 +224,8 @@ def query_exact(device: str, root: Path) -> dict[str, Any]:
     queries = [ActionQuery(observation(seed), "fold the t-shirt", seed=195 + seed, steps=3) for seed in range(3)]
     with load_policies(CheckpointSource(files, encode_full_sequence=True), devices=["cpu"]) as reference:
         expected = [reference.reactive.infer(query) for query in queries]
-    target = 1e-4  # fp32, normalised action units, against the CPU reference
-    result: dict[str, Any] = {"target_fp32": target}
+    target, target_bf16 = 1e-4, 1e-2  # normalised action units, against the fp32 CPU reference (bf16: as tests/)
+    result: dict[str, Any] = {"target_fp32": target, "target_bf16": target_bf16}
     answers = {}
     graphs = device.startswith("cuda")
     for name, precision, compile_mode, cuda_graphs in (
@@ -245,8 +245,8 @@ def query_exact(device: str, root: Path) -> dict[str, Any]:
         result[f"{precision}_graphs_bit_identical"] = all(
             np.array_equal(a.actions, b.actions) and a.value == b.value for a, b in pairs
         )
-    fp32 = [name for name in answers if name.startswith("fp32")]
-    result["passed"] = all(result[f"{name}_max_action_error"] <= target for name in fp32) and all(
+    bounds = {name: target if name.startswith("fp32") else target_bf16 for name in answers}
+    result["passed"] = all(result[f"{name}_max_action_error"] <= bound for name, bound in bounds.items()) and all(
         result[f"{precision}_graphs_bit_identical"] for precision in ("fp32", "bf16")
     )
     return result
