@@ -123,7 +123,7 @@ def test_a_new_export_removes_what_a_killed_one_left_but_not_a_running_ones(
         raise RuntimeError("x")
 
     monkeypatch.setattr(bundle_writer, "export_vae_cameras_encoder", fail)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"^x$"):
         export_bundle(request(tiny_assets["libero"], tmp_path / "bundle"))
     assert sorted(tmp_path.iterdir()) == sorted([running, users])
 

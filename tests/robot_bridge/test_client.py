@@ -246,7 +246,8 @@ def test_overloaded_until_the_deadline_raises_it() -> None:
                 refused = ErrorReply(request_id, ErrorCode.OVERLOADED, "", "8 controllers are already waiting")
                 router.send_multipart([identity, *refused.to_frames()])
 
-    with fake_server(handler) as endpoint, PolicyClient(endpoint, timeout_s=SHORT_TIMEOUT_S) as client:
+    # 1 s: room for several attempts however slowly a loaded machine answers each (a retry needs the time of one)
+    with fake_server(handler) as endpoint, PolicyClient(endpoint, timeout_s=1.0) as client:
         with pytest.raises(RemoteError) as caught:  # raised once the deadline leaves no time for another attempt
             client.act(observation(), INSTRUCTION, obs_id=1, capture_time_ns=1)
         stop.set()
