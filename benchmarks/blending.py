@@ -6,8 +6,8 @@ Two chunk streams on the 14-joint ALOHA layout at 25 Hz, 50-action chunks, prefe
 `offset` (every chunk is the same smooth trajectory shifted by ±0.2 rad on every arm joint, alternating, as a policy
 that re-plans from a new observation) and `noisy` (the trajectory plus N(0, 0.02 rad) per action). Reported per
 scheme: the largest per-tick change of the commanded pose at a boundary (median and max), the same for a hard switch,
-the largest per-tick change anywhere else (the trajectory's own motion), how many ticks after a switch the command
-first equals the new chunk (convergence), and the ticks the default safety filter (0.15 rad per tick) limited.
+the largest per-tick change anywhere else (the trajectory's own motion), and the ticks the default safety filter
+(0.15 rad per tick) limited.
 """
 
 from __future__ import annotations

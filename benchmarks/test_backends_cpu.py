@@ -30,8 +30,7 @@ import torch
 from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
 from cosmos_edge.runtime.bundle.manifest import Bundle
 from cosmos_edge.runtime.engines.onnxruntime_runner import open_graph
-from cosmos_edge.runtime.engines.torch_networks import TorchDiT
-from cosmos_edge.runtime.models.dit_checkpoint import load_dit
+from cosmos_edge.runtime.engines.torch_networks import TorchDiT, open_denoiser
 from cosmos_edge.runtime.models.prefix_encoder import BlackPrefixEncoder
 from cosmos_edge.runtime.models.random_assets import RandomAssetsSpec, write_random_assets
 from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
@@ -67,11 +66,10 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> SmallSetup:
         future_images=False,
     )
     bundle = export_bundle(request)
-    cpu = torch.device("cpu")
     embeddings = bundle.text_embeddings()
     return SmallSetup(
         bundle=bundle,
-        dit=TorchDiT(load_dit(files.checkpoint), cpu),
+        dit=open_denoiser(files.checkpoint, "fp32", "cpu"),  # as the torch backend serves it (fused QKV)
         vae=load_wan_vae(files.tokenizer).eval(),
         text=embeddings.get(embeddings.instructions[0]),
     )

@@ -4,7 +4,9 @@ torch eager, bf16, ALOHA layout (11 latent frames, 2156 tokens).
 Baseline against the official serving path, measured in the same run:
 - `reference`: the official query semantics as the official server runs them: the whole 41-frame sequence goes
   through the VAE, and the text cross-attention K/V are recomputed on every network call;
-- `fast`: the causal prefix (17 frames) through the VAE, and the K/V computed once per instruction;
+- `fast`: the default path, eager: the 12 camera frames after the black frames encoded once at load, the image
+  transforms and the sampler on the device, the K/V computed once per instruction (the H100 run recorded in
+  `results/gpu_pipeline_h100.json` predates the black frames' cache: it encoded the whole 17-frame prefix);
 - `fast+compile`: `fast` with the DiT under `torch.compile` (inductor's fused kernels).
 All use this repository's networks (static VAE), so the ratios isolate those changes.
 

@@ -2,8 +2,9 @@
 
 Random weights of the `small` DiT and the real-size Wan2.1 VAE, ALOHA layout, fp32 torch, 1 denoising step, three
 480×640 camera frames. The reference (`act --reference`) runs the official image transforms in numpy/Pillow and
-encodes all 41 pixel frames; the default path runs the transforms as torch ops and encodes only the 12 camera frames
-after the black frames it encoded once at load (both bind the instruction once).
+encodes all 41 pixel frames; the default path runs the same transforms (on the CPU, Pillow's C resize beats the
+tensor ops the GPU runs) and encodes only the 12 camera frames after the black frames it encoded once at load (both
+bind the instruction once).
 
     .venv/bin/python -m pytest benchmarks/test_query_cpu.py --benchmark-enable --benchmark-json OUT.json
 """
