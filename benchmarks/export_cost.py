@@ -113,7 +113,11 @@ def main() -> None:
             result = failure or run_child("export", config, Path(scratch))
         print(json.dumps(result), flush=True)
         results.append(result)
-    report = {"machine": f"{host.processor() or host.machine()}, {os.cpu_count()} logical CPUs", "results": results}
+    report = {
+        "command": "python benchmarks/export_cost.py " + " ".join(sys.argv[1:]),
+        "machine": f"{host.processor() or host.machine()}, {os.cpu_count()} logical CPUs",
+        "results": results,
+    }
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 
