@@ -18,6 +18,7 @@ from cosmos_edge.runtime.engines.tensorrt.cuda_buffers import (
     import_cudart,
 )
 from cosmos_edge.runtime.errors import EngineError
+from tests.helpers.fake_cudart import RecordingCudart
 
 
 class FakeCudaError(enum.IntEnum):
@@ -56,24 +57,10 @@ def test_check_cuda_names_the_call_and_error() -> None:
     )
 
 
-class StickyErrorRuntime:
-    """A cudart after a sticky CUDA error: every call fails, and each is recorded."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, object]] = []
-
-    def __getattr__(self, name: str) -> object:
-        def call(*args: object) -> tuple[int]:
-            self.calls.append((name, args[0] if args else None))
-            return (700,)
-
-        return call
-
-
 def test_closing_after_a_sticky_cuda_error_still_frees_every_buffer_and_the_stream() -> None:
     spec = TensorSpec("x", (2,), "float32")
     buffers = {name: IOBuffer(spec, np.zeros(2, np.float32), 10 * i + 1, 10 * i + 2) for i, name in enumerate("abc")}
-    cudart = StickyErrorRuntime()
+    cudart = RecordingCudart(error=700)  # after a sticky CUDA error: every call fails
     io = DeviceIO(cudart, "stream", {"a": buffers["a"]}, {"b": buffers["b"], "c": buffers["c"]})  # type: ignore[arg-type]
     with pytest.raises(EngineError, match="cudaStreamSynchronize"):  # the first failure is the one raised
         io.close()

@@ -37,6 +37,7 @@ from cosmos_edge.runtime.engines.tensorrt.cache import (
 from cosmos_edge.runtime.engines.tensorrt.cuda_buffers import DeviceIO, IOBuffer
 from cosmos_edge.runtime.engines.tensorrt.runner import TensorRTRunner, open_graph
 from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError
+from tests.helpers.fake_cudart import RecordingCudart
 
 SEQ, CONTEXT, DIM, HEADS = 256, 64, 256, 4  # head dim 64: inside TensorRT's fused-MHA limits (16..256, % 8)
 ATTENTION = GraphSpec(
@@ -160,22 +161,8 @@ def test_run_inputs_are_checked_in_shape_and_dtype(array: np.ndarray, got: str) 
         check_feeds(ATTENTION, inputs, frozenset())
 
 
-class RecordingRuntime:
-    """A cudart whose every call succeeds and is recorded with its first argument."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, object]] = []
-
-    def __getattr__(self, name: str) -> object:
-        def call(*args: object) -> tuple[int]:
-            self.calls.append((name, args[0] if args else None))
-            return (0,)
-
-        return call
-
-
 def test_a_runner_is_closed_with_its_own_gpu_current(monkeypatch: pytest.MonkeyPatch) -> None:
-    cudart = RecordingRuntime()
+    cudart = RecordingCudart()
     monkeypatch.setattr(runner_module, "import_cudart", lambda: cudart)
     spec = TensorSpec("x", (2,), "float32")
     io = DeviceIO(cudart, "stream", {"x": IOBuffer(spec, np.zeros(2, np.float32), 1, 2)}, {})  # type: ignore[arg-type]
