@@ -53,19 +53,23 @@ class LoadedPolicies:
         workers: Sequence[PlanningWorker],
         resources: ExitStack,
         replays_graphs: bool = False,
+        compiled: bool = False,
     ) -> None:
         self.reactive = reactive
         self.planning = planning
         self.workers = tuple(workers)  # the DiTs of each device, in device order (the VAE lives on the first)
         self._resources = resources
         self._replays_graphs = replays_graphs
+        self._compiled = compiled
 
     def warm_up(self) -> float:
         """One reactive query on a black observation, and the planning networks' batched call, so that kernel
         selection and compilation (minutes for a compiled 2B DiT) happen before the first real request. A DiT that
         replays CUDA graphs captures one per timesteps: the query then takes the platform's default steps, so that a
-        first request with them replays every call, and each planning worker scores one candidate (`PlanningPolicy.
-        warm_up`). Returns its seconds."""
+        first request with them replays every call. A compiled DiT, or one that replays graphs, also has each planning
+        worker score one candidate (`PlanningPolicy.warm_up`): the batch-1 graphs of the planning model and of every
+        device, which a deadline's query or a one-candidate share would otherwise compile (tens of seconds at 2B).
+        Returns its seconds."""
         policy, started = self.reactive, time.perf_counter()
         platform = policy.platform
         images = {name: np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8) for name in platform.cameras}
@@ -73,8 +77,8 @@ class LoadedPolicies:
         steps = platform.default_action_steps if self._replays_graphs else 1
         policy.infer(ActionQuery(observation, policy.instructions[0], steps=steps))
         policy.reset()  # the next query binds its own instruction
-        if self.planning is not None:  # with graphs: each device's batch-1 graphs and timesteps too
-            self.planning.warm_up(observation if self._replays_graphs else None)
+        if self.planning is not None:
+            self.planning.warm_up(observation if self._replays_graphs or self._compiled else None)
         return time.perf_counter() - started
 
     def modes(self) -> dict[str, Policy]:
@@ -135,13 +139,18 @@ def load_policies(
     except BaseException:
         resources.close()
         raise
-    return LoadedPolicies(reactive, planner, networks, resources, replays_cuda_graphs(source))
+    return LoadedPolicies(reactive, planner, networks, resources, replays_cuda_graphs(source), compiles_dit(source))
 
 
 def replays_cuda_graphs(source: ModelSource) -> bool:
     """Whether `source`'s DiT replays batch-1 calls from CUDA graphs, each captured on the first call of its
     timesteps (what the warm-up prepares)."""
     return isinstance(source, CheckpointSource) and source.cuda_graphs
+
+
+def compiles_dit(source: ModelSource) -> bool:
+    """Whether `source`'s DiT compiles its graphs on their first call (batch 1 apart from larger batches)."""
+    return isinstance(source, CheckpointSource) and source.compile_mode is not None
 
 
 def planning_candidates(

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cosmos_edge.runtime.bundle import loader
-from cosmos_edge.runtime.bundle.loader import load_policies, replays_cuda_graphs
+from cosmos_edge.runtime.bundle.loader import compiles_dit, load_policies, replays_cuda_graphs
 from cosmos_edge.runtime.bundle.manifest import Bundle
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointSource
 from cosmos_edge.runtime.engines import torch_networks
@@ -338,6 +338,33 @@ def test_a_dit_that_replays_cuda_graphs_is_warmed_up_with_the_default_steps(
     assert not replays_cuda_graphs(CheckpointSource(files))
     assert warm_up_steps(files, True, monkeypatch) == [platform_spec("aloha").default_action_steps]
     assert warm_up_steps(files, False, monkeypatch) == [1]
+
+
+@pytest.mark.parametrize(
+    ("compiled", "replays", "scores_one"), [(False, False, False), (True, False, True), (False, True, True)]
+)
+def test_a_compiled_dit_has_each_planning_worker_score_one_candidate_in_the_warm_up(
+    tiny_assets: dict[str, CheckpointFiles],
+    monkeypatch: pytest.MonkeyPatch,
+    compiled: bool,
+    replays: bool,
+    scores_one: bool,
+) -> None:
+    # Measured on an H200: a compiled 2B DiT's first batch-1 planning call (a deadline's base action pass) compiled
+    # for 43 s in the query; the warm-up's candidate compiles it before serving.
+    files = tiny_assets["aloha"]
+    assert compiles_dit(CheckpointSource(files, compile_mode="default")) and not compiles_dit(CheckpointSource(files))
+    monkeypatch.setattr(loader, "compiles_dit", lambda source: compiled)
+    monkeypatch.setattr(loader, "replays_cuda_graphs", lambda source: replays)
+    with load_policies(CheckpointSource(files), planning=PlanningConfig(num_queries_best_of_n=2)) as loaded:
+        assert loaded.planning is not None
+        observations: list[object] = []
+        warm_up = loaded.planning.warm_up
+        monkeypatch.setattr(
+            loaded.planning, "warm_up", lambda observation: observations.append(observation) or warm_up(observation)
+        )
+        loaded.warm_up()
+    assert len(observations) == 1 and (observations[0] is not None) == scores_one
 
 
 def test_cuda_graphs_on_a_cpu_device_are_refused_before_any_weights_are_read(
