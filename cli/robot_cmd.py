@@ -126,6 +126,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _robot(args: argparse.Namespace) -> int:
     make_env = _env_factory(args.env)
     params = ActParams(args.task, mode=args.mode, seed=args.seed, steps=args.steps)
+    safety = SafetyFilter(_safety_config(args.safety))  # before the server is asked anything, and the arms move
+    limits = safety.config
     with connect(args, _REQUEST_TIMEOUT_S) as client:
         metadata = client.metadata()
         _check_server(metadata, args)  # before the arms move: a server that could not drive them
@@ -137,14 +139,13 @@ def _robot(args: argparse.Namespace) -> int:
             realtime_priority=args.realtime_priority,
             nice=args.nice,
         )
-        safety = SafetyFilter(_safety_config(args.safety))  # before the arms move
-        limits = safety.config
         print(
             f"safety: at most {limits.max_joint_step:g} rad per tick per arm joint, joints within "
             + ", ".join(f"{arm} {_rounded(*limits.arm_limits(index))}" for index, arm in enumerate(("left", "right")))
             + f" rad, grippers within {limits.gripper_range}"
         )
         robot = _connect_robot(make_env, args)
+        safety.check_start_pose(robot.current_qpos())  # before the first command: the filter would move the arms
         with ThreadedChunkSource(client, params, prepare=aloha_wire_observation) as source:
             executor = ChunkExecutor(robot, source, safety, executor_config)
             # SIGINT and SIGTERM latch the executor's stop: the arms hold, and the run ends after the tick in progress.

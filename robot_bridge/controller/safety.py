@@ -8,8 +8,12 @@ Every command the executor sends passes through `SafetyFilter.apply`, which in o
 2. clamps every joint to its position limits and each gripper to its normalised range;
 3. limits the change of each arm joint per tick relative to the *measured* joint position, turning the
    official Cosmos Policy client's "pause if any non-gripper joint would move more than 0.15 rad"
-   check into a slew limit. The slew limit comes last, so that nothing jumps: an arm measured outside
-   its limits (a rig's stricter limit than where it rests) is brought back one step per tick.
+   check into a slew limit. The slew limit comes last, so that nothing jumps: an arm pushed outside
+   its limits during a run is brought back one step per tick.
+
+The first command is refused (`check_start_pose`) when an arm joint is measured outside its limits by more than
+`START_POSE_TOLERANCE`: bringing it back would be a motion at the full slew rate that no policy asked for, before
+the operator has seen the policy drive the arms.
 
 The hold pose is the last command sent, not the measured position: re-commanding the measured pose
 each tick lets gravity sag accumulate, because a loaded position servo settles slightly below its goal.
@@ -44,6 +48,10 @@ logger = logging.getLogger(__name__)
 # [−101°, 92°], ±(π − 1e-5), [−107°, 128°], ±(π − 1e-5)); mujoco_menagerie's aloha.xml uses the same values.
 # Real rigs may be stricter (firmware limits, table collisions): configure per rig.
 _PI_OFFSET = 1e-5
+# How far outside its limits an arm joint may be measured at the start: encoder noise and a servo settled against
+# a limit, not a pose the filter would have to move the arm out of.
+START_POSE_TOLERANCE = 0.02  # rad
+_ARM_JOINT_NAMES = ("waist", "shoulder", "elbow", "forearm_roll", "wrist_angle", "wrist_rotate")
 VX300S_JOINT_LOWER: tuple[float, ...] = (
     -math.pi + _PI_OFFSET,
     math.radians(-106.0),
@@ -262,6 +270,8 @@ class SafetyFilter:
                 raise InputError(f"safety: measured qpos is not finite and no command was sent yet: {measured}")
             flags |= Intervention.NON_FINITE
             measured = self._last  # the only trustworthy reference left
+        if self._last is None and not blind:
+            self.check_start_pose(measured)
         hold = measured if self._last is None else self._last
 
         if self._stopped:
@@ -289,6 +299,31 @@ class SafetyFilter:
         self._last = out
         self._record(flags, target, out)
         return SafeCommand(qpos=out.copy(), flags=flags)
+
+    def check_start_pose(self, measured_qpos: np.ndarray) -> None:
+        """Raises InputError naming each arm joint measured more than `START_POSE_TOLERANCE` outside its limits."""
+        measured = np.asarray(measured_qpos, dtype=np.float64)
+        self._check_shape("measured qpos", measured)
+        joints = self._joint_mask
+        tolerance = START_POSE_TOLERANCE
+        outside = joints & ((measured < self._lower - tolerance) | (measured > self._upper + tolerance))
+        if not outside.any():
+            return
+        per_arm = len(self.config.joint_lower) + 1
+        named = []
+        for dim in np.flatnonzero(outside):
+            arm, joint = ("left", "right")[dim // per_arm], dim % per_arm
+            name = _ARM_JOINT_NAMES[joint] if per_arm == len(_ARM_JOINT_NAMES) + 1 else f"joint {joint}"
+            named.append(
+                f"{arm} {name} (qpos[{dim}]) at {measured[dim]:.3f} rad, limits "
+                f"[{self._lower[dim]:.3f}, {self._upper[dim]:.3f}]"
+            )
+        raise InputError(
+            "safety: the arms start outside their joint limits: "
+            + "; ".join(named)
+            + ": move them within the limits first (without --keep-pose `robot` moves them to the start pose), or "
+            "widen the limits (--safety joint_lower/joint_upper)"
+        )
 
     def _check_shape(self, name: str, array: np.ndarray) -> None:
         if array.shape != (self.config.dims,):

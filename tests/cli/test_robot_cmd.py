@@ -136,6 +136,25 @@ def test_a_server_that_cannot_drive_the_arms_is_refused_before_they_move(
     assert named in capsys.readouterr().err and not fake_real_env.MADE
 
 
+def test_arms_that_rest_outside_the_limits_are_refused_before_any_command(capsys: pytest.CaptureFixture[str]) -> None:
+    # The fake rig rests at zeros; a stricter shoulder limit above them would have the filter lift both arms.
+    fake_real_env.MADE.clear()
+    lower = '{"joint_lower": [-3.1, 0.5, -1.7, -3.1, -1.8, -3.1]}'
+    with serving(PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*"))) as endpoint:
+        assert main(robot(endpoint, "--keep-pose", "--duration-s", "1", "--safety", lower)) == 2
+    (env,) = fake_real_env.MADE
+    assert not env.commands
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "left shoulder (qpos[1]) at 0.000 rad, limits [0.500, 1.257]" in error
+
+
+def test_a_bad_safety_setting_is_refused_before_the_server_is_asked(capsys: pytest.CaptureFixture[str]) -> None:
+    # No server listens on port 9: the setting is refused at once, not after the connection's timeout.
+    argv = ["--task", INSTRUCTION, "--safety", '{"max_joint_step": 2}', "--timeout", "30"]
+    assert main(["robot", "--env", ENV, "--endpoint", "tcp://127.0.0.1:9", *argv]) == 2
+    assert "--safety: safety.max_joint_step: expected" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "named"),
     [

@@ -69,7 +69,7 @@ def test_each_arm_may_have_its_own_limits() -> None:
     lower, upper = config.lower(), config.upper()
     assert (lower[0], upper[0]) == (-1.0, VX300S_JOINT_UPPER[0])  # left: its own lower, the default upper
     assert (lower[7], upper[7]) == (-1.0, 1.0)  # right: the shared lower, its own upper
-    out = SafetyFilter(config).apply(np.full(14, 0.1) + np.eye(14)[7] * 1.2, np.full(14, 0.1) + np.eye(14)[7] * 1.0)
+    out = SafetyFilter(config).apply(np.full(14, 0.1) + np.eye(14)[7] * 1.2, np.full(14, 0.1) + np.eye(14)[7] * 0.85)
     assert out.qpos[7] == 1.0 and Intervention.CLAMPED in out.flags
 
 
@@ -132,6 +132,7 @@ def test_rate_limit_is_relative_to_measured_position_and_skips_grippers() -> Non
 
 def test_limits_win_over_rate_limit_when_measured_is_out_of_range() -> None:
     f = SafetyFilter(SafetyConfig())
+    f.apply(START, START)
     measured = START.copy()
     measured[1] = 1.4  # sensor reads past the shoulder limit
     out = f.apply(measured, measured)
@@ -139,13 +140,35 @@ def test_limits_win_over_rate_limit_when_measured_is_out_of_range() -> None:
     assert out.qpos[1] == pytest.approx(math.radians(72))
 
 
-def test_an_arm_outside_its_limits_is_brought_back_a_step_per_tick_not_in_a_jump() -> None:
-    config = SafetyConfig(joint_lower=(-3.142, -1.0, -1.763, -3.142, -1.868, -3.142))  # a stricter shoulder limit
-    f = SafetyFilter(config)
+STRICT_SHOULDERS = SafetyConfig(joint_lower=(-3.142, -1.0, -1.763, -3.142, -1.868, -3.142))
+
+
+def test_arms_that_start_outside_their_limits_are_refused_before_any_command() -> None:
+    # Bringing them back would be a motion at the full slew rate that no policy asked for.
+    f = SafetyFilter(STRICT_SHOULDERS)
     measured = START.copy()
-    measured[[1, 8]] = -1.6  # both shoulders rest 0.6 rad below it
-    out = f.apply(None, measured)  # the first tick holds: the measured pose, clamped, one step at most
-    assert out.flags == Intervention.HELD | Intervention.CLAMPED | Intervention.RATE_LIMITED
+    measured[[1, 8]] = -1.6  # both shoulders rest 0.6 rad below a rig's stricter limit
+    message = (
+        r"safety: the arms start outside their joint limits: left shoulder \(qpos\[1\]\) at -1\.600 rad, limits "
+        r"\[-1\.000, 1\.257\]; right shoulder \(qpos\[8\]\) at -1\.600 rad, .*: move them within the limits first "
+        r".*--safety joint_lower/joint_upper"
+    )
+    for target in (None, START):
+        with pytest.raises(InputError, match=message):
+            f.apply(target, measured)
+    assert f.counters.commands == 0
+    measured[[1, 8]] = -1.0 - 0.019  # within the tolerance: a servo settled against the limit
+    assert f.apply(None, measured).flags == Intervention.HELD | Intervention.CLAMPED
+
+
+def test_an_arm_pushed_outside_its_limits_is_brought_back_a_step_per_tick_not_in_a_jump() -> None:
+    config = STRICT_SHOULDERS
+    f = SafetyFilter(config)
+    f.apply(None, START)
+    measured = START.copy()
+    measured[[1, 8]] = -1.6  # both shoulders pushed 0.6 rad below the limit during the run
+    out = f.apply(None, measured)  # the hold pose (the last command) is within the limits: one step towards it
+    assert out.flags == Intervention.HELD | Intervention.RATE_LIMITED
     np.testing.assert_allclose(out.qpos[[1, 8]], -1.6 + config.max_joint_step)
     for _ in range(3):  # each tick a step towards the limit (the arm follows), never past it
         measured = out.qpos
