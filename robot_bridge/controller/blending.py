@@ -25,6 +25,8 @@ A non-finite action of the old chunk is not blended from: its latest finite acti
 commanded at the switch if there is none). An optional first-order low-pass (`lowpass_alpha`) smooths the blended
 target before the safety filter; after a hold or a non-finite target (the new chunk's: the safety filter holds it)
 it starts again from the last commanded pose.
+Ticks the executor skipped (it ran late) move the chunk in hand ahead by as many actions; `rejoin` cross-fades
+into it from the chunk delayed by them, under either scheme.
 `benchmarks/blending.py` measures both schemes on scripted chunks.
 """
 
@@ -124,6 +126,7 @@ class ChunkBlender:
         self._old_shift: np.ndarray | float = 0.0  # added to the replaced chunk: see the module docstring
         self._hold: np.ndarray | None = None  # the last commanded pose at the switch
         self._switch_tick = 0
+        self._fade_only = False  # a rejoin's blend: a cross-fade under either scheme
         self._lowpassed: np.ndarray | None = None
         self._open: _OpenBoundary | None = None
         self._boundaries: deque[Boundary] = deque(maxlen=_BOUNDARIES_KEPT)
@@ -143,13 +146,7 @@ class ChunkBlender:
     ) -> None:
         """A new chunk is adopted at `tick`; the chunk in hand until now was `old_actions` (None: holding)."""
         self._close_boundary()
-        self._old, self._old_first_tick, self._old_shift = old_actions, old_first_tick, 0.0
-        self._hold = None if last_command is None else np.asarray(last_command, dtype=np.float64)
-        self._switch_tick = tick
-        if self._hold is not None and old_actions is not None:
-            followed = self._old_trajectory(tick - 1, hold_past_end=True)  # what the old chunk asked for last tick
-            if followed is not None and np.isfinite(self._hold).all():
-                self._old_shift = self._hold - followed
+        self._blend_from(tick, old_actions, old_first_tick, last_command, fade_only=False)
         previous = self._old_trajectory(tick, hold_past_end=True)
         new = np.asarray(new_actions[tick - new_first_tick], dtype=np.float64)
         raw = np.zeros(2) if previous is None else self._largest(np.abs(new - previous))
@@ -157,6 +154,33 @@ class ChunkBlender:
         if self.config.scheme is BlendScheme.ENSEMBLE and old_actions is not None:
             closes = max(closes, old_first_tick + len(old_actions))  # the tick the old chunk's weight reaches 0
         self._open = _OpenBoundary(tick, raw, np.zeros(2), 0, self._hold, closes)
+
+    def rejoin(self, tick: int, skipped: int, actions: np.ndarray, first_tick: int, last_command: np.ndarray) -> None:
+        """`skipped` ticks were skipped (the robot's calls or this machine ran late), so the chunk in hand
+        (`actions` from `first_tick`) jumped ahead: from `tick` the target cross-fades (whatever the scheme but
+        `none`, which jumps as the official client would) from the chunk delayed by the skipped ticks, continuing
+        from `last_command`, into the chunk itself, so each step moves as the chunk does plus 1 / (window + 1) of
+        the skipped motion. The open boundary closes; this is no chunk boundary."""
+        self._close_boundary()
+        self._blend_from(tick, actions, first_tick + skipped, last_command, fade_only=True)
+
+    def _blend_from(
+        self,
+        tick: int,
+        old_actions: np.ndarray | None,
+        old_first_tick: int,
+        last_command: np.ndarray | None,
+        fade_only: bool,
+    ) -> None:
+        """From `tick` the old trajectory is `old_actions` from `old_first_tick`, shifted to pass through
+        `last_command` the tick before (see the module docstring)."""
+        self._old, self._old_first_tick, self._old_shift = old_actions, old_first_tick, 0.0
+        self._hold = None if last_command is None else np.asarray(last_command, dtype=np.float64)
+        self._switch_tick, self._fade_only = tick, fade_only
+        if self._hold is not None and old_actions is not None:
+            followed = self._old_trajectory(tick - 1, hold_past_end=True)  # what the old chunk asked for last tick
+            if followed is not None and np.isfinite(self._hold).all():
+                self._old_shift = self._hold - followed
 
     def target(self, tick: int, action: np.ndarray | None, last_command: np.ndarray | None) -> np.ndarray | None:
         """The command target for `tick`, given the adopted chunk's `action` for it (None: nothing to do) and the
@@ -204,13 +228,14 @@ class ChunkBlender:
         # or it runs out within the window, its weight already ramping down (the new chunk would take most of the
         # gap in one tick).
         old_ends = self._old is None or self._old_first_tick + len(self._old) <= self._switch_tick + window
-        fading = scheme is BlendScheme.CROSSFADE or (scheme is BlendScheme.ENSEMBLE and old_ends)
+        blends = scheme is not BlendScheme.NONE
+        fading = scheme is BlendScheme.CROSSFADE or (blends and (old_ends or self._fade_only))
         if fading and since < window:
             old = self._old_trajectory(tick, hold_past_end=True)
             if old is not None:
                 weight = (since + 1) / (window + 1)
                 return (1.0 - weight) * old + weight * new
-        if scheme is BlendScheme.ENSEMBLE and self._old is not None:
+        if scheme is BlendScheme.ENSEMBLE and self._old is not None and not self._fade_only:
             remaining = self._old_first_tick + len(self._old) - tick  # ticks the old chunk still covers, this one too
             old = self._old_trajectory(tick, hold_past_end=False)
             if remaining > 0 and old is not None:

@@ -289,8 +289,9 @@ class ChunkExecutor:
         before, self._run_started_ns = self.counters, self._clock()
         if tick > self._next_tick:  # ticks passed between the runs: a pause, not starvation
             self._pause_ended_ns = self._run_started_ns
-            if self._chunk is not None and tick - self._chunk.first_tick >= len(self._chunk.actions):
-                self._chunk = None  # it ran out during the pause: this run waits for its first chunk
+            # As after a resume, the chunk in hand and replies to requests captured before the pause answered the
+            # situation before it: this run holds until a chunk of its own comes, and fades it in.
+            self._chunk, self._obs_floor = None, self._next_tick - 1
         with thread_priority(self.config.realtime_priority, self.config.nice):
             self._loop(tick, end_tick, until or (lambda: False))
         self._safety.announce_stop()  # a stop latched by a signal that also ended the run: said here, not there
@@ -341,6 +342,10 @@ class ChunkExecutor:
                 else:  # requests captured before this tick answered the pre-stop situation
                     self._chunk, self._obs_floor = None, tick - 1
         adopted = self._receive(tick)
+        chunk = self._chunk
+        if missed and not adopted and chunk is not None and self._last_command is not None:
+            # The chunk's index jumped with the skipped ticks: fade into it rather than command their motion at once.
+            self._blender.rejoin(tick, missed, chunk.actions, chunk.first_tick, self._last_command)
 
         stopped = self._safety.stopped  # the filter holds the pose whatever the chunk says: a held tick
         action, obs_id, index = (None, NO_CHUNK, NO_CHUNK) if stopped else self._action_at(tick)

@@ -388,6 +388,31 @@ def test_late_tick_skips_missed_deadlines_and_stays_time_aligned() -> None:
     assert records["wake_ns"][6] - records["deadline_ns"][6] == PERIOD_NS // 2
 
 
+@pytest.mark.parametrize("blend", [HARD_SWITCH, BlendConfig(), BlendConfig(BlendScheme.ENSEMBLE)])
+def test_skipped_ticks_fade_into_the_chunk_rather_than_jump(blend: BlendConfig) -> None:
+    executor, robot, _, clock = make(chunk=50, threshold=8, latency_ticks=3, blend=blend)
+
+    def stall(n: int) -> None:
+        if n == 20:  # tick 19's command returns 5.5 periods late: the chunk's index jumps with the skipped ticks
+            clock.now += 11 * PERIOD_NS // 2
+
+    robot.on_command = stall
+    executor.run(40)
+    skipped = executor.counters.missed_ticks
+    assert skipped == 4 and executor.counters.chunks_adopted == 1
+    # The forearm roll moves 1 mrad per action; from the 20th command (tick 19) on: the skip, then the fade.
+    steps = np.abs(np.diff(np.array(robot.commands)[:, 3]))[19:]
+    window = blend.window_ticks if blend.scheme is not BlendScheme.NONE else 0
+    # Hard: the skipped motion at once; blended: the chunk's own step plus 1/(window + 1) of the skipped motion, on
+    # each tick of the fade.
+    expected = [(skipped + 1) * 1e-3] if not window else [1e-3 + skipped * 1e-3 / (window + 1)] * window
+    assert steps[: len(expected)] == pytest.approx(expected, rel=1e-3)
+    assert steps.max() == pytest.approx(max(expected), rel=1e-3)
+    assert steps[-5:] == pytest.approx(1e-3, rel=1e-3)  # on the chunk again after the fade
+    records = executor.records()
+    assert robot.commands[-1][3] == pytest.approx(records["action_index"][-1] * 1e-3, abs=1e-7)
+
+
 def test_record_ring_is_bounded_and_ordered() -> None:
     executor, _, _, _ = make(record_capacity=16)
     executor.run(40)
@@ -905,8 +930,22 @@ def test_a_pause_between_runs_is_not_starvation(caplog: pytest.LogCaptureFixture
         summary = executor.run(30)
     assert not [r for r in caplog.records if "starved" in r.getMessage()]
     assert executor.counters.starved_ticks == 0
-    assert summary.hold_ticks == 3  # the elapsed reply dropped, a request sent at once: its chunk comes 3 ticks on
-    assert executor.counters.dropped_elapsed == 1
+    assert summary.hold_ticks == 3  # the pre-pause reply dropped, a request sent at once: its chunk comes 3 ticks on
+    assert executor.counters.dropped_older == 1
+
+
+def test_a_pause_between_runs_drops_the_chunk_in_hand_and_replies_captured_before_it() -> None:
+    # Continued after the pause, the chunk would jump ahead by the ticks paused and answer an older situation.
+    executor, _, _, clock = make(chunk=50, threshold=8, latency_ticks=3)
+    executor.run(10)  # a chunk (obs 0) in hand, 40 of its actions left
+    clock.sleep(5 * PERIOD_NS / 1e9)
+    executor.run(10)
+    second = executor.records()[10:]
+    first_tick = int(second["tick"][0])
+    assert first_tick > 10  # ticks passed in the pause
+    # A request at once, answered 3 ticks on; the pre-pause chunk is never used again.
+    assert second["chunk_obs_id"].tolist() == [NO_CHUNK] * 3 + [first_tick] * 7
+    assert executor.counters.starved_ticks == 0
 
 
 @pytest.mark.parametrize("pause_s", [0.0, 10.0])
