@@ -33,6 +33,16 @@ def convert_official_pickle(pkl_path: str | Path, out_path: str | Path, trust_pi
     pkl_path = Path(pkl_path)
     if not pkl_path.is_file():
         raise CheckpointError(f"{pkl_path}: no such file")
+    with pkl_path.open("rb") as file:
+        start = file.read(9)
+    if not start:
+        raise CheckpointError(f"{pkl_path}: the file is empty; expected the official *_t5_embeddings.pkl")
+    if len(start) == 9 and start[8:9] == b"{" and int.from_bytes(start[:8], "little") < pkl_path.stat().st_size:
+        # torch.load would read it, as tensors named in the order stored: the instructions, in its metadata, lost.
+        raise CheckpointError(
+            f"{pkl_path}: already a safetensors file (a store this project writes: `cosmos-edge text-embeddings "
+            "list` shows it); convert takes the official *_t5_embeddings.pkl"
+        )
     if not trust_pickle:
         raise CheckpointError(
             f"{pkl_path}: refused, a pickle can run code when loaded; pass --trust-pickle (trust_pickle=True) "
@@ -114,7 +124,7 @@ def _load_tensor_pickle(path: Path) -> object:
             # torch warns about pickle protocols it did not write before rejecting a plain pickle.dump file.
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as error:
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
         if zipfile.is_zipfile(path):  # a zip archive, but not a torch.save one of tensors (an .npz, say)
             first_line = str(error).splitlines()[0]
             raise CheckpointError(

@@ -50,6 +50,33 @@ def test_convert_needs_trust_pickle(tmp_path: Path) -> None:
         _run(["text-embeddings", "convert", str(tmp_path / "t5.pkl"), str(tmp_path / "t5.safetensors")])
 
 
+def test_convert_refuses_an_empty_file_and_a_store_it_wrote_in_one_line(tmp_path: Path) -> None:
+    _official_pickle(tmp_path / "t5.pkl")
+    store = tmp_path / "t5.safetensors"
+    _run(["text-embeddings", "convert", str(tmp_path / "t5.pkl"), str(store), "--trust-pickle"])
+    (tmp_path / "empty.pkl").write_bytes(b"")
+    (tmp_path / "truncated.pkl").write_bytes((tmp_path / "t5.pkl").read_bytes()[:100])
+    cases = {
+        "empty.pkl": "empty.pkl: the file is empty; expected the official *_t5_embeddings.pkl",
+        # torch.load reads a safetensors file too: converted, its instructions would be lost.
+        "t5.safetensors": "t5.safetensors: already a safetensors file (a store this project writes",
+        "truncated.pkl": "truncated.pkl: not a readable pickle",
+    }
+    for name, message in cases.items():
+        with pytest.raises(CheckpointError) as raised:
+            _run(
+                [
+                    "text-embeddings",
+                    "convert",
+                    str(tmp_path / name),
+                    str(tmp_path / "out.safetensors"),
+                    "--trust-pickle",
+                ]
+            )
+        assert message in str(raised.value) and "\n" not in str(raised.value)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def test_embed_reports_missing_dependency(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(EngineError, match="transformers"):
