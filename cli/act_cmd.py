@@ -42,6 +42,7 @@ from cosmos_edge.runtime.policy.api import (
     PlanningOutcome,
 )
 from cosmos_edge.runtime.policy.images import check_cameras
+from cosmos_edge.runtime.policy.steps import check_proprio_shape
 from cosmos_edge.runtime.precision import PRECISIONS
 
 _LOG = logging.getLogger(__name__)
@@ -202,6 +203,7 @@ def _official_observation(source: ModelSource, observation: Observation, path: P
     platform = source_platform(source)
     with _naming_the_observation(path):
         check_cameras(platform, observation.images)
+        check_proprio_shape(platform, observation.proprio)
         source_stats(source).normalize_proprio(np.asarray(observation.proprio))
     if platform.name != "aloha":
         return observation

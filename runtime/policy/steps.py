@@ -121,6 +121,13 @@ def denoising_steps(query: ActionQuery, default: int) -> int:
     return steps
 
 
+def check_proprio_shape(platform: PlatformSpec, proprio: object) -> None:
+    """One robot state: a history or a batch would be tiled into the proprio slot without a word."""
+    shape = np.shape(proprio)
+    if shape != (platform.proprio_dim,):
+        raise InputError(f"proprio: expected shape ({platform.proprio_dim},), got {shape}", field="proprio")
+
+
 def encode_observation(
     model: PolicyModel, observation: Observation, timer: StageTimer, full_sequence: bool
 ) -> EncodedObservation:
@@ -130,9 +137,7 @@ def encode_observation(
     platform = model.platform
     if not isinstance(observation, Observation):
         raise InputError(f"observation: expected an Observation, got {type(observation).__name__}")
-    shape = np.shape(observation.proprio)
-    if shape != (platform.proprio_dim,):  # a history or a batch would be tiled into the slot without a word
-        raise InputError(f"proprio: expected shape ({platform.proprio_dim},), got {shape}", field="proprio")
+    check_proprio_shape(platform, observation.proprio)
     proprio = model.stats.normalize_proprio(observation.proprio)
     _warn_untrained_proprio(platform, model.stats, proprio)
     if full_sequence:

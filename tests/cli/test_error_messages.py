@@ -367,9 +367,10 @@ def loading_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     ("arrays", "named"),
     [
         ({"cam_top": np.zeros((224, 224, 3), np.uint8)}, "images: aloha expects cameras"),
-        ({"proprio": np.zeros(7, np.float32)}, "proprio: expected"),
+        ({"proprio": np.zeros(7, np.float32)}, "proprio: expected shape (14,), got (7,)"),
+        ({"proprio": np.zeros((1, 14), np.float32)}, "proprio: expected shape (14,), got (1, 14)"),
     ],
-    ids=["camera names", "proprio size"],
+    ids=["camera names", "proprio size", "proprio batch"],
 )
 @pytest.mark.usefixtures("loading_refused")
 def test_act_checks_the_observation_before_loading_the_model(
