@@ -110,9 +110,12 @@ class _GraphWriter:
 
 
 def check_new_bundle_path(out: Path) -> None:
-    """A bundle is written where nothing is: refused before minutes of export otherwise."""
+    """A bundle is written where nothing is, in a directory that exists (a typo makes none): refused before
+    minutes of export otherwise."""
     if out.exists() or out.is_symlink():  # a dangling link too: the final rename could not replace it
         raise BundleError(f"{out}: already exists; remove it or choose another --out")
+    if not out.parent.is_dir():
+        raise BundleError(f"{out}: no directory {out.parent}; make it first or choose another --out")
 
 
 def export_bundle(request: ExportRequest) -> Bundle:
@@ -120,7 +123,6 @@ def export_bundle(request: ExportRequest) -> Bundle:
     out = Path(request.out)
     check_new_bundle_path(out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         _remove_interrupted_exports(out)
         staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}-", dir=out.parent))
     except OSError as error:

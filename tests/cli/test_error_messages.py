@@ -141,7 +141,11 @@ CASES: dict[str, Case] = {
     ),
     "export into a file's place": lambda f, t: (
         ["export", *files_args(f), "--out", str(write(t, "afile", b"x") / "bundle"), "--precision", "fp32"],
-        "afile/bundle: cannot write a bundle there",
+        f"afile/bundle: no directory {t / 'afile'}; make it first or choose another --out",
+    ),
+    "export into a missing directory": lambda f, t: (
+        ["export", *files_args(f), "--out", str(t / "no" / "bundle"), "--precision", "fp32"],
+        f"no/bundle: no directory {t / 'no'}; make it first",
     ),
     "export of a checkpoint that is not there": lambda f, t: (
         ["export", *files_args(f, checkpoint=t / "nope.pt"), "--out", str(t / "bundle"), "--precision", "fp32"],
