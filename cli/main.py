@@ -22,6 +22,7 @@ from cosmos_edge.cli import (
     serve_cmd,
     text_embeddings_cmd,
 )
+from cosmos_edge.cli.flag_names import naming_the_file_flag
 from cosmos_edge.cli.signals import sigterm_interrupts
 from cosmos_edge.robot_bridge.client import RemoteError
 from cosmos_edge.robot_bridge.wire import REQUEST_FAULTS, MessageError
@@ -130,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a reader gone shows here, in the handler below, rather than at the interpreter's exit
         return code
     except CosmosEdgeError as error:
-        one_line = " ".join(str(error).splitlines())  # a wrapped library message; other spacing is kept
+        one_line = " ".join(naming_the_file_flag(args, str(error)).splitlines())  # other spacing is kept
         print(f"cosmos-edge: error: {one_line}", file=sys.stderr)
         return _exit_code(error)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what was interrupted cleans up on its way out (an export leaves

@@ -356,7 +356,7 @@ def load_dit(
         config = _infer_config(canonical, **known)
     except CheckpointError as error:
         holds_vae = any(key.startswith(("encoder.", "decoder.")) for key in state)
-        swapped = " (it holds a Wan2.1 VAE: the tokenizer given as the policy checkpoint?)" if holds_vae else ""
+        swapped = " (it holds a Wan2.1 VAE: the tokenizer given for a DiT?)" if holds_vae else ""
         raise CheckpointError(f"{path}: not a Cosmos-Predict2 DiT checkpoint{swapped}: {error}") from error
     del state  # `_materialize` lets each tensor go once copied: nothing else may hold them
     if raw_json is not None:

@@ -75,38 +75,48 @@ CASES: dict[str, Case] = {
     ),
     "swapped checkpoint and tokenizer": lambda f, t: (
         act(f, t, checkpoint=f.tokenizer, tokenizer=f.checkpoint),
-        f"{f.checkpoint}: not a Wan2.1 VAE (the tokenizer.pth) (it holds a Cosmos DiT: the policy checkpoint given",
+        f"--tokenizer {f.checkpoint}: not a Wan2.1 VAE (the tokenizer.pth) (it holds a Cosmos DiT: the policy "
+        "checkpoint given",
     ),
     "VAE given as the DiT": lambda f, t: (
         act(f, t, checkpoint=f.tokenizer),
-        f"{f.tokenizer}: not a Cosmos-Predict2 DiT checkpoint (it holds a Wan2.1 VAE: the tokenizer given as the",
+        # The tokenizer is given twice: both flags are named.
+        f"--checkpoint and --tokenizer {f.tokenizer}: not a Cosmos-Predict2 DiT checkpoint (it holds a Wan2.1 "
+        "VAE: the tokenizer given for a DiT?)",
+    ),
+    "VAE given as the planning DiT": lambda f, t: (
+        act(f, t, "--mode", "planning", planning_checkpoint=f.tokenizer),
+        f"--planning-checkpoint {f.tokenizer}: not a Cosmos-Predict2 DiT checkpoint (it holds a Wan2.1 VAE",
     ),
     "empty checkpoint": lambda f, t: (act(f, t, checkpoint=write(t, "empty.pt", b"")), "empty.pt"),
     "short stats list": lambda f, t: (
         act(f, t, stats=stats_with(f, t, actions_min=[0.0] * 3)),
-        "stats.json",
+        f"--stats {t / 'stats.json'}: ",
     ),
     "non-numeric stats": lambda f, t: (act(f, t, stats=stats_with(f, t, actions_min=["a"] * 14)), "stats.json"),
     "constant action dimension": lambda f, t: (
         act(f, t, stats=stats_with(f, t, actions_max=json.loads(f.stats.read_text())["actions_min"])),
         "stats.json",
     ),
-    "JSON as text embeddings": lambda f, t: (act(f, t, text_embeddings=f.stats), str(f.stats)),
+    "JSON as text embeddings": lambda f, t: (
+        act(f, t, text_embeddings=f.stats),
+        f"--stats and --text-embeddings {f.stats}: ",
+    ),
     "text embeddings of another model": lambda f, t: (
         act(f, t, text_embeddings=_narrow_embeddings(t)),
-        f"text embeddings {t / 'narrow.safetensors'}: 7 wide, but the DiT {f.checkpoint} takes",
+        f"--text-embeddings {t / 'narrow.safetensors'}: 7 wide, but the DiT {f.checkpoint} takes",
     ),
     "text embeddings not padded to 512 tokens": lambda f, t: (
         act(f, t, text_embeddings=_short_embeddings(f, t)),
-        f"text embeddings {t / 'short.safetensors'}: 12 tokens per instruction, expected 512",
+        f"--text-embeddings {t / 'short.safetensors'}: 12 tokens per instruction, expected 512",
     ),
     "a bundle that is a file": lambda f, t: (
         ["act", "--bundle", str(f.stats), "--observation", str(observation(t)), "--task", "t"],
-        f"{f.stats}: is a file; a bundle is the directory",
+        f"--bundle {f.stats}: is a file; a bundle is the directory",
     ),
     "missing CURVE key": lambda f, t: (
         serve(f, "--curve-secret-key", str(t / "none.key_secret"), t),
-        "none.key_secret: no such file",
+        f"--curve-secret-key {t / 'none.key_secret'}: no such file",
     ),
     "CURVE key that is not a certificate": lambda f, t: (
         serve(f, "--curve-secret-key", str(write(t, "bad.key_secret", b"hello")), t),
