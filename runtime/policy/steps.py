@@ -121,7 +121,7 @@ def denoising_steps(query: ActionQuery, default: int) -> int:
     return steps
 
 
-def check_proprio_shape(platform: PlatformSpec, proprio: object) -> None:
+def check_proprio_shape(platform: PlatformSpec, proprio: np.ndarray) -> None:
     """One robot state: a history or a batch would be tiled into the proprio slot without a word."""
     shape = np.shape(proprio)
     if shape != (platform.proprio_dim,):
