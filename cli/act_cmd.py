@@ -13,7 +13,7 @@ import numpy as np
 
 from cosmos_edge.cli.arg_types import int_in_range
 from cosmos_edge.cli.flag_names import naming_flags
-from cosmos_edge.cli.model_source import add_compile_arguments, model_source
+from cosmos_edge.cli.model_source import add_model_arguments, model_source
 from cosmos_edge.cli.npz_files import (
     add_observation_arguments,
     observation_path,
@@ -30,7 +30,6 @@ from cosmos_edge.runtime.bundle.loader import (
     source_text_embeddings,
 )
 from cosmos_edge.runtime.bundle.sources import CheckpointSource, ModelSource
-from cosmos_edge.runtime.engines.registry import GRAPH_BACKENDS
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE, PLATFORMS
 from cosmos_edge.runtime.policy.api import (
@@ -43,7 +42,6 @@ from cosmos_edge.runtime.policy.api import (
 )
 from cosmos_edge.runtime.policy.images import check_cameras
 from cosmos_edge.runtime.policy.steps import check_proprio_shape
-from cosmos_edge.runtime.precision import PRECISIONS
 
 _LOG = logging.getLogger(__name__)
 
@@ -52,18 +50,7 @@ OBSERVATION_FIELDS = ("images", "proprio")  # what an error about the --observat
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("act", help="run one policy query on an observation .npz")
-    files = parser.add_argument_group("official files (the torch reference)")
-    files.add_argument("--checkpoint", type=Path, help="official DiT .pt (or diffusers dir)")
-    files.add_argument("--tokenizer", type=Path, help="Wan2.1 tokenizer.pth (or diffusers vae dir)")
-    files.add_argument("--stats", type=Path, help="dataset statistics JSON")
-    files.add_argument("--text-embeddings", type=Path, help="instruction embeddings (safetensors)")
-    parser.add_argument("--bundle", type=Path, help="a bundle from `cosmos-edge export`, instead of the files above")
-    parser.add_argument(
-        "--backend",
-        choices=("torch", *GRAPH_BACKENDS),
-        help="torch runs the official files; onnxruntime (default with --bundle) or tensorrt runs a bundle",
-    )
-    parser.add_argument("--platform", choices=sorted(PLATFORMS), help="required with the official files")
+    add_model_arguments(parser)
     add_observation_arguments(
         parser,
         "npz: one uint8 HxWx3 array per camera, named as the platform's ("
@@ -94,14 +81,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="reactive",
         help="reactive: one chunk; planning: the best of N chunks scored with the world model and value function",
     )
-    files.add_argument("--planning-checkpoint", type=Path, help="DiT .pt of the planning model (default: the policy's)")
     parser.add_argument(
         "--return-all-query-results",
         action="store_true",
         help="planning: also write every candidate's actions (values are always written)",
-    )
-    parser.add_argument(
-        "--precision", choices=PRECISIONS, help="torch backend only (default: bf16 on a CUDA device, fp32 on the CPU)"
     )
     parser.add_argument(
         "--device",
@@ -116,7 +99,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--future-state-ensemble-aggregation-scheme); slower: the whole clip is then encoded, as the official code "
         "does (its decode needs the placeholder latents), and decoded; written to --out",
     )
-    add_compile_arguments(parser)
     parser.add_argument(
         "--reference",
         action="store_true",

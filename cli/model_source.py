@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointSource, ModelSource
-from cosmos_edge.runtime.engines.registry import load_torch_backend
+from cosmos_edge.runtime.engines.registry import GRAPH_BACKENDS, load_torch_backend
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.files import CheckpointFiles
-from cosmos_edge.runtime.precision import COMPILE_SCOPES
+from cosmos_edge.runtime.platforms import PLATFORMS
+from cosmos_edge.runtime.precision import COMPILE_SCOPES, PRECISIONS
 
 _OFFICIAL_FILES = {
     "--checkpoint": "checkpoint",
@@ -20,9 +22,34 @@ _OFFICIAL_FILES = {
 }
 
 
-def add_compile_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--compile`/`--no-compile`, `--compile-scope` and `--cuda-graphs`/`--no-cuda-graphs`: how the torch backend
-    runs its networks (`act` and `serve`)."""
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model's flags, the same in `act` and `serve`: a bundle and its backend, or the official files on torch
+    with their precision and how torch runs them."""
+    files = parser.add_argument_group("official files (the torch backend)")
+    files.add_argument("--checkpoint", type=Path, help="official DiT .pt of the policy (or its diffusers dir)")
+    files.add_argument("--tokenizer", type=Path, help="Wan2.1 tokenizer.pth (or the diffusers vae dir)")
+    files.add_argument("--stats", type=Path, help="dataset statistics JSON")
+    files.add_argument("--text-embeddings", type=Path, help="instruction embeddings (safetensors)")
+    files.add_argument(
+        "--planning-checkpoint", type=Path, help="official DiT .pt of the planning model (default: the policy's)"
+    )
+    parser.add_argument("--bundle", type=Path, help="a bundle from `cosmos-edge export`, instead of the files above")
+    parser.add_argument(
+        "--backend",
+        choices=("torch", *GRAPH_BACKENDS),
+        help="torch runs the official files (their default); onnxruntime (default with --bundle) or tensorrt runs "
+        "a bundle",
+    )
+    parser.add_argument(
+        "--platform",
+        choices=sorted(PLATFORMS),
+        help="required with the official files; with --bundle, checked against the bundle's",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="official files only (default: bf16 on CUDA devices, fp32 on the CPU; a bundle has its export's)",
+    )
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,

@@ -89,6 +89,8 @@ class _GivenOnce(argparse.Action):
         if getattr(namespace, self.dest) is not None:
             parser.error(f"argument {'/'.join(self.option_strings)}: given twice; expected one value")
         setattr(namespace, self.dest, values)
+        if option_string is not None:  # errors name the option as it was typed (an alias too)
+            setattr(namespace, _TYPED, {**getattr(namespace, _TYPED, {}), self.dest: option_string})
 
 
 def planning_config(args: argparse.Namespace, **replaced: object) -> PlanningConfig:
@@ -99,7 +101,7 @@ def planning_config(args: argparse.Namespace, **replaced: object) -> PlanningCon
     except ConfigError as error:
         message = str(error)
         for field in _FIELDS:
-            message = re.sub(rf"\b{field.name}\b", _flag(field.name), message)
+            message = re.sub(rf"\b{field.name}\b", _typed_flag(args, field.name), message)
         raise ConfigError(message) from None
     if "value_ensemble_aggregation_scheme" in given and not config.pools_value_ensemble:
         _LOG.warning(
@@ -114,9 +116,17 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+_TYPED = "planning_flags_typed"  # the parsed arguments' record of each planning option's spelling
+
+
+def _typed_flag(args: argparse.Namespace, name: str) -> str:
+    """The option of field `name` as the command line spelled it (`--num-candidates` for num_queries_best_of_n)."""
+    return str(getattr(args, _TYPED, {}).get(name, _flag(name)))
+
+
 def planning_flags_given(args: argparse.Namespace) -> list[str]:
     """The planning flags on the command line (a preset other than the default counts as one)."""
-    flags = [_flag(field.name) for field in _FIELDS if getattr(args, field.name) is not None]
+    flags = [_typed_flag(args, field.name) for field in _FIELDS if getattr(args, field.name) is not None]
     flags += ["--planning-deadline-ms"] if args.planning_deadline_ms is not None else []
     return flags + (["--planning-preset"] if args.planning_preset != "main" else [])
 

@@ -18,12 +18,11 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from cosmos_edge.cli.arg_types import mebibytes
 from cosmos_edge.cli.flag_names import naming_flags
-from cosmos_edge.cli.model_source import add_compile_arguments, model_source
+from cosmos_edge.cli.model_source import add_model_arguments, model_source
 from cosmos_edge.cli.planning_args import add_planning_arguments, planning_flags_given, resolve_planning
 from cosmos_edge.cli.signals import on_stop_signals
 from cosmos_edge.robot_bridge.binding import BoundRouter, ServerConfig, check_limits_hold_an_act
@@ -38,8 +37,7 @@ from cosmos_edge.runtime.bundle.loader import (
 )
 from cosmos_edge.runtime.bundle.sources import CheckpointSource, ModelSource
 from cosmos_edge.runtime.errors import ConfigError, EngineError
-from cosmos_edge.runtime.platforms import IMAGE_SIZE, PLATFORMS
-from cosmos_edge.runtime.precision import PRECISIONS
+from cosmos_edge.runtime.platforms import IMAGE_SIZE
 
 if TYPE_CHECKING:
     from cosmos_edge.robot_bridge.http_server import HttpConfig, HttpEndpoint
@@ -250,29 +248,12 @@ _FLAGS = {
 def register(subparsers: argparse._SubParsersAction) -> None:
     """`serve` with `reactive` and `planning` modes, from a bundle (no torch) or from official checkpoint files."""
     parser = add_serve_parser(subparsers, _policies)
-    parser.add_argument("--bundle", type=Path, help="an exported bundle (instead of the checkpoint files)")
-    parser.add_argument(
-        "--backend", choices=("onnxruntime", "tensorrt"), help="with --bundle (default onnxruntime); files run on torch"
-    )
-    parser.add_argument("--checkpoint", type=Path, help="official DiT .pt of the policy")
-    parser.add_argument("--tokenizer", type=Path, help="Wan2.1 tokenizer.pth")
-    parser.add_argument("--stats", type=Path, help="dataset statistics JSON")
-    parser.add_argument("--text-embeddings", type=Path, help="instruction embeddings (safetensors)")
-    parser.add_argument(
-        "--platform", choices=sorted(PLATFORMS), help="required with checkpoint files; with --bundle, checked"
-    )
-    parser.add_argument("--planning-checkpoint", type=Path, help="DiT of the planning model (default: the policy's)")
-    parser.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        help="checkpoint files only (default: bf16 on CUDA devices, fp32 on the CPU)",
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--devices",
         help="comma-separated devices; planning spreads candidates over them (default: the official files on cuda "
         "when torch sees one, else cpu; a bundle on cpu, or cuda for tensorrt)",
     )
-    add_compile_arguments(parser)
     add_planning_arguments(parser)
 
 

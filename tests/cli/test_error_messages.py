@@ -186,8 +186,12 @@ CASES: dict[str, Case] = {
         f"{f.stats}: not a PyTorch checkpoint",
     ),
     "a planning option in reactive mode": lambda f, t: (
-        act(f, t, "--num-candidates", "4"),
+        act(f, t, "--num-queries-best-of-n", "4"),
         "--num-queries-best-of-n: a planning option, which needs --mode planning",
+    ),
+    "a planning option in reactive mode, by its alias": lambda f, t: (
+        act(f, t, "--num-candidates", "4"),
+        "--num-candidates: a planning option, which needs --mode planning",
     ),
     "a checkpoint given as the statistics": lambda f, t: (act(f, t, stats=f.tokenizer), str(f.tokenizer)),
     "a compile scope without compilation": lambda f, t: (
