@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cosmos_edge.cli.arg_types import int_in_range, positive_milliseconds
+from cosmos_edge.cli.flag_names import naming_flags
 from cosmos_edge.runtime.bundle.loader import bundle_batch_sizes, candidates_that_fit, planning_candidates
 from cosmos_edge.runtime.bundle.sources import BundleSource, ModelSource
 from cosmos_edge.runtime.errors import ConfigError
@@ -139,7 +140,11 @@ def resolve_planning(
     log). None, and why with what would plan, when they allow none (a bundle only)."""
     preset = PRESETS[args.planning_preset].num_queries_best_of_n
     one_at_a_time = args.planning_deadline_ms is not None
-    candidates = planning_candidates(source, devices, args.num_queries_best_of_n, preset, one_at_a_time=one_at_a_time)
+    count_flag = {"num_queries_best_of_n": _typed_flag(args, "num_queries_best_of_n")}
+    with naming_flags(count_flag):
+        candidates = planning_candidates(
+            source, devices, args.num_queries_best_of_n, preset, one_at_a_time=one_at_a_time
+        )
     if candidates is None:
         assert isinstance(source, BundleSource)  # checkpoint files plan with any number of candidates
         return None, no_planning(source, devices, preset)
@@ -148,7 +153,7 @@ def resolve_planning(
             "planning: best of %d, not the preset's %d: the bundle's DiT batch sizes allow no more", candidates, preset
         )
     else:
-        _LOG.info("planning: best of %d candidates", candidates)
+        _LOG.info("planning: best of %d candidate%s", candidates, "" if candidates == 1 else "s")
     return planning_config(args, num_queries_best_of_n=candidates), None
 
 

@@ -263,8 +263,6 @@ def _policies(args: argparse.Namespace) -> LoadedPolicies:
     source = model_source(args, devices or [], device_flag="--devices")
     planning, reactive_only = resolve_planning(args, source, devices)
     _check_before_loading(args, source, reactive_only)
-    if reactive_only is not None:
-        _LOG.warning("serving the reactive mode only: %s", reactive_only)
     loaded = load_policies(
         source,
         devices=devices,
@@ -272,6 +270,8 @@ def _policies(args: argparse.Namespace) -> LoadedPolicies:
         planning_deadline_ms=args.planning_deadline_ms,
         future_images=False,  # served replies carry no images: a bundle's decoder graphs stay unloaded
     )
+    if reactive_only is not None:  # said once the devices are known to work: a bad one is the error to see first
+        _LOG.warning("serving the reactive mode only: %s", reactive_only)
     if loaded.planning is not None:
         deadline = loaded.planning.deadline_ms
         _LOG.info(

@@ -171,7 +171,7 @@ def planning_candidates(
     chunk).
     """
     if requested is not None and requested < 1:
-        raise ConfigError(f"num_candidates (--num-candidates): expected at least 1, got {requested}")
+        raise ConfigError(f"num_queries_best_of_n: expected at least 1, got {requested}")
     if isinstance(source, CheckpointSource) or one_at_a_time:
         return default if requested is None else requested
     fits = _fitting(source, devices)
@@ -180,10 +180,10 @@ def planning_candidates(
             available, workers = set(bundle_batch_sizes(source)), len(devices or [_default_device(source)])
             needed = sorted(set(planning_batch_sizes(requested, workers)) - available)
             raise ConfigError(
-                f"num_candidates (--num-candidates) {requested} over {workers} device(s) needs DiT batch sizes "
+                f"num_queries_best_of_n: {requested} candidates over {workers} device(s) need DiT batch sizes "
                 f"{needed}, which bundle {source.path} lacks (it has {sorted(available)}); ask for fewer candidates, "
-                f"give --planning-deadline-ms (candidates then run one at a time, at batch 1), or re-export with "
-                f"--batch-sizes"
+                "plan under a deadline (candidates then run one at a time, at batch 1), or re-export the bundle with "
+                "those batch sizes"
             )
         return requested
     return next((n for n in range(default, min(2, default) - 1, -1) if fits(n)), None)

@@ -72,8 +72,24 @@ def test_planning_from_a_bundle_uses_the_candidates_its_batch_sizes_serve(tiny_b
     assert planning_candidates(source, ["cpu", "cpu"], None, 8) == 4  # two devices, two candidates each
     assert planning_candidates(source, ["cpu"], 2, 8) == 2
     assert planning_candidates(source, ["cpu"], None, 1) == 1  # a one-candidate preset
-    with pytest.raises(ConfigError, match=r"--num-candidates\) 8 over 1 device\(s\) needs DiT batch sizes \[8\]"):
+    with pytest.raises(
+        ConfigError, match=r"^num_queries_best_of_n: 8 candidates over 1 device\(s\) need DiT batch sizes \[8\]"
+    ):
         planning_candidates(source, ["cpu"], 8, 8)
+
+
+@pytest.mark.parametrize("flag", ["--num-candidates", "--num-queries-best-of-n"])
+def test_more_candidates_than_a_bundle_fits_are_refused_naming_the_flag_as_typed(
+    flag: str, tiny_bundles: TinyBundles, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    observation = random_observation("aloha")
+    np.savez(tmp_path / "obs.npz", proprio=observation.proprio, **observation.images)
+    bundle = tiny_bundles("aloha")  # DiT batch sizes 1 and 2
+    argv = ["act", "--bundle", str(bundle), "--observation", str(tmp_path / "obs.npz"), "--task", "fold the t-shirt"]
+    assert cli_main.main([*argv, "--mode", "planning", flag, "8"]) == 2
+    assert (
+        f"cosmos-edge: error: {flag}: 8 candidates over 1 device(s) need DiT batch sizes [8]" in capsys.readouterr().err
+    )
 
 
 def test_act_planning_from_a_batch_1_bundle_says_why_not_and_what_would(
@@ -93,7 +109,7 @@ def test_act_planning_from_a_batch_1_bundle_says_why_not_and_what_would(
 def test_planning_from_checkpoint_files_takes_any_number(tiny_assets: dict[str, CheckpointFiles]) -> None:
     source = CheckpointSource(tiny_assets["aloha"])
     assert planning_candidates(source, None, None, 8) == 8 and planning_candidates(source, None, 5, 8) == 5
-    with pytest.raises(ConfigError, match=r"--num-candidates\): expected at least 1, got 0"):
+    with pytest.raises(ConfigError, match=r"^num_queries_best_of_n: expected at least 1, got 0"):
         planning_candidates(source, None, 0, 8)  # not the preset's 8 in its place
 
 

@@ -137,3 +137,16 @@ def test_the_reactive_only_reason_names_what_would_plan(reactive_only_bundle: Pa
     reason = no_planning(BundleSource(reactive_only_bundle), None, 8)
     assert "which fit no best of 2 to 8 candidates over 1 device(s); to plan, give --planning-deadline-ms" in reason
     assert "--num-candidates" not in reason  # no number of candidates fits batch size 1 alone
+
+
+def test_a_bad_device_is_the_error_seen_before_the_reactive_only_warning(
+    reactive_only_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad_device = parse_serve(["--bundle", str(reactive_only_bundle), "--devices", "gpu"])
+    refused = pytest.raises(ConfigError, match=r"^--devices: .*'gpu'")
+    with caplog.at_level(logging.WARNING), refused, serve_cmd.naming_flags(serve_cmd._FLAGS):
+        serve_cmd._policies(bad_device)
+    assert "serving the reactive mode only" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        serve_cmd._policies(parse_serve(["--bundle", str(reactive_only_bundle)])).close()
+    assert "serving the reactive mode only" in caplog.text
