@@ -15,7 +15,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build = commands.add_parser("build", help="build every graph's engine on this GPU (needs TensorRT >= 10)")
     build.add_argument("bundle", type=Path, help="the bundle directory (`cosmos-edge export --out`)")
     build.add_argument("--device", type=cuda_device, default="cuda", help="the CUDA device: cuda or cuda:N")
-    build.add_argument("--graph", action="append", default=[], help="only this graph (repeatable)")
+    build.add_argument(
+        "--graph",
+        action="append",
+        default=[],
+        help="only this graph (repeatable): a name of the bundle's manifest.json, such as dit_b1, dit_b8, "
+        "vae_encoder_cameras, vae_encoder_full, vae_decoder",
+    )
     build.set_defaults(func=_build)
 
 

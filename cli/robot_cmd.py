@@ -63,8 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=_json_object,
         default={},
         metavar="JSON",
-        help="the rig's limits, any of the safety filter's fields: joint_lower and joint_upper (rad, one per arm "
-        "joint, both arms), right_joint_lower and right_joint_upper (the right arm's own, when they differ), "
+        help="the rig's limits, any of the safety filter's fields: joint_lower and joint_upper (rad, 6 values each, "
+        "one per arm joint, applied to both arms), right_joint_lower and right_joint_upper (the right arm's own 6, "
+        "when they differ), "
         "gripper_range (normalised), max_joint_step (rad per tick, at most 0.5); default vx300s limits and 0.15, "
         'e.g. {"max_joint_step": 0.1}',
     )
