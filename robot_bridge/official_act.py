@@ -126,7 +126,8 @@ def reply_body(reply: ActReply, query: OfficialQuery) -> bytes:
             "all_future_image_predictions": [_no_future_images() for _ in every_actions],
             "all_value_predictions": every_value,
             "all_actions_by_depth": [[chunk] for chunk in every_actions],  # the first level's chunk only
-            "all_future_image_predictions_by_depth": [[] for _ in every_actions],
+            # One (null) image set per per-depth value, as the official lists pair them.
+            "all_future_image_predictions_by_depth": [[_no_future_images() for _ in row] for row in by_depth],
             "all_value_predictions_by_depth": by_depth,
         }
     if query.double_encoded:  # `JSONResponse(json_numpy.dumps(response))`: a JSON string holding json_numpy text

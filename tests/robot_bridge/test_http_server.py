@@ -239,7 +239,8 @@ def test_all_query_results_list_the_one_query_or_every_candidate(official_json: 
         assert_allclose(response["all_actions_by_depth"][0][0], response["actions"])
         assert response["all_value_predictions"] == [0.25] and response["all_value_predictions_by_depth"] == [[0.25]]
         assert response["all_future_image_predictions"] == [dict.fromkeys(FUTURE_IMAGE_KEYS)]
-        assert response["all_future_image_predictions_by_depth"] == [[]]
+        # One null image set per per-depth value, as the official lists pair them.
+        assert response["all_future_image_predictions_by_depth"] == [[dict.fromkeys(FUTURE_IMAGE_KEYS)]]
         post(url + "/mode", '{"mode": "planning"}')
         planned = get_action_from_server(official_request(obs), url + "/act", return_all_query_results=True)
     assert planned["all_value_predictions"] == [0.5, 0.75, None]  # null: not scored before the deadline
@@ -247,6 +248,7 @@ def test_all_query_results_list_the_one_query_or_every_candidate(official_json: 
     assert_allclose(planned["all_actions"][1], CUT_SHORT_CANDIDATES.actions[1])
     assert_allclose(planned["all_actions"][2], np.zeros((ALOHA.chunk_size, ALOHA.action_dim)))
     assert planned["all_future_image_predictions"] == [dict.fromkeys(FUTURE_IMAGE_KEYS)] * 3
+    assert planned["all_future_image_predictions_by_depth"] == [[dict.fromkeys(FUTURE_IMAGE_KEYS)]] * 3
 
 
 def test_errors_are_4xx_json_naming_the_key(official_json: None) -> None:
