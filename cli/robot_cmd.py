@@ -66,8 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the rig's limits, any of the safety filter's fields: joint_lower and joint_upper (rad, 6 values each, "
         "one per arm joint, applied to both arms), right_joint_lower and right_joint_upper (the right arm's own 6, "
         "when they differ), "
-        "gripper_range (normalised), max_joint_step (rad per tick, at most 0.5); default vx300s limits and 0.15, "
-        'e.g. {"max_joint_step": 0.1}',
+        "gripper_range (normalised), max_joint_step (rad per tick, at most 0.5), stop_after_rate_limited_ticks "
+        "(latch a stop after that many ticks in a row of a policy target faster than max_joint_step; default: "
+        'never); default vx300s limits and 0.15, e.g. {"max_joint_step": 0.1, "stop_after_rate_limited_ticks": 5}',
     )
     parser.add_argument("--task", required=True, help="the instruction, as the server lists it")
     parser.add_argument("--mode", help="ask in this mode (default: the server's)")

@@ -38,7 +38,7 @@ import numpy as np
 
 from cosmos_edge.robot_bridge.controller.throttle import Throttle
 from cosmos_edge.runtime.errors import ConfigError, InputError
-from cosmos_edge.runtime.values import check_number, check_numbers
+from cosmos_edge.runtime.values import check_integer, check_number, check_numbers
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,9 @@ class SafetyConfig:
         gripper_range: allowed normalised gripper command (default (0, 1): 0 closed, 1 open).
         max_joint_step: largest change of an arm joint per tick in rad, relative to the measured
             position (default 0.15, the official client's pause threshold; at most 0.5).
+        stop_after_rate_limited_ticks: latch a stop once the policy's target has been rate limited this
+            many ticks in a row (a chunk asking for motion faster than the limit allows, which the official
+            client pauses on at once); default None: the arm follows such a chunk at the limit.
     """
 
     joint_lower: tuple[float, ...] = VX300S_JOINT_LOWER
@@ -109,9 +112,11 @@ class SafetyConfig:
     max_joint_step: float = DEFAULT_MAX_JOINT_STEP
     right_joint_lower: tuple[float, ...] | None = None
     right_joint_upper: tuple[float, ...] | None = None
+    stop_after_rate_limited_ticks: int | None = None
 
     def __post_init__(self) -> None:
         check_numbers("safety.gripper_range", self.gripper_range, length=2)
+        check_integer("safety.stop_after_rate_limited_ticks", self.stop_after_rate_limited_ticks, 1, or_none=True)
         check_number("safety.max_joint_step", self.max_joint_step, 0, MAX_JOINT_STEP_LIMIT, above_low=True)
         for prefix in ("", "right_"):
             lower, upper = self.arm_limits(1 if prefix else 0)
@@ -216,6 +221,7 @@ class SafetyFilter:
         self._onset_warnings: dict[Intervention, Throttle] = {}
         self._counts = dict.fromkeys(_COUNTED, 0)
         self._commands = 0
+        self._rate_limited_run = 0  # ticks in a row whose policy target was rate limited
 
     @property
     def stopped(self) -> bool:
@@ -298,7 +304,18 @@ class SafetyFilter:
 
         self._last = out
         self._record(flags, target, out)
+        self._count_rate_limited_run(flags)
         return SafeCommand(qpos=out.copy(), flags=flags)
+
+    def _count_rate_limited_run(self, flags: Intervention) -> None:
+        """Latches the stop `stop_after_rate_limited_ticks` asks for; holds and stops end a run."""
+        policy_target = not flags & (Intervention.HELD | Intervention.STOPPED)
+        limited = policy_target and Intervention.RATE_LIMITED in flags
+        self._rate_limited_run = self._rate_limited_run + 1 if limited else 0
+        limit = self.config.stop_after_rate_limited_ticks
+        if limit is not None and self._rate_limited_run >= limit:
+            self._rate_limited_run = 0
+            self.stop(f"the policy's target was rate limited {limit} ticks in a row")
 
     def check_start_pose(self, measured_qpos: np.ndarray) -> None:
         """Raises InputError naming each arm joint measured more than `START_POSE_TOLERANCE` outside its limits."""

@@ -177,6 +177,32 @@ def test_an_arm_pushed_outside_its_limits_is_brought_back_a_step_per_tick_not_in
     np.testing.assert_allclose(out.qpos[[1, 8]], -1.0)
 
 
+def test_a_run_of_rate_limited_policy_targets_can_latch_a_stop() -> None:
+    f = SafetyFilter(SafetyConfig(stop_after_rate_limited_ticks=3))
+    waist = np.eye(14)[0]
+
+    def far(pose: np.ndarray) -> np.ndarray:  # a chunk asking the waist for 0.5 rad this tick
+        return pose + 0.5 * waist
+
+    measured = START
+    for tick in range(3):
+        out = f.apply(far(measured), measured)
+        assert Intervention.RATE_LIMITED in out.flags and f.stopped == (tick == 2)
+        measured = out.qpos
+    assert f.apply(far(measured), measured).flags == Intervention.STOPPED  # held from then on, until reset
+    f.reset()
+    for _ in range(2):  # the count starts again after a stop, and a hold ends a run
+        assert f.apply(far(measured), measured).flags == Intervention.RATE_LIMITED
+    f.apply(None, measured)
+    for _ in range(2):  # and so does a target within the limit
+        f.apply(far(measured), measured)
+    assert f.apply(measured + 0.1 * waist, measured).flags == Intervention.NONE
+    f.apply(far(measured), measured)
+    assert not f.stopped
+    with pytest.raises(ConfigError, match=r"safety\.stop_after_rate_limited_ticks: expected an integer"):
+        SafetyConfig(stop_after_rate_limited_ticks=0)
+
+
 def test_hold_uses_measured_pose_first_then_last_command() -> None:
     f = SafetyFilter(SafetyConfig())
     out = f.apply(None, START)
