@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import pickle
 import re
 import zipfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from safetensors import SafetensorError
@@ -22,6 +23,8 @@ from safetensors.torch import load_file as load_safetensors
 from cosmos_edge.runtime.errors import CheckpointError
 
 StateDict = dict[str, torch.Tensor]
+
+_LOG = logging.getLogger(__name__)
 
 # Official checkpoints are a flat dict of tensors; some trainers wrap it once under one of these keys.
 WRAPPER_KEYS = ("model", "state_dict", "net")
@@ -39,8 +42,11 @@ def read_tensor_file(path: str | Path) -> StateDict:
             return dict(load_safetensors(str(path)))
         except SafetensorError as error:
             raise CheckpointError(f"{path}: not a readable safetensors file: {error}") from None
-    with path.open("rb") as file:
-        magic = file.read(4)
+    try:
+        with path.open("rb") as file:
+            magic = file.read(4)
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot be read ({error.strerror})") from None
     if magic != b"PK\x03\x04":  # torch.save writes a zip archive (since torch 1.6); mmap needs one
         raise CheckpointError(
             f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; this file starts with {magic!r}); "
@@ -63,6 +69,8 @@ def read_tensor_file(path: str | Path) -> StateDict:
         ) from error
     except RuntimeError as error:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {error}") from error
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot be read ({error.strerror or error})") from None
     return _unwrap(loaded, path)
 
 
@@ -110,7 +118,11 @@ def _unwrap(loaded: object, path: Path) -> StateDict:
     if isinstance(loaded, Mapping):
         for key in WRAPPER_KEYS:
             inner = loaded.get(key)
-            if isinstance(inner, Mapping) and inner and all(_is_entry(k, v) for k, v in inner.items()):
+            if _is_state_dict(inner):
+                # A trainer's EMA copy beside the weights is a state dict too: say which one is used.
+                others = sorted(str(k) for k, v in loaded.items() if k != key and _is_state_dict(v))
+                if others:
+                    _LOG.warning("%s: loading the weights under %r; not those under %s", path, key, others)
                 loaded = inner
                 break
         tensors = {k: _as_tensor(v) for k, v in loaded.items() if _is_entry(k, v)}
@@ -120,6 +132,10 @@ def _unwrap(loaded: object, path: Path) -> StateDict:
         f"{path}: expected a dict of tensors (optionally under one of {WRAPPER_KEYS}), "
         f"got {type(loaded).__name__} with no tensors"
     )
+
+
+def _is_state_dict(value: object) -> TypeGuard[Mapping[Any, Any]]:
+    return isinstance(value, Mapping) and bool(value) and all(_is_entry(k, v) for k, v in value.items())
 
 
 def _is_entry(key: object, value: object) -> bool:

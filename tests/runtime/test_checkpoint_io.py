@@ -1,4 +1,5 @@
 import io
+import logging
 import os
 from pathlib import Path
 
@@ -26,6 +27,16 @@ def test_wrapped_state_dicts_are_unwrapped(tmp_path: Path, wrapper: str) -> None
     path = tmp_path / "wrapped.pt"
     torch.save({wrapper: {"net.w": torch.zeros(3)}, "iteration": 5}, path)
     assert list(read_tensor_file(path)) == ["net.w"]
+
+
+def test_an_ema_copy_beside_the_wrapped_weights_is_named_as_not_loaded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "wrapped.pt"
+    torch.save({"model": {"net.w": torch.zeros(3)}, "ema": {"net.w": torch.ones(3)}, "iteration": 5}, path)
+    with caplog.at_level(logging.WARNING, logger="cosmos_edge.runtime.models.checkpoint_io"):
+        assert torch.equal(read_tensor_file(path)["net.w"], torch.zeros(3))
+    assert f"{path}: loading the weights under 'model'; not those under ['ema']" in caplog.text
 
 
 class _RunsCode:
