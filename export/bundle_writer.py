@@ -45,7 +45,7 @@ from cosmos_edge.runtime.bundle.manifest import (
     write_manifest,
 )
 from cosmos_edge.runtime.engines.graph import GraphSpec, dit_graph, vae_decoder_graph, vae_encoder_graph
-from cosmos_edge.runtime.errors import BundleError, ConfigError
+from cosmos_edge.runtime.errors import BundleError, ConfigError, EngineError
 from cosmos_edge.runtime.models.dit_checkpoint import load_dit
 from cosmos_edge.runtime.models.dtypes import TORCH_DTYPES
 from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
@@ -128,7 +128,12 @@ def export_bundle(request: ExportRequest) -> Bundle:
     except OSError as error:
         raise BundleError(f"{out}: cannot write a bundle there ({error}); choose another --out") from None
     try:
-        write_manifest(staging, _write_contents(request, staging))
+        try:
+            write_manifest(staging, _write_contents(request, staging))
+        except OSError as error:  # a full disk (a 2B DiT graph is gigabytes per batch size), a quota
+            raise EngineError(
+                f"{out}: writing the bundle failed ({error.strerror or error}); nothing was left behind"
+            ) from None
         staging.chmod(_directory_mode())  # mkdtemp makes it private (0700); a bundle is read like its files
         check_new_bundle_path(out)  # again: another export or a user may have made it meanwhile (rename would
         # silently replace an empty directory)

@@ -43,13 +43,16 @@ def graph_files_digest(files: Iterable[tuple[str, str]]) -> str:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Writes aside, then renames: a crash mid-write leaves a temporary file, never a truncated one under `path`."""
+    """Writes aside, then renames: a crash mid-write leaves a temporary file, never a truncated one under `path`.
+    A write that fails (a full disk: engines are gigabytes) raises `EngineError` naming `path`."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         partial.write_bytes(data)
         os.replace(partial, path)
-    except BaseException:  # a full disk, Ctrl-C: no hidden file of gigabytes (an engine) left behind
+    except BaseException as error:  # a full disk, Ctrl-C: no hidden file of gigabytes (an engine) left behind
         partial.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise EngineError(f"{path}: cannot be written ({error.strerror or error})") from None
         raise
 
 

@@ -3,6 +3,7 @@ export is interrupted."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -20,8 +21,8 @@ from cosmos_edge.export import bundle_writer
 from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
 from cosmos_edge.runtime.bundle.manifest import SCHEMA_VERSION, Bundle
 from cosmos_edge.runtime.engines.graph import dit_graph, vae_encoder_graph
-from cosmos_edge.runtime.errors import BundleError, ConfigError
-from cosmos_edge.runtime.files import CheckpointFiles, sha256_file
+from cosmos_edge.runtime.errors import BundleError, ConfigError, EngineError
+from cosmos_edge.runtime.files import CheckpointFiles, sha256_file, write_atomic
 from cosmos_edge.runtime.models.dit_config import dit_config
 from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.policy import text_embeddings as text_store
@@ -98,6 +99,32 @@ def test_interrupted_export_leaves_no_bundle(
     with pytest.raises(interrupt):
         export_bundle(request(tiny_assets["libero"], out))
     assert list(tmp_path.iterdir()) == []  # neither the bundle nor its staging directory
+
+
+def test_a_full_disk_is_one_engine_error_and_leaves_nothing(
+    tiny_assets: dict[str, CheckpointFiles], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bundle_writer, "export_vae_cameras_encoder", full)
+    out = tmp_path / "bundle"
+    with pytest.raises(EngineError, match=rf"^{re.escape(str(out))}: writing the bundle failed \(No space left on "):
+        export_bundle(request(tiny_assets["libero"], out))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_atomic_write_that_fails_names_its_file_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(self: Path, data: bytes) -> int:
+        Path.write_text(self, "part of it")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(EngineError, match=r"engine\.plan: cannot be written \(No space left on device\)"):
+        write_atomic(tmp_path / "engine.plan", b"gigabytes")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_killed_export_leaves_only_a_hidden_directory_the_reader_refuses(tmp_path: Path) -> None:
