@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError, safe_open
+
 from cosmos_edge.runtime.errors import CheckpointError
 from cosmos_edge.runtime.models.checkpoint_io import read_tensor_file
-from cosmos_edge.runtime.models.dit_checkpoint import read_dit_state_dict, summarize_dit_state_dict
+from cosmos_edge.runtime.models.dit_checkpoint import summarize_dit_checkpoint, summarize_dit_state_dict
 from cosmos_edge.runtime.models.vae_checkpoint import DIFFUSERS_WEIGHTS, summarize_vae_state_dict
 
 # Tensor names only a Wan VAE has (in the original or the diffusers layout).
@@ -19,19 +22,29 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         vae_dir = path / "vae" if (path / "vae").is_dir() else path
-        if (vae_dir / DIFFUSERS_WEIGHTS).is_file() and not (path / "transformer").is_dir():
-            state = read_tensor_file(vae_dir / DIFFUSERS_WEIGHTS)
-            return _vae_report(path, state)
-        return _dit_report(path, read_dit_state_dict(path))
+        weights = vae_dir / DIFFUSERS_WEIGHTS  # a VAE's file name, and a one-file transformer's too
+        if weights.is_file() and not (path / "transformer").is_dir() and _holds_a_vae(weights):
+            return _vae_report(path, read_tensor_file(weights))
+        return _dit_report(path, lambda: summarize_dit_checkpoint(path))
     state = read_tensor_file(path)
     if any(marker in state for marker in _VAE_MARKERS):
         return _vae_report(path, state)
-    return _dit_report(path, state)
+    return _dit_report(path, lambda: summarize_dit_state_dict(state))
 
 
-def _dit_report(path: Path, state: dict) -> dict[str, Any]:
+def _holds_a_vae(weights: Path) -> bool:
+    """Whether a diffusers safetensors file holds a Wan VAE, from its tensor names alone (not gigabytes of data)."""
     try:
-        summary = summarize_dit_state_dict(state)
+        with safe_open(str(weights), framework="pt") as file:
+            names = set(file.keys())
+    except (OSError, SafetensorError) as error:
+        raise CheckpointError(f"{weights}: not a readable safetensors file: {error}") from None
+    return any(marker in names for marker in _VAE_MARKERS)
+
+
+def _dit_report(path: Path, summarize: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    try:
+        summary = summarize()
     except CheckpointError as error:
         hint = (
             " (instruction embeddings? `cosmos-edge text-embeddings list` reads those)"
@@ -42,6 +55,7 @@ def _dit_report(path: Path, state: dict) -> dict[str, Any]:
     problems = [f"missing key {key}" for key in summary["missing_keys"]]
     problems += [f"unexpected key {key}" for key in summary["unexpected_keys"]]
     problems += [f"wrong shape of {wrong}" for wrong in summary["wrong_shapes"]]
+    problems += summary.pop("config_json_problems", [])
     return {"path": str(path), "network": "dit", **summary, "problems": problems}
 
 

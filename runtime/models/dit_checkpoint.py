@@ -384,14 +384,31 @@ def random_dit_state_dict(config: DiTConfig, seed: int = 0, dtype: torch.dtype =
     return state
 
 
-def summarize_dit_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
+def summarize_dit_checkpoint(path: Path) -> dict[str, Any]:
+    """`summarize_dit_state_dict` of a checkpoint file or diffusers directory, whose config.json gives what shapes
+    cannot tell and is checked as loading checks it: a variant this network is not is refused, a field the weights
+    contradict is listed (`config_json_problems`)."""
+    if not path.is_dir():
+        return summarize_dit_state_dict(read_dit_state_dict(path))
+    config_path = _diffusers_transformer_dir(path) / "config.json"
+    raw = read_json_object(config_path)
+    summary = summarize_dit_state_dict(read_dit_state_dict(path), **_diffusers_fields(raw, config_path))
+    try:
+        _check_diffusers_json(DiTConfig(**summary["config"]), raw, config_path)
+    except CheckpointError as error:
+        return summary | {"config_json_problems": [str(error)]}
+    return summary | {"config_json_problems": []}
+
+
+def summarize_dit_state_dict(state_dict: Mapping[str, Tensor], **known: Any) -> dict[str, Any]:
     """A JSON-ready summary for `checkpoint inspect`: format, config, parameter count, dtypes, key problems.
+    `known`: config fields that shapes cannot tell (a diffusers config.json's).
 
     Raises CheckpointError when the shapes do not describe a DiT; a tensor whose shape differs from the one its
     config gives is a problem listed (`wrong_shapes`).
     """
     canonical = _canonicalize(state_dict)
-    config = _config_from_shapes(canonical)
+    config = _config_from_shapes(canonical, **known)
     expected = _build_on_meta(config).state_dict().keys()
     present = [name for name in canonical.params if name in expected]
     return {

@@ -13,6 +13,7 @@ from safetensors.torch import save_file as save_safetensors
 from torch import Tensor
 
 from cosmos_edge.runtime.errors import CheckpointError, ConfigError
+from cosmos_edge.runtime.models.checkpoint_inspection import inspect_checkpoint
 from cosmos_edge.runtime.models.dit import CosmosDiT
 from cosmos_edge.runtime.models.dit_checkpoint import (
     diffusers_to_official_key,
@@ -190,6 +191,12 @@ def test_diffusers_config_that_disagrees_is_refused(tmp_path: Path, tiny_state: 
     config_path.write_text(json.dumps({**raw, "num_attention_heads": 4, "attention_head_dim": 16}))
     with pytest.raises(CheckpointError, match=r"num_attention_heads: weights imply 2, config\.json says 4"):
         load_dit(tmp_path)
+    # `checkpoint inspect` lists what loading refuses, and refuses a variant as loading does.
+    (problem,) = inspect_checkpoint(tmp_path)["problems"]
+    assert "num_attention_heads: weights imply 2, config.json says 4" in problem
+    config_path.write_text(json.dumps({**raw, "extra_pos_embed_type": "learnable"}))
+    with pytest.raises(CheckpointError, match=r"extra_pos_embed_type: expected None \(Video2World 2B\)"):
+        inspect_checkpoint(tmp_path)
 
 
 def test_a_broken_diffusers_config_or_shard_is_named(tmp_path: Path, tiny_state: dict[str, Tensor]) -> None:
