@@ -13,9 +13,10 @@ The CPU provider has no bfloat16 kernels (MatMul, Conv, ... in ONNX Runtime 1.32
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,10 @@ class OnnxRuntimeRunner:
         self._path = path
         self._session: ort.InferenceSession | None = _create_session(path, target, cache_dir)
         _check_io(self._session, spec, path)
-        self._device_io = _BoundBuffers(self._session, spec, target.device_id) if target.provider != "cpu" else None
+        self._device_io = None
+        if target.provider != "cpu":
+            with self._naming_failures("allocating its device buffers"):  # out of device memory, most likely
+                self._device_io = _BoundBuffers(self._session, spec, target.device_id)
         self._constants: dict[str, np.ndarray] = {}
 
     @property
@@ -102,20 +106,27 @@ class OnnxRuntimeRunner:
         constant = _float32({name: array})
         self._constants.update(constant)
         if self._device_io is not None:
-            self._device_io.upload(constant)
+            with self._naming_failures(f"uploading {name}"):
+                self._device_io.upload(constant)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._session is None:
             raise EngineError(f"graph {self._spec.name}: run() after close()")
         check_feeds(self._spec, inputs, frozenset(self._constants))
         arrays = _float32({**inputs, **self._constants})
-        try:
+        with self._naming_failures("running"):
             if self._device_io is not None:
                 return self._device_io.run(self._session, {name: arrays[name] for name in inputs})
             outputs = self._session.run(self._spec.output_names, arrays)
-        except _ORT_ERRORS as error:
-            raise EngineError(f"graph {self._spec.name} ({self._path}): onnxruntime failed: {error}") from error
         return dict(zip(self._spec.output_names, outputs, strict=True))
+
+    @contextlib.contextmanager
+    def _naming_failures(self, doing: str) -> Iterator[None]:
+        """onnxruntime's errors as one `EngineError` naming the graph, its file and what was being done."""
+        try:
+            yield
+        except _ORT_ERRORS as error:
+            raise EngineError(f"graph {self._spec.name} ({self._path}): onnxruntime failed {doing}: {error}") from error
 
     def close(self) -> None:
         self._device_io = None

@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from cosmos_edge.runtime.bundle.manifest import Bundle
+from cosmos_edge.runtime.engines import onnxruntime_runner
 from cosmos_edge.runtime.engines.onnxruntime_runner import OnnxRuntimeRunner, OrtTarget, open_graph
 from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError
 from tests.helpers.observations import TinyBundles
@@ -77,6 +78,27 @@ def test_run_after_close_is_an_engine_error(bundle: Bundle) -> None:
     runner.close()
     with pytest.raises(EngineError, match=r"graph dit_b1: run\(\) after close\(\)"):
         runner.run(feeds)
+
+
+def test_device_buffers_that_cannot_be_allocated_are_one_engine_error(
+    bundle: Bundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As a GPU out of memory: the session starts, its IO-binding buffers cannot be made.
+    cpu_session = onnxruntime_runner._create_session
+    monkeypatch.setattr(
+        onnxruntime_runner, "_create_session", lambda path, target, cache: cpu_session(path, OrtTarget("cpu"), cache)
+    )
+
+    def out_of_memory(*args: object) -> None:
+        raise RuntimeError("CUDA failure 2: out of memory")
+
+    monkeypatch.setattr(ort.OrtValue, "ortvalue_from_shape_and_type", out_of_memory)
+    graph = bundle.graph_file("dit_b1")
+    with pytest.raises(
+        EngineError,
+        match=r"graph dit_b1 \(.*dit_b1\.onnx\): onnxruntime failed allocating its device buffers: CUDA failure 2",
+    ):
+        OnnxRuntimeRunner(graph.onnx, graph.spec, OrtTarget("cuda"))
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="onnxruntime-gpu installed")
