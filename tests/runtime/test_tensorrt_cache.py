@@ -206,6 +206,21 @@ def test_engine_left_without_record_is_rebuilt(tmp_path: Path, caplog: pytest.Lo
     assert "has no record beside it" in caplog.text
 
 
+def test_an_engine_that_is_not_the_one_its_record_describes_is_rebuilt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Two processes building one engine at once: one's engine can end up beside the other's record.
+    cache = EngineCache(tmp_path)
+    key = engine_cache_key("ab" * 32, H100, BuildOptions())
+    path = cache.engine_path("dit_b1", key)
+    write_engine(path, _record(file=path.name), ENGINE_BYTES)
+    path.write_bytes(ENGINE_BYTES + b"another build")
+    assert cache.lookup("dit_b1", key, H100) is None
+    assert "is not the one its record describes (built by two processes at once?): rebuilding it" in caplog.text
+    with pytest.raises(EngineError, match="the file is truncated or was replaced"):  # a bundle's own engine: refused
+        read_engine(path, H100, REBUILD_BUNDLE_HINT)
+
+
 def test_timing_cache_is_per_tensorrt_version_and_gpu(tmp_path: Path) -> None:
     cache = EngineCache(tmp_path)
     path = cache.timing_cache_path(H100)

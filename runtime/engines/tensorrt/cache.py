@@ -179,6 +179,19 @@ def cache_rebuild_hint(engine_path: Path) -> str:
 
 def read_engine(engine_path: Path, current: EngineTarget, rebuild_hint: str) -> tuple[EngineRecord, bytes]:
     """Reads an engine and its record, refusing another target or bytes that do not match the record's sha256."""
+    record = read_engine_record(engine_path, current, rebuild_hint)
+    data = _engine_bytes(engine_path)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != record.sha256:
+        raise EngineError(
+            f"engine {engine_path}: expected sha256 {record.sha256} (from {record_path(engine_path).name}), got "
+            f"{digest}; the file is truncated or was replaced: {rebuild_hint}"
+        )
+    return record, data
+
+
+def read_engine_record(engine_path: Path, current: EngineTarget, rebuild_hint: str) -> EngineRecord:
+    """The record beside an engine, refused when it names another target."""
     sidecar = record_path(engine_path)
     try:
         raw = json.loads(sidecar.read_text())
@@ -188,17 +201,14 @@ def read_engine(engine_path: Path, current: EngineTarget, rebuild_hint: str) -> 
         raise EngineError(f"engine record {sidecar}: expected a JSON object, got {type(raw).__name__}")
     record = EngineRecord.from_dict(raw, str(sidecar))
     check_engine_target(record, current, engine_path, rebuild_hint)
+    return record
+
+
+def _engine_bytes(engine_path: Path) -> bytes:
     try:
-        data = engine_path.read_bytes()
+        return engine_path.read_bytes()
     except OSError as error:
         raise EngineError(f"engine {engine_path}: expected a readable file, got {error}") from error
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != record.sha256:
-        raise EngineError(
-            f"engine {engine_path}: expected sha256 {record.sha256} (from {sidecar.name}), got {digest}; the file "
-            f"is truncated or was replaced: {rebuild_hint}"
-        )
-    return record, data
 
 
 def check_engine_source(record: EngineRecord, graph: str, onnx_sha256: str | None, engine_path: Path) -> None:
@@ -240,10 +250,20 @@ class EngineCache:
         return self.root / f"timing-trt{_slug(target.tensorrt_version)}-{_slug(target.gpu)}.cache"
 
     def lookup(self, graph: str, key: str, current: EngineTarget) -> tuple[EngineRecord, bytes] | None:
-        """The cached engine for `key`, or None if there is none (or one without its record: an interrupted write)."""
+        """The cached engine for `key`, or None if there is none, or one to build again: without its record (an
+        interrupted write) or not the engine its record describes (two processes built it at once, each writing its
+        engine and its record). A record naming another target is refused."""
         engine_path = self.engine_path(graph, key)
         if not record_path(engine_path).exists():
             if engine_path.exists():
                 _LOG.warning("engine %s has no record beside it (interrupted write?): rebuilding it", engine_path)
             return None
-        return read_engine(engine_path, current, cache_rebuild_hint(engine_path))
+        record = read_engine_record(engine_path, current, cache_rebuild_hint(engine_path))
+        data = _engine_bytes(engine_path)
+        if hashlib.sha256(data).hexdigest() != record.sha256:
+            _LOG.warning(
+                "engine %s is not the one its record describes (built by two processes at once?): rebuilding it",
+                engine_path,
+            )
+            return None
+        return record, data
