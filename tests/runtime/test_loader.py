@@ -31,7 +31,9 @@ from cosmos_edge.runtime.policy.reactive import ReactivePolicy
 from tests.helpers.observations import TinyBundles, random_observation
 from tests.helpers.policies import bundle_policy, reference_policy
 
-ACTION_TOL = 1e-3  # max abs error of the normalised actions at fp32 (issue 4)
+# Max abs error of the normalised actions, fp32 bundle against the reference: measured 1.4e-7 to 2.8e-7
+# (benchmarks/results/precision_error.json); each graph alone is held to 1e-4.
+ACTION_TOL = 1e-5
 
 
 def normalised_actions(stats: DatasetStats, actions: np.ndarray) -> np.ndarray:

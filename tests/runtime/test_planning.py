@@ -56,7 +56,7 @@ def test_splitting_candidates_over_workers_gives_the_same_choice(aloha: Checkpoi
     query = ActionQuery(random_observation("aloha", seed=3), "fold the t-shirt", seed=10, steps=1)
     one, two = make_planner(aloha, 1), make_planner(aloha, 2)
     first, second = one.infer(query), two.infer(query)
-    np.testing.assert_allclose(first.actions, second.actions, atol=1e-4)
+    np.testing.assert_allclose(first.actions, second.actions, atol=1e-5)  # measured 2.4e-7
     assert first.value == pytest.approx(second.value, abs=1e-5)
     one.close()
     two.close()
