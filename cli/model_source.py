@@ -7,6 +7,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from cosmos_edge.cli.flag_names import naming_flags
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointSource, ModelSource
 from cosmos_edge.runtime.engines.registry import GRAPH_BACKENDS, load_torch_backend
 from cosmos_edge.runtime.errors import ConfigError
@@ -109,16 +110,17 @@ def model_source(
     faster[f"--compile-scope {args.compile_scope}"] = args.compile_scope is not None
     if reference and (given := [flag for flag, on in faster.items() if on]):
         raise ConfigError(f"{given[0]}: --reference runs the official path uncompiled, without graphs; drop one")
-    source = CheckpointSource.for_devices(
-        CheckpointFiles(args.checkpoint, args.tokenizer, args.stats, args.text_embeddings, args.platform),
-        devices,
-        planning_checkpoint=args.planning_checkpoint,
-        precision=args.precision,
-        compile=args.compile,
-        compile_scope=args.compile_scope or "model",
-        cuda_graphs=args.cuda_graphs,
-        reference=reference,
-    )
+    with naming_flags({"cuda_graphs": "--cuda-graphs"}):
+        source = CheckpointSource.for_devices(
+            CheckpointFiles(args.checkpoint, args.tokenizer, args.stats, args.text_embeddings, args.platform),
+            devices,
+            planning_checkpoint=args.planning_checkpoint,
+            precision=args.precision,
+            compile=args.compile,
+            compile_scope=args.compile_scope or "model",
+            cuda_graphs=args.cuda_graphs,
+            reference=reference,
+        )
     if args.compile_scope is not None and source.compile_mode is None:
         raise ConfigError(
             f"--compile-scope {args.compile_scope}: compilation is off (--no-compile, or the CPU default); "

@@ -43,9 +43,15 @@ def cuda_graphs(requested: bool | None, devices: Sequence[str]) -> bool:
     when given; by default when every device is a CUDA one (on an H200 a compiled 1-step query ran 24.3 ms of
     kernels in 30.7 ms: the rest is mostly the GPU waiting for kernels Python has yet to launch). Refused off CUDA."""
     on_cuda = bool(devices) and all(device.startswith("cuda") for device in devices)
-    if requested and not on_cuda:
-        raise ConfigError(f"--cuda-graphs: CUDA graphs need CUDA devices; got {list(devices)}")
+    if requested:
+        check_cuda_graph_devices(devices)
     return on_cuda if requested is None else requested
+
+
+def check_cuda_graph_devices(devices: Sequence[str]) -> None:
+    """CUDA graphs replay on CUDA devices only."""
+    if not devices or not all(device.startswith("cuda") for device in devices):
+        raise ConfigError(f"cuda_graphs: CUDA graphs need CUDA devices; got {list(devices)}")
 
 
 def vae_graph_precision(bundle_precision: str) -> str:

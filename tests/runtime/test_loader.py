@@ -377,7 +377,7 @@ def test_cuda_graphs_on_a_cpu_device_are_refused_before_any_weights_are_read(
         raise AssertionError("weights read before the devices were checked")
 
     monkeypatch.setattr(torch_networks, "load_wan_vae", no_loading)
-    with pytest.raises(ConfigError, match=r"cuda_graphs: CUDA graphs need CUDA devices; got devices \['cpu'\]"):
+    with pytest.raises(ConfigError, match=r"cuda_graphs: CUDA graphs need CUDA devices; got \['cpu'\]"):
         load_policies(CheckpointSource(tiny_assets["aloha"], cuda_graphs=True))
 
 

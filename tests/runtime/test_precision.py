@@ -25,7 +25,7 @@ def test_cuda_devices_get_bf16_compilation_and_cuda_graphs_by_default() -> None:
 def test_cuda_graphs_follow_the_flag_and_are_refused_off_cuda() -> None:
     assert not cuda_graphs(False, ["cuda:0", "cuda:1"])
     assert not cuda_graphs(None, ["cuda:0", "cpu"])
-    with pytest.raises(ConfigError, match=r"--cuda-graphs: CUDA graphs need CUDA devices; got \['cuda:0', 'cpu'\]"):
+    with pytest.raises(ConfigError, match=r"^cuda_graphs: CUDA graphs need CUDA devices; got \['cuda:0', 'cpu'\]"):
         cuda_graphs(True, ["cuda:0", "cpu"])
 
 
