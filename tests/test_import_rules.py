@@ -7,12 +7,13 @@ Module-level imports only: what importing a module loads. Optional engines are i
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"runtime": "cosmos_edge.runtime", "export": "cosmos_edge.export", "robot_bridge": "cosmos_edge.robot_bridge"}
+FOLDERS = {folder: f"cosmos_edge.{folder}" for folder in ("runtime", "export", "robot_bridge", "kernels", "cli")}
 ROBOT_BRIDGE_MAY_USE = (
     "cosmos_edge.runtime.errors",
     "cosmos_edge.runtime.platforms",
@@ -90,6 +91,8 @@ TORCH_FREE = [
 def test_the_rules_see_the_whole_tree() -> None:
     assert {"cosmos_edge.runtime.policy.reactive", "cosmos_edge.runtime.bundle.loader"} <= set(TORCH_FREE)
     assert "torch" in closure("cosmos_edge.runtime.engines.torch_networks")  # the check detects torch
+    assert "numpy" in closure("cosmos_edge.runtime.policy.steps")  # and external packages
+    assert "cosmos_edge.runtime.bundle.loader" in closure("cosmos_edge.cli.serve_cmd")  # and the command line's
 
 
 @pytest.mark.parametrize("module", sorted(TORCH_FREE))
@@ -100,6 +103,18 @@ def test_serving_layers_never_import_torch(module: str) -> None:
 @pytest.mark.parametrize("module", sorted(name for name in MODULES if in_package(name, "cosmos_edge.runtime")))
 def test_runtime_never_imports_export(module: str) -> None:
     assert not any(in_package(name, "cosmos_edge.export") for name in closure(module))
+
+
+@pytest.mark.parametrize("module", sorted(name for name in MODULES if in_package(name, "cosmos_edge.runtime")))
+def test_runtime_never_imports_the_command_line_or_the_robot_bridge(module: str) -> None:
+    above = ("cosmos_edge.cli", "cosmos_edge.robot_bridge")
+    assert not [name for name in closure(module) if any(in_package(name, package) for package in above)]
+
+
+@pytest.mark.parametrize("module", sorted(name for name in MODULES if in_package(name, "cosmos_edge.runtime.policy")))
+def test_the_policy_layer_needs_numpy_and_pillow_only(module: str) -> None:
+    external = {name.partition(".")[0] for name in closure(module) if not in_package(name, "cosmos_edge")}
+    assert external <= {*sys.stdlib_module_names, "numpy", "PIL"}, f"{module} imports {sorted(external)}"
 
 
 @pytest.mark.parametrize("module", sorted(name for name in MODULES if in_package(name, "cosmos_edge.runtime.engines")))
