@@ -42,26 +42,20 @@ SIGMA_MIN = 4.0
 RHO = 7.0
 
 
-def karras_sigmas(
-    num_intervals: int, sigma_max: float = SIGMA_MAX, sigma_min: float = SIGMA_MIN, rho: float = RHO
-) -> npt.NDArray[np.float64]:
-    """`num_intervals + 1` sigmas from sigma_max down to sigma_min, float64 (EDM eq. 5, as imaginaire `get_rev_ts`).
+def karras_sigmas(num_intervals: int) -> npt.NDArray[np.float64]:
+    """`num_intervals + 1` sigmas from SIGMA_MAX down to SIGMA_MIN, float64 (EDM eq. 5, as imaginaire `get_rev_ts`).
 
-    The last entry is computed by the formula, not pinned to sigma_min (it is 3.9999999999999987 for 1 interval).
+    The last entry is computed by the formula, not pinned to SIGMA_MIN (it is 3.9999999999999987 for 1 interval).
     """
     if num_intervals < 1:
         raise ConfigError(f"karras_sigmas: num_intervals must be >= 1, got {num_intervals}")
-    if not 0 < sigma_min < sigma_max:
-        raise ConfigError(f"karras_sigmas: need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
-    root_max = sigma_max ** (1 / rho)
-    root_min = sigma_min ** (1 / rho)
+    root_max = SIGMA_MAX ** (1 / RHO)
+    root_min = SIGMA_MIN ** (1 / RHO)
     fractions = np.arange(num_intervals + 1, dtype=np.float64) / num_intervals
-    return (root_max + fractions * (root_min - root_max)) ** rho
+    return (root_max + fractions * (root_min - root_max)) ** RHO
 
 
-def evaluation_sigmas(
-    num_steps: int, sigma_max: float = SIGMA_MAX, sigma_min: float = SIGMA_MIN, rho: float = RHO
-) -> npt.NDArray[np.float64]:
+def evaluation_sigmas(num_steps: int) -> npt.NDArray[np.float64]:
     """The sigmas at which `sample` calls the network, in order, for the official `num_steps`.
 
     `CosmosPolicySampler` subtracts the clean step from num_steps > 1; a remaining single interval takes the
@@ -71,23 +65,23 @@ def evaluation_sigmas(
     if num_steps < 1:
         raise ConfigError(f"num_steps must be >= 1, got {num_steps}")
     num_intervals = num_steps - 1 if num_steps > 1 else 1
-    sigmas = karras_sigmas(num_intervals, sigma_max, sigma_min, rho)
+    sigmas = karras_sigmas(num_intervals)
     return sigmas[:1] if num_intervals == 1 else sigmas
 
 
-def initial_noise(seed: int, shape: Sequence[int], sigma_max: float = SIGMA_MAX) -> FloatArray:
-    """x at sigma_max as the official `misc.arch_invariant_rand(...) * sigma_max`.
+def initial_noise(seed: int, shape: Sequence[int]) -> FloatArray:
+    """x at SIGMA_MAX as the official `misc.arch_invariant_rand(...) * sigma_max`.
 
     Legacy `RandomState(seed).standard_normal(shape)` in C order, cast to float32, then scaled in float32.
     """
     if not 0 <= seed <= MAX_SEED:  # planning derives seeds s + i: a request's seed near the top can pass it
         raise InputError(f"seed: expected an integer in 0..{MAX_SEED}, got {seed}", field="seed")
-    return _scaled_noise(seed, tuple(shape), float(sigma_max))
+    return _scaled_noise(seed, tuple(shape))
 
 
 @lru_cache(maxsize=64)  # a planning query draws ~150 noise tensors from about a dozen seeds; 0.5 MB each for ALOHA
-def _scaled_noise(seed: int, shape: tuple[int, ...], sigma_max: float) -> FloatArray:
-    noise = np.random.RandomState(seed).standard_normal(shape).astype(np.float32) * np.float32(sigma_max)
+def _scaled_noise(seed: int, shape: tuple[int, ...]) -> FloatArray:
+    noise = np.random.RandomState(seed).standard_normal(shape).astype(np.float32) * np.float32(SIGMA_MAX)
     noise.setflags(write=False)  # shared by every caller of the same seed
     return noise
 
