@@ -14,7 +14,7 @@ from enum import Enum
 
 import numpy as np
 
-from cosmos_edge.runtime.errors import ConfigError, InputError
+from cosmos_edge.runtime.errors import InputError
 
 SUCCESS_THRESHOLD = np.float32(0.05)  # torch casts the Python 0.05 to the float32 dtype of the values
 LCB_BETA = 1.0
@@ -31,14 +31,6 @@ class ValueAggregation(str, Enum):
     """Fraction of values above the threshold."""
 
 
-def _parse_scheme(scheme: ValueAggregation | str) -> ValueAggregation:
-    try:
-        return ValueAggregation(scheme)
-    except ValueError:
-        valid = [member.value for member in ValueAggregation]
-        raise ConfigError(f"value aggregation scheme: unknown {scheme!r}; expected one of {valid}") from None
-
-
 def _as_values(values: Sequence[float] | np.ndarray) -> np.ndarray:
     array = np.asarray(values, dtype=np.float32)
     if array.ndim != 1 or array.size == 0:
@@ -48,13 +40,12 @@ def _as_values(values: Sequence[float] | np.ndarray) -> np.ndarray:
     return array
 
 
-def aggregate_values(values: Sequence[float] | np.ndarray, scheme: ValueAggregation | str) -> float:
+def aggregate_values(values: Sequence[float] | np.ndarray, scheme: ValueAggregation) -> float:
     """One value from an ensemble of value predictions (or, `average`, from a search path), clipped to [0, 1].
 
     The official code clips only the ensemble schemes; the search-depth `average` sees values that were clipped at
     extraction, so clipping it too changes nothing.
     """
-    scheme = _parse_scheme(scheme)
     array = _as_values(values)
     wide = array.astype(np.float64)
     success = array > SUCCESS_THRESHOLD

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from cosmos_edge.runtime.errors import ConfigError, InputError
+from cosmos_edge.runtime.errors import InputError
 from cosmos_edge.runtime.policy.value_aggregation import ValueAggregation, aggregate_values, select_best_candidate
 
 
@@ -23,7 +23,7 @@ def f32(value: float) -> float:
     ],
 )
 def test_majority_mean(values: list[float], expected: float) -> None:
-    assert aggregate_values(values, "majority_mean") == pytest.approx(expected, abs=1e-15)
+    assert aggregate_values(values, ValueAggregation.MAJORITY_MEAN) == pytest.approx(expected, abs=1e-15)
 
 
 def test_threshold_is_compared_in_float32() -> None:
@@ -33,39 +33,34 @@ def test_threshold_is_compared_in_float32() -> None:
 
 
 def test_average() -> None:
-    assert aggregate_values([0.2, 0.4, 0.9], "average") == pytest.approx((0.2 + 0.4 + 0.9) / 3, abs=1e-7)
+    assert aggregate_values([0.2, 0.4, 0.9], ValueAggregation.AVERAGE) == pytest.approx((0.2 + 0.4 + 0.9) / 3, abs=1e-7)
 
 
 def test_lcb_uses_unbiased_std() -> None:
     values = [0.2, 0.4, 0.9]
     mean = sum(values) / 3
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / 2)
-    assert aggregate_values(values, "lcb") == pytest.approx(mean - std, abs=1e-7)
+    assert aggregate_values(values, ValueAggregation.LCB) == pytest.approx(mean - std, abs=1e-7)
 
 
 def test_lcb_is_clipped_at_zero_and_needs_two_values() -> None:
-    assert aggregate_values([0.0, 1.0], "lcb") == 0.0  # 0.5 − 0.707
-    with pytest.raises(InputError, match="lcb"):
-        aggregate_values([0.5], "lcb")
+    assert aggregate_values([0.0, 1.0], ValueAggregation.LCB) == 0.0  # 0.5 − 0.707
+    with pytest.raises(InputError, match=ValueAggregation.LCB):
+        aggregate_values([0.5], ValueAggregation.LCB)
 
 
 def test_success_vote_is_fraction_above_threshold() -> None:
-    assert aggregate_values([0.9, 0.01, 0.3, 0.05], "success_vote") == 0.5
+    assert aggregate_values([0.9, 0.01, 0.3, 0.05], ValueAggregation.SUCCESS_VOTE) == 0.5
 
 
 def test_results_are_clipped_to_unit_interval() -> None:
-    assert aggregate_values([1.5, 1.2], "average") == 1.0
+    assert aggregate_values([1.5, 1.2], ValueAggregation.AVERAGE) == 1.0
 
 
 @pytest.mark.parametrize("values", [[], [[0.1, 0.2]], [0.3, float("nan")]])
 def test_malformed_values_are_rejected(values: list) -> None:
     with pytest.raises(InputError, match="values"):
-        aggregate_values(values, "average")
-
-
-def test_unknown_scheme_lists_valid_ones() -> None:
-    with pytest.raises(ConfigError, match="majority_mean"):
-        aggregate_values([0.5], "median")
+        aggregate_values(values, ValueAggregation.AVERAGE)
 
 
 @pytest.mark.parametrize(
