@@ -1,4 +1,4 @@
-"""Device kernels, each beside its exact reference and a parity test.
+"""Device kernels, each with an exact reference in the policy layer and a parity test against it.
 
 `image_transforms`: the official image preprocessing as torch ops (reference: `runtime/policy/images.py`, numpy and
 Pillow), so the torch backend preprocesses on its device. The DiT itself needs no hand-written kernel so far: it is

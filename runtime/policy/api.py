@@ -1,9 +1,9 @@
 """The policy interface and its messages, and what a policy needs from its networks. Read this first.
 
 Every policy (reactive, planning; on torch, ONNX Runtime or TensorRT networks) meets `Policy`; the robot bridge
-serves anything that does, and wrapping (timing, safety) happens outside. Network arrays are numpy float32 in the
-layouts of the official model: video "b 3 f h w" in [-1, 1], latents "b 16 t h/8 w/8" (normalised with the Wan2.1
-mean/std).
+serves anything that does, and wrapping (timing, safety) happens outside. Network arrays are float32 in the layouts
+of the official model, numpy arrays or, for a network that keeps them on its device, that device's tensors (its
+`arrays`): video "b 3 f h w" in [-1, 1], latents "b 16 t h/8 w/8" (normalised with the Wan2.1 mean/std).
 """
 
 from __future__ import annotations
