@@ -95,13 +95,17 @@ class DatasetStats:
             stats = cls(**{field.name: raw[field.name] for field in fields(cls) if field.name in raw})
         except ConfigError as error:
             raise ConfigError(f"dataset statistics {path}: {error}") from error
-        if stats.action_dim != platform.action_dim or stats.proprio_dim != platform.proprio_dim:
-            raise ConfigError(
-                f"dataset statistics {path}: {platform.name} expects action_dim {platform.action_dim} and "
-                f"proprio_dim {platform.proprio_dim}, got {stats.action_dim} and {stats.proprio_dim}: the statistics "
-                "of another platform, or the wrong --platform given"
-            )
+        stats.check_platform(platform, f"dataset statistics {path}")
         return stats
+
+    def check_platform(self, platform: PlatformSpec, name: str) -> None:
+        """Raises ConfigError unless these statistics have `platform`'s action and proprio dims (`name`: whose)."""
+        if self.action_dim != platform.action_dim or self.proprio_dim != platform.proprio_dim:
+            raise ConfigError(
+                f"{name}: {platform.name} expects action_dim {platform.action_dim} and proprio_dim "
+                f"{platform.proprio_dim}, got {self.action_dim} and {self.proprio_dim}: the statistics of another "
+                "platform, or the wrong platform named"
+            )
 
     def write_json(self, path: str | Path) -> None:
         """Writes the official JSON layout (lists of floats; absent optional statistics are left out)."""

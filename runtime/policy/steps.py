@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cosmos_edge.runtime.errors import ConfigError, InputError
+from cosmos_edge.runtime.errors import InputError
 from cosmos_edge.runtime.platforms import PlatformSpec
 from cosmos_edge.runtime.policy import latents
 from cosmos_edge.runtime.policy.api import (
@@ -51,12 +51,7 @@ class PolicyModel:
     conditioning: ConditioningEncoder
 
     def __post_init__(self) -> None:
-        platform, stats = self.platform, self.stats
-        if stats.action_dim != platform.action_dim or stats.proprio_dim != platform.proprio_dim:
-            raise ConfigError(  # a model assembled from files of two platforms, not a request's fault
-                f"stats: {platform.name} needs action/proprio dims {platform.action_dim}/{platform.proprio_dim}, "
-                f"got {stats.action_dim}/{stats.proprio_dim}"
-            )
+        self.stats.check_platform(self.platform, "stats")  # a model assembled from files of two platforms
 
 
 class ModelPolicy:

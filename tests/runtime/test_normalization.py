@@ -96,7 +96,7 @@ def test_dims_are_checked_against_the_platform(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError,
         match="libero expects action_dim 7 and proprio_dim 9, got 14 and 14: the statistics of another platform, "
-        "or the wrong --platform",
+        "or the wrong platform named",
     ):
         DatasetStats.from_json(_write(tmp_path, data), platform_spec("libero"))
 
