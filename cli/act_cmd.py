@@ -62,6 +62,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--task", required=True, help="the instruction, exactly as in the embeddings file")
     parser.add_argument(
+        "--frames",
+        choices=("as-rendered", "upright"),
+        default="as-rendered",
+        help="LIBERO and RoboCasa: the camera frames are as the simulator renders them (upside down; the default: "
+        "flipped as the official evaluation scripts flip them) or upright already (flipped by the caller, as the "
+        "official quickstart's sample observation, which the official get_action takes as it is)",
+    )
+    parser.add_argument(
         "--seed",
         type=int_in_range(0, MAX_SEED),
         default=195,
@@ -128,7 +136,7 @@ def _act_on(args: argparse.Namespace) -> int:
         raise ConfigError("--future-images: the images are written to the --out file; give --out")
     devices = [args.device] if args.device else None
     source = model_source(args, devices or [], device_flag="--device", reference=args.reference)
-    observation = _official_observation(source, observation, observation_file)
+    observation = _official_observation(source, observation, observation_file, upright=args.frames == "upright")
     _check_task(source, args.task)
     planning = None
     if args.mode != "planning" and (given := planning_flags_given(args) + _planning_only_flags(args)):
@@ -177,16 +185,22 @@ def _check_task(source: ModelSource, task: str) -> None:
         raise ConfigError(f"--task {task!r}: not among the instructions of {where}: {detail}") from None
 
 
-def _official_observation(source: ModelSource, observation: Observation, path: Path) -> Observation:
+def _official_observation(source: ModelSource, observation: Observation, path: Path, upright: bool) -> Observation:
     """The observation, its cameras and proprio checked against the model's platform and statistics before the
     networks load (a minute for the 2B model; the policy checks them again, as every query). ALOHA camera frames of
     another size than 224×224 are resized as the official client resizes them before its server sees them (LIBERO
-    and RoboCasa are evaluated in-process, on their frames as they are)."""
+    and RoboCasa are evaluated in-process, on their frames as they are). `upright` frames of a platform whose
+    policy flips them are turned upside down first (a lossless flip), so that the policy's flip restores them."""
     platform = source_platform(source)
     with _naming_the_observation(path):
         check_cameras(platform, observation.images)
         check_proprio_shape(platform, observation.proprio)
         source_stats(source).normalize_proprio(np.asarray(observation.proprio))
+    if upright:
+        if not platform.flip_images:
+            raise ConfigError(f"--frames upright: {platform.name} frames are never flipped; drop the flag")
+        images = {camera: np.ascontiguousarray(frame[::-1]) for camera, frame in observation.images.items()}
+        return Observation(images, observation.proprio)
     if platform.name != "aloha":
         return observation
     images, resized = aloha_wire_images(observation.images)

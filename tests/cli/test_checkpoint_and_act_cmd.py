@@ -140,3 +140,31 @@ def test_act_resizes_aloha_frames_as_the_official_client_does(
     expected = policy.infer(ActionQuery(wire, INSTRUCTION, steps=1))
     with np.load(tmp_path / "result.npz") as result:
         np.testing.assert_array_equal(result["actions"], expected.actions)
+
+
+def test_upright_frames_give_what_the_same_frames_as_rendered_give(
+    tiny_assets: dict[str, CheckpointFiles], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The official quickstart's sample observation holds upright frames, which its get_action takes as they are.
+    files = tiny_assets["libero"]
+    rendered = random_observation("libero")
+    upright = {camera: frame[::-1] for camera, frame in rendered.images.items()}
+    np.savez(tmp_path / "rendered.npz", proprio=rendered.proprio, **rendered.images)
+    np.savez(tmp_path / "upright.npz", proprio=rendered.proprio, **upright)
+    argv = ["act", "--checkpoint", str(files.checkpoint), "--tokenizer", str(files.tokenizer), "--stats"]
+    argv += [str(files.stats), "--text-embeddings", str(files.text_embeddings), "--platform", "libero"]
+    argv += ["--task", text_embeddings.read(files.text_embeddings).instructions[0], "--steps", "1"]
+    for name, extra in (("rendered", []), ("upright", ["--frames", "upright"]), ("twice", [])):
+        observation = tmp_path / ("rendered.npz" if name == "rendered" else "upright.npz")
+        assert main([*argv, "--observation", str(observation), "--out", str(tmp_path / f"out_{name}.npz"), *extra]) == 0
+    results = {name: np.load(tmp_path / f"out_{name}.npz")["actions"] for name in ("rendered", "upright", "twice")}
+    np.testing.assert_array_equal(results["upright"], results["rendered"])
+    assert not np.array_equal(results["twice"], results["rendered"])  # upright frames taken as rendered: flipped twice
+    aloha = tiny_assets["aloha"]
+    argv = ["act", "--checkpoint", str(aloha.checkpoint), "--tokenizer", str(aloha.tokenizer), "--stats"]
+    argv += [str(aloha.stats), "--text-embeddings", str(aloha.text_embeddings), "--platform", "aloha", "--task", "x"]
+    observation = random_observation("aloha")
+    np.savez(tmp_path / "aloha.npz", proprio=observation.proprio, **observation.images)
+    capsys.readouterr()
+    assert main([*argv, "--observation", str(tmp_path / "aloha.npz"), "--frames", "upright"]) == 2
+    assert "--frames upright: aloha frames are never flipped; drop the flag" in capsys.readouterr().err
