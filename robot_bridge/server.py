@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import errno
 import itertools
 import logging
@@ -41,6 +40,7 @@ from types import TracebackType
 import zmq
 
 from cosmos_edge.robot_bridge.act_messages import SERVER_VERSION, act_reply, action_query
+from cosmos_edge.robot_bridge.admission import ActAdmission
 from cosmos_edge.robot_bridge.binding import FLUSH_MS, BoundRouter, ServerConfig, check_limits_hold_an_act
 from cosmos_edge.robot_bridge.log_limits import RateLimitedLog, peer_text
 from cosmos_edge.robot_bridge.protocol import (
@@ -73,7 +73,6 @@ _RECEIVE_BATCH = 64  # requests taken per wake-up before replies are forwarded a
 # terminates the pipe without draining it.
 _REPLY_GRACE_S = 0.5  # many times what a client blocked in poll needs to read it, even on a loaded machine
 _WAKE_BYTES = 4096  # wake-up bytes read at once; any number of them means "look at the outbox"
-_SUGGESTIONS = 3  # known instructions named when one is unknown
 _QUEUED_BATCHES = 64  # at most 64 x 64 requests answered as queued before serving (then serving begins)
 _STARTING = "arrived while the server was starting (loading its models); ask again"
 _START_TIMEOUT_S = 30.0  # `serving_in_thread`: from the thread's start to queueing requests (no model loads there)
@@ -124,8 +123,8 @@ class PolicyServer:
             if policy.platform != self._platform:
                 raise ConfigError(f"policies[{name!r}]: platform {policy.platform.name!r} != {self._platform.name!r}")
         # Read once: every `act` is checked against its mode's instructions on the I/O thread.
-        self._known_instructions = {name: frozenset(policy.instructions) for name, policy in self._policies.items()}
-        common = frozenset.intersection(*self._known_instructions.values())
+        self._admission = ActAdmission.of(self._policies, self._platform, self._config.image_size)
+        common = frozenset.intersection(*self._admission.instructions.values())
         self._instructions = tuple(text for text in self._policies[mode].instructions if text in common)
         self._mode = mode
         self._lock = threading.Lock()  # guards _pending, _running, _outbox, _mode and writing to _wake
@@ -375,38 +374,8 @@ class PolicyServer:
         request can be refused for before it waits for the worker."""
         with self._lock:
             mode = request.mode or self._mode
-        self._check_mode(mode, request.request_id)
-        self._check_platform(request)
-        self._check_instruction(request, mode)
+        self._admission.check(request, mode)
         return mode
-
-    def _check_mode(self, mode: str, request_id: int) -> None:
-        if mode not in self._policies:
-            loaded = list(self._policies)
-            detail = f"expected one of {loaded}, the modes this server loaded (its log says why no other), got {mode!r}"
-            raise MessageError(ErrorCode.UNKNOWN_MODE, "mode", detail, request_id)
-
-    def _check_platform(self, request: ActRequest) -> None:
-        cameras = self._platform.cameras
-        if set(request.images) != set(cameras):
-            detail = f"expected cameras {list(cameras)}, got {list(request.images)}"
-            raise MessageError(ErrorCode.INVALID_FIELD, "images", detail, request.request_id)
-        expected = (*self._config.image_size, 3)
-        for camera, image in request.images.items():
-            if image.shape != expected:
-                detail = f"expected shape {expected} (the client resizes), got {image.shape}"
-                raise MessageError(ErrorCode.INVALID_FIELD, f"image/{camera}", detail, request.request_id)
-        if request.proprio.shape != (self._platform.proprio_dim,):
-            detail = f"expected shape ({self._platform.proprio_dim},), got {request.proprio.shape}"
-            raise MessageError(ErrorCode.INVALID_FIELD, "proprio", detail, request.request_id)
-
-    def _check_instruction(self, request: ActRequest, mode: str) -> None:
-        if request.instruction in self._known_instructions[mode]:
-            return
-        known = self._known_instructions[mode]
-        closest = difflib.get_close_matches(request.instruction, known, n=_SUGGESTIONS, cutoff=0.0)
-        detail = f"no text embedding for {request.instruction!r} in mode {mode!r}; closest known: {closest}"
-        raise MessageError(ErrorCode.INVALID_INPUT, "instruction", detail, request.request_id)
 
     def _enqueue(self, job: _Job) -> None:
         with self._work_ready:
@@ -493,7 +462,7 @@ class PolicyServer:
         )
 
     def _set_mode(self, request: SetModeRequest) -> ModeSet:
-        self._check_mode(request.mode, request.request_id)
+        self._admission.check_mode(request.mode, request.request_id)
         with self._lock:
             previous, self._mode = self._mode, request.mode
         logger.info("mode=%s previous_mode=%s", request.mode, previous)
