@@ -143,10 +143,13 @@ class ChunkBlender:
         old_actions: np.ndarray | None,
         old_first_tick: int,
         last_command: np.ndarray | None,
+        skipped: int = 0,
     ) -> None:
-        """A new chunk is adopted at `tick`; the chunk in hand until now was `old_actions` (None: holding)."""
+        """A new chunk is adopted at `tick`; the chunk in hand until now was `old_actions` (None: holding). After
+        `skipped` ticks (see `rejoin`) the old chunk is delayed by them and the new one fades in, whatever the
+        scheme but `none`."""
         self._close_boundary()
-        self._blend_from(tick, old_actions, old_first_tick, last_command, fade_only=False)
+        self._blend_from(tick, old_actions, old_first_tick + skipped, last_command, fade_only=skipped > 0)
         previous = self._old_trajectory(tick, hold_past_end=True)
         new = np.asarray(new_actions[tick - new_first_tick], dtype=np.float64)
         raw = np.zeros(2) if previous is None else self._largest(np.abs(new - previous))
@@ -160,8 +163,7 @@ class ChunkBlender:
         (`actions` from `first_tick`) jumped ahead: from `tick` the target cross-fades (whatever the scheme but
         `none`, which jumps as the official client would) from the chunk delayed by the skipped ticks, continuing
         from `last_command`, into the chunk itself, so each step moves as the chunk does plus 1 / (window + 1) of
-        the skipped motion. The open boundary closes; this is no chunk boundary."""
-        self._close_boundary()
+        the skipped motion. This is no chunk boundary: one still open goes on collecting its statistics."""
         self._blend_from(tick, actions, first_tick + skipped, last_command, fade_only=True)
 
     def _blend_from(

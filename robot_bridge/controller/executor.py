@@ -341,7 +341,7 @@ class ChunkExecutor:
                     self._safety.stop(self._stop_reason)
                 else:  # requests captured before this tick answered the pre-stop situation
                     self._chunk, self._obs_floor = None, tick - 1
-        adopted = self._receive(tick)
+        adopted = self._receive(tick, missed)
         chunk = self._chunk
         if missed and not adopted and chunk is not None and self._last_command is not None:
             # The chunk's index jumped with the skipped ticks: fade into it rather than command their motion at once.
@@ -366,7 +366,8 @@ class ChunkExecutor:
         self._counts["ticks"] += 1
         self._next_tick = tick + 1
 
-    def _receive(self, tick: int) -> bool:
+    def _receive(self, tick: int, missed: int) -> bool:
+        """Takes the chunk source's outcome, if any; a chunk adopted after `missed` skipped ticks fades in."""
         outcome = self._source.poll()
         if outcome is None:
             return False
@@ -400,6 +401,7 @@ class ChunkExecutor:
             None if old is None else old.actions,
             0 if old is None else old.first_tick,
             self._last_command,
+            skipped=missed,
         )
         self._chunk, self._obs_floor = outcome, outcome.obs_id
         self._counts["chunks_adopted"] += 1

@@ -413,6 +413,33 @@ def test_skipped_ticks_fade_into_the_chunk_rather_than_jump(blend: BlendConfig) 
     assert robot.commands[-1][3] == pytest.approx(records["action_index"][-1] * 1e-3, abs=1e-7)
 
 
+@pytest.mark.parametrize("scheme", [BlendScheme.CROSSFADE, BlendScheme.ENSEMBLE])
+def test_a_chunk_adopted_on_a_tick_after_skipped_ones_fades_in_too(scheme: BlendScheme) -> None:
+    executor, robot, client, clock = make(chunk=50, threshold=25, latency_ticks=3, blend=BlendConfig(scheme))
+
+    def on_the_clock(actions: np.ndarray) -> np.ndarray:  # every chunk on one trajectory: 1 mrad of roll per tick
+        timed = actions.copy()
+        obs_id = round(float(actions[0, 0]) * 1e3)
+        timed[:, 0], timed[:, 3] = 0.0, (obs_id + 1 + np.arange(len(actions))) * 1e-3
+        return timed
+
+    client.transform = on_the_clock
+
+    def stall(n: int) -> None:
+        if n == 27:  # tick 26's command returns 5.5 periods late; the next chunk is there when ticks resume
+            clock.now += 11 * PERIOD_NS // 2
+
+    robot.on_command = stall
+    executor.run(60)
+    records = executor.records()
+    skipped = executor.counters.missed_ticks
+    resumed = int(np.flatnonzero(records["missed"])[0])
+    assert skipped == 4 and records["adopted"][resumed]  # a new chunk on the first tick after the skip
+    steps = np.abs(np.diff(np.array(robot.commands)[:, 3]))[resumed - 1 :]
+    window = BlendConfig().window_ticks
+    assert steps.max() == pytest.approx(1e-3 + skipped * 1e-3 / (window + 1), rel=1e-3)  # not 38 % of it at once
+
+
 def test_record_ring_is_bounded_and_ordered() -> None:
     executor, _, _, _ = make(record_capacity=16)
     executor.run(40)
