@@ -31,7 +31,7 @@ from cosmos_edge.robot_bridge.controller.safety import SafetyConfig, SafetyFilte
 from cosmos_edge.robot_bridge.protocol import ServerMetadata
 from cosmos_edge.robot_bridge.robots.aloha_real import ALOHA_DIMS, AlohaRealRobot, RealEnvLike
 from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_observation
-from cosmos_edge.runtime.errors import ConfigError, CosmosEdgeError, EngineError
+from cosmos_edge.runtime.errors import ConfigError, CosmosEdgeError, EngineError, InputError
 from cosmos_edge.runtime.policy.api import MAX_DENOISING_STEPS, MAX_SEED
 
 _REQUEST_TIMEOUT_S = 10.0  # a chunk later than this is of no use to a moving arm: the executor retries
@@ -147,7 +147,10 @@ def _robot(args: argparse.Namespace) -> int:
             + f" rad, grippers within {limits.gripper_range}"
         )
         robot = _connect_robot(make_env, args)
-        safety.check_start_pose(robot.current_qpos())  # before the first command: the filter would move the arms
+        try:  # before the first command: the filter would move the arms back at its full rate
+            safety.check_start_pose(robot.current_qpos())
+        except InputError as error:
+            raise ConfigError(f"{error}; --safety sets the limits") from None
         with ThreadedChunkSource(client, params, prepare=aloha_wire_observation) as source:
             executor = ChunkExecutor(robot, source, safety, executor_config)
             # SIGINT and SIGTERM latch the executor's stop: the arms hold, and the run ends after the tick in progress.
@@ -179,6 +182,13 @@ def _robot(args: argparse.Namespace) -> int:
         print(
             f"cosmos-edge: error: --endpoint {args.endpoint}: no chunk arrived; {failed} request(s) failed (see the "
             "log)",
+            file=sys.stderr,
+        )
+        return 1
+    if safety.stopped and not signalled.is_set():  # the filter latched it (--safety stop_after_rate_limited_ticks)
+        print(
+            f"cosmos-edge: error: safety: the stop latched ({safety.stop_reason}); the arms hold their last commanded "
+            "pose",
             file=sys.stderr,
         )
         return 1

@@ -228,6 +228,11 @@ class SafetyFilter:
         return self._stopped
 
     @property
+    def stop_reason(self) -> str:
+        """Why the stop latched (empty before any stop)."""
+        return self._stop_reason
+
+    @property
     def counters(self) -> SafetyCounters:
         c = self._counts
         return SafetyCounters(
@@ -260,6 +265,7 @@ class SafetyFilter:
         if self._stopped:
             logger.warning("safety: stop latch cleared")
         self._stopped = False
+        self._rate_limited_run = 0  # a run of rate-limited targets starts again
 
     def apply(self, target: np.ndarray | None, measured_qpos: np.ndarray) -> SafeCommand:
         """Make `target` (dims,) safe to send given the measured position (dims,); None means hold.
@@ -338,8 +344,7 @@ class SafetyFilter:
         raise InputError(
             "safety: the arms start outside their joint limits: "
             + "; ".join(named)
-            + ": move them within the limits first (without --keep-pose `robot` moves them to the start pose), or "
-            "widen the limits (--safety joint_lower/joint_upper)"
+            + ": move them within the limits first, or widen the limits (joint_lower/joint_upper)"
         )
 
     def _check_shape(self, name: str, array: np.ndarray) -> None:

@@ -146,6 +146,20 @@ def test_arms_that_rest_outside_the_limits_are_refused_before_any_command(capsys
     assert not env.commands
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "left shoulder (qpos[1]) at 0.000 rad, limits [0.500, 1.257]" in error
+    assert error.rstrip().endswith("; --safety sets the limits")
+
+
+def test_a_stop_the_safety_filter_latches_ends_the_run_as_a_failure(capsys: pytest.CaptureFixture[str]) -> None:
+    fake_real_env.MADE.clear()
+    latch = '{"max_joint_step": 0.0001, "stop_after_rate_limited_ticks": 2}'  # every policy target is too fast
+    with serving(PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*"))) as endpoint:
+        assert main(robot(endpoint, "--duration-s", "5", "--safety", latch)) == 1
+    captured = capsys.readouterr()
+    assert "ticks:" in captured.out  # the report of what ran
+    assert (
+        "cosmos-edge: error: safety: the stop latched (the policy's target was rate limited 2 ticks in a row)"
+        in captured.err
+    )
 
 
 def test_a_bad_safety_setting_is_refused_before_the_server_is_asked(capsys: pytest.CaptureFixture[str]) -> None:

@@ -150,8 +150,8 @@ def test_arms_that_start_outside_their_limits_are_refused_before_any_command() -
     measured[[1, 8]] = -1.6  # both shoulders rest 0.6 rad below a rig's stricter limit
     message = (
         r"safety: the arms start outside their joint limits: left shoulder \(qpos\[1\]\) at -1\.600 rad, limits "
-        r"\[-1\.000, 1\.257\]; right shoulder \(qpos\[8\]\) at -1\.600 rad, .*: move them within the limits first "
-        r".*--safety joint_lower/joint_upper"
+        r"\[-1\.000, 1\.257\]; right shoulder \(qpos\[8\]\) at -1\.600 rad, .*: move them within the limits first"
+        r", or widen the limits \(joint_lower/joint_upper\)$"
     )
     for target in (None, START):
         with pytest.raises(InputError, match=message):
@@ -201,6 +201,18 @@ def test_a_run_of_rate_limited_policy_targets_can_latch_a_stop() -> None:
     assert not f.stopped
     with pytest.raises(ConfigError, match=r"safety\.stop_after_rate_limited_ticks: expected an integer"):
         SafetyConfig(stop_after_rate_limited_ticks=0)
+
+
+def test_a_reset_starts_the_run_of_rate_limited_targets_again() -> None:
+    f = SafetyFilter(SafetyConfig(stop_after_rate_limited_ticks=3))
+    far = START + 0.5 * np.eye(14)[0]
+    for _ in range(2):
+        f.apply(far, START)
+    f.stop("operator")
+    f.reset()  # within one period: no stopped tick in between
+    for _ in range(2):
+        f.apply(far, START)
+    assert not f.stopped  # 2 in a row since the reset, not 4
 
 
 def test_hold_uses_measured_pose_first_then_last_command() -> None:
