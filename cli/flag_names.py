@@ -22,10 +22,9 @@ def naming_flags(flags: Mapping[str, str]) -> Iterator[None]:
         raise ConfigError(f"{flags[name]}: {detail}") from None
 
 
-# The flags that give a file or folder, by their destinations in the parsed arguments.
-_FILE_FLAGS = {
-    dest: "--" + dest.replace("_", "-")
-    for dest in (
+# The destinations of the options that give a file or folder (those of the command that ran are named).
+_FILE_DESTS = frozenset(
+    {
         "checkpoint",
         "tokenizer",
         "stats",
@@ -36,20 +35,26 @@ _FILE_FLAGS = {
         "curve_server_key",
         "curve_clients",
         "out",
-    )
-} | {"observation_flag": "--observation"}
+        "observation_flag",
+    }
+)
 
 
-def naming_the_file_flag(args: argparse.Namespace, message: str) -> str:
-    """An error about a file a flag gave, which the library names by its path ("PATH: ..." or "dataset statistics
-    PATH: ..."), as one naming the flag too ("--stats PATH: ..."; every flag that gave it, if several did); any
-    other message as it is."""
+def naming_the_file_flag(args: argparse.Namespace, parser: argparse.ArgumentParser, message: str) -> str:
+    """An error about a file an option of `parser` (the command that ran) gave, which the library names by its path
+    ("PATH: ..." or "dataset statistics PATH: ..."), as one naming the option too ("--stats PATH: ..."; every
+    option that gave it, if several did); any other message as it is. Positional arguments are not named."""
     head, separator, rest = message.partition(": ")
     if not separator or head.startswith("-"):
         return message
-    for dest in _FILE_FLAGS:
-        value = getattr(args, dest, None)
-        if value is not None and (head == str(value) or head.endswith(f" {value}")):
-            flags = [flag for other, flag in _FILE_FLAGS.items() if str(getattr(args, other, None)) == str(value)]
+    options = {
+        action.dest: max(action.option_strings, key=len)
+        for action in parser._actions
+        if action.option_strings and action.dest in _FILE_DESTS and getattr(args, action.dest, None) is not None
+    }
+    for dest in options:
+        value = str(getattr(args, dest))
+        if head == value or head.endswith(f" {value}"):
+            flags = [flag for other, flag in options.items() if str(getattr(args, other)) == value]
             return f"{' and '.join(flags)} {value}: {rest}"
     return message

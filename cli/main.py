@@ -131,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a reader gone shows here, in the handler below, rather than at the interpreter's exit
         return code
     except CosmosEdgeError as error:
-        one_line = " ".join(naming_the_file_flag(args, str(error)).splitlines())  # other spacing is kept
+        message = naming_the_file_flag(args, args._command_parser, str(error))
+        one_line = " ".join(message.splitlines())  # a wrapped library message; other spacing is kept
         print(f"cosmos-edge: error: {one_line}", file=sys.stderr)
         return _exit_code(error)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what was interrupted cleans up on its way out (an export leaves

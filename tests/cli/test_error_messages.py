@@ -528,3 +528,10 @@ def test_usage_errors_are_one_line_too(argv: list[str], named: str, capsys: pyte
     lines = capsys.readouterr().err.strip().splitlines()
     assert exited.value.code == 2 and len(lines) == 1 and lines[0].startswith("cosmos-edge: error: "), lines
     assert named in lines[0] and lines[0].endswith("--help)")
+
+
+def test_a_positional_file_is_not_named_as_an_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # `engines build BUNDLE` takes the bundle as a positional argument: no `--bundle` to name.
+    assert main(["engines", "build", str(tmp_path / "nobundle")]) == 2
+    error = capsys.readouterr().err
+    assert f"cosmos-edge: error: {tmp_path / 'nobundle'}: " in error and "--bundle" not in error
