@@ -128,12 +128,16 @@ def export_bundle(request: ExportRequest) -> Bundle:
     except OSError as error:
         raise BundleError(f"{out}: cannot write a bundle there ({error}); choose another --out") from None
     try:
-        try:
-            write_manifest(staging, _write_contents(request, staging))
+        try:  # the inputs' read errors are CheckpointErrors: an OSError here is a write's
+            contents = _write_contents(request, staging)
         except OSError as error:  # a full disk (a 2B DiT graph is gigabytes per batch size), a quota
             raise EngineError(
                 f"{out}: writing the bundle failed ({error.strerror or error}); nothing was left behind"
             ) from None
+        try:
+            write_manifest(staging, contents)
+        except EngineError as error:  # write_atomic's, naming the staging folder this cleanup removes
+            raise EngineError(f"{out}: writing the bundle failed ({error}); nothing was left behind") from None
         staging.chmod(_directory_mode())  # mkdtemp makes it private (0700); a bundle is read like its files
         check_new_bundle_path(out)  # again: another export or a user may have made it meanwhile (rename would
         # silently replace an empty directory)

@@ -42,6 +42,8 @@ def read_tensor_file(path: str | Path) -> StateDict:
             return dict(load_safetensors(str(path)))
         except SafetensorError as error:
             raise CheckpointError(f"{path}: not a readable safetensors file: {error}") from None
+        except OSError as error:
+            raise CheckpointError(f"{path}: cannot be read ({error.strerror or error})") from None
     try:
         with path.open("rb") as file:
             magic = file.read(4)

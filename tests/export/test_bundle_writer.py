@@ -112,6 +112,17 @@ def test_a_full_disk_is_one_engine_error_and_leaves_nothing(
     with pytest.raises(EngineError, match=rf"^{re.escape(str(out))}: writing the bundle failed \(No space left on "):
         export_bundle(request(tiny_assets["libero"], out))
     assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+
+    monkeypatch.setattr("cosmos_edge.runtime.bundle.manifest.write_atomic", lambda path, data: write_atomic_full(path))
+    with pytest.raises(EngineError, match=rf"^{re.escape(str(out))}: writing the bundle failed \(.*manifest\.json: "):
+        export_bundle(request(tiny_assets["libero"], out))
+    assert list(tmp_path.iterdir()) == []
+
+
+def write_atomic_full(path: Path) -> None:
+    """`write_atomic` on a full disk."""
+    raise EngineError(f"{path}: cannot be written (No space left on device)")
 
 
 def test_an_atomic_write_that_fails_names_its_file_and_leaves_nothing(

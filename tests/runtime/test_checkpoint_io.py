@@ -39,6 +39,20 @@ def test_an_ema_copy_beside_the_wrapped_weights_is_named_as_not_loaded(
     assert f"{path}: loading the weights under 'model'; not those under ['ema']" in caplog.text
 
 
+def test_a_safetensors_file_that_cannot_be_read_is_a_checkpoint_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "dit.safetensors"
+    path.write_bytes(b"x")
+
+    def denied(name: str) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("cosmos_edge.runtime.models.checkpoint_io.load_safetensors", denied)
+    with pytest.raises(CheckpointError, match=rf"^{path}: cannot be read \(Permission denied\)$"):
+        read_tensor_file(path)
+
+
 class _RunsCode:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
