@@ -128,16 +128,7 @@ def export_bundle(request: ExportRequest) -> Bundle:
     except OSError as error:
         raise BundleError(f"{out}: cannot write a bundle there ({error}); choose another --out") from None
     try:
-        try:  # the inputs' read errors are CheckpointErrors: an OSError here is a write's
-            contents = _write_contents(request, staging)
-        except OSError as error:  # a full disk (a 2B DiT graph is gigabytes per batch size), a quota
-            raise EngineError(
-                f"{out}: writing the bundle failed ({error.strerror or error}); nothing was left behind"
-            ) from None
-        try:
-            write_manifest(staging, contents)
-        except EngineError as error:  # write_atomic's, naming the staging folder this cleanup removes
-            raise EngineError(f"{out}: writing the bundle failed ({error}); nothing was left behind") from None
+        _write_staged(request, staging, out)
         staging.chmod(_directory_mode())  # mkdtemp makes it private (0700); a bundle is read like its files
         check_new_bundle_path(out)  # again: another export or a user may have made it meanwhile (rename would
         # silently replace an empty directory)
@@ -150,6 +141,21 @@ def export_bundle(request: ExportRequest) -> Bundle:
         raise
     _LOG.info("bundle written: %s", out)
     return Bundle.open(out)
+
+
+def _write_staged(request: ExportRequest, staging: Path, out: Path) -> None:
+    """The bundle's files and manifest into `staging`; a failed write (a full disk: a 2B DiT graph is gigabytes per
+    batch size) names `out`, whose staging folder the caller removes. The inputs' read errors are CheckpointErrors:
+    an OSError here is a write's."""
+    failed = f"{out}: writing the bundle failed"
+    try:
+        contents = _write_contents(request, staging)
+    except OSError as error:
+        raise EngineError(f"{failed} ({error.strerror or error}); nothing was left behind") from None
+    try:
+        write_manifest(staging, contents)
+    except EngineError as error:  # write_atomic's, naming the staging folder the caller removes
+        raise EngineError(f"{failed} ({error}); nothing was left behind") from None
 
 
 def _staging_prefix(out: Path) -> str:

@@ -154,7 +154,7 @@ class ChunkBlender:
         new = np.asarray(new_actions[tick - new_first_tick], dtype=np.float64)
         raw = np.zeros(2) if previous is None else self._largest(np.abs(new - previous))
         closes = tick + self.config.window_ticks
-        if self.config.scheme is BlendScheme.ENSEMBLE and old_actions is not None:
+        if self.config.scheme is BlendScheme.ENSEMBLE and old_actions is not None and not skipped:
             closes = max(closes, old_first_tick + len(old_actions))  # the tick the old chunk's weight reaches 0
         self._open = _OpenBoundary(tick, raw, np.zeros(2), 0, self._hold, closes)
 
@@ -230,8 +230,7 @@ class ChunkBlender:
         # or it runs out within the window, its weight already ramping down (the new chunk would take most of the
         # gap in one tick).
         old_ends = self._old is None or self._old_first_tick + len(self._old) <= self._switch_tick + window
-        blends = scheme is not BlendScheme.NONE
-        fading = scheme is BlendScheme.CROSSFADE or (blends and (old_ends or self._fade_only))
+        fading = scheme is BlendScheme.CROSSFADE or (scheme is BlendScheme.ENSEMBLE and (old_ends or self._fade_only))
         if fading and since < window:
             old = self._old_trajectory(tick, hold_past_end=True)
             if old is not None:

@@ -43,12 +43,12 @@ def read_tensor_file(path: str | Path) -> StateDict:
         except SafetensorError as error:
             raise CheckpointError(f"{path}: not a readable safetensors file: {error}") from None
         except OSError as error:
-            raise CheckpointError(f"{path}: cannot be read ({error.strerror or error})") from None
+            raise _unreadable(path, error) from None
     try:
         with path.open("rb") as file:
             magic = file.read(4)
     except OSError as error:
-        raise CheckpointError(f"{path}: cannot be read ({error.strerror})") from None
+        raise _unreadable(path, error) from None
     if magic != b"PK\x03\x04":  # torch.save writes a zip archive (since torch 1.6); mmap needs one
         raise CheckpointError(
             f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; this file starts with {magic!r}); "
@@ -72,8 +72,12 @@ def read_tensor_file(path: str | Path) -> StateDict:
     except RuntimeError as error:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {error}") from error
     except OSError as error:
-        raise CheckpointError(f"{path}: cannot be read ({error.strerror or error})") from None
+        raise _unreadable(path, error) from None
     return _unwrap(loaded, path)
+
+
+def _unreadable(path: Path, error: OSError) -> CheckpointError:
+    return CheckpointError(f"{path}: cannot be read ({error.strerror or error})")
 
 
 def _check_torch_archive(path: Path) -> None:

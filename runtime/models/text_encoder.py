@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from cosmos_edge.runtime.errors import CheckpointError, EngineError, InputError
 from cosmos_edge.runtime.policy.text_embeddings import TEXT_TOKENS, TextEmbeddings, check_token_count, write
@@ -33,11 +34,9 @@ def convert_official_pickle(pkl_path: str | Path, out_path: str | Path, trust_pi
     pkl_path = Path(pkl_path)
     if not pkl_path.is_file():
         raise CheckpointError(f"{pkl_path}: no such file")
-    with pkl_path.open("rb") as file:
-        start = file.read(9)
-    if not start:
+    if pkl_path.stat().st_size == 0:
         raise CheckpointError(f"{pkl_path}: the file is empty; expected the official *_t5_embeddings.pkl")
-    if len(start) == 9 and start[8:9] == b"{" and int.from_bytes(start[:8], "little") < pkl_path.stat().st_size:
+    if _is_safetensors(pkl_path):
         # torch.load would read it, as tensors named in the order stored: the instructions, in its metadata, lost.
         raise CheckpointError(
             f"{pkl_path}: already a safetensors file (a store this project writes: `cosmos-edge text-embeddings "
@@ -116,6 +115,14 @@ def _embed(
     store = TextEmbeddings.from_arrays(embeddings)
     write(out_path, store)
     return store
+
+
+def _is_safetensors(path: Path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt"):
+            return True
+    except (SafetensorError, OSError):
+        return False
 
 
 def _load_tensor_pickle(path: Path) -> object:
