@@ -13,7 +13,8 @@
 # 93 s (its compilation), served_query 204 s, planning_timing 127 s with Inductor's cache warm (more when cold); the
 # default list therefore runs past 8 minutes, and planning_timing is skipped when the deadline leaves too little:
 # give it a run of its own (SECTIONS=environment,planning_timing) on the same machine while it is warm.
-# `served_query` needs pyzmq: put its wheel for the device's Python in .device/wheels/ (ignored; carry `.device`).
+# `served_query` needs pyzmq and msgpack: put their wheels for the device's Python in .device/wheels/ (ignored; carry
+# `.device`).
 set -uo pipefail
 out=$(realpath -m "${1:?usage: bash benchmarks/device_check.sh OUT [SECTIONS]}")
 sections=${2:-environment,preprocess_exact,sampler_exact,query_official,query_fast_graphs,served_query,planning_timing}
