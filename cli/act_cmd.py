@@ -117,7 +117,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out",
         type=Path,
         help="npz to write (never replaces a file): actions, value, future_proprio (+ future_image_<camera>; planning: "
-        "chosen_index, planning_outcome, candidate_values, candidate_values_by_depth, + candidate_actions)",
+        "chosen_index, planning_outcome, candidate_values, candidate_values_by_depth, + candidate_actions and "
+        "candidate_actions_by_depth)",
     )
     add_planning_arguments(parser)
     parser.set_defaults(func=_act)
@@ -259,4 +260,5 @@ def save_result(path: Path, result: ChunkResult, all_actions: bool = False) -> N
         }
         if all_actions:
             arrays["candidate_actions"] = result.candidates.actions
+            arrays["candidate_actions_by_depth"] = result.candidates.actions_by_depth
     write_npz("--out", path, arrays)

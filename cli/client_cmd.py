@@ -223,6 +223,8 @@ def _act(args: argparse.Namespace) -> int:
         if reply.candidate_values_by_depth is not None and reply.candidate_actions is not None:
             arrays["candidate_values_by_depth"] = np.stack([_values(row) for row in reply.candidate_values_by_depth])
             arrays["candidate_actions"] = reply.candidate_actions
+        if reply.candidate_actions_by_depth is not None:
+            arrays["candidate_actions_by_depth"] = reply.candidate_actions_by_depth
     print("server timings (ms): " + ", ".join(f"{name} {ms:.1f}" for name, ms in reply.timings_ms.items()))
     if out is not None:
         write_npz("--out", out, arrays)

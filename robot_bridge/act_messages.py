@@ -74,7 +74,14 @@ def _candidate_fields(candidates: CandidateResults | None, request: ActRequest) 
     }
     if return_all:
         fields["candidate_values_by_depth"] = tuple(values(row) for row in candidates.values_by_depth)
-        actions = candidates.actions.astype(np.float32)
-        actions[np.isnan(actions)] = 0.0
-        fields["candidate_actions"] = actions
+        fields["candidate_actions"] = _zeros_for_nan(candidates.actions)
+        if request.return_actions_by_depth:
+            fields["candidate_actions_by_depth"] = _zeros_for_nan(candidates.actions_by_depth)
     return fields
+
+
+def _zeros_for_nan(actions: np.ndarray) -> np.ndarray:
+    """float32 actions with zeros where they were not computed in time (NaN): the wire's arrays are finite."""
+    wire = actions.astype(np.float32)
+    wire[np.isnan(wire)] = 0.0
+    return wire

@@ -131,7 +131,8 @@ class PolicyClient:
         """Asks for the chunk for `observation`. The images are sent from their own buffers, without a copy: do not
         modify them while this call runs. The reply's `actions` are a read-only view of the received message.
         A planning mode's reply says how the query ended and what each candidate scored;
-        `return_all_query_results`: it also carries every candidate's actions and per-depth values.
+        `return_all_query_results`: it also carries every candidate's actions and per-depth values, and each
+        candidate's chunk at every depth.
 
         The request carries what is left of this call's deadline, so the server drops it (`expired`) rather than
         compute it after we gave up. `overloaded` answers are retried with backoff while the deadline leaves room for
@@ -154,6 +155,7 @@ class PolicyClient:
                 steps=steps,
                 planning_summary=True,
                 return_all_query_results=return_all_query_results or None,
+                return_actions_by_depth=return_all_query_results or None,
                 timeout_ms=_timeout_ms(deadline),
             )
             return self._act_until(request, deadline)

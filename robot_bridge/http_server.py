@@ -351,6 +351,7 @@ class HttpEndpoint:
             proprio=query.proprio,
             mode=metadata.mode,
             return_all_query_results=query.return_all_query_results,
+            return_actions_by_depth=query.return_all_query_results,
         )
 
     async def _healthz(self, request: Request) -> Response:

@@ -115,18 +115,19 @@ def reply_body(reply: ActReply, query: OfficialQuery) -> bytes:
         every_actions: list[list[np.ndarray]] = [actions]
         every_value: list[float | None] = [reply.value]
         by_depth: list[list[float | None]] = [[reply.value]]
-        if reply.candidate_actions is not None and reply.candidate_values_by_depth is not None:
+        actions_by_depth: list[list[list[np.ndarray]]] = [[actions]]
+        chunks, values_by_depth = reply.candidate_actions_by_depth, reply.candidate_values_by_depth
+        if reply.candidate_actions is not None and chunks is not None and values_by_depth is not None:
             every_actions = [list(chunk) for chunk in reply.candidate_actions]
-            every_value, by_depth = (
-                list(reply.candidate_values or ()),
-                [list(row) for row in reply.candidate_values_by_depth],
-            )
+            every_value, by_depth = list(reply.candidate_values or ()), [list(row) for row in values_by_depth]
+            actions_by_depth = [[list(chunk) for chunk in row] for row in chunks]
         response |= {
             "all_actions": every_actions,
             "all_future_image_predictions": [_no_future_images() for _ in every_actions],
             "all_value_predictions": every_value,
-            "all_actions_by_depth": [[chunk] for chunk in every_actions],  # the first level's chunk only
-            # One (null) image set per per-depth value, as the official lists pair them.
+            "all_actions_by_depth": actions_by_depth,
+            # One (null) image set per per-depth value, as the official lists pair them when a world model ran (its
+            # list is empty for a candidate ranked without one).
             "all_future_image_predictions_by_depth": [[_no_future_images() for _ in row] for row in by_depth],
             "all_value_predictions_by_depth": by_depth,
         }

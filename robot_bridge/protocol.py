@@ -158,7 +158,8 @@ class ActRequest(_Message):
     `timeout_ms` is the sender's deadline, counted from when the server receives the request: a request still waiting
     then is answered `expired` without being computed. None: no deadline. `planning_summary` asks a planning mode's
     reply to say how the query ended and what each candidate scored; `return_all_query_results` also asks for every
-    candidate's actions and per-depth values (see `ActReply`).
+    candidate's actions and per-depth values, and `return_actions_by_depth` with it for each candidate's chunk at every
+    depth (see `ActReply`).
     """
 
     kind: ClassVar[MessageKind] = MessageKind.ACT
@@ -175,6 +176,7 @@ class ActRequest(_Message):
     timeout_ms: int | None = None
     planning_summary: bool | None = None
     return_all_query_results: bool | None = None
+    return_actions_by_depth: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -195,7 +197,7 @@ class ActRequest(_Message):
         set_field(self, "seed", check_optional_int("seed", self.seed, 0, MAX_SEED))
         set_field(self, "steps", check_optional_int("steps", self.steps, 1, MAX_DENOISING_STEPS))
         set_field(self, "timeout_ms", check_optional_int("timeout_ms", self.timeout_ms, 1, MAX_TIMEOUT_MS))
-        for name in ("planning_summary", "return_all_query_results"):
+        for name in ("planning_summary", "return_all_query_results", "return_actions_by_depth"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise invalid(name, f"expected true or false, got {value!r}")
@@ -233,11 +235,13 @@ class ActReply(_Message):
     predates these fields asks neither, and gets replies it can decode), `planning` (how the query ended: complete,
     best_so_far or reactive, see `PlanningOutcome`), `chosen_index` and `candidate_values` (None for a candidate not
     scored before the deadline); with `return_all_query_results`, also `candidate_values_by_depth` and
-    `candidate_actions` (zeros for a candidate whose action pass did not finish before the deadline).
+    `candidate_actions` (zeros for a candidate whose action pass did not finish before the deadline), and with
+    `return_actions_by_depth` too, `candidate_actions_by_depth` (candidates, entries, chunk, action_dim): the chunk of
+    the action pass behind each per-depth value, the first level's first (zeros where not computed in time).
     """
 
     kind: ClassVar[MessageKind] = MessageKind.ACT_RESULT
-    _array_fields: ClassVar[tuple[str, ...]] = ("actions", "candidate_actions")
+    _array_fields: ClassVar[tuple[str, ...]] = ("actions", "candidate_actions", "candidate_actions_by_depth")
     obs_id: int
     actions: np.ndarray
     value: float
@@ -251,6 +255,7 @@ class ActReply(_Message):
     candidate_values: tuple[float | None, ...] | None = None
     candidate_values_by_depth: tuple[tuple[float | None, ...], ...] | None = None
     candidate_actions: np.ndarray | None = None
+    candidate_actions_by_depth: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -291,6 +296,17 @@ class ActReply(_Message):
         if self.candidate_actions is not None:
             set_field(self, "candidate_actions", check_array("candidate_actions", self.candidate_actions, "float32", 3))
             _check_count("candidate_actions", self.candidate_actions.shape[0], count)
+        if self.candidate_actions_by_depth is not None:
+            by_depth_actions = check_array("candidate_actions_by_depth", self.candidate_actions_by_depth, "float32", 4)
+            set_field(self, "candidate_actions_by_depth", by_depth_actions)
+            _check_count("candidate_actions_by_depth", by_depth_actions.shape[0], count)
+            widths = {len(row) for row in self.candidate_values_by_depth or ()}
+            if widths and widths != {by_depth_actions.shape[1]}:
+                raise invalid(
+                    "candidate_actions_by_depth",
+                    f"expected {widths.pop()} entries per candidate (as candidate_values_by_depth), got "
+                    f"{by_depth_actions.shape[1]}",
+                )
 
 
 def _check_count(field: str, got: int, count: int | None) -> None:

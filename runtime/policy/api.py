@@ -77,16 +77,19 @@ class PlanningOutcome(str, Enum):
 class CandidateResults:
     """Every candidate of a planning query, in candidate order (candidate i used seed s + i).
 
-    `actions` "n chunk action_dim" (un-normalised, each candidate's first-level chunk), `values` "n" (what ranked
-    them), `values_by_depth` "n entries" (the official `value_predictions_by_depth`: 1 + (depth - 1)·K entries), and
-    the index of the `chosen` one. A candidate not scored before the deadline has NaN values and NaN actions (a
-    worker keeps none of a candidate until it is scored), except the base candidate 0, whose action pass always runs.
+    `actions` "n chunk action_dim" (un-normalised, each candidate's first-level chunk), `values` "n" float64 (what
+    ranked them), `values_by_depth` "n entries" (the official `value_predictions_by_depth`: 1 + (depth - 1)·K entries),
+    `actions_by_depth` "n entries chunk action_dim" (the official `actions_by_depth`: the chunk of the action pass
+    behind each entry, the first level's first), and the index of the `chosen` one. A candidate not scored before the
+    deadline has NaN values and NaN actions (a worker keeps none of a candidate until it is scored), except the base
+    candidate 0, whose action pass always runs.
     """
 
     chosen: int
     actions: np.ndarray
     values: np.ndarray
     values_by_depth: np.ndarray
+    actions_by_depth: np.ndarray
     outcome: PlanningOutcome = PlanningOutcome.COMPLETE
 
 

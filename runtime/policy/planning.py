@@ -16,7 +16,7 @@ moved into the current-state slots, deploy.py 486-490; then the observed proprio
 every official pass re-injects it: QUIRK, policy_video2world_model.py 652-662). Every level reuses the candidate's
 seeds. Level 2 expands every state of level 1, later levels only the states of the last branch (QUIRK, deploy.py
 479-480, 545). The per-level values are aggregated by `search_depth_value_aggregation_scheme`; the chunk returned is
-always the first level's.
+always the first level's; every level's chunks are kept (the official `actions_by_depth`).
 
 The best candidate wins, the base seed's unless another is strictly better (deploy.py 645-654). Every pass runs as one
 batch over a worker's candidates (under a deadline, one candidate at a time, so that each one scored counts); with
@@ -104,15 +104,18 @@ class _BoundWorker:
 @dataclass(frozen=True)
 class CandidateScores:
     latents: np.ndarray  # "n c t h w": each candidate's first-level action sample
-    values: np.ndarray  # "n": what ranks the candidates
+    values: np.ndarray  # "n" float64: what ranks the candidates (the official depth `average` is a float64 mean)
     values_by_depth: np.ndarray  # "n entries"
+    actions_by_depth: np.ndarray  # "n entries chunk action_dim": the chunk of each entry's action pass, un-normalised
     states: tuple[np.ndarray, ...] = ()  # "n c t h w" per world-model member: the first level's predicted states
 
     def row(self, index: int) -> CandidateScores:
         """The scores of one candidate (a batch of one)."""
         pick = slice(index, index + 1)
         states = tuple(state[pick] for state in self.states)
-        return CandidateScores(self.latents[pick], self.values[pick], self.values_by_depth[pick], states)
+        return CandidateScores(
+            self.latents[pick], self.values[pick], self.values_by_depth[pick], self.actions_by_depth[pick], states
+        )
 
 
 @dataclass(frozen=True)
@@ -154,12 +157,13 @@ class _Search:
     def score(self, actions: np.ndarray, clean: np.ndarray) -> CandidateScores:
         """Ranks the candidates of the action samples `actions` by the configured passes."""
         config = self.config
+        chunks = [read_chunks(self.model, actions)[0]]
         if not config.scores_with_planning_model:
             value = _ranking_values(self.model.platform, actions)
-            return CandidateScores(actions, value, value[:, None])
+            return CandidateScores(actions, value.astype(np.float64), value[:, None], _by_depth(chunks))
         if not config.ar_value_prediction:  # Q(s, a): valued from the action pass itself
             (value,) = self._values([[actions]])
-            return CandidateScores(actions, value, value[:, None])
+            return CandidateScores(actions, value.astype(np.float64), value[:, None], _by_depth(chunks))
         (states,) = self.predicted_states([actions])
         first_states = tuple(states)
         by_depth = self._values([states])
@@ -168,15 +172,17 @@ class _Search:
             # as one batch; the next level follows the last branch only.
             for group in [states] if self.batch_passes else [[state] for state in states]:
                 branches = [_Pass(self._as_current(state, clean), 0, self.action_steps) for state in group]
-                branch_states = self.predicted_states(self._run(self.policy, ConditioningMode.POLICY, branches))
+                branch_actions = self._run(self.policy, ConditioningMode.POLICY, branches)
+                chunks += [read_chunks(self.model, sample)[0] for sample in branch_actions]
+                branch_states = self.predicted_states(branch_actions)
                 by_depth.extend(self._values(branch_states))
             states = branch_states[-1]
         per_depth = np.stack(by_depth, axis=1)
         if config.search_depth_value_aggregation_scheme is DepthAggregation.USE_LAST_VALUE:
-            value = per_depth[:, -1]
-        else:
-            value = np.array([_pooled(row, ValueAggregation.AVERAGE) for row in per_depth], np.float32)
-        return CandidateScores(actions, value, per_depth, first_states)
+            value = per_depth[:, -1].astype(np.float64)
+        else:  # deploy.py 612: `np.mean` of the per-depth values, a float64 that ranks unrounded
+            value = np.array([_pooled(row, ValueAggregation.AVERAGE) for row in per_depth], np.float64)
+        return CandidateScores(actions, value, per_depth, _by_depth(chunks), first_states)
 
     def predicted_states(self, action_samples: list[np.ndarray]) -> list[list[np.ndarray]]:
         """World-model passes from each action sample, one per ensemble member (the j-th with seed s + j)."""
@@ -260,6 +266,7 @@ class _Ranked:
     latents: np.ndarray
     values: np.ndarray
     values_by_depth: np.ndarray
+    actions_by_depth: np.ndarray  # NaN where not computed in time, but the base candidate's first level always
     computed: np.ndarray  # bool per candidate: scored in time, or the base candidate (its action pass always runs)
     chosen: int
     outcome: PlanningOutcome
@@ -268,6 +275,7 @@ class _Ranked:
 
 
 def _rank(
+    model: PolicyModel,
     scored: dict[int, CandidateScores],
     num_candidates: int,
     base_actions: np.ndarray | None = None,
@@ -280,18 +288,22 @@ def _rank(
     rows = list(scored.values())
     latent_shape = rows[0].latents.shape[1:] if rows else base_actions.shape[1:]  # type: ignore[union-attr]
     latents = np.full((num_candidates, *latent_shape), np.nan, np.float32)
-    values = np.full(num_candidates, np.nan, np.float32)
+    values = np.full(num_candidates, np.nan, np.float64)
     by_depth = np.full((num_candidates, entries), np.nan, np.float32)
+    chunk_shape = (model.platform.chunk_size, model.platform.action_dim)
+    actions_by_depth = np.full((num_candidates, entries, *chunk_shape), np.nan, np.float32)
     if base_actions is not None:
         latents[0] = base_actions[0]
+        actions_by_depth[0, 0] = read_chunks(model, base_actions)[0][0]
     for index, row in scored.items():
         latents[index], values[index], by_depth[index] = row.latents[0], row.values[0], row.values_by_depth[0]
+        actions_by_depth[index] = row.actions_by_depth[0]
     computed = np.zeros(num_candidates, bool)
     computed[sorted(scored)] = True
     computed[0] |= base_actions is not None
     indices = sorted(scored)
     if not indices:
-        return _Ranked(latents, values, by_depth, computed, 0, PlanningOutcome.REACTIVE, base_value)
+        return _Ranked(latents, values, by_depth, actions_by_depth, computed, 0, PlanningOutcome.REACTIVE, base_value)
     # A candidate whose network output was not finite (NaN or infinity, a failure of the engine) is ranked out.
     finite = [index for index in indices if np.isfinite(values[index])]
     if len(finite) < len(indices):
@@ -302,7 +314,13 @@ def _rank(
     base = finite.index(0) if 0 in finite else int(np.argmax(ranked))  # the base seed's unless beaten
     chosen = finite[select_best_candidate(ranked, base_index=base)]
     outcome = PlanningOutcome.COMPLETE if len(indices) == num_candidates else PlanningOutcome.BEST_SO_FAR
-    return _Ranked(latents, values, by_depth, computed, chosen, outcome, float(values[chosen]), scored[chosen].states)
+    value, states = float(values[chosen]), scored[chosen].states
+    return _Ranked(latents, values, by_depth, actions_by_depth, computed, chosen, outcome, value, states)
+
+
+def _by_depth(chunks: list[np.ndarray]) -> np.ndarray:
+    """Per-entry chunks, each "n chunk action_dim" → "n entries chunk action_dim"."""
+    return np.stack(chunks, axis=1)
 
 
 def _ranking_values(platform: PlatformSpec, latents: np.ndarray) -> np.ndarray:
@@ -474,7 +492,9 @@ class PlanningPolicy(ModelPolicy):
         except _Stopped:
             raise EngineError("planning: the policy was closed during the query") from None
         chosen = scores.chosen
-        candidates = CandidateResults(chosen, actions, scores.values, scores.values_by_depth, scores.outcome)
+        candidates = CandidateResults(
+            chosen, actions, scores.values, scores.values_by_depth, scores.actions_by_depth, scores.outcome
+        )
         return ChunkResult(actions[chosen], scores.value, future_proprio[chosen], images, timer.as_dict(), candidates)
 
     def _future_images(
@@ -521,7 +541,7 @@ class PlanningPolicy(ModelPolicy):
             result = job.result()
             for position, index in enumerate(share):
                 scored[index] = result.row(position)
-        return _rank(scored, self._config.num_queries_best_of_n, entries=self._config.value_entries())
+        return _rank(self._model, scored, self._config.num_queries_best_of_n, entries=self._config.value_entries())
 
     def _score_until(self, deadline: float, query: ActionQuery, clean: np.ndarray, steps: int) -> _Ranked:
         """The base candidate's action pass, then candidates one at a time per worker until done or `deadline`."""
@@ -539,14 +559,14 @@ class PlanningPolicy(ModelPolicy):
                         raise
                     return
 
-        num_candidates = self._config.num_queries_best_of_n
+        num_candidates, entries = self._config.num_queries_best_of_n, self._config.value_entries()
         base_value = float(read_values(self._model.platform, base_actions)[0])
         left_s = deadline - time.perf_counter()
         if left_s <= 0:  # the base action pass used the whole deadline: nothing else starts
             _LOG.warning(
                 "planning deadline %.0f ms passed in the base candidate's action pass", self.deadline_ms or 0.0
             )
-            return _rank({}, num_candidates, base_actions, base_value, entries=self._config.value_entries())
+            return _rank(self._model, {}, num_candidates, base_actions, base_value, entries=entries)
         shares = candidate_shares(num_candidates, len(self._workers))
         jobs = [self._pool.submit(score_share, w, share) for w, share in zip(self._workers, shares, strict=True)]
         done, late = wait(jobs, timeout=left_s, return_when=FIRST_EXCEPTION)
@@ -562,7 +582,7 @@ class PlanningPolicy(ModelPolicy):
                 len(scored),
                 num_candidates,
             )
-        return _rank(dict(scored), num_candidates, base_actions, base_value, entries=self._config.value_entries())
+        return _rank(self._model, dict(scored), num_candidates, base_actions, base_value, entries=entries)
 
     def _search(
         self,

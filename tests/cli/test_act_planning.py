@@ -31,6 +31,7 @@ def test_an_offline_planning_query_writes_every_candidate(
     with np.load(tmp_path / "result.npz") as result:
         values, chosen = result["candidate_values"], int(result["chosen_index"])
         assert values.shape == (3,) and result["candidate_values_by_depth"].shape == (3, 1)
+        np.testing.assert_array_equal(result["candidate_actions_by_depth"][:, 0], result["candidate_actions"])
         assert chosen == select_best_candidate(values.tolist())
         np.testing.assert_array_equal(result["actions"], result["candidate_actions"][chosen])
         assert result["value"] == values[chosen]

@@ -84,7 +84,8 @@ def test_ping_metadata_and_act(
         assert float(result["value"]) == 0.25
         assert str(result["planning_outcome"]) == "best_so_far" and int(result["chosen_index"]) == 1
         np.testing.assert_array_equal(result["candidate_values"], CUT_SHORT_CANDIDATES.values)  # NaN: not scored
-        assert result["candidate_actions"].shape == (3, 50, 14) and result["candidate_values_by_depth"].shape == (3, 1)
+        assert result["candidate_actions"].shape == (3, 50, 14) and result["candidate_values_by_depth"].shape == (3, 2)
+        np.testing.assert_array_equal(result["candidate_actions_by_depth"][1], CUT_SHORT_CANDIDATES.actions_by_depth[1])
 
 
 def test_keys_generate_then_a_curve_server_admits_the_client(

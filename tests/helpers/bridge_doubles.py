@@ -52,13 +52,20 @@ class Flag(Protocol):
     def wait(self, timeout: float | None = None) -> bool: ...
 
 
-# A planning result cut short by its deadline: candidate 2 was neither scored nor sampled.
+# A planning result of depth 2 (one predicted state) cut short by its deadline: candidate 2 was neither scored nor
+# sampled. Candidate i's chunk at depth entry k is filled with 10·i + k.
+_CUT_SHORT_CHUNKS = (
+    np.stack(
+        [[np.full((ALOHA.chunk_size, ALOHA.action_dim), 10 * i + k, np.float32) for k in range(2)] for i in range(3)]
+    )
+    * np.array([1, 1, np.nan], np.float32)[:, None, None, None]
+)  # candidate 2's action pass missed the deadline
 CUT_SHORT_CANDIDATES = CandidateResults(
     chosen=1,
-    actions=np.stack([np.full((ALOHA.chunk_size, ALOHA.action_dim), i, np.float32) for i in range(3)])
-    * np.array([1, 1, np.nan], np.float32)[:, None, None],  # candidate 2's action pass missed the deadline
-    values=np.array([0.5, 0.75, np.nan], np.float32),
-    values_by_depth=np.array([[0.5], [0.75], [np.nan]], np.float32),
+    actions=_CUT_SHORT_CHUNKS[:, 0],
+    values=np.array([0.5, 0.75, np.nan]),
+    values_by_depth=np.array([[0.5, 0.25], [0.75, 1.0], [np.nan, np.nan]], np.float32),
+    actions_by_depth=_CUT_SHORT_CHUNKS,
     outcome=PlanningOutcome.BEST_SO_FAR,
 )
 

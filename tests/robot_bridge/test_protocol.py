@@ -84,6 +84,7 @@ ROUND_TRIPS = {
     "act with overrides": act_request(mode="planning", seed=0, steps=5),
     "act with a deadline": act_request(timeout_ms=250),
     "act asking for every candidate": act_request(planning_summary=True, return_all_query_results=True),
+    "act asking for every depth's chunk": act_request(return_all_query_results=True, return_actions_by_depth=True),
     "act with one camera": act_request(images={"primary": np.zeros((8, 6, 3), np.uint8)}),
     "metadata": MetadataRequest(1),
     "ping": PingRequest(2**64 - 1),
@@ -98,6 +99,14 @@ ROUND_TRIPS = {
         candidate_values=(0.5, 0.25),
         candidate_values_by_depth=((0.5, 0.4), (0.25, 0.25)),
         candidate_actions=np.arange(2 * 50 * 14, dtype=np.float32).reshape(2, 50, 14),
+    ),
+    "act_result with every candidate's chunk at every depth": act_reply(
+        planning="complete",
+        chosen_index=0,
+        candidate_values=(0.5, 0.25),
+        candidate_values_by_depth=((0.5, 0.4), (0.25, 0.25)),
+        candidate_actions=np.zeros((2, 50, 14), np.float32),
+        candidate_actions_by_depth=np.arange(2 * 2 * 50 * 14, dtype=np.float32).reshape(2, 2, 50, 14),
     ),
     "metadata_result": metadata(),
     "metadata_result with joint limits": metadata(joint_limits=tuple((-1.0 - i, 1.0 + i) for i in range(14))),
@@ -383,6 +392,16 @@ def test_messages_built_locally_are_validated_too() -> None:
         act_reply(chosen_index=-1)  # checked with or without candidate_values
     with pytest.raises(MessageError, match="return_all_query_results: expected true or false"):
         act_request(return_all_query_results="yes")
+    with pytest.raises(MessageError, match="return_actions_by_depth: expected true or false"):
+        act_request(return_actions_by_depth=1)
+    with pytest.raises(MessageError, match=r"candidate_actions_by_depth: expected 2 entries per candidate"):
+        act_reply(
+            candidate_values=(0.5,),
+            candidate_values_by_depth=((0.5, 0.25),),
+            candidate_actions_by_depth=np.zeros((1, 3, 50, 14), np.float32),
+        )
+    with pytest.raises(MessageError, match=r"candidate_actions_by_depth: expected one entry per candidate \(2\)"):
+        act_reply(candidate_values=(0.5, 0.5), candidate_actions_by_depth=np.zeros((1, 1, 50, 14), np.float32))
     with pytest.raises(MessageError, match="joint_limits: expected 14"):
         metadata(joint_limits=((0.0, 1.0),))
     with pytest.raises(MessageError, match=r"joint_limits\[0\]: expected lower < upper"):

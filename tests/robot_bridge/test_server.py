@@ -343,10 +343,12 @@ def test_planning_replies_carry_the_outcome_and_the_candidates(caplog: pytest.Lo
         assert (brief.planning, brief.chosen_index, brief.candidate_values) == ("best_so_far", 1, (0.5, 0.75, None))
         assert brief.candidate_actions is None and brief.candidate_values_by_depth is None
         full = client.act(obs, INSTRUCTION, obs_id=3, capture_time_ns=1, mode="planning", return_all_query_results=True)
-    assert full.candidate_values_by_depth == ((0.5,), (0.75,), (None,))
-    assert full.candidate_actions is not None
+    assert full.candidate_values_by_depth == ((0.5, 0.25), (0.75, 1.0), (None, None))
+    assert full.candidate_actions is not None and full.candidate_actions_by_depth is not None
     np.testing.assert_array_equal(full.candidate_actions[:2], CUT_SHORT_CANDIDATES.actions[:2])
     np.testing.assert_array_equal(full.candidate_actions[2], 0.0)  # not computed in time
+    np.testing.assert_array_equal(full.candidate_actions_by_depth[:2], CUT_SHORT_CANDIDATES.actions_by_depth[:2])
+    np.testing.assert_array_equal(full.candidate_actions_by_depth[2], 0.0)
     assert "planning=best_so_far deadline_passed_total=1" in caplog.text
     assert "planning=best_so_far deadline_passed_total=2" in caplog.text
 

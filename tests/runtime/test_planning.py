@@ -84,8 +84,14 @@ def test_batched_passes_give_the_same_values_and_choice_as_pass_after_pass(
     assert alone is not None and batched is not None
     # fp32: a batch of another size may round the DiT's matmuls differently, far below the values' spread.
     np.testing.assert_allclose(batched.values_by_depth, alone.values_by_depth, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(batched.actions_by_depth, alone.actions_by_depth, rtol=0, atol=1e-5)
     assert np.ptp(alone.values) > 1e-3
     assert batched.chosen == alone.chosen
+    np.testing.assert_array_equal(alone.actions_by_depth[:, 0], alone.actions)
+    # Deeper entries are the chunks of the branches' action passes, from the predicted states: not the first's.
+    deeper = alone.actions_by_depth[:, 1:]
+    assert deeper.shape[1] == config.value_entries() - 1
+    assert all(np.abs(deeper[:, k] - alone.actions).max() > 1e-3 for k in range(deeper.shape[1]))
 
 
 def test_a_slow_query_says_how_far_it_got_after_each_pass(

@@ -177,12 +177,26 @@ def test_search_depth_branches_as_the_official_server() -> None:
     # Level 1, then level 2 from each of the 2 predicted states, then level 3 from the last branch's 2 states.
     assert modes == level + level * 2 + level * 2
     assert result.candidates is not None and result.candidates.values_by_depth.shape == (1, 1 + 2 * 2)
+    # A chunk per per-depth value (the official `actions_by_depth`), the first level's first.
+    assert result.candidates.actions_by_depth.shape == (1, 1 + 2 * 2, ALOHA.chunk_size, ALOHA.action_dim)
+    np.testing.assert_array_equal(result.candidates.actions_by_depth[:, 0], result.candidates.actions)
     first, deeper = network.passes[0], network.passes[4]
     assert all(p.seeds == [BASE_SEED] for p in network.passes if p.clean_slots in (POLICY, V_FUTURE))  # seeds reused
     proprio, cameras = ALOHA.proprio_slot, list(ALOHA.camera_slots.values())
     # The deeper action pass sees the predicted images in the current slots, and the observed proprio.
     np.testing.assert_array_equal(deeper.clean[:, :, proprio], first.clean[:, :, proprio])
     assert np.abs(deeper.clean[:, :, cameras]).max() > 0 and np.abs(first.clean[:, :, cameras]).max() == 0
+
+
+def test_the_search_depth_average_ranks_with_the_float64_mean() -> None:
+    # deploy.py 612: `np.mean` of the per-depth values, a float64 that ranks unrounded (two means a third of a
+    # float32 ulp apart would tie in float32, and the base seed would win).
+    config = dataclasses.replace(SMALL, search_depth=2, search_depth_value_aggregation_scheme="average")
+    result, _ = run(config, scripted)
+    assert result.candidates is not None
+    by_depth = result.candidates.values_by_depth
+    assert result.candidates.values.dtype == np.float64
+    np.testing.assert_array_equal(result.candidates.values, by_depth.astype(np.float64).mean(axis=1))
 
 
 VALUES = {100: 0.2, 101: 0.3, 102: 0.9, 103: 0.9, 104: 0.9}
@@ -427,6 +441,8 @@ def test_a_deadline_answers_with_the_best_candidate_scored_in_time() -> None:
     assert result.candidates.outcome is PlanningOutcome.BEST_SO_FAR
     assert result.candidates.chosen == 1 and result.value == pytest.approx(0.7, abs=1e-4)
     assert np.isnan(result.candidates.values[2]) and np.isnan(result.candidates.actions[2]).all()
+    assert np.isnan(result.candidates.actions_by_depth[2]).all()
+    np.testing.assert_array_equal(result.candidates.actions_by_depth[:2, 0], result.candidates.actions[:2])
     np.testing.assert_array_equal(result.actions, result.candidates.actions[1])
     assert again.candidates is not None and again.candidates.outcome is PlanningOutcome.COMPLETE
     assert again.candidates.chosen == 2
@@ -438,6 +454,8 @@ def test_a_deadline_with_no_candidate_scored_answers_with_the_base_action_pass()
     assert result.candidates is not None and result.candidates.outcome is PlanningOutcome.REACTIVE
     assert result.candidates.chosen == 0 and np.isnan(result.candidates.values).all()
     assert np.isfinite(result.actions).all() and 0.0 <= result.value <= 1.0
+    np.testing.assert_array_equal(result.candidates.actions_by_depth[0, 0], result.actions)  # its pass always runs
+    assert np.isnan(result.candidates.actions_by_depth[1:]).all()
 
 
 def test_a_deadline_must_be_positive() -> None:
