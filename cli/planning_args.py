@@ -40,7 +40,8 @@ def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted(PRESETS),
         default="main",
         help="main: the official main planning config (V(s'), 3 x 5 ensembles, best of 8); depth3: search depth 3 "
-        "without ensembles; base: one candidate ranked by its own action pass",
+        "without ensembles; base: one candidate ranked by its own action pass; deploy-defaults: the official "
+        "DeployConfig's own defaults, to pass an official command's flags as they are",
     )
     defaults = PRESETS["main"]
     for field in _FIELDS:

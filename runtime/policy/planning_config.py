@@ -188,6 +188,19 @@ PRESETS: dict[str, PlanningConfig] = {
         use_ensemble_future_state_predictions=False,
         use_ensemble_value_predictions=False,
     ),
+    # deploy.py lines 212-245: `DeployConfig`'s own field defaults, so that an official command line maps flag for
+    # flag (without a preset, an official flag left out would take the main config's value instead).
+    "deploy-defaults": PlanningConfig(
+        num_queries_best_of_n=1,
+        num_denoising_steps_future_state=1,
+        num_denoising_steps_value=1,
+        use_ensemble_future_state_predictions=False,
+        use_ensemble_value_predictions=False,
+        value_ensemble_aggregation_scheme=ValueAggregation.AVERAGE,
+        ar_future_prediction=False,
+        ar_value_prediction=False,
+        mask_current_state_action_for_value_prediction=False,
+    ),
 }
 
 

@@ -287,6 +287,32 @@ def test_ensemble_step_lists_are_numpys_linspace_truncated() -> None:
     assert PRESETS["depth3"].future_steps() == (5,) and PRESETS["depth3"].value_steps() == (5,)
 
 
+def test_the_deploy_defaults_preset_holds_deploy_configs_field_defaults() -> None:
+    # deploy.py 212-245, field by field (the action steps: 10, the platform's default for ALOHA).
+    official = {
+        "num_queries_best_of_n": 1,
+        "num_denoising_steps_future_state": 1,
+        "num_denoising_steps_value": 1,
+        "use_ensemble_future_state_predictions": False,
+        "num_future_state_predictions_in_ensemble": 3,
+        "future_state_ensemble_aggregation_scheme": "average",
+        "use_ensemble_value_predictions": False,
+        "num_value_predictions_in_ensemble": 5,
+        "value_ensemble_aggregation_scheme": "average",
+        "ar_future_prediction": False,
+        "ar_value_prediction": False,
+        "ar_qvalue_prediction": False,
+        "mask_future_state_for_qvalue_prediction": False,
+        "mask_current_state_action_for_value_prediction": False,
+        "search_depth": 1,
+        "search_depth_value_aggregation_scheme": "use_last_value",
+        "randomize_seed": False,
+    }
+    preset = PRESETS["deploy-defaults"]
+    assert {name: getattr(preset, name) for name in official} == official
+    assert preset.num_denoising_steps_action is None and ALOHA.default_action_steps == 10
+
+
 @pytest.mark.parametrize(
     ("options", "field"),
     [
