@@ -15,7 +15,7 @@ from cosmos_edge.runtime.bundle.sources import CheckpointSource
 from cosmos_edge.runtime.engines.torch_networks import TorchAutoencoder
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.files import CheckpointFiles
-from cosmos_edge.runtime.policy import planning
+from cosmos_edge.runtime.policy import candidate_search
 from cosmos_edge.runtime.policy.api import ActionQuery
 from cosmos_edge.runtime.policy.planning import PlanningPolicy
 from cosmos_edge.runtime.policy.planning_config import PlanningConfig
@@ -99,10 +99,10 @@ def test_a_slow_query_says_how_far_it_got_after_each_pass(
 ) -> None:
     planner = make_planner(aloha, 1)
     query = ActionQuery(random_observation("aloha", seed=4), "fold the t-shirt", seed=10, steps=1)
-    with caplog.at_level(logging.INFO, logger=planning.__name__):
+    with caplog.at_level(logging.INFO, logger=candidate_search.__name__):
         planner.infer(query)  # fast: nothing said
         assert not caplog.records
-        monkeypatch.setattr(planning, "_PROGRESS_AFTER_S", 0.0)  # every query is slow now
+        monkeypatch.setattr(candidate_search, "_PROGRESS_AFTER_S", 0.0)  # every query is slow now
         planner.infer(query)
     lines = [record.getMessage() for record in caplog.records]
     assert lines[0].startswith("planning: 1 policy pass(es) of 3 candidate(s) done, ")

@@ -272,7 +272,7 @@ def test_the_highest_seed_a_configuration_takes_reaches_the_last_32_bit_seed_and
 
 def test_randomize_seed_draws_a_seed_below_256_for_every_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     draws = iter(range(1000, 2000))
-    monkeypatch.setattr("cosmos_edge.runtime.policy.planning.secrets.randbits", lambda bits: next(draws))
+    monkeypatch.setattr("cosmos_edge.runtime.policy.candidate_search.secrets.randbits", lambda bits: next(draws))
     _, (network,) = run(PlanningConfig(**{**SMALL.__dict__, "randomize_seed": True}))
     seeds = [seed for p in network.passes for seed in p.seeds]
     assert seeds == [value % 256 for value in range(1000, 1000 + len(seeds))]
