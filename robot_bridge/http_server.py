@@ -205,10 +205,11 @@ class HttpEndpoint:
         logging.getLogger("uvicorn.error").addFilter(self._uvicorn_filter)  # removed when it stops
         listener, self._listener = self._listener or bind(self._config), None  # uvicorn closes it when it stops
         try:
-            listener.listen()
-            # On again once listening (no other socket can bind a listening port): the connections it accepts
-            # inherit it, and their TIME-WAIT would otherwise keep a restarted `serve` off the port for a minute.
+            # On again to listen: Linux checks the port again at `listen`, and without it the TIME-WAIT connections
+            # of a `serve` that just stopped on this port would refuse it for a minute (the accepted connections
+            # inherit it too). A second `serve` still fails at its own bind while this one loads: reuse needs both.
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.listen()
         except OSError as error:  # another socket took the address since it was bound
             listener.close()
             detail = error.strerror or error

@@ -473,7 +473,11 @@ def test_a_restart_binds_the_port_at_once_after_the_server_closed_connections() 
         for _ in range(3):  # the server closes each connection first: its side keeps them in TIME-WAIT
             with urllib.request.urlopen(endpoint.url + "/healthz", timeout=TIMEOUT_S) as response:
                 assert response.status == 200
-    http_server.bind(HttpConfig(port=port)).close()  # as `serve` restarted on the same port
+    # `serve` restarted on the same port: it binds, loads its models, then listens (where Linux checks again).
+    restarted = PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*"))
+    listener = http_server.bind(HttpConfig(port=port))
+    with HttpEndpoint(restarted, listener=listener) as endpoint, serving(restarted):
+        assert requests.get(endpoint.url + "/healthz", timeout=TIMEOUT_S).status_code == 200
 
 
 def test_listening_beyond_loopback_needs_the_explicit_flag() -> None:
