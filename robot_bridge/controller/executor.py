@@ -211,6 +211,7 @@ class ChunkExecutor:
         self._stop_reason = ""
         self._blender = ChunkBlender(config.blend, safety.config.gripper_indices)
         self._last_command: np.ndarray | None = None
+        self._filter_held = 0  # ticks in a row the safety filter held the pose while the chunk had an action
         self._next_tick = 0  # the tick after the last one run
         self._run_started_ns = 0  # when the current run began (the executor's clock)
         self._pause_ended_ns = 0  # when the last pause between runs ended: replies to earlier requests elapsed in it
@@ -343,9 +344,11 @@ class ChunkExecutor:
                     self._chunk, self._obs_floor = None, tick - 1
         adopted = self._receive(tick, missed)
         chunk = self._chunk
-        if missed and not adopted and chunk is not None and self._last_command is not None:
-            # The chunk's index jumped with the skipped ticks: fade into it rather than command their motion at once.
-            self._blender.rejoin(tick, missed, chunk.actions, chunk.first_tick, self._last_command)
+        # Ticks the chunk ran on without the commands following it: skipped ones (its index jumped), and ones the
+        # safety filter held (a non-finite reading or action). Fade into it rather than command their motion at once.
+        lagged = missed + self._filter_held
+        if lagged and not adopted and chunk is not None and self._last_command is not None:
+            self._blender.rejoin(tick, lagged, chunk.actions, chunk.first_tick, self._last_command)
 
         stopped = self._safety.stopped  # the filter holds the pose whatever the chunk says: a held tick
         action, obs_id, index = (None, NO_CHUNK, NO_CHUNK) if stopped else self._action_at(tick)
@@ -357,6 +360,8 @@ class ChunkExecutor:
         safe = self._safety.apply(target, self._robot.current_qpos())
         self._robot.command(safe.qpos)
         command_ns = self._clock()
+        held = action is not None and Intervention.HELD in safe.flags
+        self._filter_held = self._filter_held + 1 if held else 0
         intervened = bool(safe.flags & (Intervention.RATE_LIMITED | Intervention.CLAMPED))
         self._blender.observe_command(tick, safe.qpos, intervened)
         self._last_command = safe.qpos

@@ -1,6 +1,7 @@
 """ChunkExecutor on a fake clock with a deterministic chunk source, plus short real-time runs with the worker thread."""
 
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -180,10 +181,11 @@ def make(
     threshold: int = 8,
     latency_ticks: int = 3,
     source_cls: type[LatencySource] = LatencySource,
+    robot_cls: Callable[[FakeClock], FakeRobot] = FakeRobot,
     **config: object,
 ) -> tuple[ChunkExecutor, FakeRobot, FakeClient, FakeClock]:
     clock = FakeClock()
-    robot = FakeRobot(clock)
+    robot = robot_cls(clock)
     client = FakeClient(chunk)
     source = source_cls(client, clock, latency_ticks)
     # The scheduling tests decode exact actions: a hard switch and a fixed prefetch point unless a test asks.
@@ -411,6 +413,38 @@ def test_skipped_ticks_fade_into_the_chunk_rather_than_jump(blend: BlendConfig) 
     assert steps[-5:] == pytest.approx(1e-3, rel=1e-3)  # on the chunk again after the fade
     records = executor.records()
     assert robot.commands[-1][3] == pytest.approx(records["action_index"][-1] * 1e-3, abs=1e-7)
+
+
+class BlindRobot(FakeRobot):
+    """Reads a non-finite joint angle after its commands number `blind` (a failed encoder read): the safety filter
+    holds the last pose on those ticks."""
+
+    def __init__(self, clock: Callable[[], int], *, blind: range) -> None:
+        super().__init__(clock)
+        self.blind = blind
+
+    def current_qpos(self) -> np.ndarray:
+        qpos = super().current_qpos()
+        if len(self.commands) in self.blind:
+            qpos[0] = np.nan
+        return qpos
+
+
+@pytest.mark.parametrize("blend", [BlendConfig(), BlendConfig(BlendScheme.ENSEMBLE)])
+def test_after_ticks_the_safety_filter_held_the_command_fades_back_into_the_chunk(blend: BlendConfig) -> None:
+    blind = functools.partial(BlindRobot, blind=range(20, 25))  # ticks 20..24 read NaN: tick 19's pose is held
+    executor, robot, _, _ = make(chunk=50, threshold=8, latency_ticks=3, robot_cls=blind, blend=blend)
+    executor.run(45)
+    assert executor.counters.chunks_adopted == 1
+    roll = np.array(robot.commands)[:, 3]
+    assert np.all(roll[20:25] == roll[19])  # held
+    steps = np.abs(np.diff(roll))[24:]
+    window, held = blend.window_ticks, 5
+    # As after skipped ticks: the chunk's own step plus 1/(window + 1) of the held motion, not a catch-up at the
+    # slew limit (which `stop_after_rate_limited_ticks` would take for the policy's fault).
+    assert steps[:window] == pytest.approx([1e-3 + held * 1e-3 / (window + 1)] * window, rel=1e-3)
+    assert steps[-5:] == pytest.approx(1e-3, rel=1e-3)  # on the chunk again
+    assert executor.records()["flags"][25:].tolist() == [0] * 20  # nothing rate limited after the hold
 
 
 @pytest.mark.parametrize("scheme", [BlendScheme.CROSSFADE, BlendScheme.ENSEMBLE])
