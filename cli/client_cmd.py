@@ -30,12 +30,12 @@ from cosmos_edge.cli.npz_files import (
     read_observation,
     write_npz,
 )
-from cosmos_edge.robot_bridge.client import PolicyClient, RequestTimeout
+from cosmos_edge.robot_bridge.client import PolicyClient, RemoteError, RequestTimeout
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, load_public_key
 from cosmos_edge.robot_bridge.endpoints import parse_endpoint
 from cosmos_edge.robot_bridge.protocol import MessageError
 from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_images
-from cosmos_edge.robot_bridge.wire import wire_proprio
+from cosmos_edge.robot_bridge.wire import REQUEST_FAULTS, wire_proprio
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE
 from cosmos_edge.runtime.policy.api import MAX_DENOISING_STEPS, MAX_SEED, Observation
@@ -148,13 +148,19 @@ _FLAGS = {"endpoint": "--endpoint", "timeout_s": "--timeout", "instruction": "--
 
 def naming_connection_flags(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """`command` with the client's errors about its settings ("endpoint: ...", on creation or on the first connect;
-    "timeout_s: ...") naming the flags that gave them."""
+    "timeout_s: ...") and the server's refusals of a field a flag gave ("instruction: ...") naming the flags."""
 
     @functools.wraps(command)
     def run(args: argparse.Namespace) -> int:
         try:
             with naming_flags(_FLAGS):
                 return command(args)
+        except RemoteError as error:
+            flag = _FLAGS.get(error.field)
+            if flag is None or error.code not in REQUEST_FAULTS:
+                raise
+            detail = error.detail.removeprefix(f"{error.field}: ")
+            raise ConfigError(f"{flag}: the server refused it ({error.code.value}): {detail}") from None
         except RequestTimeout as error:
             raise RequestTimeout(f"{error} (--timeout sets how long this command waits)") from None
 

@@ -50,6 +50,19 @@ def test_set_mode_switches_a_running_server(capsys: pytest.CaptureFixture[str]) 
     assert error.count("\n") == 1
 
 
+def test_a_task_the_server_has_no_embedding_for_names_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    obs = observation(3.0)
+    np.savez(tmp_path / "obs.npz", proprio=obs.proprio, **obs.images)  # type: ignore[arg-type]
+    with serving(stub_server()) as endpoint:
+        act = ["client", "act", str(tmp_path / "obs.npz"), "--task", "juggle", "--endpoint", endpoint]
+        assert main(act) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("cosmos-edge: error: --task: the server refused it (invalid_input): ")
+    assert "'juggle'" in error and error.count("\n") == 1
+
+
 def test_ping_metadata_and_act(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
