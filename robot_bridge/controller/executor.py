@@ -352,14 +352,16 @@ class ChunkExecutor:
 
         stopped = self._safety.stopped  # the filter holds the pose whatever the chunk says: a held tick
         action, obs_id, index = (None, NO_CHUNK, NO_CHUNK) if stopped else self._action_at(tick)
-        self._counts["hold_ticks"] += int(action is None)
-        if action is None and self._chunk is not None and not stopped:
-            self._counts["starved_ticks"] += 1
+        starved = action is None and self._chunk is not None and not stopped
+        if starved:
             self._warn_starved(tick, "no action left: holding position")
         target = self._blender.target(tick, action, self._last_command)
         safe = self._safety.apply(target, self._robot.current_qpos())
         self._robot.command(safe.qpos)
         command_ns = self._clock()
+        # Counted once the command went out, as `ticks` is: a run that ends in the robot's call counts neither.
+        self._counts["hold_ticks"] += int(action is None)
+        self._counts["starved_ticks"] += int(starved)
         held = action is not None and Intervention.HELD in safe.flags
         self._filter_held = self._filter_held + 1 if held else 0
         intervened = bool(safe.flags & (Intervention.RATE_LIMITED | Intervention.CLAMPED))

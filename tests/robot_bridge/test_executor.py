@@ -415,6 +415,20 @@ def test_skipped_ticks_fade_into_the_chunk_rather_than_jump(blend: BlendConfig) 
     assert robot.commands[-1][3] == pytest.approx(records["action_index"][-1] * 1e-3, abs=1e-7)
 
 
+def test_a_run_the_robot_ends_counts_only_the_ticks_it_commanded() -> None:
+    executor, robot, _, _ = make(latency_ticks=100)  # no chunk comes: every tick holds
+
+    def fail(n: int) -> None:
+        if n == 31:
+            raise ConnectionError("the arm's bus is gone")
+
+    robot.on_command = fail
+    with pytest.raises(ConnectionError):
+        executor.run(40)
+    counters = executor.counters
+    assert counters.ticks == 30 and counters.hold_ticks == 30  # not 31 held of 30 ticks
+
+
 class BlindRobot(FakeRobot):
     """Reads a non-finite joint angle after its commands number `blind` (a failed encoder read): the safety filter
     holds the last pose on those ticks."""
