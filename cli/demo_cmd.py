@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import time
@@ -31,6 +32,7 @@ from cosmos_edge.robot_bridge.controller.chunk_source import (
 )
 from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor, ExecutorConfig, Robot
 from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.files import sha256_file
 from cosmos_edge.runtime.policy.api import MAX_DENOISING_STEPS, MAX_SEED, Observation
 
 DEMO_TASK = "transfer_cube"
@@ -169,6 +171,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     print("cosmos-edge demo: random weights, so the robot does nothing useful; this exercises the runtime.")
     print(f"[1/4] writing the embedded default (tiny ALOHA model, seed {args.seed}) to {args.out / 'model'}")
     files = write_random_assets(args.out / "model", RandomAssetsSpec("tiny", "aloha", args.seed))
+    _record_demo_files(args.out)
     loaded = load_policies(CheckpointSource(files))
     instruction = loaded.reactive.instructions[0]
     print("[2/4] starting the policy server")
@@ -204,25 +207,63 @@ def _run_demo(args: argparse.Namespace) -> int:
     _print_round_trip(executor)
     print(f"simulation ({DEMO_TASK}): last reward {sim.reward:g}, task solved: {'yes' if sim.success else 'no'}")
     strip = _write_strip(robot.frames, args.out / "episode.png")
+    _record_demo_files(args.out)
     print(f"episode strip (cam_high every {FRAME_EVERY_TICKS} ticks): {strip}")
     return 0 if source.chunks else 1  # a run without a single policy reply failed
 
 
 def _claim_out_directory(out: Path, model: Path) -> None:
-    """Makes `out` the demo's own: refused when it holds files an earlier demo did not write there (a real
-    `tokenizer.pth`, say: the demo replaces the files it writes). `model`: where it writes the model; a directory
-    of a demo that predates the mark is recognised by holding that model's tiny checkpoint and nothing else."""
-    mark = out / OWN_DIRECTORY_MARK
+    """Makes `out` the demo's own: refused when it holds a file the demo did not write there, or one changed since
+    it did (a real `tokenizer.pth` put over the demo's, say: the demo replaces the files it writes). The mark lists
+    each file the demo wrote with its SHA-256 (`_record_demo_files`); a directory of a demo that predates the mark
+    (or whose mark predates the list) is recognised by holding that model's tiny checkpoint and nothing else."""
     try:
-        if out.is_dir() and not mark.is_file() and any(out.iterdir()) and not _an_earlier_demos(out, model):
+        offending = _not_the_demos(out, model) if out.is_dir() and any(out.iterdir()) else None
+        if offending is not None:
             raise ConfigError(
-                f"--out {out}: holds files the demo did not write, and the demo replaces the files it writes there "
-                "(model/, episode.png); choose a new or empty directory"
+                f"--out {out}: holds files the demo did not write{offending}, and the demo replaces the files it "
+                "writes there (model/, episode.png); choose a new or empty directory"
             )
         out.mkdir(parents=True, exist_ok=True)
-        mark.write_text("written by cosmos-edge demo: a later demo may replace the files here\n")
     except OSError as error:
         raise ConfigError(f"--out {out}: cannot write there ({error})") from None
+    _record_demo_files(out)
+
+
+def _not_the_demos(out: Path, model: Path) -> str | None:
+    """None when every file under `out` is one the demo wrote, as it wrote it; else what to add to the refusal."""
+    written = _recorded_demo_files(out / OWN_DIRECTORY_MARK)
+    if written is None:  # no list: a demo's directory from before the list, or not the demo's at all
+        return None if _an_earlier_demos(out, model) else ""
+    changed = [name for name, digest in _demo_files(out).items() if written.get(name) != digest]
+    return f" or that changed since it did ({changed[0]})" if changed else None
+
+
+def _demo_files(out: Path) -> dict[str, str]:
+    """Every file under `out` but the mark, by its path relative to `out` → its SHA-256."""
+    return {
+        path.relative_to(out).as_posix(): sha256_file(path)
+        for path in sorted(out.rglob("*"))
+        if path.is_file() and path.name != OWN_DIRECTORY_MARK
+    }
+
+
+def _record_demo_files(out: Path) -> None:
+    """Marks `out` as the demo's, listing the files it holds now (the demo's own, once claimed)."""
+    record = {"written_by": "cosmos-edge demo: a later demo may replace these files", "files": _demo_files(out)}
+    try:
+        (out / OWN_DIRECTORY_MARK).write_text(json.dumps(record, indent=1) + "\n")
+    except OSError as error:
+        raise ConfigError(f"--out {out}: cannot write there ({error})") from None
+
+
+def _recorded_demo_files(mark: Path) -> dict[str, str] | None:
+    """The files the mark lists, or None without a mark that lists them."""
+    try:
+        files = json.loads(mark.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return files if isinstance(files, dict) else None
 
 
 def _an_earlier_demos(out: Path, model: Path) -> bool:

@@ -43,6 +43,23 @@ def test_a_directory_of_a_demo_before_the_mark_is_still_the_demos(tmp_path: Path
         demo_cmd._claim_out_directory(tmp_path, model)
 
 
+def test_a_file_put_over_one_the_demo_wrote_is_not_replaced(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    demo_cmd._claim_out_directory(tmp_path, model)  # a new directory: the demo's
+    model.mkdir()
+    (model / "tokenizer.pth").write_bytes(b"the demo's random VAE")
+    (tmp_path / "episode.png").write_bytes(b"the demo's strip")
+    demo_cmd._record_demo_files(tmp_path)  # as the demo does after writing them
+    demo_cmd._claim_out_directory(tmp_path, model)  # a later demo may replace them
+    (model / "tokenizer.pth").write_bytes(b"the real tokenizer")  # put there since
+    with pytest.raises(ConfigError, match=r"or that changed since it did \(model/tokenizer.pth\)"):
+        demo_cmd._claim_out_directory(tmp_path, model)
+    (model / "tokenizer.pth").write_bytes(b"the demo's random VAE")
+    (model / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"or that changed since it did \(model/notes.txt\)"):
+        demo_cmd._claim_out_directory(tmp_path, model)
+
+
 def test_the_demo_never_replaces_files_it_did_not_write(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     real = tmp_path / "model" / "tokenizer.pth"
     real.parent.mkdir()
