@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import re
@@ -131,10 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a reader gone shows here, in the handler below, rather than at the interpreter's exit
         return code
     except CosmosEdgeError as error:
-        message = naming_the_file_flag(args, args._command_parser, str(error))
-        one_line = " ".join(message.splitlines())  # a wrapped library message; other spacing is kept
-        print(f"cosmos-edge: error: {one_line}", file=sys.stderr)
-        return _exit_code(error)
+        return _report(args, str(error), _exit_code(error))
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what was interrupted cleans up on its way out (an export leaves
         # no bundle, an engine build a bundle that opens)
         print(f"cosmos-edge: interrupted ({args.command})", file=sys.stderr)
@@ -142,6 +140,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the output piped into a reader that stopped (`| head`): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's flush at exit must not fail
         return 141  # as a shell reports SIGPIPE
+    except OSError as error:  # a path the command checked or opened that the system refused (permissions, a full disk)
+        where = f"{error.filename}: " if error.filename is not None else ""
+        code = USAGE_ERROR if error.errno in _PATH_FAULTS else FAILURE
+        return _report(args, f"{where}{error.strerror or error}", code)
+
+
+# Errors of a path the user gave (or its folder), rather than of the machine (a full disk, an I/O error).
+_PATH_FAULTS = frozenset(
+    {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP}
+)
+
+
+def _report(args: argparse.Namespace, message: str, code: int) -> int:
+    """One line naming the flag that gave the file the message names, if one did."""
+    named = naming_the_file_flag(args, args._command_parser, message)
+    one_line = " ".join(named.splitlines())  # a wrapped library message; other spacing is kept
+    print(f"cosmos-edge: error: {one_line}", file=sys.stderr)
+    return code
 
 
 def _exit_code(error: CosmosEdgeError) -> int:

@@ -57,7 +57,17 @@ def stats_with(files: CheckpointFiles, tmp: Path, **changes: object) -> Path:
     return path
 
 
+LONG = "x" * 300  # a file name the system refuses (ENAMETOOLONG): an OSError of a path, not of a cosmos-edge check
+
 CASES: dict[str, Case] = {
+    "checkpoint to inspect named past the system's limit": lambda f, t: (
+        ["checkpoint", "inspect", str(t / f"{LONG}.pt")],
+        f"{LONG}.pt: File name too long",
+    ),
+    "keys folder named past the system's limit": lambda f, t: (
+        ["keys", "generate", str(t / LONG)],
+        f"{LONG}: File name too long",
+    ),
     "cuda on a CPU-only torch": lambda f, t: (act(f, t, "--device", "cuda"), "--device cuda: this torch ("),
     "not a device": lambda f, t: (act(f, t, "--device", "banana"), "--device banana: not a torch device"),
     "observation is text": lambda f, t: (act(f, t, observation_path=write(t, "o.npz", b"hello")), "o.npz"),
