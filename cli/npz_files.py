@@ -4,6 +4,7 @@ name the file and its flag."""
 from __future__ import annotations
 
 import argparse
+import os
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -80,8 +81,15 @@ def output_path(flag: str, path: Path) -> Path:
 
 
 def write_npz(flag: str, path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    """Writes `arrays` to `path` (an `output_path`)."""
+    """Writes `arrays` to `path` (an `output_path`), whole or not at all: a truncated archive (a full disk) would be
+    refused as existing by the next run."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds like allow_pickle
-    except OSError as error:
-        raise write_error(f"{flag} {path}", error) from None
+        with partial.open("wb") as file:
+            np.savez(file, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds like allow_pickle
+        os.replace(partial, path)
+    except BaseException as error:  # Ctrl-C included
+        partial.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise write_error(f"{flag} {path}", error) from None
+        raise

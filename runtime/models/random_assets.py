@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.errors import ConfigError, EngineError
 from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.models.dit_checkpoint import random_dit_state_dict
 from cosmos_edge.runtime.models.dit_config import dit_config
@@ -89,9 +89,11 @@ def write_random_assets(out_dir: str | Path, spec: RandomAssetsSpec = RandomAsse
             written.append(path)
             _LOG.info("writing %s (file %d/%d)", path, index, len(writers))  # the 2B DiT takes a minute or so
             write(path)
-    except BaseException:  # Ctrl-C included: a partial model would block the next run, which never replaces files
-        for path in written:
+    except BaseException as error:  # Ctrl-C included: a partial model would block the next run, which never replaces
+        for path in written:  # files
             path.unlink(missing_ok=True)
+        if isinstance(error, OSError | RuntimeError):  # torch.save's failed write (a full disk) is a RuntimeError
+            raise EngineError(f"{written[-1]}: cannot be written ({error})") from None
         raise
     return files
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from cosmos_edge.runtime.errors import CheckpointError, ConfigError, InputError
+from cosmos_edge.runtime.files import write_atomic
 from cosmos_edge.runtime.policy.numerics import bf16_bits_to_float32, float32_to_bf16_bits
 
 FORMAT_TAG = "cosmos-edge/text-embeddings/1"
@@ -207,8 +208,6 @@ def _write_safetensors(path: Path, bf16_tensors: Mapping[str, np.ndarray], metad
         offset += bits.nbytes
     encoded = json.dumps(header, ensure_ascii=False).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)  # pad so the buffer starts 8-byte aligned, as the reference writer does
-    with path.open("wb") as file:
-        file.write(struct.pack("<Q", len(encoded)))
-        file.write(encoded)
-        for bits in bf16_tensors.values():
-            file.write(np.ascontiguousarray(bits, dtype="<u2").tobytes())
+    tensors = [np.ascontiguousarray(bits, dtype="<u2").tobytes() for bits in bf16_tensors.values()]
+    # Whole or not at all: a truncated file (a full disk) would be refused as existing by the next run.
+    write_atomic(path, b"".join([struct.pack("<Q", len(encoded)), encoded, *tensors]))
