@@ -21,7 +21,6 @@ from types import TracebackType
 
 import numpy as np
 
-from cosmos_edge.runtime.bundle.manifest import Bundle
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointSource, ModelSource
 from cosmos_edge.runtime.engines.graph import GraphRunner
 from cosmos_edge.runtime.engines.graph_networks import GraphAutoencoder, GraphConditioning, GraphDenoisingNetwork
@@ -207,26 +206,26 @@ def source_platform(source: ModelSource) -> PlatformSpec:
     """The platform `source` serves, read without loading a model (a bundle's manifest, or the files' --platform)."""
     if isinstance(source, CheckpointSource):
         return platform_spec(source.files.platform)
-    return Bundle.open(source.path).manifest.platform
+    return source.bundle.manifest.platform
 
 
 def source_stats(source: ModelSource) -> DatasetStats:
     """The dataset statistics `source` normalises with, read without loading a model."""
     if isinstance(source, CheckpointSource):
         return DatasetStats.from_json(source.files.stats, source_platform(source))
-    return Bundle.open(source.path).dataset_stats()
+    return source.bundle.dataset_stats()
 
 
 def source_text_embeddings(source: ModelSource) -> text_store.TextEmbeddings:
     """The instruction embeddings `source` serves, read without loading a model."""
     if isinstance(source, CheckpointSource):
         return text_store.read(source.files.text_embeddings)
-    return Bundle.open(source.path).text_embeddings()
+    return source.bundle.text_embeddings()
 
 
 def bundle_batch_sizes(source: BundleSource) -> list[int]:
     """The DiT batch sizes a bundle has graphs for, sorted."""
-    bundle = Bundle.open(source.path)
+    bundle = source.bundle
     return sorted({bundle.manifest.graphs[name].batch for name in bundle.graph_names("dit")})
 
 
@@ -258,7 +257,7 @@ def _open_checkpoints(
     if source.precision == "fp16" and any(device.partition(":")[0] == "cpu" for device in devices):
         # Measured on 2 cores: the tiny VAE's encode of 13 frames, 10.8 s in fp16 against 0.80 s fp32, 0.37 s bf16.
         _LOG.warning("fp16 on the CPU: torch runs it about 13x slower than fp32 there; fp32 or bf16 run faster")
-    separate_planner = with_planning and source.planning_checkpoint not in (None, files.checkpoint)
+    separate_planner = with_planning and not _same_file(source.planning_checkpoint, files.checkpoint)
     _LOG.info("loading %s (%s) on %s", files.tokenizer, source.precision, devices[0])
     autoencoder = torch_backend.open_autoencoder(
         files.tokenizer, source.precision, devices[0], platform, source.compile_mode, source.cuda_graphs
@@ -285,6 +284,17 @@ def _open_checkpoints(
     return PolicyModel(platform, stats, text, autoencoder, autoencoder), networks
 
 
+def _same_file(planning_checkpoint: Path | None, checkpoint: Path) -> bool:
+    """Whether the planning checkpoint is the policy's (or none is given), however its path is spelled: the DiT is
+    then loaded once and shared (a second copy of the 2B model is about 4 GB per device)."""
+    if planning_checkpoint is None:
+        return True
+    try:
+        return planning_checkpoint.samefile(checkpoint)
+    except OSError:  # a missing file is named when it is opened
+        return False
+
+
 def _check_text_width(path: Path, text: text_store.TextEmbeddings, checkpoint: Path, text_dim: int) -> None:
     if text.shape[-1] != text_dim:
         raise ConfigError(
@@ -302,7 +312,7 @@ def _open_bundle(
     future_images: bool | None,
     resources: ExitStack,
 ) -> tuple[PolicyModel, list[PlanningWorker]]:
-    bundle = Bundle.open(source.path)
+    bundle = source.bundle
     bundle.check_platform(source.platform)
     backend = load_graph_backend(source.backend)
     has_future = bool(bundle.graph_names("vae_encoder_full")) and bool(bundle.graph_names("vae_decoder"))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cosmos_edge.runtime import precision as defaults
+from cosmos_edge.runtime.bundle.manifest import Bundle
 from cosmos_edge.runtime.engines.registry import load_torch_backend
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.files import CheckpointFiles
@@ -78,6 +80,12 @@ class BundleSource:
     path: Path
     backend: str = "onnxruntime"
     platform: str | None = None
+
+    @functools.cached_property
+    def bundle(self) -> Bundle:
+        """The bundle, opened once for every use of this source (its manifest read and checked once, each file it
+        lists hashed at most once: a 2B bundle holds gigabytes)."""
+        return Bundle.open(self.path)
 
 
 ModelSource = CheckpointSource | BundleSource

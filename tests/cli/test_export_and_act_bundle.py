@@ -14,6 +14,7 @@ import pytest
 from cosmos_edge.cli import export_cmd
 from cosmos_edge.cli.main import main
 from cosmos_edge.export import bundle_writer
+from cosmos_edge.runtime.bundle import manifest
 from cosmos_edge.runtime.bundle.manifest import Bundle
 from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.platforms import platform_spec
@@ -28,6 +29,19 @@ def export(argv: list[str]) -> int:
     export_cmd.register(parser.add_subparsers())
     args = parser.parse_args(["export", *argv])
     return int(args.func(args))
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[object]:
+    """Records the first argument of every call of `owner.name` from now on."""
+    calls: list[object] = []
+    original = getattr(owner, name)
+
+    def counted(first: object, *args: object, **kwargs: object) -> object:
+        calls.append(first)
+        return original(first, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
 
 
 def official_args(files: CheckpointFiles) -> list[str]:
@@ -46,7 +60,10 @@ def official_args(files: CheckpointFiles) -> list[str]:
 
 
 def test_export_then_act_matches_the_reference_act(
-    tiny_assets: dict[str, CheckpointFiles], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_assets: dict[str, CheckpointFiles],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     files = tiny_assets["libero"]
     bundle = tmp_path / "bundle"
@@ -69,7 +86,10 @@ def test_export_then_act_matches_the_reference_act(
     common = ["--observation", str(tmp_path / "obs.npz"), "--task", task, "--seed", "7", "--steps", "1"]
     assert main(["act", *official_args(files), *common, "--out", str(tmp_path / "reference.npz")]) == 0
     argv = ["act", "--bundle", str(bundle), "--backend", "onnxruntime", *common, "--out", str(tmp_path / "bundle.npz")]
+    opened, hashed = count_calls(monkeypatch, Bundle, "open"), count_calls(monkeypatch, manifest, "sha256_file")
     assert main(argv) == 0
+    # One command opens its bundle once and hashes each file once (a 2B bundle holds gigabytes).
+    assert len(opened) == 1 and len(hashed) == len(set(hashed)) > 0, (opened, hashed)
     stats = DatasetStats.from_json(files.stats, platform_spec("libero"))
     span = stats.actions_max - stats.actions_min
     with np.load(tmp_path / "reference.npz") as reference, np.load(tmp_path / "bundle.npz") as served:

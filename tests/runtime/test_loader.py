@@ -280,6 +280,11 @@ def test_one_dit_and_one_vae_per_device_without_a_planning_model(tiny_assets: di
     with load_policies(separate, planning=planning) as loaded:
         (device,) = loaded.workers
         assert device.planning_network is not device.policy_network
+    # The policy's checkpoint given as the planning one, spelled another way: still the same DiT, loaded once.
+    spelled = files.checkpoint.parent / ".." / files.checkpoint.parent.name / files.checkpoint.name
+    with load_policies(CheckpointSource(files, planning_checkpoint=spelled), planning=planning) as loaded:
+        (device,) = loaded.workers
+        assert device.planning_network is device.policy_network
 
 
 def test_reactive_only_loads_the_first_device(tiny_assets: dict[str, CheckpointFiles]) -> None:
