@@ -21,8 +21,9 @@ from types import TracebackType
 
 import numpy as np
 
+from cosmos_edge.runtime.bundle.manifest import MANIFEST_NAME
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointSource, ModelSource
-from cosmos_edge.runtime.engines.graph import GraphRunner
+from cosmos_edge.runtime.engines.graph import GraphRunner, SignatureMismatch
 from cosmos_edge.runtime.engines.graph_networks import GraphAutoencoder, GraphConditioning, GraphDenoisingNetwork
 from cosmos_edge.runtime.engines.registry import backend_info, load_graph_backend, load_torch_backend
 from cosmos_edge.runtime.errors import BundleError, ConfigError
@@ -330,7 +331,15 @@ def _open_bundle(
     planner_names = [bundle.dit_graph_name(batch, "planning_dit") for batch in batches] if has_planner else []
 
     def open_graph(name: str, device: str) -> GraphRunner:
-        runner = backend.open_graph(bundle.graph_file(name, with_engine=source.backend == "tensorrt"), device)
+        _LOG.info(
+            "loading graph %s of %s on %s (its files checked against the manifest first)", name, bundle.root, device
+        )
+        try:
+            runner = backend.open_graph(bundle.graph_file(name, with_engine=source.backend == "tensorrt"), device)
+        except SignatureMismatch as error:  # the manifest and the file disagree: the bundle's fault, as a hash would be
+            raise BundleError(
+                f"{bundle.root / MANIFEST_NAME}: graph {name!r} is not the file's graph: {error}"
+            ) from None
         resources.callback(runner.close)
         return runner
 
@@ -345,7 +354,7 @@ def _open_bundle(
         networks.append(PlanningWorker(policy_network, planner or policy_network))
     manifest = bundle.manifest
     _LOG.info(
-        "serving bundle %s (%s, %s) on %s %s",
+        "loaded bundle %s (%s, %s) on %s %s",
         bundle.root,
         manifest.platform.name,
         manifest.precision,

@@ -153,19 +153,24 @@ Signature = Mapping[str, tuple[tuple[int, ...], str]]
 """Tensor name → (shape, dtype name) as an engine or a graph file declares it; -1 for a dynamic dimension."""
 
 
+class SignatureMismatch(EngineError):
+    """A graph file or engine declares other inputs or outputs than its spec: not the graph the spec describes."""
+
+
 def check_signature(spec: GraphSpec, found: Signature, inputs: bool, source: str) -> None:
-    """The I/O an engine or an ONNX file declares against the spec's inputs (or outputs); EngineError names both."""
+    """The I/O an engine or an ONNX file declares against the spec's inputs (or outputs); `SignatureMismatch`
+    names both."""
     tensors = spec.inputs if inputs else spec.outputs
     kind = "inputs" if inputs else "outputs"
     if set(found) != {tensor.name for tensor in tensors}:
         expected = sorted(tensor.name for tensor in tensors)
-        raise EngineError(f"{source}: expected {kind} {expected} (GraphSpec {spec.name!r}), got {sorted(found)}")
+        raise SignatureMismatch(f"{source}: expected {kind} {expected} (GraphSpec {spec.name!r}), got {sorted(found)}")
     for tensor in tensors:
         shape, dtype = found[tensor.name]
         same_rank = len(shape) == len(tensor.shape)
         shape_ok = same_rank and all(d in (-1, e) for d, e in zip(shape, tensor.shape, strict=True))
         if not shape_ok or dtype != tensor.dtype:
-            raise EngineError(
+            raise SignatureMismatch(
                 f"{source} {kind[:-1]} {tensor.name!r}: expected {tensor.dtype}{list(tensor.shape)} "
                 f"(GraphSpec {spec.name!r}; graphs are float32 at their boundary), got {dtype}{list(shape)}"
             )

@@ -159,6 +159,15 @@ def test_malformed_engine_entries_name_the_field(bundle_copy: Path, entry: objec
         Bundle.open(bundle_copy)
 
 
+def test_a_manifest_that_describes_another_graph_than_its_file_is_the_bundles_fault(bundle_copy: Path) -> None:
+    def widen_the_first_input(manifest: dict) -> None:  # edited by hand, or a file swapped for another export's
+        manifest["graphs"]["dit_b1"]["spec"]["inputs"][0]["shape"][2] += 1
+
+    edit_manifest(bundle_copy, widen_the_first_input)
+    with pytest.raises(BundleError, match=r"manifest\.json: graph 'dit_b1' is not the file's graph: .*dit_b1\.onnx"):
+        bundle_policy(bundle_copy)
+
+
 def test_drifted_platform_definition_is_refused(bundle_copy: Path) -> None:
     edit_manifest(bundle_copy, lambda manifest: manifest["platform"].update(chunk_size=64))
     with pytest.raises(BundleError, match=r"platform 'aloha' differs .* \['chunk_size'\]"):
