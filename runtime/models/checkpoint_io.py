@@ -34,7 +34,7 @@ def read_tensor_file(path: str | Path) -> StateDict:
     """Returns the flat tensor dict stored in `path` (`.pt`/`.pth` or `.safetensors`)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+        raise CheckpointError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty; expected a PyTorch checkpoint")
     if path.suffix == ".safetensors":

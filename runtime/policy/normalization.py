@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -91,6 +92,7 @@ class DatasetStats:
         missing = [name for name in REQUIRED_KEYS if name not in raw]
         if missing:
             raise ConfigError(f"dataset statistics {path}: missing keys {missing}")
+        _check_lengths_agree(raw, platform, f"dataset statistics {path}")
         try:
             stats = cls(**{field.name: raw[field.name] for field in fields(cls) if field.name in raw})
         except ConfigError as error:
@@ -139,6 +141,23 @@ class DatasetStats:
         x = _check_input("actions", actions, self.action_dim).astype(np.float32)
         half = np.float32(0.5) * (x + np.float32(1.0))
         return half * (self.actions_max - self.actions_min) + self.actions_min
+
+
+def _check_lengths_agree(raw: dict[str, Any], platform: PlatformSpec, name: str) -> None:
+    """Names the statistic whose length differs from the others of its kind, measured against the platform's dim
+    (else `DatasetStats` would blame whichever key it compares with the `_min` one, the `_min` itself included)."""
+    dims = {"actions": platform.action_dim, "proprio": platform.proprio_dim}
+    for prefix, dim in dims.items():
+        lengths = {
+            key: len(value)
+            for key in (field.name for field in fields(DatasetStats) if field.name.startswith(f"{prefix}_"))
+            if isinstance(value := raw.get(key), list)
+        }
+        if len(set(lengths.values())) > 1:
+            key = next((key for key, length in lengths.items() if length != dim), next(iter(lengths)))
+            raise ConfigError(
+                f"{name}: {key}: expected {dim} values ({platform.name}'s {prefix} dim), got {lengths[key]}"
+            )
 
 
 def _as_stat_vector(name: str, value: object) -> np.ndarray:

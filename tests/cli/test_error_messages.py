@@ -99,6 +99,10 @@ CASES: dict[str, Case] = {
         f"--planning-checkpoint {f.tokenizer}: not a Cosmos-Predict2 DiT checkpoint (it holds a Wan2.1 VAE",
     ),
     "empty checkpoint": lambda f, t: (act(f, t, checkpoint=write(t, "empty.pt", b"")), "empty.pt"),
+    "checkpoint that is a device": lambda f, t: (
+        act(f, t, checkpoint=Path("/dev/null")),
+        "--checkpoint /dev/null: not a regular file",
+    ),
     "short stats list": lambda f, t: (
         act(f, t, stats=stats_with(f, t, actions_min=[0.0] * 3)),
         f"--stats {t / 'stats.json'}: ",

@@ -101,6 +101,13 @@ def test_dims_are_checked_against_the_platform(tmp_path: Path) -> None:
         DatasetStats.from_json(_write(tmp_path, data), platform_spec("libero"))
 
 
+def test_a_statistic_of_another_length_than_the_others_is_the_one_named(tmp_path: Path) -> None:
+    data = _official_json(platform_spec("aloha"))
+    data["proprio_min"] = data["proprio_min"][:5]  # the odd one: named, not the max compared with it
+    with pytest.raises(ConfigError, match=r"proprio_min: expected 14 values \(aloha's proprio dim\), got 5"):
+        DatasetStats.from_json(_write(tmp_path, data), platform_spec("aloha"))
+
+
 def test_file_errors(tmp_path: Path) -> None:
     platform = platform_spec("libero")
     with pytest.raises(ConfigError, match="cannot read"):
