@@ -256,8 +256,7 @@ def _open_checkpoints(
     if source.cuda_graphs:
         check_cuda_graph_devices(devices)
     if source.precision == "fp16" and any(device.partition(":")[0] == "cpu" for device in devices):
-        # Measured on 2 cores: the tiny VAE's encode of 13 frames, 10.8 s in fp16 against 0.80 s fp32, 0.37 s bf16.
-        _LOG.warning("fp16 on the CPU: torch runs it about 13x slower than fp32 there; fp32 or bf16 run faster")
+        _LOG.warning("fp16 on the CPU: torch's fp16 kernels run far slower than fp32 there; fp32 or bf16 run faster")
     separate_planner = with_planning and not _same_file(source.planning_checkpoint, files.checkpoint)
     _LOG.info("loading %s (%s) on %s", files.tokenizer, source.precision, devices[0])
     autoencoder = torch_backend.open_autoencoder(

@@ -372,9 +372,16 @@ def test_an_act_that_arrives_as_serving_begins_waits_for_it(official_json: None)
     obs = camera_observation(7.0)
     server = PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*"))
     server.start()
+    waiting, wait_until_accepting = threading.Event(), server.wait_until_accepting
+
+    def wait_seen(timeout_s: float) -> bool:
+        waiting.set()
+        return wait_until_accepting(timeout_s)
+
+    server.wait_until_accepting = wait_seen  # type: ignore[method-assign]
     with HttpEndpoint(server, HttpConfig(port=0)) as endpoint, ThreadPoolExecutor(1) as pool:
         reply = pool.submit(get_action_from_server, official_request(obs), endpoint.url + "/act")
-        time.sleep(0.3)  # the request is in before serving begins
+        assert waiting.wait(TIMEOUT_S)  # the request is in, waiting for serving to begin
         assert not reply.done()
         with serving(server):
             assert_allclose(np.asarray(reply.result(TIMEOUT_S)["actions"]), expected_actions(obs.proprio), atol=1e-5)

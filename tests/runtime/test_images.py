@@ -72,12 +72,15 @@ def test_antialias_bilinear_is_bit_identical_to_torch(in_size: tuple[int, int], 
     np.testing.assert_array_equal(resize_bilinear_antialias(planes, *out_size), expected)
 
 
-def test_antialias_bilinear_strong_downsampling_within_one_ulp() -> None:
+def test_antialias_bilinear_strong_downsampling_within_three_ulp() -> None:
+    # No platform's pipeline resizes this way (their antialiased resize maps a central crop back to its frame's size,
+    # bit-identical above); the function stays within 3 ULP of torch's kernel (measured: 3, on 24 % of the pixels).
     planes = np.random.default_rng(1).integers(0, 256, (3, 480, 640)).astype(np.float32)
     expected = F.interpolate(
         torch.from_numpy(planes)[None], size=(256, 256), mode="bilinear", align_corners=False, antialias=True
     )[0].numpy()
-    np.testing.assert_allclose(resize_bilinear_antialias(planes, 256, 256), expected, rtol=0, atol=1e-4)
+    ulp = np.spacing(np.abs(expected))
+    assert (np.abs(resize_bilinear_antialias(planes, 256, 256) - expected) <= 3 * ulp).all()
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -391,7 +391,7 @@ def test_fp16_on_the_cpu_is_warned_of(
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="cosmos_edge.runtime.bundle.loader"):
         load_policies(CheckpointSource(tiny_assets["aloha"], precision="fp16")).close()
-        assert "fp16 on the CPU: torch runs it about 13x slower than fp32" in caplog.text
+        assert "fp16 on the CPU: torch's fp16 kernels run far slower than fp32" in caplog.text
         caplog.clear()
         load_policies(CheckpointSource(tiny_assets["aloha"], precision="bf16")).close()
         assert not caplog.text
