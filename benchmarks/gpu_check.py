@@ -20,7 +20,8 @@ would not leave time for them; a table of the timed queries is printed last:
    a process of its own, then a `PolicyClient` over loopback TCP sending 224x224 frames as the ALOHA controller does:
    seconds until it answers, the first reactive reply's round trip after the warm-up, for another instruction than
    the warm-up's (work the warm-up left to the server's worker thread, a compilation or a capture, shows there), the
-   median of `--runs`, and the first two planning replies'.
+   median of `--runs`, and the first two planning replies'; then a third planning query asking every candidate's
+   results (the shape of `candidate_actions_by_depth`).
 7. `query_profile`: the default (compiled, CUDA graphs) query under torch's profiler: kernel time per query by kind
    (GEMM, conv, attention, Triton, copies), the top kernels, and the device's busy time against the wall time.
 8. `planning_timing`: best of 8 with the official main configuration on one device, compiled, after `serve`'s
@@ -612,6 +613,19 @@ def served_query(files: CheckpointFiles, device: str, runs: int, scratch: Path, 
             result["reactive_ms_p50"] = round(statistics.median(times), 2)
             result["first_planning_ms"] = round(round_trip_ms(runs + 1, "planning"), 1)
             result["second_planning_ms"] = round(round_trip_ms(runs + 2, "planning"), 1)
+            every = client.act(
+                observation,
+                instruction,
+                obs_id=runs + 3,
+                capture_time_ns=time.time_ns(),
+                mode="planning",
+                return_all_query_results=True,
+            )  # every candidate's chunk at every depth comes back too
+            chunks = every.candidate_actions_by_depth
+            result["all_query_results"] = {
+                "chosen_index": every.chosen_index,
+                "candidate_actions_by_depth_shape": None if chunks is None else list(chunks.shape),
+            }
     finally:
         server.send_signal(signal.SIGTERM)
         try:
