@@ -324,6 +324,8 @@ def _open_bundle(
     batches: tuple[int, ...] = (1,)
     if planning is not None and not one_at_a_time:
         batches = planning_batch_sizes(planning.num_queries_best_of_n, len(devices))
+    for device in devices:  # a device that cannot run the bundle is refused before gigabytes are hashed and loaded
+        backend.check_target(device, bundle.manifest.precision)
     # Resolve every name first: a batch size the bundle lacks fails before any engine is loaded.
     dit_names = [bundle.dit_graph_name(batch) for batch in batches]
     has_planner = planning is not None and bool(bundle.graph_names("planning_dit"))

@@ -196,15 +196,19 @@ def _check_io(session: ort.InferenceSession, spec: GraphSpec, path: Path) -> Non
         check_signature(spec, found, inputs, str(path))
 
 
+def check_target(device: str, precision: str) -> None:
+    """The backend's check of a target (see `registry`): the device string, and no bf16 graph on the CPU."""
+    if OrtTarget.parse(device).provider == "cpu" and precision == "bf16":
+        raise ConfigError(  # the device asked for (or the default one) does not suit the bundle: a usage error
+            "device: 'cpu' cannot run a bf16 bundle (exported for CUDA): onnxruntime's CPU provider has no bfloat16 "
+            "kernels; run it on 'cuda' (onnxruntime, or --backend tensorrt), or export the bundle --for cpu"
+        )
+
+
 def open_graph(graph: GraphFile, device: str) -> OnnxRuntimeRunner:
     """The backend entry point (see `registry`): `graph` on `device`."""
+    check_target(device, graph.precision)
     target = OrtTarget.parse(device)
-    if target.provider == "cpu" and graph.precision == "bf16":
-        raise ConfigError(  # the device asked for (or the default one) does not suit the bundle: a usage error
-            f"device: 'cpu' cannot run {graph.onnx}: the bundle is bf16 (exported for CUDA), and onnxruntime's CPU "
-            f"provider has no bfloat16 kernels; run it on 'cuda' (onnxruntime, or --backend tensorrt), or export the "
-            f"bundle --for cpu"
-        )
     cache_dir = None
     if target.provider == "tensorrt" and graph.cache_dir is not None:
         # Per onnxruntime version: a TensorRT engine is not portable across the TensorRT versions it links.

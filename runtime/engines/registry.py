@@ -23,6 +23,11 @@ from cosmos_edge.runtime.policy.api import ConditioningEncoder, DenoisingNetwork
 
 
 class GraphBackend(Protocol):
+    def check_target(self, device: str, precision: str) -> None:
+        """Raises ConfigError when `device` cannot run graphs of a bundle of `precision`: said before any graph is
+        hashed and loaded (gigabytes for a 2B bundle)."""
+        ...
+
     def open_graph(self, graph: GraphFile, device: str) -> GraphRunner: ...
 
 

@@ -223,12 +223,15 @@ def test_onnxruntime_not_installed(tiny_bundles: TinyBundles) -> None:
     assert "backend 'onnxruntime' is not installed: cannot import 'onnxruntime'" in result.stdout, result.stderr
 
 
-def test_bf16_bundle_on_the_cpu_provider_says_what_to_use(bundle_copy: Path) -> None:
+def test_bf16_bundle_on_the_cpu_provider_says_what_to_use_before_loading_anything(
+    bundle_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     edit_manifest(bundle_copy, lambda manifest: manifest.update(precision="bf16"))
-    with pytest.raises(
-        ConfigError, match=r"device: 'cpu' cannot run .*dit_b1\.onnx: the bundle is bf16 \(exported for CUDA\)"
-    ):
+    hashed: list[Path] = []
+    monkeypatch.setattr(manifest_module, "sha256_file", lambda path: hashed.append(path) or "0" * 64)
+    with pytest.raises(ConfigError, match=r"device: 'cpu' cannot run a bf16 bundle \(exported for CUDA\)"):
         bundle_policy(bundle_copy)
+    assert not [path for path in hashed if path.suffix == ".onnx"]  # no graph hashed (nor loaded) first
 
 
 def test_paths_outside_the_bundle_are_refused(bundle_copy: Path) -> None:

@@ -205,6 +205,11 @@ class TensorRTRunner:
             raise EngineError(f"TensorRTRunner for graph {self._spec.name!r} is closed: create a new runner")
 
 
+def check_target(device: str, precision: str) -> None:
+    """The backend's check of a target (see `registry`): a CUDA device; TensorRT runs every bundle precision."""
+    cuda_index(device)
+
+
 def open_graph(graph: GraphFile, device: str) -> TensorRTRunner:
     """The backend entry point (see `registry`): the graph's prebuilt engine if it has one, else an engine built from
     its ONNX file (or reused) in `cache_dir/tensorrt/`, on `device` ("cuda" or "cuda:N")."""
