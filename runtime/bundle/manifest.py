@@ -308,13 +308,9 @@ class Bundle:
 
     def file(self, relative: str) -> Path:
         """The absolute path of a listed file, after checking its sha256 (once per Bundle)."""
-        record = self.manifest.files.get(relative)
-        if record is None:
-            raise BundleError(f"{self.root / MANIFEST_NAME}: lists no file {relative!r}")
-        path = self.root / relative
+        path = self.present(relative)
+        record = self.manifest.files[relative]
         if relative not in self._verified:
-            if not path.is_file():
-                raise BundleError(f"{path}: missing from the bundle (listed in {MANIFEST_NAME}); {_remedy(relative)}")
             try:
                 digest = sha256_file(path)
             except OSError as error:
@@ -327,6 +323,15 @@ class Bundle:
             self._verified.add(relative)
         return path
 
+    def present(self, relative: str) -> Path:
+        """The absolute path of a listed file that is there, unhashed: for files something else verifies."""
+        if relative not in self.manifest.files:
+            raise BundleError(f"{self.root / MANIFEST_NAME}: lists no file {relative!r}")
+        path = self.root / relative
+        if not path.is_file():
+            raise BundleError(f"{path}: missing from the bundle (listed in {MANIFEST_NAME}); {_remedy(relative)}")
+        return path
+
     def graph(self, name: str) -> GraphRecord:
         record = self.manifest.graphs.get(name)
         if record is None:
@@ -334,16 +339,26 @@ class Bundle:
         return record
 
     def graph_file(self, name: str, with_engine: bool = True) -> GraphFile:
-        """What a backend opens for graph `name`: its files verified, and (`with_engine`: for a backend that runs it)
-        the engine the bundle ships for it, verified too (engines are GBs: hashed only when used)."""
+        """What a backend opens for graph `name`: its files verified, or (`with_engine`: for a backend that runs it)
+        the engine the bundle ships for it, which is then what runs.
+
+        An engine's record beside it (which GPU and TensorRT it runs on, and its sha256) is verified against the
+        manifest; the engine's bytes against the record as the backend reads them (`tensorrt.cache.read_engine`),
+        and the ONNX files, which a backend with an engine never reads, are not hashed: a 2B graph's are GBs."""
         record = self.graph(name)
-        onnx, *external = [self.file(relative) for relative in record.files]
         entry = self.manifest.engines.get(name) if with_engine else None
-        engine = None if entry is None else self.file(f"{ENGINES_DIR}/{entry['file']}")
-        if engine is not None:  # its record beside it decides which GPU and TensorRT it may run on: verified too
-            record_file = f"{ENGINES_DIR}/{engine.with_suffix('.json').name}"
+        engine = None
+        if entry is None:
+            onnx, *external = [self.file(relative) for relative in record.files]
+        else:
+            onnx, *external = [self.present(relative) for relative in record.files]
+            engine_file = f"{ENGINES_DIR}/{entry['file']}"
+            record_file = f"{ENGINES_DIR}/{PurePosixPath(entry['file']).with_suffix('.json')}"
             if record_file in self.manifest.files:
                 self.file(record_file)
+                engine = self.present(engine_file)
+            else:  # no listed record to vouch for the engine's bytes: hashed here
+                engine = self.file(engine_file)
         # From the hashes just verified: a TensorRT backend need not read the graph's GBs again.
         digest = graph_files_digest(
             (PurePosixPath(relative).name, self.manifest.files[relative].sha256) for relative in record.files

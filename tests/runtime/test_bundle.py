@@ -47,6 +47,36 @@ def test_a_bundle_that_lost_an_engine_opens_and_names_the_command_that_builds_it
         bundle.file("engines/dit_b1.engine")
 
 
+def test_a_shipped_engine_is_vouched_for_by_its_record_and_its_onnx_is_not_hashed(
+    bundle_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prebuilt engine is what runs: the manifest verifies its record, the record its bytes as the backend reads
+    them (`read_engine`); hashing the ONNX files (GBs for the 2B DiT) and the engine here would be wasted."""
+    engines = bundle_copy / "engines"
+    engines.mkdir()
+    (engines / "dit_b1.engine").write_bytes(b"an engine")
+    (engines / "dit_b1.json").write_text('{"sha256": "of the engine"}')
+
+    def ship_the_engine(manifest: dict) -> None:
+        manifest["engines"]["dit_b1"] = {"file": "dit_b1.engine"}
+        for name in ("dit_b1.engine", "dit_b1.json"):
+            record = manifest_module.file_record(engines / name)
+            manifest["files"][f"engines/{name}"] = {"sha256": record.sha256, "size": record.size}
+
+    edit_manifest(bundle_copy, ship_the_engine)
+    hashed: list[str] = []
+    sha256_file = manifest_module.sha256_file
+    monkeypatch.setattr(manifest_module, "sha256_file", lambda path: hashed.append(path.name) or sha256_file(path))
+    bundle = Bundle.open(bundle_copy)
+    graph = bundle.graph_file("dit_b1")
+    assert graph.engine == engines / "dit_b1.engine" and hashed == ["dit_b1.json"]
+    bundle.graph_file("dit_b1", with_engine=False)  # a backend that runs the ONNX: its files are verified
+    assert hashed == ["dit_b1.json", "dit_b1.onnx"]
+    (engines / "dit_b1.json").write_text('{"sha256": "of another engine"}')
+    with pytest.raises(BundleError, match=r"dit_b1\.json: sha256 mismatch"):
+        Bundle.open(bundle_copy).graph_file("dit_b1")
+
+
 def test_a_good_bundle_opens_and_verifies(bundle_copy: Path) -> None:
     bundle = Bundle.open(bundle_copy)
     for relative in bundle.manifest.files:  # every listed file against its sha256
