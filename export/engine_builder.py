@@ -14,9 +14,11 @@ from pathlib import Path
 from cosmos_edge.runtime.bundle.manifest import ENGINES_DIR, Bundle, file_record, write_manifest
 from cosmos_edge.runtime.engines.tensorrt.build import build_engine, require_tensorrt
 from cosmos_edge.runtime.engines.tensorrt.cache import OnnxSource, record_path
-from cosmos_edge.runtime.files import writable_folder
+from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.files import exclusive_lock, writable_folder
 
 _LOG = logging.getLogger(__name__)
+BUILD_LOCK_NAME = ".engines-build.lock"  # held by the `engines build` of a bundle while it runs
 
 
 def build_bundle_engines(bundle_dir: str | Path, device: int = 0, graphs: tuple[str, ...] = ()) -> Bundle:
@@ -31,10 +33,19 @@ def build_bundle_engines(bundle_dir: str | Path, device: int = 0, graphs: tuple[
     for name in names:  # every --graph named before the first build (minutes each), not when its turn comes
         bundle.graph(name)
     require_tensorrt()
-    engines = dict(bundle.manifest.engines)
-    files = dict(bundle.manifest.files)
     writable_folder(bundle.root, "its rewritten manifest")  # before minutes of building, not after
     writable_folder(bundle.root / ENGINES_DIR, "the bundle's TensorRT engines")
+    with exclusive_lock(bundle.root / BUILD_LOCK_NAME, wait=False) as alone:
+        if not alone:  # each rewrites the manifest from its own copy: the later would drop the earlier's engines
+            raise ConfigError(
+                f"bundle {bundle.root}: another `cosmos-edge engines build` is building its engines; run one at a time"
+            )
+        return _build(Bundle.open(bundle.root), names, device)  # the manifest as it is now that none other builds
+
+
+def _build(bundle: Bundle, names: tuple[str, ...], device: int) -> Bundle:
+    engines = dict(bundle.manifest.engines)
+    files = dict(bundle.manifest.files)
 
     def record_in_manifest() -> None:
         write_manifest(bundle.root, dataclasses.replace(bundle.manifest, engines=engines, files=files))

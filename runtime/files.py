@@ -1,10 +1,12 @@
-"""Files shared by every layer: the official files of a policy, content hashes and atomic writes."""
+"""Files shared by every layer: the official files of a policy, content hashes, atomic writes, locks."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,3 +66,27 @@ def writable_folder(folder: Path, purpose: str) -> None:
         raise EngineError(f"{folder}: cannot make the folder for {purpose} ({error.strerror})") from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise EngineError(f"{folder}: not writable, so it cannot hold {purpose}")
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, *, wait: bool = True, on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
+    """Holds an exclusive lock on `path` (made if missing) for the block, between processes: the system releases it
+    when its holder exits, killed or not. Another process holding it is waited for (`on_wait` is called first, to
+    say so); with `wait=False` the block runs at once, without the lock, told by the value yielded (False)."""
+    try:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise EngineError(f"{path}: cannot make the lock file ({error.strerror or error})") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
+        except BlockingIOError:
+            held = wait
+            if wait:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        yield held
+    finally:
+        os.close(handle)  # releases the lock

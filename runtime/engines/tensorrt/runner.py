@@ -43,6 +43,7 @@ from cosmos_edge.runtime.engines.tensorrt.cache import (
 )
 from cosmos_edge.runtime.engines.tensorrt.cuda_buffers import CapturedWork, DeviceIO, check_cuda, import_cudart
 from cosmos_edge.runtime.errors import EngineError
+from cosmos_edge.runtime.files import exclusive_lock
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -95,13 +96,20 @@ class TensorRTRunner:
         target = current_target(device)
         cache = EngineCache(cache_dir)
         key = engine_cache_key(onnx.sha256(), target, DEFAULT_BUILD_OPTIONS)
-        cached = cache.lookup(spec.name, key, target)
         engine_path = cache.engine_path(spec.name, key)
-        if cached is None:
-            record, data = build_engine(spec, onnx, engine_path, device=device)
-        else:
-            record, data = cached
-            _LOG.info("using the cached TensorRT engine %s", engine_path)
+        engine_path.parent.mkdir(parents=True, exist_ok=True)
+
+        def waiting() -> None:
+            _LOG.info("TensorRT engine %s: another process is building it; waiting to use it", engine_path)
+
+        # One build per engine across processes (minutes for the 2B DiT): the second looks up the first's engine.
+        with exclusive_lock(engine_path.with_suffix(".lock"), on_wait=waiting):
+            cached = cache.lookup(spec.name, key, target)
+            if cached is None:
+                record, data = build_engine(spec, onnx, engine_path, device=device)
+            else:
+                record, data = cached
+                _LOG.info("using the cached TensorRT engine %s", engine_path)
         return cls._activate(spec, record, data, device, cache_rebuild_hint(engine_path))
 
     @classmethod
