@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -46,6 +47,7 @@ from cosmos_edge.runtime.bundle.manifest import (
 )
 from cosmos_edge.runtime.engines.graph import GraphSpec, dit_graph, vae_decoder_graph, vae_encoder_graph
 from cosmos_edge.runtime.errors import BundleError, ConfigError, EngineError
+from cosmos_edge.runtime.files import exclusive_lock
 from cosmos_edge.runtime.models.dit_checkpoint import load_dit
 from cosmos_edge.runtime.models.dtypes import TORCH_DTYPES
 from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
@@ -59,6 +61,8 @@ _LOG = logging.getLogger(__name__)
 GRAPHS_DIR = "graphs"
 TEXT_EMBEDDINGS_FILE = "text_embeddings.safetensors"
 STATS_FILE = "dataset_statistics.json"
+_WRITING_LOCK = ".export.lock"  # in a staging folder, held by the export writing it
+_LOCK_GRACE_S = 60.0  # an export takes its lock right after making its staging folder
 
 
 @dataclass(frozen=True)
@@ -127,18 +131,22 @@ def export_bundle(request: ExportRequest) -> Bundle:
         staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}-", dir=out.parent))
     except OSError as error:
         raise BundleError(f"{out}: cannot write a bundle there ({error}); choose another --out") from None
-    try:
-        _write_staged(request, staging, out)
-        staging.chmod(_directory_mode())  # mkdtemp makes it private (0700); a bundle is read like its files
-        check_new_bundle_path(out)  # again: another export or a user may have made it meanwhile (rename would
-        # silently replace an empty directory)
+    # Held while the export lives: a later export tells a staging folder whose writer died by its free lock.
+    with exclusive_lock(staging / _WRITING_LOCK):
         try:
-            os.rename(staging, out)  # atomic within one filesystem: the bundle appears whole or not at all
-        except OSError as error:
-            raise BundleError(f"{out}: cannot put the bundle there ({error.strerror}); choose another --out") from None
-    except BaseException:  # KeyboardInterrupt included: never leave a half-written bundle behind
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            _write_staged(request, staging, out)
+            staging.chmod(_directory_mode())  # mkdtemp makes it private (0700); a bundle is read like its files
+            check_new_bundle_path(out)  # again: another export or a user may have made it meanwhile (rename would
+            # silently replace an empty directory)
+            try:
+                os.rename(staging, out)  # atomic within one filesystem: the bundle appears whole or not at all
+            except OSError as error:
+                detail = error.strerror
+                raise BundleError(f"{out}: cannot put the bundle there ({detail}); choose another --out") from None
+            (out / _WRITING_LOCK).unlink()  # unlisted: no part of the bundle
+        except BaseException:  # KeyboardInterrupt included: never leave a half-written bundle behind
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     _LOG.info("bundle written: %s", out)
     return Bundle.open(out)
 
@@ -159,33 +167,29 @@ def _write_staged(request: ExportRequest, staging: Path, out: Path) -> None:
 
 
 def _staging_prefix(out: Path) -> str:
-    """Staging folders are named `.NAME.partial-PID-XXXX`: the pid tells a running export from a killed one."""
+    """Staging folders are named `.NAME.partial-PID-XXXX` (the pid of the export that writes it, for its user)."""
     return f".{out.name}.partial-"
 
 
 def _remove_interrupted_exports(out: Path) -> None:
-    """Staging folders of earlier exports to the same name that were killed before they could clean up (those of
-    an export still running are left alone)."""
+    """Staging folders of earlier exports to the same name that were killed before they could clean up: their
+    writer's lock is free (the system frees it with the process; a pid may already belong to another one). Those of
+    an export still running, or one younger than `_LOCK_GRACE_S` (its writer may not hold its lock yet), stay."""
     prefix = _staging_prefix(out)
     for staging in sorted(out.parent.glob(f"{prefix}*")):
         pid, _, suffix = staging.name.removeprefix(prefix).partition("-")
         if not (pid.isdigit() and re.fullmatch(r"[a-z0-9_]{8}", suffix)):  # not a name mkdtemp gave an export
             continue
-        if _running(int(pid)):
-            _LOG.warning("%s: another export of %s (pid %s) is writing it", staging, out.name, pid)
+        try:
+            young = time.time() - staging.stat().st_mtime < _LOCK_GRACE_S  # before the lock file touches it
+            with exclusive_lock(staging / _WRITING_LOCK, wait=False) as free:
+                if not free or young:
+                    _LOG.warning("%s: another export of %s (pid %s) is writing it", staging, out.name, pid)
+                    continue
+                _LOG.warning("removing %s, left by an interrupted export of %s", staging, out.name)
+                shutil.rmtree(staging, ignore_errors=True)
+        except (EngineError, OSError):  # another user's, or gone meanwhile: not ours to remove
             continue
-        _LOG.warning("removing %s, left by an interrupted export of %s", staging, out.name)
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # no signal sent: PermissionError means a process of another user
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _directory_mode() -> int:
@@ -270,7 +274,8 @@ def _export_vae_graphs(request: ExportRequest, platform: PlatformSpec, writer: _
 
 
 def _files(root: Path) -> Iterator[Path]:
-    return (path for path in sorted(root.rglob("*")) if path.is_file() and path.name != MANIFEST_NAME)
+    unlisted = (MANIFEST_NAME, _WRITING_LOCK)
+    return (path for path in sorted(root.rglob("*")) if path.is_file() and path.name not in unlisted)
 
 
 def _versions() -> dict[str, str | None]:

@@ -10,6 +10,7 @@ import re
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -147,23 +148,44 @@ def test_killed_export_leaves_only_a_hidden_directory_the_reader_refuses(tmp_pat
         Bundle.open(staging)
 
 
+HOLD_LOCK = """
+import sys
+from pathlib import Path
+from cosmos_edge.runtime.files import exclusive_lock
+with exclusive_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
+
 def test_a_new_export_removes_what_a_killed_one_left_but_not_a_running_ones(
     tiny_assets: dict[str, CheckpointFiles], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
-    killed = tmp_path / f".bundle.partial-{int(finished.stdout)}-abcd1234"  # named as mkdtemp names them
-    running = tmp_path / f".bundle.partial-{os.getpid()}-efgh_567"
+    # Named as mkdtemp names them; the pid of a killed export may already be another process's (this one's here).
+    killed = tmp_path / f".bundle.partial-{os.getpid()}-abcd1234"
+    running = tmp_path / ".bundle.partial-1-efgh_567"
+    starting = tmp_path / ".bundle.partial-2-ijkl_890"  # made a moment ago: its export may not hold its lock yet
     users = tmp_path / ".bundle.partial-mine"  # not an export's: never removed
-    for staging in (killed, running, users):
+    for staging in (killed, running, starting, users):
         (staging / "graphs").mkdir(parents=True)
+    for staging in (killed, running):
+        os.utime(staging, (time.time() - 3600, time.time() - 3600))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(running / ".export.lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
 
     def fail(*args: object) -> None:
         raise RuntimeError("x")
 
     monkeypatch.setattr(bundle_writer, "export_vae_cameras_encoder", fail)
-    with pytest.raises(RuntimeError, match=r"^x$"):
-        export_bundle(request(tiny_assets["libero"], tmp_path / "bundle"))
-    assert sorted(tmp_path.iterdir()) == sorted([running, users])
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        with pytest.raises(RuntimeError, match=r"^x$"):
+            export_bundle(request(tiny_assets["libero"], tmp_path / "bundle"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(tmp_path.iterdir()) == sorted([running, starting, users])
 
 
 def test_the_bundle_directory_is_as_readable_as_its_files(tiny_bundles: TinyBundles) -> None:
