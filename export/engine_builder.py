@@ -11,7 +11,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from cosmos_edge.runtime.bundle.manifest import ENGINES_DIR, Bundle, file_record, write_manifest
+from cosmos_edge.runtime.bundle.manifest import ENGINES_DIR, Bundle, FileRecord, file_record, write_manifest
 from cosmos_edge.runtime.engines.tensorrt.build import build_engine, require_tensorrt
 from cosmos_edge.runtime.engines.tensorrt.cache import OnnxSource, record_path
 from cosmos_edge.runtime.errors import ConfigError
@@ -60,8 +60,11 @@ def _build(bundle: Bundle, names: tuple[str, ...], device: int) -> Bundle:
             record_in_manifest()
         _LOG.info("engine %d/%d: %s", index, len(names), name)
         source = OnnxSource(graph.onnx, graph.external_data, known_sha256=graph.onnx_sha256)
-        record, _ = build_engine(graph.spec, source, engine_path, device=device)
+        record, data = build_engine(graph.spec, source, engine_path, device=device)
         engines[name] = record.manifest_entry()
-        files.update({relative: file_record(bundle.root / relative) for relative in written})
+        engine_file, record_file = written
+        # The engine's digest is its record's (of the bytes just written: GBs not read again); the record is hashed.
+        files[engine_file] = FileRecord(sha256=record.sha256, size=len(data))
+        files[record_file] = file_record(bundle.root / record_file)
         record_in_manifest()
     return Bundle.open(bundle.root)

@@ -3,6 +3,7 @@ stand-in for the TensorRT builder) leaves a bundle that opens."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -59,10 +60,11 @@ def test_a_bundle_that_cannot_take_engines_is_named_before_any_build(
 
 
 class _Record:
-    """The part of an engine record the bundle builder reads."""
+    """The part of an engine record the bundle builder reads: its file, and the sha256 of the engine's bytes."""
 
-    def __init__(self, file: str) -> None:
+    def __init__(self, file: str, data: bytes) -> None:
         self.file = file
+        self.sha256 = hashlib.sha256(data).hexdigest()
 
     def manifest_entry(self) -> dict[str, object]:
         return {"file": self.file}
@@ -78,9 +80,10 @@ def test_an_interrupted_rebuild_leaves_a_bundle_that_opens(
         engine_path.write_bytes(b"half an engine")  # overwritten in place, as a real build does
         if spec.name in interrupt_on:
             raise KeyboardInterrupt
-        engine_path.write_bytes(f"engine of {spec.name}".encode())
+        data = f"engine of {spec.name}".encode()
+        engine_path.write_bytes(data)
         record_path(engine_path).write_text("{}")
-        return _Record(engine_path.name), b""
+        return _Record(engine_path.name, data), data
 
     monkeypatch.setattr(engine_builder, "require_tensorrt", lambda: None)
     monkeypatch.setattr(engine_builder, "build_engine", build_engine)
@@ -101,9 +104,10 @@ def test_an_engine_record_edited_in_place_is_refused_with_the_engine(
     bundle = Path(shutil.copytree(tiny_bundles("libero"), tmp_path / "bundle"))
 
     def build_engine(spec: GraphSpec, onnx: object, engine_path: Path, device: int = 0) -> tuple[_Record, bytes]:
-        engine_path.write_bytes(f"engine of {spec.name}".encode())
+        data = f"engine of {spec.name}".encode()
+        engine_path.write_bytes(data)
         record_path(engine_path).write_text('{"gpu": "NVIDIA H100"}')
-        return _Record(engine_path.name), b""
+        return _Record(engine_path.name, data), data
 
     monkeypatch.setattr(engine_builder, "require_tensorrt", lambda: None)
     monkeypatch.setattr(engine_builder, "build_engine", build_engine)
