@@ -620,6 +620,7 @@ def served_query(files: CheckpointFiles, device: str, runs: int, scratch: Path, 
                 capture_time_ns=time.time_ns(),
                 mode="planning",
                 return_all_query_results=True,
+                return_actions_by_depth=True,
             )  # every candidate's chunk at every depth comes back too
             chunks = every.candidate_actions_by_depth
             result["all_query_results"] = {

@@ -206,6 +206,7 @@ def _act(args: argparse.Namespace) -> int:
             seed=args.seed,
             steps=args.steps,
             return_all_query_results=args.return_all_query_results,
+            return_actions_by_depth=args.return_all_query_results,
         )
     rows, columns = reply.actions.shape
     print(f"action chunk: {rows} x {columns} (float32, un-normalised), mode {reply.mode}")

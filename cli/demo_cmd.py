@@ -271,7 +271,7 @@ def _an_earlier_demos(out: Path, model: Path) -> bool:
 
     files = random_asset_paths(model, RandomAssetsSpec("tiny", "aloha"))
     names = {files.checkpoint.name, files.tokenizer.name, files.stats.name, files.text_embeddings.name}
-    outside = {entry.name for entry in out.iterdir()} - {model.name, "episode.png"}
+    outside = {entry.name for entry in out.iterdir()} - {model.name, "episode.png", OWN_DIRECTORY_MARK}
     return not outside and files.checkpoint.is_file() and {entry.name for entry in model.iterdir()} <= names
 
 

@@ -127,12 +127,14 @@ class PolicyClient:
         seed: int | None = None,
         steps: int | None = None,
         return_all_query_results: bool = False,
+        return_actions_by_depth: bool = False,
     ) -> ActReply:
         """Asks for the chunk for `observation`. The images are sent from their own buffers, without a copy: do not
         modify them while this call runs. The reply's `actions` are a read-only view of the received message.
         A planning mode's reply says how the query ended and what each candidate scored;
-        `return_all_query_results`: it also carries every candidate's actions and per-depth values, and each
-        candidate's chunk at every depth.
+        `return_all_query_results`: it also carries every candidate's actions and per-depth values; with
+        `return_actions_by_depth` too, each candidate's chunk at every depth (a server older than that field refuses
+        it, naming it).
 
         The request carries what is left of this call's deadline, so the server drops it (`expired`) rather than
         compute it after we gave up. `overloaded` answers are retried with backoff while the deadline leaves room for
@@ -155,7 +157,7 @@ class PolicyClient:
                 steps=steps,
                 planning_summary=True,
                 return_all_query_results=return_all_query_results or None,
-                return_actions_by_depth=return_all_query_results or None,
+                return_actions_by_depth=return_actions_by_depth or None,
                 timeout_ms=_timeout_ms(deadline),
             )
             return self._act_until(request, deadline)

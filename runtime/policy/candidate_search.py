@@ -121,7 +121,7 @@ class CandidateSearch:
     def _values(self, state_groups: list[list[np.ndarray]]) -> list[np.ndarray]:
         """ "n" values of the candidates for each group of states (the value passes of every state, pooled)."""
         config = self.config
-        if not config.use_ensemble_value_predictions:  # one pass of the first state, seed s (QUIRK, see above)
+        if not config.use_ensemble_value_predictions:  # one pass of the first state, seed s (QUIRK, see `planning`)
             members = [(0, config.value_steps()[0])]
             state_groups = [states[:1] for states in state_groups]
         else:

@@ -37,6 +37,9 @@ def test_a_directory_of_a_demo_before_the_mark_is_still_the_demos(tmp_path: Path
     (tmp_path / "episode.png").write_bytes(b"an earlier demo's")
     demo_cmd._claim_out_directory(tmp_path, model)
     assert (tmp_path / demo_cmd.OWN_DIRECTORY_MARK).is_file()
+    # A mark that predates the list of files (a plain text line) is still an earlier demo's.
+    (tmp_path / demo_cmd.OWN_DIRECTORY_MARK).write_text("written by cosmos-edge demo\n")
+    demo_cmd._claim_out_directory(tmp_path, model)
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / demo_cmd.OWN_DIRECTORY_MARK).unlink()
     with pytest.raises(ConfigError, match="holds files the demo did not write"):

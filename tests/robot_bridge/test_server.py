@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import socket
@@ -342,7 +343,10 @@ def test_planning_replies_carry_the_outcome_and_the_candidates(caplog: pytest.Lo
         brief = client.act(obs, INSTRUCTION, obs_id=2, capture_time_ns=1, mode="planning")
         assert (brief.planning, brief.chosen_index, brief.candidate_values) == ("best_so_far", 1, (0.5, 0.75, None))
         assert brief.candidate_actions is None and brief.candidate_values_by_depth is None
-        full = client.act(obs, INSTRUCTION, obs_id=3, capture_time_ns=1, mode="planning", return_all_query_results=True)
+        every = functools.partial(client.act, obs, INSTRUCTION, mode="planning", return_all_query_results=True)
+        without_chunks = every(obs_id=3, capture_time_ns=1)
+        full = every(obs_id=4, capture_time_ns=1, return_actions_by_depth=True)
+    assert without_chunks.candidate_actions is not None and without_chunks.candidate_actions_by_depth is None
     assert full.candidate_values_by_depth == ((0.5, 0.25), (0.75, 1.0), (None, None))
     assert full.candidate_actions is not None and full.candidate_actions_by_depth is not None
     np.testing.assert_array_equal(full.candidate_actions[:2], CUT_SHORT_CANDIDATES.actions[:2])

@@ -35,6 +35,7 @@ from cosmos_edge.runtime.engines.tensorrt.cache import (
     REBUILD_BUNDLE_HINT,
     EngineCache,
     EngineRecord,
+    EngineTarget,
     OnnxSource,
     cache_rebuild_hint,
     check_engine_source,
@@ -43,7 +44,7 @@ from cosmos_edge.runtime.engines.tensorrt.cache import (
 )
 from cosmos_edge.runtime.engines.tensorrt.cuda_buffers import CapturedWork, DeviceIO, check_cuda, import_cudart
 from cosmos_edge.runtime.errors import EngineError
-from cosmos_edge.runtime.files import exclusive_lock
+from cosmos_edge.runtime.files import exclusive_lock, writable_folder
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -97,19 +98,12 @@ class TensorRTRunner:
         cache = EngineCache(cache_dir)
         key = engine_cache_key(onnx.sha256(), target, DEFAULT_BUILD_OPTIONS)
         engine_path = cache.engine_path(spec.name, key)
-        engine_path.parent.mkdir(parents=True, exist_ok=True)
-
-        def waiting() -> None:
-            _LOG.info("TensorRT engine %s: another process is building it; waiting to use it", engine_path)
-
-        # One build per engine across processes (minutes for the 2B DiT): the second looks up the first's engine.
-        with exclusive_lock(engine_path.with_suffix(".lock"), on_wait=waiting):
-            cached = cache.lookup(spec.name, key, target)
-            if cached is None:
-                record, data = build_engine(spec, onnx, engine_path, device=device)
-            else:
-                record, data = cached
-                _LOG.info("using the cached TensorRT engine %s", engine_path)
+        found = cache.lookup(spec.name, key, target)  # a cache that only serves may be read-only: no lock to find
+        if found is None:
+            found = _build_once(cache, spec, onnx, key, target, device)
+        else:
+            _LOG.info("using the cached TensorRT engine %s", engine_path)
+        record, data = found
         return cls._activate(spec, record, data, device, cache_rebuild_hint(engine_path))
 
     @classmethod
@@ -211,6 +205,22 @@ class TensorRTRunner:
     def _check_open(self) -> None:
         if self._context is None:
             raise EngineError(f"TensorRTRunner for graph {self._spec.name!r} is closed: create a new runner")
+
+
+def _build_once(
+    cache: EngineCache, spec: GraphSpec, onnx: OnnxSource, key: str, target: EngineTarget, device: int
+) -> tuple[EngineRecord, bytes]:
+    """The engine of a cache miss, built once across processes (minutes for the 2B DiT): a process that finds
+    another building it waits, then uses that engine."""
+    engine_path = cache.engine_path(spec.name, key)
+    writable_folder(engine_path.parent, "the TensorRT engine cache")
+
+    def waiting() -> None:
+        _LOG.info("TensorRT engine %s: another process is building it; waiting to use it", engine_path)
+
+    with exclusive_lock(engine_path.with_suffix(".lock"), on_wait=waiting):
+        found = cache.lookup(spec.name, key, target)
+        return found if found is not None else build_engine(spec, onnx, engine_path, device=device)
 
 
 def check_target(device: str, precision: str) -> None:
