@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 
 from cosmos_edge.robot_bridge.protocol import ActReply, ActRequest
+from cosmos_edge.robot_bridge.wire import WireLimits
+from cosmos_edge.runtime.errors import InputError
 from cosmos_edge.runtime.platforms import PlatformSpec
 from cosmos_edge.runtime.policy.api import ActionQuery, CandidateResults, ChunkResult, Observation
 from cosmos_edge.runtime.version import installed_version
@@ -76,8 +78,22 @@ def _candidate_fields(candidates: CandidateResults | None, request: ActRequest) 
         fields["candidate_values_by_depth"] = tuple(values(row) for row in candidates.values_by_depth)
         fields["candidate_actions"] = _zeros_for_nan(candidates.actions)
         if request.return_actions_by_depth:
-            fields["candidate_actions_by_depth"] = _zeros_for_nan(candidates.actions_by_depth)
+            fields["candidate_actions_by_depth"] = _chunks_by_depth(candidates)
     return fields
+
+
+def _chunks_by_depth(candidates: CandidateResults) -> np.ndarray:
+    """Every candidate's chunk at every depth, refused (an error reply naming the field) when it is larger than a
+    client's default limits let it decode (a deep search over many candidates)."""
+    chunks = _zeros_for_nan(candidates.actions_by_depth)
+    limit = WireLimits().max_array_bytes
+    if chunks.nbytes > limit:
+        raise InputError(
+            f"return_actions_by_depth: {chunks.shape[0]} candidates x {chunks.shape[1]} entries of chunks make "
+            f"{chunks.nbytes} bytes, above the {limit} bytes a client decodes in one array; ask without it",
+            field="return_actions_by_depth",
+        )
+    return chunks
 
 
 def _zeros_for_nan(actions: np.ndarray) -> np.ndarray:

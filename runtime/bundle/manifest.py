@@ -338,9 +338,9 @@ class Bundle:
             raise BundleError(f"bundle {self.root}: has no graph {name!r}; it has {sorted(self.manifest.graphs)}")
         return record
 
-    def graph_file(self, name: str, with_engine: bool = True) -> GraphFile:
-        """What a backend opens for graph `name`: its files verified, or (`with_engine`: for a backend that runs it)
-        the engine the bundle ships for it, which is then what runs.
+    def graph_file(self, name: str, *, with_engine: bool = False) -> GraphFile:
+        """What a backend opens for graph `name`: its files verified, or (`with_engine`: for a backend that runs
+        engines, TensorRT) the engine the bundle ships for it, which is then what runs instead of the ONNX files.
 
         An engine's record beside it (which GPU and TensorRT it runs on, and its sha256) is verified against the
         manifest; the engine's bytes against the record as the backend reads them (`tensorrt.cache.read_engine`),

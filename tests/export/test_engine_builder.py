@@ -112,8 +112,8 @@ def test_an_engine_record_edited_in_place_is_refused_with_the_engine(
     monkeypatch.setattr(engine_builder, "require_tensorrt", lambda: None)
     monkeypatch.setattr(engine_builder, "build_engine", build_engine)
     name = engine_builder.build_bundle_engines(bundle).graph_names("dit")[0]
-    Bundle.open(bundle).graph_file(name)  # as built
+    Bundle.open(bundle).graph_file(name, with_engine=True)  # as built
     # The record decides which GPU the engine may run on: another GPU's name, of the same length, is caught.
     record_path(bundle / "engines" / f"{name}.engine").write_text('{"gpu": "NVIDIA H200"}')
     with pytest.raises(BundleError, match=rf"engines/{name}\.json: sha256 mismatch"):
-        Bundle.open(bundle).graph_file(name)
+        Bundle.open(bundle).graph_file(name, with_engine=True)

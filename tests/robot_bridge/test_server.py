@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -355,6 +356,25 @@ def test_planning_replies_carry_the_outcome_and_the_candidates(caplog: pytest.Lo
     np.testing.assert_array_equal(full.candidate_actions_by_depth[2], 0.0)
     assert "planning=best_so_far deadline_passed_total=1" in caplog.text
     assert "planning=best_so_far deadline_passed_total=2" in caplog.text
+
+
+def test_chunks_at_every_depth_too_large_for_a_client_are_refused_naming_the_field() -> None:
+    # 64 candidates searching 3 deep over 16 predicted states: 33 chunks each, 5.9 MB in one array.
+    chunks = np.zeros((64, 33, ALOHA.chunk_size, ALOHA.action_dim), np.float32)
+    deep = dataclasses.replace(
+        CUT_SHORT_CANDIDATES,
+        actions=chunks[:, 0],
+        values=np.full(64, 0.5),
+        values_by_depth=np.full((64, 33), 0.5, np.float32),
+        actions_by_depth=chunks,
+    )
+    server = PolicyServer(StubPolicy(candidates=deep), ServerConfig(ENDPOINT))
+    with serving(server) as endpoint, PolicyClient(endpoint) as client:
+        every = functools.partial(client.act, observation(1.0), INSTRUCTION, return_all_query_results=True)
+        with pytest.raises(RemoteError) as refused:
+            every(obs_id=1, capture_time_ns=1, return_actions_by_depth=True)
+        assert refused.value.field == "return_actions_by_depth" and "ask without it" in refused.value.detail
+        assert every(obs_id=2, capture_time_ns=1).candidate_values_by_depth is not None  # and it keeps serving
 
 
 def test_a_client_that_predates_the_planning_fields_gets_replies_it_can_decode(
