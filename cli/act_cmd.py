@@ -261,4 +261,4 @@ def save_result(path: Path, result: ChunkResult, all_actions: bool = False) -> N
         if all_actions:
             arrays["candidate_actions"] = result.candidates.actions
             arrays["candidate_actions_by_depth"] = result.candidates.actions_by_depth
-    write_npz("--out", path, arrays)
+    write_npz(path, arrays)

@@ -234,7 +234,7 @@ def _act(args: argparse.Namespace) -> int:
             arrays["candidate_actions_by_depth"] = reply.candidate_actions_by_depth
     print("server timings (ms): " + ", ".join(f"{name} {ms:.1f}" for name, ms in reply.timings_ms.items()))
     if out is not None:
-        write_npz("--out", out, arrays)
+        write_npz(out, arrays)
         print(f"wrote {out}")
     return 0
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import zmq.auth
 
-from cosmos_edge.cli.output_paths import write_error
 from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.files import write_error
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import re
@@ -28,6 +27,7 @@ from cosmos_edge.cli.signals import sigterm_interrupts
 from cosmos_edge.robot_bridge.client import RemoteError
 from cosmos_edge.robot_bridge.wire import REQUEST_FAULTS, MessageError
 from cosmos_edge.runtime.errors import BundleError, CheckpointError, ConfigError, CosmosEdgeError, InputError
+from cosmos_edge.runtime.files import PATH_FAULTS
 from cosmos_edge.runtime.version import installed_version
 
 DESCRIPTION = (
@@ -141,15 +141,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's flush at exit must not fail
         return 141  # as a shell reports SIGPIPE
     except OSError as error:  # a path the command checked or opened that the system refused (permissions, a full disk)
+        logging.getLogger(__name__).debug("the system refused a call", exc_info=True)  # -v shows where
         where = f"{error.filename}: " if error.filename is not None else ""
-        code = USAGE_ERROR if error.errno in _PATH_FAULTS else FAILURE
-        return _report(args, f"{where}{error.strerror or error}", code)
+        given = error.errno in PATH_FAULTS and _given_path(args, error.filename)
+        return _report(args, f"{where}{error.strerror or error}", USAGE_ERROR if given else FAILURE)
 
 
-# Errors of a path the user gave (or its folder), rather than of the machine (a full disk, an I/O error).
-_PATH_FAULTS = frozenset(
-    {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP}
-)
+def _given_path(args: argparse.Namespace, filename: object) -> bool:
+    """Whether `filename` is a path the command was given, or lies under one."""
+    if not isinstance(filename, str | os.PathLike):
+        return False
+    path = os.path.abspath(filename)
+    given = [os.path.abspath(value) for value in vars(args).values() if isinstance(value, str | os.PathLike)]
+    return any(path == value or path.startswith(value.rstrip(os.sep) + os.sep) for value in given)
 
 
 def _report(args: argparse.Namespace, message: str, code: int) -> int:

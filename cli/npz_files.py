@@ -4,15 +4,16 @@ name the file and its flag."""
 from __future__ import annotations
 
 import argparse
-import os
+import io
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from cosmos_edge.cli.output_paths import writable_file, write_error
+from cosmos_edge.cli.output_paths import writable_file
 from cosmos_edge.runtime.errors import ConfigError, InputError
+from cosmos_edge.runtime.files import write_atomic
 from cosmos_edge.runtime.policy.api import Observation
 
 
@@ -80,16 +81,9 @@ def output_path(flag: str, path: Path) -> Path:
     return writable_file(flag, path if path.suffix == ".npz" else path.with_name(path.name + ".npz"), replace=False)
 
 
-def write_npz(flag: str, path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     """Writes `arrays` to `path` (an `output_path`), whole or not at all: a truncated archive (a full disk) would be
-    refused as existing by the next run."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with partial.open("wb") as file:
-            np.savez(file, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds like allow_pickle
-        os.replace(partial, path)
-    except BaseException as error:  # Ctrl-C included
-        partial.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise write_error(f"{flag} {path}", error) from None
-        raise
+    refused as existing by the next run. Results are small: the archive is made in memory."""
+    archive = io.BytesIO()
+    np.savez(archive, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds like allow_pickle
+    write_atomic(path, archive.getvalue())

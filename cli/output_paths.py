@@ -3,11 +3,10 @@ is a usage error naming its flag, not a traceback after minutes of loading."""
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 
-from cosmos_edge.runtime.errors import ConfigError, CosmosEdgeError, EngineError
+from cosmos_edge.runtime.errors import ConfigError
 
 
 def writable_file(flag: str, path: Path, *, replace: bool = True) -> Path:
@@ -24,12 +23,3 @@ def writable_file(flag: str, path: Path, *, replace: bool = True) -> Path:
     if not os.access(directory, os.W_OK):
         raise ConfigError(f"{named}: cannot write in {directory}")
     return path
-
-
-def write_error(what: str, error: OSError) -> CosmosEdgeError:
-    """The error of a write that failed after its path was checked: the machine's fault (a full disk or quota, an I/O
-    error) is a failure, anything else (permissions, a file where a directory belongs) the path's: a usage error."""
-    detail = f"{what}: {error.strerror or error}"
-    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG):
-        return EngineError(detail)
-    return ConfigError(detail)

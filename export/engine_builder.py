@@ -11,14 +11,14 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from cosmos_edge.runtime.bundle.manifest import ENGINES_DIR, Bundle, FileRecord, file_record, write_manifest
+from cosmos_edge.runtime.bundle.manifest import CACHE_DIR, ENGINES_DIR, Bundle, FileRecord, file_record, write_manifest
 from cosmos_edge.runtime.engines.tensorrt.build import build_engine, require_tensorrt
 from cosmos_edge.runtime.engines.tensorrt.cache import OnnxSource, record_path
-from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.errors import EngineError
 from cosmos_edge.runtime.files import exclusive_lock, writable_folder
 
 _LOG = logging.getLogger(__name__)
-BUILD_LOCK_NAME = ".engines-build.lock"  # held by the `engines build` of a bundle while it runs
+BUILD_LOCK_NAME = "engines-build.lock"  # in the bundle's machine-local cache: held by its `engines build`
 
 
 def build_bundle_engines(bundle_dir: str | Path, device: int = 0, graphs: tuple[str, ...] = ()) -> Bundle:
@@ -35,9 +35,10 @@ def build_bundle_engines(bundle_dir: str | Path, device: int = 0, graphs: tuple[
     require_tensorrt()
     writable_folder(bundle.root, "its rewritten manifest")  # before minutes of building, not after
     writable_folder(bundle.root / ENGINES_DIR, "the bundle's TensorRT engines")
-    with exclusive_lock(bundle.root / BUILD_LOCK_NAME, wait=False) as alone:
+    writable_folder(bundle.root / CACHE_DIR, "the bundle's cache (its build lock)")
+    with exclusive_lock(bundle.root / CACHE_DIR / BUILD_LOCK_NAME, wait=False) as alone:
         if not alone:  # each rewrites the manifest from its own copy: the later would drop the earlier's engines
-            raise ConfigError(
+            raise EngineError(
                 f"bundle {bundle.root}: another `cosmos-edge engines build` is building its engines; run one at a time"
             )
         return _build(Bundle.open(bundle.root), names, device)  # the manifest as it is now that none other builds

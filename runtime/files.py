@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -10,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cosmos_edge.runtime.errors import EngineError
+from cosmos_edge.runtime.errors import ConfigError, CosmosEdgeError, EngineError
 
 _HASH_CHUNK = 16 << 20
 
@@ -44,9 +45,22 @@ def graph_files_digest(files: Iterable[tuple[str, str]]) -> str:
     return digest.hexdigest()
 
 
+# Errors of a path (or its folder), rather than of the machine (a full disk, an I/O error): what was given is wrong.
+PATH_FAULTS = frozenset(
+    {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP}
+)
+
+
+def write_error(what: str, error: OSError) -> CosmosEdgeError:
+    """The error of a write that failed ("PATH: cannot be written (why)"): the path's fault (permissions, a file
+    where a folder belongs) is a `ConfigError`, the machine's (a full disk or quota, an I/O error) an `EngineError`."""
+    kind = ConfigError if error.errno in PATH_FAULTS else EngineError
+    return kind(f"{what} ({error.strerror or error})")
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Writes aside, then renames: a crash mid-write leaves a temporary file, never a truncated one under `path`.
-    A write that fails (a full disk: engines are gigabytes) raises `EngineError` naming `path`."""
+    A write that fails (a full disk: engines are gigabytes) raises `write_error`'s error naming `path`."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         partial.write_bytes(data)
@@ -54,7 +68,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException as error:  # a full disk, Ctrl-C: no hidden file of gigabytes (an engine) left behind
         partial.unlink(missing_ok=True)
         if isinstance(error, OSError):
-            raise EngineError(f"{path}: cannot be written ({error.strerror or error})") from None
+            raise write_error(f"{path}: cannot be written", error) from None
         raise
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cosmos_edge.runtime.errors import ConfigError, EngineError
-from cosmos_edge.runtime.files import CheckpointFiles
+from cosmos_edge.runtime.files import CheckpointFiles, write_error
 from cosmos_edge.runtime.models.dit_checkpoint import random_dit_state_dict
 from cosmos_edge.runtime.models.dit_config import dit_config
 from cosmos_edge.runtime.models.dtypes import TORCH_DTYPES
@@ -78,8 +78,8 @@ def write_random_assets(out_dir: str | Path, spec: RandomAssetsSpec = RandomAsse
     vae = vae_config(VAE_FOR_DIT[spec.config])
     # Each made when written: the 2B DiT's state dict is 8 GB in fp32, and is released before the VAE's is made.
     writers: list[tuple[Path, Callable[[Path], None]]] = [
-        (files.checkpoint, lambda path: torch.save(random_dit_state_dict(dit, spec.seed, dtype), path)),
-        (files.tokenizer, lambda path: torch.save(random_vae_state_dict(vae, spec.seed + 1, dtype), path)),
+        (files.checkpoint, lambda path: _save(random_dit_state_dict(dit, spec.seed, dtype), path)),
+        (files.tokenizer, lambda path: _save(random_vae_state_dict(vae, spec.seed + 1, dtype), path)),
         (files.stats, random_stats(platform, spec.seed).write_json),
         (files.text_embeddings, lambda path: text_store.write(path, embeddings)),
     ]
@@ -92,10 +92,17 @@ def write_random_assets(out_dir: str | Path, spec: RandomAssetsSpec = RandomAsse
     except BaseException as error:  # Ctrl-C included: a partial model would block the next run, which never replaces
         for path in written:  # files
             path.unlink(missing_ok=True)
-        if isinstance(error, OSError | RuntimeError):  # torch.save's failed write (a full disk) is a RuntimeError
-            raise EngineError(f"{written[-1]}: cannot be written ({error})") from None
+        if isinstance(error, OSError):
+            raise write_error(f"{written[-1]}: cannot be written", error) from None
         raise
     return files
+
+
+def _save(state: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        torch.save(state, path)
+    except RuntimeError as error:  # torch.save's failed write (a full disk) is a RuntimeError of its C++ stream
+        raise EngineError(f"{path}: cannot be written ({error})") from None
 
 
 def random_stats(platform: PlatformSpec, seed: int) -> DatasetStats:

@@ -8,8 +8,6 @@ import json
 import os
 import re
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from cosmos_edge.runtime.models.dit_config import dit_config
 from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.policy import text_embeddings as text_store
 from cosmos_edge.runtime.policy.text_embeddings import TEXT_TOKENS
+from tests.helpers.locks import held_elsewhere
 from tests.helpers.observations import TinyBundles
 
 
@@ -148,16 +147,6 @@ def test_killed_export_leaves_only_a_hidden_directory_the_reader_refuses(tmp_pat
         Bundle.open(staging)
 
 
-HOLD_LOCK = """
-import sys
-from pathlib import Path
-from cosmos_edge.runtime.files import exclusive_lock
-with exclusive_lock(Path(sys.argv[1])):
-    print("held", flush=True)
-    sys.stdin.readline()
-"""
-
-
 def test_a_new_export_removes_what_a_killed_one_left_but_not_a_running_ones(
     tiny_assets: dict[str, CheckpointFiles], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -170,21 +159,13 @@ def test_a_new_export_removes_what_a_killed_one_left_but_not_a_running_ones(
         (staging / "graphs").mkdir(parents=True)
     for staging in (killed, running):
         os.utime(staging, (time.time() - 3600, time.time() - 3600))
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(running / ".export.lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
 
     def fail(*args: object) -> None:
         raise RuntimeError("x")
 
     monkeypatch.setattr(bundle_writer, "export_vae_cameras_encoder", fail)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
-        with pytest.raises(RuntimeError, match=r"^x$"):
-            export_bundle(request(tiny_assets["libero"], tmp_path / "bundle"))
-    finally:
-        holder.kill()
-        holder.wait()
+    with held_elsewhere(running / ".export.lock"), pytest.raises(RuntimeError, match=r"^x$"):
+        export_bundle(request(tiny_assets["libero"], tmp_path / "bundle"))
     assert sorted(tmp_path.iterdir()) == sorted([running, starting, users])
 
 

@@ -16,7 +16,8 @@ from cosmos_edge.runtime.bundle.manifest import Bundle
 from cosmos_edge.runtime.engines.graph import GraphSpec
 from cosmos_edge.runtime.engines.tensorrt.build import tensorrt_version
 from cosmos_edge.runtime.engines.tensorrt.cache import record_path
-from cosmos_edge.runtime.errors import BundleError
+from cosmos_edge.runtime.errors import BundleError, EngineError
+from tests.helpers.locks import held_elsewhere
 
 pytestmark = pytest.mark.skipif(
     tensorrt_version() is not None,
@@ -117,3 +118,17 @@ def test_an_engine_record_edited_in_place_is_refused_with_the_engine(
     record_path(bundle / "engines" / f"{name}.engine").write_text('{"gpu": "NVIDIA H200"}')
     with pytest.raises(BundleError, match=rf"engines/{name}\.json: sha256 mismatch"):
         Bundle.open(bundle).graph_file(name, with_engine=True)
+
+
+def test_a_second_engines_build_on_a_bundle_is_refused_while_one_runs(
+    tiny_bundles: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each rewrites the manifest from its own copy: run together, the later would drop the earlier's engines."""
+    bundle = Path(shutil.copytree(tiny_bundles("libero"), tmp_path / "bundle"))
+    monkeypatch.setattr(engine_builder, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(engine_builder, "build_engine", lambda *args, **kwargs: pytest.fail("built beside another"))
+    (bundle / "cache").mkdir(exist_ok=True)
+    refused = pytest.raises(EngineError, match=r"another `cosmos-edge engines build` is building its engines")
+    with held_elsewhere(bundle / "cache" / engine_builder.BUILD_LOCK_NAME), refused:
+        engine_builder.build_bundle_engines(bundle)
+    assert Bundle.open(bundle).manifest.engines == {}
