@@ -26,6 +26,15 @@ GraphPool: TypeAlias = Any  # torch's memory-pool handle, whose type is private
 # A process captures one graph at a time: torch's capture machinery is process-wide (it synchronises the device and
 # empties the allocator's cache as a capture begins), and networks on several devices may capture from several threads.
 _CAPTURING = threading.Lock()
+# Set when a capture failed for another reason than memory: torch may leave its allocator counting that capture as
+# underway (its end raised before the allocator was told), so no network of the process captures again.
+_CAPTURES_OFF = threading.Event()
+
+
+def empty_cache() -> None:
+    """`torch.cuda.empty_cache()`, never while another thread captures (it asserts that no capture is underway)."""
+    with _CAPTURING:
+        torch.cuda.empty_cache()
 
 
 def graph_pool(device: torch.device) -> GraphPool:
@@ -59,8 +68,9 @@ class CapturedCall:
         device = self._inputs[0].device
         # Warm-up and capture on a stream of the inputs' device: torch's default capture stream belongs to whichever
         # device was current when it was first made.
+        caller = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
+        side.wait_stream(caller)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side):
             # Outside the capture, and outside its lock: compilation (minutes for a 2B DiT), autotuning, cuBLAS and
@@ -73,7 +83,11 @@ class CapturedCall:
                     self._output = function(*self._inputs)
             except RuntimeError as error:
                 raise CaptureFailed(str(error)) from error
-        torch.cuda.current_stream(device).wait_stream(side)
+            finally:
+                # A capture whose end raised leaves `side` current (torch restores the stream after ending it): the
+                # caller's calls go on on its own stream, after the side stream's work, failed or not.
+                torch.cuda.set_stream(caller)
+                caller.wait_stream(side)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         for captured, given in zip(self._inputs, inputs, strict=True):
@@ -115,7 +129,7 @@ class CapturedCalls:
         if key in self._calls:
             call = self._calls[key]
             return function(*inputs) if call is None else call(*inputs)
-        if self._plain or len(self._calls) >= self._limit:
+        if self._plain or _CAPTURES_OFF.is_set() or len(self._calls) >= self._limit:
             return function(*inputs)
         try:
             call = self._calls[key] = CapturedCall(function, inputs, self._pool, holds)
@@ -124,7 +138,12 @@ class CapturedCalls:
                 _LOG.warning("CUDA graph capture ran out of memory: this call runs without a graph (%s)", failure)
                 self._calls[key] = None
             else:
-                _LOG.warning("CUDA graph capture failed, capturing no more calls (those made are kept): %s", failure)
+                _LOG.warning(
+                    "CUDA graph capture failed: no call of this process is captured from now on (those made are kept; "
+                    "--no-cuda-graphs avoids captures from the start): %s",
+                    failure,
+                )
                 self._plain = True
+                _CAPTURES_OFF.set()
             return function(*inputs)
         return call(*inputs)

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import itertools
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ from cosmos_edge.kernels.image_transforms import (
     device_tables,
     transform_batches,
 )
-from cosmos_edge.runtime.engines.cuda_graphs import CapturedCalls, graph_pool
+from cosmos_edge.runtime.engines.cuda_graphs import CapturedCalls, empty_cache, graph_pool
 from cosmos_edge.runtime.engines.torch_arrays import TorchArrays
 from cosmos_edge.runtime.errors import ConfigError, EngineError
 from cosmos_edge.runtime.models.dit import CosmosDiT, CrossAttentionKV, TimestepModulation
@@ -208,6 +209,7 @@ class TorchDiT:
         # With graphs, the networks of the last instructions bound are kept: a task switched back to, a warm-up's
         # instruction, or the planning mode's binding of the reactive query's instruction reuse their K/V.
         self._bound: OrderedDict[bytes, NetworkFn] = OrderedDict()
+        self._text_kvs: weakref.WeakSet[_TextKV] = weakref.WeakSet()  # every binding's, to drop on close
         self._binding = threading.Lock()
         self._calling = threading.Lock()  # also guards `_modulations` and the graphs' K/V
         self._modulations: dict[bytes, TimestepModulation] = {}  # batch-1 timesteps -> their adaLN vectors, LRU
@@ -248,9 +250,9 @@ class TorchDiT:
 
     @torch.inference_mode()
     def _bind(self, text_embedding: np.ndarray) -> NetworkFn:
-        kv = self._dit.precompute_text_kv(torch.from_numpy(text_embedding).to(self._device))
+        binding = _TextKV(self._dit.precompute_text_kv(torch.from_numpy(text_embedding).to(self._device)))
+        self._text_kvs.add(binding)
         dtype = self._dit.dtype
-        binding = object()  # whose K/V the graphs' buffers hold
 
         @torch.inference_mode()
         def network(x: Array, timesteps: Array, condition_mask: Array) -> Array:
@@ -261,6 +263,8 @@ class TorchDiT:
             forward = self._forward_batched if batched else self._forward
             with self._calling, calling_thread(self._device, self._threads):
                 self._check_open()
+                kv = binding.kv
+                assert kv is not None  # dropped only by `close`, checked above
                 host_steps = np.ascontiguousarray(timesteps, dtype=np.float32)
                 steps_key = host_steps.tobytes()  # the shape is fixed by the byte count and the batch
                 captured = None if batched else self._captured
@@ -309,6 +313,8 @@ class TorchDiT:
         with self._binding, self._calling:
             self._closed = True
             self._bound.clear()
+            for binding in self._text_kvs:  # callers may still hold networks bound to them
+                binding.kv = None
             self._modulations.clear()
             self._captured = None
             self._graph_kv.clear()
@@ -347,6 +353,16 @@ def _make_room_for_graphs() -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, needed)
 
 
+class _TextKV:
+    """An instruction's cross-attention K/V (117 MB for the 2B DiT in bf16), which `TorchDiT.close` drops although a
+    caller may still hold the network bound to it; also whose K/V the graphs' buffers hold."""
+
+    __slots__ = ("__weakref__", "kv")
+
+    def __init__(self, kv: CrossAttentionKV) -> None:
+        self.kv: CrossAttentionKV | None = kv
+
+
 def _batched_call(dit: CosmosDiT) -> Callable[..., torch.Tensor]:
     """`dit`'s forward behind a frame of its own, so that its compiled graphs are cached apart from batch 1's."""
 
@@ -361,7 +377,7 @@ def _release(module: torch.nn.Module, device: torch.device) -> None:
     freed device memory back."""
     module.to("meta")
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        empty_cache()
 
 
 def calling_thread(device: torch.device, threads: int) -> contextlib.AbstractContextManager[None]:

@@ -16,7 +16,8 @@ from cosmos_edge.runtime.policy.latents import BLACK, black_prefix_frames
 
 class BlackPrefixEncoder(nn.Module):
     """Camera frames [B, 3, 4k, 224, 224] in the VAE's dtype → the latents of the whole prefix, black frames first,
-    as encoding the whole clip would give them (bf16 bit-identical; the encoder is causal). `fold_time_taps`: see
+    as encoding the whole clip would give them (the encoder is causal: bf16 bit-identical with the 3-D convs; folded,
+    the same sums in another order). `fold_time_taps`: see
     `CausalContext`."""
 
     black_latent: Tensor
