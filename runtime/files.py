@@ -92,15 +92,21 @@ def exclusive_lock(path: Path, *, wait: bool = True, on_wait: Callable[[], None]
     except OSError as error:
         raise EngineError(f"{path}: cannot make the lock file ({error.strerror or error})") from None
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held = _lock_now(handle)
+        if not held and wait:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
             held = True
-        except BlockingIOError:
-            held = wait
-            if wait:
-                if on_wait is not None:
-                    on_wait()
-                fcntl.flock(handle, fcntl.LOCK_EX)
         yield held
     finally:
         os.close(handle)  # releases the lock
+
+
+def _lock_now(handle: int) -> bool:
+    """Takes the exclusive lock of `handle` if no other process holds it."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True

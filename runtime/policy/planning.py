@@ -154,14 +154,14 @@ def _rank(
     return _Ranked(latents, values, by_depth, actions_by_depth, computed, chosen, outcome, value, states)
 
 
-def _read_chunks(model: PolicyModel, latents: np.ndarray, computed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`read_chunks` of the candidates whose action pass finished; NaN for the others."""
+def _future_proprio(model: PolicyModel, latents: np.ndarray, computed: np.ndarray) -> np.ndarray:
+    """The future proprio of the candidates whose action pass finished; NaN for the others. (Their chunks were read
+    as they were scored: `actions_by_depth`.)"""
     done = np.flatnonzero(computed)
-    actions, future_proprio = read_chunks(model, latents[done])
-    all_actions = np.full((len(latents), *actions.shape[1:]), np.nan, np.float32)
-    all_proprio = np.full((len(latents), *future_proprio.shape[1:]), np.nan, np.float32)
-    all_actions[done], all_proprio[done] = actions, future_proprio
-    return all_actions, all_proprio
+    _, future_proprio = read_chunks(model, latents[done])
+    every = np.full((len(latents), *future_proprio.shape[1:]), np.nan, np.float32)
+    every[done] = future_proprio
+    return every
 
 
 class PlanningPolicy(ModelPolicy):
@@ -293,7 +293,8 @@ class PlanningPolicy(ModelPolicy):
                 else:
                     scores = self._score_until(started + self._deadline_s, query, encoded.clean, steps)
             with timer.stage("readout"):
-                actions, future_proprio = _read_chunks(self._model, scores.latents, scores.computed)
+                actions = scores.actions_by_depth[:, 0]
+                future_proprio = _future_proprio(self._model, scores.latents, scores.computed)
             images = self._future_images(scores, encoded, query, steps, timer) if query.return_future_images else None
         except Stopped:
             raise EngineError("planning: the policy was closed during the query") from None
