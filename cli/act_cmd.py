@@ -156,6 +156,7 @@ def _act_on(args: argparse.Namespace) -> int:
         planning=planning,
         planning_deadline_ms=args.planning_deadline_ms,
         future_images=args.future_images,  # the decoder graphs load only when asked for
+        use_variance_scale=args.use_variance_scale,
     ) as loaded:
         policy = loaded.planning or loaded.reactive
         query = ActionQuery(observation, args.task, args.seed, args.steps, return_future_images=args.future_images)

@@ -69,6 +69,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="official files only: replay the camera encode and the batch-1 DiT calls from CUDA graphs (default: on "
         "for CUDA devices)",
     )
+    parser.add_argument(
+        "--use-variance-scale",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="official use_variance_scale, for every sampling pass of both modes: its sigma_max (and initial noise) "
+        "scaled by 1 to 3 and its sigma_min by 0.1 to 1, factors drawn from the pass's seed, for more diverse "
+        "samples (default: off, as in every official command)",
+    )
 
 
 def model_source(

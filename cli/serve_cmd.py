@@ -269,6 +269,7 @@ def _policies(args: argparse.Namespace) -> LoadedPolicies:
         planning=planning,
         planning_deadline_ms=args.planning_deadline_ms,
         future_images=False,  # served replies carry no images: a bundle's decoder graphs stay unloaded
+        use_variance_scale=args.use_variance_scale,
     )
     if reactive_only is not None:  # said once the devices are known to work: a bad one is the error to see first
         _LOG.warning("serving the reactive mode only: %s", reactive_only)

@@ -105,9 +105,11 @@ def load_policies(
     planning: PlanningConfig | None = None,
     planning_deadline_ms: float | None = None,
     future_images: bool | None = None,
+    use_variance_scale: bool = False,
 ) -> LoadedPolicies:
     """The reactive policy, and with `planning` the best-of-N policy over `devices` (default: the backend's one),
-    answering within `planning_deadline_ms` when given (`PlanningPolicy`).
+    answering within `planning_deadline_ms` when given (`PlanningPolicy`); both sample with the official
+    `use_variance_scale` when it is on.
 
     `future_images` (bundles): None loads the full encoder and decoder if the bundle has them, True requires them,
     False skips them. Checkpoint files always can decode future images.
@@ -123,7 +125,12 @@ def load_policies(
             one_at_a_time = planning_deadline_ms is not None
             model, networks = _open_bundle(source, used, planning, one_at_a_time, future_images, resources)
             full_sequence = False
-        reactive = ReactivePolicy(model, networks[0].policy_network, encode_full_sequence=full_sequence)
+        reactive = ReactivePolicy(
+            model,
+            networks[0].policy_network,
+            encode_full_sequence=full_sequence,
+            use_variance_scale=use_variance_scale,
+        )
         resources.callback(reactive.reset)  # drops its bound instruction (K/V, graphs) before the networks close
         planner = None
         if planning is not None:
@@ -134,6 +141,7 @@ def load_policies(
                 batch_passes=_batching_pays(used),
                 deadline_ms=planning_deadline_ms,
                 encode_full_sequence=full_sequence,
+                use_variance_scale=use_variance_scale,
             )
             resources.callback(planner.close)
             resources.callback(planner.reset)

@@ -70,6 +70,7 @@ class CandidateSearch:
     batch_passes: bool
     timer: StageTimer
 
+    use_variance_scale: bool = False  # the official option: every pass's sigma range scaled by its seed's factors
     stops: tuple[threading.Event, ...] = ()  # any set: the next network call raises `Stopped`
     started: float = dataclasses.field(default_factory=time.perf_counter)  # for the progress of a slow query
 
@@ -160,13 +161,15 @@ class CandidateSearch:
 
     def _sample(self, network: BoundNetwork, mode: ConditioningMode, passes: list[_Pass]) -> list[np.ndarray]:
         """The samples of each pass, in order: all passes as one batch, or pass after pass."""
-        platform, timer, n = self.model.platform, self.timer, len(self.seeds)
+        platform, timer, n, scale = self.model.platform, self.timer, len(self.seeds), self.use_variance_scale
         if self.stops:
             network = dataclasses.replace(network, call=_stoppable(network.call, self.stops))
         seeds = [self._seeds(each.offset) for each in passes]  # drawn in pass order (randomize_seed)
         if not self.batch_passes:
             return [
-                sample_latents(network, platform, each.clean, mode, pass_seeds, each.steps, timer)
+                sample_latents(
+                    network, platform, each.clean, mode, pass_seeds, each.steps, timer, use_variance_scale=scale
+                )
                 for each, pass_seeds in zip(passes, seeds, strict=True)
             ]
         batch = sample_latents(
@@ -177,6 +180,7 @@ class CandidateSearch:
             [seed for pass_seeds in seeds for seed in pass_seeds],
             [each.steps for each in passes for _ in range(n)],
             timer,
+            use_variance_scale=scale,
         )
         return [batch[i : i + n] for i in range(0, len(batch), n)]
 

@@ -180,6 +180,7 @@ class PlanningPolicy(ModelPolicy):
     worker, so a deadline costs throughput when it is met.
 
     `encode_full_sequence`: encode the observation as `ReactivePolicy`'s reference does (all pixel frames).
+    `use_variance_scale`: the official option, for every pass (see `ReactivePolicy`).
     """
 
     def __init__(
@@ -191,6 +192,7 @@ class PlanningPolicy(ModelPolicy):
         batch_passes: bool = True,
         deadline_ms: float | None = None,
         encode_full_sequence: bool = False,
+        use_variance_scale: bool = False,
     ) -> None:
         if not workers:
             raise ConfigError("workers: expected at least one planning worker")
@@ -204,6 +206,7 @@ class PlanningPolicy(ModelPolicy):
         self._config = config or PlanningConfig()
         self._batch_passes = batch_passes
         self._encode_full_sequence = encode_full_sequence
+        self._use_variance_scale = use_variance_scale
         self._deadline_s = None if deadline_ms is None else deadline_ms / 1e3
         self._pool = ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="planning")
         self._stopping: list[Future[None]] = []  # workers of a query past its deadline, finishing their last call
@@ -410,6 +413,7 @@ class PlanningPolicy(ModelPolicy):
             steps,
             self._batch_passes,
             timer,
+            self._use_variance_scale,
             stops,
         )
 

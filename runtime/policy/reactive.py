@@ -24,12 +24,23 @@ class ReactivePolicy(ModelPolicy):
     only the conditioning prefix (13/17 frames), which gives the same conditioning latents because the encoder is
     causal; a query that asks for future images still encodes everything (their decode needs the placeholder
     latents).
+
+    `use_variance_scale`: the official option of that name (off in every documented command): the pass's sigma range
+    scaled by factors drawn from its seed (`sampler.variance_scale`).
     """
 
-    def __init__(self, model: PolicyModel, network: DenoisingNetwork, *, encode_full_sequence: bool = False) -> None:
+    def __init__(
+        self,
+        model: PolicyModel,
+        network: DenoisingNetwork,
+        *,
+        encode_full_sequence: bool = False,
+        use_variance_scale: bool = False,
+    ) -> None:
         self._model = model
         self._text = TextBinding(network, model.text_embeddings)
         self._encode_full_sequence = encode_full_sequence
+        self._use_variance_scale = use_variance_scale
 
     def reset(self) -> None:
         self._text.reset()
@@ -41,7 +52,14 @@ class ReactivePolicy(ModelPolicy):
         full = self._encode_full_sequence or query.return_future_images
         encoded = encode_observation(self._model, query.observation, timer, full_sequence=full)
         latent = sample_latents(
-            network, self.platform, encoded.clean, ConditioningMode.POLICY, [query.seed], steps, timer
+            network,
+            self.platform,
+            encoded.clean,
+            ConditioningMode.POLICY,
+            [query.seed],
+            steps,
+            timer,
+            use_variance_scale=self._use_variance_scale,
         )
         with timer.stage("readout"):
             actions, future_proprio = read_chunks(self._model, latent)

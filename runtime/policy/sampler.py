@@ -8,7 +8,9 @@ inference path (`CosmosPolicySampler`, imaginaire `res_sampler`, `multi_step`, `
 * the schedule and the solver run in float64, the denoiser in float32 (the official `float64_x0_fn` casts the state
   and sigma to the float32 noise dtype for every call and the prediction back to float64);
 * `num_steps` n follows the official rule: n = 1 and n = 2 both make one network call at sigma_max; n >= 3 makes
-  n calls (n - 1 solver steps over a Karras schedule of n - 1 intervals, then a clean x0 evaluation at sigma_min).
+  n calls (n - 1 solver steps over a Karras schedule of n - 1 intervals, then a clean x0 evaluation at sigma_min);
+* the official `use_variance_scale` (off by default, as in every documented command) scales each pass's sigma_max
+  (and its initial noise) and sigma_min by factors drawn from the pass's seed (`variance_scale`).
 
 `sample` runs a batch of independent passes, each with its own seed, conditioning and step count: call k evaluates
 every pass that has a k-th call, with a sigma per sample (the network takes a timestep per sample). Each pass's
@@ -42,20 +44,46 @@ SIGMA_MIN = 4.0
 RHO = 7.0
 
 
-def karras_sigmas(num_intervals: int) -> npt.NDArray[np.float64]:
-    """`num_intervals + 1` sigmas from SIGMA_MAX down to SIGMA_MIN, float64 (EDM eq. 5, as imaginaire `get_rev_ts`).
+@dataclass(frozen=True)
+class SigmaScale:
+    """Factors of one pass's sigma_max (and initial noise) and sigma_min: 1 unless `use_variance_scale`."""
+
+    sigma_max: float = 1.0
+    sigma_min: float = 1.0
+
+
+UNSCALED = SigmaScale()
+
+
+def variance_scale(seed: int) -> SigmaScale:
+    """The official `use_variance_scale` factors of a pass with `seed` (`generate_samples_from_batch`):
+    `torch.manual_seed(seed)`, then `torch.rand(1).item() * 2.0 + 1.0` for sigma_max (1 to 3) and
+    `torch.rand(1).item() * 0.9 + 0.1` for sigma_min (0.1 to 1), in float64.
+
+    torch's CPU generator is the 32-bit Mersenne Twister seeded as numpy's legacy RandomState is, and its float32
+    uniform keeps the low 24 bits of one 32-bit draw: (draw & 0xFFFFFF) / 2**24, exact in float32.
+    """
+    _check_seed(seed)
+    draws = np.random.RandomState(seed).randint(0, 2**32, size=2, dtype=np.uint64)
+    first, second = (float(int(draw) & 0xFFFFFF) / 2**24 for draw in draws)
+    return SigmaScale(sigma_max=first * 2.0 + 1.0, sigma_min=second * 0.9 + 0.1)
+
+
+def karras_sigmas(num_intervals: int, scale: SigmaScale = UNSCALED) -> npt.NDArray[np.float64]:
+    """`num_intervals + 1` sigmas from SIGMA_MAX down to SIGMA_MIN (each times its `scale`), float64 (EDM eq. 5, as
+    imaginaire `get_rev_ts`).
 
     The last entry is computed by the formula, not pinned to SIGMA_MIN (it is 3.9999999999999987 for 1 interval).
     """
     if num_intervals < 1:
         raise ConfigError(f"karras_sigmas: num_intervals must be >= 1, got {num_intervals}")
-    root_max = SIGMA_MAX ** (1 / RHO)
-    root_min = SIGMA_MIN ** (1 / RHO)
+    root_max = (SIGMA_MAX * scale.sigma_max) ** (1 / RHO)
+    root_min = (SIGMA_MIN * scale.sigma_min) ** (1 / RHO)
     fractions = np.arange(num_intervals + 1, dtype=np.float64) / num_intervals
     return (root_max + fractions * (root_min - root_max)) ** RHO
 
 
-def evaluation_sigmas(num_steps: int) -> npt.NDArray[np.float64]:
+def evaluation_sigmas(num_steps: int, scale: SigmaScale = UNSCALED) -> npt.NDArray[np.float64]:
     """The sigmas at which `sample` calls the network, in order, for the official `num_steps`.
 
     `CosmosPolicySampler` subtracts the clean step from num_steps > 1; a remaining single interval takes the
@@ -65,23 +93,30 @@ def evaluation_sigmas(num_steps: int) -> npt.NDArray[np.float64]:
     if num_steps < 1:
         raise ConfigError(f"num_steps must be >= 1, got {num_steps}")
     num_intervals = num_steps - 1 if num_steps > 1 else 1
-    sigmas = karras_sigmas(num_intervals)
+    sigmas = karras_sigmas(num_intervals, scale)
     return sigmas[:1] if num_intervals == 1 else sigmas
 
 
-def initial_noise(seed: int, shape: Sequence[int]) -> FloatArray:
-    """x at SIGMA_MAX as the official `misc.arch_invariant_rand(...) * sigma_max`.
+def initial_noise(seed: int, shape: Sequence[int], scale: SigmaScale = UNSCALED) -> FloatArray:
+    """x at sigma_max as the official `misc.arch_invariant_rand(...) * sigma_max * sigma_max_variance_scale`.
 
-    Legacy `RandomState(seed).standard_normal(shape)` in C order, cast to float32, then scaled in float32.
+    Legacy `RandomState(seed).standard_normal(shape)` in C order, cast to float32, then scaled in float32 (by
+    SIGMA_MAX, then by a variance scale other than 1).
     """
+    _check_seed(seed)
+    return _scaled_noise(seed, tuple(shape), scale.sigma_max)
+
+
+def _check_seed(seed: int) -> None:
     if not 0 <= seed <= MAX_SEED:  # planning derives seeds s + i: a request's seed near the top can pass it
         raise InputError(f"seed: expected an integer in 0..{MAX_SEED}, got {seed}", field="seed")
-    return _scaled_noise(seed, tuple(shape))
 
 
 @lru_cache(maxsize=64)  # a planning query draws ~150 noise tensors from about a dozen seeds; 0.5 MB each for ALOHA
-def _scaled_noise(seed: int, shape: tuple[int, ...]) -> FloatArray:
+def _scaled_noise(seed: int, shape: tuple[int, ...], sigma_max_scale: float) -> FloatArray:
     noise = np.random.RandomState(seed).standard_normal(shape).astype(np.float32) * np.float32(SIGMA_MAX)
+    if sigma_max_scale != 1.0:
+        noise *= np.float32(sigma_max_scale)
     noise.setflags(write=False)  # shared by every caller of the same seed
     return noise
 
@@ -210,6 +245,8 @@ def sample(
     seeds: Sequence[int],
     num_steps: int | Sequence[int],
     on_network_call: Callable[[float], None] | None = None,
+    *,
+    use_variance_scale: bool = False,
 ) -> Array:
     """Generates one latent sequence per seed, "b c t h w" float32 with b = len(seeds), where the denoiser's
     arrays live.
@@ -224,6 +261,8 @@ def sample(
             or per sample.
         on_network_call: called after every network evaluation with its wall seconds (the network call and the
             denoiser's elementwise work, waited for on a device), e.g. to record per-call latency.
+        use_variance_scale: the official option: each sample's sigma range and noise scaled by `variance_scale` of
+            its seed.
     """
     if not seeds:
         raise InputError("seeds: expected at least one seed")
@@ -234,9 +273,13 @@ def sample(
     condition = DenoiseCondition.build(clean_latent, condition_mask, batch=len(seeds))
     sample_shape = (1, *condition.clean_latent.shape[1:])
     condition = condition.placed(ops)
-    schedules = [evaluation_sigmas(n) for n in steps]
+    scales = [variance_scale(seed) if use_variance_scale else UNSCALED for seed in seeds]
+    schedules = [evaluation_sigmas(n, scale) for n, scale in zip(steps, scales, strict=True)]
     noise = ops.concat(
-        [ops.put_cached(("noise", seed, sample_shape), partial(initial_noise, seed, sample_shape)) for seed in seeds]
+        [
+            ops.put_cached(("noise", seed, sample_shape, scale), partial(initial_noise, seed, sample_shape, scale))
+            for seed, scale in zip(seeds, scales, strict=True)
+        ]
     )
     num_calls = max(len(schedule) for schedule in schedules)
     if num_calls == 1:  # every sample is one x0 prediction at sigma_max: no float64 state needed

@@ -174,16 +174,20 @@ def sample_latents(
     seeds: Sequence[int],
     steps: int | Sequence[int],
     timer: StageTimer,
+    *,
+    use_variance_scale: bool = False,
 ) -> np.ndarray:
     """One official sampling pass per seed (with `steps` for all, or one step count each), as one batch, run where
-    the network's arrays live; every network call is timed as stage `dit`. Returns host latents "b c t h w"."""
+    the network's arrays live; every network call is timed as stage `dit`. Returns host latents "b c t h w".
+    `use_variance_scale`: the official option (`sampler.variance_scale`)."""
 
     def record(seconds: float) -> None:
         timer.add("dit", seconds * 1e3)
 
     with timer.stage("denoise_total"):
         mask = condition_mask(platform, mode)
-        latent = sample(Denoiser(network.call, network.arrays), clean_latent, mask, seeds, steps, record)
+        denoiser = Denoiser(network.call, network.arrays)
+        latent = sample(denoiser, clean_latent, mask, seeds, steps, record, use_variance_scale=use_variance_scale)
         return network.arrays.fetch(latent)
 
 

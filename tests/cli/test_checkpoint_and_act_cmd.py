@@ -13,6 +13,8 @@ import pytest
 
 from cosmos_edge.cli.main import main
 from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_image
+from cosmos_edge.runtime.bundle.loader import load_policies
+from cosmos_edge.runtime.bundle.sources import CheckpointSource
 from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.policy import text_embeddings
 from cosmos_edge.runtime.policy.api import ActionQuery, Observation
@@ -140,6 +142,25 @@ def test_act_resizes_aloha_frames_as_the_official_client_does(
     expected = policy.infer(ActionQuery(wire, INSTRUCTION, steps=1))
     with np.load(tmp_path / "result.npz") as result:
         np.testing.assert_array_equal(result["actions"], expected.actions)
+
+
+def test_act_samples_with_the_official_variance_scale_when_asked(
+    tiny_assets: dict[str, CheckpointFiles], tmp_path: Path
+) -> None:
+    files = tiny_assets["aloha"]
+    observation = random_observation("aloha", seed=9, height=224, width=224)  # as the official client sends them
+    np.savez(tmp_path / "obs.npz", proprio=observation.proprio, **observation.images)
+    argv = ["act", "--checkpoint", str(files.checkpoint), "--tokenizer", str(files.tokenizer), "--stats"]
+    argv += [str(files.stats), "--text-embeddings", str(files.text_embeddings), "--platform", "aloha"]
+    argv += ["--observation", str(tmp_path / "obs.npz"), "--task", INSTRUCTION, "--steps", "3", "--seed", "7"]
+    assert main([*argv, "--use-variance-scale", "--out", str(tmp_path / "scaled.npz")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "plain.npz")]) == 0
+    query = ActionQuery(observation, INSTRUCTION, seed=7, steps=3)
+    with load_policies(CheckpointSource(files), use_variance_scale=True) as loaded:
+        expected = loaded.reactive.infer(query)
+    with np.load(tmp_path / "scaled.npz") as scaled, np.load(tmp_path / "plain.npz") as plain:
+        np.testing.assert_array_equal(scaled["actions"], expected.actions)
+        assert np.abs(scaled["actions"] - plain["actions"]).max() > 1e-3
 
 
 def test_upright_frames_give_what_the_same_frames_as_rendered_give(

@@ -94,6 +94,29 @@ def test_batched_passes_give_the_same_values_and_choice_as_pass_after_pass(
     assert all(np.abs(deeper[:, k] - alone.actions).max() > 1e-3 for k in range(deeper.shape[1]))
 
 
+def test_variance_scale_samples_every_pass_with_the_scale_of_its_seed(aloha: CheckpointFiles) -> None:
+    query = ActionQuery(random_observation("aloha", seed=5), "fold the t-shirt", seed=40, steps=3)
+    with load_policies(CheckpointSource(aloha), planning=CONFIG, use_variance_scale=True) as loaded:
+        assert loaded.planning is not None
+        scored = loaded.planning.infer(query)
+        assert scored.candidates is not None
+        chosen = scored.candidates.chosen
+        # The chosen chunk is the scaled reactive chunk of its seed, and batching the passes keeps every value.
+        chunk = loaded.reactive.infer(dataclasses.replace(query, seed=query.seed + chosen))
+        np.testing.assert_allclose(scored.actions, chunk.actions, rtol=0, atol=1e-5)
+        model, workers = loaded.reactive.model, list(loaded.workers)
+        with contextlib.closing(
+            PlanningPolicy(model, workers, CONFIG, batch_passes=True, use_variance_scale=True)
+        ) as batching:
+            batched = batching.infer(query).candidates
+        assert batched is not None and batched.chosen == chosen
+        np.testing.assert_allclose(batched.values_by_depth, scored.candidates.values_by_depth, rtol=0, atol=1e-5)
+        with contextlib.closing(PlanningPolicy(model, workers, CONFIG)) as unscaled_planner:
+            unscaled = unscaled_planner.infer(query).candidates
+        assert unscaled is not None
+        assert np.abs(unscaled.values_by_depth - scored.candidates.values_by_depth).max() > 1e-4
+
+
 def test_a_slow_query_says_how_far_it_got_after_each_pass(
     aloha: CheckpointFiles, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -11,11 +11,13 @@ from cosmos_edge.runtime.policy.numerics import round_to_bf16
 from cosmos_edge.runtime.policy.sampler import (
     DenoiseCondition,
     Denoiser,
+    SigmaScale,
     evaluation_sigmas,
     initial_noise,
     karras_sigmas,
     res_ab2_step,
     sample,
+    variance_scale,
     x0_euler_step,
 )
 
@@ -276,7 +278,38 @@ def test_sampler_rejects_clean_latent_of_other_batch() -> None:
         sample(Denoiser(_linear_net()), _clean(batch=3), _mask(), seeds=[1, 2], num_steps=1)
 
 
-def test_sampler_matches_torch_pipeline() -> None:
+@pytest.mark.parametrize("seed", [0, 1, 195, 4096, MAX_SEED])
+def test_variance_scale_is_the_official_draw_of_torchs_generator(seed: int) -> None:
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(seed)  # the official generate_samples_from_batch with use_variance_scale
+    sigma_max_scale = torch.rand(1).item() * 2.0 + 1.0
+    sigma_min_scale = torch.rand(1).item() * 0.9 + 0.1
+    assert variance_scale(seed) == SigmaScale(sigma_max=sigma_max_scale, sigma_min=sigma_min_scale)
+
+
+def test_variance_scale_scales_the_schedule_and_the_noise() -> None:
+    scale = variance_scale(195)
+    assert 1.0 <= scale.sigma_max <= 3.0 and 0.1 <= scale.sigma_min <= 1.0 and scale != SigmaScale()
+    sigmas = evaluation_sigmas(5, scale)
+    assert sigmas[0] == pytest.approx(80.0 * scale.sigma_max, rel=1e-15)
+    assert sigmas[-1] == pytest.approx(4.0 * scale.sigma_min, rel=1e-14)
+    assert evaluation_sigmas(1, scale)[0] == pytest.approx(80.0 * scale.sigma_max, rel=1e-15)
+    expected = initial_noise(195, (1, *SHAPE)) * np.float32(scale.sigma_max)  # two float32 products, as officially
+    np.testing.assert_array_equal(initial_noise(195, (1, *SHAPE), scale), expected)
+
+
+def test_variance_scale_applies_per_sample_and_only_when_asked() -> None:
+    seeds = [195, 196]
+    scaled = sample(Denoiser(_linear_net()), _clean(), _mask(), seeds, 3, use_variance_scale=True)
+    plain = sample(Denoiser(_linear_net()), _clean(), _mask(), seeds, 3)
+    for row, seed in enumerate(seeds):
+        alone = sample(Denoiser(_linear_net()), _clean(), _mask(), [seed], 3, use_variance_scale=True)
+        np.testing.assert_array_equal(scaled[row], alone[0])
+        assert np.abs(scaled[row] - plain[row]).max() > 1e-3  # measured 6.8e-3 and more
+
+
+@pytest.mark.parametrize("use_variance_scale", [False, True], ids=["plain", "variance scale"])
+def test_sampler_matches_torch_pipeline(use_variance_scale: bool) -> None:
     """The official dtype flow re-expressed in torch: float64 schedule and solver, float32 denoiser."""
     torch = pytest.importorskip("torch")
     clean = torch.from_numpy(_clean())
@@ -288,10 +321,16 @@ def test_sampler_matches_torch_pipeline() -> None:
         x0 = (1.0 - t) * x - t * (0.3 * x_in)
         return torch.where(frame_mask, clean, x0)
 
+    max_scale = min_scale = 1.0
+    if use_variance_scale:
+        torch.manual_seed(11)
+        max_scale = torch.rand(1).item() * 2.0 + 1.0
+        min_scale = torch.rand(1).item() * 0.9 + 0.1
     n = 4  # num_steps = 5
     index = torch.arange(n + 1, dtype=torch.float64)
-    sigmas = (80 ** (1 / 7) + index / n * (4 ** (1 / 7) - 80 ** (1 / 7))) ** 7
-    x = torch.from_numpy(np.random.RandomState(11).standard_normal((1, *SHAPE)).astype(np.float32)) * 80
+    root_max, root_min = (80.0 * max_scale) ** (1 / 7), (4.0 * min_scale) ** (1 / 7)
+    sigmas = (root_max + index / n * (root_min - root_max)) ** 7
+    x = torch.from_numpy(np.random.RandomState(11).standard_normal((1, *SHAPE)).astype(np.float32)) * 80 * max_scale
     previous = None
     for s, s_next in itertools.pairwise(sigmas):
         x0 = x0_fn(x.float(), s.float()).double()
@@ -306,7 +345,7 @@ def test_sampler_matches_torch_pipeline() -> None:
             x = torch.exp(-h) * x + h * ((phi1 - phi2 / c2) * x0 + phi2 / c2 * previous[0])
         previous = (x0, s)
     expected = x0_fn(x.float(), sigmas[-1].float()).numpy()
-    out = sample(Denoiser(_linear_net()), _clean(), _mask(), seeds=[11], num_steps=5)
+    out = sample(Denoiser(_linear_net()), _clean(), _mask(), [11], 5, use_variance_scale=use_variance_scale)
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
 
 
