@@ -17,7 +17,7 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, NoReturn
 
 from cosmos_edge.cli.arg_types import mebibytes
@@ -27,7 +27,7 @@ from cosmos_edge.cli.planning_args import add_planning_arguments, planning_flags
 from cosmos_edge.cli.signals import on_stop_signals
 from cosmos_edge.robot_bridge.binding import BoundRouter, ServerConfig, check_limits_hold_an_act
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, ServerCurve, load_public_keys
-from cosmos_edge.robot_bridge.official_act import check_official_cameras
+from cosmos_edge.robot_bridge.official_act import CandidateImageLists, check_official_cameras
 from cosmos_edge.robot_bridge.protocol import WireLimits
 from cosmos_edge.robot_bridge.server import PolicyServer
 from cosmos_edge.runtime.bundle.loader import (
@@ -38,6 +38,7 @@ from cosmos_edge.runtime.bundle.loader import (
 from cosmos_edge.runtime.bundle.sources import CheckpointSource, ModelSource
 from cosmos_edge.runtime.errors import ConfigError, EngineError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE
+from cosmos_edge.runtime.policy.planning_config import PlanningConfig
 
 if TYPE_CHECKING:
     from cosmos_edge.robot_bridge.http_server import HttpConfig, HttpEndpoint
@@ -111,7 +112,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction, make_policies: Poli
             with contextlib.ExitStack() as policies:
                 loaded = policies.enter_context(make_policies(args))
                 server = PolicyServer(loaded.modes(), config, router=router)
-                code = run_server(server, http, listener)
+                planning = loaded.planning.config if loaded.planning is not None else None
+                code = run_server(server, http, listener, official_image_lists(planning))
                 if not server.policy_running:
                     return code
                 policies.pop_all()  # a call outlived the shutdown window and still uses them: the exit releases them
@@ -181,14 +183,20 @@ def http_config(args: argparse.Namespace) -> HttpConfig | None:
     )
 
 
-def run_server(server: PolicyServer, http: HttpConfig | None = None, http_listener: socket.socket | None = None) -> int:
+def run_server(
+    server: PolicyServer,
+    http: HttpConfig | None = None,
+    http_listener: socket.socket | None = None,
+    image_lists: Mapping[str, CandidateImageLists] | None = None,
+) -> int:
     """Serves until SIGINT or SIGTERM, then shuts down cleanly: every request taken in is answered before the sockets
     close (`PolicyServer.serve_forever`). Must run in the main thread (signal handlers). With `http`, the HTTP
-    endpoint (on `http_listener` when it is bound already) serves the same policies through the same queue."""
+    endpoint (on `http_listener` when it is bound already) serves the same policies through the same queue, its
+    replies' future-image lists laid out per mode by `image_lists`."""
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("run_server installs signal handlers, which only the main thread can do")
 
-    endpoint = _http_endpoint(server, http, http_listener)
+    endpoint = _http_endpoint(server, http, http_listener, image_lists)
 
     def stop() -> None:
         # Both endpoints wind down at once, so the shutdown window is spent once: the HTTP endpoint stops accepting
@@ -214,13 +222,28 @@ def _exit_now(code: int) -> NoReturn:
 
 
 def _http_endpoint(
-    server: PolicyServer, http: HttpConfig | None, listener: socket.socket | None
+    server: PolicyServer,
+    http: HttpConfig | None,
+    listener: socket.socket | None,
+    image_lists: Mapping[str, CandidateImageLists] | None,
 ) -> HttpEndpoint | None:
     if http is None:
         return None
     from cosmos_edge.robot_bridge.http_server import HttpEndpoint  # the optional extra, as in `http_config`
 
-    return HttpEndpoint(server, http, listener=listener)
+    return HttpEndpoint(server, http, listener=listener, image_lists=image_lists)
+
+
+def official_image_lists(planning: PlanningConfig | None) -> dict[str, CandidateImageLists]:
+    """How the official `/act` reply pairs each mode's candidates with future images: the reactive mode is the
+    official base config (its action pass's images, no world model); the `planning` mode's follow its options."""
+    lists = {"reactive": CandidateImageLists()}
+    if planning is not None:
+        lists["planning"] = CandidateImageLists(
+            per_candidate=planning.ar_future_prediction or not planning.ar_qvalue_prediction,
+            per_depth=planning.ar_future_prediction,
+        )
+    return lists
 
 
 def _http_listener(http: HttpConfig | None) -> contextlib.AbstractContextManager[socket.socket | None]:

@@ -42,6 +42,7 @@ from cosmos_edge.robot_bridge.json_arrays import COMPACT, parse_json
 from cosmos_edge.robot_bridge.log_limits import RateLimitedLog, RepeatFilter, peer_text
 from cosmos_edge.robot_bridge.official_act import (
     CAMERAS,
+    CandidateImageLists,
     OfficialQuery,
     check_official_cameras,
     parse_query,
@@ -161,13 +162,22 @@ class HttpEndpoint:
     starts the thread, `stop()` finishes the requests in flight and returns; also a context manager. Start it before or
     while `server.serve_forever()` runs: an `/act` that arrives before serving begins waits for it (up to
     `_SERVING_WAIT_S`, then `overloaded`); requests are refused once the server stops.
+
+    `image_lists`: per mode, how the official reply lays out its candidates' future-image entries (a mode not named
+    lays them out as the reactive mode).
     """
 
     def __init__(
-        self, server: PolicyServer, config: HttpConfig | None = None, *, listener: socket.socket | None = None
+        self,
+        server: PolicyServer,
+        config: HttpConfig | None = None,
+        *,
+        listener: socket.socket | None = None,
+        image_lists: Mapping[str, CandidateImageLists] | None = None,
     ) -> None:
         self._server = server
         self._config = config or HttpConfig()
+        self._image_lists = dict(image_lists or {})
         self._listener = listener
         metadata = server.metadata()
         check_official_cameras(metadata.platform, metadata.cameras)
@@ -284,7 +294,7 @@ class HttpEndpoint:
             decode_ms = ms_since(started)
             reply = await self._submit(self._act_request(request_id, query), peer, decode_ms, request)
             waited = time.perf_counter()
-            content = await run_in_threadpool(reply_body, reply, query)
+            content = await run_in_threadpool(reply_body, reply, query, self._image_lists.get(reply.mode))
         except _ClientGone:
             logger.info(
                 "kind=http_act peer=%s request_id=%s status=client_gone total_ms=%.3f",

@@ -13,7 +13,8 @@ their videos when null, where a null object would crash it) and `value_predictio
 `value_predictions` instead, a key the official server never sends, so the reply carries both. With
 `return_all_query_results`, the `all_*` keys list every query's results: every candidate of a planning mode (each its
 first-level chunk; a candidate not scored before the planning deadline has a null value), or the one query of the
-reactive mode.
+reactive mode, with future-image entries laid out as the official lists lay them for the mode's configuration
+(`CandidateImageLists`).
 """
 
 from __future__ import annotations
@@ -101,9 +102,24 @@ def parse_query(body: bytes, image_size: tuple[int, int], proprio_dim: int) -> O
     )
 
 
-def reply_body(reply: ActReply, query: OfficialQuery) -> bytes:
+@dataclass(frozen=True)
+class CandidateImageLists:
+    """Which future-image entries the official `all_future_image_predictions*` lists hold for each candidate of a
+    mode (deploy.py 418-424, 574-576, 667-674). The defaults are the reactive mode's (the official base config).
+
+    `per_candidate`: an image set per candidate (null here: none are decoded); False for candidates ranked by Q(s, a)
+    without a world model, whose entry is None. `per_depth`: one image set per per-depth value when a world model
+    predicted each valued state (`ar_future_prediction`); otherwise the candidate's list is empty."""
+
+    per_candidate: bool = True
+    per_depth: bool = False
+
+
+def reply_body(reply: ActReply, query: OfficialQuery, image_lists: CandidateImageLists | None = None) -> bytes:
     """The official server's reply to `query`; with `return_all_query_results`, `reply` must carry its candidates
-    (a planning mode) or stands for the one query (the reactive mode)."""
+    (a planning mode) or stands for the one query (the reactive mode), and `image_lists` says how the mode's
+    candidates pair with future images (default: as the reactive mode's)."""
+    lists = image_lists or CandidateImageLists()
     actions = list(reply.actions)  # one array per step, as the official server sends them
     response: dict[str, object] = {
         "actions": actions,
@@ -123,12 +139,14 @@ def reply_body(reply: ActReply, query: OfficialQuery) -> bytes:
             actions_by_depth = [[list(chunk) for chunk in row] for row in chunks]
         response |= {
             "all_actions": every_actions,
-            "all_future_image_predictions": [_no_future_images() for _ in every_actions],
+            "all_future_image_predictions": [
+                _no_future_images() if lists.per_candidate else None for _ in every_actions
+            ],
             "all_value_predictions": every_value,
             "all_actions_by_depth": actions_by_depth,
-            # One (null) image set per per-depth value, as the official lists pair them when a world model ran (its
-            # list is empty for a candidate ranked without one).
-            "all_future_image_predictions_by_depth": [[_no_future_images() for _ in row] for row in by_depth],
+            "all_future_image_predictions_by_depth": [
+                [_no_future_images() for _ in row] if lists.per_depth else [] for row in by_depth
+            ],
             "all_value_predictions_by_depth": by_depth,
         }
     if query.double_encoded:  # `JSONResponse(json_numpy.dumps(response))`: a JSON string holding json_numpy text

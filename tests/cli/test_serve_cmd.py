@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import zmq.auth
 
-from cosmos_edge.cli.serve_cmd import add_serve_parser, http_config, server_config
+from cosmos_edge.cli.serve_cmd import add_serve_parser, http_config, official_image_lists, server_config
 from cosmos_edge.robot_bridge.client import PolicyClient
-from cosmos_edge.robot_bridge.official_act import CAMERAS
+from cosmos_edge.robot_bridge.official_act import CAMERAS, CandidateImageLists
 from cosmos_edge.robot_bridge.protocol import ActRequest
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.policy.api import Policy
+from cosmos_edge.runtime.policy.planning_config import planning_preset
 from tests.helpers.bridge_doubles import (
     INSTRUCTION,
     STARTUP_S,
@@ -96,6 +97,28 @@ def test_http_options_become_an_http_config() -> None:
     assert config is not None and config.insecure_bind_all
     with pytest.raises(ConfigError, match="expected HOST:PORT"):
         http_config(parse("--http", "8777"))
+
+
+@pytest.mark.parametrize(
+    ("preset", "options", "expected"),
+    [
+        ("main", {}, CandidateImageLists(per_candidate=True, per_depth=True)),
+        ("base", {}, CandidateImageLists(per_candidate=True, per_depth=False)),
+        ("base", {"ar_qvalue_prediction": True}, CandidateImageLists(per_candidate=False, per_depth=False)),
+        (
+            "base",
+            {"ar_qvalue_prediction": True, "ar_future_prediction": True},
+            CandidateImageLists(per_candidate=True, per_depth=True),
+        ),
+    ],
+    ids=["world model", "action pass values", "model-free Q", "Q after a world model"],
+)
+def test_official_image_lists_follow_the_planning_options(
+    preset: str, options: dict[str, bool], expected: CandidateImageLists
+) -> None:
+    lists = official_image_lists(planning_preset(preset, **options))
+    assert lists == {"reactive": CandidateImageLists(), "planning": expected}
+    assert official_image_lists(None) == {"reactive": CandidateImageLists()}
 
 
 def test_endpoint_none_serves_http_only() -> None:

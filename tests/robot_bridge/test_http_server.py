@@ -25,7 +25,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 from cosmos_edge.robot_bridge.binding import ServerConfig
 from cosmos_edge.robot_bridge.client import PolicyClient
 from cosmos_edge.robot_bridge.log_limits import RateLimitedLog, RepeatFilter
-from cosmos_edge.robot_bridge.official_act import FUTURE_IMAGE_KEYS
+from cosmos_edge.robot_bridge.official_act import FUTURE_IMAGE_KEYS, CandidateImageLists
 from cosmos_edge.robot_bridge.server import PolicyServer
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import platform_spec
@@ -68,11 +68,15 @@ def official_json() -> Iterator[None]:
 
 
 @contextmanager
-def serving_both(policies: Policy | Mapping[str, Policy], **http: Any) -> Iterator[tuple[str, str]]:
+def serving_both(
+    policies: Policy | Mapping[str, Policy],
+    image_lists: Mapping[str, CandidateImageLists] | None = None,
+    **http: Any,
+) -> Iterator[tuple[str, str]]:
     """A policy server on loopback ZeroMQ with the HTTP endpoint beside it; yields (ZeroMQ endpoint, HTTP URL)."""
     server = PolicyServer(policies, ServerConfig("tcp://127.0.0.1:*"))
     config = HttpConfig(port=0, **http)
-    with serving(server) as endpoint, HttpEndpoint(server, config) as endpoint_http:
+    with serving(server) as endpoint, HttpEndpoint(server, config, image_lists=image_lists) as endpoint_http:
         yield endpoint, endpoint_http.url
 
 
@@ -233,14 +237,15 @@ def test_modes_switch_for_both_endpoints(official_json: None) -> None:
 def test_all_query_results_list_the_one_query_or_every_candidate(official_json: None) -> None:
     policies = {"reactive": StubPolicy(), "planning": StubPolicy(offset=1.0, candidates=CUT_SHORT_CANDIDATES)}
     obs = camera_observation(5.0)
-    with serving_both(policies) as (_, url):
+    world_model = {"planning": CandidateImageLists(per_candidate=True, per_depth=True)}
+    with serving_both(policies, world_model) as (_, url):
         response = get_action_from_server(official_request(obs), url + "/act", return_all_query_results=True)
         assert_allclose(response["all_actions"][0], response["actions"])
         assert_allclose(response["all_actions_by_depth"][0][0], response["actions"])
         assert response["all_value_predictions"] == [0.25] and response["all_value_predictions_by_depth"] == [[0.25]]
+        # The official base config: the action pass's image set, and no world-model prediction at any depth.
         assert response["all_future_image_predictions"] == [dict.fromkeys(FUTURE_IMAGE_KEYS)]
-        # One null image set per per-depth value, as the official lists pair them.
-        assert response["all_future_image_predictions_by_depth"] == [[dict.fromkeys(FUTURE_IMAGE_KEYS)]]
+        assert response["all_future_image_predictions_by_depth"] == [[]]
         post(url + "/mode", '{"mode": "planning"}')
         planned = get_action_from_server(official_request(obs), url + "/act", return_all_query_results=True)
     assert planned["all_value_predictions"] == [0.5, 0.75, None]  # null: not scored before the deadline
@@ -252,7 +257,19 @@ def test_all_query_results_list_the_one_query_or_every_candidate(official_json: 
     assert_allclose(planned["all_actions_by_depth"][1][1], CUT_SHORT_CANDIDATES.actions_by_depth[1, 1])
     assert_allclose(planned["all_actions_by_depth"][2][0], np.zeros((ALOHA.chunk_size, ALOHA.action_dim)))
     assert planned["all_future_image_predictions"] == [dict.fromkeys(FUTURE_IMAGE_KEYS)] * 3
+    # One (null) image set per world-model prediction, paired with the per-depth values as officially.
     assert planned["all_future_image_predictions_by_depth"] == [[dict.fromkeys(FUTURE_IMAGE_KEYS)] * 2] * 3
+
+
+def test_candidates_ranked_by_q_values_without_a_world_model_have_no_images(official_json: None) -> None:
+    policies = {"reactive": StubPolicy(), "planning": StubPolicy(offset=1.0, candidates=CUT_SHORT_CANDIDATES)}
+    model_free = {"planning": CandidateImageLists(per_candidate=False, per_depth=False)}
+    with serving_both(policies, model_free) as (_, url):
+        post(url + "/mode", '{"mode": "planning"}')
+        planned = get_action_from_server(official_request(camera_observation(6.0)), url + "/act", True)
+    assert planned["all_future_image_predictions"] == [None] * 3  # deploy.py 671
+    assert planned["all_future_image_predictions_by_depth"] == [[]] * 3
+    assert planned["future_image_predictions"] == dict.fromkeys(FUTURE_IMAGE_KEYS)  # what the client indexes
 
 
 def test_errors_are_4xx_json_naming_the_key(official_json: None) -> None:
