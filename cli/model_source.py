@@ -75,7 +75,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=False,
         help="official use_variance_scale, for every sampling pass of both modes: its sigma_max (and initial noise) "
         "scaled by 1 to 3 and its sigma_min by 0.1 to 1, factors drawn from the pass's seed, for more diverse "
-        "samples (default: off, as in every official command)",
+        "samples (default: off, as in every official command); each seed then has its own timesteps, so on CUDA "
+        "the graphs captured at warm-up serve the default seed's requests only",
     )
 
 

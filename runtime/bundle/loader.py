@@ -66,8 +66,9 @@ class LoadedPolicies:
     def warm_up(self) -> float:
         """One reactive query on a black observation, and the planning networks' batched call, so that kernel
         selection and compilation (minutes for a compiled 2B DiT) happen before the first real request. A DiT that
-        replays CUDA graphs captures one per timesteps: the query then takes the platform's default steps, so that a
-        first request with them replays every call. A compiled DiT, or one that replays graphs, also has each planning
+        replays CUDA graphs captures one per timesteps: the query then takes the platform's default steps (and seed),
+        so that a first request with them replays every call (with `use_variance_scale` another seed has other
+        timesteps). A compiled DiT, or one that replays graphs, also has each planning
         worker score one candidate (`PlanningPolicy.warm_up`): the batch-1 graphs of the planning model and of every
         device, which a deadline's query or a one-candidate share would otherwise compile (tens of seconds at 2B).
         Returns its seconds."""

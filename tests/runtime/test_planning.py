@@ -111,10 +111,15 @@ def test_variance_scale_samples_every_pass_with_the_scale_of_its_seed(aloha: Che
             batched = batching.infer(query).candidates
         assert batched is not None and batched.chosen == chosen
         np.testing.assert_allclose(batched.values_by_depth, scored.candidates.values_by_depth, rtol=0, atol=1e-5)
+        # The same networks (and their device noise cache) without the scale: a fresh load's values.
         with contextlib.closing(PlanningPolicy(model, workers, CONFIG)) as unscaled_planner:
             unscaled = unscaled_planner.infer(query).candidates
-        assert unscaled is not None
-        assert np.abs(unscaled.values_by_depth - scored.candidates.values_by_depth).max() > 1e-4
+    with load_policies(CheckpointSource(aloha), planning=CONFIG) as fresh:
+        assert fresh.planning is not None
+        plain = fresh.planning.infer(query).candidates
+    assert unscaled is not None and plain is not None
+    np.testing.assert_array_equal(unscaled.values_by_depth, plain.values_by_depth)
+    assert np.abs(unscaled.values_by_depth - scored.candidates.values_by_depth).max() > 1e-4
 
 
 def test_a_slow_query_says_how_far_it_got_after_each_pass(

@@ -294,6 +294,7 @@ def test_variance_scale_scales_the_schedule_and_the_noise() -> None:
     assert sigmas[0] == pytest.approx(80.0 * scale.sigma_max, rel=1e-15)
     assert sigmas[-1] == pytest.approx(4.0 * scale.sigma_min, rel=1e-14)
     assert evaluation_sigmas(1, scale)[0] == pytest.approx(80.0 * scale.sigma_max, rel=1e-15)
+    np.testing.assert_array_equal(evaluation_sigmas(2, scale), evaluation_sigmas(1, scale))
     expected = initial_noise(195, (1, *SHAPE)) * np.float32(scale.sigma_max)  # two float32 products, as officially
     np.testing.assert_array_equal(initial_noise(195, (1, *SHAPE), scale), expected)
 
