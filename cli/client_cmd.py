@@ -219,7 +219,7 @@ def _act(args: argparse.Namespace) -> int:
             reply.mode,
         )
     if reply.planning is not None and reply.candidate_values is not None:
-        values = _values(reply.candidate_values)
+        values = _values(reply.candidate_values, np.float64)  # as `act` writes them: what ranked the candidates
         shown = ", ".join("not scored" if np.isnan(value) else f"{value:.6f}" for value in values)
         print(f"planning:     {reply.planning}, chose {reply.chosen_index}; values {shown}")
         arrays |= {
@@ -255,6 +255,6 @@ def _wire_observation(path: Path) -> Observation:
     return Observation(images=images, proprio=proprio)
 
 
-def _values(values: Sequence[float | None]) -> np.ndarray:
-    """float32 values, NaN for those the server did not compute (a planning deadline)."""
-    return np.array([np.nan if value is None else value for value in values], np.float32)
+def _values(values: Sequence[float | None], dtype: type[np.floating] = np.float32) -> np.ndarray:
+    """The values, NaN for those the server did not compute (a planning deadline)."""
+    return np.array([np.nan if value is None else value for value in values], dtype)

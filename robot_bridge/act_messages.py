@@ -61,7 +61,7 @@ def act_reply(
 def _candidate_fields(candidates: CandidateResults | None, request: ActRequest) -> dict[str, Any]:
     """The planning fields of an `act_result`, when the request asked for them (a client that predates them asks
     nothing and gets a reply it can decode); none for a reactive result. NaN (not computed in time) travels as null
-    values and zero actions."""
+    values and NaN actions."""
     return_all = bool(request.return_all_query_results)
     if candidates is None or not (request.planning_summary or return_all):
         return {}
@@ -76,7 +76,7 @@ def _candidate_fields(candidates: CandidateResults | None, request: ActRequest) 
     }
     if return_all:
         fields["candidate_values_by_depth"] = tuple(values(row) for row in candidates.values_by_depth)
-        fields["candidate_actions"] = _zeros_for_nan(candidates.actions)
+        fields["candidate_actions"] = candidates.actions.astype(np.float32)
         if request.return_actions_by_depth:
             fields["candidate_actions_by_depth"] = _chunks_by_depth(candidates)
     return fields
@@ -85,7 +85,7 @@ def _candidate_fields(candidates: CandidateResults | None, request: ActRequest) 
 def _chunks_by_depth(candidates: CandidateResults) -> np.ndarray:
     """Every candidate's chunk at every depth, refused (an error reply naming the field) when it is larger than a
     client's default limits let it decode (a deep search over many candidates)."""
-    chunks = _zeros_for_nan(candidates.actions_by_depth)
+    chunks = candidates.actions_by_depth.astype(np.float32)
     limit = WireLimits().max_array_bytes
     if chunks.nbytes > limit:
         raise InputError(
@@ -94,10 +94,3 @@ def _chunks_by_depth(candidates: CandidateResults) -> np.ndarray:
             field="return_actions_by_depth",
         )
     return chunks
-
-
-def _zeros_for_nan(actions: np.ndarray) -> np.ndarray:
-    """float32 actions with zeros where they were not computed in time (NaN): the wire's arrays are finite."""
-    wire = actions.astype(np.float32)
-    wire[np.isnan(wire)] = 0.0
-    return wire

@@ -128,15 +128,15 @@ def reply_body(reply: ActReply, query: OfficialQuery, image_lists: CandidateImag
         "value_predictions": reply.value,
     }
     if query.return_all_query_results:
-        every_actions: list[list[np.ndarray]] = [actions]
+        every_actions: list[list[np.ndarray] | None] = [actions]
         every_value: list[float | None] = [reply.value]
         by_depth: list[list[float | None]] = [[reply.value]]
-        actions_by_depth: list[list[list[np.ndarray]]] = [[actions]]
+        actions_by_depth: list[list[list[np.ndarray] | None]] = [[actions]]
         chunks, values_by_depth = reply.candidate_actions_by_depth, reply.candidate_values_by_depth
         if reply.candidate_actions is not None and chunks is not None and values_by_depth is not None:
-            every_actions = [list(chunk) for chunk in reply.candidate_actions]
+            every_actions = [_rows(chunk) for chunk in reply.candidate_actions]
             every_value, by_depth = list(reply.candidate_values or ()), [list(row) for row in values_by_depth]
-            actions_by_depth = [[list(chunk) for chunk in row] for row in chunks]
+            actions_by_depth = [[_rows(chunk) for chunk in row] for row in chunks]
         response |= {
             "all_actions": every_actions,
             "all_future_image_predictions": [
@@ -152,6 +152,11 @@ def reply_body(reply: ActReply, query: OfficialQuery, image_lists: CandidateImag
     if query.double_encoded:  # `JSONResponse(json_numpy.dumps(response))`: a JSON string holding json_numpy text
         return COMPACT.encode(SPACED.encode(response)).encode("ascii")
     return COMPACT.encode(response).encode("ascii")
+
+
+def _rows(chunk: np.ndarray) -> list[np.ndarray] | None:
+    """A chunk as the official server lists one (an array per step), or None where it was not computed in time."""
+    return None if np.isnan(chunk).any() else list(chunk)
 
 
 def _no_future_images() -> dict[str, None]:

@@ -99,6 +99,10 @@ def test_ping_metadata_and_act(
         np.testing.assert_array_equal(result["candidate_values"], CUT_SHORT_CANDIDATES.values)  # NaN: not scored
         assert result["candidate_actions"].shape == (3, 50, 14) and result["candidate_values_by_depth"].shape == (3, 2)
         np.testing.assert_array_equal(result["candidate_actions_by_depth"][1], CUT_SHORT_CANDIDATES.actions_by_depth[1])
+        # As `act` writes them: float64 values, NaN chunks for the candidate not sampled before the deadline.
+        assert result["candidate_values"].dtype == np.float64
+        np.testing.assert_array_equal(result["candidate_actions"], CUT_SHORT_CANDIDATES.actions)
+        np.testing.assert_array_equal(result["candidate_actions_by_depth"], CUT_SHORT_CANDIDATES.actions_by_depth)
 
 
 def test_keys_generate_then_a_curve_server_admits_the_client(

@@ -251,11 +251,11 @@ def test_all_query_results_list_the_one_query_or_every_candidate(official_json: 
     assert planned["all_value_predictions"] == [0.5, 0.75, None]  # null: not scored before the deadline
     assert planned["all_value_predictions_by_depth"] == [[0.5, 0.25], [0.75, 1.0], [None, None]]
     assert_allclose(planned["all_actions"][1], CUT_SHORT_CANDIDATES.actions[1])
-    assert_allclose(planned["all_actions"][2], np.zeros((ALOHA.chunk_size, ALOHA.action_dim)))
+    assert planned["all_actions"][2] is None  # not computed in time
     # Every depth's chunk, in the order of the per-depth values, as the official `actions_by_depth`.
     assert [len(chunks) for chunks in planned["all_actions_by_depth"]] == [2, 2, 2]
     assert_allclose(planned["all_actions_by_depth"][1][1], CUT_SHORT_CANDIDATES.actions_by_depth[1, 1])
-    assert_allclose(planned["all_actions_by_depth"][2][0], np.zeros((ALOHA.chunk_size, ALOHA.action_dim)))
+    assert planned["all_actions_by_depth"][2] == [None, None]
     assert planned["all_future_image_predictions"] == [dict.fromkeys(FUTURE_IMAGE_KEYS)] * 3
     # One (null) image set per world-model prediction, paired with the per-depth values as officially.
     assert planned["all_future_image_predictions_by_depth"] == [[dict.fromkeys(FUTURE_IMAGE_KEYS)] * 2] * 3
