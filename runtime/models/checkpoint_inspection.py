@@ -9,7 +9,7 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from cosmos_edge.runtime.errors import CheckpointError
-from cosmos_edge.runtime.models.checkpoint_io import read_tensor_file
+from cosmos_edge.runtime.models.checkpoint_io import non_finite_tensors, read_tensor_file
 from cosmos_edge.runtime.models.dit_checkpoint import summarize_dit_checkpoint, summarize_dit_state_dict
 from cosmos_edge.runtime.models.vae_checkpoint import DIFFUSERS_WEIGHTS, summarize_vae_state_dict
 
@@ -55,11 +55,12 @@ def _dit_report(path: Path, summarize: Callable[[], dict[str, Any]]) -> dict[str
     problems = [f"missing key {key}" for key in summary["missing_keys"]]
     problems += [f"unexpected key {key}" for key in summary["unexpected_keys"]]
     problems += [f"wrong shape of {wrong}" for wrong in summary["wrong_shapes"]]
+    problems += _non_finite(summary.pop("non_finite"))
     problems += summary.pop("config_json_problems", [])
     return {"path": str(path), "network": "dit", **summary, "problems": problems}
 
 
-def _vae_report(path: Path, state: dict) -> dict[str, Any]:
+def _vae_report(path: Path, state: dict[str, Any]) -> dict[str, Any]:
     summary = summarize_vae_state_dict(state)
     return {
         "path": str(path),
@@ -69,5 +70,9 @@ def _vae_report(path: Path, state: dict) -> dict[str, Any]:
         "num_parameters": summary["parameters"],
         "dtypes": summary["dtypes"],
         "ignored_keys": [],
-        "problems": [],
+        "problems": _non_finite(non_finite_tensors(state)),
     }
+
+
+def _non_finite(names: list[str]) -> list[str]:
+    return [f"NaN or infinity in {name}" for name in names]

@@ -101,6 +101,13 @@ def elements_per_dtype(tensors: Iterable[torch.Tensor]) -> dict[str, int]:
     return dict(sorted(elements.items()))
 
 
+def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the floating tensors holding NaN or infinity, sorted: weights that make every output NaN."""
+    return sorted(
+        name for name, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    )
+
+
 def read_json_object(path: Path) -> dict[str, Any]:
     """The JSON object of a configuration file (a diffusers `config.json`); CheckpointError naming it otherwise."""
     try:

@@ -26,6 +26,7 @@ from cosmos_edge.runtime.errors import CheckpointError, ConfigError
 from cosmos_edge.runtime.models.checkpoint_io import (
     StateDict,
     elements_per_dtype,
+    non_finite_tensors,
     read_json_object,
     read_tensor_file,
 )
@@ -415,9 +416,10 @@ def summarize_dit_state_dict(state_dict: Mapping[str, Tensor], **known: Any) -> 
         "format": canonical.format,
         "config": dataclasses.asdict(config),
         "num_parameters": sum(canonical.params[name].numel() for name in present),
-        "dtypes": elements_per_dtype(canonical.params.values()),
+        "dtypes": elements_per_dtype(canonical.params[name] for name in present),  # the same elements as counted
         "ignored_keys": canonical.ignored,
         "missing_keys": sorted(canonical.file_key(name) for name in expected - canonical.params.keys()),
         "unexpected_keys": sorted(canonical.file_key(name) for name in canonical.params.keys() - expected),
         "wrong_shapes": sorted(_wrong_shapes(canonical, config)),
+        "non_finite": [canonical.file_key(name) for name in non_finite_tensors(canonical.params)],
     }

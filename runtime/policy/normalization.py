@@ -132,13 +132,13 @@ class DatasetStats:
 
     def unnormalize_proprio(self, proprio: np.ndarray) -> np.ndarray:
         """Normalised proprio [..., proprio_dim] → raw scale, float64 (inverse of `normalize_proprio`)."""
-        x = _check_input("proprio", proprio, self.proprio_dim)
+        x = _check_input("proprio", proprio, self.proprio_dim, finite=False)  # the future proprio a network predicted
         return 0.5 * (x + 1.0) * (self.proprio_max - self.proprio_min) + self.proprio_min
 
     def unnormalize_actions(self, actions: np.ndarray) -> np.ndarray:
         """Normalised float32 actions [..., action_dim] (the latent's dtype) → 0.5(a + 1)(max - min) + min, float64,
         in the official numpy arithmetic (`cosmos_utils.py` 641-645): 0.5(a + 1) in float32, the rest in float64."""
-        x = _check_input("actions", actions, self.action_dim).astype(np.float32)
+        x = _check_input("actions", actions, self.action_dim, finite=False).astype(np.float32)
         half = np.float32(0.5) * (x + np.float32(1.0))
         return half * (self.actions_max - self.actions_min) + self.actions_min
 
@@ -185,16 +185,17 @@ def _check_ordered(prefix: str, low: np.ndarray, high: np.ndarray) -> None:
         )
 
 
-def _check_input(name: str, values: np.ndarray, dim: int, field: str = "") -> np.ndarray:
-    """`values` as float64 [..., dim], finite; `field`: the request field they came from (none for outputs)."""
+def _check_input(name: str, values: np.ndarray, dim: int, field: str = "", *, finite: bool = True) -> np.ndarray:
+    """`values` as float64 [..., dim], finite unless `finite` is False (a network's output, whose NaN is the
+    network's failure for its policy to report, not a bad request); `field`: the request field they came from (none
+    for outputs)."""
     try:
         array = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError) as error:
         raise InputError(f"{name}: expected numbers [..., {dim}], got {type(values).__name__}", field) from error
     if array.ndim == 0 or array.shape[-1] != dim:
         raise InputError(f"{name}: expected shape [..., {dim}], got {list(array.shape)}", field)
-    bad = np.argwhere(~np.isfinite(array))
-    if bad.size:
+    if finite and (bad := np.argwhere(~np.isfinite(array))).size:
         raise InputError(
             f"{name}: expected finite values, got {array[tuple(bad[0])]} at index {bad[0].tolist()}", field
         )

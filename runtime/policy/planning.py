@@ -58,6 +58,7 @@ from cosmos_edge.runtime.policy.steps import (
     ModelPolicy,
     PolicyModel,
     TextBinding,
+    check_finite_result,
     decode_future_images,
     denoising_steps,
     encode_observation,
@@ -141,11 +142,19 @@ def _rank(
     if not indices:
         return _Ranked(latents, values, by_depth, actions_by_depth, computed, 0, PlanningOutcome.REACTIVE, base_value)
     # A candidate whose network output was not finite (NaN or infinity, a failure of the engine) is ranked out.
-    finite = [index for index in indices if np.isfinite(values[index])]
+    finite = [
+        index for index in indices if np.isfinite(values[index]) and np.isfinite(actions_by_depth[index, 0]).all()
+    ]
     if len(finite) < len(indices):
-        _LOG.warning("planning: candidates %s have no finite value; ranked out", sorted(set(indices) - set(finite)))
+        _LOG.warning(
+            "planning: candidates %s have a value or chunk that is not finite; ranked out",
+            sorted(set(indices) - set(finite)),
+        )
     if not finite:
-        raise EngineError("planning: no candidate has a finite value: the network returned NaN or infinity")
+        raise EngineError(
+            "planning: no candidate has a finite value and chunk: the network returned NaN or infinity (check the "
+            "checkpoints' weights and the instruction's text embedding)"
+        )
     ranked = values[finite]
     base = finite.index(0) if 0 in finite else int(np.argmax(ranked))  # the base seed's unless beaten
     chosen = finite[select_best_candidate(ranked, base_index=base)]
@@ -302,6 +311,7 @@ class PlanningPolicy(ModelPolicy):
         except Stopped:
             raise EngineError("planning: the policy was closed during the query") from None
         chosen = scores.chosen
+        check_finite_result(actions[chosen], scores.value, future_proprio[chosen])
         candidates = CandidateResults(
             chosen, actions, scores.values, scores.values_by_depth, scores.actions_by_depth, scores.outcome
         )

@@ -8,6 +8,7 @@ from cosmos_edge.runtime.policy.steps import (
     ModelPolicy,
     PolicyModel,
     TextBinding,
+    check_finite_result,
     decode_future_images,
     denoising_steps,
     encode_observation,
@@ -64,6 +65,7 @@ class ReactivePolicy(ModelPolicy):
         with timer.stage("readout"):
             actions, future_proprio = read_chunks(self._model, latent)
             value = float(read_values(self.platform, latent)[0])
+        check_finite_result(actions[0], value, future_proprio[0])
         future_images = (
             decode_future_images(self._model, latent, encoded, timer) if query.return_future_images else None
         )

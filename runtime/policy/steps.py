@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cosmos_edge.runtime.errors import InputError
+from cosmos_edge.runtime.errors import EngineError, InputError
 from cosmos_edge.runtime.platforms import PlatformSpec
 from cosmos_edge.runtime.policy import latents
 from cosmos_edge.runtime.policy.api import (
@@ -196,6 +196,17 @@ def read_chunks(model: PolicyModel, latent: np.ndarray) -> tuple[np.ndarray, np.
     return latents.read_actions(model.platform, model.stats, latent), latents.read_future_proprio(
         model.platform, model.stats, latent
     )
+
+
+def check_finite_result(actions: np.ndarray, value: float, future_proprio: np.ndarray) -> None:
+    """The chunk a query answers with, its value and future proprio are finite: NaN or infinity there is the network's
+    failure (weights or an instruction embedding holding non-finite values, or a failing engine), never the request's.
+    """
+    if not (np.isfinite(actions).all() and np.isfinite(value) and np.isfinite(future_proprio).all()):
+        raise EngineError(
+            "network output: NaN or infinity in the action chunk, its value or the future proprio; the DiT returned "
+            "non-finite values (check the checkpoint's weights and the instruction's text embedding)"
+        )
 
 
 def read_values(platform: PlatformSpec, latent: np.ndarray) -> np.ndarray:

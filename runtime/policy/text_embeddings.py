@@ -38,6 +38,9 @@ _MAX_HEADER_BYTES = 100 << 20  # the limit the reference safetensors implementat
 _ITEM_SIZES = {"BF16": 2, "F16": 2, "F32": 4}
 
 
+_BF16_EXPONENT = np.uint16(0x7F80)  # all ones: NaN or infinity
+
+
 @dataclass(frozen=True, eq=False)
 class TextEmbeddings:
     """Read-only map from instruction to a bfloat16 embedding [1, tokens, dim], held as raw uint16 bits.
@@ -55,6 +58,8 @@ class TextEmbeddings:
                     f"text embeddings: expected str -> uint16 array of bf16 bits, got {instruction!r} -> "
                     f"{getattr(bits, 'dtype', type(bits).__name__)}"
                 )
+            if ((bits & _BF16_EXPONENT) == _BF16_EXPONENT).any():  # NaN or infinity: no encoder outputs them
+                raise InputError(f"text embeddings: the embedding of {instruction!r} holds NaN or infinity")
             frozen[instruction] = bits.copy() if bits.flags.writeable else bits
             frozen[instruction].setflags(write=False)
         shapes = {bits.shape for bits in frozen.values()}

@@ -163,6 +163,26 @@ def test_act_samples_with_the_official_variance_scale_when_asked(
         assert np.abs(scaled["actions"] - plain["actions"]).max() > 1e-3
 
 
+def test_a_network_returning_nan_fails_the_run_not_the_request(
+    tiny_assets: dict[str, CheckpointFiles], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch = pytest.importorskip("torch")
+    files = tiny_assets["aloha"]
+    state = torch.load(files.checkpoint, weights_only=True)
+    state["net.final_layer.linear.weight"].fill_(float("nan"))
+    torch.save(state, tmp_path / "nan.pt")
+    observation = random_observation("aloha", height=224, width=224)
+    np.savez(tmp_path / "obs.npz", proprio=observation.proprio, **observation.images)
+    argv = ["act", "--checkpoint", str(tmp_path / "nan.pt"), "--tokenizer", str(files.tokenizer), "--stats"]
+    argv += [str(files.stats), "--text-embeddings", str(files.text_embeddings), "--platform", "aloha"]
+    argv += ["--observation", str(tmp_path / "obs.npz"), "--task", INSTRUCTION, "--steps", "1"]
+    assert main(argv) == 1  # a failure of what ran (exit 1), not of what was asked (exit 2)
+    error = capsys.readouterr().err
+    assert "network output: NaN or infinity in the action chunk" in error and "Traceback" not in error
+    assert main(["checkpoint", "inspect", str(tmp_path / "nan.pt")]) == 1  # found a problem
+    assert "NaN or infinity in net.final_layer.linear.weight" in capsys.readouterr().out
+
+
 def test_upright_frames_give_what_the_same_frames_as_rendered_give(
     tiny_assets: dict[str, CheckpointFiles], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -281,6 +281,8 @@ def test_summary(tiny_state: dict[str, Tensor]) -> None:
     state = with_bookkeeping({k: v.to(torch.bfloat16) for k, v in tiny_state.items()})
     del state["net.blocks.1.mlp.layer2.weight"]
     state["net.blocks.0.cross_attn.q_norm.weight"] = torch.ones(3, dtype=torch.bfloat16)
+    state["net.blocks.0.unknown.weight"] = torch.ones(5, dtype=torch.bfloat16)
+    state["net.final_layer.linear.weight"][0, 0] = float("nan")
 
     summary = summarize_dit_state_dict(state)
 
@@ -292,7 +294,8 @@ def test_summary(tiny_state: dict[str, Tensor]) -> None:
     assert "net.accum_iteration" in summary["ignored_keys"]
     assert "net.blocks.0.self_attn.q_norm._extra_state" in summary["ignored_keys"]
     assert summary["missing_keys"] == ["net.blocks.1.mlp.layer2.weight"]
-    assert summary["unexpected_keys"] == []
+    assert summary["unexpected_keys"] == ["net.blocks.0.unknown.weight"]  # counted in neither figure above
+    assert summary["non_finite"] == ["net.final_layer.linear.weight"]
     assert summary["wrong_shapes"] == [f"net.blocks.0.cross_attn.q_norm.weight: expected [{head_dim}], got [3]"]
     json.dumps(summary)
 

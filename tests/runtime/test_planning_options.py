@@ -230,9 +230,31 @@ def test_a_candidate_with_a_non_finite_value_is_ranked_out_and_none_fails_the_qu
     assert result.candidates is not None and np.isnan(result.candidates.values[2])
     assert result.candidates.chosen == 1 and result.value == pytest.approx(0.7, abs=1e-4)  # the best finite one
     assert np.isfinite(result.candidates.actions).all()  # its action pass is read as any other's
-    assert "candidates [2] have no finite value; ranked out" in caplog.text
-    with pytest.raises(EngineError, match="no candidate has a finite value"):
+    assert "candidates [2] have a value or chunk that is not finite; ranked out" in caplog.text
+    with pytest.raises(EngineError, match="no candidate has a finite value and chunk"):
         run(one_step(), broken_for(set(range(100, 105))))
+
+
+def test_a_candidate_whose_chunk_is_not_finite_is_ranked_out(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    scripted_call = ScriptedNetwork._call
+
+    def nan_chunk_for_seed_102(
+        network: ScriptedNetwork, x: np.ndarray, timesteps: np.ndarray, mask: np.ndarray
+    ) -> np.ndarray:
+        velocity = scripted_call(network, x, timesteps, mask)
+        current = network.passes[-1]
+        if current.clean_slots == POLICY:
+            velocity[[seed == 102 for seed in current.seeds], :, ALOHA.action_slot] = np.nan
+        return velocity
+
+    monkeypatch.setattr(ScriptedNetwork, "_call", nan_chunk_for_seed_102)
+    with caplog.at_level(logging.WARNING):
+        result, _ = run(one_step(), scripted)  # candidate 2 (seed 102) has the best value, 0.9, and a NaN chunk
+    assert result.candidates is not None and np.isnan(result.candidates.actions[2]).all()
+    assert result.candidates.chosen == 1 and np.isfinite(result.actions).all()
+    assert "candidates [2] have a value or chunk that is not finite; ranked out" in caplog.text
 
 
 def test_values_and_choice_derived_by_hand() -> None:

@@ -89,6 +89,19 @@ def test_store_is_read_only_and_checks_shapes() -> None:
         text_embeddings.TextEmbeddings({"a": np.zeros((1, 8, 16), np.float32)})
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_an_embedding_holding_nan_or_infinity_is_refused_naming_the_file(tmp_path: Path, bad: float) -> None:
+    broken = _embeddings()
+    broken[INSTRUCTIONS[1]][0, 3, 5] = bad  # every query of it would make the DiT return NaN
+    with pytest.raises(InputError, match=f"the embedding of {INSTRUCTIONS[1]!r} holds NaN or infinity"):
+        text_embeddings.TextEmbeddings.from_arrays(broken)
+    names = {f"embedding_{i}": text for i, text in enumerate(broken)}
+    tensors = {name: torch.from_numpy(broken[text]) for name, text in names.items()}
+    save_file(tensors, tmp_path / "t5.safetensors", metadata={"format": text_embeddings.FORMAT_TAG, **names})
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(tmp_path / 't5.safetensors'))}: .* holds NaN"):
+        text_embeddings.read(tmp_path / "t5.safetensors")
+
+
 def test_pickle_is_refused_without_the_flag(tmp_path: Path) -> None:
     path = tmp_path / "t5.pkl"
     path.write_bytes(pickle.dumps({"x": 1}))
