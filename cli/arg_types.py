@@ -33,6 +33,22 @@ def int_in_range(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def image_size(text: str) -> tuple[int, int]:
+    """HEIGHTxWIDTH (or one side, for a square), in pixels, up to 4096 each."""
+    sides = text.lower().split("x")
+    try:
+        values = [int(side) for side in sides]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or not all(1 <= side <= 4096 for side in values):
+        raise argparse.ArgumentTypeError(
+            f"expected HEIGHTxWIDTH in pixels (1..4096 each) such as 256x256, got {text!r}"
+        )
+    return values[0], values[1]
+
+
 def mebibytes(text: str) -> float:
     """A finite size in MiB, above zero."""
     return _positive_finite(text, "MiB")

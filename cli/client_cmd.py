@@ -1,8 +1,9 @@
 """`cosmos-edge client`: talk to a running policy server over ZeroMQ from the command line.
 
 `ping` (round trip and clock offset), `metadata` (printed as JSON), `set-mode MODE` (for every controller), and
-`act OBS.npz --task ...` (one chunk for an observation file, as `cosmos-edge act` reads them; camera frames of another
-size are resized to the wire's as the controller does). With CURVE, give the server's public certificate and this
+`act OBS.npz --task ...` (one chunk for an observation file, as `cosmos-edge act` reads them; for an ALOHA server,
+camera frames of another size are resized to the wire's as the controller does, another platform's server takes them
+at its own frame size). With CURVE, give the server's public certificate and this
 client's secret one, as written by `cosmos-edge keys generate`.
 """
 
@@ -15,7 +16,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,8 @@ from cosmos_edge.cli.npz_files import (
 from cosmos_edge.robot_bridge.client import PolicyClient, RemoteError, RequestTimeout
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, load_public_key
 from cosmos_edge.robot_bridge.endpoints import parse_endpoint
-from cosmos_edge.robot_bridge.protocol import MessageError
-from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_images
+from cosmos_edge.robot_bridge.protocol import MessageError, ServerMetadata
+from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_images, check_camera_frame
 from cosmos_edge.robot_bridge.wire import REQUEST_FAULTS, wire_proprio
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE
@@ -74,8 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     set_mode.set_defaults(func=naming_connection_flags(_set_mode))
     act = actions.add_parser("act", parents=[connection], help="one action chunk for an observation .npz")
     observation_help = (
-        f"npz: one uint8 HxWx3 array per camera, and `proprio`; frames of another size than the wire's "
-        f"{IMAGE_SIZE}x{IMAGE_SIZE} are resized as the ALOHA controller does (480x640 -> 256 -> 224, Pillow bicubic)"
+        f"npz: one uint8 HxWx3 array per camera, and `proprio`; for an ALOHA server, frames of another size than "
+        f"{IMAGE_SIZE}x{IMAGE_SIZE} are resized as the ALOHA controller does (480x640 -> 256 -> 224, Pillow bicubic); "
+        "a LIBERO or RoboCasa server takes frames of its --image-size only, which its policy resizes as `act` does"
     )
     add_observation_arguments(act, observation_help)
     act.add_argument("--task", required=True, help="the instruction, as the server lists it")
@@ -194,9 +196,13 @@ def _set_mode(args: argparse.Namespace) -> int:
 
 
 def _act(args: argparse.Namespace) -> int:
-    observation = _wire_observation(observation_path(args))
+    path = observation_path(args)
+    observation = _checked_observation(path)
     out = None if args.out is None else output_path("--out", args.out)
     with connect(args, _ACT_TIMEOUT_S) as client:
+        # Frames of the wire's default size go as they are (a server of another size refuses them, naming the camera).
+        if any(frame.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE) for frame in observation.images.values()):
+            observation = _as_the_server_takes_it(path, observation, client.metadata())
         reply = client.act(
             observation,
             args.task,
@@ -239,20 +245,46 @@ def _act(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wire_observation(path: Path) -> Observation:
-    """The observation file as an `act` carries it: frames of another size resized to the wire's as the controller
-    does, proprio float32. Whatever the request would refuse is refused here, naming the file and the field."""
+def _checked_observation(path: Path) -> Observation:
+    """The observation file with proprio float32, as an `act` carries it. Whatever any server would refuse is refused
+    here, before connecting, naming the file and the field."""
     observation = read_observation(path)
     try:
         proprio = wire_proprio(observation.proprio)
-        images, resized = aloha_wire_images(observation.images)
+        images = {camera: check_camera_frame(camera, frame) for camera, frame in observation.images.items()}
     except (InputError, MessageError) as error:
         raise InputError(f"observation: {path}: {error}") from None
     if not images:
         raise InputError(f"observation: {path}: no camera images; expected one uint8 HxWx3 array per camera")
-    if resized:
-        _LOG.info("observation: resizing %s to %dx%d, as the controller does", resized, IMAGE_SIZE, IMAGE_SIZE)
     return Observation(images=images, proprio=proprio)
+
+
+def _as_the_server_takes_it(path: Path, observation: Observation, server: ServerMetadata) -> Observation:
+    """An ALOHA server's frames of another size resized as the ALOHA controller (and the official client) resizes
+    them; another platform's sent as they are, which must have the server's size: its policy resizes them as an
+    in-process `act` does, which a client-side resize would not reproduce."""
+    if server.platform != "aloha":
+        try:
+            _check_frame_sizes(observation.images, server)
+        except InputError as error:
+            raise InputError(f"observation: {path}: {error}") from None
+        return observation
+    images, resized = aloha_wire_images(observation.images)
+    if resized:
+        _LOG.info("observation: resizing %s to %dx%d, as the ALOHA controller does", resized, IMAGE_SIZE, IMAGE_SIZE)
+    return Observation(images=images, proprio=observation.proprio)
+
+
+def _check_frame_sizes(images: Mapping[str, np.ndarray], server: ServerMetadata) -> None:
+    for camera, frame in images.items():
+        if frame.shape[:2] != tuple(server.image_size):
+            height, width = server.image_size
+            raise InputError(
+                f"{camera}: expected {height}x{width} frames, the size this {server.platform} server takes (its "
+                f"--image-size), got {frame.shape[0]}x{frame.shape[1]}; serve with --image-size "
+                f"{frame.shape[0]}x{frame.shape[1]}, or run the query in-process with `cosmos-edge act`",
+                field=camera,
+            )
 
 
 def _values(values: Sequence[float | None], dtype: type[np.floating] = np.float32) -> np.ndarray:

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, NoReturn
 
-from cosmos_edge.cli.arg_types import mebibytes
+from cosmos_edge.cli.arg_types import image_size, mebibytes
 from cosmos_edge.cli.flag_names import naming_flags
 from cosmos_edge.cli.model_source import add_model_arguments, model_source
 from cosmos_edge.cli.planning_args import add_planning_arguments, planning_flags_given, resolve_planning
@@ -66,6 +66,14 @@ def add_serve_parser(subparsers: argparse._SubParsersAction, make_policies: Poli
         "--default-mode", default="reactive", choices=_MODES, help="mode used when a request names none"
     )
     parser.add_argument("--max-pending", type=int, default=8, help="controllers that may wait for inference at once")
+    parser.add_argument(
+        "--image-size",
+        type=image_size,
+        metavar="HxW",
+        help=f"the size of the camera frames requests carry (default {IMAGE_SIZE}x{IMAGE_SIZE}, the official ALOHA "
+        "client's and the only size an ALOHA server takes); a LIBERO or RoboCasa server may take its cameras' own "
+        "size (LIBERO's 256x256 renders), which its policy then resizes exactly as an in-process `act` does",
+    )
     parser.add_argument(
         "--max-message-mb",
         type=mebibytes,
@@ -137,6 +145,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         endpoint=endpoint,
         limits=wire_limits(args),
+        image_size=args.image_size or (IMAGE_SIZE, IMAGE_SIZE),
         default_mode=args.default_mode,
         max_pending=args.max_pending,
         curve=curve,
@@ -323,8 +332,14 @@ def _check_before_loading(args: argparse.Namespace, source: ModelSource, reactiv
         if given := planning_flags_given(args):
             raise ConfigError(f"{given[0]}: a planning option, but {reactive_only}")
     platform = source_platform(source)
+    size = args.image_size or (IMAGE_SIZE, IMAGE_SIZE)
+    if platform.name == "aloha" and size != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ConfigError(
+            f"--image-size {size[0]}x{size[1]}: an ALOHA server takes {IMAGE_SIZE}x{IMAGE_SIZE} frames, as the "
+            "official client resizes them (its controllers resize theirs the same way)"
+        )
     with naming_flags(_FLAGS):
-        check_limits_hold_an_act(wire_limits(args), (IMAGE_SIZE, IMAGE_SIZE), platform)  # the server's image size
+        check_limits_hold_an_act(wire_limits(args), size, platform)
     if args.http is not None:
         check_official_cameras(platform.name, platform.cameras)
 

@@ -18,6 +18,10 @@ from cosmos_edge.robot_bridge.binding import ServerConfig
 from cosmos_edge.robot_bridge.client import PolicyClient
 from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_image
 from cosmos_edge.robot_bridge.server import PolicyServer
+from cosmos_edge.runtime.bundle.loader import load_policies
+from cosmos_edge.runtime.bundle.sources import CheckpointSource
+from cosmos_edge.runtime.files import CheckpointFiles
+from cosmos_edge.runtime.policy.api import ActionQuery
 from tests.helpers.bridge_doubles import (
     CUT_SHORT_CANDIDATES,
     INSTRUCTION,
@@ -27,6 +31,7 @@ from tests.helpers.bridge_doubles import (
     observation,
     serving,
 )
+from tests.helpers.observations import random_observation
 
 TIMEOUT_S = 5.0
 
@@ -190,7 +195,7 @@ def test_act_resizes_camera_frames_to_the_wire_size_as_the_controller_does(
         np.testing.assert_array_equal(query.observation.images[camera], wire)
     resizing = [record.getMessage() for record in caplog.records if "resizing" in record.getMessage()]
     assert resizing == [
-        "observation: resizing cam_right_wrist 480x640, cam_high 480x640 to 224x224, as the controller does"
+        "observation: resizing cam_right_wrist 480x640, cam_high 480x640 to 224x224, as the ALOHA controller does"
     ]
 
 
@@ -221,3 +226,26 @@ def test_act_refuses_a_bad_observation_file_in_one_line_naming_it(
     no_task = ["client", "act", str(tmp_path / "good.npz"), "--task", "", "--endpoint", "tcp://127.0.0.1:9"]
     assert main(no_task) == 2  # a request this command refuses to build, as the server would refuse it
     assert "cosmos-edge: error: --task: expected 1..1024 characters, got 0" in capsys.readouterr().err
+
+
+def test_a_libero_server_takes_its_cameras_size_and_answers_what_act_computes(
+    tiny_assets: dict[str, CheckpointFiles], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # LIBERO renders 256x256: a client-side resize to 224 would not give the bits of the in-process preprocessing.
+    files = tiny_assets["libero"]
+    frames = random_observation("libero", seed=4, height=256, width=256)
+    np.savez(tmp_path / "obs.npz", proprio=frames.proprio, **frames.images)
+    with load_policies(CheckpointSource(files)) as loaded:
+        policy = loaded.reactive
+        task = policy.instructions[0]
+        expected = policy.infer(ActionQuery(frames, task, seed=195, steps=1))
+        act = ["client", "act", str(tmp_path / "obs.npz"), "--task", task, "--steps", "1", "--seed", "195"]
+        with serving(PolicyServer(policy, ServerConfig("tcp://127.0.0.1:*"))) as endpoint:
+            assert main([*act, "--endpoint", endpoint]) == 2  # 224x224 by default: refused, naming the flag
+        error = capsys.readouterr().err
+        assert "obs.npz: " in error and "expected 224x224 frames" in error and "--image-size 256x256" in error
+        sized = ServerConfig("tcp://127.0.0.1:*", image_size=(256, 256))
+        with serving(PolicyServer(policy, sized)) as endpoint:
+            assert main([*act, "--endpoint", endpoint, "--out", str(tmp_path / "served.npz")]) == 0
+    with np.load(tmp_path / "served.npz") as served:
+        np.testing.assert_array_equal(served["actions"], expected.actions)

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import zmq.auth
 
+from cosmos_edge.cli.main import main
 from cosmos_edge.cli.serve_cmd import add_serve_parser, http_config, official_image_lists, server_config
 from cosmos_edge.robot_bridge.client import PolicyClient
 from cosmos_edge.robot_bridge.official_act import CAMERAS, CandidateImageLists
 from cosmos_edge.robot_bridge.protocol import ActRequest
 from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.policy.api import Policy
 from cosmos_edge.runtime.policy.planning_config import planning_preset
 from tests.helpers.bridge_doubles import (
@@ -60,6 +62,23 @@ def test_message_limits_are_checked_as_flags() -> None:
     assert small.max_header_bytes == small.max_message_bytes  # the header fits in the message, whatever its size
     with pytest.raises(ConfigError, match=r"^--max-array-mb 5: expected at most --max-message-mb \(1\); lower it too$"):
         server_config(parse("--max-message-mb", "1", "--max-array-mb", "5"))
+
+
+def test_the_frame_size_is_a_flag_and_an_aloha_server_takes_only_the_official_clients(
+    tiny_assets: dict[str, CheckpointFiles], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert server_config(parse()).image_size == (224, 224)
+    assert server_config(parse("--image-size", "256")).image_size == (256, 256)
+    assert server_config(parse("--image-size", "240x320")).image_size == (240, 320)
+    with pytest.raises(SystemExit):
+        parse("--image-size", "256x")
+    files = tiny_assets["aloha"]
+    argv = ["serve", "--checkpoint", str(files.checkpoint), "--tokenizer", str(files.tokenizer), "--stats"]
+    argv += [str(files.stats), "--text-embeddings", str(files.text_embeddings), "--platform", "aloha"]
+    argv += ["--endpoint", f"tcp://127.0.0.1:{free_port()}", "--image-size", "256x256"]
+    capsys.readouterr()
+    assert main(argv) == 2  # refused before the models load
+    assert "--image-size 256x256: an ALOHA server takes 224x224 frames" in capsys.readouterr().err
 
 
 def test_curve_options_go_together(tmp_path: Path) -> None:
