@@ -57,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--no-future-images",
         action="store_true",
-        help="leave out the full-sequence encoder and the decoder (reactive-only bundle)",
+        help="leave out the full-sequence encoder and the decoder: a smaller bundle that serves both modes but cannot "
+        "return future images",
     )
     parser.set_defaults(func=_export)
 

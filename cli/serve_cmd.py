@@ -138,10 +138,10 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
             raise ConfigError("--curve-secret-key and --curve-clients: give both or neither")
         curve = ServerCurve(CurveKeyPair.load(args.curve_secret_key), load_public_keys(args.curve_clients))
     endpoint = args.endpoint
-    if endpoint == _NO_ZEROMQ:
-        if args.http is None:
-            raise ConfigError("--endpoint none: needs --http, or nothing could reach the policies")
-        endpoint = _IN_PROCESS_ONLY
+    if endpoint == _NO_ZEROMQ or endpoint.startswith("inproc://"):
+        if args.http is None:  # an inproc:// endpoint is reachable from this process only
+            raise ConfigError(f"--endpoint {endpoint}: needs --http, or nothing could reach the policies")
+        endpoint = endpoint if endpoint != _NO_ZEROMQ else _IN_PROCESS_ONLY
     return ServerConfig(
         endpoint=endpoint,
         limits=wire_limits(args),

@@ -67,8 +67,9 @@ _LOCK_GRACE_S = 60.0  # an export takes its lock right after making its staging 
 
 @dataclass(frozen=True)
 class ExportRequest:
-    """What to export. `future_images=False` leaves out the full-sequence encoder and the decoder (reactive-only
-    bundles: smaller, faster to export); `planning_checkpoint` adds `planning_dit_b*` graphs for the same batches."""
+    """What to export. `future_images=False` leaves out the full-sequence encoder and the decoder (bundles that
+    cannot return future images: smaller, faster to export); `planning_checkpoint` adds `planning_dit_b*` graphs for
+    the same batches."""
 
     checkpoint: Path
     tokenizer: Path

@@ -168,8 +168,8 @@ def _create_session(path: Path, target: OrtTarget, cache_dir: Path | None) -> or
     wanted = _PROVIDERS[target.provider]
     if wanted not in available:
         raise EngineError(
-            f"onnxruntime: the {target.provider} target needs {wanted}, this install has {available}; "
-            f"install onnxruntime-gpu for 'cuda' and 'tensorrt'"
+            f"onnxruntime: running the bundle on device {target.provider!r} needs {wanted}, which this install lacks "
+            f"(it has {available}); install onnxruntime-gpu for 'cuda' and 'tensorrt', or run it on device 'cpu'"
         )
     if cache_dir is not None and target.provider == "tensorrt":
         writable_folder(cache_dir, "ONNX Runtime's TensorRT engines")

@@ -144,6 +144,9 @@ def test_endpoint_none_serves_http_only() -> None:
     with pytest.raises(ConfigError, match="--endpoint none: needs --http"):
         server_config(parse("--endpoint", "none"))
     assert server_config(parse("--endpoint", "none", "--http", "127.0.0.1:8777")).endpoint.startswith("inproc://")
+    with pytest.raises(ConfigError, match="--endpoint inproc://foo: needs --http"):  # this process alone reaches it
+        server_config(parse("--endpoint", "inproc://foo"))
+    assert server_config(parse("--endpoint", "inproc://foo", "--http", "127.0.0.1:8777")).endpoint == "inproc://foo"
 
 
 def test_serve_answers_http_beside_zeromq_until_sigterm() -> None:
