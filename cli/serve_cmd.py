@@ -305,6 +305,8 @@ def _policies(args: argparse.Namespace) -> LoadedPolicies:
     )
     if reactive_only is not None:  # said once the devices are known to work: a bad one is the error to see first
         _LOG.warning("serving the reactive mode only: %s", reactive_only)
+    if args.use_variance_scale:
+        _LOG.info("sampling with the official use_variance_scale: each seed scales its passes' sigma range")
     if loaded.planning is not None:
         deadline = loaded.planning.deadline_ms
         _LOG.info(
