@@ -31,6 +31,7 @@ from cosmos_edge.cli.npz_files import (
     read_observation,
     write_npz,
 )
+from cosmos_edge.robot_bridge.act_messages import sampled_chunks
 from cosmos_edge.robot_bridge.client import PolicyClient, RemoteError, RequestTimeout
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, load_public_key
 from cosmos_edge.robot_bridge.endpoints import parse_endpoint
@@ -233,11 +234,12 @@ def _act(args: argparse.Namespace) -> int:
             "chosen_index": np.array(reply.chosen_index),
             "candidate_values": values,
         }
-        if reply.candidate_values_by_depth is not None and reply.candidate_actions is not None:
+        actions, actions_by_depth = sampled_chunks(reply)  # NaN where none was sampled, as `act` writes them
+        if reply.candidate_values_by_depth is not None and actions is not None:
             arrays["candidate_values_by_depth"] = np.stack([_values(row) for row in reply.candidate_values_by_depth])
-            arrays["candidate_actions"] = reply.candidate_actions
-        if reply.candidate_actions_by_depth is not None:
-            arrays["candidate_actions_by_depth"] = reply.candidate_actions_by_depth
+            arrays["candidate_actions"] = actions
+        if actions_by_depth is not None:
+            arrays["candidate_actions_by_depth"] = actions_by_depth
     print("server timings (ms): " + ", ".join(f"{name} {ms:.1f}" for name, ms in reply.timings_ms.items()))
     if out is not None:
         write_npz(out, arrays)

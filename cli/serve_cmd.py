@@ -248,10 +248,7 @@ def official_image_lists(planning: PlanningConfig | None) -> dict[str, Candidate
     official base config (its action pass's images, no world model); the `planning` mode's follow its options."""
     lists = {"reactive": CandidateImageLists()}
     if planning is not None:
-        lists["planning"] = CandidateImageLists(
-            per_candidate=planning.ar_future_prediction or not planning.ar_qvalue_prediction,
-            per_depth=planning.ar_future_prediction,
-        )
+        lists["planning"] = CandidateImageLists(per_depth=planning.ar_future_prediction)
     return lists
 
 

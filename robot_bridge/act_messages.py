@@ -61,7 +61,7 @@ def act_reply(
 def _candidate_fields(candidates: CandidateResults | None, request: ActRequest) -> dict[str, Any]:
     """The planning fields of an `act_result`, when the request asked for them (a client that predates them asks
     nothing and gets a reply it can decode); none for a reactive result. NaN (not computed in time) travels as null
-    values and NaN actions."""
+    values and zero actions (`sampled_chunks` restores them)."""
     return_all = bool(request.return_all_query_results)
     if candidates is None or not (request.planning_summary or return_all):
         return {}
@@ -76,7 +76,7 @@ def _candidate_fields(candidates: CandidateResults | None, request: ActRequest) 
     }
     if return_all:
         fields["candidate_values_by_depth"] = tuple(values(row) for row in candidates.values_by_depth)
-        fields["candidate_actions"] = candidates.actions.astype(np.float32)
+        fields["candidate_actions"] = _zeros_for_nan(candidates.actions)
         if request.return_actions_by_depth:
             fields["candidate_actions_by_depth"] = _chunks_by_depth(candidates)
     return fields
@@ -85,7 +85,7 @@ def _candidate_fields(candidates: CandidateResults | None, request: ActRequest) 
 def _chunks_by_depth(candidates: CandidateResults) -> np.ndarray:
     """Every candidate's chunk at every depth, refused (an error reply naming the field) when it is larger than a
     client's default limits let it decode (a deep search over many candidates)."""
-    chunks = candidates.actions_by_depth.astype(np.float32)
+    chunks = _zeros_for_nan(candidates.actions_by_depth)
     limit = WireLimits().max_array_bytes
     if chunks.nbytes > limit:
         raise InputError(
@@ -94,3 +94,29 @@ def _chunks_by_depth(candidates: CandidateResults) -> np.ndarray:
             field="return_actions_by_depth",
         )
     return chunks
+
+
+def _zeros_for_nan(actions: np.ndarray) -> np.ndarray:
+    """float32 actions with zeros where they were not computed in time (NaN), or not finite (a failing network's, whose
+    candidate is ranked out): the wire's arrays are finite, and a client restores the gaps (`sampled_chunks`)."""
+    wire = actions.astype(np.float32)
+    wire[~np.isfinite(wire)] = 0.0
+    return wire
+
+
+def sampled_chunks(reply: ActReply) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The reply's `candidate_actions` and `candidate_actions_by_depth` with NaN where no chunk was sampled (they
+    travel as zeros): a chunk's value is null exactly when it was not sampled in time or its candidate was ranked out,
+    except the base candidate's first-level chunk, whose action pass always runs (`PlanningOutcome.REACTIVE`)."""
+    values, by_depth = reply.candidate_values, reply.candidate_values_by_depth
+    actions = reply.candidate_actions
+    if actions is not None and values is not None:
+        actions = actions.copy()
+        actions[[value is None and index > 0 for index, value in enumerate(values)]] = np.nan
+    chunks = reply.candidate_actions_by_depth
+    if chunks is not None and by_depth is not None:
+        chunks = chunks.copy()
+        missing = np.array([[value is None for value in row] for row in by_depth])
+        missing[0, 0] = False
+        chunks[missing] = np.nan
+    return actions, chunks

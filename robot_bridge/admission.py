@@ -49,7 +49,8 @@ class ActAdmission:
         expected = (*self.image_size, 3)
         for camera, image in request.images.items():
             if image.shape != expected:
-                detail = f"expected shape {expected} (the client resizes), got {image.shape}"
+                resizes = "the client resizes" if self.platform.name == "aloha" else "the server's --image-size"
+                detail = f"expected shape {expected} ({resizes}), got {image.shape}"
                 raise MessageError(ErrorCode.INVALID_FIELD, f"image/{camera}", detail, request.request_id)
         if request.proprio.shape != (self.platform.proprio_dim,):
             detail = f"expected shape ({self.platform.proprio_dim},), got {request.proprio.shape}"

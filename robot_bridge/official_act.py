@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cosmos_edge.robot_bridge.act_messages import sampled_chunks
 from cosmos_edge.robot_bridge.json_arrays import COMPACT, SPACED, EncodedArray, parse_json, to_array
 from cosmos_edge.robot_bridge.protocol import ActReply
 from cosmos_edge.robot_bridge.wire import ErrorCode, MessageError, invalid, wire_proprio
@@ -104,14 +105,15 @@ def parse_query(body: bytes, image_size: tuple[int, int], proprio_dim: int) -> O
 
 @dataclass(frozen=True)
 class CandidateImageLists:
-    """Which future-image entries the official `all_future_image_predictions*` lists hold for each candidate of a
-    mode (deploy.py 418-424, 574-576, 667-674). The defaults are the reactive mode's (the official base config).
+    """Which future-image entries the official `all_future_image_predictions_by_depth` lists hold for each candidate
+    of a mode (deploy.py 418-424, 574-576, 667-674). The default is the reactive mode's (the official base config).
 
-    `per_candidate`: an image set per candidate (null here: none are decoded); False for candidates ranked by Q(s, a)
-    without a world model, whose entry is None. `per_depth`: one image set per per-depth value when a world model
-    predicted each valued state (`ar_future_prediction`); otherwise the candidate's list is empty."""
+    `per_depth`: one image set (null here: none are decoded) per per-depth value when a world model predicted each
+    valued state (`ar_future_prediction`); otherwise the candidate's list is empty. `all_future_image_predictions`
+    holds a null image set per candidate whatever the mode: the official server's None for candidates ranked by
+    Q(s, a) without a world model (deploy.py 671) crashes its own client as it saves the episode
+    (`run_aloha_eval.py` 949-950 tests a key of each entry)."""
 
-    per_candidate: bool = True
     per_depth: bool = False
 
 
@@ -132,16 +134,15 @@ def reply_body(reply: ActReply, query: OfficialQuery, image_lists: CandidateImag
         every_value: list[float | None] = [reply.value]
         by_depth: list[list[float | None]] = [[reply.value]]
         actions_by_depth: list[list[list[np.ndarray] | None]] = [[actions]]
-        chunks, values_by_depth = reply.candidate_actions_by_depth, reply.candidate_values_by_depth
-        if reply.candidate_actions is not None and chunks is not None and values_by_depth is not None:
-            every_actions = [_rows(chunk) for chunk in reply.candidate_actions]
+        candidate_actions, chunks = sampled_chunks(reply)
+        values_by_depth = reply.candidate_values_by_depth
+        if candidate_actions is not None and chunks is not None and values_by_depth is not None:
+            every_actions = [_rows(chunk) for chunk in candidate_actions]
             every_value, by_depth = list(reply.candidate_values or ()), [list(row) for row in values_by_depth]
             actions_by_depth = [[_rows(chunk) for chunk in row] for row in chunks]
         response |= {
             "all_actions": every_actions,
-            "all_future_image_predictions": [
-                _no_future_images() if lists.per_candidate else None for _ in every_actions
-            ],
+            "all_future_image_predictions": [_no_future_images() for _ in every_actions],
             "all_value_predictions": every_value,
             "all_actions_by_depth": actions_by_depth,
             "all_future_image_predictions_by_depth": [
@@ -155,7 +156,7 @@ def reply_body(reply: ActReply, query: OfficialQuery, image_lists: CandidateImag
 
 
 def _rows(chunk: np.ndarray) -> list[np.ndarray] | None:
-    """A chunk as the official server lists one (an array per step), or None where it was not computed in time."""
+    """A chunk as the official server lists one (an array per step), or None where none was sampled."""
     return None if np.isnan(chunk).any() else list(chunk)
 
 

@@ -235,9 +235,9 @@ class ActReply(_Message):
     predates these fields asks neither, and gets replies it can decode), `planning` (how the query ended: complete,
     best_so_far or reactive, see `PlanningOutcome`), `chosen_index` and `candidate_values` (None for a candidate not
     scored before the deadline); with `return_all_query_results`, also `candidate_values_by_depth` and
-    `candidate_actions` (NaN for a candidate whose action pass did not finish before the deadline), and with
+    `candidate_actions` (zeros for a candidate whose action pass did not finish before the deadline), and with
     `return_actions_by_depth` too, `candidate_actions_by_depth` (candidates, entries, chunk, action_dim): the chunk of
-    the action pass behind each per-depth value, the first level's first (NaN where not computed in time).
+    the action pass behind each per-depth value, the first level's first (zeros where not computed in time).
     """
 
     kind: ClassVar[MessageKind] = MessageKind.ACT_RESULT
@@ -294,13 +294,10 @@ class ActReply(_Message):
             set_field(self, "candidate_values_by_depth", by_depth)
             _check_count("candidate_values_by_depth", len(by_depth), count)
         if self.candidate_actions is not None:
-            candidate_actions = check_array("candidate_actions", self.candidate_actions, "float32", 3, nan_allowed=True)
-            set_field(self, "candidate_actions", candidate_actions)
+            set_field(self, "candidate_actions", check_array("candidate_actions", self.candidate_actions, "float32", 3))
             _check_count("candidate_actions", self.candidate_actions.shape[0], count)
         if self.candidate_actions_by_depth is not None:
-            by_depth_actions = check_array(
-                "candidate_actions_by_depth", self.candidate_actions_by_depth, "float32", 4, nan_allowed=True
-            )
+            by_depth_actions = check_array("candidate_actions_by_depth", self.candidate_actions_by_depth, "float32", 4)
             set_field(self, "candidate_actions_by_depth", by_depth_actions)
             _check_count("candidate_actions_by_depth", by_depth_actions.shape[0], count)
             widths = {len(row) for row in self.candidate_values_by_depth or ()}

@@ -159,9 +159,7 @@ def check_optional_int(field: str, value: object, lo: int, hi: int) -> int | Non
     return None if value is None else check_int(field, value, lo, hi)
 
 
-def check_array(field: str, value: object, dtype: str, ndim: int, *, nan_allowed: bool = False) -> np.ndarray:
-    """A wire array of `dtype` and `ndim`, finite (`nan_allowed`: NaN stands for a value not computed; never
-    infinity)."""
+def check_array(field: str, value: object, dtype: str, ndim: int) -> np.ndarray:
     if not isinstance(value, np.ndarray):
         raise invalid(field, f"expected a numpy array, got {type(value).__name__}")
     if value.dtype != _WIRE_DTYPES[dtype]:
@@ -170,10 +168,7 @@ def check_array(field: str, value: object, dtype: str, ndim: int, *, nan_allowed
         dimensions = "1 dimension" if ndim == 1 else f"{ndim} dimensions"
         raise invalid(field, f"expected {dimensions}, each of 1..{MAX_DIM}, got shape {value.shape}")
     if value.dtype.kind == "f" and not np.isfinite(value).all():
-        if not nan_allowed:
-            raise invalid(field, "expected finite values, got NaN or infinity")
-        if np.isinf(value).any():
-            raise invalid(field, "expected finite values or NaN (not computed), got infinity")
+        raise invalid(field, "expected finite values, got NaN or infinity")
     return value
 
 

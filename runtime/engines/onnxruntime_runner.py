@@ -51,6 +51,11 @@ class OrtTarget:
     provider: str
     device_id: int = 0
 
+    @property
+    def device(self) -> str:
+        """The device string that names this target."""
+        return self.provider if self.provider == "cpu" else f"{self.provider}:{self.device_id}"
+
     @classmethod
     def parse(cls, device: str) -> OrtTarget:
         match = re.fullmatch(r"(cpu|cuda|tensorrt)(?::(\d+))?", device)
@@ -168,7 +173,7 @@ def _create_session(path: Path, target: OrtTarget, cache_dir: Path | None) -> or
     wanted = _PROVIDERS[target.provider]
     if wanted not in available:
         raise EngineError(
-            f"onnxruntime: running the bundle on device {target.provider!r} needs {wanted}, which this install lacks "
+            f"onnxruntime: running the bundle on device {target.device!r} needs {wanted}, which this install lacks "
             f"(it has {available}); install onnxruntime-gpu for 'cuda' and 'tensorrt', or run it on device 'cpu'"
         )
     if cache_dir is not None and target.provider == "tensorrt":

@@ -102,9 +102,13 @@ def elements_per_dtype(tensors: Iterable[torch.Tensor]) -> dict[str, int]:
 
 
 def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
-    """The names of the floating tensors holding NaN or infinity, sorted: weights that make every output NaN."""
+    """The names of the floating tensors holding NaN or infinity, sorted: weights that make every output NaN. (float8
+    tensors are widened first: torch has no isfinite for them.)"""
     return sorted(
-        name for name, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+        name
+        for name, tensor in tensors.items()
+        if tensor.is_floating_point()
+        and not torch.isfinite(tensor if tensor.element_size() > 1 else tensor.float()).all()
     )
 
 

@@ -112,6 +112,8 @@ def _embed(
             hidden = encoder(input_ids=tokens.input_ids.to(device), attention_mask=mask).last_hidden_state
             hidden[0, int(mask.sum()) :] = 0
             embeddings[text] = hidden.float().cpu().numpy()
+            if not torch.isfinite(hidden).all():  # the encoder's failure (fp16 overflow, bad weights)
+                raise EngineError(f"the T5 encoder returned NaN or infinity for {text!r} on device {device}")
     store = TextEmbeddings.from_arrays(embeddings)
     write(out_path, store)
     return store

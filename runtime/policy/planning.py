@@ -104,6 +104,7 @@ class _Ranked:
     values: np.ndarray
     values_by_depth: np.ndarray
     actions_by_depth: np.ndarray  # NaN where not computed in time, but the base candidate's first level always
+    future_proprio: np.ndarray  # "n proprio_dim", NaN where not computed in time
     computed: np.ndarray  # bool per candidate: scored in time, or the base candidate (its action pass always runs)
     chosen: int
     outcome: PlanningOutcome
@@ -138,38 +139,47 @@ def _rank(
     computed = np.zeros(num_candidates, bool)
     computed[sorted(scored)] = True
     computed[0] |= base_actions is not None
+    future_proprio = _future_proprio(model, latents, computed)
     indices = sorted(scored)
-    if not indices:
-        return _Ranked(latents, values, by_depth, actions_by_depth, computed, 0, PlanningOutcome.REACTIVE, base_value)
-    # A candidate whose network output was not finite (NaN or infinity, a failure of the engine) is ranked out.
+    # A candidate whose network output was not finite (NaN or infinity, a failure of the engine) is ranked out: its
+    # values read as not computed.
     finite = [
-        index for index in indices if np.isfinite(values[index]) and np.isfinite(actions_by_depth[index, 0]).all()
+        index
+        for index in indices
+        if np.isfinite(values[index])
+        and np.isfinite(actions_by_depth[index, 0]).all()
+        and np.isfinite(future_proprio[index]).all()
     ]
-    if len(finite) < len(indices):
+    if failed := sorted(set(indices) - set(finite)):
         _LOG.warning(
-            "planning: candidates %s have a value or chunk that is not finite; ranked out",
-            sorted(set(indices) - set(finite)),
+            "planning: candidates %s have a value, chunk or future proprio that is not finite; ranked out", failed
         )
+        values[failed], by_depth[failed] = np.nan, np.nan
     if not finite:
-        raise EngineError(
-            "planning: no candidate has a finite value and chunk: the network returned NaN or infinity (check the "
-            "checkpoints' weights and the instruction's text embedding)"
-        )
+        if base_actions is None:
+            raise EngineError(
+                "planning: no candidate has a finite value, chunk and future proprio: the network returned NaN or "
+                "infinity (check the checkpoints' weights and the instruction's text embedding)"
+            )
+        outcome = PlanningOutcome.REACTIVE  # none scored in time (or none usable): the base action pass, unranked
+        return _Ranked(latents, values, by_depth, actions_by_depth, future_proprio, computed, 0, outcome, base_value)
     ranked = values[finite]
     base = finite.index(0) if 0 in finite else int(np.argmax(ranked))  # the base seed's unless beaten
     chosen = finite[select_best_candidate(ranked, base_index=base)]
     outcome = PlanningOutcome.COMPLETE if len(indices) == num_candidates else PlanningOutcome.BEST_SO_FAR
     value, states = float(values[chosen]), scored[chosen].states
-    return _Ranked(latents, values, by_depth, actions_by_depth, computed, chosen, outcome, value, states)
+    return _Ranked(
+        latents, values, by_depth, actions_by_depth, future_proprio, computed, chosen, outcome, value, states
+    )
 
 
 def _future_proprio(model: PolicyModel, latents: np.ndarray, computed: np.ndarray) -> np.ndarray:
     """The future proprio of the candidates whose action pass finished; NaN for the others. (Their chunks were read
     as they were scored: `actions_by_depth`.)"""
     done = np.flatnonzero(computed)
-    _, future_proprio = read_chunks(model, latents[done])
-    every = np.full((len(latents), *future_proprio.shape[1:]), np.nan, np.float32)
-    every[done] = future_proprio
+    every = np.full((len(latents), model.platform.proprio_dim), np.nan, np.float32)
+    if done.size:
+        every[done] = read_chunks(model, latents[done])[1]
     return every
 
 
@@ -304,9 +314,7 @@ class PlanningPolicy(ModelPolicy):
                     scores = self._score_all(query, encoded.clean, steps)
                 else:
                     scores = self._score_until(started + self._deadline_s, query, encoded.clean, steps)
-            with timer.stage("readout"):
-                actions = scores.actions_by_depth[:, 0]
-                future_proprio = _future_proprio(self._model, scores.latents, scores.computed)
+            actions, future_proprio = scores.actions_by_depth[:, 0], scores.future_proprio
             images = self._future_images(scores, encoded, query, steps, timer) if query.return_future_images else None
         except Stopped:
             raise EngineError("planning: the policy was closed during the query") from None

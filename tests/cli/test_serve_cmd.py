@@ -121,14 +121,10 @@ def test_http_options_become_an_http_config() -> None:
 @pytest.mark.parametrize(
     ("preset", "options", "expected"),
     [
-        ("main", {}, CandidateImageLists(per_candidate=True, per_depth=True)),
-        ("base", {}, CandidateImageLists(per_candidate=True, per_depth=False)),
-        ("base", {"ar_qvalue_prediction": True}, CandidateImageLists(per_candidate=False, per_depth=False)),
-        (
-            "base",
-            {"ar_qvalue_prediction": True, "ar_future_prediction": True},
-            CandidateImageLists(per_candidate=True, per_depth=True),
-        ),
+        ("main", {}, CandidateImageLists(per_depth=True)),
+        ("base", {}, CandidateImageLists(per_depth=False)),
+        ("base", {"ar_qvalue_prediction": True}, CandidateImageLists(per_depth=False)),
+        ("base", {"ar_qvalue_prediction": True, "ar_future_prediction": True}, CandidateImageLists(per_depth=True)),
     ],
     ids=["world model", "action pass values", "model-free Q", "Q after a world model"],
 )

@@ -374,14 +374,8 @@ def test_messages_built_locally_are_validated_too() -> None:
         act_reply(candidate_values=(0.5, 1.5))
     with pytest.raises(MessageError, match="chosen_index: expected"):
         act_reply(candidate_values=(0.5, 0.5), chosen_index=2)
-    with pytest.raises(
-        MessageError, match=r"candidate_actions: expected finite values or NaN \(not computed\), got inf"
-    ):
-        act_reply(candidate_values=(0.5, 0.5), candidate_actions=np.full((2, 50, 14), np.inf, np.float32))
-    with pytest.raises(MessageError, match="actions: expected finite values"):
-        act_reply(actions=np.full((50, 14), np.nan, np.float32))  # the chunk to run is always computed
-    missing = act_reply(candidate_values=(0.5, None), candidate_actions=np.full((2, 50, 14), np.nan, np.float32))
-    assert missing.candidate_actions is not None and np.isnan(missing.candidate_actions).all()
+    with pytest.raises(MessageError, match="candidate_actions: expected finite values"):
+        act_reply(candidate_values=(0.5, 0.5), candidate_actions=np.full((2, 50, 14), np.nan, np.float32))
     with pytest.raises(MessageError, match=r"candidate_actions: expected one entry per candidate \(2\), got 3"):
         act_reply(candidate_values=(0.5, 0.5), candidate_actions=np.zeros((3, 50, 14), np.float32))
     with pytest.raises(MessageError, match="candidate_values_by_depth: expected candidate_values with it"):

@@ -270,6 +270,8 @@ class FakeLoaded:
     """What `make_policies` returns, recording whether the policies were released (in `closed`, and in `released`
     for a test in another process)."""
 
+    planning = None  # a reactive server
+
     def __init__(self, policy: StubPolicy, released: Flag | None = None) -> None:
         self.policy = policy
         self.closed = False

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import zmq
 
+from cosmos_edge.robot_bridge.act_messages import act_reply, sampled_chunks
 from cosmos_edge.robot_bridge.binding import BoundRouter, ServerConfig, is_local_endpoint
 from cosmos_edge.robot_bridge.client import PolicyClient, RemoteError, RequestTimeout
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, ServerCurve
@@ -40,6 +41,7 @@ from cosmos_edge.robot_bridge.protocol import (
 from cosmos_edge.robot_bridge.server import PolicyServer
 from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError
 from cosmos_edge.runtime.platforms import platform_spec
+from cosmos_edge.runtime.policy.api import CandidateResults, ChunkResult, PlanningOutcome
 from tests.helpers.bridge_doubles import (
     ALOHA,
     CUT_SHORT_CANDIDATES,
@@ -351,11 +353,50 @@ def test_planning_replies_carry_the_outcome_and_the_candidates(caplog: pytest.Lo
     assert full.candidate_values_by_depth == ((0.5, 0.25), (0.75, 1.0), (None, None))
     assert full.candidate_actions is not None and full.candidate_actions_by_depth is not None
     np.testing.assert_array_equal(full.candidate_actions[:2], CUT_SHORT_CANDIDATES.actions[:2])
-    assert np.isnan(full.candidate_actions[2]).all()  # not computed in time: NaN, never a chunk a robot could run
+    np.testing.assert_array_equal(full.candidate_actions[2], 0.0)  # not computed in time: zeros on the wire
     np.testing.assert_array_equal(full.candidate_actions_by_depth[:2], CUT_SHORT_CANDIDATES.actions_by_depth[:2])
-    assert np.isnan(full.candidate_actions_by_depth[2]).all()
+    np.testing.assert_array_equal(full.candidate_actions_by_depth[2], 0.0)
+    # The gaps restored from the null values: what the policy returned, NaN where nothing was sampled.
+    actions, chunks = sampled_chunks(full)
+    np.testing.assert_array_equal(actions, CUT_SHORT_CANDIDATES.actions)
+    np.testing.assert_array_equal(chunks, CUT_SHORT_CANDIDATES.actions_by_depth)
     assert "planning=best_so_far deadline_passed_total=1" in caplog.text
     assert "planning=best_so_far deadline_passed_total=2" in caplog.text
+
+
+def test_the_base_chunk_of_an_unranked_reply_and_a_ranked_out_chunk_travel_as_sampled_chunks_say() -> None:
+    # A deadline that passed before any ranking: the base action pass is the chunk, its value null. Candidate 1's
+    # chunk overflowed (infinity) and was ranked out: its values are null, its chunk travels as zeros.
+    chunks = np.stack([np.full((1, ALOHA.chunk_size, ALOHA.action_dim), value, np.float32) for value in (3.0, np.inf)])
+    unranked = CandidateResults(
+        chosen=0,
+        actions=chunks[:, 0],
+        values=np.full(2, np.nan),
+        values_by_depth=np.full((2, 1), np.nan, np.float32),
+        actions_by_depth=chunks,
+        outcome=PlanningOutcome.REACTIVE,
+    )
+    result = ChunkResult(chunks[0, 0], 0.5, np.zeros(ALOHA.proprio_dim, np.float32), candidates=unranked)
+    request = ActRequest(
+        1,
+        obs_id=1,
+        capture_time_ns=1,
+        instruction=INSTRUCTION,
+        return_all_query_results=True,
+        return_actions_by_depth=True,
+        **vars(observation(1.0)),
+    )
+    reply = act_reply(request, result, ALOHA, mode="planning", timings_ms={}, receive_ns=1)
+    decoded = decode_reply(reply.to_frames())  # finite on the wire: any client decodes it
+    assert (
+        isinstance(decoded, ActReply)
+        and decoded.candidate_actions is not None
+        and np.isfinite(decoded.candidate_actions).all()
+    )
+    actions, by_depth = sampled_chunks(decoded)
+    assert actions is not None and by_depth is not None
+    np.testing.assert_array_equal(actions[0], chunks[0, 0])  # always sampled
+    assert np.isnan(actions[1]).all() and np.isnan(by_depth[1]).all()
 
 
 def test_chunks_at_every_depth_too_large_for_a_client_are_refused_naming_the_field() -> None:

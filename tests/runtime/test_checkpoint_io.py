@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cosmos_edge.runtime.errors import CheckpointError
-from cosmos_edge.runtime.models.checkpoint_io import read_tensor_file
+from cosmos_edge.runtime.models.checkpoint_io import non_finite_tensors, read_tensor_file
 
 
 @pytest.mark.parametrize("wrapper", [None, "model"])
@@ -87,3 +87,15 @@ def test_missing_file_and_non_tensor_content(tmp_path: Path) -> None:
     torch.save([1, 2, 3], path)
     with pytest.raises(CheckpointError, match="dict of tensors"):
         read_tensor_file(path)
+
+
+def test_tensors_holding_nan_or_infinity_are_named_in_every_float_dtype() -> None:
+    tensors = {
+        "fine": torch.ones(3, dtype=torch.bfloat16),
+        "nan": torch.tensor([1.0, float("nan")]),
+        "inf_half": torch.tensor([float("inf")], dtype=torch.float16),
+        "nan_fp8": torch.tensor([float("nan")]).to(torch.float8_e4m3fn),  # torch has no isfinite for float8
+        "fine_fp8": torch.ones(2).to(torch.float8_e4m3fn),
+        "ints": torch.arange(3),
+    }
+    assert non_finite_tensors(tensors) == ["inf_half", "nan", "nan_fp8"]

@@ -230,8 +230,8 @@ def test_a_candidate_with_a_non_finite_value_is_ranked_out_and_none_fails_the_qu
     assert result.candidates is not None and np.isnan(result.candidates.values[2])
     assert result.candidates.chosen == 1 and result.value == pytest.approx(0.7, abs=1e-4)  # the best finite one
     assert np.isfinite(result.candidates.actions).all()  # its action pass is read as any other's
-    assert "candidates [2] have a value or chunk that is not finite; ranked out" in caplog.text
-    with pytest.raises(EngineError, match="no candidate has a finite value and chunk"):
+    assert "candidates [2] have a value, chunk or future proprio that is not finite; ranked out" in caplog.text
+    with pytest.raises(EngineError, match="no candidate has a finite value, chunk and future proprio"):
         run(one_step(), broken_for(set(range(100, 105))))
 
 
@@ -254,7 +254,7 @@ def test_a_candidate_whose_chunk_is_not_finite_is_ranked_out(
         result, _ = run(one_step(), scripted)  # candidate 2 (seed 102) has the best value, 0.9, and a NaN chunk
     assert result.candidates is not None and np.isnan(result.candidates.actions[2]).all()
     assert result.candidates.chosen == 1 and np.isfinite(result.actions).all()
-    assert "candidates [2] have a value or chunk that is not finite; ranked out" in caplog.text
+    assert "candidates [2] have a value, chunk or future proprio that is not finite; ranked out" in caplog.text
 
 
 def test_values_and_choice_derived_by_hand() -> None:
@@ -465,12 +465,14 @@ class HeldNetwork:
         return held_call
 
 
-def plan_within_deadline(held: set[int], slots: tuple[int, ...] | None = None):  # type: ignore[no-untyped-def]
+def plan_within_deadline(  # type: ignore[no-untyped-def]
+    held: set[int], slots: tuple[int, ...] | None = None, value_of: ValueOf = scripted
+):
     span = np.ones(ALOHA.action_dim)
     stats = DatasetStats(actions_min=-span, actions_max=span, proprio_min=-span, proprio_max=span)
     text = TextEmbeddings.from_arrays({"task": np.zeros((1, 4, 8), np.float32)})
     model = PolicyModel(ALOHA, stats, text, BlackConditioning(), BlackConditioning())
-    network = HeldNetwork(ScriptedNetwork(ALOHA, scripted), held, slots)
+    network = HeldNetwork(ScriptedNetwork(ALOHA, value_of), held, slots)
     # The held pass runs out the deadline; the scripted passes before it take milliseconds, even on a loaded machine.
     policy = PlanningPolicy(model, [PlanningWorker(network, network)], one_step(), deadline_ms=2000)
     query = ActionQuery(random_observation("aloha"), "task", seed=BASE_SEED)
@@ -504,6 +506,18 @@ def test_a_deadline_with_no_candidate_scored_answers_with_the_base_action_pass()
     assert np.isfinite(result.actions).all() and 0.0 <= result.value <= 1.0
     np.testing.assert_array_equal(result.candidates.actions_by_depth[0, 0], result.actions)  # its pass always runs
     assert np.isnan(result.candidates.actions_by_depth[1:]).all()
+
+
+def test_a_deadline_whose_only_scored_candidate_failed_answers_with_the_base_action_pass() -> None:
+    # Candidates 1 and 2 are held (seeds 103, 104); candidate 0's value passes return NaN: it is ranked out.
+    def failing_first(seed: int, clean: tuple[int, ...]) -> float:
+        return math.nan if clean == V_FUTURE and seed == 100 else scripted(seed, clean)
+
+    result, _ = plan_within_deadline(held={103, 104}, slots=V_FUTURE, value_of=failing_first)
+    assert result.candidates is not None and result.candidates.outcome is PlanningOutcome.REACTIVE
+    assert np.isnan(result.candidates.values).all() and np.isnan(result.candidates.values_by_depth).all()
+    np.testing.assert_array_equal(result.candidates.actions_by_depth[0, 0], result.actions)
+    assert np.isfinite(result.actions).all() and np.isfinite(result.value)
 
 
 def test_a_deadline_must_be_positive() -> None:

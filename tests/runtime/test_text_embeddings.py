@@ -206,6 +206,22 @@ def test_embedding_pads_to_512_tokens_zeroes_past_the_true_length_and_rounds_to_
     assert not embedding[0, 4:].any()
 
 
+def test_an_encoder_returning_nan_is_a_run_failure_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Overflowing(_T5Encoder):
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> object:
+            hidden = torch.full((1, input_ids.shape[1], self.dim), float("nan"))
+            return type("Output", (), {"last_hidden_state": hidden})
+
+    stand_in = type(sys)("transformers")
+    stand_in.T5TokenizerFast, stand_in.T5EncoderModel = _T5Tokenizer, Overflowing  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "transformers", stand_in)
+    with pytest.raises(EngineError, match="the T5 encoder returned NaN or infinity for 'pick up the cup'"):
+        text_encoder.embed_instructions(["pick up the cup"], tmp_path / "t5.safetensors", device="cpu")
+    assert not (tmp_path / "t5.safetensors").exists()
+
+
 def _corrupt(tmp_path: Path, header: dict, buffer: bytes = b"") -> Path:
     encoded = json.dumps(header).encode()
     path = tmp_path / "bad.safetensors"
