@@ -82,7 +82,8 @@ class CandidateResults:
     `actions_by_depth` "n entries chunk action_dim" (the official `actions_by_depth`: the chunk of the action pass
     behind each entry, the first level's first), and the index of the `chosen` one. A candidate not scored before the
     deadline has NaN values and NaN actions (a worker keeps none of a candidate until it is scored), except the base
-    candidate 0, whose action pass always runs.
+    candidate 0, whose action pass always runs; a candidate ranked out (a non-finite value, chunk or future proprio)
+    has NaN values and the actions it sampled.
     """
 
     chosen: int
