@@ -108,6 +108,7 @@ def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
         name
         for name, tensor in tensors.items()
         if tensor.is_floating_point()
+        and not tensor.is_meta  # shapes only: no values to check
         and not torch.isfinite(tensor if tensor.element_size() > 1 else tensor.float()).all()
     )
 
