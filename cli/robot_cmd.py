@@ -13,9 +13,11 @@ and the command ends after that tick with its counters.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -157,6 +159,9 @@ def _robot(args: argparse.Namespace) -> int:
             signalled = threading.Event()
 
             def stop() -> None:
+                if not signalled.is_set():  # said once: a rig whose step hangs would otherwise seem deaf to it
+                    with contextlib.suppress(OSError):  # straight to the descriptor: a handler must not print
+                        os.write(2, b"stopping: holding the pose (Ctrl-C again quits at once)\n")
                 signalled.set()
                 executor.stop("a stop signal")
 
@@ -179,11 +184,12 @@ def _robot(args: argparse.Namespace) -> int:
                     print_run_report(executor, safety, executor.summary())
     if executor.counters.chunks_adopted == 0 and not signalled.is_set():  # the policy never drove the arms
         failed = executor.counters.request_failures
-        print(
-            f"cosmos-edge: error: --endpoint {args.endpoint}: no chunk arrived; {failed} request(s) failed (see the "
-            "log)",
-            file=sys.stderr,
+        why = (
+            f"{failed} request(s) failed (the log names their errors; --timeout sets how long one may take)"
+            if failed
+            else "none was answered before the run ended (--duration-s)"
         )
+        print(f"cosmos-edge: error: no chunk arrived from --endpoint {args.endpoint}: {why}", file=sys.stderr)
         return 1
     if safety.stopped and not signalled.is_set():  # the filter latched it (--safety stop_after_rate_limited_ticks)
         print(
@@ -199,6 +205,10 @@ def _connect_robot(make_env: Callable[..., RealEnvLike], args: argparse.Namespac
     """The rig's env, moved to the start pose (unless --keep-pose); its failures are one line naming --env."""
     try:
         env = make_env(**args.env_kwargs)
+        if not all(callable(getattr(env, method, None)) for method in ("reset", "step")):
+            raise ConfigError(  # the wrong function named: a usage error, before any rig code runs further
+                f"expected it to return a RealEnv-like rig (with reset() and step()), got {type(env).__name__}"
+            )
         if not args.keep_pose:
             print("moving the arms to the start pose")
         return AlohaRealRobot.connect(env, move_to_start=not args.keep_pose)

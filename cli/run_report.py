@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from cosmos_edge.robot_bridge.controller.blending import summarize_boundaries
+from cosmos_edge.robot_bridge.controller.blending import BlendConfig, BlendScheme, summarize_boundaries
 from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor
 from cosmos_edge.robot_bridge.controller.safety import SafetyFilter
 from cosmos_edge.robot_bridge.controller.ticks import TickSummary
@@ -20,7 +20,7 @@ def print_run_report(executor: ChunkExecutor, safety: SafetyFilter, summary: Tic
     stats = summarize_boundaries(executor.boundaries())
     blend = executor.config.blend
     print(
-        f"chunk boundaries: {stats.boundaries} ({blend.scheme.value}, {blend.window_ticks} ticks); largest per-tick "
+        f"chunk boundaries: {stats.boundaries} ({_blend_text(blend)}); largest per-tick "
         f"change of the arm joints at a boundary, rad: hard switch p50 {stats.raw_jump_p50:.3f} max "
         f"{stats.raw_jump_max:.3f}, commanded p50 {stats.commanded_jump_p50:.3f} max {stats.commanded_jump_max:.3f}; "
         f"of the grippers (normalised opening 0..1): hard switch max {stats.gripper_raw_jump_max:.3f}, commanded max "
@@ -28,3 +28,9 @@ def print_run_report(executor: ChunkExecutor, safety: SafetyFilter, summary: Tic
         "safety filter bounds each command's step from the measured pose, so two commands may differ by more while "
         "the arm lags)"
     )
+
+
+def _blend_text(blend: BlendConfig) -> str:
+    if blend.scheme is BlendScheme.NONE:
+        return "none: hard switches"
+    return f"{blend.scheme.value}, {blend.window_ticks} ticks"

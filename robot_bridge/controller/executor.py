@@ -464,6 +464,8 @@ class ChunkExecutor:
             return
         horizon_ms = self._chunk_length * self._period_ns / 1e6
         latency = "unknown" if self.latency_ms is None else f"{self.latency_ms:.0f} ms"
+        if self._last_failure is not None and self.latency_ms is not None:
+            latency += " (the last that succeeded)"
         logger.warning(
             "executor: starved at tick %d (%s): inference round trip %s vs chunk horizon %.0f ms (%d actions at "
             "%.0f Hz), prefetch at %d remaining; %d starved ticks so far. %s",
@@ -483,7 +485,7 @@ class ChunkExecutor:
             error = self._last_failure.error
             return (
                 f"The {self._failures_since_chunk} request(s) since the last chunk failed, the last with "
-                f"{type(error).__name__}: {error}; is the server up and answering within the client's timeout?"
+                f"{type(error).__name__}: {error} (check that the server is up and answers within the client's timeout)"
             )
         return _starvation_advice(self.latency_ms, horizon_ms, self.config)
 

@@ -139,8 +139,10 @@ class SafetyConfig:
                         f"safety.{prefix}joint limits: expected lower < upper for joint {i}, got [{lo}, {hi}]"
                     )
         lo, hi = self.gripper_range
-        if not lo < hi:
-            raise ConfigError(f"safety.gripper_range: expected lower < upper, got {self.gripper_range}")
+        if not 0.0 <= lo < hi <= 1.0:  # commands are normalised openings: 0 closed, 1 open
+            raise ConfigError(
+                f"safety.gripper_range: expected 0 <= lower < upper <= 1 (normalised opening), got {self.gripper_range}"
+            )
 
     @property
     def dims(self) -> int:

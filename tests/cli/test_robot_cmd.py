@@ -202,7 +202,18 @@ def test_no_chunk_at_all_is_a_failed_run(capsys: pytest.CaptureFixture[str]) -> 
     policy = StubPolicy(delay_s=1.0)  # slower than the client's timeout: every request times out
     with serving(PolicyServer(policy, ServerConfig("tcp://127.0.0.1:*"))) as endpoint:
         assert main(robot(endpoint, "--duration-s", "1", "--timeout", "0.3")) == 1
-    assert "error: --endpoint tcp://127.0.0.1:" in (err := capsys.readouterr().err) and "no chunk arrived" in err
+    err = capsys.readouterr().err
+    assert "error: no chunk arrived from --endpoint tcp://127.0.0.1:" in err and "--timeout sets how long" in err
+
+
+def test_an_env_function_that_returns_no_rig_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with serving(PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*"))) as endpoint:
+        argv = ["robot", "--env", "os:getcwd", "--endpoint", endpoint, "--task", INSTRUCTION, "--keep-pose"]
+        assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert (
+        "--env os:getcwd: failed: expected it to return a RealEnv-like rig (with reset() and step()), got str" in error
+    )
 
 
 def test_a_module_that_fails_as_it_is_imported_is_one_line(

@@ -52,6 +52,7 @@ def test_default_config_matches_aloha_layout() -> None:
         {"joint_lower": 0.0},
         {"gripper_range": (0.0, 0.5, 1.0)},
         {"gripper_range": (0.0, math.inf)},
+        {"gripper_range": (-5.0, 5.0)},  # commands are normalised openings in 0..1
         {"right_joint_lower": (0.0,)},  # not one per joint
         {"right_joint_lower": 0.0},
         {"right_joint_upper": (-4.0,) * 6},  # below the lower limits it shares with the left arm
