@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--stats", type=Path, required=True, help="dataset statistics JSON")
     parser.add_argument("--text-embeddings", type=Path, required=True, help="instruction embeddings (safetensors)")
     parser.add_argument("--platform", required=True, choices=sorted(PLATFORMS), help="the checkpoint's robot platform")
-    parser.add_argument("--out", type=Path, required=True, help="bundle directory to create (must not exist)")
+    parser.add_argument("--out", type=Path, required=True, help="bundle directory to create (a new or empty directory)")
     parser.add_argument(
         "--batch-sizes",
         type=batch_sizes,

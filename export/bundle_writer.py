@@ -8,6 +8,7 @@ and the next export removes.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
 import importlib.metadata
@@ -48,7 +49,7 @@ from cosmos_edge.runtime.bundle.manifest import (
 from cosmos_edge.runtime.engines.graph import GraphSpec, dit_graph, vae_decoder_graph, vae_encoder_graph
 from cosmos_edge.runtime.errors import BundleError, ConfigError, EngineError
 from cosmos_edge.runtime.files import exclusive_lock
-from cosmos_edge.runtime.models.dit_checkpoint import load_dit
+from cosmos_edge.runtime.models.dit_checkpoint import dit_checkpoint_config, load_dit
 from cosmos_edge.runtime.models.dtypes import TORCH_DTYPES
 from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
 from cosmos_edge.runtime.platforms import PlatformSpec, platform_spec
@@ -115,20 +116,30 @@ class _GraphWriter:
 
 
 def check_new_bundle_path(out: Path) -> None:
-    """A bundle is written where nothing is, in a directory that exists (a typo makes none): refused before
-    minutes of export otherwise."""
-    if out.exists() or out.is_symlink():  # a dangling link too: the final rename could not replace it
-        raise BundleError(f"{out}: already exists; remove it or choose another --out")
+    """A bundle is written where nothing is (or an empty directory, which the final rename replaces), in a directory
+    that exists (a typo makes none): refused before minutes of export otherwise."""
+    empty_directory = out.is_dir() and not out.is_symlink() and not any(out.iterdir())
+    if (
+        out.exists() or out.is_symlink()
+    ) and not empty_directory:  # a dangling link too: the rename could not replace it
+        raise BundleError(f"{out}: already exists and is not an empty directory; remove it or choose another --out")
     if not out.parent.is_dir():
         raise BundleError(f"{out}: no directory {out.parent}; make it first or choose another --out")
 
 
 def export_bundle(request: ExportRequest) -> Bundle:
-    """Writes the bundle at `request.out` (which must not exist) and returns it opened."""
+    """Writes the bundle at `request.out` (a new or empty directory) and returns it opened."""
     out = Path(request.out)
+    _remove_interrupted_exports(out)  # first: a killed export's folder goes even if this export is refused
     check_new_bundle_path(out)
+    if request.planning_checkpoint is not None and _same_file(request.planning_checkpoint, request.checkpoint):
+        _LOG.warning(
+            "planning checkpoint %s is the policy's: the bundle plans with the policy's DiT graphs (not exported "
+            "twice)",
+            request.planning_checkpoint,
+        )
+        request = dataclasses.replace(request, planning_checkpoint=None)
     try:
-        _remove_interrupted_exports(out)
         staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}-", dir=out.parent))
     except OSError as error:
         raise BundleError(f"{out}: cannot write a bundle there ({error}); choose another --out") from None
@@ -137,8 +148,7 @@ def export_bundle(request: ExportRequest) -> Bundle:
         try:
             _write_staged(request, staging, out)
             staging.chmod(_directory_mode())  # mkdtemp makes it private (0700); a bundle is read like its files
-            check_new_bundle_path(out)  # again: another export or a user may have made it meanwhile (rename would
-            # silently replace an empty directory)
+            check_new_bundle_path(out)  # again: another export or a user may have filled it meanwhile
             try:
                 os.rename(staging, out)  # atomic within one filesystem: the bundle appears whole or not at all
             except OSError as error:
@@ -184,13 +194,31 @@ def _remove_interrupted_exports(out: Path) -> None:
         try:
             young = time.time() - staging.stat().st_mtime < _LOCK_GRACE_S  # before the lock file touches it
             with exclusive_lock(staging / _WRITING_LOCK, wait=False) as free:
-                if not free or young:
+                if not free:
                     _LOG.warning("%s: another export of %s (pid %s) is writing it", staging, out.name, pid)
+                    continue
+                if young:
+                    _LOG.warning(
+                        "%s: kept, as an export of %s (pid %s) began it less than %.0f s ago; if that export was "
+                        "killed, the next export of %s removes it",
+                        staging,
+                        out.name,
+                        pid,
+                        _LOCK_GRACE_S,
+                        out.name,
+                    )
                     continue
                 _LOG.warning("removing %s, left by an interrupted export of %s", staging, out.name)
                 shutil.rmtree(staging, ignore_errors=True)
         except (EngineError, OSError):  # another user's, or gone meanwhile: not ours to remove
             continue
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    try:
+        return first.samefile(second)
+    except OSError:  # one is missing: the export names it as it reads it
+        return False
 
 
 def _directory_mode() -> int:
@@ -207,6 +235,9 @@ def _write_contents(request: ExportRequest, root: Path) -> BundleManifest:
     _, text_tokens, text_dim = texts.shape
     (root / GRAPHS_DIR).mkdir()
 
+    for checkpoint in (request.checkpoint, request.planning_checkpoint):  # a wrong file named before minutes of export
+        if checkpoint is not None:
+            dit_checkpoint_config(checkpoint)
     dits = 2 if request.planning_checkpoint is not None else 1
     writer = _GraphWriter(root, dits * len(request.batch_sizes) + (3 if request.future_images else 1))
     vae_config = _export_vae_graphs(request, platform, writer)  # first: small, and a wrong --tokenizer shows at once

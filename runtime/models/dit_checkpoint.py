@@ -344,7 +344,18 @@ def load_dit(
     (converted to `dtype` on `device`), so the 2B weights are held once.
     """
     _check_dtype(dtype)
-    path = Path(path)
+    canonical, config = _read_checked(Path(path))
+    return _materialize(canonical, config, dtype, device, str(path))
+
+
+def dit_checkpoint_config(path: str | Path) -> DiTConfig:
+    """The configuration of a DiT file or diffusers directory, from its tensors' shapes, refused as `load_dit`
+    refuses it (an official .pt is memory-mapped: its weights are not read, so a wrong file is named in moments)."""
+    return _read_checked(Path(path))[1]
+
+
+def _read_checked(path: Path) -> tuple[_Canonical, DiTConfig]:
+    """The checkpoint's tensors by canonical name and the configuration they (and a diffusers config.json) give."""
     known: dict[str, Any] = {}
     raw_json: dict[str, Any] | None = None
     if path.is_dir():
@@ -362,7 +373,7 @@ def load_dit(
     del state  # `_materialize` lets each tensor go once copied: nothing else may hold them
     if raw_json is not None:
         _check_diffusers_json(config, raw_json, config_path)
-    return _materialize(canonical, config, dtype, device, str(path))
+    return canonical, config
 
 
 def random_dit_state_dict(config: DiTConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> StateDict:

@@ -160,8 +160,8 @@ CASES: dict[str, Case] = {
         "corrupt.npz: not a readable .npz",
     ),
     "export over an existing bundle": lambda f, t: (
-        ["export", *files_args(f), "--out", str(t), "--precision", "fp32"],
-        f"{t}: already exists; remove it or choose another --out",
+        ["export", *files_args(f), "--out", str(write(t, "bundle", b"x").parent), "--precision", "fp32"],
+        f"{t}: already exists and is not an empty directory; remove it or choose another --out",
     ),
     "export into a file's place": lambda f, t: (
         ["export", *files_args(f), "--out", str(write(t, "afile", b"x") / "bundle"), "--precision", "fp32"],

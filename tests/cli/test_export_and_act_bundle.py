@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -68,7 +69,8 @@ def test_export_then_act_matches_the_reference_act(
     files = tiny_assets["libero"]
     bundle = tmp_path / "bundle"
     argv = [*official_args(files), "--out", str(bundle), "--precision", "fp32", "--batch-sizes", "1,3"]
-    argv += ["--no-future-images", "--planning-checkpoint", str(files.checkpoint)]
+    planning = shutil.copyfile(files.checkpoint, tmp_path / "planning.pt")  # another file: exported on its own
+    argv += ["--no-future-images", "--planning-checkpoint", str(planning)]
     assert export(argv) == 0
     printed = capsys.readouterr().out
     assert "libero, fp32" in printed and "planning_dit_b3" in printed

@@ -20,7 +20,7 @@ from cosmos_edge.export import bundle_writer
 from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
 from cosmos_edge.runtime.bundle.manifest import SCHEMA_VERSION, Bundle
 from cosmos_edge.runtime.engines.graph import dit_graph, vae_encoder_graph
-from cosmos_edge.runtime.errors import BundleError, ConfigError, EngineError
+from cosmos_edge.runtime.errors import BundleError, CheckpointError, ConfigError, EngineError
 from cosmos_edge.runtime.files import CheckpointFiles, sha256_file, write_atomic
 from cosmos_edge.runtime.models.dit_config import dit_config
 from cosmos_edge.runtime.platforms import platform_spec
@@ -180,24 +180,55 @@ def test_the_bundle_directory_is_as_readable_as_its_files(tiny_bundles: TinyBund
 def test_export_refuses_an_existing_destination(
     tiny_assets: dict[str, CheckpointFiles], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with pytest.raises(BundleError, match="already exists"):
-        export_bundle(request(tiny_assets["libero"], tmp_path))
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "model.pt").write_bytes(b"x")
+    with pytest.raises(BundleError, match="existing: already exists and is not an empty directory"):
+        export_bundle(request(tiny_assets["libero"], existing))
     dangling = tmp_path / "dangling"
     dangling.symlink_to(tmp_path / "nowhere")
     with pytest.raises(BundleError, match="dangling: already exists"):
         export_bundle(request(tiny_assets["libero"], dangling))
-    # An empty directory made at --out during the export is not silently replaced by the bundle.
+    # A directory made at --out and filled during the export is not replaced by the bundle.
     late = tmp_path / "late"
     export_vae = bundle_writer.export_vae_cameras_encoder
 
     def make_it_meanwhile(*args: object) -> object:
         late.mkdir()
+        (late / "notes.txt").write_text("mine")
         return export_vae(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(bundle_writer, "export_vae_cameras_encoder", make_it_meanwhile)
-    with pytest.raises(BundleError, match="late: already exists"):
+    with pytest.raises(BundleError, match="late: already exists and is not an empty directory"):
         export_bundle(request(tiny_assets["libero"], late))
-    assert list(late.iterdir()) == [] and sorted(path.name for path in tmp_path.iterdir()) == ["dangling", "late"]
+    assert list(late.iterdir()) == [late / "notes.txt"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["dangling", "existing", "late"]
+
+
+def test_an_empty_directory_becomes_the_bundle_and_one_dit_file_is_exported_once(
+    tiny_assets: dict[str, CheckpointFiles], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    files = tiny_assets["libero"]
+    (tmp_path / "bundle").mkdir()  # made for it, as `demo --out` accepts
+    bundle = export_bundle(request(files, tmp_path / "bundle", planning_checkpoint=files.checkpoint))
+    roles = {record.role for record in bundle.manifest.graphs.values()}
+    assert "dit" in roles and "planning_dit" not in roles  # it plans with the policy's graphs
+    assert bundle.manifest.model.planning_dit is None
+    assert "is the policy's: the bundle plans with the policy's DiT graphs" in caplog.text
+
+
+def test_a_checkpoint_that_is_no_dit_is_refused_before_any_graph_is_exported(
+    tiny_assets: dict[str, CheckpointFiles], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def exported(*args: object) -> None:
+        raise AssertionError("a graph was exported before the checkpoints were checked")
+
+    monkeypatch.setattr(bundle_writer, "export_vae_cameras_encoder", exported)
+    files = tiny_assets["libero"]
+    for swapped in ({"checkpoint": files.tokenizer}, {"planning_checkpoint": files.tokenizer}):
+        with pytest.raises(CheckpointError, match="not a Cosmos-Predict2 DiT checkpoint"):
+            export_bundle(request(files, tmp_path / "bundle", **swapped))
+        assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(
