@@ -182,6 +182,12 @@ def _robot(args: argparse.Namespace) -> int:
                     source.stop_requests()  # a request the last tick submitted is not sent after the next line
                     client.close()  # a request in flight is cancelled now, not at its timeout: the run is over
                     print_run_report(executor, safety, executor.summary())
+    if non_finite := safety.counters.non_finite:  # a rig reporting NaN holds the arms, which the counters alone hide
+        print(
+            f"cosmos-edge: warning: {non_finite} command(s) held the pose for a joint reading or action that was not "
+            "finite (check the rig's qpos)",
+            file=sys.stderr,
+        )
     if executor.counters.chunks_adopted == 0 and not signalled.is_set():  # the policy never drove the arms
         failed = executor.counters.request_failures
         why = (

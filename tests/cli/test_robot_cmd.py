@@ -206,6 +206,12 @@ def test_no_chunk_at_all_is_a_failed_run(capsys: pytest.CaptureFixture[str]) -> 
     assert "error: no chunk arrived from --endpoint tcp://127.0.0.1:" in err and "--timeout sets how long" in err
 
 
+def test_a_rig_whose_readings_turn_nan_is_said_at_the_end(capsys: pytest.CaptureFixture[str]) -> None:
+    with serving(PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*"))) as endpoint:
+        main(robot(endpoint, "--keep-pose", "--duration-s", "1", "--env-kwargs", '{"nan_after": 3}'))
+    assert "command(s) held the pose for a joint reading or action that was not finite" in capsys.readouterr().err
+
+
 def test_an_env_function_that_returns_no_rig_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with serving(PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*"))) as endpoint:
         argv = ["robot", "--env", "os:getcwd", "--endpoint", endpoint, "--task", INSTRUCTION, "--keep-pose"]

@@ -2,7 +2,8 @@
 it records every command and answers 480x640 camera frames. With `signal_after=N` it sends this process SIGINT on
 its N-th step, as an operator's Ctrl-C while the arms move; with `fail_after=N` its N-th step raises, as a camera
 that comes loose; `terminate_at_reset` sends SIGTERM while the arms move to the start pose; with `hang_after=N` its
-N-th step sends SIGINT and never returns (a driver stuck), and a second SIGINT follows from another thread."""
+N-th step sends SIGINT and never returns (a driver stuck), and a second SIGINT follows from another thread; with
+`nan_after=N` its joint readings are NaN from its N-th step on (a sensor that died)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,9 @@ class FakeRealEnv:
             threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
             while True:  # only an exception raised by a signal handler gets out of here
                 time.sleep(0.01)
+        nan_after = self.kwargs.get("nan_after")
+        if isinstance(nan_after, int) and len(self.commands) >= nan_after:
+            return self._timestep(np.full(14, np.nan))
         return self._timestep(np.array(action, dtype=np.float64))  # the arms reach every target
 
     @staticmethod
