@@ -13,7 +13,7 @@ from cosmos_edge.robot_bridge.protocol import ActReply, ActRequest
 from cosmos_edge.robot_bridge.wire import WireLimits
 from cosmos_edge.runtime.errors import InputError
 from cosmos_edge.runtime.platforms import PlatformSpec
-from cosmos_edge.runtime.policy.api import ActionQuery, CandidateResults, ChunkResult, Observation
+from cosmos_edge.runtime.policy.api import ActionQuery, CandidateResults, ChunkResult, Observation, PlanningOutcome
 from cosmos_edge.runtime.version import installed_version
 
 SERVER_VERSION = installed_version()
@@ -105,18 +105,20 @@ def _zeros_for_nan(actions: np.ndarray) -> np.ndarray:
 
 
 def sampled_chunks(reply: ActReply) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The reply's `candidate_actions` and `candidate_actions_by_depth` with NaN where no chunk was sampled (they
-    travel as zeros): a chunk's value is null exactly when it was not sampled in time or its candidate was ranked out,
-    except the base candidate's first-level chunk, whose action pass always runs (`PlanningOutcome.REACTIVE`)."""
+    """The reply's `candidate_actions` and `candidate_actions_by_depth` with NaN where no chunk is listed (they travel
+    as zeros): a chunk whose value is null (not sampled in time, or its candidate ranked out for a non-finite output),
+    except the base candidate's first-level chunk of a reply that answered with it unranked (`PlanningOutcome.REACTIVE`:
+    the reply's own chunk, finite)."""
     values, by_depth = reply.candidate_values, reply.candidate_values_by_depth
+    unranked = reply.planning == PlanningOutcome.REACTIVE.value
     actions = reply.candidate_actions
     if actions is not None and values is not None:
         actions = actions.copy()
-        actions[[value is None and index > 0 for index, value in enumerate(values)]] = np.nan
+        actions[[value is None and not (index == 0 and unranked) for index, value in enumerate(values)]] = np.nan
     chunks = reply.candidate_actions_by_depth
     if chunks is not None and by_depth is not None:
         chunks = chunks.copy()
         missing = np.array([[value is None for value in row] for row in by_depth])
-        missing[0, 0] = False
+        missing[0, 0] &= not unranked
         chunks[missing] = np.nan
     return actions, chunks

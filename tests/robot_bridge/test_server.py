@@ -395,8 +395,26 @@ def test_the_base_chunk_of_an_unranked_reply_and_a_ranked_out_chunk_travel_as_sa
     )
     actions, by_depth = sampled_chunks(decoded)
     assert actions is not None and by_depth is not None
-    np.testing.assert_array_equal(actions[0], chunks[0, 0])  # always sampled
+    np.testing.assert_array_equal(actions[0], chunks[0, 0])  # the reply's own chunk
     assert np.isnan(actions[1]).all() and np.isnan(by_depth[1]).all()
+    # Ranked, with the base candidate ranked out for its overflowed chunk: it lists none (never the wire's zeros).
+    swapped = chunks[::-1]
+    ranked = dataclasses.replace(
+        unranked,
+        chosen=1,
+        actions=swapped[:, 0],
+        actions_by_depth=swapped,
+        values=np.array([np.nan, 0.5]),
+        values_by_depth=np.array([[np.nan], [0.5]], np.float32),
+        outcome=PlanningOutcome.COMPLETE,
+    )
+    result = ChunkResult(swapped[1, 0], 0.5, np.zeros(ALOHA.proprio_dim, np.float32), candidates=ranked)
+    decoded = decode_reply(act_reply(request, result, ALOHA, mode="planning", timings_ms={}, receive_ns=1).to_frames())
+    assert isinstance(decoded, ActReply)
+    actions, by_depth = sampled_chunks(decoded)
+    assert actions is not None and by_depth is not None
+    assert np.isnan(actions[0]).all() and np.isnan(by_depth[0]).all()
+    np.testing.assert_array_equal(actions[1], swapped[1, 0])
 
 
 def test_chunks_at_every_depth_too_large_for_a_client_are_refused_naming_the_field() -> None:
