@@ -118,10 +118,8 @@ class _GraphWriter:
 def check_new_bundle_path(out: Path) -> None:
     """A bundle is written where nothing is (or an empty directory, which the final rename replaces), in a directory
     that exists (a typo makes none): refused before minutes of export otherwise."""
-    empty_directory = out.is_dir() and not out.is_symlink() and not any(out.iterdir())
-    if (
-        out.exists() or out.is_symlink()
-    ) and not empty_directory:  # a dangling link too: the rename could not replace it
+    # A link (a dangling one too) is taken: the rename could not replace it.
+    if out.is_symlink() or (out.exists() and not (out.is_dir() and not any(out.iterdir()))):
         raise BundleError(f"{out}: already exists and is not an empty directory; remove it or choose another --out")
     if not out.parent.is_dir():
         raise BundleError(f"{out}: no directory {out.parent}; make it first or choose another --out")

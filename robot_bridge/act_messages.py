@@ -76,7 +76,7 @@ def _candidate_fields(candidates: CandidateResults | None, request: ActRequest) 
     }
     if return_all:
         fields["candidate_values_by_depth"] = tuple(values(row) for row in candidates.values_by_depth)
-        fields["candidate_actions"] = _zeros_for_nan(candidates.actions)
+        fields["candidate_actions"] = _finite_for_wire(candidates.actions)
         if request.return_actions_by_depth:
             fields["candidate_actions_by_depth"] = _chunks_by_depth(candidates)
     return fields
@@ -85,7 +85,7 @@ def _candidate_fields(candidates: CandidateResults | None, request: ActRequest) 
 def _chunks_by_depth(candidates: CandidateResults) -> np.ndarray:
     """Every candidate's chunk at every depth, refused (an error reply naming the field) when it is larger than a
     client's default limits let it decode (a deep search over many candidates)."""
-    chunks = _zeros_for_nan(candidates.actions_by_depth)
+    chunks = _finite_for_wire(candidates.actions_by_depth)
     limit = WireLimits().max_array_bytes
     if chunks.nbytes > limit:
         raise InputError(
@@ -96,7 +96,7 @@ def _chunks_by_depth(candidates: CandidateResults) -> np.ndarray:
     return chunks
 
 
-def _zeros_for_nan(actions: np.ndarray) -> np.ndarray:
+def _finite_for_wire(actions: np.ndarray) -> np.ndarray:
     """float32 actions with zeros where they were not computed in time (NaN), or not finite (a failing network's, whose
     candidate is ranked out): the wire's arrays are finite, and a client restores the gaps (`sampled_chunks`)."""
     wire = actions.astype(np.float32)

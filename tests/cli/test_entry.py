@@ -6,37 +6,36 @@ import os
 import signal
 import sys
 import types
+from collections.abc import Callable
 
 import pytest
 
 from cosmos_edge.cli import entry
 
 
+def run_with(main: Callable[[], int], monkeypatch: pytest.MonkeyPatch) -> object:
+    """The exit code of the console script running `main` in place of the command's (its SIGTERM handler undone)."""
+    monkeypatch.setitem(sys.modules, "cosmos_edge.cli.main", types.SimpleNamespace(main=main))
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as ended:
+            entry.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return ended.value.code
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_the_command_loads_exits_130_in_one_line(
     signum: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def loading() -> int:  # stands in for `main`, signalled as its modules import
+    def loading() -> int:  # signalled as the command's modules import
         os.kill(os.getpid(), signum)
         raise AssertionError("the signal did not interrupt")
 
-    monkeypatch.setitem(sys.modules, "cosmos_edge.cli.main", types.SimpleNamespace(main=loading))
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as ended:
-            entry.run()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert ended.value.code == 130
+    assert run_with(loading, monkeypatch) == 130
     assert capsys.readouterr().err == "cosmos-edge: interrupted\n"
 
 
 def test_the_commands_exit_code_is_the_processs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "cosmos_edge.cli.main", types.SimpleNamespace(main=lambda: 2))
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as ended:
-            entry.run()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert ended.value.code == 2
+    assert run_with(lambda: 2, monkeypatch) == 2
