@@ -82,7 +82,7 @@ def bench_preset(preset: str, root: Path, repeats: int) -> dict[str, Any]:
     config = dit_config(preset)
     torch.manual_seed(0)
     dit = CosmosDiT(config).to(torch.bfloat16).eval()
-    spec = dit_graph(platform_spec("aloha"), batch=1, text_tokens=512, text_dim=config.text_dim)
+    spec = dit_graph(platform_spec("aloha"), batch=1, text_kv=config.text_kv_shape(512))
     exported = export_dit(dit, spec, root / f"{preset}_{spec.name}.onnx")
     rng = np.random.default_rng(0)
     inputs = {tensor.name: rng.standard_normal(tensor.shape).astype(np.float32) for tensor in spec.inputs}

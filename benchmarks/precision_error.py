@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
-from cosmos_edge.export.onnx_export import DiTGraph, VAECamerasEncoderGraph
+from cosmos_edge.export.onnx_export import DiTGraph, TextKVGraph, VAECamerasEncoderGraph
 from cosmos_edge.runtime.bundle.loader import load_policies
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointSource
-from cosmos_edge.runtime.engines.graph import GraphSpec, dit_graph, vae_encoder_graph
+from cosmos_edge.runtime.engines.graph import GraphSpec, dit_graph, text_kv_graph, vae_encoder_graph
 from cosmos_edge.runtime.engines.graph_networks import GraphAutoencoder, GraphConditioning, GraphDenoisingNetwork
 from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.models.dit import explicit_attention_mode
@@ -71,7 +71,9 @@ class TorchGraphRunner:
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {**self._constants, **inputs}
         args = [torch.from_numpy(np.ascontiguousarray(feeds[name], np.float32)) for name in self._spec.input_names]
-        return {self._spec.output_names[0]: self._module(*args).numpy()}
+        outputs = self._module(*args)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        return {name: output.numpy() for name, output in zip(self._spec.output_names, outputs, strict=True)}
 
     def close(self) -> None:
         pass
@@ -83,14 +85,18 @@ def bf16_graph_policy(files: CheckpointFiles) -> tuple[ReactivePolicy, nn.Module
     texts = text_store.read(files.text_embeddings)
     _, tokens, dim = texts.shape
     dit = load_dit(files.checkpoint, torch.bfloat16)
-    dit_spec = dit_graph(platform, 1, tokens, dim)
+    text_kv_spec = text_kv_graph(tokens, dim, dit.config.text_kv_shape(tokens))
+    dit_spec = dit_graph(platform, 1, dit.config.text_kv_shape(tokens))
     encoder_spec = vae_encoder_graph(platform, full_sequence=False)
     vae = load_wan_vae(files.tokenizer, TORCH_DTYPES[vae_graph_precision("bf16")])  # as a bf16 bundle's
     encoder = VAECamerasEncoderGraph(vae, platform)
     conditioning = GraphConditioning(platform, TorchGraphRunner(encoder, encoder_spec))
     autoencoder = GraphAutoencoder(None, None)
     model = PolicyModel(platform, DatasetStats.from_json(files.stats, platform), texts, autoencoder, conditioning)
-    policy = ReactivePolicy(model, GraphDenoisingNetwork([TorchGraphRunner(DiTGraph(dit, dit_spec), dit_spec)]))
+    text_kv = TorchGraphRunner(TextKVGraph(dit), text_kv_spec)
+    policy = ReactivePolicy(
+        model, GraphDenoisingNetwork(text_kv, [TorchGraphRunner(DiTGraph(dit, dit_spec), dit_spec)])
+    )
     return policy, dit
 
 

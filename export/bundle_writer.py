@@ -30,6 +30,7 @@ from cosmos_edge.export.onnx_export import (
     OPSET,
     ExportedGraph,
     export_dit,
+    export_text_kv,
     export_vae_cameras_encoder,
     export_vae_decoder,
     export_vae_encoder,
@@ -46,7 +47,13 @@ from cosmos_edge.runtime.bundle.manifest import (
     file_record,
     write_manifest,
 )
-from cosmos_edge.runtime.engines.graph import GraphSpec, dit_graph, vae_decoder_graph, vae_encoder_graph
+from cosmos_edge.runtime.engines.graph import (
+    GraphSpec,
+    dit_graph,
+    text_kv_graph,
+    vae_decoder_graph,
+    vae_encoder_graph,
+)
 from cosmos_edge.runtime.errors import BundleError, ConfigError, EngineError
 from cosmos_edge.runtime.files import exclusive_lock
 from cosmos_edge.runtime.models.dit_checkpoint import dit_checkpoint_config, load_dit
@@ -237,7 +244,8 @@ def _write_contents(request: ExportRequest, root: Path) -> BundleManifest:
         if checkpoint is not None:
             dit_checkpoint_config(checkpoint)
     dits = 2 if request.planning_checkpoint is not None else 1
-    writer = _GraphWriter(root, dits * len(request.batch_sizes) + (3 if request.future_images else 1))
+    # Per DiT: a graph per batch size and its text-K/V graph; the VAE: the cameras encoder, + two for future images.
+    writer = _GraphWriter(root, dits * (len(request.batch_sizes) + 1) + (3 if request.future_images else 1))
     vae_config = _export_vae_graphs(request, platform, writer)  # first: small, and a wrong --tokenizer shows at once
     dit_config = _export_dit_graphs(request, request.checkpoint, "dit", platform, texts.shape, writer)
     planning_config = None
@@ -275,7 +283,8 @@ def _export_dit_graphs(
     text_shape: tuple[int, ...],
     writer: _GraphWriter,
 ) -> dict[str, object]:
-    """One DiT graph per batch size; returns the DiT configuration. The network is freed before returning."""
+    """The DiT's text-K/V graph and one DiT graph per batch size; returns the DiT configuration. The network is
+    freed before returning."""
     dit = load_dit(checkpoint, TORCH_DTYPES[request.precision])
     _, text_tokens, text_dim = text_shape
     if dit.config.text_dim != text_dim:
@@ -283,9 +292,12 @@ def _export_dit_graphs(
             f"text_embeddings: {request.text_embeddings} holds {text_dim}-wide embeddings, the DiT {checkpoint} "
             f"expects text_dim {dit.config.text_dim}"
         )
+    text_kv = dit.config.text_kv_shape(text_tokens)
+    writer.add(
+        f"{role}_text_kv", text_kv_graph(text_tokens, text_dim, text_kv, prefix=role), partial(export_text_kv, dit)
+    )
     for batch in request.batch_sizes:
-        spec = dit_graph(platform, batch, text_tokens, text_dim, prefix=role)
-        writer.add(role, spec, partial(export_dit, dit))
+        writer.add(role, dit_graph(platform, batch, text_kv, prefix=role), partial(export_dit, dit))
     config = asdict(dit.config)
     del dit
     gc.collect()  # the 2B network is 4 GB in bf16: release it before the next one is loaded

@@ -8,6 +8,8 @@ by every TensorRT 10 release and runs on every ONNX Runtime. Opset 17 is the fir
 What makes the graphs fusable and portable (deployment_anchors D.4, E.2):
   * static shapes: every input shape comes from the GraphSpec, no dynamic axes;
   * RoPE as constant cos/sin tables (`DiTGraph`), not the arange/outer/cos/sin that build them; no complex numbers;
+  * the instruction's cross-attention keys and values as DiT inputs, computed by a separate per-instruction graph
+    (`TextKVGraph`), so a DiT call does not project them again (runners hold them as constant inputs);
   * DiT attention in export mode (`dit.explicit_attention_mode`): the 1/sqrt(d) scale multiplies Q before the
     first MatMul and nothing sits between that MatMul and the Softmax;
   * float32 at every boundary, the bundle precision inside: the wrappers below cast on entry and exit (a bf16
@@ -32,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from cosmos_edge.runtime.engines.graph import GraphSpec, check_signature
-from cosmos_edge.runtime.models.dit import CosmosDiT, explicit_attention_mode
+from cosmos_edge.runtime.models.dit import CosmosDiT, CrossAttentionKV, explicit_attention_mode
 from cosmos_edge.runtime.models.prefix_encoder import BlackPrefixEncoder
 from cosmos_edge.runtime.models.wan_vae import WanVAE
 from cosmos_edge.runtime.platforms import PlatformSpec
@@ -62,8 +64,22 @@ class DiTGraph(nn.Module):
         self.register_buffer("rope_cos", cos)
         self.register_buffer("rope_sin", sin)
 
-    def forward(self, x: Tensor, timesteps: Tensor, condition_mask: Tensor, text_embedding: Tensor) -> Tensor:
-        return self.dit(x, timesteps, condition_mask, text_embedding).float()
+    def forward(self, x: Tensor, timesteps: Tensor, condition_mask: Tensor, text_k: Tensor, text_v: Tensor) -> Tensor:
+        dtype = self.dit.dtype  # the keys and values the text-K/V graph computed in it: the cast back is exact
+        return self.dit(x, timesteps, condition_mask, CrossAttentionKV(text_k.to(dtype), text_v.to(dtype))).float()
+
+
+class TextKVGraph(nn.Module):
+    """The cross-attention keys and values of every block for one instruction (`runtime.engines.graph.text_kv_graph`),
+    in the weights' dtype inside and float32 at the boundary (a widening: exact)."""
+
+    def __init__(self, dit: CosmosDiT) -> None:
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, text_embedding: Tensor) -> tuple[Tensor, Tensor]:
+        text_kv = self.dit.precompute_text_kv(text_embedding)
+        return text_kv.k.float(), text_kv.v.float()
 
 
 class VAEEncoderGraph(nn.Module):
@@ -111,6 +127,11 @@ def export_dit(dit: CosmosDiT, spec: GraphSpec, path: Path) -> ExportedGraph:
     """Exports `dit` for the input shapes of `spec` (a `dit_graph`), with constant RoPE tables and fusable attention."""
     with explicit_attention_mode(dit):
         return export_graph(DiTGraph(dit, spec), spec, path)
+
+
+def export_text_kv(dit: CosmosDiT, spec: GraphSpec, path: Path) -> ExportedGraph:
+    """Exports the per-instruction part of the DiT: the cross-attention keys and values (`spec`: a `text_kv_graph`)."""
+    return export_graph(TextKVGraph(dit), spec, path)
 
 
 def export_vae_encoder(vae: WanVAE, spec: GraphSpec, path: Path) -> ExportedGraph:

@@ -336,9 +336,10 @@ def _open_bundle(
     for device in devices:  # a device that cannot run the bundle is refused before gigabytes are hashed and loaded
         backend.check_target(device, bundle.manifest.precision)
     # Resolve every name first: a batch size the bundle lacks fails before any engine is loaded.
-    dit_names = [bundle.dit_graph_name(batch) for batch in batches]
-    has_planner = planning is not None and bool(bundle.graph_names("planning_dit"))
-    planner_names = [bundle.dit_graph_name(batch, "planning_dit") for batch in batches] if has_planner else []
+    roles = ("dit", "planning_dit") if planning is not None and bundle.graph_names("planning_dit") else ("dit",)
+    names = {
+        role: (bundle.text_kv_graph_name(role), [bundle.dit_graph_name(b, role) for b in batches]) for role in roles
+    }
 
     def open_graph(name: str, device: str) -> GraphRunner:
         _LOG.info(
@@ -357,11 +358,16 @@ def _open_bundle(
     cameras_encoder = open_graph("vae_encoder_cameras", devices[0])
     encoder = open_graph("vae_encoder_full", devices[0]) if load_future else None
     decoder = open_graph("vae_decoder", devices[0]) if load_future else None
+
+    def open_network(role: str, device: str) -> GraphDenoisingNetwork:
+        text_kv, dits = names[role]
+        return GraphDenoisingNetwork(open_graph(text_kv, device), [open_graph(name, device) for name in dits])
+
     networks = []
     for device in devices:
-        policy_network = GraphDenoisingNetwork([open_graph(name, device) for name in dit_names])
-        planner = GraphDenoisingNetwork([open_graph(n, device) for n in planner_names]) if has_planner else None
-        networks.append(PlanningWorker(policy_network, planner or policy_network))
+        policy_network = open_network("dit", device)
+        planner = open_network("planning_dit", device) if "planning_dit" in names else policy_network
+        networks.append(PlanningWorker(policy_network, planner))
     manifest = bundle.manifest
     _LOG.info(
         "loaded bundle %s (%s, %s) on %s %s",

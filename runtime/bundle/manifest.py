@@ -4,7 +4,7 @@ Layout (written by `cosmos_edge.export.bundle_writer`, which writes into a hidde
 
     BUNDLE/
       manifest.json                  what is inside, the sha256 of every other file, versions, engines
-      graphs/<graph>.onnx            one per GraphSpec: dit_b1, dit_b8, vae_encoder_cameras, vae_encoder_full, ...
+      graphs/<graph>.onnx            one per GraphSpec: dit_text_kv, dit_b1, dit_b8, vae_encoder_cameras, ...
       graphs/<graph>.onnx.data       ONNX external data, for graphs with large weights
       text_embeddings.safetensors    instruction -> T5 embedding (`text_embeddings.write` format)
       dataset_statistics.json        the official statistics file, as given
@@ -40,12 +40,22 @@ from cosmos_edge.runtime.values import is_positive_int
 _LOG = logging.getLogger(__name__)
 _GRAPH_NAME = re.compile(r"[A-Za-z0-9_]+")
 
-SCHEMA_VERSION = 2  # 2: the conditioning prefix is encoded from its camera frames (`vae_encoder_cameras`)
+# 2: the conditioning prefix is encoded from its camera frames (`vae_encoder_cameras`); 3: the DiT graphs take the
+# instruction's cross-attention keys and values, computed once per instruction by a `*_text_kv` graph.
+SCHEMA_VERSION = 3
 FORMAT_TAG = "cosmos-edge/bundle"
 MANIFEST_NAME = "manifest.json"
 ENGINES_DIR = "engines"  # engines a bundle ships: <graph>.engine + <graph>.json, listed in the manifest
 CACHE_DIR = "cache"  # what backends build on first use (TensorRT engines), per backend
-GRAPH_ROLES = ("dit", "planning_dit", "vae_encoder_cameras", "vae_encoder_full", "vae_decoder")
+GRAPH_ROLES = (
+    "dit",
+    "dit_text_kv",
+    "planning_dit",
+    "planning_dit_text_kv",
+    "vae_encoder_cameras",
+    "vae_encoder_full",
+    "vae_decoder",
+)
 # A DiT graph's batch is the candidates one device scores at once, so no larger than the most candidates planned.
 MAX_DIT_BATCH = COUNT_LIMITS["num_queries_best_of_n"]
 
@@ -127,8 +137,8 @@ class BundleManifest:
             )
         if 1 <= version < SCHEMA_VERSION:
             raise BundleError(
-                f"{source}: schema_version {version} was written by an earlier cosmos-edge, whose prefix encoder this "
-                f"version no longer runs; re-export the bundle with `cosmos-edge export`"
+                f"{source}: schema_version {version} was written by an earlier cosmos-edge, whose graphs this "
+                f"version no longer runs (it reads {SCHEMA_VERSION}); re-export the bundle with `cosmos-edge export`"
             )
         fields.require("schema_version", version >= 1, "a positive int", version)
         fields.require("format", fields.get("format", str) == FORMAT_TAG, repr(FORMAT_TAG), fields.get("format", str))
@@ -390,6 +400,13 @@ class Bundle:
             f"bundle {self.root}: has no {role} graph for batch size {batch}; it has batch sizes {batches} "
             f"(re-export with --batch-sizes)"
         )
+
+    def text_kv_graph_name(self, role: str = "dit") -> str:
+        """The graph computing the cross-attention keys and values the DiT graphs of `role` take."""
+        names = self.graph_names(f"{role}_text_kv")
+        if len(names) != 1:
+            raise BundleError(f"bundle {self.root}: expected one {role}_text_kv graph, its manifest lists {names}")
+        return names[0]
 
     def check_platform(self, platform: str | None) -> None:
         """Refuses a bundle built for another platform than `platform` (None accepts the bundle's own)."""

@@ -50,8 +50,9 @@ def _latent(batch: int, frames: int) -> tuple[int, ...]:
     return (batch, LATENT_CHANNELS, frames, LATENT_SIZE, LATENT_SIZE)
 
 
-def dit_graph(platform: PlatformSpec, batch: int, text_tokens: int, text_dim: int, prefix: str = "dit") -> GraphSpec:
-    """One network evaluation for `batch` candidates; all candidates share one instruction ("1 l d")."""
+def dit_graph(platform: PlatformSpec, batch: int, text_kv: tuple[int, ...], prefix: str = "dit") -> GraphSpec:
+    """One network evaluation for `batch` candidates; all candidates share one instruction, given as the
+    cross-attention keys and values of `text_kv_graph` (shape `text_kv`, batch 1, broadcast inside the graph)."""
     frames = platform.num_latent_frames
     return GraphSpec(
         name=f"{prefix}_b{batch}",
@@ -59,9 +60,20 @@ def dit_graph(platform: PlatformSpec, batch: int, text_tokens: int, text_dim: in
             TensorSpec("x", _latent(batch, frames)),
             TensorSpec("timesteps", (batch, frames)),
             TensorSpec("condition_mask", (batch, 1, frames, LATENT_SIZE, LATENT_SIZE)),
-            TensorSpec("text_embedding", (1, text_tokens, text_dim)),
+            TensorSpec("text_k", text_kv),
+            TensorSpec("text_v", text_kv),
         ),
         outputs=(TensorSpec("velocity", _latent(batch, frames)),),
+    )
+
+
+def text_kv_graph(text_tokens: int, text_dim: int, text_kv: tuple[int, ...], prefix: str = "dit") -> GraphSpec:
+    """The cross-attention keys and values of every DiT block for one instruction ("1 l d"): computed once per
+    instruction, then held by the DiT graphs as constant inputs instead of projected again in every call."""
+    return GraphSpec(
+        name=f"{prefix}_text_kv",
+        inputs=(TensorSpec("text_embedding", (1, text_tokens, text_dim)),),
+        outputs=(TensorSpec("text_k", text_kv), TensorSpec("text_v", text_kv)),
     )
 
 
@@ -109,7 +121,7 @@ class GraphFile:
 class GraphRunner(Protocol):
     """Runs one graph whose I/O is `spec`. Outputs are new arrays owned by the caller.
 
-    An input that stays the same over many calls (the instruction's text embedding) is given once with
+    An input that stays the same over many calls (the instruction's cross-attention K/V) is given once with
     `set_constant_input` (device backends upload it once) and left out of `run`'s inputs from then on.
     Runners hold engine resources (sessions, device buffers, CUDA graphs): release them with `close()`.
     """

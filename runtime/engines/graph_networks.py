@@ -86,44 +86,52 @@ class GraphAutoencoder:
 
 
 class GraphDenoisingNetwork:
-    """DenoisingNetwork over DiT graphs, one per batch size; inputs (x, timesteps, condition_mask, text)."""
+    """DenoisingNetwork over DiT graphs, one per batch size, with inputs (x, timesteps, condition_mask, text_k,
+    text_v), and the text-K/V graph computing the last two from an instruction's embedding."""
 
-    def __init__(self, runners: Sequence[GraphRunner]) -> None:
-        if not runners or any(len(runner.spec.inputs) != 4 for runner in runners):
-            raise EngineError(f"DiT graphs: expected at least one, each with 4 inputs, got {[r.spec for r in runners]}")
+    def __init__(self, text_kv: GraphRunner, runners: Sequence[GraphRunner]) -> None:
+        kv_specs = text_kv.spec.outputs
+        if len(text_kv.spec.inputs) != 1 or len(kv_specs) != 2:
+            raise EngineError(f"graph {text_kv.spec.name}: expected text_embedding -> (text_k, text_v)")
+        if not runners or any(runner.spec.inputs[3:] != kv_specs for runner in runners):
+            raise EngineError(
+                f"DiT graphs: expected at least one, each taking the {text_kv.spec.name} outputs {list(kv_specs)} "
+                f"as its inputs 4 and 5, got {[runner.spec for runner in runners]}"
+            )
+        self._text_kv = text_kv
         self._runners = {runner.spec.inputs[0].shape[0]: runner for runner in runners}
         # One call at a time: runners own their I/O buffers, and a planning worker stopped by its deadline may still
         # be in its last call when the next query starts.
         self._calling = threading.Lock()
-        # The text embedding each runner holds as a constant input; rebinding another instruction re-uploads it.
-        self._resident_text: dict[int, bytes] = {}  # per batch size: the digest of the embedding uploaded
+        # The instruction whose keys and values every DiT runner holds as constant inputs: the digest of its embedding.
+        self._resident_text: bytes | None = None
 
     @property
     def batch_sizes(self) -> list[int]:
         return sorted(self._runners)
 
     def bind_text(self, text_embedding: np.ndarray) -> NetworkFn:
-        """The embedding becomes each graph's constant input (uploaded once per instruction on device backends);
-        the graphs still compute the cross-attention K/V from it inside every call."""
-        text_spec = self._runners[self.batch_sizes[0]].spec.inputs[3]
+        """The first call after the instruction changes computes its cross-attention keys and values (one text-K/V
+        graph call) and gives them to every DiT graph as constant inputs (uploaded once on device backends)."""
+        text_spec = self._text_kv.spec.inputs[0]
         text = np.ascontiguousarray(text_embedding, dtype=np.float32)
         if text.shape != text_spec.shape:
             raise InputError(f"text_embedding: expected shape {text_spec.shape} (the bundle's), got {text.shape}")
 
         # By content: the bindings of one instruction (the reactive policy's, the planner's) each hold their own
-        # array, and switching between them must not upload it again.
+        # array, and switching between them must not compute and upload it again.
         digest = hashlib.blake2b(text.tobytes(), digest_size=16).digest()
 
         def run(batch: int, inputs: tuple[np.ndarray, ...]) -> np.ndarray:
             runner = self._runners[batch]
-            names = runner.spec.input_names
-            if self._resident_text.get(batch) != digest:
-                runner.set_constant_input(names[3], text)
-                self._resident_text[batch] = digest
-            return runner.run(dict(zip(names[:3], inputs, strict=True)))[runner.spec.output_names[0]]
+            return runner.run(dict(zip(runner.spec.input_names[:3], inputs, strict=True)))[runner.spec.output_names[0]]
 
         def network(x: FloatArray, timesteps: FloatArray, condition_mask: FloatArray) -> FloatArray:
             with self._calling:
+                if self._resident_text != digest:
+                    self._resident_text = None  # until every runner holds the new keys and values
+                    self._make_resident(text)
+                    self._resident_text = digest
                 return call(x, timesteps, condition_mask)
 
         def call(x: FloatArray, timesteps: FloatArray, condition_mask: FloatArray) -> FloatArray:
@@ -136,6 +144,13 @@ class GraphDenoisingNetwork:
             return np.concatenate(outputs)
 
         return network
+
+    def _make_resident(self, text: np.ndarray) -> None:
+        spec = self._text_kv.spec
+        text_kv = self._text_kv.run({spec.input_names[0]: text})
+        for runner in self._runners.values():
+            for name in spec.output_names:
+                runner.set_constant_input(name, text_kv[name])
 
 
 def batch_slices(size: int, available: Sequence[int]) -> list[tuple[int, int, int]]:

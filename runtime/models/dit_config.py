@@ -124,6 +124,10 @@ class DiTConfig:
             self.max_img_w // self.patch_spatial,
         )
 
+    def text_kv_shape(self, text_tokens: int) -> tuple[int, int, int, int, int]:
+        """Shape of one instruction's cross-attention keys (or values), every block: "n 1 heads l head_dim"."""
+        return (self.num_blocks, 1, self.num_heads, text_tokens, self.head_dim)
+
 
 DIT_PRESETS: Mapping[str, DiTConfig] = MappingProxyType(
     {

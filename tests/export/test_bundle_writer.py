@@ -19,7 +19,7 @@ import pytest
 from cosmos_edge.export import bundle_writer
 from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
 from cosmos_edge.runtime.bundle.manifest import SCHEMA_VERSION, Bundle
-from cosmos_edge.runtime.engines.graph import dit_graph, vae_encoder_graph
+from cosmos_edge.runtime.engines.graph import dit_graph, text_kv_graph, vae_encoder_graph
 from cosmos_edge.runtime.errors import BundleError, CheckpointError, ConfigError, EngineError
 from cosmos_edge.runtime.files import CheckpointFiles, sha256_file, write_atomic
 from cosmos_edge.runtime.models.dit_config import dit_config
@@ -54,9 +54,12 @@ def test_manifest_describes_every_file(tiny_bundles: TinyBundles, tiny_assets: d
     assert (manifest.precision, manifest.batch_sizes, manifest.onnx_opset) == ("fp32", (1, 2), 17)
     assert manifest.model.dit == json.loads(json.dumps(raw["model"]["dit"])) and manifest.model.dit["num_blocks"] == 2
     assert (manifest.model.text_tokens, manifest.model.text_dim) == (TEXT_TOKENS, dit_config("tiny").text_dim)
-    assert manifest.graphs["dit_b2"].spec == dit_graph(platform, 2, TEXT_TOKENS, dit_config("tiny").text_dim)
+    text_kv = dit_config("tiny").text_kv_shape(TEXT_TOKENS)
+    assert manifest.graphs["dit_text_kv"].spec == text_kv_graph(TEXT_TOKENS, dit_config("tiny").text_dim, text_kv)
+    assert manifest.graphs["dit_b2"].spec == dit_graph(platform, 2, text_kv)
     assert manifest.graphs["vae_encoder_cameras"].spec == vae_encoder_graph(platform, full_sequence=False)
-    assert sorted(manifest.graphs) == ["dit_b1", "dit_b2", "vae_encoder_cameras"]  # exported without future images
+    # Exported without future images.
+    assert sorted(manifest.graphs) == ["dit_b1", "dit_b2", "dit_text_kv", "vae_encoder_cameras"]
     on_disk = sorted(path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file())
     assert sorted(manifest.files) == [name for name in on_disk if name != "manifest.json"]
     assert all(sha256_file(root / name) == record.sha256 for name, record in manifest.files.items())

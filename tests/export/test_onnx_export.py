@@ -25,23 +25,27 @@ from cosmos_edge.runtime.policy.latents import BLACK, black_prefix_frames
 from tests.helpers.observations import TinyBundles
 
 REL_TOL = 1e-4  # max|onnxruntime - torch| / max|torch| at fp32
+TEXT_TOKENS = 512
 
 
 def rel_err(got: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(got - expected).max() / np.abs(expected).max())
 
 
-def dit_inputs(spec: GraphSpec, seed: int) -> dict[str, np.ndarray]:
-    """Plausible DiT inputs: noisy latents, per-frame timesteps (0 on the conditioning frames), a 0/1 mask."""
+def dit_inputs(batch: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Plausible inputs of the tiny ALOHA DiT graph: noisy latents, per-frame timesteps (0 on the conditioning
+    frames), a 0/1 mask; and an instruction's embedding."""
+    config = dit_config("tiny")
+    spec = dit_graph(platform_spec("aloha"), batch, config.text_kv_shape(TEXT_TOKENS))
     rng = np.random.default_rng(seed)
-    x, timesteps, mask, text = spec.inputs
+    x, timesteps, mask = spec.inputs[:3]
     conditioning = rng.random(timesteps.shape) < 0.4
-    return {
+    feeds = {
         x.name: rng.standard_normal(x.shape).astype(np.float32),
         timesteps.name: np.where(conditioning, 0.0, rng.uniform(0.5, 1.0, timesteps.shape)).astype(np.float32),
         mask.name: np.broadcast_to(conditioning[:, None, :, None, None], mask.shape).astype(np.float32),
-        text.name: rng.standard_normal(text.shape).astype(np.float32),
     }
+    return feeds, rng.standard_normal((1, TEXT_TOKENS, config.text_dim)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +53,19 @@ def aloha_bundle(tiny_bundles: TinyBundles) -> Bundle:
     return Bundle.open(tiny_bundles("aloha"))
 
 
-def test_dit_graph_matches_torch_fp32(aloha_bundle: Bundle, tiny_assets: dict[str, CheckpointFiles]) -> None:
-    runner = OnnxRuntimeRunner(aloha_bundle.graph_file("dit_b2").onnx, aloha_bundle.graph("dit_b2").spec)
-    feeds = dit_inputs(runner.spec, seed=0)
+def test_dit_graphs_match_torch_fp32(aloha_bundle: Bundle, tiny_assets: dict[str, CheckpointFiles]) -> None:
+    # The text-K/V graph's keys and values, given to the DiT graph, make the network's output from the embedding.
+    graphs = ("dit_text_kv", "dit_b2")
+    text_kv, dit_b2 = (OnnxRuntimeRunner(aloha_bundle.graph_file(n).onnx, aloha_bundle.graph(n).spec) for n in graphs)
+    feeds, text = dit_inputs(2, seed=0)
+    dit = load_dit(tiny_assets["aloha"].checkpoint)
     with torch.no_grad():
-        expected = load_dit(tiny_assets["aloha"].checkpoint)(*map(torch.from_numpy, feeds.values())).numpy()
-    assert rel_err(runner.run(feeds)["velocity"], expected) <= REL_TOL
+        expected_kv = dit.precompute_text_kv(torch.from_numpy(text))
+        expected = dit(*map(torch.from_numpy, feeds.values()), torch.from_numpy(text)).numpy()
+    keys_values = text_kv.run({"text_embedding": text})
+    assert rel_err(keys_values["text_k"], expected_kv.k.numpy()) <= REL_TOL
+    assert rel_err(keys_values["text_v"], expected_kv.v.numpy()) <= REL_TOL
+    assert rel_err(dit_b2.run({**feeds, **keys_values})["velocity"], expected) <= REL_TOL
 
 
 @pytest.mark.parametrize(("name", "prefix_frames"), [("libero", 13), ("aloha", 17)])  # 1 + 4 x (slots - 1)
@@ -171,7 +182,8 @@ def test_large_graphs_keep_their_weights_in_one_external_file(
 
 def test_export_attention_mode_matches_sdpa_and_is_scoped(tiny_assets: dict[str, CheckpointFiles]) -> None:
     dit = load_dit(tiny_assets["aloha"].checkpoint)
-    inputs = [torch.from_numpy(array) for array in dit_inputs(dit_graph_spec(), seed=4).values()]
+    feeds, text = dit_inputs(1, seed=4)
+    inputs = [torch.from_numpy(array) for array in (*feeds.values(), text)]
     with torch.no_grad():
         eager = dit(*inputs)
         with explicit_attention_mode(dit):
@@ -179,7 +191,3 @@ def test_export_attention_mode_matches_sdpa_and_is_scoped(tiny_assets: dict[str,
             explicit = dit(*inputs)
     assert not any(module.explicit for module in dit.modules() if isinstance(module, Attention))
     torch.testing.assert_close(explicit, eager, rtol=0, atol=1e-5)
-
-
-def dit_graph_spec() -> GraphSpec:
-    return dit_graph(platform_spec("aloha"), 1, 512, dit_config("tiny").text_dim)

@@ -219,6 +219,17 @@ def test_missing_planning_graphs_are_refused(tiny_bundles: TinyBundles) -> None:
         Bundle.open(tiny_bundles("aloha")).dit_graph_name(1, "planning_dit")
 
 
+def test_a_bundle_without_its_text_kv_graph_is_refused_before_loading(bundle_copy: Path) -> None:
+    def drop_text_kv(manifest: dict[str, Any]) -> None:
+        record = manifest["graphs"].pop("dit_text_kv")
+        del manifest["files"][record["file"]]
+        (bundle_copy / record["file"]).unlink()
+
+    edit_manifest(bundle_copy, drop_text_kv)
+    with pytest.raises(BundleError, match=r"expected one dit_text_kv graph, its manifest lists \[\]"):
+        bundle_policy(bundle_copy)
+
+
 def test_missing_future_image_graphs_are_refused_when_required(tiny_bundles: TinyBundles) -> None:
     with pytest.raises(BundleError, match="no future-image graphs"):
         bundle_policy(tiny_bundles("aloha"), future_images=True)

@@ -18,7 +18,7 @@ from cosmos_edge.runtime.bundle.loader import compiles_dit, load_policies, repla
 from cosmos_edge.runtime.bundle.manifest import Bundle
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointSource
 from cosmos_edge.runtime.engines import torch_networks
-from cosmos_edge.runtime.engines.graph import dit_graph
+from cosmos_edge.runtime.engines.graph import dit_graph, text_kv_graph
 from cosmos_edge.runtime.engines.graph_networks import GraphDenoisingNetwork, batch_slices
 from cosmos_edge.runtime.engines.registry import load_graph_backend
 from cosmos_edge.runtime.errors import ConfigError, EngineError
@@ -112,10 +112,10 @@ def test_batched_dit_graph_equals_one_call_per_candidate(tiny_bundles: TinyBundl
     bundle = Bundle.open(tiny_bundles("aloha"))
     backend = load_graph_backend("onnxruntime")
     with contextlib.ExitStack() as runners:
-        opened = [backend.open_graph(bundle.graph_file(name), "cpu") for name in ("dit_b1", "dit_b2")]
+        opened = [backend.open_graph(bundle.graph_file(name), "cpu") for name in ("dit_text_kv", "dit_b1", "dit_b2")]
         for runner in opened:
             runners.callback(runner.close)
-        network = GraphDenoisingNetwork(opened).bind_text(
+        network = GraphDenoisingNetwork(opened[0], opened[1:]).bind_text(
             bundle.text_embeddings().get(bundle.text_embeddings().instructions[0])
         )
         rng = np.random.default_rng(0)
@@ -127,11 +127,27 @@ def test_batched_dit_graph_equals_one_call_per_candidate(tiny_bundles: TinyBundl
     np.testing.assert_allclose(batched, single, rtol=0, atol=1e-5)
 
 
+TEXT_KV = (2, 1, 2, 4, 4)  # 2 blocks, 2 heads, 4 tokens, head dim 4
+
+
+class TextKVRunner:
+    """A text-K/V graph runner counting its runs; the keys are the embedding's sum, the values its negation."""
+
+    def __init__(self) -> None:
+        self.spec = text_kv_graph(4, 8, TEXT_KV)
+        self.runs = 0
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.runs += 1
+        total = np.full(TEXT_KV, feeds["text_embedding"].sum(), np.float32)
+        return {"text_k": total, "text_v": -total}
+
+
 class HeldRunner:
     """A DiT graph runner that holds its first run until released and counts runs in progress."""
 
     def __init__(self) -> None:
-        self.spec = dit_graph(platform_spec("aloha"), 1, 4, 8)
+        self.spec = dit_graph(platform_spec("aloha"), 1, TEXT_KV)
         self.inside, self.second, self.release = threading.Event(), threading.Event(), threading.Event()
         self.running = self.most_running = 0
 
@@ -153,7 +169,7 @@ class HeldRunner:
 def test_a_graph_dit_runs_one_call_at_a_time() -> None:
     # A planning worker stopped by its deadline may still be in its last call when the next query starts.
     runner = HeldRunner()
-    network = GraphDenoisingNetwork([runner]).bind_text(np.zeros((1, 4, 8), np.float32))  # type: ignore[list-item]
+    network = GraphDenoisingNetwork(TextKVRunner(), [runner]).bind_text(np.zeros((1, 4, 8), np.float32))  # type: ignore[arg-type, list-item]
     inputs = [spec.zeros() for spec in runner.spec.inputs[:3]]
     calls = [threading.Thread(target=network, args=inputs) for _ in range(2)]
     calls[0].start()
@@ -167,30 +183,39 @@ def test_a_graph_dit_runs_one_call_at_a_time() -> None:
 
 
 class CountingRunner(HeldRunner):
-    """Runs at once and counts the constant inputs uploaded."""
+    """Runs at once and records the constant inputs uploaded."""
 
-    def __init__(self) -> None:
+    def __init__(self, batch: int = 1) -> None:
         super().__init__()
+        self.spec = dit_graph(platform_spec("aloha"), batch, TEXT_KV)
         self.release.set()
-        self.uploads = 0
+        self.uploads: list[tuple[str, float]] = []
 
     def set_constant_input(self, name: str, array: np.ndarray) -> None:
-        self.uploads += 1
+        self.uploads.append((name, float(array.flat[0])))
 
 
-def test_the_embedding_of_an_instruction_is_uploaded_once_whichever_binding_calls() -> None:
-    runner = CountingRunner()
-    network = GraphDenoisingNetwork([runner])  # type: ignore[list-item]
-    inputs = [spec.zeros() for spec in runner.spec.inputs[:3]]
-    embedding = np.random.default_rng(1).standard_normal((1, 4, 8)).astype(np.float32)
+def test_the_keys_and_values_of_an_instruction_are_computed_and_uploaded_once_whichever_binding_calls() -> None:
+    text_kv, runners = TextKVRunner(), [CountingRunner(1), CountingRunner(2)]
+    network = GraphDenoisingNetwork(text_kv, runners)  # type: ignore[arg-type, list-item]
+    inputs = [spec.zeros() for spec in runners[0].spec.inputs[:3]]
+    embedding = np.full((1, 4, 8), 0.5, np.float32)
     policy, planner = network.bind_text(embedding), network.bind_text(embedding.copy())  # one instruction, twice
     for _ in range(3):
         policy(*inputs)
         planner(*inputs)
-    assert runner.uploads == 1
+    # Every batch size's graph holds them after the first call: a batch of 2 later uploads nothing.
+    assert text_kv.runs == 1 and all(runner.uploads == [("text_k", 16.0), ("text_v", -16.0)] for runner in runners)
     network.bind_text(embedding + 1)(*inputs)  # another instruction
     policy(*inputs)
-    assert runner.uploads == 3
+    assert text_kv.runs == 3 and runners[1].uploads[-2:] == [("text_k", 16.0), ("text_v", -16.0)]
+
+
+def test_dit_graphs_must_take_the_text_kv_graph_outputs() -> None:
+    other = CountingRunner()
+    other.spec = dit_graph(platform_spec("aloha"), 1, (2, 1, 2, 5, 4))  # 5 tokens, the text-K/V graph gives 4
+    with pytest.raises(EngineError, match=r"taking the dit_text_kv outputs .* as its inputs 4 and 5"):
+        GraphDenoisingNetwork(TextKVRunner(), [other])  # type: ignore[arg-type, list-item]
 
 
 def test_batches_of_any_size_run_as_slices_of_the_loaded_sizes() -> None:

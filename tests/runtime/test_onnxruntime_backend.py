@@ -49,9 +49,9 @@ def test_inputs_are_checked_by_name_and_shape(bundle: Bundle) -> None:
     feeds = dit_feeds(runner)
     with pytest.raises(
         InputError,
-        match=r"'dit_b1': expected inputs \['condition_mask', 'text_embedding', 'timesteps', 'x'\]",
+        match=r"'dit_b1': expected inputs \['condition_mask', 'text_k', 'text_v', 'timesteps', 'x'\]",
     ):
-        runner.run({name: value for name, value in feeds.items() if name != "text_embedding"})
+        runner.run({name: value for name, value in feeds.items() if name != "text_v"})
     with pytest.raises(InputError, match=r"input 'timesteps': expected float32\[1, 11\], got float32\[1, 10\]"):
         runner.run({**feeds, "timesteps": feeds["timesteps"][:, :10]})
     outputs = runner.run({name: value.astype(np.float64) for name, value in feeds.items()})  # cast to float32
@@ -62,14 +62,15 @@ def test_a_constant_input_gives_the_same_output_and_is_then_left_out(bundle: Bun
     runner = open_graph(bundle.graph_file("dit_b1"), "cpu")
     feeds = dit_feeds(runner)
     expected = runner.run(feeds)["velocity"]
-    runner.set_constant_input("text_embedding", feeds.pop("text_embedding"))
+    for name in ("text_k", "text_v"):
+        runner.set_constant_input(name, feeds.pop(name))
     np.testing.assert_array_equal(runner.run(feeds)["velocity"], expected)
-    with pytest.raises(InputError, match=r"\['text_embedding'\] were set with set_constant_input"):
-        runner.run({**feeds, "text_embedding": np.zeros(runner.spec.inputs[3].shape, np.float32)})
+    with pytest.raises(InputError, match=r"\['text_k'\] were set with set_constant_input"):
+        runner.run({**feeds, "text_k": np.zeros(runner.spec.inputs[3].shape, np.float32)})
     with pytest.raises(InputError, match="expected one of inputs"):
         runner.set_constant_input("prompt", np.zeros(1, np.float32))
-    with pytest.raises(InputError, match=r"input .text_embedding.: expected float32\[1, 512, 32\]"):
-        runner.set_constant_input("text_embedding", np.zeros((1, 3, 3), np.float32))
+    with pytest.raises(InputError, match=r"input .text_k.: expected float32\[2, 1, 2, 512, 32\]"):
+        runner.set_constant_input("text_k", np.zeros((1, 3, 3), np.float32))
 
 
 def test_run_after_close_is_an_engine_error(bundle: Bundle) -> None:

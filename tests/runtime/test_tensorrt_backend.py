@@ -330,9 +330,11 @@ def test_tiny_dit_engine_matches_torch(tmp_path: Path) -> None:
     torch.manual_seed(0)
     dit = CosmosDiT(config).to(torch.bfloat16).eval()
     platform = platform_spec("aloha")
-    spec = dit_graph(platform, batch=1, text_tokens=16, text_dim=config.text_dim)
+    spec = dit_graph(platform, batch=1, text_kv=config.text_kv_shape(16))
     exported = export.export_dit(dit, spec, tmp_path / f"{spec.name}.onnx")
     rng = np.random.default_rng(0)
+    with torch.no_grad():
+        text_kv = dit.precompute_text_kv(torch.from_numpy(rng.standard_normal((1, 16, config.text_dim))).float())
     clean = platform.num_conditional_frames
     timesteps, condition_mask = np.full(spec.inputs[1].shape, 0.6, np.float32), spec.inputs[2].zeros()
     timesteps[:, :clean], condition_mask[:, :, :clean] = 0.0, 1.0
@@ -340,10 +342,11 @@ def test_tiny_dit_engine_matches_torch(tmp_path: Path) -> None:
         "x": rng.standard_normal(spec.inputs[0].shape).astype(np.float32),
         "timesteps": timesteps,
         "condition_mask": condition_mask,
-        "text_embedding": rng.standard_normal(spec.inputs[3].shape).astype(np.float32),
+        "text_k": text_kv.k.float().numpy(),
+        "text_v": text_kv.v.float().numpy(),
     }
     with torch.no_grad():
-        expected = export.DiTGraph(dit)(*(torch.from_numpy(inputs[name]) for name in spec.input_names)).numpy()
+        expected = export.DiTGraph(dit, spec)(*(torch.from_numpy(inputs[name]) for name in spec.input_names)).numpy()
     source = OnnxSource(exported.path, exported.files[1:])
     with TensorRTRunner.from_onnx(spec, source, tmp_path) as runner:
         got = runner.run(inputs)["velocity"]

@@ -3,7 +3,7 @@
 Device buffers, pinned staging and one stream are allocated once per runner from the GraphSpec, and bound with
 `set_tensor_address` once. A call copies its inputs into pinned memory and launches one CUDA graph that holds the
 uploads, `execute_async_v3` and the downloads; it is captured after one eager run. Inputs that stay fixed for a task
-(the text embedding) can be uploaded once with `set_constant_input` and left out of later calls.
+(the instruction's cross-attention K/V) can be uploaded once with `set_constant_input` and left out of later calls.
 
 `open_graph` is the entry point of `registry`: it loads a graph's prebuilt engine (a bundle ships them under
 `engines/`), or builds one from its ONNX file into its cache directory (a bundle's `cache/tensorrt/`).
