@@ -13,7 +13,7 @@ import numpy as np
 
 from cosmos_edge.cli.arg_types import int_in_range
 from cosmos_edge.cli.flag_names import naming_flags
-from cosmos_edge.cli.model_source import add_model_arguments, model_source
+from cosmos_edge.cli.model_source import add_model_arguments, model_files, model_source
 from cosmos_edge.cli.npz_files import (
     add_observation_arguments,
     observation_path,
@@ -30,7 +30,7 @@ from cosmos_edge.runtime.bundle.loader import (
     source_text_embeddings,
 )
 from cosmos_edge.runtime.bundle.sources import CheckpointSource, ModelSource
-from cosmos_edge.runtime.errors import ConfigError, InputError
+from cosmos_edge.runtime.errors import ConfigError, InputError, NonFiniteOutput
 from cosmos_edge.runtime.platforms import IMAGE_SIZE, PLATFORMS
 from cosmos_edge.runtime.policy.api import (
     MAX_DENOISING_STEPS,
@@ -167,7 +167,10 @@ def _act_on(args: argparse.Namespace) -> int:
             )
         _LOG.info("running the %s query", "planning" if loaded.planning is not None else "reactive")
         with _naming_the_observation(observation_file):
-            result = policy.infer(query)
+            try:
+                result = policy.infer(query)
+            except NonFiniteOutput as error:
+                raise NonFiniteOutput(f"{error}; the model: {model_files(source)}") from None
     print_result(result)
     if out is not None:
         save_result(out, result, all_actions=args.return_all_query_results)

@@ -138,6 +138,15 @@ def model_source(
     return source
 
 
+def model_files(source: ModelSource) -> str:
+    """The files of the networks behind `source`, by the flags that named them."""
+    if isinstance(source, BundleSource):
+        return f"--bundle {source.path}"
+    named = {"--checkpoint": source.files.checkpoint, "--planning-checkpoint": source.planning_checkpoint}
+    named["--text-embeddings"] = source.files.text_embeddings
+    return ", ".join(f"{flag} {path}" for flag, path in named.items() if path is not None)
+
+
 def _check_torch_devices(flag: str, devices: Sequence[str]) -> None:
     torch_backend = load_torch_backend()
     for device in devices:

@@ -34,3 +34,8 @@ class ProtocolError(CosmosEdgeError, ValueError):
 
 class EngineError(CosmosEdgeError, RuntimeError):
     """An inference backend is missing or failed."""
+
+
+class NonFiniteOutput(EngineError):
+    """The network answered NaN or infinity: its weights, the instruction's embedding or the engine failed, never the
+    request."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cosmos_edge.runtime.errors import EngineError, InputError
+from cosmos_edge.runtime.errors import InputError, NonFiniteOutput
 from cosmos_edge.runtime.platforms import PlatformSpec
 from cosmos_edge.runtime.policy import latents
 from cosmos_edge.runtime.policy.api import (
@@ -203,7 +203,7 @@ def check_finite_result(actions: np.ndarray, value: float, future_proprio: np.nd
     failure (weights or an instruction embedding holding non-finite values, or a failing engine), never the request's.
     """
     if not (np.isfinite(actions).all() and np.isfinite(value) and np.isfinite(future_proprio).all()):
-        raise EngineError(
+        raise NonFiniteOutput(
             "network output: NaN or infinity in the action chunk, its value or the future proprio; the DiT returned "
             "non-finite values (check the checkpoint's weights and the instruction's text embedding)"
         )
