@@ -260,7 +260,7 @@ def save_result(path: Path, result: ChunkResult, all_actions: bool = False) -> N
             "chosen_index": np.array(result.candidates.chosen),
             "planning_outcome": np.array(result.candidates.outcome.value),
             "candidate_values": result.candidates.values,
-            "candidate_values_by_depth": result.candidates.values_by_depth,
+            "candidate_values_by_depth": result.candidates.values_by_depth.astype(np.float64),  # as candidate_values
         }
         if all_actions:
             arrays["candidate_actions"] = result.candidates.actions

@@ -99,7 +99,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     act.add_argument(
         "--out",
         type=Path,
-        help="npz to write: actions, value (planning: also planning_outcome, chosen_index, candidate_values)",
+        help="npz to write: actions, value (planning: also planning_outcome, chosen_index, candidate_values; with "
+        "--return-all-query-results also candidate_values_by_depth, candidate_actions, candidate_actions_by_depth)",
     )
     act.set_defaults(func=naming_connection_flags(_act))
 
@@ -146,7 +147,16 @@ def _check_reachable(endpoint: str) -> None:
 _RESOLVE_WAIT_S = 2.0  # how long a host name's resolution is waited for before connecting anyway
 
 # The client's settings named in its errors, and the flags that give them.
-_FLAGS = {"endpoint": "--endpoint", "timeout_s": "--timeout", "instruction": "--task"}
+_FLAGS = {
+    "endpoint": "--endpoint",
+    "timeout_s": "--timeout",
+    "instruction": "--task",
+    "mode": "--mode",
+    "seed": "--seed",
+    "steps": "--steps",
+    "return_all_query_results": "--return-all-query-results",
+    "return_actions_by_depth": "--return-all-query-results",
+}
 
 
 def naming_connection_flags(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -159,15 +169,28 @@ def naming_connection_flags(command: Callable[[argparse.Namespace], int]) -> Cal
             with naming_flags(_FLAGS):
                 return command(args)
         except RemoteError as error:
-            flag = _FLAGS.get(error.field)
-            if flag is None or error.code not in REQUEST_FAULTS:
+            source = _refused_by(args, error.field)
+            if source is None or error.code not in REQUEST_FAULTS:
                 raise
             detail = error.detail.removeprefix(f"{error.field}: ")
-            raise ConfigError(f"{flag}: the server refused it ({error.code.value}): {detail}") from None
+            raise ConfigError(f"{source}: the server refused it ({error.code.value}): {detail}") from None
         except RequestTimeout as error:
             raise RequestTimeout(f"{error} (--timeout sets how long this command waits)") from None
 
     return run
+
+
+def _refused_by(args: argparse.Namespace, field: str) -> str | None:
+    """What gave the request field the server refused: a flag, or (`client act`) the observation file, whose proprio
+    and camera frames are the request's other fields; None for a field of neither."""
+    command = getattr(args, "action", None)  # a `client` subcommand; `robot` has none
+    if command == "set-mode" and field == "mode":
+        return f"mode {args.mode!r}"
+    if field in _FLAGS:
+        return _FLAGS[field]
+    if field and command == "act":
+        return f"observation: {observation_path(args)}: {field}"
+    return None
 
 
 def _ping(args: argparse.Namespace) -> int:
@@ -226,7 +249,7 @@ def _act(args: argparse.Namespace) -> int:
             reply.mode,
         )
     if reply.planning is not None and reply.candidate_values is not None:
-        values = _values(reply.candidate_values, np.float64)  # as `act` writes them: what ranked the candidates
+        values = _values(reply.candidate_values)  # float64, as `act` writes them: what ranked the candidates
         shown = ", ".join("not scored" if np.isnan(value) else f"{value:.6f}" for value in values)
         print(f"planning:     {reply.planning}, chose {reply.chosen_index}; values {shown}")
         arrays |= {
@@ -265,6 +288,12 @@ def _as_the_server_takes_it(path: Path, observation: Observation, server: Server
     """An ALOHA server's frames of another size resized as the ALOHA controller (and the official client) resizes
     them; another platform's sent as they are, which must have the server's size: its policy resizes them as an
     in-process `act` does, which a client-side resize would not reproduce."""
+    if sorted(observation.images) != sorted(server.cameras):  # named before any size, which is the server's cameras'
+        raise InputError(
+            f"observation: {path}: cameras {sorted(observation.images)}; this {server.platform} server takes "
+            f"{sorted(server.cameras)}",
+            field="images",
+        )
     if server.platform != "aloha":
         try:
             _check_frame_sizes(observation.images, server)
@@ -289,6 +318,6 @@ def _check_frame_sizes(images: Mapping[str, np.ndarray], server: ServerMetadata)
             )
 
 
-def _values(values: Sequence[float | None], dtype: type[np.floating] = np.float32) -> np.ndarray:
-    """The values, NaN for those the server did not compute (a planning deadline)."""
-    return np.array([np.nan if value is None else value for value in values], dtype)
+def _values(values: Sequence[float | None]) -> np.ndarray:
+    """The values as float64, NaN for those the server did not compute (a planning deadline)."""
+    return np.array([np.nan if value is None else value for value in values], np.float64)

@@ -247,8 +247,8 @@ class PolicyClient:
         else:  # a CURVE server drops a plain connection without a word
             curve = ", or does it require CURVE keys (the server's public key and a client key pair)"
         raise RequestTimeout(
-            f"{request.kind.value}: no connection to {self._endpoint} within {self._timeout_s} s; is the server "
-            f"running{curve}?"
+            f"no connection to {self._endpoint} within {self._timeout_s} s (sending a {request.kind.value} request); "
+            f"is the server running{curve}?"
         )
 
     def _await_reply(self, socket: zmq.Socket[bytes], request: Request, deadline: float) -> Reply:

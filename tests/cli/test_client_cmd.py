@@ -51,7 +51,25 @@ def test_set_mode_switches_a_running_server(capsys: pytest.CaptureFixture[str]) 
             assert client.metadata().mode == "planning"
         assert main(["client", "set-mode", "dreaming", "--endpoint", endpoint]) == 2
     error = capsys.readouterr().err
-    assert error.startswith("cosmos-edge: error: server error unknown_mode: mode: expected one of")
+    assert error.startswith(
+        "cosmos-edge: error: mode 'dreaming': the server refused it (unknown_mode): expected one of"
+    )
+    assert error.count("\n") == 1
+
+
+def test_act_names_the_flag_or_the_file_that_gave_a_refused_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    obs = observation(3.0)
+    np.savez(tmp_path / "obs.npz", proprio=obs.proprio, **obs.images)  # type: ignore[arg-type]
+    np.savez(tmp_path / "short.npz", proprio=obs.proprio[:13], **obs.images)  # type: ignore[arg-type]
+    with serving(stub_server()) as endpoint:
+        act = ["client", "act", "--task", INSTRUCTION, "--endpoint", endpoint]
+        assert main([*act, str(tmp_path / "obs.npz"), "--mode", "dreaming"]) == 2
+        assert capsys.readouterr().err.startswith("cosmos-edge: error: --mode: the server refused it (unknown_mode)")
+        assert main([*act, str(tmp_path / "short.npz")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"cosmos-edge: error: observation: {tmp_path / 'short.npz'}: proprio: the server refused")
     assert error.count("\n") == 1
 
 
@@ -157,8 +175,8 @@ def test_option_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     no_server = ("--endpoint", f"tcp://127.0.0.1:{free_port()}", "--timeout", "0.2")
     failures = {  # nothing wrong with what was given: exit code 1
         no_server: (
-            "within 0.2 s; is the server running, or does it require CURVE keys (the server's public key and a "
-            "client key pair)? (--timeout sets how long this command waits)"
+            "within 0.2 s (sending a ping request); is the server running, or does it require CURVE keys (the "
+            "server's public key and a client key pair)? (--timeout sets how long this command waits)"
         ),
     }
     for expected_code, expected in ((2, cases), (1, failures)):
@@ -244,6 +262,12 @@ def test_a_libero_server_takes_its_cameras_size_and_answers_what_act_computes(
             assert main([*act, "--endpoint", endpoint]) == 2  # 224x224 by default: refused, naming the flag
         error = capsys.readouterr().err
         assert "obs.npz: " in error and "expected 224x224 frames" in error and "--image-size 256x256" in error
+        aloha = random_observation("aloha", seed=4, height=256, width=256)
+        np.savez(tmp_path / "aloha.npz", proprio=aloha.proprio, **aloha.images)
+        with serving(PolicyServer(policy, ServerConfig("tcp://127.0.0.1:*"))) as endpoint:
+            assert main(["client", "act", str(tmp_path / "aloha.npz"), "--task", task, "--endpoint", endpoint]) == 2
+        error = capsys.readouterr().err  # the cameras, not their size, are what is wrong
+        assert "aloha.npz: cameras ['cam_high'," in error and "this libero server takes" in error
         sized = ServerConfig("tcp://127.0.0.1:*", image_size=(256, 256))
         with serving(PolicyServer(policy, sized)) as endpoint:
             assert main([*act, "--endpoint", endpoint, "--out", str(tmp_path / "served.npz")]) == 0
