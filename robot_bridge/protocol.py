@@ -447,12 +447,8 @@ _REPLY_TYPES: dict[MessageKind, type[Reply]] = {
 
 
 def _decode(frames: Sequence[FrameLike], limits: WireLimits | None, types: Mapping[MessageKind, type[M]]) -> M:
-    envelope = parse(frames, limits or _DEFAULT_LIMITS)
-    message_type = types.get(envelope.kind)
-    if message_type is None:
-        detail = f"expected one of {[kind.value for kind in types]}, got {envelope.kind.value!r}"
-        raise MessageError(ErrorCode.UNKNOWN_KIND, "kind", detail, envelope.request_id)
-    return _build(message_type, envelope)
+    envelope = parse(frames, limits or _DEFAULT_LIMITS, types.keys())
+    return _build(types[envelope.kind], envelope)
 
 
 def decode_request(frames: Sequence[FrameLike], limits: WireLimits | None = None) -> Request:

@@ -13,7 +13,7 @@ raises `MessageError` with an `ErrorCode` and the field at fault. The message ty
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -261,15 +261,17 @@ def _unpack_header(view: memoryview) -> dict[str, Any]:
     except MessageError:  # a map key that is not a string (`_string_keyed`): already the answer
         raise
     except (ValueError, TypeError, msgpack.UnpackException) as error:  # msgpack raises all three on bad input
-        raise MessageError(ErrorCode.MALFORMED, "header", f"expected a msgpack map, got bad bytes ({error})") from None
+        detail = f"expected a msgpack map, got bytes msgpack cannot read ({str(error) or type(error).__name__})"
+        raise MessageError(ErrorCode.MALFORMED, "header", detail) from None
     if not isinstance(header, dict):
         raise MessageError(ErrorCode.MALFORMED, "header", f"expected a msgpack map, got {type(header).__name__}")
     return header
 
 
-def parse(frames: Sequence[FrameLike], limits: WireLimits) -> Envelope:
-    """The envelope of a message's frames. The (bounded) header is read first, so that every later refusal, the
-    frame count and the total size included, carries the request id its sender waits for."""
+def parse(frames: Sequence[FrameLike], limits: WireLimits, kinds: Collection[MessageKind]) -> Envelope:
+    """The envelope of a message's frames, one of `kinds` (a kind the reader does not take is refused naming them).
+    The (bounded) header is read first, so that every later refusal, the frame count and the total size included,
+    carries the request id its sender waits for."""
     expected_frames = f"expected 1..{limits.max_arrays + 1}"
     if not frames:
         raise MessageError(ErrorCode.MALFORMED, "frames", f"{expected_frames}, got 0")
@@ -288,22 +290,23 @@ def parse(frames: Sequence[FrameLike], limits: WireLimits) -> Envelope:
         if total > limits.max_message_bytes:
             detail = f"expected <= {limits.max_message_bytes} bytes, got {total}"
             raise MessageError(ErrorCode.TOO_LARGE, "message", detail)
-        return _parse_header(header, request_id, views, limits)
+        return _parse_header(header, request_id, views, limits, kinds)
     except MessageError as error:
         error.request_id = request_id
         raise
 
 
-def _parse_header(header: dict[str, Any], request_id: int, views: list[memoryview], limits: WireLimits) -> Envelope:
+def _parse_header(
+    header: dict[str, Any], request_id: int, views: list[memoryview], limits: WireLimits, kinds: Collection[MessageKind]
+) -> Envelope:
     _check_version(header)  # first: a newer sender's header may hold keys this version does not know
     unknown = sorted(set(header) - _HEADER_KEYS)
     if unknown:
         raise invalid(f"header.{unknown[0]}", f"unknown header key; expected only {sorted(_HEADER_KEYS)}")
-    try:
-        kind = MessageKind(header.get("kind"))
-    except ValueError:
-        detail = f"expected one of {[kind.value for kind in MessageKind]}, got {header.get('kind')!r}"
-        raise MessageError(ErrorCode.UNKNOWN_KIND, "kind", detail) from None
+    kind = next((kind for kind in kinds if kind.value == header.get("kind")), None)
+    if kind is None:
+        detail = f"expected one of {[kind.value for kind in kinds]}, got {header.get('kind')!r}"
+        raise MessageError(ErrorCode.UNKNOWN_KIND, "kind", detail)
     fields = header.get("fields")
     if not isinstance(fields, dict):
         raise MessageError(ErrorCode.MALFORMED, "fields", f"expected a map, got {type(fields).__name__}")

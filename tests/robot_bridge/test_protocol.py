@@ -196,6 +196,19 @@ def test_a_request_kind_is_not_a_reply() -> None:
     assert (caught.value.code, caught.value.request_id) == (ErrorCode.UNKNOWN_KIND, 9)
 
 
+@pytest.mark.parametrize("kind", ["teleport", "pong"])
+def test_an_unknown_kind_is_refused_naming_the_request_kinds_only(kind: str) -> None:
+    header = msgpack.unpackb(bytes_of(PingRequest(9).to_frames())[0])
+    with pytest.raises(MessageError) as caught:
+        decode_request([msgpack.packb({**header, "kind": kind})])
+    assert str(caught.value) == f"kind: expected one of ['act', 'metadata', 'ping', 'set_mode'], got {kind!r}"
+
+
+def test_a_header_msgpack_cannot_read_is_named_with_the_reason() -> None:
+    with pytest.raises(MessageError, match=r"header: expected a msgpack map, got bytes msgpack cannot read \(\w"):
+        decode_request([b"\xc1"])  # 0xc1: the one byte msgpack never uses
+
+
 # --- rejections ----------------------------------------------------------------------------------------------------
 
 Frames = list[bytes]
