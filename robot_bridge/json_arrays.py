@@ -15,7 +15,7 @@ import binascii
 import json
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,11 +58,11 @@ def parse_json(text: str) -> object:
         raise ValueError(f"a number too long (an integer of more than {sys.get_int_max_str_digits()} digits)") from None
 
 
-def to_array(value: object, field: str) -> np.ndarray:
-    """The array in `value`: a json_numpy object (one of `DTYPES`) or a rectangular nested list of numbers.
-    Raises `MessageError` naming `field`. A decoded json_numpy array is a read-only view of its decoded bytes."""
+def to_array(value: object, field: str, dtypes: Collection[str] = tuple(DTYPES)) -> np.ndarray:
+    """The array in `value`: a json_numpy object (of one of `dtypes`, among `DTYPES`) or a rectangular nested list of
+    numbers. Raises `MessageError` naming `field`. A decoded json_numpy array is a read-only view of its bytes."""
     if isinstance(value, EncodedArray):
-        return _decode(value.fields, field)
+        return _decode(value.fields, field, dtypes)
     if isinstance(value, list):
         try:
             array = np.asarray(value)
@@ -75,13 +75,13 @@ def to_array(value: object, field: str) -> np.ndarray:
     raise invalid(field, f"expected a json_numpy array ({{'__numpy__', 'dtype', 'shape'}}) or a list, got {got}")
 
 
-def _decode(fields: Mapping[str, object], field: str) -> np.ndarray:
+def _decode(fields: Mapping[str, object], field: str, dtypes: Collection[str]) -> np.ndarray:
     if set(fields) != _KEYS:
         raise invalid(field, f"expected a json_numpy array with keys {sorted(_KEYS)}, got {sorted(fields)}")
     descr, shape, data = fields["dtype"], fields["shape"], fields["__numpy__"]
-    dtype = DTYPES.get(descr) if isinstance(descr, str) else None
+    dtype = DTYPES.get(descr) if isinstance(descr, str) and descr in dtypes else None
     if dtype is None:
-        raise invalid(field, f"expected dtype one of {list(DTYPES)}, got {descr!r}")
+        raise invalid(field, f"expected dtype one of {list(dtypes)}, got {descr!r}")
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_DIMS

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cosmos_edge.robot_bridge.act_messages import sampled_chunks
-from cosmos_edge.robot_bridge.json_arrays import COMPACT, SPACED, EncodedArray, parse_json, to_array
+from cosmos_edge.robot_bridge.json_arrays import COMPACT, SPACED, parse_json, to_array
 from cosmos_edge.robot_bridge.protocol import ActReply
 from cosmos_edge.robot_bridge.wire import ErrorCode, MessageError, invalid, wire_proprio
 from cosmos_edge.runtime.errors import ConfigError
@@ -175,20 +175,22 @@ def _json_object(text: bytes, field: str) -> dict[str, object]:
 
 
 def _image(value: object, key: str, image_size: tuple[int, int]) -> np.ndarray:
-    image = to_array(value, key)
+    image = to_array(value, key, ("|u1",))
     expected = (*image_size, 3)
     if image.shape != expected:
         raise invalid(key, f"expected shape {expected} (the client resizes), got {image.shape}")
     if image.dtype == np.uint8:
         return image
     # A nested list: integers that fit uint8 (the official server's `np.array(..., dtype=np.uint8)` would wrap them).
-    if isinstance(value, EncodedArray) or image.dtype.kind not in "iu" or image.min() < 0 or image.max() > 255:
-        raise invalid(key, f"expected uint8 values, got {image.dtype}")
+    if image.dtype.kind not in "iu":
+        raise invalid(key, f"expected integers in 0..255, got {image.dtype} values")
+    if image.min() < 0 or image.max() > 255:
+        raise invalid(key, f"expected integers in 0..255, got values in {image.min()}..{image.max()}")
     return image.astype(np.uint8)
 
 
 def _proprio(value: object, proprio_dim: int) -> np.ndarray:
-    proprio = to_array(value, "proprio")
+    proprio = to_array(value, "proprio", ("<f8", "<f4"))
     if proprio.shape != (proprio_dim,):
         raise invalid("proprio", f"expected shape ({proprio_dim},), got {proprio.shape}")
     return wire_proprio(proprio)

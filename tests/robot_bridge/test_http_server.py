@@ -277,6 +277,7 @@ def test_errors_are_4xx_json_naming_the_key(official_json: None) -> None:
     good = official_request(camera_observation(1.0))
     image = good["primary_image"]
     object_array = {"__numpy__": "gAR9lC4=", "dtype": "|O", "shape": [1]}  # a pickle's bytes: never unpickled
+    good_lists = {key: value.tolist() if isinstance(value, np.ndarray) else value for key, value in good.items()}
     cases: dict[str, tuple[str, int, str]] = {
         "not json": ("{nope", 400, "body"),
         "not an object": ("[1, 2]", 400, "body"),
@@ -298,8 +299,13 @@ def test_errors_are_4xx_json_naming_the_key(official_json: None) -> None:
         "encoded lone surrogate": ('{"encoded": "\\ud800"}', 400, "encoded"),
         "encoded holding an object": (json.dumps({"encoded": json.loads(json_numpy.dumps(good))}), 422, "encoded"),
         "a 5000-digit number": ('{"proprio": ' + "7" * 5000 + "}", 400, "body"),
+        "uint8 proprio": (json_numpy.dumps(good | {"proprio": np.zeros(14, np.uint8)}), 422, "proprio"),
+        "image list past 255": (json.dumps(good_lists | {"primary_image": [[[300] * 3] * 224] * 224}), 422, ""),
     }
     expected_errors = {
+        "uint8 proprio": "proprio: expected dtype one of ['<f8', '<f4'], got '|u1'",
+        "float image": "primary_image: expected dtype one of ['|u1'], got '<f4'",
+        "image list past 255": "primary_image: expected integers in 0..255, got values in 300..300",
         "encoded holding an object": "encoded: expected json_numpy text (a JSON string holding the request), got {",
         "huge proprio": "proprio: expected values within float32's range, got 1e+300",
         "a 5000-digit number": "body: expected a JSON object, got bad text: a number too long (an integer of more than",
@@ -310,6 +316,7 @@ def test_errors_are_4xx_json_naming_the_key(official_json: None) -> None:
         "float image": "primary_image",
         "wrong image size": "right_wrist_image",
         "flag not a bool": "return_all_query_results",
+        "image list past 255": "primary_image",
     }
     with serving_both(StubPolicy()) as (_, url):
         for name, (body, status, field) in cases.items():
