@@ -168,14 +168,20 @@ def _float32(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: np.ascontiguousarray(array, dtype=np.float32) for name, array in arrays.items()}
 
 
-def _create_session(path: Path, target: OrtTarget, cache_dir: Path | None) -> ort.InferenceSession:
+def _require_provider(target: OrtTarget) -> None:
+    """The execution provider of `target` is in this install: a usage error otherwise (the device asked for)."""
     available = ort.get_available_providers()
     wanted = _PROVIDERS[target.provider]
     if wanted not in available:
-        raise EngineError(
-            f"onnxruntime: running the bundle on device {target.device!r} needs {wanted}, which this install lacks "
-            f"(it has {available}); install onnxruntime-gpu for 'cuda' and 'tensorrt', or run it on device 'cpu'"
+        raise ConfigError(
+            f"device: {target.device!r} needs onnxruntime's {wanted}, which this install lacks (it has {available}); "
+            f"install onnxruntime-gpu for 'cuda' and 'tensorrt', or run on device 'cpu'"
         )
+
+
+def _create_session(path: Path, target: OrtTarget, cache_dir: Path | None) -> ort.InferenceSession:
+    _require_provider(target)
+    wanted = _PROVIDERS[target.provider]
     if cache_dir is not None and target.provider == "tensorrt":
         writable_folder(cache_dir, "ONNX Runtime's TensorRT engines")
     options = ort.SessionOptions()
@@ -202,8 +208,11 @@ def _check_io(session: ort.InferenceSession, spec: GraphSpec, path: Path) -> Non
 
 
 def check_target(device: str, precision: str) -> None:
-    """The backend's check of a target (see `registry`): the device string, and no bf16 graph on the CPU."""
-    if OrtTarget.parse(device).provider == "cpu" and precision == "bf16":
+    """The backend's check of a target (see `registry`): the device string, its provider installed, and no bf16 graph
+    on the CPU."""
+    target = OrtTarget.parse(device)
+    _require_provider(target)
+    if target.provider == "cpu" and precision == "bf16":
         raise ConfigError(  # the device asked for (or the default one) does not suit the bundle: a usage error
             "device: 'cpu' cannot run a bf16 bundle (exported for CUDA): onnxruntime's CPU provider has no bfloat16 "
             "kernels; run it on 'cuda' (onnxruntime, or --backend tensorrt), or export the bundle --for cpu"

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from cosmos_edge.cli import export_cmd
@@ -77,8 +78,10 @@ def test_export_then_act_matches_the_reference_act(
     assert sorted(Bundle.open(bundle).manifest.graphs) == [
         "dit_b1",
         "dit_b3",
+        "dit_text_kv",
         "planning_dit_b1",
         "planning_dit_b3",
+        "planning_dit_text_kv",
         "vae_encoder_cameras",
     ]
 
@@ -102,6 +105,12 @@ def test_export_then_act_matches_the_reference_act(
     capsys.readouterr()
     assert main([*argv[:-2], "--device", "banana"]) == 2  # checked by the backend as it loads: named as the flag
     assert "cosmos-edge: error: --device: expected 'cpu', 'cuda[:N]' or 'tensorrt[:N]'" in capsys.readouterr().err
+    if "CUDAExecutionProvider" not in ort.get_available_providers():  # a usage error, named before any graph loads
+        assert main([*argv[:-2], "--device", "cuda"]) == 2
+        assert (
+            "cosmos-edge: error: --device: 'cuda:0' needs onnxruntime's CUDAExecutionProvider"
+            in capsys.readouterr().err
+        )
 
 
 def test_sigterm_during_export_leaves_nothing_and_says_so(

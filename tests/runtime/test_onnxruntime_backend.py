@@ -104,7 +104,9 @@ def test_device_buffers_that_cannot_be_allocated_are_one_engine_error(
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="onnxruntime-gpu installed")
 def test_gpu_target_without_onnxruntime_gpu_says_what_to_install(bundle: Bundle) -> None:
-    with pytest.raises(EngineError, match=r"needs CUDAExecutionProvider.*install onnxruntime-gpu"):
+    with pytest.raises(
+        ConfigError, match=r"device: 'cuda:0' needs onnxruntime's CUDAExecutionProvider.*onnxruntime-gpu"
+    ):
         open_graph(bundle.graph_file("dit_b1"), "cuda")
 
 
