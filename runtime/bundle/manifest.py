@@ -158,6 +158,7 @@ class BundleManifest:
         parsed_graphs = {name: _graph(graphs.child(name), name) for name in graphs.names()}
         dit_batches = sorted(record.batch for record in parsed_graphs.values() if record.role == "dit")
         fields.require("batch_sizes", dit_batches == sorted(batch_sizes), f"the dit graphs' {dit_batches}", batch_sizes)
+        _check_text_kv(graphs, parsed_graphs)
         for path in files.names():  # every file the reader opens is one of these, checked against its hash
             files.require(path, _is_inside(path), "a relative path inside the bundle", path)
         return cls(
@@ -274,6 +275,21 @@ def _graph(fields: _Fields, name: str) -> GraphRecord:
     leading = record.spec.inputs[0].shape[0] if record.spec.inputs and record.spec.inputs[0].shape else None
     fields.require("batch", record.batch == leading, f"its spec's batch {leading}", record.batch)
     return record
+
+
+def _check_text_kv(graphs: _Fields, parsed: Mapping[str, GraphRecord]) -> None:
+    """Each DiT role's graphs take, as their K/V inputs, what the role's one text-K/V graph computes."""
+    for role in ("dit", "planning_dit"):
+        text_kv = [name for name, record in parsed.items() if record.role == f"{role}_text_kv"]
+        dits = [name for name, record in parsed.items() if record.role == role]
+        if not dits and not text_kv:
+            continue
+        if len(text_kv) != 1:
+            raise BundleError(f"{graphs.source}: {graphs.where}: expected one {role}_text_kv graph, got {text_kv}")
+        outputs = parsed[text_kv[0]].spec.outputs
+        for name in dits:
+            inputs = parsed[name].spec.inputs[3:]
+            graphs.require(f"{name}.spec.inputs", inputs == outputs, f"{text_kv[0]}'s outputs last", inputs)
 
 
 def file_record(path: Path) -> FileRecord:
@@ -402,11 +418,10 @@ class Bundle:
         )
 
     def text_kv_graph_name(self, role: str = "dit") -> str:
-        """The graph computing the cross-attention keys and values the DiT graphs of `role` take."""
-        names = self.graph_names(f"{role}_text_kv")
-        if len(names) != 1:
-            raise BundleError(f"bundle {self.root}: expected one {role}_text_kv graph, its manifest lists {names}")
-        return names[0]
+        """The graph computing the cross-attention keys and values the DiT graphs of `role` take (a manifest holds
+        exactly one for each DiT role it has: `_check_text_kv`)."""
+        (name,) = self.graph_names(f"{role}_text_kv")
+        return name
 
     def check_platform(self, platform: str | None) -> None:
         """Refuses a bundle built for another platform than `platform` (None accepts the bundle's own)."""

@@ -226,8 +226,22 @@ def test_a_bundle_without_its_text_kv_graph_is_refused_before_loading(bundle_cop
         (bundle_copy / record["file"]).unlink()
 
     edit_manifest(bundle_copy, drop_text_kv)
-    with pytest.raises(BundleError, match=r"expected one dit_text_kv graph, its manifest lists \[\]"):
-        bundle_policy(bundle_copy)
+    with pytest.raises(
+        BundleError, match=r"manifest\.json: manifest\.graphs: expected one dit_text_kv graph, got \[\]"
+    ):
+        Bundle.open(bundle_copy)
+
+
+def test_dit_graphs_taking_other_keys_and_values_than_the_text_kv_graph_gives_are_refused(bundle_copy: Path) -> None:
+    def fewer_tokens(manifest: dict[str, Any]) -> None:
+        for tensor in manifest["graphs"]["dit_b2"]["spec"]["inputs"][3:]:
+            tensor["shape"][3] -= 1
+
+    edit_manifest(bundle_copy, fewer_tokens)
+    with pytest.raises(
+        BundleError, match=r"manifest\.graphs\.dit_b2\.spec\.inputs: expected dit_text_kv's outputs last"
+    ):
+        Bundle.open(bundle_copy)
 
 
 def test_missing_future_image_graphs_are_refused_when_required(tiny_bundles: TinyBundles) -> None:
