@@ -89,17 +89,22 @@ def bench_preset(preset: str, root: Path, repeats: int) -> dict[str, Any]:
     inputs["timesteps"] = np.full(spec.inputs[1].shape, 0.5, np.float32)
 
     graph = DiTGraph(dit.cuda(), spec)
+    # The instruction's K/V stay on the device across calls, as both backends serve them.
+    text_kv = {name: inputs.pop(name) for name in ("text_k", "text_v")}
+    resident = [torch.from_numpy(text_kv[name]).cuda() for name in ("text_k", "text_v")]
 
     @torch.inference_mode()
     def torch_eager() -> np.ndarray:
-        tensors = (torch.from_numpy(inputs[name]).cuda() for name in spec.input_names)
-        return graph(*tensors).cpu().numpy()
+        tensors = [torch.from_numpy(inputs[name]).cuda() for name in spec.input_names[:3]]
+        return graph(*tensors, *resident).cpu().numpy()
 
     start = time.perf_counter()
     weights = () if exported.external_data is None else (exported.external_data,)
     runner = TensorRTRunner.from_onnx(spec, OnnxSource(exported.path, weights), root / "engines")
     build_s = time.perf_counter() - start
     with runner:
+        for name, array in text_kv.items():
+            runner.set_constant_input(name, array)
         expected, got = torch_eager(), runner.run(inputs)["velocity"]
         result: dict[str, Any] = {
             "preset": preset,

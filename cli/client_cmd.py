@@ -166,7 +166,7 @@ def naming_connection_flags(command: Callable[[argparse.Namespace], int]) -> Cal
     @functools.wraps(command)
     def run(args: argparse.Namespace) -> int:
         try:
-            with naming_flags(_FLAGS):
+            with naming_flags(_flags(args)):
                 return command(args)
         except RemoteError as error:
             source = _refused_by(args, error.field)
@@ -180,15 +180,20 @@ def naming_connection_flags(command: Callable[[argparse.Namespace], int]) -> Cal
     return run
 
 
+def _flags(args: argparse.Namespace) -> dict[str, str]:
+    """How the command names the settings it was given: by flag, and `set-mode`'s mode by its value (an argument)."""
+    if getattr(args, "action", None) == "set-mode":  # a `client` subcommand; `robot` has none
+        return {**_FLAGS, "mode": f"mode {args.mode!r}"}
+    return _FLAGS
+
+
 def _refused_by(args: argparse.Namespace, field: str) -> str | None:
     """What gave the request field the server refused: a flag, or (`client act`) the observation file, whose proprio
     and camera frames are the request's other fields; None for a field of neither."""
-    command = getattr(args, "action", None)  # a `client` subcommand; `robot` has none
-    if command == "set-mode" and field == "mode":
-        return f"mode {args.mode!r}"
-    if field in _FLAGS:
-        return _FLAGS[field]
-    if field and command == "act":
+    flags = _flags(args)
+    if field in flags:
+        return flags[field]
+    if field and getattr(args, "action", None) == "act":
         return f"observation: {observation_path(args)}: {field}"
     return None
 

@@ -142,8 +142,9 @@ def model_files(source: ModelSource) -> str:
     """The files of the networks behind `source`, by the flags that named them."""
     if isinstance(source, BundleSource):
         return f"--bundle {source.path}"
-    named = {"--checkpoint": source.files.checkpoint, "--planning-checkpoint": source.planning_checkpoint}
-    named["--text-embeddings"] = source.files.text_embeddings
+    files = source.files
+    named = {"--checkpoint": files.checkpoint, "--planning-checkpoint": source.planning_checkpoint}
+    named |= {"--tokenizer": files.tokenizer, "--text-embeddings": files.text_embeddings}
     return ", ".join(f"{flag} {path}" for flag, path in named.items() if path is not None)
 
 

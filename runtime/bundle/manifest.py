@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from cosmos_edge.runtime.engines.graph import GraphFile, GraphSpec, TensorSpec
+from cosmos_edge.runtime.engines.graph import GraphFile, GraphSpec, TensorSpec, text_kv_graph
 from cosmos_edge.runtime.errors import BundleError, ConfigError
 from cosmos_edge.runtime.files import graph_files_digest, sha256_file, write_atomic
 from cosmos_edge.runtime.platforms import PLATFORMS, PlatformSpec
@@ -158,7 +158,7 @@ class BundleManifest:
         parsed_graphs = {name: _graph(graphs.child(name), name) for name in graphs.names()}
         dit_batches = sorted(record.batch for record in parsed_graphs.values() if record.role == "dit")
         fields.require("batch_sizes", dit_batches == sorted(batch_sizes), f"the dit graphs' {dit_batches}", batch_sizes)
-        _check_text_kv(graphs, parsed_graphs)
+        _check_text_kv(graphs, parsed_graphs, model.get("text_tokens", int), model.get("text_dim", int))
         for path in files.names():  # every file the reader opens is one of these, checked against its hash
             files.require(path, _is_inside(path), "a relative path inside the bundle", path)
         return cls(
@@ -277,8 +277,9 @@ def _graph(fields: _Fields, name: str) -> GraphRecord:
     return record
 
 
-def _check_text_kv(graphs: _Fields, parsed: Mapping[str, GraphRecord]) -> None:
-    """Each DiT role's graphs take, as their K/V inputs, what the role's one text-K/V graph computes."""
+def _check_text_kv(graphs: _Fields, parsed: Mapping[str, GraphRecord], text_tokens: int, text_dim: int) -> None:
+    """Each DiT role has one text-K/V graph, from the model's text embedding to keys and values, and its DiT graphs
+    take those as their last inputs."""
     for role in ("dit", "planning_dit"):
         text_kv = [name for name, record in parsed.items() if record.role == f"{role}_text_kv"]
         dits = [name for name, record in parsed.items() if record.role == role]
@@ -286,7 +287,11 @@ def _check_text_kv(graphs: _Fields, parsed: Mapping[str, GraphRecord]) -> None:
             continue
         if len(text_kv) != 1:
             raise BundleError(f"{graphs.source}: {graphs.where}: expected one {role}_text_kv graph, got {text_kv}")
-        outputs = parsed[text_kv[0]].spec.outputs
+        spec = parsed[text_kv[0]].spec
+        outputs = spec.outputs
+        kv_shape = outputs[0].shape if outputs else ()
+        expected = text_kv_graph(text_tokens, text_dim, kv_shape, prefix=role)
+        graphs.require(f"{text_kv[0]}.spec", spec == expected, f"{expected}", spec)
         for name in dits:
             inputs = parsed[name].spec.inputs[3:]
             graphs.require(f"{name}.spec.inputs", inputs == outputs, f"{text_kv[0]}'s outputs last", inputs)

@@ -111,8 +111,9 @@ class GraphDenoisingNetwork:
         return sorted(self._runners)
 
     def bind_text(self, text_embedding: np.ndarray) -> NetworkFn:
-        """The first call after the instruction changes computes its cross-attention keys and values (one text-K/V
-        graph call) and gives them to every DiT graph as constant inputs (uploaded once on device backends)."""
+        """Computes the instruction's cross-attention keys and values (one text-K/V graph call, timed where the
+        instruction is bound) and gives them to every DiT graph as constant inputs (uploaded once on device
+        backends), unless they hold them already; a call after another instruction was bound does it again."""
         text_spec = self._text_kv.spec.inputs[0]
         text = np.ascontiguousarray(text_embedding, dtype=np.float32)
         if text.shape != text_spec.shape:
@@ -121,6 +122,8 @@ class GraphDenoisingNetwork:
         # By content: the bindings of one instruction (the reactive policy's, the planner's) each hold their own
         # array, and switching between them must not compute and upload it again.
         digest = hashlib.blake2b(text.tobytes(), digest_size=16).digest()
+        with self._calling:
+            self._make_resident(text, digest)
 
         def run(batch: int, inputs: tuple[np.ndarray, ...]) -> np.ndarray:
             runner = self._runners[batch]
@@ -128,10 +131,7 @@ class GraphDenoisingNetwork:
 
         def network(x: FloatArray, timesteps: FloatArray, condition_mask: FloatArray) -> FloatArray:
             with self._calling:
-                if self._resident_text != digest:
-                    self._resident_text = None  # until every runner holds the new keys and values
-                    self._make_resident(text)
-                    self._resident_text = digest
+                self._make_resident(text, digest)
                 return call(x, timesteps, condition_mask)
 
         def call(x: FloatArray, timesteps: FloatArray, condition_mask: FloatArray) -> FloatArray:
@@ -145,12 +145,17 @@ class GraphDenoisingNetwork:
 
         return network
 
-    def _make_resident(self, text: np.ndarray) -> None:
+    def _make_resident(self, text: np.ndarray, digest: bytes) -> None:
+        """Every DiT runner holds the keys and values of `text` (whose digest is `digest`) once this returns."""
+        if self._resident_text == digest:
+            return
+        self._resident_text = None  # until every runner holds the new keys and values
         spec = self._text_kv.spec
         text_kv = self._text_kv.run({spec.input_names[0]: text})
         for runner in self._runners.values():
             for name in spec.output_names:
                 runner.set_constant_input(name, text_kv[name])
+        self._resident_text = digest
 
 
 def batch_slices(size: int, available: Sequence[int]) -> list[tuple[int, int, int]]:

@@ -204,8 +204,9 @@ def check_finite_result(actions: np.ndarray, value: float, future_proprio: np.nd
     """
     if not (np.isfinite(actions).all() and np.isfinite(value) and np.isfinite(future_proprio).all()):
         raise NonFiniteOutput(
-            "network output: NaN or infinity in the action chunk, its value or the future proprio; the DiT returned "
-            "non-finite values (check the checkpoint's weights and the instruction's text embedding)"
+            "network output: NaN or infinity in the action chunk, its value or the future proprio; the networks "
+            "returned non-finite values (check the weights of the DiT and the VAE, and the instruction's text "
+            "embedding)"
         )
 
 

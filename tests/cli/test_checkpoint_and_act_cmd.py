@@ -179,7 +179,10 @@ def test_a_network_returning_nan_fails_the_run_not_the_request(
     assert main(argv) == 1  # a failure of what ran (exit 1), not of what was asked (exit 2)
     error = capsys.readouterr().err
     assert "network output: NaN or infinity in the action chunk" in error and "Traceback" not in error
-    assert f"the model: --checkpoint {tmp_path / 'nan.pt'}, --text-embeddings {files.text_embeddings}" in error
+    named = (
+        f"--checkpoint {tmp_path / 'nan.pt'}, --tokenizer {files.tokenizer}, --text-embeddings {files.text_embeddings}"
+    )
+    assert f"the model: {named}" in error
     assert main(["checkpoint", "inspect", str(tmp_path / "nan.pt")]) == 1  # found a problem
     assert "NaN or infinity in net.final_layer.linear.weight" in capsys.readouterr().out
 

@@ -55,6 +55,8 @@ def test_set_mode_switches_a_running_server(capsys: pytest.CaptureFixture[str]) 
         "cosmos-edge: error: mode 'dreaming': the server refused it (unknown_mode): expected one of"
     )
     assert error.count("\n") == 1
+    assert main(["client", "set-mode", "", "--endpoint", endpoint]) == 2  # refused before anything is sent
+    assert capsys.readouterr().err.startswith("cosmos-edge: error: mode '': expected 1..64 characters")
 
 
 def test_act_names_the_flag_or_the_file_that_gave_a_refused_field(

@@ -118,10 +118,11 @@ def test_newer_schema_is_refused(bundle_copy: Path) -> None:
         bundle_policy(bundle_copy)
 
 
-def test_a_bundle_of_an_earlier_schema_asks_for_a_re_export(bundle_copy: Path) -> None:
-    edit_manifest(bundle_copy, lambda manifest: manifest.update(schema_version=1))
+@pytest.mark.parametrize("version", [1, manifest_module.SCHEMA_VERSION - 1])
+def test_a_bundle_of_an_earlier_schema_asks_for_a_re_export(bundle_copy: Path, version: int) -> None:
+    edit_manifest(bundle_copy, lambda manifest: manifest.update(schema_version=version))
     with pytest.raises(
-        BundleError, match=r"schema_version 1 was written by an earlier cosmos-edge.*cosmos-edge export"
+        BundleError, match=rf"schema_version {version} was written by an earlier cosmos-edge.*cosmos-edge export"
     ):
         bundle_policy(bundle_copy)
 
@@ -228,6 +229,14 @@ def test_a_bundle_without_its_text_kv_graph_is_refused_before_loading(bundle_cop
     edit_manifest(bundle_copy, drop_text_kv)
     with pytest.raises(
         BundleError, match=r"manifest\.json: manifest\.graphs: expected one dit_text_kv graph, got \[\]"
+    ):
+        Bundle.open(bundle_copy)
+
+
+def test_a_text_kv_graph_without_its_two_outputs_is_refused(bundle_copy: Path) -> None:
+    edit_manifest(bundle_copy, lambda manifest: manifest["graphs"]["dit_text_kv"]["spec"]["outputs"].pop())
+    with pytest.raises(
+        BundleError, match=r"manifest\.graphs\.dit_text_kv\.spec: expected GraphSpec\(name='dit_text_kv'"
     ):
         Bundle.open(bundle_copy)
 

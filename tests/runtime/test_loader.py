@@ -201,6 +201,7 @@ def test_the_keys_and_values_of_an_instruction_are_computed_and_uploaded_once_wh
     inputs = [spec.zeros() for spec in runners[0].spec.inputs[:3]]
     embedding = np.full((1, 4, 8), 0.5, np.float32)
     policy, planner = network.bind_text(embedding), network.bind_text(embedding.copy())  # one instruction, twice
+    assert text_kv.runs == 1  # at binding, where a query times its text conditioning, not in its first DiT call
     for _ in range(3):
         policy(*inputs)
         planner(*inputs)
