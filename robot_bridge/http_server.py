@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 
+import h11
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -35,6 +36,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cosmos_edge.robot_bridge.act_messages import SERVER_VERSION
 from cosmos_edge.robot_bridge.binding import check_shutdown_timeout, is_local_endpoint
@@ -85,7 +87,9 @@ class HttpConfig:
     """`host`/`port` to listen on (port 0: any free port, see `HttpEndpoint.url`).
 
     `max_connections` bounds the connections handled at once (uvicorn answers a request on one more with a plain
-    503), `max_body_bytes` a request body (413).
+    503), `max_body_bytes` a request body (413). A connection must send each request whole (headers and body) within
+    `request_read_timeout_s` of opening or of its last reply, or it is closed: a peer that connects and sends
+    nothing, or half a request, does not keep one of those places.
     """
 
     host: str = "127.0.0.1"
@@ -94,6 +98,7 @@ class HttpConfig:
     max_body_bytes: int = 16 * 2**20
     max_connections: int = 32
     shutdown_timeout_s: float = 5.0
+    request_read_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.host or not 0 <= self.port <= 65535:
@@ -102,6 +107,10 @@ class HttpConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected a positive integer, got {getattr(self, name)}")
         check_shutdown_timeout(self.shutdown_timeout_s)
+        if not (isinstance(self.request_read_timeout_s, (int, float)) and 0 < self.request_read_timeout_s <= 3600):
+            raise ConfigError(
+                f"request_read_timeout_s: expected seconds in (0, 3600], got {self.request_read_timeout_s}"
+            )
         if not is_local_endpoint(f"tcp://{self.address}") and not self.insecure_bind_all:
             raise ConfigError(
                 f"http address: {self.address!r} is reachable from other machines, and HTTP has no authentication, so "
@@ -233,6 +242,7 @@ class HttpEndpoint:
             log_level="warning",
             access_log=False,
             limit_concurrency=self._config.max_connections + 1,  # uvicorn counts the connection asking too
+            http=_closing_slow_requests(self._config.request_read_timeout_s),
             timeout_graceful_shutdown=math.ceil(self._config.shutdown_timeout_s + _REPLY_MARGIN_S),
         )
         self._uvicorn = uvicorn.Server(config)
@@ -428,6 +438,46 @@ class HttpEndpoint:
         return b"".join(chunks)
 
 
+def _closing_slow_requests(timeout_s: float) -> type[H11Protocol]:
+    """uvicorn's HTTP/1.1 protocol, closing a connection that has not sent a whole request (headers and body) within
+    `timeout_s` of opening or of its last reply. uvicorn itself times out neither: an idle new connection, or one
+    stalled mid-request, would hold its place among `max_connections` until the peer closed it."""
+
+    class ClosingSlowRequests(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)  # type: ignore[arg-type]  # uvicorn's narrower override
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self.loop.call_later(timeout_s, self._close_if_incomplete)
+
+        def _close_if_incomplete(self) -> None:
+            # IDLE: no whole request head yet; SEND_BODY: its body still arriving. The app of one that stalls sees
+            # its client leave (a logged refusal); a request received whole stays open however long it runs.
+            if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+                logger.info(
+                    "kind=http_connection peer=%s status=closed reason=incomplete_request timeout_s=%g",
+                    _peer_of(self.client),
+                    timeout_s,
+                )
+                self.transport.close()
+
+    return ClosingSlowRequests
+
+
 def _json(content: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     return Response(COMPACT.encode(content), status_code=status, headers=headers, media_type="application/json")
 
@@ -457,4 +507,8 @@ def _address(request: Request) -> str:
 
 
 def _peer(request: Request) -> str:
-    return f"http:{request.client.host}:{request.client.port}" if request.client else "http"
+    return _peer_of(request.client)
+
+
+def _peer_of(client: tuple[str, int] | None) -> str:
+    return f"http:{client[0]}:{client[1]}" if client else "http"

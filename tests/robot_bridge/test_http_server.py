@@ -453,6 +453,29 @@ def test_max_connections_are_served_at_once_and_one_more_is_refused() -> None:
     assert (refused.status_code, refused.text) == (503, "Service Unavailable")
 
 
+def closed_by_the_server(connection: socket.socket) -> bool:
+    connection.settimeout(TIMEOUT_S)
+    try:
+        return connection.recv(1) == b""
+    except ConnectionResetError:  # closed with bytes it had not read
+        return True
+
+
+def test_connections_without_a_whole_request_in_time_are_closed_and_free_their_places(official_json: None) -> None:
+    body = json_numpy.dumps(official_request(camera_observation(1.0)))
+    # An inference longer than the deadline: a request received whole is never cut.
+    with serving_both(StubPolicy(delay_s=0.6), max_connections=2, request_read_timeout_s=0.3) as (_, url):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as idle, socket.create_connection((host, int(port))) as half:
+            half.sendall(b"POST /act HTTP/1.1\r\nHost: robot\r\nContent-Length: 100\r\n\r\n{")
+            time.sleep(0.1)
+            assert requests.get(url + "/healthz", timeout=TIMEOUT_S).status_code == 503  # both places held
+            assert closed_by_the_server(idle) and closed_by_the_server(half)
+        assert requests.get(url + "/healthz", timeout=TIMEOUT_S).status_code == 200
+        status, reply = post(url + "/act", body)
+    assert status == 200 and np.asarray(reply["actions"]).shape == (50, 14)
+
+
 def test_healthz_and_metadata() -> None:
     server = PolicyServer({"reactive": StubPolicy(), "planning": StubPolicy()}, ServerConfig("tcp://127.0.0.1:*"))
     with HttpEndpoint(server, HttpConfig(port=0)) as endpoint:
