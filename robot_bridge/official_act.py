@@ -91,7 +91,9 @@ def parse_query(body: bytes, image_size: tuple[int, int], proprio_dim: int) -> O
     task = payload["task_description"]
     if not isinstance(task, str) or not 1 <= len(task) <= _MAX_TEXT:
         raise invalid("task_description", f"expected text of 1..{_MAX_TEXT} characters, got {describe(task)}")
-    return_all = payload.get("return_all_query_results", False)
+    return_all = payload.get("return_all_query_results")
+    if return_all is None:  # absent, or null, which the official server's `if return_all_query_results:` takes as false
+        return_all = False
     if not isinstance(return_all, bool):
         raise invalid("return_all_query_results", f"expected true or false, got {describe(return_all)}")
     return OfficialQuery(

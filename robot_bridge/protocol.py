@@ -201,6 +201,10 @@ class ActRequest(_Message):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise invalid(name, f"expected true or false, got {value!r}")
+        if self.return_actions_by_depth and not self.return_all_query_results:  # what it adds to: not ignored
+            raise invalid(
+                "return_actions_by_depth", "expected only with return_all_query_results, whose lists it adds to"
+            )
 
 
 @dataclass(frozen=True, eq=False)

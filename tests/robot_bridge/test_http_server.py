@@ -384,9 +384,10 @@ def test_bodies_over_the_limit_are_refused(official_json: None) -> None:
 def test_plain_lists_are_accepted_as_the_official_server_does() -> None:
     obs = camera_observation(6.0)
     request = {key: value.tolist() for key, value in official_request(obs).items() if key != "task_description"}
+    request |= {"task_description": INSTRUCTION, "return_all_query_results": None}  # null: false, as officially
     with serving_both(StubPolicy()) as (_, url):
-        status, response = post(url + "/act", json.dumps(request | {"task_description": INSTRUCTION}))
-    assert status == 200
+        status, response = post(url + "/act", json.dumps(request))
+    assert status == 200 and "all_actions" not in response
     actions = np.asarray([json_numpy.object_hook(row) for row in response["actions"]])
     assert_allclose(actions, expected_actions(obs.proprio), atol=1e-5)
 

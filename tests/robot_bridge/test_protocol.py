@@ -309,6 +309,11 @@ REJECTIONS: dict[str, tuple[Callable[[Frames], Frames], ErrorCode, str]] = {
     "unknown array": (with_extra_array("torques"), ErrorCode.INVALID_FIELD, "torques"),
     "array named twice": (with_array(1, name="image/cam_left_wrist"), ErrorCode.INVALID_FIELD, "image/cam_left_wrist"),
     "missing proprio": (with_array(PROPRIO, name="image/extra", shape=[1, 14, 1]), ErrorCode.INVALID_FIELD, "proprio"),
+    "chunks by depth alone": (
+        with_fields(return_actions_by_depth=True),
+        ErrorCode.INVALID_FIELD,
+        "return_actions_by_depth",
+    ),
     "unknown field": (with_fields(torque=1.0), ErrorCode.INVALID_FIELD, "torque"),
     "missing field": (with_fields(obs_id=DROP), ErrorCode.INVALID_FIELD, "obs_id"),
     "bool as int": (with_fields(obs_id=True), ErrorCode.INVALID_FIELD, "obs_id"),
