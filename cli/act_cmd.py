@@ -21,7 +21,12 @@ from cosmos_edge.cli.npz_files import (
     read_observation,
     write_npz,
 )
-from cosmos_edge.cli.planning_args import add_planning_arguments, planning_flags_given, resolve_planning
+from cosmos_edge.cli.planning_args import (
+    add_planning_arguments,
+    log_candidates,
+    planning_flags_given,
+    resolve_planning,
+)
 from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_images
 from cosmos_edge.runtime.bundle.loader import (
     load_policies,
@@ -150,6 +155,7 @@ def _act_on(args: argparse.Namespace) -> int:
         planning, unavailable = resolve_planning(args, source, devices)
         if planning is None:
             raise ConfigError(f"--mode planning: {unavailable}")
+        log_candidates(args, planning)
     with load_policies(
         source,
         devices=devices,

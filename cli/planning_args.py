@@ -149,13 +149,20 @@ def resolve_planning(
     if candidates is None:
         assert isinstance(source, BundleSource)  # checkpoint files plan with any number of candidates
         return None, no_planning(source, devices, preset)
+    return planning_config(args, num_queries_best_of_n=candidates), None
+
+
+def log_candidates(args: argparse.Namespace, planning: PlanningConfig) -> None:
+    """Says how many candidates `planning` scores, and why when a bundle allows fewer than the preset's (after the
+    other flags were checked: a note is not what a user should read above an error)."""
+    preset = PRESETS[args.planning_preset].num_queries_best_of_n
+    candidates = planning.num_queries_best_of_n
     if candidates < preset and args.num_queries_best_of_n is None:
         _LOG.warning(
             "planning: best of %d, not the preset's %d: the bundle's DiT batch sizes allow no more", candidates, preset
         )
     else:
         _LOG.info("planning: best of %d candidate%s", candidates, "" if candidates == 1 else "s")
-    return planning_config(args, num_queries_best_of_n=candidates), None
 
 
 def no_planning(source: BundleSource, devices: list[str] | None, preset: int) -> str:

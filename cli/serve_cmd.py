@@ -23,7 +23,12 @@ from typing import TYPE_CHECKING, NoReturn
 from cosmos_edge.cli.arg_types import image_size, mebibytes
 from cosmos_edge.cli.flag_names import naming_flags
 from cosmos_edge.cli.model_source import add_model_arguments, model_source
-from cosmos_edge.cli.planning_args import add_planning_arguments, planning_flags_given, resolve_planning
+from cosmos_edge.cli.planning_args import (
+    add_planning_arguments,
+    log_candidates,
+    planning_flags_given,
+    resolve_planning,
+)
 from cosmos_edge.cli.signals import on_stop_signals
 from cosmos_edge.robot_bridge.binding import BoundRouter, ServerConfig, check_limits_hold_an_act
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, ServerCurve, load_public_keys
@@ -292,6 +297,8 @@ def _policies(args: argparse.Namespace) -> LoadedPolicies:
     source = model_source(args, devices or [], device_flag="--devices")
     planning, reactive_only = resolve_planning(args, source, devices)
     _check_before_loading(args, source, reactive_only)
+    if planning is not None:
+        log_candidates(args, planning)
     loaded = load_policies(
         source,
         devices=devices,

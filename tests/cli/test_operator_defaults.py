@@ -106,6 +106,16 @@ def test_act_planning_from_a_batch_1_bundle_says_why_not_and_what_would(
     )
 
 
+def test_serve_says_how_many_candidates_a_bundle_allows_only_once_the_flags_hold(
+    tiny_bundles: TinyBundles, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = tiny_bundles("aloha")  # batch sizes 1 and 2: best of 2, not the preset's 8
+    with caplog.at_level(logging.INFO):
+        assert cli_main.main(["serve", "--bundle", str(bundle), "--image-size", "256x256"]) == 2
+    assert "--image-size 256x256: an ALOHA server takes 224x224 frames" in capsys.readouterr().err
+    assert not [record for record in caplog.records if record.getMessage().startswith("planning: best of")]
+
+
 def test_planning_from_checkpoint_files_takes_any_number(tiny_assets: dict[str, CheckpointFiles]) -> None:
     source = CheckpointSource(tiny_assets["aloha"])
     assert planning_candidates(source, None, None, 8) == 8 and planning_candidates(source, None, 5, 8) == 5
