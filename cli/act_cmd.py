@@ -15,7 +15,9 @@ from cosmos_edge.cli.arg_types import int_in_range
 from cosmos_edge.cli.flag_names import naming_flags
 from cosmos_edge.cli.model_source import add_model_arguments, model_files, model_source
 from cosmos_edge.cli.npz_files import (
+    add_frames_argument,
     add_observation_arguments,
+    as_rendered,
     observation_path,
     output_path,
     read_observation,
@@ -66,14 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(Pillow bicubic to 256x256, then 224x224)",
     )
     parser.add_argument("--task", required=True, help="the instruction, exactly as in the embeddings file")
-    parser.add_argument(
-        "--frames",
-        choices=("as-rendered", "upright"),
-        default="as-rendered",
-        help="LIBERO and RoboCasa: the camera frames are as the simulator renders them (upside down; the default: "
-        "flipped as the official evaluation scripts flip them) or upright already (flipped by the caller, as the "
-        "official quickstart's sample observation, which the official get_action takes as it is)",
-    )
+    add_frames_argument(parser)
     parser.add_argument(
         "--seed",
         type=int_in_range(0, MAX_SEED),
@@ -208,10 +203,7 @@ def _official_observation(source: ModelSource, observation: Observation, path: P
         check_proprio_shape(platform, observation.proprio)
         source_stats(source).normalize_proprio(np.asarray(observation.proprio))
     if upright:
-        if not platform.flip_images:
-            raise ConfigError(f"--frames upright: {platform.name} frames are never flipped; drop the flag")
-        images = {camera: np.ascontiguousarray(frame[::-1]) for camera, frame in observation.images.items()}
-        return Observation(images, observation.proprio)
+        return as_rendered(platform, observation)
     if platform.name != "aloha":
         return observation
     images, resized = aloha_wire_images(observation.images)

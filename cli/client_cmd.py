@@ -25,7 +25,9 @@ import numpy as np
 from cosmos_edge.cli.arg_types import int_in_range
 from cosmos_edge.cli.flag_names import naming_flags
 from cosmos_edge.cli.npz_files import (
+    add_frames_argument,
     add_observation_arguments,
+    as_rendered,
     observation_path,
     output_path,
     read_observation,
@@ -39,7 +41,7 @@ from cosmos_edge.robot_bridge.protocol import MessageError, ServerMetadata
 from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_images, check_camera_frame
 from cosmos_edge.robot_bridge.wire import REQUEST_FAULTS, wire_proprio
 from cosmos_edge.runtime.errors import ConfigError, InputError
-from cosmos_edge.runtime.platforms import IMAGE_SIZE
+from cosmos_edge.runtime.platforms import IMAGE_SIZE, platform_spec
 from cosmos_edge.runtime.policy.api import MAX_DENOISING_STEPS, MAX_SEED, Observation
 
 _LOG = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_observation_arguments(act, observation_help)
     act.add_argument("--task", required=True, help="the instruction, as the server lists it")
+    add_frames_argument(act)
     act.add_argument("--mode", help="answer in this mode (default: the server's)")
     act.add_argument("--seed", type=int_in_range(0, MAX_SEED), help="default: the server's (195, as the official code)")
     act.add_argument(
@@ -229,9 +232,13 @@ def _act(args: argparse.Namespace) -> int:
     observation = _checked_observation(path)
     out = None if args.out is None else output_path("--out", args.out)
     with connect(args, _ACT_TIMEOUT_S) as client:
+        upright = args.frames == "upright"
         # Frames of the wire's default size go as they are (a server of another size refuses them, naming the camera).
-        if any(frame.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE) for frame in observation.images.values()):
-            observation = _as_the_server_takes_it(path, observation, client.metadata())
+        if upright or any(frame.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE) for frame in observation.images.values()):
+            server = client.metadata()
+            if upright:
+                observation = as_rendered(platform_spec(server.platform), observation)
+            observation = _as_the_server_takes_it(path, observation, server)
         reply = client.act(
             observation,
             args.task,

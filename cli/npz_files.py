@@ -14,6 +14,7 @@ import numpy as np
 from cosmos_edge.cli.output_paths import writable_file
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.files import write_atomic
+from cosmos_edge.runtime.platforms import PlatformSpec
 from cosmos_edge.runtime.policy.api import Observation
 
 
@@ -23,6 +24,27 @@ def add_observation_arguments(parser: argparse.ArgumentParser, help_text: str) -
     parser.add_argument(
         "--observation", dest="observation_flag", type=Path, metavar="OBSERVATION", help="the same, as a flag"
     )
+
+
+def add_frames_argument(parser: argparse.ArgumentParser) -> None:
+    """`--frames`: whether the observation's camera frames are as a LIBERO or RoboCasa simulator renders them."""
+    parser.add_argument(
+        "--frames",
+        choices=("as-rendered", "upright"),
+        default="as-rendered",
+        help="LIBERO and RoboCasa: the camera frames are as the simulator renders them (upside down; the default: "
+        "flipped as the official evaluation scripts flip them) or upright already (flipped by the caller, as the "
+        "official quickstart's sample observation, which the official get_action takes as it is)",
+    )
+
+
+def as_rendered(platform: PlatformSpec, observation: Observation) -> Observation:
+    """`--frames upright`: the frames turned upside down (a lossless flip), as the simulator rendered them, so that
+    the policy's flip restores them."""
+    if not platform.flip_images:
+        raise ConfigError(f"--frames upright: {platform.name} frames are never flipped; drop the flag")
+    images = {camera: np.ascontiguousarray(frame[::-1]) for camera, frame in observation.images.items()}
+    return Observation(images, observation.proprio)
 
 
 def observation_path(args: argparse.Namespace) -> Path:

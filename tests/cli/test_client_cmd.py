@@ -69,6 +69,11 @@ def test_act_names_the_flag_or_the_file_that_gave_a_refused_field(
         act = ["client", "act", "--task", INSTRUCTION, "--endpoint", endpoint]
         assert main([*act, str(tmp_path / "obs.npz"), "--mode", "dreaming"]) == 2
         assert capsys.readouterr().err.startswith("cosmos-edge: error: --mode: the server refused it (unknown_mode)")
+        assert main([*act, str(tmp_path / "obs.npz"), "--frames", "upright"]) == 2
+        assert (
+            capsys.readouterr().err
+            == "cosmos-edge: error: --frames upright: aloha frames are never flipped; drop the flag\n"
+        )
         assert main([*act, str(tmp_path / "short.npz")]) == 2
     error = capsys.readouterr().err
     assert error.startswith(f"cosmos-edge: error: observation: {tmp_path / 'short.npz'}: proprio: the server refused")
@@ -271,7 +276,13 @@ def test_a_libero_server_takes_its_cameras_size_and_answers_what_act_computes(
         error = capsys.readouterr().err  # the cameras, not their size, are what is wrong
         assert "aloha.npz: cameras ['cam_high'," in error and "this libero server takes" in error
         sized = ServerConfig("tcp://127.0.0.1:*", image_size=(256, 256))
+        upright = {camera: frame[::-1] for camera, frame in frames.images.items()}  # as the official quickstart's
+        np.savez(tmp_path / "upright.npz", proprio=frames.proprio, **upright)
+        upright_act = [*act, "--frames", "upright", "--out", str(tmp_path / "upright_served.npz")]
+        upright_act[2] = str(tmp_path / "upright.npz")
         with serving(PolicyServer(policy, sized)) as endpoint:
             assert main([*act, "--endpoint", endpoint, "--out", str(tmp_path / "served.npz")]) == 0
-    with np.load(tmp_path / "served.npz") as served:
-        np.testing.assert_array_equal(served["actions"], expected.actions)
+            assert main([*upright_act, "--endpoint", endpoint]) == 0
+    for name in ("served.npz", "upright_served.npz"):
+        with np.load(tmp_path / name) as served:
+            np.testing.assert_array_equal(served["actions"], expected.actions)
