@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError
+from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError, NonFiniteOutput
 from cosmos_edge.runtime.platforms import LATENT_CHANNELS, LATENT_SIZE
 from cosmos_edge.runtime.policy.api import (
     MAX_SEED,
@@ -157,7 +157,7 @@ def _rank(
         values[failed], by_depth[failed] = np.nan, np.nan
     if not finite:
         if base_actions is None:
-            raise EngineError(
+            raise NonFiniteOutput(
                 "planning: no candidate has a finite value, chunk and future proprio: the network returned NaN or "
                 "infinity (check the checkpoints' weights and the instruction's text embedding)"
             )

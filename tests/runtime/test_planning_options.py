@@ -15,7 +15,7 @@ import threading
 import numpy as np
 import pytest
 
-from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError
+from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError, NonFiniteOutput
 from cosmos_edge.runtime.platforms import PlatformSpec, platform_spec
 from cosmos_edge.runtime.policy.api import MAX_SEED, ActionQuery, PlanningOutcome, StageTimer
 from cosmos_edge.runtime.policy.conditioning import ConditioningMode
@@ -231,7 +231,7 @@ def test_a_candidate_with_a_non_finite_value_is_ranked_out_and_none_fails_the_qu
     assert result.candidates.chosen == 1 and result.value == pytest.approx(0.7, abs=1e-4)  # the best finite one
     assert np.isfinite(result.candidates.actions).all()  # its action pass is read as any other's
     assert "candidates [2] have a value, chunk or future proprio that is not finite; ranked out" in caplog.text
-    with pytest.raises(EngineError, match="no candidate has a finite value, chunk and future proprio"):
+    with pytest.raises(NonFiniteOutput, match="no candidate has a finite value, chunk and future proprio"):
         run(one_step(), broken_for(set(range(100, 105))))
 
 
