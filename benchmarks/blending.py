@@ -1,6 +1,6 @@
 """Chunk boundaries under each blending scheme, on scripted chunks with a simulated clock (deterministic).
 
-    .venv/bin/python benchmarks/blending.py benchmarks/results/cpu_blending.json
+    .venv/bin/python -m benchmarks.blending benchmarks/results/cpu_blending.json
 
 Two chunk streams on the 14-joint ALOHA layout at 25 Hz, 50-action chunks, prefetch at 25, 10 ticks of latency:
 `offset` (every chunk is the same smooth trajectory shifted by ±0.2 rad on every arm joint, alternating, as a policy
@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import run_context
 from cosmos_edge.robot_bridge.controller.blending import BlendConfig, BlendScheme, summarize_boundaries
 from cosmos_edge.robot_bridge.controller.chunk_source import Chunk, ChunkRequest, Outcome
 from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor, ExecutorConfig
@@ -138,7 +139,8 @@ def main(out: Path) -> None:
     }
     report: dict[str, Any] = {
         "machine": "any (simulated clock, deterministic)",
-        "command": f"python benchmarks/blending.py {out}",
+        "command": f"python -m benchmarks.blending {out}",
+        "commit": run_context.commit(),
     }
     report |= {"settings": {"rate_hz": RATE_HZ, "chunk": CHUNK, "latency_ticks": LATENCY_TICKS, "ticks": TICKS}}
     report["results"] = results

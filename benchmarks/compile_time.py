@@ -7,7 +7,7 @@ DiT has random weights in fp32 and is called through the torch backend (`TorchDi
 of 4x4 (44 tokens): compilation does not depend on the grid, the call time does, and at ALOHA's 28x28 one 2B call
 takes minutes on 2 cores.
 
-Run: `.venv/bin/python benchmarks/compile_time.py --out benchmarks/results/cpu_compile_time.json [--configs small]`
+Run: `.venv/bin/python -m benchmarks.compile_time --out benchmarks/results/cpu_compile_time.json [--configs small]`
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform as host
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks import run_context
 
 CONFIGS = ("small", "predict2-2b")
 SCOPES = ("model", "blocks")
@@ -78,9 +79,10 @@ def main() -> None:
     import torch
 
     report: dict[str, Any] = {
-        "machine": f"{host.machine()}, {os.cpu_count()} logical CPUs",
+        "machine": run_context.machine(),
+        "commit": run_context.commit(),
         "torch": torch.__version__,
-        "command": "python benchmarks/compile_time.py " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.compile_time " + " ".join(sys.argv[1:]),
         "grid": "batch 1, 11 latent frames of 4x4, fp32, mode 'default'",
         "first_call_s": "Inductor's caches off (a cold start); restart_first_call_s: a second start on the cache the "
         "first one filled (TORCHINDUCTOR_CACHE_DIR)",
@@ -88,7 +90,7 @@ def main() -> None:
     }
     for config in args.configs:
         for scope in SCOPES:
-            child = [sys.executable, __file__, "--out", str(args.out), "--child", config, scope]
+            child = [sys.executable, "-m", "benchmarks.compile_time", "--out", str(args.out), "--child", config, scope]
             result = run_child(child, {"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"})
             with tempfile.TemporaryDirectory() as cache:  # a first start fills Inductor's cache, a restart reads it
                 run_child(child, {"TORCHINDUCTOR_CACHE_DIR": cache})

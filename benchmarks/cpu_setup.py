@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import platform as host
 from typing import Any
 
 import numpy as np
 import torch
 
+from benchmarks import run_context
 from cosmos_edge.runtime.platforms import platform_spec
 from cosmos_edge.runtime.policy.api import ActionQuery, Observation
 
@@ -18,8 +17,7 @@ ALOHA = platform_spec("aloha")
 def machine_info() -> dict[str, Any]:
     """The machine, torch and its threads, for a benchmark's `extra_info`."""
     return {
-        "machine": f"{host.machine()} {host.processor() or ''}".strip(),
-        "cpu_count": os.cpu_count(),
+        "machine": run_context.machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }

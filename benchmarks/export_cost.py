@@ -5,7 +5,7 @@ the others with the real Wan2.1 VAE; `random_assets.VAE_FOR_DIT`).
 Each configuration runs in a child process of its own, so its peak resident memory (ru_maxrss) is the export's
 alone; the random checkpoint files are written by another child beforehand and are not timed.
 
-Run: `.venv/bin/python benchmarks/export_cost.py --out benchmarks/results/export_cost_cpu.json [--configs tiny small]`
+Run: `.venv/bin/python -m benchmarks.export_cost --out benchmarks/results/export_cost_cpu.json [--configs tiny small]`
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform as host
 import resource
 import subprocess
 import sys
@@ -22,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks import run_context
 
 CONFIGS = ("tiny", "small", "predict2-2b")
 
@@ -86,7 +86,7 @@ def export(config: str, directory: Path) -> dict[str, Any]:
 
 
 def run_child(step: str, config: str, directory: Path) -> dict[str, Any] | None:
-    command = [sys.executable, __file__, "--child", step, config, str(directory)]
+    command = [sys.executable, "-m", "benchmarks.export_cost", "--child", step, config, str(directory)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         return {"config": config, "failed": step, "stderr_tail": result.stderr[-2000:]}
@@ -114,8 +114,9 @@ def main() -> None:
         print(json.dumps(result), flush=True)
         results.append(result)
     report = {
-        "command": "python benchmarks/export_cost.py " + " ".join(sys.argv[1:]),
-        "machine": f"{host.processor() or host.machine()}, {os.cpu_count()} logical CPUs",
+        "command": "python -m benchmarks.export_cost " + " ".join(sys.argv[1:]),
+        "machine": run_context.machine(),
+        "commit": run_context.commit(),
         "results": results,
     }
     if args.out is not None:

@@ -10,7 +10,7 @@ platform, each platform's default number of denoising steps, same seeds.
 Error: max abs difference of the normalised actions (the model's [-1, 1] units) over the chunk, and of the value.
 Random tiny weights show the size of the precision effect through this pipeline, not the released checkpoints'.
 
-Run: `.venv/bin/python benchmarks/precision_error.py --out benchmarks/results/precision_error.json`
+Run: `.venv/bin/python -m benchmarks.precision_error --out benchmarks/results/precision_error.json`
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform as platform_module
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks import run_context
 from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
 from cosmos_edge.export.onnx_export import DiTGraph, TextKVGraph, VAECamerasEncoderGraph
 from cosmos_edge.runtime.bundle.loader import load_policies
@@ -156,8 +155,9 @@ def main() -> None:
             for platform in PLATFORMS
         }
     context = {
-        "command": "python benchmarks/precision_error.py --out benchmarks/results/precision_error.json",
-        "machine": f"{platform_module.machine()} CPU, {os.cpu_count()} cores; torch {torch.__version__}",
+        "command": "python -m benchmarks.precision_error --out benchmarks/results/precision_error.json",
+        "machine": f"{run_context.machine()}; torch {torch.__version__}",
+        "commit": run_context.commit(),
         "backends": "fp32/fp16: onnxruntime CPU provider; bf16: torch CPU (DiT bf16, VAE fp32, as a bf16 bundle)",
         "baseline": "the fp32 reference policy (torch CPU, official whole-sequence path), same process and seeds",
     }

@@ -15,8 +15,6 @@ Run: `.venv/bin/python -m pytest benchmarks/test_backends_cpu.py --benchmark-ena
 
 from __future__ import annotations
 
-import os
-import platform as host
 import statistics
 import time
 from collections.abc import Callable
@@ -30,6 +28,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks import run_context
 from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
 from cosmos_edge.export.onnx_export import DiTGraph, export_graph
 from cosmos_edge.runtime.bundle.manifest import Bundle
@@ -106,7 +105,7 @@ def record(benchmark: Any, torch_s: float, what: str) -> None:
         {
             "workload": what,
             "precision": "fp32",
-            "machine": f"{host.processor() or host.machine()}, {os.cpu_count()} logical CPUs",
+            "machine": run_context.machine(),
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
             "onnxruntime": ort.__version__,
@@ -194,7 +193,7 @@ def test_text_kv_input(benchmark: Any, small: SmallSetup, tmp_path: Path) -> Non
         {
             "workload": "small DiT graph, batch 1, 2156 tokens, onnxruntime CPU: K/V inputs vs K/V projected inside",
             "precision": "fp32",
-            "machine": f"{host.processor() or host.machine()}, {os.cpu_count()} logical CPUs",
+            "machine": run_context.machine(),
             "onnxruntime": ort.__version__,
             "projecting_median_s": projecting_s,
             "text_kv_input_median_s": text_kv_s,

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from benchmarks import run_context
 from cosmos_edge.robot_bridge.controller.chunk_source import ActParams, ThreadedChunkSource
 from cosmos_edge.robot_bridge.controller.executor import ChunkExecutor, ExecutorConfig
 from cosmos_edge.robot_bridge.controller.safety import SafetyConfig, SafetyFilter
@@ -127,8 +128,7 @@ def test_executor_jitter_50hz(benchmark: Any, load: str, timing: str) -> None:
         jitter_p99_ms=round(summary.jitter_p99_ms, 3),
         jitter_max_ms=round(summary.jitter_max_ms, 3),
         command_p99_ms=round(float(np.percentile(command_ms, 99)), 3),
-        cpu_count=os.cpu_count(),
-        machine=platform.machine(),
+        machine=run_context.machine(),
         python=platform.python_version(),
     )
     if summary.missed_ticks or summary.jitter_p99_ms >= TARGET_P99_MS:
