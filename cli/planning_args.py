@@ -41,13 +41,16 @@ def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
         default="main",
         help="main: the official main planning config (V(s'), 3 x 5 ensembles, best of 8); depth3: search depth 3 "
         "without ensembles; base: one candidate ranked by its own action pass; deploy-defaults: the official "
-        "DeployConfig's own defaults, to pass an official command's flags as they are",
+        "DeployConfig's own defaults (the same as base), under which an official command's planning flags mean what "
+        "they mean there. Every planning flag also takes its official spelling: --num_queries_best_of_n 8, "
+        "--use_ensemble_value_predictions True",
     )
     defaults = PRESETS["main"]
     for field in _FIELDS:
         default = getattr(defaults, field.name)
         shown = "the platform's default action steps: 10 for ALOHA, 5 otherwise" if default is None else default
         preset = f"main preset: {getattr(shown, 'value', shown)}"
+        official = "--" + field.name  # the official spelling, as deploy.py's draccus flags take it (not shown)
         if field.type == "bool":
             group.add_argument(
                 _flag(field.name),
@@ -55,20 +58,24 @@ def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
                 default=None,
                 help=f"official {field.name} ({preset})",
             )
+            group.add_argument(official, dest=field.name, type=_official_bool, default=None, help=argparse.SUPPRESS)
         elif field.name in SCHEME_CHOICES:
             choices = [scheme.value for scheme in SCHEME_CHOICES[field.name]]
             group.add_argument(_flag(field.name), choices=choices, help=f"official {field.name} ({preset})")
-        else:  # every int option is a count, given once (the candidates under either of their two names)
+            group.add_argument(official, dest=field.name, choices=choices, help=argparse.SUPPRESS)
+        else:  # every int option is a count, given once (the candidates under any of their names)
             limit = COUNT_LIMITS[field.name]
             aliases = ["--num-candidates"] if field.name == "num_queries_best_of_n" else []
-            group.add_argument(
-                _flag(field.name),
-                *aliases,
-                type=int_in_range(1, limit),
-                metavar="N",
-                action=_GivenOnce,
-                help=f"official {field.name} ({preset}; 1..{limit})",
-            )
+            shown = f"official {field.name} ({preset}; 1..{limit})"
+            for names, help_text in (([_flag(field.name), *aliases], shown), ([official], argparse.SUPPRESS)):
+                group.add_argument(
+                    *names,
+                    dest=field.name,
+                    type=int_in_range(1, limit),
+                    metavar="N",
+                    action=_GivenOnce,
+                    help=help_text,
+                )
     group.add_argument(
         "--planning-deadline-ms",
         type=positive_milliseconds,
@@ -93,6 +100,17 @@ class _GivenOnce(argparse.Action):
         setattr(namespace, self.dest, values)
         if option_string is not None:  # errors name the option as it was typed (an alias too)
             setattr(namespace, _TYPED, {**getattr(namespace, _TYPED, {}), self.dest: option_string})
+
+
+def _official_bool(text: str) -> bool:
+    """A boolean as the official draccus flags take it (`--ar_value_prediction True`)."""
+    spelled = text.strip().lower()
+    if spelled not in _BOOLEANS:
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return _BOOLEANS[spelled]
+
+
+_BOOLEANS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
 
 
 def planning_config(args: argparse.Namespace, **replaced: object) -> PlanningConfig:

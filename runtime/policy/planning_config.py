@@ -166,6 +166,20 @@ def ensemble_steps(steps: int, members: int) -> tuple[int, ...]:
     return tuple(int(value) for value in np.linspace(1, steps, members).astype(int))
 
 
+# deploy.py lines 212-252: `DeployConfig`'s own field defaults, so that an official command line maps flag for flag
+# (without them, an official flag left out would take the main config's value instead).
+_DEPLOY_DEFAULTS = PlanningConfig(
+    num_queries_best_of_n=1,
+    num_denoising_steps_future_state=1,
+    num_denoising_steps_value=1,
+    use_ensemble_future_state_predictions=False,
+    use_ensemble_value_predictions=False,
+    value_ensemble_aggregation_scheme=ValueAggregation.AVERAGE,
+    ar_future_prediction=False,
+    ar_value_prediction=False,
+    mask_current_state_action_for_value_prediction=False,
+)
+
 PRESETS: dict[str, PlanningConfig] = {
     # deploy.py lines 52-94: V(s') with a 3 x 5 ensemble, majority_mean, best of 8.
     "main": PlanningConfig(),
@@ -178,29 +192,10 @@ PRESETS: dict[str, PlanningConfig] = {
         use_ensemble_future_state_predictions=False,
         num_future_state_predictions_in_ensemble=1,
     ),
-    # deploy.py lines 26-50 ("base Cosmos Policy only"): one candidate scored by its own action pass.
-    "base": PlanningConfig(
-        num_queries_best_of_n=1,
-        ar_future_prediction=False,
-        ar_value_prediction=False,
-        num_denoising_steps_future_state=1,
-        num_denoising_steps_value=1,
-        use_ensemble_future_state_predictions=False,
-        use_ensemble_value_predictions=False,
-    ),
-    # deploy.py lines 212-245: `DeployConfig`'s own field defaults, so that an official command line maps flag for
-    # flag (without a preset, an official flag left out would take the main config's value instead).
-    "deploy-defaults": PlanningConfig(
-        num_queries_best_of_n=1,
-        num_denoising_steps_future_state=1,
-        num_denoising_steps_value=1,
-        use_ensemble_future_state_predictions=False,
-        use_ensemble_value_predictions=False,
-        value_ensemble_aggregation_scheme=ValueAggregation.AVERAGE,
-        ar_future_prediction=False,
-        ar_value_prediction=False,
-        mask_current_state_action_for_value_prediction=False,
-    ),
+    # deploy.py lines 26-50 ("base Cosmos Policy only"): one candidate scored by its own action pass. Its planning
+    # flags are the defaults' values, so every flag added to it means what it means on the official base command.
+    "base": _DEPLOY_DEFAULTS,
+    "deploy-defaults": _DEPLOY_DEFAULTS,
 }
 
 

@@ -4,7 +4,8 @@ Official source: `cosmos_utils.aggregate_value_predictions` (ensemble schemes ov
 candidate) and the ALOHA `deploy.py` server (search-depth schemes over the per-depth values, and the selection).
 Values are the decoded [0, 1] predictions, float32 in the official code: the success threshold is compared in
 float32 as torch does; means are taken in float64, so they can differ from the official float32 reductions in the
-last bits.
+last bits, and two candidates within one float32 step of each other can rank differently (so can they on two GPUs
+of the official server: a GPU's float32 reduction order is its own).
 """
 
 from __future__ import annotations

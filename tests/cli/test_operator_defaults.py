@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from importlib import metadata
 from pathlib import Path
@@ -17,6 +18,7 @@ from cosmos_edge.runtime.bundle.loader import planning_candidates
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointSource
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.files import CheckpointFiles
+from cosmos_edge.runtime.policy.planning_config import PRESETS
 from tests.helpers.observations import TinyBundles, random_observation
 
 
@@ -142,6 +144,70 @@ def test_an_aggregation_scheme_with_no_ensemble_to_pool_is_warned_of(
         planning_config(args)
     warned = [record.getMessage() for record in caplog.records if "has no effect" in record.getMessage()]
     assert len(warned) == int(ignored)
+
+
+# The planning flags of deploy.py's main planning command (its lines 72-94), as an official user types them.
+OFFICIAL_MAIN_PLANNING_FLAGS = [
+    "--ar_future_prediction",
+    "True",
+    "--ar_value_prediction",
+    "True",
+    "--ar_qvalue_prediction",
+    "False",
+    "--num_denoising_steps_action",
+    "10",
+    "--num_denoising_steps_future_state",
+    "5",
+    "--num_denoising_steps_value",
+    "5",
+    "--search_depth",
+    "1",
+    "--value_ensemble_aggregation_scheme",
+    "majority_mean",
+    "--randomize_seed",
+    "False",
+    "--num_queries_best_of_n",
+    "8",
+    "--use_ensemble_value_predictions",
+    "True",
+    "--num_value_predictions_in_ensemble",
+    "5",
+    "--use_ensemble_future_state_predictions",
+    "True",
+    "--num_future_state_predictions_in_ensemble",
+    "3",
+    "--future_state_ensemble_aggregation_scheme",
+    "average",
+    "--mask_current_state_action_for_value_prediction",
+    "True",
+]
+
+
+def test_official_planning_flags_over_the_deploy_defaults_give_the_main_preset() -> None:
+    parser = argparse.ArgumentParser()
+    add_planning_arguments(parser)
+    config = planning_config(parser.parse_args(["--planning-preset", "deploy-defaults", *OFFICIAL_MAIN_PLANNING_FLAGS]))
+    assert config == dataclasses.replace(PRESETS["main"], num_denoising_steps_action=10)
+    flipped = parser.parse_args(["--ar_value_prediction", "false", "--no-ar-future-prediction"])
+    assert (flipped.ar_value_prediction, flipped.ar_future_prediction) == (False, False)
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--ar_value_prediction", "maybe"], "argument --ar_value_prediction: expected True or False, got 'maybe'"),
+        (["--num_queries_best_of_n", "2", "--num-candidates", "3"], "given twice"),
+        (["--search_depth_value_aggregation_scheme", "median"], "argument --search_depth_value_aggregation_scheme"),
+    ],
+)
+def test_official_planning_flags_are_checked_as_their_kebab_names(
+    flags: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = argparse.ArgumentParser()
+    add_planning_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(flags)
+    assert named in capsys.readouterr().err
 
 
 def test_logging_shows_cosmos_edge_at_info_and_other_libraries_from_warning(monkeypatch: pytest.MonkeyPatch) -> None:

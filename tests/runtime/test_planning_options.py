@@ -310,7 +310,7 @@ def test_ensemble_step_lists_are_numpys_linspace_truncated() -> None:
 
 
 def test_the_deploy_defaults_preset_holds_deploy_configs_field_defaults() -> None:
-    # deploy.py 212-245, field by field (the action steps: 10, the platform's default for ALOHA).
+    # deploy.py 212-252, field by field (the action steps: 10, the platform's default for ALOHA).
     official = {
         "num_queries_best_of_n": 1,
         "num_denoising_steps_future_state": 1,
@@ -333,6 +333,8 @@ def test_the_deploy_defaults_preset_holds_deploy_configs_field_defaults() -> Non
     preset = PRESETS["deploy-defaults"]
     assert {name: getattr(preset, name) for name in official} == official
     assert preset.num_denoising_steps_action is None and ALOHA.default_action_steps == 10
+    # The official base command (deploy.py 26-50) gives no planning flag but values the defaults already have.
+    assert PRESETS["base"] == preset
 
 
 @pytest.mark.parametrize(
