@@ -192,11 +192,16 @@ class ThreadedChunkSource:
             return self._busy
 
     def submit(self, request: ChunkRequest) -> None:
+        """Hands `request` to the worker. On a source whose requests were stopped (from any thread), the request's
+        outcome is a `RequestFailed` saying so: the control loop holds and keeps running."""
         with self._cond:
-            if self._busy or self._closed:
-                raise RuntimeError(f"chunk source: submit while busy={self._busy} closed={self._closed}")
-            self._pending = request
+            if self._busy:
+                raise RuntimeError("chunk source: submit while a request is in flight (check `busy` first)")
             self._busy = True
+            if self._closed:
+                self._outcome = RequestFailed(request.obs_id, RuntimeError("chunk source: requests were stopped"))
+                return
+            self._pending = request
             self._cond.notify()
 
     def poll(self) -> Outcome | None:

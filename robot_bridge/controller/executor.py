@@ -10,8 +10,10 @@ still for the whole inference. Here the control loop never waits for inference:
   observation and hands it to a `ChunkSource`, which runs inference off the control thread.
 * Observations are tagged with the tick that captured them (`obs_id`). A chunk computed from tick k
   is meant to start at tick k + 1, so when it arrives at tick t it replaces the rest of the old
-  chunk from its action t - (k + 1) onwards. Replies no newer than the chunk in hand, or whose
-  actions have all elapsed, are dropped.
+  chunk from its action t - (k + 1) onwards: the arm moved on the old chunk meanwhile. Ticks of that
+  span the arm held instead (no chunk yet, starved) are motion it never made: the chunk starts that
+  many ticks later, so that it is not skipped ahead of the pose it was planned from. Replies no newer
+  than the chunk in hand, or whose actions have all elapsed, are dropped.
 * The adopted chunk is blended with the trajectory it replaces (`blending`: a short cross-fade by default, under
   which the commanded pose does not jump at chunk boundaries); every boundary's raw and commanded jump is recorded.
 * The inference round trip is measured on every reply, and the prefetch point rises to cover it (with a margin).
@@ -28,6 +30,7 @@ called from any thread.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -200,6 +203,7 @@ class ChunkExecutor:
         self._chunk: Chunk | None = None  # None until the first chunk is adopted
         self._obs_floor = -1  # replies with obs_id <= floor are stale
         self._retry_at_ns = 0
+        self._held_at_capture = (NO_CHUNK, 0)  # (obs_id, hold_ticks) of the last request, when it was captured
         # Stops are counted and a resume names the count it answers, so that a stop after it wins, without a lock a
         # signal handler could deadlock on.
         self._stops = 0
@@ -291,8 +295,10 @@ class ChunkExecutor:
         if tick > self._next_tick:  # ticks passed between the runs: a pause, not starvation
             self._pause_ended_ns = self._run_started_ns
             # As after a resume, the chunk in hand and replies to requests captured before the pause answered the
-            # situation before it: this run holds until a chunk of its own comes, and fades it in.
+            # situation before it: this run holds until a chunk of its own comes, and fades it in. The rig may have
+            # moved the arms meanwhile (an episode reset): the filter holds the pose measured now, not the last run's.
             self._chunk, self._obs_floor = None, self._next_tick - 1
+            self._safety.restart()
         with thread_priority(self.config.realtime_priority, self.config.nice):
             self._loop(tick, end_tick, until or (lambda: False))
         self._safety.announce_stop()  # a stop latched by a signal that also ended the run: said here, not there
@@ -389,6 +395,7 @@ class ChunkExecutor:
         if outcome.capture_ns >= self._run_started_ns:
             latency = self._clock() - outcome.capture_ns
             self._latency_ns = latency if self._latency_ns is None else 0.7 * self._latency_ns + 0.3 * latency
+        outcome = self._after_holds(outcome)
         reason = self._drop_reason(outcome, tick)
         if reason in (None, "dropped_elapsed"):  # a well-formed reply to a current request: its length is the horizon
             self._chunk_length = len(outcome.actions)
@@ -414,6 +421,13 @@ class ChunkExecutor:
         self._counts["chunks_adopted"] += 1
         self._last_failure, self._failures_since_chunk = None, 0
         return True
+
+    def _after_holds(self, chunk: Chunk) -> Chunk:
+        """`chunk` starting later by the ticks the arm held since its observation was captured (see the module
+        docstring)."""
+        obs_id, holds = self._held_at_capture
+        held = self._counts["hold_ticks"] - holds if chunk.obs_id == obs_id else 0
+        return dataclasses.replace(chunk, first_tick=chunk.first_tick + held) if held else chunk
 
     def _warn_late(self, tick: int, now: int, late_ms: float, missed: int) -> None:
         """Ticks that start a whole period late are skipped (a run keeps its length): the robot's own calls, or a
@@ -532,4 +546,5 @@ class ChunkExecutor:
             )
         )
         self._counts["requests"] += 1
+        self._held_at_capture = (tick, self._counts["hold_ticks"])
         return True

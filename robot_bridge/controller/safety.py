@@ -8,8 +8,12 @@ Every command the executor sends passes through `SafetyFilter.apply`, which in o
 2. clamps every joint to its position limits and each gripper to its normalised range;
 3. limits the change of each arm joint per tick relative to the *measured* joint position, turning the
    official Cosmos Policy client's "pause if any non-gripper joint would move more than 0.15 rad"
-   check into a slew limit. The slew limit comes last, so that nothing jumps: an arm pushed outside
-   its limits during a run is brought back one step per tick.
+   check into a slew limit, and relative to the previous command as well while the arm is within two
+   steps of it: a servo lagging behind its goal would otherwise be sent goals up to two steps apart
+   (farther, as for an arm pushed away, the measured pose rules). The slew limit comes last, so that nothing
+   jumps: an arm pushed outside its limits during a run is commanded back one step per tick (an
+   Interbotix driver refuses a goal outside its own limits, so such an arm keeps its last goal until
+   the commands are inside them again).
 
 The first command is refused (`check_start_pose`) when an arm joint is measured outside its limits by more than
 `START_POSE_TOLERANCE`: bringing it back would be a motion at the full slew rate that no policy asked for, before
@@ -100,7 +104,8 @@ class SafetyConfig:
             limited alike (a table edge on one side: mirrored waist limits); default: the left arm's.
         gripper_range: allowed normalised gripper command (default (0, 1): 0 closed, 1 open).
         max_joint_step: largest change of an arm joint per tick in rad, relative to the measured
-            position (default 0.15, the official client's pause threshold; at most 0.5).
+            position and to the previous command (default 0.15, the official client's pause threshold; at
+            most 0.5).
         stop_after_rate_limited_ticks: latch a stop once the policy's target has been rate limited this
             many ticks in a row (a chunk asking for motion faster than the limit allows, which the official
             client pauses on at once); default None: the arm follows such a chunk at the limit.
@@ -261,6 +266,12 @@ class SafetyFilter:
                 "safety: stop latched (%s); holding position until reset or the end of the run", self._stop_reason
             )
 
+    def restart(self) -> None:
+        """Forget the last command, as between two episodes whose rig may have moved the arms: the next command holds
+        the pose then measured, after the start pose check, as the first one did."""
+        self._last = None
+        self._rate_limited_run = 0
+
     def reset(self) -> None:
         """Clear the stop latch. The hold pose stays the last command: the measured pose would let the grippers go
         (they measure finger position, and grip by being commanded past it) and the arms sag."""
@@ -305,7 +316,14 @@ class SafetyFilter:
             flags |= Intervention.CLAMPED
         step = self.config.max_joint_step
         joints = self._joint_mask
-        limited = np.clip(out[joints], measured[joints] - step, measured[joints] + step)
+        low, high = measured[joints] - step, measured[joints] + step
+        if self._last is not None:
+            # Within a step of the previous command too, wherever the two ranges meet (a servo lagging behind its
+            # goal); where they do not (an arm pushed away, a glitching encoder), the measured pose rules.
+            meet = np.maximum(low, self._last[joints] - step) <= np.minimum(high, self._last[joints] + step)
+            low = np.where(meet, np.maximum(low, self._last[joints] - step), low)
+            high = np.where(meet, np.minimum(high, self._last[joints] + step), high)
+        limited = np.clip(out[joints], low, high)
         if not np.array_equal(limited, out[joints]):
             out[joints] = limited
             flags |= Intervention.RATE_LIMITED

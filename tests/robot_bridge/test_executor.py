@@ -201,18 +201,20 @@ def expected_schedule(num_ticks: int, chunk: int, threshold: int, latency: int) 
     out: list[tuple[int, int]] = []
     current: tuple[int, int] | None = None  # (obs_id, first_tick)
     in_flight: int | None = None
+    holds = holds_at_capture = 0
     for t in range(num_ticks):
         if in_flight is not None and t == in_flight + latency:
-            current, in_flight = (in_flight, in_flight + 1), None
-        if current is None:
+            # Meant to start at the tick after its capture, later by the ticks the arm held since.
+            current, in_flight = (in_flight, in_flight + 1 + holds - holds_at_capture), None
+        index = chunk if current is None else t - current[1]
+        if current is None or index >= chunk:
             out.append((NO_CHUNK, NO_CHUNK))
-            remaining = 0
+            holds += 1
         else:
-            index = t - current[1]
-            out.append((current[0], index) if index < chunk else (NO_CHUNK, NO_CHUNK))
-            remaining = max(0, chunk - index - 1)
+            out.append((current[0], index))
+        remaining = max(0, chunk - index - 1)
         if in_flight is None and remaining <= threshold:
-            in_flight = t
+            in_flight, holds_at_capture = t, holds
     return out
 
 
@@ -226,15 +228,17 @@ def test_time_aligned_replacement_follows_the_schedule() -> None:
     summary = executor.run(60)
     got = executed(executor)
     assert got == expected_schedule(60, chunk=20, threshold=8, latency=3)
-    # Worked example: obs 0 answers at tick 3, so action 0 (meant for tick 1) and 1 are skipped.
-    assert got[:4] == [(NO_CHUNK, NO_CHUNK)] * 3 + [(0, 2)]
-    # Obs 12 answers at tick 15 and replaces chunk 0 (at its index 14, 5 left) with its own index 2.
-    assert got[14:16] == [(0, 13), (12, 2)]
+    # Worked example: obs 0 answers at tick 3; the arm held since, so its chunk starts there, at action 0 (not at 2:
+    # actions 0 and 1 are motion the arm never made).
+    assert got[:4] == [(NO_CHUNK, NO_CHUNK)] * 3 + [(0, 0)]
+    # Obs 14 answers at tick 17 and replaces chunk 0 (at its index 14, 5 left) with its own index 2: the arm moved
+    # on chunk 0 meanwhile.
+    assert got[16:18] == [(0, 13), (14, 2)]
     # The robot received exactly those actions.
     for (obs_id, index), command in zip(got, robot.commands, strict=True):
         if obs_id != NO_CHUNK:
             assert decode(command) == (obs_id, index)
-    assert client.calls == [0, 12, 24, 36, 48]
+    assert client.calls == [0, 14, 26, 38, 50]
     assert summary.missed_ticks == 0 and summary.hold_ticks == 3
     assert summary.jitter_max_ms == 0.0
 
@@ -251,18 +255,46 @@ def test_prefetch_keeps_the_robot_moving(threshold: int, holds_expected: bool) -
     else:
         assert holds == 0
         adopted = records[records["adopted"]]
-        np.testing.assert_array_equal(adopted["action_index"], 9)  # 10 ticks of latency skipped
+        assert adopted["action_index"][0] == 0  # the first chunk: the arm held since its capture, nothing elapsed
+        np.testing.assert_array_equal(adopted["action_index"][1:], 9)  # 10 ticks of latency moving on the old one
     assert executor.counters.missed_ticks == 0
 
 
 def test_replies_whose_actions_all_elapsed_are_dropped() -> None:
-    executor, robot, _, _ = make(chunk=5, threshold=2, latency_ticks=8)
-    summary = executor.run(40)
+    # The arm follows a 30-action chunk (obs 0, ticks 8 to 37) while 5-action replies come 8 ticks after their
+    # capture: the arm moved on through all their actions meanwhile (obs 8, 16, 24; obs 32's 5 moving ticks, 33 to
+    # 37, then 2 held), so they are dropped. Obs 40 was captured while the arm held: none of its actions elapsed.
+    executor, _, client, _ = make(chunk=30, threshold=29, latency_ticks=8)
+    executor.run(8)
+    client.chunk = 5
+    executor.run(41)
     counters = executor.counters
-    assert counters.chunks_adopted == 0
-    assert counters.dropped_elapsed == counters.requests - 1 == 4  # the fifth is still in flight
-    assert summary.hold_ticks == 40 and summary.missed_ticks == 0
-    np.testing.assert_array_equal(np.array(robot.commands), np.tile(START, (40, 1)))
+    assert client.calls == [0, 8, 16, 24, 32, 40, 48]  # 48: at once from obs 40's chunk
+    assert counters.dropped_elapsed == 4 and counters.chunks_adopted == 2
+    last = executor.records()[-1]
+    assert (last["tick"], last["chunk_obs_id"], last["action_index"]) == (48, 40, 0)
+
+
+@pytest.mark.parametrize("latency", [3, 12, 25])
+def test_a_chunk_after_a_hold_starts_at_the_pose_it_was_planned_from(latency: int) -> None:
+    # The policy plans the waist 0.01 rad per action from the pose it observed. The arm held while the first chunk was
+    # computed: it starts at action 0, not `latency` actions ahead (a catch-up the policy never asked for, which the
+    # slew limit would rate-limit, and `stop_after_rate_limited_ticks` count against the policy).
+    executor, robot, client, _ = make(chunk=50, threshold=25, latency_ticks=latency, blend=BlendConfig())
+
+    def ramp(actions: np.ndarray) -> np.ndarray:
+        out = actions.copy()
+        out[:, 0], out[:, 3] = robot.qpos[0] + 0.01 * (np.arange(len(out)) + 1), 0.0
+        return out
+
+    client.transform = ramp
+    executor.run(latency + 12)
+    records = executor.records()
+    assert records["action_index"][records["adopted"]].tolist() == [0]
+    # The fade from rest into the moving chunk peaks at (2 window + 1) / (window + 1) of its speed: 17/9 for 8 ticks.
+    window = BlendConfig().window_ticks
+    assert waist_steps(robot).max() == pytest.approx(0.01 * (2 * window + 1) / (window + 1), rel=1e-4)
+    assert not any(Intervention.RATE_LIMITED.value & flags for flags in records["flags"])
 
 
 def test_older_and_duplicate_replies_are_dropped() -> None:
@@ -297,20 +329,20 @@ def test_holds_while_the_server_is_down_and_recovers() -> None:
 
 def test_stop_latches_hold_and_resume_waits_for_a_fresh_chunk() -> None:
     executor, robot, _, _ = make(chunk=20, threshold=8, latency_ticks=3)
-    executor.run(13)  # obs 12 is in flight
+    executor.run(15)  # obs 14 is in flight
     executor.stop("operator pressed stop")
     summary = executor.run(20)
-    stopped = executor.records()[13:]
+    stopped = executor.records()[15:]
     assert all(Intervention.STOPPED.value & f for f in stopped["flags"])
     assert summary.hold_ticks == 20  # held although the chunk in hand has actions for them
     assert (stopped["chunk_obs_id"] == NO_CHUNK).all() and (stopped["action_index"] == NO_CHUNK).all()
     assert not stopped["requested"].any()
-    np.testing.assert_array_equal(np.array(robot.commands[13:]), np.tile(robot.commands[12], (20, 1)))
+    np.testing.assert_array_equal(np.array(robot.commands[15:]), np.tile(robot.commands[14], (20, 1)))
     assert executor.counters.dropped_stopped == 1
 
     executor.resume()
     executor.run(20)
-    resumed = executor.records()[33:]
+    resumed = executor.records()[35:]
     assert resumed["requested"][0]
     assert (resumed["action_index"][:3] == NO_CHUNK).all()  # the pre-stop chunk is gone
     adopted = resumed[resumed["adopted"]]
@@ -387,7 +419,7 @@ def test_late_tick_skips_missed_deadlines_and_stays_time_aligned() -> None:
     assert len(records) == 19
     assert records["tick"][5:7].tolist() == [5, 7]
     assert records["missed"][6] == 1
-    assert records["action_index"][5:7].tolist() == [4, 6]  # tick 6 is skipped together with its action
+    assert records["action_index"][5:7].tolist() == [2, 4]  # tick 6 is skipped together with its action
     assert records["wake_ns"][6] - records["deadline_ns"][6] == PERIOD_NS // 2
 
 
@@ -469,13 +501,16 @@ def test_a_chunk_adopted_on_a_tick_after_skipped_ones_fades_in_too(scheme: Blend
     def on_the_clock(actions: np.ndarray) -> np.ndarray:  # every chunk on one trajectory: 1 mrad of roll per tick
         timed = actions.copy()
         obs_id = round(float(actions[0, 0]) * 1e3)
-        timed[:, 0], timed[:, 3] = 0.0, (obs_id + 1 + np.arange(len(actions))) * 1e-3
+        # Action 0 is commanded at tick 3 for the first chunk (captured at 0, 2 ticks held since), the tick after
+        # their capture for the others (the arm moved on meanwhile): roll(tick) = tick mrad.
+        start = 3 if obs_id == 0 else obs_id + 1
+        timed[:, 0], timed[:, 3] = 0.0, (start + np.arange(len(actions))) * 1e-3
         return timed
 
     client.transform = on_the_clock
 
     def stall(n: int) -> None:
-        if n == 27:  # tick 26's command returns 5.5 periods late; the next chunk is there when ticks resume
+        if n == 29:  # tick 28's command returns 5.5 periods late; the next chunk is there when ticks resume
             clock.now += 11 * PERIOD_NS // 2
 
     robot.on_command = stall
@@ -770,6 +805,22 @@ def test_threaded_source_stays_busy_until_its_outcome_is_polled() -> None:
         assert isinstance(source.poll(), Chunk) and not source.busy
 
 
+def test_a_source_whose_requests_were_stopped_fails_them_and_the_loop_holds_on() -> None:
+    # A rig's shutdown path may stop the source from another thread while the control loop still runs.
+    source = ThreadedChunkSource(FakeClient(chunk=4), PARAMS)
+    source.start()
+    source.stop_requests()
+    source.submit(request(7))
+    failed = source.poll()
+    assert isinstance(failed, RequestFailed) and "requests were stopped" in str(failed.error) and not source.busy
+    clock, robot = FakeClock(), FakeRobot()
+    config = ExecutorConfig(control_rate_hz=RATE_HZ)
+    executor = ChunkExecutor(robot, source, SafetyFilter(SafetyConfig()), config, clock=clock, sleep=clock.sleep)
+    summary = executor.run(20)
+    assert summary.hold_ticks == 20 and executor.counters.request_failures >= 1
+    source.close()
+
+
 def test_threaded_source_close_stops_the_worker() -> None:
     source = ThreadedChunkSource(FakeClient(chunk=4), PARAMS)
     source.start()
@@ -887,14 +938,14 @@ def test_ensemble_weighs_the_older_chunk_until_it_runs_out() -> None:
     weight = np.exp(-decay)
     # At the switch the old chunk's waist (ramp + 0) and the new one's (ramp + 0.3) mix with weights r : e^-m, where
     # r ramps from 1 down to 0 over the old chunk's last `window` ticks.
-    old_index = second - (old + 1)  # the old chunk's action index at this tick
+    old_index = records["action_index"][second - 1] + 1  # the old chunk's action index at this tick
     ramp = min(1.0, (20 - old_index) / (window + 1))
     old_waist = 0.002 * old_index
     new_waist = 0.3 + 0.002 * records["action_index"][second]
     expected = (ramp * old_waist + weight * new_waist) / (ramp + weight)
     assert robot.commands[second][0] == pytest.approx(expected, abs=1e-6)
     # Once the old chunk has run out, the new one is followed alone.
-    last = second + (20 - (second - (old + 1)))
+    last = second + (20 - old_index)
     index = records["action_index"][last]
     assert decode(robot.commands[last])[1] == index and robot.commands[last][0] == pytest.approx(0.3 + 0.002 * index)
 
@@ -988,6 +1039,13 @@ def test_non_finite_actions_do_not_spoil_the_blend_or_the_lowpass() -> None:
     assert np.isfinite(faded[11:]).all()  # the old chunk's non-finite last action is not faded from,
     assert np.abs(np.diff(faded[10:])).max() <= 1 / 9 + 1e-9  # the pose commanded at the switch is
     assert BlendConfig(scheme="crossfade").scheme is BlendScheme.CROSSFADE  # type: ignore[arg-type]
+    blender = ChunkBlender(BlendConfig(), gripper_dims=(1,))
+    new = np.ones((10, 2))
+    new[:4, 0] = np.nan  # the switch tick's action is not finite in one dimension: that dimension has no jump
+    blender.switch(0, np.zeros((10, 2)), 0, None, 0, np.zeros(2))
+    blender.switch(5, new, 3, np.zeros((10, 2)), 0, np.zeros(2))
+    blender.switch(8, np.zeros((10, 2)), 8, new, 3, np.zeros(2))
+    assert [(b.raw_jump, b.gripper_raw_jump) for b in blender.boundaries()[1:]] == [(0.0, 1.0)]
 
 
 @pytest.mark.parametrize("scheme", [BlendScheme.CROSSFADE, BlendScheme.ENSEMBLE])
@@ -1022,7 +1080,7 @@ def test_a_run_ends_when_asked_to() -> None:
 
 def test_a_pause_between_runs_is_not_starvation(caplog: pytest.LogCaptureFixture) -> None:
     executor, _, _, clock = make(chunk=20, threshold=8, latency_ticks=3)
-    executor.run(13)  # a chunk in hand, the next request (obs 12) in flight
+    executor.run(15)  # a chunk in hand, the next request (obs 14) in flight
     clock.sleep(10.0)  # both the chunk's actions and the reply's elapse before the next run
     with caplog.at_level(logging.WARNING, logger="cosmos_edge.robot_bridge.controller.executor"):
         summary = executor.run(30)
@@ -1046,6 +1104,26 @@ def test_a_pause_between_runs_drops_the_chunk_in_hand_and_replies_captured_befor
     assert executor.counters.starved_ticks == 0
 
 
+def test_after_a_pause_the_arms_hold_where_the_rig_left_them() -> None:
+    # Between episodes the rig resets the arms (START, grippers open); run 1 ended elsewhere, its left gripper closed.
+    executor, robot, client, clock = make(chunk=50, threshold=25, latency_ticks=3, blend=BlendConfig())
+
+    def away(actions: np.ndarray) -> np.ndarray:
+        out = actions.copy()
+        out[:, 0], out[:, 6] = 0.01 * (np.arange(len(out)) + 1), 0.0
+        return out
+
+    client.transform = away
+    executor.run(60)
+    assert robot.qpos[0] > 0.1 and robot.qpos[6] == 0.0
+    reset = START.copy()
+    reset[[6, 13]] = 1.0
+    robot.qpos = reset.copy()
+    clock.sleep(2.0)
+    executor.run(3)  # holding until the run's own first chunk comes
+    np.testing.assert_array_equal(np.array(robot.commands[-3:]), np.tile(reset, (3, 1)))
+
+
 @pytest.mark.parametrize("pause_s", [0.0, 10.0])
 def test_starvation_goes_on_across_back_to_back_runs_and_not_across_a_pause(pause_s: float) -> None:
     executor, _, client, clock = make(chunk=20, threshold=8, latency_ticks=1)
@@ -1061,7 +1139,8 @@ def test_starvation_goes_on_across_back_to_back_runs_and_not_across_a_pause(paus
 
 def test_summaries_count_every_tick_beyond_the_records_kept() -> None:
     executor, _, _, _ = make(chunk=5, threshold=2, latency_ticks=8, record_capacity=8)
-    first = executor.run(40)  # every reply elapsed before it came: 40 held ticks, of which 8 are recorded
+    executor.stop("operator")
+    first = executor.run(40)  # 40 held ticks, of which 8 are recorded
     executor.run(10)
     assert len(executor.records()) == 8
     assert (first.ticks, first.hold_ticks) == (40, 40)
@@ -1114,7 +1193,8 @@ def test_adaptive_prefetch_covers_the_measured_latency() -> None:
     fixed.run(200)
     adaptive, _, _, _ = make(chunk=20, threshold=2, latency_ticks=10, adaptive_prefetch=True)
     adaptive.run(200)
-    assert fixed.counters.starved_ticks > 50  # requests 2 actions before the end, 10 ticks of latency
+    # Requests 2 actions before the end, 10 ticks of latency: 8 of every 26 ticks held once started.
+    assert fixed.counters.starved_ticks > 40
     assert adaptive.latency_ms == pytest.approx(400.0)  # 10 ticks at 25 Hz
     assert adaptive.prefetch_threshold == 15  # ceil(10 ticks x 1.5)
     assert adaptive.counters.starved_ticks <= 10  # only until the first round trip was measured
@@ -1122,7 +1202,7 @@ def test_adaptive_prefetch_covers_the_measured_latency() -> None:
 
 def test_a_reply_that_came_between_runs_is_no_measure_of_the_round_trip() -> None:
     executor, _, _, clock = make(chunk=20, threshold=8, latency_ticks=3, adaptive_prefetch=True)
-    executor.run(37)  # ends with a request in flight
+    executor.run(40)  # ends with a request in flight
     assert executor.counters.requests == executor.counters.chunks_adopted + 1
     assert executor.latency_ms == pytest.approx(120.0)
     clock.now += 60 * 10**9  # the rig pauses a minute between runs (an episode reset); the reply lands meanwhile
@@ -1144,7 +1224,9 @@ def test_starvation_past_half_the_horizon_is_named_as_such(caplog: pytest.LogCap
     executor, _, _, _ = make(chunk=50, threshold=25, latency_ticks=40, adaptive_prefetch=True)
     with caplog.at_level(logging.WARNING, logger="cosmos_edge.robot_bridge.controller.executor"):
         executor.run(200)
-    assert executor.counters.starved_ticks > 100 and executor.prefetch_threshold == 49
+    # After the first chunk, 30 of every 80 ticks held: 40 moving on a chunk while the next is computed, it comes
+    # with 10 actions left, and the one after it 30 ticks after those ran out.
+    assert executor.counters.starved_ticks > 50 and executor.prefetch_threshold == 49
     warning = next(r.getMessage() for r in caplog.records if "starved" in r.getMessage())
     assert "round trip 1600 ms vs chunk horizon 2000 ms" in warning
     assert "starves whenever the round trip exceeds half the chunk horizon (1000 ms here)" in warning

@@ -178,6 +178,30 @@ def test_an_arm_pushed_outside_its_limits_is_brought_back_a_step_per_tick_not_in
     np.testing.assert_allclose(out.qpos[[1, 8]], -1.0)
 
 
+def test_a_lagging_servo_gets_goals_at_most_a_step_apart() -> None:
+    # The servo covers 40 % of its error per tick while the targets alternate far apart: relative to the measured pose
+    # alone, consecutive goals would differ by up to two steps.
+    config = SafetyConfig()
+    f = SafetyFilter(config)
+    measured, previous = START.copy(), f.apply(START, START).qpos
+    for tick in range(20):
+        target = START.copy()
+        target[0] = 0.8 if tick % 4 < 2 else -0.8
+        out = f.apply(target, measured).qpos
+        assert np.abs(out[JOINTS] - previous[JOINTS]).max() <= config.max_joint_step + 1e-12
+        assert np.abs(out[JOINTS] - measured[JOINTS]).max() <= config.max_joint_step + 1e-12
+        measured, previous = measured + 0.4 * (out - measured), out
+
+
+def test_a_restarted_filter_holds_the_pose_measured_then() -> None:
+    f = SafetyFilter(SafetyConfig())
+    f.apply(START, START)
+    moved = START.copy()
+    moved[0] = 0.5  # the rig moved the arm between episodes
+    f.restart()
+    np.testing.assert_array_equal(f.apply(None, moved).qpos, moved)
+
+
 def test_a_run_of_rate_limited_policy_targets_can_latch_a_stop() -> None:
     f = SafetyFilter(SafetyConfig(stop_after_rate_limited_ticks=3))
     waist = np.eye(14)[0]
