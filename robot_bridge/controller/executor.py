@@ -11,8 +11,9 @@ still for the whole inference. Here the control loop never waits for inference:
 * Observations are tagged with the tick that captured them (`obs_id`). A chunk computed from tick k
   is meant to start at tick k + 1, so when it arrives at tick t it replaces the rest of the old
   chunk from its action t - (k + 1) onwards: the arm moved on the old chunk meanwhile. Ticks of that
-  span the arm held instead (no chunk yet, starved) are motion it never made: the chunk starts that
-  many ticks later, so that it is not skipped ahead of the pose it was planned from. Replies no newer
+  span the arm held instead (no chunk yet, starved; deadlines skipped while it held too) are motion it
+  never made: the chunk starts that many ticks later, so that it is not skipped ahead of the pose it
+  was planned from. Replies no newer
   than the chunk in hand, or whose actions have all elapsed, are dropped.
 * The adopted chunk is blended with the trajectory it replaces (`blending`: a short cross-fade by default, under
   which the commanded pose does not jump at chunk boundaries); every boundary's raw and commanded jump is recorded.
@@ -203,7 +204,11 @@ class ChunkExecutor:
         self._chunk: Chunk | None = None  # None until the first chunk is adopted
         self._obs_floor = -1  # replies with obs_id <= floor are stale
         self._retry_at_ns = 0
-        self._held_at_capture = (NO_CHUNK, 0)  # (obs_id, hold_ticks) of the last request, when it was captured
+        # Ticks the arm stood still without a chunk to follow (held ones, and deadlines skipped while it held), and
+        # their count when the last request was captured, with its obs_id.
+        self._stationary_ticks = 0
+        self._holding = True
+        self._stationary_at_capture = (NO_CHUNK, 0)
         # Stops are counted and a resume names the count it answers, so that a stop after it wins, without a lock a
         # signal handler could deadlock on.
         self._stops = 0
@@ -340,6 +345,7 @@ class ChunkExecutor:
             tick += 1
 
     def _step(self, tick: int, deadline: int, wake: int, missed: int) -> None:
+        self._stationary_ticks += missed if self._holding else 0
         if self._resumes != self._resumes_applied:
             self._resumes_applied, resume_of = self._resumes, self._resume_of
             if resume_of == self._stops:
@@ -367,6 +373,8 @@ class ChunkExecutor:
         command_ns = self._clock()
         # Counted once the command went out, as `ticks` is: a run that ends in the robot's call counts neither.
         self._counts["hold_ticks"] += int(action is None)
+        self._holding = action is None
+        self._stationary_ticks += int(action is None)
         self._counts["starved_ticks"] += int(starved)
         held = action is not None and Intervention.HELD in safe.flags
         self._filter_held = self._filter_held + 1 if held else 0
@@ -425,8 +433,8 @@ class ChunkExecutor:
     def _after_holds(self, chunk: Chunk) -> Chunk:
         """`chunk` starting later by the ticks the arm held since its observation was captured (see the module
         docstring)."""
-        obs_id, holds = self._held_at_capture
-        held = self._counts["hold_ticks"] - holds if chunk.obs_id == obs_id else 0
+        obs_id, stationary = self._stationary_at_capture
+        held = self._stationary_ticks - stationary if chunk.obs_id == obs_id else 0
         return dataclasses.replace(chunk, first_tick=chunk.first_tick + held) if held else chunk
 
     def _warn_late(self, tick: int, now: int, late_ms: float, missed: int) -> None:
@@ -546,5 +554,5 @@ class ChunkExecutor:
             )
         )
         self._counts["requests"] += 1
-        self._held_at_capture = (tick, self._counts["hold_ticks"])
+        self._stationary_at_capture = (tick, self._stationary_ticks)
         return True

@@ -297,6 +297,20 @@ def test_a_chunk_after_a_hold_starts_at_the_pose_it_was_planned_from(latency: in
     assert not any(Intervention.RATE_LIMITED.value & flags for flags in records["flags"])
 
 
+def test_deadlines_skipped_while_the_arm_held_count_as_held() -> None:
+    executor, robot, _, clock = make(chunk=20, threshold=8, latency_ticks=3)
+
+    def stall(n: int) -> None:
+        if n == 2:  # tick 1's command returns at 4.5 periods: ticks 2 and 3 are skipped, the arm holding
+            clock.now += 7 * PERIOD_NS // 2
+
+    robot.on_command = stall
+    executor.run(6)
+    records = executor.records()
+    assert records["tick"].tolist() == [0, 1, 4, 5] and executor.counters.missed_ticks == 2
+    assert (records["adopted"][2], records["chunk_obs_id"][2], records["action_index"][2]) == (True, 0, 0)
+
+
 def test_older_and_duplicate_replies_are_dropped() -> None:
     executor, _, _, _ = make(chunk=20, threshold=8, latency_ticks=3, source_cls=ReplaySource)
     executor.run(60)
