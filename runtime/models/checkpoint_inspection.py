@@ -52,16 +52,16 @@ def _dit_report(path: Path, summarize: Callable[[], dict[str, Any]]) -> dict[str
             else ""
         )
         raise CheckpointError(f"{path}: not a Cosmos-Predict2 DiT or a Wan2.1 VAE checkpoint{hint}: {error}") from None
-    problems = [f"missing key {key}" for key in summary["missing_keys"]]
-    problems += [f"unexpected key {key}" for key in summary["unexpected_keys"]]
-    problems += [f"wrong shape of {wrong}" for wrong in summary["wrong_shapes"]]
-    problems += _non_finite(summary.pop("non_finite"))
+    problems = _key_problems(summary) + _non_finite(summary.pop("non_finite"))
     problems += summary.pop("config_json_problems", [])
     return {"path": str(path), "network": "dit", **summary, "problems": problems}
 
 
 def _vae_report(path: Path, state: dict[str, Any]) -> dict[str, Any]:
-    summary = summarize_vae_state_dict(state)
+    try:
+        summary = summarize_vae_state_dict(state)
+    except CheckpointError as error:  # too little of a VAE to tell its configuration
+        raise CheckpointError(f"{path}: a Wan2.1 VAE checkpoint whose configuration cannot be read: {error}") from None
     return {
         "path": str(path),
         "network": "wan2.1-vae",
@@ -70,8 +70,14 @@ def _vae_report(path: Path, state: dict[str, Any]) -> dict[str, Any]:
         "num_parameters": summary["parameters"],
         "dtypes": summary["dtypes"],
         "ignored_keys": [],
-        "problems": _non_finite(non_finite_tensors(state)),
+        "problems": _key_problems(summary) + _non_finite(non_finite_tensors(state)),
     }
+
+
+def _key_problems(summary: dict[str, Any]) -> list[str]:
+    problems = [f"missing key {key}" for key in summary["missing_keys"]]
+    problems += [f"unexpected key {key}" for key in summary["unexpected_keys"]]
+    return problems + [f"wrong shape of {wrong}" for wrong in summary["wrong_shapes"]]
 
 
 def _non_finite(names: list[str]) -> list[str]:

@@ -109,6 +109,21 @@ def infer_vae_config(state_dict: Mapping[str, torch.Tensor]) -> WanVAEConfig:
 
     Raises CheckpointError naming missing keys, unexpected keys and mismatched shapes.
     """
+    config = _vae_structure(state_dict)
+    problems = [
+        f"{label} ({len(items)}): {', '.join(items)}"
+        for label, items in zip(
+            ("missing keys", "unexpected keys", "shapes"), _key_problems(config, state_dict), strict=True
+        )
+        if items
+    ]
+    if problems:
+        raise CheckpointError(f"Wan VAE state dict does not match the inferred config {config}; " + "; ".join(problems))
+    return config
+
+
+def _vae_structure(state_dict: Mapping[str, torch.Tensor]) -> WanVAEConfig:
+    """The configuration the shapes of a few tensors of an official-layout state dict describe."""
     base_dim = _shape(state_dict, "encoder.conv1.weight")[0]
     z_dim = _shape(state_dict, "conv2.weight")[0]
     # The encoder is a flat list: num_res_blocks residual blocks per stage, a downsample after all stages but the last.
@@ -135,11 +150,14 @@ def infer_vae_config(state_dict: Mapping[str, torch.Tensor]) -> WanVAEConfig:
         )
     except ConfigError as error:
         raise CheckpointError(f"Wan VAE state dict describes an unsupported network: {error}") from error
-    _check_keys_and_shapes(config, state_dict)
     return config
 
 
-def _check_keys_and_shapes(config: WanVAEConfig, state_dict: Mapping[str, torch.Tensor]) -> None:
+def _key_problems(
+    config: WanVAEConfig, state_dict: Mapping[str, torch.Tensor]
+) -> tuple[list[str], list[str], list[str]]:
+    """The keys of a `config` VAE that `state_dict` lacks, the keys it has beyond them, and its wrongly shaped
+    tensors ("key: expected [...], got [...]")."""
     expected = _expected_shapes(config)
     missing = sorted(expected.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - expected.keys())
@@ -148,13 +166,7 @@ def _check_keys_and_shapes(config: WanVAEConfig, state_dict: Mapping[str, torch.
         for k, shape in expected.items()
         if k in state_dict and state_dict[k].shape != shape
     ]
-    problems = [
-        f"{label} ({len(items)}): {', '.join(items)}"
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shapes", mismatched))
-        if items
-    ]
-    if problems:
-        raise CheckpointError(f"Wan VAE state dict does not match the inferred config {config}; " + "; ".join(problems))
+    return missing, unexpected, mismatched
 
 
 def random_vae_state_dict(config: WanVAEConfig, seed: int, dtype: torch.dtype = torch.float32) -> StateDict:
@@ -179,14 +191,20 @@ def random_vae_state_dict(config: WanVAEConfig, seed: int, dtype: torch.dtype = 
 
 
 def summarize_vae_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, object]:
-    """Layout, configuration, parameter count and elements per dtype, for `cosmos-edge checkpoint inspect`."""
-    config = infer_vae_config(to_official_layout(state_dict))
+    """Layout, configuration, parameter count, elements per dtype, and the missing, unexpected and wrongly shaped
+    tensors against the configuration its shapes describe, for `cosmos-edge checkpoint inspect`."""
+    official = to_official_layout(state_dict)
+    config = _vae_structure(official)
+    missing, unexpected, mismatched = _key_problems(config, official)
     elements = elements_per_dtype(state_dict.values())
     return {
         "format": "diffusers" if _is_diffusers_layout(state_dict) else "wan",
         "config": asdict(config),
         "parameters": sum(elements.values()),
         "dtypes": elements,
+        "missing_keys": missing,
+        "unexpected_keys": unexpected,
+        "wrong_shapes": mismatched,
     }
 
 

@@ -34,6 +34,15 @@ def test_random_then_inspect_reports_the_dit(tmp_path: Path, capsys: pytest.Capt
     assert main(["checkpoint", "inspect", "--json", str(tmp_path / "tokenizer.pth")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["network"] == "wan2.1-vae" and report["config"]["base_dim"] == 8
+    torch = pytest.importorskip("torch")
+    state = torch.load(tmp_path / "tokenizer.pth", weights_only=True)
+    del state["decoder.middle.0.residual.3.gamma"]
+    state["foo.bar"] = torch.zeros(1)
+    torch.save(state, tmp_path / "damaged.pth")
+    assert main(["checkpoint", "inspect", "--json", str(tmp_path / "damaged.pth")]) == 1  # a report, as a DiT's
+    report = json.loads(capsys.readouterr().out)
+    assert report["path"] == str(tmp_path / "damaged.pth")
+    assert report["problems"] == ["missing key decoder.middle.0.residual.3.gamma", "unexpected key foo.bar"]
 
 
 def test_output_into_a_reader_that_is_gone_ends_quietly(tiny_assets: dict[str, CheckpointFiles]) -> None:

@@ -175,6 +175,20 @@ def test_summary_of_both_layouts(tiny_weights: dict[str, torch.Tensor]) -> None:
         },
         "parameters": count,
         "dtypes": {"float32": count},
+        "missing_keys": [],
+        "unexpected_keys": [],
+        "wrong_shapes": [],
     }
     diffusers_summary = summarize_vae_state_dict(to_diffusers_layout(tiny_weights, TINY))
     assert diffusers_summary == {**summary, "format": "diffusers"}
+
+
+def test_the_summary_of_a_damaged_vae_lists_its_problems(tiny_weights: dict[str, torch.Tensor]) -> None:
+    damaged = dict(tiny_weights)
+    del damaged["decoder.middle.0.residual.3.gamma"]
+    damaged["foo.bar"] = torch.zeros(1)
+    damaged["conv1.bias"] = torch.zeros(3)
+    summary = summarize_vae_state_dict(damaged)
+    assert summary["missing_keys"] == ["decoder.middle.0.residual.3.gamma"]
+    assert summary["unexpected_keys"] == ["foo.bar"]
+    assert summary["wrong_shapes"] == ["conv1.bias: expected [32], got [3]"]
