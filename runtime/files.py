@@ -28,6 +28,12 @@ class CheckpointFiles:
     platform: str
 
 
+def starts_like_a_pickle(head: bytes) -> bool:
+    """Whether a file's first bytes open a Python pickle of protocol 2 or later (the official T5 embeddings are one,
+    and so are checkpoints of torch before 1.6)."""
+    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as file:

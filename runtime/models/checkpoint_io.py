@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
 from cosmos_edge.runtime.errors import CheckpointError
+from cosmos_edge.runtime.files import starts_like_a_pickle
 
 StateDict = dict[str, torch.Tensor]
 
@@ -55,6 +56,9 @@ def read_tensor_file(path: str | Path) -> StateDict:
             + (
                 "it looks like JSON (the dataset statistics?)"
                 if magic.lstrip().startswith((b"{", b"["))
+                else "it is a Python pickle: the official T5 embeddings (`cosmos-edge text-embeddings convert` reads "
+                "those), or a checkpoint saved by torch < 1.6, which must be saved again"
+                if starts_like_a_pickle(magic)
                 else "is it the right file? (a checkpoint saved by torch < 1.6 must be saved again)"
             )
         )

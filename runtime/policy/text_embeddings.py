@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from cosmos_edge.runtime.errors import CheckpointError, ConfigError, InputError
-from cosmos_edge.runtime.files import write_atomic
+from cosmos_edge.runtime.files import starts_like_a_pickle, write_atomic
 from cosmos_edge.runtime.policy.numerics import bf16_bits_to_float32, float32_to_bf16_bits
 
 FORMAT_TAG = "cosmos-edge/text-embeddings/1"
@@ -168,6 +168,11 @@ def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, 
         raise CheckpointError(
             f"{path}: a zip archive (a PyTorch checkpoint or an .npz?), not a safetensors file of instruction "
             "embeddings; expected the output of `cosmos-edge text-embeddings`"
+        )
+    if starts_like_a_pickle(data):
+        raise CheckpointError(
+            f"{path}: a Python pickle (the official T5 embeddings file?), not a safetensors file of instruction "
+            f"embeddings; convert it once: `cosmos-edge text-embeddings convert {path} OUT.safetensors --trust-pickle`"
         )
     (header_size,) = struct.unpack("<Q", data[:8])
     if header_size > min(_MAX_HEADER_BYTES, len(data) - 8):

@@ -1,6 +1,7 @@
 import io
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,13 @@ def test_a_json_file_given_as_a_checkpoint_is_named_as_such(tmp_path: Path) -> N
     path = tmp_path / "aloha_dataset_statistics.json"
     path.write_text('{"actions_min": [0.0]}')
     with pytest.raises(CheckpointError, match=r"it looks like JSON \(the dataset statistics\?\)"):
+        read_tensor_file(path)
+
+
+def test_a_pickle_given_as_a_checkpoint_points_at_the_embeddings_converter(tmp_path: Path) -> None:
+    path = tmp_path / "aloha_t5_embeddings.pkl"
+    path.write_bytes(pickle.dumps({"fold the shirt": [0.0]}, protocol=4))
+    with pytest.raises(CheckpointError, match=r"it is a Python pickle: the official T5 embeddings \(`cosmos-edge "):
         read_tensor_file(path)
 
 

@@ -291,3 +291,6 @@ def test_truncated_files_are_rejected(tmp_path: Path) -> None:
         text_embeddings.read(path)
     with pytest.raises(CheckpointError, match="cannot read"):
         text_embeddings.read(tmp_path / "absent.safetensors")
+    path.write_bytes(pickle.dumps({"fold the shirt": [0.0]}, protocol=2))  # the official embeddings' format
+    with pytest.raises(CheckpointError, match=r"a Python pickle .* `cosmos-edge text-embeddings convert .*short"):
+        text_embeddings.read(path)
