@@ -147,6 +147,10 @@ def _act_on(args: argparse.Namespace) -> int:
     if args.mode == "planning":
         if args.steps is not None and args.num_denoising_steps_action is not None:
             raise ConfigError("--steps: in planning mode it is --num-denoising-steps-action; give one of the two")
+        if args.return_all_query_results and out is None:  # the summary printed holds no candidate's actions
+            raise ConfigError(
+                "--return-all-query-results: every candidate's results are written to the --out file; give --out"
+            )
         planning, unavailable = resolve_planning(args, source, devices)
         if planning is None:
             raise ConfigError(f"--mode planning: {unavailable}")

@@ -262,6 +262,10 @@ CASES: dict[str, Case] = {
         act(f, t, "--return-all-query-results"),
         "--return-all-query-results: a planning option, which needs --mode planning",
     ),
+    "all query results without an output file": lambda f, t: (
+        act(f, t, "--mode", "planning", "--return-all-query-results"),
+        "--return-all-query-results: every candidate's results are written to the --out file; give --out",
+    ),
     "a planning checkpoint in reactive mode": lambda f, t: (
         act(f, t, "--planning-checkpoint", str(f.tokenizer)),
         "--planning-checkpoint: a planning option, which needs --mode planning",
