@@ -390,9 +390,13 @@ class PlanningPolicy(ModelPolicy):
         num_candidates, entries = self._config.num_queries_best_of_n, self._config.value_entries()
         base_value = float(read_values(self._model.platform, base_actions)[0])
         left_s = deadline - time.perf_counter()
-        if left_s <= 0:  # the base action pass used the whole deadline: nothing else starts
+        if left_s <= 0:  # the encode and the base action pass used the whole deadline: nothing else starts
+            deadline_ms = self.deadline_ms or 0.0
             _LOG.warning(
-                "planning deadline %.0f ms passed in the base candidate's action pass", self.deadline_ms or 0.0
+                "planning deadline %.0f ms passed before any candidate was scored: encoding the observation and the "
+                "base candidate's action pass took %.0f ms",
+                deadline_ms,
+                deadline_ms - left_s * 1e3,
             )
             return _rank(self._model, {}, num_candidates, base_actions, base_value, entries=entries)
         shares = candidate_shares(num_candidates, len(self._workers))

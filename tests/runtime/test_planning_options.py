@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -520,6 +521,28 @@ def test_a_deadline_whose_only_scored_candidate_failed_answers_with_the_base_act
     assert np.isnan(result.candidates.values).all() and np.isnan(result.candidates.values_by_depth).all()
     np.testing.assert_array_equal(result.candidates.actions_by_depth[0, 0], result.actions)
     assert np.isfinite(result.actions).all() and np.isfinite(result.value)
+
+
+class SlowConditioning(BlackConditioning):
+    def encode_conditioning(self, images: object, timer: StageTimer) -> np.ndarray:
+        time.sleep(0.05)  # a slow encode
+        return super().encode_conditioning(images, timer)
+
+
+def test_a_deadline_spent_before_any_candidate_is_said_to_be(caplog: pytest.LogCaptureFixture) -> None:
+    span = np.ones(ALOHA.action_dim)
+    stats = DatasetStats(actions_min=-span, actions_max=span, proprio_min=-span, proprio_max=span)
+    text = TextEmbeddings.from_arrays({"task": np.zeros((1, 4, 8), np.float32)})
+    model = PolicyModel(ALOHA, stats, text, BlackConditioning(), SlowConditioning())
+    network = ScriptedNetwork(ALOHA, scripted)
+    policy = PlanningPolicy(model, [PlanningWorker(network, network)], one_step(), deadline_ms=10)
+    with caplog.at_level(logging.WARNING, logger="cosmos_edge.runtime.policy.planning"):
+        result = policy.infer(ActionQuery(random_observation("aloha"), "task", seed=BASE_SEED))
+    policy.close()
+    assert result.candidates is not None and result.candidates.outcome is PlanningOutcome.REACTIVE
+    (warning,) = [record.getMessage() for record in caplog.records]
+    assert warning.startswith("planning deadline 10 ms passed before any candidate was scored: encoding the ")
+    assert float(warning.split(" took ")[1].split(" ms")[0]) >= 50
 
 
 def test_a_deadline_must_be_positive() -> None:
