@@ -81,7 +81,7 @@ def embed_instructions(
         from transformers import T5EncoderModel, T5TokenizerFast
     except ImportError as error:
         raise EngineError(
-            f"embedding instructions needs the optional package transformers (pip install transformers), "
+            f"embedding instructions needs the optional package transformers (pip install 'cosmos-edge[t5]'), "
             f"got ImportError: {error}"
         ) from error
     try:
