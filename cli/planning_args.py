@@ -129,6 +129,11 @@ def planning_config(args: argparse.Namespace, **replaced: object) -> PlanningCon
             "--use-ensemble-value-predictions and --ar-value-prediction or --ar-qvalue-prediction)",
             config.value_ensemble_aggregation_scheme.value,
         )
+    if given.get("ar_qvalue_prediction") and config.ar_value_prediction:
+        _LOG.warning(
+            "--ar-qvalue-prediction has no effect: --ar-value-prediction is on (the preset's, or given), and V(s') "
+            "ranks first, as officially; add --no-ar-value-prediction for Q(s, a) planning"
+        )
     return config
 
 

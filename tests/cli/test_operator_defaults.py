@@ -146,6 +146,22 @@ def test_an_aggregation_scheme_with_no_ensemble_to_pool_is_warned_of(
     assert len(warned) == int(ignored)
 
 
+@pytest.mark.parametrize(("flags", "ignored"), [([], True), (["--no-ar-value-prediction"], False)])
+def test_q_value_planning_under_a_value_function_is_warned_of(
+    flags: list[str], ignored: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    parser = argparse.ArgumentParser()
+    add_planning_arguments(parser)
+    with caplog.at_level(logging.WARNING):
+        planning_config(parser.parse_args([*flags, "--ar-qvalue-prediction"]))
+    warned = [
+        record.getMessage()
+        for record in caplog.records
+        if "--ar-qvalue-prediction has no effect" in record.getMessage()
+    ]
+    assert len(warned) == int(ignored)
+
+
 # The planning flags of deploy.py's main planning command (its lines 72-94), as an official user types them.
 OFFICIAL_MAIN_PLANNING_FLAGS = [
     "--ar_future_prediction",
