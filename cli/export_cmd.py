@@ -28,7 +28,12 @@ def batch_sizes(text: str) -> tuple[int, ...]:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("export", help="export official checkpoints to a deployable bundle")
     parser.add_argument("--checkpoint", type=Path, required=True, help="official DiT .pt (or diffusers dir)")
-    parser.add_argument("--tokenizer", type=Path, required=True, help="Wan2.1 tokenizer.pth (or diffusers vae dir)")
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        required=True,
+        help="Wan2.1 tokenizer.pth (or a diffusers vae dir, or the model dir holding it)",
+    )
     parser.add_argument("--stats", type=Path, required=True, help="dataset statistics JSON")
     parser.add_argument("--text-embeddings", type=Path, required=True, help="instruction embeddings (safetensors)")
     parser.add_argument("--platform", required=True, choices=sorted(PLATFORMS), help="the checkpoint's robot platform")

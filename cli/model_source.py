@@ -28,7 +28,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     with their precision and how torch runs them."""
     files = parser.add_argument_group("official files (the torch backend)")
     files.add_argument("--checkpoint", type=Path, help="official DiT .pt of the policy (or its diffusers dir)")
-    files.add_argument("--tokenizer", type=Path, help="Wan2.1 tokenizer.pth (or the diffusers vae dir)")
+    files.add_argument(
+        "--tokenizer", type=Path, help="Wan2.1 tokenizer.pth (or a diffusers vae dir, or the model dir holding it)"
+    )
     files.add_argument("--stats", type=Path, help="dataset statistics JSON")
     files.add_argument("--text-embeddings", type=Path, help="instruction embeddings (safetensors)")
     files.add_argument(

@@ -228,6 +228,8 @@ def load_wan_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: s
 
 
 def _read_diffusers_dir(path: Path) -> StateDict:
+    if (path / "vae").is_dir():  # a whole diffusers model, as `--checkpoint` takes one: its VAE
+        path = path / "vae"
     config_path, weights_path = path / DIFFUSERS_CONFIG, path / DIFFUSERS_WEIGHTS
     if not config_path.is_file() or not weights_path.is_file():
         raise CheckpointError(

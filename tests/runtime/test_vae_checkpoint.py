@@ -85,6 +85,7 @@ def test_diffusers_directory_round_trip(tmp_path: Path, tiny_weights: dict[str, 
     reference.load_state_dict(to_diffusers_layout(tiny_weights, TINY), strict=True)
     reference.save_pretrained(tmp_path / "vae")
     _assert_same(official_vae_state_dict(load_wan_vae(tmp_path / "vae")), tiny_weights)
+    _assert_same(official_vae_state_dict(load_wan_vae(tmp_path)), tiny_weights)  # the whole model's folder, too
 
 
 def test_diffusers_directory_with_other_latent_statistics_is_refused(
