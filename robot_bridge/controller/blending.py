@@ -153,7 +153,8 @@ class ChunkBlender:
         previous = self._old_trajectory(tick, hold_past_end=True)
         new = np.asarray(new_actions[tick - new_first_tick], dtype=np.float64)
         # A non-finite action (which the safety filter holds) has no jump to speak of: its dims count as 0.
-        raw = np.zeros(2) if previous is None else self._largest(np.nan_to_num(np.abs(new - previous), nan=0.0))
+        changes = None if previous is None else np.abs(new - previous)
+        raw = np.zeros(2) if changes is None else self._largest(np.where(np.isfinite(changes), changes, 0.0))
         closes = tick + self.config.window_ticks
         if self.config.scheme is BlendScheme.ENSEMBLE and old_actions is not None and not skipped:
             closes = max(closes, old_first_tick + len(old_actions))  # the tick the old chunk's weight reaches 0

@@ -199,7 +199,7 @@ class ThreadedChunkSource:
                 raise RuntimeError("chunk source: submit while a request is in flight (check `busy` first)")
             self._busy = True
             if self._closed:
-                self._outcome = RequestFailed(request.obs_id, RuntimeError("chunk source: requests were stopped"))
+                self._outcome = _stopped(request)
                 return
             self._pending = request
             self._cond.notify()
@@ -225,6 +225,8 @@ class ThreadedChunkSource:
             with self._cond:
                 self._cond.wait_for(lambda: self._pending is not None or self._closed)
                 if self._closed:
+                    if self._pending is not None:  # submitted, never sent: it fails, so the source is free again
+                        self._outcome, self._pending = _stopped(self._pending), None
                     return
                 request, self._pending = self._pending, None
             assert request is not None
@@ -232,9 +234,15 @@ class ThreadedChunkSource:
             if isinstance(prepared, ChunkRequest):
                 with self._cond:
                     if self._closed:  # closed while it was prepared: nothing more is sent
+                        self._outcome = _stopped(request)
                         return
                 outcome: Outcome = request_chunk(self._client, self._params, prepared)
             else:
                 outcome = prepared
             with self._cond:
                 self._outcome = outcome  # `submit` refuses until the previous one is polled: none is overwritten
+
+
+def _stopped(request: ChunkRequest) -> RequestFailed:
+    """The outcome of a request that was never sent, requests having been stopped."""
+    return RequestFailed(request.obs_id, RuntimeError("chunk source: requests were stopped"))

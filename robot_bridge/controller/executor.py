@@ -207,7 +207,6 @@ class ChunkExecutor:
         # Ticks the arm stood still without a chunk to follow (held ones, and deadlines skipped while it held), and
         # their count when the last request was captured, with its obs_id.
         self._stationary_ticks = 0
-        self._holding = True
         self._stationary_at_capture = (NO_CHUNK, 0)
         # Stops are counted and a resume names the count it answers, so that a stop after it wins, without a lock a
         # signal handler could deadlock on.
@@ -345,7 +344,7 @@ class ChunkExecutor:
             tick += 1
 
     def _step(self, tick: int, deadline: int, wake: int, missed: int) -> None:
-        self._stationary_ticks += missed if self._holding else 0
+        self._stationary_ticks += self._held_among_skipped(tick, missed)
         if self._resumes != self._resumes_applied:
             self._resumes_applied, resume_of = self._resumes, self._resume_of
             if resume_of == self._stops:
@@ -373,7 +372,6 @@ class ChunkExecutor:
         command_ns = self._clock()
         # Counted once the command went out, as `ticks` is: a run that ends in the robot's call counts neither.
         self._counts["hold_ticks"] += int(action is None)
-        self._holding = action is None
         self._stationary_ticks += int(action is None)
         self._counts["starved_ticks"] += int(starved)
         held = action is not None and Intervention.HELD in safe.flags
@@ -429,6 +427,14 @@ class ChunkExecutor:
         self._counts["chunks_adopted"] += 1
         self._last_failure, self._failures_since_chunk = None, 0
         return True
+
+    def _held_among_skipped(self, tick: int, missed: int) -> int:
+        """How many of the `missed` deadlines before `tick` the arm held through: those the chunk in hand had no
+        action for (past its end, or none in hand), or all of them while stopped."""
+        chunk = self._chunk
+        if chunk is None or self._safety.stopped:
+            return missed
+        return min(missed, max(0, tick - (chunk.first_tick + len(chunk.actions))))
 
     def _after_holds(self, chunk: Chunk) -> Chunk:
         """`chunk` starting later by the ticks the arm held since its observation was captured (see the module

@@ -77,6 +77,9 @@ DEFAULT_MAX_JOINT_STEP = 0.15
 # The most `max_joint_step` may be: 0.5 rad per tick is 12.5 rad/s at 25 Hz, beyond any ALOHA joint; more is a typo
 # (1.5 for 0.15), not a limit.
 MAX_JOINT_STEP_LIMIT = 0.5
+# How far from the last command an arm joint may be measured after a pause and still count as not moved: a loaded
+# servo settles a few hundredths of a radian below its goal; an episode reset moves the arms much more.
+MOVED_TOLERANCE = 0.05  # rad
 WARNING_INTERVAL_S = 5.0  # least time between two warnings of the same interventions' onset, as the executor's
 NUM_ARMS = 2  # ALOHA layout: [left 6 joints, left gripper, right 6 joints, right gripper]
 
@@ -229,6 +232,7 @@ class SafetyFilter:
         self._counts = dict.fromkeys(_COUNTED, 0)
         self._commands = 0
         self._rate_limited_run = 0  # ticks in a row whose policy target was rate limited
+        self._resync = False  # `restart` was called: the next valid reading may show arms moved since the last command
 
     @property
     def stopped(self) -> bool:
@@ -267,9 +271,12 @@ class SafetyFilter:
             )
 
     def restart(self) -> None:
-        """Forget the last command, as between two episodes whose rig may have moved the arms: the next command holds
-        the pose then measured, after the start pose check, as the first one did."""
-        self._last = None
+        """After a pause in which the rig may have moved the arms (an episode reset): the next command checks whether
+        an arm joint is measured more than `MOVED_TOLERANCE` from the last command. If so, the last command is
+        forgotten: that command holds the pose then measured, after the start pose check, as the first one did.
+        Otherwise (or with no valid reading) it holds the last command, as ever: no sag, the grippers keep their
+        grip."""
+        self._resync = True
         self._rate_limited_run = 0
 
     def reset(self) -> None:
@@ -295,6 +302,10 @@ class SafetyFilter:
                 raise InputError(f"safety: measured qpos is not finite and no command was sent yet: {measured}")
             flags |= Intervention.NON_FINITE
             measured = self._last  # the only trustworthy reference left
+        if self._resync and not blind:
+            self._resync = False
+            moved = self._last is not None and np.abs(measured - self._last)[self._joint_mask].max() > MOVED_TOLERANCE
+            self._last = None if moved else self._last
         if self._last is None and not blind:
             self.check_start_pose(measured)
         hold = measured if self._last is None else self._last
@@ -318,11 +329,15 @@ class SafetyFilter:
         joints = self._joint_mask
         low, high = measured[joints] - step, measured[joints] + step
         if self._last is not None:
-            # Within a step of the previous command too, wherever the two ranges meet (a servo lagging behind its
-            # goal); where they do not (an arm pushed away, a glitching encoder), the measured pose rules.
-            meet = np.maximum(low, self._last[joints] - step) <= np.minimum(high, self._last[joints] + step)
-            low = np.where(meet, np.maximum(low, self._last[joints] - step), low)
-            high = np.where(meet, np.minimum(high, self._last[joints] + step), high)
+            # Within a step of the previous command too, wherever that range meets the measured pose's inside the
+            # limits (a servo lagging behind its goal); elsewhere (an arm pushed away, a glitching encoder, a last
+            # command outside the limits) the measured pose rules.
+            near_low, near_high = (
+                np.maximum(low, self._last[joints] - step),
+                np.minimum(high, self._last[joints] + step),
+            )
+            meet = np.maximum(near_low, self._lower[joints]) <= np.minimum(near_high, self._upper[joints])
+            low, high = np.where(meet, near_low, low), np.where(meet, near_high, high)
         limited = np.clip(out[joints], low, high)
         if not np.array_equal(limited, out[joints]):
             out[joints] = limited

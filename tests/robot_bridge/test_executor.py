@@ -311,6 +311,24 @@ def test_deadlines_skipped_while_the_arm_held_count_as_held() -> None:
     assert (records["adopted"][2], records["chunk_obs_id"][2], records["action_index"][2]) == (True, 0, 0)
 
 
+@pytest.mark.parametrize("skipped", [0, 2, 3])
+def test_deadlines_skipped_after_a_chunk_ran_out_count_as_held(skipped: int) -> None:
+    # The chunk's last action is at tick 31; obs 23's reply comes at tick 35. The arm held from tick 32 on, whether
+    # those ticks ran or were skipped: the new chunk starts at the same action either way.
+    executor, robot, _, clock = make(chunk=20, threshold=8, latency_ticks=12)
+
+    def stall(n: int) -> None:
+        if skipped and n == 32:  # tick 31's command returns late
+            clock.now += (skipped + 1) * PERIOD_NS + PERIOD_NS // 2
+
+    robot.on_command = stall
+    executor.run(40)
+    records = executor.records()
+    adopted = records[records["adopted"]][-1]
+    assert executor.counters.missed_ticks == skipped
+    assert (adopted["tick"], adopted["chunk_obs_id"], adopted["action_index"]) == (35, 23, 8)
+
+
 def test_older_and_duplicate_replies_are_dropped() -> None:
     executor, _, _, _ = make(chunk=20, threshold=8, latency_ticks=3, source_cls=ReplaySource)
     executor.run(60)
@@ -822,8 +840,11 @@ def test_threaded_source_stays_busy_until_its_outcome_is_polled() -> None:
 def test_a_source_whose_requests_were_stopped_fails_them_and_the_loop_holds_on() -> None:
     # A rig's shutdown path may stop the source from another thread while the control loop still runs.
     source = ThreadedChunkSource(FakeClient(chunk=4), PARAMS)
-    source.start()
+    source.submit(request(6))  # handed over, not yet taken by the worker when requests stop: it fails too
     source.stop_requests()
+    source.start()
+    pending = wait_outcome(source)
+    assert isinstance(pending, RequestFailed) and pending.obs_id == 6 and not source.busy
     source.submit(request(7))
     failed = source.poll()
     assert isinstance(failed, RequestFailed) and "requests were stopped" in str(failed.error) and not source.busy
@@ -1056,10 +1077,12 @@ def test_non_finite_actions_do_not_spoil_the_blend_or_the_lowpass() -> None:
     blender = ChunkBlender(BlendConfig(), gripper_dims=(1,))
     new = np.ones((10, 2))
     new[:4, 0] = np.nan  # the switch tick's action is not finite in one dimension: that dimension has no jump
+    new[2, 0] = np.inf
     blender.switch(0, np.zeros((10, 2)), 0, None, 0, np.zeros(2))
     blender.switch(5, new, 3, np.zeros((10, 2)), 0, np.zeros(2))
+    blender.switch(6, new, 4, np.zeros((10, 2)), 0, np.zeros(2))
     blender.switch(8, np.zeros((10, 2)), 8, new, 3, np.zeros(2))
-    assert [(b.raw_jump, b.gripper_raw_jump) for b in blender.boundaries()[1:]] == [(0.0, 1.0)]
+    assert [(b.raw_jump, b.gripper_raw_jump) for b in blender.boundaries()[1:]] == [(0.0, 1.0)] * 2
 
 
 @pytest.mark.parametrize("scheme", [BlendScheme.CROSSFADE, BlendScheme.ENSEMBLE])

@@ -193,13 +193,38 @@ def test_a_lagging_servo_gets_goals_at_most_a_step_apart() -> None:
         measured, previous = measured + 0.4 * (out - measured), out
 
 
-def test_a_restarted_filter_holds_the_pose_measured_then() -> None:
+def test_a_restarted_filter_holds_the_pose_measured_then_if_the_arms_were_moved() -> None:
     f = SafetyFilter(SafetyConfig())
-    f.apply(START, START)
+    gripping = START.copy()
+    gripping[6] = 0.0  # the left gripper commanded shut on an object
+    f.apply(gripping, START)
     moved = START.copy()
     moved[0] = 0.5  # the rig moved the arm between episodes
     f.restart()
     np.testing.assert_array_equal(f.apply(None, moved).qpos, moved)
+    f = SafetyFilter(SafetyConfig())
+    f.apply(gripping, START)
+    sagged = START.copy()
+    sagged[[1, 6]] = START[1] - 0.02, 0.3  # a short pause: the shoulder sagged a little, the object holds the fingers
+    f.restart()
+    held = f.apply(None, sagged).qpos
+    assert held[6] == 0.0 and held[1] == START[1]  # the last command, still: no sag, the grip kept
+    f.restart()
+    blind = sagged.copy()
+    blind[2] = np.nan  # no valid reading after the pause: the last command is held, not an error
+    assert f.apply(None, blind).qpos[6] == 0.0
+
+
+def test_the_previous_command_never_draws_a_goal_outside_the_limits() -> None:
+    f = SafetyFilter(SafetyConfig())
+    upper = VX300S_JOINT_UPPER[0]
+    f.apply(START, START)
+    pushed = START.copy()
+    pushed[0] = upper + 0.35  # the waist pushed past its limit: a goal outside them, a step back towards them
+    assert f.apply(START, pushed).qpos[0] == pytest.approx(upper + 0.2)
+    released = START.copy()
+    released[0] = upper - 0.05  # released, measured inside again: the goal stays inside too
+    assert f.apply(START, released).qpos[0] == pytest.approx(upper - 0.2)
 
 
 def test_a_run_of_rate_limited_policy_targets_can_latch_a_stop() -> None:
