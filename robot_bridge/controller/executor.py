@@ -13,8 +13,8 @@ still for the whole inference. Here the control loop never waits for inference:
   chunk from its action t - (k + 1) onwards: the arm moved on the old chunk meanwhile. Ticks of that
   span the arm held instead (no chunk yet, starved; deadlines skipped while it held too) are motion it
   never made: the chunk starts that many ticks later, so that it is not skipped ahead of the pose it
-  was planned from. Replies no newer
-  than the chunk in hand, or whose actions have all elapsed, are dropped.
+  was planned from. Replies no newer than the chunk in hand, or whose actions have all elapsed, are
+  dropped.
 * The adopted chunk is blended with the trajectory it replaces (`blending`: a short cross-fade by default, under
   which the commanded pose does not jump at chunk boundaries); every boundary's raw and commanded jump is recorded.
 * The inference round trip is measured on every reply, and the prefetch point rises to cover it (with a margin).
@@ -300,7 +300,7 @@ class ChunkExecutor:
             self._pause_ended_ns = self._run_started_ns
             # As after a resume, the chunk in hand and replies to requests captured before the pause answered the
             # situation before it: this run holds until a chunk of its own comes, and fades it in. The rig may have
-            # moved the arms meanwhile (an episode reset): the filter holds the pose measured now, not the last run's.
+            # moved the arms meanwhile (an episode reset): the filter then holds the pose measured, not the last run's.
             self._chunk, self._obs_floor = None, self._next_tick - 1
             self._safety.restart()
         with thread_priority(self.config.realtime_priority, self.config.nice):
