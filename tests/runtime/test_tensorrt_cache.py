@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cosmos_edge.runtime.bundle.manifest import Bundle
+from cosmos_edge.runtime.engines.tensorrt.build import set_timing_cache
 from cosmos_edge.runtime.engines.tensorrt.cache import (
     REBUILD_BUNDLE_HINT,
     BuildOptions,
@@ -226,3 +227,46 @@ def test_timing_cache_is_per_tensorrt_version_and_gpu(tmp_path: Path) -> None:
     path = cache.timing_cache_path(H100)
     assert path.name == "timing-trt10.13.0.35-NVIDIA-H100-80GB-HBM3.cache"
     assert cache.timing_cache_path(dataclasses.replace(H100, tensorrt_version="10.14.1.48")) != path
+
+
+class FakeTimingCache:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class FakeBuilderConfig:
+    """What a TensorRT builder config does with timing caches: it refuses one made on another device (set returns
+    False) and cannot read a damaged one (create returns None)."""
+
+    def __init__(self) -> None:
+        self.set: FakeTimingCache | None = None
+
+    def create_timing_cache(self, data: bytes) -> FakeTimingCache | None:
+        return None if data == b"damaged" else FakeTimingCache(data)
+
+    def set_timing_cache(self, cache: FakeTimingCache, ignore_mismatch: bool) -> bool:
+        accepted = cache.data != b"another device's" or ignore_mismatch
+        self.set = cache if accepted else self.set
+        return accepted
+
+
+@pytest.mark.parametrize(("saved", "kept"), [(None, b""), (b"this device's", b"this device's")])
+def test_a_timing_cache_that_fits_is_used(tmp_path: Path, saved: bytes | None, kept: bytes) -> None:
+    path = tmp_path / "timing.cache"
+    if saved is not None:
+        path.write_bytes(saved)
+    config = FakeBuilderConfig()
+    cache = set_timing_cache(config, path)  # type: ignore[arg-type]
+    assert cache is config.set and cache.data == kept  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("saved", [b"another device's", b"damaged"])
+def test_a_timing_cache_refused_is_replaced_by_a_new_one(
+    tmp_path: Path, saved: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "timing.cache"
+    path.write_bytes(saved)
+    config = FakeBuilderConfig()
+    cache = set_timing_cache(config, path)  # type: ignore[arg-type]
+    assert cache is config.set and cache.data == b""  # type: ignore[attr-defined]
+    assert f"TensorRT timing cache {path}: not usable on this device" in caplog.text

@@ -248,14 +248,26 @@ def _build_serialized(spec: GraphSpec, onnx_path: Path, options: BuildOptions, t
         config.add_optimization_profile(profile)
     monitor = _progress_monitor(spec.name)  # referenced until the build returns, as TensorRT requires
     config.progress_monitor = monitor
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache = set_timing_cache(config, timing_cache)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError(f"{source}: TensorRT {trt.__version__} failed to build an engine (see its log above)")
-    write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+    write_atomic(timing_cache, bytes(cache.serialize()))
     return bytes(serialized)
+
+
+def set_timing_cache(config: trt.IBuilderConfig, path: Path) -> trt.ITimingCache:
+    """The timing cache saved at `path`, set on `config`; a new one when TensorRT refuses it (made on a device of
+    other properties, or damaged), which the build's cache then replaces."""
+    cache = config.create_timing_cache(path.read_bytes() if path.exists() else b"")
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return cache
+    _LOG.warning("TensorRT timing cache %s: not usable on this device (or damaged); timing every tactic anew", path)
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise EngineError(f"TensorRT could not set an empty timing cache (for {path})")
+    return cache
 
 
 def deserialize_engine(data: bytes, graph: str, rebuild_hint: str) -> tuple[trt.Runtime, trt.ICudaEngine]:
