@@ -6,7 +6,7 @@ list which layers run fused attention. A timing cache per TensorRT version and G
 is logged, since the 2B DiT takes minutes. Engines are cached and checked against their target in `tensorrt/cache.py`.
 
 TensorRT is imported inside the functions that use it, after `require_tensorrt()`, so that this module imports,
-and the other backends run, on machines without it (its wheels are not on PyPI).
+and the other backends run, on machines without it (its wheels need an NVIDIA driver to run).
 """
 
 from __future__ import annotations
