@@ -25,8 +25,8 @@ def print_run_report(executor: ChunkExecutor, safety: SafetyFilter, summary: Tic
         f"{stats.raw_jump_max:.3f}, commanded p50 {stats.commanded_jump_p50:.3f} max {stats.commanded_jump_max:.3f}; "
         f"of the grippers (normalised opening 0..1): hard switch max {stats.gripper_raw_jump_max:.3f}, commanded max "
         f"{stats.gripper_commanded_jump_max:.3f}; safety-limited ticks in the windows: {stats.safety_ticks} (the "
-        "safety filter bounds each command's step from the measured pose, so two commands may differ by more while "
-        "the arm lags)"
+        "safety filter bounds each command's step from the measured pose, and from the last command unless the arm "
+        "lags two steps or more behind it)"
     )
 
 
