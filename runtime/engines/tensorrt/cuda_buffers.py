@@ -27,13 +27,13 @@ _LOG = logging.getLogger(__name__)
 
 CUDA_ERROR_REFERENCE = "https://docs.nvidia.com/cuda/cuda-runtime-api/group__CUDART__TYPES.html"
 CUDA_PYTHON_MISSING = (
-    "cuda-python is not installed: the tensorrt backend moves tensors with it "
-    "(pip install 'cuda-python>=12.6' on a CUDA machine) or use --backend onnxruntime"
+    "cuda-python 12.6.1 or newer is not installed (its cuda.bindings.runtime): the tensorrt backend moves tensors "
+    "with it (pip install 'cuda-python>=12.6.1' on a CUDA machine) or use --backend onnxruntime"
 )
 
 
 def import_cudart() -> ModuleType:
-    """cuda-python's runtime API module (`cuda.bindings.runtime`, cuda-python >= 12.6)."""
+    """cuda-python's runtime API module (`cuda.bindings.runtime`, cuda-python >= 12.6.1)."""
     try:
         return importlib.import_module("cuda.bindings.runtime")
     except ImportError as error:
