@@ -58,11 +58,13 @@ def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
                 default=None,
                 help=f"official {field.name} ({preset})",
             )
-            group.add_argument(official, dest=field.name, type=_official_bool, default=None, help=argparse.SUPPRESS)
+            group.add_argument(
+                official, dest=field.name, type=_official_bool, default=None, action=_Spelled, help=argparse.SUPPRESS
+            )
         elif field.name in SCHEME_CHOICES:
             choices = [scheme.value for scheme in SCHEME_CHOICES[field.name]]
             group.add_argument(_flag(field.name), choices=choices, help=f"official {field.name} ({preset})")
-            group.add_argument(official, dest=field.name, choices=choices, help=argparse.SUPPRESS)
+            group.add_argument(official, dest=field.name, choices=choices, action=_Spelled, help=argparse.SUPPRESS)
         else:  # every int option is a count, given once (the candidates under any of their names)
             limit = COUNT_LIMITS[field.name]
             aliases = ["--num-candidates"] if field.name == "num_queries_best_of_n" else []
@@ -85,8 +87,23 @@ def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-class _GivenOnce(argparse.Action):
-    """Stores the value, refusing a second one for the same option (under either of its names)."""
+class _Spelled(argparse.Action):
+    """Stores the value and the option as it was typed, which errors then name (an alias, an official spelling)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        if option_string is not None:
+            setattr(namespace, _TYPED, {**getattr(namespace, _TYPED, {}), self.dest: option_string})
+
+
+class _GivenOnce(_Spelled):
+    """As `_Spelled`, refusing a second value for the same option (under any of its names)."""
 
     def __call__(
         self,
@@ -97,9 +114,7 @@ class _GivenOnce(argparse.Action):
     ) -> None:
         if getattr(namespace, self.dest) is not None:
             parser.error(f"argument {'/'.join(self.option_strings)}: given twice; expected one value")
-        setattr(namespace, self.dest, values)
-        if option_string is not None:  # errors name the option as it was typed (an alias too)
-            setattr(namespace, _TYPED, {**getattr(namespace, _TYPED, {}), self.dest: option_string})
+        super().__call__(parser, namespace, values, option_string)
 
 
 def _official_bool(text: str) -> bool:

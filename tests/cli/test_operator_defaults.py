@@ -206,6 +206,9 @@ def test_official_planning_flags_over_the_deploy_defaults_give_the_main_preset()
     assert config == dataclasses.replace(PRESETS["main"], num_denoising_steps_action=10)
     flipped = parser.parse_args(["--ar_value_prediction", "false", "--no-ar-future-prediction"])
     assert (flipped.ar_value_prediction, flipped.ar_future_prediction) == (False, False)
+    official = parser.parse_args(["--ar_value_prediction", "True", "--ar_future_prediction", "False"])
+    with pytest.raises(ConfigError, match=r"^--ar_value_prediction: needs --ar_future_prediction "):
+        planning_config(official)  # named as typed
 
 
 @pytest.mark.parametrize(
