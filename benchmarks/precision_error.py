@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -155,7 +156,7 @@ def main() -> None:
             for platform in PLATFORMS
         }
     context = {
-        "command": "python -m benchmarks.precision_error --out benchmarks/results/precision_error.json",
+        "command": "python -m benchmarks.precision_error " + " ".join(sys.argv[1:]),
         "machine": f"{run_context.machine()}; torch {torch.__version__}",
         "commit": run_context.commit(),
         "backends": "fp32/fp16: onnxruntime CPU provider; bf16: torch CPU (DiT bf16, VAE fp32, as a bf16 bundle)",

@@ -22,8 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inspect = commands.add_parser(
         "inspect",
         help="format, inferred configuration, parameter count, dtypes and problems of a DiT or VAE file",
-        description="Reports what a DiT or VAE file holds; exit status 1 when it found problems (missing or "
-        "unexpected keys of a DiT), as a check in a script would want; a file of no known network is an error (2).",
+        description="Reports what a DiT or VAE file holds; exit status 1 when it found problems (missing, "
+        "unexpected or wrongly shaped tensors, NaN or infinity), as a check in a script would want; a file of no "
+        "known network is an error (2).",
     )
     inspect.add_argument("path", type=Path, help="DiT .pt, Wan2.1 tokenizer.pth, safetensors, or a diffusers dir")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")

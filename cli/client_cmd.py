@@ -231,6 +231,10 @@ def _act(args: argparse.Namespace) -> int:
     path = observation_path(args)
     observation = _checked_observation(path)
     out = None if args.out is None else output_path("--out", args.out)
+    if args.return_all_query_results and out is None:  # the summary printed holds no candidate's actions
+        raise ConfigError(
+            "--return-all-query-results: every candidate's results are written to the --out file; give --out"
+        )
     with connect(args, _ACT_TIMEOUT_S) as client:
         upright = args.frames == "upright"
         # Frames of the wire's default size go as they are (a server of another size refuses them, naming the camera).

@@ -23,6 +23,7 @@ from cosmos_edge.cli import (
     text_embeddings_cmd,
 )
 from cosmos_edge.cli.flag_names import naming_the_file_flag
+from cosmos_edge.cli.planning_args import kebab_planning_flags
 from cosmos_edge.cli.signals import sigterm_interrupts
 from cosmos_edge.robot_bridge.client import RemoteError
 from cosmos_edge.robot_bridge.wire import REQUEST_FAULTS, MessageError
@@ -118,7 +119,7 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args, unknown = build_parser().parse_known_args(argv)
+    args, unknown = build_parser().parse_known_args(kebab_planning_flags(sys.argv[1:] if argv is None else argv))
     if unknown:
         parser = args._command_parser
         hint = " (-v/--verbose goes before the command)" if {"-v", "--verbose"} & set(unknown) else ""

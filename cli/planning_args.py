@@ -50,7 +50,6 @@ def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
         default = getattr(defaults, field.name)
         shown = "the platform's default action steps: 10 for ALOHA, 5 otherwise" if default is None else default
         preset = f"main preset: {getattr(shown, 'value', shown)}"
-        official = "--" + field.name  # the official spelling, as deploy.py's draccus flags take it (not shown)
         if field.type == "bool":
             group.add_argument(
                 _flag(field.name),
@@ -58,26 +57,20 @@ def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
                 default=None,
                 help=f"official {field.name} ({preset})",
             )
-            group.add_argument(
-                official, dest=field.name, type=_official_bool, default=None, action=_Spelled, help=argparse.SUPPRESS
-            )
         elif field.name in SCHEME_CHOICES:
             choices = [scheme.value for scheme in SCHEME_CHOICES[field.name]]
             group.add_argument(_flag(field.name), choices=choices, help=f"official {field.name} ({preset})")
-            group.add_argument(official, dest=field.name, choices=choices, action=_Spelled, help=argparse.SUPPRESS)
-        else:  # every int option is a count, given once (the candidates under any of their names)
+        else:  # every int option is a count, given once (the candidates under either of their two names)
             limit = COUNT_LIMITS[field.name]
             aliases = ["--num-candidates"] if field.name == "num_queries_best_of_n" else []
-            shown = f"official {field.name} ({preset}; 1..{limit})"
-            for names, help_text in (([_flag(field.name), *aliases], shown), ([official], argparse.SUPPRESS)):
-                group.add_argument(
-                    *names,
-                    dest=field.name,
-                    type=int_in_range(1, limit),
-                    metavar="N",
-                    action=_GivenOnce,
-                    help=help_text,
-                )
+            group.add_argument(
+                _flag(field.name),
+                *aliases,
+                type=int_in_range(1, limit),
+                metavar="N",
+                action=_GivenOnce,
+                help=f"official {field.name} ({preset}; 1..{limit})",
+            )
     group.add_argument(
         "--planning-deadline-ms",
         type=positive_milliseconds,
@@ -87,23 +80,8 @@ def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-class _Spelled(argparse.Action):
-    """Stores the value and the option as it was typed, which errors then name (an alias, an official spelling)."""
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: str | Sequence[Any] | None,
-        option_string: str | None = None,
-    ) -> None:
-        setattr(namespace, self.dest, values)
-        if option_string is not None:
-            setattr(namespace, _TYPED, {**getattr(namespace, _TYPED, {}), self.dest: option_string})
-
-
-class _GivenOnce(_Spelled):
-    """As `_Spelled`, refusing a second value for the same option (under any of its names)."""
+class _GivenOnce(argparse.Action):
+    """Stores the value, refusing a second one for the same option (under either of its names)."""
 
     def __call__(
         self,
@@ -114,18 +92,47 @@ class _GivenOnce(_Spelled):
     ) -> None:
         if getattr(namespace, self.dest) is not None:
             parser.error(f"argument {'/'.join(self.option_strings)}: given twice; expected one value")
-        super().__call__(parser, namespace, values, option_string)
-
-
-def _official_bool(text: str) -> bool:
-    """A boolean as the official draccus flags take it (`--ar_value_prediction True`)."""
-    spelled = text.strip().lower()
-    if spelled not in _BOOLEANS:
-        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
-    return _BOOLEANS[spelled]
+        setattr(namespace, self.dest, values)
+        if option_string is not None:  # errors name the option as it was typed (an alias too)
+            setattr(namespace, _TYPED, {**getattr(namespace, _TYPED, {}), self.dest: option_string})
 
 
 _BOOLEANS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
+
+
+def kebab_planning_flags(argv: Sequence[str]) -> list[str]:
+    """`argv` with the planning options in their official draccus spellings (`--num_queries_best_of_n 8`,
+    `--ar_value_prediction True`, `--search_depth=3`) rewritten as the flags that parse them (`--num-queries-best-of-n
+    8`, `--ar-value-prediction`, `--search-depth=3`), so that an official command's planning flags can be pasted as
+    they are. A boolean's value other than True or False stays attached to its flag, which then refuses it."""
+    booleans = {field.name: field.type == "bool" for field in _FIELDS if "_" in field.name}
+    rewritten: list[str] = []
+    position = 0
+    while position < len(argv):
+        token = argv[position]
+        position += 1
+        if token == "--":  # what follows is no option
+            return [*rewritten, token, *argv[position:]]
+        name, equals, value = token.partition("=")
+        field = name[2:] if name.startswith("--") else ""
+        if field not in booleans:
+            rewritten.append(token)
+            continue
+        flag = _flag(field)
+        if not booleans[field]:
+            rewritten.append(flag + equals + value)
+            continue
+        if not equals:  # `--ar_value_prediction True`, or the flag alone (True)
+            following = argv[position] if position < len(argv) else ""
+            value = "True"
+            if following.lower() in _BOOLEANS or (following and not following.startswith("-")):
+                value, position = following, position + 1
+        known = _BOOLEANS.get(value.lower())
+        if known is None:
+            rewritten.append(f"{flag}={value}")  # refused by the flag, naming the value
+        else:
+            rewritten.append(flag if known else "--no-" + flag[2:])
+    return rewritten
 
 
 def planning_config(args: argparse.Namespace, **replaced: object) -> PlanningConfig:

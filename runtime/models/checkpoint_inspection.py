@@ -70,6 +70,9 @@ def _vae_report(path: Path, state: dict[str, Any]) -> dict[str, Any]:
         "num_parameters": summary["parameters"],
         "dtypes": summary["dtypes"],
         "ignored_keys": [],
+        "missing_keys": summary["missing_keys"],
+        "unexpected_keys": summary["unexpected_keys"],
+        "wrong_shapes": summary["wrong_shapes"],
         "problems": _key_problems(summary) + _non_finite(non_finite_tensors(state)),
     }
 

@@ -214,12 +214,23 @@ def load_wan_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: s
     Returns the model in eval mode without gradients, in `dtype` on `device`.
     """
     path = Path(path)
-    state_dict = _read_diffusers_dir(path) if path.is_dir() else to_official_layout(read_tensor_file(path))
-    try:
-        config = infer_vae_config(state_dict)
-    except CheckpointError as error:
-        swapped = " (it holds a Cosmos DiT: the policy checkpoint given as the VAE?)" if _holds_dit(state_dict) else ""
-        raise CheckpointError(f"{path}: not a Wan2.1 VAE (the tokenizer.pth){swapped}: {error}") from error
+    if path.is_dir():
+        try:
+            state_dict = _read_diffusers_dir(path)
+        except CheckpointError as error:
+            message = str(error)
+            named = message if message.startswith(str(path)) else f"{path}: not a Wan2.1 VAE: {message}"
+            raise CheckpointError(named) from error
+        config = infer_vae_config(state_dict)  # read and checked with the folder
+    else:
+        state_dict = to_official_layout(read_tensor_file(path))
+        try:
+            config = infer_vae_config(state_dict)
+        except CheckpointError as error:
+            swapped = (
+                " (it holds a Cosmos DiT: the policy checkpoint given as the VAE?)" if _holds_dit(state_dict) else ""
+            )
+            raise CheckpointError(f"{path}: not a Wan2.1 VAE (the tokenizer.pth){swapped}: {error}") from error
     with torch.device(device):
         model = WanVAE(config)
     model.to(dtype)

@@ -111,8 +111,13 @@ def test_ping_metadata_and_act(
         )
         act = ["client", "act", str(tmp_path / "obs.npz"), "--task", INSTRUCTION, "--endpoint", endpoint]
         planning = [*act, "--mode", "planning", "--seed", "7", "--return-all-query-results"]
-        assert main([*act, "--return-all-query-results"]) == 0  # the reactive mode has no candidates: said so
+        reactive_out = ["--out", str(tmp_path / "reactive.npz")]
+        assert main([*act, "--return-all-query-results", *reactive_out]) == 0  # no candidates in reactive mode: said
         assert "--return-all-query-results: the server answered in reactive mode" in caplog.text
+        assert main(planning) == 2  # the candidates would be written nowhere
+        assert "--return-all-query-results: every candidate's results are written to the --out file" in (
+            capsys.readouterr().err
+        )
         assert main([*planning, "--out", str(out.with_suffix(""))]) == 0  # np.savez adds .npz, and we say so
         printed = capsys.readouterr().out
         as_act_names_it = ["client", "act", "--observation", str(tmp_path / "obs.npz"), *act[3:]]

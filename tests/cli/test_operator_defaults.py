@@ -13,7 +13,7 @@ import pytest
 
 from cosmos_edge.cli import keys_cmd
 from cosmos_edge.cli import main as cli_main
-from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config
+from cosmos_edge.cli.planning_args import add_planning_arguments, kebab_planning_flags, planning_config
 from cosmos_edge.runtime.bundle.loader import planning_candidates
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointSource
 from cosmos_edge.runtime.errors import ConfigError
@@ -202,30 +202,47 @@ OFFICIAL_MAIN_PLANNING_FLAGS = [
 def test_official_planning_flags_over_the_deploy_defaults_give_the_main_preset() -> None:
     parser = argparse.ArgumentParser()
     add_planning_arguments(parser)
-    config = planning_config(parser.parse_args(["--planning-preset", "deploy-defaults", *OFFICIAL_MAIN_PLANNING_FLAGS]))
-    assert config == dataclasses.replace(PRESETS["main"], num_denoising_steps_action=10)
-    flipped = parser.parse_args(["--ar_value_prediction", "false", "--no-ar-future-prediction"])
-    assert (flipped.ar_value_prediction, flipped.ar_future_prediction) == (False, False)
-    official = parser.parse_args(["--ar_value_prediction", "True", "--ar_future_prediction", "False"])
-    with pytest.raises(ConfigError, match=r"^--ar_value_prediction: needs --ar_future_prediction "):
-        planning_config(official)  # named as typed
+    flags = kebab_planning_flags(["--planning-preset", "deploy-defaults", *OFFICIAL_MAIN_PLANNING_FLAGS])
+    assert planning_config(parser.parse_args(flags)) == dataclasses.replace(
+        PRESETS["main"], num_denoising_steps_action=10
+    )
+    spellings = [
+        "--ar_value_prediction=false",
+        "--ar_future_prediction",
+        "--search_depth",
+        "2",
+        "--randomize_seed",
+        "0",
+    ]
+    assert kebab_planning_flags(spellings) == [
+        "--no-ar-value-prediction",
+        "--ar-future-prediction",  # a boolean alone is True
+        "--search-depth",
+        "2",
+        "--no-randomize-seed",
+    ]
+    assert kebab_planning_flags(["--task", "--search_depth", "--", "--search_depth"])[-1] == "--search_depth"
 
 
 @pytest.mark.parametrize(
     ("flags", "named"),
     [
-        (["--ar_value_prediction", "maybe"], "argument --ar_value_prediction: expected True or False, got 'maybe'"),
+        (["--ar_value_prediction", "maybe"], "argument --ar-value-prediction/--no-ar-value-prediction: ignored "),
         (["--num_queries_best_of_n", "2", "--num-candidates", "3"], "given twice"),
-        (["--search_depth_value_aggregation_scheme", "median"], "argument --search_depth_value_aggregation_scheme"),
+        (["--search_depth_value_aggregation_scheme", "median"], "argument --search-depth-value-aggregation-scheme"),
+        (["--value_ensemble_aggregation_scheme", "lcb", "--value-ensemble-aggregation-scheme=average"], None),
     ],
 )
 def test_official_planning_flags_are_checked_as_their_kebab_names(
-    flags: list[str], named: str, capsys: pytest.CaptureFixture[str]
+    flags: list[str], named: str | None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     parser = argparse.ArgumentParser()
     add_planning_arguments(parser)
+    if named is None:  # both spellings of one flag: the last wins, as for any flag given twice
+        assert parser.parse_args(kebab_planning_flags(flags)).value_ensemble_aggregation_scheme == "average"
+        return
     with pytest.raises(SystemExit):
-        parser.parse_args(flags)
+        parser.parse_args(kebab_planning_flags(flags))
     assert named in capsys.readouterr().err
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,12 @@ def test_diffusers_directory_round_trip(tmp_path: Path, tiny_weights: dict[str, 
     reference.save_pretrained(tmp_path / "vae")
     _assert_same(official_vae_state_dict(load_wan_vae(tmp_path / "vae")), tiny_weights)
     _assert_same(official_vae_state_dict(load_wan_vae(tmp_path)), tiny_weights)  # the whole model's folder, too
+    transformer = tmp_path / "transformer"
+    transformer.mkdir()
+    save_file({"x": torch.zeros(2)}, str(transformer / "diffusion_pytorch_model.safetensors"))
+    (transformer / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(transformer))}: not a Wan2.1 VAE: Wan VAE state dict"):
+        load_wan_vae(transformer)
 
 
 def test_diffusers_directory_with_other_latent_statistics_is_refused(
