@@ -169,12 +169,13 @@ def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, 
             f"{path}: a zip archive (a PyTorch checkpoint or an .npz?), not a safetensors file of instruction "
             "embeddings; expected the output of `cosmos-edge text-embeddings`"
         )
-    if starts_like_a_pickle(data):
+    (header_size,) = struct.unpack("<Q", data[:8])
+    # A safetensors header length can open with a pickle's bytes too: a pickle only when it is no header length.
+    if header_size > min(_MAX_HEADER_BYTES, len(data) - 8) and starts_like_a_pickle(data):
         raise CheckpointError(
             f"{path}: a Python pickle (the official T5 embeddings file?), not a safetensors file of instruction "
             f"embeddings; convert it once: `cosmos-edge text-embeddings convert {path} OUT.safetensors --trust-pickle`"
         )
-    (header_size,) = struct.unpack("<Q", data[:8])
     if header_size > min(_MAX_HEADER_BYTES, len(data) - 8):
         raise CheckpointError(
             f"{path}: not a safetensors file of instruction embeddings (its 8-byte header length reads {header_size}, "

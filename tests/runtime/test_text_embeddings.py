@@ -294,3 +294,14 @@ def test_truncated_files_are_rejected(tmp_path: Path) -> None:
     path.write_bytes(pickle.dumps({"fold the shirt": [0.0]}, protocol=2))  # the official embeddings' format
     with pytest.raises(CheckpointError, match=r"a Python pickle .* `cosmos-edge text-embeddings convert .*short"):
         text_embeddings.read(path)
+
+
+def test_a_store_whose_header_length_opens_like_a_pickle_reads(tmp_path: Path) -> None:
+    # Header lengths of 640 + 65536 k bytes begin 80 02, as a protocol 2 pickle does.
+    for length in range(400, 600):
+        path = tmp_path / "store.safetensors"
+        text_embeddings.write(path, {"x" * length: np.zeros((1, 2, 3), np.float32)})
+        if path.read_bytes()[:2] == b"\x80\x02":
+            assert text_embeddings.read(path).instructions == ("x" * length,)
+            return
+    pytest.fail("no instruction length gave a header length opening with 80 02")
