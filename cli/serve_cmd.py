@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, NoReturn
 
-from cosmos_edge.cli.arg_types import image_size, mebibytes
+from cosmos_edge.cli.arg_types import image_size, mebibytes, positive_seconds
 from cosmos_edge.cli.flag_names import naming_flags
 from cosmos_edge.cli.model_source import add_model_arguments, model_source
 from cosmos_edge.cli.planning_args import (
@@ -109,6 +109,14 @@ def add_serve_parser(subparsers: argparse._SubParsersAction, make_policies: Poli
         help="allow a non-loopback --http address: HTTP has no authentication, whoever reaches it commands the robot",
     )
     parser.add_argument(
+        "--http-read-timeout-s",
+        type=positive_seconds,
+        default=30.0,
+        help="the time an HTTP connection has to send a whole request, from its opening or its last reply, before it "
+        "is closed (default: %(default)s s; the official client's request is 0.6 MB, 5.4 MB with --use_history: "
+        "raise it for slower links)",
+    )
+    parser.add_argument(
         "--shutdown-timeout-s",
         type=float,
         default=5.0,
@@ -194,6 +202,7 @@ def http_config(args: argparse.Namespace) -> HttpConfig | None:
         insecure_bind_all=args.http_insecure_bind_all,
         max_body_bytes=max(1, round(args.max_message_mb * _MIB * _BASE64_GROWTH)),
         shutdown_timeout_s=args.shutdown_timeout_s,
+        request_read_timeout_s=args.http_read_timeout_s,
     )
 
 
@@ -270,6 +279,7 @@ _FLAGS = {
     "endpoint": "--endpoint",
     "max_pending": "--max-pending",
     "shutdown_timeout_s": "--shutdown-timeout-s",
+    "request_read_timeout_s": "--http-read-timeout-s",
     "default_mode": "--default-mode",
     "http address": "--http",
     "http": "--http",

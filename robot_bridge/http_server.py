@@ -98,7 +98,7 @@ class HttpConfig:
     max_body_bytes: int = 16 * 2**20
     max_connections: int = 32
     shutdown_timeout_s: float = 5.0
-    request_read_timeout_s: float = 10.0
+    request_read_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.host or not 0 <= self.port <= 65535:

@@ -7,10 +7,11 @@ by the server), `task_description`, optional `return_all_query_results`. No seed
 json_numpy may wrap the json_numpy text in `{"encoded": "<text>"}`; that request is answered with the reply's
 json_numpy text as a JSON string rather than an object.
 
-The reply holds `actions` (a list of chunk_size float32 rows), `future_image_predictions` (the official keys, each
-null: no future images are decoded; the official client run with `--future_img True` indexes the keys and skips
-their videos when null, where a null object would crash it) and `value_prediction`. The official client reads
-`value_predictions` instead, a key the official server never sends, so the reply carries both. With
+The reply holds `actions` (a list of chunk_size float32 rows), `future_image_predictions` (the official keys, each a
+black uint8 224×224×3 frame: no future image is decoded, and the official client run with `--future_img True`, as
+every documented command runs it, saves a video of them, which a null would crash) and `value_prediction`. The
+official client reads `value_predictions` instead, a key the official server never sends, so the reply carries both.
+With
 `return_all_query_results`, the `all_*` keys list every query's results: every candidate of a planning mode (each its
 first-level chunk; a candidate not scored before the planning deadline has a null value), or the one query of the
 reactive mode, with future-image entries laid out as the official lists lay them for the mode's configuration
@@ -29,6 +30,7 @@ from cosmos_edge.robot_bridge.json_arrays import COMPACT, SPACED, parse_json, to
 from cosmos_edge.robot_bridge.protocol import ActReply
 from cosmos_edge.robot_bridge.wire import ErrorCode, MessageError, invalid, wire_proprio
 from cosmos_edge.runtime.errors import ConfigError
+from cosmos_edge.runtime.platforms import IMAGE_SIZE
 from cosmos_edge.runtime.values import describe
 
 # Official key → camera of the ALOHA platform (`runtime/platforms.py`), as the official code feeds its slots.
@@ -51,6 +53,7 @@ def check_official_cameras(platform: str, cameras: Sequence[str]) -> None:
 # The official ALOHA server's future image keys (`cosmos_utils.get_future_images_from_generated_samples`: two wrist
 # cameras, one third-person camera).
 FUTURE_IMAGE_KEYS = ("future_wrist_image", "future_wrist_image2", "future_image")
+_BLACK_FRAME = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)  # as the official server's future images
 
 # Sent by the official client when it keeps an observation history; its server ignores them, and so do we.
 IGNORED_KEYS = frozenset({"proprio_history", "images_history"})
@@ -127,7 +130,7 @@ def reply_body(reply: ActReply, query: OfficialQuery, image_lists: CandidateImag
     actions = list(reply.actions)  # one array per step, as the official server sends them
     response: dict[str, object] = {
         "actions": actions,
-        "future_image_predictions": _no_future_images(),
+        "future_image_predictions": _black_future_images(),
         "value_prediction": reply.value,
         "value_predictions": reply.value,
     }
@@ -164,6 +167,12 @@ def _rows(chunk: np.ndarray) -> list[np.ndarray] | None:
 
 def _no_future_images() -> dict[str, None]:
     return dict.fromkeys(FUTURE_IMAGE_KEYS)
+
+
+def _black_future_images() -> dict[str, np.ndarray]:
+    """What the chosen query's `future_image_predictions` hold: frames the official client can save (`--future_img`
+    takes `future_image`'s shape), black, since none is decoded."""
+    return {key: _BLACK_FRAME for key in FUTURE_IMAGE_KEYS}
 
 
 def _json_object(text: bytes, field: str) -> dict[str, object]:

@@ -116,6 +116,9 @@ def test_http_options_become_an_http_config() -> None:
     assert config is not None and config.insecure_bind_all
     with pytest.raises(ConfigError, match="expected HOST:PORT"):
         http_config(parse("--http", "8777"))
+    assert config.request_read_timeout_s == 30.0  # the default: 5.4 MB at 1.4 Mbit/s
+    slow_link = http_config(parse("--http", "127.0.0.1:8777", "--http-read-timeout-s", "120"))
+    assert slow_link is not None and slow_link.request_read_timeout_s == 120.0
 
 
 @pytest.mark.parametrize(

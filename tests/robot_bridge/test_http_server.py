@@ -132,13 +132,19 @@ def test_the_official_client_gets_what_the_zeromq_server_answers(
     assert len(response["actions"]) == 50 and actions.shape == (50, 14) and actions.dtype == np.float32
     assert_allclose(actions, over_zeromq.actions, atol=1e-5, rtol=0)
     assert_allclose(actions, expected_actions(obs.proprio, seed=195), atol=1e-5, rtol=0)
-    # The official client with --future_img indexes the keys and skips their videos when null.
-    assert response["future_image_predictions"] == dict.fromkeys(FUTURE_IMAGE_KEYS)
+    # The official client with --future_img saves a video of them (`future_image`'s shape sizes it): black frames.
+    assert_black_future_images(response["future_image_predictions"])
     assert response["value_prediction"] == response["value_predictions"] == 0.25
     query = policy.queries[-1]
     assert query.seed == 195 and query.instruction == INSTRUCTION
     for camera in ALOHA.cameras:
         assert_array_equal(query.observation.images[camera], obs.images[camera])
+
+
+def assert_black_future_images(images: dict[str, np.ndarray]) -> None:
+    assert sorted(images) == sorted(FUTURE_IMAGE_KEYS)
+    for frame in images.values():
+        assert frame.shape == (224, 224, 3) and frame.dtype == np.uint8 and not frame.any()
 
 
 def test_every_inference_runs_on_the_server_worker_in_turn(official_json: None) -> None:
@@ -270,7 +276,7 @@ def test_candidates_ranked_without_a_world_model_have_no_image_sets_by_depth(off
     # A null set per candidate (the official None would crash the official client's episode saving).
     assert planned["all_future_image_predictions"] == [dict.fromkeys(FUTURE_IMAGE_KEYS)] * 3
     assert planned["all_future_image_predictions_by_depth"] == [[]] * 3
-    assert planned["future_image_predictions"] == dict.fromkeys(FUTURE_IMAGE_KEYS)  # what the client indexes
+    assert_black_future_images(planned["future_image_predictions"])  # what the client indexes
 
 
 def test_errors_are_4xx_json_naming_the_key(official_json: None) -> None:
