@@ -105,7 +105,7 @@ def kebab_planning_flags(argv: Sequence[str]) -> list[str]:
     `--ar_value_prediction True`, `--search_depth=3`) rewritten as the flags that parse them (`--num-queries-best-of-n
     8`, `--ar-value-prediction`, `--search-depth=3`), so that an official command's planning flags can be pasted as
     they are. A boolean's value other than True or False stays attached to its flag, which then refuses it."""
-    booleans = {field.name: field.type == "bool" for field in _FIELDS if "_" in field.name}
+    is_boolean = {field.name: field.type == "bool" for field in _FIELDS if "_" in field.name}  # by official name
     rewritten: list[str] = []
     position = 0
     while position < len(argv):
@@ -115,11 +115,11 @@ def kebab_planning_flags(argv: Sequence[str]) -> list[str]:
             return [*rewritten, token, *argv[position:]]
         name, equals, value = token.partition("=")
         field = name[2:] if name.startswith("--") else ""
-        if field not in booleans:
+        if field not in is_boolean:
             rewritten.append(token)
             continue
         flag = _flag(field)
-        if not booleans[field]:
+        if not is_boolean[field]:
             rewritten.append(flag + equals + value)
             continue
         if not equals:  # `--ar_value_prediction True`, or the flag alone (True)
