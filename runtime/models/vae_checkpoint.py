@@ -215,22 +215,10 @@ def load_wan_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: s
     """
     path = Path(path)
     if path.is_dir():
-        try:
-            state_dict = _read_diffusers_dir(path)
-        except CheckpointError as error:
-            message = str(error)
-            named = message if message.startswith(str(path)) else f"{path}: not a Wan2.1 VAE: {message}"
-            raise CheckpointError(named) from error
-        config = infer_vae_config(state_dict)  # read and checked with the folder
+        state_dict, config = _read_diffusers_dir(path)
     else:
         state_dict = to_official_layout(read_tensor_file(path))
-        try:
-            config = infer_vae_config(state_dict)
-        except CheckpointError as error:
-            swapped = (
-                " (it holds a Cosmos DiT: the policy checkpoint given as the VAE?)" if _holds_dit(state_dict) else ""
-            )
-            raise CheckpointError(f"{path}: not a Wan2.1 VAE (the tokenizer.pth){swapped}: {error}") from error
+        config = _named_vae_config(path, state_dict)
     with torch.device(device):
         model = WanVAE(config)
     model.to(dtype)
@@ -238,7 +226,18 @@ def load_wan_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: s
     return model.eval().requires_grad_(False)
 
 
-def _read_diffusers_dir(path: Path) -> StateDict:
+def _named_vae_config(path: Path, state_dict: StateDict) -> WanVAEConfig:
+    """`infer_vae_config`, its error naming `path` (and a DiT given in the VAE's place)."""
+    try:
+        return infer_vae_config(state_dict)
+    except CheckpointError as error:
+        swapped = " (it holds a Cosmos DiT: the policy checkpoint given as the VAE?)" if _holds_dit(state_dict) else ""
+        raise CheckpointError(f"{path}: not a Wan2.1 VAE (the tokenizer.pth){swapped}: {error}") from error
+
+
+def _read_diffusers_dir(path: Path) -> tuple[StateDict, WanVAEConfig]:
+    """The official-layout state dict of a diffusers VAE folder (or of the model folder holding it), and its config
+    (checked against the folder's config.json)."""
     if (path / "vae").is_dir():  # a whole diffusers model, as `--checkpoint` takes one: its VAE
         path = path / "vae"
     config_path, weights_path = path / DIFFUSERS_CONFIG, path / DIFFUSERS_WEIGHTS
@@ -249,7 +248,8 @@ def _read_diffusers_dir(path: Path) -> StateDict:
         )
     config = read_json_object(config_path)
     state_dict = to_official_layout(read_tensor_file(weights_path))
-    inferred = asdict(infer_vae_config(state_dict))
+    vae_config = _named_vae_config(path, state_dict)
+    inferred = asdict(vae_config)
     # Config fields that the weights cannot show, or that the weights must agree with.
     expected = {
         "_class_name": "AutoencoderKLWan",
@@ -273,4 +273,4 @@ def _read_diffusers_dir(path: Path) -> StateDict:
         wrong.append(f"decoder_base_dim: expected None or {inferred['base_dim']}, got {config['decoder_base_dim']!r}")
     if wrong:
         raise CheckpointError(f"{config_path}: not the Wan2.1 VAE these weights describe; " + "; ".join(wrong))
-    return state_dict
+    return state_dict, vae_config

@@ -170,13 +170,13 @@ def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, 
             "embeddings; expected the output of `cosmos-edge text-embeddings`"
         )
     (header_size,) = struct.unpack("<Q", data[:8])
-    # A safetensors header length can open with a pickle's bytes too: a pickle only when it is no header length.
-    if header_size > min(_MAX_HEADER_BYTES, len(data) - 8) and starts_like_a_pickle(data):
-        raise CheckpointError(
-            f"{path}: a Python pickle (the official T5 embeddings file?), not a safetensors file of instruction "
-            f"embeddings; convert it once: `cosmos-edge text-embeddings convert {path} OUT.safetensors --trust-pickle`"
-        )
     if header_size > min(_MAX_HEADER_BYTES, len(data) - 8):
+        if starts_like_a_pickle(data):  # a valid header length can open with a pickle's bytes too: not this one
+            raise CheckpointError(
+                f"{path}: a Python pickle (the official T5 embeddings file?), not a safetensors file of instruction "
+                f"embeddings; convert it once: `cosmos-edge text-embeddings convert {path} OUT.safetensors "
+                "--trust-pickle`"
+            )
         raise CheckpointError(
             f"{path}: not a safetensors file of instruction embeddings (its 8-byte header length reads {header_size}, "
             f"beyond the file's {len(data)} bytes or 100 MiB); expected the output of `cosmos-edge text-embeddings`"

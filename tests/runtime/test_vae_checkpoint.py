@@ -91,7 +91,10 @@ def test_diffusers_directory_round_trip(tmp_path: Path, tiny_weights: dict[str, 
     transformer.mkdir()
     save_file({"x": torch.zeros(2)}, str(transformer / "diffusion_pytorch_model.safetensors"))
     (transformer / "config.json").write_text("{}")
-    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(transformer))}: not a Wan2.1 VAE: Wan VAE state dict"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^{re.escape(str(transformer))}: not a Wan2.1 VAE \(the tokenizer.pth\): Wan VAE state dict",
+    ):
         load_wan_vae(transformer)
 
 
