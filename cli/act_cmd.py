@@ -23,6 +23,7 @@ from cosmos_edge.cli.npz_files import (
     read_observation,
     write_npz,
 )
+from cosmos_edge.cli.output_paths import require_out
 from cosmos_edge.cli.planning_args import (
     add_planning_arguments,
     log_candidates,
@@ -133,8 +134,8 @@ def _act_on(args: argparse.Namespace) -> int:
     observation_file = observation_path(args)
     observation = read_observation(observation_file)  # a bad file is named before minutes of loading
     out = None if args.out is None else output_path("--out", args.out)
-    if args.future_images and out is None:  # seconds of decoding for images nobody would see
-        raise ConfigError("--future-images: the images are written to the --out file; give --out")
+    if args.future_images:  # seconds of decoding for images nobody would see
+        require_out("--future-images", "the images are", out)
     devices = [args.device] if args.device else None
     source = model_source(args, devices or [], device_flag="--device", reference=args.reference)
     observation = _official_observation(source, observation, observation_file, upright=args.frames == "upright")
@@ -147,10 +148,8 @@ def _act_on(args: argparse.Namespace) -> int:
     if args.mode == "planning":
         if args.steps is not None and args.num_denoising_steps_action is not None:
             raise ConfigError("--steps: in planning mode it is --num-denoising-steps-action; give one of the two")
-        if args.return_all_query_results and out is None:  # the summary printed holds no candidate's actions
-            raise ConfigError(
-                "--return-all-query-results: every candidate's results are written to the --out file; give --out"
-            )
+        if args.return_all_query_results:  # the summary printed holds no candidate's actions
+            require_out("--return-all-query-results", "every candidate's results are", out)
         planning, unavailable = resolve_planning(args, source, devices)
         if planning is None:
             raise ConfigError(f"--mode planning: {unavailable}")

@@ -33,6 +33,7 @@ from cosmos_edge.cli.npz_files import (
     read_observation,
     write_npz,
 )
+from cosmos_edge.cli.output_paths import require_out
 from cosmos_edge.robot_bridge.act_messages import sampled_chunks
 from cosmos_edge.robot_bridge.client import PolicyClient, RemoteError, RequestTimeout
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, load_public_key
@@ -231,10 +232,8 @@ def _act(args: argparse.Namespace) -> int:
     path = observation_path(args)
     observation = _checked_observation(path)
     out = None if args.out is None else output_path("--out", args.out)
-    if args.return_all_query_results and out is None:  # the summary printed holds no candidate's actions
-        raise ConfigError(
-            "--return-all-query-results: every candidate's results are written to the --out file; give --out"
-        )
+    if args.return_all_query_results:  # the summary printed holds no candidate's actions
+        require_out("--return-all-query-results", "every candidate's results are", out)
     with connect(args, _ACT_TIMEOUT_S) as client:
         upright = args.frames == "upright"
         # Frames of the wire's default size go as they are (a server of another size refuses them, naming the camera).

@@ -23,3 +23,9 @@ def writable_file(flag: str, path: Path, *, replace: bool = True) -> Path:
     if not os.access(directory, os.W_OK):
         raise ConfigError(f"{named}: cannot write in {directory}")
     return path
+
+
+def require_out(flag: str, what: str, out: Path | None) -> None:
+    """Refuses `flag` without `--out`, when `what` it asks for is written only to that file."""
+    if out is None:
+        raise ConfigError(f"{flag}: {what} written to the --out file; give --out")

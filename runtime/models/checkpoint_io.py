@@ -53,14 +53,7 @@ def read_tensor_file(path: str | Path) -> StateDict:
     if magic != b"PK\x03\x04":  # torch.save writes a zip archive (since torch 1.6); mmap needs one
         raise CheckpointError(
             f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; this file starts with {magic!r}); "
-            + (
-                "it looks like JSON (the dataset statistics?)"
-                if magic.lstrip().startswith((b"{", b"["))
-                else "it is a Python pickle: the official T5 embeddings (`cosmos-edge text-embeddings convert` reads "
-                "those), or a checkpoint saved by torch < 1.6, which must be saved again"
-                if starts_like_a_pickle(magic)
-                else "is it the right file? (a checkpoint saved by torch < 1.6 must be saved again)"
-            )
+            + _what_it_may_be(magic)
         )
     _check_torch_archive(path)
     try:
@@ -126,6 +119,18 @@ def read_json_object(path: Path) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got a {type(loaded).__name__}")
     return loaded
+
+
+def _what_it_may_be(magic: bytes) -> str:
+    """A guess at what a file that is no torch zip archive holds, from its first bytes."""
+    if magic.lstrip().startswith((b"{", b"[")):
+        return "it looks like JSON (the dataset statistics?)"
+    if starts_like_a_pickle(magic):
+        return (
+            "it is a Python pickle: the official T5 embeddings (`cosmos-edge text-embeddings convert` reads those), "
+            "or a checkpoint saved by torch < 1.6, which must be saved again"
+        )
+    return "is it the right file? (a checkpoint saved by torch < 1.6 must be saved again)"
 
 
 def _refusal(error: pickle.UnpicklingError) -> str:
