@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cosmos_edge.robot_bridge.act_messages import sampled_chunks
-from cosmos_edge.robot_bridge.json_arrays import COMPACT, SPACED, parse_json, to_array
+from cosmos_edge.robot_bridge.json_arrays import COMPACT, SPACED, encode_array, parse_json, to_array
 from cosmos_edge.robot_bridge.protocol import ActReply
 from cosmos_edge.robot_bridge.wire import ErrorCode, MessageError, invalid, wire_proprio
 from cosmos_edge.runtime.errors import ConfigError
@@ -53,7 +53,8 @@ def check_official_cameras(platform: str, cameras: Sequence[str]) -> None:
 # The official ALOHA server's future image keys (`cosmos_utils.get_future_images_from_generated_samples`: two wrist
 # cameras, one third-person camera).
 FUTURE_IMAGE_KEYS = ("future_wrist_image", "future_wrist_image2", "future_image")
-_BLACK_FRAME = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)  # as the official server's future images
+# As the official server's future images; encoded once (json_numpy's base64), not in every reply.
+_BLACK_FRAME = encode_array(np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))
 
 # Sent by the official client when it keeps an observation history; its server ignores them, and so do we.
 IGNORED_KEYS = frozenset({"proprio_history", "images_history"})
@@ -169,7 +170,7 @@ def _no_future_images() -> dict[str, None]:
     return dict.fromkeys(FUTURE_IMAGE_KEYS)
 
 
-def _black_future_images() -> dict[str, np.ndarray]:
+def _black_future_images() -> dict[str, dict[str, object]]:
     """What the chosen query's `future_image_predictions` hold: frames the official client can save (`--future_img`
     takes `future_image`'s shape), black, since none is decoded."""
     return {key: _BLACK_FRAME for key in FUTURE_IMAGE_KEYS}
