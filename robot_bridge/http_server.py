@@ -330,7 +330,7 @@ class HttpEndpoint:
         self._refusals.tick()  # counts the refusals its last window held back
         logger.info(
             "kind=http_act peer=%s request_id=%s status=200 mode=%s double_encoded=%s decode_ms=%.3f encode_ms=%.3f "
-            "total_ms=%.3f",
+            "total_ms=%.3f%s",
             peer,
             request_id,
             reply.mode,
@@ -338,6 +338,7 @@ class HttpEndpoint:
             decode_ms,
             ms_since(waited),
             ms_since(started),
+            _ignored_keys_text(query.ignored_keys),
         )
         return Response(content, media_type="application/json")
 
@@ -499,6 +500,11 @@ async def _internal_error(request: Request, error: Exception) -> Response:
     """A bug of ours, answered in the same JSON form; Starlette re-raises it after this reply and uvicorn logs it."""
     detail = f"{request.method} {request.url.path} failed ({type(error).__name__}); see the server log"
     return _json({"error": detail, "field": "", "code": ErrorCode.INTERNAL.value}, 500)
+
+
+def _ignored_keys_text(keys: tuple[str, ...]) -> str:
+    """The access log's mention of the keys a request held that are not read (where a client's typo shows)."""
+    return f" ignored_keys={','.join(peer_text(key) for key in keys)}" if keys else ""
 
 
 def _address(request: Request) -> str:

@@ -3,7 +3,9 @@
 Sources: `experiments/robot/aloha/deploy.py` (`get_server_action`) and `run_aloha_eval.py` (`get_action_from_server`).
 The client POSTs a JSON object whose arrays are json_numpy-encoded: `primary_image`, `left_wrist_image`,
 `right_wrist_image` (uint8 H×W×3, resized by the client), `proprio` (the qpos; float64 from the robot, cast to float32
-by the server), `task_description`, optional `return_all_query_results`. No seed: the server's applies. A client without
+by the server), `task_description`, optional `return_all_query_results`. No seed: the server's applies. Other keys are
+ignored, as the official server ignores them (its client sends `proprio_history` and `images_history` when it keeps
+an observation history; other clients send their own). A client without
 json_numpy may wrap the json_numpy text in `{"encoded": "<text>"}`; that request is answered with the reply's
 json_numpy text as a JSON string rather than an object.
 
@@ -56,10 +58,11 @@ FUTURE_IMAGE_KEYS = ("future_wrist_image", "future_wrist_image2", "future_image"
 # As the official server's future images; encoded once (json_numpy's base64), not in every reply.
 _BLACK_FRAME = encode_array(np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))
 
-# Sent by the official client when it keeps an observation history; its server ignores them, and so do we.
-IGNORED_KEYS = frozenset({"proprio_history", "images_history"})
+# Sent by the official client when it keeps an observation history; its server ignores them, as every other key.
+_HISTORY_KEYS = frozenset({"proprio_history", "images_history"})
 _REQUIRED = frozenset({*CAMERAS, "proprio", "task_description"})
-_KEYS = _REQUIRED | {"return_all_query_results"} | IGNORED_KEYS
+_KEYS = _REQUIRED | {"return_all_query_results"}
+_SHOWN_IGNORED = 8  # ignored keys named in the log line of a request
 _MAX_TEXT = 1024
 
 
@@ -72,6 +75,7 @@ class OfficialQuery:
     task_description: str
     return_all_query_results: bool
     double_encoded: bool
+    ignored_keys: tuple[str, ...] = ()  # keys the request held that are not read (the first few, sorted)
 
 
 def parse_query(body: bytes, image_size: tuple[int, int], proprio_dim: int) -> OfficialQuery:
@@ -86,12 +90,11 @@ def parse_query(body: bytes, image_size: tuple[int, int], proprio_dim: int) -> O
             raise invalid("encoded", f"expected json_numpy text (a JSON string holding the request), got {got}")
         # "surrogatepass": a lone surrogate escape ("\ud800") is valid JSON; its text then fails to parse, as bad text.
         payload = _json_object(payload["encoded"].encode("utf-8", "surrogatepass"), "encoded")
-    unknown = sorted(set(payload) - _KEYS)
-    if unknown:
-        raise invalid(unknown[0], f"unknown key; expected {sorted(_KEYS - IGNORED_KEYS)}")
+    ignored = tuple(sorted(set(payload) - _KEYS - _HISTORY_KEYS)[:_SHOWN_IGNORED])
     missing = sorted(key for key in _REQUIRED if key not in payload)
     if missing:
-        raise invalid(missing[0], f"missing; the request needs {sorted(_REQUIRED)}")
+        unread = f"; it holds keys this server does not read: {list(ignored)}" if ignored else ""
+        raise invalid(missing[0], f"missing; the request needs {sorted(_REQUIRED)}{unread}")
     task = payload["task_description"]
     if not isinstance(task, str) or not 1 <= len(task) <= _MAX_TEXT:
         raise invalid("task_description", f"expected text of 1..{_MAX_TEXT} characters, got {describe(task)}")
@@ -106,6 +109,7 @@ def parse_query(body: bytes, image_size: tuple[int, int], proprio_dim: int) -> O
         task_description=task,
         return_all_query_results=return_all,
         double_encoded=double_encoded,
+        ignored_keys=ignored,
     )
 
 

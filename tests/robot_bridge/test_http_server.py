@@ -279,6 +279,29 @@ def test_candidates_ranked_without_a_world_model_have_no_image_sets_by_depth(off
     assert_black_future_images(planned["future_image_predictions"])  # what the client indexes
 
 
+def without(request: dict[str, Any], key: str) -> dict[str, Any]:
+    return {name: value for name, value in request.items() if name != key}
+
+
+def test_keys_the_official_server_ignores_are_ignored_and_logged(
+    official_json: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Other clients add keys of their own (a seed, our protocol's names): the official server reads only its own."""
+    obs = camera_observation(2.0)
+    request = official_request(obs)
+    extra = {"seed": 7, "instruction": "dance", "proprio_history": [obs.proprio] * 2, "images_history": []}
+    with caplog.at_level(logging.INFO), serving_both(StubPolicy()) as (_, url):
+        plain = get_action_from_server(dict(request), url + "/act")
+        with_extra = get_action_from_server(request | extra, url + "/act")
+    assert_allclose(np.asarray(with_extra["actions"]), np.asarray(plain["actions"]), atol=0, rtol=0)
+    assert_allclose(np.asarray(plain["actions"]), expected_actions(obs.proprio, seed=195), atol=1e-5, rtol=0)
+    served = [
+        r.getMessage() for r in caplog.records if "kind=http_act" in r.getMessage() and "status=200" in r.getMessage()
+    ]
+    # The unread keys show in the access log (the official client's history keys are expected, not named).
+    assert [line.endswith(" ignored_keys=instruction,seed") for line in served] == [False, True], served
+
+
 def test_errors_are_4xx_json_naming_the_key(official_json: None) -> None:
     good = official_request(camera_observation(1.0))
     image = good["primary_image"]
@@ -288,9 +311,8 @@ def test_errors_are_4xx_json_naming_the_key(official_json: None) -> None:
         "not json": ("{nope", 400, "body"),
         "not an object": ("[1, 2]", 400, "body"),
         "nested past the parser's depth": ("[" * 100_000, 400, "body"),
-        "missing image": (json_numpy.dumps({k: v for k, v in good.items() if k != "left_wrist_image"}), 422, ""),
-        "unknown key": (json_numpy.dumps(good | {"torque": 1}), 422, "torque"),
-        "our protocol's key": (json_numpy.dumps(good | {"instruction": INSTRUCTION}), 422, "instruction"),
+        "missing image": (json_numpy.dumps(without(good, "left_wrist_image")), 422, ""),
+        "misspelt key": (json_numpy.dumps(without(good, "task_description") | {"task": INSTRUCTION}), 422, ""),
         "object dtype": (json.dumps({**json.loads(json_numpy.dumps(good)), "primary_image": object_array}), 422, ""),
         "float image": (json_numpy.dumps(good | {"primary_image": image.astype(np.float32)}), 422, ""),
         "wrong image size": (json_numpy.dumps(good | {"right_wrist_image": image[:112]}), 422, ""),
@@ -309,6 +331,8 @@ def test_errors_are_4xx_json_naming_the_key(official_json: None) -> None:
         "image list past 255": (json.dumps(good_lists | {"primary_image": [[[300] * 3] * 224] * 224}), 422, ""),
     }
     expected_errors = {
+        "misspelt key": "task_description: missing; the request needs ['left_wrist_image', 'primary_image', 'proprio', "
+        "'right_wrist_image', 'task_description']; it holds keys this server does not read: ['task']",
         "uint8 proprio": "proprio: expected dtype one of ['<f8', '<f4'], got '|u1'",
         "float image": "primary_image: expected dtype one of ['|u1'], got '<f4'",
         "image list past 255": "primary_image: expected integers in 0..255, got values in 300..300",
@@ -318,6 +342,7 @@ def test_errors_are_4xx_json_naming_the_key(official_json: None) -> None:
     }
     expected_fields = {
         "missing image": "left_wrist_image",
+        "misspelt key": "task_description",
         "object dtype": "primary_image",
         "float image": "primary_image",
         "wrong image size": "right_wrist_image",
