@@ -56,6 +56,8 @@ class DatasetStats:
     def __post_init__(self) -> None:
         for field in fields(self):
             value = getattr(self, field.name)
+            if value is None and field.name in REQUIRED_KEYS:  # JSON null
+                raise ConfigError(f"{field.name}: expected a list of numbers, got null")
             if value is not None:
                 object.__setattr__(self, field.name, _as_stat_vector(field.name, value))
         for prefix in ("actions", "proprio"):

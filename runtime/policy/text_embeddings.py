@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -195,10 +195,14 @@ def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, 
 
 
 def _tensor_view(path: Path, name: str, info: Any, buffer: memoryview) -> tuple[str, np.ndarray]:
-    try:
-        dtype, shape, (begin, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
-    except (TypeError, KeyError, ValueError) as error:
-        raise CheckpointError(f"{path}: tensor {name!r}: malformed header entry {info!r}") from error
+    entry = info if isinstance(info, dict) else {}
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(dtype, str) and _int_list(shape) and _int_list(offsets) and len(offsets) == 2):
+        raise CheckpointError(
+            f"{path}: tensor {name!r}: malformed header entry {str(info)[:200]} (expected a dtype name, a shape and "
+            "two data_offsets, as integers)"
+        )
+    begin, end = offsets
     if dtype not in _ITEM_SIZES:
         raise CheckpointError(f"{path}: tensor {name!r}: expected dtype in {sorted(_ITEM_SIZES)}, got {dtype!r}")
     expected = math.prod(shape) * _ITEM_SIZES[dtype]
@@ -209,6 +213,11 @@ def _tensor_view(path: Path, name: str, info: Any, buffer: memoryview) -> tuple[
         )
     numpy_dtype = {"BF16": "<u2", "F16": "<f2", "F32": "<f4"}[dtype]
     return dtype, np.frombuffer(buffer[begin:end], dtype=numpy_dtype).reshape(shape)
+
+
+def _int_list(value: object) -> TypeGuard[list[int]]:
+    """A JSON list of integers from 0 (not booleans, not floats: the sizes and offsets of a safetensors header)."""
+    return isinstance(value, list) and all(type(item) is int and item >= 0 for item in value)
 
 
 def _write_safetensors(path: Path, bf16_tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:

@@ -83,6 +83,7 @@ def test_write_json_round_trip(tmp_path: Path) -> None:
         ({"actions_max": [float("nan")]}, r"actions_max: expected finite numbers, got nan at dim 0"),
         ({"actions_min": [[0.0]]}, r"actions_min: expected a non-empty 1-D list"),
         ({"actions_min": "abc"}, r"actions_min: expected a list of numbers"),
+        ({"proprio_max": None}, r"proprio_max: expected a list of numbers, got null"),
     ],
 )
 def test_invalid_statistics_name_the_field_and_dim(change: dict, message: str) -> None:
@@ -118,6 +119,9 @@ def test_file_errors(tmp_path: Path) -> None:
     data = _official_json(platform)
     del data["proprio_max"]
     with pytest.raises(ConfigError, match=r"missing keys \['proprio_max'\]"):
+        DatasetStats.from_json(_write(tmp_path, data), platform)
+    data["proprio_max"], data["proprio_std"] = None, None  # null: refused where required, absent where optional
+    with pytest.raises(ConfigError, match=r"\.json: proprio_max: expected a list of numbers, got null"):
         DatasetStats.from_json(_write(tmp_path, data), platform)
 
 

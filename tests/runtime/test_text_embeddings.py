@@ -258,6 +258,21 @@ def _corrupt(tmp_path: Path, header: dict, buffer: bytes = b"") -> Path:
             "missing or repeated instruction",
         ),
         ({"__metadata__": {"format": 3}}, b"", "must map strings to strings"),
+        *(
+            (
+                {"__metadata__": {"format": text_embeddings.FORMAT_TAG}, "embedding_0": entry},
+                b"\0\0",
+                r"tensor 'embedding_0': malformed header entry .*expected a dtype name, a shape and two data_offsets",
+            )
+            for entry in (
+                {"dtype": "BF16", "shape": [1, 1, 1], "data_offsets": ["0", "2"]},
+                {"dtype": "BF16", "shape": [1, 1, 1], "data_offsets": [0.0, 2.0]},
+                {"dtype": ["BF16"], "shape": [1, 1, 1], "data_offsets": [0, 2]},
+                {"dtype": "BF16", "shape": [1, True, 1], "data_offsets": [0, 2]},
+                {"dtype": "BF16", "shape": [1, 1, 1], "data_offsets": [0, 1, 2]},
+                [0, 2],
+            )
+        ),
         (
             {"__metadata__": {"format": text_embeddings.FORMAT_TAG}},
             b"",
