@@ -153,6 +153,10 @@ def _act_on(args: argparse.Namespace) -> int:
         planning, unavailable = resolve_planning(args, source, devices)
         if planning is None:
             raise ConfigError(f"--mode planning: {unavailable}")
+        try:
+            planning.check_seed(args.seed)
+        except InputError as error:
+            raise ConfigError(f"--{error}") from None
         log_candidates(args, planning)
     with load_policies(
         source,

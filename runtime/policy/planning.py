@@ -39,10 +39,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError, NonFiniteOutput
+from cosmos_edge.runtime.errors import ConfigError, EngineError, NonFiniteOutput
 from cosmos_edge.runtime.platforms import LATENT_CHANNELS, LATENT_SIZE
 from cosmos_edge.runtime.policy.api import (
-    MAX_SEED,
     ActionQuery,
     CandidateResults,
     ChunkResult,
@@ -292,13 +291,7 @@ class PlanningPolicy(ModelPolicy):
 
     def infer(self, query: ActionQuery) -> ChunkResult:
         config = self._config
-        highest = MAX_SEED - config.largest_seed_offset()
-        if not config.randomize_seed and not 0 <= query.seed <= highest:
-            raise InputError(
-                f"seed: expected 0..{highest} with this planning configuration (its passes use seeds up to seed + "
-                f"{config.largest_seed_offset()}), got {query.seed}",
-                field="seed",
-            )
+        config.check_seed(query.seed)
         self._finish_stopping()  # the last query's stopped workers: their last network call, and any failure
         started = time.perf_counter()
         steps = denoising_steps(query, self._action_steps())

@@ -15,8 +15,8 @@ from enum import Enum
 
 import numpy as np
 
-from cosmos_edge.runtime.errors import ConfigError
-from cosmos_edge.runtime.policy.api import MAX_DENOISING_STEPS
+from cosmos_edge.runtime.errors import ConfigError, InputError
+from cosmos_edge.runtime.policy.api import MAX_DENOISING_STEPS, MAX_SEED
 from cosmos_edge.runtime.policy.conditioning import ConditioningMode
 from cosmos_edge.runtime.policy.value_aggregation import ValueAggregation
 from cosmos_edge.runtime.values import is_positive_int
@@ -152,6 +152,17 @@ class PlanningConfig:
         """The most a pass adds to the query's seed: candidate i takes s + i, and its ensemble members s + i + j."""
         members = max(len(self.future_steps()), len(self.value_steps())) if self.scores_with_planning_model else 1
         return self.num_queries_best_of_n - 1 + members - 1
+
+    def check_seed(self, seed: int) -> None:
+        """Raises `InputError` (field "seed") for a query seed whose passes would pass the last 32-bit seed (none is
+        used when `randomize_seed`)."""
+        highest = MAX_SEED - self.largest_seed_offset()
+        if not self.randomize_seed and not 0 <= seed <= highest:
+            raise InputError(
+                f"seed: expected 0..{highest} with this planning configuration (its passes use seeds up to seed + "
+                f"{self.largest_seed_offset()}), got {seed}",
+                field="seed",
+            )
 
     def value_steps(self) -> tuple[int, ...]:
         """Denoising steps of each value pass of one state; the k-th uses seed s + k."""

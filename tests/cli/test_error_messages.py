@@ -553,3 +553,16 @@ def test_a_positional_file_is_not_named_as_an_option(tmp_path: Path, capsys: pyt
     assert main(["engines", "build", str(tmp_path / "nobundle")]) == 2
     error = capsys.readouterr().err
     assert f"cosmos-edge: error: {tmp_path / 'nobundle'}: " in error and "--bundle" not in error
+
+
+@pytest.mark.usefixtures("loading_refused")
+def test_a_planning_seed_its_passes_would_overflow_is_refused_before_loading(
+    tiny_assets: dict[str, CheckpointFiles], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The main configuration's passes take seeds up to seed + 7 + 4 (8 candidates, 5 value passes each).
+    assert main(act(tiny_assets["aloha"], tmp_path, "--mode", "planning", "--seed", "4294967285")) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == (
+        "cosmos-edge: error: --seed: expected 0..4294967284 with this planning configuration (its passes use seeds "
+        "up to seed + 11), got 4294967285"
+    )
