@@ -322,7 +322,6 @@ def _open_bundle(
     resources: ExitStack,
 ) -> tuple[PolicyModel, list[PlanningWorker]]:
     bundle = source.bundle
-    bundle.check_platform(source.platform)
     backend = load_graph_backend(source.backend)
     has_future = bool(bundle.graph_names("vae_encoder_full")) and bool(bundle.graph_names("vae_decoder"))
     if future_images and not has_future:

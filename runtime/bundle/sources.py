@@ -84,8 +84,10 @@ class BundleSource:
     @functools.cached_property
     def bundle(self) -> Bundle:
         """The bundle, opened once for every use of this source (its manifest read and checked once, each file it
-        lists hashed at most once: a 2B bundle holds gigabytes)."""
-        return Bundle.open(self.path)
+        lists hashed at most once: a 2B bundle holds gigabytes), and refused if built for another `platform`."""
+        bundle = Bundle.open(self.path)
+        bundle.check_platform(self.platform)
+        return bundle
 
 
 ModelSource = CheckpointSource | BundleSource

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from cosmos_edge.runtime.bundle import manifest as manifest_module
-from cosmos_edge.runtime.bundle.loader import load_policies
+from cosmos_edge.runtime.bundle.loader import load_policies, source_platform
 from cosmos_edge.runtime.bundle.manifest import Bundle
 from cosmos_edge.runtime.bundle.sources import BundleSource
 from cosmos_edge.runtime.engines.registry import is_installed, load_graph_backend
@@ -208,6 +208,9 @@ def test_drifted_platform_definition_is_refused(bundle_copy: Path) -> None:
 def test_other_platform_is_refused(tiny_bundles: TinyBundles) -> None:
     with pytest.raises(BundleError, match="built for platform 'aloha', asked for 'libero'"):
         bundle_policy(tiny_bundles("aloha"), platform="libero")
+    # Also by what commands read before loading (the observation is checked against the bundle's platform).
+    with pytest.raises(BundleError, match="built for platform 'aloha', asked for 'libero'"):
+        source_platform(BundleSource(tiny_bundles("aloha"), platform="libero"))
 
 
 def test_missing_batch_size_is_refused(tiny_bundles: TinyBundles) -> None:
