@@ -50,38 +50,40 @@ def image_size(text: str) -> tuple[int, int]:
 
 
 def mebibytes(text: str) -> float:
-    """A finite size in MiB, above zero."""
-    return _positive_finite(text, "MiB")
+    """A size in MiB, above zero, up to 4 GiB (libzmq's limit is a C integer)."""
+    return _positive_finite(text, "MiB", 4096)
 
 
 def positive_milliseconds(text: str) -> float:
-    """A finite duration in milliseconds, above zero."""
-    return _positive_finite(text, "milliseconds")
+    """A duration in milliseconds, above zero, up to a day."""
+    return _positive_finite(text, "milliseconds", 86_400_000)
 
 
 def positive_seconds(text: str) -> float:
-    """A finite duration in seconds, above zero."""
-    return _positive_finite(text, "seconds")
+    """A duration in seconds, above zero, up to a year (waits take a C integer of time)."""
+    return _positive_finite(text, "seconds", 31_536_000)
 
 
 def positive_hertz(text: str) -> float:
-    """A finite rate in Hz, above zero."""
-    return _positive_finite(text, "Hz")
+    """A rate in Hz, above zero, up to 10 kHz."""
+    return _positive_finite(text, "Hz", 10_000)
 
 
 def factor_of_at_least_one(text: str) -> float:
     """A finite factor of at least 1."""
-    value = _positive_finite(text, "times")
+    value = _positive_finite(text, "times", 1000)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a factor of at least 1, got {text!r}")
     return value
 
 
-def _positive_finite(text: str, unit: str) -> float:
+def _positive_finite(text: str, unit: str, most: float) -> float:
     try:
         value = float(text)
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a positive finite number of {unit}, got {text!r}")
+    if value > most:
+        raise argparse.ArgumentTypeError(f"expected at most {most:g} {unit}, got {text!r}")
     return value

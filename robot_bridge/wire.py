@@ -86,6 +86,9 @@ class MessageError(ProtocolError):
         self.request_id = request_id
 
 
+_LARGEST_MESSAGE_BYTES = 2**32  # 4 GiB: far above any observation, far below libzmq's C integer
+
+
 @dataclass(frozen=True)
 class WireLimits:
     """Bounds on what a peer may make us parse. libzmq checks each frame against `max_message_bytes`; the rest is
@@ -98,8 +101,10 @@ class WireLimits:
 
     def __post_init__(self) -> None:
         for name in ("max_message_bytes", "max_array_bytes", "max_header_bytes", "max_arrays"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+            if not 1 <= getattr(self, name) <= _LARGEST_MESSAGE_BYTES:
+                raise ConfigError(
+                    f"{name}: expected an integer in 1..{_LARGEST_MESSAGE_BYTES}, got {getattr(self, name)}"
+                )
         if self.max_array_bytes > self.max_message_bytes or self.max_header_bytes > self.max_message_bytes:
             raise ConfigError(
                 f"max_array_bytes ({self.max_array_bytes}) and max_header_bytes ({self.max_header_bytes}) "

@@ -67,6 +67,7 @@ from cosmos_edge.runtime.policy.steps import (
 from cosmos_edge.runtime.policy.value_aggregation import select_best_candidate
 
 _LOG = logging.getLogger(__name__)
+_LONGEST_DEADLINE_MS = 86_400_000  # a day; waits take a C integer of time
 
 
 def candidate_shares(num_candidates: int, num_workers: int) -> list[list[int]]:
@@ -214,8 +215,11 @@ class PlanningPolicy(ModelPolicy):
     ) -> None:
         if not workers:
             raise ConfigError("workers: expected at least one planning worker")
-        if deadline_ms is not None and not deadline_ms > 0:
-            raise ConfigError(f"planning_deadline_ms: expected a positive number of milliseconds, got {deadline_ms}")
+        if deadline_ms is not None and not 0 < deadline_ms <= _LONGEST_DEADLINE_MS:
+            raise ConfigError(
+                f"planning_deadline_ms: expected a positive number of milliseconds up to a day "
+                f"({_LONGEST_DEADLINE_MS}), got {deadline_ms}"
+            )
         self._model = model
         text = model.text_embeddings
         self._workers = tuple(

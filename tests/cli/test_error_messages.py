@@ -461,6 +461,24 @@ def test_message_limits_must_be_finite_sizes(value: str, capsys: pytest.CaptureF
     assert "argument --max-message-mb: expected a" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["serve", "--max-message-mb", "1e20"], "argument --max-message-mb: expected at most 4096 MiB, got '1e20'"),
+        (["act", "--planning-deadline-ms", "1e13"], "--planning-deadline-ms: expected at most 8.64e+07 milliseconds"),
+        (["serve", "--http-read-timeout-s", "1e12"], "--http-read-timeout-s: expected at most 3.1536e+07 seconds"),
+        (["robot", "--task", "t", "--control-rate-hz", "1e9"], "--control-rate-hz: expected at most 10000 Hz"),
+    ],
+)
+def test_numbers_past_what_a_wait_or_a_socket_takes_are_usage_errors(
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("value", ["0.5", "nan", "x"])
 def test_the_latency_margin_is_a_factor_of_at_least_one(value: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:

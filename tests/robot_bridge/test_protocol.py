@@ -449,7 +449,9 @@ def test_error_reply_from_error_keeps_code_field_and_request() -> None:
     assert ErrorReply.from_error(MessageError(ErrorCode.MALFORMED, "header", "bad")).request_id == 0
 
 
-@pytest.mark.parametrize("changes", [{"max_arrays": 0}, {"max_array_bytes": 2**30}, {"max_message_bytes": -1}])
+@pytest.mark.parametrize(
+    "changes", [{"max_arrays": 0}, {"max_array_bytes": 2**30}, {"max_message_bytes": -1}, {"max_message_bytes": 2**63}]
+)
 def test_invalid_limits(changes: dict[str, int]) -> None:
     with pytest.raises(ConfigError):
         WireLimits(**changes)

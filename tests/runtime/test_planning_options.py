@@ -546,10 +546,12 @@ def test_a_deadline_spent_before_any_candidate_is_said_to_be(caplog: pytest.LogC
     assert re.fullmatch(r".*base candidate's action pass took \d+ ms", warning)  # what it measured, not checked here
 
 
-def test_a_deadline_must_be_positive() -> None:
+@pytest.mark.parametrize("deadline_ms", [0, 1e13])  # 1e13: past what a wait takes
+def test_a_deadline_must_be_positive_and_at_most_a_day(deadline_ms: float) -> None:
     policy, _ = planner(one_step())
-    with pytest.raises(ConfigError, match="planning_deadline_ms"):
-        PlanningPolicy(policy.model, [PlanningWorker(ScriptedNetwork(ALOHA), ScriptedNetwork(ALOHA))], deadline_ms=0)
+    with pytest.raises(ConfigError, match="planning_deadline_ms: expected a positive number of milliseconds up to"):
+        workers = [PlanningWorker(ScriptedNetwork(ALOHA), ScriptedNetwork(ALOHA))]
+        PlanningPolicy(policy.model, workers, deadline_ms=deadline_ms)
     policy.close()
 
 
