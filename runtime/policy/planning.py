@@ -247,8 +247,9 @@ class PlanningPolicy(ModelPolicy):
         return None if self._deadline_s is None else self._deadline_s * 1e3
 
     def warm_up(self, observation: Observation | None = None) -> None:
-        """One DiT call of batch 2 on each worker's networks, on the planning threads: a compiled DiT compiles its
-        graph for batches above 1 (minutes at 2B) now rather than on the first planning request. With an
+        """One DiT call on each worker's networks at the batch of its share of the candidates (at least 2), on the
+        planning threads: a compiled DiT compiles its graph for batches above 1 (minutes at 2B), and an engine runs
+        its graph of that batch for the first time, now rather than on the first planning request. With an
         `observation`, each worker also scores one candidate of it as a deadline's query does, at batch 1 with the
         action pass's default steps: the batch-1 graphs of every device, and a DiT that
         replays CUDA graphs captures the timesteps of those passes, before a deadline has to wait for them."""
@@ -265,17 +266,19 @@ class PlanningPolicy(ModelPolicy):
                 job.result()
         platform, instruction = self._model.platform, self.instructions[0]
         frames = platform.num_latent_frames
-        x = np.zeros((2, LATENT_CHANNELS, frames, LATENT_SIZE, LATENT_SIZE), np.float32)
-        timesteps = np.zeros((2, frames), np.float32)  # host arrays, as the sampler passes them
-        mask = np.zeros((2, 1, frames, LATENT_SIZE, LATENT_SIZE), np.float32)
 
-        def warm(worker: _BoundWorker) -> None:
+        def warm(worker: _BoundWorker, batch: int) -> None:
+            x = np.zeros((batch, LATENT_CHANNELS, frames, LATENT_SIZE, LATENT_SIZE), np.float32)
+            timesteps = np.zeros((batch, frames), np.float32)  # host arrays, as the sampler passes them
+            mask = np.zeros((batch, 1, frames, LATENT_SIZE, LATENT_SIZE), np.float32)
             for binding in (worker.policy, worker.planner):
                 bound = binding.for_instruction(instruction, StageTimer())
                 put = bound.arrays.put
                 bound.arrays.fetch(bound.call(put(x), timesteps, put(mask)))
 
-        for job in [self._pool.submit(warm, worker) for worker in self._workers]:
+        shares = candidate_shares(self._config.num_queries_best_of_n, len(self._workers))
+        jobs = [self._pool.submit(warm, w, max(2, len(s))) for w, s in zip(self._workers, shares, strict=True)]
+        for job in jobs:
             job.result()
         self.reset()
 

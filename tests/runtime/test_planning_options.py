@@ -625,16 +625,22 @@ class CallRecorder:
         return call
 
 
-def test_warm_up_runs_a_batched_call_on_each_workers_networks_on_the_planning_threads() -> None:
+@pytest.mark.parametrize(("candidates", "batches"), [(2, [2, 2]), (5, [3, 2])])
+def test_warm_up_runs_a_batched_call_on_each_workers_networks_on_the_planning_threads(
+    candidates: int, batches: list[int]
+) -> None:
+    """At the batch of the worker's share (at least 2): a compiled DiT compiles its batched graph, and an engine
+    runs the graph of that batch, which a bundle holds for it."""
     policy_nets, planning_nets = [CallRecorder(), CallRecorder()], [CallRecorder(), CallRecorder()]
     workers = [PlanningWorker(p, q) for p, q in zip(policy_nets, planning_nets, strict=True)]
     scripted, _ = planner(SMALL)  # for its model
     scripted.close()
-    with contextlib.closing(PlanningPolicy(scripted.model, workers, SMALL)) as policy:
+    config = dataclasses.replace(SMALL, num_queries_best_of_n=candidates)
+    with contextlib.closing(PlanningPolicy(scripted.model, workers, config)) as policy:
         policy.warm_up()
-    for recorder in (*policy_nets, *planning_nets):
-        assert [batch for batch, _ in recorder.calls] == [2]  # a compiled DiT compiles its batched graph here
-        assert all(thread.startswith("planning") for _, thread in recorder.calls)
+    for recorders in (policy_nets, planning_nets):
+        assert [[batch for batch, _ in recorder.calls] for recorder in recorders] == [[n] for n in batches]
+        assert all(thread.startswith("planning") for recorder in recorders for _, thread in recorder.calls)
 
 
 def test_warm_up_with_an_observation_scores_a_candidate_at_batch_1_on_every_worker() -> None:
