@@ -18,6 +18,7 @@ from cosmos_edge.cli.npz_files import (
     add_frames_argument,
     add_observation_arguments,
     as_rendered,
+    as_the_aloha_client_sends,
     observation_path,
     output_path,
     read_observation,
@@ -30,8 +31,8 @@ from cosmos_edge.cli.planning_args import (
     planning_flags_given,
     resolve_planning,
 )
-from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_images
 from cosmos_edge.runtime.bundle.loader import (
+    compiles_dit,
     load_policies,
     source_platform,
     source_stats,
@@ -39,7 +40,7 @@ from cosmos_edge.runtime.bundle.loader import (
 )
 from cosmos_edge.runtime.bundle.sources import CheckpointSource, ModelSource
 from cosmos_edge.runtime.errors import ConfigError, InputError, NonFiniteOutput
-from cosmos_edge.runtime.platforms import IMAGE_SIZE, PLATFORMS
+from cosmos_edge.runtime.platforms import PLATFORMS
 from cosmos_edge.runtime.policy.api import (
     MAX_DENOISING_STEPS,
     MAX_SEED,
@@ -168,7 +169,7 @@ def _act_on(args: argparse.Namespace) -> int:
     ) as loaded:
         policy = loaded.planning or loaded.reactive
         query = ActionQuery(observation, args.task, args.seed, args.steps, return_future_images=args.future_images)
-        if isinstance(source, CheckpointSource) and source.compile_mode is not None:
+        if compiles_dit(source):
             _LOG.info(
                 "this query compiles the networks first (a minute or more for the 2B model; its stage timings "
                 "include it; --no-compile runs eager)"
@@ -211,14 +212,7 @@ def _official_observation(source: ModelSource, observation: Observation, path: P
         source_stats(source).normalize_proprio(np.asarray(observation.proprio))
     if upright:
         return as_rendered(platform, observation)
-    if platform.name != "aloha":
-        return observation
-    images, resized = aloha_wire_images(observation.images)
-    if resized:
-        _LOG.info(
-            "observation: resizing %s to %dx%d, as the official ALOHA client does", resized, IMAGE_SIZE, IMAGE_SIZE
-        )
-    return Observation(images, observation.proprio)
+    return as_the_aloha_client_sends(observation) if platform.name == "aloha" else observation
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from cosmos_edge.cli.npz_files import (
     add_frames_argument,
     add_observation_arguments,
     as_rendered,
+    as_the_aloha_client_sends,
     observation_path,
     output_path,
     read_observation,
@@ -35,18 +36,18 @@ from cosmos_edge.cli.npz_files import (
 )
 from cosmos_edge.cli.output_paths import require_out
 from cosmos_edge.robot_bridge.act_messages import sampled_chunks
+from cosmos_edge.robot_bridge.binding import ServerConfig
 from cosmos_edge.robot_bridge.client import PolicyClient, RemoteError, RequestTimeout
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, load_public_key
 from cosmos_edge.robot_bridge.endpoints import parse_endpoint
 from cosmos_edge.robot_bridge.protocol import MessageError, ServerMetadata
-from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_images, check_camera_frame
+from cosmos_edge.robot_bridge.robots.camera_frames import check_camera_frame
 from cosmos_edge.robot_bridge.wire import REQUEST_FAULTS, wire_proprio
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE, platform_spec
 from cosmos_edge.runtime.policy.api import MAX_DENOISING_STEPS, MAX_SEED, Observation
 
 _LOG = logging.getLogger(__name__)
-_DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # `serve`'s default
 _CONTROL_TIMEOUT_S = 5.0  # ping, metadata and set-mode are answered at once, also during an inference
 _ACT_TIMEOUT_S = 120.0  # a chunk on CPU, or a planning chunk, takes seconds to minutes
 
@@ -54,7 +55,7 @@ _ACT_TIMEOUT_S = 120.0  # a chunk on CPU, or a planning chunk, takes seconds to 
 def connection_arguments(timeout_help: str) -> argparse.ArgumentParser:
     """The options that reach a server (a parent parser): `--endpoint`, `--timeout` and the CURVE keys (`connect`)."""
     connection = argparse.ArgumentParser(add_help=False)
-    connection.add_argument("--endpoint", default=_DEFAULT_ENDPOINT, help="the server's ZeroMQ endpoint")
+    connection.add_argument("--endpoint", default=ServerConfig.endpoint, help="the server's ZeroMQ endpoint")
     connection.add_argument("--timeout", type=float, help=timeout_help)
     connection.add_argument("--curve-server-key", type=Path, help="the server's public '.key' certificate")
     connection.add_argument("--curve-secret-key", type=Path, help="this client's '.key_secret' certificate")
@@ -315,10 +316,7 @@ def _as_the_server_takes_it(path: Path, observation: Observation, server: Server
         except InputError as error:
             raise InputError(f"observation: {path}: {error}") from None
         return observation
-    images, resized = aloha_wire_images(observation.images)
-    if resized:
-        _LOG.info("observation: resizing %s to %dx%d, as the ALOHA controller does", resized, IMAGE_SIZE, IMAGE_SIZE)
-    return Observation(images=images, proprio=observation.proprio)
+    return as_the_aloha_client_sends(observation)
 
 
 def _check_frame_sizes(images: Mapping[str, np.ndarray], server: ServerMetadata) -> None:

@@ -87,9 +87,9 @@ def model_source(
 ) -> ModelSource:
     """The source the flags name; a bundle mixed with the official files (or their options) is refused.
 
-    `devices` (none: the CPU), given by `device_flag`, choose the default precision and compilation of the official
-    files, and are checked here for them (a device torch cannot use is named with the flag); `reference` runs them on
-    the official whole-sequence path, uncompiled (`act --reference`).
+    `devices` (none: CUDA when torch sees a GPU, else the CPU), given by `device_flag`, choose the default precision
+    and compilation of the official files, and are checked here for them (a device torch cannot use is named with the
+    flag); `reference` runs them on the official whole-sequence path, uncompiled (`act --reference`).
     """
     official = {flag: getattr(args, name) for flag, name in _OFFICIAL_FILES.items()}
     if args.bundle is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import logging
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,10 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from cosmos_edge.cli.output_paths import writable_file
+from cosmos_edge.robot_bridge.robots.camera_frames import aloha_wire_images
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.files import write_atomic
-from cosmos_edge.runtime.platforms import PlatformSpec
+from cosmos_edge.runtime.platforms import IMAGE_SIZE, PlatformSpec
 from cosmos_edge.runtime.policy.api import Observation
+
+_LOG = logging.getLogger(__name__)
 
 
 def add_observation_arguments(parser: argparse.ArgumentParser, help_text: str) -> None:
@@ -44,6 +48,17 @@ def as_rendered(platform: PlatformSpec, observation: Observation) -> Observation
     if not platform.flip_images:
         raise ConfigError(f"--frames upright: {platform.name} frames are never flipped; drop the flag")
     images = {camera: np.ascontiguousarray(frame[::-1]) for camera, frame in observation.images.items()}
+    return Observation(images, observation.proprio)
+
+
+def as_the_aloha_client_sends(observation: Observation) -> Observation:
+    """ALOHA camera frames of another size than 224×224 resized as the official client (and the ALOHA controller)
+    resizes them before a server sees them; said in the log."""
+    images, resized = aloha_wire_images(observation.images)
+    if resized:
+        _LOG.info(
+            "observation: resizing %s to %dx%d, as the official ALOHA client does", resized, IMAGE_SIZE, IMAGE_SIZE
+        )
     return Observation(images, observation.proprio)
 
 

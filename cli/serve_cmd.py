@@ -37,10 +37,11 @@ from cosmos_edge.robot_bridge.protocol import WireLimits
 from cosmos_edge.robot_bridge.server import PolicyServer
 from cosmos_edge.runtime.bundle.loader import (
     LoadedPolicies,
+    compiles_dit,
     load_policies,
     source_platform,
 )
-from cosmos_edge.runtime.bundle.sources import CheckpointSource, ModelSource
+from cosmos_edge.runtime.bundle.sources import ModelSource
 from cosmos_edge.runtime.errors import ConfigError, EngineError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE
 from cosmos_edge.runtime.policy.planning_config import PlanningConfig
@@ -65,7 +66,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction, make_policies: Poli
     """Adds `serve`, whose policies `make_policies` builds from the parsed arguments."""
     parser = subparsers.add_parser("serve", help="serve a policy to robot controllers over ZeroMQ (and HTTP)")
     parser.add_argument(
-        "--endpoint", default="tcp://127.0.0.1:5555", help="ZeroMQ bind address; 'none' serves HTTP only (--http)"
+        "--endpoint", default=ServerConfig.endpoint, help="ZeroMQ bind address; 'none' serves HTTP only (--http)"
     )
     parser.add_argument(
         "--default-mode", default="reactive", choices=_MODES, help="mode used when a request names none"
@@ -330,8 +331,7 @@ def _policies(args: argparse.Namespace) -> LoadedPolicies:
             f"deadline {deadline:.0f} ms" if deadline is not None else "no deadline",
         )
     try:
-        compiles = isinstance(source, CheckpointSource) and source.compile_mode is not None
-        _LOG.info("warming up (kernels%s) before serving", ", compilation" if compiles else "")
+        _LOG.info("warming up (kernels%s) before serving", ", compilation" if compiles_dit(source) else "")
         _LOG.info("warm-up done in %.1f s; serving", loaded.warm_up())
     except BaseException:
         loaded.close()

@@ -209,7 +209,7 @@ def test_option_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_act_resizes_camera_frames_to_the_wire_size_as_the_controller_does(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="cosmos_edge.cli.client_cmd")
+    caplog.set_level(logging.INFO, logger="cosmos_edge.cli")
     obs = observation(3.0)
     rng = np.random.default_rng(5)
     frames = {camera: rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for camera in obs.images}
@@ -225,7 +225,7 @@ def test_act_resizes_camera_frames_to_the_wire_size_as_the_controller_does(
         np.testing.assert_array_equal(query.observation.images[camera], wire)
     resizing = [record.getMessage() for record in caplog.records if "resizing" in record.getMessage()]
     assert resizing == [
-        "observation: resizing cam_right_wrist 480x640, cam_high 480x640 to 224x224, as the ALOHA controller does"
+        "observation: resizing cam_right_wrist 480x640, cam_high 480x640 to 224x224, as the official ALOHA client does"
     ]
 
 
