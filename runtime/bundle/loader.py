@@ -53,8 +53,8 @@ class LoadedPolicies:
         planning: PlanningPolicy | None,
         workers: Sequence[PlanningWorker],
         resources: ExitStack,
-        replays_graphs: bool = False,
-        compiled: bool = False,
+        replays_graphs: bool,
+        compiled: bool,
     ) -> None:
         self.reactive = reactive
         self.planning = planning
