@@ -65,6 +65,7 @@ _DISCONNECT_POLL_S = 0.1  # how often a request waiting for its reply checks tha
 # uvicorn's own shutdown wait runs this much past the server's window: a request answered `shutting_down` as the
 # window ends still has its reply written and its connection closed, rather than cancelled with an error line.
 _REPLY_MARGIN_S = 1.0
+_MAX_WARNED_KEY_SETS = 16  # sets of ignored /act keys warned about: a peer chooses them
 _CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that closed the connection before the answer
 _STATUS = {
     ErrorCode.MALFORMED: 400,
@@ -194,6 +195,7 @@ class HttpEndpoint:
         self._proprio_dim = metadata.proprio_dim
         self._requests = 0  # request ids, counted on the event loop thread
         self._refusals = RateLimitedLog(logger)  # per client address; on the event loop thread
+        self._warned_ignored: set[tuple[str, ...]] = set()  # sets of ignored keys warned about; on the event loop
         # One body parsed at a time: JSON lists become Python objects about 20x their size (the GIL would run
         # parses one after another anyway), so the bodies of every open connection are never expanded at once.
         # Made by `start`: a lock belongs to the event loop it first waits on, and each start runs a new one.
@@ -302,6 +304,7 @@ class HttpEndpoint:
             async with self._parsing:
                 query = await run_in_threadpool(parse_query, body, self._image_size, self._proprio_dim)
             decode_ms = ms_since(started)
+            self._warn_ignored(query.ignored_keys)
             reply = await self._submit(self._act_request(request_id, query), peer, decode_ms, request)
             waited = time.perf_counter()
             content = await run_in_threadpool(reply_body, reply, query, self._image_lists.get(reply.mode))
@@ -341,6 +344,18 @@ class HttpEndpoint:
             _ignored_keys_text(query.ignored_keys),
         )
         return Response(content, media_type="application/json")
+
+    def _warn_ignored(self, keys: tuple[str, ...]) -> None:
+        """Warns once per set of keys a request held that are not read (a client expecting its `seed` applied, a
+        misspelt optional key); a bounded number of sets, as a peer chooses them."""
+        if not keys or keys in self._warned_ignored or len(self._warned_ignored) >= _MAX_WARNED_KEY_SETS:
+            return
+        self._warned_ignored.add(keys)
+        logger.warning(
+            "http /act: ignoring keys %s, as the official server ignores them (said once per set of keys; the "
+            "server's seed applies to every /act request)",
+            ",".join(peer_text(key) for key in keys),
+        )
 
     async def _submit(self, act: ActRequest, peer: str, decode_ms: float, request: Request) -> ActReply:
         """The server's reply to `act`; its refusals name the official request's keys. A client that disconnects

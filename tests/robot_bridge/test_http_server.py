@@ -293,13 +293,19 @@ def test_keys_the_official_server_ignores_are_ignored_and_logged(
     with caplog.at_level(logging.INFO), serving_both(StubPolicy()) as (_, url):
         plain = get_action_from_server(dict(request), url + "/act")
         with_extra = get_action_from_server(request | extra, url + "/act")
+        get_action_from_server(request | extra, url + "/act")  # the same keys: no second warning
     assert_allclose(np.asarray(with_extra["actions"]), np.asarray(plain["actions"]), atol=0, rtol=0)
     assert_allclose(np.asarray(plain["actions"]), expected_actions(obs.proprio, seed=195), atol=1e-5, rtol=0)
     served = [
         r.getMessage() for r in caplog.records if "kind=http_act" in r.getMessage() and "status=200" in r.getMessage()
     ]
     # The unread keys show in the access log (the official client's history keys are expected, not named).
-    assert [line.endswith(" ignored_keys=instruction,seed") for line in served] == [False, True], served
+    assert [line.endswith(" ignored_keys=instruction,seed") for line in served] == [False, True, True], served
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "http /act: ignoring keys instruction,seed, as the official server ignores them (said once per set of keys; "
+        "the server's seed applies to every /act request)"
+    ]
 
 
 def test_errors_are_4xx_json_naming_the_key(official_json: None) -> None:
