@@ -192,9 +192,12 @@ def _check_input(name: str, values: np.ndarray, dim: int, field: str = "", *, fi
     network's failure for its policy to report, not a bad request); `field`: the request field they came from (none
     for outputs)."""
     try:
-        array = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as error:
+        given = np.asarray(values)
+        array = given.astype(np.float64) if given.dtype.kind in "iuf" else None  # no bool, complex or text
+    except (TypeError, ValueError) as error:  # a ragged sequence
         raise InputError(f"{name}: expected numbers [..., {dim}], got {type(values).__name__}", field) from error
+    if array is None:
+        raise InputError(f"{name}: expected numbers [..., {dim}], got dtype {given.dtype}", field)
     if array.ndim == 0 or array.shape[-1] != dim:
         raise InputError(f"{name}: expected shape [..., {dim}], got {list(array.shape)}", field)
     if finite and (bad := np.argwhere(~np.isfinite(array))).size:

@@ -30,11 +30,12 @@ def files_args(files: CheckpointFiles, **override: Path) -> list[str]:
     return [arg for name, path in paths.items() for arg in (f"--{name}", str(path))] + ["--platform", "aloha"]
 
 
-def observation(tmp: Path) -> Path:
+def observation(tmp: Path, proprio: np.ndarray | None = None) -> Path:
     rng = np.random.default_rng(0)
     images = {name: rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for name in ("cam_high", "cam_left_wrist")}
     images["cam_right_wrist"] = images["cam_high"]
-    np.savez(tmp / "obs.npz", proprio=np.zeros(14, np.float32), **images)  # type: ignore[arg-type]
+    proprio = np.zeros(14, np.float32) if proprio is None else proprio
+    np.savez(tmp / "obs.npz", proprio=proprio, **images)  # type: ignore[arg-type]
     return tmp / "obs.npz"
 
 
@@ -78,6 +79,10 @@ CASES: dict[str, Case] = {
     "observation of object arrays": lambda f, t: (
         act(f, t, observation_path=_objects(t)),
         "objects.npz",
+    ),
+    "complex proprio": lambda f, t: (
+        act(f, t, observation_path=observation(t, np.zeros(14, np.complex64))),
+        "obs.npz: proprio: expected numbers [..., 14], got dtype complex64",
     ),
     "missing pickle": lambda f, t: (
         ["text-embeddings", "convert", str(t / "nope.pkl"), str(t / "o.safetensors"), "--trust-pickle"],

@@ -137,7 +137,10 @@ def test_unknown_keys_are_ignored(tmp_path: Path) -> None:
         (np.zeros(8), r"proprio: expected shape \[\.\.\., 9\], got \[8\]"),
         (np.float64(0.0), r"proprio: expected shape \[\.\.\., 9\], got \[\]"),
         (np.array([0.0] * 8 + [np.nan]), r"proprio: expected finite values, got nan at index \[8\]"),
-        (["a"] * 9, r"proprio: expected numbers"),
+        (["a"] * 9, r"proprio: expected numbers \[\.\.\., 9\], got dtype <U1"),
+        (np.zeros(9, np.complex64), r"proprio: expected numbers \[\.\.\., 9\], got dtype complex64"),
+        (np.zeros(9, bool), r"proprio: expected numbers \[\.\.\., 9\], got dtype bool"),
+        ([[0.0] * 9, [0.0]], r"proprio: expected numbers \[\.\.\., 9\], got list"),
     ],
 )
 def test_bad_proprio_is_an_input_error(tmp_path: Path, proprio: object, message: str) -> None:
