@@ -189,11 +189,13 @@ def planning_candidates(
         if not fits(requested):
             available, workers = set(bundle_batch_sizes(source)), len(devices or [_default_device(source)])
             needed = sorted(set(planning_batch_sizes(requested, workers)) - available)
+            counts = candidates_that_fit(source, devices)
+            fitting = f"ask for {' or '.join(map(str, counts[:3]))} candidates, " if counts else ""
             raise ConfigError(
                 f"num_queries_best_of_n: {requested} candidates over {workers} device(s) need DiT batch sizes "
-                f"{needed}, which bundle {source.path} lacks (it has {sorted(available)}); ask for fewer candidates, "
-                "plan under a deadline (candidates then run one at a time, at batch 1), or re-export the bundle with "
-                "those batch sizes"
+                f"{needed}, which bundle {source.path} lacks (it has {sorted(available)}); {fitting}plan under a "
+                "deadline (candidates then run one at a time, at batch 1), or re-export the bundle with those batch "
+                "sizes"
             )
         return requested
     return next((n for n in range(default, min(2, default) - 1, -1) if fits(n)), None)

@@ -76,8 +76,11 @@ def test_planning_from_a_bundle_uses_the_candidates_its_batch_sizes_serve(tiny_b
     assert planning_candidates(source, ["cpu"], None, 1) == 1  # a one-candidate preset
     with pytest.raises(
         ConfigError, match=r"^num_queries_best_of_n: 8 candidates over 1 device\(s\) need DiT batch sizes \[8\]"
-    ):
+    ) as caught:
         planning_candidates(source, ["cpu"], 8, 8)
+    assert "lacks (it has [1, 2]); ask for 2 candidates, plan under a deadline" in str(caught.value)
+    with pytest.raises(ConfigError, match=r"need DiT batch sizes \[3\].* ask for 2 or 3 or 4 candidates, plan"):
+        planning_candidates(source, ["cpu", "cpu"], 5, 8)  # shares of 3 and 2
 
 
 @pytest.mark.parametrize("flag", ["--num-candidates", "--num-queries-best-of-n"])
