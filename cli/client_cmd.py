@@ -40,7 +40,7 @@ from cosmos_edge.robot_bridge.binding import ServerConfig
 from cosmos_edge.robot_bridge.client import PolicyClient, RemoteError, RequestTimeout
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, load_public_key
 from cosmos_edge.robot_bridge.endpoints import parse_endpoint
-from cosmos_edge.robot_bridge.protocol import MessageError, ServerMetadata
+from cosmos_edge.robot_bridge.protocol import MessageError, ServerMetadata, check_instruction
 from cosmos_edge.robot_bridge.robots.camera_frames import check_camera_frame
 from cosmos_edge.robot_bridge.wire import REQUEST_FAULTS, wire_proprio
 from cosmos_edge.runtime.errors import ConfigError, InputError
@@ -235,14 +235,13 @@ def _act(args: argparse.Namespace) -> int:
     out = None if args.out is None else output_path("--out", args.out)
     if args.return_all_query_results:  # the summary printed holds no candidate's actions
         require_out("--return-all-query-results", "every candidate's results are", out)
+    check_instruction(args.task)  # a request this command cannot build is refused before it connects
+    with connect(args, _CONTROL_TIMEOUT_S) as probe:  # a server that is down is said in seconds, not minutes
+        server = probe.metadata()
+    if args.frames == "upright":
+        observation = as_rendered(platform_spec(server.platform), observation)
+    observation = _as_the_server_takes_it(path, observation, server)
     with connect(args, _ACT_TIMEOUT_S) as client:
-        upright = args.frames == "upright"
-        # Frames of the wire's default size go as they are (a server of another size refuses them, naming the camera).
-        if upright or any(frame.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE) for frame in observation.images.values()):
-            server = client.metadata()
-            if upright:
-                observation = as_rendered(platform_spec(server.platform), observation)
-            observation = _as_the_server_takes_it(path, observation, server)
         reply = client.act(
             observation,
             args.task,

@@ -246,8 +246,9 @@ class PolicyClient:
             curve = ", and does it admit this client's CURVE key"
         else:  # a CURVE server drops a plain connection without a word
             curve = ", or does it require CURVE keys (the server's public key and a client key pair)"
+        sending = _with_article(request.kind.value)
         raise RequestTimeout(
-            f"no connection to {self._endpoint} within {self._timeout_s} s (sending a {request.kind.value} request); "
+            f"no connection to {self._endpoint} within {self._timeout_s} s (sending {sending} request); "
             f"is the server running{curve}?"
         )
 
@@ -310,3 +311,7 @@ def _remaining_ms(deadline: float) -> int:
 def _timeout_ms(deadline: float) -> int:
     """The deadline as the server reads it: milliseconds from when the request arrives, at least 1."""
     return min(max(1, _remaining_ms(deadline)), MAX_TIMEOUT_MS)
+
+
+def _with_article(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word

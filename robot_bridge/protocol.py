@@ -73,6 +73,14 @@ __all__ = [
 
 MAX_TIMEOUT_MS = 2**32 - 1  # about 50 days; a longer deadline is sent as this one
 _MAX_TEXT = 1024
+
+
+def check_instruction(instruction: object) -> str:
+    """An `act`'s instruction as the protocol takes it (text of 1..1024 characters); `MessageError` naming
+    `instruction` otherwise."""
+    return check_text("instruction", instruction, _MAX_TEXT)
+
+
 _MAX_ERROR_TEXT = 2048
 _MAX_CAMERAS = 8
 _OUTCOMES = frozenset(outcome.value for outcome in PlanningOutcome)
@@ -182,7 +190,7 @@ class ActRequest(_Message):
         super().__post_init__()
         set_field(self, "obs_id", check_int("obs_id", self.obs_id, 0, INT64_MAX))
         set_field(self, "capture_time_ns", check_int("capture_time_ns", self.capture_time_ns, 0, INT64_MAX))
-        set_field(self, "instruction", check_text("instruction", self.instruction, _MAX_TEXT))
+        set_field(self, "instruction", check_instruction(self.instruction))
         if not isinstance(self.images, Mapping) or not 1 <= len(self.images) <= _MAX_CAMERAS:
             raise invalid("images", f"expected a mapping of 1..{_MAX_CAMERAS} cameras to images")
         images = {}

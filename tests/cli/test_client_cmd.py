@@ -291,3 +291,14 @@ def test_a_libero_server_takes_its_cameras_size_and_answers_what_act_computes(
     for name in ("served.npz", "upright_served.npz"):
         with np.load(tmp_path / name) as served:
             np.testing.assert_array_equal(served["actions"], expected.actions)
+
+
+def test_act_without_a_server_fails_in_the_control_timeout_not_the_acts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    obs = random_observation("aloha")
+    np.savez(tmp_path / "good.npz", proprio=obs.proprio, **obs.images)  # type: ignore[arg-type]
+    argv = ["client", "act", str(tmp_path / "good.npz"), "--task", INSTRUCTION, "--endpoint"]
+    assert main([*argv, f"tcp://127.0.0.1:{free_port()}"]) == 1
+    # The server's metadata first, within the 5 s of a control request, rather than the act's 120 s.
+    assert "within 5.0 s (sending a metadata request); is the server running" in capsys.readouterr().err
