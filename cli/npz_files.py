@@ -79,6 +79,8 @@ def read_observation(path: Path) -> Observation:
         raise InputError(f"observation: {path}: no such file")
     with path.open("rb") as file:
         magic = file.read(4)
+    if magic == b"PK\x05\x06":  # a zip archive's end record first: `np.savez` given no array
+        raise InputError(f"observation: {path}: an .npz holding no arrays; expected `proprio` and one per camera")
     if magic != b"PK\x03\x04":  # every .npz is a zip archive
         raise InputError(f"observation: {path}: not an .npz archive (np.savez writes one), it starts with {magic!r}")
     try:

@@ -80,6 +80,10 @@ CASES: dict[str, Case] = {
         act(f, t, observation_path=_objects(t)),
         "objects.npz",
     ),
+    "an empty npz": lambda f, t: (
+        act(f, t, observation_path=_empty_npz(t)),
+        "empty.npz: an .npz holding no arrays; expected `proprio` and one per camera",
+    ),
     "complex proprio": lambda f, t: (
         act(f, t, observation_path=observation(t, np.zeros(14, np.complex64))),
         "obs.npz: proprio: expected numbers [..., 14], got dtype complex64",
@@ -376,6 +380,11 @@ def _short_embeddings(files: CheckpointFiles, tmp: Path) -> Path:
     width = text_embeddings.read(files.text_embeddings).shape[-1]
     text_embeddings.write(tmp / "short.safetensors", {"fold the t-shirt": np.zeros((1, 12, width), np.float32)})
     return tmp / "short.safetensors"
+
+
+def _empty_npz(tmp: Path) -> Path:
+    np.savez(tmp / "empty.npz")
+    return tmp / "empty.npz"
 
 
 def _objects(tmp: Path) -> Path:
