@@ -126,6 +126,15 @@ def _shape_of(canonical: _Canonical, name: str) -> torch.Size:
     return canonical.params[name].shape
 
 
+def _block_shape(canonical: _Canonical, num_blocks: int, suffix: str) -> torch.Size:
+    """The shape of a block's tensor, read from the first block that holds it: a key missing from block 0 alone is
+    then reported as missing, not taken for a file of another network."""
+    for index in range(num_blocks):
+        if (name := f"blocks.{index}.{suffix}") in canonical.params:
+            return canonical.params[name].shape
+    return _shape_of(canonical, f"blocks.0.{suffix}")  # refused, naming block 0's key
+
+
 def _infer_config(canonical: _Canonical, **known: Any) -> DiTConfig:
     """DiT config from tensor shapes, every tensor of that config in its shape; `known` gives fields that shapes
     cannot tell (patch sizes, RoPE, max sizes)."""
@@ -141,11 +150,11 @@ def _config_from_shapes(canonical: _Canonical, **known: Any) -> DiTConfig:
     patch_volume = patch_temporal * patch_spatial**2
     channels, patch_features = _shape_of(canonical, "x_embedder.proj.1.weight")
     out_features = _shape_of(canonical, "final_layer.linear.weight")[0]
-    head_dim = _shape_of(canonical, "blocks.0.self_attn.q_norm.weight")[0]
     block_ids = {name.split(".")[1] for name in canonical.params if name.startswith("blocks.")}
     num_blocks = len(block_ids)
     if block_ids != {str(i) for i in range(num_blocks)}:
         raise CheckpointError(f"state dict: expected blocks numbered 0..{num_blocks - 1}, got {sorted(block_ids)}")
+    head_dim = _block_shape(canonical, num_blocks, "self_attn.q_norm.weight")[0]
     if patch_features % patch_volume or out_features % patch_volume or channels % head_dim:
         raise CheckpointError(
             f"state dict: inconsistent shapes: patch-embed input {patch_features} and output projection "
@@ -160,9 +169,9 @@ def _config_from_shapes(canonical: _Canonical, **known: Any) -> DiTConfig:
                 "num_blocks": num_blocks,
                 "num_heads": channels // head_dim,
                 "head_dim": head_dim,
-                "text_dim": _shape_of(canonical, "blocks.0.cross_attn.k_proj.weight")[1],
-                "mlp_hidden": _shape_of(canonical, "blocks.0.mlp.layer1.weight")[0],
-                "adaln_lora_dim": _shape_of(canonical, "blocks.0.adaln_modulation_self_attn.1.weight")[0],
+                "text_dim": _block_shape(canonical, num_blocks, "cross_attn.k_proj.weight")[1],
+                "mlp_hidden": _block_shape(canonical, num_blocks, "mlp.layer1.weight")[0],
+                "adaln_lora_dim": _block_shape(canonical, num_blocks, "adaln_modulation_self_attn.1.weight")[0],
                 "in_channels": patch_features // patch_volume - MASK_CHANNELS,
                 "out_channels": out_features // patch_volume,
             }

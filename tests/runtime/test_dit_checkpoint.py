@@ -107,6 +107,23 @@ def test_missing_key_is_named(tmp_path: Path, tiny_state: dict[str, Tensor]) -> 
         load_dit(path)
 
 
+@pytest.mark.parametrize(
+    "key",
+    [
+        "net.blocks.0.self_attn.q_norm.weight",
+        "net.blocks.0.cross_attn.k_proj.weight",
+        "net.blocks.0.mlp.layer1.weight",
+        "net.blocks.0.adaln_modulation_self_attn.1.weight",
+    ],
+)
+def test_a_key_the_size_is_read_from_missing_from_block_0_alone_is_listed_as_missing(
+    tiny_state: dict[str, Tensor], key: str
+) -> None:
+    summary = summarize_dit_state_dict({name: tensor for name, tensor in tiny_state.items() if name != key})
+    assert summary["config"] == dataclasses.asdict(TINY)
+    assert summary["missing_keys"] == [key]
+
+
 def test_unexpected_key_is_named(tmp_path: Path, tiny_state: dict[str, Tensor]) -> None:
     path = tmp_path / "model.pt"
     torch.save({**tiny_state, "net.blocks.0.self_attn.bias": torch.zeros(64)}, path)
