@@ -54,8 +54,9 @@ from cosmos_edge.runtime.engines.graph import (
     vae_decoder_graph,
     vae_encoder_graph,
 )
-from cosmos_edge.runtime.errors import BundleError, ConfigError, EngineError
+from cosmos_edge.runtime.errors import BundleError, CheckpointError, ConfigError, EngineError
 from cosmos_edge.runtime.files import exclusive_lock
+from cosmos_edge.runtime.models.checkpoint_io import non_finite_tensors
 from cosmos_edge.runtime.models.dit_checkpoint import dit_checkpoint_config, load_dit
 from cosmos_edge.runtime.models.dtypes import TORCH_DTYPES
 from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
@@ -286,6 +287,7 @@ def _export_dit_graphs(
     """The DiT's text-K/V graph and one DiT graph per batch size; returns the DiT configuration. The network is
     freed before returning."""
     dit = load_dit(checkpoint, TORCH_DTYPES[request.precision])
+    _refuse_non_finite(dit, checkpoint, request.precision)
     _, text_tokens, text_dim = text_shape
     if dit.config.text_dim != text_dim:
         raise ConfigError(
@@ -307,12 +309,23 @@ def _export_dit_graphs(
 def _export_vae_graphs(request: ExportRequest, platform: PlatformSpec, writer: _GraphWriter) -> dict[str, object]:
     """The VAE's graphs; returns its configuration. The network is freed on return."""
     vae = load_wan_vae(request.tokenizer, TORCH_DTYPES[vae_graph_precision(request.precision)])
+    _refuse_non_finite(vae, request.tokenizer, vae_graph_precision(request.precision))
     cameras = partial(export_vae_cameras_encoder, vae, platform)
     writer.add("vae_encoder_cameras", vae_encoder_graph(platform, False), cameras)
     if request.future_images:
         writer.add("vae_encoder_full", vae_encoder_graph(platform, True), partial(export_vae_encoder, vae))
         writer.add("vae_decoder", vae_decoder_graph(platform), partial(export_vae_decoder, vae))
     return asdict(vae.config)
+
+
+def _refuse_non_finite(network: torch.nn.Module, path: Path, precision: str) -> None:
+    """A network whose weights hold NaN or infinity (in the file, or past the range of `precision`) answers every
+    query with NaN: refused before minutes of export, rather than found once its bundle is deployed."""
+    if bad := non_finite_tensors(dict(network.state_dict())):
+        raise CheckpointError(
+            f"{path}: {len(bad)} tensor(s) hold NaN or infinity in {precision} (first: {bad[0]}); a bundle exported "
+            "from it would answer every query with NaN (`cosmos-edge checkpoint inspect` lists them)"
+        )
 
 
 def _files(root: Path) -> Iterator[Path]:

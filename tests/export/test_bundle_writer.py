@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 
 from cosmos_edge.export import bundle_writer
 from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
@@ -286,3 +287,18 @@ def test_a_request_for_batch_sizes_nothing_could_serve_is_refused(
     missing = tmp_path / "not_read"  # the batch sizes are refused before any file is looked at
     with pytest.raises(ConfigError, match=f"batch_sizes: {re.escape(expected)}"):
         ExportRequest(missing, missing, missing, missing, "aloha", tmp_path / "b", batch_sizes=sizes)
+
+
+def test_weights_holding_nan_are_refused_and_leave_no_bundle(
+    tiny_assets: dict[str, CheckpointFiles], tmp_path: Path
+) -> None:
+    files = tiny_assets["libero"]
+    state = torch.load(files.checkpoint, weights_only=True)
+    key = "net.final_layer.linear.weight"
+    state[key] = state[key].clone()
+    state[key][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    out = tmp_path / "bundle"
+    with pytest.raises(CheckpointError, match=r"nan\.pt: 1 tensor\(s\) hold NaN or infinity in fp32 \(first: final_la"):
+        export_bundle(request(files, out, checkpoint=tmp_path / "nan.pt"))
+    assert not out.exists()
