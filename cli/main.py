@@ -119,7 +119,12 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args, unknown = build_parser().parse_known_args(kebab_planning_flags(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    try:
+        flags = kebab_planning_flags(sys.argv[1:] if argv is None else argv)
+    except ConfigError as error:
+        parser.error(str(error))
+    args, unknown = parser.parse_known_args(flags)
     if unknown:
         parser = args._command_parser
         hint = " (-v/--verbose goes before the command)" if {"-v", "--verbose"} & set(unknown) else ""

@@ -104,7 +104,8 @@ def kebab_planning_flags(argv: Sequence[str]) -> list[str]:
     """`argv` with the planning options in their official draccus spellings (`--num_queries_best_of_n 8`,
     `--ar_value_prediction True`, `--search_depth=3`) rewritten as the flags that parse them (`--num-queries-best-of-n
     8`, `--ar-value-prediction`, `--search-depth=3`), so that an official command's planning flags can be pasted as
-    they are. A boolean's value other than True or False stays attached to its flag, which then refuses it."""
+    they are. A boolean's value other than True or False (or yes/no, 1/0) is refused (`ConfigError`), naming the flag
+    as given."""
     is_boolean = {field.name: field.type == "bool" for field in _FIELDS if "_" in field.name}  # by official name
     rewritten: list[str] = []
     position = 0
@@ -129,9 +130,8 @@ def kebab_planning_flags(argv: Sequence[str]) -> list[str]:
                 value, position = following, position + 1
         known = _BOOLEANS.get(value.lower())
         if known is None:
-            rewritten.append(f"{flag}={value}")  # refused by the flag, naming the value
-        else:
-            rewritten.append(flag if known else "--no-" + flag[2:])
+            raise ConfigError(f"{name}: expected True or False after it (or {flag} / --no-{flag[2:]}), got {value!r}")
+        rewritten.append(flag if known else "--no-" + flag[2:])
     return rewritten
 
 

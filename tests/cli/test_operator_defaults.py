@@ -230,7 +230,6 @@ def test_official_planning_flags_over_the_deploy_defaults_give_the_main_preset()
 @pytest.mark.parametrize(
     ("flags", "named"),
     [
-        (["--ar_value_prediction", "maybe"], "argument --ar-value-prediction/--no-ar-value-prediction: ignored "),
         (["--num_queries_best_of_n", "2", "--num-candidates", "3"], "given twice"),
         (["--search_depth_value_aggregation_scheme", "median"], "argument --search-depth-value-aggregation-scheme"),
         (["--value_ensemble_aggregation_scheme", "lcb", "--value-ensemble-aggregation-scheme=average"], None),
@@ -247,6 +246,21 @@ def test_official_planning_flags_are_checked_as_their_kebab_names(
     with pytest.raises(SystemExit):
         parser.parse_args(kebab_planning_flags(flags))
     assert named in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--ar_value_prediction", "maybe"], ["--use_ensemble_value_predictions=obs.npz"]])
+def test_an_official_boolean_flag_of_another_value_is_a_usage_error_naming_it(
+    flags: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli_main.main(["act", "--mode", "planning", *flags])
+    assert exited.value.code == 2
+    name, value = flags[0].partition("=")[0], flags[-1].partition("=")[2] or flags[-1]
+    kebab = name.replace("_", "-")
+    assert capsys.readouterr().err == (
+        f"cosmos-edge: error: {name}: expected True or False after it (or {kebab} / --no-{kebab[2:]}), got "
+        f"{value!r} (see: cosmos-edge --help)\n"
+    )
 
 
 def test_logging_shows_cosmos_edge_at_info_and_other_libraries_from_warning(monkeypatch: pytest.MonkeyPatch) -> None:
