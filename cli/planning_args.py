@@ -38,12 +38,11 @@ def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--planning-preset",
         choices=sorted(PRESETS),
-        default="main",
-        help="main: the official main planning config (V(s'), 3 x 5 ensembles, best of 8); depth3: search depth 3 "
-        "without ensembles; base: one candidate ranked by its own action pass; deploy-defaults: the official "
-        "DeployConfig's own defaults (the same as base), under which an official command's planning flags mean what "
-        "they mean there. Every planning flag also takes its official spelling: --num_queries_best_of_n 8, "
-        "--use_ensemble_value_predictions True",
+        help="(default: main) main: the official main planning config (V(s'), 3 x 5 ensembles, best of 8); "
+        "depth3: search depth 3 without ensembles; base: one candidate ranked by its own action pass; "
+        "deploy-defaults: the official DeployConfig's own defaults (the same as base), under which an official "
+        "command's planning flags mean what they mean there. Every planning flag also takes its official spelling: "
+        "--num_queries_best_of_n 8, --use_ensemble_value_predictions True",
     )
     defaults = PRESETS["main"]
     for field in _FIELDS:
@@ -139,7 +138,7 @@ def planning_config(args: argparse.Namespace, **replaced: object) -> PlanningCon
     """The preset with every planning flag the user gave (and `replaced`) applied; an error names the flags."""
     given = {field.name: getattr(args, field.name) for field in _FIELDS if getattr(args, field.name) is not None}
     try:
-        config = planning_preset(args.planning_preset, **(given | replaced))
+        config = planning_preset(_preset(args), **(given | replaced))
     except ConfigError as error:
         message = str(error)
         for field in _FIELDS:
@@ -159,6 +158,11 @@ def planning_config(args: argparse.Namespace, **replaced: object) -> PlanningCon
     return config
 
 
+def _preset(args: argparse.Namespace) -> str:
+    """The preset named, or the main one (None when not given: a preset given without planning is refused)."""
+    return str(args.planning_preset or "main")
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -172,10 +176,10 @@ def _typed_flag(args: argparse.Namespace, name: str) -> str:
 
 
 def planning_flags_given(args: argparse.Namespace) -> list[str]:
-    """The planning flags on the command line (a preset other than the default counts as one)."""
+    """The planning flags on the command line (a preset given counts as one, the default one included)."""
     flags = [_typed_flag(args, field.name) for field in _FIELDS if getattr(args, field.name) is not None]
     flags += ["--planning-deadline-ms"] if args.planning_deadline_ms is not None else []
-    return flags + (["--planning-preset"] if args.planning_preset != "main" else [])
+    return flags + (["--planning-preset"] if args.planning_preset is not None else [])
 
 
 def resolve_planning(
@@ -184,7 +188,7 @@ def resolve_planning(
     """The planning configuration a command runs: the preset with the flags given, at the number of candidates
     `source` can score over `devices` (a bundle's DiT batch sizes may allow fewer than the preset's: said in the
     log). None, and why with what would plan, when they allow none (a bundle only)."""
-    preset = PRESETS[args.planning_preset].num_queries_best_of_n
+    preset = PRESETS[_preset(args)].num_queries_best_of_n
     one_at_a_time = args.planning_deadline_ms is not None
     count_flag = {"num_queries_best_of_n": _typed_flag(args, "num_queries_best_of_n")}
     with naming_flags(count_flag):
@@ -200,7 +204,7 @@ def resolve_planning(
 def log_candidates(args: argparse.Namespace, planning: PlanningConfig) -> None:
     """Says how many candidates `planning` scores, and why when a bundle allows fewer than the preset's (after the
     other flags were checked: a note is not what a user should read above an error)."""
-    preset = PRESETS[args.planning_preset].num_queries_best_of_n
+    preset = PRESETS[_preset(args)].num_queries_best_of_n
     candidates = planning.num_queries_best_of_n
     if candidates < preset and args.num_queries_best_of_n is None:
         _LOG.warning(

@@ -208,6 +208,10 @@ CASES: dict[str, Case] = {
         act(f, t, checkpoint=f.stats),
         f"{f.stats}: not a PyTorch checkpoint",
     ),
+    "the default planning preset in reactive mode": lambda f, t: (
+        act(f, t, "--planning-preset", "main"),
+        "--planning-preset: a planning option, which needs --mode planning",
+    ),
     "a planning option in reactive mode": lambda f, t: (
         act(f, t, "--num-queries-best-of-n", "4"),
         "--num-queries-best-of-n: a planning option, which needs --mode planning",
