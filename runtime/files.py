@@ -34,6 +34,11 @@ def starts_like_a_pickle(head: bytes) -> bool:
     return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
+def starts_like_json(head: bytes) -> bool:
+    """Whether a file's first bytes open a JSON object or list (a statistics file given for another)."""
+    return head.lstrip().startswith((b"{", b"["))
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as file:

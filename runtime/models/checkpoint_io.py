@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
 from cosmos_edge.runtime.errors import CheckpointError
-from cosmos_edge.runtime.files import starts_like_a_pickle
+from cosmos_edge.runtime.files import starts_like_a_pickle, starts_like_json
 
 StateDict = dict[str, torch.Tensor]
 
@@ -123,7 +123,7 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 def _what_it_may_be(magic: bytes) -> str:
     """A guess at what a file that is no torch zip archive holds, from its first bytes."""
-    if magic.lstrip().startswith((b"{", b"[")):
+    if starts_like_json(magic):
         return "it looks like JSON (the dataset statistics?)"
     if starts_like_a_pickle(magic):
         return (

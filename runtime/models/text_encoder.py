@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from cosmos_edge.runtime.errors import CheckpointError, EngineError, InputError
+from cosmos_edge.runtime.files import starts_like_json
 from cosmos_edge.runtime.policy.text_embeddings import TEXT_TOKENS, TextEmbeddings, check_token_count, write
 
 T5_MODEL = "google-t5/t5-11b"
@@ -36,6 +37,12 @@ def convert_official_pickle(pkl_path: str | Path, out_path: str | Path, trust_pi
         raise CheckpointError(f"{pkl_path}: no such file")
     if pkl_path.stat().st_size == 0:
         raise CheckpointError(f"{pkl_path}: the file is empty; expected the official *_t5_embeddings.pkl")
+    with pkl_path.open("rb") as file:
+        if starts_like_json(file.read(64)):
+            raise CheckpointError(
+                f"{pkl_path}: it looks like JSON (the dataset statistics?); convert takes the official "
+                "*_t5_embeddings.pkl"
+            )
     if _is_safetensors(pkl_path):
         # torch.load would read it, as tensors named in the order stored: the instructions, in its metadata, lost.
         raise CheckpointError(
@@ -60,6 +67,12 @@ def convert_official_pickle(pkl_path: str | Path, out_path: str | Path, trust_pi
                 f"got {type(instruction).__name__} -> {type(tensor).__name__}"
             )
         arrays[instruction] = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
+    if others := [name for name, array in arrays.items() if array.ndim != 3 or array.shape[0] != 1]:
+        raise CheckpointError(
+            f"{pkl_path}: {len(others)} of its {len(arrays)} tensors are no [1, tokens, dim] instruction embedding "
+            f"(first: {others[0][:80]!r} of shape {list(arrays[others[0]].shape)}): a network's checkpoint? convert "
+            "takes the official *_t5_embeddings.pkl"
+        )
     try:
         store = TextEmbeddings.from_arrays(arrays)
     except InputError as error:  # entries of several shapes, or not [1, tokens, dim]

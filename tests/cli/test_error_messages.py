@@ -307,6 +307,14 @@ CASES: dict[str, Case] = {
         ["text-embeddings", "convert", str(write(t, "e.pkl", b"x")), str(t / "no" / "e.safetensors"), "--trust-pickle"],
         f"{t / 'no' / 'e.safetensors'} (OUT.safetensors): no directory",
     ),
+    "the statistics given as the pickle": lambda f, t: (
+        ["text-embeddings", "convert", str(f.stats), str(t / "e.safetensors"), "--trust-pickle"],
+        f"{f.stats}: it looks like JSON (the dataset statistics?); convert takes the official *_t5_embeddings.pkl",
+    ),
+    "the DiT given as the pickle": lambda f, t: (
+        ["text-embeddings", "convert", str(f.checkpoint), str(t / "e.safetensors"), "--trust-pickle"],
+        "tensors are no [1, tokens, dim] instruction embedding (first: 'net.",
+    ),
     "an npz given as the pickle": lambda f, t: (
         ["text-embeddings", "convert", str(observation(t)), str(t / "e.safetensors"), "--trust-pickle"],
         "obs.npz: a zip archive torch.load cannot read as tensors",
