@@ -70,8 +70,8 @@ def convert_official_pickle(pkl_path: str | Path, out_path: str | Path, trust_pi
     if others := [name for name, array in arrays.items() if array.ndim != 3 or array.shape[0] != 1]:
         raise CheckpointError(
             f"{pkl_path}: {len(others)} of its {len(arrays)} tensors are no [1, tokens, dim] instruction embedding "
-            f"(first: {others[0][:80]!r} of shape {list(arrays[others[0]].shape)}): a network's checkpoint? convert "
-            "takes the official *_t5_embeddings.pkl"
+            f"(first: {others[0][:80]!r} of shape {list(arrays[others[0]].shape)}); convert takes the official "
+            "*_t5_embeddings.pkl, instruction -> [1, 512, dim]"
         )
     try:
         store = TextEmbeddings.from_arrays(arrays)
