@@ -4,7 +4,9 @@ Every command the executor sends passes through `SafetyFilter.apply`, which in o
 
 1. picks the target: the chunk action, or the hold pose when there is no valid action (no chunk, a
    non-finite action, or the latched stop) or no valid measurement (a non-finite joint reading: the arm
-   does not move blind);
+   does not move blind); an arm joint whose reading jumped more than two steps since its last reading, faster
+   than the arm moves (an encoder or bus glitch), is taken at its last reading instead, for up to
+   `implausible_reading_ticks` ticks in a row (a reading that stays is the arm's pose: an arm pushed away);
 2. clamps every joint to its position limits and each gripper to its normalised range;
 3. limits the change of each arm joint per tick relative to the *measured* joint position, turning the
    official Cosmos Policy client's "pause if any non-gripper joint would move more than 0.15 rad"
@@ -92,6 +94,7 @@ class Intervention(enum.Flag):
     RATE_LIMITED = enum.auto()  # an arm joint would have moved more than the per-tick maximum
     HELD = enum.auto()  # no valid action: the hold pose was commanded
     NON_FINITE = enum.auto()  # NaN/inf in the action or the measured position
+    IMPLAUSIBLE_READING = enum.auto()  # an arm joint's reading jumped farther than the arm moves: its last one used
     STOPPED = enum.auto()  # the stop latch is set: the hold pose was commanded
 
 
@@ -112,6 +115,10 @@ class SafetyConfig:
         stop_after_rate_limited_ticks: latch a stop once the policy's target has been rate limited this
             many ticks in a row (a chunk asking for motion faster than the limit allows, which the official
             client pauses on at once); default None: the arm follows such a chunk at the limit.
+        implausible_reading_ticks: ticks in a row an arm joint's reading may jump more than two steps from its
+            last reading and be taken as a glitch (the last reading used instead: the rate limit would otherwise
+            command a jump towards it); one that stays longer is the arm's pose. Default 3 (120 ms at 25 Hz); 0
+            takes every reading as it is.
     """
 
     joint_lower: tuple[float, ...] = VX300S_JOINT_LOWER
@@ -121,8 +128,10 @@ class SafetyConfig:
     right_joint_lower: tuple[float, ...] | None = None
     right_joint_upper: tuple[float, ...] | None = None
     stop_after_rate_limited_ticks: int | None = None
+    implausible_reading_ticks: int = 3
 
     def __post_init__(self) -> None:
+        check_integer("safety.implausible_reading_ticks", self.implausible_reading_ticks, 0)
         check_numbers("safety.gripper_range", self.gripper_range, length=2)
         check_integer("safety.stop_after_rate_limited_ticks", self.stop_after_rate_limited_ticks, 1, or_none=True)
         check_number("safety.max_joint_step", self.max_joint_step, 0, MAX_JOINT_STEP_LIMIT, above_low=True)
@@ -190,6 +199,7 @@ class SafetyCounters:
     held: int = 0
     non_finite: int = 0
     stopped: int = 0
+    implausible_readings: int = 0
 
 
 @dataclass(frozen=True)
@@ -206,6 +216,7 @@ _COUNTED = (
     Intervention.HELD,
     Intervention.NON_FINITE,
     Intervention.STOPPED,
+    Intervention.IMPLAUSIBLE_READING,
 )
 
 
@@ -233,6 +244,9 @@ class SafetyFilter:
         self._commands = 0
         self._rate_limited_run = 0  # ticks in a row whose policy target was rate limited
         self._resync = False  # `restart` was called: the next valid reading may show arms moved since the last command
+        self._reading: np.ndarray | None = None  # the last reading taken as the arm's pose
+        self._jump_run = np.zeros(config.dims, dtype=np.int64)  # ticks in a row each joint's reading jumped
+        self._jump_warnings = Throttle(WARNING_INTERVAL_S)
 
     @property
     def stopped(self) -> bool:
@@ -253,6 +267,7 @@ class SafetyFilter:
             held=c[Intervention.HELD],
             non_finite=c[Intervention.NON_FINITE],
             stopped=c[Intervention.STOPPED],
+            implausible_readings=c[Intervention.IMPLAUSIBLE_READING],
         )
 
     def stop(self, reason: str) -> None:
@@ -278,6 +293,7 @@ class SafetyFilter:
         grip."""
         self._resync = True
         self._rate_limited_run = 0
+        self._reading = None  # the rig may have moved the arms: their next reading is no jump
 
     def reset(self) -> None:
         """Clear the stop latch. The hold pose stays the last command: the measured pose would let the grippers go
@@ -302,6 +318,9 @@ class SafetyFilter:
                 raise InputError(f"safety: measured qpos is not finite and no command was sent yet: {measured}")
             flags |= Intervention.NON_FINITE
             measured = self._last  # the only trustworthy reference left
+        else:
+            measured, implausible = self._plausible(measured)
+            flags |= Intervention.IMPLAUSIBLE_READING if implausible else Intervention.NONE
         if self._resync and not blind:
             self._resync = False
             moved = self._last is not None and np.abs(measured - self._last)[self._joint_mask].max() > MOVED_TOLERANCE
@@ -347,6 +366,30 @@ class SafetyFilter:
         self._record(flags, target, out)
         self._count_rate_limited_run(flags)
         return SafeCommand(qpos=out.copy(), flags=flags)
+
+    def _plausible(self, measured: np.ndarray) -> tuple[np.ndarray, bool]:
+        """The reading taken as the arm's pose: an arm joint that jumped more than two steps since its last reading
+        keeps that reading, `implausible_reading_ticks` ticks in a row at most. And whether one was set aside."""
+        previous, limit = self._reading, self.config.implausible_reading_ticks
+        if previous is None or limit == 0 or self._last is None:  # before the first command, every reading stands
+            self._reading = measured
+            return measured, False
+        jumped = self._joint_mask & (np.abs(measured - previous) > 2 * self.config.max_joint_step)
+        self._jump_run = np.where(jumped, self._jump_run + 1, 0)
+        set_aside = jumped & (self._jump_run <= limit)
+        self._reading = np.where(set_aside, previous, measured)
+        if set_aside.any() and (count := self._jump_warnings.due(self._clock())) is not None:
+            dim = int(np.flatnonzero(set_aside)[0])
+            logger.warning(
+                "safety: qpos[%d] read %.3f rad, %.3f from its last reading in one tick, faster than the arm moves: "
+                "its last reading is used (for %d ticks at most; %d such readings since the last warning)",
+                dim,
+                measured[dim],
+                abs(measured[dim] - previous[dim]),
+                limit,
+                count,
+            )
+        return self._reading, bool(set_aside.any())
 
     def _count_rate_limited_run(self, flags: Intervention) -> None:
         """Latches the stop `stop_after_rate_limited_ticks` asks for; holds and stops end a run."""

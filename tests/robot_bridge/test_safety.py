@@ -22,6 +22,9 @@ from cosmos_edge.runtime.errors import ConfigError, InputError
 
 # ALOHA START_ARM_POSE per arm, grippers half open.
 START = np.array([0.0, -0.96, 1.16, 0.0, -0.3, 0.0, 0.5] * 2)
+# Readings that jump are taken as they are: the tests of what the filter does once it takes them as the arm's pose.
+TAKEN_AS_READ = SafetyConfig(implausible_reading_ticks=0)
+STRICT_SHOULDERS = SafetyConfig(joint_lower=(-3.142, -1.0, -1.763, -3.142, -1.868, -3.142), implausible_reading_ticks=0)
 GRIPPERS = [6, 13]
 JOINTS = [i for i in range(14) if i not in GRIPPERS]
 
@@ -132,16 +135,13 @@ def test_rate_limit_is_relative_to_measured_position_and_skips_grippers() -> Non
 
 
 def test_limits_win_over_rate_limit_when_measured_is_out_of_range() -> None:
-    f = SafetyFilter(SafetyConfig())
+    f = SafetyFilter(TAKEN_AS_READ)
     f.apply(START, START)
     measured = START.copy()
     measured[1] = 1.4  # sensor reads past the shoulder limit
     out = f.apply(measured, measured)
     assert out.flags == Intervention.CLAMPED
     assert out.qpos[1] == pytest.approx(math.radians(72))
-
-
-STRICT_SHOULDERS = SafetyConfig(joint_lower=(-3.142, -1.0, -1.763, -3.142, -1.868, -3.142))
 
 
 def test_arms_that_start_outside_their_limits_are_refused_before_any_command() -> None:
@@ -216,7 +216,7 @@ def test_a_restarted_filter_holds_the_pose_measured_then_if_the_arms_were_moved(
 
 
 def test_the_previous_command_never_draws_a_goal_outside_the_limits() -> None:
-    f = SafetyFilter(SafetyConfig())
+    f = SafetyFilter(TAKEN_AS_READ)
     upper = VX300S_JOINT_UPPER[0]
     f.apply(START, START)
     pushed = START.copy()
@@ -386,3 +386,32 @@ def test_intervention_warnings_name_the_dims_not_whole_vectors(caplog: pytest.Lo
         safety.apply(target, home)
     (message,) = [record.getMessage() for record in caplog.records]
     assert message == "safety: RATE_LIMITED on dims [3], largest change 0.250"
+
+
+def test_a_reading_that_jumps_for_a_tick_is_set_aside_rather_than_followed() -> None:
+    """An encoder or bus glitch: followed, the rate limit would command the arm 0.85 rad towards it and back."""
+    f = SafetyFilter(SafetyConfig())
+    f.apply(START, START)
+    glitch = START.copy()
+    glitch[0] += 1.0
+    out = f.apply(START, glitch)
+    np.testing.assert_array_equal(out.qpos, START)
+    assert out.flags == Intervention.IMPLAUSIBLE_READING
+    out = f.apply(START, START)  # the reading is back: nothing to set aside
+    np.testing.assert_array_equal(out.qpos, START)
+    assert out.flags == Intervention.NONE and f.counters.implausible_readings == 1
+
+
+def test_a_reading_that_stays_where_it_jumped_is_the_arms_pose_after_the_ticks_allowed() -> None:
+    config = SafetyConfig()
+    f = SafetyFilter(config)
+    f.apply(START, START)
+    pushed = START.copy()
+    pushed[0] += 1.0  # the arm really pushed away (or a reading that stays)
+    for _ in range(config.implausible_reading_ticks):
+        out = f.apply(START, pushed)
+        assert out.flags == Intervention.IMPLAUSIBLE_READING and out.qpos[0] == START[0]
+    out = f.apply(START, pushed)  # now the arm's pose: commanded back a step per tick from where it is
+    assert out.flags == Intervention.RATE_LIMITED
+    assert out.qpos[0] == pytest.approx(pushed[0] - config.max_joint_step)
+    assert f.apply(START, pushed).flags == Intervention.RATE_LIMITED  # the reading is no jump any more
