@@ -29,6 +29,10 @@ def action_query(request: ActRequest) -> ActionQuery:
     return query if request.seed is None else dataclasses.replace(query, seed=request.seed)
 
 
+# The largest array a ZeroMQ client decodes with its default limits.
+CLIENT_ARRAY_BYTES = WireLimits().max_array_bytes
+
+
 def act_reply(
     request: ActRequest,
     result: ChunkResult,
@@ -37,9 +41,11 @@ def act_reply(
     mode: str,
     timings_ms: Mapping[str, float],
     receive_ns: int,
+    array_limit: int | None = CLIENT_ARRAY_BYTES,
 ) -> ActReply:
     """The reply to `request` from the policy's `result`; a chunk not of the platform's shape is the policy's defect
-    (ValueError). `timings_ms`: the server's stages around the policy's own."""
+    (ValueError). `timings_ms`: the server's stages around the policy's own. `array_limit`: the largest array the
+    requester decodes (a ZeroMQ client's default limit; None for a front end that decodes nothing, such as HTTP)."""
     expected = (platform.chunk_size, platform.action_dim)
     actions = np.asarray(result.actions, dtype=np.float32)
     if actions.shape != expected:
@@ -54,11 +60,13 @@ def act_reply(
         server_version=SERVER_VERSION,
         server_receive_ns=receive_ns,
         server_send_ns=time.time_ns(),
-        **_candidate_fields(result.candidates, request),
+        **_candidate_fields(result.candidates, request, array_limit),
     )
 
 
-def _candidate_fields(candidates: CandidateResults | None, request: ActRequest) -> dict[str, Any]:
+def _candidate_fields(
+    candidates: CandidateResults | None, request: ActRequest, array_limit: int | None
+) -> dict[str, Any]:
     """The planning fields of an `act_result`, when the request asked for them (a client that predates them asks
     nothing and gets a reply it can decode); none for a reactive result. NaN (not computed in time) travels as null
     values and zero actions (`sampled_chunks` restores them)."""
@@ -78,16 +86,15 @@ def _candidate_fields(candidates: CandidateResults | None, request: ActRequest) 
         fields["candidate_values_by_depth"] = tuple(values(row) for row in candidates.values_by_depth)
         fields["candidate_actions"] = _finite_for_wire(candidates.actions)
         if request.return_actions_by_depth:
-            fields["candidate_actions_by_depth"] = _chunks_by_depth(candidates)
+            fields["candidate_actions_by_depth"] = _chunks_by_depth(candidates, array_limit)
     return fields
 
 
-def _chunks_by_depth(candidates: CandidateResults) -> np.ndarray:
-    """Every candidate's chunk at every depth, refused (an error reply naming the field) when it is larger than a
-    client's default limits let it decode (a deep search over many candidates)."""
+def _chunks_by_depth(candidates: CandidateResults, limit: int | None) -> np.ndarray:
+    """Every candidate's chunk at every depth, refused (an error reply naming the field) when it is larger than the
+    requester decodes in one array (a deep search over many candidates)."""
     chunks = _finite_for_wire(candidates.actions_by_depth)
-    limit = WireLimits().max_array_bytes
-    if chunks.nbytes > limit:
+    if limit is not None and chunks.nbytes > limit:
         raise InputError(
             f"return_actions_by_depth: {chunks.shape[0]} candidates x {chunks.shape[1]} entries of chunks make "
             f"{chunks.nbytes} bytes, above the {limit} bytes a client decodes in one array; ask without it",

@@ -39,7 +39,7 @@ from types import TracebackType
 
 import zmq
 
-from cosmos_edge.robot_bridge.act_messages import SERVER_VERSION, act_reply, action_query
+from cosmos_edge.robot_bridge.act_messages import CLIENT_ARRAY_BYTES, SERVER_VERSION, act_reply, action_query
 from cosmos_edge.robot_bridge.admission import ActAdmission
 from cosmos_edge.robot_bridge.binding import FLUSH_MS, BoundRouter, ServerConfig, check_limits_hold_an_act
 from cosmos_edge.robot_bridge.log_limits import RateLimitedLog, peer_text
@@ -590,7 +590,13 @@ class PolicyServer:
             result = self._policies[job.mode].infer(action_query(job.request))
             timings_ms = {"decode": job.decode_ms, "queue": queue_ms, **result.timings_ms, "policy": ms_since(started)}
             reply = act_reply(
-                job.request, result, self._platform, mode=job.mode, timings_ms=timings_ms, receive_ns=job.receive_ns
+                job.request,
+                result,
+                self._platform,
+                mode=job.mode,
+                timings_ms=timings_ms,
+                receive_ns=job.receive_ns,
+                array_limit=CLIENT_ARRAY_BYTES if job.future is None else None,  # `submit`'s front ends decode nothing
             )
             planning = None if result.candidates is None else result.candidates.outcome
             return _Answer(job, reply, planning=planning)

@@ -434,6 +434,10 @@ def test_chunks_at_every_depth_too_large_for_a_client_are_refused_naming_the_fie
             every(obs_id=1, capture_time_ns=1, return_actions_by_depth=True)
         assert refused.value.field == "return_actions_by_depth" and "ask without it" in refused.value.detail
         assert every(obs_id=2, capture_time_ns=1).candidate_values_by_depth is not None  # and it keeps serving
+        # A front end that decodes nothing (the official HTTP /act) gets them: its client has no such limit.
+        asked = dataclasses.replace(act_request(1.0, 3), return_all_query_results=True, return_actions_by_depth=True)
+        reply = server.submit(asked, peer="http").result(timeout=TIMEOUT_S)
+        assert reply.candidate_actions_by_depth is not None and reply.candidate_actions_by_depth.shape == chunks.shape
 
 
 def test_a_client_that_predates_the_planning_fields_gets_replies_it_can_decode(
