@@ -16,6 +16,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
+from cosmos_edge.robot_bridge.log_limits import RateLimitedLog, peer_text
 from cosmos_edge.runtime.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -110,9 +111,13 @@ class _Allowlist:
 
     def __init__(self, keys: frozenset[bytes]) -> None:
         self._keys = keys
+        # A peer can open handshakes with new keys as fast as it likes: a few lines a minute, then a count. One owner
+        # thread: the authenticator's.
+        self._refusals = RateLimitedLog(logger, interval_s=60.0, max_lines=5)
 
     def callback(self, domain: str, key: bytes) -> bool:
         allowed = key in self._keys
         if not allowed:
-            logger.warning("refused a CURVE client with an unlisted key %s", key.decode("ascii", "replace"))
+            text = key.decode("ascii", "replace")
+            self._refusals.log(text, logging.WARNING, "refused a CURVE client with an unlisted key %s", peer_text(text))
         return allowed

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import zmq
 
+from cosmos_edge.robot_bridge import curve as curve_module
 from cosmos_edge.robot_bridge.act_messages import act_reply, sampled_chunks
 from cosmos_edge.robot_bridge.binding import BoundRouter, ServerConfig, is_local_endpoint
 from cosmos_edge.robot_bridge.client import PolicyClient, RemoteError, RequestTimeout
@@ -898,6 +899,17 @@ def test_curve_admits_listed_clients_only() -> None:
         for client in (stranger, PolicyClient(endpoint, timeout_s=SHORT_TIMEOUT_S)):
             with client, pytest.raises(RequestTimeout):
                 client.ping()
+
+
+def test_refused_curve_keys_are_logged_a_few_times_a_minute_whatever_a_peer_sends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    listed = CurveKeyPair(*zmq.curve_keypair()).public
+    allowlist = curve_module._Allowlist(frozenset({listed}))
+    with caplog.at_level(logging.WARNING, logger=curve_module.__name__):
+        assert not any(allowlist.callback("global", CurveKeyPair(*zmq.curve_keypair()).public) for _ in range(30))
+    assert allowlist.callback("global", listed)
+    assert len([record for record in caplog.records if "unlisted key" in record.getMessage()]) == 5
 
 
 @pytest.mark.parametrize(
