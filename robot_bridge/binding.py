@@ -46,6 +46,16 @@ def check_limits_hold_an_act(limits: WireLimits, image_size: tuple[int, int], pl
             f"max_message_bytes: {limits.max_message_bytes} bytes cannot hold one act of the {platform.name} platform "
             f"(about {act} bytes: {len(platform.cameras)} camera images, the proprio and the header)"
         )
+    if limits.max_arrays < len(platform.cameras) + 1:
+        raise ConfigError(
+            f"max_arrays: {limits.max_arrays} cannot hold one act of the {platform.name} platform (its "
+            f"{len(platform.cameras)} camera images and the proprio)"
+        )
+    if limits.max_header_bytes < _ACT_HEADER_ROOM:
+        raise ConfigError(
+            f"max_header_bytes: {limits.max_header_bytes} bytes cannot hold an act's header (up to "
+            f"{_ACT_HEADER_ROOM} bytes: its instruction and the arrays' descriptions)"
+        )
 
 
 @dataclass(frozen=True)

@@ -261,8 +261,10 @@ def test_oversized_messages(context: zmq.Context[zmq.Socket[bytes]]) -> None:
             WireLimits(max_message_bytes=1_000_000, max_array_bytes=100_000),
             r"^max_array_bytes: 100000 bytes cannot hold one camera image \(224x224x3 uint8, 150528\)$",
         ),
+        (WireLimits(max_arrays=3), r"^max_arrays: 3 cannot hold one act of the aloha platform \(its 3 camera images"),
+        (WireLimits(max_header_bytes=64), r"^max_header_bytes: 64 bytes cannot hold an act's header \(up to 8192"),
     ],
-    ids=["message", "array"],
+    ids=["message", "array", "arrays", "header"],
 )
 def test_limits_that_cannot_hold_an_act_are_refused_at_once(limits: WireLimits, message: str) -> None:
     # libzmq would drop such frames without a reply: every controller would wait out its timeout.
