@@ -82,8 +82,9 @@ class PolicyClient:
     """Talks to a `PolicyServer` at `endpoint` (e.g. "tcp://10.0.0.5:5555").
 
     With CURVE, pass the server's public key and this client's key pair (which the server must list). The socket is
-    made on the first call, not here. Calls are serialised by a lock, so one client may be shared between threads,
-    but each call blocks its caller for up to `timeout_s`.
+    made on the first call, not here. Calls are serialised by a lock, so one client may be shared between threads;
+    a call waits up to `timeout_s` once it holds the lock (a call from another thread first waits for the one in
+    progress).
     """
 
     def __init__(
@@ -234,14 +235,14 @@ class PolicyClient:
 
     def _send(self, socket: zmq.Socket[bytes], request: Request, deadline: float) -> None:
         # With IMMEDIATE set, the socket is writable only once a connection (and its CURVE handshake) is up.
-        if self._poll(socket, zmq.POLLOUT, request, deadline):
+        while self._poll(socket, zmq.POLLOUT, request, deadline):
             if isinstance(request, ActRequest) and request.timeout_ms is not None:  # less is left once connected
                 request = dataclasses.replace(request, timeout_ms=_timeout_ms(deadline))
             try:
                 socket.send_multipart(request.to_frames(), zmq.NOBLOCK, copy=False)
                 return
-            except zmq.Again:  # the connection dropped between poll and send
-                pass
+            except zmq.Again:  # the connection dropped between poll and send: wait for one again
+                continue
         if self._client_keys is not None:
             curve = ", and does it admit this client's CURVE key"
         else:  # a CURVE server drops a plain connection without a word

@@ -226,10 +226,11 @@ class PolicyServer:
         poller.register(self._router.socket, zmq.POLLIN)
         poller.register(self._wake[0], zmq.POLLIN)
         self._idle.clear()
-        # Daemonic: a policy call that outlives the shutdown window must not keep the process alive.
-        self._worker = threading.Thread(target=self._work, name="policy-worker", daemon=True)
-        self._worker.start()
         try:
+            # Daemonic: a policy call that outlives the shutdown window must not keep the process alive.
+            worker = threading.Thread(target=self._work, name="policy-worker", daemon=True)
+            worker.start()
+            self._worker = worker  # only once started: `_drain` joins it
             self._refuse_acts_queued_before_serving()
             self._accepting.set()
             while not self._stop_requested and not self._stopping.is_set():

@@ -488,15 +488,18 @@ class ChunkExecutor:
         )
 
     def _warn_starved(self, tick: int, what: str) -> None:
-        if self._starved_warnings.due(self._clock()) is None:
+        events = self._starved_warnings.due(self._clock())
+        if events is None:
+            logger.debug("executor: starved at tick %d (%s)", tick, what)
             return
+        since = f" ({events} starvation events since the last warning)" if events > 1 else ""
         horizon_ms = self._chunk_length * self._period_ns / 1e6
         latency = "unknown" if self.latency_ms is None else f"{self.latency_ms:.0f} ms"
         if self._last_failure is not None and self.latency_ms is not None:
             latency += " (the last that succeeded)"
         logger.warning(
             "executor: starved at tick %d (%s): inference round trip %s vs chunk horizon %.0f ms (%d actions at "
-            "%.0f Hz), prefetch at %d remaining; %d starved ticks so far. %s",
+            "%.0f Hz), prefetch at %d remaining; %d starved ticks so far%s. %s",
             tick,
             what,
             latency,
@@ -505,6 +508,7 @@ class ChunkExecutor:
             self.config.control_rate_hz,
             self.prefetch_threshold,
             self._counts["starved_ticks"],
+            since,
             self._starvation_cause(horizon_ms),
         )
 

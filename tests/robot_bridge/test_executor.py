@@ -5,6 +5,7 @@ import functools
 import itertools
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -1254,6 +1255,7 @@ def test_starvation_is_reported_with_latency_and_horizon(caplog: pytest.LogCaptu
     warnings = [r.getMessage() for r in caplog.records if "starved" in r.getMessage()]
     assert warnings and "inference round trip 320 ms vs chunk horizon" in warnings[0]
     assert len(warnings) <= 4  # at most one per 5 s of the 16 s run
+    assert re.search(r"starved ticks so far \(\d+ starvation events since the last warning\)", warnings[1])
 
 
 def test_starvation_past_half_the_horizon_is_named_as_such(caplog: pytest.LogCaptureFixture) -> None:

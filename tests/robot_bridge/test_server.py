@@ -1086,3 +1086,20 @@ def test_a_server_takes_over_a_router_bound_before_it() -> None:
         assert client.ping()
     with BoundRouter.bind(ServerConfig(router.endpoint)):  # closed with the server: the port is free again
         pass
+
+
+def test_a_worker_thread_that_cannot_start_leaves_the_server_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = PolicyServer(StubPolicy(), ServerConfig(ENDPOINT))
+    start = threading.Thread.start
+
+    def refuse_the_worker(thread: threading.Thread) -> None:
+        if thread.name == "policy-worker":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse_the_worker)
+    server.start()
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        server.serve_forever()
+    assert not server.serving
+    BoundRouter.bind(ServerConfig(server.endpoint)).close()  # its port was given back
