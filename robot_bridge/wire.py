@@ -288,6 +288,7 @@ def parse(frames: Sequence[FrameLike], limits: WireLimits, kinds: Collection[Mes
     header = _unpack_header(header_view)
     request_id = check_int("request_id", header.get("request_id"), 0, UINT64_MAX)
     try:
+        _check_version(header)  # first: a newer sender's header may hold more frames, or keys this version lacks
         if len(frames) > limits.max_arrays + 1:
             raise MessageError(ErrorCode.TOO_LARGE, "frames", f"{expected_frames}, got {len(frames)}")
         views = [_byte_view(frame) for frame in frames[1:]]
@@ -304,7 +305,6 @@ def parse(frames: Sequence[FrameLike], limits: WireLimits, kinds: Collection[Mes
 def _parse_header(
     header: dict[str, Any], request_id: int, views: list[memoryview], limits: WireLimits, kinds: Collection[MessageKind]
 ) -> Envelope:
-    _check_version(header)  # first: a newer sender's header may hold keys this version does not know
     unknown = sorted(set(header) - _HEADER_KEYS)
     if unknown:
         raise invalid(f"header.{unknown[0]}", f"unknown header key; expected only {sorted(_HEADER_KEYS)}")

@@ -274,6 +274,11 @@ REJECTIONS: dict[str, tuple[Callable[[Frames], Frames], ErrorCode, str]] = {
         ErrorCode.UNSUPPORTED_VERSION,
         "protocol_version",
     ),
+    "future version, more frames than ours take": (
+        lambda f: [*with_header(protocol_version=2)(f), *[b"1234"] * 16],
+        ErrorCode.UNSUPPORTED_VERSION,
+        "protocol_version",
+    ),
     "version true": (with_header(protocol_version=True), ErrorCode.UNSUPPORTED_VERSION, "protocol_version"),
     "version float": (with_header(protocol_version=1.0), ErrorCode.UNSUPPORTED_VERSION, "protocol_version"),
     "version missing": (with_header(protocol_version=DROP), ErrorCode.UNSUPPORTED_VERSION, "protocol_version"),
