@@ -29,7 +29,7 @@ import numpy as np
 
 from cosmos_edge.robot_bridge.act_messages import sampled_chunks
 from cosmos_edge.robot_bridge.json_arrays import COMPACT, SPACED, encode_array, parse_json, to_array
-from cosmos_edge.robot_bridge.protocol import ActReply
+from cosmos_edge.robot_bridge.protocol import ActReply, check_instruction
 from cosmos_edge.robot_bridge.wire import ErrorCode, MessageError, invalid, wire_proprio
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE
@@ -63,7 +63,6 @@ _HISTORY_KEYS = frozenset({"proprio_history", "images_history"})
 _REQUIRED = frozenset({*CAMERAS, "proprio", "task_description"})
 _KEYS = _REQUIRED | {"return_all_query_results"}
 _SHOWN_IGNORED = 8  # ignored keys named in the log line of a request
-_MAX_TEXT = 1024
 
 
 @dataclass(frozen=True)
@@ -95,9 +94,7 @@ def parse_query(body: bytes, image_size: tuple[int, int], proprio_dim: int) -> O
     if missing:
         unread = f"; it holds keys this server does not read: {list(ignored)}" if ignored else ""
         raise invalid(missing[0], f"missing; the request needs {sorted(_REQUIRED)}{unread}")
-    task = payload["task_description"]
-    if not isinstance(task, str) or not 1 <= len(task) <= _MAX_TEXT:
-        raise invalid("task_description", f"expected text of 1..{_MAX_TEXT} characters, got {describe(task)}")
+    task = check_instruction(payload["task_description"], "task_description")
     return_all = payload.get("return_all_query_results")
     if return_all is None:  # absent, or null, which the official server's `if return_all_query_results:` takes as false
         return_all = False

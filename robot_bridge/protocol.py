@@ -75,10 +75,10 @@ MAX_TIMEOUT_MS = 2**32 - 1  # about 50 days; a longer deadline is sent as this o
 _MAX_TEXT = 1024
 
 
-def check_instruction(instruction: object) -> str:
-    """An `act`'s instruction as the protocol takes it (text of 1..1024 characters); `MessageError` naming
-    `instruction` otherwise."""
-    return check_text("instruction", instruction, _MAX_TEXT)
+def check_instruction(instruction: object, field: str = "instruction") -> str:
+    """An `act`'s instruction as the protocol takes it (text of 1..1024 characters); `MessageError` naming `field`
+    (the key that carried it) otherwise."""
+    return check_text(field, instruction, _MAX_TEXT)
 
 
 _MAX_ERROR_TEXT = 2048
