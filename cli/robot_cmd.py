@@ -135,9 +135,8 @@ def _robot(args: argparse.Namespace) -> int:
     with connect(args, _REQUEST_TIMEOUT_S) as client:
         metadata = client.metadata()
         _check_server(metadata, args)  # before the arms move: a server that could not drive them
-        rate_hz = _control_rate_hz(args.control_rate_hz, metadata.control_rate_hz)
         executor_config = ExecutorConfig(
-            control_rate_hz=rate_hz,
+            control_rate_hz=_control_rate_hz(args.control_rate_hz, metadata.control_rate_hz),
             blend=BlendConfig(BlendScheme(args.blend)),
             latency_margin=args.latency_margin,
             realtime_priority=args.realtime_priority,
@@ -182,13 +181,25 @@ def _robot(args: argparse.Namespace) -> int:
                     source.stop_requests()  # a request the last tick submitted is not sent after the next line
                     client.close()  # a request in flight is cancelled now, not at its timeout: the run is over
                     print_run_report(executor, safety, executor.summary())
-    if non_finite := safety.counters.non_finite:  # a rig reporting NaN holds the arms, which the counters alone hide
+    return _verdict(args, executor, safety, signalled=signalled.is_set())
+
+
+def _verdict(args: argparse.Namespace, executor: ChunkExecutor, safety: SafetyFilter, *, signalled: bool) -> int:
+    """The exit status of a run, with a line for what the counters alone would hide."""
+    counters = safety.counters
+    if counters.non_finite:  # a rig reporting NaN holds the arms
         print(
-            f"cosmos-edge: warning: {non_finite} command(s) held the pose for a joint reading or action that was not "
-            "finite (check the rig's qpos)",
+            f"cosmos-edge: warning: {counters.non_finite} command(s) held the pose for a joint reading or action that "
+            "was not finite (check the rig's qpos)",
             file=sys.stderr,
         )
-    if executor.counters.chunks_adopted == 0 and not signalled.is_set():  # the policy never drove the arms
+    if counters.implausible_readings:  # a glitching encoder or bus
+        print(
+            f"cosmos-edge: warning: {counters.implausible_readings} command(s) set aside an arm joint reading that "
+            "jumped farther in a tick than the arm moves (check the rig's encoders and cabling)",
+            file=sys.stderr,
+        )
+    if executor.counters.chunks_adopted == 0 and not signalled:  # the policy never drove the arms
         failed = executor.counters.request_failures
         why = (
             f"{failed} request(s) failed (the log names their errors; --timeout sets how long one may take)"
@@ -197,7 +208,7 @@ def _robot(args: argparse.Namespace) -> int:
         )
         print(f"cosmos-edge: error: no chunk arrived from --endpoint {args.endpoint}: {why}", file=sys.stderr)
         return 1
-    if safety.stopped and not signalled.is_set():  # the filter latched it (--safety stop_after_rate_limited_ticks)
+    if safety.stopped and not signalled:  # the filter latched it (--safety stop_after_rate_limited_ticks)
         print(
             f"cosmos-edge: error: safety: the stop latched ({safety.stop_reason}); the arms hold their last commanded "
             "pose",

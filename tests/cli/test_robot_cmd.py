@@ -212,6 +212,13 @@ def test_a_rig_whose_readings_turn_nan_is_said_at_the_end(capsys: pytest.Capture
     assert "command(s) held the pose for a joint reading or action that was not finite" in capsys.readouterr().err
 
 
+def test_a_rig_whose_reading_glitches_is_said_at_the_end(capsys: pytest.CaptureFixture[str]) -> None:
+    with serving(PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*"))) as endpoint:
+        main(robot(endpoint, "--keep-pose", "--duration-s", "1", "--env-kwargs", '{"glitch_at": 3}'))
+    err = capsys.readouterr().err
+    assert "warning: 1 command(s) set aside an arm joint reading that jumped farther in a tick than the arm" in err
+
+
 def test_an_env_function_that_returns_no_rig_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with serving(PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*"))) as endpoint:
         argv = ["robot", "--env", "os:getcwd", "--endpoint", endpoint, "--task", INSTRUCTION, "--keep-pose"]

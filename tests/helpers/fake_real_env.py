@@ -3,7 +3,8 @@ it records every command and answers 480x640 camera frames. With `signal_after=N
 its N-th step, as an operator's Ctrl-C while the arms move; with `fail_after=N` its N-th step raises, as a camera
 that comes loose; `terminate_at_reset` sends SIGTERM while the arms move to the start pose; with `hang_after=N` its
 N-th step sends SIGINT and never returns (a driver stuck), and a second SIGINT follows from another thread; with
-`nan_after=N` its joint readings are NaN from its N-th step on (a sensor that died)."""
+`nan_after=N` its joint readings are NaN from its N-th step on (a sensor that died); with `glitch_at=N` its N-th
+step reads the left waist 1 rad off (an encoder glitch)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,10 @@ class FakeRealEnv:
         nan_after = self.kwargs.get("nan_after")
         if isinstance(nan_after, int) and len(self.commands) >= nan_after:
             return self._timestep(np.full(14, np.nan))
-        return self._timestep(np.array(action, dtype=np.float64))  # the arms reach every target
+        qpos = np.array(action, dtype=np.float64)  # the arms reach every target
+        if len(self.commands) == self.kwargs.get("glitch_at"):
+            qpos[0] += 1.0
+        return self._timestep(qpos)
 
     @staticmethod
     def _timestep(qpos: np.ndarray) -> FakeTimeStep:
