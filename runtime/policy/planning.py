@@ -30,7 +30,6 @@ sample's arithmetic is its own (up to the network's batch-size-dependent roundin
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Sequence
@@ -112,33 +111,41 @@ class _Ranked:
     chosen_states: tuple[np.ndarray, ...] = ()  # its first-level predicted states "1 c t h w", if a world model ran
 
 
+@dataclass(frozen=True)
+class _BasePass:
+    """The base candidate's action pass (seed s), what a deadline's query answers with when nothing was ranked:
+    its latent "1 c t h w" and the value it read."""
+
+    latent: np.ndarray
+    value: float
+
+
 def _rank(
     model: PolicyModel,
     scored: dict[int, CandidateScores],
     num_candidates: int,
-    base_actions: np.ndarray | None = None,
-    base_value: float = math.nan,
     *,
     entries: int,
+    base: _BasePass | None = None,
 ) -> _Ranked:
     """Ranks the candidates scored (index → its one-row scores, `entries` values by depth); without any, falls back
-    to the base action pass."""
+    to the `base` action pass."""
     rows = list(scored.values())
-    latent_shape = rows[0].latents.shape[1:] if rows else base_actions.shape[1:]  # type: ignore[union-attr]
+    latent_shape = rows[0].latents.shape[1:] if rows else base.latent.shape[1:]  # type: ignore[union-attr]
     latents = np.full((num_candidates, *latent_shape), np.nan, np.float32)
     values = np.full(num_candidates, np.nan, np.float64)
     by_depth = np.full((num_candidates, entries), np.nan, np.float32)
     chunk_shape = (model.platform.chunk_size, model.platform.action_dim)
     actions_by_depth = np.full((num_candidates, entries, *chunk_shape), np.nan, np.float32)
-    if base_actions is not None:
-        latents[0] = base_actions[0]
-        actions_by_depth[0, 0] = read_chunks(model, base_actions)[0][0]
+    if base is not None:
+        latents[0] = base.latent[0]
+        actions_by_depth[0, 0] = read_chunks(model, base.latent)[0][0]
     for index, row in scored.items():
         latents[index], values[index], by_depth[index] = row.latents[0], row.values[0], row.values_by_depth[0]
         actions_by_depth[index] = row.actions_by_depth[0]
     computed = np.zeros(num_candidates, bool)
     computed[sorted(scored)] = True
-    computed[0] |= base_actions is not None
+    computed[0] |= base is not None
     future_proprio = _future_proprio(model, latents, computed)
     indices = sorted(scored)
     # A candidate whose network output was not finite (NaN or infinity, a failure of the engine) is ranked out: its
@@ -156,16 +163,16 @@ def _rank(
         )
         values[failed], by_depth[failed] = np.nan, np.nan
     if not finite:
-        if base_actions is None:
+        if base is None:
             raise NonFiniteOutput(
                 "planning: no candidate has a finite value, chunk and future proprio: the network returned NaN or "
                 "infinity (check the checkpoints' weights and the instruction's text embedding)"
             )
         outcome = PlanningOutcome.REACTIVE  # none scored in time (or none usable): the base action pass, unranked
-        return _Ranked(latents, values, by_depth, actions_by_depth, future_proprio, computed, 0, outcome, base_value)
+        return _Ranked(latents, values, by_depth, actions_by_depth, future_proprio, computed, 0, outcome, base.value)
     ranked = values[finite]
-    base = finite.index(0) if 0 in finite else int(np.argmax(ranked))  # the base seed's unless beaten
-    chosen = finite[select_best_candidate(ranked, base_index=base)]
+    base_index = finite.index(0) if 0 in finite else int(np.argmax(ranked))  # the base seed's unless beaten
+    chosen = finite[select_best_candidate(ranked, base_index=base_index)]
     outcome = PlanningOutcome.COMPLETE if len(indices) == num_candidates else PlanningOutcome.BEST_SO_FAR
     value, states = float(values[chosen]), scored[chosen].states
     return _Ranked(
@@ -374,21 +381,21 @@ class PlanningPolicy(ModelPolicy):
     def _score_until(self, deadline: float, query: ActionQuery, clean: np.ndarray, steps: int) -> _Ranked:
         """The base candidate's action pass, then candidates one at a time per worker until done or `deadline`."""
         base_search = self._search(self._workers[0], query, [query.seed], steps)
-        base_actions = base_search.act(clean)
+        base_latent = base_search.act(clean)
         stop, scored = threading.Event(), dict[int, CandidateScores]()
 
         def score_share(worker: _BoundWorker, share: list[int]) -> None:
             for index in share:
                 search = self._search(worker, query, [query.seed + index], steps, stop)
                 try:
-                    scored[index] = search.score(base_actions, clean) if index == 0 else search.run(clean)
+                    scored[index] = search.score(base_latent, clean) if index == 0 else search.run(clean)
                 except Stopped:
                     if self._closing.is_set():  # not the deadline: the query fails, as every query `close` stops
                         raise
                     return
 
         num_candidates, entries = self._config.num_queries_best_of_n, self._config.value_entries()
-        base_value = float(read_values(self._model.platform, base_actions)[0])
+        base = _BasePass(base_latent, float(read_values(self._model.platform, base_latent)[0]))
         left_s = deadline - time.perf_counter()
         if left_s <= 0:  # the encode and the base action pass used the whole deadline: nothing else starts
             deadline_ms = self.deadline_ms or 0.0
@@ -398,7 +405,7 @@ class PlanningPolicy(ModelPolicy):
                 deadline_ms,
                 deadline_ms - left_s * 1e3,
             )
-            return _rank(self._model, {}, num_candidates, base_actions, base_value, entries=entries)
+            return _rank(self._model, {}, num_candidates, entries=entries, base=base)
         shares = candidate_shares(num_candidates, len(self._workers))
         jobs = [self._pool.submit(score_share, w, share) for w, share in zip(self._workers, shares, strict=True)]
         done, late = wait(jobs, timeout=left_s, return_when=FIRST_EXCEPTION)
@@ -414,7 +421,7 @@ class PlanningPolicy(ModelPolicy):
                 len(scored),
                 num_candidates,
             )
-        return _rank(self._model, dict(scored), num_candidates, base_actions, base_value, entries=entries)
+        return _rank(self._model, dict(scored), num_candidates, entries=entries, base=base)
 
     def _search(
         self,
