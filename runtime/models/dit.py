@@ -230,8 +230,11 @@ def explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
 
     TensorRT's pattern match (deployment_anchors D.4) needs the scale on Q before the first MatMul and nothing
     between that MatMul and the Softmax. SDPA does not give that under torch 2.13's TorchScript ONNX exporter
-    (opset 17): it computes sqrt(scale) from the runtime shape and multiplies both Q and K. Same maths as SDPA, other
-    rounding order: tests/export/test_onnx_export.py checks the exported pattern and ORT fp32 against eager SDPA.
+    (opset 17): it computes sqrt(scale) from the runtime shape and multiplies both Q and K. Same maths as SDPA; in
+    fp32 another rounding order (tests/export/test_onnx_export.py checks the exported pattern and ORT fp32 against
+    eager SDPA). In bf16 it also rounds q * scale and the scores to bf16 before the softmax, which SDPA's kernels
+    keep in float32: an engine that runs the subgraph unfused (ONNX Runtime) errs more than the torch path, by more
+    the larger the scores (a fused TensorRT kernel's intermediate precision is its own; not measured here).
     """
     scores = (q * scale) @ k.transpose(-2, -1)  # [B, H, Lq, Lk]
     return scores.softmax(dim=-1) @ v

@@ -207,6 +207,16 @@ def test_engine_left_without_record_is_rebuilt(tmp_path: Path, caplog: pytest.Lo
     assert "has no record beside it" in caplog.text
 
 
+def test_a_record_left_without_its_engine_is_rebuilt(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache = EngineCache(tmp_path)
+    key = engine_cache_key("ab" * 32, H100, BuildOptions())
+    path = cache.engine_path("dit_b1", key)
+    write_engine(path, _record(file=path.name), ENGINE_BYTES)
+    path.unlink()  # the engine removed by hand, its record left
+    assert cache.lookup("dit_b1", key, H100) is None
+    assert "is gone, its record left (removed by hand?): rebuilding it" in caplog.text
+
+
 def test_an_engine_that_is_not_the_one_its_record_describes_is_rebuilt(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

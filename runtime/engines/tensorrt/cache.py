@@ -258,6 +258,9 @@ class EngineCache:
             if engine_path.exists():
                 _LOG.warning("engine %s has no record beside it (interrupted write?): rebuilding it", engine_path)
             return None
+        if not engine_path.exists():
+            _LOG.warning("engine %s is gone, its record left (removed by hand?): rebuilding it", engine_path)
+            return None
         record = read_engine_record(engine_path, current, cache_rebuild_hint(engine_path))
         data = _engine_bytes(engine_path)
         if hashlib.sha256(data).hexdigest() != record.sha256:
