@@ -243,7 +243,7 @@ def _write_contents(request: ExportRequest, root: Path) -> BundleManifest:
 
     for checkpoint in (request.checkpoint, request.planning_checkpoint):  # a wrong file named before minutes of export
         if checkpoint is not None:
-            dit_checkpoint_config(checkpoint)
+            _check_text_width(request, checkpoint, dit_checkpoint_config(checkpoint).text_dim, text_dim)
     dits = 2 if request.planning_checkpoint is not None else 1
     # Per DiT: a graph per batch size and its text-K/V graph; the VAE: the cameras encoder, + two for future images.
     writer = _GraphWriter(root, dits * (len(request.batch_sizes) + 1) + (3 if request.future_images else 1))
@@ -289,11 +289,6 @@ def _export_dit_graphs(
     dit = load_dit(checkpoint, TORCH_DTYPES[request.precision])
     _refuse_non_finite(dit, checkpoint, request.precision)
     _, text_tokens, text_dim = text_shape
-    if dit.config.text_dim != text_dim:
-        raise ConfigError(
-            f"text_embeddings: {request.text_embeddings} holds {text_dim}-wide embeddings, the DiT {checkpoint} "
-            f"expects text_dim {dit.config.text_dim}"
-        )
     text_kv = dit.config.text_kv_shape(text_tokens)
     writer.add(
         f"{role}_text_kv", text_kv_graph(text_tokens, text_dim, text_kv, prefix=role), partial(export_text_kv, dit)
@@ -316,6 +311,14 @@ def _export_vae_graphs(request: ExportRequest, platform: PlatformSpec, writer: _
         writer.add("vae_encoder_full", vae_encoder_graph(platform, True), partial(export_vae_encoder, vae))
         writer.add("vae_decoder", vae_decoder_graph(platform), partial(export_vae_decoder, vae))
     return asdict(vae.config)
+
+
+def _check_text_width(request: ExportRequest, checkpoint: Path, expected: int, text_dim: int) -> None:
+    if expected != text_dim:
+        raise ConfigError(
+            f"text_embeddings: {request.text_embeddings} holds {text_dim}-wide embeddings, the DiT {checkpoint} "
+            f"expects text_dim {expected}"
+        )
 
 
 def _refuse_non_finite(network: torch.nn.Module, path: Path, precision: str) -> None:

@@ -302,3 +302,19 @@ def test_weights_holding_nan_are_refused_and_leave_no_bundle(
     with pytest.raises(CheckpointError, match=r"nan\.pt: 1 tensor\(s\) hold NaN or infinity in fp32 \(first: final_la"):
         export_bundle(request(files, out, checkpoint=tmp_path / "nan.pt"))
     assert not out.exists()
+
+
+def test_embeddings_of_another_width_than_the_dit_are_refused_before_any_graph(
+    tiny_assets: dict[str, CheckpointFiles], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never(*args: object) -> None:
+        raise AssertionError("exported a graph before refusing the embeddings")
+
+    monkeypatch.setattr(bundle_writer, "export_vae_cameras_encoder", never)
+    narrow = tmp_path / "narrow.safetensors"
+    text_store.write(
+        narrow, text_store.TextEmbeddings.from_arrays({"task": np.zeros((1, TEXT_TOKENS, 16), np.float32)})
+    )
+    files = tiny_assets["libero"]
+    with pytest.raises(ConfigError, match=r"narrow\.safetensors holds 16-wide embeddings, the DiT .* expects text_dim"):
+        export_bundle(request(files, tmp_path / "bundle", text_embeddings=narrow))
