@@ -70,8 +70,8 @@ def pillow_bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.nda
     return indices, taps
 
 
-# Per (kind, sizes, device): a few per frame size, about 1 MB at most each. Never cleared, so that a CUDA graph
-# captured from these tables while another model closes reads the tables it holds (`device_tables`).
+# Per (kind, sizes, device): a few per frame size, about 1 MB at most each. Not cleared when a model closes, and
+# evicted past 64: a CUDA graph captured from these tables holds its own references (`device_tables`).
 @lru_cache(maxsize=64)
 def _device_table(kind: str, in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     if kind == "bicubic":  # the taps as a dense [in, out] matrix: a row's taps on a clamped index add up

@@ -107,6 +107,8 @@ class OnnxRuntimeRunner:
 
     def set_constant_input(self, name: str, array: np.ndarray) -> None:
         """Keeps `name` for every later call; on a GPU it is uploaded into its bound buffer once, here."""
+        if self._session is None:
+            raise EngineError(f"graph {self._spec.name}: set_constant_input() after close()")
         check_feed(self._spec, name, array)
         constant = _float32({name: array})
         self._constants.update(constant)

@@ -11,7 +11,7 @@ from safetensors import SafetensorError, safe_open
 from cosmos_edge.runtime.errors import CheckpointError
 from cosmos_edge.runtime.models.checkpoint_io import non_finite_tensors, read_tensor_file
 from cosmos_edge.runtime.models.dit_checkpoint import summarize_dit_checkpoint, summarize_dit_state_dict
-from cosmos_edge.runtime.models.vae_checkpoint import DIFFUSERS_WEIGHTS, summarize_vae_state_dict
+from cosmos_edge.runtime.models.vae_checkpoint import DIFFUSERS_WEIGHTS, summarize_vae_state_dict, to_official_layout
 
 # Tensor names only a Wan VAE has (in the original or the diffusers layout).
 _VAE_MARKERS = ("encoder.conv1.weight", "encoder.conv_in.weight")
@@ -73,7 +73,7 @@ def _vae_report(path: Path, state: dict[str, Any]) -> dict[str, Any]:
         "missing_keys": summary["missing_keys"],
         "unexpected_keys": summary["unexpected_keys"],
         "wrong_shapes": summary["wrong_shapes"],
-        "problems": _key_problems(summary) + _non_finite(non_finite_tensors(state)),
+        "problems": _key_problems(summary) + _non_finite(non_finite_tensors(to_official_layout(state))),
     }
 
 

@@ -33,4 +33,6 @@ class BlackPrefixEncoder(nn.Module):
         self.register_buffer("black_latent", black_latent)
 
     def forward(self, cameras: Tensor) -> Tensor:
-        return torch.cat([self.black_latent, self.vae.encode_continuation(cameras, self.context)], dim=2)
+        continuation = self.vae.encode_continuation(cameras, self.context)
+        black = self.black_latent.expand(continuation.shape[0], -1, -1, -1, -1)  # one black prefix for every sample
+        return torch.cat([black, continuation], dim=2)

@@ -79,6 +79,8 @@ def test_run_after_close_is_an_engine_error(bundle: Bundle) -> None:
     runner.close()
     with pytest.raises(EngineError, match=r"graph dit_b1: run\(\) after close\(\)"):
         runner.run(feeds)
+    with pytest.raises(EngineError, match=r"graph dit_b1: set_constant_input\(\) after close\(\)"):
+        runner.set_constant_input("text_k", feeds["text_k"])
 
 
 def test_device_buffers_that_cannot_be_allocated_are_one_engine_error(

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from cosmos_edge.runtime.errors import CheckpointError
+from cosmos_edge.runtime.models.checkpoint_inspection import inspect_checkpoint
 from cosmos_edge.runtime.models.vae_checkpoint import (
     infer_vae_config,
     load_wan_vae,
@@ -203,3 +204,13 @@ def test_the_summary_of_a_damaged_vae_lists_its_problems(tiny_weights: dict[str,
     assert summary["missing_keys"] == ["decoder.middle.0.residual.3.gamma"]
     assert summary["unexpected_keys"] == ["foo.bar"]
     assert summary["wrong_shapes"] == ["conv1.bias: expected [32], got [3]"]
+
+
+def test_inspection_names_a_diffusers_vaes_non_finite_tensor_by_its_official_name(
+    tmp_path: Path, tiny_weights: dict[str, torch.Tensor]
+) -> None:
+    damaged = dict(tiny_weights)
+    damaged["encoder.conv1.weight"] = damaged["encoder.conv1.weight"].clone()
+    damaged["encoder.conv1.weight"].view(-1)[0] = float("nan")
+    save_file(to_diffusers_layout(damaged, TINY), str(tmp_path / "vae.safetensors"))
+    assert inspect_checkpoint(tmp_path / "vae.safetensors")["problems"] == ["NaN or infinity in encoder.conv1.weight"]

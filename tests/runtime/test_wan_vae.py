@@ -12,8 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from cosmos_edge.runtime.errors import ConfigError, InputError
+from cosmos_edge.runtime.models.prefix_encoder import BlackPrefixEncoder
 from cosmos_edge.runtime.models.vae_checkpoint import random_vae_state_dict
 from cosmos_edge.runtime.models.wan_vae import LATENT_MEAN, LATENT_STD, WanVAE, WanVAEConfig, vae_config
+from cosmos_edge.runtime.platforms import platform_spec
 from tests.helpers.vae_layout import to_diffusers_layout
 
 diffusers_wan = pytest.importorskip("diffusers.models.autoencoders.autoencoder_kl_wan")
@@ -253,6 +255,18 @@ def test_a_continuation_after_the_encoded_prefix_gives_the_whole_clips_latents(
     assert torch.equal(batch[0], batch[1])
     with pytest.raises(InputError, match="multiple of 4 frames"):
         vae.encode_continuation(clip[:, :, 5:15], context)
+
+
+def test_the_black_prefix_encoder_takes_a_batch_of_camera_clips() -> None:
+    vae = WanVAE(TINY)
+    vae.load_state_dict(random_vae_state_dict(TINY, seed=3))
+    encoder = BlackPrefixEncoder(vae.eval(), platform_spec("libero"))
+    cameras = torch.rand(2, 3, 8, 224, 224, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        batch = encoder(cameras)
+        one = encoder(cameras[1:])
+    assert batch.shape[0] == 2
+    torch.testing.assert_close(batch[1:], one, rtol=0, atol=1e-5)  # float32: batched convs sum in another order
 
 
 @pytest.mark.parametrize("prefix_frames", [1, 5])
