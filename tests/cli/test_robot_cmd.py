@@ -45,7 +45,8 @@ def test_the_arms_follow_the_served_chunks_through_the_safety_filter(capsys: pyt
 def test_the_rigs_own_limits_bound_every_commanded_step() -> None:
     fake_real_env.MADE.clear()
     with serving(PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*"))) as endpoint:
-        assert main(robot(endpoint, "--duration-s", "1", "--safety", '{"max_joint_step": 0.01}')) == 0
+        # Seconds: the first chunk must arrive (through three 480x640 resizes) on a loaded machine before it ends.
+        assert main(robot(endpoint, "--duration-s", "3", "--safety", '{"max_joint_step": 0.01}')) == 0
     (env,) = fake_real_env.MADE
     steps = np.abs(np.diff(np.array(env.commands)[:, :6], axis=0))
     assert steps.max() <= 0.01 + 1e-9 and steps.max() > 0.005  # the arms moved, within the rig's step

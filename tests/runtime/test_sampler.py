@@ -67,16 +67,11 @@ def test_one_and_two_steps_are_one_call_at_sigma_max(num_steps: int) -> None:
     assert sigmas.shape == (1,) and np.float32(sigmas[0]) == np.float32(80.0)
 
 
-@pytest.mark.parametrize(
-    ("num_steps", "expected"),
-    [
-        (3, [80.0, 20.9724, 4.0]),
-        (5, [80.0, 42.2911, 20.9724, 9.6183, 4.0]),
-        (10, [80.0, 60.6947, 45.5286, 33.7340, 24.6618, 17.7667, 12.5947, 8.7709, 5.9887, 4.0]),
-    ],
-)
-def test_evaluation_sigmas_for_three_or_more_steps(num_steps: int, expected: list[float]) -> None:
-    np.testing.assert_allclose(evaluation_sigmas(num_steps), expected, atol=5e-5)
+@pytest.mark.parametrize("num_steps", [3, 5, 10])
+def test_evaluation_sigmas_for_three_or_more_steps_are_karras_over_one_interval_fewer(num_steps: int) -> None:
+    index = np.arange(num_steps, dtype=np.float64)  # n steps evaluate n sigmas: n - 1 intervals, 80 down to 4
+    expected = (80 ** (1 / 7) + index / (num_steps - 1) * (4 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    np.testing.assert_allclose(evaluation_sigmas(num_steps), expected, rtol=4e-16, atol=0)
 
 
 def test_step_count_below_one_is_rejected() -> None:
