@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from cosmos_edge.kernels.image_transforms import batch_frames
 from cosmos_edge.runtime.engines.torch_networks import TorchAutoencoder
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.files import CheckpointFiles
@@ -185,3 +186,9 @@ def test_the_torch_conditioning_encoder_matches_the_reference_one(
     reference = autoencoder.encode(prefix_video)
     assert fast.shape == (1, 16, spec.num_conditional_frames, 28, 28)
     np.testing.assert_allclose(fast, reference, rtol=0, atol=tolerance)
+    # The device branch (CUDA's default: frames uploaded as uint8, transformed by torch ops), run here on the CPU.
+    prepared = batch_frames(spec, [images[camera] for camera in spec.cameras])
+    with torch.inference_mode():
+        uploaded = [torch.from_numpy(batch) for batch in prepared.batches]
+        on_device = autoencoder._encode_frames(prepared.order, *uploaded).cpu().numpy()
+    np.testing.assert_allclose(on_device, reference, rtol=0, atol=tolerance)
