@@ -4,6 +4,7 @@ naming the key at fault."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -454,19 +455,21 @@ def test_bodies_are_parsed_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> Non
     """Parsed JSON takes many times the body's size: the bodies of all open connections must not expand at once."""
     parsing, most = 0, 0
     lock = threading.Lock()
+    meeting = threading.Barrier(2)  # two parses at once would meet here
 
-    def parse_slowly(*args: Any) -> Any:
+    def parse_holding(*args: Any) -> Any:
         nonlocal parsing, most
         with lock:
             parsing += 1
             most = max(most, parsing)
-        time.sleep(0.2)
+        with contextlib.suppress(threading.BrokenBarrierError):  # alone: broken after the wait, for every later parse
+            meeting.wait(timeout=2.0)
         with lock:
             parsing -= 1
         return parse_query(*args)
 
     parse_query = http_server.parse_query
-    monkeypatch.setattr(http_server, "parse_query", parse_slowly)
+    monkeypatch.setattr(http_server, "parse_query", parse_holding)
     lists = {
         key: value.tolist()
         for key, value in official_request(camera_observation(8.0)).items()
@@ -476,7 +479,7 @@ def test_bodies_are_parsed_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> Non
     with serving_both(StubPolicy()) as (_, url), ThreadPoolExecutor(3) as pool:
         statuses = [status for status, _ in pool.map(lambda _: post(url + "/act", body), range(3))]
     assert statuses == [200, 200, 200]
-    assert most == 1
+    assert most == 1 and meeting.broken  # every parse alone
 
 
 def test_max_connections_are_served_at_once_and_one_more_is_refused() -> None:

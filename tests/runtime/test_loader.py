@@ -171,11 +171,18 @@ def test_a_graph_dit_runs_one_call_at_a_time() -> None:
     runner = HeldRunner()
     network = GraphDenoisingNetwork(TextKVRunner(), [runner]).bind_text(np.zeros((1, 4, 8), np.float32))  # type: ignore[arg-type, list-item]
     inputs = [spec.zeros() for spec in runner.spec.inputs[:3]]
-    calls = [threading.Thread(target=network, args=inputs) for _ in range(2)]
+    calling = threading.Event()
+
+    def second_call() -> None:
+        calling.set()
+        network(*inputs)
+
+    calls = [threading.Thread(target=network, args=inputs), threading.Thread(target=second_call)]
     calls[0].start()
     assert runner.inside.wait(timeout=30)
     calls[1].start()
-    assert not runner.second.wait(timeout=0.5)  # the second call waits for the first (it enters in microseconds)
+    assert calling.wait(timeout=30)  # the second call is under way: unheld, it would enter in microseconds
+    assert not runner.second.wait(timeout=0.5)  # it waits for the first
     runner.release.set()
     for call in calls:
         call.join(timeout=30)
