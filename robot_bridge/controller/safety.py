@@ -94,8 +94,8 @@ class Intervention(enum.Flag):
     RATE_LIMITED = enum.auto()  # an arm joint would have moved more than the per-tick maximum
     HELD = enum.auto()  # no valid action: the hold pose was commanded
     NON_FINITE = enum.auto()  # NaN/inf in the action or the measured position
-    IMPLAUSIBLE_READING = enum.auto()  # an arm joint's reading jumped farther than the arm moves: its last one used
     STOPPED = enum.auto()  # the stop latch is set: the hold pose was commanded
+    IMPLAUSIBLE_READING = enum.auto()  # an arm joint's reading jumped farther than the arm moves: its last one used
 
 
 @dataclass(frozen=True)
