@@ -351,10 +351,11 @@ class HttpEndpoint:
         if not keys or keys in self._warned_ignored or len(self._warned_ignored) >= _MAX_WARNED_KEY_SETS:
             return
         self._warned_ignored.add(keys)
+        seed = "; the server's seed applies to every /act request" if "seed" in keys else ""
         logger.warning(
-            "http /act: ignoring keys %s, as the official server ignores them (said once per set of keys; the "
-            "server's seed applies to every /act request)",
+            "http /act: ignoring keys %s, as the official server ignores them (said once per set of keys%s)",
             ",".join(peer_text(key) for key in keys),
+            seed,
         )
 
     async def _submit(self, act: ActRequest, peer: str, decode_ms: float, request: Request) -> ActReply:

@@ -382,7 +382,7 @@ class SafetyFilter:
             dim = int(np.flatnonzero(set_aside)[0])
             logger.warning(
                 "safety: qpos[%d] read %.3f rad, %.3f from its last reading in one tick, faster than the arm moves: "
-                "its last reading is used (for %d ticks at most; %d such readings since the last warning)",
+                "its last reading is used (for %d ticks at most; readings set aside since the last warning: %d)",
                 dim,
                 measured[dim],
                 abs(measured[dim] - previous[dim]),

@@ -163,6 +163,8 @@ def _check_lengths_agree(raw: dict[str, Any], platform: PlatformSpec, name: str)
 
 
 def _as_stat_vector(name: str, value: object) -> np.ndarray:
+    if isinstance(value, list) and None in value:  # JSON null, which numpy would read as NaN
+        raise ConfigError(f"{name}: expected finite numbers, got null at dim {value.index(None)}")
     try:
         array = np.array(value, dtype=np.float64)
     except (TypeError, ValueError) as error:

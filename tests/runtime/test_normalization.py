@@ -84,6 +84,7 @@ def test_write_json_round_trip(tmp_path: Path) -> None:
         ({"actions_min": [[0.0]]}, r"actions_min: expected a non-empty 1-D list"),
         ({"actions_min": "abc"}, r"actions_min: expected a list of numbers"),
         ({"proprio_max": None}, r"proprio_max: expected a list of numbers, got null"),
+        ({"proprio_max": [1.0, None]}, r"proprio_max: expected finite numbers, got null at dim 1"),
     ],
 )
 def test_invalid_statistics_name_the_field_and_dim(change: dict, message: str) -> None:
