@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from cosmos_edge.cli.arg_types import image_size, mebibytes, positive_seconds
 from cosmos_edge.cli.flag_names import naming_flags
-from cosmos_edge.cli.model_source import add_model_arguments, model_source
+from cosmos_edge.cli.model_source import add_model_arguments, model_files, model_source
 from cosmos_edge.cli.planning_args import (
     add_planning_arguments,
     log_candidates,
@@ -42,7 +42,7 @@ from cosmos_edge.runtime.bundle.loader import (
     source_platform,
 )
 from cosmos_edge.runtime.bundle.sources import ModelSource
-from cosmos_edge.runtime.errors import ConfigError, EngineError
+from cosmos_edge.runtime.errors import ConfigError, EngineError, NonFiniteOutput
 from cosmos_edge.runtime.platforms import IMAGE_SIZE
 from cosmos_edge.runtime.policy.planning_config import PlanningConfig
 
@@ -333,6 +333,9 @@ def _policies(args: argparse.Namespace) -> LoadedPolicies:
     try:
         _LOG.info("warming up (kernels%s) before serving", ", compilation" if compiles_dit(source) else "")
         _LOG.info("warm-up done in %.1f s; serving", loaded.warm_up())
+    except NonFiniteOutput as error:  # the weights' fault, found by the warm-up query: named as `act` names them
+        loaded.close()
+        raise NonFiniteOutput(f"warm-up: {error}; the model: {model_files(source)}") from None
     except BaseException:
         loaded.close()
         raise

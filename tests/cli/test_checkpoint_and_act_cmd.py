@@ -18,6 +18,7 @@ from cosmos_edge.runtime.bundle.sources import CheckpointSource
 from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.policy import text_embeddings
 from cosmos_edge.runtime.policy.api import ActionQuery, Observation
+from tests.helpers.bridge_doubles import free_port
 from tests.helpers.observations import random_observation
 from tests.helpers.policies import reference_policy
 
@@ -191,6 +192,10 @@ def test_a_network_returning_nan_fails_the_run_not_the_request(
     named = (
         f"--checkpoint {tmp_path / 'nan.pt'}, --tokenizer {files.tokenizer}, --text-embeddings {files.text_embeddings}"
     )
+    assert f"the model: {named}" in error
+    serve = ["serve", *argv[1:11], "--endpoint", f"tcp://127.0.0.1:{free_port()}"]
+    assert main(serve) == 1  # its warm-up query finds it, before serving
+    assert "warm-up: network output: NaN or infinity in the action chunk" in (error := capsys.readouterr().err)
     assert f"the model: {named}" in error
     assert main(["checkpoint", "inspect", str(tmp_path / "nan.pt")]) == 1  # found a problem
     assert "NaN or infinity in net.final_layer.linear.weight" in capsys.readouterr().out
