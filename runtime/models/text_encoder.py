@@ -146,11 +146,11 @@ def _load_tensor_pickle(path: Path) -> object:
             # torch warns about pickle protocols it did not write before rejecting a plain pickle.dump file.
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+    except (pickle.UnpicklingError, RuntimeError, EOFError):
         if zipfile.is_zipfile(path):  # a zip archive, but not a torch.save one of tensors (an .npz, say)
-            first_line = str(error).splitlines()[0]
+            # torch's own message advises loading with weights_only=False, which must not be done with such a file.
             raise CheckpointError(
-                f"{path}: a zip archive torch.load cannot read as tensors ({first_line}); expected the official "
+                f"{path}: a zip archive that is no torch.save archive of tensors (an .npz?); expected the official "
                 "*_t5_embeddings.pkl"
             ) from None
         # Otherwise a plain pickle.dump file, not a torch.save archive: the official embeddings are written that way.

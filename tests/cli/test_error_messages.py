@@ -317,7 +317,7 @@ CASES: dict[str, Case] = {
     ),
     "an npz given as the pickle": lambda f, t: (
         ["text-embeddings", "convert", str(observation(t)), str(t / "e.safetensors"), "--trust-pickle"],
-        "obs.npz: a zip archive torch.load cannot read as tensors",
+        "obs.npz: a zip archive that is no torch.save archive of tensors (an .npz?); expected the official",
     ),
     "a pickle error is one line": lambda f, t: (
         [
