@@ -325,9 +325,15 @@ def _refuse_non_finite(network: torch.nn.Module, path: Path, precision: str) -> 
     """A network whose weights hold NaN or infinity (in the file, or past the range of `precision`) answers every
     query with NaN: refused before minutes of export, rather than found once its bundle is deployed."""
     if bad := non_finite_tensors(dict(network.state_dict())):
+        where = (
+            "`cosmos-edge checkpoint inspect` lists those of the file"
+            if precision == "fp32"
+            else f"values past {precision}'s range become infinity: export in fp32, or check the file's with "
+            "`cosmos-edge checkpoint inspect`"
+        )
         raise CheckpointError(
-            f"{path}: {len(bad)} tensor(s) hold NaN or infinity in {precision} (first: {bad[0]}); a bundle exported "
-            "from it would answer every query with NaN (`cosmos-edge checkpoint inspect` lists them)"
+            f"{path}: {len(bad)} parameter(s) hold NaN or infinity in {precision} (first: {bad[0]}); a bundle "
+            f"exported from it would answer every query with NaN ({where})"
         )
 
 

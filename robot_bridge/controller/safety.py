@@ -247,6 +247,7 @@ class SafetyFilter:
         self._reading: np.ndarray | None = None  # the last reading taken as the arm's pose
         self._jump_run = np.zeros(config.dims, dtype=np.int64)  # ticks in a row each joint's reading jumped
         self._jump_warnings = Throttle(WARNING_INTERVAL_S)
+        self._blind_warnings = Throttle(WARNING_INTERVAL_S)
 
     @property
     def stopped(self) -> bool:
@@ -317,6 +318,11 @@ class SafetyFilter:
             if self._last is None:
                 raise InputError(f"safety: measured qpos is not finite and no command was sent yet: {measured}")
             flags |= Intervention.NON_FINITE
+            if self._blind_warnings.due(self._clock()) is not None:
+                logger.warning(
+                    "safety: qpos%s read not finite: the last command is held (no motion without a reading)",
+                    np.flatnonzero(~np.isfinite(measured)).tolist(),
+                )
             measured = self._last  # the only trustworthy reference left
         else:
             measured, implausible = self._plausible(measured)
@@ -461,4 +467,4 @@ def _changed(target: np.ndarray | None, out: np.ndarray) -> str:
     dims = np.flatnonzero(asked != out)
     if dims.size == 0:
         return ""
-    return f" on dims {dims.tolist()}, largest change {np.abs(asked - out).max():.3f}"
+    return f" on dims {dims.tolist()}, the target cut by up to {np.abs(asked - out).max():.3f}"

@@ -299,7 +299,8 @@ def test_weights_holding_nan_are_refused_and_leave_no_bundle(
     state[key][0, 0] = float("nan")
     torch.save(state, tmp_path / "nan.pt")
     out = tmp_path / "bundle"
-    with pytest.raises(CheckpointError, match=r"nan\.pt: 1 tensor\(s\) hold NaN or infinity in fp32 \(first: final_la"):
+    named = r"nan\.pt: 1 parameter\(s\) hold NaN or infinity in fp32 \(first: final_layer"
+    with pytest.raises(CheckpointError, match=named):
         export_bundle(request(files, out, checkpoint=tmp_path / "nan.pt"))
     assert not out.exists()
 

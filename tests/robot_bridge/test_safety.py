@@ -289,15 +289,17 @@ def test_non_finite_target_is_rejected_and_holds() -> None:
     assert f.counters.non_finite == 3 and f.counters.held == 3
 
 
-def test_non_finite_measurement_holds_last_command() -> None:
+def test_non_finite_measurement_holds_last_command(caplog: pytest.LogCaptureFixture) -> None:
     f = SafetyFilter(SafetyConfig())
     bad = START.copy()
     bad[0] = np.nan
     with pytest.raises(InputError, match="not finite"):
         f.apply(START, bad)
     sent = f.apply(START, START).qpos
-    out = f.apply(START + 0.05, bad)
+    with caplog.at_level(logging.WARNING, logger="cosmos_edge.robot_bridge.controller.safety"):
+        out = f.apply(START + 0.05, bad)
     assert out.flags == Intervention.NON_FINITE | Intervention.HELD  # no motion without a reading to check it
+    assert "safety: qpos[0] read not finite: the last command is held" in caplog.text  # the joint at fault named
     np.testing.assert_array_equal(out.qpos, sent)
     np.testing.assert_allclose(f.apply(START + 0.05, START).qpos, START + 0.05)  # a valid reading: it moves again
 
@@ -385,7 +387,7 @@ def test_intervention_warnings_name_the_dims_not_whole_vectors(caplog: pytest.Lo
     with caplog.at_level(logging.WARNING, logger="cosmos_edge.robot_bridge.controller.safety"):
         safety.apply(target, home)
     (message,) = [record.getMessage() for record in caplog.records]
-    assert message == "safety: RATE_LIMITED on dims [3], largest change 0.250"
+    assert message == "safety: RATE_LIMITED on dims [3], the target cut by up to 0.250"
 
 
 def test_a_reading_that_jumps_for_a_tick_is_set_aside_rather_than_followed() -> None:
