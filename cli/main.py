@@ -106,6 +106,16 @@ def _configure_parsers(parser: argparse.ArgumentParser) -> None:
                 _configure_parsers(command)
 
 
+def _named_command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser of the deepest command `argv` names (before it is parsed), for an error found before parsing."""
+    for token in argv:
+        commands = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if commands is None:
+            break
+        parser = commands.choices.get(token, parser)
+    return parser
+
+
 def _configure_logging(verbose: bool) -> None:
     """cosmos-edge's own progress at INFO; other libraries' (MuJoCo's, OpenGL's, ...) from WARNING unless -v. A
     process that configured logging already (a host program, pytest) keeps its own, as `basicConfig` would."""
@@ -120,10 +130,11 @@ def _configure_logging(verbose: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    typed = list(sys.argv[1:] if argv is None else argv)
     try:
-        flags = kebab_planning_flags(sys.argv[1:] if argv is None else argv)
+        flags = kebab_planning_flags(typed)
     except ConfigError as error:
-        parser.error(str(error))
+        _named_command_parser(parser, typed).error(str(error))
     args, unknown = parser.parse_known_args(flags)
     if unknown:
         parser = args._command_parser

@@ -258,8 +258,8 @@ def test_an_official_boolean_flag_of_another_value_is_a_usage_error_naming_it(
     name, value = flags[0].partition("=")[0], flags[-1].partition("=")[2] or flags[-1]
     kebab = name.replace("_", "-")
     assert capsys.readouterr().err == (
-        f"cosmos-edge: error: {name}: expected True or False after it (or {kebab} / --no-{kebab[2:]}), got "
-        f"{value!r} (see: cosmos-edge --help)\n"
+        f"cosmos-edge: error: act: {name}: expected True or False after it (or {kebab} / --no-{kebab[2:]}), got "
+        f"{value!r} (see: cosmos-edge act --help)\n"
     )
 
 
