@@ -4,7 +4,7 @@ Every command the executor sends passes through `SafetyFilter.apply`, which in o
 
 1. picks the target: the chunk action, or the hold pose when there is no valid action (no chunk, a
    non-finite action, or the latched stop) or no valid measurement (a non-finite joint reading: the arm
-   does not move blind); an arm joint whose reading jumped more than two steps since its last reading, faster
+   does not move blind); an arm joint whose reading jumped more than three steps since its last reading, faster
    than the arm moves (an encoder or bus glitch), is taken at its last reading instead, for up to
    `implausible_reading_ticks` ticks in a row (a reading that stays is the arm's pose: an arm pushed away);
 2. clamps every joint to its position limits and each gripper to its normalised range;
@@ -115,7 +115,7 @@ class SafetyConfig:
         stop_after_rate_limited_ticks: latch a stop once the policy's target has been rate limited this
             many ticks in a row (a chunk asking for motion faster than the limit allows, which the official
             client pauses on at once); default None: the arm follows such a chunk at the limit.
-        implausible_reading_ticks: ticks in a row an arm joint's reading may jump more than two steps from its
+        implausible_reading_ticks: ticks in a row an arm joint's reading may jump more than three steps from its
             last reading and be taken as a glitch (the last reading used instead: the rate limit would otherwise
             command a jump towards it); one that stays longer is the arm's pose. Default 3 (120 ms at 25 Hz); 0
             takes every reading as it is.
@@ -374,13 +374,15 @@ class SafetyFilter:
         return SafeCommand(qpos=out.copy(), flags=flags)
 
     def _plausible(self, measured: np.ndarray) -> tuple[np.ndarray, bool]:
-        """The reading taken as the arm's pose: an arm joint that jumped more than two steps since its last reading
+        """The reading taken as the arm's pose: an arm joint that jumped more than three steps since its last reading
         keeps that reading, `implausible_reading_ticks` ticks in a row at most. And whether one was set aside."""
         previous, limit = self._reading, self.config.implausible_reading_ticks
         if previous is None or limit == 0 or self._last is None:  # before the first command, every reading stands
             self._reading = measured
             return measured, False
-        jumped = self._joint_mask & (np.abs(measured - previous) > 2 * self.config.max_joint_step)
+        # Three steps: the simulation's arms, driven at the slew limit, move a little over two in a tick (the demo
+        # saw 0.34 rad); a vx300s joint at most about one (pi rad/s at 25 Hz).
+        jumped = self._joint_mask & (np.abs(measured - previous) > 3 * self.config.max_joint_step)
         self._jump_run = np.where(jumped, self._jump_run + 1, 0)
         set_aside = jumped & (self._jump_run <= limit)
         self._reading = np.where(set_aside, previous, measured)
