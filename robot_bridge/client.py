@@ -250,7 +250,7 @@ class PolicyClient:
         sending = _with_article(request.kind.value)
         raise RequestTimeout(
             f"no connection to {self._endpoint} within {self._timeout_s} s (sending {sending} request); "
-            f"is the server running{curve}?"
+            f"is the server running, and is this its ZeroMQ endpoint (not its HTTP port){curve}?"
         )
 
     def _await_reply(self, socket: zmq.Socket[bytes], request: Request, deadline: float) -> Reply:

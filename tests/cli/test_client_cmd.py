@@ -187,8 +187,9 @@ def test_option_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     no_server = ("--endpoint", f"tcp://127.0.0.1:{free_port()}", "--timeout", "0.2")
     failures = {  # nothing wrong with what was given: exit code 1
         no_server: (
-            "within 0.2 s (sending a ping request); is the server running, or does it require CURVE keys (the "
-            "server's public key and a client key pair)? (--timeout sets how long this command waits)"
+            "within 0.2 s (sending a ping request); is the server running, and is this its ZeroMQ endpoint (not its "
+            "HTTP port), or does it require CURVE keys (the server's public key and a client key pair)? (--timeout "
+            "sets how long this command waits)"
         ),
     }
     for expected_code, expected in ((2, cases), (1, failures)):
