@@ -111,7 +111,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def connect(args: argparse.Namespace, timeout_s: float) -> PolicyClient:
-    """A client for `--endpoint`, with CURVE when both key options are given."""
+    """A client for `--endpoint`, with CURVE when both key options are given; a server that is down is said within
+    the control timeout (or `--timeout`, if shorter), whatever the reply's."""
     if (args.curve_server_key is None) != (args.curve_secret_key is None):
         raise ConfigError("--curve-server-key and --curve-secret-key: give both or neither")
     curve: dict[str, Any] = {}
@@ -121,7 +122,8 @@ def connect(args: argparse.Namespace, timeout_s: float) -> PolicyClient:
             "client_keys": CurveKeyPair.load(args.curve_secret_key),
         }
     _check_reachable(args.endpoint)
-    return PolicyClient(args.endpoint, timeout_s=timeout_s if args.timeout is None else args.timeout, **curve)
+    timeout = timeout_s if args.timeout is None else args.timeout
+    return PolicyClient(args.endpoint, timeout_s=timeout, connect_timeout_s=_CONTROL_TIMEOUT_S, **curve)
 
 
 def _check_reachable(endpoint: str) -> None:
@@ -236,12 +238,11 @@ def _act(args: argparse.Namespace) -> int:
     if args.return_all_query_results:  # the summary printed holds no candidate's actions
         require_out("--return-all-query-results", "every candidate's results are", out)
     check_instruction(args.task)  # a request this command cannot build is refused before it connects
-    with connect(args, _CONTROL_TIMEOUT_S) as probe:  # a server that is down is said in seconds, not minutes
-        server = probe.metadata()
-    if args.frames == "upright":
-        observation = as_rendered(platform_spec(server.platform), observation)
-    observation = _as_the_server_takes_it(path, observation, server)
     with connect(args, _ACT_TIMEOUT_S) as client:
+        server = client.metadata()  # its cameras and frame size, checked before the act is sent
+        if args.frames == "upright":
+            observation = as_rendered(platform_spec(server.platform), observation)
+        observation = _as_the_server_takes_it(path, observation, server)
         reply = client.act(
             observation,
             args.task,

@@ -92,11 +92,14 @@ class PolicyClient:
         endpoint: str,
         *,
         timeout_s: float = 5.0,
+        connect_timeout_s: float | None = None,
         server_public_key: bytes | None = None,
         client_keys: CurveKeyPair | None = None,
         limits: WireLimits | None = None,
     ) -> None:
         check_number("timeout_s", timeout_s, 0.0, _MAX_TIMEOUT_S, above_low=True)
+        if connect_timeout_s is not None:
+            check_number("connect_timeout_s", connect_timeout_s, 0.0, _MAX_TIMEOUT_S, above_low=True)
         if (server_public_key is None) != (client_keys is None):
             raise ConfigError("server_public_key and client_keys: CURVE needs both (the server admits listed keys)")
         if server_public_key is not None:
@@ -104,6 +107,9 @@ class PolicyClient:
         self._ipv6 = is_ipv6(parse_endpoint(endpoint, wildcard_port=False))  # refused now, not at the first call
         self._endpoint = endpoint
         self._timeout_s = timeout_s
+        # How long a call waits for a connection (within its timeout): a server that is down is said sooner than a
+        # slow reply is given up on.
+        self._connect_timeout_s = timeout_s if connect_timeout_s is None else min(connect_timeout_s, timeout_s)
         self._server_public_key = server_public_key
         self._client_keys = client_keys
         self._limits = limits or WireLimits()
@@ -235,7 +241,8 @@ class PolicyClient:
 
     def _send(self, socket: zmq.Socket[bytes], request: Request, deadline: float) -> None:
         # With IMMEDIATE set, the socket is writable only once a connection (and its CURVE handshake) is up.
-        while self._poll(socket, zmq.POLLOUT, request, deadline):
+        connect_deadline = min(deadline, time.monotonic() + self._connect_timeout_s)
+        while self._poll(socket, zmq.POLLOUT, request, connect_deadline):
             if isinstance(request, ActRequest) and request.timeout_ms is not None:  # less is left once connected
                 request = dataclasses.replace(request, timeout_ms=_timeout_ms(deadline))
             try:
@@ -249,7 +256,7 @@ class PolicyClient:
             curve = ", or does it require CURVE keys (the server's public key and a client key pair)"
         sending = _with_article(request.kind.value)
         raise RequestTimeout(
-            f"no connection to {self._endpoint} within {self._timeout_s} s (sending {sending} request); "
+            f"no connection to {self._endpoint} within {self._connect_timeout_s} s (sending {sending} request); "
             f"is the server running, and is this its ZeroMQ endpoint (not its HTTP port){curve}?"
         )
 

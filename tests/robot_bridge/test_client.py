@@ -287,6 +287,19 @@ def test_nobody_listening_times_out_within_the_deadline(monkeypatch: pytest.Monk
     assert next(readings) <= 10
 
 
+def test_a_server_that_is_down_is_said_within_the_connect_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same clock: a connection waited for 0.3 s of a call's 100 s (a planning reply may take that long).
+    readings = itertools.count(1)
+    monkeypatch.setattr(time, "monotonic", lambda: 0.1 * next(readings))
+    with (
+        PolicyClient(f"tcp://127.0.0.1:{free_port()}", timeout_s=100.0, connect_timeout_s=SHORT_TIMEOUT_S) as client,
+        pytest.raises(RequestTimeout, match=rf"no connection to .* within {SHORT_TIMEOUT_S} s") as caught,
+    ):
+        client.metadata()
+    assert isinstance(caught.value, TimeoutError)
+    assert next(readings) <= 10
+
+
 def test_a_malformed_observation_is_refused_before_sending() -> None:
     obs = observation()
     float_image = {**obs.images, "cam_high": obs.images["cam_high"].astype(np.float32)}
