@@ -156,8 +156,8 @@ def _act_on(args: argparse.Namespace) -> int:
             raise ConfigError(f"--mode planning: {unavailable}")
         try:
             planning.check_seed(args.seed)
-        except InputError as error:
-            raise ConfigError(f"--{error}") from None
+        except InputError as error:  # the query's field, given here by its flag
+            raise ConfigError(f"--seed: {str(error).removeprefix(f'{error.field}: ')}") from None
         log_candidates(args, planning)
     with load_policies(
         source,
