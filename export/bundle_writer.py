@@ -55,7 +55,7 @@ from cosmos_edge.runtime.engines.graph import (
     vae_encoder_graph,
 )
 from cosmos_edge.runtime.errors import BundleError, CheckpointError, ConfigError, EngineError
-from cosmos_edge.runtime.files import exclusive_lock
+from cosmos_edge.runtime.files import exclusive_lock, same_file
 from cosmos_edge.runtime.models.checkpoint_io import non_finite_tensors
 from cosmos_edge.runtime.models.dit_checkpoint import dit_checkpoint_config, load_dit
 from cosmos_edge.runtime.models.dtypes import TORCH_DTYPES
@@ -138,7 +138,7 @@ def export_bundle(request: ExportRequest) -> Bundle:
     out = Path(request.out)
     _remove_interrupted_exports(out)  # first: a killed export's folder goes even if this export is refused
     check_new_bundle_path(out)
-    if request.planning_checkpoint is not None and _same_file(request.planning_checkpoint, request.checkpoint):
+    if request.planning_checkpoint is not None and same_file(request.planning_checkpoint, request.checkpoint):
         _LOG.warning(
             "planning checkpoint %s is the policy's: the bundle plans with the policy's DiT graphs (not exported "
             "twice)",
@@ -220,13 +220,6 @@ def _remove_interrupted_exports(out: Path) -> None:
             continue
 
 
-def _same_file(first: Path, second: Path) -> bool:
-    try:
-        return first.samefile(second)
-    except OSError:  # one is missing: the export names it as it reads it
-        return False
-
-
 def _directory_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
@@ -237,13 +230,13 @@ def _write_contents(request: ExportRequest, root: Path) -> BundleManifest:
     platform = platform_spec(request.platform)
     DatasetStats.from_json(request.stats, platform)  # refuse statistics of another platform before exporting
     texts = text_store.read(request.text_embeddings)
-    text_store.check_token_count(texts, f"text_embeddings: {request.text_embeddings}")  # as the loader does
     _, text_tokens, text_dim = texts.shape
     (root / GRAPHS_DIR).mkdir()
 
     for checkpoint in (request.checkpoint, request.planning_checkpoint):  # a wrong file named before minutes of export
         if checkpoint is not None:
-            _check_text_width(request, checkpoint, dit_checkpoint_config(checkpoint).text_dim, text_dim)
+            dit_text_dim = dit_checkpoint_config(checkpoint).text_dim
+            text_store.check_fits_dit(texts, f"text_embeddings: {request.text_embeddings}", checkpoint, dit_text_dim)
     dits = 2 if request.planning_checkpoint is not None else 1
     # Per DiT: a graph per batch size and its text-K/V graph; the VAE: the cameras encoder, + two for future images.
     writer = _GraphWriter(root, dits * (len(request.batch_sizes) + 1) + (3 if request.future_images else 1))
@@ -311,14 +304,6 @@ def _export_vae_graphs(request: ExportRequest, platform: PlatformSpec, writer: _
         writer.add("vae_encoder_full", vae_encoder_graph(platform, True), partial(export_vae_encoder, vae))
         writer.add("vae_decoder", vae_decoder_graph(platform), partial(export_vae_decoder, vae))
     return asdict(vae.config)
-
-
-def _check_text_width(request: ExportRequest, checkpoint: Path, expected: int, text_dim: int) -> None:
-    if expected != text_dim:
-        raise ConfigError(
-            f"text_embeddings: {request.text_embeddings} holds {text_dim}-wide embeddings, the DiT {checkpoint} "
-            f"expects text_dim {expected}"
-        )
 
 
 def _refuse_non_finite(network: torch.nn.Module, path: Path, precision: str) -> None:

@@ -39,6 +39,14 @@ def starts_like_json(head: bytes) -> bool:
     return head.lstrip().startswith((b"{", b"["))
 
 
+def same_file(first: Path, second: Path) -> bool:
+    """Whether two paths name one file, however spelled; False when either is missing (named where it is read)."""
+    try:
+        return first.samefile(second)
+    except OSError:
+        return False
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as file:

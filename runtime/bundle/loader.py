@@ -16,7 +16,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from pathlib import Path
 from types import TracebackType
 
 import numpy as np
@@ -27,6 +26,7 @@ from cosmos_edge.runtime.engines.graph import GraphRunner, SignatureMismatch
 from cosmos_edge.runtime.engines.graph_networks import GraphAutoencoder, GraphConditioning, GraphDenoisingNetwork
 from cosmos_edge.runtime.engines.registry import backend_info, load_graph_backend, load_torch_backend
 from cosmos_edge.runtime.errors import BundleError, ConfigError
+from cosmos_edge.runtime.files import same_file
 from cosmos_edge.runtime.platforms import IMAGE_SIZE, PlatformSpec, platform_spec
 from cosmos_edge.runtime.policy import text_embeddings as text_store
 from cosmos_edge.runtime.policy.api import (
@@ -268,7 +268,13 @@ def _open_checkpoints(
         check_cuda_graph_devices(devices)
     if source.precision == "fp16" and any(device.partition(":")[0] == "cpu" for device in devices):
         _LOG.warning("fp16 on the CPU: torch's fp16 kernels run far slower than fp32 there; fp32 or bf16 run faster")
-    separate_planner = with_planning and not _same_file(source.planning_checkpoint, files.checkpoint)
+    # The DiT is loaded once and shared unless another planning checkpoint is given (a second copy of the 2B model
+    # is about 4 GB per device), however its path is spelled.
+    separate_planner = (
+        with_planning
+        and source.planning_checkpoint is not None
+        and not same_file(source.planning_checkpoint, files.checkpoint)
+    )
     _LOG.info("loading %s (%s) on %s", files.tokenizer, source.precision, devices[0])
     autoencoder = torch_backend.open_autoencoder(
         files.tokenizer, source.precision, devices[0], platform, source.compile_mode, source.cuda_graphs
@@ -282,7 +288,9 @@ def _open_checkpoints(
         policy_network = torch_backend.open_denoiser(files.checkpoint, source.precision, device, *compile_args)
         resources.callback(policy_network.close)
         _LOG.info("loaded %s in %.1f s", files.checkpoint, time.perf_counter() - started)
-        _check_text_width(files.text_embeddings, text, files.checkpoint, policy_network.text_dim)
+        text_store.check_fits_dit(
+            text, f"text embeddings {files.text_embeddings}", files.checkpoint, policy_network.text_dim
+        )
         planning_network = policy_network
         if separate_planner and source.planning_checkpoint is not None:
             _LOG.info("loading the planning model %s on %s", source.planning_checkpoint, device)
@@ -290,29 +298,11 @@ def _open_checkpoints(
                 source.planning_checkpoint, source.precision, device, *compile_args
             )
             resources.callback(planning_network.close)
-            _check_text_width(files.text_embeddings, text, source.planning_checkpoint, planning_network.text_dim)
+            text_store.check_fits_dit(
+                text, f"text embeddings {files.text_embeddings}", source.planning_checkpoint, planning_network.text_dim
+            )
         networks.append(PlanningWorker(policy_network, planning_network))
     return PolicyModel(platform, stats, text, autoencoder, autoencoder), networks
-
-
-def _same_file(planning_checkpoint: Path | None, checkpoint: Path) -> bool:
-    """Whether the planning checkpoint is the policy's (or none is given), however its path is spelled: the DiT is
-    then loaded once and shared (a second copy of the 2B model is about 4 GB per device)."""
-    if planning_checkpoint is None:
-        return True
-    try:
-        return planning_checkpoint.samefile(checkpoint)
-    except OSError:  # a missing file is named when it is opened
-        return False
-
-
-def _check_text_width(path: Path, text: text_store.TextEmbeddings, checkpoint: Path, text_dim: int) -> None:
-    if text.shape[-1] != text_dim:
-        raise ConfigError(
-            f"text embeddings {path}: {text.shape[-1]} wide, but the DiT {checkpoint} takes {text_dim}-wide "
-            "embeddings: are the two files of one model?"
-        )
-    text_store.check_token_count(text, f"text embeddings {path}")
 
 
 def _open_bundle(

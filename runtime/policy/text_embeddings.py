@@ -148,6 +148,17 @@ def check_token_count(store: TextEmbeddings, source: str | Path) -> None:
         )
 
 
+def check_fits_dit(store: TextEmbeddings, source: str | Path, checkpoint: Path, text_dim: int) -> None:
+    """ConfigError naming `source` unless the store's embeddings are as wide and as long as the DiT `checkpoint`
+    takes (`text_dim` wide, TEXT_TOKENS long)."""
+    if store.shape[-1] != text_dim:
+        raise ConfigError(
+            f"{source}: {store.shape[-1]}-wide embeddings, but the DiT {checkpoint} takes {text_dim}-wide ones: are "
+            "the two files of one model?"
+        )
+    check_token_count(store, source)
+
+
 def write(path: str | Path, embeddings: Mapping[str, np.ndarray] | TextEmbeddings) -> None:
     """Writes instruction → embedding [1, tokens, dim] as bfloat16 safetensors (float inputs are rounded)."""
     store = embeddings if isinstance(embeddings, TextEmbeddings) else TextEmbeddings.from_arrays(embeddings)

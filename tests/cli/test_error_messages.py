@@ -127,7 +127,7 @@ CASES: dict[str, Case] = {
     ),
     "text embeddings of another model": lambda f, t: (
         act(f, t, text_embeddings=_narrow_embeddings(t)),
-        f"--text-embeddings {t / 'narrow.safetensors'}: 7 wide, but the DiT {f.checkpoint} takes",
+        f"--text-embeddings {t / 'narrow.safetensors'}: 7-wide embeddings, but the DiT {f.checkpoint} takes",
     ),
     "text embeddings not padded to 512 tokens": lambda f, t: (
         act(f, t, text_embeddings=_short_embeddings(f, t)),

@@ -317,5 +317,5 @@ def test_embeddings_of_another_width_than_the_dit_are_refused_before_any_graph(
         narrow, text_store.TextEmbeddings.from_arrays({"task": np.zeros((1, TEXT_TOKENS, 16), np.float32)})
     )
     files = tiny_assets["libero"]
-    with pytest.raises(ConfigError, match=r"narrow\.safetensors holds 16-wide embeddings, the DiT .* expects text_dim"):
+    with pytest.raises(ConfigError, match=r"narrow\.safetensors: 16-wide embeddings, but the DiT .* takes 32-wide"):
         export_bundle(request(files, tmp_path / "bundle", text_embeddings=narrow))
