@@ -16,6 +16,7 @@ Run: `.venv/bin/python -m benchmarks.precision_error --out benchmarks/results/pr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -114,8 +115,14 @@ def errors(stats: DatasetStats, got: ChunkResult, expected: ChunkResult) -> tupl
 
 
 def measure(platform: str, root: Path) -> dict[str, dict[str, float]]:
+    with contextlib.ExitStack() as loaded:
+        return _measure(platform, root, loaded)
+
+
+def _measure(platform: str, root: Path, loaded: contextlib.ExitStack) -> dict[str, dict[str, float]]:
+    """The worst errors of each candidate policy; every policy loaded stays open in `loaded`."""
     files = write_random_assets(root / platform, RandomAssetsSpec("tiny", platform, seed=7))
-    reference = load_policies(CheckpointSource(files, encode_full_sequence=True)).reactive
+    reference = loaded.enter_context(load_policies(CheckpointSource(files, encode_full_sequence=True))).reactive
     candidates: dict[str, Policy] = {}
     for precision in ("fp32", "fp16"):
         out = root / f"{platform}_{precision}"
@@ -131,7 +138,7 @@ def measure(platform: str, root: Path) -> dict[str, dict[str, float]]:
                 future_images=False,
             )
         )
-        candidates[f"{precision} onnxruntime-cpu"] = load_policies(BundleSource(out)).reactive
+        candidates[f"{precision} onnxruntime-cpu"] = loaded.enter_context(load_policies(BundleSource(out))).reactive
     candidates["bf16 graph computation, torch-cpu"], bf16_dit = bf16_graph_policy(files)
     worst = {name: {"max_action_error": 0.0, "max_value_error": 0.0} for name in candidates}
     with explicit_attention_mode(bf16_dit):

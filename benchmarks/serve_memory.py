@@ -32,7 +32,7 @@ def main(assets: Path) -> None:
     files += ["--text-embeddings", assets / "aloha_t5_embeddings.safetensors", "--platform", "aloha"]
     args = parser.parse_args(["serve", *map(str, files), "--precision", "fp32", "--devices", "cpu"])
     before = rss_mib()
-    with serve_cmd._policies(args):
+    with serve_cmd.served_policies(args):
         after = rss_mib()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(

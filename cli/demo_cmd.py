@@ -172,11 +172,12 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(f"[1/4] writing the embedded default (tiny ALOHA model, seed {args.seed}) to {args.out / 'model'}")
     files = write_random_assets(args.out / "model", RandomAssetsSpec("tiny", "aloha", args.seed))
     _record_demo_files(args.out)
-    loaded = load_policies(CheckpointSource(files))
-    instruction = loaded.reactive.instructions[0]
-    print("[2/4] starting the policy server")
-    server = PolicyServer(loaded.modes(), ServerConfig(endpoint="tcp://127.0.0.1:*"))
-    with loaded, serving_in_thread(server) as endpoint:
+    with contextlib.ExitStack() as serving:
+        loaded = serving.enter_context(load_policies(CheckpointSource(files)))
+        instruction = loaded.reactive.instructions[0]
+        print("[2/4] starting the policy server")
+        server = PolicyServer(loaded.modes(), ServerConfig(endpoint="tcp://127.0.0.1:*"))
+        endpoint = serving.enter_context(serving_in_thread(server))
         print(f"      serving on {endpoint}")
         ticks = args.chunks * loaded.reactive.platform.chunk_size
         chunks = f"{args.chunks} chunk{'s' * (args.chunks != 1)}"

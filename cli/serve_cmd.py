@@ -292,7 +292,7 @@ _FLAGS = {
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """`serve` with `reactive` and `planning` modes, from a bundle (no torch) or from official checkpoint files."""
-    parser = add_serve_parser(subparsers, _policies)
+    parser = add_serve_parser(subparsers, served_policies)
     add_model_arguments(parser)
     parser.add_argument(
         "--devices",
@@ -302,7 +302,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_planning_arguments(parser)
 
 
-def _policies(args: argparse.Namespace) -> LoadedPolicies:
+def served_policies(args: argparse.Namespace) -> LoadedPolicies:
     """Both modes from one load: the reactive policy and the planner share each device's networks."""
     devices = _device_list(args) or None
     source = model_source(args, devices or [], device_flag="--devices")

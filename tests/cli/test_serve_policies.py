@@ -38,7 +38,7 @@ def test_serve_parser_builds_both_modes(
         ["serve", *files_args, "--num-candidates", "2", "--precision", "fp32", "--devices", "cpu,cpu"]
     )
     with caplog.at_level(logging.WARNING, logger="cosmos_edge.cli.serve_cmd"):
-        policies = serve_cmd._policies(args).modes()
+        policies = serve_cmd.served_policies(args).modes()
     assert "--devices cpu,cpu: cpu given more than once; each entry loads its own DiT" in caplog.text
     assert set(policies) == {"reactive", "planning"}
     query = ActionQuery(random_observation("libero"), policies["reactive"].instructions[0], seed=1, steps=1)
@@ -55,7 +55,7 @@ def parse_serve(argv: list[str]) -> argparse.Namespace:
 
 def test_serve_from_a_bundle_builds_both_modes(tiny_bundles: Callable[..., Path]) -> None:
     args = parse_serve(["--bundle", str(tiny_bundles("libero")), "--num-candidates", "2"])
-    policies = serve_cmd._policies(args).modes()
+    policies = serve_cmd.served_policies(args).modes()
     query = ActionQuery(random_observation("libero"), policies["reactive"].instructions[0], seed=1, steps=1)
     assert policies["reactive"].infer(query).actions.shape == (16, 7)
     planned = policies["planning"].infer(query)
@@ -66,9 +66,9 @@ def test_serve_refuses_mixed_or_missing_sources(tiny_bundles: Callable[..., Path
     bundle = str(tiny_bundles("libero"))
     for mixed in (["--checkpoint", "x.pt"], ["--planning-checkpoint", "x.pt"]):
         with pytest.raises(ConfigError, match=f"--bundle: runs on .* got \\['{mixed[0]}'\\]"):
-            serve_cmd._policies(parse_serve(["--bundle", bundle, *mixed]))
+            serve_cmd.served_policies(parse_serve(["--bundle", bundle, *mixed]))
     with pytest.raises(ConfigError, match="--checkpoint"):
-        serve_cmd._policies(parse_serve(["--platform", "libero"]))
+        serve_cmd.served_policies(parse_serve(["--platform", "libero"]))
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ def test_serve_refuses_what_a_bundle_cannot_serve_before_loading(
     reactive_only_bundle: Path, argv: list[str], message: str
 ) -> None:
     with pytest.raises(ConfigError, match=message):
-        serve_cmd._policies(parse_serve(["--bundle", str(reactive_only_bundle), *argv]))
+        serve_cmd.served_policies(parse_serve(["--bundle", str(reactive_only_bundle), *argv]))
 
 
 @pytest.mark.usefixtures("loading_refused")
@@ -114,7 +114,7 @@ def test_serve_refuses_the_official_endpoint_for_other_cameras_before_loading(
     with pytest.raises(
         ConfigError, match=r"http: the official /act format carries ALOHA.s cameras .* platform 'libero' has"
     ):
-        serve_cmd._policies(parse_serve(argv))
+        serve_cmd.served_policies(parse_serve(argv))
 
 
 def test_a_planning_deadline_plans_on_a_bundle_of_batch_size_one(reactive_only_bundle: Path) -> None:
@@ -123,7 +123,7 @@ def test_a_planning_deadline_plans_on_a_bundle_of_batch_size_one(reactive_only_b
     one_step += ["--num-denoising-steps-value", "1", "--no-use-ensemble-value-predictions"]
     one_step += ["--no-use-ensemble-future-state-predictions"]
     args = parse_serve(["--bundle", str(reactive_only_bundle), "--planning-deadline-ms", "60000", *one_step])
-    with serve_cmd._policies(args) as loaded:
+    with serve_cmd.served_policies(args) as loaded:
         assert loaded.planning is not None and loaded.planning.config.num_queries_best_of_n == 8  # the preset's
         query = ActionQuery(random_observation("aloha"), loaded.reactive.instructions[0], seed=1)
         planned = loaded.planning.infer(query)
@@ -145,8 +145,8 @@ def test_a_bad_device_is_the_error_seen_before_the_reactive_only_warning(
     bad_device = parse_serve(["--bundle", str(reactive_only_bundle), "--devices", "gpu"])
     refused = pytest.raises(ConfigError, match=r"^--devices: .*'gpu'")
     with caplog.at_level(logging.WARNING), refused, serve_cmd.naming_flags(serve_cmd._FLAGS):
-        serve_cmd._policies(bad_device)
+        serve_cmd.served_policies(bad_device)
     assert "serving the reactive mode only" not in caplog.text
     with caplog.at_level(logging.WARNING):
-        serve_cmd._policies(parse_serve(["--bundle", str(reactive_only_bundle)])).close()
+        serve_cmd.served_policies(parse_serve(["--bundle", str(reactive_only_bundle)])).close()
     assert "serving the reactive mode only" in caplog.text
