@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from cosmos_edge.runtime.platforms import PlatformSpec
+from cosmos_edge.runtime.policy import latents
 from cosmos_edge.runtime.policy.api import NetworkFn, StageTimer
-from cosmos_edge.runtime.policy.conditioning import ConditioningMode, promote_future_state
+from cosmos_edge.runtime.policy.conditioning import ConditioningMode
 from cosmos_edge.runtime.policy.planning_config import DepthAggregation, PlanningConfig
 from cosmos_edge.runtime.policy.steps import BoundNetwork, PolicyModel, read_chunks, read_values, sample_latents
 from cosmos_edge.runtime.policy.value_aggregation import ValueAggregation, aggregate_values
@@ -142,9 +143,8 @@ class CandidateSearch:
 
     def _as_current(self, state: np.ndarray, clean: np.ndarray) -> np.ndarray:
         """A predicted state in the current-state slots, with the observed proprio written back over its proprio."""
-        promoted = promote_future_state(state, self.model.platform)
-        slot = self.model.platform.proprio_slot
-        promoted[:, :, slot] = clean[:, :, slot]
+        promoted = latents.promote_future_state(state, self.model.platform)
+        latents.copy_slots(promoted, clean, [self.model.platform.proprio_slot])
         return promoted
 
     def _run(self, network: BoundNetwork, mode: ConditioningMode, passes: list[_Pass]) -> list[np.ndarray]:
@@ -195,11 +195,11 @@ def _by_depth(chunks: list[np.ndarray]) -> np.ndarray:
     return np.stack(chunks, axis=1)
 
 
-def _ranking_values(platform: PlatformSpec, latents: np.ndarray) -> np.ndarray:
+def _ranking_values(platform: PlatformSpec, samples: np.ndarray) -> np.ndarray:
     """`read_values` of samples "b c t h w", NaN where the value slot holds a value that is not finite: the official
     clip reads +inf as 1 (the best value), so a network's failure would win the choice instead of being ranked out."""
-    finite = np.isfinite(latents[:, :, platform.value_slot]).reshape(len(latents), -1).all(axis=1)
-    return np.where(finite, read_values(platform, latents), np.float32(np.nan))
+    finite = latents.value_is_finite(samples, platform.value_slot)
+    return np.where(finite, read_values(platform, samples), np.float32(np.nan))
 
 
 def _pooled(values: np.ndarray, scheme: ValueAggregation) -> float:

@@ -17,7 +17,6 @@ from enum import Enum
 import numpy as np
 import numpy.typing as npt
 
-from cosmos_edge.runtime.errors import InputError
 from cosmos_edge.runtime.platforms import PlatformSpec
 
 
@@ -81,21 +80,3 @@ def future_to_current_slots(spec: PlatformSpec) -> tuple[tuple[int, int], ...]:
     `FUTURE_STATE_*_LATENT_IDX` → `CURR_STATE_*_LATENT_IDX`).
     """
     return tuple(zip(_future_state_slots(spec), _current_state_slots(spec), strict=True))
-
-
-def promote_future_state(latent: np.ndarray, spec: PlatformSpec) -> np.ndarray:
-    """Copy of a "b c t h w" latent sequence whose current-state slots hold its predicted future state.
-
-    The step between two levels of a planning search (`search_depth` > 1).
-
-    The official planner then re-injects the observed current proprio into the proprio slot (it stays in the data
-    batch), so the copied future-proprio latent only survives if the caller skips that injection.
-    """
-    if latent.ndim != 5 or latent.shape[2] != spec.num_latent_frames:
-        raise InputError(
-            f"latent: expected [B, C, {spec.num_latent_frames}, H, W] for {spec.name}, got shape {latent.shape}"
-        )
-    promoted = latent.copy()
-    for future_slot, current_slot in future_to_current_slots(spec):
-        promoted[:, :, current_slot] = latent[:, :, future_slot]
-    return promoted

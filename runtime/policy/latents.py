@@ -22,7 +22,7 @@ future-proprio and future-image readouts.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -35,6 +35,7 @@ from cosmos_edge.runtime.platforms import (
     PlatformSpec,
     SlotKind,
 )
+from cosmos_edge.runtime.policy.conditioning import future_to_current_slots
 from cosmos_edge.runtime.policy.normalization import DatasetStats
 from cosmos_edge.runtime.policy.numerics import round_to_bf16
 
@@ -83,6 +84,36 @@ def read_value(latents: np.ndarray, slot: int) -> np.ndarray:
     _check_latents(latents, slot)
     mean = latents[:, :, slot].reshape(latents.shape[0], SLOT_ELEMENTS).mean(axis=1, dtype=np.float64)
     return np.clip((mean + 1.0) / 2.0, 0.0, 1.0).astype(np.float32)
+
+
+def value_is_finite(latents: np.ndarray, slot: int) -> np.ndarray:
+    """Whether every value of the value slot is finite, per batch item → bool [B]."""
+    _check_latents(latents, slot)
+    return np.isfinite(latents[:, :, slot]).reshape(latents.shape[0], -1).all(axis=1)
+
+
+def copy_slots(target: np.ndarray, source: np.ndarray, slots: Sequence[int]) -> None:
+    """Overwrites `slots` of the sequences "b c t h w" `target` with those of `source` (its batch broadcast), in
+    place."""
+    target[:, :, list(slots)] = source[:, :, list(slots)]
+
+
+def promote_future_state(latent: np.ndarray, spec: PlatformSpec) -> np.ndarray:
+    """Copy of a "b c t h w" latent sequence whose current-state slots hold its predicted future state.
+
+    The step between two levels of a planning search (`search_depth` > 1).
+
+    The official planner then re-injects the observed current proprio into the proprio slot (it stays in the data
+    batch), so the copied future-proprio latent only survives if the caller skips that injection.
+    """
+    if latent.ndim != 5 or latent.shape[2] != spec.num_latent_frames:
+        raise InputError(
+            f"latent: expected [B, C, {spec.num_latent_frames}, H, W] for {spec.name}, got shape {latent.shape}"
+        )
+    promoted = latent.copy()
+    for future_slot, current_slot in future_to_current_slots(spec):
+        promoted[:, :, current_slot] = latent[:, :, future_slot]
+    return promoted
 
 
 def _check_latents(latents: np.ndarray, slot: int) -> None:

@@ -221,8 +221,7 @@ def decode_future_images(
     """Restores the placeholder latents of the injected slots (official `get_future_images_from_generated_samples`),
     decodes the whole sequence and picks each future camera frame."""
     restored = latent[:1].copy()
-    slots = list(placeholder_restore_slots(model.platform))
-    restored[:, :, slots] = encoded.placeholder[:, :, slots]
+    latents.copy_slots(restored, encoded.placeholder, placeholder_restore_slots(model.platform))
     with timer.stage("vae_decode"):
         video = model.autoencoder.decode(restored)
     return latents.future_image_frames(model.platform, video)

@@ -3,13 +3,13 @@ import pytest
 
 from cosmos_edge.runtime.errors import InputError
 from cosmos_edge.runtime.platforms import PLATFORMS, PlatformSpec, SlotKind
+from cosmos_edge.runtime.policy import latents
 from cosmos_edge.runtime.policy.conditioning import (
     ConditioningMode,
     clean_slots,
     condition_mask,
     future_to_current_slots,
     placeholder_restore_slots,
-    promote_future_state,
 )
 
 # Clean slots per mode, read off the official slot tables (LIBERO 9 slots, RoboCasa and ALOHA 11 slots).
@@ -102,7 +102,7 @@ def _tagged_latent(spec: PlatformSpec, batch: int = 2) -> np.ndarray:
 def test_promote_future_state_copies_future_into_current_slots(name: str) -> None:
     spec = PLATFORMS[name]
     latent = _tagged_latent(spec)
-    promoted = promote_future_state(latent, spec)
+    promoted = latents.promote_future_state(latent, spec)
     pairs = dict((current, future) for future, current in future_to_current_slots(spec))
     for slot in range(spec.num_latent_frames):
         assert np.all(promoted[:, :, slot] == pairs.get(slot, slot))
@@ -111,4 +111,4 @@ def test_promote_future_state_copies_future_into_current_slots(name: str) -> Non
 
 def test_promote_future_state_rejects_other_layouts() -> None:
     with pytest.raises(InputError, match="libero"):
-        promote_future_state(_tagged_latent(PLATFORMS["aloha"]), PLATFORMS["libero"])
+        latents.promote_future_state(_tagged_latent(PLATFORMS["aloha"]), PLATFORMS["libero"])
