@@ -216,6 +216,11 @@ class ChunkBlender:
         if tick >= boundary.closes:  # a fade's window_ticks + 1 steps are in (an ensemble's old chunk has run out)
             self._close_boundary()
 
+    def end_boundary(self) -> None:
+        """Closes the boundary in progress with the ticks it ran (a pause: the next command follows no trajectory of
+        the last one, so their difference is no step of the boundary)."""
+        self._close_boundary()
+
     def _largest(self, changes: np.ndarray) -> np.ndarray:
         """The largest of `changes` over the arm joints, and over the grippers (0 without any)."""
         if self._grippers is None or len(self._grippers) != len(changes):  # made once per action width

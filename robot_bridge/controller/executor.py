@@ -163,6 +163,8 @@ def _starvation_advice(latency_ms: float | None, horizon_ms: float, config: Exec
         margin = f"latency_margin (now {config.latency_margin:g}; `robot --latency-margin`)"
         period_ms = 1e3 / config.control_rate_hz
         # The prefetch point is the larger of prefetch_threshold and the round trip times the margin.
+        if latency_ms == 0:  # replies come by the next tick (a simulation's clock): no margin moves the point
+            return "Request earlier: raise prefetch_threshold (the round trip measures 0 ms on the executor's clock)."
         counts_from = None if latency_ms is None else config.prefetch_threshold * period_ms / latency_ms
         if counts_from is not None and config.latency_margin < counts_from:
             return (
@@ -221,7 +223,6 @@ class ChunkExecutor:
         self._last_command: np.ndarray | None = None
         self._filter_held = 0  # ticks in a row the safety filter held the pose while the chunk had an action
         self._next_tick = 0  # the tick after the last one run
-        self._run_started_ns = 0  # when the current run began (the executor's clock)
         self._pause_ended_ns = 0  # when the last pause between runs ended: replies to earlier requests elapsed in it
         self._latency_ns: float | None = None  # smoothed inference round trip (capture to receipt)
         self._chunk_length = 0  # of the last adopted chunk
@@ -292,12 +293,17 @@ class ChunkExecutor:
             raise ConfigError(f"executor.run: give num_ticks or duration_s, or until; got {num_ticks=} {duration_s=}")
         if duration_s is not None:
             num_ticks = round(duration_s * self.config.control_rate_hz)
-        # The first deadline not yet passed, and never a tick already run (a clock that has not moved since).
-        tick = max(-(-(self._clock() - self._epoch_ns) // self._period_ns), self._next_tick)
+        now = self._clock()
+        # A run that begins less than a period after its next tick's deadline runs that tick late, as the loop runs a
+        # late tick; once a whole period more has passed, the ticks between the runs are a pause, not starvation, and
+        # the run starts at the first deadline not yet passed.
+        paused = (now - self._epoch_ns) // self._period_ns > self._next_tick
+        tick = -(-(now - self._epoch_ns) // self._period_ns) if paused else self._next_tick
         end_tick = None if num_ticks is None else tick + num_ticks
-        before, self._run_started_ns = self.counters, self._clock()
-        if tick > self._next_tick:  # ticks passed between the runs: a pause, not starvation
-            self._pause_ended_ns = self._run_started_ns
+        before = self.counters
+        if paused:
+            self._pause_ended_ns = now
+            self._blender.end_boundary()  # the next command does not continue the trajectory of the last one
             # As after a resume, the chunk in hand and replies to requests captured before the pause answered the
             # situation before it: this run holds until a chunk of its own comes, and fades it in. The rig may have
             # moved the arms meanwhile (an episode reset): the filter then holds the pose measured, not the last run's.
@@ -397,8 +403,8 @@ class ChunkExecutor:
             self._warn_request_failed(outcome)
             return False
         # Round trip as the control loop sees it: from capture to the tick that received the outcome. A request made
-        # in an earlier run may have been answered during the pause between runs: no measure of the round trip.
-        if outcome.capture_ns >= self._run_started_ns:
+        # before a pause between runs may have been answered during it: no measure of the round trip.
+        if outcome.capture_ns >= self._pause_ended_ns:
             latency = self._clock() - outcome.capture_ns
             self._latency_ns = latency if self._latency_ns is None else 0.7 * self._latency_ns + 0.3 * latency
         outcome = self._after_holds(outcome)
@@ -499,7 +505,7 @@ class ChunkExecutor:
             latency += " (the last that succeeded)"
         logger.warning(
             "executor: starved at tick %d (%s): inference round trip %s vs chunk horizon %.0f ms (%d actions at "
-            "%.0f Hz), prefetch at %d remaining; %d starved ticks so far%s. %s",
+            "%.0f Hz), prefetch at %d remaining; %d starved ticks before this one%s. %s",
             tick,
             what,
             latency,
