@@ -200,7 +200,11 @@ def _run_demo(args: argparse.Namespace) -> int:
             executor = ChunkExecutor(
                 robot, source, safety, ExecutorConfig(), clock=sim.sim_time_ns, sleep=lambda _: None
             )
-            summary = executor.run(num_ticks=ticks)
+            try:
+                summary = executor.run(num_ticks=ticks)
+            finally:  # the run is over: a request in flight is cancelled, not waited for
+                threaded.stop_requests()
+                client.close()
     print(f"[4/4] done in {time.perf_counter() - started:.1f} s wall time\n")
     _print_latencies(source.chunks)
     print()
