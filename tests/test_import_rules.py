@@ -1,6 +1,7 @@
 """The layering rules of the design, checked on the import graph of the source tree.
 
-Module-level imports only: what importing a module loads. Optional engines are imported by name at run time through
+Mostly module-level imports: what importing a module loads (torch and export are refused in function bodies too).
+Optional engines are imported by name at run time through
 `runtime/engines/registry.py`, which is how a torch-free process serves a bundle.
 """
 
@@ -56,6 +57,17 @@ def top_level_imports(path: Path) -> set[str]:
     return found
 
 
+def every_import(path: Path) -> set[str]:
+    """Modules imported anywhere in the file, function bodies included: what running it may load."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
 def closure(module: str) -> set[str]:
     """Every module `module` loads at import time, transitively (external packages by their full import name)."""
     seen: set[str] = set()
@@ -98,6 +110,17 @@ def test_the_rules_see_the_whole_tree() -> None:
 @pytest.mark.parametrize("module", sorted(TORCH_FREE))
 def test_serving_layers_never_import_torch(module: str) -> None:
     assert not any(in_package(name, "torch") for name in closure(module)), f"{module} imports torch"
+
+
+@pytest.mark.parametrize("module", sorted(TORCH_FREE))
+def test_serving_layers_import_torch_in_no_function_either(module: str) -> None:
+    lazy = [name for name in every_import(MODULES[module]) if in_package(name, "torch")]
+    assert not lazy, f"{module} imports {lazy} at run time (the registry loads the torch backend by name)"
+
+
+@pytest.mark.parametrize("module", sorted(name for name in MODULES if in_package(name, "cosmos_edge.runtime")))
+def test_runtime_imports_export_in_no_function_either(module: str) -> None:
+    assert not [name for name in every_import(MODULES[module]) if in_package(name, "cosmos_edge.export")]
 
 
 @pytest.mark.parametrize("module", sorted(name for name in MODULES if in_package(name, "cosmos_edge.runtime")))
