@@ -77,7 +77,7 @@ from cosmos_edge.kernels.image_transforms import transform_frames
 from cosmos_edge.runtime.bundle.loader import load_policies
 from cosmos_edge.runtime.bundle.sources import CheckpointSource
 from cosmos_edge.runtime.engines.torch_arrays import TorchArrays
-from cosmos_edge.runtime.engines.torch_networks import open_denoiser
+from cosmos_edge.runtime.engines.torch_networks import open_dit
 from cosmos_edge.runtime.files import CheckpointFiles
 from cosmos_edge.runtime.models.dit_checkpoint import load_dit
 from cosmos_edge.runtime.models.dit_config import dit_config
@@ -505,7 +505,7 @@ def dit_compiled(
     result: dict[str, Any] = {"shape": "batch 1, 11 latent frames of 28x28 (aloha), bf16"}
     for mode, scope in variants:
         torch._dynamo.reset()
-        dit = open_denoiser(files.checkpoint, "bf16", device, mode, scope)
+        dit = open_dit(files.checkpoint, "bf16", device, mode, scope)
         text = rng.standard_normal((1, 512, dit_config(config).text_dim)).astype(np.float32)
         network = dit.bind_text(text)
         arrays = dit.arrays
@@ -560,7 +560,7 @@ def planning_timing(device: str, files: CheckpointFiles) -> dict[str, Any]:
         started = time.perf_counter()
         loaded.warm_up()  # as `serve` does before it answers: among them the batch-1 graphs a deadline's query calls
         result["serve_warm_up_s"] = round(time.perf_counter() - started, 1)
-        workers = list(loaded.workers)
+        workers = list(loaded.device_networks)
         query = ActionQuery(observation(3), "fold the t-shirt", seed=195)
         modes = {
             "batched": PlanningPolicy(loaded.reactive.model, workers, batch_passes=True),

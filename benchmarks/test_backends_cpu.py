@@ -34,7 +34,7 @@ from cosmos_edge.export.onnx_export import DiTGraph, export_graph
 from cosmos_edge.runtime.bundle.manifest import Bundle
 from cosmos_edge.runtime.engines.graph import GraphFile, GraphSpec
 from cosmos_edge.runtime.engines.onnxruntime_runner import open_graph
-from cosmos_edge.runtime.engines.torch_networks import TorchDiT, open_denoiser
+from cosmos_edge.runtime.engines.torch_networks import TorchDiT, open_dit
 from cosmos_edge.runtime.models.dit import CosmosDiT, explicit_attention_mode
 from cosmos_edge.runtime.models.dit_checkpoint import load_dit
 from cosmos_edge.runtime.models.prefix_encoder import BlackPrefixEncoder
@@ -77,7 +77,7 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> SmallSetup:
     return SmallSetup(
         bundle=bundle,
         checkpoint=files.checkpoint,
-        dit=open_denoiser(files.checkpoint, "fp32", "cpu"),  # as the torch backend serves it (fused QKV)
+        dit=open_dit(files.checkpoint, "fp32", "cpu"),  # as the torch backend serves it (fused QKV)
         vae=load_wan_vae(files.tokenizer).eval(),
         text=embeddings.get(embeddings.instructions[0]),
     )

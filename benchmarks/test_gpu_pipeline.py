@@ -166,11 +166,11 @@ def test_vae_encode(benchmark, models: Models, pixel_frames: int) -> None:  # ty
 def test_planning_best_of_8_one_gpu(benchmark, models: Models) -> None:  # type: ignore[no-untyped-def]
     """The official ALOHA planning command (8 candidates, 10 action steps, futures [1, 3, 5], values [1..5] each,
     majority_mean) on one GPU, compiled DiT; the policy and planning models share weights here."""
-    from cosmos_edge.runtime.policy.planning import PlanningPolicy, PlanningWorker
+    from cosmos_edge.runtime.policy.planning import DeviceNetworks, PlanningPolicy
     from cosmos_edge.runtime.policy.planning_config import PlanningConfig
 
     dit = TorchDiT(models.dit, DEVICE, compile_mode="default")
-    planner = PlanningPolicy(policy_model(models), [PlanningWorker(dit, dit)], PlanningConfig(num_queries_best_of_n=8))
+    planner = PlanningPolicy(policy_model(models), [DeviceNetworks(dit, dit)], PlanningConfig(num_queries_best_of_n=8))
     benchmark.extra_info.update(device=torch.cuda.get_device_name(), precision="bf16", candidates=8, gpus=1)
     benchmark.pedantic(run_query(planner, 10), rounds=3, warmup_rounds=0)
     planner.close()

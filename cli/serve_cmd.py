@@ -326,7 +326,7 @@ def served_policies(args: argparse.Namespace) -> LoadedPolicies:
         deadline = loaded.planning.deadline_ms
         _LOG.info(
             "planning over %d device(s), %s, %s",
-            len(loaded.workers),
+            len(loaded.device_networks),
             "independent passes batched" if loaded.planning.batch_passes else "pass after pass (CPU)",
             f"deadline {deadline:.0f} ms" if deadline is not None else "no deadline",
         )

@@ -43,11 +43,11 @@ from cosmos_edge.robot_bridge.protocol import (
     decode_reply,
 )
 from cosmos_edge.robot_bridge.wire import wire_proprio
+from cosmos_edge.runtime.checks import check_number
 from cosmos_edge.runtime.errors import ConfigError, CosmosEdgeError, ProtocolError
 from cosmos_edge.runtime.policy.api import Observation
-from cosmos_edge.runtime.values import check_number
 
-logger = logging.getLogger(__name__)
+_LOG = logging.getLogger(__name__)
 
 R = TypeVar("R", ActReply, ServerMetadata, Pong, ModeSet)
 
@@ -213,7 +213,7 @@ class PolicyClient:
                 answered_in_s = time.monotonic() - sent  # an attempt that could not be answered in time is not made
                 if error.code is not ErrorCode.OVERLOADED or time.monotonic() + delay_s + answered_in_s >= deadline:
                     raise
-            logger.debug("server overloaded; retrying obs_id=%s in %.3f s", request.obs_id, delay_s)
+            _LOG.debug("server overloaded; retrying obs_id=%s in %.3f s", request.obs_id, delay_s)
             if self._closing.wait(delay_s):
                 raise self._cancelled(request)
             backoff_s = min(2 * backoff_s, _MAX_RETRY_S)
@@ -265,7 +265,7 @@ class PolicyClient:
             reply = decode_reply(socket.recv_multipart(copy=False), self._limits)
             if reply.request_id == request.request_id:
                 return reply
-            logger.debug("discarded a stale %s for request %s", reply.kind.value, reply.request_id)
+            _LOG.debug("discarded a stale %s for request %s", reply.kind.value, reply.request_id)
         raise RequestTimeout(
             f"{request.kind.value}: no reply to request {request.request_id} from {self._endpoint} within "
             f"{self._timeout_s} s (its timeout; the socket was reset, a next call reconnects)"

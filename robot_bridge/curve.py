@@ -19,7 +19,7 @@ from zmq.utils import z85
 from cosmos_edge.robot_bridge.log_limits import RateLimitedLog, peer_text
 from cosmos_edge.runtime.errors import ConfigError
 
-logger = logging.getLogger(__name__)
+_LOG = logging.getLogger(__name__)
 
 Z85_KEY_LENGTH = 40
 
@@ -113,7 +113,7 @@ class _Allowlist:
         self._keys = keys
         # A peer can open handshakes with new keys as fast as it likes: a few lines a minute, then a count. One owner
         # thread: the authenticator's.
-        self._refusals = RateLimitedLog(logger, interval_s=60.0, max_lines=5)
+        self._refusals = RateLimitedLog(_LOG, interval_s=60.0, max_lines=5)
 
     def callback(self, domain: str, key: bytes) -> bool:
         allowed = key in self._keys

@@ -54,7 +54,7 @@ from cosmos_edge.robot_bridge.protocol import PROTOCOL_VERSION, ActReply, ActReq
 from cosmos_edge.robot_bridge.server import PolicyServer, ms_since
 from cosmos_edge.runtime.errors import ConfigError, EngineError
 
-logger = logging.getLogger(__name__)
+_LOG = logging.getLogger(__name__)
 
 OFFICIAL_PORT = 8777  # the official server's default, which its client hard-codes
 _START_TIMEOUT_S = 10.0
@@ -194,7 +194,7 @@ class HttpEndpoint:
         self._image_size = metadata.image_size
         self._proprio_dim = metadata.proprio_dim
         self._requests = 0  # request ids, counted on the event loop thread
-        self._refusals = RateLimitedLog(logger)  # per client address; on the event loop thread
+        self._refusals = RateLimitedLog(_LOG)  # per client address; on the event loop thread
         self._warned_ignored: set[tuple[str, ...]] = set()  # sets of ignored keys warned about; on the event loop
         # One body parsed at a time: JSON lists become Python objects about 20x their size (the GIL would run
         # parses one after another anyway), so the bodies of every open connection are never expanded at once.
@@ -260,7 +260,7 @@ class HttpEndpoint:
                 listener.close()
                 raise EngineError(f"http address: the server on {self.url} did not start; see the log")
             time.sleep(0.01)
-        logger.info("serving http=%s routes=POST /act, GET /healthz, GET /metadata, POST /mode", self.url)
+        _LOG.info("serving http=%s routes=POST /act, GET /healthz, GET /metadata, POST /mode", self.url)
         return self.url
 
     def request_stop(self) -> None:
@@ -277,7 +277,7 @@ class HttpEndpoint:
         limit_s = self._config.shutdown_timeout_s + _REPLY_MARGIN_S
         self._thread.join(limit_s + 1.0)
         if self._thread.is_alive():
-            logger.error("the http endpoint did not stop within %.1f s", limit_s)
+            _LOG.error("the http endpoint did not stop within %.1f s", limit_s)
         self._thread = None
         self._uvicorn = None
         logging.getLogger("uvicorn.error").removeFilter(self._uvicorn_filter)
@@ -309,7 +309,7 @@ class HttpEndpoint:
             waited = time.perf_counter()
             content = await run_in_threadpool(reply_body, reply, query, self._image_lists.get(reply.mode))
         except _ClientGone:
-            logger.info(
+            _LOG.info(
                 "kind=http_act peer=%s request_id=%s status=client_gone total_ms=%.3f",
                 peer,
                 request_id,
@@ -331,7 +331,7 @@ class HttpEndpoint:
             )
             return _error_response(error)
         self._refusals.tick()  # counts the refusals its last window held back
-        logger.info(
+        _LOG.info(
             "kind=http_act peer=%s request_id=%s status=200 mode=%s double_encoded=%s decode_ms=%.3f encode_ms=%.3f "
             "total_ms=%.3f%s",
             peer,
@@ -352,7 +352,7 @@ class HttpEndpoint:
             return
         self._warned_ignored.add(keys)
         seed = "; the server's seed applies to every /act request" if "seed" in keys else ""
-        logger.warning(
+        _LOG.warning(
             "http /act: ignoring keys %s, as the official server ignores them (said once per set of keys%s)",
             ",".join(peer_text(key) for key in keys),
             seed,
@@ -485,7 +485,7 @@ def _closing_slow_requests(timeout_s: float) -> type[H11Protocol]:
             # IDLE: no whole request head yet; SEND_BODY: its body still arriving. The app of one that stalls sees
             # its client leave (a logged refusal); a request received whole stays open however long it runs.
             if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
-                logger.info(
+                _LOG.info(
                     "kind=http_connection peer=%s status=closed reason=incomplete_request timeout_s=%g",
                     _peer_of(self.client),
                     timeout_s,

@@ -31,9 +31,9 @@ from cosmos_edge.robot_bridge.act_messages import sampled_chunks
 from cosmos_edge.robot_bridge.json_arrays import COMPACT, SPACED, encode_array, parse_json, to_array
 from cosmos_edge.robot_bridge.protocol import ActReply, check_instruction
 from cosmos_edge.robot_bridge.wire import ErrorCode, MessageError, invalid, wire_proprio
+from cosmos_edge.runtime.checks import describe
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE
-from cosmos_edge.runtime.values import describe
 
 # Official key → camera of the ALOHA platform (`runtime/platforms.py`), as the official code feeds its slots.
 CAMERAS: Mapping[str, str] = {

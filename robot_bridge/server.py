@@ -64,7 +64,7 @@ from cosmos_edge.runtime.policy.api import (
     Policy,
 )
 
-logger = logging.getLogger(__name__)
+_LOG = logging.getLogger(__name__)
 
 _POLL_MS = 50  # how quickly `stop()` from another thread or a signal handler takes effect
 _RECEIVE_BATCH = 64  # requests taken per wake-up before replies are forwarded again
@@ -145,7 +145,7 @@ class PolicyServer:
         self._wake: tuple[socket.socket, socket.socket] | None = None  # (I/O thread's end, the other threads' end)
         self._worker: threading.Thread | None = None
         self._last_reply_at: float | None = None  # monotonic; I/O thread only
-        self._peer_log = RateLimitedLog(logger)
+        self._peer_log = RateLimitedLog(_LOG)
         self._submissions = itertools.count(1)
         self._planning_cut_short = 0  # planning replies whose deadline passed (I/O thread only)
         self._worker_failure: BaseException | None = None  # what killed the worker, raised by serve_forever
@@ -214,7 +214,7 @@ class PolicyServer:
         self._endpoint = self._router.endpoint
         # An in-process endpoint reaches no controller: only this process's front ends (the HTTP one) submit.
         shown = "none (in-process only)" if self._endpoint.startswith("inproc://") else self._endpoint
-        logger.info("serving platform=%s modes=%s endpoint=%s", self._platform.name, list(self._policies), shown)
+        _LOG.info("serving platform=%s modes=%s endpoint=%s", self._platform.name, list(self._policies), shown)
         return self._endpoint
 
     def serve_forever(self) -> None:
@@ -243,7 +243,7 @@ class PolicyServer:
             finally:
                 self.close()
                 self._idle.set()
-                logger.info("stopped")
+                _LOG.info("stopped")
         if self._worker_failure is not None:
             failure = type(self._worker_failure).__name__
             raise EngineError(f"the policy worker died ({failure}); the server stopped, see its log")
@@ -361,7 +361,7 @@ class PolicyServer:
             return
         self._send(identity, reply.to_frames())
         level = logging.DEBUG if isinstance(reply, Pong) else logging.INFO
-        logger.log(
+        _LOG.log(
             level,
             "kind=%s peer=%s request_id=%s total_ms=%.3f",
             request.kind.value,
@@ -466,7 +466,7 @@ class PolicyServer:
         self._admission.check_mode(request.mode, request.request_id)
         with self._lock:
             previous, self._mode = self._mode, request.mode
-        logger.info("mode=%s previous_mode=%s", request.mode, previous)
+        _LOG.info("mode=%s previous_mode=%s", request.mode, previous)
         return ModeSet(request.request_id, request.mode, previous)
 
     def _send(self, identity: bytes, frames: list[OutFrame] | list[zmq.Frame]) -> None:
@@ -480,9 +480,9 @@ class PolicyServer:
             self._peer_log.log(peer, logging.WARNING, "dropped a reply to peer=%s: it is not reading its socket", peer)
         except zmq.ZMQError as error:
             if error.errno == errno.EHOSTUNREACH:
-                logger.debug("dropped a reply to peer=%s: it disconnected", identity.hex())
+                _LOG.debug("dropped a reply to peer=%s: it disconnected", identity.hex())
             else:
-                logger.error("dropped a reply to peer=%s: %s", identity.hex(), error)
+                _LOG.error("dropped a reply to peer=%s: %s", identity.hex(), error)
 
     def _drain(self, poller: zmq.Poller) -> None:
         """Before the sockets close, answers every request taken in: those waiting get `shutting_down`; the one
@@ -497,7 +497,7 @@ class PolicyServer:
             self._work_ready.notify_all()  # the worker returns once its current job, if any, is done
         window = self._config.shutdown_timeout_s  # why the process may not exit at once: the request being computed
         computing = f"; the one being computed has up to {window:.1f} s" if self._inferring() else ""
-        logger.info("stopping: %d waiting request(s) answered shutting_down%s", waiting, computing)
+        _LOG.info("stopping: %d waiting request(s) answered shutting_down%s", waiting, computing)
         self._poll_until(poller, time.monotonic() + self._config.shutdown_timeout_s, self._inferring)
         if not self._answer_overdue() and self._worker is not None:
             self._worker.join(self._config.shutdown_timeout_s)  # it has nothing left to do but return
@@ -515,7 +515,7 @@ class PolicyServer:
         self._flush_outbox()
         if overdue is None:
             return False
-        logger.warning(
+        _LOG.warning(
             "kind=act peer=%s request_id=%s obs_id=%s: still inferring when the %.1f s shutdown window ended; "
             "answered shutting_down, its result will be dropped",
             overdue.peer,
@@ -540,7 +540,7 @@ class PolicyServer:
         try:
             self._work_until_stopped()
         except BaseException as error:  # escaped `_run` (SystemExit, say): nothing would compute the queue any more
-            logger.critical("the policy worker died; stopping the server", exc_info=True)
+            _LOG.critical("the policy worker died; stopping the server", exc_info=True)
             self._worker_failure = error
             with self._lock:
                 running, self._running = self._running, None
@@ -559,7 +559,7 @@ class PolicyServer:
                     self._running = None
                     self._post(answer)
             if not on_time:
-                logger.warning(
+                _LOG.warning(
                     "kind=act peer=%s request_id=%s obs_id=%s mode=%s status=late_result_dropped total_ms=%.3f",
                     job.peer,
                     job.request.request_id,
@@ -605,7 +605,7 @@ class PolicyServer:
             detail = str(error).removeprefix(f"{error.field}: ")  # the reply puts the field before its detail
             failure = MessageError(ErrorCode.INVALID_INPUT, error.field, detail, request_id)
         except Exception as error:  # a failing policy must not take the server down; details stay in our log
-            logger.exception("policy mode=%s failed on obs_id=%s", job.mode, job.request.obs_id)
+            _LOG.exception("policy mode=%s failed on obs_id=%s", job.mode, job.request.obs_id)
             detail = f"the {job.mode!r} policy failed ({type(error).__name__}); see the server log"
             failure = MessageError(ErrorCode.INTERNAL, "", detail, request_id)
         return _Answer(job, failure, ms_since(started))
@@ -619,7 +619,7 @@ def _encoded(job: _Job, outcome: ActReply | MessageError) -> tuple[list[OutFrame
     try:
         return outcome.to_frames(), outcome
     except Exception as error:
-        logger.exception("could not encode the reply to request_id=%s", job.request.request_id)
+        _LOG.exception("could not encode the reply to request_id=%s", job.request.request_id)
         detail = f"the {job.mode!r} reply could not be encoded ({type(error).__name__}); see the server log"
         failure = MessageError(ErrorCode.INTERNAL, "", detail, job.request.request_id)
         return ErrorReply.from_error(failure).to_frames(), failure
@@ -652,7 +652,7 @@ def _log_answer(answer: _Answer, planning_cut_short: int) -> None:
             status += f" planning={answer.planning.value} deadline_passed_total={planning_cut_short}"
     else:
         status = outcome.code.value + ("" if answer.policy_ms is None else f" policy_ms={answer.policy_ms:.3f}")
-    logger.info(
+    _LOG.info(
         "kind=act peer=%s request_id=%s obs_id=%s mode=%s status=%s total_ms=%.3f",
         job.peer,
         job.request.request_id,
@@ -686,7 +686,7 @@ def serving_in_thread(server: PolicyServer) -> Iterator[str]:
         server.stop()
         thread.join(server.stop_window_s)
         if thread.is_alive():
-            logger.error("the policy server did not stop within %.1f s", server.stop_window_s)
+            _LOG.error("the policy server did not stop within %.1f s", server.stop_window_s)
 
 
 def ms_since(start: float) -> float:

@@ -19,7 +19,7 @@ ROBOT_BRIDGE_MAY_USE = (
     "cosmos_edge.runtime.errors",
     "cosmos_edge.runtime.platforms",
     "cosmos_edge.runtime.policy.api",
-    "cosmos_edge.runtime.values",
+    "cosmos_edge.runtime.checks",
     "cosmos_edge.runtime.version",
 )
 

@@ -39,8 +39,8 @@ from enum import Enum
 
 import numpy as np
 
+from cosmos_edge.runtime.checks import check_integer, check_number
 from cosmos_edge.runtime.errors import ConfigError
-from cosmos_edge.runtime.values import check_integer, check_number
 
 
 class BlendScheme(str, Enum):

@@ -18,7 +18,7 @@ import numpy as np
 
 from cosmos_edge.runtime.policy.api import Observation
 
-logger = logging.getLogger(__name__)
+_LOG = logging.getLogger(__name__)
 
 Clock = Callable[[], int]  # monotonic nanoseconds
 Prepare = Callable[[Observation], Observation]  # a captured observation -> what the client sends
@@ -175,7 +175,7 @@ class ThreadedChunkSource:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
             if self._thread.is_alive():
-                logger.warning("chunk source: worker still in a request after %.1f s; leaving it (daemon)", timeout_s)
+                _LOG.warning("chunk source: worker still in a request after %.1f s; leaving it (daemon)", timeout_s)
 
     def __enter__(self) -> ThreadedChunkSource:
         self.start()

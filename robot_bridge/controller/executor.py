@@ -53,11 +53,11 @@ from cosmos_edge.robot_bridge.controller.ticks import (
     precise_sleep,
     thread_priority,
 )
+from cosmos_edge.runtime.checks import check_integer, check_number, describe
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.policy.api import Observation
-from cosmos_edge.runtime.values import check_integer, check_number, describe
 
-logger = logging.getLogger(__name__)
+_LOG = logging.getLogger(__name__)
 
 Sleep = Callable[[float], None]  # seconds
 
@@ -313,7 +313,7 @@ class ChunkExecutor:
             self._loop(tick, end_tick, until or (lambda: False))
         self._safety.announce_stop()  # a stop latched by a signal that also ended the run: said here, not there
         summary = self.summary(since=before)
-        logger.info("executor: run finished: %s; %s", summary, self.counters)
+        _LOG.info("executor: run finished: %s; %s", summary, self.counters)
         return summary
 
     def summary(self, since: ExecutorCounters | None = None) -> TickSummary:
@@ -413,7 +413,7 @@ class ChunkExecutor:
             self._chunk_length = len(outcome.actions)
         if reason is not None:
             self._counts[reason] += 1
-            logger.debug("executor: %s chunk from obs %d at tick %d", reason, outcome.obs_id, tick)
+            _LOG.debug("executor: %s chunk from obs %d at tick %d", reason, outcome.obs_id, tick)
             if reason == "dropped_malformed":
                 self._warn_malformed(outcome)
             elif reason == "dropped_elapsed" and outcome.capture_ns >= self._pause_ended_ns:  # else: the pause
@@ -453,7 +453,7 @@ class ChunkExecutor:
         """Ticks that start a whole period late are skipped (a run keeps its length): the robot's own calls, or a
         busy machine, take longer than the period. Warned at once, then once per interval."""
         skipped = self._late_warnings.due(now)
-        log = logger.debug if skipped is None else logger.warning
+        log = _LOG.debug if skipped is None else _LOG.warning
         log(
             "executor: tick %d started %.1f ms late; skipping %d tick(s) (%d skipped so far): the robot's observe "
             "and command, or this machine, cannot keep %.0f Hz",
@@ -468,9 +468,9 @@ class ChunkExecutor:
         """A failed request is retried every `retry_delay_s`: one that fails at once must not flood the log."""
         failures = self._failure_warnings.due(self._clock())
         if failures is None:
-            logger.debug("executor: request for obs %d failed: %r", failure.obs_id, failure.error)
+            _LOG.debug("executor: request for obs %d failed: %r", failure.obs_id, failure.error)
             return
-        logger.warning(
+        _LOG.warning(
             "executor: request for obs %d failed: %r (%d failed requests since the last such warning)",
             failure.obs_id,
             failure.error,
@@ -483,7 +483,7 @@ class ChunkExecutor:
         dropped = self._malformed_warnings.due(self._clock())
         if dropped is None:
             return
-        logger.warning(
+        _LOG.warning(
             "executor: dropped the chunk for obs %d: its actions have shape %s, expected (N, %d) with N >= 1 (the "
             "safety filter's dims; %d malformed chunks dropped since the last such warning, this one included). The "
             "robot holds position while no chunk fits: check that the policy's action dims match its SafetyConfig.",
@@ -496,14 +496,14 @@ class ChunkExecutor:
     def _warn_starved(self, tick: int, what: str) -> None:
         events = self._starved_warnings.due(self._clock())
         if events is None:
-            logger.debug("executor: starved at tick %d (%s)", tick, what)
+            _LOG.debug("executor: starved at tick %d (%s)", tick, what)
             return
         since = f" ({events} starvation events since the last warning)" if events > 1 else ""
         horizon_ms = self._chunk_length * self._period_ns / 1e6
         latency = "unknown" if self.latency_ms is None else f"{self.latency_ms:.0f} ms"
         if self._last_failure is not None and self.latency_ms is not None:
             latency += " (the last that succeeded)"
-        logger.warning(
+        _LOG.warning(
             "executor: starved at tick %d (%s): inference round trip %s vs chunk horizon %.0f ms (%d actions at "
             "%.0f Hz), prefetch at %d remaining; %d starved ticks before this one%s. %s",
             tick,

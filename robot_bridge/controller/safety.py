@@ -43,10 +43,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from cosmos_edge.robot_bridge.controller.throttle import Throttle
+from cosmos_edge.runtime.checks import check_integer, check_number, check_numbers
 from cosmos_edge.runtime.errors import ConfigError, InputError
-from cosmos_edge.runtime.values import check_integer, check_number, check_numbers
 
-logger = logging.getLogger(__name__)
+_LOG = logging.getLogger(__name__)
 
 # vx300s follower arm joint limits in rad: waist, shoulder, elbow, forearm_roll, wrist_angle, wrist_rotate.
 # Source: Interbotix/interbotix_ros_manipulators
@@ -282,7 +282,7 @@ class SafetyFilter:
         """Logs a latched stop, once per latch (`apply` calls it; so does the executor when its run ends)."""
         if self._stopped and not self._stop_announced:
             self._stop_announced = True
-            logger.warning(
+            _LOG.warning(
                 "safety: stop latched (%s); holding position until reset or the end of the run", self._stop_reason
             )
 
@@ -300,7 +300,7 @@ class SafetyFilter:
         """Clear the stop latch. The hold pose stays the last command: the measured pose would let the grippers go
         (they measure finger position, and grip by being commanded past it) and the arms sag."""
         if self._stopped:
-            logger.warning("safety: stop latch cleared")
+            _LOG.warning("safety: stop latch cleared")
         self._stopped = False
         self._rate_limited_run = 0  # a run of rate-limited targets starts again
 
@@ -319,7 +319,7 @@ class SafetyFilter:
                 raise InputError(f"safety: measured qpos is not finite and no command was sent yet: {measured}")
             flags |= Intervention.NON_FINITE
             if self._blind_warnings.due(self._clock()) is not None:
-                logger.warning(
+                _LOG.warning(
                     "safety: qpos%s read not finite: the last command is held (no motion without a reading)",
                     np.flatnonzero(~np.isfinite(measured)).tolist(),
                 )
@@ -388,7 +388,7 @@ class SafetyFilter:
         self._reading = np.where(set_aside, previous, measured)
         if set_aside.any() and (count := self._jump_warnings.due(self._clock())) is not None:
             dim = int(np.flatnonzero(set_aside)[0])
-            logger.warning(
+            _LOG.warning(
                 "safety: qpos[%d] read %.3f rad, %.3f from its last reading in one tick, faster than the arm moves: "
                 "its last reading is used (for %d ticks at most; readings set aside since the last warning: %d)",
                 dim,
@@ -449,7 +449,7 @@ class SafetyFilter:
             started = flags & ~self._prev_flags
             onsets = self._onset_warnings.setdefault(flags, Throttle(WARNING_INTERVAL_S)) if started else None
             count = None if onsets is None else onsets.due(self._clock())
-            log = logger.debug if count is None else logger.warning
+            log = _LOG.debug if count is None else _LOG.warning
             since = f" ({count} onsets since the last such warning)" if count is not None and count > 1 else ""
             log("safety: %s%s%s", _names(flags), _changed(target, out), since)
         self._prev_flags = flags

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+_LOG = logging.getLogger(__name__)
 
 SPIN_MARGIN_S = 0.002  # see `precise_sleep`
 NO_CHUNK = -1  # `chunk_obs_id` / `action_index` of a tick record that commanded the hold pose
@@ -104,14 +104,14 @@ def thread_priority(realtime_priority: int | None, nice: int | None) -> Iterator
                 restore.callback(_restore, "scheduling policy", os.sched_setscheduler, 0, *previous)
                 nice = None  # FIFO threads ignore niceness
             except (AttributeError, OSError) as e:  # not Linux, or not permitted
-                logger.warning("executor: SCHED_FIFO %d refused (%s)", realtime_priority, e)
+                _LOG.warning("executor: SCHED_FIFO %d refused (%s)", realtime_priority, e)
         if nice is not None:
             try:
                 previous_nice = os.getpriority(os.PRIO_PROCESS, 0)
                 os.setpriority(os.PRIO_PROCESS, 0, nice)
                 restore.callback(_restore, "niceness", os.setpriority, os.PRIO_PROCESS, 0, previous_nice)
             except (AttributeError, OSError) as e:
-                logger.warning("executor: nice %d refused (%s); using the normal priority", nice, e)
+                _LOG.warning("executor: nice %d refused (%s); using the normal priority", nice, e)
         yield
 
 
@@ -120,4 +120,4 @@ def _restore(what: str, call: Callable[..., None], *args: Any) -> None:
     try:
         call(*args)
     except OSError as error:
-        logger.warning("executor: could not restore the control thread's %s (%s); it stays as set", what, error)
+        _LOG.warning("executor: could not restore the control thread's %s (%s); it stays as set", what, error)

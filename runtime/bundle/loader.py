@@ -35,7 +35,7 @@ from cosmos_edge.runtime.policy.api import (
     Policy,
 )
 from cosmos_edge.runtime.policy.normalization import DatasetStats
-from cosmos_edge.runtime.policy.planning import PlanningPolicy, PlanningWorker, planning_batch_sizes
+from cosmos_edge.runtime.policy.planning import DeviceNetworks, PlanningPolicy, planning_batch_sizes
 from cosmos_edge.runtime.policy.planning_config import COUNT_LIMITS, PlanningConfig
 from cosmos_edge.runtime.policy.reactive import ReactivePolicy
 from cosmos_edge.runtime.policy.steps import PolicyModel
@@ -51,14 +51,16 @@ class LoadedPolicies:
         self,
         reactive: ReactivePolicy,
         planning: PlanningPolicy | None,
-        workers: Sequence[PlanningWorker],
+        device_networks: Sequence[DeviceNetworks],
         resources: ExitStack,
         replays_graphs: bool,
         compiled: bool,
     ) -> None:
         self.reactive = reactive
         self.planning = planning
-        self.workers = tuple(workers)  # the DiTs of each device, in device order (the VAE lives on the first)
+        self.device_networks = tuple(
+            device_networks
+        )  # the DiTs of each device, in device order (the VAE lives on the first)
         self._resources = resources
         self._replays_graphs = replays_graphs
         self._compiled = compiled
@@ -256,7 +258,7 @@ def _default_device(source: ModelSource) -> str:
 
 def _open_checkpoints(
     source: CheckpointSource, devices: list[str], with_planning: bool, resources: ExitStack
-) -> tuple[PolicyModel, list[PlanningWorker]]:
+) -> tuple[PolicyModel, list[DeviceNetworks]]:
     files = source.files
     platform = platform_spec(files.platform)
     stats = source_stats(source)
@@ -285,7 +287,7 @@ def _open_checkpoints(
         _LOG.info("loading %s (%s) on %s", files.checkpoint, source.precision, device)
         compile_args = (source.compile_mode, source.compile_scope, source.cuda_graphs)
         started = time.perf_counter()
-        policy_network = torch_backend.open_denoiser(files.checkpoint, source.precision, device, *compile_args)
+        policy_network = torch_backend.open_dit(files.checkpoint, source.precision, device, *compile_args)
         resources.callback(policy_network.close)
         _LOG.info("loaded %s in %.1f s", files.checkpoint, time.perf_counter() - started)
         text_store.check_fits_dit(
@@ -294,14 +296,14 @@ def _open_checkpoints(
         planning_network = policy_network
         if separate_planner and source.planning_checkpoint is not None:
             _LOG.info("loading the planning model %s on %s", source.planning_checkpoint, device)
-            planning_network = torch_backend.open_denoiser(
+            planning_network = torch_backend.open_dit(
                 source.planning_checkpoint, source.precision, device, *compile_args
             )
             resources.callback(planning_network.close)
             text_store.check_fits_dit(
                 text, f"text embeddings {files.text_embeddings}", source.planning_checkpoint, planning_network.text_dim
             )
-        networks.append(PlanningWorker(policy_network, planning_network))
+        networks.append(DeviceNetworks(policy_network, planning_network))
     return PolicyModel(platform, stats, text, autoencoder, autoencoder), networks
 
 
@@ -312,7 +314,7 @@ def _open_bundle(
     one_at_a_time: bool,
     future_images: bool | None,
     resources: ExitStack,
-) -> tuple[PolicyModel, list[PlanningWorker]]:
+) -> tuple[PolicyModel, list[DeviceNetworks]]:
     bundle = source.bundle
     backend = load_graph_backend(source.backend)
     has_future = bool(bundle.graph_names("vae_encoder_full")) and bool(bundle.graph_names("vae_decoder"))
@@ -358,7 +360,7 @@ def _open_bundle(
     for device in devices:
         policy_network = open_network("dit", device)
         planner = open_network("planning_dit", device) if "planning_dit" in names else policy_network
-        networks.append(PlanningWorker(policy_network, planner))
+        networks.append(DeviceNetworks(policy_network, planner))
     manifest = bundle.manifest
     _LOG.info(
         "loaded bundle %s (%s, %s) on %s %s",

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from cosmos_edge.runtime.checks import is_positive_int
 from cosmos_edge.runtime.engines.graph import GraphFile, GraphSpec, TensorSpec, text_kv_graph
 from cosmos_edge.runtime.errors import BundleError, ConfigError
 from cosmos_edge.runtime.files import graph_files_digest, sha256_file, write_atomic
@@ -35,7 +36,6 @@ from cosmos_edge.runtime.policy.normalization import DatasetStats
 from cosmos_edge.runtime.policy.planning_config import COUNT_LIMITS
 from cosmos_edge.runtime.policy.text_embeddings import TextEmbeddings
 from cosmos_edge.runtime.precision import PRECISIONS, vae_graph_precision
-from cosmos_edge.runtime.values import is_positive_int
 
 _LOG = logging.getLogger(__name__)
 _GRAPH_NAME = re.compile(r"[A-Za-z0-9_]+")

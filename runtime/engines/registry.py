@@ -65,7 +65,7 @@ class TorchBackend(Protocol):
         cuda_graphs: bool = False,
     ) -> EncodingAutoencoder: ...
 
-    def open_denoiser(
+    def open_dit(
         self,
         checkpoint: Path,
         precision: str,
@@ -131,7 +131,7 @@ def load_graph_backend(name: str) -> GraphBackend:
 
 
 def load_torch_backend() -> TorchBackend:
-    return cast(TorchBackend, _import("torch", TORCH, "open_denoiser"))
+    return cast(TorchBackend, _import("torch", TORCH, "open_dit"))
 
 
 def _import(name: str, info: BackendInfo, entry_point: str) -> object:

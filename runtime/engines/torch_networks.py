@@ -431,7 +431,7 @@ def open_autoencoder(
     return TorchAutoencoder(vae, torch_device, platform, compile_mode, cuda_graphs=cuda_graphs)
 
 
-def open_denoiser(
+def open_dit(
     checkpoint: Path,
     precision: str,
     device: str,

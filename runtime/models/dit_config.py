@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from cosmos_edge.runtime.checks import is_positive_int
 from cosmos_edge.runtime.errors import ConfigError
-from cosmos_edge.runtime.values import is_positive_int
 
 # Channels the network concatenates to the latent before the patch embed: condition mask + padding mask.
 MASK_CHANNELS = 2

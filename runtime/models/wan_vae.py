@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cosmos_edge.runtime.checks import is_positive_int
 from cosmos_edge.runtime.errors import ConfigError, InputError
-from cosmos_edge.runtime.values import is_positive_int
 
 # Per-channel statistics of the Wan2.1 latent space (hard-coded in Cosmos Policy's `CosmosPolicyWanVAE` and in
 # diffusers' `AutoencoderKLWan` defaults): z = (mu - mean) / std.
@@ -198,7 +198,7 @@ class CausalConv3d(nn.Conv3d):
         return y.unflatten(0, (b, t_out)).transpose(1, 2)
 
 
-class RMSNorm(nn.Module):
+class WanRMSNorm(nn.Module):
     """L2-normalises over channels (dim 1), times sqrt(C) and a per-channel gamma.
 
     NOTE: normalises in the input dtype as the official Wan code does (diffusers upcasts fp16/bf16 to fp32), so a
@@ -220,10 +220,10 @@ class ResidualBlock(nn.Module):
         super().__init__()
         # Indices mirror the official keys residual.{0,2,3,6}; slot 5 held dropout, an identity at inference.
         self.residual = nn.Sequential(
-            RMSNorm(in_dim, spatial_dims=3),
+            WanRMSNorm(in_dim, spatial_dims=3),
             nn.SiLU(),
             CausalConv3d(in_dim, out_dim, 3, padding=1),
-            RMSNorm(out_dim, spatial_dims=3),
+            WanRMSNorm(out_dim, spatial_dims=3),
             nn.SiLU(),
             nn.Identity(),
             CausalConv3d(out_dim, out_dim, 3, padding=1),
@@ -242,7 +242,7 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.norm = RMSNorm(dim, spatial_dims=2)
+        self.norm = WanRMSNorm(dim, spatial_dims=2)
         self.to_qkv = nn.Conv2d(dim, 3 * dim, 1)
         self.proj = nn.Conv2d(dim, dim, 1)
 
@@ -321,7 +321,7 @@ def _middle(dim: int) -> nn.Sequential:
 
 
 def _head(dim: int, out_dim: int) -> nn.Sequential:
-    return nn.Sequential(RMSNorm(dim, spatial_dims=3), nn.SiLU(), CausalConv3d(dim, out_dim, 3, padding=1))
+    return nn.Sequential(WanRMSNorm(dim, spatial_dims=3), nn.SiLU(), CausalConv3d(dim, out_dim, 3, padding=1))
 
 
 class Encoder3d(nn.Module):

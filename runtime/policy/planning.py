@@ -22,9 +22,9 @@ The best candidate wins, the base seed's unless another is strictly better (depl
 batch over a worker's candidates (under a deadline, one candidate at a time, so that each one scored counts); with
 `batch_passes`, independent passes (ensemble members, branches of a level) share
 that batch too: the main configuration makes 20 DiT calls per query instead of 61 (ALOHA's 10 action steps; 15
-instead of 56 with LIBERO's and RoboCasa's 5). The candidates are split over
-`workers` (one per device), which run concurrently. Neither batching nor the split changes a candidate's value: each
-sample's arithmetic is its own (up to the network's batch-size-dependent rounding).
+instead of 56 with LIBERO's and RoboCasa's 5). The candidates are split over the devices (`DeviceNetworks` each),
+whose workers run concurrently. Neither batching nor the split changes a candidate's value: each sample's arithmetic
+is its own (up to the network's batch-size-dependent rounding).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def planning_batch_sizes(num_candidates: int, num_workers: int) -> tuple[int, ..
 
 
 @dataclass(frozen=True)
-class PlanningWorker:
+class DeviceNetworks:
     """The networks of one device: the policy DiT (actions) and the planning DiT (future state, value). They are
     the same object when no separate planning checkpoint is given."""
 
@@ -212,7 +212,7 @@ class PlanningPolicy(ModelPolicy):
     def __init__(
         self,
         model: PolicyModel,
-        workers: Sequence[PlanningWorker],
+        device_networks: Sequence[DeviceNetworks],
         config: PlanningConfig | None = None,
         *,
         batch_passes: bool = True,
@@ -220,8 +220,8 @@ class PlanningPolicy(ModelPolicy):
         encode_full_sequence: bool = False,
         use_variance_scale: bool = False,
     ) -> None:
-        if not workers:
-            raise ConfigError("workers: expected at least one planning worker")
+        if not device_networks:
+            raise ConfigError("device_networks: expected the networks of at least one device")
         if deadline_ms is not None and not 0 < deadline_ms <= _LONGEST_DEADLINE_MS:
             raise ConfigError(
                 f"planning_deadline_ms: expected a positive number of milliseconds up to a day "
@@ -230,14 +230,15 @@ class PlanningPolicy(ModelPolicy):
         self._model = model
         text = model.text_embeddings
         self._workers = tuple(
-            _BoundWorker(TextBinding(w.policy_network, text), TextBinding(w.planning_network, text)) for w in workers
+            _BoundWorker(TextBinding(w.policy_network, text), TextBinding(w.planning_network, text))
+            for w in device_networks
         )
         self._config = config or PlanningConfig()
         self._batch_passes = batch_passes
         self._encode_full_sequence = encode_full_sequence
         self._use_variance_scale = use_variance_scale
         self._deadline_s = None if deadline_ms is None else deadline_ms / 1e3
-        self._pool = ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="planning")
+        self._pool = ThreadPoolExecutor(max_workers=len(device_networks), thread_name_prefix="planning")
         self._stopping: list[Future[None]] = []  # workers of a query past its deadline, finishing their last call
         self._closing = threading.Event()
 

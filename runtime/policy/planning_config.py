@@ -15,11 +15,11 @@ from enum import Enum
 
 import numpy as np
 
+from cosmos_edge.runtime.checks import is_positive_int
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.policy.api import MAX_DENOISING_STEPS, MAX_SEED
 from cosmos_edge.runtime.policy.conditioning import ConditioningMode
 from cosmos_edge.runtime.policy.value_aggregation import ValueAggregation
-from cosmos_edge.runtime.values import is_positive_int
 
 
 class FutureStateAggregation(str, Enum):

@@ -307,22 +307,22 @@ def test_one_dit_and_one_vae_per_device_without_a_planning_model(tiny_assets: di
     files = tiny_assets["aloha"]
     planning = PlanningConfig(num_queries_best_of_n=2)
     with load_policies(CheckpointSource(files), devices=["cpu", "cpu"], planning=planning) as loaded:
-        assert len(loaded.workers) == 2 and loaded.workers[0] is not loaded.workers[1]
-        assert all(device.planning_network is device.policy_network for device in loaded.workers)
+        assert len(loaded.device_networks) == 2 and loaded.device_networks[0] is not loaded.device_networks[1]
+        assert all(device.planning_network is device.policy_network for device in loaded.device_networks)
     separate = CheckpointSource(files, planning_checkpoint=tiny_assets["libero"].checkpoint)
     with load_policies(separate, planning=planning) as loaded:
-        (device,) = loaded.workers
+        (device,) = loaded.device_networks
         assert device.planning_network is not device.policy_network
     # The policy's checkpoint given as the planning one, spelled another way: still the same DiT, loaded once.
     spelled = files.checkpoint.parent / ".." / files.checkpoint.parent.name / files.checkpoint.name
     with load_policies(CheckpointSource(files, planning_checkpoint=spelled), planning=planning) as loaded:
-        (device,) = loaded.workers
+        (device,) = loaded.device_networks
         assert device.planning_network is device.policy_network
 
 
 def test_reactive_only_loads_the_first_device(tiny_assets: dict[str, CheckpointFiles]) -> None:
     with load_policies(CheckpointSource(tiny_assets["aloha"]), devices=["cpu", "cpu"]) as loaded:
-        assert loaded.planning is None and len(loaded.workers) == 1 and set(loaded.modes()) == {"reactive"}
+        assert loaded.planning is None and len(loaded.device_networks) == 1 and set(loaded.modes()) == {"reactive"}
 
 
 def test_closing_a_bundle_closes_its_runners(tiny_bundles: TinyBundles) -> None:
@@ -337,7 +337,7 @@ def test_closing_a_bundle_closes_its_runners(tiny_bundles: TinyBundles) -> None:
 
 def test_closing_checkpoint_policies_frees_their_networks(tiny_assets: dict[str, CheckpointFiles]) -> None:
     loaded = load_policies(CheckpointSource(tiny_assets["aloha"]), planning=PlanningConfig(num_queries_best_of_n=2))
-    policy, (device,) = loaded.reactive, loaded.workers
+    policy, (device,) = loaded.reactive, loaded.device_networks
     query = ActionQuery(random_observation("aloha"), policy.instructions[0], seed=1, steps=1)
     policy.infer(query)
     dit = device.policy_network._dit  # type: ignore[attr-defined]

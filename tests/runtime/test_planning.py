@@ -72,7 +72,7 @@ def test_batched_passes_give_the_same_values_and_choice_as_pass_after_pass(
 ) -> None:
     with load_policies(CheckpointSource(aloha), planning=config) as loaded:
         assert loaded.planning is not None and not loaded.planning.batch_passes  # it does not pay on the CPU
-        workers = list(loaded.workers)
+        workers = list(loaded.device_networks)
         query = ActionQuery(random_observation("aloha", seed=5), "fold the t-shirt", seed=40, steps=2)
         results = []
         for batch_passes in (False, True):
@@ -104,7 +104,7 @@ def test_variance_scale_samples_every_pass_with_the_scale_of_its_seed(aloha: Che
         # The chosen chunk is the scaled reactive chunk of its seed, and batching the passes keeps every value.
         chunk = loaded.reactive.infer(dataclasses.replace(query, seed=query.seed + chosen))
         np.testing.assert_allclose(scored.actions, chunk.actions, rtol=0, atol=1e-5)
-        model, workers = loaded.reactive.model, list(loaded.workers)
+        model, workers = loaded.reactive.model, list(loaded.device_networks)
         with contextlib.closing(
             PlanningPolicy(model, workers, CONFIG, batch_passes=True, use_variance_scale=True)
         ) as batching:

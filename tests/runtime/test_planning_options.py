@@ -23,7 +23,7 @@ from cosmos_edge.runtime.policy.api import MAX_SEED, ActionQuery, PlanningOutcom
 from cosmos_edge.runtime.policy.conditioning import ConditioningMode
 from cosmos_edge.runtime.policy.latents import future_image_frames
 from cosmos_edge.runtime.policy.normalization import DatasetStats
-from cosmos_edge.runtime.policy.planning import PlanningPolicy, PlanningWorker
+from cosmos_edge.runtime.policy.planning import DeviceNetworks, PlanningPolicy
 from cosmos_edge.runtime.policy.planning_config import PRESETS, PlanningConfig, ensemble_steps, planning_preset
 from cosmos_edge.runtime.policy.sampler import evaluation_sigmas
 from cosmos_edge.runtime.policy.steps import PolicyModel
@@ -82,7 +82,7 @@ def planner(
     encoder = BlackConditioning(platform)
     model = PolicyModel(platform, stats, text, encoder, encoder)
     networks = [ScriptedNetwork(platform, value_of, seeds) for _ in range(workers)]
-    pairs = [PlanningWorker(net, net) for net in networks]
+    pairs = [DeviceNetworks(net, net) for net in networks]
     return PlanningPolicy(model, pairs, config, batch_passes=batch_passes), networks
 
 
@@ -478,7 +478,7 @@ def plan_within_deadline(  # type: ignore[no-untyped-def]
     model = PolicyModel(ALOHA, stats, text, BlackConditioning(), BlackConditioning())
     network = HeldNetwork(ScriptedNetwork(ALOHA, value_of), held, slots)
     # The held pass runs out the deadline; the scripted passes before it take milliseconds, even on a loaded machine.
-    policy = PlanningPolicy(model, [PlanningWorker(network, network)], one_step(), deadline_ms=2000)
+    policy = PlanningPolicy(model, [DeviceNetworks(network, network)], one_step(), deadline_ms=2000)
     query = ActionQuery(random_observation("aloha"), "task", seed=BASE_SEED)
     result = policy.infer(query)  # returns although a pass is held
     network.release.set()
@@ -536,7 +536,7 @@ def test_a_deadline_spent_before_any_candidate_is_said_to_be(caplog: pytest.LogC
     text = TextEmbeddings.from_arrays({"task": np.zeros((1, 4, 8), np.float32)})
     model = PolicyModel(ALOHA, stats, text, BlackConditioning(), SlowConditioning())
     network = ScriptedNetwork(ALOHA, scripted)
-    policy = PlanningPolicy(model, [PlanningWorker(network, network)], one_step(), deadline_ms=10)
+    policy = PlanningPolicy(model, [DeviceNetworks(network, network)], one_step(), deadline_ms=10)
     with caplog.at_level(logging.WARNING, logger="cosmos_edge.runtime.policy.planning"):
         result = policy.infer(ActionQuery(random_observation("aloha"), "task", seed=BASE_SEED))
     policy.close()
@@ -550,7 +550,7 @@ def test_a_deadline_spent_before_any_candidate_is_said_to_be(caplog: pytest.LogC
 def test_a_deadline_must_be_positive_and_at_most_a_day(deadline_ms: float) -> None:
     policy, _ = planner(one_step())
     with pytest.raises(ConfigError, match="planning_deadline_ms: expected a positive number of milliseconds up to"):
-        workers = [PlanningWorker(ScriptedNetwork(ALOHA), ScriptedNetwork(ALOHA))]
+        workers = [DeviceNetworks(ScriptedNetwork(ALOHA), ScriptedNetwork(ALOHA))]
         PlanningPolicy(policy.model, workers, deadline_ms=deadline_ms)
     policy.close()
 
@@ -584,7 +584,7 @@ def plan_future_images(config: PlanningConfig) -> tuple[dict[str, np.ndarray], l
     autoencoder = RecordingAutoencoder()
     network = ScriptedNetwork(ALOHA)
     model = PolicyModel(ALOHA, stats, text, autoencoder, autoencoder)
-    with contextlib.closing(PlanningPolicy(model, [PlanningWorker(network, network)], config)) as policy:
+    with contextlib.closing(PlanningPolicy(model, [DeviceNetworks(network, network)], config)) as policy:
         query = ActionQuery(random_observation("aloha"), "task", seed=BASE_SEED, return_future_images=True)
         result = policy.infer(query)
     assert result.future_images is not None
@@ -632,7 +632,7 @@ def test_warm_up_runs_a_batched_call_on_each_workers_networks_on_the_planning_th
     """At the batch of the worker's share (at least 2): a compiled DiT compiles its batched graph, and an engine
     runs the graph of that batch, which a bundle holds for it."""
     policy_nets, planning_nets = [CallRecorder(), CallRecorder()], [CallRecorder(), CallRecorder()]
-    workers = [PlanningWorker(p, q) for p, q in zip(policy_nets, planning_nets, strict=True)]
+    workers = [DeviceNetworks(p, q) for p, q in zip(policy_nets, planning_nets, strict=True)]
     scripted, _ = planner(SMALL)  # for its model
     scripted.close()
     config = dataclasses.replace(SMALL, num_queries_best_of_n=candidates)
@@ -647,7 +647,7 @@ def test_warm_up_with_an_observation_scores_a_candidate_at_batch_1_on_every_work
     """What a deadline's query runs first on each device (its batch-1 graphs, and the timesteps a DiT replaying CUDA
     graphs captures) runs at start, not inside the first deadline."""
     policy_nets, planning_nets = [CallRecorder(), CallRecorder()], [CallRecorder(), CallRecorder()]
-    workers = [PlanningWorker(p, q) for p, q in zip(policy_nets, planning_nets, strict=True)]
+    workers = [DeviceNetworks(p, q) for p, q in zip(policy_nets, planning_nets, strict=True)]
     scripted, _ = planner(SMALL)  # for its model
     scripted.close()
     config = dataclasses.replace(SMALL, num_denoising_steps_action=3)
@@ -683,7 +683,7 @@ def test_a_worker_that_fails_within_the_deadline_fails_the_query() -> None:
     scripted, _ = planner(one_step())
     scripted.close()
     network = FailingNetwork(ALOHA)
-    policy = PlanningPolicy(scripted.model, [PlanningWorker(network, network)], one_step(), deadline_ms=60_000)
+    policy = PlanningPolicy(scripted.model, [DeviceNetworks(network, network)], one_step(), deadline_ms=60_000)
     with contextlib.closing(policy), pytest.raises(EngineError, match="the device failed"):
         policy.infer(ActionQuery(random_observation("aloha"), "task", seed=BASE_SEED))
 
@@ -694,7 +694,7 @@ def test_a_failing_worker_stops_the_others_at_their_next_call() -> None:
     # Worker 0 is held in candidate 0's first world-model pass; worker 1 fails on its second pass meanwhile.
     held = HeldNetwork(ScriptedNetwork(ALOHA, scripted), held={BASE_SEED}, slots=WORLD)
     failing = FailingNetwork(ALOHA, after=held.holding)
-    workers = [PlanningWorker(held, held), PlanningWorker(failing, failing)]
+    workers = [DeviceNetworks(held, held), DeviceNetworks(failing, failing)]
     policy = PlanningPolicy(template.model, workers, one_step(), deadline_ms=60_000)
     with contextlib.closing(policy):
         with pytest.raises(EngineError, match="the device failed"):
@@ -712,7 +712,7 @@ def test_closing_stops_a_query_in_flight_at_its_next_network_call(deadline_ms: f
     # Candidate 0's first world-model pass is held, as a long query on a slow device; the policy closes meanwhile.
     # Under a deadline too, closing fails the query rather than answering with what was scored.
     held = HeldNetwork(ScriptedNetwork(ALOHA, scripted), held={BASE_SEED}, slots=WORLD)
-    worker = PlanningWorker(held, held)
+    worker = DeviceNetworks(held, held)
     policy = PlanningPolicy(template.model, [worker], one_step(), batch_passes=False, deadline_ms=deadline_ms)
     failures: list[BaseException] = []
 

@@ -58,9 +58,9 @@ class HostOnly:
 
 def test_the_torch_backends_query_on_tensors_equals_the_query_on_numpy(tiny_assets: dict[str, CheckpointFiles]) -> None:
     with load_policies(CheckpointSource(tiny_assets["aloha"])) as loaded:
-        assert isinstance(loaded.workers[0].policy_network, DeviceNetwork)  # its passes run on tensors
+        assert isinstance(loaded.device_networks[0].policy_network, DeviceNetwork)  # its passes run on tensors
         on_device = loaded.reactive
-        on_host = ReactivePolicy(on_device.model, HostOnly(loaded.workers[0].policy_network))
+        on_host = ReactivePolicy(on_device.model, HostOnly(loaded.device_networks[0].policy_network))
         query = ActionQuery(random_observation("aloha", seed=2), on_device.instructions[0], seed=7, steps=5)
         device_result, host_result = on_device.infer(query), on_host.infer(query)
     np.testing.assert_array_equal(device_result.actions, host_result.actions)

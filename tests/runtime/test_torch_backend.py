@@ -245,7 +245,7 @@ def test_fp32_networks_on_cuda_turn_tf32_off(
     torch_networks.open_autoencoder(files.tokenizer, "fp32", "cuda", platform_spec("aloha")).close()
     assert not torch.backends.cudnn.allow_tf32  # the VAE's convolutions
     torch.backends.cudnn.allow_tf32 = True
-    torch_networks.open_denoiser(files.checkpoint, "fp32", "cuda").close()
+    torch_networks.open_dit(files.checkpoint, "fp32", "cuda").close()
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
 
 
