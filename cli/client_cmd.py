@@ -41,11 +41,10 @@ from cosmos_edge.robot_bridge.client import PolicyClient, RemoteError, RequestTi
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, load_public_key
 from cosmos_edge.robot_bridge.endpoints import parse_endpoint
 from cosmos_edge.robot_bridge.protocol import MessageError, ServerMetadata, check_instruction
-from cosmos_edge.robot_bridge.robots.camera_frames import check_camera_frame
 from cosmos_edge.robot_bridge.wire import REQUEST_FAULTS, wire_proprio
 from cosmos_edge.runtime.errors import ConfigError, InputError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE, platform_spec
-from cosmos_edge.runtime.policy.api import MAX_DENOISING_STEPS, MAX_SEED, Observation
+from cosmos_edge.runtime.policy.api import MAX_DENOISING_STEPS, MAX_SEED, Observation, check_camera_frame
 
 _LOG = logging.getLogger(__name__)
 _CONTROL_TIMEOUT_S = 5.0  # ping, metadata and set-mode are answered at once, also during an inference

@@ -25,10 +25,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cosmos_edge.robot_bridge.robots.camera_frames import check_camera_frame
 from cosmos_edge.runtime.errors import InputError
 from cosmos_edge.runtime.platforms import platform_spec
-from cosmos_edge.runtime.policy.api import Observation
+from cosmos_edge.runtime.policy.api import Observation, check_camera_frame
 
 ALOHA_CAMERAS: tuple[str, ...] = platform_spec("aloha").cameras
 ALOHA_DIMS = 14

@@ -11,21 +11,10 @@ from collections.abc import Mapping
 import numpy as np
 from PIL import Image
 
-from cosmos_edge.runtime.errors import InputError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE
-from cosmos_edge.runtime.policy.api import Observation
+from cosmos_edge.runtime.policy.api import Observation, check_camera_frame
 
 ALOHA_FRAME_SIZE = 256  # the client's first resize, which matches the training videos (256×256 MP4)
-
-
-def check_camera_frame(camera: str, frame: np.ndarray) -> np.ndarray:
-    """`frame` if it is a uint8 H×W×3 array with H, W > 0; otherwise InputError naming `camera`."""
-    # Checked here, not with the policy's image checks: the controller side takes only the policy API (`api`).
-    is_image = isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[2] == 3
-    if not is_image or frame.shape[0] == 0 or frame.shape[1] == 0:
-        got = f"{frame.dtype}{list(frame.shape)}" if isinstance(frame, np.ndarray) else type(frame).__name__
-        raise InputError(f"images[{camera!r}]: expected a uint8 array [H, W, 3] with H, W > 0, got {got}")
-    return frame
 
 
 def aloha_wire_image(camera: str, frame: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from cosmos_edge.runtime.errors import InputError
 from cosmos_edge.runtime.platforms import PlatformSpec
 from cosmos_edge.runtime.policy.arrays import ArrayOps
 
@@ -43,6 +44,19 @@ class Observation:
 
     images: Mapping[str, np.ndarray]
     proprio: np.ndarray
+
+
+def check_camera_frame(camera: str, frame: object) -> np.ndarray:
+    """`frame` if it is a uint8 H×W×3 array with H, W > 0 (what `Observation.images` holds); else InputError naming
+    the camera."""
+    field = f"images[{camera!r}]"
+    if not isinstance(frame, np.ndarray):
+        raise InputError(f"{field}: expected a numpy uint8 array [H, W, 3], got {type(frame).__name__}", "images")
+    if frame.dtype != np.uint8:
+        raise InputError(f"{field}: expected dtype uint8, got {frame.dtype}", "images")
+    if frame.ndim != 3 or frame.shape[2] != 3 or frame.shape[0] == 0 or frame.shape[1] == 0:
+        raise InputError(f"{field}: expected shape [H, W, 3] with H, W > 0, got {list(frame.shape)}", "images")
+    return frame
 
 
 # The most denoising steps of one pass that a query, a planning option or a request may ask for: the official

@@ -29,6 +29,7 @@ from PIL import Image
 
 from cosmos_edge.runtime.errors import InputError
 from cosmos_edge.runtime.platforms import IMAGE_SIZE, PlatformSpec
+from cosmos_edge.runtime.policy.api import check_camera_frame
 from cosmos_edge.runtime.policy.numerics import round_to_bf16
 
 JPEG_QUALITY = 95
@@ -57,12 +58,12 @@ def check_cameras(platform: PlatformSpec, images: Mapping[str, object]) -> dict[
             f"images: {platform.name} expects cameras {list(platform.cameras)}; missing {missing}, unexpected {extra}",
             field="images",
         )
-    return {name: check_frame(name, images[name]) for name in platform.cameras}
+    return {name: check_camera_frame(name, images[name]) for name in platform.cameras}
 
 
 def transform_image(platform: PlatformSpec, camera: str, frame: np.ndarray) -> np.ndarray:
     """Raw uint8 [H, W, 3] → the uint8 [224, 224, 3] image the official pipeline gives the model."""
-    image = resize_bicubic(flip_and_compress(platform, check_frame(camera, frame)), IMAGE_SIZE)
+    image = resize_bicubic(flip_and_compress(platform, check_camera_frame(camera, frame)), IMAGE_SIZE)
     if platform.center_crop:
         image = center_crop_and_resize(image)
     return image
@@ -74,17 +75,6 @@ def flip_and_compress(platform: PlatformSpec, image: np.ndarray) -> np.ndarray:
     if platform.flip_images:
         image = image[::-1]
     return jpeg_round_trip(image) if platform.jpeg_compression else image
-
-
-def check_frame(camera: str, frame: object) -> np.ndarray:
-    field = f"images[{camera!r}]"
-    if not isinstance(frame, np.ndarray):
-        raise InputError(f"{field}: expected a numpy uint8 array [H, W, 3], got {type(frame).__name__}", "images")
-    if frame.dtype != np.uint8:
-        raise InputError(f"{field}: expected dtype uint8, got {frame.dtype}", "images")
-    if frame.ndim != 3 or frame.shape[2] != 3 or frame.shape[0] == 0 or frame.shape[1] == 0:
-        raise InputError(f"{field}: expected shape [H, W, 3] with H, W > 0, got {list(frame.shape)}", "images")
-    return frame
 
 
 def jpeg_round_trip(image: np.ndarray, quality: int = JPEG_QUALITY) -> np.ndarray:

@@ -238,8 +238,11 @@ def test_act_refuses_a_bad_observation_file_in_one_line_naming_it(
         "text proprio": ({"proprio": np.array(["0.5"] * 14)}, "proprio: expected numbers, got dtype <U3"),
         "2-D proprio": ({"proprio": np.zeros((2, 14))}, "proprio: expected 1 dimension,"),
         "NaN proprio": ({"proprio": np.full(14, np.nan)}, "proprio: expected finite values"),
-        "float image": ({"cam_high": np.zeros((480, 640, 3))}, "images['cam_high']: expected a uint8 array [H, W, 3]"),
-        "grey image": ({"cam_high": np.zeros((480, 640), np.uint8)}, "images['cam_high']: expected a uint8 array"),
+        "float image": ({"cam_high": np.zeros((480, 640, 3))}, "images['cam_high']: expected dtype uint8, got float64"),
+        "grey image": (
+            {"cam_high": np.zeros((480, 640), np.uint8)},
+            "images['cam_high']: expected shape [H, W, 3] with H, W > 0, got [480, 640]",
+        ),
     }
     for name, (changes, message) in cases.items():
         path = tmp_path / f"{name}.npz"
