@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cosmos_edge.runtime.errors import ConfigError, EngineError, NonFiniteOutput
+from cosmos_edge.runtime.errors import ConfigError, EngineError
 from cosmos_edge.runtime.platforms import LATENT_CHANNELS, LATENT_SIZE
 from cosmos_edge.runtime.policy.api import (
     ActionQuery,
@@ -46,11 +46,11 @@ from cosmos_edge.runtime.policy.api import (
     ChunkResult,
     DenoisingNetwork,
     Observation,
-    PlanningOutcome,
     StageTimer,
 )
 from cosmos_edge.runtime.policy.candidate_search import CandidateScores, CandidateSearch, Stopped
 from cosmos_edge.runtime.policy.planning_config import FutureStateAggregation, PlanningConfig
+from cosmos_edge.runtime.policy.ranking import BasePass, RankedCandidates, rank_candidates
 from cosmos_edge.runtime.policy.steps import (
     EncodedObservation,
     ModelPolicy,
@@ -60,10 +60,8 @@ from cosmos_edge.runtime.policy.steps import (
     decode_future_images,
     denoising_steps,
     encode_observation,
-    read_chunks,
     read_values,
 )
-from cosmos_edge.runtime.policy.value_aggregation import select_best_candidate
 
 _LOG = logging.getLogger(__name__)
 _LONGEST_DEADLINE_MS = 86_400_000  # a day; waits take a C integer of time
@@ -93,101 +91,6 @@ class DeviceNetworks:
 class _BoundWorker:
     policy: TextBinding
     planner: TextBinding
-
-
-@dataclass(frozen=True)
-class _Ranked:
-    """The candidates of a query in candidate order (NaN where not computed in time), and the choice."""
-
-    latents: np.ndarray
-    values: np.ndarray
-    values_by_depth: np.ndarray
-    actions_by_depth: np.ndarray  # NaN where not computed in time, but the base candidate's first level always
-    future_proprio: np.ndarray  # "n proprio_dim", NaN where not computed in time
-    computed: np.ndarray  # bool per candidate: scored in time, or the base candidate (its action pass always runs)
-    chosen: int
-    outcome: PlanningOutcome
-    value: float  # the chosen candidate's value, or the base action pass's own for `REACTIVE`
-    chosen_states: tuple[np.ndarray, ...] = ()  # its first-level predicted states "1 c t h w", if a world model ran
-
-
-@dataclass(frozen=True)
-class _BasePass:
-    """The base candidate's action pass (seed s), what a deadline's query answers with when nothing was ranked:
-    its latent "1 c t h w" and the value it read."""
-
-    latent: np.ndarray
-    value: float
-
-
-def _rank(
-    model: PolicyModel,
-    scored: dict[int, CandidateScores],
-    num_candidates: int,
-    *,
-    entries: int,
-    base: _BasePass | None = None,
-) -> _Ranked:
-    """Ranks the candidates scored (index → its one-row scores, `entries` values by depth); without any, falls back
-    to the `base` action pass."""
-    rows = list(scored.values())
-    latent_shape = rows[0].latents.shape[1:] if rows else base.latent.shape[1:]  # type: ignore[union-attr]
-    latents = np.full((num_candidates, *latent_shape), np.nan, np.float32)
-    values = np.full(num_candidates, np.nan, np.float64)
-    by_depth = np.full((num_candidates, entries), np.nan, np.float32)
-    chunk_shape = (model.platform.chunk_size, model.platform.action_dim)
-    actions_by_depth = np.full((num_candidates, entries, *chunk_shape), np.nan, np.float32)
-    if base is not None:
-        latents[0] = base.latent[0]
-        actions_by_depth[0, 0] = read_chunks(model, base.latent)[0][0]
-    for index, row in scored.items():
-        latents[index], values[index], by_depth[index] = row.latents[0], row.values[0], row.values_by_depth[0]
-        actions_by_depth[index] = row.actions_by_depth[0]
-    computed = np.zeros(num_candidates, bool)
-    computed[sorted(scored)] = True
-    computed[0] |= base is not None
-    future_proprio = _future_proprio(model, latents, computed)
-    indices = sorted(scored)
-    # A candidate whose network output was not finite (NaN or infinity, a failure of the engine) is ranked out: its
-    # values read as not computed.
-    finite = [
-        index
-        for index in indices
-        if np.isfinite(values[index])
-        and np.isfinite(actions_by_depth[index, 0]).all()
-        and np.isfinite(future_proprio[index]).all()
-    ]
-    if failed := sorted(set(indices) - set(finite)):
-        _LOG.warning(
-            "planning: candidates %s have a value, chunk or future proprio that is not finite; ranked out", failed
-        )
-        values[failed], by_depth[failed] = np.nan, np.nan
-    if not finite:
-        if base is None:
-            raise NonFiniteOutput(
-                "planning: no candidate has a finite value, chunk and future proprio: the network returned NaN or "
-                "infinity (check the checkpoints' weights and the instruction's text embedding)"
-            )
-        outcome = PlanningOutcome.REACTIVE  # none scored in time (or none usable): the base action pass, unranked
-        return _Ranked(latents, values, by_depth, actions_by_depth, future_proprio, computed, 0, outcome, base.value)
-    ranked = values[finite]
-    base_index = finite.index(0) if 0 in finite else int(np.argmax(ranked))  # the base seed's unless beaten
-    chosen = finite[select_best_candidate(ranked, base_index=base_index)]
-    outcome = PlanningOutcome.COMPLETE if len(indices) == num_candidates else PlanningOutcome.BEST_SO_FAR
-    value, states = float(values[chosen]), scored[chosen].states
-    return _Ranked(
-        latents, values, by_depth, actions_by_depth, future_proprio, computed, chosen, outcome, value, states
-    )
-
-
-def _future_proprio(model: PolicyModel, latents: np.ndarray, computed: np.ndarray) -> np.ndarray:
-    """The future proprio of the candidates whose action pass finished; NaN for the others. (Their chunks were read
-    as they were scored: `actions_by_depth`.)"""
-    done = np.flatnonzero(computed)
-    every = np.full((len(latents), model.platform.proprio_dim), np.nan, np.float32)
-    if done.size:
-        every[done] = read_chunks(model, latents[done])[1]
-    return every
 
 
 class PlanningPolicy(ModelPolicy):
@@ -334,7 +237,7 @@ class PlanningPolicy(ModelPolicy):
         return ChunkResult(actions[chosen], scores.value, future_proprio[chosen], images, timer.as_dict(), candidates)
 
     def _future_images(
-        self, ranked: _Ranked, encoded: EncodedObservation, query: ActionQuery, steps: int, timer: StageTimer
+        self, ranked: RankedCandidates, encoded: EncodedObservation, query: ActionQuery, steps: int, timer: StageTimer
     ) -> dict[str, np.ndarray] | None:
         """The chosen candidate's future images as the official server returns them (deploy.py 388-423): those of
         its predicted states, combined by `future_state_ensemble_aggregation_scheme`, when a world model ran; else
@@ -363,7 +266,7 @@ class PlanningPolicy(ModelPolicy):
             for camera, planes in stacked.items()
         }
 
-    def _score_all(self, query: ActionQuery, clean: np.ndarray, steps: int) -> _Ranked:
+    def _score_all(self, query: ActionQuery, clean: np.ndarray, steps: int) -> RankedCandidates:
         """Every candidate, each worker's share as one batch."""
         shares = candidate_shares(self._config.num_queries_best_of_n, len(self._workers))
         jobs = [
@@ -377,9 +280,11 @@ class PlanningPolicy(ModelPolicy):
             result = job.result()
             for position, index in enumerate(share):
                 scored[index] = result.row(position)
-        return _rank(self._model, scored, self._config.num_queries_best_of_n, entries=self._config.value_entries())
+        return rank_candidates(
+            self._model, scored, self._config.num_queries_best_of_n, entries=self._config.value_entries()
+        )
 
-    def _score_until(self, deadline: float, query: ActionQuery, clean: np.ndarray, steps: int) -> _Ranked:
+    def _score_until(self, deadline: float, query: ActionQuery, clean: np.ndarray, steps: int) -> RankedCandidates:
         """The base candidate's action pass, then candidates one at a time per worker until done or `deadline`."""
         base_search = self._search(self._workers[0], query, [query.seed], steps)
         base_latent = base_search.act(clean)
@@ -396,7 +301,7 @@ class PlanningPolicy(ModelPolicy):
                     return
 
         num_candidates, entries = self._config.num_queries_best_of_n, self._config.value_entries()
-        base = _BasePass(base_latent, float(read_values(self._model.platform, base_latent)[0]))
+        base = BasePass(base_latent, float(read_values(self._model.platform, base_latent)[0]))
         left_s = deadline - time.perf_counter()
         if left_s <= 0:  # the encode and the base action pass used the whole deadline: nothing else starts
             deadline_ms = self.deadline_ms or 0.0
@@ -406,7 +311,7 @@ class PlanningPolicy(ModelPolicy):
                 deadline_ms,
                 deadline_ms - left_s * 1e3,
             )
-            return _rank(self._model, {}, num_candidates, entries=entries, base=base)
+            return rank_candidates(self._model, {}, num_candidates, entries=entries, base=base)
         shares = candidate_shares(num_candidates, len(self._workers))
         jobs = [self._pool.submit(score_share, w, share) for w, share in zip(self._workers, shares, strict=True)]
         done, late = wait(jobs, timeout=left_s, return_when=FIRST_EXCEPTION)
@@ -422,7 +327,7 @@ class PlanningPolicy(ModelPolicy):
                 len(scored),
                 num_candidates,
             )
-        return _rank(self._model, dict(scored), num_candidates, entries=entries, base=base)
+        return rank_candidates(self._model, dict(scored), num_candidates, entries=entries, base=base)
 
     def _search(
         self,

@@ -141,7 +141,7 @@ def test_a_slow_query_says_how_far_it_got_after_each_pass(
 def test_bad_configuration_and_requests(aloha: CheckpointFiles) -> None:
     with pytest.raises(ConfigError, match="num_queries_best_of_n"):
         PlanningConfig(num_queries_best_of_n=0)
-    with pytest.raises(ConfigError, match="workers"):
+    with pytest.raises(ConfigError, match="device_networks"):
         PlanningPolicy(make_planner(aloha, 1).model, [])
 
 
