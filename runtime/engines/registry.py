@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from cosmos_edge.runtime.engines.graph import GraphFile, GraphRunner
 from cosmos_edge.runtime.errors import ConfigError, EngineError
@@ -74,6 +74,15 @@ class TorchBackend(Protocol):
         compile_scope: str = "model",
         cuda_graphs: bool = False,
     ) -> TextWidthNetwork: ...
+
+
+if TYPE_CHECKING:  # mypy holds each backend module to its protocol (they are loaded by name, so nothing else does)
+    from cosmos_edge.runtime.engines import onnxruntime_runner, torch_networks
+    from cosmos_edge.runtime.engines.tensorrt import runner as tensorrt_runner
+
+    _TORCH: TorchBackend = torch_networks
+    _ONNXRUNTIME: GraphBackend = onnxruntime_runner
+    _TENSORRT: GraphBackend = tensorrt_runner
 
 
 def cuda_index(device: str) -> int:
