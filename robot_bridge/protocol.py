@@ -444,7 +444,11 @@ class ErrorReply(_Message):
 
     @classmethod
     def from_error(cls, error: MessageError) -> ErrorReply:
-        return cls(error.request_id or 0, error.code, error.field[: 2 * MAX_NAME], str(error)[:_MAX_ERROR_TEXT])
+        """The reply of `error`, whatever it holds (a policy's error may carry no message, or a field of no text): an
+        error reply must always encode, or its request would go unanswered."""
+        field = error.field if isinstance(error.field, str) else ""
+        message = str(error)[:_MAX_ERROR_TEXT] or f"{error.code.value} (no detail given)"
+        return cls(error.request_id or 0, error.code, field[: 2 * MAX_NAME], message)
 
 
 Request = ActRequest | MetadataRequest | PingRequest | SetModeRequest

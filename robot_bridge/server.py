@@ -602,8 +602,10 @@ class PolicyServer:
             planning = None if result.candidates is None else result.candidates.outcome
             return _Answer(job, reply, planning=planning)
         except InputError as error:
-            detail = str(error).removeprefix(f"{error.field}: ")  # the reply puts the field before its detail
-            failure = MessageError(ErrorCode.INVALID_INPUT, error.field, detail, request_id)
+            field = error.field if isinstance(error.field, str) else ""
+            detail = str(error).removeprefix(f"{field}: ")  # the reply puts the field before its detail
+            detail = detail or f"the {job.mode!r} policy refused the query without saying why"
+            failure = MessageError(ErrorCode.INVALID_INPUT, field, detail, request_id)
         except Exception as error:  # a failing policy must not take the server down; details stay in our log
             _LOG.exception("policy mode=%s failed on obs_id=%s", job.mode, job.request.obs_id)
             detail = f"the {job.mode!r} policy failed ({type(error).__name__}); see the server log"

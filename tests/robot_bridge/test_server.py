@@ -487,6 +487,18 @@ def test_an_input_error_of_the_policy_names_its_field_in_the_reply() -> None:
     assert caught.value.detail == str(failure)  # named once, not "proprio: proprio: ..."
 
 
+@pytest.mark.parametrize("failure", [InputError(""), InputError("no field", field=None)])  # type: ignore[arg-type]
+def test_a_policy_error_without_a_message_or_field_is_answered_and_serving_goes_on(failure: InputError) -> None:
+    with (
+        serving(PolicyServer({"reactive": StubPolicy(failure=failure)}, ServerConfig(ENDPOINT))) as endpoint,
+        PolicyClient(endpoint) as client,
+    ):
+        with pytest.raises(RemoteError) as caught:
+            client.act(observation(), INSTRUCTION, obs_id=1, capture_time_ns=1)
+        assert caught.value.code is ErrorCode.INVALID_INPUT and caught.value.detail
+        assert client.ping()
+
+
 def test_a_message_the_server_fails_on_is_answered_internal_and_serving_goes_on(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, context: zmq.Context[zmq.Socket[bytes]]
 ) -> None:
