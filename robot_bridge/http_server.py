@@ -4,7 +4,8 @@ The official ALOHA client (`run_aloha_eval.py`) talks to its server over HTTP wi
 `official_act`). This endpoint answers it as that server does, while the policies stay the `PolicyServer`'s: every
 `/act` is queued with `PolicyServer.submit` and runs on its one worker thread, in line with the ZeroMQ controllers'
 requests, in the mode in force (switched by either endpoint). Starlette on uvicorn, in a thread of its own with its
-own event loop; bodies are decoded and replies encoded in the thread pool, so `/healthz` answers during a decode.
+own event loop; bodies are decoded and replies encoded in the thread pool, off the event loop (though the JSON parser
+holds the interpreter: a body at the size limit, tens of MB of lists, delays `/healthz` by up to about a second).
 
 Routes: `POST /act`; `GET /healthz` (200 while the policy server serves, 503 otherwise); `GET /metadata` (the ZeroMQ
 metadata plus how to reach each endpoint); `POST /mode` with `{"mode": NAME}`, as the ZeroMQ `set_mode`. Every error
@@ -65,6 +66,8 @@ _DISCONNECT_POLL_S = 0.1  # how often a request waiting for its reply checks tha
 # uvicorn's own shutdown wait runs this much past the server's window: a request answered `shutting_down` as the
 # window ends still has its reply written and its connection closed, rather than cancelled with an error line.
 _REPLY_MARGIN_S = 1.0
+_SERVER_ANSWERS_S = 0.5  # within that margin, how long the policy server's own answers at its window's end may take
+_MODE_BODY_BYTES = 4096  # `{"mode": NAME}`: parsed on the event loop, so never a large body
 _MAX_WARNED_KEY_SETS = 16  # sets of ignored /act keys warned about: a peer chooses them
 _CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that closed the connection before the answer
 _STATUS = {
@@ -209,6 +212,7 @@ class HttpEndpoint:
         handlers = {HTTPException: _http_error, Exception: _internal_error}
         self._app = Starlette(routes=routes, exception_handlers=handlers)
         self._uvicorn: uvicorn.Server | None = None
+        self._stop_requested_at: float | None = None
         self._thread: threading.Thread | None = None
         self._uvicorn_filter = RepeatFilter()  # a peer triggers uvicorn's own log lines at will
         self._port = self._config.port
@@ -248,6 +252,7 @@ class HttpEndpoint:
             timeout_graceful_shutdown=math.ceil(self._config.shutdown_timeout_s + _REPLY_MARGIN_S),
         )
         self._uvicorn = uvicorn.Server(config)
+        self._stop_requested_at = None  # monotonic, once `request_stop` is called
         self._parsing = asyncio.Lock()
         self._thread = threading.Thread(
             target=self._uvicorn.run, kwargs={"sockets": [listener]}, name="http-endpoint", daemon=True
@@ -264,10 +269,19 @@ class HttpEndpoint:
         return self.url
 
     def request_stop(self) -> None:
-        """Stops accepting now and lets the requests in flight finish (up to the shutdown timeout), without waiting:
-        it only sets a flag, so a signal handler may call it. `stop` waits for the end."""
+        """Stops accepting now and lets the requests in flight finish (up to the shutdown timeout; those still waiting
+        then are answered `shutting_down`), without waiting: it only sets attributes, so a signal handler may call
+        it. `stop` waits for the end."""
         if self._uvicorn is not None:
+            self._stop_requested_at = self._stop_requested_at or time.monotonic()
             self._uvicorn.should_exit = True
+
+    def _stop_window_over(self) -> bool:
+        """Whether the shutdown window, and the policy server's answers at its end (when it stops too, as `serve`
+        stops both at once), are over: a request still waiting then is answered by this endpoint."""
+        started = self._stop_requested_at
+        window_s = self._config.shutdown_timeout_s + _SERVER_ANSWERS_S
+        return started is not None and time.monotonic() - started >= window_s
 
     def stop(self) -> None:
         """Stops accepting, lets the requests in flight finish (up to the shutdown timeout) and joins the thread."""
@@ -348,13 +362,14 @@ class HttpEndpoint:
     def _warn_ignored(self, keys: tuple[str, ...]) -> None:
         """Warns once per set of keys a request held that are not read (a client expecting its `seed` applied, a
         misspelt optional key); a bounded number of sets, as a peer chooses them."""
-        if not keys or keys in self._warned_ignored or len(self._warned_ignored) >= _MAX_WARNED_KEY_SETS:
+        shown = tuple(peer_text(key) for key in keys)  # kept as shown: a peer's key may be megabytes long
+        if not keys or shown in self._warned_ignored or len(self._warned_ignored) >= _MAX_WARNED_KEY_SETS:
             return
-        self._warned_ignored.add(keys)
+        self._warned_ignored.add(shown)
         seed = "; the server's seed applies to every /act request" if "seed" in keys else ""
         _LOG.warning(
             "http /act: ignoring keys %s, as the official server ignores them (said once per set of keys%s)",
-            ",".join(peer_text(key) for key in keys),
+            ",".join(shown),
             seed,
         )
 
@@ -368,10 +383,18 @@ class HttpEndpoint:
         except MessageError as error:
             raise _official_field(error) from None
         reply = asyncio.wrap_future(submitted)
-        while not (await asyncio.wait({reply}, timeout=_DISCONNECT_POLL_S))[0]:
-            if await request.is_disconnected():
-                submitted.cancel()  # skipped by the worker if it has not started; a running one is not stopped
-                raise _ClientGone
+        try:
+            while not (await asyncio.wait({reply}, timeout=_DISCONNECT_POLL_S))[0]:
+                if await request.is_disconnected():
+                    submitted.cancel()  # skipped by the worker if it has not started; a running one is not stopped
+                    raise _ClientGone
+                if self._stop_window_over():  # answered before uvicorn's own timeout would cancel this request
+                    submitted.cancel()
+                    detail = "the http endpoint stopped before this request was answered"
+                    raise MessageError(ErrorCode.SHUTTING_DOWN, "", detail, act.request_id)
+        except asyncio.CancelledError:  # uvicorn gave up on it: nobody will read the reply, so it is not computed
+            submitted.cancel()
+            raise
         try:
             return reply.result()
         except MessageError as error:
@@ -418,7 +441,7 @@ class HttpEndpoint:
 
     async def _mode(self, request: Request) -> Response:
         try:
-            payload = parse_json((await self._body(request)).decode("utf-8"))
+            payload = parse_json((await self._body(request, _MODE_BODY_BYTES)).decode("utf-8"))
             if not isinstance(payload, dict) or set(payload) != {"mode"} or not isinstance(payload["mode"], str):
                 raise MessageError(ErrorCode.INVALID_FIELD, "mode", 'expected {"mode": NAME}')
             changed = self._server.set_mode(payload["mode"])
@@ -428,8 +451,9 @@ class HttpEndpoint:
             return _error_response(error)
         return _json({"mode": changed.mode, "previous_mode": changed.previous_mode})
 
-    async def _body(self, request: Request) -> bytes:
-        limit = self._config.max_body_bytes
+    async def _body(self, request: Request, limit: int | None = None) -> bytes:
+        """The body, up to `limit` bytes (default: the configured most)."""
+        limit = self._config.max_body_bytes if limit is None else limit
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise MessageError(ErrorCode.TOO_LARGE, "body", f"expected at most {limit} bytes, got {declared}")

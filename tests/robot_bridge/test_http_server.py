@@ -195,6 +195,30 @@ def test_requests_of_clients_that_disconnect_while_waiting_are_never_computed(
     assert len(policy.queries) == 1  # the abandoned requests gave up their places uncomputed
 
 
+def test_an_endpoint_stopped_alone_answers_its_waiting_requests_503_and_computes_none_of_them(
+    official_json: None,
+) -> None:
+    # The HTTP endpoint stops while its policy server goes on serving (an embedding program's order).
+    gate = threading.Event()
+    policy = StubPolicy(gate=gate)
+    server = PolicyServer(policy, ServerConfig("tcp://127.0.0.1:*"))
+    with serving(server), ThreadPoolExecutor(2) as pool:
+        endpoint = HttpEndpoint(server, HttpConfig(port=0, shutdown_timeout_s=0.5))
+        url = endpoint.start() + "/act"
+        request = official_request(camera_observation(1.0))
+        running = pool.submit(post, url, json.dumps(request))
+        assert policy.started.wait(TIMEOUT_S)
+        queued = pool.submit(post, url, json.dumps(request))
+        wait_for(lambda: endpoint._requests == 2, TIMEOUT_S, "the second request")
+        endpoint.stop()
+        for reply in (running.result(TIMEOUT_S), queued.result(TIMEOUT_S)):
+            assert reply[0] == 503 and reply[1]["code"] == "shutting_down"
+        gate.set()
+        with PolicyClient(server.endpoint) as client:
+            assert client.ping()  # the policy server serves on
+    assert len(policy.queries) == 1  # the queued request was never computed
+
+
 def test_a_flood_of_garbage_connections_gets_one_line_of_uvicorns_log(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO), serving_both(StubPolicy()) as (_, url):
         host, port = url.removeprefix("http://").split(":")
@@ -237,8 +261,10 @@ def test_modes_switch_for_both_endpoints(official_json: None) -> None:
         assert_allclose(reactive["actions"], expected_actions(obs.proprio), atol=1e-5)
         status, body = post(url + "/mode", '{"mode": "dreaming"}')
         assert (status, body["field"], body["code"]) == (422, "mode", "unknown_mode")
-        status, body = post(url + "/mode", "[" * 100_000)
+        status, body = post(url + "/mode", "[" * 1000)
         assert (status, body["field"], body["code"]) == (400, "body", "malformed")
+        status, body = post(url + "/mode", "[" * 5000)  # a mode body is small: a large one is never parsed
+        assert (status, body["field"], body["code"]) == (413, "body", "too_large")
 
 
 def test_all_query_results_list_the_one_query_or_every_candidate(official_json: None) -> None:
