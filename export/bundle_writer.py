@@ -123,9 +123,21 @@ class _GraphWriter:
         )
 
 
-def check_new_bundle_path(out: Path) -> None:
-    """A bundle is written where nothing is (or an empty directory, which the final rename replaces), in a directory
-    that exists (a typo makes none): refused before minutes of export otherwise."""
+def prepare_bundle_path(out: Path) -> Path:
+    """The absolute path a bundle will be written at, after removing what killed exports to it left behind.
+
+    A bundle is written where nothing is (or an empty directory, which the final rename replaces, but not the current
+    directory: the process and its shell would be left in a removed one), in a directory that exists (a typo makes
+    none): refused before minutes of export otherwise."""
+    out = Path(os.path.abspath(out))  # `.` and `..` resolved: the staging folder goes beside the bundle, not in it
+    _remove_interrupted_exports(out)  # first: a killed export's folder goes even if this export is refused
+    if out == Path.cwd():
+        raise BundleError(f"{out}: the current directory cannot become the bundle; give --out a name inside it")
+    _check_new_bundle_path(out)
+    return out
+
+
+def _check_new_bundle_path(out: Path) -> None:
     # A link (a dangling one too) is taken: the rename could not replace it.
     if out.is_symlink() or (out.exists() and not (out.is_dir() and not any(out.iterdir()))):
         raise BundleError(f"{out}: already exists and is not an empty directory; remove it or choose another --out")
@@ -135,9 +147,7 @@ def check_new_bundle_path(out: Path) -> None:
 
 def export_bundle(request: ExportRequest) -> Bundle:
     """Writes the bundle at `request.out` (a new or empty directory) and returns it opened."""
-    out = Path(request.out)
-    _remove_interrupted_exports(out)  # first: a killed export's folder goes even if this export is refused
-    check_new_bundle_path(out)
+    out = prepare_bundle_path(request.out)
     if request.planning_checkpoint is not None and same_file(request.planning_checkpoint, request.checkpoint):
         _LOG.warning(
             "planning checkpoint %s is the policy's: the bundle plans with the policy's DiT graphs (not exported "
@@ -154,7 +164,7 @@ def export_bundle(request: ExportRequest) -> Bundle:
         try:
             _write_staged(request, staging, out)
             staging.chmod(_directory_mode())  # mkdtemp makes it private (0700); a bundle is read like its files
-            check_new_bundle_path(out)  # again: another export or a user may have filled it meanwhile
+            _check_new_bundle_path(out)  # again: another export or a user may have filled it meanwhile
             try:
                 os.rename(staging, out)  # atomic within one filesystem: the bundle appears whole or not at all
             except OSError as error:

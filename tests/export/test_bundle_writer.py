@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from cosmos_edge.export import bundle_writer
-from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
+from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle, prepare_bundle_path
 from cosmos_edge.runtime.bundle.manifest import SCHEMA_VERSION, Bundle
 from cosmos_edge.runtime.engines.graph import dit_graph, text_kv_graph, vae_encoder_graph
 from cosmos_edge.runtime.errors import BundleError, CheckpointError, ConfigError, EngineError
@@ -171,6 +171,26 @@ def test_a_new_export_removes_what_a_killed_one_left_but_not_a_running_ones(
     with held_elsewhere(running / ".export.lock"), pytest.raises(RuntimeError, match=r"^x$"):
         export_bundle(request(tiny_assets["libero"], tmp_path / "bundle"))
     assert sorted(tmp_path.iterdir()) == sorted([running, starting, users])
+
+
+def test_a_refused_destination_still_loses_what_a_killed_export_to_it_left(tmp_path: Path) -> None:
+    killed = tmp_path / f".bundle.partial-{os.getpid()}-abcd1234"
+    (killed / "graphs").mkdir(parents=True)
+    os.utime(killed, (time.time() - 3600, time.time() - 3600))
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "notes.txt").write_text("mine")
+    with pytest.raises(BundleError, match="bundle: already exists"):
+        prepare_bundle_path(tmp_path / "bundle")  # what `export` checks before it loads anything
+    assert not killed.exists()
+
+
+def test_the_current_directory_is_refused_before_anything_is_exported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # empty, but a bundle renamed over it would leave the process in a removed directory
+    with pytest.raises(BundleError, match="the current directory cannot become the bundle"):
+        prepare_bundle_path(Path("."))
+    assert prepare_bundle_path(Path("sub/../bundle")) == tmp_path / "bundle"
 
 
 def test_the_bundle_directory_is_as_readable_as_its_files(tiny_bundles: TinyBundles) -> None:
