@@ -38,9 +38,10 @@ from cosmos_edge.runtime.bundle.loader import (
     source_stats,
     source_text_embeddings,
 )
-from cosmos_edge.runtime.bundle.sources import CheckpointSource, ModelSource
+from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointSource, ModelSource
 from cosmos_edge.runtime.errors import ConfigError, InputError, NonFiniteOutput
 from cosmos_edge.runtime.platforms import PLATFORMS
+from cosmos_edge.runtime.policy import text_embeddings as text_store
 from cosmos_edge.runtime.policy.api import (
     MAX_DENOISING_STEPS,
     MAX_SEED,
@@ -196,6 +197,13 @@ def _check_task(source: ModelSource, task: str) -> None:
             raise
         where = source.files.text_embeddings if isinstance(source, CheckpointSource) else f"bundle {source.path}"
         detail = str(error).removeprefix("instruction: ")
+        if isinstance(source, BundleSource):  # its store is hashed into its manifest: a changed one is refused
+            detail = detail.replace(
+                text_store.ADDING_AN_INSTRUCTION,
+                "A bundle holds the instructions it was exported with: embed it (`cosmos-edge text-embeddings "
+                "embed`), `text-embeddings merge` it into the file given to `export --text-embeddings`, and export "
+                "again.",
+            )
         raise ConfigError(f"--task {task!r}: not among the instructions of {where}: {detail}") from None
 
 

@@ -91,8 +91,7 @@ class TextEmbeddings:
             closest = difflib.get_close_matches(instruction, self.instructions, n=3, cutoff=0.0)
             raise InputError(
                 f"instruction: no text embedding for {instruction!r} (lookup is by exact string, as in the official "
-                f"runtime); closest of the {len(self.bf16_bits)} known: {closest}. Embed it into a new file with "
-                f"`cosmos-edge text-embeddings embed`, then `text-embeddings merge` that file with this store.",
+                f"runtime); closest of the {len(self.bf16_bits)} known: {closest}. {ADDING_AN_INSTRUCTION}",
                 field="instruction",
             )
         return bf16_bits_to_float32(bits)
@@ -135,6 +134,12 @@ def merge(stores: Mapping[str, TextEmbeddings]) -> TextEmbeddings:
             merged.setdefault(instruction, bits)
             origin.setdefault(instruction, name)
     return TextEmbeddings(merged)
+
+
+ADDING_AN_INSTRUCTION = (
+    "Embed it into a new file with `cosmos-edge text-embeddings embed`, then `text-embeddings merge` that file with "
+    "this store."
+)
 
 
 def check_token_count(store: TextEmbeddings, source: str | Path) -> None:

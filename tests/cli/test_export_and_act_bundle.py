@@ -103,6 +103,9 @@ def test_export_then_act_matches_the_reference_act(
         assert np.abs(2 * (served["actions"] - reference["actions"]) / span).max() <= 1e-5
         assert abs(float(served["value"]) - float(reference["value"])) <= 1e-5
     capsys.readouterr()
+    unknown = [*argv[:5], "--observation", str(tmp_path / "obs.npz"), "--task", "fold the towel"]
+    assert main(unknown) == 2  # a bundle's store is hashed into it: a new instruction means exporting again
+    assert "A bundle holds the instructions it was exported with" in capsys.readouterr().err
     assert main([*argv[:-2], "--device", "banana"]) == 2  # checked by the backend as it loads: named as the flag
     assert "cosmos-edge: error: --device: expected 'cpu', 'cuda[:N]' or 'tensorrt[:N]'" in capsys.readouterr().err
     if "CUDAExecutionProvider" not in ort.get_available_providers():  # a usage error, named before any graph loads
