@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -185,7 +186,7 @@ def _create_session(path: Path, target: OrtTarget, cache_dir: Path | None) -> or
     _require_provider(target)
     wanted = _PROVIDERS[target.provider]
     if cache_dir is not None and target.provider == "tensorrt":
-        writable_folder(cache_dir, "ONNX Runtime's TensorRT engines")
+        _check_engine_cache(cache_dir)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = _ERRORS_ONLY
@@ -201,6 +202,16 @@ def _create_session(path: Path, target: OrtTarget, cache_dir: Path | None) -> or
             f"{session.get_providers()}); check its CUDA/cuDNN/TensorRT libraries"
         )
     return session
+
+
+def _check_engine_cache(cache_dir: Path) -> None:
+    """A cache ONNX Runtime can write its TensorRT engines to, or one that already holds some and only serves (a
+    read-only deployment): said in the log, as engines it lacks are then built at every start and an engine it cannot
+    write may fail the session (named with the graph)."""
+    if cache_dir.is_dir() and any(cache_dir.iterdir()) and not os.access(cache_dir, os.W_OK | os.X_OK):
+        _LOG.warning("%s: read-only; ONNX Runtime's TensorRT engines are used from it, none is added", cache_dir)
+        return
+    writable_folder(cache_dir, "ONNX Runtime's TensorRT engines")
 
 
 def _check_io(session: ort.InferenceSession, spec: GraphSpec, path: Path) -> None:

@@ -143,3 +143,16 @@ def test_cuda_provider_with_io_binding_matches_the_cpu(bundle: Bundle) -> None:
         got = cuda.run(feeds)["velocity"]
         assert np.abs(got - expected).max() / np.abs(expected).max() <= 1e-2  # TF32 matmuls on the GPU
     cuda.close()
+
+
+def test_a_read_only_tensorrt_engine_cache_serves_the_engines_it_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(onnxruntime_runner.os, "access", lambda path, mode: False)  # as a read-only mount would say
+    empty, filled = tmp_path / "empty", tmp_path / "filled"
+    empty.mkdir()
+    (filled / "onnxruntime-1.x").mkdir(parents=True)
+    with pytest.raises(EngineError, match=r"empty: not writable, so it cannot hold ONNX Runtime's TensorRT engines"):
+        onnxruntime_runner._check_engine_cache(empty)
+    onnxruntime_runner._check_engine_cache(filled)  # a deployment that only serves the engines built before
+    assert "filled: read-only; ONNX Runtime's TensorRT engines are used from it" in caplog.text
