@@ -310,6 +310,18 @@ class SafetyFilter:
         Raises InputError if the measured position is not finite before any command was sent, since
         there is then no pose to hold.
         """
+        measured, blind, flags = self._reference_pose(measured_qpos)
+        hold = measured if self._last is None else self._last
+        out, flags = self._requested(target, hold, blind, flags)
+        out, flags = self._limited(out, measured, flags)
+        self._last = out
+        self._record(flags, target, out)
+        self._count_rate_limited_run(flags)
+        return SafeCommand(qpos=out.copy(), flags=flags)
+
+    def _reference_pose(self, measured_qpos: np.ndarray) -> tuple[np.ndarray, bool, Intervention]:
+        """The pose the command is limited around: the reading (an implausible jump set aside), or the last command
+        when the reading is not finite ("blind"); and the interventions that took."""
         measured = np.asarray(measured_qpos, dtype=np.float64)
         self._check_shape("measured qpos", measured)
         flags = Intervention.NONE
@@ -323,29 +335,34 @@ class SafetyFilter:
                     "safety: qpos%s read not finite: the last command is held (no motion without a reading)",
                     np.flatnonzero(~np.isfinite(measured)).tolist(),
                 )
-            measured = self._last  # the only trustworthy reference left
-        else:
-            measured, implausible = self._plausible(measured)
-            flags |= Intervention.IMPLAUSIBLE_READING if implausible else Intervention.NONE
-        if self._resync and not blind:
+            return self._last, blind, flags  # the only trustworthy reference left
+        measured, implausible = self._plausible(measured)
+        flags |= Intervention.IMPLAUSIBLE_READING if implausible else Intervention.NONE
+        if self._resync:
             self._resync = False
             moved = self._last is not None and np.abs(measured - self._last)[self._joint_mask].max() > MOVED_TOLERANCE
             self._last = None if moved else self._last
-        if self._last is None and not blind:
+        if self._last is None:
             self.check_start_pose(measured)
-        hold = measured if self._last is None else self._last
+        return measured, blind, flags
 
+    def _requested(
+        self, target: np.ndarray | None, hold: np.ndarray, blind: bool, flags: Intervention
+    ) -> tuple[np.ndarray, Intervention]:
+        """The command asked for before any limit: `target`, or `hold` when stopped, holding, blind or not finite."""
         if self._stopped:
             self.announce_stop()
-            out, flags = hold.copy(), flags | Intervention.STOPPED
-        elif target is None or blind:
-            out, flags = hold.copy(), flags | Intervention.HELD
-        else:
-            out = np.asarray(target, dtype=np.float64).copy()
-            self._check_shape("target", out)
-            if not np.isfinite(out).all():
-                out, flags = hold.copy(), flags | Intervention.NON_FINITE | Intervention.HELD
+            return hold.copy(), flags | Intervention.STOPPED
+        if target is None or blind:
+            return hold.copy(), flags | Intervention.HELD
+        out = np.asarray(target, dtype=np.float64).copy()
+        self._check_shape("target", out)
+        if not np.isfinite(out).all():
+            return hold.copy(), flags | Intervention.NON_FINITE | Intervention.HELD
+        return out, flags
 
+    def _limited(self, out: np.ndarray, measured: np.ndarray, flags: Intervention) -> tuple[np.ndarray, Intervention]:
+        """`out` within the joint limits, and each arm joint within a step of the reference pose."""
         clamped = np.clip(out, self._lower, self._upper)
         if not np.array_equal(clamped, out):
             out = clamped
@@ -367,11 +384,7 @@ class SafetyFilter:
         if not np.array_equal(limited, out[joints]):
             out[joints] = limited
             flags |= Intervention.RATE_LIMITED
-
-        self._last = out
-        self._record(flags, target, out)
-        self._count_rate_limited_run(flags)
-        return SafeCommand(qpos=out.copy(), flags=flags)
+        return out, flags
 
     def _plausible(self, measured: np.ndarray) -> tuple[np.ndarray, bool]:
         """The reading taken as the arm's pose: an arm joint that jumped more than three steps since its last reading
