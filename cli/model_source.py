@@ -91,22 +91,35 @@ def model_source(
     and compilation of the official files, and are checked here for them (a device torch cannot use is named with the
     flag); `reference` runs them on the official whole-sequence path, uncompiled (`act --reference`).
     """
-    official = {flag: getattr(args, name) for flag, name in _OFFICIAL_FILES.items()}
     if args.bundle is not None:
-        mixed = [flag for flag, value in official.items() if value is not None]
-        mixed += ["--planning-checkpoint"] if args.planning_checkpoint is not None else []
-        mixed += ["--precision"] if args.precision is not None else []  # a bundle's precision is its export's
-        mixed += ["--compile" if args.compile else "--no-compile"] if args.compile is not None else []
-        mixed += ["--compile-scope"] if args.compile_scope is not None else []
-        mixed += ["--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs"] if args.cuda_graphs is not None else []
-        mixed += ["--reference"] if reference else []
-        mixed += ["--backend torch"] if args.backend == "torch" else []
-        if mixed:
-            raise ConfigError(
-                f"--bundle: runs on --backend onnxruntime or tensorrt without the official files or their options (a "
-                f"bundle carries its planning model and precision); got {mixed}"
-            )
-        return BundleSource(args.bundle, args.backend or "onnxruntime", args.platform)
+        return _bundle_source(args, reference)
+    return _checkpoint_source(args, devices, device_flag, reference)
+
+
+def _bundle_source(args: argparse.Namespace, reference: bool) -> BundleSource:
+    """The bundle `--bundle` names, refused with any of the official files or of their options."""
+    official = {flag: getattr(args, name) for flag, name in _OFFICIAL_FILES.items()}
+    mixed = [flag for flag, value in official.items() if value is not None]
+    mixed += ["--planning-checkpoint"] if args.planning_checkpoint is not None else []
+    mixed += ["--precision"] if args.precision is not None else []  # a bundle's precision is its export's
+    mixed += ["--compile" if args.compile else "--no-compile"] if args.compile is not None else []
+    mixed += ["--compile-scope"] if args.compile_scope is not None else []
+    mixed += ["--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs"] if args.cuda_graphs is not None else []
+    mixed += ["--reference"] if reference else []
+    mixed += ["--backend torch"] if args.backend == "torch" else []
+    if mixed:
+        raise ConfigError(
+            f"--bundle: runs on --backend onnxruntime or tensorrt without the official files or their options (a "
+            f"bundle carries its planning model and precision); got {mixed}"
+        )
+    return BundleSource(args.bundle, args.backend or "onnxruntime", args.platform)
+
+
+def _checkpoint_source(
+    args: argparse.Namespace, devices: Sequence[str], device_flag: str, reference: bool
+) -> CheckpointSource:
+    """The official files the flags name, with the defaults of `devices` for what the flags leave out."""
+    official = {flag: getattr(args, name) for flag, name in _OFFICIAL_FILES.items()}
     missing = [flag for flag, value in {**official, "--platform": args.platform}.items() if value is None]
     if missing:
         raise ConfigError(f"expected --bundle, or the official files and --platform (torch); missing {missing}")
