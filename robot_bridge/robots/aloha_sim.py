@@ -23,6 +23,7 @@ renders three 480×640 cameras per step), far slower than real time: drive the e
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -90,8 +91,11 @@ class AlohaSimRobot:
         if steps < 1 or steps != int(steps):
             raise ConfigError(f"aloha_sim.control_rate_hz: expected {SIM_RATE_HZ} Hz / integer, got {control_rate_hz}")
         gym = _import_gym_aloha()
-        env = gym.make(SIM_TASKS[task], obs_type="pixels_agent_pos", max_episode_steps=max_episode_steps)
-        observation, _ = env.reset(seed=seed)
+        try:  # the first render makes MuJoCo's OpenGL context: where a renderer the machine lacks fails
+            env = gym.make(SIM_TASKS[task], obs_type="pixels_agent_pos", max_episode_steps=max_episode_steps)
+            observation, _ = env.reset(seed=seed)
+        except Exception as error:
+            raise EngineError(_render_failure(error)) from error
         physics = env.unwrapped._env.physics  # private: the only handle on the wrist cameras
 
         def render_camera(name: str) -> np.ndarray:
@@ -133,6 +137,16 @@ class AlohaSimRobot:
         if qpos.shape != (SIM_DIMS,):
             raise InputError(f"aloha_sim: agent_pos expected shape ({SIM_DIMS},), got {qpos.shape}")
         return qpos, observation["pixels"]["top"]
+
+
+def _render_failure(error: Exception) -> str:
+    """Why the simulation could not render, with the settings that choose MuJoCo's OpenGL backend."""
+    settings = ", ".join(f"{name}={os.environ.get(name, '(unset)')}" for name in ("MUJOCO_GL", "PYOPENGL_PLATFORM"))
+    return (
+        f"aloha_sim: MuJoCo could not render with {settings} ({type(error).__name__}: {str(error)[:200]}); on a "
+        "machine without a display set MUJOCO_GL=egl (EGL, as the NVIDIA driver and Mesa's libEGL provide) or "
+        "osmesa (Mesa's libOSMesa, slower), and leave PYOPENGL_PLATFORM unset or the same"
+    )
 
 
 def _import_gym_aloha() -> Any:

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from collections.abc import Mapping
 from types import SimpleNamespace
@@ -111,3 +112,18 @@ def test_gym_aloha_smoke_lockstep() -> None:
         np.testing.assert_allclose(robot.current_qpos()[:6], START[:6], atol=0.05)
     finally:
         robot.close()
+
+
+def test_a_renderer_the_machine_lacks_is_one_error_naming_the_settings() -> None:
+    # MUJOCO_GL is read when MuJoCo's renderer is first imported: a process of its own.
+    pytest.importorskip("gym_aloha")
+    code = (
+        "from cosmos_edge.robot_bridge.robots.aloha_sim import AlohaSimRobot\n"
+        "from cosmos_edge.runtime.errors import EngineError\n"
+        "try:\n    AlohaSimRobot.create('insertion')\n"
+        "except EngineError as error:\n    print(error)\n"
+    )
+    env = {**os.environ, "MUJOCO_GL": "bogus"}
+    printed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert printed.startswith("aloha_sim: MuJoCo could not render with MUJOCO_GL=bogus"), printed
+    assert "set MUJOCO_GL=egl" in printed
