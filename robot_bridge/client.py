@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import TypeVar
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from cosmos_edge.robot_bridge.curve import CurveKeyPair, check_key
 from cosmos_edge.robot_bridge.endpoints import is_ipv6, parse_endpoint
@@ -57,11 +58,24 @@ _CANCEL_POLL_MS = 50  # how soon a call waiting on the socket notices `close()`
 _MAX_TIMEOUT_S = 86400.0  # a longer wait is a mistake; zmq's poll overflows past 2**31 ms (about 25 days)
 
 # `ActReply` and `ServerMetadata` are the protocol's own message types; re-exported as the client's results.
-__all__ = ["ActReply", "PolicyClient", "RemoteError", "RequestCancelled", "RequestTimeout", "ServerMetadata"]
+__all__ = [
+    "ActReply",
+    "ConnectionLost",
+    "PolicyClient",
+    "RemoteError",
+    "RequestCancelled",
+    "RequestTimeout",
+    "ServerMetadata",
+]
 
 
 class RequestTimeout(CosmosEdgeError, TimeoutError):
     """No reply within the client's timeout. The socket has been reset; the next call reconnects."""
+
+
+class ConnectionLost(CosmosEdgeError, ConnectionError):
+    """The connection closed while a call waited for its reply (the server stopped, crashed or restarted): the reply
+    will not come. The socket has been reset; the next call reconnects."""
 
 
 class RequestCancelled(CosmosEdgeError):
@@ -118,6 +132,7 @@ class PolicyClient:
         self._closing = threading.Event()  # set by `close()`, which the call holding the lock then gives way to
         self._context: zmq.Context[zmq.Socket[bytes]] | None = None
         self._socket: zmq.Socket[bytes] | None = None
+        self._monitor: zmq.Socket[bytes] | None = None  # events of `_socket`'s connections
 
     @property
     def endpoint(self) -> str:
@@ -227,7 +242,7 @@ class PolicyClient:
         try:
             self._send(socket, request, deadline)
             reply = self._await_reply(socket, request, deadline)
-        except (RequestTimeout, RequestCancelled, ProtocolError):
+        except (RequestTimeout, RequestCancelled, ConnectionLost, ProtocolError):
             self._reset()
             raise
         if isinstance(reply, ErrorReply):
@@ -240,6 +255,7 @@ class PolicyClient:
         return reply
 
     def _send(self, socket: zmq.Socket[bytes], request: Request, deadline: float) -> None:
+        self._connection_lost()  # a connection lost before this request does not concern its reply
         # With IMMEDIATE set, the socket is writable only once a connection (and its CURVE handshake) is up.
         connect_deadline = min(deadline, time.monotonic() + self._connect_timeout_s)
         while self._poll(socket, zmq.POLLOUT, request, connect_deadline):
@@ -262,7 +278,15 @@ class PolicyClient:
 
     def _await_reply(self, socket: zmq.Socket[bytes], request: Request, deadline: float) -> Reply:
         while self._poll(socket, zmq.POLLIN, request, deadline):
-            reply = decode_reply(socket.recv_multipart(copy=False), self._limits)
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:  # woken by the connection closing, with no reply read before it
+                raise ConnectionLost(
+                    f"{request.kind.value}: the connection to {self._endpoint} closed before request "
+                    f"{request.request_id} was answered (the server stopped, crashed or restarted; the socket was "
+                    "reset, a next call reconnects)"
+                ) from None
+            reply = decode_reply(frames, self._limits)
             if reply.request_id == request.request_id:
                 return reply
             _LOG.debug("discarded a stale %s for request %s", reply.kind.value, reply.request_id)
@@ -272,10 +296,16 @@ class PolicyClient:
         )
 
     def _poll(self, socket: zmq.Socket[bytes], event: int, request: Request, deadline: float) -> bool:
-        """Whether `socket` is ready for `event` before `deadline`; waits in slices so that `close()` cancels."""
+        """Whether `socket` is ready for `event` before `deadline`; waits in slices so that `close()` cancels. Waiting
+        for a reply, a lost connection also ends the wait (True, with nothing to read)."""
+        poller = zmq.Poller()
+        poller.register(socket, event)
+        if event == zmq.POLLIN and self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         while True:
             remaining_ms = _remaining_ms(deadline)
-            if socket.poll(min(remaining_ms, _CANCEL_POLL_MS), event):
+            ready = dict(poller.poll(min(remaining_ms, _CANCEL_POLL_MS)))
+            if socket in ready or (self._monitor in ready and self._connection_lost()):
                 return True
             if self._closing.is_set():
                 raise self._cancelled(request)
@@ -304,12 +334,27 @@ class PolicyClient:
             socket.close()  # a socket left open would keep `close()` waiting for the context forever
             raise ConfigError(f"endpoint: cannot connect to {self._endpoint!r} ({error.strerror})") from None
         self._socket = socket
+        # A closed connection is otherwise silent: a call would wait out its whole timeout for a reply that cannot
+        # come (a server killed mid-request).
+        self._monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         return socket
+
+    def _connection_lost(self) -> bool:
+        """Whether a connection closed since the last look (each event read once)."""
+        lost = False
+        while self._monitor is not None and self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            lost = lost or event["event"] == zmq.EVENT_DISCONNECTED
+        return lost
 
     def _reset(self) -> None:
         if self._socket is not None:
+            self._socket.disable_monitor()
             self._socket.close()
             self._socket = None
+        if self._monitor is not None:
+            self._monitor.close()  # a socket left open would keep `close()` waiting for the context forever
+            self._monitor = None
 
 
 def _remaining_ms(deadline: float) -> int:

@@ -16,7 +16,13 @@ import pytest
 import zmq
 
 from cosmos_edge.robot_bridge import client as client_module
-from cosmos_edge.robot_bridge.client import PolicyClient, RemoteError, RequestCancelled, RequestTimeout
+from cosmos_edge.robot_bridge.client import (
+    ConnectionLost,
+    PolicyClient,
+    RemoteError,
+    RequestCancelled,
+    RequestTimeout,
+)
 from cosmos_edge.robot_bridge.curve import CurveKeyPair
 from cosmos_edge.robot_bridge.protocol import (
     ActReply,
@@ -121,6 +127,18 @@ def test_closing_the_client_cancels_the_call_waiting_for_its_reply() -> None:
         caller.join()
     assert len(outcomes) == 1 and isinstance(outcomes[0], RequestCancelled), outcomes
     assert "cancelled" in str(outcomes[0]) and endpoint in str(outcomes[0])
+
+
+def test_a_server_gone_mid_request_is_said_at_once_not_at_the_timeout() -> None:
+    def handler(router: zmq.Socket[bytes]) -> None:
+        receive(router)
+        router.close()  # a server killed while computing: its connections close, no reply will come
+
+    with fake_server(handler) as endpoint, PolicyClient(endpoint, timeout_s=600.0) as client:
+        started = time.monotonic()
+        with pytest.raises(ConnectionLost, match=f"the connection to {endpoint} closed before request 1 was answered"):
+            client.ping()
+        assert time.monotonic() - started < TIMEOUT_S
 
 
 def test_a_reply_of_the_wrong_kind_is_a_protocol_error() -> None:
