@@ -232,6 +232,7 @@ class ChunkExecutor:
         self._late_warnings = Throttle(config.starvation_warning_s)
         self._last_failure: RequestFailed | None = None  # of the requests since the last chunk adopted, the last
         self._failures_since_chunk = 0
+        self._in_flight_since_ns: int | None = None  # capture time of the request the source has not answered yet
 
     @property
     def counters(self) -> ExecutorCounters:
@@ -396,6 +397,7 @@ class ChunkExecutor:
         outcome = self._source.poll()
         if outcome is None:
             return False
+        self._in_flight_since_ns = None
         if isinstance(outcome, RequestFailed):
             self._counts["request_failures"] += 1
             self._last_failure, self._failures_since_chunk = outcome, self._failures_since_chunk + 1
@@ -525,6 +527,16 @@ class ChunkExecutor:
                 f"The {self._failures_since_chunk} request(s) since the last chunk failed, the last with "
                 f"{type(error).__name__}: {error} (check that the server is up and answers within the client's timeout)"
             )
+        if self._in_flight_since_ns is not None:
+            waiting_ms = (self._clock() - self._in_flight_since_ns) / 1e6
+            # Far past the round trips measured (or, before any, past the horizon): not slow inference, no answer.
+            usual_ms = horizon_ms if self.latency_ms is None else max(3 * self.latency_ms, 1e3)
+            if waiting_ms > usual_ms:
+                return (
+                    f"The request in flight has waited {waiting_ms:.0f} ms for its answer, well past the round trip "
+                    "measured: the server is not answering it (stopped, hung or unreachable; the client gives up at "
+                    "its timeout)."
+                )
         return _starvation_advice(self.latency_ms, horizon_ms, self.config)
 
     def _drop_reason(self, chunk: Chunk, tick: int) -> str | None:
@@ -570,5 +582,6 @@ class ChunkExecutor:
             )
         )
         self._counts["requests"] += 1
+        self._in_flight_since_ns = now
         self._stationary_at_capture = (tick, self._stationary_ticks)
         return True

@@ -1329,6 +1329,29 @@ def test_starvation_from_failing_requests_says_so(caplog: pytest.LogCaptureFixtu
     assert "request(s) since the last chunk failed, the last with FakeTimeout: no reply" in starved[-1]
 
 
+def test_starvation_while_the_request_in_flight_goes_unanswered_says_the_server_is_not_answering(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class HangsAfterTwo(LatencySource):
+        """Answers its first two requests 3 ticks on; the third is never answered (a hung server)."""
+
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            self.requests = 0
+
+        def submit(self, request: ChunkRequest) -> None:
+            self.requests += 1
+            super().submit(request)
+            if self.requests > 2:
+                self._pending = (2**62, self._pending[1])  # type: ignore[index]
+
+    executor, _, _, _ = make(chunk=20, threshold=8, latency_ticks=3, source_cls=HangsAfterTwo)
+    with caplog.at_level(logging.WARNING, logger="cosmos_edge.robot_bridge.controller.executor"):
+        executor.run(300)  # 12 s of fake time: the chunks run out at once, the warnings come every 5 s
+    starved = [r.getMessage() for r in caplog.records if "starved" in r.getMessage()]
+    assert "the server is not answering it" in starved[-1] and "round trip 120 ms" in starved[-1]
+
+
 def test_starvation_advice_names_the_setting_that_moves_the_prefetch_point(caplog: pytest.LogCaptureFixture) -> None:
     executor, _, client, _ = make(chunk=20, threshold=8, latency_ticks=1, adaptive_prefetch=True, latency_margin=1.2)
     executor.run(10)
