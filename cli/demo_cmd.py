@@ -222,6 +222,8 @@ def _claim_out_directory(out: Path, model: Path) -> None:
     it did (a real `tokenizer.pth` put over the demo's, say: the demo replaces the files it writes). The mark lists
     each file the demo wrote with its SHA-256 (`_record_demo_files`); a directory of a demo that predates the mark
     (or whose mark predates the list) is recognised by holding that model's tiny checkpoint and nothing else."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file; expected a directory (new, empty, or an earlier demo's)")
     try:
         offending = _not_the_demos(out, model) if out.is_dir() and any(out.iterdir()) else None
         if offending is not None:

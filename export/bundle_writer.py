@@ -139,6 +139,8 @@ def prepare_bundle_path(out: Path) -> Path:
 
 def _check_new_bundle_path(out: Path) -> None:
     # A link (a dangling one too) is taken: the rename could not replace it.
+    if out.is_file() and not out.is_symlink():
+        raise BundleError(f"{out}: is a file; a bundle is a directory: choose another --out")
     if out.is_symlink() or (out.exists() and not (out.is_dir() and not any(out.iterdir()))):
         raise BundleError(f"{out}: already exists and is not an empty directory; remove it or choose another --out")
     if not out.parent.is_dir():

@@ -62,6 +62,8 @@ def random_asset_paths(out_dir: str | Path, spec: RandomAssetsSpec = RandomAsset
 def write_random_assets(out_dir: str | Path, spec: RandomAssetsSpec = RandomAssetsSpec()) -> CheckpointFiles:
     """Writes a random official-format model for `spec.platform` into `out_dir` and returns its file paths."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: is a file; expected a directory for the model files; choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:

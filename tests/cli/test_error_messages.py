@@ -108,6 +108,18 @@ CASES: dict[str, Case] = {
         f"--planning-checkpoint {f.tokenizer}: not a Cosmos-Predict2 DiT checkpoint (it holds a Wan2.1 VAE",
     ),
     "empty checkpoint": lambda f, t: (act(f, t, checkpoint=write(t, "empty.pt", b"")), "empty.pt"),
+    "a file as the demo's folder": lambda f, t: (
+        ["demo", "--out", str(write(t, "notes.txt", b"x"))],
+        "notes.txt: is a file; expected a directory",
+    ),
+    "a file as the random model's folder": lambda f, t: (
+        ["checkpoint", "random", "--out", str(write(t, "notes.txt", b"x"))],
+        "notes.txt: is a file; expected a directory",
+    ),
+    "a file as the bundle": lambda f, t: (
+        ["export", *files_args(f), "--for", "cpu", "--out", str(write(t, "notes.txt", b"x"))],
+        "notes.txt: is a file; a bundle is a directory",
+    ),
     "checkpoint that is a device": lambda f, t: (
         act(f, t, checkpoint=Path("/dev/null")),
         "--checkpoint /dev/null: not a regular file",
