@@ -442,8 +442,13 @@ class HttpEndpoint:
     async def _mode(self, request: Request) -> Response:
         try:
             payload = parse_json((await self._body(request, _MODE_BODY_BYTES)).decode("utf-8"))
-            if not isinstance(payload, dict) or set(payload) != {"mode"} or not isinstance(payload["mode"], str):
-                raise MessageError(ErrorCode.INVALID_FIELD, "mode", 'expected {"mode": NAME}')
+            if not isinstance(payload, dict):
+                raise MessageError(ErrorCode.INVALID_FIELD, "body", 'expected {"mode": NAME}')
+            if extra := sorted(set(payload) - {"mode"}):
+                key = peer_text(str(extra[0]))
+                raise MessageError(ErrorCode.INVALID_FIELD, key, 'unexpected key; expected {"mode": NAME}')
+            if not isinstance(payload.get("mode"), str):
+                raise MessageError(ErrorCode.INVALID_FIELD, "mode", 'expected {"mode": NAME}, NAME a string')
             changed = self._server.set_mode(payload["mode"])
         except ValueError as error:  # MessageError is one, as are unreadable bytes and text
             if not isinstance(error, MessageError):

@@ -261,6 +261,10 @@ def test_modes_switch_for_both_endpoints(official_json: None) -> None:
         assert_allclose(reactive["actions"], expected_actions(obs.proprio), atol=1e-5)
         status, body = post(url + "/mode", '{"mode": "dreaming"}')
         assert (status, body["field"], body["code"]) == (422, "mode", "unknown_mode")
+        status, body = post(url + "/mode", '{"mode": "reactive", "extra": 1}')
+        assert (status, body["field"], body["code"]) == (422, "extra", "invalid_field")
+        status, body = post(url + "/mode", '{"mode": 3}')
+        assert (status, body["field"], body["code"]) == (422, "mode", "invalid_field")
         status, body = post(url + "/mode", "[" * 1000)
         assert (status, body["field"], body["code"]) == (400, "body", "malformed")
         status, body = post(url + "/mode", "[" * 5000)  # a mode body is small: a large one is never parsed
