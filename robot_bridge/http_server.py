@@ -338,7 +338,7 @@ class HttpEndpoint:
                 "kind=http_act peer=%s request_id=%s status=%s code=%s field=%s total_ms=%.3f",
                 peer,
                 request_id,
-                _STATUS[error.code],
+                "client_gone" if isinstance(error, _LeftMidBody) else _STATUS[error.code],  # none was sent
                 error.code.value,
                 peer_text(error.field),
                 ms_since(started),
@@ -471,7 +471,7 @@ class HttpEndpoint:
                     raise MessageError(ErrorCode.TOO_LARGE, "body", f"expected at most {limit} bytes, got more")
                 chunks.append(chunk)
         except ClientDisconnect:  # a refusal like any other (one rate-limited log line), answered to nobody
-            raise MessageError(ErrorCode.MALFORMED, "body", f"the client left after {size} bytes") from None
+            raise _LeftMidBody(ErrorCode.MALFORMED, "body", f"the client left after {size} bytes") from None
         except asyncio.CancelledError:
             # The shutdown window ended while the body was still arriving: uvicorn cancels the request, which then
             # ends as a refusal in the usual form instead of a traceback and a bare 500 (the cancellation handled).
@@ -482,6 +482,11 @@ class HttpEndpoint:
                 ErrorCode.SHUTTING_DOWN, "body", "the server shut down before the body arrived"
             ) from None
         return b"".join(chunks)
+
+
+class _LeftMidBody(MessageError):
+    """The connection closed before the body was whole (the client left, or was closed for being too slow): a
+    refusal answered to nobody."""
 
 
 def _closing_slow_requests(timeout_s: float) -> type[H11Protocol]:

@@ -429,7 +429,8 @@ def test_clients_that_leave_mid_body_are_refusals_not_tracebacks(
         assert requests.post(url + "/act", data=good, timeout=TIMEOUT_S).status_code == 200  # after all five left
     messages = [record.getMessage() for record in caplog.records]
     assert not [record for record in caplog.records if record.exc_info], "a traceback in the log"
-    assert len([m for m in messages if "field=body" in m and "code=malformed" in m]) == 1  # rate-limited as others
+    left = [m for m in messages if "field=body" in m and "code=malformed" in m]
+    assert len(left) == 1 and "status=client_gone" in left[0]  # rate-limited as others; no 400 was sent
 
 
 def test_a_failing_policy_is_a_500_and_the_server_carries_on() -> None:
