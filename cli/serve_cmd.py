@@ -122,7 +122,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction, make_policies: Poli
         type=float,
         default=5.0,
         help="after SIGINT/SIGTERM, how long the chunk being inferred may take to reach its controller before it is "
-        "answered shutting_down and the server exits",
+        "answered shutting_down and the server exits (a second signal ends it at once)",
     )
 
     def serve(args: argparse.Namespace) -> int:
@@ -222,10 +222,15 @@ def run_server(
 
     endpoint = _http_endpoint(server, http, http_listener, image_lists)
 
+    signals = 0
+
     def stop() -> None:
         # Both endpoints wind down at once, so the shutdown window is spent once: the HTTP endpoint stops accepting
-        # and finishes its requests in flight while the server answers those it queued (then refuses with 503).
-        server.stop()
+        # and finishes its requests in flight while the server answers those it queued (then refuses with 503). A
+        # second signal ends the window: the request being computed is answered `shutting_down` now.
+        nonlocal signals
+        signals += 1
+        server.stop(now=signals > 1)
         if endpoint is not None:
             endpoint.request_stop()
 

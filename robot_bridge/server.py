@@ -135,6 +135,7 @@ class PolicyServer:
         # `stop()` only sets this attribute: a signal handler runs on the I/O thread and must not take a lock that
         # thread may hold (`Event.set` takes one). The I/O thread turns it into `_stopping` for the other threads.
         self._stop_requested = False
+        self._stop_now = False  # `stop(now=True)`: the shutdown window ends at once
         self._stopping = threading.Event()
         # Set once the requests that arrived before `serve_forever` are answered: an `act` is queued from then on.
         self._accepting = threading.Event()
@@ -262,9 +263,11 @@ class PolicyServer:
                 return False
         return True
 
-    def stop(self) -> None:
-        """Asks `serve_forever` to return (within `_POLL_MS`). Only sets an attribute, taking no lock, so it is safe
-        in a signal handler, a second one included."""
+    def stop(self, *, now: bool = False) -> None:
+        """Asks `serve_forever` to return (within `_POLL_MS`); `now` also ends the shutdown window at once (the
+        request being computed is answered `shutting_down` without waiting for it: an operator's second Ctrl-C).
+        Only sets attributes, taking no lock, so it is safe in a signal handler, a second one included."""
+        self._stop_now = self._stop_now or now
         self._stop_requested = True
 
     @property
@@ -498,8 +501,12 @@ class PolicyServer:
         window = self._config.shutdown_timeout_s  # why the process may not exit at once: the request being computed
         computing = f"; the one being computed has up to {window:.1f} s" if self._inferring() else ""
         _LOG.info("stopping: %d waiting request(s) answered shutting_down%s", waiting, computing)
-        self._poll_until(poller, time.monotonic() + self._config.shutdown_timeout_s, self._inferring)
-        if not self._answer_overdue() and self._worker is not None:
+        self._poll_until(
+            poller, time.monotonic() + self._config.shutdown_timeout_s, lambda: self._inferring() and not self._stop_now
+        )
+        if self._stop_now:
+            _LOG.info("stopping now (a second stop): the shutdown window is not waited out")
+        if not self._answer_overdue() and self._worker is not None and not self._stop_now:
             self._worker.join(self._config.shutdown_timeout_s)  # it has nothing left to do but return
         if self._last_reply_at is not None:  # a fixed end: requests still arriving are answered, not waited for
             self._poll_until(poller, self._last_reply_at + _REPLY_GRACE_S, lambda: True)

@@ -386,12 +386,14 @@ class PooledPolicy(StubPolicy):
         raise AssertionError("unreachable")
 
 
-def serve_a_call_that_never_returns(endpoint: str, *, started: Flag, released: Flag) -> None:
-    """Target of a spawned process: `serve` with a `PooledPolicy` and a 0.5 s shutdown window, then a normal exit."""
+def serve_a_call_that_never_returns(
+    endpoint: str, *, started: Flag, released: Flag, shutdown_timeout_s: float = 0.5
+) -> None:
+    """Target of a spawned process: `serve` with a `PooledPolicy` and a shutdown window, then a normal exit."""
     loaded = FakeLoaded(PooledPolicy(started), released)
     parser = argparse.ArgumentParser()
     add_serve_parser(parser.add_subparsers(), lambda args: loaded)  # type: ignore[arg-type,return-value]
-    args = parser.parse_args(["serve", "--endpoint", endpoint, "--shutdown-timeout-s", "0.5"])
+    args = parser.parse_args(["serve", "--endpoint", endpoint, "--shutdown-timeout-s", str(shutdown_timeout_s)])
     args.func(args)
 
 
@@ -402,3 +404,17 @@ def test_serve_exits_while_a_call_outlives_the_window_and_keeps_its_policies() -
         assert isinstance(reply, ErrorReply) and (reply.request_id, reply.code) == (7, ErrorCode.SHUTTING_DOWN)
         assert_exits_cleanly_with_no_second_reply(process, controller)  # with the call still blocked in its pool
         assert not released.is_set()  # released by the process exit, not under the running call
+
+
+def test_a_second_sigterm_ends_the_shutdown_window_at_once() -> None:
+    started, released = SPAWN.Event(), SPAWN.Event()
+    kwargs = {"started": started, "released": released, "shutdown_timeout_s": 60.0}
+    with spawned_server(serve_a_call_that_never_returns, **kwargs) as (endpoint, process):
+        controller = act_in_flight(endpoint, started)
+        process.terminate()
+        assert not controller.poll(500)  # the first: the call in flight has up to 60 s
+        process.terminate()  # the operator's second Ctrl-C
+        assert controller.poll(round(MARGIN_S * 1e3)), "no reply after the second signal (well within the 60 s)"
+        reply = decode_reply(controller.recv_multipart())
+        assert isinstance(reply, ErrorReply) and (reply.request_id, reply.code) == (7, ErrorCode.SHUTTING_DOWN)
+        assert_exits_cleanly_with_no_second_reply(process, controller)
