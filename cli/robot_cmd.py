@@ -268,11 +268,16 @@ def _env_factory(spec: str) -> Callable[..., RealEnvLike]:
     module_name, separator, function_name = spec.partition(":")
     if not separator or not module_name or not function_name:
         raise ConfigError(f"--env {spec}: expected MODULE:FUNCTION, e.g. aloha_scripts.real_env:make_real_env")
+    if os.getcwd() not in sys.path:  # the rig's code is found from where the command runs, as with `python -m`
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
         if error.name is not None and f"{module_name}.".startswith(f"{error.name}."):  # the module, or a parent
-            detail = f"cannot import {module_name} ({error}); is the rig's code on PYTHONPATH?"
+            detail = (
+                f"cannot import {module_name} ({error}); run from the folder that holds it, or put the rig's code "
+                "on PYTHONPATH"
+            )
         else:  # found, but something it imports is not installed here (ROS, Interbotix, ...)
             detail = f"{module_name} imports {error.name}, which this Python cannot find (the rig's environment?)"
         raise ConfigError(f"--env {spec}: {detail}") from None

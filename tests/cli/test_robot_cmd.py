@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import threading
 from pathlib import Path
 
@@ -242,3 +243,16 @@ def test_a_module_that_fails_as_it_is_imported_is_one_line(
     ):
         assert main(["robot", "--env", f"{module}:make_env", "--task", INSTRUCTION]) == 2
         assert named in capsys.readouterr().err
+
+
+def test_the_rig_module_is_found_in_the_folder_the_command_runs_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # As `python -m` finds it, not only on PYTHONPATH: the README's module:function run from the rig repository.
+    (tmp_path / "folder_rig.py").write_text("def make_env():\n    return 'not a rig'\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [path for path in sys.path if path not in ("", str(tmp_path))])
+    with serving(PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*"))) as endpoint:
+        argv = ["robot", "--env", "folder_rig:make_env", "--endpoint", endpoint, "--task", INSTRUCTION, "--keep-pose"]
+        assert main(argv) == 2
+    assert "--env folder_rig:make_env: failed: expected it to return a RealEnv-like rig" in capsys.readouterr().err
