@@ -185,7 +185,9 @@ class CandidateSearch:
         return [batch[i : i + n] for i in range(0, len(batch), n)]
 
     def _seeds(self, offset: int) -> list[int]:
-        if self.config.randomize_seed:  # QUIRK, cosmos_utils.py 885: a fresh seed in [0, 256) for every pass
+        # QUIRK: a fresh seed in [0, 256) for every pass (cosmos_utils.py 885, 1287, 1324-1326, 1462, 1478-1479,
+        # 1509-1510, 1598, 1612-1613, 1642-1643; deploy.py 501-502).
+        if self.config.randomize_seed:
             return [secrets.randbits(32) % 256 for _ in self.seeds]
         return [seed + offset for seed in self.seeds]
 

@@ -20,11 +20,11 @@ always the first level's; every level's chunks are kept (the official `actions_b
 
 The best candidate wins, the base seed's unless another is strictly better (deploy.py 645-654). Every pass runs as one
 batch over a worker's candidates (under a deadline, one candidate at a time, so that each one scored counts); with
-`batch_passes`, independent passes (ensemble members, branches of a level) share
-that batch too: the main configuration makes 20 DiT calls per query instead of 61 (ALOHA's 10 action steps; 15
-instead of 56 with LIBERO's and RoboCasa's 5). The candidates are split over the devices (`DeviceNetworks` each),
-whose workers run concurrently. Neither batching nor the split changes a candidate's value: each sample's arithmetic
-is its own (up to the network's batch-size-dependent rounding).
+`batch_passes`, independent passes (ensemble members, branches of a level) share that batch too: the main
+configuration makes 20 DiT calls per query instead of 61 per candidate (488 for best of 8, with ALOHA's 10 action
+steps; 15 instead of 56 per candidate with LIBERO's and RoboCasa's 5). The candidates are split over the devices
+(`DeviceNetworks` each), whose workers run concurrently. Neither batching nor the split changes a candidate's value:
+each sample's arithmetic is its own (up to the network's batch-size-dependent rounding).
 """
 
 from __future__ import annotations

@@ -149,8 +149,13 @@ class PlanningConfig:
         return states * len(self.value_steps())
 
     def largest_seed_offset(self) -> int:
-        """The most a pass adds to the query's seed: candidate i takes s + i, and its ensemble members s + i + j."""
-        members = max(len(self.future_steps()), len(self.value_steps())) if self.scores_with_planning_model else 1
+        """The most a pass adds to the query's seed: candidate i takes s + i, and its ensemble members s + i + j
+        (world-model members only where world-model passes run: for V, or for Q's future images)."""
+        members = 1
+        if self.scores_with_planning_model:
+            members = len(self.value_steps())
+            if self.ar_value_prediction or self.ar_future_prediction:
+                members = max(members, len(self.future_steps()))
         return self.num_queries_best_of_n - 1 + members - 1
 
     def check_seed(self, seed: int) -> None:
@@ -177,8 +182,8 @@ def ensemble_steps(steps: int, members: int) -> tuple[int, ...]:
     return tuple(int(value) for value in np.linspace(1, steps, members).astype(int))
 
 
-# deploy.py lines 212-252: `DeployConfig`'s own field defaults, so that an official command line maps flag for flag
-# (without them, an official flag left out would take the main config's value instead).
+# deploy.py lines 213-218 and 232-252: `DeployConfig`'s own field defaults, so that an official command line maps
+# flag for flag (without them, an official flag left out would take the main config's value instead).
 _DEPLOY_DEFAULTS = PlanningConfig(
     num_queries_best_of_n=1,
     num_denoising_steps_future_state=1,

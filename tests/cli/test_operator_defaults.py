@@ -165,7 +165,7 @@ def test_q_value_planning_under_a_value_function_is_warned_of(
     assert len(warned) == int(ignored)
 
 
-# The planning flags of deploy.py's main planning command (its lines 72-94), as an official user types them.
+# The planning flags of deploy.py's main planning command (its lines 74-94), as an official user types them.
 OFFICIAL_MAIN_PLANNING_FLAGS = [
     "--ar_future_prediction",
     "True",

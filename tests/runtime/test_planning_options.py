@@ -283,9 +283,22 @@ def test_the_base_seed_wins_ties_and_the_split_over_workers_changes_nothing() ->
     assert one.candidates.chosen == two.candidates.chosen
 
 
-def test_the_highest_seed_a_configuration_takes_reaches_the_last_32_bit_seed_and_no_further() -> None:
-    highest = MAX_SEED - SMALL.largest_seed_offset()
-    policy, (network,) = planner(SMALL, seeds=range(highest, MAX_SEED + 1))
+# Q(s, a) without future images runs no world-model pass: its 3 world-model members take no seed.
+Q_VALUE_ONLY = dataclasses.replace(
+    SMALL,
+    ar_value_prediction=False,
+    ar_qvalue_prediction=True,
+    ar_future_prediction=False,
+    num_future_state_predictions_in_ensemble=3,
+)
+
+
+@pytest.mark.parametrize("config", [SMALL, Q_VALUE_ONLY], ids=["V(s')", "Q(s, a)"])
+def test_the_highest_seed_a_configuration_takes_reaches_the_last_32_bit_seed_and_no_further(
+    config: PlanningConfig,
+) -> None:
+    highest = MAX_SEED - config.largest_seed_offset()
+    policy, (network,) = planner(config, seeds=range(highest, MAX_SEED + 1))
     policy.infer(ActionQuery(random_observation("aloha"), "task", seed=highest))
     assert max(seed for p in network.passes for seed in p.seeds) == MAX_SEED  # the offset is exact
     with pytest.raises(InputError, match=f"seed: expected 0..{highest} with this planning configuration") as caught:
@@ -312,7 +325,7 @@ def test_ensemble_step_lists_are_numpys_linspace_truncated() -> None:
 
 
 def test_the_deploy_defaults_preset_holds_deploy_configs_field_defaults() -> None:
-    # deploy.py 212-252, field by field (the action steps: 10, the platform's default for ALOHA).
+    # deploy.py 213-218 and 232-252, field by field (the action steps: 10, the platform's default for ALOHA).
     official = {
         "num_queries_best_of_n": 1,
         "num_denoising_steps_future_state": 1,
