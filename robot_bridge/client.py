@@ -11,12 +11,14 @@ given up on, and an `overloaded` answer is retried with exponential backoff whil
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
 import random
 import threading
 import time
+from collections.abc import Iterator
 from types import TracebackType
 from typing import TypeVar
 
@@ -132,7 +134,8 @@ class PolicyClient:
         self._closing = threading.Event()  # set by `close()`, which the call holding the lock then gives way to
         self._context: zmq.Context[zmq.Socket[bytes]] | None = None
         self._socket: zmq.Socket[bytes] | None = None
-        self._monitor: zmq.Socket[bytes] | None = None  # events of `_socket`'s connections
+        self._monitor: zmq.Socket[bytes] | None = None  # events of `_socket`'s connections, during a call
+        self._monitors = itertools.count()  # each call's monitor has an address of its own
 
     @property
     def endpoint(self) -> str:
@@ -239,12 +242,13 @@ class PolicyClient:
 
     def _call(self, request: Request, expected: type[R], deadline: float) -> R:
         socket = self._connected()
-        try:
-            self._send(socket, request, deadline)
-            reply = self._await_reply(socket, request, deadline)
-        except (RequestTimeout, RequestCancelled, ConnectionLost, ProtocolError):
-            self._reset()
-            raise
+        with self._watching(socket):
+            try:
+                self._send(socket, request, deadline)
+                reply = self._await_reply(socket, request, deadline)
+            except (RequestTimeout, RequestCancelled, ConnectionLost, ProtocolError):
+                self._reset()
+                raise
         if isinstance(reply, ErrorReply):
             raise RemoteError(reply)
         if not isinstance(reply, expected):
@@ -255,7 +259,6 @@ class PolicyClient:
         return reply
 
     def _send(self, socket: zmq.Socket[bytes], request: Request, deadline: float) -> None:
-        self._connection_lost()  # a connection lost before this request does not concern its reply
         # With IMMEDIATE set, the socket is writable only once a connection (and its CURVE handshake) is up.
         connect_deadline = min(deadline, time.monotonic() + self._connect_timeout_s)
         while self._poll(socket, zmq.POLLOUT, request, connect_deadline):
@@ -300,12 +303,13 @@ class PolicyClient:
         for a reply, a lost connection also ends the wait (True, with nothing to read)."""
         poller = zmq.Poller()
         poller.register(socket, event)
-        if event == zmq.POLLIN and self._monitor is not None:
+        if self._monitor is not None:  # read as it comes, also while connecting: libzmq blocks once events pile up
             poller.register(self._monitor, zmq.POLLIN)
         while True:
             remaining_ms = _remaining_ms(deadline)
             ready = dict(poller.poll(min(remaining_ms, _CANCEL_POLL_MS)))
-            if socket in ready or (self._monitor in ready and self._connection_lost()):
+            lost = self._monitor in ready and self._connection_lost()
+            if socket in ready or (lost and event == zmq.POLLIN):
                 return True
             if self._closing.is_set():
                 raise self._cancelled(request)
@@ -334,13 +338,27 @@ class PolicyClient:
             socket.close()  # a socket left open would keep `close()` waiting for the context forever
             raise ConfigError(f"endpoint: cannot connect to {self._endpoint!r} ({error.strerror})") from None
         self._socket = socket
-        # A closed connection is otherwise silent: a call would wait out its whole timeout for a reply that cannot
-        # come (a server killed mid-request).
-        self._monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         return socket
 
+    @contextlib.contextmanager
+    def _watching(self, socket: zmq.Socket[bytes]) -> Iterator[None]:
+        """Watches `socket`'s connections for the call: a closed one is otherwise silent, and the call would wait out
+        its whole timeout for a reply that cannot come (a server killed mid-request). Only during a call: an idle
+        client reads no events, and libzmq blocks its I/O thread once unread ones pile up."""
+        address = f"inproc://cosmos-edge-client-monitor-{id(self)}-{next(self._monitors)}"
+        self._monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED, addr=address)
+        try:
+            yield
+        finally:
+            monitor, self._monitor = self._monitor, None
+            while monitor.poll(0):  # what is unread would hold libzmq's I/O thread as the monitor stops
+                monitor.recv_multipart()
+            if not socket.closed:  # a reset socket took its monitor with it
+                socket.disable_monitor()
+            monitor.close()  # a socket left open would keep `close()` waiting for the context forever
+
     def _connection_lost(self) -> bool:
-        """Whether a connection closed since the last look (each event read once)."""
+        """Whether a connection of the call's socket closed since the last look (each event read once)."""
         lost = False
         while self._monitor is not None and self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)
@@ -349,12 +367,8 @@ class PolicyClient:
 
     def _reset(self) -> None:
         if self._socket is not None:
-            self._socket.disable_monitor()
             self._socket.close()
             self._socket = None
-        if self._monitor is not None:
-            self._monitor.close()  # a socket left open would keep `close()` waiting for the context forever
-            self._monitor = None
 
 
 def _remaining_ms(deadline: float) -> int:

@@ -6,6 +6,8 @@ import itertools
 import math
 import multiprocessing
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -376,3 +378,30 @@ def test_a_server_killed_mid_stream_then_restarted_is_reached_again() -> None:
         for process in (first, second):
             if process.is_alive():
                 process.kill()
+
+
+def test_a_peer_that_drops_every_connection_times_out_and_never_wedges_the_client() -> None:
+    # An HTTP port or a CURVE server for a plain client: every connection dropped at once. Reconnecting each
+    # millisecond makes thousands of connection events within the call; in a process of its own, which a wedged
+    # libzmq could not leave.
+    code = """
+import socket, threading, time, zmq
+from cosmos_edge.robot_bridge.client import PolicyClient, RequestTimeout
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(128)
+def drop_all():
+    while True:
+        listener.accept()[0].close()
+threading.Thread(target=drop_all, daemon=True).start()
+client = PolicyClient(f"tcp://127.0.0.1:{listener.getsockname()[1]}", timeout_s=4.0)
+client._context = zmq.Context()
+client._context.setsockopt(zmq.RECONNECT_IVL, 1)
+try:
+    client.ping()
+except RequestTimeout:
+    client.close()
+    print("timed out")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "timed out", done.stderr
