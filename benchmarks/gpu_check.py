@@ -606,7 +606,7 @@ def planning_timing(device: str, files: CheckpointFiles) -> dict[str, Any]:
 
 def served_query(files: CheckpointFiles, device: str, runs: int, log_dir: Path, within_s: float) -> dict[str, Any]:
     # Imported here: pyzmq may be missing on a device machine, and only this section needs it.
-    from cosmos_edge.robot_bridge.client import PolicyClient, RequestTimeout
+    from cosmos_edge.robot_bridge.client import ConnectionLost, PolicyClient, RequestTimeout
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -631,7 +631,7 @@ def served_query(files: CheckpointFiles, device: str, runs: int, log_dir: Path, 
                 with PolicyClient(endpoint, timeout_s=2.0) as client:
                     client.ping()
                 ready = True
-            except RequestTimeout:
+            except (RequestTimeout, ConnectionLost):  # not up yet, or gone while loading (said below)
                 continue
         if not ready:
             ended = "still loading" if server.poll() is None else f"exited with {server.returncode}"

@@ -167,7 +167,8 @@ class PolicyClient:
 
         Raises `RequestTimeout`, `RemoteError` (e.g. `superseded`, an unknown instruction, `overloaded` until the
         deadline), `ProtocolError` (a malformed observation, caught before sending: a `MessageError` naming the
-        field; or a malformed reply) or `RequestCancelled` (`close()` from another thread)."""
+        field; or a malformed reply), `ConnectionLost` (the connection closed before the reply came) or
+        `RequestCancelled` (`close()` from another thread)."""
         with self._lock:
             deadline = time.monotonic() + self._timeout_s
             request = ActRequest(

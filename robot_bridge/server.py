@@ -514,21 +514,23 @@ class PolicyServer:
     def _answer_overdue(self) -> bool:
         """Answers `shutting_down` to the request still being computed when the shutdown window ended, if any; its
         result, should it come, is dropped by the worker."""
+        window = f"the {self._config.shutdown_timeout_s} s shutdown window"
+        ended = "a second stop ended " + window if self._stop_now else window + " ended"
         with self._lock:
             overdue, self._running = self._running, None
             if overdue is not None:
-                detail = f"the policy did not finish within the {self._config.shutdown_timeout_s} s shutdown window"
+                detail = f"the policy was still computing it when {ended}"
                 self._post(_Answer(overdue, _shutting_down(overdue, detail)))
         self._flush_outbox()
         if overdue is None:
             return False
         _LOG.warning(
-            "kind=act peer=%s request_id=%s obs_id=%s: still inferring when the %.1f s shutdown window ended; "
-            "answered shutting_down, its result will be dropped",
+            "kind=act peer=%s request_id=%s obs_id=%s: still inferring when %s; answered shutting_down, its result "
+            "will be dropped",
             overdue.peer,
             overdue.request.request_id,
             overdue.request.obs_id,
-            self._config.shutdown_timeout_s,
+            ended,
         )
         return True
 
