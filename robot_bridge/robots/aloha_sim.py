@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cosmos_edge.runtime.checks import check_integer
 from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError
 from cosmos_edge.runtime.policy.api import Observation
 
@@ -90,12 +91,18 @@ class AlohaSimRobot:
         steps = SIM_RATE_HZ / control_rate_hz
         if steps < 1 or steps != int(steps):
             raise ConfigError(f"aloha_sim.control_rate_hz: expected {SIM_RATE_HZ} Hz / integer, got {control_rate_hz}")
+        check_integer("aloha_sim.seed", seed, 0, 2**32 - 1)  # numpy's seeds
+        check_integer("aloha_sim.max_episode_steps", max_episode_steps, 1)
         gym = _import_gym_aloha()
         try:  # the first render makes MuJoCo's OpenGL context: where a renderer the machine lacks fails
             env = gym.make(SIM_TASKS[task], obs_type="pixels_agent_pos", max_episode_steps=max_episode_steps)
+        except Exception as error:
+            raise EngineError(_start_failure(error)) from error
+        try:
             observation, _ = env.reset(seed=seed)
         except Exception as error:
-            raise EngineError(_render_failure(error)) from error
+            env.close()
+            raise EngineError(_start_failure(error)) from error
         physics = env.unwrapped._env.physics  # private: the only handle on the wrist cameras
 
         def render_camera(name: str) -> np.ndarray:
@@ -139,13 +146,14 @@ class AlohaSimRobot:
         return qpos, observation["pixels"]["top"]
 
 
-def _render_failure(error: Exception) -> str:
-    """Why the simulation could not render, with the settings that choose MuJoCo's OpenGL backend."""
+def _start_failure(error: Exception) -> str:
+    """Why the simulation could not start, with the settings that choose MuJoCo's OpenGL backend (its first render is
+    where a renderer the machine lacks fails)."""
     settings = ", ".join(f"{name}={os.environ.get(name, '(unset)')}" for name in ("MUJOCO_GL", "PYOPENGL_PLATFORM"))
     return (
-        f"aloha_sim: MuJoCo could not render with {settings} ({type(error).__name__}: {str(error)[:200]}); on a "
-        "machine without a display set MUJOCO_GL=egl (EGL, as the NVIDIA driver and Mesa's libEGL provide) or "
-        "osmesa (Mesa's libOSMesa, slower), and leave PYOPENGL_PLATFORM unset or the same"
+        f"aloha_sim: the simulation could not start with {settings} ({type(error).__name__}: {str(error)[:200]}); "
+        "if MuJoCo cannot render on a machine without a display, set MUJOCO_GL=egl (EGL, as the NVIDIA driver and "
+        "Mesa's libEGL provide) or osmesa (Mesa's libOSMesa, slower), and leave PYOPENGL_PLATFORM unset or the same"
     )
 
 

@@ -125,5 +125,5 @@ def test_a_renderer_the_machine_lacks_is_one_error_naming_the_settings() -> None
     )
     env = {**os.environ, "MUJOCO_GL": "bogus"}
     printed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
-    assert printed.startswith("aloha_sim: MuJoCo could not render with MUJOCO_GL=bogus"), printed
+    assert printed.startswith("aloha_sim: the simulation could not start with MUJOCO_GL=bogus"), printed
     assert "set MUJOCO_GL=egl" in printed
