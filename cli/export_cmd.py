@@ -85,7 +85,7 @@ def _export(args: argparse.Namespace) -> int:
     require_extra("export", "torch,onnx", "torch", "onnx")
     import torch
 
-    from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle, prepare_bundle_path
+    from cosmos_edge.export.bundle_writer import ExportRequest, export_bundle
 
     target = args.target or ("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.precision or default_precision([target])
@@ -94,7 +94,6 @@ def _export(args: argparse.Namespace) -> int:
             "--precision bf16 --for cpu: onnxruntime's CPU provider has no bfloat16 kernels; export fp32 or fp16 "
             "for the CPU, or --for cuda to serve it on a GPU"
         )
-    prepare_bundle_path(args.out)
     print(f"exporting for {target} in {precision} (change with --for / --precision)")
 
     with naming_flags(_FLAGS):

@@ -131,16 +131,16 @@ def prepare_bundle_path(out: Path) -> Path:
     none): refused before minutes of export otherwise."""
     out = Path(os.path.abspath(out))  # `.` and `..` resolved: the staging folder goes beside the bundle, not in it
     _remove_interrupted_exports(out)  # first: a killed export's folder goes even if this export is refused
-    if out == Path.cwd():
+    if out.is_dir() and out.samefile(Path.cwd()):  # however its path is spelled (a link in it, say)
         raise BundleError(f"{out}: the current directory cannot become the bundle; give --out a name inside it")
     _check_new_bundle_path(out)
     return out
 
 
 def _check_new_bundle_path(out: Path) -> None:
-    # A link (a dangling one too) is taken: the rename could not replace it.
     if out.is_file() and not out.is_symlink():
         raise BundleError(f"{out}: is a file; a bundle is a directory: choose another --out")
+    # A link (a dangling one too) is taken: the rename could not replace it.
     if out.is_symlink() or (out.exists() and not (out.is_dir() and not any(out.iterdir()))):
         raise BundleError(f"{out}: already exists and is not an empty directory; remove it or choose another --out")
     if not out.parent.is_dir():
