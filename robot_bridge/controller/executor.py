@@ -532,10 +532,10 @@ class ChunkExecutor:
             # Far past the round trips measured (or, before any, past the horizon): not slow inference, no answer.
             usual_ms = horizon_ms if self.latency_ms is None else max(3 * self.latency_ms, 1e3)
             if waiting_ms > usual_ms:
+                past = "the chunk horizon (no round trip measured yet)" if self.latency_ms is None else "the round trip"
                 return (
-                    f"The request in flight has waited {waiting_ms:.0f} ms for its answer, well past the round trip "
-                    "measured: the server is not answering it (stopped, hung or unreachable; the client gives up at "
-                    "its timeout)."
+                    f"The request in flight has waited {waiting_ms:.0f} ms for its answer, well past {past}: the "
+                    "server is not answering it (stopped, hung or unreachable; the client gives up at its timeout)."
                 )
         return _starvation_advice(self.latency_ms, horizon_ms, self.config)
 
