@@ -31,6 +31,7 @@ from cosmos_edge.runtime.errors import ConfigError, EngineError
 from cosmos_edge.runtime.files import writable_folder
 
 _LOG = logging.getLogger(__name__)
+_READ_ONLY_CACHES_SAID: set[Path] = set()
 
 # ONNX Runtime raises its own exception classes (Fail, InvalidGraph, NotImplemented, ...), all plain Exception
 # subclasses of its pybind module; they are turned into EngineError at this boundary.
@@ -208,10 +209,15 @@ def _check_engine_cache(cache_dir: Path) -> None:
     """A cache ONNX Runtime can write its TensorRT engines to, or one that already holds some and only serves (a
     read-only deployment): said in the log, as engines it lacks are then built at every start and an engine it cannot
     write may fail the session (named with the graph)."""
-    if cache_dir.is_dir() and any(cache_dir.iterdir()) and not os.access(cache_dir, os.W_OK | os.X_OK):
+    try:
+        serves_only = cache_dir.is_dir() and any(cache_dir.iterdir()) and not os.access(cache_dir, os.W_OK | os.X_OK)
+    except OSError as error:
+        raise EngineError(f"{cache_dir}: cannot read the folder of ONNX Runtime's TensorRT engines ({error})") from None
+    if not serves_only:
+        writable_folder(cache_dir, "ONNX Runtime's TensorRT engines")
+    elif cache_dir not in _READ_ONLY_CACHES_SAID:  # once, not once per graph
+        _READ_ONLY_CACHES_SAID.add(cache_dir)
         _LOG.warning("%s: read-only; ONNX Runtime's TensorRT engines are used from it, none is added", cache_dir)
-        return
-    writable_folder(cache_dir, "ONNX Runtime's TensorRT engines")
 
 
 def _check_io(session: ort.InferenceSession, spec: GraphSpec, path: Path) -> None:
