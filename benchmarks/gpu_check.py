@@ -560,11 +560,11 @@ def planning_timing(device: str, files: CheckpointFiles) -> dict[str, Any]:
         started = time.perf_counter()
         loaded.warm_up()  # as `serve` does before it answers: among them the batch-1 graphs a deadline's query calls
         result["serve_warm_up_s"] = round(time.perf_counter() - started, 1)
-        workers = list(loaded.device_networks)
+        device_networks = list(loaded.device_networks)
         query = ActionQuery(observation(3), "fold the t-shirt", seed=195)
         modes = {
-            "batched": PlanningPolicy(loaded.reactive.model, workers, batch_passes=True),
-            "pass_after_pass": PlanningPolicy(loaded.reactive.model, workers, batch_passes=False),
+            "batched": PlanningPolicy(loaded.reactive.model, device_networks, batch_passes=True),
+            "pass_after_pass": PlanningPolicy(loaded.reactive.model, device_networks, batch_passes=False),
         }
         with contextlib.ExitStack() as closing:
             for name, policy in modes.items():
@@ -590,7 +590,7 @@ def planning_timing(device: str, files: CheckpointFiles) -> dict[str, Any]:
             result["batched"]["values"] == result["pass_after_pass"]["values"]
         )
         result["passed"] = result["same_choice_and_values"]
-        with contextlib.closing(PlanningPolicy(loaded.reactive.model, workers, deadline_ms=1500)) as policy:
+        with contextlib.closing(PlanningPolicy(loaded.reactive.model, device_networks, deadline_ms=1500)) as policy:
             synchronize(device)
             started = time.perf_counter()
             cut = policy.infer(query)

@@ -42,9 +42,9 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadedPolicies]
 
 @pytest.mark.parametrize("batch_passes", [False, True], ids=["pass after pass", "batched"])
 def test_best_of_4(benchmark, loaded: LoadedPolicies, batch_passes: bool) -> None:  # type: ignore[no-untyped-def]
-    workers = list(loaded.device_networks)
+    device_networks = list(loaded.device_networks)
     with contextlib.closing(
-        PlanningPolicy(loaded.reactive.model, workers, CONFIG, batch_passes=batch_passes)
+        PlanningPolicy(loaded.reactive.model, device_networks, CONFIG, batch_passes=batch_passes)
     ) as policy:
         warm = policy.infer(QUERY)  # binds the instruction
         assert warm.candidates is not None
@@ -64,8 +64,8 @@ def test_best_of_4_within_a_deadline(benchmark, loaded: LoadedPolicies) -> None:
     """A deadline the configuration cannot meet: the answer time against the deadline (the overshoot is the DiT call
     in flight when it passed), and how the query ended."""
     deadline_ms = 15_000.0  # the encode alone takes about 11 s here, so planning gets about 4 s of the 50 it needs
-    workers = list(loaded.device_networks)
-    policy = PlanningPolicy(loaded.reactive.model, workers, CONFIG, batch_passes=False, deadline_ms=deadline_ms)
+    device_networks = list(loaded.device_networks)
+    policy = PlanningPolicy(loaded.reactive.model, device_networks, CONFIG, batch_passes=False, deadline_ms=deadline_ms)
     with contextlib.closing(policy):
         policy.infer(QUERY)  # binds the instruction
         outcomes = []

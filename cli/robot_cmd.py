@@ -268,8 +268,8 @@ def _env_factory(spec: str) -> Callable[..., RealEnvLike]:
     module_name, separator, function_name = spec.partition(":")
     if not separator or not module_name or not function_name:
         raise ConfigError(f"--env {spec}: expected MODULE:FUNCTION, e.g. aloha_scripts.real_env:make_real_env")
-    if os.getcwd() not in sys.path:  # the rig's code is found from where the command runs, as with `python -m`
-        sys.path.insert(0, os.getcwd())
+    if "" not in sys.path and os.getcwd() not in sys.path:  # the rig's code is found from where the command runs,
+        sys.path.insert(0, os.getcwd())  # as with `python -m`
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:

@@ -471,7 +471,8 @@ class HttpEndpoint:
                     raise MessageError(ErrorCode.TOO_LARGE, "body", f"expected at most {limit} bytes, got more")
                 chunks.append(chunk)
         except ClientDisconnect:  # a refusal like any other (one rate-limited log line), answered to nobody
-            raise _LeftMidBody(ErrorCode.MALFORMED, "body", f"the client left after {size} bytes") from None
+            detail = f"the connection closed after {size} bytes (the client left, or the read timeout closed it)"
+            raise _LeftMidBody(ErrorCode.MALFORMED, "body", detail) from None
         except asyncio.CancelledError:
             # The shutdown window ended while the body was still arriving: uvicorn cancels the request, which then
             # ends as a refusal in the usual form instead of a traceback and a bare 500 (the cancellation handled).

@@ -58,9 +58,8 @@ class LoadedPolicies:
     ) -> None:
         self.reactive = reactive
         self.planning = planning
-        self.device_networks = tuple(
-            device_networks
-        )  # the DiTs of each device, in device order (the VAE lives on the first)
+        # The DiTs of each device, in device order (the VAE lives on the first).
+        self.device_networks = tuple(device_networks)
         self._resources = resources
         self._replays_graphs = replays_graphs
         self._compiled = compiled

@@ -1,8 +1,8 @@
 """One planning worker's sampling passes for its candidates, as the official planning server runs them
 (`deploy.py` `get_server_action` with `cosmos_utils.get_future_state_prediction` / `get_value_prediction` /
 `get_qvalue_prediction`): the action pass, then world-model and value passes per `PlanningConfig`, and the values that
-rank the candidates. `planning.PlanningPolicy` splits the candidates over workers and ranks them; the quirks each pass
-reproduces are listed there.
+rank the candidates. `planning.PlanningPolicy` splits the candidates over workers (`ranking` chooses among them); the
+quirks each pass reproduces are listed there.
 """
 
 from __future__ import annotations
