@@ -22,6 +22,8 @@ import sys
 import threading
 from collections.abc import Callable
 
+import numpy as np
+
 from cosmos_edge.cli.arg_types import factor_of_at_least_one, int_in_range, positive_hertz, positive_seconds
 from cosmos_edge.cli.client_cmd import connect, connection_arguments, naming_connection_flags
 from cosmos_edge.cli.run_report import print_run_report
@@ -148,9 +150,12 @@ def _robot(args: argparse.Namespace) -> int:
             + f" rad, grippers within {limits.gripper_range}"
         )
         robot = _connect_robot(make_env, args)
+        start = robot.current_qpos()
         try:  # before the first command: the filter would move the arms back at its full rate
-            safety.check_start_pose(robot.current_qpos())
+            safety.check_start_pose(start)
         except InputError as error:
+            if not np.isfinite(start).all():  # the rig's reading, not the limits: nothing was commanded
+                raise EngineError(f"--env {args.env}: {error}") from None
             raise ConfigError(f"{error}; --safety sets the limits") from None
         with ThreadedChunkSource(client, params, prepare=aloha_wire_observation) as source:
             executor = ChunkExecutor(robot, source, safety, executor_config)
@@ -220,8 +225,10 @@ def _verdict(args: argparse.Namespace, executor: ChunkExecutor, safety: SafetyFi
 
 def _connect_robot(make_env: Callable[..., RealEnvLike], args: argparse.Namespace) -> AlohaRealRobot:
     """The rig's env, moved to the start pose (unless --keep-pose); its failures are one line naming --env."""
+    made = False
     try:
         env = make_env(**args.env_kwargs)
+        made = True
         if not all(callable(getattr(env, method, None)) for method in ("reset", "step")):
             raise ConfigError(  # the wrong function named: a usage error, before any rig code runs further
                 f"expected it to return a RealEnv-like rig (with reset() and step()), got {type(env).__name__}"
@@ -231,9 +238,9 @@ def _connect_robot(make_env: Callable[..., RealEnvLike], args: argparse.Namespac
         return AlohaRealRobot.connect(env, move_to_start=not args.keep_pose)
     except Exception as error:  # the rig's code, or its qpos refused: said in one line naming --env
         detail = error if isinstance(error, CosmosEdgeError) else f"{type(error).__name__}: {error}"
-        # Arguments it refused (--env-kwargs) are a usage error; the rig failing (no ROS master, a camera, a qpos or
-        # frame of the wrong shape), as mid-run, is not.
-        usage = isinstance(error, ConfigError | TypeError)
+        # Arguments the function refused (--env-kwargs) are a usage error; the rig failing once made (no ROS master,
+        # a camera, a qpos or frame of the wrong shape), as mid-run, is not.
+        usage = isinstance(error, ConfigError) or (isinstance(error, TypeError) and not made)
         raise (ConfigError if usage else EngineError)(f"--env {args.env}: failed: {detail}") from error
 
 

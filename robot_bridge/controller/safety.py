@@ -423,9 +423,15 @@ class SafetyFilter:
             self.stop(f"the policy's target was rate limited {limit} ticks in a row")
 
     def check_start_pose(self, measured_qpos: np.ndarray) -> None:
-        """Raises InputError naming each arm joint measured more than `START_POSE_TOLERANCE` outside its limits."""
+        """Raises InputError naming each arm joint measured more than `START_POSE_TOLERANCE` outside its limits, or
+        any joint whose reading is not finite (there is then no pose to hold)."""
         measured = np.asarray(measured_qpos, dtype=np.float64)
         self._check_shape("measured qpos", measured)
+        if not np.isfinite(measured).all():
+            dims = np.flatnonzero(~np.isfinite(measured)).tolist()
+            raise InputError(
+                f"start pose: qpos{dims} read not finite; nothing was commanded (check the rig's readings)"
+            )
         joints = self._joint_mask
         tolerance = START_POSE_TOLERANCE
         outside = joints & ((measured < self._lower - tolerance) | (measured > self._upper + tolerance))

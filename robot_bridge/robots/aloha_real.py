@@ -80,6 +80,9 @@ class AlohaRealRobot:
         if qpos.shape != (ALOHA_DIMS,):
             raise InputError(f"aloha_real: qpos expected shape ({ALOHA_DIMS},), got {qpos.shape}")
         images = observation["images"]
+        if not isinstance(images, Mapping):
+            got = type(images).__name__
+            raise InputError(f"aloha_real: observation['images'] expected camera name -> frame, got {got}")
         missing = [cam for cam in self._cameras if cam not in images]
         if missing:
             raise InputError(f"aloha_real: cameras {missing} missing from the observation; it has {sorted(images)}")

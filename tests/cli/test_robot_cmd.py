@@ -103,6 +103,16 @@ def test_a_rig_that_fails_to_start_is_one_line_and_a_failure(capsys: pytest.Capt
         failing = ["--task", INSTRUCTION, "--env-kwargs", '{"fail": "no ROS master"}']
         assert main(["robot", "--env", ENV, "--endpoint", endpoint, *failing]) == 1  # the rig, not the arguments
         assert f"--env {ENV}: failed: RuntimeError: no ROS master" in capsys.readouterr().err
+        for broken, named in (
+            (
+                '{"nan_at_reset": true}',
+                "start pose: qpos[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13] read not finite",
+            ),
+            ('{"no_images_at_reset": true}', "failed: aloha_real: observation['images'] expected camera name"),
+        ):
+            argv = ["robot", "--env", ENV, "--endpoint", endpoint, "--task", INSTRUCTION, "--env-kwargs", broken]
+            assert main([*argv, "--keep-pose"]) == 1
+            assert named in capsys.readouterr().err
         wrong_kwarg = ["--task", INSTRUCTION, "--env-kwargs", '{"unknown": 1}']
         assert main(["robot", "--env", f"{ENV}_strict", "--endpoint", endpoint, *wrong_kwarg]) == 2  # the arguments
         assert "unexpected keyword argument 'unknown'" in capsys.readouterr().err

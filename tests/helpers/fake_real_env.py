@@ -4,7 +4,8 @@ its N-th step, as an operator's Ctrl-C while the arms move; with `fail_after=N` 
 that comes loose; `terminate_at_reset` sends SIGTERM while the arms move to the start pose; with `hang_after=N` its
 N-th step sends SIGINT and never returns (a driver stuck), and a second SIGINT follows from another thread; with
 `nan_after=N` its joint readings are NaN from its N-th step on (a sensor that died); with `glitch_at=N` its N-th
-step reads the left waist 1 rad off (an encoder glitch)."""
+step reads the left waist 1 rad off (an encoder glitch); `nan_at_reset` reads NaN joints and `no_images_at_reset` no
+camera frames from the start."""
 
 from __future__ import annotations
 
@@ -38,6 +39,10 @@ class FakeRealEnv:
         self.resets.append(fake)
         if self.kwargs.get("terminate_at_reset"):
             os.kill(os.getpid(), signal.SIGTERM)
+        if self.kwargs.get("nan_at_reset"):
+            return self._timestep(np.full(14, np.nan))
+        if self.kwargs.get("no_images_at_reset"):
+            return FakeTimeStep({"qpos": np.zeros(14), "images": None})
         return self._timestep(np.zeros(14))
 
     def step(self, action: np.ndarray) -> FakeTimeStep:
