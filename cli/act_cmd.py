@@ -41,7 +41,6 @@ from cosmos_edge.runtime.bundle.loader import (
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointSource, ModelSource
 from cosmos_edge.runtime.errors import ConfigError, InputError, NonFiniteOutput
 from cosmos_edge.runtime.platforms import PLATFORMS
-from cosmos_edge.runtime.policy import text_embeddings as text_store
 from cosmos_edge.runtime.policy.api import (
     MAX_DENOISING_STEPS,
     MAX_SEED,
@@ -190,20 +189,20 @@ def _act_on(args: argparse.Namespace) -> int:
 
 def _check_task(source: ModelSource, task: str) -> None:
     """An unknown --task is named, with the file that lacks it, before minutes of loading."""
+    # A bundle's store is hashed into its manifest (a changed one is refused): a new instruction means exporting again.
+    remedy = (
+        "A bundle holds the instructions it was exported with: embed it (`cosmos-edge text-embeddings embed`), "
+        "`text-embeddings merge` it into the file given to `export --text-embeddings`, and export again."
+        if isinstance(source, BundleSource)
+        else ""
+    )
     try:
-        source_text_embeddings(source).get(task)
+        source_text_embeddings(source).get(task, remedy=remedy)
     except InputError as error:
         if error.field != "instruction":
             raise
         where = source.files.text_embeddings if isinstance(source, CheckpointSource) else f"bundle {source.path}"
         detail = str(error).removeprefix("instruction: ")
-        if isinstance(source, BundleSource):  # its store is hashed into its manifest: a changed one is refused
-            detail = detail.replace(
-                text_store.ADDING_AN_INSTRUCTION,
-                "A bundle holds the instructions it was exported with: embed it (`cosmos-edge text-embeddings "
-                "embed`), `text-embeddings merge` it into the file given to `export --text-embeddings`, and export "
-                "again.",
-            )
         raise ConfigError(f"--task {task!r}: not among the instructions of {where}: {detail}") from None
 
 

@@ -362,8 +362,10 @@ class HttpEndpoint:
     def _warn_ignored(self, keys: tuple[str, ...]) -> None:
         """Warns once per set of keys a request held that are not read (a client expecting its `seed` applied, a
         misspelt optional key); a bounded number of sets, as a peer chooses them."""
+        if not keys:
+            return
         shown = tuple(peer_text(key) for key in keys)  # kept as shown: a peer's key may be megabytes long
-        if not keys or shown in self._warned_ignored or len(self._warned_ignored) >= _MAX_WARNED_KEY_SETS:
+        if shown in self._warned_ignored or len(self._warned_ignored) >= _MAX_WARNED_KEY_SETS:
             return
         self._warned_ignored.add(shown)
         seed = "; the server's seed applies to every /act request" if "seed" in keys else ""

@@ -84,14 +84,15 @@ class TextEmbeddings:
     def shape(self) -> tuple[int, ...]:
         return next(iter(self.bf16_bits.values())).shape
 
-    def get(self, instruction: str) -> np.ndarray:
-        """The embedding of exactly `instruction` as float32 [1, tokens, dim] (a new array, exact bf16 values)."""
+    def get(self, instruction: str, *, remedy: str = "") -> np.ndarray:
+        """The embedding of exactly `instruction` as float32 [1, tokens, dim] (a new array, exact bf16 values). An
+        unknown one is an InputError ending with `remedy` (default: `ADDING_AN_INSTRUCTION`)."""
         bits = self.bf16_bits.get(instruction)
         if bits is None:
             closest = difflib.get_close_matches(instruction, self.instructions, n=3, cutoff=0.0)
             raise InputError(
                 f"instruction: no text embedding for {instruction!r} (lookup is by exact string, as in the official "
-                f"runtime); closest of the {len(self.bf16_bits)} known: {closest}. {ADDING_AN_INSTRUCTION}",
+                f"runtime); closest of the {len(self.bf16_bits)} known: {closest}. {remedy or ADDING_AN_INSTRUCTION}",
                 field="instruction",
             )
         return bf16_bits_to_float32(bits)

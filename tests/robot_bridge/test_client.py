@@ -136,11 +136,14 @@ def test_a_server_gone_mid_request_is_said_at_once_not_at_the_timeout() -> None:
         receive(router)
         router.close()  # a server killed while computing: its connections close, no reply will come
 
-    with fake_server(handler) as endpoint, PolicyClient(endpoint, timeout_s=600.0) as client:
-        started = time.monotonic()
-        with pytest.raises(ConnectionLost, match=f"the connection to {endpoint} closed before request 1 was answered"):
-            client.ping()
-        assert time.monotonic() - started < TIMEOUT_S
+    # Unnoticed, the call would end in RequestTimeout at its deadline instead.
+    lost = r"the connection to tcp://\S+ closed before request 1 was answered"
+    with (
+        fake_server(handler) as endpoint,
+        PolicyClient(endpoint, timeout_s=30.0) as client,
+        pytest.raises(ConnectionLost, match=lost),
+    ):
+        client.ping()
 
 
 def test_a_reply_of_the_wrong_kind_is_a_protocol_error() -> None:
