@@ -6,15 +6,11 @@ request, answers `ping`, `metadata` and `set_mode` at once, and queues `act` req
 pair, so no ZeroMQ socket or context is ever touched by two threads, and a policy call that never returns cannot keep
 the context (and the port) open. So the server stays responsive while a chunk is being inferred.
 
-The queue keeps at most one waiting `act` per controller (ROUTER identity): a newer observation replaces the one still
-waiting, which is answered with a `superseded` error so its sender is not left hanging. Controllers are served in
-arrival order, and at most `max_pending` may wait at once. A request whose deadline (`timeout_ms`) passes while it
-waits is answered `expired` and never computed: its sender has given up. So is, as `overloaded`, an `act` that
-arrived before serving began (while the process loaded its models): its sender may be long gone. Anything malformed
-or rejected gets an `error` reply and the server carries on.
-
-Every queued request is answered exactly once: whoever takes it out of the queue (the worker, a newer observation, the
-shutdown) or takes the running one back (the worker, or the end of the shutdown window) answers it, under the lock.
+The `act` requests wait in an `ActQueue` (see there): at most one per controller (ROUTER identity), a newer
+observation superseding the one still waiting; a request whose deadline (`timeout_ms`) passes while it waits is
+answered `expired` and never computed: its sender has given up. So is, as `overloaded`, an `act` that arrived before
+serving began (while the process loaded its models): its sender may be long gone. Anything malformed or rejected gets
+an `error` reply and the server carries on. Every queued request is answered exactly once.
 
 Other front ends in the same process (the official-compatible HTTP endpoint) queue their requests with `submit`, so
 every inference, whichever endpoint asked for it, runs on the one worker thread, in arrival order.
@@ -31,15 +27,14 @@ import math
 import socket
 import threading
 import time
-from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
 from types import TracebackType
 
 import zmq
 
 from cosmos_edge.robot_bridge.act_messages import CLIENT_ARRAY_BYTES, SERVER_VERSION, act_reply, action_query
+from cosmos_edge.robot_bridge.act_queue import ActQueue, Answer, Job, shutting_down
 from cosmos_edge.robot_bridge.admission import ActAdmission
 from cosmos_edge.robot_bridge.binding import FLUSH_MS, BoundRouter, ServerConfig, check_limits_hold_an_act
 from cosmos_edge.robot_bridge.log_limits import RateLimitedLog, peer_text
@@ -74,28 +69,7 @@ _RECEIVE_BATCH = 64  # requests taken per wake-up before replies are forwarded a
 _REPLY_GRACE_S = 0.5  # many times what a client blocked in poll needs to read it, even on a loaded machine
 _WAKE_BYTES = 4096  # wake-up bytes read at once; any number of them means "look at the outbox"
 _QUEUED_BATCHES = 64  # at most 64 x 64 requests answered as queued before serving (then serving begins)
-_STARTING = "arrived while the server was starting (loading its models); ask again"
 _START_TIMEOUT_S = 30.0  # `serving_in_thread`: from the thread's start to queueing requests (no model loads there)
-
-
-@dataclass(frozen=True)
-class _Job:
-    key: bytes | int  # in the queue: a controller's ROUTER identity, or a `submit` number (never a ZeroMQ peer's)
-    request: ActRequest
-    mode: str
-    receive_ns: int  # wall clock, reported to the controller
-    received_at: float  # perf_counter, for durations and the deadline
-    decode_ms: float
-    peer: str  # for the log
-    future: Future[ActReply] | None = None  # set for `submit`: the reply goes there instead of the ROUTER socket
-
-
-@dataclass(frozen=True)
-class _Answer:
-    job: _Job
-    outcome: ActReply | MessageError
-    policy_ms: float | None = None  # for a failure of the policy, for the log
-    planning: PlanningOutcome | None = None  # how a planning query ended, whether or not its reply says so
 
 
 class PolicyServer:
@@ -127,18 +101,13 @@ class PolicyServer:
         common = frozenset.intersection(*self._admission.instructions.values())
         self._instructions = tuple(text for text in self._policies[mode].instructions if text in common)
         self._mode = mode
-        self._lock = threading.Lock()  # guards _pending, _running, _outbox, _mode and writing to _wake
-        self._work_ready = threading.Condition(self._lock)
-        self._pending: OrderedDict[bytes | int, _Job] = OrderedDict()
-        self._running: _Job | None = None  # taken by the worker; answered by whoever takes it back
-        self._outbox: deque[_Answer] = deque()  # answers for the I/O thread to deliver
+        self._mode_lock = threading.Lock()
+        self._queue = ActQueue(self._config.max_pending)
         # `stop()` only sets this attribute: a signal handler runs on the I/O thread and must not take a lock that
         # thread may hold (`Event.set` takes one). The I/O thread turns it into `_stopping` for the other threads.
         self._stop_requested = False
         self._stop_now = False  # `stop(now=True)`: the shutdown window ends at once
         self._stopping = threading.Event()
-        # Set once the requests that arrived before `serve_forever` are answered: an `act` is queued from then on.
-        self._accepting = threading.Event()
         self._idle = threading.Event()  # clear while serve_forever runs
         self._idle.set()
         self._router = router
@@ -196,7 +165,7 @@ class PolicyServer:
         key = next(self._submissions)
         future: Future[ActReply] = Future()
         mode = self._act_mode(request)
-        self._enqueue(_Job(key, request, mode, time.time_ns(), started, decode_ms, peer, future))
+        self._enqueue(Job(key, request, mode, time.time_ns(), started, decode_ms, peer, future))
         return future
 
     def start(self) -> str:
@@ -209,6 +178,7 @@ class PolicyServer:
             for end in (receiver, sender):
                 end.setblocking(False)
             self._wake = (receiver, sender)
+            self._queue.set_wake(sender)
         except BaseException:
             self.close()
             raise
@@ -233,12 +203,11 @@ class PolicyServer:
             worker.start()
             self._worker = worker  # only once started: `_drain` joins it
             self._refuse_acts_queued_before_serving()
-            self._accepting.set()
+            self._queue.accept()
             while not self._stop_requested and not self._stopping.is_set():
                 self._poll(poller, _POLL_MS)
         finally:
             self._stopping.set()  # also after an error above: nothing more may be queued
-            self._accepting.clear()
             try:
                 self._drain(poller)
             finally:
@@ -252,13 +221,13 @@ class PolicyServer:
     @property
     def accepting(self) -> bool:
         """True while `serve_forever` queues `act` requests."""
-        return self._accepting.is_set()
+        return self._queue.accepting
 
     def wait_until_accepting(self, timeout_s: float) -> bool:
         """Waits until `serve_forever` queues `act` requests (those sent before are answered `overloaded`); False
         at the timeout, or at once when the server is stopping (it will not accept again)."""
         deadline = time.monotonic() + timeout_s
-        while not self._accepting.wait(min(_POLL_MS / 1e3, max(0.0, deadline - time.monotonic()))):
+        while not self._queue.wait_accepting(min(_POLL_MS / 1e3, max(0.0, deadline - time.monotonic()))):
             if self._stop_requested or self._stopping.is_set() or time.monotonic() >= deadline:
                 return False
         return True
@@ -277,8 +246,8 @@ class PolicyServer:
 
     def close(self) -> None:
         """Closes the sockets: from the thread that served, or from any thread once `serve_forever` has returned."""
-        with self._lock:  # no other thread writes a wake-up into a closed socket
-            wake, self._wake = self._wake, None
+        self._queue.set_wake(None)  # no other thread writes a wake-up into a closed socket
+        wake, self._wake = self._wake, None
         for end in wake or ():
             end.close()
         if self._router is not None:
@@ -323,7 +292,7 @@ class PolicyServer:
     def _refuse_acts_queued_before_serving(self) -> None:
         """Answers what arrived before serving began: `serve` binds its socket before it loads the models (minutes
         for a 2B DiT), and an `act` sent meanwhile may have been given up by its sender long ago. Each is answered
-        `overloaded` (`_enqueue`, until `_accepting`), which `PolicyClient` retries within its deadline."""
+        `overloaded` (until the queue accepts), which `PolicyClient` retries within its deadline."""
         for _ in range(_QUEUED_BATCHES):  # bounded: a peer sending without pause cannot hold serving back
             if not self._receive_requests():
                 break
@@ -338,7 +307,7 @@ class PolicyServer:
             request_id = request.request_id
             if isinstance(request, ActRequest):
                 mode = self._act_mode(request)
-                self._enqueue(_Job(identity, request, mode, receive_ns, started, ms_since(started), peer))
+                self._enqueue(Job(identity, request, mode, receive_ns, started, ms_since(started), peer))
                 return
             reply: ServerMetadata | Pong | ModeSet
             if isinstance(request, MetadataRequest):
@@ -376,58 +345,21 @@ class PolicyServer:
     def _act_mode(self, request: ActRequest) -> str:
         """The mode that will answer: the request's own, else the one in force when it arrived. Checks everything a
         request can be refused for before it waits for the worker."""
-        with self._lock:
+        with self._mode_lock:
             mode = request.mode or self._mode
         self._admission.check(request, mode)
         return mode
 
-    def _enqueue(self, job: _Job) -> None:
-        with self._work_ready:
-            if self._stop_requested or self._stopping.is_set():  # nothing would run it: the worker stops, or is gone
-                raise MessageError(ErrorCode.SHUTTING_DOWN, "", "the server is shutting down", job.request.request_id)
-            if not self._accepting.is_set():  # it arrived while the models loaded: its sender may be long gone
-                raise MessageError(ErrorCode.OVERLOADED, "", _STARTING, job.request.request_id)
-            replaced = self._pending.get(job.key)
-            if replaced is None and not self._has_room():
-                detail = f"{self._config.max_pending} controllers are already waiting; retry later"
-                raise MessageError(ErrorCode.OVERLOADED, "", detail, job.request.request_id)
-            self._pending[job.key] = job  # a replacement keeps its controller's place in line
-            self._work_ready.notify()
-            if replaced is not None:
-                detail = f"observation {replaced.request.obs_id} replaced by {job.request.obs_id} before it ran"
-                superseded = MessageError(ErrorCode.SUPERSEDED, "obs_id", detail, replaced.request.request_id)
-                self._post(_Answer(replaced, superseded))
-
-    def _has_room(self) -> bool:
-        """Whether one more controller may wait (lock held). Those past their deadline are answered `expired` first,
-        and submitted requests their front end cancelled (an HTTP client gone) are dropped: senders that gave up must
-        not hold places a live controller needs."""
-        if len(self._pending) >= self._config.max_pending:
-            now = time.perf_counter()
-            for key, job in list(self._pending.items()):
-                if job.future is not None and job.future.cancelled():  # nobody to answer
-                    del self._pending[key]
-                elif (expired := _expiry(job, now)) is not None:
-                    del self._pending[key]
-                    self._post(_Answer(job, expired))
-        return len(self._pending) < self._config.max_pending
-
-    def _post(self, answer: _Answer) -> None:
-        """Hands an answer to the I/O thread (lock held: taking a job and posting its answer are one step, so the
-        shutdown never closes the socket between the two)."""
-        self._outbox.append(answer)
-        if self._wake is not None:
-            with contextlib.suppress(BlockingIOError):  # the pipe is full: the I/O thread has wake-ups enough
-                self._wake[1].send(b"\0")
+    def _enqueue(self, job: Job) -> None:
+        if self._stop_requested or self._stopping.is_set():  # the queue closes within a poll: refused already
+            raise shutting_down(job, "the server is shutting down")
+        self._queue.put(job)
 
     def _flush_outbox(self) -> None:
-        with self._lock:
-            answers = list(self._outbox)
-            self._outbox.clear()
-        for answer in answers:
+        for answer in self._queue.answers():
             self._deliver(answer)
 
-    def _deliver(self, answer: _Answer) -> None:
+    def _deliver(self, answer: Answer) -> None:
         """Sends or resolves one answer; raises nothing, so one answer that cannot be sent loses no other."""
         job, outcome = answer.job, answer.outcome
         if job.future is None:
@@ -447,7 +379,7 @@ class PolicyServer:
 
     def _metadata(self, request_id: int) -> ServerMetadata:
         platform = self._platform
-        with self._lock:
+        with self._mode_lock:
             mode = self._mode
         return ServerMetadata(
             request_id,
@@ -467,7 +399,7 @@ class PolicyServer:
 
     def _set_mode(self, request: SetModeRequest) -> ModeSet:
         self._admission.check_mode(request.mode, request.request_id)
-        with self._lock:
+        with self._mode_lock:
             previous, self._mode = self._mode, request.mode
         _LOG.info("mode=%s previous_mode=%s", request.mode, previous)
         return ModeSet(request.request_id, request.mode, previous)
@@ -492,17 +424,14 @@ class PolicyServer:
         running gets its result if it comes within the shutdown window, else `shutting_down` when the window ends
         (its result, should it come, is dropped). Then the connections stay open `_REPLY_GRACE_S` after the last reply.
         Meanwhile requests still arriving are answered (`act` refused)."""
-        with self._work_ready:
-            waiting = len(self._pending)
-            for job in self._pending.values():
-                self._post(_Answer(job, _shutting_down(job, "the server stopped before this request ran")))
-            self._pending.clear()
-            self._work_ready.notify_all()  # the worker returns once its current job, if any, is done
+        waiting = self._queue.close("the server stopped before this request ran")
         window = self._config.shutdown_timeout_s  # why the process may not exit at once: the request being computed
-        computing = f"; the one being computed has up to {window:.1f} s" if self._inferring() else ""
+        computing = f"; the one being computed has up to {window:.1f} s" if self._queue.running else ""
         _LOG.info("stopping: %d waiting request(s) answered shutting_down%s", waiting, computing)
         self._poll_until(
-            poller, time.monotonic() + self._config.shutdown_timeout_s, lambda: self._inferring() and not self._stop_now
+            poller,
+            time.monotonic() + self._config.shutdown_timeout_s,
+            lambda: self._queue.running and not self._stop_now,
         )
         if self._stop_now:
             _LOG.info("stopping now (a second stop): the shutdown window is not waited out")
@@ -516,11 +445,8 @@ class PolicyServer:
         result, should it come, is dropped by the worker."""
         window = f"the {self._config.shutdown_timeout_s} s shutdown window"
         ended = "a second stop ended " + window if self._stop_now else window + " ended"
-        with self._lock:
-            overdue, self._running = self._running, None
-            if overdue is not None:
-                detail = f"the policy was still computing it when {ended}"
-                self._post(_Answer(overdue, _shutting_down(overdue, detail)))
+        detail = f"the policy was still computing it when {ended}"
+        overdue = self._queue.take_back(lambda job: shutting_down(job, detail))
         self._flush_outbox()
         if overdue is None:
             return False
@@ -539,10 +465,6 @@ class PolicyServer:
         while (left_ms := math.ceil((deadline - time.monotonic()) * 1e3)) > 0 and condition():
             self._poll(poller, min(_POLL_MS, left_ms))
 
-    def _inferring(self) -> bool:
-        with self._lock:
-            return self._running is not None
-
     # --- worker thread ---------------------------------------------------------------------------------------------
 
     def _work(self) -> None:
@@ -551,23 +473,12 @@ class PolicyServer:
         except BaseException as error:  # escaped `_run` (SystemExit, say): nothing would compute the queue any more
             _LOG.critical("the policy worker died; stopping the server", exc_info=True)
             self._worker_failure = error
-            with self._lock:
-                running, self._running = self._running, None
-                if running is not None:
-                    detail = f"the {running.mode!r} policy worker died; see the server log"
-                    failure = MessageError(ErrorCode.INTERNAL, "", detail, running.request.request_id)
-                    self._post(_Answer(running, failure))
+            self._queue.take_back(_worker_died)
             self._stopping.set()  # the I/O thread answers whatever still waits, then closes
 
     def _work_until_stopped(self) -> None:
-        while (job := self._next_job()) is not None:
-            answer = self._run(job)
-            with self._lock:
-                on_time = self._running is job  # else the shutdown window ended first and answered it
-                if on_time:
-                    self._running = None
-                    self._post(answer)
-            if not on_time:
+        while (job := self._queue.take(lambda: self._stop_requested)) is not None:
+            if not self._queue.finish(self._run(job)):  # the shutdown window ended first and answered it
                 _LOG.warning(
                     "kind=act peer=%s request_id=%s obs_id=%s mode=%s status=late_result_dropped total_ms=%.3f",
                     job.peer,
@@ -577,22 +488,7 @@ class PolicyServer:
                     ms_since(job.received_at),
                 )
 
-    def _next_job(self) -> _Job | None:
-        with self._work_ready:
-            while True:
-                while not self._pending and not self._stopping.is_set():
-                    self._work_ready.wait()
-                if self._stop_requested or self._stopping.is_set():  # what still waits is answered by `_drain`
-                    return None
-                job = self._pending.popitem(last=False)[1]
-                if (expired := _expiry(job, time.perf_counter())) is not None:
-                    self._post(_Answer(job, expired))
-                elif job.future is None or job.future.set_running_or_notify_cancel():
-                    self._running = job
-                    return job
-                # else its front end cancelled it while it waited: nobody to answer
-
-    def _run(self, job: _Job) -> _Answer:
+    def _run(self, job: Job) -> Answer:
         started = time.perf_counter()
         queue_ms = (started - job.received_at) * 1e3 - job.decode_ms
         request_id = job.request.request_id
@@ -609,7 +505,7 @@ class PolicyServer:
                 array_limit=CLIENT_ARRAY_BYTES if job.future is None else None,  # `submit`'s front ends decode nothing
             )
             planning = None if result.candidates is None else result.candidates.outcome
-            return _Answer(job, reply, planning=planning)
+            return Answer(job, reply, planning=planning)
         except InputError as error:
             field = error.field if isinstance(error.field, str) else ""
             detail = str(error).removeprefix(f"{field}: ")  # the reply puts the field before its detail
@@ -619,10 +515,10 @@ class PolicyServer:
             _LOG.exception("policy mode=%s failed on obs_id=%s", job.mode, job.request.obs_id)
             detail = f"the {job.mode!r} policy failed ({type(error).__name__}); see the server log"
             failure = MessageError(ErrorCode.INTERNAL, "", detail, request_id)
-        return _Answer(job, failure, ms_since(started))
+        return Answer(job, failure, ms_since(started))
 
 
-def _encoded(job: _Job, outcome: ActReply | MessageError) -> tuple[list[OutFrame], ActReply | MessageError]:
+def _encoded(job: Job, outcome: ActReply | MessageError) -> tuple[list[OutFrame], ActReply | MessageError]:
     """The frames of an answer, and the answer they carry: a reply that cannot be encoded becomes an `internal`
     error, so its request is still answered once."""
     if isinstance(outcome, MessageError):
@@ -643,17 +539,12 @@ def _internal(failure: Exception, request_id: int | None) -> MessageError:
     return MessageError(ErrorCode.INTERNAL, "", detail, request_id)
 
 
-def _expiry(job: _Job, now: float) -> MessageError | None:
-    """The `expired` answer of a job whose deadline has passed; None while it may still run."""
-    timeout_ms = job.request.timeout_ms
-    waited_ms = (now - job.received_at) * 1e3
-    if timeout_ms is None or waited_ms <= timeout_ms:
-        return None
-    detail = f"expected to start within {timeout_ms} ms, waited {waited_ms:.0f} ms; not computed"
-    return MessageError(ErrorCode.EXPIRED, "timeout_ms", detail, job.request.request_id)
+def _worker_died(job: Job) -> MessageError:
+    detail = f"the {job.mode!r} policy worker died; see the server log"
+    return MessageError(ErrorCode.INTERNAL, "", detail, job.request.request_id)
 
 
-def _log_answer(answer: _Answer, planning_cut_short: int) -> None:
+def _log_answer(answer: Answer, planning_cut_short: int) -> None:
     """The one log line of an `act`, once it is answered; a planning reply names how its query ended and how many
     planning queries so far were cut short by their deadline."""
     job, outcome = answer.job, answer.outcome
@@ -672,10 +563,6 @@ def _log_answer(answer: _Answer, planning_cut_short: int) -> None:
         status,
         ms_since(job.received_at),
     )
-
-
-def _shutting_down(job: _Job, detail: str) -> MessageError:
-    return MessageError(ErrorCode.SHUTTING_DOWN, "", detail, job.request.request_id)
 
 
 @contextlib.contextmanager

@@ -625,7 +625,8 @@ def test_stop_takes_no_lock_so_a_signal_during_shutdown_cannot_deadlock() -> Non
     thread holds at that moment (the server's own, or its stop event's, which `Event.set` takes), a second Ctrl-C
     during shutdown would hang the process."""
     server = PolicyServer(StubPolicy(), ServerConfig(ENDPOINT))
-    with server._lock, server._stopping._cond:  # type: ignore[attr-defined]  # CPython's Event holds a Condition
+    locks = (server._queue._lock, server._mode_lock, server._stopping._cond)  # type: ignore[attr-defined]
+    with locks[0], locks[1], locks[2]:  # (CPython's Event holds a Condition)
         stopping = threading.Thread(target=server.stop, daemon=True)
         stopping.start()
         stopping.join(TIMEOUT_S)
