@@ -6,7 +6,9 @@ official client on real arms). Two schemes, both keeping the executor's time ali
 
 * `crossfade` (default): over `window_ticks` ticks the target moves linearly from the old trajectory to the new
   chunk, new weight (j + 1) / (window + 1) at the j-th tick after the switch. After the window the new chunk is
-  followed exactly.
+  followed exactly. Where the old trajectory is at rest (a hold, or the old chunk ran out), the fade closes the gap
+  it had when it stopped, moving as the new chunk does: weighing a pose at rest against a moving chunk would speed
+  the arm up to (2 window + 1) / (window + 1) of the chunk's speed by the end of the window.
 * `ensemble`: ACT-style temporal ensembling, exponential weights exp(-m·i) with i = 0 for the older prediction, for
   every tick both chunks cover; the older chunk dominates (m > 0). At the switch the new chunk takes
   e^-m / (1 + e^-m) of the gap at once (38 % for m = 0.5): continuous only with a new chunk every tick, as ACT
@@ -127,6 +129,7 @@ class ChunkBlender:
         self._hold: np.ndarray | None = None  # the last commanded pose at the switch
         self._switch_tick = 0
         self._fade_only = False  # a rejoin's blend: a cross-fade under either scheme
+        self._gap: np.ndarray | None = None  # old trajectory minus new chunk, the last tick the old one moved
         self._lowpassed: np.ndarray | None = None
         self._open: _OpenBoundary | None = None
         self._boundaries: deque[Boundary] = deque(maxlen=_BOUNDARIES_KEPT)
@@ -180,7 +183,7 @@ class ChunkBlender:
         `last_command` the tick before (see the module docstring)."""
         self._old, self._old_first_tick, self._old_shift = old_actions, old_first_tick, 0.0
         self._hold = None if last_command is None else np.asarray(last_command, dtype=np.float64)
-        self._switch_tick, self._fade_only = tick, fade_only
+        self._switch_tick, self._fade_only, self._gap = tick, fade_only, None
         if self._hold is not None and old_actions is not None:
             followed = self._old_trajectory(tick - 1, hold_past_end=True)  # what the old chunk asked for last tick
             if followed is not None and np.isfinite(self._hold).all():
@@ -239,10 +242,16 @@ class ChunkBlender:
         old_ends = self._old is None or self._old_first_tick + len(self._old) <= self._switch_tick + window
         fading = scheme is BlendScheme.CROSSFADE or (scheme is BlendScheme.ENSEMBLE and (old_ends or self._fade_only))
         if fading and since < window:
-            old = self._old_trajectory(tick, hold_past_end=True)
-            if old is not None:
-                weight = (since + 1) / (window + 1)
+            weight = (since + 1) / (window + 1)
+            if self._old_moves_at(tick):
+                old = self._old_trajectory(tick, hold_past_end=True)
+                assert old is not None
+                self._keep_gap(old - new)
                 return (1.0 - weight) * old + weight * new
+            if self._gap is None and (old := self._old_trajectory(tick, hold_past_end=True)) is not None:
+                self._keep_gap(old - new)  # at rest from the switch on
+            if self._gap is not None:
+                return new + (1.0 - weight) * self._gap
         if scheme is BlendScheme.ENSEMBLE and self._old is not None and not self._fade_only:
             remaining = self._old_first_tick + len(self._old) - tick  # ticks the old chunk still covers, this one too
             old = self._old_trajectory(tick, hold_past_end=False)
@@ -251,6 +260,15 @@ class ChunkBlender:
                 new_weight = math.exp(-self.config.ensemble_decay)
                 return (old_weight * old + new_weight * new) / (old_weight + new_weight)
         return new
+
+    def _old_moves_at(self, tick: int) -> bool:
+        """Whether the old trajectory has an action of its own for `tick`: in its chunk, and finite."""
+        index = tick - self._old_first_tick
+        return self._old is not None and 0 <= index < len(self._old) and bool(np.isfinite(self._old[index]).all())
+
+    def _keep_gap(self, gap: np.ndarray) -> None:
+        if np.isfinite(gap).all():  # a non-finite new action is held by the safety filter, not faded from
+            self._gap = gap
 
     def _old_trajectory(self, tick: int, hold_past_end: bool) -> np.ndarray | None:
         if self._old is None:

@@ -371,6 +371,8 @@ class ChunkExecutor:
         stopped = self._safety.stopped  # the filter holds the pose whatever the chunk says: a held tick
         action, obs_id, index = (None, NO_CHUNK, NO_CHUNK) if stopped else self._action_at(tick)
         starved = action is None and self._chunk is not None and not stopped
+        if action is None:  # the ticks the safety filter held before the chunk ran out are never caught up on
+            self._stationary_ticks += self._filter_held
         if starved:
             self._warn_starved(tick, "no action left: holding position")
         target = self._blender.target(tick, action, self._last_command)
@@ -437,12 +439,17 @@ class ChunkExecutor:
         return True
 
     def _held_among_skipped(self, tick: int, missed: int) -> int:
-        """How many of the `missed` deadlines before `tick` the arm held through: those the chunk in hand had no
-        action for (past its end, or none in hand), or all of them while stopped."""
+        """How many of the `missed` deadlines before `tick` the arm held through: all of them when the chunk in hand
+        has no action for `tick` (none in hand, it ran out, or stopped: the skipped actions are never commanded),
+        else those before its first action (`rejoin` carries the motion of the others)."""
         chunk = self._chunk
-        if chunk is None or self._safety.stopped:
+        if (
+            chunk is None
+            or self._safety.stopped
+            or not chunk.first_tick <= tick < chunk.first_tick + len(chunk.actions)
+        ):
             return missed
-        return min(missed, max(0, tick - (chunk.first_tick + len(chunk.actions))))
+        return min(missed, max(0, chunk.first_tick - (tick - missed)))
 
     def _after_holds(self, chunk: Chunk) -> Chunk:
         """`chunk` starting later by the ticks the arm held since its observation was captured (see the module

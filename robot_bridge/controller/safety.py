@@ -391,7 +391,8 @@ class SafetyFilter:
         keeps that reading, `implausible_reading_ticks` ticks in a row at most. And whether one was set aside."""
         previous, limit = self._reading, self.config.implausible_reading_ticks
         if previous is None or limit == 0 or self._last is None:  # before the first command, every reading stands
-            self._reading = measured
+            self._reading = measured  # (and after a restart: a run of jumps before it does not count against later)
+            self._jump_run[:] = 0
             return measured, False
         # Three steps: the simulation's arms, driven at the slew limit, move a little over two in a tick (the demo
         # saw 0.34 rad); a vx300s joint at most about one (pi rad/s at 25 Hz).

@@ -292,9 +292,11 @@ def test_a_chunk_after_a_hold_starts_at_the_pose_it_was_planned_from(latency: in
     executor.run(latency + 12)
     records = executor.records()
     assert records["action_index"][records["adopted"]].tolist() == [0]
-    # The fade from rest into the moving chunk peaks at (2 window + 1) / (window + 1) of its speed: 17/9 for 8 ticks.
+    # The fade from rest moves as the chunk does and closes the 0.01 rad gap to its first action in window + 1 equal
+    # steps: never faster than the chunk plus 1 / (window + 1) of the gap (a plain average of the pose at rest and the
+    # chunk would reach (2 window + 1) / (window + 1) of its speed).
     window = BlendConfig().window_ticks
-    assert waist_steps(robot).max() == pytest.approx(0.01 * (2 * window + 1) / (window + 1), rel=1e-4)
+    assert waist_steps(robot).max() == pytest.approx(0.01 + 0.01 / (window + 1), rel=1e-4)
     assert not any(Intervention.RATE_LIMITED.value & flags for flags in records["flags"])
 
 
@@ -525,6 +527,33 @@ def test_after_ticks_the_safety_filter_held_the_command_fades_back_into_the_chun
     assert steps[:window] == pytest.approx([1e-3 + held * 1e-3 / (window + 1)] * window, rel=1e-3)
     assert steps[-5:] == pytest.approx(1e-3, rel=1e-3)  # on the chunk again
     assert executor.records()["flags"][25:].tolist() == [0] * 20  # nothing rate limited after the hold
+
+
+@pytest.mark.parametrize(("stall_at", "blind"), [(15, range(0)), (None, range(15, 17))])
+def test_actions_never_commanded_at_a_chunks_end_do_not_place_the_next_chunk_ahead(
+    stall_at: int | None, blind: range
+) -> None:
+    # A policy that plans 1 mrad per action from the pose it observed. The chunk's last actions are skipped (tick 14's
+    # command returns 3.5 periods late) or held by the safety filter (non-finite readings) and it runs out: the arm
+    # held there, so the next chunk must start from that pose: no step of more than 1 mrad (plus 1 per deadline
+    # skipped right before it, inside a chunk: a hard switch jumps over the skipped actions).
+    robot_cls = functools.partial(BlindRobot, blind=blind)
+    executor, robot, client, clock = make(chunk=10, threshold=2, latency_ticks=7, robot_cls=robot_cls)
+
+    def ramp(actions: np.ndarray) -> np.ndarray:
+        out = np.tile(robot.qpos, (len(actions), 1))
+        out[:, 3] += 1e-3 * (np.arange(len(out)) + 1)
+        return out
+
+    def stall(n: int) -> None:
+        if n == stall_at:
+            clock.now += 7 * PERIOD_NS // 2
+
+    client.transform, robot.on_command = ramp, stall
+    executor.run(30)
+    assert (executor.counters.missed_ticks > 0) == (stall_at is not None) and executor.counters.chunks_adopted >= 2
+    steps = np.diff(np.array(robot.commands)[:, 3])
+    assert np.all(steps <= 1e-3 * (1 + executor.records()["missed"][1:]) + 1e-9) and steps.max() > 0
 
 
 @pytest.mark.parametrize("scheme", [BlendScheme.CROSSFADE, BlendScheme.ENSEMBLE])

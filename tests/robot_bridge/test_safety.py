@@ -404,6 +404,21 @@ def test_a_reading_that_jumps_for_a_tick_is_set_aside_rather_than_followed() -> 
     assert out.flags == Intervention.NONE and f.counters.implausible_readings == 1
 
 
+def test_jumps_read_before_a_restart_do_not_shorten_the_ticks_allowed_after_it() -> None:
+    config = SafetyConfig()
+    f = SafetyFilter(config)
+    f.apply(START, START)
+    glitch = START.copy()
+    glitch[0] += 1.0
+    for _ in range(config.implausible_reading_ticks - 1):
+        f.apply(START, glitch)
+    f.restart()  # a pause between runs, the arms not moved
+    f.apply(START, START)
+    for _ in range(config.implausible_reading_ticks):
+        out = f.apply(START, glitch)
+        assert out.flags == Intervention.IMPLAUSIBLE_READING and out.qpos[0] == START[0]
+
+
 def test_a_reading_that_stays_where_it_jumped_is_the_arms_pose_after_the_ticks_allowed() -> None:
     config = SafetyConfig()
     f = SafetyFilter(config)
