@@ -292,7 +292,9 @@ class ChunkExecutor:
         both, neither = None not in (num_ticks, duration_s), num_ticks is None and duration_s is None
         if both or (neither and until is None):
             raise ConfigError(f"executor.run: give num_ticks or duration_s, or until; got {num_ticks=} {duration_s=}")
+        check_integer("executor.run.num_ticks", num_ticks, 0, or_none=True)
         if duration_s is not None:
+            check_number("executor.run.duration_s", duration_s, 0, 1e9)  # 1e9 s: any run; its ticks are an int
             num_ticks = round(duration_s * self.config.control_rate_hz)
         now = self._clock()
         # A run that begins less than a period after its next tick's deadline runs that tick late, as the loop runs a

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cosmos_edge.runtime.checks import check_integer
+from cosmos_edge.runtime.checks import check_integer, check_number
 from cosmos_edge.runtime.errors import ConfigError, EngineError, InputError
 from cosmos_edge.runtime.policy.api import Observation
 
@@ -65,16 +65,14 @@ class AlohaSimRobot:
         *,
         steps_per_command: int = 1,
     ) -> None:
-        if steps_per_command < 1:
-            raise ConfigError(f"aloha_sim.steps_per_command: expected >= 1, got {steps_per_command}")
+        check_integer("aloha_sim.steps_per_command", steps_per_command, 1)
         self._env = env
         self._render = render_camera
         self._steps_per_command = steps_per_command
         self._qpos, self._top = self._unpack(first_observation)
         self._sim_steps = 0
         self.reward = 0.0
-        self.success = False
-        self.done = False  # terminated (task solved) or truncated (time limit); stepping still works
+        self.success = False  # solved at any step so far: the simulation reports it on the solving step only
 
     @classmethod
     def create(
@@ -88,6 +86,7 @@ class AlohaSimRobot:
         """Make and reset the gym-aloha env for `task` ("insertion" or "transfer_cube")."""
         if task not in SIM_TASKS:
             raise ConfigError(f"aloha_sim.task: unknown {task!r}; expected one of {sorted(SIM_TASKS)}")
+        check_number("aloha_sim.control_rate_hz", control_rate_hz, 0, SIM_RATE_HZ, above_low=True)
         steps = SIM_RATE_HZ / control_rate_hz
         if steps < 1 or steps != int(steps):
             raise ConfigError(f"aloha_sim.control_rate_hz: expected {SIM_RATE_HZ} Hz / integer, got {control_rate_hz}")
@@ -100,10 +99,10 @@ class AlohaSimRobot:
             raise EngineError(_start_failure(error)) from error
         try:
             observation, _ = env.reset(seed=seed)
+            physics = env.unwrapped._env.physics  # private: the only handle on the wrist cameras
         except Exception as error:
             env.close()
             raise EngineError(_start_failure(error)) from error
-        physics = env.unwrapped._env.physics  # private: the only handle on the wrist cameras
 
         def render_camera(name: str) -> np.ndarray:
             return physics.render(height=IMAGE_HEIGHT, width=IMAGE_WIDTH, camera_id=name)
@@ -128,11 +127,11 @@ class AlohaSimRobot:
     def command(self, qpos_target: np.ndarray) -> None:
         action = np.asarray(qpos_target, dtype=np.float32)
         for _ in range(self._steps_per_command):
-            observation, reward, terminated, truncated, info = self._env.step(action)
+            observation, reward, _, _, info = self._env.step(action)
             self._sim_steps += 1
             self.reward = float(reward)
-            self.success = bool(info.get("is_success", False))
-            self.done = self.done or bool(terminated or truncated)
+            # Terminated (solved) or truncated (the time limit) episodes still step: the run keeps its length.
+            self.success = self.success or bool(info.get("is_success", False))
         self._qpos, self._top = self._unpack(observation)
 
     def close(self) -> None:

@@ -24,22 +24,30 @@ def sim_obs(qpos: np.ndarray, shade: int = 0) -> dict[str, Any]:
 
 
 class FakeGymEnv:
-    def __init__(self, steps_to_truncate: int = 100) -> None:
+    def __init__(self, steps_to_truncate: int = 100, solved_at: int = 0) -> None:
         self.actions: list[np.ndarray] = []
         self.steps_to_truncate = steps_to_truncate
+        self.solved_at = solved_at  # the step that solves the task (gym-aloha says so on that step only)
         self.closed = False
 
     def step(self, action: np.ndarray) -> tuple[Mapping[str, Any], float, bool, bool, Mapping[str, Any]]:
         self.actions.append(action)
         n = len(self.actions)
-        return sim_obs(action.astype(np.float64), shade=n), float(n), False, n >= self.steps_to_truncate, {}
+        info = {"is_success": n == self.solved_at}
+        return (
+            sim_obs(action.astype(np.float64), shade=n),
+            float(n),
+            n == self.solved_at,
+            n >= self.steps_to_truncate,
+            info,
+        )
 
     def close(self) -> None:
         self.closed = True
 
 
 def test_adapter_maps_cameras_and_holds_commands_per_sim_step() -> None:
-    env = FakeGymEnv(steps_to_truncate=4)
+    env = FakeGymEnv(steps_to_truncate=4, solved_at=3)
     rendered: list[str] = []
 
     def render(name: str) -> np.ndarray:
@@ -58,16 +66,23 @@ def test_adapter_maps_cameras_and_holds_commands_per_sim_step() -> None:
     np.testing.assert_allclose(robot.current_qpos(), target, atol=1e-6)
     assert robot.observe().images["cam_high"][0, 0, 0] == 2  # the top image of the last sim step
     assert robot.sim_time_ns() == 40_000_000
-    assert (robot.reward, robot.done) == (2.0, False)
-    robot.command(target)
-    assert robot.done
+    assert (robot.reward, robot.success) == (2.0, False)
+    robot.command(target)  # solved on its first step, stepped on after
+    assert (robot.reward, robot.success) == (4.0, True)
     robot.close()
     assert env.closed
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"task": "stack"}, "aloha_sim.task"), ({"control_rate_hz": 30.0}, "control_rate_hz")],
+    [
+        ({"task": "stack"}, "aloha_sim.task"),
+        ({"control_rate_hz": 30.0}, "control_rate_hz"),
+        ({"control_rate_hz": 0.0}, "aloha_sim.control_rate_hz"),
+        ({"control_rate_hz": float("nan")}, "aloha_sim.control_rate_hz"),
+        ({"control_rate_hz": "25"}, "aloha_sim.control_rate_hz"),
+        ({"control_rate_hz": True}, "aloha_sim.control_rate_hz"),
+    ],
 )
 def test_create_rejects_bad_arguments_before_importing(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):

@@ -601,6 +601,12 @@ def test_run_by_duration_and_argument_checks() -> None:
         executor.run()
     with pytest.raises(ConfigError, match="num_ticks or duration_s"):
         executor.run(3, duration_s=1.0)
+    for bad in (-5, 2.5, True):
+        with pytest.raises(ConfigError, match=r"executor\.run\.num_ticks"):
+            executor.run(bad)  # type: ignore[arg-type]
+    for bad_s in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match=r"executor\.run\.duration_s"):
+            executor.run(duration_s=bad_s)
 
 
 @pytest.mark.parametrize(
