@@ -357,7 +357,7 @@ class ChunkExecutor:
         if self._resumes != self._resumes_applied:
             self._resumes_applied, resume_of = self._resumes, self._resume_of
             if resume_of == self._stops:
-                self._safety.reset()
+                self._safety.clear_stop()
                 if self._stops != resume_of:  # a stop came while the latch was being cleared: it stands
                     self._safety.stop(self._stop_reason)
                 else:  # requests captured before this tick answered the pre-stop situation

@@ -234,7 +234,7 @@ class SafetyFilter:
         self._joint_mask = np.ones(config.dims, dtype=bool)
         self._joint_mask[list(config.gripper_indices)] = False
         # A plain flag, not an Event: `stop` may run in a signal handler, which must take no lock the interrupted
-        # code (`reset`, on the same thread) could hold.
+        # code (`clear_stop`, on the same thread) could hold.
         self._stopped = False
         self._stop_reason, self._stop_announced = "", False
         self._last: np.ndarray | None = None  # last command sent; None until the first command
@@ -272,7 +272,7 @@ class SafetyFilter:
         )
 
     def stop(self, reason: str) -> None:
-        """Latch a stop: every later command holds position until `reset`. Sets flags only (a signal handler may
+        """Latch a stop: every later command holds position until `clear_stop`. Sets flags only (a signal handler may
         call it); the latch is logged by `announce_stop`, on the control thread."""
         if not self._stopped:
             self._stop_reason, self._stop_announced = reason, False
@@ -283,7 +283,7 @@ class SafetyFilter:
         if self._stopped and not self._stop_announced:
             self._stop_announced = True
             _LOG.warning(
-                "safety: stop latched (%s); holding position until reset or the end of the run", self._stop_reason
+                "safety: stop latched (%s); holding position until cleared or the end of the run", self._stop_reason
             )
 
     def restart(self) -> None:
@@ -296,7 +296,7 @@ class SafetyFilter:
         self._rate_limited_run = 0
         self._reading = None  # the rig may have moved the arms: their next reading is no jump
 
-    def reset(self) -> None:
+    def clear_stop(self) -> None:
         """Clear the stop latch. The hold pose stays the last command: the measured pose would let the grippers go
         (they measure finger position, and grip by being commanded past it) and the arms sag."""
         if self._stopped:

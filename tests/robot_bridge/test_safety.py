@@ -240,7 +240,7 @@ def test_a_run_of_rate_limited_policy_targets_can_latch_a_stop() -> None:
         assert Intervention.RATE_LIMITED in out.flags and f.stopped == (tick == 2)
         measured = out.qpos
     assert f.apply(far(measured), measured).flags == Intervention.STOPPED  # held from then on, until reset
-    f.reset()
+    f.clear_stop()
     for _ in range(2):  # the count starts again after a stop, and a hold ends a run
         assert f.apply(far(measured), measured).flags == Intervention.RATE_LIMITED
     f.apply(None, measured)
