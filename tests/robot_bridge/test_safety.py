@@ -253,13 +253,13 @@ def test_a_run_of_rate_limited_policy_targets_can_latch_a_stop() -> None:
         SafetyConfig(stop_after_rate_limited_ticks=0)
 
 
-def test_a_reset_starts_the_run_of_rate_limited_targets_again() -> None:
+def test_clearing_the_stop_starts_the_run_of_rate_limited_targets_again() -> None:
     f = SafetyFilter(SafetyConfig(stop_after_rate_limited_ticks=3))
     far = START + 0.5 * np.eye(14)[0]
     for _ in range(2):
         f.apply(far, START)
     f.stop("operator")
-    f.reset()  # within one period: no stopped tick in between
+    f.clear_stop()  # within one period: no stopped tick in between
     for _ in range(2):
         f.apply(far, START)
     assert not f.stopped  # 2 in a row since the reset, not 4
@@ -304,7 +304,7 @@ def test_non_finite_measurement_holds_last_command(caplog: pytest.LogCaptureFixt
     np.testing.assert_allclose(f.apply(START + 0.05, START).qpos, START + 0.05)  # a valid reading: it moves again
 
 
-def test_stop_latches_until_reset() -> None:
+def test_stop_latches_until_cleared() -> None:
     f = SafetyFilter(SafetyConfig())
     sent = f.apply(START + 0.1, START).qpos
     f.stop("operator")
@@ -313,7 +313,7 @@ def test_stop_latches_until_reset() -> None:
         out = f.apply(START + 0.12, START + 0.1)
         assert out.flags == Intervention.STOPPED
         np.testing.assert_array_equal(out.qpos, sent)
-    f.reset()
+    f.clear_stop()
     assert not f.stopped
     np.testing.assert_array_equal(f.apply(None, START + 0.08).qpos, sent)  # the last command still holds
     out = f.apply(START + 0.12, START + 0.1)
