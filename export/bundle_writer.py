@@ -57,7 +57,7 @@ from cosmos_edge.runtime.engines.graph import (
 from cosmos_edge.runtime.errors import BundleError, CheckpointError, ConfigError, EngineError
 from cosmos_edge.runtime.files import exclusive_lock, same_file
 from cosmos_edge.runtime.models.checkpoint_io import non_finite_tensors
-from cosmos_edge.runtime.models.dit_checkpoint import dit_checkpoint_config, load_dit
+from cosmos_edge.runtime.models.dit_checkpoint import dit_checkpoint_config, dit_non_finite_parameters, load_dit
 from cosmos_edge.runtime.models.dtypes import TORCH_DTYPES
 from cosmos_edge.runtime.models.vae_checkpoint import load_wan_vae
 from cosmos_edge.runtime.platforms import PlatformSpec, platform_spec
@@ -249,6 +249,8 @@ def _write_contents(request: ExportRequest, root: Path) -> BundleManifest:
         if checkpoint is not None:
             dit_text_dim = dit_checkpoint_config(checkpoint).text_dim
             text_store.check_fits_dit(texts, f"text_embeddings: {request.text_embeddings}", checkpoint, dit_text_dim)
+            dtype = TORCH_DTYPES[request.precision]
+            _refuse_non_finite(dit_non_finite_parameters(checkpoint, dtype), checkpoint, request.precision)
     dits = 2 if request.planning_checkpoint is not None else 1
     # Per DiT: a graph per batch size and its text-K/V graph; the VAE: the cameras encoder, + two for future images.
     writer = _GraphWriter(root, dits * (len(request.batch_sizes) + 1) + (3 if request.future_images else 1))
@@ -291,8 +293,7 @@ def _export_dit_graphs(
 ) -> dict[str, object]:
     """The DiT's text-K/V graph and one DiT graph per batch size; returns the DiT configuration. The network is
     freed before returning."""
-    dit = load_dit(checkpoint, TORCH_DTYPES[request.precision])
-    _refuse_non_finite(dit, checkpoint, request.precision)
+    dit = load_dit(checkpoint, TORCH_DTYPES[request.precision])  # its weights were checked by `_write_contents`
     _, text_tokens, text_dim = text_shape
     text_kv = dit.config.text_kv_shape(text_tokens)
     writer.add(
@@ -309,7 +310,8 @@ def _export_dit_graphs(
 def _export_vae_graphs(request: ExportRequest, platform: PlatformSpec, writer: _GraphWriter) -> dict[str, object]:
     """The VAE's graphs; returns its configuration. The network is freed on return."""
     vae = load_wan_vae(request.tokenizer, TORCH_DTYPES[vae_graph_precision(request.precision)])
-    _refuse_non_finite(vae, request.tokenizer, vae_graph_precision(request.precision))
+    bad = non_finite_tensors(dict(vae.state_dict()))
+    _refuse_non_finite(bad, request.tokenizer, vae_graph_precision(request.precision))
     cameras = partial(export_vae_cameras_encoder, vae, platform)
     writer.add("vae_encoder_cameras", vae_encoder_graph(platform, False), cameras)
     if request.future_images:
@@ -318,10 +320,10 @@ def _export_vae_graphs(request: ExportRequest, platform: PlatformSpec, writer: _
     return asdict(vae.config)
 
 
-def _refuse_non_finite(network: torch.nn.Module, path: Path, precision: str) -> None:
-    """A network whose weights hold NaN or infinity (in the file, or past the range of `precision`) answers every
-    query with NaN: refused before minutes of export, rather than found once its bundle is deployed."""
-    if bad := non_finite_tensors(dict(network.state_dict())):
+def _refuse_non_finite(bad: list[str], path: Path, precision: str) -> None:
+    """A network whose weights hold NaN or infinity (`bad`: in the file, or past the range of `precision`) answers
+    every query with NaN: refused before minutes of export, rather than found once its bundle is deployed."""
+    if bad:
         where = (
             "`cosmos-edge checkpoint inspect` lists those of the file"
             if precision == "fp32"

@@ -363,6 +363,13 @@ def dit_checkpoint_config(path: str | Path) -> DiTConfig:
     return _read_checked(Path(path))[1]
 
 
+def dit_non_finite_parameters(path: str | Path, dtype: torch.dtype) -> list[str]:
+    """The parameters of a DiT file or diffusers directory (official names, sorted) that hold NaN or infinity once
+    in `dtype`: one pass over the weights, a tensor at a time, without building the network."""
+    params = _read_checked(Path(path))[0].params
+    return sorted(name for name, tensor in params.items() if non_finite_tensors({name: tensor.to(dtype)}))
+
+
 def _read_checked(path: Path) -> tuple[_Canonical, DiTConfig]:
     """The checkpoint's tensors by canonical name and the configuration they (and a diffusers config.json) give."""
     known: dict[str, Any] = {}

@@ -309,9 +309,14 @@ def test_a_request_for_batch_sizes_nothing_could_serve_is_refused(
         ExportRequest(missing, missing, missing, missing, "aloha", tmp_path / "b", batch_sizes=sizes)
 
 
-def test_weights_holding_nan_are_refused_and_leave_no_bundle(
-    tiny_assets: dict[str, CheckpointFiles], tmp_path: Path
+@pytest.mark.parametrize("role", ["checkpoint", "planning_checkpoint"])
+def test_weights_holding_nan_are_refused_before_any_graph_and_leave_no_bundle(
+    tiny_assets: dict[str, CheckpointFiles], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, role: str
 ) -> None:
+    def never(*args: object) -> None:
+        raise AssertionError("exported a graph before refusing the weights")
+
+    monkeypatch.setattr(bundle_writer, "export_vae_cameras_encoder", never)
     files = tiny_assets["libero"]
     state = torch.load(files.checkpoint, weights_only=True)
     key = "net.final_layer.linear.weight"
@@ -321,7 +326,7 @@ def test_weights_holding_nan_are_refused_and_leave_no_bundle(
     out = tmp_path / "bundle"
     named = r"nan\.pt: 1 parameter\(s\) hold NaN or infinity in fp32 \(first: final_layer"
     with pytest.raises(CheckpointError, match=named):
-        export_bundle(request(files, out, checkpoint=tmp_path / "nan.pt"))
+        export_bundle(request(files, out, **{role: tmp_path / "nan.pt"}))
     assert not out.exists()
 
 
