@@ -1,7 +1,8 @@
 """The network interfaces of `policy/api.py` over GraphRunners, on any engine backend (ONNX Runtime, TensorRT).
 
 Graphs have static shapes, so each adapter holds one runner per shape it serves and picks it by the input shape:
-DiTs by batch size, and a DiT batch of another size runs as slices of the sizes loaded (`batch_slices`). Input and
+DiTs by batch size (batch 1 among them, as every bundle has it), and a DiT batch of another size runs as slices of
+the sizes loaded (`batch_slices`). Input and
 output names come from each runner's GraphSpec. The adapters use their runners; whoever opened them closes them (the
 loader, `runtime/bundle/loader.py`).
 """
@@ -100,6 +101,8 @@ class GraphDenoisingNetwork:
             )
         self._text_kv = text_kv
         self._runners = {runner.spec.inputs[0].shape[0]: runner for runner in runners}
+        if 1 not in self._runners:  # what makes a batch of any size a sum of the sizes loaded
+            raise EngineError(f"DiT graphs: expected batch 1 among them, got batches {sorted(self._runners)}")
         # One call at a time: runners own their I/O buffers, and a planning worker stopped by its deadline may still
         # be in its last call when the next query starts.
         self._calling = threading.Lock()
@@ -138,9 +141,8 @@ class GraphDenoisingNetwork:
             if x.shape[0] in self._runners:
                 return run(x.shape[0], (x, timesteps, condition_mask))
             outputs = []
-            for start, stop, batch in batch_slices(x.shape[0], self.batch_sizes):
-                inputs = tuple(_pad_rows(array[start:stop], batch) for array in (x, timesteps, condition_mask))
-                outputs.append(run(batch, inputs)[: stop - start])
+            for start, stop in batch_slices(x.shape[0], self.batch_sizes):
+                outputs.append(run(stop - start, (x[start:stop], timesteps[start:stop], condition_mask[start:stop])))
             return np.concatenate(outputs)
 
         return network
@@ -158,20 +160,13 @@ class GraphDenoisingNetwork:
         self._resident_text = digest
 
 
-def batch_slices(size: int, available: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(start, stop, graph batch) covering `size` rows: the largest loaded batch that fits, repeatedly; a remainder
-    smaller than every loaded batch runs padded in the smallest."""
+def batch_slices(size: int, available: Sequence[int]) -> list[tuple[int, int]]:
+    """(start, stop) covering `size` rows, each slice as many rows as the largest loaded batch that fits (`available`
+    holds 1)."""
     sizes = sorted(available, reverse=True)
     slices, start = [], 0
     while start < size:
-        batch = next((b for b in sizes if b <= size - start), sizes[-1])
-        slices.append((start, min(start + batch, size), batch))
+        batch = next(b for b in sizes if b <= size - start)
+        slices.append((start, start + batch))
         start += batch
     return slices
-
-
-def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
-    """`array` with its last row repeated up to `rows` rows (padding whose outputs are dropped)."""
-    if array.shape[0] == rows:
-        return array
-    return np.concatenate([array, np.repeat(array[-1:], rows - array.shape[0], axis=0)])

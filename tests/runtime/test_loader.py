@@ -227,9 +227,14 @@ def test_dit_graphs_must_take_the_text_kv_graph_outputs() -> None:
 
 
 def test_batches_of_any_size_run_as_slices_of_the_loaded_sizes() -> None:
-    assert batch_slices(2, [1, 2]) == [(0, 2, 2)]
-    assert batch_slices(7, [1, 2, 4]) == [(0, 4, 4), (4, 6, 2), (6, 7, 1)]
-    assert batch_slices(5, [2, 4]) == [(0, 4, 4), (4, 5, 2)]  # the last row runs padded in a batch of 2
+    assert batch_slices(2, [1, 2]) == [(0, 2)]
+    assert batch_slices(7, [1, 2, 4]) == [(0, 4), (4, 6), (6, 7)]
+    assert batch_slices(5, [1, 4]) == [(0, 4), (4, 5)]
+
+
+def test_dit_graphs_without_batch_1_are_refused() -> None:
+    with pytest.raises(EngineError, match=r"DiT graphs: expected batch 1 among them, got batches \[2\]"):
+        GraphDenoisingNetwork(TextKVRunner(), [CountingRunner(2)])  # type: ignore[arg-type, list-item]
 
 
 def test_half_precision_bundle_stays_close(
