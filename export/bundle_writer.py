@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
+import glob
 import importlib.metadata
 import logging
 import os
@@ -205,7 +206,7 @@ def _remove_interrupted_exports(out: Path) -> None:
     writer's lock is free (the system frees it with the process; a pid may already belong to another one). Those of
     an export still running, or one younger than `_LOCK_GRACE_S` (its writer may not hold its lock yet), stay."""
     prefix = _staging_prefix(out)
-    for staging in sorted(out.parent.glob(f"{prefix}*")):
+    for staging in sorted(out.parent.glob(glob.escape(prefix) + "*")):
         pid, _, suffix = staging.name.removeprefix(prefix).partition("-")
         if not (pid.isdigit() and re.fullmatch(r"[a-z0-9_]{8}", suffix)):  # not a name mkdtemp gave an export
             continue

@@ -385,11 +385,13 @@ class Bundle:
             onnx, *external = [self.present(relative) for relative in record.files]
             engine_file = f"{ENGINES_DIR}/{entry['file']}"
             record_file = f"{ENGINES_DIR}/{PurePosixPath(entry['file']).with_suffix('.json')}"
-            if record_file in self.manifest.files:
-                self.file(record_file)
-                engine = self.present(engine_file)
-            else:  # no listed record to vouch for the engine's bytes: hashed here
-                engine = self.file(engine_file)
+            if record_file not in self.manifest.files:  # the record vouches for the engine's bytes
+                raise BundleError(
+                    f"{self.root / MANIFEST_NAME}: lists engine {engine_file} without its record {record_file}; "
+                    f"{_remedy(engine_file)}"
+                )
+            self.file(record_file)
+            engine = self.present(engine_file)
         # From the hashes just verified: a TensorRT backend need not read the graph's GBs again.
         digest = graph_files_digest(
             (PurePosixPath(relative).name, self.manifest.files[relative].sha256) for relative in record.files

@@ -60,7 +60,7 @@ class OrtTarget:
 
     @classmethod
     def parse(cls, device: str) -> OrtTarget:
-        match = re.fullmatch(r"(cpu|cuda|tensorrt)(?::(\d+))?", device)
+        match = re.fullmatch(r"(cpu|cuda|tensorrt)(?::([0-9]+))?", device)
         if match is None or (match[1] == "cpu" and match[2] is not None):
             raise ConfigError(f"device: expected 'cpu', 'cuda[:N]' or 'tensorrt[:N]' for onnxruntime, got {device!r}")
         return cls(match[1], int(match[2] or 0))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,10 +88,10 @@ if TYPE_CHECKING:  # mypy holds each backend module to its protocol (they are lo
 
 def cuda_index(device: str) -> int:
     """ "cuda" -> 0, "cuda:N" -> N: the device of a CUDA-only backend or command; ConfigError for anything else."""
-    kind, _, index = device.partition(":")
-    if kind != "cuda" or not (index == "" or index.isdecimal()):
+    match = re.fullmatch(r"cuda(?::([0-9]+))?", device)
+    if match is None:
         raise ConfigError(f"device: expected 'cuda' or 'cuda:N', got {device!r}")
-    return int(index or 0)
+    return int(match[1] or 0)
 
 
 @dataclass(frozen=True)

@@ -173,14 +173,15 @@ def test_a_new_export_removes_what_a_killed_one_left_but_not_a_running_ones(
     assert sorted(tmp_path.iterdir()) == sorted([running, starting, users])
 
 
-def test_a_refused_destination_still_loses_what_a_killed_export_to_it_left(tmp_path: Path) -> None:
-    killed = tmp_path / f".bundle.partial-{os.getpid()}-abcd1234"
+@pytest.mark.parametrize("name", ["bundle", "b[12]*"])  # glob's characters are a name's like any other
+def test_a_refused_destination_still_loses_what_a_killed_export_to_it_left(tmp_path: Path, name: str) -> None:
+    killed = tmp_path / f".{name}.partial-{os.getpid()}-abcd1234"
     (killed / "graphs").mkdir(parents=True)
     os.utime(killed, (time.time() - 3600, time.time() - 3600))
-    (tmp_path / "bundle").mkdir()
-    (tmp_path / "bundle" / "notes.txt").write_text("mine")
-    with pytest.raises(BundleError, match="bundle: already exists"):
-        prepare_bundle_path(tmp_path / "bundle")  # what `export` checks before it loads anything
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "notes.txt").write_text("mine")
+    with pytest.raises(BundleError, match=f"{re.escape(name)}: already exists"):
+        prepare_bundle_path(tmp_path / name)  # what `export` checks before it loads anything
     assert not killed.exists()
 
 

@@ -47,6 +47,21 @@ def test_a_bundle_that_lost_an_engine_opens_and_names_the_command_that_builds_it
         bundle.file("engines/dit_b1.engine")
 
 
+def test_an_engine_listed_without_its_record_is_refused(bundle_copy: Path) -> None:
+    engines = bundle_copy / "engines"
+    engines.mkdir()
+    (engines / "dit_b1.engine").write_bytes(b"an engine")
+
+    def ship_the_engine_alone(manifest: dict) -> None:
+        manifest["engines"]["dit_b1"] = {"file": "dit_b1.engine"}
+        record = manifest_module.file_record(engines / "dit_b1.engine")
+        manifest["files"]["engines/dit_b1.engine"] = {"sha256": record.sha256, "size": record.size}
+
+    edit_manifest(bundle_copy, ship_the_engine_alone)
+    with pytest.raises(BundleError, match=r"engines/dit_b1\.engine without its record engines/dit_b1\.json; build"):
+        Bundle.open(bundle_copy).graph_file("dit_b1", with_engine=True)
+
+
 def test_a_shipped_engine_is_vouched_for_by_its_record_and_its_onnx_is_not_hashed(
     bundle_copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -38,7 +38,7 @@ def test_targets_parse(device: str, expected: OrtTarget) -> None:
     assert OrtTarget.parse(device) == expected
 
 
-@pytest.mark.parametrize("device", ["gpu", "cpu:0", "cuda:x", ""])
+@pytest.mark.parametrize("device", ["gpu", "cpu:0", "cuda:x", "", "cuda:\u0663"])
 def test_bad_targets_are_named(device: str) -> None:
     with pytest.raises(ConfigError, match="device: expected 'cpu', 'cuda"):
         OrtTarget.parse(device)

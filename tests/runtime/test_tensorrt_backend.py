@@ -96,7 +96,7 @@ def test_old_tensorrt_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         require_tensorrt()
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda:x", "gpu:0"])
+@pytest.mark.parametrize("device", ["cpu", "cuda:x", "gpu:0", "cuda:", "cuda:\u0663"])
 def test_open_graph_needs_a_cuda_device(device: str) -> None:
     graph = cast(GraphFile, types.SimpleNamespace())  # refused before the graph is read
     with pytest.raises(ConfigError, match=rf"device: expected 'cuda' or 'cuda:N', got '{device}'"):
