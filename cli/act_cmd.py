@@ -158,6 +158,11 @@ def _act_on(args: argparse.Namespace) -> int:
             planning.check_seed(args.seed)
         except InputError as error:  # the query's field, given here by its flag
             raise ConfigError(f"--seed: {str(error).removeprefix(f'{error.field}: ')}") from None
+        if args.future_images and not planning.predicts_future_images:
+            raise ConfigError(
+                "--future-images: Q(s, a) planning without --ar-future-prediction predicts no future state, so it has "
+                "no future images (as officially); add --ar-future-prediction for the chosen candidate's"
+            )
         log_candidates(args, planning)
     with load_policies(
         source,

@@ -23,7 +23,7 @@ from cosmos_edge.cli import (
     text_embeddings_cmd,
 )
 from cosmos_edge.cli.flag_names import naming_the_file_flag
-from cosmos_edge.cli.planning_args import kebab_planning_flags
+from cosmos_edge.cli.official_flags import parseable_flags
 from cosmos_edge.cli.signals import sigterm_interrupts
 from cosmos_edge.robot_bridge.client import RemoteError
 from cosmos_edge.robot_bridge.wire import REQUEST_FAULTS, MessageError
@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     typed = list(sys.argv[1:] if argv is None else argv)
     try:
-        flags = kebab_planning_flags(typed)
+        flags = parseable_flags(typed)
     except ConfigError as error:
         _named_command_parser(parser, typed).error(str(error))
     args, unknown = parser.parse_known_args(flags)

@@ -96,66 +96,34 @@ class _GivenOnce(argparse.Action):
             setattr(namespace, _TYPED, {**getattr(namespace, _TYPED, {}), self.dest: option_string})
 
 
-_BOOLEANS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
-
-
-def kebab_planning_flags(argv: Sequence[str]) -> list[str]:
-    """`argv` with the planning options in their official draccus spellings (`--num_queries_best_of_n 8`,
-    `--ar_value_prediction True`, `--search_depth=3`) rewritten as the flags that parse them (`--num-queries-best-of-n
-    8`, `--ar-value-prediction`, `--search-depth=3`), so that an official command's planning flags can be pasted as
-    they are. A boolean's value other than True or False (or yes/no, 1/0) is refused (`ConfigError`), naming the flag
-    as given."""
-    is_boolean = {field.name: field.type == "bool" for field in _FIELDS if "_" in field.name}  # by official name
-    rewritten: list[str] = []
-    position = 0
-    while position < len(argv):
-        token = argv[position]
-        position += 1
-        if token == "--":  # what follows is no option
-            return [*rewritten, token, *argv[position:]]
-        name, equals, value = token.partition("=")
-        field = name[2:] if name.startswith("--") else ""
-        if field not in is_boolean:
-            rewritten.append(token)
-            continue
-        flag = _flag(field)
-        if not is_boolean[field]:
-            rewritten.append(flag + equals + value)
-            continue
-        if not equals:  # `--ar_value_prediction True`, or the flag alone (True)
-            following = argv[position] if position < len(argv) else ""
-            value = "True"
-            if following.lower() in _BOOLEANS or (following and not following.startswith("-")):
-                value, position = following, position + 1
-        known = _BOOLEANS.get(value.lower())
-        if known is None:
-            raise ConfigError(f"{name}: expected True or False after it (or {flag} / --no-{flag[2:]}), got {value!r}")
-        rewritten.append(flag if known else "--no-" + flag[2:])
-    return rewritten
-
-
 def planning_config(args: argparse.Namespace, **replaced: object) -> PlanningConfig:
     """The preset with every planning flag the user gave (and `replaced`) applied; an error names the flags."""
     given = {field.name: getattr(args, field.name) for field in _FIELDS if getattr(args, field.name) is not None}
     try:
         config = planning_preset(_preset(args), **(given | replaced))
     except ConfigError as error:
-        message = str(error)
-        for field in _FIELDS:
-            message = re.sub(rf"\b{field.name}\b", _typed_flag(args, field.name), message)
-        raise ConfigError(message) from None
-    if "value_ensemble_aggregation_scheme" in given and not config.pools_value_ensemble:
+        raise ConfigError(_as_typed(args, str(error))) from None
+    by_reason: dict[str, list[str]] = {}
+    for name, why in config.unused_options().items():
+        if name in given and given[name] is not False:  # an option turned off that could do nothing on: as meant
+            by_reason.setdefault(_as_typed(args, why), []).append(_typed_flag(args, name))
+    if by_reason:  # one line for all: an official command pasted whole may hold several
         _LOG.warning(
-            "--value-ensemble-aggregation-scheme %s has no effect: no value ensemble is pooled (it needs "
-            "--use-ensemble-value-predictions and --ar-value-prediction or --ar-qvalue-prediction)",
-            config.value_ensemble_aggregation_scheme.value,
-        )
-    if given.get("ar_qvalue_prediction") and config.ar_value_prediction:
-        _LOG.warning(
-            "--ar-qvalue-prediction has no effect: --ar-value-prediction is on (the preset's, or given), and V(s') "
-            "ranks first, as officially; add --no-ar-value-prediction for Q(s, a) planning"
+            "%s (with preset %s and the flags given)",
+            "; ".join(
+                f"{', '.join(flags)} {'has' if len(flags) == 1 else 'have'} no effect: {why}"
+                for why, flags in by_reason.items()
+            ),
+            _preset(args),
         )
     return config
+
+
+def _as_typed(args: argparse.Namespace, message: str) -> str:
+    """`message` with each planning option's field name replaced by its flag, as the command line spelled it."""
+    for field in _FIELDS:
+        message = re.sub(rf"\b{field.name}\b", _typed_flag(args, field.name), message)
+    return message
 
 
 def _preset(args: argparse.Namespace) -> str:

@@ -215,7 +215,7 @@ class PlanningPolicy(ModelPolicy):
         steps = denoising_steps(query, self._action_steps())
         timer = StageTimer()
         # Future images are decoded over the placeholder latents of the whole sequence, as the official code does.
-        full = self._encode_full_sequence or query.return_future_images
+        full = self._encode_full_sequence or (query.return_future_images and self._config.predicts_future_images)
         encoded = encode_observation(self._model, query.observation, timer, full_sequence=full)
         try:
             if self._closing.is_set():  # closed while the observation encoded: no worker may start
@@ -243,11 +243,11 @@ class PlanningPolicy(ModelPolicy):
         its predicted states, combined by `future_state_ensemble_aggregation_scheme`, when a world model ran; else
         its action pass's own; none for Q(s, a) planning without `ar_future_prediction`."""
         config = self._config
+        if not config.predicts_future_images:
+            return None
         chosen = ranked.latents[ranked.chosen : ranked.chosen + 1]
         states = ranked.chosen_states
         if config.ar_qvalue_prediction and not config.ar_value_prediction:
-            if not config.ar_future_prediction:
-                return None
             # The official server runs every candidate's world-model passes here only for the images it returns (the
             # Q value ranks): the chosen candidate's passes, run now, give the same images.
             search = self._search(self._workers[0], query, [query.seed + ranked.chosen], steps)

@@ -124,6 +124,56 @@ class PlanningConfig:
         return self.scores_with_planning_model and self.use_ensemble_value_predictions
 
     @property
+    def predicts_future_images(self) -> bool:
+        """Whether a query asking for future images gets any: not from Q(s, a) planning without a world model, whose
+        passes predict no state (deploy.py 388-423 returns none)."""
+        return self.ar_value_prediction or self.ar_future_prediction or not self.ar_qvalue_prediction
+
+    def unused_options(self) -> dict[str, str]:
+        """The options whose values cannot change what this configuration computes, each with why (for a warning:
+        a flag that does nothing is likely a misunderstanding)."""
+        unused: dict[str, str] = {}
+
+        def mark(names: tuple[str, ...], why: str) -> None:
+            for name in names:
+                unused.setdefault(name, why)
+
+        future = ("use_ensemble_future_state_predictions", "num_future_state_predictions_in_ensemble")
+        future_scheme, future_steps = (
+            ("future_state_ensemble_aggregation_scheme",),
+            ("num_denoising_steps_future_state",),
+        )
+        one_member = "an ensemble of one takes 1 step (the official linspace(1, steps, 1))"
+        if not self.ar_future_prediction:
+            mark(future + future_scheme + future_steps, "no world-model pass runs (ar_future_prediction is off)")
+        elif not self.use_ensemble_future_state_predictions:
+            mark(future[1:] + future_scheme, "use_ensemble_future_state_predictions is off")
+        elif self.num_future_state_predictions_in_ensemble == 1:
+            mark(future_steps, one_member)
+        values = ("use_ensemble_value_predictions", "num_value_predictions_in_ensemble")
+        value_scheme, value_steps = ("value_ensemble_aggregation_scheme",), ("num_denoising_steps_value",)
+        masks = ("mask_current_state_action_for_value_prediction", "mask_future_state_for_qvalue_prediction")
+        if not self.scores_with_planning_model:
+            why = (
+                "candidates are ranked by their own action pass (ar_value_prediction and ar_qvalue_prediction are off)"
+            )
+            mark(values + value_scheme + value_steps + masks, why)
+        else:
+            if not self.use_ensemble_value_predictions:
+                mark(values[1:] + value_scheme, "use_ensemble_value_predictions is off")
+            elif self.num_value_predictions_in_ensemble == 1:
+                mark(value_steps, one_member)
+            if self.ar_value_prediction:
+                v_ranks = "V(s') ranks (ar_value_prediction is on), first, as officially"
+                mark(("ar_qvalue_prediction",), v_ranks)
+                mark(masks[1:], f"it masks Q(s, a) passes, and {v_ranks}")
+            else:
+                mark(masks[:1], "it masks V(s') passes, and ar_value_prediction is off")
+        if self.search_depth == 1:
+            mark(("search_depth_value_aggregation_scheme",), "search_depth is 1")
+        return unused
+
+    @property
     def value_mode(self) -> ConditioningMode:
         """The conditioning of a value pass: V(s') or V(s, a, s') after a world-model pass, else Q(s, a)."""
         if self.ar_value_prediction:

@@ -279,6 +279,21 @@ CASES: dict[str, Case] = {
         act(f, t, observation_path=f.tokenizer),
         f"error: observation: {f.tokenizer}: a zip archive (a PyTorch checkpoint?), not an .npz of arrays",
     ),
+    "future images of Q(s, a) planning without a world model": lambda f, t: (
+        act(
+            f,
+            t,
+            "--mode",
+            "planning",
+            "--planning-preset",
+            "base",
+            "--ar-qvalue-prediction",
+            "--future-images",
+            "--out",
+            str(t / "result.npz"),
+        ),
+        "--future-images: Q(s, a) planning without --ar-future-prediction predicts no future state",
+    ),
     "steps given twice in planning": lambda f, t: (
         act(f, t, "--mode", "planning", "--steps", "3", "--num-denoising-steps-action", "5"),
         "--steps: in planning mode it is --num-denoising-steps-action",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 from importlib import metadata
 from pathlib import Path
 
@@ -13,12 +14,13 @@ import pytest
 
 from cosmos_edge.cli import keys_cmd
 from cosmos_edge.cli import main as cli_main
-from cosmos_edge.cli.planning_args import add_planning_arguments, kebab_planning_flags, planning_config
+from cosmos_edge.cli.official_flags import parseable_flags
+from cosmos_edge.cli.planning_args import add_planning_arguments, planning_config
 from cosmos_edge.runtime.bundle.loader import planning_candidates
 from cosmos_edge.runtime.bundle.sources import BundleSource, CheckpointSource
 from cosmos_edge.runtime.errors import ConfigError
 from cosmos_edge.runtime.files import CheckpointFiles
-from cosmos_edge.runtime.policy.planning_config import PRESETS
+from cosmos_edge.runtime.policy.planning_config import PRESETS, planning_preset
 from tests.helpers.observations import TinyBundles, random_observation
 
 
@@ -165,7 +167,64 @@ def test_q_value_planning_under_a_value_function_is_warned_of(
     assert len(warned) == int(ignored)
 
 
-# The planning flags of deploy.py's main planning command (its lines 74-94), as an official user types them.
+def test_every_planning_flag_that_cannot_change_the_result_is_named_in_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    parser = argparse.ArgumentParser()
+    add_planning_arguments(parser)
+    flags = ["--planning-preset", "base", "--num-candidates", "4", "--use-ensemble-value-predictions"]
+    flags += ["--num-value-predictions-in-ensemble", "5", "--value-ensemble-aggregation-scheme", "average"]
+    flags += ["--search-depth-value-aggregation-scheme", "average", "--num-denoising-steps-value", "9"]
+    with caplog.at_level(logging.WARNING):
+        planning_config(parser.parse_args(flags))
+    (warned,) = [record.getMessage() for record in caplog.records if "no effect" in record.getMessage()]
+    ranked_by_action = (
+        "--use-ensemble-value-predictions, --num-value-predictions-in-ensemble, --value-ensemble-aggregation-scheme, "
+        "--num-denoising-steps-value have no effect: candidates are ranked by their own action pass "
+        "(--ar-value-prediction and --ar-qvalue-prediction are off)"
+    )
+    assert ranked_by_action in warned
+    assert "--search-depth-value-aggregation-scheme has no effect: --search-depth is 1" in warned
+    assert "--num-candidates" not in warned
+
+
+_MAIN_UNUSED = {
+    "ar_qvalue_prediction",
+    "mask_future_state_for_qvalue_prediction",
+    "search_depth_value_aggregation_scheme",
+}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "unused"),
+    [
+        ({}, _MAIN_UNUSED),  # V(s') ranks, one level deep
+        ({"search_depth": 3}, _MAIN_UNUSED - {"search_depth_value_aggregation_scheme"}),
+        (
+            {"use_ensemble_future_state_predictions": False},
+            _MAIN_UNUSED | {"num_future_state_predictions_in_ensemble", "future_state_ensemble_aggregation_scheme"},
+        ),
+        ({"num_value_predictions_in_ensemble": 1}, _MAIN_UNUSED | {"num_denoising_steps_value"}),
+        (
+            {"ar_value_prediction": False, "ar_qvalue_prediction": True},
+            {"mask_current_state_action_for_value_prediction", "search_depth_value_aggregation_scheme"},
+        ),
+    ],
+)
+def test_unused_options_of_planning_configurations(overrides: dict[str, object], unused: set[str]) -> None:
+    assert set(planning_preset("main", **overrides).unused_options()) == unused
+
+
+def test_a_flag_turned_off_that_could_do_nothing_on_is_not_warned_of(caplog: pytest.LogCaptureFixture) -> None:
+    parser = argparse.ArgumentParser()
+    add_planning_arguments(parser)
+    with caplog.at_level(logging.WARNING):  # as the official main command has it
+        planning_config(parser.parse_args(["--no-ar-qvalue-prediction"]))
+    assert not [record for record in caplog.records if "no effect" in record.getMessage()]
+
+
+# deploy.py's main planning command from its first planning flag on (its lines 74-94, but --seed 195, a flag of `act`
+# and `serve` themselves), as an official user types them.
 OFFICIAL_MAIN_PLANNING_FLAGS = [
     "--ar_future_prediction",
     "True",
@@ -173,12 +232,18 @@ OFFICIAL_MAIN_PLANNING_FLAGS = [
     "True",
     "--ar_qvalue_prediction",
     "False",
+    "--use_jpeg_compression",  # the settings deploy.py's command interleaves with them: dropped as computed
+    "False",
+    "--flip_images",
+    "False",
     "--num_denoising_steps_action",
     "10",
     "--num_denoising_steps_future_state",
     "5",
     "--num_denoising_steps_value",
     "5",
+    "--deterministic",
+    "True",
     "--search_depth",
     "1",
     "--value_ensemble_aggregation_scheme",
@@ -187,6 +252,8 @@ OFFICIAL_MAIN_PLANNING_FLAGS = [
     "False",
     "--num_queries_best_of_n",
     "8",
+    "--use_parallel_inference",
+    "True",
     "--use_ensemble_value_predictions",
     "True",
     "--num_value_predictions_in_ensemble",
@@ -205,7 +272,7 @@ OFFICIAL_MAIN_PLANNING_FLAGS = [
 def test_official_planning_flags_over_the_deploy_defaults_give_the_main_preset() -> None:
     parser = argparse.ArgumentParser()
     add_planning_arguments(parser)
-    flags = kebab_planning_flags(["--planning-preset", "deploy-defaults", *OFFICIAL_MAIN_PLANNING_FLAGS])
+    flags = parseable_flags(["--planning-preset", "deploy-defaults", *OFFICIAL_MAIN_PLANNING_FLAGS])
     assert planning_config(parser.parse_args(flags)) == dataclasses.replace(
         PRESETS["main"], num_denoising_steps_action=10
     )
@@ -217,14 +284,55 @@ def test_official_planning_flags_over_the_deploy_defaults_give_the_main_preset()
         "--randomize_seed",
         "0",
     ]
-    assert kebab_planning_flags(spellings) == [
+    assert parseable_flags(spellings) == [
         "--no-ar-value-prediction",
         "--ar-future-prediction",  # a boolean alone is True
         "--search-depth",
         "2",
         "--no-randomize-seed",
     ]
-    assert kebab_planning_flags(["--task", "--search_depth", "--", "--search_depth"])[-1] == "--search_depth"
+    assert parseable_flags(["--task", "--search_depth", "--", "--search_depth"])[-1] == "--search_depth"
+
+
+def test_the_settings_around_an_official_commands_planning_flags_are_accepted_as_cosmos_edge_computes_them() -> None:
+    # deploy.py's main planning command interleaves these with its planning flags (its lines 78-88).
+    settings = ["--use_jpeg_compression", "False", "--flip_images", "False", "--deterministic", "True"]
+    settings += ["--use_parallel_inference", "True", "--chunk_size", "50", "--trained_with_image_aug=True"]
+    assert parseable_flags([*settings, "--seed", "195", "--search_depth", "3"]) == [
+        "--seed",
+        "195",
+        "--search-depth",
+        "3",
+    ]
+    # A kebab-case boolean takes True or False after it as its official spelling does.
+    assert parseable_flags(["--use-ensemble-value-predictions", "False", "--ar-value-prediction=yes"]) == [
+        "--no-use-ensemble-value-predictions",
+        "--ar-value-prediction",
+    ]
+    assert parseable_flags(["--ar-value-prediction", "obs.npz"]) == ["--ar-value-prediction", "obs.npz"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--use_jpeg_compression", "True"],
+            "--use_jpeg_compression True: an official deploy.py setting; cosmos-edge "
+            "computes the official ALOHA pipeline, that is --use_jpeg_compression False",
+        ),
+        (["--num_open_loop_steps=25"], "that is --num_open_loop_steps 50"),
+        (
+            ["--ckpt_path", "nvidia/Cosmos-Policy-ALOHA-Predict2-2B"],
+            "--ckpt_path: an official deploy.py option; cosmos-edge takes it as --checkpoint, the DiT's .pt file",
+        ),
+        (["--use_parallel_inference", "maybe"], "--use_parallel_inference: expected True or False after it"),
+    ],
+)
+def test_official_settings_cosmos_edge_does_not_compute_or_takes_otherwise_are_refused_by_name(
+    flags: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parseable_flags(flags)
 
 
 @pytest.mark.parametrize(
@@ -241,10 +349,10 @@ def test_official_planning_flags_are_checked_as_their_kebab_names(
     parser = argparse.ArgumentParser()
     add_planning_arguments(parser)
     if named is None:  # both spellings of one flag: the last wins, as for any flag given twice
-        assert parser.parse_args(kebab_planning_flags(flags)).value_ensemble_aggregation_scheme == "average"
+        assert parser.parse_args(parseable_flags(flags)).value_ensemble_aggregation_scheme == "average"
         return
     with pytest.raises(SystemExit):
-        parser.parse_args(kebab_planning_flags(flags))
+        parser.parse_args(parseable_flags(flags))
     assert named in capsys.readouterr().err
 
 

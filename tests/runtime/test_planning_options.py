@@ -624,6 +624,14 @@ def test_future_images_of_a_plan_ranked_by_its_own_pass_are_that_passs() -> None
         np.testing.assert_array_equal(image, future_image_frames(ALOHA, decoded[0])[camera])
 
 
+def test_q_value_planning_without_a_world_model_has_no_future_images_and_encodes_no_whole_clip() -> None:
+    policy, _ = planner(Q_VALUE_ONLY)  # its autoencoder refuses a whole-clip encode
+    assert not Q_VALUE_ONLY.predicts_future_images
+    with contextlib.closing(policy):
+        query = ActionQuery(random_observation("aloha"), "task", seed=BASE_SEED, return_future_images=True)
+        assert policy.infer(query).future_images is None
+
+
 class CallRecorder:
     """Records the batch size and thread of every call of its bound network."""
 
