@@ -78,7 +78,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    require_extra("text-embeddings embed", "torch", "torch")
+    require_extra("text-embeddings embed", "t5", "torch", "transformers")  # before the device: both are needed
     from cosmos_edge.runtime.models import text_encoder  # torch and transformers: only this command needs them
 
     out = writable_file("--out", Path(args.out), replace=False)  # before T5-11B loads
