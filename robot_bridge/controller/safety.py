@@ -5,8 +5,9 @@ Every command the executor sends passes through `SafetyFilter.apply`, which in o
 1. picks the target: the chunk action, or the hold pose when there is no valid action (no chunk, a
    non-finite action, or the latched stop) or no valid measurement (a non-finite joint reading: the arm
    does not move blind); an arm joint whose reading jumped more than three steps since its last reading, faster
-   than the arm moves (an encoder or bus glitch), is taken at its last reading instead, for up to
-   `implausible_reading_ticks` ticks in a row (a reading that stays is the arm's pose: an arm pushed away);
+   than the arm moves (an encoder or bus glitch), is taken at its last reading instead, and one that stays so
+   more than `implausible_reading_ticks` ticks in a row latches the stop (a fault, or a wrapped angle: no arm
+   moves that fast, and commanding towards such a reading would be a jump);
 2. clamps every joint to its position limits and each gripper to its normalised range;
 3. limits the change of each arm joint per tick relative to the *measured* joint position, turning the
    official Cosmos Policy client's "pause if any non-gripper joint would move more than 0.15 rad"
@@ -115,10 +116,10 @@ class SafetyConfig:
         stop_after_rate_limited_ticks: latch a stop once the policy's target has been rate limited this
             many ticks in a row (a chunk asking for motion faster than the limit allows, which the official
             client pauses on at once); default None: the arm follows such a chunk at the limit.
-        implausible_reading_ticks: ticks in a row an arm joint's reading may jump more than three steps from its
-            last reading and be taken as a glitch (the last reading used instead: the rate limit would otherwise
-            command a jump towards it); one that stays longer is the arm's pose. Default 3 (120 ms at 25 Hz); 0
-            takes every reading as it is.
+        implausible_reading_ticks: ticks in a row an arm joint's reading may stay more than three steps from its
+            last plausible reading and be taken as a glitch (that reading used instead: the rate limit would
+            otherwise command a jump towards it); one that stays longer latches the stop, the last command held
+            around that reading. Default 3 (120 ms at 25 Hz); 0 takes every reading as it is.
     """
 
     joint_lower: tuple[float, ...] = VX300S_JOINT_LOWER
@@ -387,8 +388,9 @@ class SafetyFilter:
         return out, flags
 
     def _plausible(self, measured: np.ndarray) -> tuple[np.ndarray, bool]:
-        """The reading taken as the arm's pose: an arm joint that jumped more than three steps since its last reading
-        keeps that reading, `implausible_reading_ticks` ticks in a row at most. And whether one was set aside."""
+        """The reading taken as the arm's pose: an arm joint read more than three steps from its last plausible
+        reading keeps that reading, and latches the stop after `implausible_reading_ticks` ticks in a row. And whether
+        one was set aside."""
         previous, limit = self._reading, self.config.implausible_reading_ticks
         if previous is None or limit == 0 or self._last is None:  # before the first command, every reading stands
             self._reading = measured  # (and after a restart: a run of jumps before it does not count against later)
@@ -398,20 +400,27 @@ class SafetyFilter:
         # saw 0.34 rad); a vx300s joint at most about one (pi rad/s at 25 Hz).
         jumped = self._joint_mask & (np.abs(measured - previous) > 3 * self.config.max_joint_step)
         self._jump_run = np.where(jumped, self._jump_run + 1, 0)
-        set_aside = jumped & (self._jump_run <= limit)
-        self._reading = np.where(set_aside, previous, measured)
-        if set_aside.any() and (count := self._jump_warnings.due(self._clock())) is not None:
-            dim = int(np.flatnonzero(set_aside)[0])
+        self._reading = np.where(jumped, previous, measured)
+        if not jumped.any():
+            return self._reading, False
+        stuck = self._jump_run > limit
+        dim = int(np.flatnonzero(stuck if stuck.any() else jumped)[0])
+        off = f"qpos[{dim}] read {measured[dim]:.3f} rad, {abs(measured[dim] - previous[dim]):.3f} from its last "
+        off += "plausible reading"
+        if stuck.any() and not self._stopped:
+            self.stop(
+                f"{off} for {self._jump_run[dim]} ticks, faster than the arm moves (an encoder or bus fault, or a "
+                "wrapped angle); the last command is held around the last plausible reading"
+            )
+        elif (count := self._jump_warnings.due(self._clock())) is not None:
             _LOG.warning(
-                "safety: qpos[%d] read %.3f rad, %.3f from its last reading in one tick, faster than the arm moves: "
-                "its last reading is used (for %d ticks at most; readings set aside since the last warning: %d)",
-                dim,
-                measured[dim],
-                abs(measured[dim] - previous[dim]),
+                "safety: %s, faster than the arm moves: that reading is used (for %d ticks at most, then the stop "
+                "latches; readings set aside since the last warning: %d)",
+                off,
                 limit,
                 count,
             )
-        return self._reading, bool(set_aside.any())
+        return self._reading, True
 
     def _count_rate_limited_run(self, flags: Intervention) -> None:
         """Latches the stop `stop_after_rate_limited_ticks` asks for; holds and stops end a run."""

@@ -419,16 +419,22 @@ def test_jumps_read_before_a_restart_do_not_shorten_the_ticks_allowed_after_it()
         assert out.flags == Intervention.IMPLAUSIBLE_READING and out.qpos[0] == START[0]
 
 
-def test_a_reading_that_stays_where_it_jumped_is_the_arms_pose_after_the_ticks_allowed() -> None:
+def test_a_reading_that_stays_where_it_jumped_latches_the_stop_and_nothing_moves() -> None:
+    # No arm moves three steps in a tick: a reading that stays there is a fault (or a wrapped angle), and the rate
+    # limit around it would command a jump of 0.85 rad towards it.
     config = SafetyConfig()
     f = SafetyFilter(config)
     f.apply(START, START)
-    pushed = START.copy()
-    pushed[0] += 1.0  # the arm really pushed away (or a reading that stays)
+    stuck = START.copy()
+    stuck[0] += 1.0
     for _ in range(config.implausible_reading_ticks):
-        out = f.apply(START, pushed)
-        assert out.flags == Intervention.IMPLAUSIBLE_READING and out.qpos[0] == START[0]
-    out = f.apply(START, pushed)  # now the arm's pose: commanded back a step per tick from where it is
-    assert out.flags == Intervention.RATE_LIMITED
-    assert out.qpos[0] == pytest.approx(pushed[0] - config.max_joint_step)
-    assert f.apply(START, pushed).flags == Intervention.RATE_LIMITED  # the reading is no jump any more
+        out = f.apply(START, stuck)
+        assert out.flags == Intervention.IMPLAUSIBLE_READING and out.qpos[0] == START[0] and not f.stopped
+    for _ in range(3):
+        out = f.apply(START + 0.1, stuck)  # the policy would move: the stop holds the last command
+        assert Intervention.STOPPED in out.flags and np.array_equal(out.qpos, START)
+    assert f.stop_reason.startswith("qpos[0] read 1.000 rad, 1.000 from its last plausible reading for 4 ticks")
+    f.restart()  # a pause between runs: the reading is taken afresh (the rig may have moved the arm)
+    f.clear_stop()
+    out = f.apply(None, stuck)
+    assert out.flags == Intervention.HELD and np.array_equal(out.qpos, stuck)  # held where it is measured
