@@ -81,8 +81,12 @@ def parseable_flags(argv: Sequence[str]) -> list[str]:
                 f"{name}: an official deploy.py option; cosmos-edge takes it as {_GIVEN_OTHERWISE[snake]}"
             )
         if snake in _COMPUTED or snake in _SCHEDULING:
+            boolean = snake in _SCHEDULING or _COMPUTED[snake] in ("True", "False")
             if not equals:
-                value, position = _next_value(argv, position)
+                value, position = _next_value(argv, position, boolean)
+            if not value:
+                expected = _COMPUTED.get(snake, "True or False")
+                raise ConfigError(f"{name}: expected a value after it (the official commands give {expected})")
             if snake in _COMPUTED:
                 _check_computed(name, snake, value)
             else:
@@ -91,7 +95,7 @@ def parseable_flags(argv: Sequence[str]) -> list[str]:
             rewritten.append(_flag(snake) + equals + value)
         elif snake in _PLANNING:
             if not equals:
-                value, position = _next_value(argv, position)
+                value, position = _next_value(argv, position, boolean=True)
             rewritten.append(_boolean_flag(snake, _boolean(name, value)))
         elif option in _KEBAB_BOOLEANS and (equals or _is_boolean(argv[position] if position < len(argv) else "")):
             value, position = (value, position) if equals else (argv[position], position + 1)
@@ -113,11 +117,14 @@ def _is_boolean(token: str) -> bool:
     return token.lower() in _BOOLEANS
 
 
-def _next_value(argv: Sequence[str], position: int) -> tuple[str, int]:
+def _next_value(argv: Sequence[str], position: int, boolean: bool) -> tuple[str, int]:
     """The value of an official option given without `=`, and the position after it: the next token unless it is
-    an option (an official boolean alone means True; a word that is no boolean is then refused, not skipped)."""
+    an option. A boolean alone means True (a word after it that is no boolean is then refused, not skipped); another
+    field alone has none ("")."""
     following = argv[position] if position < len(argv) else ""
-    return (following, position + 1) if following and not following.startswith("-") else ("True", position)
+    if following and not following.startswith("-"):
+        return following, position + 1
+    return ("True" if boolean else ""), position
 
 
 def _boolean(name: str, value: str) -> bool:

@@ -105,7 +105,7 @@ def planning_config(args: argparse.Namespace, **replaced: object) -> PlanningCon
         raise ConfigError(_as_typed(args, str(error))) from None
     by_reason: dict[str, list[str]] = {}
     for name, why in config.unused_options().items():
-        if name in given and given[name] is not False:  # an option turned off that could do nothing on: as meant
+        if name in given and not _neutral(name, given[name]):
             by_reason.setdefault(_as_typed(args, why), []).append(_typed_flag(args, name))
     if by_reason:  # one line for all: an official command pasted whole may hold several
         _LOG.warning(
@@ -117,6 +117,13 @@ def planning_config(args: argparse.Namespace, **replaced: object) -> PlanningCon
             _preset(args),
         )
     return config
+
+
+def _neutral(name: str, value: object) -> bool:
+    """A value that asks for nothing an unused option could give: off, one (member, step), or DeployConfig's own
+    default. The documented official commands give such values for the options their configuration leaves unused."""
+    one = type(value) is int and value == 1
+    return value is False or one or value == getattr(PRESETS["deploy-defaults"], name)
 
 
 def _as_typed(args: argparse.Namespace, message: str) -> str:

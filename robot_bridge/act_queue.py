@@ -67,7 +67,10 @@ class ActQueue:
             self._wake = sender
 
     def accept(self) -> None:
-        self._accepting.set()
+        """Accepts jobs from now on, unless the queue is closed (for good)."""
+        with self._lock:
+            if not self._closed:
+                self._accepting.set()
 
     @property
     def accepting(self) -> bool:

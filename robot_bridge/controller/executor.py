@@ -353,7 +353,8 @@ class ChunkExecutor:
             tick += 1
 
     def _step(self, tick: int, deadline: int, wake: int, missed: int) -> None:
-        self._stationary_ticks += self._held_among_skipped(tick, missed)
+        held_skipped = self._held_among_skipped(tick, missed)
+        self._stationary_ticks += held_skipped
         if self._resumes != self._resumes_applied:
             self._resumes_applied, resume_of = self._resumes, self._resume_of
             if resume_of == self._stops:
@@ -364,17 +365,19 @@ class ChunkExecutor:
                     self._chunk, self._obs_floor = None, tick - 1
         adopted = self._receive(tick, missed)
         chunk = self._chunk
-        # Ticks the chunk ran on without the commands following it: skipped ones (its index jumped), and ones the
-        # safety filter held (a non-finite reading or action). Fade into it rather than command their motion at once.
-        lagged = missed + self._filter_held
+        # Ticks the chunk ran on without the commands following it: skipped ones (its index jumped; not those before
+        # its first action, held), and ones the safety filter held (a non-finite reading or action). Fade into it
+        # rather than command their motion at once.
+        lagged = missed - held_skipped + self._filter_held
         if lagged and not adopted and chunk is not None and self._last_command is not None:
             self._blender.rejoin(tick, lagged, chunk.actions, chunk.first_tick, self._last_command)
 
         stopped = self._safety.stopped  # the filter holds the pose whatever the chunk says: a held tick
         action, obs_id, index = (None, NO_CHUNK, NO_CHUNK) if stopped else self._action_at(tick)
         starved = action is None and self._chunk is not None and not stopped
-        if action is None:  # the ticks the safety filter held before the chunk ran out are never caught up on
-            self._stationary_ticks += self._filter_held
+        if action is None:  # the ticks the safety filter held before the chunk ran out are never caught up on: those
+            # after the last capture, as the ones before are in its observation
+            self._stationary_ticks += min(self._filter_held, max(0, tick - 1 - self._stationary_at_capture[0]))
         if starved:
             self._warn_starved(tick, "no action left: holding position")
         target = self._blender.target(tick, action, self._last_command)

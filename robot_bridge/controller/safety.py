@@ -410,12 +410,13 @@ class SafetyFilter:
         if stuck.any() and not self._stopped:
             self.stop(
                 f"{off} for {self._jump_run[dim]} ticks, faster than the arm moves (an encoder or bus fault, or a "
-                "wrapped angle); the last command is held around the last plausible reading"
+                "wrapped angle); the last command is held around the last plausible reading, until a pause between "
+                "runs takes the readings afresh (a resume within the run latches it again while the reading stays)"
             )
         elif (count := self._jump_warnings.due(self._clock())) is not None:
             _LOG.warning(
-                "safety: %s, faster than the arm moves: that reading is used (for %d ticks at most, then the stop "
-                "latches; readings set aside since the last warning: %d)",
+                "safety: %s, faster than the arm moves: the last plausible reading is used (for %d ticks at most, "
+                "then the stop latches; readings set aside since the last warning: %d)",
                 off,
                 limit,
                 count,

@@ -150,6 +150,7 @@ class PlanningConfig:
             mark(future[1:] + future_scheme, "use_ensemble_future_state_predictions is off")
         elif self.num_future_state_predictions_in_ensemble == 1:
             mark(future_steps, one_member)
+            mark(future_scheme, "an ensemble of one has nothing to aggregate")
         values = ("use_ensemble_value_predictions", "num_value_predictions_in_ensemble")
         value_scheme, value_steps = ("value_ensemble_aggregation_scheme",), ("num_denoising_steps_value",)
         masks = ("mask_current_state_action_for_value_prediction", "mask_future_state_for_qvalue_prediction")

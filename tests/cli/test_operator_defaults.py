@@ -144,7 +144,7 @@ def test_an_aggregation_scheme_with_no_ensemble_to_pool_is_warned_of(
 ) -> None:
     parser = argparse.ArgumentParser()
     add_planning_arguments(parser)
-    args = parser.parse_args([*flags, "--value-ensemble-aggregation-scheme", "average"])
+    args = parser.parse_args([*flags, "--value-ensemble-aggregation-scheme", "success_vote"])
     with caplog.at_level(logging.WARNING):
         planning_config(args)
     warned = [record.getMessage() for record in caplog.records if "has no effect" in record.getMessage()]
@@ -173,7 +173,7 @@ def test_every_planning_flag_that_cannot_change_the_result_is_named_in_one_warni
     parser = argparse.ArgumentParser()
     add_planning_arguments(parser)
     flags = ["--planning-preset", "base", "--num-candidates", "4", "--use-ensemble-value-predictions"]
-    flags += ["--num-value-predictions-in-ensemble", "5", "--value-ensemble-aggregation-scheme", "average"]
+    flags += ["--num-value-predictions-in-ensemble", "4", "--value-ensemble-aggregation-scheme", "lcb"]
     flags += ["--search-depth-value-aggregation-scheme", "average", "--num-denoising-steps-value", "9"]
     with caplog.at_level(logging.WARNING):
         planning_config(parser.parse_args(flags))
@@ -213,14 +213,6 @@ _MAIN_UNUSED = {
 )
 def test_unused_options_of_planning_configurations(overrides: dict[str, object], unused: set[str]) -> None:
     assert set(planning_preset("main", **overrides).unused_options()) == unused
-
-
-def test_a_flag_turned_off_that_could_do_nothing_on_is_not_warned_of(caplog: pytest.LogCaptureFixture) -> None:
-    parser = argparse.ArgumentParser()
-    add_planning_arguments(parser)
-    with caplog.at_level(logging.WARNING):  # as the official main command has it
-        planning_config(parser.parse_args(["--no-ar-qvalue-prediction"]))
-    assert not [record for record in caplog.records if "no effect" in record.getMessage()]
 
 
 # deploy.py's main planning command from its first planning flag on (its lines 74-94, but --seed 195, a flag of `act`
@@ -267,6 +259,36 @@ OFFICIAL_MAIN_PLANNING_FLAGS = [
     "--mask_current_state_action_for_value_prediction",
     "True",
 ]
+
+
+# The planning flags of deploy.py's depth-3 command (its lines 116-137) and its base command (lines 40-48), beyond
+# those of the main command: values that ask for nothing (off, one, DeployConfig's default) where unused.
+OFFICIAL_DEPTH3_PLANNING_FLAGS = [
+    "--ar_future_prediction", "True", "--ar_value_prediction", "True", "--ar_qvalue_prediction", "False",
+    "--num_denoising_steps_future_state", "5", "--num_denoising_steps_value", "5", "--search_depth", "3",
+    "--search_depth_value_aggregation_scheme", "use_last_value", "--num_queries_best_of_n", "8",
+    "--use_ensemble_value_predictions", "False", "--num_value_predictions_in_ensemble", "1",
+    "--value_ensemble_aggregation_scheme", "average", "--use_ensemble_future_state_predictions", "False",
+    "--num_future_state_predictions_in_ensemble", "1", "--future_state_ensemble_aggregation_scheme", "average",
+    "--mask_current_state_action_for_value_prediction", "True",
+]  # fmt: skip
+OFFICIAL_BASE_PLANNING_FLAGS = [
+    "--ar_future_prediction", "False", "--ar_value_prediction", "False", "--num_denoising_steps_future_state", "1",
+    "--num_denoising_steps_value", "1",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [OFFICIAL_MAIN_PLANNING_FLAGS, OFFICIAL_DEPTH3_PLANNING_FLAGS, OFFICIAL_BASE_PLANNING_FLAGS],
+    ids=["main", "depth3", "base"],
+)
+def test_the_documented_official_commands_are_not_warned_of(flags: list[str], caplog: pytest.LogCaptureFixture) -> None:
+    parser = argparse.ArgumentParser()
+    add_planning_arguments(parser)
+    with caplog.at_level(logging.WARNING):
+        planning_config(parser.parse_args(parseable_flags(["--planning-preset", "deploy-defaults", *flags])))
+    assert not [record for record in caplog.records if "no effect" in record.getMessage()]
 
 
 def test_official_planning_flags_over_the_deploy_defaults_give_the_main_preset() -> None:
@@ -321,6 +343,7 @@ def test_the_settings_around_an_official_commands_planning_flags_are_accepted_as
             "computes the official ALOHA pipeline, that is --use_jpeg_compression False",
         ),
         (["--num_open_loop_steps=25"], "that is --num_open_loop_steps 50"),
+        (["--chunk_size", "--seed", "3"], "--chunk_size: expected a value after it (the official commands give 50)"),
         (
             ["--ckpt_path", "nvidia/Cosmos-Policy-ALOHA-Predict2-2B"],
             "--ckpt_path: an official deploy.py option; cosmos-edge takes it as --checkpoint, the DiT's .pt file",

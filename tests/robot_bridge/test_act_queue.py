@@ -40,7 +40,7 @@ def _never() -> bool:
     return False
 
 
-def test_jobs_are_refused_before_accept_and_after_close() -> None:
+def test_jobs_are_refused_before_accept_and_after_close_for_good() -> None:
     queue = ActQueue(max_pending=4)
     with pytest.raises(MessageError) as starting:
         queue.put(_job(b"a", 1))
@@ -51,6 +51,7 @@ def test_jobs_are_refused_before_accept_and_after_close() -> None:
     with pytest.raises(MessageError) as closed:
         queue.put(_job(b"a", 3))
     assert closed.value.code is ErrorCode.SHUTTING_DOWN
+    queue.accept()  # a second serve_forever: closed is closed
     assert not queue.accepting and queue.take(_never) is None
     assert _codes(queue.answers()) == {2: ErrorCode.SHUTTING_DOWN}
 
@@ -123,9 +124,13 @@ def test_many_threads_putting_while_the_queue_closes_lose_no_answer() -> None:
     queue.accept()
     refused: list[int] = []
     lock = threading.Lock()
+    start = threading.Barrier(3)
 
     def put_many(first: int) -> None:
+        start.wait()
         for obs_id in range(first, first + 200):
+            if obs_id == 300:  # the middle thread closes the queue halfway through its puts: the others go on
+                queue.close("stopped")
             try:
                 queue.put(_job(obs_id, obs_id))
             except MessageError:
@@ -135,9 +140,8 @@ def test_many_threads_putting_while_the_queue_closes_lose_no_answer() -> None:
     threads = [threading.Thread(target=put_many, args=(first,)) for first in (0, 200, 400)]
     for thread in threads:
         thread.start()
-    time.sleep(0.001)
-    queue.close("stopped")
     for thread in threads:
         thread.join()
     answered = _codes(queue.answers())
     assert sorted([*answered, *refused]) == list(range(600))
+    assert 300 in refused and all(code is ErrorCode.SHUTTING_DOWN for code in answered.values())

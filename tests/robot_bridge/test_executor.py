@@ -529,14 +529,17 @@ def test_after_ticks_the_safety_filter_held_the_command_fades_back_into_the_chun
     assert executor.records()["flags"][25:].tolist() == [0] * 20  # nothing rate limited after the hold
 
 
-@pytest.mark.parametrize(("stall_at", "blind"), [(15, range(0)), (None, range(15, 17))])
+@pytest.mark.parametrize(
+    ("stall_at", "blind"), [(15, range(0)), (None, range(15, 17)), (None, range(13, 17)), (None, range(11, 17))]
+)
 def test_actions_never_commanded_at_a_chunks_end_do_not_place_the_next_chunk_ahead(
     stall_at: int | None, blind: range
 ) -> None:
     # A policy that plans 1 mrad per action from the pose it observed. The chunk's last actions are skipped (tick 14's
     # command returns 3.5 periods late) or held by the safety filter (non-finite readings) and it runs out: the arm
     # held there, so the next chunk must start from that pose: no step of more than 1 mrad (plus 1 per deadline
-    # skipped right before it, inside a chunk: a hard switch jumps over the skipped actions).
+    # skipped right before it, inside a chunk: a hard switch jumps over the skipped actions). Held ticks up to the
+    # capture (tick 14) are in its observation: the chunk acts from the tick it is adopted on.
     robot_cls = functools.partial(BlindRobot, blind=blind)
     executor, robot, client, clock = make(chunk=10, threshold=2, latency_ticks=7, robot_cls=robot_cls)
 
@@ -553,7 +556,9 @@ def test_actions_never_commanded_at_a_chunks_end_do_not_place_the_next_chunk_ahe
     executor.run(30)
     assert (executor.counters.missed_ticks > 0) == (stall_at is not None) and executor.counters.chunks_adopted >= 2
     steps = np.diff(np.array(robot.commands)[:, 3])
-    assert np.all(steps <= 1e-3 * (1 + executor.records()["missed"][1:]) + 1e-9) and steps.max() > 0
+    records = executor.records()
+    assert np.all(steps <= 1e-3 * (1 + records["missed"][1:]) + 1e-9) and steps.max() > 0
+    assert np.all(records["action_index"][records["adopted"]] != NO_CHUNK)
 
 
 @pytest.mark.parametrize("scheme", [BlendScheme.CROSSFADE, BlendScheme.ENSEMBLE])
