@@ -262,9 +262,12 @@ class ChunkBlender:
         return new
 
     def _old_moves_at(self, tick: int) -> bool:
-        """Whether the old trajectory has an action of its own for `tick`: in its chunk, and finite."""
+        """Whether the old trajectory follows a chunk at `tick`: its own finite action, or its first one still to
+        come (it moves from then on: a gap frozen until then would jump when it starts)."""
         index = tick - self._old_first_tick
-        return self._old is not None and 0 <= index < len(self._old) and bool(np.isfinite(self._old[index]).all())
+        if self._old is None or index >= len(self._old):
+            return False
+        return bool(np.isfinite(self._old[max(index, 0)]).all())
 
     def _keep_gap(self, gap: np.ndarray) -> None:
         if np.isfinite(gap).all():  # a non-finite new action is held by the safety filter, not faded from

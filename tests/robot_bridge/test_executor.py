@@ -1455,3 +1455,30 @@ def test_starvation_within_half_the_horizon_asks_for_an_earlier_request(caplog: 
         executor.run(100)
     warning = next(r.getMessage() for r in caplog.records if "starved" in r.getMessage())
     assert "raise prefetch_threshold" in warning and "half the chunk horizon" not in warning
+
+
+def blended(blender: ChunkBlender, actions: np.ndarray, first_tick: int, ticks: range, last: np.ndarray) -> np.ndarray:
+    """The first joint's target at each of `ticks` for the chunk `actions` from `first_tick`, each one commanded."""
+    targets = []
+    for tick in ticks:
+        target = blender.target(tick, actions[tick - first_tick], last)
+        assert target is not None
+        targets.append(float(target[0]))
+        last = target
+    return np.array(targets)
+
+
+def test_a_fade_from_a_chunk_that_stops_moving_mid_window_keeps_a_constant_step() -> None:
+    ramp = np.arange(40, dtype=np.float64)[:, None]  # 1 per tick
+    blender = ChunkBlender(BlendConfig(window_ticks=8))
+    blender.switch(10, ramp + 15, 10, ramp[:13], 0, np.array([9.0]))  # the old chunk's last action is at tick 12
+    steps = np.diff([9.0, *blended(blender, ramp + 15, 10, range(10, 25), np.array([9.0]))])
+    assert steps[:9] == pytest.approx([1 + 5 / 9] * 9) and steps[9:] == pytest.approx([1.0] * 6)
+
+
+def test_a_rejoin_into_a_chunk_delayed_past_the_rejoin_tick_moves_on_without_a_backward_step() -> None:
+    ramp = np.arange(40, dtype=np.float64)[:, None]
+    blender = ChunkBlender(BlendConfig(window_ticks=8))
+    blender.rejoin(12, 5, ramp, 10, np.array([0.0]))  # the chunk delayed by 5 ticks starts at tick 15
+    steps = np.diff([0.0, *blended(blender, ramp, 10, range(12, 24), np.array([0.0]))])
+    assert np.all(steps > 0) and steps[-1] == pytest.approx(1.0)
