@@ -81,16 +81,7 @@ def parseable_flags(argv: Sequence[str]) -> list[str]:
                 f"{name}: an official deploy.py option; cosmos-edge takes it as {_GIVEN_OTHERWISE[snake]}"
             )
         if snake in _COMPUTED or snake in _SCHEDULING:
-            boolean = snake in _SCHEDULING or _COMPUTED[snake] in ("True", "False")
-            if not equals:
-                value, position = _next_value(argv, position, boolean)
-            if not value:
-                expected = _COMPUTED.get(snake, "True or False")
-                raise ConfigError(f"{name}: expected a value after it (the official commands give {expected})")
-            if snake in _COMPUTED:
-                _check_computed(name, snake, value)
-            else:
-                _boolean(name, value)
+            position = _checked_setting(argv, position, name, snake, value if equals else None)
         elif snake in _PLANNING and not _PLANNING[snake]:  # argparse takes its value
             rewritten.append(_flag(snake) + equals + value)
         elif snake in _PLANNING:
@@ -103,6 +94,22 @@ def parseable_flags(argv: Sequence[str]) -> list[str]:
         else:
             rewritten.append(token)
     return rewritten
+
+
+def _checked_setting(argv: Sequence[str], position: int, name: str, option: str, value: str | None) -> int:
+    """Checks the non-planning official `option` given as `name` (with `value` after `=`, else the next token's);
+    returns the position after it, as it is dropped."""
+    boolean = option in _SCHEDULING or _COMPUTED[option] in ("True", "False")
+    if value is None:
+        value, position = _next_value(argv, position, boolean)
+    if not value:
+        expected = _COMPUTED.get(option, "True or False")
+        raise ConfigError(f"{name}: expected a value after it (the official commands give {expected})")
+    if option in _COMPUTED:
+        _check_computed(name, option, value)
+    else:
+        _boolean(name, value)
+    return position
 
 
 def _flag(name: str) -> str:
