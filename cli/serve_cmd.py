@@ -232,9 +232,9 @@ def run_server(
         signals += 1
         server.stop(now=signals > 1)
         if endpoint is not None:
-            endpoint.request_stop()
+            endpoint.request_stop(now=signals > 1)
 
-    with on_stop_signals(stop), server, endpoint or contextlib.nullcontext():
+    with on_stop_signals(stop, then_ignore=True), server, endpoint or contextlib.nullcontext():
         server.serve_forever()
     return 0
 

@@ -25,16 +25,21 @@ def sigterm_interrupts() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGTERM) is interrupt:  # not a stop's `then_ignore`, which holds to the exit
+            signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
-def on_stop_signals(stop: Callable[[], None], *, second_interrupts: bool = False) -> Iterator[None]:
+def on_stop_signals(
+    stop: Callable[[], None], *, second_interrupts: bool = False, then_ignore: bool = False
+) -> Iterator[None]:
     """SIGINT and SIGTERM call `stop` (which must only set flags: it runs in a signal handler) for the block; the
     handlers before it are put back after. Off the main thread (embedded), signals are the caller's.
 
     `second_interrupts`: a second signal raises KeyboardInterrupt, as Ctrl-C does, for an operator whose stop waits
-    on something that hangs (a rig's `step` stuck in its driver)."""
+    on something that hangs (a rig's `step` stuck in its driver). `then_ignore`: once a signal stopped the block,
+    both are ignored after it, to the process's exit: a clean shutdown that was asked for is not cut short in its
+    last moments (closing the models, the interpreter's exit) by an impatient second signal."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -52,4 +57,4 @@ def on_stop_signals(stop: Callable[[], None], *, second_interrupts: bool = False
         yield
     finally:
         for number, handler in previous.items():
-            signal.signal(number, handler)
+            signal.signal(number, signal.SIG_IGN if signalled and then_ignore else handler)

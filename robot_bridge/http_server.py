@@ -213,6 +213,7 @@ class HttpEndpoint:
         self._app = Starlette(routes=routes, exception_handlers=handlers)
         self._uvicorn: uvicorn.Server | None = None
         self._stop_requested_at: float | None = None
+        self._stop_now = False  # `request_stop(now=True)`: the shutdown window ended at once
         self._thread: threading.Thread | None = None
         self._uvicorn_filter = RepeatFilter()  # a peer triggers uvicorn's own log lines at will
         self._port = self._config.port
@@ -227,7 +228,8 @@ class HttpEndpoint:
         """Listens, starts serving in a thread and returns the base URL once requests are answered."""
         if self._thread is not None:
             return self.url
-        logging.getLogger("uvicorn.error").addFilter(self._uvicorn_filter)  # removed when it stops
+        for uvicorn_filter in (self._uvicorn_filter, _CANCELS_AT_SHUTDOWN):  # removed when it stops
+            logging.getLogger("uvicorn.error").addFilter(uvicorn_filter)
         listener, self._listener = self._listener or bind(self._config), None  # uvicorn closes it when it stops
         try:
             # On again to listen: Linux checks the port again at `listen`, and without it the TIME-WAIT connections
@@ -253,6 +255,7 @@ class HttpEndpoint:
         )
         self._uvicorn = uvicorn.Server(config)
         self._stop_requested_at = None  # monotonic, once `request_stop` is called
+        self._stop_now = False
         self._parsing = asyncio.Lock()
         self._thread = threading.Thread(
             target=self._uvicorn.run, kwargs={"sockets": [listener]}, name="http-endpoint", daemon=True
@@ -268,12 +271,15 @@ class HttpEndpoint:
         _LOG.info("serving http=%s routes=POST /act, GET /healthz, GET /metadata, POST /mode", self.url)
         return self.url
 
-    def request_stop(self) -> None:
+    def request_stop(self, *, now: bool = False) -> None:
         """Stops accepting now and lets the requests in flight finish (up to the shutdown timeout; those still waiting
         then are answered `shutting_down`), without waiting: it only sets attributes, so a signal handler may call
-        it. `stop` waits for the end."""
+        it. `now` ends the window at once (an operator's second Ctrl-C): those waiting are answered `shutting_down`,
+        and bodies still arriving are not waited for. `stop` waits for the end."""
         if self._uvicorn is not None:
             self._stop_requested_at = self._stop_requested_at or time.monotonic()
+            self._stop_now = self._stop_now or now
+            self._uvicorn.force_exit = self._stop_now  # uvicorn stops waiting for connections and tasks
             self._uvicorn.should_exit = True
 
     def _stop_window_over(self) -> bool:
@@ -281,7 +287,7 @@ class HttpEndpoint:
         stops both at once), are over: a request still waiting then is answered by this endpoint."""
         started = self._stop_requested_at
         window_s = self._config.shutdown_timeout_s + _SERVER_ANSWERS_S
-        return started is not None and time.monotonic() - started >= window_s
+        return started is not None and (self._stop_now or time.monotonic() - started >= window_s)
 
     def stop(self) -> None:
         """Stops accepting, lets the requests in flight finish (up to the shutdown timeout) and joins the thread."""
@@ -294,7 +300,8 @@ class HttpEndpoint:
             _LOG.error("the http endpoint did not stop within %.1f s", limit_s)
         self._thread = None
         self._uvicorn = None
-        logging.getLogger("uvicorn.error").removeFilter(self._uvicorn_filter)
+        for uvicorn_filter in (self._uvicorn_filter, _CANCELS_AT_SHUTDOWN):
+            logging.getLogger("uvicorn.error").removeFilter(uvicorn_filter)
 
     def __enter__(self) -> HttpEndpoint:
         self.start()
@@ -485,6 +492,20 @@ class HttpEndpoint:
                 ErrorCode.SHUTTING_DOWN, "body", "the server shut down before the body arrived"
             ) from None
         return b"".join(chunks)
+
+
+class _CancelsAtShutdown(logging.Filter):
+    """uvicorn's "Cancel N running task(s), timeout graceful shutdown exceeded" at the end of the window is how a
+    request still receiving its body then ends, as documented (its own line says `shutting_down`): a warning, not the
+    error uvicorn logs it as."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Cancel %s running task(s)"):
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        return True
+
+
+_CANCELS_AT_SHUTDOWN = _CancelsAtShutdown()
 
 
 class _LeftMidBody(MessageError):

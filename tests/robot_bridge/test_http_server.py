@@ -594,6 +594,50 @@ def test_a_request_answered_shutting_down_as_the_window_ends_is_written_without_
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR], caplog.text
 
 
+@contextmanager
+def body_arriving(window_s: float) -> Iterator[tuple[PolicyServer, Any]]:
+    """A serving server and its endpoint, with `window_s` to shut down, and a request whose body is still arriving
+    (a slow client) when the block runs; both stopped after it."""
+    server = PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*", shutdown_timeout_s=window_s))
+    endpoint = HttpEndpoint(server, HttpConfig(port=0, shutdown_timeout_s=window_s))
+    url = endpoint.start()
+    serving_thread = threading.Thread(target=server.serve_forever)
+    serving_thread.start()
+    host, port = parse_address(url.removeprefix("http://"))
+    try:
+        with socket.create_connection((host, port), timeout=TIMEOUT_S) as slow:
+            slow.sendall(b"POST /act HTTP/1.1\r\nHost: robot\r\nContent-Length: 100000\r\n\r\n{")
+            time.sleep(0.3)  # the request taken in, its body arriving
+            yield server, endpoint
+    finally:
+        server.stop(now=True)
+        endpoint.stop()
+        serving_thread.join(TIMEOUT_S)
+
+
+def test_a_second_stop_does_not_wait_for_a_body_still_arriving() -> None:
+    window_s = 60.0
+    with body_arriving(window_s) as (server, endpoint):
+        server.stop()  # as the first signal of `serve` does
+        endpoint.request_stop()
+        server.stop(now=True)  # and the second
+        endpoint.request_stop(now=True)
+        started = time.monotonic()
+        endpoint.stop()
+        assert time.monotonic() - started < window_s / 2
+
+
+def test_a_body_still_arriving_as_the_window_ends_is_cancelled_without_an_error_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with body_arriving(1.0) as (server, endpoint):
+        server.stop()
+        endpoint.request_stop()
+        endpoint.stop()
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR], caplog.text
+    assert any(record.getMessage().startswith("Cancel 1 running task") for record in caplog.records)
+
+
 def test_a_restart_binds_the_port_at_once_after_the_server_closed_connections() -> None:
     server = PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*"))
     with HttpEndpoint(server, HttpConfig(port=0)) as endpoint, serving(server):
