@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 import types
 from collections.abc import Callable
 
@@ -31,6 +32,10 @@ def test_a_signal_while_the_command_loads_exits_130_in_one_line(
 ) -> None:
     def loading() -> int:  # signalled as the command's modules import
         os.kill(os.getpid(), signum)
+        # In a process with other threads (earlier tests leave daemon ones) the signal may land on one of them, and
+        # the main thread then runs the handler a moment later, at its next bytecode.
+        for _ in range(500):
+            time.sleep(0.01)
         raise AssertionError("the signal did not interrupt")
 
     assert run_with(loading, monkeypatch) == 130
