@@ -214,9 +214,10 @@ def run_server(
     image_lists: Mapping[str, CandidateImageLists] | None = None,
 ) -> int:
     """Serves until SIGINT or SIGTERM, then shuts down cleanly: every request taken in is answered before the sockets
-    close (`PolicyServer.serve_forever`). Must run in the main thread (signal handlers). With `http`, the HTTP
-    endpoint (on `http_listener` when it is bound already) serves the same policies through the same queue, its
-    replies' future-image lists laid out per mode by `image_lists`."""
+    close (`PolicyServer.serve_forever`). Must run in the main thread (signal handlers); once a signal stopped it,
+    later ones are absorbed for the rest of the process, a third one ending it at once (`on_stop_signals`). With
+    `http`, the HTTP endpoint (on `http_listener` when it is bound already) serves the same policies through the same
+    queue, its replies' future-image lists laid out per mode by `image_lists`."""
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("run_server installs signal handlers, which only the main thread can do")
 
@@ -234,7 +235,7 @@ def run_server(
         if endpoint is not None:
             endpoint.request_stop(now=signals > 1)
 
-    with on_stop_signals(stop, then_ignore=True), server, endpoint or contextlib.nullcontext():
+    with on_stop_signals(stop, absorb_after_stop=True), server, endpoint or contextlib.nullcontext():
         server.serve_forever()
     return 0
 

@@ -215,7 +215,7 @@ class HttpEndpoint:
         self._stop_requested_at: float | None = None
         self._stop_now = False  # `request_stop(now=True)`: the shutdown window ended at once
         self._thread: threading.Thread | None = None
-        self._uvicorn_filter = RepeatFilter()  # a peer triggers uvicorn's own log lines at will
+        self._uvicorn_filters = (RepeatFilter(), _CancelsAtShutdown())  # a peer triggers uvicorn's lines at will
         self._port = self._config.port
 
     @property
@@ -228,7 +228,7 @@ class HttpEndpoint:
         """Listens, starts serving in a thread and returns the base URL once requests are answered."""
         if self._thread is not None:
             return self.url
-        for uvicorn_filter in (self._uvicorn_filter, _CANCELS_AT_SHUTDOWN):  # removed when it stops
+        for uvicorn_filter in self._uvicorn_filters:  # removed once it has stopped
             logging.getLogger("uvicorn.error").addFilter(uvicorn_filter)
         listener, self._listener = self._listener or bind(self._config), None  # uvicorn closes it when it stops
         try:
@@ -253,7 +253,7 @@ class HttpEndpoint:
             http=_closing_slow_requests(self._config.request_read_timeout_s),
             timeout_graceful_shutdown=math.ceil(self._config.shutdown_timeout_s + _REPLY_MARGIN_S),
         )
-        self._uvicorn = uvicorn.Server(config)
+        self._uvicorn = _Server(config)
         self._stop_requested_at = None  # monotonic, once `request_stop` is called
         self._stop_now = False
         self._parsing = asyncio.Lock()
@@ -278,9 +278,11 @@ class HttpEndpoint:
         and bodies still arriving are not waited for. `stop` waits for the end."""
         if self._uvicorn is not None:
             self._stop_requested_at = self._stop_requested_at or time.monotonic()
-            self._stop_now = self._stop_now or now
-            self._uvicorn.force_exit = self._stop_now  # uvicorn stops waiting for connections and tasks
             self._uvicorn.should_exit = True
+            if now and not self._stop_now:
+                self._stop_now = True
+                self._uvicorn.force_exit = True  # uvicorn stops waiting for connections and tasks
+                self._uvicorn.cancel_requests()
 
     def _stop_window_over(self) -> bool:
         """Whether the shutdown window, and the policy server's answers at its end (when it stops too, as `serve`
@@ -294,14 +296,15 @@ class HttpEndpoint:
         if self._thread is None or self._uvicorn is None:
             return
         self.request_stop()
-        limit_s = self._config.shutdown_timeout_s + _REPLY_MARGIN_S
+        limit_s = math.ceil(self._config.shutdown_timeout_s + _REPLY_MARGIN_S)  # as uvicorn's own
         self._thread.join(limit_s + 1.0)
-        if self._thread.is_alive():
+        if self._thread.is_alive():  # its filters stay: it may still log
             _LOG.error("the http endpoint did not stop within %.1f s", limit_s)
+        else:
+            for uvicorn_filter in self._uvicorn_filters:
+                logging.getLogger("uvicorn.error").removeFilter(uvicorn_filter)
         self._thread = None
         self._uvicorn = None
-        for uvicorn_filter in (self._uvicorn_filter, _CANCELS_AT_SHUTDOWN):
-            logging.getLogger("uvicorn.error").removeFilter(uvicorn_filter)
 
     def __enter__(self) -> HttpEndpoint:
         self.start()
@@ -319,6 +322,7 @@ class HttpEndpoint:
         self._requests += 1
         request_id = self._requests
         peer = _peer(request)
+        body = None
         try:
             body = await self._body(request)
             assert self._parsing is not None, "set by start()"
@@ -329,6 +333,17 @@ class HttpEndpoint:
             reply = await self._submit(self._act_request(request_id, query), peer, decode_ms, request)
             waited = time.perf_counter()
             content = await run_in_threadpool(reply_body, reply, query, self._image_lists.get(reply.mode))
+        except asyncio.CancelledError:
+            if self._stop_requested_at is None:  # not the shutdown's: let it end the request
+                raise
+            # The shutdown window ended (uvicorn cancels what is left), or a second stop cancelled it: answered in the
+            # usual form instead of a traceback and a bare 500, the cancellation handled.
+            task = asyncio.current_task()
+            if task is not None and sys.version_info >= (3, 11):  # the count of requested cancellations
+                task.uncancel()
+            detail = "the server shut down before " + ("the body arrived" if body is None else "this was answered")
+            error = MessageError(ErrorCode.SHUTTING_DOWN, "body" if body is None else "", detail, request_id)
+            return self._refused(request, peer, request_id, started, error)
         except _ClientGone:
             _LOG.info(
                 "kind=http_act peer=%s request_id=%s status=client_gone total_ms=%.3f",
@@ -338,19 +353,7 @@ class HttpEndpoint:
             )
             return Response(status_code=_CLIENT_CLOSED_REQUEST)  # nobody reads it; for the access logs of proxies
         except MessageError as error:
-            # A client sending bad requests as fast as it can must not fill the log: as the ZeroMQ server's refusals.
-            self._refusals.log(
-                _address(request),
-                logging.INFO,
-                "kind=http_act peer=%s request_id=%s status=%s code=%s field=%s total_ms=%.3f",
-                peer,
-                request_id,
-                "client_gone" if isinstance(error, _LeftMidBody) else _STATUS[error.code],  # none was sent
-                error.code.value,
-                peer_text(error.field),
-                ms_since(started),
-            )
-            return _error_response(error)
+            return self._refused(request, peer, request_id, started, error)
         self._refusals.tick()  # counts the refusals its last window held back
         _LOG.info(
             "kind=http_act peer=%s request_id=%s status=200 mode=%s double_encoded=%s decode_ms=%.3f encode_ms=%.3f "
@@ -365,6 +368,22 @@ class HttpEndpoint:
             _ignored_keys_text(query.ignored_keys),
         )
         return Response(content, media_type="application/json")
+
+    def _refused(self, request: Request, peer: str, request_id: int, started: float, error: MessageError) -> Response:
+        """The error reply of a refused `/act`, and its log line."""
+        # A client sending bad requests as fast as it can must not fill the log: as the ZeroMQ server's refusals.
+        self._refusals.log(
+            _address(request),
+            logging.INFO,
+            "kind=http_act peer=%s request_id=%s status=%s code=%s field=%s total_ms=%.3f",
+            peer,
+            request_id,
+            "client_gone" if isinstance(error, _LeftMidBody) else _STATUS[error.code],  # none was sent
+            error.code.value,
+            peer_text(error.field),
+            ms_since(started),
+        )
+        return _error_response(error)
 
     def _warn_ignored(self, keys: tuple[str, ...]) -> None:
         """Warns once per set of keys a request held that are not read (a client expecting its `seed` applied, a
@@ -482,16 +501,23 @@ class HttpEndpoint:
         except ClientDisconnect:  # a refusal like any other (one rate-limited log line), answered to nobody
             detail = f"the connection closed after {size} bytes (the client left, or the read timeout closed it)"
             raise _LeftMidBody(ErrorCode.MALFORMED, "body", detail) from None
-        except asyncio.CancelledError:
-            # The shutdown window ended while the body was still arriving: uvicorn cancels the request, which then
-            # ends as a refusal in the usual form instead of a traceback and a bare 500 (the cancellation handled).
-            task = asyncio.current_task()
-            if task is not None and sys.version_info >= (3, 11):  # the count of requested cancellations
-                task.uncancel()
-            raise MessageError(
-                ErrorCode.SHUTTING_DOWN, "body", "the server shut down before the body arrived"
-            ) from None
         return b"".join(chunks)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, keeping its event loop: a stop from another thread (a signal handler's) schedules there."""
+
+    loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().startup(sockets=sockets)
+
+    def cancel_requests(self) -> None:
+        """Cancels every request in progress (from any thread): each then answers `shutting_down` and its connection
+        closes, so nothing holds the shutdown (on Python 3.12 and later it waits for every connection to close)."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(lambda: [task.cancel() for task in list(self.server_state.tasks)])
 
 
 class _CancelsAtShutdown(logging.Filter):
@@ -503,9 +529,6 @@ class _CancelsAtShutdown(logging.Filter):
         if str(record.msg).startswith("Cancel %s running task(s)"):
             record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
         return True
-
-
-_CANCELS_AT_SHUTDOWN = _CancelsAtShutdown()
 
 
 class _LeftMidBody(MessageError):

@@ -595,9 +595,9 @@ def test_a_request_answered_shutting_down_as_the_window_ends_is_written_without_
 
 
 @contextmanager
-def body_arriving(window_s: float) -> Iterator[tuple[PolicyServer, Any]]:
-    """A serving server and its endpoint, with `window_s` to shut down, and a request whose body is still arriving
-    (a slow client) when the block runs; both stopped after it."""
+def body_arriving(window_s: float) -> Iterator[tuple[PolicyServer, Any, socket.socket]]:
+    """A serving server and its endpoint, with `window_s` to shut down, and the connection of a request whose body is
+    still arriving (a slow client) when the block runs; both stopped after it."""
     server = PolicyServer(StubPolicy(), ServerConfig("tcp://127.0.0.1:*", shutdown_timeout_s=window_s))
     endpoint = HttpEndpoint(server, HttpConfig(port=0, shutdown_timeout_s=window_s))
     url = endpoint.start()
@@ -608,16 +608,16 @@ def body_arriving(window_s: float) -> Iterator[tuple[PolicyServer, Any]]:
         with socket.create_connection((host, port), timeout=TIMEOUT_S) as slow:
             slow.sendall(b"POST /act HTTP/1.1\r\nHost: robot\r\nContent-Length: 100000\r\n\r\n{")
             time.sleep(0.3)  # the request taken in, its body arriving
-            yield server, endpoint
+            yield server, endpoint, slow
     finally:
         server.stop(now=True)
         endpoint.stop()
         serving_thread.join(TIMEOUT_S)
 
 
-def test_a_second_stop_does_not_wait_for_a_body_still_arriving() -> None:
+def test_a_second_stop_answers_a_body_still_arriving_at_once(caplog: pytest.LogCaptureFixture) -> None:
     window_s = 60.0
-    with body_arriving(window_s) as (server, endpoint):
+    with body_arriving(window_s) as (server, endpoint, slow):
         server.stop()  # as the first signal of `serve` does
         endpoint.request_stop()
         server.stop(now=True)  # and the second
@@ -625,12 +625,39 @@ def test_a_second_stop_does_not_wait_for_a_body_still_arriving() -> None:
         started = time.monotonic()
         endpoint.stop()
         assert time.monotonic() - started < window_s / 2
+        answer = slow.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 503") and b"shutting_down" in answer
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR], caplog.text
+
+
+def test_a_second_stop_answers_a_request_being_computed_503_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    gate = threading.Event()  # the inference would outlive the window
+    policy = StubPolicy(gate=gate)
+    server = PolicyServer(policy, ServerConfig("tcp://127.0.0.1:*", shutdown_timeout_s=60.0))
+    endpoint = HttpEndpoint(server, HttpConfig(port=0, shutdown_timeout_s=60.0))
+    url = endpoint.start()
+    serving_thread = threading.Thread(target=server.serve_forever)
+    serving_thread.start()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            posted = pool.submit(post, url + "/act", json_numpy.dumps(official_request(camera_observation(1.0))))
+            assert policy.started.wait(TIMEOUT_S)
+            for now in (False, True):  # the two signals of `serve`
+                server.stop(now=now)
+                endpoint.request_stop(now=now)
+            status, reply = posted.result(TIMEOUT_S)
+    finally:
+        gate.set()
+        endpoint.stop()
+        serving_thread.join(TIMEOUT_S)
+    assert (status, reply["code"]) == (503, "shutting_down")
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR], caplog.text
 
 
 def test_a_body_still_arriving_as_the_window_ends_is_cancelled_without_an_error_line(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with body_arriving(1.0) as (server, endpoint):
+    with body_arriving(1.0) as (server, endpoint, _):
         server.stop()
         endpoint.request_stop()
         endpoint.stop()
