@@ -211,7 +211,7 @@ class HttpEndpoint:
         ]
         handlers = {HTTPException: _http_error, Exception: _internal_error}
         self._app = Starlette(routes=routes, exception_handlers=handlers)
-        self._uvicorn: uvicorn.Server | None = None
+        self._uvicorn: _Server | None = None
         self._stop_requested_at: float | None = None
         self._stop_now = False  # `request_stop(now=True)`: the shutdown window ended at once
         self._thread: threading.Thread | None = None
