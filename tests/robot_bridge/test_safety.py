@@ -390,12 +390,18 @@ def test_intervention_warnings_name_the_dims_not_whole_vectors(caplog: pytest.Lo
     assert message == "safety: RATE_LIMITED on dims [3], the target cut by up to 0.250"
 
 
+def commanded_once_and_read_1_rad_off(config: SafetyConfig) -> tuple[SafetyFilter, np.ndarray]:
+    """A filter that commanded START, and a reading of the waist 1 rad from it (faster than any arm moves)."""
+    f = SafetyFilter(config)
+    f.apply(START, START)
+    off = START.copy()
+    off[0] += 1.0
+    return f, off
+
+
 def test_a_reading_that_jumps_for_a_tick_is_set_aside_rather_than_followed() -> None:
     """An encoder or bus glitch: followed, the rate limit would command the arm 0.85 rad towards it and back."""
-    f = SafetyFilter(SafetyConfig())
-    f.apply(START, START)
-    glitch = START.copy()
-    glitch[0] += 1.0
+    f, glitch = commanded_once_and_read_1_rad_off(SafetyConfig())
     out = f.apply(START, glitch)
     np.testing.assert_array_equal(out.qpos, START)
     assert out.flags == Intervention.IMPLAUSIBLE_READING
@@ -406,10 +412,7 @@ def test_a_reading_that_jumps_for_a_tick_is_set_aside_rather_than_followed() -> 
 
 def test_jumps_read_before_a_restart_do_not_shorten_the_ticks_allowed_after_it() -> None:
     config = SafetyConfig()
-    f = SafetyFilter(config)
-    f.apply(START, START)
-    glitch = START.copy()
-    glitch[0] += 1.0
+    f, glitch = commanded_once_and_read_1_rad_off(config)
     for _ in range(config.implausible_reading_ticks - 1):
         f.apply(START, glitch)
     f.restart()  # a pause between runs, the arms not moved
@@ -423,10 +426,7 @@ def test_a_reading_that_stays_where_it_jumped_latches_the_stop_and_nothing_moves
     # No arm moves three steps in a tick: a reading that stays there is a fault (or a wrapped angle), and the rate
     # limit around it would command a jump of 0.85 rad towards it.
     config = SafetyConfig()
-    f = SafetyFilter(config)
-    f.apply(START, START)
-    stuck = START.copy()
-    stuck[0] += 1.0
+    f, stuck = commanded_once_and_read_1_rad_off(config)
     for _ in range(config.implausible_reading_ticks):
         out = f.apply(START, stuck)
         assert out.flags == Intervention.IMPLAUSIBLE_READING and out.qpos[0] == START[0] and not f.stopped
