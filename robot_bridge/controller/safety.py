@@ -5,9 +5,9 @@ Every command the executor sends passes through `SafetyFilter.apply`, which in o
 1. picks the target: the chunk action, or the hold pose when there is no valid action (no chunk, a
    non-finite action, or the latched stop) or no valid measurement (a non-finite joint reading: the arm
    does not move blind); an arm joint whose reading jumped more than three steps since its last reading, faster
-   than the arm moves (an encoder or bus glitch), is taken at its last reading instead, and one that stays so
-   more than `implausible_reading_ticks` ticks in a row latches the stop (a fault, or a wrapped angle: no arm
-   moves that fast, and commanding towards such a reading would be a jump);
+   than the arm moves (an encoder or bus glitch), is set aside, the command limited around the last command
+   instead, and one that stays so more than `implausible_reading_ticks` ticks in a row latches the stop (a fault,
+   or a wrapped angle: no arm moves that fast, and commanding towards such a reading would be a jump);
 2. clamps every joint to its position limits and each gripper to its normalised range;
 3. limits the change of each arm joint per tick relative to the *measured* joint position, turning the
    official Cosmos Policy client's "pause if any non-gripper joint would move more than 0.15 rad"
@@ -117,9 +117,9 @@ class SafetyConfig:
             many ticks in a row (a chunk asking for motion faster than the limit allows, which the official
             client pauses on at once); default None: the arm follows such a chunk at the limit.
         implausible_reading_ticks: ticks in a row an arm joint's reading may stay more than three steps from its
-            last plausible reading and be taken as a glitch (that reading used instead: the rate limit would
-            otherwise command a jump towards it); one that stays longer latches the stop, the last command held
-            around that reading. Default 3 (120 ms at 25 Hz); 0 takes every reading as it is.
+            last plausible reading and be taken as a glitch (set aside, the command limited around the last one:
+            the rate limit would otherwise command a jump towards it); one that stays longer latches the stop, the
+            last command held. Default 3 (120 ms at 25 Hz); 0 takes every reading as it is.
     """
 
     joint_lower: tuple[float, ...] = VX300S_JOINT_LOWER
@@ -388,9 +388,10 @@ class SafetyFilter:
         return out, flags
 
     def _plausible(self, measured: np.ndarray) -> tuple[np.ndarray, bool]:
-        """The reading taken as the arm's pose: an arm joint read more than three steps from its last plausible
-        reading keeps that reading, and latches the stop after `implausible_reading_ticks` ticks in a row. And whether
-        one was set aside."""
+        """The pose the command is limited around: the reading, but for an arm joint read more than three steps from
+        its last plausible reading, which is set aside for the last command (where an arm that follows its goals is;
+        its last reading would stall the joint until the glitch ends) and latches the stop after
+        `implausible_reading_ticks` ticks in a row. And whether one was set aside."""
         previous, limit = self._reading, self.config.implausible_reading_ticks
         if previous is None or limit == 0 or self._last is None:  # before the first command, every reading stands
             self._reading = measured  # (and after a restart: a run of jumps before it does not count against later)
@@ -403,6 +404,7 @@ class SafetyFilter:
         self._reading = np.where(jumped, previous, measured)
         if not jumped.any():
             return self._reading, False
+        reference = np.where(jumped, self._last, measured)
         stuck = self._jump_run > limit
         dim = int(np.flatnonzero(stuck if stuck.any() else jumped)[0])
         off = f"qpos[{dim}] read {measured[dim]:.3f} rad, {abs(measured[dim] - previous[dim]):.3f} from its last "
@@ -410,22 +412,23 @@ class SafetyFilter:
         if stuck.any() and not self._stopped:
             self.stop(
                 f"{off} for {self._jump_run[dim]} ticks, faster than the arm moves (an encoder or bus fault, or a "
-                "wrapped angle); the last command is held around the last plausible reading, until a pause between "
-                "runs takes the readings afresh (a resume within the run latches it again while the reading stays)"
+                "wrapped angle); the last command is held, until a pause between runs takes the readings afresh (a "
+                "resume within the run latches it again while the reading stays)"
             )
         elif (count := self._jump_warnings.due(self._clock())) is not None:
             _LOG.warning(
-                "safety: %s, faster than the arm moves: the last plausible reading is used (for %d ticks at most, "
-                "then the stop latches; readings set aside since the last warning: %d)",
+                "safety: %s, faster than the arm moves: set aside, the command limited around the last one (for %d "
+                "ticks at most, then the stop latches; readings set aside since the last warning: %d)",
                 off,
                 limit,
                 count,
             )
-        return self._reading, True
+        return reference, True
 
     def _count_rate_limited_run(self, flags: Intervention) -> None:
-        """Latches the stop `stop_after_rate_limited_ticks` asks for; holds and stops end a run."""
-        policy_target = not flags & (Intervention.HELD | Intervention.STOPPED)
+        """Latches the stop `stop_after_rate_limited_ticks` asks for; holds, stops and readings set aside (a tick the
+        filter cannot judge the policy on) end a run."""
+        policy_target = not flags & (Intervention.HELD | Intervention.STOPPED | Intervention.IMPLAUSIBLE_READING)
         limited = policy_target and Intervention.RATE_LIMITED in flags
         self._rate_limited_run = self._rate_limited_run + 1 if limited else 0
         limit = self.config.stop_after_rate_limited_ticks

@@ -410,6 +410,22 @@ def test_a_reading_that_jumps_for_a_tick_is_set_aside_rather_than_followed() -> 
     assert out.flags == Intervention.NONE and f.counters.implausible_readings == 1
 
 
+@pytest.mark.parametrize("glitch_ticks", [2, 3])
+def test_a_policy_moving_through_a_glitch_keeps_its_pace_and_is_not_blamed(glitch_ticks: int) -> None:
+    config = SafetyConfig(stop_after_rate_limited_ticks=3)
+    f = SafetyFilter(config)
+    commands = [f.apply(START, START).qpos]
+    for tick in range(1, 12):
+        target = START.copy()
+        target[0] += 0.08 * tick  # a chunk at about half the slew limit
+        reading = commands[-1].copy()  # an arm that follows its goals
+        if 4 <= tick < 4 + glitch_ticks:
+            reading[0] += 1.0
+        commands.append(f.apply(target, reading).qpos)
+    steps = np.diff([command[0] for command in commands])
+    assert steps == pytest.approx([0.08] * 11) and not f.stopped
+
+
 def test_jumps_read_before_a_restart_do_not_shorten_the_ticks_allowed_after_it() -> None:
     config = SafetyConfig()
     f, glitch = commanded_once_and_read_1_rad_off(config)
