@@ -135,8 +135,10 @@ class ChunkBlender:
         self._boundaries: deque[Boundary] = deque(maxlen=_BOUNDARIES_KEPT)
 
     def boundaries(self) -> list[Boundary]:
-        """Finished boundaries, oldest first."""
-        return list(self._boundaries)
+        """Every boundary, oldest first: the last one as collected so far when its window is still open (a run that
+        ends, or stops, within it: the report of a stop the boundary caused must hold it)."""
+        open_now = [] if self._open is None else [_finished(self._open)]
+        return [*self._boundaries, *open_now]
 
     def switch(
         self,
@@ -289,10 +291,12 @@ class ChunkBlender:
     def _close_boundary(self) -> None:
         boundary, self._open = self._open, None
         if boundary is not None:
-            raw, largest = boundary.raw_jump, boundary.largest_step
-            self._boundaries.append(
-                Boundary(boundary.tick, raw[0], largest[0], boundary.safety_ticks, raw[1], largest[1])
-            )
+            self._boundaries.append(_finished(boundary))
+
+
+def _finished(boundary: _OpenBoundary) -> Boundary:
+    raw, largest = boundary.raw_jump, boundary.largest_step
+    return Boundary(boundary.tick, raw[0], largest[0], boundary.safety_ticks, raw[1], largest[1])
 
 
 @dataclass(frozen=True)

@@ -243,7 +243,8 @@ class ChunkExecutor:
         return self._log.snapshot()
 
     def boundaries(self) -> list[Boundary]:
-        """Every finished chunk boundary (raw and commanded jump, safety interventions), oldest first."""
+        """Every chunk boundary (raw and commanded jump, safety interventions), oldest first; the last one as
+        collected so far while its window is open."""
         return self._blender.boundaries()
 
     @property

@@ -1155,7 +1155,8 @@ def test_non_finite_actions_do_not_spoil_the_blend_or_the_lowpass() -> None:
     blender.switch(5, new, 3, np.zeros((10, 2)), 0, np.zeros(2))
     blender.switch(6, new, 4, np.zeros((10, 2)), 0, np.zeros(2))
     blender.switch(8, np.zeros((10, 2)), 8, new, 3, np.zeros(2))
-    assert [(b.raw_jump, b.gripper_raw_jump) for b in blender.boundaries()[1:]] == [(0.0, 1.0)] * 2
+    boundaries = blender.boundaries()  # the last one still open: listed as collected so far
+    assert len(boundaries) == 4 and [(b.raw_jump, b.gripper_raw_jump) for b in boundaries[1:3]] == [(0.0, 1.0)] * 2
 
 
 @pytest.mark.parametrize("scheme", [BlendScheme.CROSSFADE, BlendScheme.ENSEMBLE])
@@ -1455,6 +1456,19 @@ def test_starvation_within_half_the_horizon_asks_for_an_earlier_request(caplog: 
         executor.run(100)
     warning = next(r.getMessage() for r in caplog.records if "starved" in r.getMessage())
     assert "raise prefetch_threshold" in warning and "half the chunk horizon" not in warning
+
+
+def test_the_boundary_a_run_ends_in_is_reported_with_the_ticks_it_had() -> None:
+    # A stop latched by the rate limit inside a boundary's window ends the run there: its report must show it.
+    clock = FakeClock()
+    client, safety = FakeClient(chunk=20), SafetyFilter(SafetyConfig(stop_after_rate_limited_ticks=3))
+    config = ExecutorConfig(control_rate_hz=RATE_HZ, prefetch_threshold=8, adaptive_prefetch=False)
+    source = LatencySource(client, clock, 3)
+    executor = ChunkExecutor(FakeRobot(clock), source, safety, config, clock=clock, sleep=clock.sleep)
+    offset_chunks(client, [0.0, 1.5])  # the second chunk far off: the fade asks for more than the slew limit
+    executor.run(60, until=lambda: safety.stopped)  # as `robot` runs it
+    assert safety.stopped and executor.counters.chunks_adopted == len(executor.boundaries()) == 2
+    assert executor.boundaries()[-1].safety_ticks == 3
 
 
 def blended(blender: ChunkBlender, actions: np.ndarray, first_tick: int, ticks: range, last: np.ndarray) -> np.ndarray:
