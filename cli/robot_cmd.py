@@ -72,7 +72,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "when they differ), "
         "gripper_range (normalised), max_joint_step (rad per tick, at most 0.5), stop_after_rate_limited_ticks "
         "(latch a stop after that many ticks in a row of a policy target faster than max_joint_step; default: "
-        'never); default vx300s limits and 0.15, e.g. {"max_joint_step": 0.1, "stop_after_rate_limited_ticks": 5}',
+        "never), implausible_reading_ticks (ticks a joint reading more than three steps off may be set aside as a "
+        "glitch before the stop latches; default 3, 0: every reading taken as it is); default vx300s limits and "
+        '0.15, e.g. {"max_joint_step": 0.1, "stop_after_rate_limited_ticks": 5}',
     )
     parser.add_argument("--task", required=True, help="the instruction, as the server lists it")
     parser.add_argument("--mode", help="ask in this mode (default: the server's)")
