@@ -585,6 +585,8 @@ class ChunkExecutor:
         # Captured after this tick's command (which is also when the adapters read their sensors), so
         # action 0 of the answer belongs to the next tick.
         observation = self._robot.observe()
+        if not np.isfinite(observation.proprio).all():  # the server would refuse it; the next tick reads again
+            return False
         self._source.submit(
             ChunkRequest(
                 obs_id=tick,

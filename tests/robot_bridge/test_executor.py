@@ -512,6 +512,23 @@ class BlindRobot(FakeRobot):
         return qpos
 
 
+class ProprioLostRobot(FakeRobot):
+    """Reports a non-finite joint angle in its observations after its commands number 23 to 28 (ticks 22 to 27)."""
+
+    def observe(self) -> Observation:
+        observation = super().observe()
+        if len(self.commands) in range(23, 29):
+            observation.proprio[0] = np.nan
+        return observation
+
+
+def test_no_request_carries_an_observation_whose_proprio_is_not_finite() -> None:
+    executor, _, client, _ = make(chunk=20, threshold=8, latency_ticks=3, robot_cls=ProprioLostRobot)
+    executor.run(40)
+    assert 28 in client.calls and not set(client.calls) & set(range(22, 28))  # asked again once it reads one
+    assert executor.counters.request_failures == 0 and executor.counters.chunks_adopted >= 2
+
+
 @pytest.mark.parametrize("blend", [BlendConfig(), BlendConfig(BlendScheme.ENSEMBLE)])
 def test_after_ticks_the_safety_filter_held_the_command_fades_back_into_the_chunk(blend: BlendConfig) -> None:
     blind = functools.partial(BlindRobot, blind=range(20, 25))  # ticks 20..24 read NaN: tick 19's pose is held
