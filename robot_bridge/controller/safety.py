@@ -119,7 +119,8 @@ class SafetyConfig:
         implausible_reading_ticks: ticks in a row an arm joint's reading may stay more than three steps from its
             last plausible reading and be taken as a glitch (set aside, the command limited around the last one:
             the rate limit would otherwise command a jump towards it); one that stays longer latches the stop, the
-            last command held. Default 3 (120 ms at 25 Hz); 0 takes every reading as it is.
+            last command held (a resume within the run latches it again while the reading stays; a run after a
+            pause takes the readings afresh). Default 3 (120 ms at 25 Hz); 0 takes every reading as it is.
     """
 
     joint_lower: tuple[float, ...] = VX300S_JOINT_LOWER
@@ -412,8 +413,7 @@ class SafetyFilter:
         if stuck.any() and not self._stopped:
             self.stop(
                 f"{off} for {self._jump_run[dim]} ticks, faster than the arm moves (an encoder or bus fault, or a "
-                "wrapped angle); the last command is held, until a pause between runs takes the readings afresh (a "
-                "resume within the run latches it again while the reading stays)"
+                "wrapped angle); the last command is held"
             )
         elif (count := self._jump_warnings.due(self._clock())) is not None:
             _LOG.warning(
