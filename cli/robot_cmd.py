@@ -164,7 +164,7 @@ def _robot(args: argparse.Namespace) -> int:
             # SIGINT and SIGTERM latch the executor's stop: the arms hold, and the run ends after the tick in progress.
             signalled = threading.Event()
 
-            def stop() -> None:
+            def stop(signals: int) -> None:  # the first: a second one interrupts
                 if not signalled.is_set():  # said once: a rig whose step hangs would otherwise seem deaf to it
                     with contextlib.suppress(OSError):  # straight to the descriptor: a handler must not print
                         os.write(2, b"stopping: holding the pose (Ctrl-C again quits at once)\n")

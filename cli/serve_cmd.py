@@ -223,14 +223,10 @@ def run_server(
 
     endpoint = _http_endpoint(server, http, http_listener, image_lists)
 
-    signals = 0
-
-    def stop() -> None:
+    def stop(signals: int) -> None:
         # Both endpoints wind down at once, so the shutdown window is spent once: the HTTP endpoint stops accepting
         # and finishes its requests in flight while the server answers those it queued (then refuses with 503). A
         # second signal ends the window: the request being computed is answered `shutting_down` now.
-        nonlocal signals
-        signals += 1
         server.stop(now=signals > 1)
         if endpoint is not None:
             endpoint.request_stop(now=signals > 1)

@@ -36,10 +36,11 @@ _SIGNALS_TO_EXIT = 3  # with `absorb_after_stop`: the signal that ends the proce
 
 @contextlib.contextmanager
 def on_stop_signals(
-    stop: Callable[[], None], *, second_interrupts: bool = False, absorb_after_stop: bool = False
+    stop: Callable[[int], None], *, second_interrupts: bool = False, absorb_after_stop: bool = False
 ) -> Iterator[None]:
-    """SIGINT and SIGTERM call `stop` (which must only set flags: it runs in a signal handler) for the block; the
-    handlers before it are put back after. Off the main thread (embedded), signals are the caller's.
+    """SIGINT and SIGTERM call `stop` with how many of them came so far (1 for the first; it must only set flags: it
+    runs in a signal handler) for the block; the handlers before it are put back after. Off the main thread
+    (embedded), signals are the caller's.
 
     `second_interrupts`: a second signal raises KeyboardInterrupt, as Ctrl-C does, for an operator whose stop waits
     on something that hangs (a rig's `step` stuck in its driver). `absorb_after_stop`: once a signal stopped the
@@ -56,7 +57,7 @@ def on_stop_signals(
         signals += 1
         if signals > 1 and second_interrupts:
             raise KeyboardInterrupt
-        stop()
+        stop(signals)
 
     def absorb(signum: int, frame: FrameType | None) -> None:
         nonlocal signals

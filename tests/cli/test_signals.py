@@ -31,7 +31,7 @@ def deliver(number: signal.Signals) -> None:
 
 def test_once_a_signal_stopped_the_block_later_ones_are_absorbed_to_the_exit() -> None:
     stops: list[int] = []
-    with sigterm_interrupts(), on_stop_signals(lambda: stops.append(1), absorb_after_stop=True):
+    with sigterm_interrupts(), on_stop_signals(stops.append, absorb_after_stop=True):
         deliver(signal.SIGTERM)
     deliver(signal.SIGINT)  # as serve closes its models and the interpreter exits: no KeyboardInterrupt, no kill
     assert stops == [1] and signal.getsignal(signal.SIGTERM) is signal.getsignal(signal.SIGINT)
@@ -41,7 +41,7 @@ def test_a_third_stop_signal_ends_a_process_whose_shutdown_hangs() -> None:
     code = (
         "import os, signal, time\n"
         "from cosmos_edge.cli.signals import on_stop_signals\n"
-        "with on_stop_signals(lambda: None, absorb_after_stop=True):\n"
+        "with on_stop_signals(lambda signals: None, absorb_after_stop=True):\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "os.kill(os.getpid(), signal.SIGINT)\n"
         "print('absorbed', flush=True)\n"
@@ -55,6 +55,6 @@ def test_a_third_stop_signal_ends_a_process_whose_shutdown_hangs() -> None:
 
 def test_a_block_no_signal_stopped_puts_the_handlers_back() -> None:
     before = {number: signal.getsignal(number) for number in SIGNALS}
-    with sigterm_interrupts(), on_stop_signals(lambda: None, absorb_after_stop=True):
+    with sigterm_interrupts(), on_stop_signals(lambda signals: None, absorb_after_stop=True):
         pass
     assert {number: signal.getsignal(number) for number in SIGNALS} == before
