@@ -517,7 +517,11 @@ class _Server(uvicorn.Server):
         """Cancels every request in progress (from any thread): each then answers `shutting_down` and its connection
         closes, so nothing holds the shutdown (on Python 3.12 and later it waits for every connection to close)."""
         if self.loop is not None:
-            self.loop.call_soon_threadsafe(lambda: [task.cancel() for task in list(self.server_state.tasks)])
+            self.loop.call_soon_threadsafe(self._cancel_tasks)
+
+    def _cancel_tasks(self) -> None:  # on the event loop
+        for task in list(self.server_state.tasks):
+            task.cancel()
 
 
 class _CancelsAtShutdown(logging.Filter):
